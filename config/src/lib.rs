@@ -1,3 +1,32 @@
-//! Nearpath configuration. See the crate README section in ARCHITECTURE.md.
+//! Nearpath configuration: one TOML file per binary (`gateway`, `edge-node`), overridable from
+//! `NEARPATH_*` environment variables, checked once at load so the rest of the code base may
+//! assume well-formed values.
+//!
+//! Every error names the key path and the offending value, and a load reports every problem in
+//! the file at once ([`ConfigErrors`]). See `config/examples/` for fully commented files.
+
+mod common;
+mod error;
+mod gateway;
 pub mod geo;
+mod iso;
+mod load;
+mod node;
+
+pub use common::{parse_version, LogConfig, LogFormat};
+pub use error::{ConfigError, ConfigErrors};
+pub use gateway::{
+    AdminConfig, GameConfig, GatewayConfig, HttpConfig, InferenceConfig, NodesConfig, QuicConfig,
+    RoutingConfig, StoreConfig, IN_MEMORY_ORIGIN, MIN_ADMIN_TOKEN_CHARS,
+};
 pub use geo::*;
+pub use iso::{is_iso_country, ISO_3166_1_ALPHA2, KOSOVO};
+pub use load::{
+    load_gateway, load_gateway_for_run, load_node, load_node_for_run, parse_gateway,
+    parse_gateway_for_run, parse_node, parse_node_for_run, ENV_PREFIX,
+};
+pub use node::{
+    default_gpu_class_table, gpu_class_for_model, BackendConfig, CapacityConfig, DrainConfig,
+    EncoderConfig, GameEntry, GameSource, GpuClassPattern, GpuSpec, ModelConfig, NodeConfig,
+    NodeGatewayConfig, NodeIdentity, CPU_GPU_CLASS, UNKNOWN_GPU_CLASS,
+};

@@ -1,1 +1,11 @@
+//! The Nearpath edge node: dials out to its gateway over QUIC, proves it belongs to a
+//! KYC-approved operator, registers its GPUs and workloads, and serves the sessions the gateway
+//! opens (inference now; game streaming in `game`).
 
+pub mod backoff;
+pub mod gpu;
+pub mod inference;
+pub mod node;
+pub mod sessions;
+
+pub use node::{EdgeNode, NodeError, NodeOptions, NodeStatus};

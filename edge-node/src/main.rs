@@ -1,1 +1,112 @@
-fn main() {}
+//! The `edge-node` binary.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use nearpath_edge_node::{EdgeNode, NodeOptions};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(name = "edge-node", version, about = "Nearpath edge node")]
+struct Cli {
+    /// Node config file (runs the node).
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Validate a node config file: a one-line summary (exit 0) or every error (exit 2).
+    CheckConfig { file: PathBuf },
+    /// Serve the config's models over an OpenAI-compatible HTTP API, without a gateway (for
+    /// testing a node's backends, and as the no-gateway baseline in benchmarks).
+    ServeOpenai {
+        #[arg(long, short)]
+        config: PathBuf,
+        #[arg(long, default_value = "127.0.0.1:8000")]
+        listen: SocketAddr,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = match (cli.cmd, cli.config) {
+        (Some(Cmd::CheckConfig { file }), _) => {
+            return match nearpath_config::load_node(&file) {
+                Ok(cfg) => {
+                    println!("{}: ok: {}", file.display(), cfg.summary());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("{e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
+        (Some(Cmd::ServeOpenai { config, listen }), _) => rt.block_on(serve_openai(config, listen)),
+        (None, Some(config)) => rt.block_on(run(config)),
+        (None, None) => {
+            eprintln!("error: --config FILE is required (see --help)");
+            return ExitCode::from(2);
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).try_init();
+}
+
+async fn run(config: PathBuf) -> anyhow::Result<()> {
+    let cfg = nearpath_config::load_node_for_run(&config).map_err(anyhow::Error::msg)?;
+    init_tracing(&cfg.log.level);
+    let node = EdgeNode::new(cfg, NodeOptions::default())?;
+    node.run(shutdown_on_signal()).await?;
+    Ok(())
+}
+
+async fn serve_openai(config: PathBuf, listen: SocketAddr) -> anyhow::Result<()> {
+    let cfg = nearpath_config::load_node(&config).map_err(anyhow::Error::msg)?;
+    init_tracing(&cfg.log.level);
+    let registry = nearpath_edge_node::inference::ModelRegistry::from_config(&cfg.models, None)
+        .context("building the models")?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("binding {listen}"))?;
+    eprintln!("serving OpenAI API on http://{}/v1", listener.local_addr()?);
+    nearpath_edge_node::inference::serve_openai(listener, std::sync::Arc::new(registry), shutdown_on_signal()).await;
+    Ok(())
+}
+
+fn shutdown_on_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = async { match term.as_mut() { Some(s) => { s.recv().await; } None => std::future::pending::<()>().await } } => {}
+        }
+        t.cancel();
+    });
+    token
+}

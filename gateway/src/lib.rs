@@ -1,1 +1,31 @@
+//! The Nearpath gateway: locates clients and nodes (GeoIP), enforces the geofence, routes each
+//! session to the nearest eligible node and relays its traffic. See ARCHITECTURE.md.
 
+pub mod admin;
+pub mod api;
+pub mod cli;
+pub mod client;
+pub mod control;
+pub mod demo;
+pub mod http_util;
+pub mod infer;
+pub mod liveness;
+pub mod metrics;
+pub mod registry;
+pub mod router;
+pub mod server;
+pub mod store;
+pub mod tls;
+
+pub use server::{check_runtime, BoundAddrs, Gateway, GatewayError, Listeners, Shared};
+
+/// Installs the tracing subscriber once (text or JSON, level from config or `RUST_LOG`).
+pub fn init_tracing(cfg: &nearpath_config::LogConfig) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cfg.level));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let _ = match cfg.format {
+        nearpath_config::LogFormat::Json => builder.json().try_init(),
+        nearpath_config::LogFormat::Text => builder.try_init(),
+    };
+}

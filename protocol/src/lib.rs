@@ -1,1 +1,88 @@
+//! Nearpath wire protocol: message types, a sans-IO codec, quinn stream helpers, TLS helpers and
+//! the native client library.
+//!
+//! `protocol/PROTOCOL.md` specifies the bytes; this crate is the reference implementation that
+//! the gateway, the edge node and native clients share.
+//!
+//! - [`codec`]: framing (`varint length | type | body`) and the incremental [`Decoder`].
+//! - [`message`]: every framed message ([`Message`]).
+//! - [`frame`]: the fixed 48-byte [`FrameHeader`] that starts each video frame stream.
+//! - [`input`]: [`InputDatagram`]s.
+//! - [`stream`]: [`FramedRecv`], [`send`], [`send_frame`], [`recv_frame`], [`relay_frame`].
+//! - [`tls`], [`net`]: rustls/quinn configuration (ring provider) and UDP socket setup.
+//! - [`client`]: [`Client`] for `nearpath/1`.
 
+pub mod client;
+pub mod codec;
+pub mod frame;
+pub mod input;
+pub mod message;
+pub mod net;
+pub mod openai;
+pub mod stream;
+pub mod tls;
+
+#[cfg(any(test, feature = "proptest"))]
+pub mod strategies;
+#[cfg(test)]
+mod tests;
+
+pub use client::{
+    Client, ClientError, ControlEvent, FrameStream, InferEvent, InferStream, InputSender,
+    PlayControl, PlayEvent, PlayParams, PlaySession, VideoFrame,
+};
+pub use codec::{decode_message, encode, encode_to_vec, DecodeError, Decoder};
+pub use frame::{FrameHeader, FrameHeaderError};
+pub use input::{InputDatagram, InputError, InputEvent};
+pub use message::*;
+pub use stream::{
+    encode_checked, recv_frame, recv_frame_header, relay_frame, send, send_frame, Blame,
+    FramedRecv, StreamError,
+};
+pub use tls::{ServerVerify, TlsError, TransportOptions};
+
+/// ALPN of edge node <-> gateway connections.
+pub const ALPN_NODE: &[u8] = b"nearpath-node/1";
+/// ALPN of native player and app clients <-> gateway connections.
+pub const ALPN_CLIENT: &[u8] = b"nearpath/1";
+
+/// Version carried in `Register`, `InferRequest`, `PlayRequest` and `ListGames`.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// Largest control or request frame (type byte plus body) a receiver accepts by default.
+pub const MAX_CONTROL_FRAME: usize = 64 * 1024;
+/// Largest frame on a stream whose messages may carry a request body (`InferRequest`, `Open`):
+/// 1 MiB of JSON plus room for the other fields.
+pub const MAX_REQUEST_FRAME: usize = 1024 * 1024 + 4 * 1024;
+/// Largest video payload (after the 48-byte header) a receiver accepts.
+pub const MAX_VIDEO_FRAME: usize = 8 * 1024 * 1024;
+
+/// QUIC application error codes for connection close, stream reset and stream stop.
+pub mod app_code {
+    use quinn::VarInt;
+
+    /// Connection closed normally.
+    pub const CLOSE_NORMAL: VarInt = VarInt::from_u32(0);
+    /// The peer broke the protocol (undecodable or unexpected message).
+    pub const CLOSE_PROTOCOL: VarInt = VarInt::from_u32(1);
+    /// Registration was rejected (after `Rejected`).
+    pub const CLOSE_REJECTED: VarInt = VarInt::from_u32(2);
+    /// The sender is shutting down (after `Shutdown` or a completed drain).
+    pub const CLOSE_SHUTDOWN: VarInt = VarInt::from_u32(3);
+    /// The node's lease expired without a heartbeat.
+    pub const CLOSE_LEASE_EXPIRED: VarInt = VarInt::from_u32(4);
+
+    /// Stream refused (too large, or not acceptable now).
+    pub const STREAM_REFUSED: VarInt = VarInt::from_u32(0x10);
+    /// Stream abandoned because its source failed (a relayed frame whose upstream broke).
+    pub const STREAM_ABORTED: VarInt = VarInt::from_u32(0x11);
+    /// The reader no longer wants the stream (client dropped an inference stream).
+    pub const STREAM_CANCELLED: VarInt = VarInt::from_u32(0x12);
+}
+
+/// Microseconds since the Unix epoch, the clock of `capture_ts_us` and `sent_ts_us`.
+pub fn unix_micros() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}

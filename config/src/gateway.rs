@@ -1,0 +1,699 @@
+//! The gateway's configuration root and its sections.
+
+use crate::common::{check_secret, parse_version, LogConfig};
+use crate::error::{ConfigErrors, Problems};
+use crate::geo::{GeoConfig, GeoOverride, GeofenceConfig};
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::PathBuf;
+
+/// The origin named by errors from validating a configuration held in memory.
+pub const IN_MEMORY_ORIGIN: &str = "<config>";
+
+/// Shortest admin token `gateway run` accepts.
+pub const MIN_ADMIN_TOKEN_CHARS: usize = 16;
+
+/// The `gateway` binary's configuration file. Every section is optional and defaults as its
+/// fields document; unknown keys are errors at every level.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewayConfig {
+    /// `[http]`: the public HTTP listener (OpenAI-compatible API, WHEP, `/play`).
+    pub http: HttpConfig,
+    /// `[admin]`: the admin API and metrics listener.
+    pub admin: AdminConfig,
+    /// `[quic]`: the QUIC listener for nodes and native clients.
+    pub quic: QuicConfig,
+    /// `[store]`: the durable database (operators, SLA records, usage ledger).
+    pub store: StoreConfig,
+    /// `[nodes]`: liveness and admission of edge nodes.
+    pub nodes: NodesConfig,
+    /// `[routing]`: how candidate nodes are scored.
+    pub routing: RoutingConfig,
+    /// `[inference]`: timeouts, retries and default rate limits for inference.
+    pub inference: InferenceConfig,
+    /// `[game]`: stream parameters and WebRTC transport.
+    pub game: GameConfig,
+    /// `[geo]`: where location answers come from.
+    pub geo: GeoConfig,
+    /// `[geofence]`: who may be served by whom.
+    pub geofence: GeofenceConfig,
+    /// `[log]`: logging.
+    pub log: LogConfig,
+}
+
+/// `[http]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Address to listen on (HTTP/1.1 and HTTP/2). Port 0 picks a free port. Default:
+    /// `127.0.0.1:8080`.
+    pub listen: SocketAddr,
+    /// PEM certificate chain; with `tls_key_file`, the listener speaks HTTPS. Set both or neither.
+    /// Default: none (plain HTTP).
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM private key for `tls_cert_file`. Default: none.
+    pub tls_key_file: Option<PathBuf>,
+    /// Largest request body accepted, in bytes; larger bodies get 413. Default: 1048576 (1 MiB).
+    pub max_body_bytes: u64,
+    /// Peers whose `X-Forwarded-For` is believed when locating the client (load balancers).
+    /// Default: [] (the TCP peer address is the client).
+    pub trusted_proxies: Vec<IpNet>,
+    /// Origins allowed by CORS, as `scheme://host[:port]`, or `"*"` for any. Default: [] (no
+    /// CORS headers).
+    pub cors_allowed_origins: Vec<String>,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 8080)),
+            tls_cert_file: None,
+            tls_key_file: None,
+            max_body_bytes: 1_048_576,
+            trusted_proxies: Vec::new(),
+            cors_allowed_origins: Vec::new(),
+        }
+    }
+}
+
+/// `[admin]`.
+#[derive(Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Address of the admin API and `/metrics`. Default: `127.0.0.1:8081`.
+    pub listen: SocketAddr,
+    /// Bearer token for the admin API. `gateway run` requires one of at least 16 characters;
+    /// prefer the environment (`NEARPATH_ADMIN__TOKEN`) to the file. Default: none.
+    pub token: Option<String>,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 8081)),
+            token: None,
+        }
+    }
+}
+
+impl fmt::Debug for AdminConfig {
+    /// Shows whether a token is set, never the token: configurations end up in logs.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AdminConfig")
+            .field("listen", &self.listen)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+/// `[quic]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QuicConfig {
+    /// UDP address for nodes (ALPN `nearpath-node/1`) and native clients (`nearpath/1`).
+    /// Default: `0.0.0.0:4433`.
+    pub listen: SocketAddr,
+    /// PEM certificate chain; `gateway run` requires it (nodes pin or verify it). Default: none.
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key for `cert_file`; `gateway run` requires it. Default: none.
+    pub key_file: Option<PathBuf>,
+    /// UDP socket receive buffer to ask the kernel for, in bytes (capped by
+    /// `net.core.rmem_max`); the kernel default drops bursts from many sessions. Default: 4194304.
+    pub recv_buffer_bytes: usize,
+    /// A connection with no traffic for this long is closed, in milliseconds. Default: 10000.
+    pub idle_timeout_ms: u64,
+}
+
+impl Default for QuicConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from((Ipv4Addr::UNSPECIFIED, 4433)),
+            cert_file: None,
+            key_file: None,
+            recv_buffer_bytes: 4 * 1024 * 1024,
+            idle_timeout_ms: 10_000,
+        }
+    }
+}
+
+/// `[store]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// SQLite database file, created if missing; relative paths are relative to the working
+    /// directory. Default: `nearpath-gateway.db`.
+    pub path: PathBuf,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            path: PathBuf::from("nearpath-gateway.db"),
+        }
+    }
+}
+
+/// `[nodes]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodesConfig {
+    /// Heartbeat interval nodes are told to keep, in milliseconds. Default: 500.
+    pub heartbeat_ms: u64,
+    /// A node that misses this many heartbeats in a row is gone: no new sessions, and active
+    /// ones fail over. Default: 3.
+    pub missed_heartbeats_before_gone: u32,
+    /// How long a draining node may keep its sessions, in milliseconds. Default: 30000.
+    pub drain_deadline_ms: u64,
+    /// Nodes reporting an older software version (`x.y.z`) are rejected with code `version`.
+    /// Default: none (any version).
+    pub min_software_version: Option<String>,
+}
+
+impl Default for NodesConfig {
+    fn default() -> Self {
+        Self {
+            heartbeat_ms: 500,
+            missed_heartbeats_before_gone: 3,
+            drain_deadline_ms: 30_000,
+            min_software_version: None,
+        }
+    }
+}
+
+/// `[routing]`: score = estimated client->node RTT + gateway->node RTT + penalties, in
+/// milliseconds; lower is better.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoutingConfig {
+    /// Great-circle kilometres light in fibre covers per millisecond of RTT. Default: 100.0.
+    pub km_per_ms: f64,
+    /// Real paths are longer than great circles by this factor. Default: 1.5.
+    pub path_stretch: f64,
+    /// Penalty for a node at 100% load, in milliseconds, linear in load. Default: 20.0.
+    pub load_penalty_ms: f64,
+    /// Penalty per recent SLA penalty event of the node, in milliseconds. Default: 25.0.
+    pub reliability_penalty_ms: f64,
+    /// Penalty for a node whose operator is suspended but whose sessions are finishing, in
+    /// milliseconds. Default: 1000.0.
+    pub suspended_penalty_ms: f64,
+    /// Length of the ranked list: the first node serves, the rest are the failover order.
+    /// Default: 3.
+    pub max_candidates: usize,
+}
+
+impl Default for RoutingConfig {
+    fn default() -> Self {
+        Self {
+            km_per_ms: 100.0,
+            path_stretch: 1.5,
+            load_penalty_ms: 20.0,
+            reliability_penalty_ms: 25.0,
+            suspended_penalty_ms: 1000.0,
+            max_candidates: 3,
+        }
+    }
+}
+
+/// `[inference]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct InferenceConfig {
+    /// Time to open a session stream on the chosen node, in milliseconds. Default: 2000.
+    pub connect_timeout_ms: u64,
+    /// Time from request to the first token, in milliseconds. Default: 30000.
+    pub first_token_timeout_ms: u64,
+    /// Longest gap between two tokens, in milliseconds. Default: 30000.
+    pub idle_timeout_ms: u64,
+    /// Nodes tried per request before giving up (only before the first token is sent).
+    /// Default: 3.
+    pub max_attempts: u32,
+    /// Requests per minute for an API key without its own limit. Default: 600.
+    pub default_requests_per_minute: u32,
+    /// Tokens (in + out) per minute for an API key without its own limit. Default: 200000.
+    pub default_tokens_per_minute: u32,
+}
+
+impl Default for InferenceConfig {
+    fn default() -> Self {
+        Self {
+            connect_timeout_ms: 2_000,
+            first_token_timeout_ms: 30_000,
+            idle_timeout_ms: 30_000,
+            max_attempts: 3,
+            default_requests_per_minute: 600,
+            default_tokens_per_minute: 200_000,
+        }
+    }
+}
+
+/// `[game]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GameConfig {
+    /// Frames older than this when they reach the gateway are dropped rather than sent late, in
+    /// milliseconds. Default: 100.
+    pub frame_budget_ms: u64,
+    /// A keyframe (IDR) at least this often, in seconds. Default: 10.
+    pub idr_interval_s: u64,
+    /// Stream width when the client asks for none, in pixels. Default: 1280.
+    pub default_width: u32,
+    /// Stream height when the client asks for none, in pixels. Default: 720.
+    pub default_height: u32,
+    /// Frame rate when the client asks for none. Default: 60.
+    pub default_fps: u32,
+    /// Bitrate when the client asks for none, in kbit/s. Default: 10000.
+    pub default_bitrate_kbps: u32,
+    /// Largest width a client may ask for, in pixels. Default: 3840.
+    pub max_width: u32,
+    /// Largest height a client may ask for, in pixels. Default: 2160.
+    pub max_height: u32,
+    /// Highest frame rate a client may ask for. Default: 240.
+    pub max_fps: u32,
+    /// Highest bitrate a client may ask for, in kbit/s. Default: 100000.
+    pub max_bitrate_kbps: u32,
+    /// Lowest UDP port for WebRTC; 0 with `webrtc_udp_port_max` 0 means any port. Default: 0.
+    pub webrtc_udp_port_min: u16,
+    /// Highest UDP port for WebRTC (inclusive). Default: 0.
+    pub webrtc_udp_port_max: u16,
+    /// Address advertised in ICE candidates when the gateway is behind 1:1 NAT. Default: none.
+    pub webrtc_public_ip: Option<IpAddr>,
+    /// STUN/TURN URIs advertised to browsers (`stun:host:port`, `turn:host:port`).
+    /// Default: [].
+    pub ice_servers: Vec<String>,
+}
+
+impl Default for GameConfig {
+    fn default() -> Self {
+        Self {
+            frame_budget_ms: 100,
+            idr_interval_s: 10,
+            default_width: 1280,
+            default_height: 720,
+            default_fps: 60,
+            default_bitrate_kbps: 10_000,
+            max_width: 3840,
+            max_height: 2160,
+            max_fps: 240,
+            max_bitrate_kbps: 100_000,
+            webrtc_udp_port_min: 0,
+            webrtc_udp_port_max: 0,
+            webrtc_public_ip: None,
+            ice_servers: Vec::new(),
+        }
+    }
+}
+
+impl GatewayConfig {
+    /// Checks everything that does not depend on how the gateway is started. Every problem is
+    /// reported, not just the first; errors name [`IN_MEMORY_ORIGIN`] (the loaders name the file).
+    pub fn validate(&self) -> Result<(), ConfigErrors> {
+        let mut p = Problems::default();
+        self.check(&mut p, false);
+        p.into_result(IN_MEMORY_ORIGIN)
+    }
+
+    /// [`Self::validate`] plus what `gateway run` needs: an admin token of at least
+    /// [`MIN_ADMIN_TOKEN_CHARS`] characters and the QUIC certificate and key.
+    pub fn validate_for_run(&self) -> Result<(), ConfigErrors> {
+        let mut p = Problems::default();
+        self.check(&mut p, true);
+        p.into_result(IN_MEMORY_ORIGIN)
+    }
+
+    pub(crate) fn check(&self, p: &mut Problems, run: bool) {
+        self.check_http(p);
+        self.check_admin(p, run);
+        self.check_quic(p, run);
+        if self.store.path.as_os_str().is_empty() {
+            p.push("store.path", "must not be empty");
+        }
+        self.check_nodes(p);
+        self.check_routing(p);
+        self.check_inference(p);
+        self.check_game(p);
+        self.geo.check(p);
+        self.geofence.check(p);
+        self.log.check(p);
+    }
+
+    fn check_http(&self, p: &mut Problems) {
+        let h = &self.http;
+        both_or_neither(
+            p,
+            ("http.tls_cert_file", h.tls_cert_file.is_some()),
+            ("http.tls_key_file", h.tls_key_file.is_some()),
+        );
+        p.positive("http.max_body_bytes", h.max_body_bytes);
+        for (i, net) in h.trusted_proxies.iter().enumerate() {
+            if *net != net.trunc() {
+                p.push(
+                    format!("http.trusted_proxies[{i}]"),
+                    format!("{net} has host bits set (did you mean {}?)", net.trunc()),
+                );
+            }
+        }
+        for (i, origin) in h.cors_allowed_origins.iter().enumerate() {
+            if origin != "*" && !is_web_origin(origin) {
+                p.push(
+                    format!("http.cors_allowed_origins[{i}]"),
+                    format!("{origin:?} is not an origin (scheme://host[:port], no path) or \"*\""),
+                );
+            }
+        }
+    }
+
+    fn check_admin(&self, p: &mut Problems, run: bool) {
+        if self.admin.listen == self.http.listen && self.admin.listen.port() != 0 {
+            p.push(
+                "admin.listen",
+                format!("{} is also http.listen", self.admin.listen),
+            );
+        }
+        match &self.admin.token {
+            Some(token) => {
+                check_secret(p, "admin.token", token);
+                let chars = token.chars().count();
+                if run && !token.is_empty() && chars < MIN_ADMIN_TOKEN_CHARS {
+                    p.push(
+                        "admin.token",
+                        format!(
+                            "must be at least {MIN_ADMIN_TOKEN_CHARS} characters (got {chars})"
+                        ),
+                    );
+                }
+            }
+            None if run => p.push(
+                "admin.token",
+                "required: set it in the file or in the environment variable \
+                 NEARPATH_ADMIN__TOKEN",
+            ),
+            None => {}
+        }
+    }
+
+    fn check_quic(&self, p: &mut Problems, run: bool) {
+        let q = &self.quic;
+        if run {
+            for (path, present) in [
+                ("quic.cert_file", q.cert_file.is_some()),
+                ("quic.key_file", q.key_file.is_some()),
+            ] {
+                if !present {
+                    p.push(
+                        path,
+                        "required (nodes verify the gateway by this certificate)",
+                    );
+                }
+            }
+        } else {
+            both_or_neither(
+                p,
+                ("quic.cert_file", q.cert_file.is_some()),
+                ("quic.key_file", q.key_file.is_some()),
+            );
+        }
+        p.positive("quic.recv_buffer_bytes", q.recv_buffer_bytes);
+        p.positive("quic.idle_timeout_ms", q.idle_timeout_ms);
+    }
+
+    fn check_nodes(&self, p: &mut Problems) {
+        let n = &self.nodes;
+        p.positive("nodes.heartbeat_ms", n.heartbeat_ms);
+        p.positive(
+            "nodes.missed_heartbeats_before_gone",
+            n.missed_heartbeats_before_gone,
+        );
+        p.positive("nodes.drain_deadline_ms", n.drain_deadline_ms);
+        if let Some(v) = &n.min_software_version {
+            if parse_version(v).is_none() || v.contains(['-', '+']) {
+                p.push(
+                    "nodes.min_software_version",
+                    format!("{v:?} is not a version x.y.z (e.g. \"0.1.0\")"),
+                );
+            }
+        }
+    }
+
+    fn check_routing(&self, p: &mut Problems) {
+        let r = &self.routing;
+        p.positive_finite("routing.km_per_ms", r.km_per_ms);
+        p.positive_finite("routing.path_stretch", r.path_stretch);
+        p.non_negative_finite("routing.load_penalty_ms", r.load_penalty_ms);
+        p.non_negative_finite("routing.reliability_penalty_ms", r.reliability_penalty_ms);
+        p.non_negative_finite("routing.suspended_penalty_ms", r.suspended_penalty_ms);
+        p.positive("routing.max_candidates", r.max_candidates);
+    }
+
+    fn check_inference(&self, p: &mut Problems) {
+        let i = &self.inference;
+        p.positive("inference.connect_timeout_ms", i.connect_timeout_ms);
+        p.positive("inference.first_token_timeout_ms", i.first_token_timeout_ms);
+        p.positive("inference.idle_timeout_ms", i.idle_timeout_ms);
+        p.positive("inference.max_attempts", i.max_attempts);
+        p.positive(
+            "inference.default_requests_per_minute",
+            i.default_requests_per_minute,
+        );
+        p.positive(
+            "inference.default_tokens_per_minute",
+            i.default_tokens_per_minute,
+        );
+    }
+
+    fn check_game(&self, p: &mut Problems) {
+        let g = &self.game;
+        p.positive("game.frame_budget_ms", g.frame_budget_ms);
+        p.positive("game.idr_interval_s", g.idr_interval_s);
+        for (name, default, max) in [
+            ("width", g.default_width, g.max_width),
+            ("height", g.default_height, g.max_height),
+            ("fps", g.default_fps, g.max_fps),
+            ("bitrate_kbps", g.default_bitrate_kbps, g.max_bitrate_kbps),
+        ] {
+            p.positive(&format!("game.default_{name}"), default);
+            p.positive(&format!("game.max_{name}"), max);
+            if default > max {
+                p.push(
+                    format!("game.default_{name}"),
+                    format!("{default} is greater than game.max_{name} {max}"),
+                );
+            }
+        }
+        // H.264 with 4:2:0 chroma subsampling needs even dimensions.
+        for (path, v) in [
+            ("game.default_width", g.default_width),
+            ("game.default_height", g.default_height),
+            ("game.max_width", g.max_width),
+            ("game.max_height", g.max_height),
+        ] {
+            if v % 2 == 1 {
+                p.push(path, format!("{v} must be even (H.264 4:2:0)"));
+            }
+        }
+        let (min, max) = (g.webrtc_udp_port_min, g.webrtc_udp_port_max);
+        if (min == 0) != (max == 0) {
+            let path = if min == 0 {
+                "game.webrtc_udp_port_min"
+            } else {
+                "game.webrtc_udp_port_max"
+            };
+            p.push(
+                path,
+                "set webrtc_udp_port_min and webrtc_udp_port_max together (both 0 means any port)",
+            );
+        } else if min > max {
+            p.push(
+                "game.webrtc_udp_port_min",
+                format!("{min} is greater than game.webrtc_udp_port_max {max}"),
+            );
+        }
+        if let Some(ip) = g.webrtc_public_ip {
+            if ip.is_unspecified() {
+                p.push(
+                    "game.webrtc_public_ip",
+                    format!("{ip} is not an address a browser can reach"),
+                );
+            }
+        }
+        for (i, uri) in g.ice_servers.iter().enumerate() {
+            let ok = ["stun:", "stuns:", "turn:", "turns:"].iter().any(|scheme| {
+                uri.strip_prefix(scheme)
+                    .is_some_and(|rest| !rest.is_empty())
+            }) && !uri.contains(char::is_whitespace);
+            if !ok {
+                p.push(
+                    format!("game.ice_servers[{i}]"),
+                    format!("{uri:?} is not a stun:, stuns:, turn: or turns: URI"),
+                );
+            }
+        }
+    }
+
+    /// One line for `gateway check-config`: listeners, database, geo source, rules, overrides.
+    pub fn summary(&self) -> String {
+        let scheme = if self.http.tls_cert_file.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        let geo = match &self.geo.database {
+            Some(path) => format!("geo database {}", path.display()),
+            None => "embedded geo database".to_string(),
+        };
+        let anonymous = if self.geo.anonymous_ip_database.is_some() {
+            " + anonymous-IP database"
+        } else {
+            ""
+        };
+        let enabled = self.geofence.enabled_rules().count();
+        format!(
+            "{scheme} {}, admin {} ({}), quic {}, database {}, {geo}{anonymous}, \
+             {enabled} of {} geofence rules enabled, {} geo overrides, {} country sets, log {} ({})",
+            self.http.listen,
+            self.admin.listen,
+            if self.admin.token.is_some() {
+                "token set"
+            } else {
+                "no token"
+            },
+            self.quic.listen,
+            self.store.path.display(),
+            self.geofence.rules.len(),
+            self.geo.overrides.len(),
+            self.geofence.country_sets.len(),
+            self.log.level,
+            self.log.format.as_str(),
+        )
+    }
+
+    /// A configuration to try the gateway on one machine: the defaults, plus admin token
+    /// `demo-admin` (too short for [`Self::validate_for_run`], on purpose: a demo is not a
+    /// deployment), CORS open to any origin, and geo overrides placing the loopback addresses
+    /// `127.0.0.1` and `::1` in `US` so that local clients and nodes have a location (other
+    /// loopback addresses stay free for tests to place elsewhere). The store path is left at its
+    /// default for the caller to replace; there is no QUIC certificate (the caller generates one).
+    pub fn demo() -> GatewayConfig {
+        let mut cfg = GatewayConfig::default();
+        cfg.admin.token = Some("demo-admin".into());
+        cfg.http.cors_allowed_origins = vec!["*".into()];
+        cfg.geo.overrides = [
+            IpNet::from(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+            IpNet::from(IpAddr::V6(Ipv6Addr::LOCALHOST)),
+        ]
+        .into_iter()
+        .map(|cidr| GeoOverride {
+            cidr,
+            country: "US".into(),
+            subdivision: None,
+            lat: None,
+            lon: None,
+        })
+        .collect();
+        cfg
+    }
+}
+
+/// Reports the missing one of two settings that only make sense together.
+pub(crate) fn both_or_neither(p: &mut Problems, a: (&str, bool), b: (&str, bool)) {
+    match (a.1, b.1) {
+        (true, false) => p.push(b.0, format!("required when {} is set", a.0)),
+        (false, true) => p.push(a.0, format!("required when {} is set", b.0)),
+        _ => {}
+    }
+}
+
+/// `scheme://host[:port]` with an http(s) scheme and no path, as browsers send in `Origin`.
+fn is_web_origin(s: &str) -> bool {
+    let Some(rest) = s
+        .strip_prefix("https://")
+        .or_else(|| s.strip_prefix("http://"))
+    else {
+        return false;
+    };
+    !rest.is_empty()
+        && !rest.contains(['/', '?', '#', '@'])
+        && !rest.contains(char::is_whitespace)
+        && !rest.starts_with(':')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_validate_but_are_not_runnable() {
+        let cfg = GatewayConfig::default();
+        assert_eq!(cfg.validate(), Ok(()));
+        let errs = cfg.validate_for_run().unwrap_err();
+        let paths: Vec<_> = errs.errors.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(paths, ["admin.token", "quic.cert_file", "quic.key_file"]);
+    }
+
+    #[test]
+    fn demo_validates_and_places_loopback() {
+        let cfg = GatewayConfig::demo();
+        assert_eq!(cfg.validate(), Ok(()));
+        assert_eq!(cfg.admin.token.as_deref(), Some("demo-admin"));
+        assert_eq!(cfg.http.cors_allowed_origins, ["*"]);
+        let cidrs: Vec<String> = cfg
+            .geo
+            .overrides
+            .iter()
+            .map(|o| o.cidr.to_string())
+            .collect();
+        assert_eq!(cidrs, ["127.0.0.1/32", "::1/128"]);
+        // A test may still place another loopback address elsewhere.
+        let mut cfg = cfg;
+        cfg.geo.overrides.push(GeoOverride {
+            cidr: "127.0.0.2/32".parse().unwrap(),
+            country: "CN".into(),
+            subdivision: None,
+            lat: None,
+            lon: None,
+        });
+        assert_eq!(cfg.validate(), Ok(()));
+    }
+
+    #[test]
+    fn admin_debug_redacts_token() {
+        let cfg = GatewayConfig::demo();
+        let shown = format!("{cfg:?}");
+        assert!(!shown.contains("demo-admin"), "{shown}");
+        assert!(shown.contains("<redacted>"));
+    }
+
+    #[test]
+    fn origins() {
+        for ok in [
+            "https://example.com",
+            "http://localhost:3000",
+            "https://[::1]:8443",
+        ] {
+            assert!(is_web_origin(ok), "{ok}");
+        }
+        for bad in [
+            "example.com",
+            "https://",
+            "https://a.com/",
+            "ftp://a.com",
+            "https://a b",
+        ] {
+            assert!(!is_web_origin(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn summary_mentions_the_essentials() {
+        let s = GatewayConfig::default().summary();
+        assert_eq!(
+            s,
+            "http 127.0.0.1:8080, admin 127.0.0.1:8081 (no token), quic 0.0.0.0:4433, database \
+             nearpath-gateway.db, embedded geo database, 2 of 3 geofence rules enabled, 0 geo \
+             overrides, 3 country sets, log info (text)"
+        );
+        assert!(!s.contains('\n'));
+    }
+}

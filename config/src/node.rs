@@ -1,0 +1,875 @@
+//! The edge node's configuration root and its sections.
+
+use crate::common::{check_name, check_secret, LogConfig};
+use crate::error::{ConfigErrors, Problems};
+use crate::gateway::IN_MEMORY_ORIGIN;
+use crate::geo::{gpu_class_name_problem, is_gpu_class_name, is_label};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::PathBuf;
+
+/// The GPU class of a node without GPUs. Reserved: no GPU and no pattern may claim it.
+pub const CPU_GPU_CLASS: &str = "cpu";
+
+/// The GPU class of a GPU that no pattern matches. Not in the default controlled list, so such
+/// a GPU is treated as uncontrolled; operators who want unknown hardware to fail closed add
+/// `"unknown"` to `geofence.controlled_gpu_classes`.
+pub const UNKNOWN_GPU_CLASS: &str = "unknown";
+
+/// The `edge-node` binary's configuration file. `[node]` and `[gateway]` are required; the other
+/// sections default as their fields document; unknown keys are errors at every level.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// `[node]`: who this node is. Required.
+    pub node: NodeIdentity,
+    /// `[gateway]`: where to connect and how to trust it. Required.
+    pub gateway: NodeGatewayConfig,
+    /// `[drain]`: graceful shutdown.
+    #[serde(default)]
+    pub drain: DrainConfig,
+    /// `[[gpus]]`: GPUs to declare when NVML finds no driver (ignored when it finds GPUs).
+    /// Default: [] (then a node without a driver has class `cpu`).
+    #[serde(default)]
+    pub gpus: Vec<GpuSpec>,
+    /// `[[gpu_classes]]`: how GPU model names map to classes. First match wins. Default:
+    /// [`default_gpu_class_table`]; giving the key replaces the whole table.
+    #[serde(default = "default_gpu_class_table")]
+    pub gpu_classes: Vec<GpuClassPattern>,
+    /// `[capacity]`: how much work this node accepts at once.
+    #[serde(default)]
+    pub capacity: CapacityConfig,
+    /// `[[models]]`: inference models served. Default: [].
+    #[serde(default)]
+    pub models: Vec<ModelConfig>,
+    /// `[[games]]`: game titles served. Default: [].
+    #[serde(default)]
+    pub games: Vec<GameEntry>,
+    /// `[encoder]`: the H.264 encoder.
+    #[serde(default)]
+    pub encoder: EncoderConfig,
+    /// `[log]`: logging.
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+/// `[node]`.
+#[derive(Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeIdentity {
+    /// This node's name, unique per gateway: 1 to 64 characters of `A-Z a-z 0-9 . _ -`.
+    /// Required.
+    pub id: String,
+    /// Enrolment token issued to the node's (KYC-verified) operator. `edge-node run` requires
+    /// it; prefer the environment (`NEARPATH_NODE__ENROLMENT_TOKEN`) to the file. Default: none.
+    #[serde(default)]
+    pub enrolment_token: Option<String>,
+}
+
+impl fmt::Debug for NodeIdentity {
+    /// Shows whether a token is set, never the token.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NodeIdentity")
+            .field("id", &self.id)
+            .field(
+                "enrolment_token",
+                &self.enrolment_token.as_ref().map(|_| "<redacted>"),
+            )
+            .finish()
+    }
+}
+
+/// `[gateway]` in the node configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeGatewayConfig {
+    /// The gateway's QUIC address, `host:port` (`[::1]:4433` for IPv6). Required.
+    pub address: String,
+    /// TLS server name to verify. Default: the host part of `address`.
+    #[serde(default)]
+    pub server_name: Option<String>,
+    /// PEM CA certificate(s) the gateway's certificate must chain to. Exactly one of `ca_file`
+    /// and `pinned_cert_sha256` is required: there is no way to accept any certificate.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// SHA-256 of the gateway's DER certificate, 64 hex digits: only that certificate is
+    /// accepted. Default: none.
+    #[serde(default)]
+    pub pinned_cert_sha256: Option<String>,
+    /// First reconnect delay after losing the gateway, in milliseconds; doubles per failure
+    /// (with jitter). Default: 250.
+    #[serde(default = "default_reconnect_initial_ms")]
+    pub reconnect_initial_ms: u64,
+    /// Longest reconnect delay, in milliseconds. Default: 30000.
+    #[serde(default = "default_reconnect_max_ms")]
+    pub reconnect_max_ms: u64,
+}
+
+fn default_reconnect_initial_ms() -> u64 {
+    250
+}
+
+fn default_reconnect_max_ms() -> u64 {
+    30_000
+}
+
+impl NodeGatewayConfig {
+    /// A gateway section for `address` pinned to `pinned_cert_sha256`, other fields defaulted.
+    pub fn pinned(address: impl Into<String>, pinned_cert_sha256: impl Into<String>) -> Self {
+        Self {
+            address: address.into(),
+            server_name: None,
+            ca_file: None,
+            pinned_cert_sha256: Some(pinned_cert_sha256.into()),
+            reconnect_initial_ms: default_reconnect_initial_ms(),
+            reconnect_max_ms: default_reconnect_max_ms(),
+        }
+    }
+
+    /// `address` split into host (without IPv6 brackets) and port.
+    pub fn host_port(&self) -> Result<(&str, u16), String> {
+        split_host_port(&self.address)
+    }
+
+    /// The TLS server name to verify: `server_name`, else the host part of `address` (or the
+    /// whole address when it does not parse; validation rejects that case).
+    pub fn server_name(&self) -> &str {
+        match &self.server_name {
+            Some(name) => name,
+            None => self
+                .host_port()
+                .map(|(host, _)| host)
+                .unwrap_or(&self.address),
+        }
+    }
+
+    /// The pinned certificate digest as bytes, when one is set and well-formed.
+    pub fn pinned_cert_sha256_bytes(&self) -> Option<[u8; 32]> {
+        parse_sha256_hex(self.pinned_cert_sha256.as_deref()?)
+    }
+}
+
+/// Splits `host:port`; IPv6 hosts must be bracketed (`[::1]:4433`).
+fn split_host_port(address: &str) -> Result<(&str, u16), String> {
+    let bad = || format!("{address:?} is not host:port (IPv6 as [addr]:port)");
+    let (host, port) = address.rsplit_once(':').ok_or_else(bad)?;
+    let host = match host.strip_prefix('[') {
+        Some(inner) => inner.strip_suffix(']').ok_or_else(bad)?,
+        None if host.contains(':') => return Err(bad()),
+        None => host,
+    };
+    if host.is_empty() || host.contains(char::is_whitespace) || host.contains(['[', ']', '/']) {
+        return Err(bad());
+    }
+    match port.parse::<u16>() {
+        Ok(0) => Err(format!("{address:?}: port 0 cannot be dialled")),
+        Ok(port) => Ok((host, port)),
+        Err(_) => Err(bad()),
+    }
+}
+
+fn parse_sha256_hex(s: &str) -> Option<[u8; 32]> {
+    let bytes = s.as_bytes();
+    if bytes.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, pair) in bytes.chunks_exact(2).enumerate() {
+        let hi = (pair[0] as char).to_digit(16)?;
+        let lo = (pair[1] as char).to_digit(16)?;
+        out[i] = (hi * 16 + lo) as u8;
+    }
+    Some(out)
+}
+
+/// `[drain]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DrainConfig {
+    /// On shutdown, active sessions get this long to finish before they are closed, in
+    /// milliseconds. Default: 30000.
+    pub deadline_ms: u64,
+}
+
+impl Default for DrainConfig {
+    fn default() -> Self {
+        Self {
+            deadline_ms: 30_000,
+        }
+    }
+}
+
+/// One `[[gpus]]` entry.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct GpuSpec {
+    /// Model name as NVML would report it, e.g. `NVIDIA H100 80GB HBM3`. Required.
+    pub model: String,
+    /// Memory in MiB. Required.
+    pub vram_mib: u64,
+    /// Class, overriding the `gpu_classes` table; not `cpu`. Default: from the table.
+    #[serde(default)]
+    pub class: Option<String>,
+}
+
+/// One `[[gpu_classes]]` entry.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct GpuClassPattern {
+    /// Matched case-insensitively as a substring of the model name. Required.
+    pub contains: String,
+    /// The class given to matching GPUs: lower-case letters, digits and `_`; not `cpu`.
+    /// Required.
+    pub class: String,
+}
+
+/// The default GPU class table. Order matters: more specific patterns come first (`GB200`
+/// before `B200`, `H200` before `H20`, `L40S` before `L40`, `RTX 4090 D` before `RTX 4090`), and
+/// `RTX A1000` (a small workstation card) is listed so that `A100` does not claim it.
+pub fn default_gpu_class_table() -> Vec<GpuClassPattern> {
+    [
+        ("GB200", "gb200"),
+        ("B200", "b200"),
+        ("B100", "b100"),
+        ("H200", "h200"),
+        ("H800", "h800"),
+        ("H100", "h100"),
+        ("H20", "h20"),
+        ("A800", "a800"),
+        ("RTX A1000", "rtxa1000"),
+        ("A100", "a100"),
+        ("L40S", "l40s"),
+        ("L40", "l40"),
+        ("RTX 4090 D", "rtx4090d"),
+        ("RTX 4090", "rtx4090"),
+        ("RTX 4080", "rtx4080"),
+        ("RTX 3080", "rtx3080"),
+        ("MI300", "mi300"),
+        ("MI250", "mi250"),
+    ]
+    .into_iter()
+    .map(|(contains, class)| GpuClassPattern {
+        contains: contains.into(),
+        class: class.into(),
+    })
+    .collect()
+}
+
+/// The class of a GPU called `model`: the `class` of the first pattern in `table` whose
+/// `contains` occurs in `model`, ignoring ASCII case; [`UNKNOWN_GPU_CLASS`] when none does.
+///
+/// Unmatched models are not turned into a class of their own (a sanitised model name) because
+/// classes are policy vocabulary: an invented class would silently fall outside every rule,
+/// while `unknown` is one name an operator can put under control. [`CPU_GPU_CLASS`] is never
+/// returned: it is for nodes with no GPU at all.
+pub fn gpu_class_for_model(table: &[GpuClassPattern], model: &str) -> String {
+    let model = model.to_ascii_lowercase();
+    table
+        .iter()
+        .find(|p| !p.contains.is_empty() && model.contains(&p.contains.to_ascii_lowercase()))
+        .map(|p| p.class.clone())
+        .unwrap_or_else(|| UNKNOWN_GPU_CLASS.to_string())
+}
+
+/// `[capacity]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CapacityConfig {
+    /// Game sessions at once. Default: 1.
+    pub game_sessions: u32,
+    /// Inference requests at once, over all models. Default: 16.
+    pub inference_concurrency: u32,
+}
+
+impl Default for CapacityConfig {
+    fn default() -> Self {
+        Self {
+            game_sessions: 1,
+            inference_concurrency: 16,
+        }
+    }
+}
+
+/// One `[[models]]` entry.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// The model name clients ask for (`model` in the OpenAI API), unique on this node; no
+    /// spaces. Required.
+    pub name: String,
+    /// Requests to this model at once (also bounded by `capacity.inference_concurrency`).
+    /// Default: 8.
+    #[serde(default = "default_max_concurrency")]
+    pub max_concurrency: u32,
+    /// What produces the tokens. Required.
+    pub backend: BackendConfig,
+}
+
+fn default_max_concurrency() -> u32 {
+    8
+}
+
+impl ModelConfig {
+    /// The model name to send upstream: `upstream_model`, else `name` (also for the simulator).
+    pub fn upstream_model_name(&self) -> &str {
+        match &self.backend {
+            BackendConfig::Upstream {
+                upstream_model: Some(m),
+                ..
+            } => m,
+            _ => &self.name,
+        }
+    }
+}
+
+/// A model's backend, chosen by `type`.
+///
+/// `deny_unknown_fields` works for these struct variants: serde removes the `type` tag before
+/// the variant sees the remaining keys, so a misspelt key is refused (the error names the
+/// `backend` table; serde cannot track the path inside an internally tagged enum).
+#[derive(Clone, PartialEq, Deserialize, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum BackendConfig {
+    /// A built-in simulator, not a model: it waits `ttft_ms`, then emits deterministic
+    /// placeholder tokens at `tokens_per_s`. For demos, tests and load generation.
+    Sim {
+        /// Time to first token, in milliseconds. Default: 50.
+        #[serde(default = "default_sim_ttft_ms")]
+        ttft_ms: u64,
+        /// Token rate after the first. Default: 50.0.
+        #[serde(default = "default_sim_tokens_per_s")]
+        tokens_per_s: f64,
+        /// Seed for the token generator, so runs repeat. Default: 0.
+        #[serde(default)]
+        seed: u64,
+    },
+    /// An OpenAI-compatible server the node forwards to (vLLM, llama.cpp server, TGI, ...).
+    Upstream {
+        /// Base URL ending in `/v1`, e.g. `http://127.0.0.1:8000/v1`. Required.
+        base_url: String,
+        /// Bearer key for the upstream; prefer the environment
+        /// (`NEARPATH_MODELS__<index>__BACKEND__API_KEY`). Default: none.
+        #[serde(default)]
+        api_key: Option<String>,
+        /// Model name upstream. Default: the entry's `name`.
+        #[serde(default)]
+        upstream_model: Option<String>,
+        /// Whole-request timeout, in milliseconds. Default: 600000.
+        #[serde(default = "default_upstream_timeout_ms")]
+        timeout_ms: u64,
+    },
+}
+
+fn default_sim_ttft_ms() -> u64 {
+    50
+}
+
+fn default_sim_tokens_per_s() -> f64 {
+    50.0
+}
+
+fn default_upstream_timeout_ms() -> u64 {
+    600_000
+}
+
+impl BackendConfig {
+    /// A simulator with the default timing.
+    pub fn sim() -> Self {
+        BackendConfig::Sim {
+            ttft_ms: default_sim_ttft_ms(),
+            tokens_per_s: default_sim_tokens_per_s(),
+            seed: 0,
+        }
+    }
+}
+
+impl fmt::Debug for BackendConfig {
+    /// Like the derived form, but the upstream key is never shown.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BackendConfig::Sim {
+                ttft_ms,
+                tokens_per_s,
+                seed,
+            } => f
+                .debug_struct("Sim")
+                .field("ttft_ms", ttft_ms)
+                .field("tokens_per_s", tokens_per_s)
+                .field("seed", seed)
+                .finish(),
+            BackendConfig::Upstream {
+                base_url,
+                api_key,
+                upstream_model,
+                timeout_ms,
+            } => f
+                .debug_struct("Upstream")
+                .field("base_url", base_url)
+                .field("api_key", &api_key.as_ref().map(|_| "<redacted>"))
+                .field("upstream_model", upstream_model)
+                .field("timeout_ms", timeout_ms)
+                .finish(),
+        }
+    }
+}
+
+/// One `[[games]]` entry.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct GameEntry {
+    /// The title clients ask for, unique on this node. Required.
+    pub title: String,
+    /// How the game is started. Required.
+    pub source: GameSource,
+}
+
+/// How a game is started, chosen by `type`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum GameSource {
+    /// A game built into the edge node, looked up by the entry's `title`. An empty struct
+    /// variant rather than a unit one, because serde lets a unit variant of an internally tagged
+    /// enum ignore unknown keys (`{ type = "builtin", command = [...] }` would pass silently).
+    Builtin {},
+    /// An external program started per session; argv, not a shell line.
+    Command {
+        /// Program and arguments, non-empty. Required.
+        command: Vec<String>,
+    },
+}
+
+/// `[encoder]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EncoderConfig {
+    /// A keyframe (IDR) at least this often, in seconds. Default: 10.
+    pub idr_interval_s: u64,
+    /// Encoder threads per session. Default: 1.
+    pub threads: u16,
+}
+
+impl Default for EncoderConfig {
+    fn default() -> Self {
+        Self {
+            idr_interval_s: 10,
+            threads: 1,
+        }
+    }
+}
+
+impl NodeConfig {
+    /// A configuration with the given identity and gateway and every other section defaulted:
+    /// no GPUs declared, no models, no games.
+    pub fn new(node: NodeIdentity, gateway: NodeGatewayConfig) -> Self {
+        Self {
+            node,
+            gateway,
+            drain: DrainConfig::default(),
+            gpus: Vec::new(),
+            gpu_classes: default_gpu_class_table(),
+            capacity: CapacityConfig::default(),
+            models: Vec::new(),
+            games: Vec::new(),
+            encoder: EncoderConfig::default(),
+            log: LogConfig::default(),
+        }
+    }
+
+    /// The class of a declared GPU: its own `class`, else by the `gpu_classes` table.
+    pub fn gpu_class(&self, gpu: &GpuSpec) -> String {
+        match &gpu.class {
+            Some(class) => class.clone(),
+            None => gpu_class_for_model(&self.gpu_classes, &gpu.model),
+        }
+    }
+
+    /// Checks everything that does not depend on how the node is started; every problem is
+    /// reported.
+    pub fn validate(&self) -> Result<(), ConfigErrors> {
+        let mut p = Problems::default();
+        self.check(&mut p, false);
+        p.into_result(IN_MEMORY_ORIGIN)
+    }
+
+    /// [`Self::validate`] plus what `edge-node run` needs: the enrolment token.
+    pub fn validate_for_run(&self) -> Result<(), ConfigErrors> {
+        let mut p = Problems::default();
+        self.check(&mut p, true);
+        p.into_result(IN_MEMORY_ORIGIN)
+    }
+
+    pub(crate) fn check(&self, p: &mut Problems, run: bool) {
+        if !is_label(&self.node.id) {
+            p.push(
+                "node.id",
+                format!(
+                    "{:?} must be 1 to 64 characters of A-Z a-z 0-9 . _ -",
+                    self.node.id
+                ),
+            );
+        }
+        match &self.node.enrolment_token {
+            Some(token) => check_secret(p, "node.enrolment_token", token),
+            None if run => p.push(
+                "node.enrolment_token",
+                "required: set it in the file or in the environment variable \
+                 NEARPATH_NODE__ENROLMENT_TOKEN",
+            ),
+            None => {}
+        }
+        self.check_gateway(p);
+        p.positive("drain.deadline_ms", self.drain.deadline_ms);
+        self.check_gpus(p);
+        self.check_workloads(p);
+        p.positive("encoder.idr_interval_s", self.encoder.idr_interval_s);
+        p.positive("encoder.threads", self.encoder.threads);
+        self.log.check(p);
+    }
+
+    fn check_gateway(&self, p: &mut Problems) {
+        let g = &self.gateway;
+        if let Err(problem) = g.host_port() {
+            p.push("gateway.address", problem);
+        }
+        if let Some(name) = &g.server_name {
+            if name.is_empty() || name.contains(char::is_whitespace) {
+                p.push(
+                    "gateway.server_name",
+                    format!("{name:?} is not a server name"),
+                );
+            }
+        }
+        match (&g.ca_file, &g.pinned_cert_sha256) {
+            (None, None) => p.push(
+                "gateway",
+                "set one of ca_file or pinned_cert_sha256 (there is no option to accept any \
+                 certificate)",
+            ),
+            (Some(_), Some(_)) => p.push(
+                "gateway.pinned_cert_sha256",
+                "set either gateway.ca_file or gateway.pinned_cert_sha256, not both",
+            ),
+            (Some(ca), None) if ca.as_os_str().is_empty() => {
+                p.push("gateway.ca_file", "must not be empty")
+            }
+            (None, Some(pin)) if parse_sha256_hex(pin).is_none() => p.push(
+                "gateway.pinned_cert_sha256",
+                format!("{pin:?} is not a SHA-256 digest (64 hex digits)"),
+            ),
+            _ => {}
+        }
+        p.positive("gateway.reconnect_initial_ms", g.reconnect_initial_ms);
+        if g.reconnect_max_ms < g.reconnect_initial_ms {
+            p.push(
+                "gateway.reconnect_max_ms",
+                format!(
+                    "{} is less than gateway.reconnect_initial_ms {}",
+                    g.reconnect_max_ms, g.reconnect_initial_ms
+                ),
+            );
+        }
+    }
+
+    fn check_gpus(&self, p: &mut Problems) {
+        let class_problem = |class: &str| {
+            if class == CPU_GPU_CLASS {
+                Some(format!(
+                    "\"{CPU_GPU_CLASS}\" is reserved for nodes without a GPU"
+                ))
+            } else if !is_gpu_class_name(class) {
+                Some(gpu_class_name_problem(class))
+            } else {
+                None
+            }
+        };
+        for (i, gpu) in self.gpus.iter().enumerate() {
+            if gpu.model.trim().is_empty() {
+                p.push(format!("gpus[{i}].model"), "must not be empty");
+            }
+            p.positive(&format!("gpus[{i}].vram_mib"), gpu.vram_mib);
+            if let Some(problem) = gpu.class.as_deref().and_then(class_problem) {
+                p.push(format!("gpus[{i}].class"), problem);
+            }
+        }
+        for (i, pattern) in self.gpu_classes.iter().enumerate() {
+            if pattern.contains.trim().is_empty() {
+                p.push(format!("gpu_classes[{i}].contains"), "must not be empty");
+            }
+            if let Some(problem) = class_problem(&pattern.class) {
+                p.push(format!("gpu_classes[{i}].class"), problem);
+            }
+        }
+    }
+
+    fn check_workloads(&self, p: &mut Problems) {
+        let c = &self.capacity;
+        if !self.games.is_empty() && c.game_sessions == 0 {
+            p.push(
+                "capacity.game_sessions",
+                "is 0, but games are configured (remove them or allow sessions)",
+            );
+        }
+        if !self.models.is_empty() && c.inference_concurrency == 0 {
+            p.push(
+                "capacity.inference_concurrency",
+                "is 0, but models are configured (remove them or allow requests)",
+            );
+        }
+        let mut seen = BTreeMap::new();
+        for (i, m) in self.models.iter().enumerate() {
+            let at = format!("models[{i}]");
+            check_name(p, &format!("{at}.name"), &m.name, 256, false);
+            if let Some(first) = seen.insert(m.name.as_str(), i) {
+                p.push(
+                    format!("{at}.name"),
+                    format!("{:?} is already the name of models[{first}]", m.name),
+                );
+                seen.insert(m.name.as_str(), first);
+            }
+            p.positive(&format!("{at}.max_concurrency"), m.max_concurrency);
+            match &m.backend {
+                BackendConfig::Sim { tokens_per_s, .. } => {
+                    p.positive_finite(&format!("{at}.backend.tokens_per_s"), *tokens_per_s);
+                }
+                BackendConfig::Upstream {
+                    base_url,
+                    api_key,
+                    upstream_model,
+                    timeout_ms,
+                } => {
+                    if !is_v1_base_url(base_url) {
+                        p.push(
+                            format!("{at}.backend.base_url"),
+                            format!("{base_url:?} is not an http:// or https:// URL ending in /v1"),
+                        );
+                    }
+                    if let Some(key) = api_key {
+                        check_secret(p, &format!("{at}.backend.api_key"), key);
+                    }
+                    if let Some(name) = upstream_model {
+                        check_name(p, &format!("{at}.backend.upstream_model"), name, 256, false);
+                    }
+                    p.positive(&format!("{at}.backend.timeout_ms"), *timeout_ms);
+                }
+            }
+        }
+        let mut seen = BTreeMap::new();
+        for (i, g) in self.games.iter().enumerate() {
+            let at = format!("games[{i}]");
+            check_name(p, &format!("{at}.title"), &g.title, 128, true);
+            if let Some(first) = seen.insert(g.title.as_str(), i) {
+                p.push(
+                    format!("{at}.title"),
+                    format!("{:?} is already the title of games[{first}]", g.title),
+                );
+                seen.insert(g.title.as_str(), first);
+            }
+            if let GameSource::Command { command } = &g.source {
+                match command.first() {
+                    None => p.push(
+                        format!("{at}.source.command"),
+                        "must name a program (argv, non-empty)",
+                    ),
+                    Some(program) if program.trim().is_empty() => p.push(
+                        format!("{at}.source.command[0]"),
+                        "must name a program, not be empty",
+                    ),
+                    Some(_) => {}
+                }
+            }
+        }
+    }
+
+    /// One line for `edge-node check-config`.
+    pub fn summary(&self) -> String {
+        let trust = if self.gateway.pinned_cert_sha256.is_some() {
+            "pinned certificate"
+        } else {
+            "CA file"
+        };
+        let gpus = if self.gpus.is_empty() {
+            "GPUs from NVML".to_string()
+        } else {
+            let classes: Vec<String> = self.gpus.iter().map(|g| self.gpu_class(g)).collect();
+            format!("{} declared GPUs ({})", self.gpus.len(), classes.join(", "))
+        };
+        format!(
+            "node {} -> gateway {} ({trust}, server name {}), enrolment token {}, {gpus}, \
+             {} models, {} games, capacity {} game sessions / {} inference, log {} ({})",
+            self.node.id,
+            self.gateway.address,
+            self.gateway.server_name(),
+            if self.node.enrolment_token.is_some() {
+                "set"
+            } else {
+                "not set"
+            },
+            self.models.len(),
+            self.games.len(),
+            self.capacity.game_sessions,
+            self.capacity.inference_concurrency,
+            self.log.level,
+            self.log.format.as_str(),
+        )
+    }
+}
+
+fn is_v1_base_url(url: &str) -> bool {
+    let Some(rest) = url
+        .strip_prefix("https://")
+        .or_else(|| url.strip_prefix("http://"))
+    else {
+        return false;
+    };
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    let host = rest.split('/').next().unwrap_or("");
+    !host.is_empty()
+        && !rest.contains(char::is_whitespace)
+        && !rest.contains(['?', '#'])
+        && rest.ends_with("/v1")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn class(model: &str) -> String {
+        gpu_class_for_model(&default_gpu_class_table(), model)
+    }
+
+    #[test]
+    fn default_table_prefers_specific_patterns() {
+        let cases = [
+            ("NVIDIA GB200", "gb200"),
+            ("NVIDIA B200", "b200"),
+            ("NVIDIA H200 NVL", "h200"),
+            ("NVIDIA H20", "h20"),
+            ("NVIDIA H100 80GB HBM3", "h100"),
+            ("NVIDIA H800", "h800"),
+            ("NVIDIA A100-SXM4-80GB", "a100"),
+            ("NVIDIA RTX A1000", "rtxa1000"),
+            ("NVIDIA L40S", "l40s"),
+            ("NVIDIA L40", "l40"),
+            ("NVIDIA GeForce RTX 4090 D", "rtx4090d"),
+            ("NVIDIA GeForce RTX 4090", "rtx4090"),
+            ("nvidia geforce rtx 4080 super", "rtx4080"),
+            ("NVIDIA GeForce RTX 3080 Ti", "rtx3080"),
+            ("AMD Instinct MI300X", "mi300"),
+            ("AMD Instinct MI250X", "mi250"),
+            ("NVIDIA Tesla T4", UNKNOWN_GPU_CLASS),
+            ("", UNKNOWN_GPU_CLASS),
+        ];
+        for (model, want) in cases {
+            assert_eq!(class(model), want, "{model}");
+        }
+    }
+
+    #[test]
+    fn custom_table_first_match_wins_and_empty_patterns_never_match() {
+        let table = vec![
+            GpuClassPattern {
+                contains: String::new(),
+                class: "everything".into(),
+            },
+            GpuClassPattern {
+                contains: "t4".into(),
+                class: "t4".into(),
+            },
+            GpuClassPattern {
+                contains: "Tesla".into(),
+                class: "tesla".into(),
+            },
+        ];
+        assert_eq!(gpu_class_for_model(&table, "NVIDIA Tesla T4"), "t4");
+        assert_eq!(gpu_class_for_model(&table, "NVIDIA Tesla V100"), "tesla");
+        assert_eq!(gpu_class_for_model(&table, "AMD"), UNKNOWN_GPU_CLASS);
+    }
+
+    #[test]
+    fn host_port() {
+        let g = |a: &str| NodeGatewayConfig::pinned(a, "00".repeat(32));
+        assert_eq!(
+            g("gw.example.com:4433").host_port(),
+            Ok(("gw.example.com", 4433))
+        );
+        assert_eq!(g("[::1]:4433").host_port(), Ok(("::1", 4433)));
+        assert_eq!(g("[::1]:4433").server_name(), "::1");
+        for bad in [
+            "gw.example.com",
+            "::1:4433",
+            ":4433",
+            "h:0",
+            "h:99999",
+            "[::1:4433",
+            "h:x",
+        ] {
+            assert!(g(bad).host_port().is_err(), "{bad}");
+        }
+        let mut named = g("10.0.0.1:4433");
+        named.server_name = Some("gw.internal".into());
+        assert_eq!(named.server_name(), "gw.internal");
+    }
+
+    #[test]
+    fn sha256_pin() {
+        let hex = "0123456789abcdefABCDEF".repeat(3);
+        let mut pin = NodeGatewayConfig::pinned("h:1", &hex[..64]);
+        let bytes = pin.pinned_cert_sha256_bytes().unwrap();
+        assert_eq!(&bytes[..4], &[0x01, 0x23, 0x45, 0x67]);
+        assert_eq!(bytes[8], 0xAB);
+        assert_eq!(bytes[11], 0x01);
+        pin.pinned_cert_sha256 = Some("g".repeat(64));
+        assert_eq!(pin.pinned_cert_sha256_bytes(), None);
+        pin.pinned_cert_sha256 = Some("a".repeat(63));
+        assert_eq!(pin.pinned_cert_sha256_bytes(), None);
+        // Multi-byte characters must not be sliced into a panic.
+        pin.pinned_cert_sha256 = Some("é".repeat(32));
+        assert_eq!(pin.pinned_cert_sha256_bytes(), None);
+    }
+
+    #[test]
+    fn base_urls() {
+        for ok in [
+            "http://127.0.0.1:8000/v1",
+            "https://api.example.com/openai/v1/",
+        ] {
+            assert!(is_v1_base_url(ok), "{ok}");
+        }
+        for bad in [
+            "127.0.0.1:8000/v1",
+            "http://h:8000",
+            "http:///v1",
+            "http://h/v1?x=1",
+        ] {
+            assert!(!is_v1_base_url(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn debug_redacts_secrets() {
+        let mut cfg = NodeConfig::new(
+            NodeIdentity {
+                id: "n1".into(),
+                enrolment_token: Some("enrol-secret".into()),
+            },
+            NodeGatewayConfig::pinned("h:1", "0".repeat(64)),
+        );
+        cfg.models.push(ModelConfig {
+            name: "m".into(),
+            max_concurrency: 1,
+            backend: BackendConfig::Upstream {
+                base_url: "http://h/v1".into(),
+                api_key: Some("sk-upstream".into()),
+                upstream_model: None,
+                timeout_ms: 1,
+            },
+        });
+        let shown = format!("{cfg:?}");
+        assert!(
+            !shown.contains("enrol-secret") && !shown.contains("sk-upstream"),
+            "{shown}"
+        );
+        assert_eq!(cfg.models[0].upstream_model_name(), "m");
+    }
+}

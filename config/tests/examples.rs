@@ -1,0 +1,124 @@
+//! The shipped example files load, validate, and say exactly what the code defaults to.
+
+use nearpath_config::*;
+use std::path::PathBuf;
+
+fn example(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("examples")
+        .join(name)
+}
+
+fn read(name: &str) -> String {
+    std::fs::read_to_string(example(name)).expect("example file exists")
+}
+
+#[test]
+fn gateway_example_validates_and_matches_the_defaults() {
+    let cfg =
+        parse_gateway(&read("gateway.toml"), "gateway.toml", &[]).unwrap_or_else(|e| panic!("{e}"));
+    // The file writes out the default geofence so operators can read it; this keeps the two
+    // from drifting apart.
+    assert_eq!(cfg.geofence, GeofenceConfig::default());
+    // Every other value in the file is a default as well (optional keys are commented out).
+    assert_eq!(cfg, GatewayConfig::default());
+}
+
+#[test]
+fn gateway_example_runs_once_secrets_come_from_the_environment() {
+    let env = [
+        ("NEARPATH_ADMIN__TOKEN", "0123456789abcdef0123"),
+        ("NEARPATH_QUIC__CERT_FILE", "/etc/nearpath/quic-cert.pem"),
+        ("NEARPATH_QUIC__KEY_FILE", "/etc/nearpath/quic-key.pem"),
+    ];
+    let text = read("gateway.toml");
+    let errs = parse_gateway_for_run(&text, "gateway.toml", &[]).unwrap_err();
+    assert_eq!(errs.errors.len(), 3, "{errs}");
+    let cfg = parse_gateway_for_run(&text, "gateway.toml", &env).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(cfg.admin.token.as_deref(), Some("0123456789abcdef0123"));
+}
+
+#[test]
+fn node_example_validates_with_the_default_gpu_table() {
+    let cfg = parse_node(&read("edge-node.toml"), "edge-node.toml", &[])
+        .unwrap_or_else(|e| panic!("{e}"));
+    cfg.validate_for_run().unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(cfg.gpu_classes, default_gpu_class_table());
+    assert_eq!(cfg.node.id, "edge-1");
+    assert_eq!(cfg.gateway.pinned_cert_sha256_bytes(), Some([0; 32]));
+    assert_eq!(cfg.gateway.server_name(), "gateway.example.com");
+    assert_eq!(cfg.models.len(), 1);
+    assert_eq!(cfg.models[0].backend, BackendConfig::sim());
+    assert_eq!(cfg.games[0].source, GameSource::Builtin {});
+    // Everything but the required sections and the listed workloads is a default.
+    let mut expected = NodeConfig::new(cfg.node.clone(), cfg.gateway.clone());
+    expected.models = cfg.models.clone();
+    expected.games = cfg.games.clone();
+    assert_eq!(cfg, expected);
+    assert_eq!(
+        cfg.gateway,
+        NodeGatewayConfig::pinned("gateway.example.com:4433", "0".repeat(64))
+    );
+}
+
+#[test]
+fn examples_load_from_disk() {
+    // Through the file loaders, with whatever NEARPATH_* the test environment has (normally
+    // none); the error, if any, must name the file.
+    let gw = example("gateway.toml");
+    match load_gateway(&gw) {
+        Ok(cfg) => assert!(cfg.summary().contains("2 of 3 geofence rules enabled")),
+        Err(e) => assert!(e.origin.ends_with("gateway.toml"), "{e}"),
+    }
+    let node = example("edge-node.toml");
+    match load_node(&node) {
+        Ok(cfg) => assert!(cfg.summary().starts_with("node edge-1 -> gateway")),
+        Err(e) => assert!(e.origin.ends_with("edge-node.toml"), "{e}"),
+    }
+}
+
+#[test]
+fn every_example_key_is_documented_with_its_default() {
+    // A key line in an example must follow a comment block that states a default (or that the
+    // key is required), so a new field cannot be added to the files undocumented.
+    for name in ["gateway.toml", "edge-node.toml"] {
+        let text = read(name);
+        let lines: Vec<&str> = text.lines().collect();
+        for (i, line) in lines.iter().enumerate() {
+            let t = line.trim_start();
+            let is_key = !t.starts_with('#')
+                && !t.starts_with('[')
+                && t.contains(" = ")
+                && !line.starts_with(' ');
+            if !is_key {
+                continue;
+            }
+            let key = t.split(" = ").next().unwrap_or("");
+            // Keys in repeated tables ([[gpu_classes]], [[geofence.rules]]) are documented once
+            // for the whole table.
+            let in_repeated = lines[..i]
+                .iter()
+                .rev()
+                .find(|l| l.starts_with('['))
+                .is_some_and(|l| l.starts_with("[["));
+            if in_repeated {
+                continue;
+            }
+            let comment: Vec<&str> = lines[..i]
+                .iter()
+                .rev()
+                .skip_while(|l| !l.trim_start().starts_with('#'))
+                .take_while(|l| l.trim_start().starts_with('#'))
+                .copied()
+                .collect();
+            let documented = comment
+                .iter()
+                .any(|c| c.to_lowercase().contains("default") || c.contains("Required"));
+            assert!(
+                documented,
+                "{name}:{}: {key} has no documented default",
+                i + 1
+            );
+        }
+    }
+}

@@ -1,0 +1,688 @@
+//! Every validation rule, with its exact message, path and (where written in the file) line.
+
+use nearpath_config::*;
+
+/// The errors of a gateway file, as `line: path: message` (`-` when there is no line).
+fn gw(text: &str) -> Vec<String> {
+    lines(parse_gateway(text, "gw.toml", &[]).err())
+}
+
+fn gw_run(text: &str, env: &[(&str, &str)]) -> Vec<String> {
+    lines(parse_gateway_for_run(text, "gw.toml", env).err())
+}
+
+fn lines(errs: Option<ConfigErrors>) -> Vec<String> {
+    let Some(errs) = errs else {
+        return Vec::new();
+    };
+    assert_eq!(errs.origin, "gw.toml");
+    errs.errors
+        .iter()
+        .map(|e| match e.line {
+            Some(line) => format!("{line}: {e}"),
+            None => format!("-: {e}"),
+        })
+        .collect()
+}
+
+const PIN: &str = "ab01ab01ab01ab01ab01ab01ab01ab01ab01ab01ab01ab01ab01ab01ab01ab01";
+
+/// A valid node file (4 lines) followed by `extra`.
+fn node_text(extra: &str) -> String {
+    format!(
+        "[node]\nid = \"n1\"\n[gateway]\naddress = \"gw.example.com:4433\"\n\
+         pinned_cert_sha256 = \"{PIN}\"\n{extra}"
+    )
+}
+
+fn node(extra: &str) -> Vec<String> {
+    node_raw(&node_text(extra))
+}
+
+fn node_raw(text: &str) -> Vec<String> {
+    match parse_node(text, "gw.toml", &[]) {
+        Ok(_) => Vec::new(),
+        Err(e) => lines(Some(e)),
+    }
+}
+
+#[test]
+fn empty_file_is_the_default_configuration() {
+    assert_eq!(gw(""), Vec::<String>::new());
+    assert_eq!(
+        parse_gateway("", "gw.toml", &[]).unwrap(),
+        GatewayConfig::default()
+    );
+}
+
+#[test]
+fn country_codes_must_be_iso_alpha2() {
+    let text = r#"
+[[geofence.rules]]
+name = "a"
+deny_client_countries = ["CN"]
+[[geofence.rules]]
+name = "b"
+deny_client_countries = ["RU"]
+[[geofence.rules]]
+name = "c"
+deny_client_countries = ["CN", "XX", "cn", "XK"]
+"#;
+    assert_eq!(
+        gw(text),
+        [
+            "10: geofence.rules[2].deny_client_countries[1]: \"XX\" is not an ISO 3166-1 alpha-2 \
+             country code",
+            "10: geofence.rules[2].deny_client_countries[2]: \"cn\" is not an ISO 3166-1 alpha-2 \
+             country code (codes are upper case: \"CN\")",
+        ]
+    );
+}
+
+#[test]
+fn subdivisions_need_a_real_country_and_a_short_code() {
+    let text = r#"
+[geofence.country_sets]
+regions = ["UA-43", "XX-43", "UA-4321", "UA-"]
+"#;
+    assert_eq!(
+        gw(text),
+        [
+            "3: geofence.country_sets.regions[1]: \"XX-43\": \"XX\" is not an ISO 3166-1 alpha-2 \
+             country code",
+            "3: geofence.country_sets.regions[2]: \"UA-4321\" is not an ISO 3166-2 subdivision \
+             code (expected CC-XXX: a country code, a hyphen and 1 to 3 upper-case letters or \
+             digits)",
+            "3: geofence.country_sets.regions[3]: \"UA-\" is not an ISO 3166-2 subdivision code \
+             (expected CC-XXX: a country code, a hyphen and 1 to 3 upper-case letters or digits)",
+        ]
+    );
+}
+
+#[test]
+fn set_references_must_exist_and_controlled_is_for_gpu_classes() {
+    let text = r#"
+[[geofence.rules]]
+name = "r"
+gpu_classes = ["@controlled", "@gpus", "h100"]
+deny_client_countries = ["@ofac", "@nope", "@controlled"]
+"#;
+    assert_eq!(
+        gw(text),
+        [
+            "4: geofence.rules[0].gpu_classes[1]: unknown GPU class set \"@gpus\" (the only one \
+             is @controlled)",
+            "5: geofence.rules[0].deny_client_countries[1]: unknown country set \"@nope\"",
+            "5: geofence.rules[0].deny_client_countries[2]: \"@controlled\" is the set of \
+             controlled GPU classes; it belongs in gpu_classes, not in a country list",
+        ]
+    );
+}
+
+#[test]
+fn cyclic_set_references_are_reported_once_each() {
+    let text = r#"
+[geofence.country_sets]
+a = ["@b", "FR"]
+b = ["@c"]
+c = ["@a"]
+selfish = ["@selfish"]
+fine = ["@eu", "@a"]
+"#;
+    assert_eq!(
+        gw(text),
+        [
+            "5: geofence.country_sets.c: country sets refer to each other in a cycle: @a -> @b \
+             -> @c -> @a",
+            "6: geofence.country_sets.selfish: country sets refer to each other in a cycle: \
+             @selfish -> @selfish",
+        ]
+    );
+}
+
+#[test]
+fn set_names_are_checked_and_controlled_is_reserved() {
+    let text = r#"
+[geofence.country_sets]
+controlled = ["CN"]
+"Bad Name" = ["CN"]
+"#;
+    assert_eq!(
+        gw(text),
+        [
+            "4: geofence.country_sets.Bad Name: \"Bad Name\" is not a country set name \
+             (lower-case letters, digits, _ and -)",
+            "3: geofence.country_sets.controlled: \"controlled\" is reserved: @controlled names \
+             the controlled GPU classes",
+        ]
+    );
+}
+
+#[test]
+fn rule_names_are_unique_and_well_formed() {
+    let text = r#"
+[[geofence.rules]]
+name = "same"
+deny_client_countries = ["CN"]
+[[geofence.rules]]
+name = "other"
+deny_client_countries = ["CN"]
+[[geofence.rules]]
+name = "same"
+deny_node_countries = ["CN"]
+[[geofence.rules]]
+name = "has space"
+deny_node_countries = ["CN"]
+"#;
+    assert_eq!(
+        gw(text),
+        [
+            "9: geofence.rules[2].name: \"same\" is already the name of geofence.rules[0]",
+            "12: geofence.rules[3].name: \"has space\" is not a rule name (1 to 64 characters of \
+             A-Z a-z 0-9 . _ -)",
+        ]
+    );
+}
+
+#[test]
+fn a_rule_must_be_able_to_deny() {
+    let text = r#"
+[[geofence.rules]]
+name = "toothless"
+gpu_classes = ["h100"]
+reason = "   "
+"#;
+    assert_eq!(
+        gw(text),
+        [
+            "5: geofence.rules[0].reason: must not be blank (leave it out instead)",
+            "2: geofence.rules[0]: rule \"toothless\" can never deny: it has no \
+             deny_client_countries, deny_node_countries or residency lists",
+        ]
+    );
+}
+
+#[test]
+fn residency_lists_come_in_pairs() {
+    let text = r#"
+[[geofence.rules]]
+name = "half-a"
+residency_client_countries = ["@eu"]
+[[geofence.rules]]
+name = "half-b"
+residency_node_countries = ["@eu"]
+"#;
+    assert_eq!(
+        gw(text),
+        [
+            "2: geofence.rules[0].residency_node_countries: required when \
+             residency_client_countries is set",
+            "5: geofence.rules[1].residency_client_countries: required when \
+             residency_node_countries is set",
+        ]
+    );
+}
+
+#[test]
+fn gpu_classes_are_lower_case_identifiers() {
+    let text = r#"
+[geofence]
+controlled_gpu_classes = ["h100", "H100", "rtx-4090"]
+[[geofence.rules]]
+name = "r"
+gpu_classes = ["RTX4090"]
+deny_client_countries = ["CN"]
+"#;
+    assert_eq!(
+        gw(text),
+        [
+            "3: geofence.controlled_gpu_classes[1]: \"H100\" is not a GPU class name (lower-case \
+             letters, digits and _)",
+            "3: geofence.controlled_gpu_classes[2]: \"rtx-4090\" is not a GPU class name \
+             (lower-case letters, digits and _)",
+            "6: geofence.rules[0].gpu_classes[0]: \"RTX4090\" is not a GPU class name \
+             (lower-case letters, digits and _)",
+        ]
+    );
+}
+
+#[test]
+fn overlapping_override_cidrs_name_both_entries() {
+    let text = r#"
+[[geo.overrides]]
+cidr = "10.0.0.0/8"
+country = "US"
+[[geo.overrides]]
+cidr = "192.168.0.0/16"
+country = "DE"
+[[geo.overrides]]
+cidr = "::/0"
+country = "DE"
+[[geo.overrides]]
+cidr = "10.1.0.0/16"
+country = "CN"
+[[geo.overrides]]
+cidr = "192.0.0.0/2"
+country = "CN"
+"#;
+    assert_eq!(
+        gw(text),
+        [
+            "12: geo.overrides[3].cidr: 10.1.0.0/16 overlaps geo.overrides[0].cidr 10.0.0.0/8",
+            "15: geo.overrides[4].cidr: 192.0.0.0/2 overlaps geo.overrides[1].cidr \
+             192.168.0.0/16",
+        ]
+    );
+}
+
+#[test]
+fn override_fields_are_checked() {
+    let text = r#"
+[[geo.overrides]]
+cidr = "10.0.0.1/8"
+country = "ZZ"
+[[geo.overrides]]
+cidr = "127.0.0.2/32"
+country = "UA"
+subdivision = "RU-MOW"
+lat = 91.0
+[[geo.overrides]]
+cidr = "127.0.0.3/32"
+country = "UA"
+subdivision = "UA-43"
+lon = -180.5
+[[geo.overrides]]
+cidr = "127.0.0.4/32"
+country = "CN"
+lat = 39.9
+lon = 116.4
+"#;
+    assert_eq!(
+        gw(text),
+        [
+            "3: geo.overrides[0].cidr: 10.0.0.1/8 has host bits set (did you mean 10.0.0.0/8?)",
+            "4: geo.overrides[0].country: \"ZZ\" is not an ISO 3166-1 alpha-2 country code",
+            "8: geo.overrides[1].subdivision: \"RU-MOW\" is not a subdivision of \"UA\"",
+            // The missing key is located at its entry's header.
+            "5: geo.overrides[1].lon: required when lat is set",
+            "9: geo.overrides[1].lat: 91 is outside [-90, 90]",
+            "10: geo.overrides[2].lat: required when lon is set",
+            "14: geo.overrides[2].lon: -180.5 is outside [-180, 180]",
+        ]
+    );
+}
+
+#[test]
+fn tls_files_come_in_pairs() {
+    assert_eq!(
+        gw("[http]\ntls_cert_file = \"c.pem\"\n[quic]\nkey_file = \"k.pem\"\n"),
+        [
+            "1: http.tls_key_file: required when http.tls_cert_file is set",
+            "3: quic.cert_file: required when quic.key_file is set",
+        ]
+    );
+}
+
+#[test]
+fn zero_durations_and_sizes_are_refused() {
+    let text = r#"
+[http]
+max_body_bytes = 0
+[quic]
+idle_timeout_ms = 0
+recv_buffer_bytes = 0
+[nodes]
+heartbeat_ms = 0
+missed_heartbeats_before_gone = 0
+drain_deadline_ms = 0
+[routing]
+max_candidates = 0
+[inference]
+connect_timeout_ms = 0
+max_attempts = 0
+default_tokens_per_minute = 0
+[game]
+frame_budget_ms = 0
+idr_interval_s = 0
+"#;
+    assert_eq!(
+        gw(text),
+        [
+            "3: http.max_body_bytes: must be greater than 0 (got 0)",
+            "6: quic.recv_buffer_bytes: must be greater than 0 (got 0)",
+            "5: quic.idle_timeout_ms: must be greater than 0 (got 0)",
+            "8: nodes.heartbeat_ms: must be greater than 0 (got 0)",
+            "9: nodes.missed_heartbeats_before_gone: must be greater than 0 (got 0)",
+            "10: nodes.drain_deadline_ms: must be greater than 0 (got 0)",
+            "12: routing.max_candidates: must be greater than 0 (got 0)",
+            "14: inference.connect_timeout_ms: must be greater than 0 (got 0)",
+            "15: inference.max_attempts: must be greater than 0 (got 0)",
+            "16: inference.default_tokens_per_minute: must be greater than 0 (got 0)",
+            "18: game.frame_budget_ms: must be greater than 0 (got 0)",
+            "19: game.idr_interval_s: must be greater than 0 (got 0)",
+        ]
+    );
+}
+
+#[test]
+fn routing_numbers_are_finite_and_in_range() {
+    let text = r#"
+[routing]
+km_per_ms = nan
+path_stretch = 0.0
+load_penalty_ms = -1.0
+reliability_penalty_ms = inf
+suspended_penalty_ms = 0
+"#;
+    assert_eq!(
+        gw(text),
+        [
+            "3: routing.km_per_ms: must be a finite number greater than 0 (got NaN)",
+            "4: routing.path_stretch: must be a finite number greater than 0 (got 0)",
+            "5: routing.load_penalty_ms: must be a finite number, 0 or more (got -1)",
+            "6: routing.reliability_penalty_ms: must be a finite number, 0 or more (got inf)",
+        ]
+    );
+}
+
+#[test]
+fn webrtc_port_range() {
+    assert_eq!(
+        gw("[game]\nwebrtc_udp_port_min = 50000\nwebrtc_udp_port_max = 40000\n"),
+        ["2: game.webrtc_udp_port_min: 50000 is greater than game.webrtc_udp_port_max 40000"]
+    );
+    assert_eq!(
+        gw("[game]\nwebrtc_udp_port_min = 50000\n"),
+        [
+            "1: game.webrtc_udp_port_max: set webrtc_udp_port_min and webrtc_udp_port_max \
+             together (both 0 means any port)"
+        ]
+    );
+    assert_eq!(
+        gw("[game]\nwebrtc_udp_port_min = 40000\nwebrtc_udp_port_max = 40000\n"),
+        Vec::<String>::new()
+    );
+}
+
+#[test]
+fn game_stream_limits() {
+    let text = r#"
+[game]
+default_width = 1921
+max_width = 1920
+default_fps = 0
+webrtc_public_ip = "0.0.0.0"
+ice_servers = ["stun:stun.example.com:3478", "https://turn.example.com", "turn:"]
+"#;
+    assert_eq!(
+        gw(text),
+        [
+            "3: game.default_width: 1921 is greater than game.max_width 1920",
+            "5: game.default_fps: must be greater than 0 (got 0)",
+            "3: game.default_width: 1921 must be even (H.264 4:2:0)",
+            "6: game.webrtc_public_ip: 0.0.0.0 is not an address a browser can reach",
+            "7: game.ice_servers[1]: \"https://turn.example.com\" is not a stun:, stuns:, turn: \
+             or turns: URI",
+            "7: game.ice_servers[2]: \"turn:\" is not a stun:, stuns:, turn: or turns: URI",
+        ]
+    );
+}
+
+#[test]
+fn http_and_admin_checks() {
+    let text = r#"
+[http]
+listen = "127.0.0.1:9000"
+trusted_proxies = ["10.0.0.0/8", "192.168.1.1/24"]
+cors_allowed_origins = ["*", "https://app.example.com", "app.example.com", "https://a.com/path"]
+[admin]
+listen = "127.0.0.1:9000"
+token = "has space"
+[nodes]
+min_software_version = "1.2"
+[log]
+level = "nearpath=loud"
+"#;
+    let errs = gw(text);
+    assert_eq!(
+        errs[..6],
+        [
+            "4: http.trusted_proxies[1]: 192.168.1.1/24 has host bits set (did you mean \
+             192.168.1.0/24?)",
+            "5: http.cors_allowed_origins[2]: \"app.example.com\" is not an origin \
+             (scheme://host[:port], no path) or \"*\"",
+            "5: http.cors_allowed_origins[3]: \"https://a.com/path\" is not an origin \
+             (scheme://host[:port], no path) or \"*\"",
+            "7: admin.listen: 127.0.0.1:9000 is also http.listen",
+            "8: admin.token: must not contain whitespace or control characters",
+            "10: nodes.min_software_version: \"1.2\" is not a version x.y.z (e.g. \"0.1.0\")",
+        ]
+    );
+    assert_eq!(errs.len(), 7);
+    assert!(
+        errs[6].starts_with("12: log.level: \"nearpath=loud\" is not a log filter directive: "),
+        "{}",
+        errs[6]
+    );
+    // Both listeners on port 0 get different ephemeral ports: not a clash.
+    assert_eq!(
+        gw("[http]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n"),
+        Vec::<String>::new()
+    );
+}
+
+#[test]
+fn run_mode_needs_an_admin_token_and_quic_certificate() {
+    assert_eq!(
+        gw_run("", &[]),
+        [
+            "-: admin.token: required: set it in the file or in the environment variable \
+             NEARPATH_ADMIN__TOKEN",
+            "-: quic.cert_file: required (nodes verify the gateway by this certificate)",
+            "-: quic.key_file: required (nodes verify the gateway by this certificate)",
+        ]
+    );
+    let text = "[admin]\ntoken = \"short\"\n[quic]\ncert_file = \"c\"\nkey_file = \"k\"\n";
+    assert_eq!(
+        gw_run(text, &[]),
+        ["2: admin.token: must be at least 16 characters (got 5)"]
+    );
+    // The same file passes the check-only validation.
+    assert_eq!(gw(text), Vec::<String>::new());
+    let long =
+        "[admin]\ntoken = \"0123456789abcdef\"\n[quic]\ncert_file = \"c\"\nkey_file = \"k\"\n";
+    assert_eq!(gw_run(long, &[]), Vec::<String>::new());
+}
+
+#[test]
+fn all_problems_are_reported_at_once() {
+    let text = r#"
+[http]
+max_body_bytes = 0
+[[geo.overrides]]
+cidr = "10.0.0.0/8"
+country = "XX"
+[[geofence.rules]]
+name = "r"
+deny_client_countries = ["@missing"]
+"#;
+    let errs = parse_gateway(text, "three.toml", &[]).unwrap_err();
+    assert_eq!(errs.errors.len(), 3, "{errs}");
+    assert_eq!(
+        errs.to_string(),
+        "three.toml:3: http.max_body_bytes: must be greater than 0 (got 0)\n\
+         three.toml:6: geo.overrides[0].country: \"XX\" is not an ISO 3166-1 alpha-2 country code\n\
+         three.toml:9: geofence.rules[0].deny_client_countries[0]: unknown country set \
+         \"@missing\""
+    );
+}
+
+#[test]
+fn validate_in_memory_names_the_in_memory_origin() {
+    let mut cfg = GatewayConfig::default();
+    cfg.routing.km_per_ms = -1.0;
+    cfg.game.max_fps = 0;
+    let errs = cfg.validate().unwrap_err();
+    assert_eq!(errs.origin, IN_MEMORY_ORIGIN);
+    assert_eq!(
+        errs.to_string(),
+        "<config>: routing.km_per_ms: must be a finite number greater than 0 (got -1)\n\
+         <config>: game.max_fps: must be greater than 0 (got 0)\n\
+         <config>: game.default_fps: 60 is greater than game.max_fps 0"
+    );
+}
+
+// ----- node -----
+
+#[test]
+fn node_minimal_file_is_valid() {
+    assert_eq!(node(""), Vec::<String>::new());
+}
+
+#[test]
+fn node_identity_and_gateway_checks() {
+    let text = r#"
+[node]
+id = "bad id!"
+enrolment_token = ""
+[gateway]
+address = "gateway.example.com"
+server_name = ""
+reconnect_initial_ms = 1000
+reconnect_max_ms = 500
+"#;
+    assert_eq!(
+        node_raw(text),
+        [
+            "3: node.id: \"bad id!\" must be 1 to 64 characters of A-Z a-z 0-9 . _ -",
+            "4: node.enrolment_token: must not be empty (leave it out instead)",
+            "6: gateway.address: \"gateway.example.com\" is not host:port (IPv6 as [addr]:port)",
+            "7: gateway.server_name: \"\" is not a server name",
+            "5: gateway: set one of ca_file or pinned_cert_sha256 (there is no option to accept \
+             any certificate)",
+            "9: gateway.reconnect_max_ms: 500 is less than gateway.reconnect_initial_ms 1000",
+        ]
+    );
+}
+
+#[test]
+fn node_gateway_trust_is_exactly_one_of_ca_and_pin() {
+    let both = format!(
+        "[node]\nid = \"n\"\n[gateway]\naddress = \"[::1]:4433\"\nca_file = \"ca.pem\"\n\
+         pinned_cert_sha256 = \"{PIN}\"\n"
+    );
+    assert_eq!(
+        node_raw(&both),
+        [
+            "6: gateway.pinned_cert_sha256: set either gateway.ca_file or \
+          gateway.pinned_cert_sha256, not both"
+        ]
+    );
+    let bad_pin =
+        "[node]\nid = \"n\"\n[gateway]\naddress = \"h:1\"\npinned_cert_sha256 = \"abc\"\n";
+    assert_eq!(
+        node_raw(bad_pin),
+        ["5: gateway.pinned_cert_sha256: \"abc\" is not a SHA-256 digest (64 hex digits)"]
+    );
+    let ca = "[node]\nid = \"n\"\n[gateway]\naddress = \"h:1\"\nca_file = \"ca.pem\"\n";
+    assert_eq!(node_raw(ca), Vec::<String>::new());
+}
+
+#[test]
+fn node_run_mode_needs_the_enrolment_token() {
+    let text = node_text("");
+    let errs = parse_node_for_run(&text, "n.toml", &[]).unwrap_err();
+    assert_eq!(
+        errs.to_string(),
+        "n.toml:1: node.enrolment_token: required: set it in the file or in the environment \
+         variable NEARPATH_NODE__ENROLMENT_TOKEN"
+    );
+    let cfg = parse_node_for_run(
+        &text,
+        "n.toml",
+        &[("NEARPATH_NODE__ENROLMENT_TOKEN", "tok")],
+    )
+    .unwrap();
+    assert_eq!(cfg.node.enrolment_token.as_deref(), Some("tok"));
+}
+
+#[test]
+fn node_gpu_checks() {
+    let extra = r#"
+[[gpus]]
+model = " "
+vram_mib = 0
+class = "cpu"
+[[gpus]]
+model = "NVIDIA H100"
+vram_mib = 81559
+class = "H100"
+[[gpu_classes]]
+contains = ""
+class = "x"
+[[gpu_classes]]
+contains = "T4"
+class = "cpu"
+"#;
+    assert_eq!(
+        node(extra),
+        [
+            "8: gpus[0].model: must not be empty",
+            "9: gpus[0].vram_mib: must be greater than 0 (got 0)",
+            "10: gpus[0].class: \"cpu\" is reserved for nodes without a GPU",
+            "14: gpus[1].class: \"H100\" is not a GPU class name (lower-case letters, digits \
+             and _)",
+            "16: gpu_classes[0].contains: must not be empty",
+            "20: gpu_classes[1].class: \"cpu\" is reserved for nodes without a GPU",
+        ]
+    );
+}
+
+#[test]
+fn node_workload_checks() {
+    let extra = r#"
+[capacity]
+game_sessions = 0
+inference_concurrency = 0
+[encoder]
+threads = 0
+[[models]]
+name = "m"
+max_concurrency = 0
+backend = { type = "upstream", base_url = "http://127.0.0.1:8000", timeout_ms = 0 }
+[[models]]
+name = "m"
+backend = { type = "sim", tokens_per_s = 0.0 }
+[[models]]
+name = "has space"
+backend = { type = "upstream", base_url = "https://h/v1", api_key = "", upstream_model = "" }
+[[games]]
+title = "g"
+source = { type = "command", command = [] }
+[[games]]
+title = "g"
+source = { type = "command", command = ["", "--x"] }
+"#;
+    assert_eq!(
+        node(extra),
+        [
+            "8: capacity.game_sessions: is 0, but games are configured (remove them or allow \
+             sessions)",
+            "9: capacity.inference_concurrency: is 0, but models are configured (remove them or \
+             allow requests)",
+            "14: models[0].max_concurrency: must be greater than 0 (got 0)",
+            "15: models[0].backend.base_url: \"http://127.0.0.1:8000\" is not an http:// or \
+             https:// URL ending in /v1",
+            "15: models[0].backend.timeout_ms: must be greater than 0 (got 0)",
+            "17: models[1].name: \"m\" is already the name of models[0]",
+            "18: models[1].backend.tokens_per_s: must be a finite number greater than 0 (got 0)",
+            "20: models[2].name: \"has space\" must not contain spaces or control characters",
+            "21: models[2].backend.api_key: must not be empty (leave it out instead)",
+            "21: models[2].backend.upstream_model: must not be empty",
+            "24: games[0].source.command: must name a program (argv, non-empty)",
+            "26: games[1].title: \"g\" is already the title of games[0]",
+            "27: games[1].source.command[0]: must name a program, not be empty",
+            "11: encoder.threads: must be greater than 0 (got 0)",
+        ]
+    );
+}

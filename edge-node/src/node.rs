@@ -1,0 +1,398 @@
+//! The edge node's connection to its gateway: dial out over QUIC, register, heartbeat, serve the
+//! session streams the gateway opens, reconnect with backoff, drain on shutdown.
+
+use crate::backoff::Backoff;
+use crate::gpu::GpuMonitor;
+use crate::sessions::{SessionContext, Sessions};
+use nearpath_config::NodeConfig;
+use nearpath_protocol::message::{
+    Capacity, Drain, Gpu, Heartbeat, Message, Register, RejectCode, Workloads,
+};
+use nearpath_protocol::stream::{send, FramedRecv};
+use nearpath_protocol::tls::{client_config, parse_sha256_hex, ServerVerify};
+use nearpath_protocol::{ALPN_NODE, MAX_CONTROL_FRAME, PROTOCOL_VERSION};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, info_span, warn, Instrument};
+
+/// Why the node stopped for good. Transient failures (gateway unreachable, connection lost) are
+/// retried and never surface here.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("config: {0}")]
+    Config(String),
+    #[error("TLS: {0}")]
+    Tls(#[from] nearpath_protocol::tls::TlsError),
+    #[error("QUIC endpoint: {0}")]
+    Endpoint(String),
+    /// The gateway refused this node for a reason retrying cannot fix.
+    #[error("gateway {gateway} rejected the node ({code}): {reason}")]
+    Rejected {
+        gateway: String,
+        code: RejectCode,
+        reason: String,
+    },
+}
+
+/// What the node is doing now (for the demo's console, tests and logs).
+#[derive(Debug, Clone, PartialEq)]
+pub enum NodeStatus {
+    Connecting { attempt: u32 },
+    Registered { country: Option<String> },
+    Rejected { code: RejectCode, reason: String },
+    Draining,
+    Stopped,
+}
+
+/// Knobs that are not config (tests and the demo set them).
+#[derive(Debug, Clone)]
+pub struct NodeOptions {
+    /// Probe NVML for GPUs. Tests turn it off for determinism.
+    pub use_nvml: bool,
+    /// Overrides the certificate check from config (the demo pins its in-memory certificate).
+    pub verify: Option<ServerVerify>,
+    /// Local address to dial from (tests use 127.0.0.x to look like different places).
+    pub bind: Option<SocketAddr>,
+}
+
+impl Default for NodeOptions {
+    fn default() -> Self {
+        NodeOptions {
+            use_nvml: true,
+            verify: None,
+            bind: None,
+        }
+    }
+}
+
+pub struct EdgeNode {
+    config: NodeConfig,
+    verify: ServerVerify,
+    gpus: GpuMonitor,
+    sessions: Arc<Sessions>,
+    bind: Option<SocketAddr>,
+    status: watch::Sender<NodeStatus>,
+}
+
+/// How the session with one gateway connection ended.
+enum ConnEnd {
+    /// Lost or closed by the gateway: reconnect.
+    Reconnect(String),
+    /// We drained and said goodbye: stop.
+    Drained,
+}
+
+impl EdgeNode {
+    pub fn new(config: NodeConfig, opts: NodeOptions) -> Result<EdgeNode, NodeError> {
+        let verify = match opts.verify {
+            Some(v) => v,
+            None => match (&config.gateway.ca_file, &config.gateway.pinned_cert_sha256) {
+                (Some(ca), None) => ServerVerify::CaFile(ca.clone()),
+                (None, Some(pin)) => ServerVerify::PinnedSha256(parse_sha256_hex(pin)?),
+                _ => {
+                    return Err(NodeError::Config(
+                        "exactly one of gateway.ca_file and gateway.pinned_cert_sha256 is required".into(),
+                    ))
+                }
+            },
+        };
+        if config.node.enrolment_token.as_deref().unwrap_or("").is_empty() {
+            return Err(NodeError::Config("node.enrolment_token: required".into()));
+        }
+        let gpus = GpuMonitor::detect(&config.gpus, &config.gpu_classes, opts.use_nvml);
+        let sessions = Arc::new(Sessions::new(&config).map_err(NodeError::Config)?);
+        let (status, _) = watch::channel(NodeStatus::Connecting { attempt: 0 });
+        Ok(EdgeNode {
+            config,
+            verify,
+            gpus,
+            sessions,
+            bind: opts.bind,
+            status,
+        })
+    }
+
+    /// Follow the node's status.
+    pub fn status(&self) -> watch::Receiver<NodeStatus> {
+        self.status.subscribe()
+    }
+
+    pub fn sessions(&self) -> Arc<Sessions> {
+        self.sessions.clone()
+    }
+
+    fn register_message(&self) -> Register {
+        let gpus = self
+            .gpus
+            .gpus()
+            .iter()
+            .map(|g| Gpu {
+                model: g.model.clone(),
+                class: g.class.clone(),
+                vram_mib: g.vram_mib,
+            })
+            .collect();
+        Register {
+            protocol_version: PROTOCOL_VERSION,
+            node_id: self.config.node.id.clone(),
+            enrolment_token: self.config.node.enrolment_token.clone().unwrap_or_default(),
+            software_version: env!("CARGO_PKG_VERSION").to_string(),
+            gpus,
+            workloads: Workloads {
+                games: self.config.games.iter().map(|g| g.title.clone()).collect(),
+                models: self.config.models.iter().map(|m| m.name.clone()).collect(),
+            },
+            capacity: Capacity {
+                game_sessions: self.config.capacity.game_sessions,
+                inference_concurrency: self.config.capacity.inference_concurrency,
+            },
+        }
+    }
+
+    /// Runs until `shutdown` (then drains and returns Ok) or a permanent rejection (Err).
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), NodeError> {
+        let span = info_span!("edge_node", node_id = %self.config.node.id);
+        self.run_inner(shutdown).instrument(span).await
+    }
+
+    async fn run_inner(self, shutdown: CancellationToken) -> Result<(), NodeError> {
+        let client_cfg = client_config(self.verify.clone(), &[ALPN_NODE])?;
+        let gw = &self.config.gateway;
+        let mut backoff = Backoff::new(
+            Duration::from_millis(gw.reconnect_initial_ms),
+            Duration::from_millis(gw.reconnect_max_ms),
+        );
+        let mut endpoint: Option<quinn::Endpoint> = None;
+        loop {
+            if shutdown.is_cancelled() {
+                break;
+            }
+            let _ = self.status.send(NodeStatus::Connecting { attempt: backoff.attempts() });
+            let outcome = async {
+                let addr = resolve(&gw.address).await?;
+                let ep = match &endpoint {
+                    Some(ep) => ep.clone(),
+                    None => {
+                        let bind = self.bind.unwrap_or_else(|| nearpath_protocol::net::unspecified_for(addr));
+                        let (ep, _) = nearpath_protocol::net::client_endpoint(bind, client_cfg.clone(), 1 << 21)
+                            .map_err(|e| format!("binding {bind}: {e}"))?;
+                        endpoint = Some(ep.clone());
+                        ep
+                    }
+                };
+                let server_name = gw
+                    .server_name
+                    .clone()
+                    .unwrap_or_else(|| host_part(&gw.address).to_string());
+                let conn = ep
+                    .connect(addr, &server_name)
+                    .map_err(|e| format!("connecting to {addr}: {e}"))?
+                    .await
+                    .map_err(|e| format!("connecting to {addr}: {e}"))?;
+                Ok::<_, String>(conn)
+            }
+            .await;
+            let conn = match outcome {
+                Ok(c) => c,
+                Err(e) => {
+                    let wait = backoff.next_delay(rand::random::<f64>());
+                    warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "gateway unreachable");
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => continue,
+                        _ = shutdown.cancelled() => break,
+                    }
+                }
+            };
+            match self.serve_connection(conn, &shutdown, &mut backoff).await {
+                Ok(ConnEnd::Drained) => break,
+                Ok(ConnEnd::Reconnect(why)) => {
+                    let wait = backoff.next_delay(rand::random::<f64>());
+                    warn!(reason = %why, retry_in_ms = wait.as_millis() as u64, "disconnected from the gateway");
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = shutdown.cancelled() => break,
+                    }
+                }
+                Err(e) => {
+                    error!(error = %e, "giving up");
+                    let _ = self.status.send(NodeStatus::Stopped);
+                    return Err(e);
+                }
+            }
+        }
+        // Sessions still running (we lost the gateway while shutting down) get the deadline too.
+        self.sessions
+            .wait_idle(Duration::from_millis(self.config.drain.deadline_ms))
+            .await;
+        if let Some(ep) = endpoint {
+            ep.close(0u32.into(), b"node stopped");
+            let _ = tokio::time::timeout(Duration::from_secs(1), ep.wait_idle()).await;
+        }
+        let _ = self.status.send(NodeStatus::Stopped);
+        info!("node stopped");
+        Ok(())
+    }
+
+    async fn serve_connection(
+        &self,
+        conn: quinn::Connection,
+        shutdown: &CancellationToken,
+        backoff: &mut Backoff,
+    ) -> Result<ConnEnd, NodeError> {
+        let (mut ctl_send, ctl_recv) = match conn.open_bi().await {
+            Ok(s) => s,
+            Err(e) => return Ok(ConnEnd::Reconnect(format!("opening the control stream: {e}"))),
+        };
+        let mut ctl = FramedRecv::new(ctl_recv, MAX_CONTROL_FRAME);
+        if let Err(e) = send(&mut ctl_send, &Message::Register(self.register_message())).await {
+            return Ok(ConnEnd::Reconnect(format!("sending Register: {e}")));
+        }
+        let registered = match tokio::time::timeout(Duration::from_secs(10), ctl.next()).await {
+            Ok(Ok(Some(Message::Registered(r)))) => r,
+            Ok(Ok(Some(Message::Rejected(r)))) => {
+                let _ = self.status.send(NodeStatus::Rejected {
+                    code: r.code,
+                    reason: r.reason.clone(),
+                });
+                conn.close(0u32.into(), b"rejected");
+                return if r.code.is_retryable() {
+                    warn!(code = %r.code, reason = %r.reason, "registration refused; will retry");
+                    Ok(ConnEnd::Reconnect(format!("rejected: {}", r.reason)))
+                } else {
+                    Err(NodeError::Rejected {
+                        gateway: self.config.gateway.address.clone(),
+                        code: r.code,
+                        reason: r.reason,
+                    })
+                };
+            }
+            Ok(Ok(Some(other))) => return Ok(ConnEnd::Reconnect(format!("expected Registered, got {}", other.name()))),
+            Ok(Ok(None)) => return Ok(ConnEnd::Reconnect("gateway closed the control stream".into())),
+            Ok(Err(e)) => return Ok(ConnEnd::Reconnect(format!("reading the registration answer: {e}"))),
+            Err(_) => return Ok(ConnEnd::Reconnect("no registration answer within 10 s".into())),
+        };
+        backoff.reset();
+        info!(country = ?registered.node_country, heartbeat_ms = registered.heartbeat_ms, "registered with the gateway");
+        let _ = self.status.send(NodeStatus::Registered {
+            country: registered.node_country.clone(),
+        });
+        let ctx = SessionContext { conn: conn.clone() };
+        let conn_done = CancellationToken::new();
+        let acceptor = tokio::spawn(self.sessions.clone().accept_loop(ctx, conn_done.clone()));
+        let result = self
+            .control_loop(&conn, &mut ctl_send, &mut ctl, registered.heartbeat_ms, shutdown)
+            .await;
+        conn_done.cancel();
+        let _ = acceptor.await;
+        Ok(result)
+    }
+
+    async fn control_loop(
+        &self,
+        conn: &quinn::Connection,
+        ctl_send: &mut quinn::SendStream,
+        ctl: &mut FramedRecv,
+        heartbeat_ms: u64,
+        shutdown: &CancellationToken,
+    ) -> ConnEnd {
+        let mut tick = tokio::time::interval(Duration::from_millis(heartbeat_ms.max(10)));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut seq = 0u64;
+        // Set when we are draining: the deadline by which sessions must be done.
+        let mut drain_until: Option<tokio::time::Instant> = None;
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    seq += 1;
+                    let hb = Heartbeat {
+                        seq,
+                        active_sessions: self.sessions.active(),
+                        queue_depth: 0,
+                        load: self.sessions.load(),
+                        gpu_util: self.gpus.utilisation(),
+                        encoder_ms_p50: self.sessions.encoder_ms_p50(),
+                    };
+                    if let Err(e) = send(ctl_send, &Message::Heartbeat(hb)).await {
+                        return ConnEnd::Reconnect(format!("sending a heartbeat: {e}"));
+                    }
+                    if let Some(until) = drain_until {
+                        if self.sessions.active() == 0 || tokio::time::Instant::now() >= until {
+                            if self.sessions.active() > 0 {
+                                warn!(left = self.sessions.active(), "drain deadline passed; ending remaining sessions");
+                                self.sessions.cancel_all();
+                            }
+                            let _ = send(ctl_send, &Message::Drained).await;
+                            let _ = ctl_send.finish();
+                            // Wait for the gateway to close, bounded, so Drained is delivered.
+                            let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
+                            conn.close(0u32.into(), b"drained");
+                            return ConnEnd::Drained;
+                        }
+                    }
+                }
+                msg = ctl.next() => match msg {
+                    Ok(Some(Message::HeartbeatAck(_))) => {}
+                    Ok(Some(Message::Drain(Drain { deadline_ms }))) => {
+                        // Asked by the gateway operator: stop taking sessions, finish, stay connected.
+                        info!(deadline_ms, "gateway asked this node to drain");
+                        self.sessions.set_draining(true);
+                    }
+                    Ok(Some(Message::Shutdown(s))) => {
+                        return ConnEnd::Reconnect(format!("gateway shut the connection: {}", s.reason));
+                    }
+                    Ok(Some(other)) => warn!(message = other.name(), "unexpected control message; ignoring"),
+                    Ok(None) => return ConnEnd::Reconnect("gateway closed the control stream".into()),
+                    Err(e) => return ConnEnd::Reconnect(format!("control stream: {e}")),
+                },
+                _ = shutdown.cancelled(), if drain_until.is_none() => {
+                    let deadline_ms = self.config.drain.deadline_ms;
+                    info!(deadline_ms, active = self.sessions.active(), "shutting down: draining");
+                    let _ = self.status.send(NodeStatus::Draining);
+                    self.sessions.set_draining(true);
+                    if send(ctl_send, &Message::Drain(Drain { deadline_ms })).await.is_err() {
+                        return ConnEnd::Drained;
+                    }
+                    drain_until = Some(tokio::time::Instant::now() + Duration::from_millis(deadline_ms));
+                    // Check at a finer grain than the heartbeat while draining.
+                    tick = tokio::time::interval(Duration::from_millis(heartbeat_ms.clamp(10, 100)));
+                }
+                _ = conn.closed() => {
+                    return ConnEnd::Reconnect(conn.close_reason().map(|r| r.to_string()).unwrap_or_default());
+                }
+            }
+        }
+    }
+}
+
+async fn resolve(address: &str) -> Result<SocketAddr, String> {
+    if let Ok(a) = address.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    tokio::net::lookup_host(address)
+        .await
+        .map_err(|e| format!("resolving {address}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("resolving {address}: no addresses"))
+}
+
+fn host_part(address: &str) -> &str {
+    if let Some(rest) = address.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    address.rsplit_once(':').map(|(h, _)| h).unwrap_or(address)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::host_part;
+
+    #[test]
+    fn host_part_handles_names_ipv4_and_ipv6() {
+        assert_eq!(host_part("gw.example.com:4433"), "gw.example.com");
+        assert_eq!(host_part("127.0.0.1:4433"), "127.0.0.1");
+        assert_eq!(host_part("[::1]:4433"), "::1");
+    }
+}

@@ -1,0 +1,301 @@
+//! The admin HTTP API (Bearer admin token), `/metrics` and `/healthz`, on the admin listener.
+//!
+//! `/healthz` and `/metrics` need no token: the admin listener belongs on an internal network,
+//! where Prometheus scrapes without credentials.
+
+use crate::http_util::{bearer, ct_eq, error, json, read_body, with_type, BodyError, Handler, Resp};
+use crate::metrics::labels;
+use crate::registry::ControlCmd;
+use crate::server::Shared;
+use crate::store::{KycStatus, StoreError};
+use hyper::body::Incoming;
+use hyper::{Method, Request, StatusCode};
+use serde::Deserialize;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+use tracing::{info, warn};
+
+const ADMIN_BODY_LIMIT: usize = 64 * 1024;
+
+pub struct AdminApi {
+    shared: Arc<Shared>,
+}
+
+impl AdminApi {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        AdminApi { shared }
+    }
+}
+
+impl Handler for AdminApi {
+    fn handle(self: Arc<Self>, req: Request<Incoming>, _peer: SocketAddr) -> Pin<Box<dyn Future<Output = Resp> + Send>> {
+        Box::pin(async move { self.route(req).await })
+    }
+}
+
+fn store_error(e: StoreError) -> Resp {
+    match &e {
+        StoreError::NotFound { .. } => error(StatusCode::NOT_FOUND, "not_found", &e.to_string()),
+        StoreError::Invalid { .. } => error(StatusCode::BAD_REQUEST, "invalid", &e.to_string()),
+        _ if e.is_retryable() => error(StatusCode::SERVICE_UNAVAILABLE, "store_busy", &e.to_string()),
+        _ => error(StatusCode::INTERNAL_SERVER_ERROR, "store_error", &e.to_string()),
+    }
+}
+
+/// Runs a store call off the async threads.
+async fn blocking<T: Send + 'static>(
+    shared: &Arc<Shared>,
+    f: impl FnOnce(&dyn crate::store::Store) -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, Resp> {
+    let store = shared.store.clone();
+    match tokio::task::spawn_blocking(move || f(store.as_ref())).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(store_error(e)),
+        Err(e) => Err(error(StatusCode::INTERNAL_SERVER_ERROR, "internal", &e.to_string())),
+    }
+}
+
+async fn json_body<T: for<'de> Deserialize<'de> + Default>(req: Request<Incoming>) -> Result<T, Resp> {
+    let bytes = read_body(req.into_body(), ADMIN_BODY_LIMIT).await.map_err(|e| match e {
+        BodyError::TooLarge { limit } => error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            &format!("request body is larger than {limit} bytes"),
+        ),
+        BodyError::Read(m) => error(StatusCode::BAD_REQUEST, "bad_body", &m),
+    })?;
+    if bytes.iter().all(|b| b.is_ascii_whitespace()) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(&bytes)
+        .map_err(|e| error(StatusCode::BAD_REQUEST, "invalid_json", &format!("invalid JSON body: {e}")))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct NewOperator {
+    name: String,
+    #[serde(default)]
+    kyc_status: Option<KycStatus>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct NewApiKey {
+    tenant: String,
+    #[serde(default)]
+    requests_per_minute: Option<u32>,
+    #[serde(default)]
+    tokens_per_minute: Option<u32>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct DrainBody {
+    #[serde(default)]
+    deadline_ms: Option<u64>,
+}
+
+fn query_param<'a>(req: &'a Request<Incoming>, name: &str) -> Option<&'a str> {
+    req.uri()
+        .query()?
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
+}
+
+impl AdminApi {
+    async fn route(&self, req: Request<Incoming>) -> Resp {
+        let path = req.uri().path().to_string();
+        let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+        let method = req.method().clone();
+        match (&method, segs.as_slice()) {
+            (&Method::GET, ["healthz"]) => return json(StatusCode::OK, &serde_json::json!({"status": "ok", "nodes": self.shared.registry.len()})),
+            (&Method::GET, ["metrics"]) => return self.metrics(),
+            _ => {}
+        }
+        if segs.first() != Some(&"admin") {
+            return error(StatusCode::NOT_FOUND, "not_found", &format!("no route for {method} {path}"));
+        }
+        let expected = self.shared.config.admin.token.as_deref().unwrap_or("");
+        match bearer(&req) {
+            Some(t) if !expected.is_empty() && ct_eq(t.as_bytes(), expected.as_bytes()) => {}
+            _ => return error(StatusCode::UNAUTHORIZED, "unauthorized", "missing or wrong admin Bearer token"),
+        }
+        let s = &self.shared;
+        let result: Result<Resp, Resp> = async {
+            Ok(match (&method, &segs[1..]) {
+                (&Method::GET, ["nodes"]) => {
+                    let nodes: Vec<_> = s.registry.list().iter().map(|n| n.view()).collect();
+                    json(StatusCode::OK, &serde_json::json!({"object": "list", "data": nodes}))
+                }
+                (&Method::GET, ["nodes", id]) => {
+                    let id = id.to_string();
+                    let live = s.registry.get(&id).map(|n| n.view());
+                    let id2 = id.clone();
+                    let sla = blocking(s, move |st| st.sla_get(&id2)).await?;
+                    if live.is_none() && sla.is_none() {
+                        return Err(error(StatusCode::NOT_FOUND, "not_found", &format!("no node {id}")));
+                    }
+                    json(StatusCode::OK, &serde_json::json!({"id": id, "live": live, "sla": sla}))
+                }
+                (&Method::POST, ["nodes", id, "drain"]) => {
+                    let body: DrainBody = json_body(req).await?;
+                    let node = s.registry.get(id).ok_or_else(|| error(StatusCode::NOT_FOUND, "not_found", &format!("no live node {id}")))?;
+                    let deadline_ms = body.deadline_ms.unwrap_or(s.config.nodes.drain_deadline_ms);
+                    node.commands
+                        .send(ControlCmd::Drain { deadline_ms })
+                        .await
+                        .map_err(|_| error(StatusCode::CONFLICT, "gone", "the node is disconnecting"))?;
+                    info!(node = %id, deadline_ms, "drain requested by admin");
+                    json(StatusCode::ACCEPTED, &serde_json::json!({"id": id, "state": "draining", "deadline_ms": deadline_ms}))
+                }
+                (&Method::GET, ["sla"]) => {
+                    let list = blocking(s, |st| st.sla_list()).await?;
+                    json(StatusCode::OK, &serde_json::json!({"object": "list", "data": list}))
+                }
+                (&Method::GET, ["operators"]) => {
+                    let list = blocking(s, |st| st.list_operators()).await?;
+                    json(StatusCode::OK, &serde_json::json!({"object": "list", "data": list}))
+                }
+                (&Method::POST, ["operators"]) => {
+                    let body: NewOperator = json_body(req).await?;
+                    let kyc = body.kyc_status.unwrap_or(KycStatus::Pending);
+                    let op = blocking(s, move |st| st.create_operator(&body.name, kyc)).await?;
+                    json(StatusCode::CREATED, &op)
+                }
+                (&Method::GET, ["operators", id]) => {
+                    let id = id.to_string();
+                    let id2 = id.clone();
+                    let op = blocking(s, move |st| st.get_operator(&id2)).await?
+                        .ok_or_else(|| error(StatusCode::NOT_FOUND, "not_found", &format!("no operator {id}")))?;
+                    let id3 = id.clone();
+                    let tokens = blocking(s, move |st| st.list_enrolment_tokens(&id3)).await?;
+                    let nodes: Vec<_> = s.registry.of_operator(&id).iter().map(|n| n.id.clone()).collect();
+                    json(StatusCode::OK, &serde_json::json!({"operator": op, "tokens": tokens, "live_nodes": nodes}))
+                }
+                (&Method::POST, ["operators", id, action @ ("verify" | "suspend" | "reset")]) => {
+                    let status = match *action {
+                        "verify" => KycStatus::Verified,
+                        "suspend" => KycStatus::Suspended,
+                        _ => KycStatus::Pending,
+                    };
+                    let id = id.to_string();
+                    let id2 = id.clone();
+                    let op = blocking(s, move |st| st.set_operator_kyc(&id2, status)).await?;
+                    if status != KycStatus::Verified {
+                        // A suspended operator's nodes leave now, not at their next reconnect.
+                        for node in s.registry.of_operator(&id) {
+                            let _ = node.commands.try_send(ControlCmd::Shutdown {
+                                reason: format!("operator {id} is {}", status.as_str()),
+                            });
+                            node.kick.cancel();
+                        }
+                        warn!(operator = %id, status = status.as_str(), "operator's nodes disconnected");
+                    }
+                    json(StatusCode::OK, &op)
+                }
+                (&Method::POST, ["operators", id, "tokens"]) => {
+                    let id = id.to_string();
+                    let (tok, secret) = blocking(s, move |st| st.create_enrolment_token(&id)).await?;
+                    json(StatusCode::CREATED, &serde_json::json!({"token": secret, "info": tok, "note": "the token is shown once; store it in the node's config"}))
+                }
+                (&Method::POST, ["tokens", id, "revoke"]) => {
+                    let id = id.to_string();
+                    blocking(s, move |st| st.revoke_enrolment_token(&id)).await?;
+                    json(StatusCode::OK, &serde_json::json!({"revoked": true}))
+                }
+                (&Method::GET, ["penalties"]) => {
+                    let node = query_param(&req, "node").map(|s| s.to_string());
+                    let list = blocking(s, move |st| st.list_penalties(node.as_deref(), 1000)).await?;
+                    json(StatusCode::OK, &serde_json::json!({"object": "list", "data": list}))
+                }
+                (&Method::GET, ["api-keys"]) => {
+                    let list = blocking(s, |st| st.list_api_keys()).await?;
+                    json(StatusCode::OK, &serde_json::json!({"object": "list", "data": list}))
+                }
+                (&Method::POST, ["api-keys"]) => {
+                    let body: NewApiKey = json_body(req).await?;
+                    let rpm = body.requests_per_minute.unwrap_or(s.config.inference.default_requests_per_minute);
+                    let tpm = body.tokens_per_minute.unwrap_or(s.config.inference.default_tokens_per_minute);
+                    let (key, secret) = blocking(s, move |st| st.create_api_key(&body.tenant, rpm, tpm)).await?;
+                    json(StatusCode::CREATED, &serde_json::json!({"key": secret, "info": key, "note": "the key is shown once"}))
+                }
+                (&Method::POST, ["api-keys", id, "revoke"]) => {
+                    let id = id.to_string();
+                    blocking(s, move |st| st.revoke_api_key(&id)).await?;
+                    s.keys.clear();
+                    json(StatusCode::OK, &serde_json::json!({"revoked": true}))
+                }
+                (&Method::GET, ["usage"]) => {
+                    let since = match query_param(&req, "since_ms") {
+                        None => None,
+                        Some(v) => Some(v.parse::<u64>().map_err(|_| error(StatusCode::BAD_REQUEST, "invalid", &format!("since_ms: {v:?} is not a number")))?),
+                    };
+                    let summary = blocking(s, move |st| st.usage_summary(since)).await?;
+                    json(StatusCode::OK, &summary)
+                }
+                (&Method::POST, ["geo", "reload"]) => {
+                    let geo = s.geo.clone();
+                    let r = tokio::task::spawn_blocking(move || geo.reload()).await;
+                    match r {
+                        Ok(Ok(report)) => {
+                            s.metrics.geo_reloads.get_or_create(&labels([("outcome", "ok")])).inc();
+                            json(StatusCode::OK, &serde_json::json!({"reloaded": true, "report": report, "info": s.geo.info()}))
+                        }
+                        Ok(Err(e)) => {
+                            s.metrics.geo_reloads.get_or_create(&labels([("outcome", "error")])).inc();
+                            error(StatusCode::UNPROCESSABLE_ENTITY, "geo_reload_failed", &format!("{e}; the previous database stays in use"))
+                        }
+                        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal", &e.to_string()),
+                    }
+                }
+                (&Method::GET, ["geo"]) => json(StatusCode::OK, &s.geo.info()),
+                _ => error(StatusCode::NOT_FOUND, "not_found", &format!("no route for {method} {path}")),
+            })
+        }
+        .await;
+        result.unwrap_or_else(|e| e)
+    }
+
+    fn metrics(&self) -> Resp {
+        let m = &self.shared.metrics;
+        m.nodes.clear();
+        for ((state, country, class), n) in self.shared.registry.census() {
+            m.nodes
+                .get_or_create(&labels([("state", state.as_str()), ("country", &country), ("class", &class)]))
+                .set(n as i64);
+        }
+        with_type(StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", m.render())
+    }
+}
+
+/// Reloads the GeoIP database files when they change on disk.
+pub async fn geo_reload_loop(shared: Arc<Shared>) {
+    let every = shared.config.geo.reload_check_interval_s;
+    if every == 0 {
+        return;
+    }
+    let mut tick = tokio::time::interval(Duration::from_secs(every));
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let geo = shared.geo.clone();
+        match tokio::task::spawn_blocking(move || geo.reload_if_changed()).await {
+            Ok(Ok(report)) if report.changed() => {
+                shared.metrics.geo_reloads.get_or_create(&labels([("outcome", "ok")])).inc();
+                info!("GeoIP database reloaded");
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                shared.metrics.geo_reloads.get_or_create(&labels([("outcome", "error")])).inc();
+                warn!(error = %e, "GeoIP reload refused; the previous database stays in use");
+            }
+            Err(_) => {}
+        }
+    }
+}

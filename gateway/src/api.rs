@@ -1,0 +1,500 @@
+//! The client-facing HTTP API: OpenAI-compatible inference (`/v1/models`,
+//! `/v1/chat/completions`, `/v1/completions`, SSE streaming), game listing, health.
+//!
+//! Every response carries `x-request-id`. Errors use OpenAI's body shape; a geofence denial is
+//! 403 with `x-should-retry: false`, no eligible node is 503, saturation is 429 with
+//! `Retry-After`.
+
+use crate::http_util::{bearer, read_body, with_type, Body, BodyError, Handler, Resp};
+use crate::infer::{self, Metering, StreamEvent};
+use crate::server::Shared;
+use crate::tls::CertPair;
+use bytes::Bytes;
+use hyper::body::Incoming;
+use hyper::header::{HeaderName, HeaderValue, CONTENT_TYPE};
+use hyper::{HeaderMap, Method, Request, Response, StatusCode};
+use ipnet::IpNet;
+use nearpath_config::WorkloadKind;
+use nearpath_geo::Location;
+use nearpath_protocol::openai::{self, ApiError, Endpoint, InferenceRequest, StreamRenderer, Usage};
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::mpsc;
+use tracing::{info_span, Instrument};
+
+static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+static X_SHOULD_RETRY: HeaderName = HeaderName::from_static("x-should-retry");
+
+pub struct ClientApi {
+    shared: Arc<Shared>,
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn new_request_id() -> String {
+    format!("req_{:016x}{:08x}", rand::random::<u64>(), rand::random::<u32>())
+}
+
+/// The client's address: the TCP peer, or — only when the peer is a trusted proxy — the
+/// right-most address in `X-Forwarded-For` / `Forwarded` that is not itself a trusted proxy.
+/// A header from anyone else is ignored (it would let clients choose their country).
+pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr {
+    let peer = canonical(peer);
+    let is_trusted = |ip: IpAddr| trusted.iter().any(|n| n.contains(&ip));
+    if !is_trusted(peer) {
+        return peer;
+    }
+    let mut chain: Vec<IpAddr> = Vec::new();
+    for v in headers.get_all("forwarded") {
+        let Ok(v) = v.to_str() else { continue };
+        for element in v.split(',') {
+            for pair in element.split(';') {
+                let Some((k, val)) = pair.trim().split_once('=') else { continue };
+                if k.trim().eq_ignore_ascii_case("for") {
+                    if let Some(ip) = parse_forwarded_for(val.trim()) {
+                        chain.push(ip);
+                    }
+                }
+            }
+        }
+    }
+    if chain.is_empty() {
+        for v in headers.get_all("x-forwarded-for") {
+            let Ok(v) = v.to_str() else { continue };
+            chain.extend(v.split(',').filter_map(|p| p.trim().parse::<IpAddr>().ok()));
+        }
+    }
+    chain
+        .into_iter()
+        .map(canonical)
+        .rev()
+        .find(|ip| !is_trusted(*ip))
+        .unwrap_or(peer)
+}
+
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+        v4 => v4,
+    }
+}
+
+fn parse_forwarded_for(v: &str) -> Option<IpAddr> {
+    let v = v.trim_matches('"');
+    if let Some(rest) = v.strip_prefix('[') {
+        return rest.split(']').next()?.parse().ok();
+    }
+    if let Ok(ip) = v.parse() {
+        return Some(ip);
+    }
+    v.rsplit_once(':').and_then(|(h, _)| h.parse().ok())
+}
+
+fn api_error(request_id: &str, err: &ApiError) -> Resp {
+    let mut r = with_type(
+        StatusCode::from_u16(err.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+        "application/json",
+        err.body(),
+    );
+    let h = r.headers_mut();
+    if !err.should_retry() {
+        h.insert(X_SHOULD_RETRY.clone(), HeaderValue::from_static("false"));
+    }
+    if err.status == 429 {
+        h.insert(hyper::header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    set_request_id(&mut r, request_id);
+    r
+}
+
+fn set_request_id(r: &mut Resp, id: &str) {
+    if let Ok(v) = HeaderValue::from_str(id) {
+        r.headers_mut().insert(X_REQUEST_ID.clone(), v);
+    }
+}
+
+impl ClientApi {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        ClientApi { shared }
+    }
+
+    fn locate(&self, req: &Request<Incoming>, peer: SocketAddr) -> (IpAddr, Location) {
+        let ip = client_ip(peer.ip(), req.headers(), &self.shared.config.http.trusted_proxies);
+        (ip, self.shared.geo.lookup(ip))
+    }
+
+    async fn route(&self, req: Request<Incoming>, peer: SocketAddr) -> Resp {
+        let request_id = req
+            .headers()
+            .get(&X_REQUEST_ID)
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
+            .map(str::to_string)
+            .unwrap_or_else(new_request_id);
+        let span = info_span!("http_request", id = %request_id, method = %req.method(), path = %req.uri().path());
+        let mut resp = self.dispatch(req, peer, &request_id).instrument(span).await;
+        set_request_id(&mut resp, &request_id);
+        resp
+    }
+
+    async fn dispatch(&self, req: Request<Incoming>, peer: SocketAddr, request_id: &str) -> Resp {
+        let path = req.uri().path().to_string();
+        match (req.method().clone(), path.as_str()) {
+            (Method::GET, "/healthz") => with_type(
+                StatusCode::OK,
+                "application/json",
+                serde_json::json!({"status": "ok", "nodes": self.shared.registry.len()}).to_string(),
+            ),
+            (Method::GET, "/v1/models") => self.models(req, peer, request_id).await,
+            (Method::GET, "/v1/games") => self.games(req, peer, request_id).await,
+            (Method::POST, "/v1/chat/completions") => self.completions(Endpoint::Chat, req, peer, request_id).await,
+            (Method::POST, "/v1/completions") => self.completions(Endpoint::Completion, req, peer, request_id).await,
+            (m, "/v1/models" | "/v1/games" | "/v1/chat/completions" | "/v1/completions") => {
+                api_error(request_id, &ApiError::method_not_allowed(m.as_str(), &path))
+            }
+            _ => api_error(request_id, &ApiError::not_found(&path)),
+        }
+    }
+
+    /// Titles or models served by live nodes this client may use.
+    fn visible(&self, client: &Location, kind: WorkloadKind) -> BTreeSet<String> {
+        let mut out = BTreeSet::new();
+        for node in self.shared.registry.list() {
+            if node.dynamic().state == crate::registry::NodeState::Gone {
+                continue;
+            }
+            if infer::serve_check(&self.shared, client, &node, kind).is_err() {
+                continue;
+            }
+            let names = match kind {
+                WorkloadKind::Inference => &node.workloads.models,
+                WorkloadKind::Game => &node.workloads.games,
+            };
+            out.extend(names.iter().cloned());
+        }
+        out
+    }
+
+    async fn models(&self, req: Request<Incoming>, peer: SocketAddr, request_id: &str) -> Resp {
+        if let Err(e) = infer::authenticate(&self.shared, bearer(&req)).await {
+            return api_error(request_id, &e);
+        }
+        let (_, loc) = self.locate(&req, peer);
+        let names = self.visible(&loc, WorkloadKind::Inference);
+        let created = unix_now();
+        let list: Vec<(&str, u64, &str)> = names.iter().map(|n| (n.as_str(), created, "nearpath")).collect();
+        with_type(StatusCode::OK, "application/json", openai::models_list(&list))
+    }
+
+    async fn games(&self, req: Request<Incoming>, peer: SocketAddr, request_id: &str) -> Resp {
+        if let Err(e) = infer::authenticate(&self.shared, bearer(&req)).await {
+            return api_error(request_id, &e);
+        }
+        let (_, loc) = self.locate(&req, peer);
+        let data: Vec<serde_json::Value> = self
+            .visible(&loc, WorkloadKind::Game)
+            .into_iter()
+            .map(|t| serde_json::json!({"id": t, "object": "game"}))
+            .collect();
+        with_type(
+            StatusCode::OK,
+            "application/json",
+            serde_json::json!({"object": "list", "data": data}).to_string(),
+        )
+    }
+
+    async fn completions(&self, endpoint: Endpoint, req: Request<Incoming>, peer: SocketAddr, request_id: &str) -> Resp {
+        let started = Instant::now();
+        let shared = &self.shared;
+        let key = match infer::authenticate(shared, bearer(&req)).await {
+            Ok(k) => k,
+            Err(e) => return api_error(request_id, &e),
+        };
+        let (_ip, client) = self.locate(&req, peer);
+        if let Some(ct) = req.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()) {
+            if !ct.to_ascii_lowercase().starts_with("application/json") {
+                return api_error(
+                    request_id,
+                    &ApiError::bad_request(format!("Content-Type must be application/json, not {ct}"), None),
+                );
+            }
+        }
+        let limit = shared.config.http.max_body_bytes as usize;
+        let body = match read_body(req.into_body(), limit).await {
+            Ok(b) => b,
+            Err(BodyError::TooLarge { limit }) => return api_error(request_id, &ApiError::payload_too_large(limit)),
+            Err(BodyError::Read(m)) => return api_error(request_id, &ApiError::bad_request(m, None)),
+        };
+        let request = match InferenceRequest::parse(endpoint, &body) {
+            Ok(r) => r,
+            Err(e) => return api_error(request_id, &ApiError::invalid_request(e)),
+        };
+        if let Err(wait_s) = shared.limiter.admit(&key, Instant::now()) {
+            let mut r = api_error(
+                request_id,
+                &ApiError::rate_limited(format!(
+                    "rate limit reached for key {} ({} requests/min, {} tokens/min)",
+                    key.prefix, key.requests_per_minute, key.tokens_per_minute
+                )),
+            );
+            if let Ok(v) = HeaderValue::from_str(&wait_s.to_string()) {
+                r.headers_mut().insert(hyper::header::RETRY_AFTER, v);
+            }
+            shared
+                .metrics
+                .inference_requests
+                .get_or_create(&crate::metrics::labels([("api", "http"), ("outcome", "rate_limited")]))
+                .inc();
+            return r;
+        }
+        // The node gets the body as the client sent it (it knows the endpoint from its shape).
+        let raw = String::from_utf8_lossy(&body).into_owned();
+        let mut stream = match infer::dispatch(shared, &request, &raw, &client).await {
+            Ok(s) => s,
+            Err(e) => {
+                let outcome = match e.status {
+                    403 => "geofence",
+                    404 => "model_not_found",
+                    429 => "saturated",
+                    _ => "error",
+                };
+                infer::meter(
+                    shared,
+                    Metering {
+                        key: &key,
+                        request_id,
+                        model: &request.model,
+                        api: "http",
+                        node: None,
+                        outcome,
+                        usage: Usage::default(),
+                        ttft: None,
+                        started,
+                        bytes: 0,
+                    },
+                )
+                .await;
+                return api_error(request_id, &e);
+            }
+        };
+        let created = unix_now();
+        let completion_id = match endpoint {
+            Endpoint::Chat => format!("chatcmpl-{}", &request_id[request_id.len().saturating_sub(24)..]),
+            Endpoint::Completion => format!("cmpl-{}", &request_id[request_id.len().saturating_sub(24)..]),
+        };
+        let model = request.model.clone();
+        if !request.stream {
+            let mut text = String::new();
+            let (outcome, finish, usage, err) = loop {
+                match stream.next().await {
+                    StreamEvent::Token(t) => text.push_str(&t),
+                    StreamEvent::Done { finish_reason, usage } => break ("ok", finish_reason, usage, None),
+                    StreamEvent::Failed(e) => break ("error", String::new(), Usage::default(), Some(e)),
+                }
+            };
+            let ttft = stream.ttft;
+            let node = stream.node.clone();
+            drop(stream);
+            let body = match &err {
+                None => openai::completion_response(endpoint, &completion_id, created, &model, &text, &finish, usage),
+                Some(_) => String::new(),
+            };
+            infer::meter(
+                shared,
+                Metering {
+                    key: &key,
+                    request_id,
+                    model: &model,
+                    api: "http",
+                    node: Some(&node),
+                    outcome,
+                    usage,
+                    ttft: Some(ttft),
+                    started,
+                    bytes: body.len() as u64,
+                },
+            )
+            .await;
+            return match err {
+                None => with_type(StatusCode::OK, "application/json", body),
+                Some(e) => api_error(request_id, &e),
+            };
+        }
+        // Streaming: headers go out now; tokens follow as they arrive from the node.
+        let (tx, rx) = mpsc::channel::<Bytes>(64);
+        let include_usage = request.include_usage;
+        let shared2 = shared.clone();
+        let request_id2 = request_id.to_string();
+        tokio::spawn(
+            async move {
+                let renderer = StreamRenderer::new(endpoint, &completion_id, created, &model);
+                let mut bytes = 0u64;
+                let mut usage = Usage::default();
+                let mut last = Instant::now();
+                let mut first = true;
+                let mut sent_tokens = 0u32;
+                let outcome = 'pump: {
+                    if let Some(role) = renderer.role_event() {
+                        bytes += role.len() as u64;
+                        if tx.send(role).await.is_err() {
+                            break 'pump "cancelled";
+                        }
+                    }
+                    loop {
+                        let ev = tokio::select! {
+                            ev = stream.next() => ev,
+                            _ = tx.closed() => break 'pump "cancelled",
+                        };
+                        match ev {
+                            StreamEvent::Token(t) => {
+                                let now = Instant::now();
+                                if !first {
+                                    shared2.metrics.inter_token_ms.observe((now - last).as_secs_f64() * 1000.0);
+                                }
+                                first = false;
+                                last = now;
+                                sent_tokens += 1;
+                                let ev = renderer.token_event(&t);
+                                bytes += ev.len() as u64;
+                                if tx.send(ev).await.is_err() {
+                                    break 'pump "cancelled";
+                                }
+                            }
+                            StreamEvent::Done { finish_reason, usage: u } => {
+                                usage = u;
+                                let mut out = vec![renderer.finish_event(&finish_reason)];
+                                if include_usage {
+                                    out.push(renderer.usage_event(usage));
+                                }
+                                out.push(Bytes::from_static(openai::SSE_DONE.as_bytes()));
+                                for b in out {
+                                    bytes += b.len() as u64;
+                                    if tx.send(b).await.is_err() {
+                                        break 'pump "cancelled";
+                                    }
+                                }
+                                break 'pump "ok";
+                            }
+                            StreamEvent::Failed(e) => {
+                                let _ = tx.send(e.sse_event()).await;
+                                break 'pump "error";
+                            }
+                        }
+                    }
+                };
+                if outcome == "cancelled" {
+                    stream.cancel();
+                    tracing::info!("client went away; generation cancelled on the node");
+                }
+                if usage.completion_tokens == 0 {
+                    usage.completion_tokens = sent_tokens;
+                }
+                let ttft = stream.ttft;
+                let node = stream.node.clone();
+                drop(stream);
+                infer::meter(
+                    &shared2,
+                    Metering {
+                        key: &key,
+                        request_id: &request_id2,
+                        model: &model,
+                        api: "http",
+                        node: Some(&node),
+                        outcome,
+                        usage,
+                        ttft: Some(ttft),
+                        started,
+                        bytes,
+                    },
+                )
+                .await;
+            }
+            .in_current_span(),
+        );
+        let mut r = Response::new(Body::Channel(rx));
+        let h = r.headers_mut();
+        h.insert(CONTENT_TYPE, HeaderValue::from_static(openai::SSE_CONTENT_TYPE));
+        h.insert(hyper::header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        // Tells nginx-style proxies in front of us not to buffer the stream.
+        h.insert(HeaderName::from_static("x-accel-buffering"), HeaderValue::from_static("no"));
+        r
+    }
+}
+
+impl Handler for ClientApi {
+    fn handle(self: Arc<Self>, req: Request<Incoming>, peer: SocketAddr) -> Pin<Box<dyn Future<Output = Resp> + Send>> {
+        Box::pin(async move { self.route(req, peer).await })
+    }
+}
+
+/// A TLS acceptor for the client HTTP listener (HTTP/2 and HTTP/1.1 by ALPN).
+pub fn tls_acceptor(pair: CertPair) -> Result<tokio_rustls::TlsAcceptor, rustls::Error> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(pair.chain, pair.key)?;
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(cfg)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn forwarded_headers_are_ignored_from_untrusted_peers() {
+        // Regression guard: a client must not choose its own country with a header.
+        let trusted: Vec<IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+        let h = headers(&[("x-forwarded-for", "1.2.3.4")]);
+        let peer: IpAddr = "203.0.113.9".parse().unwrap();
+        assert_eq!(client_ip(peer, &h, &trusted), peer);
+    }
+
+    #[test]
+    fn trusted_proxy_chain_takes_the_rightmost_untrusted_address() {
+        let trusted: Vec<IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+        let h = headers(&[("x-forwarded-for", "9.9.9.9, 1.2.3.4, 10.1.1.1")]);
+        assert_eq!(
+            client_ip("10.0.0.1".parse().unwrap(), &h, &trusted),
+            "1.2.3.4".parse::<IpAddr>().unwrap()
+        );
+        let h = headers(&[("forwarded", "for=192.0.2.60;proto=http, for=\"[2001:db8::1]:4711\"")]);
+        assert_eq!(
+            client_ip("10.0.0.1".parse().unwrap(), &h, &trusted),
+            "2001:db8::1".parse::<IpAddr>().unwrap()
+        );
+        // No header: the proxy itself.
+        assert_eq!(
+            client_ip("10.0.0.1".parse().unwrap(), &HeaderMap::new(), &trusted),
+            "10.0.0.1".parse::<IpAddr>().unwrap()
+        );
+    }
+
+    #[test]
+    fn ipv4_mapped_peers_are_treated_as_ipv4() {
+        let trusted: Vec<IpNet> = vec!["127.0.0.0/8".parse().unwrap()];
+        let h = headers(&[("x-forwarded-for", "175.45.176.1")]);
+        assert_eq!(
+            client_ip("::ffff:127.0.0.1".parse().unwrap(), &h, &trusted),
+            "175.45.176.1".parse::<IpAddr>().unwrap()
+        );
+    }
+}

@@ -1,0 +1,217 @@
+//! Native clients over QUIC (ALPN `nearpath/1`): each request is a bidirectional stream whose
+//! first message carries the API key, so the gateway keeps no per-connection auth state.
+
+use crate::infer::{self, Metering, StreamEvent};
+use crate::server::Shared;
+use nearpath_config::WorkloadKind;
+use nearpath_protocol::message::{
+    Done, ErrorInfo, GameList, InferRequest, InferStarted, Message, Token,
+};
+use nearpath_protocol::openai::{ApiError, Endpoint, InferenceRequest, Usage};
+use nearpath_protocol::stream::{send, FramedRecv};
+use nearpath_protocol::{MAX_REQUEST_FRAME, PROTOCOL_VERSION};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tracing::{debug, info_span, Instrument};
+
+pub async fn handle_client(shared: Arc<Shared>, conn: quinn::Connection) {
+    let peer = conn.remote_address();
+    let span = info_span!("client", %peer, conn = conn.stable_id());
+    async move {
+        loop {
+            let (tx, rx) = tokio::select! {
+                r = conn.accept_bi() => match r {
+                    Ok(s) => s,
+                    Err(e) => {
+                        debug!(error = %e, "client connection closed");
+                        return;
+                    }
+                },
+                _ = shared.shutdown.cancelled() => {
+                    conn.close(0u32.into(), b"gateway shutting down");
+                    return;
+                }
+            };
+            let shared = shared.clone();
+            let conn = conn.clone();
+            tokio::spawn(async move { serve_stream(shared, conn, tx, rx).await }.in_current_span());
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+fn error_msg(code: &str, message: impl Into<String>, retryable: bool) -> Message {
+    Message::Error(ErrorInfo {
+        code: code.to_string(),
+        message: message.into(),
+        retryable,
+    })
+}
+
+/// The status-like code a native client sees for an API error.
+fn code_of(e: &ApiError) -> &'static str {
+    match e.status {
+        400 => "bad_request",
+        401 => "unauthorized",
+        403 => "geofence",
+        404 => "model_not_found",
+        413 => "too_large",
+        429 => "rate_limited",
+        503 => "no_capacity",
+        504 => "timeout",
+        _ => "upstream",
+    }
+}
+
+async fn serve_stream(shared: Arc<Shared>, conn: quinn::Connection, mut tx: quinn::SendStream, rx: quinn::RecvStream) {
+    let mut framed = FramedRecv::new(rx, MAX_REQUEST_FRAME);
+    let first = match tokio::time::timeout(Duration::from_secs(10), framed.next()).await {
+        Ok(Ok(Some(m))) => m,
+        Ok(Err(e)) => {
+            let _ = send(&mut tx, &error_msg("bad_request", e.to_string(), false)).await;
+            let _ = tx.finish();
+            return;
+        }
+        _ => return,
+    };
+    match first {
+        Message::InferRequest(r) => serve_infer(shared, conn, tx, framed, r).await,
+        Message::ListGames(l) => {
+            let reply = match infer::authenticate(&shared, Some(&l.api_key)).await {
+                Ok(_) => {
+                    let loc = shared.geo.lookup(conn.remote_address().ip());
+                    let mut titles: Vec<String> = shared
+                        .registry
+                        .list()
+                        .iter()
+                        .filter(|n| infer::serve_check(&shared, &loc, n, WorkloadKind::Game).is_ok())
+                        .flat_map(|n| n.workloads.games.clone())
+                        .collect();
+                    titles.sort();
+                    titles.dedup();
+                    Message::GameList(GameList { titles })
+                }
+                Err(e) => error_msg(code_of(&e), e.message, false),
+            };
+            let _ = send(&mut tx, &reply).await;
+            let _ = tx.finish();
+        }
+        Message::PlayRequest(_) => {
+            let _ = send(
+                &mut tx,
+                &error_msg("not_available", "game streaming to native clients is not available on this gateway yet", false),
+            )
+            .await;
+            let _ = tx.finish();
+        }
+        other => {
+            let _ = send(&mut tx, &error_msg("bad_request", format!("unexpected first message {}", other.name()), false)).await;
+            let _ = tx.finish();
+        }
+    }
+}
+
+async fn serve_infer(
+    shared: Arc<Shared>,
+    conn: quinn::Connection,
+    mut tx: quinn::SendStream,
+    mut framed: FramedRecv,
+    r: InferRequest,
+) {
+    let started = Instant::now();
+    let request_id = format!("req_{:016x}{:08x}", rand::random::<u64>(), rand::random::<u32>());
+    let fail = |e: &ApiError| error_msg(code_of(e), e.message.clone(), e.should_retry());
+    if r.protocol_version != PROTOCOL_VERSION {
+        let _ = send(&mut tx, &error_msg("version", format!("protocol version {} is not supported", r.protocol_version), false)).await;
+        let _ = tx.finish();
+        return;
+    }
+    let key = match infer::authenticate(&shared, Some(&r.api_key)).await {
+        Ok(k) => k,
+        Err(e) => {
+            let _ = send(&mut tx, &fail(&e)).await;
+            let _ = tx.finish();
+            return;
+        }
+    };
+    let endpoint = if r.request_json.contains("\"messages\"") { Endpoint::Chat } else { Endpoint::Completion };
+    let request = match InferenceRequest::parse(endpoint, r.request_json.as_bytes()) {
+        Ok(q) => q,
+        Err(e) => {
+            let _ = send(&mut tx, &fail(&ApiError::invalid_request(e))).await;
+            let _ = tx.finish();
+            return;
+        }
+    };
+    if shared.limiter.admit(&key, Instant::now()).is_err() {
+        let _ = send(&mut tx, &error_msg("rate_limited", "rate limit reached for this key", true)).await;
+        let _ = tx.finish();
+        return;
+    }
+    let client = shared.geo.lookup(conn.remote_address().ip());
+    let mut stream = match infer::dispatch(&shared, &request, &r.request_json, &client).await {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = send(&mut tx, &fail(&e)).await;
+            let _ = tx.finish();
+            infer::meter(
+                &shared,
+                Metering { key: &key, request_id: &request_id, model: &request.model, api: "quic", node: None, outcome: "error", usage: Usage::default(), ttft: None, started, bytes: 0 },
+            )
+            .await;
+            return;
+        }
+    };
+    let mut outcome = "ok";
+    let mut usage = Usage::default();
+    let mut index = 0u32;
+    if send(&mut tx, &Message::InferStarted(InferStarted { request_id: request_id.clone(), model: request.model.clone() })).await.is_err() {
+        outcome = "cancelled";
+    }
+    while outcome == "ok" {
+        let ev = tokio::select! {
+            ev = stream.next() => ev,
+            // The client resetting its side (or closing) cancels the work on the node.
+            m = framed.next() => match m {
+                Ok(Some(Message::Close(_))) | Ok(None) | Err(_) => { outcome = "cancelled"; break; }
+                Ok(Some(_)) => continue,
+            },
+        };
+        let msg = match ev {
+            StreamEvent::Token(text) => {
+                index += 1;
+                Message::Token(Token { index: index - 1, text, node_elapsed_us: started.elapsed().as_micros() as u64 })
+            }
+            StreamEvent::Done { finish_reason, usage: u } => {
+                usage = u;
+                let _ = send(&mut tx, &Message::Done(Done { finish_reason, prompt_tokens: u.prompt_tokens, completion_tokens: u.completion_tokens })).await;
+                let _ = tx.finish();
+                break;
+            }
+            StreamEvent::Failed(e) => {
+                outcome = "error";
+                let _ = send(&mut tx, &fail(&e)).await;
+                let _ = tx.finish();
+                break;
+            }
+        };
+        if send(&mut tx, &msg).await.is_err() {
+            outcome = "cancelled";
+        }
+    }
+    if outcome == "cancelled" {
+        stream.cancel();
+    }
+    if usage.completion_tokens == 0 {
+        usage.completion_tokens = index;
+    }
+    let ttft = stream.ttft;
+    let node = stream.node.clone();
+    drop(stream);
+    infer::meter(
+        &shared,
+        Metering { key: &key, request_id: &request_id, model: &request.model, api: "quic", node: Some(&node), outcome, usage, ttft: Some(ttft), started, bytes: 0 },
+    )
+    .await;
+}

@@ -1,0 +1,442 @@
+//! The node control plane: admission (token, KYC, onboarding geofence, duplicates), then the
+//! control loop (heartbeats, liveness, drain, kick), then the accounting when a node leaves
+//! (uptime, heartbeat misses, and a penalty for leaving with sessions without draining).
+
+use crate::liveness::{Liveness, LivenessTracker};
+use crate::metrics::labels;
+use crate::registry::{ControlCmd, InsertError, NodeDynamic, NodeEntry, NodeState};
+use crate::server::Shared;
+use crate::store::{KycStatus, SlaDelta};
+use nearpath_protocol::stream::{send as send_msg, FramedRecv};
+use nearpath_protocol::message::{
+    Drain, HeartbeatAck, Message, Register, Registered, RejectCode, Rejected, Shutdown,
+};
+use nearpath_protocol::{MAX_CONTROL_FRAME, PROTOCOL_VERSION};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tracing::{info, info_span, warn, Instrument};
+
+/// A node must send `Register` this soon after connecting.
+const REGISTER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Penalties within this window count against a node's routing score.
+const PENALTY_WINDOW_MS: u64 = 24 * 3600 * 1000;
+
+/// Why a node's control loop ended; decides whether leaving is the node's fault.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LeaveCause {
+    ConnectionLost,
+    HeartbeatTimeout,
+    Kicked,
+    GatewayShutdown,
+    ProtocolError,
+}
+
+impl LeaveCause {
+    fn as_str(self) -> &'static str {
+        match self {
+            LeaveCause::ConnectionLost => "connection_lost",
+            LeaveCause::HeartbeatTimeout => "heartbeat_timeout",
+            LeaveCause::Kicked => "kicked",
+            LeaveCause::GatewayShutdown => "gateway_shutdown",
+            LeaveCause::ProtocolError => "protocol_error",
+        }
+    }
+    /// Leaving with sessions is penalised only when the node caused it.
+    fn node_at_fault(self) -> bool {
+        matches!(
+            self,
+            LeaveCause::ConnectionLost | LeaveCause::HeartbeatTimeout | LeaveCause::ProtocolError
+        )
+    }
+}
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Serves one node connection from handshake to goodbye.
+pub async fn handle_node(shared: Arc<Shared>, conn: quinn::Connection) {
+    let peer = conn.remote_address();
+    let span = info_span!("node", %peer, node_id = tracing::field::Empty);
+    async move {
+        let (mut send, recv) = match tokio::time::timeout(REGISTER_TIMEOUT, conn.accept_bi()).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                info!(error = %e, "node connection closed before opening its control stream");
+                return;
+            }
+            Err(_) => {
+                warn!("no control stream within {REGISTER_TIMEOUT:?}; closing");
+                conn.close(1u32.into(), b"register timeout");
+                return;
+            }
+        };
+        let mut framed = FramedRecv::new(recv, MAX_CONTROL_FRAME);
+        let first = tokio::time::timeout(REGISTER_TIMEOUT, framed.next()).await;
+        let reg = match first {
+            Ok(Ok(Some(Message::Register(r)))) => r,
+            Ok(Ok(Some(other))) => {
+                reject(&shared, &conn, &mut send, RejectCode::Other, format!("expected Register, got {}", other.name())).await;
+                return;
+            }
+            Ok(Err(e)) => {
+                let code = if e.to_string().contains("version") { RejectCode::Version } else { RejectCode::Other };
+                reject(&shared, &conn, &mut send, code, format!("bad Register: {e}")).await;
+                return;
+            }
+            Ok(Ok(None)) => return,
+            Err(_) => {
+                reject(&shared, &conn, &mut send, RejectCode::Other, "no Register within 5 s".into()).await;
+                return;
+            }
+        };
+        tracing::Span::current().record("node_id", reg.node_id.as_str());
+        let (cmd_tx, cmd_rx) = mpsc::channel(16);
+        let entry = match admit(&shared, &conn, &reg, cmd_tx).await {
+            Ok(e) => e,
+            Err((code, reason)) => {
+                reject(&shared, &conn, &mut send, code, reason).await;
+                return;
+            }
+        };
+        let registered = Message::Registered(Registered {
+            lease_ms: shared.config.nodes.heartbeat_ms * shared.config.nodes.missed_heartbeats_before_gone as u64,
+            heartbeat_ms: shared.config.nodes.heartbeat_ms,
+            node_country: entry.location.country.map(|c| c.as_str().to_string()),
+        });
+        if let Err(e) = send_msg(&mut send, &registered).await {
+            warn!(error = %e, "could not confirm registration");
+            shared.registry.remove(&entry);
+            return;
+        }
+        shared.metrics.registrations.inc();
+        info!(
+            operator = %entry.operator_id,
+            country = entry.location.country.map(|c| c.as_str().to_string()).unwrap_or_else(|| "unknown".into()),
+            classes = ?entry.classes.iter().map(|c| c.0.as_str()).collect::<Vec<_>>(),
+            "node registered"
+        );
+        control_loop(shared, entry, send, framed, cmd_rx).await;
+    }
+    .instrument(span)
+    .await
+}
+
+async fn reject(
+    shared: &Shared,
+    conn: &quinn::Connection,
+    send: &mut quinn::SendStream,
+    code: RejectCode,
+    reason: String,
+) {
+    shared
+        .metrics
+        .rejections
+        .get_or_create(&labels([("code", code.as_str())]))
+        .inc();
+    warn!(code = code.as_str(), %reason, "node rejected");
+    let _ = send_msg(send, &Message::Rejected(Rejected { code, reason })).await;
+    let _ = send.finish();
+    // Give the node a moment to read the verdict before the connection goes away.
+    let _ = tokio::time::timeout(Duration::from_secs(1), conn.closed()).await;
+    conn.close(2u32.into(), code.as_str().as_bytes());
+}
+
+async fn admit(
+    shared: &Arc<Shared>,
+    conn: &quinn::Connection,
+    reg: &Register,
+    commands: mpsc::Sender<ControlCmd>,
+) -> Result<Arc<NodeEntry>, (RejectCode, String)> {
+    if reg.protocol_version != PROTOCOL_VERSION {
+        return Err((
+            RejectCode::Version,
+            format!("protocol version {} is not supported (this gateway speaks {PROTOCOL_VERSION})", reg.protocol_version),
+        ));
+    }
+    if let Some(min) = &shared.config.nodes.min_software_version {
+        if version_less(&reg.software_version, min) {
+            return Err((
+                RejectCode::Version,
+                format!("software version {} is older than the minimum {min}", reg.software_version),
+            ));
+        }
+    }
+    let store = shared.store.clone();
+    let token = reg.enrolment_token.clone();
+    let auth = tokio::task::spawn_blocking(move || store.authenticate_enrolment_token(&token))
+        .await
+        .map_err(|e| (RejectCode::Other, format!("internal error: {e}")))?
+        .map_err(|e| (RejectCode::Other, format!("store unavailable: {e}")))?;
+    let (operator, _token) = auth.ok_or((RejectCode::BadToken, "unknown or revoked enrolment token".to_string()))?;
+    match operator.kyc_status {
+        KycStatus::Verified => {}
+        KycStatus::Pending => {
+            return Err((
+                RejectCode::OperatorNotVerified,
+                format!("operator {} has not passed KYC", operator.id),
+            ))
+        }
+        KycStatus::Suspended => {
+            return Err((RejectCode::OperatorSuspended, format!("operator {} is suspended", operator.id)))
+        }
+    }
+    // The node's location is what GeoIP says of the address it connects from, never a claim.
+    let addr = conn.remote_address();
+    let location = shared.geo.lookup(addr.ip());
+    let mut classes: Vec<(String, nearpath_geo::ClassId)> = Vec::new();
+    let class_names: Vec<String> = if reg.gpus.is_empty() {
+        vec!["cpu".to_string()]
+    } else {
+        reg.gpus.iter().map(|g| g.class.to_ascii_lowercase()).collect()
+    };
+    for name in class_names {
+        if classes.iter().any(|(n, _)| *n == name) {
+            continue;
+        }
+        let id = shared.policy.class_id(&name);
+        let decision = shared.policy.check_onboard(&location, id);
+        shared.count_decision("node", &decision);
+        if let nearpath_geo::Decision::Deny { rule, reason, .. } = decision {
+            return Err((
+                RejectCode::Geofence,
+                format!(
+                    "rule {rule}: {reason} (GPU class {name}, node located in {})",
+                    location.country.map(|c| c.as_str().to_string()).unwrap_or_else(|| "an unknown location".into())
+                ),
+            ));
+        }
+        classes.push((name, id));
+    }
+    let store = shared.store.clone();
+    let node_id = reg.node_id.clone();
+    let since = now_ms().saturating_sub(PENALTY_WINDOW_MS);
+    let recent = tokio::task::spawn_blocking(move || store.penalties_since(&node_id, since))
+        .await
+        .ok()
+        .and_then(|r| r.ok())
+        .unwrap_or(0);
+    let now = now_ms();
+    let entry = NodeEntry::new(
+        reg.node_id.clone(),
+        operator.id.clone(),
+        addr,
+        location,
+        reg.gpus.clone(),
+        classes,
+        reg.workloads.clone(),
+        reg.capacity,
+        reg.software_version.clone(),
+        now,
+        conn.clone(),
+        commands,
+        NodeDynamic {
+            state: NodeState::Active,
+            load: 0.0,
+            reported_sessions: 0,
+            queue_depth: 0,
+            gpu_util: None,
+            encoder_ms_p50: None,
+            last_heartbeat_ms: now,
+            rtt_ms: conn.rtt().as_secs_f64() * 1000.0,
+            heartbeat_misses: 0,
+            recent_penalties: recent.min(u32::MAX as u64) as u32,
+            operator_flagged: false,
+        },
+    );
+    match shared.registry.insert(entry) {
+        Ok((entry, replaced)) => {
+            if let Some(old) = replaced {
+                info!("replacing the previous connection of this node");
+                old.kick.cancel();
+            }
+            let store = shared.store.clone();
+            let (id, op) = (entry.id.clone(), entry.operator_id.clone());
+            let _ = tokio::task::spawn_blocking(move || {
+                store.sla_apply(&id, &op, SlaDelta { registrations: 1, seen_at_ms: now, ..Default::default() })
+            })
+            .await;
+            Ok(entry)
+        }
+        Err(InsertError::Duplicate { existing_operator }) => Err((
+            RejectCode::Duplicate,
+            format!("node id {} is already registered by operator {existing_operator}", reg.node_id),
+        )),
+    }
+}
+
+async fn control_loop(
+    shared: Arc<Shared>,
+    entry: Arc<NodeEntry>,
+    mut send: quinn::SendStream,
+    mut framed: FramedRecv,
+    mut cmd_rx: mpsc::Receiver<ControlCmd>,
+) {
+    let hb = Duration::from_millis(shared.config.nodes.heartbeat_ms);
+    let mut live = LivenessTracker::new(Instant::now(), hb, shared.config.nodes.missed_heartbeats_before_gone);
+    let registered_at = Instant::now();
+    let mut drained = false;
+    let cause = loop {
+        let deadline = tokio::time::Instant::from_std(live.next_deadline());
+        tokio::select! {
+            msg = framed.next() => match msg {
+                Ok(Some(Message::Heartbeat(h))) => {
+                    live.handle_heartbeat(Instant::now());
+                    {
+                        let mut d = entry.dynamic();
+                        d.load = if h.load.is_finite() { h.load.clamp(0.0, 1.0) } else { 1.0 };
+                        d.reported_sessions = h.active_sessions;
+                        d.queue_depth = h.queue_depth;
+                        d.gpu_util = h.gpu_util.filter(|v| v.is_finite());
+                        d.encoder_ms_p50 = h.encoder_ms_p50.filter(|v| v.is_finite());
+                        d.last_heartbeat_ms = now_ms();
+                        d.rtt_ms = entry.conn.rtt().as_secs_f64() * 1000.0;
+                    }
+                    shared.registry.refresh(&entry);
+                    if send_msg(&mut send, &Message::HeartbeatAck(HeartbeatAck { seq: h.seq })).await.is_err() {
+                        break LeaveCause::ConnectionLost;
+                    }
+                }
+                Ok(Some(Message::Drain(d))) => {
+                    info!(deadline_ms = d.deadline_ms, "node is draining");
+                    entry.dynamic().state = NodeState::Draining;
+                    shared.registry.refresh(&entry);
+                }
+                Ok(Some(Message::Drained)) => {
+                    info!("node drained");
+                    drained = true;
+                    entry.dynamic().state = NodeState::Draining;
+                    shared.registry.refresh(&entry);
+                }
+                Ok(Some(other)) => {
+                    warn!(message = other.name(), "unexpected message on the control stream; ignoring");
+                }
+                Ok(None) => break LeaveCause::ConnectionLost,
+                Err(e) => {
+                    if entry.conn.close_reason().is_some() {
+                        break LeaveCause::ConnectionLost;
+                    }
+                    warn!(error = %e, "control stream protocol error");
+                    break LeaveCause::ProtocolError;
+                }
+            },
+            _ = tokio::time::sleep_until(deadline) => {
+                let (new, verdict) = live.poll(Instant::now());
+                if new > 0 {
+                    shared.metrics.heartbeat_misses.inc_by(new as u64);
+                    entry.dynamic().heartbeat_misses += new as u64;
+                }
+                if verdict == Liveness::Gone {
+                    warn!("no heartbeat for {} intervals: node is gone", shared.config.nodes.missed_heartbeats_before_gone);
+                    break LeaveCause::HeartbeatTimeout;
+                }
+            }
+            cmd = cmd_rx.recv() => match cmd {
+                Some(ControlCmd::Drain { deadline_ms }) => {
+                    entry.dynamic().state = NodeState::Draining;
+                    shared.registry.refresh(&entry);
+                    if send_msg(&mut send, &Message::Drain(Drain { deadline_ms })).await.is_err() {
+                        break LeaveCause::ConnectionLost;
+                    }
+                }
+                Some(ControlCmd::Shutdown { reason }) => {
+                    let _ = send_msg(&mut send, &Message::Shutdown(Shutdown { reason })).await;
+                    break LeaveCause::Kicked;
+                }
+                None => {}
+            },
+            _ = entry.kick.cancelled() => {
+                let _ = send_msg(&mut send, &Message::Shutdown(Shutdown { reason: "disconnected by the gateway".into() })).await;
+                break LeaveCause::Kicked;
+            }
+            _ = shared.shutdown.cancelled() => {
+                let _ = send_msg(&mut send, &Message::Shutdown(Shutdown { reason: "gateway shutting down".into() })).await;
+                break LeaveCause::GatewayShutdown;
+            }
+        }
+    };
+    let was_draining = drained || entry.dynamic().state == NodeState::Draining;
+    entry.dynamic().state = NodeState::Gone;
+    shared.registry.remove(&entry);
+    let active = entry.sessions_in_use().max(entry.dynamic().reported_sessions);
+    shared
+        .metrics
+        .node_disconnects
+        .get_or_create(&labels([("cause", cause.as_str())]))
+        .inc();
+    info!(cause = cause.as_str(), active_sessions = active, drained = was_draining, "node left");
+    match cause {
+        LeaveCause::Kicked | LeaveCause::GatewayShutdown => entry.conn.close(0u32.into(), cause.as_str().as_bytes()),
+        _ => entry.conn.close(3u32.into(), cause.as_str().as_bytes()),
+    }
+    let registered_ms = registered_at.elapsed().as_millis() as u64;
+    let misses = live.total_misses();
+    let rtt = entry.dynamic().rtt_ms;
+    let penalise = cause.node_at_fault() && !was_draining && active > 0;
+    if penalise {
+        shared
+            .metrics
+            .penalties
+            .get_or_create(&labels([("kind", "disconnect_without_drain")]))
+            .inc();
+        warn!(active_sessions = active, "node left with active sessions without draining: penalty");
+    }
+    let store = shared.store.clone();
+    let (id, op) = (entry.id.clone(), entry.operator_id.clone());
+    let res = tokio::task::spawn_blocking(move || {
+        store.sla_apply(
+            &id,
+            &op,
+            SlaDelta {
+                registered_ms,
+                heartbeat_misses: misses,
+                last_rtt_ms: Some(rtt),
+                seen_at_ms: now_ms(),
+                ..Default::default()
+            },
+        )?;
+        if penalise {
+            store.record_penalty(
+                &id,
+                &op,
+                now_ms(),
+                "disconnect_without_drain",
+                active,
+                &format!("left by {} with {active} active session(s) without draining", cause.as_str()),
+            )?;
+        }
+        Ok::<_, crate::store::StoreError>(())
+    })
+    .await;
+    if let Ok(Err(e)) = res {
+        warn!(error = %e, "could not record the node's SLA accounting");
+    }
+}
+
+/// Compares dotted numeric versions ("1.2.10" > "1.2.9"); non-numeric parts compare as 0.
+fn version_less(a: &str, b: &str) -> bool {
+    let parse = |s: &str| -> Vec<u64> {
+        s.split(['.', '-', '+'])
+            .take(3)
+            .map(|p| p.parse().unwrap_or(0))
+            .collect()
+    };
+    parse(a) < parse(b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_compare_numerically() {
+        assert!(version_less("0.1.9", "0.1.10"));
+        assert!(!version_less("1.0.0", "0.9.9"));
+        assert!(!version_less("1.2.3", "1.2.3"));
+        assert!(version_less("garbage", "0.0.1"));
+    }
+}

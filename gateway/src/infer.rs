@@ -1,0 +1,454 @@
+//! Inference dispatch shared by the HTTP (OpenAI) and QUIC (`nearpath/1`) front ends:
+//! API keys, rate limits, routing with the geofence, failover before the first token, the token
+//! stream from the node, cancellation, and metering.
+
+use crate::control::now_ms;
+use crate::metrics::labels;
+use crate::registry::{NodeEntry, SlotGuard, SlotKind};
+use crate::router::{Deny, LatLon, NoRoute, Workload};
+use crate::server::Shared;
+use crate::store::{ApiKey, UsageKind, UsageRecord};
+use nearpath_config::WorkloadKind;
+use nearpath_geo::{Decision, Location};
+use nearpath_protocol::message::{Message, Open, RefuseCode, SessionKind};
+use nearpath_protocol::openai::{ApiError, InferenceRequest, Usage};
+use nearpath_protocol::stream::{send, FramedRecv};
+use nearpath_protocol::MAX_CONTROL_FRAME;
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tracing::{debug, info, warn};
+
+/// How long an authenticated key is trusted without asking the store again. Revocation through
+/// the admin API clears the cache at once; this bounds staleness for other writers.
+const KEY_CACHE_TTL: Duration = Duration::from_secs(10);
+
+/// API keys recently authenticated, by secret hash.
+#[derive(Default)]
+pub struct KeyCache {
+    entries: Mutex<HashMap<String, (ApiKey, Instant)>>,
+}
+
+impl KeyCache {
+    pub fn clear(&self) {
+        self.entries.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+}
+
+/// Per-key token buckets: requests per minute and tokens per minute. In memory, per gateway
+/// process: a deployment with several gateways gives each key its limit at each gateway.
+#[derive(Default)]
+pub struct RateLimiter {
+    buckets: Mutex<HashMap<String, Buckets>>,
+}
+
+struct Buckets {
+    requests: f64,
+    tokens: f64,
+    at: Instant,
+}
+
+impl RateLimiter {
+    /// Takes one request from `key`'s bucket, or says how many seconds until one is available.
+    pub fn admit(&self, key: &ApiKey, now: Instant) -> Result<(), u64> {
+        let mut map = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        let rpm = key.requests_per_minute.max(1) as f64;
+        let tpm = key.tokens_per_minute.max(1) as f64;
+        let b = map.entry(key.id.clone()).or_insert(Buckets {
+            requests: rpm,
+            tokens: tpm,
+            at: now,
+        });
+        let dt = now.saturating_duration_since(b.at).as_secs_f64();
+        b.at = now;
+        b.requests = (b.requests + dt * rpm / 60.0).min(rpm);
+        b.tokens = (b.tokens + dt * tpm / 60.0).min(tpm);
+        if b.tokens < 1.0 {
+            return Err(((1.0 - b.tokens) * 60.0 / tpm).ceil().max(1.0) as u64);
+        }
+        if b.requests < 1.0 {
+            return Err(((1.0 - b.requests) * 60.0 / rpm).ceil().max(1.0) as u64);
+        }
+        b.requests -= 1.0;
+        Ok(())
+    }
+
+    /// Charges the tokens a finished request used (the bucket may go negative: the next
+    /// requests wait until it refills).
+    pub fn charge_tokens(&self, key: &ApiKey, tokens: u64) {
+        let mut map = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(b) = map.get_mut(&key.id) {
+            b.tokens -= tokens as f64;
+        }
+    }
+}
+
+/// Checks a Bearer secret against the store (with a short cache).
+pub async fn authenticate(shared: &Arc<Shared>, secret: Option<&str>) -> Result<ApiKey, ApiError> {
+    let secret = secret.ok_or_else(ApiError::missing_api_key)?;
+    let hash = crate::store::hash_secret(secret);
+    {
+        let cache = shared.keys.entries.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((key, at)) = cache.get(&hash) {
+            if at.elapsed() < KEY_CACHE_TTL {
+                return Ok(key.clone());
+            }
+        }
+    }
+    let store = shared.store.clone();
+    let owned = secret.to_string();
+    let found = tokio::task::spawn_blocking(move || store.authenticate_api_key(&owned))
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?
+        .map_err(|e| ApiError::unavailable(format!("key store unavailable: {e}")))?;
+    match found {
+        Some(key) => {
+            shared
+                .keys
+                .entries
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(hash, (key.clone(), Instant::now()));
+            Ok(key)
+        }
+        None => Err(ApiError::invalid_api_key()),
+    }
+}
+
+/// The geofence verdict for serving `client` from `node` (every GPU class of the node must be
+/// allowed).
+pub fn serve_check(shared: &Shared, client: &Location, node: &NodeEntry, workload: WorkloadKind) -> Result<(), Deny> {
+    for (_, class) in &node.classes {
+        if let Decision::Deny { rule, reason, .. } = shared.policy.check_serve(client, &node.location, *class, workload) {
+            return Err(Deny {
+                rule: rule.to_string(),
+                reason: reason.to_string(),
+            });
+        }
+    }
+    Ok(())
+}
+
+pub fn client_latlon(loc: &Location) -> Option<LatLon> {
+    loc.coords.and_then(|c| LatLon::new(c.lat, c.lon).ok())
+}
+
+/// One event of a running inference, as the front ends see it.
+#[derive(Debug)]
+pub enum StreamEvent {
+    Token(String),
+    Done { finish_reason: String, usage: Usage },
+    /// The node failed after streaming began; the front end reports it in band.
+    Failed(ApiError),
+}
+
+/// A request admitted and running on a node, its first event already received.
+pub struct InferStream {
+    pub node: Arc<NodeEntry>,
+    pub session_id: u64,
+    pub attempts: u32,
+    /// Request start to the first event, as the gateway saw it.
+    pub ttft: Duration,
+    first: Option<StreamEvent>,
+    framed: FramedRecv,
+    send: quinn::SendStream,
+    _slot: SlotGuard,
+    idle_timeout: Duration,
+    finished: bool,
+}
+
+impl InferStream {
+    /// The next event. After `Done` or `Failed` the stream is over.
+    pub async fn next(&mut self) -> StreamEvent {
+        if let Some(first) = self.first.take() {
+            self.finished = !matches!(first, StreamEvent::Token(_));
+            return first;
+        }
+        let ev = match tokio::time::timeout(self.idle_timeout, self.framed.next()).await {
+            Ok(r) => to_event(r),
+            Err(_) => StreamEvent::Failed(ApiError::timeout(format!(
+                "node {} sent no token for {} ms",
+                self.node.id,
+                self.idle_timeout.as_millis()
+            ))),
+        };
+        self.finished = !matches!(ev, StreamEvent::Token(_));
+        ev
+    }
+
+    /// Stops the work on the node: the stream reset reaches it within one round trip.
+    pub fn cancel(&mut self) {
+        if !self.finished {
+            let _ = self.send.reset(0u32.into());
+            let _ = self.framed.get_mut().stop(0u32.into());
+            self.finished = true;
+        }
+    }
+}
+
+impl Drop for InferStream {
+    fn drop(&mut self) {
+        self.cancel();
+    }
+}
+
+fn to_event(r: Result<Option<Message>, nearpath_protocol::StreamError>) -> StreamEvent {
+    match r {
+        Ok(Some(Message::Token(t))) => StreamEvent::Token(t.text),
+        Ok(Some(Message::Done(d))) => StreamEvent::Done {
+            finish_reason: d.finish_reason,
+            usage: Usage {
+                prompt_tokens: d.prompt_tokens,
+                completion_tokens: d.completion_tokens,
+            },
+        },
+        Ok(Some(Message::Error(e))) => StreamEvent::Failed(node_error(&e.code, &e.message)),
+        Ok(Some(other)) => StreamEvent::Failed(ApiError::bad_gateway(format!(
+            "node sent an unexpected {} message",
+            other.name()
+        ))),
+        Ok(None) => StreamEvent::Failed(ApiError::bad_gateway("the node ended the stream without finishing")),
+        Err(e) => StreamEvent::Failed(ApiError::bad_gateway(format!("the node failed mid-stream: {e}"))),
+    }
+}
+
+/// Maps a node-reported error code to the client-facing error.
+fn node_error(code: &str, message: &str) -> ApiError {
+    match code {
+        "bad_request" | "invalid_request" => ApiError::bad_request(message.to_string(), None),
+        "model_not_found" | "unknown_model" => ApiError::bad_request(message.to_string(), Some("model")),
+        "timeout" | "upstream_timeout" => ApiError::timeout(message.to_string()),
+        _ => ApiError::bad_gateway(format!("{code}: {message}")),
+    }
+}
+
+/// Why one candidate did not work out.
+enum Attempt {
+    /// Try the next candidate.
+    Retry(ApiError),
+    /// Give up: another node would fail the same way.
+    Fatal(ApiError),
+}
+
+/// Routes and starts a request, failing over between candidates until one produces its first
+/// event.
+pub async fn dispatch(
+    shared: &Arc<Shared>,
+    request: &InferenceRequest,
+    request_json: &str,
+    client: &Location,
+) -> Result<InferStream, ApiError> {
+    let started = Instant::now();
+    let model = request.model.as_str();
+    let (outcome, nodes) = shared.registry.route(client_latlon(client), Workload::Model(model), |n| {
+        serve_check(shared, client, n, WorkloadKind::Inference)
+    });
+    if let Some(failure) = outcome.failure() {
+        let err = match failure {
+            NoRoute::NotServed => ApiError::model_not_found(model),
+            NoRoute::Denied(d) => {
+                shared
+                    .metrics
+                    .geofence_decisions
+                    .get_or_create(&labels([("side", "client"), ("outcome", "deny"), ("rule", &d.rule)]))
+                    .inc();
+                ApiError::geofence_denied(&d.rule, &d.reason)
+            }
+            NoRoute::Saturated => ApiError::rate_limited(format!("every node serving {model} is at capacity; retry shortly")),
+            NoRoute::Draining => ApiError::no_eligible_node(model),
+        };
+        return Err(err);
+    }
+    shared
+        .metrics
+        .geofence_decisions
+        .get_or_create(&labels([("side", "client"), ("outcome", "allow"), ("rule", "-")]))
+        .inc();
+    let cfg = &shared.config.inference;
+    let max_attempts = cfg.max_attempts.max(1) as usize;
+    let mut last: Option<ApiError> = None;
+    let mut attempts = 0u32;
+    for node in nodes.iter().take(max_attempts) {
+        let Some(slot) = shared.registry.acquire(node, SlotKind::Inference) else {
+            continue;
+        };
+        if attempts > 0 {
+            shared.metrics.inference_failovers.inc();
+        }
+        attempts += 1;
+        let session_id = shared.next_session.fetch_add(1, Ordering::Relaxed);
+        match try_node(shared, node, slot, session_id, model, request_json, started).await {
+            Ok(mut s) => {
+                s.attempts = attempts;
+                if attempts > 1 {
+                    info!(node = %node.id, attempts, "request served after failover");
+                }
+                return Ok(s);
+            }
+            Err(Attempt::Retry(e)) => {
+                warn!(node = %node.id, error = %e.message, "candidate failed before the first token; trying the next");
+                last = Some(e);
+            }
+            Err(Attempt::Fatal(e)) => return Err(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| ApiError::rate_limited(format!("every node serving {model} is at capacity; retry shortly"))))
+}
+
+async fn try_node(
+    shared: &Arc<Shared>,
+    node: &Arc<NodeEntry>,
+    slot: SlotGuard,
+    session_id: u64,
+    model: &str,
+    request_json: &str,
+    started: Instant,
+) -> Result<InferStream, Attempt> {
+    let cfg = &shared.config.inference;
+    let connect = Duration::from_millis(cfg.connect_timeout_ms);
+    let (mut tx, rx) = match tokio::time::timeout(connect, node.conn.open_bi()).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return Err(Attempt::Retry(ApiError::bad_gateway(format!("node {}: {e}", node.id)))),
+        Err(_) => {
+            return Err(Attempt::Retry(ApiError::timeout(format!(
+                "node {} did not accept a stream within {} ms",
+                node.id, cfg.connect_timeout_ms
+            ))))
+        }
+    };
+    let open = Message::Open(Open {
+        session_id,
+        kind: SessionKind::Inference {
+            model: model.to_string(),
+            request_json: request_json.to_string(),
+        },
+    });
+    if let Err(e) = send(&mut tx, &open).await {
+        return Err(Attempt::Retry(ApiError::bad_gateway(format!("node {}: {e}", node.id))));
+    }
+    let mut framed = FramedRecv::new(rx, MAX_CONTROL_FRAME);
+    let first_deadline = started + Duration::from_millis(cfg.first_token_timeout_ms);
+    let fail = |tx: &mut quinn::SendStream, framed: &mut FramedRecv, a: Attempt| {
+        let _ = tx.reset(0u32.into());
+        let _ = framed.get_mut().stop(0u32.into());
+        Err(a)
+    };
+    // Accepted / Refused first.
+    let answer = tokio::time::timeout_at(tokio::time::Instant::from_std(first_deadline), framed.next()).await;
+    match answer {
+        Ok(Ok(Some(Message::Accepted(_)))) => {}
+        Ok(Ok(Some(Message::Refused(r)))) => {
+            let a = match r.code {
+                RefuseCode::BadRequest => Attempt::Fatal(ApiError::bad_request(r.reason, None)),
+                RefuseCode::Busy | RefuseCode::UnknownWorkload | RefuseCode::Internal => {
+                    Attempt::Retry(ApiError::unavailable(format!("node {} refused: {}", node.id, r.reason)))
+                }
+            };
+            return fail(&mut tx, &mut framed, a);
+        }
+        Ok(Ok(Some(other))) => {
+            let e = ApiError::bad_gateway(format!("node {} sent {} before Accepted", node.id, other.name()));
+            return fail(&mut tx, &mut framed, Attempt::Retry(e));
+        }
+        Ok(Ok(None)) | Ok(Err(_)) => {
+            let e = ApiError::bad_gateway(format!("node {} failed before answering", node.id));
+            return fail(&mut tx, &mut framed, Attempt::Retry(e));
+        }
+        Err(_) => {
+            let e = ApiError::timeout(format!("no first token within {} ms", cfg.first_token_timeout_ms));
+            return fail(&mut tx, &mut framed, Attempt::Fatal(e));
+        }
+    }
+    // Then the first token (or an immediate Done). A failure here is still invisible to the
+    // client, so it fails over.
+    let first = match tokio::time::timeout_at(tokio::time::Instant::from_std(first_deadline), framed.next()).await {
+        Ok(r) => to_event(r),
+        Err(_) => {
+            let e = ApiError::timeout(format!("no first token within {} ms", cfg.first_token_timeout_ms));
+            return fail(&mut tx, &mut framed, Attempt::Fatal(e));
+        }
+    };
+    if let StreamEvent::Failed(e) = first {
+        debug!(node = %node.id, error = %e.message, "node failed before its first token");
+        let a = if e.status == 400 { Attempt::Fatal(e) } else { Attempt::Retry(e) };
+        return fail(&mut tx, &mut framed, a);
+    }
+    Ok(InferStream {
+        node: node.clone(),
+        session_id,
+        attempts: 1,
+        ttft: started.elapsed(),
+        first: Some(first),
+        framed,
+        send: tx,
+        _slot: slot,
+        idle_timeout: Duration::from_millis(cfg.idle_timeout_ms),
+        finished: false,
+    })
+}
+
+/// What a finished request is metered as.
+pub struct Metering<'a> {
+    pub key: &'a ApiKey,
+    pub request_id: &'a str,
+    pub model: &'a str,
+    pub api: &'static str,
+    pub node: Option<&'a NodeEntry>,
+    pub outcome: &'static str,
+    pub usage: Usage,
+    pub ttft: Option<Duration>,
+    pub started: Instant,
+    pub bytes: u64,
+}
+
+/// Records metrics and appends the usage record (durably, off the async threads).
+pub async fn meter(shared: &Arc<Shared>, m: Metering<'_>) {
+    let duration = m.started.elapsed();
+    shared
+        .metrics
+        .inference_requests
+        .get_or_create(&labels([("api", m.api), ("outcome", m.outcome)]))
+        .inc();
+    if let Some(t) = m.ttft {
+        shared
+            .metrics
+            .ttft_ms
+            .get_or_create(&labels([("model", m.model)]))
+            .observe(t.as_secs_f64() * 1000.0);
+    }
+    shared
+        .metrics
+        .tokens_out
+        .get_or_create(&labels([("model", m.model)]))
+        .inc_by(m.usage.completion_tokens as u64);
+    shared
+        .limiter
+        .charge_tokens(m.key, m.usage.prompt_tokens as u64 + m.usage.completion_tokens as u64);
+    let record = UsageRecord {
+        id: None,
+        at_ms: now_ms(),
+        kind: UsageKind::Inference,
+        request_id: m.request_id.to_string(),
+        tenant: m.key.tenant.clone(),
+        api_key_id: m.key.id.clone(),
+        node_id: m.node.map(|n| n.id.clone()).unwrap_or_default(),
+        operator_id: m.node.map(|n| n.operator_id.clone()).unwrap_or_default(),
+        workload: m.model.to_string(),
+        outcome: m.outcome.to_string(),
+        prompt_tokens: m.usage.prompt_tokens as u64,
+        completion_tokens: m.usage.completion_tokens as u64,
+        ttft_ms: m.ttft.map(|t| t.as_secs_f64() * 1000.0),
+        duration_ms: duration.as_secs_f64() * 1000.0,
+        // An inference request holds its GPU slot for its whole duration.
+        gpu_seconds: if m.node.is_some() { duration.as_secs_f64() } else { 0.0 },
+        frames: 0,
+        bytes: m.bytes,
+    };
+    let store = shared.store.clone();
+    match tokio::task::spawn_blocking(move || store.append_usage(record)).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => warn!(error = %e, "usage record not written"),
+        Err(e) => warn!(error = %e, "usage record task failed"),
+    }
+}

@@ -1,0 +1,184 @@
+//! Prometheus metrics: what gateway operators watch. Served as Prometheus/OpenMetrics text at
+//! `GET /metrics` on the admin listener.
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+type Labels = Vec<(&'static str, String)>;
+
+fn histogram_ms() -> Histogram {
+    // 0.05 ms .. ~26 s: covers relay overheads up to slow first tokens.
+    Histogram::new(exponential_buckets(0.05, 2.0, 20))
+}
+
+/// Every metric the gateway exports. Cheap to clone handles; all updates are atomic.
+pub struct Metrics {
+    registry: Registry,
+    /// Live nodes by state, country and GPU class; rebuilt from the registry at scrape time.
+    pub nodes: Family<Labels, Gauge>,
+    pub registrations: Counter,
+    pub rejections: Family<Labels, Counter>,
+    pub heartbeat_misses: Counter,
+    pub penalties: Family<Labels, Counter>,
+    pub node_disconnects: Family<Labels, Counter>,
+    pub geofence_decisions: Family<Labels, Counter>,
+    pub inference_requests: Family<Labels, Counter>,
+    pub inference_failovers: Counter,
+    pub ttft_ms: Family<Labels, Histogram, fn() -> Histogram>,
+    pub inter_token_ms: Histogram,
+    pub tokens_out: Family<Labels, Counter>,
+    pub active_streams: Gauge,
+    pub game_sessions: Family<Labels, Counter>,
+    pub active_game_sessions: Gauge,
+    pub game_frames_relayed: Counter,
+    pub game_frames_dropped: Family<Labels, Counter>,
+    pub game_failovers: Counter,
+    pub geo_reloads: Family<Labels, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("nearpath");
+        let m = Metrics {
+            nodes: Family::default(),
+            registrations: Counter::default(),
+            rejections: Family::default(),
+            heartbeat_misses: Counter::default(),
+            penalties: Family::default(),
+            node_disconnects: Family::default(),
+            geofence_decisions: Family::default(),
+            inference_requests: Family::default(),
+            inference_failovers: Counter::default(),
+            ttft_ms: Family::new_with_constructor(histogram_ms),
+            inter_token_ms: histogram_ms(),
+            tokens_out: Family::default(),
+            active_streams: Gauge::default(),
+            game_sessions: Family::default(),
+            active_game_sessions: Gauge::default(),
+            game_frames_relayed: Counter::default(),
+            game_frames_dropped: Family::default(),
+            game_failovers: Counter::default(),
+            geo_reloads: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "nodes",
+            "Live edge nodes by state, country and GPU class",
+            m.nodes.clone(),
+        );
+        registry.register(
+            "node_registrations",
+            "Successful node registrations",
+            m.registrations.clone(),
+        );
+        registry.register(
+            "node_rejections",
+            "Refused node registrations by code",
+            m.rejections.clone(),
+        );
+        registry.register(
+            "node_heartbeat_misses",
+            "Heartbeat intervals that passed without a heartbeat",
+            m.heartbeat_misses.clone(),
+        );
+        registry.register(
+            "node_penalties",
+            "Penalty events by kind",
+            m.penalties.clone(),
+        );
+        registry.register(
+            "node_disconnects",
+            "Node disconnections by cause",
+            m.node_disconnects.clone(),
+        );
+        registry.register(
+            "geofence_decisions",
+            "Geofence decisions by side, outcome and rule",
+            m.geofence_decisions.clone(),
+        );
+        registry.register(
+            "inference_requests",
+            "Inference requests by API and outcome",
+            m.inference_requests.clone(),
+        );
+        registry.register(
+            "inference_failovers",
+            "Inference attempts retried on another node before the first token",
+            m.inference_failovers.clone(),
+        );
+        registry.register(
+            "inference_ttft_ms",
+            "Time to first token seen at the gateway, in milliseconds",
+            m.ttft_ms.clone(),
+        );
+        registry.register(
+            "inference_inter_token_ms",
+            "Gap between tokens seen at the gateway, in milliseconds",
+            m.inter_token_ms.clone(),
+        );
+        registry.register(
+            "inference_tokens_out",
+            "Completion tokens streamed to clients, by model",
+            m.tokens_out.clone(),
+        );
+        registry.register(
+            "inference_active_streams",
+            "Inference requests in flight",
+            m.active_streams.clone(),
+        );
+        registry.register(
+            "game_sessions",
+            "Game sessions by transport and outcome",
+            m.game_sessions.clone(),
+        );
+        registry.register(
+            "game_active_sessions",
+            "Game sessions in progress",
+            m.active_game_sessions.clone(),
+        );
+        registry.register(
+            "game_frames_relayed",
+            "Video frames relayed to players",
+            m.game_frames_relayed.clone(),
+        );
+        registry.register(
+            "game_frames_dropped",
+            "Video frames dropped by reason",
+            m.game_frames_dropped.clone(),
+        );
+        registry.register(
+            "game_failovers",
+            "Game sessions moved to another node",
+            m.game_failovers.clone(),
+        );
+        registry.register(
+            "geo_reloads",
+            "GeoIP database reloads by outcome",
+            m.geo_reloads.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    /// Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// Shorthand for a label set.
+pub fn labels<const N: usize>(pairs: [(&'static str, &str); N]) -> Labels {
+    pairs.iter().map(|(k, v)| (*k, v.to_string())).collect()
+}

@@ -1,0 +1,403 @@
+//! The registry of live edge nodes: who is connected, where they are, what they serve, how
+//! loaded they are, and the routing index over them.
+//!
+//! One mutex guards the maps and the router index together so a route never sees a node that is
+//! half inserted; every operation under it is O(1) or a bounded index search (no I/O, no await).
+
+use crate::router::{
+    Deny, LatLon, NodeId, NodeRouteInfo, NodeState as RouteState, RouteOutcome, RouteParams,
+    RouterError, RouterIndex, Workload,
+};
+use nearpath_geo::{ClassId, Location};
+use nearpath_protocol::message::{Capacity, Gpu, Workloads};
+use serde::Serialize;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// Lifecycle of a registered node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NodeState {
+    Active,
+    /// Finishing its sessions; no new ones are routed to it.
+    Draining,
+    /// Disconnected or silent; kept only until removed from the registry.
+    Gone,
+}
+
+impl NodeState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeState::Active => "active",
+            NodeState::Draining => "draining",
+            NodeState::Gone => "gone",
+        }
+    }
+}
+
+/// Commands the admin API and session code send to a node's control loop.
+#[derive(Debug)]
+pub enum ControlCmd {
+    Drain { deadline_ms: u64 },
+    Shutdown { reason: String },
+}
+
+/// What changes while a node is registered.
+#[derive(Debug, Clone, Serialize)]
+pub struct NodeDynamic {
+    pub state: NodeState,
+    pub load: f32,
+    /// Sessions the node says it runs (its last heartbeat).
+    pub reported_sessions: u32,
+    pub queue_depth: u32,
+    pub gpu_util: Option<f32>,
+    pub encoder_ms_p50: Option<f32>,
+    pub last_heartbeat_ms: u64,
+    pub rtt_ms: f64,
+    pub heartbeat_misses: u64,
+    pub recent_penalties: u32,
+    pub operator_flagged: bool,
+}
+
+/// Which capacity pool a session uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SlotKind {
+    Game,
+    Inference,
+}
+
+/// A registered node. Immutable facts plus interior-mutable counters.
+pub struct NodeEntry {
+    pub key: NodeId,
+    pub id: String,
+    pub operator_id: String,
+    pub addr: SocketAddr,
+    pub location: Location,
+    pub gpus: Vec<Gpu>,
+    /// Every distinct GPU class of the node; the geofence must allow all of them.
+    pub classes: Vec<(String, ClassId)>,
+    pub workloads: Workloads,
+    pub capacity: Capacity,
+    pub software_version: String,
+    pub registered_at_ms: u64,
+    pub conn: quinn::Connection,
+    pub commands: mpsc::Sender<ControlCmd>,
+    /// Cancelled to disconnect the node (operator suspended, replaced by a newer connection).
+    pub kick: CancellationToken,
+    pub dynamic: Mutex<NodeDynamic>,
+    games_in_use: AtomicU32,
+    inference_in_use: AtomicU32,
+}
+
+impl NodeEntry {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        id: String,
+        operator_id: String,
+        addr: SocketAddr,
+        location: Location,
+        gpus: Vec<Gpu>,
+        classes: Vec<(String, ClassId)>,
+        workloads: Workloads,
+        capacity: Capacity,
+        software_version: String,
+        registered_at_ms: u64,
+        conn: quinn::Connection,
+        commands: mpsc::Sender<ControlCmd>,
+        dynamic: NodeDynamic,
+    ) -> Self {
+        NodeEntry {
+            key: NodeId(0),
+            id,
+            operator_id,
+            addr,
+            location,
+            gpus,
+            classes,
+            workloads,
+            capacity,
+            software_version,
+            registered_at_ms,
+            conn,
+            commands,
+            kick: CancellationToken::new(),
+            dynamic: Mutex::new(dynamic),
+            games_in_use: AtomicU32::new(0),
+            inference_in_use: AtomicU32::new(0),
+        }
+    }
+
+    pub fn dynamic(&self) -> MutexGuard<'_, NodeDynamic> {
+        self.dynamic.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Sessions the gateway itself has open on this node.
+    pub fn sessions_in_use(&self) -> u32 {
+        self.games_in_use.load(Ordering::Relaxed) + self.inference_in_use.load(Ordering::Relaxed)
+    }
+
+    fn pool(&self, kind: SlotKind) -> (&AtomicU32, u32) {
+        match kind {
+            SlotKind::Game => (&self.games_in_use, self.capacity.game_sessions),
+            SlotKind::Inference => (&self.inference_in_use, self.capacity.inference_concurrency),
+        }
+    }
+
+    fn route_info(&self) -> NodeRouteInfo {
+        NodeRouteInfo {
+            location: self
+                .location
+                .coords
+                .and_then(|c| LatLon::new(c.lat, c.lon).ok()),
+            games: self.workloads.games.clone(),
+            models: self.workloads.models.clone(),
+            state: self.route_state(),
+        }
+    }
+
+    fn route_state(&self) -> RouteState {
+        let d = self.dynamic();
+        RouteState {
+            game_slots_free: self
+                .capacity
+                .game_sessions
+                .saturating_sub(self.games_in_use.load(Ordering::Relaxed)),
+            inference_free: self
+                .capacity
+                .inference_concurrency
+                .saturating_sub(self.inference_in_use.load(Ordering::Relaxed)),
+            load: d.load,
+            draining: d.state != NodeState::Active,
+            gateway_rtt_ms: d.rtt_ms,
+            penalty_events_recent: d.recent_penalties,
+            operator_flagged: d.operator_flagged,
+        }
+    }
+
+    /// A JSON view for the admin API.
+    pub fn view(&self) -> serde_json::Value {
+        let d = self.dynamic().clone();
+        serde_json::json!({
+            "id": self.id,
+            "operator_id": self.operator_id,
+            "address": self.addr.to_string(),
+            "location": self.location,
+            "gpus": self.gpus.iter().map(|g| serde_json::json!({"model": g.model, "class": g.class, "vram_mib": g.vram_mib})).collect::<Vec<_>>(),
+            "workloads": {"games": self.workloads.games, "models": self.workloads.models},
+            "capacity": {"game_sessions": self.capacity.game_sessions, "inference_concurrency": self.capacity.inference_concurrency},
+            "in_use": {"game_sessions": self.games_in_use.load(Ordering::Relaxed), "inference": self.inference_in_use.load(Ordering::Relaxed)},
+            "software_version": self.software_version,
+            "registered_at_ms": self.registered_at_ms,
+            "state": d.state,
+            "load": d.load,
+            "reported_sessions": d.reported_sessions,
+            "queue_depth": d.queue_depth,
+            "gpu_util": d.gpu_util,
+            "encoder_ms_p50": d.encoder_ms_p50,
+            "last_heartbeat_ms": d.last_heartbeat_ms,
+            "rtt_ms": d.rtt_ms,
+            "heartbeat_misses": d.heartbeat_misses,
+            "recent_penalties": d.recent_penalties,
+        })
+    }
+}
+
+/// Why a registration could not be inserted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InsertError {
+    /// A node with this id is connected under another operator.
+    Duplicate { existing_operator: String },
+}
+
+struct Inner {
+    by_id: HashMap<String, Arc<NodeEntry>>,
+    by_key: HashMap<NodeId, Arc<NodeEntry>>,
+    router: RouterIndex,
+    next_key: u64,
+}
+
+/// The live-node registry.
+pub struct Registry {
+    inner: Mutex<Inner>,
+}
+
+/// A reserved session slot on a node; released (and the router told) on drop.
+pub struct SlotGuard {
+    registry: Arc<Registry>,
+    pub node: Arc<NodeEntry>,
+    kind: SlotKind,
+}
+
+impl Drop for SlotGuard {
+    fn drop(&mut self) {
+        let (counter, _) = self.node.pool(self.kind);
+        counter.fetch_sub(1, Ordering::AcqRel);
+        self.registry.refresh(&self.node);
+    }
+}
+
+impl Registry {
+    pub fn new(params: RouteParams) -> Result<Registry, RouterError> {
+        Ok(Registry {
+            inner: Mutex::new(Inner {
+                by_id: HashMap::new(),
+                by_key: HashMap::new(),
+                router: RouterIndex::new(params)?,
+                next_key: 0,
+            }),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Inserts a freshly registered node. A node with the same id and the same operator replaces
+    /// the old entry (returned so the caller can disconnect it); another operator's is refused.
+    pub fn insert(&self, mut entry: NodeEntry) -> Result<(Arc<NodeEntry>, Option<Arc<NodeEntry>>), InsertError> {
+        let mut inner = self.lock();
+        let replaced = match inner.by_id.get(&entry.id) {
+            Some(old) if old.operator_id != entry.operator_id => {
+                return Err(InsertError::Duplicate {
+                    existing_operator: old.operator_id.clone(),
+                })
+            }
+            Some(old) => Some(old.clone()),
+            None => None,
+        };
+        if let Some(old) = &replaced {
+            inner.by_key.remove(&old.key);
+            inner.router.remove(old.key);
+        }
+        inner.next_key += 1;
+        entry.key = NodeId(inner.next_key);
+        let entry = Arc::new(entry);
+        inner.by_id.insert(entry.id.clone(), entry.clone());
+        inner.by_key.insert(entry.key, entry.clone());
+        let info = entry.route_info();
+        inner.router.upsert(entry.key, info);
+        Ok((entry, replaced))
+    }
+
+    /// Removes the node if `entry` is still the registered one (a replaced entry's late removal
+    /// must not remove its successor).
+    pub fn remove(&self, entry: &NodeEntry) {
+        let mut inner = self.lock();
+        if inner.by_key.remove(&entry.key).is_some() {
+            inner.router.remove(entry.key);
+            if inner.by_id.get(&entry.id).map(|e| e.key) == Some(entry.key) {
+                inner.by_id.remove(&entry.id);
+            }
+        }
+    }
+
+    /// Re-reads a node's dynamic state into the router index (cheap: no re-indexing).
+    pub fn refresh(&self, entry: &NodeEntry) {
+        let state = entry.route_state();
+        let mut inner = self.lock();
+        if inner.by_key.contains_key(&entry.key) {
+            let _ = inner.router.update(entry.key, |s| *s = state);
+        }
+    }
+
+    pub fn get(&self, id: &str) -> Option<Arc<NodeEntry>> {
+        self.lock().by_id.get(id).cloned()
+    }
+
+    pub fn by_key(&self, key: NodeId) -> Option<Arc<NodeEntry>> {
+        self.lock().by_key.get(&key).cloned()
+    }
+
+    pub fn list(&self) -> Vec<Arc<NodeEntry>> {
+        let mut v: Vec<_> = self.lock().by_id.values().cloned().collect();
+        v.sort_by(|a, b| a.id.cmp(&b.id));
+        v
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().by_id.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Nodes of one operator (for suspension).
+    pub fn of_operator(&self, operator_id: &str) -> Vec<Arc<NodeEntry>> {
+        self.lock()
+            .by_id
+            .values()
+            .filter(|e| e.operator_id == operator_id)
+            .cloned()
+            .collect()
+    }
+
+    /// Ranks candidates for a workload; `allow` is the geofence check per node.
+    pub fn route<F>(
+        &self,
+        client: Option<LatLon>,
+        workload: Workload<'_>,
+        mut allow: F,
+    ) -> (RouteOutcome, Vec<Arc<NodeEntry>>)
+    where
+        F: FnMut(&NodeEntry) -> Result<(), Deny>,
+    {
+        let inner = self.lock();
+        let by_key = &inner.by_key;
+        let outcome = inner.router.route(client, workload, |key| match by_key.get(&key) {
+            Some(e) => allow(e),
+            None => Err(Deny {
+                rule: "registry".into(),
+                reason: "node left".into(),
+            }),
+        });
+        let nodes = outcome
+            .candidates
+            .iter()
+            .filter_map(|c| by_key.get(&c.node).cloned())
+            .collect();
+        (outcome, nodes)
+    }
+
+    /// Reserves a slot of `kind` on `node` if it has one free.
+    pub fn acquire(self: &Arc<Self>, node: &Arc<NodeEntry>, kind: SlotKind) -> Option<SlotGuard> {
+        let (counter, cap) = node.pool(kind);
+        let mut cur = counter.load(Ordering::Acquire);
+        loop {
+            if cur >= cap {
+                return None;
+            }
+            match counter.compare_exchange_weak(cur, cur + 1, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => break,
+                Err(c) => cur = c,
+            }
+        }
+        self.refresh(node);
+        Some(SlotGuard {
+            registry: self.clone(),
+            node: node.clone(),
+            kind,
+        })
+    }
+
+    /// Counts of live nodes by (state, country, first class), for metrics.
+    pub fn census(&self) -> HashMap<(NodeState, String, String), u64> {
+        let mut m = HashMap::new();
+        for e in self.lock().by_id.values() {
+            let state = e.dynamic().state;
+            let country = e
+                .location
+                .country
+                .map(|c| c.as_str().to_string())
+                .unwrap_or_else(|| "unknown".into());
+            let class = e.classes.first().map(|c| c.0.clone()).unwrap_or_default();
+            *m.entry((state, country, class)).or_insert(0) += 1;
+        }
+        m
+    }
+}

@@ -1,0 +1,655 @@
+//! The gateway's durable store: operators and their KYC status, enrolment tokens, API keys, per-node
+//! SLA records, penalty events and the usage ledger (DESIGN.md section 6).
+//!
+//! [`Store`] is the interface the rest of the gateway programs against, so that a PostgreSQL
+//! implementation can be added for deployments with several gateways sharing one database.
+//! [`SqliteStore`] is the single-gateway implementation.
+//!
+//! # Calling from async code
+//!
+//! Every method is synchronous and may block on disk I/O (an `fsync` per commit), on a lock held
+//! by another connection (up to the busy timeout), or, for [`Store::append_usage`], on the group
+//! commit of the batch it joined. Async code must therefore call the store through
+//! [`tokio::task::spawn_blocking`] (or `block_in_place`), never directly on a runtime worker:
+//!
+//! ```no_run
+//! # use std::sync::Arc;
+//! # use nearpath_gateway::store::{Store, SqliteStore};
+//! # async fn example(store: Arc<dyn Store>) -> anyhow::Result<()> {
+//! let key = tokio::task::spawn_blocking({
+//!     let store = Arc::clone(&store);
+//!     move || store.authenticate_api_key("npk_...")
+//! })
+//! .await??;
+//! # let _ = key;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Secrets
+//!
+//! Enrolment tokens (`npt_…`) and API keys (`npk_…`) are 32 random bytes, hex encoded, shown to
+//! their owner once and stored only as SHA-256 digests. See [`hash_secret`] for why a fast hash is
+//! the right choice for such secrets.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+mod sqlite;
+
+pub use sqlite::{SqliteStore, WriterStats, DEFAULT_BUSY_TIMEOUT, SCHEMA_VERSION};
+
+/// Prefix of enrolment token secrets.
+pub const ENROLMENT_TOKEN_PREFIX: &str = "npt_";
+/// Prefix of API key secrets.
+pub const API_KEY_PREFIX: &str = "npk_";
+/// Longest operator name or tenant, in characters.
+pub const MAX_NAME_CHARS: usize = 128;
+/// Longest identifier (node id, operator id, request id, ...), in characters.
+pub const MAX_ID_CHARS: usize = 256;
+/// Longest free-text field (penalty detail, workload, outcome, ...), in bytes.
+pub const MAX_TEXT_BYTES: usize = 4096;
+/// Longest secret accepted by [`Store::insert_api_key_secret`] or the authenticate methods, in bytes.
+pub const MAX_SECRET_BYTES: usize = 512;
+
+/// Errors from the store. Each says which operation failed, and [`StoreError::is_retryable`] says
+/// whether trying again can help.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database engine failed during `op`.
+    #[error("store: {op} failed: {source}")]
+    Sqlite {
+        op: &'static str,
+        #[source]
+        source: rusqlite::Error,
+    },
+    /// Opening or preparing the database file at `path` failed (not a database, unreadable, ...).
+    #[error("store database {}: {op} failed: {source}", path.display())]
+    Open {
+        path: PathBuf,
+        op: &'static str,
+        #[source]
+        source: rusqlite::Error,
+    },
+    /// The directory that should contain the database file does not exist; the store does not
+    /// create directories, so that a typo in the configuration is noticed rather than silently
+    /// starting a fresh ledger somewhere else.
+    #[error("store database {}: directory {} does not exist", path.display(), dir.display())]
+    MissingDirectory { path: PathBuf, dir: PathBuf },
+    /// The file is an SQLite database that belongs to some other application; the store refuses to
+    /// add its tables to it.
+    #[error(
+        "store database {}: not a Nearpath gateway database (application_id {application_id:#x}, {tables} tables)",
+        path.display()
+    )]
+    ForeignDatabase {
+        path: PathBuf,
+        application_id: i32,
+        tables: u64,
+    },
+    /// The database was written by a newer gateway whose schema this build does not know.
+    #[error(
+        "store database {}: schema version {found} is newer than the newest this gateway supports ({supported}); upgrade the gateway or restore a backup",
+        path.display()
+    )]
+    SchemaTooNew {
+        path: PathBuf,
+        found: i64,
+        supported: i64,
+    },
+    /// The database file cannot be used the way the store needs (for example, write-ahead logging
+    /// is unavailable on its filesystem).
+    #[error("store database {}: {message}", path.display())]
+    Unsupported { path: PathBuf, message: String },
+    /// An operating-system call failed during `op`.
+    #[error("store: {op} failed: {source}")]
+    Io {
+        op: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    /// No record of this kind has this id.
+    #[error("{kind} {id:?} not found")]
+    NotFound { kind: &'static str, id: String },
+    /// The caller passed a value the store does not accept.
+    #[error("invalid {field}: {message}")]
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
+    /// The store's background writer has stopped (the store is shutting down or the writer died).
+    #[error("store is closed")]
+    Closed,
+}
+
+impl StoreError {
+    /// True when the failure is transient (another connection held a lock for longer than the
+    /// busy timeout) and the same call may succeed if repeated.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            StoreError::Sqlite { source, .. } | StoreError::Open { source, .. } => matches!(
+                source.sqlite_error_code(),
+                Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+            ),
+            _ => false,
+        }
+    }
+
+    /// True when the caller is to blame (bad input or an unknown id), as opposed to the store.
+    pub fn is_caller_error(&self) -> bool {
+        matches!(
+            self,
+            StoreError::NotFound { .. } | StoreError::Invalid { .. }
+        )
+    }
+}
+
+/// KYC status of a node operator. Only verified operators' enrolment tokens onboard nodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KycStatus {
+    Pending,
+    Verified,
+    Suspended,
+}
+
+impl KycStatus {
+    /// The lowercase name used in the database and in JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KycStatus::Pending => "pending",
+            KycStatus::Verified => "verified",
+            KycStatus::Suspended => "suspended",
+        }
+    }
+}
+
+impl fmt::Display for KycStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for KycStatus {
+    type Err = StoreError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "pending" => Ok(KycStatus::Pending),
+            "verified" => Ok(KycStatus::Verified),
+            "suspended" => Ok(KycStatus::Suspended),
+            other => Err(StoreError::Invalid {
+                field: "kyc_status",
+                message: format!("{other:?} is not one of pending, verified, suspended"),
+            }),
+        }
+    }
+}
+
+/// A node operator (a company or person running `edge-node` on their GPUs).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Operator {
+    /// `op_` followed by 16 hex digits.
+    pub id: String,
+    pub name: String,
+    pub kyc_status: KycStatus,
+    pub created_at_ms: u64,
+    pub updated_at_ms: u64,
+}
+
+/// An enrolment token, without its secret (which is shown once, at creation).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnrolmentToken {
+    /// `tok_` followed by 16 hex digits.
+    pub id: String,
+    pub operator_id: String,
+    pub created_at_ms: u64,
+    /// The first characters of the secret, so that an operator can tell tokens apart.
+    pub prefix: String,
+    /// Revoked tokens no longer authenticate.
+    pub revoked: bool,
+}
+
+/// An API key for an app or a player, without its secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiKey {
+    /// `key_` followed by 16 hex digits.
+    pub id: String,
+    pub tenant: String,
+    /// Rate limits are stored, not interpreted: the gateway's limiter gives them meaning.
+    pub requests_per_minute: u32,
+    pub tokens_per_minute: u32,
+    pub created_at_ms: u64,
+    /// Revoked keys no longer authenticate.
+    pub revoked: bool,
+    /// The first characters of the secret, for recognising a key in listings.
+    pub prefix: String,
+}
+
+/// Accumulated service record of one node; feeds the routing reliability penalty.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SlaRecord {
+    pub node_id: String,
+    /// The operator the node last registered under.
+    pub operator_id: String,
+    pub first_registered_at_ms: u64,
+    pub last_seen_at_ms: u64,
+    /// Total time spent registered (uptime), in milliseconds.
+    pub registered_ms: u64,
+    pub registrations: u64,
+    pub sessions_served: u64,
+    pub sessions_failed: u64,
+    pub heartbeat_misses: u64,
+    pub penalty_events: u64,
+    /// The most recent gateway->node RTT measurement, if any was ever reported.
+    pub last_rtt_ms: Option<f64>,
+}
+
+/// Increments applied to a node's [`SlaRecord`] by [`Store::sla_apply`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct SlaDelta {
+    pub registered_ms: u64,
+    pub registrations: u64,
+    pub sessions_served: u64,
+    pub sessions_failed: u64,
+    pub heartbeat_misses: u64,
+    /// Replaces the stored RTT when present; `None` keeps the previous measurement.
+    pub last_rtt_ms: Option<f64>,
+    /// When this delta was observed; `last_seen_at_ms` becomes the later of this and the stored
+    /// value, and a new record starts its `first_registered_at_ms` here.
+    pub seen_at_ms: u64,
+}
+
+/// A node disconnected with active sessions without draining first (or a similar fault).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PenaltyEvent {
+    pub id: i64,
+    pub node_id: String,
+    pub operator_id: String,
+    pub at_ms: u64,
+    /// What happened, e.g. `disconnect_without_drain`.
+    pub kind: String,
+    pub active_sessions: u32,
+    pub detail: String,
+}
+
+/// What a usage record meters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UsageKind {
+    Inference,
+    Game,
+}
+
+impl UsageKind {
+    /// The lowercase name used in the database and in JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UsageKind::Inference => "inference",
+            UsageKind::Game => "game",
+        }
+    }
+}
+
+impl fmt::Display for UsageKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for UsageKind {
+    type Err = StoreError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "inference" => Ok(UsageKind::Inference),
+            "game" => Ok(UsageKind::Game),
+            other => Err(StoreError::Invalid {
+                field: "kind",
+                message: format!("{other:?} is not one of inference, game"),
+            }),
+        }
+    }
+}
+
+/// One metered session or request in the usage ledger.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UsageRecord {
+    /// Assigned by the ledger; ignored by [`Store::append_usage`].
+    pub id: Option<i64>,
+    pub at_ms: u64,
+    pub kind: UsageKind,
+    pub request_id: String,
+    pub tenant: String,
+    pub api_key_id: String,
+    /// Empty when the request never reached a node (for example no eligible node).
+    pub node_id: String,
+    pub operator_id: String,
+    /// The model name or game title.
+    pub workload: String,
+    /// `ok`, `error`, `cancelled`, ...; anything but `ok` and `cancelled` counts as an error.
+    pub outcome: String,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub ttft_ms: Option<f64>,
+    pub duration_ms: f64,
+    pub gpu_seconds: f64,
+    pub frames: u64,
+    pub bytes: u64,
+}
+
+/// Usage totals for one tenant or one node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UsageTotals {
+    /// The tenant or the node id.
+    pub key: String,
+    pub requests: u64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub gpu_seconds: f64,
+    pub frames: u64,
+    pub bytes: u64,
+    /// Records whose outcome is neither `ok` nor `cancelled`.
+    pub errors: u64,
+}
+
+/// Usage totals grouped by tenant and by node, each sorted by key.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct UsageSummary {
+    pub by_tenant: Vec<UsageTotals>,
+    /// Records without a node (empty `node_id`) are left out here but counted under their tenant.
+    pub by_node: Vec<UsageTotals>,
+}
+
+/// The gateway's durable state. Object safe: the gateway holds an `Arc<dyn Store>`.
+///
+/// All methods are synchronous and may block (see the module documentation): call them from
+/// `tokio::task::spawn_blocking` in async code. Lists are returned in a stable order: operators,
+/// tokens and keys oldest first; SLA records by node id; penalties and usage newest first.
+pub trait Store: Send + Sync + 'static {
+    /// Creates an operator. The name is trimmed and must then be 1..=128 characters without
+    /// control characters.
+    fn create_operator(&self, name: &str, kyc: KycStatus) -> Result<Operator, StoreError>;
+    fn get_operator(&self, id: &str) -> Result<Option<Operator>, StoreError>;
+    fn list_operators(&self) -> Result<Vec<Operator>, StoreError>;
+    /// Changes an operator's KYC status (any transition is allowed; the admin decides).
+    fn set_operator_kyc(&self, id: &str, status: KycStatus) -> Result<Operator, StoreError>;
+
+    /// Creates an enrolment token for an existing operator; returns it with its secret, which is
+    /// not stored and cannot be shown again.
+    fn create_enrolment_token(
+        &self,
+        operator_id: &str,
+    ) -> Result<(EnrolmentToken, String), StoreError>;
+    /// Finds the unrevoked token with this secret and its operator, whatever the operator's KYC
+    /// status (the caller turns a pending or suspended status into the right rejection code).
+    fn authenticate_enrolment_token(
+        &self,
+        secret: &str,
+    ) -> Result<Option<(Operator, EnrolmentToken)>, StoreError>;
+    /// Revokes a token; revoking it again is not an error.
+    fn revoke_enrolment_token(&self, id: &str) -> Result<(), StoreError>;
+    /// The operator's tokens, revoked ones included.
+    fn list_enrolment_tokens(&self, operator_id: &str) -> Result<Vec<EnrolmentToken>, StoreError>;
+
+    /// Creates an API key with a fresh `npk_…` secret, returned once.
+    fn create_api_key(
+        &self,
+        tenant: &str,
+        requests_per_minute: u32,
+        tokens_per_minute: u32,
+    ) -> Result<(ApiKey, String), StoreError>;
+    /// Registers a caller-chosen secret (such as the demo's fixed key). Idempotent: if the secret
+    /// is already known, the existing key is returned unchanged, whatever the other arguments.
+    fn insert_api_key_secret(
+        &self,
+        secret: &str,
+        tenant: &str,
+        requests_per_minute: u32,
+        tokens_per_minute: u32,
+    ) -> Result<ApiKey, StoreError>;
+    /// The unrevoked key with this secret.
+    fn authenticate_api_key(&self, secret: &str) -> Result<Option<ApiKey>, StoreError>;
+    /// All keys, revoked ones included.
+    fn list_api_keys(&self) -> Result<Vec<ApiKey>, StoreError>;
+    /// Revokes a key; revoking it again is not an error.
+    fn revoke_api_key(&self, id: &str) -> Result<(), StoreError>;
+
+    /// Adds `delta` to the node's SLA record, creating it if needed, and returns the new record.
+    fn sla_apply(
+        &self,
+        node_id: &str,
+        operator_id: &str,
+        delta: SlaDelta,
+    ) -> Result<SlaRecord, StoreError>;
+    fn sla_get(&self, node_id: &str) -> Result<Option<SlaRecord>, StoreError>;
+    fn sla_list(&self) -> Result<Vec<SlaRecord>, StoreError>;
+
+    /// Records a penalty event and, in the same transaction, increments the node's SLA
+    /// `penalty_events` (creating the SLA record if needed).
+    fn record_penalty(
+        &self,
+        node_id: &str,
+        operator_id: &str,
+        at_ms: u64,
+        kind: &str,
+        active_sessions: u32,
+        detail: &str,
+    ) -> Result<PenaltyEvent, StoreError>;
+    /// The newest `limit` penalty events, of one node or of all.
+    fn list_penalties(
+        &self,
+        node_id: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<PenaltyEvent>, StoreError>;
+    /// How many penalty events the node earned at or after `since_ms`.
+    fn penalties_since(&self, node_id: &str, since_ms: u64) -> Result<u64, StoreError>;
+
+    /// Appends a record to the usage ledger and returns its id once it is durably committed
+    /// (it survives a crash of the gateway from then on). Concurrent callers share commits.
+    fn append_usage(&self, record: UsageRecord) -> Result<i64, StoreError>;
+    /// Totals of the records at or after `since_ms` (all records when `None`).
+    fn usage_summary(&self, since_ms: Option<u64>) -> Result<UsageSummary, StoreError>;
+    /// The newest `limit` usage records.
+    fn list_usage(&self, limit: usize) -> Result<Vec<UsageRecord>, StoreError>;
+}
+
+/// SHA-256 of a secret, lowercase hex: what is stored and indexed instead of the secret.
+///
+/// A fast hash is appropriate here (unlike for passwords) because every secret the store issues
+/// carries 256 bits of randomness: brute-forcing a leaked digest is infeasible however cheap one
+/// guess is, so a deliberately slow KDF would only add latency to every authentication.
+pub fn hash_secret(secret: &str) -> String {
+    hex::encode(Sha256::digest(secret.as_bytes()))
+}
+
+/// The part of a secret that may be shown in listings: at most 8 characters, and at most a quarter
+/// of the secret, so that a short caller-chosen secret (such as `demo`) is not displayed whole.
+pub fn secret_display_prefix(secret: &str) -> String {
+    let chars = secret.chars().count();
+    secret.chars().take((chars / 4).min(8)).collect()
+}
+
+/// A fresh secret: `prefix` followed by 32 random bytes in hex. `rand::rng()` is a CSPRNG
+/// (ChaCha12) seeded from the operating system.
+fn new_secret(prefix: &str) -> String {
+    let bytes: [u8; 32] = rand::random();
+    format!("{prefix}{}", hex::encode(bytes))
+}
+
+/// A fresh record id: `prefix` followed by 8 random bytes in hex. Ids are not secrets; randomness
+/// only keeps them unguessable in URLs and unique across gateways sharing a database.
+fn new_id(prefix: &str) -> String {
+    let bytes: [u8; 8] = rand::random();
+    format!("{prefix}{}", hex::encode(bytes))
+}
+
+/// Checks a name-like field: trimmed, 1..=`max_chars` characters, no control characters.
+fn check_name<'a>(
+    field: &'static str,
+    value: &'a str,
+    max_chars: usize,
+) -> Result<&'a str, StoreError> {
+    let trimmed = value.trim();
+    let chars = trimmed.chars().count();
+    if chars == 0 {
+        return Err(StoreError::Invalid {
+            field,
+            message: "must not be empty".into(),
+        });
+    }
+    if chars > max_chars {
+        return Err(StoreError::Invalid {
+            field,
+            message: format!("{chars} characters, at most {max_chars} allowed"),
+        });
+    }
+    if trimmed.chars().any(char::is_control) {
+        return Err(StoreError::Invalid {
+            field,
+            message: "must not contain control characters".into(),
+        });
+    }
+    Ok(trimmed)
+}
+
+/// Checks a free-text field: at most [`MAX_TEXT_BYTES`] bytes (empty allowed).
+fn check_text(field: &'static str, value: &str) -> Result<(), StoreError> {
+    if value.len() > MAX_TEXT_BYTES {
+        return Err(StoreError::Invalid {
+            field,
+            message: format!("{} bytes, at most {MAX_TEXT_BYTES} allowed", value.len()),
+        });
+    }
+    Ok(())
+}
+
+/// Checks an identifier-like field: at most [`MAX_ID_CHARS`] characters (empty allowed only
+/// where the caller permits it).
+fn check_id(field: &'static str, value: &str, allow_empty: bool) -> Result<(), StoreError> {
+    if value.is_empty() && !allow_empty {
+        return Err(StoreError::Invalid {
+            field,
+            message: "must not be empty".into(),
+        });
+    }
+    let chars = value.chars().count();
+    if chars > MAX_ID_CHARS {
+        return Err(StoreError::Invalid {
+            field,
+            message: format!("{chars} characters, at most {MAX_ID_CHARS} allowed"),
+        });
+    }
+    Ok(())
+}
+
+/// Converts a counter to SQLite's signed 64-bit integer.
+fn to_i64(field: &'static str, value: u64) -> Result<i64, StoreError> {
+    i64::try_from(value).map_err(|_| StoreError::Invalid {
+        field,
+        message: format!("{value} exceeds the largest storable value {}", i64::MAX),
+    })
+}
+
+/// Checks a measurement: finite and not negative.
+fn check_measure(field: &'static str, value: f64) -> Result<(), StoreError> {
+    if !value.is_finite() || value < 0.0 {
+        return Err(StoreError::Invalid {
+            field,
+            message: format!("{value} is not a finite, non-negative number"),
+        });
+    }
+    Ok(())
+}
+
+/// Milliseconds since the Unix epoch; 0 if the clock is set before 1970.
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn display_prefix_never_shows_a_short_secret_whole() {
+        assert_eq!(secret_display_prefix("demo"), "d");
+        assert_eq!(secret_display_prefix(""), "");
+        let s = new_secret(API_KEY_PREFIX);
+        assert_eq!(secret_display_prefix(&s), &s[..8]);
+        // Multi-byte characters are counted as characters, never split.
+        assert_eq!(secret_display_prefix("ééééééééé"), "éé");
+    }
+
+    #[test]
+    fn secrets_and_ids_have_their_documented_shape() {
+        let s = new_secret(ENROLMENT_TOKEN_PREFIX);
+        assert_eq!(s.len(), 4 + 64);
+        assert!(s.starts_with("npt_"));
+        assert!(s[4..].chars().all(|c| c.is_ascii_hexdigit()));
+        assert_ne!(s, new_secret(ENROLMENT_TOKEN_PREFIX));
+        let id = new_id("op_");
+        assert_eq!(id.len(), 3 + 16);
+    }
+
+    #[test]
+    fn hash_is_sha256_hex() {
+        // The SHA-256 of "abc" from FIPS 180-2, appendix B.1.
+        assert_eq!(
+            hash_secret("abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+
+    #[test]
+    fn retryable_only_for_busy_and_locked() {
+        let busy = StoreError::Sqlite {
+            op: "x",
+            source: rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_BUSY),
+                None,
+            ),
+        };
+        assert!(busy.is_retryable());
+        let full = StoreError::Sqlite {
+            op: "x",
+            source: rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_FULL),
+                None,
+            ),
+        };
+        assert!(!full.is_retryable());
+        assert!(!StoreError::Closed.is_retryable());
+        assert!(StoreError::NotFound {
+            kind: "operator",
+            id: "op_x".into()
+        }
+        .is_caller_error());
+    }
+
+    #[test]
+    fn kyc_and_kind_round_trip_through_strings_and_json() {
+        for k in [
+            KycStatus::Pending,
+            KycStatus::Verified,
+            KycStatus::Suspended,
+        ] {
+            assert_eq!(k.as_str().parse::<KycStatus>().ok(), Some(k));
+            assert_eq!(
+                serde_json::to_string(&k).ok(),
+                Some(format!("\"{}\"", k.as_str()))
+            );
+        }
+        assert!("Verified".parse::<KycStatus>().is_err());
+        for k in [UsageKind::Inference, UsageKind::Game] {
+            assert_eq!(k.as_str().parse::<UsageKind>().ok(), Some(k));
+        }
+    }
+}

@@ -1,0 +1,1319 @@
+//! [`SqliteStore`]: the [`Store`] on one SQLite file, for a single gateway.
+//!
+//! Two connections share the file. The *main* connection, behind a mutex, serves every read and
+//! every write except usage appends. A dedicated *writer* thread owns the second connection and
+//! appends usage records with group commit: it takes every record queued while the previous
+//! commit was running, inserts them in one transaction, commits once (one `fsync`) and then wakes
+//! each caller with its id. Under load the cost of a commit is shared by the whole batch; alone,
+//! a caller waits for exactly one commit, as it would without batching.
+//!
+//! Durability: the database runs in WAL mode with `synchronous=FULL`, so a commit has reached the
+//! disk (the WAL is fsynced) before any caller is told it succeeded. `NORMAL` would already survive
+//! `kill -9` of the gateway (the OS still holds the written pages), but not a power loss or kernel
+//! crash, and metered usage is billing data; group commit keeps the cost of `FULL` affordable.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use rusqlite::types::{FromSql, FromSqlError, FromSqlResult, ValueRef};
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Row, TransactionBehavior};
+
+use super::{
+    check_id, check_measure, check_name, check_text, hash_secret, new_id, new_secret, now_ms,
+    secret_display_prefix, to_i64, ApiKey, EnrolmentToken, KycStatus, Operator, PenaltyEvent,
+    SlaDelta, SlaRecord, Store, StoreError, UsageKind, UsageRecord, UsageSummary, UsageTotals,
+    API_KEY_PREFIX, ENROLMENT_TOKEN_PREFIX, MAX_NAME_CHARS, MAX_SECRET_BYTES,
+};
+
+/// How long a connection waits for another connection's lock before failing with a retryable
+/// error.
+pub const DEFAULT_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// `PRAGMA application_id` of gateway databases ("NPGW"), so that the store never mistakes some
+/// other application's SQLite file for its own.
+const APPLICATION_ID: i32 = 0x4E50_4757;
+
+/// The most records the writer commits in one transaction; bounds how long one commit holds the
+/// write lock and how much a failed batch has to retry.
+const MAX_BATCH: usize = 1024;
+
+/// Schema migrations: `MIGRATIONS[i]` takes `user_version` i to i + 1. Append, never edit.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE operators (
+    id             TEXT PRIMARY KEY,
+    name           TEXT NOT NULL,
+    kyc_status     TEXT NOT NULL CHECK (kyc_status IN ('pending', 'verified', 'suspended')),
+    created_at_ms  INTEGER NOT NULL,
+    updated_at_ms  INTEGER NOT NULL
+) STRICT;
+
+CREATE TABLE enrolment_tokens (
+    id             TEXT PRIMARY KEY,
+    operator_id    TEXT NOT NULL REFERENCES operators (id),
+    secret_hash    TEXT NOT NULL UNIQUE,
+    prefix         TEXT NOT NULL,
+    created_at_ms  INTEGER NOT NULL,
+    revoked_at_ms  INTEGER
+) STRICT;
+CREATE INDEX enrolment_tokens_by_operator ON enrolment_tokens (operator_id);
+
+CREATE TABLE api_keys (
+    id                   TEXT PRIMARY KEY,
+    tenant               TEXT NOT NULL,
+    secret_hash          TEXT NOT NULL UNIQUE,
+    prefix               TEXT NOT NULL,
+    requests_per_minute  INTEGER NOT NULL,
+    tokens_per_minute    INTEGER NOT NULL,
+    created_at_ms        INTEGER NOT NULL,
+    revoked_at_ms        INTEGER
+) STRICT;
+
+-- SLA records, penalties and usage are history: they reference operators and nodes by id
+-- without foreign keys, so that the ledger never refuses a record because of an admin change.
+CREATE TABLE sla_records (
+    node_id                 TEXT PRIMARY KEY,
+    operator_id             TEXT NOT NULL,
+    first_registered_at_ms  INTEGER NOT NULL,
+    last_seen_at_ms         INTEGER NOT NULL,
+    registered_ms           INTEGER NOT NULL,
+    registrations           INTEGER NOT NULL,
+    sessions_served         INTEGER NOT NULL,
+    sessions_failed         INTEGER NOT NULL,
+    heartbeat_misses        INTEGER NOT NULL,
+    penalty_events          INTEGER NOT NULL,
+    last_rtt_ms             REAL
+) STRICT;
+
+-- AUTOINCREMENT: ids of penalties and usage records are never reused, even after old rows are
+-- pruned, so an id acknowledged to a caller names one record forever.
+CREATE TABLE penalty_events (
+    id               INTEGER PRIMARY KEY AUTOINCREMENT,
+    node_id          TEXT NOT NULL,
+    operator_id      TEXT NOT NULL,
+    at_ms            INTEGER NOT NULL,
+    kind             TEXT NOT NULL,
+    active_sessions  INTEGER NOT NULL,
+    detail           TEXT NOT NULL
+) STRICT;
+CREATE INDEX penalty_events_by_node ON penalty_events (node_id, at_ms);
+
+CREATE TABLE usage_records (
+    id                 INTEGER PRIMARY KEY AUTOINCREMENT,
+    at_ms              INTEGER NOT NULL,
+    kind               TEXT NOT NULL CHECK (kind IN ('inference', 'game')),
+    request_id         TEXT NOT NULL,
+    tenant             TEXT NOT NULL,
+    api_key_id         TEXT NOT NULL,
+    node_id            TEXT NOT NULL,
+    operator_id        TEXT NOT NULL,
+    workload           TEXT NOT NULL,
+    outcome            TEXT NOT NULL,
+    prompt_tokens      INTEGER NOT NULL,
+    completion_tokens  INTEGER NOT NULL,
+    ttft_ms            REAL,
+    duration_ms        REAL NOT NULL,
+    gpu_seconds        REAL NOT NULL,
+    frames             INTEGER NOT NULL,
+    bytes              INTEGER NOT NULL
+) STRICT;
+CREATE INDEX usage_records_by_time ON usage_records (at_ms);
+"#];
+
+/// The schema version this build writes and understands.
+pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+
+const OPERATOR_COLS: &str = "id, name, kyc_status, created_at_ms, updated_at_ms";
+const TOKEN_COLS: &str = "id, operator_id, created_at_ms, prefix, revoked_at_ms IS NOT NULL";
+const API_KEY_COLS: &str = "id, tenant, requests_per_minute, tokens_per_minute, created_at_ms, \
+     revoked_at_ms IS NOT NULL, prefix";
+const SLA_COLS: &str = "node_id, operator_id, first_registered_at_ms, last_seen_at_ms, \
+     registered_ms, registrations, sessions_served, sessions_failed, heartbeat_misses, \
+     penalty_events, last_rtt_ms";
+const PENALTY_COLS: &str = "id, node_id, operator_id, at_ms, kind, active_sessions, detail";
+const USAGE_COLS: &str = "id, at_ms, kind, request_id, tenant, api_key_id, node_id, operator_id, \
+     workload, outcome, prompt_tokens, completion_tokens, ttft_ms, duration_ms, gpu_seconds, \
+     frames, bytes";
+
+/// Counters of the usage writer, for metrics: `records / batches` is the mean batch size.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WriterStats {
+    /// Transactions committed by the writer.
+    pub batches: u64,
+    /// Usage records committed by the writer.
+    pub records: u64,
+}
+
+#[derive(Default)]
+struct WriterCounters {
+    batches: AtomicU64,
+    records: AtomicU64,
+}
+
+impl WriterCounters {
+    fn committed(&self, records: usize) {
+        self.batches.fetch_add(1, Ordering::Relaxed);
+        self.records.fetch_add(records as u64, Ordering::Relaxed);
+    }
+}
+
+/// A validated usage record, converted to what SQLite stores, waiting for the writer.
+struct UsageRow {
+    at_ms: i64,
+    kind: &'static str,
+    request_id: String,
+    tenant: String,
+    api_key_id: String,
+    node_id: String,
+    operator_id: String,
+    workload: String,
+    outcome: String,
+    prompt_tokens: i64,
+    completion_tokens: i64,
+    ttft_ms: Option<f64>,
+    duration_ms: f64,
+    gpu_seconds: f64,
+    frames: i64,
+    bytes: i64,
+}
+
+impl UsageRow {
+    fn new(r: UsageRecord) -> Result<Self, StoreError> {
+        check_id("request_id", &r.request_id, true)?;
+        check_id("tenant", &r.tenant, true)?;
+        check_id("api_key_id", &r.api_key_id, true)?;
+        check_id("node_id", &r.node_id, true)?;
+        check_id("operator_id", &r.operator_id, true)?;
+        check_text("workload", &r.workload)?;
+        check_text("outcome", &r.outcome)?;
+        if let Some(ttft) = r.ttft_ms {
+            check_measure("ttft_ms", ttft)?;
+        }
+        check_measure("duration_ms", r.duration_ms)?;
+        check_measure("gpu_seconds", r.gpu_seconds)?;
+        Ok(UsageRow {
+            at_ms: to_i64("at_ms", r.at_ms)?,
+            kind: r.kind.as_str(),
+            prompt_tokens: to_i64("prompt_tokens", r.prompt_tokens)?,
+            completion_tokens: to_i64("completion_tokens", r.completion_tokens)?,
+            frames: to_i64("frames", r.frames)?,
+            bytes: to_i64("bytes", r.bytes)?,
+            ttft_ms: r.ttft_ms,
+            duration_ms: r.duration_ms,
+            gpu_seconds: r.gpu_seconds,
+            request_id: r.request_id,
+            tenant: r.tenant,
+            api_key_id: r.api_key_id,
+            node_id: r.node_id,
+            operator_id: r.operator_id,
+            workload: r.workload,
+            outcome: r.outcome,
+        })
+    }
+}
+
+/// One `append_usage` call waiting for its batch to commit; `reply` is its one-shot answer.
+struct Job {
+    row: UsageRow,
+    reply: mpsc::SyncSender<Result<i64, StoreError>>,
+}
+
+/// The writer's connection: its own for a file, the main one for an in-memory database (a second
+/// connection to `:memory:` would open a different, empty database).
+enum WriterConnKind {
+    Own(Connection),
+    Shared(Arc<Mutex<Connection>>),
+}
+
+struct WriterConn {
+    kind: WriterConnKind,
+    gate: Arc<Mutex<()>>,
+}
+
+impl WriterConn {
+    /// Runs `f` holding the write gate (see [`SqliteStore`]) and the connection.
+    fn with<R>(&mut self, f: impl FnOnce(&mut Connection) -> R) -> R {
+        let _gate = lock(&self.gate);
+        match &mut self.kind {
+            WriterConnKind::Own(conn) => f(conn),
+            WriterConnKind::Shared(shared) => f(&mut lock(shared)),
+        }
+    }
+}
+
+/// The main connection locked for a write: the write gate first, then the connection (the order
+/// the writer uses too, so the two can never deadlock).
+struct WriteConn<'a> {
+    conn: MutexGuard<'a, Connection>,
+    _gate: MutexGuard<'a, ()>,
+}
+
+impl std::ops::Deref for WriteConn<'_> {
+    type Target = Connection;
+    fn deref(&self) -> &Connection {
+        &self.conn
+    }
+}
+
+impl std::ops::DerefMut for WriteConn<'_> {
+    fn deref_mut(&mut self) -> &mut Connection {
+        &mut self.conn
+    }
+}
+
+/// Locks a mutex, ignoring poisoning: a panic while a connection's lock was held cannot leave it
+/// inside a transaction, because rusqlite's `Transaction` rolls back when dropped during
+/// unwinding, so the connection is still fit for use (and the gate guards no data at all).
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Attaches the operation name to an SQLite error.
+trait OpExt<T> {
+    fn op(self, op: &'static str) -> Result<T, StoreError>;
+}
+
+impl<T> OpExt<T> for rusqlite::Result<T> {
+    fn op(self, op: &'static str) -> Result<T, StoreError> {
+        self.map_err(|source| StoreError::Sqlite { op, source })
+    }
+}
+
+/// Attaches the operation name and the database path to an SQLite error raised while opening.
+fn open_err<'a>(
+    path: &'a Path,
+    op: &'static str,
+) -> impl FnOnce(rusqlite::Error) -> StoreError + 'a {
+    move |source| StoreError::Open {
+        path: path.to_path_buf(),
+        op,
+        source,
+    }
+}
+
+impl FromSql for KycStatus {
+    fn column_result(value: ValueRef<'_>) -> FromSqlResult<Self> {
+        value.as_str()?.parse().map_err(FromSqlError::other)
+    }
+}
+
+impl FromSql for UsageKind {
+    fn column_result(value: ValueRef<'_>) -> FromSqlResult<Self> {
+        value.as_str()?.parse().map_err(FromSqlError::other)
+    }
+}
+
+/// Reads a non-negative integer column as `u64`.
+fn get_u64(row: &Row<'_>, idx: usize) -> rusqlite::Result<u64> {
+    let v: i64 = row.get(idx)?;
+    u64::try_from(v).map_err(|_| rusqlite::Error::IntegralValueOutOfRange(idx, v))
+}
+
+/// Converts a query bound (a time or a limit) to SQLite's integer, saturating: nothing stored
+/// lies beyond `i64::MAX`, so the saturated bound selects the same rows.
+fn saturating_i64<T: TryInto<i64>>(v: T) -> i64 {
+    v.try_into().unwrap_or(i64::MAX)
+}
+
+fn operator_from_row(r: &Row<'_>) -> rusqlite::Result<Operator> {
+    Ok(Operator {
+        id: r.get(0)?,
+        name: r.get(1)?,
+        kyc_status: r.get(2)?,
+        created_at_ms: get_u64(r, 3)?,
+        updated_at_ms: get_u64(r, 4)?,
+    })
+}
+
+/// Reads a token from the columns of [`TOKEN_COLS`] starting at `at`.
+fn token_from_row(r: &Row<'_>, at: usize) -> rusqlite::Result<EnrolmentToken> {
+    Ok(EnrolmentToken {
+        id: r.get(at)?,
+        operator_id: r.get(at + 1)?,
+        created_at_ms: get_u64(r, at + 2)?,
+        prefix: r.get(at + 3)?,
+        revoked: r.get(at + 4)?,
+    })
+}
+
+fn api_key_from_row(r: &Row<'_>) -> rusqlite::Result<ApiKey> {
+    Ok(ApiKey {
+        id: r.get(0)?,
+        tenant: r.get(1)?,
+        requests_per_minute: r.get(2)?,
+        tokens_per_minute: r.get(3)?,
+        created_at_ms: get_u64(r, 4)?,
+        revoked: r.get(5)?,
+        prefix: r.get(6)?,
+    })
+}
+
+fn sla_from_row(r: &Row<'_>) -> rusqlite::Result<SlaRecord> {
+    Ok(SlaRecord {
+        node_id: r.get(0)?,
+        operator_id: r.get(1)?,
+        first_registered_at_ms: get_u64(r, 2)?,
+        last_seen_at_ms: get_u64(r, 3)?,
+        registered_ms: get_u64(r, 4)?,
+        registrations: get_u64(r, 5)?,
+        sessions_served: get_u64(r, 6)?,
+        sessions_failed: get_u64(r, 7)?,
+        heartbeat_misses: get_u64(r, 8)?,
+        penalty_events: get_u64(r, 9)?,
+        last_rtt_ms: r.get(10)?,
+    })
+}
+
+fn penalty_from_row(r: &Row<'_>) -> rusqlite::Result<PenaltyEvent> {
+    Ok(PenaltyEvent {
+        id: r.get(0)?,
+        node_id: r.get(1)?,
+        operator_id: r.get(2)?,
+        at_ms: get_u64(r, 3)?,
+        kind: r.get(4)?,
+        active_sessions: r.get(5)?,
+        detail: r.get(6)?,
+    })
+}
+
+fn usage_from_row(r: &Row<'_>) -> rusqlite::Result<UsageRecord> {
+    Ok(UsageRecord {
+        id: Some(r.get(0)?),
+        at_ms: get_u64(r, 1)?,
+        kind: r.get(2)?,
+        request_id: r.get(3)?,
+        tenant: r.get(4)?,
+        api_key_id: r.get(5)?,
+        node_id: r.get(6)?,
+        operator_id: r.get(7)?,
+        workload: r.get(8)?,
+        outcome: r.get(9)?,
+        prompt_tokens: get_u64(r, 10)?,
+        completion_tokens: get_u64(r, 11)?,
+        ttft_ms: r.get(12)?,
+        duration_ms: r.get(13)?,
+        gpu_seconds: r.get(14)?,
+        frames: get_u64(r, 15)?,
+        bytes: get_u64(r, 16)?,
+    })
+}
+
+fn totals_from_row(r: &Row<'_>) -> rusqlite::Result<UsageTotals> {
+    Ok(UsageTotals {
+        key: r.get(0)?,
+        requests: get_u64(r, 1)?,
+        prompt_tokens: get_u64(r, 2)?,
+        completion_tokens: get_u64(r, 3)?,
+        gpu_seconds: r.get(4)?,
+        frames: get_u64(r, 5)?,
+        bytes: get_u64(r, 6)?,
+        errors: get_u64(r, 7)?,
+    })
+}
+
+/// Per-connection settings. `synchronous` and `foreign_keys` are not stored in the file, so every
+/// connection sets them.
+fn configure(conn: &Connection, busy_timeout: Duration) -> rusqlite::Result<()> {
+    conn.busy_timeout(busy_timeout)?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.pragma_update(None, "foreign_keys", true)?;
+    Ok(())
+}
+
+/// Checks that the database is empty or ours and not from a newer build, then brings its schema
+/// up to [`SCHEMA_VERSION`]. Runs in one IMMEDIATE transaction, so two gateways starting on the
+/// same file cannot both migrate it, and a failed migration leaves it untouched.
+fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(open_err(path, "begin migration"))?;
+    let application_id: i32 = tx
+        .query_row("PRAGMA application_id", [], |r| r.get(0))
+        .map_err(open_err(path, "read application_id"))?;
+    let found: i64 = tx
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(open_err(path, "read user_version"))?;
+    let tables: i64 = tx
+        .query_row(
+            "SELECT count(*) FROM sqlite_schema WHERE type = 'table'",
+            [],
+            |r| r.get(0),
+        )
+        .map_err(open_err(path, "list tables"))?;
+    let fresh = application_id == 0 && tables == 0;
+    if application_id != APPLICATION_ID && !fresh {
+        return Err(StoreError::ForeignDatabase {
+            path: path.to_path_buf(),
+            application_id,
+            tables: u64::try_from(tables).unwrap_or(0),
+        });
+    }
+    if found > SCHEMA_VERSION {
+        return Err(StoreError::SchemaTooNew {
+            path: path.to_path_buf(),
+            found,
+            supported: SCHEMA_VERSION,
+        });
+    }
+    let Ok(first) = usize::try_from(found) else {
+        return Err(StoreError::Unsupported {
+            path: path.to_path_buf(),
+            message: format!("negative schema version {found}"),
+        });
+    };
+    if first == MIGRATIONS.len() {
+        // Nothing to do; dropping the transaction rolls back its (read-only) work.
+        return Ok(());
+    }
+    for sql in &MIGRATIONS[first..] {
+        tx.execute_batch(sql)
+            .map_err(open_err(path, "apply schema migration"))?;
+    }
+    tx.pragma_update(None, "application_id", APPLICATION_ID)
+        .map_err(open_err(path, "set application_id"))?;
+    tx.pragma_update(None, "user_version", SCHEMA_VERSION)
+        .map_err(open_err(path, "set user_version"))?;
+    tx.commit().map_err(open_err(path, "commit migration"))
+}
+
+/// The group-commit loop: blocks for the first job, takes every job already queued behind it,
+/// commits them together and answers each caller. Ends when the store drops its sender, after
+/// committing everything queued before that.
+fn writer_loop(mut conn: WriterConn, jobs: mpsc::Receiver<Job>, counters: &WriterCounters) {
+    let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
+    while let Ok(first) = jobs.recv() {
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match jobs.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        commit_jobs(&mut conn, &mut batch, counters);
+    }
+}
+
+/// Commits `batch` in one transaction and answers every job in it, leaving `batch` empty.
+fn commit_jobs(conn: &mut WriterConn, batch: &mut Vec<Job>, counters: &WriterCounters) {
+    match conn.with(|c| insert_usage_batch(c, batch)) {
+        Ok(ids) => {
+            counters.committed(batch.len());
+            for (job, id) in batch.drain(..).zip(ids) {
+                // A caller that has gone away no longer needs its answer.
+                let _ = job.reply.send(Ok(id));
+            }
+        }
+        Err(err) if batch.len() == 1 => {
+            if let Some(job) = batch.pop() {
+                let _ = job.reply.send(Err(err));
+            }
+        }
+        Err(_) => {
+            // The batch was rolled back. Retry each record alone so that one bad record (or a
+            // transient failure) costs only its own caller an error, and each caller learns its
+            // own error.
+            for job in batch.drain(..) {
+                let result = conn
+                    .with(|c| insert_usage_batch(c, std::slice::from_ref(&job)))
+                    .and_then(|ids| ids.first().copied().ok_or(StoreError::Closed));
+                if result.is_ok() {
+                    counters.committed(1);
+                }
+                let _ = job.reply.send(result);
+            }
+        }
+    }
+}
+
+/// Inserts the jobs' rows in one IMMEDIATE transaction and commits; returns their ids in order.
+fn insert_usage_batch(conn: &mut Connection, jobs: &[Job]) -> Result<Vec<i64>, StoreError> {
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .op("begin usage batch")?;
+    let mut ids = Vec::with_capacity(jobs.len());
+    {
+        let mut stmt = tx
+            .prepare_cached(
+                "INSERT INTO usage_records (at_ms, kind, request_id, tenant, api_key_id, node_id, \
+                 operator_id, workload, outcome, prompt_tokens, completion_tokens, ttft_ms, \
+                 duration_ms, gpu_seconds, frames, bytes) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
+            )
+            .op("prepare usage insert")?;
+        for job in jobs {
+            let r = &job.row;
+            let id = stmt
+                .insert(params![
+                    r.at_ms,
+                    r.kind,
+                    r.request_id,
+                    r.tenant,
+                    r.api_key_id,
+                    r.node_id,
+                    r.operator_id,
+                    r.workload,
+                    r.outcome,
+                    r.prompt_tokens,
+                    r.completion_tokens,
+                    r.ttft_ms,
+                    r.duration_ms,
+                    r.gpu_seconds,
+                    r.frames,
+                    r.bytes,
+                ])
+                .op("insert usage record")?;
+            ids.push(id);
+        }
+    }
+    tx.commit().op("commit usage batch")?;
+    Ok(ids)
+}
+
+/// The SQLite implementation of [`Store`]. See the module documentation for its design.
+pub struct SqliteStore {
+    conn: Arc<Mutex<Connection>>,
+    /// Serialises this process's writers (the main connection and the usage writer) before they
+    /// ask SQLite for its write lock. Without it they would contend inside SQLite, whose busy
+    /// handler polls with sleeps of up to 100 ms and lets one side starve the other; with it,
+    /// SQLite's busy timeout only comes into play against other processes.
+    gate: Arc<Mutex<()>>,
+    /// `None` only while dropping; dropping the sender tells the writer to finish.
+    writer: Option<mpsc::Sender<Job>>,
+    writer_thread: Option<JoinHandle<()>>,
+    counters: Arc<WriterCounters>,
+    location: PathBuf,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore")
+            .field("location", &self.location)
+            .field("writer", &self.writer_stats())
+            .finish_non_exhaustive()
+    }
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database file at `path`, migrating its schema. The parent
+    /// directory must exist. Fails, naming the path, if the file is not an SQLite database, is
+    /// another application's database, or has a schema newer than this build's.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self, StoreError> {
+        Self::open_with_busy_timeout(path, DEFAULT_BUSY_TIMEOUT)
+    }
+
+    /// [`SqliteStore::open`] with a chosen busy timeout: how long a call waits for a lock held by
+    /// another connection (or process) before failing with a retryable error.
+    pub fn open_with_busy_timeout(
+        path: impl AsRef<Path>,
+        busy_timeout: Duration,
+    ) -> Result<Self, StoreError> {
+        let path = path.as_ref();
+        if let Some(dir) = path.parent() {
+            if !dir.as_os_str().is_empty() && !dir.is_dir() {
+                return Err(StoreError::MissingDirectory {
+                    path: path.to_path_buf(),
+                    dir: dir.to_path_buf(),
+                });
+            }
+        }
+        // No SQLITE_OPEN_URI: the configured path is a file name, never a `file:` URI with options.
+        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let mut conn = Connection::open_with_flags(path, flags).map_err(open_err(path, "open"))?;
+        configure(&conn, busy_timeout).map_err(open_err(path, "configure"))?;
+        migrate(&mut conn, path)?;
+        // WAL is switched on only once the file is known to be ours (it is a persistent change to
+        // the file). It lets readers proceed while the writer commits.
+        let mode: String = conn
+            .pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))
+            .map_err(open_err(path, "enable WAL"))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(StoreError::Unsupported {
+                path: path.to_path_buf(),
+                message: format!("cannot use write-ahead logging (journal mode is {mode})"),
+            });
+        }
+        let writer =
+            Connection::open_with_flags(path, flags).map_err(open_err(path, "open writer"))?;
+        configure(&writer, busy_timeout).map_err(open_err(path, "configure writer"))?;
+        Self::start(conn, Some(writer), path.to_path_buf())
+    }
+
+    /// A private in-memory database, for tests. Nothing survives dropping the store.
+    pub fn open_in_memory() -> Result<Self, StoreError> {
+        let path = Path::new(":memory:");
+        let mut conn = Connection::open_in_memory().map_err(open_err(path, "open"))?;
+        configure(&conn, DEFAULT_BUSY_TIMEOUT).map_err(open_err(path, "configure"))?;
+        migrate(&mut conn, path)?;
+        Self::start(conn, None, path.to_path_buf())
+    }
+
+    fn start(
+        conn: Connection,
+        writer: Option<Connection>,
+        location: PathBuf,
+    ) -> Result<Self, StoreError> {
+        let conn = Arc::new(Mutex::new(conn));
+        let gate = Arc::new(Mutex::new(()));
+        let writer_conn = WriterConn {
+            kind: match writer {
+                Some(own) => WriterConnKind::Own(own),
+                None => WriterConnKind::Shared(Arc::clone(&conn)),
+            },
+            gate: Arc::clone(&gate),
+        };
+        let counters = Arc::new(WriterCounters::default());
+        let (sender, receiver) = mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("store-writer".into())
+            .spawn({
+                let counters = Arc::clone(&counters);
+                move || writer_loop(writer_conn, receiver, &counters)
+            })
+            .map_err(|source| StoreError::Io {
+                op: "start usage writer thread",
+                source,
+            })?;
+        Ok(SqliteStore {
+            conn,
+            gate,
+            writer: Some(sender),
+            writer_thread: Some(thread),
+            counters,
+            location,
+        })
+    }
+
+    /// The database file, or `:memory:`.
+    pub fn location(&self) -> &Path {
+        &self.location
+    }
+
+    /// What the usage writer has committed so far.
+    pub fn writer_stats(&self) -> WriterStats {
+        WriterStats {
+            batches: self.counters.batches.load(Ordering::Relaxed),
+            records: self.counters.records.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The main connection, for reads.
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        lock(&self.conn)
+    }
+
+    /// The main connection, for writes.
+    fn write_conn(&self) -> WriteConn<'_> {
+        let gate = lock(&self.gate);
+        WriteConn {
+            conn: lock(&self.conn),
+            _gate: gate,
+        }
+    }
+}
+
+impl Drop for SqliteStore {
+    fn drop(&mut self) {
+        // Closing the channel lets the writer commit what is queued and exit; joining it means a
+        // store that has been dropped has no write still in flight.
+        self.writer.take();
+        if let Some(thread) = self.writer_thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn operator_exists(conn: &Connection, id: &str) -> Result<bool, StoreError> {
+    conn.query_row("SELECT 1 FROM operators WHERE id = ?1", [id], |_| Ok(()))
+        .optional()
+        .op("look up operator")
+        .map(|found| found.is_some())
+}
+
+fn check_secret(secret: &str) -> Result<(), StoreError> {
+    if secret.is_empty() || secret.len() > MAX_SECRET_BYTES {
+        return Err(StoreError::Invalid {
+            field: "secret",
+            message: format!("must be 1 to {MAX_SECRET_BYTES} bytes"),
+        });
+    }
+    if secret.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err(StoreError::Invalid {
+            field: "secret",
+            message: "must not contain whitespace or control characters".into(),
+        });
+    }
+    Ok(())
+}
+
+impl Store for SqliteStore {
+    fn create_operator(&self, name: &str, kyc: KycStatus) -> Result<Operator, StoreError> {
+        let name = check_name("name", name, MAX_NAME_CHARS)?;
+        let now = now_ms();
+        let op = Operator {
+            id: new_id("op_"),
+            name: name.to_owned(),
+            kyc_status: kyc,
+            created_at_ms: now,
+            updated_at_ms: now,
+        };
+        self.write_conn()
+            .execute(
+                "INSERT INTO operators (id, name, kyc_status, created_at_ms, updated_at_ms) \
+                 VALUES (?1, ?2, ?3, ?4, ?4)",
+                params![op.id, op.name, kyc.as_str(), to_i64("created_at_ms", now)?],
+            )
+            .op("insert operator")?;
+        Ok(op)
+    }
+
+    fn get_operator(&self, id: &str) -> Result<Option<Operator>, StoreError> {
+        self.conn()
+            .query_row(
+                &format!("SELECT {OPERATOR_COLS} FROM operators WHERE id = ?1"),
+                [id],
+                operator_from_row,
+            )
+            .optional()
+            .op("get operator")
+    }
+
+    fn list_operators(&self) -> Result<Vec<Operator>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare_cached(&format!(
+                "SELECT {OPERATOR_COLS} FROM operators ORDER BY rowid"
+            ))
+            .op("list operators")?;
+        let rows = stmt.query_map([], operator_from_row).op("list operators")?;
+        rows.collect::<Result<_, _>>().op("list operators")
+    }
+
+    fn set_operator_kyc(&self, id: &str, status: KycStatus) -> Result<Operator, StoreError> {
+        let now = to_i64("updated_at_ms", now_ms())?;
+        self.write_conn()
+            .query_row(
+                &format!(
+                    "UPDATE operators SET kyc_status = ?2, updated_at_ms = max(?3, created_at_ms) \
+                     WHERE id = ?1 RETURNING {OPERATOR_COLS}"
+                ),
+                params![id, status.as_str(), now],
+                operator_from_row,
+            )
+            .optional()
+            .op("set operator kyc")?
+            .ok_or_else(|| StoreError::NotFound {
+                kind: "operator",
+                id: id.to_owned(),
+            })
+    }
+
+    fn create_enrolment_token(
+        &self,
+        operator_id: &str,
+    ) -> Result<(EnrolmentToken, String), StoreError> {
+        let secret = new_secret(ENROLMENT_TOKEN_PREFIX);
+        let now = now_ms();
+        let token = EnrolmentToken {
+            id: new_id("tok_"),
+            operator_id: operator_id.to_owned(),
+            created_at_ms: now,
+            prefix: secret_display_prefix(&secret),
+            revoked: false,
+        };
+        let mut conn = self.write_conn();
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .op("begin create enrolment token")?;
+        if !operator_exists(&tx, operator_id)? {
+            return Err(StoreError::NotFound {
+                kind: "operator",
+                id: operator_id.to_owned(),
+            });
+        }
+        tx.execute(
+            "INSERT INTO enrolment_tokens (id, operator_id, secret_hash, prefix, created_at_ms) \
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![
+                token.id,
+                token.operator_id,
+                hash_secret(&secret),
+                token.prefix,
+                to_i64("created_at_ms", now)?
+            ],
+        )
+        .op("insert enrolment token")?;
+        tx.commit().op("commit enrolment token")?;
+        Ok((token, secret))
+    }
+
+    fn authenticate_enrolment_token(
+        &self,
+        secret: &str,
+    ) -> Result<Option<(Operator, EnrolmentToken)>, StoreError> {
+        if secret.is_empty() || secret.len() > MAX_SECRET_BYTES {
+            // Nothing the store issues or accepts has this shape, so nothing can match.
+            return Ok(None);
+        }
+        // The lookup is by the digest through a unique index, and no secret is ever compared:
+        // timing can reveal at most how far a guessed *digest* matches a stored one, which says
+        // nothing usable about any secret, so a constant-time comparison would add nothing.
+        self.conn()
+            .query_row(
+                "SELECT o.id, o.name, o.kyc_status, o.created_at_ms, o.updated_at_ms, \
+                 t.id, t.operator_id, t.created_at_ms, t.prefix, t.revoked_at_ms IS NOT NULL \
+                 FROM enrolment_tokens t JOIN operators o ON o.id = t.operator_id \
+                 WHERE t.secret_hash = ?1 AND t.revoked_at_ms IS NULL",
+                [hash_secret(secret)],
+                |r| Ok((operator_from_row(r)?, token_from_row(r, 5)?)),
+            )
+            .optional()
+            .op("authenticate enrolment token")
+    }
+
+    fn revoke_enrolment_token(&self, id: &str) -> Result<(), StoreError> {
+        let now = to_i64("revoked_at_ms", now_ms())?;
+        let changed = self
+            .write_conn()
+            .execute(
+                "UPDATE enrolment_tokens SET revoked_at_ms = coalesce(revoked_at_ms, ?2) \
+                 WHERE id = ?1",
+                params![id, now],
+            )
+            .op("revoke enrolment token")?;
+        if changed == 0 {
+            return Err(StoreError::NotFound {
+                kind: "enrolment_token",
+                id: id.to_owned(),
+            });
+        }
+        Ok(())
+    }
+
+    fn list_enrolment_tokens(&self, operator_id: &str) -> Result<Vec<EnrolmentToken>, StoreError> {
+        let mut conn = self.conn();
+        // One read transaction, so "operator exists" and its tokens come from the same snapshot.
+        let tx = conn.transaction().op("begin list enrolment tokens")?;
+        if !operator_exists(&tx, operator_id)? {
+            return Err(StoreError::NotFound {
+                kind: "operator",
+                id: operator_id.to_owned(),
+            });
+        }
+        let tokens = {
+            let mut stmt = tx
+                .prepare_cached(&format!(
+                    "SELECT {TOKEN_COLS} FROM enrolment_tokens WHERE operator_id = ?1 \
+                     ORDER BY rowid"
+                ))
+                .op("list enrolment tokens")?;
+            let rows = stmt
+                .query_map([operator_id], |r| token_from_row(r, 0))
+                .op("list enrolment tokens")?;
+            rows.collect::<Result<Vec<_>, _>>()
+                .op("list enrolment tokens")?
+        };
+        Ok(tokens)
+    }
+
+    fn create_api_key(
+        &self,
+        tenant: &str,
+        requests_per_minute: u32,
+        tokens_per_minute: u32,
+    ) -> Result<(ApiKey, String), StoreError> {
+        let secret = new_secret(API_KEY_PREFIX);
+        let key =
+            self.insert_api_key_secret(&secret, tenant, requests_per_minute, tokens_per_minute)?;
+        Ok((key, secret))
+    }
+
+    fn insert_api_key_secret(
+        &self,
+        secret: &str,
+        tenant: &str,
+        requests_per_minute: u32,
+        tokens_per_minute: u32,
+    ) -> Result<ApiKey, StoreError> {
+        check_secret(secret)?;
+        let tenant = check_name("tenant", tenant, MAX_NAME_CHARS)?;
+        let hash = hash_secret(secret);
+        let mut conn = self.write_conn();
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .op("begin insert api key")?;
+        let existing = tx
+            .query_row(
+                &format!("SELECT {API_KEY_COLS} FROM api_keys WHERE secret_hash = ?1"),
+                [&hash],
+                api_key_from_row,
+            )
+            .optional()
+            .op("look up api key")?;
+        if let Some(existing) = existing {
+            return Ok(existing);
+        }
+        let now = now_ms();
+        let key = ApiKey {
+            id: new_id("key_"),
+            tenant: tenant.to_owned(),
+            requests_per_minute,
+            tokens_per_minute,
+            created_at_ms: now,
+            revoked: false,
+            prefix: secret_display_prefix(secret),
+        };
+        tx.execute(
+            "INSERT INTO api_keys (id, tenant, secret_hash, prefix, requests_per_minute, \
+             tokens_per_minute, created_at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                key.id,
+                key.tenant,
+                hash,
+                key.prefix,
+                requests_per_minute,
+                tokens_per_minute,
+                to_i64("created_at_ms", now)?
+            ],
+        )
+        .op("insert api key")?;
+        tx.commit().op("commit api key")?;
+        Ok(key)
+    }
+
+    fn authenticate_api_key(&self, secret: &str) -> Result<Option<ApiKey>, StoreError> {
+        if secret.is_empty() || secret.len() > MAX_SECRET_BYTES {
+            return Ok(None);
+        }
+        // As for enrolment tokens: an indexed lookup by digest, no secret comparison to time.
+        self.conn()
+            .query_row(
+                &format!(
+                    "SELECT {API_KEY_COLS} FROM api_keys \
+                     WHERE secret_hash = ?1 AND revoked_at_ms IS NULL"
+                ),
+                [hash_secret(secret)],
+                api_key_from_row,
+            )
+            .optional()
+            .op("authenticate api key")
+    }
+
+    fn list_api_keys(&self) -> Result<Vec<ApiKey>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare_cached(&format!(
+                "SELECT {API_KEY_COLS} FROM api_keys ORDER BY rowid"
+            ))
+            .op("list api keys")?;
+        let rows = stmt.query_map([], api_key_from_row).op("list api keys")?;
+        rows.collect::<Result<_, _>>().op("list api keys")
+    }
+
+    fn revoke_api_key(&self, id: &str) -> Result<(), StoreError> {
+        let now = to_i64("revoked_at_ms", now_ms())?;
+        let changed = self
+            .write_conn()
+            .execute(
+                "UPDATE api_keys SET revoked_at_ms = coalesce(revoked_at_ms, ?2) WHERE id = ?1",
+                params![id, now],
+            )
+            .op("revoke api key")?;
+        if changed == 0 {
+            return Err(StoreError::NotFound {
+                kind: "api_key",
+                id: id.to_owned(),
+            });
+        }
+        Ok(())
+    }
+
+    fn sla_apply(
+        &self,
+        node_id: &str,
+        operator_id: &str,
+        delta: SlaDelta,
+    ) -> Result<SlaRecord, StoreError> {
+        check_id("node_id", node_id, false)?;
+        check_id("operator_id", operator_id, false)?;
+        if let Some(rtt) = delta.last_rtt_ms {
+            check_measure("last_rtt_ms", rtt)?;
+        }
+        self.write_conn()
+            .query_row(
+                &format!(
+                    "INSERT INTO sla_records ({SLA_COLS}) \
+                     VALUES (?1, ?2, ?3, ?3, ?4, ?5, ?6, ?7, ?8, 0, ?9) \
+                     ON CONFLICT (node_id) DO UPDATE SET \
+                       operator_id = excluded.operator_id, \
+                       last_seen_at_ms = max(last_seen_at_ms, excluded.last_seen_at_ms), \
+                       registered_ms = registered_ms + excluded.registered_ms, \
+                       registrations = registrations + excluded.registrations, \
+                       sessions_served = sessions_served + excluded.sessions_served, \
+                       sessions_failed = sessions_failed + excluded.sessions_failed, \
+                       heartbeat_misses = heartbeat_misses + excluded.heartbeat_misses, \
+                       last_rtt_ms = coalesce(excluded.last_rtt_ms, last_rtt_ms) \
+                     RETURNING {SLA_COLS}"
+                ),
+                params![
+                    node_id,
+                    operator_id,
+                    to_i64("seen_at_ms", delta.seen_at_ms)?,
+                    to_i64("registered_ms", delta.registered_ms)?,
+                    to_i64("registrations", delta.registrations)?,
+                    to_i64("sessions_served", delta.sessions_served)?,
+                    to_i64("sessions_failed", delta.sessions_failed)?,
+                    to_i64("heartbeat_misses", delta.heartbeat_misses)?,
+                    delta.last_rtt_ms,
+                ],
+                sla_from_row,
+            )
+            .op("apply sla delta")
+    }
+
+    fn sla_get(&self, node_id: &str) -> Result<Option<SlaRecord>, StoreError> {
+        self.conn()
+            .query_row(
+                &format!("SELECT {SLA_COLS} FROM sla_records WHERE node_id = ?1"),
+                [node_id],
+                sla_from_row,
+            )
+            .optional()
+            .op("get sla record")
+    }
+
+    fn sla_list(&self) -> Result<Vec<SlaRecord>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare_cached(&format!(
+                "SELECT {SLA_COLS} FROM sla_records ORDER BY node_id"
+            ))
+            .op("list sla records")?;
+        let rows = stmt.query_map([], sla_from_row).op("list sla records")?;
+        rows.collect::<Result<_, _>>().op("list sla records")
+    }
+
+    fn record_penalty(
+        &self,
+        node_id: &str,
+        operator_id: &str,
+        at_ms: u64,
+        kind: &str,
+        active_sessions: u32,
+        detail: &str,
+    ) -> Result<PenaltyEvent, StoreError> {
+        check_id("node_id", node_id, false)?;
+        check_id("operator_id", operator_id, false)?;
+        check_id("kind", kind, false)?;
+        check_text("detail", detail)?;
+        let at = to_i64("at_ms", at_ms)?;
+        let mut conn = self.write_conn();
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .op("begin record penalty")?;
+        let id: i64 = tx
+            .query_row(
+                "INSERT INTO penalty_events (node_id, operator_id, at_ms, kind, active_sessions, \
+                 detail) VALUES (?1, ?2, ?3, ?4, ?5, ?6) RETURNING id",
+                params![node_id, operator_id, at, kind, active_sessions, detail],
+                |r| r.get(0),
+            )
+            .op("insert penalty event")?;
+        tx.execute(
+            &format!(
+                "INSERT INTO sla_records ({SLA_COLS}) VALUES (?1, ?2, ?3, ?3, 0, 0, 0, 0, 0, 1, NULL) \
+                 ON CONFLICT (node_id) DO UPDATE SET \
+                   operator_id = excluded.operator_id, \
+                   penalty_events = penalty_events + 1"
+            ),
+            params![node_id, operator_id, at],
+        )
+        .op("count penalty in sla record")?;
+        tx.commit().op("commit penalty event")?;
+        Ok(PenaltyEvent {
+            id,
+            node_id: node_id.to_owned(),
+            operator_id: operator_id.to_owned(),
+            at_ms,
+            kind: kind.to_owned(),
+            active_sessions,
+            detail: detail.to_owned(),
+        })
+    }
+
+    fn list_penalties(
+        &self,
+        node_id: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<PenaltyEvent>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare_cached(&format!(
+                "SELECT {PENALTY_COLS} FROM penalty_events \
+                 WHERE ?1 IS NULL OR node_id = ?1 ORDER BY id DESC LIMIT ?2"
+            ))
+            .op("list penalties")?;
+        let rows = stmt
+            .query_map(params![node_id, saturating_i64(limit)], penalty_from_row)
+            .op("list penalties")?;
+        rows.collect::<Result<_, _>>().op("list penalties")
+    }
+
+    fn penalties_since(&self, node_id: &str, since_ms: u64) -> Result<u64, StoreError> {
+        self.conn()
+            .query_row(
+                "SELECT count(*) FROM penalty_events WHERE node_id = ?1 AND at_ms >= ?2",
+                params![node_id, saturating_i64(since_ms)],
+                |r| get_u64(r, 0),
+            )
+            .op("count penalties")
+    }
+
+    fn append_usage(&self, record: UsageRecord) -> Result<i64, StoreError> {
+        let row = UsageRow::new(record)?;
+        let writer = self.writer.as_ref().ok_or(StoreError::Closed)?;
+        let (reply, answer) = mpsc::sync_channel(1);
+        writer
+            .send(Job { row, reply })
+            .map_err(|_| StoreError::Closed)?;
+        // The writer answers only after the batch holding this record has committed (or failed);
+        // if it died instead, the reply sender is dropped and this reports the store closed.
+        answer.recv().map_err(|_| StoreError::Closed)?
+    }
+
+    fn usage_summary(&self, since_ms: Option<u64>) -> Result<UsageSummary, StoreError> {
+        let since = saturating_i64(since_ms.unwrap_or(0));
+        let mut conn = self.conn();
+        // One read transaction, so both groupings describe the same set of records.
+        let tx = conn.transaction().op("begin usage summary")?;
+        let totals = |group: &str, filter: &str| -> Result<Vec<UsageTotals>, StoreError> {
+            let mut stmt = tx
+                .prepare_cached(&format!(
+                    "SELECT {group}, count(*), sum(prompt_tokens), sum(completion_tokens), \
+                     total(gpu_seconds), sum(frames), sum(bytes), \
+                     sum(outcome NOT IN ('ok', 'cancelled')) \
+                     FROM usage_records WHERE at_ms >= ?1 {filter} \
+                     GROUP BY {group} ORDER BY {group}"
+                ))
+                .op("summarise usage")?;
+            let rows = stmt
+                .query_map([since], totals_from_row)
+                .op("summarise usage")?;
+            rows.collect::<Result<_, _>>().op("summarise usage")
+        };
+        Ok(UsageSummary {
+            by_tenant: totals("tenant", "")?,
+            by_node: totals("node_id", "AND node_id <> ''")?,
+        })
+    }
+
+    fn list_usage(&self, limit: usize) -> Result<Vec<UsageRecord>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare_cached(&format!(
+                "SELECT {USAGE_COLS} FROM usage_records ORDER BY id DESC LIMIT ?1"
+            ))
+            .op("list usage")?;
+        let rows = stmt
+            .query_map([saturating_i64(limit)], usage_from_row)
+            .op("list usage")?;
+        rows.collect::<Result<_, _>>().op("list usage")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(n: u64) -> UsageRecord {
+        UsageRecord {
+            id: None,
+            at_ms: 1_000 + n,
+            kind: UsageKind::Inference,
+            request_id: format!("req-{n}"),
+            tenant: "t".into(),
+            api_key_id: "key_x".into(),
+            node_id: "node-1".into(),
+            operator_id: "op_x".into(),
+            workload: "m".into(),
+            outcome: "ok".into(),
+            prompt_tokens: n,
+            completion_tokens: 1,
+            ttft_ms: None,
+            duration_ms: 1.0,
+            gpu_seconds: 0.5,
+            frames: 0,
+            bytes: 0,
+        }
+    }
+
+    #[test]
+    fn append_after_writer_stops_reports_closed() {
+        let mut store = SqliteStore::open_in_memory().expect("open");
+        assert!(store.append_usage(record(1)).is_ok());
+        // Simulate the shutdown path: the sender is gone and the writer has exited.
+        store.writer.take();
+        if let Some(t) = store.writer_thread.take() {
+            t.join().expect("writer exits cleanly");
+        }
+        assert!(matches!(
+            store.append_usage(record(2)),
+            Err(StoreError::Closed)
+        ));
+        // Reads still work on the main connection.
+        assert_eq!(store.list_usage(10).expect("list").len(), 1);
+    }
+
+    #[test]
+    fn failed_batch_retries_records_alone() {
+        let mut conn = Connection::open_in_memory().expect("open");
+        migrate(&mut conn, Path::new(":memory:")).expect("migrate");
+        let mut conn = WriterConn {
+            kind: WriterConnKind::Own(conn),
+            gate: Arc::new(Mutex::new(())),
+        };
+        let counters = WriterCounters::default();
+        let mut batch = Vec::new();
+        let mut answers = Vec::new();
+        for n in 0..3 {
+            let mut row = UsageRow::new(record(n)).expect("valid");
+            if n == 1 {
+                // `UsageRow::new` cannot produce this; the table's CHECK refuses it, which makes
+                // the whole batch fail and forces the one-by-one retry.
+                row.kind = "bogus";
+            }
+            let (reply, answer) = mpsc::sync_channel(1);
+            batch.push(Job { row, reply });
+            answers.push(answer);
+        }
+        commit_jobs(&mut conn, &mut batch, &counters);
+        assert!(batch.is_empty());
+        let results: Vec<_> = answers
+            .iter()
+            .map(|a| a.recv().expect("every job is answered"))
+            .collect();
+        assert!(results[0].is_ok(), "{:?}", results[0]);
+        assert!(
+            matches!(
+                results[1],
+                Err(StoreError::Sqlite {
+                    op: "insert usage record",
+                    ..
+                })
+            ),
+            "{:?}",
+            results[1]
+        );
+        assert!(results[2].is_ok(), "{:?}", results[2]);
+        assert_eq!(counters.batches.load(Ordering::Relaxed), 2);
+        assert_eq!(counters.records.load(Ordering::Relaxed), 2);
+        let stored: i64 = conn.with(|c| {
+            c.query_row("SELECT count(*) FROM usage_records", [], |r| r.get(0))
+                .expect("count")
+        });
+        assert_eq!(stored, 2);
+    }
+}

@@ -1,0 +1,664 @@
+//! Native client library for ALPN `nearpath/1`: inference streams and play sessions.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use thiserror::Error;
+use tokio::sync::mpsc;
+
+use crate::frame::FrameHeader;
+use crate::input::{InputDatagram, InputEvent};
+use crate::message::{
+    Close, Done, Ended, ErrorInfo, InferRequest, InferStarted, ListGames, Message, Paused,
+    PlayRequest, PlayStarted, Token,
+};
+use crate::net::{self, NetError};
+use crate::stream::{self, FramedRecv, StreamError};
+use crate::tls::{self, ServerVerify, TlsError};
+use crate::{app_code, unix_micros, ALPN_CLIENT, MAX_CONTROL_FRAME, MAX_VIDEO_FRAME, PROTOCOL_VERSION};
+
+/// Frames buffered between the frame reader task and the application.
+const FRAME_QUEUE: usize = 16;
+
+/// Client errors. [`ClientError::is_retryable`] says whether trying again may help.
+#[derive(Debug, Error)]
+pub enum ClientError {
+    /// TLS configuration failed (bad CA file, ...).
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// The local UDP socket could not be set up.
+    #[error(transparent)]
+    Net(#[from] NetError),
+    /// The connection attempt could not start (bad server name, ...).
+    #[error("cannot connect to {addr}: {source}")]
+    Connect {
+        /// The gateway.
+        addr: SocketAddr,
+        /// Why.
+        source: quinn::ConnectError,
+    },
+    /// The connection failed or was closed.
+    #[error("connection to {addr} failed: {source}")]
+    Connection {
+        /// The gateway.
+        addr: SocketAddr,
+        /// Why.
+        source: quinn::ConnectionError,
+    },
+    /// A stream to the gateway failed.
+    #[error("stream to {addr} failed: {source}")]
+    Stream {
+        /// The gateway.
+        addr: SocketAddr,
+        /// Why.
+        source: StreamError,
+    },
+    /// The gateway answered the request with an error.
+    #[error("gateway refused the request: {code}: {message}")]
+    Refused {
+        /// Status-like code ("unauthorized", "no_capacity", ...).
+        code: String,
+        /// Human-readable detail.
+        message: String,
+        /// Whether the same request may succeed later.
+        retryable: bool,
+    },
+    /// The gateway sent a message that is not valid at this point.
+    #[error("gateway {addr} broke the protocol: expected {expected}, got {got}")]
+    Unexpected {
+        /// The gateway.
+        addr: SocketAddr,
+        /// What was valid.
+        expected: &'static str,
+        /// What arrived.
+        got: &'static str,
+    },
+    /// The gateway finished the stream before the exchange was complete.
+    #[error("gateway {addr} finished the stream before sending {expected}")]
+    EndedEarly {
+        /// The gateway.
+        addr: SocketAddr,
+        /// What was still due.
+        expected: &'static str,
+    },
+    /// A frame arrived for a session this connection is not playing.
+    #[error("gateway {addr} sent a frame for session {got}, playing {expected}")]
+    WrongSession {
+        /// The gateway.
+        addr: SocketAddr,
+        /// The session being played.
+        expected: u64,
+        /// The session named in the frame header.
+        got: u64,
+    },
+    /// `play` was called while another play session is active on this connection (frames
+    /// carry no stream to tell sessions apart before their header is read).
+    #[error("a play session is already active on this connection")]
+    PlayActive,
+    /// An input datagram could not be sent.
+    #[error("cannot send input datagram to {addr}: {source}")]
+    Datagram {
+        /// The gateway.
+        addr: SocketAddr,
+        /// Why.
+        source: quinn::SendDatagramError,
+    },
+}
+
+impl ClientError {
+    /// Whether retrying (on a new connection where the connection failed) may succeed.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            ClientError::Refused { retryable, .. } => *retryable,
+            ClientError::Connection { .. } => true,
+            ClientError::Stream { source, .. } => source.blame() == stream::Blame::Network,
+            ClientError::Datagram { source, .. } => {
+                matches!(source, quinn::SendDatagramError::ConnectionLost(_))
+            }
+            _ => false,
+        }
+    }
+}
+
+/// A QUIC connection to a gateway speaking `nearpath/1`.
+#[derive(Debug)]
+pub struct Client {
+    endpoint: quinn::Endpoint,
+    conn: quinn::Connection,
+    addr: SocketAddr,
+    play_active: Arc<AtomicBool>,
+}
+
+impl Client {
+    /// Connects to the gateway at `addr`, verifying its certificate for `server_name` as
+    /// `verify` says. Must run inside a tokio runtime.
+    pub async fn connect(
+        addr: SocketAddr,
+        server_name: &str,
+        verify: ServerVerify,
+    ) -> Result<Client, ClientError> {
+        let config = tls::client_config(verify, &[ALPN_CLIENT])?;
+        let (endpoint, _) =
+            net::client_endpoint(net::unspecified_for(addr), config, net::DEFAULT_RECV_BUFFER)?;
+        let connecting = endpoint
+            .connect(addr, server_name)
+            .map_err(|source| ClientError::Connect { addr, source })?;
+        let conn = connecting
+            .await
+            .map_err(|source| ClientError::Connection { addr, source })?;
+        Ok(Client {
+            endpoint,
+            conn,
+            addr,
+            play_active: Arc::new(AtomicBool::new(false)),
+        })
+    }
+
+    /// The underlying connection (for RTT and statistics).
+    pub fn connection(&self) -> &quinn::Connection {
+        &self.conn
+    }
+
+    /// The gateway's address.
+    pub fn remote_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Starts one inference request; read the outcome with [`InferStream::next`].
+    pub async fn infer(&self, api_key: &str, request_json: &str) -> Result<InferStream, ClientError> {
+        let (mut send, recv) = self.open().await?;
+        let request = Message::InferRequest(InferRequest {
+            protocol_version: PROTOCOL_VERSION,
+            api_key: api_key.to_string(),
+            request_json: request_json.to_string(),
+        });
+        stream::send(&mut send, &request).await.map_err(|e| self.stream_err(e))?;
+        // Nothing else goes this way; finishing tells the gateway the request is complete.
+        send.finish().map_err(|e| self.stream_err(e.into()))?;
+        Ok(InferStream {
+            recv: FramedRecv::new(recv, MAX_CONTROL_FRAME),
+            addr: self.addr,
+            finished: false,
+        })
+    }
+
+    /// Lists the titles some node can serve.
+    pub async fn list_games(&self, api_key: &str) -> Result<Vec<String>, ClientError> {
+        let (mut send, recv) = self.open().await?;
+        let request = Message::ListGames(ListGames {
+            protocol_version: PROTOCOL_VERSION,
+            api_key: api_key.to_string(),
+        });
+        stream::send(&mut send, &request).await.map_err(|e| self.stream_err(e))?;
+        send.finish().map_err(|e| self.stream_err(e.into()))?;
+        let mut recv = FramedRecv::new(recv, MAX_CONTROL_FRAME);
+        match recv.next().await.map_err(|e| self.stream_err(e))? {
+            Some(Message::GameList(list)) => Ok(list.titles),
+            Some(Message::Error(e)) => Err(refused(e)),
+            Some(other) => Err(self.unexpected("GameList or Error", &other)),
+            None => Err(ClientError::EndedEarly {
+                addr: self.addr,
+                expected: "GameList",
+            }),
+        }
+    }
+
+    /// Starts a game session and waits until the gateway confirms it with `PlayStarted`.
+    ///
+    /// One play session at a time per connection; a second call fails with
+    /// [`ClientError::PlayActive`] until the first [`PlaySession`] is dropped or closed.
+    pub async fn play(&self, api_key: &str, params: PlayParams) -> Result<PlaySession, ClientError> {
+        if self.play_active.swap(true, Ordering::AcqRel) {
+            return Err(ClientError::PlayActive);
+        }
+        let guard = ActiveGuard(self.play_active.clone());
+        let (mut send, recv) = self.open().await?;
+        let request = Message::PlayRequest(PlayRequest {
+            protocol_version: PROTOCOL_VERSION,
+            api_key: api_key.to_string(),
+            game: params.game,
+            width: params.width,
+            height: params.height,
+            fps: params.fps,
+            bitrate_kbps: params.bitrate_kbps,
+        });
+        stream::send(&mut send, &request).await.map_err(|e| self.stream_err(e))?;
+        let mut control = FramedRecv::new(recv, MAX_CONTROL_FRAME);
+        let started = match control.next().await.map_err(|e| self.stream_err(e))? {
+            Some(Message::PlayStarted(started)) => started,
+            Some(Message::Error(e)) => return Err(refused(e)),
+            Some(other) => return Err(self.unexpected("PlayStarted or Error", &other)),
+            None => {
+                return Err(ClientError::EndedEarly {
+                    addr: self.addr,
+                    expected: "PlayStarted",
+                })
+            }
+        };
+        let (tx, frames) = mpsc::channel(FRAME_QUEUE);
+        let reader = tokio::spawn(read_frames(
+            self.conn.clone(),
+            self.addr,
+            started.session_id,
+            tx,
+        ));
+        Ok(PlaySession {
+            started,
+            control: PlayControl {
+                send,
+                recv: control,
+                addr: self.addr,
+                finished: false,
+            },
+            frames: FrameStream {
+                rx: frames,
+                reader,
+                _guard: guard,
+            },
+            input: InputSender {
+                conn: self.conn.clone(),
+                addr: self.addr,
+                session_id: started.session_id,
+                seq: Arc::new(AtomicU64::new(0)),
+            },
+        })
+    }
+
+    /// Closes the connection and waits until the gateway has been told.
+    pub async fn close(self) {
+        self.conn.close(app_code::CLOSE_NORMAL, b"client closed");
+        self.endpoint.wait_idle().await;
+    }
+
+    async fn open(&self) -> Result<(quinn::SendStream, quinn::RecvStream), ClientError> {
+        self.conn
+            .open_bi()
+            .await
+            .map_err(|source| ClientError::Connection {
+                addr: self.addr,
+                source,
+            })
+    }
+
+    fn stream_err(&self, source: StreamError) -> ClientError {
+        stream_err(self.addr, source)
+    }
+
+    fn unexpected(&self, expected: &'static str, got: &Message) -> ClientError {
+        ClientError::Unexpected {
+            addr: self.addr,
+            expected,
+            got: got.name(),
+        }
+    }
+}
+
+fn stream_err(addr: SocketAddr, source: StreamError) -> ClientError {
+    ClientError::Stream { addr, source }
+}
+
+fn refused(e: ErrorInfo) -> ClientError {
+    ClientError::Refused {
+        code: e.code,
+        message: e.message,
+        retryable: e.retryable,
+    }
+}
+
+/// Clears the connection's "play session active" flag when the session goes away.
+#[derive(Debug)]
+struct ActiveGuard(Arc<AtomicBool>);
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
+/// One event of an inference request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InferEvent {
+    /// The gateway admitted and routed the request.
+    Started(InferStarted),
+    /// A generated token.
+    Token(Token),
+    /// The completion finished, with usage.
+    Done(Done),
+    /// The request failed (before or after `Started`).
+    Error(ErrorInfo),
+}
+
+/// The response stream of one inference request. Dropping it cancels the request.
+#[derive(Debug)]
+pub struct InferStream {
+    recv: FramedRecv,
+    addr: SocketAddr,
+    finished: bool,
+}
+
+impl InferStream {
+    /// The next event; `Ok(None)` after `Done` or `Error`. Cancel-safe.
+    pub async fn next(&mut self) -> Result<Option<InferEvent>, ClientError> {
+        if self.finished {
+            return Ok(None);
+        }
+        let msg = self
+            .recv
+            .next()
+            .await
+            .map_err(|e| stream_err(self.addr, e))?;
+        let event = match msg {
+            Some(Message::InferStarted(m)) => InferEvent::Started(m),
+            Some(Message::Token(m)) => InferEvent::Token(m),
+            Some(Message::Done(m)) => InferEvent::Done(m),
+            Some(Message::Error(m)) => InferEvent::Error(m),
+            Some(other) => {
+                self.finished = true;
+                return Err(ClientError::Unexpected {
+                    addr: self.addr,
+                    expected: "InferStarted, Token, Done or Error",
+                    got: other.name(),
+                });
+            }
+            None => {
+                self.finished = true;
+                return Err(ClientError::EndedEarly {
+                    addr: self.addr,
+                    expected: "Done or Error",
+                });
+            }
+        };
+        self.finished = matches!(event, InferEvent::Done(_) | InferEvent::Error(_));
+        Ok(Some(event))
+    }
+}
+
+impl Drop for InferStream {
+    fn drop(&mut self) {
+        if !self.finished {
+            // Tell the gateway nobody is listening so it can cancel the upstream request.
+            let _ = self.recv.get_mut().stop(app_code::STREAM_CANCELLED);
+        }
+    }
+}
+
+/// What to play.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlayParams {
+    /// Title.
+    pub game: String,
+    /// Width in pixels.
+    pub width: u32,
+    /// Height in pixels.
+    pub height: u32,
+    /// Frames per second.
+    pub fps: u32,
+    /// Bitrate in kbit/s.
+    pub bitrate_kbps: u32,
+}
+
+impl PlayParams {
+    /// 1280x720 at 60 fps and 10 Mbit/s (the Moonlight default for 720p60).
+    pub fn hd(game: impl Into<String>) -> Self {
+        PlayParams {
+            game: game.into(),
+            width: 1280,
+            height: 720,
+            fps: 60,
+            bitrate_kbps: 10_000,
+        }
+    }
+}
+
+/// One received video frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VideoFrame {
+    /// The header as the node wrote it.
+    pub header: FrameHeader,
+    /// H.264 Annex B access unit.
+    pub payload: Bytes,
+}
+
+/// Control events of a play session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ControlEvent {
+    /// Frames stop for a while (failover in progress).
+    Paused(Paused),
+    /// Frames flow again; the frame `seq` restarts if the session moved to another node.
+    Resumed,
+    /// The session ended.
+    Ended(Ended),
+    /// The session failed.
+    Error(ErrorInfo),
+}
+
+/// Either kind of play event, from [`PlaySession::next_event`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PlayEvent {
+    /// A video frame.
+    Frame(VideoFrame),
+    /// A control event.
+    Control(ControlEvent),
+}
+
+/// A running game session. Use it directly, or [`PlaySession::split`] it to read frames and
+/// control events from different tasks.
+#[derive(Debug)]
+pub struct PlaySession {
+    started: PlayStarted,
+    control: PlayControl,
+    frames: FrameStream,
+    input: InputSender,
+}
+
+impl PlaySession {
+    /// The parameters the gateway confirmed.
+    pub fn started(&self) -> &PlayStarted {
+        &self.started
+    }
+
+    /// The next video frame, in stream order; `Ok(None)` once the connection has closed.
+    pub async fn next_frame(&mut self) -> Result<Option<VideoFrame>, ClientError> {
+        self.frames.next().await
+    }
+
+    /// The next control event; `Ok(None)` after `Ended` or `Error`.
+    pub async fn next_control(&mut self) -> Result<Option<ControlEvent>, ClientError> {
+        self.control.next().await
+    }
+
+    /// Whichever comes first, a frame or a control event; `Ok(None)` when both are over.
+    pub async fn next_event(&mut self) -> Result<Option<PlayEvent>, ClientError> {
+        let mut frames_done = false;
+        loop {
+            if frames_done && self.control.finished {
+                return Ok(None);
+            }
+            // Both branches are cancel-safe, so losing the race loses no data.
+            tokio::select! {
+                frame = self.frames.next(), if !frames_done => match frame? {
+                    Some(f) => return Ok(Some(PlayEvent::Frame(f))),
+                    None => frames_done = true,
+                },
+                control = self.control.next(), if !self.control.finished => {
+                    if let Some(c) = control? {
+                        return Ok(Some(PlayEvent::Control(c)));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sends one input event as a datagram; returns its sequence number.
+    pub fn send_input(&self, event: InputEvent) -> Result<u64, ClientError> {
+        self.input.send(event)
+    }
+
+    /// Asks for a keyframe over the reliable control stream.
+    pub async fn request_keyframe(&mut self) -> Result<(), ClientError> {
+        self.control.request_keyframe().await
+    }
+
+    /// Sends `Close` and finishes the control stream; keep reading [`PlaySession::next_control`]
+    /// to see the gateway's `Ended`.
+    pub async fn close(&mut self, reason: &str) -> Result<(), ClientError> {
+        self.control.close(reason).await
+    }
+
+    /// Splits into independently usable parts.
+    pub fn split(self) -> (PlayControl, FrameStream, InputSender) {
+        (self.control, self.frames, self.input)
+    }
+}
+
+/// The play session's bidirectional control stream.
+#[derive(Debug)]
+pub struct PlayControl {
+    send: quinn::SendStream,
+    recv: FramedRecv,
+    addr: SocketAddr,
+    finished: bool,
+}
+
+impl PlayControl {
+    /// The next control event; `Ok(None)` after `Ended` or `Error`. Cancel-safe.
+    pub async fn next(&mut self) -> Result<Option<ControlEvent>, ClientError> {
+        if self.finished {
+            return Ok(None);
+        }
+        let msg = self
+            .recv
+            .next()
+            .await
+            .map_err(|e| stream_err(self.addr, e))?;
+        let event = match msg {
+            Some(Message::Paused(p)) => ControlEvent::Paused(p),
+            Some(Message::Resumed) => ControlEvent::Resumed,
+            Some(Message::Ended(e)) => ControlEvent::Ended(e),
+            Some(Message::Error(e)) => ControlEvent::Error(e),
+            Some(other) => {
+                self.finished = true;
+                return Err(ClientError::Unexpected {
+                    addr: self.addr,
+                    expected: "Paused, Resumed, Ended or Error",
+                    got: other.name(),
+                });
+            }
+            None => {
+                self.finished = true;
+                return Err(ClientError::EndedEarly {
+                    addr: self.addr,
+                    expected: "Ended",
+                });
+            }
+        };
+        self.finished = matches!(event, ControlEvent::Ended(_) | ControlEvent::Error(_));
+        Ok(Some(event))
+    }
+
+    /// Asks for a keyframe.
+    pub async fn request_keyframe(&mut self) -> Result<(), ClientError> {
+        stream::send(&mut self.send, &Message::ForceKeyframe)
+            .await
+            .map_err(|e| stream_err(self.addr, e))
+    }
+
+    /// Sends `Close` and finishes the stream; the gateway answers with `Ended`.
+    pub async fn close(&mut self, reason: &str) -> Result<(), ClientError> {
+        let close = Message::Close(Close {
+            reason: reason.to_string(),
+        });
+        stream::send(&mut self.send, &close)
+            .await
+            .map_err(|e| stream_err(self.addr, e))?;
+        self.send
+            .finish()
+            .map_err(|e| stream_err(self.addr, e.into()))
+    }
+}
+
+/// Video frames of a play session, read by a background task in stream order.
+#[derive(Debug)]
+pub struct FrameStream {
+    rx: mpsc::Receiver<Result<VideoFrame, ClientError>>,
+    reader: tokio::task::JoinHandle<()>,
+    _guard: ActiveGuard,
+}
+
+impl FrameStream {
+    /// The next frame; `Ok(None)` once the connection has closed. Cancel-safe.
+    pub async fn next(&mut self) -> Result<Option<VideoFrame>, ClientError> {
+        self.rx.recv().await.transpose()
+    }
+}
+
+impl Drop for FrameStream {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+/// Reads frame streams one after another, in the order the gateway opened them (which is frame
+/// order), so the decoder gets frames in sequence.
+async fn read_frames(
+    conn: quinn::Connection,
+    addr: SocketAddr,
+    session_id: u64,
+    tx: mpsc::Sender<Result<VideoFrame, ClientError>>,
+) {
+    loop {
+        let result = match conn.accept_uni().await {
+            Ok(recv) => match stream::recv_frame(recv, MAX_VIDEO_FRAME).await {
+                Ok((header, _)) if header.session_id != session_id => {
+                    Err(ClientError::WrongSession {
+                        addr,
+                        expected: session_id,
+                        got: header.session_id,
+                    })
+                }
+                Ok((header, payload)) => Ok(VideoFrame { header, payload }),
+                // A bad or aborted frame spoils only itself (the gateway resets a frame whose
+                // upstream failed); report it and keep reading.
+                Err(e) => Err(stream_err(addr, e)),
+            },
+            // A closed connection ends the stream of frames: the channel closes and `next`
+            // returns `None`.
+            Err(_) => return,
+        };
+        if tx.send(result).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Sends input datagrams; cheap to clone, shares the sequence counter.
+#[derive(Debug, Clone)]
+pub struct InputSender {
+    conn: quinn::Connection,
+    addr: SocketAddr,
+    session_id: u64,
+    seq: Arc<AtomicU64>,
+}
+
+impl InputSender {
+    /// Sends `event` stamped with the next sequence number and the current time; returns the
+    /// sequence number (compare with `FrameHeader::input_seq` for input-to-photon latency).
+    pub fn send(&self, event: InputEvent) -> Result<u64, ClientError> {
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
+        let datagram = InputDatagram {
+            session_id: self.session_id,
+            seq,
+            sent_ts_us: unix_micros(),
+            event,
+        };
+        self.conn
+            .send_datagram(Bytes::from(datagram.encode()))
+            .map_err(|source| ClientError::Datagram {
+                addr: self.addr,
+                source,
+            })?;
+        Ok(seq)
+    }
+}

@@ -1,0 +1,942 @@
+//! Every message that travels inside a frame, with its body encoding.
+//!
+//! One type-byte namespace covers all streams (node control, session, client), so that the
+//! gateway can pass `Token`, `Done` and `Error` from a node's session stream to a client's request
+//! stream without translating them. PROTOCOL.md lists the bytes and layouts.
+
+use bytes::BufMut;
+
+use crate::codec::{DecodeError, Reader, WriteExt};
+use crate::{MAX_CONTROL_FRAME, MAX_REQUEST_FRAME, PROTOCOL_VERSION};
+
+/// Most GPUs one `Register` may list.
+pub const MAX_GPUS: usize = 64;
+/// Most entries in one list of names (games, models, titles).
+pub const MAX_NAMES: usize = 4096;
+
+/// Message type bytes. Ranges: `0x01..=0x0f` node control, `0x10..=0x2f` session streams,
+/// `0x30..=0x4f` client streams.
+pub mod ty {
+    pub const REGISTER: u8 = 0x01;
+    pub const REGISTERED: u8 = 0x02;
+    pub const REJECTED: u8 = 0x03;
+    pub const HEARTBEAT: u8 = 0x04;
+    pub const HEARTBEAT_ACK: u8 = 0x05;
+    pub const DRAIN: u8 = 0x06;
+    pub const DRAINED: u8 = 0x07;
+    pub const SHUTDOWN: u8 = 0x08;
+
+    pub const OPEN: u8 = 0x10;
+    pub const ACCEPTED: u8 = 0x11;
+    pub const REFUSED: u8 = 0x12;
+    pub const FORCE_KEYFRAME: u8 = 0x13;
+    pub const SET_BITRATE: u8 = 0x14;
+    pub const CLOSE: u8 = 0x15;
+    pub const TOKEN: u8 = 0x16;
+    pub const DONE: u8 = 0x17;
+    pub const ERROR: u8 = 0x18;
+    pub const ENDED: u8 = 0x19;
+    pub const INPUT_APPLIED: u8 = 0x1a;
+
+    pub const INFER_REQUEST: u8 = 0x30;
+    pub const INFER_STARTED: u8 = 0x31;
+    pub const PLAY_REQUEST: u8 = 0x32;
+    pub const PLAY_STARTED: u8 = 0x33;
+    pub const PAUSED: u8 = 0x34;
+    pub const RESUMED: u8 = 0x35;
+    pub const LIST_GAMES: u8 = 0x36;
+    pub const GAME_LIST: u8 = 0x37;
+}
+
+/// One GPU a node offers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Gpu {
+    /// Marketing model name, e.g. "NVIDIA GeForce RTX 4090".
+    pub model: String,
+    /// Class the geofence policy matches on, e.g. "consumer" or "datacenter".
+    pub class: String,
+    /// Memory in MiB.
+    pub vram_mib: u64,
+}
+
+/// What a node can run.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Workloads {
+    /// Game titles.
+    pub games: Vec<String>,
+    /// Inference model names.
+    pub models: Vec<String>,
+}
+
+/// How many sessions a node takes at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Capacity {
+    /// Concurrent game sessions.
+    pub game_sessions: u32,
+    /// Concurrent inference requests.
+    pub inference_concurrency: u32,
+}
+
+/// node -> gateway, first message on the control stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Register {
+    /// Must equal [`PROTOCOL_VERSION`]; the decoder checks it before the rest of the body.
+    pub protocol_version: u16,
+    /// Stable node identity chosen by the operator.
+    pub node_id: String,
+    /// Secret issued at enrolment; binds the node to a verified operator.
+    pub enrolment_token: String,
+    /// The node's software version, for logs and fleet views.
+    pub software_version: String,
+    /// GPUs on the node.
+    pub gpus: Vec<Gpu>,
+    /// Games and models served.
+    pub workloads: Workloads,
+    /// Concurrency limits.
+    pub capacity: Capacity,
+}
+
+/// gateway -> node: registration accepted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Registered {
+    /// The node is considered gone if no heartbeat arrives for this long.
+    pub lease_ms: u64,
+    /// How often the node should send `Heartbeat`.
+    pub heartbeat_ms: u64,
+    /// ISO 3166-1 alpha-2 country the gateway located the node in, if it could.
+    pub node_country: Option<String>,
+}
+
+/// Why a gateway refused a registration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RejectCode {
+    /// Unknown or revoked enrolment token.
+    BadToken,
+    /// The operator has not passed KYC.
+    OperatorNotVerified,
+    /// The operator is suspended.
+    OperatorSuspended,
+    /// Policy forbids nodes from the node's location.
+    Geofence,
+    /// `protocol_version` is not supported.
+    Version,
+    /// A node with this id is already connected.
+    Duplicate,
+    /// Anything else; the reason says what.
+    Other,
+}
+
+impl RejectCode {
+    const ALL: [RejectCode; 7] = [
+        RejectCode::BadToken,
+        RejectCode::OperatorNotVerified,
+        RejectCode::OperatorSuspended,
+        RejectCode::Geofence,
+        RejectCode::Version,
+        RejectCode::Duplicate,
+        RejectCode::Other,
+    ];
+
+    /// The wire byte.
+    pub fn to_byte(self) -> u8 {
+        match self {
+            RejectCode::BadToken => 1,
+            RejectCode::OperatorNotVerified => 2,
+            RejectCode::OperatorSuspended => 3,
+            RejectCode::Geofence => 4,
+            RejectCode::Version => 5,
+            RejectCode::Duplicate => 6,
+            RejectCode::Other => 7,
+        }
+    }
+
+    /// Parses the wire byte.
+    pub fn from_byte(b: u8) -> Option<Self> {
+        Self::ALL.into_iter().find(|c| c.to_byte() == b)
+    }
+
+    /// Snake-case name for logs and metrics, e.g. `operator_not_verified`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RejectCode::BadToken => "bad_token",
+            RejectCode::OperatorNotVerified => "operator_not_verified",
+            RejectCode::OperatorSuspended => "operator_suspended",
+            RejectCode::Geofence => "geofence",
+            RejectCode::Version => "version",
+            RejectCode::Duplicate => "duplicate",
+            RejectCode::Other => "other",
+        }
+    }
+
+    /// Whether reconnecting later with the same credentials can succeed without an operator
+    /// changing something (a duplicate clears when the old connection times out).
+    pub fn is_retryable(self) -> bool {
+        matches!(self, RejectCode::Duplicate | RejectCode::Other)
+    }
+}
+
+impl std::fmt::Display for RejectCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// gateway -> node: registration refused; the gateway closes the connection after it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejected {
+    /// Machine-readable cause.
+    pub code: RejectCode,
+    /// Human-readable detail.
+    pub reason: String,
+}
+
+/// node -> gateway, every `heartbeat_ms`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Heartbeat {
+    /// Increments by one per heartbeat; echoed in `HeartbeatAck`.
+    pub seq: u64,
+    /// Sessions (game and inference) running now.
+    pub active_sessions: u32,
+    /// Requests waiting for a slot.
+    pub queue_depth: u32,
+    /// Overall load, 0 (idle) to 1 (full). Finite; receivers clamp to 0..=1.
+    pub load: f32,
+    /// GPU utilisation 0..=1, if measured.
+    pub gpu_util: Option<f32>,
+    /// Median encode time per frame in ms, if the node encodes video.
+    pub encoder_ms_p50: Option<f32>,
+}
+
+/// gateway -> node: acknowledges the heartbeat with this `seq`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeartbeatAck {
+    /// The acknowledged heartbeat.
+    pub seq: u64,
+}
+
+/// Either direction on the control stream: stop routing new sessions to the node; existing ones
+/// may run for up to `deadline_ms` more.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Drain {
+    /// Grace period in ms, relative to receipt.
+    pub deadline_ms: u64,
+}
+
+/// gateway -> node: the gateway is going away or evicting the node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Shutdown {
+    /// Human-readable cause.
+    pub reason: String,
+}
+
+/// Parameters of a game session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GameParams {
+    /// Title as listed in `Workloads::games`.
+    pub title: String,
+    /// Video width in pixels.
+    pub width: u32,
+    /// Video height in pixels.
+    pub height: u32,
+    /// Target frames per second.
+    pub fps: u32,
+    /// Target bitrate in kbit/s.
+    pub bitrate_kbps: u32,
+}
+
+/// What an `Open` asks the node to run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionKind {
+    /// Stream a game.
+    Game(GameParams),
+    /// Run one inference request.
+    Inference {
+        /// Model as listed in `Workloads::models`.
+        model: String,
+        /// The OpenAI-style request body, passed through untouched.
+        request_json: String,
+    },
+}
+
+/// gateway -> node, first message on a session stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Open {
+    /// Gateway-assigned id, unique per gateway; the same id names the session to the client, so
+    /// frame headers are forwarded unchanged.
+    pub session_id: u64,
+    /// What to run.
+    pub kind: SessionKind,
+}
+
+/// node -> gateway: the session is running.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Accepted {
+    /// Echo of `Open::session_id`.
+    pub session_id: u64,
+}
+
+/// Why a node refused an `Open`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RefuseCode {
+    /// No free capacity; the gateway tries the next node.
+    Busy,
+    /// The node does not serve this game or model.
+    UnknownWorkload,
+    /// The request is malformed; other nodes would refuse it too.
+    BadRequest,
+    /// The node failed internally.
+    Internal,
+}
+
+impl RefuseCode {
+    const ALL: [RefuseCode; 4] = [
+        RefuseCode::Busy,
+        RefuseCode::UnknownWorkload,
+        RefuseCode::BadRequest,
+        RefuseCode::Internal,
+    ];
+
+    /// The wire byte.
+    pub fn to_byte(self) -> u8 {
+        match self {
+            RefuseCode::Busy => 1,
+            RefuseCode::UnknownWorkload => 2,
+            RefuseCode::BadRequest => 3,
+            RefuseCode::Internal => 4,
+        }
+    }
+
+    /// Parses the wire byte.
+    pub fn from_byte(b: u8) -> Option<Self> {
+        Self::ALL.into_iter().find(|c| c.to_byte() == b)
+    }
+
+    /// Snake-case name for logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RefuseCode::Busy => "busy",
+            RefuseCode::UnknownWorkload => "unknown_workload",
+            RefuseCode::BadRequest => "bad_request",
+            RefuseCode::Internal => "internal",
+        }
+    }
+
+    /// Whether another node might accept the same `Open`.
+    pub fn try_another_node(self) -> bool {
+        !matches!(self, RefuseCode::BadRequest)
+    }
+}
+
+impl std::fmt::Display for RefuseCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// node -> gateway: the `Open` was refused; the node finishes the stream after it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused {
+    /// Machine-readable cause.
+    pub code: RefuseCode,
+    /// Human-readable detail.
+    pub reason: String,
+}
+
+/// gateway -> node: change the target bitrate of a game session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SetBitrate {
+    /// New target in kbit/s.
+    pub kbps: u32,
+}
+
+/// End the session (gateway -> node, or client -> gateway on a play stream).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Close {
+    /// Human-readable cause.
+    pub reason: String,
+}
+
+/// One generated token (node -> gateway -> client).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Token {
+    /// 0-based position in the completion.
+    pub index: u32,
+    /// The token's text.
+    pub text: String,
+    /// Microseconds since the node received `Open` (time to this token on the node).
+    pub node_elapsed_us: u64,
+}
+
+/// The completion finished (node -> gateway -> client).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Done {
+    /// OpenAI `finish_reason`, e.g. "stop" or "length".
+    pub finish_reason: String,
+    /// Tokens in the prompt.
+    pub prompt_tokens: u32,
+    /// Tokens generated.
+    pub completion_tokens: u32,
+}
+
+/// The request or session failed. Codes are snake-case and status-like: "unauthorized",
+/// "geofence", "no_capacity", "model_not_found", "rate_limited", "bad_request", "upstream",
+/// "version", "internal".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ErrorInfo {
+    /// Machine-readable code.
+    pub code: String,
+    /// Human-readable detail.
+    pub message: String,
+    /// Whether the same request may succeed if retried later.
+    pub retryable: bool,
+}
+
+/// A game session ended (node -> gateway, gateway -> client).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ended {
+    /// Why, e.g. "closed", "game exited", "geofence: ...".
+    pub reason: String,
+}
+
+/// node -> gateway: the node applied every input datagram up to `seq` (sent when no frame is
+/// going out to carry it, e.g. a static scene).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InputApplied {
+    /// Highest input sequence number applied.
+    pub seq: u64,
+}
+
+/// client -> gateway, first message on an inference request stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InferRequest {
+    /// Must equal [`PROTOCOL_VERSION`].
+    pub protocol_version: u16,
+    /// The caller's API key.
+    pub api_key: String,
+    /// OpenAI chat-completions request body (JSON); `model` selects the model.
+    pub request_json: String,
+}
+
+/// gateway -> client: the request was admitted and routed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InferStarted {
+    /// Id for logs and support (also the HTTP `x-request-id`).
+    pub request_id: String,
+    /// The model serving it.
+    pub model: String,
+}
+
+/// client -> gateway, first message on a play stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlayRequest {
+    /// Must equal [`PROTOCOL_VERSION`].
+    pub protocol_version: u16,
+    /// The caller's API key.
+    pub api_key: String,
+    /// Title to play.
+    pub game: String,
+    /// Requested width in pixels.
+    pub width: u32,
+    /// Requested height in pixels.
+    pub height: u32,
+    /// Requested frames per second.
+    pub fps: u32,
+    /// Requested bitrate in kbit/s.
+    pub bitrate_kbps: u32,
+}
+
+/// gateway -> client: the session runs with these (possibly adjusted) parameters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PlayStarted {
+    /// Id carried in every frame header and input datagram of the session.
+    pub session_id: u64,
+    /// Video width in pixels.
+    pub width: u32,
+    /// Video height in pixels.
+    pub height: u32,
+    /// Frames per second.
+    pub fps: u32,
+    /// Bitrate in kbit/s.
+    pub bitrate_kbps: u32,
+}
+
+/// gateway -> client: frames stop for a while (failover to another node in progress).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Paused {
+    /// Human-readable cause.
+    pub reason: String,
+}
+
+/// client -> gateway: list playable titles.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListGames {
+    /// Must equal [`PROTOCOL_VERSION`].
+    pub protocol_version: u16,
+    /// The caller's API key.
+    pub api_key: String,
+}
+
+/// gateway -> client: playable titles.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GameList {
+    /// Titles some connected node serves.
+    pub titles: Vec<String>,
+}
+
+/// Every framed message.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Message {
+    /// See [`Register`].
+    Register(Register),
+    /// See [`Registered`].
+    Registered(Registered),
+    /// See [`Rejected`].
+    Rejected(Rejected),
+    /// See [`Heartbeat`].
+    Heartbeat(Heartbeat),
+    /// See [`HeartbeatAck`].
+    HeartbeatAck(HeartbeatAck),
+    /// See [`Drain`].
+    Drain(Drain),
+    /// node -> gateway: the node has no sessions left after a drain.
+    Drained,
+    /// See [`Shutdown`].
+    Shutdown(Shutdown),
+    /// See [`Open`].
+    Open(Open),
+    /// See [`Accepted`].
+    Accepted(Accepted),
+    /// See [`Refused`].
+    Refused(Refused),
+    /// Ask the encoder for an IDR frame now (gateway -> node, client -> gateway).
+    ForceKeyframe,
+    /// See [`SetBitrate`].
+    SetBitrate(SetBitrate),
+    /// See [`Close`].
+    Close(Close),
+    /// See [`Token`].
+    Token(Token),
+    /// See [`Done`].
+    Done(Done),
+    /// See [`ErrorInfo`].
+    Error(ErrorInfo),
+    /// See [`Ended`].
+    Ended(Ended),
+    /// See [`InputApplied`].
+    InputApplied(InputApplied),
+    /// See [`InferRequest`].
+    InferRequest(InferRequest),
+    /// See [`InferStarted`].
+    InferStarted(InferStarted),
+    /// See [`PlayRequest`].
+    PlayRequest(PlayRequest),
+    /// See [`PlayStarted`].
+    PlayStarted(PlayStarted),
+    /// See [`Paused`].
+    Paused(Paused),
+    /// gateway -> client: frames flow again after `Paused`.
+    Resumed,
+    /// See [`ListGames`].
+    ListGames(ListGames),
+    /// See [`GameList`].
+    GameList(GameList),
+}
+
+impl Message {
+    /// The type byte that starts the frame.
+    pub fn type_byte(&self) -> u8 {
+        match self {
+            Message::Register(_) => ty::REGISTER,
+            Message::Registered(_) => ty::REGISTERED,
+            Message::Rejected(_) => ty::REJECTED,
+            Message::Heartbeat(_) => ty::HEARTBEAT,
+            Message::HeartbeatAck(_) => ty::HEARTBEAT_ACK,
+            Message::Drain(_) => ty::DRAIN,
+            Message::Drained => ty::DRAINED,
+            Message::Shutdown(_) => ty::SHUTDOWN,
+            Message::Open(_) => ty::OPEN,
+            Message::Accepted(_) => ty::ACCEPTED,
+            Message::Refused(_) => ty::REFUSED,
+            Message::ForceKeyframe => ty::FORCE_KEYFRAME,
+            Message::SetBitrate(_) => ty::SET_BITRATE,
+            Message::Close(_) => ty::CLOSE,
+            Message::Token(_) => ty::TOKEN,
+            Message::Done(_) => ty::DONE,
+            Message::Error(_) => ty::ERROR,
+            Message::Ended(_) => ty::ENDED,
+            Message::InputApplied(_) => ty::INPUT_APPLIED,
+            Message::InferRequest(_) => ty::INFER_REQUEST,
+            Message::InferStarted(_) => ty::INFER_STARTED,
+            Message::PlayRequest(_) => ty::PLAY_REQUEST,
+            Message::PlayStarted(_) => ty::PLAY_STARTED,
+            Message::Paused(_) => ty::PAUSED,
+            Message::Resumed => ty::RESUMED,
+            Message::ListGames(_) => ty::LIST_GAMES,
+            Message::GameList(_) => ty::GAME_LIST,
+        }
+    }
+
+    /// The message's name, for logs and "expected X, got Y" errors.
+    pub fn name(&self) -> &'static str {
+        type_name(self.type_byte()).unwrap_or("Unknown")
+    }
+
+    /// The largest frame a receiver accepts for this message: [`MAX_REQUEST_FRAME`] for the two
+    /// messages that carry a request body (`InferRequest`, `Open`), [`MAX_CONTROL_FRAME`] for the
+    /// rest. Senders check it so that an oversized message fails locally with a clear error.
+    pub fn max_frame(&self) -> usize {
+        match self {
+            Message::InferRequest(_) | Message::Open(_) => MAX_REQUEST_FRAME,
+            _ => MAX_CONTROL_FRAME,
+        }
+    }
+
+    pub(crate) fn encode_body<B: BufMut>(&self, b: &mut B) {
+        match self {
+            Message::Register(m) => {
+                b.put_u16(m.protocol_version);
+                b.put_str(&m.node_id);
+                b.put_str(&m.enrolment_token);
+                b.put_str(&m.software_version);
+                b.put_list(&m.gpus, |b, g| {
+                    b.put_str(&g.model);
+                    b.put_str(&g.class);
+                    b.put_var(g.vram_mib);
+                });
+                b.put_list(&m.workloads.games, |b, s| b.put_str(s));
+                b.put_list(&m.workloads.models, |b, s| b.put_str(s));
+                b.put_var(m.capacity.game_sessions.into());
+                b.put_var(m.capacity.inference_concurrency.into());
+            }
+            Message::Registered(m) => {
+                b.put_var(m.lease_ms);
+                b.put_var(m.heartbeat_ms);
+                b.put_opt(&m.node_country, |b, s| b.put_str(s));
+            }
+            Message::Rejected(m) => {
+                b.put_u8(m.code.to_byte());
+                b.put_str(&m.reason);
+            }
+            Message::Heartbeat(m) => {
+                b.put_var(m.seq);
+                b.put_var(m.active_sessions.into());
+                b.put_var(m.queue_depth.into());
+                b.put_f32_le(m.load);
+                b.put_opt(&m.gpu_util, |b, v| b.put_f32_le(*v));
+                b.put_opt(&m.encoder_ms_p50, |b, v| b.put_f32_le(*v));
+            }
+            Message::HeartbeatAck(m) => b.put_var(m.seq),
+            Message::Drain(m) => b.put_var(m.deadline_ms),
+            Message::Drained | Message::ForceKeyframe | Message::Resumed => {}
+            Message::Shutdown(m) => b.put_str(&m.reason),
+            Message::Open(m) => {
+                b.put_var(m.session_id);
+                match &m.kind {
+                    SessionKind::Game(g) => {
+                        b.put_u8(0);
+                        b.put_str(&g.title);
+                        b.put_var(g.width.into());
+                        b.put_var(g.height.into());
+                        b.put_var(g.fps.into());
+                        b.put_var(g.bitrate_kbps.into());
+                    }
+                    SessionKind::Inference {
+                        model,
+                        request_json,
+                    } => {
+                        b.put_u8(1);
+                        b.put_str(model);
+                        b.put_str(request_json);
+                    }
+                }
+            }
+            Message::Accepted(m) => b.put_var(m.session_id),
+            Message::Refused(m) => {
+                b.put_u8(m.code.to_byte());
+                b.put_str(&m.reason);
+            }
+            Message::SetBitrate(m) => b.put_var(m.kbps.into()),
+            Message::Close(m) => b.put_str(&m.reason),
+            Message::Token(m) => {
+                b.put_var(m.index.into());
+                b.put_str(&m.text);
+                b.put_var(m.node_elapsed_us);
+            }
+            Message::Done(m) => {
+                b.put_str(&m.finish_reason);
+                b.put_var(m.prompt_tokens.into());
+                b.put_var(m.completion_tokens.into());
+            }
+            Message::Error(m) => {
+                b.put_str(&m.code);
+                b.put_str(&m.message);
+                b.put_bool(m.retryable);
+            }
+            Message::Ended(m) => b.put_str(&m.reason),
+            Message::InputApplied(m) => b.put_var(m.seq),
+            Message::InferRequest(m) => {
+                b.put_u16(m.protocol_version);
+                b.put_str(&m.api_key);
+                b.put_str(&m.request_json);
+            }
+            Message::InferStarted(m) => {
+                b.put_str(&m.request_id);
+                b.put_str(&m.model);
+            }
+            Message::PlayRequest(m) => {
+                b.put_u16(m.protocol_version);
+                b.put_str(&m.api_key);
+                b.put_str(&m.game);
+                b.put_var(m.width.into());
+                b.put_var(m.height.into());
+                b.put_var(m.fps.into());
+                b.put_var(m.bitrate_kbps.into());
+            }
+            Message::PlayStarted(m) => {
+                b.put_var(m.session_id);
+                b.put_var(m.width.into());
+                b.put_var(m.height.into());
+                b.put_var(m.fps.into());
+                b.put_var(m.bitrate_kbps.into());
+            }
+            Message::Paused(m) => b.put_str(&m.reason),
+            Message::ListGames(m) => {
+                b.put_u16(m.protocol_version);
+                b.put_str(&m.api_key);
+            }
+            Message::GameList(m) => b.put_list(&m.titles, |b, s| b.put_str(s)),
+        }
+    }
+
+    pub(crate) fn decode_body(ty: u8, body: &[u8]) -> Result<Message, DecodeError> {
+        let name = type_name(ty).ok_or(DecodeError::UnknownType(ty))?;
+        let mut r = Reader::new(body);
+        let msg = match ty {
+            ty::REGISTER => {
+                let protocol_version = version(&mut r, name, "Register.protocol_version")?;
+                let node_id = r.string("Register.node_id")?;
+                let enrolment_token = r.string("Register.enrolment_token")?;
+                let software_version = r.string("Register.software_version")?;
+                // A GPU is at least two empty strings and a one-byte varint.
+                let gpus = r.list("Register.gpus", 3, MAX_GPUS, |r| {
+                    Ok(Gpu {
+                        model: r.string("Gpu.model")?,
+                        class: r.string("Gpu.class")?,
+                        vram_mib: r.varint("Gpu.vram_mib")?,
+                    })
+                })?;
+                let games = r.list("Workloads.games", 1, MAX_NAMES, |r| {
+                    r.string("Workloads.games[]")
+                })?;
+                let models = r.list("Workloads.models", 1, MAX_NAMES, |r| {
+                    r.string("Workloads.models[]")
+                })?;
+                let capacity = Capacity {
+                    game_sessions: r.u32("Capacity.game_sessions")?,
+                    inference_concurrency: r.u32("Capacity.inference_concurrency")?,
+                };
+                Message::Register(Register {
+                    protocol_version,
+                    node_id,
+                    enrolment_token,
+                    software_version,
+                    gpus,
+                    workloads: Workloads { games, models },
+                    capacity,
+                })
+            }
+            ty::REGISTERED => Message::Registered(Registered {
+                lease_ms: r.varint("Registered.lease_ms")?,
+                heartbeat_ms: r.varint("Registered.heartbeat_ms")?,
+                node_country: r.option("Registered.node_country", |r| {
+                    r.string("Registered.node_country")
+                })?,
+            }),
+            ty::REJECTED => {
+                let byte = r.u8("Rejected.code")?;
+                let code = RejectCode::from_byte(byte)
+                    .ok_or_else(|| bad_code("Rejected.code", byte))?;
+                Message::Rejected(Rejected {
+                    code,
+                    reason: r.string("Rejected.reason")?,
+                })
+            }
+            ty::HEARTBEAT => Message::Heartbeat(Heartbeat {
+                seq: r.varint("Heartbeat.seq")?,
+                active_sessions: r.u32("Heartbeat.active_sessions")?,
+                queue_depth: r.u32("Heartbeat.queue_depth")?,
+                load: r.f32("Heartbeat.load")?,
+                gpu_util: r.option("Heartbeat.gpu_util", |r| r.f32("Heartbeat.gpu_util"))?,
+                encoder_ms_p50: r.option("Heartbeat.encoder_ms_p50", |r| {
+                    r.f32("Heartbeat.encoder_ms_p50")
+                })?,
+            }),
+            ty::HEARTBEAT_ACK => Message::HeartbeatAck(HeartbeatAck {
+                seq: r.varint("HeartbeatAck.seq")?,
+            }),
+            ty::DRAIN => Message::Drain(Drain {
+                deadline_ms: r.varint("Drain.deadline_ms")?,
+            }),
+            ty::DRAINED => Message::Drained,
+            ty::SHUTDOWN => Message::Shutdown(Shutdown {
+                reason: r.string("Shutdown.reason")?,
+            }),
+            ty::OPEN => {
+                let session_id = r.varint("Open.session_id")?;
+                let kind = match r.u8("Open.kind")? {
+                    0 => SessionKind::Game(GameParams {
+                        title: r.string("Game.title")?,
+                        width: r.u32("Game.width")?,
+                        height: r.u32("Game.height")?,
+                        fps: r.u32("Game.fps")?,
+                        bitrate_kbps: r.u32("Game.bitrate_kbps")?,
+                    }),
+                    1 => SessionKind::Inference {
+                        model: r.string("Inference.model")?,
+                        request_json: r.string("Inference.request_json")?,
+                    },
+                    other => return Err(bad_code("Open.kind", other)),
+                };
+                Message::Open(Open { session_id, kind })
+            }
+            ty::ACCEPTED => Message::Accepted(Accepted {
+                session_id: r.varint("Accepted.session_id")?,
+            }),
+            ty::REFUSED => {
+                let byte = r.u8("Refused.code")?;
+                let code =
+                    RefuseCode::from_byte(byte).ok_or_else(|| bad_code("Refused.code", byte))?;
+                Message::Refused(Refused {
+                    code,
+                    reason: r.string("Refused.reason")?,
+                })
+            }
+            ty::FORCE_KEYFRAME => Message::ForceKeyframe,
+            ty::SET_BITRATE => Message::SetBitrate(SetBitrate {
+                kbps: r.u32("SetBitrate.kbps")?,
+            }),
+            ty::CLOSE => Message::Close(Close {
+                reason: r.string("Close.reason")?,
+            }),
+            ty::TOKEN => Message::Token(Token {
+                index: r.u32("Token.index")?,
+                text: r.string("Token.text")?,
+                node_elapsed_us: r.varint("Token.node_elapsed_us")?,
+            }),
+            ty::DONE => Message::Done(Done {
+                finish_reason: r.string("Done.finish_reason")?,
+                prompt_tokens: r.u32("Done.prompt_tokens")?,
+                completion_tokens: r.u32("Done.completion_tokens")?,
+            }),
+            ty::ERROR => Message::Error(ErrorInfo {
+                code: r.string("Error.code")?,
+                message: r.string("Error.message")?,
+                retryable: r.bool("Error.retryable")?,
+            }),
+            ty::ENDED => Message::Ended(Ended {
+                reason: r.string("Ended.reason")?,
+            }),
+            ty::INPUT_APPLIED => Message::InputApplied(InputApplied {
+                seq: r.varint("InputApplied.seq")?,
+            }),
+            ty::INFER_REQUEST => Message::InferRequest(InferRequest {
+                protocol_version: version(&mut r, name, "InferRequest.protocol_version")?,
+                api_key: r.string("InferRequest.api_key")?,
+                request_json: r.string("InferRequest.request_json")?,
+            }),
+            ty::INFER_STARTED => Message::InferStarted(InferStarted {
+                request_id: r.string("InferStarted.request_id")?,
+                model: r.string("InferStarted.model")?,
+            }),
+            ty::PLAY_REQUEST => Message::PlayRequest(PlayRequest {
+                protocol_version: version(&mut r, name, "PlayRequest.protocol_version")?,
+                api_key: r.string("PlayRequest.api_key")?,
+                game: r.string("PlayRequest.game")?,
+                width: r.u32("PlayRequest.width")?,
+                height: r.u32("PlayRequest.height")?,
+                fps: r.u32("PlayRequest.fps")?,
+                bitrate_kbps: r.u32("PlayRequest.bitrate_kbps")?,
+            }),
+            ty::PLAY_STARTED => Message::PlayStarted(PlayStarted {
+                session_id: r.varint("PlayStarted.session_id")?,
+                width: r.u32("PlayStarted.width")?,
+                height: r.u32("PlayStarted.height")?,
+                fps: r.u32("PlayStarted.fps")?,
+                bitrate_kbps: r.u32("PlayStarted.bitrate_kbps")?,
+            }),
+            ty::PAUSED => Message::Paused(Paused {
+                reason: r.string("Paused.reason")?,
+            }),
+            ty::RESUMED => Message::Resumed,
+            ty::LIST_GAMES => Message::ListGames(ListGames {
+                protocol_version: version(&mut r, name, "ListGames.protocol_version")?,
+                api_key: r.string("ListGames.api_key")?,
+            }),
+            ty::GAME_LIST => Message::GameList(GameList {
+                titles: r.list("GameList.titles", 1, MAX_NAMES, |r| {
+                    r.string("GameList.titles[]")
+                })?,
+            }),
+            other => return Err(DecodeError::UnknownType(other)),
+        };
+        r.finish(name)?;
+        Ok(msg)
+    }
+}
+
+/// The name of the message with type byte `ty`, or `None` if the byte is unassigned.
+pub fn type_name(ty: u8) -> Option<&'static str> {
+    Some(match ty {
+        ty::REGISTER => "Register",
+        ty::REGISTERED => "Registered",
+        ty::REJECTED => "Rejected",
+        ty::HEARTBEAT => "Heartbeat",
+        ty::HEARTBEAT_ACK => "HeartbeatAck",
+        ty::DRAIN => "Drain",
+        ty::DRAINED => "Drained",
+        ty::SHUTDOWN => "Shutdown",
+        ty::OPEN => "Open",
+        ty::ACCEPTED => "Accepted",
+        ty::REFUSED => "Refused",
+        ty::FORCE_KEYFRAME => "ForceKeyframe",
+        ty::SET_BITRATE => "SetBitrate",
+        ty::CLOSE => "Close",
+        ty::TOKEN => "Token",
+        ty::DONE => "Done",
+        ty::ERROR => "Error",
+        ty::ENDED => "Ended",
+        ty::INPUT_APPLIED => "InputApplied",
+        ty::INFER_REQUEST => "InferRequest",
+        ty::INFER_STARTED => "InferStarted",
+        ty::PLAY_REQUEST => "PlayRequest",
+        ty::PLAY_STARTED => "PlayStarted",
+        ty::PAUSED => "Paused",
+        ty::RESUMED => "Resumed",
+        ty::LIST_GAMES => "ListGames",
+        ty::GAME_LIST => "GameList",
+        _ => return None,
+    })
+}
+
+/// Reads the fixed big-endian `u16` version that opens every versioned message and rejects any
+/// other version before the rest of the body is interpreted, because a future version may lay
+/// the body out differently.
+fn version(r: &mut Reader<'_>, message: &'static str, field: &'static str) -> Result<u16, DecodeError> {
+    let raw = r.bytes(2, field)?;
+    let got = u16::from_be_bytes([raw[0], raw[1]]);
+    if got != PROTOCOL_VERSION {
+        return Err(DecodeError::UnsupportedVersion {
+            message,
+            got,
+            supported: PROTOCOL_VERSION,
+        });
+    }
+    Ok(got)
+}
+
+fn bad_code(field: &'static str, byte: u8) -> DecodeError {
+    DecodeError::InvalidValue {
+        field,
+        detail: format!("unknown code {byte}"),
+    }
+}

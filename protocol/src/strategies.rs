@@ -1,0 +1,270 @@
+//! proptest strategies for every wire type (enabled in this crate's tests and, for other
+//! crates, with the `proptest` feature).
+
+use proptest::collection::vec;
+use proptest::prelude::*;
+
+use crate::frame::FrameHeader;
+use crate::input::{InputDatagram, InputEvent};
+use crate::message::*;
+use crate::PROTOCOL_VERSION;
+
+/// Short strings over all of Unicode, including the empty string.
+pub fn text() -> impl Strategy<Value = String> {
+    ".{0,24}"
+}
+
+/// Finite `f32`s, the only floats the decoder accepts.
+pub fn finite_f32() -> impl Strategy<Value = f32> {
+    any::<f32>().prop_filter("finite", |f| f.is_finite())
+}
+
+fn names() -> impl Strategy<Value = Vec<String>> {
+    vec(text(), 0..6)
+}
+
+fn reject_code() -> impl Strategy<Value = RejectCode> {
+    prop_oneof![
+        Just(RejectCode::BadToken),
+        Just(RejectCode::OperatorNotVerified),
+        Just(RejectCode::OperatorSuspended),
+        Just(RejectCode::Geofence),
+        Just(RejectCode::Version),
+        Just(RejectCode::Duplicate),
+        Just(RejectCode::Other),
+    ]
+}
+
+fn refuse_code() -> impl Strategy<Value = RefuseCode> {
+    prop_oneof![
+        Just(RefuseCode::Busy),
+        Just(RefuseCode::UnknownWorkload),
+        Just(RefuseCode::BadRequest),
+        Just(RefuseCode::Internal),
+    ]
+}
+
+fn register() -> impl Strategy<Value = Message> {
+    let gpu = (text(), text(), any::<u64>()).prop_map(|(model, class, vram_mib)| Gpu {
+        model,
+        class,
+        vram_mib,
+    });
+    (
+        text(),
+        text(),
+        text(),
+        vec(gpu, 0..4),
+        names(),
+        names(),
+        any::<u32>(),
+        any::<u32>(),
+    )
+        .prop_map(
+            |(node_id, enrolment_token, software_version, gpus, games, models, gs, ic)| {
+                Message::Register(Register {
+                    protocol_version: PROTOCOL_VERSION,
+                    node_id,
+                    enrolment_token,
+                    software_version,
+                    gpus,
+                    workloads: Workloads { games, models },
+                    capacity: Capacity {
+                        game_sessions: gs,
+                        inference_concurrency: ic,
+                    },
+                })
+            },
+        )
+}
+
+fn node_control() -> impl Strategy<Value = Message> {
+    prop_oneof![
+        register(),
+        (any::<u64>(), any::<u64>(), proptest::option::of(text())).prop_map(
+            |(lease_ms, heartbeat_ms, node_country)| Message::Registered(Registered {
+                lease_ms,
+                heartbeat_ms,
+                node_country,
+            })
+        ),
+        (reject_code(), text())
+            .prop_map(|(code, reason)| Message::Rejected(Rejected { code, reason })),
+        (
+            any::<u64>(),
+            any::<u32>(),
+            any::<u32>(),
+            finite_f32(),
+            proptest::option::of(finite_f32()),
+            proptest::option::of(finite_f32()),
+        )
+            .prop_map(|(seq, active_sessions, queue_depth, load, gpu_util, enc)| {
+                Message::Heartbeat(Heartbeat {
+                    seq,
+                    active_sessions,
+                    queue_depth,
+                    load,
+                    gpu_util,
+                    encoder_ms_p50: enc,
+                })
+            }),
+        any::<u64>().prop_map(|seq| Message::HeartbeatAck(HeartbeatAck { seq })),
+        any::<u64>().prop_map(|deadline_ms| Message::Drain(Drain { deadline_ms })),
+        Just(Message::Drained),
+        text().prop_map(|reason| Message::Shutdown(Shutdown { reason })),
+    ]
+}
+
+fn session() -> impl Strategy<Value = Message> {
+    let game = (text(), any::<u32>(), any::<u32>(), any::<u32>(), any::<u32>()).prop_map(
+        |(title, width, height, fps, bitrate_kbps)| {
+            SessionKind::Game(GameParams {
+                title,
+                width,
+                height,
+                fps,
+                bitrate_kbps,
+            })
+        },
+    );
+    let inference = (text(), text()).prop_map(|(model, request_json)| SessionKind::Inference {
+        model,
+        request_json,
+    });
+    prop_oneof![
+        (any::<u64>(), prop_oneof![game, inference])
+            .prop_map(|(session_id, kind)| Message::Open(Open { session_id, kind })),
+        any::<u64>().prop_map(|session_id| Message::Accepted(Accepted { session_id })),
+        (refuse_code(), text())
+            .prop_map(|(code, reason)| Message::Refused(Refused { code, reason })),
+        Just(Message::ForceKeyframe),
+        any::<u32>().prop_map(|kbps| Message::SetBitrate(SetBitrate { kbps })),
+        text().prop_map(|reason| Message::Close(Close { reason })),
+        (any::<u32>(), text(), any::<u64>()).prop_map(|(index, text, node_elapsed_us)| {
+            Message::Token(Token {
+                index,
+                text,
+                node_elapsed_us,
+            })
+        }),
+        (text(), any::<u32>(), any::<u32>()).prop_map(|(finish_reason, p, c)| {
+            Message::Done(Done {
+                finish_reason,
+                prompt_tokens: p,
+                completion_tokens: c,
+            })
+        }),
+        (text(), text(), any::<bool>()).prop_map(|(code, message, retryable)| {
+            Message::Error(ErrorInfo {
+                code,
+                message,
+                retryable,
+            })
+        }),
+        text().prop_map(|reason| Message::Ended(Ended { reason })),
+        any::<u64>().prop_map(|seq| Message::InputApplied(InputApplied { seq })),
+    ]
+}
+
+fn client() -> impl Strategy<Value = Message> {
+    prop_oneof![
+        (text(), text()).prop_map(|(api_key, request_json)| {
+            Message::InferRequest(InferRequest {
+                protocol_version: PROTOCOL_VERSION,
+                api_key,
+                request_json,
+            })
+        }),
+        (text(), text())
+            .prop_map(|(request_id, model)| Message::InferStarted(InferStarted {
+                request_id,
+                model
+            })),
+        (text(), text(), any::<u32>(), any::<u32>(), any::<u32>(), any::<u32>()).prop_map(
+            |(api_key, game, width, height, fps, bitrate_kbps)| {
+                Message::PlayRequest(PlayRequest {
+                    protocol_version: PROTOCOL_VERSION,
+                    api_key,
+                    game,
+                    width,
+                    height,
+                    fps,
+                    bitrate_kbps,
+                })
+            }
+        ),
+        (any::<u64>(), any::<u32>(), any::<u32>(), any::<u32>(), any::<u32>()).prop_map(
+            |(session_id, width, height, fps, bitrate_kbps)| {
+                Message::PlayStarted(PlayStarted {
+                    session_id,
+                    width,
+                    height,
+                    fps,
+                    bitrate_kbps,
+                })
+            }
+        ),
+        text().prop_map(|reason| Message::Paused(Paused { reason })),
+        Just(Message::Resumed),
+        text().prop_map(|api_key| Message::ListGames(ListGames {
+            protocol_version: PROTOCOL_VERSION,
+            api_key,
+        })),
+        names().prop_map(|titles| Message::GameList(GameList { titles })),
+    ]
+}
+
+/// Any message that the decoder accepts.
+pub fn message() -> impl Strategy<Value = Message> {
+    prop_oneof![node_control(), session(), client()]
+}
+
+/// Any frame header.
+pub fn frame_header() -> impl Strategy<Value = FrameHeader> {
+    (
+        (any::<u64>(), any::<u64>(), any::<u64>(), any::<u32>()),
+        (any::<bool>(), any::<u64>(), any::<u16>(), any::<u16>(), any::<u32>()),
+    )
+        .prop_map(
+            |((session_id, seq, capture_ts_us, encode_us), (keyframe, input_seq, width, height, payload_len))| {
+                FrameHeader {
+                    session_id,
+                    seq,
+                    capture_ts_us,
+                    encode_us,
+                    keyframe,
+                    input_seq,
+                    width,
+                    height,
+                    payload_len,
+                }
+            },
+        )
+}
+
+/// Any input event.
+pub fn input_event() -> impl Strategy<Value = InputEvent> {
+    prop_oneof![
+        (any::<u16>(), any::<bool>()).prop_map(|(code, down)| InputEvent::Key { code, down }),
+        (any::<i32>(), any::<i32>()).prop_map(|(dx, dy)| InputEvent::MouseMove { dx, dy }),
+        (any::<u8>(), any::<bool>())
+            .prop_map(|(button, down)| InputEvent::MouseButton { button, down }),
+        (any::<i16>(), any::<i16>()).prop_map(|(dx, dy)| InputEvent::Wheel { dx, dy }),
+        (any::<[i16; 4]>(), any::<u32>())
+            .prop_map(|(axes, buttons)| InputEvent::Gamepad { axes, buttons }),
+        Just(InputEvent::KeyframeRequest),
+        any::<u32>().prop_map(|id| InputEvent::Ping { id }),
+    ]
+}
+
+/// Any input datagram.
+pub fn input_datagram() -> impl Strategy<Value = InputDatagram> {
+    (any::<u64>(), any::<u64>(), any::<u64>(), input_event()).prop_map(
+        |(session_id, seq, sent_ts_us, event)| InputDatagram {
+            session_id,
+            seq,
+            sent_ts_us,
+            event,
+        },
+    )
+}
