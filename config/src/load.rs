@@ -174,15 +174,21 @@ fn parse_with<T: DeserializeOwned>(
             Err(error) => error,
         };
         let path = error_path(error.path());
-        let retry = provenance
-            .iter_mut()
-            .find(|p| p.path == path && p.raw_if_coerced.is_some());
+        let message = error.inner().message();
+        // Inside an internally tagged enum the path stops at the enum, so a variable below it
+        // qualifies when serde's message quotes its value (``integer `12345` ``).
+        let retry = provenance.iter_mut().find(|p| {
+            p.raw_if_coerced.as_deref().is_some_and(|raw| {
+                p.path == path
+                    || (is_under(&p.path, &path) && message.contains(&format!("`{raw}`")))
+            })
+        });
         if let Some(p) = retry {
             let raw = p.raw_if_coerced.take().unwrap_or_default();
             set_path(&mut table, &p.segments, Value::String(raw));
             continue;
         }
-        let mut e = serde_error(&path, error.inner().message());
+        let mut e = serde_error(&path, message);
         locate(&mut e, spans.as_ref(), text, &provenance);
         return Err(fail(vec![e]));
     };

@@ -258,7 +258,12 @@ impl EdgeNode {
                     reason: r.reason.clone(),
                 });
                 conn.close(0u32.into(), b"rejected");
-                return if r.code.is_retryable() {
+                // KYC can be approved (or a suspension lifted) while the node waits, so those
+                // keep retrying at the backoff ceiling; a bad token, the geofence or a version
+                // mismatch need the operator to change something, so the node stops.
+                let keep_trying = r.code.is_retryable()
+                    || matches!(r.code, RejectCode::OperatorNotVerified | RejectCode::OperatorSuspended);
+                return if keep_trying {
                     warn!(code = %r.code, reason = %r.reason, "registration refused; will retry");
                     Ok(ConnEnd::Reconnect(format!("rejected: {}", r.reason)))
                 } else {

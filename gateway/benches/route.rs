@@ -1,4 +1,4 @@
-//! Router benchmark: `route()` over 10,000 registered nodes, indexed vs exhaustive scan.
+//! Router benchmark: `route()` over 10,000 registered nodes, indexed vs exhaustive scans.
 //!
 //! Run: `cargo bench -p nearpath-gateway --bench route` (pin with `taskset -c N` for one core).
 //! Before the criterion groups it prints per-call percentiles (criterion reports means and
@@ -36,16 +36,25 @@ fn haversine_km(a: (f64, f64), b: (f64, f64)) -> f64 {
     2.0 * 6371.0088 * h.sqrt().min(1.0).asin()
 }
 
-fn build(rtt: GatewayRtt) -> RouterIndex {
+fn build(rtt: GatewayRtt) -> (RouterIndex, Vec<NodeRouteInfo>) {
     let mut rng = StdRng::seed_from_u64(1);
     let mut index = match RouterIndex::new(RouteParams::default()) {
         Ok(index) => index,
         Err(e) => panic!("default params rejected: {e}"),
     };
+    let mut infos = Vec::new();
     for id in 0..NODES {
-        let (lat, lon) = (rng.random_range(-50.0..70.0), rng.random_range(-180.0..180.0));
+        let (lat, lon) = (
+            rng.random_range(-50.0..70.0),
+            rng.random_range(-180.0..180.0),
+        );
         let mut games = vec![ALL_NAME.to_string()];
-        games.extend(GAMES.iter().filter(|_| rng.random_bool(0.5)).map(|s| s.to_string()));
+        games.extend(
+            GAMES
+                .iter()
+                .filter(|_| rng.random_bool(0.5))
+                .map(|s| s.to_string()),
+        );
         let gateway_rtt_ms = match rtt {
             GatewayRtt::Random => rng.random_range(1.0..30.0),
             GatewayRtt::FromFrankfurt => {
@@ -62,13 +71,53 @@ fn build(rtt: GatewayRtt) -> RouterIndex {
                 load: rng.random_range(0.0..1.0),
                 draining: rng.random_bool(0.03),
                 gateway_rtt_ms,
-                penalty_events_recent: if rng.random_bool(0.1) { rng.random_range(1..=3) } else { 0 },
+                penalty_events_recent: if rng.random_bool(0.1) {
+                    rng.random_range(1..=3)
+                } else {
+                    0
+                },
                 operator_flagged: rng.random_bool(0.01),
             },
         };
-        index.upsert(NodeId(id), info);
+        index.upsert(NodeId(id), info.clone());
+        infos.push(info);
     }
-    index
+    (index, infos)
+}
+
+/// The textbook baseline: every node, a trigonometric haversine each, the full score, top 3.
+fn naive(infos: &[NodeRouteInfo], client: Option<LatLon>) -> Vec<(f64, usize)> {
+    let p = RouteParams::default();
+    let mut top: Vec<(f64, usize)> = Vec::with_capacity(4);
+    for (i, n) in infos.iter().enumerate() {
+        let s = &n.state;
+        if s.draining || s.game_slots_free == 0 || !n.games.iter().any(|g| g == ALL_NAME) {
+            continue;
+        }
+        let est = match (client, n.location) {
+            (Some(c), Some(l)) => {
+                haversine_km((c.lat(), c.lon()), (l.lat(), l.lon())) / p.km_per_ms * p.path_stretch
+            }
+            (Some(_), None) => p.unknown_location_rtt_ms,
+            (None, _) => 0.0,
+        };
+        let flagged = if s.operator_flagged {
+            p.suspended_penalty_ms
+        } else {
+            0.0
+        };
+        let score = est
+            + s.gateway_rtt_ms
+            + p.load_penalty_ms * f64::from(s.load)
+            + p.reliability_penalty_ms * f64::from(s.penalty_events_recent)
+            + flagged;
+        if top.len() < p.max_candidates || score < top[top.len() - 1].0 {
+            let pos = top.iter().position(|t| score < t.0).unwrap_or(top.len());
+            top.insert(pos, (score, i));
+            top.truncate(p.max_candidates);
+        }
+    }
+    top
 }
 
 const ALL_NAME: &str = "arena";
@@ -80,7 +129,11 @@ fn clients(n: usize, unknown: bool) -> Vec<Option<LatLon>> {
             if unknown {
                 None
             } else {
-                LatLon::new(rng.random_range(-50.0..70.0), rng.random_range(-180.0..180.0)).ok()
+                LatLon::new(
+                    rng.random_range(-50.0..70.0),
+                    rng.random_range(-180.0..180.0),
+                )
+                .ok()
             }
         })
         .collect()
@@ -105,18 +158,23 @@ struct Percentiles {
     p99: Duration,
 }
 
-fn percentiles(label: &str, index: &RouterIndex, clients: &[Option<LatLon>], f: RouteFn) -> Percentiles {
+/// Times `f` once per client; `f` returns how many nodes it scored.
+fn percentiles(
+    label: &str,
+    clients: &[Option<LatLon>],
+    mut f: impl FnMut(Option<LatLon>) -> usize,
+) -> Percentiles {
     // Warm caches and branch predictors on the same inputs first.
     for &c in clients.iter().take(clients.len() / 10) {
-        black_box(f(index, c));
+        black_box(f(c));
     }
     let mut times = Vec::with_capacity(clients.len());
     let mut examined = 0usize;
     for &c in clients {
         let start = Instant::now();
-        let out = black_box(f(index, black_box(c)));
+        let scored = black_box(f(black_box(c)));
         times.push(start.elapsed());
-        examined += out.examined;
+        examined += scored;
     }
     times.sort_unstable();
     let at = |q: f64| times[((times.len() - 1) as f64 * q).round() as usize];
@@ -130,41 +188,60 @@ fn percentiles(label: &str, index: &RouterIndex, clients: &[Option<LatLon>], f: 
         at(1.0),
         examined as f64 / clients.len() as f64,
     );
-    Percentiles { p50: at(0.5), p99: at(0.99) }
+    Percentiles {
+        p50: at(0.5),
+        p99: at(0.99),
+    }
 }
 
 fn percentile_report() {
     println!("route() over {NODES} nodes, max_candidates=3, per-call timings:");
     for rtt in [GatewayRtt::Random, GatewayRtt::FromFrankfurt] {
-        let index = build(rtt);
+        let (index, infos) = build(rtt);
         for unknown in [false, true] {
-            let who = if unknown { "unknown client" } else { "random clients" };
+            let who = if unknown {
+                "unknown client"
+            } else {
+                "random clients"
+            };
             let fast = percentiles(
                 &format!("indexed {rtt:?}, {who}"),
-                &index,
                 &clients(20_000, unknown),
-                indexed,
+                |c| indexed(&index, c).examined,
             );
             let slow = percentiles(
                 &format!("linear  {rtt:?}, {who}"),
-                &index,
                 &clients(1_000, unknown),
-                linear,
+                |c| linear(&index, c).examined,
             );
+            let naive = percentiles(
+                &format!("naive   {rtt:?}, {who}"),
+                &clients(1_000, unknown),
+                |c| {
+                    black_box(naive(&infos, c));
+                    infos.len()
+                },
+            );
+            let ratio = |a: Duration, b: Duration| a.as_secs_f64() / b.as_secs_f64();
             println!(
-                "  -> linear/indexed: p50 x{:.0}, p99 x{:.0}",
-                slow.p50.as_secs_f64() / fast.p50.as_secs_f64(),
-                slow.p99.as_secs_f64() / fast.p99.as_secs_f64()
+                "  -> linear/indexed p50 x{:.0}, p99 x{:.0}; naive/indexed p50 x{:.0}, p99 x{:.0}",
+                ratio(slow.p50, fast.p50),
+                ratio(slow.p99, fast.p99),
+                ratio(naive.p50, fast.p50),
+                ratio(naive.p99, fast.p99),
             );
         }
     }
 }
 
 fn criterion_benches(c: &mut Criterion) {
-    let index = build(GatewayRtt::Random);
+    let (index, infos) = build(GatewayRtt::Random);
     let clients = clients(4096, false);
     let mut group = c.benchmark_group("route_10k");
-    for (name, f) in [("indexed", indexed as RouteFn), ("linear", linear as RouteFn)] {
+    for (name, f) in [
+        ("indexed", indexed as RouteFn),
+        ("linear", linear as RouteFn),
+    ] {
         group.bench_function(name, |b| {
             let mut i = 0usize;
             b.iter(|| {
@@ -173,6 +250,13 @@ fn criterion_benches(c: &mut Criterion) {
             })
         });
     }
+    group.bench_function("naive", |b| {
+        let mut i = 0usize;
+        b.iter(|| {
+            i = (i + 1) % clients.len();
+            black_box(naive(&infos, black_box(clients[i])))
+        })
+    });
     group.finish();
 }
 

@@ -19,10 +19,12 @@ fn mem() -> Arc<dyn Store> {
 }
 
 fn usage(n: u64, tenant: &str, node: &str, outcome: &str) -> UsageRecord {
+    // Every third record is a game session (frames, no tokens); the rest are inference requests.
+    let game = matches!(n % 3, 0);
     UsageRecord {
         id: None,
         at_ms: 1_700_000_000_000 + n * 10,
-        kind: if n % 3 == 0 {
+        kind: if game {
             UsageKind::Game
         } else {
             UsageKind::Inference
@@ -36,14 +38,14 @@ fn usage(n: u64, tenant: &str, node: &str, outcome: &str) -> UsageRecord {
         } else {
             format!("op_{node}")
         },
-        workload: if n % 3 == 0 { "doom" } else { "llama-3-8b" }.to_owned(),
+        workload: if game { "doom" } else { "llama-3-8b" }.to_owned(),
         outcome: outcome.to_owned(),
-        prompt_tokens: n * 7 % 101,
-        completion_tokens: n * 13 % 211,
-        ttft_ms: (n % 2 == 0).then_some(n as f64 * 0.25),
+        prompt_tokens: if game { 0 } else { n * 7 % 101 },
+        completion_tokens: if game { 0 } else { n * 13 % 211 },
+        ttft_ms: (!game).then_some(n as f64 * 0.25),
         duration_ms: 10.0 + n as f64,
         gpu_seconds: n as f64 * 0.125,
-        frames: if n % 3 == 0 { n * 60 } else { 0 },
+        frames: if game { n * 60 } else { 0 },
         bytes: n * 1000 + 1,
     }
 }

@@ -17,7 +17,9 @@ use crate::message::{
 use crate::net::{self, NetError};
 use crate::stream::{self, FramedRecv, StreamError};
 use crate::tls::{self, ServerVerify, TlsError};
-use crate::{app_code, unix_micros, ALPN_CLIENT, MAX_CONTROL_FRAME, MAX_VIDEO_FRAME, PROTOCOL_VERSION};
+use crate::{
+    app_code, unix_micros, ALPN_CLIENT, MAX_CONTROL_FRAME, MAX_VIDEO_FRAME, PROTOCOL_VERSION,
+};
 
 /// Frames buffered between the frame reader task and the application.
 const FRAME_QUEUE: usize = 16;
@@ -167,14 +169,20 @@ impl Client {
     }
 
     /// Starts one inference request; read the outcome with [`InferStream::next`].
-    pub async fn infer(&self, api_key: &str, request_json: &str) -> Result<InferStream, ClientError> {
+    pub async fn infer(
+        &self,
+        api_key: &str,
+        request_json: &str,
+    ) -> Result<InferStream, ClientError> {
         let (mut send, recv) = self.open().await?;
         let request = Message::InferRequest(InferRequest {
             protocol_version: PROTOCOL_VERSION,
             api_key: api_key.to_string(),
             request_json: request_json.to_string(),
         });
-        stream::send(&mut send, &request).await.map_err(|e| self.stream_err(e))?;
+        stream::send(&mut send, &request)
+            .await
+            .map_err(|e| self.stream_err(e))?;
         // Nothing else goes this way; finishing tells the gateway the request is complete.
         send.finish().map_err(|e| self.stream_err(e.into()))?;
         Ok(InferStream {
@@ -191,7 +199,9 @@ impl Client {
             protocol_version: PROTOCOL_VERSION,
             api_key: api_key.to_string(),
         });
-        stream::send(&mut send, &request).await.map_err(|e| self.stream_err(e))?;
+        stream::send(&mut send, &request)
+            .await
+            .map_err(|e| self.stream_err(e))?;
         send.finish().map_err(|e| self.stream_err(e.into()))?;
         let mut recv = FramedRecv::new(recv, MAX_CONTROL_FRAME);
         match recv.next().await.map_err(|e| self.stream_err(e))? {
@@ -209,7 +219,11 @@ impl Client {
     ///
     /// One play session at a time per connection; a second call fails with
     /// [`ClientError::PlayActive`] until the first [`PlaySession`] is dropped or closed.
-    pub async fn play(&self, api_key: &str, params: PlayParams) -> Result<PlaySession, ClientError> {
+    pub async fn play(
+        &self,
+        api_key: &str,
+        params: PlayParams,
+    ) -> Result<PlaySession, ClientError> {
         if self.play_active.swap(true, Ordering::AcqRel) {
             return Err(ClientError::PlayActive);
         }
@@ -224,7 +238,9 @@ impl Client {
             fps: params.fps,
             bitrate_kbps: params.bitrate_kbps,
         });
-        stream::send(&mut send, &request).await.map_err(|e| self.stream_err(e))?;
+        stream::send(&mut send, &request)
+            .await
+            .map_err(|e| self.stream_err(e))?;
         let mut control = FramedRecv::new(recv, MAX_CONTROL_FRAME);
         let started = match control.next().await.map_err(|e| self.stream_err(e))? {
             Some(Message::PlayStarted(started)) => started,

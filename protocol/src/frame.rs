@@ -87,13 +87,12 @@ impl FrameHeader {
     /// Decodes a header from the first [`FrameHeader::LEN`] bytes of `buf`; later bytes are
     /// ignored (they are the payload).
     pub fn decode(buf: &[u8]) -> Result<FrameHeader, FrameHeaderError> {
-        let b: &[u8; Self::LEN] = buf
-            .get(..Self::LEN)
-            .and_then(|s| s.try_into().ok())
-            .ok_or(FrameHeaderError::Short {
+        let b: &[u8; Self::LEN] = buf.get(..Self::LEN).and_then(|s| s.try_into().ok()).ok_or(
+            FrameHeaderError::Short {
                 needed: Self::LEN,
                 got: buf.len(),
-            })?;
+            },
+        )?;
         if b[0] != FRAME_MAGIC {
             return Err(FrameHeaderError::BadMagic(b[0]));
         }
@@ -169,7 +168,10 @@ mod tests {
         let good = FrameHeader::default().encode();
         assert_eq!(
             FrameHeader::decode(&good[..47]),
-            Err(FrameHeaderError::Short { needed: 48, got: 47 })
+            Err(FrameHeaderError::Short {
+                needed: 48,
+                got: 47
+            })
         );
         let mut b = good;
         b[0] = 0;

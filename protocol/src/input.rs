@@ -288,12 +288,19 @@ mod tests {
                 event,
             };
             let bytes = d.encode();
-            assert!(bytes.len() < 64, "{event:?} encodes to {} bytes", bytes.len());
+            assert!(
+                bytes.len() < 64,
+                "{event:?} encodes to {} bytes",
+                bytes.len()
+            );
             assert!(bytes.len() <= InputDatagram::MAX_LEN);
             assert_eq!(InputDatagram::decode(&bytes), Ok(d));
             // Every strict prefix and any extra byte are rejected.
             for cut in 0..bytes.len() {
-                assert!(InputDatagram::decode(&bytes[..cut]).is_err(), "{event:?} cut {cut}");
+                assert!(
+                    InputDatagram::decode(&bytes[..cut]).is_err(),
+                    "{event:?} cut {cut}"
+                );
             }
             let mut longer = bytes.clone();
             longer.push(0);
@@ -318,10 +325,16 @@ mod tests {
         assert_eq!(InputDatagram::decode(&b), Err(InputError::BadMagic(0)));
         let mut b = good.clone();
         b[1] = 9;
-        assert_eq!(InputDatagram::decode(&b), Err(InputError::UnsupportedVersion(9)));
+        assert_eq!(
+            InputDatagram::decode(&b),
+            Err(InputError::UnsupportedVersion(9))
+        );
         let mut b = good.clone();
         b[2] = 200;
-        assert_eq!(InputDatagram::decode(&b), Err(InputError::UnknownEvent(200)));
+        assert_eq!(
+            InputDatagram::decode(&b),
+            Err(InputError::UnknownEvent(200))
+        );
         let mut b = good;
         let last = b.len() - 1;
         b[last] = 2;

@@ -754,8 +754,8 @@ impl Message {
             }),
             ty::REJECTED => {
                 let byte = r.u8("Rejected.code")?;
-                let code = RejectCode::from_byte(byte)
-                    .ok_or_else(|| bad_code("Rejected.code", byte))?;
+                let code =
+                    RejectCode::from_byte(byte).ok_or_else(|| bad_code("Rejected.code", byte))?;
                 Message::Rejected(Rejected {
                     code,
                     reason: r.string("Rejected.reason")?,
@@ -921,7 +921,11 @@ pub fn type_name(ty: u8) -> Option<&'static str> {
 /// Reads the fixed big-endian `u16` version that opens every versioned message and rejects any
 /// other version before the rest of the body is interpreted, because a future version may lay
 /// the body out differently.
-fn version(r: &mut Reader<'_>, message: &'static str, field: &'static str) -> Result<u16, DecodeError> {
+fn version(
+    r: &mut Reader<'_>,
+    message: &'static str,
+    field: &'static str,
+) -> Result<u16, DecodeError> {
     let raw = r.bytes(2, field)?;
     let got = u16::from_be_bytes([raw[0], raw[1]]);
     if got != PROTOCOL_VERSION {

@@ -69,9 +69,7 @@ pub fn set_recv_buffer(socket: &UdpSocket, bytes: usize) -> Result<RecvBuffer, N
     state
         .set_recv_buffer_size(socket.into(), bytes)
         .map_err(buffer_err)?;
-    let effective = state
-        .recv_buffer_size(socket.into())
-        .map_err(buffer_err)?;
+    let effective = state.recv_buffer_size(socket.into()).map_err(buffer_err)?;
     Ok(RecvBuffer {
         requested: bytes,
         effective,

@@ -237,7 +237,11 @@ fn field<'a>(raw: &'a Map<String, Value>, key: &str) -> Option<&'a Value> {
     raw.get(key).filter(|v| !v.is_null())
 }
 
-fn opt_bool(raw: &Map<String, Value>, key: &str, param: &str) -> Result<Option<bool>, RequestError> {
+fn opt_bool(
+    raw: &Map<String, Value>,
+    key: &str,
+    param: &str,
+) -> Result<Option<bool>, RequestError> {
     match field(raw, key) {
         None => Ok(None),
         Some(Value::Bool(b)) => Ok(Some(*b)),
@@ -284,7 +288,10 @@ fn opt_u32(raw: &Map<String, Value>, key: &str, min: u32) -> Result<Option<u32>,
         Some(i) => u32::try_from(i).map(Some).map_err(|_| {
             RequestError::invalid_value(
                 key,
-                format!("Invalid '{key}': {i} is greater than the maximum of {}.", u32::MAX),
+                format!(
+                    "Invalid '{key}': {i} is greater than the maximum of {}.",
+                    u32::MAX
+                ),
             )
         }),
     }
@@ -588,14 +595,18 @@ impl InferenceRequest {
                 }
                 Some(t as f32)
             }
-            Some(other) => return Err(RequestError::invalid_type("temperature", "a number", other)),
+            Some(other) => {
+                return Err(RequestError::invalid_type("temperature", "a number", other))
+            }
         };
         match opt_u32(&raw, "n", 1)? {
             None | Some(1) => {}
             Some(n) => {
                 return Err(RequestError::unsupported(
                     "n",
-                    format!("Invalid 'n': {n}. This server generates one choice per request (n=1)."),
+                    format!(
+                        "Invalid 'n': {n}. This server generates one choice per request (n=1)."
+                    ),
                 ))
             }
         }
@@ -646,10 +657,7 @@ impl InferenceRequest {
             Input::Messages(m) => (m.as_slice(), None),
             Input::Prompt(p) => (&[][..], Some(p.as_str())),
         };
-        messages
-            .iter()
-            .map(|m| m.content.as_str())
-            .chain(prompt)
+        messages.iter().map(|m| m.content.as_str()).chain(prompt)
     }
 
     /// The body to send to another OpenAI-compatible server: the original request with `model`
@@ -736,9 +744,8 @@ pub fn push_json_str(out: &mut String, s: &str) {
 }
 
 fn push_json_str_bytes(out: &mut Vec<u8>, s: &str) {
-    let mut tmp = String::with_capacity(s.len() + 2);
-    push_json_str(&mut tmp, s);
-    out.extend_from_slice(tmp.as_bytes());
+    // Serialising a `&str` into a `Vec` cannot fail.
+    let _ = serde_json::to_writer(out, s);
 }
 
 fn push_opt_str(out: &mut String, s: Option<&str>) {
@@ -859,7 +866,7 @@ impl StreamRenderer {
         out.push_str("data: ");
         self.write_chunk(&mut out, role, content, finish);
         out.push_str("\n\n");
-        Bytes::from(out)
+        Bytes::from(out.into_boxed_str().into_boxed_bytes())
     }
 
     /// The first event of a chat stream: `delta: {"role":"assistant","content":""}`, as OpenAI
@@ -919,7 +926,13 @@ pub fn completion_chunk(
 }
 
 /// The usage chunk of a stream on `endpoint`.
-pub fn usage_chunk(endpoint: Endpoint, id: &str, created: u64, model: &str, usage: Usage) -> String {
+pub fn usage_chunk(
+    endpoint: Endpoint,
+    id: &str,
+    created: u64,
+    model: &str,
+    usage: Usage,
+) -> String {
     StreamRenderer::new(endpoint, id, created, model).usage_chunk(usage)
 }
 
@@ -970,7 +983,15 @@ pub fn chat_completion(
     finish_reason: &str,
     usage: Usage,
 ) -> String {
-    completion_response(Endpoint::Chat, id, created, model, content, finish_reason, usage)
+    completion_response(
+        Endpoint::Chat,
+        id,
+        created,
+        model,
+        content,
+        finish_reason,
+        usage,
+    )
 }
 
 /// A non-streaming `text_completion` body.
@@ -982,7 +1003,15 @@ pub fn text_completion(
     finish_reason: &str,
     usage: Usage,
 ) -> String {
-    completion_response(Endpoint::Completion, id, created, model, text, finish_reason, usage)
+    completion_response(
+        Endpoint::Completion,
+        id,
+        created,
+        model,
+        text,
+        finish_reason,
+        usage,
+    )
 }
 
 /// Frames one JSON document as an SSE event: `data: <json>\n\n`.
@@ -1004,7 +1033,10 @@ pub fn models_list(models: &[(&str, u64, &str)]) -> String {
         }
         out.push_str("{\"id\":");
         push_json_str(&mut out, id);
-        let _ = write!(out, ",\"object\":\"model\",\"created\":{created},\"owned_by\":");
+        let _ = write!(
+            out,
+            ",\"object\":\"model\",\"created\":{created},\"owned_by\":"
+        );
         push_json_str(&mut out, owned_by);
         out.push('}');
     }
@@ -1062,7 +1094,13 @@ impl ApiError {
 
     /// 400 for a body that failed validation.
     pub fn invalid_request(err: RequestError) -> Self {
-        Self::new(400, "invalid_request_error", Some(err.code), err.param, err.message)
+        Self::new(
+            400,
+            "invalid_request_error",
+            Some(err.code),
+            err.param,
+            err.message,
+        )
     }
 
     /// 400 with a free-form reason (unknown path parameters, unsupported content type).
@@ -1156,7 +1194,13 @@ impl ApiError {
 
     /// 429: too many requests or all capacity busy; send with `Retry-After`.
     pub fn rate_limited(message: impl Into<String>) -> Self {
-        Self::new(429, "rate_limit_error", Some("rate_limit_exceeded"), None, message)
+        Self::new(
+            429,
+            "rate_limit_error",
+            Some("rate_limit_exceeded"),
+            None,
+            message,
+        )
     }
 
     /// 500: a fault of ours.
@@ -1456,7 +1500,10 @@ pub fn error_message_of(body: &[u8]) -> Option<String> {
     match value.get("error") {
         Some(Value::String(s)) => Some(s.clone()),
         Some(Value::Object(e)) => e.get("message").and_then(Value::as_str).map(str::to_owned),
-        _ => value.get("message").and_then(Value::as_str).map(str::to_owned),
+        _ => value
+            .get("message")
+            .and_then(Value::as_str)
+            .map(str::to_owned),
     }
 }
 
@@ -1552,7 +1599,11 @@ mod tests {
         assert_eq!(m[2].content, "");
         assert_eq!(m[3].role, Role::Tool);
         assert_eq!(m[4].role, Role::Developer);
-        assert_eq!(req.raw.get("top_p"), Some(&json!(0.9)), "unknown fields are kept");
+        assert_eq!(
+            req.raw.get("top_p"),
+            Some(&json!(0.9)),
+            "unknown fields are kept"
+        );
         let texts: Vec<&str> = req.input_texts().collect();
         assert_eq!(texts, ["Be brief.", "Hello\nthere", "", "42", "x"]);
     }
@@ -1588,53 +1639,185 @@ mod tests {
         assert_eq!(req.prompt(), Some("Once upon"));
         assert_eq!(req.max_tokens, Some(0));
         assert!(req.messages().is_empty());
-        let err = parse(Endpoint::Completion, json!({"model": "m", "prompt": ["a", "b"]}));
-        assert_eq!(err.map_err(|e| (e.param, e.code)), Err((Some("prompt".into()), "unsupported_value")));
-        let err = parse(Endpoint::Completion, json!({"model": "m", "prompt": [1, 2, 3]}));
+        let err = parse(
+            Endpoint::Completion,
+            json!({"model": "m", "prompt": ["a", "b"]}),
+        );
+        assert_eq!(
+            err.map_err(|e| (e.param, e.code)),
+            Err((Some("prompt".into()), "unsupported_value"))
+        );
+        let err = parse(
+            Endpoint::Completion,
+            json!({"model": "m", "prompt": [1, 2, 3]}),
+        );
         assert_eq!(err.map_err(|e| e.code), Err("unsupported_value"));
         let err = parse(Endpoint::Completion, json!({"model": "m"}));
-        assert_eq!(err.map_err(|e| (e.param, e.code)), Err((Some("prompt".into()), "missing_required_parameter")));
+        assert_eq!(
+            err.map_err(|e| (e.param, e.code)),
+            Err((Some("prompt".into()), "missing_required_parameter"))
+        );
     }
 
     #[test]
     fn rejects_with_the_offending_param() {
         let user = json!({"role": "user", "content": "hi"});
         let cases: Vec<(Value, &str, &str)> = vec![
-            (json!({"messages": [user]}), "model", "missing_required_parameter"),
-            (json!({"model": 3, "messages": [user]}), "model", "invalid_type"),
-            (json!({"model": "m"}), "messages", "missing_required_parameter"),
-            (json!({"model": "m", "messages": []}), "messages", "invalid_value"),
-            (json!({"model": "m", "messages": "hi"}), "messages", "invalid_type"),
-            (json!({"model": "m", "messages": [user, 5]}), "messages[1]", "invalid_type"),
-            (json!({"model": "m", "messages": [user, {"content": "x"}]}), "messages[1].role", "missing_required_parameter"),
-            (json!({"model": "m", "messages": [user, {"role": "robot", "content": "x"}]}), "messages[1].role", "invalid_value"),
-            (json!({"model": "m", "messages": [user, {"role": "user"}]}), "messages[1].content", "missing_required_parameter"),
-            (json!({"model": "m", "messages": [user, {"role": "user", "content": 7}]}), "messages[1].content", "invalid_type"),
-            (json!({"model": "m", "messages": [{"role": "user", "content": [{"type": "text"}]}]}), "messages[0].content[0].text", "missing_required_parameter"),
-            (json!({"model": "m", "messages": [{"role": "user", "content": [{"text": "a"}]}]}), "messages[0].content[0].type", "missing_required_parameter"),
-            (json!({"model": "m", "messages": [{"role": "user", "content": ["a"]}]}), "messages[0].content[0]", "invalid_type"),
-            (json!({"model": "m", "messages": [user], "temperature": 2.5}), "temperature", "invalid_value"),
-            (json!({"model": "m", "messages": [user], "temperature": -0.1}), "temperature", "invalid_value"),
-            (json!({"model": "m", "messages": [user], "temperature": "hot"}), "temperature", "invalid_type"),
-            (json!({"model": "m", "messages": [user], "n": 2}), "n", "unsupported_value"),
-            (json!({"model": "m", "messages": [user], "n": 0}), "n", "invalid_value"),
-            (json!({"model": "m", "messages": [user], "max_tokens": 0}), "max_tokens", "invalid_value"),
-            (json!({"model": "m", "messages": [user], "max_tokens": -5}), "max_tokens", "invalid_value"),
-            (json!({"model": "m", "messages": [user], "max_tokens": 1.5}), "max_tokens", "invalid_type"),
-            (json!({"model": "m", "messages": [user], "max_tokens": 5_000_000_000u64}), "max_tokens", "invalid_value"),
-            (json!({"model": "m", "messages": [user], "stop": ["a","b","c","d","e"]}), "stop", "invalid_value"),
-            (json!({"model": "m", "messages": [user], "stop": ["a", 1]}), "stop[1]", "invalid_type"),
-            (json!({"model": "m", "messages": [user], "stream": "yes"}), "stream", "invalid_type"),
-            (json!({"model": "m", "messages": [user], "stream_options": {"include_usage": true}}), "stream_options", "invalid_value"),
-            (json!({"model": "m", "messages": [user], "stream": true, "stream_options": {"include_usage": 1}}), "stream_options.include_usage", "invalid_type"),
-            (json!({"model": "m", "messages": [user], "user": 5}), "user", "invalid_type"),
-            (json!({"model": "m", "messages": [user], "seed": "x"}), "seed", "invalid_type"),
+            (
+                json!({"messages": [user]}),
+                "model",
+                "missing_required_parameter",
+            ),
+            (
+                json!({"model": 3, "messages": [user]}),
+                "model",
+                "invalid_type",
+            ),
+            (
+                json!({"model": "m"}),
+                "messages",
+                "missing_required_parameter",
+            ),
+            (
+                json!({"model": "m", "messages": []}),
+                "messages",
+                "invalid_value",
+            ),
+            (
+                json!({"model": "m", "messages": "hi"}),
+                "messages",
+                "invalid_type",
+            ),
+            (
+                json!({"model": "m", "messages": [user, 5]}),
+                "messages[1]",
+                "invalid_type",
+            ),
+            (
+                json!({"model": "m", "messages": [user, {"content": "x"}]}),
+                "messages[1].role",
+                "missing_required_parameter",
+            ),
+            (
+                json!({"model": "m", "messages": [user, {"role": "robot", "content": "x"}]}),
+                "messages[1].role",
+                "invalid_value",
+            ),
+            (
+                json!({"model": "m", "messages": [user, {"role": "user"}]}),
+                "messages[1].content",
+                "missing_required_parameter",
+            ),
+            (
+                json!({"model": "m", "messages": [user, {"role": "user", "content": 7}]}),
+                "messages[1].content",
+                "invalid_type",
+            ),
+            (
+                json!({"model": "m", "messages": [{"role": "user", "content": [{"type": "text"}]}]}),
+                "messages[0].content[0].text",
+                "missing_required_parameter",
+            ),
+            (
+                json!({"model": "m", "messages": [{"role": "user", "content": [{"text": "a"}]}]}),
+                "messages[0].content[0].type",
+                "missing_required_parameter",
+            ),
+            (
+                json!({"model": "m", "messages": [{"role": "user", "content": ["a"]}]}),
+                "messages[0].content[0]",
+                "invalid_type",
+            ),
+            (
+                json!({"model": "m", "messages": [user], "temperature": 2.5}),
+                "temperature",
+                "invalid_value",
+            ),
+            (
+                json!({"model": "m", "messages": [user], "temperature": -0.1}),
+                "temperature",
+                "invalid_value",
+            ),
+            (
+                json!({"model": "m", "messages": [user], "temperature": "hot"}),
+                "temperature",
+                "invalid_type",
+            ),
+            (
+                json!({"model": "m", "messages": [user], "n": 2}),
+                "n",
+                "unsupported_value",
+            ),
+            (
+                json!({"model": "m", "messages": [user], "n": 0}),
+                "n",
+                "invalid_value",
+            ),
+            (
+                json!({"model": "m", "messages": [user], "max_tokens": 0}),
+                "max_tokens",
+                "invalid_value",
+            ),
+            (
+                json!({"model": "m", "messages": [user], "max_tokens": -5}),
+                "max_tokens",
+                "invalid_value",
+            ),
+            (
+                json!({"model": "m", "messages": [user], "max_tokens": 1.5}),
+                "max_tokens",
+                "invalid_type",
+            ),
+            (
+                json!({"model": "m", "messages": [user], "max_tokens": 5_000_000_000u64}),
+                "max_tokens",
+                "invalid_value",
+            ),
+            (
+                json!({"model": "m", "messages": [user], "stop": ["a","b","c","d","e"]}),
+                "stop",
+                "invalid_value",
+            ),
+            (
+                json!({"model": "m", "messages": [user], "stop": ["a", 1]}),
+                "stop[1]",
+                "invalid_type",
+            ),
+            (
+                json!({"model": "m", "messages": [user], "stream": "yes"}),
+                "stream",
+                "invalid_type",
+            ),
+            (
+                json!({"model": "m", "messages": [user], "stream_options": {"include_usage": true}}),
+                "stream_options",
+                "invalid_value",
+            ),
+            (
+                json!({"model": "m", "messages": [user], "stream": true, "stream_options": {"include_usage": 1}}),
+                "stream_options.include_usage",
+                "invalid_type",
+            ),
+            (
+                json!({"model": "m", "messages": [user], "user": 5}),
+                "user",
+                "invalid_type",
+            ),
+            (
+                json!({"model": "m", "messages": [user], "seed": "x"}),
+                "seed",
+                "invalid_type",
+            ),
         ];
         for (body, param, code) in cases {
             let err = chat_err(body.clone());
             assert_eq!(err.param.as_deref(), Some(param), "param for {body}");
             assert_eq!(err.code, code, "code for {body}: {}", err.message);
-            assert!(err.message.contains(param), "message names {param}: {}", err.message);
+            assert!(
+                err.message.contains(param),
+                "message names {param}: {}",
+                err.message
+            );
         }
     }
 
@@ -1685,7 +1868,14 @@ mod tests {
     #[test]
     fn chat_chunk_exact() {
         assert_eq!(
-            chat_chunk("chatcmpl-1", 1700000000, "m\"x", Some("assistant"), Some(""), None),
+            chat_chunk(
+                "chatcmpl-1",
+                1700000000,
+                "m\"x",
+                Some("assistant"),
+                Some(""),
+                None
+            ),
             r#"{"id":"chatcmpl-1","object":"chat.completion.chunk","created":1700000000,"model":"m\"x","choices":[{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}]}"#
         );
         assert_eq!(
@@ -1697,7 +1887,16 @@ mod tests {
             r#"{"id":"c","object":"chat.completion.chunk","created":5,"model":"m","choices":[{"index":0,"delta":{},"logprobs":null,"finish_reason":"stop"}]}"#
         );
         assert_eq!(
-            usage_chunk(Endpoint::Chat, "c", 5, "m", Usage { prompt_tokens: 7, completion_tokens: 3 }),
+            usage_chunk(
+                Endpoint::Chat,
+                "c",
+                5,
+                "m",
+                Usage {
+                    prompt_tokens: 7,
+                    completion_tokens: 3
+                }
+            ),
             r#"{"id":"c","object":"chat.completion.chunk","created":5,"model":"m","choices":[],"usage":{"prompt_tokens":7,"completion_tokens":3,"total_tokens":10}}"#
         );
     }
@@ -1713,7 +1912,16 @@ mod tests {
             r#"{"id":"cmpl-9","object":"text_completion","created":6,"model":"m","choices":[{"text":"","index":0,"logprobs":null,"finish_reason":"length"}]}"#
         );
         assert_eq!(
-            usage_chunk(Endpoint::Completion, "cmpl-9", 6, "m", Usage { prompt_tokens: 1, completion_tokens: 2 }),
+            usage_chunk(
+                Endpoint::Completion,
+                "cmpl-9",
+                6,
+                "m",
+                Usage {
+                    prompt_tokens: 1,
+                    completion_tokens: 2
+                }
+            ),
             r#"{"id":"cmpl-9","object":"text_completion","created":6,"model":"m","choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3}}"#
         );
     }
@@ -1727,11 +1935,27 @@ mod tests {
         );
         assert_eq!(
             r.role_event(),
-            Some(sse_event(&chat_chunk("c", 1, "m", Some("assistant"), Some(""), None)))
+            Some(sse_event(&chat_chunk(
+                "c",
+                1,
+                "m",
+                Some("assistant"),
+                Some(""),
+                None
+            )))
         );
-        assert_eq!(r.finish_event("length"), sse_event(&chat_chunk("c", 1, "m", None, None, Some("length"))));
-        let u = Usage { prompt_tokens: 2, completion_tokens: 2 };
-        assert_eq!(r.usage_event(u), sse_event(&usage_chunk(Endpoint::Chat, "c", 1, "m", u)));
+        assert_eq!(
+            r.finish_event("length"),
+            sse_event(&chat_chunk("c", 1, "m", None, None, Some("length")))
+        );
+        let u = Usage {
+            prompt_tokens: 2,
+            completion_tokens: 2,
+        };
+        assert_eq!(
+            r.usage_event(u),
+            sse_event(&usage_chunk(Endpoint::Chat, "c", 1, "m", u))
+        );
         let r = StreamRenderer::new(Endpoint::Completion, "c", 1, "m");
         assert_eq!(r.role_event(), None);
         assert_eq!(sse_event("{}"), Bytes::from_static(b"data: {}\n\n"));
@@ -1740,7 +1964,10 @@ mod tests {
 
     #[test]
     fn non_streaming_bodies_exact() {
-        let usage = Usage { prompt_tokens: 4, completion_tokens: 2 };
+        let usage = Usage {
+            prompt_tokens: 4,
+            completion_tokens: 2,
+        };
         assert_eq!(
             chat_completion("chatcmpl-2", 9, "m", " a b", "length", usage),
             r#"{"id":"chatcmpl-2","object":"chat.completion","created":9,"model":"m","choices":[{"index":0,"message":{"role":"assistant","content":" a b","refusal":null},"logprobs":null,"finish_reason":"length"}],"usage":{"prompt_tokens":4,"completion_tokens":2,"total_tokens":6}}"#
@@ -1794,7 +2021,15 @@ mod tests {
         .collect();
         assert_eq!(
             statuses,
-            [(401, false), (401, false), (413, false), (429, true), (500, true), (503, true), (504, true)]
+            [
+                (401, false),
+                (401, false),
+                (413, false),
+                (429, true),
+                (500, true),
+                (503, true),
+                (504, true)
+            ]
         );
         assert_eq!(
             ApiError::invalid_api_key().body(),
@@ -1814,9 +2049,18 @@ mod tests {
     fn sse_parser_handles_comments_multiline_crlf_and_splits() {
         let stream = b": keep-alive\r\n\r\ndata: {\"a\":1}\r\n\r\nevent: x\ndata: line1\ndata:line2\n\ndata: [DONE]\r\r";
         let expected = vec![
-            SseEvent { event: None, data: "{\"a\":1}".into() },
-            SseEvent { event: Some("x".into()), data: "line1\nline2".into() },
-            SseEvent { event: None, data: "[DONE]".into() },
+            SseEvent {
+                event: None,
+                data: "{\"a\":1}".into(),
+            },
+            SseEvent {
+                event: Some("x".into()),
+                data: "line1\nline2".into(),
+            },
+            SseEvent {
+                event: None,
+                data: "[DONE]".into(),
+            },
         ];
         // Every split point, including between CR and LF, gives the same events.
         for split in 0..=stream.len() {
@@ -1844,7 +2088,10 @@ mod tests {
         assert_eq!(p.push(b"data: 0123456789"), Ok(()));
         assert_eq!(p.push(b"0123456789"), Err(SseError::TooLarge { limit: 16 }));
         let mut p = SseParser::new(16);
-        assert_eq!(p.push(b"data: 0123\ndata: 456789abcdef\n"), Err(SseError::TooLarge { limit: 16 }));
+        assert_eq!(
+            p.push(b"data: 0123\ndata: 456789abcdef\n"),
+            Err(SseError::TooLarge { limit: 16 })
+        );
         let mut p = SseParser::new(64);
         assert_eq!(p.push(b"data: \xff\n\n"), Err(SseError::InvalidUtf8));
     }
@@ -1855,34 +2102,68 @@ mod tests {
         let chat = chat_chunk("c", 1, "m", None, Some(" hi"), None);
         assert_eq!(
             parse_stream_chunk(&chat),
-            Ok(StreamChunk::Chunk { text: Some(" hi".into()), finish_reason: None, usage: None })
+            Ok(StreamChunk::Chunk {
+                text: Some(" hi".into()),
+                finish_reason: None,
+                usage: None
+            })
         );
         let comp = completion_chunk("c", 1, "m", " yo", Some("length"));
         assert_eq!(
             parse_stream_chunk(&comp),
-            Ok(StreamChunk::Chunk { text: Some(" yo".into()), finish_reason: Some("length".into()), usage: None })
+            Ok(StreamChunk::Chunk {
+                text: Some(" yo".into()),
+                finish_reason: Some("length".into()),
+                usage: None
+            })
         );
         let usage = r#"{"id":"x","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7,"prompt_tokens_details":null}}"#;
         assert_eq!(
             parse_stream_chunk(usage),
-            Ok(StreamChunk::Chunk { text: None, finish_reason: None, usage: Some(Usage { prompt_tokens: 3, completion_tokens: 4 }) })
+            Ok(StreamChunk::Chunk {
+                text: None,
+                finish_reason: None,
+                usage: Some(Usage {
+                    prompt_tokens: 3,
+                    completion_tokens: 4
+                })
+            })
         );
         let vllm_err = r#"{"error":{"object":"error","message":"boom","type":"BadRequestError","param":null,"code":400}}"#;
         assert_eq!(
             parse_stream_chunk(vllm_err),
-            Ok(StreamChunk::Error { message: "boom".into(), error_type: Some("BadRequestError".into()), code: Some("400".into()) })
+            Ok(StreamChunk::Error {
+                message: "boom".into(),
+                error_type: Some("BadRequestError".into()),
+                code: Some("400".into())
+            })
         );
         assert!(parse_stream_chunk("{not json").is_err());
-        assert_eq!(error_message_of(br#"{"error":{"message":"no such model"}}"#).as_deref(), Some("no such model"));
-        assert_eq!(error_message_of(br#"{"object":"error","message":"old vllm"}"#).as_deref(), Some("old vllm"));
-        assert_eq!(error_message_of(br#"{"error":"ollama"}"#).as_deref(), Some("ollama"));
+        assert_eq!(
+            error_message_of(br#"{"error":{"message":"no such model"}}"#).as_deref(),
+            Some("no such model")
+        );
+        assert_eq!(
+            error_message_of(br#"{"object":"error","message":"old vllm"}"#).as_deref(),
+            Some("old vllm")
+        );
+        assert_eq!(
+            error_message_of(br#"{"error":"ollama"}"#).as_deref(),
+            Some("ollama")
+        );
         assert_eq!(error_message_of(b"<html>"), None);
     }
 
     #[test]
     fn endpoint_paths() {
-        assert_eq!(Endpoint::from_path("/v1/chat/completions"), Some(Endpoint::Chat));
-        assert_eq!(Endpoint::from_path("/v1/completions/"), Some(Endpoint::Completion));
+        assert_eq!(
+            Endpoint::from_path("/v1/chat/completions"),
+            Some(Endpoint::Chat)
+        );
+        assert_eq!(
+            Endpoint::from_path("/v1/completions/"),
+            Some(Endpoint::Completion)
+        );
         assert_eq!(Endpoint::from_path("/v1/models"), None);
         assert_eq!(Endpoint::Chat.path(), "/v1/chat/completions");
     }

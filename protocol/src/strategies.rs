@@ -116,8 +116,14 @@ fn node_control() -> impl Strategy<Value = Message> {
 }
 
 fn session() -> impl Strategy<Value = Message> {
-    let game = (text(), any::<u32>(), any::<u32>(), any::<u32>(), any::<u32>()).prop_map(
-        |(title, width, height, fps, bitrate_kbps)| {
+    let game = (
+        text(),
+        any::<u32>(),
+        any::<u32>(),
+        any::<u32>(),
+        any::<u32>(),
+    )
+        .prop_map(|(title, width, height, fps, bitrate_kbps)| {
             SessionKind::Game(GameParams {
                 title,
                 width,
@@ -125,8 +131,7 @@ fn session() -> impl Strategy<Value = Message> {
                 fps,
                 bitrate_kbps,
             })
-        },
-    );
+        });
     let inference = (text(), text()).prop_map(|(model, request_json)| SessionKind::Inference {
         model,
         request_json,
@@ -175,13 +180,19 @@ fn client() -> impl Strategy<Value = Message> {
                 request_json,
             })
         }),
-        (text(), text())
-            .prop_map(|(request_id, model)| Message::InferStarted(InferStarted {
-                request_id,
-                model
-            })),
-        (text(), text(), any::<u32>(), any::<u32>(), any::<u32>(), any::<u32>()).prop_map(
-            |(api_key, game, width, height, fps, bitrate_kbps)| {
+        (text(), text()).prop_map(|(request_id, model)| Message::InferStarted(InferStarted {
+            request_id,
+            model
+        })),
+        (
+            text(),
+            text(),
+            any::<u32>(),
+            any::<u32>(),
+            any::<u32>(),
+            any::<u32>()
+        )
+            .prop_map(|(api_key, game, width, height, fps, bitrate_kbps)| {
                 Message::PlayRequest(PlayRequest {
                     protocol_version: PROTOCOL_VERSION,
                     api_key,
@@ -191,10 +202,15 @@ fn client() -> impl Strategy<Value = Message> {
                     fps,
                     bitrate_kbps,
                 })
-            }
-        ),
-        (any::<u64>(), any::<u32>(), any::<u32>(), any::<u32>(), any::<u32>()).prop_map(
-            |(session_id, width, height, fps, bitrate_kbps)| {
+            }),
+        (
+            any::<u64>(),
+            any::<u32>(),
+            any::<u32>(),
+            any::<u32>(),
+            any::<u32>()
+        )
+            .prop_map(|(session_id, width, height, fps, bitrate_kbps)| {
                 Message::PlayStarted(PlayStarted {
                     session_id,
                     width,
@@ -202,8 +218,7 @@ fn client() -> impl Strategy<Value = Message> {
                     fps,
                     bitrate_kbps,
                 })
-            }
-        ),
+            }),
         text().prop_map(|reason| Message::Paused(Paused { reason })),
         Just(Message::Resumed),
         text().prop_map(|api_key| Message::ListGames(ListGames {
@@ -223,10 +238,19 @@ pub fn message() -> impl Strategy<Value = Message> {
 pub fn frame_header() -> impl Strategy<Value = FrameHeader> {
     (
         (any::<u64>(), any::<u64>(), any::<u64>(), any::<u32>()),
-        (any::<bool>(), any::<u64>(), any::<u16>(), any::<u16>(), any::<u32>()),
+        (
+            any::<bool>(),
+            any::<u64>(),
+            any::<u16>(),
+            any::<u16>(),
+            any::<u32>(),
+        ),
     )
         .prop_map(
-            |((session_id, seq, capture_ts_us, encode_us), (keyframe, input_seq, width, height, payload_len))| {
+            |(
+                (session_id, seq, capture_ts_us, encode_us),
+                (keyframe, input_seq, width, height, payload_len),
+            )| {
                 FrameHeader {
                     session_id,
                     seq,

@@ -60,7 +60,10 @@ pub enum StreamError {
         max: usize,
     },
     /// A video frame stream ended before its header was complete.
-    #[error("video frame stream ended after {got} of {} header bytes", FrameHeader::LEN)]
+    #[error(
+        "video frame stream ended after {got} of {} header bytes",
+        FrameHeader::LEN
+    )]
     HeaderTruncated {
         /// Header bytes received.
         got: usize,
@@ -210,9 +213,7 @@ pub async fn recv_frame_header(recv: &mut quinn::RecvStream) -> Result<FrameHead
     let mut raw = [0u8; FrameHeader::LEN];
     match recv.read_exact(&mut raw).await {
         Ok(()) => Ok(FrameHeader::decode(&raw)?),
-        Err(quinn::ReadExactError::FinishedEarly(got)) => {
-            Err(StreamError::HeaderTruncated { got })
-        }
+        Err(quinn::ReadExactError::FinishedEarly(got)) => Err(StreamError::HeaderTruncated { got }),
         Err(quinn::ReadExactError::ReadError(e)) => Err(e.into()),
     }
 }

@@ -60,7 +60,9 @@ fn samples() -> Vec<Message> {
             encoder_ms_p50: None,
         }),
         Message::HeartbeatAck(HeartbeatAck { seq: 128 }),
-        Message::Drain(Drain { deadline_ms: 30_000 }),
+        Message::Drain(Drain {
+            deadline_ms: 30_000,
+        }),
         Message::Drained,
         Message::Shutdown(Shutdown {
             reason: "gateway restarting".into(),
@@ -412,7 +414,10 @@ fn out_of_domain_values_are_rejected() {
         // A boolean must be 0 or 1.
         (raw_frame(ty::ERROR, &[0, 0, 2]), "Error.retryable"),
         // Presence byte must be 0 or 1.
-        (raw_frame(ty::REGISTERED, &[1, 1, 7]), "Registered.node_country"),
+        (
+            raw_frame(ty::REGISTERED, &[1, 1, 7]),
+            "Registered.node_country",
+        ),
         // Unknown reject and refuse codes.
         (raw_frame(ty::REJECTED, &[99, 0]), "Rejected.code"),
         (raw_frame(ty::REFUSED, &[0, 0]), "Refused.code"),
@@ -450,7 +455,10 @@ fn out_of_domain_values_are_rejected() {
             "Heartbeat.encoder_ms_p50",
         ),
         // Non-canonical varint inside a body.
-        (raw_frame(ty::HEARTBEAT_ACK, &[0x81, 0x00]), "HeartbeatAck.seq"),
+        (
+            raw_frame(ty::HEARTBEAT_ACK, &[0x81, 0x00]),
+            "HeartbeatAck.seq",
+        ),
     ];
     for (bytes, field) in cases {
         match decode_one(&bytes) {
@@ -483,7 +491,10 @@ fn every_type_byte_with_short_bodies_never_panics() {
             let _ = decode_one(&raw_frame(t, body));
         }
         if type_name(t).is_none() {
-            assert_eq!(decode_one(&raw_frame(t, &[])), Err(DecodeError::UnknownType(t)));
+            assert_eq!(
+                decode_one(&raw_frame(t, &[])),
+                Err(DecodeError::UnknownType(t))
+            );
         }
     }
 }

@@ -242,7 +242,10 @@ pub fn self_signed(names: &[String]) -> Result<SelfSigned, TlsError> {
 }
 
 /// A QUIC client configuration offering `alpn`, with [`TransportOptions::default`].
-pub fn client_config(verify: ServerVerify, alpn: &[&[u8]]) -> Result<quinn::ClientConfig, TlsError> {
+pub fn client_config(
+    verify: ServerVerify,
+    alpn: &[&[u8]],
+) -> Result<quinn::ClientConfig, TlsError> {
     client_config_with(verify, alpn, &TransportOptions::default())
 }
 
@@ -288,7 +291,10 @@ pub fn client_config_with(
     Ok(config)
 }
 
-fn root_store(certs: &[CertificateDer<'static>], origin: &str) -> Result<rustls::RootCertStore, TlsError> {
+fn root_store(
+    certs: &[CertificateDer<'static>],
+    origin: &str,
+) -> Result<rustls::RootCertStore, TlsError> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in certs {
         roots.add(cert.clone()).map_err(|source| TlsError::BadCa {
@@ -399,7 +405,10 @@ mod tests {
         assert!(err.to_string().contains("inline PEM"), "{err}");
         let missing = Path::new("/nonexistent/nearpath/cert.pem");
         let err = load_certs(missing).unwrap_err();
-        assert!(err.to_string().contains("/nonexistent/nearpath/cert.pem"), "{err}");
+        assert!(
+            err.to_string().contains("/nonexistent/nearpath/cert.pem"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use nearpath_protocol::codec::put_varint;
-use nearpath_protocol::{ty, Decoder, InputDatagram, FrameHeader, MAX_CONTROL_FRAME};
+use nearpath_protocol::{ty, Decoder, FrameHeader, InputDatagram, MAX_CONTROL_FRAME};
 
 struct Counting;
 
@@ -105,7 +105,10 @@ fn a_frame_announced_at_the_limit_reserves_at_most_the_limit() {
         dec.push(&prefix);
         assert_eq!(dec.poll(), Ok(None));
     });
-    assert!(largest <= MAX_CONTROL_FRAME + 16, "reserved {largest} bytes");
+    assert!(
+        largest <= MAX_CONTROL_FRAME + 16,
+        "reserved {largest} bytes"
+    );
 }
 
 #[test]

@@ -286,12 +286,13 @@ impl<B: Backend> Limited<B> {
 
 impl<B: Backend> Backend for Limited<B> {
     fn start(&self, request: &InferenceRequest) -> Result<Generation, BackendError> {
-        let permit = Arc::clone(&self.permits)
-            .try_acquire_owned()
-            .map_err(|_| BackendError::Busy {
-                model: self.model.clone(),
-                limit: self.limit,
-            })?;
+        let permit =
+            Arc::clone(&self.permits)
+                .try_acquire_owned()
+                .map_err(|_| BackendError::Busy {
+                    model: self.model.clone(),
+                    limit: self.limit,
+                })?;
         Ok(self.inner.start(request)?.hold(permit))
     }
 
@@ -447,12 +448,16 @@ impl ModelRegistry {
         };
         let node_permit = match &self.node_limit {
             None => None,
-            Some((limit, sem)) => Some(Arc::clone(sem).try_acquire_owned().map_err(|_| {
-                BackendError::Busy {
-                    model: request.model.clone(),
-                    limit: *limit,
-                }
-            })?),
+            Some((limit, sem)) => {
+                Some(
+                    Arc::clone(sem)
+                        .try_acquire_owned()
+                        .map_err(|_| BackendError::Busy {
+                            model: request.model.clone(),
+                            limit: *limit,
+                        })?,
+                )
+            }
         };
         let generation = self.models[i].backend.start(request)?;
         Ok(match node_permit {
@@ -601,7 +606,13 @@ mod tests {
         assert_eq!(limited.in_flight(), 2);
         match limited.start(&req) {
             Err(e) => {
-                assert_eq!(e, BackendError::Busy { model: "m".into(), limit: 2 });
+                assert_eq!(
+                    e,
+                    BackendError::Busy {
+                        model: "m".into(),
+                        limit: 2
+                    }
+                );
                 assert_eq!(e.code(), "busy");
                 assert!(e.retryable());
                 assert_eq!(e.api_error().status, 429);
@@ -684,14 +695,81 @@ mod tests {
     fn error_codes_and_retry() {
         let url = "http://127.0.0.1:1/v1".to_owned();
         let cases = [
-            (BackendError::UpstreamUnavailable { url: url.clone(), reason: "refused".into() }, "upstream_unavailable", true, 503),
-            (BackendError::UpstreamTimeout { url: url.clone(), timeout_ms: 5 }, "upstream_timeout", true, 504),
-            (BackendError::BadRequest { url: url.clone(), status: 422, message: "bad".into() }, "bad_request", false, 422),
-            (BackendError::ModelNotFound { url: url.clone(), model: "x".into(), message: "no".into() }, "model_not_found", true, 502),
-            (BackendError::UpstreamAuth { url: url.clone(), status: 401, message: "no".into() }, "upstream_auth", true, 502),
-            (BackendError::UpstreamError { url: url.clone(), status: Some(500), message: "oops".into() }, "upstream_error", true, 502),
-            (BackendError::UpstreamProtocol { url: url.clone(), detail: "junk".into() }, "upstream_protocol", false, 502),
-            (BackendError::Internal { detail: "bug".into() }, "internal", false, 500),
+            (
+                BackendError::UpstreamUnavailable {
+                    url: url.clone(),
+                    reason: "refused".into(),
+                },
+                "upstream_unavailable",
+                true,
+                503,
+            ),
+            (
+                BackendError::UpstreamTimeout {
+                    url: url.clone(),
+                    timeout_ms: 5,
+                },
+                "upstream_timeout",
+                true,
+                504,
+            ),
+            (
+                BackendError::BadRequest {
+                    url: url.clone(),
+                    status: 422,
+                    message: "bad".into(),
+                },
+                "bad_request",
+                false,
+                422,
+            ),
+            (
+                BackendError::ModelNotFound {
+                    url: url.clone(),
+                    model: "x".into(),
+                    message: "no".into(),
+                },
+                "model_not_found",
+                true,
+                502,
+            ),
+            (
+                BackendError::UpstreamAuth {
+                    url: url.clone(),
+                    status: 401,
+                    message: "no".into(),
+                },
+                "upstream_auth",
+                true,
+                502,
+            ),
+            (
+                BackendError::UpstreamError {
+                    url: url.clone(),
+                    status: Some(500),
+                    message: "oops".into(),
+                },
+                "upstream_error",
+                true,
+                502,
+            ),
+            (
+                BackendError::UpstreamProtocol {
+                    url: url.clone(),
+                    detail: "junk".into(),
+                },
+                "upstream_protocol",
+                false,
+                502,
+            ),
+            (
+                BackendError::Internal {
+                    detail: "bug".into(),
+                },
+                "internal",
+                false,
+                500,
+            ),
         ];
         for (err, code, retry, status) in cases {
             assert_eq!(err.code(), code, "{err}");

@@ -203,10 +203,7 @@ async fn route(req: Request<Incoming>, state: &State) -> Result<Response<OpenAiB
         })?
         .to_bytes();
     let request = InferenceRequest::parse(endpoint, &body)?;
-    let mut generation = state
-        .registry
-        .start(&request)
-        .map_err(|e| e.api_error())?;
+    let mut generation = state.registry.start(&request).map_err(|e| e.api_error())?;
     let id = new_id(endpoint.id_prefix());
     let created = unix_now();
     if request.stream {
@@ -370,7 +367,8 @@ impl SseBody {
                             completion_tokens,
                         }));
                     }
-                    self.queue.push_back(Bytes::from_static(SSE_DONE.as_bytes()));
+                    self.queue
+                        .push_back(Bytes::from_static(SSE_DONE.as_bytes()));
                     self.finished = true;
                 }
                 // After the headers, an error can only be reported in-band; the stream then ends
@@ -557,7 +555,10 @@ pub(super) mod tests {
         let server = TestServer::start(fast(), ServerOptions::default()).await;
         let (status, headers, body) = call(server.addr, "GET", "/v1/models", &[], "").await;
         assert_eq!(status, StatusCode::OK);
-        assert_eq!(headers.get("content-type").map(|v| v.as_bytes()), Some(&b"application/json"[..]));
+        assert_eq!(
+            headers.get("content-type").map(|v| v.as_bytes()),
+            Some(&b"application/json"[..])
+        );
         let v = json_of(&body);
         let created = v["data"][0]["created"].as_u64().unwrap_or(0);
         assert!(created > 1_600_000_000);
@@ -579,13 +580,22 @@ pub(super) mod tests {
             server.addr,
             "POST",
             "/v1/chat/completions",
-            &[("content-type", "application/json"), ("x-request-id", "abc-1")],
+            &[
+                ("content-type", "application/json"),
+                ("x-request-id", "abc-1"),
+            ],
             &request.to_string(),
         )
         .await;
         assert_eq!(status, StatusCode::OK);
-        assert_eq!(headers.get("content-type").map(|v| v.as_bytes()), Some(&b"text/event-stream"[..]));
-        assert_eq!(headers.get("x-request-id").map(|v| v.as_bytes()), Some(&b"abc-1"[..]));
+        assert_eq!(
+            headers.get("content-type").map(|v| v.as_bytes()),
+            Some(&b"text/event-stream"[..])
+        );
+        assert_eq!(
+            headers.get("x-request-id").map(|v| v.as_bytes()),
+            Some(&b"abc-1"[..])
+        );
         let text = String::from_utf8_lossy(&body).into_owned();
         assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
         let events: Vec<&str> = text
@@ -603,14 +613,24 @@ pub(super) mod tests {
             assert_eq!(c["object"], "chat.completion.chunk");
             assert_eq!(c["model"], "sim-model");
         }
-        assert_eq!(chunks[0]["choices"][0]["delta"], json!({"role": "assistant", "content": ""}));
+        assert_eq!(
+            chunks[0]["choices"][0]["delta"],
+            json!({"role": "assistant", "content": ""})
+        );
         let streamed: String = chunks[1..13]
             .iter()
-            .map(|c| c["choices"][0]["delta"]["content"].as_str().unwrap_or("<missing>"))
+            .map(|c| {
+                c["choices"][0]["delta"]["content"]
+                    .as_str()
+                    .unwrap_or("<missing>")
+            })
             .collect();
         let (want_text, want) = expected(&server.sim, Endpoint::Chat, &request).await;
         assert_eq!(streamed, want_text);
-        assert_eq!(chunks[13]["choices"][0], json!({"index": 0, "delta": {}, "logprobs": null, "finish_reason": "length"}));
+        assert_eq!(
+            chunks[13]["choices"][0],
+            json!({"index": 0, "delta": {}, "logprobs": null, "finish_reason": "length"})
+        );
         assert_eq!(chunks[14]["choices"], json!([]));
         assert_eq!(
             chunks[14]["usage"],
@@ -623,9 +643,16 @@ pub(super) mod tests {
     #[tokio::test]
     async fn streams_completions_without_usage_unless_asked() {
         let server = TestServer::start(fast(), ServerOptions::default()).await;
-        let request = json!({"model": "sim-model", "stream": true, "max_tokens": 3, "prompt": "Hi"});
-        let (status, _, body) =
-            call(server.addr, "POST", "/v1/completions", &[], &request.to_string()).await;
+        let request =
+            json!({"model": "sim-model", "stream": true, "max_tokens": 3, "prompt": "Hi"});
+        let (status, _, body) = call(
+            server.addr,
+            "POST",
+            "/v1/completions",
+            &[],
+            &request.to_string(),
+        )
+        .await;
         assert_eq!(status, StatusCode::OK);
         let text = String::from_utf8_lossy(&body).into_owned();
         let events: Vec<&str> = text.split("\n\n").filter(|e| !e.is_empty()).collect();
@@ -641,8 +668,14 @@ pub(super) mod tests {
     async fn answers_without_streaming() {
         let server = TestServer::start(fast(), ServerOptions::default()).await;
         let request = json!({"model": "sim-model", "max_tokens": 5, "stop": [], "prompt": "Once"});
-        let (status, _, body) =
-            call(server.addr, "POST", "/v1/completions", &[], &request.to_string()).await;
+        let (status, _, body) = call(
+            server.addr,
+            "POST",
+            "/v1/completions",
+            &[],
+            &request.to_string(),
+        )
+        .await;
         assert_eq!(status, StatusCode::OK);
         let v = json_of(&body);
         let (want_text, want) = expected(&server.sim, Endpoint::Completion, &request).await;
@@ -652,8 +685,14 @@ pub(super) mod tests {
         assert_eq!(v["usage"]["prompt_tokens"], want["prompt"]);
         assert_eq!(v["usage"]["completion_tokens"], 5);
         let chat = json!({"model": "sim-model", "max_tokens": 2, "messages": [{"role": "user", "content": "x"}]});
-        let (status, _, body) =
-            call(server.addr, "POST", "/v1/chat/completions", &[], &chat.to_string()).await;
+        let (status, _, body) = call(
+            server.addr,
+            "POST",
+            "/v1/chat/completions",
+            &[],
+            &chat.to_string(),
+        )
+        .await;
         assert_eq!(status, StatusCode::OK);
         let v = json_of(&body);
         assert_eq!(v["object"], "chat.completion");
@@ -678,20 +717,97 @@ pub(super) mod tests {
         let chat = |model: &str| {
             json!({"model": model, "messages": [{"role": "user", "content": "x"}]}).to_string()
         };
-        let cases: Vec<(&str, &str, Vec<(&str, &str)>, String, u16, Option<&str>)> = vec![
-            ("GET", "/v1/models", vec![], String::new(), 401, Some("missing_api_key")),
-            ("GET", "/v1/models", vec![("authorization", "Bearer nope")], String::new(), 401, Some("invalid_api_key")),
-            ("GET", "/v1/models", vec![("authorization", "Basic c2stdGVzdA==")], String::new(), 401, Some("missing_api_key")),
-            ("GET", "/v1/models", vec![("authorization", "bearer sk-test")], String::new(), 200, None),
-            ("GET", "/v1/chat/completions", vec![auth], String::new(), 405, Some("method_not_allowed")),
-            ("POST", "/v2/anything", vec![auth], String::new(), 404, Some("not_found")),
-            ("POST", "/v1/chat/completions", vec![auth], "{\"model\":".into(), 400, Some("invalid_json")),
-            ("POST", "/v1/chat/completions", vec![auth], chat("other"), 404, Some("model_not_found")),
-            ("POST", "/v1/chat/completions", vec![auth], "x".repeat(2000), 413, Some("request_too_large")),
+        // (method, path, headers, body, status, error code)
+        type Case<'a> = (
+            &'a str,
+            &'a str,
+            Vec<(&'a str, &'a str)>,
+            String,
+            u16,
+            Option<&'a str>,
+        );
+        let cases: Vec<Case> = vec![
+            (
+                "GET",
+                "/v1/models",
+                vec![],
+                String::new(),
+                401,
+                Some("missing_api_key"),
+            ),
+            (
+                "GET",
+                "/v1/models",
+                vec![("authorization", "Bearer nope")],
+                String::new(),
+                401,
+                Some("invalid_api_key"),
+            ),
+            (
+                "GET",
+                "/v1/models",
+                vec![("authorization", "Basic c2stdGVzdA==")],
+                String::new(),
+                401,
+                Some("missing_api_key"),
+            ),
+            (
+                "GET",
+                "/v1/models",
+                vec![("authorization", "bearer sk-test")],
+                String::new(),
+                200,
+                None,
+            ),
+            (
+                "GET",
+                "/v1/chat/completions",
+                vec![auth],
+                String::new(),
+                405,
+                Some("method_not_allowed"),
+            ),
+            (
+                "POST",
+                "/v2/anything",
+                vec![auth],
+                String::new(),
+                404,
+                Some("not_found"),
+            ),
+            (
+                "POST",
+                "/v1/chat/completions",
+                vec![auth],
+                "{\"model\":".into(),
+                400,
+                Some("invalid_json"),
+            ),
+            (
+                "POST",
+                "/v1/chat/completions",
+                vec![auth],
+                chat("other"),
+                404,
+                Some("model_not_found"),
+            ),
+            (
+                "POST",
+                "/v1/chat/completions",
+                vec![auth],
+                "x".repeat(2000),
+                413,
+                Some("request_too_large"),
+            ),
         ];
         for (method, path, headers, body, status, code) in cases {
             let (got, resp_headers, resp) = call(server.addr, method, path, &headers, &body).await;
-            assert_eq!(got.as_u16(), status, "{method} {path}: {}", String::from_utf8_lossy(&resp));
+            assert_eq!(
+                got.as_u16(),
+                status,
+                "{method} {path}: {}",
+                String::from_utf8_lossy(&resp)
+            );
             if let Some(code) = code {
                 let v = json_of(&resp);
                 assert_eq!(v["error"]["code"], code, "{method} {path}");
@@ -705,7 +821,14 @@ pub(super) mod tests {
         // Fill the model's two slots with slow streams, then the third is refused with 429.
         let hold = |addr: SocketAddr| async move {
             let body = json!({"model": "sim-model", "stream": true, "messages": [{"role": "user", "content": "x"}]});
-            call(addr, "POST", "/v1/chat/completions", &[("authorization", "Bearer sk-test")], &body.to_string()).await
+            call(
+                addr,
+                "POST",
+                "/v1/chat/completions",
+                &[("authorization", "Bearer sk-test")],
+                &body.to_string(),
+            )
+            .await
         };
         let a = tokio::spawn(hold(server.addr));
         let b = tokio::spawn(hold(server.addr));
@@ -714,11 +837,23 @@ pub(super) mod tests {
             .await
             .map(|r| r.map(|n| *n));
         assert!(matches!(filled, Ok(Ok(_))), "two streams did not start");
-        let (status, headers, body) =
-            call(server.addr, "POST", "/v1/chat/completions", &[auth], &chat("sim-model")).await;
+        let (status, headers, body) = call(
+            server.addr,
+            "POST",
+            "/v1/chat/completions",
+            &[auth],
+            &chat("sim-model"),
+        )
+        .await;
         assert_eq!(status.as_u16(), 429);
-        assert_eq!(headers.get("retry-after").map(|v| v.as_bytes()), Some(&b"1"[..]));
-        assert_eq!(headers.get("x-should-retry").map(|v| v.as_bytes()), Some(&b"true"[..]));
+        assert_eq!(
+            headers.get("retry-after").map(|v| v.as_bytes()),
+            Some(&b"1"[..])
+        );
+        assert_eq!(
+            headers.get("x-should-retry").map(|v| v.as_bytes()),
+            Some(&b"true"[..])
+        );
         assert_eq!(json_of(&body)["error"]["code"], "rate_limit_exceeded");
         // Dropping the waiting clients closes their connections; the server stops both streams.
         a.abort();
@@ -726,7 +861,10 @@ pub(super) mod tests {
         let drained = tokio::time::timeout(Duration::from_secs(5), active.wait_for(|n| *n == 0))
             .await
             .map(|r| r.map(|n| *n));
-        assert!(matches!(drained, Ok(Ok(_))), "aborted streams kept generating");
+        assert!(
+            matches!(drained, Ok(Ok(_))),
+            "aborted streams kept generating"
+        );
         server.stop().await;
     }
 }

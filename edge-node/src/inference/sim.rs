@@ -24,10 +24,7 @@ use nearpath_protocol::openai::{Endpoint, InferenceRequest};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
-use super::{
-    approx_prompt_tokens, Backend, BackendError, BackendEvent, EventResult,
-    Generation,
-};
+use super::{approx_prompt_tokens, Backend, BackendError, BackendEvent, EventResult, Generation};
 
 /// Tokens generated when a request sets no `max_tokens`.
 pub const DEFAULT_SIM_MAX_TOKENS: u32 = 64;
@@ -145,7 +142,11 @@ async fn run(
         // last step and is not delayed further.
         let k = script.steps.saturating_sub(1);
         // With no rate limit, only the first token waits (for the TTFT).
-        let due_now = if k == 0 { ttft.is_zero() } else { interval.is_zero() };
+        let due_now = if k == 0 {
+            ttft.is_zero()
+        } else {
+            interval.is_zero()
+        };
         if due_now {
             // Nothing to wait for; still let other tasks run now and then.
             tokio::task::consume_budget().await;
@@ -219,7 +220,12 @@ impl SimScript {
             max_tokens: request.max_tokens.unwrap_or(DEFAULT_SIM_MAX_TOKENS),
             steps: 0,
             prompt_tokens: approx_prompt_tokens(request),
-            stops: request.stop.iter().filter(|s| !s.is_empty()).cloned().collect(),
+            stops: request
+                .stop
+                .iter()
+                .filter(|s| !s.is_empty())
+                .cloned()
+                .collect(),
             pending: String::new(),
             stopped: false,
             flushed: false,
@@ -411,12 +417,24 @@ mod tests {
         let b = run_all(&sim, &r).await;
         assert_eq!(a, b);
         assert_eq!(a.0.len(), 20);
-        assert!(a.0.iter().all(|t| t.starts_with(' ') && t.len() > 1), "{:?}", a.0);
-        let other_prompt = run_all(&sim, &chat("Tell me about cores.", json!({"max_tokens": 20}))).await;
+        assert!(
+            a.0.iter().all(|t| t.starts_with(' ') && t.len() > 1),
+            "{:?}",
+            a.0
+        );
+        let other_prompt = run_all(
+            &sim,
+            &chat("Tell me about cores.", json!({"max_tokens": 20})),
+        )
+        .await;
         assert_ne!(a.0, other_prompt.0);
         let other_seed = run_all(&SimBackend::new(fast(8)), &r).await;
         assert_ne!(a.0, other_seed.0);
-        let request_seed = run_all(&sim, &chat("Tell me about edges.", json!({"max_tokens": 20, "seed": 3}))).await;
+        let request_seed = run_all(
+            &sim,
+            &chat("Tell me about edges.", json!({"max_tokens": 20, "seed": 3})),
+        )
+        .await;
         assert_ne!(a.0, request_seed.0);
     }
 
@@ -432,8 +450,11 @@ mod tests {
         let (tokens, _, _, completion) = run_all(&sim, &chat("x", json!({}))).await;
         assert_eq!(tokens.len() as u32, DEFAULT_SIM_MAX_TOKENS);
         assert_eq!(completion, DEFAULT_SIM_MAX_TOKENS);
-        let (tokens, finish, prompt, completion) =
-            run_all(&sim, &req(json!({"model": "sim", "prompt": "Once upon a time", "max_tokens": 0}))).await;
+        let (tokens, finish, prompt, completion) = run_all(
+            &sim,
+            &req(json!({"model": "sim", "prompt": "Once upon a time", "max_tokens": 0})),
+        )
+        .await;
         assert!(tokens.is_empty());
         assert_eq!((finish.as_str(), prompt, completion), ("length", 4, 0));
     }
@@ -451,36 +472,55 @@ mod tests {
             Some(at) => at,
             None => panic!("stop {stop:?} not in {full_text:?}"),
         };
-        let r = chat("stop test", json!({"max_tokens": 40, "stop": ["never-appears", stop]}));
+        let r = chat(
+            "stop test",
+            json!({"max_tokens": 40, "stop": ["never-appears", stop]}),
+        );
         let (tokens, finish, _, completion) = run_all(&sim, &r).await;
         assert_eq!(finish, "stop");
         assert_eq!(tokens.concat(), full_text[..at]);
         assert!(tokens.iter().all(|t| !t.is_empty()));
-        assert!(completion <= 7, "stopped by the 7th token, took {completion}");
+        assert!(
+            completion <= 7,
+            "stopped by the 7th token, took {completion}"
+        );
         // A stop that never matches: same text as without it, finish "length".
         let r = chat("stop test", json!({"max_tokens": 40, "stop": "zzz"}));
         let (tokens, finish, ..) = run_all(&sim, &r).await;
-        assert_eq!((tokens.concat(), finish.as_str()), (full_text.clone(), "length"));
+        assert_eq!(
+            (tokens.concat(), finish.as_str()),
+            (full_text.clone(), "length")
+        );
+    }
+
+    /// Runs a script to the end: (pieces, finish_reason, steps).
+    fn script_pieces(r: &InferenceRequest) -> (Vec<Option<String>>, &'static str, u32) {
+        let mut script = SimScript::new(&fast(0), r);
+        let pieces: Vec<Option<String>> = std::iter::from_fn(|| script.next_piece()).collect();
+        (pieces, script.finish_reason(), script.steps)
     }
 
     #[test]
     fn held_back_text_is_flushed_at_length() {
-        // A stop sequence whose first character is a space: every token starts with a possible
-        // prefix of it, so text is held back and must be flushed when the length is reached.
-        let r = chat("hold", json!({"max_tokens": 3, "stop": [" \u{1F600}"]}));
-        let mut script = SimScript::new(&fast(0), &r);
-        let mut text = String::new();
-        let mut steps = 0;
-        while let Some(piece) = script.next_piece() {
-            steps += 1;
-            text.push_str(&piece.unwrap_or_default());
-        }
-        let plain = chat("hold", json!({"max_tokens": 3}));
-        let mut script2 = SimScript::new(&fast(0), &plain);
-        let expected: String = std::iter::from_fn(|| script2.next_piece()).flatten().collect();
-        assert_eq!(text, expected);
-        assert_eq!(script.finish_reason(), "length");
-        assert!(steps >= 3);
+        // Find a length whose text ends in "e"; with the stop "e\u{1F600}" (never generated) the
+        // final "e" might begin the stop, so it is held back and must be flushed at the end.
+        let Some((n, plain)) = (1..200).find_map(|n| {
+            let r = chat("hold", json!({"max_tokens": n}));
+            let text: String = script_pieces(&r).0.into_iter().flatten().collect();
+            text.ends_with('e').then_some((n, text))
+        }) else {
+            panic!("no generated text ends in 'e'")
+        };
+        let r = chat("hold", json!({"max_tokens": n, "stop": ["e\u{1F600}"]}));
+        let (pieces, finish, steps) = script_pieces(&r);
+        assert_eq!(pieces.iter().flatten().cloned().collect::<String>(), plain);
+        assert_eq!((finish, steps), ("length", n));
+        assert_eq!(pieces.len() as u32, n + 1, "n steps plus the flush");
+        // The last step emitted its word without the final "e", which the flush then released.
+        assert_eq!(pieces[n as usize].as_deref(), Some("e"));
+        assert!(pieces[n as usize - 1]
+            .as_deref()
+            .is_some_and(|t| !t.ends_with('e')));
     }
 
     #[tokio::test(start_paused = true)]
@@ -507,7 +547,10 @@ mod tests {
             .map(|k| Duration::from_millis(250 + 25 * k))
             .chain([Duration::from_millis(375)])
             .collect();
-        assert_eq!(arrivals, expected, "TTFT 250 ms, then one token per 25 ms, Done with the last");
+        assert_eq!(
+            arrivals, expected,
+            "TTFT 250 ms, then one token per 25 ms, Done with the last"
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -533,7 +576,10 @@ mod tests {
             Ok(g) => g,
             Err(e) => panic!("{e}"),
         };
-        assert!(matches!(g.next().await, Some(Ok(BackendEvent::Token { .. }))));
+        assert!(matches!(
+            g.next().await,
+            Some(Ok(BackendEvent::Token { .. }))
+        ));
         assert_eq!(sim.active(), 1);
         drop(g);
         let waited = active.wait_for(|n| *n == 0).await.map(|n| *n);

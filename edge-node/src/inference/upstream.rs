@@ -22,8 +22,7 @@ use hyper::{Method, Request, StatusCode, Uri};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
 use nearpath_protocol::openai::{
-    error_message_of, parse_stream_chunk, Endpoint, InferenceRequest, SseParser, StreamChunk,
-    Usage,
+    error_message_of, parse_stream_chunk, Endpoint, InferenceRequest, SseParser, StreamChunk, Usage,
 };
 use serde_json::Value;
 use tokio::sync::mpsc;
@@ -112,9 +111,9 @@ impl UpstreamBackend {
             url: url.clone(),
             reason: reason.to_owned(),
         };
-        let uri: Uri = url.parse().map_err(|e: hyper::http::uri::InvalidUri| {
-            invalid(&e.to_string())
-        })?;
+        let uri: Uri = url
+            .parse()
+            .map_err(|e: hyper::http::uri::InvalidUri| invalid(&e.to_string()))?;
         match uri.scheme_str() {
             Some("http") => {}
             Some(s) if s.eq_ignore_ascii_case("https") => {
@@ -223,7 +222,10 @@ impl Backend for UpstreamBackend {
 }
 
 /// Runs `fut` until `deadline` (`None` when the deadline is beyond representation).
-async fn timeout_at_opt<F: std::future::Future>(deadline: Option<Instant>, fut: F) -> Option<F::Output> {
+async fn timeout_at_opt<F: std::future::Future>(
+    deadline: Option<Instant>,
+    fut: F,
+) -> Option<F::Output> {
     match deadline {
         Some(deadline) => tokio::time::timeout_at(deadline, fut).await.ok(),
         None => Some(fut.await),
@@ -285,11 +287,12 @@ impl Inner {
         if let Some(auth) = &self.auth {
             builder = builder.header(header::AUTHORIZATION, auth.clone());
         }
-        let request = builder
-            .body(Full::new(Bytes::from(body)))
-            .map_err(|e| BackendError::Internal {
-                detail: format!("building the upstream request: {e}"),
-            })?;
+        let request =
+            builder
+                .body(Full::new(Bytes::from(body)))
+                .map_err(|e| BackendError::Internal {
+                    detail: format!("building the upstream request: {e}"),
+                })?;
         let response = self.client.request(request).await.map_err(|e| {
             if e.is_connect() {
                 self.unavailable(error_chain(&e))
@@ -438,7 +441,10 @@ impl Inner {
             .as_str()
             .or_else(|| choice["text"].as_str())
             .ok_or_else(|| self.protocol("the JSON answer has no choices[0] text"))?;
-        let finish_reason = choice["finish_reason"].as_str().unwrap_or("stop").to_owned();
+        let finish_reason = choice["finish_reason"]
+            .as_str()
+            .unwrap_or("stop")
+            .to_owned();
         let count = |key: &str| {
             value["usage"][key]
                 .as_u64()
@@ -465,7 +471,12 @@ impl Inner {
     }
 
     /// Maps a non-2xx answer to an error carrying the upstream's own message.
-    async fn status_error(&self, status: StatusCode, model: String, body: Incoming) -> BackendError {
+    async fn status_error(
+        &self,
+        status: StatusCode,
+        model: String,
+        body: Incoming,
+    ) -> BackendError {
         let bytes = Limited::new(body, MAX_ERROR_BODY)
             .collect()
             .await
@@ -523,4 +534,505 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         cause = c.source();
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::openai_server::tests::TestServer;
+    use super::super::{ServerOptions, SimBackend, SimConfig};
+    use super::*;
+    use serde_json::json;
+    use std::net::SocketAddr;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+    use tokio::sync::oneshot;
+
+    fn chat_request(model: &str, extra: Value) -> InferenceRequest {
+        let mut v =
+            json!({"model": model, "messages": [{"role": "user", "content": "Relay me, please."}]});
+        if let (Some(obj), Value::Object(extra)) = (v.as_object_mut(), extra) {
+            obj.extend(extra);
+        }
+        match InferenceRequest::parse(Endpoint::Chat, v.to_string().as_bytes()) {
+            Ok(r) => r,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    fn backend(
+        addr: SocketAddr,
+        key: Option<&str>,
+        upstream_model: Option<&str>,
+    ) -> UpstreamBackend {
+        match UpstreamBackend::new(UpstreamConfig {
+            base_url: format!("http://{addr}/v1/"),
+            api_key: key.map(str::to_owned),
+            upstream_model: upstream_model.map(str::to_owned),
+            timeout_ms: 10_000,
+        }) {
+            Ok(b) => b,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    /// Runs a generation to its end: tokens, then the final Done or error.
+    async fn run(b: &dyn Backend, r: &InferenceRequest) -> (Vec<String>, EventResult) {
+        let mut g = match b.start(r) {
+            Ok(g) => g,
+            Err(e) => return (Vec::new(), Err(e)),
+        };
+        let mut tokens = Vec::new();
+        let end = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match g.next().await {
+                    Some(Ok(BackendEvent::Token { text })) => tokens.push(text),
+                    Some(end) => return end,
+                    None => panic!("generation ended without Done or error"),
+                }
+            }
+        })
+        .await;
+        match end {
+            Ok(end) => (tokens, end),
+            Err(_) => panic!("generation did not finish in 10 s"),
+        }
+    }
+
+    fn fast() -> SimConfig {
+        SimConfig {
+            ttft_ms: 0,
+            tokens_per_s: 0.0,
+            seed: 5,
+        }
+    }
+
+    fn with_key(key: &str) -> ServerOptions {
+        ServerOptions {
+            api_key: Some(key.to_owned()),
+            ..ServerOptions::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn relays_the_simulator_token_for_token() {
+        let server = TestServer::start(fast(), with_key("sk-up")).await;
+        let up = backend(server.addr, Some("sk-up"), Some("sim-model"));
+        for (endpoint, body) in [
+            (
+                Endpoint::Chat,
+                json!({"model": "public", "max_tokens": 17, "messages": [{"role": "user", "content": "Relay, please."}]}),
+            ),
+            (
+                Endpoint::Completion,
+                json!({"model": "public", "max_tokens": 9, "prompt": "Once upon a time"}),
+            ),
+            (
+                Endpoint::Chat,
+                json!({"model": "public", "max_tokens": 30, "stop": ["edge"], "messages": [{"role": "user", "content": "stop early"}]}),
+            ),
+        ] {
+            let client_req = match InferenceRequest::parse(endpoint, body.to_string().as_bytes()) {
+                Ok(r) => r,
+                Err(e) => panic!("{e}"),
+            };
+            // What the simulator itself produces for the upstream's view of the request.
+            let mut direct_body = body.clone();
+            direct_body["model"] = json!("sim-model");
+            let direct_req =
+                match InferenceRequest::parse(endpoint, direct_body.to_string().as_bytes()) {
+                    Ok(r) => r,
+                    Err(e) => panic!("{e}"),
+                };
+            let direct = run(&SimBackend::new(fast()), &direct_req).await;
+            let relayed = run(&up, &client_req).await;
+            assert!(!direct.0.is_empty());
+            assert_eq!(relayed, direct, "{endpoint:?} {body}");
+        }
+        server.stop().await;
+    }
+
+    #[tokio::test]
+    async fn cancellation_closes_the_upstream_request() {
+        // One token at once, the next 10 s later: only a closed connection can end it sooner.
+        let slow = SimConfig {
+            ttft_ms: 0,
+            tokens_per_s: 0.1,
+            seed: 0,
+        };
+        let server = TestServer::start(slow, ServerOptions::default()).await;
+        let up = backend(server.addr, None, Some("sim-model"));
+        let mut active = server.sim.watch_active();
+        let mut g = match up.start(&chat_request(
+            "x",
+            json!({"stream": true, "max_tokens": 100}),
+        )) {
+            Ok(g) => g,
+            Err(e) => panic!("{e}"),
+        };
+        let first = tokio::time::timeout(Duration::from_secs(5), g.next()).await;
+        assert!(
+            matches!(first, Ok(Some(Ok(BackendEvent::Token { .. })))),
+            "{first:?}"
+        );
+        assert_eq!(server.sim.active(), 1);
+        drop(g);
+        let stopped = tokio::time::timeout(Duration::from_secs(5), active.wait_for(|n| *n == 0))
+            .await
+            .map(|r| r.map(|n| *n));
+        assert!(
+            matches!(stopped, Ok(Ok(0))),
+            "the server kept generating after the relay was dropped"
+        );
+        server.stop().await;
+    }
+
+    #[tokio::test]
+    async fn maps_upstream_failures() {
+        let server = TestServer::start(fast(), with_key("sk-up")).await;
+        // Unknown upstream model -> 404.
+        let (_, end) = run(
+            &backend(server.addr, Some("sk-up"), Some("nope")),
+            &chat_request("m", json!({})),
+        )
+        .await;
+        match end {
+            Err(e @ BackendError::ModelNotFound { .. }) => {
+                assert!(e.to_string().contains("`nope` does not exist"), "{e}");
+                assert!(e.retryable());
+            }
+            other => panic!("expected ModelNotFound, got {other:?}"),
+        }
+        // Wrong key -> 401.
+        let (_, end) = run(
+            &backend(server.addr, Some("sk-wrong"), Some("sim-model")),
+            &chat_request("m", json!({})),
+        )
+        .await;
+        assert!(
+            matches!(end, Err(BackendError::UpstreamAuth { status: 401, .. })),
+            "{end:?}"
+        );
+        // The upstream validates something the node let through -> 400 with the upstream's words.
+        let mut bad = chat_request("m", json!({}));
+        bad.raw.insert("temperature".into(), json!(7));
+        let (_, end) = run(
+            &backend(server.addr, Some("sk-up"), Some("sim-model")),
+            &bad,
+        )
+        .await;
+        match end {
+            Err(e @ BackendError::BadRequest { status: 400, .. }) => {
+                assert!(e.to_string().contains("temperature"), "{e}");
+                assert!(!e.retryable());
+                assert_eq!(e.code(), "bad_request");
+            }
+            other => panic!("expected BadRequest, got {other:?}"),
+        }
+        server.stop().await;
+    }
+
+    #[tokio::test]
+    async fn upstream_down_is_retryable_unavailable() {
+        let addr = {
+            let l = match TcpListener::bind("127.0.0.1:0").await {
+                Ok(l) => l,
+                Err(e) => panic!("{e}"),
+            };
+            match l.local_addr() {
+                Ok(a) => a,
+                Err(e) => panic!("{e}"),
+            }
+        };
+        let (tokens, end) = run(&backend(addr, None, None), &chat_request("m", json!({}))).await;
+        assert!(tokens.is_empty());
+        match end {
+            Err(e @ BackendError::UpstreamUnavailable { .. }) => {
+                assert!(e.retryable());
+                assert_eq!(e.code(), "upstream_unavailable");
+                assert!(e.to_string().contains(&addr.to_string()), "{e}");
+            }
+            other => panic!("expected UpstreamUnavailable, got {other:?}"),
+        }
+    }
+
+    /// A one-shot HTTP server that captures the request and answers with `response` (or never
+    /// answers when it is `None`).
+    async fn canned(response: Option<Vec<u8>>) -> (SocketAddr, oneshot::Receiver<String>) {
+        let listener = match TcpListener::bind("127.0.0.1:0").await {
+            Ok(l) => l,
+            Err(e) => panic!("{e}"),
+        };
+        let addr = match listener.local_addr() {
+            Ok(a) => a,
+            Err(e) => panic!("{e}"),
+        };
+        let (tx, rx) = oneshot::channel();
+        tokio::spawn(async move {
+            let Ok((mut sock, _)) = listener.accept().await else {
+                return;
+            };
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 4096];
+            loop {
+                let text = String::from_utf8_lossy(&buf).into_owned();
+                if let Some(end) = text.find("\r\n\r\n") {
+                    let len = text[..end]
+                        .lines()
+                        .find_map(|l| {
+                            l.to_ascii_lowercase()
+                                .strip_prefix("content-length:")
+                                .map(|v| v.trim().parse::<usize>().unwrap_or(0))
+                        })
+                        .unwrap_or(0);
+                    if buf.len() >= end + 4 + len {
+                        let _ = tx.send(text);
+                        break;
+                    }
+                }
+                match sock.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            }
+            match response {
+                Some(response) => {
+                    let _ = sock.write_all(&response).await;
+                    let _ = sock.shutdown().await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        });
+        (addr, rx)
+    }
+
+    fn sse_response(body: &str) -> Vec<u8> {
+        format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n{body}"
+        )
+        .into_bytes()
+    }
+
+    #[tokio::test]
+    async fn sends_a_streaming_request_and_parses_sse_variants() {
+        // Comments, CRLF line ends, a JSON chunk split over two data lines, an event type,
+        // usage in the last chunk; no [DONE] (the server closes after the finish).
+        let body = ": ping\r\n\r\n\
+            data: {\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"}}]}\r\n\r\n\
+            event: message\r\ndata: {\"choices\":[{\"index\":0,\r\ndata: \"delta\":{\"content\":\"Hel\"}}]}\r\n\r\n\
+            data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"lo\"},\"finish_reason\":\"stop\"}],\"usage\":{\"prompt_tokens\":4,\"completion_tokens\":2,\"total_tokens\":6}}\r\n\r\n";
+        let (addr, request) = canned(Some(sse_response(body))).await;
+        let req = chat_request("public", json!({"stream": false, "max_tokens": 3}));
+        let (tokens, end) = run(&backend(addr, Some("sk-1"), Some("org/model")), &req).await;
+        assert_eq!(tokens, ["Hel", "lo"]);
+        assert_eq!(
+            end,
+            Ok(BackendEvent::Done {
+                finish_reason: "stop".into(),
+                prompt_tokens: 4,
+                completion_tokens: 2
+            })
+        );
+        let sent = match request.await {
+            Ok(s) => s,
+            Err(e) => panic!("{e}"),
+        };
+        assert!(
+            sent.starts_with("POST /v1/chat/completions HTTP/1.1\r\n"),
+            "{sent}"
+        );
+        assert!(
+            sent.to_ascii_lowercase()
+                .contains("\r\nauthorization: bearer sk-1\r\n"),
+            "{sent}"
+        );
+        let json_start = sent.find("\r\n\r\n").map_or(0, |i| i + 4);
+        let sent_body: Value = serde_json::from_str(&sent[json_start..]).unwrap_or_default();
+        assert_eq!(sent_body["model"], "org/model");
+        assert_eq!(sent_body["stream"], true);
+        assert_eq!(sent_body["stream_options"], json!({"include_usage": true}));
+        assert_eq!(sent_body["max_tokens"], 3);
+    }
+
+    #[tokio::test]
+    async fn estimates_usage_when_the_upstream_sends_none() {
+        let body = "data: {\"choices\":[{\"index\":0,\"text\":\" a\"}]}\n\n\
+                    data: {\"choices\":[{\"index\":0,\"text\":\" b\",\"finish_reason\":\"length\"}]}\n\n\
+                    data: [DONE]\n\n";
+        let (addr, _request) = canned(Some(sse_response(body))).await;
+        let req = match InferenceRequest::parse(
+            Endpoint::Completion,
+            br#"{"model":"m","prompt":"one two, three"}"#,
+        ) {
+            Ok(r) => r,
+            Err(e) => panic!("{e}"),
+        };
+        let (tokens, end) = run(&backend(addr, None, None), &req).await;
+        assert_eq!(tokens, [" a", " b"]);
+        assert_eq!(
+            end,
+            Ok(BackendEvent::Done {
+                finish_reason: "length".into(),
+                prompt_tokens: 4,
+                completion_tokens: 2
+            })
+        );
+    }
+
+    #[tokio::test]
+    async fn in_band_errors_and_garbage() {
+        let cases = [
+            (
+                "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"x\"}}]}\n\ndata: {\"error\":{\"message\":\"CUDA out of memory\",\"type\":\"InternalServerError\",\"code\":500}}\n\n",
+                1,
+                "upstream_error",
+                "CUDA out of memory",
+            ),
+            ("data: {\"choices\": [oops\n\n", 0, "upstream_protocol", "oops"),
+            ("data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"x\"}}]}\n\n", 1, "upstream_protocol", "ended before"),
+            ("<html>hello</html>", 0, "upstream_protocol", "ended before"),
+        ];
+        for (body, n_tokens, code, needle) in cases {
+            let (addr, _request) = canned(Some(sse_response(body))).await;
+            let (tokens, end) =
+                run(&backend(addr, None, None), &chat_request("m", json!({}))).await;
+            assert_eq!(tokens.len(), n_tokens, "{body}");
+            match end {
+                Err(e) => {
+                    assert_eq!(e.code(), code, "{body}: {e}");
+                    assert!(e.to_string().contains(needle), "{e}");
+                }
+                other => panic!("{body}: expected an error, got {other:?}"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn status_errors_and_json_answers() {
+        let cases: [(&str, &str, Option<u16>); 3] = [
+            ("HTTP/1.1 500 Internal Server Error\r\ncontent-type: application/json\r\ncontent-length: 35\r\nconnection: close\r\n\r\n{\"error\":{\"message\":\"engine dead\"}}", "upstream_error", Some(500)),
+            ("HTTP/1.1 429 Too Many Requests\r\ncontent-length: 4\r\nconnection: close\r\n\r\nbusy", "upstream_error", Some(429)),
+            ("HTTP/1.1 422 Unprocessable Entity\r\ncontent-length: 0\r\nconnection: close\r\n\r\n", "bad_request", None),
+        ];
+        for (response, code, status) in cases {
+            let (addr, _request) = canned(Some(response.as_bytes().to_vec())).await;
+            let (_, end) = run(&backend(addr, None, None), &chat_request("m", json!({}))).await;
+            match end {
+                Err(e) => {
+                    assert_eq!(e.code(), code, "{e}");
+                    if let BackendError::UpstreamError { status: s, .. } = &e {
+                        assert_eq!(*s, status);
+                        assert!(e.retryable());
+                    }
+                    if status == Some(500) {
+                        assert!(e.to_string().contains("engine dead"), "{e}");
+                    }
+                    if status.is_none() {
+                        assert!(e.to_string().contains("Unprocessable Entity"), "{e}");
+                        assert_eq!(e.api_error().status, 422);
+                    }
+                }
+                other => panic!("expected {code}, got {other:?}"),
+            }
+        }
+        let doc = r#"{"id":"x","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"whole answer"},"finish_reason":"stop"}],"usage":{"prompt_tokens":3,"completion_tokens":2}}"#;
+        let response = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{doc}",
+            doc.len()
+        );
+        let (addr, _request) = canned(Some(response.into_bytes())).await;
+        let (tokens, end) = run(&backend(addr, None, None), &chat_request("m", json!({}))).await;
+        assert_eq!(tokens, ["whole answer"]);
+        assert_eq!(
+            end,
+            Ok(BackendEvent::Done {
+                finish_reason: "stop".into(),
+                prompt_tokens: 3,
+                completion_tokens: 2
+            })
+        );
+    }
+
+    #[tokio::test]
+    async fn times_out_a_silent_upstream() {
+        let (addr, _request) = canned(None).await;
+        let up = match UpstreamBackend::new(UpstreamConfig {
+            base_url: format!("http://{addr}/v1"),
+            api_key: None,
+            upstream_model: None,
+            timeout_ms: 150,
+        }) {
+            Ok(b) => b,
+            Err(e) => panic!("{e}"),
+        };
+        let started = std::time::Instant::now();
+        let (_, end) = run(&up, &chat_request("m", json!({}))).await;
+        assert!(
+            matches!(
+                end,
+                Err(BackendError::UpstreamTimeout {
+                    timeout_ms: 150,
+                    ..
+                })
+            ),
+            "{end:?}"
+        );
+        assert!(started.elapsed() >= Duration::from_millis(150));
+    }
+
+    #[test]
+    fn validates_the_base_url() {
+        let make = |url: &str, key: Option<&str>, timeout_ms: u64| {
+            UpstreamBackend::new(UpstreamConfig {
+                base_url: url.to_owned(),
+                api_key: key.map(str::to_owned),
+                upstream_model: None,
+                timeout_ms,
+            })
+            .map(|b| b.base_url().to_owned())
+        };
+        assert_eq!(
+            make("http://127.0.0.1:8000/v1/", None, 1),
+            Ok("http://127.0.0.1:8000/v1".into())
+        );
+        match make("https://127.0.0.1:8000/v1", None, 1) {
+            Err(e @ UpstreamConfigError::HttpsUnsupported { .. }) => {
+                assert!(e.to_string().contains("use plain http"), "{e}")
+            }
+            other => panic!("https accepted: {other:?}"),
+        }
+        assert!(matches!(
+            make("ftp://h/v1", None, 1),
+            Err(UpstreamConfigError::UnsupportedScheme { .. })
+        ));
+        assert!(matches!(
+            make("127.0.0.1:8000/v1", None, 1),
+            Err(UpstreamConfigError::InvalidUrl { .. })
+        ));
+        assert!(matches!(
+            make("http://u:p@h/v1", None, 1),
+            Err(UpstreamConfigError::InvalidUrl { .. })
+        ));
+        assert!(matches!(
+            make("http://h/v1?x=1", None, 1),
+            Err(UpstreamConfigError::InvalidUrl { .. })
+        ));
+        assert!(matches!(
+            make("http://h/v1", Some("bad\nkey"), 1),
+            Err(UpstreamConfigError::InvalidApiKey)
+        ));
+        assert!(matches!(
+            make("http://h/v1", None, 0),
+            Err(UpstreamConfigError::ZeroTimeout)
+        ));
+        let debug = format!(
+            "{:?}",
+            UpstreamConfig {
+                base_url: "http://h/v1".into(),
+                api_key: Some("sk-secret".into()),
+                upstream_model: None,
+                timeout_ms: 1,
+            }
+        );
+        assert!(!debug.contains("sk-secret"), "{debug}");
+    }
 }

@@ -144,18 +144,27 @@ pub struct WriterStats {
     pub batches: u64,
     /// Usage records committed by the writer.
     pub records: u64,
+    /// Usage records answered with an error.
+    pub failed: u64,
 }
 
 #[derive(Default)]
 struct WriterCounters {
     batches: AtomicU64,
     records: AtomicU64,
+    failed: AtomicU64,
+    /// Transactions attempted, committed or not (for tests of the retry policy).
+    attempts: AtomicU64,
 }
 
 impl WriterCounters {
     fn committed(&self, records: usize) {
         self.batches.fetch_add(1, Ordering::Relaxed);
         self.records.fetch_add(records as u64, Ordering::Relaxed);
+    }
+
+    fn failed(&self) {
+        self.failed.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -497,6 +506,7 @@ fn writer_loop(mut conn: WriterConn, jobs: mpsc::Receiver<Job>, counters: &Write
 
 /// Commits `batch` in one transaction and answers every job in it, leaving `batch` empty.
 fn commit_jobs(conn: &mut WriterConn, batch: &mut Vec<Job>, counters: &WriterCounters) {
+    counters.attempts.fetch_add(1, Ordering::Relaxed);
     match conn.with(|c| insert_usage_batch(c, batch)) {
         Ok(ids) => {
             counters.committed(batch.len());
@@ -505,25 +515,78 @@ fn commit_jobs(conn: &mut WriterConn, batch: &mut Vec<Job>, counters: &WriterCou
                 let _ = job.reply.send(Ok(id));
             }
         }
-        Err(err) if batch.len() == 1 => {
-            if let Some(job) = batch.pop() {
+        Err(err) if batch.len() == 1 || !is_record_specific(&err) => {
+            // The whole batch was rolled back for a reason that is not about any one record (a
+            // lock held elsewhere past the busy timeout, a full disk, an I/O error): retrying
+            // record by record would fail the same way, once per record, so every caller gets
+            // the error now.
+            let last = batch.pop();
+            for job in batch.drain(..) {
+                counters.failed();
+                let _ = job.reply.send(Err(same_failure(&err)));
+            }
+            if let Some(job) = last {
+                counters.failed();
                 let _ = job.reply.send(Err(err));
             }
         }
         Err(_) => {
-            // The batch was rolled back. Retry each record alone so that one bad record (or a
-            // transient failure) costs only its own caller an error, and each caller learns its
-            // own error.
+            // One record made the batch fail (it was rolled back). Retry each alone so that the
+            // bad record costs only its own caller an error.
             for job in batch.drain(..) {
+                counters.attempts.fetch_add(1, Ordering::Relaxed);
+                // `insert_usage_batch` returns one id per job, so `first` is always present.
                 let result = conn
                     .with(|c| insert_usage_batch(c, std::slice::from_ref(&job)))
                     .and_then(|ids| ids.first().copied().ok_or(StoreError::Closed));
-                if result.is_ok() {
-                    counters.committed(1);
+                match result {
+                    Ok(_) => counters.committed(1),
+                    Err(_) => counters.failed(),
                 }
                 let _ = job.reply.send(result);
             }
         }
+    }
+}
+
+/// Whether a failed batch insert may be due to one particular record, so that retrying the
+/// records one by one can save the others.
+fn is_record_specific(err: &StoreError) -> bool {
+    match err {
+        StoreError::Sqlite {
+            source: rusqlite::Error::SqliteFailure(e, _),
+            ..
+        } => matches!(
+            e.code,
+            rusqlite::ErrorCode::ConstraintViolation
+                | rusqlite::ErrorCode::TypeMismatch
+                | rusqlite::ErrorCode::TooBig
+                | rusqlite::ErrorCode::ParameterOutOfRange
+        ),
+        // Conversion and binding failures are about a value; anything else is unexpected, and
+        // a retry one by one is the cautious answer.
+        _ => true,
+    }
+}
+
+/// An equivalent error for another caller of the same failed batch (`rusqlite::Error` cannot be
+/// cloned, but the engine failures that reach this point are plain codes and a message).
+fn same_failure(err: &StoreError) -> StoreError {
+    match err {
+        StoreError::Sqlite {
+            op,
+            source: rusqlite::Error::SqliteFailure(e, msg),
+        } => StoreError::Sqlite {
+            op,
+            source: rusqlite::Error::SqliteFailure(*e, msg.clone()),
+        },
+        other => StoreError::Sqlite {
+            op: "append usage batch",
+            source: rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_ERROR),
+                Some(other.to_string()),
+            ),
+        },
     }
 }
 
@@ -697,6 +760,7 @@ impl SqliteStore {
         WriterStats {
             batches: self.counters.batches.load(Ordering::Relaxed),
             records: self.counters.records.load(Ordering::Relaxed),
+            failed: self.counters.failed.load(Ordering::Relaxed),
         }
     }
 
@@ -1310,10 +1374,56 @@ mod tests {
         assert!(results[2].is_ok(), "{:?}", results[2]);
         assert_eq!(counters.batches.load(Ordering::Relaxed), 2);
         assert_eq!(counters.records.load(Ordering::Relaxed), 2);
+        assert_eq!(counters.failed.load(Ordering::Relaxed), 1);
+        assert_eq!(
+            counters.attempts.load(Ordering::Relaxed),
+            4,
+            "one batch, three retries"
+        );
         let stored: i64 = conn.with(|c| {
             c.query_row("SELECT count(*) FROM usage_records", [], |r| r.get(0))
                 .expect("count")
         });
         assert_eq!(stored, 2);
+    }
+
+    #[test]
+    fn a_locked_database_fails_the_whole_batch_at_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("locked.db");
+        drop(SqliteStore::open(&path).expect("create"));
+        let conn = Connection::open(&path).expect("open");
+        configure(&conn, Duration::from_millis(20)).expect("configure");
+        let mut conn = WriterConn {
+            kind: WriterConnKind::Own(conn),
+            gate: Arc::new(Mutex::new(())),
+        };
+        let holder = Connection::open(&path).expect("holder");
+        holder.execute_batch("BEGIN EXCLUSIVE").expect("lock");
+
+        let counters = WriterCounters::default();
+        let mut batch = Vec::new();
+        let mut answers = Vec::new();
+        for n in 0..5 {
+            let (reply, answer) = mpsc::sync_channel(1);
+            batch.push(Job {
+                row: UsageRow::new(record(n)).expect("valid"),
+                reply,
+            });
+            answers.push(answer);
+        }
+        commit_jobs(&mut conn, &mut batch, &counters);
+        for answer in &answers {
+            match answer.recv().expect("every job is answered") {
+                Err(e) => assert!(e.is_retryable(), "{e:?}"),
+                Ok(id) => panic!("committed {id} through a held lock"),
+            }
+        }
+        assert_eq!(
+            counters.attempts.load(Ordering::Relaxed),
+            1,
+            "a lock is not worth retrying record by record"
+        );
+        assert_eq!(counters.failed.load(Ordering::Relaxed), 5);
     }
 }

@@ -1,0 +1,403 @@
+//! Shared helpers for the end-to-end tests: a gateway on ephemeral loopback ports with GeoIP
+//! overrides that make 127.0.0.x addresses look like different countries, real edge nodes,
+//! "raw" nodes that speak the protocol by hand (to misbehave on purpose), and a small HTTP client.
+
+#![allow(dead_code)]
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use nearpath_config::{
+    BackendConfig, CapacityConfig, GatewayConfig, GeoOverride, GpuSpec, ModelConfig, NodeConfig,
+    NodeGatewayConfig, NodeIdentity,
+};
+use nearpath_edge_node::{EdgeNode, NodeError, NodeOptions, NodeStatus};
+use nearpath_gateway::store::{KycStatus, SqliteStore, Store};
+use nearpath_gateway::{BoundAddrs, Gateway, Listeners};
+use nearpath_protocol::message::{Capacity, Gpu, Heartbeat, Message, Register, Workloads};
+use nearpath_protocol::stream::{send, FramedRecv};
+use nearpath_protocol::tls::{client_config, ServerVerify};
+use nearpath_protocol::{ALPN_NODE, MAX_CONTROL_FRAME, PROTOCOL_VERSION};
+use serde_json::Value;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+pub const ADMIN: &str = "test-admin-token-0123456789";
+pub const API_KEY: &str = "test-api-key";
+
+/// Places the tests use, as (loopback address, country, lat, lon).
+pub const CN: (&str, &str, f64, f64) = ("127.0.0.2", "CN", 39.9, 116.4);
+pub const DE: (&str, &str, f64, f64) = ("127.0.0.3", "DE", 52.52, 13.40);
+pub const US_EAST: (&str, &str, f64, f64) = ("127.0.0.4", "US", 40.71, -74.0);
+pub const JP: (&str, &str, f64, f64) = ("127.0.0.5", "JP", 35.68, 139.69);
+pub const FR_CLIENT: (&str, &str, f64, f64) = ("127.0.0.10", "FR", 48.85, 2.35);
+pub const US_WEST_CLIENT: (&str, &str, f64, f64) = ("127.0.0.11", "US", 37.77, -122.42);
+pub const KR_CLIENT: (&str, &str, f64, f64) = ("127.0.0.12", "KR", 37.56, 126.97);
+pub const CN_CLIENT: (&str, &str, f64, f64) = ("127.0.0.13", "CN", 31.23, 121.47);
+pub const KP_CLIENT: (&str, &str, f64, f64) = ("127.0.0.14", "KP", 39.03, 125.75);
+
+pub fn place(p: (&str, &str, f64, f64)) -> GeoOverride {
+    GeoOverride {
+        cidr: format!("{}/32", p.0).parse().unwrap(),
+        country: p.1.into(),
+        subdivision: None,
+        lat: Some(p.2),
+        lon: Some(p.3),
+    }
+}
+
+pub fn ip(p: (&str, &str, f64, f64)) -> IpAddr {
+    p.0.parse().unwrap()
+}
+
+/// The gateway config the tests start from: fast heartbeats, every test place mapped.
+pub fn test_config(store: PathBuf) -> GatewayConfig {
+    let mut c = GatewayConfig::default();
+    c.admin.token = Some(ADMIN.into());
+    c.store.path = store;
+    c.nodes.heartbeat_ms = 100;
+    c.geo.reload_check_interval_s = 0;
+    c.geo.overrides = [CN, DE, US_EAST, JP, FR_CLIENT, US_WEST_CLIENT, KR_CLIENT, CN_CLIENT, KP_CLIENT]
+        .into_iter()
+        .map(place)
+        .collect();
+    c.http.trusted_proxies = vec!["127.0.0.1/32".parse().unwrap()];
+    c
+}
+
+pub struct TestGateway {
+    pub addrs: BoundAddrs,
+    pub sha: [u8; 32],
+    pub shared: Arc<nearpath_gateway::Shared>,
+    pub store: Arc<dyn Store>,
+    pub store_path: PathBuf,
+    pub shutdown: CancellationToken,
+    pub task: tokio::task::JoinHandle<()>,
+    pub http: Http,
+    pub operator_id: String,
+    pub token: String,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl TestGateway {
+    /// A gateway with a verified operator (and its enrolment token) and an API key.
+    pub async fn start(edit: impl FnOnce(&mut GatewayConfig)) -> TestGateway {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gw.db");
+        let mut g = Self::start_at(path, edit).await;
+        g._dir = Some(dir);
+        g
+    }
+
+    pub async fn start_at(path: PathBuf, edit: impl FnOnce(&mut GatewayConfig)) -> TestGateway {
+        let mut config = test_config(path.clone());
+        edit(&mut config);
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&path).unwrap());
+        let operator = match store.list_operators().unwrap().into_iter().find(|o| o.name == "op-verified") {
+            Some(o) => o,
+            None => store.create_operator("op-verified", KycStatus::Verified).unwrap(),
+        };
+        let (_, token) = store.create_enrolment_token(&operator.id).unwrap();
+        store.insert_api_key_secret(API_KEY, "tenant-a", 100_000, 100_000_000).unwrap();
+        let cert = nearpath_gateway::tls::self_signed(&["localhost", "127.0.0.1"]).unwrap();
+        let sha = cert.sha256;
+        let gw = Gateway::with_parts(config, cert, store.clone()).unwrap();
+        let shared = gw.shared().clone();
+        let shutdown = CancellationToken::new();
+        let (addrs, task) = gw.start(Listeners::ephemeral().await.unwrap(), shutdown.clone()).unwrap();
+        TestGateway {
+            http: Http::new(),
+            addrs,
+            sha,
+            shared,
+            store,
+            store_path: path,
+            shutdown,
+            task,
+            operator_id: operator.id,
+            token,
+            _dir: None,
+        }
+    }
+
+    pub async fn stop(self) -> Option<tempfile::TempDir> {
+        self.shutdown.cancel();
+        let _ = self.task.await;
+        self._dir
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addrs.admin, path)
+    }
+
+    pub fn api_url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addrs.http, path)
+    }
+
+    pub async fn admin_get(&self, path: &str) -> Value {
+        let (status, body) = self.http.get(&self.admin_url(path), Some(ADMIN)).await;
+        assert_eq!(status, 200, "GET {path}: {body}");
+        serde_json::from_str(&body).unwrap()
+    }
+
+    pub async fn admin_post(&self, path: &str, body: Value) -> (u16, Value) {
+        let (status, text) = self.http.post(&self.admin_url(path), Some(ADMIN), &body.to_string(), &[]).await;
+        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+
+    /// Ids of the nodes the admin API lists.
+    pub async fn node_ids(&self) -> Vec<String> {
+        let v = self.admin_get("/admin/nodes").await;
+        v["data"].as_array().unwrap().iter().map(|n| n["id"].as_str().unwrap().to_string()).collect()
+    }
+
+    /// Polls (bounded) until `pred` holds for the admin node list.
+    pub async fn wait_nodes(&self, what: &str, timeout: Duration, pred: impl Fn(&[String]) -> bool) -> Duration {
+        let start = Instant::now();
+        loop {
+            let ids = self.node_ids().await;
+            if pred(&ids) {
+                return start.elapsed();
+            }
+            assert!(start.elapsed() < timeout, "timed out waiting for {what}; nodes: {ids:?}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    pub fn node_config(&self, id: &str, token: &str) -> NodeConfig {
+        NodeConfig {
+            node: NodeIdentity {
+                id: id.into(),
+                enrolment_token: Some(token.into()),
+            },
+            gateway: NodeGatewayConfig::pinned(self.addrs.quic.to_string(), nearpath_protocol::tls::sha256_hex(&self.sha)),
+            drain: Default::default(),
+            gpus: vec![],
+            gpu_classes: nearpath_config::default_gpu_class_table(),
+            capacity: CapacityConfig {
+                game_sessions: 1,
+                inference_concurrency: 8,
+            },
+            models: vec![ModelConfig {
+                name: "m".into(),
+                max_concurrency: 8,
+                backend: BackendConfig::Sim {
+                    ttft_ms: 0,
+                    tokens_per_s: 0.0,
+                    seed: 1,
+                },
+            }],
+            games: vec![],
+            encoder: Default::default(),
+            log: Default::default(),
+        }
+    }
+}
+
+pub fn gpu(model: &str) -> GpuSpec {
+    GpuSpec {
+        model: model.into(),
+        vram_mib: 80_000,
+        class: None,
+    }
+}
+
+/// A real edge node running in this process.
+pub struct TestNode {
+    pub status: tokio::sync::watch::Receiver<NodeStatus>,
+    pub shutdown: CancellationToken,
+    pub task: tokio::task::JoinHandle<Result<(), NodeError>>,
+}
+
+impl TestNode {
+    pub fn start(config: NodeConfig, from: IpAddr) -> TestNode {
+        let node = EdgeNode::new(
+            config,
+            NodeOptions {
+                use_nvml: false,
+                verify: None,
+                bind: Some(SocketAddr::new(from, 0)),
+            },
+        )
+        .unwrap();
+        let status = node.status();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(node.run(shutdown.clone()));
+        TestNode { status, shutdown, task }
+    }
+
+    /// Waits for a status matching `pred` (bounded).
+    pub async fn wait_status(&mut self, pred: impl Fn(&NodeStatus) -> bool) -> NodeStatus {
+        tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                let s = self.status.borrow_and_update().clone();
+                if pred(&s) {
+                    return s;
+                }
+                self.status.changed().await.expect("node task ended");
+            }
+        })
+        .await
+        .expect("timed out waiting for a node status")
+    }
+
+    pub async fn registered(&mut self) {
+        self.wait_status(|s| matches!(s, NodeStatus::Registered { .. })).await;
+    }
+
+    pub async fn stop(self) -> Result<(), NodeError> {
+        self.shutdown.cancel();
+        self.task.await.unwrap()
+    }
+}
+
+/// A node that speaks the control protocol by hand, so tests can make it misbehave.
+pub struct RawNode {
+    pub endpoint: quinn::Endpoint,
+    pub conn: quinn::Connection,
+    pub send: quinn::SendStream,
+    pub recv: FramedRecv,
+    pub first: Message,
+    seq: u64,
+}
+
+impl RawNode {
+    pub async fn connect(gw: &TestGateway, id: &str, from: IpAddr, class: &str) -> RawNode {
+        let cfg = client_config(ServerVerify::PinnedSha256(gw.sha), &[ALPN_NODE]).unwrap();
+        let (endpoint, _) = nearpath_protocol::net::client_endpoint(SocketAddr::new(from, 0), cfg, 1 << 20).unwrap();
+        let conn = endpoint.connect(gw.addrs.quic, "localhost").unwrap().await.unwrap();
+        let (mut send_half, recv) = conn.open_bi().await.unwrap();
+        let reg = Register {
+            protocol_version: PROTOCOL_VERSION,
+            node_id: id.into(),
+            enrolment_token: gw.token.clone(),
+            software_version: "0.1.0".into(),
+            gpus: vec![Gpu {
+                model: class.into(),
+                class: class.into(),
+                vram_mib: 1,
+            }],
+            workloads: Workloads {
+                games: vec![],
+                models: vec!["m".into()],
+            },
+            capacity: Capacity {
+                game_sessions: 1,
+                inference_concurrency: 4,
+            },
+        };
+        send(&mut send_half, &Message::Register(reg)).await.unwrap();
+        let mut recv = FramedRecv::new(recv, MAX_CONTROL_FRAME);
+        let first = recv.next().await.unwrap().unwrap();
+        RawNode {
+            endpoint,
+            conn,
+            send: send_half,
+            recv,
+            first,
+            seq: 0,
+        }
+    }
+
+    pub async fn heartbeat(&mut self, active_sessions: u32) {
+        self.seq += 1;
+        let hb = Heartbeat {
+            seq: self.seq,
+            active_sessions,
+            queue_depth: 0,
+            load: 0.1,
+            gpu_util: None,
+            encoder_ms_p50: None,
+        };
+        send(&mut self.send, &Message::Heartbeat(hb)).await.unwrap();
+        // The ack proves the gateway processed it.
+        loop {
+            match self.recv.next().await.unwrap().unwrap() {
+                Message::HeartbeatAck(a) if a.seq == self.seq => return,
+                _ => continue,
+            }
+        }
+    }
+}
+
+/// A minimal HTTP client for the tests.
+pub struct Http {
+    client: Client<HttpConnector, Full<Bytes>>,
+}
+
+impl Default for Http {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Http {
+    pub fn new() -> Http {
+        Http {
+            client: Client::builder(TokioExecutor::new()).build_http(),
+        }
+    }
+
+    pub async fn request(
+        &self,
+        method: &str,
+        url: &str,
+        bearer: Option<&str>,
+        body: Option<&str>,
+        headers: &[(&str, &str)],
+    ) -> (u16, hyper::HeaderMap, String) {
+        let mut b = hyper::Request::builder().method(method).uri(url);
+        if let Some(t) = bearer {
+            b = b.header("authorization", format!("Bearer {t}"));
+        }
+        if body.is_some() {
+            b = b.header("content-type", "application/json");
+        }
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        let req = b.body(Full::new(Bytes::from(body.unwrap_or("").to_string()))).unwrap();
+        let resp = self.client.request(req).await.unwrap();
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        (status, headers, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    pub async fn get(&self, url: &str, bearer: Option<&str>) -> (u16, String) {
+        let (s, _, b) = self.request("GET", url, bearer, None, &[]).await;
+        (s, b)
+    }
+
+    pub async fn post(&self, url: &str, bearer: Option<&str>, body: &str, headers: &[(&str, &str)]) -> (u16, String) {
+        let (s, _, b) = self.request("POST", url, bearer, Some(body), headers).await;
+        (s, b)
+    }
+
+    /// Starts a request and returns the response with its body still streaming.
+    pub async fn stream(&self, url: &str, bearer: &str, body: &str, headers: &[(&str, &str)]) -> hyper::Response<hyper::body::Incoming> {
+        let mut b = hyper::Request::builder()
+            .method("POST")
+            .uri(url)
+            .header("authorization", format!("Bearer {bearer}"))
+            .header("content-type", "application/json");
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        let req = b.body(Full::new(Bytes::from(body.to_string()))).unwrap();
+        self.client.request(req).await.unwrap()
+    }
+}
+
+/// Reads the metric value of a line starting with `prefix` from a Prometheus text page.
+pub fn metric(page: &str, prefix: &str) -> Option<f64> {
+    page.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
