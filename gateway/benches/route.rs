@@ -9,6 +9,7 @@ use nearpath_gateway::router::{
     Deny, LatLon, NodeId, NodeRouteInfo, NodeState, RouteOutcome, RouteParams, RouterIndex,
     Workload,
 };
+use nearpath_geo::Coords;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::hint::black_box;
@@ -30,10 +31,7 @@ enum GatewayRtt {
 }
 
 fn haversine_km(a: (f64, f64), b: (f64, f64)) -> f64 {
-    let (p1, p2) = (a.0.to_radians(), b.0.to_radians());
-    let (dp, dl) = (p2 - p1, (b.1 - a.1).to_radians());
-    let h = (dp / 2.0).sin().powi(2) + p1.cos() * p2.cos() * (dl / 2.0).sin().powi(2);
-    2.0 * 6371.0088 * h.sqrt().min(1.0).asin()
+    nearpath_geo::distance_km(Coords { lat: a.0, lon: a.1 }, Coords { lat: b.0, lon: b.1 })
 }
 
 fn build(rtt: GatewayRtt) -> (RouterIndex, Vec<NodeRouteInfo>) {

@@ -169,14 +169,18 @@ async fn serve_infer(
     if send(&mut tx, &Message::InferStarted(InferStarted { request_id: request_id.clone(), model: request.model.clone() })).await.is_err() {
         outcome = "cancelled";
     }
+    // A client finishes its send side after the request; only a reset (or `Close`) cancels.
+    let mut client_sending = true;
     while outcome == "ok" {
         let ev = tokio::select! {
             ev = stream.next() => ev,
-            // The client resetting its side (or closing) cancels the work on the node.
-            m = framed.next() => match m {
-                Ok(Some(Message::Close(_))) | Ok(None) | Err(_) => { outcome = "cancelled"; break; }
+            m = framed.next(), if client_sending => match m {
+                Ok(None) => { client_sending = false; continue; }
+                Ok(Some(Message::Close(_))) | Err(_) => { outcome = "cancelled"; break; }
                 Ok(Some(_)) => continue,
             },
+            // A client that vanishes (connection closed) cancels too.
+            _ = conn.closed() => { outcome = "cancelled"; break; }
         };
         let msg = match ev {
             StreamEvent::Token(text) => {

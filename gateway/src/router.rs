@@ -50,16 +50,15 @@
 //! distance from the gateway (one gateway for the whole world), the best node for a far client
 //! lies along the client-gateway path and the search visits more cells (see `benches/route.rs`).
 
+use nearpath_config::RoutingConfig;
+// The mean Earth radius is shared with `nearpath_geo::distance_km`. The router computes the same
+// haversine quantity from precomputed unit vectors (`2R·asin(chord/2)` equals haversine exactly in
+// real arithmetic; the tests check it against `distance_km`), so that a route needs at most one
+// `asin` per examined node instead of five trigonometric calls.
+use nearpath_geo::{Coords, EARTH_RADIUS_KM};
 use std::cmp::Ordering;
 use std::collections::{BinaryHeap, HashMap};
 use std::fmt;
-
-/// Mean Earth radius (IUGG), in km.
-// TODO(lead): use `nearpath_geo::distance_km` for any display/diagnostic distances once the geo
-// crate exports it. The router itself computes the same haversine quantity from precomputed unit
-// vectors (`2R·asin(chord/2)`, which equals haversine exactly in real arithmetic) so that a route
-// needs one `asin` per examined node instead of four trigonometric calls.
-const EARTH_RADIUS_KM: f64 = 6371.0088;
 
 /// A leaf splits into four when it holds more nodes than this (unless it is at `MAX_DEPTH`).
 const LEAF_CAPACITY: usize = 16;
@@ -123,10 +122,31 @@ impl LatLon {
         self.lon
     }
 
+    pub fn coords(&self) -> Coords {
+        Coords {
+            lat: self.lat,
+            lon: self.lon,
+        }
+    }
+
     fn unit_vector(&self) -> [f64; 3] {
         let (sin_lat, cos_lat) = self.lat.to_radians().sin_cos();
         let (sin_lon, cos_lon) = self.lon.to_radians().sin_cos();
         [cos_lat * cos_lon, cos_lat * sin_lon, sin_lat]
+    }
+}
+
+impl TryFrom<Coords> for LatLon {
+    type Error = RouterError;
+
+    fn try_from(c: Coords) -> Result<Self, RouterError> {
+        Self::new(c.lat, c.lon)
+    }
+}
+
+impl From<LatLon> for Coords {
+    fn from(l: LatLon) -> Self {
+        l.coords()
     }
 }
 
@@ -166,36 +186,31 @@ pub struct RouteParams {
 }
 
 impl Default for RouteParams {
+    /// The `[routing]` config defaults.
     fn default() -> Self {
-        Self {
-            km_per_ms: 100.0,
-            path_stretch: 1.5,
-            load_penalty_ms: 20.0,
-            reliability_penalty_ms: 10.0,
-            suspended_penalty_ms: 1000.0,
-            max_candidates: 3,
-            // About the RTT to a random point on Earth (10,000 km at 100 km/ms, stretch 1.5).
-            unknown_location_rtt_ms: 150.0,
-        }
+        Self::from(&RoutingConfig::default())
     }
 }
 
-// TODO(lead): `nearpath_config::RoutingConfig` did not exist when the router was written. Once it
-// does, add:
-//
-//     impl From<&nearpath_config::RoutingConfig> for RouteParams {
-//         fn from(c: &nearpath_config::RoutingConfig) -> Self {
-//             Self { km_per_ms: c.km_per_ms, path_stretch: c.path_stretch,
-//                    load_penalty_ms: c.load_penalty_ms,
-//                    reliability_penalty_ms: c.reliability_penalty_ms,
-//                    suspended_penalty_ms: c.suspended_penalty_ms,
-//                    max_candidates: c.max_candidates as usize,
-//                    ..Self::default() }
-//         }
-//     }
-//
-// (and a config field for `unknown_location_rtt_ms` if operators should tune it).
-// `RouterIndex::new`/`set_params` validate the values, so the conversion itself can be plain.
+/// About the RTT to a random point on Earth (10,000 km at 100 km/ms, stretch 1.5): a node of
+/// unknown location is assumed to be as far as a random one.
+const DEFAULT_UNKNOWN_LOCATION_RTT_MS: f64 = 150.0;
+
+impl From<&RoutingConfig> for RouteParams {
+    /// Takes the values as they are; `RouterIndex::new`/`set_params` validate them.
+    fn from(c: &RoutingConfig) -> Self {
+        Self {
+            km_per_ms: c.km_per_ms,
+            path_stretch: c.path_stretch,
+            load_penalty_ms: c.load_penalty_ms,
+            reliability_penalty_ms: c.reliability_penalty_ms,
+            suspended_penalty_ms: c.suspended_penalty_ms,
+            max_candidates: c.max_candidates,
+            // TODO(lead): not in `[routing]` yet; add a config field if operators should tune it.
+            unknown_location_rtt_ms: DEFAULT_UNKNOWN_LOCATION_RTT_MS,
+        }
+    }
+}
 
 impl RouteParams {
     /// Checks the values the search relies on: negative penalties would break its lower bound.
@@ -1532,13 +1547,9 @@ mod tests {
     const DOOM: Workload<'static> = Workload::Game("doom");
     const LLAMA: Workload<'static> = Workload::Model("llama");
 
-    /// Independent reference: trigonometric haversine.
+    /// Independent reference: the geo crate's trigonometric haversine.
     fn haversine_km(a: LatLon, b: LatLon) -> f64 {
-        let (p1, p2) = (a.lat().to_radians(), b.lat().to_radians());
-        let dp = p2 - p1;
-        let dl = (b.lon() - a.lon()).to_radians();
-        let h = (dp / 2.0).sin().powi(2) + p1.cos() * p2.cos() * (dl / 2.0).sin().powi(2);
-        2.0 * EARTH_RADIUS_KM * h.sqrt().min(1.0).asin()
+        nearpath_geo::distance_km(a.coords(), b.coords())
     }
 
     #[test]
@@ -1734,7 +1745,7 @@ mod tests {
         );
 
         r.set_gateway_rtt(NodeId(1), 0.0).unwrap();
-        r.set_reliability(NodeId(1), 2, false).unwrap(); // +20 ms
+        r.set_reliability(NodeId(1), 2, false).unwrap(); // +50 ms
         assert_eq!(ids(&r.route(client, DOOM, allow)), vec![2, 1]);
         r.set_reliability(NodeId(1), 0, true).unwrap(); // +1000 ms
         assert_eq!(ids(&r.route(client, DOOM, allow)), vec![2, 1]);
@@ -1882,11 +1893,46 @@ mod tests {
     }
 
     #[test]
+    fn params_come_from_the_routing_config() {
+        let config = RoutingConfig {
+            km_per_ms: 90.0,
+            path_stretch: 1.25,
+            load_penalty_ms: 7.0,
+            reliability_penalty_ms: 11.0,
+            suspended_penalty_ms: 500.0,
+            max_candidates: 5,
+        };
+        let p = RouteParams::from(&config);
+        assert_eq!(
+            (
+                p.km_per_ms,
+                p.path_stretch,
+                p.load_penalty_ms,
+                p.reliability_penalty_ms
+            ),
+            (90.0, 1.25, 7.0, 11.0)
+        );
+        assert_eq!((p.suspended_penalty_ms, p.max_candidates), (500.0, 5));
+        assert_eq!(
+            RouteParams::default(),
+            RouteParams::from(&RoutingConfig::default())
+        );
+        let mut r = RouterIndex::new(p).unwrap();
+        for i in 0..8u8 {
+            r.upsert(NodeId(u64::from(i)), node_at(f64::from(i), 0.0));
+        }
+        let out = r.route(at(0.0, 0.0), DOOM, allow);
+        assert_eq!(out.candidates.len(), 5);
+        // 1° of latitude is ~111.2 km: at 90 km/ms and stretch 1.25 that is ~1.544 ms.
+        assert!((out.candidates[1].est_client_rtt_ms - 1.5443).abs() < 1e-3);
+    }
+
+    #[test]
     fn set_params_rescores_every_node() {
         let mut r = index();
         r.upsert(NodeId(1), node_at(48.85, 2.35));
         r.upsert(NodeId(2), node_at(52.52, 13.40));
-        r.set_reliability(NodeId(1), 2, false).unwrap(); // +20 ms: Berlin (13 ms) wins
+        r.set_reliability(NodeId(1), 2, false).unwrap(); // +50 ms: Berlin (13 ms) wins
         assert_eq!(ids(&r.route(at(48.9, 2.4), DOOM, allow)), vec![2, 1]);
         let lenient = RouteParams {
             reliability_penalty_ms: 1.0,

@@ -90,9 +90,9 @@ impl GeoError {
                     | io::ErrorKind::InvalidInput
                     | io::ErrorKind::IsADirectory
             ),
-            GeoError::Corrupt { .. } | GeoError::WrongType { .. } | GeoError::BadOverride { .. } => {
-                false
-            }
+            GeoError::Corrupt { .. }
+            | GeoError::WrongType { .. }
+            | GeoError::BadOverride { .. } => false,
         }
     }
 
@@ -239,13 +239,14 @@ impl Loaded {
                 source,
             }
         })?;
-        let schema = detect_schema(&reader.metadata().database_type, Role::Location).map_err(
-            |problem| GeoError::WrongType {
-                path,
-                database_type: reader.metadata().database_type.clone(),
-                problem,
-            },
-        )?;
+        let schema =
+            detect_schema(&reader.metadata().database_type, Role::Location).map_err(|problem| {
+                GeoError::WrongType {
+                    path,
+                    database_type: reader.metadata().database_type.clone(),
+                    problem,
+                }
+            })?;
         Ok(Self {
             reader,
             schema,
@@ -273,7 +274,9 @@ impl Loaded {
             source,
         };
         if meta.len() == 0 {
-            return Err(corrupt(MaxMindDbError::invalid_database("the file is empty")));
+            return Err(corrupt(MaxMindDbError::invalid_database(
+                "the file is empty",
+            )));
         }
         // SAFETY: the mapping is read-only and private to this process. The file must not be
         // modified in place while mapped (see the module docs: replace it by rename); a renamed
@@ -443,7 +446,9 @@ impl Overrides {
                 None => None,
                 Some(s) => {
                     let sub = Subdivision::parse(s).ok_or_else(|| {
-                        bad(format!("subdivision {s:?} is not an ISO 3166-2 code like UA-43"))
+                        bad(format!(
+                            "subdivision {s:?} is not an ISO 3166-2 code like UA-43"
+                        ))
                     })?;
                     if sub.country() != country {
                         return Err(bad(format!(
@@ -499,8 +504,8 @@ impl Overrides {
             }
         }
         // Longest prefix first, so the first match is the most specific one.
-        v4.sort_by(|a, b| b.0.cmp(&a.0));
-        v6.sort_by(|a, b| b.0.cmp(&a.0));
+        v4.sort_by_key(|e| std::cmp::Reverse(e.0));
+        v6.sort_by_key(|e| std::cmp::Reverse(e.0));
         Ok(Self {
             v4: v4.into_iter().map(|(_, n, m, l)| (n, m, l)).collect(),
             v6: v6.into_iter().map(|(_, n, m, l)| (n, m, l)).collect(),
@@ -649,7 +654,8 @@ struct AnonRec {
 }
 
 fn valid_coords(lat: f64, lon: f64) -> Option<Coords> {
-    ((-90.0..=90.0).contains(&lat) && (-180.0..=180.0).contains(&lon)).then_some(Coords { lat, lon })
+    ((-90.0..=90.0).contains(&lat) && (-180.0..=180.0).contains(&lon))
+        .then_some(Coords { lat, lon })
 }
 
 /// GeoIP lookups: static overrides first, then the location database, plus Anonymous-IP flags.
@@ -875,7 +881,9 @@ impl GeoDb {
             }
             // Configured paths never change after open, so this pair cannot occur; keep the
             // current state rather than panic.
-            (Some(_), None) | (None, _) => (current.anonymous.clone(), ReloadOutcome::NotConfigured),
+            (Some(_), None) | (None, _) => {
+                (current.anonymous.clone(), ReloadOutcome::NotConfigured)
+            }
         };
         let report = ReloadReport {
             database: location.1,

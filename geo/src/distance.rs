@@ -69,7 +69,10 @@ mod tests {
         assert!((d - quarter).abs() < 1e-6, "{d}");
         // Antipodes: half the circumference, no NaN.
         let d = distance_km(c(90.0, 0.0), c(-90.0, 0.0));
-        assert!((d - std::f64::consts::PI * EARTH_RADIUS_KM).abs() < 1e-6, "{d}");
+        assert!(
+            (d - std::f64::consts::PI * EARTH_RADIUS_KM).abs() < 1e-6,
+            "{d}"
+        );
         assert_eq!(distance_km(c(10.0, 20.0), c(10.0, 20.0)), 0.0);
     }
 

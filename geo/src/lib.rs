@@ -21,13 +21,11 @@ mod report;
 
 pub use country::{Continent, Country, Subdivision};
 pub use db::{
-    embedded_database_bytes, DbInfo, GeoDb, GeoError, GeoInfo, ReloadOutcome, ReloadReport,
-    Schema,
+    embedded_database_bytes, DbInfo, GeoDb, GeoError, GeoInfo, ReloadOutcome, ReloadReport, Schema,
 };
 pub use distance::{distance_km, estimated_rtt_ms, EARTH_RADIUS_KM, PATH_STRETCH, RTT_KM_PER_MS};
 pub use location::{
-    country_centroid, country_continent, known_countries, AnonymousFlags, Coords, Location,
-    Source,
+    country_centroid, country_continent, known_countries, AnonymousFlags, Coords, Location, Source,
 };
 pub use policy::{ClassId, CountrySet, Decision, Facts, Policy, PolicyError, RuleName, Side};
 pub use report::lookup_report;

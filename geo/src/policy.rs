@@ -209,7 +209,8 @@ impl<'a> SetExpander<'a> {
             return Ok(m.clone());
         }
         if let Some(pos) = self.stack.iter().position(|s| s == name) {
-            let mut cycle: Vec<String> = self.stack[pos..].iter().map(|s| format!("@{s}")).collect();
+            let mut cycle: Vec<String> =
+                self.stack[pos..].iter().map(|s| format!("@{s}")).collect();
             cycle.push(format!("@{name}"));
             return Err(PolicyError::SetCycle {
                 cycle: cycle.join(" -> "),
@@ -628,9 +629,7 @@ impl Policy {
 
     /// The normalised name of a class id, or `"other"` for [`ClassId::OTHER`].
     pub fn class_name(&self, id: ClassId) -> &str {
-        self.class_names
-            .get(id.0 as usize)
-            .map_or("other", |s| s)
+        self.class_names.get(id.0 as usize).map_or("other", |s| s)
     }
 
     /// Whether a class is subject to export control (`controlled_gpu_classes`).
@@ -686,9 +685,8 @@ impl Policy {
         workload: Option<WorkloadKind>,
     ) -> Decision {
         let controlled = self.is_controlled(class);
-        let anon = |l: Option<&Location>| {
-            l.is_some_and(|l| l.anonymous.bits() & self.anonymous_mask != 0)
-        };
+        let anon =
+            |l: Option<&Location>| l.is_some_and(|l| l.anonymous.bits() & self.anonymous_mask != 0);
         let facts = Facts {
             client_country: client.and_then(|l| l.country),
             client_subdivision: client.and_then(|l| l.subdivision),
@@ -907,7 +905,10 @@ mod tests {
         let d = p.check_serve(&loc("FR"), &loc("DE"), rtx, WorkloadKind::Game);
         assert_eq!(d.rule(), Some("no-rtx3080-in-fr"));
         assert_eq!(d.side(), Some(Side::Client));
-        assert_eq!(d.reason(), Some("denied by geofence rule \"no-rtx3080-in-fr\""));
+        assert_eq!(
+            d.reason(),
+            Some("denied by geofence rule \"no-rtx3080-in-fr\"")
+        );
         let cpu = p.class_id("cpu");
         assert!(p
             .check_serve(&loc("FR"), &loc("DE"), cpu, WorkloadKind::Game)

@@ -46,10 +46,7 @@ fn embedded_spot_checks() {
             assert_eq!(loc, Location::UNKNOWN, "{addr}");
         }
     }
-    assert_eq!(
-        db.lookup(ip("8.8.8.8")).continent.unwrap().as_str(),
-        "NA"
-    );
+    assert_eq!(db.lookup(ip("8.8.8.8")).continent.unwrap().as_str(), "NA");
     let info = db.info();
     assert_eq!(info.database.source, "embedded");
     assert_eq!(info.database.schema, Schema::Flat);
@@ -128,7 +125,10 @@ fn maxmind_country_databases_fill_centroids() {
         assert_eq!(cc(&se), Some("SE"), "{name}");
         assert_eq!(se.coords_source, Source::Centroid, "{name}");
         assert_eq!(se.coords, country_centroid(Country::parse("SE").unwrap()));
-        assert!(se.subdivision.is_none(), "a Country database has no subdivisions");
+        assert!(
+            se.subdivision.is_none(),
+            "a Country database has no subdivisions"
+        );
         assert_eq!(se.continent.unwrap().as_str(), "EU");
         assert_eq!(cc(&db.lookup(ip("2a02:d880::1"))), Some("RU"), "{name}");
     }
@@ -151,7 +151,10 @@ fn built_city_database_with_subdivisions() {
         db.lookup(ip("2001:db8:2::5")).subdivision.unwrap().as_str(),
         "UA-43"
     );
-    assert_eq!(db.lookup(ip("::ffff:175.45.176.9")).country, db.lookup(ip("175.45.176.9")).country);
+    assert_eq!(
+        db.lookup(ip("::ffff:175.45.176.9")).country,
+        db.lookup(ip("175.45.176.9")).country
+    );
 }
 
 #[test]
@@ -276,7 +279,10 @@ fn anonymous_ip_database_flags() {
     assert_eq!(db.lookup(ip("8.8.8.8")).anonymous, Default::default());
     // Without an Anonymous-IP database nothing is anonymous.
     let plain = GeoDb::open(&geo_config(Some(testdata("GeoIP2-City-Test.mmdb")), None)).unwrap();
-    assert_eq!(plain.lookup(ip("81.2.69.143")).anonymous, Default::default());
+    assert_eq!(
+        plain.lookup(ip("81.2.69.143")).anonymous,
+        Default::default()
+    );
 }
 
 #[test]
@@ -321,11 +327,7 @@ fn bad_database_files_give_clear_errors() {
     let err = GeoDb::open(&geo_config(Some(testdata("GeoLite2-ASN-Test.mmdb")), None)).unwrap_err();
     assert!(matches!(err, GeoError::WrongType { .. }), "{err}");
     assert!(err.to_string().contains("GeoLite2-ASN"), "{err}");
-    let err = GeoDb::open(&geo_config(
-        None,
-        Some(testdata("GeoIP2-City-Test.mmdb")),
-    ))
-    .unwrap_err();
+    let err = GeoDb::open(&geo_config(None, Some(testdata("GeoIP2-City-Test.mmdb")))).unwrap_err();
     assert!(matches!(err, GeoError::WrongType { .. }), "{err}");
 
     // A directory.

@@ -86,7 +86,13 @@ fn export_control_denies_only_controlled_classes() {
     let db = world_db(dir.path());
     let p = default_policy();
     let us = db.lookup(ip("8.8.8.8"));
-    for addr in ["114.114.114.114", "77.88.8.8", "5.0.1.1", "2001:db8:4::1", "127.0.0.2"] {
+    for addr in [
+        "114.114.114.114",
+        "77.88.8.8",
+        "5.0.1.1",
+        "2001:db8:4::1",
+        "127.0.0.2",
+    ] {
         let client = db.lookup(ip(addr));
         assert!(client.country.is_some(), "{addr}");
         for class in ["h100", "rtx4090", "RTX 4090", "a100", "mi300"] {
@@ -160,12 +166,24 @@ fn subdivisions_need_a_city_database() {
     let rtx = p.class_id("rtx3080");
 
     let crimea = db.lookup(ip("176.104.40.1"));
-    assert_deny(&p.check_serve(&crimea, &us, rtx, Game), "sanctions", Side::Client);
+    assert_deny(
+        &p.check_serve(&crimea, &us, rtx, Game),
+        "sanctions",
+        Side::Client,
+    );
     assert_deny(&p.check_onboard(&crimea, rtx), "sanctions", Side::Node);
     let crimea6 = db.lookup(ip("2001:db8:2::1"));
-    assert_deny(&p.check_serve(&crimea6, &us, rtx, Game), "sanctions", Side::Client);
+    assert_deny(
+        &p.check_serve(&crimea6, &us, rtx, Game),
+        "sanctions",
+        Side::Client,
+    );
     let donetsk = db.lookup(ip("91.200.1.1"));
-    assert_deny(&p.check_serve(&donetsk, &us, rtx, Game), "sanctions", Side::Client);
+    assert_deny(
+        &p.check_serve(&donetsk, &us, rtx, Game),
+        "sanctions",
+        Side::Client,
+    );
     // Kyiv is Ukraine but not a sanctioned region; Ukraine is not export-controlled either.
     let kyiv = db.lookup(ip("31.128.1.1"));
     assert_eq!(kyiv.subdivision.unwrap().as_str(), "UA-30");
@@ -205,7 +223,11 @@ fn unknown_location_denies_controlled_and_allows_the_rest() {
             "unknown-location",
             Side::Node,
         );
-        assert_deny(&p.check_onboard(&unknown, id), "unknown-location", Side::Node);
+        assert_deny(
+            &p.check_onboard(&unknown, id),
+            "unknown-location",
+            Side::Node,
+        );
     }
     for class in ["rtx3080", "cpu", "never-heard-of-it"] {
         let id = p.class_id(class);
@@ -327,12 +349,23 @@ fn workload_limited_rules() {
     let p = Policy::compile(&cfg).unwrap();
     let cpu = p.class_id("cpu");
     assert_allow(&p.check_serve(&fr, &de, cpu, Game));
-    assert_deny(&p.check_serve(&fr, &de, cpu, Inference), "no-inference-fr", Side::Client);
+    assert_deny(
+        &p.check_serve(&fr, &de, cpu, Inference),
+        "no-inference-fr",
+        Side::Client,
+    );
     assert_allow(&p.check_serve(&de, &fr, cpu, Game));
-    assert_deny(&p.check_serve(&de, &fr, cpu, Inference), "no-inference-fr", Side::Node);
+    assert_deny(
+        &p.check_serve(&de, &fr, cpu, Inference),
+        "no-inference-fr",
+        Side::Node,
+    );
     // A node is not onboarded for one workload: the rule is enforced when serving.
     assert_allow(&p.check_onboard(&fr, cpu));
-    assert_eq!(p.check_serve(&fr, &de, cpu, Inference).facts().workload, Some(Inference));
+    assert_eq!(
+        p.check_serve(&fr, &de, cpu, Inference).facts().workload,
+        Some(Inference)
+    );
     assert_eq!(p.check_onboard(&fr, cpu).facts().workload, None);
 
     // A rule listing both kinds applies to onboarding too.
@@ -354,11 +387,19 @@ fn rules_run_in_order_first_deny_wins_disabled_skipped() {
     let p = default_policy();
     let h100 = p.class_id("h100");
     // KP is in both @ofac and @export_controlled: the first rule reports.
-    assert_deny(&p.check_serve(&kp, &us, h100, Game), "sanctions", Side::Client);
+    assert_deny(
+        &p.check_serve(&kp, &us, h100, Game),
+        "sanctions",
+        Side::Client,
+    );
     let mut cfg = GeofenceConfig::default();
     cfg.rules.swap(0, 1);
     let p = Policy::compile(&cfg).unwrap();
-    assert_deny(&p.check_serve(&kp, &us, h100, Game), "export-control", Side::Client);
+    assert_deny(
+        &p.check_serve(&kp, &us, h100, Game),
+        "export-control",
+        Side::Client,
+    );
     // Sanctions off: an uncontrolled class is allowed for KP.
     let mut cfg = GeofenceConfig::default();
     cfg.rules[0].enabled = false;
@@ -382,7 +423,11 @@ fn rules_run_in_order_first_deny_wins_disabled_skipped() {
     let kyiv = db.lookup(ip("31.128.1.1"));
     let de = db.lookup(ip("5.62.1.1"));
     let h200 = p.class_id("h200");
-    assert_deny(&p.check_serve(&us, &kyiv, h200, Game), "partners-only-h200", Side::Pair);
+    assert_deny(
+        &p.check_serve(&us, &kyiv, h200, Game),
+        "partners-only-h200",
+        Side::Pair,
+    );
     assert_allow(&p.check_serve(&us, &de, h200, Game));
     assert_allow(&p.check_serve(&us, &kyiv, p.class_id("h100"), Game));
 }
@@ -443,7 +488,10 @@ fn lookup_report_shape_and_answers() {
     assert_eq!(unknown["country"], serde_json::Value::Null);
     assert_eq!(unknown["lat"], serde_json::Value::Null);
     assert_eq!(unknown["source"]["country"], "none");
-    assert_eq!(unknown["decisions"]["h100"]["serve"]["rule"], "unknown-location");
+    assert_eq!(
+        unknown["decisions"]["h100"]["serve"]["rule"],
+        "unknown-location"
+    );
     assert_eq!(unknown["decisions"]["rtx3080"]["serve"]["allowed"], true);
 
     // A workload-limited rule: serve is denied, by_workload shows which kind.

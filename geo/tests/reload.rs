@@ -68,7 +68,10 @@ fn reload_by_rename_under_concurrent_lookups() {
             while !stop.load(Ordering::Relaxed) {
                 let idx = i % probes.len();
                 i += 1;
-                let c = db.lookup(probes[idx]).country.map(|c| c.as_str().to_string());
+                let c = db
+                    .lookup(probes[idx])
+                    .country
+                    .map(|c| c.as_str().to_string());
                 let ok = match idx {
                     2 => c.as_deref() == Some("US"),
                     _ => matches!(c.as_deref(), Some("FR") | Some("DE")),
@@ -93,15 +96,26 @@ fn reload_by_rename_under_concurrent_lookups() {
         };
         assert!(report.changed(), "reload {n}: {report:?}");
         // Once reload returns, every new lookup sees the new file.
-        assert_eq!(country(&db, "203.0.113.7").as_deref(), Some(want), "reload {n}");
+        assert_eq!(
+            country(&db, "203.0.113.7").as_deref(),
+            Some(want),
+            "reload {n}"
+        );
     }
     stop.store(true, Ordering::Relaxed);
     for r in readers {
         r.join().unwrap();
     }
     let total = lookups.load(Ordering::Relaxed);
-    assert_eq!(odd.load(Ordering::Relaxed), 0, "odd answers out of {total} lookups");
-    assert!(total > RELOADS as u64, "readers barely ran: {total} lookups");
+    assert_eq!(
+        odd.load(Ordering::Relaxed),
+        0,
+        "odd answers out of {total} lookups"
+    );
+    assert!(
+        total > RELOADS as u64,
+        "readers barely ran: {total} lookups"
+    );
     assert_eq!(db.info().reloads, RELOADS as u64);
     assert_eq!(db.info().decode_errors, 0);
 }
@@ -132,13 +146,20 @@ fn reload_if_changed_only_reloads_changed_files() {
     assert_eq!(r.anonymous_ip_database, ReloadOutcome::Unchanged);
     assert_eq!(country(&db, "203.0.113.7").as_deref(), Some("DE"));
     // The anonymous database kept working across the partial reload.
-    assert!(db.lookup("81.2.69.143".parse().unwrap()).anonymous.tor_exit_node);
+    assert!(
+        db.lookup("81.2.69.143".parse().unwrap())
+            .anonymous
+            .tor_exit_node
+    );
     assert!(!db.reload_if_changed().unwrap().changed());
 
     // A forced reload reopens both even though nothing changed.
     let r = db.reload().unwrap();
     assert!(matches!(r.database, ReloadOutcome::Reloaded { .. }));
-    assert!(matches!(r.anonymous_ip_database, ReloadOutcome::Reloaded { .. }));
+    assert!(matches!(
+        r.anonymous_ip_database,
+        ReloadOutcome::Reloaded { .. }
+    ));
     let json = serde_json::to_value(&r).unwrap();
     assert_eq!(json["database"]["outcome"], "reloaded");
 
@@ -175,7 +196,10 @@ fn corrupt_replacement_is_refused_and_old_database_stays() {
     assert!(err.retry_may_help());
     assert_eq!(country(&db, "203.0.113.7").as_deref(), Some("FR"));
     // A wrong kind of database, renamed into place, is refused too.
-    replace_by_rename(&path, &std::fs::read(testdata("GeoLite2-ASN-Test.mmdb")).unwrap());
+    replace_by_rename(
+        &path,
+        &std::fs::read(testdata("GeoLite2-ASN-Test.mmdb")).unwrap(),
+    );
     assert!(matches!(db.reload(), Err(GeoError::WrongType { .. })));
     // A good file afterwards is taken.
     replace_by_rename(&path, &de);

@@ -4,13 +4,15 @@
 //! `protocol/PROTOCOL.md` specifies the bytes; this crate is the reference implementation that
 //! the gateway, the edge node and native clients share.
 //!
-//! - [`codec`]: framing (`varint length | type | body`) and the incremental [`Decoder`].
-//! - [`message`]: every framed message ([`Message`]).
-//! - [`frame`]: the fixed 48-byte [`FrameHeader`] that starts each video frame stream.
-//! - [`input`]: [`InputDatagram`]s.
-//! - [`stream`]: [`FramedRecv`], [`send`], [`send_frame`], [`recv_frame`], [`relay_frame`].
-//! - [`tls`], [`net`]: rustls/quinn configuration (ring provider) and UDP socket setup.
-//! - [`client`]: [`Client`] for `nearpath/1`.
+//! - [`codec`] frames messages (`varint length | type | body`) and holds the incremental
+//!   [`Decoder`].
+//! - [`message`] defines every framed message ([`Message`]).
+//! - [`frame`] defines the fixed 48-byte [`FrameHeader`] that starts each video frame stream.
+//! - [`input`] defines [`InputDatagram`].
+//! - [`stream`] runs the codec over quinn: [`FramedRecv`], [`send`], [`send_frame`],
+//!   [`recv_frame`], [`relay_frame`].
+//! - [`tls`] and [`net`] build rustls/quinn configurations (ring provider) and UDP sockets.
+//! - [`client`] is the native client library ([`Client`]) for `nearpath/1`.
 
 pub mod client;
 pub mod codec;

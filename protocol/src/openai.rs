@@ -866,6 +866,8 @@ impl StreamRenderer {
         out.push_str("data: ");
         self.write_chunk(&mut out, role, content, finish);
         out.push_str("\n\n");
+        // A boxed slice (length == capacity) becomes `Bytes` without the extra allocation that
+        // `Bytes::from(Vec)` makes for a vector with spare capacity; shrinking is usually in place.
         Bytes::from(out.into_boxed_str().into_boxed_bytes())
     }
 

@@ -268,6 +268,10 @@ pub struct RawNode {
 
 impl RawNode {
     pub async fn connect(gw: &TestGateway, id: &str, from: IpAddr, class: &str) -> RawNode {
+        Self::connect_serving(gw, id, from, class, &["m"]).await
+    }
+
+    pub async fn connect_serving(gw: &TestGateway, id: &str, from: IpAddr, class: &str, models: &[&str]) -> RawNode {
         let cfg = client_config(ServerVerify::PinnedSha256(gw.sha), &[ALPN_NODE]).unwrap();
         let (endpoint, _) = nearpath_protocol::net::client_endpoint(SocketAddr::new(from, 0), cfg, 1 << 20).unwrap();
         let conn = endpoint.connect(gw.addrs.quic, "localhost").unwrap().await.unwrap();
@@ -284,7 +288,7 @@ impl RawNode {
             }],
             workloads: Workloads {
                 games: vec![],
-                models: vec!["m".into()],
+                models: models.iter().map(|m| m.to_string()).collect(),
             },
             capacity: Capacity {
                 game_sessions: 1,
@@ -340,6 +344,15 @@ impl Http {
     pub fn new() -> Http {
         Http {
             client: Client::builder(TokioExecutor::new()).build_http(),
+        }
+    }
+
+    /// A client whose connections come from `local` (e.g. 127.0.0.20, an untrusted peer).
+    pub fn from(local: IpAddr) -> Http {
+        let mut c = HttpConnector::new();
+        c.set_local_address(Some(local));
+        Http {
+            client: Client::builder(TokioExecutor::new()).build(c),
         }
     }
 
