@@ -134,7 +134,9 @@ impl FramedRecv {
 
     /// The next message; `Ok(None)` when the peer finished the stream between frames.
     ///
-    /// Cancel-safe: bytes already read stay in the decoder if the future is dropped.
+    /// Cancel-safe: bytes already read stay in the decoder if the future is dropped. After an
+    /// error that is not fatal ([`DecodeError::is_fatal`]), for example an unknown message type
+    /// from a newer peer, calling `next` again continues with the following frame.
     pub async fn next(&mut self) -> Result<Option<Message>, StreamError> {
         loop {
             if let Some(msg) = self.decoder.poll()? {
