@@ -630,7 +630,8 @@ impl NodeConfig {
             p.positive(&format!("{at}.max_concurrency"), m.max_concurrency);
             match &m.backend {
                 BackendConfig::Sim { tokens_per_s, .. } => {
-                    p.positive_finite(&format!("{at}.backend.tokens_per_s"), *tokens_per_s);
+                    // 0 means "as fast as possible" (benchmarks of the relay itself).
+                    p.non_negative_finite(&format!("{at}.backend.tokens_per_s"), *tokens_per_s);
                 }
                 BackendConfig::Upstream {
                     base_url,
@@ -638,10 +639,16 @@ impl NodeConfig {
                     upstream_model,
                     timeout_ms,
                 } => {
-                    if !is_v1_base_url(base_url) {
+                    if base_url.starts_with("https://") {
+                        // The backend runs on the node itself; the node speaks plain HTTP to it.
                         p.push(
                             format!("{at}.backend.base_url"),
-                            format!("{base_url:?} is not an http:// or https:// URL ending in /v1"),
+                            format!("{base_url:?}: https upstreams are not supported; the upstream runs on the node, use http://127.0.0.1:PORT/v1"),
+                        );
+                    } else if !is_v1_base_url(base_url) {
+                        p.push(
+                            format!("{at}.backend.base_url"),
+                            format!("{base_url:?} is not an http:// URL ending in /v1"),
                         );
                     }
                     if let Some(key) = api_key {

@@ -652,7 +652,7 @@ max_concurrency = 0
 backend = { type = "upstream", base_url = "http://127.0.0.1:8000", timeout_ms = 0 }
 [[models]]
 name = "m"
-backend = { type = "sim", tokens_per_s = 0.0 }
+backend = { type = "sim", tokens_per_s = -1.0 }
 [[models]]
 name = "has space"
 backend = { type = "upstream", base_url = "https://h/v1", api_key = "", upstream_model = "" }
@@ -671,12 +671,14 @@ source = { type = "command", command = ["", "--x"] }
             "9: capacity.inference_concurrency: is 0, but models are configured (remove them or \
              allow requests)",
             "14: models[0].max_concurrency: must be greater than 0 (got 0)",
-            "15: models[0].backend.base_url: \"http://127.0.0.1:8000\" is not an http:// or \
-             https:// URL ending in /v1",
+            "15: models[0].backend.base_url: \"http://127.0.0.1:8000\" is not an http:// URL \
+             ending in /v1",
             "15: models[0].backend.timeout_ms: must be greater than 0 (got 0)",
             "17: models[1].name: \"m\" is already the name of models[0]",
-            "18: models[1].backend.tokens_per_s: must be a finite number greater than 0 (got 0)",
+            "18: models[1].backend.tokens_per_s: must be a finite number, 0 or more (got -1)",
             "20: models[2].name: \"has space\" must not contain spaces or control characters",
+            "21: models[2].backend.base_url: \"https://h/v1\": https upstreams are not supported; \
+             the upstream runs on the node, use http://127.0.0.1:PORT/v1",
             "21: models[2].backend.api_key: must not be empty (leave it out instead)",
             "21: models[2].backend.upstream_model: must not be empty",
             "24: games[0].source.command: must name a program (argv, non-empty)",
