@@ -3,6 +3,7 @@
 //! opens (inference now; game streaming in `game`).
 
 pub mod backoff;
+pub mod game;
 pub mod gpu;
 pub mod inference;
 pub mod node;

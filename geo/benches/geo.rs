@@ -7,6 +7,7 @@
 //! (b) `decision/*`: client lookup + `Policy::check_serve` against a precomputed node
 //!     location, default rules, controlled and uncontrolled class; 10,000 addresses per
 //!     iteration.
+//! `decision_one/*`: the same for one address at a time (warm caches), per decision.
 //! (c) After the criterion groups: hot reload of a file copy of the embedded database (by
 //!     rename) while a thread looks addresses up; prints reloads, lookups, wrong answers and
 //!     lookup latency percentiles with and without reloads going on (skip it with
@@ -145,6 +146,30 @@ fn bench_decision(c: &mut Criterion) {
                 allowed += d.is_allowed() as u32;
             }
             black_box(allowed)
+        })
+    });
+    g.finish();
+
+    // One decision at a time for a single address (warm caches): the per-decision latency a
+    // request sees when its client's range is hot, deny and allow paths.
+    let mut g = c.benchmark_group("decision_one");
+    for (name, addr) in [
+        ("allow_us_h100", "8.8.8.8"),
+        ("deny_cn_h100", "114.114.114.114"),
+    ] {
+        let ip: IpAddr = addr.parse().unwrap();
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                let client = db.lookup(black_box(ip));
+                policy.check_serve(&client, &node, h100, WorkloadKind::Inference)
+            })
+        });
+    }
+    let ip: IpAddr = "8.8.8.8".parse().unwrap();
+    g.bench_function("bare_maxminddb_us", |b| {
+        b.iter(|| {
+            let r = reader.lookup(black_box(ip)).unwrap();
+            black_box(r.decode::<Flat>().unwrap());
         })
     });
     g.finish();

@@ -91,7 +91,7 @@ def main():
     rows.sort(key=lambda r: r[0])
     out.write("/// Sorted by code, so that lookups can binary-search.\n")
     out.write("#[rustfmt::skip]\n")
-    out.write("pub(crate) static CENTROIDS: &[CentroidRow] = &[\n")
+    out.write("pub(crate) const CENTROIDS: &[CentroidRow] = &[\n")
     for code, lat, lon, continent, src in rows:
         comment = "" if src == "iso-to-coordinates" else f" // {src}"
         out.write(

@@ -13,7 +13,7 @@ pub(crate) struct CentroidRow {
 
 /// Sorted by code, so that lookups can binary-search.
 #[rustfmt::skip]
-pub(crate) static CENTROIDS: &[CentroidRow] = &[
+pub(crate) const CENTROIDS: &[CentroidRow] = &[
     CentroidRow { code: *b"AD", lat: 42.546245, lon: 1.601554, continent: *b"EU" },
     CentroidRow { code: *b"AE", lat: 23.424076, lon: 53.847818, continent: *b"AS" },
     CentroidRow { code: *b"AF", lat: 33.93911, lon: 67.709953, continent: *b"AS" },

@@ -178,18 +178,19 @@ fn detect_schema(database_type: &str, role: Role) -> Result<Schema, &'static str
     }
 }
 
-/// The bytes behind a reader: the embedded database or a file mapping.
-enum Bytes {
-    Embedded(&'static [u8]),
-    Mapped(Mmap),
+/// A reader over the embedded bytes or a file mapping. An enum of readers, rather than a reader
+/// over an enum of byte sources, so that the choice is made once per lookup and not on every
+/// search-tree node the reader visits.
+enum AnyReader {
+    Embedded(Reader<&'static [u8]>),
+    Mapped(Reader<Mmap>),
 }
 
-impl AsRef<[u8]> for Bytes {
-    #[inline]
-    fn as_ref(&self) -> &[u8] {
+impl AnyReader {
+    fn metadata(&self) -> &maxminddb::Metadata {
         match self {
-            Bytes::Embedded(b) => b,
-            Bytes::Mapped(m) => m,
+            AnyReader::Embedded(r) => r.metadata(),
+            AnyReader::Mapped(r) => r.metadata(),
         }
     }
 }
@@ -223,7 +224,7 @@ impl Fingerprint {
 
 /// One opened database.
 struct Loaded {
-    reader: Reader<Bytes>,
+    reader: AnyReader,
     schema: Schema,
     /// `None` for the embedded database.
     path: Option<PathBuf>,
@@ -233,11 +234,9 @@ struct Loaded {
 impl Loaded {
     fn embedded() -> Result<Self, GeoError> {
         let path = PathBuf::from(EMBEDDED_NAME);
-        let reader = Reader::from_source(Bytes::Embedded(EMBEDDED_DB)).map_err(|source| {
-            GeoError::Corrupt {
-                path: path.clone(),
-                source,
-            }
+        let reader = Reader::from_source(EMBEDDED_DB).map_err(|source| GeoError::Corrupt {
+            path: path.clone(),
+            source,
         })?;
         let schema =
             detect_schema(&reader.metadata().database_type, Role::Location).map_err(|problem| {
@@ -248,7 +247,7 @@ impl Loaded {
                 }
             })?;
         Ok(Self {
-            reader,
+            reader: AnyReader::Embedded(reader),
             schema,
             path: None,
             fingerprint: None,
@@ -282,7 +281,7 @@ impl Loaded {
         // modified in place while mapped (see the module docs: replace it by rename); a renamed
         // replacement leaves this inode, and so this mapping, intact.
         let mmap = unsafe { Mmap::map(&file) }.map_err(io_err)?;
-        let reader = Reader::from_source(Bytes::Mapped(mmap)).map_err(corrupt)?;
+        let reader = Reader::from_source(mmap).map_err(corrupt)?;
         let database_type = &reader.metadata().database_type;
         let schema = detect_schema(database_type, role).map_err(|problem| GeoError::WrongType {
             path: path.to_path_buf(),
@@ -291,7 +290,7 @@ impl Loaded {
         })?;
         check_records(&reader, schema).map_err(corrupt)?;
         Ok(Self {
-            reader,
+            reader: AnyReader::Mapped(reader),
             schema,
             path: Some(path.to_path_buf()),
             fingerprint: Some(Fingerprint::of(&meta)),
@@ -329,7 +328,7 @@ impl Loaded {
 ///
 /// `Reader::verify` is not used: it also insists on a non-empty metadata `description`, which
 /// the ip-location-db databases (the embedded one among them) do not have.
-fn check_records(reader: &Reader<Bytes>, schema: Schema) -> Result<(), MaxMindDbError> {
+fn check_records<S: AsRef<[u8]>>(reader: &Reader<S>, schema: Schema) -> Result<(), MaxMindDbError> {
     // A tree of N nodes has at most N + 1 leaves; more iterations mean a cycle.
     let max_networks = (reader.metadata().node_count as usize).saturating_mul(2) + 2;
     let mut seen = HashSet::new();
@@ -748,9 +747,22 @@ impl GeoDb {
         }
     }
 
+    #[inline]
     fn lookup_location(&self, db: &Loaded, ip: IpAddr) -> Location {
+        match &db.reader {
+            AnyReader::Embedded(r) => self.lookup_location_in(r, db, ip),
+            AnyReader::Mapped(r) => self.lookup_location_in(r, db, ip),
+        }
+    }
+
+    fn lookup_location_in<S: AsRef<[u8]>>(
+        &self,
+        reader: &Reader<S>,
+        db: &Loaded,
+        ip: IpAddr,
+    ) -> Location {
         // An IPv6 address in an IPv4-only database is an error from the reader: unknown.
-        let Ok(res) = db.reader.lookup(ip) else {
+        let Ok(res) = reader.lookup(ip) else {
             return Location::UNKNOWN;
         };
         if !res.has_data() {
@@ -814,7 +826,19 @@ impl GeoDb {
     }
 
     fn lookup_anonymous(&self, db: &Loaded, ip: IpAddr) -> AnonymousFlags {
-        let Ok(res) = db.reader.lookup(ip) else {
+        match &db.reader {
+            AnyReader::Embedded(r) => self.lookup_anonymous_in(r, db, ip),
+            AnyReader::Mapped(r) => self.lookup_anonymous_in(r, db, ip),
+        }
+    }
+
+    fn lookup_anonymous_in<S: AsRef<[u8]>>(
+        &self,
+        reader: &Reader<S>,
+        db: &Loaded,
+        ip: IpAddr,
+    ) -> AnonymousFlags {
+        let Ok(res) = reader.lookup(ip) else {
             return AnonymousFlags::default();
         };
         match res.decode::<AnonRec>() {
@@ -964,7 +988,10 @@ mod tests {
         assert!(info.database.node_count > 100_000);
         let t = std::time::Instant::now();
         let l = Loaded::embedded().unwrap();
-        check_records(&l.reader, l.schema).unwrap();
+        let AnyReader::Embedded(r) = &l.reader else {
+            panic!("not embedded")
+        };
+        check_records(r, l.schema).unwrap();
         eprintln!("check embedded: {:?}", t.elapsed());
     }
 }

@@ -165,12 +165,29 @@ impl Location {
     }
 }
 
+/// For each of the 26 x 26 two-letter codes, 1 + its row in `CENTROIDS`, or 0; built at
+/// compile time so that a lookup costs one indexed load instead of a search.
+static CENTROID_INDEX: [u16; 26 * 26] = build_centroid_index();
+
+const fn build_centroid_index() -> [u16; 26 * 26] {
+    let mut index = [0u16; 26 * 26];
+    let mut i = 0;
+    while i < CENTROIDS.len() {
+        let c = CENTROIDS[i].code;
+        // The generator writes only upper-case codes; anything else fails the build here.
+        assert!(c[0].is_ascii_uppercase() && c[1].is_ascii_uppercase());
+        index[(c[0] - b'A') as usize * 26 + (c[1] - b'A') as usize] = (i + 1) as u16;
+        i += 1;
+    }
+    index
+}
+
+#[inline]
 fn centroid_row(country: Country) -> Option<&'static CentroidRow> {
-    let code = country.bytes();
-    CENTROIDS
-        .binary_search_by(|row| row.code.cmp(&code))
-        .ok()
-        .map(|i| &CENTROIDS[i])
+    match CENTROID_INDEX[country.index()] {
+        0 => None,
+        n => CENTROIDS.get(n as usize - 1),
+    }
 }
 
 /// The centre point of a country from the bundled table (see `geo/data/CENTROIDS.md`), or

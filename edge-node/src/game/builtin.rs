@@ -1,0 +1,661 @@
+//! Games built into the edge node, rendered in software straight into I420.
+//!
+//! They exist so that a node can serve a playable stream without a GPU or a game install (demos,
+//! tests, benchmarks): a ship on an arena that the player steers with WASD/arrow keys, relative
+//! mouse motion or a gamepad stick, while asteroids orbit, the grid scrolls, a bar sweeps and a
+//! frame counter ticks, so a frozen or stuttering stream is obvious at a glance.
+//!
+//! The simulation is deterministic: the same input events applied before the same frame numbers
+//! give the same picture, which is what the tests rely on. Key codes are the browser's
+//! `KeyboardEvent.keyCode` numbers (W 87, A 65, S 83, D 68, arrows 37 to 40).
+//!
+//! Rendering only fills whole rows with `slice::fill` / `copy_from_slice` and draws small
+//! sprites, so a 1920x1080 frame costs well under a millisecond on one core.
+
+use super::frame::I420Frame;
+use nearpath_protocol::input::InputEvent;
+use thiserror::Error;
+
+/// Titles a `{ type = "builtin" }` game entry may use: `arena` (a dark scrolling grid) and
+/// `testpattern` (colour bars). Both run the same ship game on top.
+pub const TITLES: &[&str] = &["arena", "testpattern"];
+
+/// Whether `title` names a built-in game (for validating the node's configuration at startup).
+pub fn is_builtin(title: &str) -> bool {
+    TITLES.contains(&title)
+}
+
+/// Why a built-in game could not be started.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum BuiltinError {
+    /// The configured title is not one of [`TITLES`] (a configuration mistake of the operator).
+    #[error("no built-in game is called {title:?} (built-in games: {known})")]
+    UnknownTitle {
+        /// The title asked for.
+        title: String,
+        /// The titles that exist, comma separated.
+        known: String,
+    },
+    /// The session asked for a size I420 cannot represent (odd or zero).
+    #[error("built-in games render at even, non-zero sizes, not {width}x{height}")]
+    BadDimensions {
+        /// Requested width.
+        width: u32,
+        /// Requested height.
+        height: u32,
+    },
+}
+
+/// Browser key codes the game reacts to.
+mod keys {
+    pub const LEFT: [u16; 2] = [65, 37]; // A, ArrowLeft
+    pub const UP: [u16; 2] = [87, 38]; // W, ArrowUp
+    pub const RIGHT: [u16; 2] = [68, 39]; // D, ArrowRight
+    pub const DOWN: [u16; 2] = [83, 40]; // S, ArrowDown
+}
+
+/// Held-direction bits.
+const HELD_LEFT: u8 = 1;
+const HELD_RIGHT: u8 = 2;
+const HELD_UP: u8 = 4;
+const HELD_DOWN: u8 = 8;
+
+/// Gamepad stick values closer to centre than this are treated as centred (sticks rest a
+/// little off zero).
+const STICK_DEADZONE: i32 = 4096;
+/// Positions are kept in 1/256 pixel so slow stick deflections still move the ship.
+const FIX: i64 = 256;
+
+/// A colour in limited-range BT.601 YUV (what decoders assume without VUI signalling).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Yuv(u8, u8, u8);
+
+const WHITE: Yuv = Yuv(235, 128, 128);
+const YELLOW: Yuv = Yuv(210, 16, 146);
+const CYAN: Yuv = Yuv(170, 166, 16);
+const GREEN: Yuv = Yuv(145, 54, 34);
+const MAGENTA: Yuv = Yuv(106, 202, 222);
+const RED: Yuv = Yuv(81, 90, 240);
+const BLUE: Yuv = Yuv(41, 240, 110);
+const ORANGE: Yuv = Yuv(150, 44, 200);
+const GREY: Yuv = Yuv(110, 128, 128);
+
+/// Which background is drawn under the game.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scene {
+    Arena,
+    TestPattern,
+}
+
+/// One built-in game instance: its state and the frame it renders into.
+pub struct BuiltinGame {
+    scene: Scene,
+    width: u32,
+    height: u32,
+    /// Frames simulated so far (the number drawn as the counter).
+    frame_no: u64,
+    /// Ship centre in 1/256 pixel.
+    ship_x: i64,
+    ship_y: i64,
+    /// Ship half-size in pixels (the mouse wheel changes it).
+    ship_half: i64,
+    held: u8,
+    stick: [i16; 2],
+    firing_mouse: bool,
+    firing_pad: bool,
+    /// Accumulated wheel motion not yet turned into a size step.
+    wheel_acc: i32,
+    /// Colour bar rows for the test pattern, built once.
+    bars: Option<BarRows>,
+    out: I420Frame,
+}
+
+/// One row of the colour bars in each plane.
+struct BarRows {
+    y: Vec<u8>,
+    u: Vec<u8>,
+    v: Vec<u8>,
+}
+
+impl std::fmt::Debug for BuiltinGame {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BuiltinGame")
+            .field("scene", &self.scene)
+            .field("size", &(self.width, self.height))
+            .field("frame_no", &self.frame_no)
+            .field("ship", &self.ship_position())
+            .finish()
+    }
+}
+
+impl BuiltinGame {
+    /// Starts the built-in game called `title` at the given size, ship in the centre, frame 0.
+    pub fn new(title: &str, width: u32, height: u32) -> Result<Self, BuiltinError> {
+        let scene = match title {
+            "arena" => Scene::Arena,
+            "testpattern" => Scene::TestPattern,
+            _ => {
+                return Err(BuiltinError::UnknownTitle {
+                    title: title.to_owned(),
+                    known: TITLES.join(", "),
+                })
+            }
+        };
+        let out = I420Frame::black(width, height)
+            .map_err(|_| BuiltinError::BadDimensions { width, height })?;
+        let bars = (scene == Scene::TestPattern).then(|| BarRows::new(width));
+        Ok(Self {
+            scene,
+            width,
+            height,
+            frame_no: 0,
+            ship_x: i64::from(width) * FIX / 2,
+            ship_y: i64::from(height) * FIX / 2,
+            ship_half: (i64::from(height) / 40).max(4),
+            held: 0,
+            stick: [0, 0],
+            firing_mouse: false,
+            firing_pad: false,
+            wheel_acc: 0,
+            bars,
+            out,
+        })
+    }
+
+    /// Frame width in pixels.
+    pub fn width(&self) -> u32 {
+        self.width
+    }
+
+    /// Frame height in pixels.
+    pub fn height(&self) -> u32 {
+        self.height
+    }
+
+    /// Frames simulated so far.
+    pub fn frame_number(&self) -> u64 {
+        self.frame_no
+    }
+
+    /// The ship's centre in whole pixels, origin top left.
+    pub fn ship_position(&self) -> (i32, i32) {
+        // Positions are clamped to the frame, so they always fit.
+        (
+            i32::try_from(self.ship_x / FIX).unwrap_or(i32::MAX),
+            i32::try_from(self.ship_y / FIX).unwrap_or(i32::MAX),
+        )
+    }
+
+    /// Applies one input event. Mouse motion moves the ship at once; keys and the stick set a
+    /// velocity that [`BuiltinGame::step`] integrates. Events the game has no use for
+    /// (keyframe requests, pings, unknown keys) are ignored.
+    pub fn apply_input(&mut self, event: &InputEvent) {
+        match *event {
+            InputEvent::Key { code, down } => {
+                let bit = if keys::LEFT.contains(&code) {
+                    HELD_LEFT
+                } else if keys::RIGHT.contains(&code) {
+                    HELD_RIGHT
+                } else if keys::UP.contains(&code) {
+                    HELD_UP
+                } else if keys::DOWN.contains(&code) {
+                    HELD_DOWN
+                } else {
+                    return;
+                };
+                if down {
+                    self.held |= bit;
+                } else {
+                    self.held &= !bit;
+                }
+            }
+            InputEvent::MouseMove { dx, dy } => {
+                self.ship_x = self.ship_x.saturating_add(i64::from(dx) * FIX);
+                self.ship_y = self.ship_y.saturating_add(i64::from(dy) * FIX);
+                self.clamp_ship();
+            }
+            InputEvent::MouseButton { down, .. } => self.firing_mouse = down,
+            InputEvent::Wheel { dy, .. } => {
+                // One notch (120) grows or shrinks the ship by a step; wheel up (negative dy
+                // in browsers) grows it.
+                self.wheel_acc = self.wheel_acc.saturating_sub(i32::from(dy));
+                let steps = self.wheel_acc / 120;
+                self.wheel_acc %= 120;
+                let max_half = (i64::from(self.height) / 8).max(4);
+                self.ship_half = (self.ship_half + i64::from(steps) * 2).clamp(4, max_half);
+                self.clamp_ship();
+            }
+            InputEvent::Gamepad { axes, buttons } => {
+                self.stick = [axes[0], axes[1]];
+                self.firing_pad = buttons & 1 != 0;
+            }
+            InputEvent::KeyframeRequest | InputEvent::Ping { .. } => {}
+        }
+    }
+
+    /// Advances the simulation by one frame.
+    pub fn step(&mut self) {
+        // Full speed crosses the frame height in three seconds at 60 fps.
+        let speed = (i64::from(self.height) * FIX / 180).max(FIX);
+        let mut vx = 0i64;
+        let mut vy = 0i64;
+        if self.held & HELD_LEFT != 0 {
+            vx -= speed;
+        }
+        if self.held & HELD_RIGHT != 0 {
+            vx += speed;
+        }
+        if self.held & HELD_UP != 0 {
+            vy -= speed;
+        }
+        if self.held & HELD_DOWN != 0 {
+            vy += speed;
+        }
+        let axis = |a: i16| {
+            let a = i32::from(a);
+            if a.abs() < STICK_DEADZONE {
+                0
+            } else {
+                i64::from(a) * speed / 32767
+            }
+        };
+        vx += axis(self.stick[0]);
+        vy += axis(self.stick[1]);
+        self.ship_x += vx;
+        self.ship_y += vy;
+        self.clamp_ship();
+        self.frame_no += 1;
+    }
+
+    /// Steps until [`BuiltinGame::frame_number`] is `frame_no` (no-op if it is already past),
+    /// so the world keeps real-time speed when frames are dropped.
+    pub fn advance_to(&mut self, frame_no: u64) {
+        while self.frame_no < frame_no {
+            self.step();
+        }
+    }
+
+    fn clamp_ship(&mut self) {
+        let h = self.ship_half * FIX;
+        let max_x = (i64::from(self.width) * FIX - h).max(h);
+        let max_y = (i64::from(self.height) * FIX - h).max(h);
+        self.ship_x = self.ship_x.clamp(h, max_x);
+        self.ship_y = self.ship_y.clamp(h, max_y);
+    }
+
+    /// The frame as last rendered (black before the first [`BuiltinGame::render`]).
+    pub fn frame(&self) -> &I420Frame {
+        &self.out
+    }
+
+    /// Draws the current state and returns the frame.
+    pub fn render(&mut self) -> &I420Frame {
+        let (w, h) = (self.width as usize, self.height as usize);
+        let frame_no = self.frame_no;
+        let (sx, sy) = self.ship_position();
+        let ship_half = self.ship_half as i32;
+        let firing = self.firing_mouse || self.firing_pad;
+        let scene = self.scene;
+        let bars = self.bars.as_ref();
+        let mut c = Canvas::new(&mut self.out, w, h);
+
+        match (scene, bars) {
+            (Scene::TestPattern, Some(bars)) => c.test_pattern(bars),
+            _ => c.arena_background(frame_no),
+        }
+
+        // Asteroids orbit the centre at different radii and speeds.
+        let (cx, cy) = (w as f64 / 2.0, h as f64 / 2.0);
+        let unit = h.min(w) as f64;
+        for i in 0..5u32 {
+            let fi = f64::from(i);
+            let radius = unit * (0.16 + 0.065 * fi);
+            let speed = 0.011 + 0.004 * fi;
+            let dir = if i % 2 == 0 { 1.0 } else { -1.0 };
+            let angle = dir * speed * frame_no as f64 + fi * 1.3;
+            let x = cx + radius * angle.cos();
+            let y = cy + radius * angle.sin();
+            let r = (unit * (0.018 + 0.006 * fi)).max(2.0);
+            let colour = [GREY, ORANGE, CYAN, MAGENTA, GREEN][i as usize];
+            c.disc(x as i32, y as i32, r as i32, colour);
+        }
+
+        // A bar sweeps along the bottom once every two seconds (at 60 fps).
+        let bar_w = (w / 48).max(2);
+        let bar_x = (frame_no % 120) as usize * w.saturating_sub(bar_w) / 119;
+        let bar_h = (h / 30).max(2);
+        c.rect(
+            bar_x as i32,
+            (h - bar_h) as i32,
+            (bar_x + bar_w) as i32,
+            h as i32,
+            WHITE,
+        );
+
+        // The player's ship: a triangle pointing up, with a beam while firing.
+        if firing {
+            let beam = (ship_half / 4).max(1);
+            c.rect(sx - beam, 0, sx + beam, sy - ship_half, RED);
+        }
+        c.ship(sx, sy, ship_half, if firing { RED } else { YELLOW });
+
+        // The frame counter, top left.
+        let digit_h = (h / 18).max(10) as i32;
+        c.number(digit_h / 2, digit_h / 2, digit_h, frame_no, WHITE);
+
+        &self.out
+    }
+}
+
+impl BarRows {
+    fn new(width: u32) -> Self {
+        let w = width as usize;
+        let colours = [WHITE, YELLOW, CYAN, GREEN, MAGENTA, RED, BLUE];
+        let y = (0..w).map(|x| colours[x * 7 / w].0).collect();
+        let u = (0..w / 2).map(|x| colours[x * 14 / w].1).collect();
+        let v = (0..w / 2).map(|x| colours[x * 14 / w].2).collect();
+        Self { y, u, v }
+    }
+}
+
+/// Drawing primitives over the three planes of one frame. All coordinates are in luma pixels
+/// and clipped to the frame, so sprites may hang off the edges.
+struct Canvas<'a> {
+    y: &'a mut [u8],
+    u: &'a mut [u8],
+    v: &'a mut [u8],
+    w: usize,
+    h: usize,
+}
+
+impl<'a> Canvas<'a> {
+    fn new(frame: &'a mut I420Frame, w: usize, h: usize) -> Self {
+        let (y, u, v) = frame.planes_mut();
+        Self { y, u, v, w, h }
+    }
+
+    fn arena_background(&mut self, frame_no: u64) {
+        let (w, h) = (self.w, self.h);
+        let grid = (h / 12).max(8);
+        // The grid scrolls down and right by a pixel a frame: global motion, like a game camera.
+        let offset = (frame_no % grid as u64) as usize;
+        for (row, line) in self.y.chunks_exact_mut(w).enumerate() {
+            let on_grid = (row + grid - offset) % grid == 0;
+            if on_grid {
+                line.fill(70);
+            } else {
+                // A vertical gradient keeps the background from being one flat colour.
+                line.fill(20 + (row * 28 / h) as u8);
+                let mut x = (grid - offset) % grid;
+                while x < w {
+                    line[x] = 70;
+                    x += grid;
+                }
+            }
+        }
+        self.u.fill(136);
+        self.v.fill(122);
+    }
+
+    fn test_pattern(&mut self, bars: &BarRows) {
+        let (w, h) = (self.w, self.h);
+        let bars_end = h * 2 / 3;
+        for (row, line) in self.y.chunks_exact_mut(w).enumerate() {
+            if row < bars_end {
+                line.copy_from_slice(&bars.y);
+            } else {
+                line.fill(16);
+            }
+        }
+        let cw = w / 2;
+        for (row, (lu, lv)) in self
+            .u
+            .chunks_exact_mut(cw)
+            .zip(self.v.chunks_exact_mut(cw))
+            .enumerate()
+        {
+            if row * 2 < bars_end {
+                lu.copy_from_slice(&bars.u);
+                lv.copy_from_slice(&bars.v);
+            } else {
+                lu.fill(128);
+                lv.fill(128);
+            }
+        }
+    }
+
+    /// Fills luma pixels `[x0, x1)` of `row` and the chroma under them (clipped).
+    fn span(&mut self, row: i32, x0: i32, x1: i32, c: Yuv) {
+        if row < 0 || row as usize >= self.h {
+            return;
+        }
+        let x0 = x0.clamp(0, self.w as i32) as usize;
+        let x1 = x1.clamp(0, self.w as i32) as usize;
+        if x0 >= x1 {
+            return;
+        }
+        let row = row as usize;
+        self.y[row * self.w + x0..row * self.w + x1].fill(c.0);
+        // Chroma is shared by 2x2 luma pixels; paint it on even rows only to do it once.
+        if row % 2 == 0 {
+            let cw = self.w / 2;
+            let base = (row / 2) * cw;
+            let (c0, c1) = (x0 / 2, x1.div_ceil(2).min(cw));
+            self.u[base + c0..base + c1].fill(c.1);
+            self.v[base + c0..base + c1].fill(c.2);
+        }
+    }
+
+    fn rect(&mut self, x0: i32, y0: i32, x1: i32, y1: i32, c: Yuv) {
+        let y0 = y0.max(0);
+        let y1 = y1.min(self.h as i32);
+        for row in y0..y1 {
+            self.span(row, x0, x1, c);
+        }
+    }
+
+    fn disc(&mut self, cx: i32, cy: i32, r: i32, c: Yuv) {
+        let r2 = i64::from(r) * i64::from(r);
+        for dy in -r..=r {
+            let rest = r2 - i64::from(dy) * i64::from(dy);
+            let half = (rest as f64).sqrt() as i32;
+            self.span(cy + dy, cx - half, cx + half + 1, c);
+        }
+    }
+
+    /// A triangle with its apex `half` above the centre and its base `half` below.
+    fn ship(&mut self, cx: i32, cy: i32, half: i32, c: Yuv) {
+        let tall = 2 * half;
+        for i in 0..=tall {
+            let spread = i * half / tall.max(1);
+            self.span(cy - half + i, cx - spread, cx + spread + 1, c);
+        }
+    }
+
+    /// Draws `n` in seven-segment digits `digit_h` pixels tall, starting at (x, y).
+    fn number(&mut self, x: i32, y: i32, digit_h: i32, n: u64, c: Yuv) {
+        // Segment bits: a (top), b (top right), c (bottom right), d (bottom), e (bottom left),
+        // f (top left), g (middle).
+        const SEGMENTS: [u8; 10] = [
+            0b011_1111, 0b000_0110, 0b101_1011, 0b100_1111, 0b110_0110, 0b110_1101, 0b111_1101,
+            0b000_0111, 0b111_1111, 0b110_1111,
+        ];
+        let digits = n.to_string();
+        let dw = digit_h / 2;
+        let t = (digit_h / 8).max(1);
+        let half = digit_h / 2;
+        for (i, ch) in digits.bytes().enumerate() {
+            let s = SEGMENTS[usize::from(ch - b'0')];
+            let x0 = x + i as i32 * (dw + 2 * t);
+            let on = |bit: u8| s & (1 << bit) != 0;
+            if on(0) {
+                self.rect(x0, y, x0 + dw, y + t, c);
+            }
+            if on(1) {
+                self.rect(x0 + dw - t, y, x0 + dw, y + half, c);
+            }
+            if on(2) {
+                self.rect(x0 + dw - t, y + half, x0 + dw, y + digit_h, c);
+            }
+            if on(3) {
+                self.rect(x0, y + digit_h - t, x0 + dw, y + digit_h, c);
+            }
+            if on(4) {
+                self.rect(x0, y + half, x0 + t, y + digit_h, c);
+            }
+            if on(5) {
+                self.rect(x0, y, x0 + t, y + half, c);
+            }
+            if on(6) {
+                self.rect(x0, y + half - t / 2, x0 + dw, y + half - t / 2 + t, c);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(code: u16, down: bool) -> InputEvent {
+        InputEvent::Key { code, down }
+    }
+
+    #[test]
+    fn unknown_titles_and_odd_sizes_are_refused() {
+        assert!(matches!(
+            BuiltinGame::new("doom", 64, 64),
+            Err(BuiltinError::UnknownTitle { .. })
+        ));
+        assert_eq!(
+            BuiltinGame::new("arena", 63, 64).unwrap_err(),
+            BuiltinError::BadDimensions {
+                width: 63,
+                height: 64
+            }
+        );
+        assert!(is_builtin("testpattern") && !is_builtin("Arena"));
+    }
+
+    #[test]
+    fn wasd_and_arrows_move_the_ship_and_release_stops_it() {
+        let mut g = BuiltinGame::new("arena", 1280, 720).unwrap();
+        let start = g.ship_position();
+        assert_eq!(start, (640, 360));
+        g.apply_input(&key(68, true)); // D
+        for _ in 0..10 {
+            g.step();
+        }
+        let right = g.ship_position();
+        assert_eq!(right.1, start.1);
+        assert_eq!(right.0 - start.0, 40, "720 / 180 = 4 px a frame for 10 frames");
+        g.apply_input(&key(68, false));
+        g.step();
+        assert_eq!(g.ship_position(), right, "released keys stop the ship");
+        g.apply_input(&key(38, true)); // ArrowUp
+        g.apply_input(&key(37, true)); // ArrowLeft
+        g.step();
+        assert_eq!(g.ship_position(), (right.0 - 4, right.1 - 4));
+        // Unknown keys change nothing.
+        g.apply_input(&key(38, false));
+        g.apply_input(&key(37, false));
+        g.apply_input(&key(13, true));
+        g.step();
+        assert_eq!(g.ship_position(), (right.0 - 4, right.1 - 4));
+    }
+
+    #[test]
+    fn the_ship_stays_inside_the_arena() {
+        let mut g = BuiltinGame::new("arena", 320, 180).unwrap();
+        g.apply_input(&key(65, true));
+        g.apply_input(&key(87, true));
+        for _ in 0..1000 {
+            g.step();
+        }
+        let (x, y) = g.ship_position();
+        assert_eq!((x, y), (4, 4), "clamped to its half-size from the corner");
+        g.apply_input(&InputEvent::MouseMove {
+            dx: i32::MAX,
+            dy: i32::MAX,
+        });
+        assert_eq!(g.ship_position(), (316, 176));
+    }
+
+    #[test]
+    fn gamepad_stick_and_mouse_move_the_ship() {
+        let mut g = BuiltinGame::new("testpattern", 1280, 720).unwrap();
+        g.apply_input(&InputEvent::Gamepad {
+            axes: [32767, -16384, 0, 0],
+            buttons: 0,
+        });
+        g.step();
+        let (x, y) = g.ship_position();
+        assert_eq!(x, 644);
+        assert!(y < 360 && y >= 357, "half deflection up moves about 2 px, got {y}");
+        // Inside the dead zone the stick does nothing.
+        g.apply_input(&InputEvent::Gamepad {
+            axes: [1000, -1000, 0, 0],
+            buttons: 0,
+        });
+        let before = g.ship_position();
+        g.step();
+        assert_eq!(g.ship_position(), before);
+        g.apply_input(&InputEvent::MouseMove { dx: -100, dy: 50 });
+        assert_eq!(g.ship_position(), (before.0 - 100, before.1 + 50));
+    }
+
+    #[test]
+    fn same_inputs_give_the_same_pictures_and_input_changes_them() {
+        let run = |moves: bool| {
+            let mut g = BuiltinGame::new("arena", 160, 96).unwrap();
+            let mut frames = Vec::new();
+            for i in 0..20 {
+                if moves && i == 5 {
+                    g.apply_input(&key(83, true));
+                }
+                g.step();
+                frames.push(g.render().clone());
+            }
+            frames
+        };
+        let a = run(false);
+        assert_eq!(a, run(false), "deterministic");
+        let b = run(true);
+        assert_eq!(a[4], b[4]);
+        assert_ne!(a[10], b[10], "the moved ship shows in the picture");
+        assert_ne!(a[10], a[11], "the world moves on its own");
+    }
+
+    #[test]
+    fn advance_to_catches_up_dropped_frames() {
+        let mut a = BuiltinGame::new("arena", 64, 64).unwrap();
+        let mut b = BuiltinGame::new("arena", 64, 64).unwrap();
+        a.apply_input(&key(40, true));
+        b.apply_input(&key(40, true));
+        a.advance_to(7);
+        for _ in 0..7 {
+            b.step();
+        }
+        assert_eq!(a.frame_number(), 7);
+        assert_eq!(a.ship_position(), b.ship_position());
+        a.advance_to(3);
+        assert_eq!(a.frame_number(), 7, "never goes back");
+    }
+
+    #[test]
+    fn renders_every_size_without_panicking() {
+        for (w, h) in [(2, 2), (16, 2), (2, 16), (162, 90), (1920, 1080)] {
+            for title in TITLES {
+                let mut g = BuiltinGame::new(title, w, h).unwrap();
+                g.apply_input(&InputEvent::MouseButton {
+                    button: 0,
+                    down: true,
+                });
+                g.apply_input(&InputEvent::Wheel { dx: 0, dy: -1200 });
+                g.step();
+                let f = g.render();
+                assert_eq!((f.width(), f.height()), (w, h));
+            }
+        }
+    }
+}

@@ -1,0 +1,899 @@
+//! Game streaming on the node: a frame source (a built-in game, or an external program writing
+//! raw frames), paced at the session's frame rate, encoded to H.264 on a dedicated thread, and
+//! handed to the session's QUIC stream as [`EncodedFrame`]s.
+//!
+//! ```text
+//!  pacer task (tokio) --tick / frame--> encoder thread (std) --EncodedFrame--> mpsc::Receiver
+//!        ^                                 |  builtin: apply input, step, render
+//!        | newest frame                    |  encode (IDR at start, on request, every N s)
+//!  external program stdout          apply_input(seq, event) --JSON lines--> program stdin
+//! ```
+//!
+//! Nothing runs before [`GameSession::start`] or after [`GameSession::stop`] (or drop): the
+//! pacer stops, the encoder thread finishes the frame in hand and exits, an external program's
+//! process group is killed, and the frame receiver yields `None` once the end reason is set.
+
+pub mod builtin;
+pub mod encoder;
+pub mod external;
+pub mod frame;
+pub mod pacer;
+
+pub use builtin::{BuiltinError, BuiltinGame};
+pub use encoder::{AccessUnit, Encoder, EncoderError, EncoderParams, OpenH264Encoder};
+pub use frame::{FrameError, I420Frame};
+
+use bytes::Bytes;
+use nearpath_config::node::{EncoderConfig, GameSource};
+use nearpath_protocol::frame::FrameHeader;
+use nearpath_protocol::input::InputEvent;
+use nearpath_protocol::message::GameParams;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{mpsc as std_mpsc, Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use thiserror::Error;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+/// Encoded frames buffered for the session's sender. Kept small: a frame waiting here is
+/// latency; when it is full the newest frame is dropped and the next one is an IDR.
+pub const FRAME_QUEUE: usize = 4;
+/// Input events a built-in game buffers between two frames before dropping more.
+const MAX_PENDING_INPUTS: usize = 1024;
+/// Encode times kept for the percentiles in [`GameStats`].
+const ENCODE_TIME_WINDOW: usize = 600;
+/// Largest frame rate a session may ask for.
+pub const MAX_FPS: u32 = 240;
+
+/// One encoded video frame, ready for a [`FrameHeader`] and the session's stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EncodedFrame {
+    /// Frame counter from 0 per session; a gap means frames were dropped on the node.
+    pub seq: u64,
+    /// When the picture was captured (rendered, or read from the program), Unix microseconds.
+    pub capture_ts_us: u64,
+    /// Microseconds from capture to encoded payload (render and encode for built-in games).
+    pub encode_us: u32,
+    /// The payload starts with SPS, PPS and an IDR picture.
+    pub keyframe: bool,
+    /// Highest input `seq` applied before the picture was rendered (0: none yet).
+    pub input_seq: u64,
+    /// Coded width.
+    pub width: u16,
+    /// Coded height.
+    pub height: u16,
+    /// H.264 Annex B access unit.
+    pub data: Bytes,
+}
+
+impl EncodedFrame {
+    /// The wire header for this frame in session `session_id`.
+    pub fn header(&self, session_id: u64) -> FrameHeader {
+        FrameHeader {
+            session_id,
+            seq: self.seq,
+            capture_ts_us: self.capture_ts_us,
+            encode_us: self.encode_us,
+            keyframe: self.keyframe,
+            input_seq: self.input_seq,
+            width: self.width,
+            height: self.height,
+            // An access unit is a few hundred kilobytes at most; saturate rather than wrap.
+            payload_len: u32::try_from(self.data.len()).unwrap_or(u32::MAX),
+        }
+    }
+}
+
+/// Why a game session could not start.
+#[derive(Debug, Error)]
+pub enum GameError {
+    /// The session's parameters are unusable (the client asked for them: refuse the `Open`).
+    #[error("game {title:?}: {reason}")]
+    InvalidParams {
+        /// The title asked for.
+        title: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A built-in title that does not exist (the node's configuration is wrong).
+    #[error(transparent)]
+    Builtin(#[from] BuiltinError),
+    /// A command source with an empty argv (the node's configuration is wrong).
+    #[error("game {title:?}: the frame source command is empty")]
+    EmptyCommand {
+        /// The title.
+        title: String,
+    },
+    /// The frame source program could not be started (not found, not executable: the node's
+    /// setup is wrong; retrying does not help).
+    #[error("game {title:?}: cannot start frame source {program:?}: {source}")]
+    Spawn {
+        /// The title.
+        title: String,
+        /// argv\[0\].
+        program: String,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// The encoder refused the session's settings.
+    #[error(transparent)]
+    Encoder(#[from] EncoderError),
+    /// The encoder thread could not be started (the node is out of resources; retrying later
+    /// may help).
+    #[error("cannot start the encoder thread: {0}")]
+    Thread(std::io::Error),
+    /// [`GameSession::start`] was called outside a Tokio runtime (a bug in the caller).
+    #[error("game sessions must be started from within a Tokio runtime")]
+    NoRuntime,
+}
+
+impl GameError {
+    /// Whether the client's request is at fault (bad size, fps or bitrate), as opposed to
+    /// the node (configuration, missing program, resources).
+    pub fn is_client_error(&self) -> bool {
+        matches!(
+            self,
+            GameError::InvalidParams { .. } | GameError::Encoder(EncoderError::Init { .. })
+        )
+    }
+}
+
+/// Why a running session ended.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum GameEnd {
+    /// [`GameSession::stop`] was called or the session was dropped.
+    #[error("session stopped")]
+    Stopped,
+    /// The receiver of encoded frames was dropped.
+    #[error("the frame receiver was closed")]
+    ReceiverClosed,
+    /// The external program exited (or closed its stdout and then exited).
+    #[error(
+        "frame source {program:?} exited with {status} after {frames} frames{}",
+        stderr_tail.as_ref().map(|l| format!(" (last stderr line: {l:?})")).unwrap_or_default()
+    )]
+    SourceExited {
+        /// argv\[0\].
+        program: String,
+        /// "status N" or "signal N".
+        status: String,
+        /// Complete frames it wrote.
+        frames: u64,
+        /// Its last stderr line, when it failed.
+        stderr_tail: Option<String>,
+    },
+    /// The external program closed its stdout but kept running; it was killed.
+    #[error("frame source {program:?} closed its output after {frames} frames")]
+    SourceClosedOutput {
+        /// argv\[0\].
+        program: String,
+        /// Complete frames it wrote.
+        frames: u64,
+    },
+    /// The external program's output ended in the middle of a frame (wrong size or a crash).
+    #[error(
+        "frame source {program:?} wrote a short frame ({got} of {expected} bytes) after {frames} frames"
+    )]
+    ShortFrame {
+        /// argv\[0\].
+        program: String,
+        /// Bytes of the last, partial frame.
+        got: usize,
+        /// Bytes a frame needs.
+        expected: usize,
+        /// Complete frames before it.
+        frames: u64,
+    },
+    /// Reading the external program's output failed.
+    #[error("reading frames from {program:?} failed after {frames} frames: {error}")]
+    SourceIo {
+        /// argv\[0\].
+        program: String,
+        /// Complete frames before the failure.
+        frames: u64,
+        /// The I/O error.
+        error: String,
+    },
+    /// The encoder failed.
+    #[error(transparent)]
+    Encoder(EncoderError),
+}
+
+/// What [`GameSession::apply_input`] did with an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InputOutcome {
+    /// Applied (or queued for the next frame, or handled by the node, like keyframe requests).
+    Applied,
+    /// Its seq is not above the last applied one: a late or duplicate datagram, ignored.
+    Stale,
+    /// The game is not keeping up with input; the event was dropped.
+    Dropped,
+    /// The session has ended.
+    Ended,
+}
+
+/// Counters and timings of one session.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GameStats {
+    /// Encoder name.
+    pub encoder: &'static str,
+    /// Pictures the source produced (rendered, or read complete from the program).
+    pub frames_rendered: u64,
+    /// Pictures encoded.
+    pub frames_encoded: u64,
+    /// Encoded frames handed to the receiver.
+    pub frames_sent: u64,
+    /// Frame times that passed without a frame because the node was behind (pacer slots
+    /// missed, or the encoder thread still busy with the previous frame).
+    pub frames_dropped_late: u64,
+    /// Encoded frames dropped because the receiver was not taking them.
+    pub frames_dropped_backpressure: u64,
+    /// Frames from an external program replaced by a newer one before their frame time.
+    pub source_frames_superseded: u64,
+    /// IDR frames sent.
+    pub keyframes: u64,
+    /// Payload bytes sent.
+    pub bytes_sent: u64,
+    /// Input events applied.
+    pub inputs_applied: u64,
+    /// Input events ignored as stale (seq not above the last applied).
+    pub inputs_stale: u64,
+    /// Input events dropped because the game was not taking them.
+    pub inputs_dropped: u64,
+    /// Highest input seq applied.
+    pub last_input_seq: u64,
+    /// Median time in the encoder over the last frames, in milliseconds.
+    pub encoder_ms_p50: Option<f64>,
+    /// 99th percentile of the same.
+    pub encoder_ms_p99: Option<f64>,
+    /// Time since the session started.
+    pub uptime: Duration,
+}
+
+#[derive(Default)]
+struct Counters {
+    frames_rendered: AtomicU64,
+    frames_encoded: AtomicU64,
+    frames_sent: AtomicU64,
+    frames_dropped_late: AtomicU64,
+    frames_dropped_backpressure: AtomicU64,
+    source_frames_superseded: AtomicU64,
+    keyframes: AtomicU64,
+    bytes_sent: AtomicU64,
+    inputs_applied: AtomicU64,
+    inputs_stale: AtomicU64,
+    inputs_dropped: AtomicU64,
+}
+
+/// Where accepted input goes.
+enum InputSink {
+    /// Queued for the encoder thread, which applies it before rendering the next frame.
+    Builtin(Vec<InputEvent>),
+    /// Forwarded to the external program's stdin.
+    External(mpsc::Sender<(u64, InputEvent)>),
+}
+
+struct InputState {
+    last_seq: u64,
+    sink: InputSink,
+}
+
+/// State shared by the session handle, the pacer, the encoder thread and the source tasks.
+struct Shared {
+    counters: Counters,
+    input: Mutex<InputState>,
+    force_idr: AtomicBool,
+    /// A bitrate change not yet applied by the encoder thread, in kbit/s (0: none).
+    new_bitrate: AtomicU32,
+    encode_times_us: Mutex<Ring>,
+    end: watch::Sender<Option<GameEnd>>,
+    cancel: CancellationToken,
+    /// Spare frame buffers for the external reader, so 60 fps does not mean 60 allocations of
+    /// megabytes a second.
+    pool: Mutex<Vec<Vec<u8>>>,
+}
+
+impl Shared {
+    /// Records the end reason (the first one wins) and stops everything.
+    fn end(&self, reason: GameEnd) {
+        self.end.send_if_modified(|slot| {
+            if slot.is_none() {
+                *slot = Some(reason);
+                true
+            } else {
+                false
+            }
+        });
+        self.cancel.cancel();
+    }
+
+    fn buffer(&self, len: usize) -> Vec<u8> {
+        let reused = self.pool.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        match reused {
+            Some(b) if b.len() == len => b,
+            _ => vec![0; len],
+        }
+    }
+
+    fn recycle(&self, buf: Vec<u8>) {
+        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+        if pool.len() < 3 {
+            pool.push(buf);
+        }
+    }
+}
+
+/// A fixed-size window of recent samples.
+struct Ring {
+    samples: Vec<u32>,
+    next: usize,
+}
+
+impl Ring {
+    fn push(&mut self, v: u32) {
+        if self.samples.len() < ENCODE_TIME_WINDOW {
+            self.samples.push(v);
+        } else {
+            self.samples[self.next] = v;
+        }
+        self.next = (self.next + 1) % ENCODE_TIME_WINDOW;
+    }
+
+    /// The `q` quantile (0..=1) in milliseconds.
+    fn quantile_ms(&self, q: f64) -> Option<f64> {
+        if self.samples.is_empty() {
+            return None;
+        }
+        let mut v = self.samples.clone();
+        let i = ((v.len() - 1) as f64 * q).round() as usize;
+        let (_, x, _) = v.select_nth_unstable(i.min(v.len() - 1));
+        Some(f64::from(*x) / 1000.0)
+    }
+}
+
+/// A running game session. Dropping it stops the session.
+pub struct GameSession {
+    shared: Arc<Shared>,
+    end_rx: watch::Receiver<Option<GameEnd>>,
+    params: GameParams,
+    encoder: &'static str,
+    started: Instant,
+}
+
+impl std::fmt::Debug for GameSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GameSession")
+            .field("params", &self.params)
+            .field("encoder", &self.encoder)
+            .field("ended", &self.ended())
+            .finish()
+    }
+}
+
+/// Work for the encoder thread.
+enum Work {
+    /// Render and encode frame slot `index` of the built-in game.
+    Render { index: u64 },
+    /// Encode a frame from the external program.
+    Frame(external::LatestFrame),
+}
+
+/// What the encoder thread works from.
+enum ThreadSource {
+    Builtin(Box<BuiltinGame>),
+    External,
+}
+
+/// What the pacer feeds.
+enum PaceSource {
+    Builtin,
+    External(Arc<external::FrameSlot>),
+}
+
+impl GameSession {
+    /// Starts a session with the software (OpenH264) encoder: checks the parameters, starts
+    /// the frame source (built-in game `params.title`, or the configured program), the encoder
+    /// thread and the pacer. Frames arrive on the returned receiver; it yields `None` once the
+    /// session has ended, and [`GameSession::ended`] then says why. Must be called within a
+    /// Tokio runtime.
+    pub fn start(
+        params: GameParams,
+        source: &GameSource,
+        encoder_cfg: &EncoderConfig,
+    ) -> Result<(GameSession, mpsc::Receiver<EncodedFrame>), GameError> {
+        Self::start_with_encoder(params, source, encoder_cfg, |p| {
+            Ok(Box::new(OpenH264Encoder::new(p)?) as Box<dyn Encoder>)
+        })
+    }
+
+    /// [`GameSession::start`] with another encoder (a hardware one, say), made by
+    /// `make_encoder` from the session's settings.
+    pub fn start_with_encoder(
+        params: GameParams,
+        source: &GameSource,
+        encoder_cfg: &EncoderConfig,
+        make_encoder: impl FnOnce(EncoderParams) -> Result<Box<dyn Encoder>, EncoderError>,
+    ) -> Result<(GameSession, mpsc::Receiver<EncodedFrame>), GameError> {
+        validate(&params)?;
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Err(GameError::NoRuntime);
+        }
+        let (w, h, fps) = (params.width, params.height, params.fps);
+        // The built-in game is made first: an unknown title should not cost an encoder.
+        let builtin = match source {
+            GameSource::Builtin {} => Some(Box::new(BuiltinGame::new(&params.title, w, h)?)),
+            GameSource::Command { command } if command.is_empty() => {
+                return Err(GameError::EmptyCommand {
+                    title: params.title.clone(),
+                })
+            }
+            GameSource::Command { .. } => None,
+        };
+        let encoder = make_encoder(EncoderParams {
+            width: w,
+            height: h,
+            fps,
+            bitrate_kbps: params.bitrate_kbps,
+            threads: encoder_cfg.threads.max(1),
+        })?;
+        let encoder_name = encoder.name();
+
+        let (end_tx, end_rx) = watch::channel(None);
+        let (frames_tx, frames_rx) = mpsc::channel(FRAME_QUEUE);
+        let cancel = CancellationToken::new();
+        let mut external_parts = None;
+        let (sink, thread_source, pace_source) = match (builtin, source) {
+            (Some(game), _) => (
+                InputSink::Builtin(Vec::new()),
+                ThreadSource::Builtin(game),
+                PaceSource::Builtin,
+            ),
+            (None, GameSource::Command { command }) => {
+                let spawned = external::spawn(command, &params.title, w, h, fps)?;
+                let (input_tx, input_rx) = mpsc::channel(external::INPUT_QUEUE);
+                let slot = Arc::new(external::FrameSlot::default());
+                external_parts = Some((spawned, input_rx, slot.clone()));
+                (
+                    InputSink::External(input_tx),
+                    ThreadSource::External,
+                    PaceSource::External(slot),
+                )
+            }
+            (None, GameSource::Builtin {}) => {
+                // Unreachable by construction (builtin is Some for Builtin); refuse rather
+                // than panic.
+                return Err(GameError::InvalidParams {
+                    title: params.title.clone(),
+                    reason: "built-in game missing".into(),
+                });
+            }
+        };
+        let shared = Arc::new(Shared {
+            counters: Counters::default(),
+            input: Mutex::new(InputState {
+                last_seq: 0,
+                sink,
+            }),
+            force_idr: AtomicBool::new(false),
+            new_bitrate: AtomicU32::new(0),
+            encode_times_us: Mutex::new(Ring {
+                samples: Vec::new(),
+                next: 0,
+            }),
+            end: end_tx,
+            cancel,
+            pool: Mutex::new(Vec::new()),
+        });
+
+        // Capacity 1: a frame may wait while the previous one is encoded, but never more.
+        let (work_tx, work_rx) = std_mpsc::sync_channel::<Work>(1);
+        let idr_interval =
+            (encoder_cfg.idr_interval_s > 0).then(|| Duration::from_secs(encoder_cfg.idr_interval_s));
+        let thread_shared = shared.clone();
+        let thread = EncoderThread {
+            shared: thread_shared,
+            encoder,
+            source: thread_source,
+            frames: frames_tx,
+            keyframes: KeyframePolicy::new(idr_interval),
+            seq: 0,
+            width: w as u16,
+            height: h as u16,
+        };
+        std::thread::Builder::new()
+            .name(format!("game-{}", params.title))
+            .spawn(move || thread.run(work_rx))
+            .map_err(GameError::Thread)?;
+
+        if let Some((spawned, input_rx, slot)) = external_parts {
+            external::run(
+                spawned,
+                shared.clone(),
+                slot,
+                input_rx,
+                Arc::new(AtomicU64::new(0)),
+                w,
+                h,
+            );
+        }
+        tokio::spawn(pace(shared.clone(), fps, work_tx, pace_source));
+        tracing::info!(
+            title = %params.title,
+            width = w,
+            height = h,
+            fps,
+            bitrate_kbps = params.bitrate_kbps,
+            encoder = encoder_name,
+            "game session started"
+        );
+        Ok((
+            GameSession {
+                shared,
+                end_rx,
+                params,
+                encoder: encoder_name,
+                started: Instant::now(),
+            },
+            frames_rx,
+        ))
+    }
+
+    /// The parameters the session runs with.
+    pub fn params(&self) -> &GameParams {
+        &self.params
+    }
+
+    /// Applies one input event from the client's datagram `seq`. Events with a seq not above
+    /// the last applied one are stale (datagrams arrive out of order) and ignored; keyframe
+    /// requests force an IDR; pings are ignored. Cheap and callable from any thread.
+    pub fn apply_input(&self, seq: u64, event: InputEvent) -> InputOutcome {
+        if self.shared.cancel.is_cancelled() {
+            return InputOutcome::Ended;
+        }
+        let c = &self.shared.counters;
+        let mut input = self
+            .shared
+            .input
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if seq <= input.last_seq {
+            c.inputs_stale.fetch_add(1, Ordering::Relaxed);
+            return InputOutcome::Stale;
+        }
+        let outcome = match event {
+            InputEvent::KeyframeRequest => {
+                self.shared.force_idr.store(true, Ordering::Release);
+                InputOutcome::Applied
+            }
+            InputEvent::Ping { .. } => InputOutcome::Applied,
+            event => match &mut input.sink {
+                InputSink::Builtin(pending) if pending.len() < MAX_PENDING_INPUTS => {
+                    pending.push(event);
+                    InputOutcome::Applied
+                }
+                InputSink::Builtin(_) => InputOutcome::Dropped,
+                InputSink::External(tx) => match tx.try_send((seq, event)) {
+                    Ok(()) => InputOutcome::Applied,
+                    Err(_) => InputOutcome::Dropped,
+                },
+            },
+        };
+        match outcome {
+            InputOutcome::Applied => {
+                input.last_seq = seq;
+                c.inputs_applied.fetch_add(1, Ordering::Relaxed);
+            }
+            _ => {
+                c.inputs_dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        outcome
+    }
+
+    /// Makes the next frame an IDR (with SPS/PPS), e.g. after the client lost a frame.
+    pub fn force_keyframe(&self) {
+        self.shared.force_idr.store(true, Ordering::Release);
+    }
+
+    /// Changes the target bitrate from the next frame on (0 is ignored).
+    pub fn set_bitrate(&self, kbps: u32) {
+        if kbps > 0 {
+            self.shared.new_bitrate.store(kbps, Ordering::Release);
+        }
+    }
+
+    /// Counters and encoder timings so far.
+    pub fn stats(&self) -> GameStats {
+        let c = &self.shared.counters;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let (p50, p99) = {
+            let ring = self
+                .shared
+                .encode_times_us
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            (ring.quantile_ms(0.5), ring.quantile_ms(0.99))
+        };
+        let last_input_seq = self
+            .shared
+            .input
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .last_seq;
+        GameStats {
+            encoder: self.encoder,
+            frames_rendered: get(&c.frames_rendered),
+            frames_encoded: get(&c.frames_encoded),
+            frames_sent: get(&c.frames_sent),
+            frames_dropped_late: get(&c.frames_dropped_late),
+            frames_dropped_backpressure: get(&c.frames_dropped_backpressure),
+            source_frames_superseded: get(&c.source_frames_superseded),
+            keyframes: get(&c.keyframes),
+            bytes_sent: get(&c.bytes_sent),
+            inputs_applied: get(&c.inputs_applied),
+            inputs_stale: get(&c.inputs_stale),
+            inputs_dropped: get(&c.inputs_dropped),
+            last_input_seq,
+            encoder_ms_p50: p50,
+            encoder_ms_p99: p99,
+            uptime: self.started.elapsed(),
+        }
+    }
+
+    /// Why the session ended, or `None` while it runs.
+    pub fn ended(&self) -> Option<GameEnd> {
+        self.end_rx.borrow().clone()
+    }
+
+    /// Waits until the session ends and says why.
+    pub async fn closed(&self) -> GameEnd {
+        let mut rx = self.end_rx.clone();
+        match rx.wait_for(Option::is_some).await {
+            Ok(v) => v.clone().unwrap_or(GameEnd::Stopped),
+            // The sender lives in `shared`, which `self` holds; it cannot be gone.
+            Err(_) => GameEnd::Stopped,
+        }
+    }
+
+    /// Ends the session: no more frames are produced, an external program is killed.
+    /// Idempotent; the reason is [`GameEnd::Stopped`] unless the session had already ended.
+    pub fn stop(&self) {
+        self.shared.end(GameEnd::Stopped);
+    }
+}
+
+impl Drop for GameSession {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn validate(p: &GameParams) -> Result<(), GameError> {
+    let bad = |reason: String| {
+        Err(GameError::InvalidParams {
+            title: p.title.clone(),
+            reason,
+        })
+    };
+    if p.width < 16 || p.height < 16 || p.width % 2 != 0 || p.height % 2 != 0 {
+        return bad(format!(
+            "{}x{} is not a supported size (even, at least 16x16)",
+            p.width, p.height
+        ));
+    }
+    if p.width.max(p.height) > 3840 || p.width.min(p.height) > 2160 {
+        return bad(format!(
+            "{}x{} is larger than 3840x2160",
+            p.width, p.height
+        ));
+    }
+    if p.fps == 0 || p.fps > MAX_FPS {
+        return bad(format!("{} fps is outside 1..={MAX_FPS}", p.fps));
+    }
+    if p.bitrate_kbps == 0 {
+        return bad("a bitrate of 0 kbit/s".into());
+    }
+    Ok(())
+}
+
+/// Microseconds since the Unix epoch (0 if the clock is before 1970).
+fn unix_micros() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// Hands frame slots to the encoder thread at the session's rate, dropping (not queueing) the
+/// ones it cannot take.
+async fn pace(shared: Arc<Shared>, fps: u32, work: std_mpsc::SyncSender<Work>, source: PaceSource) {
+    let mut pacer = pacer::Pacer::new(fps, tokio::time::Instant::now());
+    let late = &shared.counters.frames_dropped_late;
+    loop {
+        let tick = tokio::select! {
+            biased;
+            _ = shared.cancel.cancelled() => break,
+            tick = pacer.tick() => tick,
+        };
+        late.fetch_add(tick.missed, Ordering::Relaxed);
+        let item = match &source {
+            PaceSource::Builtin => Work::Render { index: tick.index },
+            PaceSource::External(slot) => match slot.take() {
+                Some(frame) => Work::Frame(frame),
+                // The program has not produced a new frame since the last slot.
+                None => continue,
+            },
+        };
+        match work.try_send(item) {
+            Ok(()) => {}
+            Err(std_mpsc::TrySendError::Full(item)) => {
+                late.fetch_add(1, Ordering::Relaxed);
+                if let Work::Frame(f) = item {
+                    shared.recycle(f.frame.into_vec());
+                }
+            }
+            // The encoder thread has ended (and set the reason).
+            Err(std_mpsc::TrySendError::Disconnected(_)) => break,
+        }
+    }
+    // Dropping `work` lets the encoder thread finish.
+}
+
+/// When to ask the encoder for an IDR.
+struct KeyframePolicy {
+    interval: Option<Duration>,
+    last: Option<Instant>,
+}
+
+impl KeyframePolicy {
+    fn new(interval: Option<Duration>) -> Self {
+        Self {
+            interval,
+            last: None,
+        }
+    }
+
+    /// Whether the frame captured at `now` must be an IDR: the first one, a requested one, or
+    /// one a whole interval after the last IDR.
+    fn wants_idr(&self, now: Instant, requested: bool) -> bool {
+        match (self.last, self.interval) {
+            (None, _) => true,
+            _ if requested => true,
+            (Some(last), Some(interval)) => now.saturating_duration_since(last) >= interval,
+            (Some(_), None) => false,
+        }
+    }
+
+    fn produced(&mut self, keyframe: bool, at: Instant) {
+        if keyframe {
+            self.last = Some(at);
+        }
+    }
+}
+
+/// The session's dedicated thread: renders (built-in games) and encodes.
+struct EncoderThread {
+    shared: Arc<Shared>,
+    encoder: Box<dyn Encoder>,
+    source: ThreadSource,
+    frames: mpsc::Sender<EncodedFrame>,
+    keyframes: KeyframePolicy,
+    seq: u64,
+    width: u16,
+    height: u16,
+}
+
+impl EncoderThread {
+    fn run(mut self, work: std_mpsc::Receiver<Work>) {
+        // Ends when the pacer drops its sender (session over) or on a fatal error.
+        while let Ok(item) = work.recv() {
+            if self.shared.cancel.is_cancelled() {
+                break;
+            }
+            if let Err(end) = self.one(item) {
+                self.shared.end(end);
+                break;
+            }
+        }
+        // Dropping `self.frames` now closes the receiver, after the reason was recorded.
+    }
+
+    fn one(&mut self, item: Work) -> Result<(), GameEnd> {
+        let (captured, capture_ts_us, input_seq, external) = match item {
+            Work::Render { index } => {
+                let ThreadSource::Builtin(game) = &mut self.source else {
+                    return Ok(());
+                };
+                let captured = Instant::now();
+                let capture_ts_us = unix_micros();
+                let input_seq = {
+                    let mut input = self
+                        .shared
+                        .input
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner());
+                    if let InputSink::Builtin(pending) = &mut input.sink {
+                        for event in pending.drain(..) {
+                            game.apply_input(&event);
+                        }
+                    }
+                    input.last_seq
+                };
+                game.advance_to(index);
+                game.render();
+                self.shared
+                    .counters
+                    .frames_rendered
+                    .fetch_add(1, Ordering::Relaxed);
+                (captured, capture_ts_us, input_seq, None)
+            }
+            Work::Frame(f) => (f.captured, f.capture_ts_us, f.input_seq, Some(f.frame)),
+        };
+        let frame = match (&external, &self.source) {
+            (Some(f), _) => f,
+            (None, ThreadSource::Builtin(game)) => game.frame(),
+            (None, ThreadSource::External) => return Ok(()),
+        };
+
+        let kbps = self.shared.new_bitrate.swap(0, Ordering::AcqRel);
+        if kbps > 0 {
+            if let Err(e) = self.encoder.set_bitrate(kbps) {
+                if e.is_fatal() {
+                    return Err(GameEnd::Encoder(e));
+                }
+                tracing::warn!(error = %e, "bitrate change refused");
+            }
+        }
+        let requested = self.shared.force_idr.swap(false, Ordering::AcqRel);
+        let force = self.keyframes.wants_idr(captured, requested);
+        let t0 = Instant::now();
+        let result = self.encoder.encode(frame, force);
+        let encode_time = t0.elapsed();
+        if let Some(buf) = external {
+            self.shared.recycle(buf.into_vec());
+        }
+        let au = match result {
+            Ok(Some(au)) => au,
+            Ok(None) => return Ok(()),
+            Err(e) => return Err(GameEnd::Encoder(e)),
+        };
+        let c = &self.shared.counters;
+        c.frames_encoded.fetch_add(1, Ordering::Relaxed);
+        self.shared
+            .encode_times_us
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(u32::try_from(encode_time.as_micros()).unwrap_or(u32::MAX));
+        self.keyframes.produced(au.keyframe, captured);
+        let out = EncodedFrame {
+            seq: self.seq,
+            capture_ts_us,
+            encode_us: u32::try_from(captured.elapsed().as_micros()).unwrap_or(u32::MAX),
+            keyframe: au.keyframe,
+            input_seq,
+            width: self.width,
+            height: self.height,
+            data: au.data,
+        };
+        self.seq += 1;
+        let len = out.data.len() as u64;
+        match self.frames.try_send(out) {
+            Ok(()) => {
+                c.frames_sent.fetch_add(1, Ordering::Relaxed);
+                c.bytes_sent.fetch_add(len, Ordering::Relaxed);
+                if au.keyframe {
+                    c.keyframes.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(())
+            }
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                // The decoder will miss this frame's reference: restart from an IDR.
+                c.frames_dropped_backpressure
+                    .fetch_add(1, Ordering::Relaxed);
+                self.shared.force_idr.store(true, Ordering::Release);
+                Ok(())
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(GameEnd::ReceiverClosed),
+        }
+    }
+}

@@ -1,0 +1,15 @@
+//! The benchmark harness behind the `bench` binary. See DESIGN.md section 8: every benchmark
+//! runs the path through the gateway and the same path without it in one run, and reports the
+//! ratio and the added time.
+
+pub mod child;
+pub mod client;
+pub mod latency;
+pub mod os;
+pub mod register;
+pub mod rps;
+pub mod serve;
+pub mod sse;
+pub mod stats;
+pub mod streams;
+pub mod system;

@@ -1,0 +1,214 @@
+//! What the harness reads from and asks of the operating system: a process's CPU time, resident
+//! memory and thread count from `/proc`, the load average, CPU pinning and the open-file limit.
+
+use std::io;
+use std::path::PathBuf;
+use std::time::Instant;
+
+/// Why a `/proc` figure could not be read. The path names the process; a read error usually
+/// means it has exited (retrying does not help), a parse error a kernel format we do not know.
+#[derive(Debug, thiserror::Error)]
+pub enum ProcError {
+    #[error("reading {}: {source}", path.display())]
+    Read { path: PathBuf, source: io::Error },
+    #[error("{}: no parsable {what}", path.display())]
+    Parse { path: PathBuf, what: &'static str },
+}
+
+fn read(path: PathBuf) -> Result<(String, PathBuf), ProcError> {
+    match std::fs::read_to_string(&path) {
+        Ok(s) => Ok((s, path)),
+        Err(source) => Err(ProcError::Read { path, source }),
+    }
+}
+
+/// Memory and thread figures from `/proc/<pid>/status`, in KiB.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct MemStatus {
+    /// Resident set size now.
+    pub rss_kib: u64,
+    /// Peak resident set size since the process started.
+    pub hwm_kib: u64,
+    pub threads: u64,
+}
+
+/// Parses the fields of `/proc/<pid>/status` the harness uses.
+pub fn parse_status(text: &str) -> Option<MemStatus> {
+    let field = |name: &str| -> Option<u64> {
+        let line = text.lines().find(|l| l.starts_with(name))?;
+        line[name.len()..].split_whitespace().next()?.parse().ok()
+    };
+    Some(MemStatus {
+        rss_kib: field("VmRSS:")?,
+        hwm_kib: field("VmHWM:")?,
+        threads: field("Threads:")?,
+    })
+}
+
+pub fn mem_status(pid: u32) -> Result<MemStatus, ProcError> {
+    let (text, path) = read(PathBuf::from(format!("/proc/{pid}/status")))?;
+    parse_status(&text).ok_or(ProcError::Parse {
+        path,
+        what: "VmRSS/VmHWM/Threads",
+    })
+}
+
+/// User plus system CPU time in clock ticks, from the text of `/proc/<pid>/stat`. The command
+/// name (field 2) may hold spaces and parentheses, so fields are counted after its last `)`.
+pub fn parse_stat_ticks(text: &str) -> Option<u64> {
+    let rest = &text[text.rfind(')')? + 1..];
+    // After the name: state is field 3, utime field 14, stime field 15.
+    let mut fields = rest.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some(utime + stime)
+}
+
+/// CPU time (user + system) a process has used so far, in seconds.
+pub fn cpu_seconds(pid: u32) -> Result<f64, ProcError> {
+    let (text, path) = read(PathBuf::from(format!("/proc/{pid}/stat")))?;
+    let ticks = parse_stat_ticks(&text).ok_or(ProcError::Parse {
+        path,
+        what: "utime/stime",
+    })?;
+    Ok(ticks as f64 / clock_ticks_per_second())
+}
+
+fn clock_ticks_per_second() -> f64 {
+    // SAFETY: sysconf has no preconditions; it returns -1 for an unknown name.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 {
+        t as f64
+    } else {
+        100.0
+    }
+}
+
+/// The 1-minute load average (the machine is shared; noisy runs show up here).
+pub fn loadavg_1m() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse().ok()))
+        .unwrap_or(f64::NAN)
+}
+
+/// CPU use of one process over an interval: start a meter, read `percent` at the end.
+#[derive(Debug, Clone, Copy)]
+pub struct CpuMeter {
+    pid: u32,
+    cpu0: f64,
+    t0: Instant,
+}
+
+impl CpuMeter {
+    pub fn start(pid: u32) -> Result<CpuMeter, ProcError> {
+        Ok(CpuMeter {
+            pid,
+            cpu0: cpu_seconds(pid)?,
+            t0: Instant::now(),
+        })
+    }
+
+    /// Percent of one core used since `start` (100 = one core fully busy).
+    pub fn percent(&self) -> Result<f64, ProcError> {
+        let cpu = cpu_seconds(self.pid)? - self.cpu0;
+        let wall = self.t0.elapsed().as_secs_f64();
+        Ok(if wall > 0.0 { 100.0 * cpu / wall } else { 0.0 })
+    }
+}
+
+/// Pins the calling thread (and every thread it starts afterwards) to `cpus`. Call it before
+/// building a runtime so that all of the runtime's threads inherit it.
+pub fn pin_current_thread(cpus: &[usize]) -> io::Result<()> {
+    // SAFETY: cpu_set_t is plain data; zeroed is the empty set, CPU_SET writes inside it for
+    // indexes below CPU_SETSIZE (checked), and sched_setaffinity reads it for pid 0 (this thread).
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        for &c in cpus {
+            if c >= libc::CPU_SETSIZE as usize {
+                return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("CPU {c} is out of range")));
+            }
+            libc::CPU_SET(c, &mut set);
+        }
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// CPUs this process may run on.
+pub fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: as above; sched_getaffinity fills the set for this thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return Vec::new();
+        }
+        (0..libc::CPU_SETSIZE as usize).filter(|&c| libc::CPU_ISSET(c, &set)).collect()
+    }
+}
+
+/// Raises the soft open-file limit towards `want` (capped at the hard limit); returns the
+/// resulting (soft, hard) pair.
+pub fn raise_nofile(want: u64) -> io::Result<(u64, u64)> {
+    // SAFETY: getrlimit/setrlimit read and write the rlimit struct we own.
+    unsafe {
+        let mut lim: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let target = want.min(lim.rlim_max as u64);
+        if (lim.rlim_cur as u64) < target {
+            lim.rlim_cur = target as libc::rlim_t;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        Ok((lim.rlim_cur as u64, lim.rlim_max as u64))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_ticks_skip_a_command_name_with_spaces_and_parentheses() {
+        // Fields after the name: state ppid pgrp session tty tpgid flags minflt cminflt majflt
+        // cmajflt utime stime ...
+        let line = "4242 (a (weird) name) S 1 2 3 4 5 6 7 8 9 10 123 45 0 0 20 0 1 0";
+        assert_eq!(parse_stat_ticks(line), Some(168));
+        assert_eq!(parse_stat_ticks("4242 (x) S 1 2"), None);
+    }
+
+    #[test]
+    fn status_fields_are_read_in_kib() {
+        let text = "Name:\tbench\nVmHWM:\t  2048 kB\nVmRSS:\t  1024 kB\nThreads:\t3\n";
+        assert_eq!(
+            parse_status(text),
+            Some(MemStatus {
+                rss_kib: 1024,
+                hwm_kib: 2048,
+                threads: 3
+            })
+        );
+        assert_eq!(parse_status("Name:\tbench\n"), None);
+    }
+
+    #[test]
+    fn this_process_has_memory_and_cpu_figures() {
+        let pid = std::process::id();
+        let m = mem_status(pid).unwrap();
+        assert!(m.rss_kib > 0 && m.hwm_kib >= m.rss_kib, "{m:?}");
+        // Burn a little CPU so the counter cannot stay at its start value by accident.
+        let before = cpu_seconds(pid).unwrap();
+        let t = Instant::now();
+        let mut x = 0u64;
+        while t.elapsed().as_millis() < 50 {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+        }
+        std::hint::black_box(x);
+        assert!(cpu_seconds(pid).unwrap() > before);
+    }
+}

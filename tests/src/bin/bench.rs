@@ -1,0 +1,187 @@
+//! `bench`: the gateway's benchmark harness. The system under test (gateway, nodes, the direct
+//! baseline server) runs in child processes started from this same binary, each pinned to its
+//! CPU, so that the gateway's CPU time and memory can be read from `/proc`; the load generator
+//! runs here. Every subcommand prints a table and then one JSON summary line.
+//!
+//! ```text
+//! cargo build --release -p nearpath-tests --bin bench
+//! target/release/bench inference-latency
+//! target/release/bench inference-rps
+//! target/release/bench inference-streams
+//! target/release/bench nodes-register
+//! ```
+
+#[path = "../bench/mod.rs"]
+mod bench;
+
+use bench::system::parse_cpus;
+use clap::{Parser, Subcommand};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "bench", about = "Nearpath gateway benchmarks: each path through the gateway against the same path without it")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Streaming TTFT and inter-token gaps, through the gateway and direct, interleaved.
+    InferenceLatency(bench::latency::LatencyArgs),
+    /// Non-streaming requests per second through a gateway on one core, and direct.
+    InferenceRps(bench::rps::RpsArgs),
+    /// Many concurrent slow SSE streams over HTTP/2: gateway memory per stream and CPU.
+    InferenceStreams(bench::streams::StreamsArgs),
+    /// Many nodes registering at once: admission time and gateway memory per idle node.
+    NodesRegister(bench::register::RegisterArgs),
+    /// (internal) Runs a gateway; prints its addresses as JSON; stops when stdin closes.
+    #[command(hide = true)]
+    ServeGateway {
+        #[command(flatten)]
+        proc: ProcArgs,
+        #[arg(long, default_value_t = 500)]
+        heartbeat_ms: u64,
+        #[arg(long)]
+        store_dir: Option<PathBuf>,
+    },
+    /// (internal) Runs edge nodes and/or the simulator's HTTP server; stops when stdin closes.
+    #[command(hide = true)]
+    ServeNodes {
+        #[command(flatten)]
+        proc: ProcArgs,
+        #[arg(long)]
+        gateway_quic: Option<SocketAddr>,
+        #[arg(long)]
+        sha256: Option<String>,
+        #[arg(long)]
+        token: Option<String>,
+        #[arg(long, default_value_t = 1)]
+        nodes: u32,
+        #[arg(long, default_value = "node")]
+        id_prefix: String,
+        #[arg(long, default_value_t = 64)]
+        capacity: u32,
+        #[arg(long, default_value_t = 0)]
+        ttft_ms: u64,
+        #[arg(long, default_value_t = 0.0)]
+        tokens_per_s: f64,
+        #[arg(long)]
+        backend_listen: Option<SocketAddr>,
+    },
+}
+
+/// How a child process runs: its CPUs, runtime threads and open-file limit.
+#[derive(clap::Args)]
+struct ProcArgs {
+    /// CPUs to pin to (comma-separated; empty: no pinning).
+    #[arg(long, default_value = "")]
+    cpus: String,
+    /// Runtime worker threads (0: a current-thread runtime).
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    #[arg(long, default_value_t = 4096)]
+    nofile: u64,
+}
+
+fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    if threads == 0 {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread().worker_threads(threads).enable_all().build()
+    }
+}
+
+/// Pins this thread (so every thread started later) and raises the open-file limit.
+fn prepare(cpus: &str, nofile: u64) -> anyhow::Result<(u64, u64)> {
+    let cpus = parse_cpus(cpus)?;
+    if !cpus.is_empty() {
+        bench::os::pin_current_thread(&cpus).map_err(|e| anyhow::anyhow!("pinning to CPUs {cpus:?}: {e}"))?;
+    }
+    Ok(bench::os::raise_nofile(nofile)?)
+}
+
+fn init_logging() {
+    // Warnings only: per-request logging is not part of what is measured.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+fn real_main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::ServeGateway {
+            proc,
+            heartbeat_ms,
+            store_dir,
+        } => {
+            let nofile = prepare(&proc.cpus, proc.nofile)?;
+            init_logging();
+            runtime(proc.threads)?.block_on(bench::serve::serve_gateway(bench::serve::GatewayArgs {
+                store_dir,
+                heartbeat_ms,
+                nofile,
+            }))
+        }
+        Command::ServeNodes {
+            proc,
+            gateway_quic,
+            sha256,
+            token,
+            nodes,
+            id_prefix,
+            capacity,
+            ttft_ms,
+            tokens_per_s,
+            backend_listen,
+        } => {
+            let nofile = prepare(&proc.cpus, proc.nofile)?;
+            init_logging();
+            runtime(proc.threads)?.block_on(bench::serve::serve_nodes(bench::serve::NodesArgs {
+                gateway_quic,
+                sha256,
+                token,
+                nodes,
+                id_prefix,
+                capacity,
+                sim: bench::serve::Sim { ttft_ms, tokens_per_s },
+                backend_listen,
+                nofile,
+            }))
+        }
+        command => {
+            let placement = match &command {
+                Command::InferenceLatency(a) => &a.placement,
+                Command::InferenceRps(a) => &a.placement,
+                Command::InferenceStreams(a) => &a.placement,
+                Command::NodesRegister(a) => &a.placement,
+                Command::ServeGateway { .. } | Command::ServeNodes { .. } => anyhow::bail!("serve commands are handled above"),
+            };
+            // The load generator runs on the worker CPUs, one runtime thread per CPU.
+            let cpus = parse_cpus(&placement.worker_cpus())?;
+            prepare(&placement.worker_cpus(), 65_536)?;
+            init_logging();
+            let threads = if cpus.is_empty() { bench::os::allowed_cpus().len().max(1) } else { cpus.len() };
+            let rt = runtime(threads)?;
+            match command {
+                Command::InferenceLatency(a) => rt.block_on(bench::latency::run(a)),
+                Command::InferenceRps(a) => rt.block_on(bench::rps::run(a)),
+                Command::InferenceStreams(a) => rt.block_on(bench::streams::run(a)),
+                Command::NodesRegister(a) => rt.block_on(bench::register::run(a)),
+                Command::ServeGateway { .. } | Command::ServeNodes { .. } => anyhow::bail!("serve commands are handled above"),
+            }
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    match real_main() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
