@@ -24,7 +24,7 @@ pub use encoder::{AccessUnit, Encoder, EncoderError, EncoderParams, OpenH264Enco
 pub use frame::{FrameError, I420Frame};
 
 use bytes::Bytes;
-use nearpath_config::node::{EncoderConfig, GameSource};
+use nearpath_config::{EncoderConfig, GameSource};
 use nearpath_protocol::frame::FrameHeader;
 use nearpath_protocol::input::InputEvent;
 use nearpath_protocol::message::GameParams;
@@ -345,8 +345,9 @@ impl Ring {
             return None;
         }
         let mut v = self.samples.clone();
-        let i = ((v.len() - 1) as f64 * q).round() as usize;
-        let (_, x, _) = v.select_nth_unstable(i.min(v.len() - 1));
+        let last = v.len() - 1;
+        let i = ((last as f64 * q).round() as usize).min(last);
+        let (_, x, _) = v.select_nth_unstable(i);
         Some(f64::from(*x) / 1000.0)
     }
 }
@@ -648,11 +649,12 @@ impl GameSession {
     /// Waits until the session ends and says why.
     pub async fn closed(&self) -> GameEnd {
         let mut rx = self.end_rx.clone();
-        match rx.wait_for(Option::is_some).await {
-            Ok(v) => v.clone().unwrap_or(GameEnd::Stopped),
+        let end = match rx.wait_for(Option::is_some).await {
+            Ok(v) => v.clone(),
             // The sender lives in `shared`, which `self` holds; it cannot be gone.
-            Err(_) => GameEnd::Stopped,
-        }
+            Err(_) => None,
+        };
+        end.unwrap_or(GameEnd::Stopped)
     }
 
     /// Ends the session: no more frames are produced, an external program is killed.
