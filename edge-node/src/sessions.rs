@@ -1,8 +1,12 @@
 //! Session streams the gateway opens on the node's connection: one bidirectional stream per
 //! session, `Open` first, then tokens (inference) or control messages (game).
 
+use crate::game::{GameSession, InputOutcome};
 use crate::inference::{BackendError, BackendEvent, ModelRegistry};
-use nearpath_config::NodeConfig;
+use nearpath_config::{EncoderConfig, GameEntry, NodeConfig};
+use nearpath_protocol::message::{Ended, GameParams};
+use nearpath_protocol::InputDatagram;
+use std::collections::HashMap;
 use nearpath_protocol::message::{
     Accepted, Done, ErrorInfo, Message, Open, RefuseCode, Refused, SessionKind, Token,
 };
@@ -25,6 +29,11 @@ pub struct SessionContext {
 /// All sessions of this node: admission (capacity, draining), counting, cancellation.
 pub struct Sessions {
     models: ModelRegistry,
+    games: Vec<GameEntry>,
+    encoder: EncoderConfig,
+    game_slots: u32,
+    /// Running game sessions by id, for routing input datagrams.
+    running_games: Mutex<HashMap<u64, Arc<GameSession>>>,
     capacity: u32,
     active: AtomicU32,
     draining: AtomicBool,
@@ -55,6 +64,10 @@ impl Sessions {
         .map_err(|e| format!("models: {e}"))?;
         Ok(Sessions {
             models,
+            games: config.games.clone(),
+            encoder: config.encoder.clone(),
+            game_slots: config.capacity.game_sessions,
+            running_games: Mutex::new(HashMap::new()),
             capacity: config.capacity.inference_concurrency + config.capacity.game_sessions,
             active: AtomicU32::new(0),
             draining: AtomicBool::new(false),
@@ -80,8 +93,32 @@ impl Sessions {
         (self.active() as f32 / self.capacity as f32).min(1.0)
     }
 
+    /// Median encode time across running game sessions (the slowest session's median).
     pub fn encoder_ms_p50(&self) -> Option<f32> {
-        None
+        self.games_map()
+            .values()
+            .filter_map(|g| g.stats().encoder_ms_p50)
+            .fold(None, |acc: Option<f64>, v| Some(acc.map_or(v, |a| a.max(v))))
+            .map(|v| v as f32)
+    }
+
+    fn games_map(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<GameSession>>> {
+        self.running_games.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Applies input datagrams the gateway forwards to the session they name.
+    async fn input_loop(self: Arc<Self>, conn: quinn::Connection) {
+        while let Ok(d) = conn.read_datagram().await {
+            let Ok(input) = InputDatagram::decode(&d) else {
+                continue;
+            };
+            let game = self.games_map().get(&input.session_id).cloned();
+            if let Some(g) = game {
+                if g.apply_input(input.seq, input.event) == InputOutcome::Ended {
+                    debug!(session = input.session_id, "input for an ended session");
+                }
+            }
+        }
     }
 
     pub fn set_draining(&self, on: bool) {
@@ -120,6 +157,8 @@ impl Sessions {
 
     /// Accepts session streams until the connection closes or `done` fires.
     pub async fn accept_loop(self: Arc<Self>, ctx: SessionContext, done: CancellationToken) {
+        let inputs = tokio::spawn(self.clone().input_loop(ctx.conn.clone()));
+        let _abort = AbortOnDrop(inputs);
         loop {
             let (send_half, recv_half) = tokio::select! {
                 _ = done.cancelled() => return,
@@ -136,7 +175,7 @@ impl Sessions {
 
     async fn serve_stream(
         self: Arc<Self>,
-        _ctx: SessionContext,
+        ctx: SessionContext,
         mut tx: quinn::SendStream,
         rx: quinn::RecvStream,
     ) {
@@ -150,10 +189,10 @@ impl Sessions {
             _ => return,
         };
         let span = info_span!("session", id = open.session_id);
-        self.serve_open(open, tx, framed).instrument(span).await
+        self.serve_open(ctx, open, tx, framed).instrument(span).await
     }
 
-    async fn serve_open(&self, open: Open, mut tx: quinn::SendStream, mut framed: FramedRecv) {
+    async fn serve_open(&self, ctx: SessionContext, open: Open, mut tx: quinn::SendStream, framed: FramedRecv) {
         if self.is_draining() {
             refuse(&mut tx, RefuseCode::Busy, "node is draining".into()).await;
             return;
@@ -162,14 +201,82 @@ impl Sessions {
             SessionKind::Inference { model, request_json } => {
                 self.serve_inference(open.session_id, model, request_json, tx, framed).await
             }
-            SessionKind::Game(params) => {
-                refuse(
-                    &mut tx,
-                    RefuseCode::UnknownWorkload,
-                    format!("game {} is not served by this node", params.title),
-                )
-                .await;
-                let _ = framed.next().await;
+            SessionKind::Game(params) => self.serve_game(ctx, open.session_id, params, tx, framed).await,
+        }
+    }
+
+    async fn serve_game(
+        &self,
+        ctx: SessionContext,
+        session_id: u64,
+        params: GameParams,
+        mut tx: quinn::SendStream,
+        mut framed: FramedRecv,
+    ) {
+        let Some(entry) = self.games.iter().find(|g| g.title == params.title) else {
+            refuse(&mut tx, RefuseCode::UnknownWorkload, format!("game {} is not served by this node", params.title)).await;
+            return;
+        };
+        if self.games_map().len() as u32 >= self.game_slots {
+            refuse(&mut tx, RefuseCode::Busy, format!("all {} game slots are in use", self.game_slots)).await;
+            return;
+        }
+        let (game, mut frames) = match GameSession::start(params.clone(), &entry.source, &self.encoder) {
+            Ok(x) => x,
+            Err(e) => {
+                let code = if e.is_client_error() { RefuseCode::BadRequest } else { RefuseCode::Internal };
+                refuse(&mut tx, code, e.to_string()).await;
+                return;
+            }
+        };
+        let game = Arc::new(game);
+        self.games_map().insert(session_id, game.clone());
+        self.active.fetch_add(1, Ordering::AcqRel);
+        let _guard = ActiveGuard(self);
+        let _remove = RemoveGame(self, session_id);
+        if send(&mut tx, &Message::Accepted(Accepted { session_id })).await.is_err() {
+            game.stop();
+            return;
+        }
+        debug!(w = params.width, h = params.height, fps = params.fps, "game session running");
+        let cancel = self.cancel_token();
+        loop {
+            tokio::select! {
+                f = frames.recv() => match f {
+                    Some(frame) => {
+                        // Each frame on its own stream: a lost packet never stalls later frames.
+                        let conn = ctx.conn.clone();
+                        let header = frame.header(session_id);
+                        tokio::spawn(async move {
+                            if let Err(e) = nearpath_protocol::stream::send_frame(&conn, header, frame.data).await {
+                                debug!(error = %e, "frame not sent");
+                            }
+                        });
+                    }
+                    None => {
+                        let reason = game.ended().map(|e| e.to_string()).unwrap_or_else(|| "game ended".into());
+                        let _ = send(&mut tx, &Message::Ended(Ended { reason })).await;
+                        let _ = tx.finish();
+                        let _ = tokio::time::timeout(Duration::from_secs(2), tx.stopped()).await;
+                        return;
+                    }
+                },
+                m = framed.next() => match m {
+                    Ok(Some(Message::ForceKeyframe)) => game.force_keyframe(),
+                    Ok(Some(Message::SetBitrate(b))) => game.set_bitrate(b.kbps),
+                    Ok(Some(Message::Close(_))) | Ok(None) | Err(_) => {
+                        game.stop();
+                        let _ = tx.finish();
+                        return;
+                    }
+                    Ok(Some(_)) => {}
+                },
+                _ = cancel.cancelled() => {
+                    game.stop();
+                    let _ = send(&mut tx, &Message::Ended(Ended { reason: "the node's drain deadline passed".into() })).await;
+                    let _ = tx.finish();
+                    return;
+                }
             }
         }
     }
@@ -283,6 +390,25 @@ impl Sessions {
                 }
             }
         }
+    }
+}
+
+/// Removes a game session from the input routing table however its task ends.
+struct RemoveGame<'a>(&'a Sessions, u64);
+
+impl Drop for RemoveGame<'_> {
+    fn drop(&mut self) {
+        if let Some(g) = self.0.games_map().remove(&self.1) {
+            g.stop();
+        }
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

@@ -255,6 +255,30 @@ impl AdminApi {
                     }
                 }
                 (&Method::GET, ["geo"]) => json(StatusCode::OK, &s.geo.info()),
+                (&Method::GET, ["sessions"]) => {
+                    use std::sync::atomic::Ordering::Relaxed;
+                    let list: Vec<_> = s
+                        .games
+                        .list()
+                        .iter()
+                        .map(|r| {
+                            serde_json::json!({
+                                "id": r.session_id,
+                                "game": r.game,
+                                "tenant": r.tenant,
+                                "transport": "quic",
+                                "client": r.client.remote_address().to_string(),
+                                "node": r.node_id(),
+                                "age_ms": r.started.elapsed().as_millis() as u64,
+                                "frames": r.frames.load(Relaxed),
+                                "bytes": r.bytes.load(Relaxed),
+                                "dropped_late": r.dropped_late.load(Relaxed),
+                                "inputs": r.inputs.load(Relaxed),
+                            })
+                        })
+                        .collect();
+                    json(StatusCode::OK, &serde_json::json!({"object": "list", "data": list}))
+                }
                 _ => error(StatusCode::NOT_FOUND, "not_found", &format!("no route for {method} {path}")),
             })
         }

@@ -17,6 +17,7 @@ use tracing::{debug, info_span, Instrument};
 pub async fn handle_client(shared: Arc<Shared>, conn: quinn::Connection) {
     let peer = conn.remote_address();
     let span = info_span!("client", %peer, conn = conn.stable_id());
+    let inputs = tokio::spawn(crate::game::client_input_loop(shared.clone(), conn.clone()));
     async move {
         loop {
             let (tx, rx) = tokio::select! {
@@ -24,6 +25,7 @@ pub async fn handle_client(shared: Arc<Shared>, conn: quinn::Connection) {
                     Ok(s) => s,
                     Err(e) => {
                         debug!(error = %e, "client connection closed");
+                        inputs.abort();
                         return;
                     }
                 },
@@ -97,14 +99,7 @@ async fn serve_stream(shared: Arc<Shared>, conn: quinn::Connection, mut tx: quin
             let _ = send(&mut tx, &reply).await;
             let _ = tx.finish();
         }
-        Message::PlayRequest(_) => {
-            let _ = send(
-                &mut tx,
-                &error_msg("not_available", "game streaming to native clients is not available on this gateway yet", false),
-            )
-            .await;
-            let _ = tx.finish();
-        }
+        Message::PlayRequest(r) => crate::game::serve_play(shared, conn, tx, framed, r).await,
         other => {
             let _ = send(&mut tx, &error_msg("bad_request", format!("unexpected first message {}", other.name()), false)).await;
             let _ = tx.finish();

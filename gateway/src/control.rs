@@ -120,7 +120,9 @@ pub async fn handle_node(shared: Arc<Shared>, conn: quinn::Connection) {
             classes = ?entry.classes.iter().map(|c| c.0.as_str()).collect::<Vec<_>>(),
             "node registered"
         );
+        let frames = tokio::spawn(crate::game::node_frames_loop(shared.clone(), conn.clone()));
         control_loop(shared, entry, send, framed, cmd_rx).await;
+        frames.abort();
     }
     .instrument(span)
     .await

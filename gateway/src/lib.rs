@@ -7,6 +7,7 @@ pub mod cli;
 pub mod client;
 pub mod control;
 pub mod demo;
+pub mod game;
 pub mod http_util;
 pub mod infer;
 pub mod liveness;

@@ -55,6 +55,7 @@ pub struct Shared {
     pub cert_sha256: String,
     pub keys: crate::infer::KeyCache,
     pub limiter: crate::infer::RateLimiter,
+    pub games: crate::game::GameRelays,
 }
 
 impl Shared {
@@ -68,19 +69,6 @@ impl Shared {
             .geofence_decisions
             .get_or_create(&labels([("side", side), ("outcome", outcome), ("rule", &rule)]))
             .inc();
-    }
-}
-
-/// Routing parameters from the `[routing]` config section.
-pub fn route_params(c: &nearpath_config::RoutingConfig) -> RouteParams {
-    RouteParams {
-        km_per_ms: c.km_per_ms,
-        path_stretch: c.path_stretch,
-        load_penalty_ms: c.load_penalty_ms,
-        reliability_penalty_ms: c.reliability_penalty_ms,
-        suspended_penalty_ms: c.suspended_penalty_ms,
-        max_candidates: c.max_candidates,
-        ..RouteParams::default()
     }
 }
 
@@ -149,7 +137,7 @@ impl Gateway {
     pub fn with_parts(config: GatewayConfig, cert: CertPair, store: Arc<dyn Store>) -> Result<Gateway, GatewayError> {
         let geo = Arc::new(GeoDb::open(&config.geo)?);
         let policy = Policy::compile(&config.geofence).map_err(|e| GatewayError::Policy(e.to_string()))?;
-        let route_params = route_params(&config.routing);
+        let route_params = RouteParams::from(&config.routing);
         let registry = Registry::new(route_params).map_err(|e| GatewayError::Config(e.to_string()))?;
         let shared = Arc::new(Shared {
             geo,
@@ -163,6 +151,7 @@ impl Gateway {
             cert_sha256: cert.sha256_hex(),
             keys: Default::default(),
             limiter: Default::default(),
+            games: Default::default(),
             config,
         });
         Ok(Gateway { shared, cert })

@@ -643,3 +643,18 @@ mod tests {
         }
     }
 }
+#[cfg(test)]
+mod scratch {
+    use super::*;
+    #[test]
+    fn scratch_bitrates() {
+        for pre in [None, Some(0u32), Some(3000), Some(500)] {
+            let (w, h, fps) = (320u32, 240u32, 30u32);
+            let f = I420Frame::black(w, h).unwrap();
+            let mut enc = OpenH264Encoder::new(EncoderParams { width: w, height: h, fps, bitrate_kbps: 4000, threads: 1 }).unwrap();
+            if let Some(k) = pre { println!("set {k}: {:?}", enc.set_bitrate(k)); }
+            let r = enc.encode(&f, true).map(|_| ());
+            println!("{pre:?}: {r:?}");
+        }
+    }
+}

@@ -53,7 +53,7 @@ pub(super) const INPUT_QUEUE: usize = 1024;
 /// A frame read from the program, waiting for its frame time.
 pub(super) struct LatestFrame {
     pub frame: I420Frame,
-    /// Highest input seq written to the program before the frame's first byte arrived.
+    /// Highest input seq handed to the program before the frame's first byte arrived.
     pub input_seq: u64,
     /// When the frame was complete.
     pub captured: std::time::Instant,
@@ -401,8 +401,12 @@ async fn write_inputs(
             input_json(seq, &event, &mut lines);
             last_seq = seq;
         }
+        // Published before the write: a frame whose first byte arrives after this point is
+        // attributed to these inputs. Publishing after the write would race with a fast
+        // program that answers the input with a frame before this task runs again; a program
+        // that does not read its input makes the number meaningless either way.
+        written.fetch_max(last_seq, Ordering::AcqRel);
         if lines.is_empty() {
-            written.fetch_max(last_seq, Ordering::AcqRel);
             continue;
         }
         let write = stdin.write_all(lines.as_bytes());
@@ -416,7 +420,6 @@ async fn write_inputs(
             tracing::debug!(error = %e, "frame source stopped reading its input");
             return;
         }
-        written.fetch_max(last_seq, Ordering::AcqRel);
     }
 }
 

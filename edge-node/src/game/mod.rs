@@ -18,6 +18,8 @@ pub mod encoder;
 pub mod external;
 pub mod frame;
 pub mod pacer;
+#[cfg(test)]
+mod tests;
 
 pub use builtin::{BuiltinError, BuiltinGame};
 pub use encoder::{AccessUnit, Encoder, EncoderError, EncoderParams, OpenH264Encoder};

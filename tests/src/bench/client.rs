@@ -13,7 +13,6 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 /// One HTTP connection to a server (either protocol).
-#[derive(Clone)]
 pub enum Conn {
     H1(SocketAddr, http1::SendRequest<Full<Bytes>>),
     H2(SocketAddr, http2::SendRequest<Full<Bytes>>),
@@ -42,6 +41,15 @@ impl Conn {
             let _ = conn.await;
         });
         Ok(Conn::H2(addr, send))
+    }
+
+    /// Another handle on the same HTTP/2 connection (for a parallel stream); HTTP/1.1
+    /// connections carry one request at a time and cannot be shared.
+    pub fn share(&self) -> Option<Conn> {
+        match self {
+            Conn::H1(..) => None,
+            Conn::H2(a, s) => Some(Conn::H2(*a, s.clone())),
+        }
     }
 
     pub fn addr(&self) -> SocketAddr {

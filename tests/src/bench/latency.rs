@@ -74,6 +74,7 @@ async fn round(workers: Vec<Worker>, targets: [(SocketAddr, Option<String>); 2],
                 let (addr, key) = &targets[path];
                 let req = chat_request(*addr, key.as_deref(), body.clone());
                 let r = tokio::time::timeout(Duration::from_secs(30), stream_once(&mut w.conns[path], req, true, || {})).await;
+                let broken = matches!(r, Ok(Err(_)) | Err(_));
                 match r {
                     Ok(Ok(o)) if o.complete(tokens) => ok[path].push(o),
                     Ok(Ok(o)) => failures.push(format!("{}: incomplete stream {o:?}", PATHS[path])),
@@ -83,7 +84,7 @@ async fn round(workers: Vec<Worker>, targets: [(SocketAddr, Option<String>); 2],
                 if failures.len() > 20 {
                     break;
                 }
-                if matches!(r, Ok(Err(_)) | Err(_)) {
+                if broken {
                     match Conn::h1(*addr).await {
                         Ok(c) => w.conns[path] = c,
                         Err(e) => {

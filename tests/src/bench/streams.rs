@@ -88,7 +88,9 @@ async fn burst(
     let body = chat_body(true, tokens);
     let mut tasks = Vec::with_capacity(n as usize);
     for i in 0..n {
-        let mut conn = conns[i as usize % conns.len()].clone();
+        let Some(mut conn) = conns[i as usize % conns.len()].share() else {
+            return (0, vec!["streams need HTTP/2 connections".into()], Vec::new(), Vec::new(), 0);
+        };
         let req = chat_request(addr, key, body.clone());
         let open = open.clone();
         tasks.push(tokio::spawn(async move {

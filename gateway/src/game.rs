@@ -1,0 +1,426 @@
+//! Game sessions for native players: route, relay frames node → client (one QUIC uni stream per
+//! frame, forwarded without decoding), relay input datagrams client → node, fail over to another
+//! node when the serving one dies, meter usage.
+
+use crate::control::now_ms;
+use crate::infer::{self, client_latlon};
+use crate::metrics::labels;
+use crate::registry::{NodeEntry, SlotGuard, SlotKind};
+use crate::router::{NoRoute, Workload};
+use crate::server::Shared;
+use crate::store::{ApiKey, UsageKind, UsageRecord};
+use bytes::Bytes;
+use nearpath_config::WorkloadKind;
+use nearpath_geo::Location;
+use nearpath_protocol::message::{
+    Ended, ErrorInfo, GameParams, Message, Open, Paused, PlayRequest, PlayStarted, SessionKind,
+};
+use nearpath_protocol::stream::{recv_frame_header, relay_frame, send, FramedRecv};
+use nearpath_protocol::{InputDatagram, MAX_CONTROL_FRAME, MAX_VIDEO_FRAME};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tracing::{debug, info, info_span, warn, Instrument};
+
+/// One live game session as the relay sees it.
+pub struct Relay {
+    pub session_id: u64,
+    pub client: quinn::Connection,
+    /// The node serving the session now (changes on failover).
+    node: Mutex<Option<Arc<NodeEntry>>>,
+    pub frames: AtomicU64,
+    pub bytes: AtomicU64,
+    pub dropped_late: AtomicU64,
+    pub inputs: AtomicU64,
+    pub started: Instant,
+    pub game: String,
+    pub tenant: String,
+}
+
+impl Relay {
+    fn node(&self) -> Option<Arc<NodeEntry>> {
+        self.node.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+    pub fn node_id(&self) -> Option<String> {
+        self.node().map(|n| n.id.clone())
+    }
+    fn set_node(&self, n: Option<Arc<NodeEntry>>) {
+        *self.node.lock().unwrap_or_else(|p| p.into_inner()) = n;
+    }
+}
+
+/// Live sessions by id.
+#[derive(Default)]
+pub struct GameRelays {
+    map: Mutex<HashMap<u64, Arc<Relay>>>,
+}
+
+impl GameRelays {
+    pub fn get(&self, id: u64) -> Option<Arc<Relay>> {
+        self.map.lock().unwrap_or_else(|p| p.into_inner()).get(&id).cloned()
+    }
+    fn insert(&self, r: Arc<Relay>) {
+        self.map.lock().unwrap_or_else(|p| p.into_inner()).insert(r.session_id, r);
+    }
+    fn remove(&self, id: u64) {
+        self.map.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+    }
+    pub fn list(&self) -> Vec<Arc<Relay>> {
+        self.map.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect()
+    }
+}
+
+fn now_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+/// Forwards every frame stream a node opens to the session's client. Runs once per node
+/// connection, for as long as it lives.
+pub async fn node_frames_loop(shared: Arc<Shared>, conn: quinn::Connection) {
+    let budget_us = shared.config.game.frame_budget_ms * 1000;
+    while let Ok(mut recv) = conn.accept_uni().await {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let header = match recv_frame_header(&mut recv).await {
+                Ok(h) => h,
+                Err(e) => {
+                    debug!(error = %e, "bad frame stream from node");
+                    return;
+                }
+            };
+            let Some(relay) = shared.games.get(header.session_id) else {
+                let _ = recv.stop(nearpath_protocol::app_code::STREAM_REFUSED);
+                return;
+            };
+            // A frame older than the budget is worth less than the bandwidth it would take.
+            let age = now_us().saturating_sub(header.capture_ts_us);
+            if age > budget_us {
+                let _ = recv.stop(nearpath_protocol::app_code::STREAM_REFUSED);
+                relay.dropped_late.fetch_add(1, Ordering::Relaxed);
+                shared.metrics.game_frames_dropped.get_or_create(&labels([("reason", "late")])).inc();
+                return;
+            }
+            match relay_frame(recv, &header, &relay.client, MAX_VIDEO_FRAME).await {
+                Ok(n) => {
+                    relay.frames.fetch_add(1, Ordering::Relaxed);
+                    relay.bytes.fetch_add(n, Ordering::Relaxed);
+                    shared.metrics.game_frames_relayed.inc();
+                }
+                Err(e) => {
+                    debug!(error = %e, "frame not relayed");
+                    shared.metrics.game_frames_dropped.get_or_create(&labels([("reason", "relay")])).inc();
+                }
+            }
+        });
+    }
+}
+
+/// Forwards a client's input datagrams to the node serving the session. Runs once per client
+/// connection.
+pub async fn client_input_loop(shared: Arc<Shared>, conn: quinn::Connection) {
+    while let Ok(dgram) = conn.read_datagram().await {
+        let Ok(input) = InputDatagram::decode(&dgram) else {
+            continue;
+        };
+        let Some(relay) = shared.games.get(input.session_id) else {
+            continue;
+        };
+        // Only the session's own client may steer it.
+        if relay.client.stable_id() != conn.stable_id() {
+            continue;
+        }
+        relay.inputs.fetch_add(1, Ordering::Relaxed);
+        if let Some(node) = relay.node() {
+            let _ = node.conn.send_datagram(Bytes::copy_from_slice(&dgram));
+        }
+    }
+}
+
+fn err(code: &str, message: impl Into<String>) -> Message {
+    Message::Error(ErrorInfo {
+        code: code.into(),
+        message: message.into(),
+        retryable: false,
+    })
+}
+
+/// Clamps a play request to the configured limits (0 means the default).
+pub fn session_params(shared: &Shared, r: &PlayRequest) -> Result<GameParams, String> {
+    let g = &shared.config.game;
+    let pick = |v: u32, d: u32| if v == 0 { d } else { v };
+    let p = GameParams {
+        title: r.game.clone(),
+        width: pick(r.width, g.default_width),
+        height: pick(r.height, g.default_height),
+        fps: pick(r.fps, g.default_fps),
+        bitrate_kbps: pick(r.bitrate_kbps, g.default_bitrate_kbps),
+    };
+    if p.width % 2 != 0 || p.height % 2 != 0 || p.width < 16 || p.height < 16 {
+        return Err(format!("{}x{} must be even and at least 16x16", p.width, p.height));
+    }
+    if p.width > g.max_width || p.height > g.max_height {
+        return Err(format!("{}x{} exceeds the limit {}x{}", p.width, p.height, g.max_width, g.max_height));
+    }
+    if p.fps > g.max_fps {
+        return Err(format!("{} fps exceeds the limit {}", p.fps, g.max_fps));
+    }
+    if p.bitrate_kbps > g.max_bitrate_kbps {
+        return Err(format!("{} kbps exceeds the limit {}", p.bitrate_kbps, g.max_bitrate_kbps));
+    }
+    Ok(p)
+}
+
+/// A session attached to one node.
+struct Attached {
+    node: Arc<NodeEntry>,
+    tx: quinn::SendStream,
+    rx: FramedRecv,
+    _slot: SlotGuard,
+}
+
+/// Why no node could take the session.
+enum NoNode {
+    Denied(String),
+    Unknown,
+    Full,
+    Failed(String),
+}
+
+async fn attach(
+    shared: &Arc<Shared>,
+    client: &Location,
+    params: &GameParams,
+    session_id: u64,
+    exclude: &[String],
+) -> Result<Attached, NoNode> {
+    let (outcome, nodes) = shared.registry.route(client_latlon(client), Workload::Game(&params.title), |n| {
+        if exclude.contains(&n.id) {
+            return Err(crate::router::Deny { rule: "failover".into(), reason: "node failed this session".into() });
+        }
+        infer::serve_check(shared, client, n, WorkloadKind::Game)
+    });
+    if let Some(f) = outcome.failure() {
+        return Err(match f {
+            NoRoute::NotServed => NoNode::Unknown,
+            NoRoute::Denied(d) if d.rule != "failover" => NoNode::Denied(format!("rule {}: {}", d.rule, d.reason)),
+            NoRoute::Denied(_) => NoNode::Failed("no other node serves this game".into()),
+            NoRoute::Saturated | NoRoute::Draining => NoNode::Full,
+        });
+    }
+    let mut last = NoNode::Full;
+    for node in nodes {
+        let Some(slot) = shared.registry.acquire(&node, SlotKind::Game) else { continue };
+        let opened = async {
+            let (mut tx, rx) = node.conn.open_bi().await.map_err(|e| e.to_string())?;
+            send(&mut tx, &Message::Open(Open { session_id, kind: SessionKind::Game(params.clone()) }))
+                .await
+                .map_err(|e| e.to_string())?;
+            let mut rx = FramedRecv::new(rx, MAX_CONTROL_FRAME);
+            match rx.next().await {
+                Ok(Some(Message::Accepted(_))) => Ok((tx, rx)),
+                Ok(Some(Message::Refused(r))) => Err(format!("refused: {}", r.reason)),
+                Ok(other) => Err(format!("unexpected answer {other:?}")),
+                Err(e) => Err(e.to_string()),
+            }
+        };
+        match tokio::time::timeout(Duration::from_secs(5), opened).await {
+            Ok(Ok((tx, rx))) => return Ok(Attached { node, tx, rx, _slot: slot }),
+            Ok(Err(e)) => {
+                warn!(node = %node.id, error = %e, "node did not take the game session");
+                last = NoNode::Failed(e);
+            }
+            Err(_) => last = NoNode::Failed(format!("node {} did not answer within 5 s", node.id)),
+        }
+    }
+    Err(last)
+}
+
+/// Serves a `PlayRequest` on a client's bidi stream until the session ends.
+pub async fn serve_play(
+    shared: Arc<Shared>,
+    conn: quinn::Connection,
+    mut ctl_tx: quinn::SendStream,
+    mut ctl_rx: FramedRecv,
+    req: PlayRequest,
+) {
+    let key: ApiKey = match infer::authenticate(&shared, Some(&req.api_key)).await {
+        Ok(k) => k,
+        Err(e) => {
+            let _ = send(&mut ctl_tx, &err("unauthorized", e.message)).await;
+            let _ = ctl_tx.finish();
+            return;
+        }
+    };
+    let params = match session_params(&shared, &req) {
+        Ok(p) => p,
+        Err(e) => {
+            let _ = send(&mut ctl_tx, &err("bad_request", e)).await;
+            let _ = ctl_tx.finish();
+            return;
+        }
+    };
+    let client = shared.geo.lookup(conn.remote_address().ip());
+    let session_id = shared.next_session.fetch_add(1, Ordering::Relaxed);
+    let span = info_span!("game_session", id = session_id, game = %params.title);
+    async move {
+        let started = Instant::now();
+        let mut attached = match attach(&shared, &client, &params, session_id, &[]).await {
+            Ok(a) => a,
+            Err(no) => {
+                let (outcome, reason) = match no {
+                    NoNode::Denied(r) => ("geofence", format!("geofence: {r}")),
+                    NoNode::Unknown => ("unknown_game", format!("no node serves {}", params.title)),
+                    NoNode::Full => ("no_capacity", "no_capacity: every node serving this game is busy".to_string()),
+                    NoNode::Failed(e) => ("no_capacity", format!("no_capacity: {e}")),
+                };
+                shared.metrics.game_sessions.get_or_create(&labels([("transport", "quic"), ("outcome", outcome)])).inc();
+                let _ = send(&mut ctl_tx, &Message::Ended(Ended { reason })).await;
+                let _ = ctl_tx.finish();
+                return;
+            }
+        };
+        let relay = Arc::new(Relay {
+            session_id,
+            client: conn.clone(),
+            node: Mutex::new(Some(attached.node.clone())),
+            frames: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            dropped_late: AtomicU64::new(0),
+            inputs: AtomicU64::new(0),
+            started,
+            game: params.title.clone(),
+            tenant: key.tenant.clone(),
+        });
+        shared.games.insert(relay.clone());
+        shared.metrics.active_game_sessions.inc();
+        info!(node = %attached.node.id, "game session started");
+        let started_msg = Message::PlayStarted(PlayStarted {
+            session_id,
+            width: params.width,
+            height: params.height,
+            fps: params.fps,
+            bitrate_kbps: params.bitrate_kbps,
+        });
+        let mut outcome = "ok";
+        let mut nodes_used = vec![attached.node.id.clone()];
+        let mut gpu_seconds = 0.0f64;
+        let mut node_since = Instant::now();
+        if send(&mut ctl_tx, &started_msg).await.is_ok() {
+            let mut client_open = true;
+            loop {
+                enum Ev {
+                    Client(Option<Message>),
+                    Node(Option<Message>),
+                    ClientGone,
+                    NodeGone,
+                }
+                let ev = tokio::select! {
+                    m = ctl_rx.next(), if client_open => match m {
+                        Ok(m) => Ev::Client(m),
+                        Err(_) => Ev::ClientGone,
+                    },
+                    m = attached.rx.next() => match m {
+                        Ok(Some(m)) => Ev::Node(Some(m)),
+                        _ => Ev::NodeGone,
+                    },
+                    _ = conn.closed() => Ev::ClientGone,
+                    _ = attached.node.conn.closed() => Ev::NodeGone,
+                };
+                match ev {
+                    Ev::Client(Some(Message::ForceKeyframe)) => {
+                        let _ = send(&mut attached.tx, &Message::ForceKeyframe).await;
+                    }
+                    Ev::Client(Some(Message::SetBitrate(b))) => {
+                        let kbps = b.kbps.min(shared.config.game.max_bitrate_kbps);
+                        let _ = send(&mut attached.tx, &Message::SetBitrate(nearpath_protocol::message::SetBitrate { kbps })).await;
+                    }
+                    Ev::Client(Some(Message::Close(c))) => {
+                        let _ = send(&mut attached.tx, &Message::Close(c)).await;
+                        let _ = attached.tx.finish();
+                        break;
+                    }
+                    Ev::Client(Some(_)) => {}
+                    Ev::Client(None) => client_open = false,
+                    Ev::ClientGone => {
+                        outcome = "client_left";
+                        let _ = send(&mut attached.tx, &Message::Close(nearpath_protocol::message::Close { reason: "client left".into() })).await;
+                        let _ = attached.tx.finish();
+                        break;
+                    }
+                    Ev::Node(Some(Message::Ended(e))) => {
+                        // The game itself ended (e.g. an external source exited): not a node failure.
+                        let _ = send(&mut ctl_tx, &Message::Ended(e)).await;
+                        outcome = "ended_by_node";
+                        break;
+                    }
+                    Ev::Node(Some(_)) => {}
+                    Ev::Node(None) | Ev::NodeGone => {
+                        // The node died: move the session, keep the client's connection.
+                        let failed = attached.node.clone();
+                        warn!(node = %failed.id, "serving node lost; failing over");
+                        gpu_seconds += node_since.elapsed().as_secs_f64();
+                        relay.set_node(None);
+                        let _ = send(&mut ctl_tx, &Message::Paused(Paused { reason: format!("node {} failed; moving the session", failed.id) })).await;
+                        let t0 = Instant::now();
+                        match attach(&shared, &client, &params, session_id, &nodes_used).await {
+                            Ok(a) => {
+                                attached = a;
+                                node_since = Instant::now();
+                                nodes_used.push(attached.node.id.clone());
+                                relay.set_node(Some(attached.node.clone()));
+                                let _ = send(&mut attached.tx, &Message::ForceKeyframe).await;
+                                shared.metrics.game_failovers.inc();
+                                info!(node = %attached.node.id, took_ms = t0.elapsed().as_millis() as u64, "session moved");
+                                let _ = send(&mut ctl_tx, &Message::Resumed).await;
+                            }
+                            Err(_) => {
+                                outcome = "node_failed";
+                                let _ = send(&mut ctl_tx, &Message::Ended(Ended { reason: "the serving node failed and no other node is available".into() })).await;
+                                break;
+                            }
+                        }
+                    }
+                }
+            }
+        } else {
+            outcome = "client_left";
+        }
+        let _ = ctl_tx.finish();
+        gpu_seconds += node_since.elapsed().as_secs_f64();
+        shared.games.remove(session_id);
+        shared.metrics.active_game_sessions.dec();
+        shared.metrics.game_sessions.get_or_create(&labels([("transport", "quic"), ("outcome", outcome)])).inc();
+        let frames = relay.frames.load(Ordering::Relaxed);
+        let bytes = relay.bytes.load(Ordering::Relaxed);
+        info!(outcome, frames, bytes, dropped_late = relay.dropped_late.load(Ordering::Relaxed), "game session ended");
+        let record = UsageRecord {
+            id: None,
+            at_ms: now_ms(),
+            kind: UsageKind::Game,
+            request_id: format!("game_{session_id}"),
+            tenant: key.tenant.clone(),
+            api_key_id: key.id.clone(),
+            node_id: attached.node.id.clone(),
+            operator_id: attached.node.operator_id.clone(),
+            workload: params.title.clone(),
+            outcome: outcome.to_string(),
+            prompt_tokens: 0,
+            completion_tokens: 0,
+            ttft_ms: None,
+            duration_ms: started.elapsed().as_secs_f64() * 1000.0,
+            gpu_seconds,
+            frames,
+            bytes,
+        };
+        let store = shared.store.clone();
+        if let Ok(Err(e)) = tokio::task::spawn_blocking(move || store.append_usage(record)).await {
+            warn!(error = %e, "game usage record not written");
+        }
+    }
+    .instrument(span)
+    .await
+}
