@@ -6,8 +6,8 @@ use crate::server::{BoundAddrs, Gateway, Listeners};
 use crate::store::{KycStatus, SqliteStore, Store};
 use anyhow::Context;
 use nearpath_config::{
-    BackendConfig, CapacityConfig, GatewayConfig, ModelConfig, NodeConfig, NodeGatewayConfig,
-    NodeIdentity,
+    BackendConfig, CapacityConfig, GameEntry, GameSource, GatewayConfig, ModelConfig, NodeConfig,
+    NodeGatewayConfig, NodeIdentity,
 };
 use nearpath_edge_node::{EdgeNode, NodeOptions, NodeStatus};
 use nearpath_protocol::tls::ServerVerify;
@@ -21,6 +21,7 @@ pub const DEMO_ADMIN_TOKEN: &str = "demo-admin";
 pub const DEMO_MODEL: &str = "nearpath-sim";
 pub const DEMO_NODE_ID: &str = "demo-node-1";
 pub const DEMO_OPERATOR: &str = "demo-operator";
+pub const DEMO_GAME: &str = "arena";
 
 pub struct DemoOptions {
     pub listen: SocketAddr,
@@ -143,7 +144,10 @@ fn demo_node_config(quic: SocketAddr, sha: &str, token: String) -> NodeConfig {
                 seed: 0,
             },
         }],
-        games: vec![],
+        games: vec![GameEntry {
+            title: DEMO_GAME.into(),
+            source: GameSource::Builtin {},
+        }],
         encoder: Default::default(),
         log: Default::default(),
     }
@@ -162,9 +166,10 @@ pub async fn run(opts: DemoOptions, shutdown: CancellationToken) -> anyhow::Resu
          \n  admin API      http://{admin}/admin      admin token: {admin_tok}\
          \n  metrics        http://{admin}/metrics\
          \n  QUIC (UDP)     {quic}  certificate sha256 {sha}\
-         \n  edge node      {node} (in-process, built-in inference simulator model \"{model}\")\
+         \n  edge node      {node} (in-process: built-in game \"{game}\", built-in inference simulator model \"{model}\")\
          \n  GeoIP          embedded NRO country database; 127.0.0.1 and ::1 are mapped to US\
          \n\nTry:\n  curl -N http://{http}/v1/chat/completions -H 'Authorization: Bearer {key}' \\\n    -H 'Content-Type: application/json' \\\n    -d '{{\"model\":\"{model}\",\"stream\":true,\"messages\":[{{\"role\":\"user\",\"content\":\"Hello\"}}]}}'\
+         \n  nearpath play --gateway {quic} --pin {sha} --game {game} --seconds 5 --out /tmp/arena.h264\
          \n  curl -s http://{admin}/admin/nodes -H 'Authorization: Bearer {admin_tok}'\n\nCtrl-C stops it (the node drains first).\n",
         http = a.http,
         admin = a.admin,
@@ -174,6 +179,7 @@ pub async fn run(opts: DemoOptions, shutdown: CancellationToken) -> anyhow::Resu
         admin_tok = DEMO_ADMIN_TOKEN,
         node = DEMO_NODE_ID,
         model = DEMO_MODEL,
+        game = DEMO_GAME,
     );
     shutdown.cancelled().await;
     demo.stop().await;

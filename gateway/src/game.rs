@@ -278,7 +278,7 @@ pub async fn serve_play(
                     NoNode::Failed(e) => ("no_capacity", format!("no_capacity: {e}")),
                 };
                 shared.metrics.game_sessions.get_or_create(&labels([("transport", "quic"), ("outcome", outcome)])).inc();
-                let _ = send(&mut ctl_tx, &Message::Ended(Ended { reason })).await;
+                let _ = send(&mut ctl_tx, &err(outcome, reason)).await;
                 let _ = ctl_tx.finish();
                 return;
             }

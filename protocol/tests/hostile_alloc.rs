@@ -1,10 +1,12 @@
 //! Hostile inputs must not make the decoder allocate more than its frame limit.
 //!
-//! A counting global allocator records the largest single allocation made while decoding; this
-//! is its own test binary so that no other test's allocations interfere.
+//! A counting global allocator records the largest single allocation made while decoding. Only
+//! the measuring thread is tracked (the test harness allocates on its own threads meanwhile), and
+//! this is its own test binary so that no other test's allocations interfere.
 
 use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::cell::Cell;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use nearpath_protocol::codec::put_varint;
@@ -12,14 +14,17 @@ use nearpath_protocol::{ty, Decoder, FrameHeader, InputDatagram, MAX_CONTROL_FRA
 
 struct Counting;
 
-static TRACKING: AtomicBool = AtomicBool::new(false);
+thread_local! {
+    // Const-initialised and without a destructor, so reading it never allocates.
+    static TRACKING: Cell<bool> = const { Cell::new(false) };
+}
 static LARGEST: AtomicUsize = AtomicUsize::new(0);
 /// Serialises the tests in this binary, since the counters are global.
 static LOCK: Mutex<()> = Mutex::new(());
 
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        if TRACKING.load(Ordering::Relaxed) {
+        if TRACKING.with(Cell::get) {
             LARGEST.fetch_max(layout.size(), Ordering::Relaxed);
         }
         // SAFETY: forwarded unchanged to the system allocator.
@@ -32,7 +37,7 @@ unsafe impl GlobalAlloc for Counting {
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        if TRACKING.load(Ordering::Relaxed) {
+        if TRACKING.with(Cell::get) {
             LARGEST.fetch_max(new_size, Ordering::Relaxed);
         }
         // SAFETY: forwarded unchanged to the system allocator.
@@ -46,9 +51,9 @@ static GLOBAL: Counting = Counting;
 /// Runs `f` and returns the largest single allocation it made.
 fn largest_allocation(f: impl FnOnce()) -> usize {
     LARGEST.store(0, Ordering::SeqCst);
-    TRACKING.store(true, Ordering::SeqCst);
+    TRACKING.with(|t| t.set(true));
     f();
-    TRACKING.store(false, Ordering::SeqCst);
+    TRACKING.with(|t| t.set(false));
     LARGEST.load(Ordering::SeqCst)
 }
 

@@ -44,6 +44,8 @@ pub const FRAME_QUEUE: usize = 4;
 const MAX_PENDING_INPUTS: usize = 1024;
 /// Encode times kept for the percentiles in [`GameStats`].
 const ENCODE_TIME_WINDOW: usize = 600;
+/// Encode failures in a row after which the session gives up.
+const MAX_ENCODE_FAILURES: u32 = 3;
 /// Largest frame rate a session may ask for.
 pub const MAX_FPS: u32 = 240;
 
@@ -232,6 +234,8 @@ pub struct GameStats {
     pub frames_dropped_backpressure: u64,
     /// Frames from an external program replaced by a newer one before their frame time.
     pub source_frames_superseded: u64,
+    /// Frames the encoder failed on (lost; the next frame is an IDR).
+    pub encode_failures: u64,
     /// IDR frames sent.
     pub keyframes: u64,
     /// Payload bytes sent.
@@ -260,6 +264,7 @@ struct Counters {
     frames_dropped_late: AtomicU64,
     frames_dropped_backpressure: AtomicU64,
     source_frames_superseded: AtomicU64,
+    encode_failures: AtomicU64,
     keyframes: AtomicU64,
     bytes_sent: AtomicU64,
     inputs_applied: AtomicU64,
@@ -500,6 +505,7 @@ impl GameSession {
             frames: frames_tx,
             keyframes: KeyframePolicy::new(idr_interval),
             seq: 0,
+            failures: 0,
             width: w as u16,
             height: h as u16,
         };
@@ -631,6 +637,7 @@ impl GameSession {
             frames_dropped_late: get(&c.frames_dropped_late),
             frames_dropped_backpressure: get(&c.frames_dropped_backpressure),
             source_frames_superseded: get(&c.source_frames_superseded),
+            encode_failures: get(&c.encode_failures),
             keyframes: get(&c.keyframes),
             bytes_sent: get(&c.bytes_sent),
             inputs_applied: get(&c.inputs_applied),
@@ -783,6 +790,8 @@ struct EncoderThread {
     frames: mpsc::Sender<EncodedFrame>,
     keyframes: KeyframePolicy,
     seq: u64,
+    /// Encode failures since the last success.
+    failures: u32,
     width: u16,
     height: u16,
 }
@@ -856,12 +865,24 @@ impl EncoderThread {
         if let Some(buf) = external {
             self.shared.recycle(buf.into_vec());
         }
+        let c = &self.shared.counters;
         let au = match result {
             Ok(Some(au)) => au,
             Ok(None) => return Ok(()),
-            Err(e) => return Err(GameEnd::Encoder(e)),
+            Err(e @ EncoderError::Encode { .. }) if self.failures + 1 < MAX_ENCODE_FAILURES => {
+                // One bad picture should not end the game: lose it and restart from an IDR.
+                self.failures += 1;
+                c.encode_failures.fetch_add(1, Ordering::Relaxed);
+                self.shared.force_idr.store(true, Ordering::Release);
+                tracing::warn!(error = %e, "frame lost to an encoder failure");
+                return Ok(());
+            }
+            Err(e) => {
+                c.encode_failures.fetch_add(1, Ordering::Relaxed);
+                return Err(GameEnd::Encoder(e));
+            }
         };
-        let c = &self.shared.counters;
+        self.failures = 0;
         c.frames_encoded.fetch_add(1, Ordering::Relaxed);
         self.shared
             .encode_times_us
@@ -881,23 +902,31 @@ impl EncoderThread {
         };
         self.seq += 1;
         let len = out.data.len() as u64;
+        // Counted before the frame becomes visible to the receiver (and taken back if it is
+        // not sent), so stats never lag behind what the receiver has seen.
+        let keyframes = u64::from(au.keyframe);
+        c.frames_sent.fetch_add(1, Ordering::Relaxed);
+        c.bytes_sent.fetch_add(len, Ordering::Relaxed);
+        c.keyframes.fetch_add(keyframes, Ordering::Relaxed);
+        let unsend = || {
+            c.frames_sent.fetch_sub(1, Ordering::Relaxed);
+            c.bytes_sent.fetch_sub(len, Ordering::Relaxed);
+            c.keyframes.fetch_sub(keyframes, Ordering::Relaxed);
+        };
         match self.frames.try_send(out) {
-            Ok(()) => {
-                c.frames_sent.fetch_add(1, Ordering::Relaxed);
-                c.bytes_sent.fetch_add(len, Ordering::Relaxed);
-                if au.keyframe {
-                    c.keyframes.fetch_add(1, Ordering::Relaxed);
-                }
-                Ok(())
-            }
+            Ok(()) => Ok(()),
             Err(mpsc::error::TrySendError::Full(_)) => {
+                unsend();
                 // The decoder will miss this frame's reference: restart from an IDR.
                 c.frames_dropped_backpressure
                     .fetch_add(1, Ordering::Relaxed);
                 self.shared.force_idr.store(true, Ordering::Release);
                 Ok(())
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => Err(GameEnd::ReceiverClosed),
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                unsend();
+                Err(GameEnd::ReceiverClosed)
+            }
         }
     }
 }

@@ -3,7 +3,9 @@
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
-use nearpath_protocol::{Client, InferEvent, ServerVerify};
+use nearpath_protocol::{Client, ControlEvent, InferEvent, InputEvent, PlayParams, ServerVerify};
+use std::collections::HashMap;
+use std::time::Duration;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -51,6 +53,29 @@ enum Cmd {
         /// The user message.
         prompt: String,
     },
+    /// Play a game: receive H.264 frames (optionally into a file that ffplay/VLC plays), send
+    /// scripted input, and print fps, bitrate, drops, network latency and input-to-photon.
+    Play {
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long)]
+        game: String,
+        #[arg(long, default_value_t = 1280)]
+        width: u32,
+        #[arg(long, default_value_t = 720)]
+        height: u32,
+        #[arg(long, default_value_t = 60)]
+        fps: u32,
+        /// Target bitrate in kbit/s.
+        #[arg(long, default_value_t = 10_000)]
+        bitrate: u32,
+        /// Write the Annex B stream here (plays with `ffplay FILE.h264`).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Stop after this many seconds.
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -65,6 +90,10 @@ fn main() -> std::process::ExitCode {
     let result = rt.block_on(async {
         match cli.cmd {
             Cmd::Infer { conn, model, max_tokens, prompt } => infer(conn, model, max_tokens, prompt).await,
+            Cmd::Play { conn, game, width, height, fps, bitrate, out, seconds } => {
+                let params = PlayParams { game, width, height, fps, bitrate_kbps: bitrate };
+                play(conn, params, out, seconds).await
+            }
         }
     });
     match result {
@@ -142,4 +171,124 @@ async fn infer(conn: Conn, model: String, max_tokens: u32, prompt: String) -> an
             None => bail!("the gateway ended the stream without finishing"),
         }
     }
+}
+
+fn now_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+fn percentile(v: &mut [f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+async fn play(conn: Conn, params: PlayParams, out: Option<PathBuf>, seconds: f64) -> anyhow::Result<()> {
+    let client = connect(&conn).await?;
+    let session = client.play(&conn.key, params.clone()).await?;
+    let started = *session.started();
+    eprintln!(
+        "session {} started: {}x{} @ {} fps, {} kbps",
+        started.session_id, started.width, started.height, started.fps, started.bitrate_kbps
+    );
+    let (mut control, mut frames, input) = session.split();
+    let mut file = match &out {
+        Some(p) => Some(std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?),
+        None => None,
+    };
+    // Scripted input: hold each direction for a while, one key event every 50 ms.
+    let keys = [68u16, 83, 65, 87];
+    let sent: std::sync::Arc<std::sync::Mutex<HashMap<u64, Instant>>> = Default::default();
+    let sent2 = sent.clone();
+    let script = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(50));
+        let mut i = 0usize;
+        loop {
+            tick.tick().await;
+            let code = keys[(i / 20) % keys.len()];
+            let down = i % 2 == 0;
+            match input.send(InputEvent::Key { code, down }) {
+                Ok(seq) => {
+                    sent2.lock().unwrap_or_else(|p| p.into_inner()).insert(seq, Instant::now());
+                }
+                Err(_) => return,
+            }
+            i += 1;
+        }
+    });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs_f64(seconds);
+    let t0 = Instant::now();
+    let (mut count, mut bytes, mut gaps, mut keyframes) = (0u64, 0u64, 0u64, 0u64);
+    let mut last_seq: Option<u64> = None;
+    let mut net_ms = Vec::new();
+    let mut i2p_ms = Vec::new();
+    let mut last_input_seen = 0u64;
+    let mut pauses = 0u32;
+    let mut ended: Option<String> = None;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep_until(deadline) => break,
+            f = frames.next() => match f? {
+                Some(f) => {
+                    let now = now_us();
+                    count += 1;
+                    bytes += f.payload.len() as u64;
+                    keyframes += f.header.keyframe as u64;
+                    if let Some(prev) = last_seq {
+                        if f.header.seq > prev + 1 {
+                            gaps += f.header.seq - prev - 1;
+                        }
+                    }
+                    last_seq = Some(last_seq.map_or(f.header.seq, |p| p.max(f.header.seq)));
+                    net_ms.push(now.saturating_sub(f.header.capture_ts_us) as f64 / 1000.0);
+                    if f.header.input_seq > last_input_seen {
+                        last_input_seen = f.header.input_seq;
+                        if let Some(t) = sent.lock().unwrap_or_else(|p| p.into_inner()).remove(&f.header.input_seq) {
+                            i2p_ms.push(t.elapsed().as_secs_f64() * 1000.0);
+                        }
+                    }
+                    if let Some(file) = file.as_mut() {
+                        file.write_all(&f.payload)?;
+                    }
+                }
+                None => break,
+            },
+            c = control.next() => match c? {
+                Some(ControlEvent::Paused(p)) => { pauses += 1; eprintln!("paused: {}", p.reason); }
+                Some(ControlEvent::Resumed) => eprintln!("resumed"),
+                Some(ControlEvent::Ended(e)) => { ended = Some(e.reason); break; }
+                Some(ControlEvent::Error(e)) => bail!("{} ({})", e.message, e.code),
+                None => break,
+            },
+        }
+    }
+    script.abort();
+    let _ = control.close("done").await;
+    let secs = t0.elapsed().as_secs_f64();
+    println!(
+        "frames {count} in {secs:.2} s = {:.1} fps (target {}), {:.2} Mbit/s, keyframes {keyframes}, missing/dropped {gaps}, pauses {pauses}",
+        count as f64 / secs,
+        started.fps,
+        bytes as f64 * 8.0 / secs / 1e6
+    );
+    println!(
+        "network latency (capture -> receive) p50 {:.2} ms, p95 {:.2} ms; input-to-photon p50 {:.2} ms, p95 {:.2} ms ({} samples)",
+        percentile(&mut net_ms, 0.5),
+        percentile(&mut net_ms, 0.95),
+        percentile(&mut i2p_ms, 0.5),
+        percentile(&mut i2p_ms, 0.95),
+        i2p_ms.len()
+    );
+    if let Some(r) = ended {
+        println!("session ended: {r}");
+    }
+    if let Some(p) = out {
+        println!("wrote {} (play it with: ffplay {})", p.display(), p.display());
+    }
+    Ok(())
 }
