@@ -141,9 +141,19 @@ impl Client {
         server_name: &str,
         verify: ServerVerify,
     ) -> Result<Client, ClientError> {
+        Self::connect_from(net::unspecified_for(addr), addr, server_name, verify).await
+    }
+
+    /// [`Client::connect`] from a chosen local address (multi-homed hosts; tests that need the
+    /// gateway to see a particular source address).
+    pub async fn connect_from(
+        bind: SocketAddr,
+        addr: SocketAddr,
+        server_name: &str,
+        verify: ServerVerify,
+    ) -> Result<Client, ClientError> {
         let config = tls::client_config(verify, &[ALPN_CLIENT])?;
-        let (endpoint, _) =
-            net::client_endpoint(net::unspecified_for(addr), config, net::DEFAULT_RECV_BUFFER)?;
+        let (endpoint, _) = net::client_endpoint(bind, config, net::DEFAULT_RECV_BUFFER)?;
         let connecting = endpoint
             .connect(addr, server_name)
             .map_err(|source| ClientError::Connect { addr, source })?;

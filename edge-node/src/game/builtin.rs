@@ -380,7 +380,7 @@ impl<'a> Canvas<'a> {
         // The grid scrolls down and right by a pixel a frame: global motion, like a game camera.
         let offset = (frame_no % grid as u64) as usize;
         for (row, line) in self.y.chunks_exact_mut(w).enumerate() {
-            let on_grid = (row + grid - offset) % grid == 0;
+            let on_grid = (row + grid - offset).is_multiple_of(grid);
             if on_grid {
                 line.fill(70);
             } else {
@@ -437,7 +437,7 @@ impl<'a> Canvas<'a> {
         let row = row as usize;
         self.y[row * self.w + x0..row * self.w + x1].fill(c.0);
         // Chroma is shared by 2x2 luma pixels; paint it on even rows only to do it once.
-        if row % 2 == 0 {
+        if row.is_multiple_of(2) {
             let cw = self.w / 2;
             let base = (row / 2) * cw;
             let (c0, c1) = (x0 / 2, x1.div_ceil(2).min(cw));
@@ -548,7 +548,11 @@ mod tests {
         }
         let right = g.ship_position();
         assert_eq!(right.1, start.1);
-        assert_eq!(right.0 - start.0, 40, "720 / 180 = 4 px a frame for 10 frames");
+        assert_eq!(
+            right.0 - start.0,
+            40,
+            "720 / 180 = 4 px a frame for 10 frames"
+        );
         g.apply_input(&key(68, false));
         g.step();
         assert_eq!(g.ship_position(), right, "released keys stop the ship");
@@ -591,7 +595,10 @@ mod tests {
         g.step();
         let (x, y) = g.ship_position();
         assert_eq!(x, 644);
-        assert!(y < 360 && y >= 357, "half deflection up moves about 2 px, got {y}");
+        assert!(
+            (357..360).contains(&y),
+            "half deflection up moves about 2 px, got {y}"
+        );
         // Inside the dead zone the stick does nothing.
         g.apply_input(&InputEvent::Gamepad {
             axes: [1000, -1000, 0, 0],

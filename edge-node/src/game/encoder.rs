@@ -224,7 +224,9 @@ impl OpenH264Encoder {
             || params.width < 16
             || params.height < 16
         {
-            return Err(init_err("width and height must be even and at least 16".into()));
+            return Err(init_err(
+                "width and height must be even and at least 16".into(),
+            ));
         }
         // OpenH264 stops at level 5.2.
         if params.width.max(params.height) > 3840 || params.width.min(params.height) > 2160 {
@@ -323,8 +325,7 @@ impl OpenH264Encoder {
 
     /// Replaces the codec with a fresh one at the current settings; it starts with an IDR.
     fn reopen(&mut self) {
-        match openh264::encoder::Encoder::with_api_config(OpenH264API::from_source(), self.config)
-        {
+        match openh264::encoder::Encoder::with_api_config(OpenH264API::from_source(), self.config) {
             Ok(inner) => {
                 self.inner = inner;
                 self.started = false;
@@ -370,11 +371,7 @@ impl Encoder for OpenH264Encoder {
         // The sizes were checked above, so the planes have exactly the lengths YUVSlices
         // asserts on.
         let (w, h) = (w as usize, h as usize);
-        let source = YUVSlices::new(
-            (frame.y(), frame.u(), frame.v()),
-            (w, h),
-            (w, w / 2, w / 2),
-        );
+        let source = YUVSlices::new((frame.y(), frame.u(), frame.v()), (w, h), (w, w / 2, w / 2));
         let ts = Timestamp::from_millis(self.frames * 1000 / u64::from(self.params.fps));
         let frame_no = self.frames;
         let stream = match self.inner.encode_at(&source, ts) {
@@ -501,7 +498,9 @@ mod tests {
 
     #[test]
     fn splits_annex_b_with_both_start_code_lengths() {
-        let s = [9, 0, 0, 0, 1, 0x67, 1, 2, 0, 0, 1, 0x68, 3, 0, 0, 0, 1, 0x65, 0, 0, 0, 1];
+        let s = [
+            9, 0, 0, 0, 1, 0x67, 1, 2, 0, 0, 1, 0x68, 3, 0, 0, 0, 1, 0x65, 0, 0, 0, 1,
+        ];
         let units: Vec<&[u8]> = nal_units(&s).collect();
         assert_eq!(units, vec![&[0x67, 1, 2][..], &[0x68, 3], &[0x65]]);
         assert_eq!(nal_types(&s), vec![7, 8, 5]);
@@ -651,7 +650,10 @@ mod tests {
         p.bitrate_kbps = 20_000;
         let mut enc = OpenH264Encoder::new(p).unwrap();
         let err = enc.encode(&noise[0], true).unwrap_err();
-        assert!(matches!(err, EncoderError::Encode { frame: 0, .. }), "{err}");
+        assert!(
+            matches!(err, EncoderError::Encode { frame: 0, .. }),
+            "{err}"
+        );
         assert!(err.is_fatal());
         let mut g = BuiltinGame::new("arena", 320, 240).unwrap();
         let au = enc.encode(g.render(), false).unwrap().unwrap();
@@ -680,7 +682,11 @@ mod tests {
             g.step();
             let au = enc.encode(g.render(), i == 0).unwrap().unwrap();
             for unit in nal_units(&au.data) {
-                assert!(unit.len() <= THREADED_SLICE_BYTES as usize, "{}", unit.len());
+                assert!(
+                    unit.len() <= THREADED_SLICE_BYTES as usize,
+                    "{}",
+                    unit.len()
+                );
             }
             assert!(dec.decode(&au.data).unwrap().is_some());
         }

@@ -283,7 +283,10 @@ async fn supervise(s: Supervised) {
     }
     kill_group(pid);
     let _ = child.start_kill();
-    if tokio::time::timeout(EXIT_GRACE, child.wait()).await.is_err() {
+    if tokio::time::timeout(EXIT_GRACE, child.wait())
+        .await
+        .is_err()
+    {
         tracing::warn!(program, "frame source did not exit after SIGKILL");
     }
     // A frame read before the end is of no use any more.
@@ -358,7 +361,10 @@ async fn read_frames(
             Err(e) => return ReadEnd::Io(io::Error::new(io::ErrorKind::InvalidData, e)),
         };
         *frames += 1;
-        shared.counters.frames_rendered.fetch_add(1, Ordering::Relaxed);
+        shared
+            .counters
+            .frames_rendered
+            .fetch_add(1, Ordering::Relaxed);
         let latest = LatestFrame {
             frame,
             input_seq,
@@ -440,10 +446,9 @@ pub fn input_json(seq: u64, event: &InputEvent, out: &mut String) {
             out,
             r#"{{"seq":{seq},"type":"mouse_button","button":{button},"down":{down}}}"#
         ),
-        InputEvent::Wheel { dx, dy } => writeln!(
-            out,
-            r#"{{"seq":{seq},"type":"wheel","dx":{dx},"dy":{dy}}}"#
-        ),
+        InputEvent::Wheel { dx, dy } => {
+            writeln!(out, r#"{{"seq":{seq},"type":"wheel","dx":{dx},"dy":{dy}}}"#)
+        }
         InputEvent::Gamepad { axes, buttons } => writeln!(
             out,
             r#"{{"seq":{seq},"type":"gamepad","axes":[{},{},{},{}],"buttons":{buttons}}}"#,
@@ -525,7 +530,11 @@ mod tests {
             .lines()
             .map(|l| serde_json::from_str(l).unwrap())
             .collect();
-        assert_eq!(lines.len(), 5, "keyframe requests and pings stay on the node");
+        assert_eq!(
+            lines.len(),
+            5,
+            "keyframe requests and pings stay on the node"
+        );
         assert_eq!(
             lines[0],
             serde_json::json!({"seq":1,"type":"key","code":87,"down":true})

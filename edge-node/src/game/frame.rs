@@ -42,7 +42,7 @@ impl I420Frame {
     /// Bytes in one frame of this size: `width * height * 3 / 2`, or `None` for dimensions I420
     /// cannot represent (odd or zero) or whose size overflows `usize`.
     pub fn byte_len(width: u32, height: u32) -> Option<usize> {
-        if width == 0 || height == 0 || width % 2 != 0 || height % 2 != 0 {
+        if width == 0 || height == 0 || !width.is_multiple_of(2) || !height.is_multiple_of(2) {
             return None;
         }
         let luma = (width as usize).checked_mul(height as usize)?;
@@ -51,7 +51,8 @@ impl I420Frame {
 
     /// A black frame (Y 16, U and V 128: black in the limited range decoders assume).
     pub fn black(width: u32, height: u32) -> Result<Self, FrameError> {
-        let len = Self::byte_len(width, height).ok_or(FrameError::BadDimensions { width, height })?;
+        let len =
+            Self::byte_len(width, height).ok_or(FrameError::BadDimensions { width, height })?;
         let luma = width as usize * height as usize;
         let mut data = vec![128u8; len];
         data[..luma].fill(16);
@@ -165,7 +166,10 @@ mod tests {
         y[0] = 1;
         u[1] = 2;
         v[0] = 3;
-        assert_eq!(f.as_bytes(), &[1, 16, 16, 16, 16, 16, 16, 16, 128, 2, 3, 128]);
+        assert_eq!(
+            f.as_bytes(),
+            &[1, 16, 16, 16, 16, 16, 16, 16, 128, 2, 3, 128]
+        );
     }
 
     #[test]

@@ -478,10 +478,7 @@ impl GameSession {
         };
         let shared = Arc::new(Shared {
             counters: Counters::default(),
-            input: Mutex::new(InputState {
-                last_seq: 0,
-                sink,
-            }),
+            input: Mutex::new(InputState { last_seq: 0, sink }),
             force_idr: AtomicBool::new(false),
             new_bitrate: AtomicU32::new(0),
             encode_times_us: Mutex::new(Ring {
@@ -495,8 +492,8 @@ impl GameSession {
 
         // Capacity 1: a frame may wait while the previous one is encoded, but never more.
         let (work_tx, work_rx) = std_mpsc::sync_channel::<Work>(1);
-        let idr_interval =
-            (encoder_cfg.idr_interval_s > 0).then(|| Duration::from_secs(encoder_cfg.idr_interval_s));
+        let idr_interval = (encoder_cfg.idr_interval_s > 0)
+            .then(|| Duration::from_secs(encoder_cfg.idr_interval_s));
         let thread_shared = shared.clone();
         let thread = EncoderThread {
             shared: thread_shared,
@@ -560,11 +557,7 @@ impl GameSession {
             return InputOutcome::Ended;
         }
         let c = &self.shared.counters;
-        let mut input = self
-            .shared
-            .input
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut input = self.shared.input.lock().unwrap_or_else(|p| p.into_inner());
         if seq <= input.last_seq {
             c.inputs_stale.fetch_add(1, Ordering::Relaxed);
             return InputOutcome::Stale;
@@ -686,17 +679,14 @@ fn validate(p: &GameParams) -> Result<(), GameError> {
             reason,
         })
     };
-    if p.width < 16 || p.height < 16 || p.width % 2 != 0 || p.height % 2 != 0 {
+    if p.width < 16 || p.height < 16 || !p.width.is_multiple_of(2) || !p.height.is_multiple_of(2) {
         return bad(format!(
             "{}x{} is not a supported size (even, at least 16x16)",
             p.width, p.height
         ));
     }
     if p.width.max(p.height) > 3840 || p.width.min(p.height) > 2160 {
-        return bad(format!(
-            "{}x{} is larger than 3840x2160",
-            p.width, p.height
-        ));
+        return bad(format!("{}x{} is larger than 3840x2160", p.width, p.height));
     }
     if p.fps == 0 || p.fps > MAX_FPS {
         return bad(format!("{} fps is outside 1..={MAX_FPS}", p.fps));
@@ -820,11 +810,7 @@ impl EncoderThread {
                 let captured = Instant::now();
                 let capture_ts_us = unix_micros();
                 let input_seq = {
-                    let mut input = self
-                        .shared
-                        .input
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner());
+                    let mut input = self.shared.input.lock().unwrap_or_else(|p| p.into_inner());
                     if let InputSink::Builtin(pending) = &mut input.sink {
                         for event in pending.drain(..) {
                             game.apply_input(&event);

@@ -62,7 +62,10 @@ async fn builtin_session_starts_with_an_idr_of_the_right_size() {
     assert_eq!((first.width, first.height), (320, 180));
     assert_eq!(first.input_seq, 0);
     let types = nal_types(&first.data);
-    assert!(types.starts_with(&[7, 8]) && types.contains(&5), "{types:?}");
+    assert!(
+        types.starts_with(&[7, 8]) && types.contains(&5),
+        "{types:?}"
+    );
     let now = unix_micros();
     assert!(first.capture_ts_us <= now && now - first.capture_ts_us < 60_000_000);
     let h = first.header(42);
@@ -126,14 +129,20 @@ async fn frames_carry_the_last_applied_input_seq_and_stale_input_is_ignored() {
         }
     }
     let s = session.stats();
-    assert_eq!((s.inputs_applied, s.inputs_stale, s.last_input_seq), (2, 3, 9));
+    assert_eq!(
+        (s.inputs_applied, s.inputs_stale, s.last_input_seq),
+        (2, 3, 9)
+    );
 }
 
 #[tokio::test]
 async fn force_keyframe_makes_a_later_frame_an_idr_and_only_then() {
-    let (session, mut rx) =
-        GameSession::start(params("testpattern", 160, 96, 60), &builtin(), &encoder_cfg())
-            .unwrap();
+    let (session, mut rx) = GameSession::start(
+        params("testpattern", 160, 96, 60),
+        &builtin(),
+        &encoder_cfg(),
+    )
+    .unwrap();
     assert!(next(&mut rx).await.keyframe);
     for _ in 0..5 {
         assert!(!next(&mut rx).await.keyframe, "no IDR without a reason");
@@ -159,7 +168,10 @@ async fn a_slow_receiver_costs_frames_and_the_stream_restarts_with_an_idr() {
     // Do not read: the queue fills and then frames are dropped.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     while session.stats().frames_dropped_backpressure == 0 {
-        assert!(tokio::time::Instant::now() < deadline, "no frame was dropped");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no frame was dropped"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let mut queued = Vec::new();
@@ -170,7 +182,10 @@ async fn a_slow_receiver_costs_frames_and_the_stream_restarts_with_an_idr() {
     assert_eq!(seqs, (0..FRAME_QUEUE as u64).collect::<Vec<_>>());
     let after = next(&mut rx).await;
     assert!(after.seq > FRAME_QUEUE as u64, "a gap shows the drop");
-    assert!(after.keyframe, "the decoder lost references; restart from an IDR");
+    assert!(
+        after.keyframe,
+        "the decoder lost references; restart from an IDR"
+    );
 }
 
 #[tokio::test]
@@ -181,8 +196,7 @@ async fn sixty_fps_for_a_second_gives_about_sixty_frames() {
     let start = tokio::time::Instant::now();
     let mut count = 0;
     let mut last = first.seq;
-    while let Ok(Some(f)) =
-        tokio::time::timeout_at(start + Duration::from_secs(1), rx.recv()).await
+    while let Ok(Some(f)) = tokio::time::timeout_at(start + Duration::from_secs(1), rx.recv()).await
     {
         count += 1;
         assert!(f.seq > last);
@@ -213,7 +227,11 @@ async fn stop_and_drop_end_the_session() {
     );
     let encoded = session.stats().frames_encoded;
     assert_eq!(rx.recv().await, None);
-    assert_eq!(session.stats().frames_encoded, encoded, "nothing runs after stop");
+    assert_eq!(
+        session.stats().frames_encoded,
+        encoded,
+        "nothing runs after stop"
+    );
 
     // Dropping the receiver ends the session too.
     let (session, rx) =
@@ -281,8 +299,8 @@ async fn bad_parameters_and_sources_are_refused() {
 
 #[test]
 fn starting_outside_a_runtime_is_an_error_not_a_panic() {
-    let err = GameSession::start(params("arena", 64, 48, 60), &builtin(), &encoder_cfg())
-        .unwrap_err();
+    let err =
+        GameSession::start(params("arena", 64, 48, 60), &builtin(), &encoder_cfg()).unwrap_err();
     assert!(matches!(err, GameError::NoRuntime));
 }
 
@@ -313,7 +331,10 @@ async fn custom_encoders_plug_in() {
         &builtin(),
         &encoder_cfg(),
         |p| {
-            assert_eq!((p.width, p.height, p.fps, p.bitrate_kbps), (64, 48, 60, 1000));
+            assert_eq!(
+                (p.width, p.height, p.fps, p.bitrate_kbps),
+                (64, 48, 60, 1000)
+            );
             Ok(Box::new(Fake))
         },
     )
@@ -330,7 +351,10 @@ fn keyframe_policy_first_requested_and_periodic() {
     assert!(p.wants_idr(t0, false), "the first frame");
     p.produced(true, t0);
     assert!(!p.wants_idr(t0 + Duration::from_millis(1999), false));
-    assert!(p.wants_idr(t0 + Duration::from_millis(500), true), "on request");
+    assert!(
+        p.wants_idr(t0 + Duration::from_millis(500), true),
+        "on request"
+    );
     p.produced(false, t0 + Duration::from_millis(1500));
     assert!(p.wants_idr(t0 + Duration::from_secs(2), false), "every 2 s");
     p.produced(true, t0 + Duration::from_secs(2));
@@ -359,9 +383,12 @@ done
 
 #[tokio::test]
 async fn external_source_frames_input_and_exit_status() {
-    let (session, mut rx) =
-        GameSession::start(params("ext", 64, 48, 30), &command(ECHO_SOURCE), &encoder_cfg())
-            .unwrap();
+    let (session, mut rx) = GameSession::start(
+        params("ext", 64, 48, 30),
+        &command(ECHO_SOURCE),
+        &encoder_cfg(),
+    )
+    .unwrap();
     let first = next(&mut rx).await;
     assert!(first.keyframe);
     assert_eq!((first.width, first.height, first.input_seq), (64, 48, 0));
@@ -495,7 +522,10 @@ while read -r line; do head -c "$n" /dev/zero; done"#,
     assert_eq!(end_of(&session, &mut rx).await, GameEnd::Stopped);
     let deadline = Instant::now() + Duration::from_secs(10);
     while !process_gone(helper) {
-        assert!(Instant::now() < deadline, "helper {helper} survived the session");
+        assert!(
+            Instant::now() < deadline,
+            "helper {helper} survived the session"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let _ = std::fs::remove_dir_all(&dir);

@@ -152,6 +152,10 @@ pub async fn stream_once(
             Event::Other => {}
         });
     }
+    // A well-formed stream ends with a complete event; leftover bytes mean it was cut short.
+    if scanner.pending() > 0 {
+        out.error = true;
+    }
     out.total = t0.elapsed();
     Ok(out)
 }

@@ -1,0 +1,196 @@
+//! Game streaming to native players end to end: built-in game rendered and H.264-encoded on the
+//! node, frames relayed by the gateway over QUIC, input datagrams back, failover, refusals, and
+//! an external frame source.
+
+mod common;
+
+use common::*;
+use nearpath_config::{GameEntry, GameSource};
+use nearpath_protocol::{Client, ClientError, ControlEvent, InputEvent, PlayParams, ServerVerify, VideoFrame};
+use std::time::{Duration, Instant};
+
+fn with_game(mut cfg: nearpath_config::NodeConfig, title: &str, source: GameSource) -> nearpath_config::NodeConfig {
+    cfg.games = vec![GameEntry { title: title.into(), source }];
+    cfg.capacity.game_sessions = 1;
+    cfg
+}
+
+async fn client(gw: &TestGateway, from: std::net::IpAddr) -> Client {
+    // Native clients dial from chosen loopback addresses so the geofence sees a place.
+    Client::connect_from(std::net::SocketAddr::new(from, 0), gw.addrs.quic, "localhost", ServerVerify::PinnedSha256(gw.sha))
+        .await
+        .unwrap()
+}
+
+fn decode_all(frames: &[VideoFrame]) -> (usize, (usize, usize)) {
+    use openh264::formats::YUVSource;
+    let mut dec = openh264::decoder::Decoder::new().unwrap();
+    let mut decoded = 0;
+    let mut dims = (0, 0);
+    for f in frames {
+        if let Some(yuv) = dec.decode(&f.payload).unwrap() {
+            dims = yuv.dimensions();
+            decoded += 1;
+        }
+    }
+    (decoded, dims)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_native_client_plays_720p60_for_5_seconds_and_input_moves_the_ship() {
+    let gw = TestGateway::start(|_| {}).await;
+    let mut node = TestNode::start(with_game(gw.node_config("de-1", &gw.token), "arena", GameSource::Builtin {}), ip(DE));
+    node.registered().await;
+    let c = client(&gw, ip(FR_CLIENT)).await;
+    let session = c.play(API_KEY, PlayParams::hd("arena")).await.unwrap();
+    assert_eq!((session.started().width, session.started().height, session.started().fps), (1280, 720, 60));
+    let (mut control, mut frames, input) = session.split();
+    let t0 = Instant::now();
+    let mut got: Vec<VideoFrame> = Vec::new();
+    let mut last_sent = 0u64;
+    let mut next_input = Instant::now();
+    let mut i = 0u32;
+    while t0.elapsed() < Duration::from_secs(5) {
+        if Instant::now() >= next_input {
+            // Hold D (move right), pressing it again every 100 ms.
+            last_sent = input.send(InputEvent::Key { code: 68, down: i % 2 == 0 }).unwrap();
+            i += 1;
+            next_input += Duration::from_millis(100);
+        }
+        let f = tokio::time::timeout(Duration::from_secs(2), frames.next()).await.unwrap().unwrap().unwrap();
+        got.push(f);
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let n = got.len();
+    println!("received {n} frames in {secs:.2} s");
+    // >= 95% of 60 fps over the time we listened.
+    assert!(n as f64 >= 0.95 * 60.0 * 5.0, "only {n} frames in {secs:.2} s");
+    assert!(got[0].header.keyframe, "the stream starts with an IDR");
+    let (decoded, dims) = decode_all(&got);
+    assert_eq!(dims, (1280, 720));
+    assert!(decoded as f64 >= 0.95 * n as f64, "decoded {decoded} of {n}");
+    // Frames report the inputs they applied: the last ones sent are applied by the end.
+    let applied = got.iter().map(|f| f.header.input_seq).max().unwrap();
+    assert!(applied >= last_sent.saturating_sub(2) && applied > 0, "applied {applied}, sent {last_sent}");
+    // The node saw the inputs (admin view of the session) and the session is listed.
+    let sessions = gw.admin_get("/admin/sessions").await;
+    assert_eq!(sessions["data"][0]["game"], "arena", "{sessions}");
+    assert!(sessions["data"][0]["inputs"].as_u64().unwrap() >= i as u64 - 1, "{sessions}");
+    control.close("done").await.unwrap();
+    node.stop().await.unwrap();
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_the_serving_node_dies_frames_resume_from_another_within_2_seconds() {
+    let gw = TestGateway::start(|_| {}).await;
+    let mut near = TestNode::start(with_game(gw.node_config("de-1", &gw.token), "arena", GameSource::Builtin {}), ip(DE));
+    near.registered().await;
+    let mut far = TestNode::start(with_game(gw.node_config("us-1", &gw.token), "arena", GameSource::Builtin {}), ip(US_EAST));
+    far.registered().await;
+    let c = client(&gw, ip(FR_CLIENT)).await;
+    let params = PlayParams { game: "arena".into(), width: 640, height: 360, fps: 30, bitrate_kbps: 2000 };
+    let session = c.play(API_KEY, params).await.unwrap();
+    let (mut control, mut frames, _input) = session.split();
+    for _ in 0..10 {
+        frames.next().await.unwrap().unwrap();
+    }
+    let sessions = gw.admin_get("/admin/sessions").await;
+    assert_eq!(sessions["data"][0]["node"], "de-1", "the nearest node serves first");
+    // Kill the serving node abruptly (no drain).
+    near.task.abort();
+    let killed = Instant::now();
+    // Frames stop, the client is told, then frames resume from the other node.
+    let mut paused = false;
+    let resumed_at = loop {
+        tokio::select! {
+            c = control.next() => match c.unwrap() {
+                Some(ControlEvent::Paused(_)) => paused = true,
+                Some(ControlEvent::Resumed) => {}
+                other => panic!("unexpected control event {other:?}"),
+            },
+            f = frames.next() => {
+                let f = f.unwrap().unwrap();
+                if paused && f.header.keyframe {
+                    break Instant::now();
+                }
+            }
+            _ = tokio::time::sleep(Duration::from_secs(5)) => panic!("frames did not resume"),
+        }
+    };
+    let gap = resumed_at - killed;
+    println!("frames resumed {gap:?} after the node was killed");
+    assert!(gap < Duration::from_secs(2), "{gap:?}");
+    let sessions = gw.admin_get("/admin/sessions").await;
+    assert_eq!(sessions["data"][0]["node"], "us-1");
+    control.close("done").await.unwrap();
+    far.stop().await.unwrap();
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn geofence_and_capacity_refusals_have_explicit_reasons() {
+    let gw = TestGateway::start(|_| {}).await;
+    let mut cfg = with_game(gw.node_config("de-h100", &gw.token), "arena", GameSource::Builtin {});
+    cfg.gpus = vec![gpu("NVIDIA H100 80GB HBM3")];
+    let mut node = TestNode::start(cfg, ip(DE));
+    node.registered().await;
+    let small = PlayParams { game: "arena".into(), width: 320, height: 180, fps: 30, bitrate_kbps: 1000 };
+    // A client in CN may not use an H100: export control.
+    let cn = client(&gw, ip(CN_CLIENT)).await;
+    match cn.play(API_KEY, small.clone()).await {
+        Err(ClientError::Refused { code, message, .. }) => {
+            assert_eq!(code, "geofence");
+            assert!(message.contains("export-control"), "{message}");
+        }
+        other => panic!("expected a geofence refusal, got {:?}", other.map(|_| ())),
+    }
+    // One slot: the second player is refused for capacity.
+    let fr = client(&gw, ip(FR_CLIENT)).await;
+    let first = fr.play(API_KEY, small.clone()).await.unwrap();
+    let other = client(&gw, ip(FR_CLIENT)).await;
+    match other.play(API_KEY, small.clone()).await {
+        Err(ClientError::Refused { code, .. }) => assert_eq!(code, "no_capacity"),
+        other => panic!("expected no_capacity, got {:?}", other.map(|_| ())),
+    }
+    // Unknown titles are named.
+    match other.play(API_KEY, PlayParams { game: "nope".into(), ..small }).await {
+        Err(ClientError::Refused { code, .. }) => assert_eq!(code, "unknown_game"),
+        other => panic!("expected unknown_game, got {:?}", other.map(|_| ())),
+    }
+    drop(first);
+    node.stop().await.unwrap();
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_external_frame_source_is_streamed_and_its_exit_ends_the_session() {
+    let gw = TestGateway::start(|_| {}).await;
+    // A tiny "game": writes 40 grey 64x64 I420 frames, then exits.
+    let script = "import os,sys\nw=int(os.environ['NEARPATH_WIDTH']);h=int(os.environ['NEARPATH_HEIGHT'])\nfor i in range(40):\n    sys.stdout.buffer.write(bytes([(i*5)%256])*(w*h) + bytes([128])*(w*h//2))\n    sys.stdout.flush()\n";
+    let source = GameSource::Command { command: vec!["python3".into(), "-c".into(), script.into()] };
+    let mut node = TestNode::start(with_game(gw.node_config("de-ext", &gw.token), "desktop", source), ip(DE));
+    node.registered().await;
+    let c = client(&gw, ip(FR_CLIENT)).await;
+    let params = PlayParams { game: "desktop".into(), width: 64, height: 64, fps: 60, bitrate_kbps: 500 };
+    let session = c.play(API_KEY, params).await.unwrap();
+    let (mut control, mut frames, _input) = session.split();
+    let mut got = Vec::new();
+    let reason = loop {
+        tokio::select! {
+            f = frames.next() => if let Ok(Some(f)) = f { got.push(f) },
+            ev = control.next() => match ev.unwrap() {
+                Some(ControlEvent::Ended(e)) => break e.reason,
+                other => panic!("unexpected {other:?}"),
+            },
+            _ = tokio::time::sleep(Duration::from_secs(10)) => panic!("the session did not end"),
+        }
+    };
+    assert!(reason.contains("exited"), "{reason}");
+    assert!(got.len() >= 10, "only {} frames", got.len());
+    let (decoded, dims) = decode_all(&got);
+    assert_eq!(dims, (64, 64));
+    assert!(decoded >= 10);
+    node.stop().await.unwrap();
+    gw.stop().await;
+}
