@@ -166,8 +166,9 @@ async fn geofence_and_capacity_refusals_have_explicit_reasons() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_external_frame_source_is_streamed_and_its_exit_ends_the_session() {
     let gw = TestGateway::start(|_| {}).await;
-    // A tiny "game": writes 40 grey 64x64 I420 frames, then exits.
-    let script = "import os,sys\nw=int(os.environ['NEARPATH_WIDTH']);h=int(os.environ['NEARPATH_HEIGHT'])\nfor i in range(40):\n    sys.stdout.buffer.write(bytes([(i*5)%256])*(w*h) + bytes([128])*(w*h//2))\n    sys.stdout.flush()\n";
+    // A tiny "game" that captures at 60 fps like a real source: 40 grey 64x64 I420 frames,
+    // then it exits with status 3.
+    let script = "import os,sys,time\nw=int(os.environ['NEARPATH_WIDTH']);h=int(os.environ['NEARPATH_HEIGHT'])\nfor i in range(40):\n    sys.stdout.buffer.write(bytes([(i*5)%256])*(w*h) + bytes([128])*(w*h//2))\n    sys.stdout.flush()\n    time.sleep(1/60)\nsys.exit(3)\n";
     let source = GameSource::Command { command: vec!["python3".into(), "-c".into(), script.into()] };
     let mut node = TestNode::start(with_game(gw.node_config("de-ext", &gw.token), "desktop", source), ip(DE));
     node.registered().await;
@@ -186,7 +187,7 @@ async fn an_external_frame_source_is_streamed_and_its_exit_ends_the_session() {
             _ = tokio::time::sleep(Duration::from_secs(10)) => panic!("the session did not end"),
         }
     };
-    assert!(reason.contains("exited"), "{reason}");
+    assert!(reason.contains("exited") && reason.contains('3'), "{reason}");
     assert!(got.len() >= 10, "only {} frames", got.len());
     let (decoded, dims) = decode_all(&got);
     assert_eq!(dims, (64, 64));
