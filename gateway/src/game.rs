@@ -16,17 +16,68 @@ use nearpath_protocol::message::{
     Ended, ErrorInfo, GameParams, Message, Open, Paused, PlayRequest, PlayStarted, SessionKind,
 };
 use nearpath_protocol::stream::{recv_frame_header, relay_frame, send, FramedRecv};
-use nearpath_protocol::{InputDatagram, MAX_CONTROL_FRAME, MAX_VIDEO_FRAME};
+use nearpath_protocol::{FrameHeader, InputDatagram, MAX_CONTROL_FRAME, MAX_VIDEO_FRAME};
+use tokio::sync::mpsc;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tracing::{debug, info, info_span, warn, Instrument};
 
+/// Where a session's frames go.
+#[derive(Clone)]
+pub enum FrameSink {
+    /// Native client: each frame is forwarded as-is on a new uni stream of this connection.
+    Quic(quinn::Connection),
+    /// Another transport (WebRTC): whole frames are handed over; a full channel drops the frame
+    /// (a late frame is worth less than the next one).
+    Channel(mpsc::Sender<(FrameHeader, Bytes)>),
+}
+
+/// What the client side of a session tells the driver.
+#[derive(Debug)]
+pub enum ClientEvent {
+    ForceKeyframe,
+    SetBitrate(u32),
+    Close(String),
+    /// The client vanished (connection lost).
+    Gone,
+}
+
+/// What the driver tells the client side.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Notice {
+    Paused(String),
+    Resumed,
+    Ended(String),
+}
+
+/// Why a session could not start: a status-like code and a reason for the player.
+#[derive(Debug, Clone)]
+pub struct StartError {
+    /// `geofence`, `unknown_game`, `no_capacity`, `bad_request`, `unauthorized`.
+    pub code: &'static str,
+    pub message: String,
+}
+
+/// A started session: feed `events`, read `notices` (and frames from the sink).
+pub struct Started {
+    pub session_id: u64,
+    pub params: GameParams,
+    pub events: mpsc::Sender<ClientEvent>,
+    pub notices: mpsc::Receiver<Notice>,
+    pub relay: Arc<Relay>,
+}
+
 /// One live game session as the relay sees it.
 pub struct Relay {
     pub session_id: u64,
-    pub client: quinn::Connection,
+    pub sink: FrameSink,
+    /// The client's address, for the admin view.
+    pub client_addr: String,
+    pub transport: &'static str,
+    /// The client's own stats (the browser page reports `getStats()` here).
+    pub client_stats: Mutex<Option<serde_json::Value>>,
     /// The node serving the session now (changes on failover).
     node: Mutex<Option<Arc<NodeEntry>>>,
     pub frames: AtomicU64,
@@ -42,6 +93,15 @@ impl Relay {
     fn node(&self) -> Option<Arc<NodeEntry>> {
         self.node.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
+    /// Sends an input event to the serving node as a datagram (the node ignores stale seqs).
+    pub fn send_input(&self, seq: u64, sent_ts_us: u64, event: nearpath_protocol::InputEvent) {
+        self.inputs.fetch_add(1, Ordering::Relaxed);
+        if let Some(node) = self.node() {
+            let d = InputDatagram { session_id: self.session_id, seq, sent_ts_us, event };
+            let _ = node.conn.send_datagram(Bytes::from(d.encode()));
+        }
+    }
+
     pub fn node_id(&self) -> Option<String> {
         self.node().map(|n| n.id.clone())
     }
@@ -104,7 +164,17 @@ pub async fn node_frames_loop(shared: Arc<Shared>, conn: quinn::Connection) {
                 shared.metrics.game_frames_dropped.get_or_create(&labels([("reason", "late")])).inc();
                 return;
             }
-            match relay_frame(recv, &header, &relay.client, MAX_VIDEO_FRAME).await {
+            let result = match &relay.sink {
+                FrameSink::Quic(client) => relay_frame(recv, &header, client, MAX_VIDEO_FRAME).await.map_err(|e| e.to_string()),
+                FrameSink::Channel(tx) => match recv_frame_rest(recv, &header).await {
+                    Ok(payload) => {
+                        let n = payload.len() as u64;
+                        tx.try_send((header, payload)).map(|_| n).map_err(|e| e.to_string())
+                    }
+                    Err(e) => Err(e),
+                },
+            };
+            match result {
                 Ok(n) => {
                     relay.frames.fetch_add(1, Ordering::Relaxed);
                     relay.bytes.fetch_add(n, Ordering::Relaxed);
@@ -130,8 +200,9 @@ pub async fn client_input_loop(shared: Arc<Shared>, conn: quinn::Connection) {
             continue;
         };
         // Only the session's own client may steer it.
-        if relay.client.stable_id() != conn.stable_id() {
-            continue;
+        match &relay.sink {
+            FrameSink::Quic(c) if c.stable_id() == conn.stable_id() => {}
+            _ => continue,
         }
         relay.inputs.fetch_add(1, Ordering::Relaxed);
         if let Some(node) = relay.node() {
@@ -239,7 +310,194 @@ async fn attach(
     Err(last)
 }
 
-/// Serves a `PlayRequest` on a client's bidi stream until the session ends.
+
+/// Reads the payload that follows an already-read frame header.
+async fn recv_frame_rest(mut recv: quinn::RecvStream, header: &FrameHeader) -> Result<Bytes, String> {
+    let len = header.payload_len as usize;
+    if len > MAX_VIDEO_FRAME {
+        let _ = recv.stop(nearpath_protocol::app_code::STREAM_REFUSED);
+        return Err(format!("frame of {len} bytes is over the limit"));
+    }
+    let mut buf = vec![0u8; len];
+    recv.read_exact(&mut buf).await.map_err(|e| e.to_string())?;
+    Ok(Bytes::from(buf))
+}
+
+/// Routes and starts a game session for `client`, then runs it in a task until it ends.
+pub async fn start_session(
+    shared: &Arc<Shared>,
+    key: &ApiKey,
+    client: Location,
+    client_addr: String,
+    transport: &'static str,
+    params: GameParams,
+    sink: FrameSink,
+) -> Result<Started, StartError> {
+    let session_id = shared.next_session.fetch_add(1, Ordering::Relaxed);
+    let attached = match attach(shared, &client, &params, session_id, &[]).await {
+        Ok(a) => a,
+        Err(no) => {
+            let (code, message) = match no {
+                NoNode::Denied(r) => ("geofence", format!("geofence: {r}")),
+                NoNode::Unknown => ("unknown_game", format!("no node serves {}", params.title)),
+                NoNode::Full => ("no_capacity", "every node serving this game is busy".to_string()),
+                NoNode::Failed(e) => ("no_capacity", e),
+            };
+            shared.metrics.game_sessions.get_or_create(&labels([("transport", transport), ("outcome", code)])).inc();
+            return Err(StartError { code, message });
+        }
+    };
+    let relay = Arc::new(Relay {
+        session_id,
+        sink,
+        client_addr,
+        transport,
+        client_stats: Mutex::new(None),
+        node: Mutex::new(Some(attached.node.clone())),
+        frames: AtomicU64::new(0),
+        bytes: AtomicU64::new(0),
+        dropped_late: AtomicU64::new(0),
+        inputs: AtomicU64::new(0),
+        started: Instant::now(),
+        game: params.title.clone(),
+        tenant: key.tenant.clone(),
+    });
+    shared.games.insert(relay.clone());
+    shared.metrics.active_game_sessions.inc();
+    let (events_tx, events_rx) = mpsc::channel(16);
+    let (notices_tx, notices_rx) = mpsc::channel(16);
+    let span = info_span!("game_session", id = session_id, game = %params.title, transport);
+    tokio::spawn(
+        drive(shared.clone(), key.clone(), client, params.clone(), relay.clone(), attached, events_rx, notices_tx)
+            .instrument(span),
+    );
+    Ok(Started { session_id, params, events: events_tx, notices: notices_rx, relay })
+}
+
+/// Runs a started session: client events in, node stream out, failover when the node dies,
+/// metering at the end.
+#[allow(clippy::too_many_arguments)]
+async fn drive(
+    shared: Arc<Shared>,
+    key: ApiKey,
+    client: Location,
+    params: GameParams,
+    relay: Arc<Relay>,
+    mut attached: Attached,
+    mut events: mpsc::Receiver<ClientEvent>,
+    notices: mpsc::Sender<Notice>,
+) {
+    info!(node = %attached.node.id, "game session started");
+    let session_id = relay.session_id;
+    let mut outcome = "ok";
+    let mut nodes_used = vec![attached.node.id.clone()];
+    let mut gpu_seconds = 0.0f64;
+    let mut node_since = Instant::now();
+    loop {
+        enum Ev {
+            Client(Option<ClientEvent>),
+            Node(Option<Message>),
+            NodeGone,
+        }
+        let ev = tokio::select! {
+            e = events.recv() => Ev::Client(e),
+            m = attached.rx.next() => match m {
+                Ok(Some(m)) => Ev::Node(Some(m)),
+                _ => Ev::NodeGone,
+            },
+            _ = attached.node.conn.closed() => Ev::NodeGone,
+        };
+        match ev {
+            Ev::Client(Some(ClientEvent::ForceKeyframe)) => {
+                let _ = send(&mut attached.tx, &Message::ForceKeyframe).await;
+            }
+            Ev::Client(Some(ClientEvent::SetBitrate(kbps))) => {
+                let kbps = kbps.clamp(100, shared.config.game.max_bitrate_kbps);
+                let _ = send(&mut attached.tx, &Message::SetBitrate(nearpath_protocol::message::SetBitrate { kbps })).await;
+            }
+            Ev::Client(Some(ClientEvent::Close(reason))) => {
+                let _ = send(&mut attached.tx, &Message::Close(nearpath_protocol::message::Close { reason })).await;
+                let _ = attached.tx.finish();
+                break;
+            }
+            Ev::Client(Some(ClientEvent::Gone)) | Ev::Client(None) => {
+                outcome = "client_left";
+                let _ = send(&mut attached.tx, &Message::Close(nearpath_protocol::message::Close { reason: "client left".into() })).await;
+                let _ = attached.tx.finish();
+                break;
+            }
+            Ev::Node(Some(Message::Ended(e))) => {
+                // The game itself ended (e.g. an external source exited): not a node failure.
+                let _ = notices.send(Notice::Ended(e.reason)).await;
+                outcome = "ended_by_node";
+                break;
+            }
+            Ev::Node(Some(_)) => {}
+            Ev::Node(None) | Ev::NodeGone => {
+                // The node died: move the session and keep the client's connection.
+                let failed = attached.node.clone();
+                warn!(node = %failed.id, "serving node lost; failing over");
+                gpu_seconds += node_since.elapsed().as_secs_f64();
+                relay.set_node(None);
+                let _ = notices.send(Notice::Paused(format!("node {} failed; moving the session", failed.id))).await;
+                let t0 = Instant::now();
+                match attach(&shared, &client, &params, session_id, &nodes_used).await {
+                    Ok(a) => {
+                        attached = a;
+                        node_since = Instant::now();
+                        nodes_used.push(attached.node.id.clone());
+                        relay.set_node(Some(attached.node.clone()));
+                        let _ = send(&mut attached.tx, &Message::ForceKeyframe).await;
+                        shared.metrics.game_failovers.inc();
+                        info!(node = %attached.node.id, took_ms = t0.elapsed().as_millis() as u64, "session moved");
+                        let _ = notices.send(Notice::Resumed).await;
+                    }
+                    Err(_) => {
+                        outcome = "node_failed";
+                        let _ = notices.send(Notice::Ended("the serving node failed and no other node is available".into())).await;
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    gpu_seconds += node_since.elapsed().as_secs_f64();
+    shared.games.remove(session_id);
+    shared.metrics.active_game_sessions.dec();
+    shared
+        .metrics
+        .game_sessions
+        .get_or_create(&labels([("transport", relay.transport), ("outcome", outcome)]))
+        .inc();
+    let frames = relay.frames.load(Ordering::Relaxed);
+    let bytes = relay.bytes.load(Ordering::Relaxed);
+    info!(outcome, frames, bytes, dropped_late = relay.dropped_late.load(Ordering::Relaxed), "game session ended");
+    let record = UsageRecord {
+        id: None,
+        at_ms: now_ms(),
+        kind: UsageKind::Game,
+        request_id: format!("game_{session_id}"),
+        tenant: key.tenant.clone(),
+        api_key_id: key.id.clone(),
+        node_id: attached.node.id.clone(),
+        operator_id: attached.node.operator_id.clone(),
+        workload: params.title.clone(),
+        outcome: outcome.to_string(),
+        prompt_tokens: 0,
+        completion_tokens: 0,
+        ttft_ms: None,
+        duration_ms: relay.started.elapsed().as_secs_f64() * 1000.0,
+        gpu_seconds,
+        frames,
+        bytes,
+    };
+    let store = shared.store.clone();
+    if let Ok(Err(e)) = tokio::task::spawn_blocking(move || store.append_usage(record)).await {
+        warn!(error = %e, "game usage record not written");
+    }
+}
+
+/// Serves a `PlayRequest` on a native client's bidi stream until the session ends.
 pub async fn serve_play(
     shared: Arc<Shared>,
     conn: quinn::Connection,
@@ -264,163 +522,70 @@ pub async fn serve_play(
         }
     };
     let client = shared.geo.lookup(conn.remote_address().ip());
-    let session_id = shared.next_session.fetch_add(1, Ordering::Relaxed);
-    let span = info_span!("game_session", id = session_id, game = %params.title);
-    async move {
-        let started = Instant::now();
-        let mut attached = match attach(&shared, &client, &params, session_id, &[]).await {
-            Ok(a) => a,
-            Err(no) => {
-                let (outcome, reason) = match no {
-                    NoNode::Denied(r) => ("geofence", format!("geofence: {r}")),
-                    NoNode::Unknown => ("unknown_game", format!("no node serves {}", params.title)),
-                    NoNode::Full => ("no_capacity", "no_capacity: every node serving this game is busy".to_string()),
-                    NoNode::Failed(e) => ("no_capacity", format!("no_capacity: {e}")),
-                };
-                shared.metrics.game_sessions.get_or_create(&labels([("transport", "quic"), ("outcome", outcome)])).inc();
-                let _ = send(&mut ctl_tx, &err(outcome, reason)).await;
-                let _ = ctl_tx.finish();
-                return;
-            }
-        };
-        let relay = Arc::new(Relay {
-            session_id,
-            client: conn.clone(),
-            node: Mutex::new(Some(attached.node.clone())),
-            frames: AtomicU64::new(0),
-            bytes: AtomicU64::new(0),
-            dropped_late: AtomicU64::new(0),
-            inputs: AtomicU64::new(0),
-            started,
-            game: params.title.clone(),
-            tenant: key.tenant.clone(),
-        });
-        shared.games.insert(relay.clone());
-        shared.metrics.active_game_sessions.inc();
-        info!(node = %attached.node.id, "game session started");
-        let started_msg = Message::PlayStarted(PlayStarted {
-            session_id,
-            width: params.width,
-            height: params.height,
-            fps: params.fps,
-            bitrate_kbps: params.bitrate_kbps,
-        });
-        let mut outcome = "ok";
-        let mut nodes_used = vec![attached.node.id.clone()];
-        let mut gpu_seconds = 0.0f64;
-        let mut node_since = Instant::now();
-        if send(&mut ctl_tx, &started_msg).await.is_ok() {
-            let mut client_open = true;
-            loop {
-                enum Ev {
-                    Client(Option<Message>),
-                    Node(Option<Message>),
-                    ClientGone,
-                    NodeGone,
-                }
-                let ev = tokio::select! {
-                    m = ctl_rx.next(), if client_open => match m {
-                        Ok(m) => Ev::Client(m),
-                        Err(_) => Ev::ClientGone,
-                    },
-                    m = attached.rx.next() => match m {
-                        Ok(Some(m)) => Ev::Node(Some(m)),
-                        _ => Ev::NodeGone,
-                    },
-                    _ = conn.closed() => Ev::ClientGone,
-                    _ = attached.node.conn.closed() => Ev::NodeGone,
-                };
-                match ev {
-                    Ev::Client(Some(Message::ForceKeyframe)) => {
-                        let _ = send(&mut attached.tx, &Message::ForceKeyframe).await;
-                    }
-                    Ev::Client(Some(Message::SetBitrate(b))) => {
-                        let kbps = b.kbps.min(shared.config.game.max_bitrate_kbps);
-                        let _ = send(&mut attached.tx, &Message::SetBitrate(nearpath_protocol::message::SetBitrate { kbps })).await;
-                    }
-                    Ev::Client(Some(Message::Close(c))) => {
-                        let _ = send(&mut attached.tx, &Message::Close(c)).await;
-                        let _ = attached.tx.finish();
-                        break;
-                    }
-                    Ev::Client(Some(_)) => {}
-                    Ev::Client(None) => client_open = false,
-                    Ev::ClientGone => {
-                        outcome = "client_left";
-                        let _ = send(&mut attached.tx, &Message::Close(nearpath_protocol::message::Close { reason: "client left".into() })).await;
-                        let _ = attached.tx.finish();
-                        break;
-                    }
-                    Ev::Node(Some(Message::Ended(e))) => {
-                        // The game itself ended (e.g. an external source exited): not a node failure.
-                        let _ = send(&mut ctl_tx, &Message::Ended(e)).await;
-                        outcome = "ended_by_node";
-                        break;
-                    }
-                    Ev::Node(Some(_)) => {}
-                    Ev::Node(None) | Ev::NodeGone => {
-                        // The node died: move the session, keep the client's connection.
-                        let failed = attached.node.clone();
-                        warn!(node = %failed.id, "serving node lost; failing over");
-                        gpu_seconds += node_since.elapsed().as_secs_f64();
-                        relay.set_node(None);
-                        let _ = send(&mut ctl_tx, &Message::Paused(Paused { reason: format!("node {} failed; moving the session", failed.id) })).await;
-                        let t0 = Instant::now();
-                        match attach(&shared, &client, &params, session_id, &nodes_used).await {
-                            Ok(a) => {
-                                attached = a;
-                                node_since = Instant::now();
-                                nodes_used.push(attached.node.id.clone());
-                                relay.set_node(Some(attached.node.clone()));
-                                let _ = send(&mut attached.tx, &Message::ForceKeyframe).await;
-                                shared.metrics.game_failovers.inc();
-                                info!(node = %attached.node.id, took_ms = t0.elapsed().as_millis() as u64, "session moved");
-                                let _ = send(&mut ctl_tx, &Message::Resumed).await;
-                            }
-                            Err(_) => {
-                                outcome = "node_failed";
-                                let _ = send(&mut ctl_tx, &Message::Ended(Ended { reason: "the serving node failed and no other node is available".into() })).await;
-                                break;
-                            }
-                        }
-                    }
-                }
-            }
-        } else {
-            outcome = "client_left";
+    let started = match start_session(
+        &shared,
+        &key,
+        client,
+        conn.remote_address().to_string(),
+        "quic",
+        params,
+        FrameSink::Quic(conn.clone()),
+    )
+    .await
+    {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = send(&mut ctl_tx, &err(e.code, e.message)).await;
+            let _ = ctl_tx.finish();
+            return;
         }
-        let _ = ctl_tx.finish();
-        gpu_seconds += node_since.elapsed().as_secs_f64();
-        shared.games.remove(session_id);
-        shared.metrics.active_game_sessions.dec();
-        shared.metrics.game_sessions.get_or_create(&labels([("transport", "quic"), ("outcome", outcome)])).inc();
-        let frames = relay.frames.load(Ordering::Relaxed);
-        let bytes = relay.bytes.load(Ordering::Relaxed);
-        info!(outcome, frames, bytes, dropped_late = relay.dropped_late.load(Ordering::Relaxed), "game session ended");
-        let record = UsageRecord {
-            id: None,
-            at_ms: now_ms(),
-            kind: UsageKind::Game,
-            request_id: format!("game_{session_id}"),
-            tenant: key.tenant.clone(),
-            api_key_id: key.id.clone(),
-            node_id: attached.node.id.clone(),
-            operator_id: attached.node.operator_id.clone(),
-            workload: params.title.clone(),
-            outcome: outcome.to_string(),
-            prompt_tokens: 0,
-            completion_tokens: 0,
-            ttft_ms: None,
-            duration_ms: started.elapsed().as_secs_f64() * 1000.0,
-            gpu_seconds,
-            frames,
-            bytes,
-        };
-        let store = shared.store.clone();
-        if let Ok(Err(e)) = tokio::task::spawn_blocking(move || store.append_usage(record)).await {
-            warn!(error = %e, "game usage record not written");
+    };
+    let Started { session_id, params, events, mut notices, .. } = started;
+    let msg = Message::PlayStarted(PlayStarted {
+        session_id,
+        width: params.width,
+        height: params.height,
+        fps: params.fps,
+        bitrate_kbps: params.bitrate_kbps,
+    });
+    if send(&mut ctl_tx, &msg).await.is_err() {
+        let _ = events.send(ClientEvent::Gone).await;
+        return;
+    }
+    let mut client_open = true;
+    loop {
+        tokio::select! {
+            m = ctl_rx.next(), if client_open => {
+                let ev = match m {
+                    Ok(Some(Message::ForceKeyframe)) => Some(ClientEvent::ForceKeyframe),
+                    Ok(Some(Message::SetBitrate(b))) => Some(ClientEvent::SetBitrate(b.kbps)),
+                    Ok(Some(Message::Close(c))) => Some(ClientEvent::Close(c.reason)),
+                    Ok(Some(_)) => None,
+                    Ok(None) => { client_open = false; None }
+                    Err(_) => Some(ClientEvent::Gone),
+                };
+                if let Some(ev) = ev {
+                    let last = matches!(ev, ClientEvent::Close(_) | ClientEvent::Gone);
+                    let _ = events.send(ev).await;
+                    if last {
+                        break;
+                    }
+                }
+            }
+            n = notices.recv() => match n {
+                Some(Notice::Paused(reason)) => { let _ = send(&mut ctl_tx, &Message::Paused(Paused { reason })).await; }
+                Some(Notice::Resumed) => { let _ = send(&mut ctl_tx, &Message::Resumed).await; }
+                Some(Notice::Ended(reason)) => {
+                    let _ = send(&mut ctl_tx, &Message::Ended(Ended { reason })).await;
+                    break;
+                }
+                None => break,
+            },
+            _ = conn.closed() => {
+                let _ = events.send(ClientEvent::Gone).await;
+                break;
+            }
         }
     }
-    .instrument(span)
-    .await
+    let _ = ctl_tx.finish();
 }

@@ -88,7 +88,9 @@ impl AnonymousFlags {
 /// passed around without allocation.
 #[derive(Debug, Clone, Copy, PartialEq, Default, Serialize)]
 pub struct Location {
-    /// ISO 3166-1 alpha-2 country; `None` when unknown.
+    /// ISO 3166-1 alpha-2 country; `None` when unknown. From GeoIP2 records this is `country`
+    /// (where the address is used), never `registered_country` (where the block is
+    /// registered): a record without `country` (anycast ranges, for one) is unknown.
     pub country: Option<Country>,
     /// ISO 3166-2 subdivision with country prefix (`UA-43`), only from a City database (the
     /// first, largest subdivision of the record) or an override. A country-only database never

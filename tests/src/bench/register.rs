@@ -47,6 +47,8 @@ struct Counters {
     ack_failures: AtomicU64,
     /// Microseconds from the burst's start to each node's `Registered`.
     registered_at_us: Mutex<Vec<f64>>,
+    /// Microseconds from the burst's start to each node's completed QUIC handshake.
+    handshake_at_us: Mutex<Vec<f64>>,
     errors: Mutex<Vec<String>>,
 }
 
@@ -74,6 +76,8 @@ async fn raw_node(fleet: Arc<Fleet>, id: String, t0: Instant, stop: Cancellation
             .context("connect")?
             .await
             .context("handshake")?;
+        let at = t0.elapsed().as_secs_f64() * 1e6;
+        c.handshake_at_us.lock().unwrap_or_else(|p| p.into_inner()).push(at);
         let (mut tx, rx) = conn.open_bi().await.context("opening the control stream")?;
         let reg = Register {
             protocol_version: PROTOCOL_VERSION,
@@ -253,13 +257,17 @@ pub async fn run(a: RegisterArgs) -> anyhow::Result<()> {
     let zero = mem_status(pid)?;
 
     let cpu = CpuMeter::start(pid)?;
+    let own_cpu = CpuMeter::start(std::process::id())?;
     let burst = start_burst(&fleet, "node", a.nodes);
     let took = burst.admitted(a.nodes, Duration::from_secs(120)).await;
     let burst_cpu = cpu.percent()?;
+    let own_burst_cpu = own_cpu.percent()?;
     let c = burst.counters.clone();
     let registered = c.registered.load(Ordering::Relaxed);
     let mut at = c.registered_at_us.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let at = Summary::of(&mut at);
+    let mut hs = c.handshake_at_us.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let hs = Summary::of(&mut hs);
     let just_after = mem_status(pid)?;
     let listed = node_count(gw.admin, &gw.admin_token).await?;
     println!(
@@ -290,7 +298,8 @@ pub async fn run(a: RegisterArgs) -> anyhow::Result<()> {
     t.row(vec!["listed by GET /admin/nodes (after burst / idle)".into(), format!("{listed} / {listed_idle}")]);
     t.row(vec!["first connect -> last Registered (ms)".into(), format!("{:.0}", at.max / 1e3)]);
     t.row(vec!["Registered at p50 / p99 (ms)".into(), format!("{:.0} / {:.0}", at.p50 / 1e3, at.p99 / 1e3)]);
-    t.row(vec!["gateway CPU during the burst (%)".into(), format!("{burst_cpu:.0}")]);
+    t.row(vec!["QUIC handshake done at p50 / p99 / max (ms)".into(), format!("{:.0} / {:.0} / {:.0}", hs.p50 / 1e3, hs.p99 / 1e3, hs.max / 1e3)]);
+    t.row(vec!["CPU during the burst: gateway / this harness (%)".into(), format!("{burst_cpu:.0} / {own_burst_cpu:.0}")]);
     t.row(vec![format!("heartbeat acks in {:.1} s idle", idle_for.as_secs_f64()), format!("{acks} ({} late/missing)", c.ack_failures.load(Ordering::Relaxed))]);
     t.row(vec!["gateway CPU while idle (%)".into(), format!("{idle_cpu:.1}")]);
     t.row(vec!["gateway RSS cold / 0 nodes warm (MiB)".into(), format!("{} / {}", mib(cold.rss_kib), mib(zero.rss_kib))]);
@@ -319,7 +328,8 @@ pub async fn run(a: RegisterArgs) -> anyhow::Result<()> {
         "listed_after_burst": listed, "listed_idle": listed_idle, "listed_after_disconnect": after,
         "first_connect_to_last_registered_ms": num(at.max / 1e3),
         "registered_at_ms": {"p50": num(at.p50 / 1e3), "p99": num(at.p99 / 1e3), "max": num(at.max / 1e3)},
-        "burst_cpu_percent": num(burst_cpu), "idle_cpu_percent": num(idle_cpu),
+        "handshake_done_at_ms": {"p50": num(hs.p50 / 1e3), "p99": num(hs.p99 / 1e3), "max": num(hs.max / 1e3)},
+        "burst_cpu_percent": num(burst_cpu), "harness_burst_cpu_percent": num(own_burst_cpu), "idle_cpu_percent": num(idle_cpu),
         "heartbeat_acks_idle": acks, "heartbeat_ack_failures": c.ack_failures.load(Ordering::Relaxed),
         "rss_kib": {"cold": cold.rss_kib, "zero_nodes": zero.rss_kib, "after_burst": just_after.rss_kib, "idle": idle.rss_kib},
         "threads": {"zero_nodes": zero.threads, "after_burst": just_after.threads, "idle": idle.threads},
