@@ -507,7 +507,7 @@ impl GameSession {
             height: h as u16,
         };
         std::thread::Builder::new()
-            .name(format!("game-{}", params.title))
+            .name(thread_name(&params.title))
             .spawn(move || thread.run(work_rx))
             .map_err(GameError::Thread)?;
 
@@ -695,6 +695,17 @@ fn validate(p: &GameParams) -> Result<(), GameError> {
         return bad("a bitrate of 0 kbit/s".into());
     }
     Ok(())
+}
+
+/// A thread name for the session's encoder thread: `game-` and the title's first letters,
+/// without characters a thread name cannot hold (a NUL would make `spawn` panic).
+fn thread_name(title: &str) -> String {
+    let clean: String = title
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        .take(10)
+        .collect();
+    format!("game-{clean}")
 }
 
 /// Microseconds since the Unix epoch (0 if the clock is before 1970).

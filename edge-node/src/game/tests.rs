@@ -345,6 +345,12 @@ async fn custom_encoders_plug_in() {
 }
 
 #[test]
+fn thread_names_are_short_and_clean() {
+    assert_eq!(thread_name("arena"), "game-arena");
+    assert_eq!(thread_name("a\0b c/d-e_f.g-very-long"), "game-abcd-e_f.g");
+}
+
+#[test]
 fn keyframe_policy_first_requested_and_periodic() {
     let t0 = Instant::now();
     let mut p = KeyframePolicy::new(Some(Duration::from_secs(2)));
