@@ -26,7 +26,7 @@ const SIZES: [(u32, u32, u32); 2] = [(1280, 720, 10_000), (1920, 1080, 20_000)];
 fn play(game: &mut BuiltinGame) {
     let phase = game.frame_number() % 240;
     let code = [68, 83, 65, 87][(phase / 60) as usize];
-    if phase % 60 == 0 {
+    if phase.is_multiple_of(60) {
         for c in [68, 83, 65, 87] {
             game.apply_input(&InputEvent::Key {
                 code: c,

@@ -158,6 +158,8 @@ impl ClientApi {
             (Method::GET, "/v1/games") => self.games(req, peer, request_id).await,
             (Method::POST, "/v1/chat/completions") => self.completions(Endpoint::Chat, req, peer, request_id).await,
             (Method::POST, "/v1/completions") => self.completions(Endpoint::Completion, req, peer, request_id).await,
+            // WHEP, session resources and the player page (browser players over WebRTC).
+            (_, p) if crate::webrtc::is_webrtc_path(p) => crate::webrtc::handle(&self.shared, req, peer).await,
             (m, "/v1/models" | "/v1/games" | "/v1/chat/completions" | "/v1/completions") => {
                 api_error(request_id, &ApiError::method_not_allowed(m.as_str(), &path))
             }

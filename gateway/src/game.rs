@@ -230,7 +230,7 @@ pub fn session_params(shared: &Shared, r: &PlayRequest) -> Result<GameParams, St
         fps: pick(r.fps, g.default_fps),
         bitrate_kbps: pick(r.bitrate_kbps, g.default_bitrate_kbps),
     };
-    if p.width % 2 != 0 || p.height % 2 != 0 || p.width < 16 || p.height < 16 {
+    if !p.width.is_multiple_of(2) || !p.height.is_multiple_of(2) || p.width < 16 || p.height < 16 {
         return Err(format!("{}x{} must be even and at least 16x16", p.width, p.height));
     }
     if p.width > g.max_width || p.height > g.max_height {

@@ -17,6 +17,7 @@ pub mod router;
 pub mod server;
 pub mod store;
 pub mod tls;
+pub mod webrtc;
 
 pub use server::{check_runtime, BoundAddrs, Gateway, GatewayError, Listeners, Shared};
 

@@ -53,7 +53,7 @@ async fn a_native_client_plays_720p60_for_5_seconds_and_input_moves_the_ship() {
     while t0.elapsed() < Duration::from_secs(5) {
         if Instant::now() >= next_input {
             // Hold D (move right), pressing it again every 100 ms.
-            last_sent = input.send(InputEvent::Key { code: 68, down: i % 2 == 0 }).unwrap();
+            last_sent = input.send(InputEvent::Key { code: 68, down: i.is_multiple_of(2) }).unwrap();
             i += 1;
             next_input += Duration::from_millis(100);
         }

@@ -211,7 +211,7 @@ async fn play(conn: Conn, params: PlayParams, out: Option<PathBuf>, seconds: f64
         loop {
             tick.tick().await;
             let code = keys[(i / 20) % keys.len()];
-            let down = i % 2 == 0;
+            let down = i.is_multiple_of(2);
             match input.send(InputEvent::Key { code, down }) {
                 Ok(seq) => {
                     sent2.lock().unwrap_or_else(|p| p.into_inner()).insert(seq, Instant::now());

@@ -3,7 +3,7 @@
 
 use anyhow::{anyhow, bail, Context};
 use serde_json::Value;
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
@@ -16,6 +16,7 @@ pub struct Child {
     pub pid: u32,
     pub info: Value,
     proc: std::process::Child,
+    lines: mpsc::Receiver<String>,
 }
 
 impl Child {
@@ -32,14 +33,13 @@ impl Child {
         let pid = proc.id();
         let stdout = proc.stdout.take().ok_or_else(|| anyhow!("{name}: no stdout pipe"))?;
         let (tx, rx) = mpsc::channel::<String>();
-        // Reads the ready line, then keeps draining so later output never blocks the child.
+        // Forwards every line (the ready line, then answers to commands); reading continuously
+        // means the child never blocks on a full pipe.
         std::thread::spawn(move || {
-            let mut lines = BufReader::new(stdout).lines();
-            if let Some(Ok(first)) = lines.next() {
-                let _ = tx.send(first);
-            }
-            for line in lines.map_while(Result::ok) {
-                eprintln!("[child] {line}");
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
             }
         });
         let mut child = Child {
@@ -47,8 +47,9 @@ impl Child {
             pid,
             info: Value::Null,
             proc,
+            lines: rx,
         };
-        let line = match rx.recv_timeout(ready_within) {
+        let line = match child.lines.recv_timeout(ready_within) {
             Ok(l) => l,
             Err(_) => {
                 let status = child.proc.try_wait().ok().flatten();
@@ -57,6 +58,18 @@ impl Child {
         };
         child.info = serde_json::from_str(&line).with_context(|| format!("{name} printed {line:?}, not its JSON ready line"))?;
         Ok(child)
+    }
+
+    /// Sends a command line (see `serve`) and returns its JSON answer.
+    pub fn ask(&mut self, command: &str) -> anyhow::Result<Value> {
+        let stdin = self.proc.stdin.as_mut().ok_or_else(|| anyhow!("{}: stdin already closed", self.name))?;
+        writeln!(stdin, "{command}").with_context(|| format!("{}: sending {command:?}", self.name))?;
+        stdin.flush()?;
+        let line = self
+            .lines
+            .recv_timeout(Duration::from_secs(10))
+            .map_err(|_| anyhow!("{} (pid {}) did not answer {command:?}", self.name, self.pid))?;
+        serde_json::from_str(&line).with_context(|| format!("{}: answer {line:?} is not JSON", self.name))
     }
 
     pub fn str(&self, key: &str) -> anyhow::Result<String> {

@@ -169,6 +169,41 @@ pub fn raise_nofile(want: u64) -> io::Result<(u64, u64)> {
     }
 }
 
+/// The C heap as glibc's allocator sees it, in bytes: what the program holds, and what the
+/// allocator keeps as free but does not return to the system (fragmentation, arena caches).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct HeapStats {
+    pub in_use: u64,
+    pub free_held: u64,
+    pub mmapped: u64,
+}
+
+/// This process's heap figures (glibc only; zeros elsewhere).
+pub fn heap_stats() -> HeapStats {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: mallinfo2 only reads the allocator's counters (it takes the arena locks).
+        let m = unsafe { libc::mallinfo2() };
+        HeapStats {
+            in_use: (m.uordblks + m.hblkhd) as u64,
+            free_held: m.fordblks as u64,
+            mmapped: m.hblkhd as u64,
+        }
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    HeapStats::default()
+}
+
+/// Asks the allocator to give free memory back to the system (glibc only), so that a later
+/// RSS reading shows what is really held.
+pub fn trim_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim has no preconditions.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -210,5 +245,16 @@ mod tests {
         }
         std::hint::black_box(x);
         assert!(cpu_seconds(pid).unwrap() > before);
+    }
+
+    #[test]
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    fn heap_stats_see_a_live_allocation() {
+        let before = heap_stats().in_use;
+        let block = vec![1u8; 4 << 20];
+        let during = heap_stats().in_use;
+        std::hint::black_box(&block);
+        assert!(during >= before + (4 << 20) - 4096, "{before} -> {during}");
+        drop(block);
     }
 }

@@ -14,7 +14,7 @@ use nearpath_gateway::store::{KycStatus, SqliteStore, Store};
 use nearpath_gateway::{Gateway, Listeners};
 use nearpath_protocol::tls::{parse_sha256_hex, ServerVerify};
 use serde_json::json;
-use std::io::Read;
+use std::io::BufRead;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -88,14 +88,31 @@ pub fn node_config(id: &str, quic: SocketAddr, sha_hex: &str, token: &str, sim: 
     }
 }
 
+/// Serves the harness's commands on stdin, one per line, each answered with one JSON line:
+/// `heap` (allocator figures) and `trim` (return free heap to the system, then `heap`).
 /// Cancels `stop` when stdin reaches end of file (the harness closed it or died).
-fn stop_on_stdin_eof(stop: CancellationToken) {
+fn serve_stdin(stop: CancellationToken) {
     std::thread::spawn(move || {
-        let mut sink = [0u8; 64];
-        let mut stdin = std::io::stdin();
-        while matches!(stdin.read(&mut sink), Ok(n) if n > 0) {}
+        for line in std::io::stdin().lock().lines() {
+            let Ok(line) = line else { break };
+            match line.trim() {
+                "heap" => announce(heap_json()),
+                "trim" => {
+                    super::os::trim_heap();
+                    announce(heap_json());
+                }
+                other => announce(json!({"error": format!("unknown command {other:?}")})),
+            }
+        }
         stop.cancel();
     });
+}
+
+fn heap_json() -> serde_json::Value {
+    let h = super::os::heap_stats();
+    let m = super::os::mem_status(std::process::id()).unwrap_or_default();
+    json!({"heap_in_use": h.in_use, "heap_free_held": h.free_held, "heap_mmapped": h.mmapped,
+           "rss_kib": m.rss_kib, "threads": m.threads})
 }
 
 fn announce(v: serde_json::Value) {
@@ -131,7 +148,7 @@ pub async fn serve_gateway(args: GatewayArgs) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let (addrs, task) = gw.start(Listeners::ephemeral().await?, shutdown.clone())?;
     let stop = CancellationToken::new();
-    stop_on_stdin_eof(stop.clone());
+    serve_stdin(stop.clone());
     announce(json!({
         "pid": std::process::id(), "http": addrs.http.to_string(), "admin": addrs.admin.to_string(),
         "quic": addrs.quic.to_string(), "sha256": sha, "token": token, "api_key": API_KEY,
@@ -160,7 +177,7 @@ pub struct NodesArgs {
 /// and, with `backend_listen`, the same simulator behind `serve_openai` for the direct path.
 pub async fn serve_nodes(args: NodesArgs) -> anyhow::Result<()> {
     let stop = CancellationToken::new();
-    stop_on_stdin_eof(stop.clone());
+    serve_stdin(stop.clone());
     let backend = match args.backend_listen {
         Some(addr) => {
             let registry = ModelRegistry::from_config(&[model_config(args.sim, args.capacity)], Some(args.capacity as usize))?;
