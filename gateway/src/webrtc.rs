@@ -99,7 +99,7 @@ use crate::http_util::{bearer, read_body, Body, BodyError, Resp};
 use crate::infer;
 use crate::server::Shared;
 use crate::store::ApiKey;
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use hyper::body::Incoming;
 use hyper::header::{HeaderName, HeaderValue, CONTENT_TYPE};
 use hyper::{HeaderMap, Method, Request, Response, StatusCode};
@@ -1085,6 +1085,7 @@ fn play_page(shared: &Shared) -> Resp {
 /// Reads `width`, `height`, `fps`, `bitrate_kbps` from the query (absent: the defaults).
 pub fn play_request(title: &str, query: Option<&str>) -> Result<PlayRequest, WhepError> {
     let mut r = PlayRequest {
+        protocol_version: nearpath_protocol::PROTOCOL_VERSION,
         api_key: String::new(),
         game: title.to_string(),
         width: 0,

@@ -7,7 +7,7 @@ use super::client::{chat_body, chat_request, stream_once, Conn, StreamOutcome};
 use super::os::{loadavg_1m, CpuMeter};
 use super::serve::Sim;
 use super::stats::{num, Repeated, Summary};
-use super::system::{start_gateway, start_nodes, stop_all, verdict, NodesSpec, Placement, Table};
+use super::system::{start_gateway, start_nodes, stop_all, verdict, Liveness, NodesSpec, Placement, Table};
 use serde_json::json;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -132,15 +132,15 @@ pub async fn run(a: LatencyArgs) -> anyhow::Result<()> {
         tokens_per_s: a.tokens_per_s,
     };
     let p = &a.placement;
-    let gw = start_gateway(p, 500, 4096)?;
+    let gw = start_gateway(p, Liveness::default(), 4096)?;
     let nodes = start_nodes(NodesSpec {
         gateway: Some(&gw),
         nodes: 1,
         capacity: (a.concurrency * 4).max(64),
         sim,
         backend: true,
-        cpus: p.worker_cpus(),
-        threads: 1,
+        cpus: p.node_cpus(),
+        threads: p.node_threads,
         nofile: 4096,
     })?;
     let backend = nodes.backend.ok_or_else(|| anyhow::anyhow!("the node process reported no backend address"))?;

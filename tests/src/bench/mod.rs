@@ -6,6 +6,7 @@ pub mod child;
 pub mod client;
 pub mod latency;
 pub mod os;
+pub mod quicmem;
 pub mod register;
 pub mod rps;
 pub mod serve;

@@ -5,7 +5,7 @@
 use super::client::admin_get;
 use super::os::{loadavg_1m, mem_status, CpuMeter, MemStatus};
 use super::stats::{num, Summary};
-use super::system::{start_gateway, stop_all, verdict, Placement, Table};
+use super::system::{start_gateway, stop_all, verdict, Liveness, Placement, Table};
 use anyhow::{anyhow, Context};
 use nearpath_protocol::message::{Capacity, Heartbeat, Message, Register, Workloads};
 use nearpath_protocol::stream::{send, FramedRecv};
@@ -228,7 +228,14 @@ fn mib(k: u64) -> String {
 pub async fn run(a: RegisterArgs) -> anyhow::Result<()> {
     let load_start = loadavg_1m();
     let p = &a.placement;
-    let mut gw = start_gateway(p, a.heartbeat_ms, 65_536)?;
+    let mut gw = start_gateway(
+        p,
+        Liveness {
+            heartbeat_ms: a.heartbeat_ms,
+            ..Liveness::default()
+        },
+        65_536,
+    )?;
     let pid = gw.child.pid;
     let cold = mem_status(pid)?;
     let cfg = client_config(ServerVerify::PinnedSha256(parse_sha256_hex(&gw.sha256)?), &[ALPN_NODE])?;

@@ -6,7 +6,7 @@ use super::client::{chat_body, chat_request, plain_once, Conn};
 use super::os::{loadavg_1m, CpuMeter};
 use super::serve::Sim;
 use super::stats::{num, Repeated, Summary};
-use super::system::{start_gateway, start_nodes, stop_all, verdict, NodesSpec, Placement, Table};
+use super::system::{start_gateway, start_nodes, stop_all, verdict, Liveness, NodesSpec, Placement, Table};
 use serde_json::json;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -102,15 +102,15 @@ pub async fn run(a: RpsArgs) -> anyhow::Result<()> {
         tokens_per_s: 0.0,
     };
     let capacity = (a.concurrency * 4).max(256);
-    let gw = start_gateway(p, 500, 4096)?;
+    let gw = start_gateway(p, Liveness::default(), 4096)?;
     let nodes = start_nodes(NodesSpec {
         gateway: Some(&gw),
         nodes: 1,
         capacity,
         sim: zero,
         backend: false,
-        cpus: p.worker_cpus(),
-        threads: 1,
+        cpus: p.node_cpus(),
+        threads: p.node_threads,
         nofile: 4096,
     })?;
     // The direct path's server gets the gateway's CPU and runtime, so both are "one core".

@@ -38,11 +38,12 @@ fn loopback_is_new_york() -> GeoOverride {
 }
 
 /// The gateway configuration of every benchmark.
-pub fn gateway_config(store: PathBuf, heartbeat_ms: u64) -> GatewayConfig {
+pub fn gateway_config(store: PathBuf, heartbeat_ms: u64, missed_heartbeats: u32) -> GatewayConfig {
     let mut c = GatewayConfig::default();
     c.admin.token = Some(ADMIN_TOKEN.into());
     c.store.path = store;
     c.nodes.heartbeat_ms = heartbeat_ms;
+    c.nodes.missed_heartbeats_before_gone = missed_heartbeats;
     c.geo.reload_check_interval_s = 0;
     c.geo.overrides = vec![loopback_is_new_york()];
     c
@@ -125,6 +126,7 @@ fn announce(v: serde_json::Value) {
 pub struct GatewayArgs {
     pub store_dir: Option<PathBuf>,
     pub heartbeat_ms: u64,
+    pub missed_heartbeats: u32,
     /// The open-file limit (soft, hard) this process runs with, for the report.
     pub nofile: (u64, u64),
 }
@@ -144,7 +146,7 @@ pub async fn serve_gateway(args: GatewayArgs) -> anyhow::Result<()> {
     store.insert_api_key_secret(API_KEY, "bench-tenant", 1_000_000_000, 4_000_000_000)?;
     let cert = nearpath_gateway::tls::self_signed(&["localhost", "127.0.0.1"])?;
     let sha = nearpath_protocol::tls::sha256_hex(&cert.sha256);
-    let gw = Gateway::with_parts(gateway_config(path.clone(), args.heartbeat_ms), cert, store)?;
+    let gw = Gateway::with_parts(gateway_config(path.clone(), args.heartbeat_ms, args.missed_heartbeats), cert, store)?;
     let shutdown = CancellationToken::new();
     let (addrs, task) = gw.start(Listeners::ephemeral().await?, shutdown.clone())?;
     let stop = CancellationToken::new();

@@ -6,7 +6,7 @@ use super::client::{chat_body, chat_request, stream_once, Conn};
 use super::os::{loadavg_1m, mem_status, CpuMeter, MemStatus};
 use super::serve::Sim;
 use super::stats::{num, Summary};
-use super::system::{start_gateway, start_nodes, stop_all, verdict, NodesSpec, Placement, Table};
+use super::system::{start_gateway, start_nodes, stop_all, verdict, Liveness, NodesSpec, Placement, Table};
 use serde_json::{json, Value};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
@@ -47,6 +47,10 @@ pub struct StreamsArgs {
     /// Skip the direct (no gateway) comparison.
     #[arg(long)]
     pub no_direct: bool,
+    /// Heartbeat intervals without a heartbeat before the gateway drops a node (the gateway's
+    /// default is 3; a starved node process misses them under this load).
+    #[arg(long, default_value_t = 3)]
+    pub missed_heartbeats: u32,
     /// Open-file limit to ask for in every process.
     #[arg(long, default_value_t = 65_536)]
     pub nofile: u64,
@@ -69,6 +73,8 @@ struct Run {
     rss_at_max_open_kib: u64,
     after: MemStatus,
     cpu_percent: f64,
+    /// CPU of the other processes involved (node process, this load generator).
+    others_cpu: Vec<(&'static str, f64)>,
     wall: Duration,
     ttft_ms: Summary,
     duration_ms: Summary,
@@ -132,7 +138,13 @@ async fn burst(
     (ok, failures, ttft, dur, toks)
 }
 
-async fn run_path(server_pid: u32, addr: SocketAddr, key: Option<&str>, a: &StreamsArgs) -> anyhow::Result<Run> {
+async fn run_path(
+    server_pid: u32,
+    others: &[(&'static str, u32)],
+    addr: SocketAddr,
+    key: Option<&str>,
+    a: &StreamsArgs,
+) -> anyhow::Result<Run> {
     let mut conns = Vec::new();
     for _ in 0..a.connections.max(1) {
         conns.push(Conn::h2(addr).await?);
@@ -170,10 +182,12 @@ async fn run_path(server_pid: u32, addr: SocketAddr, key: Option<&str>, a: &Stre
         })
     };
     let cpu = CpuMeter::start(server_pid)?;
+    let other_meters = others.iter().map(|(n, pid)| Ok((*n, CpuMeter::start(*pid)?))).collect::<anyhow::Result<Vec<_>>>()?;
     let t0 = Instant::now();
     let (ok, failures, mut ttft, mut dur, tokens) = burst(&conns, addr, key, a.streams, a.tokens, open.clone(), limit).await;
     let wall = t0.elapsed();
     let cpu_percent = cpu.percent()?;
+    let others_cpu = other_meters.iter().map(|(n, m)| Ok((*n, m.percent()?))).collect::<anyhow::Result<Vec<_>>>()?;
     stop.store(true, Ordering::Relaxed);
     let samples = sampler.await?;
     let after = mem_status(server_pid)?;
@@ -186,6 +200,7 @@ async fn run_path(server_pid: u32, addr: SocketAddr, key: Option<&str>, a: &Stre
         rss_at_max_open_kib: samples.at_max_open.1,
         after,
         cpu_percent,
+        others_cpu,
         wall,
         ttft_ms: Summary::of(&mut ttft),
         duration_ms: Summary::of(&mut dur),
@@ -203,6 +218,7 @@ fn run_json(r: &Run, streams: u32) -> Value {
         "rss_before_kib": r.before.rss_kib, "rss_peak_kib": r.peak_rss_kib, "rss_at_max_open_kib": r.rss_at_max_open_kib,
         "rss_after_kib": r.after.rss_kib, "hwm_kib": r.after.hwm_kib, "threads": r.after.threads,
         "per_stream_kib": num(per_stream_kib(r, streams)), "cpu_percent": num(r.cpu_percent),
+        "others_cpu_percent": r.others_cpu.iter().map(|(n, c)| json!({"process": n, "cpu_percent": num(*c)})).collect::<Vec<_>>(),
         "wall_s": num(r.wall.as_secs_f64()), "tokens": r.tokens,
         "tokens_per_s": num(r.tokens as f64 / r.wall.as_secs_f64()),
         "ttft_ms": r.ttft_ms.to_json(), "stream_ms": r.duration_ms.to_json(),
@@ -224,15 +240,22 @@ pub async fn run(a: StreamsArgs) -> anyhow::Result<()> {
     }
     // 10% headroom so that uneven routing never finds every node full.
     let nodes_n = ((a.streams as f64 * 1.1) / a.per_node.max(1) as f64).ceil().max(1.0) as u32;
-    let gw = start_gateway(p, 500, a.nofile)?;
+    let gw = start_gateway(
+        p,
+        Liveness {
+            missed_before_gone: a.missed_heartbeats,
+            ..Liveness::default()
+        },
+        a.nofile,
+    )?;
     let nodes = start_nodes(NodesSpec {
         gateway: Some(&gw),
         nodes: nodes_n,
         capacity: a.per_node,
         sim,
         backend: false,
-        cpus: p.worker_cpus(),
-        threads: 1,
+        cpus: p.node_cpus(),
+        threads: p.node_threads,
         nofile: a.nofile,
     })?;
     let per_conn = a.streams.div_ceil(a.connections.max(1));
@@ -247,7 +270,8 @@ pub async fn run(a: StreamsArgs) -> anyhow::Result<()> {
     if per_conn > HYPER_H2_DEFAULT_MAX_CONCURRENT_STREAMS {
         eprintln!("warning: {per_conn} streams per connection exceed the server's limit; the excess queue in the client");
     }
-    let through = run_path(gw.child.pid, gw.http, Some(&gw.api_key), &a).await?;
+    let me = std::process::id();
+    let through = run_path(gw.child.pid, &[("node process", nodes.child.pid), ("load generator", me)], gw.http, Some(&gw.api_key), &a).await?;
     println!(
         "  gateway: {} of {} complete in {:.1} s, at most {} open at once, load {:.2}",
         through.ok,
@@ -271,7 +295,7 @@ pub async fn run(a: StreamsArgs) -> anyhow::Result<()> {
             nofile: a.nofile,
         })?;
         let addr = d.backend.ok_or_else(|| anyhow::anyhow!("the direct process reported no backend address"))?;
-        let r = run_path(d.child.pid, addr, None, &a).await?;
+        let r = run_path(d.child.pid, &[("load generator", me)], addr, None, &a).await?;
         println!(
             "  direct:  {} of {} complete in {:.1} s, at most {} open at once, load {:.2}",
             r.ok,
@@ -300,6 +324,7 @@ pub async fn run(a: StreamsArgs) -> anyhow::Result<()> {
     row("server RSS after (MiB)", &|r| format!("{:.1}", r.after.rss_kib as f64 / 1024.0));
     row("memory per stream (KiB)", &|r| format!("{:.1}", per_stream_kib(r, a.streams)));
     row("server CPU (% of one core)", &|r| format!("{:.0}", r.cpu_percent));
+    row("other CPU (%)", &|r| r.others_cpu.iter().map(|(n, c)| format!("{n} {c:.0}")).collect::<Vec<_>>().join(", "));
     row("tokens/s delivered", &|r| format!("{:.0}", r.tokens as f64 / r.wall.as_secs_f64()));
     row("TTFT p50 / p99 (ms)", &|r| format!("{:.1} / {:.1}", r.ttft_ms.p50, r.ttft_ms.p99));
     row("stream time p50 / p99 (ms)", &|r| format!("{:.0} / {:.0}", r.duration_ms.p50, r.duration_ms.p99));
@@ -320,7 +345,7 @@ pub async fn run(a: StreamsArgs) -> anyhow::Result<()> {
     let summary = json!({
         "bench": "inference-streams",
         "params": {"streams": a.streams, "connections": a.connections, "tokens": a.tokens, "tokens_per_s": a.tokens_per_s,
-                   "ttft_ms": a.ttft_ms, "nodes": nodes_n, "per_node": a.per_node,
+                   "ttft_ms": a.ttft_ms, "nodes": nodes_n, "per_node": a.per_node, "missed_heartbeats": a.missed_heartbeats,
                    "h2_max_concurrent_streams_default": HYPER_H2_DEFAULT_MAX_CONCURRENT_STREAMS,
                    "node_quic_bidi_streams": NODE_QUIC_BIDI_STREAMS, "placement": p.describe()},
         "gateway": run_json(&through, a.streams),

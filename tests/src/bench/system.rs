@@ -16,6 +16,12 @@ pub struct Placement {
     /// CPUs of the node processes and of this load generator.
     #[arg(long, default_value = "1")]
     pub worker_cpus: String,
+    /// CPUs of the node processes, when they should differ from --worker-cpus.
+    #[arg(long)]
+    pub node_cpus: Option<String>,
+    /// Runtime worker threads of each node process.
+    #[arg(long, default_value_t = 1)]
+    pub node_threads: usize,
     /// Gateway runtime worker threads (0: a current-thread runtime).
     #[arg(long, default_value_t = 1)]
     pub gateway_threads: usize,
@@ -44,17 +50,27 @@ impl Placement {
         }
     }
 
+    pub fn node_cpus(&self) -> String {
+        match (&self.node_cpus, self.no_pin) {
+            (_, true) => String::new(),
+            (Some(c), false) => c.clone(),
+            (None, false) => self.worker_cpus.clone(),
+        }
+    }
+
     pub fn describe(&self) -> String {
         if self.no_pin {
             "unpinned".into()
         } else {
             format!(
-                "gateway on CPU {} ({}), nodes + load generator on CPU {}",
+                "gateway on CPU {} ({}), nodes on CPU {} ({} thread(s)), load generator on CPU {}",
                 self.gateway_cpus,
                 match self.gateway_threads {
                     0 => "current-thread runtime".to_string(),
                     n => format!("{n} runtime worker thread(s)"),
                 },
+                self.node_cpus(),
+                self.node_threads,
                 self.worker_cpus
             )
         }
@@ -82,7 +98,25 @@ pub struct GatewayProc {
     pub admin_token: String,
 }
 
-pub fn start_gateway(p: &Placement, heartbeat_ms: u64, nofile: u64) -> anyhow::Result<GatewayProc> {
+/// Liveness settings of the gateway under test.
+#[derive(Debug, Clone, Copy)]
+pub struct Liveness {
+    pub heartbeat_ms: u64,
+    pub missed_before_gone: u32,
+}
+
+impl Default for Liveness {
+    /// The gateway's own defaults (`[nodes]` in the config).
+    fn default() -> Self {
+        let n = nearpath_config::NodesConfig::default();
+        Liveness {
+            heartbeat_ms: n.heartbeat_ms,
+            missed_before_gone: n.missed_heartbeats_before_gone,
+        }
+    }
+}
+
+pub fn start_gateway(p: &Placement, live: Liveness, nofile: u64) -> anyhow::Result<GatewayProc> {
     let mut args: Vec<String> = vec![
         "serve-gateway".into(),
         "--cpus".into(),
@@ -90,7 +124,9 @@ pub fn start_gateway(p: &Placement, heartbeat_ms: u64, nofile: u64) -> anyhow::R
         "--threads".into(),
         p.gateway_threads.to_string(),
         "--heartbeat-ms".into(),
-        heartbeat_ms.to_string(),
+        live.heartbeat_ms.to_string(),
+        "--missed-heartbeats".into(),
+        live.missed_before_gone.to_string(),
         "--nofile".into(),
         nofile.to_string(),
     ];

@@ -37,6 +37,8 @@ enum Command {
     InferenceStreams(bench::streams::StreamsArgs),
     /// Many nodes registering at once: admission time and gateway memory per idle node.
     NodesRegister(bench::register::RegisterArgs),
+    /// Diagnostic: heap per idle QUIC connection by the stream limits the server grants.
+    QuicIdleMemory(bench::quicmem::QuicMemArgs),
     /// (internal) Runs a gateway; prints its addresses as JSON; stops when stdin closes.
     #[command(hide = true)]
     ServeGateway {
@@ -44,6 +46,8 @@ enum Command {
         proc: ProcArgs,
         #[arg(long, default_value_t = 500)]
         heartbeat_ms: u64,
+        #[arg(long, default_value_t = 3)]
+        missed_heartbeats: u32,
         #[arg(long)]
         store_dir: Option<PathBuf>,
     },
@@ -115,6 +119,7 @@ fn real_main() -> anyhow::Result<()> {
         Command::ServeGateway {
             proc,
             heartbeat_ms,
+            missed_heartbeats,
             store_dir,
         } => {
             let nofile = prepare(&proc.cpus, proc.nofile)?;
@@ -122,6 +127,7 @@ fn real_main() -> anyhow::Result<()> {
             runtime(proc.threads)?.block_on(bench::serve::serve_gateway(bench::serve::GatewayArgs {
                 store_dir,
                 heartbeat_ms,
+                missed_heartbeats,
                 nofile,
             }))
         }
@@ -152,11 +158,21 @@ fn real_main() -> anyhow::Result<()> {
             }))
         }
         command => {
+            let unpinned = bench::system::Placement {
+                gateway_cpus: String::new(),
+                worker_cpus: String::new(),
+                node_cpus: None,
+                node_threads: 1,
+                gateway_threads: 1,
+                no_pin: true,
+                store_dir: None,
+            };
             let placement = match &command {
                 Command::InferenceLatency(a) => &a.placement,
                 Command::InferenceRps(a) => &a.placement,
                 Command::InferenceStreams(a) => &a.placement,
                 Command::NodesRegister(a) => &a.placement,
+                Command::QuicIdleMemory(_) => &unpinned,
                 Command::ServeGateway { .. } | Command::ServeNodes { .. } => anyhow::bail!("serve commands are handled above"),
             };
             // The load generator runs on the worker CPUs, one runtime thread per CPU.
@@ -170,6 +186,7 @@ fn real_main() -> anyhow::Result<()> {
                 Command::InferenceRps(a) => rt.block_on(bench::rps::run(a)),
                 Command::InferenceStreams(a) => rt.block_on(bench::streams::run(a)),
                 Command::NodesRegister(a) => rt.block_on(bench::register::run(a)),
+                Command::QuicIdleMemory(a) => rt.block_on(bench::quicmem::run(a)),
                 Command::ServeGateway { .. } | Command::ServeNodes { .. } => anyhow::bail!("serve commands are handled above"),
             }
         }
