@@ -283,8 +283,7 @@ impl ClientApi {
                         started,
                         bytes: 0,
                     },
-                )
-                .await;
+                );
                 return api_error(request_id, &e);
             }
         };
@@ -324,8 +323,7 @@ impl ClientApi {
                     started,
                     bytes: body.len() as u64,
                 },
-            )
-            .await;
+            );
             return match err {
                 None => with_type(StatusCode::OK, "application/json", body),
                 Some(e) => api_error(request_id, &e),
@@ -417,8 +415,7 @@ impl ClientApi {
                         started,
                         bytes,
                     },
-                )
-                .await;
+                );
             }
             .in_current_span(),
         );

@@ -153,8 +153,7 @@ async fn serve_infer(
             infer::meter(
                 &shared,
                 Metering { key: &key, request_id: &request_id, model: &request.model, api: "quic", node: None, outcome: "error", usage: Usage::default(), ttft: None, started, bytes: 0 },
-            )
-            .await;
+            );
             return;
         }
     };
@@ -211,6 +210,5 @@ async fn serve_infer(
     infer::meter(
         &shared,
         Metering { key: &key, request_id: &request_id, model: &request.model, api: "quic", node: Some(&node), outcome, usage, ttft: Some(ttft), started, bytes: 0 },
-    )
-    .await;
+    );
 }

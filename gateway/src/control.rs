@@ -256,12 +256,15 @@ async fn admit(
                 info!("replacing the previous connection of this node");
                 old.kick.cancel();
             }
+            // Counting the registration must not hold the node's answer behind an fsync (a burst
+            // of registrations would queue on the disk); it is written in the background.
             let store = shared.store.clone();
             let (id, op) = (entry.id.clone(), entry.operator_id.clone());
-            let _ = tokio::task::spawn_blocking(move || {
-                store.sla_apply(&id, &op, SlaDelta { registrations: 1, seen_at_ms: now, ..Default::default() })
-            })
-            .await;
+            tokio::task::spawn_blocking(move || {
+                if let Err(e) = store.sla_apply(&id, &op, SlaDelta { registrations: 1, seen_at_ms: now, ..Default::default() }) {
+                    warn!(node = %id, error = %e, "could not count the registration");
+                }
+            });
             Ok(entry)
         }
         Err(InsertError::Duplicate { existing_operator }) => Err((
@@ -285,6 +288,18 @@ async fn control_loop(
     let cause = loop {
         let deadline = tokio::time::Instant::from_std(live.next_deadline());
         tokio::select! {
+            // Kicks first (rare, must not be starved), then messages before the liveness timer:
+            // on a busy machine the loop can wake after the deadline with a heartbeat already
+            // waiting, and that node is alive, not gone.
+            biased;
+            _ = entry.kick.cancelled() => {
+                let _ = send_msg(&mut send, &Message::Shutdown(Shutdown { reason: "disconnected by the gateway".into() })).await;
+                break LeaveCause::Kicked;
+            }
+            _ = shared.shutdown.cancelled() => {
+                let _ = send_msg(&mut send, &Message::Shutdown(Shutdown { reason: "gateway shutting down".into() })).await;
+                break LeaveCause::GatewayShutdown;
+            }
             msg = framed.next() => match msg {
                 Ok(Some(Message::Heartbeat(h))) => {
                     live.handle_heartbeat(Instant::now());
@@ -351,14 +366,6 @@ async fn control_loop(
                 }
                 None => {}
             },
-            _ = entry.kick.cancelled() => {
-                let _ = send_msg(&mut send, &Message::Shutdown(Shutdown { reason: "disconnected by the gateway".into() })).await;
-                break LeaveCause::Kicked;
-            }
-            _ = shared.shutdown.cancelled() => {
-                let _ = send_msg(&mut send, &Message::Shutdown(Shutdown { reason: "gateway shutting down".into() })).await;
-                break LeaveCause::GatewayShutdown;
-            }
         }
     };
     let was_draining = drained || entry.dynamic().state == NodeState::Draining;

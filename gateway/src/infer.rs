@@ -402,8 +402,9 @@ pub struct Metering<'a> {
     pub bytes: u64,
 }
 
-/// Records metrics and appends the usage record (durably, off the async threads).
-pub async fn meter(shared: &Arc<Shared>, m: Metering<'_>) {
+/// Records metrics and appends the usage record. The append is durable (it is acknowledged only
+/// after its commit) but nobody waits for it: a client's answer must not wait for an fsync.
+pub fn meter(shared: &Arc<Shared>, m: Metering<'_>) {
     let duration = m.started.elapsed();
     shared
         .metrics
@@ -446,9 +447,9 @@ pub async fn meter(shared: &Arc<Shared>, m: Metering<'_>) {
         bytes: m.bytes,
     };
     let store = shared.store.clone();
-    match tokio::task::spawn_blocking(move || store.append_usage(record)).await {
-        Ok(Ok(_)) => {}
-        Ok(Err(e)) => warn!(error = %e, "usage record not written"),
-        Err(e) => warn!(error = %e, "usage record task failed"),
-    }
+    tokio::task::spawn_blocking(move || {
+        if let Err(e) = store.append_usage(record) {
+            warn!(error = %e, "usage record not written");
+        }
+    });
 }

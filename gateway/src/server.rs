@@ -196,8 +196,13 @@ impl Gateway {
             Ok(b) => debug!(requested = b.requested, effective = b.effective, "QUIC socket receive buffer"),
             Err(e) => warn!(error = %e, "could not size the QUIC socket receive buffer"),
         }
+        // quinn sets up per-stream bookkeeping for every stream a peer may open, at handshake:
+        // granting 1024+1024 costs ~130 KiB per idle connection. Grant little up front and
+        // raise it per connection once the ALPN says what the peer needs (see `accept_quic`).
         let transport = nearpath_protocol::tls::TransportOptions {
             idle_timeout: Duration::from_millis(shared.config.quic.idle_timeout_ms),
+            max_concurrent_bidi_streams: INITIAL_STREAMS,
+            max_concurrent_uni_streams: INITIAL_STREAMS,
             ..Default::default()
         };
         let server_config = nearpath_protocol::tls::server_config(
@@ -260,6 +265,13 @@ impl Gateway {
     }
 }
 
+/// Streams a peer may open before its ALPN is known.
+const INITIAL_STREAMS: u32 = 8;
+/// Concurrent video frame streams a node may have in flight (frames are short-lived streams).
+const NODE_UNI_STREAMS: u32 = 256;
+/// Concurrent requests one native client connection may have in flight.
+const CLIENT_BIDI_STREAMS: u32 = 256;
+
 async fn accept_quic(shared: Arc<Shared>, endpoint: quinn::Endpoint) {
     while let Some(incoming) = endpoint.accept().await {
         let shared = shared.clone();
@@ -274,8 +286,18 @@ async fn accept_quic(shared: Arc<Shared>, endpoint: quinn::Endpoint) {
             };
             let alpn = nearpath_protocol::tls::negotiated_alpn(&conn);
             match alpn.as_deref() {
-                Some(a) if a == ALPN_NODE => crate::control::handle_node(shared, conn).await,
-                Some(a) if a == ALPN_CLIENT => crate::client::handle_client(shared, conn).await,
+                Some(a) if a == ALPN_NODE => {
+                    // A node opens one control stream, and one uni stream per video frame.
+                    conn.set_max_concurrent_bi_streams(4u32.into());
+                    conn.set_max_concurrent_uni_streams(NODE_UNI_STREAMS.into());
+                    crate::control::handle_node(shared, conn).await
+                }
+                Some(a) if a == ALPN_CLIENT => {
+                    // A client opens one bidi stream per request and no uni streams.
+                    conn.set_max_concurrent_bi_streams(CLIENT_BIDI_STREAMS.into());
+                    conn.set_max_concurrent_uni_streams(0u32.into());
+                    crate::client::handle_client(shared, conn).await
+                }
                 _ => {
                     warn!(%peer, "QUIC connection without a known ALPN");
                     conn.close(4u32.into(), b"unknown ALPN");

@@ -89,8 +89,17 @@ async fn streaming_and_plain_chat_and_completions_have_openai_shapes() {
     let v: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["data"][0]["id"], "m");
 
-    // Usage is metered by tenant and node.
-    let usage = gw.admin_get("/admin/usage").await;
+    // Usage is metered by tenant and node. Records are written after the response (nobody waits
+    // for the fsync), so poll the ledger briefly.
+    let mut usage = Value::Null;
+    for _ in 0..300 {
+        usage = gw.admin_get("/admin/usage").await;
+        let n = usage["by_tenant"].as_array().unwrap().iter().find(|t| t["key"] == "tenant-a").map(|t| t["requests"].clone());
+        if n == Some(json!(3)) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let tenant = usage["by_tenant"].as_array().unwrap().iter().find(|t| t["key"] == "tenant-a").unwrap().clone();
     assert_eq!(tenant["requests"], 3, "{usage}");
     assert_eq!(tenant["completion_tokens"], 13, "{usage}");
