@@ -9,6 +9,10 @@ use nearpath_config::{GameEntry, GameSource};
 use nearpath_protocol::{Client, ClientError, ControlEvent, InputEvent, PlayParams, ServerVerify, VideoFrame};
 use std::time::{Duration, Instant};
 
+/// The encoding tests need a core each to hold 60 fps on a 2-core machine: run them one at a
+/// time rather than let them starve each other.
+static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn with_game(mut cfg: nearpath_config::NodeConfig, title: &str, source: GameSource) -> nearpath_config::NodeConfig {
     cfg.games = vec![GameEntry { title: title.into(), source }];
     cfg.capacity.game_sessions = 1;
@@ -38,6 +42,7 @@ fn decode_all(frames: &[VideoFrame]) -> (usize, (usize, usize)) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_native_client_plays_720p60_for_5_seconds_and_input_moves_the_ship() {
+    let _heavy = HEAVY.lock().await;
     let gw = TestGateway::start(|_| {}).await;
     let mut node = TestNode::start(with_game(gw.node_config("de-1", &gw.token), "arena", GameSource::Builtin {}), ip(DE));
     node.registered().await;
@@ -83,6 +88,7 @@ async fn a_native_client_plays_720p60_for_5_seconds_and_input_moves_the_ship() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn when_the_serving_node_dies_frames_resume_from_another_within_2_seconds() {
+    let _heavy = HEAVY.lock().await;
     let gw = TestGateway::start(|_| {}).await;
     let mut near = TestNode::start(with_game(gw.node_config("de-1", &gw.token), "arena", GameSource::Builtin {}), ip(DE));
     near.registered().await;
