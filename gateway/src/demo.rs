@@ -162,6 +162,7 @@ pub async fn run(opts: DemoOptions, shutdown: CancellationToken) -> anyhow::Resu
     let a = demo.addrs;
     println!(
         "\nNearpath demo is running (development credentials; do not expose these ports)\n\
+         \n  play in a browser  http://{http}/play\
          \n  OpenAI API     http://{http}/v1          API key: {key}\
          \n  admin API      http://{admin}/admin      admin token: {admin_tok}\
          \n  metrics        http://{admin}/metrics\

@@ -44,6 +44,13 @@
 //! Session resources (`/v1/sessions/{id}`) answer only to a key of the tenant that created them;
 //! anything else gets 404.
 //!
+//! # Lifetime
+//! A session ends on `DELETE`, when the game ends on the node, on gateway shutdown, and when the
+//! browser goes away: the peer connection fails or closes, stays disconnected for 5 s (ICE
+//! reports disconnected after ~5 s without traffic, so a killed browser is noticed in ~10 s),
+//! or never connects within 15 s of the answer. A failover is not an end: the relay moves the
+//! session to another node and the same peer connection carries its frames (from an IDR).
+//!
 //! # Data channel `input` (JSON text messages)
 //! Page to gateway; every input carries a `seq` that increases by one per input message (the node
 //! applies an event only if its seq is above the last applied one) and `ts`, the page's send time
@@ -76,16 +83,22 @@
 //! small one here lets PLI, FIR and REMB through. PLI/FIR become keyframe requests to the node
 //! (at most one per 300 ms). The answer negotiates `goog-remb` (and the abs-send-time header
 //! extension) but not transport-cc, so Chromium runs its receive-side estimator and reports
-//! REMB; the encoder's bitrate follows it (95% of the estimate, between 300 kbit/s and the
-//! session's bitrate, changes under 5% ignored, at most two per second, nothing during the first
-//! two seconds while the estimator settles). NACKs are answered from a send history.
+//! REMB; the encoder's bitrate follows it: 95% of the estimate, between 300 kbit/s and the
+//! session's bitrate; an estimate below the target lowers it only when it is also below what
+//! the track sent in the last second (a receive-side estimate cannot exceed ~1.5x what arrives,
+//! so an encoder under its target would otherwise be talked down step by step); changes under
+//! 5% are ignored, at most two per second, none in the first 6 s (Chromium reports its start
+//! value until it has measured the incoming rate for 5 s). NACKs are answered from a send
+//! history. The `playout-delay` header extension (min = max = 0), when the browser offers it,
+//! puts Chromium on its low-latency rendering path (each frame rendered as soon as decoded).
 //!
 //! # Sockets
 //! Each session binds its own UDP port: one from `game.webrtc_udp_port_min..=max` when set (a
 //! free one, leased for the session's lifetime; the range bounds the number of concurrent
 //! sessions), else an ephemeral one. It is bound on every non-loopback interface, plus the
 //! loopback address when the player connected over loopback. `game.webrtc_public_ip` replaces
-//! the host candidates' address (1:1 NAT). mDNS is off: a server has no use for it.
+//! the address of the answer's non-loopback host candidates (1:1 NAT; see
+//! [`advertise_public_ip`]). mDNS is off: a server has no use for it.
 //!
 //! # H.264 level
 //! The answer's `profile-level-id` is `42e0` followed by the level the session's size and frame
@@ -108,15 +121,17 @@ use nearpath_protocol::openai::ApiError;
 use nearpath_protocol::{FrameHeader, InputEvent};
 use rtc::interceptor::{Attribute, Interceptor, Packet, Slot, StreamInfo, TaggedPacket};
 use rtc::media_stream::MediaStreamTrack;
-use rtc::peer_connection::configuration::interceptor_registry::{configure_nack, configure_rtcp_reports};
+use rtc::peer_connection::configuration::interceptor_registry::{
+    configure_nack, configure_rtcp_reports,
+};
 use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
 use rtc::rtcp::payload_feedbacks::receiver_estimated_maximum_bitrate::ReceiverEstimatedMaximumBitrate;
 use rtc::rtp::codec::h264::H264Payloader;
 use rtc::rtp::packetizer::{new_packetizer, Packetizer};
 use rtc::rtp_transceiver::rtp_sender::{
-    RTCPFeedback, RTCRtpCodec, RTCRtpCodecParameters, RTCRtpCodingParameters, RTCRtpEncodingParameters,
-    RTCRtpHeaderExtensionCapability, RtpCodecKind,
+    RTCPFeedback, RTCRtpCodec, RTCRtpCodecParameters, RTCRtpCodingParameters,
+    RTCRtpEncodingParameters, RTCRtpHeaderExtensionCapability, RtpCodecKind,
 };
 use rtc::sansio::Protocol;
 use serde::Deserialize;
@@ -133,9 +148,9 @@ use webrtc::data_channel::{DataChannel, DataChannelEvent};
 use webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP;
 use webrtc::media_stream::track_local::{TrackLocal, TrackLocalEvent};
 use webrtc::peer_connection::{
-    MediaEngine, PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler, RTCConfigurationBuilder,
-    RTCIceCandidateInit, RTCIceCandidateType, RTCIceGatheringState, RTCPeerConnectionState, RTCSessionDescription,
-    Registry, SettingEngineBuilder,
+    MediaEngine, PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler,
+    RTCConfigurationBuilder, RTCIceCandidateInit, RTCIceGatheringState, RTCPeerConnectionState,
+    RTCSessionDescription, Registry, SettingEngineBuilder,
 };
 use webrtc::rtp_transceiver::RtpSender;
 
@@ -156,6 +171,9 @@ const PLAY_HTML: &str = include_str!("../static/play.html");
 const FRAME_QUEUE: usize = 8;
 /// A session whose browser has not connected by then is given up (it holds a node slot).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+/// A connection that stays disconnected (no ICE traffic for ~5 s, then this) is given up,
+/// sooner than the stack's own failure timeout (~25 s more).
+const DISCONNECT_GRACE: Duration = Duration::from_secs(5);
 /// Host candidates gather in milliseconds; this only bounds a pathological case.
 const GATHER_TIMEOUT: Duration = Duration::from_secs(3);
 /// RTP packet size, leaving room for SRTP and IP/UDP headers under common path MTUs.
@@ -167,8 +185,9 @@ const H264_PAYLOAD_TYPE: u8 = 102;
 const KEYFRAME_REQUEST_INTERVAL: Duration = Duration::from_millis(300);
 /// Lowest bitrate REMB may push the encoder to, kbit/s.
 const MIN_BITRATE_KBPS: u32 = 300;
-/// REMB is ignored this long after connecting (the browser's estimator starts from a guess).
-const REMB_WARMUP: Duration = Duration::from_secs(2);
+/// REMB is ignored this long after connecting: Chromium's receive-side estimator reports its
+/// start value (about 300 kbit/s) until it has measured the incoming rate for 5 s.
+const REMB_WARMUP: Duration = Duration::from_secs(6);
 /// Bitrate changes at most this often.
 const REMB_MIN_INTERVAL: Duration = Duration::from_millis(500);
 /// Largest data channel message accepted from the page.
@@ -177,6 +196,11 @@ const MAX_INPUT_MESSAGE: usize = 4096;
 const VIDEO_CLOCK_HZ: u64 = 90_000;
 /// abs-send-time header extension (lets Chromium's receive-side estimator time arrivals).
 const ABS_SEND_TIME_URI: &str = "http://www.webrtc.org/experiments/rtp-hdrext/abs-send-time";
+/// playout-delay header extension: min = max = 0 tells Chromium to decode and render each frame
+/// as soon as it is complete (its low-latency rendering path) instead of smoothing playout.
+const PLAYOUT_DELAY_URI: &str = "http://www.webrtc.org/experiments/rtp-hdrext/playout-delay";
+/// The extension's value for "no playout delay": 12 bits min, 12 bits max, both 0.
+const PLAYOUT_DELAY_ZERO: [u8; 3] = [0, 0, 0];
 
 static X_SHOULD_RETRY: HeaderName = HeaderName::from_static("x-should-retry");
 
@@ -194,7 +218,10 @@ pub enum WhepError {
     BadOffer { reason: String },
     /// Query or body parameters are invalid (400).
     #[error("{reason}")]
-    BadRequest { reason: String, param: Option<&'static str> },
+    BadRequest {
+        reason: String,
+        param: Option<&'static str>,
+    },
     /// The body is over the limit (413).
     #[error("the request body is over the limit of {limit} bytes")]
     TooLarge { limit: usize },
@@ -225,18 +252,32 @@ impl WhepError {
     /// The error as the API's JSON error (status, type, code, message).
     pub fn api_error(&self) -> ApiError {
         match self {
-            WhepError::UnsupportedMediaType { .. } => {
-                ApiError::new(415, "invalid_request_error", Some("unsupported_media_type"), None, self.to_string())
-            }
+            WhepError::UnsupportedMediaType { .. } => ApiError::new(
+                415,
+                "invalid_request_error",
+                Some("unsupported_media_type"),
+                None,
+                self.to_string(),
+            ),
             WhepError::Unauthorized(e) => e.clone(),
-            WhepError::BadOffer { .. } => {
-                ApiError::new(400, "invalid_request_error", Some("bad_sdp"), None, self.to_string())
+            WhepError::BadOffer { .. } => ApiError::new(
+                400,
+                "invalid_request_error",
+                Some("bad_sdp"),
+                None,
+                self.to_string(),
+            ),
+            WhepError::BadRequest { reason, param } => {
+                ApiError::bad_request(reason.clone(), *param)
             }
-            WhepError::BadRequest { reason, param } => ApiError::bad_request(reason.clone(), *param),
             WhepError::TooLarge { limit } => ApiError::payload_too_large(*limit),
-            WhepError::Geofence { message } => {
-                ApiError::new(403, "permission_denied", Some("geofence"), None, message.clone())
-            }
+            WhepError::Geofence { message } => ApiError::new(
+                403,
+                "permission_denied",
+                Some("geofence"),
+                None,
+                message.clone(),
+            ),
             WhepError::UnknownGame { .. } => ApiError::new(
                 404,
                 "invalid_request_error",
@@ -244,18 +285,34 @@ impl WhepError {
                 Some("title".into()),
                 self.to_string(),
             ),
-            WhepError::NoCapacity { .. } => {
-                ApiError::new(503, "server_error", Some("no_capacity"), None, self.to_string())
-            }
-            WhepError::NoUdpPort { .. } => {
-                ApiError::new(503, "server_error", Some("no_capacity"), None, self.to_string())
-            }
-            WhepError::NoSession { .. } => {
-                ApiError::new(404, "invalid_request_error", Some("session_not_found"), None, self.to_string())
-            }
-            WhepError::IceRestartUnsupported => {
-                ApiError::new(422, "invalid_request_error", Some("ice_restart_unsupported"), None, self.to_string())
-            }
+            WhepError::NoCapacity { .. } => ApiError::new(
+                503,
+                "server_error",
+                Some("no_capacity"),
+                None,
+                self.to_string(),
+            ),
+            WhepError::NoUdpPort { .. } => ApiError::new(
+                503,
+                "server_error",
+                Some("no_capacity"),
+                None,
+                self.to_string(),
+            ),
+            WhepError::NoSession { .. } => ApiError::new(
+                404,
+                "invalid_request_error",
+                Some("session_not_found"),
+                None,
+                self.to_string(),
+            ),
+            WhepError::IceRestartUnsupported => ApiError::new(
+                422,
+                "invalid_request_error",
+                Some("ice_restart_unsupported"),
+                None,
+                self.to_string(),
+            ),
             WhepError::Internal { .. } => ApiError::internal(self.to_string()),
         }
     }
@@ -271,8 +328,13 @@ impl WhepError {
     fn from_start(title: &str, e: StartError) -> WhepError {
         match e.code {
             "geofence" => WhepError::Geofence { message: e.message },
-            "unknown_game" => WhepError::UnknownGame { title: title.to_string() },
-            "bad_request" => WhepError::BadRequest { reason: e.message, param: None },
+            "unknown_game" => WhepError::UnknownGame {
+                title: title.to_string(),
+            },
+            "bad_request" => WhepError::BadRequest {
+                reason: e.message,
+                param: None,
+            },
             "unauthorized" => WhepError::Unauthorized(ApiError::invalid_api_key()),
             _ => WhepError::NoCapacity { message: e.message },
         }
@@ -290,13 +352,23 @@ pub struct Sessions {
 
 impl Sessions {
     fn get(&self, id: u64) -> Option<Arc<SessionHandle>> {
-        self.map.lock().unwrap_or_else(|p| p.into_inner()).get(&id).cloned()
+        self.map
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+            .cloned()
     }
     fn insert(&self, h: Arc<SessionHandle>) {
-        self.map.lock().unwrap_or_else(|p| p.into_inner()).insert(h.id, h);
+        self.map
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(h.id, h);
     }
     fn remove(&self, id: u64) {
-        self.map.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+        self.map
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
     }
     /// Number of live WebRTC sessions.
     pub fn len(&self) -> usize {
@@ -316,7 +388,10 @@ static STATES: Mutex<Vec<(Weak<Shared>, Arc<Sessions>)>> = Mutex::new(Vec::new()
 pub fn sessions(shared: &Arc<Shared>) -> Arc<Sessions> {
     let mut states = STATES.lock().unwrap_or_else(|p| p.into_inner());
     states.retain(|(w, _)| w.strong_count() > 0);
-    if let Some((_, s)) = states.iter().find(|(w, _)| std::ptr::eq(w.as_ptr(), Arc::as_ptr(shared))) {
+    if let Some((_, s)) = states
+        .iter()
+        .find(|(w, _)| std::ptr::eq(w.as_ptr(), Arc::as_ptr(shared)))
+    {
         return s.clone();
     }
     let s = Arc::new(Sessions::default());
@@ -378,7 +453,11 @@ struct PortLease(u16);
 impl Drop for PortLease {
     fn drop(&mut self) {
         if self.0 != 0 {
-            if let Some(set) = PORTS_IN_USE.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+            if let Some(set) = PORTS_IN_USE
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_mut()
+            {
                 set.remove(&self.0);
             }
         }
@@ -414,8 +493,12 @@ fn lease_port(min: u16, max: u16, skip: &HashSet<u16>) -> Result<PortLease, Whep
 fn bind_addrs(client: IpAddr, port: u16) -> Vec<SocketAddr> {
     let mut out = vec![SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port)];
     match client {
-        IpAddr::V4(v4) if v4.is_loopback() => out.push(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port)),
-        IpAddr::V6(v6) if v6.is_loopback() => out.push(SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), port)),
+        IpAddr::V4(v4) if v4.is_loopback() => {
+            out.push(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port))
+        }
+        IpAddr::V6(v6) if v6.is_loopback() => {
+            out.push(SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), port))
+        }
         IpAddr::V6(_) => out.push(SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port)),
         IpAddr::V4(_) => {}
     }
@@ -437,8 +520,11 @@ pub struct OfferSummary {
 /// Checks that an offer can be answered: it parses, has a video section the browser receives,
 /// offers H.264 Constrained Baseline with packetization-mode 1, and carries ICE credentials.
 pub fn check_offer(sdp: &str) -> Result<OfferSummary, String> {
-    let desc = RTCSessionDescription::offer(sdp.to_string()).map_err(|e| format!("not an SDP offer: {e}"))?;
-    let parsed = desc.unmarshal().map_err(|e| format!("unparseable SDP: {e}"))?;
+    let desc = RTCSessionDescription::offer(sdp.to_string())
+        .map_err(|e| format!("not an SDP offer: {e}"))?;
+    let parsed = desc
+        .unmarshal()
+        .map_err(|e| format!("unparseable SDP: {e}"))?;
     let mut video = false;
     let mut h264 = false;
     let mut has_data_channel = false;
@@ -452,7 +538,9 @@ pub fn check_offer(sdp: &str) -> Result<OfferSummary, String> {
                 }
                 video = true;
                 h264 |= m.codecs().values().any(|c| {
-                    c.name.eq_ignore_ascii_case("H264") && c.clock_rate == 90_000 && is_constrained_baseline_mode1(&c.fmtp)
+                    c.name.eq_ignore_ascii_case("H264")
+                        && c.clock_rate == 90_000
+                        && is_constrained_baseline_mode1(&c.fmtp)
                 });
             }
             "application" => has_data_channel = true,
@@ -474,7 +562,11 @@ pub fn check_offer(sdp: &str) -> Result<OfferSummary, String> {
     let (Some(ice_ufrag), Some(ice_pwd)) = (ufrag, pwd) else {
         return Err("the offer has no ICE credentials (ice-ufrag/ice-pwd)".into());
     };
-    Ok(OfferSummary { ice_ufrag, ice_pwd, has_data_channel })
+    Ok(OfferSummary {
+        ice_ufrag,
+        ice_pwd,
+        has_data_channel,
+    })
 }
 
 /// `packetization-mode=1` and a profile-level-id whose profile and constraint bytes are
@@ -483,7 +575,9 @@ fn is_constrained_baseline_mode1(fmtp: &str) -> bool {
     let mut mode1 = false;
     let mut cb = false;
     for kv in fmtp.split(';') {
-        let Some((k, v)) = kv.trim().split_once('=') else { continue };
+        let Some((k, v)) = kv.trim().split_once('=') else {
+            continue;
+        };
         match k.trim().to_ascii_lowercase().as_str() {
             "packetization-mode" => mode1 = v.trim() == "1",
             "profile-level-id" => {
@@ -503,13 +597,13 @@ pub fn h264_level(width: u32, height: u32, fps: u32) -> u8 {
     let rate = mbs * u64::from(fps.max(1));
     // (level_idc, max frame size in macroblocks, max macroblocks per second)
     const LEVELS: [(u8, u64, u64); 8] = [
-        (0x1f, 3_600, 108_000),    // 3.1
-        (0x20, 5_120, 216_000),    // 3.2
-        (0x28, 8_192, 245_760),    // 4.0
-        (0x2a, 8_704, 522_240),    // 4.2
-        (0x32, 22_080, 589_824),   // 5.0
-        (0x33, 36_864, 983_040),   // 5.1
-        (0x34, 36_864, 2_073_600), // 5.2
+        (0x1f, 3_600, 108_000),     // 3.1
+        (0x20, 5_120, 216_000),     // 3.2
+        (0x28, 8_192, 245_760),     // 4.0
+        (0x2a, 8_704, 522_240),     // 4.2
+        (0x32, 22_080, 589_824),    // 5.0
+        (0x33, 36_864, 983_040),    // 5.1
+        (0x34, 36_864, 2_073_600),  // 5.2
         (0x3c, 139_264, 4_177_920), // 6.0
     ];
     LEVELS
@@ -517,6 +611,41 @@ pub fn h264_level(width: u32, height: u32, fps: u32) -> u8 {
         .find(|(_, fs, mbps)| mbs <= *fs && rate <= *mbps)
         .map(|(l, _, _)| *l)
         .unwrap_or(0x3e) // 6.2: the largest there is
+}
+
+/// Replaces the address of every non-loopback host candidate with `public` (1:1 NAT: the
+/// gateway's interfaces have private addresses; browsers must be told the public one), dropping
+/// the duplicates that leaves when several interfaces share the port. `webrtc` 0.21 keeps a NAT
+/// 1:1 setting but does not apply it, hence this rewrite of the answer.
+pub fn advertise_public_ip(sdp: &str, public: IpAddr) -> String {
+    let mut seen = HashSet::new();
+    let mut out = String::with_capacity(sdp.len());
+    for line in sdp.split_inclusive('\n') {
+        let body = line.trim_end_matches(['\r', '\n']);
+        if let Some(cand) = body.strip_prefix("a=candidate:") {
+            let mut f: Vec<&str> = cand.split(' ').collect();
+            let host = f
+                .iter()
+                .position(|x| *x == "typ")
+                .and_then(|i| f.get(i + 1))
+                == Some(&"host");
+            let rewrite =
+                host && f.len() > 5 && f[4].parse::<IpAddr>().is_ok_and(|a| !a.is_loopback());
+            if rewrite {
+                let public = public.to_string();
+                f[4] = &public;
+                if !seen.insert((public.clone(), f[5].to_string(), f[2].to_string())) {
+                    continue;
+                }
+                out.push_str("a=candidate:");
+                out.push_str(&f.join(" "));
+                out.push_str(&line[body.len()..]);
+                continue;
+            }
+        }
+        out.push_str(line);
+    }
+    out
 }
 
 /// A trickle ICE fragment (RFC 8840): candidates, and the credentials they belong to.
@@ -543,7 +672,9 @@ pub fn parse_sdpfrag(body: &str) -> Result<SdpFrag, String> {
             if line.starts_with("m=") {
                 continue;
             }
-            return Err(format!("unexpected line {line:?} (only a= and m= lines belong in a fragment)"));
+            return Err(format!(
+                "unexpected line {line:?} (only a= and m= lines belong in a fragment)"
+            ));
         };
         if let Some(v) = attr.strip_prefix("ice-ufrag:") {
             frag.ice_ufrag = Some(v.to_string());
@@ -562,7 +693,10 @@ pub fn parse_sdpfrag(body: &str) -> Result<SdpFrag, String> {
 
 /// Whether a candidate names an mDNS host (`….local`), which the gateway does not resolve.
 fn is_mdns_candidate(candidate: &str) -> bool {
-    candidate.split_whitespace().nth(4).is_some_and(|a| a.ends_with(".local"))
+    candidate
+        .split_whitespace()
+        .nth(4)
+        .is_some_and(|a| a.ends_with(".local"))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -572,13 +706,41 @@ fn is_mdns_candidate(candidate: &str) -> bool {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(tag = "t", rename_all = "snake_case")]
 pub enum PageMessage {
-    Key { seq: u64, ts: Option<f64>, code: u16, down: bool },
-    Mouse { seq: u64, ts: Option<f64>, dx: i32, dy: i32 },
-    Button { seq: u64, ts: Option<f64>, button: u8, down: bool },
-    Wheel { seq: u64, ts: Option<f64>, dx: i16, dy: i16 },
-    Pad { seq: u64, ts: Option<f64>, axes: Vec<f64>, buttons: u32 },
+    Key {
+        seq: u64,
+        ts: Option<f64>,
+        code: u16,
+        down: bool,
+    },
+    Mouse {
+        seq: u64,
+        ts: Option<f64>,
+        dx: i32,
+        dy: i32,
+    },
+    Button {
+        seq: u64,
+        ts: Option<f64>,
+        button: u8,
+        down: bool,
+    },
+    Wheel {
+        seq: u64,
+        ts: Option<f64>,
+        dx: i16,
+        dy: i16,
+    },
+    Pad {
+        seq: u64,
+        ts: Option<f64>,
+        axes: Vec<f64>,
+        buttons: u32,
+    },
     Keyframe,
-    Ping { id: u64, ts: Option<f64> },
+    Ping {
+        id: u64,
+        ts: Option<f64>,
+    },
 }
 
 impl PageMessage {
@@ -592,19 +754,56 @@ impl PageMessage {
 
     /// The input event, its seq and its send time (Unix µs), for the messages that are input.
     pub fn input(&self) -> Option<(u64, Option<f64>, InputEvent)> {
-        let axis = |v: Option<&f64>| (v.copied().unwrap_or(0.0).clamp(-1.0, 1.0) * 32767.0).round() as i16;
+        let axis =
+            |v: Option<&f64>| (v.copied().unwrap_or(0.0).clamp(-1.0, 1.0) * 32767.0).round() as i16;
         Some(match self {
-            PageMessage::Key { seq, ts, code, down } => (*seq, *ts, InputEvent::Key { code: *code, down: *down }),
-            PageMessage::Mouse { seq, ts, dx, dy } => (*seq, *ts, InputEvent::MouseMove { dx: *dx, dy: *dy }),
-            PageMessage::Button { seq, ts, button, down } => {
-                (*seq, *ts, InputEvent::MouseButton { button: *button, down: *down })
+            PageMessage::Key {
+                seq,
+                ts,
+                code,
+                down,
+            } => (
+                *seq,
+                *ts,
+                InputEvent::Key {
+                    code: *code,
+                    down: *down,
+                },
+            ),
+            PageMessage::Mouse { seq, ts, dx, dy } => {
+                (*seq, *ts, InputEvent::MouseMove { dx: *dx, dy: *dy })
             }
-            PageMessage::Wheel { seq, ts, dx, dy } => (*seq, *ts, InputEvent::Wheel { dx: *dx, dy: *dy }),
-            PageMessage::Pad { seq, ts, axes, buttons } => (
+            PageMessage::Button {
+                seq,
+                ts,
+                button,
+                down,
+            } => (
+                *seq,
+                *ts,
+                InputEvent::MouseButton {
+                    button: *button,
+                    down: *down,
+                },
+            ),
+            PageMessage::Wheel { seq, ts, dx, dy } => {
+                (*seq, *ts, InputEvent::Wheel { dx: *dx, dy: *dy })
+            }
+            PageMessage::Pad {
+                seq,
+                ts,
+                axes,
+                buttons,
+            } => (
                 *seq,
                 *ts,
                 InputEvent::Gamepad {
-                    axes: [axis(axes.first()), axis(axes.get(1)), axis(axes.get(2)), axis(axes.get(3))],
+                    axes: [
+                        axis(axes.first()),
+                        axis(axes.get(1)),
+                        axis(axes.get(2)),
+                        axis(axes.get(3)),
+                    ],
                     buttons: *buttons,
                 },
             ),
@@ -614,7 +813,10 @@ impl PageMessage {
 }
 
 fn now_us() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
 }
 
 /// JSON string literal (quotes included) for a reason text.
@@ -640,7 +842,10 @@ struct KeyframeThrottle {
 
 impl KeyframeThrottle {
     fn allow(&mut self, now: Instant) -> bool {
-        if self.last.is_some_and(|t| now.duration_since(t) < KEYFRAME_REQUEST_INTERVAL) {
+        if self
+            .last
+            .is_some_and(|t| now.duration_since(t) < KEYFRAME_REQUEST_INTERVAL)
+        {
             return false;
         }
         self.last = Some(now);
@@ -649,6 +854,11 @@ impl KeyframeThrottle {
 }
 
 /// Turns REMB estimates into encoder bitrate changes (see the module docs).
+///
+/// A receive-side estimate is bounded by what the receiver sees arrive (about 1.5 times the
+/// incoming rate), so an encoder that produces less than its target (a simple scene) would
+/// be talked down step by step if every low estimate were obeyed. An estimate below the target
+/// lowers it only when it is also below what is being sent: then the path really carries less.
 #[derive(Debug)]
 struct RateControl {
     cap_kbps: u32,
@@ -659,25 +869,71 @@ struct RateControl {
 
 impl RateControl {
     fn new(cap_kbps: u32, connected_at: Instant) -> Self {
-        RateControl { cap_kbps, current_kbps: cap_kbps, connected_at, last_change: None }
+        RateControl {
+            cap_kbps,
+            current_kbps: cap_kbps,
+            connected_at,
+            last_change: None,
+        }
     }
 
-    /// A REMB of `bps` arrived at `now`: the new target, if it should change.
-    fn on_remb(&mut self, bps: f64, now: Instant) -> Option<u32> {
+    /// A REMB of `bps` arrived at `now` while `sending_kbps` leave: the new target, if it
+    /// should change.
+    fn on_remb(&mut self, bps: f64, sending_kbps: u32, now: Instant) -> Option<u32> {
         if !bps.is_finite() || bps <= 0.0 || now.duration_since(self.connected_at) < REMB_WARMUP {
             return None;
         }
-        if self.last_change.is_some_and(|t| now.duration_since(t) < REMB_MIN_INTERVAL) {
+        if self
+            .last_change
+            .is_some_and(|t| now.duration_since(t) < REMB_MIN_INTERVAL)
+        {
+            return None;
+        }
+        let remb_kbps = bps / 1000.0;
+        if remb_kbps < f64::from(self.current_kbps) && remb_kbps >= f64::from(sending_kbps) {
+            // Below the target but above what the encoder uses: not congestion.
             return None;
         }
         let floor = MIN_BITRATE_KBPS.min(self.cap_kbps);
-        let target = ((bps * 0.95 / 1000.0) as u32).clamp(floor, self.cap_kbps);
+        let target = ((remb_kbps * 0.95) as u32).clamp(floor, self.cap_kbps);
         if u64::from(target.abs_diff(self.current_kbps)) * 20 < u64::from(self.current_kbps) {
             return None;
         }
         self.current_kbps = target;
         self.last_change = Some(now);
         Some(target)
+    }
+}
+
+/// What the video track sent over the last second.
+#[derive(Debug, Default)]
+struct SendRate {
+    window: VecDeque<(Instant, usize)>,
+    bytes: usize,
+}
+
+impl SendRate {
+    const WINDOW: Duration = Duration::from_secs(1);
+
+    fn record(&mut self, at: Instant, bytes: usize) {
+        self.window.push_back((at, bytes));
+        self.bytes += bytes;
+        self.expire(at);
+    }
+
+    fn expire(&mut self, now: Instant) {
+        while let Some(&(t, b)) = self.window.front() {
+            if now.duration_since(t) <= Self::WINDOW {
+                break;
+            }
+            self.window.pop_front();
+            self.bytes -= b;
+        }
+    }
+
+    fn kbps(&mut self, now: Instant) -> u32 {
+        self.expire(now);
+        (self.bytes as u64 * 8 / 1000) as u32
     }
 }
 
@@ -695,7 +951,9 @@ struct FeedbackTap {
 
 fn wanted_feedback(p: &dyn rtc::rtcp::Packet) -> bool {
     let a = p.as_any();
-    a.is::<PictureLossIndication>() || a.is::<FullIntraRequest>() || a.is::<ReceiverEstimatedMaximumBitrate>()
+    a.is::<PictureLossIndication>()
+        || a.is::<FullIntraRequest>()
+        || a.is::<ReceiverEstimatedMaximumBitrate>()
 }
 
 impl Protocol<TaggedPacket, TaggedPacket, ()> for FeedbackTap {
@@ -710,8 +968,11 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for FeedbackTap {
         // responder, the report interceptors) has already seen the whole compound packet.
         if let Packet::Rtcp(packets) = &msg.message.packet {
             if packets.iter().any(|p| wanted_feedback(p.as_ref())) {
-                let wanted: Vec<Box<dyn rtc::rtcp::Packet>> =
-                    packets.iter().filter(|p| wanted_feedback(p.as_ref())).cloned().collect();
+                let wanted: Vec<Box<dyn rtc::rtcp::Packet>> = packets
+                    .iter()
+                    .filter(|p| wanted_feedback(p.as_ref()))
+                    .cloned()
+                    .collect();
                 msg.message.packet = Packet::Rtcp(wanted);
                 msg.message.attributes.push(Attribute::DeliverToApplication);
             }
@@ -808,8 +1069,18 @@ fn h264_codec(params: &GameParams) -> RTCRtpCodec {
 }
 
 /// Builds a peer connection for `params`, answers `offer` and waits for the host candidates.
-async fn negotiate(shared: &Shared, offer: &str, params: &GameParams, client: IpAddr) -> Result<Negotiated, WhepError> {
-    let internal = |what: &'static str| move |e: rtc::shared::error::Error| WhepError::Internal { what, reason: e.to_string() };
+async fn negotiate(
+    shared: &Shared,
+    offer: &str,
+    params: &GameParams,
+    client: IpAddr,
+) -> Result<Negotiated, WhepError> {
+    let internal = |what: &'static str| {
+        move |e: rtc::shared::error::Error| WhepError::Internal {
+            what,
+            reason: e.to_string(),
+        }
+    };
     let g = &shared.config.game;
     let codec = h264_codec(params);
     let mut tried = HashSet::new();
@@ -821,29 +1092,37 @@ async fn negotiate(shared: &Shared, offer: &str, params: &GameParams, client: Ip
         let mut media = MediaEngine::default();
         media
             .register_codec(
-                RTCRtpCodecParameters { rtp_codec: codec.clone(), payload_type: H264_PAYLOAD_TYPE },
+                RTCRtpCodecParameters {
+                    rtp_codec: codec.clone(),
+                    payload_type: H264_PAYLOAD_TYPE,
+                },
                 RtpCodecKind::Video,
             )
             .map_err(internal("registering H.264"))?;
         for (typ, parameter) in [("ccm", "fir"), ("goog-remb", "")] {
             media.register_feedback(
-                RTCPFeedback { typ: typ.to_string(), parameter: parameter.to_string() },
+                RTCPFeedback {
+                    typ: typ.to_string(),
+                    parameter: parameter.to_string(),
+                },
                 RtpCodecKind::Video,
             );
         }
-        media
-            .register_header_extension(
-                RTCRtpHeaderExtensionCapability { uri: ABS_SEND_TIME_URI.to_string() },
-                RtpCodecKind::Video,
-                None,
-            )
-            .map_err(internal("registering abs-send-time"))?;
+        for uri in [ABS_SEND_TIME_URI, PLAYOUT_DELAY_URI] {
+            media
+                .register_header_extension(
+                    RTCRtpHeaderExtensionCapability {
+                        uri: uri.to_string(),
+                    },
+                    RtpCodecKind::Video,
+                    None,
+                )
+                .map_err(internal("registering a header extension"))?;
+        }
         let registry = configure_rtcp_reports(configure_nack(Registry::new(), &mut media))
             .with(Slot::from(12_500), FeedbackTap::default());
-        let mut settings = SettingEngineBuilder::new().with_multicast_dns_mode(rtc::ice::mdns::MulticastDnsMode::Disabled);
-        if let Some(ip) = g.webrtc_public_ip {
-            settings = settings.with_nat_1to1_ips(vec![ip.to_string()], RTCIceCandidateType::Host);
-        }
+        let settings = SettingEngineBuilder::new()
+            .with_multicast_dns_mode(rtc::ice::mdns::MulticastDnsMode::Disabled);
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         let (gathered_tx, mut gathered_rx) = watch::channel(false);
         let built = PeerConnectionBuilder::new()
@@ -851,7 +1130,10 @@ async fn negotiate(shared: &Shared, offer: &str, params: &GameParams, client: Ip
             .with_media_engine(media)
             .with_interceptor_registry(registry)
             .with_setting_engine(settings.build())
-            .with_handler(Arc::new(Handler { events: events_tx, gathered: gathered_tx }))
+            .with_handler(Arc::new(Handler {
+                events: events_tx,
+                gathered: gathered_tx,
+            }))
             .with_udp_addrs(bind_addrs(client, port.0))
             .build()
             .await;
@@ -871,39 +1153,76 @@ async fn negotiate(shared: &Shared, offer: &str, params: &GameParams, client: Ip
                 "game".to_string(),
                 RtpCodecKind::Video,
                 vec![RTCRtpEncodingParameters {
-                    rtp_coding_parameters: RTCRtpCodingParameters { ssrc: Some(ssrc), ..Default::default() },
+                    rtp_coding_parameters: RTCRtpCodingParameters {
+                        ssrc: Some(ssrc),
+                        ..Default::default()
+                    },
                     codec: codec.clone(),
                     ..Default::default()
                 }],
             )));
-            let sender = pc.add_track(track.clone() as Arc<dyn TrackLocal>).await.map_err(internal("adding the video track"))?;
-            let desc = RTCSessionDescription::offer(offer.to_string())
-                .map_err(|e| WhepError::BadOffer { reason: e.to_string() })?;
-            pc.set_remote_description(desc).await.map_err(|e| WhepError::BadOffer { reason: e.to_string() })?;
-            let answer = pc.create_answer(None).await.map_err(|e| WhepError::BadOffer { reason: e.to_string() })?;
-            pc.set_local_description(answer).await.map_err(|e| WhepError::BadOffer { reason: e.to_string() })?;
+            let sender = pc
+                .add_track(track.clone() as Arc<dyn TrackLocal>)
+                .await
+                .map_err(internal("adding the video track"))?;
+            let desc = RTCSessionDescription::offer(offer.to_string()).map_err(|e| {
+                WhepError::BadOffer {
+                    reason: e.to_string(),
+                }
+            })?;
+            pc.set_remote_description(desc)
+                .await
+                .map_err(|e| WhepError::BadOffer {
+                    reason: e.to_string(),
+                })?;
+            let answer = pc
+                .create_answer(None)
+                .await
+                .map_err(|e| WhepError::BadOffer {
+                    reason: e.to_string(),
+                })?;
+            pc.set_local_description(answer)
+                .await
+                .map_err(|e| WhepError::BadOffer {
+                    reason: e.to_string(),
+                })?;
             // Host candidates only: gathering completes in milliseconds; the bound keeps a broken
             // stack from holding the request.
             let _ = tokio::time::timeout(GATHER_TIMEOUT, gathered_rx.wait_for(|done| *done)).await;
-            let answer = pc
+            let mut answer = pc
                 .local_description()
                 .await
-                .ok_or_else(|| WhepError::Internal { what: "answering", reason: "no local description".into() })?
+                .ok_or_else(|| WhepError::Internal {
+                    what: "answering",
+                    reason: "no local description".into(),
+                })?
                 .sdp;
+            if let Some(ip) = g.webrtc_public_ip {
+                answer = advertise_public_ip(&answer, ip);
+            }
             Ok::<_, WhepError>((track, sender, ssrc, answer))
         }
         .await;
         return match result {
-            Ok((track, sender, ssrc, answer)) => {
-                Ok(Negotiated { pc, track, sender, ssrc, answer, events: events_rx, port })
-            }
+            Ok((track, sender, ssrc, answer)) => Ok(Negotiated {
+                pc,
+                track,
+                sender,
+                ssrc,
+                answer,
+                events: events_rx,
+                port,
+            }),
             Err(e) => {
                 let _ = pc.close().await;
                 Err(e)
             }
         };
     }
-    Err(WhepError::NoUdpPort { min: g.webrtc_udp_port_min, max: g.webrtc_udp_port_max })
+    Err(WhepError::NoUdpPort {
+        min: g.webrtc_udp_port_min,
+        max: g.webrtc_udp_port_max,
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -958,7 +1277,10 @@ fn cors_origin(shared: &Shared, headers: &HeaderMap) -> Option<HeaderValue> {
         return Some(HeaderValue::from_static("*"));
     }
     let o = origin.to_str().ok()?;
-    allowed.iter().any(|a| a.eq_ignore_ascii_case(o)).then(|| origin.clone())
+    allowed
+        .iter()
+        .any(|a| a.eq_ignore_ascii_case(o))
+        .then(|| origin.clone())
 }
 
 fn add_cors(r: &mut Resp, origin: Option<HeaderValue>) {
@@ -983,39 +1305,62 @@ fn preflight(shared: &Shared, headers: &HeaderMap, methods: &'static str) -> Res
     let h = r.headers_mut();
     h.insert(hyper::header::ALLOW, HeaderValue::from_static(methods));
     if allowed {
-        h.insert(hyper::header::ACCESS_CONTROL_ALLOW_METHODS, HeaderValue::from_static(methods));
+        h.insert(
+            hyper::header::ACCESS_CONTROL_ALLOW_METHODS,
+            HeaderValue::from_static(methods),
+        );
         h.insert(
             hyper::header::ACCESS_CONTROL_ALLOW_HEADERS,
             HeaderValue::from_static("authorization, content-type, if-match, x-request-id"),
         );
-        h.insert(hyper::header::ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static("600"));
+        h.insert(
+            hyper::header::ACCESS_CONTROL_MAX_AGE,
+            HeaderValue::from_static("600"),
+        );
     }
     if methods.starts_with("POST") {
-        h.insert(HeaderName::from_static("accept-post"), HeaderValue::from_static(SDP_CONTENT_TYPE));
+        h.insert(
+            HeaderName::from_static("accept-post"),
+            HeaderValue::from_static(SDP_CONTENT_TYPE),
+        );
     }
     r
 }
 
 fn content_type_is(headers: &HeaderMap, expected: &'static str) -> Result<(), WhepError> {
-    let got = headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let got = headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
     let essence = got.split(';').next().unwrap_or("").trim();
     if essence.eq_ignore_ascii_case(expected) {
         Ok(())
     } else {
-        Err(WhepError::UnsupportedMediaType { expected, got: got.to_string() })
+        Err(WhepError::UnsupportedMediaType {
+            expected,
+            got: got.to_string(),
+        })
     }
 }
 
 async fn body_text(req: Request<Incoming>, limit: usize) -> Result<String, WhepError> {
     match read_body(req.into_body(), limit).await {
-        Ok(b) => String::from_utf8(b.to_vec()).map_err(|_| WhepError::BadRequest { reason: "the body is not UTF-8".into(), param: None }),
+        Ok(b) => String::from_utf8(b.to_vec()).map_err(|_| WhepError::BadRequest {
+            reason: "the body is not UTF-8".into(),
+            param: None,
+        }),
         Err(BodyError::TooLarge { limit }) => Err(WhepError::TooLarge { limit }),
-        Err(BodyError::Read(m)) => Err(WhepError::BadRequest { reason: m, param: None }),
+        Err(BodyError::Read(m)) => Err(WhepError::BadRequest {
+            reason: m,
+            param: None,
+        }),
     }
 }
 
 async fn authenticate(shared: &Arc<Shared>, req: &Request<Incoming>) -> Result<ApiKey, WhepError> {
-    infer::authenticate(shared, bearer(req)).await.map_err(WhepError::Unauthorized)
+    infer::authenticate(shared, bearer(req))
+        .await
+        .map_err(WhepError::Unauthorized)
 }
 
 /// Serves this module's resources (see the module docs).
@@ -1026,10 +1371,7 @@ pub async fn handle(shared: &Arc<Shared>, req: Request<Incoming>, peer: SocketAd
     if path == "/play" {
         return match method {
             Method::GET | Method::HEAD => play_page(shared),
-            m => error_response(&WhepError::BadRequest {
-                reason: format!("Method {m} is not allowed on /play."),
-                param: None,
-            }),
+            m => method_not_allowed(&m, &path, "GET, HEAD"),
         };
     }
     let mut resp = if let Some(title) = whep_title(&path) {
@@ -1044,7 +1386,11 @@ pub async fn handle(shared: &Arc<Shared>, req: Request<Incoming>, peer: SocketAd
         }
     } else if let Some((id, stats)) = session_path(&path) {
         let id = id.to_string();
-        let allowed = if stats { "POST, OPTIONS" } else { "PATCH, DELETE, OPTIONS" };
+        let allowed = if stats {
+            "POST, OPTIONS"
+        } else {
+            "PATCH, DELETE, OPTIONS"
+        };
         let r = match (method, stats) {
             (Method::OPTIONS, _) => return preflight(shared, req.headers(), allowed),
             (Method::PATCH, false) => session_patch(shared, req, &id).await,
@@ -1064,8 +1410,10 @@ fn method_not_allowed(m: &Method, path: &str, allowed: &'static str) -> Resp {
     let api = ApiError::method_not_allowed(m.as_str(), path);
     let mut r = Response::new(Body::from_bytes(api.body()));
     *r.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
-    r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    r.headers_mut().insert(hyper::header::ALLOW, HeaderValue::from_static(allowed));
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r.headers_mut()
+        .insert(hyper::header::ALLOW, HeaderValue::from_static(allowed));
     r
 }
 
@@ -1076,9 +1424,18 @@ fn play_page(shared: &Shared) -> Resp {
     let html = PLAY_HTML.replace("__NEARPATH_DEMO_KEY__", key);
     let mut r = Response::new(Body::from_bytes(html));
     let h = r.headers_mut();
-    h.insert(CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
-    h.insert(hyper::header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    h.insert(HeaderName::from_static("x-content-type-options"), HeaderValue::from_static("nosniff"));
+    h.insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    h.insert(
+        hyper::header::CACHE_CONTROL,
+        HeaderValue::from_static("no-store"),
+    );
+    h.insert(
+        HeaderName::from_static("x-content-type-options"),
+        HeaderValue::from_static("nosniff"),
+    );
     r
 }
 
@@ -1110,18 +1467,31 @@ pub fn play_request(title: &str, query: Option<&str>) -> Result<PlayRequest, Whe
     Ok(r)
 }
 
-async fn whep_post(shared: &Arc<Shared>, req: Request<Incoming>, peer: SocketAddr, title: &str) -> Result<Resp, WhepError> {
+async fn whep_post(
+    shared: &Arc<Shared>,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    title: &str,
+) -> Result<Resp, WhepError> {
     let key = authenticate(shared, &req).await?;
     content_type_is(req.headers(), SDP_CONTENT_TYPE)?;
     let play = play_request(title, req.uri().query())?;
-    let params = game::session_params(shared, &play).map_err(|reason| WhepError::BadRequest { reason, param: None })?;
-    let ip = client_ip(peer.ip(), req.headers(), &shared.config.http.trusted_proxies);
+    let params = game::session_params(shared, &play).map_err(|reason| WhepError::BadRequest {
+        reason,
+        param: None,
+    })?;
+    let ip = client_ip(
+        peer.ip(),
+        req.headers(),
+        &shared.config.http.trusted_proxies,
+    );
     let location = shared.geo.lookup(ip);
     let offer = body_text(req, shared.config.http.max_body_bytes as usize).await?;
     let summary = check_offer(&offer).map_err(|reason| WhepError::BadOffer { reason })?;
-    let negotiated = negotiate(shared, &offer, &params, ip).await?;
+    // Route first: a refused client (geofence, no capacity) then costs no sockets. Frames that
+    // arrive before the browser is connected are dropped, and a keyframe is asked for then.
     let (frames_tx, frames_rx) = mpsc::channel(FRAME_QUEUE);
-    let started = match game::start_session(
+    let started = game::start_session(
         shared,
         &key,
         location,
@@ -1131,16 +1501,24 @@ async fn whep_post(shared: &Arc<Shared>, req: Request<Incoming>, peer: SocketAdd
         FrameSink::Channel(frames_tx),
     )
     .await
-    {
-        Ok(s) => s,
+    .map_err(|e| WhepError::from_start(title, e))?;
+    let negotiated = match negotiate(shared, &offer, &params, ip).await {
+        Ok(n) => n,
         Err(e) => {
-            let _ = negotiated.pc.close().await;
-            return Err(WhepError::from_start(title, e));
+            let _ = started
+                .events
+                .send(ClientEvent::Close(format!(
+                    "WebRTC negotiation failed: {e}"
+                )))
+                .await;
+            return Err(e);
         }
     };
     let id = started.session_id;
     let counters = Arc::new(Counters::default());
-    counters.target_kbps.store(params.bitrate_kbps, Ordering::Relaxed);
+    counters
+        .target_kbps
+        .store(params.bitrate_kbps, Ordering::Relaxed);
     let handle = Arc::new(SessionHandle {
         id,
         tenant: key.tenant.clone(),
@@ -1157,7 +1535,16 @@ async fn whep_post(shared: &Arc<Shared>, req: Request<Incoming>, peer: SocketAdd
     info!(session = id, game = %params.title, client = %ip, data_channel = summary.has_data_channel, "WHEP session answered");
     let span = info_span!("webrtc_session", id, game = %params.title);
     tokio::spawn(
-        run_session(shared.clone(), state, handle, negotiated, started, frames_rx, params).instrument(span),
+        run_session(
+            shared.clone(),
+            state,
+            handle,
+            negotiated,
+            started,
+            frames_rx,
+            params,
+        )
+        .instrument(span),
     );
 
     let mut r = Response::new(Body::from_bytes(answer));
@@ -1176,7 +1563,11 @@ async fn whep_post(shared: &Arc<Shared>, req: Request<Incoming>, peer: SocketAdd
 }
 
 /// The session `id` names, if it exists and belongs to the key's tenant.
-async fn owned_session(shared: &Arc<Shared>, req: &Request<Incoming>, id: &str) -> Result<Arc<SessionHandle>, WhepError> {
+async fn owned_session(
+    shared: &Arc<Shared>,
+    req: &Request<Incoming>,
+    id: &str,
+) -> Result<Arc<SessionHandle>, WhepError> {
     let key = authenticate(shared, req).await?;
     let none = || WhepError::NoSession { id: id.to_string() };
     let n: u64 = id.parse().map_err(|_| none())?;
@@ -1188,13 +1579,26 @@ async fn owned_session(shared: &Arc<Shared>, req: &Request<Incoming>, id: &str) 
     Ok(h)
 }
 
-async fn session_patch(shared: &Arc<Shared>, req: Request<Incoming>, id: &str) -> Result<Resp, WhepError> {
+async fn session_patch(
+    shared: &Arc<Shared>,
+    req: Request<Incoming>,
+    id: &str,
+) -> Result<Resp, WhepError> {
     let h = owned_session(shared, &req, id).await?;
     content_type_is(req.headers(), SDPFRAG_CONTENT_TYPE)?;
-    let restart = req.headers().get(hyper::header::IF_MATCH).is_some_and(|v| v.as_bytes() == b"*");
+    let restart = req
+        .headers()
+        .get(hyper::header::IF_MATCH)
+        .is_some_and(|v| v.as_bytes() == b"*");
     let body = body_text(req, shared.config.http.max_body_bytes as usize).await?;
-    let frag = parse_sdpfrag(&body).map_err(|reason| WhepError::BadRequest { reason, param: None })?;
-    let changed = frag.ice_ufrag.as_ref().is_some_and(|u| *u != h.remote_ufrag)
+    let frag = parse_sdpfrag(&body).map_err(|reason| WhepError::BadRequest {
+        reason,
+        param: None,
+    })?;
+    let changed = frag
+        .ice_ufrag
+        .as_ref()
+        .is_some_and(|u| *u != h.remote_ufrag)
         || frag.ice_pwd.as_ref().is_some_and(|p| *p != h.remote_pwd);
     if restart || changed {
         return Err(WhepError::IceRestartUnsupported);
@@ -1213,31 +1617,51 @@ async fn session_patch(shared: &Arc<Shared>, req: Request<Incoming>, id: &str) -
         };
         h.pc.add_ice_candidate(init)
             .await
-            .map_err(|e| WhepError::BadRequest { reason: format!("candidate {c:?}: {e}"), param: None })?;
+            .map_err(|e| WhepError::BadRequest {
+                reason: format!("candidate {c:?}: {e}"),
+                param: None,
+            })?;
         applied += 1;
     }
     debug!(session = h.id, applied, "trickled candidates applied");
     Ok(empty(StatusCode::NO_CONTENT))
 }
 
-async fn session_delete(shared: &Arc<Shared>, req: Request<Incoming>, id: &str) -> Result<Resp, WhepError> {
+async fn session_delete(
+    shared: &Arc<Shared>,
+    req: Request<Incoming>,
+    id: &str,
+) -> Result<Resp, WhepError> {
     let h = owned_session(shared, &req, id).await?;
     info!(session = h.id, "WHEP session deleted by the client");
     h.stop.cancel();
     Ok(empty(StatusCode::OK))
 }
 
-async fn session_stats(shared: &Arc<Shared>, req: Request<Incoming>, id: &str) -> Result<Resp, WhepError> {
+async fn session_stats(
+    shared: &Arc<Shared>,
+    req: Request<Incoming>,
+    id: &str,
+) -> Result<Resp, WhepError> {
     let h = owned_session(shared, &req, id).await?;
     content_type_is(req.headers(), "application/json")?;
     let body = body_text(req, MAX_STATS_BYTES).await?;
-    let mut v: serde_json::Value = serde_json::from_str(&body)
-        .map_err(|e| WhepError::BadRequest { reason: format!("stats must be JSON: {e}"), param: None })?;
+    let mut v: serde_json::Value =
+        serde_json::from_str(&body).map_err(|e| WhepError::BadRequest {
+            reason: format!("stats must be JSON: {e}"),
+            param: None,
+        })?;
     let Some(obj) = v.as_object_mut() else {
-        return Err(WhepError::BadRequest { reason: "stats must be a JSON object".into(), param: None });
+        return Err(WhepError::BadRequest {
+            reason: "stats must be a JSON object".into(),
+            param: None,
+        });
     };
     obj.insert("gateway".into(), h.counters.json());
-    *h.relay.client_stats.lock().unwrap_or_else(|p| p.into_inner()) = Some(v);
+    *h.relay
+        .client_stats
+        .lock()
+        .unwrap_or_else(|p| p.into_inner()) = Some(v);
     Ok(empty(StatusCode::NO_CONTENT))
 }
 
@@ -1252,21 +1676,56 @@ struct Video {
     epoch: Instant,
     ts_base: u32,
     waiting_for_idr: bool,
+    /// Negotiated id of the playout-delay extension, if the browser offered it.
+    playout_delay_id: Option<u8>,
+    /// Negotiated id of abs-send-time. Set on every packet: Chromium's receive-side estimator
+    /// skips packets without it and would measure only a fraction of the rate (the packetizer's
+    /// own option marks only a frame's last packet).
+    abs_send_time_id: Option<u8>,
 }
 
 impl Video {
     /// Packetises one access unit and writes it; returns its RTP timestamp.
-    async fn send(&mut self, payload: &Bytes, at: Instant, counters: &Counters) -> Result<u32, String> {
+    async fn send(
+        &mut self,
+        payload: &Bytes,
+        at: Instant,
+        counters: &Counters,
+    ) -> Result<u32, String> {
         let ticks = at.duration_since(self.epoch).as_micros() as u64 * VIDEO_CLOCK_HZ / 1_000_000;
         let ts = self.ts_base.wrapping_add(ticks as u32);
-        let packets = self.packetizer.packetize(at, payload, 0).map_err(|e| e.to_string())?;
-        counters.rtp_packets.fetch_add(packets.len() as u64, Ordering::Relaxed);
+        let packets = self
+            .packetizer
+            .packetize(at, payload, 0)
+            .map_err(|e| e.to_string())?;
+        counters
+            .rtp_packets
+            .fetch_add(packets.len() as u64, Ordering::Relaxed);
         for mut p in packets {
             p.header.timestamp = ts;
+            if let Some(id) = self.playout_delay_id {
+                p.header
+                    .set_extension(id, Bytes::from_static(&PLAYOUT_DELAY_ZERO))
+                    .map_err(|e| e.to_string())?;
+            }
+            if let Some(id) = self.abs_send_time_id {
+                p.header
+                    .set_extension(id, abs_send_time())
+                    .map_err(|e| e.to_string())?;
+            }
             self.track.write_rtp(p).await.map_err(|e| e.to_string())?;
         }
         Ok(ts)
     }
+}
+
+/// The abs-send-time value for now: NTP time, 6.18 fixed-point seconds (24 bits).
+fn abs_send_time() -> Bytes {
+    let since_epoch = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    let v = rtc::shared::time::SystemInstant::unix2ntp(since_epoch) >> 14;
+    Bytes::copy_from_slice(&[(v >> 16) as u8, (v >> 8) as u8, v as u8])
 }
 
 async fn start_video(n: &Negotiated) -> Result<Video, String> {
@@ -1277,7 +1736,7 @@ async fn start_video(n: &Negotiated) -> Result<Video, String> {
         .first()
         .map(|c| c.payload_type)
         .ok_or_else(|| "the sender has no negotiated codec".to_string())?;
-    let mut packetizer = new_packetizer(
+    let packetizer = new_packetizer(
         Instant::now(),
         RTP_MTU,
         pt,
@@ -1286,18 +1745,31 @@ async fn start_video(n: &Negotiated) -> Result<Video, String> {
         Box::new(rtc::rtp::sequence::new_random_sequencer()),
         VIDEO_CLOCK_HZ as u32,
     );
-    if let Some(ext) = params.rtp_parameters.header_extensions.iter().find(|e| e.uri == ABS_SEND_TIME_URI) {
-        if let Ok(id) = u8::try_from(ext.id) {
-            packetizer.enable_abs_send_time(id);
-        }
-    }
-    debug!(payload_type = pt, ssrc = n.ssrc, "video sender ready");
+    let ext_id = |uri: &str| {
+        params
+            .rtp_parameters
+            .header_extensions
+            .iter()
+            .find(|e| e.uri == uri)
+            .and_then(|e| u8::try_from(e.id).ok())
+    };
+    let playout_delay_id = ext_id(PLAYOUT_DELAY_URI);
+    let abs_send_time_id = ext_id(ABS_SEND_TIME_URI);
+    debug!(
+        payload_type = pt,
+        ssrc = n.ssrc,
+        ?playout_delay_id,
+        ?abs_send_time_id,
+        "video sender ready"
+    );
     Ok(Video {
         track: n.track.clone(),
         packetizer: Box::new(packetizer),
         epoch: Instant::now(),
         ts_base: rand::random(),
         waiting_for_idr: true,
+        playout_delay_id,
+        abs_send_time_id,
     })
 }
 
@@ -1311,7 +1783,12 @@ async fn tell(dc: &Option<Arc<dyn DataChannel>>, msg: &str) {
 }
 
 /// Reads the page's messages: input goes straight to the node, the rest to the session task.
-async fn read_input(dc: Arc<dyn DataChannel>, relay: Arc<Relay>, events: mpsc::Sender<ClientEvent>, counters: Arc<Counters>) {
+async fn read_input(
+    dc: Arc<dyn DataChannel>,
+    relay: Arc<Relay>,
+    events: mpsc::Sender<ClientEvent>,
+    counters: Arc<Counters>,
+) {
     while let Some(ev) = dc.poll().await {
         let DataChannelEvent::OnMessage(msg) = ev else {
             if matches!(ev, DataChannelEvent::OnClose) {
@@ -1324,7 +1801,10 @@ async fn read_input(dc: Arc<dyn DataChannel>, relay: Arc<Relay>, events: mpsc::S
             continue;
         };
         if let Some((seq, ts, event)) = m.input() {
-            let sent_us = ts.filter(|t| t.is_finite() && *t > 0.0).map(|t| (t * 1000.0) as u64).unwrap_or_else(now_us);
+            let sent_us = ts
+                .filter(|t| t.is_finite() && *t > 0.0)
+                .map(|t| (t * 1000.0) as u64)
+                .unwrap_or_else(now_us);
             counters.inputs.fetch_add(1, Ordering::Relaxed);
             relay.send_input(seq, sent_us, event);
             continue;
@@ -1382,16 +1862,24 @@ async fn run_session(
     mut frames: mpsc::Receiver<(FrameHeader, Bytes)>,
     params: GameParams,
 ) {
-    let game::Started { events, mut notices, relay, .. } = started;
+    let game::Started {
+        events,
+        mut notices,
+        relay,
+        ..
+    } = started;
     let counters = handle.counters.clone();
     let mut video: Option<Video> = None;
     let mut dc: Option<Arc<dyn DataChannel>> = None;
     let (fb_tx, mut fb_rx) = mpsc::channel::<Feedback>(64);
     let mut keyframes = KeyframeThrottle::default();
     let mut rate: Option<RateControl> = None;
-    let connect_deadline = tokio::time::sleep(CONNECT_TIMEOUT);
-    tokio::pin!(connect_deadline);
-    let mut connected_once = false;
+    let mut sent = SendRate::default();
+    // Armed until the browser connects, and again while it is disconnected: a player who does
+    // not come (back) must not hold the node's slot.
+    let deadline = tokio::time::sleep(CONNECT_TIMEOUT);
+    tokio::pin!(deadline);
+    let mut deadline_armed = true;
     let reason = loop {
         tokio::select! {
             ev = n.events.recv() => match ev {
@@ -1401,7 +1889,7 @@ async fn run_session(
                         RTCPeerConnectionState::Connected if video.is_none() => match start_video(&n).await {
                             Ok(v) => {
                                 video = Some(v);
-                                connected_once = true;
+                                deadline_armed = false;
                                 rate = Some(RateControl::new(params.bitrate_kbps, Instant::now()));
                                 tokio::spawn(read_feedback(n.track.clone(), fb_tx.clone()).in_current_span());
                                 // Frames sent before the browser could receive them are lost, the
@@ -1415,6 +1903,11 @@ async fn run_session(
                                 break "video sender failed";
                             }
                         },
+                        RTCPeerConnectionState::Connected => deadline_armed = false,
+                        RTCPeerConnectionState::Disconnected if video.is_some() => {
+                            deadline.as_mut().reset(tokio::time::Instant::now() + DISCONNECT_GRACE);
+                            deadline_armed = true;
+                        }
                         RTCPeerConnectionState::Failed | RTCPeerConnectionState::Closed => {
                             let _ = events.send(ClientEvent::Gone).await;
                             break "peer connection ended";
@@ -1450,6 +1943,7 @@ async fn run_session(
                 }
                 match v.send(&payload, at, &counters).await {
                     Ok(rtp_ts) => {
+                        sent.record(at, payload.len());
                         counters.frames_sent.fetch_add(1, Ordering::Relaxed);
                         tell(&dc, &frame_message(&header, gw_us, rtp_ts)).await;
                     }
@@ -1457,22 +1951,23 @@ async fn run_session(
                 }
             }
             fb = fb_rx.recv() => match fb {
-                Some(Feedback::KeyframeRequest) => {
-                    if keyframes.allow(Instant::now()) {
-                        counters.keyframe_requests.fetch_add(1, Ordering::Relaxed);
-                        let _ = events.try_send(ClientEvent::ForceKeyframe);
-                    }
+                Some(Feedback::KeyframeRequest) if keyframes.allow(Instant::now()) => {
+                    counters.keyframe_requests.fetch_add(1, Ordering::Relaxed);
+                    let _ = events.try_send(ClientEvent::ForceKeyframe);
                 }
                 Some(Feedback::Remb(bps)) => {
                     counters.remb_kbps.store((bps / 1000.0) as u32, Ordering::Relaxed);
-                    if let Some(kbps) = rate.as_mut().and_then(|r| r.on_remb(bps, Instant::now())) {
-                        debug!(kbps, remb_bps = bps, "bitrate follows REMB");
+                    let now = Instant::now();
+                    let sending = sent.kbps(now);
+                    if let Some(kbps) = rate.as_mut().and_then(|r| r.on_remb(bps, sending, now)) {
+                        debug!(kbps, remb_bps = bps, sending_kbps = sending, "bitrate follows REMB");
                         counters.target_kbps.store(kbps, Ordering::Relaxed);
                         let _ = events.try_send(ClientEvent::SetBitrate(kbps));
                         tell(&dc, &format!(r#"{{"t":"rate","kbps":{kbps}}}"#)).await;
                     }
                 }
-                None => {}
+                // Merged into the request just passed on, or the feedback task ended.
+                Some(Feedback::KeyframeRequest) | None => {}
             },
             notice = notices.recv() => match notice {
                 Some(Notice::Paused(reason)) => tell(&dc, &format!(r#"{{"t":"paused","reason":{}}}"#, json_str(&reason))).await,
@@ -1484,10 +1979,14 @@ async fn run_session(
                 }
                 None => break "the game session ended",
             },
-            _ = &mut connect_deadline, if !connected_once => {
-                warn!("the browser did not connect within {CONNECT_TIMEOUT:?}");
+            _ = &mut deadline, if deadline_armed => {
                 let _ = events.send(ClientEvent::Gone).await;
-                break "connect timeout";
+                if video.is_none() {
+                    warn!("the browser did not connect within {CONNECT_TIMEOUT:?}");
+                    break "connect timeout";
+                }
+                warn!("the browser stayed disconnected for {DISCONNECT_GRACE:?}");
+                break "disconnected";
             }
             _ = handle.stop.cancelled() => {
                 let _ = events.send(ClientEvent::Close("the client deleted the session".into())).await;
@@ -1533,10 +2032,18 @@ mod tests {
 
     #[test]
     fn constrained_baseline_mode_1_is_recognised() {
-        assert!(is_constrained_baseline_mode1("level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=42e01f"));
-        assert!(!is_constrained_baseline_mode1("level-asymmetry-allowed=1;packetization-mode=0;profile-level-id=42e01f"));
-        assert!(!is_constrained_baseline_mode1("packetization-mode=1;profile-level-id=640c1f"));
-        assert!(!is_constrained_baseline_mode1("packetization-mode=1;profile-level-id=42001f"));
+        assert!(is_constrained_baseline_mode1(
+            "level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=42e01f"
+        ));
+        assert!(!is_constrained_baseline_mode1(
+            "level-asymmetry-allowed=1;packetization-mode=0;profile-level-id=42e01f"
+        ));
+        assert!(!is_constrained_baseline_mode1(
+            "packetization-mode=1;profile-level-id=640c1f"
+        ));
+        assert!(!is_constrained_baseline_mode1(
+            "packetization-mode=1;profile-level-id=42001f"
+        ));
         assert!(!is_constrained_baseline_mode1(""));
     }
 
@@ -1564,6 +2071,23 @@ a=ice-ufrag:abcd\r\na=ice-pwd:0123456789abcdef0123456789\r\na=setup:actpass\r\na
     }
 
     #[test]
+    fn host_candidates_advertise_the_public_address_once() {
+        let sdp = "v=0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\n\
+a=candidate:1 1 udp 2130706431 10.0.0.5 40000 typ host\r\n\
+a=candidate:2 1 udp 2130706431 172.17.0.2 40000 typ host\r\n\
+a=candidate:3 1 udp 2130706431 127.0.0.1 40000 typ host\r\n\
+a=candidate:4 1 udp 1694498815 198.51.100.1 40001 typ srflx raddr 10.0.0.5 rport 40000\r\na=mid:0\r\n";
+        let out = advertise_public_ip(sdp, "203.0.113.7".parse().unwrap());
+        assert_eq!(
+            out,
+            "v=0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\n\
+a=candidate:1 1 udp 2130706431 203.0.113.7 40000 typ host\r\n\
+a=candidate:3 1 udp 2130706431 127.0.0.1 40000 typ host\r\n\
+a=candidate:4 1 udp 1694498815 198.51.100.1 40001 typ srflx raddr 10.0.0.5 rport 40000\r\na=mid:0\r\n"
+        );
+    }
+
+    #[test]
     fn sdpfrags_parse_and_mdns_candidates_are_recognised() {
         let body = "a=ice-ufrag:abcd\r\na=ice-pwd:secret\r\nm=video 9 UDP/TLS/RTP/SAVPF 0\r\na=mid:0\r\n\
 a=candidate:1 1 udp 2122260223 192.0.2.1 54321 typ host\r\n\
@@ -1580,16 +2104,45 @@ a=candidate:2 1 udp 2122260223 1f5a0c4e-0000-4000-8000-000000000000.local 54322 
 
     #[test]
     fn page_messages_map_to_input_events() {
-        let m = PageMessage::parse(br#"{"t":"key","seq":3,"ts":1700000000000.5,"code":87,"down":true}"#).unwrap();
-        assert_eq!(m.input(), Some((3, Some(1_700_000_000_000.5), InputEvent::Key { code: 87, down: true })));
-        let m = PageMessage::parse(br#"{"t":"pad","seq":4,"axes":[1.0,-1.0,2.5],"buttons":5}"#).unwrap();
+        let m = PageMessage::parse(
+            br#"{"t":"key","seq":3,"ts":1700000000000.5,"code":87,"down":true}"#,
+        )
+        .unwrap();
         assert_eq!(
             m.input(),
-            Some((4, None, InputEvent::Gamepad { axes: [32767, -32767, 32767, 0], buttons: 5 }))
+            Some((
+                3,
+                Some(1_700_000_000_000.5),
+                InputEvent::Key {
+                    code: 87,
+                    down: true
+                }
+            ))
+        );
+        let m = PageMessage::parse(br#"{"t":"pad","seq":4,"axes":[1.0,-1.0,2.5],"buttons":5}"#)
+            .unwrap();
+        assert_eq!(
+            m.input(),
+            Some((
+                4,
+                None,
+                InputEvent::Gamepad {
+                    axes: [32767, -32767, 32767, 0],
+                    buttons: 5
+                }
+            ))
         );
         let m = PageMessage::parse(br#"{"t":"mouse","seq":5,"dx":-3,"dy":4}"#).unwrap();
-        assert_eq!(m.input(), Some((5, None, InputEvent::MouseMove { dx: -3, dy: 4 })));
-        assert_eq!(PageMessage::parse(br#"{"t":"ping","id":1,"ts":2.0}"#).unwrap().input(), None);
+        assert_eq!(
+            m.input(),
+            Some((5, None, InputEvent::MouseMove { dx: -3, dy: 4 }))
+        );
+        assert_eq!(
+            PageMessage::parse(br#"{"t":"ping","id":1,"ts":2.0}"#)
+                .unwrap()
+                .input(),
+            None
+        );
         assert!(PageMessage::parse(br#"{"t":"key","seq":-1,"code":87,"down":true}"#).is_none());
         assert!(PageMessage::parse(br#"{"t":"nope"}"#).is_none());
         assert!(PageMessage::parse(b"not json").is_none());
@@ -1599,9 +2152,14 @@ a=candidate:2 1 udp 2122260223 1f5a0c4e-0000-4000-8000-000000000000.local 54322 
     #[test]
     fn query_parameters_are_read_and_bad_ones_named() {
         let r = play_request("arena", Some("width=1280&height=720&fps=60&x=y")).unwrap();
-        assert_eq!((r.width, r.height, r.fps, r.bitrate_kbps), (1280, 720, 60, 0));
+        assert_eq!(
+            (r.width, r.height, r.fps, r.bitrate_kbps),
+            (1280, 720, 60, 0)
+        );
         match play_request("arena", Some("fps=sixty")) {
-            Err(WhepError::BadRequest { param: Some("fps"), .. }) => {}
+            Err(WhepError::BadRequest {
+                param: Some("fps"), ..
+            }) => {}
             other => panic!("{other:?}"),
         }
     }
@@ -1630,19 +2188,87 @@ a=candidate:2 1 udp 2122260223 1f5a0c4e-0000-4000-8000-000000000000.local 54322 
     #[test]
     fn remb_moves_the_bitrate_within_limits() {
         let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
         let mut r = RateControl::new(10_000, t0);
         // Warm-up: ignored.
-        assert_eq!(r.on_remb(2_000_000.0, t0 + Duration::from_secs(1)), None);
-        // A drop is followed, at 95%.
-        assert_eq!(r.on_remb(4_000_000.0, t0 + Duration::from_secs(3)), Some(3_800));
+        assert_eq!(r.on_remb(2_000_000.0, 9_000, at(1_000)), None);
+        // Below the target but above what is sent (an encoder under its target): not congestion.
+        assert_eq!(r.on_remb(4_000_000.0, 1_500, at(7_000)), None);
+        // Below what is sent: followed, at 95%.
+        assert_eq!(r.on_remb(4_000_000.0, 9_000, at(7_100)), Some(3_800));
         // Too soon after the last change.
-        assert_eq!(r.on_remb(1_000_000.0, t0 + Duration::from_millis(3_200)), None);
+        assert_eq!(r.on_remb(1_000_000.0, 3_800, at(7_300)), None);
         // Never above the session's bitrate, never below the floor.
-        assert_eq!(r.on_remb(50_000_000.0, t0 + Duration::from_secs(4)), Some(10_000));
-        assert_eq!(r.on_remb(10_000.0, t0 + Duration::from_secs(5)), Some(MIN_BITRATE_KBPS));
+        assert_eq!(r.on_remb(50_000_000.0, 3_800, at(8_000)), Some(10_000));
+        assert_eq!(
+            r.on_remb(10_000.0, 9_000, at(9_000)),
+            Some(MIN_BITRATE_KBPS)
+        );
         // Small changes are ignored.
-        assert_eq!(r.on_remb(f64::from(MIN_BITRATE_KBPS) * 1000.0 / 0.95 * 1.02, t0 + Duration::from_secs(6)), None);
-        assert_eq!(r.on_remb(f64::NAN, t0 + Duration::from_secs(7)), None);
+        let near = f64::from(MIN_BITRATE_KBPS) * 1000.0 / 0.95 * 1.02;
+        assert_eq!(r.on_remb(near, 300, at(10_000)), None);
+        assert_eq!(r.on_remb(f64::NAN, 300, at(11_000)), None);
+    }
+
+    #[test]
+    fn send_rate_covers_the_last_second() {
+        let t0 = Instant::now();
+        let mut s = SendRate::default();
+        for i in 0..60u64 {
+            s.record(t0 + Duration::from_micros(i * 16_667), 12_500);
+        }
+        // 60 frames of 12.5 kB in a second: 6 Mbit/s.
+        assert_eq!(s.kbps(t0 + Duration::from_millis(990)), 6_000);
+        // Two seconds later nothing is left.
+        assert_eq!(s.kbps(t0 + Duration::from_secs(3)), 0);
+    }
+
+    #[test]
+    fn the_feedback_tap_lets_keyframe_requests_and_remb_through_and_nothing_else() {
+        use rtc::rtcp::receiver_report::ReceiverReport;
+        let tagged = |packets: Vec<Box<dyn rtc::rtcp::Packet>>| TaggedPacket {
+            now: Instant::now(),
+            transport: Default::default(),
+            message: Packet::Rtcp(packets).into(),
+        };
+        let mut tap = FeedbackTap::default();
+        // A compound of a receiver report and a PLI: the PLI alone is delivered.
+        let rr: Box<dyn rtc::rtcp::Packet> = Box::new(ReceiverReport {
+            ssrc: 1,
+            ..Default::default()
+        });
+        let pli: Box<dyn rtc::rtcp::Packet> = Box::new(PictureLossIndication {
+            sender_ssrc: 1,
+            media_ssrc: 7,
+        });
+        tap.handle_read(tagged(vec![rr.clone(), pli])).unwrap();
+        let out = tap.poll_read().unwrap();
+        assert!(out.message.has(&Attribute::DeliverToApplication));
+        let Packet::Rtcp(p) = &out.message.packet else {
+            panic!("not RTCP")
+        };
+        assert_eq!(p.len(), 1);
+        assert!(p[0].as_any().is::<PictureLossIndication>());
+        // REMB is delivered too.
+        let remb: Box<dyn rtc::rtcp::Packet> = Box::new(ReceiverEstimatedMaximumBitrate {
+            sender_ssrc: 1,
+            bitrate: 5e6,
+            ssrcs: vec![7],
+        });
+        tap.handle_read(tagged(vec![remb])).unwrap();
+        assert!(tap
+            .poll_read()
+            .unwrap()
+            .message
+            .has(&Attribute::DeliverToApplication));
+        // A report alone is left to the interceptors (the chain's end drops it).
+        tap.handle_read(tagged(vec![rr])).unwrap();
+        assert!(!tap
+            .poll_read()
+            .unwrap()
+            .message
+            .has(&Attribute::DeliverToApplication));
+        assert!(tap.poll_read().is_none());
     }
 
     #[test]
@@ -1653,7 +2279,10 @@ a=candidate:2 1 udp 2122260223 1f5a0c4e-0000-4000-8000-000000000000.local 54322 
         let b = lease_port(min, max, &HashSet::new()).unwrap();
         assert_ne!(a.0, b.0);
         assert!((min..=max).contains(&a.0) && (min..=max).contains(&b.0));
-        assert!(matches!(lease_port(min, max, &HashSet::new()), Err(WhepError::NoUdpPort { .. })));
+        assert!(matches!(
+            lease_port(min, max, &HashSet::new()),
+            Err(WhepError::NoUdpPort { .. })
+        ));
         drop(a);
         assert!(lease_port(min, max, &HashSet::new()).is_ok());
         assert_eq!(lease_port(0, 0, &HashSet::new()).unwrap().0, 0);

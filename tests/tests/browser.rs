@@ -19,7 +19,10 @@ use std::time::{Duration, Instant};
 static ONE_BROWSER_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn with_arena(mut cfg: NodeConfig) -> NodeConfig {
-    cfg.games = vec![GameEntry { title: "arena".into(), source: GameSource::Builtin {} }];
+    cfg.games = vec![GameEntry {
+        title: "arena".into(),
+        source: GameSource::Builtin {},
+    }];
     cfg.capacity.game_sessions = 1;
     cfg
 }
@@ -29,24 +32,43 @@ fn num(v: &Value, k: &str) -> f64 {
 }
 
 /// Polls the page's stats until `pred` holds (bounded), returning them.
-async fn wait_stats(page: &Page, what: &str, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Value {
+async fn wait_stats(
+    page: &Page,
+    what: &str,
+    timeout: Duration,
+    pred: impl Fn(&Value) -> bool,
+) -> Value {
     let start = Instant::now();
     loop {
         if let Some(s) = page.stats().await {
             if pred(&s) {
                 return s;
             }
-            assert!(start.elapsed() < timeout, "timed out waiting for {what}; page stats: {s}");
+            assert!(
+                start.elapsed() < timeout,
+                "timed out waiting for {what}; page stats: {s}"
+            );
         } else {
-            let err = page.eval("window.nearpath && window.nearpath.lastError").await.unwrap_or(Value::Null);
-            assert!(start.elapsed() < timeout, "timed out waiting for {what}; no stats yet (page error: {err})");
+            let err = page
+                .eval("window.nearpath && window.nearpath.lastError")
+                .await
+                .unwrap_or(Value::Null);
+            assert!(
+                start.elapsed() < timeout,
+                "timed out waiting for {what}; no stats yet (page error: {err})"
+            );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
 /// Polls the admin session list until `pred` holds (bounded).
-async fn wait_sessions(gw: &TestGateway, what: &str, timeout: Duration, pred: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+async fn wait_sessions(
+    gw: &TestGateway,
+    what: &str,
+    timeout: Duration,
+    pred: impl Fn(&[Value]) -> bool,
+) -> Vec<Value> {
     let start = Instant::now();
     loop {
         let v = gw.admin_get("/admin/sessions").await;
@@ -54,13 +76,72 @@ async fn wait_sessions(gw: &TestGateway, what: &str, timeout: Duration, pred: im
         if pred(&list) {
             return list;
         }
-        assert!(start.elapsed() < timeout, "timed out waiting for {what}; sessions: {v}");
+        assert!(
+            start.elapsed() < timeout,
+            "timed out waiting for {what}; sessions: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits (bounded) until the nodes hold `n` game slots in all: a session's slot is released a
+/// moment after the admin view stops listing it.
+async fn wait_slots_in_use(gw: &TestGateway, n: u32) {
+    let start = Instant::now();
+    loop {
+        let used: u32 = gw
+            .shared
+            .registry
+            .list()
+            .iter()
+            .map(|e| e.sessions_in_use())
+            .sum();
+        if used == n {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "{used} node slots in use, expected {n}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The centre of the ship (the only yellow in the arena scene) in the frame the page's
+/// `<video>` shows now, found by drawing it on a canvas.
+async fn ship_on_screen(page: &Page) -> (f64, f64) {
+    const FIND_SHIP: &str = r#"(() => {
+        const v = document.getElementById("video");
+        if (!v.videoWidth) return null;
+        const c = document.createElement("canvas");
+        c.width = v.videoWidth; c.height = v.videoHeight;
+        const g = c.getContext("2d", { willReadFrequently: true });
+        g.drawImage(v, 0, 0);
+        const d = g.getImageData(0, 0, c.width, c.height).data;
+        let n = 0, sx = 0, sy = 0;
+        for (let i = 0; i < d.length; i += 4) {
+            if (d[i] > 200 && d[i + 1] > 200 && d[i + 2] < 80) { const p = i / 4; n++; sx += p % c.width; sy += Math.floor(p / c.width); }
+        }
+        return n ? { x: sx / n, y: sy / n, n } : null;
+    })()"#;
+    let start = Instant::now();
+    loop {
+        let v = page.eval(FIND_SHIP).await.expect("reading the video frame");
+        if v.is_object() {
+            return (num(&v, "x"), num(&v, "y"));
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "no ship (yellow pixels) in the video frame"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
 fn play_url(gw: &TestGateway, w: u32, h: u32, fps: u32) -> String {
-    gw.api_url(&format!("/play?key={API_KEY}&game=arena&width={w}&height={h}&fps={fps}&autostart=1"))
+    gw.api_url(&format!(
+        "/play?key={API_KEY}&game=arena&width={w}&height={h}&fps={fps}&autostart=1"
+    ))
 }
 
 fn print_latency(stats: &Value) {
@@ -73,10 +154,22 @@ fn print_latency(stats: &Value) {
         num(l, "max"),
         num(l, "n")
     );
-    if let Some(b) = stats["breakdown"].as_object() {
-        for (k, v) in b {
-            println!("  {k:<18} p50 {:>6.2} ms  p95 {:>6.2} ms", num(v, "p50"), num(v, "p95"));
-        }
+    // In pipeline order; the parts add up to the total (decode is part of receiveToPresent).
+    for k in [
+        "inputToCapture",
+        "encode",
+        "nodeToGateway",
+        "gatewayToBrowser",
+        "receiveToPresent",
+        "decode",
+        "presentToDisplay",
+    ] {
+        let v = &stats["breakdown"][k];
+        println!(
+            "  {k:<18} p50 {:>6.2} ms  p95 {:>6.2} ms",
+            num(v, "p50"),
+            num(v, "p95")
+        );
     }
     println!(
         "  getStats: jitter buffer {:.2} ms/frame (avg {:.2}), decode {:.2} ms/frame (avg {:.2}), rtt {:?} ms, data channel rtt {:?} ms",
@@ -98,16 +191,32 @@ async fn chromium_plays_720p60_for_10_seconds_and_keys_move_the_ship() {
     let browser = Browser::launch().await;
     let page = browser.open(&play_url(&gw, 1280, 720, 60)).await;
 
-    let first = wait_stats(&page, "the first decoded frame", Duration::from_secs(30), |s| num(s, "framesDecoded") > 0.0).await;
-    let sessions = wait_sessions(&gw, "the WebRTC session", Duration::from_secs(5), |l| l.len() == 1).await;
+    let first = wait_stats(
+        &page,
+        "the first decoded frame",
+        Duration::from_secs(30),
+        |s| num(s, "framesDecoded") > 0.0,
+    )
+    .await;
+    let sessions = wait_sessions(&gw, "the WebRTC session", Duration::from_secs(5), |l| {
+        l.len() == 1
+    })
+    .await;
     assert_eq!(sessions[0]["transport"], "webrtc");
     assert_eq!(sessions[0]["node"], "de-1");
+
+    // Where the ship is on screen before any input: the centre.
+    let (x0, _) = ship_on_screen(&page).await;
+    assert!(
+        (x0 - 640.0).abs() < 40.0,
+        "the ship starts in the centre, not at x {x0}"
+    );
 
     // Ten seconds of play, holding and releasing D (move right) every 200 ms.
     let t0 = Instant::now();
     let decoded0 = num(&first, "framesDecoded");
     let mut down = false;
-    let mut presses = 0;
+    let mut presses: u32 = 0;
     while t0.elapsed() < Duration::from_secs(10) {
         down = !down;
         page.key(68, "d", "KeyD", down).await.unwrap();
@@ -121,16 +230,24 @@ async fn chromium_plays_720p60_for_10_seconds_and_keys_move_the_ship() {
     let played = t0.elapsed();
     // The page posts stats once a second: wait for a sample taken after the last key.
     let sent_at_end = page.eval("window.nearpath.stats.inputsSent").await.unwrap();
-    let stats = wait_stats(&page, "the last inputs applied", Duration::from_secs(5), |s| {
-        num(s, "inputsSent") >= f64::from(presses) && num(s, "inputSeqApplied") >= num(s, "inputsSent")
-    })
+    let stats = wait_stats(
+        &page,
+        "the last inputs applied",
+        Duration::from_secs(5),
+        |s| {
+            num(s, "inputsSent") >= f64::from(presses)
+                && num(s, "inputSeqApplied") >= num(s, "inputsSent")
+        },
+    )
     .await;
+    // The window between the two samples (the page samples once a second).
+    let window = (num(&stats, "ts") - num(&first, "ts")) / 1000.0;
     let decoded = num(&stats, "framesDecoded") - decoded0;
-    let expected = 60.0 * played.as_secs_f64();
+    let expected = 60.0 * window;
     println!(
-        "decoded {decoded} frames in {:.2} s ({:.1} fps), {}x{}, {} kbit/s, lost {}, dropped {}, freezes {} (inputs sent {}, {sent_at_end} before the final sample)",
+        "decoded {decoded} frames in {window:.2} s ({:.1} fps; keys for {:.2} s), {}x{}, {} kbit/s, lost {}, dropped {}, freezes {} (inputs sent {}, {sent_at_end} before the final sample)",
+        decoded / window,
         played.as_secs_f64(),
-        decoded / played.as_secs_f64(),
         stats["width"],
         stats["height"],
         stats["bitrateKbps"],
@@ -140,31 +257,915 @@ async fn chromium_plays_720p60_for_10_seconds_and_keys_move_the_ship() {
         stats["inputsSent"],
     );
     print_latency(&stats);
-    assert!(decoded >= 0.9 * expected, "decoded only {decoded} frames of {expected:.0}: {stats}");
+    assert!(
+        decoded >= 0.9 * expected,
+        "decoded only {decoded} frames of {expected:.0}: {stats}"
+    );
     assert_eq!(num(&stats, "width"), 1280.0, "{stats}");
     assert_eq!(num(&stats, "height"), 720.0, "{stats}");
     // Every key the page sent was applied by the node (frames carry the last applied seq).
     assert!(num(&stats, "inputsSent") >= f64::from(presses), "{stats}");
-    assert!(num(&stats, "inputSeqApplied") >= num(&stats, "inputsSent"), "{stats}");
+    assert!(
+        num(&stats, "inputSeqApplied") >= num(&stats, "inputsSent"),
+        "{stats}"
+    );
+    // …and the picture the browser shows has the ship moved right (it crosses the frame in
+    // ~5 s of holding D, so it ends at the right edge).
+    let (x1, _) = ship_on_screen(&page).await;
+    println!("ship at x {x0:.0} before the keys, {x1:.0} after");
+    assert!(
+        x1 > x0 + 300.0,
+        "the ship did not move right on screen: x {x0} -> {x1}"
+    );
     // Input-to-photon was measured for most presses.
     let l = &stats["inputToPhoton"];
-    assert!(num(l, "n") >= f64::from(presses) * 0.5, "too few latency samples: {stats}");
-    assert!(num(l, "p50") > 0.0 && num(l, "p95") >= num(l, "p50"), "{stats}");
+    assert!(
+        num(l, "n") >= f64::from(presses) * 0.5,
+        "too few latency samples: {stats}"
+    );
+    assert!(
+        num(l, "p50") > 0.0 && num(l, "p95") >= num(l, "p50"),
+        "{stats}"
+    );
 
     // The gateway shows what the page reported, and what it relayed itself.
-    let sessions = wait_sessions(&gw, "the page's stats in the admin view", Duration::from_secs(5), |l| {
-        l.len() == 1 && l[0]["client_stats"]["framesDecoded"].as_f64().unwrap_or(0.0) > 0.0
-    })
+    let sessions = wait_sessions(
+        &gw,
+        "the page's stats in the admin view",
+        Duration::from_secs(5),
+        |l| {
+            l.len() == 1
+                && l[0]["client_stats"]["framesDecoded"]
+                    .as_f64()
+                    .unwrap_or(0.0)
+                    > 0.0
+        },
+    )
     .await;
     let s = &sessions[0];
+    println!("gateway side: {}", s["client_stats"]["gateway"]);
     assert!(s["inputs"].as_u64().unwrap() >= u64::from(presses), "{s}");
-    assert!(s["client_stats"]["gateway"]["frames_sent"].as_u64().unwrap() as f64 >= 0.9 * expected, "{s}");
+    assert!(
+        s["client_stats"]["gateway"]["frames_sent"]
+            .as_u64()
+            .unwrap() as f64
+            >= 0.9 * expected,
+        "{s}"
+    );
     assert_eq!(s["client_stats"]["width"], 1280, "{s}");
 
     // Stop: the page DELETEs its session resource and the node's session ends.
     page.eval("window.nearpath.stop()").await.unwrap();
-    wait_sessions(&gw, "the session to end", Duration::from_secs(5), |l| l.is_empty()).await;
+    wait_sessions(&gw, "the session to end", Duration::from_secs(5), |l| {
+        l.is_empty()
+    })
+    .await;
     drop(browser);
+    node.stop().await.unwrap();
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chromium_keeps_decoding_on_the_same_connection_when_the_serving_node_dies() {
+    let _one = ONE_BROWSER_AT_A_TIME.lock().await;
+    // The browser connects from 127.0.0.1: place it in France, so that the German node is the
+    // nearer one and serves first.
+    let gw = TestGateway::start(|c| {
+        c.geo
+            .overrides
+            .push(place(("127.0.0.1", "FR", 48.85, 2.35)))
+    })
+    .await;
+    let mut near = TestNode::start(with_arena(gw.node_config("de-1", &gw.token)), ip(DE));
+    near.registered().await;
+    let mut far = TestNode::start(with_arena(gw.node_config("us-1", &gw.token)), ip(US_EAST));
+    far.registered().await;
+    let browser = Browser::launch().await;
+    let page = browser.open(&play_url(&gw, 640, 360, 30)).await;
+    wait_stats(&page, "30 decoded frames", Duration::from_secs(30), |s| {
+        num(s, "framesDecoded") >= 30.0
+    })
+    .await;
+    let sessions = wait_sessions(&gw, "the WebRTC session", Duration::from_secs(5), |l| {
+        l.len() == 1
+    })
+    .await;
+    assert_eq!(sessions[0]["node"], "de-1", "the nearer node serves first");
+
+    // Kill the serving node abruptly (no drain).
+    let decoded = || async {
+        page.eval("window.nearpath.framesDecoded()")
+            .await
+            .unwrap()
+            .as_f64()
+            .unwrap_or(0.0)
+    };
+    let at_kill = decoded().await;
+    near.task.abort();
+    let killed = Instant::now();
+    // The page is told the node moved, and the same peer connection decodes the new node's frames.
+    let resumed = loop {
+        let n = decoded().await;
+        if n >= at_kill + 30.0 {
+            break killed.elapsed();
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(15),
+            "decoding did not resume: {n} frames, {at_kill} at the kill"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let stats = wait_stats(
+        &page,
+        "the pause and resume notices",
+        Duration::from_secs(5),
+        |s| num(s, "pausedCount") >= 1.0 && num(s, "resumedCount") >= 1.0,
+    )
+    .await;
+    println!(
+        "30 more frames decoded {resumed:?} after the node was killed (frames decoded: {} at the kill, {} now; freezes {}, {} ms frozen)",
+        at_kill, stats["framesDecoded"], stats["freezeCount"], stats["freezeMs"]
+    );
+    assert_eq!(
+        num(&stats, "pcCreated"),
+        1.0,
+        "one peer connection for the whole session: {stats}"
+    );
+    assert_eq!(stats["state"], "connected", "{stats}");
+    assert!(!stats["paused"].as_bool().unwrap(), "{stats}");
+    let sessions = wait_sessions(
+        &gw,
+        "the session on the other node",
+        Duration::from_secs(5),
+        |l| l.len() == 1,
+    )
+    .await;
+    assert_eq!(sessions[0]["node"], "us-1");
+    drop(browser);
+    far.stop().await.unwrap();
+    gw.stop().await;
+}
+
+/// A plain HTTP client for the WHEP error cases (the common one forces a JSON content type).
+async fn request(
+    from: Option<std::net::IpAddr>,
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, hyper::HeaderMap, String) {
+    use http_body_util::BodyExt;
+    let mut conn = hyper_util::client::legacy::connect::HttpConnector::new();
+    conn.set_local_address(from);
+    let client: hyper_util::client::legacy::Client<_, http_body_util::Full<bytes::Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build(conn);
+    let mut b = hyper::Request::builder().method(method).uri(url);
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    let req = b
+        .body(http_body_util::Full::new(bytes::Bytes::from(
+            body.to_string(),
+        )))
+        .unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(20), client.request(req))
+        .await
+        .expect("request timed out")
+        .unwrap();
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, headers, String::from_utf8_lossy(&body).into_owned())
+}
+
+fn header<'a>(h: &'a hyper::HeaderMap, name: &str) -> &'a str {
+    h.get(name).and_then(|v| v.to_str().ok()).unwrap_or("")
+}
+
+fn error_code(body: &str) -> String {
+    serde_json::from_str::<Value>(body)
+        .map(|v| v["error"]["code"].as_str().unwrap_or("").to_string())
+        .unwrap_or_default()
+}
+
+/// Chromium 156's offer for the player page (recvonly video, data channel `input`).
+const CHROMIUM_OFFER: &str = include_str!("../browser/chromium-156-offer.sdp");
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whep_answers_errors_cors_trickle_stats_and_delete_over_plain_http() {
+    let _one = ONE_BROWSER_AT_A_TIME.lock().await;
+    const PORTS: (u16, u16) = (47_400, 47_401);
+    let gw = TestGateway::start(|c| {
+        c.http.cors_allowed_origins = vec!["https://play.example".into()];
+        c.game.ice_servers = vec!["stun:stun.example.net:3478".into()];
+        c.game.webrtc_public_ip = Some("203.0.113.7".parse().unwrap());
+        (c.game.webrtc_udp_port_min, c.game.webrtc_udp_port_max) = PORTS;
+    })
+    .await;
+    gw.store
+        .insert_api_key_secret("other-tenant-key", "tenant-b", 1000, 1_000_000)
+        .unwrap();
+    let whep = gw.api_url("/v1/games/arena/whep?width=320&height=180&fps=30");
+    let auth = format!("Bearer {API_KEY}");
+    let sdp_headers = [
+        ("authorization", auth.as_str()),
+        ("content-type", "application/sdp"),
+    ];
+    let post = |url: String, headers: Vec<(&'static str, String)>, body: String| async move {
+        let h: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        request(None, "POST", &url, &h, &body).await
+    };
+    let sdp = |extra: &[(&'static str, &str)]| {
+        let mut v: Vec<(&'static str, String)> = sdp_headers
+            .iter()
+            .map(|(k, v)| (*k, v.to_string()))
+            .collect();
+        v.extend(extra.iter().map(|(k, x)| (*k, x.to_string())));
+        v
+    };
+
+    // No node serves the game yet: 404.
+    let (status, _, body) = post(whep.clone(), sdp(&[]), CHROMIUM_OFFER.into()).await;
+    assert_eq!(
+        (status, error_code(&body).as_str()),
+        (404, "game_not_found"),
+        "{body}"
+    );
+
+    let mut de = TestNode::start(with_arena(gw.node_config("de-1", &gw.token)), ip(DE));
+    de.registered().await;
+    let mut us = TestNode::start(with_arena(gw.node_config("us-1", &gw.token)), ip(US_EAST));
+    us.registered().await;
+
+    // 401: no key, or an unknown one.
+    let (status, _, _) = request(
+        None,
+        "POST",
+        &whep,
+        &[("content-type", "application/sdp")],
+        CHROMIUM_OFFER,
+    )
+    .await;
+    assert_eq!(status, 401);
+    let (status, _, _) = post(
+        whep.clone(),
+        vec![
+            ("authorization", "Bearer nope".into()),
+            ("content-type", "application/sdp".into()),
+        ],
+        CHROMIUM_OFFER.into(),
+    )
+    .await;
+    assert_eq!(status, 401);
+    // 415: not SDP.
+    let (status, _, body) = post(
+        whep.clone(),
+        vec![
+            ("authorization", auth.clone()),
+            ("content-type", "application/json".into()),
+        ],
+        "{}".into(),
+    )
+    .await;
+    assert_eq!(
+        (status, error_code(&body).as_str()),
+        (415, "unsupported_media_type"),
+        "{body}"
+    );
+    // 400: not an offer; no H.264 Constrained Baseline; bad parameters.
+    let (status, _, body) = post(whep.clone(), sdp(&[]), "v=0 hello".into()).await;
+    assert_eq!(
+        (status, error_code(&body).as_str()),
+        (400, "bad_sdp"),
+        "{body}"
+    );
+    let no_h264 = CHROMIUM_OFFER.replace("H264/90000", "H263/90000");
+    let (status, _, body) = post(whep.clone(), sdp(&[]), no_h264).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("H.264"), "{body}");
+    let (status, _, body) = post(
+        gw.api_url("/v1/games/arena/whep?width=abc"),
+        sdp(&[]),
+        CHROMIUM_OFFER.into(),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("width"), "{body}");
+    let (status, _, body) = post(
+        gw.api_url("/v1/games/arena/whep?width=17&height=9"),
+        sdp(&[]),
+        CHROMIUM_OFFER.into(),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    // 403: a client in North Korea (sanctions), with a reason and no retry.
+    let (status, h, body) = request(
+        Some(ip(KP_CLIENT)),
+        "POST",
+        &whep,
+        &sdp_headers,
+        CHROMIUM_OFFER,
+    )
+    .await;
+    assert_eq!(
+        (status, error_code(&body).as_str()),
+        (403, "geofence"),
+        "{body}"
+    );
+    assert_eq!(header(&h, "x-should-retry"), "false");
+    assert!(body.contains("sanctions"), "{body}");
+    // 405 on the WHEP endpoint with another method.
+    let (status, h, _) = request(None, "GET", &whep, &sdp_headers, "").await;
+    assert_eq!(status, 405);
+    assert!(header(&h, "allow").contains("POST"));
+
+    // 201: an answer, its session resource, the ICE servers, CORS for an allowed origin.
+    let (status, h, answer) = post(
+        whep.clone(),
+        sdp(&[("origin", "https://play.example")]),
+        CHROMIUM_OFFER.into(),
+    )
+    .await;
+    assert_eq!(status, 201, "{answer}");
+    assert_eq!(header(&h, "content-type"), "application/sdp");
+    let location = header(&h, "location").to_string();
+    assert!(location.starts_with("/v1/sessions/"), "{location}");
+    assert_eq!(
+        header(&h, "link"),
+        "<stun:stun.example.net:3478>; rel=\"ice-server\""
+    );
+    assert_eq!(
+        header(&h, "access-control-allow-origin"),
+        "https://play.example"
+    );
+    let exposed = header(&h, "access-control-expose-headers");
+    assert!(
+        exposed.contains("Location") && exposed.contains("Link"),
+        "{exposed}"
+    );
+    assert!(
+        answer.contains("a=rtpmap:108 H264/90000"),
+        "the browser's payload type for 42e01f: {answer}"
+    );
+    assert!(
+        answer.contains("packetization-mode=1;profile-level-id=42e01f"),
+        "{answer}"
+    );
+    assert!(
+        answer.contains("goog-remb") && answer.contains("playout-delay"),
+        "{answer}"
+    );
+    assert!(
+        answer.contains("m=application") && answer.contains("webrtc-datachannel"),
+        "{answer}"
+    );
+    // Candidates carry the public address and a port of the configured range.
+    let candidates: Vec<&str> = answer
+        .lines()
+        .filter(|l| l.starts_with("a=candidate:"))
+        .collect();
+    assert!(!candidates.is_empty(), "{answer}");
+    // Candidates carry the public address (the loopback one, added because this client is on
+    // loopback, stays as it is) and a port of the configured range.
+    let mut public = 0;
+    for c in &candidates {
+        let f: Vec<&str> = c.split_whitespace().collect();
+        let addr: std::net::IpAddr = f[4].parse().unwrap();
+        if !addr.is_loopback() {
+            assert_eq!(f[4], "203.0.113.7", "{c}");
+            public += 1;
+        }
+        let port: u16 = f[5].parse().unwrap();
+        assert!((PORTS.0..=PORTS.1).contains(&port), "{c}");
+    }
+    assert!(
+        public > 0,
+        "no candidate with the public address: {candidates:?}"
+    );
+    let sessions = wait_sessions(&gw, "the first session", Duration::from_secs(5), |l| {
+        l.len() == 1
+    })
+    .await;
+    assert_eq!(sessions[0]["transport"], "webrtc");
+    let session = gw.api_url(&location);
+
+    // A second session takes the other node (and the other port).
+    let (status, h2, body) = post(whep.clone(), sdp(&[]), CHROMIUM_OFFER.into()).await;
+    assert_eq!(status, 201, "{body}");
+    let second = gw.api_url(header(&h2, "location"));
+    // A third finds no node with a free slot: 503 with Retry-After.
+    let (status, h, body) = post(whep.clone(), sdp(&[]), CHROMIUM_OFFER.into()).await;
+    assert_eq!(
+        (status, error_code(&body).as_str()),
+        (503, "no_capacity"),
+        "{body}"
+    );
+    assert!(!body.contains("UDP port"), "{body}");
+    assert_eq!(header(&h, "retry-after"), "2");
+    // The second ends; someone else takes its port before the third asks again: a node is free
+    // but no UDP port of the range is (503 too), and the node's session is let go.
+    let (status, _, _) = request(
+        None,
+        "DELETE",
+        &second,
+        &[("authorization", auth.as_str())],
+        "",
+    )
+    .await;
+    assert_eq!(status, 200);
+    wait_sessions(
+        &gw,
+        "the second session to end",
+        Duration::from_secs(5),
+        |l| l.len() == 1,
+    )
+    .await;
+    wait_slots_in_use(&gw, 1).await;
+    let squatter = {
+        let start = Instant::now();
+        loop {
+            // The session's sockets close as its task ends, just after the admin view drops it.
+            if let Some(s) =
+                (PORTS.0..=PORTS.1).find_map(|p| std::net::UdpSocket::bind(("0.0.0.0", p)).ok())
+            {
+                break s;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(5),
+                "the second session's port was not released"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    let (status, h, body) = post(whep.clone(), sdp(&[]), CHROMIUM_OFFER.into()).await;
+    assert_eq!(
+        (status, error_code(&body).as_str()),
+        (503, "no_capacity"),
+        "{body}"
+    );
+    assert!(body.contains("UDP port"), "{body}");
+    assert_eq!(header(&h, "retry-after"), "2");
+    wait_sessions(
+        &gw,
+        "the refused session to be let go",
+        Duration::from_secs(5),
+        |l| l.len() == 1,
+    )
+    .await;
+    wait_slots_in_use(&gw, 1).await;
+    drop(squatter);
+    let (status, h2, body) = post(whep.clone(), sdp(&[]), CHROMIUM_OFFER.into()).await;
+    assert_eq!(status, 201, "{body}");
+    let second = gw.api_url(header(&h2, "location"));
+
+    // CORS preflights: allowed origin, and one that is not.
+    let preflight = [
+        ("origin", "https://play.example"),
+        ("access-control-request-method", "POST"),
+        (
+            "access-control-request-headers",
+            "authorization, content-type",
+        ),
+    ];
+    let (status, h, _) = request(None, "OPTIONS", &whep, &preflight, "").await;
+    assert_eq!(status, 204);
+    assert_eq!(
+        header(&h, "access-control-allow-origin"),
+        "https://play.example"
+    );
+    assert!(header(&h, "access-control-allow-methods").contains("POST"));
+    let allowed = header(&h, "access-control-allow-headers");
+    assert!(
+        allowed.contains("authorization") && allowed.contains("content-type"),
+        "{allowed}"
+    );
+    let (status, h, _) = request(
+        None,
+        "OPTIONS",
+        &session,
+        &[
+            ("origin", "https://play.example"),
+            ("access-control-request-method", "DELETE"),
+        ],
+        "",
+    )
+    .await;
+    assert_eq!(status, 204);
+    let methods = header(&h, "access-control-allow-methods");
+    assert!(
+        methods.contains("PATCH") && methods.contains("DELETE"),
+        "{methods}"
+    );
+    let (status, h, _) = request(
+        None,
+        "OPTIONS",
+        &whep,
+        &[
+            ("origin", "https://evil.example"),
+            ("access-control-request-method", "POST"),
+        ],
+        "",
+    )
+    .await;
+    assert_eq!(status, 204);
+    assert!(h.get("access-control-allow-origin").is_none(), "{h:?}");
+
+    // Trickle ICE.
+    let ufrag = CHROMIUM_OFFER
+        .lines()
+        .find_map(|l| l.strip_prefix("a=ice-ufrag:"))
+        .unwrap()
+        .trim();
+    let pwd = CHROMIUM_OFFER
+        .lines()
+        .find_map(|l| l.strip_prefix("a=ice-pwd:"))
+        .unwrap()
+        .trim();
+    let frag = format!("a=ice-ufrag:{ufrag}\r\na=ice-pwd:{pwd}\r\nm=video 9 UDP/TLS/RTP/SAVPF 0\r\na=mid:0\r\na=candidate:1 1 udp 2122260223 127.0.0.1 9 typ host\r\na=end-of-candidates\r\n");
+    let frag_headers = [
+        ("authorization", auth.as_str()),
+        ("content-type", "application/trickle-ice-sdpfrag"),
+    ];
+    let (status, _, body) = request(None, "PATCH", &session, &frag_headers, &frag).await;
+    assert_eq!(status, 204, "{body}");
+    let (status, _, _) = request(
+        None,
+        "PATCH",
+        &session,
+        &[
+            ("authorization", auth.as_str()),
+            ("content-type", "application/sdp"),
+        ],
+        &frag,
+    )
+    .await;
+    assert_eq!(status, 415);
+    let (status, _, _) = request(
+        None,
+        "PATCH",
+        &session,
+        &[
+            ("authorization", "Bearer other-tenant-key"),
+            ("content-type", "application/trickle-ice-sdpfrag"),
+        ],
+        &frag,
+    )
+    .await;
+    assert_eq!(
+        status, 404,
+        "another tenant's session does not exist for it"
+    );
+    let (status, _, _) = request(
+        None,
+        "PATCH",
+        &gw.api_url("/v1/sessions/999999"),
+        &frag_headers,
+        &frag,
+    )
+    .await;
+    assert_eq!(status, 404);
+    let restart = frag.replace(&format!("a=ice-ufrag:{ufrag}"), "a=ice-ufrag:new1");
+    let (status, _, body) = request(None, "PATCH", &session, &frag_headers, &restart).await;
+    assert_eq!(
+        (status, error_code(&body).as_str()),
+        (422, "ice_restart_unsupported"),
+        "{body}"
+    );
+    let (status, _, _) = request(
+        None,
+        "PATCH",
+        &session,
+        &[frag_headers[0], frag_headers[1], ("if-match", "*")],
+        &frag,
+    )
+    .await;
+    assert_eq!(status, 422);
+
+    // Stats from the page show up in the admin view, with the gateway's own counters.
+    let json_headers = [
+        ("authorization", auth.as_str()),
+        ("content-type", "application/json"),
+    ];
+    let (status, _, _) = request(
+        None,
+        "POST",
+        &format!("{session}/stats"),
+        &json_headers,
+        r#"{"framesDecoded":5}"#,
+    )
+    .await;
+    assert_eq!(status, 204);
+    let (status, _, _) = request(
+        None,
+        "POST",
+        &format!("{session}/stats"),
+        &json_headers,
+        "[1,2]",
+    )
+    .await;
+    assert_eq!(status, 400);
+    let id: u64 = location.rsplit('/').next().unwrap().parse().unwrap();
+    let list = wait_sessions(&gw, "the posted stats", Duration::from_secs(5), |l| {
+        l.iter()
+            .any(|s| s["id"] == id && s["client_stats"]["framesDecoded"] == 5)
+    })
+    .await;
+    let mine = list.iter().find(|s| s["id"] == id).unwrap();
+    assert!(
+        mine["client_stats"]["gateway"]["frames_sent"].is_u64(),
+        "{mine}"
+    );
+
+    // DELETE: only the owner; it ends the session on the node.
+    let (status, _, _) = request(
+        None,
+        "DELETE",
+        &session,
+        &[("authorization", "Bearer other-tenant-key")],
+        "",
+    )
+    .await;
+    assert_eq!(status, 404);
+    let (status, _, _) = request(
+        None,
+        "DELETE",
+        &session,
+        &[("authorization", auth.as_str())],
+        "",
+    )
+    .await;
+    assert_eq!(status, 200);
+    let (status, _, _) = request(
+        None,
+        "DELETE",
+        &second,
+        &[("authorization", auth.as_str())],
+        "",
+    )
+    .await;
+    assert_eq!(status, 200);
+    wait_sessions(&gw, "both sessions to end", Duration::from_secs(5), |l| {
+        l.is_empty()
+    })
+    .await;
+    let (status, _, _) = request(
+        None,
+        "DELETE",
+        &session,
+        &[("authorization", auth.as_str())],
+        "",
+    )
+    .await;
+    assert_eq!(status, 404);
+
+    // The player page: no key prefilled outside the demo.
+    let (status, h, body) = request(None, "GET", &gw.api_url("/play"), &[], "").await;
+    assert_eq!(status, 200);
+    assert!(header(&h, "content-type").starts_with("text/html"));
+    assert!(
+        body.contains("<video") && body.contains("const DEMO_KEY = \"\";"),
+        "the page must not carry a key"
+    );
+
+    de.stop().await.unwrap();
+    us.stop().await.unwrap();
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_player_page_prefills_the_demo_key() {
+    let mut demo = nearpath_gateway::demo::Demo::start(
+        nearpath_gateway::Listeners::ephemeral().await.unwrap(),
+        None,
+    )
+    .await
+    .unwrap();
+    demo.node_registered().await.unwrap();
+    let (status, _, body) = request(
+        None,
+        "GET",
+        &format!("http://{}/play", demo.addrs.http),
+        &[],
+        "",
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert!(
+        body.contains("const DEMO_KEY = \"demo\";"),
+        "the demo page prefills the demo key"
+    );
+    demo.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Benchmark (run on demand):
+//   cargo test --release -p nearpath-tests --test browser -- --ignored --nocapture bench_
+// The gateway runs in this process, the edge node in a child process (this test binary started
+// again, see `bench_node_process`), Chromium in its own processes, so that this process's CPU
+// time is the gateway's (plus an idle DevTools client).
+
+const BENCH_NODE_ENV: &str = "NEARPATH_BENCH_NODE";
+
+/// CPU time (user + system) this process has used so far.
+fn process_cpu() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").expect("/proc/self/stat");
+    // Fields after the command name (which may contain spaces): state is field 3; utime and
+    // stime are fields 14 and 15.
+    let rest = &stat[stat.rfind(')').expect("a stat line") + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Duration::from_micros(ticks * 1_000_000 / hz)
+}
+
+/// Not a test: the edge node of `bench_webrtc_gateway_cpu_per_session`, started as a child
+/// process with `NEARPATH_BENCH_NODE=quic|sha256|token|sessions`; it serves until stdin closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "helper process of bench_webrtc_gateway_cpu_per_session"]
+async fn bench_node_process() {
+    let Ok(spec) = std::env::var(BENCH_NODE_ENV) else {
+        return;
+    };
+    let f: Vec<&str> = spec.split('|').collect();
+    let [quic, sha, token, sessions] = f[..] else {
+        panic!("{BENCH_NODE_ENV}={spec}: expected quic|sha256|token|sessions")
+    };
+    let mut cfg = nearpath_config::NodeConfig {
+        node: nearpath_config::NodeIdentity {
+            id: "bench-node".into(),
+            enrolment_token: Some(token.into()),
+        },
+        gateway: nearpath_config::NodeGatewayConfig::pinned(quic, sha),
+        drain: Default::default(),
+        gpus: vec![],
+        gpu_classes: nearpath_config::default_gpu_class_table(),
+        capacity: nearpath_config::CapacityConfig {
+            game_sessions: 1,
+            inference_concurrency: 1,
+        },
+        models: vec![],
+        games: vec![],
+        encoder: Default::default(),
+        log: Default::default(),
+    };
+    cfg = with_arena(cfg);
+    cfg.capacity.game_sessions = sessions.parse().unwrap();
+    let mut node = TestNode::start(cfg, ip(DE));
+    node.registered().await;
+    println!("node registered");
+    // Serve until the parent closes stdin (or dies).
+    let _ =
+        tokio::task::spawn_blocking(|| std::io::copy(&mut std::io::stdin(), &mut std::io::sink()))
+            .await;
+    node.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark: run on demand (see above)"]
+async fn bench_webrtc_gateway_cpu_per_session() {
+    let _one = ONE_BROWSER_AT_A_TIME.lock().await;
+    let counts: Vec<usize> = std::env::var("NEARPATH_BENCH_SESSIONS")
+        .unwrap_or_else(|_| "1,2".into())
+        .split(',')
+        .map(|n| {
+            n.trim()
+                .parse()
+                .expect("NEARPATH_BENCH_SESSIONS: comma-separated counts")
+        })
+        .collect();
+    let max = *counts.iter().max().unwrap();
+    let gw = TestGateway::start(|_| {}).await;
+    let spec = format!(
+        "{}|{}|{}|{max}",
+        gw.addrs.quic,
+        nearpath_protocol::tls::sha256_hex(&gw.sha),
+        gw.token
+    );
+    let mut child = tokio::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "bench_node_process",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(BENCH_NODE_ENV, spec)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("starting the node process");
+    gw.wait_nodes(
+        "the node process to register",
+        Duration::from_secs(30),
+        |ids| ids.len() == 1,
+    )
+    .await;
+    let window = Duration::from_secs(10);
+    println!("| sessions | frames decoded/s per session | Mbit/s per session | gateway CPU, % of one core | per session | CPU per frame relayed | 720p60 sessions per 2 cores (est.) |");
+    println!("|---|---|---|---|---|---|---|");
+    for &n in &counts {
+        let browser = Browser::launch().await;
+        let mut pages = Vec::new();
+        for _ in 0..n {
+            pages.push(browser.open(&play_url(&gw, 1280, 720, 60)).await);
+        }
+        for p in &pages {
+            wait_stats(p, "decoding", Duration::from_secs(30), |s| {
+                num(s, "framesDecoded") > 60.0
+            })
+            .await;
+        }
+        // Let the streams settle (first IDRs, bitrate) before measuring.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let before: Vec<Value> = futures_util::future::join_all(pages.iter().map(|p| p.stats()))
+            .await
+            .into_iter()
+            .flatten()
+            .collect();
+        let relayed = || async {
+            let v = gw.admin_get("/admin/sessions").await;
+            v["data"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|s| num(s, "frames"))
+                .sum::<f64>()
+        };
+        let relayed0 = relayed().await;
+        let (cpu0, t0) = (process_cpu(), Instant::now());
+        tokio::time::sleep(window).await;
+        let (cpu1, t1) = (process_cpu(), Instant::now());
+        let relayed1 = relayed().await;
+        let after: Vec<Value> = futures_util::future::join_all(pages.iter().map(|p| p.stats()))
+            .await
+            .into_iter()
+            .flatten()
+            .collect();
+        let share = (cpu1 - cpu0).as_secs_f64() / (t1 - t0).as_secs_f64() * 100.0;
+        let fps: f64 = before
+            .iter()
+            .zip(&after)
+            .map(|(a, b)| {
+                (num(b, "framesDecoded") - num(a, "framesDecoded"))
+                    / ((num(b, "ts") - num(a, "ts")) / 1000.0)
+            })
+            .sum::<f64>()
+            / n as f64;
+        let mbps: f64 =
+            after.iter().map(|s| num(s, "bitrateKbps")).sum::<f64>() / n as f64 / 1000.0;
+        // CPU per frame the gateway relayed (frames sent, from its own counters), so that a
+        // machine too busy encoding and decoding to keep 60 fps does not flatter the figure.
+        let frames = relayed1 - relayed0;
+        let us_per_frame = (cpu1 - cpu0).as_secs_f64() * 1e6 / frames;
+        let per_session_60 = us_per_frame * 60.0 / 1e6 * 100.0;
+        println!(
+            "| {n} | {fps:.1} | {mbps:.2} | {share:.1} | {:.1} | {us_per_frame:.0} µs | {:.0} |",
+            share / n as f64,
+            200.0 / per_session_60
+        );
+        for p in &pages {
+            let _ = p.eval("window.nearpath.stop()").await;
+        }
+        wait_sessions(&gw, "the sessions to end", Duration::from_secs(10), |l| {
+            l.is_empty()
+        })
+        .await;
+        drop(browser);
+    }
+    drop(child.stdin.take());
+    let _ = tokio::time::timeout(Duration::from_secs(10), child.wait()).await;
+    gw.stop().await;
+}
+
+/// A browser that vanishes without a DELETE (killed) is noticed through ICE: its session ends
+/// and the node's slot is freed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_browser_ends_its_session_within_15_seconds() {
+    let _one = ONE_BROWSER_AT_A_TIME.lock().await;
+    let gw = TestGateway::start(|_| {}).await;
+    let mut node = TestNode::start(with_arena(gw.node_config("de-1", &gw.token)), ip(DE));
+    node.registered().await;
+    let browser = Browser::launch().await;
+    let page = browser.open(&play_url(&gw, 640, 360, 30)).await;
+    wait_stats(&page, "decoding", Duration::from_secs(30), |s| {
+        num(s, "framesDecoded") > 10.0
+    })
+    .await;
+    drop(page);
+    drop(browser);
+    let killed = Instant::now();
+    wait_sessions(&gw, "the session to end", Duration::from_secs(15), |l| {
+        l.is_empty()
+    })
+    .await;
+    println!(
+        "the session ended {:?} after the browser was killed",
+        killed.elapsed()
+    );
+    wait_slots_in_use(&gw, 0).await;
     node.stop().await.unwrap();
     gw.stop().await;
 }

@@ -31,7 +31,10 @@ impl Child {
             .spawn()
             .with_context(|| format!("starting the {name} process"))?;
         let pid = proc.id();
-        let stdout = proc.stdout.take().ok_or_else(|| anyhow!("{name}: no stdout pipe"))?;
+        let stdout = proc
+            .stdout
+            .take()
+            .ok_or_else(|| anyhow!("{name}: no stdout pipe"))?;
         let (tx, rx) = mpsc::channel::<String>();
         // Forwards every line (the ready line, then answers to commands); reading continuously
         // means the child never blocks on a full pipe.
@@ -56,20 +59,33 @@ impl Child {
                 bail!("{name} (pid {pid}) was not ready within {ready_within:?} (exit status: {status:?})");
             }
         };
-        child.info = serde_json::from_str(&line).with_context(|| format!("{name} printed {line:?}, not its JSON ready line"))?;
+        child.info = serde_json::from_str(&line)
+            .with_context(|| format!("{name} printed {line:?}, not its JSON ready line"))?;
         Ok(child)
     }
 
     /// Sends a command line (see `serve`) and returns its JSON answer.
     pub fn ask(&mut self, command: &str) -> anyhow::Result<Value> {
-        let stdin = self.proc.stdin.as_mut().ok_or_else(|| anyhow!("{}: stdin already closed", self.name))?;
-        writeln!(stdin, "{command}").with_context(|| format!("{}: sending {command:?}", self.name))?;
+        let stdin = self
+            .proc
+            .stdin
+            .as_mut()
+            .ok_or_else(|| anyhow!("{}: stdin already closed", self.name))?;
+        writeln!(stdin, "{command}")
+            .with_context(|| format!("{}: sending {command:?}", self.name))?;
         stdin.flush()?;
         let line = self
             .lines
             .recv_timeout(Duration::from_secs(10))
-            .map_err(|_| anyhow!("{} (pid {}) did not answer {command:?}", self.name, self.pid))?;
-        serde_json::from_str(&line).with_context(|| format!("{}: answer {line:?} is not JSON", self.name))
+            .map_err(|_| {
+                anyhow!(
+                    "{} (pid {}) did not answer {command:?}",
+                    self.name,
+                    self.pid
+                )
+            })?;
+        serde_json::from_str(&line)
+            .with_context(|| format!("{}: answer {line:?} is not JSON", self.name))
     }
 
     pub fn str(&self, key: &str) -> anyhow::Result<String> {
@@ -81,7 +97,8 @@ impl Child {
 
     pub fn addr(&self, key: &str) -> anyhow::Result<SocketAddr> {
         let s = self.str(key)?;
-        s.parse().with_context(|| format!("{}: {key} {s:?} is not an address", self.name))
+        s.parse()
+            .with_context(|| format!("{}: {key} {s:?} is not an address", self.name))
     }
 
     /// Closes stdin and waits up to `grace` for a clean exit, then kills.
@@ -98,7 +115,10 @@ impl Child {
                 Ok(None) => std::thread::sleep(Duration::from_millis(20)),
             }
         }
-        eprintln!("{} (pid {}) did not stop within {grace:?}; killing it", self.name, self.pid);
+        eprintln!(
+            "{} (pid {}) did not stop within {grace:?}; killing it",
+            self.name, self.pid
+        );
         let _ = self.proc.kill();
         let _ = self.proc.wait();
     }

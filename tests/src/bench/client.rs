@@ -19,7 +19,9 @@ pub enum Conn {
 }
 
 async fn tcp(addr: SocketAddr) -> anyhow::Result<TokioIo<tokio::net::TcpStream>> {
-    let s = tokio::net::TcpStream::connect(addr).await.with_context(|| format!("connecting to {addr}"))?;
+    let s = tokio::net::TcpStream::connect(addr)
+        .await
+        .with_context(|| format!("connecting to {addr}"))?;
     s.set_nodelay(true)?;
     Ok(TokioIo::new(s))
 }
@@ -36,7 +38,9 @@ impl Conn {
 
     /// An HTTP/2 connection (prior knowledge, cleartext); clones share it for parallel streams.
     pub async fn h2(addr: SocketAddr) -> anyhow::Result<Conn> {
-        let (send, conn) = http2::Builder::new(TokioExecutor::new()).handshake(tcp(addr).await?).await?;
+        let (send, conn) = http2::Builder::new(TokioExecutor::new())
+            .handshake(tcp(addr).await?)
+            .await?;
         tokio::spawn(async move {
             let _ = conn.await;
         });
@@ -58,15 +62,22 @@ impl Conn {
         }
     }
 
-    pub async fn send(&mut self, req: Request<Full<Bytes>>) -> anyhow::Result<Response<hyper::body::Incoming>> {
+    pub async fn send(
+        &mut self,
+        req: Request<Full<Bytes>>,
+    ) -> anyhow::Result<Response<hyper::body::Incoming>> {
         let addr = self.addr();
         let r = match self {
             Conn::H1(_, s) => {
-                s.ready().await.with_context(|| format!("connection to {addr} closed"))?;
+                s.ready()
+                    .await
+                    .with_context(|| format!("connection to {addr} closed"))?;
                 s.send_request(req).await
             }
             Conn::H2(_, s) => {
-                s.ready().await.with_context(|| format!("connection to {addr} closed"))?;
+                s.ready()
+                    .await
+                    .with_context(|| format!("connection to {addr} closed"))?;
                 s.send_request(req).await
             }
         };
@@ -92,7 +103,8 @@ pub fn chat_request(addr: SocketAddr, key: Option<&str>, body: Bytes) -> Request
     if let Some(k) = key {
         b = b.header("authorization", format!("Bearer {k}"));
     }
-    b.body(Full::new(body)).expect("static request parts are valid")
+    b.body(Full::new(body))
+        .expect("static request parts are valid")
 }
 
 /// What the client saw of one streamed response.
@@ -134,7 +146,9 @@ pub async fn stream_once(
     let mut last = t0;
     while let Some(frame) = body.frame().await {
         let frame = frame.with_context(|| format!("reading the stream from {}", conn.addr()))?;
-        let Some(data) = frame.data_ref() else { continue };
+        let Some(data) = frame.data_ref() else {
+            continue;
+        };
         let now = Instant::now();
         scanner.feed(data, |ev| match ev {
             Event::Content => {
@@ -162,18 +176,30 @@ pub async fn stream_once(
 
 /// Sends a non-streaming request, reads the whole body and checks it reports `tokens`
 /// completion tokens. Returns the latency, or an error saying what was wrong.
-pub async fn plain_once(conn: &mut Conn, req: Request<Full<Bytes>>, tokens: u32) -> anyhow::Result<Duration> {
+pub async fn plain_once(
+    conn: &mut Conn,
+    req: Request<Full<Bytes>>,
+    tokens: u32,
+) -> anyhow::Result<Duration> {
     let t0 = Instant::now();
     let resp = conn.send(req).await?;
     let status = resp.status();
-    let body = resp.into_body().collect().await.context("reading the body")?.to_bytes();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .context("reading the body")?
+        .to_bytes();
     let took = t0.elapsed();
     if status != StatusCode::OK {
         return Err(anyhow!("HTTP {status}: {}", String::from_utf8_lossy(&body)));
     }
     let want = format!("\"completion_tokens\":{tokens}");
     if !body.windows(want.len()).any(|w| w == want.as_bytes()) {
-        return Err(anyhow!("the body lacks {want}: {}", String::from_utf8_lossy(&body)));
+        return Err(anyhow!(
+            "the body lacks {want}: {}",
+            String::from_utf8_lossy(&body)
+        ));
     }
     Ok(took)
 }
@@ -190,7 +216,10 @@ pub async fn admin_get(addr: SocketAddr, path: &str, token: &str) -> anyhow::Res
     let status = resp.status();
     let body = resp.into_body().collect().await?.to_bytes();
     if status != StatusCode::OK {
-        return Err(anyhow!("GET {path}: HTTP {status}: {}", String::from_utf8_lossy(&body)));
+        return Err(anyhow!(
+            "GET {path}: HTTP {status}: {}",
+            String::from_utf8_lossy(&body)
+        ));
     }
     serde_json::from_slice(&body).with_context(|| format!("GET {path}: not JSON"))
 }

@@ -7,7 +7,9 @@ use super::client::{chat_body, chat_request, stream_once, Conn, StreamOutcome};
 use super::os::{loadavg_1m, CpuMeter};
 use super::serve::Sim;
 use super::stats::{num, Repeated, Summary};
-use super::system::{start_gateway, start_nodes, stop_all, verdict, Liveness, NodesSpec, Placement, Table};
+use super::system::{
+    start_gateway, start_nodes, stop_all, verdict, Liveness, NodesSpec, Placement, Table,
+};
 use serde_json::json;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -53,7 +55,12 @@ struct Round {
     failures: Vec<String>,
 }
 
-async fn round(workers: Vec<Worker>, targets: [(SocketAddr, Option<String>); 2], requests: u32, tokens: u32) -> (Vec<Worker>, Round) {
+async fn round(
+    workers: Vec<Worker>,
+    targets: [(SocketAddr, Option<String>); 2],
+    requests: u32,
+    tokens: u32,
+) -> (Vec<Worker>, Round) {
     let next = Arc::new(AtomicU32::new(0));
     let body = chat_body(true, tokens);
     let mut tasks = Vec::new();
@@ -73,7 +80,11 @@ async fn round(workers: Vec<Worker>, targets: [(SocketAddr, Option<String>); 2],
                 let path = (i % 2) as usize;
                 let (addr, key) = &targets[path];
                 let req = chat_request(*addr, key.as_deref(), body.clone());
-                let r = tokio::time::timeout(Duration::from_secs(30), stream_once(&mut w.conns[path], req, true, || {})).await;
+                let r = tokio::time::timeout(
+                    Duration::from_secs(30),
+                    stream_once(&mut w.conns[path], req, true, || {}),
+                )
+                .await;
                 let broken = matches!(r, Ok(Err(_)) | Err(_));
                 match r {
                     Ok(Ok(o)) if o.complete(tokens) => ok[path].push(o),
@@ -118,11 +129,16 @@ async fn round(workers: Vec<Worker>, targets: [(SocketAddr, Option<String>); 2],
 }
 
 fn ttft_ms(v: &[StreamOutcome]) -> Vec<f64> {
-    v.iter().filter_map(|o| o.ttft).map(|d| d.as_secs_f64() * 1e3).collect()
+    v.iter()
+        .filter_map(|o| o.ttft)
+        .map(|d| d.as_secs_f64() * 1e3)
+        .collect()
 }
 
 fn gaps_us(v: &[StreamOutcome]) -> Vec<f64> {
-    v.iter().flat_map(|o| o.gaps.iter().map(|d| d.as_secs_f64() * 1e6)).collect()
+    v.iter()
+        .flat_map(|o| o.gaps.iter().map(|d| d.as_secs_f64() * 1e6))
+        .collect()
 }
 
 pub async fn run(a: LatencyArgs) -> anyhow::Result<()> {
@@ -143,7 +159,9 @@ pub async fn run(a: LatencyArgs) -> anyhow::Result<()> {
         threads: p.node_threads,
         nofile: 4096,
     })?;
-    let backend = nodes.backend.ok_or_else(|| anyhow::anyhow!("the node process reported no backend address"))?;
+    let backend = nodes
+        .backend
+        .ok_or_else(|| anyhow::anyhow!("the node process reported no backend address"))?;
     let targets = [(gw.http, Some(gw.api_key.clone())), (backend, None)];
     let mut workers = Vec::new();
     for _ in 0..a.concurrency.max(1) {
@@ -164,12 +182,18 @@ pub async fn run(a: LatencyArgs) -> anyhow::Result<()> {
     let (w, warm) = round(workers, targets.clone(), a.warmup, a.tokens).await;
     workers = w;
     if !warm.failures.is_empty() {
-        anyhow::bail!("warm-up failed: {:?}", &warm.failures[..warm.failures.len().min(5)]);
+        anyhow::bail!(
+            "warm-up failed: {:?}",
+            &warm.failures[..warm.failures.len().min(5)]
+        );
     }
 
     let mut pooled: [(Vec<f64>, Vec<f64>); 2] = Default::default();
     let mut added = [Vec::new(), Vec::new(), Vec::new(), Vec::new()]; // ttft p50, ttft p99, gap p50, gap p99
-    let mut per_path = [[Vec::new(), Vec::new(), Vec::new(), Vec::new()], [Vec::new(), Vec::new(), Vec::new(), Vec::new()]];
+    let mut per_path = [
+        [Vec::new(), Vec::new(), Vec::new(), Vec::new()],
+        [Vec::new(), Vec::new(), Vec::new(), Vec::new()],
+    ];
     let mut gw_cpu = Vec::new();
     let mut failures = Vec::new();
     let mut per_repeat = Vec::new();
@@ -224,9 +248,21 @@ pub async fn run(a: LatencyArgs) -> anyhow::Result<()> {
     let rep = |v: &Vec<f64>| Repeated::new(v.clone());
     let [ref a_fig, ref b_fig] = per_path;
     let added_r: Vec<Repeated> = added.iter().map(rep).collect();
-    let mut t = Table::new(&["median over repeats [min .. max]", "through gateway", "direct", "added", "target", ""]);
+    let mut t = Table::new(&[
+        "median over repeats [min .. max]",
+        "through gateway",
+        "direct",
+        "added",
+        "target",
+        "",
+    ]);
     let targets_ms = [Some(0.5), Some(2.0), Some(100.0), None];
-    let names = ["TTFT p50 (ms)", "TTFT p99 (ms)", "inter-token p50 (us)", "inter-token p99 (us)"];
+    let names = [
+        "TTFT p50 (ms)",
+        "TTFT p99 (ms)",
+        "inter-token p50 (us)",
+        "inter-token p99 (us)",
+    ];
     for k in 0..4 {
         let digits = if k < 2 { 3 } else { 0 };
         let target = targets_ms[k];
@@ -236,7 +272,9 @@ pub async fn run(a: LatencyArgs) -> anyhow::Result<()> {
             rep(&b_fig[k]).show(digits),
             added_r[k].show(digits),
             target.map(|x| format!("<= {x}")).unwrap_or_default(),
-            target.map(|x| verdict(added_r[k].median() <= x).to_string()).unwrap_or_default(),
+            target
+                .map(|x| verdict(added_r[k].median() <= x).to_string())
+                .unwrap_or_default(),
         ]);
     }
     println!();
@@ -248,7 +286,8 @@ pub async fn run(a: LatencyArgs) -> anyhow::Result<()> {
             "  {:<8} all repeats: TTFT ms p5 {:.3} p50 {:.3} p95 {:.3} p99 {:.3} max {:.3} (n {}); gap us p5 {:.0} p50 {:.0} p95 {:.0} p99 {:.0} (n {})",
             PATHS[path], ts.p5, ts.p50, ts.p95, ts.p99, ts.max, ts.n, gs.p5, gs.p50, gs.p95, gs.p99, gs.n
         );
-        pooled_json.push(json!({"path": PATHS[path], "ttft_ms": ts.to_json(), "gap_us": gs.to_json()}));
+        pooled_json
+            .push(json!({"path": PATHS[path], "ttft_ms": ts.to_json(), "gap_us": gs.to_json()}));
     }
     let gw_cpu = Repeated::new(gw_cpu);
     println!(

@@ -8,6 +8,7 @@ pub mod latency;
 pub mod os;
 pub mod quicmem;
 pub mod register;
+pub mod relay;
 pub mod rps;
 pub mod serve;
 pub mod sse;

@@ -126,7 +126,10 @@ pub fn pin_current_thread(cpus: &[usize]) -> io::Result<()> {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         for &c in cpus {
             if c >= libc::CPU_SETSIZE as usize {
-                return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("CPU {c} is out of range")));
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("CPU {c} is out of range"),
+                ));
             }
             libc::CPU_SET(c, &mut set);
         }
@@ -145,7 +148,9 @@ pub fn allowed_cpus() -> Vec<usize> {
         if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
             return Vec::new();
         }
-        (0..libc::CPU_SETSIZE as usize).filter(|&c| libc::CPU_ISSET(c, &set)).collect()
+        (0..libc::CPU_SETSIZE as usize)
+            .filter(|&c| libc::CPU_ISSET(c, &set))
+            .collect()
     }
 }
 

@@ -26,7 +26,10 @@ pub struct QuicMemArgs {
 fn parse_limits(s: &str) -> anyhow::Result<Vec<(u32, u32)>> {
     s.split(',')
         .map(|p| {
-            let (b, u) = p.trim().split_once(':').with_context(|| format!("{p:?} is not bidi:uni"))?;
+            let (b, u) = p
+                .trim()
+                .split_once(':')
+                .with_context(|| format!("{p:?} is not bidi:uni"))?;
             Ok((b.parse()?, u.parse()?))
         })
         .collect()
@@ -40,22 +43,35 @@ async fn per_connection(n: u32, bidi: u32, uni: u32) -> anyhow::Result<f64> {
         max_concurrent_uni_streams: uni,
         ..Default::default()
     };
-    let scfg = server_config(cert.chain.clone(), cert.key.clone_key(), &[ALPN_NODE], &server_transport)?;
-    let (server, _) = nearpath_protocol::net::server_endpoint("127.0.0.1:0".parse()?, scfg, 8 << 20)?;
+    let scfg = server_config(
+        cert.chain.clone(),
+        cert.key.clone_key(),
+        &[ALPN_NODE],
+        &server_transport,
+    )?;
+    let (server, _) =
+        nearpath_protocol::net::server_endpoint("127.0.0.1:0".parse()?, scfg, 8 << 20)?;
     let client_transport = TransportOptions {
         max_concurrent_bidi_streams: 1,
         max_concurrent_uni_streams: 1,
         ..Default::default()
     };
-    let ccfg = client_config_with(ServerVerify::PinnedSha256(cert.sha256), &[ALPN_NODE], &client_transport)?;
-    let (client, _) = nearpath_protocol::net::client_endpoint("127.0.0.1:0".parse()?, ccfg, 8 << 20)?;
+    let ccfg = client_config_with(
+        ServerVerify::PinnedSha256(cert.sha256),
+        &[ALPN_NODE],
+        &client_transport,
+    )?;
+    let (client, _) =
+        nearpath_protocol::net::client_endpoint("127.0.0.1:0".parse()?, ccfg, 8 << 20)?;
     let addr = server.local_addr()?;
     let acceptor = {
         let server = server.clone();
         tokio::spawn(async move {
             let mut held = Vec::new();
             for _ in 0..n {
-                let Some(incoming) = server.accept().await else { break };
+                let Some(incoming) = server.accept().await else {
+                    break;
+                };
                 if let Ok(c) = incoming.await {
                     held.push(c);
                 }
@@ -70,7 +86,9 @@ async fn per_connection(n: u32, bidi: u32, uni: u32) -> anyhow::Result<f64> {
     for _ in 0..n.saturating_sub(1) {
         conns.push(client.connect(addr, "localhost")?.await?);
     }
-    let held = tokio::time::timeout(Duration::from_secs(30), acceptor).await.context("accepting")??;
+    let held = tokio::time::timeout(Duration::from_secs(30), acceptor)
+        .await
+        .context("accepting")??;
     let after = heap_stats().in_use;
     let per = (after as f64 - before as f64) / (n.saturating_sub(1)).max(1) as f64;
     drop(held);
@@ -89,16 +107,25 @@ pub async fn run(a: QuicMemArgs) -> anyhow::Result<()> {
         "quic-idle-memory: {} idle connections per row, both endpoints in this process (client grants 1:1); heap in use from glibc mallinfo2",
         a.connections
     );
-    let mut t = Table::new(&["server grants bidi:uni", "heap per connection, both sides (KiB)"]);
+    let mut t = Table::new(&[
+        "server grants bidi:uni",
+        "heap per connection, both sides (KiB)",
+    ]);
     let mut rows = Vec::new();
     for (bidi, uni) in limits {
         let per = per_connection(a.connections, bidi, uni).await?;
-        t.row(vec![format!("{bidi}:{uni}"), format!("{:.1}", per / 1024.0)]);
+        t.row(vec![
+            format!("{bidi}:{uni}"),
+            format!("{:.1}", per / 1024.0),
+        ]);
         rows.push(json!({"bidi": bidi, "uni": uni, "heap_per_connection_kib": num(per / 1024.0)}));
     }
     println!();
     t.print();
-    println!("{}", json!({"bench": "quic-idle-memory", "connections": a.connections, "rows": rows}));
+    println!(
+        "{}",
+        json!({"bench": "quic-idle-memory", "connections": a.connections, "rows": rows})
+    );
     Ok(())
 }
 
@@ -108,7 +135,10 @@ mod tests {
 
     #[test]
     fn limit_pairs() {
-        assert_eq!(parse_limits("1024:1024, 1:0").unwrap(), vec![(1024, 1024), (1, 0)]);
+        assert_eq!(
+            parse_limits("1024:1024, 1:0").unwrap(),
+            vec![(1024, 1024), (1, 0)]
+        );
         assert!(parse_limits("1024").is_err());
     }
 }

@@ -68,7 +68,13 @@ struct Fleet {
 }
 
 /// One node: connect, register, heartbeat until `stop`, then close the connection.
-async fn raw_node(fleet: Arc<Fleet>, id: String, t0: Instant, stop: CancellationToken, c: Arc<Counters>) {
+async fn raw_node(
+    fleet: Arc<Fleet>,
+    id: String,
+    t0: Instant,
+    stop: CancellationToken,
+    c: Arc<Counters>,
+) {
     let r = async {
         let conn = fleet
             .endpoint
@@ -77,7 +83,10 @@ async fn raw_node(fleet: Arc<Fleet>, id: String, t0: Instant, stop: Cancellation
             .await
             .context("handshake")?;
         let at = t0.elapsed().as_secs_f64() * 1e6;
-        c.handshake_at_us.lock().unwrap_or_else(|p| p.into_inner()).push(at);
+        c.handshake_at_us
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(at);
         let (mut tx, rx) = conn.open_bi().await.context("opening the control stream")?;
         let reg = Register {
             protocol_version: PROTOCOL_VERSION,
@@ -94,12 +103,17 @@ async fn raw_node(fleet: Arc<Fleet>, id: String, t0: Instant, stop: Cancellation
                 inference_concurrency: 4,
             },
         };
-        send(&mut tx, &Message::Register(reg)).await.context("sending Register")?;
+        send(&mut tx, &Message::Register(reg))
+            .await
+            .context("sending Register")?;
         let mut rx = FramedRecv::new(rx, MAX_CONTROL_FRAME);
         let heartbeat_ms = match tokio::time::timeout(Duration::from_secs(60), rx.next()).await {
             Ok(Ok(Some(Message::Registered(r)))) => {
                 let at = t0.elapsed().as_secs_f64() * 1e6;
-                c.registered_at_us.lock().unwrap_or_else(|p| p.into_inner()).push(at);
+                c.registered_at_us
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(at);
                 c.registered.fetch_add(1, Ordering::Relaxed);
                 r.heartbeat_ms
             }
@@ -162,11 +176,19 @@ async fn raw_node(fleet: Arc<Fleet>, id: String, t0: Instant, stop: Cancellation
 
 async fn node_count(admin: SocketAddr, token: &str) -> anyhow::Result<usize> {
     let v = admin_get(admin, "/admin/nodes", token).await?;
-    v["data"].as_array().map(Vec::len).ok_or_else(|| anyhow!("/admin/nodes has no data array: {v}"))
+    v["data"]
+        .as_array()
+        .map(Vec::len)
+        .ok_or_else(|| anyhow!("/admin/nodes has no data array: {v}"))
 }
 
 /// Polls (bounded) until the admin API lists `want` nodes.
-async fn wait_count(admin: SocketAddr, token: &str, want: usize, within: Duration) -> anyhow::Result<usize> {
+async fn wait_count(
+    admin: SocketAddr,
+    token: &str,
+    want: usize,
+    within: Duration,
+) -> anyhow::Result<usize> {
     let until = Instant::now() + within;
     loop {
         let n = node_count(admin, token).await?;
@@ -189,9 +211,22 @@ fn start_burst(fleet: &Arc<Fleet>, prefix: &str, n: u32) -> Burst {
     let counters = Arc::new(Counters::default());
     let t0 = Instant::now();
     let tasks = (0..n)
-        .map(|i| tokio::spawn(raw_node(fleet.clone(), format!("{prefix}-{i}"), t0, stop.clone(), counters.clone())))
+        .map(|i| {
+            tokio::spawn(raw_node(
+                fleet.clone(),
+                format!("{prefix}-{i}"),
+                t0,
+                stop.clone(),
+                counters.clone(),
+            ))
+        })
         .collect();
-    Burst { stop, tasks, counters, t0 }
+    Burst {
+        stop,
+        tasks,
+        counters,
+        t0,
+    }
 }
 
 impl Burst {
@@ -238,8 +273,12 @@ pub async fn run(a: RegisterArgs) -> anyhow::Result<()> {
     )?;
     let pid = gw.child.pid;
     let cold = mem_status(pid)?;
-    let cfg = client_config(ServerVerify::PinnedSha256(parse_sha256_hex(&gw.sha256)?), &[ALPN_NODE])?;
-    let (endpoint, buffer) = nearpath_protocol::net::client_endpoint("127.0.0.1:0".parse()?, cfg, 8 << 20)?;
+    let cfg = client_config(
+        ServerVerify::PinnedSha256(parse_sha256_hex(&gw.sha256)?),
+        &[ALPN_NODE],
+    )?;
+    let (endpoint, buffer) =
+        nearpath_protocol::net::client_endpoint("127.0.0.1:0".parse()?, cfg, 8 << 20)?;
     let fleet = Arc::new(Fleet {
         endpoint,
         quic: gw.quic,
@@ -279,9 +318,17 @@ pub async fn run(a: RegisterArgs) -> anyhow::Result<()> {
     let own_burst_cpu = own_cpu.percent()?;
     let c = burst.counters.clone();
     let registered = c.registered.load(Ordering::Relaxed);
-    let mut at = c.registered_at_us.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let mut at = c
+        .registered_at_us
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
     let at = Summary::of(&mut at);
-    let mut hs = c.handshake_at_us.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let mut hs = c
+        .handshake_at_us
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
     let hs = Summary::of(&mut hs);
     let just_after = mem_status(pid)?;
     let listed = node_count(gw.admin, &gw.admin_token).await?;
@@ -295,7 +342,10 @@ pub async fn run(a: RegisterArgs) -> anyhow::Result<()> {
     );
     // Idle: a few heartbeats at least, and long enough for the burst's extra threads to go.
     let idle_for = settle.max(Duration::from_millis(a.heartbeat_ms * 6));
-    let (acks0, sent0) = (c.acks.load(Ordering::Relaxed), c.heartbeats.load(Ordering::Relaxed));
+    let (acks0, sent0) = (
+        c.acks.load(Ordering::Relaxed),
+        c.heartbeats.load(Ordering::Relaxed),
+    );
     let idle_cpu = CpuMeter::start(pid)?;
     tokio::time::sleep(idle_for).await;
     let idle_cpu = idle_cpu.percent()?;
@@ -308,32 +358,94 @@ pub async fn run(a: RegisterArgs) -> anyhow::Result<()> {
     let listed_idle = node_count(gw.admin, &gw.admin_token).await?;
     let per_node = (idle.rss_kib as f64 - zero.rss_kib as f64) / a.nodes.max(1) as f64;
     let field = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
-    let heap_per_node = (field(&heap1, "heap_in_use") - field(&heap0, "heap_in_use")) / 1024.0 / a.nodes.max(1) as f64;
+    let heap_per_node = (field(&heap1, "heap_in_use") - field(&heap0, "heap_in_use"))
+        / 1024.0
+        / a.nodes.max(1) as f64;
     burst.end().await;
     let after = wait_count(gw.admin, &gw.admin_token, 0, Duration::from_secs(30)).await?;
     let load_end = loadavg_1m();
     let errors = c.errors.lock().unwrap_or_else(|p| p.into_inner()).clone();
 
     let mut t = Table::new(&["", "value"]);
-    t.row(vec!["registered (Registered answers)".into(), format!("{registered} / {}", a.nodes)]);
-    t.row(vec!["listed by GET /admin/nodes (after burst / idle)".into(), format!("{listed} / {listed_idle}")]);
-    t.row(vec!["first connect -> last Registered (ms)".into(), format!("{:.0}", at.max / 1e3)]);
-    t.row(vec!["Registered at p50 / p99 (ms)".into(), format!("{:.0} / {:.0}", at.p50 / 1e3, at.p99 / 1e3)]);
-    t.row(vec!["QUIC handshake done at p50 / p99 / max (ms)".into(), format!("{:.0} / {:.0} / {:.0}", hs.p50 / 1e3, hs.p99 / 1e3, hs.max / 1e3)]);
-    t.row(vec!["CPU during the burst: gateway / this harness (%)".into(), format!("{burst_cpu:.0} / {own_burst_cpu:.0}")]);
-    t.row(vec![format!("heartbeats sent / acked in {:.1} s idle", idle_for.as_secs_f64()), format!("{sent} / {acks}")]);
-    t.row(vec!["gateway CPU while idle (%)".into(), format!("{idle_cpu:.1}")]);
-    t.row(vec!["gateway RSS cold / 0 nodes warm (MiB)".into(), format!("{} / {}", mib(cold.rss_kib), mib(zero.rss_kib))]);
-    t.row(vec!["gateway RSS right after burst / idle (MiB)".into(), format!("{} / {}", mib(just_after.rss_kib), mib(idle.rss_kib))]);
-    t.row(vec!["gateway threads 0 nodes / burst / idle".into(), format!("{} / {} / {}", zero.threads, just_after.threads, idle.threads)]);
-    t.row(vec!["memory per idle node: RSS delta (KiB)".into(), format!("{per_node:.1}")]);
-    t.row(vec!["  of which heap in use (KiB, glibc mallinfo2)".into(), format!("{heap_per_node:.1}")]);
+    t.row(vec![
+        "registered (Registered answers)".into(),
+        format!("{registered} / {}", a.nodes),
+    ]);
+    t.row(vec![
+        "listed by GET /admin/nodes (after burst / idle)".into(),
+        format!("{listed} / {listed_idle}"),
+    ]);
+    t.row(vec![
+        "first connect -> last Registered (ms)".into(),
+        format!("{:.0}", at.max / 1e3),
+    ]);
+    t.row(vec![
+        "Registered at p50 / p99 (ms)".into(),
+        format!("{:.0} / {:.0}", at.p50 / 1e3, at.p99 / 1e3),
+    ]);
+    t.row(vec![
+        "QUIC handshake done at p50 / p99 / max (ms)".into(),
+        format!(
+            "{:.0} / {:.0} / {:.0}",
+            hs.p50 / 1e3,
+            hs.p99 / 1e3,
+            hs.max / 1e3
+        ),
+    ]);
+    t.row(vec![
+        "CPU during the burst: gateway / this harness (%)".into(),
+        format!("{burst_cpu:.0} / {own_burst_cpu:.0}"),
+    ]);
+    t.row(vec![
+        format!(
+            "heartbeats sent / acked in {:.1} s idle",
+            idle_for.as_secs_f64()
+        ),
+        format!("{sent} / {acks}"),
+    ]);
+    t.row(vec![
+        "gateway CPU while idle (%)".into(),
+        format!("{idle_cpu:.1}"),
+    ]);
+    t.row(vec![
+        "gateway RSS cold / 0 nodes warm (MiB)".into(),
+        format!("{} / {}", mib(cold.rss_kib), mib(zero.rss_kib)),
+    ]);
+    t.row(vec![
+        "gateway RSS right after burst / idle (MiB)".into(),
+        format!("{} / {}", mib(just_after.rss_kib), mib(idle.rss_kib)),
+    ]);
+    t.row(vec![
+        "gateway threads 0 nodes / burst / idle".into(),
+        format!(
+            "{} / {} / {}",
+            zero.threads, just_after.threads, idle.threads
+        ),
+    ]);
+    t.row(vec![
+        "memory per idle node: RSS delta (KiB)".into(),
+        format!("{per_node:.1}"),
+    ]);
+    t.row(vec![
+        "  of which heap in use (KiB, glibc mallinfo2)".into(),
+        format!("{heap_per_node:.1}"),
+    ]);
     t.row(vec![
         "  heap free but held: 0 nodes / idle (MiB)".into(),
-        format!("{:.1} / {:.1}", field(&heap0, "heap_free_held") / 1048576.0, field(&heap1, "heap_free_held") / 1048576.0),
+        format!(
+            "{:.1} / {:.1}",
+            field(&heap0, "heap_free_held") / 1048576.0,
+            field(&heap1, "heap_free_held") / 1048576.0
+        ),
     ]);
-    t.row(vec!["  RSS after malloc_trim (MiB)".into(), format!("{:.1}", field(&trimmed, "rss_kib") / 1024.0)]);
-    t.row(vec!["nodes listed after disconnect".into(), after.to_string()]);
+    t.row(vec![
+        "  RSS after malloc_trim (MiB)".into(),
+        format!("{:.1}", field(&trimmed, "rss_kib") / 1024.0),
+    ]);
+    t.row(vec![
+        "nodes listed after disconnect".into(),
+        after.to_string(),
+    ]);
     println!();
     t.print();
     let all = registered == a.nodes && listed_idle == a.nodes as usize;
@@ -372,7 +484,11 @@ pub async fn run(a: RegisterArgs) -> anyhow::Result<()> {
     let _ = tokio::time::timeout(Duration::from_secs(2), fleet.endpoint.wait_idle()).await;
     stop_all(vec![gw.child]).await;
     if !all {
-        anyhow::bail!("{} of {} nodes registered and {listed_idle} listed", registered, a.nodes);
+        anyhow::bail!(
+            "{} of {} nodes registered and {listed_idle} listed",
+            registered,
+            a.nodes
+        );
     }
     Ok(())
 }

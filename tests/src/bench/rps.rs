@@ -6,7 +6,9 @@ use super::client::{chat_body, chat_request, plain_once, Conn};
 use super::os::{loadavg_1m, CpuMeter};
 use super::serve::Sim;
 use super::stats::{num, Repeated, Summary};
-use super::system::{start_gateway, start_nodes, stop_all, verdict, Liveness, NodesSpec, Placement, Table};
+use super::system::{
+    start_gateway, start_nodes, stop_all, verdict, Liveness, NodesSpec, Placement, Table,
+};
 use serde_json::json;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -39,7 +41,13 @@ struct Phase {
     elapsed: Duration,
 }
 
-async fn phase(conns: Vec<Conn>, addr: SocketAddr, key: Option<String>, tokens: u32, duration: Duration) -> (Vec<Conn>, Phase) {
+async fn phase(
+    conns: Vec<Conn>,
+    addr: SocketAddr,
+    key: Option<String>,
+    tokens: u32,
+    duration: Duration,
+) -> (Vec<Conn>, Phase) {
     let body = chat_body(false, tokens);
     let start = Instant::now();
     let deadline = start + duration;
@@ -52,7 +60,9 @@ async fn phase(conns: Vec<Conn>, addr: SocketAddr, key: Option<String>, tokens: 
             let mut errors = Vec::new();
             while Instant::now() < deadline && errors.len() < 10 {
                 let req = chat_request(addr, key.as_deref(), body.clone());
-                match tokio::time::timeout(Duration::from_secs(10), plain_once(&mut c, req, tokens)).await {
+                match tokio::time::timeout(Duration::from_secs(10), plain_once(&mut c, req, tokens))
+                    .await
+                {
                     Ok(Ok(d)) => lat.push(d.as_secs_f64() * 1e6),
                     Ok(Err(e)) => {
                         errors.push(format!("{e:#}"));
@@ -124,7 +134,9 @@ pub async fn run(a: RpsArgs) -> anyhow::Result<()> {
         threads: p.gateway_threads,
         nofile: 4096,
     })?;
-    let backend = direct.backend.ok_or_else(|| anyhow::anyhow!("the direct process reported no backend address"))?;
+    let backend = direct
+        .backend
+        .ok_or_else(|| anyhow::anyhow!("the direct process reported no backend address"))?;
     println!(
         "inference-rps: {} s x {} repeats per path, {} keep-alive connections, max_tokens {}, zero-delay sim; {}",
         a.seconds,
@@ -142,10 +154,20 @@ pub async fn run(a: RpsArgs) -> anyhow::Result<()> {
     }
     for (path, (addr, key)) in targets.iter().enumerate() {
         let c = std::mem::take(&mut conns[path]);
-        let (c, warm) = phase(c, *addr, key.clone(), a.max_tokens, Duration::from_secs_f64(a.warmup_seconds)).await;
+        let (c, warm) = phase(
+            c,
+            *addr,
+            key.clone(),
+            a.max_tokens,
+            Duration::from_secs_f64(a.warmup_seconds),
+        )
+        .await;
         conns[path] = c;
         if warm.ok == 0 {
-            anyhow::bail!("warm-up of path {path} failed: {:?}", &warm.errors[..warm.errors.len().min(5)]);
+            anyhow::bail!(
+                "warm-up of path {path} failed: {:?}",
+                &warm.errors[..warm.errors.len().min(5)]
+            );
         }
     }
 
@@ -166,10 +188,25 @@ pub async fn run(a: RpsArgs) -> anyhow::Result<()> {
         let mut rep_json = serde_json::Map::new();
         for path in order {
             let (addr, key) = &targets[path];
-            let server_pid = if path == 0 { gw.child.pid } else { direct.child.pid };
-            let (cs, cn, cl) = (CpuMeter::start(server_pid)?, CpuMeter::start(nodes.child.pid)?, CpuMeter::start(me)?);
+            let server_pid = if path == 0 {
+                gw.child.pid
+            } else {
+                direct.child.pid
+            };
+            let (cs, cn, cl) = (
+                CpuMeter::start(server_pid)?,
+                CpuMeter::start(nodes.child.pid)?,
+                CpuMeter::start(me)?,
+            );
             let c = std::mem::take(&mut conns[path]);
-            let (c, mut ph) = phase(c, *addr, key.clone(), a.max_tokens, Duration::from_secs_f64(a.seconds)).await;
+            let (c, mut ph) = phase(
+                c,
+                *addr,
+                key.clone(),
+                a.max_tokens,
+                Duration::from_secs_f64(a.seconds),
+            )
+            .await;
             conns[path] = c;
             let (scpu, ncpu, lcpu) = (cs.percent()?, cn.percent()?, cl.percent()?);
             let rate = ph.ok as f64 / ph.elapsed.as_secs_f64();
@@ -210,13 +247,48 @@ pub async fn run(a: RpsArgs) -> anyhow::Result<()> {
     let rep = |v: &Vec<f64>| Repeated::new(v.clone());
     let added50: Vec<f64> = p50[0].iter().zip(&p50[1]).map(|(x, y)| x - y).collect();
     let added99: Vec<f64> = p99[0].iter().zip(&p99[1]).map(|(x, y)| x - y).collect();
-    let mut t = Table::new(&["median over repeats [min .. max]", "through gateway", "direct", "gateway / direct or added"]);
-    t.row(vec!["requests/s".into(), rep(&rps[0]).show(0), rep(&rps[1]).show(0), rep(&ratio).show(3)]);
-    t.row(vec!["latency p50 (us)".into(), rep(&p50[0]).show(0), rep(&p50[1]).show(0), rep(&added50).show(0)]);
-    t.row(vec!["latency p99 (us)".into(), rep(&p99[0]).show(0), rep(&p99[1]).show(0), rep(&added99).show(0)]);
-    t.row(vec!["server CPU (% of one core)".into(), rep(&server_cpu[0]).show(0), rep(&server_cpu[1]).show(0), String::new()]);
-    t.row(vec!["node process CPU (%)".into(), rep(&node_cpu).show(0), "-".into(), String::new()]);
-    t.row(vec!["load generator CPU (%)".into(), rep(&load_cpu[0]).show(0), rep(&load_cpu[1]).show(0), String::new()]);
+    let mut t = Table::new(&[
+        "median over repeats [min .. max]",
+        "through gateway",
+        "direct",
+        "gateway / direct or added",
+    ]);
+    t.row(vec![
+        "requests/s".into(),
+        rep(&rps[0]).show(0),
+        rep(&rps[1]).show(0),
+        rep(&ratio).show(3),
+    ]);
+    t.row(vec![
+        "latency p50 (us)".into(),
+        rep(&p50[0]).show(0),
+        rep(&p50[1]).show(0),
+        rep(&added50).show(0),
+    ]);
+    t.row(vec![
+        "latency p99 (us)".into(),
+        rep(&p99[0]).show(0),
+        rep(&p99[1]).show(0),
+        rep(&added99).show(0),
+    ]);
+    t.row(vec![
+        "server CPU (% of one core)".into(),
+        rep(&server_cpu[0]).show(0),
+        rep(&server_cpu[1]).show(0),
+        String::new(),
+    ]);
+    t.row(vec![
+        "node process CPU (%)".into(),
+        rep(&node_cpu).show(0),
+        "-".into(),
+        String::new(),
+    ]);
+    t.row(vec![
+        "load generator CPU (%)".into(),
+        rep(&load_cpu[0]).show(0),
+        rep(&load_cpu[1]).show(0),
+        String::new(),
+    ]);
     println!();
     t.print();
     let met = rep(&rps[0]).median() >= 5000.0;

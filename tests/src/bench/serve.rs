@@ -68,7 +68,14 @@ pub fn model_config(sim: Sim, capacity: u32) -> ModelConfig {
     }
 }
 
-pub fn node_config(id: &str, quic: SocketAddr, sha_hex: &str, token: &str, sim: Sim, capacity: u32) -> NodeConfig {
+pub fn node_config(
+    id: &str,
+    quic: SocketAddr,
+    sha_hex: &str,
+    token: &str,
+    sim: Sim,
+    capacity: u32,
+) -> NodeConfig {
     NodeConfig {
         node: NodeIdentity {
             id: id.into(),
@@ -140,13 +147,18 @@ pub async fn serve_gateway(args: GatewayArgs) -> anyhow::Result<()> {
     }
     .context("creating the store directory")?;
     let path = dir.path().join("gateway.db");
-    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&path).with_context(|| format!("opening {}", path.display()))?);
+    let store: Arc<dyn Store> =
+        Arc::new(SqliteStore::open(&path).with_context(|| format!("opening {}", path.display()))?);
     let operator = store.create_operator("bench-operator", KycStatus::Verified)?;
     let (_, token) = store.create_enrolment_token(&operator.id)?;
     store.insert_api_key_secret(API_KEY, "bench-tenant", 1_000_000_000, 4_000_000_000)?;
     let cert = nearpath_gateway::tls::self_signed(&["localhost", "127.0.0.1"])?;
     let sha = nearpath_protocol::tls::sha256_hex(&cert.sha256);
-    let gw = Gateway::with_parts(gateway_config(path.clone(), args.heartbeat_ms, args.missed_heartbeats), cert, store)?;
+    let gw = Gateway::with_parts(
+        gateway_config(path.clone(), args.heartbeat_ms, args.missed_heartbeats),
+        cert,
+        store,
+    )?;
     let shutdown = CancellationToken::new();
     let (addrs, task) = gw.start(Listeners::ephemeral().await?, shutdown.clone())?;
     let stop = CancellationToken::new();
@@ -182,16 +194,25 @@ pub async fn serve_nodes(args: NodesArgs) -> anyhow::Result<()> {
     serve_stdin(stop.clone());
     let backend = match args.backend_listen {
         Some(addr) => {
-            let registry = ModelRegistry::from_config(&[model_config(args.sim, args.capacity)], Some(args.capacity as usize))?;
-            let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
+            let registry = ModelRegistry::from_config(
+                &[model_config(args.sim, args.capacity)],
+                Some(args.capacity as usize),
+            )?;
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding {addr}"))?;
             let bound = listener.local_addr()?;
-            Some((bound, tokio::spawn(serve_openai(listener, Arc::new(registry), stop.clone()))))
+            Some((
+                bound,
+                tokio::spawn(serve_openai(listener, Arc::new(registry), stop.clone())),
+            ))
         }
         None => None,
     };
     let mut nodes = Vec::new();
     if args.nodes > 0 {
-        let (Some(quic), Some(sha), Some(token)) = (args.gateway_quic, &args.sha256, &args.token) else {
+        let (Some(quic), Some(sha), Some(token)) = (args.gateway_quic, &args.sha256, &args.token)
+        else {
             bail!("--gateway-quic, --sha256 and --token are required with --nodes > 0");
         };
         let pin = parse_sha256_hex(sha)?;
@@ -215,7 +236,9 @@ pub async fn serve_nodes(args: NodesArgs) -> anyhow::Result<()> {
             loop {
                 match &*status.borrow_and_update() {
                     NodeStatus::Registered { .. } => break,
-                    NodeStatus::Rejected { code, reason } => bail!("node {id} rejected ({code}): {reason}"),
+                    NodeStatus::Rejected { code, reason } => {
+                        bail!("node {id} rejected ({code}): {reason}")
+                    }
                     NodeStatus::Stopped => bail!("node {id} stopped before registering"),
                     _ => {}
                 }

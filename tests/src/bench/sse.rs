@@ -23,7 +23,9 @@ pub struct Scanner {
 const CONTENT: &[u8] = b"\"content\":\"";
 
 fn classify(event: &[u8]) -> Option<Event> {
-    let data = event.strip_prefix(b"data: ").or_else(|| event.strip_prefix(b"data:"))?;
+    let data = event
+        .strip_prefix(b"data: ")
+        .or_else(|| event.strip_prefix(b"data:"))?;
     let data = data.trim_ascii();
     if data == b"[DONE]" {
         return Some(Event::Done);
@@ -89,7 +91,14 @@ mod tests {
     #[test]
     fn events_are_classified_whatever_the_chunk_borders() {
         let text = [ROLE, TOKEN, TOKEN, FINISH, ERROR, DONE].concat();
-        let want = vec![Event::Other, Event::Content, Event::Content, Event::Other, Event::Error, Event::Done];
+        let want = vec![
+            Event::Other,
+            Event::Content,
+            Event::Content,
+            Event::Other,
+            Event::Error,
+            Event::Done,
+        ];
         for piece in [1, 2, 7, 64, text.len()] {
             assert_eq!(scan_in_pieces(&text, piece), want, "piece {piece}");
         }

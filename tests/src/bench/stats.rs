@@ -32,7 +32,11 @@ impl Summary {
         samples.retain(|v| !v.is_nan());
         samples.sort_by(f64::total_cmp);
         let n = samples.len();
-        let mean = if n == 0 { f64::NAN } else { samples.iter().sum::<f64>() / n as f64 };
+        let mean = if n == 0 {
+            f64::NAN
+        } else {
+            samples.iter().sum::<f64>() / n as f64
+        };
         Summary {
             n,
             min: samples.first().copied().unwrap_or(f64::NAN),
@@ -45,7 +49,7 @@ impl Summary {
         }
     }
 
-    pub fn to_json(&self) -> Value {
+    pub fn to_json(self) -> Value {
         json!({"n": self.n, "min": num(self.min), "p5": num(self.p5), "p50": num(self.p50),
                "p95": num(self.p95), "p99": num(self.p99), "max": num(self.max), "mean": num(self.mean)})
     }
@@ -63,7 +67,12 @@ impl Repeated {
     }
 
     pub fn median(&self) -> f64 {
-        let mut v: Vec<f64> = self.values.iter().copied().filter(|x| !x.is_nan()).collect();
+        let mut v: Vec<f64> = self
+            .values
+            .iter()
+            .copied()
+            .filter(|x| !x.is_nan())
+            .collect();
         v.sort_by(f64::total_cmp);
         match v.len() {
             0 => f64::NAN,
@@ -73,11 +82,19 @@ impl Repeated {
     }
 
     pub fn min(&self) -> f64 {
-        self.values.iter().copied().filter(|x| !x.is_nan()).fold(f64::NAN, f64::min)
+        self.values
+            .iter()
+            .copied()
+            .filter(|x| !x.is_nan())
+            .fold(f64::NAN, f64::min)
     }
 
     pub fn max(&self) -> f64 {
-        self.values.iter().copied().filter(|x| !x.is_nan()).fold(f64::NAN, f64::max)
+        self.values
+            .iter()
+            .copied()
+            .filter(|x| !x.is_nan())
+            .fold(f64::NAN, f64::max)
     }
 
     /// `median [min .. max]` with `digits` decimals.
@@ -85,7 +102,15 @@ impl Repeated {
         if self.values.len() == 1 {
             return format!("{:.*}", digits, self.median());
         }
-        format!("{:.*} [{:.*} .. {:.*}]", digits, self.median(), digits, self.min(), digits, self.max())
+        format!(
+            "{:.*} [{:.*} .. {:.*}]",
+            digits,
+            self.median(),
+            digits,
+            self.min(),
+            digits,
+            self.max()
+        )
     }
 
     pub fn to_json(&self) -> Value {

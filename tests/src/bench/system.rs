@@ -82,7 +82,10 @@ pub fn parse_cpus(s: &str) -> anyhow::Result<Vec<usize>> {
     s.split(',')
         .map(str::trim)
         .filter(|p| !p.is_empty())
-        .map(|p| p.parse::<usize>().map_err(|e| anyhow::anyhow!("CPU list {s:?}: {p:?}: {e}")))
+        .map(|p| {
+            p.parse::<usize>()
+                .map_err(|e| anyhow::anyhow!("CPU list {s:?}: {p:?}: {e}"))
+        })
         .collect()
 }
 
@@ -195,7 +198,11 @@ pub fn start_nodes(s: NodesSpec<'_>) -> anyhow::Result<NodesProc> {
     if s.backend {
         args.extend(["--backend-listen".into(), "127.0.0.1:0".into()]);
     }
-    let name = if s.nodes > 0 { "nodes" } else { "direct backend" };
+    let name = if s.nodes > 0 {
+        "nodes"
+    } else {
+        "direct backend"
+    };
     let child = Child::spawn(name, &args, Duration::from_secs(90))?;
     let backend = match &child.info["backend"] {
         serde_json::Value::String(_) => Some(child.addr("backend")?),
@@ -233,17 +240,37 @@ impl Table {
     pub fn print(&self) {
         let cols = self.rows.iter().map(Vec::len).max().unwrap_or(0);
         let width: Vec<usize> = (0..cols)
-            .map(|c| self.rows.iter().filter_map(|r| r.get(c)).map(|s| s.chars().count()).max().unwrap_or(0))
+            .map(|c| {
+                self.rows
+                    .iter()
+                    .filter_map(|r| r.get(c))
+                    .map(|s| s.chars().count())
+                    .max()
+                    .unwrap_or(0)
+            })
             .collect();
         for (i, r) in self.rows.iter().enumerate() {
             let line: Vec<String> = r
                 .iter()
                 .enumerate()
-                .map(|(c, s)| if c == 0 { format!("{s:<w$}", w = width[c]) } else { format!("{s:>w$}", w = width[c]) })
+                .map(|(c, s)| {
+                    if c == 0 {
+                        format!("{s:<w$}", w = width[c])
+                    } else {
+                        format!("{s:>w$}", w = width[c])
+                    }
+                })
                 .collect();
             println!("  {}", line.join("  "));
             if i == 0 {
-                println!("  {}", width.iter().map(|w| "-".repeat(*w)).collect::<Vec<_>>().join("  "));
+                println!(
+                    "  {}",
+                    width
+                        .iter()
+                        .map(|w| "-".repeat(*w))
+                        .collect::<Vec<_>>()
+                        .join("  ")
+                );
             }
         }
     }

@@ -21,7 +21,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "bench", about = "Nearpath gateway benchmarks: each path through the gateway against the same path without it")]
+#[command(
+    name = "bench",
+    about = "Nearpath gateway benchmarks: each path through the gateway against the same path without it"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -39,6 +42,10 @@ enum Command {
     NodesRegister(bench::register::RegisterArgs),
     /// Diagnostic: heap per idle QUIC connection by the stream limits the server grants.
     QuicIdleMemory(bench::quicmem::QuicMemArgs),
+    /// Game frames node -> client through the gateway and direct, same frames at the same time.
+    RelayLatency(bench::relay::RelayLatencyArgs),
+    /// Concurrent 720p60 sessions one gateway relays without late or dropped frames.
+    RelayCapacity(bench::relay::RelayCapacityArgs),
     /// (internal) Runs a gateway; prints its addresses as JSON; stops when stdin closes.
     #[command(hide = true)]
     ServeGateway {
@@ -92,9 +99,14 @@ struct ProcArgs {
 
 fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
     if threads == 0 {
-        tokio::runtime::Builder::new_current_thread().enable_all().build()
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
     } else {
-        tokio::runtime::Builder::new_multi_thread().worker_threads(threads).enable_all().build()
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build()
     }
 }
 
@@ -102,15 +114,20 @@ fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
 fn prepare(cpus: &str, nofile: u64) -> anyhow::Result<(u64, u64)> {
     let cpus = parse_cpus(cpus)?;
     if !cpus.is_empty() {
-        bench::os::pin_current_thread(&cpus).map_err(|e| anyhow::anyhow!("pinning to CPUs {cpus:?}: {e}"))?;
+        bench::os::pin_current_thread(&cpus)
+            .map_err(|e| anyhow::anyhow!("pinning to CPUs {cpus:?}: {e}"))?;
     }
     Ok(bench::os::raise_nofile(nofile)?)
 }
 
 fn init_logging() {
     // Warnings only: per-request logging is not part of what is measured.
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 fn real_main() -> anyhow::Result<()> {
@@ -124,12 +141,14 @@ fn real_main() -> anyhow::Result<()> {
         } => {
             let nofile = prepare(&proc.cpus, proc.nofile)?;
             init_logging();
-            runtime(proc.threads)?.block_on(bench::serve::serve_gateway(bench::serve::GatewayArgs {
-                store_dir,
-                heartbeat_ms,
-                missed_heartbeats,
-                nofile,
-            }))
+            runtime(proc.threads)?.block_on(bench::serve::serve_gateway(
+                bench::serve::GatewayArgs {
+                    store_dir,
+                    heartbeat_ms,
+                    missed_heartbeats,
+                    nofile,
+                },
+            ))
         }
         Command::ServeNodes {
             proc,
@@ -152,7 +171,10 @@ fn real_main() -> anyhow::Result<()> {
                 nodes,
                 id_prefix,
                 capacity,
-                sim: bench::serve::Sim { ttft_ms, tokens_per_s },
+                sim: bench::serve::Sim {
+                    ttft_ms,
+                    tokens_per_s,
+                },
                 backend_listen,
                 nofile,
             }))
@@ -173,13 +195,21 @@ fn real_main() -> anyhow::Result<()> {
                 Command::InferenceStreams(a) => &a.placement,
                 Command::NodesRegister(a) => &a.placement,
                 Command::QuicIdleMemory(_) => &unpinned,
-                Command::ServeGateway { .. } | Command::ServeNodes { .. } => anyhow::bail!("serve commands are handled above"),
+                Command::RelayLatency(a) => &a.placement,
+                Command::RelayCapacity(a) => &a.placement,
+                Command::ServeGateway { .. } | Command::ServeNodes { .. } => {
+                    anyhow::bail!("serve commands are handled above")
+                }
             };
             // The load generator runs on the worker CPUs, one runtime thread per CPU.
             let cpus = parse_cpus(&placement.worker_cpus())?;
             prepare(&placement.worker_cpus(), 65_536)?;
             init_logging();
-            let threads = if cpus.is_empty() { bench::os::allowed_cpus().len().max(1) } else { cpus.len() };
+            let threads = if cpus.is_empty() {
+                bench::os::allowed_cpus().len().max(1)
+            } else {
+                cpus.len()
+            };
             let rt = runtime(threads)?;
             match command {
                 Command::InferenceLatency(a) => rt.block_on(bench::latency::run(a)),
@@ -187,7 +217,11 @@ fn real_main() -> anyhow::Result<()> {
                 Command::InferenceStreams(a) => rt.block_on(bench::streams::run(a)),
                 Command::NodesRegister(a) => rt.block_on(bench::register::run(a)),
                 Command::QuicIdleMemory(a) => rt.block_on(bench::quicmem::run(a)),
-                Command::ServeGateway { .. } | Command::ServeNodes { .. } => anyhow::bail!("serve commands are handled above"),
+                Command::RelayLatency(a) => rt.block_on(bench::relay::run_latency(a)),
+                Command::RelayCapacity(a) => rt.block_on(bench::relay::run_capacity(a)),
+                Command::ServeGateway { .. } | Command::ServeNodes { .. } => {
+                    anyhow::bail!("serve commands are handled above")
+                }
             }
         }
     }

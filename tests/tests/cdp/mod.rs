@@ -38,7 +38,12 @@ struct Cdp {
 }
 
 impl Cdp {
-    async fn call(&self, method: &str, params: Value, session: Option<&str>) -> Result<Value, String> {
+    async fn call(
+        &self,
+        method: &str,
+        params: Value,
+        session: Option<&str>,
+    ) -> Result<Value, String> {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let mut msg = json!({"id": id, "method": method, "params": params});
         if let Some(s) = session {
@@ -46,7 +51,9 @@ impl Cdp {
         }
         let (tx, rx) = oneshot::channel();
         self.pending.lock().unwrap().insert(id, tx);
-        self.out.send(Message::text(msg.to_string())).map_err(|_| "the DevTools connection is closed".to_string())?;
+        self.out
+            .send(Message::text(msg.to_string()))
+            .map_err(|_| "the DevTools connection is closed".to_string())?;
         match tokio::time::timeout(CALL_TIMEOUT, rx).await {
             Ok(Ok(r)) => r,
             Ok(Err(_)) => Err(format!("{method}: the DevTools connection closed")),
@@ -105,7 +112,9 @@ impl Browser {
                 }
             }
         });
-        let (ws, _) = tokio_tungstenite::connect_async(ws_url.as_str()).await.expect("connecting to DevTools");
+        let (ws, _) = tokio_tungstenite::connect_async(ws_url.as_str())
+            .await
+            .expect("connecting to DevTools");
         let (mut sink, mut stream) = ws.split();
         let (out, mut out_rx) = mpsc::unbounded_channel::<Message>();
         tokio::spawn(async move {
@@ -120,7 +129,9 @@ impl Browser {
         tokio::spawn(async move {
             while let Some(Ok(msg)) = stream.next().await {
                 let Message::Text(text) = msg else { continue };
-                let Ok(v) = serde_json::from_str::<Value>(text.as_str()) else { continue };
+                let Ok(v) = serde_json::from_str::<Value>(text.as_str()) else {
+                    continue;
+                };
                 if let Some(id) = v.get("id").and_then(Value::as_u64) {
                     let r = match v.get("error") {
                         Some(e) => Err(e.to_string()),
@@ -136,9 +147,19 @@ impl Browser {
                     Some("Runtime.consoleAPICalled") => {
                         let args: Vec<String> = v["params"]["args"]
                             .as_array()
-                            .map(|a| a.iter().map(|x| x.get("value").map(|v| v.to_string()).unwrap_or_default()).collect())
+                            .map(|a| {
+                                a.iter()
+                                    .map(|x| {
+                                        x.get("value").map(|v| v.to_string()).unwrap_or_default()
+                                    })
+                                    .collect()
+                            })
                             .unwrap_or_default();
-                        println!("[page console.{}] {}", v["params"]["type"].as_str().unwrap_or("log"), args.join(" "));
+                        println!(
+                            "[page console.{}] {}",
+                            v["params"]["type"].as_str().unwrap_or("log"),
+                            args.join(" ")
+                        );
                     }
                     Some("Runtime.exceptionThrown") => {
                         println!("[page exception] {}", v["params"]["exceptionDetails"]);
@@ -149,24 +170,52 @@ impl Browser {
             // The connection is gone: fail every call still waiting.
             p.lock().unwrap().clear();
         });
-        Browser { child, _profile: profile, cdp: Arc::new(Cdp { out, pending, next: AtomicU64::new(1) }) }
+        Browser {
+            child,
+            _profile: profile,
+            cdp: Arc::new(Cdp {
+                out,
+                pending,
+                next: AtomicU64::new(1),
+            }),
+        }
     }
 
     /// Opens `url` in a new tab and attaches to it.
     pub async fn open(&self, url: &str) -> Page {
-        let t = self.cdp.call("Target.createTarget", json!({"url": "about:blank"}), None).await.expect("Target.createTarget");
+        let t = self
+            .cdp
+            .call("Target.createTarget", json!({"url": "about:blank"}), None)
+            .await
+            .expect("Target.createTarget");
         let target = t["targetId"].as_str().expect("a target id").to_string();
         let a = self
             .cdp
-            .call("Target.attachToTarget", json!({"targetId": target, "flatten": true}), None)
+            .call(
+                "Target.attachToTarget",
+                json!({"targetId": target, "flatten": true}),
+                None,
+            )
             .await
             .expect("Target.attachToTarget");
         let session = a["sessionId"].as_str().expect("a session id").to_string();
-        let page = Page { cdp: self.cdp.clone(), session, target };
-        page.call("Runtime.enable", json!({})).await.expect("Runtime.enable");
-        page.call("Page.enable", json!({})).await.expect("Page.enable");
-        page.call("Page.bringToFront", json!({})).await.expect("Page.bringToFront");
-        page.call("Page.navigate", json!({"url": url})).await.expect("Page.navigate");
+        let page = Page {
+            cdp: self.cdp.clone(),
+            session,
+            target,
+        };
+        page.call("Runtime.enable", json!({}))
+            .await
+            .expect("Runtime.enable");
+        page.call("Page.enable", json!({}))
+            .await
+            .expect("Page.enable");
+        page.call("Page.bringToFront", json!({}))
+            .await
+            .expect("Page.bringToFront");
+        page.call("Page.navigate", json!({"url": url}))
+            .await
+            .expect("Page.navigate");
         page
     }
 
@@ -191,7 +240,10 @@ impl Page {
     /// Evaluates `expr` (awaiting a promise) and returns its JSON value.
     pub async fn eval(&self, expr: &str) -> Result<Value, String> {
         let r = self
-            .call("Runtime.evaluate", json!({"expression": expr, "returnByValue": true, "awaitPromise": true}))
+            .call(
+                "Runtime.evaluate",
+                json!({"expression": expr, "returnByValue": true, "awaitPromise": true}),
+            )
             .await?;
         if let Some(e) = r.get("exceptionDetails") {
             return Err(format!("{expr}: {e}"));
@@ -201,14 +253,23 @@ impl Page {
 
     /// The player page's latest stats (`window.nearpath.stats`), if any yet.
     pub async fn stats(&self) -> Option<Value> {
-        match self.eval("window.nearpath ? window.nearpath.stats : null").await {
+        match self
+            .eval("window.nearpath ? window.nearpath.stats : null")
+            .await
+        {
             Ok(Value::Null) | Err(_) => None,
             Ok(v) => Some(v),
         }
     }
 
     /// Presses or releases a key, as a user would (it reaches the page's keydown/keyup handlers).
-    pub async fn key(&self, key_code: u32, key: &str, code: &str, down: bool) -> Result<(), String> {
+    pub async fn key(
+        &self,
+        key_code: u32,
+        key: &str,
+        code: &str,
+        down: bool,
+    ) -> Result<(), String> {
         let kind = if down { "keyDown" } else { "keyUp" };
         self.call(
             "Input.dispatchKeyEvent",

@@ -62,10 +62,20 @@ pub fn test_config(store: PathBuf) -> GatewayConfig {
     c.store.path = store;
     c.nodes.heartbeat_ms = 100;
     c.geo.reload_check_interval_s = 0;
-    c.geo.overrides = [CN, DE, US_EAST, JP, FR_CLIENT, US_WEST_CLIENT, KR_CLIENT, CN_CLIENT, KP_CLIENT]
-        .into_iter()
-        .map(place)
-        .collect();
+    c.geo.overrides = [
+        CN,
+        DE,
+        US_EAST,
+        JP,
+        FR_CLIENT,
+        US_WEST_CLIENT,
+        KR_CLIENT,
+        CN_CLIENT,
+        KP_CLIENT,
+    ]
+    .into_iter()
+    .map(place)
+    .collect();
     c.http.trusted_proxies = vec!["127.0.0.1/32".parse().unwrap()];
     c
 }
@@ -98,18 +108,29 @@ impl TestGateway {
         let mut config = test_config(path.clone());
         edit(&mut config);
         let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&path).unwrap());
-        let operator = match store.list_operators().unwrap().into_iter().find(|o| o.name == "op-verified") {
+        let operator = match store
+            .list_operators()
+            .unwrap()
+            .into_iter()
+            .find(|o| o.name == "op-verified")
+        {
             Some(o) => o,
-            None => store.create_operator("op-verified", KycStatus::Verified).unwrap(),
+            None => store
+                .create_operator("op-verified", KycStatus::Verified)
+                .unwrap(),
         };
         let (_, token) = store.create_enrolment_token(&operator.id).unwrap();
-        store.insert_api_key_secret(API_KEY, "tenant-a", 100_000, 100_000_000).unwrap();
+        store
+            .insert_api_key_secret(API_KEY, "tenant-a", 100_000, 100_000_000)
+            .unwrap();
         let cert = nearpath_gateway::tls::self_signed(&["localhost", "127.0.0.1"]).unwrap();
         let sha = cert.sha256;
         let gw = Gateway::with_parts(config, cert, store.clone()).unwrap();
         let shared = gw.shared().clone();
         let shutdown = CancellationToken::new();
-        let (addrs, task) = gw.start(Listeners::ephemeral().await.unwrap(), shutdown.clone()).unwrap();
+        let (addrs, task) = gw
+            .start(Listeners::ephemeral().await.unwrap(), shutdown.clone())
+            .unwrap();
         TestGateway {
             http: Http::new(),
             addrs,
@@ -146,25 +167,41 @@ impl TestGateway {
     }
 
     pub async fn admin_post(&self, path: &str, body: Value) -> (u16, Value) {
-        let (status, text) = self.http.post(&self.admin_url(path), Some(ADMIN), &body.to_string(), &[]).await;
+        let (status, text) = self
+            .http
+            .post(&self.admin_url(path), Some(ADMIN), &body.to_string(), &[])
+            .await;
         (status, serde_json::from_str(&text).unwrap_or(Value::Null))
     }
 
     /// Ids of the nodes the admin API lists.
     pub async fn node_ids(&self) -> Vec<String> {
         let v = self.admin_get("/admin/nodes").await;
-        v["data"].as_array().unwrap().iter().map(|n| n["id"].as_str().unwrap().to_string()).collect()
+        v["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n["id"].as_str().unwrap().to_string())
+            .collect()
     }
 
     /// Polls (bounded) until `pred` holds for the admin node list.
-    pub async fn wait_nodes(&self, what: &str, timeout: Duration, pred: impl Fn(&[String]) -> bool) -> Duration {
+    pub async fn wait_nodes(
+        &self,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&[String]) -> bool,
+    ) -> Duration {
         let start = Instant::now();
         loop {
             let ids = self.node_ids().await;
             if pred(&ids) {
                 return start.elapsed();
             }
-            assert!(start.elapsed() < timeout, "timed out waiting for {what}; nodes: {ids:?}");
+            assert!(
+                start.elapsed() < timeout,
+                "timed out waiting for {what}; nodes: {ids:?}"
+            );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
@@ -175,7 +212,10 @@ impl TestGateway {
                 id: id.into(),
                 enrolment_token: Some(token.into()),
             },
-            gateway: NodeGatewayConfig::pinned(self.addrs.quic.to_string(), nearpath_protocol::tls::sha256_hex(&self.sha)),
+            gateway: NodeGatewayConfig::pinned(
+                self.addrs.quic.to_string(),
+                nearpath_protocol::tls::sha256_hex(&self.sha),
+            ),
             drain: Default::default(),
             gpus: vec![],
             gpu_classes: nearpath_config::default_gpu_class_table(),
@@ -228,7 +268,11 @@ impl TestNode {
         let status = node.status();
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(node.run(shutdown.clone()));
-        TestNode { status, shutdown, task }
+        TestNode {
+            status,
+            shutdown,
+            task,
+        }
     }
 
     /// Waits for a status matching `pred` (bounded).
@@ -247,7 +291,8 @@ impl TestNode {
     }
 
     pub async fn registered(&mut self) {
-        self.wait_status(|s| matches!(s, NodeStatus::Registered { .. })).await;
+        self.wait_status(|s| matches!(s, NodeStatus::Registered { .. }))
+            .await;
     }
 
     pub async fn stop(self) -> Result<(), NodeError> {
@@ -271,10 +316,22 @@ impl RawNode {
         Self::connect_serving(gw, id, from, class, &["m"]).await
     }
 
-    pub async fn connect_serving(gw: &TestGateway, id: &str, from: IpAddr, class: &str, models: &[&str]) -> RawNode {
+    pub async fn connect_serving(
+        gw: &TestGateway,
+        id: &str,
+        from: IpAddr,
+        class: &str,
+        models: &[&str],
+    ) -> RawNode {
         let cfg = client_config(ServerVerify::PinnedSha256(gw.sha), &[ALPN_NODE]).unwrap();
-        let (endpoint, _) = nearpath_protocol::net::client_endpoint(SocketAddr::new(from, 0), cfg, 1 << 20).unwrap();
-        let conn = endpoint.connect(gw.addrs.quic, "localhost").unwrap().await.unwrap();
+        let (endpoint, _) =
+            nearpath_protocol::net::client_endpoint(SocketAddr::new(from, 0), cfg, 1 << 20)
+                .unwrap();
+        let conn = endpoint
+            .connect(gw.addrs.quic, "localhost")
+            .unwrap()
+            .await
+            .unwrap();
         let (mut send_half, recv) = conn.open_bi().await.unwrap();
         let reg = Register {
             protocol_version: PROTOCOL_VERSION,
@@ -374,7 +431,9 @@ impl Http {
         for (k, v) in headers {
             b = b.header(*k, *v);
         }
-        let req = b.body(Full::new(Bytes::from(body.unwrap_or("").to_string()))).unwrap();
+        let req = b
+            .body(Full::new(Bytes::from(body.unwrap_or("").to_string())))
+            .unwrap();
         let resp = self.client.request(req).await.unwrap();
         let status = resp.status().as_u16();
         let headers = resp.headers().clone();
@@ -387,13 +446,25 @@ impl Http {
         (s, b)
     }
 
-    pub async fn post(&self, url: &str, bearer: Option<&str>, body: &str, headers: &[(&str, &str)]) -> (u16, String) {
+    pub async fn post(
+        &self,
+        url: &str,
+        bearer: Option<&str>,
+        body: &str,
+        headers: &[(&str, &str)],
+    ) -> (u16, String) {
         let (s, _, b) = self.request("POST", url, bearer, Some(body), headers).await;
         (s, b)
     }
 
     /// Starts a request and returns the response with its body still streaming.
-    pub async fn stream(&self, url: &str, bearer: &str, body: &str, headers: &[(&str, &str)]) -> hyper::Response<hyper::body::Incoming> {
+    pub async fn stream(
+        &self,
+        url: &str,
+        bearer: &str,
+        body: &str,
+        headers: &[(&str, &str)],
+    ) -> hyper::Response<hyper::body::Incoming> {
         let mut b = hyper::Request::builder()
             .method("POST")
             .uri(url)

@@ -1,0 +1,125 @@
+//! The benchmark harness runs end to end in tiny configurations: child processes start, both
+//! paths are exercised, and the JSON summary reports complete work. Performance targets are not
+//! checked here (the figures depend on the machine); see README "Benchmarks".
+
+use serde_json::Value;
+use std::process::Command;
+
+/// Runs `bench <args>` (unpinned, so it works on any CPU count) and returns its JSON summary.
+fn bench(args: &[&str]) -> Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_bench"))
+        .args(args)
+        .arg("--no-pin")
+        .output()
+        .expect("running the bench binary");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "bench {args:?} failed: {}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let last = stdout
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .expect("a JSON summary line");
+    serde_json::from_str(last).expect("the summary line is JSON")
+}
+
+#[test]
+fn latency_compares_both_paths_with_every_stream_complete() {
+    let v = bench(&[
+        "inference-latency",
+        "--requests",
+        "40",
+        "--concurrency",
+        "4",
+        "--tokens",
+        "4",
+        "--repeats",
+        "1",
+        "--warmup",
+        "4",
+    ]);
+    assert_eq!(v["bench"], "inference-latency");
+    assert_eq!(v["failures"], 0, "{v}");
+    for path in ["gateway", "direct"] {
+        assert!(
+            v[path]["ttft_p50_ms"]["median"].as_f64().unwrap() > 0.0,
+            "{v}"
+        );
+    }
+    let pooled = v["pooled"].as_array().unwrap();
+    // 20 requests per path, 3 gaps each (4 tokens).
+    assert_eq!(pooled[0]["ttft_ms"]["n"], 20, "{v}");
+    assert_eq!(pooled[1]["gap_us"]["n"], 60, "{v}");
+}
+
+#[test]
+fn rps_measures_both_paths_without_errors() {
+    let v = bench(&[
+        "inference-rps",
+        "--seconds",
+        "0.5",
+        "--concurrency",
+        "4",
+        "--repeats",
+        "1",
+        "--warmup-seconds",
+        "0.2",
+    ]);
+    assert_eq!(v["errors"], 0, "{v}");
+    assert!(v["gateway"]["rps"]["median"].as_f64().unwrap() > 0.0, "{v}");
+    assert!(v["direct"]["rps"]["median"].as_f64().unwrap() > 0.0, "{v}");
+    assert!(
+        v["ratio_gateway_over_direct"]["median"].as_f64().unwrap() > 0.0,
+        "{v}"
+    );
+}
+
+#[test]
+fn streams_all_complete_through_several_nodes() {
+    let v = bench(&[
+        "inference-streams",
+        "--streams",
+        "300",
+        "--tokens",
+        "5",
+        "--tokens-per-s",
+        "50",
+        "--ttft-ms",
+        "0",
+        "--connections",
+        "3",
+        "--per-node",
+        "100",
+        "--warmup-streams",
+        "10",
+    ]);
+    assert!(v["all_complete"].as_bool().unwrap(), "{v}");
+    assert_eq!(v["params"]["nodes"], 4, "{v}");
+    assert_eq!(v["gateway"]["complete"], 300, "{v}");
+    assert!(
+        v["gateway"]["max_open_at_once"].as_i64().unwrap() > 0,
+        "{v}"
+    );
+    assert_eq!(v["direct"]["complete"], 300, "{v}");
+}
+
+#[test]
+fn nodes_register_and_are_listed() {
+    let v = bench(&[
+        "nodes-register",
+        "--nodes",
+        "30",
+        "--warmup-nodes",
+        "2",
+        "--settle-seconds",
+        "1",
+    ]);
+    assert_eq!(v["registered"], 30, "{v}");
+    assert_eq!(v["listed_idle"], 30, "{v}");
+    assert_eq!(v["listed_after_disconnect"], 0, "{v}");
+    assert!(v["heartbeat_acks_idle"].as_u64().unwrap() > 0, "{v}");
+}
