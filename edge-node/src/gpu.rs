@@ -88,7 +88,10 @@ fn nvml_gpus(n: &nvml_wrapper::Nvml, table: &[GpuClassPattern]) -> Vec<GpuInfo> 
         .filter_map(|i| {
             let d = n.device_by_index(i).ok()?;
             let model = d.name().ok()?;
-            let vram_mib = d.memory_info().map(|m| m.total / (1024 * 1024)).unwrap_or(0);
+            let vram_mib = d
+                .memory_info()
+                .map(|m| m.total / (1024 * 1024))
+                .unwrap_or(0);
             Some(GpuInfo {
                 class: gpu_class_for_model(table, &model),
                 model,

@@ -93,7 +93,12 @@ async fn serve_openai(config: PathBuf, listen: SocketAddr) -> anyhow::Result<()>
         .await
         .with_context(|| format!("binding {listen}"))?;
     eprintln!("serving OpenAI API on http://{}/v1", listener.local_addr()?);
-    nearpath_edge_node::inference::serve_openai(listener, std::sync::Arc::new(registry), shutdown_on_signal()).await;
+    nearpath_edge_node::inference::serve_openai(
+        listener,
+        std::sync::Arc::new(registry),
+        shutdown_on_signal(),
+    )
+    .await;
     Ok(())
 }
 
@@ -101,7 +106,8 @@ fn shutdown_on_signal() -> CancellationToken {
     let token = CancellationToken::new();
     let t = token.clone();
     tokio::spawn(async move {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = async { match term.as_mut() { Some(s) => { s.recv().await; } None => std::future::pending::<()>().await } } => {}

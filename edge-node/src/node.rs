@@ -87,19 +87,25 @@ enum ConnEnd {
 
 impl EdgeNode {
     pub fn new(config: NodeConfig, opts: NodeOptions) -> Result<EdgeNode, NodeError> {
-        let verify = match opts.verify {
-            Some(v) => v,
-            None => match (&config.gateway.ca_file, &config.gateway.pinned_cert_sha256) {
-                (Some(ca), None) => ServerVerify::CaFile(ca.clone()),
-                (None, Some(pin)) => ServerVerify::PinnedSha256(parse_sha256_hex(pin)?),
-                _ => {
-                    return Err(NodeError::Config(
-                        "exactly one of gateway.ca_file and gateway.pinned_cert_sha256 is required".into(),
-                    ))
-                }
-            },
-        };
-        if config.node.enrolment_token.as_deref().unwrap_or("").is_empty() {
+        let verify =
+            match opts.verify {
+                Some(v) => v,
+                None => match (&config.gateway.ca_file, &config.gateway.pinned_cert_sha256) {
+                    (Some(ca), None) => ServerVerify::CaFile(ca.clone()),
+                    (None, Some(pin)) => ServerVerify::PinnedSha256(parse_sha256_hex(pin)?),
+                    _ => return Err(NodeError::Config(
+                        "exactly one of gateway.ca_file and gateway.pinned_cert_sha256 is required"
+                            .into(),
+                    )),
+                },
+            };
+        if config
+            .node
+            .enrolment_token
+            .as_deref()
+            .unwrap_or("")
+            .is_empty()
+        {
             return Err(NodeError::Config("node.enrolment_token: required".into()));
         }
         let gpus = GpuMonitor::detect(&config.gpus, &config.gpu_classes, opts.use_nvml);
@@ -170,15 +176,23 @@ impl EdgeNode {
             if shutdown.is_cancelled() {
                 break;
             }
-            let _ = self.status.send(NodeStatus::Connecting { attempt: backoff.attempts() });
+            let _ = self.status.send(NodeStatus::Connecting {
+                attempt: backoff.attempts(),
+            });
             let outcome = async {
                 let addr = resolve(&gw.address).await?;
                 let ep = match &endpoint {
                     Some(ep) => ep.clone(),
                     None => {
-                        let bind = self.bind.unwrap_or_else(|| nearpath_protocol::net::unspecified_for(addr));
-                        let (ep, _) = nearpath_protocol::net::client_endpoint(bind, client_cfg.clone(), 1 << 21)
-                            .map_err(|e| format!("binding {bind}: {e}"))?;
+                        let bind = self
+                            .bind
+                            .unwrap_or_else(|| nearpath_protocol::net::unspecified_for(addr));
+                        let (ep, _) = nearpath_protocol::net::client_endpoint(
+                            bind,
+                            client_cfg.clone(),
+                            1 << 21,
+                        )
+                        .map_err(|e| format!("binding {bind}: {e}"))?;
                         endpoint = Some(ep.clone());
                         ep
                     }
@@ -244,7 +258,11 @@ impl EdgeNode {
     ) -> Result<ConnEnd, NodeError> {
         let (mut ctl_send, ctl_recv) = match conn.open_bi().await {
             Ok(s) => s,
-            Err(e) => return Ok(ConnEnd::Reconnect(format!("opening the control stream: {e}"))),
+            Err(e) => {
+                return Ok(ConnEnd::Reconnect(format!(
+                    "opening the control stream: {e}"
+                )))
+            }
         };
         let mut ctl = FramedRecv::new(ctl_recv, MAX_CONTROL_FRAME);
         if let Err(e) = send(&mut ctl_send, &Message::Register(self.register_message())).await {
@@ -262,7 +280,10 @@ impl EdgeNode {
                 // keep retrying at the backoff ceiling; a bad token, the geofence or a version
                 // mismatch need the operator to change something, so the node stops.
                 let keep_trying = r.code.is_retryable()
-                    || matches!(r.code, RejectCode::OperatorNotVerified | RejectCode::OperatorSuspended);
+                    || matches!(
+                        r.code,
+                        RejectCode::OperatorNotVerified | RejectCode::OperatorSuspended
+                    );
                 return if keep_trying {
                     warn!(code = %r.code, reason = %r.reason, "registration refused; will retry");
                     Ok(ConnEnd::Reconnect(format!("rejected: {}", r.reason)))
@@ -274,10 +295,27 @@ impl EdgeNode {
                     })
                 };
             }
-            Ok(Ok(Some(other))) => return Ok(ConnEnd::Reconnect(format!("expected Registered, got {}", other.name()))),
-            Ok(Ok(None)) => return Ok(ConnEnd::Reconnect("gateway closed the control stream".into())),
-            Ok(Err(e)) => return Ok(ConnEnd::Reconnect(format!("reading the registration answer: {e}"))),
-            Err(_) => return Ok(ConnEnd::Reconnect("no registration answer within 10 s".into())),
+            Ok(Ok(Some(other))) => {
+                return Ok(ConnEnd::Reconnect(format!(
+                    "expected Registered, got {}",
+                    other.name()
+                )))
+            }
+            Ok(Ok(None)) => {
+                return Ok(ConnEnd::Reconnect(
+                    "gateway closed the control stream".into(),
+                ))
+            }
+            Ok(Err(e)) => {
+                return Ok(ConnEnd::Reconnect(format!(
+                    "reading the registration answer: {e}"
+                )))
+            }
+            Err(_) => {
+                return Ok(ConnEnd::Reconnect(
+                    "no registration answer within 10 s".into(),
+                ))
+            }
         };
         backoff.reset();
         info!(country = ?registered.node_country, heartbeat_ms = registered.heartbeat_ms, "registered with the gateway");
@@ -288,7 +326,13 @@ impl EdgeNode {
         let conn_done = CancellationToken::new();
         let acceptor = tokio::spawn(self.sessions.clone().accept_loop(ctx, conn_done.clone()));
         let result = self
-            .control_loop(&conn, &mut ctl_send, &mut ctl, registered.heartbeat_ms, shutdown)
+            .control_loop(
+                &conn,
+                &mut ctl_send,
+                &mut ctl,
+                registered.heartbeat_ms,
+                shutdown,
+            )
             .await;
         conn_done.cancel();
         let _ = acceptor.await;

@@ -4,15 +4,15 @@
 use crate::game::{GameSession, InputOutcome};
 use crate::inference::{BackendError, BackendEvent, ModelRegistry};
 use nearpath_config::{EncoderConfig, GameEntry, NodeConfig};
-use nearpath_protocol::message::{Ended, GameParams};
-use nearpath_protocol::InputDatagram;
-use std::collections::HashMap;
 use nearpath_protocol::message::{
     Accepted, Done, ErrorInfo, Message, Open, RefuseCode, Refused, SessionKind, Token,
 };
+use nearpath_protocol::message::{Ended, GameParams};
 use nearpath_protocol::openai::{Endpoint, InferenceRequest};
 use nearpath_protocol::stream::{send, FramedRecv};
+use nearpath_protocol::InputDatagram;
 use nearpath_protocol::MAX_REQUEST_FRAME;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -98,7 +98,9 @@ impl Sessions {
         self.games_map()
             .values()
             .filter_map(|g| g.stats().encoder_ms_p50)
-            .fold(None, |acc: Option<f64>, v| Some(acc.map_or(v, |a| a.max(v))))
+            .fold(None, |acc: Option<f64>, v| {
+                Some(acc.map_or(v, |a| a.max(v)))
+            })
             .map(|v| v as f32)
     }
 
@@ -130,7 +132,10 @@ impl Sessions {
     }
 
     fn cancel_token(&self) -> CancellationToken {
-        self.cancel_all.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.cancel_all
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Ends every running session now.
@@ -183,25 +188,45 @@ impl Sessions {
         let open = match tokio::time::timeout(Duration::from_secs(10), framed.next()).await {
             Ok(Ok(Some(Message::Open(o)))) => o,
             Ok(Ok(Some(other))) => {
-                refuse(&mut tx, RefuseCode::BadRequest, format!("expected Open, got {}", other.name())).await;
+                refuse(
+                    &mut tx,
+                    RefuseCode::BadRequest,
+                    format!("expected Open, got {}", other.name()),
+                )
+                .await;
                 return;
             }
             _ => return,
         };
         let span = info_span!("session", id = open.session_id);
-        self.serve_open(ctx, open, tx, framed).instrument(span).await
+        self.serve_open(ctx, open, tx, framed)
+            .instrument(span)
+            .await
     }
 
-    async fn serve_open(&self, ctx: SessionContext, open: Open, mut tx: quinn::SendStream, framed: FramedRecv) {
+    async fn serve_open(
+        &self,
+        ctx: SessionContext,
+        open: Open,
+        mut tx: quinn::SendStream,
+        framed: FramedRecv,
+    ) {
         if self.is_draining() {
             refuse(&mut tx, RefuseCode::Busy, "node is draining".into()).await;
             return;
         }
         match open.kind {
-            SessionKind::Inference { model, request_json } => {
-                self.serve_inference(open.session_id, model, request_json, tx, framed).await
+            SessionKind::Inference {
+                model,
+                request_json,
+            } => {
+                self.serve_inference(open.session_id, model, request_json, tx, framed)
+                    .await
             }
-            SessionKind::Game(params) => self.serve_game(ctx, open.session_id, params, tx, framed).await,
+            SessionKind::Game(params) => {
+                self.serve_game(ctx, open.session_id, params, tx, framed)
+                    .await
+            }
         }
     }
 
@@ -214,31 +239,54 @@ impl Sessions {
         mut framed: FramedRecv,
     ) {
         let Some(entry) = self.games.iter().find(|g| g.title == params.title) else {
-            refuse(&mut tx, RefuseCode::UnknownWorkload, format!("game {} is not served by this node", params.title)).await;
+            refuse(
+                &mut tx,
+                RefuseCode::UnknownWorkload,
+                format!("game {} is not served by this node", params.title),
+            )
+            .await;
             return;
         };
         if self.games_map().len() as u32 >= self.game_slots {
-            refuse(&mut tx, RefuseCode::Busy, format!("all {} game slots are in use", self.game_slots)).await;
+            refuse(
+                &mut tx,
+                RefuseCode::Busy,
+                format!("all {} game slots are in use", self.game_slots),
+            )
+            .await;
             return;
         }
-        let (game, mut frames) = match GameSession::start(params.clone(), &entry.source, &self.encoder) {
-            Ok(x) => x,
-            Err(e) => {
-                let code = if e.is_client_error() { RefuseCode::BadRequest } else { RefuseCode::Internal };
-                refuse(&mut tx, code, e.to_string()).await;
-                return;
-            }
-        };
+        let (game, mut frames) =
+            match GameSession::start(params.clone(), &entry.source, &self.encoder) {
+                Ok(x) => x,
+                Err(e) => {
+                    let code = if e.is_client_error() {
+                        RefuseCode::BadRequest
+                    } else {
+                        RefuseCode::Internal
+                    };
+                    refuse(&mut tx, code, e.to_string()).await;
+                    return;
+                }
+            };
         let game = Arc::new(game);
         self.games_map().insert(session_id, game.clone());
         self.active.fetch_add(1, Ordering::AcqRel);
         let _guard = ActiveGuard(self);
         let _remove = RemoveGame(self, session_id);
-        if send(&mut tx, &Message::Accepted(Accepted { session_id })).await.is_err() {
+        if send(&mut tx, &Message::Accepted(Accepted { session_id }))
+            .await
+            .is_err()
+        {
             game.stop();
             return;
         }
-        debug!(w = params.width, h = params.height, fps = params.fps, "game session running");
+        debug!(
+            w = params.width,
+            h = params.height,
+            fps = params.fps,
+            "game session running"
+        );
         let cancel = self.cancel_token();
         loop {
             tokio::select! {
@@ -320,7 +368,10 @@ impl Sessions {
         };
         self.active.fetch_add(1, Ordering::AcqRel);
         let _guard = ActiveGuard(self);
-        if send(&mut tx, &Message::Accepted(Accepted { session_id })).await.is_err() {
+        if send(&mut tx, &Message::Accepted(Accepted { session_id }))
+            .await
+            .is_err()
+        {
             return;
         }
         let cancel = self.cancel_token();

@@ -3,7 +3,9 @@
 //! `/healthz` and `/metrics` need no token: the admin listener belongs on an internal network,
 //! where Prometheus scrapes without credentials.
 
-use crate::http_util::{bearer, ct_eq, error, json, read_body, with_type, BodyError, Handler, Resp};
+use crate::http_util::{
+    bearer, ct_eq, error, json, read_body, with_type, BodyError, Handler, Resp,
+};
 use crate::metrics::labels;
 use crate::registry::ControlCmd;
 use crate::server::Shared;
@@ -31,7 +33,11 @@ impl AdminApi {
 }
 
 impl Handler for AdminApi {
-    fn handle(self: Arc<Self>, req: Request<Incoming>, _peer: SocketAddr) -> Pin<Box<dyn Future<Output = Resp> + Send>> {
+    fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        _peer: SocketAddr,
+    ) -> Pin<Box<dyn Future<Output = Resp> + Send>> {
         Box::pin(async move { self.route(req).await })
     }
 }
@@ -40,8 +46,16 @@ fn store_error(e: StoreError) -> Resp {
     match &e {
         StoreError::NotFound { .. } => error(StatusCode::NOT_FOUND, "not_found", &e.to_string()),
         StoreError::Invalid { .. } => error(StatusCode::BAD_REQUEST, "invalid", &e.to_string()),
-        _ if e.is_retryable() => error(StatusCode::SERVICE_UNAVAILABLE, "store_busy", &e.to_string()),
-        _ => error(StatusCode::INTERNAL_SERVER_ERROR, "store_error", &e.to_string()),
+        _ if e.is_retryable() => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store_busy",
+            &e.to_string(),
+        ),
+        _ => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "store_error",
+            &e.to_string(),
+        ),
     }
 }
 
@@ -54,24 +68,37 @@ async fn blocking<T: Send + 'static>(
     match tokio::task::spawn_blocking(move || f(store.as_ref())).await {
         Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => Err(store_error(e)),
-        Err(e) => Err(error(StatusCode::INTERNAL_SERVER_ERROR, "internal", &e.to_string())),
+        Err(e) => Err(error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            &e.to_string(),
+        )),
     }
 }
 
-async fn json_body<T: for<'de> Deserialize<'de> + Default>(req: Request<Incoming>) -> Result<T, Resp> {
-    let bytes = read_body(req.into_body(), ADMIN_BODY_LIMIT).await.map_err(|e| match e {
-        BodyError::TooLarge { limit } => error(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "too_large",
-            &format!("request body is larger than {limit} bytes"),
-        ),
-        BodyError::Read(m) => error(StatusCode::BAD_REQUEST, "bad_body", &m),
-    })?;
+async fn json_body<T: for<'de> Deserialize<'de> + Default>(
+    req: Request<Incoming>,
+) -> Result<T, Resp> {
+    let bytes = read_body(req.into_body(), ADMIN_BODY_LIMIT)
+        .await
+        .map_err(|e| match e {
+            BodyError::TooLarge { limit } => error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                &format!("request body is larger than {limit} bytes"),
+            ),
+            BodyError::Read(m) => error(StatusCode::BAD_REQUEST, "bad_body", &m),
+        })?;
     if bytes.iter().all(|b| b.is_ascii_whitespace()) {
         return Ok(T::default());
     }
-    serde_json::from_slice(&bytes)
-        .map_err(|e| error(StatusCode::BAD_REQUEST, "invalid_json", &format!("invalid JSON body: {e}")))
+    serde_json::from_slice(&bytes).map_err(|e| {
+        error(
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+            &format!("invalid JSON body: {e}"),
+        )
+    })
 }
 
 #[derive(Deserialize, Default)]
@@ -114,17 +141,32 @@ impl AdminApi {
         let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
         let method = req.method().clone();
         match (&method, segs.as_slice()) {
-            (&Method::GET, ["healthz"]) => return json(StatusCode::OK, &serde_json::json!({"status": "ok", "nodes": self.shared.registry.len()})),
+            (&Method::GET, ["healthz"]) => {
+                return json(
+                    StatusCode::OK,
+                    &serde_json::json!({"status": "ok", "nodes": self.shared.registry.len()}),
+                )
+            }
             (&Method::GET, ["metrics"]) => return self.metrics(),
             _ => {}
         }
         if segs.first() != Some(&"admin") {
-            return error(StatusCode::NOT_FOUND, "not_found", &format!("no route for {method} {path}"));
+            return error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                &format!("no route for {method} {path}"),
+            );
         }
         let expected = self.shared.config.admin.token.as_deref().unwrap_or("");
         match bearer(&req) {
             Some(t) if !expected.is_empty() && ct_eq(t.as_bytes(), expected.as_bytes()) => {}
-            _ => return error(StatusCode::UNAUTHORIZED, "unauthorized", "missing or wrong admin Bearer token"),
+            _ => {
+                return error(
+                    StatusCode::UNAUTHORIZED,
+                    "unauthorized",
+                    "missing or wrong admin Bearer token",
+                )
+            }
         }
         let s = &self.shared;
         let result: Result<Resp, Resp> = async {
@@ -292,10 +334,18 @@ impl AdminApi {
         m.nodes.clear();
         for ((state, country, class), n) in self.shared.registry.census() {
             m.nodes
-                .get_or_create(&labels([("state", state.as_str()), ("country", &country), ("class", &class)]))
+                .get_or_create(&labels([
+                    ("state", state.as_str()),
+                    ("country", &country),
+                    ("class", &class),
+                ]))
                 .set(n as i64);
         }
-        with_type(StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", m.render())
+        with_type(
+            StatusCode::OK,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            m.render(),
+        )
     }
 }
 
@@ -312,12 +362,20 @@ pub async fn geo_reload_loop(shared: Arc<Shared>) {
         let geo = shared.geo.clone();
         match tokio::task::spawn_blocking(move || geo.reload_if_changed()).await {
             Ok(Ok(report)) if report.changed() => {
-                shared.metrics.geo_reloads.get_or_create(&labels([("outcome", "ok")])).inc();
+                shared
+                    .metrics
+                    .geo_reloads
+                    .get_or_create(&labels([("outcome", "ok")]))
+                    .inc();
                 info!("GeoIP database reloaded");
             }
             Ok(Ok(_)) => {}
             Ok(Err(e)) => {
-                shared.metrics.geo_reloads.get_or_create(&labels([("outcome", "error")])).inc();
+                shared
+                    .metrics
+                    .geo_reloads
+                    .get_or_create(&labels([("outcome", "error")]))
+                    .inc();
                 warn!(error = %e, "GeoIP reload refused; the previous database stays in use");
             }
             Err(_) => {}

@@ -16,7 +16,9 @@ use hyper::{HeaderMap, Method, Request, Response, StatusCode};
 use ipnet::IpNet;
 use nearpath_config::WorkloadKind;
 use nearpath_geo::Location;
-use nearpath_protocol::openai::{self, ApiError, Endpoint, InferenceRequest, StreamRenderer, Usage};
+use nearpath_protocol::openai::{
+    self, ApiError, Endpoint, InferenceRequest, StreamRenderer, Usage,
+};
 use std::collections::BTreeSet;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
@@ -41,7 +43,11 @@ fn unix_now() -> u64 {
 }
 
 fn new_request_id() -> String {
-    format!("req_{:016x}{:08x}", rand::random::<u64>(), rand::random::<u32>())
+    format!(
+        "req_{:016x}{:08x}",
+        rand::random::<u64>(),
+        rand::random::<u32>()
+    )
 }
 
 /// The client's address: the TCP peer, or — only when the peer is a trusted proxy — the
@@ -58,7 +64,9 @@ pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr
         let Ok(v) = v.to_str() else { continue };
         for element in v.split(',') {
             for pair in element.split(';') {
-                let Some((k, val)) = pair.trim().split_once('=') else { continue };
+                let Some((k, val)) = pair.trim().split_once('=') else {
+                    continue;
+                };
                 if k.trim().eq_ignore_ascii_case("for") {
                     if let Some(ip) = parse_forwarded_for(val.trim()) {
                         chain.push(ip);
@@ -128,7 +136,11 @@ impl ClientApi {
     }
 
     fn locate(&self, req: &Request<Incoming>, peer: SocketAddr) -> (IpAddr, Location) {
-        let ip = client_ip(peer.ip(), req.headers(), &self.shared.config.http.trusted_proxies);
+        let ip = client_ip(
+            peer.ip(),
+            req.headers(),
+            &self.shared.config.http.trusted_proxies,
+        );
         (ip, self.shared.geo.lookup(ip))
     }
 
@@ -152,14 +164,23 @@ impl ClientApi {
             (Method::GET, "/healthz") => with_type(
                 StatusCode::OK,
                 "application/json",
-                serde_json::json!({"status": "ok", "nodes": self.shared.registry.len()}).to_string(),
+                serde_json::json!({"status": "ok", "nodes": self.shared.registry.len()})
+                    .to_string(),
             ),
             (Method::GET, "/v1/models") => self.models(req, peer, request_id).await,
             (Method::GET, "/v1/games") => self.games(req, peer, request_id).await,
-            (Method::POST, "/v1/chat/completions") => self.completions(Endpoint::Chat, req, peer, request_id).await,
-            (Method::POST, "/v1/completions") => self.completions(Endpoint::Completion, req, peer, request_id).await,
+            (Method::POST, "/v1/chat/completions") => {
+                self.completions(Endpoint::Chat, req, peer, request_id)
+                    .await
+            }
+            (Method::POST, "/v1/completions") => {
+                self.completions(Endpoint::Completion, req, peer, request_id)
+                    .await
+            }
             // WHEP, session resources and the player page (browser players over WebRTC).
-            (_, p) if crate::webrtc::is_webrtc_path(p) => crate::webrtc::handle(&self.shared, req, peer).await,
+            (_, p) if crate::webrtc::is_webrtc_path(p) => {
+                crate::webrtc::handle(&self.shared, req, peer).await
+            }
             (m, "/v1/models" | "/v1/games" | "/v1/chat/completions" | "/v1/completions") => {
                 api_error(request_id, &ApiError::method_not_allowed(m.as_str(), &path))
             }
@@ -193,8 +214,15 @@ impl ClientApi {
         let (_, loc) = self.locate(&req, peer);
         let names = self.visible(&loc, WorkloadKind::Inference);
         let created = unix_now();
-        let list: Vec<(&str, u64, &str)> = names.iter().map(|n| (n.as_str(), created, "nearpath")).collect();
-        with_type(StatusCode::OK, "application/json", openai::models_list(&list))
+        let list: Vec<(&str, u64, &str)> = names
+            .iter()
+            .map(|n| (n.as_str(), created, "nearpath"))
+            .collect();
+        with_type(
+            StatusCode::OK,
+            "application/json",
+            openai::models_list(&list),
+        )
     }
 
     async fn games(&self, req: Request<Incoming>, peer: SocketAddr, request_id: &str) -> Resp {
@@ -214,7 +242,13 @@ impl ClientApi {
         )
     }
 
-    async fn completions(&self, endpoint: Endpoint, req: Request<Incoming>, peer: SocketAddr, request_id: &str) -> Resp {
+    async fn completions(
+        &self,
+        endpoint: Endpoint,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+        request_id: &str,
+    ) -> Resp {
         let started = Instant::now();
         let shared = &self.shared;
         let key = match infer::authenticate(shared, bearer(&req)).await {
@@ -222,19 +256,30 @@ impl ClientApi {
             Err(e) => return api_error(request_id, &e),
         };
         let (_ip, client) = self.locate(&req, peer);
-        if let Some(ct) = req.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()) {
+        if let Some(ct) = req
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+        {
             if !ct.to_ascii_lowercase().starts_with("application/json") {
                 return api_error(
                     request_id,
-                    &ApiError::bad_request(format!("Content-Type must be application/json, not {ct}"), None),
+                    &ApiError::bad_request(
+                        format!("Content-Type must be application/json, not {ct}"),
+                        None,
+                    ),
                 );
             }
         }
         let limit = shared.config.http.max_body_bytes as usize;
         let body = match read_body(req.into_body(), limit).await {
             Ok(b) => b,
-            Err(BodyError::TooLarge { limit }) => return api_error(request_id, &ApiError::payload_too_large(limit)),
-            Err(BodyError::Read(m)) => return api_error(request_id, &ApiError::bad_request(m, None)),
+            Err(BodyError::TooLarge { limit }) => {
+                return api_error(request_id, &ApiError::payload_too_large(limit))
+            }
+            Err(BodyError::Read(m)) => {
+                return api_error(request_id, &ApiError::bad_request(m, None))
+            }
         };
         let request = match InferenceRequest::parse(endpoint, &body) {
             Ok(r) => r,
@@ -254,7 +299,10 @@ impl ClientApi {
             shared
                 .metrics
                 .inference_requests
-                .get_or_create(&crate::metrics::labels([("api", "http"), ("outcome", "rate_limited")]))
+                .get_or_create(&crate::metrics::labels([
+                    ("api", "http"),
+                    ("outcome", "rate_limited"),
+                ]))
                 .inc();
             return r;
         }
@@ -289,8 +337,14 @@ impl ClientApi {
         };
         let created = unix_now();
         let completion_id = match endpoint {
-            Endpoint::Chat => format!("chatcmpl-{}", &request_id[request_id.len().saturating_sub(24)..]),
-            Endpoint::Completion => format!("cmpl-{}", &request_id[request_id.len().saturating_sub(24)..]),
+            Endpoint::Chat => format!(
+                "chatcmpl-{}",
+                &request_id[request_id.len().saturating_sub(24)..]
+            ),
+            Endpoint::Completion => format!(
+                "cmpl-{}",
+                &request_id[request_id.len().saturating_sub(24)..]
+            ),
         };
         let model = request.model.clone();
         if !request.stream {
@@ -298,15 +352,28 @@ impl ClientApi {
             let (outcome, finish, usage, err) = loop {
                 match stream.next().await {
                     StreamEvent::Token(t) => text.push_str(&t),
-                    StreamEvent::Done { finish_reason, usage } => break ("ok", finish_reason, usage, None),
-                    StreamEvent::Failed(e) => break ("error", String::new(), Usage::default(), Some(e)),
+                    StreamEvent::Done {
+                        finish_reason,
+                        usage,
+                    } => break ("ok", finish_reason, usage, None),
+                    StreamEvent::Failed(e) => {
+                        break ("error", String::new(), Usage::default(), Some(e))
+                    }
                 }
             };
             let ttft = stream.ttft;
             let node = stream.node.clone();
             drop(stream);
             let body = match &err {
-                None => openai::completion_response(endpoint, &completion_id, created, &model, &text, &finish, usage),
+                None => openai::completion_response(
+                    endpoint,
+                    &completion_id,
+                    created,
+                    &model,
+                    &text,
+                    &finish,
+                    usage,
+                ),
                 Some(_) => String::new(),
             };
             infer::meter(
@@ -358,7 +425,10 @@ impl ClientApi {
                             StreamEvent::Token(t) => {
                                 let now = Instant::now();
                                 if !first {
-                                    shared2.metrics.inter_token_ms.observe((now - last).as_secs_f64() * 1000.0);
+                                    shared2
+                                        .metrics
+                                        .inter_token_ms
+                                        .observe((now - last).as_secs_f64() * 1000.0);
                                 }
                                 first = false;
                                 last = now;
@@ -369,7 +439,10 @@ impl ClientApi {
                                     break 'pump "cancelled";
                                 }
                             }
-                            StreamEvent::Done { finish_reason, usage: u } => {
+                            StreamEvent::Done {
+                                finish_reason,
+                                usage: u,
+                            } => {
                                 usage = u;
                                 let mut out = vec![renderer.finish_event(&finish_reason)];
                                 if include_usage {
@@ -421,16 +494,29 @@ impl ClientApi {
         );
         let mut r = Response::new(Body::Channel(rx));
         let h = r.headers_mut();
-        h.insert(CONTENT_TYPE, HeaderValue::from_static(openai::SSE_CONTENT_TYPE));
-        h.insert(hyper::header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        h.insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static(openai::SSE_CONTENT_TYPE),
+        );
+        h.insert(
+            hyper::header::CACHE_CONTROL,
+            HeaderValue::from_static("no-cache"),
+        );
         // Tells nginx-style proxies in front of us not to buffer the stream.
-        h.insert(HeaderName::from_static("x-accel-buffering"), HeaderValue::from_static("no"));
+        h.insert(
+            HeaderName::from_static("x-accel-buffering"),
+            HeaderValue::from_static("no"),
+        );
         r
     }
 }
 
 impl Handler for ClientApi {
-    fn handle(self: Arc<Self>, req: Request<Incoming>, peer: SocketAddr) -> Pin<Box<dyn Future<Output = Resp> + Send>> {
+    fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Pin<Box<dyn Future<Output = Resp> + Send>> {
         Box::pin(async move { self.route(req, peer).await })
     }
 }
@@ -453,7 +539,10 @@ mod tests {
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
         for (k, v) in pairs {
-            h.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
         }
         h
     }
@@ -475,7 +564,10 @@ mod tests {
             client_ip("10.0.0.1".parse().unwrap(), &h, &trusted),
             "1.2.3.4".parse::<IpAddr>().unwrap()
         );
-        let h = headers(&[("forwarded", "for=192.0.2.60;proto=http, for=\"[2001:db8::1]:4711\"")]);
+        let h = headers(&[(
+            "forwarded",
+            "for=192.0.2.60;proto=http, for=\"[2001:db8::1]:4711\"",
+        )]);
         assert_eq!(
             client_ip("10.0.0.1".parse().unwrap(), &h, &trusted),
             "2001:db8::1".parse::<IpAddr>().unwrap()

@@ -66,7 +66,12 @@ fn code_of(e: &ApiError) -> &'static str {
     }
 }
 
-async fn serve_stream(shared: Arc<Shared>, conn: quinn::Connection, mut tx: quinn::SendStream, rx: quinn::RecvStream) {
+async fn serve_stream(
+    shared: Arc<Shared>,
+    conn: quinn::Connection,
+    mut tx: quinn::SendStream,
+    rx: quinn::RecvStream,
+) {
     let mut framed = FramedRecv::new(rx, MAX_REQUEST_FRAME);
     let first = match tokio::time::timeout(Duration::from_secs(10), framed.next()).await {
         Ok(Ok(Some(m))) => m,
@@ -87,7 +92,9 @@ async fn serve_stream(shared: Arc<Shared>, conn: quinn::Connection, mut tx: quin
                         .registry
                         .list()
                         .iter()
-                        .filter(|n| infer::serve_check(&shared, &loc, n, WorkloadKind::Game).is_ok())
+                        .filter(|n| {
+                            infer::serve_check(&shared, &loc, n, WorkloadKind::Game).is_ok()
+                        })
                         .flat_map(|n| n.workloads.games.clone())
                         .collect();
                     titles.sort();
@@ -101,7 +108,15 @@ async fn serve_stream(shared: Arc<Shared>, conn: quinn::Connection, mut tx: quin
         }
         Message::PlayRequest(r) => crate::game::serve_play(shared, conn, tx, framed, r).await,
         other => {
-            let _ = send(&mut tx, &error_msg("bad_request", format!("unexpected first message {}", other.name()), false)).await;
+            let _ = send(
+                &mut tx,
+                &error_msg(
+                    "bad_request",
+                    format!("unexpected first message {}", other.name()),
+                    false,
+                ),
+            )
+            .await;
             let _ = tx.finish();
         }
     }
@@ -115,10 +130,22 @@ async fn serve_infer(
     r: InferRequest,
 ) {
     let started = Instant::now();
-    let request_id = format!("req_{:016x}{:08x}", rand::random::<u64>(), rand::random::<u32>());
+    let request_id = format!(
+        "req_{:016x}{:08x}",
+        rand::random::<u64>(),
+        rand::random::<u32>()
+    );
     let fail = |e: &ApiError| error_msg(code_of(e), e.message.clone(), e.should_retry());
     if r.protocol_version != PROTOCOL_VERSION {
-        let _ = send(&mut tx, &error_msg("version", format!("protocol version {} is not supported", r.protocol_version), false)).await;
+        let _ = send(
+            &mut tx,
+            &error_msg(
+                "version",
+                format!("protocol version {} is not supported", r.protocol_version),
+                false,
+            ),
+        )
+        .await;
         let _ = tx.finish();
         return;
     }
@@ -130,7 +157,11 @@ async fn serve_infer(
             return;
         }
     };
-    let endpoint = if r.request_json.contains("\"messages\"") { Endpoint::Chat } else { Endpoint::Completion };
+    let endpoint = if r.request_json.contains("\"messages\"") {
+        Endpoint::Chat
+    } else {
+        Endpoint::Completion
+    };
     let request = match InferenceRequest::parse(endpoint, r.request_json.as_bytes()) {
         Ok(q) => q,
         Err(e) => {
@@ -140,7 +171,11 @@ async fn serve_infer(
         }
     };
     if shared.limiter.admit(&key, Instant::now()).is_err() {
-        let _ = send(&mut tx, &error_msg("rate_limited", "rate limit reached for this key", true)).await;
+        let _ = send(
+            &mut tx,
+            &error_msg("rate_limited", "rate limit reached for this key", true),
+        )
+        .await;
         let _ = tx.finish();
         return;
     }
@@ -152,7 +187,18 @@ async fn serve_infer(
             let _ = tx.finish();
             infer::meter(
                 &shared,
-                Metering { key: &key, request_id: &request_id, model: &request.model, api: "quic", node: None, outcome: "error", usage: Usage::default(), ttft: None, started, bytes: 0 },
+                Metering {
+                    key: &key,
+                    request_id: &request_id,
+                    model: &request.model,
+                    api: "quic",
+                    node: None,
+                    outcome: "error",
+                    usage: Usage::default(),
+                    ttft: None,
+                    started,
+                    bytes: 0,
+                },
             );
             return;
         }
@@ -160,7 +206,16 @@ async fn serve_infer(
     let mut outcome = "ok";
     let mut usage = Usage::default();
     let mut index = 0u32;
-    if send(&mut tx, &Message::InferStarted(InferStarted { request_id: request_id.clone(), model: request.model.clone() })).await.is_err() {
+    if send(
+        &mut tx,
+        &Message::InferStarted(InferStarted {
+            request_id: request_id.clone(),
+            model: request.model.clone(),
+        }),
+    )
+    .await
+    .is_err()
+    {
         outcome = "cancelled";
     }
     // A client finishes its send side after the request; only a reset (or `Close`) cancels.
@@ -179,11 +234,26 @@ async fn serve_infer(
         let msg = match ev {
             StreamEvent::Token(text) => {
                 index += 1;
-                Message::Token(Token { index: index - 1, text, node_elapsed_us: started.elapsed().as_micros() as u64 })
+                Message::Token(Token {
+                    index: index - 1,
+                    text,
+                    node_elapsed_us: started.elapsed().as_micros() as u64,
+                })
             }
-            StreamEvent::Done { finish_reason, usage: u } => {
+            StreamEvent::Done {
+                finish_reason,
+                usage: u,
+            } => {
                 usage = u;
-                let _ = send(&mut tx, &Message::Done(Done { finish_reason, prompt_tokens: u.prompt_tokens, completion_tokens: u.completion_tokens })).await;
+                let _ = send(
+                    &mut tx,
+                    &Message::Done(Done {
+                        finish_reason,
+                        prompt_tokens: u.prompt_tokens,
+                        completion_tokens: u.completion_tokens,
+                    }),
+                )
+                .await;
                 let _ = tx.finish();
                 break;
             }
@@ -209,6 +279,17 @@ async fn serve_infer(
     drop(stream);
     infer::meter(
         &shared,
-        Metering { key: &key, request_id: &request_id, model: &request.model, api: "quic", node: Some(&node), outcome, usage, ttft: Some(ttft), started, bytes: 0 },
+        Metering {
+            key: &key,
+            request_id: &request_id,
+            model: &request.model,
+            api: "quic",
+            node: Some(&node),
+            outcome,
+            usage,
+            ttft: Some(ttft),
+            started,
+            bytes: 0,
+        },
     );
 }

@@ -7,10 +7,10 @@ use crate::metrics::labels;
 use crate::registry::{ControlCmd, InsertError, NodeDynamic, NodeEntry, NodeState};
 use crate::server::Shared;
 use crate::store::{KycStatus, SlaDelta};
-use nearpath_protocol::stream::{send as send_msg, FramedRecv};
 use nearpath_protocol::message::{
     Drain, HeartbeatAck, Message, Register, Registered, RejectCode, Rejected, Shutdown,
 };
+use nearpath_protocol::stream::{send as send_msg, FramedRecv};
 use nearpath_protocol::{MAX_CONTROL_FRAME, PROTOCOL_VERSION};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -157,14 +157,20 @@ async fn admit(
     if reg.protocol_version != PROTOCOL_VERSION {
         return Err((
             RejectCode::Version,
-            format!("protocol version {} is not supported (this gateway speaks {PROTOCOL_VERSION})", reg.protocol_version),
+            format!(
+                "protocol version {} is not supported (this gateway speaks {PROTOCOL_VERSION})",
+                reg.protocol_version
+            ),
         ));
     }
     if let Some(min) = &shared.config.nodes.min_software_version {
         if version_less(&reg.software_version, min) {
             return Err((
                 RejectCode::Version,
-                format!("software version {} is older than the minimum {min}", reg.software_version),
+                format!(
+                    "software version {} is older than the minimum {min}",
+                    reg.software_version
+                ),
             ));
         }
     }
@@ -174,7 +180,10 @@ async fn admit(
         .await
         .map_err(|e| (RejectCode::Other, format!("internal error: {e}")))?
         .map_err(|e| (RejectCode::Other, format!("store unavailable: {e}")))?;
-    let (operator, _token) = auth.ok_or((RejectCode::BadToken, "unknown or revoked enrolment token".to_string()))?;
+    let (operator, _token) = auth.ok_or((
+        RejectCode::BadToken,
+        "unknown or revoked enrolment token".to_string(),
+    ))?;
     match operator.kyc_status {
         KycStatus::Verified => {}
         KycStatus::Pending => {
@@ -184,7 +193,10 @@ async fn admit(
             ))
         }
         KycStatus::Suspended => {
-            return Err((RejectCode::OperatorSuspended, format!("operator {} is suspended", operator.id)))
+            return Err((
+                RejectCode::OperatorSuspended,
+                format!("operator {} is suspended", operator.id),
+            ))
         }
     }
     // The node's location is what GeoIP says of the address it connects from, never a claim.
@@ -194,7 +206,10 @@ async fn admit(
     let class_names: Vec<String> = if reg.gpus.is_empty() {
         vec!["cpu".to_string()]
     } else {
-        reg.gpus.iter().map(|g| g.class.to_ascii_lowercase()).collect()
+        reg.gpus
+            .iter()
+            .map(|g| g.class.to_ascii_lowercase())
+            .collect()
     };
     for name in class_names {
         if classes.iter().any(|(n, _)| *n == name) {
@@ -208,7 +223,10 @@ async fn admit(
                 RejectCode::Geofence,
                 format!(
                     "rule {rule}: {reason} (GPU class {name}, node located in {})",
-                    location.country.map(|c| c.as_str().to_string()).unwrap_or_else(|| "an unknown location".into())
+                    location
+                        .country
+                        .map(|c| c.as_str().to_string())
+                        .unwrap_or_else(|| "an unknown location".into())
                 ),
             ));
         }
@@ -261,7 +279,15 @@ async fn admit(
             let store = shared.store.clone();
             let (id, op) = (entry.id.clone(), entry.operator_id.clone());
             tokio::task::spawn_blocking(move || {
-                if let Err(e) = store.sla_apply(&id, &op, SlaDelta { registrations: 1, seen_at_ms: now, ..Default::default() }) {
+                if let Err(e) = store.sla_apply(
+                    &id,
+                    &op,
+                    SlaDelta {
+                        registrations: 1,
+                        seen_at_ms: now,
+                        ..Default::default()
+                    },
+                ) {
                     warn!(node = %id, error = %e, "could not count the registration");
                 }
             });
@@ -269,7 +295,10 @@ async fn admit(
         }
         Err(InsertError::Duplicate { existing_operator }) => Err((
             RejectCode::Duplicate,
-            format!("node id {} is already registered by operator {existing_operator}", reg.node_id),
+            format!(
+                "node id {} is already registered by operator {existing_operator}",
+                reg.node_id
+            ),
         )),
     }
 }
@@ -282,7 +311,11 @@ async fn control_loop(
     mut cmd_rx: mpsc::Receiver<ControlCmd>,
 ) {
     let hb = Duration::from_millis(shared.config.nodes.heartbeat_ms);
-    let mut live = LivenessTracker::new(Instant::now(), hb, shared.config.nodes.missed_heartbeats_before_gone);
+    let mut live = LivenessTracker::new(
+        Instant::now(),
+        hb,
+        shared.config.nodes.missed_heartbeats_before_gone,
+    );
     let registered_at = Instant::now();
     let mut drained = false;
     let cause = loop {
@@ -371,15 +404,24 @@ async fn control_loop(
     let was_draining = drained || entry.dynamic().state == NodeState::Draining;
     entry.dynamic().state = NodeState::Gone;
     shared.registry.remove(&entry);
-    let active = entry.sessions_in_use().max(entry.dynamic().reported_sessions);
+    let active = entry
+        .sessions_in_use()
+        .max(entry.dynamic().reported_sessions);
     shared
         .metrics
         .node_disconnects
         .get_or_create(&labels([("cause", cause.as_str())]))
         .inc();
-    info!(cause = cause.as_str(), active_sessions = active, drained = was_draining, "node left");
+    info!(
+        cause = cause.as_str(),
+        active_sessions = active,
+        drained = was_draining,
+        "node left"
+    );
     match cause {
-        LeaveCause::Kicked | LeaveCause::GatewayShutdown => entry.conn.close(0u32.into(), cause.as_str().as_bytes()),
+        LeaveCause::Kicked | LeaveCause::GatewayShutdown => {
+            entry.conn.close(0u32.into(), cause.as_str().as_bytes())
+        }
         _ => entry.conn.close(3u32.into(), cause.as_str().as_bytes()),
     }
     let registered_ms = registered_at.elapsed().as_millis() as u64;
@@ -392,7 +434,10 @@ async fn control_loop(
             .penalties
             .get_or_create(&labels([("kind", "disconnect_without_drain")]))
             .inc();
-        warn!(active_sessions = active, "node left with active sessions without draining: penalty");
+        warn!(
+            active_sessions = active,
+            "node left with active sessions without draining: penalty"
+        );
     }
     let store = shared.store.clone();
     let (id, op) = (entry.id.clone(), entry.operator_id.clone());
@@ -415,7 +460,10 @@ async fn control_loop(
                 now_ms(),
                 "disconnect_without_drain",
                 active,
-                &format!("left by {} with {active} active session(s) without draining", cause.as_str()),
+                &format!(
+                    "left by {} with {active} active session(s) without draining",
+                    cause.as_str()
+                ),
             )?;
         }
         Ok::<_, crate::store::StoreError>(())

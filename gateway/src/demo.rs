@@ -55,9 +55,15 @@ impl Demo {
         };
         let mut config = GatewayConfig::demo();
         config.store.path = store_path.clone();
-        let store: Arc<dyn Store> =
-            Arc::new(SqliteStore::open(&store_path).with_context(|| format!("opening {}", store_path.display()))?);
-        let operator = match store.list_operators()?.into_iter().find(|o| o.name == DEMO_OPERATOR) {
+        let store: Arc<dyn Store> = Arc::new(
+            SqliteStore::open(&store_path)
+                .with_context(|| format!("opening {}", store_path.display()))?,
+        );
+        let operator = match store
+            .list_operators()?
+            .into_iter()
+            .find(|o| o.name == DEMO_OPERATOR)
+        {
             Some(o) => o,
             None => store.create_operator(DEMO_OPERATOR, KycStatus::Verified)?,
         };
@@ -104,11 +110,16 @@ impl Demo {
         loop {
             match &*self.node_status.borrow_and_update() {
                 NodeStatus::Registered { .. } => return Ok(()),
-                NodeStatus::Rejected { code, reason } => anyhow::bail!("demo node rejected ({code}): {reason}"),
+                NodeStatus::Rejected { code, reason } => {
+                    anyhow::bail!("demo node rejected ({code}): {reason}")
+                }
                 NodeStatus::Stopped => anyhow::bail!("demo node stopped"),
                 _ => {}
             }
-            self.node_status.changed().await.context("demo node task ended")?;
+            self.node_status
+                .changed()
+                .await
+                .context("demo node task ended")?;
         }
     }
 

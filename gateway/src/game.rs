@@ -17,11 +17,11 @@ use nearpath_protocol::message::{
 };
 use nearpath_protocol::stream::{recv_frame_header, relay_frame, send, FramedRecv};
 use nearpath_protocol::{FrameHeader, InputDatagram, MAX_CONTROL_FRAME, MAX_VIDEO_FRAME};
-use tokio::sync::mpsc;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
 use tracing::{debug, info, info_span, warn, Instrument};
 
 /// Where a session's frames go.
@@ -97,7 +97,12 @@ impl Relay {
     pub fn send_input(&self, seq: u64, sent_ts_us: u64, event: nearpath_protocol::InputEvent) {
         self.inputs.fetch_add(1, Ordering::Relaxed);
         if let Some(node) = self.node() {
-            let d = InputDatagram { session_id: self.session_id, seq, sent_ts_us, event };
+            let d = InputDatagram {
+                session_id: self.session_id,
+                seq,
+                sent_ts_us,
+                event,
+            };
             let _ = node.conn.send_datagram(Bytes::from(d.encode()));
         }
     }
@@ -118,16 +123,31 @@ pub struct GameRelays {
 
 impl GameRelays {
     pub fn get(&self, id: u64) -> Option<Arc<Relay>> {
-        self.map.lock().unwrap_or_else(|p| p.into_inner()).get(&id).cloned()
+        self.map
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+            .cloned()
     }
     fn insert(&self, r: Arc<Relay>) {
-        self.map.lock().unwrap_or_else(|p| p.into_inner()).insert(r.session_id, r);
+        self.map
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(r.session_id, r);
     }
     fn remove(&self, id: u64) {
-        self.map.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+        self.map
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
     }
     pub fn list(&self) -> Vec<Arc<Relay>> {
-        self.map.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect()
+        self.map
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
     }
 }
 
@@ -161,15 +181,23 @@ pub async fn node_frames_loop(shared: Arc<Shared>, conn: quinn::Connection) {
             if age > budget_us {
                 let _ = recv.stop(nearpath_protocol::app_code::STREAM_REFUSED);
                 relay.dropped_late.fetch_add(1, Ordering::Relaxed);
-                shared.metrics.game_frames_dropped.get_or_create(&labels([("reason", "late")])).inc();
+                shared
+                    .metrics
+                    .game_frames_dropped
+                    .get_or_create(&labels([("reason", "late")]))
+                    .inc();
                 return;
             }
             let result = match &relay.sink {
-                FrameSink::Quic(client) => relay_frame(recv, &header, client, MAX_VIDEO_FRAME).await.map_err(|e| e.to_string()),
+                FrameSink::Quic(client) => relay_frame(recv, &header, client, MAX_VIDEO_FRAME)
+                    .await
+                    .map_err(|e| e.to_string()),
                 FrameSink::Channel(tx) => match recv_frame_rest(recv, &header).await {
                     Ok(payload) => {
                         let n = payload.len() as u64;
-                        tx.try_send((header, payload)).map(|_| n).map_err(|e| e.to_string())
+                        tx.try_send((header, payload))
+                            .map(|_| n)
+                            .map_err(|e| e.to_string())
                     }
                     Err(e) => Err(e),
                 },
@@ -182,7 +210,11 @@ pub async fn node_frames_loop(shared: Arc<Shared>, conn: quinn::Connection) {
                 }
                 Err(e) => {
                     debug!(error = %e, "frame not relayed");
-                    shared.metrics.game_frames_dropped.get_or_create(&labels([("reason", "relay")])).inc();
+                    shared
+                        .metrics
+                        .game_frames_dropped
+                        .get_or_create(&labels([("reason", "relay")]))
+                        .inc();
                 }
             }
         });
@@ -231,16 +263,25 @@ pub fn session_params(shared: &Shared, r: &PlayRequest) -> Result<GameParams, St
         bitrate_kbps: pick(r.bitrate_kbps, g.default_bitrate_kbps),
     };
     if !p.width.is_multiple_of(2) || !p.height.is_multiple_of(2) || p.width < 16 || p.height < 16 {
-        return Err(format!("{}x{} must be even and at least 16x16", p.width, p.height));
+        return Err(format!(
+            "{}x{} must be even and at least 16x16",
+            p.width, p.height
+        ));
     }
     if p.width > g.max_width || p.height > g.max_height {
-        return Err(format!("{}x{} exceeds the limit {}x{}", p.width, p.height, g.max_width, g.max_height));
+        return Err(format!(
+            "{}x{} exceeds the limit {}x{}",
+            p.width, p.height, g.max_width, g.max_height
+        ));
     }
     if p.fps > g.max_fps {
         return Err(format!("{} fps exceeds the limit {}", p.fps, g.max_fps));
     }
     if p.bitrate_kbps > g.max_bitrate_kbps {
-        return Err(format!("{} kbps exceeds the limit {}", p.bitrate_kbps, g.max_bitrate_kbps));
+        return Err(format!(
+            "{} kbps exceeds the limit {}",
+            p.bitrate_kbps, g.max_bitrate_kbps
+        ));
     }
     Ok(p)
 }
@@ -268,28 +309,44 @@ async fn attach(
     session_id: u64,
     exclude: &[String],
 ) -> Result<Attached, NoNode> {
-    let (outcome, nodes) = shared.registry.route(client_latlon(client), Workload::Game(&params.title), |n| {
-        if exclude.contains(&n.id) {
-            return Err(crate::router::Deny { rule: "failover".into(), reason: "node failed this session".into() });
-        }
-        infer::serve_check(shared, client, n, WorkloadKind::Game)
-    });
+    let (outcome, nodes) =
+        shared
+            .registry
+            .route(client_latlon(client), Workload::Game(&params.title), |n| {
+                if exclude.contains(&n.id) {
+                    return Err(crate::router::Deny {
+                        rule: "failover".into(),
+                        reason: "node failed this session".into(),
+                    });
+                }
+                infer::serve_check(shared, client, n, WorkloadKind::Game)
+            });
     if let Some(f) = outcome.failure() {
         return Err(match f {
             NoRoute::NotServed => NoNode::Unknown,
-            NoRoute::Denied(d) if d.rule != "failover" => NoNode::Denied(format!("rule {}: {}", d.rule, d.reason)),
+            NoRoute::Denied(d) if d.rule != "failover" => {
+                NoNode::Denied(format!("rule {}: {}", d.rule, d.reason))
+            }
             NoRoute::Denied(_) => NoNode::Failed("no other node serves this game".into()),
             NoRoute::Saturated | NoRoute::Draining => NoNode::Full,
         });
     }
     let mut last = NoNode::Full;
     for node in nodes {
-        let Some(slot) = shared.registry.acquire(&node, SlotKind::Game) else { continue };
+        let Some(slot) = shared.registry.acquire(&node, SlotKind::Game) else {
+            continue;
+        };
         let opened = async {
             let (mut tx, rx) = node.conn.open_bi().await.map_err(|e| e.to_string())?;
-            send(&mut tx, &Message::Open(Open { session_id, kind: SessionKind::Game(params.clone()) }))
-                .await
-                .map_err(|e| e.to_string())?;
+            send(
+                &mut tx,
+                &Message::Open(Open {
+                    session_id,
+                    kind: SessionKind::Game(params.clone()),
+                }),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
             let mut rx = FramedRecv::new(rx, MAX_CONTROL_FRAME);
             match rx.next().await {
                 Ok(Some(Message::Accepted(_))) => Ok((tx, rx)),
@@ -299,7 +356,14 @@ async fn attach(
             }
         };
         match tokio::time::timeout(Duration::from_secs(5), opened).await {
-            Ok(Ok((tx, rx))) => return Ok(Attached { node, tx, rx, _slot: slot }),
+            Ok(Ok((tx, rx))) => {
+                return Ok(Attached {
+                    node,
+                    tx,
+                    rx,
+                    _slot: slot,
+                })
+            }
             Ok(Err(e)) => {
                 warn!(node = %node.id, error = %e, "node did not take the game session");
                 last = NoNode::Failed(e);
@@ -310,9 +374,11 @@ async fn attach(
     Err(last)
 }
 
-
 /// Reads the payload that follows an already-read frame header.
-async fn recv_frame_rest(mut recv: quinn::RecvStream, header: &FrameHeader) -> Result<Bytes, String> {
+async fn recv_frame_rest(
+    mut recv: quinn::RecvStream,
+    header: &FrameHeader,
+) -> Result<Bytes, String> {
     let len = header.payload_len as usize;
     if len > MAX_VIDEO_FRAME {
         let _ = recv.stop(nearpath_protocol::app_code::STREAM_REFUSED);
@@ -340,10 +406,17 @@ pub async fn start_session(
             let (code, message) = match no {
                 NoNode::Denied(r) => ("geofence", format!("geofence: {r}")),
                 NoNode::Unknown => ("unknown_game", format!("no node serves {}", params.title)),
-                NoNode::Full => ("no_capacity", "every node serving this game is busy".to_string()),
+                NoNode::Full => (
+                    "no_capacity",
+                    "every node serving this game is busy".to_string(),
+                ),
                 NoNode::Failed(e) => ("no_capacity", e),
             };
-            shared.metrics.game_sessions.get_or_create(&labels([("transport", transport), ("outcome", code)])).inc();
+            shared
+                .metrics
+                .game_sessions
+                .get_or_create(&labels([("transport", transport), ("outcome", code)]))
+                .inc();
             return Err(StartError { code, message });
         }
     };
@@ -368,10 +441,25 @@ pub async fn start_session(
     let (notices_tx, notices_rx) = mpsc::channel(16);
     let span = info_span!("game_session", id = session_id, game = %params.title, transport);
     tokio::spawn(
-        drive(shared.clone(), key.clone(), client, params.clone(), relay.clone(), attached, events_rx, notices_tx)
-            .instrument(span),
+        drive(
+            shared.clone(),
+            key.clone(),
+            client,
+            params.clone(),
+            relay.clone(),
+            attached,
+            events_rx,
+            notices_tx,
+        )
+        .instrument(span),
     );
-    Ok(Started { session_id, params, events: events_tx, notices: notices_rx, relay })
+    Ok(Started {
+        session_id,
+        params,
+        events: events_tx,
+        notices: notices_rx,
+        relay,
+    })
 }
 
 /// Runs a started session: client events in, node stream out, failover when the node dies,
@@ -413,16 +501,30 @@ async fn drive(
             }
             Ev::Client(Some(ClientEvent::SetBitrate(kbps))) => {
                 let kbps = kbps.clamp(100, shared.config.game.max_bitrate_kbps);
-                let _ = send(&mut attached.tx, &Message::SetBitrate(nearpath_protocol::message::SetBitrate { kbps })).await;
+                let _ = send(
+                    &mut attached.tx,
+                    &Message::SetBitrate(nearpath_protocol::message::SetBitrate { kbps }),
+                )
+                .await;
             }
             Ev::Client(Some(ClientEvent::Close(reason))) => {
-                let _ = send(&mut attached.tx, &Message::Close(nearpath_protocol::message::Close { reason })).await;
+                let _ = send(
+                    &mut attached.tx,
+                    &Message::Close(nearpath_protocol::message::Close { reason }),
+                )
+                .await;
                 let _ = attached.tx.finish();
                 break;
             }
             Ev::Client(Some(ClientEvent::Gone)) | Ev::Client(None) => {
                 outcome = "client_left";
-                let _ = send(&mut attached.tx, &Message::Close(nearpath_protocol::message::Close { reason: "client left".into() })).await;
+                let _ = send(
+                    &mut attached.tx,
+                    &Message::Close(nearpath_protocol::message::Close {
+                        reason: "client left".into(),
+                    }),
+                )
+                .await;
                 let _ = attached.tx.finish();
                 break;
             }
@@ -439,7 +541,12 @@ async fn drive(
                 warn!(node = %failed.id, "serving node lost; failing over");
                 gpu_seconds += node_since.elapsed().as_secs_f64();
                 relay.set_node(None);
-                let _ = notices.send(Notice::Paused(format!("node {} failed; moving the session", failed.id))).await;
+                let _ = notices
+                    .send(Notice::Paused(format!(
+                        "node {} failed; moving the session",
+                        failed.id
+                    )))
+                    .await;
                 let t0 = Instant::now();
                 match attach(&shared, &client, &params, session_id, &nodes_used).await {
                     Ok(a) => {
@@ -454,7 +561,11 @@ async fn drive(
                     }
                     Err(_) => {
                         outcome = "node_failed";
-                        let _ = notices.send(Notice::Ended("the serving node failed and no other node is available".into())).await;
+                        let _ = notices
+                            .send(Notice::Ended(
+                                "the serving node failed and no other node is available".into(),
+                            ))
+                            .await;
                         break;
                     }
                 }
@@ -467,11 +578,20 @@ async fn drive(
     shared
         .metrics
         .game_sessions
-        .get_or_create(&labels([("transport", relay.transport), ("outcome", outcome)]))
+        .get_or_create(&labels([
+            ("transport", relay.transport),
+            ("outcome", outcome),
+        ]))
         .inc();
     let frames = relay.frames.load(Ordering::Relaxed);
     let bytes = relay.bytes.load(Ordering::Relaxed);
-    info!(outcome, frames, bytes, dropped_late = relay.dropped_late.load(Ordering::Relaxed), "game session ended");
+    info!(
+        outcome,
+        frames,
+        bytes,
+        dropped_late = relay.dropped_late.load(Ordering::Relaxed),
+        "game session ended"
+    );
     let record = UsageRecord {
         id: None,
         at_ms: now_ms(),
@@ -540,7 +660,13 @@ pub async fn serve_play(
             return;
         }
     };
-    let Started { session_id, params, events, mut notices, .. } = started;
+    let Started {
+        session_id,
+        params,
+        events,
+        mut notices,
+        ..
+    } = started;
     let msg = Message::PlayStarted(PlayStarted {
         session_id,
         width: params.width,

@@ -69,7 +69,11 @@ pub type Resp = Response<Body>;
 pub fn json<T: Serialize + ?Sized>(status: StatusCode, value: &T) -> Resp {
     match serde_json::to_vec(value) {
         Ok(v) => with_type(status, "application/json", v),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal", &e.to_string()),
+        Err(e) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            &e.to_string(),
+        ),
     }
 }
 
@@ -107,7 +111,9 @@ pub async fn read_body(body: Incoming, limit: usize) -> Result<Bytes, BodyError>
     match Limited::new(body, limit).collect().await {
         Ok(c) => Ok(c.to_bytes()),
         Err(e) => {
-            if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some()
+            {
                 Err(BodyError::TooLarge { limit })
             } else {
                 Err(BodyError::Read(e.to_string()))
@@ -118,7 +124,11 @@ pub async fn read_body(body: Incoming, limit: usize) -> Result<Bytes, BodyError>
 
 /// Bearer token from the Authorization header, if any.
 pub fn bearer<B>(req: &Request<B>) -> Option<&str> {
-    let v = req.headers().get(hyper::header::AUTHORIZATION)?.to_str().ok()?;
+    let v = req
+        .headers()
+        .get(hyper::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?;
     let (scheme, token) = v.split_once(' ')?;
     scheme
         .eq_ignore_ascii_case("bearer")

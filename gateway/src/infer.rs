@@ -32,7 +32,10 @@ pub struct KeyCache {
 
 impl KeyCache {
     pub fn clear(&self) {
-        self.entries.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        self.entries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
     }
 }
 
@@ -89,7 +92,11 @@ pub async fn authenticate(shared: &Arc<Shared>, secret: Option<&str>) -> Result<
     let secret = secret.ok_or_else(ApiError::missing_api_key)?;
     let hash = crate::store::hash_secret(secret);
     {
-        let cache = shared.keys.entries.lock().unwrap_or_else(|p| p.into_inner());
+        let cache = shared
+            .keys
+            .entries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         if let Some((key, at)) = cache.get(&hash) {
             if at.elapsed() < KEY_CACHE_TTL {
                 return Ok(key.clone());
@@ -118,9 +125,18 @@ pub async fn authenticate(shared: &Arc<Shared>, secret: Option<&str>) -> Result<
 
 /// The geofence verdict for serving `client` from `node` (every GPU class of the node must be
 /// allowed).
-pub fn serve_check(shared: &Shared, client: &Location, node: &NodeEntry, workload: WorkloadKind) -> Result<(), Deny> {
+pub fn serve_check(
+    shared: &Shared,
+    client: &Location,
+    node: &NodeEntry,
+    workload: WorkloadKind,
+) -> Result<(), Deny> {
     for (_, class) in &node.classes {
-        if let Decision::Deny { rule, reason, .. } = shared.policy.check_serve(client, &node.location, *class, workload) {
+        if let Decision::Deny { rule, reason, .. } =
+            shared
+                .policy
+                .check_serve(client, &node.location, *class, workload)
+        {
             return Err(Deny {
                 rule: rule.to_string(),
                 reason: reason.to_string(),
@@ -138,7 +154,10 @@ pub fn client_latlon(loc: &Location) -> Option<LatLon> {
 #[derive(Debug)]
 pub enum StreamEvent {
     Token(String),
-    Done { finish_reason: String, usage: Usage },
+    Done {
+        finish_reason: String,
+        usage: Usage,
+    },
     /// The node failed after streaming began; the front end reports it in band.
     Failed(ApiError),
 }
@@ -208,8 +227,12 @@ fn to_event(r: Result<Option<Message>, nearpath_protocol::StreamError>) -> Strea
             "node sent an unexpected {} message",
             other.name()
         ))),
-        Ok(None) => StreamEvent::Failed(ApiError::bad_gateway("the node ended the stream without finishing")),
-        Err(e) => StreamEvent::Failed(ApiError::bad_gateway(format!("the node failed mid-stream: {e}"))),
+        Ok(None) => StreamEvent::Failed(ApiError::bad_gateway(
+            "the node ended the stream without finishing",
+        )),
+        Err(e) => StreamEvent::Failed(ApiError::bad_gateway(format!(
+            "the node failed mid-stream: {e}"
+        ))),
     }
 }
 
@@ -217,7 +240,9 @@ fn to_event(r: Result<Option<Message>, nearpath_protocol::StreamError>) -> Strea
 fn node_error(code: &str, message: &str) -> ApiError {
     match code {
         "bad_request" | "invalid_request" => ApiError::bad_request(message.to_string(), None),
-        "model_not_found" | "unknown_model" => ApiError::bad_request(message.to_string(), Some("model")),
+        "model_not_found" | "unknown_model" => {
+            ApiError::bad_request(message.to_string(), Some("model"))
+        }
         "timeout" | "upstream_timeout" => ApiError::timeout(message.to_string()),
         _ => ApiError::bad_gateway(format!("{code}: {message}")),
     }
@@ -241,9 +266,12 @@ pub async fn dispatch(
 ) -> Result<InferStream, ApiError> {
     let started = Instant::now();
     let model = request.model.as_str();
-    let (outcome, nodes) = shared.registry.route(client_latlon(client), Workload::Model(model), |n| {
-        serve_check(shared, client, n, WorkloadKind::Inference)
-    });
+    let (outcome, nodes) =
+        shared
+            .registry
+            .route(client_latlon(client), Workload::Model(model), |n| {
+                serve_check(shared, client, n, WorkloadKind::Inference)
+            });
     if let Some(failure) = outcome.failure() {
         let err = match failure {
             NoRoute::NotServed => ApiError::model_not_found(model),
@@ -251,11 +279,17 @@ pub async fn dispatch(
                 shared
                     .metrics
                     .geofence_decisions
-                    .get_or_create(&labels([("side", "client"), ("outcome", "deny"), ("rule", &d.rule)]))
+                    .get_or_create(&labels([
+                        ("side", "client"),
+                        ("outcome", "deny"),
+                        ("rule", &d.rule),
+                    ]))
                     .inc();
                 ApiError::geofence_denied(&d.rule, &d.reason)
             }
-            NoRoute::Saturated => ApiError::rate_limited(format!("every node serving {model} is at capacity; retry shortly")),
+            NoRoute::Saturated => ApiError::rate_limited(format!(
+                "every node serving {model} is at capacity; retry shortly"
+            )),
             NoRoute::Draining => ApiError::no_eligible_node(model),
         };
         return Err(err);
@@ -263,7 +297,11 @@ pub async fn dispatch(
     shared
         .metrics
         .geofence_decisions
-        .get_or_create(&labels([("side", "client"), ("outcome", "allow"), ("rule", "-")]))
+        .get_or_create(&labels([
+            ("side", "client"),
+            ("outcome", "allow"),
+            ("rule", "-"),
+        ]))
         .inc();
     let cfg = &shared.config.inference;
     let max_attempts = cfg.max_attempts.max(1) as usize;
@@ -293,7 +331,11 @@ pub async fn dispatch(
             Err(Attempt::Fatal(e)) => return Err(e),
         }
     }
-    Err(last.unwrap_or_else(|| ApiError::rate_limited(format!("every node serving {model} is at capacity; retry shortly"))))
+    Err(last.unwrap_or_else(|| {
+        ApiError::rate_limited(format!(
+            "every node serving {model} is at capacity; retry shortly"
+        ))
+    }))
 }
 
 async fn try_node(
@@ -309,7 +351,12 @@ async fn try_node(
     let connect = Duration::from_millis(cfg.connect_timeout_ms);
     let (mut tx, rx) = match tokio::time::timeout(connect, node.conn.open_bi()).await {
         Ok(Ok(s)) => s,
-        Ok(Err(e)) => return Err(Attempt::Retry(ApiError::bad_gateway(format!("node {}: {e}", node.id)))),
+        Ok(Err(e)) => {
+            return Err(Attempt::Retry(ApiError::bad_gateway(format!(
+                "node {}: {e}",
+                node.id
+            ))))
+        }
         Err(_) => {
             return Err(Attempt::Retry(ApiError::timeout(format!(
                 "node {} did not accept a stream within {} ms",
@@ -325,7 +372,10 @@ async fn try_node(
         },
     });
     if let Err(e) = send(&mut tx, &open).await {
-        return Err(Attempt::Retry(ApiError::bad_gateway(format!("node {}: {e}", node.id))));
+        return Err(Attempt::Retry(ApiError::bad_gateway(format!(
+            "node {}: {e}",
+            node.id
+        ))));
     }
     let mut framed = FramedRecv::new(rx, MAX_CONTROL_FRAME);
     let first_deadline = started + Duration::from_millis(cfg.first_token_timeout_ms);
@@ -335,20 +385,31 @@ async fn try_node(
         Err(a)
     };
     // Accepted / Refused first.
-    let answer = tokio::time::timeout_at(tokio::time::Instant::from_std(first_deadline), framed.next()).await;
+    let answer = tokio::time::timeout_at(
+        tokio::time::Instant::from_std(first_deadline),
+        framed.next(),
+    )
+    .await;
     match answer {
         Ok(Ok(Some(Message::Accepted(_)))) => {}
         Ok(Ok(Some(Message::Refused(r)))) => {
             let a = match r.code {
                 RefuseCode::BadRequest => Attempt::Fatal(ApiError::bad_request(r.reason, None)),
                 RefuseCode::Busy | RefuseCode::UnknownWorkload | RefuseCode::Internal => {
-                    Attempt::Retry(ApiError::unavailable(format!("node {} refused: {}", node.id, r.reason)))
+                    Attempt::Retry(ApiError::unavailable(format!(
+                        "node {} refused: {}",
+                        node.id, r.reason
+                    )))
                 }
             };
             return fail(&mut tx, &mut framed, a);
         }
         Ok(Ok(Some(other))) => {
-            let e = ApiError::bad_gateway(format!("node {} sent {} before Accepted", node.id, other.name()));
+            let e = ApiError::bad_gateway(format!(
+                "node {} sent {} before Accepted",
+                node.id,
+                other.name()
+            ));
             return fail(&mut tx, &mut framed, Attempt::Retry(e));
         }
         Ok(Ok(None)) | Ok(Err(_)) => {
@@ -356,22 +417,37 @@ async fn try_node(
             return fail(&mut tx, &mut framed, Attempt::Retry(e));
         }
         Err(_) => {
-            let e = ApiError::timeout(format!("no first token within {} ms", cfg.first_token_timeout_ms));
+            let e = ApiError::timeout(format!(
+                "no first token within {} ms",
+                cfg.first_token_timeout_ms
+            ));
             return fail(&mut tx, &mut framed, Attempt::Fatal(e));
         }
     }
     // Then the first token (or an immediate Done). A failure here is still invisible to the
     // client, so it fails over.
-    let first = match tokio::time::timeout_at(tokio::time::Instant::from_std(first_deadline), framed.next()).await {
+    let first = match tokio::time::timeout_at(
+        tokio::time::Instant::from_std(first_deadline),
+        framed.next(),
+    )
+    .await
+    {
         Ok(r) => to_event(r),
         Err(_) => {
-            let e = ApiError::timeout(format!("no first token within {} ms", cfg.first_token_timeout_ms));
+            let e = ApiError::timeout(format!(
+                "no first token within {} ms",
+                cfg.first_token_timeout_ms
+            ));
             return fail(&mut tx, &mut framed, Attempt::Fatal(e));
         }
     };
     if let StreamEvent::Failed(e) = first {
         debug!(node = %node.id, error = %e.message, "node failed before its first token");
-        let a = if e.status == 400 { Attempt::Fatal(e) } else { Attempt::Retry(e) };
+        let a = if e.status == 400 {
+            Attempt::Fatal(e)
+        } else {
+            Attempt::Retry(e)
+        };
         return fail(&mut tx, &mut framed, a);
     }
     Ok(InferStream {
@@ -423,9 +499,10 @@ pub fn meter(shared: &Arc<Shared>, m: Metering<'_>) {
         .tokens_out
         .get_or_create(&labels([("model", m.model)]))
         .inc_by(m.usage.completion_tokens as u64);
-    shared
-        .limiter
-        .charge_tokens(m.key, m.usage.prompt_tokens as u64 + m.usage.completion_tokens as u64);
+    shared.limiter.charge_tokens(
+        m.key,
+        m.usage.prompt_tokens as u64 + m.usage.completion_tokens as u64,
+    );
     let record = UsageRecord {
         id: None,
         at_ms: now_ms(),
@@ -442,7 +519,11 @@ pub fn meter(shared: &Arc<Shared>, m: Metering<'_>) {
         ttft_ms: m.ttft.map(|t| t.as_secs_f64() * 1000.0),
         duration_ms: duration.as_secs_f64() * 1000.0,
         // An inference request holds its GPU slot for its whole duration.
-        gpu_seconds: if m.node.is_some() { duration.as_secs_f64() } else { 0.0 },
+        gpu_seconds: if m.node.is_some() {
+            duration.as_secs_f64()
+        } else {
+            0.0
+        },
         frames: 0,
         bytes: m.bytes,
     };

@@ -103,12 +103,30 @@ mod tests {
     fn silence_is_gone_within_three_intervals_and_misses_counted_once() {
         let t0 = Instant::now();
         let mut l = LivenessTracker::new(t0, HB, 3);
-        assert_eq!(l.poll(t0 + Duration::from_millis(700)), (0, Liveness::Alive));
-        assert_eq!(l.poll(t0 + Duration::from_millis(760)), (1, Liveness::Alive));
-        assert_eq!(l.poll(t0 + Duration::from_millis(800)), (0, Liveness::Alive));
-        assert_eq!(l.poll(t0 + Duration::from_millis(1260)), (1, Liveness::Alive));
-        assert_eq!(l.poll(t0 + Duration::from_millis(1499)), (0, Liveness::Alive));
-        assert_eq!(l.poll(t0 + Duration::from_millis(1500)), (0, Liveness::Gone));
+        assert_eq!(
+            l.poll(t0 + Duration::from_millis(700)),
+            (0, Liveness::Alive)
+        );
+        assert_eq!(
+            l.poll(t0 + Duration::from_millis(760)),
+            (1, Liveness::Alive)
+        );
+        assert_eq!(
+            l.poll(t0 + Duration::from_millis(800)),
+            (0, Liveness::Alive)
+        );
+        assert_eq!(
+            l.poll(t0 + Duration::from_millis(1260)),
+            (1, Liveness::Alive)
+        );
+        assert_eq!(
+            l.poll(t0 + Duration::from_millis(1499)),
+            (0, Liveness::Alive)
+        );
+        assert_eq!(
+            l.poll(t0 + Duration::from_millis(1500)),
+            (0, Liveness::Gone)
+        );
         assert_eq!(l.total_misses(), 2);
     }
 
@@ -120,7 +138,10 @@ mod tests {
         l.poll(t0 + Duration::from_millis(1300));
         assert_eq!(l.next_deadline(), t0 + Duration::from_millis(1500));
         l.handle_heartbeat(t0 + Duration::from_millis(1300));
-        assert_eq!(l.poll(t0 + Duration::from_millis(1900)), (0, Liveness::Alive));
+        assert_eq!(
+            l.poll(t0 + Duration::from_millis(1900)),
+            (0, Liveness::Alive)
+        );
         assert_eq!(l.next_deadline(), t0 + Duration::from_millis(2050));
     }
 }

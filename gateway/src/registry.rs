@@ -259,7 +259,10 @@ impl Registry {
 
     /// Inserts a freshly registered node. A node with the same id and the same operator replaces
     /// the old entry (returned so the caller can disconnect it); another operator's is refused.
-    pub fn insert(&self, mut entry: NodeEntry) -> Result<(Arc<NodeEntry>, Option<Arc<NodeEntry>>), InsertError> {
+    pub fn insert(
+        &self,
+        mut entry: NodeEntry,
+    ) -> Result<(Arc<NodeEntry>, Option<Arc<NodeEntry>>), InsertError> {
         let mut inner = self.lock();
         let replaced = match inner.by_id.get(&entry.id) {
             Some(old) if old.operator_id != entry.operator_id => {
@@ -349,13 +352,15 @@ impl Registry {
     {
         let inner = self.lock();
         let by_key = &inner.by_key;
-        let outcome = inner.router.route(client, workload, |key| match by_key.get(&key) {
-            Some(e) => allow(e),
-            None => Err(Deny {
-                rule: "registry".into(),
-                reason: "node left".into(),
-            }),
-        });
+        let outcome = inner
+            .router
+            .route(client, workload, |key| match by_key.get(&key) {
+                Some(e) => allow(e),
+                None => Err(Deny {
+                    rule: "registry".into(),
+                    reason: "node left".into(),
+                }),
+            });
         let nodes = outcome
             .candidates
             .iter()

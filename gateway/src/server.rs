@@ -67,7 +67,11 @@ impl Shared {
         };
         self.metrics
             .geofence_decisions
-            .get_or_create(&labels([("side", side), ("outcome", outcome), ("rule", &rule)]))
+            .get_or_create(&labels([
+                ("side", side),
+                ("outcome", outcome),
+                ("rule", &rule),
+            ]))
             .inc();
     }
 }
@@ -80,11 +84,19 @@ pub struct Listeners {
 }
 
 impl Listeners {
-    pub async fn bind(http: SocketAddr, admin: SocketAddr, quic: SocketAddr) -> Result<Self, GatewayError> {
+    pub async fn bind(
+        http: SocketAddr,
+        admin: SocketAddr,
+        quic: SocketAddr,
+    ) -> Result<Self, GatewayError> {
         let bind_err = |what, addr| move |source| GatewayError::Bind { what, addr, source };
         Ok(Listeners {
-            http: TcpListener::bind(http).await.map_err(bind_err("HTTP", http))?,
-            admin: TcpListener::bind(admin).await.map_err(bind_err("admin", admin))?,
+            http: TcpListener::bind(http)
+                .await
+                .map_err(bind_err("HTTP", http))?,
+            admin: TcpListener::bind(admin)
+                .await
+                .map_err(bind_err("admin", admin))?,
             quic: std::net::UdpSocket::bind(quic).map_err(bind_err("QUIC", quic))?,
         })
     }
@@ -126,7 +138,11 @@ impl Gateway {
             .map_err(|e| GatewayError::Config(e.to_string()))?;
         let (cert_file, key_file) = match (&config.quic.cert_file, &config.quic.key_file) {
             (Some(c), Some(k)) => (c.clone(), k.clone()),
-            _ => return Err(GatewayError::Config("quic.cert_file and quic.key_file are required".into())),
+            _ => {
+                return Err(GatewayError::Config(
+                    "quic.cert_file and quic.key_file are required".into(),
+                ))
+            }
         };
         let cert = crate::tls::load_pem(&cert_file, &key_file)?;
         let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&config.store.path)?);
@@ -134,11 +150,17 @@ impl Gateway {
     }
 
     /// Builds a gateway from already-open parts (demo and tests).
-    pub fn with_parts(config: GatewayConfig, cert: CertPair, store: Arc<dyn Store>) -> Result<Gateway, GatewayError> {
+    pub fn with_parts(
+        config: GatewayConfig,
+        cert: CertPair,
+        store: Arc<dyn Store>,
+    ) -> Result<Gateway, GatewayError> {
         let geo = Arc::new(GeoDb::open(&config.geo)?);
-        let policy = Policy::compile(&config.geofence).map_err(|e| GatewayError::Policy(e.to_string()))?;
+        let policy =
+            Policy::compile(&config.geofence).map_err(|e| GatewayError::Policy(e.to_string()))?;
         let route_params = RouteParams::from(&config.routing);
-        let registry = Registry::new(route_params).map_err(|e| GatewayError::Config(e.to_string()))?;
+        let registry =
+            Registry::new(route_params).map_err(|e| GatewayError::Config(e.to_string()))?;
         let shared = Arc::new(Shared {
             geo,
             policy,
@@ -183,9 +205,18 @@ impl Gateway {
     ) -> Result<(BoundAddrs, tokio::task::JoinHandle<()>), GatewayError> {
         let shared = self.shared.clone();
         let addrs = BoundAddrs {
-            http: listeners.http.local_addr().map_err(|e| GatewayError::Quic(e.to_string()))?,
-            admin: listeners.admin.local_addr().map_err(|e| GatewayError::Quic(e.to_string()))?,
-            quic: listeners.quic.local_addr().map_err(|e| GatewayError::Quic(e.to_string()))?,
+            http: listeners
+                .http
+                .local_addr()
+                .map_err(|e| GatewayError::Quic(e.to_string()))?,
+            admin: listeners
+                .admin
+                .local_addr()
+                .map_err(|e| GatewayError::Quic(e.to_string()))?,
+            quic: listeners
+                .quic
+                .local_addr()
+                .map_err(|e| GatewayError::Quic(e.to_string()))?,
         };
         match nearpath_protocol::net::set_recv_buffer(&listeners.quic, shared.config.quic.recv_buffer_bytes) {
             Ok(b) if b.is_capped() => warn!(
@@ -220,10 +251,16 @@ impl Gateway {
         )
         .map_err(|e| GatewayError::Quic(e.to_string()))?;
 
-        let http_tls = match (&shared.config.http.tls_cert_file, &shared.config.http.tls_key_file) {
+        let http_tls = match (
+            &shared.config.http.tls_cert_file,
+            &shared.config.http.tls_key_file,
+        ) {
             (Some(c), Some(k)) => {
                 let pair = crate::tls::load_pem(c, k)?;
-                Some(crate::api::tls_acceptor(pair).map_err(|e| GatewayError::Config(e.to_string()))?)
+                Some(
+                    crate::api::tls_acceptor(pair)
+                        .map_err(|e| GatewayError::Config(e.to_string()))?,
+                )
             }
             _ => None,
         };

@@ -12,9 +12,16 @@ fn example(name: &str) -> String {
 
 #[test]
 fn check_config_accepts_the_example_with_a_one_line_summary() {
-    let out = gateway().args(["check-config", &example("gateway.toml")]).output().unwrap();
+    let out = gateway()
+        .args(["check-config", &example("gateway.toml")])
+        .output()
+        .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(stdout.lines().count(), 1, "{stdout}");
     assert!(stdout.contains("ok"), "{stdout}");
 }
@@ -37,16 +44,25 @@ deny_client_countries = ["CN", "@nope"]
 "#,
     )
     .unwrap();
-    let out = gateway().args(["check-config", file.to_str().unwrap()]).output().unwrap();
+    let out = gateway()
+        .args(["check-config", file.to_str().unwrap()])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("bad.toml"), "{err}");
     assert!(err.contains("geo.overrides[0].country"), "{err}");
     assert!(err.contains("overlaps"), "{err}");
-    assert!(err.contains("geofence.rules[0].deny_client_countries[1]"), "{err}");
+    assert!(
+        err.contains("geofence.rules[0].deny_client_countries[1]"),
+        "{err}"
+    );
     let unknown = dir.path().join("unknown.toml");
     std::fs::write(&unknown, "[http]\nlisten_port = 1\n").unwrap();
-    let out = gateway().args(["check-config", unknown.to_str().unwrap()]).output().unwrap();
+    let out = gateway()
+        .args(["check-config", unknown.to_str().unwrap()])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("listen_port"));
 }
@@ -54,10 +70,21 @@ deny_client_countries = ["CN", "@nope"]
 #[test]
 fn geo_lookup_prints_one_json_object_per_ip_with_decisions() {
     let out = gateway()
-        .args(["geo", "lookup", "8.8.8.8", "175.45.176.1", "2001:4860:4860::8888", "114.114.114.114"])
+        .args([
+            "geo",
+            "lookup",
+            "8.8.8.8",
+            "175.45.176.1",
+            "2001:4860:4860::8888",
+            "114.114.114.114",
+        ])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
@@ -72,7 +99,10 @@ fn geo_lookup_prints_one_json_object_per_ip_with_decisions() {
     assert_eq!(lines[1]["decisions"]["cpu"]["serve"]["rule"], "sanctions");
     // CN: H100 denied by export control, RTX 3080 allowed.
     assert_eq!(lines[3]["decisions"]["h100"]["serve"]["allowed"], false);
-    assert_eq!(lines[3]["decisions"]["h100"]["onboard"]["rule"], "export-control");
+    assert_eq!(
+        lines[3]["decisions"]["h100"]["onboard"]["rule"],
+        "export-control"
+    );
     assert_eq!(lines[3]["decisions"]["rtx3080"]["serve"]["allowed"], true);
     // US: everything allowed.
     assert_eq!(lines[0]["decisions"]["h100"]["serve"]["allowed"], true);
@@ -80,10 +110,16 @@ fn geo_lookup_prints_one_json_object_per_ip_with_decisions() {
 
 #[test]
 fn geo_lookup_reports_bad_addresses_and_exits_non_zero() {
-    let out = gateway().args(["geo", "lookup", "8.8.8.8", "not-an-ip"]).output().unwrap();
+    let out = gateway()
+        .args(["geo", "lookup", "8.8.8.8", "not-an-ip"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("not-an-ip") && stdout.contains("error"), "{stdout}");
+    assert!(
+        stdout.contains("not-an-ip") && stdout.contains("error"),
+        "{stdout}"
+    );
 }
 
 #[test]

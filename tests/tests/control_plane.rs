@@ -34,15 +34,25 @@ async fn nodes_register_and_are_listed_with_their_geoip_location() {
     seen.sort();
     assert_eq!(
         seen,
-        vec![("de-1".into(), "DE".into()), ("jp-1".into(), "JP".into()), ("us-1".into(), "US".into())]
+        vec![
+            ("de-1".into(), "DE".into()),
+            ("jp-1".into(), "JP".into()),
+            ("us-1".into(), "US".into())
+        ]
     );
     let one = gw.admin_get("/admin/nodes/de-1").await;
     assert_eq!(one["live"]["state"], "active");
     assert_eq!(one["sla"]["registrations"], 1);
     let (_, metrics) = gw.http.get(&gw.admin_url("/metrics"), None).await;
-    assert_eq!(metric(&metrics, "nearpath_node_registrations_total"), Some(3.0));
     assert_eq!(
-        metric(&metrics, "nearpath_nodes{state=\"active\",country=\"DE\",class=\"cpu\"}"),
+        metric(&metrics, "nearpath_node_registrations_total"),
+        Some(3.0)
+    );
+    assert_eq!(
+        metric(
+            &metrics,
+            "nearpath_nodes{state=\"active\",country=\"DE\",class=\"cpu\"}"
+        ),
         Some(1.0)
     );
     for n in nodes {
@@ -57,22 +67,37 @@ async fn h100_node_from_a_cn_address_is_rejected_by_the_onboarding_geofence() {
     let mut cfg = gw.node_config("cn-h100", &gw.token);
     cfg.gpus = vec![gpu("NVIDIA H100 80GB HBM3")];
     let node = TestNode::start(cfg, ip(CN));
-    let result = tokio::time::timeout(Duration::from_secs(10), node.task).await.unwrap().unwrap();
+    let result = tokio::time::timeout(Duration::from_secs(10), node.task)
+        .await
+        .unwrap()
+        .unwrap();
     match result {
         Err(NodeError::Rejected { code, reason, .. }) => {
             assert_eq!(code, RejectCode::Geofence);
-            assert!(reason.contains("export-control") && reason.contains("h100"), "{reason}");
+            assert!(
+                reason.contains("export-control") && reason.contains("h100"),
+                "{reason}"
+            );
         }
         other => panic!("expected a geofence rejection, got {other:?}"),
     }
-    assert!(gw.node_ids().await.is_empty(), "a rejected node must never be listed");
+    assert!(
+        gw.node_ids().await.is_empty(),
+        "a rejected node must never be listed"
+    );
     // An uncontrolled consumer card from the same place onboards.
     let mut cfg = gw.node_config("cn-3080", &gw.token);
     cfg.gpus = vec![gpu("NVIDIA GeForce RTX 3080")];
     let mut ok = TestNode::start(cfg, ip(CN));
     ok.registered().await;
     let (_, metrics) = gw.http.get(&gw.admin_url("/metrics"), None).await;
-    assert_eq!(metric(&metrics, "nearpath_node_rejections_total{code=\"geofence\"}"), Some(1.0));
+    assert_eq!(
+        metric(
+            &metrics,
+            "nearpath_node_rejections_total{code=\"geofence\"}"
+        ),
+        Some(1.0)
+    );
     ok.stop().await.unwrap();
     gw.stop().await;
 }
@@ -80,25 +105,63 @@ async fn h100_node_from_a_cn_address_is_rejected_by_the_onboarding_geofence() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_of_unverified_operators_and_unknown_tokens_are_rejected() {
     let gw = TestGateway::start(|_| {}).await;
-    let (status, op) = gw.admin_post("/admin/operators", serde_json::json!({"name": "pending-op"})).await;
+    let (status, op) = gw
+        .admin_post(
+            "/admin/operators",
+            serde_json::json!({"name": "pending-op"}),
+        )
+        .await;
     assert_eq!(status, 201);
     assert_eq!(op["kyc_status"], "pending");
     let op_id = op["id"].as_str().unwrap();
-    let (status, tok) = gw.admin_post(&format!("/admin/operators/{op_id}/tokens"), serde_json::json!({})).await;
+    let (status, tok) = gw
+        .admin_post(
+            &format!("/admin/operators/{op_id}/tokens"),
+            serde_json::json!({}),
+        )
+        .await;
     assert_eq!(status, 201);
     let token = tok["token"].as_str().unwrap().to_string();
     let mut node = TestNode::start(gw.node_config("pending-1", &token), ip(DE));
-    let s = node.wait_status(|s| matches!(s, NodeStatus::Rejected { .. })).await;
-    assert!(matches!(s, NodeStatus::Rejected { code: RejectCode::OperatorNotVerified, .. }), "{s:?}");
+    let s = node
+        .wait_status(|s| matches!(s, NodeStatus::Rejected { .. }))
+        .await;
+    assert!(
+        matches!(
+            s,
+            NodeStatus::Rejected {
+                code: RejectCode::OperatorNotVerified,
+                ..
+            }
+        ),
+        "{s:?}"
+    );
     node.stop().await.unwrap();
 
     let bad = TestNode::start(gw.node_config("bad-1", "npt_not-a-real-token"), ip(DE));
-    let result = tokio::time::timeout(Duration::from_secs(10), bad.task).await.unwrap().unwrap();
-    assert!(matches!(result, Err(NodeError::Rejected { code: RejectCode::BadToken, .. })), "{result:?}");
+    let result = tokio::time::timeout(Duration::from_secs(10), bad.task)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        matches!(
+            result,
+            Err(NodeError::Rejected {
+                code: RejectCode::BadToken,
+                ..
+            })
+        ),
+        "{result:?}"
+    );
     assert!(gw.node_ids().await.is_empty());
 
     // Once verified, the same token onboards.
-    let (status, _) = gw.admin_post(&format!("/admin/operators/{op_id}/verify"), serde_json::json!({})).await;
+    let (status, _) = gw
+        .admin_post(
+            &format!("/admin/operators/{op_id}/verify"),
+            serde_json::json!({}),
+        )
+        .await;
     assert_eq!(status, 200);
     let mut node = TestNode::start(gw.node_config("pending-1", &token), ip(DE));
     node.registered().await;
@@ -110,19 +173,36 @@ async fn tokens_of_unverified_operators_and_unknown_tokens_are_rejected() {
 async fn a_node_whose_heartbeats_stop_is_gone_within_three_intervals() {
     let gw = TestGateway::start(|_| {}).await;
     let mut raw = RawNode::connect(&gw, "silent-1", ip(US_EAST), "cpu").await;
-    assert!(matches!(raw.first, Message::Registered(_)), "{:?}", raw.first);
+    assert!(
+        matches!(raw.first, Message::Registered(_)),
+        "{:?}",
+        raw.first
+    );
     raw.heartbeat(0).await;
     // From the last heartbeat on, nothing more is sent (QUIC keep-alives keep the connection up).
     let took = gw
-        .wait_nodes("the silent node to be gone", Duration::from_secs(3), |ids| ids.is_empty())
+        .wait_nodes(
+            "the silent node to be gone",
+            Duration::from_secs(3),
+            |ids| ids.is_empty(),
+        )
         .await;
     // 3 intervals of 100 ms, plus scheduling slack on a loaded 2-core machine.
     assert!(took <= Duration::from_millis(300 + 250), "took {took:?}");
     let (_, metrics) = gw.http.get(&gw.admin_url("/metrics"), None).await;
     assert!(metric(&metrics, "nearpath_node_heartbeat_misses_total").unwrap() >= 1.0);
-    assert_eq!(metric(&metrics, "nearpath_node_disconnects_total{cause=\"heartbeat_timeout\"}"), Some(1.0));
+    assert_eq!(
+        metric(
+            &metrics,
+            "nearpath_node_disconnects_total{cause=\"heartbeat_timeout\"}"
+        ),
+        Some(1.0)
+    );
     let sla = gw.admin_get("/admin/nodes/silent-1").await;
-    assert!(sla["sla"]["heartbeat_misses"].as_u64().unwrap() >= 1, "{sla}");
+    assert!(
+        sla["sla"]["heartbeat_misses"].as_u64().unwrap() >= 1,
+        "{sla}"
+    );
     gw.stop().await;
 }
 
@@ -131,14 +211,22 @@ async fn draining_before_leaving_earns_no_penalty() {
     let gw = TestGateway::start(|_| {}).await;
     let mut raw = RawNode::connect(&gw, "drainer", ip(DE), "cpu").await;
     raw.heartbeat(1).await;
-    send(&mut raw.send, &Message::Drain(Drain { deadline_ms: 1000 })).await.unwrap();
+    send(&mut raw.send, &Message::Drain(Drain { deadline_ms: 1000 }))
+        .await
+        .unwrap();
     send(&mut raw.send, &Message::Drained).await.unwrap();
     raw.heartbeat(1).await;
     raw.conn.close(0u32.into(), b"bye");
-    gw.wait_nodes("the drained node to leave", Duration::from_secs(3), |ids| ids.is_empty())
-        .await;
+    gw.wait_nodes("the drained node to leave", Duration::from_secs(3), |ids| {
+        ids.is_empty()
+    })
+    .await;
     let penalties = gw.admin_get("/admin/penalties").await;
-    assert_eq!(penalties["data"].as_array().unwrap().len(), 0, "{penalties}");
+    assert_eq!(
+        penalties["data"].as_array().unwrap().len(),
+        0,
+        "{penalties}"
+    );
     gw.stop().await;
 }
 
@@ -148,7 +236,10 @@ async fn dropping_a_connection_with_an_active_session_earns_one_durable_penalty(
     let mut raw = RawNode::connect(&gw, "flaky-1", ip(DE), "cpu").await;
     raw.heartbeat(1).await;
     raw.conn.close(0u32.into(), b"crash");
-    gw.wait_nodes("the node to leave", Duration::from_secs(3), |ids| ids.is_empty()).await;
+    gw.wait_nodes("the node to leave", Duration::from_secs(3), |ids| {
+        ids.is_empty()
+    })
+    .await;
     // The penalty is written right after the node leaves; poll the admin API briefly for it.
     let mut penalties = serde_json::Value::Null;
     for _ in 0..200 {
@@ -169,7 +260,11 @@ async fn dropping_a_connection_with_an_active_session_earns_one_durable_penalty(
     let dir = gw.stop().await;
     let gw2 = TestGateway::start_at(path, |_| {}).await;
     let penalties = gw2.admin_get("/admin/penalties?node=flaky-1").await;
-    assert_eq!(penalties["data"].as_array().unwrap().len(), 1, "{penalties}");
+    assert_eq!(
+        penalties["data"].as_array().unwrap().len(),
+        1,
+        "{penalties}"
+    );
     let sla = gw2.admin_get("/admin/nodes/flaky-1").await;
     assert_eq!(sla["sla"]["penalty_events"], 1, "{sla}");
     // And it counts against the node when it comes back.
@@ -188,16 +283,31 @@ async fn suspending_an_operator_disconnects_its_nodes_within_a_second() {
     node.registered().await;
     let started = std::time::Instant::now();
     let (status, op) = gw
-        .admin_post(&format!("/admin/operators/{}/suspend", gw.operator_id), serde_json::json!({}))
+        .admin_post(
+            &format!("/admin/operators/{}/suspend", gw.operator_id),
+            serde_json::json!({}),
+        )
         .await;
     assert_eq!(status, 200);
     assert_eq!(op["kyc_status"], "suspended");
-    gw.wait_nodes("the suspended operator's node to go", Duration::from_secs(1), |ids| ids.is_empty())
-        .await;
+    gw.wait_nodes(
+        "the suspended operator's node to go",
+        Duration::from_secs(1),
+        |ids| ids.is_empty(),
+    )
+    .await;
     assert!(started.elapsed() < Duration::from_secs(1));
     // Its reconnect attempts are refused while suspended.
     let s = node
-        .wait_status(|s| matches!(s, NodeStatus::Rejected { code: RejectCode::OperatorSuspended, .. }))
+        .wait_status(|s| {
+            matches!(
+                s,
+                NodeStatus::Rejected {
+                    code: RejectCode::OperatorSuspended,
+                    ..
+                }
+            )
+        })
         .await;
     assert!(matches!(s, NodeStatus::Rejected { .. }));
     node.stop().await.unwrap();
@@ -215,16 +325,28 @@ async fn the_router_picks_the_nearest_eligible_node_for_clients_in_several_place
     }
     let registry = gw.shared.registry.clone();
     let route = |lat: f64, lon: f64| {
-        let (_, picked) = registry.route(Some(LatLon::new(lat, lon).unwrap()), Workload::Model("m"), |_| Ok(()));
+        let (_, picked) = registry.route(
+            Some(LatLon::new(lat, lon).unwrap()),
+            Workload::Model("m"),
+            |_| Ok(()),
+        );
         picked.iter().map(|n| n.id.clone()).collect::<Vec<_>>()
     };
     assert_eq!(route(FR_CLIENT.2, FR_CLIENT.3)[0], "de-1");
     assert_eq!(route(US_WEST_CLIENT.2, US_WEST_CLIENT.3)[0], "us-1");
     assert_eq!(route(KR_CLIENT.2, KR_CLIENT.3)[0], "jp-1");
     // The failover order follows distance too: Paris -> Berlin, New York, Tokyo.
-    assert_eq!(route(FR_CLIENT.2, FR_CLIENT.3), vec!["de-1", "us-1", "jp-1"]);
+    assert_eq!(
+        route(FR_CLIENT.2, FR_CLIENT.3),
+        vec!["de-1", "us-1", "jp-1"]
+    );
     // A draining node is skipped.
-    let (status, _) = gw.admin_post("/admin/nodes/de-1/drain", serde_json::json!({"deadline_ms": 5000})).await;
+    let (status, _) = gw
+        .admin_post(
+            "/admin/nodes/de-1/drain",
+            serde_json::json!({"deadline_ms": 5000}),
+        )
+        .await;
     assert_eq!(status, 202);
     let mut picked = route(FR_CLIENT.2, FR_CLIENT.3);
     for _ in 0..100 {

@@ -6,24 +6,38 @@ mod common;
 
 use common::*;
 use nearpath_config::{GameEntry, GameSource};
-use nearpath_protocol::{Client, ClientError, ControlEvent, InputEvent, PlayParams, ServerVerify, VideoFrame};
+use nearpath_protocol::{
+    Client, ClientError, ControlEvent, InputEvent, PlayParams, ServerVerify, VideoFrame,
+};
 use std::time::{Duration, Instant};
 
 /// The encoding tests need a core each to hold 60 fps on a 2-core machine: run them one at a
 /// time rather than let them starve each other.
 static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-fn with_game(mut cfg: nearpath_config::NodeConfig, title: &str, source: GameSource) -> nearpath_config::NodeConfig {
-    cfg.games = vec![GameEntry { title: title.into(), source }];
+fn with_game(
+    mut cfg: nearpath_config::NodeConfig,
+    title: &str,
+    source: GameSource,
+) -> nearpath_config::NodeConfig {
+    cfg.games = vec![GameEntry {
+        title: title.into(),
+        source,
+    }];
     cfg.capacity.game_sessions = 1;
     cfg
 }
 
 async fn client(gw: &TestGateway, from: std::net::IpAddr) -> Client {
     // Native clients dial from chosen loopback addresses so the geofence sees a place.
-    Client::connect_from(std::net::SocketAddr::new(from, 0), gw.addrs.quic, "localhost", ServerVerify::PinnedSha256(gw.sha))
-        .await
-        .unwrap()
+    Client::connect_from(
+        std::net::SocketAddr::new(from, 0),
+        gw.addrs.quic,
+        "localhost",
+        ServerVerify::PinnedSha256(gw.sha),
+    )
+    .await
+    .unwrap()
 }
 
 fn decode_all(frames: &[VideoFrame]) -> (usize, (usize, usize)) {
@@ -44,11 +58,25 @@ fn decode_all(frames: &[VideoFrame]) -> (usize, (usize, usize)) {
 async fn a_native_client_plays_720p60_for_5_seconds_and_input_moves_the_ship() {
     let _heavy = HEAVY.lock().await;
     let gw = TestGateway::start(|_| {}).await;
-    let mut node = TestNode::start(with_game(gw.node_config("de-1", &gw.token), "arena", GameSource::Builtin {}), ip(DE));
+    let mut node = TestNode::start(
+        with_game(
+            gw.node_config("de-1", &gw.token),
+            "arena",
+            GameSource::Builtin {},
+        ),
+        ip(DE),
+    );
     node.registered().await;
     let c = client(&gw, ip(FR_CLIENT)).await;
     let session = c.play(API_KEY, PlayParams::hd("arena")).await.unwrap();
-    assert_eq!((session.started().width, session.started().height, session.started().fps), (1280, 720, 60));
+    assert_eq!(
+        (
+            session.started().width,
+            session.started().height,
+            session.started().fps
+        ),
+        (1280, 720, 60)
+    );
     let (mut control, mut frames, input) = session.split();
     let t0 = Instant::now();
     let mut got: Vec<VideoFrame> = Vec::new();
@@ -58,29 +86,50 @@ async fn a_native_client_plays_720p60_for_5_seconds_and_input_moves_the_ship() {
     while t0.elapsed() < Duration::from_secs(5) {
         if Instant::now() >= next_input {
             // Hold D (move right), pressing it again every 100 ms.
-            last_sent = input.send(InputEvent::Key { code: 68, down: i.is_multiple_of(2) }).unwrap();
+            last_sent = input
+                .send(InputEvent::Key {
+                    code: 68,
+                    down: i.is_multiple_of(2),
+                })
+                .unwrap();
             i += 1;
             next_input += Duration::from_millis(100);
         }
-        let f = tokio::time::timeout(Duration::from_secs(2), frames.next()).await.unwrap().unwrap().unwrap();
+        let f = tokio::time::timeout(Duration::from_secs(2), frames.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
         got.push(f);
     }
     let secs = t0.elapsed().as_secs_f64();
     let n = got.len();
     println!("received {n} frames in {secs:.2} s");
     // >= 95% of 60 fps over the time we listened.
-    assert!(n as f64 >= 0.95 * 60.0 * 5.0, "only {n} frames in {secs:.2} s");
+    assert!(
+        n as f64 >= 0.95 * 60.0 * 5.0,
+        "only {n} frames in {secs:.2} s"
+    );
     assert!(got[0].header.keyframe, "the stream starts with an IDR");
     let (decoded, dims) = decode_all(&got);
     assert_eq!(dims, (1280, 720));
-    assert!(decoded as f64 >= 0.95 * n as f64, "decoded {decoded} of {n}");
+    assert!(
+        decoded as f64 >= 0.95 * n as f64,
+        "decoded {decoded} of {n}"
+    );
     // Frames report the inputs they applied: the last ones sent are applied by the end.
     let applied = got.iter().map(|f| f.header.input_seq).max().unwrap();
-    assert!(applied >= last_sent.saturating_sub(2) && applied > 0, "applied {applied}, sent {last_sent}");
+    assert!(
+        applied >= last_sent.saturating_sub(2) && applied > 0,
+        "applied {applied}, sent {last_sent}"
+    );
     // The node saw the inputs (admin view of the session) and the session is listed.
     let sessions = gw.admin_get("/admin/sessions").await;
     assert_eq!(sessions["data"][0]["game"], "arena", "{sessions}");
-    assert!(sessions["data"][0]["inputs"].as_u64().unwrap() >= i as u64 - 1, "{sessions}");
+    assert!(
+        sessions["data"][0]["inputs"].as_u64().unwrap() >= i as u64 - 1,
+        "{sessions}"
+    );
     control.close("done").await.unwrap();
     node.stop().await.unwrap();
     gw.stop().await;
@@ -90,19 +139,42 @@ async fn a_native_client_plays_720p60_for_5_seconds_and_input_moves_the_ship() {
 async fn when_the_serving_node_dies_frames_resume_from_another_within_2_seconds() {
     let _heavy = HEAVY.lock().await;
     let gw = TestGateway::start(|_| {}).await;
-    let mut near = TestNode::start(with_game(gw.node_config("de-1", &gw.token), "arena", GameSource::Builtin {}), ip(DE));
+    let mut near = TestNode::start(
+        with_game(
+            gw.node_config("de-1", &gw.token),
+            "arena",
+            GameSource::Builtin {},
+        ),
+        ip(DE),
+    );
     near.registered().await;
-    let mut far = TestNode::start(with_game(gw.node_config("us-1", &gw.token), "arena", GameSource::Builtin {}), ip(US_EAST));
+    let mut far = TestNode::start(
+        with_game(
+            gw.node_config("us-1", &gw.token),
+            "arena",
+            GameSource::Builtin {},
+        ),
+        ip(US_EAST),
+    );
     far.registered().await;
     let c = client(&gw, ip(FR_CLIENT)).await;
-    let params = PlayParams { game: "arena".into(), width: 640, height: 360, fps: 30, bitrate_kbps: 2000 };
+    let params = PlayParams {
+        game: "arena".into(),
+        width: 640,
+        height: 360,
+        fps: 30,
+        bitrate_kbps: 2000,
+    };
     let session = c.play(API_KEY, params).await.unwrap();
     let (mut control, mut frames, _input) = session.split();
     for _ in 0..10 {
         frames.next().await.unwrap().unwrap();
     }
     let sessions = gw.admin_get("/admin/sessions").await;
-    assert_eq!(sessions["data"][0]["node"], "de-1", "the nearest node serves first");
+    assert_eq!(
+        sessions["data"][0]["node"], "de-1",
+        "the nearest node serves first"
+    );
     // Kill the serving node abruptly (no drain).
     near.task.abort();
     let killed = Instant::now();
@@ -137,11 +209,21 @@ async fn when_the_serving_node_dies_frames_resume_from_another_within_2_seconds(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn geofence_and_capacity_refusals_have_explicit_reasons() {
     let gw = TestGateway::start(|_| {}).await;
-    let mut cfg = with_game(gw.node_config("de-h100", &gw.token), "arena", GameSource::Builtin {});
+    let mut cfg = with_game(
+        gw.node_config("de-h100", &gw.token),
+        "arena",
+        GameSource::Builtin {},
+    );
     cfg.gpus = vec![gpu("NVIDIA H100 80GB HBM3")];
     let mut node = TestNode::start(cfg, ip(DE));
     node.registered().await;
-    let small = PlayParams { game: "arena".into(), width: 320, height: 180, fps: 30, bitrate_kbps: 1000 };
+    let small = PlayParams {
+        game: "arena".into(),
+        width: 320,
+        height: 180,
+        fps: 30,
+        bitrate_kbps: 1000,
+    };
     // A client in CN may not use an H100: export control.
     let cn = client(&gw, ip(CN_CLIENT)).await;
     match cn.play(API_KEY, small.clone()).await {
@@ -160,7 +242,16 @@ async fn geofence_and_capacity_refusals_have_explicit_reasons() {
         other => panic!("expected no_capacity, got {:?}", other.map(|_| ())),
     }
     // Unknown titles are named.
-    match other.play(API_KEY, PlayParams { game: "nope".into(), ..small }).await {
+    match other
+        .play(
+            API_KEY,
+            PlayParams {
+                game: "nope".into(),
+                ..small
+            },
+        )
+        .await
+    {
         Err(ClientError::Refused { code, .. }) => assert_eq!(code, "unknown_game"),
         other => panic!("expected unknown_game, got {:?}", other.map(|_| ())),
     }
@@ -175,11 +266,22 @@ async fn an_external_frame_source_is_streamed_and_its_exit_ends_the_session() {
     // A tiny "game" that captures at 60 fps like a real source: 40 grey 64x64 I420 frames,
     // then it exits with status 3.
     let script = "import os,sys,time\nw=int(os.environ['NEARPATH_WIDTH']);h=int(os.environ['NEARPATH_HEIGHT'])\nfor i in range(40):\n    sys.stdout.buffer.write(bytes([(i*5)%256])*(w*h) + bytes([128])*(w*h//2))\n    sys.stdout.flush()\n    time.sleep(1/60)\nsys.exit(3)\n";
-    let source = GameSource::Command { command: vec!["python3".into(), "-c".into(), script.into()] };
-    let mut node = TestNode::start(with_game(gw.node_config("de-ext", &gw.token), "desktop", source), ip(DE));
+    let source = GameSource::Command {
+        command: vec!["python3".into(), "-c".into(), script.into()],
+    };
+    let mut node = TestNode::start(
+        with_game(gw.node_config("de-ext", &gw.token), "desktop", source),
+        ip(DE),
+    );
     node.registered().await;
     let c = client(&gw, ip(FR_CLIENT)).await;
-    let params = PlayParams { game: "desktop".into(), width: 64, height: 64, fps: 60, bitrate_kbps: 500 };
+    let params = PlayParams {
+        game: "desktop".into(),
+        width: 64,
+        height: 64,
+        fps: 60,
+        bitrate_kbps: 500,
+    };
     let session = c.play(API_KEY, params).await.unwrap();
     let (mut control, mut frames, _input) = session.split();
     let mut got = Vec::new();
@@ -193,7 +295,10 @@ async fn an_external_frame_source_is_streamed_and_its_exit_ends_the_session() {
             _ = tokio::time::sleep(Duration::from_secs(10)) => panic!("the session did not end"),
         }
     };
-    assert!(reason.contains("exited") && reason.contains('3'), "{reason}");
+    assert!(
+        reason.contains("exited") && reason.contains('3'),
+        "{reason}"
+    );
     assert!(got.len() >= 10, "only {} frames", got.len());
     let (decoded, dims) = decode_all(&got);
     assert_eq!(dims, (64, 64));

@@ -31,7 +31,11 @@ fn sse_text(events: &[String]) -> String {
         .iter()
         .filter(|e| e.as_str() != "[DONE]")
         .filter_map(|e| serde_json::from_str::<Value>(e).ok())
-        .filter_map(|v| v["choices"][0]["delta"]["content"].as_str().map(str::to_string))
+        .filter_map(|v| {
+            v["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_string)
+        })
         .collect()
 }
 
@@ -53,19 +57,28 @@ async fn streaming_and_plain_chat_and_completions_have_openai_shapes() {
     node.registered().await;
     let url = gw.api_url("/v1/chat/completions");
 
-    let (status, headers, body) = gw.http.request("POST", &url, Some(API_KEY), Some(&chat("m", false, 5)), &[]).await;
+    let (status, headers, body) = gw
+        .http
+        .request("POST", &url, Some(API_KEY), Some(&chat("m", false, 5)), &[])
+        .await;
     assert_eq!(status, 200, "{body}");
     assert!(headers.contains_key("x-request-id"));
     let v: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["object"], "chat.completion");
     assert_eq!(v["usage"]["completion_tokens"], 5);
     assert_eq!(v["choices"][0]["finish_reason"], "length");
-    let plain_text = v["choices"][0]["message"]["content"].as_str().unwrap().to_string();
+    let plain_text = v["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
 
     let body_s = json!({"model": "m", "stream": true, "max_tokens": 5, "stream_options": {"include_usage": true},
                         "messages": [{"role": "user", "content": "Say something"}]})
     .to_string();
-    let (status, headers, body) = gw.http.request("POST", &url, Some(API_KEY), Some(&body_s), &[]).await;
+    let (status, headers, body) = gw
+        .http
+        .request("POST", &url, Some(API_KEY), Some(&body_s), &[])
+        .await;
     assert_eq!(status, 200);
     assert_eq!(headers["content-type"], "text/event-stream");
     let events = sse_events(&body);
@@ -78,7 +91,13 @@ async fn streaming_and_plain_chat_and_completions_have_openai_shapes() {
 
     let (status, _, body) = gw
         .http
-        .request("POST", &gw.api_url("/v1/completions"), Some(API_KEY), Some(&json!({"model": "m", "prompt": "once", "max_tokens": 3}).to_string()), &[])
+        .request(
+            "POST",
+            &gw.api_url("/v1/completions"),
+            Some(API_KEY),
+            Some(&json!({"model": "m", "prompt": "once", "max_tokens": 3}).to_string()),
+            &[],
+        )
         .await;
     assert_eq!(status, 200, "{body}");
     let v: Value = serde_json::from_str(&body).unwrap();
@@ -94,13 +113,24 @@ async fn streaming_and_plain_chat_and_completions_have_openai_shapes() {
     let mut usage = Value::Null;
     for _ in 0..300 {
         usage = gw.admin_get("/admin/usage").await;
-        let n = usage["by_tenant"].as_array().unwrap().iter().find(|t| t["key"] == "tenant-a").map(|t| t["requests"].clone());
+        let n = usage["by_tenant"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["key"] == "tenant-a")
+            .map(|t| t["requests"].clone());
         if n == Some(json!(3)) {
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let tenant = usage["by_tenant"].as_array().unwrap().iter().find(|t| t["key"] == "tenant-a").unwrap().clone();
+    let tenant = usage["by_tenant"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["key"] == "tenant-a")
+        .unwrap()
+        .clone();
     assert_eq!(tenant["requests"], 3, "{usage}");
     assert_eq!(tenant["completion_tokens"], 13, "{usage}");
     let by_node = usage["by_node"].as_array().unwrap();
@@ -115,23 +145,57 @@ async fn client_errors_have_the_right_status_and_body() {
     let mut node = TestNode::start(gw.node_config("de-1", &gw.token), ip(DE));
     node.registered().await;
     let url = gw.api_url("/v1/chat/completions");
-    let (s, _, b) = gw.http.request("POST", &url, Some("wrong"), Some(&chat("m", false, 2)), &[]).await;
+    let (s, _, b) = gw
+        .http
+        .request("POST", &url, Some("wrong"), Some(&chat("m", false, 2)), &[])
+        .await;
     assert_eq!(s, 401, "{b}");
-    let (s, _, b) = gw.http.request("POST", &url, None, Some(&chat("m", false, 2)), &[]).await;
+    let (s, _, b) = gw
+        .http
+        .request("POST", &url, None, Some(&chat("m", false, 2)), &[])
+        .await;
     assert_eq!(s, 401, "{b}");
-    let (s, _, b) = gw.http.request("POST", &url, Some(API_KEY), Some(&chat("nope", false, 2)), &[]).await;
+    let (s, _, b) = gw
+        .http
+        .request(
+            "POST",
+            &url,
+            Some(API_KEY),
+            Some(&chat("nope", false, 2)),
+            &[],
+        )
+        .await;
     assert_eq!(s, 404, "{b}");
-    assert_eq!(serde_json::from_str::<Value>(&b).unwrap()["error"]["code"], "model_not_found");
-    let (s, _, b) = gw.http.request("POST", &url, Some(API_KEY), Some("{\"model\": \"m\", "), &[]).await;
+    assert_eq!(
+        serde_json::from_str::<Value>(&b).unwrap()["error"]["code"],
+        "model_not_found"
+    );
+    let (s, _, b) = gw
+        .http
+        .request(
+            "POST",
+            &url,
+            Some(API_KEY),
+            Some("{\"model\": \"m\", "),
+            &[],
+        )
+        .await;
     assert_eq!(s, 400, "{b}");
     let (s, _, b) = gw
         .http
         .request("POST", &url, Some(API_KEY), Some(&json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "temperature": 7}).to_string()), &[])
         .await;
     assert_eq!(s, 400, "{b}");
-    assert_eq!(serde_json::from_str::<Value>(&b).unwrap()["error"]["param"], "temperature");
-    let big = json!({"model": "m", "messages": [{"role": "user", "content": "x".repeat(4096)}]}).to_string();
-    let (s, _, b) = gw.http.request("POST", &url, Some(API_KEY), Some(&big), &[]).await;
+    assert_eq!(
+        serde_json::from_str::<Value>(&b).unwrap()["error"]["param"],
+        "temperature"
+    );
+    let big = json!({"model": "m", "messages": [{"role": "user", "content": "x".repeat(4096)}]})
+        .to_string();
+    let (s, _, b) = gw
+        .http
+        .request("POST", &url, Some(API_KEY), Some(&big), &[])
+        .await;
     assert_eq!(s, 413, "{b}");
     node.stop().await.unwrap();
     gw.stop().await;
@@ -142,15 +206,26 @@ async fn over_the_rate_limit_is_429_with_retry_after() {
     let gw = TestGateway::start(|_| {}).await;
     let mut node = TestNode::start(gw.node_config("de-1", &gw.token), ip(DE));
     node.registered().await;
-    let (s, key) = gw.admin_post("/admin/api-keys", json!({"tenant": "slow", "requests_per_minute": 2})).await;
+    let (s, key) = gw
+        .admin_post(
+            "/admin/api-keys",
+            json!({"tenant": "slow", "requests_per_minute": 2}),
+        )
+        .await;
     assert_eq!(s, 201);
     let secret = key["key"].as_str().unwrap();
     let url = gw.api_url("/v1/chat/completions");
     for _ in 0..2 {
-        let (s, _, b) = gw.http.request("POST", &url, Some(secret), Some(&chat("m", false, 1)), &[]).await;
+        let (s, _, b) = gw
+            .http
+            .request("POST", &url, Some(secret), Some(&chat("m", false, 1)), &[])
+            .await;
         assert_eq!(s, 200, "{b}");
     }
-    let (s, h, b) = gw.http.request("POST", &url, Some(secret), Some(&chat("m", false, 1)), &[]).await;
+    let (s, h, b) = gw
+        .http
+        .request("POST", &url, Some(secret), Some(&chat("m", false, 1)), &[])
+        .await;
     assert_eq!(s, 429, "{b}");
     let retry: u64 = h["retry-after"].to_str().unwrap().parse().unwrap();
     assert!((1..=30).contains(&retry), "retry-after {retry}");
@@ -167,16 +242,34 @@ async fn geofence_uses_forwarded_headers_only_from_trusted_proxies() {
     // From the trusted proxy (127.0.0.1), the header places the client in KP: sanctions deny.
     let (s, h, b) = gw
         .http
-        .request("POST", &url, Some(API_KEY), Some(&chat("m", false, 1)), &[("x-forwarded-for", KP_CLIENT.0)])
+        .request(
+            "POST",
+            &url,
+            Some(API_KEY),
+            Some(&chat("m", false, 1)),
+            &[("x-forwarded-for", KP_CLIENT.0)],
+        )
         .await;
     assert_eq!(s, 403, "{b}");
     assert_eq!(h["x-should-retry"], "false");
     let err: Value = serde_json::from_str(&b).unwrap();
-    assert!(err["error"]["message"].as_str().unwrap().contains("sanctions"), "{b}");
+    assert!(
+        err["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("sanctions"),
+        "{b}"
+    );
     // The same header from an untrusted peer is ignored: the peer (FR) is served.
     let untrusted = Http::from(ip(FR_CLIENT));
     let (s, _, b) = untrusted
-        .request("POST", &url, Some(API_KEY), Some(&chat("m", false, 1)), &[("x-forwarded-for", KP_CLIENT.0)])
+        .request(
+            "POST",
+            &url,
+            Some(API_KEY),
+            Some(&chat("m", false, 1)),
+            &[("x-forwarded-for", KP_CLIENT.0)],
+        )
         .await;
     assert_eq!(s, 200, "spoofed X-Forwarded-For must be ignored: {b}");
     node.stop().await.unwrap();
@@ -192,14 +285,22 @@ async fn a_node_dying_before_its_first_token_fails_over_invisibly() {
     good.registered().await;
     let killer = tokio::spawn(async move {
         let (mut tx, _rx) = next_session(&raw).await;
-        send(&mut tx, &Message::Accepted(Accepted { session_id: 0 })).await.unwrap();
+        send(&mut tx, &Message::Accepted(Accepted { session_id: 0 }))
+            .await
+            .unwrap();
         // Dies after accepting, before any token.
         raw.conn.close(9u32.into(), b"crash");
         raw
     });
     let client = Http::from(ip(FR_CLIENT));
     let (s, _, b) = client
-        .request("POST", &gw.api_url("/v1/chat/completions"), Some(API_KEY), Some(&chat("m", true, 4)), &[])
+        .request(
+            "POST",
+            &gw.api_url("/v1/chat/completions"),
+            Some(API_KEY),
+            Some(&chat("m", true, 4)),
+            &[],
+        )
         .await;
     assert_eq!(s, 200, "{b}");
     let events = sse_events(&b);
@@ -208,7 +309,10 @@ async fn a_node_dying_before_its_first_token_fails_over_invisibly() {
     assert_eq!(sse_text(&events).split_whitespace().count(), 4);
     killer.await.unwrap();
     let (_, metrics) = gw.http.get(&gw.admin_url("/metrics"), None).await;
-    assert_eq!(metric(&metrics, "nearpath_inference_failovers_total"), Some(1.0));
+    assert_eq!(
+        metric(&metrics, "nearpath_inference_failovers_total"),
+        Some(1.0)
+    );
     good.stop().await.unwrap();
     gw.stop().await;
 }
@@ -220,14 +324,33 @@ async fn a_node_failing_after_the_first_token_becomes_an_in_band_error() {
     let (kill_tx, kill_rx) = tokio::sync::oneshot::channel::<()>();
     let script = tokio::spawn(async move {
         let (mut tx, _rx) = next_session(&raw).await;
-        send(&mut tx, &Message::Accepted(Accepted { session_id: 0 })).await.unwrap();
-        send(&mut tx, &Message::Token(Token { index: 0, text: " hello".into(), node_elapsed_us: 1 })).await.unwrap();
+        send(&mut tx, &Message::Accepted(Accepted { session_id: 0 }))
+            .await
+            .unwrap();
+        send(
+            &mut tx,
+            &Message::Token(Token {
+                index: 0,
+                text: " hello".into(),
+                node_elapsed_us: 1,
+            }),
+        )
+        .await
+        .unwrap();
         // Die once the client has seen the token (so the failure is after the first token).
         let _ = kill_rx.await;
         raw.conn.close(9u32.into(), b"crash");
         raw
     });
-    let resp = gw.http.stream(&gw.api_url("/v1/chat/completions"), API_KEY, &chat("m", true, 4), &[]).await;
+    let resp = gw
+        .http
+        .stream(
+            &gw.api_url("/v1/chat/completions"),
+            API_KEY,
+            &chat("m", true, 4),
+            &[],
+        )
+        .await;
     assert_eq!(resp.status(), 200);
     let mut body = resp.into_body();
     let mut text = String::new();
@@ -257,15 +380,38 @@ async fn a_client_that_disconnects_cancels_the_work_on_the_node_within_100ms() {
     let (started_tx, started_rx) = tokio::sync::oneshot::channel::<()>();
     let watcher = tokio::spawn(async move {
         let (mut tx, mut rx) = next_session(&raw).await;
-        send(&mut tx, &Message::Accepted(Accepted { session_id: 0 })).await.unwrap();
-        send(&mut tx, &Message::Token(Token { index: 0, text: " one".into(), node_elapsed_us: 1 })).await.unwrap();
+        send(&mut tx, &Message::Accepted(Accepted { session_id: 0 }))
+            .await
+            .unwrap();
+        send(
+            &mut tx,
+            &Message::Token(Token {
+                index: 0,
+                text: " one".into(),
+                node_elapsed_us: 1,
+            }),
+        )
+        .await
+        .unwrap();
         let _ = started_tx.send(());
         // Now the node "generates" slowly; the gateway must reset the stream when the client goes.
         let r = rx.next().await;
         let seen = Instant::now();
-        (r.is_err() || matches!(r, Ok(None) | Ok(Some(Message::Close(_)))), seen, raw)
+        (
+            r.is_err() || matches!(r, Ok(None) | Ok(Some(Message::Close(_)))),
+            seen,
+            raw,
+        )
     });
-    let resp = gw.http.stream(&gw.api_url("/v1/chat/completions"), API_KEY, &chat("m", true, 100), &[]).await;
+    let resp = gw
+        .http
+        .stream(
+            &gw.api_url("/v1/chat/completions"),
+            API_KEY,
+            &chat("m", true, 100),
+            &[],
+        )
+        .await;
     assert_eq!(resp.status(), 200);
     let mut body = resp.into_body();
     let first = body.frame().await.unwrap().unwrap();
@@ -273,7 +419,10 @@ async fn a_client_that_disconnects_cancels_the_work_on_the_node_within_100ms() {
     started_rx.await.unwrap();
     let dropped = Instant::now();
     drop(body);
-    let (cancelled, seen, _raw) = tokio::time::timeout(Duration::from_secs(2), watcher).await.unwrap().unwrap();
+    let (cancelled, seen, _raw) = tokio::time::timeout(Duration::from_secs(2), watcher)
+        .await
+        .unwrap()
+        .unwrap();
     assert!(cancelled, "the node's stream must be reset");
     let took = seen.saturating_duration_since(dropped);
     println!("cancellation reached the node after {took:?}");
@@ -287,11 +436,17 @@ async fn the_upstream_backend_streams_from_an_openai_server_on_the_node() {
     // A second "node process": the project's simulator behind its OpenAI HTTP listener.
     let mut upstream_cfg = gw.node_config("upstream-server", &gw.token);
     upstream_cfg.models[0].name = "sim-upstream".into();
-    let registry = nearpath_edge_node::inference::ModelRegistry::from_config(&upstream_cfg.models, None).unwrap();
+    let registry =
+        nearpath_edge_node::inference::ModelRegistry::from_config(&upstream_cfg.models, None)
+            .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let upstream_addr = listener.local_addr().unwrap();
     let stop = tokio_util::sync::CancellationToken::new();
-    let server = tokio::spawn(nearpath_edge_node::inference::serve_openai(listener, std::sync::Arc::new(registry), stop.clone()));
+    let server = tokio::spawn(nearpath_edge_node::inference::serve_openai(
+        listener,
+        std::sync::Arc::new(registry),
+        stop.clone(),
+    ));
 
     let mut cfg = gw.node_config("de-up", &gw.token);
     cfg.models[0].backend = BackendConfig::Upstream {
@@ -304,7 +459,13 @@ async fn the_upstream_backend_streams_from_an_openai_server_on_the_node() {
     node.registered().await;
     let (s, _, b) = gw
         .http
-        .request("POST", &gw.api_url("/v1/chat/completions"), Some(API_KEY), Some(&chat("m", true, 6)), &[])
+        .request(
+            "POST",
+            &gw.api_url("/v1/chat/completions"),
+            Some(API_KEY),
+            Some(&chat("m", true, 6)),
+            &[],
+        )
         .await;
     assert_eq!(s, 200, "{b}");
     let through_gateway = sse_text(&sse_events(&b));
@@ -312,10 +473,21 @@ async fn the_upstream_backend_streams_from_an_openai_server_on_the_node() {
     let body = json!({"model": "sim-upstream", "stream": false, "max_tokens": 6,
                       "messages": [{"role": "user", "content": "Say something"}]})
     .to_string();
-    let (s, direct) = gw.http.post(&format!("http://{upstream_addr}/v1/chat/completions"), None, &body, &[]).await;
+    let (s, direct) = gw
+        .http
+        .post(
+            &format!("http://{upstream_addr}/v1/chat/completions"),
+            None,
+            &body,
+            &[],
+        )
+        .await;
     assert_eq!(s, 200, "{direct}");
     let direct: Value = serde_json::from_str(&direct).unwrap();
-    assert_eq!(through_gateway, direct["choices"][0]["message"]["content"].as_str().unwrap());
+    assert_eq!(
+        through_gateway,
+        direct["choices"][0]["message"]["content"].as_str().unwrap()
+    );
     node.stop().await.unwrap();
     stop.cancel();
     let _ = server.await;

@@ -9,7 +9,9 @@ use std::process::Command;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_official_openai_python_client_works_against_the_gateway() {
-    let probe = Command::new("python3").args(["-c", "import openai"]).output();
+    let probe = Command::new("python3")
+        .args(["-c", "import openai"])
+        .output();
     match probe {
         Ok(o) if o.status.success() => {}
         _ => panic!("python3 with the `openai` package is required: run .ci/run, or `python3 -m pip install openai`"),
@@ -17,7 +19,12 @@ async fn the_official_openai_python_client_works_against_the_gateway() {
     let gw = TestGateway::start(|_| {}).await;
     let mut node = TestNode::start(gw.node_config("de-1", &gw.token), ip(DE));
     node.registered().await;
-    let (s, slow) = gw.admin_post("/admin/api-keys", json!({"tenant": "slow", "requests_per_minute": 1})).await;
+    let (s, slow) = gw
+        .admin_post(
+            "/admin/api-keys",
+            json!({"tenant": "slow", "requests_per_minute": 1}),
+        )
+        .await;
     assert_eq!(s, 201);
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/openai_client_test.py");
     let base = gw.api_url("/v1");
@@ -38,7 +45,10 @@ async fn the_official_openai_python_client_works_against_the_gateway() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     println!("{stdout}");
-    assert!(out.status.success(), "python checks failed:\n{stdout}\n{stderr}");
+    assert!(
+        out.status.success(),
+        "python checks failed:\n{stdout}\n{stderr}"
+    );
     assert!(stdout.contains("all checks passed"));
     node.stop().await.unwrap();
     gw.stop().await;

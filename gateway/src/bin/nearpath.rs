@@ -5,14 +5,18 @@ use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use nearpath_protocol::{Client, ControlEvent, InferEvent, InputEvent, PlayParams, ServerVerify};
 use std::collections::HashMap;
-use std::time::Duration;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 use std::time::Instant;
 
 #[derive(Parser)]
-#[command(name = "nearpath", version, about = "Nearpath client: inference and games over QUIC")]
+#[command(
+    name = "nearpath",
+    version,
+    about = "Nearpath client: inference and games over QUIC"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -89,9 +93,29 @@ fn main() -> std::process::ExitCode {
     };
     let result = rt.block_on(async {
         match cli.cmd {
-            Cmd::Infer { conn, model, max_tokens, prompt } => infer(conn, model, max_tokens, prompt).await,
-            Cmd::Play { conn, game, width, height, fps, bitrate, out, seconds } => {
-                let params = PlayParams { game, width, height, fps, bitrate_kbps: bitrate };
+            Cmd::Infer {
+                conn,
+                model,
+                max_tokens,
+                prompt,
+            } => infer(conn, model, max_tokens, prompt).await,
+            Cmd::Play {
+                conn,
+                game,
+                width,
+                height,
+                fps,
+                bitrate,
+                out,
+                seconds,
+            } => {
+                let params = PlayParams {
+                    game,
+                    width,
+                    height,
+                    fps,
+                    bitrate_kbps: bitrate,
+                };
                 play(conn, params, out, seconds).await
             }
         }
@@ -188,7 +212,12 @@ fn percentile(v: &mut [f64], p: f64) -> f64 {
     v[((v.len() - 1) as f64 * p).round() as usize]
 }
 
-async fn play(conn: Conn, params: PlayParams, out: Option<PathBuf>, seconds: f64) -> anyhow::Result<()> {
+async fn play(
+    conn: Conn,
+    params: PlayParams,
+    out: Option<PathBuf>,
+    seconds: f64,
+) -> anyhow::Result<()> {
     let client = connect(&conn).await?;
     let session = client.play(&conn.key, params.clone()).await?;
     let started = *session.started();
@@ -198,7 +227,9 @@ async fn play(conn: Conn, params: PlayParams, out: Option<PathBuf>, seconds: f64
     );
     let (mut control, mut frames, input) = session.split();
     let mut file = match &out {
-        Some(p) => Some(std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?),
+        Some(p) => {
+            Some(std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?)
+        }
         None => None,
     };
     // Scripted input: hold each direction for a while, one key event every 50 ms.
@@ -214,7 +245,10 @@ async fn play(conn: Conn, params: PlayParams, out: Option<PathBuf>, seconds: f64
             let down = i.is_multiple_of(2);
             match input.send(InputEvent::Key { code, down }) {
                 Ok(seq) => {
-                    sent2.lock().unwrap_or_else(|p| p.into_inner()).insert(seq, Instant::now());
+                    sent2
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(seq, Instant::now());
                 }
                 Err(_) => return,
             }
@@ -288,7 +322,11 @@ async fn play(conn: Conn, params: PlayParams, out: Option<PathBuf>, seconds: f64
         println!("session ended: {r}");
     }
     if let Some(p) = out {
-        println!("wrote {} (play it with: ffplay {})", p.display(), p.display());
+        println!(
+            "wrote {} (play it with: ffplay {})",
+            p.display(),
+            p.display()
+        );
     }
     Ok(())
 }
