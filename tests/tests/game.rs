@@ -95,7 +95,7 @@ async fn a_native_client_plays_720p60_for_5_seconds_and_input_moves_the_ship() {
             i += 1;
             next_input += Duration::from_millis(100);
         }
-        let f = tokio::time::timeout(Duration::from_secs(2), frames.next())
+        let f = tokio::time::timeout(Duration::from_secs(5), frames.next())
             .await
             .unwrap()
             .unwrap()
