@@ -202,7 +202,7 @@ pub struct RelayCapacityArgs {
     /// Session counts of the ramp (comma-separated).
     #[arg(long, default_value = "25,50,100,150,200")]
     pub steps: String,
-    /// Run only --sessions, no ramp.
+    /// Run only --sessions: no ramp of session counts, no bisection.
     #[arg(long)]
     pub only: bool,
     /// Measured seconds per run.
@@ -211,6 +211,10 @@ pub struct RelayCapacityArgs {
     /// Unrecorded seconds first.
     #[arg(long, default_value_t = 3.0)]
     pub warmup_seconds: f64,
+    /// Players join one after another over this many seconds of the warm-up (0: all within
+    /// one frame interval).
+    #[arg(long, default_value_t = 2.0)]
+    pub ramp_seconds: f64,
     /// Runs per session count; a count passes when most of its runs are clean.
     #[arg(long, default_value_t = 1)]
     pub repeats: u32,
@@ -220,12 +224,17 @@ pub struct RelayCapacityArgs {
     /// Keep ramping after a failing count.
     #[arg(long)]
     pub keep_going: bool,
-    /// Game sessions each fake node takes (one QUIC connection per node).
-    #[arg(long, default_value_t = 50)]
+    /// Game sessions each fake node serves (one QUIC connection per node); a GPU node streams
+    /// a handful of sessions.
+    #[arg(long, default_value_t = 4)]
     pub sessions_per_node: u32,
     /// Skip the same sessions served straight from the fake nodes (the generator's own limit).
     #[arg(long)]
     pub no_direct: bool,
+    /// Diagnostic: run only the direct sessions (the generator's own limit); the summary then
+    /// describes them, and the gateway columns are empty.
+    #[arg(long, conflicts_with = "no_direct")]
+    pub direct_only: bool,
     /// Write every received frame (player, seq, receive time, latency) of each run as CSV into
     /// this directory, for looking at when late frames happened.
     #[arg(long)]
@@ -528,22 +537,11 @@ async fn accept_sessions(
         let conn = conn.clone();
         tokio::spawn(async move {
             let mut rx = FramedRecv::new(rx, MAX_REQUEST_FRAME);
-            match rx.next().await {
+            let session_id = match rx.next().await {
                 Ok(Some(Message::Open(Open {
                     session_id,
                     kind: SessionKind::Game(_),
-                }))) => {
-                    if send(&mut tx, &Message::Accepted(Accepted { session_id }))
-                        .await
-                        .is_ok()
-                    {
-                        let _ = opened.send(OpenedSession {
-                            session_id,
-                            conn,
-                            _ctl: (tx, rx),
-                        });
-                    }
-                }
+                }))) => session_id,
                 Ok(Some(Message::Open(_))) => {
                     let refused = Refused {
                         code: RefuseCode::UnknownWorkload,
@@ -551,8 +549,19 @@ async fn accept_sessions(
                     };
                     let _ = send(&mut tx, &Message::Refused(refused)).await;
                     let _ = tx.finish();
+                    return;
                 }
-                _ => {}
+                _ => return,
+            };
+            if send(&mut tx, &Message::Accepted(Accepted { session_id }))
+                .await
+                .is_ok()
+            {
+                let _ = opened.send(OpenedSession {
+                    session_id,
+                    conn,
+                    _ctl: (tx, rx),
+                });
             }
         });
     }
@@ -856,15 +865,16 @@ struct Window {
 }
 
 impl Window {
-    fn of<'a>(
-        logs: impl IntoIterator<Item = &'a RecvLog>,
-        from: u64,
-        to: u64,
-        late_us: f64,
-    ) -> Window {
+    /// Frames `from..to` of one player.
+    fn of_one(log: &RecvLog, from: u64, to: u64, late_us: f64) -> Window {
+        Window::of([(log, from, to)], late_us)
+    }
+
+    /// Frames of several players, each with its own `from..to` range of sequence numbers.
+    fn of<'a>(parts: impl IntoIterator<Item = (&'a RecvLog, u64, u64)>, late_us: f64) -> Window {
         let (mut all, mut idr, mut p) = (Vec::new(), Vec::new(), Vec::new());
         let (mut expected, mut received, mut late) = (0, 0, 0);
-        for log in logs {
+        for (log, from, to) in parts {
             let skipped = log
                 .not_sent
                 .iter()
@@ -1255,7 +1265,7 @@ async fn latency_inner(
         let (from, to) = (warm + w * window_frames, warm + (w + 1) * window_frames);
         let ws: Vec<Window> = logs
             .iter()
-            .map(|l| Window::of([l], from, to, late_us))
+            .map(|l| Window::of_one(l, from, to, late_us))
             .collect();
         for (i, s) in ws.iter().enumerate() {
             fig[i][0].push(s.lat.p50);
@@ -1313,7 +1323,7 @@ async fn latency_inner(
     let total_to = warm + windows * window_frames;
     let mut pooled = Vec::new();
     for (i, l) in logs.iter().enumerate() {
-        let s = Window::of([l], total_from, total_to, late_us);
+        let s = Window::of_one(l, total_from, total_to, late_us);
         let sl = &sent[if i < 2 { 0 } else { 1 }];
         println!(
             "  {:<10} all windows: p5 {:.0} p50 {:.0} p95 {:.0} p99 {:.0} max {:.0} us (n {}); IDR p50 {:.0} us, P p50 {:.0} us; late (> {:.1} ms) {}, missing {}, frame errors {}{}",
@@ -1622,17 +1632,23 @@ async fn capacity_inner(
         None => 0,
     };
     let fps = plan.fps() as f64;
-    let warm = (a.warmup_seconds * fps).round() as u64;
     let measured = ((a.seconds * fps).round() as u64).max(1);
-    let frames = warm + measured;
     let start = Instant::now() + Duration::from_millis(200);
+    // The measured window, from `start`: every session sends `measured` frames inside it.
+    let warm_at = Duration::from_secs_f64(a.warmup_seconds.max(0.0));
+    let measured_for = plan.due(measured);
     let interval = plan.interval();
+    let ramp = Duration::from_secs_f64(a.ramp_seconds.clamp(0.0, a.warmup_seconds.max(0.0)));
     let gop = plan.gop() as u64;
     let mut senders = Vec::new();
     let mut receivers = Vec::new();
-    let end = start + interval + plan.due(frames);
-    // Sessions are spread evenly over the frame interval and over the group of pictures, as
-    // independent players would be.
+    // (first measured seq, seqs sent) per session.
+    let mut ranges = Vec::new();
+    let end = start + warm_at + measured_for + interval;
+    // Players join one after another over the ramp (over one frame interval without one), as
+    // arriving players would: a few hundred sessions whose congestion windows all open in the
+    // same 16 ms are a start-up storm, not the steady state this measures. Their frames stay
+    // spread over the frame interval and their IDRs over the group of pictures.
     for (i, (leg, player)) in fleet
         .legs
         .iter()
@@ -1640,23 +1656,36 @@ async fn capacity_inner(
         .zip(std::mem::take(&mut fleet.players))
         .enumerate()
     {
-        let offset = interval.mul_f64(i as f64 / n as f64);
-        let phase = i as u64 * gop / n as u64;
+        let share = i as f64 / n as f64;
+        let join = if ramp.is_zero() {
+            interval.mul_f64(share)
+        } else {
+            ramp.mul_f64(share)
+        };
+        let first = (warm_at.saturating_sub(join).as_secs_f64() * fps).ceil() as u64;
+        let count = first + measured;
+        let phase = idr_phase(
+            i as u64,
+            n as u64,
+            gop,
+            (join.as_secs_f64() * fps).round() as u64,
+        );
         senders.push(tokio::spawn(pace(
             plan.clone(),
             vec![leg],
-            start + offset,
-            frames,
+            start + join,
+            count,
             phase,
             (1280, 720),
         )));
-        receivers.push(tokio::spawn(collect(player, frames - 1, end)));
+        receivers.push(tokio::spawn(collect(player, count - 1, end)));
+        ranges.push((first, count));
     }
     let udp_before = udp_picture();
     let drops_before = gw
         .as_ref()
         .and_then(|g| gateway_socket_drops(g.quic.port()));
-    tokio::time::sleep_until(start + plan.due(warm)).await;
+    tokio::time::sleep_until(start + warm_at).await;
     let gw_cpu = gw_pid.map(CpuMeter::start).transpose()?;
     let gen_cpu = CpuMeter::start(std::process::id())?;
     let sampling = Arc::new(AtomicBool::new(true));
@@ -1673,7 +1702,7 @@ async fn capacity_inner(
             peak
         })
     });
-    tokio::time::sleep_until(start + plan.due(frames)).await;
+    tokio::time::sleep_until(start + warm_at + measured_for).await;
     let gw_cpu = gw_cpu.map(|m| m.percent()).transpose()?.unwrap_or(0.0);
     let gen_cpu = gen_cpu.percent()?;
     let load = loadavg_1m();
@@ -1703,7 +1732,8 @@ async fn capacity_inner(
     }
     let skipped = logs
         .iter()
-        .map(|l| l.not_sent.iter().filter(|&&k| k >= warm).count() as u64)
+        .zip(&ranges)
+        .map(|(l, &(first, _))| l.not_sent.iter().filter(|&&k| k >= first).count() as u64)
         .sum();
     let frame_errors = logs.iter().map(|l| l.errors).sum();
     if first_error.is_none() {
@@ -1730,7 +1760,12 @@ async fn capacity_inner(
     Ok(CapRun {
         n,
         mode,
-        window: Window::of(&logs, warm, frames, 1e6 / fps),
+        window: Window::of(
+            logs.iter()
+                .zip(&ranges)
+                .map(|(l, &(first, count))| (l, first, count)),
+            1e6 / fps,
+        ),
         frame_errors,
         send_errors,
         skipped,
@@ -1751,6 +1786,16 @@ async fn capacity_inner(
             .map(|(a, b)| a.saturating_sub(b)),
         load,
     })
+}
+
+/// Where in its group of pictures session `i` of `n` starts, given that it joins `join_frames`
+/// frame intervals after the first, so that the sessions' IDRs fall on evenly spread frame
+/// slots of the group in wall-clock time. Spreading by `i` alone is not enough: with a join
+/// ramp as long as the group, the two offsets cancel and every IDR lands on the same slot (150
+/// IDRs of 60 KB at once are a 9 MB burst).
+pub fn idr_phase(i: u64, n: u64, gop: u64, join_frames: u64) -> u64 {
+    let slot = i * gop / n.max(1);
+    (join_frames % gop + gop - slot % gop) % gop
 }
 
 /// Writes `<dir>/relay-<name>-<unix time>.csv`: one line per received frame.
@@ -1852,6 +1897,14 @@ async fn runs_at(
     let mut through = Vec::new();
     let mut direct = Vec::new();
     for _ in 0..a.repeats.max(1) {
+        if a.direct_only {
+            let r = capacity_run(a, plan, n, Mode::Direct)
+                .await
+                .with_context(|| format!("{n} sessions direct"))?;
+            print_run(&r);
+            through.push(r);
+            continue;
+        }
         let r = capacity_run(a, plan, n, Mode::Gateway)
             .await
             .with_context(|| format!("{n} sessions through the gateway"))?;
@@ -1875,12 +1928,14 @@ pub async fn run_capacity(a: RelayCapacityArgs) -> anyhow::Result<()> {
     let udp = udp_picture();
     let steps = ramp(&a.steps, a.sessions, a.only)?;
     println!(
-        "relay-capacity: {}; ramp {:?}, {} run(s) each, {} s measured after {} s warm-up, {} sessions per fake node; {}",
+        "relay-capacity: {}; session counts {:?}, {} run(s) each, {} s measured after {} s warm-up (players join over the first {} s), \
+         {} sessions per fake node; {}",
         describe_plan(&plan),
         steps,
         a.repeats.max(1),
         a.seconds,
         a.warmup_seconds,
+        a.ramp_seconds.clamp(0.0, a.warmup_seconds.max(0.0)),
         a.sessions_per_node,
         describe_placement(&a.placement, &priority)
     );
@@ -1913,7 +1968,7 @@ pub async fn run_capacity(a: RelayCapacityArgs) -> anyhow::Result<()> {
             }
         }
     }
-    if let Some(mut hi) = first_fail {
+    if let (Some(mut hi), false) = (first_fail, a.only) {
         let mut lo = last_pass;
         for _ in 0..a.bisect {
             // Multiples of 5 keep the figure readable; stop when the interval is that narrow.
@@ -2021,7 +2076,7 @@ pub async fn run_capacity(a: RelayCapacityArgs) -> anyhow::Result<()> {
     let summary = json!({
         "bench": "relay-capacity",
         "params": {"ramp": steps, "seconds": a.seconds, "warmup_seconds": a.warmup_seconds, "repeats": a.repeats.max(1),
-                   "sessions_per_node": a.sessions_per_node, "fps": plan.fps(), "kbps": num(plan.kbps()),
+                   "sessions_per_node": a.sessions_per_node, "ramp_seconds": a.ramp_seconds, "fps": plan.fps(), "kbps": num(plan.kbps()),
                    "idr_bytes": plan.sizes[0], "gop_frames": plan.gop(), "placement": describe_placement(&a.placement, &priority)},
         "largest_clean_sessions": last_pass,
         "first_failing_sessions": first_fail,
@@ -2161,12 +2216,13 @@ mod tests {
             ],
             ..Default::default()
         };
-        let w = Window::of([&log], 0, 4, 16_667.0);
+        let w = Window::of_one(&log, 0, 4, 16_667.0);
         assert_eq!((w.expected, w.received, w.missing(), w.late), (4, 3, 1, 1));
         assert_eq!(w.lat.max, 20_000.0);
         assert_eq!(w.idr_p50, 100.0);
-        let two = Window::of([&log, &log], 1, 3, 16_667.0);
-        assert_eq!((two.expected, two.received, two.late), (4, 2, 0));
+        let two = Window::of([(&log, 1, 3), (&log, 0, 2)], 16_667.0);
+        // Each player is counted over its own range: seqs 1..3 miss 2, seqs 0..2 are complete.
+        assert_eq!((two.expected, two.received, two.late), (4, 3, 0));
     }
 
     #[test]
@@ -2265,7 +2321,7 @@ mod tests {
             assert_eq!(seqs, (0..frames).collect::<Vec<_>>());
             // Phase 119 puts the group's IDR at frame 1.
             assert!(log.frames[1].keyframe && !log.frames[0].keyframe);
-            let w = Window::of([log], 0, frames, 1e6);
+            let w = Window::of_one(log, 0, frames, 1e6);
             assert_eq!((w.missing(), w.late), (0, 0));
             assert!(w.lat.min > 0.0, "{:?}", w.lat);
         }
@@ -2276,6 +2332,26 @@ mod tests {
         assert_eq!(parse_autogroup_nice("/autogroup-36 nice 0\n"), Some(0));
         assert_eq!(parse_autogroup_nice("/autogroup-7 nice -20"), Some(-20));
         assert_eq!(parse_autogroup_nice("/autogroup-7"), None);
+    }
+
+    #[test]
+    fn idrs_are_spread_over_the_group_in_wall_clock_time() {
+        let (n, gop) = (150u64, 120u64);
+        // Session i joins 2 s * i / n after the first (a ramp as long as the group).
+        let slots: std::collections::HashSet<u64> = (0..n)
+            .map(|i| {
+                let join = (2.0 * 60.0 * i as f64 / n as f64).round() as u64;
+                let phase = idr_phase(i, n, gop, join);
+                // Frame k is an IDR when (k + phase) % gop == 0; its wall-clock slot is join + k.
+                let k = (gop - phase) % gop;
+                (join + k) % gop
+            })
+            .collect();
+        // 150 sessions over 120 slots: every slot is used.
+        assert_eq!(slots.len(), 120);
+        // Without a ramp the phase alone spreads them.
+        assert_eq!(idr_phase(0, n, gop, 0), 0);
+        assert_eq!(idr_phase(75, n, gop, 0), 60);
     }
 
     #[test]
