@@ -1657,19 +1657,14 @@ async fn capacity_inner(
         .enumerate()
     {
         let share = i as f64 / n as f64;
-        let join = if ramp.is_zero() {
-            interval.mul_f64(share)
-        } else {
-            ramp.mul_f64(share)
-        };
+        // Whole frame intervals into the ramp, then a slot of its own inside the interval:
+        // deriving both from one fraction of the ramp would bunch the sessions on a few slots
+        // (a 2 s ramp over 150 sessions is 13.3 ms apart, which is only 5 slots mod 16.7 ms).
+        let join_frames = (ramp.as_secs_f64() * fps * share).floor() as u64;
+        let join = plan.due(join_frames) + interval.mul_f64(share);
         let first = (warm_at.saturating_sub(join).as_secs_f64() * fps).ceil() as u64;
         let count = first + measured;
-        let phase = idr_phase(
-            i as u64,
-            n as u64,
-            gop,
-            (join.as_secs_f64() * fps).round() as u64,
-        );
+        let phase = idr_phase(i as u64, n as u64, gop, join_frames);
         senders.push(tokio::spawn(pace(
             plan.clone(),
             vec![leg],
