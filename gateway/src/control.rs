@@ -474,14 +474,10 @@ async fn control_loop(
     }
 }
 
-/// Compares dotted numeric versions ("1.2.10" > "1.2.9"); non-numeric parts compare as 0.
+/// Whether version `a` is older than `b` (`x.y.z`, suffixes ignored, as the config validates
+/// them). A version that does not parse counts as older than any: it cannot prove it is new enough.
 fn version_less(a: &str, b: &str) -> bool {
-    let parse = |s: &str| -> Vec<u64> {
-        s.split(['.', '-', '+'])
-            .take(3)
-            .map(|p| p.parse().unwrap_or(0))
-            .collect()
-    };
+    let parse = |s| nearpath_config::parse_version(s).unwrap_or((0, 0, 0));
     parse(a) < parse(b)
 }
 
