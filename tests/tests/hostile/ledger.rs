@@ -1,0 +1,4 @@
+//! Hostile tests: ledger (see hostile.rs).
+
+#[allow(unused_imports)]
+use crate::common::*;

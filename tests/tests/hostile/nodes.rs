@@ -1,0 +1,4 @@
+//! Hostile tests: nodes (see hostile.rs).
+
+#[allow(unused_imports)]
+use crate::common::*;
