@@ -170,6 +170,12 @@ pub struct NodesConfig {
     /// Nodes reporting an older software version (`x.y.z`) are rejected with code `version`.
     /// Default: none (any version).
     pub min_software_version: Option<String>,
+    /// How often the gateway checks whether a node's QUIC connection has moved to another
+    /// address (connection migration), in milliseconds; it also checks on every heartbeat. A
+    /// new address is located and the onboarding geofence is run again: a node that moved
+    /// somewhere it could not have registered from is disconnected, otherwise its location is
+    /// updated. Default: 250.
+    pub path_check_interval_ms: u64,
 }
 
 impl Default for NodesConfig {
@@ -179,6 +185,7 @@ impl Default for NodesConfig {
             missed_heartbeats_before_gone: 3,
             drain_deadline_ms: 30_000,
             min_software_version: None,
+            path_check_interval_ms: 250,
         }
     }
 }
@@ -427,6 +434,7 @@ impl GatewayConfig {
             n.missed_heartbeats_before_gone,
         );
         p.positive("nodes.drain_deadline_ms", n.drain_deadline_ms);
+        p.positive("nodes.path_check_interval_ms", n.path_check_interval_ms);
         if let Some(v) = &n.min_software_version {
             if parse_version(v).is_none() || v.contains(['-', '+']) {
                 p.push(

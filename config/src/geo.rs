@@ -210,11 +210,15 @@ impl Default for GeofenceConfig {
 
 /// GPU classes subject to export control by default: ECCN 3A090/4A090 (total processing
 /// performance >= 4800, or >= 1600 with high performance density). Reviewed list; consumer cards
-/// below the threshold (rtx3080, rtx4080, ...) and `cpu` are deliberately absent.
+/// below the threshold (rtx3080, rtx3090, rtx4080, rtx4090d), the China-market l20 and l2,
+/// a40, a10, t4 and `cpu` are deliberately absent. The class names are those the gateway derives
+/// from GPU model names (`gateway/src/gpu_class.rs`); a model it cannot classify is checked as
+/// every class named in the geofence, so it needs no entry here.
 pub fn default_controlled_gpu_classes() -> Vec<String> {
     [
-        "a100", "a800", "h100", "h800", "h20", "h200", "b100", "b200", "gb200", "l40", "l40s",
-        "rtx4090", "mi250", "mi300",
+        "a100", "a800", "h100", "h800", "h20", "h200", "gh200", "b100", "b200", "b300", "gb200",
+        "gb300", "l40", "l40s", "l4", "rtx4090", "rtx5090", "rtx6000ada", "mi250", "mi300",
+        "mi325x", "mi355x", "gaudi2", "gaudi3",
     ]
     .iter()
     .map(|s| s.to_string())

@@ -121,6 +121,13 @@ struct NewApiKey {
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
+struct ClassifyGpuModel {
+    model: String,
+    class: String,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
 struct DrainBody {
     #[serde(default)]
     deadline_ms: Option<u64>,
@@ -179,11 +186,69 @@ impl AdminApi {
                     let id = id.to_string();
                     let live = s.registry.get(&id).map(|n| n.view());
                     let id2 = id.clone();
-                    let sla = blocking(s, move |st| st.sla_get(&id2)).await?;
-                    if live.is_none() && sla.is_none() {
+                    // A node id belongs to one operator: its SLA record is that operator's.
+                    let (owner, sla) = blocking(s, move |st| {
+                        let owner = st.node_owner(&id2)?;
+                        let sla = match &owner {
+                            Some(op) => st.sla_get(op, &id2)?,
+                            None => None,
+                        };
+                        Ok((owner, sla))
+                    })
+                    .await?;
+                    if live.is_none() && sla.is_none() && owner.is_none() {
                         return Err(error(StatusCode::NOT_FOUND, "not_found", &format!("no node {id}")));
                     }
-                    json(StatusCode::OK, &serde_json::json!({"id": id, "live": live, "sla": sla}))
+                    json(StatusCode::OK, &serde_json::json!({"id": id, "operator_id": owner, "live": live, "sla": sla}))
+                }
+                (&Method::GET, ["gpu-models"]) => {
+                    let list = blocking(s, |st| st.list_gpu_models()).await?;
+                    let data: Vec<_> = list
+                        .into_iter()
+                        .map(|m| {
+                            let controlled = m.class.as_deref().map(|c| s.policy.is_controlled(s.policy.class_id(c)));
+                            serde_json::json!({
+                                "model_key": m.model_key,
+                                "example": m.example,
+                                "class": m.class,
+                                "status": if m.class.is_some() { "classified" } else { "unclassified" },
+                                "controlled": controlled,
+                                "first_seen_at_ms": m.first_seen_at_ms,
+                                "last_seen_at_ms": m.last_seen_at_ms,
+                                "seen": m.seen,
+                                "classified_at_ms": m.classified_at_ms,
+                            })
+                        })
+                        .collect();
+                    json(StatusCode::OK, &serde_json::json!({"object": "list", "data": data}))
+                }
+                (&Method::POST, ["gpu-models"]) => {
+                    let body: ClassifyGpuModel = json_body(req).await?;
+                    let key = crate::gpu_class::normalize_model(&body.model);
+                    if key.is_empty() {
+                        return Err(error(StatusCode::BAD_REQUEST, "invalid", &format!("model: {:?} names no GPU model once vendor, form-factor and memory words are removed", body.model)));
+                    }
+                    if key.len() > 128 || body.model.len() > 256 {
+                        return Err(error(StatusCode::BAD_REQUEST, "invalid", "model: longer than 256 bytes"));
+                    }
+                    let class = body.class.trim().to_ascii_lowercase();
+                    if !nearpath_config::is_gpu_class_name(&class) || class == crate::gpu_class::UNCLASSIFIED {
+                        return Err(error(StatusCode::BAD_REQUEST, "invalid", &format!("class: {:?} is not a GPU class name (lower-case letters, digits and _)", body.class)));
+                    }
+                    let known = s.config.geofence.controlled_gpu_classes.iter().any(|c| s.policy.class_id(c) == s.policy.class_id(&class))
+                        || crate::gpu_class::GPU_MODEL_TABLE.iter().any(|(_, c)| *c == class);
+                    let controlled = s.policy.is_controlled(s.policy.class_id(&class));
+                    let (model, class2) = (body.model.clone(), class.clone());
+                    let rec = blocking(s, move |st| st.set_gpu_model_class(&key, &model, &class2, crate::control::now_ms())).await?;
+                    info!(model = %rec.model_key, class = %class, controlled, "GPU model classified by admin");
+                    json(StatusCode::OK, &serde_json::json!({
+                        "model_key": rec.model_key,
+                        "example": rec.example,
+                        "class": rec.class,
+                        "controlled": controlled,
+                        "known_class": known,
+                        "note": "applies to registrations from now on; connected nodes keep their classes until they reconnect",
+                    }))
                 }
                 (&Method::POST, ["nodes", id, "drain"]) => {
                     let body: DrainBody = json_body(req).await?;

@@ -1,10 +1,12 @@
-//! The node control plane: admission (token, KYC, onboarding geofence, duplicates), then the
-//! control loop (heartbeats, liveness, drain, kick), then the accounting when a node leaves
-//! (uptime, heartbeat misses, and a penalty for leaving with sessions without draining).
+//! The node control plane: admission (node id, token, KYC, GPU classes derived from model names,
+//! onboarding geofence, node id ownership, duplicates), then the control loop (heartbeats,
+//! liveness, drain, kick, connection migration), then the accounting when a node leaves (uptime,
+//! heartbeat misses, and a penalty whenever sessions end because the node left).
 
 use crate::liveness::{Liveness, LivenessTracker};
 use crate::metrics::labels;
-use crate::registry::{ControlCmd, InsertError, NodeDynamic, NodeEntry, NodeState};
+use crate::gpu_class::{self, Classified};
+use crate::registry::{ControlCmd, InsertError, NodeDynamic, NodeEntry, NodePath, NodeState};
 use crate::server::Shared;
 use crate::store::{KycStatus, SlaDelta};
 use nearpath_protocol::message::{
@@ -21,6 +23,31 @@ use tracing::{info, info_span, warn, Instrument};
 const REGISTER_TIMEOUT: Duration = Duration::from_secs(5);
 /// Penalties within this window count against a node's routing score.
 const PENALTY_WINDOW_MS: u64 = 24 * 3600 * 1000;
+/// Longest node id, in bytes.
+pub const MAX_NODE_ID_BYTES: usize = 64;
+/// QUIC close code for a node whose connection moved to an address the geofence refuses.
+pub const CLOSE_PATH_REFUSED: u32 = 4;
+
+/// Checks a node id: 1..=64 bytes of `A-Z a-z 0-9 . _ -`. Ids appear in logs, admin URLs and
+/// the store, and one id must not pass for another (no spaces, no look-alike Unicode).
+pub fn check_node_id(id: &str) -> Result<(), String> {
+    if id.is_empty() || id.len() > MAX_NODE_ID_BYTES {
+        return Err(format!(
+            "node id must be 1 to {MAX_NODE_ID_BYTES} bytes (got {})",
+            id.len()
+        ));
+    }
+    if let Some(c) = id
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(format!(
+            "node id {:?} contains {c:?}; only A-Z a-z 0-9 . _ - are allowed",
+            id.escape_debug().to_string()
+        ));
+    }
+    Ok(())
+}
 
 /// Why a node's control loop ended; decides whether leaving is the node's fault.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,6 +57,8 @@ enum LeaveCause {
     Kicked,
     GatewayShutdown,
     ProtocolError,
+    /// The connection migrated to an address the onboarding geofence refuses.
+    PathRefused,
 }
 
 impl LeaveCause {
@@ -40,13 +69,18 @@ impl LeaveCause {
             LeaveCause::Kicked => "kicked",
             LeaveCause::GatewayShutdown => "gateway_shutdown",
             LeaveCause::ProtocolError => "protocol_error",
+            LeaveCause::PathRefused => "path_refused",
         }
     }
-    /// Leaving with sessions is penalised only when the node caused it.
+    /// Leaving with sessions is penalised only when the node caused it. What the node said
+    /// before (`Drain`, `Drained`) does not matter: draining only stops new routing.
     fn node_at_fault(self) -> bool {
         matches!(
             self,
-            LeaveCause::ConnectionLost | LeaveCause::HeartbeatTimeout | LeaveCause::ProtocolError
+            LeaveCause::ConnectionLost
+                | LeaveCause::HeartbeatTimeout
+                | LeaveCause::ProtocolError
+                | LeaveCause::PathRefused
         )
     }
 }
@@ -106,7 +140,7 @@ pub async fn handle_node(shared: Arc<Shared>, conn: quinn::Connection) {
         let registered = Message::Registered(Registered {
             lease_ms: shared.config.nodes.heartbeat_ms * shared.config.nodes.missed_heartbeats_before_gone as u64,
             heartbeat_ms: shared.config.nodes.heartbeat_ms,
-            node_country: entry.location.country.map(|c| c.as_str().to_string()),
+            node_country: entry.location().country.map(|c| c.as_str().to_string()),
         });
         if let Err(e) = send_msg(&mut send, &registered).await {
             warn!(error = %e, "could not confirm registration");
@@ -116,7 +150,7 @@ pub async fn handle_node(shared: Arc<Shared>, conn: quinn::Connection) {
         shared.metrics.registrations.inc();
         info!(
             operator = %entry.operator_id,
-            country = entry.location.country.map(|c| c.as_str().to_string()).unwrap_or_else(|| "unknown".into()),
+            country = entry.location().country.map(|c| c.as_str().to_string()).unwrap_or_else(|| "unknown".into()),
             classes = ?entry.classes.iter().map(|c| c.0.as_str()).collect::<Vec<_>>(),
             "node registered"
         );
@@ -174,6 +208,7 @@ async fn admit(
             ));
         }
     }
+    check_node_id(&reg.node_id).map_err(|reason| (RejectCode::Other, reason))?;
     let store = shared.store.clone();
     let token = reg.enrolment_token.clone();
     let auth = tokio::task::spawn_blocking(move || store.authenticate_enrolment_token(&token))
@@ -202,51 +237,121 @@ async fn admit(
     // The node's location is what GeoIP says of the address it connects from, never a claim.
     let addr = conn.remote_address();
     let location = shared.geo.lookup(addr.ip());
-    let mut classes: Vec<(String, nearpath_geo::ClassId)> = Vec::new();
-    let class_names: Vec<String> = if reg.gpus.is_empty() {
-        vec!["cpu".to_string()]
+    // The GPU classes are the gateway's reading of the model names; the class strings the node
+    // sends are hints only.
+    let models: Vec<String> = reg.gpus.iter().map(|g| g.model.clone()).collect();
+    let store = shared.store.clone();
+    let seen_at = now_ms();
+    let derived: Vec<Classified> = tokio::task::spawn_blocking(move || {
+        let mut out = Vec::with_capacity(models.len());
+        for model in &models {
+            let mut lookup_err = None;
+            let c = gpu_class::classify(model, |key| {
+                store.gpu_model_class(key).unwrap_or_else(|e| {
+                    lookup_err = Some(e);
+                    None
+                })
+            });
+            if let Some(e) = lookup_err {
+                return Err(e);
+            }
+            if c.class == gpu_class::UNCLASSIFIED && !c.key.is_empty() {
+                store.note_unclassified_gpu_model(&c.key, truncate(model, 256), seen_at)?;
+            }
+            out.push(c);
+        }
+        Ok(out)
+    })
+    .await
+    .map_err(|e| (RejectCode::Other, format!("internal error: {e}")))?
+    .map_err(|e: crate::store::StoreError| {
+        (RejectCode::Other, format!("store unavailable: {e}"))
+    })?;
+    for (c, g) in derived.iter().zip(&reg.gpus) {
+        if c.class == gpu_class::UNCLASSIFIED {
+            warn!(model = %c.model, hint = %g.class, "unclassified GPU model: treated as the most restricted class until an admin classifies it");
+        } else if shared.policy.class_id(&g.class) != shared.policy.class_id(&c.class) {
+            info!(model = %c.model, hint = %g.class, class = %c.class, "the node's GPU class hint disagrees with the model; using the model's class");
+        }
+    }
+    let class_names: Vec<String> = if derived.is_empty() {
+        vec![gpu_class::CPU.to_string()]
     } else {
-        reg.gpus
-            .iter()
-            .map(|g| g.class.to_ascii_lowercase())
-            .collect()
+        derived.iter().map(|c| c.class.clone()).collect()
     };
+    let mut classes: Vec<(String, nearpath_geo::ClassId)> = Vec::new();
     for name in class_names {
         if classes.iter().any(|(n, _)| *n == name) {
             continue;
         }
-        let id = shared.policy.class_id(&name);
-        let decision = shared.policy.check_onboard(&location, id);
-        shared.count_decision("node", &decision);
-        if let nearpath_geo::Decision::Deny { rule, reason, .. } = decision {
-            return Err((
-                RejectCode::Geofence,
-                format!(
-                    "rule {rule}: {reason} (GPU class {name}, node located in {})",
-                    location
-                        .country
-                        .map(|c| c.as_str().to_string())
-                        .unwrap_or_else(|| "an unknown location".into())
-                ),
-            ));
+        let ids = if name == gpu_class::UNCLASSIFIED {
+            restricted_class_ids(shared)
+        } else {
+            vec![shared.policy.class_id(&name)]
+        };
+        for id in ids {
+            let decision = shared.policy.check_onboard(&location, id);
+            shared.count_decision("node", &decision);
+            if let nearpath_geo::Decision::Deny { rule, reason, .. } = decision {
+                return Err((
+                    RejectCode::Geofence,
+                    format!(
+                        "rule {rule}: {reason} (GPU class {name}, node located in {})",
+                        location
+                            .country
+                            .map(|c| c.as_str().to_string())
+                            .unwrap_or_else(|| "an unknown location".into())
+                    ),
+                ));
+            }
+            classes.push((name.clone(), id));
         }
-        classes.push((name, id));
     }
+    // Only a node that passed every other check claims its id: a rejected registration must not
+    // take an id away from anyone.
     let store = shared.store.clone();
     let node_id = reg.node_id.clone();
+    let operator_id = operator.id.clone();
     let since = now_ms().saturating_sub(PENALTY_WINDOW_MS);
-    let recent = tokio::task::spawn_blocking(move || store.penalties_since(&node_id, since))
-        .await
-        .ok()
-        .and_then(|r| r.ok())
-        .unwrap_or(0);
+    let (owner, recent) = tokio::task::spawn_blocking(move || {
+        let owner = store.claim_node_id(&node_id, &operator_id, now_ms())?;
+        let recent = if owner == operator_id {
+            store.penalties_since(&operator_id, &node_id, since)?
+        } else {
+            0
+        };
+        Ok::<_, crate::store::StoreError>((owner, recent))
+    })
+    .await
+    .map_err(|e| (RejectCode::Other, format!("internal error: {e}")))?
+    .map_err(|e| (RejectCode::Other, format!("store unavailable: {e}")))?;
+    if owner != operator.id {
+        return Err((
+            RejectCode::Duplicate,
+            format!(
+                "node id {} belongs to another operator; node ids are never reused across \
+                 operators, choose another id",
+                reg.node_id
+            ),
+        ));
+    }
+    let gpus: Vec<_> = reg
+        .gpus
+        .iter()
+        .zip(&derived)
+        .map(|(g, c)| nearpath_protocol::message::Gpu {
+            class: c.class.clone(),
+            ..g.clone()
+        })
+        .collect();
+    let hints: Vec<String> = reg.gpus.iter().map(|g| g.class.clone()).collect();
     let now = now_ms();
-    let entry = NodeEntry::new(
+    let mut entry = NodeEntry::new(
         reg.node_id.clone(),
         operator.id.clone(),
         addr,
         location,
-        reg.gpus.clone(),
+        gpus,
         classes,
         reg.workloads.clone(),
         reg.capacity,
@@ -268,6 +373,7 @@ async fn admit(
             operator_flagged: false,
         },
     );
+    entry.gpu_class_hints = hints;
     match shared.registry.insert(entry) {
         Ok((entry, replaced)) => {
             if let Some(old) = replaced {
@@ -318,6 +424,11 @@ async fn control_loop(
     );
     let registered_at = Instant::now();
     let mut drained = false;
+    // Connection migration: the peer address is checked on every heartbeat and on this timer.
+    let mut path_check = tokio::time::interval(Duration::from_millis(
+        shared.config.nodes.path_check_interval_ms.max(1),
+    ));
+    path_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let cause = loop {
         let deadline = tokio::time::Instant::from_std(live.next_deadline());
         tokio::select! {
@@ -335,6 +446,10 @@ async fn control_loop(
             }
             msg = framed.next() => match msg {
                 Ok(Some(Message::Heartbeat(h))) => {
+                    if let Err(reason) = check_path(&shared, &entry) {
+                        refuse_path(&mut send, &entry, reason).await;
+                        break LeaveCause::PathRefused;
+                    }
                     live.handle_heartbeat(Instant::now());
                     {
                         let mut d = entry.dynamic();
@@ -374,6 +489,12 @@ async fn control_loop(
                     break LeaveCause::ProtocolError;
                 }
             },
+            _ = path_check.tick() => {
+                if let Err(reason) = check_path(&shared, &entry) {
+                    refuse_path(&mut send, &entry, reason).await;
+                    break LeaveCause::PathRefused;
+                }
+            }
             _ = tokio::time::sleep_until(deadline) => {
                 let (new, verdict) = live.poll(Instant::now());
                 if new > 0 {
@@ -404,8 +525,12 @@ async fn control_loop(
     let was_draining = drained || entry.dynamic().state == NodeState::Draining;
     entry.dynamic().state = NodeState::Gone;
     shared.registry.remove(&entry);
+    // Sessions that ended because the node left: those the gateway still has open on it, those
+    // whose slots were released after the connection died (their tasks may notice first), and
+    // those the node itself last reported. Draining does not excuse any of them.
     let active = entry
         .sessions_in_use()
+        .max(entry.sessions_cut())
         .max(entry.dynamic().reported_sessions);
     shared
         .metrics
@@ -422,21 +547,32 @@ async fn control_loop(
         LeaveCause::Kicked | LeaveCause::GatewayShutdown => {
             entry.conn.close(0u32.into(), cause.as_str().as_bytes())
         }
+        LeaveCause::PathRefused => entry
+            .conn
+            .close(CLOSE_PATH_REFUSED.into(), cause.as_str().as_bytes()),
         _ => entry.conn.close(3u32.into(), cause.as_str().as_bytes()),
     }
     let registered_ms = registered_at.elapsed().as_millis() as u64;
     let misses = live.total_misses();
     let rtt = entry.dynamic().rtt_ms;
-    let penalise = cause.node_at_fault() && !was_draining && active > 0;
+    // A clean leave is one with no sessions in use at the moment the node left, whatever it
+    // said before: `Drain`/`Drained` only stop new routing.
+    let penalise = cause.node_at_fault() && active > 0;
+    let kind = if was_draining {
+        "disconnect_while_draining"
+    } else {
+        "disconnect_without_drain"
+    };
     if penalise {
         shared
             .metrics
             .penalties
-            .get_or_create(&labels([("kind", "disconnect_without_drain")]))
+            .get_or_create(&labels([("kind", kind)]))
             .inc();
         warn!(
             active_sessions = active,
-            "node left with active sessions without draining: penalty"
+            drained = was_draining,
+            "node left with active sessions: penalty"
         );
     }
     let store = shared.store.clone();
@@ -458,11 +594,16 @@ async fn control_loop(
                 &id,
                 &op,
                 now_ms(),
-                "disconnect_without_drain",
+                kind,
                 active,
                 &format!(
-                    "left by {} with {active} active session(s) without draining",
-                    cause.as_str()
+                    "left by {} with {active} active session(s){}",
+                    cause.as_str(),
+                    if was_draining {
+                        " while draining"
+                    } else {
+                        " without draining"
+                    }
                 ),
             )?;
         }
@@ -472,6 +613,94 @@ async fn control_loop(
     if let Ok(Err(e)) = res {
         warn!(error = %e, "could not record the node's SLA accounting");
     }
+}
+
+/// Every class the geofence names (`controlled_gpu_classes` and the rules' `gpu_classes`): an
+/// unclassified GPU is checked as all of them, so it is as restricted as the most restricted.
+fn restricted_class_ids(shared: &Shared) -> Vec<nearpath_geo::ClassId> {
+    let g = &shared.config.geofence;
+    let mut ids: Vec<nearpath_geo::ClassId> = Vec::new();
+    let named = g.controlled_gpu_classes.iter().chain(
+        g.rules
+            .iter()
+            .filter(|r| r.enabled)
+            .flat_map(|r| r.gpu_classes.iter())
+            .filter(|c| !c.starts_with('@')),
+    );
+    for name in named {
+        let id = shared.policy.class_id(name);
+        if !ids.contains(&id) {
+            ids.push(id);
+        }
+    }
+    if ids.is_empty() {
+        ids.push(shared.policy.class_id(gpu_class::UNCLASSIFIED));
+    }
+    ids
+}
+
+/// Checks whether the node's connection moved to another address (QUIC connection migration).
+/// A new address is located and must pass the onboarding geofence for every class of the node,
+/// as at registration; when it does, the node's address and location are updated.
+fn check_path(shared: &Shared, entry: &NodeEntry) -> Result<(), String> {
+    let now = entry.conn.remote_address();
+    let before = entry.path();
+    if now == before.addr {
+        return Ok(());
+    }
+    let location = shared.geo.lookup(now.ip());
+    let country = |l: &nearpath_geo::Location| {
+        l.country
+            .map(|c| c.as_str().to_string())
+            .unwrap_or_else(|| "an unknown location".into())
+    };
+    for (name, id) in &entry.classes {
+        let decision = shared.policy.check_onboard(&location, *id);
+        shared.count_decision("node", &decision);
+        if let nearpath_geo::Decision::Deny { rule, reason, .. } = decision {
+            warn!(from = %before.addr, to = %now, %rule, "node connection migrated to a refused location; disconnecting");
+            return Err(format!(
+                "connection moved to a refused location: rule {rule}: {reason} (GPU class {name}, \
+                 node now located in {})",
+                country(&location)
+            ));
+        }
+    }
+    info!(from = %before.addr, to = %now, country = %country(&location), "node connection migrated; location updated");
+    shared.registry.relocate(
+        entry,
+        NodePath {
+            addr: now,
+            location,
+        },
+    );
+    Ok(())
+}
+
+/// Tells a node why it is being disconnected after a refused migration (best effort: the new
+/// path may not deliver it) and closes the connection at once.
+async fn refuse_path(send: &mut quinn::SendStream, entry: &NodeEntry, reason: String) {
+    let _ = tokio::time::timeout(
+        Duration::from_millis(100),
+        send_msg(send, &Message::Shutdown(Shutdown { reason })),
+    )
+    .await;
+    // Closing here, before the accounting, stops every session relayed over the new path now.
+    entry
+        .conn
+        .close(CLOSE_PATH_REFUSED.into(), LeaveCause::PathRefused.as_str().as_bytes());
+}
+
+/// At most `max` bytes of `s`, cut at a character boundary.
+fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
 }
 
 /// Whether version `a` is older than `b` (`x.y.z`, suffixes ignored, as the config validates
@@ -484,6 +713,31 @@ fn version_less(a: &str, b: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn node_ids_are_validated() {
+        for ok in ["acme-gpu-1", "a", "node_7.eu-west", &"x".repeat(64)] {
+            assert!(check_node_id(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            &"x".repeat(65),
+            "acme gpu",
+            "acme/gpu",
+            "ａcme",
+            "acme\u{200b}-gpu-1",
+            "node\n",
+            "../etc",
+        ] {
+            assert!(check_node_id(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn truncation_keeps_characters_whole() {
+        assert_eq!(truncate("héllo", 2), "h");
+        assert_eq!(truncate("abc", 10), "abc");
+    }
 
     #[test]
     fn versions_compare_numerically() {

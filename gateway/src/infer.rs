@@ -131,11 +131,13 @@ pub fn serve_check(
     node: &NodeEntry,
     workload: WorkloadKind,
 ) -> Result<(), Deny> {
+    // Read once: the location changes when the node's connection migrates.
+    let node_location = node.location();
     for (_, class) in &node.classes {
         if let Decision::Deny { rule, reason, .. } =
             shared
                 .policy
-                .check_serve(client, &node.location, *class, workload)
+                .check_serve(client, &node_location, *class, workload)
         {
             return Err(Deny {
                 rule: rule.to_string(),

@@ -8,6 +8,7 @@ pub mod client;
 pub mod control;
 pub mod demo;
 pub mod game;
+pub mod gpu_class;
 pub mod http_util;
 pub mod infer;
 pub mod liveness;

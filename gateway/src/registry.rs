@@ -71,15 +71,27 @@ pub enum SlotKind {
     Inference,
 }
 
+/// Where a node's connection comes from: it changes when the node migrates its QUIC connection
+/// (and the new address passed the onboarding geofence).
+#[derive(Debug, Clone, Copy)]
+pub struct NodePath {
+    pub addr: SocketAddr,
+    pub location: Location,
+}
+
 /// A registered node. Immutable facts plus interior-mutable counters.
 pub struct NodeEntry {
     pub key: NodeId,
     pub id: String,
     pub operator_id: String,
-    pub addr: SocketAddr,
-    pub location: Location,
+    path: Mutex<NodePath>,
+    /// The GPUs as reported, with `class` replaced by the class the gateway derived from the
+    /// model name (the node's own class string is kept in `gpu_class_hints`).
     pub gpus: Vec<Gpu>,
-    /// Every distinct GPU class of the node; the geofence must allow all of them.
+    /// The class each GPU's node claimed (a hint only; same order as `gpus`).
+    pub gpu_class_hints: Vec<String>,
+    /// Every GPU class the geofence checks for the node; all of them must be allowed. An
+    /// unclassified GPU contributes every class the geofence names.
     pub classes: Vec<(String, ClassId)>,
     pub workloads: Workloads,
     pub capacity: Capacity,
@@ -92,6 +104,9 @@ pub struct NodeEntry {
     pub dynamic: Mutex<NodeDynamic>,
     games_in_use: AtomicU32,
     inference_in_use: AtomicU32,
+    /// Slots released after the node's connection had closed: sessions that ended because the
+    /// node left (their tasks may see the dead connection before the control loop does).
+    sessions_cut: AtomicU32,
 }
 
 impl NodeEntry {
@@ -115,9 +130,9 @@ impl NodeEntry {
             key: NodeId(0),
             id,
             operator_id,
-            addr,
-            location,
+            path: Mutex::new(NodePath { addr, location }),
             gpus,
+            gpu_class_hints: Vec::new(),
             classes,
             workloads,
             capacity,
@@ -129,6 +144,7 @@ impl NodeEntry {
             dynamic: Mutex::new(dynamic),
             games_in_use: AtomicU32::new(0),
             inference_in_use: AtomicU32::new(0),
+            sessions_cut: AtomicU32::new(0),
         }
     }
 
@@ -136,9 +152,29 @@ impl NodeEntry {
         self.dynamic.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The address the node's connection comes from now and GeoIP's location of it.
+    pub fn path(&self) -> NodePath {
+        *self.path.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The node's current address.
+    pub fn addr(&self) -> SocketAddr {
+        self.path().addr
+    }
+
+    /// GeoIP's location of the node's current address (never a claim of the node).
+    pub fn location(&self) -> Location {
+        self.path().location
+    }
+
     /// Sessions the gateway itself has open on this node.
     pub fn sessions_in_use(&self) -> u32 {
         self.games_in_use.load(Ordering::Relaxed) + self.inference_in_use.load(Ordering::Relaxed)
+    }
+
+    /// Sessions whose slots were released after the node's connection had closed.
+    pub fn sessions_cut(&self) -> u32 {
+        self.sessions_cut.load(Ordering::Relaxed)
     }
 
     fn pool(&self, kind: SlotKind) -> (&AtomicU32, u32) {
@@ -151,7 +187,7 @@ impl NodeEntry {
     fn route_info(&self) -> NodeRouteInfo {
         NodeRouteInfo {
             location: self
-                .location
+                .location()
                 .coords
                 .and_then(|c| LatLon::new(c.lat, c.lon).ok()),
             games: self.workloads.games.clone(),
@@ -185,9 +221,10 @@ impl NodeEntry {
         serde_json::json!({
             "id": self.id,
             "operator_id": self.operator_id,
-            "address": self.addr.to_string(),
-            "location": self.location,
-            "gpus": self.gpus.iter().map(|g| serde_json::json!({"model": g.model, "class": g.class, "vram_mib": g.vram_mib})).collect::<Vec<_>>(),
+            "address": self.addr().to_string(),
+            "location": self.location(),
+            "gpus": self.gpus.iter().enumerate().map(|(i, g)| serde_json::json!({"model": g.model, "class": g.class, "class_hint": self.gpu_class_hints.get(i), "vram_mib": g.vram_mib})).collect::<Vec<_>>(),
+            "classes": self.classes.iter().map(|c| c.0.as_str()).collect::<std::collections::BTreeSet<_>>(),
             "workloads": {"games": self.workloads.games, "models": self.workloads.models},
             "capacity": {"game_sessions": self.capacity.game_sessions, "inference_concurrency": self.capacity.inference_concurrency},
             "in_use": {"game_sessions": self.games_in_use.load(Ordering::Relaxed), "inference": self.inference_in_use.load(Ordering::Relaxed)},
@@ -235,6 +272,9 @@ pub struct SlotGuard {
 
 impl Drop for SlotGuard {
     fn drop(&mut self) {
+        if self.node.conn.close_reason().is_some() {
+            self.node.sessions_cut.fetch_add(1, Ordering::Relaxed);
+        }
         let (counter, _) = self.node.pool(self.kind);
         counter.fetch_sub(1, Ordering::AcqRel);
         self.registry.refresh(&self.node);
@@ -296,6 +336,17 @@ impl Registry {
             if inner.by_id.get(&entry.id).map(|e| e.key) == Some(entry.key) {
                 inner.by_id.remove(&entry.id);
             }
+        }
+    }
+
+    /// Moves a node to a new address and location (after its connection migrated and the new
+    /// location passed the onboarding geofence), re-indexing it for routing.
+    pub fn relocate(&self, entry: &NodeEntry, path: NodePath) {
+        *entry.path.lock().unwrap_or_else(|p| p.into_inner()) = path;
+        let mut inner = self.lock();
+        if inner.by_key.contains_key(&entry.key) {
+            let info = entry.route_info();
+            inner.router.upsert(entry.key, info);
         }
     }
 
@@ -396,7 +447,7 @@ impl Registry {
         for e in self.lock().by_id.values() {
             let state = e.dynamic().state;
             let country = e
-                .location
+                .location()
                 .country
                 .map(|c| c.as_str().to_string())
                 .unwrap_or_else(|| "unknown".into());

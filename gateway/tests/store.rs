@@ -387,7 +387,7 @@ fn secrets_are_stored_only_as_sha256_digests() {
 #[test]
 fn sla_records_accumulate() {
     let store = mem();
-    assert_eq!(store.sla_get("node-a").expect("get"), None);
+    assert_eq!(store.sla_get("op_1", "node-a").expect("get"), None);
     let first = store
         .sla_apply(
             "node-a",
@@ -435,7 +435,7 @@ fn sla_records_accumulate() {
     assert_eq!(expected.last_seen_at_ms, 91_000);
     assert_eq!(expected.last_rtt_ms, Some(7.25));
     assert_eq!(
-        store.sla_get("node-a").expect("get"),
+        store.sla_get("op_1", "node-a").expect("get"),
         Some(expected.clone())
     );
 
@@ -519,11 +519,11 @@ fn penalties_are_listed_counted_and_bump_the_sla_record() {
         );
         recorded.push(ev);
     }
-    let a = store.sla_get("node-a").expect("get").expect("exists");
+    let a = store.sla_get("op_1", "node-a").expect("get").expect("exists");
     assert_eq!(a.penalty_events, 3);
     assert_eq!(a.registrations, 1, "other counters untouched");
     let b = store
-        .sla_get("node-b")
+        .sla_get("op_1", "node-b")
         .expect("get")
         .expect("a penalty creates the SLA record");
     assert_eq!(b.penalty_events, 1);
@@ -549,10 +549,10 @@ fn penalties_are_listed_counted_and_bump_the_sla_record() {
         vec![]
     );
 
-    assert_eq!(store.penalties_since("node-a", 0).expect("count"), 3);
-    assert_eq!(store.penalties_since("node-a", 3_000).expect("count"), 2);
-    assert_eq!(store.penalties_since("node-a", 4_001).expect("count"), 0);
-    assert_eq!(store.penalties_since("node-b", u64::MAX).expect("count"), 0);
+    assert_eq!(store.penalties_since("op_1", "node-a", 0).expect("count"), 3);
+    assert_eq!(store.penalties_since("op_1", "node-a", 3_000).expect("count"), 2);
+    assert_eq!(store.penalties_since("op_1", "node-a", 4_001).expect("count"), 0);
+    assert_eq!(store.penalties_since("op_1", "node-b", u64::MAX).expect("count"), 0);
 
     assert!(matches!(
         store.record_penalty("node-a", "op_1", 1, "k", 0, &"x".repeat(5000)),
@@ -563,12 +563,211 @@ fn penalties_are_listed_counted_and_bump_the_sla_record() {
     ));
     assert_eq!(
         store
-            .sla_get("node-a")
+            .sla_get("op_1", "node-a")
             .expect("get")
             .map(|r| r.penalty_events),
         Some(3),
         "a refused penalty changes nothing"
     );
+}
+
+#[test]
+fn node_ids_belong_to_their_first_operator_forever() {
+    let store = mem();
+    assert_eq!(store.node_owner("acme-gpu-1").expect("owner"), None);
+    assert_eq!(
+        store.claim_node_id("acme-gpu-1", "op_acme", 10).expect("claim"),
+        "op_acme"
+    );
+    // Another operator cannot take it, now or later; the owner claims it again freely.
+    assert_eq!(
+        store.claim_node_id("acme-gpu-1", "op_evil", 20).expect("claim"),
+        "op_acme"
+    );
+    assert_eq!(
+        store.claim_node_id("acme-gpu-1", "op_acme", 30).expect("claim"),
+        "op_acme"
+    );
+    assert_eq!(
+        store.node_owner("acme-gpu-1").expect("owner").as_deref(),
+        Some("op_acme")
+    );
+    assert!(matches!(
+        store.claim_node_id("", "op_acme", 1),
+        Err(StoreError::Invalid {
+            field: "node_id",
+            ..
+        })
+    ));
+}
+
+#[test]
+fn racing_claims_of_a_fresh_node_id_have_one_winner() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("gateway.db");
+    drop(SqliteStore::open(&path).expect("create"));
+    // Two stores on one file, as two gateways sharing it would be.
+    let stores: Vec<Arc<dyn Store>> = (0..2)
+        .map(|_| Arc::new(SqliteStore::open(&path).expect("open")) as Arc<dyn Store>)
+        .collect();
+    for round in 0..20 {
+        let id = format!("node-{round}");
+        let barrier = Arc::new(Barrier::new(4));
+        let handles: Vec<_> = (0..4)
+            .map(|t| {
+                let store = Arc::clone(&stores[t % 2]);
+                let (barrier, id) = (Arc::clone(&barrier), id.clone());
+                thread::spawn(move || {
+                    barrier.wait();
+                    store
+                        .claim_node_id(&id, &format!("op_{t}"), 1)
+                        .expect("claim")
+                })
+            })
+            .collect();
+        let owners: HashSet<String> = handles
+            .into_iter()
+            .map(|h| h.join().expect("thread"))
+            .collect();
+        assert_eq!(owners.len(), 1, "round {round}: {owners:?}");
+    }
+}
+
+#[test]
+fn sla_records_and_penalties_are_kept_per_operator() {
+    let store = mem();
+    let seen = |at| SlaDelta {
+        registrations: 1,
+        seen_at_ms: at,
+        ..SlaDelta::default()
+    };
+    store.sla_apply("gpu-1", "op_a", seen(1)).expect("a");
+    store.sla_apply("gpu-1", "op_b", seen(2)).expect("b");
+    store
+        .record_penalty("gpu-1", "op_b", 5, "disconnect_without_drain", 40, "x")
+        .expect("penalty");
+    let a = store.sla_get("op_a", "gpu-1").expect("get").expect("a");
+    let b = store.sla_get("op_b", "gpu-1").expect("get").expect("b");
+    assert_eq!((a.operator_id.as_str(), a.penalty_events), ("op_a", 0));
+    assert_eq!((b.operator_id.as_str(), b.penalty_events), ("op_b", 1));
+    assert_eq!(store.penalties_since("op_a", "gpu-1", 0).expect("count"), 0);
+    assert_eq!(store.penalties_since("op_b", "gpu-1", 0).expect("count"), 1);
+    assert_eq!(store.sla_list().expect("list").len(), 2);
+}
+
+#[test]
+fn a_version_1_database_is_migrated_to_per_operator_records_and_owned_ids() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("gateway.db");
+    {
+        // The version 1 schema, as the first release wrote it, with a squatted id: acme's node
+        // served first, then evil registered the same id (the SLA row names the last operator).
+        let conn = rusqlite::Connection::open(&path).expect("raw");
+        conn.execute_batch(V1_SCHEMA).expect("v1 schema");
+        conn.execute_batch(
+            "PRAGMA application_id = 1313883991; PRAGMA user_version = 1;
+             INSERT INTO sla_records VALUES ('acme-gpu-1', 'op_evil', 100, 900, 50, 3, 7, 1, 2, 1, 4.5);
+             INSERT INTO sla_records VALUES ('solo', 'op_solo', 200, 300, 10, 1, 0, 0, 0, 0, NULL);
+             INSERT INTO penalty_events (node_id, operator_id, at_ms, kind, active_sessions, detail)
+               VALUES ('acme-gpu-1', 'op_evil', 800, 'disconnect_without_drain', 40, 'cut');
+             INSERT INTO usage_records (at_ms, kind, request_id, tenant, api_key_id, node_id,
+               operator_id, workload, outcome, prompt_tokens, completion_tokens, ttft_ms,
+               duration_ms, gpu_seconds, frames, bytes)
+               VALUES (150, 'inference', 'r1', 't', 'k', 'acme-gpu-1', 'op_acme', 'm', 'ok',
+                       1, 1, NULL, 1.0, 0.0, 0, 0),
+                      (700, 'inference', 'r2', 't', 'k', 'acme-gpu-1', 'op_evil', 'm', 'ok',
+                       1, 1, NULL, 1.0, 0.0, 0, 0);",
+        )
+        .expect("v1 rows");
+    }
+    let store = SqliteStore::open(&path).expect("migrate");
+    // The id goes to the operator that served under it first; the lone node keeps its own.
+    assert_eq!(
+        store.node_owner("acme-gpu-1").expect("owner").as_deref(),
+        Some("op_acme")
+    );
+    assert_eq!(
+        store.node_owner("solo").expect("owner").as_deref(),
+        Some("op_solo")
+    );
+    // The SLA record and the penalty stay with the operator that earned them.
+    let evil = store.sla_get("op_evil", "acme-gpu-1").expect("get").expect("kept");
+    assert_eq!((evil.registrations, evil.penalty_events), (3, 1));
+    assert_eq!(store.sla_get("op_acme", "acme-gpu-1").expect("get"), None);
+    assert_eq!(store.penalties_since("op_acme", "acme-gpu-1", 0).expect("n"), 0);
+    assert_eq!(store.penalties_since("op_evil", "acme-gpu-1", 0).expect("n"), 1);
+    // The new key works for writes: acme's record starts clean beside evil's.
+    store
+        .sla_apply(
+            "acme-gpu-1",
+            "op_acme",
+            SlaDelta {
+                registrations: 1,
+                seen_at_ms: 1_000,
+                ..SlaDelta::default()
+            },
+        )
+        .expect("apply");
+    assert_eq!(store.sla_list().expect("list").len(), 3);
+    drop(store);
+    let conn = rusqlite::Connection::open(&path).expect("raw");
+    let v: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .expect("version");
+    assert_eq!(v, SCHEMA_VERSION);
+}
+
+/// The version 1 schema (`MIGRATIONS[0]` of the first release), for the migration test.
+const V1_SCHEMA: &str = r#"
+CREATE TABLE operators (id TEXT PRIMARY KEY, name TEXT NOT NULL, kyc_status TEXT NOT NULL CHECK (kyc_status IN ('pending', 'verified', 'suspended')), created_at_ms INTEGER NOT NULL, updated_at_ms INTEGER NOT NULL) STRICT;
+CREATE TABLE enrolment_tokens (id TEXT PRIMARY KEY, operator_id TEXT NOT NULL REFERENCES operators (id), secret_hash TEXT NOT NULL UNIQUE, prefix TEXT NOT NULL, created_at_ms INTEGER NOT NULL, revoked_at_ms INTEGER) STRICT;
+CREATE INDEX enrolment_tokens_by_operator ON enrolment_tokens (operator_id);
+CREATE TABLE api_keys (id TEXT PRIMARY KEY, tenant TEXT NOT NULL, secret_hash TEXT NOT NULL UNIQUE, prefix TEXT NOT NULL, requests_per_minute INTEGER NOT NULL, tokens_per_minute INTEGER NOT NULL, created_at_ms INTEGER NOT NULL, revoked_at_ms INTEGER) STRICT;
+CREATE TABLE sla_records (node_id TEXT PRIMARY KEY, operator_id TEXT NOT NULL, first_registered_at_ms INTEGER NOT NULL, last_seen_at_ms INTEGER NOT NULL, registered_ms INTEGER NOT NULL, registrations INTEGER NOT NULL, sessions_served INTEGER NOT NULL, sessions_failed INTEGER NOT NULL, heartbeat_misses INTEGER NOT NULL, penalty_events INTEGER NOT NULL, last_rtt_ms REAL) STRICT;
+CREATE TABLE penalty_events (id INTEGER PRIMARY KEY AUTOINCREMENT, node_id TEXT NOT NULL, operator_id TEXT NOT NULL, at_ms INTEGER NOT NULL, kind TEXT NOT NULL, active_sessions INTEGER NOT NULL, detail TEXT NOT NULL) STRICT;
+CREATE INDEX penalty_events_by_node ON penalty_events (node_id, at_ms);
+CREATE TABLE usage_records (id INTEGER PRIMARY KEY AUTOINCREMENT, at_ms INTEGER NOT NULL, kind TEXT NOT NULL CHECK (kind IN ('inference', 'game')), request_id TEXT NOT NULL, tenant TEXT NOT NULL, api_key_id TEXT NOT NULL, node_id TEXT NOT NULL, operator_id TEXT NOT NULL, workload TEXT NOT NULL, outcome TEXT NOT NULL, prompt_tokens INTEGER NOT NULL, completion_tokens INTEGER NOT NULL, ttft_ms REAL, duration_ms REAL NOT NULL, gpu_seconds REAL NOT NULL, frames INTEGER NOT NULL, bytes INTEGER NOT NULL) STRICT;
+CREATE INDEX usage_records_by_time ON usage_records (at_ms);
+"#;
+
+#[test]
+fn gpu_models_are_noted_while_unclassified_and_classified_by_admins() {
+    let store = mem();
+    assert_eq!(store.gpu_model_class("acmeturbo9000").expect("get"), None);
+    store
+        .note_unclassified_gpu_model("acmeturbo9000", "Acme Turbo 9000", 10)
+        .expect("note");
+    store
+        .note_unclassified_gpu_model("acmeturbo9000", "ACME turbo-9000", 20)
+        .expect("note");
+    let list = store.list_gpu_models().expect("list");
+    assert_eq!(list.len(), 1);
+    assert_eq!(
+        (list[0].example.as_str(), list[0].class.as_deref(), list[0].seen),
+        ("Acme Turbo 9000", None, 2)
+    );
+    assert_eq!((list[0].first_seen_at_ms, list[0].last_seen_at_ms), (10, 20));
+    let rec = store
+        .set_gpu_model_class("acmeturbo9000", "Acme Turbo 9000", "rtx3080", 30)
+        .expect("classify");
+    assert_eq!(rec.class.as_deref(), Some("rtx3080"));
+    assert_eq!(rec.classified_at_ms, Some(30));
+    assert_eq!(
+        store.gpu_model_class("acmeturbo9000").expect("get").as_deref(),
+        Some("rtx3080")
+    );
+    // Classifying a model never seen works too, and a new class replaces the old one.
+    store
+        .set_gpu_model_class("x1", "X1", "h100", 40)
+        .expect("classify");
+    store
+        .set_gpu_model_class("x1", "X1", "a100", 50)
+        .expect("reclassify");
+    assert_eq!(
+        store.gpu_model_class("x1").expect("get").as_deref(),
+        Some("a100")
+    );
+    assert_eq!(store.list_gpu_models().expect("list").len(), 2);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1179,7 +1378,7 @@ fn kill9_loses_no_acknowledged_record() {
         );
     }
     // The SLA counter moved in the same transactions as the penalty rows.
-    let sla = store.sla_get("node-k9").expect("sla").expect("sla exists");
+    let sla = store.sla_get("op_k9", "node-k9").expect("sla").expect("sla exists");
     assert_eq!(sla.penalty_events, penalties.len() as u64);
     // The reopened ledger takes new records.
     let next = store

@@ -230,11 +230,12 @@ pub struct ApiKey {
     pub prefix: String,
 }
 
-/// Accumulated service record of one node; feeds the routing reliability penalty.
+/// Accumulated service record of one node of one operator; feeds the routing reliability
+/// penalty. Keyed by (operator, node), so that no operator ever inherits another's record.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SlaRecord {
     pub node_id: String,
-    /// The operator the node last registered under.
+    /// The operator whose node this is.
     pub operator_id: String,
     pub first_registered_at_ms: u64,
     pub last_seen_at_ms: u64,
@@ -275,6 +276,22 @@ pub struct PenaltyEvent {
     pub kind: String,
     pub active_sessions: u32,
     pub detail: String,
+}
+
+/// A GPU model name the gateway has seen or an admin has classified (see `gpu_class.rs`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GpuModelRecord {
+    /// The normalised model key (`h100`, `acmeturbo9000`).
+    pub model_key: String,
+    /// A model name as a node reported it (the first one seen, or the admin's).
+    pub example: String,
+    /// The class an admin gave it; `None` while it is unclassified (and treated as controlled).
+    pub class: Option<String>,
+    pub first_seen_at_ms: u64,
+    pub last_seen_at_ms: u64,
+    /// Registrations that reported this model while it was unclassified.
+    pub seen: u64,
+    pub classified_at_ms: Option<u64>,
 }
 
 /// What a usage record meters.
@@ -419,18 +436,32 @@ pub trait Store: Send + Sync + 'static {
     /// Revokes a key; revoking it again is not an error.
     fn revoke_api_key(&self, id: &str) -> Result<(), StoreError>;
 
-    /// Adds `delta` to the node's SLA record, creating it if needed, and returns the new record.
+    /// Claims `node_id` for `operator_id` if no operator owns it yet, atomically, and returns its
+    /// owner: `operator_id` when the claim succeeded or the operator already owned it, another
+    /// operator's id otherwise. A node id belongs to the first operator that used it, forever.
+    fn claim_node_id(
+        &self,
+        node_id: &str,
+        operator_id: &str,
+        at_ms: u64,
+    ) -> Result<String, StoreError>;
+    /// The operator that owns `node_id`, if one has claimed it.
+    fn node_owner(&self, node_id: &str) -> Result<Option<String>, StoreError>;
+
+    /// Adds `delta` to the SLA record of (operator, node), creating it if needed, and returns the
+    /// new record.
     fn sla_apply(
         &self,
         node_id: &str,
         operator_id: &str,
         delta: SlaDelta,
     ) -> Result<SlaRecord, StoreError>;
-    fn sla_get(&self, node_id: &str) -> Result<Option<SlaRecord>, StoreError>;
+    /// The SLA record of `operator_id`'s node `node_id`.
+    fn sla_get(&self, operator_id: &str, node_id: &str) -> Result<Option<SlaRecord>, StoreError>;
     fn sla_list(&self) -> Result<Vec<SlaRecord>, StoreError>;
 
-    /// Records a penalty event and, in the same transaction, increments the node's SLA
-    /// `penalty_events` (creating the SLA record if needed).
+    /// Records a penalty event and, in the same transaction, increments the SLA `penalty_events`
+    /// of (operator, node) (creating the SLA record if needed).
     fn record_penalty(
         &self,
         node_id: &str,
@@ -446,8 +477,34 @@ pub trait Store: Send + Sync + 'static {
         node_id: Option<&str>,
         limit: usize,
     ) -> Result<Vec<PenaltyEvent>, StoreError>;
-    /// How many penalty events the node earned at or after `since_ms`.
-    fn penalties_since(&self, node_id: &str, since_ms: u64) -> Result<u64, StoreError>;
+    /// How many penalty events `operator_id`'s node `node_id` earned at or after `since_ms`.
+    fn penalties_since(
+        &self,
+        operator_id: &str,
+        node_id: &str,
+        since_ms: u64,
+    ) -> Result<u64, StoreError>;
+
+    /// The class an admin gave the normalised GPU model `model_key`, if any.
+    fn gpu_model_class(&self, model_key: &str) -> Result<Option<String>, StoreError>;
+    /// Notes that a node reported the unclassified model `model_key` (as `example`), so that
+    /// admins can find and classify it.
+    fn note_unclassified_gpu_model(
+        &self,
+        model_key: &str,
+        example: &str,
+        at_ms: u64,
+    ) -> Result<(), StoreError>;
+    /// Classifies `model_key` as `class` (replacing an earlier classification).
+    fn set_gpu_model_class(
+        &self,
+        model_key: &str,
+        example: &str,
+        class: &str,
+        at_ms: u64,
+    ) -> Result<GpuModelRecord, StoreError>;
+    /// Every model seen unclassified or classified by an admin, by key.
+    fn list_gpu_models(&self) -> Result<Vec<GpuModelRecord>, StoreError>;
 
     /// Appends a record to the usage ledger and returns its id once it is durably committed
     /// (it survives a crash of the gateway from then on). Concurrent callers share commits.

@@ -23,7 +23,8 @@ use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Row, Transactio
 
 use super::{
     check_id, check_measure, check_name, check_text, hash_secret, new_id, new_secret, now_ms,
-    secret_display_prefix, to_i64, ApiKey, EnrolmentToken, KycStatus, Operator, PenaltyEvent,
+    secret_display_prefix, to_i64, ApiKey, EnrolmentToken, GpuModelRecord, KycStatus, Operator,
+    PenaltyEvent,
     SlaDelta, SlaRecord, Store, StoreError, UsageKind, UsageRecord, UsageSummary, UsageTotals,
     API_KEY_PREFIX, ENROLMENT_TOKEN_PREFIX, MAX_NAME_CHARS, MAX_SECRET_BYTES,
 };
@@ -120,6 +121,58 @@ CREATE TABLE usage_records (
     bytes              INTEGER NOT NULL
 ) STRICT;
 CREATE INDEX usage_records_by_time ON usage_records (at_ms);
+"#,
+// 2: node ids belong to their first operator forever; SLA records are keyed by (operator, node);
+// GPU models seen unclassified or classified by an admin.
+r#"
+CREATE TABLE node_ids (
+    node_id        TEXT PRIMARY KEY,
+    operator_id    TEXT NOT NULL,
+    claimed_at_ms  INTEGER NOT NULL
+) STRICT;
+
+-- Existing ids go to the operator of their earliest usage record (the first that served under
+-- the id), else to the operator their SLA record names (the last that registered it).
+INSERT INTO node_ids (node_id, operator_id, claimed_at_ms)
+SELECT s.node_id, coalesce(f.operator_id, s.operator_id), s.first_registered_at_ms
+FROM sla_records s
+LEFT JOIN (
+    SELECT node_id, operator_id, min(at_ms) AS at_ms FROM usage_records
+    WHERE node_id <> '' AND operator_id <> '' GROUP BY node_id
+) f ON f.node_id = s.node_id;
+
+CREATE TABLE sla_records_by_operator (
+    node_id                 TEXT NOT NULL,
+    operator_id             TEXT NOT NULL,
+    first_registered_at_ms  INTEGER NOT NULL,
+    last_seen_at_ms         INTEGER NOT NULL,
+    registered_ms           INTEGER NOT NULL,
+    registrations           INTEGER NOT NULL,
+    sessions_served         INTEGER NOT NULL,
+    sessions_failed         INTEGER NOT NULL,
+    heartbeat_misses        INTEGER NOT NULL,
+    penalty_events          INTEGER NOT NULL,
+    last_rtt_ms             REAL,
+    PRIMARY KEY (operator_id, node_id)
+) STRICT;
+INSERT INTO sla_records_by_operator SELECT * FROM sla_records;
+DROP TABLE sla_records;
+ALTER TABLE sla_records_by_operator RENAME TO sla_records;
+CREATE INDEX sla_records_by_node ON sla_records (node_id);
+
+DROP INDEX penalty_events_by_node;
+CREATE INDEX penalty_events_by_node ON penalty_events (operator_id, node_id, at_ms);
+CREATE INDEX penalty_events_by_node_id ON penalty_events (node_id);
+
+CREATE TABLE gpu_models (
+    model_key         TEXT PRIMARY KEY,
+    example           TEXT NOT NULL,
+    class             TEXT,
+    first_seen_at_ms  INTEGER NOT NULL,
+    last_seen_at_ms   INTEGER NOT NULL,
+    seen              INTEGER NOT NULL,
+    classified_at_ms  INTEGER
+) STRICT;
 "#];
 
 /// The schema version this build writes and understands.
@@ -132,6 +185,8 @@ const API_KEY_COLS: &str = "id, tenant, requests_per_minute, tokens_per_minute, 
 const SLA_COLS: &str = "node_id, operator_id, first_registered_at_ms, last_seen_at_ms, \
      registered_ms, registrations, sessions_served, sessions_failed, heartbeat_misses, \
      penalty_events, last_rtt_ms";
+const GPU_MODEL_COLS: &str =
+    "model_key, example, class, first_seen_at_ms, last_seen_at_ms, seen, classified_at_ms";
 const PENALTY_COLS: &str = "id, node_id, operator_id, at_ms, kind, active_sessions, detail";
 const USAGE_COLS: &str = "id, at_ms, kind, request_id, tenant, api_key_id, node_id, operator_id, \
      workload, outcome, prompt_tokens, completion_tokens, ttft_ms, duration_ms, gpu_seconds, \
@@ -372,6 +427,20 @@ fn sla_from_row(r: &Row<'_>) -> rusqlite::Result<SlaRecord> {
         heartbeat_misses: get_u64(r, 8)?,
         penalty_events: get_u64(r, 9)?,
         last_rtt_ms: r.get(10)?,
+    })
+}
+
+fn gpu_model_from_row(r: &Row<'_>) -> rusqlite::Result<GpuModelRecord> {
+    Ok(GpuModelRecord {
+        model_key: r.get(0)?,
+        example: r.get(1)?,
+        class: r.get(2)?,
+        first_seen_at_ms: get_u64(r, 3)?,
+        last_seen_at_ms: get_u64(r, 4)?,
+        seen: get_u64(r, 5)?,
+        classified_at_ms: r
+            .get::<_, Option<i64>>(6)?
+            .map(|v| u64::try_from(v).unwrap_or(0)),
     })
 }
 
@@ -1095,6 +1164,52 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    fn claim_node_id(
+        &self,
+        node_id: &str,
+        operator_id: &str,
+        at_ms: u64,
+    ) -> Result<String, StoreError> {
+        check_id("node_id", node_id, false)?;
+        check_id("operator_id", operator_id, false)?;
+        // The common case (a known node coming back) is a read; only a first claim writes.
+        if let Some(owner) = self.node_owner(node_id)? {
+            return Ok(owner);
+        }
+        let mut conn = self.write_conn();
+        // One IMMEDIATE transaction: of two operators racing for a fresh id (here or on another
+        // gateway sharing the file) exactly one inserts, and both read the same owner back.
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .op("begin claim node id")?;
+        tx.execute(
+            "INSERT INTO node_ids (node_id, operator_id, claimed_at_ms) VALUES (?1, ?2, ?3) \
+             ON CONFLICT (node_id) DO NOTHING",
+            params![node_id, operator_id, to_i64("at_ms", at_ms)?],
+        )
+        .op("claim node id")?;
+        let owner: String = tx
+            .query_row(
+                "SELECT operator_id FROM node_ids WHERE node_id = ?1",
+                [node_id],
+                |r| r.get(0),
+            )
+            .op("read node id owner")?;
+        tx.commit().op("commit node id claim")?;
+        Ok(owner)
+    }
+
+    fn node_owner(&self, node_id: &str) -> Result<Option<String>, StoreError> {
+        self.conn()
+            .query_row(
+                "SELECT operator_id FROM node_ids WHERE node_id = ?1",
+                [node_id],
+                |r| r.get(0),
+            )
+            .optional()
+            .op("read node id owner")
+    }
+
     fn sla_apply(
         &self,
         node_id: &str,
@@ -1111,8 +1226,7 @@ impl Store for SqliteStore {
                 &format!(
                     "INSERT INTO sla_records ({SLA_COLS}) \
                      VALUES (?1, ?2, ?3, ?3, ?4, ?5, ?6, ?7, ?8, 0, ?9) \
-                     ON CONFLICT (node_id) DO UPDATE SET \
-                       operator_id = excluded.operator_id, \
+                     ON CONFLICT (operator_id, node_id) DO UPDATE SET \
                        last_seen_at_ms = max(last_seen_at_ms, excluded.last_seen_at_ms), \
                        registered_ms = registered_ms + excluded.registered_ms, \
                        registrations = registrations + excluded.registrations, \
@@ -1138,11 +1252,13 @@ impl Store for SqliteStore {
             .op("apply sla delta")
     }
 
-    fn sla_get(&self, node_id: &str) -> Result<Option<SlaRecord>, StoreError> {
+    fn sla_get(&self, operator_id: &str, node_id: &str) -> Result<Option<SlaRecord>, StoreError> {
         self.conn()
             .query_row(
-                &format!("SELECT {SLA_COLS} FROM sla_records WHERE node_id = ?1"),
-                [node_id],
+                &format!(
+                    "SELECT {SLA_COLS} FROM sla_records WHERE operator_id = ?1 AND node_id = ?2"
+                ),
+                [operator_id, node_id],
                 sla_from_row,
             )
             .optional()
@@ -1153,7 +1269,7 @@ impl Store for SqliteStore {
         let conn = self.conn();
         let mut stmt = conn
             .prepare_cached(&format!(
-                "SELECT {SLA_COLS} FROM sla_records ORDER BY node_id"
+                "SELECT {SLA_COLS} FROM sla_records ORDER BY node_id, operator_id"
             ))
             .op("list sla records")?;
         let rows = stmt.query_map([], sla_from_row).op("list sla records")?;
@@ -1189,8 +1305,7 @@ impl Store for SqliteStore {
         tx.execute(
             &format!(
                 "INSERT INTO sla_records ({SLA_COLS}) VALUES (?1, ?2, ?3, ?3, 0, 0, 0, 0, 0, 1, NULL) \
-                 ON CONFLICT (node_id) DO UPDATE SET \
-                   operator_id = excluded.operator_id, \
+                 ON CONFLICT (operator_id, node_id) DO UPDATE SET \
                    penalty_events = penalty_events + 1"
             ),
             params![node_id, operator_id, at],
@@ -1226,14 +1341,91 @@ impl Store for SqliteStore {
         rows.collect::<Result<_, _>>().op("list penalties")
     }
 
-    fn penalties_since(&self, node_id: &str, since_ms: u64) -> Result<u64, StoreError> {
+    fn penalties_since(
+        &self,
+        operator_id: &str,
+        node_id: &str,
+        since_ms: u64,
+    ) -> Result<u64, StoreError> {
         self.conn()
             .query_row(
-                "SELECT count(*) FROM penalty_events WHERE node_id = ?1 AND at_ms >= ?2",
-                params![node_id, saturating_i64(since_ms)],
+                "SELECT count(*) FROM penalty_events \
+                 WHERE operator_id = ?1 AND node_id = ?2 AND at_ms >= ?3",
+                params![operator_id, node_id, saturating_i64(since_ms)],
                 |r| get_u64(r, 0),
             )
             .op("count penalties")
+    }
+
+    fn gpu_model_class(&self, model_key: &str) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT class FROM gpu_models WHERE model_key = ?1",
+                [model_key],
+                |r| r.get::<_, Option<String>>(0),
+            )
+            .optional()
+            .op("read gpu model class")?
+            .flatten())
+    }
+
+    fn note_unclassified_gpu_model(
+        &self,
+        model_key: &str,
+        example: &str,
+        at_ms: u64,
+    ) -> Result<(), StoreError> {
+        check_id("model_key", model_key, false)?;
+        check_id("example", example, true)?;
+        let at = to_i64("at_ms", at_ms)?;
+        self.write_conn()
+            .execute(
+                "INSERT INTO gpu_models (model_key, example, class, first_seen_at_ms, \
+                 last_seen_at_ms, seen, classified_at_ms) VALUES (?1, ?2, NULL, ?3, ?3, 1, NULL) \
+                 ON CONFLICT (model_key) DO UPDATE SET \
+                   last_seen_at_ms = max(last_seen_at_ms, excluded.last_seen_at_ms), \
+                   seen = seen + 1",
+                params![model_key, example, at],
+            )
+            .op("note gpu model")?;
+        Ok(())
+    }
+
+    fn set_gpu_model_class(
+        &self,
+        model_key: &str,
+        example: &str,
+        class: &str,
+        at_ms: u64,
+    ) -> Result<GpuModelRecord, StoreError> {
+        check_id("model", model_key, false)?;
+        check_id("model", example, true)?;
+        check_id("class", class, false)?;
+        let at = to_i64("at_ms", at_ms)?;
+        self.write_conn()
+            .query_row(
+                &format!(
+                    "INSERT INTO gpu_models ({GPU_MODEL_COLS}) VALUES (?1, ?2, ?3, ?4, ?4, 0, ?4) \
+                     ON CONFLICT (model_key) DO UPDATE SET \
+                       class = excluded.class, classified_at_ms = excluded.classified_at_ms \
+                     RETURNING {GPU_MODEL_COLS}"
+                ),
+                params![model_key, example, class, at],
+                gpu_model_from_row,
+            )
+            .op("classify gpu model")
+    }
+
+    fn list_gpu_models(&self) -> Result<Vec<GpuModelRecord>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare_cached(&format!(
+                "SELECT {GPU_MODEL_COLS} FROM gpu_models ORDER BY model_key"
+            ))
+            .op("list gpu models")?;
+        let rows = stmt.query_map([], gpu_model_from_row).op("list gpu models")?;
+        rows.collect::<Result<_, _>>().op("list gpu models")
     }
 
     fn append_usage(&self, record: UsageRecord) -> Result<i64, StoreError> {

@@ -485,3 +485,66 @@ pub fn metric(page: &str, prefix: &str) -> Option<f64> {
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
 }
+
+impl RawNode {
+    /// Like [`RawNode::connect`], with a chosen enrolment token and GPUs given as
+    /// (model name, class hint) pairs; no GPUs makes a CPU-only node.
+    pub async fn connect_gpus(
+        gw: &TestGateway,
+        id: &str,
+        from: IpAddr,
+        token: &str,
+        gpus: &[(&str, &str)],
+    ) -> RawNode {
+        let cfg = client_config(ServerVerify::PinnedSha256(gw.sha), &[ALPN_NODE]).unwrap();
+        let (endpoint, _) =
+            nearpath_protocol::net::client_endpoint(SocketAddr::new(from, 0), cfg, 1 << 20)
+                .unwrap();
+        let conn = endpoint
+            .connect(gw.addrs.quic, "localhost")
+            .unwrap()
+            .await
+            .unwrap();
+        let (mut send_half, recv) = conn.open_bi().await.unwrap();
+        let reg = Register {
+            protocol_version: PROTOCOL_VERSION,
+            node_id: id.into(),
+            enrolment_token: token.into(),
+            software_version: "0.1.0".into(),
+            gpus: gpus
+                .iter()
+                .map(|(model, class)| Gpu {
+                    model: (*model).into(),
+                    class: (*class).into(),
+                    vram_mib: 80_000,
+                })
+                .collect(),
+            workloads: Workloads {
+                games: vec![],
+                models: vec!["m".into()],
+            },
+            capacity: Capacity {
+                game_sessions: 1,
+                inference_concurrency: 4,
+            },
+        };
+        send(&mut send_half, &Message::Register(reg)).await.unwrap();
+        let mut recv = FramedRecv::new(recv, MAX_CONTROL_FRAME);
+        let first = recv.next().await.unwrap().unwrap();
+        RawNode {
+            endpoint,
+            conn,
+            send: send_half,
+            recv,
+            first,
+            seq: 0,
+        }
+    }
+}
+
+/// A second verified operator with its own enrolment token: (operator id, token secret).
+pub fn another_operator(gw: &TestGateway, name: &str) -> (String, String) {
+    let op = gw.store.create_operator(name, KycStatus::Verified).unwrap();
+    let (_, token) = gw.store.create_enrolment_token(&op.id).unwrap();
+    (op.id, token)
+}
