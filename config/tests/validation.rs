@@ -701,22 +701,22 @@ nat64_prefixes = [
   "2001:db8:1::1/96",
   "2002:a00::/32",
   "64:ff9b::/96",
-  "2001:db8:2::/64",
+  "3fff:2::/64",
 ]
 "#;
     assert_eq!(
         gw(text),
         [
-            "4: geo.nat64_prefixes[1]: 64:ff9b:1::/48 overlaps geo.nat64_prefixes[0] \
+            "5: geo.nat64_prefixes[1]: 64:ff9b:1::/48 overlaps geo.nat64_prefixes[0] \
              64:ff9b:1::/96",
-            "4: geo.nat64_prefixes[2]: 2001:db8::/33: RFC 6052 allows prefix lengths 32, 40, 48, \
+            "6: geo.nat64_prefixes[2]: 2001:db8::/33: RFC 6052 allows prefix lengths 32, 40, 48, \
              56, 64 and 96 only",
-            "4: geo.nat64_prefixes[3]: 10.0.0.0/8 is not an IPv6 prefix",
-            "4: geo.nat64_prefixes[4]: 2001:db8:1::1/96 has host bits set (did you mean \
+            "7: geo.nat64_prefixes[3]: 10.0.0.0/8 is not an IPv6 prefix",
+            "8: geo.nat64_prefixes[4]: 2001:db8:1::1/96 has host bits set (did you mean \
              2001:db8:1::/96?)",
-            "4: geo.nat64_prefixes[5]: 2002:a00::/32 overlaps 2002::/16, whose addresses are \
+            "9: geo.nat64_prefixes[5]: 2002:a00::/32 overlaps 2002::/16, whose addresses are \
              already located by the IPv4 address they embed",
-            "4: geo.nat64_prefixes[6]: 64:ff9b::/96 overlaps 64:ff9b::/96, whose addresses are \
+            "10: geo.nat64_prefixes[6]: 64:ff9b::/96 overlaps 64:ff9b::/96, whose addresses are \
              already located by the IPv4 address they embed",
         ]
     );

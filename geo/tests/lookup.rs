@@ -475,23 +475,20 @@ fn configured_nat64_prefixes_embed_ipv4_at_every_rfc_6052_length() {
 
 #[test]
 fn embedded_ipv4_wins_over_records_and_overrides_for_the_ipv6_range() {
-    // A database that files 6to4 and Teredo space under the relay's or Teredo server's country
-    // (as aliasing writers do) must not decide: the embedded client address does. Overrides and
-    // the Anonymous-IP flags are matched by the embedded IPv4 address too.
+    // A database that aliases 6to4 and Teredo space into its IPv4 tree, as MaxMind's writers
+    // (and mmdb-writer) do, answers for Teredo the *server's* address (bits 32..64, here
+    // 8.8.8.1 in the US), not the client's: the embedded client address must decide. Overrides
+    // and the Anonymous-IP flags are matched by the embedded IPv4 address too.
     let dir = tempfile::tempdir().unwrap();
-    let mut records = world_records();
-    records.push(("2002::/16", Rec::country("US")));
-    records.push(("2001::/32", Rec::country("US")));
-    let path = dir.path().join("aliased.mmdb");
-    std::fs::write(&path, city_db(&records)).unwrap();
-    let mut cfg = geo_config(Some(path), None);
+    let mut cfg = geo_config(Some(write_world(dir.path())), None);
     cfg.overrides = vec![ovr("10.9.0.0/16", "CU", None)];
     let db = GeoDb::open(&cfg).unwrap();
     assert_eq!(cc(&db.lookup(ip("2002:af2d:b001::1"))), Some("KP"));
-    assert_eq!(
-        cc(&db.lookup(ip("2001:0:4136:e378:8000:0:50d2:4ffe"))),
-        Some("KP")
-    );
+    let teredo = "2001:0:808:801:8000:0:50d2:4ffe";
+    let raw = maxminddb::Reader::from_source(std::fs::read(dir.path().join("world.mmdb")).unwrap()).unwrap();
+    let server: Option<serde_json::Value> = raw.lookup(ip(teredo)).unwrap().decode().unwrap();
+    assert_eq!(server.unwrap()["country"]["iso_code"], "US");
+    assert_eq!(cc(&db.lookup(ip(teredo))), Some("KP"));
     // 6to4 of 10.9.0.1, which only an override knows.
     let loc = db.lookup(ip("2002:a09:1::1"));
     assert_eq!(cc(&loc), Some("CU"));
