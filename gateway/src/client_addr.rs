@@ -100,7 +100,7 @@ pub fn client_addr(
     }
     let mut leftmost = None;
     for entry in entries.iter().rev() {
-        match entry.map(IpAddr::to_canonical) {
+        match entry.map(|ip| ip.to_canonical()) {
             None => return ClientAddr::Unknown,
             Some(ip) if is_trusted(ip) => leftmost = Some(ip),
             Some(ip) => return ClientAddr::Ip(ip),
