@@ -54,7 +54,7 @@ fn assert_sanctioned(got: (u16, String), what: &str) {
 async fn ipv6_address_embedding_a_sanctioned_ipv4_is_refused() {
     // Item 8: a 6to4 (or Teredo, NAT64, IPv4-compatible) address of a North Korean IPv4 used
     // to be "unknown", and unknown is served every uncontrolled class, sanctions included.
-    let (gw, mut node) = gateway_with_node(|_| {}).await;
+    let (gw, node) = gateway_with_node(|_| {}).await;
     // The France client is served: the setup works.
     let (s, b) = ask(&gw, &[("x-forwarded-for", FR_CLIENT.0)]).await;
     assert_eq!(s, 200, "{b}");
@@ -79,7 +79,7 @@ async fn ipv6_address_embedding_a_sanctioned_ipv4_is_refused() {
 async fn a_client_forwarded_header_does_not_outrank_the_proxy_x_forwarded_for() {
     // Item 9a: the client wrote `Forwarded: for=<France>`; the proxy appended the client's
     // real (North Korean) address to X-Forwarded-For. Any Forwarded header used to win.
-    let (gw, mut node) = gateway_with_node(|_| {}).await;
+    let (gw, node) = gateway_with_node(|_| {}).await;
     let spoof = format!("for={}", FR_CLIENT.0);
     let got = ask(
         &gw,
@@ -99,7 +99,7 @@ async fn a_client_forwarded_header_does_not_outrank_the_proxy_x_forwarded_for() 
 
     // With `client_address_header = "forwarded"` only Forwarded counts, and a client-written
     // X-Forwarded-For is ignored.
-    let (gw, mut node) =
+    let (gw, node) =
         gateway_with_node(|c| c.http.client_address_header = "forwarded".into()).await;
     let real = format!("for=\"{}:4711\"", KP_CLIENT.0);
     let got = ask(
@@ -117,7 +117,7 @@ async fn an_unparseable_proxy_entry_does_not_hand_the_decision_to_the_client_ent
     // Item 9b: `X-Forwarded-For: <France>, <North Korea>:4711` — the proxy appended the real
     // address with a port; the entry did not parse and was skipped, so the client-written France
     // entry decided and the request was served.
-    let (gw, mut node) = gateway_with_node(|c| {
+    let (gw, node) = gateway_with_node(|c| {
         // Unknown locations are refused here, so that "unknown" shows as a 403 of its own.
         c.geofence.unknown_location_uncontrolled = UnknownPolicy::Deny;
     })
@@ -163,13 +163,13 @@ async fn a_sanctions_rule_can_refuse_unknown_locations() {
     // Item 10: `unknown_location = "deny"` on the sanctions rule refuses a client whose
     // location is unknown (here an address no database or override knows), under the
     // sanctions rule's name; the default (`allow`) serves it an uncontrolled class.
-    let (gw, mut node) = gateway_with_node(|_| {}).await;
+    let (gw, node) = gateway_with_node(|_| {}).await;
     let (s, b) = ask(&gw, &[("x-forwarded-for", "10.20.30.40")]).await;
     assert_eq!(s, 200, "the default serves unknown locations: {b}");
     node.stop().await.unwrap();
     gw.stop().await;
 
-    let (gw, mut node) = gateway_with_node(|c| {
+    let (gw, node) = gateway_with_node(|c| {
         let sanctions = c
             .geofence
             .rules
