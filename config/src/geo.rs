@@ -564,9 +564,7 @@ impl GeoConfig {
             if !NAT64_PREFIX_LENGTHS.contains(&net.prefix_len()) {
                 p.push(
                     at,
-                    format!(
-                        "{net}: RFC 6052 allows prefix lengths 32, 40, 48, 56, 64 and 96 only"
-                    ),
+                    format!("{net}: RFC 6052 allows prefix lengths 32, 40, 48, 56, 64 and 96 only"),
                 );
                 continue;
             }

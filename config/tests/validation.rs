@@ -730,8 +730,10 @@ nat64_prefixes = [
 fn client_address_header_must_be_a_header_name() {
     assert_eq!(
         gw("[http]\nclient_address_header = \"x forwarded for\"\n"),
-        ["2: http.client_address_header: \"x forwarded for\" is not an HTTP header name (e.g. \
-          \"x-forwarded-for\", \"forwarded\", \"x-real-ip\")"]
+        [
+            "2: http.client_address_header: \"x forwarded for\" is not an HTTP header name (e.g. \
+          \"x-forwarded-for\", \"forwarded\", \"x-real-ip\")"
+        ]
     );
     assert_eq!(gw("[http]\nclient_address_header = \"\"\n").len(), 1);
     for ok in ["forwarded", "x-real-ip", "CF-Connecting-IP"] {

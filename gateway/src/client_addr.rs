@@ -227,7 +227,10 @@ mod tests {
         // No header: the proxy itself.
         assert_eq!(via_proxy(XFF, &[]), ip("10.0.0.1"));
         // Every entry a trusted proxy: the left-most of them.
-        assert_eq!(via_proxy(XFF, &[(XFF, "10.2.2.2, 10.1.1.1")]), ip("10.2.2.2"));
+        assert_eq!(
+            via_proxy(XFF, &[(XFF, "10.2.2.2, 10.1.1.1")]),
+            ip("10.2.2.2")
+        );
     }
 
     #[test]
@@ -261,7 +264,10 @@ mod tests {
             ("for=5.160.0.1", "5.160.0.1"),
             ("for=\"5.160.0.1:4711\"", "5.160.0.1"),
             ("For=\"[2001:db8::1]:4711\"", "2001:db8::1"),
-            ("for=\"[2001:db8::1]\";proto=https;by=10.0.0.1", "2001:db8::1"),
+            (
+                "for=\"[2001:db8::1]\";proto=https;by=10.0.0.1",
+                "2001:db8::1",
+            ),
             ("proto=https; for=5.160.0.1:_abc", "5.160.0.1"),
         ] {
             assert_eq!(
@@ -366,7 +372,10 @@ mod tests {
     #[test]
     fn non_ascii_header_bytes_are_unknown() {
         let mut h = HeaderMap::new();
-        h.append(XFF, HeaderValue::from_bytes(b"8.8.8.8, 5.160.0.1\xff").unwrap());
+        h.append(
+            XFF,
+            HeaderValue::from_bytes(b"8.8.8.8, 5.160.0.1\xff").unwrap(),
+        );
         assert_eq!(
             client_addr("10.0.0.1".parse().unwrap(), &h, &lan(), XFF),
             ClientAddr::Unknown

@@ -159,6 +159,9 @@ fn geo_lookup_locates_ipv6_spellings_of_a_sanctioned_ipv4_by_the_ipv4() {
         assert_eq!(line["country"], "KP", "{line}");
         assert_eq!(line["embedded"]["kind"], kind, "{line}");
         assert_eq!(line["embedded"]["ipv4"], "175.45.176.1", "{line}");
-        assert_eq!(line["decisions"]["cpu"]["serve"]["rule"], "sanctions", "{line}");
+        assert_eq!(
+            line["decisions"]["cpu"]["serve"]["rule"], "sanctions",
+            "{line}"
+        );
     }
 }

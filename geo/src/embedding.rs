@@ -119,7 +119,9 @@ impl Nat64Prefixes {
             };
             let len = n.prefix_len();
             if !nearpath_config::NAT64_PREFIX_LENGTHS.contains(&len) {
-                return Err(bad("RFC 6052 allows prefix lengths 32, 40, 48, 56, 64 and 96 only"));
+                return Err(bad(
+                    "RFC 6052 allows prefix lengths 32, 40, 48, 56, 64 and 96 only",
+                ));
             }
             let n: Ipv6Net = n.trunc();
             let net_bits = u128::from(n.network());

@@ -24,8 +24,8 @@ pub use country::{Continent, Country, Subdivision};
 pub use db::{
     embedded_database_bytes, DbInfo, GeoDb, GeoError, GeoInfo, ReloadOutcome, ReloadReport, Schema,
 };
-pub use embedding::{embedded_ipv4, Embedded, EmbeddingKind, Nat64PrefixError, Nat64Prefixes};
 pub use distance::{distance_km, estimated_rtt_ms, EARTH_RADIUS_KM, PATH_STRETCH, RTT_KM_PER_MS};
+pub use embedding::{embedded_ipv4, Embedded, EmbeddingKind, Nat64PrefixError, Nat64Prefixes};
 pub use location::{
     country_centroid, country_continent, known_countries, AnonymousFlags, Coords, Location, Source,
 };

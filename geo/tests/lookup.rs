@@ -438,7 +438,11 @@ fn addresses_embedding_ipv4_are_located_by_the_ipv4_address() {
         let mut loc = db.lookup(ip(addr));
         assert_eq!(cc(&loc), Some("KP"), "{addr}");
         let e = loc.embedded.expect("the embedding is reported");
-        assert_eq!((e.kind, e.ipv4.to_string()), (kind, "175.45.176.1".into()), "{addr}");
+        assert_eq!(
+            (e.kind, e.ipv4.to_string()),
+            (kind, "175.45.176.1".into()),
+            "{addr}"
+        );
         loc.embedded = None;
         assert_eq!(loc, plain, "{addr}");
     }
@@ -485,7 +489,8 @@ fn embedded_ipv4_wins_over_records_and_overrides_for_the_ipv6_range() {
     let db = GeoDb::open(&cfg).unwrap();
     assert_eq!(cc(&db.lookup(ip("2002:af2d:b001::1"))), Some("KP"));
     let teredo = "2001:0:808:801:8000:0:50d2:4ffe";
-    let raw = maxminddb::Reader::from_source(std::fs::read(dir.path().join("world.mmdb")).unwrap()).unwrap();
+    let raw = maxminddb::Reader::from_source(std::fs::read(dir.path().join("world.mmdb")).unwrap())
+        .unwrap();
     let server: Option<serde_json::Value> = raw.lookup(ip(teredo)).unwrap().decode().unwrap();
     assert_eq!(server.unwrap()["country"]["iso_code"], "US");
     assert_eq!(cc(&db.lookup(ip(teredo))), Some("KP"));

@@ -568,7 +568,10 @@ fn a_sanctions_rule_with_unknown_location_deny_refuses_unknown_clients_and_nodes
         let id = p.class_id(class);
         let d = p.check_serve(&unknown, &us, id, Inference);
         assert_deny(&d, "sanctions", Side::Client);
-        assert!(d.reason().unwrap().contains("could not be determined"), "{d:?}");
+        assert!(
+            d.reason().unwrap().contains("could not be determined"),
+            "{d:?}"
+        );
         assert_deny(
             &p.check_serve(&us, &unknown, id, Game),
             "sanctions",

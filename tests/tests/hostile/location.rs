@@ -99,8 +99,7 @@ async fn a_client_forwarded_header_does_not_outrank_the_proxy_x_forwarded_for() 
 
     // With `client_address_header = "forwarded"` only Forwarded counts, and a client-written
     // X-Forwarded-For is ignored.
-    let (gw, node) =
-        gateway_with_node(|c| c.http.client_address_header = "forwarded".into()).await;
+    let (gw, node) = gateway_with_node(|c| c.http.client_address_header = "forwarded".into()).await;
     let real = format!("for=\"{}:4711\"", KP_CLIENT.0);
     let got = ask(
         &gw,
@@ -182,7 +181,10 @@ async fn a_sanctions_rule_can_refuse_unknown_locations() {
     for unknown in ["10.20.30.40", "unknown"] {
         let (s, b) = ask(&gw, &[("x-forwarded-for", unknown)]).await;
         assert_eq!(s, 403, "{unknown}: {b}");
-        assert!(b.contains("could not be determined") && b.contains("sanctions"), "{b}");
+        assert!(
+            b.contains("could not be determined") && b.contains("sanctions"),
+            "{b}"
+        );
     }
     let (s, b) = ask(&gw, &[("x-forwarded-for", FR_CLIENT.0)]).await;
     assert_eq!(s, 200, "{b}");
