@@ -250,9 +250,30 @@ impl Default for GeofenceConfig {
 /// every class named in the geofence, so it needs no entry here.
 pub fn default_controlled_gpu_classes() -> Vec<String> {
     [
-        "a100", "a800", "h100", "h800", "h20", "h200", "gh200", "b100", "b200", "b300", "gb200",
-        "gb300", "l40", "l40s", "l4", "rtx4090", "rtx5090", "rtx6000ada", "mi250", "mi300",
-        "mi325x", "mi355x", "gaudi2", "gaudi3",
+        "a100",
+        "a800",
+        "h100",
+        "h800",
+        "h20",
+        "h200",
+        "gh200",
+        "b100",
+        "b200",
+        "b300",
+        "gb200",
+        "gb300",
+        "l40",
+        "l40s",
+        "l4",
+        "rtx4090",
+        "rtx5090",
+        "rtx6000ada",
+        "mi250",
+        "mi300",
+        "mi325x",
+        "mi355x",
+        "gaudi2",
+        "gaudi3",
     ]
     .iter()
     .map(|s| s.to_string())

@@ -3,9 +3,9 @@
 //! liveness, drain, kick, connection migration), then the accounting when a node leaves (uptime,
 //! heartbeat misses, and a penalty whenever sessions end because the node left).
 
+use crate::gpu_class::{self, Classified};
 use crate::liveness::{Liveness, LivenessTracker};
 use crate::metrics::labels;
-use crate::gpu_class::{self, Classified};
 use crate::registry::{ControlCmd, InsertError, NodeDynamic, NodeEntry, NodePath, NodeState};
 use crate::server::Shared;
 use crate::store::{KycStatus, SlaDelta};
@@ -686,9 +686,10 @@ async fn refuse_path(send: &mut quinn::SendStream, entry: &NodeEntry, reason: St
     )
     .await;
     // Closing here, before the accounting, stops every session relayed over the new path now.
-    entry
-        .conn
-        .close(CLOSE_PATH_REFUSED.into(), LeaveCause::PathRefused.as_str().as_bytes());
+    entry.conn.close(
+        CLOSE_PATH_REFUSED.into(),
+        LeaveCause::PathRefused.as_str().as_bytes(),
+    );
 }
 
 /// At most `max` bytes of `s`, cut at a character boundary.

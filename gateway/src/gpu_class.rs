@@ -364,11 +364,35 @@ mod tests {
     fn default_controlled_list_covers_the_controlled_parts() {
         let controlled = nearpath_config::default_controlled_gpu_classes();
         for class in [
-            "a100", "a800", "h100", "h800", "h200", "h20", "gh200", "b100", "b200", "b300",
-            "gb200", "gb300", "l40", "l40s", "l4", "rtx4090", "rtx5090", "rtx6000ada", "mi250",
-            "mi300", "mi325x", "mi355x", "gaudi2", "gaudi3",
+            "a100",
+            "a800",
+            "h100",
+            "h800",
+            "h200",
+            "h20",
+            "gh200",
+            "b100",
+            "b200",
+            "b300",
+            "gb200",
+            "gb300",
+            "l40",
+            "l40s",
+            "l4",
+            "rtx4090",
+            "rtx5090",
+            "rtx6000ada",
+            "mi250",
+            "mi300",
+            "mi325x",
+            "mi355x",
+            "gaudi2",
+            "gaudi3",
         ] {
-            assert!(controlled.iter().any(|c| c == class), "{class} not controlled");
+            assert!(
+                controlled.iter().any(|c| c == class),
+                "{class} not controlled"
+            );
         }
         for class in [
             "rtx3080", "rtx3090", "rtx4080", "rtx4090d", "l20", "l2", "a40", "a10", "t4", "cpu",

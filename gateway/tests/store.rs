@@ -519,7 +519,10 @@ fn penalties_are_listed_counted_and_bump_the_sla_record() {
         );
         recorded.push(ev);
     }
-    let a = store.sla_get("op_1", "node-a").expect("get").expect("exists");
+    let a = store
+        .sla_get("op_1", "node-a")
+        .expect("get")
+        .expect("exists");
     assert_eq!(a.penalty_events, 3);
     assert_eq!(a.registrations, 1, "other counters untouched");
     let b = store
@@ -549,10 +552,28 @@ fn penalties_are_listed_counted_and_bump_the_sla_record() {
         vec![]
     );
 
-    assert_eq!(store.penalties_since("op_1", "node-a", 0).expect("count"), 3);
-    assert_eq!(store.penalties_since("op_1", "node-a", 3_000).expect("count"), 2);
-    assert_eq!(store.penalties_since("op_1", "node-a", 4_001).expect("count"), 0);
-    assert_eq!(store.penalties_since("op_1", "node-b", u64::MAX).expect("count"), 0);
+    assert_eq!(
+        store.penalties_since("op_1", "node-a", 0).expect("count"),
+        3
+    );
+    assert_eq!(
+        store
+            .penalties_since("op_1", "node-a", 3_000)
+            .expect("count"),
+        2
+    );
+    assert_eq!(
+        store
+            .penalties_since("op_1", "node-a", 4_001)
+            .expect("count"),
+        0
+    );
+    assert_eq!(
+        store
+            .penalties_since("op_1", "node-b", u64::MAX)
+            .expect("count"),
+        0
+    );
 
     assert!(matches!(
         store.record_penalty("node-a", "op_1", 1, "k", 0, &"x".repeat(5000)),
@@ -576,16 +597,22 @@ fn node_ids_belong_to_their_first_operator_forever() {
     let store = mem();
     assert_eq!(store.node_owner("acme-gpu-1").expect("owner"), None);
     assert_eq!(
-        store.claim_node_id("acme-gpu-1", "op_acme", 10).expect("claim"),
+        store
+            .claim_node_id("acme-gpu-1", "op_acme", 10)
+            .expect("claim"),
         "op_acme"
     );
     // Another operator cannot take it, now or later; the owner claims it again freely.
     assert_eq!(
-        store.claim_node_id("acme-gpu-1", "op_evil", 20).expect("claim"),
+        store
+            .claim_node_id("acme-gpu-1", "op_evil", 20)
+            .expect("claim"),
         "op_acme"
     );
     assert_eq!(
-        store.claim_node_id("acme-gpu-1", "op_acme", 30).expect("claim"),
+        store
+            .claim_node_id("acme-gpu-1", "op_acme", 30)
+            .expect("claim"),
         "op_acme"
     );
     assert_eq!(
@@ -691,11 +718,24 @@ fn a_version_1_database_is_migrated_to_per_operator_records_and_owned_ids() {
         Some("op_solo")
     );
     // The SLA record and the penalty stay with the operator that earned them.
-    let evil = store.sla_get("op_evil", "acme-gpu-1").expect("get").expect("kept");
+    let evil = store
+        .sla_get("op_evil", "acme-gpu-1")
+        .expect("get")
+        .expect("kept");
     assert_eq!((evil.registrations, evil.penalty_events), (3, 1));
     assert_eq!(store.sla_get("op_acme", "acme-gpu-1").expect("get"), None);
-    assert_eq!(store.penalties_since("op_acme", "acme-gpu-1", 0).expect("n"), 0);
-    assert_eq!(store.penalties_since("op_evil", "acme-gpu-1", 0).expect("n"), 1);
+    assert_eq!(
+        store
+            .penalties_since("op_acme", "acme-gpu-1", 0)
+            .expect("n"),
+        0
+    );
+    assert_eq!(
+        store
+            .penalties_since("op_evil", "acme-gpu-1", 0)
+            .expect("n"),
+        1
+    );
     // The new key works for writes: acme's record starts clean beside evil's.
     store
         .sla_apply(
@@ -743,17 +783,27 @@ fn gpu_models_are_noted_while_unclassified_and_classified_by_admins() {
     let list = store.list_gpu_models().expect("list");
     assert_eq!(list.len(), 1);
     assert_eq!(
-        (list[0].example.as_str(), list[0].class.as_deref(), list[0].seen),
+        (
+            list[0].example.as_str(),
+            list[0].class.as_deref(),
+            list[0].seen
+        ),
         ("Acme Turbo 9000", None, 2)
     );
-    assert_eq!((list[0].first_seen_at_ms, list[0].last_seen_at_ms), (10, 20));
+    assert_eq!(
+        (list[0].first_seen_at_ms, list[0].last_seen_at_ms),
+        (10, 20)
+    );
     let rec = store
         .set_gpu_model_class("acmeturbo9000", "Acme Turbo 9000", "rtx3080", 30)
         .expect("classify");
     assert_eq!(rec.class.as_deref(), Some("rtx3080"));
     assert_eq!(rec.classified_at_ms, Some(30));
     assert_eq!(
-        store.gpu_model_class("acmeturbo9000").expect("get").as_deref(),
+        store
+            .gpu_model_class("acmeturbo9000")
+            .expect("get")
+            .as_deref(),
         Some("rtx3080")
     );
     // Classifying a model never seen works too, and a new class replaces the old one.
@@ -1378,7 +1428,10 @@ fn kill9_loses_no_acknowledged_record() {
         );
     }
     // The SLA counter moved in the same transactions as the penalty rows.
-    let sla = store.sla_get("op_k9", "node-k9").expect("sla").expect("sla exists");
+    let sla = store
+        .sla_get("op_k9", "node-k9")
+        .expect("sla")
+        .expect("sla exists");
     assert_eq!(sla.penalty_events, penalties.len() as u64);
     // The reopened ledger takes new records.
     let next = store

@@ -24,9 +24,8 @@ use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Row, Transactio
 use super::{
     check_id, check_measure, check_name, check_text, hash_secret, new_id, new_secret, now_ms,
     secret_display_prefix, to_i64, ApiKey, EnrolmentToken, GpuModelRecord, KycStatus, Operator,
-    PenaltyEvent,
-    SlaDelta, SlaRecord, Store, StoreError, UsageKind, UsageRecord, UsageSummary, UsageTotals,
-    API_KEY_PREFIX, ENROLMENT_TOKEN_PREFIX, MAX_NAME_CHARS, MAX_SECRET_BYTES,
+    PenaltyEvent, SlaDelta, SlaRecord, Store, StoreError, UsageKind, UsageRecord, UsageSummary,
+    UsageTotals, API_KEY_PREFIX, ENROLMENT_TOKEN_PREFIX, MAX_NAME_CHARS, MAX_SECRET_BYTES,
 };
 
 /// How long a connection waits for another connection's lock before failing with a retryable
@@ -42,7 +41,8 @@ const APPLICATION_ID: i32 = 0x4E50_4757;
 const MAX_BATCH: usize = 1024;
 
 /// Schema migrations: `MIGRATIONS[i]` takes `user_version` i to i + 1. Append, never edit.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE operators (
     id             TEXT PRIMARY KEY,
     name           TEXT NOT NULL,
@@ -122,9 +122,9 @@ CREATE TABLE usage_records (
 ) STRICT;
 CREATE INDEX usage_records_by_time ON usage_records (at_ms);
 "#,
-// 2: node ids belong to their first operator forever; SLA records are keyed by (operator, node);
-// GPU models seen unclassified or classified by an admin.
-r#"
+    // 2: node ids belong to their first operator forever; SLA records are keyed by (operator, node);
+    // GPU models seen unclassified or classified by an admin.
+    r#"
 CREATE TABLE node_ids (
     node_id        TEXT PRIMARY KEY,
     operator_id    TEXT NOT NULL,
@@ -173,7 +173,8 @@ CREATE TABLE gpu_models (
     seen              INTEGER NOT NULL,
     classified_at_ms  INTEGER
 ) STRICT;
-"#];
+"#,
+];
 
 /// The schema version this build writes and understands.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
@@ -1424,7 +1425,9 @@ impl Store for SqliteStore {
                 "SELECT {GPU_MODEL_COLS} FROM gpu_models ORDER BY model_key"
             ))
             .op("list gpu models")?;
-        let rows = stmt.query_map([], gpu_model_from_row).op("list gpu models")?;
+        let rows = stmt
+            .query_map([], gpu_model_from_row)
+            .op("list gpu models")?;
         rows.collect::<Result<_, _>>().op("list gpu models")
     }
 

@@ -116,7 +116,14 @@ async fn node_id_ownership_survives_a_gateway_restart() {
 async fn malformed_node_ids_are_refused_at_admission() {
     let gw = TestGateway::start(|_| {}).await;
     let long = "n".repeat(65);
-    for id in ["", "acme gpu", "acme/gpu-1", "ａcme-gpu-1", "acme\u{200b}-gpu-1", &long] {
+    for id in [
+        "",
+        "acme gpu",
+        "acme/gpu-1",
+        "ａcme-gpu-1",
+        "acme\u{200b}-gpu-1",
+        &long,
+    ] {
         let raw = RawNode::connect_gpus(&gw, id, ip(DE), &gw.token, &[]).await;
         let r = rejected(&raw);
         assert_eq!(r.code, RejectCode::Other, "{id:?}: {r:?}");
@@ -290,7 +297,10 @@ async fn migrating_a_node_connection_within_allowed_countries_updates_its_locati
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gpu_class_bypass_strings_from_a_restricted_country_are_refused() {
     let gw = TestGateway::start(|_| {}).await;
-    for (i, model) in ["H100 PCIe", "ｈ100", "unknown", "b300"].into_iter().enumerate() {
+    for (i, model) in ["H100 PCIe", "ｈ100", "unknown", "b300"]
+        .into_iter()
+        .enumerate()
+    {
         // The string as both model and class (the reported bypass), and as the model with an
         // innocent class hint: neither registers from China.
         for (j, hint) in [model, "rtx3080"].into_iter().enumerate() {
@@ -381,8 +391,7 @@ async fn an_unclassified_gpu_model_is_controlled_until_an_admin_classifies_it() 
             .as_array()
             .unwrap()
             .iter()
-            .any(|m| m["model_key"] == json!("acmeturbo9000")
-                && m["class"] == json!("rtx3080")),
+            .any(|m| m["model_key"] == json!("acmeturbo9000") && m["class"] == json!("rtx3080")),
         "{list}"
     );
     gw.stop().await;
