@@ -303,7 +303,7 @@ impl WhepError {
                 self.to_string(),
             ),
             WhepError::KeyCap { code, .. } => {
-                ApiError::new(429, "rate_limit_error", Some(code), None, self.to_string())
+                ApiError::new(429, "rate_limit_error", Some(*code), None, self.to_string())
             }
             WhepError::LedgerUnavailable { .. } => ApiError::new(
                 503,

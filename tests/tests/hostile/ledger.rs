@@ -415,7 +415,8 @@ async fn billing_fails_closed_when_the_ledger_cannot_commit() {
     let mut node = TestNode::start(gw.node_config("de-1", &gw.token), ip(DE));
     node.registered().await;
     let url = gw.api_url("/v1/chat/completions");
-    let ask = || gw.http.request("POST", &url, Some(API_KEY), Some(&chat(2, false)), &[]);
+    let body = chat(2, false);
+    let ask = || gw.http.request("POST", &url, Some(API_KEY), Some(&body), &[]);
     let (status, _, body) = ask().await;
     assert_eq!(status, 200, "{body}");
 
