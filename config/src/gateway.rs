@@ -501,7 +501,10 @@ impl GatewayConfig {
         let g = &self.game;
         p.positive("game.frame_budget_ms", g.frame_budget_ms);
         p.positive("game.idr_interval_s", g.idr_interval_s);
-        p.positive("game.webrtc_connect_timeout_ms", g.webrtc_connect_timeout_ms);
+        p.positive(
+            "game.webrtc_connect_timeout_ms",
+            g.webrtc_connect_timeout_ms,
+        );
         p.positive(
             "game.default_max_concurrent_sessions",
             g.default_max_concurrent_sessions,

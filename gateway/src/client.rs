@@ -171,7 +171,11 @@ async fn serve_infer(
         }
     };
     if let Err(e) = infer::ledger_gate(&shared, "quic") {
-        let _ = send(&mut tx, &error_msg(infer::LEDGER_UNAVAILABLE, e.message, true)).await;
+        let _ = send(
+            &mut tx,
+            &error_msg(infer::LEDGER_UNAVAILABLE, e.message, true),
+        )
+        .await;
         let _ = tx.finish();
         return;
     }

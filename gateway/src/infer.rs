@@ -739,7 +739,11 @@ fn check_reported_usage(
     let mut off = Vec::new();
     for (field, counted, claimed) in [
         ("prompt", billed.prompt_tokens, reported.prompt_tokens),
-        ("completion", billed.completion_tokens, reported.completion_tokens),
+        (
+            "completion",
+            billed.completion_tokens,
+            reported.completion_tokens,
+        ),
     ] {
         if u64::from(counted.abs_diff(claimed)) > tolerance(counted) {
             shared
@@ -747,7 +751,9 @@ fn check_reported_usage(
                 .usage_mismatches
                 .get_or_create(&labels([("field", field)]))
                 .inc();
-            off.push(format!("{field} tokens: node said {claimed}, gateway counted {counted}"));
+            off.push(format!(
+                "{field} tokens: node said {claimed}, gateway counted {counted}"
+            ));
         }
     }
     if off.is_empty() {

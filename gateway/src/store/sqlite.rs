@@ -25,8 +25,8 @@ use super::{
     check_id, check_measure, check_name, check_text, hash_secret, new_id, new_secret, now_ms,
     secret_display_prefix, to_i64, ApiKey, ApiKeyUpdate, EnrolmentToken, KeyCaps, KycStatus,
     LedgerHealth, Operator, PenaltyEvent, SlaDelta, SlaRecord, Store, StoreError, UsageKind,
-    UsageRecord, UsageSummary, UsageTotals,
-    API_KEY_PREFIX, ENROLMENT_TOKEN_PREFIX, MAX_NAME_CHARS, MAX_SECRET_BYTES,
+    UsageRecord, UsageSummary, UsageTotals, API_KEY_PREFIX, ENROLMENT_TOKEN_PREFIX, MAX_NAME_CHARS,
+    MAX_SECRET_BYTES,
 };
 
 /// How long a connection waits for another connection's lock before failing with a retryable
@@ -42,7 +42,8 @@ const APPLICATION_ID: i32 = 0x4E50_4757;
 const MAX_BATCH: usize = 1024;
 
 /// Schema migrations: `MIGRATIONS[i]` takes `user_version` i to i + 1. Append, never edit.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE operators (
     id             TEXT PRIMARY KEY,
     name           TEXT NOT NULL,
@@ -122,10 +123,10 @@ CREATE TABLE usage_records (
 ) STRICT;
 CREATE INDEX usage_records_by_time ON usage_records (at_ms);
 "#,
-// Issue 9: per-key caps (NULL: the gateway-wide default), the node's own usage claims kept
-// beside the gateway's billed counts, and the row the usage writer rewrites to probe the ledger
-// while it cannot commit.
-r#"
+    // Issue 9: per-key caps (NULL: the gateway-wide default), the node's own usage claims kept
+    // beside the gateway's billed counts, and the row the usage writer rewrites to probe the ledger
+    // while it cannot commit.
+    r#"
 ALTER TABLE api_keys ADD COLUMN max_concurrent_streams INTEGER;
 ALTER TABLE api_keys ADD COLUMN max_concurrent_sessions INTEGER;
 ALTER TABLE api_keys ADD COLUMN session_starts_per_minute INTEGER;
@@ -135,7 +136,8 @@ CREATE TABLE ledger_probe (
     id     INTEGER PRIMARY KEY CHECK (id = 1),
     at_ms  INTEGER NOT NULL
 ) STRICT;
-"#];
+"#,
+];
 
 /// The schema version this build writes and understands.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
@@ -1287,9 +1289,18 @@ impl Store for SqliteStore {
         for (field, v) in [
             ("requests_per_minute", update.requests_per_minute),
             ("tokens_per_minute", update.tokens_per_minute),
-            ("max_concurrent_streams", update.max_concurrent_streams.flatten()),
-            ("max_concurrent_sessions", update.max_concurrent_sessions.flatten()),
-            ("session_starts_per_minute", update.session_starts_per_minute.flatten()),
+            (
+                "max_concurrent_streams",
+                update.max_concurrent_streams.flatten(),
+            ),
+            (
+                "max_concurrent_sessions",
+                update.max_concurrent_sessions.flatten(),
+            ),
+            (
+                "session_starts_per_minute",
+                update.session_starts_per_minute.flatten(),
+            ),
         ] {
             if v == Some(0) {
                 return Err(StoreError::Invalid {
@@ -1705,8 +1716,8 @@ mod tests {
     fn a_ledger_that_cannot_commit_is_unhealthy_until_a_probe_commits() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("ledger.db");
-        let store = SqliteStore::open_with_busy_timeout(&path, Duration::from_millis(20))
-            .expect("open");
+        let store =
+            SqliteStore::open_with_busy_timeout(&path, Duration::from_millis(20)).expect("open");
         assert!(store.append_usage(record(1)).is_ok());
         assert!(store.ledger_health().healthy);
         let holder = Connection::open(&path).expect("holder");
@@ -1734,7 +1745,9 @@ mod tests {
             .expect("page_count");
         // What a full disk looks like to SQLite: no page can be added (SQLITE_FULL).
         let _: i64 = conn
-            .query_row(&format!("PRAGMA max_page_count = {pages}"), [], |r| r.get(0))
+            .query_row(&format!("PRAGMA max_page_count = {pages}"), [], |r| {
+                r.get(0)
+            })
             .expect("max_page_count");
         let mut conn = WriterConn {
             kind: WriterConnKind::Own(conn),

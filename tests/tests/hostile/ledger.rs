@@ -198,12 +198,19 @@ async fn usage_inflation_by_a_node_is_not_billed_and_is_an_sla_event() {
     assert_eq!(tenant.completion_tokens, 9, "{summary:?}");
 
     // The disagreement is the node's SLA problem: a durable penalty and a metric.
-    let penalties = eventually("usage_mismatch penalties", Duration::from_secs(10), || async {
-        let p = gw.store.list_penalties(Some("liar-1"), 10).unwrap();
-        (p.len() >= 3).then_some(p)
-    })
+    let penalties = eventually(
+        "usage_mismatch penalties",
+        Duration::from_secs(10),
+        || async {
+            let p = gw.store.list_penalties(Some("liar-1"), 10).unwrap();
+            (p.len() >= 3).then_some(p)
+        },
+    )
     .await;
-    assert!(penalties.iter().all(|p| p.kind == "usage_mismatch"), "{penalties:?}");
+    assert!(
+        penalties.iter().all(|p| p.kind == "usage_mismatch"),
+        "{penalties:?}"
+    );
     let page = metrics(&gw).await;
     assert_eq!(
         metric(
@@ -261,13 +268,17 @@ async fn per_key_cap_on_concurrent_inference_streams_over_http() {
 
     // The client going away gives the stream back.
     drop(first);
-    eventually("the stream cap to be released", Duration::from_secs(10), || async {
-        let (status, _, _) = gw
-            .http
-            .request("POST", &url, Some(&key), Some(&chat(1, false)), &[])
-            .await;
-        (status == 200).then_some(())
-    })
+    eventually(
+        "the stream cap to be released",
+        Duration::from_secs(10),
+        || async {
+            let (status, _, _) = gw
+                .http
+                .request("POST", &url, Some(&key), Some(&chat(1, false)), &[])
+                .await;
+            (status == 200).then_some(())
+        },
+    )
     .await;
     let page = metrics(&gw).await;
     let refused = metric(
@@ -310,10 +321,14 @@ async fn per_key_caps_on_quic_play_sessions_and_session_starts() {
     }
     first.close("done").await.unwrap();
     drop(first);
-    let second = eventually("the session cap to be released", Duration::from_secs(10), || {
-        let (b, key) = (&b, &key);
-        async move { b.play(key, play()).await.ok() }
-    })
+    let second = eventually(
+        "the session cap to be released",
+        Duration::from_secs(10),
+        || {
+            let (b, key) = (&b, &key);
+            async move { b.play(key, play()).await.ok() }
+        },
+    )
     .await;
     drop(second);
 
@@ -366,10 +381,14 @@ async fn an_unconnected_whep_offer_releases_its_slot_within_10_s_and_whep_is_cap
     assert!(!header(&headers, "retry-after").is_empty());
 
     // Nobody completes ICE: the session ends and gives its node slot back within 10 s.
-    eventually("the unconnected session to end", Duration::from_secs(14), || async {
-        let v = gw.admin_get("/admin/sessions").await;
-        v["data"].as_array().unwrap().is_empty().then_some(())
-    })
+    eventually(
+        "the unconnected session to end",
+        Duration::from_secs(14),
+        || async {
+            let v = gw.admin_get("/admin/sessions").await;
+            v["data"].as_array().unwrap().is_empty().then_some(())
+        },
+    )
     .await;
     let took = answered.elapsed();
     assert!(
@@ -394,7 +413,9 @@ async fn post_sdp(url: &str, key: &str, sdp: &str) -> (u16, hyper::HeaderMap, St
         .uri(url)
         .header("authorization", format!("Bearer {key}"))
         .header("content-type", "application/sdp")
-        .body(http_body_util::Full::new(bytes::Bytes::from(sdp.to_string())))
+        .body(http_body_util::Full::new(bytes::Bytes::from(
+            sdp.to_string(),
+        )))
         .unwrap();
     let resp = tokio::time::timeout(Duration::from_secs(20), client.request(req))
         .await
@@ -413,7 +434,10 @@ async fn billing_fails_closed_when_the_ledger_cannot_commit() {
     node.registered().await;
     let url = gw.api_url("/v1/chat/completions");
     let body = chat(2, false);
-    let ask = || gw.http.request("POST", &url, Some(API_KEY), Some(&body), &[]);
+    let ask = || {
+        gw.http
+            .request("POST", &url, Some(API_KEY), Some(&body), &[])
+    };
     let (status, _, body) = ask().await;
     assert_eq!(status, 200, "{body}");
 
@@ -424,10 +448,14 @@ async fn billing_fails_closed_when_the_ledger_cannot_commit() {
     // This one is served; its usage record cannot be committed.
     let (status, _, body) = ask().await;
     assert_eq!(status, 200, "{body}");
-    let (headers, body) = eventually("new work to be refused", Duration::from_secs(15), || async {
-        let (status, headers, body) = ask().await;
-        (status == 503).then_some((headers, body))
-    })
+    let (headers, body) = eventually(
+        "new work to be refused",
+        Duration::from_secs(15),
+        || async {
+            let (status, headers, body) = ask().await;
+            (status == 503).then_some((headers, body))
+        },
+    )
     .await;
     assert_eq!(error_code(&body), "ledger_unavailable", "{body}");
     assert_eq!(header(&headers, "x-should-retry"), "true");
@@ -444,18 +472,30 @@ async fn billing_fails_closed_when_the_ledger_cannot_commit() {
         metric(&page, "nearpath_ledger_write_failures_total").unwrap_or(0.0) >= 1.0,
         "{page}"
     );
-    assert_eq!(metric(&page, "nearpath_ledger_healthy"), Some(0.0), "{page}");
+    assert_eq!(
+        metric(&page, "nearpath_ledger_healthy"),
+        Some(0.0),
+        "{page}"
+    );
 
     // The lock goes away: the writer's probe notices and work is accepted again.
     holder.execute_batch("ROLLBACK").unwrap();
     drop(holder);
-    eventually("work to be accepted again", Duration::from_secs(10), || async {
-        let (status, _, _) = ask().await;
-        (status == 200).then_some(())
-    })
+    eventually(
+        "work to be accepted again",
+        Duration::from_secs(10),
+        || async {
+            let (status, _, _) = ask().await;
+            (status == 200).then_some(())
+        },
+    )
     .await;
     let page = metrics(&gw).await;
-    assert_eq!(metric(&page, "nearpath_ledger_healthy"), Some(1.0), "{page}");
+    assert_eq!(
+        metric(&page, "nearpath_ledger_healthy"),
+        Some(1.0),
+        "{page}"
+    );
     node.stop().await.unwrap();
     gw.stop().await;
 }
