@@ -916,7 +916,7 @@ mod tests {
         let t0 = Instant::now();
         assert!(limiter.admit_session_start(&k, 2, t0).is_ok());
         assert!(limiter.admit_session_start(&k, 2, t0).is_ok());
-        let r = limiter.admit_session_start(&k, 2, t0).err().expect("third");
+        let r = limiter.admit_session_start(&k, 2, t0).expect_err("third");
         assert_eq!(r.code, "rate_limit_exceeded");
         assert_eq!(r.retry_after_s, 30);
         assert!(limiter
