@@ -29,8 +29,8 @@ pub const CPU: &str = "cpu";
 /// (`controlled_gpu_classes` and the rules' `gpu_classes`); the default controlled list holds
 /// every class below that meets ECCN 3A090/4A090 (total processing performance of at least 4800,
 /// or at least 1600 with a performance density of at least 5.92), following the vendors' data
-/// sheets and NVIDIA's
-/// 8-K filings of 2022-10 and 2023-10 (A100, A800, H100, H800, L4, L40, L40S, RTX 4090 named).
+/// sheets and NVIDIA's 8-K filings of 2022-10 and 2023-10 (A100, A800, H100, H800, L4, L40, L40S,
+/// RTX 4090 named).
 /// Variants of one die share a class: MI250/MI250X are `mi250`, MI300X/MI300A are `mi300`.
 pub const GPU_MODEL_TABLE: &[(&str, &str)] = &[
     // NVIDIA data centre, Ampere / Hopper / Blackwell.
