@@ -332,14 +332,22 @@ impl AdminApi {
     fn metrics(&self) -> Resp {
         let m = &self.shared.metrics;
         m.nodes.clear();
+        let policy = &self.shared.policy;
+        let mut census: std::collections::HashMap<_, i64> = Default::default();
         for ((state, country, class), n) in self.shared.registry.census() {
+            // The class is the node's word; label with the classes the geofence names (a
+            // bounded set), everything else is `other`.
+            let class = policy.class_name(policy.class_id(&class)).to_string();
+            *census.entry((state, country, class)).or_default() += n as i64;
+        }
+        for ((state, country, class), n) in census {
             m.nodes
                 .get_or_create(&labels([
                     ("state", state.as_str()),
                     ("country", &country),
                     ("class", &class),
                 ]))
-                .set(n as i64);
+                .set(n);
         }
         with_type(
             StatusCode::OK,

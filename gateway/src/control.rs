@@ -113,6 +113,8 @@ pub async fn handle_node(shared: Arc<Shared>, conn: quinn::Connection) {
             shared.registry.remove(&entry);
             return;
         }
+        // Only now may the node open its video frame streams (and fill a larger window).
+        crate::server::node_registered(&shared, &conn);
         shared.metrics.registrations.inc();
         info!(
             operator = %entry.operator_id,

@@ -487,17 +487,23 @@ pub fn meter(shared: &Arc<Shared>, m: Metering<'_>) {
         .inference_requests
         .get_or_create(&labels([("api", m.api), ("outcome", m.outcome)]))
         .inc();
+    // The model name is the client's: label with it only if a node serves it (bounded).
+    let served = m
+        .node
+        .is_some_and(|n| n.workloads.models.iter().any(|x| x == m.model))
+        || shared.registry.serves_model(m.model);
+    let model = shared.metrics.model_label(m.model, served);
     if let Some(t) = m.ttft {
         shared
             .metrics
             .ttft_ms
-            .get_or_create(&labels([("model", m.model)]))
+            .get_or_create(&labels([("model", &model)]))
             .observe(t.as_secs_f64() * 1000.0);
     }
     shared
         .metrics
         .tokens_out
-        .get_or_create(&labels([("model", m.model)]))
+        .get_or_create(&labels([("model", &model)]))
         .inc_by(m.usage.completion_tokens as u64);
     shared.limiter.charge_tokens(
         m.key,

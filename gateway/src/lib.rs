@@ -5,6 +5,7 @@ pub mod admin;
 pub mod api;
 pub mod cli;
 pub mod client;
+pub mod conn_guard;
 pub mod control;
 pub mod demo;
 pub mod game;

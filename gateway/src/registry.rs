@@ -391,6 +391,11 @@ impl Registry {
     }
 
     /// Counts of live nodes by (state, country, first class), for metrics.
+    /// Whether some registered node serves model `name`.
+    pub fn serves_model(&self, name: &str) -> bool {
+        self.lock().router.serves(Workload::Model(name))
+    }
+
     pub fn census(&self) -> HashMap<(NodeState, String, String), u64> {
         let mut m = HashMap::new();
         for e in self.lock().by_id.values() {

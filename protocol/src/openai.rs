@@ -26,6 +26,11 @@ use serde_json::{Map, Value};
 /// The most stop sequences a request may carry (OpenAI's limit).
 pub const MAX_STOP_SEQUENCES: usize = 4;
 
+/// The longest model name a request may carry, in bytes. Real names (`org/model-size-variant`)
+/// are far shorter; a longer one is a 400 naming `model`, so that it never reaches logs,
+/// routing or metrics.
+pub const MAX_MODEL_NAME_BYTES: usize = 256;
+
 /// The event that ends a successful stream. The body must end right after it: newer clients stop
 /// reading here, older ones read until the connection closes.
 pub const SSE_DONE: &str = "data: [DONE]\n\n";
@@ -534,6 +539,16 @@ impl InferenceRequest {
                 return Err(RequestError::invalid_value(
                     "model",
                     "Invalid 'model': empty string.".into(),
+                ))
+            }
+            Some(Value::String(m)) if m.len() > MAX_MODEL_NAME_BYTES => {
+                return Err(RequestError::invalid_value(
+                    "model",
+                    format!(
+                        "Invalid 'model': string too long. Expected a string with maximum length \
+                         {MAX_MODEL_NAME_BYTES} bytes, but got a string with length {} instead.",
+                        m.len()
+                    ),
                 ))
             }
             Some(Value::String(m)) => m.clone(),
@@ -1659,6 +1674,22 @@ mod tests {
             err.map_err(|e| (e.param, e.code)),
             Err((Some("prompt".into()), "missing_required_parameter"))
         );
+    }
+
+    #[test]
+    fn overlong_model_names_are_refused_naming_the_field() {
+        let user = json!({"role": "user", "content": "hi"});
+        let at_limit = "m".repeat(MAX_MODEL_NAME_BYTES);
+        assert!(parse(
+            Endpoint::Chat,
+            json!({"model": at_limit, "messages": [user]})
+        )
+        .is_ok());
+        let long = "m".repeat(MAX_MODEL_NAME_BYTES + 1);
+        let err = parse(Endpoint::Chat, json!({"model": long, "messages": [user]})).unwrap_err();
+        assert_eq!(err.param.as_deref(), Some("model"));
+        assert_eq!(err.code, "invalid_value");
+        assert!(err.message.contains("too long"), "{}", err.message);
     }
 
     #[test]

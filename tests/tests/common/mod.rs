@@ -485,3 +485,12 @@ pub fn metric(page: &str, prefix: &str) -> Option<f64> {
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
 }
+
+impl TestGateway {
+    /// GET on the admin listener with the admin token, as text (e.g. `/metrics`).
+    pub async fn admin_get_text(&self, path: &str) -> String {
+        let (status, body) = self.http.get(&self.admin_url(path), Some(ADMIN)).await;
+        assert_eq!(status, 200, "GET {path}: {body}");
+        body
+    }
+}
