@@ -333,11 +333,21 @@ impl AdminApi {
         let m = &self.shared.metrics;
         m.nodes.clear();
         let policy = &self.shared.policy;
+        // The class is the node's word: label with the classes the geofence names or the
+        // default GPU table knows (bounded sets), everything else is `other`.
+        let table = nearpath_config::default_gpu_class_table();
         let mut census: std::collections::HashMap<_, i64> = Default::default();
         for ((state, country, class), n) in self.shared.registry.census() {
-            // The class is the node's word; label with the classes the geofence names (a
-            // bounded set), everything else is `other`.
-            let class = policy.class_name(policy.class_id(&class)).to_string();
+            let id = policy.class_id(&class);
+            let class = if !id.is_other() {
+                policy.class_name(id).to_string()
+            } else if matches!(class.as_str(), "cpu" | "unknown")
+                || table.iter().any(|p| p.class == class)
+            {
+                class
+            } else {
+                crate::metrics::OTHER.to_string()
+            };
             *census.entry((state, country, class)).or_default() += n as i64;
         }
         for ((state, country, class), n) in census {
