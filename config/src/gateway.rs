@@ -12,6 +12,15 @@ use std::path::PathBuf;
 /// The origin named by errors from validating a configuration held in memory.
 pub const IN_MEMORY_ORIGIN: &str = "<config>";
 
+/// Whether `name` is an HTTP field name (RFC 9110 token: letters, digits and
+/// ``!#$%&'*+-.^_`|~``), as `http.client_address_header` must be.
+fn is_header_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
 /// Shortest admin token `gateway run` accepts.
 pub const MIN_ADMIN_TOKEN_CHARS: usize = 16;
 
@@ -69,9 +78,18 @@ pub struct HttpConfig {
     pub tls_key_file: Option<PathBuf>,
     /// Largest request body accepted, in bytes; larger bodies get 413. Default: 1048576 (1 MiB).
     pub max_body_bytes: u64,
-    /// Peers whose `X-Forwarded-For` is believed when locating the client (load balancers).
-    /// Default: [] (the TCP peer address is the client).
+    /// Peers (CIDRs) whose `client_address_header` is believed when locating the client (your
+    /// load balancers). The header is read only when the TCP peer is in this list; its entries
+    /// are then walked from the right, skipping those that are themselves in this list, and the
+    /// first other entry is the client (see README, "Client location"). Default: [] (the TCP
+    /// peer address is the client and no header is read).
     pub trusted_proxies: Vec<IpNet>,
+    /// The one header that carries the client address from a trusted proxy:
+    /// `x-forwarded-for` (comma-separated addresses, the proxy appends its peer),
+    /// `forwarded` (RFC 7239 `for=` parameters), or the name of a header your proxy sets to the
+    /// client address, such as `x-real-ip`. Every other forwarding header is ignored, so a
+    /// client cannot add a second one that wins. Default: `x-forwarded-for`.
+    pub client_address_header: String,
     /// Origins allowed by CORS, as `scheme://host[:port]`, or `"*"` for any. Default: [] (no
     /// CORS headers).
     pub cors_allowed_origins: Vec<String>,
@@ -108,6 +126,7 @@ impl Default for HttpConfig {
             tls_key_file: None,
             max_body_bytes: 1_048_576,
             trusted_proxies: Vec::new(),
+            client_address_header: "x-forwarded-for".to_string(),
             cors_allowed_origins: Vec::new(),
             header_read_timeout_ms: 10_000,
             tls_handshake_timeout_ms: 10_000,
@@ -466,6 +485,16 @@ impl GatewayConfig {
                 format!(
                     "must be at least {MIN_HEADER_LIST_BYTES} (got {})",
                     h.max_header_list_bytes
+                ),
+            );
+        }
+        if !is_header_name(&h.client_address_header) {
+            p.push(
+                "http.client_address_header",
+                format!(
+                    "{:?} is not an HTTP header name (e.g. \"x-forwarded-for\", \"forwarded\", \
+                     \"x-real-ip\")",
+                    h.client_address_header
                 ),
             );
         }

@@ -1480,12 +1480,11 @@ async fn whep_post(
         reason,
         param: None,
     })?;
-    let ip = client_ip(
-        peer.ip(),
-        req.headers(),
-        &shared.config.http.trusted_proxies,
-    );
-    let location = shared.geo.lookup(ip);
+    let client = client_ip(shared, peer.ip(), req.headers());
+    let location = client.locate(&shared.geo);
+    // Sockets are bound for the address packets will come from; with an unknown forwarded
+    // address that is best guessed by the proxy's own.
+    let ip = client.ip().unwrap_or(peer.ip());
     let offer = body_text(req, shared.config.http.max_body_bytes as usize).await?;
     let summary = check_offer(&offer).map_err(|reason| WhepError::BadOffer { reason })?;
     // Route first: a refused client (geofence, no capacity) then costs no sockets. Frames that
@@ -1495,7 +1494,7 @@ async fn whep_post(
         shared,
         &key,
         location,
-        ip.to_string(),
+        client.to_string(),
         "webrtc",
         params.clone(),
         FrameSink::Channel(frames_tx),
@@ -1532,7 +1531,7 @@ async fn whep_post(
     let state = sessions(shared);
     state.insert(handle.clone());
     let answer = negotiated.answer.clone();
-    info!(session = id, game = %params.title, client = %ip, data_channel = summary.has_data_channel, "WHEP session answered");
+    info!(session = id, game = %params.title, client = %client, data_channel = summary.has_data_channel, "WHEP session answered");
     let span = info_span!("webrtc_session", id, game = %params.title);
     tokio::spawn(
         run_session(
