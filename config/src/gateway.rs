@@ -330,6 +330,17 @@ pub struct InferenceConfig {
     pub default_requests_per_minute: u32,
     /// Tokens (in + out) per minute for an API key without its own limit. Default: 200000.
     pub default_tokens_per_minute: u32,
+    /// Inference requests one API key may have in flight at once (HTTP and QUIC together), for
+    /// a key without its own cap; beyond it a request gets 429 `concurrency_limit_exceeded`.
+    /// Default: 64.
+    pub default_max_concurrent_streams: u32,
+    /// How far a node's `Done` counts may stray from what the gateway counted (tokens relayed;
+    /// prompt size / 4) before it is a `usage_mismatch` SLA event for the node, in percent of
+    /// the gateway's count. The tenant is billed the gateway's count either way. Default: 50.
+    pub usage_tolerance_percent: u32,
+    /// The same tolerance as an absolute floor, in tokens (small requests are tokenised
+    /// differently by every backend). Default: 16.
+    pub usage_tolerance_tokens: u32,
 }
 
 impl Default for InferenceConfig {
@@ -341,6 +352,9 @@ impl Default for InferenceConfig {
             max_attempts: 3,
             default_requests_per_minute: 600,
             default_tokens_per_minute: 200_000,
+            default_max_concurrent_streams: 64,
+            usage_tolerance_percent: 50,
+            usage_tolerance_tokens: 16,
         }
     }
 }
@@ -379,6 +393,18 @@ pub struct GameConfig {
     /// STUN/TURN URIs advertised to browsers (`stun:host:port`, `turn:host:port`).
     /// Default: [].
     pub ice_servers: Vec<String>,
+    /// A WHEP session whose browser has not connected (ICE and DTLS done) this long after the
+    /// answer is ended, releasing its node slot, in milliseconds. Default: 10000.
+    pub webrtc_connect_timeout_ms: u64,
+    /// Game sessions one API key may hold at once (native and browser together), for a key
+    /// without its own cap; beyond it a start gets 429 `concurrency_limit_exceeded`. Default: 4.
+    pub default_max_concurrent_sessions: u32,
+    /// Game session starts per minute for one API key without its own cap (a token bucket);
+    /// beyond it a start gets 429 `rate_limit_exceeded` with `Retry-After`. Default: 30.
+    pub default_session_starts_per_minute: u32,
+    /// A live game session's usage row is rewritten this often, so that a gateway killed
+    /// mid-session loses at most this much metering, in milliseconds. Default: 10000.
+    pub usage_checkpoint_ms: u64,
 }
 
 impl Default for GameConfig {
@@ -398,6 +424,10 @@ impl Default for GameConfig {
             webrtc_udp_port_max: 0,
             webrtc_public_ip: None,
             ice_servers: Vec::new(),
+            webrtc_connect_timeout_ms: 10_000,
+            default_max_concurrent_sessions: 4,
+            default_session_starts_per_minute: 30,
+            usage_checkpoint_ms: 10_000,
         }
     }
 }
@@ -637,12 +667,29 @@ impl GatewayConfig {
             "inference.default_tokens_per_minute",
             i.default_tokens_per_minute,
         );
+        p.positive(
+            "inference.default_max_concurrent_streams",
+            i.default_max_concurrent_streams,
+        );
     }
 
     fn check_game(&self, p: &mut Problems) {
         let g = &self.game;
         p.positive("game.frame_budget_ms", g.frame_budget_ms);
         p.positive("game.idr_interval_s", g.idr_interval_s);
+        p.positive(
+            "game.webrtc_connect_timeout_ms",
+            g.webrtc_connect_timeout_ms,
+        );
+        p.positive(
+            "game.default_max_concurrent_sessions",
+            g.default_max_concurrent_sessions,
+        );
+        p.positive(
+            "game.default_session_starts_per_minute",
+            g.default_session_starts_per_minute,
+        );
+        p.positive("game.usage_checkpoint_ms", g.usage_checkpoint_ms);
         for (name, default, max) in [
             ("width", g.default_width, g.max_width),
             ("height", g.default_height, g.max_height),

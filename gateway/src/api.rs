@@ -76,6 +76,11 @@ fn api_error(request_id: &str, err: &ApiError) -> Resp {
     if err.status == 429 {
         h.insert(hyper::header::RETRY_AFTER, HeaderValue::from_static("1"));
     }
+    if err.code.as_deref() == Some(infer::LEDGER_UNAVAILABLE) {
+        // The ledger's writer probes every half second; a retry soon is likely to be served.
+        h.insert(X_SHOULD_RETRY.clone(), HeaderValue::from_static("true"));
+        h.insert(hyper::header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
     set_request_id(&mut r, request_id);
     r
 }
@@ -237,6 +242,9 @@ impl ClientApi {
             Ok(r) => r,
             Err(e) => return api_error(request_id, &ApiError::invalid_request(e)),
         };
+        if let Err(e) = infer::ledger_gate(shared, "http") {
+            return api_error(request_id, &e);
+        }
         if let Err(wait_s) = shared.limiter.admit(&key, Instant::now()) {
             let mut r = api_error(
                 request_id,
@@ -258,6 +266,11 @@ impl ClientApi {
                 .inc();
             return r;
         }
+        // Held until the response (or the stream) ends, however it ends.
+        let stream_cap = match infer::acquire_stream(shared, &key, "http") {
+            Ok(g) => g,
+            Err(r) => return api_error(request_id, &r.api_error()),
+        };
         // The node gets the body as the client sent it (it knows the endpoint from its shape).
         let raw = String::from_utf8_lossy(&body).into_owned();
         let mut stream = match infer::dispatch(shared, &request, &raw, &client).await {
@@ -279,6 +292,7 @@ impl ClientApi {
                         node: None,
                         outcome,
                         usage: Usage::default(),
+                        reported: None,
                         ttft: None,
                         started,
                         bytes: 0,
@@ -315,7 +329,9 @@ impl ClientApi {
             };
             let ttft = stream.ttft;
             let node = stream.node.clone();
+            let reported = stream.reported();
             drop(stream);
+            drop(stream_cap);
             let body = match &err {
                 None => openai::completion_response(
                     endpoint,
@@ -338,6 +354,7 @@ impl ClientApi {
                     node: Some(&node),
                     outcome,
                     usage,
+                    reported,
                     ttft: Some(ttft),
                     started,
                     bytes: body.len() as u64,
@@ -357,10 +374,9 @@ impl ClientApi {
             async move {
                 let renderer = StreamRenderer::new(endpoint, &completion_id, created, &model);
                 let mut bytes = 0u64;
-                let mut usage = Usage::default();
+                let _stream_cap = stream_cap;
                 let mut last = Instant::now();
                 let mut first = true;
-                let mut sent_tokens = 0u32;
                 let outcome = 'pump: {
                     if let Some(role) = renderer.role_event() {
                         bytes += role.len() as u64;
@@ -384,7 +400,6 @@ impl ClientApi {
                                 }
                                 first = false;
                                 last = now;
-                                sent_tokens += 1;
                                 let ev = renderer.token_event(&t);
                                 bytes += ev.len() as u64;
                                 if tx.send(ev).await.is_err() {
@@ -393,9 +408,8 @@ impl ClientApi {
                             }
                             StreamEvent::Done {
                                 finish_reason,
-                                usage: u,
+                                usage,
                             } => {
-                                usage = u;
                                 let mut out = vec![renderer.finish_event(&finish_reason)];
                                 if include_usage {
                                     out.push(renderer.usage_event(usage));
@@ -420,9 +434,9 @@ impl ClientApi {
                     stream.cancel();
                     tracing::info!("client went away; generation cancelled on the node");
                 }
-                if usage.completion_tokens == 0 {
-                    usage.completion_tokens = sent_tokens;
-                }
+                // Billed from what was relayed, also when the stream ended early.
+                let usage = stream.billed();
+                let reported = stream.reported();
                 let ttft = stream.ttft;
                 let node = stream.node.clone();
                 drop(stream);
@@ -436,6 +450,7 @@ impl ClientApi {
                         node: Some(&node),
                         outcome,
                         usage,
+                        reported,
                         ttft: Some(ttft),
                         started,
                         bytes,
