@@ -30,7 +30,8 @@ all=(node_messages client_messages frame_header input_datagram openai_request wh
 if [ $# -gt 0 ]; then targets=("$@"); else targets=("${all[@]}"); fi
 
 mkdir -p "$root/fuzz/logs"
-for dir in protocol/fuzz fuzz; do
+# Build each fuzz crate the selected targets need, once.
+for dir in $(for t in "${targets[@]}"; do echo "${crate[$t]:?unknown target $t}"; done | sort -u); do
   (cd "$root/$dir" && cargo +nightly fuzz build -O) || exit 1
 done
 
