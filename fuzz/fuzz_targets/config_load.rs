@@ -26,7 +26,10 @@ fn check_refusal(text: &str, errs: &ConfigErrors) {
     for e in &errs.errors {
         assert!(!e.message.is_empty());
         if let Some(line) = e.line {
-            assert!((1..=lines + 1).contains(&line), "line {line} of {lines}: {e}");
+            assert!(
+                (1..=lines + 1).contains(&line),
+                "line {line} of {lines}: {e}"
+            );
         }
     }
     assert!(!errs.to_string().is_empty());
@@ -56,12 +59,16 @@ fuzz_target!(|data: &[u8]| {
             if let Ok(run) = parse_gateway_for_run(text, "fuzz.toml", &env) {
                 assert_eq!(run, cfg);
             }
-            cfg.validate().expect("a loaded gateway configuration validates");
+            cfg.validate()
+                .expect("a loaded gateway configuration validates");
             let _ = cfg.summary();
             let printed = toml::to_string(&cfg).expect("a gateway configuration serialises");
             let again: GatewayConfig = parse_gateway(&printed, "printed.toml", &[])
                 .unwrap_or_else(|e| panic!("printed configuration does not load: {e}\n{printed}"));
-            assert_eq!(again, cfg, "round trip changed the configuration:\n{printed}");
+            assert_eq!(
+                again, cfg,
+                "round trip changed the configuration:\n{printed}"
+            );
         }
     }
 
@@ -74,12 +81,16 @@ fuzz_target!(|data: &[u8]| {
             if let Ok(run) = parse_node_for_run(text, "fuzz.toml", &env) {
                 assert_eq!(run, cfg);
             }
-            cfg.validate().expect("a loaded node configuration validates");
+            cfg.validate()
+                .expect("a loaded node configuration validates");
             let _ = cfg.summary();
             let printed = toml::to_string(&cfg).expect("a node configuration serialises");
             let again: NodeConfig = parse_node(&printed, "printed.toml", &[])
                 .unwrap_or_else(|e| panic!("printed configuration does not load: {e}\n{printed}"));
-            assert_eq!(again, cfg, "round trip changed the configuration:\n{printed}");
+            assert_eq!(
+                again, cfg,
+                "round trip changed the configuration:\n{printed}"
+            );
         }
     }
 });

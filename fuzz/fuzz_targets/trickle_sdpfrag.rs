@@ -66,10 +66,13 @@ fuzz_target!(|data: &[u8]| {
         }
         Err(reason) => {
             assert!(
-                body.lines().map(str::trim).any(|l| !l.is_empty()
-                    && !l.starts_with("a=")
-                    && !l.starts_with("m="))
-                    || body.lines().filter(|l| l.trim().starts_with("a=candidate:")).count()
+                body.lines()
+                    .map(str::trim)
+                    .any(|l| !l.is_empty() && !l.starts_with("a=") && !l.starts_with("m="))
+                    || body
+                        .lines()
+                        .filter(|l| l.trim().starts_with("a=candidate:"))
+                        .count()
                         > MAX_FRAGMENT_CANDIDATES,
                 "rejected a fragment of only a= and m= lines: {reason}"
             );

@@ -21,7 +21,8 @@ use libfuzzer_sys::fuzz_target;
 static ALLOC: alloc::Counting = alloc::Counting;
 
 fn ice_chars(s: &str) -> bool {
-    s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/')
+    s.bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/')
 }
 
 fuzz_target!(|data: &[u8]| {

@@ -233,7 +233,10 @@ a=candidate:2 1 udp 2122260223 1f5a0c4e-0000-4000-8000-000000000000.local 54322 
     fn chromium_offer_passes() {
         let offer = include_str!("../../tests/browser/chromium-156-offer.sdp");
         let s = check_offer(offer).unwrap();
-        assert_eq!((s.ice_ufrag.as_str(), s.ice_pwd.as_str()), ("vOIz", "ApXIpW/yr68GumvvDGpz458/"));
+        assert_eq!(
+            (s.ice_ufrag.as_str(), s.ice_pwd.as_str()),
+            ("vOIz", "ApXIpW/yr68GumvvDGpz458/")
+        );
     }
 
     /// Credentials used to be taken as written, so an offer with a one-byte or megabyte ufrag,
@@ -258,9 +261,17 @@ a=candidate:2 1 udp 2122260223 1f5a0c4e-0000-4000-8000-000000000000.local 54322 
             let err = check_offer(&offer).unwrap_err();
             assert!(err.contains("RFC 8839"), "{to:?}: {err}");
         }
-        let long = OFFER.replacen("a=ice-ufrag:abcd", &format!("a=ice-ufrag:{}", "u".repeat(257)), 1);
+        let long = OFFER.replacen(
+            "a=ice-ufrag:abcd",
+            &format!("a=ice-ufrag:{}", "u".repeat(257)),
+            1,
+        );
         assert!(check_offer(&long).is_err());
-        let longest = OFFER.replacen("a=ice-ufrag:abcd", &format!("a=ice-ufrag:{}", "u".repeat(256)), 1);
+        let longest = OFFER.replacen(
+            "a=ice-ufrag:abcd",
+            &format!("a=ice-ufrag:{}", "u".repeat(256)),
+            1,
+        );
         assert!(check_offer(&longest).is_ok());
     }
 
@@ -270,7 +281,10 @@ a=candidate:2 1 udp 2122260223 1f5a0c4e-0000-4000-8000-000000000000.local 54322 
     fn trickle_fragment_with_too_many_candidates_is_refused() {
         let line = "a=candidate:1 1 udp 2122260223 192.0.2.1 54321 typ host\r\n";
         let ok = format!("a=mid:0\r\n{}", line.repeat(MAX_FRAGMENT_CANDIDATES));
-        assert_eq!(parse_sdpfrag(&ok).unwrap().candidates.len(), MAX_FRAGMENT_CANDIDATES);
+        assert_eq!(
+            parse_sdpfrag(&ok).unwrap().candidates.len(),
+            MAX_FRAGMENT_CANDIDATES
+        );
         let over = format!("a=mid:0\r\n{}", line.repeat(MAX_FRAGMENT_CANDIDATES + 1));
         assert!(parse_sdpfrag(&over).unwrap_err().contains("candidates"));
     }

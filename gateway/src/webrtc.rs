@@ -510,8 +510,8 @@ fn bind_addrs(client: IpAddr, port: u16) -> Vec<SocketAddr> {
 
 // Offer checks and trickle fragments live in `crate::sdp`, which needs no webrtc-rs, so that the
 // fuzz targets in `fuzz/` compile that exact code without the rest of the gateway.
-pub use crate::sdp::{check_offer, parse_sdpfrag, OfferSummary, SdpFrag};
 use crate::sdp::is_mdns_candidate;
+pub use crate::sdp::{check_offer, parse_sdpfrag, OfferSummary, SdpFrag};
 
 /// The H.264 `level_idc` a stream of this size and rate needs (Table A-1 of the H.264 spec:
 /// frame size and macroblock rate limits), as the last byte of `profile-level-id`.

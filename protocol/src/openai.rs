@@ -1877,14 +1877,12 @@ mod tests {
             Ok(req) => req,
             Err(e) => panic!("{e}"),
         };
-        let forwarded = match InferenceRequest::parse(Endpoint::Completion, &req.upstream_body("m")) {
+        let upstream = req.upstream_body("m");
+        let forwarded = match InferenceRequest::parse(Endpoint::Completion, &upstream) {
             Ok(req) => req,
             Err(e) => panic!("{e}"),
         };
-        assert_eq!(
-            forwarded.raw["eetmpraturepera"],
-            req.raw["eetmpraturepera"]
-        );
+        assert_eq!(forwarded.raw["eetmpraturepera"], req.raw["eetmpraturepera"]);
         // The value the client wrote, correctly rounded.
         assert_eq!(
             req.raw["eetmpraturepera"].as_f64(),

@@ -76,10 +76,9 @@ pub fn feed(
 /// A deterministic piece-size sequence drawn from the input itself, so that libFuzzer explores
 /// how frames straddle reads.
 fn pieces(data: &[u8]) -> impl FnMut() -> usize {
-    let mut state = data
-        .iter()
-        .fold(0x9e37_79b9_7f4a_7c15_u64, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3))
-        | 1;
+    let mut state = data.iter().fold(0x9e37_79b9_7f4a_7c15_u64, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    }) | 1;
     move || {
         // xorshift64: piece sizes from 1 to 64, weighted towards small ones.
         state ^= state << 13;
@@ -116,7 +115,10 @@ pub fn check_stream(data: &[u8], max_frame: usize) {
         }
     }
     let split = feed(data, max_frame, pieces(data));
-    assert_eq!(split, whole, "splitting the input into reads changed the outcome");
+    assert_eq!(
+        split, whole,
+        "splitting the input into reads changed the outcome"
+    );
     if data.len() <= 512 {
         let bytewise = feed(data, max_frame, || 1);
         assert_eq!(bytewise, whole, "byte-at-a-time reads changed the outcome");
