@@ -16,6 +16,7 @@ pub mod liveness;
 pub mod metrics;
 pub mod registry;
 pub mod router;
+pub mod sdp;
 pub mod server;
 pub mod store;
 pub mod tls;

@@ -1898,6 +1898,29 @@ mod tests {
         );
     }
 
+    /// Found by the `openai_request` fuzz target (crash-0e080b2d): serde_json's default float
+    /// parser is not correctly rounded, so a large number in a client's body was read one ulp
+    /// off and forwarded upstream as a different number than the client sent.
+    #[test]
+    fn forwarded_body_keeps_numbers_exact() {
+        let body = br#"{"model":"sim","prompt":["Once upon"],"max_tokens":0,"stop":"\u2028","eetmpraturepera":12222222222222222222222222222222222222222222222222222222222222222}"#;
+        let req = match InferenceRequest::parse(Endpoint::Completion, body) {
+            Ok(req) => req,
+            Err(e) => panic!("{e}"),
+        };
+        let upstream = req.upstream_body("m");
+        let forwarded = match InferenceRequest::parse(Endpoint::Completion, &upstream) {
+            Ok(req) => req,
+            Err(e) => panic!("{e}"),
+        };
+        assert_eq!(forwarded.raw["eetmpraturepera"], req.raw["eetmpraturepera"]);
+        // The value the client wrote, correctly rounded.
+        assert_eq!(
+            req.raw["eetmpraturepera"].as_f64(),
+            Some(12222222222222222222222222222222222222222222222222222222222222222.0)
+        );
+    }
+
     #[test]
     fn chat_chunk_exact() {
         assert_eq!(
