@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod registry;
 pub mod router;
 pub mod server;
+pub mod session_id;
 pub mod store;
 pub mod tls;
 pub mod webrtc;
