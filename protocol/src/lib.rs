@@ -80,6 +80,9 @@ pub mod app_code {
     pub const STREAM_ABORTED: VarInt = VarInt::from_u32(0x11);
     /// The reader no longer wants the stream (client dropped an inference stream).
     pub const STREAM_CANCELLED: VarInt = VarInt::from_u32(0x12);
+    /// A relayed video frame given up at its deadline: the relay drops late frames rather than
+    /// queue them. Not an error; the player skips the frame.
+    pub const FRAME_DROPPED: VarInt = VarInt::from_u32(0x13);
 }
 
 /// Microseconds since the Unix epoch, the clock of `capture_ts_us` and `sent_ts_us`.

@@ -312,9 +312,9 @@ pub enum Relayed {
     /// The whole frame was forwarded and the receiver acknowledged every byte in time; carries
     /// the payload bytes.
     Delivered(u64),
-    /// A deadline passed first: the outbound stream was reset (the receiver never mistakes the
-    /// partial frame for a whole one, and no retransmission keeps the late bytes alive) and the
-    /// inbound one stopped.
+    /// A deadline passed first: the outbound stream was reset with `FRAME_DROPPED` (the
+    /// receiver never mistakes the partial frame for a whole one, and no retransmission keeps
+    /// the late bytes alive) and the inbound one stopped.
     Abandoned,
 }
 
@@ -349,19 +349,19 @@ pub async fn relay_frame_by(
             return Ok(Relayed::Abandoned);
         }
     };
-    let abandon = |send: &mut quinn::SendStream, recv: &mut quinn::RecvStream| {
-        let _ = send.reset(app_code::STREAM_ABORTED);
+    let abandon = |send: &mut quinn::SendStream, recv: &mut quinn::RecvStream, code| {
+        let _ = send.reset(code);
         let _ = recv.stop(app_code::STREAM_ABORTED);
     };
     let forwarded =
         match tokio::time::timeout_at(write_by, relay_body(&mut recv, header, &mut send)).await {
             Ok(Ok(n)) => n,
             Ok(Err(e)) => {
-                abandon(&mut send, &mut recv);
+                abandon(&mut send, &mut recv, app_code::STREAM_ABORTED);
                 return Err(e);
             }
             Err(_) => {
-                abandon(&mut send, &mut recv);
+                abandon(&mut send, &mut recv, app_code::FRAME_DROPPED);
                 return Ok(Relayed::Abandoned);
             }
         };
@@ -375,7 +375,7 @@ pub async fn relay_frame_by(
         }
         Err(_) => {
             // Resetting a finished stream is allowed until all of it is acknowledged.
-            let _ = send.reset(app_code::STREAM_ABORTED);
+            let _ = send.reset(app_code::FRAME_DROPPED);
             Ok(Relayed::Abandoned)
         }
     }
