@@ -8,6 +8,7 @@ use crate::metrics::labels;
 use crate::registry::{NodeEntry, SlotGuard, SlotKind};
 use crate::router::{NoRoute, Workload};
 use crate::server::Shared;
+use crate::session_id::SessionId;
 use crate::store::{ApiKey, UsageKind, UsageRecord};
 use bytes::Bytes;
 use nearpath_config::WorkloadKind;
@@ -15,7 +16,6 @@ use nearpath_geo::Location;
 use nearpath_protocol::message::{
     Ended, ErrorInfo, GameParams, Message, Open, Paused, PlayRequest, PlayStarted, SessionKind,
 };
-use crate::session_id::SessionId;
 use nearpath_protocol::stream::{recv_frame_header, relay_frame_by, send, FramedRecv, Relayed};
 use nearpath_protocol::{FrameHeader, InputDatagram, MAX_CONTROL_FRAME, MAX_VIDEO_FRAME};
 use std::collections::HashMap;
@@ -228,7 +228,11 @@ struct FlightSlot {
 
 impl Drop for FlightSlot {
     fn drop(&mut self) {
-        let mut f = self.relay.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+        let mut f = self
+            .relay
+            .in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         FrameBudget::release(&mut f, self.bytes);
     }
 }

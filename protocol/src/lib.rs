@@ -38,8 +38,8 @@ pub use frame::{FrameHeader, FrameHeaderError};
 pub use input::{InputDatagram, InputError, InputEvent};
 pub use message::*;
 pub use stream::{
-    encode_checked, recv_frame, recv_frame_header, relay_frame, relay_frame_by, send, send_frame, Blame,
-    FramedRecv, StreamError,
+    encode_checked, recv_frame, recv_frame_header, relay_frame, relay_frame_by, send, send_frame,
+    Blame, FramedRecv, StreamError,
 };
 pub use tls::{ServerVerify, TlsError, TransportOptions};
 

@@ -1488,13 +1488,7 @@ impl CapRun {
     }
 
     fn missing_summary(&self) -> Summary {
-        Summary::of(
-            &mut self
-                .missing_per_session
-                .iter()
-                .map(|&m| m as f64)
-                .collect(),
-        )
+        Summary::of(&mut self.missing_per_session.iter().map(|&m| m as f64).collect())
     }
 
     fn rss_per_session_kib(&self) -> f64 {
@@ -1790,7 +1784,8 @@ async fn capacity_inner(
                 DROP_REASONS
                     .iter()
                     .map(|&r| {
-                        let series = format!("nearpath_game_frames_dropped_total{{reason=\"{r}\"}}");
+                        let series =
+                            format!("nearpath_game_frames_dropped_total{{reason=\"{r}\"}}");
                         (r, metric_value(&page, &series))
                     })
                     .collect(),

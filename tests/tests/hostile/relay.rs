@@ -70,8 +70,11 @@ async fn frame_injection_from_another_node_is_refused() {
     // Wait until the gateway has dealt with all 30, one way or the other.
     let until = Instant::now() + Duration::from_secs(10);
     loop {
-        let foreign =
-            admin_metric(&gw, "nearpath_game_frames_dropped_total{reason=\"foreign\"}").await;
+        let foreign = admin_metric(
+            &gw,
+            "nearpath_game_frames_dropped_total{reason=\"foreign\"}",
+        )
+        .await;
         let relayed = admin_metric(&gw, "nearpath_game_frames_relayed_total").await;
         if foreign + relayed >= 30.0 {
             break;
@@ -115,7 +118,11 @@ async fn frame_injection_from_another_node_is_refused() {
     };
     assert_eq!(view["dropped"]["foreign"], 30, "{view}");
     assert_eq!(
-        admin_metric(&gw, "nearpath_game_frames_dropped_total{reason=\"foreign\"}").await,
+        admin_metric(
+            &gw,
+            "nearpath_game_frames_dropped_total{reason=\"foreign\"}"
+        )
+        .await,
         30.0
     );
     drop(opened);
@@ -170,12 +177,9 @@ async fn stalled_player(
     t.stream_receive_window(16_384u32.into());
     t.receive_window(65_536u32.into());
     cfg.transport_config(Arc::new(t));
-    let (endpoint, _) = nearpath_protocol::net::client_endpoint(
-        SocketAddr::new(ip(KR_CLIENT), 0),
-        cfg,
-        1 << 20,
-    )
-    .unwrap();
+    let (endpoint, _) =
+        nearpath_protocol::net::client_endpoint(SocketAddr::new(ip(KR_CLIENT), 0), cfg, 1 << 20)
+            .unwrap();
     let conn = endpoint
         .connect(gw.addrs.quic, "localhost")
         .unwrap()
@@ -252,7 +256,10 @@ async fn a_player_that_never_reads_gets_frames_dropped_not_queued() {
         if handled == sent {
             break v;
         }
-        before(until, &format!("every flooded frame to be forwarded or dropped: {v}"));
+        before(
+            until,
+            &format!("every flooded frame to be forwarded or dropped: {v}"),
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
     let d = &last_view["dropped"];
@@ -263,13 +270,17 @@ async fn a_player_that_never_reads_gets_frames_dropped_not_queued() {
     assert!(forwarded * 2_048 <= 65_536 + 16_384, "{last_view}");
     assert!(worst.0 <= max_frames && worst.1 <= max_bytes, "{worst:?}");
     assert!(
-        admin_metric(&gw, "nearpath_game_frames_dropped_total{reason=\"overload\"}").await > 0.0
+        admin_metric(
+            &gw,
+            "nearpath_game_frames_dropped_total{reason=\"overload\"}"
+        )
+        .await
+            > 0.0
     );
     // The relay asked the node for a keyframe after dropping (rate-limited, so a few at most).
     let mut keyframe_requests = 0;
     let mut recv = opened_stalled.recv;
-    while let Ok(Ok(Some(m))) =
-        tokio::time::timeout(Duration::from_millis(200), recv.next()).await
+    while let Ok(Ok(Some(m))) = tokio::time::timeout(Duration::from_millis(200), recv.next()).await
     {
         if matches!(m, Message::ForceKeyframe) {
             keyframe_requests += 1;
@@ -282,19 +293,22 @@ async fn a_player_that_never_reads_gets_frames_dropped_not_queued() {
 
     // A second player on the same node is unaffected: every frame arrives, within the budget.
     let good = client(&gw, ip(FR_CLIENT)).await;
-    let (session, opened_good) = tokio::join!(
-        good.play(API_KEY, PlayParams::hd(GAME)),
-        node.accept_game()
-    );
+    let (session, opened_good) =
+        tokio::join!(good.play(API_KEY, PlayParams::hd(GAME)), node.accept_game());
     let session = session.unwrap();
     let good_sid = session.started().session_id;
     let (_good_control, mut frames, _input) = session.split();
     for seq in 0..30u64 {
-        node.send_video_frame(good_sid, seq, &payload).await.unwrap();
+        node.send_video_frame(good_sid, seq, &payload)
+            .await
+            .unwrap();
         let f = next_frame(&mut frames, "the good player's frame").await;
         assert_eq!(f.header.seq, seq);
         let age_ms = unix_micros_now().saturating_sub(f.header.capture_ts_us) / 1000;
-        assert!(age_ms <= 1_000, "frame {seq} arrived {age_ms} ms after capture");
+        assert!(
+            age_ms <= 1_000,
+            "frame {seq} arrived {age_ms} ms after capture"
+        );
     }
     drop((opened_good, opened_stalled.send));
     gw.stop().await;
