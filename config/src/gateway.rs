@@ -364,8 +364,17 @@ impl Default for InferenceConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct GameConfig {
     /// Frames older than this when they reach the gateway are dropped rather than sent late, in
-    /// milliseconds. Default: 100.
+    /// milliseconds; a frame still on its way to the client this long after capture is abandoned
+    /// (its stream reset) once the client's round trip has also passed. Default: 100.
     pub frame_budget_ms: u64,
+    /// Bytes of video one session may have on their way to its client (forwarded, not yet
+    /// acknowledged). A frame that would go over is dropped, never queued, and a keyframe is
+    /// requested; a frame is always admitted when nothing is in flight. Default: 1048576.
+    pub max_in_flight_bytes: u64,
+    /// Frames one session may have on their way to its client (each is a QUIC stream until
+    /// acknowledged); over it, new frames are dropped like over `max_in_flight_bytes`.
+    /// Default: 16.
+    pub max_in_flight_frames: u32,
     /// A keyframe (IDR) at least this often, in seconds. Default: 10.
     pub idr_interval_s: u64,
     /// Stream width when the client asks for none, in pixels. Default: 1280.
@@ -411,6 +420,8 @@ impl Default for GameConfig {
     fn default() -> Self {
         Self {
             frame_budget_ms: 100,
+            max_in_flight_bytes: 1024 * 1024,
+            max_in_flight_frames: 16,
             idr_interval_s: 10,
             default_width: 1280,
             default_height: 720,
@@ -676,6 +687,8 @@ impl GatewayConfig {
     fn check_game(&self, p: &mut Problems) {
         let g = &self.game;
         p.positive("game.frame_budget_ms", g.frame_budget_ms);
+        p.positive("game.max_in_flight_bytes", g.max_in_flight_bytes);
+        p.positive("game.max_in_flight_frames", g.max_in_flight_frames);
         p.positive("game.idr_interval_s", g.idr_interval_s);
         p.positive(
             "game.webrtc_connect_timeout_ms",

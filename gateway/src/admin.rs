@@ -381,6 +381,14 @@ impl AdminApi {
                                 "frames": r.frames.load(Relaxed),
                                 "bytes": r.bytes.load(Relaxed),
                                 "dropped_late": r.dropped_late.load(Relaxed),
+                                "dropped": {
+                                    "late": r.dropped_late.load(Relaxed),
+                                    "overload": r.dropped_overload.load(Relaxed),
+                                    "foreign": r.dropped_foreign.load(Relaxed),
+                                    "relay": r.dropped_relay.load(Relaxed),
+                                },
+                                "in_flight_frames": r.in_flight().frames,
+                                "in_flight_bytes": r.in_flight().bytes,
                                 "inputs": r.inputs.load(Relaxed),
                             })
                         })

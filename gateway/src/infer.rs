@@ -7,6 +7,7 @@ use crate::metrics::labels;
 use crate::registry::{NodeEntry, SlotGuard, SlotKind};
 use crate::router::{Deny, LatLon, NoRoute, Workload};
 use crate::server::Shared;
+use crate::session_id::SessionId;
 use crate::store::{ApiKey, UsageKind, UsageRecord};
 use nearpath_config::WorkloadKind;
 use nearpath_geo::{Decision, Location};
@@ -15,7 +16,6 @@ use nearpath_protocol::openai::{ApiError, InferenceRequest, Usage};
 use nearpath_protocol::stream::{send, FramedRecv};
 use nearpath_protocol::MAX_CONTROL_FRAME;
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
@@ -374,6 +374,8 @@ pub enum StreamEvent {
 pub struct InferStream {
     pub node: Arc<NodeEntry>,
     pub session_id: u64,
+    /// Holds `session_id` among the live ids until the request ends.
+    _session: SessionId,
     pub attempts: u32,
     /// Request start to the first event, as the gateway saw it.
     pub ttft: Duration,
@@ -564,8 +566,8 @@ pub async fn dispatch(
             shared.metrics.inference_failovers.inc();
         }
         attempts += 1;
-        let session_id = shared.next_session.fetch_add(1, Ordering::Relaxed);
-        match try_node(shared, node, slot, session_id, model, request_json, started).await {
+        let session = shared.session_ids.mint();
+        match try_node(shared, node, slot, session, model, request_json, started).await {
             Ok(mut s) => {
                 s.attempts = attempts;
                 s.max_tokens = request.max_tokens;
@@ -593,12 +595,13 @@ async fn try_node(
     shared: &Arc<Shared>,
     node: &Arc<NodeEntry>,
     slot: SlotGuard,
-    session_id: u64,
+    session: SessionId,
     model: &str,
     request_json: &str,
     started: Instant,
 ) -> Result<InferStream, Attempt> {
     let cfg = &shared.config.inference;
+    let session_id = session.get();
     let connect = Duration::from_millis(cfg.connect_timeout_ms);
     let (mut tx, rx) = match tokio::time::timeout(connect, node.conn.open_bi()).await {
         Ok(Ok(s)) => s,
@@ -704,6 +707,7 @@ async fn try_node(
     Ok(InferStream {
         node: node.clone(),
         session_id,
+        _session: session,
         attempts: 1,
         ttft: started.elapsed(),
         first: Some(first),

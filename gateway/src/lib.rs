@@ -18,6 +18,7 @@ pub mod registry;
 pub mod router;
 pub mod sdp;
 pub mod server;
+pub mod session_id;
 pub mod store;
 pub mod tls;
 pub mod webrtc;

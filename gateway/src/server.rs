@@ -10,7 +10,6 @@ use nearpath_config::GatewayConfig;
 use nearpath_geo::{Decision, GeoDb, Policy};
 use nearpath_protocol::{ALPN_CLIENT, ALPN_NODE};
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -50,7 +49,8 @@ pub struct Shared {
     pub registry: Arc<Registry>,
     pub metrics: Metrics,
     pub route_params: RouteParams,
-    pub next_session: AtomicU64,
+    /// Session ids (game and inference): random, unique among live sessions.
+    pub session_ids: crate::session_id::SessionIds,
     pub shutdown: CancellationToken,
     pub cert_sha256: String,
     pub keys: crate::infer::KeyCache,
@@ -170,7 +170,7 @@ impl Gateway {
             registry: Arc::new(registry),
             metrics: Metrics::new(),
             route_params,
-            next_session: AtomicU64::new(1),
+            session_ids: Default::default(),
             shutdown: CancellationToken::new(),
             cert_sha256: cert.sha256_hex(),
             keys: Default::default(),

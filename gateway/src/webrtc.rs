@@ -1770,6 +1770,7 @@ async fn run_session(
         ..
     } = started;
     let counters = handle.counters.clone();
+    let budget_us = shared.config.game.frame_budget_ms.saturating_mul(1000);
     let mut video: Option<Video> = None;
     let mut dc: Option<Arc<dyn DataChannel>> = None;
     let (fb_tx, mut fb_rx) = mpsc::channel::<Feedback>(64);
@@ -1836,6 +1837,13 @@ async fn run_session(
                 let at = Instant::now();
                 let gw_us = now_us();
                 let Some(v) = video.as_mut() else { continue };
+                // The frame's age is checked again just before it is sent: a frame that waited
+                // here past its budget is dropped, not sent late.
+                if gw_us.saturating_sub(header.capture_ts_us) > budget_us {
+                    game::count_drop(&shared, &relay, game::DropReason::Late);
+                    relay.request_keyframe();
+                    continue;
+                }
                 if v.waiting_for_idr {
                     if !header.keyframe {
                         counters.frames_skipped.fetch_add(1, Ordering::Relaxed);

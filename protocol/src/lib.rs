@@ -38,8 +38,8 @@ pub use frame::{FrameHeader, FrameHeaderError};
 pub use input::{InputDatagram, InputError, InputEvent};
 pub use message::*;
 pub use stream::{
-    encode_checked, recv_frame, recv_frame_header, relay_frame, send, send_frame, Blame,
-    FramedRecv, StreamError,
+    encode_checked, recv_frame, recv_frame_header, relay_frame, relay_frame_by, send, send_frame,
+    Blame, FramedRecv, StreamError,
 };
 pub use tls::{ServerVerify, TlsError, TransportOptions};
 
@@ -80,6 +80,9 @@ pub mod app_code {
     pub const STREAM_ABORTED: VarInt = VarInt::from_u32(0x11);
     /// The reader no longer wants the stream (client dropped an inference stream).
     pub const STREAM_CANCELLED: VarInt = VarInt::from_u32(0x12);
+    /// A relayed video frame given up at its deadline: the relay drops late frames rather than
+    /// queue them. Not an error; the player skips the frame.
+    pub const FRAME_DROPPED: VarInt = VarInt::from_u32(0x13);
 }
 
 /// Microseconds since the Unix epoch, the clock of `capture_ts_us` and `sent_ts_us`.
