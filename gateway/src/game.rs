@@ -24,6 +24,9 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tracing::{debug, info, info_span, warn, Instrument};
 
+/// How long ending a session for a revoked key may wait on the node's stream.
+const REVOKE_SEND_BOUND: Duration = Duration::from_millis(200);
+
 /// Where a session's frames go.
 #[derive(Clone)]
 pub enum FrameSink {
@@ -481,13 +484,18 @@ async fn drive(
     let mut nodes_used = vec![attached.node.id.clone()];
     let mut gpu_seconds = 0.0f64;
     let mut node_since = Instant::now();
+    // Revoking the key ends the session at once, whichever transport the player uses.
+    let revoked = shared.keys.revocation(&key.id);
     loop {
         enum Ev {
             Client(Option<ClientEvent>),
             Node(Option<Message>),
             NodeGone,
+            Revoked,
         }
         let ev = tokio::select! {
+            biased;
+            _ = revoked.cancelled() => Ev::Revoked,
             e = events.recv() => Ev::Client(e),
             m = attached.rx.next() => match m {
                 Ok(Some(m)) => Ev::Node(Some(m)),
@@ -496,6 +504,27 @@ async fn drive(
             _ = attached.node.conn.closed() => Ev::NodeGone,
         };
         match ev {
+            Ev::Revoked => {
+                warn!(key = %key.id, "API key revoked: ending the game session");
+                outcome = "key_revoked";
+                // A node that does not read its session stream must not hold the session open:
+                // past a short bound the stream is reset instead.
+                let close = Message::Close(nearpath_protocol::message::Close {
+                    reason: "key_revoked".into(),
+                });
+                match tokio::time::timeout(REVOKE_SEND_BOUND, send(&mut attached.tx, &close)).await {
+                    Ok(Ok(())) => {
+                        let _ = attached.tx.finish();
+                    }
+                    _ => {
+                        let _ = attached
+                            .tx
+                            .reset(nearpath_protocol::app_code::STREAM_CANCELLED);
+                    }
+                }
+                let _ = notices.send(Notice::Ended("key_revoked".into())).await;
+                break;
+            }
             Ev::Client(Some(ClientEvent::ForceKeyframe)) => {
                 let _ = send(&mut attached.tx, &Message::ForceKeyframe).await;
             }
