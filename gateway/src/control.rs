@@ -342,8 +342,15 @@ async fn control_loop(
                     Some(r) => (format!("{}: {}", r.code, r.detail), LeaveCause::Revoked),
                     None => ("disconnected by the gateway".to_string(), LeaveCause::Kicked),
                 };
+                // The close that follows would discard a `Shutdown` still in flight: wait until
+                // the node has acknowledged it, within a bound.
                 let shutdown = Message::Shutdown(Shutdown { reason });
-                let _ = tokio::time::timeout(REVOKE_GRACE, send_msg(&mut send, &shutdown)).await;
+                let _ = tokio::time::timeout(REVOKE_GRACE, async {
+                    send_msg(&mut send, &shutdown).await.ok()?;
+                    send.finish().ok()?;
+                    send.stopped().await.ok()
+                })
+                .await;
                 break cause;
             }
             _ = shared.shutdown.cancelled() => {
