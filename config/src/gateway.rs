@@ -12,6 +12,15 @@ use std::path::PathBuf;
 /// The origin named by errors from validating a configuration held in memory.
 pub const IN_MEMORY_ORIGIN: &str = "<config>";
 
+/// Whether `name` is an HTTP field name (RFC 9110 token: letters, digits and
+/// ``!#$%&'*+-.^_`|~``), as `http.client_address_header` must be.
+fn is_header_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
 /// Shortest admin token `gateway run` accepts.
 pub const MIN_ADMIN_TOKEN_CHARS: usize = 16;
 
@@ -58,9 +67,18 @@ pub struct HttpConfig {
     pub tls_key_file: Option<PathBuf>,
     /// Largest request body accepted, in bytes; larger bodies get 413. Default: 1048576 (1 MiB).
     pub max_body_bytes: u64,
-    /// Peers whose `X-Forwarded-For` is believed when locating the client (load balancers).
-    /// Default: [] (the TCP peer address is the client).
+    /// Peers (CIDRs) whose `client_address_header` is believed when locating the client (your
+    /// load balancers). The header is read only when the TCP peer is in this list; its entries
+    /// are then walked from the right, skipping those that are themselves in this list, and the
+    /// first other entry is the client (see README, "Client location"). Default: [] (the TCP
+    /// peer address is the client and no header is read).
     pub trusted_proxies: Vec<IpNet>,
+    /// The one header that carries the client address from a trusted proxy:
+    /// `x-forwarded-for` (comma-separated addresses, the proxy appends its peer),
+    /// `forwarded` (RFC 7239 `for=` parameters), or the name of a header your proxy sets to the
+    /// client address, such as `x-real-ip`. Every other forwarding header is ignored, so a
+    /// client cannot add a second one that wins. Default: `x-forwarded-for`.
+    pub client_address_header: String,
     /// Origins allowed by CORS, as `scheme://host[:port]`, or `"*"` for any. Default: [] (no
     /// CORS headers).
     pub cors_allowed_origins: Vec<String>,
@@ -74,6 +92,7 @@ impl Default for HttpConfig {
             tls_key_file: None,
             max_body_bytes: 1_048_576,
             trusted_proxies: Vec::new(),
+            client_address_header: "x-forwarded-for".to_string(),
             cors_allowed_origins: Vec::new(),
         }
     }
@@ -234,6 +253,17 @@ pub struct InferenceConfig {
     pub default_requests_per_minute: u32,
     /// Tokens (in + out) per minute for an API key without its own limit. Default: 200000.
     pub default_tokens_per_minute: u32,
+    /// Inference requests one API key may have in flight at once (HTTP and QUIC together), for
+    /// a key without its own cap; beyond it a request gets 429 `concurrency_limit_exceeded`.
+    /// Default: 64.
+    pub default_max_concurrent_streams: u32,
+    /// How far a node's `Done` counts may stray from what the gateway counted (tokens relayed;
+    /// prompt size / 4) before it is a `usage_mismatch` SLA event for the node, in percent of
+    /// the gateway's count. The tenant is billed the gateway's count either way. Default: 50.
+    pub usage_tolerance_percent: u32,
+    /// The same tolerance as an absolute floor, in tokens (small requests are tokenised
+    /// differently by every backend). Default: 16.
+    pub usage_tolerance_tokens: u32,
 }
 
 impl Default for InferenceConfig {
@@ -245,6 +275,9 @@ impl Default for InferenceConfig {
             max_attempts: 3,
             default_requests_per_minute: 600,
             default_tokens_per_minute: 200_000,
+            default_max_concurrent_streams: 64,
+            usage_tolerance_percent: 50,
+            usage_tolerance_tokens: 16,
         }
     }
 }
@@ -283,6 +316,18 @@ pub struct GameConfig {
     /// STUN/TURN URIs advertised to browsers (`stun:host:port`, `turn:host:port`).
     /// Default: [].
     pub ice_servers: Vec<String>,
+    /// A WHEP session whose browser has not connected (ICE and DTLS done) this long after the
+    /// answer is ended, releasing its node slot, in milliseconds. Default: 10000.
+    pub webrtc_connect_timeout_ms: u64,
+    /// Game sessions one API key may hold at once (native and browser together), for a key
+    /// without its own cap; beyond it a start gets 429 `concurrency_limit_exceeded`. Default: 4.
+    pub default_max_concurrent_sessions: u32,
+    /// Game session starts per minute for one API key without its own cap (a token bucket);
+    /// beyond it a start gets 429 `rate_limit_exceeded` with `Retry-After`. Default: 30.
+    pub default_session_starts_per_minute: u32,
+    /// A live game session's usage row is rewritten this often, so that a gateway killed
+    /// mid-session loses at most this much metering, in milliseconds. Default: 10000.
+    pub usage_checkpoint_ms: u64,
 }
 
 impl Default for GameConfig {
@@ -302,6 +347,10 @@ impl Default for GameConfig {
             webrtc_udp_port_max: 0,
             webrtc_public_ip: None,
             ice_servers: Vec::new(),
+            webrtc_connect_timeout_ms: 10_000,
+            default_max_concurrent_sessions: 4,
+            default_session_starts_per_minute: 30,
+            usage_checkpoint_ms: 10_000,
         }
     }
 }
@@ -354,6 +403,16 @@ impl GatewayConfig {
                     format!("{net} has host bits set (did you mean {}?)", net.trunc()),
                 );
             }
+        }
+        if !is_header_name(&h.client_address_header) {
+            p.push(
+                "http.client_address_header",
+                format!(
+                    "{:?} is not an HTTP header name (e.g. \"x-forwarded-for\", \"forwarded\", \
+                     \"x-real-ip\")",
+                    h.client_address_header
+                ),
+            );
         }
         for (i, origin) in h.cors_allowed_origins.iter().enumerate() {
             if origin != "*" && !is_web_origin(origin) {
@@ -461,12 +520,29 @@ impl GatewayConfig {
             "inference.default_tokens_per_minute",
             i.default_tokens_per_minute,
         );
+        p.positive(
+            "inference.default_max_concurrent_streams",
+            i.default_max_concurrent_streams,
+        );
     }
 
     fn check_game(&self, p: &mut Problems) {
         let g = &self.game;
         p.positive("game.frame_budget_ms", g.frame_budget_ms);
         p.positive("game.idr_interval_s", g.idr_interval_s);
+        p.positive(
+            "game.webrtc_connect_timeout_ms",
+            g.webrtc_connect_timeout_ms,
+        );
+        p.positive(
+            "game.default_max_concurrent_sessions",
+            g.default_max_concurrent_sessions,
+        );
+        p.positive(
+            "game.default_session_starts_per_minute",
+            g.default_session_starts_per_minute,
+        );
+        p.positive("game.usage_checkpoint_ms", g.usage_checkpoint_ms);
         for (name, default, max) in [
             ("width", g.default_width, g.max_width),
             ("height", g.default_height, g.max_height),

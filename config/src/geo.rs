@@ -29,9 +29,31 @@ pub struct GeoConfig {
     /// the check (a reload can still be requested through the admin API). Default: 30.
     pub reload_check_interval_s: u64,
     /// Static answers checked before the database, for loopback/private ranges and tests.
-    /// Overlapping prefixes are refused at load.
+    /// Overlapping prefixes are refused at load. An IPv6 address that embeds an IPv4 address
+    /// (see `nat64_prefixes`) is matched by its IPv4 address, here as in the database.
     pub overrides: Vec<GeoOverride>,
+    /// NAT64 prefixes of your network (RFC 6052 network-specific prefixes, e.g.
+    /// `64:ff9b:1::/96`), whose addresses are located by the IPv4 address they embed. Lengths
+    /// 32, 40, 48, 56, 64 and 96 are allowed (the RFC 6052 layouts, bits 64..71 skipped).
+    /// The well-known prefix `64:ff9b::/96`, 6to4 (`2002::/16`), Teredo (`2001::/32`),
+    /// IPv4-mapped and IPv4-compatible addresses are always located by their IPv4 address and
+    /// need no entry. Default: [].
+    pub nat64_prefixes: Vec<IpNet>,
 }
+
+/// Prefix lengths RFC 6052 defines for an IPv4-embedded IPv6 address.
+pub const NAT64_PREFIX_LENGTHS: [u8; 6] = [32, 40, 48, 56, 64, 96];
+
+/// IPv6 ranges whose addresses always embed an IPv4 address (see [`GeoConfig::nat64_prefixes`]);
+/// a configured NAT64 prefix must not overlap them.
+pub const BUILTIN_IPV4_EMBEDDING_PREFIXES: [&str; 6] = [
+    "::/96",
+    "::ffff:0:0/96",
+    "::ffff:0:0:0/96",
+    "64:ff9b::/96",
+    "2001::/32",
+    "2002::/16",
+];
 
 impl Default for GeoConfig {
     fn default() -> Self {
@@ -40,6 +62,7 @@ impl Default for GeoConfig {
             anonymous_ip_database: None,
             reload_check_interval_s: 30,
             overrides: Vec::new(),
+            nat64_prefixes: Vec::new(),
         }
     }
 }
@@ -181,6 +204,17 @@ pub struct GeofenceRule {
     /// ... may only be served by nodes located here. Default: [].
     #[serde(default)]
     pub residency_node_countries: Vec<String>,
+    /// What this rule does with a side whose location is unknown (no country). `allow`: an
+    /// unknown location is in none of the rule's lists, so the rule never denies it (the
+    /// `unknown_location_*` policies then decide). `deny`: the rule assumes the worst, so an
+    /// unknown location is in every deny list and residency client list and in no residency
+    /// node list, and the rule denies it under its own name. Default: `allow`.
+    #[serde(default = "unknown_allow")]
+    pub unknown_location: UnknownPolicy,
+}
+
+fn unknown_allow() -> UnknownPolicy {
+    UnknownPolicy::Allow
 }
 
 fn yes() -> bool {
@@ -268,6 +302,7 @@ pub fn default_rules() -> Vec<GeofenceRule> {
             deny_node_countries: s(&["@ofac"]),
             residency_client_countries: vec![],
             residency_node_countries: vec![],
+            unknown_location: UnknownPolicy::Allow,
         },
         GeofenceRule {
             name: "export-control".into(),
@@ -279,6 +314,7 @@ pub fn default_rules() -> Vec<GeofenceRule> {
             deny_node_countries: s(&["@export_controlled"]),
             residency_client_countries: vec![],
             residency_node_countries: vec![],
+            unknown_location: UnknownPolicy::Allow,
         },
         GeofenceRule {
             name: "eu-residency".into(),
@@ -290,6 +326,7 @@ pub fn default_rules() -> Vec<GeofenceRule> {
             deny_node_countries: vec![],
             residency_client_countries: s(&["@eu"]),
             residency_node_countries: s(&["@eu"]),
+            unknown_location: UnknownPolicy::Allow,
         },
     ]
 }
@@ -510,6 +547,56 @@ impl GeoConfig {
                 p.push(
                     format!("{at}.cidr"),
                     format!("{} overlaps geo.overrides[{j}].cidr {}", o.cidr, other.cidr),
+                );
+            }
+        }
+        self.check_nat64_prefixes(p);
+    }
+
+    fn check_nat64_prefixes(&self, p: &mut Problems) {
+        let overlaps = |a: &IpNet, b: &IpNet| a.contains(&b.network()) || b.contains(&a.network());
+        for (i, net) in self.nat64_prefixes.iter().enumerate() {
+            let at = format!("geo.nat64_prefixes[{i}]");
+            if !matches!(net, IpNet::V6(_)) {
+                p.push(at, format!("{net} is not an IPv6 prefix"));
+                continue;
+            }
+            if !NAT64_PREFIX_LENGTHS.contains(&net.prefix_len()) {
+                p.push(
+                    at,
+                    format!("{net}: RFC 6052 allows prefix lengths 32, 40, 48, 56, 64 and 96 only"),
+                );
+                continue;
+            }
+            if *net != net.trunc() {
+                p.push(
+                    at,
+                    format!("{net} has host bits set (did you mean {}?)", net.trunc()),
+                );
+                continue;
+            }
+            if let Some(builtin) = BUILTIN_IPV4_EMBEDDING_PREFIXES
+                .iter()
+                .filter_map(|b| b.parse::<IpNet>().ok())
+                .find(|b| overlaps(b, net))
+            {
+                p.push(
+                    at,
+                    format!(
+                        "{net} overlaps {builtin}, whose addresses are already located by the \
+                         IPv4 address they embed"
+                    ),
+                );
+                continue;
+            }
+            if let Some((j, other)) = self.nat64_prefixes[..i]
+                .iter()
+                .enumerate()
+                .find(|(_, e)| overlaps(e, net))
+            {
+                p.push(
+                    at,
+                    format!("{net} overlaps geo.nat64_prefixes[{j}] {other}"),
                 );
             }
         }

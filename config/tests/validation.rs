@@ -688,3 +688,74 @@ source = { type = "command", command = ["", "--x"] }
         ]
     );
 }
+
+#[test]
+fn nat64_prefixes_follow_rfc_6052_and_do_not_overlap() {
+    let text = r#"
+[geo]
+nat64_prefixes = [
+  "64:ff9b:1::/96",
+  "64:ff9b:1::/48",
+  "2001:db8::/33",
+  "10.0.0.0/8",
+  "2001:db8:1::1/96",
+  "2002:a00::/32",
+  "64:ff9b::/96",
+  "3fff:2::/64",
+]
+"#;
+    assert_eq!(
+        gw(text),
+        [
+            "5: geo.nat64_prefixes[1]: 64:ff9b:1::/48 overlaps geo.nat64_prefixes[0] \
+             64:ff9b:1::/96",
+            "6: geo.nat64_prefixes[2]: 2001:db8::/33: RFC 6052 allows prefix lengths 32, 40, 48, \
+             56, 64 and 96 only",
+            "7: geo.nat64_prefixes[3]: 10.0.0.0/8 is not an IPv6 prefix",
+            "8: geo.nat64_prefixes[4]: 2001:db8:1::1/96 has host bits set (did you mean \
+             2001:db8:1::/96?)",
+            "9: geo.nat64_prefixes[5]: 2002:a00::/32 overlaps 2002::/16, whose addresses are \
+             already located by the IPv4 address they embed",
+            "10: geo.nat64_prefixes[6]: 64:ff9b::/96 overlaps 64:ff9b::/96, whose addresses are \
+             already located by the IPv4 address they embed",
+        ]
+    );
+    assert_eq!(
+        gw("[geo]\nnat64_prefixes = [\"64:ff9b:1::/96\", \"2001:db8:122::/48\"]\n"),
+        Vec::<String>::new()
+    );
+}
+
+#[test]
+fn client_address_header_must_be_a_header_name() {
+    assert_eq!(
+        gw("[http]\nclient_address_header = \"x forwarded for\"\n"),
+        [
+            "2: http.client_address_header: \"x forwarded for\" is not an HTTP header name (e.g. \
+          \"x-forwarded-for\", \"forwarded\", \"x-real-ip\")"
+        ]
+    );
+    assert_eq!(gw("[http]\nclient_address_header = \"\"\n").len(), 1);
+    for ok in ["forwarded", "x-real-ip", "CF-Connecting-IP"] {
+        assert_eq!(
+            gw(&format!("[http]\nclient_address_header = \"{ok}\"\n")),
+            Vec::<String>::new()
+        );
+    }
+}
+
+#[test]
+fn a_rule_unknown_location_is_allow_or_deny() {
+    let text = r#"
+[[geofence.rules]]
+name = "sanctions"
+deny_client_countries = ["@ofac"]
+unknown_location = "deny"
+"#;
+    assert_eq!(gw(text), Vec::<String>::new());
+    let cfg = parse_gateway(text, "t.toml", &[]).unwrap();
+    assert_eq!(cfg.geofence.rules[0].unknown_location, UnknownPolicy::Deny);
+    let errs = gw(&text.replace("\"deny\"", "\"maybe\""));
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert!(errs[0].contains("unknown_location"), "{errs:?}");
+}

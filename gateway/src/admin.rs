@@ -10,7 +10,7 @@ use crate::metrics::labels;
 use crate::control::revoke_nodes;
 use crate::registry::{ControlCmd, Revocation};
 use crate::server::Shared;
-use crate::store::{KycStatus, StoreError};
+use crate::store::{ApiKeyUpdate, KycStatus, StoreError};
 use hyper::body::Incoming;
 use hyper::{Method, Request, StatusCode};
 use serde::Deserialize;
@@ -118,6 +118,35 @@ struct NewApiKey {
     requests_per_minute: Option<u32>,
     #[serde(default)]
     tokens_per_minute: Option<u32>,
+    /// Per-key caps; absent means the gateway-wide default.
+    #[serde(default)]
+    max_concurrent_streams: Option<u32>,
+    #[serde(default)]
+    max_concurrent_sessions: Option<u32>,
+    #[serde(default)]
+    session_starts_per_minute: Option<u32>,
+}
+
+/// `PATCH /admin/api-keys/{id}`: absent fields stay as they are; a cap set to `null` goes back
+/// to the gateway-wide default.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ApiKeyPatch {
+    #[serde(default)]
+    requests_per_minute: Option<u32>,
+    #[serde(default)]
+    tokens_per_minute: Option<u32>,
+    #[serde(default, deserialize_with = "present")]
+    max_concurrent_streams: Option<Option<u32>>,
+    #[serde(default, deserialize_with = "present")]
+    max_concurrent_sessions: Option<Option<u32>>,
+    #[serde(default, deserialize_with = "present")]
+    session_starts_per_minute: Option<Option<u32>>,
+}
+
+/// Tells `null` (`Some(None)`) from an absent field (`None`, through `#[serde(default)]`).
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<u32>>, D::Error> {
+    Option::<u32>::deserialize(d).map(Some)
 }
 
 #[derive(Deserialize, Default)]
@@ -269,8 +298,44 @@ impl AdminApi {
                     let body: NewApiKey = json_body(req).await?;
                     let rpm = body.requests_per_minute.unwrap_or(s.config.inference.default_requests_per_minute);
                     let tpm = body.tokens_per_minute.unwrap_or(s.config.inference.default_tokens_per_minute);
-                    let (key, secret) = blocking(s, move |st| st.create_api_key(&body.tenant, rpm, tpm)).await?;
+                    let caps = ApiKeyUpdate {
+                        max_concurrent_streams: body.max_concurrent_streams.map(Some),
+                        max_concurrent_sessions: body.max_concurrent_sessions.map(Some),
+                        session_starts_per_minute: body.session_starts_per_minute.map(Some),
+                        ..Default::default()
+                    };
+                    let (key, secret) = blocking(s, move |st| {
+                        // A cap of 0 is refused before the key exists.
+                        st.create_api_key(&body.tenant, rpm, tpm).and_then(|(key, secret)| {
+                            if caps == ApiKeyUpdate::default() {
+                                return Ok((key, secret));
+                            }
+                            match st.update_api_key(&key.id, caps) {
+                                Ok(key) => Ok((key, secret)),
+                                Err(e) => {
+                                    let _ = st.revoke_api_key(&key.id);
+                                    Err(e)
+                                }
+                            }
+                        })
+                    })
+                    .await?;
                     json(StatusCode::CREATED, &serde_json::json!({"key": secret, "info": key, "note": "the key is shown once"}))
+                }
+                (&Method::PATCH, ["api-keys", id]) => {
+                    let body: ApiKeyPatch = json_body(req).await?;
+                    let update = ApiKeyUpdate {
+                        requests_per_minute: body.requests_per_minute,
+                        tokens_per_minute: body.tokens_per_minute,
+                        max_concurrent_streams: body.max_concurrent_streams,
+                        max_concurrent_sessions: body.max_concurrent_sessions,
+                        session_starts_per_minute: body.session_starts_per_minute,
+                    };
+                    let id = id.to_string();
+                    let key = blocking(s, move |st| st.update_api_key(&id, update)).await?;
+                    // Cached keys carry their limits: the change applies from the next request.
+                    s.keys.clear();
+                    json(StatusCode::OK, &key)
                 }
                 (&Method::POST, ["api-keys", id, "revoke"]) => {
                     let id = id.to_string();
@@ -339,6 +404,7 @@ impl AdminApi {
 
     fn metrics(&self) -> Resp {
         let m = &self.shared.metrics;
+        self.sync_ledger_metrics();
         m.nodes.clear();
         for ((state, country, class), n) in self.shared.registry.census() {
             m.nodes
@@ -354,6 +420,22 @@ impl AdminApi {
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
             m.render(),
         )
+    }
+}
+
+impl AdminApi {
+    /// Copies the usage writer's failure count and health into their metrics. The store counts
+    /// (it has no metrics of its own); the counter only ever moves forward by the difference.
+    fn sync_ledger_metrics(&self) {
+        static SYNC: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _one = SYNC.lock().unwrap_or_else(|p| p.into_inner());
+        let m = &self.shared.metrics;
+        let health = self.shared.store.ledger_health();
+        let seen = m.ledger_write_failures.get();
+        if health.write_failures > seen {
+            m.ledger_write_failures.inc_by(health.write_failures - seen);
+        }
+        m.ledger_healthy.set(i64::from(health.healthy));
     }
 }
 

@@ -5,6 +5,7 @@
 //! 403 with `x-should-retry: false`, no eligible node is 503, saturation is 429 with
 //! `Retry-After`.
 
+use crate::client_addr::{client_addr, ClientAddr};
 use crate::http_util::{bearer, read_body, with_type, Body, BodyError, Handler, Resp};
 use crate::infer::{self, Metering, StreamEvent};
 use crate::server::Shared;
@@ -13,7 +14,6 @@ use bytes::Bytes;
 use hyper::body::Incoming;
 use hyper::header::{HeaderName, HeaderValue, CONTENT_TYPE};
 use hyper::{HeaderMap, Method, Request, Response, StatusCode};
-use ipnet::IpNet;
 use nearpath_config::WorkloadKind;
 use nearpath_geo::Location;
 use nearpath_protocol::openai::{
@@ -50,61 +50,17 @@ fn new_request_id() -> String {
     )
 }
 
-/// The client's address: the TCP peer, or — only when the peer is a trusted proxy — the
-/// right-most address in `X-Forwarded-For` / `Forwarded` that is not itself a trusted proxy.
-/// A header from anyone else is ignored (it would let clients choose their country).
-pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr {
-    let peer = canonical(peer);
-    let is_trusted = |ip: IpAddr| trusted.iter().any(|n| n.contains(&ip));
-    if !is_trusted(peer) {
-        return peer;
-    }
-    let mut chain: Vec<IpAddr> = Vec::new();
-    for v in headers.get_all("forwarded") {
-        let Ok(v) = v.to_str() else { continue };
-        for element in v.split(',') {
-            for pair in element.split(';') {
-                let Some((k, val)) = pair.trim().split_once('=') else {
-                    continue;
-                };
-                if k.trim().eq_ignore_ascii_case("for") {
-                    if let Some(ip) = parse_forwarded_for(val.trim()) {
-                        chain.push(ip);
-                    }
-                }
-            }
-        }
-    }
-    if chain.is_empty() {
-        for v in headers.get_all("x-forwarded-for") {
-            let Ok(v) = v.to_str() else { continue };
-            chain.extend(v.split(',').filter_map(|p| p.trim().parse::<IpAddr>().ok()));
-        }
-    }
-    chain
-        .into_iter()
-        .map(canonical)
-        .rev()
-        .find(|ip| !is_trusted(*ip))
-        .unwrap_or(peer)
-}
-
-fn canonical(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
-        v4 => v4,
-    }
-}
-
-fn parse_forwarded_for(v: &str) -> Option<IpAddr> {
-    let v = v.trim_matches('"');
-    if let Some(rest) = v.strip_prefix('[') {
-        return rest.split(']').next()?.parse().ok();
-    }
-    if let Ok(ip) = v.parse() {
-        return Some(ip);
-    }
-    v.rsplit_once(':').and_then(|(h, _)| h.parse().ok())
+/// The client's address for a request from `peer`: the TCP peer, or, only when the peer is a
+/// trusted proxy, what the configured header says (see [`crate::client_addr`] for the rules).
+/// The one function every HTTP entry point (this API, WHEP, `/play`) locates clients with.
+pub fn client_ip(shared: &Shared, peer: IpAddr, headers: &HeaderMap) -> ClientAddr {
+    let http = &shared.config.http;
+    client_addr(
+        peer,
+        headers,
+        &http.trusted_proxies,
+        &http.client_address_header,
+    )
 }
 
 fn api_error(request_id: &str, err: &ApiError) -> Resp {
@@ -118,6 +74,11 @@ fn api_error(request_id: &str, err: &ApiError) -> Resp {
         h.insert(X_SHOULD_RETRY.clone(), HeaderValue::from_static("false"));
     }
     if err.status == 429 {
+        h.insert(hyper::header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    if err.code.as_deref() == Some(infer::LEDGER_UNAVAILABLE) {
+        // The ledger's writer probes every half second; a retry soon is likely to be served.
+        h.insert(X_SHOULD_RETRY.clone(), HeaderValue::from_static("true"));
         h.insert(hyper::header::RETRY_AFTER, HeaderValue::from_static("1"));
     }
     set_request_id(&mut r, request_id);
@@ -135,13 +96,9 @@ impl ClientApi {
         ClientApi { shared }
     }
 
-    fn locate(&self, req: &Request<Incoming>, peer: SocketAddr) -> (IpAddr, Location) {
-        let ip = client_ip(
-            peer.ip(),
-            req.headers(),
-            &self.shared.config.http.trusted_proxies,
-        );
-        (ip, self.shared.geo.lookup(ip))
+    fn locate(&self, req: &Request<Incoming>, peer: SocketAddr) -> (ClientAddr, Location) {
+        let addr = client_ip(&self.shared, peer.ip(), req.headers());
+        (addr, addr.locate(&self.shared.geo))
     }
 
     async fn route(&self, req: Request<Incoming>, peer: SocketAddr) -> Resp {
@@ -285,6 +242,9 @@ impl ClientApi {
             Ok(r) => r,
             Err(e) => return api_error(request_id, &ApiError::invalid_request(e)),
         };
+        if let Err(e) = infer::ledger_gate(shared, "http") {
+            return api_error(request_id, &e);
+        }
         if let Err(wait_s) = shared.limiter.admit(&key, Instant::now()) {
             let mut r = api_error(
                 request_id,
@@ -306,6 +266,11 @@ impl ClientApi {
                 .inc();
             return r;
         }
+        // Held until the response (or the stream) ends, however it ends.
+        let stream_cap = match infer::acquire_stream(shared, &key, "http") {
+            Ok(g) => g,
+            Err(r) => return api_error(request_id, &r.api_error()),
+        };
         // The node gets the body as the client sent it (it knows the endpoint from its shape).
         let raw = String::from_utf8_lossy(&body).into_owned();
         let mut stream = match infer::dispatch(shared, &request, &raw, &client).await {
@@ -327,6 +292,7 @@ impl ClientApi {
                         node: None,
                         outcome,
                         usage: Usage::default(),
+                        reported: None,
                         ttft: None,
                         started,
                         bytes: 0,
@@ -365,7 +331,9 @@ impl ClientApi {
             };
             let ttft = stream.ttft;
             let node = stream.node.clone();
+            let reported = stream.reported();
             drop(stream);
+            drop(stream_cap);
             let body = match &err {
                 None => openai::completion_response(
                     endpoint,
@@ -388,6 +356,7 @@ impl ClientApi {
                     node: Some(&node),
                     outcome,
                     usage,
+                    reported,
                     ttft: Some(ttft),
                     started,
                     bytes: body.len() as u64,
@@ -407,10 +376,9 @@ impl ClientApi {
             async move {
                 let renderer = StreamRenderer::new(endpoint, &completion_id, created, &model);
                 let mut bytes = 0u64;
-                let mut usage = Usage::default();
+                let _stream_cap = stream_cap;
                 let mut last = Instant::now();
                 let mut first = true;
-                let mut sent_tokens = 0u32;
                 let outcome = 'pump: {
                     if let Some(role) = renderer.role_event() {
                         bytes += role.len() as u64;
@@ -434,7 +402,6 @@ impl ClientApi {
                                 }
                                 first = false;
                                 last = now;
-                                sent_tokens += 1;
                                 let ev = renderer.token_event(&t);
                                 bytes += ev.len() as u64;
                                 if tx.send(ev).await.is_err() {
@@ -443,9 +410,8 @@ impl ClientApi {
                             }
                             StreamEvent::Done {
                                 finish_reason,
-                                usage: u,
+                                usage,
                             } => {
-                                usage = u;
                                 let mut out = vec![renderer.finish_event(&finish_reason)];
                                 if include_usage {
                                     out.push(renderer.usage_event(usage));
@@ -470,9 +436,9 @@ impl ClientApi {
                     stream.cancel();
                     tracing::info!("client went away; generation cancelled on the node");
                 }
-                if usage.completion_tokens == 0 {
-                    usage.completion_tokens = sent_tokens;
-                }
+                // Billed from what was relayed, also when the stream ended early.
+                let usage = stream.billed();
+                let reported = stream.reported();
                 let ttft = stream.ttft;
                 let node = stream.node.clone();
                 drop(stream);
@@ -486,6 +452,7 @@ impl ClientApi {
                         node: Some(&node),
                         outcome,
                         usage,
+                        reported,
                         ttft: Some(ttft),
                         started,
                         bytes,
@@ -532,62 +499,4 @@ pub fn tls_acceptor(pair: CertPair) -> Result<tokio_rustls::TlsAcceptor, rustls:
         .with_single_cert(pair.chain, pair.key)?;
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(cfg)))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        for (k, v) in pairs {
-            h.append(
-                HeaderName::from_bytes(k.as_bytes()).unwrap(),
-                HeaderValue::from_str(v).unwrap(),
-            );
-        }
-        h
-    }
-
-    #[test]
-    fn forwarded_headers_are_ignored_from_untrusted_peers() {
-        // Regression guard: a client must not choose its own country with a header.
-        let trusted: Vec<IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
-        let h = headers(&[("x-forwarded-for", "1.2.3.4")]);
-        let peer: IpAddr = "203.0.113.9".parse().unwrap();
-        assert_eq!(client_ip(peer, &h, &trusted), peer);
-    }
-
-    #[test]
-    fn trusted_proxy_chain_takes_the_rightmost_untrusted_address() {
-        let trusted: Vec<IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
-        let h = headers(&[("x-forwarded-for", "9.9.9.9, 1.2.3.4, 10.1.1.1")]);
-        assert_eq!(
-            client_ip("10.0.0.1".parse().unwrap(), &h, &trusted),
-            "1.2.3.4".parse::<IpAddr>().unwrap()
-        );
-        let h = headers(&[(
-            "forwarded",
-            "for=192.0.2.60;proto=http, for=\"[2001:db8::1]:4711\"",
-        )]);
-        assert_eq!(
-            client_ip("10.0.0.1".parse().unwrap(), &h, &trusted),
-            "2001:db8::1".parse::<IpAddr>().unwrap()
-        );
-        // No header: the proxy itself.
-        assert_eq!(
-            client_ip("10.0.0.1".parse().unwrap(), &HeaderMap::new(), &trusted),
-            "10.0.0.1".parse::<IpAddr>().unwrap()
-        );
-    }
-
-    #[test]
-    fn ipv4_mapped_peers_are_treated_as_ipv4() {
-        let trusted: Vec<IpNet> = vec!["127.0.0.0/8".parse().unwrap()];
-        let h = headers(&[("x-forwarded-for", "175.45.176.1")]);
-        assert_eq!(
-            client_ip("::ffff:127.0.0.1".parse().unwrap(), &h, &trusted),
-            "175.45.176.1".parse::<IpAddr>().unwrap()
-        );
-    }
 }

@@ -173,6 +173,15 @@ async fn serve_infer(
             return;
         }
     };
+    if let Err(e) = infer::ledger_gate(&shared, "quic") {
+        let _ = send(
+            &mut tx,
+            &error_msg(infer::LEDGER_UNAVAILABLE, e.message, true),
+        )
+        .await;
+        let _ = tx.finish();
+        return;
+    }
     if shared.limiter.admit(&key, Instant::now()).is_err() {
         let _ = send(
             &mut tx,
@@ -182,6 +191,15 @@ async fn serve_infer(
         let _ = tx.finish();
         return;
     }
+    // Held until this request ends, however it ends.
+    let _stream_cap = match infer::acquire_stream(&shared, &key, "quic") {
+        Ok(g) => g,
+        Err(r) => {
+            let _ = send(&mut tx, &error_msg(r.code, r.message, true)).await;
+            let _ = tx.finish();
+            return;
+        }
+    };
     let client = shared.geo.lookup(conn.remote_address().ip());
     let mut stream = match infer::dispatch(&shared, &request, &r.request_json, &client).await {
         Ok(s) => s,
@@ -198,6 +216,7 @@ async fn serve_infer(
                     node: None,
                     outcome: "error",
                     usage: Usage::default(),
+                    reported: None,
                     ttft: None,
                     started,
                     bytes: 0,
@@ -209,7 +228,6 @@ async fn serve_infer(
     // Revoking the key ends the stream with `Error{code: "key_revoked"}` and resets the node's.
     stream.end_on_revocation(shared.keys.revocation(&key.id));
     let mut outcome = "ok";
-    let mut usage = Usage::default();
     let mut index = 0u32;
     if send(
         &mut tx,
@@ -249,7 +267,7 @@ async fn serve_infer(
                 finish_reason,
                 usage: u,
             } => {
-                usage = u;
+                // The client is told what it is billed, not what the node claimed.
                 let _ = send(
                     &mut tx,
                     &Message::Done(Done {
@@ -276,9 +294,8 @@ async fn serve_infer(
     if outcome == "cancelled" {
         stream.cancel();
     }
-    if usage.completion_tokens == 0 {
-        usage.completion_tokens = index;
-    }
+    let usage = stream.billed();
+    let reported = stream.reported();
     let ttft = stream.ttft;
     let node = stream.node.clone();
     drop(stream);
@@ -292,6 +309,7 @@ async fn serve_infer(
             node: Some(&node),
             outcome,
             usage,
+            reported,
             ttft: Some(ttft),
             started,
             bytes: 0,

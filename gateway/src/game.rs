@@ -58,9 +58,61 @@ pub enum Notice {
 /// Why a session could not start: a status-like code and a reason for the player.
 #[derive(Debug, Clone)]
 pub struct StartError {
-    /// `geofence`, `unknown_game`, `no_capacity`, `bad_request`, `unauthorized`.
+    /// `geofence`, `unknown_game`, `no_capacity`, `bad_request`, `unauthorized`,
+    /// `concurrency_limit_exceeded`, `rate_limit_exceeded` (per-key caps, 429),
+    /// `ledger_unavailable` (503).
     pub code: &'static str,
     pub message: String,
+    /// Seconds to wait before retrying, where waiting helps.
+    pub retry_after_s: Option<u64>,
+}
+
+impl StartError {
+    /// Whether the same start may succeed later.
+    pub fn retryable(&self) -> bool {
+        matches!(
+            self.code,
+            "no_capacity"
+                | "concurrency_limit_exceeded"
+                | "rate_limit_exceeded"
+                | infer::LEDGER_UNAVAILABLE
+        )
+    }
+}
+
+/// Checks what a key may start before anything is routed: the ledger can bill the session, the
+/// key is under its cap on live sessions and its session starts per minute. The guard holds
+/// the key's session slot until the session ends.
+fn admit_start(
+    shared: &Shared,
+    key: &ApiKey,
+    transport: &'static str,
+) -> Result<infer::CapGuard, StartError> {
+    if let Err(e) = infer::ledger_gate(shared, transport) {
+        return Err(StartError {
+            code: infer::LEDGER_UNAVAILABLE,
+            message: e.message,
+            retry_after_s: Some(1),
+        });
+    }
+    let caps = infer::effective_caps(shared, key);
+    let refused = |r: infer::CapRefusal| {
+        infer::count_cap_refusal(shared, transport, &r);
+        StartError {
+            code: r.code,
+            message: r.message,
+            retry_after_s: Some(r.retry_after_s),
+        }
+    };
+    let guard = shared
+        .limiter
+        .acquire(key, infer::CapKind::Session, caps.max_concurrent_sessions)
+        .map_err(refused)?;
+    shared
+        .limiter
+        .admit_session_start(key, caps.session_starts_per_minute, Instant::now())
+        .map_err(refused)?;
+    Ok(guard)
 }
 
 /// A started session: feed `events`, read `notices` (and frames from the sink).
@@ -402,6 +454,17 @@ pub async fn start_session(
     params: GameParams,
     sink: FrameSink,
 ) -> Result<Started, StartError> {
+    let cap = match admit_start(shared, key, transport) {
+        Ok(g) => g,
+        Err(e) => {
+            shared
+                .metrics
+                .game_sessions
+                .get_or_create(&labels([("transport", transport), ("outcome", e.code)]))
+                .inc();
+            return Err(e);
+        }
+    };
     let session_id = shared.next_session.fetch_add(1, Ordering::Relaxed);
     let attached = match attach(shared, &client, &params, session_id, &[]).await {
         Ok(a) => a,
@@ -420,7 +483,11 @@ pub async fn start_session(
                 .game_sessions
                 .get_or_create(&labels([("transport", transport), ("outcome", code)]))
                 .inc();
-            return Err(StartError { code, message });
+            return Err(StartError {
+                code,
+                message,
+                retry_after_s: (code == "no_capacity").then_some(2),
+            });
         }
     };
     let relay = Arc::new(Relay {
@@ -453,6 +520,7 @@ pub async fn start_session(
             attached,
             events_rx,
             notices_tx,
+            cap,
         )
         .instrument(span),
     );
@@ -477,6 +545,7 @@ async fn drive(
     mut attached: Attached,
     mut events: mpsc::Receiver<ClientEvent>,
     notices: mpsc::Sender<Notice>,
+    _cap: infer::CapGuard,
 ) {
     info!(node = %attached.node.id, "game session started");
     let session_id = relay.session_id;
@@ -486,16 +555,26 @@ async fn drive(
     let mut node_since = Instant::now();
     // Revoking the key ends the session at once, whichever transport the player uses.
     let revoked = shared.keys.revocation(&key.id);
+    // The session's usage row: written every checkpoint interval as `in_progress` and rewritten
+    // in place with the final totals, so a killed gateway loses at most one interval of
+    // metering and nothing is counted twice.
+    let (ledger, ledger_rx) = tokio::sync::watch::channel(None);
+    tokio::spawn(usage_row_writer(shared.store.clone(), ledger_rx).in_current_span());
+    let every = Duration::from_millis(shared.config.game.usage_checkpoint_ms.max(1));
+    let mut checkpoint = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    checkpoint.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         enum Ev {
             Client(Option<ClientEvent>),
             Node(Option<Message>),
             NodeGone,
             Revoked,
+            Checkpoint,
         }
         let ev = tokio::select! {
             biased;
             _ = revoked.cancelled() => Ev::Revoked,
+            _ = checkpoint.tick() => Ev::Checkpoint,
             e = events.recv() => Ev::Client(e),
             m = attached.rx.next() => match m {
                 Ok(Some(m)) => Ev::Node(Some(m)),
@@ -524,6 +603,11 @@ async fn drive(
                 }
                 let _ = notices.send(Notice::Ended("key_revoked".into())).await;
                 break;
+            }
+            Ev::Checkpoint => {
+                let gpu = gpu_seconds + node_since.elapsed().as_secs_f64();
+                let row = game_usage(&key, &relay, &attached.node, &params, "in_progress", gpu);
+                ledger.send_replace(Some(row));
             }
             Ev::Client(Some(ClientEvent::ForceKeyframe)) => {
                 let _ = send(&mut attached.tx, &Message::ForceKeyframe).await;
@@ -621,28 +705,70 @@ async fn drive(
         dropped_late = relay.dropped_late.load(Ordering::Relaxed),
         "game session ended"
     );
-    let record = UsageRecord {
+    let record = game_usage(&key, &relay, &attached.node, &params, outcome, gpu_seconds);
+    // The writer task writes this last value and ends when `ledger` is dropped here.
+    ledger.send_replace(Some(record));
+}
+
+/// A game session's usage row: what the gateway counted (its own clock for GPU-seconds, the
+/// frames and bytes it relayed), never what a node says.
+fn game_usage(
+    key: &ApiKey,
+    relay: &Relay,
+    node: &NodeEntry,
+    params: &GameParams,
+    outcome: &str,
+    gpu_seconds: f64,
+) -> UsageRecord {
+    UsageRecord {
         id: None,
         at_ms: now_ms(),
         kind: UsageKind::Game,
-        request_id: format!("game_{session_id}"),
+        request_id: format!("game_{}", relay.session_id),
         tenant: key.tenant.clone(),
         api_key_id: key.id.clone(),
-        node_id: attached.node.id.clone(),
-        operator_id: attached.node.operator_id.clone(),
+        node_id: node.id.clone(),
+        operator_id: node.operator_id.clone(),
         workload: params.title.clone(),
         outcome: outcome.to_string(),
         prompt_tokens: 0,
         completion_tokens: 0,
+        node_prompt_tokens: None,
+        node_completion_tokens: None,
         ttft_ms: None,
         duration_ms: relay.started.elapsed().as_secs_f64() * 1000.0,
         gpu_seconds,
-        frames,
-        bytes,
-    };
-    let store = shared.store.clone();
-    if let Ok(Err(e)) = tokio::task::spawn_blocking(move || store.append_usage(record)).await {
-        warn!(error = %e, "game usage record not written");
+        frames: relay.frames.load(Ordering::Relaxed),
+        bytes: relay.bytes.load(Ordering::Relaxed),
+    }
+}
+
+/// Writes a session's usage row as its driver updates it: appended the first time, rewritten
+/// in place after (the id is kept), always the latest value (a checkpoint not yet written when
+/// a newer one arrives is skipped). Ends after writing the final value, once the driver drops
+/// its sender. A failed write is retried with the next value.
+async fn usage_row_writer(
+    store: Arc<dyn crate::store::Store>,
+    mut rows: tokio::sync::watch::Receiver<Option<UsageRecord>>,
+) {
+    let mut id: Option<i64> = None;
+    while rows.changed().await.is_ok() {
+        let Some(row) = rows.borrow_and_update().clone() else {
+            continue;
+        };
+        let final_row = row.outcome != "in_progress";
+        let store = store.clone();
+        let result = tokio::task::spawn_blocking(move || match id {
+            Some(id) => store.update_usage(id, row),
+            None => store.append_usage(row),
+        })
+        .await;
+        match result {
+            Ok(Ok(written)) => id = Some(written),
+            Ok(Err(e)) if final_row => warn!(error = %e, "game usage record not written"),
+            Ok(Err(e)) => warn!(error = %e, "game usage checkpoint not written"),
+            Err(e) => warn!(error = %e, "game usage writer failed"),
+        }
     }
 }
 
@@ -684,7 +810,13 @@ pub async fn serve_play(
     {
         Ok(s) => s,
         Err(e) => {
-            let _ = send(&mut ctl_tx, &err(e.code, e.message)).await;
+            let retryable = e.retryable();
+            let msg = Message::Error(ErrorInfo {
+                code: e.code.into(),
+                message: e.message,
+                retryable,
+            });
+            let _ = send(&mut ctl_tx, &msg).await;
             let _ = ctl_tx.finish();
             return;
         }

@@ -97,11 +97,103 @@ impl KeyCache {
     }
 }
 
-/// Per-key token buckets: requests per minute and tokens per minute. In memory, per gateway
-/// process: a deployment with several gateways gives each key its limit at each gateway.
+/// Per-key token buckets (requests per minute, tokens per minute, game session starts per
+/// minute) and per-key caps on concurrent inference streams and game sessions. In memory, per
+/// gateway process: a deployment with several gateways gives each key its limit at each gateway.
 #[derive(Default)]
 pub struct RateLimiter {
     buckets: Mutex<HashMap<String, Buckets>>,
+    /// Session-start buckets: (tokens, last refill).
+    starts: Mutex<HashMap<String, (f64, Instant)>>,
+    /// What each key holds now; shared with the guards that give it back.
+    held: Arc<Mutex<HashMap<String, HeldCounts>>>,
+}
+
+/// Concurrent work one key holds.
+#[derive(Default, Debug, Clone, Copy)]
+struct HeldCounts {
+    streams: u32,
+    sessions: u32,
+}
+
+/// What a [`CapGuard`] holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CapKind {
+    /// An inference request in flight.
+    Stream,
+    /// A live game session.
+    Session,
+}
+
+/// One unit of a key's concurrency cap, given back when dropped (however the work ends).
+pub struct CapGuard {
+    held: Arc<Mutex<HashMap<String, HeldCounts>>>,
+    key: String,
+    kind: CapKind,
+}
+
+impl Drop for CapGuard {
+    fn drop(&mut self) {
+        let mut map = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = map.get_mut(&self.key) {
+            match self.kind {
+                CapKind::Stream => c.streams = c.streams.saturating_sub(1),
+                CapKind::Session => c.sessions = c.sessions.saturating_sub(1),
+            }
+            if c.streams == 0 && c.sessions == 0 {
+                map.remove(&self.key);
+            }
+        }
+    }
+}
+
+/// Why a per-key cap refused work: a 429 with `code` and `Retry-After`.
+#[derive(Debug, Clone)]
+pub struct CapRefusal {
+    /// `concurrency_limit_exceeded` or `rate_limit_exceeded`.
+    pub code: &'static str,
+    /// Which cap: `streams`, `sessions` or `session_starts` (a metric label).
+    pub cap: &'static str,
+    pub message: String,
+    pub retry_after_s: u64,
+}
+
+impl CapRefusal {
+    /// The refusal as an API error (429, `rate_limit_error`).
+    pub fn api_error(&self) -> ApiError {
+        ApiError::new(
+            429,
+            "rate_limit_error",
+            Some(self.code),
+            None,
+            self.message.clone(),
+        )
+    }
+}
+
+/// The caps that apply to `key`: its own, else the gateway-wide defaults.
+pub struct EffectiveCaps {
+    pub max_concurrent_streams: u32,
+    pub max_concurrent_sessions: u32,
+    pub session_starts_per_minute: u32,
+}
+
+pub fn effective_caps(shared: &Shared, key: &ApiKey) -> EffectiveCaps {
+    let c = &shared.config;
+    EffectiveCaps {
+        max_concurrent_streams: key
+            .caps
+            .max_concurrent_streams
+            .unwrap_or(c.inference.default_max_concurrent_streams),
+        max_concurrent_sessions: key
+            .caps
+            .max_concurrent_sessions
+            .unwrap_or(c.game.default_max_concurrent_sessions),
+        session_starts_per_minute: key
+            .caps
+            .session_starts_per_minute
+            .unwrap_or(c.game.default_session_starts_per_minute),
+    }
 }
 
 struct Buckets {
@@ -136,13 +228,129 @@ impl RateLimiter {
     }
 
     /// Charges the tokens a finished request used (the bucket may go negative: the next
-    /// requests wait until it refills).
+    /// requests wait until it refills). The debt is capped at one minute's allowance, so that no
+    /// single request, whatever it was billed, locks a key out for more than two minutes.
     pub fn charge_tokens(&self, key: &ApiKey, tokens: u64) {
         let mut map = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(b) = map.get_mut(&key.id) {
-            b.tokens -= tokens as f64;
+            let tpm = key.tokens_per_minute.max(1) as f64;
+            b.tokens = (b.tokens - tokens as f64).max(-tpm);
         }
     }
+
+    /// Takes one unit of `key`'s concurrency cap of `kind` (at most `limit` held at once).
+    pub fn acquire(&self, key: &ApiKey, kind: CapKind, limit: u32) -> Result<CapGuard, CapRefusal> {
+        let mut map = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        let c = map.entry(key.id.clone()).or_default();
+        let (n, what, cap) = match kind {
+            CapKind::Stream => (&mut c.streams, "inference requests in flight", "streams"),
+            CapKind::Session => (&mut c.sessions, "live game sessions", "sessions"),
+        };
+        if *n >= limit {
+            let held = *n;
+            if c.streams == 0 && c.sessions == 0 {
+                map.remove(&key.id);
+            }
+            return Err(CapRefusal {
+                code: "concurrency_limit_exceeded",
+                cap,
+                message: format!(
+                    "key {} already has {held} {what} (its limit is {limit}); retry when one ends",
+                    key.prefix
+                ),
+                retry_after_s: 1,
+            });
+        }
+        *n += 1;
+        Ok(CapGuard {
+            held: self.held.clone(),
+            key: key.id.clone(),
+            kind,
+        })
+    }
+
+    /// Takes one game session start from `key`'s bucket of `per_minute`.
+    pub fn admit_session_start(
+        &self,
+        key: &ApiKey,
+        per_minute: u32,
+        now: Instant,
+    ) -> Result<(), CapRefusal> {
+        let mut map = self.starts.lock().unwrap_or_else(|p| p.into_inner());
+        let rate = per_minute.max(1) as f64;
+        let (tokens, at) = map.entry(key.id.clone()).or_insert((rate, now));
+        let dt = now.saturating_duration_since(*at).as_secs_f64();
+        *at = now;
+        *tokens = (*tokens + dt * rate / 60.0).min(rate);
+        if *tokens < 1.0 {
+            return Err(CapRefusal {
+                code: "rate_limit_exceeded",
+                cap: "session_starts",
+                message: format!(
+                    "key {} started {per_minute} game sessions in the last minute (its limit)",
+                    key.prefix
+                ),
+                retry_after_s: ((1.0 - *tokens) * 60.0 / rate).ceil().max(1.0) as u64,
+            });
+        }
+        *tokens -= 1.0;
+        Ok(())
+    }
+}
+
+/// Takes one of `key`'s concurrent inference streams for a request arriving on `entry`
+/// (`http` or `quic`), counting a refusal.
+pub fn acquire_stream(
+    shared: &Shared,
+    key: &ApiKey,
+    entry: &'static str,
+) -> Result<CapGuard, CapRefusal> {
+    let limit = effective_caps(shared, key).max_concurrent_streams;
+    shared
+        .limiter
+        .acquire(key, CapKind::Stream, limit)
+        .inspect_err(|r| count_cap_refusal(shared, entry, r))
+}
+
+/// Counts a per-key cap refusal by entry point and cap.
+pub fn count_cap_refusal(shared: &Shared, entry: &'static str, r: &CapRefusal) {
+    shared
+        .metrics
+        .key_cap_refusals
+        .get_or_create(&labels([("entry", entry), ("cap", r.cap)]))
+        .inc();
+}
+
+/// Refuses new work while the usage ledger cannot commit: serving it would be serving it free
+/// (billing must fail closed). 503 `ledger_unavailable`, retryable; work already running goes on.
+pub fn ledger_gate(shared: &Shared, entry: &'static str) -> Result<(), ApiError> {
+    if shared.store.ledger_health().healthy {
+        return Ok(());
+    }
+    shared
+        .metrics
+        .ledger_refusals
+        .get_or_create(&labels([("entry", entry)]))
+        .inc();
+    Err(ApiError::new(
+        503,
+        "server_error",
+        Some(LEDGER_UNAVAILABLE),
+        None,
+        "the usage ledger cannot record usage right now, so no new work is accepted; retry shortly",
+    ))
+}
+
+/// The error code of [`ledger_gate`]'s refusal.
+pub const LEDGER_UNAVAILABLE: &str = "ledger_unavailable";
+
+/// The prompt tokens a request is billed: one token per 4 bytes of its input text (message
+/// contents, or the prompt), rounded up. Four bytes per token is the usual average of BPE
+/// tokenisers on English text; the gateway cannot run the node's tokeniser, and must not take
+/// the node's word for it. Bounded by the request body limit.
+pub fn prompt_token_estimate(request: &InferenceRequest) -> u32 {
+    let bytes: usize = request.input_texts().map(str::len).sum();
+    u32::try_from(bytes.div_ceil(4)).unwrap_or(u32::MAX)
 }
 
 /// Checks a Bearer secret against the store (with a short cache).
@@ -217,6 +425,14 @@ pub struct InferStream {
     _slot: SlotGuard,
     idle_timeout: Duration,
     finished: bool,
+    /// Non-empty token pieces received from the node (what the gateway relays).
+    pieces: u32,
+    /// The request's `max_tokens`: no more completion tokens are ever billed.
+    max_tokens: Option<u32>,
+    /// [`prompt_token_estimate`] of the request.
+    prompt_tokens: u32,
+    /// The counts of the node's `Done`, once it came.
+    reported: Option<Usage>,
     /// Cancelled when the request's API key is revoked: the stream then ends at once.
     revoked: Option<CancellationToken>,
 }
@@ -228,37 +444,72 @@ impl InferStream {
         self.revoked = Some(revoked);
     }
 
-    /// The next event. After `Done` or `Failed` the stream is over.
+    /// The next event. After `Done` or `Failed` the stream is over. `Done` carries the billed
+    /// usage ([`InferStream::billed`]); the node's own counts are kept in
+    /// [`InferStream::reported`].
     pub async fn next(&mut self) -> StreamEvent {
         if self.revoked.as_ref().is_some_and(|t| t.is_cancelled()) {
             return self.end_revoked();
         }
-        if let Some(first) = self.first.take() {
-            self.finished = !matches!(first, StreamEvent::Token(_));
-            return first;
-        }
-        let revoked = self.revoked.clone();
-        let read = tokio::select! {
-            biased;
-            _ = async {
-                match &revoked {
-                    Some(t) => t.cancelled().await,
-                    None => std::future::pending().await,
+        let ev = match self.first.take() {
+            Some(first) => first,
+            None => {
+                let revoked = self.revoked.clone();
+                let read = tokio::select! {
+                    biased;
+                    _ = async {
+                        match &revoked {
+                            Some(t) => t.cancelled().await,
+                            None => std::future::pending().await,
+                        }
+                    } => None,
+                    r = tokio::time::timeout(self.idle_timeout, self.framed.next()) => Some(r),
+                };
+                match read {
+                    None => return self.end_revoked(),
+                    Some(Ok(r)) => to_event(r),
+                    Some(Err(_)) => StreamEvent::Failed(ApiError::timeout(format!(
+                        "node {} sent no token for {} ms",
+                        self.node.id,
+                        self.idle_timeout.as_millis()
+                    ))),
                 }
-            } => None,
-            r = tokio::time::timeout(self.idle_timeout, self.framed.next()) => Some(r),
-        };
-        let ev = match read {
-            None => return self.end_revoked(),
-            Some(Ok(r)) => to_event(r),
-            Some(Err(_)) => StreamEvent::Failed(ApiError::timeout(format!(
-                "node {} sent no token for {} ms",
-                self.node.id,
-                self.idle_timeout.as_millis()
-            ))),
+            }
         };
         self.finished = !matches!(ev, StreamEvent::Token(_));
-        ev
+        match ev {
+            StreamEvent::Token(t) => {
+                if !t.is_empty() {
+                    self.pieces = self.pieces.saturating_add(1);
+                }
+                StreamEvent::Token(t)
+            }
+            StreamEvent::Done {
+                finish_reason,
+                usage,
+            } => {
+                self.reported = Some(usage);
+                StreamEvent::Done {
+                    finish_reason,
+                    usage: self.billed(),
+                }
+            }
+            failed => failed,
+        }
+    }
+
+    /// What the tenant is billed so far: the estimated prompt, and the pieces the gateway
+    /// relayed up to the request's `max_tokens` (a node cannot bill more by saying so).
+    pub fn billed(&self) -> Usage {
+        Usage {
+            prompt_tokens: self.prompt_tokens,
+            completion_tokens: self.pieces.min(self.max_tokens.unwrap_or(u32::MAX)),
+        }
+    }
+
+    /// The counts the node's `Done` claimed, if it sent one.
+    pub fn reported(&self) -> Option<Usage> {
+        self.reported
     }
 
     /// The key was revoked: the node's stream is reset (which aborts the backend request) and
@@ -398,6 +649,8 @@ pub async fn dispatch(
         match try_node(shared, node, slot, session_id, model, request_json, started).await {
             Ok(mut s) => {
                 s.attempts = attempts;
+                s.max_tokens = request.max_tokens;
+                s.prompt_tokens = prompt_token_estimate(request);
                 if attempts > 1 {
                     info!(node = %node.id, attempts, "request served after failover");
                 }
@@ -540,9 +793,78 @@ async fn try_node(
         _slot: slot,
         idle_timeout: Duration::from_millis(cfg.idle_timeout_ms),
         finished: false,
+        pieces: 0,
+        max_tokens: None,
+        prompt_tokens: 0,
+        reported: None,
         revoked: None,
     })
 }
+
+/// Compares a node's `Done` counts with the gateway's. A disagreement beyond the tolerance
+/// (`inference.usage_tolerance_percent` of the gateway's count, at least
+/// `inference.usage_tolerance_tokens`) is an SLA penalty for the node (`usage_mismatch`),
+/// durable and counted in the node's live routing score; the tenant is billed the gateway's count
+/// either way.
+fn check_reported_usage(
+    shared: &Arc<Shared>,
+    node: &NodeEntry,
+    request_id: &str,
+    billed: Usage,
+    reported: Usage,
+) {
+    let cfg = &shared.config.inference;
+    let tolerance = |counted: u32| {
+        (u64::from(counted) * u64::from(cfg.usage_tolerance_percent) / 100)
+            .max(u64::from(cfg.usage_tolerance_tokens))
+    };
+    let mut off = Vec::new();
+    for (field, counted, claimed) in [
+        ("prompt", billed.prompt_tokens, reported.prompt_tokens),
+        (
+            "completion",
+            billed.completion_tokens,
+            reported.completion_tokens,
+        ),
+    ] {
+        if u64::from(counted.abs_diff(claimed)) > tolerance(counted) {
+            shared
+                .metrics
+                .usage_mismatches
+                .get_or_create(&labels([("field", field)]))
+                .inc();
+            off.push(format!(
+                "{field} tokens: node said {claimed}, gateway counted {counted}"
+            ));
+        }
+    }
+    if off.is_empty() {
+        return;
+    }
+    let detail = format!("request {request_id}: {}", off.join("; "));
+    warn!(node = %node.id, %detail, "node misreported usage: penalty");
+    shared
+        .metrics
+        .penalties
+        .get_or_create(&labels([("kind", USAGE_MISMATCH)]))
+        .inc();
+    // The live score reacts now; the durable record feeds the score at the next registration.
+    {
+        let mut d = node.dynamic();
+        d.recent_penalties = d.recent_penalties.saturating_add(1);
+    }
+    shared.registry.refresh(node);
+    let store = shared.store.clone();
+    let (id, operator) = (node.id.clone(), node.operator_id.clone());
+    tokio::task::spawn_blocking(move || {
+        if let Err(e) = store.record_penalty(&id, &operator, now_ms(), USAGE_MISMATCH, 0, &detail) {
+            warn!(error = %e, "usage mismatch penalty not recorded");
+        }
+    });
+}
+
+/// The penalty kind of a node whose usage claims disagree with the gateway's count.
+pub const USAGE_MISMATCH: &str = "usage_mismatch";
 
 /// What a finished request is metered as.
 pub struct Metering<'a> {
@@ -552,7 +874,10 @@ pub struct Metering<'a> {
     pub api: &'static str,
     pub node: Option<&'a NodeEntry>,
     pub outcome: &'static str,
+    /// What the tenant is billed ([`InferStream::billed`]).
     pub usage: Usage,
+    /// What the node claimed ([`InferStream::reported`]); checked against `usage`.
+    pub reported: Option<Usage>,
     pub ttft: Option<Duration>,
     pub started: Instant,
     pub bytes: u64,
@@ -579,10 +904,10 @@ pub fn meter(shared: &Arc<Shared>, m: Metering<'_>) {
         .tokens_out
         .get_or_create(&labels([("model", m.model)]))
         .inc_by(m.usage.completion_tokens as u64);
-    shared.limiter.charge_tokens(
-        m.key,
-        m.usage.prompt_tokens as u64 + m.usage.completion_tokens as u64,
-    );
+    shared.limiter.charge_tokens(m.key, m.usage.total_tokens());
+    if let (Some(node), Some(reported)) = (m.node, m.reported) {
+        check_reported_usage(shared, node, m.request_id, m.usage, reported);
+    }
     let record = UsageRecord {
         id: None,
         at_ms: now_ms(),
@@ -596,6 +921,8 @@ pub fn meter(shared: &Arc<Shared>, m: Metering<'_>) {
         outcome: m.outcome.to_string(),
         prompt_tokens: m.usage.prompt_tokens as u64,
         completion_tokens: m.usage.completion_tokens as u64,
+        node_prompt_tokens: m.reported.map(|u| u64::from(u.prompt_tokens)),
+        node_completion_tokens: m.reported.map(|u| u64::from(u.completion_tokens)),
         ttft_ms: m.ttft.map(|t| t.as_secs_f64() * 1000.0),
         duration_ms: duration.as_secs_f64() * 1000.0,
         // An inference request holds its GPU slot for its whole duration.
@@ -618,16 +945,18 @@ pub fn meter(shared: &Arc<Shared>, m: Metering<'_>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use nearpath_protocol::openai::Endpoint;
 
-    fn key(id: &str) -> ApiKey {
+    fn key(tpm: u32) -> ApiKey {
         ApiKey {
-            id: id.into(),
+            id: "key_1".into(),
             tenant: "t".into(),
-            requests_per_minute: 1,
-            tokens_per_minute: 1,
+            requests_per_minute: 600,
+            tokens_per_minute: tpm,
             created_at_ms: 0,
             revoked: false,
-            prefix: "k".into(),
+            prefix: "npk_".into(),
+            caps: Default::default(),
         }
     }
 
@@ -635,20 +964,86 @@ mod tests {
     fn a_revoked_key_is_not_accepted_from_the_cache() {
         let cache = KeyCache::default();
         let held = cache.revocation("key_a");
-        assert!(cache.put("hash-a".into(), &key("key_a")));
-        assert!(cache.put("hash-b".into(), &key("key_b")));
+        assert!(cache.put("hash-a".into(), &named("key_a")));
+        assert!(cache.put("hash-b".into(), &named("key_b")));
         assert_eq!(cache.get("hash-a").map(|k| k.id), Some("key_a".into()));
         cache.revoke("key_a");
         // Cached entries go, sessions holding the key are told, and an authentication that
         // read the store before the revocation cannot put the key back.
         assert!(cache.get("hash-a").is_none());
         assert!(held.is_cancelled());
-        assert!(!cache.put("hash-a".into(), &key("key_a")));
+        assert!(!cache.put("hash-a".into(), &named("key_a")));
         assert!(cache.get("hash-a").is_none());
         // A session that looks the key up after the revocation ends at once too.
         assert!(cache.revocation("key_a").is_cancelled());
         // Other keys are untouched.
         assert_eq!(cache.get("hash-b").map(|k| k.id), Some("key_b".into()));
         assert!(!cache.revocation("key_b").is_cancelled());
+    }
+
+    fn named(id: &str) -> ApiKey {
+        let mut k = key(1);
+        k.id = id.into();
+        k
+    }
+
+    #[test]
+    fn one_huge_charge_locks_a_key_out_for_at_most_two_minutes() {
+        let limiter = RateLimiter::default();
+        let k = key(6_000);
+        let t0 = Instant::now();
+        assert!(limiter.admit(&k, t0).is_ok());
+        limiter.charge_tokens(&k, 2 * u64::from(u32::MAX));
+        let wait = limiter.admit(&k, t0).expect_err("in debt");
+        assert!(wait <= 120, "{wait} s");
+        assert!(limiter.admit(&k, t0 + Duration::from_secs(wait)).is_ok());
+    }
+
+    #[test]
+    fn concurrency_caps_are_per_key_and_given_back_on_drop() {
+        let limiter = RateLimiter::default();
+        let (a, mut b) = (key(1), key(1));
+        b.id = "key_2".into();
+        let g1 = limiter.acquire(&a, CapKind::Stream, 2).expect("first");
+        let _g2 = limiter.acquire(&a, CapKind::Stream, 2).expect("second");
+        let r = limiter
+            .acquire(&a, CapKind::Stream, 2)
+            .err()
+            .expect("third refused");
+        assert_eq!((r.code, r.cap), ("concurrency_limit_exceeded", "streams"));
+        // Sessions are counted apart from streams, and other keys apart from this one.
+        assert!(limiter.acquire(&a, CapKind::Session, 1).is_ok());
+        assert!(limiter.acquire(&b, CapKind::Stream, 2).is_ok());
+        drop(g1);
+        assert!(limiter.acquire(&a, CapKind::Stream, 2).is_ok());
+    }
+
+    #[test]
+    fn session_starts_refill_over_the_minute() {
+        let limiter = RateLimiter::default();
+        let k = key(1);
+        let t0 = Instant::now();
+        assert!(limiter.admit_session_start(&k, 2, t0).is_ok());
+        assert!(limiter.admit_session_start(&k, 2, t0).is_ok());
+        let r = limiter.admit_session_start(&k, 2, t0).expect_err("third");
+        assert_eq!(r.code, "rate_limit_exceeded");
+        assert_eq!(r.retry_after_s, 30);
+        assert!(limiter
+            .admit_session_start(&k, 2, t0 + Duration::from_secs(30))
+            .is_ok());
+    }
+
+    #[test]
+    fn the_prompt_estimate_is_a_quarter_of_the_input_bytes_rounded_up() {
+        let r = InferenceRequest::parse(
+            Endpoint::Chat,
+            br#"{"model":"m","messages":[{"role":"system","content":"abcde"},{"role":"user","content":"Say something"}]}"#,
+        )
+        .expect("valid");
+        // 5 + 13 bytes.
+        assert_eq!(prompt_token_estimate(&r), 5);
+        let r = InferenceRequest::parse(Endpoint::Completion, br#"{"model":"m","prompt":"abcd"}"#)
+            .expect("valid");
+        assert_eq!(prompt_token_estimate(&r), 1);
     }
 }

@@ -5,6 +5,7 @@ pub mod admin;
 pub mod api;
 pub mod cli;
 pub mod client;
+pub mod client_addr;
 pub mod control;
 pub mod demo;
 pub mod game;

@@ -38,6 +38,17 @@ pub struct Metrics {
     pub game_frames_dropped: Family<Labels, Counter>,
     pub game_failovers: Counter,
     pub geo_reloads: Family<Labels, Counter>,
+    /// Usage writes (records and health probes) that failed to commit; synced from the store's
+    /// writer at scrape time.
+    pub ledger_write_failures: Counter,
+    /// 1 while the usage ledger commits, 0 while it cannot (new work is refused then).
+    pub ledger_healthy: Gauge,
+    /// Requests and session starts refused because the ledger could not commit, by entry point.
+    pub ledger_refusals: Family<Labels, Counter>,
+    /// Node `Done` counts beyond the tolerance from the gateway's, by field.
+    pub usage_mismatches: Family<Labels, Counter>,
+    /// Work refused by a per-key cap, by entry point and cap.
+    pub key_cap_refusals: Family<Labels, Counter>,
 }
 
 impl Default for Metrics {
@@ -69,6 +80,11 @@ impl Metrics {
             game_frames_dropped: Family::default(),
             game_failovers: Counter::default(),
             geo_reloads: Family::default(),
+            ledger_write_failures: Counter::default(),
+            ledger_healthy: Gauge::default(),
+            ledger_refusals: Family::default(),
+            usage_mismatches: Family::default(),
+            key_cap_refusals: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -166,6 +182,32 @@ impl Metrics {
             "GeoIP database reloads by outcome",
             m.geo_reloads.clone(),
         );
+        registry.register(
+            "ledger_write_failures",
+            "Usage ledger writes (records and health probes) that failed to commit",
+            m.ledger_write_failures.clone(),
+        );
+        registry.register(
+            "ledger_healthy",
+            "1 while the usage ledger commits; 0 while it cannot and new work is refused",
+            m.ledger_healthy.clone(),
+        );
+        registry.register(
+            "ledger_refusals",
+            "Requests and session starts refused because the usage ledger cannot commit, by entry point",
+            m.ledger_refusals.clone(),
+        );
+        registry.register(
+            "inference_usage_mismatches",
+            "Node-reported token counts beyond the tolerance from the gateway's own count, by field",
+            m.usage_mismatches.clone(),
+        );
+        registry.register(
+            "key_cap_refusals",
+            "Work refused by a per-key cap, by entry point and cap",
+            m.key_cap_refusals.clone(),
+        );
+        m.ledger_healthy.set(1);
         Metrics { registry, ..m }
     }
 

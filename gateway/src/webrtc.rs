@@ -48,7 +48,8 @@
 //! A session ends on `DELETE`, when the game ends on the node, on gateway shutdown, and when the
 //! browser goes away: the peer connection fails or closes, stays disconnected for 5 s (ICE
 //! reports disconnected after ~5 s without traffic, so a killed browser is noticed in ~10 s),
-//! or never connects within 15 s of the answer. A failover is not an end: the relay moves the
+//! or never connects (ICE and DTLS) within `game.webrtc_connect_timeout_ms` (10 s) of the
+//! answer, which releases its node slot and its key's session cap. A failover is not an end: the relay moves the
 //! session to another node and the same peer connection carries its frames (from an IDR).
 //!
 //! # Data channel `input` (JSON text messages)
@@ -169,8 +170,6 @@ const PLAY_HTML: &str = include_str!("../static/play.html");
 /// Frames waiting for the session task; a full queue drops the newest frame (see
 /// [`FrameSink::Channel`]).
 const FRAME_QUEUE: usize = 8;
-/// A session whose browser has not connected by then is given up (it holds a node slot).
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 /// A connection that stays disconnected (no ICE traffic for ~5 s, then this) is given up,
 /// sooner than the stack's own failure timeout (~25 s more).
 const DISCONNECT_GRACE: Duration = Duration::from_secs(5);
@@ -234,6 +233,17 @@ pub enum WhepError {
     /// Every node that could serve is busy, or none answered (503, retry later).
     #[error("{message}")]
     NoCapacity { message: String },
+    /// A per-key cap refused the session: too many live sessions, or too many starts in the
+    /// last minute (429 with `Retry-After`).
+    #[error("{message}")]
+    KeyCap {
+        code: &'static str,
+        message: String,
+        retry_after_s: u32,
+    },
+    /// The usage ledger cannot commit, so no session may start (503, retry later).
+    #[error("{message}")]
+    LedgerUnavailable { message: String },
     /// Every UDP port of the configured range is taken (503, retry later).
     #[error("no free UDP port in {min}..={max} for WebRTC")]
     NoUdpPort { min: u16, max: u16 },
@@ -292,6 +302,16 @@ impl WhepError {
                 None,
                 self.to_string(),
             ),
+            WhepError::KeyCap { code, .. } => {
+                ApiError::new(429, "rate_limit_error", Some(*code), None, self.to_string())
+            }
+            WhepError::LedgerUnavailable { .. } => ApiError::new(
+                503,
+                "server_error",
+                Some(infer::LEDGER_UNAVAILABLE),
+                None,
+                self.to_string(),
+            ),
             WhepError::NoUdpPort { .. } => ApiError::new(
                 503,
                 "server_error",
@@ -321,6 +341,8 @@ impl WhepError {
     pub fn retry_after_s(&self) -> Option<u32> {
         match self {
             WhepError::NoCapacity { .. } | WhepError::NoUdpPort { .. } => Some(2),
+            WhepError::KeyCap { retry_after_s, .. } => Some(*retry_after_s),
+            WhepError::LedgerUnavailable { .. } => Some(1),
             _ => None,
         }
     }
@@ -336,6 +358,14 @@ impl WhepError {
                 param: None,
             },
             "unauthorized" => WhepError::Unauthorized(ApiError::invalid_api_key()),
+            code @ ("concurrency_limit_exceeded" | "rate_limit_exceeded") => WhepError::KeyCap {
+                code,
+                message: e.message,
+                retry_after_s: e
+                    .retry_after_s
+                    .map_or(1, |s| u32::try_from(s).unwrap_or(u32::MAX)),
+            },
+            infer::LEDGER_UNAVAILABLE => WhepError::LedgerUnavailable { message: e.message },
             _ => WhepError::NoCapacity { message: e.message },
         }
     }
@@ -1480,12 +1510,11 @@ async fn whep_post(
         reason,
         param: None,
     })?;
-    let ip = client_ip(
-        peer.ip(),
-        req.headers(),
-        &shared.config.http.trusted_proxies,
-    );
-    let location = shared.geo.lookup(ip);
+    let client = client_ip(shared, peer.ip(), req.headers());
+    let location = client.locate(&shared.geo);
+    // Sockets are bound for the address packets will come from; with an unknown forwarded
+    // address that is best guessed by the proxy's own.
+    let ip = client.ip().unwrap_or(peer.ip());
     let offer = body_text(req, shared.config.http.max_body_bytes as usize).await?;
     let summary = check_offer(&offer).map_err(|reason| WhepError::BadOffer { reason })?;
     // Route first: a refused client (geofence, no capacity) then costs no sockets. Frames that
@@ -1495,7 +1524,7 @@ async fn whep_post(
         shared,
         &key,
         location,
-        ip.to_string(),
+        client.to_string(),
         "webrtc",
         params.clone(),
         FrameSink::Channel(frames_tx),
@@ -1532,7 +1561,7 @@ async fn whep_post(
     let state = sessions(shared);
     state.insert(handle.clone());
     let answer = negotiated.answer.clone();
-    info!(session = id, game = %params.title, client = %ip, data_channel = summary.has_data_channel, "WHEP session answered");
+    info!(session = id, game = %params.title, client = %client, data_channel = summary.has_data_channel, "WHEP session answered");
     let span = info_span!("webrtc_session", id, game = %params.title);
     tokio::spawn(
         run_session(
@@ -1877,7 +1906,8 @@ async fn run_session(
     let mut sent = SendRate::default();
     // Armed until the browser connects, and again while it is disconnected: a player who does
     // not come (back) must not hold the node's slot.
-    let deadline = tokio::time::sleep(CONNECT_TIMEOUT);
+    let connect_timeout = Duration::from_millis(shared.config.game.webrtc_connect_timeout_ms);
+    let deadline = tokio::time::sleep(connect_timeout);
     tokio::pin!(deadline);
     let mut deadline_armed = true;
     let reason = loop {
@@ -1982,7 +2012,7 @@ async fn run_session(
             _ = &mut deadline, if deadline_armed => {
                 let _ = events.send(ClientEvent::Gone).await;
                 if video.is_none() {
-                    warn!("the browser did not connect within {CONNECT_TIMEOUT:?}");
+                    warn!("the browser did not connect within {connect_timeout:?}");
                     break "connect timeout";
                 }
                 warn!("the browser stayed disconnected for {DISCONNECT_GRACE:?}");

@@ -135,3 +135,33 @@ fn geo_lookup_with_a_corrupt_database_names_the_file() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("corrupt.mmdb"), "{err}");
 }
+
+#[test]
+fn geo_lookup_locates_ipv6_spellings_of_a_sanctioned_ipv4_by_the_ipv4() {
+    // 6to4, Teredo and NAT64 spellings of 175.45.176.1 (KP) used to be unknown.
+    let out = gateway()
+        .args([
+            "geo",
+            "lookup",
+            "2002:af2d:b001::1",
+            "2001:0:4136:e378:8000:0:50d2:4ffe",
+            "64:ff9b::af2d:b001",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3);
+    for (line, kind) in lines.iter().zip(["6to4", "teredo", "nat64"]) {
+        assert_eq!(line["country"], "KP", "{line}");
+        assert_eq!(line["embedded"]["kind"], kind, "{line}");
+        assert_eq!(line["embedded"]["ipv4"], "175.45.176.1", "{line}");
+        assert_eq!(
+            line["decisions"]["cpu"]["serve"]["rule"], "sanctions",
+            "{line}"
+        );
+    }
+}

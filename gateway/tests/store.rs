@@ -42,6 +42,8 @@ fn usage(n: u64, tenant: &str, node: &str, outcome: &str) -> UsageRecord {
         outcome: outcome.to_owned(),
         prompt_tokens: if game { 0 } else { n * 7 % 101 },
         completion_tokens: if game { 0 } else { n * 13 % 211 },
+        node_prompt_tokens: (!game).then_some(n * 7 % 101),
+        node_completion_tokens: (!game).then_some(u64::from(u32::MAX) + n),
         ttft_ms: (!game).then_some(n as f64 * 0.25),
         duration_ms: 10.0 + n as f64,
         gpu_seconds: n as f64 * 0.125,

@@ -16,6 +16,7 @@
 //! length and modification time with those of the open file.
 
 use crate::country::{Continent, Country, Subdivision};
+use crate::embedding::{locatable, Nat64PrefixError, Nat64Prefixes};
 use crate::location::{AnonymousFlags, Coords, Location, Source};
 use arc_swap::ArcSwap;
 use ipnet::IpNet;
@@ -75,6 +76,9 @@ pub enum GeoError {
     /// A `[[geo.overrides]]` entry is malformed.
     #[error("geo override {cidr}: {problem}")]
     BadOverride { cidr: IpNet, problem: String },
+    /// A `geo.nat64_prefixes` entry is malformed.
+    #[error("geo.nat64_prefixes: {0}")]
+    BadNat64Prefix(#[from] Nat64PrefixError),
 }
 
 impl GeoError {
@@ -92,7 +96,8 @@ impl GeoError {
             ),
             GeoError::Corrupt { .. }
             | GeoError::WrongType { .. }
-            | GeoError::BadOverride { .. } => false,
+            | GeoError::BadOverride { .. }
+            | GeoError::BadNat64Prefix(_) => false,
         }
     }
 
@@ -102,7 +107,7 @@ impl GeoError {
             GeoError::Io { path, .. }
             | GeoError::Corrupt { path, .. }
             | GeoError::WrongType { path, .. } => Some(path),
-            GeoError::BadOverride { .. } => None,
+            GeoError::BadOverride { .. } | GeoError::BadNat64Prefix(_) => None,
         }
     }
 }
@@ -664,6 +669,7 @@ pub struct GeoDb {
     database_path: Option<PathBuf>,
     anonymous_path: Option<PathBuf>,
     overrides: Overrides,
+    nat64: Nat64Prefixes,
     state: ArcSwap<State>,
     /// Serialises reloads so that two callers never open the same files twice at once.
     reload_lock: Mutex<()>,
@@ -686,6 +692,7 @@ impl GeoDb {
     /// compiles its overrides. Files are memory-mapped and fully verified.
     pub fn open(config: &GeoConfig) -> Result<Self, GeoError> {
         let overrides = Overrides::compile(config)?;
+        let nat64 = Nat64Prefixes::new(&config.nat64_prefixes)?;
         let location = match &config.database {
             Some(p) => Loaded::open(p, Role::Location)?,
             None => Loaded::embedded()?,
@@ -698,6 +705,7 @@ impl GeoDb {
             database_path: config.database.clone(),
             anonymous_path: config.anonymous_ip_database.clone(),
             overrides,
+            nat64,
             state: ArcSwap::from_pointee(State {
                 location: Arc::new(location),
                 anonymous,
@@ -720,11 +728,17 @@ impl GeoDb {
 
     /// Where `ip` is. Never fails: an address without a record (loopback, private ranges,
     /// unallocated space) or a record that cannot be decoded answers [`Location::UNKNOWN`]
-    /// (country `None`, [`Source::None`]). IPv4-mapped IPv6 addresses (`::ffff:a.b.c.d`) are
-    /// looked up as the IPv4 address, in the overrides and in the database.
+    /// (country `None`, [`Source::None`]).
+    ///
+    /// An IPv6 address that embeds an IPv4 address (IPv4-mapped `::ffff:a.b.c.d`,
+    /// IPv4-compatible `::a.b.c.d`, IPv4-translated `::ffff:0:a.b.c.d`, 6to4 `2002::/16`,
+    /// Teredo `2001::/32`, NAT64 `64:ff9b::/96` and `geo.nat64_prefixes`) is located by that
+    /// IPv4 address, in the overrides, the database and the Anonymous-IP database alike, and
+    /// [`Location::embedded`] says so: see [`crate::embedding`]. This is the one place every
+    /// caller (clients, nodes, `gateway geo lookup`) goes through.
     #[inline]
     pub fn lookup(&self, ip: IpAddr) -> Location {
-        let ip = ip.to_canonical();
+        let (ip, embedded) = locatable(ip, &self.nat64);
         let state = self.state.load();
         let mut loc = match self.overrides.find(ip) {
             Some(o) => *o,
@@ -733,6 +747,7 @@ impl GeoDb {
         if let Some(anon) = &state.anonymous {
             loc.anonymous = self.lookup_anonymous(anon, ip);
         }
+        loc.embedded = embedded;
         loc
     }
 

@@ -15,6 +15,7 @@ mod centroids;
 pub mod country;
 pub mod db;
 pub mod distance;
+pub mod embedding;
 pub mod location;
 pub mod policy;
 mod report;
@@ -24,6 +25,7 @@ pub use db::{
     embedded_database_bytes, DbInfo, GeoDb, GeoError, GeoInfo, ReloadOutcome, ReloadReport, Schema,
 };
 pub use distance::{distance_km, estimated_rtt_ms, EARTH_RADIUS_KM, PATH_STRETCH, RTT_KM_PER_MS};
+pub use embedding::{embedded_ipv4, Embedded, EmbeddingKind, Nat64PrefixError, Nat64Prefixes};
 pub use location::{
     country_centroid, country_continent, known_countries, AnonymousFlags, Coords, Location, Source,
 };

@@ -2,6 +2,7 @@
 
 use crate::centroids::{CentroidRow, CENTROIDS};
 use crate::country::{Continent, Country, Subdivision};
+use crate::embedding::Embedded;
 use nearpath_config::AnonymousFlag;
 use serde::Serialize;
 
@@ -108,6 +109,10 @@ pub struct Location {
     pub coords_source: Source,
     /// Anonymous-IP flags.
     pub anonymous: AnonymousFlags,
+    /// When the address looked up was IPv6 embedding an IPv4 address (6to4, Teredo, NAT64,
+    /// IPv4-mapped, ...), that IPv4 address and the embedding: everything above describes the
+    /// IPv4 address. `None` for a plain address.
+    pub embedded: Option<Embedded>,
 }
 
 impl Location {
@@ -128,6 +133,7 @@ impl Location {
             residential_proxy: false,
             tor_exit_node: false,
         },
+        embedded: None,
     };
 
     /// A location that knows only a country, with its centroid and continent filled in, as a

@@ -15,9 +15,14 @@
 //! 3. `unknown-location`: a side without a country is denied when `unknown_location_controlled`
 //!    (controlled class) or `unknown_location_uncontrolled` (other classes) is `deny`.
 //!
-//! Country rules only look at *known* locations: a side with no country never matches a deny
-//! list and never fails a residency requirement, so that step 3 alone decides about it ("treat
-//! the location as allowed by every country rule" when the policy is `allow`).
+//! Country rules only look at *known* locations, unless the rule says otherwise: with a rule's
+//! `unknown_location = "allow"` (the default), a side with no country never matches its deny
+//! lists and never fails its residency requirement, so that step 3 alone decides about it
+//! ("treat the location as allowed by every country rule" when that policy is `allow`). With
+//! `unknown_location = "deny"` the rule assumes the worst about a side with no country: it is
+//! in every deny list and in the residency client list, and not in the residency node list, so
+//! the rule denies it under its own name, whatever step 3 says. Sanctions rules use this to
+//! fail closed for places no database can name.
 //!
 //! A set member may be a country (`UA`, matching every location in Ukraine) or a subdivision
 //! (`UA-43`, matching only locations whose subdivision is `UA-43`). Subdivisions come only from
@@ -292,6 +297,9 @@ struct CompiledRule {
     deny_client: Option<CountrySet>,
     deny_node: Option<CountrySet>,
     residency: Option<(CountrySet, CountrySet)>,
+    /// `unknown_location = "deny"`: reasons for denying an unknown side; `None` for `allow`,
+    /// under which unknown locations take no part in the rule.
+    unknown_reasons: Option<BuiltinReasons>,
 }
 
 impl CompiledRule {
@@ -565,6 +573,19 @@ impl Policy {
                 Some(r) if !r.trim().is_empty() => Arc::from(r.as_str()),
                 _ => Arc::from(format!("denied by geofence rule {:?}", rule.name)),
             };
+            let unknown_reasons = (rule.unknown_location == UnknownPolicy::Deny).then(|| {
+                let text = |who: &str| {
+                    Arc::from(format!(
+                        "the {who}'s location could not be determined, and geofence rule {:?} \
+                         denies unknown locations",
+                        rule.name
+                    ))
+                };
+                BuiltinReasons {
+                    client: text("client"),
+                    node: text("node"),
+                }
+            });
             if rule.enabled {
                 rules.push(CompiledRule {
                     name: Arc::from(rule.name.as_str()),
@@ -578,6 +599,7 @@ impl Policy {
                     deny_client,
                     deny_node,
                     residency,
+                    unknown_reasons,
                 });
             }
         }
@@ -698,7 +720,8 @@ impl Policy {
             controlled,
             workload,
         };
-        // Only known locations take part in country rules (see the module docs).
+        // Only known locations take part in country rules, except in rules that deny unknown
+        // locations (see the module docs).
         let known_client = client.filter(|l| !l.is_unknown());
         let known_node = node.filter(|l| !l.is_unknown());
         // Onboarding is not for one workload: only rules covering every kind refuse a node.
@@ -708,26 +731,46 @@ impl Policy {
             if rule.workloads & wbits != wbits || !rule.applies_to_class(class) {
                 continue;
             }
-            let deny = |side| Decision::Deny {
+            let deny = |side, reason: &Arc<str>| Decision::Deny {
                 rule: rule.name.clone(),
                 side,
-                reason: rule.reason.clone(),
+                reason: reason.clone(),
                 facts,
             };
-            if let (Some(set), Some(c)) = (&rule.deny_client, known_client) {
+            let (c, n) = match &rule.unknown_reasons {
+                None => (known_client, known_node),
+                Some(_) => (client, node),
+            };
+            // A location reaching here unknown belongs to a rule that assumes the worst.
+            let unknown_deny = |side| {
+                let reasons = rule.unknown_reasons.as_ref();
+                deny(side, &reasons.map_or(rule.reason.clone(), |r| r.get(side)))
+            };
+            if let (Some(set), Some(c)) = (&rule.deny_client, c) {
+                if c.is_unknown() {
+                    return unknown_deny(Side::Client);
+                }
                 if set.contains(c) {
-                    return deny(Side::Client);
+                    return deny(Side::Client, &rule.reason);
                 }
             }
-            if let (Some(set), Some(n)) = (&rule.deny_node, known_node) {
+            if let (Some(set), Some(n)) = (&rule.deny_node, n) {
+                if n.is_unknown() {
+                    return unknown_deny(Side::Node);
+                }
                 if set.contains(n) {
-                    return deny(Side::Node);
+                    return deny(Side::Node, &rule.reason);
                 }
             }
-            if let (Some((cs, ns)), Some(c), Some(n)) = (&rule.residency, known_client, known_node)
-            {
-                if cs.contains(c) && !ns.contains(n) {
-                    return deny(Side::Pair);
+            if let (Some((cs, ns)), Some(c), Some(n)) = (&rule.residency, c, n) {
+                let client_in = c.is_unknown() || cs.contains(c);
+                let node_in = !n.is_unknown() && ns.contains(n);
+                if client_in && !node_in {
+                    return match (c.is_unknown(), n.is_unknown()) {
+                        (true, _) => unknown_deny(Side::Client),
+                        (false, true) => unknown_deny(Side::Node),
+                        (false, false) => deny(Side::Pair, &rule.reason),
+                    };
                 }
             }
         }
@@ -801,6 +844,7 @@ mod tests {
             deny_node_countries: vec![],
             residency_client_countries: vec![],
             residency_node_countries: vec![],
+            unknown_location: UnknownPolicy::Allow,
         }
     }
 
@@ -952,5 +996,41 @@ mod tests {
         assert_eq!(v["facts"]["client_country"], "KP");
         assert_eq!(v["facts"]["node_country"], "US");
         assert_eq!(v["facts"]["workload"], "game");
+    }
+
+    #[test]
+    fn a_rule_denying_unknown_locations_assumes_the_worst() {
+        let mut r = rule("eu-only");
+        r.residency_client_countries = vec!["FR".into()];
+        r.residency_node_countries = vec!["FR".into()];
+        r.unknown_location = UnknownPolicy::Deny;
+        let cfg = GeofenceConfig {
+            rules: vec![r],
+            ..GeofenceConfig::default()
+        };
+        let p = Policy::compile(&cfg).unwrap();
+        let cpu = p.class_id("cpu");
+        let unknown = Location::UNKNOWN;
+        let serve = |c: &Location, n: &Location| p.check_serve(c, n, cpu, WorkloadKind::Game);
+        // An unknown client might be in FR: only an FR node may serve it.
+        assert_eq!(serve(&unknown, &loc("DE")).side(), Some(Side::Client));
+        assert!(serve(&unknown, &loc("FR")).is_allowed());
+        // An unknown node might be outside FR: it may not serve an FR client.
+        let d = serve(&loc("FR"), &unknown);
+        assert_eq!((d.rule(), d.side()), (Some("eu-only"), Some(Side::Node)));
+        assert!(d.reason().unwrap().contains("could not be determined"));
+        // Clients outside the residency list are not the rule's business.
+        assert!(serve(&loc("DE"), &unknown).is_allowed());
+        // Known pairs are judged as before.
+        assert_eq!(serve(&loc("FR"), &loc("DE")).side(), Some(Side::Pair));
+        assert_eq!(
+            serve(&loc("FR"), &loc("DE")).reason(),
+            Some("denied by geofence rule \"eu-only\"")
+        );
+        // Residency does not apply at onboarding, and a client-only check has no node.
+        assert!(p.check_onboard(&unknown, cpu).is_allowed());
+        assert!(p
+            .check_client(&unknown, cpu, WorkloadKind::Game)
+            .is_allowed());
     }
 }

@@ -18,12 +18,16 @@ fn decision_json(d: &Decision) -> Value {
 /// Looks `ip` up and evaluates the policy for each class in `classes`:
 ///
 /// ```json
-/// {"ip","country","subdivision","continent","lat","lon","accuracy_km",
-///  "source":{"country","coords"},"anonymous":{six flags},
+/// {"ip","embedded":null|{"kind","ipv4"},"country","subdivision","continent","lat","lon",
+///  "accuracy_km","source":{"country","coords"},"anonymous":{six flags},
 ///  "decisions":{"<class>":{"controlled":bool,
 ///     "serve":{"allowed","rule","side","reason","by_workload":{"game":{..},"inference":{..}}},
 ///     "onboard":{"allowed","rule","side","reason"}}}}
 /// ```
+///
+/// `embedded` is set when `ip` is an IPv6 address that embeds an IPv4 address (`kind`: one of
+/// `ipv4_mapped`, `ipv4_compatible`, `ipv4_translated`, `6to4`, `teredo`, `nat64`): the
+/// location and decisions are then those of `ipv4`.
 ///
 /// `serve` answers "may a client at this address use this class at all": it is
 /// [`Policy::check_client`], which applies the client-side rules, the anonymous-IP and the
@@ -57,6 +61,7 @@ pub fn lookup_report(db: &GeoDb, policy: &Policy, ip: IpAddr, classes: &[String]
     }
     json!({
         "ip": ip.to_string(),
+        "embedded": loc.embedded,
         "country": loc.country,
         "subdivision": loc.subdivision,
         "continent": loc.continent,

@@ -6,7 +6,8 @@ mod common;
 use common::*;
 use nearpath_config::GeoOverride;
 use nearpath_geo::{
-    country_centroid, known_countries, Country, GeoDb, GeoError, Location, Schema, Source,
+    country_centroid, known_countries, Country, EmbeddingKind, GeoDb, GeoError, Location, Schema,
+    Source,
 };
 use std::collections::BTreeSet;
 
@@ -64,7 +65,14 @@ fn ipv4_mapped_ipv6_is_looked_up_as_ipv4() {
         ("::ffff:175.45.176.1", "175.45.176.1"),
         ("::ffff:127.0.0.1", "127.0.0.1"),
     ] {
-        assert_eq!(db.lookup(ip(mapped)), db.lookup(ip(plain)), "{mapped}");
+        let mut loc = db.lookup(ip(mapped));
+        assert_eq!(
+            loc.embedded.map(|e| (e.kind, e.ipv4.to_string())),
+            Some((EmbeddingKind::Ipv4Mapped, plain.to_string())),
+            "{mapped}"
+        );
+        loc.embedded = None;
+        assert_eq!(loc, db.lookup(ip(plain)), "{mapped}");
     }
     assert_eq!(cc(&db.lookup(ip("::ffff:77.88.8.8"))), Some("RU"));
 }
@@ -407,4 +415,88 @@ fn every_embedded_country_has_a_centroid() {
         }
     }
     assert!(seen.len() > 100, "only {} countries seen", seen.len());
+}
+
+/// IPv6 spellings of the North Korean 175.45.176.1 (af2d:b001): each must be located in KP.
+const KP_EMBEDDINGS: [(&str, EmbeddingKind); 6] = [
+    ("2002:af2d:b001::1", EmbeddingKind::SixToFour),
+    ("2001:0:4136:e378:8000:0:50d2:4ffe", EmbeddingKind::Teredo),
+    ("64:ff9b::af2d:b001", EmbeddingKind::Nat64),
+    ("::175.45.176.1", EmbeddingKind::Ipv4Compatible),
+    ("::ffff:0:175.45.176.1", EmbeddingKind::Ipv4Translated),
+    ("::ffff:175.45.176.1", EmbeddingKind::Ipv4Mapped),
+];
+
+#[test]
+fn addresses_embedding_ipv4_are_located_by_the_ipv4_address() {
+    // Before: 2002:af2d:b001::1 (6to4 of a North Korean address) was unknown, and served every
+    // uncontrolled class, sanctions included.
+    let db = GeoDb::embedded().unwrap();
+    let plain = db.lookup(ip("175.45.176.1"));
+    assert_eq!(cc(&plain), Some("KP"));
+    for (addr, kind) in KP_EMBEDDINGS {
+        let mut loc = db.lookup(ip(addr));
+        assert_eq!(cc(&loc), Some("KP"), "{addr}");
+        let e = loc.embedded.expect("the embedding is reported");
+        assert_eq!(
+            (e.kind, e.ipv4.to_string()),
+            (kind, "175.45.176.1".into()),
+            "{addr}"
+        );
+        loc.embedded = None;
+        assert_eq!(loc, plain, "{addr}");
+    }
+    // A plain IPv6 address is looked up as itself and reports no embedding.
+    let google = db.lookup(ip("2001:4860:4860::8888"));
+    assert_eq!(cc(&google), Some("US"));
+    assert!(google.embedded.is_none());
+    assert!(db.lookup(ip("::1")).embedded.is_none());
+}
+
+#[test]
+fn configured_nat64_prefixes_embed_ipv4_at_every_rfc_6052_length() {
+    for (prefix, addr) in [
+        ("64:ff9b:1::/96", "64:ff9b:1::af2d:b001"),
+        ("2001:db8:122::/48", "2001:db8:122:af2d:b0:100::"),
+        ("2001:db8:100::/40", "2001:db8:1af:2db0:1::"),
+    ] {
+        let without = GeoDb::embedded().unwrap();
+        assert!(without.lookup(ip(addr)).embedded.is_none(), "{addr}");
+        let mut cfg = geo_config(None, None);
+        cfg.nat64_prefixes = vec![prefix.parse().unwrap()];
+        let db = GeoDb::open(&cfg).unwrap();
+        let loc = db.lookup(ip(addr));
+        assert_eq!(cc(&loc), Some("KP"), "{addr} under {prefix}");
+        assert_eq!(loc.embedded.unwrap().kind, EmbeddingKind::Nat64);
+    }
+    let mut cfg = geo_config(None, None);
+    cfg.nat64_prefixes = vec!["64:ff9b:1::/50".parse().unwrap()];
+    assert!(matches!(
+        GeoDb::open(&cfg),
+        Err(GeoError::BadNat64Prefix(_))
+    ));
+}
+
+#[test]
+fn embedded_ipv4_wins_over_records_and_overrides_for_the_ipv6_range() {
+    // A database that aliases 6to4 and Teredo space into its IPv4 tree, as MaxMind's writers
+    // (and mmdb-writer) do, answers for Teredo the *server's* address (bits 32..64, here
+    // 8.8.8.1 in the US), not the client's: the embedded client address must decide. Overrides
+    // and the Anonymous-IP flags are matched by the embedded IPv4 address too.
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = geo_config(Some(write_world(dir.path())), None);
+    cfg.overrides = vec![ovr("10.9.0.0/16", "CU", None)];
+    let db = GeoDb::open(&cfg).unwrap();
+    assert_eq!(cc(&db.lookup(ip("2002:af2d:b001::1"))), Some("KP"));
+    let teredo = "2001:0:808:801:8000:0:50d2:4ffe";
+    let raw = maxminddb::Reader::from_source(std::fs::read(dir.path().join("world.mmdb")).unwrap())
+        .unwrap();
+    let server: Option<serde_json::Value> = raw.lookup(ip(teredo)).unwrap().decode().unwrap();
+    assert_eq!(server.unwrap()["country"]["iso_code"], "US");
+    assert_eq!(cc(&db.lookup(ip(teredo))), Some("KP"));
+    // 6to4 of 10.9.0.1, which only an override knows.
+    let loc = db.lookup(ip("2002:a09:1::1"));
+    assert_eq!(cc(&loc), Some("CU"));
+    assert_eq!(loc.country_source, Source::Override);
+    assert_eq!(loc.embedded.unwrap().kind, EmbeddingKind::SixToFour);
 }

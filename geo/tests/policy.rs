@@ -331,6 +331,7 @@ fn rule(name: &str) -> GeofenceRule {
         deny_node_countries: vec![],
         residency_client_countries: vec![],
         residency_node_countries: vec![],
+        unknown_location: UnknownPolicy::Allow,
     }
 }
 
@@ -507,4 +508,82 @@ fn lookup_report_shape_and_answers() {
     assert_eq!(r["rule"], "no-inference-cn");
     assert_eq!(r["by_workload"]["game"]["allowed"], true);
     assert_eq!(r["by_workload"]["inference"]["allowed"], false);
+}
+
+#[test]
+fn sanctions_see_through_ipv6_addresses_that_embed_a_sanctioned_ipv4() {
+    // 6to4, Teredo and NAT64 spellings of 175.45.176.1 (KP), as a client and as a node, through
+    // the embedded database and through a City database; and in the `geo lookup` report.
+    let dir = tempfile::tempdir().unwrap();
+    let p = default_policy();
+    for db in [GeoDb::embedded().unwrap(), world_db(dir.path())] {
+        let us = db.lookup(ip("8.8.8.8"));
+        for addr in [
+            "2002:af2d:b001::1",
+            "2001:0:4136:e378:8000:0:50d2:4ffe",
+            "64:ff9b::af2d:b001",
+            "::175.45.176.1",
+        ] {
+            let kp = db.lookup(ip(addr));
+            for class in CLASSES {
+                let id = p.class_id(class);
+                assert_deny(
+                    &p.check_serve(&kp, &us, id, Game),
+                    "sanctions",
+                    Side::Client,
+                );
+                assert_deny(&p.check_onboard(&kp, id), "sanctions", Side::Node);
+            }
+            let report = lookup_report(&db, &p, ip(addr), &["cpu".to_string()]);
+            assert_eq!(report["country"], "KP", "{report}");
+            assert_eq!(report["embedded"]["ipv4"], "175.45.176.1", "{report}");
+            assert_eq!(report["decisions"]["cpu"]["serve"]["rule"], "sanctions");
+        }
+        let report = lookup_report(&db, &p, ip("2002:af2d:b001::1"), &[]);
+        assert_eq!(report["embedded"]["kind"], "6to4");
+        let report = lookup_report(&db, &p, ip("8.8.8.8"), &[]);
+        assert!(report["embedded"].is_null(), "{report}");
+    }
+}
+
+#[test]
+fn a_sanctions_rule_with_unknown_location_deny_refuses_unknown_clients_and_nodes() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = world_db(dir.path());
+    let us = db.lookup(ip("8.8.8.8"));
+    let unknown = db.lookup(ip("10.1.2.3"));
+    assert!(unknown.is_unknown());
+    let cpu = |p: &Policy| p.class_id("cpu");
+    // The default: unknown locations take no part in the sanctions rule, and the uncontrolled
+    // unknown-location policy (allow) serves them.
+    let p = default_policy();
+    assert_allow(&p.check_serve(&unknown, &us, cpu(&p), Game));
+    assert_allow(&p.check_onboard(&unknown, cpu(&p)));
+    // With `unknown_location = "deny"` on the sanctions rule, the rule itself refuses them,
+    // under its own name, for every class, while known places are unaffected.
+    let mut cfg = GeofenceConfig::default();
+    cfg.rules[0].unknown_location = UnknownPolicy::Deny;
+    let p = Policy::compile(&cfg).unwrap();
+    for class in CLASSES {
+        let id = p.class_id(class);
+        let d = p.check_serve(&unknown, &us, id, Inference);
+        assert_deny(&d, "sanctions", Side::Client);
+        assert!(
+            d.reason().unwrap().contains("could not be determined"),
+            "{d:?}"
+        );
+        assert_deny(
+            &p.check_serve(&us, &unknown, id, Game),
+            "sanctions",
+            Side::Node,
+        );
+        assert_deny(&p.check_onboard(&unknown, id), "sanctions", Side::Node);
+        assert_deny(
+            &p.check_client(&unknown, id, Game),
+            "sanctions",
+            Side::Client,
+        );
+    }
+    assert_allow(&p.check_serve(&us, &us, cpu(&p), Game));
+    assert_allow(&p.check_onboard(&us, cpu(&p)));
 }

@@ -228,6 +228,34 @@ pub struct ApiKey {
     pub revoked: bool,
     /// The first characters of the secret, for recognising a key in listings.
     pub prefix: String,
+    /// Per-key caps on concurrent work; each `None` means the gateway-wide default.
+    #[serde(default)]
+    pub caps: KeyCaps,
+}
+
+/// Caps on what one API key may hold at once, enforced on every entry point (HTTP and QUIC
+/// inference, QUIC play, WHEP). `None` means the gateway-wide default from the configuration
+/// (`inference.default_max_concurrent_streams`, `game.default_max_concurrent_sessions`,
+/// `game.default_session_starts_per_minute`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyCaps {
+    /// Inference requests in flight at once.
+    pub max_concurrent_streams: Option<u32>,
+    /// Game sessions (native and browser) live at once.
+    pub max_concurrent_sessions: Option<u32>,
+    /// Game sessions started per minute (a token bucket refilled continuously).
+    pub session_starts_per_minute: Option<u32>,
+}
+
+/// A change to an API key's limits through [`Store::update_api_key`]: `None` leaves a field as
+/// it is; for the caps, `Some(None)` resets the field to the gateway-wide default.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ApiKeyUpdate {
+    pub requests_per_minute: Option<u32>,
+    pub tokens_per_minute: Option<u32>,
+    pub max_concurrent_streams: Option<Option<u32>>,
+    pub max_concurrent_sessions: Option<Option<u32>>,
+    pub session_starts_per_minute: Option<Option<u32>>,
 }
 
 /// Accumulated service record of one node; feeds the routing reliability penalty.
@@ -331,15 +359,33 @@ pub struct UsageRecord {
     pub operator_id: String,
     /// The model name or game title.
     pub workload: String,
-    /// `ok`, `error`, `cancelled`, ...; anything but `ok` and `cancelled` counts as an error.
+    /// `ok`, `error`, `cancelled`, ...; anything but `ok`, `cancelled` and `in_progress` counts
+    /// as an error. `in_progress` marks a game session's checkpoint row, rewritten in place every
+    /// `game.usage_checkpoint_ms` and finalised with the session's outcome when it ends.
     pub outcome: String,
+    /// Prompt tokens billed: the gateway's estimate from the prompt's size, never the node's word.
     pub prompt_tokens: u64,
+    /// Completion tokens billed: the pieces the gateway relayed, at most `max_tokens`.
     pub completion_tokens: u64,
+    /// What the node's `Done` claimed, kept beside the billed counts for audits; `None` when
+    /// the node reported nothing (no `Done`, or a game session).
+    pub node_prompt_tokens: Option<u64>,
+    pub node_completion_tokens: Option<u64>,
     pub ttft_ms: Option<f64>,
     pub duration_ms: f64,
     pub gpu_seconds: f64,
     pub frames: u64,
     pub bytes: u64,
+}
+
+/// The usage ledger's state, as [`Store::ledger_health`] reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LedgerHealth {
+    /// False from a failed commit (disk full, I/O error, lock held past the busy timeout) until
+    /// the next successful one; the writer probes with a small write while it is false.
+    pub healthy: bool,
+    /// Usage records and health probes that could not be committed, since the store opened.
+    pub write_failures: u64,
 }
 
 /// Usage totals for one tenant or one node.
@@ -353,7 +399,7 @@ pub struct UsageTotals {
     pub gpu_seconds: f64,
     pub frames: u64,
     pub bytes: u64,
-    /// Records whose outcome is neither `ok` nor `cancelled`.
+    /// Records whose outcome is neither `ok`, `cancelled` nor `in_progress`.
     pub errors: u64,
 }
 
@@ -418,6 +464,8 @@ pub trait Store: Send + Sync + 'static {
     fn list_api_keys(&self) -> Result<Vec<ApiKey>, StoreError>;
     /// Revokes a key; revoking it again is not an error.
     fn revoke_api_key(&self, id: &str) -> Result<(), StoreError>;
+    /// Changes a key's rate limits and caps (see [`ApiKeyUpdate`]) and returns the key.
+    fn update_api_key(&self, id: &str, update: ApiKeyUpdate) -> Result<ApiKey, StoreError>;
 
     /// Adds `delta` to the node's SLA record, creating it if needed, and returns the new record.
     fn sla_apply(
@@ -452,6 +500,17 @@ pub trait Store: Send + Sync + 'static {
     /// Appends a record to the usage ledger and returns its id once it is durably committed
     /// (it survives a crash of the gateway from then on). Concurrent callers share commits.
     fn append_usage(&self, record: UsageRecord) -> Result<i64, StoreError>;
+    /// Replaces the usage record `id` (a game session's checkpoint row) with `record`, durably,
+    /// through the same writer as [`Store::append_usage`]; returns `id`.
+    fn update_usage(&self, id: i64, record: UsageRecord) -> Result<i64, StoreError>;
+    /// Whether the usage ledger can commit now, and how many usage writes have failed so far.
+    /// The gateway refuses new work while the ledger is unhealthy (billing must not fail open).
+    fn ledger_health(&self) -> LedgerHealth {
+        LedgerHealth {
+            healthy: true,
+            write_failures: 0,
+        }
+    }
     /// Totals of the records at or after `since_ms` (all records when `None`).
     fn usage_summary(&self, since_ms: Option<u64>) -> Result<UsageSummary, StoreError>;
     /// The newest `limit` usage records.

@@ -13,7 +13,7 @@
 //! crash, and metered usage is billing data; group commit keeps the cost of `FULL` affordable.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -23,9 +23,10 @@ use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Row, Transactio
 
 use super::{
     check_id, check_measure, check_name, check_text, hash_secret, new_id, new_secret, now_ms,
-    secret_display_prefix, to_i64, ApiKey, EnrolmentToken, KycStatus, Operator, PenaltyEvent,
-    SlaDelta, SlaRecord, Store, StoreError, UsageKind, UsageRecord, UsageSummary, UsageTotals,
-    API_KEY_PREFIX, ENROLMENT_TOKEN_PREFIX, MAX_NAME_CHARS, MAX_SECRET_BYTES,
+    secret_display_prefix, to_i64, ApiKey, ApiKeyUpdate, EnrolmentToken, KeyCaps, KycStatus,
+    LedgerHealth, Operator, PenaltyEvent, SlaDelta, SlaRecord, Store, StoreError, UsageKind,
+    UsageRecord, UsageSummary, UsageTotals, API_KEY_PREFIX, ENROLMENT_TOKEN_PREFIX, MAX_NAME_CHARS,
+    MAX_SECRET_BYTES,
 };
 
 /// How long a connection waits for another connection's lock before failing with a retryable
@@ -41,7 +42,8 @@ const APPLICATION_ID: i32 = 0x4E50_4757;
 const MAX_BATCH: usize = 1024;
 
 /// Schema migrations: `MIGRATIONS[i]` takes `user_version` i to i + 1. Append, never edit.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE operators (
     id             TEXT PRIMARY KEY,
     name           TEXT NOT NULL,
@@ -120,7 +122,22 @@ CREATE TABLE usage_records (
     bytes              INTEGER NOT NULL
 ) STRICT;
 CREATE INDEX usage_records_by_time ON usage_records (at_ms);
-"#];
+"#,
+    // Issue 9: per-key caps (NULL: the gateway-wide default), the node's own usage claims kept
+    // beside the gateway's billed counts, and the row the usage writer rewrites to probe the ledger
+    // while it cannot commit.
+    r#"
+ALTER TABLE api_keys ADD COLUMN max_concurrent_streams INTEGER;
+ALTER TABLE api_keys ADD COLUMN max_concurrent_sessions INTEGER;
+ALTER TABLE api_keys ADD COLUMN session_starts_per_minute INTEGER;
+ALTER TABLE usage_records ADD COLUMN node_prompt_tokens INTEGER;
+ALTER TABLE usage_records ADD COLUMN node_completion_tokens INTEGER;
+CREATE TABLE ledger_probe (
+    id     INTEGER PRIMARY KEY CHECK (id = 1),
+    at_ms  INTEGER NOT NULL
+) STRICT;
+"#,
+];
 
 /// The schema version this build writes and understands.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
@@ -128,14 +145,15 @@ pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 const OPERATOR_COLS: &str = "id, name, kyc_status, created_at_ms, updated_at_ms";
 const TOKEN_COLS: &str = "id, operator_id, created_at_ms, prefix, revoked_at_ms IS NOT NULL";
 const API_KEY_COLS: &str = "id, tenant, requests_per_minute, tokens_per_minute, created_at_ms, \
-     revoked_at_ms IS NOT NULL, prefix";
+     revoked_at_ms IS NOT NULL, prefix, max_concurrent_streams, max_concurrent_sessions, \
+     session_starts_per_minute";
 const SLA_COLS: &str = "node_id, operator_id, first_registered_at_ms, last_seen_at_ms, \
      registered_ms, registrations, sessions_served, sessions_failed, heartbeat_misses, \
      penalty_events, last_rtt_ms";
 const PENALTY_COLS: &str = "id, node_id, operator_id, at_ms, kind, active_sessions, detail";
 const USAGE_COLS: &str = "id, at_ms, kind, request_id, tenant, api_key_id, node_id, operator_id, \
      workload, outcome, prompt_tokens, completion_tokens, ttft_ms, duration_ms, gpu_seconds, \
-     frames, bytes";
+     frames, bytes, node_prompt_tokens, node_completion_tokens";
 
 /// Counters of the usage writer, for metrics: `records / batches` is the mean batch size.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -144,27 +162,52 @@ pub struct WriterStats {
     pub batches: u64,
     /// Usage records committed by the writer.
     pub records: u64,
-    /// Usage records answered with an error.
+    /// Usage records answered with an error, plus failed health probes.
     pub failed: u64,
 }
 
-#[derive(Default)]
+/// How often the writer probes a ledger that failed to commit, to notice that it recovered
+/// while the gateway refuses the work that would otherwise have told it.
+const PROBE_INTERVAL: Duration = Duration::from_millis(500);
+
 struct WriterCounters {
     batches: AtomicU64,
     records: AtomicU64,
     failed: AtomicU64,
     /// Transactions attempted, committed or not (for tests of the retry policy).
     attempts: AtomicU64,
+    /// Cleared by a commit that failed for a reason not about one record, set by the next
+    /// commit (or probe) that succeeds.
+    healthy: AtomicBool,
+}
+
+impl Default for WriterCounters {
+    fn default() -> Self {
+        WriterCounters {
+            batches: AtomicU64::new(0),
+            records: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+            attempts: AtomicU64::new(0),
+            healthy: AtomicBool::new(true),
+        }
+    }
 }
 
 impl WriterCounters {
     fn committed(&self, records: usize) {
         self.batches.fetch_add(1, Ordering::Relaxed);
         self.records.fetch_add(records as u64, Ordering::Relaxed);
+        self.healthy.store(true, Ordering::Release);
     }
 
     fn failed(&self) {
         self.failed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn unhealthy(&self, err: &StoreError) {
+        if self.healthy.swap(false, Ordering::AcqRel) {
+            tracing::error!(error = %err, "usage ledger cannot commit; new work is refused until it can");
+        }
     }
 }
 
@@ -186,6 +229,8 @@ struct UsageRow {
     gpu_seconds: f64,
     frames: i64,
     bytes: i64,
+    node_prompt_tokens: Option<i64>,
+    node_completion_tokens: Option<i64>,
 }
 
 impl UsageRow {
@@ -209,6 +254,14 @@ impl UsageRow {
             completion_tokens: to_i64("completion_tokens", r.completion_tokens)?,
             frames: to_i64("frames", r.frames)?,
             bytes: to_i64("bytes", r.bytes)?,
+            node_prompt_tokens: r
+                .node_prompt_tokens
+                .map(|v| to_i64("node_prompt_tokens", v))
+                .transpose()?,
+            node_completion_tokens: r
+                .node_completion_tokens
+                .map(|v| to_i64("node_completion_tokens", v))
+                .transpose()?,
             ttft_ms: r.ttft_ms,
             duration_ms: r.duration_ms,
             gpu_seconds: r.gpu_seconds,
@@ -223,9 +276,12 @@ impl UsageRow {
     }
 }
 
-/// One `append_usage` call waiting for its batch to commit; `reply` is its one-shot answer.
+/// One `append_usage` (or `update_usage`) call waiting for its batch to commit; `reply` is its
+/// one-shot answer.
 struct Job {
     row: UsageRow,
+    /// The record to replace, for `update_usage`; `None` appends.
+    replace: Option<i64>,
     reply: mpsc::SyncSender<Result<i64, StoreError>>,
 }
 
@@ -356,6 +412,11 @@ fn api_key_from_row(r: &Row<'_>) -> rusqlite::Result<ApiKey> {
         created_at_ms: get_u64(r, 4)?,
         revoked: r.get(5)?,
         prefix: r.get(6)?,
+        caps: KeyCaps {
+            max_concurrent_streams: r.get(7)?,
+            max_concurrent_sessions: r.get(8)?,
+            session_starts_per_minute: r.get(9)?,
+        },
     })
 }
 
@@ -406,6 +467,14 @@ fn usage_from_row(r: &Row<'_>) -> rusqlite::Result<UsageRecord> {
         gpu_seconds: r.get(14)?,
         frames: get_u64(r, 15)?,
         bytes: get_u64(r, 16)?,
+        node_prompt_tokens: r
+            .get::<_, Option<i64>>(17)?
+            .map(|v| u64::try_from(v).map_err(|_| rusqlite::Error::IntegralValueOutOfRange(17, v)))
+            .transpose()?,
+        node_completion_tokens: r
+            .get::<_, Option<i64>>(18)?
+            .map(|v| u64::try_from(v).map_err(|_| rusqlite::Error::IntegralValueOutOfRange(18, v)))
+            .transpose()?,
     })
 }
 
@@ -490,9 +559,28 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
 /// The group-commit loop: blocks for the first job, takes every job already queued behind it,
 /// commits them together and answers each caller. Ends when the store drops its sender, after
 /// committing everything queued before that.
+///
+/// While the ledger is unhealthy the loop also wakes every [`PROBE_INTERVAL`] without a job and
+/// rewrites the one row of `ledger_probe`: the gateway refuses new work meanwhile, so without
+/// the probe nothing would ever tell it that the disk has room again.
 fn writer_loop(mut conn: WriterConn, jobs: mpsc::Receiver<Job>, counters: &WriterCounters) {
     let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
-    while let Ok(first) = jobs.recv() {
+    loop {
+        let first = if counters.healthy.load(Ordering::Acquire) {
+            match jobs.recv() {
+                Ok(job) => job,
+                Err(_) => return,
+            }
+        } else {
+            match jobs.recv_timeout(PROBE_INTERVAL) {
+                Ok(job) => job,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    probe(&mut conn, counters);
+                    continue;
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => return,
+            }
+        };
         batch.push(first);
         while batch.len() < MAX_BATCH {
             match jobs.try_recv() {
@@ -501,6 +589,34 @@ fn writer_loop(mut conn: WriterConn, jobs: mpsc::Receiver<Job>, counters: &Write
             }
         }
         commit_jobs(&mut conn, &mut batch, counters);
+    }
+}
+
+/// One small committed write: proves that the ledger can commit again.
+fn probe(conn: &mut WriterConn, counters: &WriterCounters) {
+    counters.attempts.fetch_add(1, Ordering::Relaxed);
+    let result = conn.with(|c| {
+        let at = saturating_i64(now_ms());
+        let tx = c
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .op("begin ledger probe")?;
+        tx.execute(
+            "INSERT INTO ledger_probe (id, at_ms) VALUES (1, ?1) \
+             ON CONFLICT (id) DO UPDATE SET at_ms = excluded.at_ms",
+            [at],
+        )
+        .op("write ledger probe")?;
+        tx.commit().op("commit ledger probe")
+    });
+    match result {
+        Ok(()) => {
+            counters.healthy.store(true, Ordering::Release);
+            tracing::info!("usage ledger commits again");
+        }
+        Err(e) => {
+            counters.failed();
+            tracing::debug!(error = %e, "usage ledger probe failed");
+        }
     }
 }
 
@@ -520,6 +636,9 @@ fn commit_jobs(conn: &mut WriterConn, batch: &mut Vec<Job>, counters: &WriterCou
             // lock held elsewhere past the busy timeout, a full disk, an I/O error): retrying
             // record by record would fail the same way, once per record, so every caller gets
             // the error now.
+            if !is_record_specific(&err) {
+                counters.unhealthy(&err);
+            }
             let last = batch.pop();
             for job in batch.drain(..) {
                 counters.failed();
@@ -539,9 +658,14 @@ fn commit_jobs(conn: &mut WriterConn, batch: &mut Vec<Job>, counters: &WriterCou
                 let result = conn
                     .with(|c| insert_usage_batch(c, std::slice::from_ref(&job)))
                     .and_then(|ids| ids.first().copied().ok_or(StoreError::Closed));
-                match result {
+                match &result {
                     Ok(_) => counters.committed(1),
-                    Err(_) => counters.failed(),
+                    Err(e) => {
+                        counters.failed();
+                        if !is_record_specific(e) {
+                            counters.unhealthy(e);
+                        }
+                    }
                 }
                 let _ = job.reply.send(result);
             }
@@ -590,7 +714,8 @@ fn same_failure(err: &StoreError) -> StoreError {
     }
 }
 
-/// Inserts the jobs' rows in one IMMEDIATE transaction and commits; returns their ids in order.
+/// Inserts (or, for `update_usage` jobs, rewrites) the jobs' rows in one IMMEDIATE transaction
+/// and commits; returns their ids in order.
 fn insert_usage_batch(conn: &mut Connection, jobs: &[Job]) -> Result<Vec<i64>, StoreError> {
     let tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
@@ -601,12 +726,56 @@ fn insert_usage_batch(conn: &mut Connection, jobs: &[Job]) -> Result<Vec<i64>, S
             .prepare_cached(
                 "INSERT INTO usage_records (at_ms, kind, request_id, tenant, api_key_id, node_id, \
                  operator_id, workload, outcome, prompt_tokens, completion_tokens, ttft_ms, \
-                 duration_ms, gpu_seconds, frames, bytes) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
+                 duration_ms, gpu_seconds, frames, bytes, node_prompt_tokens, \
+                 node_completion_tokens) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, \
+                 ?17, ?18)",
             )
             .op("prepare usage insert")?;
+        let mut update = tx
+            .prepare_cached(
+                "UPDATE usage_records SET at_ms = ?1, kind = ?2, request_id = ?3, tenant = ?4, \
+                 api_key_id = ?5, node_id = ?6, operator_id = ?7, workload = ?8, outcome = ?9, \
+                 prompt_tokens = ?10, completion_tokens = ?11, ttft_ms = ?12, duration_ms = ?13, \
+                 gpu_seconds = ?14, frames = ?15, bytes = ?16, node_prompt_tokens = ?17, \
+                 node_completion_tokens = ?18 WHERE id = ?19",
+            )
+            .op("prepare usage update")?;
         for job in jobs {
             let r = &job.row;
+            if let Some(id) = job.replace {
+                let changed = update
+                    .execute(params![
+                        r.at_ms,
+                        r.kind,
+                        r.request_id,
+                        r.tenant,
+                        r.api_key_id,
+                        r.node_id,
+                        r.operator_id,
+                        r.workload,
+                        r.outcome,
+                        r.prompt_tokens,
+                        r.completion_tokens,
+                        r.ttft_ms,
+                        r.duration_ms,
+                        r.gpu_seconds,
+                        r.frames,
+                        r.bytes,
+                        r.node_prompt_tokens,
+                        r.node_completion_tokens,
+                        id,
+                    ])
+                    .op("update usage record")?;
+                if changed == 0 {
+                    return Err(StoreError::NotFound {
+                        kind: "usage record",
+                        id: id.to_string(),
+                    });
+                }
+                ids.push(id);
+                continue;
+            }
             let id = stmt
                 .insert(params![
                     r.at_ms,
@@ -625,6 +794,8 @@ fn insert_usage_batch(conn: &mut Connection, jobs: &[Job]) -> Result<Vec<i64>, S
                     r.gpu_seconds,
                     r.frames,
                     r.bytes,
+                    r.node_prompt_tokens,
+                    r.node_completion_tokens,
                 ])
                 .op("insert usage record")?;
             ids.push(id);
@@ -762,6 +933,23 @@ impl SqliteStore {
             records: self.counters.records.load(Ordering::Relaxed),
             failed: self.counters.failed.load(Ordering::Relaxed),
         }
+    }
+
+    /// Hands a usage write to the writer thread and waits for its commit.
+    fn write_usage(&self, record: UsageRecord, replace: Option<i64>) -> Result<i64, StoreError> {
+        let row = UsageRow::new(record)?;
+        let writer = self.writer.as_ref().ok_or(StoreError::Closed)?;
+        let (reply, answer) = mpsc::sync_channel(1);
+        writer
+            .send(Job {
+                row,
+                replace,
+                reply,
+            })
+            .map_err(|_| StoreError::Closed)?;
+        // The writer answers only after the batch holding this record has committed (or failed);
+        // if it died instead, the reply sender is dropped and this reports the store closed.
+        answer.recv().map_err(|_| StoreError::Closed)?
     }
 
     /// The main connection, for reads.
@@ -1029,6 +1217,7 @@ impl Store for SqliteStore {
             created_at_ms: now,
             revoked: false,
             prefix: secret_display_prefix(secret),
+            caps: KeyCaps::default(),
         };
         tx.execute(
             "INSERT INTO api_keys (id, tenant, secret_hash, prefix, requests_per_minute, \
@@ -1093,6 +1282,80 @@ impl Store for SqliteStore {
             });
         }
         Ok(())
+    }
+
+    fn update_api_key(&self, id: &str, update: ApiKeyUpdate) -> Result<ApiKey, StoreError> {
+        // A cap of 0 would lock the key out silently; revoking it says so.
+        for (field, v) in [
+            ("requests_per_minute", update.requests_per_minute),
+            ("tokens_per_minute", update.tokens_per_minute),
+            (
+                "max_concurrent_streams",
+                update.max_concurrent_streams.flatten(),
+            ),
+            (
+                "max_concurrent_sessions",
+                update.max_concurrent_sessions.flatten(),
+            ),
+            (
+                "session_starts_per_minute",
+                update.session_starts_per_minute.flatten(),
+            ),
+        ] {
+            if v == Some(0) {
+                return Err(StoreError::Invalid {
+                    field,
+                    message: "must be at least 1 (revoke the key to stop it)".into(),
+                });
+            }
+        }
+        let mut conn = self.write_conn();
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .op("begin update api key")?;
+        let mut key = tx
+            .query_row(
+                &format!("SELECT {API_KEY_COLS} FROM api_keys WHERE id = ?1"),
+                [id],
+                api_key_from_row,
+            )
+            .optional()
+            .op("look up api key")?
+            .ok_or_else(|| StoreError::NotFound {
+                kind: "api_key",
+                id: id.to_owned(),
+            })?;
+        if let Some(v) = update.requests_per_minute {
+            key.requests_per_minute = v;
+        }
+        if let Some(v) = update.tokens_per_minute {
+            key.tokens_per_minute = v;
+        }
+        if let Some(v) = update.max_concurrent_streams {
+            key.caps.max_concurrent_streams = v;
+        }
+        if let Some(v) = update.max_concurrent_sessions {
+            key.caps.max_concurrent_sessions = v;
+        }
+        if let Some(v) = update.session_starts_per_minute {
+            key.caps.session_starts_per_minute = v;
+        }
+        tx.execute(
+            "UPDATE api_keys SET requests_per_minute = ?2, tokens_per_minute = ?3, \
+             max_concurrent_streams = ?4, max_concurrent_sessions = ?5, \
+             session_starts_per_minute = ?6 WHERE id = ?1",
+            params![
+                id,
+                key.requests_per_minute,
+                key.tokens_per_minute,
+                key.caps.max_concurrent_streams,
+                key.caps.max_concurrent_sessions,
+                key.caps.session_starts_per_minute,
+            ],
+        )
+        .op("update api key")?;
+        tx.commit().op("commit api key update")?;
+        Ok(key)
     }
 
     fn sla_apply(
@@ -1237,15 +1500,18 @@ impl Store for SqliteStore {
     }
 
     fn append_usage(&self, record: UsageRecord) -> Result<i64, StoreError> {
-        let row = UsageRow::new(record)?;
-        let writer = self.writer.as_ref().ok_or(StoreError::Closed)?;
-        let (reply, answer) = mpsc::sync_channel(1);
-        writer
-            .send(Job { row, reply })
-            .map_err(|_| StoreError::Closed)?;
-        // The writer answers only after the batch holding this record has committed (or failed);
-        // if it died instead, the reply sender is dropped and this reports the store closed.
-        answer.recv().map_err(|_| StoreError::Closed)?
+        self.write_usage(record, None)
+    }
+
+    fn update_usage(&self, id: i64, record: UsageRecord) -> Result<i64, StoreError> {
+        self.write_usage(record, Some(id))
+    }
+
+    fn ledger_health(&self) -> LedgerHealth {
+        LedgerHealth {
+            healthy: self.counters.healthy.load(Ordering::Acquire),
+            write_failures: self.counters.failed.load(Ordering::Relaxed),
+        }
     }
 
     fn usage_summary(&self, since_ms: Option<u64>) -> Result<UsageSummary, StoreError> {
@@ -1258,7 +1524,7 @@ impl Store for SqliteStore {
                 .prepare_cached(&format!(
                     "SELECT {group}, count(*), sum(prompt_tokens), sum(completion_tokens), \
                      total(gpu_seconds), sum(frames), sum(bytes), \
-                     sum(outcome NOT IN ('ok', 'cancelled')) \
+                     sum(outcome NOT IN ('ok', 'cancelled', 'in_progress')) \
                      FROM usage_records WHERE at_ms >= ?1 {filter} \
                      GROUP BY {group} ORDER BY {group}"
                 ))
@@ -1311,6 +1577,8 @@ mod tests {
             gpu_seconds: 0.5,
             frames: 0,
             bytes: 0,
+            node_prompt_tokens: None,
+            node_completion_tokens: None,
         }
     }
 
@@ -1350,7 +1618,11 @@ mod tests {
                 row.kind = "bogus";
             }
             let (reply, answer) = mpsc::sync_channel(1);
-            batch.push(Job { row, reply });
+            batch.push(Job {
+                row,
+                replace: None,
+                reply,
+            });
             answers.push(answer);
         }
         commit_jobs(&mut conn, &mut batch, &counters);
@@ -1408,6 +1680,7 @@ mod tests {
             let (reply, answer) = mpsc::sync_channel(1);
             batch.push(Job {
                 row: UsageRow::new(record(n)).expect("valid"),
+                replace: None,
                 reply,
             });
             answers.push(answer);
@@ -1425,5 +1698,101 @@ mod tests {
             "a lock is not worth retrying record by record"
         );
         assert_eq!(counters.failed.load(Ordering::Relaxed), 5);
+    }
+
+    /// Polls `cond` for up to five seconds.
+    fn within_5s(cond: impl Fn() -> bool) -> bool {
+        let start = std::time::Instant::now();
+        while start.elapsed() < Duration::from_secs(5) {
+            if cond() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        false
+    }
+
+    #[test]
+    fn a_ledger_that_cannot_commit_is_unhealthy_until_a_probe_commits() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("ledger.db");
+        let store =
+            SqliteStore::open_with_busy_timeout(&path, Duration::from_millis(20)).expect("open");
+        assert!(store.append_usage(record(1)).is_ok());
+        assert!(store.ledger_health().healthy);
+        let holder = Connection::open(&path).expect("holder");
+        holder.execute_batch("BEGIN IMMEDIATE").expect("lock");
+        assert!(store.append_usage(record(2)).is_err());
+        let h = store.ledger_health();
+        assert!(!h.healthy, "{h:?}");
+        assert!(h.write_failures >= 1, "{h:?}");
+        // Probes keep failing (and counting) while the lock is held.
+        assert!(within_5s(|| store.ledger_health().write_failures >= 2));
+        assert!(!store.ledger_health().healthy);
+        holder.execute_batch("ROLLBACK").expect("unlock");
+        // No usage write is needed to notice the recovery: the probe does.
+        assert!(within_5s(|| store.ledger_health().healthy));
+        assert!(store.append_usage(record(3)).is_ok());
+        assert_eq!(store.list_usage(10).expect("list").len(), 2);
+    }
+
+    #[test]
+    fn a_full_database_marks_the_ledger_unhealthy() {
+        let mut conn = Connection::open_in_memory().expect("open");
+        migrate(&mut conn, Path::new(":memory:")).expect("migrate");
+        let pages: i64 = conn
+            .query_row("PRAGMA page_count", [], |r| r.get(0))
+            .expect("page_count");
+        // What a full disk looks like to SQLite: no page can be added (SQLITE_FULL).
+        let _: i64 = conn
+            .query_row(&format!("PRAGMA max_page_count = {pages}"), [], |r| {
+                r.get(0)
+            })
+            .expect("max_page_count");
+        let mut conn = WriterConn {
+            kind: WriterConnKind::Own(conn),
+            gate: Arc::new(Mutex::new(())),
+        };
+        let counters = WriterCounters::default();
+        let mut batch = Vec::new();
+        let mut answers = Vec::new();
+        for n in 0..50 {
+            let mut r = record(n);
+            r.workload = "w".repeat(4000);
+            let (reply, answer) = mpsc::sync_channel(1);
+            batch.push(Job {
+                row: UsageRow::new(r).expect("valid"),
+                replace: None,
+                reply,
+            });
+            answers.push(answer);
+        }
+        commit_jobs(&mut conn, &mut batch, &counters);
+        for a in &answers {
+            assert!(a.recv().expect("answered").is_err());
+        }
+        assert!(!counters.healthy.load(Ordering::Acquire));
+        assert_eq!(counters.failed.load(Ordering::Relaxed), 50);
+    }
+
+    #[test]
+    fn update_usage_rewrites_a_record_in_place() {
+        let store = SqliteStore::open_in_memory().expect("open");
+        let mut r = record(1);
+        r.outcome = "in_progress".into();
+        let id = store.append_usage(r.clone()).expect("append");
+        r.outcome = "ok".into();
+        r.frames = 42;
+        r.node_completion_tokens = Some(7);
+        assert_eq!(store.update_usage(id, r).expect("update"), id);
+        let rows = store.list_usage(10).expect("list");
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].id, Some(id));
+        assert_eq!((rows[0].outcome.as_str(), rows[0].frames), ("ok", 42));
+        assert_eq!(rows[0].node_completion_tokens, Some(7));
+        assert!(matches!(
+            store.update_usage(id + 1, record(2)),
+            Err(StoreError::NotFound { .. })
+        ));
     }
 }

@@ -151,7 +151,18 @@ pub async fn serve_gateway(args: GatewayArgs) -> anyhow::Result<()> {
         Arc::new(SqliteStore::open(&path).with_context(|| format!("opening {}", path.display()))?);
     let operator = store.create_operator("bench-operator", KycStatus::Verified)?;
     let (_, token) = store.create_enrolment_token(&operator.id)?;
-    store.insert_api_key_secret(API_KEY, "bench-tenant", 1_000_000_000, 4_000_000_000)?;
+    let key = store.insert_api_key_secret(API_KEY, "bench-tenant", 1_000_000_000, 4_000_000_000)?;
+    // The benchmarks load the gateway through this one key: its per-key caps must not be what
+    // they measure.
+    store.update_api_key(
+        &key.id,
+        nearpath_gateway::store::ApiKeyUpdate {
+            max_concurrent_streams: Some(Some(u32::MAX)),
+            max_concurrent_sessions: Some(Some(u32::MAX)),
+            session_starts_per_minute: Some(Some(u32::MAX)),
+            ..Default::default()
+        },
+    )?;
     let cert = nearpath_gateway::tls::self_signed(&["localhost", "127.0.0.1"])?;
     let sha = nearpath_protocol::tls::sha256_hex(&cert.sha256);
     let gw = Gateway::with_parts(

@@ -487,6 +487,77 @@ pub fn metric(page: &str, prefix: &str) -> Option<f64> {
 }
 
 impl RawNode {
+    /// A raw node registered for `games` with room for `game_sessions` (and the model `m`), so
+    /// that tests can hold game sessions without encoding video.
+    pub async fn connect_games(
+        gw: &TestGateway,
+        id: &str,
+        from: IpAddr,
+        class: &str,
+        games: &[&str],
+        game_sessions: u32,
+    ) -> RawNode {
+        let cfg = client_config(ServerVerify::PinnedSha256(gw.sha), &[ALPN_NODE]).unwrap();
+        let (endpoint, _) =
+            nearpath_protocol::net::client_endpoint(SocketAddr::new(from, 0), cfg, 1 << 20)
+                .unwrap();
+        let conn = endpoint
+            .connect(gw.addrs.quic, "localhost")
+            .unwrap()
+            .await
+            .unwrap();
+        let (mut send_half, recv) = conn.open_bi().await.unwrap();
+        let reg = Register {
+            protocol_version: PROTOCOL_VERSION,
+            node_id: id.into(),
+            enrolment_token: gw.token.clone(),
+            software_version: "0.1.0".into(),
+            gpus: vec![Gpu {
+                model: class.into(),
+                class: class.into(),
+                vram_mib: 1,
+            }],
+            workloads: Workloads {
+                games: games.iter().map(|g| g.to_string()).collect(),
+                models: vec!["m".into()],
+            },
+            capacity: Capacity {
+                game_sessions,
+                inference_concurrency: 4,
+            },
+        };
+        send(&mut send_half, &Message::Register(reg)).await.unwrap();
+        let mut recv = FramedRecv::new(recv, MAX_CONTROL_FRAME);
+        let first = recv.next().await.unwrap().unwrap();
+        RawNode {
+            endpoint,
+            conn,
+            send: send_half,
+            recv,
+            first,
+            seq: 0,
+        }
+    }
+
+    /// Keeps the raw node alive (heartbeats every 50 ms) until the returned task is aborted;
+    /// the node's connection stays usable through the clone in `conn`.
+    pub fn keep_alive(mut self) -> tokio::task::JoinHandle<RawNode> {
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(50));
+            loop {
+                tick.tick().await;
+                if tokio::time::timeout(Duration::from_secs(2), self.heartbeat(0))
+                    .await
+                    .is_err()
+                {
+                    return self;
+                }
+            }
+        })
+    }
+}
+
+impl RawNode {
     /// A raw node registering with `token` (not necessarily the gateway's first one), serving
     /// `games` and `models`, with room for 4 game sessions and 4 inference streams.
     pub async fn connect_with(
