@@ -6,16 +6,26 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 fn example_config() -> String {
-    concat!(env!("CARGO_MANIFEST_DIR"), "/../config/examples/edge-node.toml").to_string()
+    concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../config/examples/edge-node.toml"
+    )
+    .to_string()
 }
 
 fn serve(listen: &str, key: Option<&str>) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_edge-node"));
-    cmd.args(["serve-openai", "--config", &example_config(), "--listen", listen])
-        .env_remove("NEARPATH_OPENAI_API_KEY")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
+    cmd.args([
+        "serve-openai",
+        "--config",
+        &example_config(),
+        "--listen",
+        listen,
+    ])
+    .env_remove("NEARPATH_OPENAI_API_KEY")
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped());
     if let Some(k) = key {
         cmd.env("NEARPATH_OPENAI_API_KEY", k);
     }
@@ -72,7 +82,10 @@ fn get_models(addr: &str, key: Option<&str>) -> String {
 fn serve_openai_without_a_key_refuses_a_non_loopback_address() {
     let out = serve("0.0.0.0:0", None).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "started keyless on 0.0.0.0: {stderr}");
+    assert!(
+        !out.status.success(),
+        "started keyless on 0.0.0.0: {stderr}"
+    );
     assert!(stderr.contains("--api-key-file"), "{stderr}");
     assert!(stderr.contains("NEARPATH_OPENAI_API_KEY"), "{stderr}");
     assert!(stderr.contains("0.0.0.0"), "{stderr}");
@@ -81,7 +94,10 @@ fn serve_openai_without_a_key_refuses_a_non_loopback_address() {
 #[test]
 fn serve_openai_stays_keyless_on_loopback_and_takes_a_key_elsewhere() {
     let (_loopback, addr) = start("127.0.0.1:0", None);
-    assert!(get_models(&addr, None).contains(" 200 "), "keyless loopback");
+    assert!(
+        get_models(&addr, None).contains(" 200 "),
+        "keyless loopback"
+    );
 
     // Any address but loopback with a key from the environment: the key is required.
     let (_open, addr) = start("0.0.0.0:0", Some("sk-node-test"));

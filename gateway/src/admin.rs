@@ -3,11 +3,11 @@
 //! `/healthz` and `/metrics` need no token: the admin listener belongs on an internal network,
 //! where Prometheus scrapes without credentials.
 
+use crate::control::revoke_nodes;
 use crate::http_util::{
     bearer, ct_eq, error, json, read_body, with_type, BodyError, Handler, Resp,
 };
 use crate::metrics::labels;
-use crate::control::revoke_nodes;
 use crate::registry::{ControlCmd, Revocation};
 use crate::server::Shared;
 use crate::store::{ApiKeyUpdate, KycStatus, StoreError};

@@ -450,7 +450,9 @@ async fn control_loop(
         "node left"
     );
     match (cause, entry.revocation()) {
-        (LeaveCause::Revoked, Some(r)) => entry.conn.close(app_code::CLOSE_REVOKED, r.code.as_bytes()),
+        (LeaveCause::Revoked, Some(r)) => {
+            entry.conn.close(app_code::CLOSE_REVOKED, r.code.as_bytes())
+        }
         (LeaveCause::Kicked | LeaveCause::GatewayShutdown, _) => {
             entry.conn.close(0u32.into(), cause.as_str().as_bytes())
         }

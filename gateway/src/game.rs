@@ -591,7 +591,8 @@ async fn drive(
                 let close = Message::Close(nearpath_protocol::message::Close {
                     reason: "key_revoked".into(),
                 });
-                match tokio::time::timeout(REVOKE_SEND_BOUND, send(&mut attached.tx, &close)).await {
+                match tokio::time::timeout(REVOKE_SEND_BOUND, send(&mut attached.tx, &close)).await
+                {
                     Ok(Ok(())) => {
                         let _ = attached.tx.finish();
                     }

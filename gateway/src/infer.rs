@@ -516,7 +516,9 @@ impl InferStream {
     /// the client is told in band.
     fn end_revoked(&mut self) -> StreamEvent {
         if !self.finished {
-            let _ = self.send.reset(nearpath_protocol::app_code::STREAM_CANCELLED);
+            let _ = self
+                .send
+                .reset(nearpath_protocol::app_code::STREAM_CANCELLED);
             let _ = self
                 .framed
                 .get_mut()

@@ -600,13 +600,24 @@ mod tests {
         let nearpath: Vec<&&str> = vars.keys().filter(|k| k.starts_with("NEARPATH_")).collect();
         assert_eq!(
             nearpath,
-            [&"NEARPATH_FPS", &"NEARPATH_HEIGHT", &"NEARPATH_TITLE", &"NEARPATH_WIDTH"]
+            [
+                &"NEARPATH_FPS",
+                &"NEARPATH_HEIGHT",
+                &"NEARPATH_TITLE",
+                &"NEARPATH_WIDTH"
+            ]
         );
     }
 
     #[test]
     fn only_allowed_variables_pass() {
-        for ok in ["PATH", "LC_CTYPE", "DISPLAY", "XDG_RUNTIME_DIR", "CUDA_VISIBLE_DEVICES"] {
+        for ok in [
+            "PATH",
+            "LC_CTYPE",
+            "DISPLAY",
+            "XDG_RUNTIME_DIR",
+            "CUDA_VISIBLE_DEVICES",
+        ] {
             assert!(env_allowed(ok), "{ok}");
         }
         for no in [

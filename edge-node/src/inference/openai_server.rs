@@ -465,7 +465,12 @@ pub(super) mod tests {
             api_key: Some(String::new()),
             ..ServerOptions::default()
         };
-        for open in ["0.0.0.0:8000", "[::]:8000", "192.0.2.7:8000", "[2001:db8::1]:80"] {
+        for open in [
+            "0.0.0.0:8000",
+            "[::]:8000",
+            "192.0.2.7:8000",
+            "[2001:db8::1]:80",
+        ] {
             let addr: SocketAddr = open.parse().unwrap();
             let err = check_exposure(addr, &keyless).unwrap_err().to_string();
             assert!(err.contains("--api-key-file"), "{err}");
@@ -473,7 +478,12 @@ pub(super) mod tests {
             assert!(check_exposure(addr, &empty_key).is_err(), "{open}");
             check_exposure(addr, &keyed).unwrap();
         }
-        for local in ["127.0.0.1:8000", "127.3.4.5:1", "[::1]:8000", "[::ffff:127.0.0.1]:80"] {
+        for local in [
+            "127.0.0.1:8000",
+            "127.3.4.5:1",
+            "[::1]:8000",
+            "[::ffff:127.0.0.1]:80",
+        ] {
             check_exposure(local.parse().unwrap(), &keyless).unwrap();
         }
     }

@@ -74,15 +74,26 @@ async fn revoking_an_enrolment_token_disconnects_its_nodes_within_1s() {
     let gw = TestGateway::start(slow_heartbeats).await;
     let token_id = first_token_id(&gw);
     let (status, other) = gw
-        .admin_post(&format!("/admin/operators/{}/tokens", gw.operator_id), json!({}))
+        .admin_post(
+            &format!("/admin/operators/{}/tokens", gw.operator_id),
+            json!({}),
+        )
         .await;
     assert_eq!(status, 201, "{other}");
     let other_token = other["token"].as_str().unwrap().to_string();
 
     let mut revoked = RawNode::connect_with(&gw, "tok-a", ip(DE), &gw.token, &[], &["m"]).await;
-    assert!(matches!(revoked.first, Message::Registered(_)), "{:?}", revoked.first);
+    assert!(
+        matches!(revoked.first, Message::Registered(_)),
+        "{:?}",
+        revoked.first
+    );
     let mut kept = RawNode::connect_with(&gw, "tok-b", ip(DE), &other_token, &[], &["m"]).await;
-    assert!(matches!(kept.first, Message::Registered(_)), "{:?}", kept.first);
+    assert!(
+        matches!(kept.first, Message::Registered(_)),
+        "{:?}",
+        kept.first
+    );
 
     let (status, body) = gw
         .admin_post(&format!("/admin/tokens/{token_id}/revoke"), json!({}))
@@ -116,11 +127,18 @@ async fn revoking_an_enrolment_token_disconnects_its_nodes_within_1s() {
 async fn suspending_an_operator_disconnects_its_nodes_with_the_reason_within_1s() {
     let gw = TestGateway::start(slow_heartbeats).await;
     let mut node = RawNode::connect_with(&gw, "op-node", ip(DE), &gw.token, &[], &["m"]).await;
-    assert!(matches!(node.first, Message::Registered(_)), "{:?}", node.first);
+    assert!(
+        matches!(node.first, Message::Registered(_)),
+        "{:?}",
+        node.first
+    );
     node.heartbeat(0).await;
 
     let (status, body) = gw
-        .admin_post(&format!("/admin/operators/{}/suspend", gw.operator_id), json!({}))
+        .admin_post(
+            &format!("/admin/operators/{}/suspend", gw.operator_id),
+            json!({}),
+        )
         .await;
     let t0 = Instant::now();
     assert_eq!(status, 200, "{body}");
@@ -140,7 +158,9 @@ async fn suspending_an_operator_disconnects_its_nodes_with_the_reason_within_1s(
 
 /// Creates an API key through the admin API; returns (secret, id).
 async fn new_key(gw: &TestGateway, tenant: &str) -> (String, String) {
-    let (status, body) = gw.admin_post("/admin/api-keys", json!({"tenant": tenant})).await;
+    let (status, body) = gw
+        .admin_post("/admin/api-keys", json!({"tenant": tenant}))
+        .await;
     assert_eq!(status, 201, "{body}");
     (
         body["key"].as_str().unwrap().to_string(),
@@ -180,7 +200,11 @@ async fn node_stream_reset(rx: &mut FramedRecv) {
 async fn revoking_an_api_key_ends_its_inference_streams_within_1s() {
     let gw = TestGateway::start(slow_heartbeats).await;
     let node = RawNode::connect_with(&gw, "inf-1", ip(DE), &gw.token, &[], &["m"]).await;
-    assert!(matches!(node.first, Message::Registered(_)), "{:?}", node.first);
+    assert!(
+        matches!(node.first, Message::Registered(_)),
+        "{:?}",
+        node.first
+    );
     let (key, key_id) = new_key(&gw, "tenant-revoked").await;
     let body = json!({"model": "m", "stream": true, "max_tokens": 1000,
         "messages": [{"role": "user", "content": "hi"}]})
@@ -193,7 +217,10 @@ async fn revoking_an_api_key_ends_its_inference_streams_within_1s() {
     let (mut http_tx, mut http_rx, open) = node.accept_session().await;
     assert!(matches!(open.kind, SessionKind::Inference { .. }));
     token(&mut http_tx, 0).await;
-    let resp = tokio::time::timeout(Duration::from_secs(10), http).await.unwrap().unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(10), http)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(resp.status(), 200);
     let mut sse = resp.into_body();
     let mut seen = String::new();
@@ -210,8 +237,14 @@ async fn revoking_an_api_key_ends_its_inference_streams_within_1s() {
     let mut quic = client.infer(&key, &body).await.unwrap();
     let (mut quic_tx, mut quic_rx, _) = node.accept_session().await;
     token(&mut quic_tx, 0).await;
-    assert!(matches!(quic.next().await.unwrap(), Some(InferEvent::Started(_))));
-    assert!(matches!(quic.next().await.unwrap(), Some(InferEvent::Token(_))));
+    assert!(matches!(
+        quic.next().await.unwrap(),
+        Some(InferEvent::Started(_))
+    ));
+    assert!(matches!(
+        quic.next().await.unwrap(),
+        Some(InferEvent::Token(_))
+    ));
 
     let (status, b) = gw
         .admin_post(&format!("/admin/api-keys/{key_id}/revoke"), json!({}))
@@ -246,7 +279,11 @@ async fn revoking_an_api_key_ends_its_inference_streams_within_1s() {
     let event: Value = tail
         .lines()
         .filter_map(|l| l.strip_prefix("data: "))
-        .find_map(|d| serde_json::from_str::<Value>(d).ok().filter(|v| v.get("error").is_some()))
+        .find_map(|d| {
+            serde_json::from_str::<Value>(d)
+                .ok()
+                .filter(|v| v.get("error").is_some())
+        })
         .unwrap_or_else(|| panic!("no error event in {tail:?}"));
     assert_eq!(event["error"]["code"], "key_revoked", "{event}");
     match quic_end {
@@ -277,7 +314,9 @@ async fn whep_offer(url: String, key: String) -> (u16, String) {
         .uri(url)
         .header("authorization", format!("Bearer {key}"))
         .header("content-type", "application/sdp")
-        .body(http_body_util::Full::new(bytes::Bytes::from(CHROMIUM_OFFER)))
+        .body(http_body_util::Full::new(bytes::Bytes::from(
+            CHROMIUM_OFFER,
+        )))
         .unwrap();
     let resp = client.request(req).await.unwrap();
     let status = resp.status().as_u16();
@@ -304,7 +343,11 @@ async fn node_told_to_close(rx: &mut FramedRecv) -> String {
 async fn revoking_an_api_key_ends_its_game_sessions_within_1s() {
     let gw = TestGateway::start(slow_heartbeats).await;
     let node = RawNode::connect_with(&gw, "game-1", ip(DE), &gw.token, &["arena"], &[]).await;
-    assert!(matches!(node.first, Message::Registered(_)), "{:?}", node.first);
+    assert!(
+        matches!(node.first, Message::Registered(_)),
+        "{:?}",
+        node.first
+    );
     let (key, key_id) = new_key(&gw, "tenant-revoked").await;
 
     // A native player.
@@ -323,7 +366,10 @@ async fn revoking_an_api_key_ends_its_game_sessions_within_1s() {
     });
     let (_native_tx, mut native_rx, open) = node.accept_session().await;
     assert!(matches!(open.kind, SessionKind::Game(_)));
-    let (_client, session) = tokio::time::timeout(Duration::from_secs(10), play).await.unwrap().unwrap();
+    let (_client, session) = tokio::time::timeout(Duration::from_secs(10), play)
+        .await
+        .unwrap()
+        .unwrap();
     let mut session = session.unwrap();
 
     // A browser player (WHEP); its browser never needs to connect for the session to exist.
@@ -332,9 +378,18 @@ async fn revoking_an_api_key_ends_its_game_sessions_within_1s() {
         key.clone(),
     ));
     let (_web_tx, mut web_rx, _) = node.accept_session().await;
-    let (status, answer) = tokio::time::timeout(Duration::from_secs(20), whep).await.unwrap().unwrap();
+    let (status, answer) = tokio::time::timeout(Duration::from_secs(20), whep)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(status, 201, "{answer}");
-    assert_eq!(gw.admin_get("/admin/sessions").await["data"].as_array().unwrap().len(), 2);
+    assert_eq!(
+        gw.admin_get("/admin/sessions").await["data"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
 
     let (status, b) = gw
         .admin_post(&format!("/admin/api-keys/{key_id}/revoke"), json!({}))
@@ -361,12 +416,18 @@ async fn revoking_an_api_key_ends_its_game_sessions_within_1s() {
     // And both are gone from the gateway, the browser's peer connection included.
     let start = Instant::now();
     loop {
-        let live = gw.admin_get("/admin/sessions").await["data"].as_array().unwrap().len();
+        let live = gw.admin_get("/admin/sessions").await["data"]
+            .as_array()
+            .unwrap()
+            .len();
         let peers = nearpath_gateway::webrtc::sessions(&gw.shared).len();
         if live == 0 && peers == 0 {
             break;
         }
-        assert!(start.elapsed() < BOUND * 2, "{live} sessions and {peers} peers still live");
+        assert!(
+            start.elapsed() < BOUND * 2,
+            "{live} sessions and {peers} peers still live"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let took = t0.elapsed();
