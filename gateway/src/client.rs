@@ -67,6 +67,9 @@ fn error_msg(code: &str, message: impl Into<String>, retryable: bool) -> Message
 
 /// The status-like code a native client sees for an API error.
 fn code_of(e: &ApiError) -> &'static str {
+    if e.code.as_deref() == Some("key_revoked") {
+        return "key_revoked";
+    }
     match e.status {
         400 => "bad_request",
         401 => "unauthorized",
@@ -246,6 +249,8 @@ async fn serve_infer(
             return;
         }
     };
+    // Revoking the key ends the stream with `Error{code: "key_revoked"}` and resets the node's.
+    stream.end_on_revocation(shared.keys.revocation(&key.id));
     let mut outcome = "ok";
     let mut index = 0u32;
     if send(

@@ -25,6 +25,9 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tracing::{debug, info, info_span, warn, Instrument};
 
+/// How long ending a session for a revoked key may wait on the node's stream.
+const REVOKE_SEND_BOUND: Duration = Duration::from_millis(200);
+
 /// Where a session's frames go.
 #[derive(Clone)]
 pub enum FrameSink {
@@ -849,6 +852,8 @@ async fn drive(
     let mut nodes_used = vec![attached.node.id.clone()];
     let mut gpu_seconds = 0.0f64;
     let mut node_since = Instant::now();
+    // Revoking the key ends the session at once, whichever transport the player uses.
+    let revoked = shared.keys.revocation(&key.id);
     // The session's usage row: written every checkpoint interval as `in_progress` and rewritten
     // in place with the final totals, so a killed gateway loses at most one interval of
     // metering and nothing is counted twice.
@@ -862,9 +867,12 @@ async fn drive(
             Client(Option<ClientEvent>),
             Node(Option<Message>),
             NodeGone,
+            Revoked,
             Checkpoint,
         }
         let ev = tokio::select! {
+            biased;
+            _ = revoked.cancelled() => Ev::Revoked,
             _ = checkpoint.tick() => Ev::Checkpoint,
             e = events.recv() => Ev::Client(e),
             m = attached.rx.next() => match m {
@@ -874,6 +882,28 @@ async fn drive(
             _ = attached.node.conn.closed() => Ev::NodeGone,
         };
         match ev {
+            Ev::Revoked => {
+                warn!(key = %key.id, "API key revoked: ending the game session");
+                outcome = "key_revoked";
+                // A node that does not read its session stream must not hold the session open:
+                // past a short bound the stream is reset instead.
+                let close = Message::Close(nearpath_protocol::message::Close {
+                    reason: "key_revoked".into(),
+                });
+                match tokio::time::timeout(REVOKE_SEND_BOUND, send(&mut attached.tx, &close)).await
+                {
+                    Ok(Ok(())) => {
+                        let _ = attached.tx.finish();
+                    }
+                    _ => {
+                        let _ = attached
+                            .tx
+                            .reset(nearpath_protocol::app_code::STREAM_CANCELLED);
+                    }
+                }
+                let _ = notices.send(Notice::Ended("key_revoked".into())).await;
+                break;
+            }
             Ev::Checkpoint => {
                 let gpu = gpu_seconds + node_since.elapsed().as_secs_f64();
                 let row = game_usage(&key, &relay, &attached.node, &params, "in_progress", gpu);

@@ -73,6 +73,11 @@ pub mod app_code {
     pub const CLOSE_SHUTDOWN: VarInt = VarInt::from_u32(3);
     /// The node's lease expired without a heartbeat.
     pub const CLOSE_LEASE_EXPIRED: VarInt = VarInt::from_u32(4);
+    /// The credentials the node was admitted with no longer hold (after `Shutdown`): its
+    /// enrolment token was revoked or its operator suspended. The close reason names which
+    /// (`token_revoked`, `operator_suspended`, `operator_unverified`); reconnecting with the same
+    /// credentials is refused.
+    pub const CLOSE_REVOKED: VarInt = VarInt::from_u32(5);
 
     /// Stream refused (too large, or not acceptable now).
     pub const STREAM_REFUSED: VarInt = VarInt::from_u32(0x10);

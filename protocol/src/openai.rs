@@ -1153,6 +1153,18 @@ impl ApiError {
         )
     }
 
+    /// 401: the key was revoked while the request ran; sent in band on a stream that already
+    /// started (code `key_revoked`).
+    pub fn key_revoked() -> Self {
+        Self::new(
+            401,
+            "authentication_error",
+            Some("key_revoked"),
+            None,
+            "The API key was revoked; the request was ended.",
+        )
+    }
+
     /// 403: the geofence denied the request; the message names the rule and the reason. Send
     /// with `x-should-retry: false` (see [`ApiError::should_retry`]).
     pub fn geofence_denied(rule: &str, reason: &str) -> Self {

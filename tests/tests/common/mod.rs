@@ -719,3 +719,77 @@ pub async fn admin_game_session(gw: &TestGateway, id: u64) -> Option<Value> {
         .find(|s| s["id"].as_u64() == Some(id))
         .cloned()
 }
+impl RawNode {
+    /// A raw node registering with `token` (not necessarily the gateway's first one), serving
+    /// `games` and `models`, with room for 4 game sessions and 4 inference streams.
+    pub async fn connect_with(
+        gw: &TestGateway,
+        id: &str,
+        from: IpAddr,
+        token: &str,
+        games: &[&str],
+        models: &[&str],
+    ) -> RawNode {
+        let cfg = client_config(ServerVerify::PinnedSha256(gw.sha), &[ALPN_NODE]).unwrap();
+        let (endpoint, _) =
+            nearpath_protocol::net::client_endpoint(SocketAddr::new(from, 0), cfg, 1 << 20)
+                .unwrap();
+        let conn = endpoint
+            .connect(gw.addrs.quic, "localhost")
+            .unwrap()
+            .await
+            .unwrap();
+        let (mut send_half, recv) = conn.open_bi().await.unwrap();
+        let reg = Register {
+            protocol_version: PROTOCOL_VERSION,
+            node_id: id.into(),
+            enrolment_token: token.into(),
+            software_version: "0.1.0".into(),
+            gpus: vec![],
+            workloads: Workloads {
+                games: games.iter().map(|g| g.to_string()).collect(),
+                models: models.iter().map(|m| m.to_string()).collect(),
+            },
+            capacity: Capacity {
+                game_sessions: 4,
+                inference_concurrency: 4,
+            },
+        };
+        send(&mut send_half, &Message::Register(reg)).await.unwrap();
+        let mut recv = FramedRecv::new(recv, MAX_CONTROL_FRAME);
+        let first = recv.next().await.unwrap().unwrap();
+        RawNode {
+            endpoint,
+            conn,
+            send: send_half,
+            recv,
+            first,
+            seq: 0,
+        }
+    }
+
+    /// Accepts the next session the gateway opens on this node and answers `Accepted`; returns
+    /// the session's stream halves and its `Open`.
+    pub async fn accept_session(
+        &self,
+    ) -> (
+        quinn::SendStream,
+        FramedRecv,
+        nearpath_protocol::message::Open,
+    ) {
+        let (mut tx, rx) = tokio::time::timeout(Duration::from_secs(10), self.conn.accept_bi())
+            .await
+            .expect("no session opened on the raw node")
+            .unwrap();
+        let mut rx = FramedRecv::new(rx, nearpath_protocol::MAX_REQUEST_FRAME);
+        let open = match rx.next().await.unwrap().unwrap() {
+            Message::Open(o) => o,
+            other => panic!("expected Open, got {}", other.name()),
+        };
+        let accepted = Message::Accepted(nearpath_protocol::message::Accepted {
+            session_id: open.session_id,
+        });
+        send(&mut tx, &accepted).await.unwrap();
+        (tx, rx, open)
+    }
+}
