@@ -24,6 +24,17 @@ fn is_header_name(name: &str) -> bool {
 /// Shortest admin token `gateway run` accepts.
 pub const MIN_ADMIN_TOKEN_CHARS: usize = 16;
 
+/// Longest `http.header_read_timeout_ms` accepted: a slow client must not hold a connection
+/// for longer than this without sending a request.
+pub const MAX_HEADER_READ_TIMEOUT_MS: u64 = 10_000;
+/// Smallest `http.max_header_list_bytes` accepted (browsers send a few KiB of headers).
+pub const MIN_HEADER_LIST_BYTES: u32 = 8192;
+/// Smallest QUIC receive window accepted, in bytes (a control frame is up to 64 KiB).
+pub const MIN_QUIC_WINDOW_BYTES: u64 = 65_536;
+/// Largest QUIC receive window accepted, in bytes: a window is memory a peer may make the
+/// gateway hold.
+pub const MAX_QUIC_WINDOW_BYTES: u64 = 1 << 30;
+
 /// The `gateway` binary's configuration file. Every section is optional and defaults as its
 /// fields document; unknown keys are errors at every level.
 #[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
@@ -82,6 +93,29 @@ pub struct HttpConfig {
     /// Origins allowed by CORS, as `scheme://host[:port]`, or `"*"` for any. Default: [] (no
     /// CORS headers).
     pub cors_allowed_origins: Vec<String>,
+    /// A connection must deliver a complete request head within this long (of connecting, or
+    /// of the previous response on a keep-alive connection), in milliseconds; otherwise it is
+    /// closed (slowloris). At most 10000. The admin listener uses the same value. Default: 10000.
+    pub header_read_timeout_ms: u64,
+    /// A TLS handshake must complete within this long, in milliseconds. Default: 10000.
+    pub tls_handshake_timeout_ms: u64,
+    /// A request body must arrive completely within this long of the handler asking for it, in
+    /// milliseconds; a slower body is a 400. Default: 30000.
+    pub body_read_timeout_ms: u64,
+    /// A connection with no request in flight for this long is closed, in milliseconds
+    /// (keep-alive idle timeout, HTTP/1.1 and HTTP/2). Default: 60000.
+    pub idle_timeout_ms: u64,
+    /// Connections open at once on one listener; more are closed at once and counted in
+    /// `nearpath_http_connections_refused`. Applies to the admin listener separately. Default:
+    /// 10000.
+    pub max_connections: u32,
+    /// Connections open at once from one address (IPv6: one /64); more are closed at once.
+    /// Peers in `trusted_proxies` are exempt (they carry many clients). Default: 256.
+    pub max_connections_per_ip: u32,
+    /// HTTP/2 streams (requests) one connection may have open at once. Default: 200.
+    pub http2_max_concurrent_streams: u32,
+    /// Largest HTTP/2 header list (SETTINGS_MAX_HEADER_LIST_SIZE), in bytes. Default: 65536.
+    pub max_header_list_bytes: u32,
 }
 
 impl Default for HttpConfig {
@@ -94,6 +128,14 @@ impl Default for HttpConfig {
             trusted_proxies: Vec::new(),
             client_address_header: "x-forwarded-for".to_string(),
             cors_allowed_origins: Vec::new(),
+            header_read_timeout_ms: 10_000,
+            tls_handshake_timeout_ms: 10_000,
+            body_read_timeout_ms: 30_000,
+            idle_timeout_ms: 60_000,
+            max_connections: 10_000,
+            max_connections_per_ip: 256,
+            http2_max_concurrent_streams: 200,
+            max_header_list_bytes: 65_536,
         }
     }
 }
@@ -144,6 +186,33 @@ pub struct QuicConfig {
     pub recv_buffer_bytes: usize,
     /// A connection with no traffic for this long is closed, in milliseconds. Default: 10000.
     pub idle_timeout_ms: u64,
+    /// Flow-control window of each stream a peer opens, in bytes: how much the gateway buffers
+    /// per stream before the peer must wait for it to read. Sized to the largest request
+    /// (`InferRequest`: 1 MiB of JSON plus its fields). Default: 1114112 (1 MiB + 64 KiB).
+    pub stream_receive_window_bytes: u64,
+    /// Flow-control window of a native client's whole connection once a request on it has
+    /// authenticated, in bytes. Until then the connection gets one stream and
+    /// `stream_receive_window_bytes`. Default: 16777216 (16 MiB).
+    pub client_receive_window_bytes: u64,
+    /// Flow-control window of a node's whole connection once it is registered, in bytes (video
+    /// frames of all its sessions). Until then it gets its control stream only, with a 128 KiB
+    /// window. Default: 33554432 (32 MiB).
+    pub node_receive_window_bytes: u64,
+    /// A native client connection whose requests have not authenticated within this long of
+    /// the handshake is closed, in milliseconds. Default: 10000.
+    pub client_auth_timeout_ms: u64,
+    /// Connections from one address (IPv6: one /64) that are handshaking or not yet
+    /// authenticated (clients) or registered (nodes); more are refused. Default: 32.
+    pub max_unauthenticated_per_ip: u32,
+    /// New connections one address (IPv6: one /64) may start per second, on average; more are
+    /// refused. Default: 20.
+    pub handshake_rate_per_ip_per_s: u32,
+    /// How many new connections one address may start in a burst above that rate. Default: 40.
+    pub handshake_burst_per_ip: u32,
+    /// With more handshakes than this in progress, a peer whose address is not yet validated
+    /// must first echo a retry token (one extra round trip; spoofed sources cannot).
+    /// 0 validates every address. Default: 64.
+    pub retry_above_handshakes: u32,
 }
 
 impl Default for QuicConfig {
@@ -154,6 +223,14 @@ impl Default for QuicConfig {
             key_file: None,
             recv_buffer_bytes: 4 * 1024 * 1024,
             idle_timeout_ms: 10_000,
+            stream_receive_window_bytes: 1_114_112,
+            client_receive_window_bytes: 16 * 1024 * 1024,
+            node_receive_window_bytes: 32 * 1024 * 1024,
+            client_auth_timeout_ms: 10_000,
+            max_unauthenticated_per_ip: 32,
+            handshake_rate_per_ip_per_s: 20,
+            handshake_burst_per_ip: 40,
+            retry_above_handshakes: 64,
         }
     }
 }
@@ -294,8 +371,17 @@ impl Default for InferenceConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct GameConfig {
     /// Frames older than this when they reach the gateway are dropped rather than sent late, in
-    /// milliseconds. Default: 100.
+    /// milliseconds; a frame still on its way to the client this long after capture is abandoned
+    /// (its stream reset) once the client's round trip has also passed. Default: 100.
     pub frame_budget_ms: u64,
+    /// Bytes of video one session may have on their way to its client (forwarded, not yet
+    /// acknowledged). A frame that would go over is dropped, never queued, and a keyframe is
+    /// requested; a frame is always admitted when nothing is in flight. Default: 1048576.
+    pub max_in_flight_bytes: u64,
+    /// Frames one session may have on their way to its client (each is a QUIC stream until
+    /// acknowledged); over it, new frames are dropped like over `max_in_flight_bytes`.
+    /// Default: 16.
+    pub max_in_flight_frames: u32,
     /// A keyframe (IDR) at least this often, in seconds. Default: 10.
     pub idr_interval_s: u64,
     /// Stream width when the client asks for none, in pixels. Default: 1280.
@@ -341,6 +427,8 @@ impl Default for GameConfig {
     fn default() -> Self {
         Self {
             frame_budget_ms: 100,
+            max_in_flight_bytes: 1024 * 1024,
+            max_in_flight_frames: 16,
             idr_interval_s: 10,
             default_width: 1280,
             default_height: 720,
@@ -410,6 +498,43 @@ impl GatewayConfig {
                     format!("{net} has host bits set (did you mean {}?)", net.trunc()),
                 );
             }
+        }
+        p.positive("http.header_read_timeout_ms", h.header_read_timeout_ms);
+        if h.header_read_timeout_ms > MAX_HEADER_READ_TIMEOUT_MS {
+            p.push(
+                "http.header_read_timeout_ms",
+                format!(
+                    "must be at most {MAX_HEADER_READ_TIMEOUT_MS} (got {}): slow clients must not hold connections",
+                    h.header_read_timeout_ms
+                ),
+            );
+        }
+        p.positive("http.tls_handshake_timeout_ms", h.tls_handshake_timeout_ms);
+        p.positive("http.body_read_timeout_ms", h.body_read_timeout_ms);
+        p.positive("http.idle_timeout_ms", h.idle_timeout_ms);
+        p.positive("http.max_connections", h.max_connections);
+        p.positive("http.max_connections_per_ip", h.max_connections_per_ip);
+        if h.max_connections_per_ip > h.max_connections {
+            p.push(
+                "http.max_connections_per_ip",
+                format!(
+                    "must not exceed http.max_connections ({} > {})",
+                    h.max_connections_per_ip, h.max_connections
+                ),
+            );
+        }
+        p.positive(
+            "http.http2_max_concurrent_streams",
+            h.http2_max_concurrent_streams,
+        );
+        if h.max_header_list_bytes < MIN_HEADER_LIST_BYTES {
+            p.push(
+                "http.max_header_list_bytes",
+                format!(
+                    "must be at least {MIN_HEADER_LIST_BYTES} (got {})",
+                    h.max_header_list_bytes
+                ),
+            );
         }
         if !is_header_name(&h.client_address_header) {
             p.push(
@@ -483,6 +608,39 @@ impl GatewayConfig {
         }
         p.positive("quic.recv_buffer_bytes", q.recv_buffer_bytes);
         p.positive("quic.idle_timeout_ms", q.idle_timeout_ms);
+        for (path, value) in [
+            (
+                "quic.stream_receive_window_bytes",
+                q.stream_receive_window_bytes,
+            ),
+            (
+                "quic.client_receive_window_bytes",
+                q.client_receive_window_bytes,
+            ),
+            (
+                "quic.node_receive_window_bytes",
+                q.node_receive_window_bytes,
+            ),
+        ] {
+            if !(MIN_QUIC_WINDOW_BYTES..=MAX_QUIC_WINDOW_BYTES).contains(&value) {
+                p.push(
+                    path,
+                    format!(
+                        "must be between {MIN_QUIC_WINDOW_BYTES} and {MAX_QUIC_WINDOW_BYTES} (got {value})"
+                    ),
+                );
+            }
+        }
+        p.positive("quic.client_auth_timeout_ms", q.client_auth_timeout_ms);
+        p.positive(
+            "quic.max_unauthenticated_per_ip",
+            q.max_unauthenticated_per_ip,
+        );
+        p.positive(
+            "quic.handshake_rate_per_ip_per_s",
+            q.handshake_rate_per_ip_per_s,
+        );
+        p.positive("quic.handshake_burst_per_ip", q.handshake_burst_per_ip);
     }
 
     fn check_nodes(&self, p: &mut Problems) {
@@ -537,6 +695,8 @@ impl GatewayConfig {
     fn check_game(&self, p: &mut Problems) {
         let g = &self.game;
         p.positive("game.frame_budget_ms", g.frame_budget_ms);
+        p.positive("game.max_in_flight_bytes", g.max_in_flight_bytes);
+        p.positive("game.max_in_flight_frames", g.max_in_flight_frames);
         p.positive("game.idr_interval_s", g.idr_interval_s);
         p.positive(
             "game.webrtc_connect_timeout_ms",

@@ -23,12 +23,21 @@ enum Cmd {
     /// Validate a node config file: a one-line summary (exit 0) or every error (exit 2).
     CheckConfig { file: PathBuf },
     /// Serve the config's models over an OpenAI-compatible HTTP API, without a gateway (for
-    /// testing a node's backends, and as the no-gateway baseline in benchmarks).
+    /// testing a node's backends, and as the no-gateway baseline in benchmarks). Any address
+    /// but loopback requires an API key.
     ServeOpenai {
         #[arg(long, short)]
         config: PathBuf,
         #[arg(long, default_value = "127.0.0.1:8000")]
         listen: SocketAddr,
+        /// File holding the API key clients must send as `Authorization: Bearer <key>` (first
+        /// line, surrounding whitespace ignored). Required unless --listen is loopback.
+        #[arg(long, value_name = "FILE")]
+        api_key_file: Option<PathBuf>,
+        /// The API key itself, from the environment only (a command line is visible to every
+        /// user of the machine).
+        #[arg(skip = std::env::var("NEARPATH_OPENAI_API_KEY").ok())]
+        api_key_env: Option<String>,
     },
 }
 
@@ -54,7 +63,15 @@ fn main() -> ExitCode {
                 }
             }
         }
-        (Some(Cmd::ServeOpenai { config, listen }), _) => rt.block_on(serve_openai(config, listen)),
+        (
+            Some(Cmd::ServeOpenai {
+                config,
+                listen,
+                api_key_file,
+                api_key_env,
+            }),
+            _,
+        ) => rt.block_on(serve_openai(config, listen, api_key_file, api_key_env)),
         (None, Some(config)) => rt.block_on(run(config)),
         (None, None) => {
             eprintln!("error: --config FILE is required (see --help)");
@@ -84,7 +101,32 @@ async fn run(config: PathBuf) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn serve_openai(config: PathBuf, listen: SocketAddr) -> anyhow::Result<()> {
+async fn serve_openai(
+    config: PathBuf,
+    listen: SocketAddr,
+    api_key_file: Option<PathBuf>,
+    api_key_env: Option<String>,
+) -> anyhow::Result<()> {
+    let api_key = match api_key_file {
+        Some(path) => {
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("reading --api-key-file {}", path.display()))?;
+            let key = text.lines().next().unwrap_or("").trim().to_string();
+            anyhow::ensure!(
+                !key.is_empty(),
+                "--api-key-file {}: the file holds no key",
+                path.display()
+            );
+            Some(key)
+        }
+        None => api_key_env.filter(|k| !k.trim().is_empty()),
+    };
+    let options = nearpath_edge_node::inference::ServerOptions {
+        api_key,
+        ..Default::default()
+    };
+    // Checked before anything is loaded or bound: a keyless server never listens off loopback.
+    nearpath_edge_node::inference::check_exposure(listen, &options)?;
     let cfg = nearpath_config::load_node(&config).map_err(anyhow::Error::msg)?;
     init_tracing(&cfg.log.level);
     let registry = nearpath_edge_node::inference::ModelRegistry::from_config(&cfg.models, None)
@@ -93,9 +135,10 @@ async fn serve_openai(config: PathBuf, listen: SocketAddr) -> anyhow::Result<()>
         .await
         .with_context(|| format!("binding {listen}"))?;
     eprintln!("serving OpenAI API on http://{}/v1", listener.local_addr()?);
-    nearpath_edge_node::inference::serve_openai(
+    nearpath_edge_node::inference::serve_openai_with(
         listener,
         std::sync::Arc::new(registry),
+        options,
         shutdown_on_signal(),
     )
     .await;

@@ -3,11 +3,12 @@
 //! `/healthz` and `/metrics` need no token: the admin listener belongs on an internal network,
 //! where Prometheus scrapes without credentials.
 
+use crate::control::revoke_nodes;
 use crate::http_util::{
     bearer, ct_eq, error, json, read_body, with_type, BodyError, Handler, Resp,
 };
 use crate::metrics::labels;
-use crate::registry::ControlCmd;
+use crate::registry::{ControlCmd, Revocation};
 use crate::server::Shared;
 use crate::store::{ApiKeyUpdate, KycStatus, StoreError};
 use hyper::body::Incoming;
@@ -324,14 +325,12 @@ impl AdminApi {
                     let id2 = id.clone();
                     let op = blocking(s, move |st| st.set_operator_kyc(&id2, status)).await?;
                     if status != KycStatus::Verified {
-                        // A suspended operator's nodes leave now, not at their next reconnect.
-                        for node in s.registry.of_operator(&id) {
-                            let _ = node.commands.try_send(ControlCmd::Shutdown {
-                                reason: format!("operator {id} is {}", status.as_str()),
-                            });
-                            node.kick.cancel();
-                        }
-                        warn!(operator = %id, status = status.as_str(), "operator's nodes disconnected");
+                        // A suspended (or unverified) operator's nodes leave now, not at their
+                        // next reconnect.
+                        let code = if status == KycStatus::Suspended { "operator_suspended" } else { "operator_unverified" };
+                        let nodes = s.registry.of_operator(&id);
+                        warn!(operator = %id, status = status.as_str(), nodes = nodes.len(), "disconnecting the operator's nodes");
+                        revoke_nodes(nodes, Revocation { code, detail: format!("operator {id} is {}", status.as_str()) });
                     }
                     json(StatusCode::OK, &op)
                 }
@@ -342,8 +341,14 @@ impl AdminApi {
                 }
                 (&Method::POST, ["tokens", id, "revoke"]) => {
                     let id = id.to_string();
-                    blocking(s, move |st| st.revoke_enrolment_token(&id)).await?;
-                    json(StatusCode::OK, &serde_json::json!({"revoked": true}))
+                    let id2 = id.clone();
+                    blocking(s, move |st| st.revoke_enrolment_token(&id2)).await?;
+                    // Nodes admitted with the token lose their admission with it.
+                    let nodes = s.registry.of_enrolment_token(&id);
+                    let disconnected: Vec<String> = nodes.iter().map(|n| n.id.clone()).collect();
+                    warn!(token = %id, nodes = nodes.len(), "enrolment token revoked; disconnecting its nodes");
+                    revoke_nodes(nodes, Revocation { code: "token_revoked", detail: format!("enrolment token {id} was revoked") });
+                    json(StatusCode::OK, &serde_json::json!({"revoked": true, "disconnected_nodes": disconnected}))
                 }
                 (&Method::GET, ["penalties"]) => {
                     let node = query_param(&req, "node").map(|s| s.to_string());
@@ -399,8 +404,11 @@ impl AdminApi {
                 }
                 (&Method::POST, ["api-keys", id, "revoke"]) => {
                     let id = id.to_string();
-                    blocking(s, move |st| st.revoke_api_key(&id)).await?;
-                    s.keys.clear();
+                    let id2 = id.clone();
+                    blocking(s, move |st| st.revoke_api_key(&id2)).await?;
+                    // The cache forgets the key and its running sessions and streams end now.
+                    s.keys.revoke(&id);
+                    warn!(key = %id, "API key revoked; ending its sessions");
                     json(StatusCode::OK, &serde_json::json!({"revoked": true}))
                 }
                 (&Method::GET, ["usage"]) => {
@@ -446,6 +454,14 @@ impl AdminApi {
                                 "frames": r.frames.load(Relaxed),
                                 "bytes": r.bytes.load(Relaxed),
                                 "dropped_late": r.dropped_late.load(Relaxed),
+                                "dropped": {
+                                    "late": r.dropped_late.load(Relaxed),
+                                    "overload": r.dropped_overload.load(Relaxed),
+                                    "foreign": r.dropped_foreign.load(Relaxed),
+                                    "relay": r.dropped_relay.load(Relaxed),
+                                },
+                                "in_flight_frames": r.in_flight().frames,
+                                "in_flight_bytes": r.in_flight().bytes,
                                 "inputs": r.inputs.load(Relaxed),
                             })
                         })
@@ -463,14 +479,32 @@ impl AdminApi {
         let m = &self.shared.metrics;
         self.sync_ledger_metrics();
         m.nodes.clear();
+        let policy = &self.shared.policy;
+        // The class is the node's word: label with the classes the geofence names or the
+        // default GPU table knows (bounded sets), everything else is `other`.
+        let table = nearpath_config::default_gpu_class_table();
+        let mut census: std::collections::HashMap<_, i64> = Default::default();
         for ((state, country, class), n) in self.shared.registry.census() {
+            let id = policy.class_id(&class);
+            let class = if !id.is_other() {
+                policy.class_name(id).to_string()
+            } else if matches!(class.as_str(), "cpu" | "unknown")
+                || table.iter().any(|p| p.class == class)
+            {
+                class
+            } else {
+                crate::metrics::OTHER.to_string()
+            };
+            *census.entry((state, country, class)).or_default() += n as i64;
+        }
+        for ((state, country, class), n) in census {
             m.nodes
                 .get_or_create(&labels([
                     ("state", state.as_str()),
                     ("country", &country),
                     ("class", &class),
                 ]))
-                .set(n as i64);
+                .set(n);
         }
         with_type(
             StatusCode::OK,

@@ -301,6 +301,8 @@ impl ClientApi {
                 return api_error(request_id, &e);
             }
         };
+        // Revoking the key ends the stream in band (`key_revoked`) and resets the node's stream.
+        stream.end_on_revocation(shared.keys.revocation(&key.id));
         let created = unix_now();
         let completion_id = match endpoint {
             Endpoint::Chat => format!(

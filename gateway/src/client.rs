@@ -18,9 +18,23 @@ pub async fn handle_client(shared: Arc<Shared>, conn: quinn::Connection) {
     let peer = conn.remote_address();
     let span = info_span!("client", %peer, conn = conn.stable_id());
     let inputs = tokio::spawn(crate::game::client_input_loop(shared.clone(), conn.clone()));
+    // A connection that never authenticates a request only costs: it must do so soon.
+    let auth_deadline = tokio::time::Instant::now()
+        + Duration::from_millis(shared.config.quic.client_auth_timeout_ms);
     async move {
+        let mut auth_pending = true;
         loop {
             let (tx, rx) = tokio::select! {
+                _ = tokio::time::sleep_until(auth_deadline), if auth_pending => {
+                    auth_pending = shared.quic_gate.is_pending(conn.stable_id());
+                    if auth_pending {
+                        debug!("no request authenticated in time; closing");
+                        conn.close(1u32.into(), b"authentication timeout");
+                        inputs.abort();
+                        return;
+                    }
+                    continue;
+                }
                 r = conn.accept_bi() => match r {
                     Ok(s) => s,
                     Err(e) => {
@@ -53,6 +67,9 @@ fn error_msg(code: &str, message: impl Into<String>, retryable: bool) -> Message
 
 /// The status-like code a native client sees for an API error.
 fn code_of(e: &ApiError) -> &'static str {
+    if e.code.as_deref() == Some("key_revoked") {
+        return "key_revoked";
+    }
     match e.status {
         400 => "bad_request",
         401 => "unauthorized",
@@ -87,6 +104,7 @@ async fn serve_stream(
         Message::ListGames(l) => {
             let reply = match infer::authenticate(&shared, Some(&l.api_key)).await {
                 Ok(_) => {
+                    crate::server::client_authenticated(&shared, &conn);
                     let loc = shared.geo.lookup(conn.remote_address().ip());
                     let mut titles: Vec<String> = shared
                         .registry
@@ -106,7 +124,13 @@ async fn serve_stream(
             let _ = send(&mut tx, &reply).await;
             let _ = tx.finish();
         }
-        Message::PlayRequest(r) => crate::game::serve_play(shared, conn, tx, framed, r).await,
+        Message::PlayRequest(r) => {
+            // serve_play authenticates again (a cache hit) and answers a bad key itself.
+            if infer::authenticate(&shared, Some(&r.api_key)).await.is_ok() {
+                crate::server::client_authenticated(&shared, &conn);
+            }
+            crate::game::serve_play(shared, conn, tx, framed, r).await
+        }
         other => {
             let _ = send(
                 &mut tx,
@@ -150,7 +174,10 @@ async fn serve_infer(
         return;
     }
     let key = match infer::authenticate(&shared, Some(&r.api_key)).await {
-        Ok(k) => k,
+        Ok(k) => {
+            crate::server::client_authenticated(&shared, &conn);
+            k
+        }
         Err(e) => {
             let _ = send(&mut tx, &fail(&e)).await;
             let _ = tx.finish();
@@ -222,6 +249,8 @@ async fn serve_infer(
             return;
         }
     };
+    // Revoking the key ends the stream with `Error{code: "key_revoked"}` and resets the node's.
+    stream.end_on_revocation(shared.keys.revocation(&key.id));
     let mut outcome = "ok";
     let mut index = 0u32;
     if send(

@@ -6,14 +6,16 @@
 use crate::gpu_class::{self, Classified};
 use crate::liveness::{Liveness, LivenessTracker};
 use crate::metrics::labels;
-use crate::registry::{ControlCmd, InsertError, NodeDynamic, NodeEntry, NodePath, NodeState};
+use crate::registry::{
+    ControlCmd, InsertError, NodeDynamic, NodeEntry, NodePath, NodeState, Revocation,
+};
 use crate::server::Shared;
 use crate::store::{KycStatus, SlaDelta};
 use nearpath_protocol::message::{
     Drain, HeartbeatAck, Message, Register, Registered, RejectCode, Rejected, Shutdown,
 };
 use nearpath_protocol::stream::{send as send_msg, FramedRecv};
-use nearpath_protocol::{MAX_CONTROL_FRAME, PROTOCOL_VERSION};
+use nearpath_protocol::{app_code, MAX_CONTROL_FRAME, PROTOCOL_VERSION};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -21,6 +23,9 @@ use tracing::{info, info_span, warn, Instrument};
 
 /// A node must send `Register` this soon after connecting.
 const REGISTER_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long telling a revoked node why may take before its connection is closed regardless: a
+/// node that stops reading its control stream must not keep its admission.
+const REVOKE_GRACE: Duration = Duration::from_millis(300);
 /// Penalties within this window count against a node's routing score.
 const PENALTY_WINDOW_MS: u64 = 24 * 3600 * 1000;
 /// Longest node id, in bytes.
@@ -55,6 +60,8 @@ enum LeaveCause {
     ConnectionLost,
     HeartbeatTimeout,
     Kicked,
+    /// Its enrolment token was revoked or its operator suspended.
+    Revoked,
     GatewayShutdown,
     ProtocolError,
     /// The connection migrated to an address the onboarding geofence refuses.
@@ -67,6 +74,7 @@ impl LeaveCause {
             LeaveCause::ConnectionLost => "connection_lost",
             LeaveCause::HeartbeatTimeout => "heartbeat_timeout",
             LeaveCause::Kicked => "kicked",
+            LeaveCause::Revoked => "revoked",
             LeaveCause::GatewayShutdown => "gateway_shutdown",
             LeaveCause::ProtocolError => "protocol_error",
             LeaveCause::PathRefused => "path_refused",
@@ -137,6 +145,11 @@ pub async fn handle_node(shared: Arc<Shared>, conn: quinn::Connection) {
                 return;
             }
         };
+        // A revocation that landed between the token check and the insert swept a registry
+        // without this node in it: ask the store once more, now that the node is visible.
+        if let Some(r) = withdrawn(&shared, &reg.enrolment_token).await {
+            entry.revoke(r);
+        }
         let registered = Message::Registered(Registered {
             lease_ms: shared.config.nodes.heartbeat_ms * shared.config.nodes.missed_heartbeats_before_gone as u64,
             heartbeat_ms: shared.config.nodes.heartbeat_ms,
@@ -147,6 +160,8 @@ pub async fn handle_node(shared: Arc<Shared>, conn: quinn::Connection) {
             shared.registry.remove(&entry);
             return;
         }
+        // Only now may the node open its video frame streams (and fill a larger window).
+        crate::server::node_registered(&shared, &conn);
         shared.metrics.registrations.inc();
         info!(
             operator = %entry.operator_id,
@@ -215,7 +230,7 @@ async fn admit(
         .await
         .map_err(|e| (RejectCode::Other, format!("internal error: {e}")))?
         .map_err(|e| (RejectCode::Other, format!("store unavailable: {e}")))?;
-    let (operator, _token) = auth.ok_or((
+    let (operator, token) = auth.ok_or((
         RejectCode::BadToken,
         "unknown or revoked enrolment token".to_string(),
     ))?;
@@ -374,6 +389,7 @@ async fn admit(
         },
     );
     entry.gpu_class_hints = hints;
+    entry.enrolment_token_id = token.id.clone();
     match shared.registry.insert(entry) {
         Ok((entry, replaced)) => {
             if let Some(old) = replaced {
@@ -437,8 +453,20 @@ async fn control_loop(
             // waiting, and that node is alive, not gone.
             biased;
             _ = entry.kick.cancelled() => {
-                let _ = send_msg(&mut send, &Message::Shutdown(Shutdown { reason: "disconnected by the gateway".into() })).await;
-                break LeaveCause::Kicked;
+                let (reason, cause) = match entry.revocation() {
+                    Some(r) => (format!("{}: {}", r.code, r.detail), LeaveCause::Revoked),
+                    None => ("disconnected by the gateway".to_string(), LeaveCause::Kicked),
+                };
+                // The close that follows would discard a `Shutdown` still in flight: wait until
+                // the node has acknowledged it, within a bound.
+                let shutdown = Message::Shutdown(Shutdown { reason });
+                let _ = tokio::time::timeout(REVOKE_GRACE, async {
+                    send_msg(&mut send, &shutdown).await.ok()?;
+                    send.finish().ok()?;
+                    send.stopped().await.ok()
+                })
+                .await;
+                break cause;
             }
             _ = shared.shutdown.cancelled() => {
                 let _ = send_msg(&mut send, &Message::Shutdown(Shutdown { reason: "gateway shutting down".into() })).await;
@@ -522,6 +550,13 @@ async fn control_loop(
             },
         }
     };
+    // A revoked node whose connection was closed under it (it did not read its `Shutdown`)
+    // left because of the revocation, not by its own failure.
+    let cause = if entry.revocation().is_some() {
+        LeaveCause::Revoked
+    } else {
+        cause
+    };
     let was_draining = drained || entry.dynamic().state == NodeState::Draining;
     entry.dynamic().state = NodeState::Gone;
     shared.registry.remove(&entry);
@@ -543,11 +578,14 @@ async fn control_loop(
         drained = was_draining,
         "node left"
     );
-    match cause {
-        LeaveCause::Kicked | LeaveCause::GatewayShutdown => {
+    match (cause, entry.revocation()) {
+        (LeaveCause::Revoked, Some(r)) => {
+            entry.conn.close(app_code::CLOSE_REVOKED, r.code.as_bytes())
+        }
+        (LeaveCause::Kicked | LeaveCause::GatewayShutdown, _) => {
             entry.conn.close(0u32.into(), cause.as_str().as_bytes())
         }
-        LeaveCause::PathRefused => entry
+        (LeaveCause::PathRefused, _) => entry
             .conn
             .close(CLOSE_PATH_REFUSED.into(), cause.as_str().as_bytes()),
         _ => entry.conn.close(3u32.into(), cause.as_str().as_bytes()),
@@ -702,6 +740,55 @@ fn truncate(s: &str, max: usize) -> &str {
         end -= 1;
     }
     &s[..end]
+}
+
+/// Why credentials that admitted a node no longer hold, if they do not (the store is asked
+/// again). A store failure is not a revocation: the admin sweep stays the primary path.
+async fn withdrawn(shared: &Shared, token: &str) -> Option<Revocation> {
+    let store = shared.store.clone();
+    let token = token.to_string();
+    let auth = tokio::task::spawn_blocking(move || store.authenticate_enrolment_token(&token))
+        .await
+        .ok()?
+        .ok()?;
+    match auth {
+        None => Some(Revocation {
+            code: "token_revoked",
+            detail: "the enrolment token was revoked".into(),
+        }),
+        Some((op, _)) => match op.kyc_status {
+            KycStatus::Verified => None,
+            KycStatus::Suspended => Some(Revocation {
+                code: "operator_suspended",
+                detail: format!("operator {} is suspended", op.id),
+            }),
+            KycStatus::Pending => Some(Revocation {
+                code: "operator_unverified",
+                detail: format!("operator {} is pending", op.id),
+            }),
+        },
+    }
+}
+
+/// Withdraws the admission of `nodes` (token revoked, operator suspended): each is sent
+/// `Shutdown{reason}` and its connection closed with `CLOSE_REVOKED`, which ends its sessions.
+/// A node that does not take the `Shutdown` within [`REVOKE_GRACE`] is closed all the same.
+pub fn revoke_nodes(nodes: Vec<Arc<NodeEntry>>, revocation: Revocation) {
+    for node in nodes {
+        warn!(node = %node.id, operator = %node.operator_id, code = revocation.code, "disconnecting node: {}", revocation.detail);
+        node.revoke(revocation.clone());
+        let node = node.clone();
+        tokio::spawn(async move {
+            if tokio::time::timeout(REVOKE_GRACE * 2, node.conn.closed())
+                .await
+                .is_err()
+            {
+                if let Some(r) = node.revocation() {
+                    node.conn.close(app_code::CLOSE_REVOKED, r.code.as_bytes());
+                }
+            }
+        });
+    }
 }
 
 /// Whether version `a` is older than `b` (`x.y.z`, suffixes ignored, as the config validates

@@ -8,6 +8,7 @@ use crate::metrics::labels;
 use crate::registry::{NodeEntry, SlotGuard, SlotKind};
 use crate::router::{NoRoute, Workload};
 use crate::server::Shared;
+use crate::session_id::SessionId;
 use crate::store::{ApiKey, UsageKind, UsageRecord};
 use bytes::Bytes;
 use nearpath_config::WorkloadKind;
@@ -15,7 +16,7 @@ use nearpath_geo::Location;
 use nearpath_protocol::message::{
     Ended, ErrorInfo, GameParams, Message, Open, Paused, PlayRequest, PlayStarted, SessionKind,
 };
-use nearpath_protocol::stream::{recv_frame_header, relay_frame, send, FramedRecv};
+use nearpath_protocol::stream::{recv_frame_header, relay_frame_by, send, FramedRecv, Relayed};
 use nearpath_protocol::{FrameHeader, InputDatagram, MAX_CONTROL_FRAME, MAX_VIDEO_FRAME};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,6 +24,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tracing::{debug, info, info_span, warn, Instrument};
+
+/// How long ending a session for a revoked key may wait on the node's stream.
+const REVOKE_SEND_BOUND: Duration = Duration::from_millis(200);
 
 /// Where a session's frames go.
 #[derive(Clone)]
@@ -124,6 +128,8 @@ pub struct Started {
 /// One live game session as the relay sees it.
 pub struct Relay {
     pub session_id: u64,
+    /// Holds `session_id` among the live ids while anything still refers to the session.
+    _session: SessionId,
     pub sink: FrameSink,
     /// The client's address, for the admin view.
     pub client_addr: String,
@@ -134,11 +140,156 @@ pub struct Relay {
     node: Mutex<Option<Arc<NodeEntry>>>,
     pub frames: AtomicU64,
     pub bytes: AtomicU64,
+    /// Frames dropped because they were older than `game.frame_budget_ms` on arrival.
     pub dropped_late: AtomicU64,
+    /// Frames dropped because the session was over its in-flight budget, or abandoned because
+    /// they were not delivered by their deadline.
+    pub dropped_overload: AtomicU64,
+    /// Frames for this session that came from a connection other than its serving node's.
+    pub dropped_foreign: AtomicU64,
+    /// Frames lost to a stream or connection error.
+    pub dropped_relay: AtomicU64,
     pub inputs: AtomicU64,
     pub started: Instant,
     pub game: String,
     pub tenant: String,
+    /// Frames and bytes on their way to the client now.
+    in_flight: Mutex<InFlight>,
+    /// The session driver's event queue, for keyframe requests after a drop. Weak, so that the
+    /// relay (which outlives the front end in the session table) never keeps the queue open.
+    events: mpsc::WeakSender<ClientEvent>,
+    /// When the relay last asked for a keyframe (ms since `started`, plus one; 0 = never).
+    last_keyframe_request: AtomicU64,
+}
+
+/// Why the relay dropped a frame: the `reason` label of `nearpath_game_frames_dropped_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropReason {
+    /// Older than the frame budget when it arrived.
+    Late,
+    /// Over the session's in-flight budget, or not delivered by its deadline.
+    Overload,
+    /// Sent by a connection that does not serve the session.
+    Foreign,
+    /// A stream or connection failed while forwarding.
+    Relay,
+}
+
+impl DropReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DropReason::Late => "late",
+            DropReason::Overload => "overload",
+            DropReason::Foreign => "foreign",
+            DropReason::Relay => "relay",
+        }
+    }
+}
+
+/// Keyframe requests the relay makes after dropping frames come at most this often; the
+/// encoder needs a moment to produce one, and an IDR is several P frames' worth of bytes.
+const KEYFRAME_REQUEST_INTERVAL_MS: u64 = 300;
+/// Allowance for the client's delayed acknowledgement (QUIC's default `max_ack_delay`) when
+/// waiting for a frame to be acknowledged.
+const ACK_DELAY_ALLOWANCE: Duration = Duration::from_millis(25);
+
+/// Frames and bytes one session has on their way to its client.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct InFlight {
+    pub frames: u32,
+    pub bytes: u64,
+}
+
+/// What the relay does with a frame whose header it has just read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Forward it; it must be on its way within `remaining_us`. Its size is now counted in
+    /// flight and must be released when it is delivered or given up.
+    Forward { remaining_us: u64 },
+    /// Drop it.
+    Drop(DropReason),
+}
+
+/// The relay's rule for each frame, decided before a byte of it is forwarded. Pure: the clock is
+/// an argument, so tests drive it with virtual time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameBudget {
+    /// Oldest a frame may be, from its capture time, to be forwarded.
+    pub budget_us: u64,
+    pub max_in_flight_bytes: u64,
+    pub max_in_flight_frames: u32,
+}
+
+impl FrameBudget {
+    pub fn from_config(g: &nearpath_config::GameConfig) -> FrameBudget {
+        FrameBudget {
+            budget_us: g.frame_budget_ms.saturating_mul(1000),
+            max_in_flight_bytes: g.max_in_flight_bytes,
+            max_in_flight_frames: g.max_in_flight_frames,
+        }
+    }
+
+    /// Bytes a frame counts for while in flight: what goes on the wire.
+    pub fn frame_bytes(header: &FrameHeader) -> u64 {
+        u64::from(header.payload_len) + FrameHeader::LEN as u64
+    }
+
+    /// Decides the fate of a frame captured at `capture_ts_us` when the relay reads its header
+    /// at `now_us`, given what the session already has in flight (updated when it is forwarded).
+    ///
+    /// A frame is dropped, never queued: a late frame is worth less than the bandwidth it takes,
+    /// and a session over its in-flight budget has a client path that is not keeping up, where a
+    /// queued frame only makes every later one later. A frame is always admitted when nothing is
+    /// in flight, so one frame larger than the byte budget (a big IDR) still gets through. A
+    /// capture time in the future (a node's clock ahead of ours) counts as age 0: the deadline is
+    /// then the full budget from now, never later.
+    pub fn admit(
+        &self,
+        in_flight: &mut InFlight,
+        now_us: u64,
+        capture_ts_us: u64,
+        bytes: u64,
+    ) -> Verdict {
+        let age = now_us.saturating_sub(capture_ts_us);
+        if age > self.budget_us {
+            return Verdict::Drop(DropReason::Late);
+        }
+        if in_flight.frames > 0
+            && (in_flight.frames >= self.max_in_flight_frames
+                || in_flight.bytes.saturating_add(bytes) > self.max_in_flight_bytes)
+        {
+            return Verdict::Drop(DropReason::Overload);
+        }
+        in_flight.frames += 1;
+        in_flight.bytes = in_flight.bytes.saturating_add(bytes);
+        Verdict::Forward {
+            remaining_us: self.budget_us - age,
+        }
+    }
+
+    /// Gives back what [`Self::admit`] counted for a frame that has been delivered or dropped.
+    pub fn release(in_flight: &mut InFlight, bytes: u64) {
+        in_flight.frames = in_flight.frames.saturating_sub(1);
+        in_flight.bytes = in_flight.bytes.saturating_sub(bytes);
+    }
+}
+
+/// A frame counted in its session's in-flight budget; dropping it gives the budget back, so a
+/// frame task that ends any way at all (including being cancelled) releases its share.
+struct FlightSlot {
+    relay: Arc<Relay>,
+    bytes: u64,
+}
+
+impl Drop for FlightSlot {
+    fn drop(&mut self) {
+        let mut f = self
+            .relay
+            .in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        FrameBudget::release(&mut f, self.bytes);
+    }
 }
 
 impl Relay {
@@ -161,6 +312,53 @@ impl Relay {
 
     pub fn node_id(&self) -> Option<String> {
         self.node().map(|n| n.id.clone())
+    }
+
+    /// Whether `conn` is the connection of the node serving the session now. During failover
+    /// no node serves it, so nothing is accepted until the new node is attached.
+    pub fn is_served_by(&self, conn: &quinn::Connection) -> bool {
+        self.node
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .is_some_and(|n| n.conn.stable_id() == conn.stable_id())
+    }
+
+    /// Frames and bytes on their way to the client now.
+    pub fn in_flight(&self) -> InFlight {
+        *self.in_flight.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The drop counter for `reason`.
+    pub fn dropped(&self, reason: DropReason) -> &AtomicU64 {
+        match reason {
+            DropReason::Late => &self.dropped_late,
+            DropReason::Overload => &self.dropped_overload,
+            DropReason::Foreign => &self.dropped_foreign,
+            DropReason::Relay => &self.dropped_relay,
+        }
+    }
+
+    /// Asks the node for a keyframe after frames were dropped (the client cannot decode the P
+    /// frames that follow a gap), at most once per [`KEYFRAME_REQUEST_INTERVAL_MS`].
+    pub fn request_keyframe(&self) -> bool {
+        let now = self.started.elapsed().as_millis() as u64 + 1;
+        let last = self.last_keyframe_request.load(Ordering::Relaxed);
+        if last != 0 && now.saturating_sub(last) < KEYFRAME_REQUEST_INTERVAL_MS {
+            return false;
+        }
+        if self
+            .last_keyframe_request
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_err()
+        {
+            // Another frame task asked just now.
+            return false;
+        }
+        match self.events.upgrade() {
+            Some(tx) => tx.try_send(ClientEvent::ForceKeyframe).is_ok(),
+            None => false,
+        }
     }
     fn set_node(&self, n: Option<Arc<NodeEntry>>) {
         *self.node.lock().unwrap_or_else(|p| p.into_inner()) = n;
@@ -210,12 +408,79 @@ fn now_us() -> u64 {
         .unwrap_or(0)
 }
 
+/// Warns about a node's foreign frames at most once a second, with how many went unlogged, so a
+/// node spraying forged frames cannot flood the log.
+#[derive(Default)]
+struct ForeignLog {
+    /// When the last warning was written (ms since `since`, plus one; 0 = never).
+    last: AtomicU64,
+    suppressed: AtomicU64,
+    since: Option<Instant>,
+}
+
+impl ForeignLog {
+    fn new() -> ForeignLog {
+        ForeignLog {
+            since: Some(Instant::now()),
+            ..Default::default()
+        }
+    }
+
+    fn note(&self, node: &str, session_id: u64) {
+        let now = self.since.map_or(0, |t| t.elapsed().as_millis() as u64) + 1;
+        let last = self.last.load(Ordering::Relaxed);
+        if (last == 0 || now.saturating_sub(last) >= 1000)
+            && self
+                .last
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            let suppressed = self.suppressed.swap(0, Ordering::Relaxed);
+            warn!(
+                node,
+                session = session_id,
+                suppressed,
+                "refused a video frame for a session this node does not serve"
+            );
+        } else {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Counts a dropped frame against its session and in the metric, by reason.
+pub fn count_drop(shared: &Shared, relay: &Relay, reason: DropReason) {
+    relay.dropped(reason).fetch_add(1, Ordering::Relaxed);
+    shared
+        .metrics
+        .game_frames_dropped
+        .get_or_create(&labels([("reason", reason.as_str())]))
+        .inc();
+}
+
 /// Forwards every frame stream a node opens to the session's client. Runs once per node
 /// connection, for as long as it lives.
+///
+/// A frame is accepted only from the connection of the node serving its session (the id in
+/// the header is the sender's claim, and nodes are run by strangers), then only if it is within
+/// its age and in-flight budgets ([`FrameBudget::admit`]); otherwise it is refused before a byte
+/// of its payload is read. A frame for an unknown session and a foreign frame get the same
+/// answer, so a node cannot probe which ids are live.
 pub async fn node_frames_loop(shared: Arc<Shared>, conn: quinn::Connection) {
-    let budget_us = shared.config.game.frame_budget_ms * 1000;
+    let budget = FrameBudget::from_config(&shared.config.game);
+    let foreign_log = Arc::new(ForeignLog::new());
+    // For the log only: the loop starts once the node is registered.
+    let node_id: Arc<str> = shared
+        .registry
+        .list()
+        .into_iter()
+        .find(|n| n.conn.stable_id() == conn.stable_id())
+        .map_or_else(|| "unregistered".into(), |n| n.id.as_str().into());
     while let Ok(mut recv) = conn.accept_uni().await {
         let shared = shared.clone();
+        let conn = conn.clone();
+        let foreign_log = foreign_log.clone();
+        let node_id = node_id.clone();
         tokio::spawn(async move {
             let header = match recv_frame_header(&mut recv).await {
                 Ok(h) => h,
@@ -228,45 +493,70 @@ pub async fn node_frames_loop(shared: Arc<Shared>, conn: quinn::Connection) {
                 let _ = recv.stop(nearpath_protocol::app_code::STREAM_REFUSED);
                 return;
             };
-            // A frame older than the budget is worth less than the bandwidth it would take.
-            let age = now_us().saturating_sub(header.capture_ts_us);
-            if age > budget_us {
+            if !relay.is_served_by(&conn) {
                 let _ = recv.stop(nearpath_protocol::app_code::STREAM_REFUSED);
-                relay.dropped_late.fetch_add(1, Ordering::Relaxed);
-                shared
-                    .metrics
-                    .game_frames_dropped
-                    .get_or_create(&labels([("reason", "late")]))
-                    .inc();
+                count_drop(&shared, &relay, DropReason::Foreign);
+                foreign_log.note(&node_id, header.session_id);
                 return;
             }
+            let bytes = FrameBudget::frame_bytes(&header);
+            let verdict = {
+                let mut f = relay.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+                budget.admit(&mut f, now_us(), header.capture_ts_us, bytes)
+            };
+            let remaining_us = match verdict {
+                Verdict::Forward { remaining_us } => remaining_us,
+                Verdict::Drop(reason) => {
+                    let _ = recv.stop(nearpath_protocol::app_code::STREAM_REFUSED);
+                    count_drop(&shared, &relay, reason);
+                    relay.request_keyframe();
+                    return;
+                }
+            };
+            let _slot = FlightSlot {
+                relay: relay.clone(),
+                bytes,
+            };
+            let write_by = tokio::time::Instant::now() + Duration::from_micros(remaining_us);
             let result = match &relay.sink {
-                FrameSink::Quic(client) => relay_frame(recv, &header, client, MAX_VIDEO_FRAME)
-                    .await
-                    .map_err(|e| e.to_string()),
-                FrameSink::Channel(tx) => match recv_frame_rest(recv, &header).await {
-                    Ok(payload) => {
-                        let n = payload.len() as u64;
-                        tx.try_send((header, payload))
-                            .map(|_| n)
-                            .map_err(|e| e.to_string())
+                FrameSink::Quic(client) => {
+                    // The deadline is for the frame's bytes leaving; its acknowledgement comes a
+                    // round trip (and a delayed-ack allowance) later.
+                    let acked_by = write_by + client.rtt() + ACK_DELAY_ALLOWANCE;
+                    relay_frame_by(recv, &header, client, MAX_VIDEO_FRAME, write_by, acked_by)
+                        .await
+                        .map_err(|e| e.to_string())
+                }
+                FrameSink::Channel(tx) => {
+                    match tokio::time::timeout_at(write_by, recv_frame_rest(recv, &header)).await {
+                        Ok(Ok(payload)) => {
+                            let n = payload.len() as u64;
+                            match tx.try_send((header, payload)) {
+                                Ok(()) => Ok(Relayed::Delivered(n)),
+                                // The session task is behind: drop, never queue.
+                                Err(mpsc::error::TrySendError::Full(_)) => Ok(Relayed::Abandoned),
+                                Err(e) => Err(e.to_string()),
+                            }
+                        }
+                        Ok(Err(e)) => Err(e),
+                        // Dropping the stream stops it.
+                        Err(_) => Ok(Relayed::Abandoned),
                     }
-                    Err(e) => Err(e),
-                },
+                }
             };
             match result {
-                Ok(n) => {
+                Ok(Relayed::Delivered(n)) => {
                     relay.frames.fetch_add(1, Ordering::Relaxed);
                     relay.bytes.fetch_add(n, Ordering::Relaxed);
                     shared.metrics.game_frames_relayed.inc();
                 }
+                Ok(Relayed::Abandoned) => {
+                    count_drop(&shared, &relay, DropReason::Overload);
+                    relay.request_keyframe();
+                }
                 Err(e) => {
                     debug!(error = %e, "frame not relayed");
-                    shared
-                        .metrics
-                        .game_frames_dropped
-                        .get_or_create(&labels([("reason", "relay")]))
-                        .inc();
+                    count_drop(&shared, &relay, DropReason::Relay);
                 }
             }
         });
@@ -401,7 +691,11 @@ async fn attach(
             .map_err(|e| e.to_string())?;
             let mut rx = FramedRecv::new(rx, MAX_CONTROL_FRAME);
             match rx.next().await {
-                Ok(Some(Message::Accepted(_))) => Ok((tx, rx)),
+                Ok(Some(Message::Accepted(a))) if a.session_id == session_id => Ok((tx, rx)),
+                Ok(Some(Message::Accepted(a))) => Err(format!(
+                    "accepted session {} instead of {session_id}",
+                    a.session_id
+                )),
                 Ok(Some(Message::Refused(r))) => Err(format!("refused: {}", r.reason)),
                 Ok(other) => Err(format!("unexpected answer {other:?}")),
                 Err(e) => Err(e.to_string()),
@@ -462,7 +756,8 @@ pub async fn start_session(
             return Err(e);
         }
     };
-    let session_id = shared.next_session.fetch_add(1, Ordering::Relaxed);
+    let session = shared.session_ids.mint();
+    let session_id = session.get();
     let attached = match attach(shared, &client, &params, session_id, &[]).await {
         Ok(a) => a,
         Err(no) => {
@@ -487,8 +782,10 @@ pub async fn start_session(
             });
         }
     };
+    let (events_tx, events_rx) = mpsc::channel(16);
     let relay = Arc::new(Relay {
         session_id,
+        _session: session,
         sink,
         client_addr,
         transport,
@@ -497,14 +794,19 @@ pub async fn start_session(
         frames: AtomicU64::new(0),
         bytes: AtomicU64::new(0),
         dropped_late: AtomicU64::new(0),
+        dropped_overload: AtomicU64::new(0),
+        dropped_foreign: AtomicU64::new(0),
+        dropped_relay: AtomicU64::new(0),
         inputs: AtomicU64::new(0),
         started: Instant::now(),
         game: params.title.clone(),
         tenant: key.tenant.clone(),
+        in_flight: Mutex::new(InFlight::default()),
+        events: events_tx.downgrade(),
+        last_keyframe_request: AtomicU64::new(0),
     });
     shared.games.insert(relay.clone());
     shared.metrics.active_game_sessions.inc();
-    let (events_tx, events_rx) = mpsc::channel(16);
     let (notices_tx, notices_rx) = mpsc::channel(16);
     let span = info_span!("game_session", id = session_id, game = %params.title, transport);
     tokio::spawn(
@@ -550,6 +852,8 @@ async fn drive(
     let mut nodes_used = vec![attached.node.id.clone()];
     let mut gpu_seconds = 0.0f64;
     let mut node_since = Instant::now();
+    // Revoking the key ends the session at once, whichever transport the player uses.
+    let revoked = shared.keys.revocation(&key.id);
     // The session's usage row: written every checkpoint interval as `in_progress` and rewritten
     // in place with the final totals, so a killed gateway loses at most one interval of
     // metering and nothing is counted twice.
@@ -563,9 +867,12 @@ async fn drive(
             Client(Option<ClientEvent>),
             Node(Option<Message>),
             NodeGone,
+            Revoked,
             Checkpoint,
         }
         let ev = tokio::select! {
+            biased;
+            _ = revoked.cancelled() => Ev::Revoked,
             _ = checkpoint.tick() => Ev::Checkpoint,
             e = events.recv() => Ev::Client(e),
             m = attached.rx.next() => match m {
@@ -575,6 +882,28 @@ async fn drive(
             _ = attached.node.conn.closed() => Ev::NodeGone,
         };
         match ev {
+            Ev::Revoked => {
+                warn!(key = %key.id, "API key revoked: ending the game session");
+                outcome = "key_revoked";
+                // A node that does not read its session stream must not hold the session open:
+                // past a short bound the stream is reset instead.
+                let close = Message::Close(nearpath_protocol::message::Close {
+                    reason: "key_revoked".into(),
+                });
+                match tokio::time::timeout(REVOKE_SEND_BOUND, send(&mut attached.tx, &close)).await
+                {
+                    Ok(Ok(())) => {
+                        let _ = attached.tx.finish();
+                    }
+                    _ => {
+                        let _ = attached
+                            .tx
+                            .reset(nearpath_protocol::app_code::STREAM_CANCELLED);
+                    }
+                }
+                let _ = notices.send(Notice::Ended("key_revoked".into())).await;
+                break;
+            }
             Ev::Checkpoint => {
                 let gpu = gpu_seconds + node_since.elapsed().as_secs_f64();
                 let row = game_usage(&key, &relay, &attached.node, &params, "in_progress", gpu);
@@ -674,6 +1003,9 @@ async fn drive(
         frames,
         bytes,
         dropped_late = relay.dropped_late.load(Ordering::Relaxed),
+        dropped_overload = relay.dropped_overload.load(Ordering::Relaxed),
+        dropped_foreign = relay.dropped_foreign.load(Ordering::Relaxed),
+        dropped_relay = relay.dropped_relay.load(Ordering::Relaxed),
         "game session ended"
     );
     let record = game_usage(&key, &relay, &attached.node, &params, outcome, gpu_seconds);
@@ -846,4 +1178,111 @@ pub async fn serve_play(
         }
     }
     let _ = ctl_tx.finish();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: u64 = 1000;
+
+    fn budget() -> FrameBudget {
+        FrameBudget {
+            budget_us: 100 * MS,
+            max_in_flight_bytes: 100_000,
+            max_in_flight_frames: 3,
+        }
+    }
+
+    #[test]
+    fn frames_are_dropped_before_forwarding_when_late_or_over_budget_never_queued() {
+        let b = budget();
+        let mut f = InFlight::default();
+        // Virtual clock: the relay reads headers at these times (us).
+        let t0 = 1_000_000_000u64;
+        // Fresh frame: forwarded with what is left of its budget.
+        assert_eq!(
+            b.admit(&mut f, t0 + 30 * MS, t0, 20_000),
+            Verdict::Forward {
+                remaining_us: 70 * MS
+            }
+        );
+        // Exactly at the budget is still in; a microsecond past it is late.
+        assert_eq!(
+            b.admit(&mut f, t0 + 100 * MS, t0, 20_000),
+            Verdict::Forward { remaining_us: 0 }
+        );
+        assert_eq!(
+            b.admit(&mut f, t0 + 100 * MS + 1, t0, 20_000),
+            Verdict::Drop(DropReason::Late)
+        );
+        assert_eq!(
+            f,
+            InFlight {
+                frames: 2,
+                bytes: 40_000
+            }
+        );
+        // Bytes: 40 000 + 70 000 is over 100 000, so the frame is dropped, not held back.
+        assert_eq!(
+            b.admit(&mut f, t0 + 40 * MS, t0 + 35 * MS, 70_000),
+            Verdict::Drop(DropReason::Overload)
+        );
+        // Frames: a third fits, a fourth does not, whatever its size.
+        assert!(matches!(
+            b.admit(&mut f, t0 + 41 * MS, t0 + 40 * MS, 10),
+            Verdict::Forward { .. }
+        ));
+        assert_eq!(
+            b.admit(&mut f, t0 + 42 * MS, t0 + 41 * MS, 10),
+            Verdict::Drop(DropReason::Overload)
+        );
+        // Delivered frames give their share back, and the next frame goes.
+        FrameBudget::release(&mut f, 20_000);
+        FrameBudget::release(&mut f, 10);
+        assert_eq!(
+            f,
+            InFlight {
+                frames: 1,
+                bytes: 20_000
+            }
+        );
+        assert!(matches!(
+            b.admit(&mut f, t0 + 50 * MS, t0 + 45 * MS, 70_000),
+            Verdict::Forward { .. }
+        ));
+        // Late beats everything else: a late frame never takes budget.
+        let before = f;
+        assert_eq!(
+            b.admit(&mut f, t0 + 500 * MS, t0, 1),
+            Verdict::Drop(DropReason::Late)
+        );
+        assert_eq!(f, before);
+    }
+
+    #[test]
+    fn a_frame_larger_than_the_byte_budget_passes_when_nothing_is_in_flight() {
+        let b = budget();
+        let mut f = InFlight::default();
+        assert!(matches!(
+            b.admit(&mut f, 10 * MS, 10 * MS, 500_000),
+            Verdict::Forward { .. }
+        ));
+        assert_eq!(
+            b.admit(&mut f, 11 * MS, 11 * MS, 10),
+            Verdict::Drop(DropReason::Overload)
+        );
+    }
+
+    #[test]
+    fn a_capture_time_in_the_future_gets_no_more_than_the_full_budget() {
+        let b = budget();
+        let mut f = InFlight::default();
+        assert_eq!(
+            b.admit(&mut f, 10 * MS, u64::MAX, 100),
+            Verdict::Forward {
+                remaining_us: 100 * MS
+            }
+        );
+    }
 }

@@ -7,6 +7,7 @@ use crate::metrics::labels;
 use crate::registry::{NodeEntry, SlotGuard, SlotKind};
 use crate::router::{Deny, LatLon, NoRoute, Workload};
 use crate::server::Shared;
+use crate::session_id::SessionId;
 use crate::store::{ApiKey, UsageKind, UsageRecord};
 use nearpath_config::WorkloadKind;
 use nearpath_geo::{Decision, Location};
@@ -15,19 +16,26 @@ use nearpath_protocol::openai::{ApiError, InferenceRequest, Usage};
 use nearpath_protocol::stream::{send, FramedRecv};
 use nearpath_protocol::MAX_CONTROL_FRAME;
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 /// How long an authenticated key is trusted without asking the store again. Revocation through
-/// the admin API clears the cache at once; this bounds staleness for other writers.
+/// the admin API removes the key from the cache at once and marks it revoked here for good; this
+/// bounds staleness for other writers.
 const KEY_CACHE_TTL: Duration = Duration::from_secs(10);
 
-/// API keys recently authenticated, by secret hash.
+/// API keys recently authenticated, by secret hash, and the revocation signal of every key a
+/// running session holds.
 #[derive(Default)]
 pub struct KeyCache {
     entries: Mutex<HashMap<String, (ApiKey, Instant)>>,
+    /// One token per key id, cancelled (and never replaced) when the key is revoked. Sessions
+    /// and streams select on it so that a revocation ends them at once; a token looked up after
+    /// the revocation is already cancelled, so a session that started in the race ends too.
+    /// Key ids are never reused, so the map is bounded by the keys in the store.
+    revocations: Mutex<HashMap<String, CancellationToken>>,
 }
 
 impl KeyCache {
@@ -36,6 +44,56 @@ impl KeyCache {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clear();
+    }
+
+    /// The signal that key `key_id` was revoked. Sessions of the key end when it is cancelled.
+    pub fn revocation(&self, key_id: &str) -> CancellationToken {
+        self.revocations
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(key_id.to_string())
+            .or_default()
+            .clone()
+    }
+
+    /// Whether key `key_id` was revoked through this gateway.
+    pub fn is_revoked(&self, key_id: &str) -> bool {
+        self.revocations
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key_id)
+            .is_some_and(|t| t.is_cancelled())
+    }
+
+    /// Marks key `key_id` revoked: the cache forgets it, no later lookup caches it again, and
+    /// every session holding it is told to end.
+    pub fn revoke(&self, key_id: &str) {
+        // The entries lock is held across the mark so that an authentication that read the
+        // store before the revocation cannot put the key back into the cache after it (`put`
+        // checks the mark under the same lock).
+        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        self.revocation(key_id).cancel();
+        entries.retain(|_, (k, _)| k.id != key_id);
+    }
+
+    /// A fresh cached key for `hash` that is not revoked.
+    fn get(&self, hash: &str) -> Option<ApiKey> {
+        let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        let (key, at) = entries.get(hash)?;
+        if at.elapsed() >= KEY_CACHE_TTL || self.is_revoked(&key.id) {
+            return None;
+        }
+        Some(key.clone())
+    }
+
+    /// Caches `key` unless it was revoked meanwhile; says whether the key may be used.
+    fn put(&self, hash: String, key: &ApiKey) -> bool {
+        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        if self.is_revoked(&key.id) {
+            return false;
+        }
+        entries.insert(hash, (key.clone(), Instant::now()));
+        true
     }
 }
 
@@ -299,17 +357,8 @@ pub fn prompt_token_estimate(request: &InferenceRequest) -> u32 {
 pub async fn authenticate(shared: &Arc<Shared>, secret: Option<&str>) -> Result<ApiKey, ApiError> {
     let secret = secret.ok_or_else(ApiError::missing_api_key)?;
     let hash = crate::store::hash_secret(secret);
-    {
-        let cache = shared
-            .keys
-            .entries
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if let Some((key, at)) = cache.get(&hash) {
-            if at.elapsed() < KEY_CACHE_TTL {
-                return Ok(key.clone());
-            }
-        }
+    if let Some(key) = shared.keys.get(&hash) {
+        return Ok(key);
     }
     let store = shared.store.clone();
     let owned = secret.to_string();
@@ -318,16 +367,9 @@ pub async fn authenticate(shared: &Arc<Shared>, secret: Option<&str>) -> Result<
         .map_err(|e| ApiError::internal(e.to_string()))?
         .map_err(|e| ApiError::unavailable(format!("key store unavailable: {e}")))?;
     match found {
-        Some(key) => {
-            shared
-                .keys
-                .entries
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(hash, (key.clone(), Instant::now()));
-            Ok(key)
-        }
-        None => Err(ApiError::invalid_api_key()),
+        // The store may have answered before a revocation that has landed since.
+        Some(key) if shared.keys.put(hash, &key) => Ok(key),
+        _ => Err(ApiError::invalid_api_key()),
     }
 }
 
@@ -376,6 +418,8 @@ pub enum StreamEvent {
 pub struct InferStream {
     pub node: Arc<NodeEntry>,
     pub session_id: u64,
+    /// Holds `session_id` among the live ids until the request ends.
+    _session: SessionId,
     pub attempts: u32,
     /// Request start to the first event, as the gateway saw it.
     pub ttft: Duration,
@@ -393,23 +437,48 @@ pub struct InferStream {
     prompt_tokens: u32,
     /// The counts of the node's `Done`, once it came.
     reported: Option<Usage>,
+    /// Cancelled when the request's API key is revoked: the stream then ends at once.
+    revoked: Option<CancellationToken>,
 }
 
 impl InferStream {
+    /// Ends the stream with `key_revoked` (and resets the node's stream) as soon as `revoked`
+    /// is cancelled. The front ends pass their key's [`KeyCache::revocation`] token.
+    pub fn end_on_revocation(&mut self, revoked: CancellationToken) {
+        self.revoked = Some(revoked);
+    }
+
     /// The next event. After `Done` or `Failed` the stream is over. `Done` carries the billed
     /// usage ([`InferStream::billed`]); the node's own counts are kept in
     /// [`InferStream::reported`].
     pub async fn next(&mut self) -> StreamEvent {
+        if self.revoked.as_ref().is_some_and(|t| t.is_cancelled()) {
+            return self.end_revoked();
+        }
         let ev = match self.first.take() {
             Some(first) => first,
-            None => match tokio::time::timeout(self.idle_timeout, self.framed.next()).await {
-                Ok(r) => to_event(r),
-                Err(_) => StreamEvent::Failed(ApiError::timeout(format!(
-                    "node {} sent no token for {} ms",
-                    self.node.id,
-                    self.idle_timeout.as_millis()
-                ))),
-            },
+            None => {
+                let revoked = self.revoked.clone();
+                let read = tokio::select! {
+                    biased;
+                    _ = async {
+                        match &revoked {
+                            Some(t) => t.cancelled().await,
+                            None => std::future::pending().await,
+                        }
+                    } => None,
+                    r = tokio::time::timeout(self.idle_timeout, self.framed.next()) => Some(r),
+                };
+                match read {
+                    None => return self.end_revoked(),
+                    Some(Ok(r)) => to_event(r),
+                    Some(Err(_)) => StreamEvent::Failed(ApiError::timeout(format!(
+                        "node {} sent no token for {} ms",
+                        self.node.id,
+                        self.idle_timeout.as_millis()
+                    ))),
+                }
+            }
         };
         self.finished = !matches!(ev, StreamEvent::Token(_));
         match ev {
@@ -445,6 +514,22 @@ impl InferStream {
     /// The counts the node's `Done` claimed, if it sent one.
     pub fn reported(&self) -> Option<Usage> {
         self.reported
+    }
+
+    /// The key was revoked: the node's stream is reset (which aborts the backend request) and
+    /// the client is told in band.
+    fn end_revoked(&mut self) -> StreamEvent {
+        if !self.finished {
+            let _ = self
+                .send
+                .reset(nearpath_protocol::app_code::STREAM_CANCELLED);
+            let _ = self
+                .framed
+                .get_mut()
+                .stop(nearpath_protocol::app_code::STREAM_CANCELLED);
+            self.finished = true;
+        }
+        StreamEvent::Failed(ApiError::key_revoked())
     }
 
     /// Stops the work on the node: the stream reset reaches it within one round trip.
@@ -566,8 +651,8 @@ pub async fn dispatch(
             shared.metrics.inference_failovers.inc();
         }
         attempts += 1;
-        let session_id = shared.next_session.fetch_add(1, Ordering::Relaxed);
-        match try_node(shared, node, slot, session_id, model, request_json, started).await {
+        let session = shared.session_ids.mint();
+        match try_node(shared, node, slot, session, model, request_json, started).await {
             Ok(mut s) => {
                 s.attempts = attempts;
                 s.max_tokens = request.max_tokens;
@@ -595,12 +680,13 @@ async fn try_node(
     shared: &Arc<Shared>,
     node: &Arc<NodeEntry>,
     slot: SlotGuard,
-    session_id: u64,
+    session: SessionId,
     model: &str,
     request_json: &str,
     started: Instant,
 ) -> Result<InferStream, Attempt> {
     let cfg = &shared.config.inference;
+    let session_id = session.get();
     let connect = Duration::from_millis(cfg.connect_timeout_ms);
     let (mut tx, rx) = match tokio::time::timeout(connect, node.conn.open_bi()).await {
         Ok(Ok(s)) => s,
@@ -706,6 +792,7 @@ async fn try_node(
     Ok(InferStream {
         node: node.clone(),
         session_id,
+        _session: session,
         attempts: 1,
         ttft: started.elapsed(),
         first: Some(first),
@@ -718,6 +805,7 @@ async fn try_node(
         max_tokens: None,
         prompt_tokens: 0,
         reported: None,
+        revoked: None,
     })
 }
 
@@ -812,17 +900,23 @@ pub fn meter(shared: &Arc<Shared>, m: Metering<'_>) {
         .inference_requests
         .get_or_create(&labels([("api", m.api), ("outcome", m.outcome)]))
         .inc();
+    // The model name is the client's: label with it only if a node serves it (bounded).
+    let served = m
+        .node
+        .is_some_and(|n| n.workloads.models.iter().any(|x| x == m.model))
+        || shared.registry.serves_model(m.model);
+    let model = shared.metrics.model_label(m.model, served);
     if let Some(t) = m.ttft {
         shared
             .metrics
             .ttft_ms
-            .get_or_create(&labels([("model", m.model)]))
+            .get_or_create(&labels([("model", &model)]))
             .observe(t.as_secs_f64() * 1000.0);
     }
     shared
         .metrics
         .tokens_out
-        .get_or_create(&labels([("model", m.model)]))
+        .get_or_create(&labels([("model", &model)]))
         .inc_by(m.usage.completion_tokens as u64);
     shared.limiter.charge_tokens(m.key, m.usage.total_tokens());
     if let (Some(node), Some(reported)) = (m.node, m.reported) {
@@ -878,6 +972,33 @@ mod tests {
             prefix: "npk_".into(),
             caps: Default::default(),
         }
+    }
+
+    #[test]
+    fn a_revoked_key_is_not_accepted_from_the_cache() {
+        let cache = KeyCache::default();
+        let held = cache.revocation("key_a");
+        assert!(cache.put("hash-a".into(), &named("key_a")));
+        assert!(cache.put("hash-b".into(), &named("key_b")));
+        assert_eq!(cache.get("hash-a").map(|k| k.id), Some("key_a".into()));
+        cache.revoke("key_a");
+        // Cached entries go, sessions holding the key are told, and an authentication that
+        // read the store before the revocation cannot put the key back.
+        assert!(cache.get("hash-a").is_none());
+        assert!(held.is_cancelled());
+        assert!(!cache.put("hash-a".into(), &named("key_a")));
+        assert!(cache.get("hash-a").is_none());
+        // A session that looks the key up after the revocation ends at once too.
+        assert!(cache.revocation("key_a").is_cancelled());
+        // Other keys are untouched.
+        assert_eq!(cache.get("hash-b").map(|k| k.id), Some("key_b".into()));
+        assert!(!cache.revocation("key_b").is_cancelled());
+    }
+
+    fn named(id: &str) -> ApiKey {
+        let mut k = key(1);
+        k.id = id.into();
+        k
     }
 
     #[test]

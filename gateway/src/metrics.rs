@@ -8,7 +8,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
-type Labels = Vec<(&'static str, String)>;
+pub type Labels = Vec<(&'static str, String)>;
 
 fn histogram_ms() -> Histogram {
     // 0.05 ms .. ~26 s: covers relay overheads up to slow first tokens.
@@ -38,6 +38,17 @@ pub struct Metrics {
     pub game_frames_dropped: Family<Labels, Counter>,
     pub game_failovers: Counter,
     pub geo_reloads: Family<Labels, Counter>,
+    /// QUIC connection attempts refused before their handshake, by reason (`rate`,
+    /// `unauthenticated`).
+    pub quic_handshakes_refused: Family<Labels, Counter>,
+    /// QUIC connection attempts asked to prove their address with a retry token.
+    pub quic_retries: Counter,
+    /// HTTP connections closed at once by a connection cap, by listener and reason.
+    pub http_connections_refused: Family<Labels, Counter>,
+    /// HTTP connections closed by a timeout, by listener and phase (`tls`, `header`, `idle`).
+    pub http_connections_timed_out: Family<Labels, Counter>,
+    /// Model names already used as label values (see [`Metrics::model_label`]).
+    model_labels: std::sync::Mutex<std::collections::HashSet<String>>,
     /// Usage writes (records and health probes) that failed to commit; synced from the store's
     /// writer at scrape time.
     pub ledger_write_failures: Counter,
@@ -80,6 +91,11 @@ impl Metrics {
             game_frames_dropped: Family::default(),
             game_failovers: Counter::default(),
             geo_reloads: Family::default(),
+            quic_handshakes_refused: Family::default(),
+            quic_retries: Counter::default(),
+            http_connections_refused: Family::default(),
+            http_connections_timed_out: Family::default(),
+            model_labels: Default::default(),
             ledger_write_failures: Counter::default(),
             ledger_healthy: Gauge::default(),
             ledger_refusals: Family::default(),
@@ -183,6 +199,26 @@ impl Metrics {
             m.geo_reloads.clone(),
         );
         registry.register(
+            "quic_handshakes_refused",
+            "QUIC connection attempts refused before the handshake, by reason",
+            m.quic_handshakes_refused.clone(),
+        );
+        registry.register(
+            "quic_retries",
+            "QUIC connection attempts asked to validate their address (retry token)",
+            m.quic_retries.clone(),
+        );
+        registry.register(
+            "http_connections_refused",
+            "HTTP connections closed at once by a connection cap, by listener and reason",
+            m.http_connections_refused.clone(),
+        );
+        registry.register(
+            "http_connections_timed_out",
+            "HTTP connections closed by a timeout, by listener and phase",
+            m.http_connections_timed_out.clone(),
+        );
+        registry.register(
             "ledger_write_failures",
             "Usage ledger writes (records and health probes) that failed to commit",
             m.ledger_write_failures.clone(),
@@ -220,7 +256,56 @@ impl Metrics {
     }
 }
 
+/// The label value standing for every value outside a bounded set.
+pub const OTHER: &str = "other";
+/// The most distinct model names used as label values; later ones are [`OTHER`]. Node
+/// operators choose the names they serve, so even served names need a bound.
+pub const MAX_MODEL_LABELS: usize = 256;
+
+impl Metrics {
+    /// The `model` label value for a request's model name: the name itself if a node serves it
+    /// (`served`), it is at most [`nearpath_protocol::openai::MAX_MODEL_NAME_BYTES`] long and
+    /// fewer than [`MAX_MODEL_LABELS`] names are in use; else [`OTHER`]. The name is chosen by
+    /// the client, so anything else would let clients grow `/metrics` (and the gateway's
+    /// memory) without bound.
+    pub fn model_label(&self, model: &str, served: bool) -> String {
+        if !served || model.len() > nearpath_protocol::openai::MAX_MODEL_NAME_BYTES {
+            return OTHER.to_string();
+        }
+        let mut names = self.model_labels.lock().unwrap_or_else(|p| p.into_inner());
+        if names.contains(model) {
+            return model.to_string();
+        }
+        if names.len() >= MAX_MODEL_LABELS {
+            return OTHER.to_string();
+        }
+        names.insert(model.to_string());
+        model.to_string()
+    }
+}
+
 /// Shorthand for a label set.
 pub fn labels<const N: usize>(pairs: [(&'static str, &str); N]) -> Labels {
     pairs.iter().map(|(k, v)| (*k, v.to_string())).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn model_labels_are_served_names_only_and_bounded() {
+        let m = Metrics::new();
+        assert_eq!(m.model_label("llama", true), "llama");
+        assert_eq!(m.model_label("llama", true), "llama");
+        assert_eq!(m.model_label("made-up", false), OTHER);
+        let long = "x".repeat(nearpath_protocol::openai::MAX_MODEL_NAME_BYTES + 1);
+        assert_eq!(m.model_label(&long, true), OTHER);
+        for i in 1..MAX_MODEL_LABELS {
+            assert_eq!(m.model_label(&format!("m{i}"), true), format!("m{i}"));
+        }
+        // The set is full: a new name is `other`, the names already in use keep their label.
+        assert_eq!(m.model_label("one-too-many", true), OTHER);
+        assert_eq!(m.model_label("llama", true), "llama");
+    }
 }

@@ -14,7 +14,7 @@ use serde::Serialize;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -63,6 +63,15 @@ pub struct NodeDynamic {
     pub operator_flagged: bool,
 }
 
+/// Why the gateway withdrew a node's admission: a reason code the node is told (in `Shutdown`
+/// and as the connection's close reason) and a sentence for people.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Revocation {
+    /// `token_revoked`, `operator_suspended` or `operator_unverified`.
+    pub code: &'static str,
+    pub detail: String,
+}
+
 /// Which capacity pool a session uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -99,8 +108,13 @@ pub struct NodeEntry {
     pub registered_at_ms: u64,
     pub conn: quinn::Connection,
     pub commands: mpsc::Sender<ControlCmd>,
-    /// Cancelled to disconnect the node (operator suspended, replaced by a newer connection).
+    /// Cancelled to disconnect the node (credentials revoked, replaced by a newer connection).
     pub kick: CancellationToken,
+    /// Id (never the secret) of the enrolment token the node was admitted with: revoking that
+    /// token disconnects the node.
+    pub enrolment_token_id: String,
+    /// Set, once, when the node's credentials were withdrawn; the control loop tells the node.
+    revoked: OnceLock<Revocation>,
     pub dynamic: Mutex<NodeDynamic>,
     games_in_use: AtomicU32,
     inference_in_use: AtomicU32,
@@ -141,11 +155,25 @@ impl NodeEntry {
             conn,
             commands,
             kick: CancellationToken::new(),
+            enrolment_token_id: String::new(),
+            revoked: OnceLock::new(),
             dynamic: Mutex::new(dynamic),
             games_in_use: AtomicU32::new(0),
             inference_in_use: AtomicU32::new(0),
             sessions_cut: AtomicU32::new(0),
         }
+    }
+
+    /// Withdraws the node's admission: its control loop sends `Shutdown` with the reason and
+    /// closes the connection with `CLOSE_REVOKED`. The first revocation's reason is kept.
+    pub fn revoke(&self, revocation: Revocation) {
+        let _ = self.revoked.set(revocation);
+        self.kick.cancel();
+    }
+
+    /// Why the node's admission was withdrawn, if it was.
+    pub fn revocation(&self) -> Option<&Revocation> {
+        self.revoked.get()
     }
 
     pub fn dynamic(&self) -> MutexGuard<'_, NodeDynamic> {
@@ -391,6 +419,16 @@ impl Registry {
             .collect()
     }
 
+    /// Nodes admitted with one enrolment token (for token revocation).
+    pub fn of_enrolment_token(&self, token_id: &str) -> Vec<Arc<NodeEntry>> {
+        self.lock()
+            .by_id
+            .values()
+            .filter(|e| e.enrolment_token_id == token_id)
+            .cloned()
+            .collect()
+    }
+
     /// Ranks candidates for a workload; `allow` is the geofence check per node.
     pub fn route<F>(
         &self,
@@ -442,6 +480,11 @@ impl Registry {
     }
 
     /// Counts of live nodes by (state, country, first class), for metrics.
+    /// Whether some registered node serves model `name`.
+    pub fn serves_model(&self, name: &str) -> bool {
+        self.lock().router.serves(Workload::Model(name))
+    }
+
     pub fn census(&self) -> HashMap<(NodeState, String, String), u64> {
         let mut m = HashMap::new();
         for e in self.lock().by_id.values() {

@@ -1388,6 +1388,11 @@ impl RouterIndex {
         id
     }
 
+    /// Whether some indexed node serves `workload` (names nobody serves are not interned).
+    pub fn serves(&self, workload: Workload<'_>) -> bool {
+        self.tree(workload).is_some()
+    }
+
     fn tree(&self, workload: Workload<'_>) -> Option<&WorkloadTree> {
         let id = match workload {
             Workload::Game(name) => self.games.get(name),

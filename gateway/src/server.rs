@@ -10,7 +10,6 @@ use nearpath_config::GatewayConfig;
 use nearpath_geo::{Decision, GeoDb, Policy};
 use nearpath_protocol::{ALPN_CLIENT, ALPN_NODE};
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -50,12 +49,15 @@ pub struct Shared {
     pub registry: Arc<Registry>,
     pub metrics: Metrics,
     pub route_params: RouteParams,
-    pub next_session: AtomicU64,
+    /// Session ids (game and inference): random, unique among live sessions.
+    pub session_ids: crate::session_id::SessionIds,
     pub shutdown: CancellationToken,
     pub cert_sha256: String,
     pub keys: crate::infer::KeyCache,
     pub limiter: crate::infer::RateLimiter,
     pub games: crate::game::GameRelays,
+    /// Per-source admission of QUIC connections until they authenticate or register.
+    pub quic_gate: Arc<crate::conn_guard::QuicGate>,
 }
 
 impl Shared {
@@ -168,12 +170,13 @@ impl Gateway {
             registry: Arc::new(registry),
             metrics: Metrics::new(),
             route_params,
-            next_session: AtomicU64::new(1),
+            session_ids: Default::default(),
             shutdown: CancellationToken::new(),
             cert_sha256: cert.sha256_hex(),
             keys: Default::default(),
             limiter: Default::default(),
             games: Default::default(),
+            quic_gate: Arc::new(crate::conn_guard::QuicGate::new((&config.quic).into())),
             config,
         });
         Ok(Gateway { shared, cert })
@@ -227,13 +230,20 @@ impl Gateway {
             Ok(b) => debug!(requested = b.requested, effective = b.effective, "QUIC socket receive buffer"),
             Err(e) => warn!(error = %e, "could not size the QUIC socket receive buffer"),
         }
-        // quinn sets up per-stream bookkeeping for every stream a peer may open, at handshake:
-        // granting 1024+1024 costs ~130 KiB per idle connection. Grant little up front and
-        // raise it per connection once the ALPN says what the peer needs (see `accept_quic`).
+        // What a stranger gets at handshake: one bidirectional stream (a client's first request
+        // or a node's control stream), no unidirectional ones, and one stream's worth of receive
+        // window for the whole connection. quinn's defaults (an unbounded connection window,
+        // 1.25 MB per stream) let one unauthenticated connection with 256 streams pin 256 MB.
+        // Limits are raised per connection once it authenticates or registers (see
+        // `client_authenticated` and `node_registered`).
+        let q = &shared.config.quic;
         let transport = nearpath_protocol::tls::TransportOptions {
-            idle_timeout: Duration::from_millis(shared.config.quic.idle_timeout_ms),
-            max_concurrent_bidi_streams: INITIAL_STREAMS,
-            max_concurrent_uni_streams: INITIAL_STREAMS,
+            idle_timeout: Duration::from_millis(q.idle_timeout_ms),
+            max_concurrent_bidi_streams: 1,
+            max_concurrent_uni_streams: 0,
+            stream_receive_window: Some(q.stream_receive_window_bytes),
+            receive_window: Some(q.stream_receive_window_bytes),
+            datagram_receive_buffer: Some(DATAGRAM_RECEIVE_BUFFER),
             ..Default::default()
         };
         let server_config = nearpath_protocol::tls::server_config(
@@ -274,6 +284,7 @@ impl Gateway {
                 Arc::new(crate::api::ClientApi::new(shared.clone())),
                 "http",
                 inner_shutdown.clone(),
+                crate::http_util::ConnPolicy::from_config(&shared.config.http, &shared.metrics),
             ));
             let admin_task = tokio::spawn(crate::http_util::serve(
                 listeners.admin,
@@ -281,6 +292,8 @@ impl Gateway {
                 Arc::new(crate::admin::AdminApi::new(shared.clone())),
                 "admin",
                 inner_shutdown.clone(),
+                // The admin listener inherits [http]'s timeouts and caps, with its own counts.
+                crate::http_util::ConnPolicy::from_config(&shared.config.http, &shared.metrics),
             ));
             let geo_task = tokio::spawn(crate::admin::geo_reload_loop(shared.clone()));
             shutdown.cancelled().await;
@@ -302,18 +315,71 @@ impl Gateway {
     }
 }
 
-/// Streams a peer may open before its ALPN is known.
-const INITIAL_STREAMS: u32 = 8;
-/// Concurrent video frame streams a node may have in flight (frames are short-lived streams).
+/// Concurrent video frame streams a registered node may have in flight (frames are
+/// short-lived streams).
 const NODE_UNI_STREAMS: u32 = 256;
-/// Concurrent requests one native client connection may have in flight.
+/// Concurrent requests one authenticated native client connection may have in flight.
 const CLIENT_BIDI_STREAMS: u32 = 256;
+/// Receive window of a node connection until it is registered: its control stream carries one
+/// `Register` (at most `MAX_CONTROL_FRAME`), nothing else may arrive before `Registered`.
+const NODE_PREREGISTER_WINDOW: u32 = 2 * nearpath_protocol::MAX_CONTROL_FRAME as u32;
+/// Received datagrams buffered per connection until read. Input datagrams are tens of bytes and
+/// read as they come; nodes send none, so anything more would only be a stranger's ballast.
+const DATAGRAM_RECEIVE_BUFFER: usize = 64 * 1024;
+
+/// Raises a native client connection's limits after a request on it authenticated (once).
+pub fn client_authenticated(shared: &Shared, conn: &quinn::Connection) {
+    if shared.quic_gate.authenticated(conn.stable_id()) {
+        conn.set_receive_window(window(shared.config.quic.client_receive_window_bytes));
+        conn.set_max_concurrent_bi_streams(CLIENT_BIDI_STREAMS.into());
+    }
+}
+
+/// Grants a node connection its video frame streams and window, after `Registered` was sent.
+pub fn node_registered(shared: &Shared, conn: &quinn::Connection) {
+    shared.quic_gate.authenticated(conn.stable_id());
+    conn.set_receive_window(window(shared.config.quic.node_receive_window_bytes));
+    conn.set_max_concurrent_uni_streams(NODE_UNI_STREAMS.into());
+}
+
+/// A configured window as a QUIC integer (config validation keeps it far below the limit).
+fn window(bytes: u64) -> quinn::VarInt {
+    quinn::VarInt::from_u64(bytes).unwrap_or(quinn::VarInt::MAX)
+}
 
 async fn accept_quic(shared: Arc<Shared>, endpoint: quinn::Endpoint) {
+    let refused = |reason: &str| {
+        shared
+            .metrics
+            .quic_handshakes_refused
+            .get_or_create(&labels([("reason", reason)]))
+            .inc();
+    };
     while let Some(incoming) = endpoint.accept().await {
+        let peer = incoming.remote_address();
+        // Under load, make a source prove it receives at its address before it costs a
+        // handshake or a per-source token: spoofed addresses cannot echo the retry token.
+        if !incoming.remote_address_validated()
+            && incoming.may_retry()
+            && shared.quic_gate.handshaking() >= shared.config.quic.retry_above_handshakes
+        {
+            shared.metrics.quic_retries.inc();
+            if let Err(e) = incoming.retry() {
+                debug!(%peer, error = %e, "QUIC retry failed");
+            }
+            continue;
+        }
+        let mut pre_auth = match shared.quic_gate.admit(peer.ip(), std::time::Instant::now()) {
+            Ok(p) => p,
+            Err(r) => {
+                refused(r.as_str());
+                debug!(%peer, reason = r.as_str(), "QUIC connection refused");
+                incoming.refuse();
+                continue;
+            }
+        };
         let shared = shared.clone();
         tokio::spawn(async move {
-            let peer = incoming.remote_address();
             let conn = match incoming.await {
                 Ok(c) => c,
                 Err(e) => {
@@ -321,18 +387,17 @@ async fn accept_quic(shared: Arc<Shared>, endpoint: quinn::Endpoint) {
                     return;
                 }
             };
+            pre_auth.bind(conn.stable_id());
             let alpn = nearpath_protocol::tls::negotiated_alpn(&conn);
             match alpn.as_deref() {
                 Some(a) if a == ALPN_NODE => {
-                    // A node opens one control stream, and one uni stream per video frame.
-                    conn.set_max_concurrent_bi_streams(4u32.into());
-                    conn.set_max_concurrent_uni_streams(NODE_UNI_STREAMS.into());
+                    // Only the control stream until `Registered` (see `node_registered`).
+                    conn.set_receive_window(NODE_PREREGISTER_WINDOW.into());
                     crate::control::handle_node(shared, conn).await
                 }
                 Some(a) if a == ALPN_CLIENT => {
-                    // A client opens one bidi stream per request and no uni streams.
-                    conn.set_max_concurrent_bi_streams(CLIENT_BIDI_STREAMS.into());
-                    conn.set_max_concurrent_uni_streams(0u32.into());
+                    // One request stream until a request authenticates (`client_authenticated`),
+                    // and no uni streams ever.
                     crate::client::handle_client(shared, conn).await
                 }
                 _ => {
@@ -340,6 +405,7 @@ async fn accept_quic(shared: Arc<Shared>, endpoint: quinn::Endpoint) {
                     conn.close(4u32.into(), b"unknown ALPN");
                 }
             }
+            drop(pre_auth);
         });
     }
 }

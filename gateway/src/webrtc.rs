@@ -538,87 +538,10 @@ fn bind_addrs(client: IpAddr, port: u16) -> Vec<SocketAddr> {
 // ---------------------------------------------------------------------------------------------
 // SDP
 
-/// What the gateway needs from an offer.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OfferSummary {
-    pub ice_ufrag: String,
-    pub ice_pwd: String,
-    /// The offer has a data channel section (input is possible).
-    pub has_data_channel: bool,
-}
-
-/// Checks that an offer can be answered: it parses, has a video section the browser receives,
-/// offers H.264 Constrained Baseline with packetization-mode 1, and carries ICE credentials.
-pub fn check_offer(sdp: &str) -> Result<OfferSummary, String> {
-    let desc = RTCSessionDescription::offer(sdp.to_string())
-        .map_err(|e| format!("not an SDP offer: {e}"))?;
-    let parsed = desc
-        .unmarshal()
-        .map_err(|e| format!("unparseable SDP: {e}"))?;
-    let mut video = false;
-    let mut h264 = false;
-    let mut has_data_channel = false;
-    let mut ufrag = parsed.attribute("ice-ufrag").cloned();
-    let mut pwd = parsed.attribute("ice-pwd").cloned();
-    for m in &parsed.media_descriptions {
-        match m.media_name.media.as_str() {
-            "video" => {
-                if m.attribute("sendonly").is_some() || m.attribute("inactive").is_some() {
-                    continue;
-                }
-                video = true;
-                h264 |= m.codecs().values().any(|c| {
-                    c.name.eq_ignore_ascii_case("H264")
-                        && c.clock_rate == 90_000
-                        && is_constrained_baseline_mode1(&c.fmtp)
-                });
-            }
-            "application" => has_data_channel = true,
-            _ => {}
-        }
-        if ufrag.is_none() {
-            ufrag = m.attribute("ice-ufrag").flatten().map(str::to_string);
-        }
-        if pwd.is_none() {
-            pwd = m.attribute("ice-pwd").flatten().map(str::to_string);
-        }
-    }
-    if !video {
-        return Err("the offer has no video section the browser receives (add a recvonly video transceiver)".into());
-    }
-    if !h264 {
-        return Err("the offer has no H.264 Constrained Baseline codec (profile-level-id 42e0xx, packetization-mode=1)".into());
-    }
-    let (Some(ice_ufrag), Some(ice_pwd)) = (ufrag, pwd) else {
-        return Err("the offer has no ICE credentials (ice-ufrag/ice-pwd)".into());
-    };
-    Ok(OfferSummary {
-        ice_ufrag,
-        ice_pwd,
-        has_data_channel,
-    })
-}
-
-/// `packetization-mode=1` and a profile-level-id whose profile and constraint bytes are
-/// Constrained Baseline (`42e0`, or `42c0`, which RFC 6184 decoders treat the same).
-fn is_constrained_baseline_mode1(fmtp: &str) -> bool {
-    let mut mode1 = false;
-    let mut cb = false;
-    for kv in fmtp.split(';') {
-        let Some((k, v)) = kv.trim().split_once('=') else {
-            continue;
-        };
-        match k.trim().to_ascii_lowercase().as_str() {
-            "packetization-mode" => mode1 = v.trim() == "1",
-            "profile-level-id" => {
-                let v = v.trim().to_ascii_lowercase();
-                cb = v.len() == 6 && (v.starts_with("42e0") || v.starts_with("42c0"));
-            }
-            _ => {}
-        }
-    }
-    mode1 && cb
-}
+// Offer checks and trickle fragments live in `crate::sdp`, which needs no webrtc-rs, so that the
+// fuzz targets in `fuzz/` compile that exact code without the rest of the gateway.
+use crate::sdp::is_mdns_candidate;
+pub use crate::sdp::{check_offer, parse_sdpfrag, OfferSummary, SdpFrag};
 
 /// The H.264 `level_idc` a stream of this size and rate needs (Table A-1 of the H.264 spec:
 /// frame size and macroblock rate limits), as the last byte of `profile-level-id`.
@@ -676,57 +599,6 @@ pub fn advertise_public_ip(sdp: &str, public: IpAddr) -> String {
         out.push_str(line);
     }
     out
-}
-
-/// A trickle ICE fragment (RFC 8840): candidates, and the credentials they belong to.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct SdpFrag {
-    pub ice_ufrag: Option<String>,
-    pub ice_pwd: Option<String>,
-    pub mid: Option<String>,
-    /// `candidate:…` strings (without `a=`).
-    pub candidates: Vec<String>,
-    pub end_of_candidates: bool,
-}
-
-/// Parses an `application/trickle-ice-sdpfrag` body.
-pub fn parse_sdpfrag(body: &str) -> Result<SdpFrag, String> {
-    let mut frag = SdpFrag::default();
-    for line in body.lines() {
-        let line = line.trim();
-        if line.is_empty() {
-            continue;
-        }
-        let Some(attr) = line.strip_prefix("a=") else {
-            // m= lines group candidates per media section; with BUNDLE there is one.
-            if line.starts_with("m=") {
-                continue;
-            }
-            return Err(format!(
-                "unexpected line {line:?} (only a= and m= lines belong in a fragment)"
-            ));
-        };
-        if let Some(v) = attr.strip_prefix("ice-ufrag:") {
-            frag.ice_ufrag = Some(v.to_string());
-        } else if let Some(v) = attr.strip_prefix("ice-pwd:") {
-            frag.ice_pwd = Some(v.to_string());
-        } else if let Some(v) = attr.strip_prefix("mid:") {
-            frag.mid.get_or_insert_with(|| v.to_string());
-        } else if attr.starts_with("candidate:") {
-            frag.candidates.push(attr.to_string());
-        } else if attr == "end-of-candidates" {
-            frag.end_of_candidates = true;
-        }
-    }
-    Ok(frag)
-}
-
-/// Whether a candidate names an mDNS host (`….local`), which the gateway does not resolve.
-fn is_mdns_candidate(candidate: &str) -> bool {
-    candidate
-        .split_whitespace()
-        .nth(4)
-        .is_some_and(|a| a.ends_with(".local"))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1898,6 +1770,7 @@ async fn run_session(
         ..
     } = started;
     let counters = handle.counters.clone();
+    let budget_us = shared.config.game.frame_budget_ms.saturating_mul(1000);
     let mut video: Option<Video> = None;
     let mut dc: Option<Arc<dyn DataChannel>> = None;
     let (fb_tx, mut fb_rx) = mpsc::channel::<Feedback>(64);
@@ -1964,6 +1837,13 @@ async fn run_session(
                 let at = Instant::now();
                 let gw_us = now_us();
                 let Some(v) = video.as_mut() else { continue };
+                // The frame's age is checked again just before it is sent: a frame that waited
+                // here past its budget is dropped, not sent late.
+                if gw_us.saturating_sub(header.capture_ts_us) > budget_us {
+                    game::count_drop(&shared, &relay, game::DropReason::Late);
+                    relay.request_keyframe();
+                    continue;
+                }
                 if v.waiting_for_idr {
                     if !header.keyframe {
                         counters.frames_skipped.fetch_add(1, Ordering::Relaxed);
@@ -2061,46 +1941,6 @@ mod tests {
     }
 
     #[test]
-    fn constrained_baseline_mode_1_is_recognised() {
-        assert!(is_constrained_baseline_mode1(
-            "level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=42e01f"
-        ));
-        assert!(!is_constrained_baseline_mode1(
-            "level-asymmetry-allowed=1;packetization-mode=0;profile-level-id=42e01f"
-        ));
-        assert!(!is_constrained_baseline_mode1(
-            "packetization-mode=1;profile-level-id=640c1f"
-        ));
-        assert!(!is_constrained_baseline_mode1(
-            "packetization-mode=1;profile-level-id=42001f"
-        ));
-        assert!(!is_constrained_baseline_mode1(""));
-    }
-
-    const OFFER: &str = "v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\na=group:BUNDLE 0 1\r\n\
-m=video 9 UDP/TLS/RTP/SAVPF 96 108\r\nc=IN IP4 0.0.0.0\r\na=mid:0\r\na=recvonly\r\na=rtcp-mux\r\n\
-a=ice-ufrag:abcd\r\na=ice-pwd:0123456789abcdef0123456789\r\n\
-a=fingerprint:sha-256 00:11:22:33:44:55:66:77:88:99:AA:BB:CC:DD:EE:FF:00:11:22:33:44:55:66:77:88:99:AA:BB:CC:DD:EE:FF\r\n\
-a=setup:actpass\r\na=rtpmap:96 VP8/90000\r\na=rtpmap:108 H264/90000\r\n\
-a=fmtp:108 level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=42e01f\r\n\
-m=application 9 UDP/DTLS/SCTP webrtc-datachannel\r\nc=IN IP4 0.0.0.0\r\na=mid:1\r\n\
-a=ice-ufrag:abcd\r\na=ice-pwd:0123456789abcdef0123456789\r\na=setup:actpass\r\na=sctp-port:5000\r\n";
-
-    #[test]
-    fn offers_are_checked_for_video_h264_and_ice() {
-        let s = check_offer(OFFER).unwrap();
-        assert_eq!(s.ice_ufrag, "abcd");
-        assert!(s.has_data_channel);
-        let no_h264 = OFFER.replace("a=rtpmap:108 H264/90000\r\n", "a=rtpmap:108 VP9/90000\r\n");
-        assert!(check_offer(&no_h264).unwrap_err().contains("H.264"));
-        let sendonly = OFFER.replace("a=recvonly", "a=sendonly");
-        assert!(check_offer(&sendonly).unwrap_err().contains("video"));
-        let no_ice = OFFER.replace("a=ice-ufrag:abcd\r\n", "");
-        assert!(check_offer(&no_ice).unwrap_err().contains("ICE"));
-        assert!(check_offer("hello").is_err());
-    }
-
-    #[test]
     fn host_candidates_advertise_the_public_address_once() {
         let sdp = "v=0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\n\
 a=candidate:1 1 udp 2130706431 10.0.0.5 40000 typ host\r\n\
@@ -2115,21 +1955,6 @@ a=candidate:1 1 udp 2130706431 203.0.113.7 40000 typ host\r\n\
 a=candidate:3 1 udp 2130706431 127.0.0.1 40000 typ host\r\n\
 a=candidate:4 1 udp 1694498815 198.51.100.1 40001 typ srflx raddr 10.0.0.5 rport 40000\r\na=mid:0\r\n"
         );
-    }
-
-    #[test]
-    fn sdpfrags_parse_and_mdns_candidates_are_recognised() {
-        let body = "a=ice-ufrag:abcd\r\na=ice-pwd:secret\r\nm=video 9 UDP/TLS/RTP/SAVPF 0\r\na=mid:0\r\n\
-a=candidate:1 1 udp 2122260223 192.0.2.1 54321 typ host\r\n\
-a=candidate:2 1 udp 2122260223 1f5a0c4e-0000-4000-8000-000000000000.local 54322 typ host\r\na=end-of-candidates\r\n";
-        let f = parse_sdpfrag(body).unwrap();
-        assert_eq!(f.ice_ufrag.as_deref(), Some("abcd"));
-        assert_eq!(f.mid.as_deref(), Some("0"));
-        assert_eq!(f.candidates.len(), 2);
-        assert!(f.end_of_candidates);
-        assert!(!is_mdns_candidate(&f.candidates[0]));
-        assert!(is_mdns_candidate(&f.candidates[1]));
-        assert!(parse_sdpfrag("v=0\r\n").is_err());
     }
 
     #[test]

@@ -645,6 +645,12 @@ async fn read_frames(
                     })
                 }
                 Ok((header, payload)) => Ok(VideoFrame { header, payload }),
+                // The relay gave the frame up at its deadline (dropped, not queued): skip it.
+                Err(StreamError::Read(quinn::ReadError::Reset(code)))
+                    if code == app_code::FRAME_DROPPED =>
+                {
+                    continue
+                }
                 // A bad or aborted frame spoils only itself (the gateway resets a frame whose
                 // upstream failed); report it and keep reading.
                 Err(e) => Err(stream_err(addr, e)),

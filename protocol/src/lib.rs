@@ -38,8 +38,8 @@ pub use frame::{FrameHeader, FrameHeaderError};
 pub use input::{InputDatagram, InputError, InputEvent};
 pub use message::*;
 pub use stream::{
-    encode_checked, recv_frame, recv_frame_header, relay_frame, send, send_frame, Blame,
-    FramedRecv, StreamError,
+    encode_checked, recv_frame, recv_frame_header, relay_frame, relay_frame_by, send, send_frame,
+    Blame, FramedRecv, StreamError,
 };
 pub use tls::{ServerVerify, TlsError, TransportOptions};
 
@@ -73,6 +73,11 @@ pub mod app_code {
     pub const CLOSE_SHUTDOWN: VarInt = VarInt::from_u32(3);
     /// The node's lease expired without a heartbeat.
     pub const CLOSE_LEASE_EXPIRED: VarInt = VarInt::from_u32(4);
+    /// The credentials the node was admitted with no longer hold (after `Shutdown`): its
+    /// enrolment token was revoked or its operator suspended. The close reason names which
+    /// (`token_revoked`, `operator_suspended`, `operator_unverified`); reconnecting with the same
+    /// credentials is refused.
+    pub const CLOSE_REVOKED: VarInt = VarInt::from_u32(5);
 
     /// Stream refused (too large, or not acceptable now).
     pub const STREAM_REFUSED: VarInt = VarInt::from_u32(0x10);
@@ -80,6 +85,9 @@ pub mod app_code {
     pub const STREAM_ABORTED: VarInt = VarInt::from_u32(0x11);
     /// The reader no longer wants the stream (client dropped an inference stream).
     pub const STREAM_CANCELLED: VarInt = VarInt::from_u32(0x12);
+    /// A relayed video frame given up at its deadline: the relay drops late frames rather than
+    /// queue them. Not an error; the player skips the frame.
+    pub const FRAME_DROPPED: VarInt = VarInt::from_u32(0x13);
 }
 
 /// Microseconds since the Unix epoch, the clock of `capture_ts_us` and `sent_ts_us`.

@@ -26,6 +26,11 @@ use serde_json::{Map, Value};
 /// The most stop sequences a request may carry (OpenAI's limit).
 pub const MAX_STOP_SEQUENCES: usize = 4;
 
+/// The longest model name a request may carry, in bytes. Real names (`org/model-size-variant`)
+/// are far shorter; a longer one is a 400 naming `model`, so that it never reaches logs,
+/// routing or metrics.
+pub const MAX_MODEL_NAME_BYTES: usize = 256;
+
 /// The event that ends a successful stream. The body must end right after it: newer clients stop
 /// reading here, older ones read until the connection closes.
 pub const SSE_DONE: &str = "data: [DONE]\n\n";
@@ -534,6 +539,16 @@ impl InferenceRequest {
                 return Err(RequestError::invalid_value(
                     "model",
                     "Invalid 'model': empty string.".into(),
+                ))
+            }
+            Some(Value::String(m)) if m.len() > MAX_MODEL_NAME_BYTES => {
+                return Err(RequestError::invalid_value(
+                    "model",
+                    format!(
+                        "Invalid 'model': string too long. Expected a string with maximum length \
+                         {MAX_MODEL_NAME_BYTES} bytes, but got a string with length {} instead.",
+                        m.len()
+                    ),
                 ))
             }
             Some(Value::String(m)) => m.clone(),
@@ -1138,6 +1153,18 @@ impl ApiError {
         )
     }
 
+    /// 401: the key was revoked while the request ran; sent in band on a stream that already
+    /// started (code `key_revoked`).
+    pub fn key_revoked() -> Self {
+        Self::new(
+            401,
+            "authentication_error",
+            Some("key_revoked"),
+            None,
+            "The API key was revoked; the request was ended.",
+        )
+    }
+
     /// 403: the geofence denied the request; the message names the rule and the reason. Send
     /// with `x-should-retry: false` (see [`ApiError::should_retry`]).
     pub fn geofence_denied(rule: &str, reason: &str) -> Self {
@@ -1662,6 +1689,22 @@ mod tests {
     }
 
     #[test]
+    fn overlong_model_names_are_refused_naming_the_field() {
+        let user = json!({"role": "user", "content": "hi"});
+        let at_limit = "m".repeat(MAX_MODEL_NAME_BYTES);
+        assert!(parse(
+            Endpoint::Chat,
+            json!({"model": at_limit, "messages": [user]})
+        )
+        .is_ok());
+        let long = "m".repeat(MAX_MODEL_NAME_BYTES + 1);
+        let err = parse(Endpoint::Chat, json!({"model": long, "messages": [user]})).unwrap_err();
+        assert_eq!(err.param.as_deref(), Some("model"));
+        assert_eq!(err.code, "invalid_value");
+        assert!(err.message.contains("too long"), "{}", err.message);
+    }
+
+    #[test]
     fn rejects_with_the_offending_param() {
         let user = json!({"role": "user", "content": "hi"});
         let cases: Vec<(Value, &str, &str)> = vec![
@@ -1864,6 +1907,29 @@ mod tests {
         assert_eq!(
             body["stream_options"],
             json!({"continuous_usage_stats": true, "include_usage": true})
+        );
+    }
+
+    /// Found by the `openai_request` fuzz target (crash-0e080b2d): serde_json's default float
+    /// parser is not correctly rounded, so a large number in a client's body was read one ulp
+    /// off and forwarded upstream as a different number than the client sent.
+    #[test]
+    fn forwarded_body_keeps_numbers_exact() {
+        let body = br#"{"model":"sim","prompt":["Once upon"],"max_tokens":0,"stop":"\u2028","eetmpraturepera":12222222222222222222222222222222222222222222222222222222222222222}"#;
+        let req = match InferenceRequest::parse(Endpoint::Completion, body) {
+            Ok(req) => req,
+            Err(e) => panic!("{e}"),
+        };
+        let upstream = req.upstream_body("m");
+        let forwarded = match InferenceRequest::parse(Endpoint::Completion, &upstream) {
+            Ok(req) => req,
+            Err(e) => panic!("{e}"),
+        };
+        assert_eq!(forwarded.raw["eetmpraturepera"], req.raw["eetmpraturepera"]);
+        // The value the client wrote, correctly rounded.
+        assert_eq!(
+            req.raw["eetmpraturepera"].as_f64(),
+            Some(12222222222222222222222222222222222222222222222222222222222222222.0)
         );
     }
 

@@ -306,6 +306,81 @@ pub async fn relay_frame(
     result
 }
 
+/// How a frame handed to [`relay_frame_by`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Relayed {
+    /// The whole frame was forwarded and the receiver acknowledged every byte in time; carries
+    /// the payload bytes.
+    Delivered(u64),
+    /// A deadline passed first: the outbound stream was reset with `FRAME_DROPPED` (the
+    /// receiver never mistakes the partial frame for a whole one, and no retransmission keeps
+    /// the late bytes alive) and the inbound one stopped.
+    Abandoned,
+}
+
+/// [`relay_frame`] with deadlines: the frame's bytes must be handed to `out` by `write_by` and
+/// acknowledged by the receiver by `acked_by`, or the frame is abandoned ([`Relayed::Abandoned`]).
+///
+/// Waiting for the acknowledgement is what bounds the queue: quinn accepts writes until its
+/// send window is full (megabytes, seconds of video for a slow receiver), so a write that returned
+/// says nothing about when the frame will arrive. A frame that is still unacknowledged at its
+/// deadline is reset, which drops its unsent bytes from quinn's buffer.
+pub async fn relay_frame_by(
+    mut recv: quinn::RecvStream,
+    header: &FrameHeader,
+    out: &quinn::Connection,
+    max: usize,
+    write_by: tokio::time::Instant,
+    acked_by: tokio::time::Instant,
+) -> Result<Relayed, StreamError> {
+    if header.payload_len as usize > max {
+        let _ = recv.stop(app_code::STREAM_REFUSED);
+        return Err(StreamError::PayloadTooLarge {
+            len: header.payload_len,
+            max,
+        });
+    }
+    // The receiver's stream limit can keep this waiting (a player that reads nothing never
+    // grants more streams): that wait is bounded by the deadline too.
+    let mut send = match tokio::time::timeout_at(write_by, out.open_uni()).await {
+        Ok(opened) => opened?,
+        Err(_) => {
+            let _ = recv.stop(app_code::STREAM_ABORTED);
+            return Ok(Relayed::Abandoned);
+        }
+    };
+    let abandon = |send: &mut quinn::SendStream, recv: &mut quinn::RecvStream, code| {
+        let _ = send.reset(code);
+        let _ = recv.stop(app_code::STREAM_ABORTED);
+    };
+    let forwarded =
+        match tokio::time::timeout_at(write_by, relay_body(&mut recv, header, &mut send)).await {
+            Ok(Ok(n)) => n,
+            Ok(Err(e)) => {
+                abandon(&mut send, &mut recv, app_code::STREAM_ABORTED);
+                return Err(e);
+            }
+            Err(_) => {
+                abandon(&mut send, &mut recv, app_code::FRAME_DROPPED);
+                return Ok(Relayed::Abandoned);
+            }
+        };
+    send.finish()?;
+    match tokio::time::timeout_at(acked_by, send.stopped()).await {
+        Ok(Ok(None)) => Ok(Relayed::Delivered(forwarded)),
+        Ok(Ok(Some(code))) => Err(StreamError::Write(quinn::WriteError::Stopped(code))),
+        Ok(Err(quinn::StoppedError::ConnectionLost(e))) => Err(StreamError::Connection(e)),
+        Ok(Err(quinn::StoppedError::ZeroRttRejected)) => {
+            Err(StreamError::Write(quinn::WriteError::ZeroRttRejected))
+        }
+        Err(_) => {
+            // Resetting a finished stream is allowed until all of it is acknowledged.
+            let _ = send.reset(app_code::FRAME_DROPPED);
+            Ok(Relayed::Abandoned)
+        }
+    }
+}
+
 async fn relay_body(
     recv: &mut quinn::RecvStream,
     header: &FrameHeader,

@@ -75,6 +75,9 @@ pub enum TlsError {
     /// A transport parameter is out of range.
     #[error("QUIC idle timeout {0:?} is out of range")]
     IdleTimeout(Duration),
+    /// A flow-control window does not fit a QUIC variable-length integer.
+    #[error("QUIC receive window {0} bytes is out of range")]
+    Window(u64),
     /// A SHA-256 pin string is malformed.
     #[error("invalid SHA-256 pin {input:?}: {detail}")]
     BadPin {
@@ -100,6 +103,16 @@ pub struct TransportOptions {
     pub max_concurrent_uni_streams: u32,
     /// Bidirectional streams the peer may have open at once (one per session or request).
     pub max_concurrent_bidi_streams: u32,
+    /// Flow-control window of each stream the peer sends on, in bytes: what this end buffers
+    /// per stream before the peer waits. `None`: quinn's default (1.25 MB).
+    pub stream_receive_window: Option<u64>,
+    /// Flow-control window of the whole connection, in bytes: what this end buffers across all
+    /// streams. `None`: quinn's default, which is unbounded (only the per-stream windows
+    /// apply), so a server facing strangers should set it.
+    pub receive_window: Option<u64>,
+    /// Bytes of received datagrams buffered until the application reads them (older ones are
+    /// dropped beyond it). `None`: quinn's default (1.25 MB).
+    pub datagram_receive_buffer: Option<usize>,
 }
 
 impl Default for TransportOptions {
@@ -109,6 +122,9 @@ impl Default for TransportOptions {
             idle_timeout: Duration::from_secs(10),
             max_concurrent_uni_streams: 1024,
             max_concurrent_bidi_streams: 1024,
+            stream_receive_window: None,
+            receive_window: None,
+            datagram_receive_buffer: None,
         }
     }
 }
@@ -123,8 +139,22 @@ impl TransportOptions {
         t.max_idle_timeout(Some(idle));
         t.max_concurrent_uni_streams(self.max_concurrent_uni_streams.into());
         t.max_concurrent_bidi_streams(self.max_concurrent_bidi_streams.into());
+        if let Some(w) = self.stream_receive_window {
+            t.stream_receive_window(window(w)?);
+        }
+        if let Some(w) = self.receive_window {
+            t.receive_window(window(w)?);
+        }
+        if let Some(b) = self.datagram_receive_buffer {
+            t.datagram_receive_buffer_size(Some(b));
+        }
         Ok(t)
     }
+}
+
+/// A flow-control window as the QUIC variable-length integer it is sent as.
+fn window(bytes: u64) -> Result<quinn::VarInt, TlsError> {
+    quinn::VarInt::from_u64(bytes).map_err(|_| TlsError::Window(bytes))
 }
 
 /// The ring crypto provider every config here uses.

@@ -2,9 +2,12 @@
 //! frames to its stdout.
 //!
 //! The contract with the program:
-//! - It is started from the configured argv (no shell) in its own process group, with
-//!   `NEARPATH_WIDTH`, `NEARPATH_HEIGHT`, `NEARPATH_FPS` and `NEARPATH_TITLE` set, and the
-//!   rest of the node's environment.
+//! - It is started from the configured argv (no shell) in its own process group, in a clean
+//!   environment: `NEARPATH_WIDTH`, `NEARPATH_HEIGHT`, `NEARPATH_FPS` and `NEARPATH_TITLE`, plus
+//!   only the node's variables named in [`ENV_ALLOW`] (and `LC_*`). Nothing else of the node's
+//!   environment reaches it: not the enrolment token, not `NEARPATH_NODE__*` or any other
+//!   `NEARPATH_*` override, not cloud or API credentials. A program that needs more gets it from
+//!   its own launcher script.
 //! - stdout: raw I420 frames back to back, each exactly `width * height * 3 / 2` bytes (the Y
 //!   plane, then U, then V, no padding). It should write about `NEARPATH_FPS` frames a second;
 //!   the node encodes the newest complete frame at each frame time and counts the frames it
@@ -49,6 +52,37 @@ const MAX_STDERR_LINE: u64 = 4096;
 const STDERR_LINES_PER_S: u32 = 10;
 /// Input events buffered for the program's stdin.
 pub(super) const INPUT_QUEUE: usize = 1024;
+
+/// The node's environment variables an external program inherits, besides `LC_*`: what a
+/// program needs to find executables and libraries, a home, a locale and time zone, a display
+/// and audio server, and the GPUs it may use. Everything else is withheld.
+pub const ENV_ALLOW: &[&str] = &[
+    "PATH",
+    "HOME",
+    "USER",
+    "LOGNAME",
+    "SHELL",
+    "LANG",
+    "LANGUAGE",
+    "TZ",
+    "TMPDIR",
+    "XDG_RUNTIME_DIR",
+    "DISPLAY",
+    "XAUTHORITY",
+    "WAYLAND_DISPLAY",
+    "PULSE_SERVER",
+    "PIPEWIRE_RUNTIME_DIR",
+    "CUDA_VISIBLE_DEVICES",
+    "NVIDIA_VISIBLE_DEVICES",
+    "NVIDIA_DRIVER_CAPABILITIES",
+    "VK_ICD_FILENAMES",
+];
+
+/// Whether the node's variable `name` may reach an external program. `NEARPATH_*` never does:
+/// the node sets the session's own variables itself.
+pub fn env_allowed(name: &str) -> bool {
+    !name.starts_with("NEARPATH_") && (ENV_ALLOW.contains(&name) || name.starts_with("LC_"))
+}
 
 /// A frame read from the program, waiting for its frame time.
 pub(super) struct LatestFrame {
@@ -96,12 +130,32 @@ pub(super) fn spawn(
     height: u32,
     fps: u32,
 ) -> Result<Spawned, GameError> {
+    spawn_in(command, title, width, height, fps, std::env::vars_os())
+}
+
+/// [`spawn`] with the node's environment given (`spawn` passes the process's own).
+fn spawn_in(
+    command: &[String],
+    title: &str,
+    width: u32,
+    height: u32,
+    fps: u32,
+    node_env: impl IntoIterator<Item = (std::ffi::OsString, std::ffi::OsString)>,
+) -> Result<Spawned, GameError> {
     let Some((program, args)) = command.split_first() else {
         return Err(GameError::EmptyCommand {
             title: title.to_owned(),
         });
     };
     let mut cmd = Command::new(program);
+    // A clean environment: the node's holds its enrolment token and whatever credentials its
+    // host has, and a game program is third-party code.
+    cmd.env_clear();
+    for (name, value) in node_env {
+        if name.to_str().is_some_and(env_allowed) {
+            cmd.env(name, value);
+        }
+    }
     cmd.args(args)
         .env("NEARPATH_WIDTH", width.to_string())
         .env("NEARPATH_HEIGHT", height.to_string())
@@ -501,6 +555,81 @@ async fn log_stderr(stderr: ChildStderr, program: String, last: Arc<Mutex<Option
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn external_program_does_not_inherit_the_enrolment_token() {
+        let secret = "np_tok_0123456789abcdef-secret";
+        let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into());
+        let node_env = [
+            ("PATH", path.to_str().unwrap()),
+            ("HOME", "/home/node"),
+            ("LC_ALL", "C.UTF-8"),
+            ("NEARPATH_NODE__ENROLMENT_TOKEN", secret),
+            ("NEARPATH_ADMIN__TOKEN", secret),
+            ("NEARPATH_WIDTH", "9999"),
+            ("AWS_SECRET_ACCESS_KEY", secret),
+            ("ENROLMENT_TOKEN", secret),
+        ]
+        .map(|(k, v)| (k.into(), v.into()));
+        let command: Vec<String> = ["sh", "-c", "env"].map(String::from).into();
+        async fn dump(mut spawned: Spawned) -> String {
+            let mut out = String::new();
+            spawned.stdout.read_to_string(&mut out).await.unwrap();
+            assert!(spawned.child.wait().await.unwrap().success());
+            out
+        }
+        // The node's real environment, as an operator sets it (no other test of this crate
+        // reads these variables).
+        std::env::set_var("NEARPATH_NODE__ENROLMENT_TOKEN", secret);
+        std::env::set_var("NEARPATH_TEST_GAME_SECRET", secret);
+        let out = dump(spawn(&command, "envdump", 64, 32, 30).unwrap()).await;
+        std::env::remove_var("NEARPATH_NODE__ENROLMENT_TOKEN");
+        std::env::remove_var("NEARPATH_TEST_GAME_SECRET");
+        assert!(!out.contains(secret), "the secret leaked: {out}");
+        assert!(out.contains("NEARPATH_TITLE=envdump"), "{out}");
+        // And what does pass, from a known environment.
+        let out = dump(spawn_in(&command, "envdump", 64, 32, 30, node_env).unwrap()).await;
+        assert!(!out.contains(secret), "the secret leaked: {out}");
+        let vars: std::collections::BTreeMap<&str, &str> =
+            out.lines().filter_map(|l| l.split_once('=')).collect();
+        assert_eq!(vars.get("HOME"), Some(&"/home/node"));
+        assert_eq!(vars.get("LC_ALL"), Some(&"C.UTF-8"));
+        assert_eq!(vars.get("NEARPATH_WIDTH"), Some(&"64"));
+        assert_eq!(vars.get("NEARPATH_TITLE"), Some(&"envdump"));
+        assert!(vars.contains_key("PATH"));
+        let nearpath: Vec<&&str> = vars.keys().filter(|k| k.starts_with("NEARPATH_")).collect();
+        assert_eq!(
+            nearpath,
+            [
+                &"NEARPATH_FPS",
+                &"NEARPATH_HEIGHT",
+                &"NEARPATH_TITLE",
+                &"NEARPATH_WIDTH"
+            ]
+        );
+    }
+
+    #[test]
+    fn only_allowed_variables_pass() {
+        for ok in [
+            "PATH",
+            "LC_CTYPE",
+            "DISPLAY",
+            "XDG_RUNTIME_DIR",
+            "CUDA_VISIBLE_DEVICES",
+        ] {
+            assert!(env_allowed(ok), "{ok}");
+        }
+        for no in [
+            "NEARPATH_NODE__ENROLMENT_TOKEN",
+            "NEARPATH_LC_X",
+            "LD_PRELOAD",
+            "OPENAI_API_KEY",
+            "path",
+        ] {
+            assert!(!env_allowed(no), "{no}");
+        }
+    }
 
     #[test]
     fn input_lines_are_json() {

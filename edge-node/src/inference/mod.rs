@@ -26,7 +26,9 @@ mod openai_server;
 mod sim;
 mod upstream;
 
-pub use openai_server::{serve_openai, serve_openai_with, ServerOptions};
+pub use openai_server::{
+    check_exposure, serve_openai, serve_openai_with, ExposureError, ServerOptions,
+};
 pub use sim::{SimBackend, SimConfig, DEFAULT_SIM_MAX_TOKENS};
 pub use upstream::{UpstreamBackend, UpstreamConfig, UpstreamConfigError};
 

@@ -10,6 +10,7 @@
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
@@ -60,6 +61,31 @@ impl std::fmt::Debug for ServerOptions {
             .field("max_body_bytes", &self.max_body_bytes)
             .field("owned_by", &self.owned_by)
             .finish()
+    }
+}
+
+/// Why the server refuses to start with the options it was given.
+#[derive(Debug, thiserror::Error)]
+pub enum ExposureError {
+    /// A keyless server on an address other machines can reach would give anyone there the
+    /// node's models (and its GPU time).
+    #[error(
+        "refusing to serve the OpenAI API on {addr} without an API key: {addr} is not a loopback \
+         address, so anyone who can reach it could use this node's models. Set an API key with \
+         --api-key-file FILE or the NEARPATH_OPENAI_API_KEY environment variable, or listen on \
+         loopback (--listen 127.0.0.1:8000)"
+    )]
+    KeylessNonLoopback { addr: SocketAddr },
+}
+
+/// Checks that serving on `listen` with `options` does not expose the models to the network
+/// without a key: any address but loopback needs [`ServerOptions::api_key`] (non-empty).
+pub fn check_exposure(listen: SocketAddr, options: &ServerOptions) -> Result<(), ExposureError> {
+    let keyed = options.api_key.as_deref().is_some_and(|k| !k.is_empty());
+    if keyed || listen.ip().to_canonical().is_loopback() {
+        Ok(())
+    } else {
+        Err(ExposureError::KeylessNonLoopback { addr: listen })
     }
 }
 
@@ -427,6 +453,40 @@ pub(super) mod tests {
     use hyper_util::client::legacy::{connect::HttpConnector, Client};
     use serde_json::{json, Value};
     use std::net::SocketAddr;
+
+    #[test]
+    fn serve_openai_refuses_a_keyless_non_loopback_address() {
+        let keyless = ServerOptions::default();
+        let keyed = ServerOptions {
+            api_key: Some("sk-node".into()),
+            ..ServerOptions::default()
+        };
+        let empty_key = ServerOptions {
+            api_key: Some(String::new()),
+            ..ServerOptions::default()
+        };
+        for open in [
+            "0.0.0.0:8000",
+            "[::]:8000",
+            "192.0.2.7:8000",
+            "[2001:db8::1]:80",
+        ] {
+            let addr: SocketAddr = open.parse().unwrap();
+            let err = check_exposure(addr, &keyless).unwrap_err().to_string();
+            assert!(err.contains("--api-key-file"), "{err}");
+            assert!(err.contains(&addr.to_string()), "{err}");
+            assert!(check_exposure(addr, &empty_key).is_err(), "{open}");
+            check_exposure(addr, &keyed).unwrap();
+        }
+        for local in [
+            "127.0.0.1:8000",
+            "127.3.4.5:1",
+            "[::1]:8000",
+            "[::ffff:127.0.0.1]:80",
+        ] {
+            check_exposure(local.parse().unwrap(), &keyless).unwrap();
+        }
+    }
 
     pub(crate) struct TestServer {
         pub addr: SocketAddr,

@@ -1,4 +1,4 @@
-//! `bench relay-latency` and `bench relay-capacity`: the game relay (frames node -> gateway ->
+//! `bench relay-latency`, `bench relay-capacity` and `bench relay-overload`: the game relay (frames node -> gateway ->
 //! native player, one QUIC uni stream per frame) driven with pre-encoded frames.
 //!
 //! No encoder runs. A [`FramePlan`] holds a realistic size sequence (an IDR every few seconds,
@@ -144,8 +144,9 @@ fn renice_gateway(gw: &GatewayProc, nice: i32) -> anyhow::Result<()> {
 pub const GAME: &str = "bench";
 /// What the gateway asks of its QUIC socket by default (`quic.recv_buffer_bytes`).
 const GATEWAY_RECV_BUFFER: usize = 4 * 1024 * 1024;
-/// Session ids of the paths without the gateway, far from the gateway's own counter so that a
-/// frame on the wrong connection is caught by the client's session check.
+/// Session ids of the paths without the gateway, fixed and distinct from each other so that a
+/// frame on the wrong connection is caught by the client's session check (the gateway's own
+/// ids are random).
 const DIRECT_SESSION_BASE: u64 = 1 << 40;
 const BARE_SESSION: u64 = 1 << 41;
 /// A player that has seen no frame for this long after the last one was due has all it will get.
@@ -248,6 +249,25 @@ pub struct RelayCapacityArgs {
     pub shape: StreamShape,
     #[command(flatten)]
     pub placement: Placement,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct RelayOverloadArgs {
+    /// Sessions per run: this times the relay's capacity (`--sessions`, or what `--measure`
+    /// finds), rounded up.
+    #[arg(long, default_value_t = 1.5)]
+    pub factor: f64,
+    /// Find the capacity first with the relay-capacity ramp (same options) instead of taking
+    /// `--sessions` as the capacity.
+    #[arg(long)]
+    pub measure: bool,
+    /// Delivered frames must stay within this latency at the 99th percentile, milliseconds.
+    #[arg(long, default_value_t = 50.0)]
+    pub target_p99_ms: f64,
+    /// `--sessions` is the relay's capacity here (the largest clean count of relay-capacity on
+    /// this machine and placement).
+    #[command(flatten)]
+    pub run: RelayCapacityArgs,
 }
 
 /// Why a [`StreamShape`] cannot be turned into frames.
@@ -939,6 +959,17 @@ async fn gateway_metrics(admin: SocketAddr) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&body).into_owned())
 }
 
+/// The `reason` labels of `nearpath_game_frames_dropped_total`.
+const DROP_REASONS: [&str; 4] = ["late", "overload", "foreign", "relay"];
+
+/// The value of one exact series (`name{labels}`) on a Prometheus text page; 0 if absent.
+pub fn metric_value(page: &str, series: &str) -> f64 {
+    page.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
 /// Sum of every sample of metric `name` (all label sets) on a Prometheus text page; 0 if absent.
 pub fn metric_sum(page: &str, name: &str) -> f64 {
     page.lines()
@@ -1433,6 +1464,10 @@ struct CapRun {
     gw_socket_drops: Option<u64>,
     rcvbuf_errors: Option<u64>,
     load: f64,
+    /// Frames each player never received (dropped anywhere on the way), one entry per session.
+    missing_per_session: Vec<u64>,
+    /// `nearpath_game_frames_dropped_total` by reason (gateway mode).
+    gw_dropped_by: Vec<(&'static str, f64)>,
 }
 
 impl CapRun {
@@ -1452,6 +1487,10 @@ impl CapRun {
         self.skipped > 0 || self.gen_cpu >= 90.0 || self.wake.p99 > 8_000.0
     }
 
+    fn missing_summary(&self) -> Summary {
+        Summary::of(&mut self.missing_per_session.iter().map(|&m| m as f64).collect())
+    }
+
     fn rss_per_session_kib(&self) -> f64 {
         (self.rss_peak_kib as f64 - self.rss_idle_kib as f64) / self.n.max(1) as f64
     }
@@ -1468,6 +1507,8 @@ impl CapRun {
             "gateway_rss_per_session_kib": num(self.rss_per_session_kib()),
             "gateway_socket_drops": self.gw_socket_drops, "udp_rcvbuf_errors": self.rcvbuf_errors,
             "loadavg_1m": num(self.load),
+            "missing_per_session": self.missing_summary().to_json(),
+            "gateway_frames_dropped_by_reason": self.gw_dropped_by.iter().map(|(r, v)| (r.to_string(), num(*v))).collect::<serde_json::Map<_, _>>(),
         })
     }
 }
@@ -1734,16 +1775,29 @@ async fn capacity_inner(
     if first_error.is_none() {
         first_error = logs.iter().find_map(|l| l.first_error.clone());
     }
-    let (gw_dropped, gw_relayed) = match &gw {
+    let (gw_dropped, gw_relayed, gw_dropped_by) = match &gw {
         Some(g) => {
             let page = gateway_metrics(g.admin).await?;
             (
                 metric_sum(&page, "nearpath_game_frames_dropped_total"),
                 metric_sum(&page, "nearpath_game_frames_relayed_total"),
+                DROP_REASONS
+                    .iter()
+                    .map(|&r| {
+                        let series =
+                            format!("nearpath_game_frames_dropped_total{{reason=\"{r}\"}}");
+                        (r, metric_value(&page, &series))
+                    })
+                    .collect(),
             )
         }
-        None => (0.0, 0.0),
+        None => (0.0, 0.0, Vec::new()),
     };
+    let missing_per_session = logs
+        .iter()
+        .zip(&ranges)
+        .map(|(l, &(first, count))| Window::of_one(l, first, count, 1e6 / fps).missing())
+        .collect();
     let udp_after = udp_picture();
     let drops_after = gw
         .as_ref()
@@ -1780,6 +1834,8 @@ async fn capacity_inner(
             .zip(udp_before.rcvbuf_errors)
             .map(|(a, b)| a.saturating_sub(b)),
         load,
+        missing_per_session,
+        gw_dropped_by,
     })
 }
 
@@ -1917,6 +1973,12 @@ async fn runs_at(
 }
 
 pub async fn run_capacity(a: RelayCapacityArgs) -> anyhow::Result<()> {
+    capacity_report(&a).await.map(|_| ())
+}
+
+/// The relay-capacity ramp with its report; returns the largest clean session count.
+async fn capacity_report(a: &RelayCapacityArgs) -> anyhow::Result<u32> {
+    let a = a.clone();
     let plan = Arc::new(FramePlan::new(&a.shape, 1)?);
     let load_start = loadavg_1m();
     let priority = Priority::apply(a.nice)?;
@@ -2081,6 +2143,90 @@ pub async fn run_capacity(a: RelayCapacityArgs) -> anyhow::Result<()> {
                   "direct": d.iter().map(CapRun::to_json).collect::<Vec<_>>()})).collect::<Vec<_>>(),
         "udp": {"rmem_max": udp.rmem_max, "granted_for_4mib_request": udp.granted},
         "loadavg_1m": [num(load_start), num(load_end)],
+    });
+    println!("{summary}");
+    Ok(last_pass)
+}
+
+/// `bench relay-overload`: the relay past saturation. Runs `factor` times the relay's capacity
+/// through the gateway and reports what the players got: delivered-frame latency and the frames
+/// each session lost (the gateway drops frames rather than queue them; its drop counters by
+/// reason are read from `/metrics`).
+pub async fn run_overload(a: RelayOverloadArgs) -> anyhow::Result<()> {
+    if !(a.factor.is_finite() && a.factor > 0.0) {
+        bail!("--factor must be positive, got {}", a.factor);
+    }
+    let capacity = if a.measure {
+        let found = capacity_report(&a.run).await?;
+        if found == 0 {
+            bail!("relay-capacity found no clean session count to overload");
+        }
+        found
+    } else {
+        a.run.sessions.max(1)
+    };
+    let n = (f64::from(capacity) * a.factor).ceil() as u32;
+    let plan = Arc::new(FramePlan::new(&a.run.shape, 1)?);
+    let priority = Priority::apply(a.run.nice)?;
+    println!(
+        "relay-overload: {n} sessions = {} x capacity {capacity} ({}); {}; {} run(s) of {} s measured after {} s warm-up; {}",
+        a.factor,
+        if a.measure { "measured above" } else { "from --sessions" },
+        describe_plan(&plan),
+        a.run.repeats.max(1),
+        a.run.seconds,
+        a.run.warmup_seconds,
+        describe_placement(&a.run.placement, &priority)
+    );
+    println!(
+        "  delivered = frames the players received whole; missing = dropped anywhere (the gateway drops late or over-budget frames, never queues them)"
+    );
+    let mut runs = Vec::new();
+    for _ in 0..a.run.repeats.max(1) {
+        let r = capacity_run(&a.run, &plan, n, Mode::Gateway)
+            .await
+            .with_context(|| format!("{n} sessions through the gateway"))?;
+        print_run(&r);
+        let m = r.missing_summary();
+        println!(
+            "    delivered {}/{} frames: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; missing per session: min {:.0} p50 {:.0} max {:.0} (of {} each); gateway drops by reason: {}",
+            r.window.received,
+            r.window.expected,
+            r.window.lat.p50 / 1e3,
+            r.window.lat.p99 / 1e3,
+            r.window.lat.max / 1e3,
+            m.min,
+            m.p50,
+            m.max,
+            r.window.expected / u64::from(n.max(1)),
+            r.gw_dropped_by
+                .iter()
+                .map(|(k, v)| format!("{k} {v}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        runs.push(r);
+    }
+    let p99_ms = Repeated::new(runs.iter().map(|r| r.window.lat.p99 / 1e3).collect());
+    let met = runs
+        .iter()
+        .all(|r| r.window.lat.p99 / 1e3 <= a.target_p99_ms);
+    println!(
+        "  delivered-frame p99 {} ms at {n} sessions ({}x capacity {capacity}) (target <= {} ms: {})",
+        p99_ms.show(1),
+        a.factor,
+        a.target_p99_ms,
+        verdict(met)
+    );
+    let summary = json!({
+        "bench": "relay-overload",
+        "params": {"factor": a.factor, "capacity": capacity, "capacity_measured": a.measure, "sessions": n,
+                   "seconds": a.run.seconds, "warmup_seconds": a.run.warmup_seconds, "repeats": a.run.repeats.max(1),
+                   "sessions_per_node": a.run.sessions_per_node, "fps": plan.fps(), "kbps": num(plan.kbps()),
+                   "placement": describe_placement(&a.run.placement, &priority)},
+        "target_p99_ms": a.target_p99_ms,
+        "target_met": met,
+        "runs": runs.iter().map(CapRun::to_json).collect::<Vec<_>>(),
     });
     println!("{summary}");
     Ok(())

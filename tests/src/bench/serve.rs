@@ -46,6 +46,13 @@ pub fn gateway_config(store: PathBuf, heartbeat_ms: u64, missed_heartbeats: u32)
     c.nodes.missed_heartbeats_before_gone = missed_heartbeats;
     c.geo.reload_check_interval_s = 0;
     c.geo.overrides = vec![loopback_is_new_york()];
+    // Every simulated player and node connects from 127.0.0.1, standing for many hosts: the
+    // per-source caps (meant for one host) would refuse the load itself.
+    c.quic.max_unauthenticated_per_ip = 1_000_000;
+    c.quic.handshake_rate_per_ip_per_s = 1_000_000;
+    c.quic.handshake_burst_per_ip = 1_000_000;
+    c.http.max_connections = 1_000_000;
+    c.http.max_connections_per_ip = 1_000_000;
     c
 }
 

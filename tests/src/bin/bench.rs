@@ -46,6 +46,9 @@ enum Command {
     RelayLatency(bench::relay::RelayLatencyArgs),
     /// Concurrent 720p60 sessions one gateway relays without late or dropped frames.
     RelayCapacity(bench::relay::RelayCapacityArgs),
+    /// Game relay past saturation: --factor times the relay's capacity; delivered-frame
+    /// latency and drops per session.
+    RelayOverload(bench::relay::RelayOverloadArgs),
     /// (internal) Runs a gateway; prints its addresses as JSON; stops when stdin closes.
     #[command(hide = true)]
     ServeGateway {
@@ -197,6 +200,7 @@ fn real_main() -> anyhow::Result<()> {
                 Command::QuicIdleMemory(_) => &unpinned,
                 Command::RelayLatency(a) => &a.placement,
                 Command::RelayCapacity(a) => &a.placement,
+                Command::RelayOverload(a) => &a.run.placement,
                 Command::ServeGateway { .. } | Command::ServeNodes { .. } => {
                     anyhow::bail!("serve commands are handled above")
                 }
@@ -219,6 +223,7 @@ fn real_main() -> anyhow::Result<()> {
                 Command::QuicIdleMemory(a) => rt.block_on(bench::quicmem::run(a)),
                 Command::RelayLatency(a) => rt.block_on(bench::relay::run_latency(a)),
                 Command::RelayCapacity(a) => rt.block_on(bench::relay::run_capacity(a)),
+                Command::RelayOverload(a) => rt.block_on(bench::relay::run_overload(a)),
                 Command::ServeGateway { .. } | Command::ServeNodes { .. } => {
                     anyhow::bail!("serve commands are handled above")
                 }

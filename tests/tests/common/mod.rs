@@ -566,6 +566,234 @@ impl RawNode {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Game relay helpers (hostile/relay.rs).
+
+/// An enrolment token of a second, verified operator: a stranger to the first one's nodes.
+pub fn other_operator_token(gw: &TestGateway, name: &str) -> String {
+    let op = gw
+        .store
+        .create_operator(name, KycStatus::Verified)
+        .unwrap();
+    gw.store.create_enrolment_token(&op.id).unwrap().1
+}
+
+/// A raw node registered with `token`, serving the game titles `games` (up to `sessions` at
+/// once) and nothing else. It answers no heartbeats by itself: give the gateway a long
+/// `nodes.heartbeat_ms`.
+pub async fn raw_game_node(
+    gw: &TestGateway,
+    id: &str,
+    from: IpAddr,
+    token: &str,
+    games: &[&str],
+    sessions: u32,
+) -> RawNode {
+    let cfg = client_config(ServerVerify::PinnedSha256(gw.sha), &[ALPN_NODE]).unwrap();
+    let (endpoint, _) =
+        nearpath_protocol::net::client_endpoint(SocketAddr::new(from, 0), cfg, 1 << 20).unwrap();
+    let conn = endpoint
+        .connect(gw.addrs.quic, "localhost")
+        .unwrap()
+        .await
+        .unwrap();
+    let (mut send_half, recv) = conn.open_bi().await.unwrap();
+    let reg = Register {
+        protocol_version: PROTOCOL_VERSION,
+        node_id: id.into(),
+        enrolment_token: token.into(),
+        software_version: "0.1.0".into(),
+        gpus: vec![Gpu {
+            model: "rtx4090".into(),
+            class: "rtx4090".into(),
+            vram_mib: 24_000,
+        }],
+        workloads: Workloads {
+            games: games.iter().map(|g| g.to_string()).collect(),
+            models: vec![],
+        },
+        capacity: Capacity {
+            game_sessions: sessions,
+            inference_concurrency: 0,
+        },
+    };
+    send(&mut send_half, &Message::Register(reg)).await.unwrap();
+    let mut recv = FramedRecv::new(recv, MAX_CONTROL_FRAME);
+    let first = recv.next().await.unwrap().unwrap();
+    assert!(
+        matches!(first, Message::Registered(_)),
+        "{id} not registered: {first:?}"
+    );
+    RawNode {
+        endpoint,
+        conn,
+        send: send_half,
+        recv,
+        first,
+        seq: 0,
+    }
+}
+
+/// A game session the gateway opened on a raw node; keep it alive for as long as the session
+/// should run (dropping it ends the session stream, which the gateway takes for a node failure).
+pub struct RawGameSession {
+    pub session_id: u64,
+    pub send: quinn::SendStream,
+    pub recv: FramedRecv,
+}
+
+impl RawNode {
+    /// Accepts the gateway's next session stream, which must open a game, and accepts it.
+    pub async fn accept_game(&self) -> RawGameSession {
+        let (mut tx, rx) = self.conn.accept_bi().await.unwrap();
+        let mut rx = FramedRecv::new(rx, nearpath_protocol::MAX_REQUEST_FRAME);
+        let open = match rx.next().await.unwrap().unwrap() {
+            Message::Open(o) => o,
+            other => panic!("expected Open, got {other:?}"),
+        };
+        send(
+            &mut tx,
+            &Message::Accepted(nearpath_protocol::message::Accepted {
+                session_id: open.session_id,
+            }),
+        )
+        .await
+        .unwrap();
+        RawGameSession {
+            session_id: open.session_id,
+            send: tx,
+            recv: rx,
+        }
+    }
+
+    /// Sends one video frame for `session_id`, captured now, on its own uni stream. Errors (the
+    /// gateway refused the stream) are returned, not unwrapped.
+    pub async fn send_video_frame(
+        &self,
+        session_id: u64,
+        seq: u64,
+        payload: &[u8],
+    ) -> Result<(), nearpath_protocol::StreamError> {
+        let header = nearpath_protocol::FrameHeader {
+            session_id,
+            seq,
+            capture_ts_us: unix_micros_now(),
+            encode_us: 0,
+            keyframe: seq == 0,
+            input_seq: 0,
+            width: 1280,
+            height: 720,
+            payload_len: 0,
+        };
+        nearpath_protocol::stream::send_frame(&self.conn, header, Bytes::copy_from_slice(payload))
+            .await
+    }
+}
+
+/// Microseconds since the Unix epoch (the clock of frame capture times).
+pub fn unix_micros_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+/// The value of one series (name with labels, exactly as exported) on the admin `/metrics`
+/// page; 0 when it is absent.
+pub async fn admin_metric(gw: &TestGateway, series: &str) -> f64 {
+    let (status, page) = gw.http.get(&gw.admin_url("/metrics"), None).await;
+    assert_eq!(status, 200);
+    page.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// The admin view of game session `id`, if it is live.
+pub async fn admin_game_session(gw: &TestGateway, id: u64) -> Option<Value> {
+    let v = gw.admin_get("/admin/sessions").await;
+    v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["id"].as_u64() == Some(id))
+        .cloned()
+}
+impl RawNode {
+    /// A raw node registering with `token` (not necessarily the gateway's first one), serving
+    /// `games` and `models`, with room for 4 game sessions and 4 inference streams.
+    pub async fn connect_with(
+        gw: &TestGateway,
+        id: &str,
+        from: IpAddr,
+        token: &str,
+        games: &[&str],
+        models: &[&str],
+    ) -> RawNode {
+        let cfg = client_config(ServerVerify::PinnedSha256(gw.sha), &[ALPN_NODE]).unwrap();
+        let (endpoint, _) =
+            nearpath_protocol::net::client_endpoint(SocketAddr::new(from, 0), cfg, 1 << 20)
+                .unwrap();
+        let conn = endpoint
+            .connect(gw.addrs.quic, "localhost")
+            .unwrap()
+            .await
+            .unwrap();
+        let (mut send_half, recv) = conn.open_bi().await.unwrap();
+        let reg = Register {
+            protocol_version: PROTOCOL_VERSION,
+            node_id: id.into(),
+            enrolment_token: token.into(),
+            software_version: "0.1.0".into(),
+            gpus: vec![],
+            workloads: Workloads {
+                games: games.iter().map(|g| g.to_string()).collect(),
+                models: models.iter().map(|m| m.to_string()).collect(),
+            },
+            capacity: Capacity {
+                game_sessions: 4,
+                inference_concurrency: 4,
+            },
+        };
+        send(&mut send_half, &Message::Register(reg)).await.unwrap();
+        let mut recv = FramedRecv::new(recv, MAX_CONTROL_FRAME);
+        let first = recv.next().await.unwrap().unwrap();
+        RawNode {
+            endpoint,
+            conn,
+            send: send_half,
+            recv,
+            first,
+            seq: 0,
+        }
+    }
+
+    /// Accepts the next session the gateway opens on this node and answers `Accepted`; returns
+    /// the session's stream halves and its `Open`.
+    pub async fn accept_session(
+        &self,
+    ) -> (
+        quinn::SendStream,
+        FramedRecv,
+        nearpath_protocol::message::Open,
+    ) {
+        let (mut tx, rx) = tokio::time::timeout(Duration::from_secs(10), self.conn.accept_bi())
+            .await
+            .expect("no session opened on the raw node")
+            .unwrap();
+        let mut rx = FramedRecv::new(rx, nearpath_protocol::MAX_REQUEST_FRAME);
+        let open = match rx.next().await.unwrap().unwrap() {
+            Message::Open(o) => o,
+            other => panic!("expected Open, got {}", other.name()),
+        };
+        let accepted = Message::Accepted(nearpath_protocol::message::Accepted {
+            session_id: open.session_id,
+        });
+        send(&mut tx, &accepted).await.unwrap();
+        (tx, rx, open)
+    }
+}
+
 impl RawNode {
     /// Like [`RawNode::connect`], with a chosen enrolment token and GPUs given as
     /// (model name, class hint) pairs; no GPUs makes a CPU-only node.

@@ -1,4 +1,315 @@
-//! Hostile tests: relay (see hostile.rs).
+//! Hostile tests: relay (see hostile.rs). Another operator's node injecting frames into a
+//! player's session, guessable session ids, and a player whose frames pile up in the relay.
 
-#[allow(unused_imports)]
 use crate::common::*;
+use nearpath_protocol::message::{Message, PlayRequest};
+use nearpath_protocol::stream::{send, FramedRecv};
+use nearpath_protocol::tls::{client_config_with, ServerVerify, TransportOptions};
+use nearpath_protocol::{
+    Client, PlayParams, VideoFrame, ALPN_CLIENT, MAX_CONTROL_FRAME, PROTOCOL_VERSION,
+};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const GAME: &str = "g";
+
+/// Raw nodes do not heartbeat on their own; this keeps them registered for the whole test.
+fn patient(c: &mut nearpath_config::GatewayConfig) {
+    c.nodes.heartbeat_ms = 10_000;
+}
+
+async fn client(gw: &TestGateway, from: std::net::IpAddr) -> Client {
+    Client::connect_from(
+        SocketAddr::new(from, 0),
+        gw.addrs.quic,
+        "localhost",
+        ServerVerify::PinnedSha256(gw.sha),
+    )
+    .await
+    .unwrap()
+}
+
+/// Fails the test with `what` once `until` has passed.
+fn before(until: Instant, what: &str) {
+    assert!(Instant::now() < until, "timed out waiting for {what}");
+}
+
+/// The next frame of `frames`, failing after 5 s.
+async fn next_frame(frames: &mut nearpath_protocol::FrameStream, what: &str) -> VideoFrame {
+    tokio::time::timeout(Duration::from_secs(5), frames.next())
+        .await
+        .unwrap_or_else(|_| panic!("no frame within 5 s ({what})"))
+        .expect("frame stream failed")
+        .expect("frame stream ended")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frame_injection_from_another_node_is_refused() {
+    let gw = TestGateway::start(patient).await;
+    let serving = raw_game_node(&gw, "de-serving", ip(DE), &gw.token, &[GAME], 1).await;
+    // Another operator's node, serving nothing, that knows (or guessed) the session id.
+    let stranger_token = other_operator_token(&gw, "op-stranger");
+    let stranger = raw_game_node(&gw, "us-stranger", ip(US_EAST), &stranger_token, &[], 0).await;
+    let player = client(&gw, ip(FR_CLIENT)).await;
+    let (session, opened) = tokio::join!(
+        player.play(API_KEY, PlayParams::hd(GAME)),
+        serving.accept_game()
+    );
+    let session = session.unwrap();
+    let sid = session.started().session_id;
+    assert_eq!(opened.session_id, sid);
+    let (_control, mut frames, _input) = session.split();
+
+    // 30 forged frames, each a well-formed, fresh frame carrying the victim's session id.
+    for seq in 0..30u64 {
+        let _ = stranger
+            .send_video_frame(sid, 10_000 + seq, b"forged by a stranger")
+            .await;
+    }
+    // Wait until the gateway has dealt with all 30, one way or the other.
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let foreign = admin_metric(
+            &gw,
+            "nearpath_game_frames_dropped_total{reason=\"foreign\"}",
+        )
+        .await;
+        let relayed = admin_metric(&gw, "nearpath_game_frames_relayed_total").await;
+        if foreign + relayed >= 30.0 {
+            break;
+        }
+        before(until, "the gateway to handle 30 forged frames");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    // Then the serving node's own frames, one at a time: every one arrives, and since the
+    // player reads frame streams in the order they were opened, any forged frame the gateway
+    // had relayed would have come first.
+    let mut forged = 0;
+    let mut real = 0;
+    let mut seq = 0u64;
+    while real < 30 {
+        serving
+            .send_video_frame(sid, seq, b"real frame")
+            .await
+            .unwrap();
+        seq += 1;
+        let f = next_frame(&mut frames, "the serving node's frame").await;
+        assert_eq!(f.header.session_id, sid);
+        if &f.payload[..] == b"forged by a stranger" {
+            forged += 1;
+        } else {
+            assert_eq!(&f.payload[..], b"real frame");
+            real += 1;
+        }
+    }
+    assert_eq!(forged, 0, "{forged} of 30 forged frames reached the player");
+    // A frame counts as relayed once the player's acknowledgement is back, which can be a
+    // moment after the player read it.
+    let until = Instant::now() + Duration::from_secs(5);
+    let view = loop {
+        let view = admin_game_session(&gw, sid).await.expect("session is live");
+        if view["frames"] == 30 {
+            break view;
+        }
+        before(until, &format!("30 relayed frames: {view}"));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(view["dropped"]["foreign"], 30, "{view}");
+    assert_eq!(
+        admin_metric(
+            &gw,
+            "nearpath_game_frames_dropped_total{reason=\"foreign\"}"
+        )
+        .await,
+        30.0
+    );
+    drop(opened);
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_ids_are_unguessable_not_sequential() {
+    let gw = TestGateway::start(patient).await;
+    let node = raw_game_node(&gw, "de-serving", ip(DE), &gw.token, &[GAME], 2).await;
+    let mut ids = Vec::new();
+    let mut keep = Vec::new();
+    for from in [ip(FR_CLIENT), ip(US_WEST_CLIENT)] {
+        let player = client(&gw, from).await;
+        let (session, opened) = tokio::join!(
+            player.play(API_KEY, PlayParams::hd(GAME)),
+            node.accept_game()
+        );
+        let session = session.unwrap();
+        assert_eq!(session.started().session_id, opened.session_id);
+        ids.push(opened.session_id);
+        keep.push((player, session, opened));
+    }
+    // A counter hands out 1, 2, ...: the next player's id is the last one plus one. Random
+    // 64-bit ids are this close with probability about 2^-31.
+    assert!(ids.iter().all(|&id| id != 0), "{ids:?}");
+    assert!(
+        ids[0].abs_diff(ids[1]) > 1 << 32,
+        "consecutive session ids {ids:?} are predictable"
+    );
+    drop(keep);
+    gw.stop().await;
+}
+
+/// A player connection that starts a session and then never reads a frame, with small receive
+/// windows so that the gateway's writes to it block once they are full.
+async fn stalled_player(
+    gw: &TestGateway,
+) -> (
+    quinn::Endpoint,
+    quinn::Connection,
+    u64,
+    (quinn::SendStream, FramedRecv),
+) {
+    let mut cfg = client_config_with(
+        ServerVerify::PinnedSha256(gw.sha),
+        &[ALPN_CLIENT],
+        &TransportOptions::default(),
+    )
+    .unwrap();
+    let mut t = TransportOptions::default().to_transport_config().unwrap();
+    t.stream_receive_window(16_384u32.into());
+    t.receive_window(65_536u32.into());
+    cfg.transport_config(Arc::new(t));
+    let (endpoint, _) =
+        nearpath_protocol::net::client_endpoint(SocketAddr::new(ip(KR_CLIENT), 0), cfg, 1 << 20)
+            .unwrap();
+    let conn = endpoint
+        .connect(gw.addrs.quic, "localhost")
+        .unwrap()
+        .await
+        .unwrap();
+    let (mut tx, rx) = conn.open_bi().await.unwrap();
+    send(
+        &mut tx,
+        &Message::PlayRequest(PlayRequest {
+            protocol_version: PROTOCOL_VERSION,
+            api_key: API_KEY.into(),
+            game: GAME.into(),
+            width: 0,
+            height: 0,
+            fps: 0,
+            bitrate_kbps: 0,
+        }),
+    )
+    .await
+    .unwrap();
+    let mut rx = FramedRecv::new(rx, MAX_CONTROL_FRAME);
+    let sid = match rx.next().await.unwrap().unwrap() {
+        Message::PlayStarted(s) => s.session_id,
+        other => panic!("expected PlayStarted, got {other:?}"),
+    };
+    (endpoint, conn, sid, (tx, rx))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_player_that_never_reads_gets_frames_dropped_not_queued() {
+    // A generous frame budget: the test is about queueing, and a loaded test machine must not
+    // turn the good player's frames late.
+    let gw = TestGateway::start(|c| {
+        patient(c);
+        c.game.frame_budget_ms = 1_000;
+    })
+    .await;
+    let max_frames = gw.shared.config.game.max_in_flight_frames as u64;
+    let max_bytes = gw.shared.config.game.max_in_flight_bytes;
+    // One node serves both players, as a GPU node serves several sessions on one connection.
+    let node = raw_game_node(&gw, "de-serving", ip(DE), &gw.token, &[GAME], 2).await;
+    let (stalled, opened_stalled) = tokio::join!(stalled_player(&gw), node.accept_game());
+    let (_endpoint, _conn, stalled_sid, _control) = stalled;
+    assert_eq!(opened_stalled.session_id, stalled_sid);
+
+    // 400 fresh 2 KB frames for the player that reads nothing: 800 KB, far more than its
+    // 64 KB window takes.
+    let sent = 400u64;
+    let payload = vec![7u8; 2_000];
+    let flood = async {
+        for seq in 0..sent {
+            let _ = node.send_video_frame(stalled_sid, seq, &payload).await;
+        }
+    };
+    // Bounded: a relay that holds every frame's stream stops granting the node streams.
+    let _ = tokio::time::timeout(Duration::from_secs(10), flood).await;
+
+    // Every frame is accounted for within its deadline: forwarded (into the window) or dropped
+    // and counted. None waits in the relay.
+    let mut worst = (0u64, 0u64);
+    let until = Instant::now() + Duration::from_secs(10);
+    let last_view = loop {
+        let v = admin_game_session(&gw, stalled_sid)
+            .await
+            .expect("session is live");
+        worst.0 = worst.0.max(v["in_flight_frames"].as_u64().unwrap());
+        worst.1 = worst.1.max(v["in_flight_bytes"].as_u64().unwrap());
+        let d = &v["dropped"];
+        let handled = v["frames"].as_u64().unwrap()
+            + ["late", "overload", "foreign", "relay"]
+                .iter()
+                .map(|r| d[*r].as_u64().unwrap())
+                .sum::<u64>();
+        if handled == sent {
+            break v;
+        }
+        before(
+            until,
+            &format!("every flooded frame to be forwarded or dropped: {v}"),
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let d = &last_view["dropped"];
+    let forwarded = last_view["frames"].as_u64().unwrap();
+    println!("stalled player: {forwarded} forwarded, dropped {d}; worst in flight {worst:?}");
+    assert!(d["overload"].as_u64().unwrap() > 0, "{last_view}");
+    // What got through is what the player's 64 KB window took, not what was sent.
+    assert!(forwarded * 2_048 <= 65_536 + 16_384, "{last_view}");
+    assert!(worst.0 <= max_frames && worst.1 <= max_bytes, "{worst:?}");
+    assert!(
+        admin_metric(
+            &gw,
+            "nearpath_game_frames_dropped_total{reason=\"overload\"}"
+        )
+        .await
+            > 0.0
+    );
+    // The relay asked the node for a keyframe after dropping (rate-limited, so a few at most).
+    let mut keyframe_requests = 0;
+    let mut recv = opened_stalled.recv;
+    while let Ok(Ok(Some(m))) = tokio::time::timeout(Duration::from_millis(200), recv.next()).await
+    {
+        if matches!(m, Message::ForceKeyframe) {
+            keyframe_requests += 1;
+        }
+    }
+    assert!(
+        (1..=20).contains(&keyframe_requests),
+        "{keyframe_requests} keyframe requests"
+    );
+
+    // A second player on the same node is unaffected: every frame arrives, within the budget.
+    let good = client(&gw, ip(FR_CLIENT)).await;
+    let (session, opened_good) =
+        tokio::join!(good.play(API_KEY, PlayParams::hd(GAME)), node.accept_game());
+    let session = session.unwrap();
+    let good_sid = session.started().session_id;
+    let (_good_control, mut frames, _input) = session.split();
+    for seq in 0..30u64 {
+        node.send_video_frame(good_sid, seq, &payload)
+            .await
+            .unwrap();
+        let f = next_frame(&mut frames, "the good player's frame").await;
+        assert_eq!(f.header.seq, seq);
+        let age_ms = unix_micros_now().saturating_sub(f.header.capture_ts_us) / 1000;
+        assert!(
+            age_ms <= 1_000,
+            "frame {seq} arrived {age_ms} ms after capture"
+        );
+    }
+    drop((opened_good, opened_stalled.send));
+    gw.stop().await;
+}
