@@ -31,7 +31,7 @@ const PENALTY_WINDOW_MS: u64 = 24 * 3600 * 1000;
 /// Longest node id, in bytes.
 pub const MAX_NODE_ID_BYTES: usize = 64;
 /// QUIC close code for a node whose connection moved to an address the geofence refuses.
-pub const CLOSE_PATH_REFUSED: u32 = 4;
+pub use nearpath_protocol::app_code::CLOSE_PATH_REFUSED;
 
 /// Checks a node id: 1..=64 bytes of `A-Z a-z 0-9 . _ -`. Ids appear in logs, admin URLs and
 /// the store, and one id must not pass for another (no spaces, no look-alike Unicode).
@@ -587,7 +587,7 @@ async fn control_loop(
         }
         (LeaveCause::PathRefused, _) => entry
             .conn
-            .close(CLOSE_PATH_REFUSED.into(), cause.as_str().as_bytes()),
+            .close(CLOSE_PATH_REFUSED, cause.as_str().as_bytes()),
         _ => entry.conn.close(3u32.into(), cause.as_str().as_bytes()),
     }
     let registered_ms = registered_at.elapsed().as_millis() as u64;
@@ -725,7 +725,7 @@ async fn refuse_path(send: &mut quinn::SendStream, entry: &NodeEntry, reason: St
     .await;
     // Closing here, before the accounting, stops every session relayed over the new path now.
     entry.conn.close(
-        CLOSE_PATH_REFUSED.into(),
+        CLOSE_PATH_REFUSED,
         LeaveCause::PathRefused.as_str().as_bytes(),
     );
 }

@@ -78,6 +78,9 @@ pub mod app_code {
     /// (`token_revoked`, `operator_suspended`, `operator_unverified`); reconnecting with the same
     /// credentials is refused.
     pub const CLOSE_REVOKED: VarInt = VarInt::from_u32(5);
+    /// The node's connection moved (QUIC migration) to an address the onboarding geofence
+    /// refuses (after `Shutdown`); the close reason is `path_refused`.
+    pub const CLOSE_PATH_REFUSED: VarInt = VarInt::from_u32(6);
 
     /// Stream refused (too large, or not acceptable now).
     pub const STREAM_REFUSED: VarInt = VarInt::from_u32(0x10);

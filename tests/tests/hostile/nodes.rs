@@ -249,7 +249,11 @@ async fn migrating_a_node_connection_to_a_restricted_country_disconnects_it() {
     let elapsed = start.elapsed();
     match &err {
         quinn::ConnectionError::ApplicationClosed(c) => {
-            assert_eq!(c.error_code, 4u32.into(), "{c:?}");
+            assert_eq!(
+                c.error_code,
+                nearpath_protocol::app_code::CLOSE_PATH_REFUSED,
+                "{c:?}"
+            );
             assert_eq!(&c.reason[..], b"path_refused");
         }
         other => panic!("expected an application close, got {other:?}"),
