@@ -90,6 +90,15 @@ pub struct HttpConfig {
     /// client address, such as `x-real-ip`. Every other forwarding header is ignored, so a
     /// client cannot add a second one that wins. Default: `x-forwarded-for`.
     pub client_address_header: String,
+    /// How many proxies append to `client_address_header`, counted from the gateway, for
+    /// proxy layers whose addresses cannot be listed in `trusted_proxies` (a CDN whose egress
+    /// addresses change). With `n` > 0 the client is the `n`-th entry from the right (1: the
+    /// one entry your load balancer appended); a header with fewer entries, or an unparseable
+    /// entry among the last `n`, makes the location unknown. The TCP peer must still be in
+    /// `trusted_proxies`. Only set it when nothing can reach the trusted peer except through
+    /// all `n` proxies: a request that skips one would have a client-written entry counted.
+    /// Default: 0 (no counting: entries are walked from the right, skipping trusted proxies).
+    pub trusted_hops: u32,
     /// Origins allowed by CORS, as `scheme://host[:port]`, or `"*"` for any. Default: [] (no
     /// CORS headers).
     pub cors_allowed_origins: Vec<String>,
@@ -127,6 +136,7 @@ impl Default for HttpConfig {
             max_body_bytes: 1_048_576,
             trusted_proxies: Vec::new(),
             client_address_header: "x-forwarded-for".to_string(),
+            trusted_hops: 0,
             cors_allowed_origins: Vec::new(),
             header_read_timeout_ms: 10_000,
             tls_handshake_timeout_ms: 10_000,
@@ -534,6 +544,22 @@ impl GatewayConfig {
                     "must be at least {MIN_HEADER_LIST_BYTES} (got {})",
                     h.max_header_list_bytes
                 ),
+            );
+        }
+        if h.trusted_hops > 0 && h.trusted_proxies.is_empty() {
+            p.push(
+                "http.trusted_hops",
+                format!(
+                    "{} hop(s) configured but http.trusted_proxies is empty: the header is read \
+                     only from a trusted peer, so list your load balancers there",
+                    h.trusted_hops
+                ),
+            );
+        }
+        if h.trusted_hops > 64 {
+            p.push(
+                "http.trusted_hops",
+                format!("must be at most 64 (got {})", h.trusted_hops),
             );
         }
         if !is_header_name(&h.client_address_header) {

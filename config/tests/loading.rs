@@ -390,7 +390,9 @@ fn expanding_country_lists() {
 fn expanding_gpu_classes() {
     let fence = GeofenceConfig::default();
     let got = fence.expand_gpu_classes(&["@controlled".into(), "rtx3080".into()]);
-    assert_eq!(got.len(), 15);
+    // Every default controlled class, plus rtx3080 (not controlled).
+    assert_eq!(got.len(), fence.controlled_gpu_classes.len() + 1);
+    assert!(fence.controlled_gpu_classes.len() >= 24);
     assert!(got.contains("h100") && got.contains("rtx3080") && !got.contains("@controlled"));
     assert!(fence.expand_gpu_classes(&[]).is_empty());
     assert!(fence.is_controlled("h20"));

@@ -60,6 +60,7 @@ pub fn client_ip(shared: &Shared, peer: IpAddr, headers: &HeaderMap) -> ClientAd
         headers,
         &http.trusted_proxies,
         &http.client_address_header,
+        http.trusted_hops,
     )
 }
 

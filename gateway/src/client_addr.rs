@@ -19,6 +19,9 @@
 //!   identifier such as `_hidden`, an empty entry, a `Forwarded` element without `for=`, or
 //!   garbage) makes the client's address **unknown**: it is never skipped, since skipping it
 //!   would hand the decision to the client-written entry on its left.
+//! - With `http.trusted_hops = n` > 0 (for proxy layers whose addresses cannot be listed, such
+//!   as a CDN), the client is the `n`-th entry from the right instead; fewer entries, or an
+//!   unparseable entry among the last `n`, make it unknown.
 //! - No header from a trusted peer means the peer itself is the client (a health check, say);
 //!   a header whose entries are all trusted proxies gives the left-most of them.
 
@@ -66,12 +69,14 @@ impl fmt::Display for ClientAddr {
 }
 
 /// The client's address for a request from `peer` with `headers`, under the rules in the module
-/// docs. `header` is `http.client_address_header`; `trusted` is `http.trusted_proxies`.
+/// docs. `header` is `http.client_address_header`; `trusted` is `http.trusted_proxies`;
+/// `hops` is `http.trusted_hops` (0: no counting).
 pub fn client_addr(
     peer: IpAddr,
     headers: &HeaderMap,
     trusted: &[IpNet],
     header: &str,
+    hops: u32,
 ) -> ClientAddr {
     let peer = peer.to_canonical();
     let is_trusted = |ip: IpAddr| trusted.iter().any(|n| n.contains(&ip));
@@ -97,6 +102,20 @@ pub fn client_addr(
                 parse_node(entry)
             });
         }
+    }
+    if hops > 0 {
+        // Counting: the last `hops` entries were written by the proxies, the left-most of them
+        // being the client as the outermost proxy saw it. Too few entries means a layer was
+        // skipped or the header was cut: nothing in it can be believed.
+        let hops = hops as usize;
+        if entries.len() < hops {
+            return ClientAddr::Unknown;
+        }
+        let tail = &entries[entries.len() - hops..];
+        if tail.iter().any(|e| e.is_none()) {
+            return ClientAddr::Unknown;
+        }
+        return tail[0].map_or(ClientAddr::Unknown, |ip| ClientAddr::Ip(ip.to_canonical()));
     }
     let mut leftmost = None;
     for entry in entries.iter().rev() {
@@ -198,7 +217,7 @@ mod tests {
 
     /// The client address of a request from the trusted proxy 10.0.0.1.
     fn via_proxy(header: &str, pairs: &[(&str, &str)]) -> ClientAddr {
-        client_addr("10.0.0.1".parse().unwrap(), &headers(pairs), &lan(), header)
+        client_addr("10.0.0.1".parse().unwrap(), &headers(pairs), &lan(), header, 0)
     }
 
     #[test]
@@ -206,9 +225,9 @@ mod tests {
         // A client must not choose its own country with a header.
         let h = headers(&[(XFF, "1.2.3.4"), (FWD, "for=1.2.3.4")]);
         let peer: IpAddr = "203.0.113.9".parse().unwrap();
-        assert_eq!(client_addr(peer, &h, &lan(), XFF), ClientAddr::Ip(peer));
-        assert_eq!(client_addr(peer, &h, &lan(), FWD), ClientAddr::Ip(peer));
-        assert_eq!(client_addr(peer, &h, &[], XFF), ClientAddr::Ip(peer));
+        assert_eq!(client_addr(peer, &h, &lan(), XFF, 0), ClientAddr::Ip(peer));
+        assert_eq!(client_addr(peer, &h, &lan(), FWD, 0), ClientAddr::Ip(peer));
+        assert_eq!(client_addr(peer, &h, &[], XFF, 0), ClientAddr::Ip(peer));
     }
 
     #[test]
@@ -377,7 +396,7 @@ mod tests {
             HeaderValue::from_bytes(b"8.8.8.8, 5.160.0.1\xff").unwrap(),
         );
         assert_eq!(
-            client_addr("10.0.0.1".parse().unwrap(), &h, &lan(), XFF),
+            client_addr("10.0.0.1".parse().unwrap(), &h, &lan(), XFF, 0),
             ClientAddr::Unknown
         );
     }
@@ -387,13 +406,65 @@ mod tests {
         let trusted: Vec<IpNet> = vec!["127.0.0.0/8".parse().unwrap()];
         let h = headers(&[(XFF, "175.45.176.1")]);
         assert_eq!(
-            client_addr("::ffff:127.0.0.1".parse().unwrap(), &h, &trusted, XFF),
+            client_addr("::ffff:127.0.0.1".parse().unwrap(), &h, &trusted, XFF, 0),
             ip("175.45.176.1")
         );
         let h = headers(&[(XFF, "8.8.8.8, ::ffff:127.0.0.9")]);
         assert_eq!(
-            client_addr("127.0.0.1".parse().unwrap(), &h, &trusted, XFF),
+            client_addr("127.0.0.1".parse().unwrap(), &h, &trusted, XFF, 0),
             ip("8.8.8.8")
+        );
+    }
+}
+
+#[cfg(test)]
+mod hop_tests {
+    use super::*;
+
+    fn xff(v: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.append("x-forwarded-for", v.parse().unwrap());
+        h
+    }
+    fn lb() -> Vec<IpNet> {
+        vec!["10.0.0.1/32".parse().unwrap()]
+    }
+    fn at(v: &str, hops: u32) -> ClientAddr {
+        client_addr("10.0.0.1".parse().unwrap(), &xff(v), &lb(), "x-forwarded-for", hops)
+    }
+
+    #[test]
+    fn trusted_hops_take_the_nth_entry_from_the_right() {
+        // CDN (unlisted, changing egress) -> load balancer 10.0.0.1 -> gateway: two hops append.
+        // The client wrote 8.8.8.8; the CDN appended the real client 5.160.0.1; the LB appended
+        // the CDN's egress 198.51.100.7.
+        let v = "8.8.8.8, 5.160.0.1, 198.51.100.7";
+        assert_eq!(at(v, 2), ClientAddr::Ip("5.160.0.1".parse().unwrap()));
+        assert_eq!(at(v, 1), ClientAddr::Ip("198.51.100.7".parse().unwrap()));
+        assert_eq!(at("5.160.0.1:4711", 1), ClientAddr::Ip("5.160.0.1".parse().unwrap()));
+    }
+
+    #[test]
+    fn trusted_hops_fail_closed_on_short_or_unparseable_headers() {
+        // Fewer entries than hops: a layer was skipped; nothing is believed.
+        assert_eq!(at("5.160.0.1", 2), ClientAddr::Unknown);
+        // An unparseable entry among the counted ones is unknown, never skipped.
+        assert_eq!(at("8.8.8.8, unknown, 198.51.100.7", 2), ClientAddr::Unknown);
+        assert_eq!(at("8.8.8.8, 5.160.0.1, _hidden", 2), ClientAddr::Unknown);
+        // An unparseable entry left of the counted ones is the client's own text: irrelevant.
+        assert_eq!(
+            at("garbage, 5.160.0.1, 198.51.100.7", 2),
+            ClientAddr::Ip("5.160.0.1".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn trusted_hops_apply_only_to_a_trusted_peer() {
+        let peer: IpAddr = "203.0.113.9".parse().unwrap();
+        let h = xff("8.8.8.8, 5.160.0.1");
+        assert_eq!(
+            client_addr(peer, &h, &lb(), "x-forwarded-for", 2),
+            ClientAddr::Ip(peer)
         );
     }
 }
