@@ -217,7 +217,13 @@ mod tests {
 
     /// The client address of a request from the trusted proxy 10.0.0.1.
     fn via_proxy(header: &str, pairs: &[(&str, &str)]) -> ClientAddr {
-        client_addr("10.0.0.1".parse().unwrap(), &headers(pairs), &lan(), header, 0)
+        client_addr(
+            "10.0.0.1".parse().unwrap(),
+            &headers(pairs),
+            &lan(),
+            header,
+            0,
+        )
     }
 
     #[test]
@@ -430,7 +436,13 @@ mod hop_tests {
         vec!["10.0.0.1/32".parse().unwrap()]
     }
     fn at(v: &str, hops: u32) -> ClientAddr {
-        client_addr("10.0.0.1".parse().unwrap(), &xff(v), &lb(), "x-forwarded-for", hops)
+        client_addr(
+            "10.0.0.1".parse().unwrap(),
+            &xff(v),
+            &lb(),
+            "x-forwarded-for",
+            hops,
+        )
     }
 
     #[test]
@@ -441,7 +453,10 @@ mod hop_tests {
         let v = "8.8.8.8, 5.160.0.1, 198.51.100.7";
         assert_eq!(at(v, 2), ClientAddr::Ip("5.160.0.1".parse().unwrap()));
         assert_eq!(at(v, 1), ClientAddr::Ip("198.51.100.7".parse().unwrap()));
-        assert_eq!(at("5.160.0.1:4711", 1), ClientAddr::Ip("5.160.0.1".parse().unwrap()));
+        assert_eq!(
+            at("5.160.0.1:4711", 1),
+            ClientAddr::Ip("5.160.0.1".parse().unwrap())
+        );
     }
 
     #[test]

@@ -206,7 +206,10 @@ async fn a_node_whose_heartbeats_stop_is_gone_within_three_intervals() {
         if sla["sla"]["heartbeat_misses"].as_u64().unwrap_or(0) >= 1 {
             break;
         }
-        assert!(Instant::now() < deadline, "no heartbeat misses recorded: {sla}");
+        assert!(
+            Instant::now() < deadline,
+            "no heartbeat misses recorded: {sla}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     gw.stop().await;

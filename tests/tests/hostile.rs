@@ -4,15 +4,15 @@
 
 mod common;
 
-#[path = "hostile/nodes.rs"]
-mod nodes;
-#[path = "hostile/revocation.rs"]
-mod revocation;
-#[path = "hostile/location.rs"]
-mod location;
-#[path = "hostile/resources.rs"]
-mod resources;
 #[path = "hostile/ledger.rs"]
 mod ledger;
+#[path = "hostile/location.rs"]
+mod location;
+#[path = "hostile/nodes.rs"]
+mod nodes;
 #[path = "hostile/relay.rs"]
 mod relay;
+#[path = "hostile/resources.rs"]
+mod resources;
+#[path = "hostile/revocation.rs"]
+mod revocation;

@@ -571,10 +571,7 @@ impl RawNode {
 
 /// An enrolment token of a second, verified operator: a stranger to the first one's nodes.
 pub fn other_operator_token(gw: &TestGateway, name: &str) -> String {
-    let op = gw
-        .store
-        .create_operator(name, KycStatus::Verified)
-        .unwrap();
+    let op = gw.store.create_operator(name, KycStatus::Verified).unwrap();
     gw.store.create_enrolment_token(&op.id).unwrap().1
 }
 
@@ -704,7 +701,10 @@ pub async fn admin_metric(gw: &TestGateway, series: &str) -> f64 {
     let (status, page) = gw.http.get(&gw.admin_url("/metrics"), None).await;
     assert_eq!(status, 200);
     page.lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
+        .find_map(|l| {
+            l.strip_prefix(series)
+                .and_then(|rest| rest.strip_prefix(' '))
+        })
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0.0)
 }
