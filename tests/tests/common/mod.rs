@@ -312,6 +312,33 @@ pub struct RawNode {
 }
 
 impl RawNode {
+    /// Dials the gateway's QUIC listener from `from` as a node, sends `reg` on the control
+    /// stream and reads the answer into `first`. Every `connect_*` variant builds its own
+    /// `Register` and ends here.
+    pub async fn register(gw: &TestGateway, from: IpAddr, reg: Register) -> RawNode {
+        let cfg = client_config(ServerVerify::PinnedSha256(gw.sha), &[ALPN_NODE]).unwrap();
+        let (endpoint, _) =
+            nearpath_protocol::net::client_endpoint(SocketAddr::new(from, 0), cfg, 1 << 20)
+                .unwrap();
+        let conn = endpoint
+            .connect(gw.addrs.quic, "localhost")
+            .unwrap()
+            .await
+            .unwrap();
+        let (mut send_half, recv) = conn.open_bi().await.unwrap();
+        send(&mut send_half, &Message::Register(reg)).await.unwrap();
+        let mut recv = FramedRecv::new(recv, MAX_CONTROL_FRAME);
+        let first = recv.next().await.unwrap().unwrap();
+        RawNode {
+            endpoint,
+            conn,
+            send: send_half,
+            recv,
+            first,
+            seq: 0,
+        }
+    }
+
     pub async fn connect(gw: &TestGateway, id: &str, from: IpAddr, class: &str) -> RawNode {
         Self::connect_serving(gw, id, from, class, &["m"]).await
     }
@@ -323,16 +350,6 @@ impl RawNode {
         class: &str,
         models: &[&str],
     ) -> RawNode {
-        let cfg = client_config(ServerVerify::PinnedSha256(gw.sha), &[ALPN_NODE]).unwrap();
-        let (endpoint, _) =
-            nearpath_protocol::net::client_endpoint(SocketAddr::new(from, 0), cfg, 1 << 20)
-                .unwrap();
-        let conn = endpoint
-            .connect(gw.addrs.quic, "localhost")
-            .unwrap()
-            .await
-            .unwrap();
-        let (mut send_half, recv) = conn.open_bi().await.unwrap();
         let reg = Register {
             protocol_version: PROTOCOL_VERSION,
             node_id: id.into(),
@@ -352,17 +369,7 @@ impl RawNode {
                 inference_concurrency: 4,
             },
         };
-        send(&mut send_half, &Message::Register(reg)).await.unwrap();
-        let mut recv = FramedRecv::new(recv, MAX_CONTROL_FRAME);
-        let first = recv.next().await.unwrap().unwrap();
-        RawNode {
-            endpoint,
-            conn,
-            send: send_half,
-            recv,
-            first,
-            seq: 0,
-        }
+        Self::register(gw, from, reg).await
     }
 
     pub async fn heartbeat(&mut self, active_sessions: u32) {
@@ -506,16 +513,6 @@ impl RawNode {
         games: &[&str],
         game_sessions: u32,
     ) -> RawNode {
-        let cfg = client_config(ServerVerify::PinnedSha256(gw.sha), &[ALPN_NODE]).unwrap();
-        let (endpoint, _) =
-            nearpath_protocol::net::client_endpoint(SocketAddr::new(from, 0), cfg, 1 << 20)
-                .unwrap();
-        let conn = endpoint
-            .connect(gw.addrs.quic, "localhost")
-            .unwrap()
-            .await
-            .unwrap();
-        let (mut send_half, recv) = conn.open_bi().await.unwrap();
         let reg = Register {
             protocol_version: PROTOCOL_VERSION,
             node_id: id.into(),
@@ -535,17 +532,7 @@ impl RawNode {
                 inference_concurrency: 4,
             },
         };
-        send(&mut send_half, &Message::Register(reg)).await.unwrap();
-        let mut recv = FramedRecv::new(recv, MAX_CONTROL_FRAME);
-        let first = recv.next().await.unwrap().unwrap();
-        RawNode {
-            endpoint,
-            conn,
-            send: send_half,
-            recv,
-            first,
-            seq: 0,
-        }
+        Self::register(gw, from, reg).await
     }
 
     /// Keeps the raw node alive (heartbeats every 50 ms) until the returned task is aborted;
@@ -730,16 +717,6 @@ impl RawNode {
         games: &[&str],
         models: &[&str],
     ) -> RawNode {
-        let cfg = client_config(ServerVerify::PinnedSha256(gw.sha), &[ALPN_NODE]).unwrap();
-        let (endpoint, _) =
-            nearpath_protocol::net::client_endpoint(SocketAddr::new(from, 0), cfg, 1 << 20)
-                .unwrap();
-        let conn = endpoint
-            .connect(gw.addrs.quic, "localhost")
-            .unwrap()
-            .await
-            .unwrap();
-        let (mut send_half, recv) = conn.open_bi().await.unwrap();
         let reg = Register {
             protocol_version: PROTOCOL_VERSION,
             node_id: id.into(),
@@ -755,17 +732,7 @@ impl RawNode {
                 inference_concurrency: 4,
             },
         };
-        send(&mut send_half, &Message::Register(reg)).await.unwrap();
-        let mut recv = FramedRecv::new(recv, MAX_CONTROL_FRAME);
-        let first = recv.next().await.unwrap().unwrap();
-        RawNode {
-            endpoint,
-            conn,
-            send: send_half,
-            recv,
-            first,
-            seq: 0,
-        }
+        Self::register(gw, from, reg).await
     }
 
     /// Accepts the next session the gateway opens on this node and answers `Accepted`; returns
@@ -804,16 +771,6 @@ impl RawNode {
         token: &str,
         gpus: &[(&str, &str)],
     ) -> RawNode {
-        let cfg = client_config(ServerVerify::PinnedSha256(gw.sha), &[ALPN_NODE]).unwrap();
-        let (endpoint, _) =
-            nearpath_protocol::net::client_endpoint(SocketAddr::new(from, 0), cfg, 1 << 20)
-                .unwrap();
-        let conn = endpoint
-            .connect(gw.addrs.quic, "localhost")
-            .unwrap()
-            .await
-            .unwrap();
-        let (mut send_half, recv) = conn.open_bi().await.unwrap();
         let reg = Register {
             protocol_version: PROTOCOL_VERSION,
             node_id: id.into(),
@@ -836,17 +793,7 @@ impl RawNode {
                 inference_concurrency: 4,
             },
         };
-        send(&mut send_half, &Message::Register(reg)).await.unwrap();
-        let mut recv = FramedRecv::new(recv, MAX_CONTROL_FRAME);
-        let first = recv.next().await.unwrap().unwrap();
-        RawNode {
-            endpoint,
-            conn,
-            send: send_half,
-            recv,
-            first,
-            seq: 0,
-        }
+        Self::register(gw, from, reg).await
     }
 }
 
