@@ -811,29 +811,32 @@ fn insert_usage_batch(conn: &mut Connection, jobs: &[Job]) -> Result<Vec<i64>, S
             .op("prepare usage update")?;
         for job in jobs {
             let r = &job.row;
+            // One column list for both statements; the UPDATE takes the row id last.
+            let cols: [&dyn rusqlite::ToSql; 18] = [
+                &r.at_ms,
+                &r.kind,
+                &r.request_id,
+                &r.tenant,
+                &r.api_key_id,
+                &r.node_id,
+                &r.operator_id,
+                &r.workload,
+                &r.outcome,
+                &r.prompt_tokens,
+                &r.completion_tokens,
+                &r.ttft_ms,
+                &r.duration_ms,
+                &r.gpu_seconds,
+                &r.frames,
+                &r.bytes,
+                &r.node_prompt_tokens,
+                &r.node_completion_tokens,
+            ];
             if let Some(id) = job.replace {
                 let changed = update
-                    .execute(params![
-                        r.at_ms,
-                        r.kind,
-                        r.request_id,
-                        r.tenant,
-                        r.api_key_id,
-                        r.node_id,
-                        r.operator_id,
-                        r.workload,
-                        r.outcome,
-                        r.prompt_tokens,
-                        r.completion_tokens,
-                        r.ttft_ms,
-                        r.duration_ms,
-                        r.gpu_seconds,
-                        r.frames,
-                        r.bytes,
-                        r.node_prompt_tokens,
-                        r.node_completion_tokens,
-                        id,
-                    ])
+                    .execute(rusqlite::params_from_iter(
+                        cols.iter().copied().chain([&id as &dyn rusqlite::ToSql]),
+                    ))
                     .op("update usage record")?;
                 if changed == 0 {
                     return Err(StoreError::NotFound {
@@ -845,26 +848,7 @@ fn insert_usage_batch(conn: &mut Connection, jobs: &[Job]) -> Result<Vec<i64>, S
                 continue;
             }
             let id = stmt
-                .insert(params![
-                    r.at_ms,
-                    r.kind,
-                    r.request_id,
-                    r.tenant,
-                    r.api_key_id,
-                    r.node_id,
-                    r.operator_id,
-                    r.workload,
-                    r.outcome,
-                    r.prompt_tokens,
-                    r.completion_tokens,
-                    r.ttft_ms,
-                    r.duration_ms,
-                    r.gpu_seconds,
-                    r.frames,
-                    r.bytes,
-                    r.node_prompt_tokens,
-                    r.node_completion_tokens,
-                ])
+                .insert(rusqlite::params_from_iter(cols))
                 .op("insert usage record")?;
             ids.push(id);
         }
