@@ -1,1 +1,4 @@
-//! End-to-end tests live in tests/tests/.
+//! End-to-end tests live in tests/tests/; this library holds what they share with the
+//! benchmark harness.
+
+pub mod impair;
