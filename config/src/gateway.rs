@@ -282,6 +282,10 @@ pub struct NodesConfig {
     /// somewhere it could not have registered from is disconnected, otherwise its location is
     /// updated. Default: 250.
     pub path_check_interval_ms: u64,
+    /// A node whose heartbeats are late while its connection still delivers packets is *slow*,
+    /// not gone: it keeps its sessions but gets no new ones. A node slow for longer than this
+    /// is gone all the same, in milliseconds. Default: 15000.
+    pub slow_max_ms: u64,
 }
 
 impl Default for NodesConfig {
@@ -292,6 +296,7 @@ impl Default for NodesConfig {
             drain_deadline_ms: 30_000,
             min_software_version: None,
             path_check_interval_ms: 250,
+            slow_max_ms: 15_000,
         }
     }
 }
@@ -431,6 +436,10 @@ pub struct GameConfig {
     /// A live game session's usage row is rewritten this often, so that a gateway killed
     /// mid-session loses at most this much metering, in milliseconds. Default: 10000.
     pub usage_checkpoint_ms: u64,
+    /// When the node serving a session is lost, the session is paused (the player keeps its
+    /// connection) and resumed on the first eligible node within this long, the same node
+    /// included if it comes back; after it the session ends, in milliseconds. Default: 5000.
+    pub pause_window_ms: u64,
 }
 
 impl Default for GameConfig {
@@ -456,6 +465,7 @@ impl Default for GameConfig {
             default_max_concurrent_sessions: 4,
             default_session_starts_per_minute: 30,
             usage_checkpoint_ms: 10_000,
+            pause_window_ms: 5_000,
         }
     }
 }
@@ -678,6 +688,7 @@ impl GatewayConfig {
         );
         p.positive("nodes.drain_deadline_ms", n.drain_deadline_ms);
         p.positive("nodes.path_check_interval_ms", n.path_check_interval_ms);
+        p.positive("nodes.slow_max_ms", n.slow_max_ms);
         if let Some(v) = &n.min_software_version {
             if parse_version(v).is_none() || v.contains(['-', '+']) {
                 p.push(
@@ -737,6 +748,7 @@ impl GatewayConfig {
             g.default_session_starts_per_minute,
         );
         p.positive("game.usage_checkpoint_ms", g.usage_checkpoint_ms);
+        p.positive("game.pause_window_ms", g.pause_window_ms);
         for (name, default, max) in [
             ("width", g.default_width, g.max_width),
             ("height", g.default_height, g.max_height),

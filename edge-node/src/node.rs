@@ -77,10 +77,20 @@ pub struct EdgeNode {
     status: watch::Sender<NodeStatus>,
 }
 
+/// After the gateway went silent, connection attempts are retried at once, each bounded by a
+/// short timeout, for this long; then the usual backoff applies.
+const FAST_REDIAL_WINDOW: Duration = Duration::from_secs(15);
+/// Bounds on one fast connection attempt (six round trips of the last connection, within these).
+const FAST_ATTEMPT_MIN: Duration = Duration::from_millis(250);
+const FAST_ATTEMPT_MAX: Duration = Duration::from_secs(3);
+
 /// How the session with one gateway connection ended.
 enum ConnEnd {
     /// Lost or closed by the gateway: reconnect.
     Reconnect(String),
+    /// Nothing at all arrived from the gateway for its lease: the path is down (the gateway
+    /// has given this connection up too). Reconnect quickly, with this round-trip time.
+    Silent(String, Duration),
     /// We drained and said goodbye: stop.
     Drained,
 }
@@ -172,10 +182,15 @@ impl EdgeNode {
             Duration::from_millis(gw.reconnect_max_ms),
         );
         let mut endpoint: Option<quinn::Endpoint> = None;
+        // Set after the gateway went silent: until when attempts are fast, and their bound.
+        let mut fast: Option<(tokio::time::Instant, Duration)> = None;
         loop {
             if shutdown.is_cancelled() {
                 break;
             }
+            let fast_attempt = fast
+                .filter(|(until, _)| tokio::time::Instant::now() < *until)
+                .map(|(_, limit)| limit);
             let _ = self.status.send(NodeStatus::Connecting {
                 attempt: backoff.attempts(),
             });
@@ -201,16 +216,32 @@ impl EdgeNode {
                     .server_name
                     .clone()
                     .unwrap_or_else(|| host_part(&gw.address).to_string());
-                let conn = ep
+                let connecting = ep
                     .connect(addr, &server_name)
-                    .map_err(|e| format!("connecting to {addr}: {e}"))?
-                    .await
                     .map_err(|e| format!("connecting to {addr}: {e}"))?;
+                // After a silent path, an attempt that gets no answer is abandoned and a new one
+                // started: QUIC backs off its handshake retransmissions exponentially, so one
+                // attempt begun during an outage might not speak again until seconds after the
+                // path returns, while a fresh one speaks at once.
+                let conn = match fast_attempt {
+                    Some(limit) => tokio::time::timeout(limit, connecting)
+                        .await
+                        .map_err(|_| format!("{FAST_TIMEOUT}: no answer from {addr} within {limit:?}"))?,
+                    None => connecting.await,
+                }
+                .map_err(|e| format!("connecting to {addr}: {e}"))?;
                 Ok::<_, String>(conn)
             }
             .await;
             let conn = match outcome {
                 Ok(c) => c,
+                Err(e) if e.starts_with(FAST_TIMEOUT) => {
+                    info!(error = %e, "gateway still unreachable; trying again");
+                    if shutdown.is_cancelled() {
+                        break;
+                    }
+                    continue;
+                }
                 Err(e) => {
                     let wait = backoff.next_delay(rand::random::<f64>());
                     warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "gateway unreachable");
@@ -222,6 +253,11 @@ impl EdgeNode {
             };
             match self.serve_connection(conn, &shutdown, &mut backoff).await {
                 Ok(ConnEnd::Drained) => break,
+                Ok(ConnEnd::Silent(why, rtt)) => {
+                    let limit = (rtt * 6).clamp(FAST_ATTEMPT_MIN, FAST_ATTEMPT_MAX);
+                    warn!(reason = %why, attempt_ms = limit.as_millis() as u64, "the gateway went silent; reconnecting");
+                    fast = Some((tokio::time::Instant::now() + FAST_REDIAL_WINDOW, limit));
+                }
                 Ok(ConnEnd::Reconnect(why)) => {
                     let wait = backoff.next_delay(rand::random::<f64>());
                     warn!(reason = %why, retry_in_ms = wait.as_millis() as u64, "disconnected from the gateway");
@@ -331,6 +367,7 @@ impl EdgeNode {
                 &mut ctl_send,
                 &mut ctl,
                 registered.heartbeat_ms,
+                registered.lease_ms,
                 shutdown,
             )
             .await;
@@ -345,16 +382,32 @@ impl EdgeNode {
         ctl_send: &mut quinn::SendStream,
         ctl: &mut FramedRecv,
         heartbeat_ms: u64,
+        lease_ms: u64,
         shutdown: &CancellationToken,
     ) -> ConnEnd {
         let mut tick = tokio::time::interval(Duration::from_millis(heartbeat_ms.max(10)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut seq = 0u64;
+        // The gateway acknowledges every heartbeat (QUIC ACKs and `HeartbeatAck`), so a
+        // connection that received nothing at all for the lease has lost its path, and the
+        // gateway, which heard nothing either, has given it up. Its close is lost with the path
+        // and QUIC's own probes back off for seconds: the node notices by itself and redials.
+        let lease = Duration::from_millis(lease_ms.max(heartbeat_ms.saturating_mul(2)).max(10));
+        let mut rx_seen = (conn.stats().udp_rx.datagrams, tokio::time::Instant::now());
         // Set when we are draining: the deadline by which sessions must be done.
         let mut drain_until: Option<tokio::time::Instant> = None;
         loop {
             tokio::select! {
                 _ = tick.tick() => {
+                    let rx = conn.stats().udp_rx.datagrams;
+                    let now = tokio::time::Instant::now();
+                    if rx != rx_seen.0 {
+                        rx_seen = (rx, now);
+                    } else if now - rx_seen.1 >= lease && drain_until.is_none() {
+                        let rtt = conn.rtt();
+                        conn.close(0u32.into(), b"gateway silent");
+                        return ConnEnd::Silent(format!("nothing received from the gateway for {} ms", (now - rx_seen.1).as_millis()), rtt);
+                    }
                     seq += 1;
                     let hb = Heartbeat {
                         seq,
@@ -415,6 +468,9 @@ impl EdgeNode {
         }
     }
 }
+
+/// Marks a fast connection attempt that timed out (retried at once, not backed off).
+const FAST_TIMEOUT: &str = "attempt timed out";
 
 async fn resolve(address: &str) -> Result<SocketAddr, String> {
     if let Ok(a) = address.parse::<SocketAddr>() {

@@ -384,6 +384,7 @@ async fn admit(
             last_heartbeat_ms: now,
             rtt_ms: conn.rtt().as_secs_f64() * 1000.0,
             heartbeat_misses: 0,
+            slow: false,
             recent_penalties: recent.min(u32::MAX as u64) as u32,
             operator_flagged: false,
         },
@@ -437,6 +438,7 @@ async fn control_loop(
         Instant::now(),
         hb,
         shared.config.nodes.missed_heartbeats_before_gone,
+        Duration::from_millis(shared.config.nodes.slow_max_ms),
     );
     let registered_at = Instant::now();
     let mut drained = false;
@@ -479,8 +481,12 @@ async fn control_loop(
                         break LeaveCause::PathRefused;
                     }
                     live.handle_heartbeat(Instant::now());
-                    {
+                    let recovered = {
                         let mut d = entry.dynamic();
+                        let recovered = std::mem::replace(&mut d.slow, false);
+                        if recovered {
+                            info!("heartbeat arrived: node no longer slow");
+                        }
                         d.load = if h.load.is_finite() { h.load.clamp(0.0, 1.0) } else { 1.0 };
                         d.reported_sessions = h.active_sessions;
                         d.queue_depth = h.queue_depth;
@@ -488,8 +494,13 @@ async fn control_loop(
                         d.encoder_ms_p50 = h.encoder_ms_p50.filter(|v| v.is_finite());
                         d.last_heartbeat_ms = now_ms();
                         d.rtt_ms = entry.conn.rtt().as_secs_f64() * 1000.0;
-                    }
+                        recovered
+                    };
                     shared.registry.refresh(&entry);
+                    if recovered {
+                        // Back in routing: sessions waiting for a node may take it.
+                        shared.registry.notify_changed();
+                    }
                     if send_msg(&mut send, &Message::HeartbeatAck(HeartbeatAck { seq: h.seq })).await.is_err() {
                         break LeaveCause::ConnectionLost;
                     }
@@ -524,14 +535,33 @@ async fn control_loop(
                 }
             }
             _ = tokio::time::sleep_until(deadline) => {
-                let (new, verdict) = live.poll(Instant::now());
+                // Anything the connection received counts as a sign of life: heartbeats stuck
+                // behind congested video make a node slow, not gone.
+                let now = Instant::now();
+                live.handle_rx(now, entry.conn.stats().udp_rx.datagrams);
+                let (new, verdict) = live.poll(now);
                 if new > 0 {
                     shared.metrics.heartbeat_misses.inc_by(new as u64);
                     entry.dynamic().heartbeat_misses += new as u64;
                 }
-                if verdict == Liveness::Gone {
-                    warn!("no heartbeat for {} intervals: node is gone", shared.config.nodes.missed_heartbeats_before_gone);
-                    break LeaveCause::HeartbeatTimeout;
+                match verdict {
+                    Liveness::Gone => {
+                        warn!(
+                            late_ms = now.saturating_duration_since(live.last_heartbeat()).as_millis() as u64,
+                            "no heartbeat for {} intervals and nothing received lately (or slow for over nodes.slow_max_ms): node is gone",
+                            shared.config.nodes.missed_heartbeats_before_gone
+                        );
+                        break LeaveCause::HeartbeatTimeout;
+                    }
+                    Liveness::Slow => {
+                        let was_slow = std::mem::replace(&mut entry.dynamic().slow, true);
+                        if !was_slow {
+                            warn!("heartbeats late but the connection is alive: node is slow (kept, no new sessions)");
+                            shared.metrics.nodes_slowed.inc();
+                            shared.registry.refresh(&entry);
+                        }
+                    }
+                    Liveness::Alive => {}
                 }
             }
             cmd = cmd_rx.recv() => match cmd {

@@ -649,13 +649,13 @@ async fn attach(
     client: &Location,
     params: &GameParams,
     session_id: u64,
-    exclude: &[String],
+    exclude: &[crate::router::NodeId],
 ) -> Result<Attached, NoNode> {
     let (outcome, nodes) =
         shared
             .registry
             .route(client_latlon(client), Workload::Game(&params.title), |n| {
-                if exclude.contains(&n.id) {
+                if exclude.contains(&n.key) {
                     return Err(crate::router::Deny {
                         rule: "failover".into(),
                         reason: "node failed this session".into(),
@@ -832,8 +832,116 @@ pub async fn start_session(
     })
 }
 
-/// Runs a started session: client events in, node stream out, failover when the node dies,
-/// metering at the end.
+/// The part of a session that one node served, billed to that node alone: its own usage row
+/// (`game_<id>` for the first node, `game_<id>_<n>` for the n-th), checkpointed in place while
+/// it runs and finalised when the node is lost or the session ends. Paused time between two
+/// segments is billed to nobody.
+struct Segment {
+    node: Arc<NodeEntry>,
+    index: u32,
+    since: Instant,
+    frames_at_start: u64,
+    bytes_at_start: u64,
+    ledger: tokio::sync::watch::Sender<Option<UsageRecord>>,
+}
+
+impl Segment {
+    fn start(shared: &Shared, relay: &Relay, node: Arc<NodeEntry>, index: u32) -> Segment {
+        let (ledger, ledger_rx) = tokio::sync::watch::channel(None);
+        tokio::spawn(usage_row_writer(shared.store.clone(), ledger_rx).in_current_span());
+        Segment {
+            node,
+            index,
+            since: Instant::now(),
+            frames_at_start: relay.frames.load(Ordering::Relaxed),
+            bytes_at_start: relay.bytes.load(Ordering::Relaxed),
+            ledger,
+        }
+    }
+
+    /// Writes the segment's row as it stands, `in_progress` or final.
+    fn write(&self, key: &ApiKey, relay: &Relay, params: &GameParams, outcome: &str) {
+        let row = game_usage(key, relay, self, params, outcome);
+        self.ledger.send_replace(Some(row));
+    }
+
+    /// Writes the final row; the writer task writes it and ends when the sender drops here.
+    fn finish(self, key: &ApiKey, relay: &Relay, params: &GameParams, outcome: &str) -> f64 {
+        self.write(key, relay, params, outcome);
+        self.since.elapsed().as_secs_f64()
+    }
+}
+
+/// How a pause ended.
+enum PauseEnd {
+    /// A node took the session.
+    Resumed(Attached),
+    /// No node within the pause window.
+    Expired,
+    /// The player closed the session (`Some`) or went away (`None`).
+    Client(Option<String>),
+    Revoked,
+}
+
+/// "5 s", "2.5 s": a window for people.
+fn seconds(ms: u64) -> String {
+    if ms.is_multiple_of(1000) {
+        format!("{} s", ms / 1000)
+    } else {
+        format!("{:.1} s", ms as f64 / 1000.0)
+    }
+}
+
+/// Waits, within the pause window, for a node to take a paused session: tries at once, then
+/// again whenever the registry says a node may have become eligible (one registered, freed a
+/// slot, stopped being slow), never on a polling timer. `failed` holds the registrations
+/// (registry keys, one per connection) that failed the session; a node that reconnects and
+/// registers again with the same id is a new registration and may take the session back.
+/// Client events and the key's revocation are served meanwhile.
+#[allow(clippy::too_many_arguments)]
+async fn wait_for_node(
+    shared: &Arc<Shared>,
+    client: &Location,
+    params: &GameParams,
+    session_id: u64,
+    failed: &[crate::router::NodeId],
+    window: Duration,
+    events: &mut mpsc::Receiver<ClientEvent>,
+    revoked: &tokio_util::sync::CancellationToken,
+    bitrate: &mut Option<u32>,
+) -> PauseEnd {
+    let deadline = tokio::time::Instant::now() + window;
+    let mut changes = shared.registry.subscribe();
+    loop {
+        changes.borrow_and_update();
+        if let Ok(a) = attach(shared, client, params, session_id, failed).await {
+            return PauseEnd::Resumed(a);
+        }
+        loop {
+            tokio::select! {
+                biased;
+                _ = revoked.cancelled() => return PauseEnd::Revoked,
+                e = events.recv() => match e {
+                    Some(ClientEvent::Close(reason)) => return PauseEnd::Client(Some(reason)),
+                    Some(ClientEvent::Gone) | None => return PauseEnd::Client(None),
+                    // The next node starts with a keyframe anyway.
+                    Some(ClientEvent::ForceKeyframe) => {}
+                    Some(ClientEvent::SetBitrate(kbps)) => *bitrate = Some(kbps),
+                },
+                r = changes.changed() => {
+                    if r.is_err() {
+                        return PauseEnd::Expired;
+                    }
+                    break;
+                }
+                _ = tokio::time::sleep_until(deadline) => return PauseEnd::Expired,
+            }
+        }
+    }
+}
+
+/// Runs a started session: client events in, node stream out, a pause and a resume when the
+/// node is lost, metering per node.
 #[allow(clippy::too_many_arguments)]
 async fn drive(
     shared: Arc<Shared>,
@@ -841,7 +949,7 @@ async fn drive(
     client: Location,
     params: GameParams,
     relay: Arc<Relay>,
-    mut attached: Attached,
+    attached: Attached,
     mut events: mpsc::Receiver<ClientEvent>,
     notices: mpsc::Sender<Notice>,
     _cap: infer::CapGuard,
@@ -849,20 +957,24 @@ async fn drive(
     info!(node = %attached.node.id, "game session started");
     let session_id = relay.session_id;
     let mut outcome = "ok";
-    let mut nodes_used = vec![attached.node.id.clone()];
-    let mut gpu_seconds = 0.0f64;
-    let mut node_since = Instant::now();
+    // Registrations (not node ids) that failed this session: the same node may come back.
+    let mut failed: Vec<crate::router::NodeId> = Vec::new();
+    // The bitrate the player asked for last, re-applied on the node that resumes the session.
+    let mut bitrate: Option<u32> = None;
+    let window = Duration::from_millis(shared.config.game.pause_window_ms);
     // Revoking the key ends the session at once, whichever transport the player uses.
     let revoked = shared.keys.revocation(&key.id);
-    // The session's usage row: written every checkpoint interval as `in_progress` and rewritten
-    // in place with the final totals, so a killed gateway loses at most one interval of
-    // metering and nothing is counted twice.
-    let (ledger, ledger_rx) = tokio::sync::watch::channel(None);
-    tokio::spawn(usage_row_writer(shared.store.clone(), ledger_rx).in_current_span());
+    // Each node's share of the session has its own usage row, written every checkpoint
+    // interval as `in_progress` and rewritten in place with the final totals, so a killed
+    // gateway loses at most one interval of metering and nothing is counted twice.
+    let mut segment = Some(Segment::start(&shared, &relay, attached.node.clone(), 1));
+    let mut segments = 1u32;
+    let mut gpu_seconds = 0.0f64;
+    let mut attached = Some(attached);
     let every = Duration::from_millis(shared.config.game.usage_checkpoint_ms.max(1));
     let mut checkpoint = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     checkpoint.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
+    while let Some(a) = attached.as_mut() {
         enum Ev {
             Client(Option<ClientEvent>),
             Node(Option<Message>),
@@ -875,11 +987,11 @@ async fn drive(
             _ = revoked.cancelled() => Ev::Revoked,
             _ = checkpoint.tick() => Ev::Checkpoint,
             e = events.recv() => Ev::Client(e),
-            m = attached.rx.next() => match m {
+            m = a.rx.next() => match m {
                 Ok(Some(m)) => Ev::Node(Some(m)),
                 _ => Ev::NodeGone,
             },
-            _ = attached.node.conn.closed() => Ev::NodeGone,
+            _ = a.node.conn.closed() => Ev::NodeGone,
         };
         match ev {
             Ev::Revoked => {
@@ -890,55 +1002,53 @@ async fn drive(
                 let close = Message::Close(nearpath_protocol::message::Close {
                     reason: "key_revoked".into(),
                 });
-                match tokio::time::timeout(REVOKE_SEND_BOUND, send(&mut attached.tx, &close)).await
-                {
+                match tokio::time::timeout(REVOKE_SEND_BOUND, send(&mut a.tx, &close)).await {
                     Ok(Ok(())) => {
-                        let _ = attached.tx.finish();
+                        let _ = a.tx.finish();
                     }
                     _ => {
-                        let _ = attached
-                            .tx
-                            .reset(nearpath_protocol::app_code::STREAM_CANCELLED);
+                        let _ = a.tx.reset(nearpath_protocol::app_code::STREAM_CANCELLED);
                     }
                 }
                 let _ = notices.send(Notice::Ended("key_revoked".into())).await;
                 break;
             }
             Ev::Checkpoint => {
-                let gpu = gpu_seconds + node_since.elapsed().as_secs_f64();
-                let row = game_usage(&key, &relay, &attached.node, &params, "in_progress", gpu);
-                ledger.send_replace(Some(row));
+                if let Some(seg) = &segment {
+                    seg.write(&key, &relay, &params, "in_progress");
+                }
             }
             Ev::Client(Some(ClientEvent::ForceKeyframe)) => {
-                let _ = send(&mut attached.tx, &Message::ForceKeyframe).await;
+                let _ = send(&mut a.tx, &Message::ForceKeyframe).await;
             }
             Ev::Client(Some(ClientEvent::SetBitrate(kbps))) => {
                 let kbps = kbps.clamp(100, shared.config.game.max_bitrate_kbps);
+                bitrate = Some(kbps);
                 let _ = send(
-                    &mut attached.tx,
+                    &mut a.tx,
                     &Message::SetBitrate(nearpath_protocol::message::SetBitrate { kbps }),
                 )
                 .await;
             }
             Ev::Client(Some(ClientEvent::Close(reason))) => {
                 let _ = send(
-                    &mut attached.tx,
+                    &mut a.tx,
                     &Message::Close(nearpath_protocol::message::Close { reason }),
                 )
                 .await;
-                let _ = attached.tx.finish();
+                let _ = a.tx.finish();
                 break;
             }
             Ev::Client(Some(ClientEvent::Gone)) | Ev::Client(None) => {
                 outcome = "client_left";
                 let _ = send(
-                    &mut attached.tx,
+                    &mut a.tx,
                     &Message::Close(nearpath_protocol::message::Close {
                         reason: "client left".into(),
                     }),
                 )
                 .await;
-                let _ = attached.tx.finish();
+                let _ = a.tx.finish();
                 break;
             }
             Ev::Node(Some(Message::Ended(e))) => {
@@ -949,43 +1059,96 @@ async fn drive(
             }
             Ev::Node(Some(_)) => {}
             Ev::Node(None) | Ev::NodeGone => {
-                // The node died: move the session and keep the client's connection.
-                let failed = attached.node.clone();
-                warn!(node = %failed.id, "serving node lost; failing over");
-                gpu_seconds += node_since.elapsed().as_secs_f64();
+                // The node is lost: pause the session (the client keeps its connection), close
+                // the node's share of the bill, and wait for a node within the pause window.
+                let lost = attached.take().map(|a| a.node);
+                let Some(lost) = lost else { break };
+                warn!(node = %lost.id, window_ms = window.as_millis() as u64, "serving node lost; pausing the session");
+                failed.push(lost.key);
                 relay.set_node(None);
+                if let Some(seg) = segment.take() {
+                    gpu_seconds += seg.finish(&key, &relay, &params, "node_lost");
+                }
                 let _ = notices
                     .send(Notice::Paused(format!(
-                        "node {} failed; moving the session",
-                        failed.id
+                        "node {} was lost; waiting up to {} for a node",
+                        lost.id,
+                        seconds(window.as_millis() as u64)
                     )))
                     .await;
                 let t0 = Instant::now();
-                match attach(&shared, &client, &params, session_id, &nodes_used).await {
-                    Ok(a) => {
-                        attached = a;
-                        node_since = Instant::now();
-                        nodes_used.push(attached.node.id.clone());
-                        relay.set_node(Some(attached.node.clone()));
-                        let _ = send(&mut attached.tx, &Message::ForceKeyframe).await;
+                let end = wait_for_node(
+                    &shared,
+                    &client,
+                    &params,
+                    session_id,
+                    &failed,
+                    window,
+                    &mut events,
+                    &revoked,
+                    &mut bitrate,
+                )
+                .await;
+                let pause = |how: &str| {
+                    shared
+                        .metrics
+                        .game_pauses
+                        .get_or_create(&labels([("outcome", how)]))
+                        .inc();
+                };
+                match end {
+                    PauseEnd::Resumed(mut a) => {
+                        let same = a.node.id == lost.id;
+                        pause(if same { "same_node" } else { "other_node" });
+                        segments += 1;
+                        segment = Some(Segment::start(&shared, &relay, a.node.clone(), segments));
+                        relay.set_node(Some(a.node.clone()));
+                        let _ = send(&mut a.tx, &Message::ForceKeyframe).await;
+                        if let Some(kbps) = bitrate {
+                            let _ = send(
+                                &mut a.tx,
+                                &Message::SetBitrate(nearpath_protocol::message::SetBitrate {
+                                    kbps,
+                                }),
+                            )
+                            .await;
+                        }
                         shared.metrics.game_failovers.inc();
-                        info!(node = %attached.node.id, took_ms = t0.elapsed().as_millis() as u64, "session moved");
+                        info!(node = %a.node.id, same_node = same, paused_ms = t0.elapsed().as_millis() as u64, "session resumed");
+                        attached = Some(a);
                         let _ = notices.send(Notice::Resumed).await;
                     }
-                    Err(_) => {
-                        outcome = "node_failed";
+                    PauseEnd::Expired => {
+                        pause("expired");
+                        outcome = "node_lost";
+                        warn!("no node took the session within the pause window; ending it");
                         let _ = notices
-                            .send(Notice::Ended(
-                                "the serving node failed and no other node is available".into(),
-                            ))
+                            .send(Notice::Ended(format!(
+                                "no node available within {}",
+                                seconds(window.as_millis() as u64)
+                            )))
                             .await;
-                        break;
+                    }
+                    PauseEnd::Client(reason) => {
+                        pause("ended");
+                        if reason.is_none() {
+                            outcome = "client_left";
+                        }
+                    }
+                    PauseEnd::Revoked => {
+                        pause("ended");
+                        warn!(key = %key.id, "API key revoked: ending the paused game session");
+                        outcome = "key_revoked";
+                        let _ = notices.send(Notice::Ended("key_revoked".into())).await;
                     }
                 }
             }
         }
     }
-    gpu_seconds += node_since.elapsed().as_secs_f64();
+    // GPU-seconds are each segment's own time, counted once when the segment is finalised.
+    if let Some(seg) = segment.take() {
+        gpu_seconds += seg.finish(&key, &relay, &params, outcome);
+    }
     shared.games.remove(session_id);
     shared.metrics.active_game_sessions.dec();
     shared
@@ -1002,36 +1165,40 @@ async fn drive(
         outcome,
         frames,
         bytes,
+        gpu_seconds,
+        nodes = segments,
         dropped_late = relay.dropped_late.load(Ordering::Relaxed),
         dropped_overload = relay.dropped_overload.load(Ordering::Relaxed),
         dropped_foreign = relay.dropped_foreign.load(Ordering::Relaxed),
         dropped_relay = relay.dropped_relay.load(Ordering::Relaxed),
         "game session ended"
     );
-    let record = game_usage(&key, &relay, &attached.node, &params, outcome, gpu_seconds);
-    // The writer task writes this last value and ends when `ledger` is dropped here.
-    ledger.send_replace(Some(record));
 }
 
-/// A game session's usage row: what the gateway counted (its own clock for GPU-seconds, the
-/// frames and bytes it relayed), never what a node says.
+/// One node's share of a game session as a usage row: what the gateway counted (its own clock
+/// for GPU-seconds, the frames and bytes it relayed while that node served), never what a node
+/// says.
 fn game_usage(
     key: &ApiKey,
     relay: &Relay,
-    node: &NodeEntry,
+    seg: &Segment,
     params: &GameParams,
     outcome: &str,
-    gpu_seconds: f64,
 ) -> UsageRecord {
+    let elapsed = seg.since.elapsed().as_secs_f64();
     UsageRecord {
         id: None,
         at_ms: now_ms(),
         kind: UsageKind::Game,
-        request_id: format!("game_{}", relay.session_id),
+        request_id: if seg.index <= 1 {
+            format!("game_{}", relay.session_id)
+        } else {
+            format!("game_{}_{}", relay.session_id, seg.index)
+        },
         tenant: key.tenant.clone(),
         api_key_id: key.id.clone(),
-        node_id: node.id.clone(),
-        operator_id: node.operator_id.clone(),
+        node_id: seg.node.id.clone(),
+        operator_id: seg.node.operator_id.clone(),
         workload: params.title.clone(),
         outcome: outcome.to_string(),
         prompt_tokens: 0,
@@ -1039,10 +1206,16 @@ fn game_usage(
         node_prompt_tokens: None,
         node_completion_tokens: None,
         ttft_ms: None,
-        duration_ms: relay.started.elapsed().as_secs_f64() * 1000.0,
-        gpu_seconds,
-        frames: relay.frames.load(Ordering::Relaxed),
-        bytes: relay.bytes.load(Ordering::Relaxed),
+        duration_ms: elapsed * 1000.0,
+        gpu_seconds: elapsed,
+        frames: relay
+            .frames
+            .load(Ordering::Relaxed)
+            .saturating_sub(seg.frames_at_start),
+        bytes: relay
+            .bytes
+            .load(Ordering::Relaxed)
+            .saturating_sub(seg.bytes_at_start),
     }
 }
 

@@ -60,6 +60,11 @@ pub struct Metrics {
     pub usage_mismatches: Family<Labels, Counter>,
     /// Work refused by a per-key cap, by entry point and cap.
     pub key_cap_refusals: Family<Labels, Counter>,
+    /// Times a node became slow: heartbeats late while its connection still delivered.
+    pub nodes_slowed: Counter,
+    /// Game sessions paused by the loss of their node, by how the pause ended
+    /// (`same_node`, `other_node`, `expired`, `ended`).
+    pub game_pauses: Family<Labels, Counter>,
 }
 
 impl Default for Metrics {
@@ -101,12 +106,24 @@ impl Metrics {
             ledger_refusals: Family::default(),
             usage_mismatches: Family::default(),
             key_cap_refusals: Family::default(),
+            nodes_slowed: Counter::default(),
+            game_pauses: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
             "nodes",
             "Live edge nodes by state, country and GPU class",
             m.nodes.clone(),
+        );
+        registry.register(
+            "node_slow",
+            "Times a node became slow: heartbeats late while its connection still delivered",
+            m.nodes_slowed.clone(),
+        );
+        registry.register(
+            "game_pauses",
+            "Game sessions paused by the loss of their node, by how the pause ended",
+            m.game_pauses.clone(),
         );
         registry.register(
             "node_registrations",

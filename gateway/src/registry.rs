@@ -27,6 +27,9 @@ pub enum NodeState {
     Draining,
     /// Disconnected or silent; kept only until removed from the registry.
     Gone,
+    /// Only reported (metrics, admin view), never stored: an active or draining node whose
+    /// heartbeats are late while its connection is alive (`NodeDynamic::slow`).
+    Slow,
 }
 
 impl NodeState {
@@ -35,6 +38,7 @@ impl NodeState {
             NodeState::Active => "active",
             NodeState::Draining => "draining",
             NodeState::Gone => "gone",
+            NodeState::Slow => "slow",
         }
     }
 }
@@ -59,8 +63,22 @@ pub struct NodeDynamic {
     pub last_heartbeat_ms: u64,
     pub rtt_ms: f64,
     pub heartbeat_misses: u64,
+    /// Heartbeats are late but the connection still delivers datagrams (see `liveness`): the
+    /// node keeps its sessions and gets no new ones until a heartbeat arrives.
+    pub slow: bool,
     pub recent_penalties: u32,
     pub operator_flagged: bool,
+}
+
+impl NodeDynamic {
+    /// The state metrics and the admin view show: `slow` for a live node that is slow.
+    pub fn reported_state(&self) -> NodeState {
+        if self.slow && self.state != NodeState::Gone {
+            NodeState::Slow
+        } else {
+            self.state
+        }
+    }
 }
 
 /// Why the gateway withdrew a node's admission: a reason code the node is told (in `Shutdown`
@@ -236,7 +254,9 @@ impl NodeEntry {
                 .inference_concurrency
                 .saturating_sub(self.inference_in_use.load(Ordering::Relaxed)),
             load: d.load,
-            draining: d.state != NodeState::Active,
+            // A slow node gets no new sessions: its control messages are late, so a session
+            // opened now would start late, and more video would only load its congested path.
+            draining: d.state != NodeState::Active || d.slow,
             gateway_rtt_ms: d.rtt_ms,
             penalty_events_recent: d.recent_penalties,
             operator_flagged: d.operator_flagged,
@@ -258,7 +278,8 @@ impl NodeEntry {
             "in_use": {"game_sessions": self.games_in_use.load(Ordering::Relaxed), "inference": self.inference_in_use.load(Ordering::Relaxed)},
             "software_version": self.software_version,
             "registered_at_ms": self.registered_at_ms,
-            "state": d.state,
+            "state": d.reported_state(),
+            "slow": d.slow,
             "load": d.load,
             "reported_sessions": d.reported_sessions,
             "queue_depth": d.queue_depth,
@@ -289,6 +310,10 @@ struct Inner {
 /// The live-node registry.
 pub struct Registry {
     inner: Mutex<Inner>,
+    /// Bumped when a node may have become eligible for a session it was not before (it
+    /// registered, freed a slot, stopped being slow), so that paused sessions wait on it
+    /// instead of polling.
+    changed: tokio::sync::watch::Sender<u64>,
 }
 
 /// A reserved session slot on a node; released (and the router told) on drop.
@@ -306,6 +331,7 @@ impl Drop for SlotGuard {
         let (counter, _) = self.node.pool(self.kind);
         counter.fetch_sub(1, Ordering::AcqRel);
         self.registry.refresh(&self.node);
+        self.registry.notify_changed();
     }
 }
 
@@ -318,6 +344,7 @@ impl Registry {
                 router: RouterIndex::new(params)?,
                 next_key: 0,
             }),
+            changed: tokio::sync::watch::channel(0).0,
         })
     }
 
@@ -352,7 +379,20 @@ impl Registry {
         inner.by_key.insert(entry.key, entry.clone());
         let info = entry.route_info();
         inner.router.upsert(entry.key, info);
+        drop(inner);
+        self.notify_changed();
         Ok((entry, replaced))
+    }
+
+    /// Tells the sessions waiting for a node (see [`Registry::subscribe`]) to look again.
+    pub fn notify_changed(&self) {
+        self.changed.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// Follows changes that may make a node newly eligible: registrations, freed slots, slow
+    /// nodes recovering.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changed.subscribe()
     }
 
     /// Removes the node if `entry` is still the registered one (a replaced entry's late removal
@@ -488,7 +528,7 @@ impl Registry {
     pub fn census(&self) -> HashMap<(NodeState, String, String), u64> {
         let mut m = HashMap::new();
         for e in self.lock().by_id.values() {
-            let state = e.dynamic().state;
+            let state = e.dynamic().reported_state();
             let country = e
                 .location()
                 .country
