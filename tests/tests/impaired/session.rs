@@ -395,3 +395,52 @@ async fn a_failed_over_session_bills_each_node_for_its_own_time() {
     drop((first, second));
     gw.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_node_with_a_second_node_fails_over_within_the_lease() {
+    // A guard, not a fix: telling slow from gone must not make a silently dead node (kill -9,
+    // cable pulled) take longer to detect. 100 ms heartbeats: a 300 ms lease.
+    let _heavy = HEAVY.lock().await;
+    let gw = TestGateway::start(|_| {}).await;
+    let (near, relay) = node_behind_relay(&gw, "de-1", 5).await;
+    let mut cfg = gw.node_config("us-1", &gw.token);
+    cfg.games = vec![GameEntry {
+        title: "arena".into(),
+        source: GameSource::Builtin {},
+    }];
+    let mut far = TestNode::start(cfg, ip(US_EAST));
+    far.registered().await;
+    let c = client(&gw).await;
+    let session = c.play(API_KEY, small()).await.unwrap();
+    let id = session.started().session_id;
+    let (mut control, mut frames, _input) = session.split();
+    for _ in 0..5 {
+        frames.next().await.unwrap().unwrap();
+    }
+    assert_eq!(admin_game_session(&gw, id).await.unwrap()["node"], "de-1");
+    relay.blackout_forever();
+    let dead = Instant::now();
+    let (ev, _) = next_control(&mut control, &mut frames, Duration::from_secs(3)).await;
+    assert!(matches!(ev, ControlEvent::Paused(_)), "{ev:?}");
+    let (ev, _) = next_control(&mut control, &mut frames, Duration::from_secs(3)).await;
+    assert!(matches!(ev, ControlEvent::Resumed), "{ev:?}");
+    loop {
+        let f = tokio::time::timeout(Duration::from_secs(3), frames.next())
+            .await
+            .expect("no frame after Resumed")
+            .unwrap()
+            .unwrap();
+        if f.header.keyframe {
+            break;
+        }
+    }
+    let freeze = dead.elapsed();
+    println!("frames resumed from the other node {freeze:?} after the path died");
+    assert!(freeze < Duration::from_millis(1500), "{freeze:?}");
+    assert_eq!(admin_game_session(&gw, id).await.unwrap()["node"], "us-1");
+    control.close("done").await.unwrap();
+    near.shutdown.cancel();
+    near.task.abort();
+    far.stop().await.unwrap();
+    gw.stop().await;
+}
