@@ -611,3 +611,20 @@ impl Registry {
         m
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_live_node_holds_its_id_until_it_is_silent_for_the_takeover_interval() {
+        // Heard from at 10 s; takeover after 1 s of silence.
+        assert!(id_held(false, 10_000, 10_000, 1_000));
+        assert!(id_held(false, 10_000, 10_999, 1_000));
+        assert!(!id_held(false, 10_000, 11_000, 1_000));
+        // A closed connection holds nothing, however recent.
+        assert!(!id_held(true, 10_000, 10_000, 1_000));
+        // A clock that went backwards does not make a live node stale.
+        assert!(id_held(false, 10_000, 9_000, 1_000));
+    }
+}

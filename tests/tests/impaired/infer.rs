@@ -413,19 +413,19 @@ async fn a_restarted_node_takes_over_its_stale_id_once() {
         c.nodes.missed_heartbeats_before_gone = 20;
     })
     .await;
-    let old = RawNode::connect_serving(&gw, "phoenix", ip(DE), "cpu", &["m"]).await;
+    let mut old = RawNode::connect_serving(&gw, "phoenix", ip(DE), "cpu", &["m"]).await;
     assert!(matches!(old.first, Message::Registered(_)));
     let old_conn = old.conn.clone();
-    let beating = old.keep_alive();
     // While the old connection heartbeats, a new one with its id is refused.
+    let last_beat = Instant::now();
+    old.heartbeat(0).await;
     let early = RawNode::connect_serving(&gw, "phoenix", ip(US_EAST), "cpu", &["m"]).await;
     match &early.first {
         Message::Rejected(r) => assert_eq!(r.code, RejectCode::Duplicate, "{}", r.reason),
         other => panic!("expected Rejected, got {}", other.name()),
     }
-    // The old process "dies": its connection stays open but says nothing more.
-    beating.abort();
-    let silent_since = Instant::now();
+    // The old process "dies": its connection stays open (held in `old`) but says nothing more.
+    let silent_since = last_beat;
     let new = loop {
         let n = RawNode::connect_serving(&gw, "phoenix", ip(US_EAST), "cpu", &["m"]).await;
         match &n.first {
@@ -438,7 +438,7 @@ async fn a_restarted_node_takes_over_its_stale_id_once() {
     };
     // Taken over after two heartbeat intervals of silence, before the eviction (10 s).
     let took = silent_since.elapsed();
-    assert!(took >= Duration::from_millis(900), "{took:?}");
+    assert!(took >= Duration::from_millis(950), "{took:?}");
     assert!(took < Duration::from_secs(8), "{took:?}");
     // The old connection is closed by the gateway; the id is the new one's.
     tokio::time::timeout(Duration::from_secs(5), old_conn.closed())
@@ -458,5 +458,6 @@ async fn a_restarted_node_takes_over_its_stale_id_once() {
     assert_eq!(admin_metric(&gw, "nearpath_node_id_takeovers_total").await, 1.0);
     assert_eq!(admin_metric(&gw, "nearpath_node_registrations_total").await, 2.0);
     beating.abort();
+    drop(old);
     gw.stop().await;
 }
