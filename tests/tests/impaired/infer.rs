@@ -157,8 +157,14 @@ async fn a_3s_blackout_of_the_only_inference_node_never_answers_404() {
         .filter(|(sent, _, a)| a.status == 200 && *sent > blackout)
         .count();
     assert_eq!(last_ok, 4, "{all:?}");
+    let back = all
+        .iter()
+        .filter(|(_, done, a)| a.status == 200 && *done > blackout)
+        .map(|(_, done, _)| *done - blackout)
+        .min();
     println!(
-        "{} requests through a 3 s blackout: {refused} × 503 model_unavailable, 0 × 404",
+        "{} requests through a 3 s blackout: {refused} × 503 model_unavailable, 0 × 404; \
+         first 200 {back:?} after the path returned",
         all.len()
     );
     drop(relay);
