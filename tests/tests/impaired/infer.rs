@@ -467,3 +467,35 @@ async fn a_restarted_node_takes_over_its_stale_id_once() {
     drop(old);
     gw.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registered_node_that_does_not_answer_ends_in_failover_or_a_retryable_503() {
+    let gw = TestGateway::start(|c| {
+        c.inference.connect_timeout_ms = 500;
+        c.inference.unavailable_wait_ms = 1_000;
+    })
+    .await;
+    // A node that heartbeats (so it stays registered and live) but never takes a session: what
+    // the gateway sees of a node whose path went dark between two heartbeats.
+    let mute = RawNode::connect_serving(&gw, "de-mute", ip(DE), "cpu", &["m"]).await;
+    let mute = mute.keep_alive();
+    let client = Http::from(ip(FR_CLIENT));
+    let started = Instant::now();
+    let a = complete(&client, &gw, "m").await;
+    let took = started.elapsed();
+    // Alone: a retryable 503 within connect_timeout + unavailable_wait (+ margin), not a 504
+    // after the 30 s first-token timeout.
+    assert!(a.is_retryable_503(), "{a:?}");
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    // With a working node farther away, the request fails over to it.
+    let mut far = TestNode::start(gw.node_config("us-1", &gw.token), ip(US_EAST));
+    far.registered().await;
+    let started = Instant::now();
+    let a = complete(&client, &gw, "m").await;
+    assert_eq!(a.status, 200, "{a:?}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert!(admin_metric(&gw, "nearpath_inference_failovers_total").await >= 1.0);
+    mute.abort();
+    far.stop().await.unwrap();
+    gw.stop().await;
+}
