@@ -636,14 +636,12 @@ pub async fn dispatch(
                 });
         let mut blip = false;
         match outcome.failure() {
-            Some(NoRoute::NotServed) => {
-                match shared.registry.model_availability(model, now_ms()) {
-                    ModelAvailability::Unknown if last.is_none() => {
-                        return Err(ApiError::model_not_found(model))
-                    }
-                    _ => blip = true,
+            Some(NoRoute::NotServed) => match shared.registry.model_availability(model, now_ms()) {
+                ModelAvailability::Unknown if last.is_none() => {
+                    return Err(ApiError::model_not_found(model))
                 }
-            }
+                _ => blip = true,
+            },
             Some(NoRoute::Denied(d)) => {
                 shared
                     .metrics
@@ -732,11 +730,8 @@ pub async fn dispatch(
         }
         waited = true;
         debug!(%model, "no node answers for a recently served model; waiting for one to register");
-        match tokio::time::timeout_at(
-            tokio::time::Instant::from_std(wait_until),
-            joins.changed(),
-        )
-        .await
+        match tokio::time::timeout_at(tokio::time::Instant::from_std(wait_until), joins.changed())
+            .await
         {
             Ok(Ok(())) => continue,
             _ => break,

@@ -185,14 +185,18 @@ mod tests {
         // A hostile node joins and leaves again and again, each time with 4096 fresh names
         // (the decoder's cap per registration), 10,000+ names in all.
         for round in 0..4u64 {
-            let flood: Vec<String> = (0..4096).map(|i| format!("junk-{round}-{i:0>40}")).collect();
+            let flood: Vec<String> = (0..4096)
+                .map(|i| format!("junk-{round}-{i:0>40}"))
+                .collect();
             r.node_joined(&flood);
             r.node_left(&flood, |_| false, 1 + round, GRACE);
             assert!(r.len() <= MAX_REMEMBERED_MODELS, "{}", r.len());
             assert!(r.bytes() <= MAX_REMEMBERED_BYTES, "{}", r.bytes());
         }
         // Long names hit the byte bound before the count bound.
-        let long: Vec<String> = (0..100).map(|i| format!("{i}-{}", "x".repeat(10_000))).collect();
+        let long: Vec<String> = (0..100)
+            .map(|i| format!("{i}-{}", "x".repeat(10_000)))
+            .collect();
         r.node_left(&long, |_| false, 10, GRACE);
         assert!(r.bytes() <= MAX_REMEMBERED_BYTES, "{}", r.bytes());
         // The newest names were kept, the oldest evicted.

@@ -2099,7 +2099,10 @@ mod tests {
     #[test]
     fn models_list_with_availability_exact() {
         assert_eq!(
-            models_list_with_availability(&[("a", 1, "nearpath", true), ("b", 2, "nearpath", false)]),
+            models_list_with_availability(&[
+                ("a", 1, "nearpath", true),
+                ("b", 2, "nearpath", false)
+            ]),
             r#"{"object":"list","data":[{"id":"a","object":"model","created":1,"owned_by":"nearpath","available":true},{"id":"b","object":"model","created":2,"owned_by":"nearpath","available":false}]}"#
         );
     }
@@ -2109,7 +2112,9 @@ mod tests {
         let e = ApiError::model_unavailable("m");
         assert_eq!((e.status, e.should_retry()), (503, true));
         assert_eq!(e.code.as_deref(), Some(MODEL_UNAVAILABLE));
-        assert!(e.body().contains(r#""type":"server_error","param":"model","code":"model_unavailable""#));
+        assert!(e
+            .body()
+            .contains(r#""type":"server_error","param":"model","code":"model_unavailable""#));
     }
 
     #[test]

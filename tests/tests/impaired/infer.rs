@@ -142,7 +142,10 @@ async fn a_3s_blackout_of_the_only_inference_node_never_answers_404() {
     );
     let mut refused = 0;
     for (sent, done, a) in &all {
-        assert_ne!(a.status, 404, "a 404 during the blip: {a:?} (sent at {sent:?})");
+        assert_ne!(
+            a.status, 404,
+            "a 404 during the blip: {a:?} (sent at {sent:?})"
+        );
         assert!(
             a.status == 200 || a.is_retryable_503(),
             "every answer is 200 or a retryable 503: {a:?} (sent at {sent:?})"
@@ -186,7 +189,10 @@ async fn models_list_keeps_a_model_during_a_blip() {
         if models(&gw).await == [("m".to_string(), Some(true))] {
             break;
         }
-        assert!(start.elapsed() < Duration::from_secs(30), "never available again");
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "never available again"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     node.stop().await.unwrap();
@@ -210,7 +216,10 @@ async fn a_model_never_served_is_still_404() {
     let a = complete(&gw.http, &gw, "m").await;
     assert!(a.is_retryable_503(), "{a:?}");
     let a = complete(&gw.http, &gw, "never-served").await;
-    assert_eq!((a.status, a.code.as_deref()), (404, Some("model_not_found")));
+    assert_eq!(
+        (a.status, a.code.as_deref()),
+        (404, Some("model_not_found"))
+    );
     assert_eq!(models(&gw).await, [("m".to_string(), Some(false))]);
     gw.stop().await;
 }
@@ -226,15 +235,22 @@ async fn a_model_served_longer_ago_than_the_grace_window_is_404_again() {
     raw.conn.close(0u32.into(), b"bye");
     wait_ids(&gw, "the node to leave", |ids| ids.is_empty()).await;
     let a = complete(&gw.http, &gw, "m").await;
-    assert_eq!((a.status, a.code.as_deref()), (404, Some("model_not_found")));
+    assert_eq!(
+        (a.status, a.code.as_deref()),
+        (404, Some("model_not_found"))
+    );
     assert!(models(&gw).await.is_empty());
     gw.stop().await;
 }
 
 async fn quic_client(gw: &TestGateway) -> Client {
-    Client::connect(gw.addrs.quic, "localhost", ServerVerify::PinnedSha256(gw.sha))
-        .await
-        .unwrap()
+    Client::connect(
+        gw.addrs.quic,
+        "localhost",
+        ServerVerify::PinnedSha256(gw.sha),
+    )
+    .await
+    .unwrap()
 }
 
 /// The events of one QUIC inference request until it ends.
@@ -266,7 +282,11 @@ async fn a_blackout_of_the_only_inference_node_is_a_retryable_error_over_quic() 
     let events = quic_infer(&client, "m").await;
     match events.last() {
         Some(InferEvent::Error(e)) => {
-            assert_eq!((e.code.as_str(), e.retryable), ("model_unavailable", true), "{e:?}");
+            assert_eq!(
+                (e.code.as_str(), e.retryable),
+                ("model_unavailable", true),
+                "{e:?}"
+            );
         }
         other => panic!("expected a retryable error, got {other:?}"),
     }
@@ -314,13 +334,17 @@ async fn a_request_during_a_short_blip_waits_for_the_node_to_return() {
         text: "hi".into(),
         node_elapsed_us: 1,
     });
-    nearpath_protocol::stream::send(&mut tx, &token).await.unwrap();
+    nearpath_protocol::stream::send(&mut tx, &token)
+        .await
+        .unwrap();
     let done = Message::Done(nearpath_protocol::message::Done {
         finish_reason: "stop".into(),
         prompt_tokens: 4,
         completion_tokens: 1,
     });
-    nearpath_protocol::stream::send(&mut tx, &done).await.unwrap();
+    nearpath_protocol::stream::send(&mut tx, &done)
+        .await
+        .unwrap();
     let _ = tx.finish();
     assert!(open.session_id != 0);
     let mut got_done = false;
@@ -372,7 +396,13 @@ async fn two_nodes_with_the_same_id_do_not_flap() {
         .wait_status(|s| matches!(s, NodeStatus::Rejected { .. }))
         .await;
     assert!(
-        matches!(s, NodeStatus::Rejected { code: RejectCode::Duplicate, .. }),
+        matches!(
+            s,
+            NodeStatus::Rejected {
+                code: RejectCode::Duplicate,
+                ..
+            }
+        ),
         "{s:?}"
     );
     tokio::time::sleep(Duration::from_secs(5)).await;
@@ -381,7 +411,10 @@ async fn two_nodes_with_the_same_id_do_not_flap() {
         *first.status.borrow(),
         NodeStatus::Registered { .. }
     ));
-    assert!(!first.status.has_changed().unwrap(), "the first node's status changed");
+    assert!(
+        !first.status.has_changed().unwrap(),
+        "the first node's status changed"
+    );
     let nodes = gw.admin_get("/admin/nodes").await;
     assert_eq!(nodes["data"].as_array().unwrap().len(), 1);
     assert!(nodes["data"][0]["address"]
@@ -395,8 +428,9 @@ async fn two_nodes_with_the_same_id_do_not_flap() {
     assert!((1.0..=12.0).contains(&refused), "{refused} refusals in 5 s");
     let page = gw.admin_get_text("/metrics").await;
     assert!(
-        !page.lines().any(|l| l.starts_with("nearpath_node_disconnects_total")
-            && !l.ends_with(" 0")),
+        !page
+            .lines()
+            .any(|l| l.starts_with("nearpath_node_disconnects_total") && !l.ends_with(" 0")),
         "a node was disconnected"
     );
     // The session on the first node survived the whole overlap.
@@ -404,7 +438,10 @@ async fn two_nodes_with_the_same_id_do_not_flap() {
         .await
         .unwrap()
         .unwrap();
-    assert!(sse.contains("[DONE]") && !sse.contains("\"error\""), "{sse}");
+    assert!(
+        sse.contains("[DONE]") && !sse.contains("\"error\""),
+        "{sse}"
+    );
     println!("duplicate refused {refused} times in 5 s; 1 registration");
     second.stop().await.ok();
     first.stop().await.unwrap();
@@ -439,7 +476,10 @@ async fn a_restarted_node_takes_over_its_stale_id_once() {
             Message::Rejected(r) => assert_eq!(r.code, RejectCode::Duplicate),
             other => panic!("unexpected {}", other.name()),
         }
-        assert!(silent_since.elapsed() < Duration::from_secs(8), "never taken over");
+        assert!(
+            silent_since.elapsed() < Duration::from_secs(8),
+            "never taken over"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     // Taken over after two heartbeat intervals of silence, before the eviction (10 s).
@@ -456,13 +496,22 @@ async fn a_restarted_node_takes_over_its_stale_id_once() {
         .as_str()
         .unwrap()
         .starts_with(US_EAST.0));
-    assert_eq!(admin_metric(&gw, "nearpath_node_id_takeovers_total").await, 1.0);
+    assert_eq!(
+        admin_metric(&gw, "nearpath_node_id_takeovers_total").await,
+        1.0
+    );
     // Once: while the new one is live, the old one coming back is refused, not a second swap.
     let beating = new.keep_alive();
     let again = RawNode::connect_serving(&gw, "phoenix", ip(DE), "cpu", &["m"]).await;
     assert!(matches!(&again.first, Message::Rejected(r) if r.code == RejectCode::Duplicate));
-    assert_eq!(admin_metric(&gw, "nearpath_node_id_takeovers_total").await, 1.0);
-    assert_eq!(admin_metric(&gw, "nearpath_node_registrations_total").await, 2.0);
+    assert_eq!(
+        admin_metric(&gw, "nearpath_node_id_takeovers_total").await,
+        1.0
+    );
+    assert_eq!(
+        admin_metric(&gw, "nearpath_node_registrations_total").await,
+        2.0
+    );
     beating.abort();
     drop(old);
     gw.stop().await;
