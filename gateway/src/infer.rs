@@ -603,8 +603,9 @@ enum Attempt {
 /// candidates all failed to answer, is a blip, not an unknown model: the request waits (woken by
 /// registrations, not polling) for up to `inference.unavailable_wait_ms` from its start for a
 /// node to (re)register and is routed again, else it is answered 503 `model_unavailable`
-/// (retryable). An answer comes within `unavailable_wait_ms + connect_timeout_ms` unless a node
-/// accepted the request (then the first-token timeout applies). A model never served is 404.
+/// (retryable). An answer comes within `unavailable_wait_ms + max_attempts × connect_timeout_ms`
+/// unless a node accepted the request (then the first-token timeout applies). A model never
+/// served is 404.
 pub async fn dispatch(
     shared: &Arc<Shared>,
     request: &InferenceRequest,
@@ -623,7 +624,7 @@ pub async fn dispatch(
     let mut attempts = 0u32;
     // Whether the request met a blip (no node, or no node answering): it then ends with a
     // retryable 503 `model_unavailable` unless a node serves it.
-    let mut waited = false;
+    let mut blip_seen = false;
     let mut unreachable = false;
     let mut geofence_counted = false;
     loop {
@@ -698,7 +699,7 @@ pub async fn dispatch(
                     if attempts > 1 {
                         info!(node = %node.id, attempts, "request served after failover");
                     }
-                    if waited {
+                    if blip_seen {
                         count_blip_wait(shared, "served");
                     }
                     return Ok(s);
@@ -724,11 +725,10 @@ pub async fn dispatch(
             break;
         }
         let now = Instant::now();
+        blip_seen = true;
         if attempts >= max_attempts || now >= wait_until {
-            waited = true;
             break;
         }
-        waited = true;
         debug!(%model, "no node answers for a recently served model; waiting for one to register");
         match tokio::time::timeout_at(tokio::time::Instant::from_std(wait_until), joins.changed())
             .await
@@ -737,7 +737,7 @@ pub async fn dispatch(
             _ => break,
         }
     }
-    if waited {
+    if blip_seen {
         count_blip_wait(shared, "unavailable");
         return Err(ApiError::model_unavailable(model));
     }
