@@ -1,8 +1,11 @@
-//! The impaired suite: game and inference sessions behind a seeded UDP impairment relay
-//! (`nearpath_tests::impair`), a test per row of issue 10's measurements. Every test here
-//! failed on the gateway before the fix it names.
+//! The impaired suite (issue 10, "Degrade, don't collapse"): nodes and clients behind the seeded
+//! UDP impairment relay (`nearpath_tests::impair`), one test per measured failure, each named
+//! after what it guards.
 
+#[path = "common/mod.rs"]
 mod common;
 
+#[path = "impaired/infer.rs"]
+mod infer;
 #[path = "impaired/session.rs"]
 mod session;
