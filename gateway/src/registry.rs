@@ -315,6 +315,11 @@ pub enum InsertError {
 /// can change here alone.
 pub fn holds_id(old: &NodeEntry, now_ms: u64, stale_after_ms: u64) -> bool {
     let d = old.dynamic();
+    // A slow node's heartbeats are late but its connection still delivers: it is alive, and
+    // a second registration of its id is another instance, not its restart.
+    if d.slow && d.state != NodeState::Gone && old.conn.close_reason().is_none() {
+        return true;
+    }
     id_held(
         old.conn.close_reason().is_some() || d.state == NodeState::Gone,
         d.last_heartbeat_ms,
