@@ -224,9 +224,9 @@ impl EdgeNode {
                 // attempt begun during an outage might not speak again until seconds after the
                 // path returns, while a fresh one speaks at once.
                 let conn = match fast_attempt {
-                    Some(limit) => tokio::time::timeout(limit, connecting)
-                        .await
-                        .map_err(|_| format!("{FAST_TIMEOUT}: no answer from {addr} within {limit:?}"))?,
+                    Some(limit) => tokio::time::timeout(limit, connecting).await.map_err(|_| {
+                        format!("{FAST_TIMEOUT}: no answer from {addr} within {limit:?}")
+                    })?,
                     None => connecting.await,
                 }
                 .map_err(|e| format!("connecting to {addr}: {e}"))?;

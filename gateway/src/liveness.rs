@@ -290,7 +290,10 @@ mod tests {
                 }
                 t = (l.next_deadline() - t0).as_millis() as u64;
             };
-            assert!(gone_at <= 1500, "killed {k} ms after a heartbeat: gone at {gone_at}");
+            assert!(
+                gone_at <= 1500,
+                "killed {k} ms after a heartbeat: gone at {gone_at}"
+            );
         }
     }
 }
