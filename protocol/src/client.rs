@@ -918,7 +918,7 @@ mod seq_tests {
         assert_eq!((s.missing(), s.pending()), (0, 3));
         s.record(6);
         s.finish();
-        assert_eq!((s.received, s.reordered, s.missing()), (5, 1, 2));
+        assert_eq!((s.received, s.reordered, s.missing()), (6, 1, 2));
     }
 
     #[test]
