@@ -1963,6 +1963,39 @@ mod tests {
     use super::*;
 
     #[test]
+    fn only_well_formed_pings_count_as_a_live_page() {
+        // A ping is validated like input: what does not parse is a bad message, not a sign of
+        // life, so garbage cannot stand in for the page's pings.
+        assert_eq!(
+            PageMessage::parse(br#"{"t":"ping","id":7}"#),
+            Some(PageMessage::Ping { id: 7, ts: None })
+        );
+        assert!(matches!(
+            PageMessage::parse(br#"{"t":"ping","id":7,"ts":1718000000000.5}"#),
+            Some(PageMessage::Ping { id: 7, ts: Some(_) })
+        ));
+        for bad in [
+            &br#"{"t":"ping"}"#[..],
+            br#"{"t":"ping","id":-1}"#,
+            br#"{"t":"ping","id":"7"}"#,
+            br#"{"t":"ping","id":7,"ts":"now"}"#,
+            br#"{"t":"ping","id":1e30}"#,
+            br#"{"t":"pong","id":7}"#,
+        ] {
+            assert_eq!(
+                PageMessage::parse(bad),
+                None,
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        let mut huge = br#"{"t":"ping","id":7,"pad":""#.to_vec();
+        huge.extend(std::iter::repeat_n(b'x', MAX_INPUT_MESSAGE));
+        huge.extend(br#""}"#);
+        assert_eq!(PageMessage::parse(&huge), None);
+    }
+
+    #[test]
     fn level_follows_size_and_rate() {
         assert_eq!(h264_level(1280, 720, 30), 0x1f);
         assert_eq!(h264_level(1280, 720, 60), 0x20);
