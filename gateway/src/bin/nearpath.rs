@@ -340,9 +340,20 @@ async fn play_on(
     }
     script.abort();
     if ended.is_none() {
-        // Bounded: a gateway that does not read its end must not hold the player up; the
-        // connection close that follows ends the session anyway.
-        let _ = tokio::time::timeout(Duration::from_millis(500), control.close("done")).await;
+        // Say why the session ends (outcome `ok`) and wait until the gateway has taken it (it
+        // finishes the control stream) before the connection closes. Bounded: a gateway that
+        // does not answer must not hold the player up; the close that follows ends the session
+        // anyway.
+        let _ = tokio::time::timeout(Duration::from_millis(500), async {
+            if control.close("done").await.is_ok() {
+                while let Ok(Some(ev)) = control.next().await {
+                    if matches!(ev, ControlEvent::Ended(_) | ControlEvent::Error(_)) {
+                        break;
+                    }
+                }
+            }
+        })
+        .await;
     }
     seqs.finish();
     let secs = t0.elapsed().as_secs_f64();
