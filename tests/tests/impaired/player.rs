@@ -405,3 +405,39 @@ async fn frames_that_overtake_each_other_are_counted_reordered_not_missing() {
     client.close().await;
     gw.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_2s_blackout_of_the_players_path_does_not_end_the_session() {
+    // The other side of the rule: a player behind a short blip is not gone.
+    let (gw, node) = setup(1).await;
+    let relay = UdpRelay::start("127.0.0.1:0".parse().unwrap(), gw.addrs.quic, ip(FR_CLIENT), 3)
+        .await
+        .unwrap();
+    let client = player(&gw, relay.addr(), None).await;
+    let (session, opened) = start(&client, &node).await;
+    let sid = session.started().session_id;
+    let frames_task = pump(&node, sid);
+    let (_control, mut frames, _input) = session.split();
+    receive(&mut frames, 15).await;
+    relay.blackout(Duration::from_secs(2));
+    // Frames flow again after the blip, on the same session.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let back = Instant::now();
+    loop {
+        let f = tokio::time::timeout(Duration::from_secs(5), frames.next())
+            .await
+            .expect("no frame after the blackout")
+            .unwrap()
+            .expect("the session ended");
+        if f.header.capture_ts_us > unix_micros_now() - back.elapsed().as_micros() as u64 {
+            break;
+        }
+    }
+    println!("frames resumed {:?} after the path returned", back.elapsed());
+    assert!(admin_game_session(&gw, sid).await.is_some());
+    assert_eq!(slots_in_use(&gw), 1);
+    frames_task.abort();
+    drop(opened);
+    client.close().await;
+    gw.stop().await;
+}
