@@ -113,9 +113,9 @@
 
 use crate::api::client_ip;
 use crate::game::{self, ClientEvent, FrameSink, Notice, Relay, StartError};
-use crate::player::ChannelSilence;
 use crate::http_util::{bearer, read_body, Body, BodyError, Resp};
 use crate::infer;
+use crate::player::ChannelSilence;
 use crate::server::Shared;
 use crate::store::ApiKey;
 use bytes::Bytes;

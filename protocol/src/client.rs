@@ -953,7 +953,10 @@ mod seq_tests {
             s.record(q);
         }
         s.finish();
-        assert_eq!((s.received, s.missing(), s.restarts, s.duplicates), (7, 1, 1, 0));
+        assert_eq!(
+            (s.received, s.missing(), s.restarts, s.duplicates),
+            (7, 1, 1, 0)
+        );
         // Frames of the new node before the `Resumed` notice: a seq far below is a restart.
         let mut s = count(&(0..300).collect::<Vec<_>>(), 120);
         s.record(0);

@@ -1188,9 +1188,16 @@ async fn a_closed_tab_or_killed_browser_ends_its_session_within_the_idle_timeout
 
     let page = browser.open(&play_url(&gw, 640, 360, 30)).await;
     // Decoding, and pinging: a pong came back.
-    let playing =
-        |s: &Value| num(s, "framesDecoded") > 10.0 && s.get("dcRttMs").is_some_and(|v| v.is_number());
-    wait_stats(&page, "decoding and pinging", Duration::from_secs(30), playing).await;
+    let playing = |s: &Value| {
+        num(s, "framesDecoded") > 10.0 && s.get("dcRttMs").is_some_and(|v| v.is_number())
+    };
+    wait_stats(
+        &page,
+        "decoding and pinging",
+        Duration::from_secs(30),
+        playing,
+    )
+    .await;
     let _ = page.call("Page.close", serde_json::json!({})).await;
     let closed = Instant::now();
     wait_sessions(&gw, "the closed tab's session to end", idle + margin, |l| {
@@ -1204,13 +1211,22 @@ async fn a_closed_tab_or_killed_browser_ends_its_session_within_the_idle_timeout
     wait_slots_in_use(&gw, 0).await;
 
     let page = browser.open(&play_url(&gw, 640, 360, 30)).await;
-    wait_stats(&page, "decoding and pinging", Duration::from_secs(30), playing).await;
+    wait_stats(
+        &page,
+        "decoding and pinging",
+        Duration::from_secs(30),
+        playing,
+    )
+    .await;
     drop(page);
     drop(browser);
     let killed = Instant::now();
-    wait_sessions(&gw, "the killed browser's session to end", idle + margin, |l| {
-        l.is_empty()
-    })
+    wait_sessions(
+        &gw,
+        "the killed browser's session to end",
+        idle + margin,
+        |l| l.is_empty(),
+    )
     .await;
     println!(
         "the session ended {:?} after the browser was killed",
