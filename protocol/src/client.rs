@@ -310,6 +310,7 @@ impl Client {
                 recv: control,
                 addr: self.addr,
                 finished: false,
+                closed: false,
             },
             frames: FrameStream {
                 rx: frames,
@@ -586,12 +587,26 @@ impl PlaySession {
 }
 
 /// The play session's bidirectional control stream.
+///
+/// Dropping it (or the [`PlaySession`]) without [`PlayControl::close`] cancels the session: the
+/// stream is reset and the gateway ends the session at once (outcome `client_left`), so a
+/// session the application lost track of never keeps running on a live connection.
 #[derive(Debug)]
 pub struct PlayControl {
     send: quinn::SendStream,
     recv: FramedRecv,
     addr: SocketAddr,
     finished: bool,
+    /// `Close` was sent.
+    closed: bool,
+}
+
+impl Drop for PlayControl {
+    fn drop(&mut self) {
+        if !self.closed && !self.finished {
+            let _ = self.send.reset(app_code::STREAM_CANCELLED);
+        }
+    }
 }
 
 impl PlayControl {
@@ -645,6 +660,7 @@ impl PlayControl {
         stream::send(&mut self.send, &close)
             .await
             .map_err(|e| stream_err(self.addr, e))?;
+        self.closed = true;
         self.send
             .finish()
             .map_err(|e| stream_err(self.addr, e.into()))

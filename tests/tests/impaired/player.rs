@@ -463,3 +463,41 @@ async fn a_2s_blackout_of_the_players_path_does_not_end_the_session() {
     client.close().await;
     gw.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_play_session_ends_at_once_and_its_client_can_play_again() {
+    let (gw, node) = setup(1).await;
+    let client = player(&gw, gw.addrs.quic, None).await;
+    let (session, opened) = start(&client, &node).await;
+    let sid = session.started().session_id;
+    let frames_task = pump(&node, sid);
+    let mut session = session;
+    receive_session(&mut session, 5).await;
+    // The application drops the session without `close` and keeps its connection.
+    drop(session);
+    let took = wait_released(&gw, "the dropped session to end", MARGIN).await;
+    println!("the dropped session ended {took:?} after the drop");
+    assert_eq!(final_usage(&gw, sid).await.outcome, "client_left");
+    frames_task.abort();
+    drop(opened);
+    // The node's only slot is free again, for the same client.
+    let (session, opened) = start(&client, &node).await;
+    let frames_task = pump(&node, session.started().session_id);
+    let mut session = session;
+    receive_session(&mut session, 5).await;
+    session.close("done").await.unwrap();
+    frames_task.abort();
+    drop(opened);
+    client.close().await;
+    gw.stop().await;
+}
+
+async fn receive_session(session: &mut nearpath_protocol::PlaySession, n: usize) {
+    for _ in 0..n {
+        tokio::time::timeout(Duration::from_secs(5), session.next_frame())
+            .await
+            .expect("no frame within 5 s")
+            .unwrap()
+            .expect("frames ended");
+    }
+}
