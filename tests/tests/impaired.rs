@@ -1,9 +1,11 @@
-//! The impaired suite: sessions on paths that lose, delay, reorder and black out packets (issue
-//! 10, "Degrade, don't collapse"), through the seeded UDP relay in `nearpath_tests::impair`. Each
-//! test is named after the behaviour it guards and failed before the change it names.
+//! The impaired suite (issue 10, "Degrade, don't collapse"): nodes and clients behind the seeded
+//! UDP impairment relay (`nearpath_tests::impair`), one test per measured failure, each named
+//! after what it guards.
 
 #[path = "common/mod.rs"]
 mod common;
 
+#[path = "impaired/infer.rs"]
+mod infer;
 #[path = "impaired/player.rs"]
 mod player;
