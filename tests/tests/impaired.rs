@@ -7,3 +7,5 @@ mod common;
 
 #[path = "impaired/infer.rs"]
 mod infer;
+#[path = "impaired/player.rs"]
+mod player;
