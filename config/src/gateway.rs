@@ -440,6 +440,13 @@ pub struct GameConfig {
     /// A WHEP session whose browser has not connected (ICE and DTLS done) this long after the
     /// answer is ended, releasing its node slot, in milliseconds. Default: 10000.
     pub webrtc_connect_timeout_ms: u64,
+    /// A game session whose player has gone silent this long is ended (outcome `client_gone`)
+    /// and its node slot released, in milliseconds. Native players: nothing at all received on
+    /// the connection (not even an acknowledgement of the frames the gateway sent) since the
+    /// gateway last sent something. Browsers: nothing on the `input` data channel (the page
+    /// pings every second) once the page has pinged, or the peer connection disconnected this
+    /// long. Default: 3000.
+    pub player_idle_timeout_ms: u64,
     /// Game sessions one API key may hold at once (native and browser together), for a key
     /// without its own cap; beyond it a start gets 429 `concurrency_limit_exceeded`. Default: 4.
     pub default_max_concurrent_sessions: u32,
@@ -475,6 +482,7 @@ impl Default for GameConfig {
             webrtc_public_ip: None,
             ice_servers: Vec::new(),
             webrtc_connect_timeout_ms: 10_000,
+            player_idle_timeout_ms: 3_000,
             default_max_concurrent_sessions: 4,
             default_session_starts_per_minute: 30,
             usage_checkpoint_ms: 10_000,
@@ -767,6 +775,7 @@ impl GatewayConfig {
             "game.webrtc_connect_timeout_ms",
             g.webrtc_connect_timeout_ms,
         );
+        p.positive("game.player_idle_timeout_ms", g.player_idle_timeout_ms);
         p.positive(
             "game.default_max_concurrent_sessions",
             g.default_max_concurrent_sessions,

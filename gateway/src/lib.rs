@@ -15,6 +15,7 @@ pub mod http_util;
 pub mod infer;
 pub mod liveness;
 pub mod metrics;
+pub mod player;
 pub mod recent_models;
 pub mod registry;
 pub mod router;

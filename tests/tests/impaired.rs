@@ -7,5 +7,7 @@ mod common;
 
 #[path = "impaired/infer.rs"]
 mod infer;
+#[path = "impaired/player.rs"]
+mod player;
 #[path = "impaired/session.rs"]
 mod session;
