@@ -444,3 +444,35 @@ async fn a_silent_node_with_a_second_node_fails_over_within_the_lease() {
     far.stop().await.unwrap();
     gw.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_hears_nothing_redials_at_once_when_the_path_returns() {
+    // The gateway's close is lost with the path, and QUIC's probes back off: without its own
+    // silence check the node sat on the dead connection until the idle timeout (10 s), and an
+    // attempt begun during the outage retransmitted its handshake only seconds later.
+    let gw = TestGateway::start(|_| {}).await;
+    let relay = UdpRelay::start("127.0.0.1:0".parse().unwrap(), gw.addrs.quic, ip(DE), 3)
+        .await
+        .unwrap();
+    let mut cfg = gw.node_config("de-1", &gw.token);
+    cfg.gateway.address = relay.addr().to_string();
+    let mut node = TestNode::start(cfg, ip(DE));
+    node.registered().await;
+    relay.blackout_forever();
+    let t0 = Instant::now();
+    node.wait_status(|s| matches!(s, nearpath_edge_node::NodeStatus::Connecting { .. }))
+        .await;
+    let noticed = t0.elapsed();
+    // The lease is 300 ms (100 ms heartbeats); the margin is for a loaded machine.
+    assert!(noticed < Duration::from_millis(1500), "{noticed:?}");
+    // Several fast attempts fail during the outage; the one after the path returns succeeds.
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    relay.restore();
+    let t1 = Instant::now();
+    node.registered().await;
+    let back = t1.elapsed();
+    println!("the node noticed the silence after {noticed:?} and was registered {back:?} after the path returned");
+    assert!(back < Duration::from_millis(1000), "{back:?}");
+    node.stop().await.unwrap();
+    gw.stop().await;
+}
