@@ -656,20 +656,26 @@ async fn control_loop(
     } else {
         "disconnect_without_drain"
     };
-    if penalise {
-        shared
-            .metrics
-            .penalties
-            .get_or_create(&labels([("kind", kind)]))
-            .inc();
-        warn!(
-            active_sessions = active,
-            drained = was_draining,
-            "node left with active sessions: penalty"
-        );
+    let detail = format!(
+        "left by {} with {active} active session(s){}",
+        cause.as_str(),
+        if was_draining {
+            " while draining"
+        } else {
+            " without draining"
+        }
+    );
+    // A node that went silent (a blackout) may come back within the pause window, register
+    // again and resume its sessions: its penalty waits for the window and is dropped if the
+    // same id registered again meanwhile. A node that closed or broke its connection is
+    // penalised at once.
+    let defer = penalise && cause == LeaveCause::HeartbeatTimeout;
+    if penalise && !defer {
+        count_penalty(&shared, kind, active, was_draining);
     }
     let store = shared.store.clone();
     let (id, op) = (entry.id.clone(), entry.operator_id.clone());
+    let now_penalty = (penalise && !defer).then(|| detail.clone());
     let res = tokio::task::spawn_blocking(move || {
         store.sla_apply(
             &id,
@@ -682,30 +688,61 @@ async fn control_loop(
                 ..Default::default()
             },
         )?;
-        if penalise {
-            store.record_penalty(
-                &id,
-                &op,
-                now_ms(),
-                kind,
-                active,
-                &format!(
-                    "left by {} with {active} active session(s){}",
-                    cause.as_str(),
-                    if was_draining {
-                        " while draining"
-                    } else {
-                        " without draining"
-                    }
-                ),
-            )?;
+        if let Some(detail) = now_penalty {
+            store.record_penalty(&id, &op, now_ms(), kind, active, &detail)?;
         }
         Ok::<_, crate::store::StoreError>(())
     })
     .await;
+    if defer {
+        let left_ms = now_ms();
+        let window = Duration::from_millis(shared.config.game.pause_window_ms);
+        let shared = shared.clone();
+        let (id, op) = (entry.id.clone(), entry.operator_id.clone());
+        tokio::spawn(
+            async move {
+                tokio::time::sleep(window).await;
+                let returned = shared
+                    .registry
+                    .get(&id)
+                    .is_some_and(|e| e.operator_id == op && e.registered_at_ms >= left_ms);
+                if returned {
+                    info!(
+                        active_sessions = active,
+                        "node came back within the pause window: no penalty"
+                    );
+                    return;
+                }
+                count_penalty(&shared, kind, active, was_draining);
+                let store = shared.store.clone();
+                let res = tokio::task::spawn_blocking(move || {
+                    store.record_penalty(&id, &op, now_ms(), kind, active, &detail)
+                })
+                .await;
+                if let Ok(Err(e)) = res {
+                    warn!(error = %e, "could not record the node's penalty");
+                }
+            }
+            .in_current_span(),
+        );
+    }
     if let Ok(Err(e)) = res {
         warn!(error = %e, "could not record the node's SLA accounting");
     }
+}
+
+/// Counts a penalty for leaving with sessions in the metric and the log.
+fn count_penalty(shared: &Shared, kind: &'static str, active: u32, was_draining: bool) {
+    shared
+        .metrics
+        .penalties
+        .get_or_create(&labels([("kind", kind)]))
+        .inc();
+    warn!(
+        active_sessions = active,
+        drained = was_draining,
+        "node left with active sessions: penalty"
+    );
 }
 
 /// Every class the geofence names (`controlled_gpu_classes` and the rules' `gpu_classes`): an

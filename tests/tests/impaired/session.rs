@@ -141,7 +141,8 @@ async fn a_3s_blackout_of_the_only_node_resumes_the_session() {
     }
     let blackout = Duration::from_secs(3);
     relay.blackout(blackout);
-    let path_back = Instant::now() + blackout;
+    let blackout_start = Instant::now();
+    let path_back = blackout_start + blackout;
     // The gateway hears nothing, so the node is gone and the session pauses...
     let (ev, _) = next_control(&mut control, &mut frames, Duration::from_secs(3)).await;
     assert!(matches!(ev, ControlEvent::Paused(_)), "{ev:?}");
@@ -172,6 +173,15 @@ async fn a_3s_blackout_of_the_only_node_resumes_the_session() {
     let r = final_rows(&gw, id, 2).await;
     assert!(r.iter().all(|r| r.node_id == "de-1"), "{r:?}");
     assert_eq!(r[0].outcome, "node_lost");
+    // The node came back within the pause window and resumed its session: no penalty, once
+    // the window (5 s from the loss, 300 ms into the blackout) has passed.
+    tokio::time::sleep_until((blackout_start + Duration::from_millis(5800)).into()).await;
+    let penalties = gw.admin_get("/admin/penalties").await;
+    assert_eq!(
+        penalties["data"].as_array().unwrap().len(),
+        0,
+        "{penalties}"
+    );
     node.stop().await.unwrap();
     gw.stop().await;
 }
@@ -207,6 +217,13 @@ async fn a_node_that_never_returns_ends_the_session_after_the_pause_window() {
         )
         .await;
         (v == 1.0).then_some(())
+    })
+    .await;
+    // A node that does not come back within the window is penalised for leaving its session.
+    eventually("a penalty", Duration::from_secs(3), || async {
+        let p = gw.admin_get("/admin/penalties").await;
+        let list = p["data"].as_array().unwrap().clone();
+        (list.len() == 1 && list[0]["node_id"] == "de-1").then_some(())
     })
     .await;
     node.shutdown.cancel();
