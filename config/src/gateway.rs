@@ -445,7 +445,7 @@ pub struct GameConfig {
     /// the connection (not even an acknowledgement of the frames the gateway sent) since the
     /// gateway last sent something. Browsers: nothing on the `input` data channel (the page
     /// pings every second) once the page has pinged, or the peer connection disconnected this
-    /// long. Default: 3000.
+    /// long. Default: 2500, so that an abandoned session's slot is free within 3 s.
     pub player_idle_timeout_ms: u64,
     /// Game sessions one API key may hold at once (native and browser together), for a key
     /// without its own cap; beyond it a start gets 429 `concurrency_limit_exceeded`. Default: 4.
@@ -482,7 +482,7 @@ impl Default for GameConfig {
             webrtc_public_ip: None,
             ice_servers: Vec::new(),
             webrtc_connect_timeout_ms: 10_000,
-            player_idle_timeout_ms: 3_000,
+            player_idle_timeout_ms: 2_500,
             default_max_concurrent_sessions: 4,
             default_session_starts_per_minute: 30,
             usage_checkpoint_ms: 10_000,

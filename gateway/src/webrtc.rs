@@ -47,9 +47,9 @@
 //! # Lifetime
 //! A session ends on `DELETE`, when the game ends on the node, on gateway shutdown, and when the
 //! browser goes away: the peer connection fails or closes (at once), stays disconnected for
-//! `game.player_idle_timeout_ms` (3 s), the page's pings on the `input` channel stop for that
+//! `game.player_idle_timeout_ms` (2.5 s), the page's pings on the `input` channel stop for that
 //! long (the `/play` page pings every second; a page that never pinged is judged by ICE
-//! alone, so a killed browser is noticed in ~3 s with the page and ~8 s without), or never
+//! alone, so a killed browser is noticed in ~2.5 s with the page and ~8 s without), or never
 //! connects (ICE and DTLS) within `game.webrtc_connect_timeout_ms` (10 s) of the
 //! answer, which releases its node slot and its key's session cap. A failover is not an end: the relay moves the
 //! session to another node and the same peer connection carries its frames (from an IDR).

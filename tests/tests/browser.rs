@@ -1171,7 +1171,7 @@ async fn a_killed_browser_ends_its_session_within_15_seconds() {
 }
 
 /// A player who closes the tab or whose browser dies is gone within
-/// `game.player_idle_timeout_ms` (3 s): the page pings on its `input` channel every second and
+/// `game.player_idle_timeout_ms` (2.5 s): the page pings on its `input` channel every second and
 /// the gateway ends the session when the pings stop (or at once when the peer connection
 /// closes), instead of waiting for ICE to report the connection disconnected (~5 s) and a grace
 /// period after that (5 s more before).

@@ -1,6 +1,6 @@
 //! Sessions end when their players do (issue 10, item 5): a player that closes, is dropped,
 //! vanishes behind a blackout or exits without a word releases its node slot within
-//! `game.player_idle_timeout_ms` (3 s), is billed for the time it played (not +10 s of QUIC idle
+//! `game.player_idle_timeout_ms` (2.5 s), is billed for the time it played (not +10 s of QUIC idle
 //! timeout), and frames that overtake each other are counted as reordered, not missing.
 //!
 //! The node is a raw one that sends small frames at 30 fps (no encoder: these tests are about
@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 const GAME: &str = "arena";
 /// The default `game.player_idle_timeout_ms`.
-const IDLE: Duration = Duration::from_millis(3000);
+const IDLE: Duration = Duration::from_millis(2500);
 /// Slack for a loaded 2-core machine on top of the timeout (scheduling, the sampling interval,
 /// the session's teardown). Old code needed 10 s (the QUIC idle timeout) or never ended.
 const MARGIN: Duration = Duration::from_millis(1000);
