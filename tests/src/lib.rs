@@ -2,3 +2,4 @@
 //! benchmark harness.
 
 pub mod impair;
+pub mod game_impaired;
