@@ -341,7 +341,12 @@ impl Sessions {
                 }
                 _ = report.tick() => {
                     let s = lock(&rate).stats();
+                    let path = ctx.conn.stats().path;
                     debug!(
+                        cwnd = path.cwnd,
+                        rtt_ms = path.rtt.as_millis() as u64,
+                        lost_packets = path.lost_packets,
+                        congestion_events = path.congestion_events,
                         target_kbps = s.target_kbps,
                         delivered_kbps = s.delivered_kbps,
                         base_rtt_ms = s.base_rtt.map(|d| d.as_millis() as u64),

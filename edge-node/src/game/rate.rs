@@ -31,7 +31,14 @@ use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
 /// Acknowledgement samples whose minimum is the "recent" delay.
-pub const RECENT_WINDOW: Duration = Duration::from_millis(200);
+pub const RECENT_WINDOW: Duration = Duration::from_millis(300);
+/// Fewest samples in [`RECENT_WINDOW`] for a recent delay (fewer, at a low frame rate, would
+/// make its minimum follow the jitter).
+const RECENT_MIN_SAMPLES: usize = 4;
+/// While quinn's congestion controller is still finding the path (its start-up), a window too
+/// small for the encoder's rate is not the path's verdict: no back-off on skipped slots before
+/// this.
+pub const STARTUP_GRACE: Duration = Duration::from_secs(2);
 /// How long the base RTT (minimum ack delay) is remembered before it is measured afresh, so a
 /// route change to a longer path is learnt.
 pub const BASE_WINDOW: Duration = Duration::from_secs(10);
@@ -175,6 +182,10 @@ pub struct RateController {
     last_probe: Instant,
     /// A congestion signal seen since the last back-off decision.
     congested: bool,
+    /// When slots were skipped for a full path, over [`RATE_WINDOW`].
+    skips: VecDeque<Instant>,
+    /// Since when the queueing delay has been above the threshold.
+    queue_since: Option<Instant>,
     fps_divisor: u32,
     started: Instant,
     stats: RateStats,
@@ -203,6 +214,8 @@ impl RateController {
             last_ack: None,
             last_probe: now,
             congested: false,
+            skips: VecDeque::new(),
+            queue_since: None,
             fps_divisor: 1,
             started: now,
             stats: RateStats::default(),
@@ -241,7 +254,7 @@ impl RateController {
         }
         if self.path_full(now) {
             self.stats.skipped_path_full += 1;
-            self.congested = true;
+            self.skips.push_back(now);
             self.update(now);
             return SlotDecision::SkipPathFull;
         }
@@ -264,18 +277,8 @@ impl RateController {
         {
             return true;
         }
-        if let Some(cwnd) = self.cwnd {
-            if self.in_flight_bytes >= cwnd {
-                return true;
-            }
-        }
-        match (self.base_rtt(), self.delivered_bps()) {
-            (Some(base), Some(bps)) => {
-                let allowed = bps * (base + self.cfg.queue_allowance).as_secs_f64() / 8.0;
-                (self.in_flight_bytes as f64) > allowed.max(1.0)
-            }
-            _ => false,
-        }
+        // quinn cannot have more than its window in flight: bytes beyond it wait unsent.
+        self.cwnd.is_some_and(|cwnd| self.in_flight_bytes >= cwnd)
     }
 
     /// A frame went out on its stream (handed to quinn); `keyframe`: it is an IDR.
@@ -345,6 +348,9 @@ impl RateController {
             f.reset_requested = true;
         }
         self.stats.reset += 1;
+        // Not a congestion signal by itself: a standing queue shows in the acknowledgement
+        // delays long before a frame is this late, so a late frame is one that lost packets
+        // (twice) or met a blackout; lowering the bitrate would not bring it sooner.
         // The decoder needs an IDR after a lost reference, unless one sent after the lost frame
         // is already on its way (a burst of resets asks once).
         if self.last_keyframe.is_none_or(|k| seq >= k) {
@@ -352,7 +358,6 @@ impl RateController {
             // Frames up to the next one encoded are covered by the IDR asked for now.
             self.last_keyframe = Some(self.next_seq_hint);
         }
-        self.congested = true;
         self.update(now);
         Some(seq)
     }
@@ -415,6 +420,9 @@ impl RateController {
     /// Minimum of the recent ack delays, above the base.
     fn queue_delay(&self) -> Option<Duration> {
         let base = self.base_rtt()?;
+        if self.recent.len() < RECENT_MIN_SAMPLES {
+            return None;
+        }
         let recent = self.recent.iter().map(|(_, d)| *d).min()?;
         Some(recent.saturating_sub(base))
     }
@@ -483,9 +491,38 @@ impl RateController {
                 q.pop_front();
             }
         }
+        while self
+            .skips
+            .front()
+            .is_some_and(|t| now.saturating_duration_since(*t) > RATE_WINDOW)
+        {
+            self.skips.pop_front();
+        }
+        // A queue is a delay that persists: above the threshold for a whole round trip (at
+        // least 100 ms), so that jitter, which comes and goes, is not taken for one.
         if self
             .queue_delay()
             .is_some_and(|q| q > self.cfg.queue_delay_threshold)
+        {
+            let since = *self.queue_since.get_or_insert(now);
+            let persist = self
+                .base_rtt()
+                .unwrap_or_default()
+                .max(Duration::from_millis(100));
+            if now.saturating_duration_since(since) >= persist {
+                self.congested = true;
+            }
+        } else {
+            self.queue_since = None;
+        }
+        // The path cannot carry the target: slots keep being skipped for a full window and
+        // what arrives is well below the target. A skip alone is not congestion (after a
+        // random loss the window shrinks for a moment; the frame rate dips, not the bitrate).
+        if self.skips.len() >= 3
+            && now.saturating_duration_since(self.started) >= STARTUP_GRACE
+            && self
+                .delivered_bps()
+                .is_some_and(|bps| bps < 0.8 * f64::from(self.target_kbps) * 1000.0)
         {
             self.congested = true;
         }
@@ -742,8 +779,9 @@ mod tests {
         assert!(!rc.poll_keyframe());
         rc.handle_outcome(t0 + 301 * MS, 1, FrameOutcome::Reset);
         let s = rc.stats();
-        assert_eq!((s.reset, s.in_flight_frames, s.backoffs), (1, 0, 1));
-        assert!(s.target_kbps < 8000);
+        assert_eq!((s.reset, s.in_flight_frames), (1, 0));
+        // A late frame alone is loss, not congestion: the bitrate stays.
+        assert_eq!(s.target_kbps, 8000);
     }
 
     #[test]
