@@ -182,6 +182,8 @@ pub struct RateController {
     last_probe: Instant,
     /// A congestion signal seen since the last back-off decision.
     congested: bool,
+    /// It came from the path itself (skips for a full path, refusals), not from delays.
+    hard: bool,
     /// When slots were skipped for a full path, over [`RATE_WINDOW`].
     skips: VecDeque<Instant>,
     /// Since when the queueing delay has been above the threshold.
@@ -214,6 +216,7 @@ impl RateController {
             last_ack: None,
             last_probe: now,
             congested: false,
+            hard: false,
             skips: VecDeque::new(),
             queue_since: None,
             fps_divisor: 1,
@@ -327,6 +330,7 @@ impl RateController {
             FrameOutcome::Refused => {
                 self.stats.refused += 1;
                 self.congested = true;
+                self.hard = true;
             }
             FrameOutcome::Reset => {
                 // Counted when the reset was decided.
@@ -525,6 +529,7 @@ impl RateController {
                 .is_some_and(|bps| bps < 0.8 * f64::from(self.target_kbps) * 1000.0)
         {
             self.congested = true;
+            self.hard = true;
         }
         let rtt = self
             .base_rtt()
@@ -534,21 +539,31 @@ impl RateController {
             .last_backoff
             .is_none_or(|t| now.saturating_duration_since(t) >= rtt + self.cfg.queue_delay_threshold);
         if self.congested {
+            self.congested = false;
             if !may_back_off {
                 // Same episode: one back-off per round trip.
-                self.congested = false;
+                self.hard = false;
                 return;
             }
-            self.congested = false;
             self.last_backoff = Some(now);
             self.stats.backoffs += 1;
             if self.target_kbps <= self.cfg.min_kbps {
-                self.fps_divisor = (self.fps_divisor + 1).min(MAX_FPS_DIVISOR);
+                // Only the path's own verdict (slots skipped for a full window, frames the
+                // gateway refused) lowers the frame rate: a delay signal at a low frame rate is
+                // mostly jitter, and following it would spiral down to the lowest rate.
+                if std::mem::take(&mut self.hard) {
+                    self.fps_divisor = (self.fps_divisor + 1).min(MAX_FPS_DIVISOR);
+                }
                 return;
             }
+            self.hard = false;
             let mut next = f64::from(self.target_kbps) * BACKOFF;
+            // Below the delivered rate only when more was sent than delivered: otherwise the
+            // delivered rate is just what the encoder produced, not what the path carries.
             if let Some(bps) = self.delivered_bps() {
-                next = next.min(bps / 1000.0 * DELIVERED_SHARE);
+                if self.sent_bps(now) > 1.15 * bps {
+                    next = next.min(bps / 1000.0 * DELIVERED_SHARE);
+                }
             }
             self.set_target(next as u32);
             return;
