@@ -436,7 +436,7 @@ impl RateController {
         // right after the start would be noise.
         let first = self.delivered.front()?.0;
         let last = self.delivered.back()?.0;
-        if self.delivered.len() < 4
+        if self.delivered.len() < 2
             || last.saturating_duration_since(self.started) < RATE_WINDOW / 2
         {
             return None;
