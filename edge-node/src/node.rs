@@ -8,9 +8,11 @@ use nearpath_config::NodeConfig;
 use nearpath_protocol::message::{
     Capacity, Drain, Gpu, Heartbeat, Message, Register, RejectCode, Workloads,
 };
-use nearpath_protocol::stream::{send, FramedRecv};
 use nearpath_protocol::stream::priority;
-use nearpath_protocol::tls::{client_config_with, parse_sha256_hex, ServerVerify, TransportOptions};
+use nearpath_protocol::stream::{send, FramedRecv};
+use nearpath_protocol::tls::{
+    client_config_with, parse_sha256_hex, ServerVerify, TransportOptions,
+};
 use nearpath_protocol::{ALPN_NODE, MAX_CONTROL_FRAME, PROTOCOL_VERSION};
 use std::net::SocketAddr;
 use std::sync::Arc;

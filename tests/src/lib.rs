@@ -1,5 +1,5 @@
 //! End-to-end tests live in tests/tests/; this library holds what they share with the
 //! benchmark harness.
 
-pub mod impair;
 pub mod game_impaired;
+pub mod impair;

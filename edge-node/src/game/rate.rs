@@ -276,7 +276,8 @@ impl RateController {
         // A frame held up by one retransmission does not count, as later ones are acknowledged.
         let expected = self.base_rtt().unwrap_or(Duration::from_millis(200));
         let progressed = self.last_ack.is_some_and(|a| a >= oldest);
-        if !progressed && now.saturating_duration_since(oldest) > expected + self.cfg.queue_allowance
+        if !progressed
+            && now.saturating_duration_since(oldest) > expected + self.cfg.queue_allowance
         {
             return true;
         }
@@ -373,11 +374,9 @@ impl RateController {
     /// make the next frame another one.
     fn deadline(&self, f: &InFlight) -> Option<Instant> {
         let base = self.base_rtt()?;
-        let transmission = self
-            .delivered_bps()
-            .map_or(Duration::ZERO, |bps| {
-                Duration::from_secs_f64(f.bytes as f64 * 8.0 / bps.max(1.0))
-            });
+        let transmission = self.delivered_bps().map_or(Duration::ZERO, |bps| {
+            Duration::from_secs_f64(f.bytes as f64 * 8.0 / bps.max(1.0))
+        });
         Some(f.sent + base + transmission + self.cfg.max_frame_delay)
     }
 
@@ -535,9 +534,9 @@ impl RateController {
             .base_rtt()
             .unwrap_or(Duration::from_millis(100))
             .max(Duration::from_millis(50));
-        let may_back_off = self
-            .last_backoff
-            .is_none_or(|t| now.saturating_duration_since(t) >= rtt + self.cfg.queue_delay_threshold);
+        let may_back_off = self.last_backoff.is_none_or(|t| {
+            now.saturating_duration_since(t) >= rtt + self.cfg.queue_delay_threshold
+        });
         if self.congested {
             self.congested = false;
             if !may_back_off {
@@ -648,7 +647,11 @@ mod tests {
                     budget -= take;
                     if head.1 <= 0.0 {
                         let (s, _, captured, lost) = queue.pop_front().unwrap();
-                        let retransmit = if lost { self.one_way * 2 + self.one_way / 4 } else { Duration::ZERO };
+                        let retransmit = if lost {
+                            self.one_way * 2 + self.one_way / 4
+                        } else {
+                            Duration::ZERO
+                        };
                         let arrived = now + self.one_way + retransmit;
                         pending.push((arrived + self.one_way, s, arrived, captured));
                     }

@@ -122,7 +122,15 @@ pub async fn run_game(a: GameImpairedArgs) -> anyhow::Result<()> {
     let r = run(&s).await?;
     println!(
         "{:>8} {:>8} {:>10} {:>10} {:>10} {:>9} {:>8} {:>6} {:>9}",
-        "fps", "frames", "p50 ms", "p99 ms", "recv kbps", "enc kbps", "skipped", "reset", "evictions"
+        "fps",
+        "frames",
+        "p50 ms",
+        "p99 ms",
+        "recv kbps",
+        "enc kbps",
+        "skipped",
+        "reset",
+        "evictions"
     );
     println!(
         "{:>8.1} {:>8} {:>10.1} {:>10.1} {:>10.0} {:>9} {:>8} {:>6} {:>9}",
@@ -171,11 +179,7 @@ pub async fn run_impair(a: ImpairArgs) -> anyhow::Result<()> {
         relay.set_down(imp.clone());
     }
     relay.set_up(imp);
-    eprintln!(
-        "relaying {} -> {} (ctrl-c stops)",
-        relay.addr(),
-        a.target
-    );
+    eprintln!("relaying {} -> {} (ctrl-c stops)", relay.addr(), a.target);
     tokio::signal::ctrl_c().await?;
     println!(
         "{}",
