@@ -759,3 +759,22 @@ unknown_location = "deny"
     assert_eq!(errs.len(), 1, "{errs:?}");
     assert!(errs[0].contains("unknown_location"), "{errs:?}");
 }
+
+#[test]
+fn node_media_and_quic_checks() {
+    let errs = node(
+        "[media]\nmin_bitrate_kbps = 0\nmax_frame_delay_ms = 0\nqueue_delay_threshold_ms = 0\n\
+         [quic]\ncongestion = \"bbr\"\nreorder_packet_threshold = 2\n",
+    );
+    for path in [
+        "media.min_bitrate_kbps",
+        "media.max_frame_delay_ms",
+        "media.queue_delay_threshold_ms",
+        "quic.reorder_packet_threshold",
+    ] {
+        assert!(errs.iter().any(|e| e.contains(path)), "{path}: {errs:?}");
+    }
+    let errs = node("[quic]\ncongestion = \"vegas\"\n");
+    assert!(errs.iter().any(|e| e.contains("quic.congestion")), "{errs:?}");
+    assert!(node("[quic]\ncongestion = \"new_reno\"\n").is_empty());
+}
