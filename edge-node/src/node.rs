@@ -444,18 +444,6 @@ fn host_part(address: &str) -> &str {
     address.rsplit_once(':').map(|(h, _)| h).unwrap_or(address)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::host_part;
-
-    #[test]
-    fn host_part_handles_names_ipv4_and_ipv6() {
-        assert_eq!(host_part("gw.example.com:4433"), "gw.example.com");
-        assert_eq!(host_part("127.0.0.1:4433"), "127.0.0.1");
-        assert_eq!(host_part("[::1]:4433"), "::1");
-    }
-}
-
 /// The node's QUIC transport: quinn's defaults plus the configured congestion controller and
 /// reordering tolerance (`[quic]`).
 pub fn transport_options(config: &NodeConfig) -> TransportOptions {
@@ -469,5 +457,17 @@ pub fn transport_options(config: &NodeConfig) -> TransportOptions {
         },
         packet_threshold: Some(config.quic.reorder_packet_threshold),
         ..TransportOptions::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::host_part;
+
+    #[test]
+    fn host_part_handles_names_ipv4_and_ipv6() {
+        assert_eq!(host_part("gw.example.com:4433"), "gw.example.com");
+        assert_eq!(host_part("127.0.0.1:4433"), "127.0.0.1");
+        assert_eq!(host_part("[::1]:4433"), "::1");
     }
 }
