@@ -334,7 +334,9 @@ impl Default for RoutingConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct InferenceConfig {
-    /// Time to open a session stream on the chosen node, in milliseconds. Default: 2000.
+    /// Time to open a session stream on the chosen node and have it `Accepted`, in
+    /// milliseconds; a node that does not answer in time (unreachable during a blip) is left for
+    /// the next candidate. Default: 2000.
     pub connect_timeout_ms: u64,
     /// Time from request to the first token, in milliseconds. Default: 30000.
     pub first_token_timeout_ms: u64,
@@ -358,6 +360,15 @@ pub struct InferenceConfig {
     /// The same tolerance as an absolute floor, in tokens (small requests are tokenised
     /// differently by every backend). Default: 16.
     pub usage_tolerance_tokens: u32,
+    /// How long a model stays known after its last node left, in seconds: a request for it
+    /// within this window is 503 `model_unavailable` (with `Retry-After`), not 404, and
+    /// `/v1/models` keeps listing it with `"available": false`. 0 forgets a model at once.
+    /// Default: 600.
+    pub model_grace_s: u64,
+    /// How long a request for a recently served model with no node (or only failing ones) waits
+    /// for a node to (re)register before it is answered 503 `model_unavailable`, in
+    /// milliseconds; so blips shorter than this are invisible. 0 answers at once. Default: 2000.
+    pub unavailable_wait_ms: u64,
 }
 
 impl Default for InferenceConfig {
@@ -372,6 +383,8 @@ impl Default for InferenceConfig {
             default_max_concurrent_streams: 64,
             usage_tolerance_percent: 50,
             usage_tolerance_tokens: 16,
+            model_grace_s: 600,
+            unavailable_wait_ms: 2_000,
         }
     }
 }
@@ -422,6 +435,13 @@ pub struct GameConfig {
     /// A WHEP session whose browser has not connected (ICE and DTLS done) this long after the
     /// answer is ended, releasing its node slot, in milliseconds. Default: 10000.
     pub webrtc_connect_timeout_ms: u64,
+    /// A game session whose player has gone silent this long is ended (outcome `client_gone`)
+    /// and its node slot released, in milliseconds. Native players: nothing at all received on
+    /// the connection (not even an acknowledgement of the frames the gateway sent) since the
+    /// gateway last sent something. Browsers: nothing on the `input` data channel (the page
+    /// pings every second) once the page has pinged, or the peer connection disconnected this
+    /// long. Default: 3000.
+    pub player_idle_timeout_ms: u64,
     /// Game sessions one API key may hold at once (native and browser together), for a key
     /// without its own cap; beyond it a start gets 429 `concurrency_limit_exceeded`. Default: 4.
     pub default_max_concurrent_sessions: u32,
@@ -453,6 +473,7 @@ impl Default for GameConfig {
             webrtc_public_ip: None,
             ice_servers: Vec::new(),
             webrtc_connect_timeout_ms: 10_000,
+            player_idle_timeout_ms: 3_000,
             default_max_concurrent_sessions: 4,
             default_session_starts_per_minute: 30,
             usage_checkpoint_ms: 10_000,
@@ -716,6 +737,21 @@ impl GatewayConfig {
             "inference.default_max_concurrent_streams",
             i.default_max_concurrent_streams,
         );
+        if i.model_grace_s > 86_400 {
+            p.push(
+                "inference.model_grace_s",
+                format!("must be at most 86400 (one day) (got {})", i.model_grace_s),
+            );
+        }
+        if i.unavailable_wait_ms > 60_000 {
+            p.push(
+                "inference.unavailable_wait_ms",
+                format!(
+                    "must be at most 60000 (a held request costs a connection) (got {})",
+                    i.unavailable_wait_ms
+                ),
+            );
+        }
     }
 
     fn check_game(&self, p: &mut Problems) {
@@ -728,6 +764,7 @@ impl GatewayConfig {
             "game.webrtc_connect_timeout_ms",
             g.webrtc_connect_timeout_ms,
         );
+        p.positive("game.player_idle_timeout_ms", g.player_idle_timeout_ms);
         p.positive(
             "game.default_max_concurrent_sessions",
             g.default_max_concurrent_sessions,

@@ -778,3 +778,21 @@ fn node_media_and_quic_checks() {
     assert!(errs.iter().any(|e| e.contains("quic.congestion")), "{errs:?}");
     assert!(node("[quic]\ncongestion = \"new_reno\"\n").is_empty());
 }
+
+#[test]
+fn blip_windows_are_bounded() {
+    let text = r#"
+[inference]
+model_grace_s = 86401
+unavailable_wait_ms = 60001
+"#;
+    assert_eq!(
+        gw(text),
+        [
+            "3: inference.model_grace_s: must be at most 86400 (one day) (got 86401)",
+            "4: inference.unavailable_wait_ms: must be at most 60000 (a held request costs a connection) (got 60001)",
+        ]
+    );
+    // Zero turns either off.
+    assert!(gw("[inference]\nmodel_grace_s = 0\nunavailable_wait_ms = 0\n").is_empty());
+}

@@ -295,7 +295,15 @@ impl EdgeNode {
                         RejectCode::OperatorNotVerified | RejectCode::OperatorSuspended
                     );
                 return if keep_trying {
-                    warn!(code = %r.code, reason = %r.reason, "registration refused; will retry");
+                    if r.code == RejectCode::Duplicate {
+                        // Either a second instance runs with this node id (it must not displace the
+                        // live one, so it backs off for good measure), or this node restarted
+                        // before the gateway noticed its old connection die (it takes over once
+                        // that connection has been silent for two heartbeat intervals).
+                        error!(reason = %r.reason, "the gateway has a live connection with this node id: is another instance running with the same node.id? backing off and retrying");
+                    } else {
+                        warn!(code = %r.code, reason = %r.reason, "registration refused; will retry");
+                    }
                     Ok(ConnEnd::Reconnect(format!("rejected: {}", r.reason)))
                 } else {
                     Err(NodeError::Rejected {

@@ -3,7 +3,8 @@
 //!
 //! Every response carries `x-request-id`. Errors use OpenAI's body shape; a geofence denial is
 //! 403 with `x-should-retry: false`, no eligible node is 503, saturation is 429 with
-//! `Retry-After`.
+//! `Retry-After`; a model served recently whose nodes are all gone (a blip) is 503
+//! `model_unavailable` with `Retry-After` and `x-should-retry: true`, never 404.
 
 use crate::client_addr::{client_addr, ClientAddr};
 use crate::http_util::{bearer, read_body, with_type, Body, BodyError, Handler, Resp};
@@ -75,6 +76,13 @@ fn api_error(request_id: &str, err: &ApiError) -> Resp {
         h.insert(X_SHOULD_RETRY.clone(), HeaderValue::from_static("false"));
     }
     if err.status == 429 {
+        h.insert(hyper::header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    if err.code.as_deref() == Some(openai::MODEL_UNAVAILABLE) {
+        // A node blip: the request already waited `inference.unavailable_wait_ms` for a node to
+        // come back, so an SDK's retry a second later is likely to be served (OpenAI SDKs retry
+        // only when told to, and honour Retry-After).
+        h.insert(X_SHOULD_RETRY.clone(), HeaderValue::from_static("true"));
         h.insert(hyper::header::RETRY_AFTER, HeaderValue::from_static("1"));
     }
     if err.code.as_deref() == Some(infer::LEDGER_UNAVAILABLE) {
@@ -171,15 +179,27 @@ impl ClientApi {
         }
         let (_, loc) = self.locate(&req, peer);
         let names = self.visible(&loc, WorkloadKind::Inference);
+        // Models whose last node left within `inference.model_grace_s` stay listed, marked
+        // unavailable, so that a client does not take a blip for the model's removal.
+        let gone = self
+            .shared
+            .registry
+            .recently_served_models(crate::control::now_ms());
         let created = unix_now();
-        let list: Vec<(&str, u64, &str)> = names
+        let mut list: Vec<(&str, u64, &str, bool)> = names
             .iter()
-            .map(|n| (n.as_str(), created, "nearpath"))
+            .map(|n| (n.as_str(), created, "nearpath", true))
             .collect();
+        list.extend(
+            gone.iter()
+                .filter(|n| !names.contains(*n))
+                .map(|n| (n.as_str(), created, "nearpath", false)),
+        );
+        list.sort_by(|a, b| a.0.cmp(b.0));
         with_type(
             StatusCode::OK,
             "application/json",
-            openai::models_list(&list),
+            openai::models_list_with_availability(&list),
         )
     }
 
@@ -281,6 +301,9 @@ impl ClientApi {
                     403 => "geofence",
                     404 => "model_not_found",
                     429 => "saturated",
+                    _ if e.code.as_deref() == Some(openai::MODEL_UNAVAILABLE) => {
+                        "model_unavailable"
+                    }
                     _ => "error",
                 };
                 infer::meter(

@@ -70,6 +70,10 @@ fn code_of(e: &ApiError) -> &'static str {
     if e.code.as_deref() == Some("key_revoked") {
         return "key_revoked";
     }
+    if e.code.as_deref() == Some(nearpath_protocol::openai::MODEL_UNAVAILABLE) {
+        // A node blip: retryable (`Error.retryable` is true, as for every 503).
+        return nearpath_protocol::openai::MODEL_UNAVAILABLE;
+    }
     match e.status {
         400 => "bad_request",
         401 => "unauthorized",

@@ -390,10 +390,18 @@ async fn admit(
     );
     entry.gpu_class_hints = hints;
     entry.enrolment_token_id = token.id.clone();
-    match shared.registry.insert(entry) {
+    let stale_after_ms = id_takeover_after_ms(shared);
+    match shared.registry.insert(entry, stale_after_ms) {
         Ok((entry, replaced)) => {
             if let Some(old) = replaced {
-                info!("replacing the previous connection of this node");
+                // The old connection went quiet (a restarted node whose previous connection the
+                // gateway has not declared gone yet): this registration takes the id over, once.
+                info!(
+                    old_peer = %old.addr(),
+                    silent_ms = now.saturating_sub(old.dynamic().last_heartbeat_ms),
+                    "taking over the id from this node's silent previous connection"
+                );
+                shared.metrics.node_id_takeovers.inc();
                 old.kick.cancel();
             }
             // Counting the registration must not hold the node's answer behind an fsync (a burst
@@ -422,7 +430,24 @@ async fn admit(
                 reg.node_id
             ),
         )),
+        Err(InsertError::Live { last_heard_ms_ago }) => Err((
+            RejectCode::Duplicate,
+            format!(
+                "node id {} is already connected and live (heard from {last_heard_ms_ago} ms ago); \
+                 is a second instance running with the same id? A restarted node takes over once \
+                 the old connection has been silent for {stale_after_ms} ms",
+                reg.node_id
+            ),
+        )),
     }
+}
+
+/// How long a registered node must have been silent before another registration of its id
+/// takes it over: two heartbeat intervals. Shorter would let a slow but live node be displaced;
+/// longer keeps a restarted node out for longer (it is refused with `Duplicate` until then and
+/// retries with backoff).
+pub fn id_takeover_after_ms(shared: &Shared) -> u64 {
+    shared.config.nodes.heartbeat_ms.saturating_mul(2)
 }
 
 async fn control_loop(

@@ -5,6 +5,7 @@
 use crate::control::now_ms;
 use crate::infer::{self, client_latlon};
 use crate::metrics::labels;
+use crate::player::{ConnSample, PlayerSilence};
 use crate::registry::{NodeEntry, SlotGuard, SlotKind};
 use crate::router::{NoRoute, Workload};
 use crate::server::Shared;
@@ -44,8 +45,12 @@ pub enum ClientEvent {
     ForceKeyframe,
     SetBitrate(u32),
     Close(String),
-    /// The client vanished (connection lost).
+    /// The client left: it closed its connection (or its control stream failed). Outcome
+    /// `client_left`.
     Gone,
+    /// The client stopped answering: its connection timed out, or it has been silent for
+    /// `game.player_idle_timeout_ms` (see `crate::player`). Outcome `client_gone`.
+    Lost,
 }
 
 /// What the driver tells the client side.
@@ -929,6 +934,18 @@ async fn drive(
                 let _ = attached.tx.finish();
                 break;
             }
+            Ev::Client(Some(ClientEvent::Lost)) => {
+                outcome = "client_gone";
+                let _ = send(
+                    &mut attached.tx,
+                    &Message::Close(nearpath_protocol::message::Close {
+                        reason: "client gone".into(),
+                    }),
+                )
+                .await;
+                let _ = attached.tx.finish();
+                break;
+            }
             Ev::Client(Some(ClientEvent::Gone)) | Ev::Client(None) => {
                 outcome = "client_left";
                 let _ = send(
@@ -1075,6 +1092,18 @@ async fn usage_row_writer(
     }
 }
 
+/// What a closed client connection means for its session: a close the client sent (or one
+/// this end made) is the player leaving; anything else (idle timeout, reset, transport error)
+/// is the player lost.
+fn closed_event(e: &quinn::ConnectionError) -> ClientEvent {
+    match e {
+        quinn::ConnectionError::ApplicationClosed(_)
+        | quinn::ConnectionError::ConnectionClosed(_)
+        | quinn::ConnectionError::LocallyClosed => ClientEvent::Gone,
+        _ => ClientEvent::Lost,
+    }
+}
+
 /// Serves a `PlayRequest` on a native client's bidi stream until the session ends.
 pub async fn serve_play(
     shared: Arc<Shared>,
@@ -1143,8 +1172,28 @@ pub async fn serve_play(
         return;
     }
     let mut client_open = true;
+    // The gateway's own judgement of whether the player is still there, whatever idle timeout
+    // its client asked for (see `crate::player`).
+    let mut silence = PlayerSilence::new(Duration::from_millis(
+        shared.config.game.player_idle_timeout_ms,
+    ));
+    let mut liveness = tokio::time::interval(silence.sample_interval());
+    liveness.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
+            _ = liveness.tick() => {
+                let now = Instant::now();
+                silence.handle_sample(now, ConnSample::of(&conn.stats()));
+                if silence.poll_gone(now) {
+                    info!(
+                        session = session_id,
+                        idle_ms = shared.config.game.player_idle_timeout_ms,
+                        "the player stopped answering; ending the session"
+                    );
+                    let _ = events.send(ClientEvent::Lost).await;
+                    break;
+                }
+            }
             m = ctl_rx.next(), if client_open => {
                 let ev = match m {
                     Ok(Some(Message::ForceKeyframe)) => Some(ClientEvent::ForceKeyframe),
@@ -1152,10 +1201,11 @@ pub async fn serve_play(
                     Ok(Some(Message::Close(c))) => Some(ClientEvent::Close(c.reason)),
                     Ok(Some(_)) => None,
                     Ok(None) => { client_open = false; None }
-                    Err(_) => Some(ClientEvent::Gone),
+                    // A stream that fails with its connection says what the connection says.
+                    Err(_) => Some(conn.close_reason().map_or(ClientEvent::Gone, |e| closed_event(&e))),
                 };
                 if let Some(ev) = ev {
-                    let last = matches!(ev, ClientEvent::Close(_) | ClientEvent::Gone);
+                    let last = matches!(ev, ClientEvent::Close(_) | ClientEvent::Gone | ClientEvent::Lost);
                     let _ = events.send(ev).await;
                     if last {
                         break;
@@ -1171,8 +1221,8 @@ pub async fn serve_play(
                 }
                 None => break,
             },
-            _ = conn.closed() => {
-                let _ = events.send(ClientEvent::Gone).await;
+            e = conn.closed() => {
+                let _ = events.send(closed_event(&e)).await;
                 break;
             }
         }

@@ -4,8 +4,8 @@
 
 use crate::control::now_ms;
 use crate::metrics::labels;
-use crate::registry::{NodeEntry, SlotGuard, SlotKind};
-use crate::router::{Deny, LatLon, NoRoute, Workload};
+use crate::registry::{ModelAvailability, NodeEntry, SlotGuard, SlotKind};
+use crate::router::{Deny, LatLon, NoRoute, NodeId, Workload};
 use crate::server::Shared;
 use crate::session_id::SessionId;
 use crate::store::{ApiKey, UsageKind, UsageRecord};
@@ -586,14 +586,26 @@ fn node_error(code: &str, message: &str) -> ApiError {
 
 /// Why one candidate did not work out.
 enum Attempt {
-    /// Try the next candidate.
+    /// The node answered but could not serve (refused, failed): try the next candidate.
     Retry(ApiError),
+    /// The node did not answer (no stream or `Accepted` within `inference.connect_timeout_ms`,
+    /// or its connection is gone): try the next candidate, and, if none is left, wait for a node
+    /// to come back as for a model with no node (a blip may be in progress).
+    Unreachable(ApiError),
     /// Give up: another node would fail the same way.
     Fatal(ApiError),
 }
 
 /// Routes and starts a request, failing over between candidates until one produces its first
 /// event.
+///
+/// A model that no node serves now but one served within `inference.model_grace_s`, or whose
+/// candidates all failed to answer, is a blip, not an unknown model: the request waits (woken by
+/// registrations, not polling) for up to `inference.unavailable_wait_ms` from its start for a
+/// node to (re)register and is routed again, else it is answered 503 `model_unavailable`
+/// (retryable). An answer comes within `unavailable_wait_ms + max_attempts × connect_timeout_ms`
+/// unless a node accepted the request (then the first-token timeout applies). A model never
+/// served is 404.
 pub async fn dispatch(
     shared: &Arc<Shared>,
     request: &InferenceRequest,
@@ -602,16 +614,36 @@ pub async fn dispatch(
 ) -> Result<InferStream, ApiError> {
     let started = Instant::now();
     let model = request.model.as_str();
-    let (outcome, nodes) =
-        shared
-            .registry
-            .route(client_latlon(client), Workload::Model(model), |n| {
-                serve_check(shared, client, n, WorkloadKind::Inference)
-            });
-    if let Some(failure) = outcome.failure() {
-        let err = match failure {
-            NoRoute::NotServed => ApiError::model_not_found(model),
-            NoRoute::Denied(d) => {
+    let cfg = &shared.config.inference;
+    let wait_until = started + Duration::from_millis(cfg.unavailable_wait_ms);
+    let max_attempts = cfg.max_attempts.max(1);
+    // Subscribed before the first route, so that a node registering in between wakes us.
+    let mut joins = shared.registry.joins();
+    let mut failed: Vec<NodeId> = Vec::new();
+    let mut last: Option<ApiError> = None;
+    let mut attempts = 0u32;
+    // Whether the request met a blip (no node, or no node answering): it then ends with a
+    // retryable 503 `model_unavailable` unless a node serves it.
+    let mut blip_seen = false;
+    let mut unreachable = false;
+    let mut geofence_counted = false;
+    loop {
+        joins.borrow_and_update();
+        let (outcome, nodes) =
+            shared
+                .registry
+                .route(client_latlon(client), Workload::Model(model), |n| {
+                    serve_check(shared, client, n, WorkloadKind::Inference)
+                });
+        let mut blip = false;
+        match outcome.failure() {
+            Some(NoRoute::NotServed) => match shared.registry.model_availability(model, now_ms()) {
+                ModelAvailability::Unknown if last.is_none() => {
+                    return Err(ApiError::model_not_found(model))
+                }
+                _ => blip = true,
+            },
+            Some(NoRoute::Denied(d)) => {
                 shared
                     .metrics
                     .geofence_decisions
@@ -621,59 +653,108 @@ pub async fn dispatch(
                         ("rule", &d.rule),
                     ]))
                     .inc();
-                ApiError::geofence_denied(&d.rule, &d.reason)
+                return Err(ApiError::geofence_denied(&d.rule, &d.reason));
             }
-            NoRoute::Saturated => ApiError::rate_limited(format!(
-                "every node serving {model} is at capacity; retry shortly"
-            )),
-            NoRoute::Draining => ApiError::no_eligible_node(model),
-        };
-        return Err(err);
-    }
-    shared
-        .metrics
-        .geofence_decisions
-        .get_or_create(&labels([
-            ("side", "client"),
-            ("outcome", "allow"),
-            ("rule", "-"),
-        ]))
-        .inc();
-    let cfg = &shared.config.inference;
-    let max_attempts = cfg.max_attempts.max(1) as usize;
-    let mut last: Option<ApiError> = None;
-    let mut attempts = 0u32;
-    for node in nodes.iter().take(max_attempts) {
-        let Some(slot) = shared.registry.acquire(node, SlotKind::Inference) else {
-            continue;
-        };
-        if attempts > 0 {
-            shared.metrics.inference_failovers.inc();
-        }
-        attempts += 1;
-        let session = shared.session_ids.mint();
-        match try_node(shared, node, slot, session, model, request_json, started).await {
-            Ok(mut s) => {
-                s.attempts = attempts;
-                s.max_tokens = request.max_tokens;
-                s.prompt_tokens = prompt_token_estimate(request);
-                if attempts > 1 {
-                    info!(node = %node.id, attempts, "request served after failover");
+            Some(NoRoute::Saturated) => {
+                return Err(ApiError::rate_limited(format!(
+                    "every node serving {model} is at capacity; retry shortly"
+                )))
+            }
+            Some(NoRoute::Draining) => return Err(ApiError::no_eligible_node(model)),
+            None => {
+                if !geofence_counted {
+                    geofence_counted = true;
+                    shared
+                        .metrics
+                        .geofence_decisions
+                        .get_or_create(&labels([
+                            ("side", "client"),
+                            ("outcome", "allow"),
+                            ("rule", "-"),
+                        ]))
+                        .inc();
                 }
-                return Ok(s);
             }
-            Err(Attempt::Retry(e)) => {
-                warn!(node = %node.id, error = %e.message, "candidate failed before the first token; trying the next");
-                last = Some(e);
-            }
-            Err(Attempt::Fatal(e)) => return Err(e),
         }
+        for node in &nodes {
+            if failed.contains(&node.key) {
+                continue;
+            }
+            if attempts >= max_attempts {
+                break;
+            }
+            let Some(slot) = shared.registry.acquire(node, SlotKind::Inference) else {
+                continue;
+            };
+            if attempts > 0 {
+                shared.metrics.inference_failovers.inc();
+            }
+            attempts += 1;
+            let session = shared.session_ids.mint();
+            match try_node(shared, node, slot, session, model, request_json, started).await {
+                Ok(mut s) => {
+                    s.attempts = attempts;
+                    s.max_tokens = request.max_tokens;
+                    s.prompt_tokens = prompt_token_estimate(request);
+                    if attempts > 1 {
+                        info!(node = %node.id, attempts, "request served after failover");
+                    }
+                    if blip_seen {
+                        count_blip_wait(shared, "served");
+                    }
+                    return Ok(s);
+                }
+                Err(Attempt::Retry(e)) => {
+                    warn!(node = %node.id, error = %e.message, "candidate failed before the first token; trying the next");
+                    failed.push(node.key);
+                    last = Some(e);
+                }
+                Err(Attempt::Unreachable(e)) => {
+                    warn!(node = %node.id, error = %e.message, "candidate did not answer; trying the next");
+                    failed.push(node.key);
+                    unreachable = true;
+                    last = Some(e);
+                }
+                Err(Attempt::Fatal(e)) => return Err(e),
+            }
+        }
+        // Only a blip is worth waiting for: no node serves a recently served model, or the nodes
+        // that serve it do not answer. A node that answered with an error is answered as is.
+        let blip = blip || unreachable;
+        if !blip {
+            break;
+        }
+        let now = Instant::now();
+        blip_seen = true;
+        if attempts >= max_attempts || now >= wait_until {
+            break;
+        }
+        debug!(%model, "no node answers for a recently served model; waiting for one to register");
+        match tokio::time::timeout_at(tokio::time::Instant::from_std(wait_until), joins.changed())
+            .await
+        {
+            Ok(Ok(())) => continue,
+            _ => break,
+        }
+    }
+    if blip_seen {
+        count_blip_wait(shared, "unavailable");
+        return Err(ApiError::model_unavailable(model));
     }
     Err(last.unwrap_or_else(|| {
         ApiError::rate_limited(format!(
             "every node serving {model} is at capacity; retry shortly"
         ))
     }))
+}
+
+/// Counts a request that found no node for a recently served model, by how it ended.
+fn count_blip_wait(shared: &Shared, outcome: &'static str) {
+    shared
+        .metrics
+        .inference_blip_waits
+        .get_or_create(&labels([("outcome", outcome)]))
+        .inc();
 }
 
 async fn try_node(
@@ -687,17 +768,22 @@ async fn try_node(
 ) -> Result<InferStream, Attempt> {
     let cfg = &shared.config.inference;
     let session_id = session.get();
-    let connect = Duration::from_millis(cfg.connect_timeout_ms);
-    let (mut tx, rx) = match tokio::time::timeout(connect, node.conn.open_bi()).await {
+    // Opening the stream and the node's `Accepted` (sent before any backend work) share one
+    // deadline: a node that is registered but unreachable (a blip the heartbeats have not shown
+    // yet) costs a request at most this long before the next candidate is tried.
+    let accept_deadline = tokio::time::Instant::now()
+        + Duration::from_millis(cfg.connect_timeout_ms)
+            .min(Duration::from_millis(cfg.first_token_timeout_ms));
+    let (mut tx, rx) = match tokio::time::timeout_at(accept_deadline, node.conn.open_bi()).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
-            return Err(Attempt::Retry(ApiError::bad_gateway(format!(
+            return Err(Attempt::Unreachable(ApiError::bad_gateway(format!(
                 "node {}: {e}",
                 node.id
             ))))
         }
         Err(_) => {
-            return Err(Attempt::Retry(ApiError::timeout(format!(
+            return Err(Attempt::Unreachable(ApiError::timeout(format!(
                 "node {} did not accept a stream within {} ms",
                 node.id, cfg.connect_timeout_ms
             ))))
@@ -710,11 +796,21 @@ async fn try_node(
             request_json: request_json.to_string(),
         },
     });
-    if let Err(e) = send(&mut tx, &open).await {
-        return Err(Attempt::Retry(ApiError::bad_gateway(format!(
-            "node {}: {e}",
-            node.id
-        ))));
+    match tokio::time::timeout_at(accept_deadline, send(&mut tx, &open)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            return Err(Attempt::Unreachable(ApiError::bad_gateway(format!(
+                "node {}: {e}",
+                node.id
+            ))))
+        }
+        Err(_) => {
+            let _ = tx.reset(0u32.into());
+            return Err(Attempt::Unreachable(ApiError::timeout(format!(
+                "node {} did not take the request within {} ms",
+                node.id, cfg.connect_timeout_ms
+            ))));
+        }
     }
     let mut framed = FramedRecv::new(rx, MAX_CONTROL_FRAME);
     let first_deadline = started + Duration::from_millis(cfg.first_token_timeout_ms);
@@ -723,12 +819,8 @@ async fn try_node(
         let _ = framed.get_mut().stop(0u32.into());
         Err(a)
     };
-    // Accepted / Refused first.
-    let answer = tokio::time::timeout_at(
-        tokio::time::Instant::from_std(first_deadline),
-        framed.next(),
-    )
-    .await;
+    // Accepted / Refused first, within the accept deadline.
+    let answer = tokio::time::timeout_at(accept_deadline, framed.next()).await;
     match answer {
         Ok(Ok(Some(Message::Accepted(_)))) => {}
         Ok(Ok(Some(Message::Refused(r)))) => {
@@ -753,14 +845,14 @@ async fn try_node(
         }
         Ok(Ok(None)) | Ok(Err(_)) => {
             let e = ApiError::bad_gateway(format!("node {} failed before answering", node.id));
-            return fail(&mut tx, &mut framed, Attempt::Retry(e));
+            return fail(&mut tx, &mut framed, Attempt::Unreachable(e));
         }
         Err(_) => {
             let e = ApiError::timeout(format!(
-                "no first token within {} ms",
-                cfg.first_token_timeout_ms
+                "node {} did not accept the request within {} ms",
+                node.id, cfg.connect_timeout_ms
             ));
-            return fail(&mut tx, &mut framed, Attempt::Fatal(e));
+            return fail(&mut tx, &mut framed, Attempt::Unreachable(e));
         }
     }
     // Then the first token (or an immediate Done). A failure here is still invisible to the
@@ -784,6 +876,8 @@ async fn try_node(
         debug!(node = %node.id, error = %e.message, "node failed before its first token");
         let a = if e.status == 400 {
             Attempt::Fatal(e)
+        } else if node.conn.close_reason().is_some() {
+            Attempt::Unreachable(e)
         } else {
             Attempt::Retry(e)
         };

@@ -15,6 +15,8 @@ pub mod http_util;
 pub mod infer;
 pub mod liveness;
 pub mod metrics;
+pub mod player;
+pub mod recent_models;
 pub mod registry;
 pub mod router;
 pub mod sdp;

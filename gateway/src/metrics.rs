@@ -60,6 +60,11 @@ pub struct Metrics {
     pub usage_mismatches: Family<Labels, Counter>,
     /// Work refused by a per-key cap, by entry point and cap.
     pub key_cap_refusals: Family<Labels, Counter>,
+    /// Registrations that took a node id over from a silent previous connection of that node.
+    pub node_id_takeovers: Counter,
+    /// Inference requests that found no node for a recently served model, by outcome:
+    /// `served` (a node came back within `inference.unavailable_wait_ms`) or `unavailable` (503).
+    pub inference_blip_waits: Family<Labels, Counter>,
 }
 
 impl Default for Metrics {
@@ -101,6 +106,8 @@ impl Metrics {
             ledger_refusals: Family::default(),
             usage_mismatches: Family::default(),
             key_cap_refusals: Family::default(),
+            node_id_takeovers: Counter::default(),
+            inference_blip_waits: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -242,6 +249,16 @@ impl Metrics {
             "key_cap_refusals",
             "Work refused by a per-key cap, by entry point and cap",
             m.key_cap_refusals.clone(),
+        );
+        registry.register(
+            "node_id_takeovers",
+            "Registrations that took a node id over from a silent previous connection",
+            m.node_id_takeovers.clone(),
+        );
+        registry.register(
+            "inference_blip_waits",
+            "Requests for a recently served model with no node, by outcome (served, unavailable)",
+            m.inference_blip_waits.clone(),
         );
         m.ledger_healthy.set(1);
         Metrics { registry, ..m }

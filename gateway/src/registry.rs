@@ -4,6 +4,7 @@
 //! One mutex guards the maps and the router index together so a route never sees a node that is
 //! half inserted; every operation under it is O(1) or a bounded index search (no I/O, no await).
 
+use crate::recent_models::RecentModels;
 use crate::router::{
     Deny, LatLon, NodeId, NodeRouteInfo, NodeState as RouteState, RouteOutcome, RouteParams,
     RouterError, RouterIndex, Workload,
@@ -13,9 +14,9 @@ use nearpath_protocol::message::{Capacity, Gpu, Workloads};
 use serde::Serialize;
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 /// Lifecycle of a registered node.
@@ -277,6 +278,44 @@ impl NodeEntry {
 pub enum InsertError {
     /// A node with this id is connected under another operator.
     Duplicate { existing_operator: String },
+    /// A node with this id (same operator) is connected and live ([`holds_id`]): a second
+    /// instance running with the same id, or a restart before the old connection went quiet.
+    Live {
+        /// Since the live connection was last heard from (registration or heartbeat), in ms.
+        last_heard_ms_ago: u64,
+    },
+}
+
+/// Whether a registered node still holds its id against a new registration of the same id:
+/// its connection is open and it was heard from (registered or heartbeat) less than
+/// `stale_after_ms` before `now_ms`. A live holder is never displaced (the newcomer is refused
+/// with `Duplicate`); a silent one is taken over once by the newcomer (a restarted node whose old
+/// connection the gateway has not yet declared gone). Kept in one place so the liveness rule
+/// can change here alone.
+pub fn holds_id(old: &NodeEntry, now_ms: u64, stale_after_ms: u64) -> bool {
+    let d = old.dynamic();
+    id_held(
+        old.conn.close_reason().is_some() || d.state == NodeState::Gone,
+        d.last_heartbeat_ms,
+        now_ms,
+        stale_after_ms,
+    )
+}
+
+/// [`holds_id`] on plain values.
+pub fn id_held(closed: bool, last_heard_ms: u64, now_ms: u64, stale_after_ms: u64) -> bool {
+    !closed && now_ms.saturating_sub(last_heard_ms) < stale_after_ms
+}
+
+/// Where a model name stands for routing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelAvailability {
+    /// Some registered node serves it.
+    Served,
+    /// No node serves it now, but one did until `since_ms` (within `inference.model_grace_s`).
+    Gone { since_ms: u64 },
+    /// No node served it within the window (or ever).
+    Unknown,
 }
 
 struct Inner {
@@ -284,11 +323,17 @@ struct Inner {
     by_key: HashMap<NodeId, Arc<NodeEntry>>,
     router: RouterIndex,
     next_key: u64,
+    /// Models whose last node left recently.
+    recent: RecentModels,
 }
 
 /// The live-node registry.
 pub struct Registry {
     inner: Mutex<Inner>,
+    /// `inference.model_grace_s` in ms: how long a model is remembered after its last node left.
+    model_grace_ms: AtomicU64,
+    /// Bumped whenever a node registers, so that requests waiting for a node wake up.
+    joined: watch::Sender<u64>,
 }
 
 /// A reserved session slot on a node; released (and the router told) on drop.
@@ -317,25 +362,84 @@ impl Registry {
                 by_key: HashMap::new(),
                 router: RouterIndex::new(params)?,
                 next_key: 0,
+                recent: RecentModels::default(),
             }),
+            model_grace_ms: AtomicU64::new(600_000),
+            joined: watch::Sender::new(0),
         })
+    }
+
+    /// Sets how long a model is remembered after its last node left (`inference.model_grace_s`).
+    pub fn with_model_grace(self, grace: std::time::Duration) -> Self {
+        self.model_grace_ms
+            .store(grace.as_millis() as u64, Ordering::Relaxed);
+        self
+    }
+
+    fn model_grace_ms(&self) -> u64 {
+        self.model_grace_ms.load(Ordering::Relaxed)
+    }
+
+    /// A receiver that changes whenever a node registers (it never says which).
+    pub fn joins(&self) -> watch::Receiver<u64> {
+        self.joined.subscribe()
+    }
+
+    /// Whether `model` is served now, was served within the grace window, or is unknown.
+    pub fn model_availability(&self, model: &str, now_ms: u64) -> ModelAvailability {
+        let inner = self.lock();
+        if inner.router.serves(Workload::Model(model)) {
+            return ModelAvailability::Served;
+        }
+        match inner
+            .recent
+            .gone_since(model, now_ms, self.model_grace_ms())
+        {
+            Some(since_ms) => ModelAvailability::Gone { since_ms },
+            None => ModelAvailability::Unknown,
+        }
+    }
+
+    /// Models no node serves now that one served within the grace window, sorted.
+    pub fn recently_served_models(&self, now_ms: u64) -> Vec<String> {
+        self.lock().recent.names(now_ms, self.model_grace_ms())
+    }
+
+    /// Forgets `entry`'s models as served by it, remembering those no other node serves.
+    fn note_left(&self, inner: &mut Inner, entry: &NodeEntry, now_ms: u64) {
+        let Inner { router, recent, .. } = inner;
+        recent.node_left(
+            &entry.workloads.models,
+            |m| router.serves(Workload::Model(m)),
+            now_ms,
+            self.model_grace_ms(),
+        );
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Inserts a freshly registered node. A node with the same id and the same operator replaces
-    /// the old entry (returned so the caller can disconnect it); another operator's is refused.
+    /// Inserts a freshly registered node. Another operator's node with the same id is refused;
+    /// so is the same operator's while it is live ([`holds_id`] with `stale_after_ms`, checked
+    /// at the entry's `registered_at_ms`). A silent one is replaced (returned so the caller can
+    /// disconnect it): one takeover, after which the newcomer is the live holder.
     pub fn insert(
         &self,
         mut entry: NodeEntry,
+        stale_after_ms: u64,
     ) -> Result<(Arc<NodeEntry>, Option<Arc<NodeEntry>>), InsertError> {
         let mut inner = self.lock();
+        let now_ms = entry.registered_at_ms;
         let replaced = match inner.by_id.get(&entry.id) {
             Some(old) if old.operator_id != entry.operator_id => {
                 return Err(InsertError::Duplicate {
                     existing_operator: old.operator_id.clone(),
+                })
+            }
+            Some(old) if holds_id(old, now_ms, stale_after_ms) => {
+                return Err(InsertError::Live {
+                    last_heard_ms_ago: now_ms.saturating_sub(old.dynamic().last_heartbeat_ms),
                 })
             }
             Some(old) => Some(old.clone()),
@@ -352,6 +456,12 @@ impl Registry {
         inner.by_key.insert(entry.key, entry.clone());
         let info = entry.route_info();
         inner.router.upsert(entry.key, info);
+        inner.recent.node_joined(&entry.workloads.models);
+        if let Some(old) = &replaced {
+            self.note_left(&mut inner, old, now_ms);
+        }
+        drop(inner);
+        self.joined.send_modify(|n| *n = n.wrapping_add(1));
         Ok((entry, replaced))
     }
 
@@ -364,6 +474,7 @@ impl Registry {
             if inner.by_id.get(&entry.id).map(|e| e.key) == Some(entry.key) {
                 inner.by_id.remove(&entry.id);
             }
+            self.note_left(&mut inner, entry, crate::control::now_ms());
         }
     }
 
@@ -479,12 +590,12 @@ impl Registry {
         })
     }
 
-    /// Counts of live nodes by (state, country, first class), for metrics.
     /// Whether some registered node serves model `name`.
     pub fn serves_model(&self, name: &str) -> bool {
         self.lock().router.serves(Workload::Model(name))
     }
 
+    /// Counts of live nodes by (state, country, first class), for metrics.
     pub fn census(&self) -> HashMap<(NodeState, String, String), u64> {
         let mut m = HashMap::new();
         for e in self.lock().by_id.values() {
@@ -498,5 +609,22 @@ impl Registry {
             *m.entry((state, country, class)).or_insert(0) += 1;
         }
         m
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_live_node_holds_its_id_until_it_is_silent_for_the_takeover_interval() {
+        // Heard from at 10 s; takeover after 1 s of silence.
+        assert!(id_held(false, 10_000, 10_000, 1_000));
+        assert!(id_held(false, 10_000, 10_999, 1_000));
+        assert!(!id_held(false, 10_000, 11_000, 1_000));
+        // A closed connection holds nothing, however recent.
+        assert!(!id_held(true, 10_000, 10_000, 1_000));
+        // A clock that went backwards does not make a live node stale.
+        assert!(id_held(false, 10_000, 9_000, 1_000));
     }
 }

@@ -163,6 +163,9 @@ impl Gateway {
         let route_params = RouteParams::from(&config.routing);
         let registry =
             Registry::new(route_params).map_err(|e| GatewayError::Config(e.to_string()))?;
+        let registry = registry.with_model_grace(std::time::Duration::from_secs(
+            config.inference.model_grace_s,
+        ));
         let shared = Arc::new(Shared {
             geo,
             policy,

@@ -46,9 +46,11 @@
 //!
 //! # Lifetime
 //! A session ends on `DELETE`, when the game ends on the node, on gateway shutdown, and when the
-//! browser goes away: the peer connection fails or closes, stays disconnected for 5 s (ICE
-//! reports disconnected after ~5 s without traffic, so a killed browser is noticed in ~10 s),
-//! or never connects (ICE and DTLS) within `game.webrtc_connect_timeout_ms` (10 s) of the
+//! browser goes away: the peer connection fails or closes (at once), stays disconnected for
+//! `game.player_idle_timeout_ms` (3 s), the page's pings on the `input` channel stop for that
+//! long (the `/play` page pings every second; a page that never pinged is judged by ICE
+//! alone, so a killed browser is noticed in ~3 s with the page and ~8 s without), or never
+//! connects (ICE and DTLS) within `game.webrtc_connect_timeout_ms` (10 s) of the
 //! answer, which releases its node slot and its key's session cap. A failover is not an end: the relay moves the
 //! session to another node and the same peer connection carries its frames (from an IDR).
 //!
@@ -65,6 +67,8 @@
 //! {"t":"keyframe"}                                                       ask for an IDR
 //! {"t":"ping","id":7,"ts":…}                                             answered with a pong
 //! ```
+//! The `/play` page pings every second. Once a page has pinged, a channel silent for
+//! `game.player_idle_timeout_ms` means the player is gone (outcome `client_gone`).
 //! Gateway to page:
 //! ```text
 //! {"t":"frame","seq":…,"input_seq":…,"capture_ts_us":…,"encode_us":…,"gw_us":…,"rtp_ts":…,"key":false}
@@ -111,6 +115,7 @@ use crate::api::client_ip;
 use crate::game::{self, ClientEvent, FrameSink, Notice, Relay, StartError};
 use crate::http_util::{bearer, read_body, Body, BodyError, Resp};
 use crate::infer;
+use crate::player::ChannelSilence;
 use crate::server::Shared;
 use crate::store::ApiKey;
 use bytes::Bytes;
@@ -170,9 +175,6 @@ const PLAY_HTML: &str = include_str!("../static/play.html");
 /// Frames waiting for the session task; a full queue drops the newest frame (see
 /// [`FrameSink::Channel`]).
 const FRAME_QUEUE: usize = 8;
-/// A connection that stays disconnected (no ICE traffic for ~5 s, then this) is given up,
-/// sooner than the stack's own failure timeout (~25 s more).
-const DISCONNECT_GRACE: Duration = Duration::from_secs(5);
 /// Host candidates gather in milliseconds; this only bounds a pathological case.
 const GATHER_TIMEOUT: Duration = Duration::from_secs(3);
 /// RTP packet size, leaving room for SRTP and IP/UDP headers under common path MTUs.
@@ -1684,13 +1686,35 @@ async fn tell(dc: &Option<Arc<dyn DataChannel>>, msg: &str) {
 }
 
 /// Reads the page's messages: input goes straight to the node, the rest to the session task.
+///
+/// A page that has pinged once is expected to keep pinging (the `/play` page does, every
+/// second): when nothing arrives for `idle`, the player is gone and the session ends
+/// ([`ChannelSilence`]).
 async fn read_input(
     dc: Arc<dyn DataChannel>,
     relay: Arc<Relay>,
     events: mpsc::Sender<ClientEvent>,
     counters: Arc<Counters>,
+    idle: Duration,
 ) {
-    while let Some(ev) = dc.poll().await {
+    let mut silence = ChannelSilence::new(idle);
+    loop {
+        let ev = match silence.poll_deadline() {
+            Some(deadline) => {
+                match tokio::time::timeout_at(tokio::time::Instant::from_std(deadline), dc.poll())
+                    .await
+                {
+                    Ok(ev) => ev,
+                    Err(_) => {
+                        warn!("the page stopped pinging for {idle:?}; ending the session");
+                        let _ = events.send(ClientEvent::Lost).await;
+                        return;
+                    }
+                }
+            }
+            None => dc.poll().await,
+        };
+        let Some(ev) = ev else { break };
         let DataChannelEvent::OnMessage(msg) = ev else {
             if matches!(ev, DataChannelEvent::OnClose) {
                 break;
@@ -1701,6 +1725,7 @@ async fn read_input(
             counters.bad_messages.fetch_add(1, Ordering::Relaxed);
             continue;
         };
+        silence.handle_message(Instant::now(), matches!(m, PageMessage::Ping { .. }));
         if let Some((seq, ts, event)) = m.input() {
             let sent_us = ts
                 .filter(|t| t.is_finite() && *t > 0.0)
@@ -1780,6 +1805,9 @@ async fn run_session(
     // Armed until the browser connects, and again while it is disconnected: a player who does
     // not come (back) must not hold the node's slot.
     let connect_timeout = Duration::from_millis(shared.config.game.webrtc_connect_timeout_ms);
+    // A player whose connection stays disconnected this long (no ICE traffic for ~5 s, then
+    // this) is gone, sooner than the stack's own failure timeout (~25 s more).
+    let idle = Duration::from_millis(shared.config.game.player_idle_timeout_ms);
     let deadline = tokio::time::sleep(connect_timeout);
     tokio::pin!(deadline);
     let mut deadline_armed = true;
@@ -1808,12 +1836,16 @@ async fn run_session(
                         },
                         RTCPeerConnectionState::Connected => deadline_armed = false,
                         RTCPeerConnectionState::Disconnected if video.is_some() => {
-                            deadline.as_mut().reset(tokio::time::Instant::now() + DISCONNECT_GRACE);
+                            deadline.as_mut().reset(tokio::time::Instant::now() + idle);
                             deadline_armed = true;
                         }
-                        RTCPeerConnectionState::Failed | RTCPeerConnectionState::Closed => {
+                        RTCPeerConnectionState::Failed => {
+                            let _ = events.send(ClientEvent::Lost).await;
+                            break "peer connection failed";
+                        }
+                        RTCPeerConnectionState::Closed => {
                             let _ = events.send(ClientEvent::Gone).await;
-                            break "peer connection ended";
+                            break "peer connection closed";
                         }
                         _ => {}
                     }
@@ -1822,7 +1854,7 @@ async fn run_session(
                     let label = channel.label().await.unwrap_or_default();
                     if label == INPUT_LABEL && dc.is_none() {
                         tokio::spawn(
-                            read_input(channel.clone(), relay.clone(), events.clone(), counters.clone()).in_current_span(),
+                            read_input(channel.clone(), relay.clone(), events.clone(), counters.clone(), idle).in_current_span(),
                         );
                         dc = Some(channel);
                     } else {
@@ -1890,12 +1922,13 @@ async fn run_session(
                 None => break "the game session ended",
             },
             _ = &mut deadline, if deadline_armed => {
-                let _ = events.send(ClientEvent::Gone).await;
                 if video.is_none() {
+                    let _ = events.send(ClientEvent::Gone).await;
                     warn!("the browser did not connect within {connect_timeout:?}");
                     break "connect timeout";
                 }
-                warn!("the browser stayed disconnected for {DISCONNECT_GRACE:?}");
+                let _ = events.send(ClientEvent::Lost).await;
+                warn!("the browser stayed disconnected for {idle:?}");
                 break "disconnected";
             }
             _ = handle.stop.cancelled() => {
@@ -1928,6 +1961,39 @@ async fn run_session(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_well_formed_pings_count_as_a_live_page() {
+        // A ping is validated like input: what does not parse is a bad message, not a sign of
+        // life, so garbage cannot stand in for the page's pings.
+        assert_eq!(
+            PageMessage::parse(br#"{"t":"ping","id":7}"#),
+            Some(PageMessage::Ping { id: 7, ts: None })
+        );
+        assert!(matches!(
+            PageMessage::parse(br#"{"t":"ping","id":7,"ts":1718000000000.5}"#),
+            Some(PageMessage::Ping { id: 7, ts: Some(_) })
+        ));
+        for bad in [
+            &br#"{"t":"ping"}"#[..],
+            br#"{"t":"ping","id":-1}"#,
+            br#"{"t":"ping","id":"7"}"#,
+            br#"{"t":"ping","id":7,"ts":"now"}"#,
+            br#"{"t":"ping","id":1e30}"#,
+            br#"{"t":"pong","id":7}"#,
+        ] {
+            assert_eq!(
+                PageMessage::parse(bad),
+                None,
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        let mut huge = br#"{"t":"ping","id":7,"pad":""#.to_vec();
+        huge.extend(std::iter::repeat_n(b'x', MAX_INPUT_MESSAGE));
+        huge.extend(br#""}"#);
+        assert_eq!(PageMessage::parse(&huge), None);
+    }
 
     #[test]
     fn level_follows_size_and_rate() {

@@ -1,8 +1,10 @@
 //! Native client library for ALPN `nearpath/1`: inference streams and play sessions.
 
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use thiserror::Error;
@@ -16,13 +18,32 @@ use crate::message::{
 };
 use crate::net::{self, NetError};
 use crate::stream::{self, FramedRecv, StreamError};
-use crate::tls::{self, ServerVerify, TlsError};
+use crate::tls::{self, ServerVerify, TlsError, TransportOptions};
 use crate::{
     app_code, unix_micros, ALPN_CLIENT, MAX_CONTROL_FRAME, MAX_VIDEO_FRAME, PROTOCOL_VERSION,
 };
 
 /// Frames buffered between the frame reader task and the application.
 const FRAME_QUEUE: usize = 16;
+
+/// How long [`Client::close`] waits for the close to reach the gateway: long enough for the
+/// `CONNECTION_CLOSE` to be sent (and, on a working path, acknowledged by the gateway's own
+/// close), short enough that a player quitting over a dead path is not held up.
+pub const CLOSE_WAIT: Duration = Duration::from_millis(500);
+
+/// The transport a client connection uses unless told otherwise: a PING after 1 s of silence
+/// and an idle timeout of 3 s. A game session lives on its player's connection, so a player that
+/// vanishes without closing (killed process, lost network) must be noticed quickly on both ends:
+/// the idle timeout is the smaller of both ends' values, so the gateway drops the connection,
+/// and with it the session and its node slot, 3 s after the last packet. The keep-alive keeps a
+/// quiet connection (an app between requests) well inside that.
+pub fn client_transport() -> TransportOptions {
+    TransportOptions {
+        keep_alive: Some(Duration::from_secs(1)),
+        idle_timeout: Duration::from_secs(3),
+        ..TransportOptions::default()
+    }
+}
 
 /// Client errors. [`ClientError::is_retryable`] says whether trying again may help.
 #[derive(Debug, Error)]
@@ -152,7 +173,19 @@ impl Client {
         server_name: &str,
         verify: ServerVerify,
     ) -> Result<Client, ClientError> {
-        let config = tls::client_config(verify, &[ALPN_CLIENT])?;
+        Self::connect_with(bind, addr, server_name, verify, &client_transport()).await
+    }
+
+    /// [`Client::connect_from`] with explicit transport options instead of
+    /// [`client_transport`].
+    pub async fn connect_with(
+        bind: SocketAddr,
+        addr: SocketAddr,
+        server_name: &str,
+        verify: ServerVerify,
+        transport: &TransportOptions,
+    ) -> Result<Client, ClientError> {
+        let config = tls::client_config_with(verify, &[ALPN_CLIENT], transport)?;
         let (endpoint, _) = net::client_endpoint(bind, config, net::DEFAULT_RECV_BUFFER)?;
         let connecting = endpoint
             .connect(addr, server_name)
@@ -277,6 +310,7 @@ impl Client {
                 recv: control,
                 addr: self.addr,
                 finished: false,
+                closed: false,
             },
             frames: FrameStream {
                 rx: frames,
@@ -292,10 +326,13 @@ impl Client {
         })
     }
 
-    /// Closes the connection and waits until the gateway has been told.
+    /// Closes the connection (application close, code 0) and waits, at most [`CLOSE_WAIT`],
+    /// for the close to be sent. The gateway ends every session and request on the connection
+    /// at once (a game session's outcome is `client_left`). Call it before the process exits:
+    /// a close that was never sent leaves the gateway waiting for the idle timeout.
     pub async fn close(self) {
         self.conn.close(app_code::CLOSE_NORMAL, b"client closed");
-        self.endpoint.wait_idle().await;
+        let _ = tokio::time::timeout(CLOSE_WAIT, self.endpoint.wait_idle()).await;
     }
 
     async fn open(&self) -> Result<(quinn::SendStream, quinn::RecvStream), ClientError> {
@@ -318,6 +355,16 @@ impl Client {
             expected,
             got: got.name(),
         }
+    }
+}
+
+impl Drop for Client {
+    /// Dropping the client closes its connection, even while a [`PlaySession`] or one of its
+    /// parts is still held: the session lives on the connection, and a client that is gone must
+    /// not keep a node's slot until the idle timeout. The close is sent by the endpoint's task,
+    /// so the runtime must keep running for a moment; [`Client::close`] waits for it.
+    fn drop(&mut self) {
+        self.conn.close(app_code::CLOSE_NORMAL, b"client dropped");
     }
 }
 
@@ -540,12 +587,26 @@ impl PlaySession {
 }
 
 /// The play session's bidirectional control stream.
+///
+/// Dropping it (or the [`PlaySession`]) without [`PlayControl::close`] cancels the session: the
+/// stream is reset and the gateway ends the session at once (outcome `client_left`), so a
+/// session the application lost track of never keeps running on a live connection.
 #[derive(Debug)]
 pub struct PlayControl {
     send: quinn::SendStream,
     recv: FramedRecv,
     addr: SocketAddr,
     finished: bool,
+    /// `Close` was sent.
+    closed: bool,
+}
+
+impl Drop for PlayControl {
+    fn drop(&mut self) {
+        if !self.closed && !self.finished {
+            let _ = self.send.reset(app_code::STREAM_CANCELLED);
+        }
+    }
 }
 
 impl PlayControl {
@@ -599,6 +660,7 @@ impl PlayControl {
         stream::send(&mut self.send, &close)
             .await
             .map_err(|e| stream_err(self.addr, e))?;
+        self.closed = true;
         self.send
             .finish()
             .map_err(|e| stream_err(self.addr, e.into()))
@@ -692,5 +754,240 @@ impl InputSender {
                 source,
             })?;
         Ok(seq)
+    }
+}
+
+/// Counts a play session's frames by their `seq`: received, reordered (arrived after a later
+/// frame), duplicated, and missing (never received). Frames travel on their own streams, and the
+/// gateway forwards each as soon as its header is in, so a frame may overtake an earlier one on
+/// a path that reorders packets; that frame is late, not lost. A sequence number counts as
+/// missing once it is more than `window` frames behind the newest one (or at
+/// [`FrameSeqStats::finish`]) without having arrived; one that arrives later after all is
+/// counted `late` and no longer missing. Memory is bounded by the window whatever seqs a
+/// gateway sends.
+///
+/// The node's `seq` restarts when a session moves to another node: call
+/// [`FrameSeqStats::restart`] on [`ControlEvent::Resumed`]. A seq more than `window` below the
+/// newest is taken for such a restart too (the `Resumed` notice and the new node's first frames
+/// travel on different streams, so either may come first).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FrameSeqStats {
+    window: u64,
+    /// Newest seq of the current run (since the start or the last restart).
+    highest: Option<u64>,
+    /// Seqs below `highest` (and within the window) not received yet.
+    gaps: BTreeSet<u64>,
+    /// Frames received (duplicates excluded).
+    pub received: u64,
+    /// Frames that arrived after a frame with a higher seq.
+    pub reordered: u64,
+    /// Of those, frames that arrived after they had been counted missing.
+    pub late: u64,
+    /// Frames received twice.
+    pub duplicates: u64,
+    /// Seqs given up as missing so far (see [`FrameSeqStats::missing`]).
+    expired: u64,
+    /// Seqs counted missing in earlier runs (before a restart) or beyond the window.
+    given_up: BTreeSet<u64>,
+    /// Times the seq restarted (failovers).
+    pub restarts: u64,
+}
+
+impl Default for FrameSeqStats {
+    fn default() -> Self {
+        Self::new(FrameSeqStats::DEFAULT_WINDOW)
+    }
+}
+
+impl FrameSeqStats {
+    /// 2 s of frames at 60 fps: far longer than any frame can be overtaken (the relay gives a
+    /// frame up after `game.frame_budget_ms`).
+    pub const DEFAULT_WINDOW: u64 = 120;
+
+    /// Counts with a reordering window of `window` frames (at least 1).
+    pub fn new(window: u64) -> FrameSeqStats {
+        FrameSeqStats {
+            window: window.max(1),
+            highest: None,
+            gaps: BTreeSet::new(),
+            received: 0,
+            reordered: 0,
+            late: 0,
+            duplicates: 0,
+            expired: 0,
+            given_up: BTreeSet::new(),
+            restarts: 0,
+        }
+    }
+
+    /// Records a received frame's `seq`.
+    pub fn record(&mut self, seq: u64) {
+        let Some(highest) = self.highest else {
+            self.highest = Some(seq);
+            self.received += 1;
+            return;
+        };
+        if seq > highest {
+            // Everything skipped is a gap for now; only the last `window` seqs are remembered
+            // one by one (a bogus jump must not allocate), the rest are missing at once.
+            let skipped = seq - highest - 1;
+            let kept = skipped.min(self.window);
+            self.expired += skipped - kept;
+            self.gaps.extend(seq - kept..seq);
+            self.highest = Some(seq);
+            self.received += 1;
+            self.expire(seq);
+        } else if seq == highest {
+            self.duplicates += 1;
+        } else if highest - seq > self.window && !self.given_up.contains(&seq) {
+            // Far below anything recent and never a gap: the node's seq restarted.
+            self.restart();
+            self.record(seq);
+        } else if self.gaps.remove(&seq) {
+            self.received += 1;
+            self.reordered += 1;
+        } else if self.given_up.remove(&seq) {
+            self.received += 1;
+            self.reordered += 1;
+            self.late += 1;
+            self.expired -= 1;
+        } else {
+            self.duplicates += 1;
+        }
+    }
+
+    /// Starts a new run of seqs (the session moved to another node). Gaps of the old run are
+    /// missing from now on.
+    pub fn restart(&mut self) {
+        if self.highest.is_none() {
+            return;
+        }
+        self.expired += self.gaps.len() as u64;
+        self.gaps.clear();
+        self.given_up.clear();
+        self.highest = None;
+        self.restarts += 1;
+    }
+
+    /// Seqs never received: those given up so far plus, once [`FrameSeqStats::finish`] has run,
+    /// the gaps still open at the end.
+    pub fn missing(&self) -> u64 {
+        self.expired
+    }
+
+    /// Gaps not yet decided (within the window of the newest frame).
+    pub fn pending(&self) -> u64 {
+        self.gaps.len() as u64
+    }
+
+    /// Ends the count: every open gap is missing.
+    pub fn finish(&mut self) {
+        self.expired += self.gaps.len() as u64;
+        self.gaps.clear();
+    }
+
+    /// Moves gaps that fell out of the window behind `newest` to missing, remembering their
+    /// seqs (up to another window) so that a very late arrival is still recognised.
+    fn expire(&mut self, newest: u64) {
+        let floor = newest.saturating_sub(self.window);
+        while let Some(&gap) = self.gaps.first() {
+            if gap >= floor {
+                break;
+            }
+            self.gaps.remove(&gap);
+            self.expired += 1;
+            self.given_up.insert(gap);
+        }
+        let keep_from = floor.saturating_sub(self.window);
+        self.given_up = self.given_up.split_off(&keep_from);
+    }
+}
+
+#[cfg(test)]
+mod seq_tests {
+    use super::FrameSeqStats;
+
+    fn count(seqs: &[u64], window: u64) -> FrameSeqStats {
+        let mut s = FrameSeqStats::new(window);
+        for &q in seqs {
+            s.record(q);
+        }
+        s
+    }
+
+    #[test]
+    fn reordered_frames_are_not_missing() {
+        // 2 overtakes 1, 5 overtakes 4 and 3: nothing is lost.
+        let mut s = count(&[0, 2, 1, 5, 3, 4, 6], 120);
+        assert_eq!(s.pending(), 0);
+        s.finish();
+        assert_eq!(
+            (s.received, s.reordered, s.missing(), s.duplicates),
+            (7, 3, 0, 0)
+        );
+    }
+
+    #[test]
+    fn missing_is_what_never_arrived_by_the_end() {
+        let mut s = count(&[0, 1, 3, 4, 7], 120);
+        // 2, 5 and 6 may still come.
+        assert_eq!((s.missing(), s.pending()), (0, 3));
+        s.record(6);
+        s.finish();
+        assert_eq!((s.received, s.reordered, s.missing()), (6, 1, 2));
+    }
+
+    #[test]
+    fn gaps_older_than_the_window_are_missing_and_a_late_one_is_taken_back() {
+        let mut s = count(&[0, 2], 4);
+        // 1 is still pending; 4 frames later it is given up.
+        assert_eq!(s.missing(), 0);
+        for q in 3..=6 {
+            s.record(q);
+        }
+        assert_eq!((s.missing(), s.pending()), (1, 0));
+        // It arrives after all: late and reordered, no longer missing.
+        s.record(1);
+        assert_eq!((s.missing(), s.late, s.reordered), (0, 1, 1));
+        s.finish();
+        assert_eq!((s.received, s.missing()), (7, 0));
+    }
+
+    #[test]
+    fn duplicates_are_counted_apart() {
+        let mut s = count(&[0, 1, 1, 2, 0], 120);
+        s.finish();
+        assert_eq!((s.received, s.duplicates, s.missing()), (3, 2, 0));
+    }
+
+    #[test]
+    fn a_failover_restarts_the_count_without_inventing_gaps() {
+        // Explicit restart on `Resumed`: 3 was lost on the old node.
+        let mut s = count(&[0, 1, 2, 4], 120);
+        s.restart();
+        for q in 0..3 {
+            s.record(q);
+        }
+        s.finish();
+        assert_eq!(
+            (s.received, s.missing(), s.restarts, s.duplicates),
+            (7, 1, 1, 0)
+        );
+        // Frames of the new node before the `Resumed` notice: a seq far below is a restart.
+        let mut s = count(&(0..300).collect::<Vec<_>>(), 120);
+        s.record(0);
+        s.record(1);
+        s.finish();
+        assert_eq!((s.received, s.missing(), s.restarts), (302, 0, 1));
+    }
+
+    #[test]
+    fn a_huge_seq_jump_allocates_nothing_beyond_the_window() {
+        let mut s = count(&[0, u64::MAX - 1], 8);
+        assert_eq!(s.pending(), 8);
+        assert_eq!(s.missing(), u64::MAX - 2 - 8);
+        s.record(u64::MAX);
+        s.finish();
+        assert_eq!(s.missing(), u64::MAX - 2);
     }
 }

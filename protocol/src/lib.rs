@@ -30,8 +30,8 @@ pub mod strategies;
 mod tests;
 
 pub use client::{
-    Client, ClientError, ControlEvent, FrameStream, InferEvent, InferStream, InputSender,
-    PlayControl, PlayEvent, PlayParams, PlaySession, VideoFrame,
+    Client, ClientError, ControlEvent, FrameSeqStats, FrameStream, InferEvent, InferStream,
+    InputSender, PlayControl, PlayEvent, PlayParams, PlaySession, VideoFrame,
 };
 pub use codec::{decode_message, encode, encode_to_vec, DecodeError, Decoder};
 pub use frame::{FrameHeader, FrameHeaderError};

@@ -379,8 +379,9 @@ pub struct Done {
 }
 
 /// The request or session failed. Codes are snake-case and status-like: "unauthorized",
-/// "geofence", "no_capacity", "model_not_found", "rate_limited", "bad_request", "upstream",
-/// "version", "internal".
+/// "geofence", "no_capacity", "model_not_found", "model_unavailable" (retryable: a recently
+/// served model has no node right now), "rate_limited", "bad_request", "upstream", "version",
+/// "internal".
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ErrorInfo {
     /// Machine-readable code.

@@ -1061,9 +1061,35 @@ pub fn models_list(models: &[(&str, u64, &str)]) -> String {
     out
 }
 
+/// `GET /v1/models` with availability: every entry also carries `"available"`, false for a model
+/// that was served recently but has no node right now (requests for it are 503
+/// `model_unavailable` until a node returns).
+pub fn models_list_with_availability(models: &[(&str, u64, &str, bool)]) -> String {
+    let mut out = String::with_capacity(32 + models.len() * 96);
+    out.push_str("{\"object\":\"list\",\"data\":[");
+    for (i, (id, created, owned_by, available)) in models.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str("{\"id\":");
+        push_json_str(&mut out, id);
+        let _ = write!(
+            out,
+            ",\"object\":\"model\",\"created\":{created},\"owned_by\":"
+        );
+        push_json_str(&mut out, owned_by);
+        let _ = write!(out, ",\"available\":{available}}}");
+    }
+    out.push_str("]}");
+    out
+}
+
 // ---------------------------------------------------------------------------------------------
 // Errors
 // ---------------------------------------------------------------------------------------------
+
+/// The error code of [`ApiError::model_unavailable`].
+pub const MODEL_UNAVAILABLE: &str = "model_unavailable";
 
 /// An OpenAI-shaped error: the HTTP status plus `{"error":{"message","type","param","code"}}`.
 /// The constructors below are the errors Nearpath sends; the official client picks its exception
@@ -1185,6 +1211,21 @@ impl ApiError {
             Some("model_not_found"),
             Some("model".to_owned()),
             format!("The model `{model}` does not exist or you do not have access to it."),
+        )
+    }
+
+    /// 503: the model was served recently but no node serves it now (a node blip or restart);
+    /// retryable, sent with `Retry-After` and `x-should-retry: true` (code `model_unavailable`).
+    pub fn model_unavailable(model: &str) -> Self {
+        Self::new(
+            503,
+            "server_error",
+            Some(MODEL_UNAVAILABLE),
+            Some("model".to_owned()),
+            format!(
+                "The model `{model}` is temporarily unavailable: no node serves it right now. \
+                 Please retry."
+            ),
         )
     }
 
@@ -2053,6 +2094,27 @@ mod tests {
             models_list(&[("a", 1, "nearpath"), ("b/c", 2, "op")]),
             r#"{"object":"list","data":[{"id":"a","object":"model","created":1,"owned_by":"nearpath"},{"id":"b/c","object":"model","created":2,"owned_by":"op"}]}"#
         );
+    }
+
+    #[test]
+    fn models_list_with_availability_exact() {
+        assert_eq!(
+            models_list_with_availability(&[
+                ("a", 1, "nearpath", true),
+                ("b", 2, "nearpath", false)
+            ]),
+            r#"{"object":"list","data":[{"id":"a","object":"model","created":1,"owned_by":"nearpath","available":true},{"id":"b","object":"model","created":2,"owned_by":"nearpath","available":false}]}"#
+        );
+    }
+
+    #[test]
+    fn a_model_unavailable_error_is_a_retryable_503() {
+        let e = ApiError::model_unavailable("m");
+        assert_eq!((e.status, e.should_retry()), (503, true));
+        assert_eq!(e.code.as_deref(), Some(MODEL_UNAVAILABLE));
+        assert!(e
+            .body()
+            .contains(r#""type":"server_error","param":"model","code":"model_unavailable""#));
     }
 
     #[test]

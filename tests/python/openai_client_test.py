@@ -54,8 +54,11 @@ check("completions streaming", "".join(c.choices[0].text for c in chunks if c.ch
 r = client.chat.completions.create(model=model, messages=msgs, max_tokens=50, stop=[" the"], temperature=0.2)
 check("stop and temperature accepted", r.choices[0].finish_reason in ("stop", "length"), r)
 
-models = [m.id for m in client.models.list()]
+listed = list(client.models.list())
+models = [m.id for m in listed]
 check("models list", model in models, models)
+# Nearpath's extra field (false while a model's nodes are all gone): the client keeps it.
+check("models carry availability", all(getattr(m, "available", None) is True for m in listed), listed)
 
 try:
     OpenAI(base_url=base, api_key="sk-wrong", max_retries=0).chat.completions.create(model=model, messages=msgs)

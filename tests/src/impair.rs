@@ -357,14 +357,14 @@ async fn run_up(
             _ = stop.cancelled() => return,
             r = socket.recv_from(&mut buf) => {
                 let Ok((n, from)) = r else { continue };
-                if !flows.contains_key(&from) {
+                if let std::collections::hash_map::Entry::Vacant(flow) = flows.entry(from) {
                     let Ok(up) = UdpSocket::bind(SocketAddr::new(upstream_ip, 0)).await else { continue };
                     if up.connect(target).await.is_err() {
                         continue;
                     }
                     let up = Arc::new(up);
                     tokio::spawn(run_down(up.clone(), socket.clone(), from, shared.clone(), stop.clone()));
-                    flows.insert(from, up);
+                    flow.insert(up);
                 }
                 // The flow's upstream socket is found again at departure by the source address.
                 admit(&shared, &shared.up, &shared.up_stats, &mut seq, &mut heap, &buf[..n], from);

@@ -1171,3 +1171,70 @@ async fn a_killed_browser_ends_its_session_within_15_seconds() {
     node.stop().await.unwrap();
     gw.stop().await;
 }
+
+/// A player who closes the tab or whose browser dies is gone within
+/// `game.player_idle_timeout_ms` (3 s): the page pings on its `input` channel every second and
+/// the gateway ends the session when the pings stop (or at once when the peer connection
+/// closes), instead of waiting for ICE to report the connection disconnected (~5 s) and a grace
+/// period after that (5 s more before).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_tab_or_killed_browser_ends_its_session_within_the_idle_timeout() {
+    let _one = ONE_BROWSER_AT_A_TIME.lock().await;
+    let gw = TestGateway::start(|_| {}).await;
+    let idle = Duration::from_millis(gw.shared.config.game.player_idle_timeout_ms);
+    // Slack for a loaded 2-core machine decoding video in software.
+    let margin = Duration::from_millis(1500);
+    let mut node = TestNode::start(with_arena(gw.node_config("de-1", &gw.token)), ip(DE));
+    node.registered().await;
+    let browser = Browser::launch().await;
+
+    let page = browser.open(&play_url(&gw, 640, 360, 30)).await;
+    // Decoding, and pinging: a pong came back.
+    let playing = |s: &Value| {
+        num(s, "framesDecoded") > 10.0 && s.get("dcRttMs").is_some_and(|v| v.is_number())
+    };
+    wait_stats(
+        &page,
+        "decoding and pinging",
+        Duration::from_secs(30),
+        playing,
+    )
+    .await;
+    let _ = page.call("Page.close", serde_json::json!({})).await;
+    let closed = Instant::now();
+    wait_sessions(&gw, "the closed tab's session to end", idle + margin, |l| {
+        l.is_empty()
+    })
+    .await;
+    println!(
+        "the session ended {:?} after its tab was closed",
+        closed.elapsed()
+    );
+    wait_slots_in_use(&gw, 0).await;
+
+    let page = browser.open(&play_url(&gw, 640, 360, 30)).await;
+    wait_stats(
+        &page,
+        "decoding and pinging",
+        Duration::from_secs(30),
+        playing,
+    )
+    .await;
+    drop(page);
+    drop(browser);
+    let killed = Instant::now();
+    wait_sessions(
+        &gw,
+        "the killed browser's session to end",
+        idle + margin,
+        |l| l.is_empty(),
+    )
+    .await;
+    println!(
+        "the session ended {:?} after the browser was killed",
+        killed.elapsed()
+    );
+    wait_slots_in_use(&gw, 0).await;
+    node.stop().await.unwrap();
+    gw.stop().await;
+}

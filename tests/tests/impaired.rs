@@ -1,9 +1,13 @@
-//! The impaired suite: game and inference sessions over a node path with loss, jitter,
-//! reordering, rate limits and blackouts (issue 10), through the seeded UDP relay in
-//! `nearpath_tests::impair`. Each test is named after the measured row it guards.
+//! The impaired suite (issue 10, "Degrade, don't collapse"): nodes and clients behind the seeded
+//! UDP impairment relay (`nearpath_tests::impair`), one test per measured failure, each named
+//! after what it guards.
 
 #[path = "common/mod.rs"]
 mod common;
 
+#[path = "impaired/infer.rs"]
+mod infer;
 #[path = "impaired/media.rs"]
 mod media;
+#[path = "impaired/player.rs"]
+mod player;

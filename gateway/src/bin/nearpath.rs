@@ -3,7 +3,9 @@
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
-use nearpath_protocol::{Client, ControlEvent, InferEvent, InputEvent, PlayParams, ServerVerify};
+use nearpath_protocol::{
+    Client, ControlEvent, FrameSeqStats, InferEvent, InputEvent, PlayParams, ServerVerify,
+};
 use std::collections::HashMap;
 use std::io::Write;
 use std::net::SocketAddr;
@@ -159,6 +161,19 @@ async fn connect(c: &Conn) -> anyhow::Result<Client> {
 
 async fn infer(conn: Conn, model: String, max_tokens: u32, prompt: String) -> anyhow::Result<()> {
     let client = connect(&conn).await?;
+    let result = infer_on(&client, &conn, model, max_tokens, prompt).await;
+    // Whatever happened, tell the gateway before the process exits.
+    client.close().await;
+    result
+}
+
+async fn infer_on(
+    client: &Client,
+    conn: &Conn,
+    model: String,
+    max_tokens: u32,
+    prompt: String,
+) -> anyhow::Result<()> {
     let body = serde_json::json!({
         "model": model, "stream": true, "max_tokens": max_tokens,
         "messages": [{"role": "user", "content": prompt}],
@@ -219,6 +234,21 @@ async fn play(
     seconds: f64,
 ) -> anyhow::Result<()> {
     let client = connect(&conn).await?;
+    let result = play_on(&client, &conn, params, out, seconds).await;
+    // However the session ended (its time is up, the gateway ended it, Ctrl-C, an error), the
+    // connection is closed cleanly and the close is sent before the process exits: the gateway
+    // then ends the session and frees its node slot at once, instead of after the idle timeout.
+    client.close().await;
+    result
+}
+
+async fn play_on(
+    client: &Client,
+    conn: &Conn,
+    params: PlayParams,
+    out: Option<PathBuf>,
+    seconds: f64,
+) -> anyhow::Result<()> {
     let session = client.play(&conn.key, params.clone()).await?;
     let started = *session.started();
     eprintln!(
@@ -257,28 +287,31 @@ async fn play(
     });
     let deadline = tokio::time::Instant::now() + Duration::from_secs_f64(seconds);
     let t0 = Instant::now();
-    let (mut count, mut bytes, mut gaps, mut keyframes) = (0u64, 0u64, 0u64, 0u64);
-    let mut last_seq: Option<u64> = None;
+    let (mut count, mut bytes, mut keyframes) = (0u64, 0u64, 0u64);
+    // Frames travel on their own streams and may overtake each other: a late frame is not a
+    // missing one.
+    let mut seqs = FrameSeqStats::default();
     let mut net_ms = Vec::new();
     let mut i2p_ms = Vec::new();
     let mut last_input_seen = 0u64;
     let mut pauses = 0u32;
     let mut ended: Option<String> = None;
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
     loop {
         tokio::select! {
             _ = tokio::time::sleep_until(deadline) => break,
+            _ = &mut ctrl_c => {
+                eprintln!("interrupted");
+                break;
+            }
             f = frames.next() => match f? {
                 Some(f) => {
                     let now = now_us();
                     count += 1;
                     bytes += f.payload.len() as u64;
                     keyframes += f.header.keyframe as u64;
-                    if let Some(prev) = last_seq {
-                        if f.header.seq > prev + 1 {
-                            gaps += f.header.seq - prev - 1;
-                        }
-                    }
-                    last_seq = Some(last_seq.map_or(f.header.seq, |p| p.max(f.header.seq)));
+                    seqs.record(f.header.seq);
                     net_ms.push(now.saturating_sub(f.header.capture_ts_us) as f64 / 1000.0);
                     if f.header.input_seq > last_input_seen {
                         last_input_seen = f.header.input_seq;
@@ -294,7 +327,11 @@ async fn play(
             },
             c = control.next() => match c? {
                 Some(ControlEvent::Paused(p)) => { pauses += 1; eprintln!("paused: {}", p.reason); }
-                Some(ControlEvent::Resumed) => eprintln!("resumed"),
+                Some(ControlEvent::Resumed) => {
+                    // The session moved to another node, whose frames count from 0 again.
+                    seqs.restart();
+                    eprintln!("resumed");
+                }
                 Some(ControlEvent::Ended(e)) => { ended = Some(e.reason); break; }
                 Some(ControlEvent::Error(e)) => bail!("{} ({})", e.message, e.code),
                 None => break,
@@ -302,13 +339,32 @@ async fn play(
         }
     }
     script.abort();
-    let _ = control.close("done").await;
+    if ended.is_none() {
+        // Say why the session ends (outcome `ok`) and wait until the gateway has taken it (it
+        // finishes the control stream) before the connection closes. Bounded: a gateway that
+        // does not answer must not hold the player up; the close that follows ends the session
+        // anyway.
+        let _ = tokio::time::timeout(Duration::from_millis(500), async {
+            if control.close("done").await.is_ok() {
+                while let Ok(Some(ev)) = control.next().await {
+                    if matches!(ev, ControlEvent::Ended(_) | ControlEvent::Error(_)) {
+                        break;
+                    }
+                }
+            }
+        })
+        .await;
+    }
+    seqs.finish();
     let secs = t0.elapsed().as_secs_f64();
     println!(
-        "frames {count} in {secs:.2} s = {:.1} fps (target {}), {:.2} Mbit/s, keyframes {keyframes}, missing/dropped {gaps}, pauses {pauses}",
+        "frames {count} in {secs:.2} s = {:.1} fps (target {}), {:.2} Mbit/s, keyframes {keyframes}, missing/dropped {}, reordered {}, duplicates {}, pauses {pauses}",
         count as f64 / secs,
         started.fps,
-        bytes as f64 * 8.0 / secs / 1e6
+        bytes as f64 * 8.0 / secs / 1e6,
+        seqs.missing(),
+        seqs.reordered,
+        seqs.duplicates
     );
     println!(
         "network latency (capture -> receive) p50 {:.2} ms, p95 {:.2} ms; input-to-photon p50 {:.2} ms, p95 {:.2} ms ({} samples)",
