@@ -552,10 +552,10 @@ struct RateGate {
 
 impl FrameGate for RateGate {
     fn admit(&self, index: u64) -> bool {
-        let cwnd = self.conn.stats().path.cwnd;
+        let path = self.conn.stats().path;
         let now = Instant::now();
         let mut r = lock(&self.rate);
-        r.handle_path(now, cwnd);
+        r.handle_path(now, path.cwnd, path.rtt);
         r.poll_slot(now, index) == SlotDecision::Encode
     }
 }

@@ -167,6 +167,8 @@ pub struct RateController {
     in_flight_bytes: u64,
     /// Congestion window quinn reported last, in bytes.
     cwnd: Option<u64>,
+    /// quinn's smoothed round-trip time, last reported.
+    srtt: Option<Duration>,
     /// (when, send-to-ack delay) of recent acknowledgements.
     recent: VecDeque<(Instant, Duration)>,
     /// The base RTT and when that minimum was seen.
@@ -207,6 +209,7 @@ impl RateController {
             in_flight: BTreeMap::new(),
             in_flight_bytes: 0,
             cwnd: None,
+            srtt: None,
             recent: VecDeque::new(),
             base: None,
             next_base: None,
@@ -243,9 +246,11 @@ impl RateController {
         }
     }
 
-    /// What quinn says about the path now: its congestion window in bytes.
-    pub fn handle_path(&mut self, _now: Instant, cwnd: u64) {
+    /// What quinn says about the path now: its congestion window in bytes and its smoothed
+    /// round-trip time.
+    pub fn handle_path(&mut self, _now: Instant, cwnd: u64, srtt: Duration) {
         self.cwnd = Some(cwnd);
+        self.srtt = Some(srtt);
     }
 
     /// Decides frame slot `index` (the pacer's slot number) before anything is rendered.
@@ -274,7 +279,15 @@ impl RateController {
         // (200 ms while none is measured) and the allowance ago. This covers the start, before
         // any rate is known, and a path that stopped (a blackout): frames sent now would queue.
         // A frame held up by one retransmission does not count, as later ones are acknowledged.
-        let expected = self.base_rtt().unwrap_or(Duration::from_millis(200));
+        // The round trip is the larger of the base and quinn's smoothed one, plus half of that:
+        // on a jittery path most frames take well over the minimum.
+        let expected = match (self.base_rtt(), self.srtt) {
+            (None, None) => Duration::from_millis(200),
+            (b, s) => {
+                let rtt = b.unwrap_or_default().max(s.unwrap_or_default());
+                rtt + rtt / 2
+            }
+        };
         let progressed = self.last_ack.is_some_and(|a| a >= oldest);
         if !progressed
             && now.saturating_duration_since(oldest) > expected + self.cfg.queue_allowance
@@ -673,7 +686,7 @@ mod tests {
                 }
                 let slot = next_slot;
                 next_slot += 1;
-                rc.handle_path(now, self.cwnd.min(self.bbr_cwnd()));
+                rc.handle_path(now, self.cwnd.min(self.bbr_cwnd()), self.one_way * 2);
                 if let Some(b) = rc.poll_bitrate() {
                     bitrate = b;
                 }
@@ -767,7 +780,7 @@ mod tests {
         let t0 = Instant::now();
         let mut rc = RateController::new(t0, cfg(8000));
         assert_eq!(rc.poll_slot(t0, 0), SlotDecision::Encode);
-        rc.handle_path(t0, 30_000);
+        rc.handle_path(t0, 30_000, 20 * MS);
         rc.handle_sent(t0, 0, 20_000, false);
         assert_eq!(rc.poll_slot(t0 + 16 * MS, 1), SlotDecision::Encode);
         rc.handle_sent(t0 + 16 * MS, 1, 20_000, false);
