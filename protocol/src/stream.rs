@@ -361,6 +361,8 @@ pub async fn relay_frame_by(
             return Ok(Relayed::Abandoned);
         }
     };
+    // The client's session stream (control notices) goes before video on its connection.
+    let _ = send.set_priority(priority::VIDEO_FRAME);
     let abandon = |send: &mut quinn::SendStream, recv: &mut quinn::RecvStream, code| {
         let _ = send.reset(code);
         let _ = recv.stop(app_code::STREAM_ABORTED);
