@@ -30,3 +30,4 @@ pub use node::{
     EncoderConfig, GameEntry, GameSource, GpuClassPattern, GpuSpec, ModelConfig, NodeConfig,
     NodeGatewayConfig, NodeIdentity, CPU_GPU_CLASS, UNKNOWN_GPU_CLASS,
 };
+pub use node::{CongestionController, MediaConfig, NodeQuicConfig};

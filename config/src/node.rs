@@ -49,6 +49,12 @@ pub struct NodeConfig {
     /// `[encoder]`: the H.264 encoder.
     #[serde(default)]
     pub encoder: EncoderConfig,
+    /// `[media]`: how game frames are sent to the gateway (congestion control).
+    #[serde(default)]
+    pub media: MediaConfig,
+    /// `[quic]`: the node's QUIC connection to the gateway.
+    #[serde(default)]
+    pub quic: NodeQuicConfig,
     /// `[log]`: logging.
     #[serde(default)]
     pub log: LogConfig,
@@ -458,6 +464,68 @@ impl Default for EncoderConfig {
     }
 }
 
+/// `[media]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MediaConfig {
+    /// The lowest bitrate a game session's encoder is lowered to when the path to the gateway
+    /// is congested, in kbit/s; below it the frame rate falls instead (down to a quarter). A
+    /// session asking for less gets its own bitrate. Default: 300.
+    pub min_bitrate_kbps: u32,
+    /// A video frame not acknowledged by the gateway this long after the path's base round trip
+    /// is reset (its unsent bytes dropped) and the next frame is a keyframe, in milliseconds.
+    /// Default: 200.
+    pub max_frame_delay_ms: u64,
+    /// Queueing delay on the path (the recent minimum of frame acknowledgement times above the
+    /// base round trip) above which the encoder's bitrate backs off, in milliseconds.
+    /// Default: 40.
+    pub queue_delay_threshold_ms: u64,
+}
+
+impl Default for MediaConfig {
+    fn default() -> Self {
+        Self {
+            min_bitrate_kbps: 300,
+            max_frame_delay_ms: 200,
+            queue_delay_threshold_ms: 40,
+        }
+    }
+}
+
+/// A QUIC congestion controller, as `[quic] congestion` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CongestionController {
+    /// BBR: paces at the measured bottleneck rate; random loss does not shrink its window.
+    Bbr,
+    /// CUBIC: loss-based; every loss shrinks its window.
+    Cubic,
+    /// NewReno: loss-based, the most conservative.
+    NewReno,
+}
+
+/// `[quic]` (node).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeQuicConfig {
+    /// Congestion controller of what the node sends (video frames, tokens, heartbeats):
+    /// "bbr", "cubic" or "new_reno". Default: "bbr" (README, "Congestion control").
+    pub congestion: CongestionController,
+    /// Packets acknowledged after a missing one before it counts as lost (reordering
+    /// tolerance), at least 3; quinn also declares a packet lost 9/8 of a round trip after a
+    /// later one was acknowledged, whatever this says. Default: 3.
+    pub reorder_packet_threshold: u32,
+}
+
+impl Default for NodeQuicConfig {
+    fn default() -> Self {
+        Self {
+            congestion: CongestionController::Bbr,
+            reorder_packet_threshold: 3,
+        }
+    }
+}
+
 impl NodeConfig {
     /// A configuration with the given identity and gateway and every other section defaulted:
     /// no GPUs declared, no models, no games.
@@ -472,6 +540,8 @@ impl NodeConfig {
             models: Vec::new(),
             games: Vec::new(),
             encoder: EncoderConfig::default(),
+            media: MediaConfig::default(),
+            quic: NodeQuicConfig::default(),
             log: LogConfig::default(),
         }
     }
@@ -524,6 +594,21 @@ impl NodeConfig {
         self.check_workloads(p);
         p.positive("encoder.idr_interval_s", self.encoder.idr_interval_s);
         p.positive("encoder.threads", self.encoder.threads);
+        p.positive("media.min_bitrate_kbps", self.media.min_bitrate_kbps);
+        p.positive("media.max_frame_delay_ms", self.media.max_frame_delay_ms);
+        p.positive(
+            "media.queue_delay_threshold_ms",
+            self.media.queue_delay_threshold_ms,
+        );
+        if self.quic.reorder_packet_threshold < 3 {
+            p.push(
+                "quic.reorder_packet_threshold",
+                format!(
+                    "{} is below 3, the least QUIC allows (RFC 9002)",
+                    self.quic.reorder_packet_threshold
+                ),
+            );
+        }
         self.log.check(p);
     }
 

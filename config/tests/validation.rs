@@ -761,6 +761,25 @@ unknown_location = "deny"
 }
 
 #[test]
+fn node_media_and_quic_checks() {
+    let errs = node(
+        "[media]\nmin_bitrate_kbps = 0\nmax_frame_delay_ms = 0\nqueue_delay_threshold_ms = 0\n\
+         [quic]\ncongestion = \"bbr\"\nreorder_packet_threshold = 2\n",
+    );
+    for path in [
+        "media.min_bitrate_kbps",
+        "media.max_frame_delay_ms",
+        "media.queue_delay_threshold_ms",
+        "quic.reorder_packet_threshold",
+    ] {
+        assert!(errs.iter().any(|e| e.contains(path)), "{path}: {errs:?}");
+    }
+    let errs = node("[quic]\ncongestion = \"vegas\"\n");
+    assert!(errs.iter().any(|e| e.contains("quic.congestion")), "{errs:?}");
+    assert!(node("[quic]\ncongestion = \"new_reno\"\n").is_empty());
+}
+
+#[test]
 fn blip_windows_are_bounded() {
     let text = r#"
 [inference]

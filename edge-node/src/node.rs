@@ -8,8 +8,11 @@ use nearpath_config::NodeConfig;
 use nearpath_protocol::message::{
     Capacity, Drain, Gpu, Heartbeat, Message, Register, RejectCode, Workloads,
 };
+use nearpath_protocol::stream::priority;
 use nearpath_protocol::stream::{send, FramedRecv};
-use nearpath_protocol::tls::{client_config, parse_sha256_hex, ServerVerify};
+use nearpath_protocol::tls::{
+    client_config_with, parse_sha256_hex, ServerVerify, TransportOptions,
+};
 use nearpath_protocol::{ALPN_NODE, MAX_CONTROL_FRAME, PROTOCOL_VERSION};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -175,7 +178,11 @@ impl EdgeNode {
     }
 
     async fn run_inner(self, shutdown: CancellationToken) -> Result<(), NodeError> {
-        let client_cfg = client_config(self.verify.clone(), &[ALPN_NODE])?;
+        let client_cfg = client_config_with(
+            self.verify.clone(),
+            &[ALPN_NODE],
+            &transport_options(&self.config),
+        )?;
         let gw = &self.config.gateway;
         let mut backoff = Backoff::new(
             Duration::from_millis(gw.reconnect_initial_ms),
@@ -300,6 +307,9 @@ impl EdgeNode {
                 )))
             }
         };
+        // Heartbeats and control messages go before anything else the node sends, so a
+        // congested video stream never makes the node look gone.
+        let _ = ctl_send.set_priority(priority::CONTROL);
         let mut ctl = FramedRecv::new(ctl_recv, MAX_CONTROL_FRAME);
         if let Err(e) = send(&mut ctl_send, &Message::Register(self.register_message())).await {
             return Ok(ConnEnd::Reconnect(format!("sending Register: {e}")));
@@ -496,6 +506,22 @@ fn host_part(address: &str) -> &str {
         return rest.split(']').next().unwrap_or(rest);
     }
     address.rsplit_once(':').map(|(h, _)| h).unwrap_or(address)
+}
+
+/// The node's QUIC transport: quinn's defaults plus the configured congestion controller and
+/// reordering tolerance (`[quic]`).
+pub fn transport_options(config: &NodeConfig) -> TransportOptions {
+    use nearpath_config::CongestionController as C;
+    use nearpath_protocol::tls::Congestion;
+    TransportOptions {
+        congestion: match config.quic.congestion {
+            C::Bbr => Congestion::Bbr,
+            C::Cubic => Congestion::Cubic,
+            C::NewReno => Congestion::NewReno,
+        },
+        packet_threshold: Some(config.quic.reorder_packet_threshold),
+        ..TransportOptions::default()
+    }
 }
 
 #[cfg(test)]

@@ -1,15 +1,16 @@
 //! Session streams the gateway opens on the node's connection: one bidirectional stream per
 //! session, `Open` first, then tokens (inference) or control messages (game).
 
-use crate::game::{GameSession, InputOutcome};
+use crate::game::rate::{FrameOutcome, RateConfig, RateController, SlotDecision};
+use crate::game::{EncodedFrame, FrameGate, GameSession, InputOutcome};
 use crate::inference::{BackendError, BackendEvent, ModelRegistry};
-use nearpath_config::{EncoderConfig, GameEntry, NodeConfig};
+use nearpath_config::{EncoderConfig, GameEntry, MediaConfig, NodeConfig};
 use nearpath_protocol::message::{
     Accepted, Done, ErrorInfo, Message, Open, RefuseCode, Refused, SessionKind, Token,
 };
 use nearpath_protocol::message::{Ended, GameParams};
 use nearpath_protocol::openai::{Endpoint, InferenceRequest};
-use nearpath_protocol::stream::{send, FramedRecv};
+use nearpath_protocol::stream::{priority, send, FramedRecv};
 use nearpath_protocol::InputDatagram;
 use nearpath_protocol::MAX_REQUEST_FRAME;
 use std::collections::HashMap;
@@ -31,6 +32,7 @@ pub struct Sessions {
     models: ModelRegistry,
     games: Vec<GameEntry>,
     encoder: EncoderConfig,
+    media: MediaConfig,
     game_slots: u32,
     /// Running game sessions by id, for routing input datagrams.
     running_games: Mutex<HashMap<u64, Arc<GameSession>>>,
@@ -66,6 +68,7 @@ impl Sessions {
             models,
             games: config.games.clone(),
             encoder: config.encoder.clone(),
+            media: config.media.clone(),
             game_slots: config.capacity.game_sessions,
             running_games: Mutex::new(HashMap::new()),
             capacity: config.capacity.inference_concurrency + config.capacity.game_sessions,
@@ -102,6 +105,14 @@ impl Sessions {
                 Some(acc.map_or(v, |a| a.max(v)))
             })
             .map(|v| v as f32)
+    }
+
+    /// Stats of every running game session, by session id.
+    pub fn game_stats(&self) -> Vec<(u64, crate::game::GameStats)> {
+        self.games_map()
+            .iter()
+            .map(|(id, g)| (*id, g.stats()))
+            .collect()
     }
 
     fn games_map(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<GameSession>>> {
@@ -184,6 +195,8 @@ impl Sessions {
         mut tx: quinn::SendStream,
         rx: quinn::RecvStream,
     ) {
+        // Session streams (game control, inference tokens) go before video frames.
+        let _ = tx.set_priority(priority::SESSION);
         let mut framed = FramedRecv::new(rx, MAX_REQUEST_FRAME);
         let open = match tokio::time::timeout(Duration::from_secs(10), framed.next()).await {
             Ok(Ok(Some(Message::Open(o)))) => o,
@@ -288,19 +301,29 @@ impl Sessions {
             "game session running"
         );
         let cancel = self.cancel_token();
+        let rate = Arc::new(Mutex::new(RateController::new(
+            Instant::now(),
+            RateConfig {
+                queue_delay_threshold: Duration::from_millis(self.media.queue_delay_threshold_ms),
+                ..RateConfig::new(
+                    params.bitrate_kbps,
+                    self.media.min_bitrate_kbps,
+                    Duration::from_millis(self.media.max_frame_delay_ms),
+                )
+            },
+        )));
+        game.set_gate(Arc::new(RateGate {
+            rate: rate.clone(),
+            conn: ctx.conn.clone(),
+        }));
+        let mut sender = FrameSender::new(ctx.conn.clone(), session_id, rate.clone());
+        let mut report = tokio::time::interval(Duration::from_secs(1));
+        report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            let timeout = sender.next_timeout();
             tokio::select! {
                 f = frames.recv() => match f {
-                    Some(frame) => {
-                        // Each frame on its own stream: a lost packet never stalls later frames.
-                        let conn = ctx.conn.clone();
-                        let header = frame.header(session_id);
-                        tokio::spawn(async move {
-                            if let Err(e) = nearpath_protocol::stream::send_frame(&conn, header, frame.data).await {
-                                debug!(error = %e, "frame not sent");
-                            }
-                        });
-                    }
+                    Some(frame) => sender.send(frame),
                     None => {
                         let reason = game.ended().map(|e| e.to_string()).unwrap_or_else(|| "game ended".into());
                         let _ = send(&mut tx, &Message::Ended(Ended { reason })).await;
@@ -309,9 +332,37 @@ impl Sessions {
                         return;
                     }
                 },
+                Some((seq, outcome)) = sender.done.recv() => sender.outcome(seq, outcome),
+                _ = sleep_until_opt(timeout) => {
+                    let reset = sender.reset_late();
+                    for _ in 0..reset {
+                        game.note_frame_reset();
+                    }
+                }
+                _ = report.tick() => {
+                    let s = lock(&rate).stats();
+                    let path = ctx.conn.stats().path;
+                    debug!(
+                        cwnd = path.cwnd,
+                        rtt_ms = path.rtt.as_millis() as u64,
+                        lost_packets = path.lost_packets,
+                        congestion_events = path.congestion_events,
+                        target_kbps = s.target_kbps,
+                        delivered_kbps = s.delivered_kbps,
+                        base_rtt_ms = s.base_rtt.map(|d| d.as_millis() as u64),
+                        queue_delay_ms = s.queue_delay.map(|d| d.as_millis() as u64),
+                        skipped_path_full = s.skipped_path_full,
+                        skipped_frame_rate = s.skipped_frame_rate,
+                        reset = s.reset,
+                        refused = s.refused,
+                        in_flight = s.in_flight_frames,
+                        "media sender"
+                    );
+                }
                 m = framed.next() => match m {
                     Ok(Some(Message::ForceKeyframe)) => game.force_keyframe(),
-                    Ok(Some(Message::SetBitrate(b))) => game.set_bitrate(b.kbps),
+                    // The client's bitrate is the session's ceiling; congestion decides below it.
+                    Ok(Some(Message::SetBitrate(b))) => lock(&rate).set_max_kbps(b.kbps),
                     Ok(Some(Message::Close(_))) | Ok(None) | Err(_) => {
                         game.stop();
                         let _ = tx.finish();
@@ -325,6 +376,17 @@ impl Sessions {
                     let _ = tx.finish();
                     return;
                 }
+            }
+            // Apply what the controller decided: a new encoder target, an IDR after a reset.
+            let (bitrate, keyframe) = {
+                let mut r = lock(&rate);
+                (r.poll_bitrate(), r.poll_keyframe())
+            };
+            if let Some(kbps) = bitrate {
+                game.set_bitrate(kbps);
+            }
+            if keyframe {
+                game.force_keyframe();
             }
         }
     }
@@ -468,4 +530,155 @@ async fn refuse(tx: &mut quinn::SendStream, code: RefuseCode, reason: String) {
     let _ = send(tx, &Message::Refused(Refused { code, reason })).await;
     let _ = tx.finish();
     let _ = tokio::time::timeout(Duration::from_secs(2), tx.stopped()).await;
+}
+
+fn lock(rate: &Mutex<RateController>) -> std::sync::MutexGuard<'_, RateController> {
+    rate.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Asks the session's rate controller, before each frame slot, whether the path to the gateway
+/// can take another frame (with quinn's congestion window fresh from the connection).
+struct RateGate {
+    rate: Arc<Mutex<RateController>>,
+    conn: quinn::Connection,
+}
+
+impl FrameGate for RateGate {
+    fn admit(&self, index: u64) -> bool {
+        let path = self.conn.stats().path;
+        let now = Instant::now();
+        let mut r = lock(&self.rate);
+        r.handle_path(now, path.cwnd, path.rtt);
+        r.poll_slot(now, index) == SlotDecision::Encode
+    }
+}
+
+/// The thin async driver of a session's [`RateController`]: each frame goes on its own
+/// unidirectional stream (a lost packet never stalls later frames) in its own task, which reports
+/// when the gateway acknowledged all of it (`stopped()` resolves `Ok(None)` after `finish()`
+/// once every byte is acknowledged), stopped it, or the connection failed; frames the controller
+/// finds too late are reset through their cancellation token.
+struct FrameSender {
+    conn: quinn::Connection,
+    session_id: u64,
+    rate: Arc<Mutex<RateController>>,
+    /// Frames in flight, by seq: cancelling the token resets the stream.
+    in_flight: HashMap<u64, CancellationToken>,
+    done_tx: tokio::sync::mpsc::UnboundedSender<(u64, FrameOutcome)>,
+    done: tokio::sync::mpsc::UnboundedReceiver<(u64, FrameOutcome)>,
+}
+
+impl FrameSender {
+    fn new(conn: quinn::Connection, session_id: u64, rate: Arc<Mutex<RateController>>) -> Self {
+        let (done_tx, done) = tokio::sync::mpsc::unbounded_channel();
+        FrameSender {
+            conn,
+            session_id,
+            rate,
+            in_flight: HashMap::new(),
+            done_tx,
+            done,
+        }
+    }
+
+    fn send(&mut self, frame: EncodedFrame) {
+        let header = frame.header(self.session_id);
+        let seq = frame.seq;
+        let bytes = frame.data.len() as u64 + nearpath_protocol::frame::FrameHeader::LEN as u64;
+        lock(&self.rate).handle_sent(Instant::now(), seq, bytes, frame.keyframe);
+        let cancel = CancellationToken::new();
+        self.in_flight.insert(seq, cancel.clone());
+        let conn = self.conn.clone();
+        let done = self.done_tx.clone();
+        tokio::spawn(async move {
+            let outcome = send_frame_tracked(&conn, header, frame.data, cancel).await;
+            let _ = done.send((seq, outcome));
+        });
+    }
+
+    fn outcome(&mut self, seq: u64, outcome: FrameOutcome) {
+        self.in_flight.remove(&seq);
+        if outcome == FrameOutcome::Failed {
+            debug!(seq, "frame not sent");
+        }
+        lock(&self.rate).handle_outcome(Instant::now(), seq, outcome);
+    }
+
+    fn next_timeout(&self) -> Option<Instant> {
+        lock(&self.rate).next_timeout()
+    }
+
+    /// Resets the frames the controller finds too late; returns how many.
+    fn reset_late(&mut self) -> u64 {
+        let now = Instant::now();
+        let mut n = 0;
+        while let Some(seq) = lock(&self.rate).poll_reset(now) {
+            if let Some(token) = self.in_flight.get(&seq) {
+                token.cancel();
+                n += 1;
+            }
+        }
+        if n > 0 {
+            debug!(frames = n, "late frames reset");
+        }
+        n
+    }
+}
+
+/// Sends one frame on a new unidirectional stream at video priority and waits until the gateway
+/// has acknowledged all of it, stopped it, or `cancel` fires (then the stream is reset with
+/// `FRAME_DROPPED`, which drops its unsent bytes from quinn's buffer).
+async fn send_frame_tracked(
+    conn: &quinn::Connection,
+    header: nearpath_protocol::frame::FrameHeader,
+    payload: bytes::Bytes,
+    cancel: CancellationToken,
+) -> FrameOutcome {
+    let mut header = header;
+    if payload.len() > nearpath_protocol::MAX_VIDEO_FRAME {
+        return FrameOutcome::Failed;
+    }
+    header.payload_len = payload.len() as u32;
+    let mut stream = tokio::select! {
+        s = conn.open_uni() => match s {
+            Ok(s) => s,
+            Err(_) => return FrameOutcome::Failed,
+        },
+        _ = cancel.cancelled() => return FrameOutcome::Reset,
+    };
+    let _ = stream.set_priority(priority::VIDEO_FRAME);
+    let stopped = stream.stopped();
+    let sent = tokio::select! {
+        r = async {
+            let mut chunks = [bytes::Bytes::copy_from_slice(&header.encode()), payload];
+            match stream.write_all_chunks(&mut chunks).await {
+                Ok(()) => {}
+                Err(quinn::WriteError::Stopped(_)) => return FrameOutcome::Refused,
+                Err(_) => return FrameOutcome::Failed,
+            }
+            if stream.finish().is_err() {
+                return FrameOutcome::Failed;
+            }
+            match stopped.await {
+                Ok(None) => FrameOutcome::Acked,
+                Ok(Some(_)) => FrameOutcome::Refused,
+                Err(_) => FrameOutcome::Failed,
+            }
+        } => Some(r),
+        _ = cancel.cancelled() => None,
+    };
+    match sent {
+        None => {
+            let _ = stream.reset(nearpath_protocol::app_code::FRAME_DROPPED);
+            FrameOutcome::Reset
+        }
+        Some(outcome) => outcome,
+    }
 }

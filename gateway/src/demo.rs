@@ -160,6 +160,8 @@ fn demo_node_config(quic: SocketAddr, sha: &str, token: String) -> NodeConfig {
             source: GameSource::Builtin {},
         }],
         encoder: Default::default(),
+        media: Default::default(),
+        quic: Default::default(),
         log: Default::default(),
     }
 }

@@ -8,6 +8,18 @@ use crate::frame::{FrameHeader, FrameHeaderError};
 use crate::message::Message;
 use crate::{app_code, MAX_VIDEO_FRAME};
 
+/// quinn send-stream priorities (higher goes first when several streams have bytes waiting):
+/// a node's control stream (heartbeats) outranks session streams, which outrank video frames,
+/// so a congested video stream never delays a heartbeat or a control message.
+pub mod priority {
+    /// The node's control stream: registration, heartbeats, drain.
+    pub const CONTROL: i32 = 2;
+    /// A session's own stream: game control messages, inference tokens.
+    pub const SESSION: i32 = 1;
+    /// One video frame's unidirectional stream.
+    pub const VIDEO_FRAME: i32 = -1;
+}
+
 /// Most bytes taken from quinn per read; bounds the decoder's buffer to one frame plus this.
 const READ_CHUNK: usize = 64 * 1024;
 
@@ -349,6 +361,8 @@ pub async fn relay_frame_by(
             return Ok(Relayed::Abandoned);
         }
     };
+    // The client's session stream (control notices) goes before video on its connection.
+    let _ = send.set_priority(priority::VIDEO_FRAME);
     let abandon = |send: &mut quinn::SendStream, recv: &mut quinn::RecvStream, code| {
         let _ = send.reset(code);
         let _ = recv.stop(app_code::STREAM_ABORTED);

@@ -113,6 +113,24 @@ pub struct TransportOptions {
     /// Bytes of received datagrams buffered until the application reads them (older ones are
     /// dropped beyond it). `None`: quinn's default (1.25 MB).
     pub datagram_receive_buffer: Option<usize>,
+    /// The congestion controller of what this end sends. Default: quinn's (Cubic).
+    pub congestion: Congestion,
+    /// Packets a later one must be acknowledged ahead of a packet before it is declared lost
+    /// (reordering tolerance). `None`: quinn's default (3).
+    pub packet_threshold: Option<u32>,
+}
+
+/// A QUIC congestion controller (what paces this end's sending).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Congestion {
+    /// CUBIC (RFC 9438), quinn's default: loss-based; random loss shrinks its window.
+    #[default]
+    Cubic,
+    /// BBR (quinn's experimental BBRv1): model-based, paces at the measured bottleneck rate and
+    /// mostly ignores random loss.
+    Bbr,
+    /// NewReno (RFC 9002): loss-based, the most conservative.
+    NewReno,
 }
 
 impl Default for TransportOptions {
@@ -125,6 +143,8 @@ impl Default for TransportOptions {
             stream_receive_window: None,
             receive_window: None,
             datagram_receive_buffer: None,
+            congestion: Congestion::Cubic,
+            packet_threshold: None,
         }
     }
 }
@@ -147,6 +167,21 @@ impl TransportOptions {
         }
         if let Some(b) = self.datagram_receive_buffer {
             t.datagram_receive_buffer_size(Some(b));
+        }
+        match self.congestion {
+            Congestion::Cubic => {}
+            Congestion::Bbr => {
+                t.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
+            }
+            Congestion::NewReno => {
+                t.congestion_controller_factory(Arc::new(
+                    quinn::congestion::NewRenoConfig::default(),
+                ));
+            }
+        }
+        if let Some(n) = self.packet_threshold {
+            // quinn asserts RFC 9002's minimum of 3.
+            t.packet_threshold(n.max(3));
         }
         Ok(t)
     }

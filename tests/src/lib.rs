@@ -1,4 +1,5 @@
 //! End-to-end tests live in tests/tests/; this library holds what they share with the
 //! benchmark harness.
 
+pub mod game_impaired;
 pub mod impair;

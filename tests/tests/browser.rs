@@ -1008,6 +1008,8 @@ async fn bench_node_process() {
         models: vec![],
         games: vec![],
         encoder: Default::default(),
+        media: Default::default(),
+        quic: Default::default(),
         log: Default::default(),
     };
     cfg = with_arena(cfg);

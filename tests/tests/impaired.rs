@@ -7,6 +7,8 @@ mod common;
 
 #[path = "impaired/infer.rs"]
 mod infer;
+#[path = "impaired/media.rs"]
+mod media;
 #[path = "impaired/player.rs"]
 mod player;
 #[path = "impaired/session.rs"]

@@ -18,6 +18,7 @@ pub mod encoder;
 pub mod external;
 pub mod frame;
 pub mod pacer;
+pub mod rate;
 #[cfg(test)]
 mod tests;
 
@@ -234,6 +235,13 @@ pub struct GameStats {
     pub frames_dropped_backpressure: u64,
     /// Frames from an external program replaced by a newer one before their frame time.
     pub source_frames_superseded: u64,
+    /// Frame slots skipped before rendering because the session's sender said the path to the
+    /// gateway could not take another frame (or the frame rate is reduced at the bitrate floor).
+    pub frames_skipped_congestion: u64,
+    /// Frames already sent that were reset because they were too late.
+    pub frames_reset: u64,
+    /// The encoder's target bitrate now, in kbit/s.
+    pub bitrate_kbps: u32,
     /// Frames the encoder failed on (lost; the next frame is an IDR).
     pub encode_failures: u64,
     /// IDR frames sent.
@@ -264,12 +272,22 @@ struct Counters {
     frames_dropped_late: AtomicU64,
     frames_dropped_backpressure: AtomicU64,
     source_frames_superseded: AtomicU64,
+    frames_skipped_congestion: AtomicU64,
+    frames_reset: AtomicU64,
     encode_failures: AtomicU64,
     keyframes: AtomicU64,
     bytes_sent: AtomicU64,
     inputs_applied: AtomicU64,
     inputs_stale: AtomicU64,
     inputs_dropped: AtomicU64,
+}
+
+/// Decides, before a frame slot is rendered and encoded, whether it is worth encoding. The
+/// session's sender knows whether the path can take another frame; skipping a slot before
+/// encoding keeps the encoder's reference chain intact, so no keyframe is needed after it.
+pub trait FrameGate: Send + Sync {
+    /// Whether frame slot `index` (the pacer's slot number) should be encoded.
+    fn admit(&self, index: u64) -> bool;
 }
 
 /// Where accepted input goes.
@@ -292,6 +310,10 @@ struct Shared {
     force_idr: AtomicBool,
     /// A bitrate change not yet applied by the encoder thread, in kbit/s (0: none).
     new_bitrate: AtomicU32,
+    /// The bitrate the encoder targets (the last one asked for), in kbit/s.
+    bitrate: AtomicU32,
+    /// Asked before each frame slot whether to encode it (the session's sender sets it).
+    gate: Mutex<Option<Arc<dyn FrameGate>>>,
     encode_times_us: Mutex<Ring>,
     end: watch::Sender<Option<GameEnd>>,
     cancel: CancellationToken,
@@ -481,6 +503,8 @@ impl GameSession {
             input: Mutex::new(InputState { last_seq: 0, sink }),
             force_idr: AtomicBool::new(false),
             new_bitrate: AtomicU32::new(0),
+            bitrate: AtomicU32::new(params.bitrate_kbps),
+            gate: Mutex::new(None),
             encode_times_us: Mutex::new(Ring {
                 samples: Vec::new(),
                 next: 0,
@@ -600,8 +624,22 @@ impl GameSession {
     /// Changes the target bitrate from the next frame on (0 is ignored).
     pub fn set_bitrate(&self, kbps: u32) {
         if kbps > 0 {
+            self.shared.bitrate.store(kbps, Ordering::Relaxed);
             self.shared.new_bitrate.store(kbps, Ordering::Release);
         }
+    }
+
+    /// Installs the gate asked before every frame slot (replacing any earlier one).
+    pub fn set_gate(&self, gate: Arc<dyn FrameGate>) {
+        *self.shared.gate.lock().unwrap_or_else(|p| p.into_inner()) = Some(gate);
+    }
+
+    /// Counts a frame the sender reset after it was handed over (for [`GameStats`]).
+    pub fn note_frame_reset(&self) {
+        self.shared
+            .counters
+            .frames_reset
+            .fetch_add(1, Ordering::Relaxed);
     }
 
     /// Counters and encoder timings so far.
@@ -630,6 +668,9 @@ impl GameSession {
             frames_dropped_late: get(&c.frames_dropped_late),
             frames_dropped_backpressure: get(&c.frames_dropped_backpressure),
             source_frames_superseded: get(&c.source_frames_superseded),
+            frames_skipped_congestion: get(&c.frames_skipped_congestion),
+            frames_reset: get(&c.frames_reset),
+            bitrate_kbps: self.shared.bitrate.load(Ordering::Relaxed),
             encode_failures: get(&c.encode_failures),
             keyframes: get(&c.keyframes),
             bytes_sent: get(&c.bytes_sent),
@@ -728,6 +769,20 @@ async fn pace(shared: Arc<Shared>, fps: u32, work: std_mpsc::SyncSender<Work>, s
             tick = pacer.tick() => tick,
         };
         late.fetch_add(tick.missed, Ordering::Relaxed);
+        let gate = shared
+            .gate
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if gate.is_some_and(|g| !g.admit(tick.index)) {
+            // The path cannot take another frame now: skip the slot before rendering, never
+            // queue. An external program's frame stays in its slot and is superseded.
+            shared
+                .counters
+                .frames_skipped_congestion
+                .fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
         let item = match &source {
             PaceSource::Builtin => Work::Render { index: tick.index },
             PaceSource::External(slot) => match slot.take() {

@@ -99,6 +99,8 @@ pub fn node_config(
         models: vec![model_config(sim, capacity)],
         games: vec![],
         encoder: Default::default(),
+        media: Default::default(),
+        quic: Default::default(),
         log: Default::default(),
     }
 }

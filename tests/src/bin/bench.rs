@@ -49,6 +49,11 @@ enum Command {
     /// Game relay past saturation: --factor times the relay's capacity; delivered-frame
     /// latency and drops per session.
     RelayOverload(bench::relay::RelayOverloadArgs),
+    /// One 720p60 game session with the node behind a seeded impairment relay: delivered fps,
+    /// frame latency above the path delay, bitrate, skipped/reset frames, node evictions.
+    GameImpaired(bench::impaired::GameImpairedArgs),
+    /// Runs the seeded UDP impairment relay alone until ctrl-c.
+    Impair(bench::impaired::ImpairArgs),
     /// (internal) Runs a gateway; prints its addresses as JSON; stops when stdin closes.
     #[command(hide = true)]
     ServeGateway {
@@ -182,6 +187,14 @@ fn real_main() -> anyhow::Result<()> {
                 nofile,
             }))
         }
+        Command::GameImpaired(a) => {
+            init_logging();
+            runtime(2)?.block_on(bench::impaired::run_game(a))
+        }
+        Command::Impair(a) => {
+            init_logging();
+            runtime(1)?.block_on(bench::impaired::run_impair(a))
+        }
         command => {
             let unpinned = bench::system::Placement {
                 gateway_cpus: String::new(),
@@ -201,8 +214,11 @@ fn real_main() -> anyhow::Result<()> {
                 Command::RelayLatency(a) => &a.placement,
                 Command::RelayCapacity(a) => &a.placement,
                 Command::RelayOverload(a) => &a.run.placement,
-                Command::ServeGateway { .. } | Command::ServeNodes { .. } => {
-                    anyhow::bail!("serve commands are handled above")
+                Command::ServeGateway { .. }
+                | Command::ServeNodes { .. }
+                | Command::GameImpaired(_)
+                | Command::Impair(_) => {
+                    anyhow::bail!("these commands are handled above")
                 }
             };
             // The load generator runs on the worker CPUs, one runtime thread per CPU.
@@ -224,8 +240,11 @@ fn real_main() -> anyhow::Result<()> {
                 Command::RelayLatency(a) => rt.block_on(bench::relay::run_latency(a)),
                 Command::RelayCapacity(a) => rt.block_on(bench::relay::run_capacity(a)),
                 Command::RelayOverload(a) => rt.block_on(bench::relay::run_overload(a)),
-                Command::ServeGateway { .. } | Command::ServeNodes { .. } => {
-                    anyhow::bail!("serve commands are handled above")
+                Command::ServeGateway { .. }
+                | Command::ServeNodes { .. }
+                | Command::GameImpaired(_)
+                | Command::Impair(_) => {
+                    anyhow::bail!("these commands are handled above")
                 }
             }
         }

@@ -234,6 +234,8 @@ impl TestGateway {
             }],
             games: vec![],
             encoder: Default::default(),
+            media: Default::default(),
+            quic: Default::default(),
             log: Default::default(),
         }
     }
