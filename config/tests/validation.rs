@@ -775,7 +775,10 @@ fn node_media_and_quic_checks() {
         assert!(errs.iter().any(|e| e.contains(path)), "{path}: {errs:?}");
     }
     let errs = node("[quic]\ncongestion = \"vegas\"\n");
-    assert!(errs.iter().any(|e| e.contains("quic.congestion")), "{errs:?}");
+    assert!(
+        errs.iter().any(|e| e.contains("quic.congestion")),
+        "{errs:?}"
+    );
     assert!(node("[quic]\ncongestion = \"new_reno\"\n").is_empty());
 }
 

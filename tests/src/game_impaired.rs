@@ -93,6 +93,9 @@ pub struct Report {
     pub node_evictions: u32,
     /// `Paused` notices the client got.
     pub paused: u32,
+    /// With a blackout: from the path's return to the first frame received after it, in ms
+    /// (`None` without a blackout, or if no frame came before the end).
+    pub resumed_after_path_ms: Option<f64>,
     /// Frame streams the client saw fail (aborted, not dropped on purpose).
     pub frame_errors: u64,
     /// The node's view at the end: slots skipped for congestion, frames reset, target bitrate.
@@ -115,6 +118,7 @@ impl Report {
             "received_kbps": self.received_kbps.round(),
             "node_evictions": self.node_evictions,
             "paused": self.paused,
+            "resumed_after_path_ms": self.resumed_after_path_ms.map(round1),
             "frame_errors": self.frame_errors,
             "node_skipped": self.node_skipped,
             "node_reset": self.node_reset,
@@ -245,6 +249,8 @@ pub async fn run(s: &Scenario) -> anyhow::Result<Report> {
     let measure_from = t0 + Duration::from_secs_f64(s.warmup);
     let end = measure_from + Duration::from_secs_f64(s.seconds);
     let mut blackout = s.blackout.map(|(at, d)| (measure_from + at, d));
+    // When the path comes back; the first frame after it measures the resumption.
+    let path_back = s.blackout.map(|(at, d)| measure_from + at + d);
     let mut latencies = Vec::new();
     let mut bytes = 0u64;
     let mut report = Report::default();
@@ -262,6 +268,16 @@ pub async fn run(s: &Scenario) -> anyhow::Result<Report> {
         tokio::select! {
             f = frames.next() => match f {
                 Ok(Some(f)) => {
+                    if let Some(back) = path_back {
+                        let now = Instant::now();
+                        // Fresh video: captured after the path returned (not a frame sent
+                        // before the blackout and retransmitted).
+                        let since_back_us = now.saturating_duration_since(back).as_micros() as u64;
+                        let fresh = f.header.capture_ts_us >= unix_micros().saturating_sub(since_back_us);
+                        if now >= back && fresh && report.resumed_after_path_ms.is_none() {
+                            report.resumed_after_path_ms = Some((now - back).as_secs_f64() * 1000.0);
+                        }
+                    }
                     if Instant::now() >= measure_from {
                         let age = unix_micros().saturating_sub(f.header.capture_ts_us);
                         latencies.push(age.saturating_sub(one_way_us) as f64 / 1000.0);
