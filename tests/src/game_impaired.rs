@@ -218,14 +218,22 @@ pub async fn run(s: &Scenario) -> anyhow::Result<Report> {
     })
     .await
     .map_err(|_| anyhow::anyhow!("the node did not register within 15 s"))??;
-    // Every later loss of registration is an eviction (or a dropped connection).
+    // Every later loss of registration is an eviction (or a dropped connection). Only a
+    // registered node can lose its registration: redial attempts while the path is dark are
+    // not counted again.
     let evictions = Arc::new(AtomicU32::new(0));
     let watcher = {
         let evictions = evictions.clone();
         tokio::spawn(async move {
+            let mut registered = true;
             while status.changed().await.is_ok() {
-                if matches!(*status.borrow_and_update(), NodeStatus::Connecting { .. }) {
-                    evictions.fetch_add(1, Ordering::Relaxed);
+                match *status.borrow_and_update() {
+                    NodeStatus::Registered { .. } => registered = true,
+                    NodeStatus::Connecting { .. } if registered => {
+                        registered = false;
+                        evictions.fetch_add(1, Ordering::Relaxed);
+                    }
+                    _ => {}
                 }
             }
         })
