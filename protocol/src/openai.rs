@@ -1042,32 +1042,31 @@ pub fn sse_event(json: &str) -> Bytes {
 
 /// `GET /v1/models`: `{"object":"list","data":[{"id","object":"model","created","owned_by"}]}`.
 pub fn models_list(models: &[(&str, u64, &str)]) -> String {
-    let mut out = String::with_capacity(32 + models.len() * 80);
-    out.push_str("{\"object\":\"list\",\"data\":[");
-    for (i, (id, created, owned_by)) in models.iter().enumerate() {
-        if i > 0 {
-            out.push(',');
-        }
-        out.push_str("{\"id\":");
-        push_json_str(&mut out, id);
-        let _ = write!(
-            out,
-            ",\"object\":\"model\",\"created\":{created},\"owned_by\":"
-        );
-        push_json_str(&mut out, owned_by);
-        out.push('}');
-    }
-    out.push_str("]}");
-    out
+    write_models(
+        models
+            .iter()
+            .map(|&(id, created, owned_by)| (id, created, owned_by, None)),
+    )
 }
 
 /// `GET /v1/models` with availability: every entry also carries `"available"`, false for a model
 /// that was served recently but has no node right now (requests for it are 503
 /// `model_unavailable` until a node returns).
 pub fn models_list_with_availability(models: &[(&str, u64, &str, bool)]) -> String {
+    write_models(
+        models
+            .iter()
+            .map(|&(id, created, owned_by, available)| (id, created, owned_by, Some(available))),
+    )
+}
+
+/// The model list both forms share; `available` is written only when given.
+fn write_models<'a>(
+    models: impl ExactSizeIterator<Item = (&'a str, u64, &'a str, Option<bool>)>,
+) -> String {
     let mut out = String::with_capacity(32 + models.len() * 96);
     out.push_str("{\"object\":\"list\",\"data\":[");
-    for (i, (id, created, owned_by, available)) in models.iter().enumerate() {
+    for (i, (id, created, owned_by, available)) in models.enumerate() {
         if i > 0 {
             out.push(',');
         }
@@ -1078,7 +1077,10 @@ pub fn models_list_with_availability(models: &[(&str, u64, &str, bool)]) -> Stri
             ",\"object\":\"model\",\"created\":{created},\"owned_by\":"
         );
         push_json_str(&mut out, owned_by);
-        let _ = write!(out, ",\"available\":{available}}}");
+        if let Some(available) = available {
+            let _ = write!(out, ",\"available\":{available}");
+        }
+        out.push('}');
     }
     out.push_str("]}");
     out

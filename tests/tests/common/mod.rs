@@ -805,3 +805,34 @@ pub fn another_operator(gw: &TestGateway, name: &str) -> (String, String) {
     let (_, token) = gw.store.create_enrolment_token(&op.id).unwrap();
     (op.id, token)
 }
+
+/// Polls `check` until it returns `Some`, failing with `what` after `timeout`.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A native client connected from `from`'s address, verifying the gateway's pinned certificate.
+pub async fn native_client(
+    gw: &TestGateway,
+    from: (&str, &str, f64, f64),
+) -> nearpath_protocol::Client {
+    nearpath_protocol::Client::connect_from(
+        SocketAddr::new(ip(from), 0),
+        gw.addrs.quic,
+        "localhost",
+        ServerVerify::PinnedSha256(gw.sha),
+    )
+    .await
+    .unwrap()
+}

@@ -6,11 +6,8 @@ use crate::common::*;
 use nearpath_config::BackendConfig;
 use nearpath_protocol::message::{Accepted, Done, Message, SessionKind, Token};
 use nearpath_protocol::stream::{send, FramedRecv};
-use nearpath_protocol::{
-    Client, ClientError, InferEvent, PlayParams, ServerVerify, MAX_REQUEST_FRAME,
-};
+use nearpath_protocol::{ClientError, InferEvent, PlayParams, MAX_REQUEST_FRAME};
 use serde_json::{json, Value};
-use std::future::Future;
 use std::time::{Duration, Instant};
 
 /// Chromium 156's offer for the player page; nothing ever answers its ICE checks.
@@ -20,22 +17,6 @@ fn chat(max_tokens: u32, stream: bool) -> String {
     json!({"model": "m", "stream": stream, "max_tokens": max_tokens,
            "messages": [{"role": "user", "content": "Say something"}]})
     .to_string()
-}
-
-/// Polls `check` until it returns `Some`, failing with `what` after `timeout`.
-async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let start = Instant::now();
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// Creates an API key through the admin API with `fields` (caps, limits); returns its secret.
@@ -61,17 +42,6 @@ fn header<'a>(h: &'a hyper::HeaderMap, name: &str) -> &'a str {
 
 async fn metrics(gw: &TestGateway) -> String {
     gw.http.get(&gw.admin_url("/metrics"), None).await.1
-}
-
-async fn quic_client(gw: &TestGateway, from: (&str, &str, f64, f64)) -> Client {
-    Client::connect_from(
-        std::net::SocketAddr::new(ip(from), 0),
-        gw.addrs.quic,
-        "localhost",
-        ServerVerify::PinnedSha256(gw.sha),
-    )
-    .await
-    .unwrap()
 }
 
 /// Serves every inference session the gateway opens on `conn` with three tokens and a `Done`
@@ -166,7 +136,7 @@ async fn usage_inflation_by_a_node_is_not_billed_and_is_an_sla_event() {
         assert_eq!(v["usage"]["prompt_tokens"], 4, "{body}");
     }
     // The same over QUIC: the client is told (and billed) what was relayed.
-    let client = quic_client(&gw, FR_CLIENT).await;
+    let client = native_client(&gw, FR_CLIENT).await;
     let mut s = client.infer(&key, &chat(16, true)).await.unwrap();
     let done = loop {
         match s.next().await.unwrap() {
@@ -306,8 +276,8 @@ async fn per_key_caps_on_quic_play_sessions_and_session_starts() {
 
     // One live session per key: the node has room for eight, the key gets one.
     let key = new_key(&gw, json!({"max_concurrent_sessions": 1})).await;
-    let a = quic_client(&gw, FR_CLIENT).await;
-    let b = quic_client(&gw, FR_CLIENT).await;
+    let a = native_client(&gw, FR_CLIENT).await;
+    let b = native_client(&gw, FR_CLIENT).await;
     let mut first = a.play(&key, play()).await.unwrap();
     match b.play(&key, play()).await {
         Err(ClientError::Refused {
@@ -339,11 +309,11 @@ async fn per_key_caps_on_quic_play_sessions_and_session_starts() {
     )
     .await;
     for _ in 0..2 {
-        let c = quic_client(&gw, FR_CLIENT).await;
+        let c = native_client(&gw, FR_CLIENT).await;
         let mut s = c.play(&key, play()).await.unwrap();
         s.close("done").await.unwrap();
     }
-    let c = quic_client(&gw, FR_CLIENT).await;
+    let c = native_client(&gw, FR_CLIENT).await;
     match c.play(&key, play()).await {
         Err(ClientError::Refused { code, .. }) => assert_eq!(code, "rate_limit_exceeded"),
         Err(e) => panic!("expected a refusal, got {e}"),
@@ -461,7 +431,7 @@ async fn billing_fails_closed_when_the_ledger_cannot_commit() {
     assert_eq!(header(&headers, "x-should-retry"), "true");
     assert!(!header(&headers, "retry-after").is_empty());
     // Games are refused too.
-    let client = quic_client(&gw, FR_CLIENT).await;
+    let client = native_client(&gw, FR_CLIENT).await;
     match client.play(API_KEY, PlayParams::hd("arena")).await {
         Err(ClientError::Refused { code, .. }) => assert_eq!(code, "ledger_unavailable"),
         Err(e) => panic!("expected a refusal, got {e}"),
@@ -506,7 +476,7 @@ async fn a_long_game_session_is_checkpointed_in_the_ledger_while_it_runs() {
     let raw = RawNode::connect_games(&gw, "games-1", ip(DE), "cpu", &["arena"], 2).await;
     let games = serve_silent_games(raw.conn.clone());
     let alive = raw.keep_alive();
-    let client = quic_client(&gw, FR_CLIENT).await;
+    let client = native_client(&gw, FR_CLIENT).await;
     let mut session = client
         .play(
             API_KEY,

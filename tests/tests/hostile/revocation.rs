@@ -8,7 +8,7 @@ use crate::common::*;
 use nearpath_config::GatewayConfig;
 use nearpath_protocol::message::{Message, RejectCode, SessionKind, Token};
 use nearpath_protocol::stream::{send, FramedRecv};
-use nearpath_protocol::{app_code, Client, ControlEvent, InferEvent, PlayParams, ServerVerify};
+use nearpath_protocol::{app_code, ControlEvent, InferEvent, PlayParams};
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 
@@ -168,17 +168,6 @@ async fn new_key(gw: &TestGateway, tenant: &str) -> (String, String) {
     )
 }
 
-async fn quic_client(gw: &TestGateway) -> Client {
-    Client::connect_from(
-        std::net::SocketAddr::new(ip(FR_CLIENT), 0),
-        gw.addrs.quic,
-        "localhost",
-        ServerVerify::PinnedSha256(gw.sha),
-    )
-    .await
-    .unwrap()
-}
-
 async fn token(tx: &mut quinn::SendStream, index: u32) {
     let t = Message::Token(Token {
         index,
@@ -233,7 +222,7 @@ async fn revoking_an_api_key_ends_its_inference_streams_within_1s() {
     }
 
     // The same over QUIC.
-    let client = quic_client(&gw).await;
+    let client = native_client(&gw, FR_CLIENT).await;
     let mut quic = client.infer(&key, &body).await.unwrap();
     let (mut quic_tx, mut quic_rx, _) = node.accept_session().await;
     token(&mut quic_tx, 0).await;
@@ -351,7 +340,7 @@ async fn revoking_an_api_key_ends_its_game_sessions_within_1s() {
     let (key, key_id) = new_key(&gw, "tenant-revoked").await;
 
     // A native player.
-    let client = quic_client(&gw).await;
+    let client = native_client(&gw, FR_CLIENT).await;
     let params = PlayParams {
         game: "arena".into(),
         width: 320,

@@ -6,40 +6,12 @@
 use crate::common::*;
 use nearpath_config::{GameEntry, GameSource};
 use nearpath_gateway::store::UsageRecord;
-use nearpath_protocol::{Client, ControlEvent, FrameStream, PlayControl, PlayParams, ServerVerify};
+use nearpath_protocol::{ControlEvent, FrameStream, PlayControl, PlayParams};
 use nearpath_tests::impair::UdpRelay;
-use std::future::Future;
 use std::time::{Duration, Instant};
 
 /// Tests that encode video need the CPU: one at a time.
 static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-/// Polls `check` until it returns `Some`, failing with `what` after `timeout`.
-async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let start = Instant::now();
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-async fn client(gw: &TestGateway) -> Client {
-    Client::connect_from(
-        std::net::SocketAddr::new(ip(FR_CLIENT), 0),
-        gw.addrs.quic,
-        "localhost",
-        ServerVerify::PinnedSha256(gw.sha),
-    )
-    .await
-    .unwrap()
-}
 
 fn small() -> PlayParams {
     PlayParams {
@@ -132,7 +104,7 @@ async fn a_3s_blackout_of_the_only_node_resumes_the_session() {
     let _heavy = HEAVY.lock().await;
     let gw = TestGateway::start(|_| {}).await;
     let (node, relay) = node_behind_relay(&gw, "de-1", 7).await;
-    let c = client(&gw).await;
+    let c = native_client(&gw, FR_CLIENT).await;
     let session = c.play(API_KEY, small()).await.unwrap();
     let id = session.started().session_id;
     let (mut control, mut frames, _input) = session.split();
@@ -191,7 +163,7 @@ async fn a_node_that_never_returns_ends_the_session_after_the_pause_window() {
     let _heavy = HEAVY.lock().await;
     let gw = TestGateway::start(|c| c.game.pause_window_ms = 2000).await;
     let (node, relay) = node_behind_relay(&gw, "de-1", 11).await;
-    let c = client(&gw).await;
+    let c = native_client(&gw, FR_CLIENT).await;
     let session = c.play(API_KEY, small()).await.unwrap();
     let (mut control, mut frames, _input) = session.split();
     for _ in 0..5 {
@@ -237,7 +209,7 @@ async fn a_node_with_late_heartbeats_but_a_live_connection_is_not_evicted() {
     let gw = TestGateway::start(|c| c.nodes.slow_max_ms = 2500).await;
     let mut raw = RawNode::connect_games(&gw, "slow-1", ip(DE), "cpu", &["arena"], 2).await;
     raw.heartbeat(0).await;
-    let c = client(&gw).await;
+    let c = native_client(&gw, FR_CLIENT).await;
     let play = tokio::spawn(async move {
         let s = c.play(API_KEY, small()).await.unwrap();
         (c, s)
@@ -272,7 +244,7 @@ async fn a_node_with_late_heartbeats_but_a_live_connection_is_not_evicted() {
         "the session was disturbed"
     );
     // A slow node gets no new sessions.
-    let other = client(&gw).await;
+    let other = native_client(&gw, FR_CLIENT).await;
     match other.play(API_KEY, small()).await {
         Err(nearpath_protocol::ClientError::Refused { code, .. }) => {
             assert_eq!(code, "no_capacity")
@@ -336,7 +308,7 @@ async fn a_failed_failover_bills_gpu_seconds_once() {
     })
     .await;
     let raw = raw_arena(&gw, "de-1", DE).await;
-    let c = client(&gw).await;
+    let c = native_client(&gw, FR_CLIENT).await;
     let play = tokio::spawn(async move {
         let s = c.play(API_KEY, small()).await.unwrap();
         (c, s)
@@ -373,7 +345,7 @@ async fn a_failed_over_session_bills_each_node_for_its_own_time() {
     let gw = TestGateway::start(|c| c.nodes.heartbeat_ms = 60_000).await;
     let near = raw_arena(&gw, "de-1", DE).await;
     let far = raw_arena(&gw, "us-1", US_EAST).await;
-    let c = client(&gw).await;
+    let c = native_client(&gw, FR_CLIENT).await;
     let play = tokio::spawn(async move {
         let s = c.play(API_KEY, small()).await.unwrap();
         (c, s)
@@ -427,7 +399,7 @@ async fn a_silent_node_with_a_second_node_fails_over_within_the_lease() {
     }];
     let mut far = TestNode::start(cfg, ip(US_EAST));
     far.registered().await;
-    let c = client(&gw).await;
+    let c = native_client(&gw, FR_CLIENT).await;
     let session = c.play(API_KEY, small()).await.unwrap();
     let id = session.started().session_id;
     let (mut control, mut frames, _input) = session.split();
