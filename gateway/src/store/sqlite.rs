@@ -389,6 +389,19 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// Runs a cached query and collects every row, naming `what` in any error.
+fn query_all<T, P: rusqlite::Params>(
+    conn: &Connection,
+    sql: &str,
+    params: P,
+    map: impl FnMut(&Row<'_>) -> rusqlite::Result<T>,
+    what: &'static str,
+) -> Result<Vec<T>, StoreError> {
+    let mut stmt = conn.prepare_cached(sql).op(what)?;
+    let rows = stmt.query_map(params, map).op(what)?;
+    rows.collect::<Result<_, _>>().op(what)
+}
+
 /// Attaches the operation name to an SQLite error.
 trait OpExt<T> {
     fn op(self, op: &'static str) -> Result<T, StoreError>;
@@ -1086,14 +1099,13 @@ impl Store for SqliteStore {
     }
 
     fn list_operators(&self) -> Result<Vec<Operator>, StoreError> {
-        let conn = self.conn();
-        let mut stmt = conn
-            .prepare_cached(&format!(
-                "SELECT {OPERATOR_COLS} FROM operators ORDER BY rowid"
-            ))
-            .op("list operators")?;
-        let rows = stmt.query_map([], operator_from_row).op("list operators")?;
-        rows.collect::<Result<_, _>>().op("list operators")
+        query_all(
+            &self.conn(),
+            &format!("SELECT {OPERATOR_COLS} FROM operators ORDER BY rowid"),
+            [],
+            operator_from_row,
+            "list operators",
+        )
     }
 
     fn set_operator_kyc(&self, id: &str, status: KycStatus) -> Result<Operator, StoreError> {
@@ -1207,20 +1219,15 @@ impl Store for SqliteStore {
                 id: operator_id.to_owned(),
             });
         }
-        let tokens = {
-            let mut stmt = tx
-                .prepare_cached(&format!(
-                    "SELECT {TOKEN_COLS} FROM enrolment_tokens WHERE operator_id = ?1 \
-                     ORDER BY rowid"
-                ))
-                .op("list enrolment tokens")?;
-            let rows = stmt
-                .query_map([operator_id], |r| token_from_row(r, 0))
-                .op("list enrolment tokens")?;
-            rows.collect::<Result<Vec<_>, _>>()
-                .op("list enrolment tokens")?
-        };
-        Ok(tokens)
+        query_all(
+            &tx,
+            &format!(
+                "SELECT {TOKEN_COLS} FROM enrolment_tokens WHERE operator_id = ?1 ORDER BY rowid"
+            ),
+            [operator_id],
+            |r| token_from_row(r, 0),
+            "list enrolment tokens",
+        )
     }
 
     fn create_api_key(
@@ -1308,14 +1315,13 @@ impl Store for SqliteStore {
     }
 
     fn list_api_keys(&self) -> Result<Vec<ApiKey>, StoreError> {
-        let conn = self.conn();
-        let mut stmt = conn
-            .prepare_cached(&format!(
-                "SELECT {API_KEY_COLS} FROM api_keys ORDER BY rowid"
-            ))
-            .op("list api keys")?;
-        let rows = stmt.query_map([], api_key_from_row).op("list api keys")?;
-        rows.collect::<Result<_, _>>().op("list api keys")
+        query_all(
+            &self.conn(),
+            &format!("SELECT {API_KEY_COLS} FROM api_keys ORDER BY rowid"),
+            [],
+            api_key_from_row,
+            "list api keys",
+        )
     }
 
     fn revoke_api_key(&self, id: &str) -> Result<(), StoreError> {
@@ -1512,14 +1518,13 @@ impl Store for SqliteStore {
     }
 
     fn sla_list(&self) -> Result<Vec<SlaRecord>, StoreError> {
-        let conn = self.conn();
-        let mut stmt = conn
-            .prepare_cached(&format!(
-                "SELECT {SLA_COLS} FROM sla_records ORDER BY node_id, operator_id"
-            ))
-            .op("list sla records")?;
-        let rows = stmt.query_map([], sla_from_row).op("list sla records")?;
-        rows.collect::<Result<_, _>>().op("list sla records")
+        query_all(
+            &self.conn(),
+            &format!("SELECT {SLA_COLS} FROM sla_records ORDER BY node_id, operator_id"),
+            [],
+            sla_from_row,
+            "list sla records",
+        )
     }
 
     fn record_penalty(
@@ -1574,17 +1579,16 @@ impl Store for SqliteStore {
         node_id: Option<&str>,
         limit: usize,
     ) -> Result<Vec<PenaltyEvent>, StoreError> {
-        let conn = self.conn();
-        let mut stmt = conn
-            .prepare_cached(&format!(
+        query_all(
+            &self.conn(),
+            &format!(
                 "SELECT {PENALTY_COLS} FROM penalty_events \
-                 WHERE ?1 IS NULL OR node_id = ?1 ORDER BY id DESC LIMIT ?2"
-            ))
-            .op("list penalties")?;
-        let rows = stmt
-            .query_map(params![node_id, saturating_i64(limit)], penalty_from_row)
-            .op("list penalties")?;
-        rows.collect::<Result<_, _>>().op("list penalties")
+                     WHERE ?1 IS NULL OR node_id = ?1 ORDER BY id DESC LIMIT ?2"
+            ),
+            params![node_id, saturating_i64(limit)],
+            penalty_from_row,
+            "list penalties",
+        )
     }
 
     fn penalties_since(
@@ -1664,16 +1668,13 @@ impl Store for SqliteStore {
     }
 
     fn list_gpu_models(&self) -> Result<Vec<GpuModelRecord>, StoreError> {
-        let conn = self.conn();
-        let mut stmt = conn
-            .prepare_cached(&format!(
-                "SELECT {GPU_MODEL_COLS} FROM gpu_models ORDER BY model_key"
-            ))
-            .op("list gpu models")?;
-        let rows = stmt
-            .query_map([], gpu_model_from_row)
-            .op("list gpu models")?;
-        rows.collect::<Result<_, _>>().op("list gpu models")
+        query_all(
+            &self.conn(),
+            &format!("SELECT {GPU_MODEL_COLS} FROM gpu_models ORDER BY model_key"),
+            [],
+            gpu_model_from_row,
+            "list gpu models",
+        )
     }
 
     fn append_usage(&self, record: UsageRecord) -> Result<i64, StoreError> {
@@ -1697,19 +1698,19 @@ impl Store for SqliteStore {
         // One read transaction, so both groupings describe the same set of records.
         let tx = conn.transaction().op("begin usage summary")?;
         let totals = |group: &str, filter: &str| -> Result<Vec<UsageTotals>, StoreError> {
-            let mut stmt = tx
-                .prepare_cached(&format!(
+            query_all(
+                &tx,
+                &format!(
                     "SELECT {group}, count(*), sum(prompt_tokens), sum(completion_tokens), \
                      total(gpu_seconds), sum(frames), sum(bytes), \
                      sum(outcome NOT IN ('ok', 'cancelled', 'in_progress')) \
                      FROM usage_records WHERE at_ms >= ?1 {filter} \
                      GROUP BY {group} ORDER BY {group}"
-                ))
-                .op("summarise usage")?;
-            let rows = stmt
-                .query_map([since], totals_from_row)
-                .op("summarise usage")?;
-            rows.collect::<Result<_, _>>().op("summarise usage")
+                ),
+                [since],
+                totals_from_row,
+                "summarise usage",
+            )
         };
         Ok(UsageSummary {
             by_tenant: totals("tenant", "")?,
@@ -1718,16 +1719,13 @@ impl Store for SqliteStore {
     }
 
     fn list_usage(&self, limit: usize) -> Result<Vec<UsageRecord>, StoreError> {
-        let conn = self.conn();
-        let mut stmt = conn
-            .prepare_cached(&format!(
-                "SELECT {USAGE_COLS} FROM usage_records ORDER BY id DESC LIMIT ?1"
-            ))
-            .op("list usage")?;
-        let rows = stmt
-            .query_map([saturating_i64(limit)], usage_from_row)
-            .op("list usage")?;
-        rows.collect::<Result<_, _>>().op("list usage")
+        query_all(
+            &self.conn(),
+            &format!("SELECT {USAGE_COLS} FROM usage_records ORDER BY id DESC LIMIT ?1"),
+            [saturating_i64(limit)],
+            usage_from_row,
+            "list usage",
+        )
     }
 }
 
