@@ -90,6 +90,35 @@ fn drain(mut frames: FrameStream) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move { while let Ok(Some(_)) = frames.next().await {} })
 }
 
+/// A session a fresh French client plays on `node` (a raw node that accepts it): the client,
+/// the node's side, the session id, the control stream, and the task draining the frames.
+struct Played {
+    _client: nearpath_protocol::Client,
+    node_side: RawGameSession,
+    id: u64,
+    control: PlayControl,
+    _drain: tokio::task::JoinHandle<()>,
+}
+
+async fn play_on(gw: &TestGateway, node: &RawNode) -> Played {
+    let c = native_client(gw, FR_CLIENT).await;
+    let play = tokio::spawn(async move {
+        let s = c.play(API_KEY, small()).await.unwrap();
+        (c, s)
+    });
+    let node_side = node.accept_game().await;
+    let (client, play) = play.await.unwrap();
+    let id = play.started().session_id;
+    let (control, frames, _input) = play.split();
+    Played {
+        _client: client,
+        node_side,
+        id,
+        control,
+        _drain: drain(frames),
+    }
+}
+
 /// The next control event, within `within`.
 async fn next_event(control: &mut PlayControl, within: Duration) -> ControlEvent {
     tokio::time::timeout(within, control.next())
@@ -209,15 +238,13 @@ async fn a_node_with_late_heartbeats_but_a_live_connection_is_not_evicted() {
     let gw = TestGateway::start(|c| c.nodes.slow_max_ms = 2500).await;
     let mut raw = RawNode::connect_games(&gw, "slow-1", ip(DE), "cpu", &["arena"], 2).await;
     raw.heartbeat(0).await;
-    let c = native_client(&gw, FR_CLIENT).await;
-    let play = tokio::spawn(async move {
-        let s = c.play(API_KEY, small()).await.unwrap();
-        (c, s)
-    });
-    let session = raw.accept_game().await;
-    let (_c, play) = play.await.unwrap();
-    let (mut control, frames, _input) = play.split();
-    let _drain = drain(frames);
+    let Played {
+        _client: _c,
+        node_side: session,
+        id: _,
+        mut control,
+        _drain,
+    } = play_on(&gw, &raw).await;
     // Video keeps flowing for 1.2 s (4 leases), heartbeats are stuck behind it.
     let t0 = Instant::now();
     let mut seq = 0;
@@ -308,16 +335,13 @@ async fn a_failed_failover_bills_gpu_seconds_once() {
     })
     .await;
     let raw = raw_arena(&gw, "de-1", DE).await;
-    let c = native_client(&gw, FR_CLIENT).await;
-    let play = tokio::spawn(async move {
-        let s = c.play(API_KEY, small()).await.unwrap();
-        (c, s)
-    });
-    let session = raw.accept_game().await;
-    let (_c, play) = play.await.unwrap();
-    let id = play.started().session_id;
-    let (mut control, frames, _input) = play.split();
-    let _drain = drain(frames);
+    let Played {
+        _client: _c,
+        node_side: session,
+        id,
+        mut control,
+        _drain,
+    } = play_on(&gw, &raw).await;
     let t0 = Instant::now();
     stream(&raw, session.session_id, 40).await;
     raw.conn.close(0u32.into(), b"dead");
@@ -345,16 +369,13 @@ async fn a_failed_over_session_bills_each_node_for_its_own_time() {
     let gw = TestGateway::start(|c| c.nodes.heartbeat_ms = 60_000).await;
     let near = raw_arena(&gw, "de-1", DE).await;
     let far = raw_arena(&gw, "us-1", US_EAST).await;
-    let c = native_client(&gw, FR_CLIENT).await;
-    let play = tokio::spawn(async move {
-        let s = c.play(API_KEY, small()).await.unwrap();
-        (c, s)
-    });
-    let first = near.accept_game().await;
-    let (_c, play) = play.await.unwrap();
-    let id = play.started().session_id;
-    let (mut control, frames, _input) = play.split();
-    let _drain = drain(frames);
+    let Played {
+        _client: _c,
+        node_side: first,
+        id,
+        mut control,
+        _drain,
+    } = play_on(&gw, &near).await;
     let t0 = Instant::now();
     stream(&near, first.session_id, 50).await;
     near.conn.close(0u32.into(), b"dead");
