@@ -836,3 +836,37 @@ pub async fn native_client(
     .await
     .unwrap()
 }
+
+/// A seeded impairment relay in front of the gateway's QUIC port, forwarding from `from`'s
+/// address, so whoever dials through it still appears to the gateway from that place.
+pub async fn relay_from(
+    gw: &TestGateway,
+    from: (&str, &str, f64, f64),
+    seed: u64,
+) -> nearpath_tests::impair::UdpRelay {
+    nearpath_tests::impair::UdpRelay::start(
+        "127.0.0.1:0".parse().unwrap(),
+        gw.addrs.quic,
+        ip(from),
+        seed,
+    )
+    .await
+    .unwrap()
+}
+
+/// A real edge node `id` in DE (the test config, changed by `edit`) whose path to the gateway
+/// goes through a seeded relay; returned once registered.
+pub async fn node_behind_relay(
+    gw: &TestGateway,
+    id: &str,
+    seed: u64,
+    edit: impl FnOnce(&mut NodeConfig),
+) -> (TestNode, nearpath_tests::impair::UdpRelay) {
+    let relay = relay_from(gw, DE, seed).await;
+    let mut cfg = gw.node_config(id, &gw.token);
+    cfg.gateway.address = relay.addr().to_string();
+    edit(&mut cfg);
+    let mut node = TestNode::start(cfg, ip(DE));
+    node.registered().await;
+    (node, relay)
+}

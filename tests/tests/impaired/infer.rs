@@ -7,7 +7,6 @@ use crate::common::*;
 use nearpath_edge_node::NodeStatus;
 use nearpath_protocol::message::{Message, RejectCode};
 use nearpath_protocol::{Client, InferEvent, ServerVerify};
-use nearpath_tests::impair::UdpRelay;
 use serde_json::{json, Value};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,19 +15,6 @@ fn chat(model: &str, max_tokens: u32) -> String {
     json!({"model": model, "max_tokens": max_tokens,
            "messages": [{"role": "user", "content": "Say something"}]})
     .to_string()
-}
-
-/// A real node `id` (serving `m`) whose path to the gateway goes through a seeded relay; the
-/// gateway still sees it from DE.
-async fn node_behind_relay(gw: &TestGateway, id: &str, seed: u64) -> (UdpRelay, TestNode) {
-    let relay = UdpRelay::start("127.0.0.1:0".parse().unwrap(), gw.addrs.quic, ip(DE), seed)
-        .await
-        .unwrap();
-    let mut cfg = gw.node_config(id, &gw.token);
-    cfg.gateway.address = relay.addr().to_string();
-    let mut node = TestNode::start(cfg, ip(DE));
-    node.registered().await;
-    (relay, node)
 }
 
 /// Polls (bounded) until the admin node list satisfies `pred`.
@@ -107,7 +93,7 @@ impl Answer {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_3s_blackout_of_the_only_inference_node_never_answers_404() {
     let gw = TestGateway::start(|_| {}).await;
-    let (relay, node) = node_behind_relay(&gw, "de-1", 10).await;
+    let (node, relay) = node_behind_relay(&gw, "de-1", 10, |_| {}).await;
     assert_eq!(complete(&gw.http, &gw, "m").await.status, 200);
     let gw = Arc::new(gw);
     let blackout = Duration::from_secs(3);
@@ -177,7 +163,7 @@ async fn a_3s_blackout_of_the_only_inference_node_never_answers_404() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn models_list_keeps_a_model_during_a_blip() {
     let gw = TestGateway::start(|_| {}).await;
-    let (relay, node) = node_behind_relay(&gw, "de-1", 11).await;
+    let (node, relay) = node_behind_relay(&gw, "de-1", 11, |_| {}).await;
     assert_eq!(models(&gw).await, [("m".to_string(), Some(true))]);
     relay.blackout_forever();
     wait_ids(&gw, "the node to be declared gone", |ids| ids.is_empty()).await;
@@ -270,7 +256,7 @@ async fn quic_infer(client: &Client, model: &str) -> Vec<InferEvent> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_blackout_of_the_only_inference_node_is_a_retryable_error_over_quic() {
     let gw = TestGateway::start(|_| {}).await;
-    let (relay, node) = node_behind_relay(&gw, "de-1", 12).await;
+    let (node, relay) = node_behind_relay(&gw, "de-1", 12, |_| {}).await;
     let client = quic_client(&gw).await;
     assert!(matches!(
         quic_infer(&client, "m").await.last(),

@@ -13,7 +13,6 @@ use nearpath_gateway::store::UsageRecord;
 use nearpath_protocol::{
     Client, ClientError, FrameHeader, FrameSeqStats, PlayParams, ServerVerify, TransportOptions,
 };
-use nearpath_tests::impair::UdpRelay;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -168,14 +167,7 @@ async fn receive(frames: &mut nearpath_protocol::FrameStream, n: usize) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_abandoned_native_session_releases_its_slot_within_3s() {
     let (gw, node) = setup(1).await;
-    let relay = UdpRelay::start(
-        "127.0.0.1:0".parse().unwrap(),
-        gw.addrs.quic,
-        ip(FR_CLIENT),
-        1,
-    )
-    .await
-    .unwrap();
+    let relay = relay_from(&gw, FR_CLIENT, 1).await;
     let client = player(&gw, relay.addr(), None).await;
     let (session, opened) = start(&client, &node).await;
     let sid = session.started().session_id;
@@ -214,14 +206,7 @@ async fn a_silent_player_is_dropped_by_the_gateway_whatever_idle_timeout_it_aske
     // An old or hostile client: no keep-alive and a minute of idle timeout. The gateway's QUIC
     // idle timeout (10 s) would hold the session that long; its own rule must not.
     let (gw, node) = setup(1).await;
-    let relay = UdpRelay::start(
-        "127.0.0.1:0".parse().unwrap(),
-        gw.addrs.quic,
-        ip(FR_CLIENT),
-        2,
-    )
-    .await
-    .unwrap();
+    let relay = relay_from(&gw, FR_CLIENT, 2).await;
     let lax = TransportOptions {
         keep_alive: None,
         idle_timeout: Duration::from_secs(60),
@@ -424,14 +409,7 @@ async fn frames_that_overtake_each_other_are_counted_reordered_not_missing() {
 async fn a_2s_blackout_of_the_players_path_does_not_end_the_session() {
     // The other side of the rule: a player behind a short blip is not gone.
     let (gw, node) = setup(1).await;
-    let relay = UdpRelay::start(
-        "127.0.0.1:0".parse().unwrap(),
-        gw.addrs.quic,
-        ip(FR_CLIENT),
-        3,
-    )
-    .await
-    .unwrap();
+    let relay = relay_from(&gw, FR_CLIENT, 3).await;
     let client = player(&gw, relay.addr(), None).await;
     let (session, opened) = start(&client, &node).await;
     let sid = session.started().session_id;

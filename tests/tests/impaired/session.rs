@@ -23,21 +23,16 @@ fn small() -> PlayParams {
     }
 }
 
-/// A real edge node in DE serving "arena", dialling the gateway through a seeded relay.
-async fn node_behind_relay(gw: &TestGateway, id: &str, seed: u64) -> (TestNode, UdpRelay) {
-    let relay = UdpRelay::start("127.0.0.1:0".parse().unwrap(), gw.addrs.quic, ip(DE), seed)
-        .await
-        .unwrap();
-    let mut cfg = gw.node_config(id, &gw.token);
-    cfg.gateway.address = relay.addr().to_string();
-    cfg.games = vec![GameEntry {
-        title: "arena".into(),
-        source: GameSource::Builtin {},
-    }];
-    cfg.capacity.game_sessions = 1;
-    let mut node = TestNode::start(cfg, ip(DE));
-    node.registered().await;
-    (node, relay)
+/// A real edge node in DE with one "arena" slot, dialling the gateway through a seeded relay.
+async fn arena_behind_relay(gw: &TestGateway, id: &str, seed: u64) -> (TestNode, UdpRelay) {
+    node_behind_relay(gw, id, seed, |cfg| {
+        cfg.games = vec![GameEntry {
+            title: "arena".into(),
+            source: GameSource::Builtin {},
+        }];
+        cfg.capacity.game_sessions = 1;
+    })
+    .await
 }
 
 /// The usage rows of session `id`, in request id order (`game_<id>`, `game_<id>_2`, ...).
@@ -132,7 +127,7 @@ async fn next_event(control: &mut PlayControl, within: Duration) -> ControlEvent
 async fn a_3s_blackout_of_the_only_node_resumes_the_session() {
     let _heavy = HEAVY.lock().await;
     let gw = TestGateway::start(|_| {}).await;
-    let (node, relay) = node_behind_relay(&gw, "de-1", 7).await;
+    let (node, relay) = arena_behind_relay(&gw, "de-1", 7).await;
     let c = native_client(&gw, FR_CLIENT).await;
     let session = c.play(API_KEY, small()).await.unwrap();
     let id = session.started().session_id;
@@ -191,7 +186,7 @@ async fn a_3s_blackout_of_the_only_node_resumes_the_session() {
 async fn a_node_that_never_returns_ends_the_session_after_the_pause_window() {
     let _heavy = HEAVY.lock().await;
     let gw = TestGateway::start(|c| c.game.pause_window_ms = 2000).await;
-    let (node, relay) = node_behind_relay(&gw, "de-1", 11).await;
+    let (node, relay) = arena_behind_relay(&gw, "de-1", 11).await;
     let c = native_client(&gw, FR_CLIENT).await;
     let session = c.play(API_KEY, small()).await.unwrap();
     let (mut control, mut frames, _input) = session.split();
@@ -412,7 +407,7 @@ async fn a_silent_node_with_a_second_node_fails_over_within_the_lease() {
     // cable pulled) take longer to detect. 100 ms heartbeats: a 300 ms lease.
     let _heavy = HEAVY.lock().await;
     let gw = TestGateway::start(|_| {}).await;
-    let (near, relay) = node_behind_relay(&gw, "de-1", 5).await;
+    let (near, relay) = arena_behind_relay(&gw, "de-1", 5).await;
     let mut cfg = gw.node_config("us-1", &gw.token);
     cfg.games = vec![GameEntry {
         title: "arena".into(),
@@ -461,13 +456,7 @@ async fn a_node_that_hears_nothing_redials_at_once_when_the_path_returns() {
     // silence check the node sat on the dead connection until the idle timeout (10 s), and an
     // attempt begun during the outage retransmitted its handshake only seconds later.
     let gw = TestGateway::start(|_| {}).await;
-    let relay = UdpRelay::start("127.0.0.1:0".parse().unwrap(), gw.addrs.quic, ip(DE), 3)
-        .await
-        .unwrap();
-    let mut cfg = gw.node_config("de-1", &gw.token);
-    cfg.gateway.address = relay.addr().to_string();
-    let mut node = TestNode::start(cfg, ip(DE));
-    node.registered().await;
+    let (mut node, relay) = node_behind_relay(&gw, "de-1", 3, |_| {}).await;
     relay.blackout_forever();
     let t0 = Instant::now();
     node.wait_status(|s| matches!(s, nearpath_edge_node::NodeStatus::Connecting { .. }))
