@@ -352,7 +352,22 @@ impl RawNode {
         class: &str,
         models: &[&str],
     ) -> RawNode {
-        let reg = Register {
+        let workloads = Workloads {
+            games: vec![],
+            models: models.iter().map(|m| m.to_string()).collect(),
+        };
+        Self::register(gw, from, Self::registration(gw, id, class, workloads, 1)).await
+    }
+
+    /// The `Register` a raw node sends: one GPU of `class`, the enrolment token of `gw`.
+    fn registration(
+        gw: &TestGateway,
+        id: &str,
+        class: &str,
+        workloads: Workloads,
+        game_sessions: u32,
+    ) -> Register {
+        Register {
             protocol_version: PROTOCOL_VERSION,
             node_id: id.into(),
             enrolment_token: gw.token.clone(),
@@ -362,16 +377,12 @@ impl RawNode {
                 class: class.into(),
                 vram_mib: 1,
             }],
-            workloads: Workloads {
-                games: vec![],
-                models: models.iter().map(|m| m.to_string()).collect(),
-            },
+            workloads,
             capacity: Capacity {
-                game_sessions: 1,
+                game_sessions,
                 inference_concurrency: 4,
             },
-        };
-        Self::register(gw, from, reg).await
+        }
     }
 
     pub async fn heartbeat(&mut self, active_sessions: u32) {
@@ -515,25 +526,11 @@ impl RawNode {
         games: &[&str],
         game_sessions: u32,
     ) -> RawNode {
-        let reg = Register {
-            protocol_version: PROTOCOL_VERSION,
-            node_id: id.into(),
-            enrolment_token: gw.token.clone(),
-            software_version: "0.1.0".into(),
-            gpus: vec![Gpu {
-                model: class.into(),
-                class: class.into(),
-                vram_mib: 1,
-            }],
-            workloads: Workloads {
-                games: games.iter().map(|g| g.to_string()).collect(),
-                models: vec!["m".into()],
-            },
-            capacity: Capacity {
-                game_sessions,
-                inference_concurrency: 4,
-            },
+        let workloads = Workloads {
+            games: games.iter().map(|g| g.to_string()).collect(),
+            models: vec!["m".into()],
         };
+        let reg = Self::registration(gw, id, class, workloads, game_sessions);
         Self::register(gw, from, reg).await
     }
 
