@@ -76,7 +76,7 @@ impl KeyCache {
     }
 
     /// A fresh cached key for `hash` that is not revoked.
-    fn get(&self, hash: &str) -> Option<ApiKey> {
+    pub(crate) fn get(&self, hash: &str) -> Option<ApiKey> {
         let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         let (key, at) = entries.get(hash)?;
         if at.elapsed() >= KEY_CACHE_TTL || self.is_revoked(&key.id) {
@@ -86,7 +86,7 @@ impl KeyCache {
     }
 
     /// Caches `key` unless it was revoked meanwhile; says whether the key may be used.
-    fn put(&self, hash: String, key: &ApiKey) -> bool {
+    pub(crate) fn put(&self, hash: String, key: &ApiKey) -> bool {
         let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         if self.is_revoked(&key.id) {
             return false;

@@ -54,6 +54,8 @@ pub struct Shared {
     pub placement: Arc<Placement>,
     pub sessions: Arc<Sessions>,
     pub meter: Arc<Meter>,
+    /// Game sessions, built from the components above.
+    pub games: Arc<crate::game::GameService>,
     pub shutdown: CancellationToken,
     /// Per-source admission of QUIC connections until they authenticate or register.
     pub quic_gate: Arc<crate::conn_guard::QuicGate>,
@@ -151,24 +153,40 @@ impl Gateway {
         ));
         let clock = crate::clock::system();
         let metrics = Arc::new(Metrics::new());
+        let auth = Arc::new(Auth {
+            store: store.clone(),
+            keys: Default::default(),
+            limiter: Default::default(),
+            clock: clock.clone(),
+        });
+        let directory = Arc::new(Directory {
+            registry: Arc::new(registry),
+            clock: clock.clone(),
+        });
+        let placement = Arc::new(Placement::new(geo, policy, metrics.clone()));
+        let sessions = Arc::new(Sessions::default());
+        let meter = Arc::new(Meter {
+            store: store.clone(),
+            metrics: metrics.clone(),
+            clock: clock.clone(),
+        });
+        let games = Arc::new(crate::game::GameService::new(
+            auth.clone(),
+            directory.clone(),
+            placement.clone(),
+            sessions.clone(),
+            meter.clone(),
+            metrics.clone(),
+            clock.clone(),
+            config.game.clone(),
+        ));
         let shared = Arc::new(Shared {
-            auth: Arc::new(Auth {
-                store: store.clone(),
-                keys: Default::default(),
-                limiter: Default::default(),
-                clock: clock.clone(),
-            }),
-            directory: Arc::new(Directory {
-                registry: Arc::new(registry),
-                clock: clock.clone(),
-            }),
-            placement: Arc::new(Placement::new(geo, policy, metrics.clone())),
-            sessions: Arc::new(Sessions::default()),
-            meter: Arc::new(Meter {
-                store: store.clone(),
-                metrics: metrics.clone(),
-                clock: clock.clone(),
-            }),
+            auth,
+            directory,
+            placement,
+            sessions,
+            meter,
+            games,
             store,
             metrics,
             clock,

@@ -112,7 +112,8 @@
 //! `42e01f` gets the stream; Chromium's decoders do not enforce level limits.
 
 use crate::api::client_ip;
-use crate::game::{self, ClientEvent, FrameSink, Notice, Relay, StartError};
+use crate::error::{CoreError, Kind};
+use crate::game::{self, ClientEvent, FrameSink, Notice, Relay};
 use crate::http_util::{bearer, read_body, Body, BodyError, Resp};
 use crate::infer;
 use crate::player::ChannelSilence;
@@ -349,25 +350,32 @@ impl WhepError {
         }
     }
 
-    fn from_start(title: &str, e: StartError) -> WhepError {
-        match e.code {
-            "geofence" => WhepError::Geofence { message: e.message },
-            "unknown_game" => WhepError::UnknownGame {
+    /// The WHEP error for a session the core could not start, by the error's kind.
+    pub fn from_core(title: &str, e: CoreError) -> WhepError {
+        match e.kind {
+            Kind::Geofence => WhepError::Geofence { message: e.message },
+            Kind::NotFound => WhepError::UnknownGame {
                 title: title.to_string(),
             },
-            "bad_request" => WhepError::BadRequest {
+            Kind::InvalidRequest => WhepError::BadRequest {
                 reason: e.message,
                 param: None,
             },
-            "unauthorized" => WhepError::Unauthorized(ApiError::invalid_api_key()),
-            code @ ("concurrency_limit_exceeded" | "rate_limit_exceeded") => WhepError::KeyCap {
-                code,
+            Kind::Unauthenticated | Kind::KeyRevoked => {
+                WhepError::Unauthorized(ApiError::invalid_api_key())
+            }
+            Kind::RateLimited => WhepError::KeyCap {
+                code: if e.code == "rate_limit_exceeded" {
+                    "rate_limit_exceeded"
+                } else {
+                    "concurrency_limit_exceeded"
+                },
                 message: e.message,
-                retry_after_s: e
-                    .retry_after_s
-                    .map_or(1, |s| u32::try_from(s).unwrap_or(u32::MAX)),
+                retry_after_s: e.retry_after_s.unwrap_or(1),
             },
-            infer::LEDGER_UNAVAILABLE => WhepError::LedgerUnavailable { message: e.message },
+            Kind::Unavailable if e.code == infer::LEDGER_UNAVAILABLE => {
+                WhepError::LedgerUnavailable { message: e.message }
+            }
             _ => WhepError::NoCapacity { message: e.message },
         }
     }
@@ -1358,7 +1366,7 @@ async fn whep_post(
     let key = authenticate(shared, &req).await?;
     content_type_is(req.headers(), SDP_CONTENT_TYPE)?;
     let play = play_request(title, req.uri().query())?;
-    let params = game::session_params(shared, &play).map_err(|reason| WhepError::BadRequest {
+    let params = shared.games.session_params(&play).map_err(|reason| WhepError::BadRequest {
         reason,
         param: None,
     })?;
@@ -1372,8 +1380,9 @@ async fn whep_post(
     // Route first: a refused client (geofence, no capacity) then costs no sockets. Frames that
     // arrive before the browser is connected are dropped, and a keyframe is asked for then.
     let (frames_tx, frames_rx) = mpsc::channel(FRAME_QUEUE);
-    let started = game::start_session(
-        shared,
+    let started = shared
+        .games
+        .start_session(
         &key,
         location,
         client.to_string(),
@@ -1382,7 +1391,7 @@ async fn whep_post(
         FrameSink::Channel(frames_tx),
     )
     .await
-    .map_err(|e| WhepError::from_start(title, e))?;
+    .map_err(|e| WhepError::from_core(title, e))?;
     let negotiated = match negotiate(shared, &offer, &params, ip).await {
         Ok(n) => n,
         Err(e) => {
@@ -1853,7 +1862,7 @@ async fn run_session(
                 // The frame's age is checked again just before it is sent: a frame that waited
                 // here past its budget is dropped, not sent late.
                 if gw_us.saturating_sub(header.capture_ts_us) > budget_us {
-                    game::count_drop(&shared, &relay, game::DropReason::Late);
+                    shared.games.count_drop(&relay, game::DropReason::Late);
                     relay.request_keyframe();
                     continue;
                 }

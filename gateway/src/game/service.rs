@@ -1,0 +1,1023 @@
+//! The game service: starts sessions (admission, route, attach), runs each one's driver around
+//! its [`GameSession`] rules, relays frames and input, and serves native players' play streams.
+//! Built with exactly the components it uses; front ends (QUIC clients, WHEP) and the node
+//! session (frame streams) call it instead of reaching into the gateway's shared state.
+
+use super::session::{Action, GameSession, NodeCommand, NodeRef, Rules, Totals, UsageSegment};
+use super::{
+    recv_frame_rest, ClientEvent, DropReason, FlightSlot, ForeignLog, FrameBudget, FrameSink,
+    InFlight, Notice, Relay, Started, Verdict, ACK_DELAY_ALLOWANCE, REVOKE_SEND_BOUND,
+};
+use crate::clock::SharedClock;
+use crate::components::{Auth, Directory, Meter, Placement, Sessions};
+use crate::error::{CoreError, Kind};
+use crate::infer::{CapGuard, CapKind, CapRefusal};
+use crate::metrics::{labels, Metrics};
+use crate::player::{ConnSample, PlayerSilence};
+use crate::registry::{NodeEntry, SlotGuard, SlotKind};
+use crate::router::{NoRoute, Workload};
+use crate::store::{ApiKey, UsageKind, UsageRecord};
+use bytes::Bytes;
+use nearpath_config::{GameConfig, WorkloadKind};
+use crate::router::LatLon;
+use nearpath_geo::{Decision, Location};
+use nearpath_protocol::message::{
+    Ended, ErrorInfo, GameParams, Message, Open, Paused, PlayRequest, PlayStarted, SessionKind,
+};
+use nearpath_protocol::openai::ApiError;
+use nearpath_protocol::stream::{recv_frame_header, relay_frame_by, send, FramedRecv, Relayed};
+use nearpath_protocol::{InputDatagram, MAX_CONTROL_FRAME, MAX_VIDEO_FRAME};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, info, info_span, warn, Instrument};
+
+/// How long a node has to open a game session (stream open, `Open`, `Accepted`) before the
+/// next candidate is tried. A node that takes longer is not one to put a player on.
+pub const NODE_ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Game sessions of one gateway. See the module docs.
+pub struct GameService {
+    auth: Arc<Auth>,
+    directory: Arc<Directory>,
+    placement: Arc<Placement>,
+    sessions: Arc<Sessions>,
+    meter: Arc<Meter>,
+    metrics: Arc<Metrics>,
+    clock: SharedClock,
+    config: GameConfig,
+}
+
+/// A session attached to one node.
+struct Attached {
+    node: Arc<NodeEntry>,
+    tx: quinn::SendStream,
+    rx: FramedRecv,
+    _slot: SlotGuard,
+}
+
+/// Why no node could take the session.
+enum NoNode {
+    Denied(String),
+    Unknown,
+    Full,
+    Failed(String),
+}
+
+fn node_ref(n: &NodeEntry) -> NodeRef {
+    NodeRef {
+        key: n.key,
+        id: n.id.clone(),
+        operator_id: n.operator_id.clone(),
+    }
+}
+
+fn client_latlon(loc: &Location) -> Option<LatLon> {
+    loc.coords.and_then(|c| LatLon::new(c.lat, c.lon).ok())
+}
+
+fn err(code: &str, message: impl Into<String>) -> Message {
+    Message::Error(ErrorInfo {
+        code: code.into(),
+        message: message.into(),
+        retryable: false,
+    })
+}
+
+/// What a closed client connection means for its session: a close the client sent (or one
+/// this end made) is the player leaving; anything else (idle timeout, reset, transport error)
+/// is the player lost.
+fn closed_event(e: &quinn::ConnectionError) -> ClientEvent {
+    match e {
+        quinn::ConnectionError::ApplicationClosed(_)
+        | quinn::ConnectionError::ConnectionClosed(_)
+        | quinn::ConnectionError::LocallyClosed => ClientEvent::Gone,
+        _ => ClientEvent::Lost,
+    }
+}
+
+/// The next thing the serving node's session says: `None` when its stream or connection died.
+/// Never ready while no node serves.
+async fn node_event(a: &mut Option<Attached>) -> Option<Message> {
+    let Some(a) = a.as_mut() else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        m = a.rx.next() => m.ok().flatten(),
+        _ = a.node.conn.closed() => None,
+    }
+}
+
+impl GameService {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        auth: Arc<Auth>,
+        directory: Arc<Directory>,
+        placement: Arc<Placement>,
+        sessions: Arc<Sessions>,
+        meter: Arc<Meter>,
+        metrics: Arc<Metrics>,
+        clock: SharedClock,
+        config: GameConfig,
+    ) -> GameService {
+        GameService {
+            auth,
+            directory,
+            placement,
+            sessions,
+            meter,
+            metrics,
+            clock,
+            config,
+        }
+    }
+
+    /// The `[game]` section it runs with.
+    pub fn config(&self) -> &GameConfig {
+        &self.config
+    }
+
+    pub fn clock(&self) -> &SharedClock {
+        &self.clock
+    }
+
+    /// Where `ip` is (GeoIP), for routing its session.
+    pub fn locate(&self, ip: std::net::IpAddr) -> Location {
+        self.placement.geo.lookup(ip)
+    }
+
+    /// The GeoIP database, for front ends that locate clients behind proxies.
+    pub fn geo(&self) -> &nearpath_geo::GeoDb {
+        &self.placement.geo
+    }
+
+    /// The live sessions' relays.
+    pub fn relays(&self) -> &super::GameRelays {
+        &self.sessions.games
+    }
+
+    /// Checks a Bearer secret against the store (with a short cache): the same rule as
+    /// `infer::authenticate`, read from the `Auth` component.
+    // The "infer" engineer moves this rule to `components::Auth::authenticate`; this then calls it.
+    pub async fn authenticate(&self, secret: Option<&str>) -> Result<ApiKey, ApiError> {
+        let secret = secret.ok_or_else(ApiError::missing_api_key)?;
+        let hash = crate::store::hash_secret(secret);
+        if let Some(key) = self.auth.keys.get(&hash) {
+            return Ok(key);
+        }
+        let store = self.auth.store.clone();
+        let owned = secret.to_string();
+        let found = tokio::task::spawn_blocking(move || store.authenticate_api_key(&owned))
+            .await
+            .map_err(|e| ApiError::internal(e.to_string()))?
+            .map_err(|e| ApiError::unavailable(format!("key store unavailable: {e}")))?;
+        match found {
+            // The store may have answered before a revocation that has landed since.
+            Some(key) if self.auth.keys.put(hash, &key) => Ok(key),
+            _ => Err(ApiError::invalid_api_key()),
+        }
+    }
+
+    /// Counts a dropped frame against its session and in the metric, by reason.
+    pub fn count_drop(&self, relay: &Relay, reason: DropReason) {
+        relay.dropped(reason).fetch_add(1, Ordering::Relaxed);
+        self.metrics
+            .game_frames_dropped
+            .get_or_create(&labels([("reason", reason.as_str())]))
+            .inc();
+    }
+
+    /// Clamps a play request to the configured limits (0 means the default).
+    pub fn session_params(&self, r: &PlayRequest) -> Result<GameParams, String> {
+        session_params(&self.config, r)
+    }
+
+    fn count_refusal(&self, transport: &'static str, cap: &'static str) {
+        self.metrics
+            .key_cap_refusals
+            .get_or_create(&labels([("entry", transport), ("cap", cap)]))
+            .inc();
+    }
+
+    /// Checks what a key may start before anything is routed: the ledger can bill the session,
+    /// the key is under its cap on live sessions and its session starts per minute. The guard
+    /// holds the key's session slot until the session ends.
+    // The same rules as `infer::ledger_gate` and `infer::effective_caps`, read from the `Meter`
+    // and `Auth` components; the "infer" engineer moves those to `Auth`, and this then calls them.
+    fn admit_start(&self, key: &ApiKey, transport: &'static str) -> Result<CapGuard, CoreError> {
+        if !self.meter.store.ledger_health().healthy {
+            self.metrics
+                .ledger_refusals
+                .get_or_create(&labels([("entry", transport)]))
+                .inc();
+            return Err(CoreError::new(
+                Kind::Unavailable,
+                crate::infer::LEDGER_UNAVAILABLE,
+                "the usage ledger cannot record usage right now, so no new work is accepted; retry shortly",
+            )
+            .with_retry_after_s(1));
+        }
+        let refused = |r: CapRefusal| {
+            self.count_refusal(transport, r.cap);
+            CoreError::rate_limited(
+                r.code,
+                r.message,
+                u32::try_from(r.retry_after_s).unwrap_or(u32::MAX),
+            )
+        };
+        let max_sessions = key
+            .caps
+            .max_concurrent_sessions
+            .unwrap_or(self.config.default_max_concurrent_sessions);
+        let starts = key
+            .caps
+            .session_starts_per_minute
+            .unwrap_or(self.config.default_session_starts_per_minute);
+        let guard = self
+            .auth
+            .limiter
+            .acquire(key, CapKind::Session, max_sessions)
+            .map_err(refused)?;
+        self.auth
+            .limiter
+            .admit_session_start(key, starts, self.clock.now())
+            .map_err(refused)?;
+        Ok(guard)
+    }
+
+    /// The geofence verdict for serving `client` from `node` (every GPU class of the node must
+    /// be allowed): the rule of `infer::serve_check`, read from the `Placement` component.
+    fn serve_check(&self, client: &Location, node: &NodeEntry) -> Result<(), crate::router::Deny> {
+        // Read once: the location changes when the node's connection migrates.
+        let node_location = node.location();
+        for (_, class) in &node.classes {
+            if let Decision::Deny { rule, reason, .. } = self.placement.policy.check_serve(
+                client,
+                &node_location,
+                *class,
+                WorkloadKind::Game,
+            ) {
+                return Err(crate::router::Deny {
+                    rule: rule.to_string(),
+                    reason: reason.to_string(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Routes the session and opens it on the first candidate that accepts, each given
+    /// [`NODE_ANSWER_TIMEOUT`]. `exclude` holds the registrations that failed the session.
+    async fn attach(
+        &self,
+        client: &Location,
+        params: &GameParams,
+        session_id: u64,
+        exclude: &[crate::router::NodeId],
+    ) -> Result<Attached, NoNode> {
+        let (outcome, nodes) = self.directory.registry.route(
+            client_latlon(client),
+            Workload::Game(&params.title),
+            |n| {
+                if exclude.contains(&n.key) {
+                    return Err(crate::router::Deny {
+                        rule: "failover".into(),
+                        reason: "node failed this session".into(),
+                    });
+                }
+                self.serve_check(client, n)
+            },
+        );
+        if let Some(f) = outcome.failure() {
+            return Err(match f {
+                NoRoute::NotServed => NoNode::Unknown,
+                NoRoute::Denied(d) if d.rule != "failover" => {
+                    NoNode::Denied(format!("rule {}: {}", d.rule, d.reason))
+                }
+                NoRoute::Denied(_) => NoNode::Failed("no other node serves this game".into()),
+                NoRoute::Saturated | NoRoute::Draining => NoNode::Full,
+            });
+        }
+        let mut last = NoNode::Full;
+        for node in nodes {
+            let Some(slot) = self.directory.registry.acquire(&node, SlotKind::Game) else {
+                continue;
+            };
+            let opened = async {
+                let (mut tx, rx) = node.conn.open_bi().await.map_err(|e| e.to_string())?;
+                send(
+                    &mut tx,
+                    &Message::Open(Open {
+                        session_id,
+                        kind: SessionKind::Game(params.clone()),
+                    }),
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+                let mut rx = FramedRecv::new(rx, MAX_CONTROL_FRAME);
+                match rx.next().await {
+                    Ok(Some(Message::Accepted(a))) if a.session_id == session_id => Ok((tx, rx)),
+                    Ok(Some(Message::Accepted(a))) => Err(format!(
+                        "accepted session {} instead of {session_id}",
+                        a.session_id
+                    )),
+                    Ok(Some(Message::Refused(r))) => Err(format!("refused: {}", r.reason)),
+                    Ok(other) => Err(format!("unexpected answer {other:?}")),
+                    Err(e) => Err(e.to_string()),
+                }
+            };
+            match tokio::time::timeout(NODE_ANSWER_TIMEOUT, opened).await {
+                Ok(Ok((tx, rx))) => {
+                    return Ok(Attached {
+                        node,
+                        tx,
+                        rx,
+                        _slot: slot,
+                    })
+                }
+                Ok(Err(e)) => {
+                    warn!(node = %node.id, error = %e, "node did not take the game session");
+                    last = NoNode::Failed(e);
+                }
+                Err(_) => {
+                    last = NoNode::Failed(format!(
+                        "node {} did not answer within {}",
+                        node.id,
+                        super::session::seconds(NODE_ANSWER_TIMEOUT)
+                    ))
+                }
+            }
+        }
+        Err(last)
+    }
+
+    fn count_start(&self, transport: &'static str, outcome: &str) {
+        self.metrics
+            .game_sessions
+            .get_or_create(&labels([("transport", transport), ("outcome", outcome)]))
+            .inc();
+    }
+
+    /// Routes and starts a game session for `client`, then runs it in a task until it ends.
+    ///
+    /// Errors carry the codes native players see (`geofence`, `unknown_game`, `no_capacity`,
+    /// `concurrency_limit_exceeded`, `rate_limit_exceeded`, `ledger_unavailable`); their kind
+    /// says what a front end speaking HTTP answers.
+    pub async fn start_session(
+        self: &Arc<Self>,
+        key: &ApiKey,
+        client: Location,
+        client_addr: String,
+        transport: &'static str,
+        params: GameParams,
+        sink: FrameSink,
+    ) -> Result<Started, CoreError> {
+        let cap = match self.admit_start(key, transport) {
+            Ok(g) => g,
+            Err(e) => {
+                self.count_start(transport, &e.code);
+                return Err(e);
+            }
+        };
+        let session = self.sessions.ids.mint();
+        let session_id = session.get();
+        let attached = match self.attach(&client, &params, session_id, &[]).await {
+            Ok(a) => a,
+            Err(no) => {
+                let e = match no {
+                    NoNode::Denied(r) => {
+                        CoreError::new(Kind::Geofence, "geofence", format!("geofence: {r}"))
+                    }
+                    NoNode::Unknown => CoreError::new(
+                        Kind::NotFound,
+                        "unknown_game",
+                        format!("no node serves {}", params.title),
+                    ),
+                    NoNode::Full => {
+                        CoreError::no_capacity("every node serving this game is busy")
+                            .with_retry_after_s(2)
+                    }
+                    NoNode::Failed(e) => CoreError::no_capacity(e).with_retry_after_s(2),
+                };
+                self.count_start(transport, &e.code);
+                return Err(e);
+            }
+        };
+        let (events_tx, events_rx) = mpsc::channel(16);
+        let relay = Arc::new(Relay {
+            session_id,
+            _session: session,
+            sink,
+            client_addr,
+            transport,
+            client_stats: Mutex::new(None),
+            node: Mutex::new(Some(attached.node.clone())),
+            frames: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            dropped_late: AtomicU64::new(0),
+            dropped_overload: AtomicU64::new(0),
+            dropped_foreign: AtomicU64::new(0),
+            dropped_relay: AtomicU64::new(0),
+            inputs: AtomicU64::new(0),
+            started: Instant::now(),
+            game: params.title.clone(),
+            tenant: key.tenant.clone(),
+            in_flight: Mutex::new(InFlight::default()),
+            events: events_tx.downgrade(),
+            last_keyframe_request: AtomicU64::new(0),
+        });
+        self.sessions.games.insert(relay.clone());
+        self.metrics.active_game_sessions.inc();
+        let (notices_tx, notices_rx) = mpsc::channel(16);
+        let span = info_span!("game_session", id = session_id, game = %params.title, transport);
+        tokio::spawn(
+            self.clone()
+                .drive(
+                    key.clone(),
+                    client,
+                    params.clone(),
+                    relay.clone(),
+                    attached,
+                    events_rx,
+                    notices_tx,
+                    cap,
+                )
+                .instrument(span),
+        );
+        Ok(Started {
+            session_id,
+            params,
+            events: events_tx,
+            notices: notices_rx,
+            relay,
+        })
+    }
+
+    /// One node's share of a game session as a usage row: what the gateway counted (its own
+    /// clock for GPU-seconds, the frames and bytes it relayed while that node served), never
+    /// what a node says.
+    fn usage_record(
+        &self,
+        key: &ApiKey,
+        relay: &Relay,
+        params: &GameParams,
+        seg: &UsageSegment,
+    ) -> UsageRecord {
+        UsageRecord {
+            id: None,
+            at_ms: self.clock.unix_ms(),
+            kind: UsageKind::Game,
+            request_id: if seg.index <= 1 {
+                format!("game_{}", relay.session_id)
+            } else {
+                format!("game_{}_{}", relay.session_id, seg.index)
+            },
+            tenant: key.tenant.clone(),
+            api_key_id: key.id.clone(),
+            node_id: seg.node.id.clone(),
+            operator_id: seg.node.operator_id.clone(),
+            workload: params.title.clone(),
+            outcome: seg.outcome.to_string(),
+            prompt_tokens: 0,
+            completion_tokens: 0,
+            node_prompt_tokens: None,
+            node_completion_tokens: None,
+            ttft_ms: None,
+            duration_ms: seg.gpu_seconds * 1000.0,
+            gpu_seconds: seg.gpu_seconds,
+            frames: seg.frames,
+            bytes: seg.bytes,
+        }
+    }
+
+    /// Runs a started session: moves client events, node messages, registry changes and timers
+    /// into its [`GameSession`], and executes what the rules ask for.
+    #[allow(clippy::too_many_arguments)]
+    async fn drive(
+        self: Arc<Self>,
+        key: ApiKey,
+        client: Location,
+        params: GameParams,
+        relay: Arc<Relay>,
+        attached: Attached,
+        mut events: mpsc::Receiver<ClientEvent>,
+        notices: mpsc::Sender<Notice>,
+        _cap: CapGuard,
+    ) {
+        info!(node = %attached.node.id, "game session started");
+        let session_id = relay.session_id;
+        let mut rules = GameSession::new(
+            self.clock.now(),
+            Rules::from_config(&self.config),
+            node_ref(&attached.node),
+        );
+        let mut attached = Some(attached);
+        // Revoking the key ends the session at once, whichever transport the player uses.
+        let revoked = self.auth.keys.revocation(&key.id);
+        let mut changes = self.directory.registry.subscribe();
+        let mut registry_open = true;
+        // The open segment's usage row: written every checkpoint as `in_progress` and rewritten
+        // in place with the final totals, so a killed gateway loses at most one interval of
+        // metering and nothing is counted twice.
+        let mut ledger: Option<(u32, watch::Sender<Option<UsageRecord>>)> = None;
+        let totals = || Totals {
+            frames: relay.frames.load(Ordering::Relaxed),
+            bytes: relay.bytes.load(Ordering::Relaxed),
+        };
+        loop {
+            while let Some(action) = rules.poll_action() {
+                match action {
+                    Action::Attach { exclude } => {
+                        // A change that lands while this attempt runs makes a failed one try
+                        // again.
+                        changes.borrow_and_update();
+                        let found = self.attach(&client, &params, session_id, &exclude).await;
+                        rules.observe(totals());
+                        match found {
+                            Ok(a) => {
+                                let node = node_ref(&a.node);
+                                attached = Some(a);
+                                rules.handle_attached(self.clock.now(), node);
+                            }
+                            Err(_) => rules.handle_attach_failed(self.clock.now()),
+                        }
+                    }
+                    Action::ToNode(cmd) => {
+                        if let Some(a) = attached.as_mut() {
+                            to_node(a, cmd).await;
+                        }
+                    }
+                    Action::Serve(Some(_)) => relay.set_node(attached.as_ref().map(|a| a.node.clone())),
+                    Action::Serve(None) => {
+                        relay.set_node(None);
+                        if let Some(a) = attached.take() {
+                            warn!(node = %a.node.id, window_ms = self.config.pause_window_ms, "serving node lost; pausing the session");
+                        }
+                    }
+                    Action::Notify(n) => {
+                        let _ = notices.send(n).await;
+                    }
+                    Action::Usage(seg) => {
+                        let row = self.usage_record(&key, &relay, &params, &seg);
+                        if ledger.as_ref().is_none_or(|(i, _)| *i != seg.index) {
+                            let (tx, rx) = watch::channel(None);
+                            tokio::spawn(
+                                usage_row_writer(self.meter.store.clone(), rx).in_current_span(),
+                            );
+                            ledger = Some((seg.index, tx));
+                        }
+                        if let Some((_, tx)) = &ledger {
+                            tx.send_replace(Some(row));
+                        }
+                        if seg.is_final() {
+                            // The writer writes the final row and ends when its sender drops.
+                            ledger = None;
+                        }
+                    }
+                    Action::PauseEnded(how) => {
+                        self.metrics
+                            .game_pauses
+                            .get_or_create(&labels([("outcome", how)]))
+                            .inc();
+                        if how == "expired" {
+                            warn!("no node took the session within the pause window; ending it");
+                        }
+                    }
+                    Action::Failover {
+                        node,
+                        same_node,
+                        paused,
+                    } => {
+                        self.metrics.game_failovers.inc();
+                        info!(node = %node.id, same_node, paused_ms = paused.as_millis() as u64, "session resumed");
+                    }
+                    Action::Ended {
+                        outcome,
+                        gpu_seconds,
+                        segments,
+                    } => {
+                        if outcome == "key_revoked" {
+                            warn!(key = %key.id, "API key revoked: ending the game session");
+                        }
+                        self.finish(&relay, outcome, gpu_seconds, segments);
+                    }
+                }
+            }
+            if rules.is_ended() {
+                return;
+            }
+            let timeout = rules.poll_timeout();
+            let paused = rules.is_paused();
+            enum Ev {
+                Revoked,
+                Timeout,
+                Client(Option<ClientEvent>),
+                Node(Option<Message>),
+                Changed(bool),
+            }
+            let ev = tokio::select! {
+                biased;
+                _ = revoked.cancelled() => Ev::Revoked,
+                _ = async { tokio::time::sleep_until(tokio::time::Instant::from_std(timeout.unwrap_or_else(Instant::now))).await }, if timeout.is_some() => Ev::Timeout,
+                e = events.recv() => Ev::Client(e),
+                m = node_event(&mut attached) => Ev::Node(m),
+                r = changes.changed(), if paused && registry_open => Ev::Changed(r.is_ok()),
+            };
+            rules.observe(totals());
+            let now = self.clock.now();
+            match ev {
+                Ev::Revoked => rules.handle_revoked(now),
+                Ev::Timeout => rules.handle_timeout(now),
+                Ev::Client(e) => rules.handle_client(now, e),
+                Ev::Node(Some(Message::Ended(e))) => rules.handle_node_ended(now, e.reason),
+                Ev::Node(Some(_)) => {}
+                Ev::Node(None) => rules.handle_node_lost(now),
+                Ev::Changed(true) => rules.handle_registry_changed(now),
+                // No more registry changes: the window's end decides.
+                Ev::Changed(false) => registry_open = false,
+            }
+        }
+    }
+
+    fn finish(&self, relay: &Relay, outcome: &'static str, gpu_seconds: f64, segments: u32) {
+        self.sessions.games.remove(relay.session_id);
+        self.metrics.active_game_sessions.dec();
+        self.count_start(relay.transport, outcome);
+        info!(
+            outcome,
+            frames = relay.frames.load(Ordering::Relaxed),
+            bytes = relay.bytes.load(Ordering::Relaxed),
+            gpu_seconds,
+            nodes = segments,
+            dropped_late = relay.dropped_late.load(Ordering::Relaxed),
+            dropped_overload = relay.dropped_overload.load(Ordering::Relaxed),
+            dropped_foreign = relay.dropped_foreign.load(Ordering::Relaxed),
+            dropped_relay = relay.dropped_relay.load(Ordering::Relaxed),
+            "game session ended"
+        );
+    }
+
+    /// Forwards every frame stream a node opens to the session's client. Runs once per node
+    /// connection, for as long as it lives.
+    ///
+    /// A frame is accepted only from the connection of the node serving its session (the id in
+    /// the header is the sender's claim, and nodes are run by strangers), then only if it is
+    /// within its age and in-flight budgets ([`FrameBudget::admit`]); otherwise it is refused
+    /// before a byte of its payload is read. A frame for an unknown session and a foreign frame
+    /// get the same answer, so a node cannot probe which ids are live.
+    pub async fn node_frames_loop(self: Arc<Self>, conn: quinn::Connection) {
+        let budget = FrameBudget::from_config(&self.config);
+        let foreign_log = Arc::new(ForeignLog::new());
+        // For the log only: the loop starts once the node is registered.
+        let node_id: Arc<str> = self
+            .directory
+            .registry
+            .list()
+            .into_iter()
+            .find(|n| n.conn.stable_id() == conn.stable_id())
+            .map_or_else(|| "unregistered".into(), |n| n.id.as_str().into());
+        while let Ok(recv) = conn.accept_uni().await {
+            let this = self.clone();
+            let conn = conn.clone();
+            let foreign_log = foreign_log.clone();
+            let node_id = node_id.clone();
+            tokio::spawn(async move {
+                this.relay_frame(recv, &conn, budget, &foreign_log, &node_id)
+                    .await
+            });
+        }
+    }
+
+    async fn relay_frame(
+        &self,
+        mut recv: quinn::RecvStream,
+        conn: &quinn::Connection,
+        budget: FrameBudget,
+        foreign_log: &ForeignLog,
+        node_id: &str,
+    ) {
+        let header = match recv_frame_header(&mut recv).await {
+            Ok(h) => h,
+            Err(e) => {
+                debug!(error = %e, "bad frame stream from node");
+                return;
+            }
+        };
+        let Some(relay) = self.sessions.games.get(header.session_id) else {
+            let _ = recv.stop(nearpath_protocol::app_code::STREAM_REFUSED);
+            return;
+        };
+        if !relay.is_served_by(conn) {
+            let _ = recv.stop(nearpath_protocol::app_code::STREAM_REFUSED);
+            self.count_drop(&relay, DropReason::Foreign);
+            foreign_log.note(node_id, header.session_id);
+            return;
+        }
+        let bytes = FrameBudget::frame_bytes(&header);
+        let verdict = {
+            let mut f = relay.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+            budget.admit(&mut f, self.clock.unix_us(), header.capture_ts_us, bytes)
+        };
+        let remaining_us = match verdict {
+            Verdict::Forward { remaining_us } => remaining_us,
+            Verdict::Drop(reason) => {
+                let _ = recv.stop(nearpath_protocol::app_code::STREAM_REFUSED);
+                self.count_drop(&relay, reason);
+                relay.request_keyframe();
+                return;
+            }
+        };
+        let _slot = FlightSlot {
+            relay: relay.clone(),
+            bytes,
+        };
+        let write_by = tokio::time::Instant::now() + Duration::from_micros(remaining_us);
+        let result = match &relay.sink {
+            FrameSink::Quic(client) => {
+                // The deadline is for the frame's bytes leaving; its acknowledgement comes a
+                // round trip (and a delayed-ack allowance) later.
+                let acked_by = write_by + client.rtt() + ACK_DELAY_ALLOWANCE;
+                relay_frame_by(recv, &header, client, MAX_VIDEO_FRAME, write_by, acked_by)
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+            FrameSink::Channel(tx) => {
+                match tokio::time::timeout_at(write_by, recv_frame_rest(recv, &header)).await {
+                    Ok(Ok(payload)) => {
+                        let n = payload.len() as u64;
+                        match tx.try_send((header, payload)) {
+                            Ok(()) => Ok(Relayed::Delivered(n)),
+                            // The session task is behind: drop, never queue.
+                            Err(mpsc::error::TrySendError::Full(_)) => Ok(Relayed::Abandoned),
+                            Err(e) => Err(e.to_string()),
+                        }
+                    }
+                    Ok(Err(e)) => Err(e),
+                    // Dropping the stream stops it.
+                    Err(_) => Ok(Relayed::Abandoned),
+                }
+            }
+        };
+        match result {
+            Ok(Relayed::Delivered(n)) => {
+                relay.frames.fetch_add(1, Ordering::Relaxed);
+                relay.bytes.fetch_add(n, Ordering::Relaxed);
+                self.metrics.game_frames_relayed.inc();
+            }
+            Ok(Relayed::Abandoned) => {
+                self.count_drop(&relay, DropReason::Overload);
+                relay.request_keyframe();
+            }
+            Err(e) => {
+                debug!(error = %e, "frame not relayed");
+                self.count_drop(&relay, DropReason::Relay);
+            }
+        }
+    }
+
+    /// Forwards a client's input datagrams to the node serving the session. Runs once per
+    /// client connection.
+    pub async fn client_input_loop(self: Arc<Self>, conn: quinn::Connection) {
+        while let Ok(dgram) = conn.read_datagram().await {
+            let Ok(input) = InputDatagram::decode(&dgram) else {
+                continue;
+            };
+            let Some(relay) = self.sessions.games.get(input.session_id) else {
+                continue;
+            };
+            // Only the session's own client may steer it.
+            match &relay.sink {
+                FrameSink::Quic(c) if c.stable_id() == conn.stable_id() => {}
+                _ => continue,
+            }
+            relay.inputs.fetch_add(1, Ordering::Relaxed);
+            if let Some(node) = relay.node() {
+                let _ = node.conn.send_datagram(Bytes::copy_from_slice(&dgram));
+            }
+        }
+    }
+
+    /// Serves a `PlayRequest` on a native client's bidi stream until the session ends.
+    pub async fn serve_play(
+        self: Arc<Self>,
+        conn: quinn::Connection,
+        mut ctl_tx: quinn::SendStream,
+        mut ctl_rx: FramedRecv,
+        req: PlayRequest,
+    ) {
+        let key: ApiKey = match self.authenticate(Some(&req.api_key)).await {
+            Ok(k) => k,
+            Err(e) => {
+                let _ = send(&mut ctl_tx, &err("unauthorized", e.message)).await;
+                let _ = ctl_tx.finish();
+                return;
+            }
+        };
+        let params = match self.session_params(&req) {
+            Ok(p) => p,
+            Err(e) => {
+                let _ = send(&mut ctl_tx, &err("bad_request", e)).await;
+                let _ = ctl_tx.finish();
+                return;
+            }
+        };
+        let client = self.locate(conn.remote_address().ip());
+        let started = match self
+            .start_session(
+                &key,
+                client,
+                conn.remote_address().to_string(),
+                "quic",
+                params,
+                FrameSink::Quic(conn.clone()),
+            )
+            .await
+        {
+            Ok(s) => s,
+            Err(e) => {
+                // Native players see the core's code as is (`unknown_game`, `no_capacity`, ...).
+                let msg = Message::Error(ErrorInfo {
+                    code: e.code.to_string(),
+                    message: e.message,
+                    retryable: e.retryable,
+                });
+                let _ = send(&mut ctl_tx, &msg).await;
+                let _ = ctl_tx.finish();
+                return;
+            }
+        };
+        let Started {
+            session_id,
+            params,
+            events,
+            mut notices,
+            ..
+        } = started;
+        let msg = Message::PlayStarted(PlayStarted {
+            session_id,
+            width: params.width,
+            height: params.height,
+            fps: params.fps,
+            bitrate_kbps: params.bitrate_kbps,
+        });
+        if send(&mut ctl_tx, &msg).await.is_err() {
+            let _ = events.send(ClientEvent::Gone).await;
+            return;
+        }
+        let mut client_open = true;
+        // The gateway's own judgement of whether the player is still there, whatever idle
+        // timeout its client asked for (see `crate::player`).
+        let mut silence =
+            PlayerSilence::new(Duration::from_millis(self.config.player_idle_timeout_ms));
+        let mut liveness = tokio::time::interval(silence.sample_interval());
+        liveness.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = liveness.tick() => {
+                    let now = self.clock.now();
+                    silence.handle_sample(now, ConnSample::of(&conn.stats()));
+                    if silence.poll_gone(now) {
+                        info!(
+                            session = session_id,
+                            idle_ms = self.config.player_idle_timeout_ms,
+                            "the player stopped answering; ending the session"
+                        );
+                        let _ = events.send(ClientEvent::Lost).await;
+                        break;
+                    }
+                }
+                m = ctl_rx.next(), if client_open => {
+                    let ev = match m {
+                        Ok(Some(Message::ForceKeyframe)) => Some(ClientEvent::ForceKeyframe),
+                        Ok(Some(Message::SetBitrate(b))) => Some(ClientEvent::SetBitrate(b.kbps)),
+                        Ok(Some(Message::Close(c))) => Some(ClientEvent::Close(c.reason)),
+                        Ok(Some(_)) => None,
+                        Ok(None) => { client_open = false; None }
+                        // A stream that fails with its connection says what the connection says.
+                        Err(_) => Some(conn.close_reason().map_or(ClientEvent::Gone, |e| closed_event(&e))),
+                    };
+                    if let Some(ev) = ev {
+                        let last = matches!(ev, ClientEvent::Close(_) | ClientEvent::Gone | ClientEvent::Lost);
+                        let _ = events.send(ev).await;
+                        if last {
+                            break;
+                        }
+                    }
+                }
+                n = notices.recv() => match n {
+                    Some(Notice::Paused(reason)) => { let _ = send(&mut ctl_tx, &Message::Paused(Paused { reason })).await; }
+                    Some(Notice::Resumed) => { let _ = send(&mut ctl_tx, &Message::Resumed).await; }
+                    Some(Notice::Ended(reason)) => {
+                        let _ = send(&mut ctl_tx, &Message::Ended(Ended { reason })).await;
+                        break;
+                    }
+                    None => break,
+                },
+                e = conn.closed() => {
+                    let _ = events.send(closed_event(&e)).await;
+                    break;
+                }
+            }
+        }
+        let _ = ctl_tx.finish();
+    }
+}
+
+/// Sends a command to the serving node's session stream.
+async fn to_node(a: &mut Attached, cmd: NodeCommand) {
+    use nearpath_protocol::message::{Close, SetBitrate};
+    match cmd {
+        NodeCommand::ForceKeyframe => {
+            let _ = send(&mut a.tx, &Message::ForceKeyframe).await;
+        }
+        NodeCommand::SetBitrate(kbps) => {
+            let _ = send(&mut a.tx, &Message::SetBitrate(SetBitrate { kbps })).await;
+        }
+        NodeCommand::Close {
+            reason,
+            bounded: false,
+        } => {
+            let _ = send(&mut a.tx, &Message::Close(Close { reason })).await;
+            let _ = a.tx.finish();
+        }
+        NodeCommand::Close {
+            reason,
+            bounded: true,
+        } => {
+            // Past the bound the stream is reset: the node's session ends either way.
+            let close = Message::Close(Close { reason });
+            match tokio::time::timeout(REVOKE_SEND_BOUND, send(&mut a.tx, &close)).await {
+                Ok(Ok(())) => {
+                    let _ = a.tx.finish();
+                }
+                _ => {
+                    let _ = a.tx.reset(nearpath_protocol::app_code::STREAM_CANCELLED);
+                }
+            }
+        }
+    }
+}
+
+/// Clamps a play request to the configured limits (0 means the default).
+pub fn session_params(g: &GameConfig, r: &PlayRequest) -> Result<GameParams, String> {
+    let pick = |v: u32, d: u32| if v == 0 { d } else { v };
+    let p = GameParams {
+        title: r.game.clone(),
+        width: pick(r.width, g.default_width),
+        height: pick(r.height, g.default_height),
+        fps: pick(r.fps, g.default_fps),
+        bitrate_kbps: pick(r.bitrate_kbps, g.default_bitrate_kbps),
+    };
+    if !p.width.is_multiple_of(2) || !p.height.is_multiple_of(2) || p.width < 16 || p.height < 16 {
+        return Err(format!(
+            "{}x{} must be even and at least 16x16",
+            p.width, p.height
+        ));
+    }
+    if p.width > g.max_width || p.height > g.max_height {
+        return Err(format!(
+            "{}x{} exceeds the limit {}x{}",
+            p.width, p.height, g.max_width, g.max_height
+        ));
+    }
+    if p.fps > g.max_fps {
+        return Err(format!("{} fps exceeds the limit {}", p.fps, g.max_fps));
+    }
+    if p.bitrate_kbps > g.max_bitrate_kbps {
+        return Err(format!(
+            "{} kbps exceeds the limit {}",
+            p.bitrate_kbps, g.max_bitrate_kbps
+        ));
+    }
+    Ok(p)
+}
+
+/// Writes a session's usage row as its driver updates it: appended the first time, rewritten
+/// in place after (the id is kept), always the latest value (a checkpoint not yet written when
+/// a newer one arrives is skipped). Ends after writing the final value, once the driver drops
+/// its sender. A failed write is retried with the next value.
+async fn usage_row_writer(
+    store: Arc<dyn crate::store::Store>,
+    mut rows: watch::Receiver<Option<UsageRecord>>,
+) {
+    let mut id: Option<i64> = None;
+    while rows.changed().await.is_ok() {
+        let Some(row) = rows.borrow_and_update().clone() else {
+            continue;
+        };
+        let final_row = row.outcome != "in_progress";
+        let store = store.clone();
+        let result = tokio::task::spawn_blocking(move || match id {
+            Some(id) => store.update_usage(id, row),
+            None => store.append_usage(row),
+        })
+        .await;
+        match result {
+            Ok(Ok(written)) => id = Some(written),
+            Ok(Err(e)) if final_row => warn!(error = %e, "game usage record not written"),
+            Ok(Err(e)) => warn!(error = %e, "game usage checkpoint not written"),
+            Err(e) => warn!(error = %e, "game usage writer failed"),
+        }
+    }
+}
