@@ -1,0 +1,326 @@
+//! The session task: the async driver of one browser session. It moves frames into RTP
+//! packets, peer connection events, RTCP feedback and the game's notices into the session's
+//! [`SessionControl`], and executes what that decides; the rules live there.
+
+use super::datachannel::{flush, frame_message, read_input, tell};
+use super::negotiate::{Negotiated, PcEvent};
+use super::policy::{Action, Feedback, FrameVerdict, Limits, PcState, SessionControl};
+use super::{Counters, SessionHandle, Sessions, INPUT_LABEL, ABS_SEND_TIME_URI, PLAYOUT_DELAY_URI};
+use crate::clock::SharedClock;
+use crate::game::{self, ClientEvent, GameService};
+use bytes::Bytes;
+use nearpath_protocol::message::GameParams;
+use nearpath_protocol::FrameHeader;
+use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
+use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
+use rtc::rtcp::payload_feedbacks::receiver_estimated_maximum_bitrate::ReceiverEstimatedMaximumBitrate;
+use rtc::rtp::codec::h264::H264Payloader;
+use rtc::rtp::packetizer::{new_packetizer, Packetizer};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn, Instrument};
+use webrtc::data_channel::DataChannel;
+use webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP;
+use webrtc::media_stream::track_local::{TrackLocal, TrackLocalEvent};
+use webrtc::peer_connection::RTCPeerConnectionState;
+
+/// RTP packet size, leaving room for SRTP and IP/UDP headers under common path MTUs.
+const RTP_MTU: usize = 1200;
+/// The RTP clock rate of video.
+const VIDEO_CLOCK_HZ: u64 = 90_000;
+/// The playout-delay extension's value for "no playout delay": 12 bits min, 12 bits max, both 0.
+const PLAYOUT_DELAY_ZERO: [u8; 3] = [0, 0, 0];
+
+/// The video sender once the connection is up.
+struct Video {
+    track: Arc<TrackLocalStaticRTP>,
+    packetizer: Box<dyn Packetizer>,
+    /// RTP timestamp origin: the gateway's receive clock maps to 90 kHz from here.
+    epoch: Instant,
+    ts_base: u32,
+    /// Negotiated id of the playout-delay extension, if the browser offered it.
+    playout_delay_id: Option<u8>,
+    /// Negotiated id of abs-send-time. Set on every packet: Chromium's receive-side estimator
+    /// skips packets without it and would measure only a fraction of the rate (the packetizer's
+    /// own option marks only a frame's last packet).
+    abs_send_time_id: Option<u8>,
+}
+
+impl Video {
+    /// Packetises one access unit and writes it; returns its RTP timestamp.
+    async fn send(
+        &mut self,
+        payload: &Bytes,
+        at: Instant,
+        counters: &Counters,
+        clock: &SharedClock,
+    ) -> Result<u32, String> {
+        let ticks = at.duration_since(self.epoch).as_micros() as u64 * VIDEO_CLOCK_HZ / 1_000_000;
+        let ts = self.ts_base.wrapping_add(ticks as u32);
+        let packets = self
+            .packetizer
+            .packetize(at, payload, 0)
+            .map_err(|e| e.to_string())?;
+        counters
+            .rtp_packets
+            .fetch_add(packets.len() as u64, Ordering::Relaxed);
+        for mut p in packets {
+            p.header.timestamp = ts;
+            if let Some(id) = self.playout_delay_id {
+                p.header
+                    .set_extension(id, Bytes::from_static(&PLAYOUT_DELAY_ZERO))
+                    .map_err(|e| e.to_string())?;
+            }
+            if let Some(id) = self.abs_send_time_id {
+                p.header
+                    .set_extension(id, abs_send_time(clock))
+                    .map_err(|e| e.to_string())?;
+            }
+            self.track.write_rtp(p).await.map_err(|e| e.to_string())?;
+        }
+        Ok(ts)
+    }
+}
+
+/// The abs-send-time value for now: NTP time, 6.18 fixed-point seconds (24 bits).
+fn abs_send_time(clock: &SharedClock) -> Bytes {
+    let since_epoch = Duration::from_micros(clock.unix_us());
+    let v = rtc::shared::time::SystemInstant::unix2ntp(since_epoch) >> 14;
+    Bytes::copy_from_slice(&[(v >> 16) as u8, (v >> 8) as u8, v as u8])
+}
+
+async fn start_video(n: &Negotiated, now: Instant) -> Result<Video, String> {
+    let params = n.sender.get_parameters().await.map_err(|e| e.to_string())?;
+    let pt = params
+        .rtp_parameters
+        .codecs
+        .first()
+        .map(|c| c.payload_type)
+        .ok_or_else(|| "the sender has no negotiated codec".to_string())?;
+    let packetizer = new_packetizer(
+        now,
+        RTP_MTU,
+        pt,
+        n.ssrc,
+        Box::new(H264Payloader::default()),
+        Box::new(rtc::rtp::sequence::new_random_sequencer()),
+        VIDEO_CLOCK_HZ as u32,
+    );
+    let ext_id = |uri: &str| {
+        params
+            .rtp_parameters
+            .header_extensions
+            .iter()
+            .find(|e| e.uri == uri)
+            .and_then(|e| u8::try_from(e.id).ok())
+    };
+    let playout_delay_id = ext_id(PLAYOUT_DELAY_URI);
+    let abs_send_time_id = ext_id(ABS_SEND_TIME_URI);
+    debug!(
+        payload_type = pt,
+        ssrc = n.ssrc,
+        ?playout_delay_id,
+        ?abs_send_time_id,
+        "video sender ready"
+    );
+    Ok(Video {
+        track: n.track.clone(),
+        packetizer: Box::new(packetizer),
+        epoch: now,
+        ts_base: rand::random(),
+        playout_delay_id,
+        abs_send_time_id,
+    })
+}
+
+/// Forwards RTCP feedback about the video track to the session task.
+async fn read_feedback(track: Arc<TrackLocalStaticRTP>, tx: mpsc::Sender<Feedback>) {
+    while let Some(TrackLocalEvent::OnRtcpPacket(packets)) = track.poll().await {
+        for p in &packets {
+            let a = p.as_any();
+            let fb = if a.is::<PictureLossIndication>() || a.is::<FullIntraRequest>() {
+                Feedback::KeyframeRequest
+            } else if let Some(remb) = a.downcast_ref::<ReceiverEstimatedMaximumBitrate>() {
+                Feedback::Remb(f64::from(remb.bitrate))
+            } else {
+                continue;
+            };
+            let _ = tx.try_send(fb);
+        }
+    }
+}
+
+fn pc_state(s: RTCPeerConnectionState) -> PcState {
+    match s {
+        RTCPeerConnectionState::Connected => PcState::Connected,
+        RTCPeerConnectionState::Disconnected => PcState::Disconnected,
+        RTCPeerConnectionState::Failed => PcState::Failed,
+        RTCPeerConnectionState::Closed => PcState::Closed,
+        _ => PcState::Other,
+    }
+}
+
+/// What a running session needs besides its peer connection.
+pub(super) struct SessionDeps {
+    pub games: Arc<GameService>,
+    pub state: Arc<Sessions>,
+    pub shutdown: CancellationToken,
+}
+
+pub(super) async fn run_session(
+    deps: SessionDeps,
+    handle: Arc<SessionHandle>,
+    mut n: Negotiated,
+    started: game::Started,
+    mut frames: mpsc::Receiver<(FrameHeader, Bytes)>,
+    params: GameParams,
+) {
+    let game::Started {
+        events,
+        mut notices,
+        relay,
+        ..
+    } = started;
+    let games = deps.games;
+    let clock = games.clock().clone();
+    let g = games.config();
+    let counters = handle.counters.clone();
+    let idle = Duration::from_millis(g.player_idle_timeout_ms);
+    let mut control = SessionControl::new(
+        clock.now(),
+        Limits {
+            connect_timeout: Duration::from_millis(g.webrtc_connect_timeout_ms),
+            idle_timeout: idle,
+            frame_budget_us: g.frame_budget_ms.saturating_mul(1000),
+            bitrate_kbps: params.bitrate_kbps,
+        },
+    );
+    let mut video: Option<Video> = None;
+    let mut dc: Option<Arc<dyn DataChannel>> = None;
+    let (fb_tx, mut fb_rx) = mpsc::channel::<Feedback>(64);
+    let reason = 'session: loop {
+        while let Some(action) = control.poll_action() {
+            match action {
+                Action::StartVideo => {
+                    let now = clock.now();
+                    match start_video(&n, now).await {
+                        Ok(v) => {
+                            video = Some(v);
+                            tokio::spawn(read_feedback(n.track.clone(), fb_tx.clone()).in_current_span());
+                            info!("browser connected");
+                            control.handle_video_started(now, true);
+                        }
+                        Err(e) => {
+                            warn!(error = %e, "video sender not ready");
+                            control.handle_video_started(now, false);
+                        }
+                    }
+                }
+                Action::ToGame(ev @ (ClientEvent::ForceKeyframe | ClientEvent::SetBitrate(_))) => {
+                    let _ = events.try_send(ev);
+                }
+                Action::ToGame(ev) => {
+                    let _ = events.send(ev).await;
+                }
+                Action::KeyframeRequest => {
+                    counters.keyframe_requests.fetch_add(1, Ordering::Relaxed);
+                    let _ = events.try_send(ClientEvent::ForceKeyframe);
+                }
+                Action::Bitrate(kbps) => {
+                    debug!(kbps, "bitrate follows REMB");
+                    counters.target_kbps.store(kbps, Ordering::Relaxed);
+                    let _ = events.try_send(ClientEvent::SetBitrate(kbps));
+                }
+                Action::Tell(msg) => tell(&dc, &msg).await,
+                Action::Flush => flush(&dc).await,
+                Action::End(reason) => {
+                    match reason {
+                        "connect timeout" => warn!("the browser did not connect within {} ms", g.webrtc_connect_timeout_ms),
+                        "disconnected" => warn!("the browser stayed disconnected for {idle:?}"),
+                        _ => {}
+                    }
+                    break 'session reason;
+                }
+            }
+        }
+        let deadline = control.poll_timeout();
+        tokio::select! {
+            ev = n.events.recv() => match ev {
+                Some(PcEvent::State(s)) => {
+                    debug!(state = %s, "peer connection state");
+                    control.handle_connection_state(clock.now(), pc_state(s));
+                }
+                Some(PcEvent::DataChannel(channel)) => {
+                    let label = channel.label().await.unwrap_or_default();
+                    if label == INPUT_LABEL && dc.is_none() {
+                        tokio::spawn(
+                            read_input(channel.clone(), relay.clone(), events.clone(), counters.clone(), idle, clock.clone()).in_current_span(),
+                        );
+                        dc = Some(channel);
+                    } else {
+                        debug!(%label, "unexpected data channel closed");
+                        let _ = channel.close().await;
+                    }
+                }
+                None => control.handle_source_ended("peer connection driver stopped"),
+            },
+            f = frames.recv() => {
+                let Some((header, payload)) = f else {
+                    control.handle_source_ended("frame source ended");
+                    continue;
+                };
+                let at = clock.now();
+                let gw_us = clock.unix_us();
+                match control.handle_frame(gw_us, &header) {
+                    FrameVerdict::NotConnected => {}
+                    FrameVerdict::Late => {
+                        games.count_drop(&relay, game::DropReason::Late);
+                        relay.request_keyframe();
+                    }
+                    FrameVerdict::SkipUntilKeyframe => {
+                        counters.frames_skipped.fetch_add(1, Ordering::Relaxed);
+                    }
+                    FrameVerdict::Send => {
+                        let Some(v) = video.as_mut() else { continue };
+                        match v.send(&payload, at, &counters, &clock).await {
+                            Ok(rtp_ts) => {
+                                control.handle_sent(at, payload.len());
+                                counters.frames_sent.fetch_add(1, Ordering::Relaxed);
+                                tell(&dc, &frame_message(&header, gw_us, rtp_ts)).await;
+                            }
+                            Err(e) => debug!(error = %e, "frame not written"),
+                        }
+                    }
+                }
+            }
+            fb = fb_rx.recv() => {
+                if let Some(fb) = fb {
+                    if let Feedback::Remb(bps) = fb {
+                        counters.remb_kbps.store((bps / 1000.0) as u32, Ordering::Relaxed);
+                    }
+                    control.handle_feedback(clock.now(), fb);
+                }
+            }
+            notice = notices.recv() => control.handle_notice(notice),
+            _ = tokio::time::sleep_until(tokio::time::Instant::from_std(deadline.unwrap_or_else(Instant::now))), if deadline.is_some() => {
+                control.handle_timeout(clock.now());
+            }
+            _ = handle.stop.cancelled() => control.handle_deleted(),
+            _ = deps.shutdown.cancelled() => control.handle_shutdown(),
+        }
+    };
+    deps.state.remove(handle.id);
+    if let Err(e) = n.pc.close().await {
+        debug!(error = %e, "peer connection close");
+    }
+    info!(
+        reason,
+        frames_sent = counters.frames_sent.load(Ordering::Relaxed),
+        inputs = counters.inputs.load(Ordering::Relaxed),
+        "WebRTC session ended"
+    );
+    drop(n.port);
+}

@@ -1,0 +1,764 @@
+//! WHEP signalling over HTTP: the offer, the session resources (trickle ICE, DELETE, stats), CORS,
+//! statuses, and the `/play` page.
+
+use super::negotiate::negotiate;
+use super::session::{run_session, SessionDeps};
+use super::{
+    check_offer, parse_sdpfrag, Counters, SessionHandle, Sessions, MAX_STATS_BYTES,
+    SDPFRAG_CONTENT_TYPE, SDP_CONTENT_TYPE,
+};
+use crate::client_addr::{client_addr, ClientAddr};
+use crate::error::{CoreError, Kind};
+use crate::game::{ClientEvent, FrameSink, GameService};
+use crate::http_util::{bearer, read_body, Body, BodyError, Handler, Resp};
+use crate::sdp::is_mdns_candidate;
+use crate::server::Shared;
+use crate::store::ApiKey;
+use hyper::body::Incoming;
+use hyper::header::{HeaderName, HeaderValue, CONTENT_TYPE};
+use hyper::{HeaderMap, Method, Request, Response, StatusCode};
+use nearpath_config::HttpConfig;
+use nearpath_protocol::message::PlayRequest;
+use nearpath_protocol::openai::ApiError;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use thiserror::Error;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, info_span, Instrument};
+use webrtc::peer_connection::RTCIceCandidateInit;
+
+/// The player page, with `__NEARPATH_DEMO_KEY__` replaced when served.
+const PLAY_HTML: &str = include_str!("../../static/play.html");
+/// Frames waiting for the session task; a full queue drops the newest frame (see
+/// [`FrameSink::Channel`]).
+const FRAME_QUEUE: usize = 8;
+
+static X_SHOULD_RETRY: HeaderName = HeaderName::from_static("x-should-retry");
+
+/// The WHEP front end: signalling, session resources and the `/play` page. Built with the game
+/// service (which holds the Auth, Directory, Placement, Sessions and Meter components and the
+/// clock), the gateway's WebRTC sessions, its `[http]` section, the key `/play` prefills and the
+/// shutdown signal.
+pub struct Whep {
+    games: Arc<GameService>,
+    sessions: Arc<Sessions>,
+    http: HttpConfig,
+    play_prefill_key: Option<String>,
+    shutdown: CancellationToken,
+}
+
+impl Whep {
+    pub fn new(
+        games: Arc<GameService>,
+        sessions: Arc<Sessions>,
+        http: HttpConfig,
+        play_prefill_key: Option<String>,
+        shutdown: CancellationToken,
+    ) -> Whep {
+        Whep {
+            games,
+            sessions,
+            http,
+            play_prefill_key,
+            shutdown,
+        }
+    }
+
+    /// Picks the front end's parts out of an assembled gateway.
+    pub fn from_shared(shared: &Shared) -> Whep {
+        Whep::new(
+            shared.games.clone(),
+            shared.sessions.webrtc.clone(),
+            shared.config.http.clone(),
+            shared.play_prefill_key.clone(),
+            shared.shutdown.clone(),
+        )
+    }
+
+    /// The client's address: the peer's, or the one `http.client_address_header` carries
+    /// when the peer is a trusted proxy.
+    fn client_ip(&self, peer: IpAddr, headers: &HeaderMap) -> ClientAddr {
+        client_addr(
+            peer,
+            headers,
+            &self.http.trusted_proxies,
+            &self.http.client_address_header,
+            self.http.trusted_hops,
+        )
+    }
+
+    /// Serves this module's resources (see the module docs of `webrtc`).
+    pub async fn serve(&self, req: Request<Incoming>, peer: SocketAddr) -> Resp {
+        handle_with(self, req, peer).await
+    }
+}
+
+impl Handler for Whep {
+    fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Pin<Box<dyn Future<Output = Resp> + Send>> {
+        Box::pin(async move { self.serve(req, peer).await })
+    }
+}
+
+/// Serves the WHEP resources of the gateway that owns `shared`.
+// Kept for the HTTP API's call site until it is given a `Whep` at assembly.
+pub async fn handle(shared: &Arc<Shared>, req: Request<Incoming>, peer: SocketAddr) -> Resp {
+    Whep::from_shared(shared).serve(req, peer).await
+}
+
+/// Why a WHEP request or a session request failed. Each variant maps to one HTTP status.
+#[derive(Debug, Error)]
+pub enum WhepError {
+    /// The client sent another content type than the resource accepts (415).
+    #[error("Content-Type must be {expected}, not {got:?}")]
+    UnsupportedMediaType { expected: &'static str, got: String },
+    /// The key is missing or unknown (401).
+    #[error("{}", .0.message)]
+    Unauthorized(ApiError),
+    /// The offer cannot be answered: the client's fault, retrying the same offer fails again (400).
+    #[error("bad SDP offer: {reason}")]
+    BadOffer { reason: String },
+    /// Query or body parameters are invalid (400).
+    #[error("{reason}")]
+    BadRequest {
+        reason: String,
+        param: Option<&'static str>,
+    },
+    /// The body is over the limit (413).
+    #[error("the request body is over the limit of {limit} bytes")]
+    TooLarge { limit: usize },
+    /// The geofence denies this client (403, not retryable).
+    #[error("{message}")]
+    Geofence { message: String },
+    /// No node serves the title for anyone (404).
+    #[error("no node serves the game {title:?}")]
+    UnknownGame { title: String },
+    /// Every node that could serve is busy, or none answered (503, retry later).
+    #[error("{message}")]
+    NoCapacity { message: String },
+    /// A per-key cap refused the session: too many live sessions, or too many starts in the
+    /// last minute (429 with `Retry-After`).
+    #[error("{message}")]
+    KeyCap {
+        code: &'static str,
+        message: String,
+        retry_after_s: u32,
+    },
+    /// The usage ledger cannot commit, so no session may start (503, retry later).
+    #[error("{message}")]
+    LedgerUnavailable { message: String },
+    /// Every UDP port of the configured range is taken (503, retry later).
+    #[error("no free UDP port in {min}..={max} for WebRTC")]
+    NoUdpPort { min: u16, max: u16 },
+    /// No session with that id for this tenant (404).
+    #[error("no session {id}")]
+    NoSession { id: String },
+    /// The PATCH asks for an ICE restart, which this gateway does not do (422).
+    #[error("ICE restarts are not supported; start a new session")]
+    IceRestartUnsupported,
+    /// A fault of ours (the WebRTC stack failed), 500.
+    #[error("{what}: {reason}")]
+    Internal { what: &'static str, reason: String },
+}
+
+impl WhepError {
+    /// The error as the API's JSON error (status, type, code, message).
+    pub fn api_error(&self) -> ApiError {
+        match self {
+            WhepError::UnsupportedMediaType { .. } => ApiError::new(
+                415,
+                "invalid_request_error",
+                Some("unsupported_media_type"),
+                None,
+                self.to_string(),
+            ),
+            WhepError::Unauthorized(e) => e.clone(),
+            WhepError::BadOffer { .. } => ApiError::new(
+                400,
+                "invalid_request_error",
+                Some("bad_sdp"),
+                None,
+                self.to_string(),
+            ),
+            WhepError::BadRequest { reason, param } => {
+                ApiError::bad_request(reason.clone(), *param)
+            }
+            WhepError::TooLarge { limit } => ApiError::payload_too_large(*limit),
+            WhepError::Geofence { message } => ApiError::new(
+                403,
+                "permission_denied",
+                Some("geofence"),
+                None,
+                message.clone(),
+            ),
+            WhepError::UnknownGame { .. } => ApiError::new(
+                404,
+                "invalid_request_error",
+                Some("game_not_found"),
+                Some("title".into()),
+                self.to_string(),
+            ),
+            WhepError::NoCapacity { .. } => ApiError::new(
+                503,
+                "server_error",
+                Some("no_capacity"),
+                None,
+                self.to_string(),
+            ),
+            WhepError::KeyCap { code, .. } => {
+                ApiError::new(429, "rate_limit_error", Some(*code), None, self.to_string())
+            }
+            WhepError::LedgerUnavailable { .. } => ApiError::new(
+                503,
+                "server_error",
+                Some(crate::infer::LEDGER_UNAVAILABLE),
+                None,
+                self.to_string(),
+            ),
+            WhepError::NoUdpPort { .. } => ApiError::new(
+                503,
+                "server_error",
+                Some("no_capacity"),
+                None,
+                self.to_string(),
+            ),
+            WhepError::NoSession { .. } => ApiError::new(
+                404,
+                "invalid_request_error",
+                Some("session_not_found"),
+                None,
+                self.to_string(),
+            ),
+            WhepError::IceRestartUnsupported => ApiError::new(
+                422,
+                "invalid_request_error",
+                Some("ice_restart_unsupported"),
+                None,
+                self.to_string(),
+            ),
+            WhepError::Internal { .. } => ApiError::internal(self.to_string()),
+        }
+    }
+
+    /// Seconds a client should wait before retrying, for the errors where retrying helps.
+    pub fn retry_after_s(&self) -> Option<u32> {
+        match self {
+            WhepError::NoCapacity { .. } | WhepError::NoUdpPort { .. } => Some(2),
+            WhepError::KeyCap { retry_after_s, .. } => Some(*retry_after_s),
+            WhepError::LedgerUnavailable { .. } => Some(1),
+            _ => None,
+        }
+    }
+
+    /// The WHEP error for a session the core could not start, by the error's kind.
+    pub fn from_core(title: &str, e: CoreError) -> WhepError {
+        match e.kind {
+            Kind::Geofence => WhepError::Geofence { message: e.message },
+            Kind::NotFound => WhepError::UnknownGame {
+                title: title.to_string(),
+            },
+            Kind::InvalidRequest => WhepError::BadRequest {
+                reason: e.message,
+                param: None,
+            },
+            Kind::Unauthenticated | Kind::KeyRevoked => {
+                WhepError::Unauthorized(ApiError::invalid_api_key())
+            }
+            Kind::RateLimited => WhepError::KeyCap {
+                code: if e.code == "rate_limit_exceeded" {
+                    "rate_limit_exceeded"
+                } else {
+                    "concurrency_limit_exceeded"
+                },
+                message: e.message,
+                retry_after_s: e.retry_after_s.unwrap_or(1),
+            },
+            Kind::Unavailable if e.code == crate::infer::LEDGER_UNAVAILABLE => {
+                WhepError::LedgerUnavailable { message: e.message }
+            }
+            _ => WhepError::NoCapacity { message: e.message },
+        }
+    }
+}
+
+
+/// Whether `path` is one of this module's resources.
+pub fn is_webrtc_path(path: &str) -> bool {
+    path == "/play" || path.starts_with("/v1/sessions/") || whep_title(path).is_some()
+}
+
+fn whep_title(path: &str) -> Option<&str> {
+    let title = path.strip_prefix("/v1/games/")?.strip_suffix("/whep")?;
+    (!title.is_empty() && !title.contains('/')).then_some(title)
+}
+
+/// `/v1/sessions/{id}` and `/v1/sessions/{id}/stats`.
+fn session_path(path: &str) -> Option<(&str, bool)> {
+    let rest = path.strip_prefix("/v1/sessions/")?;
+    match rest.split_once('/') {
+        None => Some((rest, false)),
+        Some((id, "stats")) => Some((id, true)),
+        Some(_) => None,
+    }
+}
+
+fn error_response(e: &WhepError) -> Resp {
+    let api = e.api_error();
+    let mut r = Response::new(Body::from_bytes(api.body()));
+    *r.status_mut() = StatusCode::from_u16(api.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let h = r.headers_mut();
+    h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    if !api.should_retry() {
+        h.insert(X_SHOULD_RETRY.clone(), HeaderValue::from_static("false"));
+    }
+    if let Some(s) = e.retry_after_s() {
+        h.insert(hyper::header::RETRY_AFTER, HeaderValue::from(s));
+    }
+    r
+}
+
+fn empty(status: StatusCode) -> Resp {
+    let mut r = Response::new(Body::empty());
+    *r.status_mut() = status;
+    r
+}
+
+/// The `Access-Control-Allow-Origin` value for a request's `Origin`, if CORS allows it.
+fn cors_origin(w: &Whep, headers: &HeaderMap) -> Option<HeaderValue> {
+    let origin = headers.get(hyper::header::ORIGIN)?;
+    let allowed = &w.http.cors_allowed_origins;
+    if allowed.iter().any(|o| o == "*") {
+        return Some(HeaderValue::from_static("*"));
+    }
+    let o = origin.to_str().ok()?;
+    allowed
+        .iter()
+        .any(|a| a.eq_ignore_ascii_case(o))
+        .then(|| origin.clone())
+}
+
+fn add_cors(r: &mut Resp, origin: Option<HeaderValue>) {
+    let Some(origin) = origin else { return };
+    let h = r.headers_mut();
+    let specific = origin != "*";
+    h.insert(hyper::header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+    h.insert(
+        hyper::header::ACCESS_CONTROL_EXPOSE_HEADERS,
+        HeaderValue::from_static("Location, Link, ETag, Retry-After, x-request-id"),
+    );
+    if specific {
+        h.append(hyper::header::VARY, HeaderValue::from_static("Origin"));
+    }
+}
+
+fn preflight(w: &Whep, headers: &HeaderMap, methods: &'static str) -> Resp {
+    let mut r = empty(StatusCode::NO_CONTENT);
+    let origin = cors_origin(w, headers);
+    let allowed = origin.is_some();
+    add_cors(&mut r, origin);
+    let h = r.headers_mut();
+    h.insert(hyper::header::ALLOW, HeaderValue::from_static(methods));
+    if allowed {
+        h.insert(
+            hyper::header::ACCESS_CONTROL_ALLOW_METHODS,
+            HeaderValue::from_static(methods),
+        );
+        h.insert(
+            hyper::header::ACCESS_CONTROL_ALLOW_HEADERS,
+            HeaderValue::from_static("authorization, content-type, if-match, x-request-id"),
+        );
+        h.insert(
+            hyper::header::ACCESS_CONTROL_MAX_AGE,
+            HeaderValue::from_static("600"),
+        );
+    }
+    if methods.starts_with("POST") {
+        h.insert(
+            HeaderName::from_static("accept-post"),
+            HeaderValue::from_static(SDP_CONTENT_TYPE),
+        );
+    }
+    r
+}
+
+fn content_type_is(headers: &HeaderMap, expected: &'static str) -> Result<(), WhepError> {
+    let got = headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let essence = got.split(';').next().unwrap_or("").trim();
+    if essence.eq_ignore_ascii_case(expected) {
+        Ok(())
+    } else {
+        Err(WhepError::UnsupportedMediaType {
+            expected,
+            got: got.to_string(),
+        })
+    }
+}
+
+async fn body_text(req: Request<Incoming>, limit: usize) -> Result<String, WhepError> {
+    match read_body(req.into_body(), limit).await {
+        Ok(b) => String::from_utf8(b.to_vec()).map_err(|_| WhepError::BadRequest {
+            reason: "the body is not UTF-8".into(),
+            param: None,
+        }),
+        Err(BodyError::TooLarge { limit }) => Err(WhepError::TooLarge { limit }),
+        Err(BodyError::Read(m)) => Err(WhepError::BadRequest {
+            reason: m,
+            param: None,
+        }),
+    }
+}
+
+async fn authenticate(w: &Whep, req: &Request<Incoming>) -> Result<ApiKey, WhepError> {
+    w.games.authenticate(bearer(req))
+        .await
+        .map_err(WhepError::Unauthorized)
+}
+
+/// Serves this module's resources (see the module docs).
+async fn handle_with(w: &Whep, req: Request<Incoming>, peer: SocketAddr) -> Resp {
+    let path = req.uri().path().to_string();
+    let method = req.method().clone();
+    let origin = cors_origin(w, req.headers());
+    if path == "/play" {
+        return match method {
+            Method::GET | Method::HEAD => play_page(w),
+            m => method_not_allowed(&m, &path, "GET, HEAD"),
+        };
+    }
+    let mut resp = if let Some(title) = whep_title(&path) {
+        let title = title.to_string();
+        match method {
+            Method::OPTIONS => return preflight(w, req.headers(), "POST, OPTIONS"),
+            Method::POST => match whep_post(w, req, peer, &title).await {
+                Ok(r) => r,
+                Err(e) => error_response(&e),
+            },
+            m => method_not_allowed(&m, &path, "POST, OPTIONS"),
+        }
+    } else if let Some((id, stats)) = session_path(&path) {
+        let id = id.to_string();
+        let allowed = if stats {
+            "POST, OPTIONS"
+        } else {
+            "PATCH, DELETE, OPTIONS"
+        };
+        let r = match (method, stats) {
+            (Method::OPTIONS, _) => return preflight(w, req.headers(), allowed),
+            (Method::PATCH, false) => session_patch(w, req, &id).await,
+            (Method::DELETE, false) => session_delete(w, req, &id).await,
+            (Method::POST, true) => session_stats(w, req, &id).await,
+            (m, _) => Ok(method_not_allowed(&m, &path, allowed)),
+        };
+        r.unwrap_or_else(|e| error_response(&e))
+    } else {
+        error_response(&WhepError::NoSession { id: path.clone() })
+    };
+    add_cors(&mut resp, origin);
+    resp
+}
+
+fn method_not_allowed(m: &Method, path: &str, allowed: &'static str) -> Resp {
+    let api = ApiError::method_not_allowed(m.as_str(), path);
+    let mut r = Response::new(Body::from_bytes(api.body()));
+    *r.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r.headers_mut()
+        .insert(hyper::header::ALLOW, HeaderValue::from_static(allowed));
+    r
+}
+
+fn play_page(w: &Whep) -> Resp {
+    // Only the demo prefills a key (see `Gateway::prefill_play_key`).
+    let key = w.play_prefill_key.as_deref().unwrap_or("");
+    let html = PLAY_HTML.replace("__NEARPATH_DEMO_KEY__", key);
+    let mut r = Response::new(Body::from_bytes(html));
+    let h = r.headers_mut();
+    h.insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    h.insert(
+        hyper::header::CACHE_CONTROL,
+        HeaderValue::from_static("no-store"),
+    );
+    h.insert(
+        HeaderName::from_static("x-content-type-options"),
+        HeaderValue::from_static("nosniff"),
+    );
+    r
+}
+
+/// Reads `width`, `height`, `fps`, `bitrate_kbps` from the query (absent: the defaults).
+pub fn play_request(title: &str, query: Option<&str>) -> Result<PlayRequest, WhepError> {
+    let mut r = PlayRequest {
+        protocol_version: nearpath_protocol::PROTOCOL_VERSION,
+        api_key: String::new(),
+        game: title.to_string(),
+        width: 0,
+        height: 0,
+        fps: 0,
+        bitrate_kbps: 0,
+    };
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let (slot, name): (&mut u32, &'static str) = match k {
+            "width" => (&mut r.width, "width"),
+            "height" => (&mut r.height, "height"),
+            "fps" => (&mut r.fps, "fps"),
+            "bitrate_kbps" => (&mut r.bitrate_kbps, "bitrate_kbps"),
+            _ => continue,
+        };
+        *slot = v.parse().map_err(|_| WhepError::BadRequest {
+            reason: format!("{name} must be a non-negative integer, not {v:?}"),
+            param: Some(name),
+        })?;
+    }
+    Ok(r)
+}
+
+async fn whep_post(
+    w: &Whep,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    title: &str,
+) -> Result<Resp, WhepError> {
+    let key = authenticate(w, &req).await?;
+    content_type_is(req.headers(), SDP_CONTENT_TYPE)?;
+    let play = play_request(title, req.uri().query())?;
+    let params = w.games.session_params(&play).map_err(|reason| WhepError::BadRequest {
+        reason,
+        param: None,
+    })?;
+    let client = w.client_ip(peer.ip(), req.headers());
+    let location = client.locate(w.games.geo());
+    // Sockets are bound for the address packets will come from; with an unknown forwarded
+    // address that is best guessed by the proxy's own.
+    let ip = client.ip().unwrap_or(peer.ip());
+    let offer = body_text(req, w.http.max_body_bytes as usize).await?;
+    let summary = check_offer(&offer).map_err(|reason| WhepError::BadOffer { reason })?;
+    // Route first: a refused client (geofence, no capacity) then costs no sockets. Frames that
+    // arrive before the browser is connected are dropped, and a keyframe is asked for then.
+    let (frames_tx, frames_rx) = mpsc::channel(FRAME_QUEUE);
+    let started = w
+        .games
+        .start_session(
+        &key,
+        location,
+        client.to_string(),
+        "webrtc",
+        params.clone(),
+        FrameSink::Channel(frames_tx),
+    )
+    .await
+    .map_err(|e| WhepError::from_core(title, e))?;
+    let negotiated = match negotiate(w.games.config(), &w.sessions.ports, &offer, &params, ip).await {
+        Ok(n) => n,
+        Err(e) => {
+            let _ = started
+                .events
+                .send(ClientEvent::Close(format!(
+                    "WebRTC negotiation failed: {e}"
+                )))
+                .await;
+            return Err(e);
+        }
+    };
+    let id = started.session_id;
+    let counters = Arc::new(Counters::default());
+    counters
+        .target_kbps
+        .store(params.bitrate_kbps, Ordering::Relaxed);
+    let handle = Arc::new(SessionHandle {
+        id,
+        tenant: key.tenant.clone(),
+        pc: negotiated.pc.clone(),
+        remote_ufrag: summary.ice_ufrag.clone(),
+        remote_pwd: summary.ice_pwd.clone(),
+        stop: CancellationToken::new(),
+        relay: started.relay.clone(),
+        counters: counters.clone(),
+    });
+    let state = w.sessions.clone();
+    state.insert(handle.clone());
+    let answer = negotiated.answer.clone();
+    info!(session = id, game = %params.title, client = %client, data_channel = summary.has_data_channel, "WHEP session answered");
+    let span = info_span!("webrtc_session", id, game = %params.title);
+    tokio::spawn(
+        run_session(
+            SessionDeps {
+                games: w.games.clone(),
+                state,
+                shutdown: w.shutdown.clone(),
+            },
+            handle,
+            negotiated,
+            started,
+            frames_rx,
+            params,
+        )
+        .instrument(span),
+    );
+
+    let mut r = Response::new(Body::from_bytes(answer));
+    *r.status_mut() = StatusCode::CREATED;
+    let h = r.headers_mut();
+    h.insert(CONTENT_TYPE, HeaderValue::from_static(SDP_CONTENT_TYPE));
+    if let Ok(v) = HeaderValue::from_str(&format!("/v1/sessions/{id}")) {
+        h.insert(hyper::header::LOCATION, v);
+    }
+    for uri in &w.games.config().ice_servers {
+        if let Ok(v) = HeaderValue::from_str(&format!("<{uri}>; rel=\"ice-server\"")) {
+            h.append(hyper::header::LINK, v);
+        }
+    }
+    Ok(r)
+}
+
+/// The session `id` names, if it exists and belongs to the key's tenant.
+async fn owned_session(
+    w: &Whep,
+    req: &Request<Incoming>,
+    id: &str,
+) -> Result<Arc<SessionHandle>, WhepError> {
+    let key = authenticate(w, req).await?;
+    let none = || WhepError::NoSession { id: id.to_string() };
+    let n: u64 = id.parse().map_err(|_| none())?;
+    let h = w.sessions.clone().get(n).ok_or_else(none)?;
+    // Another tenant's session is reported as absent, not as forbidden: ids are sequential.
+    if h.tenant != key.tenant {
+        return Err(none());
+    }
+    Ok(h)
+}
+
+async fn session_patch(
+    w: &Whep,
+    req: Request<Incoming>,
+    id: &str,
+) -> Result<Resp, WhepError> {
+    let h = owned_session(w, &req, id).await?;
+    content_type_is(req.headers(), SDPFRAG_CONTENT_TYPE)?;
+    let restart = req
+        .headers()
+        .get(hyper::header::IF_MATCH)
+        .is_some_and(|v| v.as_bytes() == b"*");
+    let body = body_text(req, w.http.max_body_bytes as usize).await?;
+    let frag = parse_sdpfrag(&body).map_err(|reason| WhepError::BadRequest {
+        reason,
+        param: None,
+    })?;
+    let changed = frag
+        .ice_ufrag
+        .as_ref()
+        .is_some_and(|u| *u != h.remote_ufrag)
+        || frag.ice_pwd.as_ref().is_some_and(|p| *p != h.remote_pwd);
+    if restart || changed {
+        return Err(WhepError::IceRestartUnsupported);
+    }
+    let mut applied = 0;
+    for c in &frag.candidates {
+        if is_mdns_candidate(c) {
+            continue;
+        }
+        let init = RTCIceCandidateInit {
+            candidate: c.clone(),
+            sdp_mid: frag.mid.clone(),
+            sdp_mline_index: Some(0),
+            username_fragment: Some(h.remote_ufrag.clone()),
+            ..Default::default()
+        };
+        h.pc.add_ice_candidate(init)
+            .await
+            .map_err(|e| WhepError::BadRequest {
+                reason: format!("candidate {c:?}: {e}"),
+                param: None,
+            })?;
+        applied += 1;
+    }
+    debug!(session = h.id, applied, "trickled candidates applied");
+    Ok(empty(StatusCode::NO_CONTENT))
+}
+
+async fn session_delete(
+    w: &Whep,
+    req: Request<Incoming>,
+    id: &str,
+) -> Result<Resp, WhepError> {
+    let h = owned_session(w, &req, id).await?;
+    info!(session = h.id, "WHEP session deleted by the client");
+    h.stop.cancel();
+    Ok(empty(StatusCode::OK))
+}
+
+async fn session_stats(
+    w: &Whep,
+    req: Request<Incoming>,
+    id: &str,
+) -> Result<Resp, WhepError> {
+    let h = owned_session(w, &req, id).await?;
+    content_type_is(req.headers(), "application/json")?;
+    let body = body_text(req, MAX_STATS_BYTES).await?;
+    let mut v: serde_json::Value =
+        serde_json::from_str(&body).map_err(|e| WhepError::BadRequest {
+            reason: format!("stats must be JSON: {e}"),
+            param: None,
+        })?;
+    let Some(obj) = v.as_object_mut() else {
+        return Err(WhepError::BadRequest {
+            reason: "stats must be a JSON object".into(),
+            param: None,
+        });
+    };
+    obj.insert("gateway".into(), h.counters.json());
+    *h.relay
+        .client_stats
+        .lock()
+        .unwrap_or_else(|p| p.into_inner()) = Some(v);
+    Ok(empty(StatusCode::NO_CONTENT))
+}
+
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_parameters_are_read_and_bad_ones_named() {
+        let r = play_request("arena", Some("width=1280&height=720&fps=60&x=y")).unwrap();
+        assert_eq!(
+            (r.width, r.height, r.fps, r.bitrate_kbps),
+            (1280, 720, 60, 0)
+        );
+        match play_request("arena", Some("fps=sixty")) {
+            Err(WhepError::BadRequest {
+                param: Some("fps"), ..
+            }) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+
+
+    #[test]
+    fn paths_are_recognised() {
+        assert_eq!(whep_title("/v1/games/arena/whep"), Some("arena"));
+        assert_eq!(whep_title("/v1/games//whep"), None);
+        assert_eq!(whep_title("/v1/games/a/b/whep"), None);
+        assert_eq!(session_path("/v1/sessions/12"), Some(("12", false)));
+        assert_eq!(session_path("/v1/sessions/12/stats"), Some(("12", true)));
+        assert_eq!(session_path("/v1/sessions/12/x"), None);
+        assert!(is_webrtc_path("/play"));
+        assert!(!is_webrtc_path("/v1/games"));
+    }
+
+}
