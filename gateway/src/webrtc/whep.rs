@@ -734,6 +734,60 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_session_the_core_could_not_start_gets_the_whep_status_of_its_kind() {
+        let cases: [(CoreError, u16, Option<&str>, Option<u32>); 7] = [
+            (
+                CoreError::new(Kind::Geofence, "geofence", "geofence: rule r: no"),
+                403,
+                Some("geofence"),
+                None,
+            ),
+            (
+                CoreError::new(Kind::NotFound, "unknown_game", "no node serves arena"),
+                404,
+                Some("game_not_found"),
+                None,
+            ),
+            (
+                CoreError::no_capacity("busy").with_retry_after_s(2),
+                503,
+                Some("no_capacity"),
+                Some(2),
+            ),
+            (
+                CoreError::rate_limited("concurrency_limit_exceeded", "4 live", 1),
+                429,
+                Some("concurrency_limit_exceeded"),
+                Some(1),
+            ),
+            (
+                CoreError::rate_limited("rate_limit_exceeded", "30 a minute", 7),
+                429,
+                Some("rate_limit_exceeded"),
+                Some(7),
+            ),
+            (
+                CoreError::new(
+                    Kind::Unavailable,
+                    crate::infer::LEDGER_UNAVAILABLE,
+                    "ledger down",
+                ),
+                503,
+                Some(crate::infer::LEDGER_UNAVAILABLE),
+                Some(1),
+            ),
+            (CoreError::bad_request("odd size", None), 400, None, None),
+        ];
+        for (core, status, code, retry_after) in cases {
+            let w = WhepError::from_core("arena", core.clone());
+            let api = w.api_error();
+            assert_eq!(api.status, status, "{core:?}");
+            assert_eq!(api.code.as_deref(), code, "{core:?}");
+            assert_eq!(w.retry_after_s(), retry_after, "{core:?}");
+        }
+    }
+
+    #[test]
     fn query_parameters_are_read_and_bad_ones_named() {
         let r = play_request("arena", Some("width=1280&height=720&fps=60&x=y")).unwrap();
         assert_eq!(
