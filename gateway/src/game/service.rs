@@ -15,11 +15,11 @@ use crate::infer::{CapGuard, CapKind, CapRefusal};
 use crate::metrics::{labels, Metrics};
 use crate::player::{ConnSample, PlayerSilence};
 use crate::registry::{NodeEntry, SlotGuard, SlotKind};
+use crate::router::LatLon;
 use crate::router::{NoRoute, Workload};
 use crate::store::{ApiKey, UsageKind, UsageRecord};
 use bytes::Bytes;
 use nearpath_config::{GameConfig, WorkloadKind};
-use crate::router::LatLon;
 use nearpath_geo::{Decision, Location};
 use nearpath_protocol::message::{
     Ended, ErrorInfo, GameParams, Message, Open, Paused, PlayRequest, PlayStarted, SessionKind,
@@ -394,10 +394,8 @@ impl GameService {
                         "unknown_game",
                         format!("no node serves {}", params.title),
                     ),
-                    NoNode::Full => {
-                        CoreError::no_capacity("every node serving this game is busy")
-                            .with_retry_after_s(2)
-                    }
+                    NoNode::Full => CoreError::no_capacity("every node serving this game is busy")
+                        .with_retry_after_s(2),
                     NoNode::Failed(e) => CoreError::no_capacity(e).with_retry_after_s(2),
                 };
                 self.count_start(transport, &e.code);
@@ -548,7 +546,9 @@ impl GameService {
                             to_node(a, cmd).await;
                         }
                     }
-                    Action::Serve(Some(_)) => relay.set_node(attached.as_ref().map(|a| a.node.clone())),
+                    Action::Serve(Some(_)) => {
+                        relay.set_node(attached.as_ref().map(|a| a.node.clone()))
+                    }
                     Action::Serve(None) => {
                         relay.set_node(None);
                         if let Some(a) = attached.take() {

@@ -54,7 +54,10 @@ pub enum NodeCommand {
     /// Ends the node's session and finishes the stream. `bounded`: a node that does not read
     /// its session stream must not hold the session open, so past a short bound the stream is
     /// reset instead.
-    Close { reason: String, bounded: bool },
+    Close {
+        reason: String,
+        bounded: bool,
+    },
 }
 
 /// One node's share of a session, as a usage row: `index` 1 for the first node, n for the n-th.
@@ -82,7 +85,9 @@ impl UsageSegment {
 pub enum Action {
     /// Look for a node (route, open, wait for its answer) and report with
     /// [`GameSession::handle_attached`] or [`GameSession::handle_attach_failed`].
-    Attach { exclude: Vec<NodeId> },
+    Attach {
+        exclude: Vec<NodeId>,
+    },
     /// Send to the node serving the session.
     ToNode(NodeCommand),
     /// The node whose frames the relay accepts now (`None` during a pause).
@@ -93,7 +98,11 @@ pub enum Action {
     /// A pause ended: `same_node`, `other_node`, `expired` or `ended` (a metric label).
     PauseEnded(&'static str),
     /// The session moved to a node after a pause.
-    Failover { node: NodeRef, same_node: bool, paused: Duration },
+    Failover {
+        node: NodeRef,
+        same_node: bool,
+        paused: Duration,
+    },
     /// The session is over; nothing else follows.
     Ended {
         outcome: &'static str,
@@ -300,7 +309,9 @@ impl GameSession {
                         .push_back(Action::ToNode(NodeCommand::SetBitrate(kbps)));
                 }
                 Some(ClientEvent::Close(reason)) => self.close_node(now, reason, "ok"),
-                Some(ClientEvent::Lost) => self.close_node(now, "client gone".into(), "client_gone"),
+                Some(ClientEvent::Lost) => {
+                    self.close_node(now, "client gone".into(), "client_gone")
+                }
                 Some(ClientEvent::Gone) | None => {
                     self.close_node(now, "client left".into(), "client_left")
                 }
@@ -356,7 +367,8 @@ impl GameSession {
     /// The game ended on the node (an external source exited): not a node failure.
     pub fn handle_node_ended(&mut self, now: Instant, reason: String) {
         if let State::Serving(_) = self.state {
-            self.actions.push_back(Action::Notify(Notice::Ended(reason)));
+            self.actions
+                .push_back(Action::Notify(Notice::Ended(reason)));
             self.end(now, "ended_by_node");
         }
     }
@@ -624,8 +636,8 @@ mod tests {
     }
 
     #[test]
-    fn each_node_gets_one_usage_record_for_the_time_it_served_and_paused_time_is_billed_to_nobody(
-    ) {
+    fn each_node_gets_one_usage_record_for_the_time_it_served_and_paused_time_is_billed_to_nobody()
+    {
         let t0 = Instant::now();
         let mut s = GameSession::new(t0, rules(), node(1, "de-1"));
         s.observe(Totals {
@@ -649,7 +661,10 @@ mod tests {
         assert_eq!(first.len(), 1);
         assert_eq!(second.len(), 1);
         let (f, g) = (&first[0], &second[0]);
-        assert_eq!((f.index, f.node.id.as_str(), f.outcome), (1, "de-1", "node_lost"));
+        assert_eq!(
+            (f.index, f.node.id.as_str(), f.outcome),
+            (1, "de-1", "node_lost")
+        );
         assert_eq!((f.gpu_seconds, f.frames, f.bytes), (2.0, 60, 6_000));
         assert_eq!((g.index, g.node.id.as_str(), g.outcome), (2, "fr-1", "ok"));
         assert_eq!((g.gpu_seconds, g.frames, g.bytes), (4.0, 30, 3_500));
@@ -674,7 +689,10 @@ mod tests {
         s.handle_timeout(t0 + CHECKPOINT);
         let u = usage(&drain(&mut s));
         assert_eq!(u.len(), 1);
-        assert_eq!((u[0].index, u[0].outcome, u[0].frames), (1, "in_progress", 600));
+        assert_eq!(
+            (u[0].index, u[0].outcome, u[0].frames),
+            (1, "in_progress", 600)
+        );
         assert!(!u[0].is_final());
         assert_eq!(s.poll_timeout(), Some(t0 + CHECKPOINT * 2));
         // A checkpoint does not count GPU-seconds: the final row does, once.
@@ -782,8 +800,13 @@ mod tests {
         let mut s = GameSession::new(t0, rules(), node(1, "de-1"));
         s.handle_node_ended(t0 + ms(500), "the game exited".into());
         let a = drain(&mut s);
-        assert!(!a.iter().any(|a| matches!(a, Action::Attach { .. } | Action::ToNode(_))));
-        assert_eq!(a[0], Action::Notify(Notice::Ended("the game exited".into())));
+        assert!(!a
+            .iter()
+            .any(|a| matches!(a, Action::Attach { .. } | Action::ToNode(_))));
+        assert_eq!(
+            a[0],
+            Action::Notify(Notice::Ended("the game exited".into()))
+        );
         assert_eq!(usage(&a)[0].outcome, "ended_by_node");
         assert_eq!(ended(&a), Some("ended_by_node"));
     }

@@ -134,7 +134,6 @@ pub(super) fn frame_message(h: &FrameHeader, gw_us: u64, rtp_ts: u32) -> String 
     )
 }
 
-
 /// Sends a text message if the channel exists; a page without it simply misses it.
 pub(super) async fn tell(dc: &Option<Arc<dyn DataChannel>>, msg: &str) {
     if let Some(dc) = dc {
@@ -225,7 +224,6 @@ pub(super) async fn flush(dc: &Option<Arc<dyn DataChannel>>) {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -262,7 +260,6 @@ mod tests {
         huge.extend(br#""}"#);
         assert_eq!(PageMessage::parse(&huge), None);
     }
-
 
     #[test]
     fn page_messages_map_to_input_events() {
@@ -310,5 +307,4 @@ mod tests {
         assert!(PageMessage::parse(b"not json").is_none());
         assert!(PageMessage::parse(&vec![b' '; MAX_INPUT_MESSAGE + 1]).is_none());
     }
-
 }

@@ -39,7 +39,6 @@ const GATHER_TIMEOUT: Duration = Duration::from_secs(3);
 /// Payload type registered for H.264; the browser's own number is what gets used.
 const H264_PAYLOAD_TYPE: u8 = 102;
 
-
 // Offer checks and trickle fragments live in `crate::sdp`, which needs no webrtc-rs, so that the
 // fuzz targets in `fuzz/` compile that exact code without the rest of the gateway.
 
@@ -100,7 +99,6 @@ pub fn advertise_public_ip(sdp: &str, public: IpAddr) -> String {
     }
     out
 }
-
 
 /// Marks PLI, FIR and REMB for delivery to the application (the chain's terminus drops every
 /// inbound RTCP packet that no interceptor vouched for). Other packets of a compound are left
@@ -164,8 +162,6 @@ impl Interceptor for FeedbackTap {
     fn unbind_remote_stream(&mut self, _info: &StreamInfo) {}
 }
 
-
-
 pub(super) enum PcEvent {
     State(RTCPeerConnectionState),
     DataChannel(Arc<dyn DataChannel>),
@@ -194,7 +190,6 @@ impl PeerConnectionEventHandler for Handler {
         let _ = self.events.send(PcEvent::DataChannel(dc));
     }
 }
-
 
 /// A peer connection that has answered an offer.
 pub(super) struct Negotiated {
@@ -394,7 +389,6 @@ pub(super) async fn negotiate(
     })
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -409,7 +403,6 @@ mod tests {
         assert_eq!(h264_level(640, 360, 30), 0x1f);
         assert_eq!(h264_level(7680, 4320, 240), 0x3e);
     }
-
 
     #[test]
     fn host_candidates_advertise_the_public_address_once() {
@@ -427,7 +420,6 @@ a=candidate:3 1 udp 2130706431 127.0.0.1 40000 typ host\r\n\
 a=candidate:4 1 udp 1694498815 198.51.100.1 40001 typ srflx raddr 10.0.0.5 rport 40000\r\na=mid:0\r\n"
         );
     }
-
 
     #[test]
     fn the_feedback_tap_lets_keyframe_requests_and_remb_through_and_nothing_else() {
@@ -476,5 +468,4 @@ a=candidate:4 1 udp 1694498815 198.51.100.1 40001 typ srflx raddr 10.0.0.5 rport
             .has(&Attribute::DeliverToApplication));
         assert!(tap.poll_read().is_none());
     }
-
 }

@@ -231,7 +231,11 @@ impl SessionControl {
             }
             Feedback::Remb(bps) => {
                 let sending = self.sent.kbps(now);
-                if let Some(kbps) = self.rate.as_mut().and_then(|r| r.on_remb(bps, sending, now)) {
+                if let Some(kbps) = self
+                    .rate
+                    .as_mut()
+                    .and_then(|r| r.on_remb(bps, sending, now))
+                {
                     self.actions.push_back(Action::Bitrate(kbps));
                     self.actions
                         .push_back(Action::Tell(format!(r#"{{"t":"rate","kbps":{kbps}}}"#)));
@@ -264,7 +268,11 @@ impl SessionControl {
 
     /// The client deleted the session (WHEP `DELETE`).
     pub fn handle_deleted(&mut self) {
-        self.close_by_us("the client deleted the session", "deleted", "deleted by the client");
+        self.close_by_us(
+            "the client deleted the session",
+            "deleted",
+            "deleted by the client",
+        );
     }
 
     /// The gateway is shutting down.
@@ -410,7 +418,6 @@ impl SendRate {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -423,7 +430,6 @@ mod tests {
         assert!(!k.allow(t + Duration::from_millis(100)));
         assert!(k.allow(t + Duration::from_millis(301)));
     }
-
 
     #[test]
     fn remb_moves_the_bitrate_within_limits() {
@@ -450,7 +456,6 @@ mod tests {
         assert_eq!(r.on_remb(f64::NAN, 300, at(11_000)), None);
     }
 
-
     #[test]
     fn send_rate_covers_the_last_second() {
         let t0 = Instant::now();
@@ -463,7 +468,6 @@ mod tests {
         // Two seconds later nothing is left.
         assert_eq!(s.kbps(t0 + Duration::from_secs(3)), 0);
     }
-
 
     const MS: Duration = Duration::from_millis(1);
 
@@ -536,7 +540,10 @@ mod tests {
         c.handle_timeout(t0 + Duration::from_millis(7_500));
         assert_eq!(
             drain(&mut c),
-            vec![Action::ToGame(ClientEvent::Lost), Action::End("disconnected")]
+            vec![
+                Action::ToGame(ClientEvent::Lost),
+                Action::End("disconnected")
+            ]
         );
     }
 

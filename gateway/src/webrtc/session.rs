@@ -5,7 +5,7 @@
 use super::datachannel::{flush, frame_message, read_input, tell};
 use super::negotiate::{Negotiated, PcEvent};
 use super::policy::{Action, Feedback, FrameVerdict, Limits, PcState, SessionControl};
-use super::{Counters, SessionHandle, Sessions, INPUT_LABEL, ABS_SEND_TIME_URI, PLAYOUT_DELAY_URI};
+use super::{Counters, SessionHandle, Sessions, ABS_SEND_TIME_URI, INPUT_LABEL, PLAYOUT_DELAY_URI};
 use crate::clock::SharedClock;
 use crate::game::{self, ClientEvent, GameService};
 use bytes::Bytes;
@@ -209,7 +209,9 @@ pub(super) async fn run_session(
                     match start_video(&n, now).await {
                         Ok(v) => {
                             video = Some(v);
-                            tokio::spawn(read_feedback(n.track.clone(), fb_tx.clone()).in_current_span());
+                            tokio::spawn(
+                                read_feedback(n.track.clone(), fb_tx.clone()).in_current_span(),
+                            );
                             info!("browser connected");
                             control.handle_video_started(now, true);
                         }
@@ -238,7 +240,10 @@ pub(super) async fn run_session(
                 Action::Flush => flush(&dc).await,
                 Action::End(reason) => {
                     match reason {
-                        "connect timeout" => warn!("the browser did not connect within {} ms", g.webrtc_connect_timeout_ms),
+                        "connect timeout" => warn!(
+                            "the browser did not connect within {} ms",
+                            g.webrtc_connect_timeout_ms
+                        ),
                         "disconnected" => warn!("the browser stayed disconnected for {idle:?}"),
                         _ => {}
                     }

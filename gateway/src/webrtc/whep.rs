@@ -288,7 +288,6 @@ impl WhepError {
     }
 }
 
-
 /// Whether `path` is one of this module's resources.
 pub fn is_webrtc_path(path: &str) -> bool {
     path == "/play" || path.starts_with("/v1/sessions/") || whep_title(path).is_some()
@@ -419,7 +418,8 @@ async fn body_text(req: Request<Incoming>, limit: usize) -> Result<String, WhepE
 }
 
 async fn authenticate(w: &Whep, req: &Request<Incoming>) -> Result<ApiKey, WhepError> {
-    w.games.authenticate(bearer(req))
+    w.games
+        .authenticate(bearer(req))
         .await
         .map_err(WhepError::Unauthorized)
 }
@@ -536,10 +536,13 @@ async fn whep_post(
     let key = authenticate(w, &req).await?;
     content_type_is(req.headers(), SDP_CONTENT_TYPE)?;
     let play = play_request(title, req.uri().query())?;
-    let params = w.games.session_params(&play).map_err(|reason| WhepError::BadRequest {
-        reason,
-        param: None,
-    })?;
+    let params = w
+        .games
+        .session_params(&play)
+        .map_err(|reason| WhepError::BadRequest {
+            reason,
+            param: None,
+        })?;
     let client = w.client_ip(peer.ip(), req.headers());
     let location = client.locate(w.games.geo());
     // Sockets are bound for the address packets will come from; with an unknown forwarded
@@ -553,16 +556,17 @@ async fn whep_post(
     let started = w
         .games
         .start_session(
-        &key,
-        location,
-        client.to_string(),
-        "webrtc",
-        params.clone(),
-        FrameSink::Channel(frames_tx),
-    )
-    .await
-    .map_err(|e| WhepError::from_core(title, e))?;
-    let negotiated = match negotiate(w.games.config(), &w.sessions.ports, &offer, &params, ip).await {
+            &key,
+            location,
+            client.to_string(),
+            "webrtc",
+            params.clone(),
+            FrameSink::Channel(frames_tx),
+        )
+        .await
+        .map_err(|e| WhepError::from_core(title, e))?;
+    let negotiated = match negotiate(w.games.config(), &w.sessions.ports, &offer, &params, ip).await
+    {
         Ok(n) => n,
         Err(e) => {
             let _ = started
@@ -642,11 +646,7 @@ async fn owned_session(
     Ok(h)
 }
 
-async fn session_patch(
-    w: &Whep,
-    req: Request<Incoming>,
-    id: &str,
-) -> Result<Resp, WhepError> {
+async fn session_patch(w: &Whep, req: Request<Incoming>, id: &str) -> Result<Resp, WhepError> {
     let h = owned_session(w, &req, id).await?;
     content_type_is(req.headers(), SDPFRAG_CONTENT_TYPE)?;
     let restart = req
@@ -690,22 +690,14 @@ async fn session_patch(
     Ok(empty(StatusCode::NO_CONTENT))
 }
 
-async fn session_delete(
-    w: &Whep,
-    req: Request<Incoming>,
-    id: &str,
-) -> Result<Resp, WhepError> {
+async fn session_delete(w: &Whep, req: Request<Incoming>, id: &str) -> Result<Resp, WhepError> {
     let h = owned_session(w, &req, id).await?;
     info!(session = h.id, "WHEP session deleted by the client");
     h.stop.cancel();
     Ok(empty(StatusCode::OK))
 }
 
-async fn session_stats(
-    w: &Whep,
-    req: Request<Incoming>,
-    id: &str,
-) -> Result<Resp, WhepError> {
+async fn session_stats(w: &Whep, req: Request<Incoming>, id: &str) -> Result<Resp, WhepError> {
     let h = owned_session(w, &req, id).await?;
     content_type_is(req.headers(), "application/json")?;
     let body = body_text(req, MAX_STATS_BYTES).await?;
@@ -727,7 +719,6 @@ async fn session_stats(
         .unwrap_or_else(|p| p.into_inner()) = Some(v);
     Ok(empty(StatusCode::NO_CONTENT))
 }
-
 
 #[cfg(test)]
 mod tests {
@@ -802,7 +793,6 @@ mod tests {
         }
     }
 
-
     #[test]
     fn paths_are_recognised() {
         assert_eq!(whep_title("/v1/games/arena/whep"), Some("arena"));
@@ -814,5 +804,4 @@ mod tests {
         assert!(is_webrtc_path("/play"));
         assert!(!is_webrtc_path("/v1/games"));
     }
-
 }
