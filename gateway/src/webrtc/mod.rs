@@ -113,7 +113,7 @@
 
 mod datachannel;
 mod negotiate;
-mod policy;
+pub mod policy;
 mod ports;
 mod session;
 mod whep;
