@@ -269,12 +269,10 @@ impl GameSession {
     /// Timers: a checkpoint of the open segment, or the end of the pause window.
     pub fn handle_timeout(&mut self, now: Instant) {
         match &self.state {
-            State::Serving(seg) => {
-                if now >= self.next_checkpoint {
-                    let row = self.segment_row(seg, now, "in_progress");
-                    self.actions.push_back(Action::Usage(row));
-                    self.next_checkpoint = now + self.rules.checkpoint_every;
-                }
+            State::Serving(seg) if now >= self.next_checkpoint => {
+                let row = self.segment_row(seg, now, "in_progress");
+                self.actions.push_back(Action::Usage(row));
+                self.next_checkpoint = now + self.rules.checkpoint_every;
             }
             State::Paused {
                 deadline,
