@@ -3,12 +3,10 @@
 
 pub mod admin;
 pub mod api;
-pub mod cli;
 pub mod client;
 pub mod client_addr;
 pub mod conn_guard;
 pub mod control;
-pub mod demo;
 pub mod game;
 pub mod gpu_class;
 pub mod http_util;
