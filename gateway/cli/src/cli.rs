@@ -1,9 +1,9 @@
 //! The `gateway` command line: `run`, `demo`, `check-config`, `geo lookup`.
 
 use crate::demo;
-use nearpath_gateway::Gateway;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use nearpath_gateway::Gateway;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -2,14 +2,14 @@
 //! built-in inference simulator, a temporary store and fixed development credentials (API key
 //! `demo`, admin token `demo-admin`), like other servers' dev modes.
 
-use nearpath_gateway::server::{BoundAddrs, Gateway, Listeners};
-use nearpath_gateway::store::{KycStatus, SqliteStore, Store};
 use anyhow::Context;
 use nearpath_config::{
     BackendConfig, CapacityConfig, GameEntry, GameSource, GatewayConfig, ModelConfig, NodeConfig,
     NodeGatewayConfig, NodeIdentity,
 };
 use nearpath_edge_node::{EdgeNode, NodeOptions, NodeStatus};
+use nearpath_gateway::server::{BoundAddrs, Gateway, Listeners};
+use nearpath_gateway::store::{KycStatus, SqliteStore, Store};
 use nearpath_protocol::tls::ServerVerify;
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -258,7 +258,6 @@ pub fn error_body(err: &ApiError) -> String {
     err.body()
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

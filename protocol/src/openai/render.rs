@@ -383,8 +383,8 @@ fn write_models<'a>(
 
 #[cfg(test)]
 mod tests {
-    use super::*;
     use super::super::sse::{parse_stream_chunk, StreamChunk};
+    use super::*;
     use proptest::prelude::*;
     use serde_json::{json, Value};
 

@@ -15,7 +15,6 @@ pub const MAX_STOP_SEQUENCES: usize = 4;
 /// routing or metrics.
 pub const MAX_MODEL_NAME_BYTES: usize = 256;
 
-
 /// Which OpenAI endpoint a request was sent to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Endpoint {

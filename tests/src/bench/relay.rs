@@ -20,10 +20,7 @@ use super::system::{
 use anyhow::{anyhow, bail, Context};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use nearpath_protocol::message::{
-    Accepted, Capacity, Heartbeat, Message, Open, PlayRequest, PlayStarted, RefuseCode, Refused,
-    Register, SessionKind, Workloads,
-};
+use nearpath_protocol::message::{Message, PlayRequest, PlayStarted};
 use nearpath_protocol::stream::{recv_frame_header, relay_frame, send, send_frame, FramedRecv};
 use nearpath_protocol::tls::{
     client_config, negotiated_alpn, parse_sha256_hex, self_signed, server_config, ServerVerify,
@@ -31,7 +28,11 @@ use nearpath_protocol::tls::{
 };
 use nearpath_protocol::{
     net, unix_micros, Client, FrameHeader, FrameStream, PlayControl, PlayParams, ALPN_CLIENT,
-    ALPN_NODE, MAX_CONTROL_FRAME, MAX_REQUEST_FRAME, MAX_VIDEO_FRAME, PROTOCOL_VERSION,
+    ALPN_NODE, MAX_CONTROL_FRAME, MAX_VIDEO_FRAME,
+};
+use nearpath_tests::fake_node::{
+    self, heartbeat_loop, serve_sessions, FakeNode, HeartbeatCount, OpenedGame, Registration,
+    Serving,
 };
 use serde_json::{json, Value};
 use std::collections::HashMap;
@@ -435,19 +436,16 @@ impl Gw {
     }
 }
 
-/// A game session the gateway opened on a fake node. The node keeps the session stream open
-/// (finishing it would tell the gateway the node failed).
-struct OpenedSession {
-    session_id: u64,
-    conn: quinn::Connection,
-    _ctl: (quinn::SendStream, FramedRecv),
-}
+/// A game session the gateway opened on a fake node.
+type OpenedSession = OpenedGame;
 
 /// The fake nodes' shared endpoint (one UDP socket, one connection per node).
 fn node_endpoint() -> anyhow::Result<quinn::Endpoint> {
-    let cfg = client_config(ServerVerify::InsecureDangerous, &[ALPN_NODE])?;
-    let (endpoint, _) = net::client_endpoint("127.0.0.1:0".parse()?, cfg, GATEWAY_RECV_BUFFER)?;
-    Ok(endpoint)
+    Ok(fake_node::node_endpoint(
+        "127.0.0.1:0".parse()?,
+        ServerVerify::InsecureDangerous,
+        GATEWAY_RECV_BUFFER,
+    )?)
 }
 
 /// Registers one fake node serving [`GAME`] with room for `game_sessions`, then heartbeats and
@@ -460,131 +458,31 @@ async fn connect_node(
     opened: mpsc::UnboundedSender<OpenedSession>,
     stop: CancellationToken,
 ) -> anyhow::Result<quinn::Connection> {
-    let cfg = client_config(ServerVerify::PinnedSha256(gw.sha), &[ALPN_NODE])?;
-    let conn = endpoint
-        .connect_with(cfg, gw.quic, "localhost")
-        .with_context(|| format!("node {id}: connecting to {}", gw.quic))?
-        .await
-        .with_context(|| format!("node {id}: handshake with {}", gw.quic))?;
-    let (mut tx, rx) = conn
-        .open_bi()
-        .await
-        .with_context(|| format!("node {id}: opening the control stream"))?;
-    let reg = Register {
-        protocol_version: PROTOCOL_VERSION,
-        node_id: id.to_string(),
-        enrolment_token: gw.token.clone(),
-        software_version: "0.1.0".into(),
-        gpus: vec![],
-        workloads: Workloads {
-            games: vec![GAME.into()],
-            models: vec![],
-        },
-        capacity: Capacity {
-            game_sessions,
-            inference_concurrency: 0,
-        },
-    };
-    send(&mut tx, &Message::Register(reg))
-        .await
-        .with_context(|| format!("node {id}: sending Register"))?;
-    let mut rx = FramedRecv::new(rx, MAX_CONTROL_FRAME);
-    let heartbeat_ms = match tokio::time::timeout(Duration::from_secs(10), rx.next()).await {
-        Ok(Ok(Some(Message::Registered(r)))) => r.heartbeat_ms,
-        Ok(Ok(Some(Message::Rejected(r)))) => {
-            bail!("node {id} rejected ({}): {}", r.code, r.reason)
-        }
-        Ok(Ok(other)) => bail!("node {id}: expected Registered, got {other:?}"),
-        Ok(Err(e)) => bail!("node {id}: reading the answer to Register: {e}"),
-        Err(_) => bail!("node {id}: no answer to Register within 10 s"),
-    };
+    let reg = Registration::new(id, &gw.token).games(&[GAME], game_sessions);
+    let node = FakeNode::try_register(
+        endpoint,
+        gw.quic,
+        gw.sha,
+        reg.message(),
+        Duration::from_secs(10),
+    )
+    .await
+    .with_context(|| format!("node {id}: registering with {}", gw.quic))?;
+    let heartbeat_ms = node.registered().with_context(|| format!("node {id}"))?;
+    let (conn, tx, rx) = node.into_parts();
     // Heartbeats go ahead of queued frame data: a node whose uplink is backed up must not be
     // declared gone for it (and lose every session) while the benchmark probes the relay.
     let _ = tx.set_priority(1);
-    tokio::spawn(heartbeat(tx, rx, heartbeat_ms, stop.clone()));
-    tokio::spawn(accept_sessions(conn.clone(), opened, stop));
+    let every = Duration::from_millis(heartbeat_ms.max(10));
+    let count = Arc::new(HeartbeatCount::default());
+    tokio::spawn(heartbeat_loop(tx, rx, every, stop.clone(), count));
+    tokio::spawn(serve_sessions(
+        conn.clone(),
+        Serving::games_only(),
+        opened,
+        stop,
+    ));
     Ok(conn)
-}
-
-/// Heartbeats on a timer and reads the acks apart from it, so a late ack never delays the next
-/// heartbeat (a starved generator would otherwise lose its nodes and their sessions).
-async fn heartbeat(
-    mut tx: quinn::SendStream,
-    mut rx: FramedRecv,
-    every_ms: u64,
-    stop: CancellationToken,
-) {
-    let reader = tokio::spawn(async move { while let Ok(Some(_)) = rx.next().await {} });
-    let every = Duration::from_millis(every_ms.max(10));
-    let mut tick = tokio::time::interval_at(Instant::now() + every, every);
-    let mut seq = 0u64;
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => break,
-            _ = tick.tick() => {}
-        }
-        seq += 1;
-        let hb = Heartbeat {
-            seq,
-            active_sessions: 0,
-            queue_depth: 0,
-            load: 0.0,
-            gpu_util: None,
-            encoder_ms_p50: None,
-        };
-        if send(&mut tx, &Message::Heartbeat(hb)).await.is_err() {
-            break;
-        }
-    }
-    reader.abort();
-}
-
-/// Answers every `Open{Game}` the gateway sends with `Accepted`; refuses anything else.
-async fn accept_sessions(
-    conn: quinn::Connection,
-    opened: mpsc::UnboundedSender<OpenedSession>,
-    stop: CancellationToken,
-) {
-    loop {
-        let (mut tx, rx) = tokio::select! {
-            _ = stop.cancelled() => return,
-            s = conn.accept_bi() => match s {
-                Ok(s) => s,
-                Err(_) => return,
-            },
-        };
-        let opened = opened.clone();
-        let conn = conn.clone();
-        tokio::spawn(async move {
-            let mut rx = FramedRecv::new(rx, MAX_REQUEST_FRAME);
-            let session_id = match rx.next().await {
-                Ok(Some(Message::Open(Open {
-                    session_id,
-                    kind: SessionKind::Game(_),
-                }))) => session_id,
-                Ok(Some(Message::Open(_))) => {
-                    let refused = Refused {
-                        code: RefuseCode::UnknownWorkload,
-                        reason: "this benchmark node only streams games".into(),
-                    };
-                    let _ = send(&mut tx, &Message::Refused(refused)).await;
-                    let _ = tx.finish();
-                    return;
-                }
-                _ => return,
-            };
-            if send(&mut tx, &Message::Accepted(Accepted { session_id }))
-                .await
-                .is_ok()
-            {
-                let _ = opened.send(OpenedSession {
-                    session_id,
-                    conn,
-                    _ctl: (tx, rx),
-                });
-            }
-        });
-    }
 }
 
 /// A QUIC server in this process that plays the role of a node serving players directly.
