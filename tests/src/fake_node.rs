@@ -652,3 +652,47 @@ async fn serve_one(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_registration_serves_only_what_it_was_given() {
+        let bare = Registration::new("n1", "tok").message();
+        assert_eq!(
+            (
+                bare.protocol_version,
+                bare.node_id.as_str(),
+                bare.enrolment_token.as_str()
+            ),
+            (PROTOCOL_VERSION, "n1", "tok")
+        );
+        assert!(bare.gpus.is_empty() && bare.workloads.games.is_empty());
+        assert!(bare.workloads.models.is_empty());
+        assert_eq!(
+            (
+                bare.capacity.game_sessions,
+                bare.capacity.inference_concurrency
+            ),
+            (0, 0)
+        );
+
+        let full = Registration::new("n2", "tok")
+            .gpu("rtx4090", "rtx4090", 24_000)
+            .games(&["arena"], 3)
+            .models(&["m"], 4)
+            .message();
+        assert_eq!(full.gpus.len(), 1);
+        assert_eq!(full.gpus[0].vram_mib, 24_000);
+        assert_eq!(full.workloads.games, vec!["arena".to_string()]);
+        assert_eq!(full.workloads.models, vec!["m".to_string()]);
+        assert_eq!(
+            (
+                full.capacity.game_sessions,
+                full.capacity.inference_concurrency
+            ),
+            (3, 4)
+        );
+    }
+}
