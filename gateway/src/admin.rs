@@ -181,7 +181,7 @@ impl AdminApi {
             (&Method::GET, ["healthz"]) => {
                 return json(
                     StatusCode::OK,
-                    &serde_json::json!({"status": "ok", "nodes": self.shared.registry.len()}),
+                    &serde_json::json!({"status": "ok", "nodes": self.shared.directory.registry.len()}),
                 )
             }
             (&Method::GET, ["metrics"]) => return self.metrics(),
@@ -209,12 +209,12 @@ impl AdminApi {
         let result: Result<Resp, Resp> = async {
             Ok(match (&method, &segs[1..]) {
                 (&Method::GET, ["nodes"]) => {
-                    let nodes: Vec<_> = s.registry.list().iter().map(|n| n.view()).collect();
+                    let nodes: Vec<_> = s.directory.registry.list().iter().map(|n| n.view()).collect();
                     json(StatusCode::OK, &serde_json::json!({"object": "list", "data": nodes}))
                 }
                 (&Method::GET, ["nodes", id]) => {
                     let id = id.to_string();
-                    let live = s.registry.get(&id).map(|n| n.view());
+                    let live = s.directory.registry.get(&id).map(|n| n.view());
                     let id2 = id.clone();
                     // A node id belongs to one operator: its SLA record is that operator's.
                     let (owner, sla) = blocking(s, move |st| {
@@ -236,7 +236,7 @@ impl AdminApi {
                     let data: Vec<_> = list
                         .into_iter()
                         .map(|m| {
-                            let controlled = m.class.as_deref().map(|c| s.policy.is_controlled(s.policy.class_id(c)));
+                            let controlled = m.class.as_deref().map(|c| s.placement.policy.is_controlled(s.placement.policy.class_id(c)));
                             serde_json::json!({
                                 "model_key": m.model_key,
                                 "example": m.example,
@@ -265,11 +265,11 @@ impl AdminApi {
                     if !nearpath_config::is_gpu_class_name(&class) || class == crate::gpu_class::UNCLASSIFIED {
                         return Err(error(StatusCode::BAD_REQUEST, "invalid", &format!("class: {:?} is not a GPU class name (lower-case letters, digits and _)", body.class)));
                     }
-                    let known = s.config.geofence.controlled_gpu_classes.iter().any(|c| s.policy.class_id(c) == s.policy.class_id(&class))
+                    let known = s.config.geofence.controlled_gpu_classes.iter().any(|c| s.placement.policy.class_id(c) == s.placement.policy.class_id(&class))
                         || crate::gpu_class::GPU_MODEL_TABLE.iter().any(|(_, c)| *c == class);
-                    let controlled = s.policy.is_controlled(s.policy.class_id(&class));
+                    let controlled = s.placement.policy.is_controlled(s.placement.policy.class_id(&class));
                     let (model, class2) = (body.model.clone(), class.clone());
-                    let rec = blocking(s, move |st| st.set_gpu_model_class(&key, &model, &class2, crate::control::now_ms())).await?;
+                    let rec = blocking(s, move |st| st.set_gpu_model_class(&key, &model, &class2, crate::clock::system_unix_ms())).await?;
                     info!(model = %rec.model_key, class = %class, controlled, "GPU model classified by admin");
                     json(StatusCode::OK, &serde_json::json!({
                         "model_key": rec.model_key,
@@ -282,7 +282,7 @@ impl AdminApi {
                 }
                 (&Method::POST, ["nodes", id, "drain"]) => {
                     let body: DrainBody = json_body(req).await?;
-                    let node = s.registry.get(id).ok_or_else(|| error(StatusCode::NOT_FOUND, "not_found", &format!("no live node {id}")))?;
+                    let node = s.directory.registry.get(id).ok_or_else(|| error(StatusCode::NOT_FOUND, "not_found", &format!("no live node {id}")))?;
                     let deadline_ms = body.deadline_ms.unwrap_or(s.config.nodes.drain_deadline_ms);
                     node.commands
                         .send(ControlCmd::Drain { deadline_ms })
@@ -312,7 +312,7 @@ impl AdminApi {
                         .ok_or_else(|| error(StatusCode::NOT_FOUND, "not_found", &format!("no operator {id}")))?;
                     let id3 = id.clone();
                     let tokens = blocking(s, move |st| st.list_enrolment_tokens(&id3)).await?;
-                    let nodes: Vec<_> = s.registry.of_operator(&id).iter().map(|n| n.id.clone()).collect();
+                    let nodes: Vec<_> = s.directory.registry.of_operator(&id).iter().map(|n| n.id.clone()).collect();
                     json(StatusCode::OK, &serde_json::json!({"operator": op, "tokens": tokens, "live_nodes": nodes}))
                 }
                 (&Method::POST, ["operators", id, action @ ("verify" | "suspend" | "reset")]) => {
@@ -328,7 +328,7 @@ impl AdminApi {
                         // A suspended (or unverified) operator's nodes leave now, not at their
                         // next reconnect.
                         let code = if status == KycStatus::Suspended { "operator_suspended" } else { "operator_unverified" };
-                        let nodes = s.registry.of_operator(&id);
+                        let nodes = s.directory.registry.of_operator(&id);
                         warn!(operator = %id, status = status.as_str(), nodes = nodes.len(), "disconnecting the operator's nodes");
                         revoke_nodes(nodes, Revocation { code, detail: format!("operator {id} is {}", status.as_str()) });
                     }
@@ -344,7 +344,7 @@ impl AdminApi {
                     let id2 = id.clone();
                     blocking(s, move |st| st.revoke_enrolment_token(&id2)).await?;
                     // Nodes admitted with the token lose their admission with it.
-                    let nodes = s.registry.of_enrolment_token(&id);
+                    let nodes = s.directory.registry.of_enrolment_token(&id);
                     let disconnected: Vec<String> = nodes.iter().map(|n| n.id.clone()).collect();
                     warn!(token = %id, nodes = nodes.len(), "enrolment token revoked; disconnecting its nodes");
                     revoke_nodes(nodes, Revocation { code: "token_revoked", detail: format!("enrolment token {id} was revoked") });
@@ -399,7 +399,7 @@ impl AdminApi {
                     let id = id.to_string();
                     let key = blocking(s, move |st| st.update_api_key(&id, update)).await?;
                     // Cached keys carry their limits: the change applies from the next request.
-                    s.keys.clear();
+                    s.auth.keys.clear();
                     json(StatusCode::OK, &key)
                 }
                 (&Method::POST, ["api-keys", id, "revoke"]) => {
@@ -407,7 +407,7 @@ impl AdminApi {
                     let id2 = id.clone();
                     blocking(s, move |st| st.revoke_api_key(&id2)).await?;
                     // The cache forgets the key and its running sessions and streams end now.
-                    s.keys.revoke(&id);
+                    s.auth.keys.revoke(&id);
                     warn!(key = %id, "API key revoked; ending its sessions");
                     json(StatusCode::OK, &serde_json::json!({"revoked": true}))
                 }
@@ -420,12 +420,12 @@ impl AdminApi {
                     json(StatusCode::OK, &summary)
                 }
                 (&Method::POST, ["geo", "reload"]) => {
-                    let geo = s.geo.clone();
+                    let geo = s.placement.geo.clone();
                     let r = tokio::task::spawn_blocking(move || geo.reload()).await;
                     match r {
                         Ok(Ok(report)) => {
                             s.metrics.geo_reloads.get_or_create(&labels([("outcome", "ok")])).inc();
-                            json(StatusCode::OK, &serde_json::json!({"reloaded": true, "report": report, "info": s.geo.info()}))
+                            json(StatusCode::OK, &serde_json::json!({"reloaded": true, "report": report, "info": s.placement.geo.info()}))
                         }
                         Ok(Err(e)) => {
                             s.metrics.geo_reloads.get_or_create(&labels([("outcome", "error")])).inc();
@@ -434,10 +434,11 @@ impl AdminApi {
                         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal", &e.to_string()),
                     }
                 }
-                (&Method::GET, ["geo"]) => json(StatusCode::OK, &s.geo.info()),
+                (&Method::GET, ["geo"]) => json(StatusCode::OK, &s.placement.geo.info()),
                 (&Method::GET, ["sessions"]) => {
                     use std::sync::atomic::Ordering::Relaxed;
                     let list: Vec<_> = s
+                        .sessions
                         .games
                         .list()
                         .iter()
@@ -479,12 +480,12 @@ impl AdminApi {
         let m = &self.shared.metrics;
         self.sync_ledger_metrics();
         m.nodes.clear();
-        let policy = &self.shared.policy;
+        let policy = &self.shared.placement.policy;
         // The class is the node's word: label with the classes the geofence names or the
         // default GPU table knows (bounded sets), everything else is `other`.
         let table = nearpath_config::default_gpu_class_table();
         let mut census: std::collections::HashMap<_, i64> = Default::default();
-        for ((state, country, class), n) in self.shared.registry.census() {
+        for ((state, country, class), n) in self.shared.directory.registry.census() {
             let id = policy.class_id(&class);
             let class = if !id.is_other() {
                 policy.class_name(id).to_string()
@@ -540,7 +541,7 @@ pub async fn geo_reload_loop(shared: Arc<Shared>) {
     tick.tick().await;
     loop {
         tick.tick().await;
-        let geo = shared.geo.clone();
+        let geo = shared.placement.geo.clone();
         match tokio::task::spawn_blocking(move || geo.reload_if_changed()).await {
             Ok(Ok(report)) if report.changed() => {
                 shared

@@ -25,7 +25,7 @@ use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 use tokio::sync::mpsc;
 use tracing::{info_span, Instrument};
 
@@ -34,13 +34,6 @@ static X_SHOULD_RETRY: HeaderName = HeaderName::from_static("x-should-retry");
 
 pub struct ClientApi {
     shared: Arc<Shared>,
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 fn new_request_id() -> String {
@@ -107,7 +100,7 @@ impl ClientApi {
 
     fn locate(&self, req: &Request<Incoming>, peer: SocketAddr) -> (ClientAddr, Location) {
         let addr = client_ip(&self.shared, peer.ip(), req.headers());
-        (addr, addr.locate(&self.shared.geo))
+        (addr, addr.locate(&self.shared.placement.geo))
     }
 
     async fn route(&self, req: Request<Incoming>, peer: SocketAddr) -> Resp {
@@ -130,7 +123,7 @@ impl ClientApi {
             (Method::GET, "/healthz") => with_type(
                 StatusCode::OK,
                 "application/json",
-                serde_json::json!({"status": "ok", "nodes": self.shared.registry.len()})
+                serde_json::json!({"status": "ok", "nodes": self.shared.directory.registry.len()})
                     .to_string(),
             ),
             (Method::GET, "/v1/models") => self.models(req, peer, request_id).await,
@@ -157,7 +150,7 @@ impl ClientApi {
     /// Titles or models served by live nodes this client may use.
     fn visible(&self, client: &Location, kind: WorkloadKind) -> BTreeSet<String> {
         let mut out = BTreeSet::new();
-        for node in self.shared.registry.list() {
+        for node in self.shared.directory.registry.list() {
             if node.dynamic().state == crate::registry::NodeState::Gone {
                 continue;
             }
@@ -183,9 +176,10 @@ impl ClientApi {
         // unavailable, so that a client does not take a blip for the model's removal.
         let gone = self
             .shared
+            .directory
             .registry
-            .recently_served_models(crate::control::now_ms());
-        let created = unix_now();
+            .recently_served_models(crate::clock::system_unix_ms());
+        let created = crate::clock::system_unix_ms() / 1000;
         let mut list: Vec<(&str, u64, &str, bool)> = names
             .iter()
             .map(|n| (n.as_str(), created, "nearpath", true))
@@ -266,7 +260,7 @@ impl ClientApi {
         if let Err(e) = infer::ledger_gate(shared, "http") {
             return api_error(request_id, &e);
         }
-        if let Err(wait_s) = shared.limiter.admit(&key, Instant::now()) {
+        if let Err(wait_s) = shared.auth.limiter.admit(&key, Instant::now()) {
             let mut r = api_error(
                 request_id,
                 &ApiError::rate_limited(format!(
@@ -326,8 +320,8 @@ impl ClientApi {
             }
         };
         // Revoking the key ends the stream in band (`key_revoked`) and resets the node's stream.
-        stream.end_on_revocation(shared.keys.revocation(&key.id));
-        let created = unix_now();
+        stream.end_on_revocation(shared.auth.keys.revocation(&key.id));
+        let created = crate::clock::system_unix_ms() / 1000;
         let completion_id = match endpoint {
             Endpoint::Chat => format!(
                 "chatcmpl-{}",

@@ -109,8 +109,9 @@ async fn serve_stream(
             let reply = match infer::authenticate(&shared, Some(&l.api_key)).await {
                 Ok(_) => {
                     crate::server::client_authenticated(&shared, &conn);
-                    let loc = shared.geo.lookup(conn.remote_address().ip());
+                    let loc = shared.placement.geo.lookup(conn.remote_address().ip());
                     let mut titles: Vec<String> = shared
+                        .directory
                         .registry
                         .list()
                         .iter()
@@ -210,7 +211,7 @@ async fn serve_infer(
         let _ = tx.finish();
         return;
     }
-    if shared.limiter.admit(&key, Instant::now()).is_err() {
+    if shared.auth.limiter.admit(&key, Instant::now()).is_err() {
         let _ = send(
             &mut tx,
             &error_msg("rate_limited", "rate limit reached for this key", true),
@@ -228,7 +229,7 @@ async fn serve_infer(
             return;
         }
     };
-    let client = shared.geo.lookup(conn.remote_address().ip());
+    let client = shared.placement.geo.lookup(conn.remote_address().ip());
     let mut stream = match infer::dispatch(&shared, &request, &r.request_json, &client).await {
         Ok(s) => s,
         Err(e) => {
@@ -254,7 +255,7 @@ async fn serve_infer(
         }
     };
     // Revoking the key ends the stream with `Error{code: "key_revoked"}` and resets the node's.
-    stream.end_on_revocation(shared.keys.revocation(&key.id));
+    stream.end_on_revocation(shared.auth.keys.revocation(&key.id));
     let mut outcome = "ok";
     let mut index = 0u32;
     if send(

@@ -93,13 +93,6 @@ impl LeaveCause {
     }
 }
 
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 /// Serves one node connection from handshake to goodbye.
 pub async fn handle_node(shared: Arc<Shared>, conn: quinn::Connection) {
     let peer = conn.remote_address();
@@ -157,7 +150,7 @@ pub async fn handle_node(shared: Arc<Shared>, conn: quinn::Connection) {
         });
         if let Err(e) = send_msg(&mut send, &registered).await {
             warn!(error = %e, "could not confirm registration");
-            shared.registry.remove(&entry);
+            shared.directory.registry.remove(&entry);
             return;
         }
         // Only now may the node open its video frame streams (and fill a larger window).
@@ -251,12 +244,12 @@ async fn admit(
     }
     // The node's location is what GeoIP says of the address it connects from, never a claim.
     let addr = conn.remote_address();
-    let location = shared.geo.lookup(addr.ip());
+    let location = shared.placement.geo.lookup(addr.ip());
     // The GPU classes are the gateway's reading of the model names; the class strings the node
     // sends are hints only.
     let models: Vec<String> = reg.gpus.iter().map(|g| g.model.clone()).collect();
     let store = shared.store.clone();
-    let seen_at = now_ms();
+    let seen_at = crate::clock::system_unix_ms();
     let derived: Vec<Classified> = tokio::task::spawn_blocking(move || {
         let mut out = Vec::with_capacity(models.len());
         for model in &models {
@@ -285,7 +278,9 @@ async fn admit(
     for (c, g) in derived.iter().zip(&reg.gpus) {
         if c.class == gpu_class::UNCLASSIFIED {
             warn!(model = %c.model, hint = %g.class, "unclassified GPU model: treated as the most restricted class until an admin classifies it");
-        } else if shared.policy.class_id(&g.class) != shared.policy.class_id(&c.class) {
+        } else if shared.placement.policy.class_id(&g.class)
+            != shared.placement.policy.class_id(&c.class)
+        {
             info!(model = %c.model, hint = %g.class, class = %c.class, "the node's GPU class hint disagrees with the model; using the model's class");
         }
     }
@@ -302,11 +297,11 @@ async fn admit(
         let ids = if name == gpu_class::UNCLASSIFIED {
             restricted_class_ids(shared)
         } else {
-            vec![shared.policy.class_id(&name)]
+            vec![shared.placement.policy.class_id(&name)]
         };
         for id in ids {
-            let decision = shared.policy.check_onboard(&location, id);
-            shared.count_decision("node", &decision);
+            let decision = shared.placement.policy.check_onboard(&location, id);
+            shared.placement.count_decision("node", &decision);
             if let nearpath_geo::Decision::Deny { rule, reason, .. } = decision {
                 return Err((
                     RejectCode::Geofence,
@@ -327,9 +322,9 @@ async fn admit(
     let store = shared.store.clone();
     let node_id = reg.node_id.clone();
     let operator_id = operator.id.clone();
-    let since = now_ms().saturating_sub(PENALTY_WINDOW_MS);
+    let since = crate::clock::system_unix_ms().saturating_sub(PENALTY_WINDOW_MS);
     let (owner, recent) = tokio::task::spawn_blocking(move || {
-        let owner = store.claim_node_id(&node_id, &operator_id, now_ms())?;
+        let owner = store.claim_node_id(&node_id, &operator_id, crate::clock::system_unix_ms())?;
         let recent = if owner == operator_id {
             store.penalties_since(&operator_id, &node_id, since)?
         } else {
@@ -360,7 +355,7 @@ async fn admit(
         })
         .collect();
     let hints: Vec<String> = reg.gpus.iter().map(|g| g.class.clone()).collect();
-    let now = now_ms();
+    let now = crate::clock::system_unix_ms();
     let mut entry = NodeEntry::new(
         reg.node_id.clone(),
         operator.id.clone(),
@@ -392,7 +387,7 @@ async fn admit(
     entry.gpu_class_hints = hints;
     entry.enrolment_token_id = token.id.clone();
     let stale_after_ms = id_takeover_after_ms(shared);
-    match shared.registry.insert(entry, stale_after_ms) {
+    match shared.directory.registry.insert(entry, stale_after_ms) {
         Ok((entry, replaced)) => {
             if let Some(old) = replaced {
                 // The old connection went quiet (a restarted node whose previous connection the
@@ -517,14 +512,14 @@ async fn control_loop(
                         d.queue_depth = h.queue_depth;
                         d.gpu_util = h.gpu_util.filter(|v| v.is_finite());
                         d.encoder_ms_p50 = h.encoder_ms_p50.filter(|v| v.is_finite());
-                        d.last_heartbeat_ms = now_ms();
+                        d.last_heartbeat_ms = crate::clock::system_unix_ms();
                         d.rtt_ms = entry.conn.rtt().as_secs_f64() * 1000.0;
                         recovered
                     };
-                    shared.registry.refresh(&entry);
+                    shared.directory.registry.refresh(&entry);
                     if recovered {
                         // Back in routing: sessions waiting for a node may take it.
-                        shared.registry.notify_changed();
+                        shared.directory.registry.notify_changed();
                     }
                     if send_msg(&mut send, &Message::HeartbeatAck(HeartbeatAck { seq: h.seq })).await.is_err() {
                         break LeaveCause::ConnectionLost;
@@ -533,13 +528,13 @@ async fn control_loop(
                 Ok(Some(Message::Drain(d))) => {
                     info!(deadline_ms = d.deadline_ms, "node is draining");
                     entry.dynamic().state = NodeState::Draining;
-                    shared.registry.refresh(&entry);
+                    shared.directory.registry.refresh(&entry);
                 }
                 Ok(Some(Message::Drained)) => {
                     info!("node drained");
                     drained = true;
                     entry.dynamic().state = NodeState::Draining;
-                    shared.registry.refresh(&entry);
+                    shared.directory.registry.refresh(&entry);
                 }
                 Ok(Some(other)) => {
                     warn!(message = other.name(), "unexpected message on the control stream; ignoring");
@@ -583,7 +578,7 @@ async fn control_loop(
                         if !was_slow {
                             warn!("heartbeats late but the connection is alive: node is slow (kept, no new sessions)");
                             shared.metrics.nodes_slowed.inc();
-                            shared.registry.refresh(&entry);
+                            shared.directory.registry.refresh(&entry);
                         }
                     }
                     Liveness::Alive => {}
@@ -592,7 +587,7 @@ async fn control_loop(
             cmd = cmd_rx.recv() => match cmd {
                 Some(ControlCmd::Drain { deadline_ms }) => {
                     entry.dynamic().state = NodeState::Draining;
-                    shared.registry.refresh(&entry);
+                    shared.directory.registry.refresh(&entry);
                     if send_msg(&mut send, &Message::Drain(Drain { deadline_ms })).await.is_err() {
                         break LeaveCause::ConnectionLost;
                     }
@@ -614,7 +609,7 @@ async fn control_loop(
     };
     let was_draining = drained || entry.dynamic().state == NodeState::Draining;
     entry.dynamic().state = NodeState::Gone;
-    shared.registry.remove(&entry);
+    shared.directory.registry.remove(&entry);
     // Sessions that ended because the node left: those the gateway still has open on it, those
     // whose slots were released after the connection died (their tasks may notice first), and
     // those the node itself last reported. Draining does not excuse any of them.
@@ -684,18 +679,25 @@ async fn control_loop(
                 registered_ms,
                 heartbeat_misses: misses,
                 last_rtt_ms: Some(rtt),
-                seen_at_ms: now_ms(),
+                seen_at_ms: crate::clock::system_unix_ms(),
                 ..Default::default()
             },
         )?;
         if let Some(detail) = now_penalty {
-            store.record_penalty(&id, &op, now_ms(), kind, active, &detail)?;
+            store.record_penalty(
+                &id,
+                &op,
+                crate::clock::system_unix_ms(),
+                kind,
+                active,
+                &detail,
+            )?;
         }
         Ok::<_, crate::store::StoreError>(())
     })
     .await;
     if defer {
-        let left_ms = now_ms();
+        let left_ms = crate::clock::system_unix_ms();
         let window = Duration::from_millis(shared.config.game.pause_window_ms);
         let shared = shared.clone();
         let (id, op) = (entry.id.clone(), entry.operator_id.clone());
@@ -703,6 +705,7 @@ async fn control_loop(
             async move {
                 tokio::time::sleep(window).await;
                 let returned = shared
+                    .directory
                     .registry
                     .get(&id)
                     .is_some_and(|e| e.operator_id == op && e.registered_at_ms >= left_ms);
@@ -716,7 +719,14 @@ async fn control_loop(
                 count_penalty(&shared, kind, active, was_draining);
                 let store = shared.store.clone();
                 let res = tokio::task::spawn_blocking(move || {
-                    store.record_penalty(&id, &op, now_ms(), kind, active, &detail)
+                    store.record_penalty(
+                        &id,
+                        &op,
+                        crate::clock::system_unix_ms(),
+                        kind,
+                        active,
+                        &detail,
+                    )
                 })
                 .await;
                 if let Ok(Err(e)) = res {
@@ -758,13 +768,13 @@ fn restricted_class_ids(shared: &Shared) -> Vec<nearpath_geo::ClassId> {
             .filter(|c| !c.starts_with('@')),
     );
     for name in named {
-        let id = shared.policy.class_id(name);
+        let id = shared.placement.policy.class_id(name);
         if !ids.contains(&id) {
             ids.push(id);
         }
     }
     if ids.is_empty() {
-        ids.push(shared.policy.class_id(gpu_class::UNCLASSIFIED));
+        ids.push(shared.placement.policy.class_id(gpu_class::UNCLASSIFIED));
     }
     ids
 }
@@ -778,15 +788,15 @@ fn check_path(shared: &Shared, entry: &NodeEntry) -> Result<(), String> {
     if now == before.addr {
         return Ok(());
     }
-    let location = shared.geo.lookup(now.ip());
+    let location = shared.placement.geo.lookup(now.ip());
     let country = |l: &nearpath_geo::Location| {
         l.country
             .map(|c| c.as_str().to_string())
             .unwrap_or_else(|| "an unknown location".into())
     };
     for (name, id) in &entry.classes {
-        let decision = shared.policy.check_onboard(&location, *id);
-        shared.count_decision("node", &decision);
+        let decision = shared.placement.policy.check_onboard(&location, *id);
+        shared.placement.count_decision("node", &decision);
         if let nearpath_geo::Decision::Deny { rule, reason, .. } = decision {
             warn!(from = %before.addr, to = %now, %rule, "node connection migrated to a refused location; disconnecting");
             return Err(format!(
@@ -797,7 +807,7 @@ fn check_path(shared: &Shared, entry: &NodeEntry) -> Result<(), String> {
         }
     }
     info!(from = %before.addr, to = %now, country = %country(&location), "node connection migrated; location updated");
-    shared.registry.relocate(
+    shared.directory.registry.relocate(
         entry,
         NodePath {
             addr: now,

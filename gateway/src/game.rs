@@ -2,7 +2,6 @@
 //! frame, forwarded without decoding), relay input datagrams client → node, fail over to another
 //! node when the serving one dies, meter usage.
 
-use crate::control::now_ms;
 use crate::infer::{self, client_latlon};
 use crate::metrics::labels;
 use crate::player::{ConnSample, PlayerSilence};
@@ -111,10 +110,12 @@ fn admit_start(
         }
     };
     let guard = shared
+        .auth
         .limiter
         .acquire(key, infer::CapKind::Session, caps.max_concurrent_sessions)
         .map_err(refused)?;
     shared
+        .auth
         .limiter
         .admit_session_start(key, caps.session_starts_per_minute, Instant::now())
         .map_err(refused)?;
@@ -406,13 +407,6 @@ impl GameRelays {
     }
 }
 
-fn now_us() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_micros() as u64)
-        .unwrap_or(0)
-}
-
 /// Warns about a node's foreign frames at most once a second, with how many went unlogged, so a
 /// node spraying forged frames cannot flood the log.
 #[derive(Default)]
@@ -476,6 +470,7 @@ pub async fn node_frames_loop(shared: Arc<Shared>, conn: quinn::Connection) {
     let foreign_log = Arc::new(ForeignLog::new());
     // For the log only: the loop starts once the node is registered.
     let node_id: Arc<str> = shared
+        .directory
         .registry
         .list()
         .into_iter()
@@ -494,7 +489,7 @@ pub async fn node_frames_loop(shared: Arc<Shared>, conn: quinn::Connection) {
                     return;
                 }
             };
-            let Some(relay) = shared.games.get(header.session_id) else {
+            let Some(relay) = shared.sessions.games.get(header.session_id) else {
                 let _ = recv.stop(nearpath_protocol::app_code::STREAM_REFUSED);
                 return;
             };
@@ -507,7 +502,12 @@ pub async fn node_frames_loop(shared: Arc<Shared>, conn: quinn::Connection) {
             let bytes = FrameBudget::frame_bytes(&header);
             let verdict = {
                 let mut f = relay.in_flight.lock().unwrap_or_else(|p| p.into_inner());
-                budget.admit(&mut f, now_us(), header.capture_ts_us, bytes)
+                budget.admit(
+                    &mut f,
+                    crate::clock::system_unix_us(),
+                    header.capture_ts_us,
+                    bytes,
+                )
             };
             let remaining_us = match verdict {
                 Verdict::Forward { remaining_us } => remaining_us,
@@ -575,7 +575,7 @@ pub async fn client_input_loop(shared: Arc<Shared>, conn: quinn::Connection) {
         let Ok(input) = InputDatagram::decode(&dgram) else {
             continue;
         };
-        let Some(relay) = shared.games.get(input.session_id) else {
+        let Some(relay) = shared.sessions.games.get(input.session_id) else {
             continue;
         };
         // Only the session's own client may steer it.
@@ -656,18 +656,19 @@ async fn attach(
     session_id: u64,
     exclude: &[crate::router::NodeId],
 ) -> Result<Attached, NoNode> {
-    let (outcome, nodes) =
-        shared
-            .registry
-            .route(client_latlon(client), Workload::Game(&params.title), |n| {
-                if exclude.contains(&n.key) {
-                    return Err(crate::router::Deny {
-                        rule: "failover".into(),
-                        reason: "node failed this session".into(),
-                    });
-                }
-                infer::serve_check(shared, client, n, WorkloadKind::Game)
-            });
+    let (outcome, nodes) = shared.directory.registry.route(
+        client_latlon(client),
+        Workload::Game(&params.title),
+        |n| {
+            if exclude.contains(&n.key) {
+                return Err(crate::router::Deny {
+                    rule: "failover".into(),
+                    reason: "node failed this session".into(),
+                });
+            }
+            infer::serve_check(shared, client, n, WorkloadKind::Game)
+        },
+    );
     if let Some(f) = outcome.failure() {
         return Err(match f {
             NoRoute::NotServed => NoNode::Unknown,
@@ -680,7 +681,7 @@ async fn attach(
     }
     let mut last = NoNode::Full;
     for node in nodes {
-        let Some(slot) = shared.registry.acquire(&node, SlotKind::Game) else {
+        let Some(slot) = shared.directory.registry.acquire(&node, SlotKind::Game) else {
             continue;
         };
         let opened = async {
@@ -761,7 +762,7 @@ pub async fn start_session(
             return Err(e);
         }
     };
-    let session = shared.session_ids.mint();
+    let session = shared.sessions.ids.mint();
     let session_id = session.get();
     let attached = match attach(shared, &client, &params, session_id, &[]).await {
         Ok(a) => a,
@@ -810,7 +811,7 @@ pub async fn start_session(
         events: events_tx.downgrade(),
         last_keyframe_request: AtomicU64::new(0),
     });
-    shared.games.insert(relay.clone());
+    shared.sessions.games.insert(relay.clone());
     shared.metrics.active_game_sessions.inc();
     let (notices_tx, notices_rx) = mpsc::channel(16);
     let span = info_span!("game_session", id = session_id, game = %params.title, transport);
@@ -916,7 +917,7 @@ async fn wait_for_node(
     bitrate: &mut Option<u32>,
 ) -> PauseEnd {
     let deadline = tokio::time::Instant::now() + window;
-    let mut changes = shared.registry.subscribe();
+    let mut changes = shared.directory.registry.subscribe();
     loop {
         changes.borrow_and_update();
         if let Ok(a) = attach(shared, client, params, session_id, failed).await {
@@ -969,7 +970,7 @@ async fn drive(
     let mut bitrate: Option<u32> = None;
     let window = Duration::from_millis(shared.config.game.pause_window_ms);
     // Revoking the key ends the session at once, whichever transport the player uses.
-    let revoked = shared.keys.revocation(&key.id);
+    let revoked = shared.auth.keys.revocation(&key.id);
     // Each node's share of the session has its own usage row, written every checkpoint
     // interval as `in_progress` and rewritten in place with the final totals, so a killed
     // gateway loses at most one interval of metering and nothing is counted twice.
@@ -1165,7 +1166,7 @@ async fn drive(
     if let Some(seg) = segment.take() {
         gpu_seconds += seg.finish(&key, &relay, &params, outcome);
     }
-    shared.games.remove(session_id);
+    shared.sessions.games.remove(session_id);
     shared.metrics.active_game_sessions.dec();
     shared
         .metrics
@@ -1204,7 +1205,7 @@ fn game_usage(
     let elapsed = seg.since.elapsed().as_secs_f64();
     UsageRecord {
         id: None,
-        at_ms: now_ms(),
+        at_ms: crate::clock::system_unix_ms(),
         kind: UsageKind::Game,
         request_id: if seg.index <= 1 {
             format!("game_{}", relay.session_id)
@@ -1300,7 +1301,7 @@ pub async fn serve_play(
             return;
         }
     };
-    let client = shared.geo.lookup(conn.remote_address().ip());
+    let client = shared.placement.geo.lookup(conn.remote_address().ip());
     let started = match start_session(
         &shared,
         &key,

@@ -2,7 +2,6 @@
 //! API keys, rate limits, routing with the geofence, failover before the first token, the token
 //! stream from the node, cancellation, and metering.
 
-use crate::control::now_ms;
 use crate::metrics::labels;
 use crate::registry::{ModelAvailability, NodeEntry, SlotGuard, SlotKind};
 use crate::router::{Deny, LatLon, NoRoute, NodeId, Workload};
@@ -307,6 +306,7 @@ pub fn acquire_stream(
 ) -> Result<CapGuard, CapRefusal> {
     let limit = effective_caps(shared, key).max_concurrent_streams;
     shared
+        .auth
         .limiter
         .acquire(key, CapKind::Stream, limit)
         .inspect_err(|r| count_cap_refusal(shared, entry, r))
@@ -357,7 +357,7 @@ pub fn prompt_token_estimate(request: &InferenceRequest) -> u32 {
 pub async fn authenticate(shared: &Arc<Shared>, secret: Option<&str>) -> Result<ApiKey, ApiError> {
     let secret = secret.ok_or_else(ApiError::missing_api_key)?;
     let hash = crate::store::hash_secret(secret);
-    if let Some(key) = shared.keys.get(&hash) {
+    if let Some(key) = shared.auth.keys.get(&hash) {
         return Ok(key);
     }
     let store = shared.store.clone();
@@ -368,7 +368,7 @@ pub async fn authenticate(shared: &Arc<Shared>, secret: Option<&str>) -> Result<
         .map_err(|e| ApiError::unavailable(format!("key store unavailable: {e}")))?;
     match found {
         // The store may have answered before a revocation that has landed since.
-        Some(key) if shared.keys.put(hash, &key) => Ok(key),
+        Some(key) if shared.auth.keys.put(hash, &key) => Ok(key),
         _ => Err(ApiError::invalid_api_key()),
     }
 }
@@ -386,6 +386,7 @@ pub fn serve_check(
     for (_, class) in &node.classes {
         if let Decision::Deny { rule, reason, .. } =
             shared
+                .placement
                 .policy
                 .check_serve(client, &node_location, *class, workload)
         {
@@ -618,7 +619,7 @@ pub async fn dispatch(
     let wait_until = started + Duration::from_millis(cfg.unavailable_wait_ms);
     let max_attempts = cfg.max_attempts.max(1);
     // Subscribed before the first route, so that a node registering in between wakes us.
-    let mut joins = shared.registry.joins();
+    let mut joins = shared.directory.registry.joins();
     let mut failed: Vec<NodeId> = Vec::new();
     let mut last: Option<ApiError> = None;
     let mut attempts = 0u32;
@@ -631,13 +632,18 @@ pub async fn dispatch(
         joins.borrow_and_update();
         let (outcome, nodes) =
             shared
+                .directory
                 .registry
                 .route(client_latlon(client), Workload::Model(model), |n| {
                     serve_check(shared, client, n, WorkloadKind::Inference)
                 });
         let mut blip = false;
         match outcome.failure() {
-            Some(NoRoute::NotServed) => match shared.registry.model_availability(model, now_ms()) {
+            Some(NoRoute::NotServed) => match shared
+                .directory
+                .registry
+                .model_availability(model, crate::clock::system_unix_ms())
+            {
                 ModelAvailability::Unknown if last.is_none() => {
                     return Err(ApiError::model_not_found(model))
                 }
@@ -683,14 +689,14 @@ pub async fn dispatch(
             if attempts >= max_attempts {
                 break;
             }
-            let Some(slot) = shared.registry.acquire(node, SlotKind::Inference) else {
+            let Some(slot) = shared.directory.registry.acquire(node, SlotKind::Inference) else {
                 continue;
             };
             if attempts > 0 {
                 shared.metrics.inference_failovers.inc();
             }
             attempts += 1;
-            let session = shared.session_ids.mint();
+            let session = shared.sessions.ids.mint();
             match try_node(shared, node, slot, session, model, request_json, started).await {
                 Ok(mut s) => {
                     s.attempts = attempts;
@@ -955,11 +961,18 @@ fn check_reported_usage(
         let mut d = node.dynamic();
         d.recent_penalties = d.recent_penalties.saturating_add(1);
     }
-    shared.registry.refresh(node);
+    shared.directory.registry.refresh(node);
     let store = shared.store.clone();
     let (id, operator) = (node.id.clone(), node.operator_id.clone());
     tokio::task::spawn_blocking(move || {
-        if let Err(e) = store.record_penalty(&id, &operator, now_ms(), USAGE_MISMATCH, 0, &detail) {
+        if let Err(e) = store.record_penalty(
+            &id,
+            &operator,
+            crate::clock::system_unix_ms(),
+            USAGE_MISMATCH,
+            0,
+            &detail,
+        ) {
             warn!(error = %e, "usage mismatch penalty not recorded");
         }
     });
@@ -998,7 +1011,7 @@ pub fn meter(shared: &Arc<Shared>, m: Metering<'_>) {
     let served = m
         .node
         .is_some_and(|n| n.workloads.models.iter().any(|x| x == m.model))
-        || shared.registry.serves_model(m.model);
+        || shared.directory.registry.serves_model(m.model);
     let model = shared.metrics.model_label(m.model, served);
     if let Some(t) = m.ttft {
         shared
@@ -1012,13 +1025,16 @@ pub fn meter(shared: &Arc<Shared>, m: Metering<'_>) {
         .tokens_out
         .get_or_create(&labels([("model", &model)]))
         .inc_by(m.usage.completion_tokens as u64);
-    shared.limiter.charge_tokens(m.key, m.usage.total_tokens());
+    shared
+        .auth
+        .limiter
+        .charge_tokens(m.key, m.usage.total_tokens());
     if let (Some(node), Some(reported)) = (m.node, m.reported) {
         check_reported_usage(shared, node, m.request_id, m.usage, reported);
     }
     let record = UsageRecord {
         id: None,
-        at_ms: now_ms(),
+        at_ms: crate::clock::system_unix_ms(),
         kind: UsageKind::Inference,
         request_id: m.request_id.to_string(),
         tenant: m.key.tenant.clone(),

@@ -518,7 +518,7 @@ impl Registry {
             if inner.by_id.get(&entry.id).map(|e| e.key) == Some(entry.key) {
                 inner.by_id.remove(&entry.id);
             }
-            self.note_left(&mut inner, entry, crate::control::now_ms());
+            self.note_left(&mut inner, entry, crate::clock::system_unix_ms());
         }
     }
 

@@ -1,13 +1,15 @@
 //! The gateway process: shared state, listeners (injected, so tests bind port 0), the QUIC
 //! endpoint with ALPN dispatch, and orderly shutdown.
 
+use crate::clock::SharedClock;
+use crate::components::{Auth, Directory, Meter, Placement, Sessions};
 use crate::metrics::{labels, Metrics};
 use crate::registry::Registry;
 use crate::router::RouteParams;
 use crate::store::{SqliteStore, Store};
 use crate::tls::CertPair;
 use nearpath_config::GatewayConfig;
-use nearpath_geo::{Decision, GeoDb, Policy};
+use nearpath_geo::{GeoDb, Policy};
 use nearpath_protocol::{ALPN_CLIENT, ALPN_NODE};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -40,42 +42,23 @@ pub enum GatewayError {
     Quic(String),
 }
 
-/// State every task of the gateway shares.
+/// The components of one gateway, grouped for the tasks that assemble front ends from them.
+/// Front ends take the components they use (see `components.rs`), not this.
 pub struct Shared {
     pub config: GatewayConfig,
-    pub geo: Arc<GeoDb>,
-    pub policy: Policy,
+    pub clock: SharedClock,
+    pub metrics: Arc<Metrics>,
     pub store: Arc<dyn Store>,
-    pub registry: Arc<Registry>,
-    pub metrics: Metrics,
-    pub route_params: RouteParams,
-    /// Session ids (game and inference): random, unique among live sessions.
-    pub session_ids: crate::session_id::SessionIds,
+    pub auth: Arc<Auth>,
+    pub directory: Arc<Directory>,
+    pub placement: Arc<Placement>,
+    pub sessions: Arc<Sessions>,
+    pub meter: Arc<Meter>,
     pub shutdown: CancellationToken,
-    pub cert_sha256: String,
-    pub keys: crate::infer::KeyCache,
-    pub limiter: crate::infer::RateLimiter,
-    pub games: crate::game::GameRelays,
     /// Per-source admission of QUIC connections until they authenticate or register.
     pub quic_gate: Arc<crate::conn_guard::QuicGate>,
-}
-
-impl Shared {
-    /// Counts a geofence decision by side, outcome and rule.
-    pub fn count_decision(&self, side: &'static str, d: &Decision) {
-        let (outcome, rule) = match d {
-            Decision::Allow { .. } => ("allow", "-".to_string()),
-            Decision::Deny { rule, .. } => ("deny", rule.to_string()),
-        };
-        self.metrics
-            .geofence_decisions
-            .get_or_create(&labels([
-                ("side", side),
-                ("outcome", outcome),
-                ("rule", &rule),
-            ]))
-            .inc();
-    }
+    /// The API key `/play` prefills (the demo's; `None` on a real gateway).
+    pub play_prefill_key: Option<String>,
 }
 
 /// The sockets a gateway serves on. Tests bind port 0 and read the addresses back.
@@ -166,23 +149,43 @@ impl Gateway {
         let registry = registry.with_model_grace(std::time::Duration::from_secs(
             config.inference.model_grace_s,
         ));
+        let clock = crate::clock::system();
+        let metrics = Arc::new(Metrics::new());
         let shared = Arc::new(Shared {
-            geo,
-            policy,
+            auth: Arc::new(Auth {
+                store: store.clone(),
+                keys: Default::default(),
+                limiter: Default::default(),
+                clock: clock.clone(),
+            }),
+            directory: Arc::new(Directory {
+                registry: Arc::new(registry),
+                clock: clock.clone(),
+            }),
+            placement: Arc::new(Placement::new(geo, policy, metrics.clone())),
+            sessions: Arc::new(Sessions::default()),
+            meter: Arc::new(Meter {
+                store: store.clone(),
+                metrics: metrics.clone(),
+                clock: clock.clone(),
+            }),
             store,
-            registry: Arc::new(registry),
-            metrics: Metrics::new(),
-            route_params,
-            session_ids: Default::default(),
+            metrics,
+            clock,
             shutdown: CancellationToken::new(),
-            cert_sha256: cert.sha256_hex(),
-            keys: Default::default(),
-            limiter: Default::default(),
-            games: Default::default(),
             quic_gate: Arc::new(crate::conn_guard::QuicGate::new((&config.quic).into())),
+            play_prefill_key: None,
             config,
         });
         Ok(Gateway { shared, cert })
+    }
+
+    /// Makes `/play` prefill its key field with `key` (the demo's key; never a real tenant's).
+    pub fn prefill_play_key(mut self, key: Option<String>) -> Gateway {
+        if let Some(shared) = Arc::get_mut(&mut self.shared) {
+            shared.play_prefill_key = key;
+        }
+        self
     }
 
     pub fn shared(&self) -> &Arc<Shared> {
@@ -307,7 +310,7 @@ impl Gateway {
             geo_task.abort();
             // Control loops send Shutdown to their nodes on `inner_shutdown`; give them a moment.
             let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
-            while !shared.registry.is_empty() && tokio::time::Instant::now() < deadline {
+            while !shared.directory.registry.is_empty() && tokio::time::Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
             endpoint.close(0u32.into(), b"gateway shutting down");

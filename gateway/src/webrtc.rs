@@ -144,7 +144,7 @@ use serde::Deserialize;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use thiserror::Error;
 use tokio::sync::{mpsc, watch};
@@ -412,23 +412,9 @@ impl Sessions {
     }
 }
 
-/// `Shared` belongs to the server module; this keeps the WebRTC state beside it, one per
-/// gateway (tests run several gateways in one process).
-static STATES: Mutex<Vec<(Weak<Shared>, Arc<Sessions>)>> = Mutex::new(Vec::new());
-
 /// The WebRTC sessions of the gateway that owns `shared`.
 pub fn sessions(shared: &Arc<Shared>) -> Arc<Sessions> {
-    let mut states = STATES.lock().unwrap_or_else(|p| p.into_inner());
-    states.retain(|(w, _)| w.strong_count() > 0);
-    if let Some((_, s)) = states
-        .iter()
-        .find(|(w, _)| std::ptr::eq(w.as_ptr(), Arc::as_ptr(shared)))
-    {
-        return s.clone();
-    }
-    let s = Arc::new(Sessions::default());
-    states.push((Arc::downgrade(shared), s.clone()));
-    s
+    shared.sessions.webrtc.clone()
 }
 
 /// What the HTTP side needs to reach a running session.
@@ -714,13 +700,6 @@ impl PageMessage {
             PageMessage::Keyframe | PageMessage::Ping { .. } => return None,
         })
     }
-}
-
-fn now_us() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_micros() as u64)
-        .unwrap_or(0)
 }
 
 /// JSON string literal (quotes included) for a reason text.
@@ -1322,9 +1301,8 @@ fn method_not_allowed(m: &Method, path: &str, allowed: &'static str) -> Resp {
 }
 
 fn play_page(shared: &Shared) -> Resp {
-    // Only the demo has this admin token: `gateway run` refuses tokens under 16 characters.
-    let demo = shared.config.admin.token.as_deref() == Some("demo-admin");
-    let key = if demo { "demo" } else { "" };
+    // Only the demo prefills a key (see `Gateway::prefill_play_key`).
+    let key = shared.play_prefill_key.as_deref().unwrap_or("");
     let html = PLAY_HTML.replace("__NEARPATH_DEMO_KEY__", key);
     let mut r = Response::new(Body::from_bytes(html));
     let h = r.headers_mut();
@@ -1385,7 +1363,7 @@ async fn whep_post(
         param: None,
     })?;
     let client = client_ip(shared, peer.ip(), req.headers());
-    let location = client.locate(&shared.geo);
+    let location = client.locate(&shared.placement.geo);
     // Sockets are bound for the address packets will come from; with an unknown forwarded
     // address that is best guessed by the proxy's own.
     let ip = client.ip().unwrap_or(peer.ip());
@@ -1730,7 +1708,7 @@ async fn read_input(
             let sent_us = ts
                 .filter(|t| t.is_finite() && *t > 0.0)
                 .map(|t| (t * 1000.0) as u64)
-                .unwrap_or_else(now_us);
+                .unwrap_or_else(crate::clock::system_unix_us);
             counters.inputs.fetch_add(1, Ordering::Relaxed);
             relay.send_input(seq, sent_us, event);
             continue;
@@ -1741,7 +1719,10 @@ async fn read_input(
             }
             PageMessage::Ping { id, ts } => {
                 let ts = ts.filter(|t| t.is_finite()).unwrap_or(0.0);
-                let pong = format!(r#"{{"t":"pong","id":{id},"ts":{ts},"gw_us":{}}}"#, now_us());
+                let pong = format!(
+                    r#"{{"t":"pong","id":{id},"ts":{ts},"gw_us":{}}}"#,
+                    crate::clock::system_unix_us()
+                );
                 let _ = dc.try_send_text(&pong).await;
             }
             _ => {}
@@ -1867,7 +1848,7 @@ async fn run_session(
             f = frames.recv() => {
                 let Some((header, payload)) = f else { break "frame source ended" };
                 let at = Instant::now();
-                let gw_us = now_us();
+                let gw_us = crate::clock::system_unix_us();
                 let Some(v) = video.as_mut() else { continue };
                 // The frame's age is checked again just before it is sent: a frame that waited
                 // here past its budget is dropped, not sent late.

@@ -91,6 +91,7 @@ async fn wait_slots_in_use(gw: &TestGateway, n: u32) {
     loop {
         let used: u32 = gw
             .shared
+            .directory
             .registry
             .list()
             .iter()

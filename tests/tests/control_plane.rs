@@ -334,7 +334,7 @@ async fn the_router_picks_the_nearest_eligible_node_for_clients_in_several_place
         n.registered().await;
         nodes.push(n);
     }
-    let registry = gw.shared.registry.clone();
+    let registry = gw.shared.directory.registry.clone();
     let route = |lat: f64, lon: f64| {
         let (_, picked) = registry.route(
             Some(LatLon::new(lat, lon).unwrap()),

@@ -77,7 +77,8 @@ impl Demo {
         let cert = nearpath_gateway::tls::self_signed(&["localhost", "127.0.0.1", "::1"])?;
         let sha = cert.sha256;
         let cert_sha256 = cert.sha256_hex();
-        let gateway = Gateway::with_parts(config, cert, store)?;
+        let gateway = Gateway::with_parts(config, cert, store)?
+            .prefill_play_key(Some(DEMO_API_KEY.to_string()));
         let gateway_shutdown = CancellationToken::new();
         let (addrs, gw_task) = gateway.start(listeners, gateway_shutdown.clone())?;
 

@@ -682,14 +682,6 @@ fn check_measure(field: &'static str, value: f64) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Milliseconds since the Unix epoch; 0 if the clock is set before 1970.
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -22,7 +22,7 @@ use rusqlite::types::{FromSql, FromSqlError, FromSqlResult, ValueRef};
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Row, TransactionBehavior};
 
 use super::{
-    check_id, check_measure, check_name, check_text, hash_secret, new_id, new_secret, now_ms,
+    check_id, check_measure, check_name, check_text, hash_secret, new_id, new_secret,
     secret_display_prefix, to_i64, ApiKey, ApiKeyUpdate, EnrolmentToken, GpuModelRecord, KeyCaps,
     KycStatus, LedgerHealth, Operator, PenaltyEvent, SlaDelta, SlaRecord, Store, StoreError,
     UsageKind, UsageRecord, UsageSummary, UsageTotals, API_KEY_PREFIX, ENROLMENT_TOKEN_PREFIX,
@@ -677,7 +677,7 @@ fn writer_loop(mut conn: WriterConn, jobs: mpsc::Receiver<Job>, counters: &Write
 fn probe(conn: &mut WriterConn, counters: &WriterCounters) {
     counters.attempts.fetch_add(1, Ordering::Relaxed);
     let result = conn.with(|c| {
-        let at = saturating_i64(now_ms());
+        let at = saturating_i64(crate::clock::system_unix_ms());
         let tx = c
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .op("begin ledger probe")?;
@@ -1069,7 +1069,7 @@ fn check_secret(secret: &str) -> Result<(), StoreError> {
 impl Store for SqliteStore {
     fn create_operator(&self, name: &str, kyc: KycStatus) -> Result<Operator, StoreError> {
         let name = check_name("name", name, MAX_NAME_CHARS)?;
-        let now = now_ms();
+        let now = crate::clock::system_unix_ms();
         let op = Operator {
             id: new_id("op_"),
             name: name.to_owned(),
@@ -1109,7 +1109,7 @@ impl Store for SqliteStore {
     }
 
     fn set_operator_kyc(&self, id: &str, status: KycStatus) -> Result<Operator, StoreError> {
-        let now = to_i64("updated_at_ms", now_ms())?;
+        let now = to_i64("updated_at_ms", crate::clock::system_unix_ms())?;
         self.write_conn()
             .query_row(
                 &format!(
@@ -1132,7 +1132,7 @@ impl Store for SqliteStore {
         operator_id: &str,
     ) -> Result<(EnrolmentToken, String), StoreError> {
         let secret = new_secret(ENROLMENT_TOKEN_PREFIX);
-        let now = now_ms();
+        let now = crate::clock::system_unix_ms();
         let token = EnrolmentToken {
             id: new_id("tok_"),
             operator_id: operator_id.to_owned(),
@@ -1191,7 +1191,7 @@ impl Store for SqliteStore {
     }
 
     fn revoke_enrolment_token(&self, id: &str) -> Result<(), StoreError> {
-        let now = to_i64("revoked_at_ms", now_ms())?;
+        let now = to_i64("revoked_at_ms", crate::clock::system_unix_ms())?;
         let changed = self
             .write_conn()
             .execute(
@@ -1267,7 +1267,7 @@ impl Store for SqliteStore {
         if let Some(existing) = existing {
             return Ok(existing);
         }
-        let now = now_ms();
+        let now = crate::clock::system_unix_ms();
         let key = ApiKey {
             id: new_id("key_"),
             tenant: tenant.to_owned(),
@@ -1325,7 +1325,7 @@ impl Store for SqliteStore {
     }
 
     fn revoke_api_key(&self, id: &str) -> Result<(), StoreError> {
-        let now = to_i64("revoked_at_ms", now_ms())?;
+        let now = to_i64("revoked_at_ms", crate::clock::system_unix_ms())?;
         let changed = self
             .write_conn()
             .execute(

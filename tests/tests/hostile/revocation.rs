@@ -52,7 +52,7 @@ async fn shutdown_and_close(node: &mut RawNode) -> (String, quinn::VarInt, Strin
 /// Polls until the registry no longer holds `id` (bounded).
 async fn wait_gone(gw: &TestGateway, id: &str) {
     let start = Instant::now();
-    while gw.shared.registry.get(id).is_some() {
+    while gw.shared.directory.registry.get(id).is_some() {
         assert!(start.elapsed() < BOUND * 2, "node {id} still registered");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
@@ -112,7 +112,7 @@ async fn revoking_an_enrolment_token_disconnects_its_nodes_within_1s() {
     assert_eq!(close_reason, "token_revoked");
 
     // Only that token's nodes leave.
-    assert!(gw.shared.registry.get("tok-b").is_some());
+    assert!(gw.shared.directory.registry.get("tok-b").is_some());
     kept.heartbeat(0).await;
     // And the token admits nobody again.
     let again = RawNode::connect_with(&gw, "tok-a", ip(DE), &gw.token, &[], &["m"]).await;

@@ -102,6 +102,7 @@ async fn start(
 
 fn slots_in_use(gw: &TestGateway) -> u32 {
     gw.shared
+        .directory
         .registry
         .list()
         .iter()
