@@ -634,6 +634,26 @@ mod tests {
     }
 
     #[test]
+    fn a_node_that_refused_during_a_pause_is_not_excluded_from_the_next_attempt() {
+        let t0 = Instant::now();
+        let mut s = GameSession::new(t0, rules(), node(1, "de-1"));
+        s.handle_node_lost(t0);
+        drain(&mut s);
+        // Every candidate refused or was full: only a node that failed the session is excluded.
+        s.handle_attach_failed(t0 + ms(100));
+        s.handle_registry_changed(t0 + ms(200));
+        assert_eq!(
+            drain(&mut s),
+            vec![Action::Attach {
+                exclude: vec![NodeId(1)]
+            }]
+        );
+        // The window keeps running through failed attempts.
+        s.handle_attach_failed(t0 + WINDOW);
+        assert_eq!(ended(&drain(&mut s)), Some("node_lost"));
+    }
+
+    #[test]
     fn each_node_gets_one_usage_record_for_the_time_it_served_and_paused_time_is_billed_to_nobody()
     {
         let t0 = Instant::now();
