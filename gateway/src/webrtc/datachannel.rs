@@ -3,14 +3,13 @@
 use super::Counters;
 use crate::clock::SharedClock;
 use crate::game::{ClientEvent, Relay};
-use crate::player::ChannelSilence;
 use nearpath_protocol::{FrameHeader, InputEvent};
 use serde::Deserialize;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
-use tracing::{debug, warn};
+use tracing::debug;
 use webrtc::data_channel::{DataChannel, DataChannelEvent};
 
 /// Largest data channel message accepted from the page.
@@ -144,35 +143,19 @@ pub(super) async fn tell(dc: &Option<Arc<dyn DataChannel>>, msg: &str) {
 }
 
 /// Reads the page's messages: input goes straight to the node, the rest to the session task.
-///
-/// A page that has pinged once is expected to keep pinging (the `/play` page does, every
-/// second): when nothing arrives for `idle`, the player is gone and the session ends
-/// ([`ChannelSilence`]).
+/// Every well-formed message is reported on `heard` (`true` for a ping) for the session's
+/// liveness rule (see `super::policy`); a full queue drops the report, which only delays the
+/// verdict, as the queued reports say the page is there.
 pub(super) async fn read_input(
     dc: Arc<dyn DataChannel>,
     relay: Arc<Relay>,
     events: mpsc::Sender<ClientEvent>,
+    heard: mpsc::Sender<bool>,
     counters: Arc<Counters>,
-    idle: Duration,
     clock: SharedClock,
 ) {
-    let mut silence = ChannelSilence::new(idle);
     loop {
-        let ev = match silence.poll_deadline() {
-            Some(deadline) => {
-                match tokio::time::timeout_at(tokio::time::Instant::from_std(deadline), dc.poll())
-                    .await
-                {
-                    Ok(ev) => ev,
-                    Err(_) => {
-                        warn!("the page stopped pinging for {idle:?}; ending the session");
-                        let _ = events.send(ClientEvent::Lost).await;
-                        return;
-                    }
-                }
-            }
-            None => dc.poll().await,
-        };
+        let ev = dc.poll().await;
         let Some(ev) = ev else { break };
         let DataChannelEvent::OnMessage(msg) = ev else {
             if matches!(ev, DataChannelEvent::OnClose) {
@@ -184,7 +167,7 @@ pub(super) async fn read_input(
             counters.bad_messages.fetch_add(1, Ordering::Relaxed);
             continue;
         };
-        silence.handle_message(clock.now(), matches!(m, PageMessage::Ping { .. }));
+        let _ = heard.try_send(matches!(m, PageMessage::Ping { .. }));
         if let Some((seq, ts, event)) = m.input() {
             let sent_us = ts
                 .filter(|t| t.is_finite() && *t > 0.0)

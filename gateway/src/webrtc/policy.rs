@@ -17,10 +17,12 @@
 //! * The game's notices go to the page; the game's end, a DELETE and the gateway's shutdown end
 //!   the session, telling the page why.
 //!
-//! The page's own liveness (pings on the `input` channel) is judged where the channel is read,
-//! by [`crate::player::ChannelSilence`]; a silent page reaches the game as `ClientEvent::Lost`.
+//! * A page that has pinged on its `input` channel and then falls silent for
+//!   `game.player_idle_timeout_ms` is a player gone ([`ChannelSilence`]): the session ends
+//!   (`page silent`) and the game hears `ClientEvent::Lost`.
 
 use crate::game::{ClientEvent, Notice};
+use crate::player::ChannelSilence;
 use nearpath_protocol::FrameHeader;
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -108,6 +110,8 @@ pub struct SessionControl {
     keyframes: KeyframeThrottle,
     rate: Option<RateControl>,
     sent: SendRate,
+    /// The page's pings, once it has pinged.
+    page: ChannelSilence,
     ended: bool,
     actions: VecDeque<Action>,
 }
@@ -132,6 +136,7 @@ impl SessionControl {
             keyframes: KeyframeThrottle::default(),
             rate: None,
             sent: SendRate::default(),
+            page: ChannelSilence::new(limits.idle_timeout),
             ended: false,
             actions: VecDeque::new(),
         }
@@ -143,7 +148,19 @@ impl SessionControl {
 
     /// When [`Self::handle_timeout`] is due.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.deadline.filter(|_| !self.ended)
+        if self.ended {
+            return None;
+        }
+        match (self.deadline, self.page.poll_deadline()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// A well-formed message from the page arrived (`ping`: it was a ping, which arms the
+    /// page's liveness rule).
+    pub fn handle_page_message(&mut self, now: Instant, ping: bool) {
+        self.page.handle_message(now, ping);
     }
 
     pub fn is_ended(&self) -> bool {
@@ -300,16 +317,20 @@ impl SessionControl {
         }
     }
 
-    /// The connect or disconnect deadline.
+    /// The connect or disconnect deadline, or the page's silence.
     pub fn handle_timeout(&mut self, now: Instant) {
+        if self.ended {
+            return;
+        }
         match self.deadline {
-            Some(d) if now >= d && !self.ended => {
+            Some(d) if now >= d => {
                 if self.video {
                     self.end(Some(ClientEvent::Lost), "disconnected");
                 } else {
                     self.end(Some(ClientEvent::Gone), "connect timeout");
                 }
             }
+            _ if self.page.poll_gone(now) => self.end(Some(ClientEvent::Lost), "page silent"),
             _ => {}
         }
     }
@@ -683,6 +704,29 @@ mod tests {
             vec![
                 Action::ToGame(ClientEvent::Gone),
                 Action::End("video sender failed")
+            ]
+        );
+    }
+
+    #[test]
+    fn a_page_that_stops_pinging_for_the_idle_timeout_ends_the_session_as_lost() {
+        let t0 = Instant::now();
+        let mut c = connected(t0);
+        // Input alone does not arm the rule: a page that never pings is judged by ICE alone.
+        c.handle_page_message(t0 + Duration::from_secs(1), false);
+        assert_eq!(c.poll_timeout(), None);
+        c.handle_page_message(t0 + Duration::from_secs(2), true);
+        c.handle_page_message(t0 + Duration::from_secs(3), false);
+        let gone_at = t0 + Duration::from_millis(5_500);
+        assert_eq!(c.poll_timeout(), Some(gone_at));
+        c.handle_timeout(gone_at - MS);
+        assert!(drain(&mut c).is_empty());
+        c.handle_timeout(gone_at);
+        assert_eq!(
+            drain(&mut c),
+            vec![
+                Action::ToGame(ClientEvent::Lost),
+                Action::End("page silent")
             ]
         );
     }

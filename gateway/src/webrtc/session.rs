@@ -201,6 +201,7 @@ pub(super) async fn run_session(
     let mut video: Option<Video> = None;
     let mut dc: Option<Arc<dyn DataChannel>> = None;
     let (fb_tx, mut fb_rx) = mpsc::channel::<Feedback>(64);
+    let (heard_tx, mut heard_rx) = mpsc::channel::<bool>(64);
     let reason = 'session: loop {
         while let Some(action) = control.poll_action() {
             match action {
@@ -245,6 +246,9 @@ pub(super) async fn run_session(
                             g.webrtc_connect_timeout_ms
                         ),
                         "disconnected" => warn!("the browser stayed disconnected for {idle:?}"),
+                        "page silent" => {
+                            warn!("the page stopped pinging for {idle:?}; ending the session")
+                        }
                         _ => {}
                     }
                     break 'session reason;
@@ -262,7 +266,7 @@ pub(super) async fn run_session(
                     let label = channel.label().await.unwrap_or_default();
                     if label == INPUT_LABEL && dc.is_none() {
                         tokio::spawn(
-                            read_input(channel.clone(), relay.clone(), events.clone(), counters.clone(), idle, clock.clone()).in_current_span(),
+                            read_input(channel.clone(), relay.clone(), events.clone(), heard_tx.clone(), counters.clone(), clock.clone()).in_current_span(),
                         );
                         dc = Some(channel);
                     } else {
@@ -310,8 +314,15 @@ pub(super) async fn run_session(
                 }
             }
             notice = notices.recv() => control.handle_notice(notice),
+            Some(ping) = heard_rx.recv() => control.handle_page_message(clock.now(), ping),
             _ = tokio::time::sleep_until(tokio::time::Instant::from_std(deadline.unwrap_or_else(Instant::now))), if deadline.is_some() => {
-                control.handle_timeout(clock.now());
+                // Messages already read count before the verdict: a busy task must not take
+                // its own delay for the page's silence.
+                let now = clock.now();
+                while let Ok(ping) = heard_rx.try_recv() {
+                    control.handle_page_message(now, ping);
+                }
+                control.handle_timeout(now);
             }
             _ = handle.stop.cancelled() => control.handle_deleted(),
             _ = deps.shutdown.cancelled() => control.handle_shutdown(),
