@@ -418,7 +418,7 @@ impl GameService {
             dropped_foreign: AtomicU64::new(0),
             dropped_relay: AtomicU64::new(0),
             inputs: AtomicU64::new(0),
-            started: Instant::now(),
+            started: self.clock.now(),
             game: params.title.clone(),
             tenant: key.tenant.clone(),
             in_flight: Mutex::new(InFlight::default()),
