@@ -311,9 +311,17 @@ impl CoreError {
             Kind::Geofence => "geofence",
             Kind::NotFound => "model_not_found",
             Kind::TooLarge => "too_large",
+            // A per-key concurrency cap and a ledger that cannot commit keep their own codes,
+            // as over HTTP: a client waits for one of its sessions to end, or simply retries.
+            Kind::RateLimited if self.code == CONCURRENCY_LIMIT_EXCEEDED => {
+                CONCURRENCY_LIMIT_EXCEEDED
+            }
             Kind::RateLimited => "rate_limited",
             Kind::Unavailable if self.code == nearpath_protocol::openai::MODEL_UNAVAILABLE => {
                 nearpath_protocol::openai::MODEL_UNAVAILABLE
+            }
+            Kind::Unavailable if self.code == LEDGER_UNAVAILABLE => {
+                LEDGER_UNAVAILABLE
             }
             Kind::Unavailable => "no_capacity",
             Kind::Timeout => "timeout",
@@ -321,6 +329,12 @@ impl CoreError {
         }
     }
 }
+
+/// The code of the refusal of new work while the usage ledger cannot commit.
+pub const LEDGER_UNAVAILABLE: &str = "ledger_unavailable";
+
+/// The code of a refusal by a per-key concurrency cap.
+pub const CONCURRENCY_LIMIT_EXCEEDED: &str = "concurrency_limit_exceeded";
 
 impl From<ApiError> for CoreError {
     fn from(e: ApiError) -> Self {

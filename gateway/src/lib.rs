@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod api;
+pub mod auth;
 pub mod cli;
 pub mod client;
 pub mod client_addr;
@@ -17,6 +18,7 @@ pub mod gpu_class;
 pub mod http_util;
 pub mod infer;
 pub mod liveness;
+pub mod meter;
 pub mod metrics;
 pub mod player;
 pub mod recent_models;
