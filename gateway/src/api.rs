@@ -435,3 +435,65 @@ pub fn client_ip(
 ) -> ClientAddr {
     client_addr::client_ip(&shared.config.http, peer, headers)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header(r: &Resp, name: &str) -> Option<String> {
+        r.headers()
+            .get(name)
+            .map(|v| v.to_str().unwrap_or_default().to_string())
+    }
+
+    #[test]
+    fn a_blip_is_a_503_the_sdks_retry_after_a_second() {
+        let r = error_response("req_1", &CoreError::model_unavailable("m"));
+        assert_eq!(r.status(), 503);
+        assert_eq!(header(&r, "x-should-retry").as_deref(), Some("true"));
+        assert_eq!(header(&r, "retry-after").as_deref(), Some("1"));
+        assert_eq!(header(&r, "x-request-id").as_deref(), Some("req_1"));
+    }
+
+    #[test]
+    fn a_ledger_that_cannot_commit_is_a_retryable_503() {
+        let r = error_response("req_1", &crate::auth::ledger_unavailable());
+        assert_eq!(r.status(), 503);
+        assert_eq!(header(&r, "x-should-retry").as_deref(), Some("true"));
+        assert_eq!(header(&r, "retry-after").as_deref(), Some("1"));
+    }
+
+    #[test]
+    fn errors_that_would_repeat_say_do_not_retry() {
+        for e in [
+            CoreError::geofence_denied("r", "no"),
+            CoreError::model_not_found("m"),
+            CoreError::invalid_api_key(),
+            CoreError::bad_request("bad", Some("temperature")),
+        ] {
+            let r = error_response("req_1", &e);
+            assert_eq!(r.status(), e.kind.http_status());
+            assert_eq!(header(&r, "x-should-retry").as_deref(), Some("false"), "{e:?}");
+            assert_eq!(header(&r, "retry-after"), None, "{e:?}");
+        }
+    }
+
+    #[test]
+    fn a_429_carries_its_wait_or_a_second() {
+        let saturated = CoreError::from_api(&ApiError::rate_limited("full"));
+        let r = error_response("req_1", &saturated);
+        assert_eq!(r.status(), 429);
+        assert_eq!(header(&r, "retry-after").as_deref(), Some("1"));
+        assert_eq!(header(&r, "x-should-retry"), None);
+        let r = error_response("req_1", &saturated.with_retry_after_s(17));
+        assert_eq!(header(&r, "retry-after").as_deref(), Some("17"));
+    }
+
+    #[test]
+    fn a_node_failure_is_a_retryable_502_without_a_promise() {
+        let r = error_response("req_1", &CoreError::node_failed("n1", "boom"));
+        assert_eq!(r.status(), 502);
+        assert_eq!(header(&r, "x-should-retry"), None);
+        assert_eq!(header(&r, "retry-after"), None);
+    }
+}

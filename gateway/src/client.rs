@@ -327,3 +327,61 @@ impl Relay for QuicRelay {
         self.conn.closed().await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(m: Message) -> (String, bool) {
+        match m {
+            Message::Error(e) => (e.code, e.retryable),
+            other => panic!("expected Error, got {}", other.name()),
+        }
+    }
+
+    #[test]
+    fn native_error_codes_come_from_the_error_kind_not_a_status() {
+        let cases = [
+            (CoreError::model_unavailable("m"), "model_unavailable", true),
+            (CoreError::model_not_found("m"), "model_not_found", false),
+            (CoreError::geofence_denied("r", "no"), "geofence", false),
+            (CoreError::invalid_api_key(), "unauthorized", false),
+            (CoreError::key_revoked(), "key_revoked", false),
+            (CoreError::bad_request("x", None), "bad_request", false),
+            (CoreError::timeout("slow"), "timeout", true),
+            (CoreError::node_failed("n", "boom"), "upstream", true),
+            (crate::auth::ledger_unavailable(), "ledger_unavailable", true),
+            (
+                CoreError::from_api(&ApiError::rate_limited("full")),
+                "rate_limited",
+                true,
+            ),
+        ];
+        for (e, code, retryable) in cases {
+            assert_eq!(info(error_msg(&e)), (code.to_string(), retryable), "{e:?}");
+        }
+    }
+
+    #[test]
+    fn a_per_key_stream_cap_keeps_its_own_code() {
+        let limiter = crate::auth::RateLimiter::default();
+        let key = crate::store::ApiKey {
+            id: "k".into(),
+            tenant: "t".into(),
+            requests_per_minute: 60,
+            tokens_per_minute: 60,
+            created_at_ms: 0,
+            revoked: false,
+            prefix: "npk_".into(),
+            caps: Default::default(),
+        };
+        let refusal = limiter
+            .acquire(&key, crate::auth::CapKind::Stream, 0)
+            .err()
+            .expect("a cap of 0 refuses");
+        assert_eq!(
+            info(error_msg(&refusal.core_error())),
+            ("concurrency_limit_exceeded".to_string(), true)
+        );
+    }
+}

@@ -234,7 +234,12 @@ impl CoreError {
         Self::from_api(&ApiError::invalid_api_key())
     }
     pub fn key_revoked() -> Self {
-        Self::from_api(&ApiError::key_revoked())
+        // 401 alone reads as `Unauthenticated`; a revocation is its own kind (native code
+        // `key_revoked`).
+        CoreError {
+            kind: Kind::KeyRevoked,
+            ..Self::from_api(&ApiError::key_revoked())
+        }
     }
     pub fn geofence_denied(rule: &str, reason: &str) -> Self {
         Self::from_api(&ApiError::geofence_denied(rule, reason))
