@@ -204,10 +204,12 @@ impl InferAttempts {
         self.attempts
     }
 
-    /// The node being tried, if one is.
+    /// The node being tried or serving the request, if one is: the driver keeps that node's
+    /// stream and drops any other.
     pub fn current(&self) -> Option<NodeId> {
         match &self.state {
             State::Opening { node, .. } | State::Accepted { node, .. } => Some(node.key),
+            State::Done(Action::Serve { node, .. }) => Some(*node),
             _ => None,
         }
     }
@@ -236,8 +238,8 @@ impl InferAttempts {
     }
 
     pub fn handle_node(&mut self, now: Instant, node: NodeId, event: NodeEvent) {
-        if self.current() != Some(node) {
-            // A late event of a node already given up on.
+        if self.current() != Some(node) || matches!(self.state, State::Done(_)) {
+            // A late event of a node already given up on, or of the request already decided.
             return;
         }
         let accepted = matches!(self.state, State::Accepted { .. });
@@ -717,5 +719,20 @@ mod tests {
         m.handle_node(t0 + 501 * MS, NodeId(1), NodeEvent::Accepted);
         m.handle_node(t0 + 502 * MS, NodeId(1), NodeEvent::FirstToken);
         assert_eq!(m.poll(), Action::WaitForNode(t0 + 1_000 * MS));
+    }
+
+    #[test]
+    fn the_node_being_tried_stays_current_until_it_is_given_up_on_or_serves() {
+        let t0 = Instant::now();
+        let mut m = routed(t0, &[1, 2]);
+        assert_eq!(m.current(), Some(NodeId(1)));
+        tries(&mut m);
+        m.handle_node(t0, NodeId(1), NodeEvent::Failed(node_error(Kind::NodeFailed)));
+        // Asking who is current does not consume the next TryNode.
+        assert_eq!(m.current(), Some(NodeId(2)));
+        assert_eq!(tries(&mut m), NodeId(2));
+        m.handle_node(t0, NodeId(2), NodeEvent::Accepted);
+        m.handle_node(t0, NodeId(2), NodeEvent::FirstToken);
+        assert_eq!(m.current(), Some(NodeId(2)));
     }
 }

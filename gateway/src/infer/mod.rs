@@ -356,7 +356,7 @@ impl InferService {
                         }
                         Err(_) => machine.handle_timeout(self.clock.now().max(deadline)),
                     }
-                    if machine.current() != Some(key) && !matches!(machine.poll(), Action::Serve { .. }) {
+                    if machine.current() != Some(key) {
                         // Given up on: dropping it resets its stream.
                         trying = None;
                     }
