@@ -246,11 +246,10 @@ impl ClientApi {
             return error_response(request_id, &e);
         }
         let (_, loc) = self.locate(&req, peer);
-        let names = self.infer.directory.visible(
-            &self.infer.placement,
-            &loc,
-            WorkloadKind::Inference,
-        );
+        let names =
+            self.infer
+                .directory
+                .visible(&self.infer.placement, &loc, WorkloadKind::Inference);
         // Models whose last node left within `inference.model_grace_s` stay listed, marked
         // unavailable, so that a client does not take a blip for the model's removal.
         let now_ms = self.infer.clock.unix_ms();
@@ -473,7 +472,11 @@ mod tests {
         ] {
             let r = error_response("req_1", &e);
             assert_eq!(r.status(), e.kind.http_status());
-            assert_eq!(header(&r, "x-should-retry").as_deref(), Some("false"), "{e:?}");
+            assert_eq!(
+                header(&r, "x-should-retry").as_deref(),
+                Some("false"),
+                "{e:?}"
+            );
             assert_eq!(header(&r, "retry-after"), None, "{e:?}");
         }
     }

@@ -172,7 +172,6 @@ pub struct EffectiveCaps {
     pub session_starts_per_minute: u32,
 }
 
-
 struct Buckets {
     requests: f64,
     tokens: f64,
@@ -275,7 +274,6 @@ impl RateLimiter {
     }
 }
 
-
 /// The gateway-wide caps for keys that set none (`inference.default_max_concurrent_streams`,
 /// `game.default_max_concurrent_sessions`, `game.default_session_starts_per_minute`).
 pub type CapDefaults = EffectiveCaps;
@@ -357,7 +355,11 @@ impl Auth {
 
     /// Takes one of `key`'s concurrent inference streams for a request arriving on `entry`
     /// (`http` or `quic`), counting a refusal.
-    pub fn acquire_stream(&self, key: &ApiKey, entry: &'static str) -> Result<CapGuard, CapRefusal> {
+    pub fn acquire_stream(
+        &self,
+        key: &ApiKey,
+        entry: &'static str,
+    ) -> Result<CapGuard, CapRefusal> {
         let limit = self.effective_caps(key).max_concurrent_streams;
         self.limiter
             .acquire(key, CapKind::Stream, limit)
@@ -451,7 +453,9 @@ mod tests {
         let cache = KeyCache::default();
         let t0 = Instant::now();
         assert!(cache.put("h".into(), &named("key_a"), t0));
-        assert!(cache.get("h", t0 + KEY_CACHE_TTL - Duration::from_millis(1)).is_some());
+        assert!(cache
+            .get("h", t0 + KEY_CACHE_TTL - Duration::from_millis(1))
+            .is_some());
         assert!(cache.get("h", t0 + KEY_CACHE_TTL).is_none());
     }
 

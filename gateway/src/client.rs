@@ -5,6 +5,7 @@
 //! its pump's output as `InferStarted`/`Token`/`Done`/`Error` frames), game sessions are served
 //! by the [`PlayService`] injected at assembly.
 
+use crate::clock::SharedClock;
 use crate::conn_guard::QuicGate;
 use crate::error::CoreError;
 use crate::infer::{new_request_id, Gone, InferService, Output, Relay};
@@ -101,8 +102,8 @@ impl QuicClients {
         let span = info_span!("client", %peer, conn = conn.stable_id());
         let inputs = tokio::spawn(self.play.input_loop(conn.clone()));
         // A connection that never authenticates a request only costs: it must do so soon.
-        let auth_deadline = tokio::time::Instant::now()
-            + Duration::from_millis(self.quic.client_auth_timeout_ms);
+        let auth_deadline =
+            tokio::time::Instant::now() + Duration::from_millis(self.quic.client_auth_timeout_ms);
         async move {
             let mut auth_pending = true;
             loop {
@@ -132,7 +133,9 @@ impl QuicClients {
                 };
                 let this = self.clone();
                 let conn = conn.clone();
-                tokio::spawn(async move { this.serve_stream(conn, tx, rx).await }.in_current_span());
+                tokio::spawn(
+                    async move { this.serve_stream(conn, tx, rx).await }.in_current_span(),
+                );
             }
         }
         .instrument(span)
@@ -149,7 +152,11 @@ impl QuicClients {
         let first = match tokio::time::timeout(FIRST_MESSAGE_TIMEOUT, framed.next()).await {
             Ok(Ok(Some(m))) => m,
             Ok(Err(e)) => {
-                answer(&mut tx, &error_msg(&CoreError::bad_request(e.to_string(), None))).await;
+                answer(
+                    &mut tx,
+                    &error_msg(&CoreError::bad_request(e.to_string(), None)),
+                )
+                .await;
                 return;
             }
             _ => return,
@@ -239,7 +246,10 @@ impl QuicClients {
             Err(e) => return answer(&mut tx, &error_msg(&e)).await,
         };
         let client = infer.placement.geo.lookup(conn.remote_address().ip());
-        let stream = match infer.start(&ticket, &request, &r.request_json, &client).await {
+        let stream = match infer
+            .start(&ticket, &request, &r.request_json, &client)
+            .await
+        {
             Ok(s) => s,
             Err(e) => return answer(&mut tx, &error_msg(&e)).await,
         };
@@ -248,6 +258,7 @@ impl QuicClients {
             framed,
             conn,
             client_sending: true,
+            clock: infer.clock.clone(),
             started,
             index: 0,
             request_id,
@@ -264,6 +275,7 @@ struct QuicRelay {
     conn: quinn::Connection,
     /// A client finishes its send side after the request; only a reset (or `Close`) cancels.
     client_sending: bool,
+    clock: SharedClock,
     started: Instant,
     index: u32,
     request_id: String,
@@ -286,7 +298,11 @@ impl Relay for QuicRelay {
                     Message::Token(Token {
                         index: self.index - 1,
                         text: text.to_string(),
-                        node_elapsed_us: self.started.elapsed().as_micros() as u64,
+                        node_elapsed_us: self
+                            .clock
+                            .now()
+                            .saturating_duration_since(self.started)
+                            .as_micros() as u64,
                     }),
                     false,
                 )
@@ -350,7 +366,11 @@ mod tests {
             (CoreError::bad_request("x", None), "bad_request", false),
             (CoreError::timeout("slow"), "timeout", true),
             (CoreError::node_failed("n", "boom"), "upstream", true),
-            (crate::auth::ledger_unavailable(), "ledger_unavailable", true),
+            (
+                crate::auth::ledger_unavailable(),
+                "ledger_unavailable",
+                true,
+            ),
             (
                 CoreError::from_api(&ApiError::rate_limited("full")),
                 "rate_limited",

@@ -71,7 +71,11 @@ impl fmt::Display for ClientAddr {
 /// The client's address for a request from `peer`: the TCP peer, or, only when the peer is a
 /// trusted proxy, what the configured header says. The one function every HTTP entry point
 /// (the OpenAI API, WHEP, `/play`) locates clients with.
-pub fn client_ip(http: &nearpath_config::HttpConfig, peer: IpAddr, headers: &HeaderMap) -> ClientAddr {
+pub fn client_ip(
+    http: &nearpath_config::HttpConfig,
+    peer: IpAddr,
+    headers: &HeaderMap,
+) -> ClientAddr {
     client_addr(
         peer,
         headers,

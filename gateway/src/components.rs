@@ -164,7 +164,11 @@ mod tests {
 
     #[test]
     fn a_gone_node_is_not_listed_whatever_it_served() {
-        let (a, b, c) = (names(&["arena"]), names(&["chess"]), names(&["arena", "kart"]));
+        let (a, b, c) = (
+            names(&["arena"]),
+            names(&["chess"]),
+            names(&["arena", "kart"]),
+        );
         let listed = visible_names([
             (NodeState::Active, (|| true) as fn() -> bool, a.as_slice()),
             (NodeState::Gone, || true, b.as_slice()),

@@ -325,9 +325,7 @@ impl CoreError {
             Kind::Unavailable if self.code == nearpath_protocol::openai::MODEL_UNAVAILABLE => {
                 nearpath_protocol::openai::MODEL_UNAVAILABLE
             }
-            Kind::Unavailable if self.code == LEDGER_UNAVAILABLE => {
-                LEDGER_UNAVAILABLE
-            }
+            Kind::Unavailable if self.code == LEDGER_UNAVAILABLE => LEDGER_UNAVAILABLE,
             Kind::Unavailable => "no_capacity",
             Kind::Timeout => "timeout",
             Kind::NodeFailed | Kind::Internal => "upstream",

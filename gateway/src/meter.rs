@@ -48,7 +48,9 @@ impl UsageTolerance {
             ),
         ]
         .into_iter()
-        .filter(|(_, counted, claimed)| u64::from(counted.abs_diff(*claimed)) > self.allows(*counted))
+        .filter(|(_, counted, claimed)| {
+            u64::from(counted.abs_diff(*claimed)) > self.allows(*counted)
+        })
         .collect()
     }
 }
@@ -178,7 +180,8 @@ impl Meter {
         let (id, operator) = (node.id.clone(), node.operator_id.clone());
         let at_ms = self.clock.unix_ms();
         tokio::task::spawn_blocking(move || {
-            if let Err(e) = store.record_penalty(&id, &operator, at_ms, USAGE_MISMATCH, 0, &detail) {
+            if let Err(e) = store.record_penalty(&id, &operator, at_ms, USAGE_MISMATCH, 0, &detail)
+            {
                 warn!(error = %e, "usage mismatch penalty not recorded");
             }
         });

@@ -88,7 +88,10 @@ pub enum NodeEvent {
     /// in a blip.
     Unreachable(CoreError),
     Accepted,
-    Refused { code: RefuseCode, reason: String },
+    Refused {
+        code: RefuseCode,
+        reason: String,
+    },
     /// The first token (or an immediate `Done`) arrived: the request is served by this node.
     FirstToken,
     /// The node answered with an error, or broke the protocol, before the first token.
@@ -125,8 +128,13 @@ enum State {
         announced: bool,
     },
     /// `Accepted` came; waiting for the first token.
-    Accepted { node: Candidate, first_by: Instant },
-    Joining { until: Instant },
+    Accepted {
+        node: Candidate,
+        first_by: Instant,
+    },
+    Joining {
+        until: Instant,
+    },
     Done(Action),
 }
 
@@ -255,7 +263,8 @@ impl InferAttempts {
                 self.give_up_on(node, e, now);
             }
             NodeEvent::Accepted if !accepted => {
-                let State::Opening { node, .. } = std::mem::replace(&mut self.state, State::Routing)
+                let State::Opening { node, .. } =
+                    std::mem::replace(&mut self.state, State::Routing)
                 else {
                     return;
                 };
@@ -287,7 +296,10 @@ impl InferAttempts {
             }
             NodeEvent::FirstToken => {
                 let name = self.current_name();
-                let e = CoreError::node_failed(&name, format!("node {name} sent a token before Accepted"));
+                let e = CoreError::node_failed(
+                    &name,
+                    format!("node {name} sent a token before Accepted"),
+                );
                 self.give_up_on(node, e, now);
             }
             NodeEvent::Failed(e) if e.blame == Blame::Client => self.fail(e),
@@ -501,7 +513,10 @@ mod tests {
             },
         );
         let e = failed(&mut m);
-        assert_eq!((e.kind, e.blame, e.retryable), (Kind::InvalidRequest, Blame::Client, false));
+        assert_eq!(
+            (e.kind, e.blame, e.retryable),
+            (Kind::InvalidRequest, Blame::Client, false)
+        );
         assert_eq!(m.attempts(), 1);
     }
 
@@ -511,7 +526,11 @@ mod tests {
         let mut m = routed(t0, &[1, 2]);
         tries(&mut m);
         m.handle_node(t0, NodeId(1), NodeEvent::Accepted);
-        m.handle_node(t0, NodeId(1), NodeEvent::Failed(node_error(Kind::NodeFailed)));
+        m.handle_node(
+            t0,
+            NodeId(1),
+            NodeEvent::Failed(node_error(Kind::NodeFailed)),
+        );
         assert_eq!(tries(&mut m), NodeId(2));
     }
 
@@ -525,7 +544,11 @@ mod tests {
         let served = m.poll();
         // Once served, later failures of the node change nothing here: the pump reports them
         // in band, and no other node is tried.
-        m.handle_node(t0, NodeId(1), NodeEvent::Failed(node_error(Kind::NodeFailed)));
+        m.handle_node(
+            t0,
+            NodeId(1),
+            NodeEvent::Failed(node_error(Kind::NodeFailed)),
+        );
         m.handle_timeout(t0 + 60_000 * MS);
         assert_eq!(m.poll(), served);
         assert_eq!(
@@ -654,7 +677,11 @@ mod tests {
         for n in 1..=3 {
             assert_eq!(tries(&mut m), NodeId(n));
             m.handle_node(t0, NodeId(n), NodeEvent::Accepted);
-            m.handle_node(t0, NodeId(n), NodeEvent::Failed(node_error(Kind::NodeFailed)));
+            m.handle_node(
+                t0,
+                NodeId(n),
+                NodeEvent::Failed(node_error(Kind::NodeFailed)),
+            );
         }
         // The last node error is the answer (not a blip: every node answered).
         let e = failed(&mut m);
@@ -700,7 +727,10 @@ mod tests {
             },
         );
         let e = failed(&mut m);
-        assert_eq!((e.kind, e.blame, e.retryable), (Kind::Geofence, Blame::Client, false));
+        assert_eq!(
+            (e.kind, e.blame, e.retryable),
+            (Kind::Geofence, Blame::Client, false)
+        );
         let mut m = InferAttempts::new(rules(), "m", t0);
         m.handle_route(t0, Route::Saturated);
         assert_eq!(failed(&mut m).kind, Kind::RateLimited);
@@ -727,7 +757,11 @@ mod tests {
         let mut m = routed(t0, &[1, 2]);
         assert_eq!(m.current(), Some(NodeId(1)));
         tries(&mut m);
-        m.handle_node(t0, NodeId(1), NodeEvent::Failed(node_error(Kind::NodeFailed)));
+        m.handle_node(
+            t0,
+            NodeId(1),
+            NodeEvent::Failed(node_error(Kind::NodeFailed)),
+        );
         // Asking who is current does not consume the next TryNode.
         assert_eq!(m.current(), Some(NodeId(2)));
         assert_eq!(tries(&mut m), NodeId(2));

@@ -44,7 +44,6 @@ pub fn prompt_token_estimate(request: &InferenceRequest) -> u32 {
     u32::try_from(bytes.div_ceil(4)).unwrap_or(u32::MAX)
 }
 
-
 /// A fresh request id (`req_` and 24 hex digits).
 pub fn new_request_id() -> String {
     format!(
@@ -225,9 +224,9 @@ impl InferService {
                     StreamEvent::Token(t) => {
                         let now = self.clock.now();
                         if let Some(last) = last_token {
-                            self.metrics
-                                .inter_token_ms
-                                .observe(now.saturating_duration_since(last).as_secs_f64() * 1000.0);
+                            self.metrics.inter_token_ms.observe(
+                                now.saturating_duration_since(last).as_secs_f64() * 1000.0,
+                            );
                         }
                         last_token = Some(now);
                         match relay.send(Output::Token(&t)).await {
@@ -318,9 +317,9 @@ impl InferService {
                 }
                 Action::TryNode { node, failover } => {
                     let entry = nodes.iter().find(|n| n.key == node).cloned();
-                    let slot = entry.as_ref().and_then(|n| {
-                        self.directory.registry.acquire(n, SlotKind::Inference)
-                    });
+                    let slot = entry
+                        .as_ref()
+                        .and_then(|n| self.directory.registry.acquire(n, SlotKind::Inference));
                     let (Some(entry), Some(slot)) = (entry, slot) else {
                         machine.handle_node(self.clock.now(), node, NodeEvent::NoSlot);
                         continue;
@@ -409,11 +408,13 @@ impl InferService {
         nodes: &mut Vec<Arc<NodeEntry>>,
         geofence_counted: &mut bool,
     ) -> Route {
-        let (outcome, found) = self.directory.registry.route(
-            client_latlon(client),
-            Workload::Model(model),
-            |n| self.placement.serve_check(client, n, WorkloadKind::Inference),
-        );
+        let (outcome, found) =
+            self.directory
+                .registry
+                .route(client_latlon(client), Workload::Model(model), |n| {
+                    self.placement
+                        .serve_check(client, n, WorkloadKind::Inference)
+                });
         let route = match outcome.failure() {
             Some(NoRoute::NotServed) => Route::NotServed {
                 recently_served: self
@@ -493,7 +494,10 @@ impl Trying {
             let (mut tx, rx) = match self.node.conn.open_bi().await {
                 Ok(s) => s,
                 Err(e) => {
-                    return NodeEvent::Unreachable(CoreError::node_failed(id, format!("node {id}: {e}")))
+                    return NodeEvent::Unreachable(CoreError::node_failed(
+                        id,
+                        format!("node {id}: {e}"),
+                    ))
                 }
             };
             let open = Message::Open(Open {
@@ -505,7 +509,10 @@ impl Trying {
             });
             if let Err(e) = send(&mut tx, &open).await {
                 let _ = tx.reset(STREAM_CANCELLED);
-                return NodeEvent::Unreachable(CoreError::node_failed(id, format!("node {id}: {e}")));
+                return NodeEvent::Unreachable(CoreError::node_failed(
+                    id,
+                    format!("node {id}: {e}"),
+                ));
             }
             self.io = Some((tx, FramedRecv::new(rx, MAX_CONTROL_FRAME)));
         }
@@ -767,7 +774,11 @@ pub async fn authenticate(
     shared: &Arc<crate::server::Shared>,
     secret: Option<&str>,
 ) -> Result<ApiKey, ApiError> {
-    shared.auth.authenticate(secret).await.map_err(|e| e.to_api())
+    shared
+        .auth
+        .authenticate(secret)
+        .await
+        .map_err(|e| e.to_api())
 }
 
 /// See [`Auth::effective_caps`].
@@ -826,13 +837,28 @@ mod tests {
     #[test]
     fn node_errors_blame_the_client_only_for_invalid_requests() {
         use crate::error::{Blame, Kind};
-        for code in ["bad_request", "invalid_request", "model_not_found", "unknown_model"] {
+        for code in [
+            "bad_request",
+            "invalid_request",
+            "model_not_found",
+            "unknown_model",
+        ] {
             let e = node_error(code, "m");
-            assert_eq!((e.kind, e.blame, e.retryable), (Kind::InvalidRequest, Blame::Client, false), "{code}");
+            assert_eq!(
+                (e.kind, e.blame, e.retryable),
+                (Kind::InvalidRequest, Blame::Client, false),
+                "{code}"
+            );
         }
         let e = node_error("upstream_timeout", "slow");
-        assert_eq!((e.kind, e.blame, e.retryable), (Kind::Timeout, Blame::Node, true));
+        assert_eq!(
+            (e.kind, e.blame, e.retryable),
+            (Kind::Timeout, Blame::Node, true)
+        );
         let e = node_error("oom", "out of memory");
-        assert_eq!((e.kind, e.blame, e.retryable), (Kind::NodeFailed, Blame::Node, true));
+        assert_eq!(
+            (e.kind, e.blame, e.retryable),
+            (Kind::NodeFailed, Blame::Node, true)
+        );
     }
 }
