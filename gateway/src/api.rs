@@ -5,86 +5,79 @@
 //! 403 with `x-should-retry: false`, no eligible node is 503, saturation is 429 with
 //! `Retry-After`; a model served recently whose nodes are all gone (a blip) is 503
 //! `model_unavailable` with `Retry-After` and `x-should-retry: true`, never 404.
+//!
+//! The front end only speaks HTTP: admission, routing, failover, the pump and metering are
+//! [`InferService`]'s; WHEP and `/play` are served by a handler injected at assembly.
 
-use crate::client_addr::{client_addr, ClientAddr};
+use crate::client_addr::{self, ClientAddr};
+use crate::error::{CoreError, Kind};
 use crate::http_util::{bearer, read_body, with_type, Body, BodyError, Handler, Resp};
-use crate::infer::{self, Metering, StreamEvent};
-use crate::server::Shared;
+use crate::infer::{new_request_id, Gone, InferService, Output, Relay};
 use crate::tls::CertPair;
 use bytes::Bytes;
 use hyper::body::Incoming;
 use hyper::header::{HeaderName, HeaderValue, CONTENT_TYPE};
-use hyper::{HeaderMap, Method, Request, Response, StatusCode};
-use nearpath_config::WorkloadKind;
+use hyper::{Method, Request, Response, StatusCode};
+use nearpath_config::{HttpConfig, WorkloadKind};
 use nearpath_geo::Location;
-use nearpath_protocol::openai::{
-    self, ApiError, Endpoint, InferenceRequest, StreamRenderer, Usage,
-};
-use std::collections::BTreeSet;
+use nearpath_protocol::openai::{self, ApiError, Endpoint, InferenceRequest, StreamRenderer};
 use std::future::Future;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Instant;
 use tokio::sync::mpsc;
 use tracing::{info_span, Instrument};
 
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 static X_SHOULD_RETRY: HeaderName = HeaderName::from_static("x-should-retry");
 
+/// Another HTTP service mounted on this listener for the paths it claims (WHEP, session
+/// resources and `/play`, for browser players over WebRTC).
+pub struct Mounted {
+    pub claims: fn(&str) -> bool,
+    pub handler: Arc<dyn Handler>,
+}
+
+/// The OpenAI-compatible HTTP API.
 pub struct ClientApi {
-    shared: Arc<Shared>,
+    infer: Arc<InferService>,
+    http: HttpConfig,
+    mounted: Option<Mounted>,
 }
 
-fn new_request_id() -> String {
-    format!(
-        "req_{:016x}{:08x}",
-        rand::random::<u64>(),
-        rand::random::<u32>()
-    )
-}
-
-/// The client's address for a request from `peer`: the TCP peer, or, only when the peer is a
-/// trusted proxy, what the configured header says (see [`crate::client_addr`] for the rules).
-/// The one function every HTTP entry point (this API, WHEP, `/play`) locates clients with.
-pub fn client_ip(shared: &Shared, peer: IpAddr, headers: &HeaderMap) -> ClientAddr {
-    let http = &shared.config.http;
-    client_addr(
-        peer,
-        headers,
-        &http.trusted_proxies,
-        &http.client_address_header,
-        http.trusted_hops,
-    )
-}
-
-fn api_error(request_id: &str, err: &ApiError) -> Resp {
+/// The response for a core error: its OpenAI body and status, `x-should-retry: false` when a
+/// retry would fail the same way, `Retry-After` when the gateway knows how long (a second for
+/// any 429 otherwise), and `x-should-retry: true` for a retryable 503 with a wait (a node blip,
+/// a ledger that cannot commit): OpenAI SDKs retry only when told to, and honour Retry-After.
+fn error_response(request_id: &str, e: &CoreError) -> Resp {
+    let api = e.to_api();
     let mut r = with_type(
-        StatusCode::from_u16(err.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+        StatusCode::from_u16(api.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
         "application/json",
-        err.body(),
+        api.body(),
     );
     let h = r.headers_mut();
-    if !err.should_retry() {
+    if !e.retryable {
         h.insert(X_SHOULD_RETRY.clone(), HeaderValue::from_static("false"));
     }
-    if err.status == 429 {
-        h.insert(hyper::header::RETRY_AFTER, HeaderValue::from_static("1"));
+    let retry_after = e
+        .retry_after_s
+        .or((e.kind == Kind::RateLimited).then_some(1));
+    if let Some(s) = retry_after {
+        if let Ok(v) = HeaderValue::from_str(&s.to_string()) {
+            h.insert(hyper::header::RETRY_AFTER, v);
+        }
     }
-    if err.code.as_deref() == Some(openai::MODEL_UNAVAILABLE) {
-        // A node blip: the request already waited `inference.unavailable_wait_ms` for a node to
-        // come back, so an SDK's retry a second later is likely to be served (OpenAI SDKs retry
-        // only when told to, and honour Retry-After).
+    if e.retryable && e.kind == Kind::Unavailable && e.retry_after_s.is_some() {
         h.insert(X_SHOULD_RETRY.clone(), HeaderValue::from_static("true"));
-        h.insert(hyper::header::RETRY_AFTER, HeaderValue::from_static("1"));
-    }
-    if err.code.as_deref() == Some(infer::LEDGER_UNAVAILABLE) {
-        // The ledger's writer probes every half second; a retry soon is likely to be served.
-        h.insert(X_SHOULD_RETRY.clone(), HeaderValue::from_static("true"));
-        h.insert(hyper::header::RETRY_AFTER, HeaderValue::from_static("1"));
     }
     set_request_id(&mut r, request_id);
     r
+}
+
+/// The response for an error of the HTTP layer itself (path, method, body).
+fn api_error(request_id: &str, e: &ApiError) -> Resp {
+    error_response(request_id, &CoreError::from_api(e))
 }
 
 fn set_request_id(r: &mut Resp, id: &str) {
@@ -93,14 +86,114 @@ fn set_request_id(r: &mut Resp, id: &str) {
     }
 }
 
+/// SSE rendering for a streaming request.
+struct SseRelay {
+    tx: mpsc::Sender<Bytes>,
+    renderer: StreamRenderer,
+    include_usage: bool,
+}
+
+impl SseRelay {
+    async fn push(&self, chunks: impl IntoIterator<Item = Bytes>) -> Result<u64, Gone> {
+        let mut n = 0u64;
+        for b in chunks {
+            n += b.len() as u64;
+            self.tx.send(b).await.map_err(|_| Gone)?;
+        }
+        Ok(n)
+    }
+}
+
+impl Relay for SseRelay {
+    async fn send(&mut self, out: Output<'_>) -> Result<u64, Gone> {
+        let chunks: Vec<Bytes> = match out {
+            Output::Started => self.renderer.role_event().into_iter().collect(),
+            Output::Token(t) => vec![self.renderer.token_event(t)],
+            Output::Done {
+                finish_reason,
+                usage,
+            } => {
+                let mut out = vec![self.renderer.finish_event(finish_reason)];
+                if self.include_usage {
+                    out.push(self.renderer.usage_event(usage));
+                }
+                out.push(Bytes::from_static(openai::SSE_DONE.as_bytes()));
+                out
+            }
+            // A node failure after the headers went out is an in-band error event.
+            Output::Failed(e) => vec![e.to_api().sse_event()],
+        };
+        self.push(chunks).await
+    }
+
+    async fn gone(&mut self) {
+        self.tx.closed().await
+    }
+}
+
+/// The whole completion as one JSON body, for a request that did not ask to stream.
+struct JsonRelay {
+    endpoint: Endpoint,
+    completion_id: String,
+    created: u64,
+    model: String,
+    text: String,
+    body: Option<String>,
+    error: Option<CoreError>,
+}
+
+impl Relay for JsonRelay {
+    async fn send(&mut self, out: Output<'_>) -> Result<u64, Gone> {
+        match out {
+            Output::Started => Ok(0),
+            Output::Token(t) => {
+                self.text.push_str(t);
+                Ok(0)
+            }
+            Output::Done {
+                finish_reason,
+                usage,
+            } => {
+                let body = openai::completion_response(
+                    self.endpoint,
+                    &self.completion_id,
+                    self.created,
+                    &self.model,
+                    &self.text,
+                    finish_reason,
+                    usage,
+                );
+                let n = body.len() as u64;
+                self.body = Some(body);
+                Ok(n)
+            }
+            // Nothing was sent yet: the error becomes the response's status.
+            Output::Failed(e) => {
+                self.error = Some(e.clone());
+                Ok(0)
+            }
+        }
+    }
+
+    async fn gone(&mut self) {
+        // A client that goes away drops the whole request future, and the stream with it.
+        std::future::pending().await
+    }
+}
+
 impl ClientApi {
-    pub fn new(shared: Arc<Shared>) -> Self {
-        ClientApi { shared }
+    /// The API over `infer`, with `[http]`; `mounted` serves the paths it claims.
+    pub fn new(infer: Arc<InferService>, http: HttpConfig, mounted: Option<Mounted>) -> Self {
+        ClientApi {
+            infer,
+            http,
+            mounted,
+        }
     }
 
     fn locate(&self, req: &Request<Incoming>, peer: SocketAddr) -> (ClientAddr, Location) {
-        let addr = client_ip(&self.shared, peer.ip(), req.headers());
-        (addr, addr.locate(&self.shared.placement.geo))
+        let addr = client_addr::client_ip(&self.http, peer.ip(), req.headers());
+        (addr, addr.locate(&self.infer.placement.geo))
     }
 
     async fn route(&self, req: Request<Incoming>, peer: SocketAddr) -> Resp {
@@ -123,7 +216,7 @@ impl ClientApi {
             (Method::GET, "/healthz") => with_type(
                 StatusCode::OK,
                 "application/json",
-                serde_json::json!({"status": "ok", "nodes": self.shared.directory.registry.len()})
+                serde_json::json!({"status": "ok", "nodes": self.infer.directory.registry.len()})
                     .to_string(),
             ),
             (Method::GET, "/v1/models") => self.models(req, peer, request_id).await,
@@ -137,9 +230,10 @@ impl ClientApi {
                     .await
             }
             // WHEP, session resources and the player page (browser players over WebRTC).
-            (_, p) if crate::webrtc::is_webrtc_path(p) => {
-                crate::webrtc::handle(&self.shared, req, peer).await
-            }
+            (_, p) if self.mounted.as_ref().is_some_and(|m| (m.claims)(p)) => match &self.mounted {
+                Some(m) => m.handler.clone().handle(req, peer).await,
+                None => api_error(request_id, &ApiError::not_found(&path)),
+            },
             (m, "/v1/models" | "/v1/games" | "/v1/chat/completions" | "/v1/completions") => {
                 api_error(request_id, &ApiError::method_not_allowed(m.as_str(), &path))
             }
@@ -147,39 +241,20 @@ impl ClientApi {
         }
     }
 
-    /// Titles or models served by live nodes this client may use.
-    fn visible(&self, client: &Location, kind: WorkloadKind) -> BTreeSet<String> {
-        let mut out = BTreeSet::new();
-        for node in self.shared.directory.registry.list() {
-            if node.dynamic().state == crate::registry::NodeState::Gone {
-                continue;
-            }
-            if infer::serve_check(&self.shared, client, &node, kind).is_err() {
-                continue;
-            }
-            let names = match kind {
-                WorkloadKind::Inference => &node.workloads.models,
-                WorkloadKind::Game => &node.workloads.games,
-            };
-            out.extend(names.iter().cloned());
-        }
-        out
-    }
-
     async fn models(&self, req: Request<Incoming>, peer: SocketAddr, request_id: &str) -> Resp {
-        if let Err(e) = infer::authenticate(&self.shared, bearer(&req)).await {
-            return api_error(request_id, &e);
+        if let Err(e) = self.infer.auth.authenticate(bearer(&req)).await {
+            return error_response(request_id, &e);
         }
         let (_, loc) = self.locate(&req, peer);
-        let names = self.visible(&loc, WorkloadKind::Inference);
+        let names =
+            self.infer
+                .directory
+                .visible(&self.infer.placement, &loc, WorkloadKind::Inference);
         // Models whose last node left within `inference.model_grace_s` stay listed, marked
         // unavailable, so that a client does not take a blip for the model's removal.
-        let gone = self
-            .shared
-            .directory
-            .registry
-            .recently_served_models(crate::clock::system_unix_ms());
-        let created = crate::clock::system_unix_ms() / 1000;
+        let now_ms = self.infer.clock.unix_ms();
+        let gone = self.infer.directory.registry.recently_served_models(now_ms);
+        let created = now_ms / 1000;
         let mut list: Vec<(&str, u64, &str, bool)> = names
             .iter()
             .map(|n| (n.as_str(), created, "nearpath", true))
@@ -198,12 +273,14 @@ impl ClientApi {
     }
 
     async fn games(&self, req: Request<Incoming>, peer: SocketAddr, request_id: &str) -> Resp {
-        if let Err(e) = infer::authenticate(&self.shared, bearer(&req)).await {
-            return api_error(request_id, &e);
+        if let Err(e) = self.infer.auth.authenticate(bearer(&req)).await {
+            return error_response(request_id, &e);
         }
         let (_, loc) = self.locate(&req, peer);
         let data: Vec<serde_json::Value> = self
-            .visible(&loc, WorkloadKind::Game)
+            .infer
+            .directory
+            .visible(&self.infer.placement, &loc, WorkloadKind::Game)
             .into_iter()
             .map(|t| serde_json::json!({"id": t, "object": "game"}))
             .collect();
@@ -221,11 +298,11 @@ impl ClientApi {
         peer: SocketAddr,
         request_id: &str,
     ) -> Resp {
-        let started = Instant::now();
-        let shared = &self.shared;
-        let key = match infer::authenticate(shared, bearer(&req)).await {
+        let infer = &self.infer;
+        let started = infer.clock.now();
+        let key = match infer.auth.authenticate(bearer(&req)).await {
             Ok(k) => k,
-            Err(e) => return api_error(request_id, &e),
+            Err(e) => return error_response(request_id, &e),
         };
         let (_ip, client) = self.locate(&req, peer);
         if let Some(ct) = req
@@ -243,7 +320,7 @@ impl ClientApi {
                 );
             }
         }
-        let limit = shared.config.http.max_body_bytes as usize;
+        let limit = self.http.max_body_bytes as usize;
         let body = match read_body(req.into_body(), limit).await {
             Ok(b) => b,
             Err(BodyError::TooLarge { limit }) => {
@@ -257,225 +334,54 @@ impl ClientApi {
             Ok(r) => r,
             Err(e) => return api_error(request_id, &ApiError::invalid_request(e)),
         };
-        if let Err(e) = infer::ledger_gate(shared, "http") {
-            return api_error(request_id, &e);
-        }
-        if let Err(wait_s) = shared.auth.limiter.admit(&key, Instant::now()) {
-            let mut r = api_error(
-                request_id,
-                &ApiError::rate_limited(format!(
-                    "rate limit reached for key {} ({} requests/min, {} tokens/min)",
-                    key.prefix, key.requests_per_minute, key.tokens_per_minute
-                )),
-            );
-            if let Ok(v) = HeaderValue::from_str(&wait_s.to_string()) {
-                r.headers_mut().insert(hyper::header::RETRY_AFTER, v);
-            }
-            shared
-                .metrics
-                .inference_requests
-                .get_or_create(&crate::metrics::labels([
-                    ("api", "http"),
-                    ("outcome", "rate_limited"),
-                ]))
-                .inc();
-            return r;
-        }
         // Held until the response (or the stream) ends, however it ends.
-        let stream_cap = match infer::acquire_stream(shared, &key, "http") {
-            Ok(g) => g,
-            Err(r) => return api_error(request_id, &r.api_error()),
+        let ticket = match infer.admit(key, "http", request_id, &request.model, started) {
+            Ok(t) => t,
+            Err(e) => return error_response(request_id, &e),
         };
         // The node gets the body as the client sent it (it knows the endpoint from its shape).
         let raw = String::from_utf8_lossy(&body).into_owned();
-        let mut stream = match infer::dispatch(shared, &request, &raw, &client).await {
+        let stream = match infer.start(&ticket, &request, &raw, &client).await {
             Ok(s) => s,
-            Err(e) => {
-                let outcome = match e.status {
-                    403 => "geofence",
-                    404 => "model_not_found",
-                    429 => "saturated",
-                    _ if e.code.as_deref() == Some(openai::MODEL_UNAVAILABLE) => {
-                        "model_unavailable"
-                    }
-                    _ => "error",
-                };
-                infer::meter(
-                    shared,
-                    Metering {
-                        key: &key,
-                        request_id,
-                        model: &request.model,
-                        api: "http",
-                        node: None,
-                        outcome,
-                        usage: Usage::default(),
-                        reported: None,
-                        ttft: None,
-                        started,
-                        bytes: 0,
-                    },
-                );
-                return api_error(request_id, &e);
-            }
+            Err(e) => return error_response(request_id, &e),
         };
-        // Revoking the key ends the stream in band (`key_revoked`) and resets the node's stream.
-        stream.end_on_revocation(shared.auth.keys.revocation(&key.id));
-        let created = crate::clock::system_unix_ms() / 1000;
+        let created = infer.clock.unix_ms() / 1000;
+        let tail = &request_id[request_id.len().saturating_sub(24)..];
         let completion_id = match endpoint {
-            Endpoint::Chat => format!(
-                "chatcmpl-{}",
-                &request_id[request_id.len().saturating_sub(24)..]
-            ),
-            Endpoint::Completion => format!(
-                "cmpl-{}",
-                &request_id[request_id.len().saturating_sub(24)..]
-            ),
+            Endpoint::Chat => format!("chatcmpl-{tail}"),
+            Endpoint::Completion => format!("cmpl-{tail}"),
         };
-        let model = request.model.clone();
         if !request.stream {
-            let mut text = String::new();
-            let (outcome, finish, usage, err) = loop {
-                match stream.next().await {
-                    StreamEvent::Token(t) => text.push_str(&t),
-                    StreamEvent::Done {
-                        finish_reason,
-                        usage,
-                    } => break ("ok", finish_reason, usage, None),
-                    StreamEvent::Failed(e) => {
-                        break ("error", String::new(), Usage::default(), Some(e))
-                    }
-                }
+            let mut relay = JsonRelay {
+                endpoint,
+                completion_id,
+                created,
+                model: request.model.clone(),
+                text: String::new(),
+                body: None,
+                error: None,
             };
-            let ttft = stream.ttft;
-            let node = stream.node.clone();
-            let reported = stream.reported();
-            drop(stream);
-            drop(stream_cap);
-            let body = match &err {
-                None => openai::completion_response(
-                    endpoint,
-                    &completion_id,
-                    created,
-                    &model,
-                    &text,
-                    &finish,
-                    usage,
-                ),
-                Some(_) => String::new(),
-            };
-            infer::meter(
-                shared,
-                Metering {
-                    key: &key,
+            infer.pump(ticket, stream, &mut relay).await;
+            return match (relay.error, relay.body) {
+                (None, Some(body)) => with_type(StatusCode::OK, "application/json", body),
+                (Some(e), _) => error_response(request_id, &e),
+                (None, None) => error_response(
                     request_id,
-                    model: &model,
-                    api: "http",
-                    node: Some(&node),
-                    outcome,
-                    usage,
-                    reported,
-                    ttft: Some(ttft),
-                    started,
-                    bytes: body.len() as u64,
-                },
-            );
-            return match err {
-                None => with_type(StatusCode::OK, "application/json", body),
-                Some(e) => api_error(request_id, &e),
+                    &CoreError::internal("the completion ended without a result"),
+                ),
             };
         }
         // Streaming: headers go out now; tokens follow as they arrive from the node.
         let (tx, rx) = mpsc::channel::<Bytes>(64);
-        let include_usage = request.include_usage;
-        let shared2 = shared.clone();
-        let request_id2 = request_id.to_string();
+        let mut relay = SseRelay {
+            tx,
+            renderer: StreamRenderer::new(endpoint, &completion_id, created, &request.model),
+            include_usage: request.include_usage,
+        };
+        let infer = infer.clone();
         tokio::spawn(
             async move {
-                let renderer = StreamRenderer::new(endpoint, &completion_id, created, &model);
-                let mut bytes = 0u64;
-                let _stream_cap = stream_cap;
-                let mut last = Instant::now();
-                let mut first = true;
-                let outcome = 'pump: {
-                    if let Some(role) = renderer.role_event() {
-                        bytes += role.len() as u64;
-                        if tx.send(role).await.is_err() {
-                            break 'pump "cancelled";
-                        }
-                    }
-                    loop {
-                        let ev = tokio::select! {
-                            ev = stream.next() => ev,
-                            _ = tx.closed() => break 'pump "cancelled",
-                        };
-                        match ev {
-                            StreamEvent::Token(t) => {
-                                let now = Instant::now();
-                                if !first {
-                                    shared2
-                                        .metrics
-                                        .inter_token_ms
-                                        .observe((now - last).as_secs_f64() * 1000.0);
-                                }
-                                first = false;
-                                last = now;
-                                let ev = renderer.token_event(&t);
-                                bytes += ev.len() as u64;
-                                if tx.send(ev).await.is_err() {
-                                    break 'pump "cancelled";
-                                }
-                            }
-                            StreamEvent::Done {
-                                finish_reason,
-                                usage,
-                            } => {
-                                let mut out = vec![renderer.finish_event(&finish_reason)];
-                                if include_usage {
-                                    out.push(renderer.usage_event(usage));
-                                }
-                                out.push(Bytes::from_static(openai::SSE_DONE.as_bytes()));
-                                for b in out {
-                                    bytes += b.len() as u64;
-                                    if tx.send(b).await.is_err() {
-                                        break 'pump "cancelled";
-                                    }
-                                }
-                                break 'pump "ok";
-                            }
-                            StreamEvent::Failed(e) => {
-                                let _ = tx.send(e.sse_event()).await;
-                                break 'pump "error";
-                            }
-                        }
-                    }
-                };
-                if outcome == "cancelled" {
-                    stream.cancel();
-                    tracing::info!("client went away; generation cancelled on the node");
-                }
-                // Billed from what was relayed, also when the stream ended early.
-                let usage = stream.billed();
-                let reported = stream.reported();
-                let ttft = stream.ttft;
-                let node = stream.node.clone();
-                drop(stream);
-                infer::meter(
-                    &shared2,
-                    Metering {
-                        key: &key,
-                        request_id: &request_id2,
-                        model: &model,
-                        api: "http",
-                        node: Some(&node),
-                        outcome,
-                        usage,
-                        reported,
-                        ttft: Some(ttft),
-                        started,
-                        bytes,
-                    },
-                );
+                infer.pump(ticket, stream, &mut relay).await;
             }
             .in_current_span(),
         );
@@ -517,4 +423,80 @@ pub fn tls_acceptor(pair: CertPair) -> Result<tokio_rustls::TlsAcceptor, rustls:
         .with_single_cert(pair.chain, pair.key)?;
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(cfg)))
+}
+
+/// See [`crate::client_addr::client_ip`]; kept with its old signature for webrtc.rs until its
+/// owner moves the call (the lead removes it at merge).
+pub fn client_ip(
+    shared: &crate::server::Shared,
+    peer: std::net::IpAddr,
+    headers: &hyper::HeaderMap,
+) -> ClientAddr {
+    client_addr::client_ip(&shared.config.http, peer, headers)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header(r: &Resp, name: &str) -> Option<String> {
+        r.headers()
+            .get(name)
+            .map(|v| v.to_str().unwrap_or_default().to_string())
+    }
+
+    #[test]
+    fn a_blip_is_a_503_the_sdks_retry_after_a_second() {
+        let r = error_response("req_1", &CoreError::model_unavailable("m"));
+        assert_eq!(r.status(), 503);
+        assert_eq!(header(&r, "x-should-retry").as_deref(), Some("true"));
+        assert_eq!(header(&r, "retry-after").as_deref(), Some("1"));
+        assert_eq!(header(&r, "x-request-id").as_deref(), Some("req_1"));
+    }
+
+    #[test]
+    fn a_ledger_that_cannot_commit_is_a_retryable_503() {
+        let r = error_response("req_1", &crate::auth::ledger_unavailable());
+        assert_eq!(r.status(), 503);
+        assert_eq!(header(&r, "x-should-retry").as_deref(), Some("true"));
+        assert_eq!(header(&r, "retry-after").as_deref(), Some("1"));
+    }
+
+    #[test]
+    fn errors_that_would_repeat_say_do_not_retry() {
+        for e in [
+            CoreError::geofence_denied("r", "no"),
+            CoreError::model_not_found("m"),
+            CoreError::invalid_api_key(),
+            CoreError::bad_request("bad", Some("temperature")),
+        ] {
+            let r = error_response("req_1", &e);
+            assert_eq!(r.status(), e.kind.http_status());
+            assert_eq!(
+                header(&r, "x-should-retry").as_deref(),
+                Some("false"),
+                "{e:?}"
+            );
+            assert_eq!(header(&r, "retry-after"), None, "{e:?}");
+        }
+    }
+
+    #[test]
+    fn a_429_carries_its_wait_or_a_second() {
+        let saturated = CoreError::from_api(&ApiError::rate_limited("full"));
+        let r = error_response("req_1", &saturated);
+        assert_eq!(r.status(), 429);
+        assert_eq!(header(&r, "retry-after").as_deref(), Some("1"));
+        assert_eq!(header(&r, "x-should-retry"), None);
+        let r = error_response("req_1", &saturated.with_retry_after_s(17));
+        assert_eq!(header(&r, "retry-after").as_deref(), Some("17"));
+    }
+
+    #[test]
+    fn a_node_failure_is_a_retryable_502_without_a_promise() {
+        let r = error_response("req_1", &CoreError::node_failed("n1", "boom"));
+        assert_eq!(r.status(), 502);
+        assert_eq!(header(&r, "x-should-retry"), None);
+        assert_eq!(header(&r, "retry-after"), None);
+    }
 }

@@ -1,347 +1,407 @@
 //! Native clients over QUIC (ALPN `nearpath/1`): each request is a bidirectional stream whose
 //! first message carries the API key, so the gateway keeps no per-connection auth state.
+//!
+//! The front end only speaks the native protocol: inference is [`InferService`]'s (this renders
+//! its pump's output as `InferStarted`/`Token`/`Done`/`Error` frames), game sessions are served
+//! by the [`PlayService`] injected at assembly.
 
-use crate::infer::{self, Metering, StreamEvent};
-use crate::server::Shared;
-use nearpath_config::WorkloadKind;
+use crate::clock::SharedClock;
+use crate::conn_guard::QuicGate;
+use crate::error::CoreError;
+use crate::infer::{new_request_id, Gone, InferService, Output, Relay};
+use nearpath_config::{QuicConfig, WorkloadKind};
+use nearpath_protocol::app_code::{CLOSE_PROTOCOL, CLOSE_SHUTDOWN};
 use nearpath_protocol::message::{
-    Done, ErrorInfo, GameList, InferRequest, InferStarted, Message, Token,
+    Done, ErrorInfo, GameList, InferRequest, InferStarted, Message, PlayRequest, Token,
 };
-use nearpath_protocol::openai::{ApiError, Endpoint, InferenceRequest, Usage};
+use nearpath_protocol::openai::{ApiError, Endpoint, InferenceRequest};
 use nearpath_protocol::stream::{send, FramedRecv};
 use nearpath_protocol::{MAX_REQUEST_FRAME, PROTOCOL_VERSION};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info_span, Instrument};
 
-pub async fn handle_client(shared: Arc<Shared>, conn: quinn::Connection) {
-    let peer = conn.remote_address();
-    let span = info_span!("client", %peer, conn = conn.stable_id());
-    let inputs = tokio::spawn(crate::game::client_input_loop(shared.clone(), conn.clone()));
-    // A connection that never authenticates a request only costs: it must do so soon.
-    let auth_deadline = tokio::time::Instant::now()
-        + Duration::from_millis(shared.config.quic.client_auth_timeout_ms);
-    async move {
-        let mut auth_pending = true;
-        loop {
-            let (tx, rx) = tokio::select! {
-                _ = tokio::time::sleep_until(auth_deadline), if auth_pending => {
-                    auth_pending = shared.quic_gate.is_pending(conn.stable_id());
-                    if auth_pending {
-                        debug!("no request authenticated in time; closing");
-                        conn.close(1u32.into(), b"authentication timeout");
-                        inputs.abort();
-                        return;
-                    }
-                    continue;
-                }
-                r = conn.accept_bi() => match r {
-                    Ok(s) => s,
-                    Err(e) => {
-                        debug!(error = %e, "client connection closed");
-                        inputs.abort();
-                        return;
-                    }
-                },
-                _ = shared.shutdown.cancelled() => {
-                    conn.close(0u32.into(), b"gateway shutting down");
-                    return;
-                }
-            };
-            let shared = shared.clone();
-            let conn = conn.clone();
-            tokio::spawn(async move { serve_stream(shared, conn, tx, rx).await }.in_current_span());
-        }
-    }
-    .instrument(span)
-    .await
+/// Concurrent requests one authenticated native client connection may have in flight.
+const CLIENT_BIDI_STREAMS: u32 = 256;
+
+/// How long a request stream may take to send its first message.
+const FIRST_MESSAGE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Game sessions for native players (`PlayRequest` streams and input datagrams).
+pub trait PlayService: Send + Sync + 'static {
+    /// Reads a connection's input datagrams until it closes.
+    fn input_loop(&self, conn: quinn::Connection) -> Pin<Box<dyn Future<Output = ()> + Send>>;
+    /// Serves one `PlayRequest` stream (it authenticates the key and answers a bad one itself).
+    fn serve_play(
+        &self,
+        conn: quinn::Connection,
+        tx: quinn::SendStream,
+        rx: FramedRecv,
+        req: PlayRequest,
+    ) -> Pin<Box<dyn Future<Output = ()> + Send>>;
 }
 
-fn error_msg(code: &str, message: impl Into<String>, retryable: bool) -> Message {
+/// The native client front end.
+pub struct QuicClients {
+    infer: Arc<InferService>,
+    play: Arc<dyn PlayService>,
+    gate: Arc<QuicGate>,
+    quic: QuicConfig,
+    shutdown: CancellationToken,
+}
+
+/// The native `Error` message for a core error.
+fn error_msg(e: &CoreError) -> Message {
     Message::Error(ErrorInfo {
-        code: code.to_string(),
-        message: message.into(),
-        retryable,
+        code: e.quic_code().to_string(),
+        message: e.message.clone(),
+        retryable: e.retryable,
     })
 }
 
-/// The status-like code a native client sees for an API error.
-fn code_of(e: &ApiError) -> &'static str {
-    if e.code.as_deref() == Some("key_revoked") {
-        return "key_revoked";
-    }
-    if e.code.as_deref() == Some(nearpath_protocol::openai::MODEL_UNAVAILABLE) {
-        // A node blip: retryable (`Error.retryable` is true, as for every 503).
-        return nearpath_protocol::openai::MODEL_UNAVAILABLE;
-    }
-    match e.status {
-        400 => "bad_request",
-        401 => "unauthorized",
-        403 => "geofence",
-        404 => "model_not_found",
-        413 => "too_large",
-        429 => "rate_limited",
-        503 => "no_capacity",
-        504 => "timeout",
-        _ => "upstream",
-    }
+/// Sends `msg` as the stream's last message.
+async fn answer(tx: &mut quinn::SendStream, msg: &Message) {
+    let _ = send(tx, msg).await;
+    let _ = tx.finish();
 }
 
-async fn serve_stream(
-    shared: Arc<Shared>,
-    conn: quinn::Connection,
-    mut tx: quinn::SendStream,
-    rx: quinn::RecvStream,
-) {
-    let mut framed = FramedRecv::new(rx, MAX_REQUEST_FRAME);
-    let first = match tokio::time::timeout(Duration::from_secs(10), framed.next()).await {
-        Ok(Ok(Some(m))) => m,
-        Ok(Err(e)) => {
-            let _ = send(&mut tx, &error_msg("bad_request", e.to_string(), false)).await;
-            let _ = tx.finish();
-            return;
-        }
-        _ => return,
-    };
-    match first {
-        Message::InferRequest(r) => serve_infer(shared, conn, tx, framed, r).await,
-        Message::ListGames(l) => {
-            let reply = match infer::authenticate(&shared, Some(&l.api_key)).await {
-                Ok(_) => {
-                    crate::server::client_authenticated(&shared, &conn);
-                    let loc = shared.placement.geo.lookup(conn.remote_address().ip());
-                    let mut titles: Vec<String> = shared
-                        .directory
-                        .registry
-                        .list()
-                        .iter()
-                        .filter(|n| {
-                            infer::serve_check(&shared, &loc, n, WorkloadKind::Game).is_ok()
-                        })
-                        .flat_map(|n| n.workloads.games.clone())
-                        .collect();
-                    titles.sort();
-                    titles.dedup();
-                    Message::GameList(GameList { titles })
-                }
-                Err(e) => error_msg(code_of(&e), e.message, false),
-            };
-            let _ = send(&mut tx, &reply).await;
-            let _ = tx.finish();
-        }
-        Message::PlayRequest(r) => {
-            // serve_play authenticates again (a cache hit) and answers a bad key itself.
-            if infer::authenticate(&shared, Some(&r.api_key)).await.is_ok() {
-                crate::server::client_authenticated(&shared, &conn);
-            }
-            crate::game::serve_play(shared, conn, tx, framed, r).await
-        }
-        other => {
-            let _ = send(
-                &mut tx,
-                &error_msg(
-                    "bad_request",
-                    format!("unexpected first message {}", other.name()),
-                    false,
-                ),
-            )
-            .await;
-            let _ = tx.finish();
+impl QuicClients {
+    pub fn new(
+        infer: Arc<InferService>,
+        play: Arc<dyn PlayService>,
+        gate: Arc<QuicGate>,
+        quic: QuicConfig,
+        shutdown: CancellationToken,
+    ) -> QuicClients {
+        QuicClients {
+            infer,
+            play,
+            gate,
+            quic,
+            shutdown,
         }
     }
-}
 
-async fn serve_infer(
-    shared: Arc<Shared>,
-    conn: quinn::Connection,
-    mut tx: quinn::SendStream,
-    mut framed: FramedRecv,
-    r: InferRequest,
-) {
-    let started = Instant::now();
-    let request_id = format!(
-        "req_{:016x}{:08x}",
-        rand::random::<u64>(),
-        rand::random::<u32>()
-    );
-    let fail = |e: &ApiError| error_msg(code_of(e), e.message.clone(), e.should_retry());
-    if r.protocol_version != PROTOCOL_VERSION {
-        let _ = send(
-            &mut tx,
-            &error_msg(
-                "version",
-                format!("protocol version {} is not supported", r.protocol_version),
-                false,
-            ),
-        )
-        .await;
-        let _ = tx.finish();
-        return;
-    }
-    let key = match infer::authenticate(&shared, Some(&r.api_key)).await {
-        Ok(k) => {
-            crate::server::client_authenticated(&shared, &conn);
-            k
-        }
-        Err(e) => {
-            let _ = send(&mut tx, &fail(&e)).await;
-            let _ = tx.finish();
-            return;
-        }
-    };
-    let endpoint = if r.request_json.contains("\"messages\"") {
-        Endpoint::Chat
-    } else {
-        Endpoint::Completion
-    };
-    let request = match InferenceRequest::parse(endpoint, r.request_json.as_bytes()) {
-        Ok(q) => q,
-        Err(e) => {
-            let _ = send(&mut tx, &fail(&ApiError::invalid_request(e))).await;
-            let _ = tx.finish();
-            return;
-        }
-    };
-    if let Err(e) = infer::ledger_gate(&shared, "quic") {
-        let _ = send(
-            &mut tx,
-            &error_msg(infer::LEDGER_UNAVAILABLE, e.message, true),
-        )
-        .await;
-        let _ = tx.finish();
-        return;
-    }
-    if shared.auth.limiter.admit(&key, Instant::now()).is_err() {
-        let _ = send(
-            &mut tx,
-            &error_msg("rate_limited", "rate limit reached for this key", true),
-        )
-        .await;
-        let _ = tx.finish();
-        return;
-    }
-    // Held until this request ends, however it ends.
-    let _stream_cap = match infer::acquire_stream(&shared, &key, "quic") {
-        Ok(g) => g,
-        Err(r) => {
-            let _ = send(&mut tx, &error_msg(r.code, r.message, true)).await;
-            let _ = tx.finish();
-            return;
-        }
-    };
-    let client = shared.placement.geo.lookup(conn.remote_address().ip());
-    let mut stream = match infer::dispatch(&shared, &request, &r.request_json, &client).await {
-        Ok(s) => s,
-        Err(e) => {
-            let _ = send(&mut tx, &fail(&e)).await;
-            let _ = tx.finish();
-            infer::meter(
-                &shared,
-                Metering {
-                    key: &key,
-                    request_id: &request_id,
-                    model: &request.model,
-                    api: "quic",
-                    node: None,
-                    outcome: "error",
-                    usage: Usage::default(),
-                    reported: None,
-                    ttft: None,
-                    started,
-                    bytes: 0,
-                },
+    /// Raises a native client connection's limits after a request on it authenticated (once).
+    fn authenticated(&self, conn: &quinn::Connection) {
+        if self.gate.authenticated(conn.stable_id()) {
+            conn.set_receive_window(
+                quinn::VarInt::from_u64(self.quic.client_receive_window_bytes)
+                    .unwrap_or(quinn::VarInt::MAX),
             );
-            return;
+            conn.set_max_concurrent_bi_streams(CLIENT_BIDI_STREAMS.into());
         }
-    };
-    // Revoking the key ends the stream with `Error{code: "key_revoked"}` and resets the node's.
-    stream.end_on_revocation(shared.auth.keys.revocation(&key.id));
-    let mut outcome = "ok";
-    let mut index = 0u32;
-    if send(
-        &mut tx,
-        &Message::InferStarted(InferStarted {
-            request_id: request_id.clone(),
-            model: request.model.clone(),
-        }),
-    )
-    .await
-    .is_err()
-    {
-        outcome = "cancelled";
     }
-    // A client finishes its send side after the request; only a reset (or `Close`) cancels.
-    let mut client_sending = true;
-    while outcome == "ok" {
-        let ev = tokio::select! {
-            ev = stream.next() => ev,
-            m = framed.next(), if client_sending => match m {
-                Ok(None) => { client_sending = false; continue; }
-                Ok(Some(Message::Close(_))) | Err(_) => { outcome = "cancelled"; break; }
-                Ok(Some(_)) => continue,
-            },
-            // A client that vanishes (connection closed) cancels too.
-            _ = conn.closed() => { outcome = "cancelled"; break; }
-        };
-        let msg = match ev {
-            StreamEvent::Token(text) => {
-                index += 1;
-                Message::Token(Token {
-                    index: index - 1,
-                    text,
-                    node_elapsed_us: started.elapsed().as_micros() as u64,
-                })
+
+    /// Serves one client connection until it closes or the gateway shuts down.
+    pub async fn handle(self: Arc<Self>, conn: quinn::Connection) {
+        let peer = conn.remote_address();
+        let span = info_span!("client", %peer, conn = conn.stable_id());
+        let inputs = tokio::spawn(self.play.input_loop(conn.clone()));
+        // A connection that never authenticates a request only costs: it must do so soon.
+        let auth_deadline =
+            tokio::time::Instant::now() + Duration::from_millis(self.quic.client_auth_timeout_ms);
+        async move {
+            let mut auth_pending = true;
+            loop {
+                let (tx, rx) = tokio::select! {
+                    _ = tokio::time::sleep_until(auth_deadline), if auth_pending => {
+                        auth_pending = self.gate.is_pending(conn.stable_id());
+                        if auth_pending {
+                            debug!("no request authenticated in time; closing");
+                            conn.close(CLOSE_PROTOCOL, b"authentication timeout");
+                            inputs.abort();
+                            return;
+                        }
+                        continue;
+                    }
+                    r = conn.accept_bi() => match r {
+                        Ok(s) => s,
+                        Err(e) => {
+                            debug!(error = %e, "client connection closed");
+                            inputs.abort();
+                            return;
+                        }
+                    },
+                    _ = self.shutdown.cancelled() => {
+                        conn.close(CLOSE_SHUTDOWN, b"gateway shutting down");
+                        return;
+                    }
+                };
+                let this = self.clone();
+                let conn = conn.clone();
+                tokio::spawn(
+                    async move { this.serve_stream(conn, tx, rx).await }.in_current_span(),
+                );
             }
-            StreamEvent::Done {
-                finish_reason,
-                usage: u,
-            } => {
-                // The client is told what it is billed, not what the node claimed.
-                let _ = send(
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn serve_stream(
+        &self,
+        conn: quinn::Connection,
+        mut tx: quinn::SendStream,
+        rx: quinn::RecvStream,
+    ) {
+        let mut framed = FramedRecv::new(rx, MAX_REQUEST_FRAME);
+        let first = match tokio::time::timeout(FIRST_MESSAGE_TIMEOUT, framed.next()).await {
+            Ok(Ok(Some(m))) => m,
+            Ok(Err(e)) => {
+                answer(
                     &mut tx,
-                    &Message::Done(Done {
-                        finish_reason,
-                        prompt_tokens: u.prompt_tokens,
-                        completion_tokens: u.completion_tokens,
-                    }),
+                    &error_msg(&CoreError::bad_request(e.to_string(), None)),
                 )
                 .await;
-                let _ = tx.finish();
-                break;
+                return;
             }
-            StreamEvent::Failed(e) => {
-                outcome = "error";
-                let _ = send(&mut tx, &fail(&e)).await;
-                let _ = tx.finish();
-                break;
-            }
+            _ => return,
         };
-        if send(&mut tx, &msg).await.is_err() {
-            outcome = "cancelled";
+        match first {
+            Message::InferRequest(r) => self.serve_infer(conn, tx, framed, r).await,
+            Message::ListGames(l) => {
+                let reply = match self.infer.auth.authenticate(Some(&l.api_key)).await {
+                    Ok(_) => {
+                        self.authenticated(&conn);
+                        Message::GameList(GameList {
+                            titles: self.game_titles(&conn),
+                        })
+                    }
+                    Err(e) => error_msg(&e.with_retryable(false)),
+                };
+                answer(&mut tx, &reply).await;
+            }
+            Message::PlayRequest(r) => {
+                // serve_play authenticates again (a cache hit) and answers a bad key itself.
+                if self.infer.auth.authenticate(Some(&r.api_key)).await.is_ok() {
+                    self.authenticated(&conn);
+                }
+                self.play.serve_play(conn, tx, framed, r).await
+            }
+            other => {
+                let e = CoreError::bad_request(
+                    format!("unexpected first message {}", other.name()),
+                    None,
+                );
+                answer(&mut tx, &error_msg(&e)).await;
+            }
         }
     }
-    if outcome == "cancelled" {
-        stream.cancel();
+
+    /// The titles this client may play: the same listing as `GET /v1/games`.
+    fn game_titles(&self, conn: &quinn::Connection) -> Vec<String> {
+        let loc = self.infer.placement.geo.lookup(conn.remote_address().ip());
+        self.infer
+            .directory
+            .visible(&self.infer.placement, &loc, WorkloadKind::Game)
+            .into_iter()
+            .collect()
     }
-    let usage = stream.billed();
-    let reported = stream.reported();
-    let ttft = stream.ttft;
-    let node = stream.node.clone();
-    drop(stream);
-    infer::meter(
-        &shared,
-        Metering {
-            key: &key,
-            request_id: &request_id,
-            model: &request.model,
-            api: "quic",
-            node: Some(&node),
-            outcome,
-            usage,
-            reported,
-            ttft: Some(ttft),
+
+    async fn serve_infer(
+        &self,
+        conn: quinn::Connection,
+        mut tx: quinn::SendStream,
+        framed: FramedRecv,
+        r: InferRequest,
+    ) {
+        let infer = &self.infer;
+        let started = infer.clock.now();
+        let request_id = new_request_id();
+        if r.protocol_version != PROTOCOL_VERSION {
+            let msg = Message::Error(ErrorInfo {
+                code: "version".into(),
+                message: format!("protocol version {} is not supported", r.protocol_version),
+                retryable: false,
+            });
+            answer(&mut tx, &msg).await;
+            return;
+        }
+        let key = match infer.auth.authenticate(Some(&r.api_key)).await {
+            Ok(k) => {
+                self.authenticated(&conn);
+                k
+            }
+            Err(e) => return answer(&mut tx, &error_msg(&e)).await,
+        };
+        let endpoint = if r.request_json.contains("\"messages\"") {
+            Endpoint::Chat
+        } else {
+            Endpoint::Completion
+        };
+        let request = match InferenceRequest::parse(endpoint, r.request_json.as_bytes()) {
+            Ok(q) => q,
+            Err(e) => {
+                let e = CoreError::from_api(&ApiError::invalid_request(e));
+                return answer(&mut tx, &error_msg(&e)).await;
+            }
+        };
+        // Held until this request ends, however it ends.
+        let ticket = match infer.admit(key, "quic", &request_id, &request.model, started) {
+            Ok(t) => t,
+            Err(e) => return answer(&mut tx, &error_msg(&e)).await,
+        };
+        let client = infer.placement.geo.lookup(conn.remote_address().ip());
+        let stream = match infer
+            .start(&ticket, &request, &r.request_json, &client)
+            .await
+        {
+            Ok(s) => s,
+            Err(e) => return answer(&mut tx, &error_msg(&e)).await,
+        };
+        let mut relay = QuicRelay {
+            tx,
+            framed,
+            conn,
+            client_sending: true,
+            clock: infer.clock.clone(),
             started,
-            bytes: 0,
-        },
-    );
+            index: 0,
+            request_id,
+            model: request.model.clone(),
+        };
+        infer.pump(ticket, stream, &mut relay).await;
+    }
+}
+
+/// Native rendering of an inference: `InferStarted`, `Token`s, then `Done` or `Error`.
+struct QuicRelay {
+    tx: quinn::SendStream,
+    framed: FramedRecv,
+    conn: quinn::Connection,
+    /// A client finishes its send side after the request; only a reset (or `Close`) cancels.
+    client_sending: bool,
+    clock: SharedClock,
+    started: Instant,
+    index: u32,
+    request_id: String,
+    model: String,
+}
+
+impl Relay for QuicRelay {
+    async fn send(&mut self, out: Output<'_>) -> Result<u64, Gone> {
+        let (msg, last) = match out {
+            Output::Started => (
+                Message::InferStarted(InferStarted {
+                    request_id: self.request_id.clone(),
+                    model: self.model.clone(),
+                }),
+                false,
+            ),
+            Output::Token(text) => {
+                self.index += 1;
+                (
+                    Message::Token(Token {
+                        index: self.index - 1,
+                        text: text.to_string(),
+                        node_elapsed_us: self
+                            .clock
+                            .now()
+                            .saturating_duration_since(self.started)
+                            .as_micros() as u64,
+                    }),
+                    false,
+                )
+            }
+            // The client is told what it is billed, not what the node claimed.
+            Output::Done {
+                finish_reason,
+                usage,
+            } => (
+                Message::Done(Done {
+                    finish_reason: finish_reason.to_string(),
+                    prompt_tokens: usage.prompt_tokens,
+                    completion_tokens: usage.completion_tokens,
+                }),
+                true,
+            ),
+            Output::Failed(e) => (error_msg(e), true),
+        };
+        send(&mut self.tx, &msg).await.map_err(|_| Gone)?;
+        if last {
+            let _ = self.tx.finish();
+        }
+        Ok(0)
+    }
+
+    async fn gone(&mut self) {
+        while self.client_sending {
+            tokio::select! {
+                m = self.framed.next() => match m {
+                    Ok(None) => self.client_sending = false,
+                    Ok(Some(Message::Close(_))) | Err(_) => return,
+                    Ok(Some(_)) => {}
+                },
+                // A client that vanishes (connection closed) cancels too.
+                _ = self.conn.closed() => return,
+            }
+        }
+        self.conn.closed().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(m: Message) -> (String, bool) {
+        match m {
+            Message::Error(e) => (e.code, e.retryable),
+            other => panic!("expected Error, got {}", other.name()),
+        }
+    }
+
+    #[test]
+    fn native_error_codes_come_from_the_error_kind_not_a_status() {
+        let cases = [
+            (CoreError::model_unavailable("m"), "model_unavailable", true),
+            (CoreError::model_not_found("m"), "model_not_found", false),
+            (CoreError::geofence_denied("r", "no"), "geofence", false),
+            (CoreError::invalid_api_key(), "unauthorized", false),
+            (CoreError::key_revoked(), "key_revoked", false),
+            (CoreError::bad_request("x", None), "bad_request", false),
+            (CoreError::timeout("slow"), "timeout", true),
+            (CoreError::node_failed("n", "boom"), "upstream", true),
+            (
+                crate::auth::ledger_unavailable(),
+                "ledger_unavailable",
+                true,
+            ),
+            (
+                CoreError::from_api(&ApiError::rate_limited("full")),
+                "rate_limited",
+                true,
+            ),
+        ];
+        for (e, code, retryable) in cases {
+            assert_eq!(info(error_msg(&e)), (code.to_string(), retryable), "{e:?}");
+        }
+    }
+
+    #[test]
+    fn a_per_key_stream_cap_keeps_its_own_code() {
+        let limiter = crate::auth::RateLimiter::default();
+        let key = crate::store::ApiKey {
+            id: "k".into(),
+            tenant: "t".into(),
+            requests_per_minute: 60,
+            tokens_per_minute: 60,
+            created_at_ms: 0,
+            revoked: false,
+            prefix: "npk_".into(),
+            caps: Default::default(),
+        };
+        let refusal = limiter
+            .acquire(&key, crate::auth::CapKind::Stream, 0)
+            .err()
+            .expect("a cap of 0 refuses");
+        assert_eq!(
+            info(error_msg(&refusal.core_error())),
+            ("concurrency_limit_exceeded".to_string(), true)
+        );
+    }
 }

@@ -68,6 +68,23 @@ impl fmt::Display for ClientAddr {
     }
 }
 
+/// The client's address for a request from `peer`: the TCP peer, or, only when the peer is a
+/// trusted proxy, what the configured header says. The one function every HTTP entry point
+/// (the OpenAI API, WHEP, `/play`) locates clients with.
+pub fn client_ip(
+    http: &nearpath_config::HttpConfig,
+    peer: IpAddr,
+    headers: &HeaderMap,
+) -> ClientAddr {
+    client_addr(
+        peer,
+        headers,
+        &http.trusted_proxies,
+        &http.client_address_header,
+        http.trusted_hops,
+    )
+}
+
 /// The client's address for a request from `peer` with `headers`, under the rules in the module
 /// docs. `header` is `http.client_address_header`; `trusted` is `http.trusted_proxies`;
 /// `hops` is `http.trusted_hops` (0: no counting).

@@ -15,23 +15,68 @@
 
 use crate::clock::SharedClock;
 use crate::metrics::{labels, Metrics};
-use crate::registry::Registry;
+use crate::registry::{NodeEntry, NodeState, Registry};
+use crate::router::Deny;
 use crate::store::Store;
-use nearpath_geo::{Decision, GeoDb, Policy};
+use nearpath_config::WorkloadKind;
+use nearpath_geo::{Decision, GeoDb, Location, Policy};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 /// Who a request is from: API keys, their cache, and the per-key rate and concurrency limits.
+/// Its methods are in `auth.rs`.
 pub struct Auth {
     pub store: Arc<dyn Store>,
-    pub keys: crate::infer::KeyCache,
-    pub limiter: crate::infer::RateLimiter,
+    pub keys: crate::auth::KeyCache,
+    pub limiter: crate::auth::RateLimiter,
     pub clock: SharedClock,
+    pub metrics: Arc<Metrics>,
+    /// The caps of keys that set none.
+    pub defaults: crate::auth::CapDefaults,
 }
 
 /// The live nodes of this gateway and the router that picks among them.
 pub struct Directory {
     pub registry: Arc<Registry>,
     pub clock: SharedClock,
+}
+
+impl Directory {
+    /// The titles (`Game`) or models (`Inference`) that live nodes serve and that `client` may
+    /// use: the one listing behind `GET /v1/games`, `GET /v1/models` and the native
+    /// `ListGames`. Nodes that are gone are not listed, whatever they served.
+    pub fn visible(
+        &self,
+        placement: &Placement,
+        client: &Location,
+        kind: WorkloadKind,
+    ) -> BTreeSet<String> {
+        let nodes = self.registry.list();
+        visible_names(nodes.iter().map(|n| {
+            let names = match kind {
+                WorkloadKind::Inference => &n.workloads.models,
+                WorkloadKind::Game => &n.workloads.games,
+            };
+            let state = n.dynamic().state;
+            // The geofence is asked only about nodes that could be listed at all.
+            let allowed = move || placement.serve_check(client, n, kind).is_ok();
+            (state, allowed, names.as_slice())
+        }))
+    }
+}
+
+/// The listing rule on its own: names of nodes that are not gone and that the geofence allows.
+fn visible_names<'a, F: FnOnce() -> bool>(
+    nodes: impl IntoIterator<Item = (NodeState, F, &'a [String])>,
+) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for (state, allowed, names) in nodes {
+        if state == NodeState::Gone || !allowed() {
+            continue;
+        }
+        out.extend(names.iter().cloned());
+    }
+    out
 }
 
 /// Where clients and nodes are (GeoIP) and what the geofence allows.
@@ -48,6 +93,30 @@ impl Placement {
             policy,
             metrics,
         }
+    }
+
+    /// The geofence verdict for serving `client` from `node` (every GPU class of the node must be
+    /// allowed).
+    pub fn serve_check(
+        &self,
+        client: &Location,
+        node: &NodeEntry,
+        workload: WorkloadKind,
+    ) -> Result<(), Deny> {
+        // Read once: the location changes when the node's connection migrates.
+        let node_location = node.location();
+        for (_, class) in &node.classes {
+            if let Decision::Deny { rule, reason, .. } =
+                self.policy
+                    .check_serve(client, &node_location, *class, workload)
+            {
+                return Err(Deny {
+                    rule: rule.to_string(),
+                    reason: reason.to_string(),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Counts a geofence decision by side, outcome and rule.
@@ -76,9 +145,49 @@ pub struct Sessions {
     pub webrtc: Arc<crate::webrtc::Sessions>,
 }
 
-/// The usage ledger: what was served, to whom, by which node.
+/// The usage ledger: what was served, to whom, by which node. Its methods are in `meter.rs`.
 pub struct Meter {
     pub store: Arc<dyn Store>,
     pub metrics: Arc<Metrics>,
     pub clock: SharedClock,
+    /// How far a node's usage claims may be off before it is an SLA penalty.
+    pub tolerance: crate::meter::UsageTolerance,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn a_gone_node_is_not_listed_whatever_it_served() {
+        let (a, b, c) = (
+            names(&["arena"]),
+            names(&["chess"]),
+            names(&["arena", "kart"]),
+        );
+        let listed = visible_names([
+            (NodeState::Active, (|| true) as fn() -> bool, a.as_slice()),
+            (NodeState::Gone, || true, b.as_slice()),
+            (NodeState::Draining, || true, c.as_slice()),
+        ]);
+        assert_eq!(
+            listed.into_iter().collect::<Vec<_>>(),
+            ["arena", "kart"],
+            "the gone node's chess is not listed; arena is listed once"
+        );
+    }
+
+    #[test]
+    fn a_node_the_geofence_denies_is_not_listed() {
+        let (a, b) = (names(&["arena"]), names(&["chess"]));
+        let listed = visible_names([
+            (NodeState::Active, (|| false) as fn() -> bool, a.as_slice()),
+            (NodeState::Slow, || true, b.as_slice()),
+        ]);
+        assert_eq!(listed.into_iter().collect::<Vec<_>>(), ["chess"]);
+    }
 }

@@ -234,7 +234,12 @@ impl CoreError {
         Self::from_api(&ApiError::invalid_api_key())
     }
     pub fn key_revoked() -> Self {
-        Self::from_api(&ApiError::key_revoked())
+        // 401 alone reads as `Unauthenticated`; a revocation is its own kind (native code
+        // `key_revoked`).
+        CoreError {
+            kind: Kind::KeyRevoked,
+            ..Self::from_api(&ApiError::key_revoked())
+        }
     }
     pub fn geofence_denied(rule: &str, reason: &str) -> Self {
         Self::from_api(&ApiError::geofence_denied(rule, reason))
@@ -311,16 +316,28 @@ impl CoreError {
             Kind::Geofence => "geofence",
             Kind::NotFound => "model_not_found",
             Kind::TooLarge => "too_large",
+            // A per-key concurrency cap and a ledger that cannot commit keep their own codes,
+            // as over HTTP: a client waits for one of its sessions to end, or simply retries.
+            Kind::RateLimited if self.code == CONCURRENCY_LIMIT_EXCEEDED => {
+                CONCURRENCY_LIMIT_EXCEEDED
+            }
             Kind::RateLimited => "rate_limited",
             Kind::Unavailable if self.code == nearpath_protocol::openai::MODEL_UNAVAILABLE => {
                 nearpath_protocol::openai::MODEL_UNAVAILABLE
             }
+            Kind::Unavailable if self.code == LEDGER_UNAVAILABLE => LEDGER_UNAVAILABLE,
             Kind::Unavailable => "no_capacity",
             Kind::Timeout => "timeout",
             Kind::NodeFailed | Kind::Internal => "upstream",
         }
     }
 }
+
+/// The code of the refusal of new work while the usage ledger cannot commit.
+pub const LEDGER_UNAVAILABLE: &str = "ledger_unavailable";
+
+/// The code of a refusal by a per-key concurrency cap.
+pub const CONCURRENCY_LIMIT_EXCEEDED: &str = "concurrency_limit_exceeded";
 
 impl From<ApiError> for CoreError {
     fn from(e: ApiError) -> Self {

@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod api;
+pub mod auth;
 pub mod client;
 pub mod client_addr;
 pub mod clock;
@@ -15,6 +16,7 @@ pub mod gpu_class;
 pub mod http_util;
 pub mod infer;
 pub mod liveness;
+pub mod meter;
 pub mod metrics;
 pub mod player;
 pub mod recent_models;

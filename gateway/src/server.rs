@@ -153,12 +153,12 @@ impl Gateway {
         ));
         let clock = crate::clock::system();
         let metrics = Arc::new(Metrics::new());
-        let auth = Arc::new(Auth {
-            store: store.clone(),
-            keys: Default::default(),
-            limiter: Default::default(),
-            clock: clock.clone(),
-        });
+        let auth = Arc::new(Auth::new(
+            store.clone(),
+            metrics.clone(),
+            clock.clone(),
+            crate::auth::CapDefaults::from_config(&config),
+        ));
         let directory = Arc::new(Directory {
             registry: Arc::new(registry),
             clock: clock.clone(),
@@ -169,6 +169,7 @@ impl Gateway {
             store: store.clone(),
             metrics: metrics.clone(),
             clock: clock.clone(),
+            tolerance: crate::meter::UsageTolerance::from_config(&config.inference),
         });
         let games = Arc::new(crate::game::GameService::new(
             auth.clone(),
@@ -259,7 +260,7 @@ impl Gateway {
         // window for the whole connection. quinn's defaults (an unbounded connection window,
         // 1.25 MB per stream) let one unauthenticated connection with 256 streams pin 256 MB.
         // Limits are raised per connection once it authenticates or registers (see
-        // `client_authenticated` and `node_registered`).
+        // `QuicClients::authenticated` and `node_registered`).
         let q = &shared.config.quic;
         let transport = nearpath_protocol::tls::TransportOptions {
             idle_timeout: Duration::from_millis(q.idle_timeout_ms),
@@ -300,12 +301,34 @@ impl Gateway {
         };
 
         let inner_shutdown = shared.shutdown.clone();
+        let infer = Arc::new(inference(&shared));
+        let clients = Arc::new(crate::client::QuicClients::new(
+            infer.clone(),
+            Arc::new(GamePlay(shared.games.clone())),
+            shared.quic_gate.clone(),
+            shared.config.quic.clone(),
+            shared.shutdown.clone(),
+        ));
+        let client_api = crate::api::ClientApi::new(
+            infer,
+            shared.config.http.clone(),
+            Some(crate::api::Mounted {
+                claims: crate::webrtc::is_webrtc_path,
+                handler: Arc::new(crate::webrtc::Whep::new(
+                    shared.games.clone(),
+                    shared.sessions.webrtc.clone(),
+                    shared.config.http.clone(),
+                    shared.play_prefill_key.clone(),
+                    shared.shutdown.clone(),
+                )),
+            }),
+        );
         let handle = tokio::spawn(async move {
-            let quic_task = tokio::spawn(accept_quic(shared.clone(), endpoint.clone()));
+            let quic_task = tokio::spawn(accept_quic(shared.clone(), clients, endpoint.clone()));
             let http_task = tokio::spawn(crate::http_util::serve(
                 listeners.http,
                 http_tls,
-                Arc::new(crate::api::ClientApi::new(shared.clone())),
+                Arc::new(client_api),
                 "http",
                 inner_shutdown.clone(),
                 crate::http_util::ConnPolicy::from_config(&shared.config.http, &shared.metrics),
@@ -339,25 +362,51 @@ impl Gateway {
     }
 }
 
+/// The inference service both client front ends drive, from the components it uses.
+fn inference(shared: &Shared) -> crate::infer::InferService {
+    crate::infer::InferService {
+        auth: shared.auth.clone(),
+        directory: shared.directory.clone(),
+        placement: shared.placement.clone(),
+        sessions: shared.sessions.clone(),
+        meter: shared.meter.clone(),
+        metrics: shared.metrics.clone(),
+        clock: shared.clock.clone(),
+        config: shared.config.inference.clone(),
+    }
+}
+
+/// Game sessions for native players, served by the game service.
+struct GamePlay(Arc<crate::game::GameService>);
+
+impl crate::client::PlayService for GamePlay {
+    fn input_loop(
+        &self,
+        conn: quinn::Connection,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+        Box::pin(self.0.clone().client_input_loop(conn))
+    }
+
+    fn serve_play(
+        &self,
+        conn: quinn::Connection,
+        tx: quinn::SendStream,
+        rx: nearpath_protocol::stream::FramedRecv,
+        req: nearpath_protocol::message::PlayRequest,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+        Box::pin(self.0.clone().serve_play(conn, tx, rx, req))
+    }
+}
+
 /// Concurrent video frame streams a registered node may have in flight (frames are
 /// short-lived streams).
 const NODE_UNI_STREAMS: u32 = 256;
-/// Concurrent requests one authenticated native client connection may have in flight.
-const CLIENT_BIDI_STREAMS: u32 = 256;
 /// Receive window of a node connection until it is registered: its control stream carries one
 /// `Register` (at most `MAX_CONTROL_FRAME`), nothing else may arrive before `Registered`.
 const NODE_PREREGISTER_WINDOW: u32 = 2 * nearpath_protocol::MAX_CONTROL_FRAME as u32;
 /// Received datagrams buffered per connection until read. Input datagrams are tens of bytes and
 /// read as they come; nodes send none, so anything more would only be a stranger's ballast.
 const DATAGRAM_RECEIVE_BUFFER: usize = 64 * 1024;
-
-/// Raises a native client connection's limits after a request on it authenticated (once).
-pub fn client_authenticated(shared: &Shared, conn: &quinn::Connection) {
-    if shared.quic_gate.authenticated(conn.stable_id()) {
-        conn.set_receive_window(window(shared.config.quic.client_receive_window_bytes));
-        conn.set_max_concurrent_bi_streams(CLIENT_BIDI_STREAMS.into());
-    }
-}
 
 /// Grants a node connection its video frame streams and window, after `Registered` was sent.
 pub fn node_registered(shared: &Shared, conn: &quinn::Connection) {
@@ -371,7 +420,11 @@ fn window(bytes: u64) -> quinn::VarInt {
     quinn::VarInt::from_u64(bytes).unwrap_or(quinn::VarInt::MAX)
 }
 
-async fn accept_quic(shared: Arc<Shared>, endpoint: quinn::Endpoint) {
+async fn accept_quic(
+    shared: Arc<Shared>,
+    clients: Arc<crate::client::QuicClients>,
+    endpoint: quinn::Endpoint,
+) {
     let refused = |reason: &str| {
         shared
             .metrics
@@ -403,6 +456,7 @@ async fn accept_quic(shared: Arc<Shared>, endpoint: quinn::Endpoint) {
             }
         };
         let shared = shared.clone();
+        let clients = clients.clone();
         tokio::spawn(async move {
             let conn = match incoming.await {
                 Ok(c) => c,
@@ -420,9 +474,9 @@ async fn accept_quic(shared: Arc<Shared>, endpoint: quinn::Endpoint) {
                     crate::control::handle_node(shared, conn).await
                 }
                 Some(a) if a == ALPN_CLIENT => {
-                    // One request stream until a request authenticates (`client_authenticated`),
+                    // One request stream until a request authenticates (`QuicClients::authenticated`),
                     // and no uni streams ever.
-                    crate::client::handle_client(shared, conn).await
+                    clients.handle(conn).await
                 }
                 _ => {
                     warn!(%peer, "QUIC connection without a known ALPN");

@@ -21,8 +21,7 @@ use crate::registry::NodeEntry;
 use crate::server::Shared;
 use crate::session_id::SessionId;
 use bytes::Bytes;
-use nearpath_protocol::message::{GameParams, PlayRequest};
-use nearpath_protocol::stream::FramedRecv;
+use nearpath_protocol::message::GameParams;
 use nearpath_protocol::{FrameHeader, InputDatagram, MAX_VIDEO_FRAME};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -396,26 +395,6 @@ impl ForeignLog {
 // Kept for the node session's call site; the lead points it at the service at merge.
 pub async fn node_frames_loop(shared: Arc<Shared>, conn: quinn::Connection) {
     shared.games.clone().node_frames_loop(conn).await
-}
-
-/// Forwards a client's input datagrams (see [`GameService::client_input_loop`]).
-pub async fn client_input_loop(shared: Arc<Shared>, conn: quinn::Connection) {
-    shared.games.clone().client_input_loop(conn).await
-}
-
-/// Serves a `PlayRequest` on a native client's bidi stream (see [`GameService::serve_play`]).
-pub async fn serve_play(
-    shared: Arc<Shared>,
-    conn: quinn::Connection,
-    ctl_tx: quinn::SendStream,
-    ctl_rx: FramedRecv,
-    req: PlayRequest,
-) {
-    shared
-        .games
-        .clone()
-        .serve_play(conn, ctl_tx, ctl_rx, req)
-        .await
 }
 
 /// Reads the payload that follows an already-read frame header.

@@ -8,10 +8,10 @@ use super::{
     recv_frame_rest, ClientEvent, DropReason, FlightSlot, ForeignLog, FrameBudget, FrameSink,
     InFlight, Notice, Relay, Started, Verdict, ACK_DELAY_ALLOWANCE, REVOKE_SEND_BOUND,
 };
+use crate::auth::{CapGuard, CapKind, CapRefusal};
 use crate::clock::SharedClock;
 use crate::components::{Auth, Directory, Meter, Placement, Sessions};
 use crate::error::{CoreError, Kind};
-use crate::infer::{CapGuard, CapKind, CapRefusal};
 use crate::metrics::{labels, Metrics};
 use crate::player::{ConnSample, PlayerSilence};
 use crate::registry::{NodeEntry, SlotGuard, SlotKind};
@@ -20,11 +20,10 @@ use crate::router::{NoRoute, Workload};
 use crate::store::{ApiKey, UsageKind, UsageRecord};
 use bytes::Bytes;
 use nearpath_config::{GameConfig, WorkloadKind};
-use nearpath_geo::{Decision, Location};
+use nearpath_geo::Location;
 use nearpath_protocol::message::{
     Ended, ErrorInfo, GameParams, Message, Open, Paused, PlayRequest, PlayStarted, SessionKind,
 };
-use nearpath_protocol::openai::ApiError;
 use nearpath_protocol::stream::{recv_frame_header, relay_frame_by, send, FramedRecv, Relayed};
 use nearpath_protocol::{InputDatagram, MAX_CONTROL_FRAME, MAX_VIDEO_FRAME};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -157,26 +156,9 @@ impl GameService {
         &self.sessions.games
     }
 
-    /// Checks a Bearer secret against the store (with a short cache): the same rule as
-    /// `infer::authenticate`, read from the `Auth` component.
-    // The "infer" engineer moves this rule to `components::Auth::authenticate`; this then calls it.
-    pub async fn authenticate(&self, secret: Option<&str>) -> Result<ApiKey, ApiError> {
-        let secret = secret.ok_or_else(ApiError::missing_api_key)?;
-        let hash = crate::store::hash_secret(secret);
-        if let Some(key) = self.auth.keys.get(&hash) {
-            return Ok(key);
-        }
-        let store = self.auth.store.clone();
-        let owned = secret.to_string();
-        let found = tokio::task::spawn_blocking(move || store.authenticate_api_key(&owned))
-            .await
-            .map_err(|e| ApiError::internal(e.to_string()))?
-            .map_err(|e| ApiError::unavailable(format!("key store unavailable: {e}")))?;
-        match found {
-            // The store may have answered before a revocation that has landed since.
-            Some(key) if self.auth.keys.put(hash, &key) => Ok(key),
-            _ => Err(ApiError::invalid_api_key()),
-        }
+    /// Checks a Bearer secret (see `Auth::authenticate`).
+    pub async fn authenticate(&self, secret: Option<&str>) -> Result<ApiKey, CoreError> {
+        self.auth.authenticate(secret).await
     }
 
     /// Counts a dropped frame against its session and in the metric, by reason.
@@ -193,78 +175,26 @@ impl GameService {
         session_params(&self.config, r)
     }
 
-    fn count_refusal(&self, transport: &'static str, cap: &'static str) {
-        self.metrics
-            .key_cap_refusals
-            .get_or_create(&labels([("entry", transport), ("cap", cap)]))
-            .inc();
-    }
-
     /// Checks what a key may start before anything is routed: the ledger can bill the session,
     /// the key is under its cap on live sessions and its session starts per minute. The guard
     /// holds the key's session slot until the session ends.
-    // The same rules as `infer::ledger_gate` and `infer::effective_caps`, read from the `Meter`
-    // and `Auth` components; the "infer" engineer moves those to `Auth`, and this then calls them.
     fn admit_start(&self, key: &ApiKey, transport: &'static str) -> Result<CapGuard, CoreError> {
-        if !self.meter.store.ledger_health().healthy {
-            self.metrics
-                .ledger_refusals
-                .get_or_create(&labels([("entry", transport)]))
-                .inc();
-            return Err(CoreError::new(
-                Kind::Unavailable,
-                crate::infer::LEDGER_UNAVAILABLE,
-                "the usage ledger cannot record usage right now, so no new work is accepted; retry shortly",
-            )
-            .with_retry_after_s(1));
-        }
+        self.auth.ledger_gate(transport)?;
+        let caps = self.auth.effective_caps(key);
         let refused = |r: CapRefusal| {
-            self.count_refusal(transport, r.cap);
-            CoreError::rate_limited(
-                r.code,
-                r.message,
-                u32::try_from(r.retry_after_s).unwrap_or(u32::MAX),
-            )
+            self.auth.count_cap_refusal(transport, &r);
+            r.core_error()
         };
-        let max_sessions = key
-            .caps
-            .max_concurrent_sessions
-            .unwrap_or(self.config.default_max_concurrent_sessions);
-        let starts = key
-            .caps
-            .session_starts_per_minute
-            .unwrap_or(self.config.default_session_starts_per_minute);
         let guard = self
             .auth
             .limiter
-            .acquire(key, CapKind::Session, max_sessions)
+            .acquire(key, CapKind::Session, caps.max_concurrent_sessions)
             .map_err(refused)?;
         self.auth
             .limiter
-            .admit_session_start(key, starts, self.clock.now())
+            .admit_session_start(key, caps.session_starts_per_minute, self.clock.now())
             .map_err(refused)?;
         Ok(guard)
-    }
-
-    /// The geofence verdict for serving `client` from `node` (every GPU class of the node must
-    /// be allowed): the rule of `infer::serve_check`, read from the `Placement` component.
-    fn serve_check(&self, client: &Location, node: &NodeEntry) -> Result<(), crate::router::Deny> {
-        // Read once: the location changes when the node's connection migrates.
-        let node_location = node.location();
-        for (_, class) in &node.classes {
-            if let Decision::Deny { rule, reason, .. } = self.placement.policy.check_serve(
-                client,
-                &node_location,
-                *class,
-                WorkloadKind::Game,
-            ) {
-                return Err(crate::router::Deny {
-                    rule: rule.to_string(),
-                    reason: reason.to_string(),
-                });
-            }
-        }
-        Ok(())
     }
 
     /// Routes the session and opens it on the first candidate that accepts, each given
@@ -286,7 +216,7 @@ impl GameService {
                         reason: "node failed this session".into(),
                     });
                 }
-                self.serve_check(client, n)
+                self.placement.serve_check(client, n, WorkloadKind::Game)
             },
         );
         if let Some(f) = outcome.failure() {

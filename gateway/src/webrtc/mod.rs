@@ -123,10 +123,9 @@ pub use datachannel::PageMessage;
 pub use negotiate::{advertise_public_ip, h264_level};
 pub use policy::{PcState, SessionControl};
 pub use ports::{PortLease, PortLeases};
-pub use whep::{handle, is_webrtc_path, play_request, Whep, WhepError};
+pub use whep::{is_webrtc_path, play_request, Whep, WhepError};
 
 use crate::game::Relay;
-use crate::server::Shared;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -184,11 +183,6 @@ impl Sessions {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
-}
-
-/// The WebRTC sessions of the gateway that owns `shared`.
-pub fn sessions(shared: &Arc<Shared>) -> Arc<Sessions> {
-    shared.sessions.webrtc.clone()
 }
 
 /// What the HTTP side needs to reach a running session.

@@ -12,7 +12,6 @@ use crate::error::{CoreError, Kind};
 use crate::game::{ClientEvent, FrameSink, GameService};
 use crate::http_util::{bearer, read_body, Body, BodyError, Handler, Resp};
 use crate::sdp::is_mdns_candidate;
-use crate::server::Shared;
 use crate::store::ApiKey;
 use hyper::body::Incoming;
 use hyper::header::{HeaderName, HeaderValue, CONTENT_TYPE};
@@ -68,17 +67,6 @@ impl Whep {
         }
     }
 
-    /// Picks the front end's parts out of an assembled gateway.
-    pub fn from_shared(shared: &Shared) -> Whep {
-        Whep::new(
-            shared.games.clone(),
-            shared.sessions.webrtc.clone(),
-            shared.config.http.clone(),
-            shared.play_prefill_key.clone(),
-            shared.shutdown.clone(),
-        )
-    }
-
     /// The client's address: the peer's, or the one `http.client_address_header` carries
     /// when the peer is a trusted proxy.
     fn client_ip(&self, peer: IpAddr, headers: &HeaderMap) -> ClientAddr {
@@ -105,12 +93,6 @@ impl Handler for Whep {
     ) -> Pin<Box<dyn Future<Output = Resp> + Send>> {
         Box::pin(async move { self.serve(req, peer).await })
     }
-}
-
-/// Serves the WHEP resources of the gateway that owns `shared`.
-// Kept for the HTTP API's call site until it is given a `Whep` at assembly.
-pub async fn handle(shared: &Arc<Shared>, req: Request<Incoming>, peer: SocketAddr) -> Resp {
-    Whep::from_shared(shared).serve(req, peer).await
 }
 
 /// Why a WHEP request or a session request failed. Each variant maps to one HTTP status.
@@ -218,7 +200,7 @@ impl WhepError {
             WhepError::LedgerUnavailable { .. } => ApiError::new(
                 503,
                 "server_error",
-                Some(crate::infer::LEDGER_UNAVAILABLE),
+                Some(crate::error::LEDGER_UNAVAILABLE),
                 None,
                 self.to_string(),
             ),
@@ -280,7 +262,7 @@ impl WhepError {
                 message: e.message,
                 retry_after_s: e.retry_after_s.unwrap_or(1),
             },
-            Kind::Unavailable if e.code == crate::infer::LEDGER_UNAVAILABLE => {
+            Kind::Unavailable if e.code == crate::error::LEDGER_UNAVAILABLE => {
                 WhepError::LedgerUnavailable { message: e.message }
             }
             _ => WhepError::NoCapacity { message: e.message },
@@ -421,7 +403,7 @@ async fn authenticate(w: &Whep, req: &Request<Incoming>) -> Result<ApiKey, WhepE
     w.games
         .authenticate(bearer(req))
         .await
-        .map_err(WhepError::Unauthorized)
+        .map_err(|e| WhepError::Unauthorized(e.to_api()))
 }
 
 /// Serves this module's resources (see the module docs).
@@ -760,11 +742,11 @@ mod tests {
             (
                 CoreError::new(
                     Kind::Unavailable,
-                    crate::infer::LEDGER_UNAVAILABLE,
+                    crate::error::LEDGER_UNAVAILABLE,
                     "ledger down",
                 ),
                 503,
-                Some(crate::infer::LEDGER_UNAVAILABLE),
+                Some(crate::error::LEDGER_UNAVAILABLE),
                 Some(1),
             ),
             (CoreError::bad_request("odd size", None), 400, None, None),

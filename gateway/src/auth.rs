@@ -1,0 +1,513 @@
+//! Who a request is from: API keys (looked up in the store, cached briefly, revocable at once),
+//! per-key rate limits and concurrency caps, and the ledger gate that refuses new work while
+//! usage cannot be recorded. These are the methods of [`crate::components::Auth`]; every front
+//! end (OpenAI HTTP, WHEP, native QUIC) admits work through them.
+
+use crate::clock::SharedClock;
+use crate::components::Auth;
+use crate::error::CoreError;
+use crate::metrics::{labels, Metrics};
+use crate::store::{ApiKey, Store};
+use nearpath_protocol::openai::ApiError;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+/// How long an authenticated key is trusted without asking the store again. Revocation through
+/// the admin API removes the key from the cache at once and marks it revoked here for good; this
+/// bounds staleness for other writers.
+const KEY_CACHE_TTL: Duration = Duration::from_secs(10);
+
+/// API keys recently authenticated, by secret hash, and the revocation signal of every key a
+/// running session holds.
+#[derive(Default)]
+pub struct KeyCache {
+    entries: Mutex<HashMap<String, (ApiKey, Instant)>>,
+    /// One token per key id, cancelled (and never replaced) when the key is revoked. Sessions
+    /// and streams select on it so that a revocation ends them at once; a token looked up after
+    /// the revocation is already cancelled, so a session that started in the race ends too.
+    /// Key ids are never reused, so the map is bounded by the keys in the store.
+    revocations: Mutex<HashMap<String, CancellationToken>>,
+}
+
+impl KeyCache {
+    pub fn clear(&self) {
+        self.entries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+    }
+
+    /// The signal that key `key_id` was revoked. Sessions of the key end when it is cancelled.
+    pub fn revocation(&self, key_id: &str) -> CancellationToken {
+        self.revocations
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(key_id.to_string())
+            .or_default()
+            .clone()
+    }
+
+    /// Whether key `key_id` was revoked through this gateway.
+    pub fn is_revoked(&self, key_id: &str) -> bool {
+        self.revocations
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key_id)
+            .is_some_and(|t| t.is_cancelled())
+    }
+
+    /// Marks key `key_id` revoked: the cache forgets it, no later lookup caches it again, and
+    /// every session holding it is told to end.
+    pub fn revoke(&self, key_id: &str) {
+        // The entries lock is held across the mark so that an authentication that read the
+        // store before the revocation cannot put the key back into the cache after it (`put`
+        // checks the mark under the same lock).
+        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        self.revocation(key_id).cancel();
+        entries.retain(|_, (k, _)| k.id != key_id);
+    }
+
+    /// A fresh cached key for `hash` that is not revoked, as of `now`.
+    fn get(&self, hash: &str, now: Instant) -> Option<ApiKey> {
+        let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        let (key, at) = entries.get(hash)?;
+        if now.saturating_duration_since(*at) >= KEY_CACHE_TTL || self.is_revoked(&key.id) {
+            return None;
+        }
+        Some(key.clone())
+    }
+
+    /// Caches `key` unless it was revoked meanwhile; says whether the key may be used.
+    fn put(&self, hash: String, key: &ApiKey, now: Instant) -> bool {
+        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        if self.is_revoked(&key.id) {
+            return false;
+        }
+        entries.insert(hash, (key.clone(), now));
+        true
+    }
+}
+
+/// Per-key token buckets (requests per minute, tokens per minute, game session starts per
+/// minute) and per-key caps on concurrent inference streams and game sessions. In memory, per
+/// gateway process: a deployment with several gateways gives each key its limit at each gateway.
+#[derive(Default)]
+pub struct RateLimiter {
+    buckets: Mutex<HashMap<String, Buckets>>,
+    /// Session-start buckets: (tokens, last refill).
+    starts: Mutex<HashMap<String, (f64, Instant)>>,
+    /// What each key holds now; shared with the guards that give it back.
+    held: Arc<Mutex<HashMap<String, HeldCounts>>>,
+}
+
+/// Concurrent work one key holds.
+#[derive(Default, Debug, Clone, Copy)]
+struct HeldCounts {
+    streams: u32,
+    sessions: u32,
+}
+
+/// What a [`CapGuard`] holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CapKind {
+    /// An inference request in flight.
+    Stream,
+    /// A live game session.
+    Session,
+}
+
+/// One unit of a key's concurrency cap, given back when dropped (however the work ends).
+pub struct CapGuard {
+    held: Arc<Mutex<HashMap<String, HeldCounts>>>,
+    key: String,
+    kind: CapKind,
+}
+
+impl Drop for CapGuard {
+    fn drop(&mut self) {
+        let mut map = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = map.get_mut(&self.key) {
+            match self.kind {
+                CapKind::Stream => c.streams = c.streams.saturating_sub(1),
+                CapKind::Session => c.sessions = c.sessions.saturating_sub(1),
+            }
+            if c.streams == 0 && c.sessions == 0 {
+                map.remove(&self.key);
+            }
+        }
+    }
+}
+
+/// Why a per-key cap refused work: a 429 with `code` and `Retry-After`.
+#[derive(Debug, Clone)]
+pub struct CapRefusal {
+    /// `concurrency_limit_exceeded` or `rate_limit_exceeded`.
+    pub code: &'static str,
+    /// Which cap: `streams`, `sessions` or `session_starts` (a metric label).
+    pub cap: &'static str,
+    pub message: String,
+    pub retry_after_s: u64,
+}
+
+impl CapRefusal {
+    /// The refusal as an API error (429, `rate_limit_error`).
+    pub fn api_error(&self) -> ApiError {
+        ApiError::new(
+            429,
+            "rate_limit_error",
+            Some(self.code),
+            None,
+            self.message.clone(),
+        )
+    }
+}
+
+/// The caps that apply to a key: its own, else the gateway-wide defaults.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EffectiveCaps {
+    pub max_concurrent_streams: u32,
+    pub max_concurrent_sessions: u32,
+    pub session_starts_per_minute: u32,
+}
+
+struct Buckets {
+    requests: f64,
+    tokens: f64,
+    at: Instant,
+}
+
+impl RateLimiter {
+    /// Takes one request from `key`'s bucket, or says how many seconds until one is available.
+    pub fn admit(&self, key: &ApiKey, now: Instant) -> Result<(), u64> {
+        let mut map = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        let rpm = key.requests_per_minute.max(1) as f64;
+        let tpm = key.tokens_per_minute.max(1) as f64;
+        let b = map.entry(key.id.clone()).or_insert(Buckets {
+            requests: rpm,
+            tokens: tpm,
+            at: now,
+        });
+        let dt = now.saturating_duration_since(b.at).as_secs_f64();
+        b.at = now;
+        b.requests = (b.requests + dt * rpm / 60.0).min(rpm);
+        b.tokens = (b.tokens + dt * tpm / 60.0).min(tpm);
+        if b.tokens < 1.0 {
+            return Err(((1.0 - b.tokens) * 60.0 / tpm).ceil().max(1.0) as u64);
+        }
+        if b.requests < 1.0 {
+            return Err(((1.0 - b.requests) * 60.0 / rpm).ceil().max(1.0) as u64);
+        }
+        b.requests -= 1.0;
+        Ok(())
+    }
+
+    /// Charges the tokens a finished request used (the bucket may go negative: the next
+    /// requests wait until it refills). The debt is capped at one minute's allowance, so that no
+    /// single request, whatever it was billed, locks a key out for more than two minutes.
+    pub fn charge_tokens(&self, key: &ApiKey, tokens: u64) {
+        let mut map = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(b) = map.get_mut(&key.id) {
+            let tpm = key.tokens_per_minute.max(1) as f64;
+            b.tokens = (b.tokens - tokens as f64).max(-tpm);
+        }
+    }
+
+    /// Takes one unit of `key`'s concurrency cap of `kind` (at most `limit` held at once).
+    pub fn acquire(&self, key: &ApiKey, kind: CapKind, limit: u32) -> Result<CapGuard, CapRefusal> {
+        let mut map = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        let c = map.entry(key.id.clone()).or_default();
+        let (n, what, cap) = match kind {
+            CapKind::Stream => (&mut c.streams, "inference requests in flight", "streams"),
+            CapKind::Session => (&mut c.sessions, "live game sessions", "sessions"),
+        };
+        if *n >= limit {
+            let held = *n;
+            if c.streams == 0 && c.sessions == 0 {
+                map.remove(&key.id);
+            }
+            return Err(CapRefusal {
+                code: crate::error::CONCURRENCY_LIMIT_EXCEEDED,
+                cap,
+                message: format!(
+                    "key {} already has {held} {what} (its limit is {limit}); retry when one ends",
+                    key.prefix
+                ),
+                retry_after_s: 1,
+            });
+        }
+        *n += 1;
+        Ok(CapGuard {
+            held: self.held.clone(),
+            key: key.id.clone(),
+            kind,
+        })
+    }
+
+    /// Takes one game session start from `key`'s bucket of `per_minute`.
+    pub fn admit_session_start(
+        &self,
+        key: &ApiKey,
+        per_minute: u32,
+        now: Instant,
+    ) -> Result<(), CapRefusal> {
+        let mut map = self.starts.lock().unwrap_or_else(|p| p.into_inner());
+        let rate = per_minute.max(1) as f64;
+        let (tokens, at) = map.entry(key.id.clone()).or_insert((rate, now));
+        let dt = now.saturating_duration_since(*at).as_secs_f64();
+        *at = now;
+        *tokens = (*tokens + dt * rate / 60.0).min(rate);
+        if *tokens < 1.0 {
+            return Err(CapRefusal {
+                code: "rate_limit_exceeded",
+                cap: "session_starts",
+                message: format!(
+                    "key {} started {per_minute} game sessions in the last minute (its limit)",
+                    key.prefix
+                ),
+                retry_after_s: ((1.0 - *tokens) * 60.0 / rate).ceil().max(1.0) as u64,
+            });
+        }
+        *tokens -= 1.0;
+        Ok(())
+    }
+}
+
+/// The gateway-wide caps for keys that set none (`inference.default_max_concurrent_streams`,
+/// `game.default_max_concurrent_sessions`, `game.default_session_starts_per_minute`).
+pub type CapDefaults = EffectiveCaps;
+
+impl CapDefaults {
+    pub fn from_config(c: &nearpath_config::GatewayConfig) -> CapDefaults {
+        EffectiveCaps {
+            max_concurrent_streams: c.inference.default_max_concurrent_streams,
+            max_concurrent_sessions: c.game.default_max_concurrent_sessions,
+            session_starts_per_minute: c.game.default_session_starts_per_minute,
+        }
+    }
+}
+
+/// The error code of [`Auth::ledger_gate`]'s refusal.
+pub use crate::error::LEDGER_UNAVAILABLE;
+
+impl Auth {
+    pub fn new(
+        store: Arc<dyn Store>,
+        metrics: Arc<Metrics>,
+        clock: SharedClock,
+        defaults: CapDefaults,
+    ) -> Auth {
+        Auth {
+            store,
+            keys: KeyCache::default(),
+            limiter: RateLimiter::default(),
+            clock,
+            metrics,
+            defaults,
+        }
+    }
+
+    /// Checks a Bearer secret against the store (with a short cache).
+    pub async fn authenticate(&self, secret: Option<&str>) -> Result<ApiKey, CoreError> {
+        let secret = secret.ok_or_else(CoreError::missing_api_key)?;
+        let hash = crate::store::hash_secret(secret);
+        if let Some(key) = self.keys.get(&hash, self.clock.now()) {
+            return Ok(key);
+        }
+        let store = self.store.clone();
+        let owned = secret.to_string();
+        let found = tokio::task::spawn_blocking(move || store.authenticate_api_key(&owned))
+            .await
+            .map_err(|e| CoreError::internal(e.to_string()))?
+            .map_err(|e| CoreError::unavailable(format!("key store unavailable: {e}")))?;
+        match found {
+            // The store may have answered before a revocation that has landed since.
+            Some(key) if self.keys.put(hash, &key, self.clock.now()) => Ok(key),
+            _ => Err(CoreError::invalid_api_key()),
+        }
+    }
+
+    /// The caps that apply to `key`: its own, else the gateway-wide defaults.
+    pub fn effective_caps(&self, key: &ApiKey) -> EffectiveCaps {
+        let d = &self.defaults;
+        EffectiveCaps {
+            max_concurrent_streams: key
+                .caps
+                .max_concurrent_streams
+                .unwrap_or(d.max_concurrent_streams),
+            max_concurrent_sessions: key
+                .caps
+                .max_concurrent_sessions
+                .unwrap_or(d.max_concurrent_sessions),
+            session_starts_per_minute: key
+                .caps
+                .session_starts_per_minute
+                .unwrap_or(d.session_starts_per_minute),
+        }
+    }
+
+    /// Takes one request from `key`'s rate buckets now, or says how many seconds until one is
+    /// available.
+    pub fn admit(&self, key: &ApiKey) -> Result<(), u64> {
+        self.limiter.admit(key, self.clock.now())
+    }
+
+    /// Takes one of `key`'s concurrent inference streams for a request arriving on `entry`
+    /// (`http` or `quic`), counting a refusal.
+    pub fn acquire_stream(
+        &self,
+        key: &ApiKey,
+        entry: &'static str,
+    ) -> Result<CapGuard, CapRefusal> {
+        let limit = self.effective_caps(key).max_concurrent_streams;
+        self.limiter
+            .acquire(key, CapKind::Stream, limit)
+            .inspect_err(|r| self.count_cap_refusal(entry, r))
+    }
+
+    /// Counts a per-key cap refusal by entry point and cap.
+    pub fn count_cap_refusal(&self, entry: &'static str, r: &CapRefusal) {
+        self.metrics
+            .key_cap_refusals
+            .get_or_create(&labels([("entry", entry), ("cap", r.cap)]))
+            .inc();
+    }
+
+    /// Refuses new work while the usage ledger cannot commit: serving it would be serving it
+    /// free (billing must fail closed). 503 `ledger_unavailable`, retryable after a second (the
+    /// ledger's writer probes every half second); work already running goes on.
+    pub fn ledger_gate(&self, entry: &'static str) -> Result<(), CoreError> {
+        if self.store.ledger_health().healthy {
+            return Ok(());
+        }
+        self.metrics
+            .ledger_refusals
+            .get_or_create(&labels([("entry", entry)]))
+            .inc();
+        Err(ledger_unavailable())
+    }
+}
+
+/// [`Auth::ledger_gate`]'s refusal.
+pub fn ledger_unavailable() -> CoreError {
+    CoreError::from_api(&ApiError::new(
+        503,
+        "server_error",
+        Some(LEDGER_UNAVAILABLE),
+        None,
+        "the usage ledger cannot record usage right now, so no new work is accepted; retry shortly",
+    ))
+    .with_retry_after_s(1)
+}
+
+impl CapRefusal {
+    /// The refusal as a core error (429, retryable, with its wait).
+    pub fn core_error(&self) -> CoreError {
+        CoreError::from_api(&self.api_error())
+            .with_retry_after_s(u32::try_from(self.retry_after_s).unwrap_or(u32::MAX))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(tpm: u32) -> ApiKey {
+        ApiKey {
+            id: "key_1".into(),
+            tenant: "t".into(),
+            requests_per_minute: 600,
+            tokens_per_minute: tpm,
+            created_at_ms: 0,
+            revoked: false,
+            prefix: "npk_".into(),
+            caps: Default::default(),
+        }
+    }
+
+    #[test]
+    fn a_revoked_key_is_not_accepted_from_the_cache() {
+        let cache = KeyCache::default();
+        let now = Instant::now();
+        let held = cache.revocation("key_a");
+        assert!(cache.put("hash-a".into(), &named("key_a"), now));
+        assert!(cache.put("hash-b".into(), &named("key_b"), now));
+        assert_eq!(cache.get("hash-a", now).map(|k| k.id), Some("key_a".into()));
+        cache.revoke("key_a");
+        // Cached entries go, sessions holding the key are told, and an authentication that
+        // read the store before the revocation cannot put the key back.
+        assert!(cache.get("hash-a", now).is_none());
+        assert!(held.is_cancelled());
+        assert!(!cache.put("hash-a".into(), &named("key_a"), now));
+        assert!(cache.get("hash-a", now).is_none());
+        // A session that looks the key up after the revocation ends at once too.
+        assert!(cache.revocation("key_a").is_cancelled());
+        // Other keys are untouched.
+        assert_eq!(cache.get("hash-b", now).map(|k| k.id), Some("key_b".into()));
+        assert!(!cache.revocation("key_b").is_cancelled());
+    }
+
+    #[test]
+    fn a_cached_key_is_asked_for_again_after_the_ttl() {
+        let cache = KeyCache::default();
+        let t0 = Instant::now();
+        assert!(cache.put("h".into(), &named("key_a"), t0));
+        assert!(cache
+            .get("h", t0 + KEY_CACHE_TTL - Duration::from_millis(1))
+            .is_some());
+        assert!(cache.get("h", t0 + KEY_CACHE_TTL).is_none());
+    }
+
+    fn named(id: &str) -> ApiKey {
+        let mut k = key(1);
+        k.id = id.into();
+        k
+    }
+
+    #[test]
+    fn one_huge_charge_locks_a_key_out_for_at_most_two_minutes() {
+        let limiter = RateLimiter::default();
+        let k = key(6_000);
+        let t0 = Instant::now();
+        assert!(limiter.admit(&k, t0).is_ok());
+        limiter.charge_tokens(&k, 2 * u64::from(u32::MAX));
+        let wait = limiter.admit(&k, t0).expect_err("in debt");
+        assert!(wait <= 120, "{wait} s");
+        assert!(limiter.admit(&k, t0 + Duration::from_secs(wait)).is_ok());
+    }
+
+    #[test]
+    fn concurrency_caps_are_per_key_and_given_back_on_drop() {
+        let limiter = RateLimiter::default();
+        let (a, mut b) = (key(1), key(1));
+        b.id = "key_2".into();
+        let g1 = limiter.acquire(&a, CapKind::Stream, 2).expect("first");
+        let _g2 = limiter.acquire(&a, CapKind::Stream, 2).expect("second");
+        let r = limiter
+            .acquire(&a, CapKind::Stream, 2)
+            .err()
+            .expect("third refused");
+        assert_eq!((r.code, r.cap), ("concurrency_limit_exceeded", "streams"));
+        // Sessions are counted apart from streams, and other keys apart from this one.
+        assert!(limiter.acquire(&a, CapKind::Session, 1).is_ok());
+        assert!(limiter.acquire(&b, CapKind::Stream, 2).is_ok());
+        drop(g1);
+        assert!(limiter.acquire(&a, CapKind::Stream, 2).is_ok());
+    }
+
+    #[test]
+    fn session_starts_refill_over_the_minute() {
+        let limiter = RateLimiter::default();
+        let k = key(1);
+        let t0 = Instant::now();
+        assert!(limiter.admit_session_start(&k, 2, t0).is_ok());
+        assert!(limiter.admit_session_start(&k, 2, t0).is_ok());
+        let r = limiter.admit_session_start(&k, 2, t0).expect_err("third");
+        assert_eq!(r.code, "rate_limit_exceeded");
+        assert_eq!(r.retry_after_s, 30);
+        assert!(limiter
+            .admit_session_start(&k, 2, t0 + Duration::from_secs(30))
+            .is_ok());
+    }
+}

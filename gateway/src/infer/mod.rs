@@ -1,0 +1,864 @@
+//! Inference shared by the HTTP (OpenAI) and QUIC (`nearpath/1`) front ends: admission (ledger
+//! gate, rate limit, per-key stream cap), routing with the geofence, failover before the first
+//! token ([`attempts`], a sans-IO state machine this module drives), the token stream from the
+//! node, cancellation, and metering. Both front ends drive the one pump ([`InferService::pump`])
+//! and only render what it hands them.
+
+pub mod attempts;
+
+use crate::clock::SharedClock;
+use crate::components::{Auth, Directory, Meter, Placement, Sessions};
+use crate::error::CoreError;
+use crate::meter::Metering;
+use crate::metrics::{labels, Metrics};
+use crate::registry::{ModelAvailability, NodeEntry, SlotGuard, SlotKind};
+use crate::router::{LatLon, NoRoute, Workload};
+use crate::session_id::SessionId;
+use crate::store::ApiKey;
+use attempts::{Action, Candidate, InferAttempts, NodeEvent, Route, Rules};
+use nearpath_config::{InferenceConfig, WorkloadKind};
+use nearpath_geo::Location;
+use nearpath_protocol::app_code::STREAM_CANCELLED;
+use nearpath_protocol::message::{Message, Open, SessionKind};
+use nearpath_protocol::openai::{ApiError, InferenceRequest, Usage, MODEL_UNAVAILABLE};
+use nearpath_protocol::stream::{send, FramedRecv};
+use nearpath_protocol::MAX_CONTROL_FRAME;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+// Moved to `auth.rs`; re-exported for the callers that still use these paths.
+pub use crate::auth::{
+    CapGuard, CapKind, CapRefusal, EffectiveCaps, KeyCache, RateLimiter, LEDGER_UNAVAILABLE,
+};
+pub use crate::meter::USAGE_MISMATCH;
+
+/// The prompt tokens a request is billed: one token per 4 bytes of its input text (message
+/// contents, or the prompt), rounded up. Four bytes per token is the usual average of BPE
+/// tokenisers on English text; the gateway cannot run the node's tokeniser, and must not take
+/// the node's word for it. Bounded by the request body limit.
+pub fn prompt_token_estimate(request: &InferenceRequest) -> u32 {
+    let bytes: usize = request.input_texts().map(str::len).sum();
+    u32::try_from(bytes.div_ceil(4)).unwrap_or(u32::MAX)
+}
+
+/// A fresh request id (`req_` and 24 hex digits).
+pub fn new_request_id() -> String {
+    format!(
+        "req_{:016x}{:08x}",
+        rand::random::<u64>(),
+        rand::random::<u32>()
+    )
+}
+
+pub fn client_latlon(loc: &Location) -> Option<LatLon> {
+    loc.coords.and_then(|c| LatLon::new(c.lat, c.lon).ok())
+}
+
+/// What a tenant is billed: the estimated prompt, and the non-empty pieces the gateway relayed,
+/// at most the request's `max_tokens` (a node cannot bill more by saying so).
+pub fn billed_usage(prompt_tokens: u32, pieces: u32, max_tokens: Option<u32>) -> Usage {
+    Usage {
+        prompt_tokens,
+        completion_tokens: pieces.min(max_tokens.unwrap_or(u32::MAX)),
+    }
+}
+
+/// Inference for the front ends: built at assembly from the components it uses.
+pub struct InferService {
+    pub auth: Arc<Auth>,
+    pub directory: Arc<Directory>,
+    pub placement: Arc<Placement>,
+    /// For session ids only.
+    pub sessions: Arc<Sessions>,
+    pub meter: Arc<Meter>,
+    pub metrics: Arc<Metrics>,
+    pub clock: SharedClock,
+    pub config: InferenceConfig,
+}
+
+/// An admitted request: who it is for, and the key's stream cap it holds until it ends.
+pub struct Ticket {
+    pub key: ApiKey,
+    pub request_id: String,
+    pub model: String,
+    /// `http` or `quic` (metric label).
+    pub entry: &'static str,
+    pub started: Instant,
+    _cap: CapGuard,
+}
+
+/// What the pump hands a front end to render.
+#[derive(Debug)]
+pub enum Output<'a> {
+    /// The request runs on a node; nothing of the completion yet.
+    Started,
+    Token(&'a str),
+    /// The end. `usage` is what the tenant is billed.
+    Done {
+        finish_reason: &'a str,
+        usage: Usage,
+    },
+    /// The node failed (or the key was revoked) after the request started: reported in band.
+    Failed(&'a CoreError),
+}
+
+/// The client went away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Gone;
+
+/// A front end's side of the pump: it renders outputs for its client and says when the client
+/// has gone away.
+pub trait Relay: Send {
+    /// Renders and sends one output; the bytes sent, or [`Gone`].
+    fn send(&mut self, out: Output<'_>) -> impl Future<Output = Result<u64, Gone>> + Send;
+    /// Completes when the client has gone away (never, for a client that cannot be watched).
+    /// It is raced against the node's next event, so it must keep its progress in `self`.
+    fn gone(&mut self) -> impl Future<Output = ()> + Send;
+}
+
+impl InferService {
+    /// Admits a request of `key` arriving on `entry`: the ledger must be able to commit, the
+    /// key's rate buckets must have room, and the key must have a stream left under its cap.
+    pub fn admit(
+        &self,
+        key: ApiKey,
+        entry: &'static str,
+        request_id: &str,
+        model: &str,
+        started: Instant,
+    ) -> Result<Ticket, CoreError> {
+        self.auth.ledger_gate(entry)?;
+        if let Err(wait_s) = self.auth.admit(&key) {
+            self.count_request(entry, crate::error::Kind::RateLimited.as_str());
+            return Err(CoreError::from_api(&ApiError::rate_limited(format!(
+                "rate limit reached for key {} ({} requests/min, {} tokens/min)",
+                key.prefix, key.requests_per_minute, key.tokens_per_minute
+            )))
+            .with_retry_after_s(u32::try_from(wait_s).unwrap_or(u32::MAX)));
+        }
+        let cap = self
+            .auth
+            .acquire_stream(&key, entry)
+            .map_err(|r| r.core_error())?;
+        Ok(Ticket {
+            key,
+            request_id: request_id.to_string(),
+            model: model.to_string(),
+            entry,
+            started,
+            _cap: cap,
+        })
+    }
+
+    fn count_request(&self, api: &'static str, outcome: &'static str) {
+        self.metrics
+            .inference_requests
+            .get_or_create(&labels([("api", api), ("outcome", outcome)]))
+            .inc();
+    }
+
+    /// Routes and starts an admitted request (see [`InferService::dispatch`]); a failure is
+    /// metered here, and the front end answers it as a plain error.
+    pub async fn start(
+        &self,
+        ticket: &Ticket,
+        request: &InferenceRequest,
+        request_json: &str,
+        client: &Location,
+    ) -> Result<InferStream, CoreError> {
+        match self.dispatch(request, request_json, client).await {
+            Ok(mut s) => {
+                // Revoking the key ends the stream in band (`key_revoked`) and resets the
+                // node's stream.
+                s.end_on_revocation(self.auth.keys.revocation(&ticket.key.id));
+                Ok(s)
+            }
+            Err(e) => {
+                self.meter.record_inference(
+                    &self.directory,
+                    Metering {
+                        key: &ticket.key,
+                        request_id: &ticket.request_id,
+                        model: &ticket.model,
+                        api: ticket.entry,
+                        node: None,
+                        outcome: e.kind.as_str(),
+                        usage: Usage::default(),
+                        reported: None,
+                        ttft: None,
+                        started: ticket.started,
+                        bytes: 0,
+                    },
+                );
+                Err(e)
+            }
+        }
+    }
+
+    /// The one pump: relays the stream's events to `relay` until the stream ends or the client
+    /// goes away (then the node's stream is reset, which aborts the backend request), and meters
+    /// the request from what was relayed. Returns the outcome (`ok`, `cancelled`, or the error
+    /// kind).
+    pub async fn pump<R: Relay>(
+        &self,
+        ticket: Ticket,
+        mut stream: InferStream,
+        relay: &mut R,
+    ) -> &'static str {
+        let mut bytes = 0u64;
+        let mut last_token: Option<Instant> = None;
+        let outcome: &'static str = 'pump: {
+            match relay.send(Output::Started).await {
+                Ok(n) => bytes += n,
+                Err(Gone) => break 'pump "cancelled",
+            }
+            loop {
+                let ev = tokio::select! {
+                    ev = stream.next() => ev,
+                    _ = relay.gone() => break 'pump "cancelled",
+                };
+                match ev {
+                    StreamEvent::Token(t) => {
+                        let now = self.clock.now();
+                        if let Some(last) = last_token {
+                            self.metrics.inter_token_ms.observe(
+                                now.saturating_duration_since(last).as_secs_f64() * 1000.0,
+                            );
+                        }
+                        last_token = Some(now);
+                        match relay.send(Output::Token(&t)).await {
+                            Ok(n) => bytes += n,
+                            Err(Gone) => break 'pump "cancelled",
+                        }
+                    }
+                    StreamEvent::Done {
+                        finish_reason,
+                        usage,
+                    } => {
+                        match relay
+                            .send(Output::Done {
+                                finish_reason: &finish_reason,
+                                usage,
+                            })
+                            .await
+                        {
+                            Ok(n) => bytes += n,
+                            Err(Gone) => break 'pump "cancelled",
+                        }
+                        break 'pump "ok";
+                    }
+                    StreamEvent::Failed(e) => {
+                        if let Ok(n) = relay.send(Output::Failed(&e)).await {
+                            bytes += n;
+                        }
+                        break 'pump e.kind.as_str();
+                    }
+                }
+            }
+        };
+        if outcome == "cancelled" {
+            stream.cancel();
+            info!("client went away; generation cancelled on the node");
+        }
+        // Billed from what was relayed, also when the stream ended early.
+        let usage = stream.billed();
+        let reported = stream.reported();
+        let ttft = stream.ttft;
+        let node = stream.node.clone();
+        drop(stream);
+        self.meter.record_inference(
+            &self.directory,
+            Metering {
+                key: &ticket.key,
+                request_id: &ticket.request_id,
+                model: &ticket.model,
+                api: ticket.entry,
+                node: Some(&node),
+                outcome,
+                usage,
+                reported,
+                ttft: Some(ttft),
+                started: ticket.started,
+                bytes,
+            },
+        );
+        outcome
+    }
+
+    /// Routes and starts a request, failing over between candidates until one produces its first
+    /// event. The decisions are [`InferAttempts`]'; this drives it: it routes, opens streams,
+    /// reads the nodes' answers, waits for registrations and deadlines.
+    ///
+    /// An answer comes within `unavailable_wait_ms + max_attempts × connect_timeout_ms` unless a
+    /// node accepted the request (then the first-token timeout applies).
+    pub async fn dispatch(
+        &self,
+        request: &InferenceRequest,
+        request_json: &str,
+        client: &Location,
+    ) -> Result<InferStream, CoreError> {
+        let started = self.clock.now();
+        let model = request.model.as_str();
+        let mut machine = InferAttempts::new(Rules::from_config(&self.config), model, started);
+        // Subscribed before the first route, so that a node registering in between wakes us.
+        let mut joins = self.directory.registry.joins();
+        let mut nodes: Vec<Arc<NodeEntry>> = Vec::new();
+        let mut trying: Option<Trying> = None;
+        let mut geofence_counted = false;
+        loop {
+            match machine.poll() {
+                Action::Route => {
+                    joins.borrow_and_update();
+                    let route = self.route(model, client, &mut nodes, &mut geofence_counted);
+                    machine.handle_route(self.clock.now(), route);
+                }
+                Action::TryNode { node, failover } => {
+                    let entry = nodes.iter().find(|n| n.key == node).cloned();
+                    let slot = entry
+                        .as_ref()
+                        .and_then(|n| self.directory.registry.acquire(n, SlotKind::Inference));
+                    let (Some(entry), Some(slot)) = (entry, slot) else {
+                        machine.handle_node(self.clock.now(), node, NodeEvent::NoSlot);
+                        continue;
+                    };
+                    if failover {
+                        self.metrics.inference_failovers.inc();
+                    }
+                    trying = Some(Trying {
+                        node: entry,
+                        _slot: slot,
+                        session: self.sessions.ids.mint(),
+                        io: None,
+                        accepted: false,
+                        first: None,
+                    });
+                }
+                Action::WaitForNode(deadline) => {
+                    let Some(t) = trying.as_mut() else {
+                        // Cannot happen: the machine waits only for a node it asked to try.
+                        machine.handle_timeout(deadline);
+                        continue;
+                    };
+                    let key = t.node.key;
+                    let next = t.next_event(model, request_json);
+                    match tokio::time::timeout_at(tokio::time::Instant::from_std(deadline), next)
+                        .await
+                    {
+                        Ok(ev) => {
+                            if let NodeEvent::Failed(e) | NodeEvent::Unreachable(e) = &ev {
+                                warn!(node = %t.node.id, error = %e.message, "candidate failed before the first token");
+                            }
+                            machine.handle_node(self.clock.now(), key, ev)
+                        }
+                        Err(_) => machine.handle_timeout(self.clock.now().max(deadline)),
+                    }
+                    if machine.current() != Some(key) {
+                        // Given up on: dropping it resets its stream.
+                        trying = None;
+                    }
+                }
+                Action::WaitForJoin(until) => {
+                    debug!(%model, "no node answers for a recently served model; waiting for one to register");
+                    let woke = tokio::time::timeout_at(
+                        tokio::time::Instant::from_std(until),
+                        joins.changed(),
+                    )
+                    .await;
+                    match woke {
+                        Ok(Ok(())) => machine.handle_join(self.clock.now()),
+                        // Timed out, or the registry is gone: the wait is over.
+                        _ => machine.handle_timeout(self.clock.now().max(until)),
+                    }
+                }
+                Action::Serve { node, attempts } => {
+                    let Some(t) = trying.take().filter(|t| t.node.key == node) else {
+                        return Err(CoreError::internal("the served node's stream was lost"));
+                    };
+                    if attempts > 1 {
+                        info!(node = %t.node.id, attempts, "request served after failover");
+                    }
+                    if machine.blip_seen() {
+                        self.count_blip_wait("served");
+                    }
+                    return Ok(t.into_stream(
+                        attempts,
+                        self.clock.now().saturating_duration_since(started),
+                        request,
+                        &self.config,
+                    ));
+                }
+                Action::Fail(e) => {
+                    if e.code == MODEL_UNAVAILABLE {
+                        self.count_blip_wait("unavailable");
+                    }
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    /// Routes `model` for `client`, keeping the candidates' entries in `nodes`.
+    fn route(
+        &self,
+        model: &str,
+        client: &Location,
+        nodes: &mut Vec<Arc<NodeEntry>>,
+        geofence_counted: &mut bool,
+    ) -> Route {
+        let (outcome, found) =
+            self.directory
+                .registry
+                .route(client_latlon(client), Workload::Model(model), |n| {
+                    self.placement
+                        .serve_check(client, n, WorkloadKind::Inference)
+                });
+        let route = match outcome.failure() {
+            Some(NoRoute::NotServed) => Route::NotServed {
+                recently_served: self
+                    .directory
+                    .registry
+                    .model_availability(model, self.clock.unix_ms())
+                    != ModelAvailability::Unknown,
+            },
+            Some(NoRoute::Denied(d)) => {
+                self.count_geofence("deny", &d.rule);
+                Route::Denied {
+                    rule: d.rule.clone(),
+                    reason: d.reason.clone(),
+                }
+            }
+            Some(NoRoute::Saturated) => Route::Saturated,
+            Some(NoRoute::Draining) => Route::Draining,
+            None => {
+                if !*geofence_counted {
+                    *geofence_counted = true;
+                    self.count_geofence("allow", "-");
+                }
+                Route::Candidates(
+                    found
+                        .iter()
+                        .map(|n| Candidate {
+                            key: n.key,
+                            name: n.id.clone(),
+                        })
+                        .collect(),
+                )
+            }
+        };
+        *nodes = found;
+        route
+    }
+
+    fn count_geofence(&self, outcome: &'static str, rule: &str) {
+        self.metrics
+            .geofence_decisions
+            .get_or_create(&labels([
+                ("side", "client"),
+                ("outcome", outcome),
+                ("rule", rule),
+            ]))
+            .inc();
+    }
+
+    /// Counts a request that found no node for a recently served model, by how it ended.
+    fn count_blip_wait(&self, outcome: &'static str) {
+        self.metrics
+            .inference_blip_waits
+            .get_or_create(&labels([("outcome", outcome)]))
+            .inc();
+    }
+}
+
+/// The I/O of the node being tried: its slot, session id and stream. Dropped when the machine
+/// gives up on the node, which resets the stream (the node aborts the work).
+struct Trying {
+    node: Arc<NodeEntry>,
+    _slot: SlotGuard,
+    session: SessionId,
+    io: Option<(quinn::SendStream, FramedRecv)>,
+    accepted: bool,
+    /// The first token or `Done`, kept for the stream.
+    first: Option<StreamEvent>,
+}
+
+impl Trying {
+    /// Opens the stream and sends `Open` if not done yet, then reads the node's next message as
+    /// an event for the machine. The machine bounds it with its deadline (the future is dropped
+    /// when it passes, and the node is given up on).
+    async fn next_event(&mut self, model: &str, request_json: &str) -> NodeEvent {
+        let id = &self.node.id;
+        if self.io.is_none() {
+            let (mut tx, rx) = match self.node.conn.open_bi().await {
+                Ok(s) => s,
+                Err(e) => {
+                    return NodeEvent::Unreachable(CoreError::node_failed(
+                        id,
+                        format!("node {id}: {e}"),
+                    ))
+                }
+            };
+            let open = Message::Open(Open {
+                session_id: self.session.get(),
+                kind: SessionKind::Inference {
+                    model: model.to_string(),
+                    request_json: request_json.to_string(),
+                },
+            });
+            if let Err(e) = send(&mut tx, &open).await {
+                let _ = tx.reset(STREAM_CANCELLED);
+                return NodeEvent::Unreachable(CoreError::node_failed(
+                    id,
+                    format!("node {id}: {e}"),
+                ));
+            }
+            self.io = Some((tx, FramedRecv::new(rx, MAX_CONTROL_FRAME)));
+        }
+        let Some((_, framed)) = self.io.as_mut() else {
+            return NodeEvent::Unreachable(CoreError::internal("no stream"));
+        };
+        let read = framed.next().await;
+        if !self.accepted {
+            return match read {
+                Ok(Some(Message::Accepted(_))) => {
+                    self.accepted = true;
+                    NodeEvent::Accepted
+                }
+                Ok(Some(Message::Refused(r))) => NodeEvent::Refused {
+                    code: r.code,
+                    reason: r.reason,
+                },
+                Ok(Some(other)) => NodeEvent::Failed(CoreError::node_failed(
+                    id,
+                    format!("node {id} sent {} before Accepted", other.name()),
+                )),
+                Ok(None) | Err(_) => NodeEvent::Unreachable(CoreError::node_failed(
+                    id,
+                    format!("node {id} failed before answering"),
+                )),
+            };
+        }
+        match to_event(read) {
+            StreamEvent::Failed(e) if self.node.conn.close_reason().is_some() => {
+                NodeEvent::Unreachable(e)
+            }
+            StreamEvent::Failed(e) => NodeEvent::Failed(e),
+            first => {
+                self.first = Some(first);
+                NodeEvent::FirstToken
+            }
+        }
+    }
+
+    fn into_stream(
+        mut self,
+        attempts: u32,
+        ttft: Duration,
+        request: &InferenceRequest,
+        cfg: &InferenceConfig,
+    ) -> InferStream {
+        let first = self.first.take();
+        InferStream {
+            node: self.node.clone(),
+            session_id: self.session.get(),
+            attempts,
+            ttft,
+            inner: self,
+            first,
+            idle_timeout: Duration::from_millis(cfg.idle_timeout_ms),
+            finished: false,
+            pieces: 0,
+            max_tokens: request.max_tokens,
+            prompt_tokens: prompt_token_estimate(request),
+            reported: None,
+            revoked: None,
+        }
+    }
+}
+
+impl Drop for Trying {
+    fn drop(&mut self) {
+        if let Some((mut tx, mut framed)) = self.io.take() {
+            let _ = tx.reset(STREAM_CANCELLED);
+            let _ = framed.get_mut().stop(STREAM_CANCELLED);
+        }
+    }
+}
+
+/// One event of a running inference, as the front ends see it.
+#[derive(Debug)]
+pub enum StreamEvent {
+    Token(String),
+    Done {
+        finish_reason: String,
+        usage: Usage,
+    },
+    /// The node failed after streaming began; the front end reports it in band.
+    Failed(CoreError),
+}
+
+/// A request admitted and running on a node, its first event already received.
+pub struct InferStream {
+    pub node: Arc<NodeEntry>,
+    pub session_id: u64,
+    pub attempts: u32,
+    /// Request start to the first event, as the gateway saw it.
+    pub ttft: Duration,
+    /// The node's slot, the session id (held among the live ids until the request ends) and
+    /// the stream.
+    inner: Trying,
+    first: Option<StreamEvent>,
+    idle_timeout: Duration,
+    finished: bool,
+    /// Non-empty token pieces received from the node (what the gateway relays).
+    pieces: u32,
+    /// The request's `max_tokens`: no more completion tokens are ever billed.
+    max_tokens: Option<u32>,
+    /// [`prompt_token_estimate`] of the request.
+    prompt_tokens: u32,
+    /// The counts of the node's `Done`, once it came.
+    reported: Option<Usage>,
+    /// Cancelled when the request's API key is revoked: the stream then ends at once.
+    revoked: Option<CancellationToken>,
+}
+
+impl InferStream {
+    /// Ends the stream with `key_revoked` (and resets the node's stream) as soon as `revoked`
+    /// is cancelled.
+    pub fn end_on_revocation(&mut self, revoked: CancellationToken) {
+        self.revoked = Some(revoked);
+    }
+
+    /// The next event. After `Done` or `Failed` the stream is over. `Done` carries the billed
+    /// usage ([`InferStream::billed`]); the node's own counts are kept in
+    /// [`InferStream::reported`].
+    pub async fn next(&mut self) -> StreamEvent {
+        if self.revoked.as_ref().is_some_and(|t| t.is_cancelled()) {
+            return self.end_revoked();
+        }
+        let ev = match self.first.take() {
+            Some(first) => first,
+            None => {
+                let Some((_, framed)) = self.inner.io.as_mut() else {
+                    return StreamEvent::Failed(CoreError::internal("the stream is over"));
+                };
+                let revoked = self.revoked.clone();
+                let read = tokio::select! {
+                    biased;
+                    _ = async {
+                        match &revoked {
+                            Some(t) => t.cancelled().await,
+                            None => std::future::pending().await,
+                        }
+                    } => None,
+                    r = tokio::time::timeout(self.idle_timeout, framed.next()) => Some(r),
+                };
+                match read {
+                    None => return self.end_revoked(),
+                    Some(Ok(r)) => to_event(r),
+                    Some(Err(_)) => StreamEvent::Failed(
+                        CoreError::timeout(format!(
+                            "node {} sent no token for {} ms",
+                            self.node.id,
+                            self.idle_timeout.as_millis()
+                        ))
+                        .with_peer(self.node.id.clone()),
+                    ),
+                }
+            }
+        };
+        self.finished = !matches!(ev, StreamEvent::Token(_));
+        match ev {
+            StreamEvent::Token(t) => {
+                if !t.is_empty() {
+                    self.pieces = self.pieces.saturating_add(1);
+                }
+                StreamEvent::Token(t)
+            }
+            StreamEvent::Done {
+                finish_reason,
+                usage,
+            } => {
+                self.reported = Some(usage);
+                StreamEvent::Done {
+                    finish_reason,
+                    usage: self.billed(),
+                }
+            }
+            failed => failed,
+        }
+    }
+
+    /// What the tenant is billed so far ([`billed_usage`]).
+    pub fn billed(&self) -> Usage {
+        billed_usage(self.prompt_tokens, self.pieces, self.max_tokens)
+    }
+
+    /// The counts the node's `Done` claimed, if it sent one.
+    pub fn reported(&self) -> Option<Usage> {
+        self.reported
+    }
+
+    /// The key was revoked: the node's stream is reset (which aborts the backend request) and
+    /// the client is told in band.
+    fn end_revoked(&mut self) -> StreamEvent {
+        self.cancel();
+        StreamEvent::Failed(CoreError::key_revoked())
+    }
+
+    /// Stops the work on the node: the stream reset (`STREAM_CANCELLED`) reaches it within one
+    /// round trip.
+    pub fn cancel(&mut self) {
+        if !self.finished {
+            if let Some((mut tx, mut framed)) = self.inner.io.take() {
+                let _ = tx.reset(STREAM_CANCELLED);
+                let _ = framed.get_mut().stop(STREAM_CANCELLED);
+            }
+            self.finished = true;
+        }
+    }
+}
+
+impl Drop for InferStream {
+    fn drop(&mut self) {
+        self.cancel();
+        // A finished stream is dropped as is (its send side finishes), not reset.
+        drop(self.inner.io.take());
+    }
+}
+
+fn to_event(r: Result<Option<Message>, nearpath_protocol::StreamError>) -> StreamEvent {
+    match r {
+        Ok(Some(Message::Token(t))) => StreamEvent::Token(t.text),
+        Ok(Some(Message::Done(d))) => StreamEvent::Done {
+            finish_reason: d.finish_reason,
+            usage: Usage {
+                prompt_tokens: d.prompt_tokens,
+                completion_tokens: d.completion_tokens,
+            },
+        },
+        Ok(Some(Message::Error(e))) => StreamEvent::Failed(node_error(&e.code, &e.message)),
+        Ok(Some(other)) => StreamEvent::Failed(CoreError::from_api(&ApiError::bad_gateway(
+            format!("node sent an unexpected {} message", other.name()),
+        ))),
+        Ok(None) => StreamEvent::Failed(CoreError::from_api(&ApiError::bad_gateway(
+            "the node ended the stream without finishing",
+        ))),
+        Err(e) => StreamEvent::Failed(CoreError::from_api(&ApiError::bad_gateway(format!(
+            "the node failed mid-stream: {e}"
+        )))),
+    }
+}
+
+/// Maps a node-reported error code to the core's error: a request the backend found invalid is
+/// the client's fault (not failed over); anything else is the node's.
+fn node_error(code: &str, message: &str) -> CoreError {
+    let api = match code {
+        "bad_request" | "invalid_request" => ApiError::bad_request(message.to_string(), None),
+        "model_not_found" | "unknown_model" => {
+            ApiError::bad_request(message.to_string(), Some("model"))
+        }
+        "timeout" | "upstream_timeout" => ApiError::timeout(message.to_string()),
+        _ => ApiError::bad_gateway(format!("{code}: {message}")),
+    };
+    CoreError::from_api(&api)
+}
+
+// Calls kept with their old signatures for game.rs, webrtc.rs and admin.rs, whose owners move
+// them to the `Auth` and `Placement` methods; the lead removes these at merge.
+
+/// See [`Auth::authenticate`].
+pub async fn authenticate(
+    shared: &Arc<crate::server::Shared>,
+    secret: Option<&str>,
+) -> Result<ApiKey, ApiError> {
+    shared
+        .auth
+        .authenticate(secret)
+        .await
+        .map_err(|e| e.to_api())
+}
+
+/// See [`Auth::effective_caps`].
+pub fn effective_caps(shared: &crate::server::Shared, key: &ApiKey) -> EffectiveCaps {
+    shared.auth.effective_caps(key)
+}
+
+/// See [`Auth::count_cap_refusal`].
+pub fn count_cap_refusal(shared: &crate::server::Shared, entry: &'static str, r: &CapRefusal) {
+    shared.auth.count_cap_refusal(entry, r)
+}
+
+/// See [`Auth::ledger_gate`].
+pub fn ledger_gate(shared: &crate::server::Shared, entry: &'static str) -> Result<(), ApiError> {
+    shared.auth.ledger_gate(entry).map_err(|e| e.to_api())
+}
+
+/// See [`Placement::serve_check`].
+pub fn serve_check(
+    shared: &crate::server::Shared,
+    client: &Location,
+    node: &NodeEntry,
+    workload: WorkloadKind,
+) -> Result<(), crate::router::Deny> {
+    shared.placement.serve_check(client, node, workload)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nearpath_protocol::openai::Endpoint;
+
+    #[test]
+    fn the_prompt_estimate_is_a_quarter_of_the_input_bytes_rounded_up() {
+        let r = InferenceRequest::parse(
+            Endpoint::Chat,
+            br#"{"model":"m","messages":[{"role":"system","content":"abcde"},{"role":"user","content":"Say something"}]}"#,
+        )
+        .expect("valid");
+        // 5 + 13 bytes.
+        assert_eq!(prompt_token_estimate(&r), 5);
+        let r = InferenceRequest::parse(Endpoint::Completion, br#"{"model":"m","prompt":"abcd"}"#)
+            .expect("valid");
+        assert_eq!(prompt_token_estimate(&r), 1);
+    }
+
+    #[test]
+    fn usage_above_what_was_relayed_is_not_billed() {
+        // The node may say it produced 500 tokens; the tenant pays the 3 pieces relayed.
+        assert_eq!(billed_usage(7, 3, None).completion_tokens, 3);
+        // Never more than max_tokens, however many pieces came.
+        assert_eq!(billed_usage(7, 40, Some(16)).completion_tokens, 16);
+        assert_eq!(billed_usage(7, 40, Some(16)).prompt_tokens, 7);
+    }
+
+    #[test]
+    fn node_errors_blame_the_client_only_for_invalid_requests() {
+        use crate::error::{Blame, Kind};
+        for code in [
+            "bad_request",
+            "invalid_request",
+            "model_not_found",
+            "unknown_model",
+        ] {
+            let e = node_error(code, "m");
+            assert_eq!(
+                (e.kind, e.blame, e.retryable),
+                (Kind::InvalidRequest, Blame::Client, false),
+                "{code}"
+            );
+        }
+        let e = node_error("upstream_timeout", "slow");
+        assert_eq!(
+            (e.kind, e.blame, e.retryable),
+            (Kind::Timeout, Blame::Node, true)
+        );
+        let e = node_error("oom", "out of memory");
+        assert_eq!(
+            (e.kind, e.blame, e.retryable),
+            (Kind::NodeFailed, Blame::Node, true)
+        );
+    }
+}
