@@ -82,6 +82,10 @@ impl NodeDynamic {
     }
 }
 
+/// How long telling a revoked node why may take before its connection is closed regardless: a
+/// node that stops reading its control stream must not keep its admission.
+pub const REVOKE_GRACE: std::time::Duration = std::time::Duration::from_millis(300);
+
 /// Why the gateway withdrew a node's admission: a reason code the node is told (in `Shutdown`
 /// and as the connection's close reason) and a sentence for people.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -632,6 +636,27 @@ impl Registry {
             node: node.clone(),
             kind,
         })
+    }
+
+    /// Withdraws the admission of `nodes` (token revoked, operator suspended): each node's
+    /// session sends `Shutdown{reason}` and closes its connection with `CLOSE_REVOKED`, which
+    /// ends its sessions. A node that does not take the `Shutdown` within [`REVOKE_GRACE`] is
+    /// closed all the same.
+    pub fn revoke(&self, nodes: Vec<Arc<NodeEntry>>, revocation: Revocation) {
+        for node in nodes {
+            tracing::warn!(node = %node.id, operator = %node.operator_id, code = revocation.code, "disconnecting node: {}", revocation.detail);
+            node.revoke(revocation.clone());
+            tokio::spawn(async move {
+                if tokio::time::timeout(REVOKE_GRACE * 2, node.conn.closed())
+                    .await
+                    .is_err()
+                {
+                    if let Some(r) = node.revocation() {
+                        node.conn.close(nearpath_protocol::app_code::CLOSE_REVOKED, r.code.as_bytes());
+                    }
+                }
+            });
+        }
     }
 
     /// Whether some registered node serves model `name`.
