@@ -29,7 +29,7 @@ pub async fn handle_client(shared: Arc<Shared>, conn: quinn::Connection) {
                     auth_pending = shared.quic_gate.is_pending(conn.stable_id());
                     if auth_pending {
                         debug!("no request authenticated in time; closing");
-                        conn.close(1u32.into(), b"authentication timeout");
+                        conn.close(nearpath_protocol::app_code::CLOSE_PROTOCOL, b"authentication timeout");
                         inputs.abort();
                         return;
                     }
@@ -44,7 +44,7 @@ pub async fn handle_client(shared: Arc<Shared>, conn: quinn::Connection) {
                     }
                 },
                 _ = shared.shutdown.cancelled() => {
-                    conn.close(0u32.into(), b"gateway shutting down");
+                    conn.close(nearpath_protocol::app_code::CLOSE_SHUTDOWN, b"gateway shutting down");
                     return;
                 }
             };
