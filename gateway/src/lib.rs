@@ -18,6 +18,7 @@ pub mod http_util;
 pub mod infer;
 pub mod liveness;
 pub mod metrics;
+pub mod node_link;
 pub mod player;
 pub mod recent_models;
 pub mod registry;

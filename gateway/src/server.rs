@@ -146,10 +146,12 @@ impl Gateway {
         let route_params = RouteParams::from(&config.routing);
         let registry =
             Registry::new(route_params).map_err(|e| GatewayError::Config(e.to_string()))?;
-        let registry = registry.with_model_grace(std::time::Duration::from_secs(
-            config.inference.model_grace_s,
-        ));
         let clock = crate::clock::system();
+        let registry = registry
+            .with_model_grace(std::time::Duration::from_secs(
+                config.inference.model_grace_s,
+            ))
+            .with_clock(clock.clone());
         let metrics = Arc::new(Metrics::new());
         let shared = Arc::new(Shared {
             auth: Arc::new(Auth {

@@ -320,7 +320,7 @@ impl NodeFrontEnd {
             reg.capacity,
             reg.software_version.clone(),
             now,
-            conn.clone(),
+            conn.clone().into(),
             commands,
             NodeDynamic {
                 state: NodeState::Active,
@@ -424,7 +424,7 @@ impl NodeFrontEnd {
                 _ = tokio::time::sleep_until(deadline) => {
                     // Anything the connection received counts as a sign of life.
                     let now = self.clock.now();
-                    s.handle_rx(now, entry.conn.stats().udp_rx.datagrams);
+                    s.handle_rx(now, entry.conn.received_datagrams());
                     s.handle_timeout(now);
                 }
                 cmd = cmd_rx.recv() => match cmd {
