@@ -554,21 +554,9 @@ impl AdminApi {
         self.sync_ledger_metrics();
         m.nodes.clear();
         let policy = &self.placement.policy;
-        // The class is the node's word: label with the classes the geofence names or the
-        // default GPU table knows (bounded sets), everything else is `other`.
-        let table = nearpath_config::default_gpu_class_table();
         let mut census: std::collections::HashMap<_, i64> = Default::default();
         for ((state, country, class), n) in self.directory.registry.census() {
-            let id = policy.class_id(&class);
-            let class = if !id.is_other() {
-                policy.class_name(id).to_string()
-            } else if matches!(class.as_str(), "cpu" | "unknown")
-                || table.iter().any(|p| p.class == class)
-            {
-                class
-            } else {
-                crate::metrics::OTHER.to_string()
-            };
+            let class = class_label(policy, class);
             *census.entry((state, country, class)).or_default() += n as i64;
         }
         for ((state, country, class), n) in census {
@@ -604,6 +592,23 @@ impl AdminApi {
     }
 }
 
+/// The `class` label of `nearpath_nodes`. The class is the node's word: label with the classes
+/// the geofence names or the default GPU table knows (bounded sets), everything else is `other`.
+fn class_label(policy: &nearpath_geo::Policy, class: String) -> String {
+    let id = policy.class_id(&class);
+    if !id.is_other() {
+        policy.class_name(id).to_string()
+    } else if matches!(class.as_str(), "cpu" | "unknown")
+        || nearpath_config::default_gpu_class_table()
+            .iter()
+            .any(|p| p.class == class)
+    {
+        class
+    } else {
+        crate::metrics::OTHER.to_string()
+    }
+}
+
 /// Reloads the GeoIP database files when they change on disk.
 /// `every` is `geo.reload_check_interval_s`; zero turns the check off.
 pub async fn geo_reload_loop(placement: Arc<Placement>, metrics: Arc<Metrics>, every: Duration) {
@@ -633,5 +638,83 @@ pub async fn geo_reload_loop(placement: Arc<Placement>, metrics: Arc<Metrics>, e
             }
             Err(_) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn api(token: Option<&str>) -> AdminApi {
+        let config = nearpath_config::GatewayConfig::default();
+        let store: Arc<dyn Store> = Arc::new(crate::store::SqliteStore::open_in_memory().unwrap());
+        let metrics = Arc::new(Metrics::new());
+        let clock = crate::clock::system();
+        let policy = nearpath_geo::Policy::compile(&config.geofence).unwrap();
+        let geo = Arc::new(nearpath_geo::GeoDb::open(&config.geo).unwrap());
+        let settings = AdminSettings {
+            token: token.map(str::to_string),
+            ..AdminSettings::from_config(&config)
+        };
+        AdminApi::with_settings(
+            settings,
+            AdminParts {
+                directory: Arc::new(Directory {
+                    registry: Arc::new(
+                        crate::registry::Registry::new(Default::default()).unwrap(),
+                    ),
+                    clock: clock.clone(),
+                }),
+                placement: Arc::new(Placement::new(geo, policy, metrics.clone())),
+                store: store.clone(),
+                auth: Arc::new(Auth {
+                    store,
+                    keys: Default::default(),
+                    limiter: Default::default(),
+                    clock: clock.clone(),
+                }),
+                sessions: Arc::new(Sessions::default()),
+                metrics,
+                clock,
+            },
+        )
+    }
+
+    #[test]
+    fn only_the_configured_admin_token_is_admin() {
+        let a = api(Some("s3cret"));
+        assert!(a.authorised(Some("s3cret")));
+        assert!(!a.authorised(Some("s3cre")));
+        assert!(!a.authorised(Some("")));
+        assert!(!a.authorised(None));
+    }
+
+    #[test]
+    fn without_a_configured_token_nobody_is_admin() {
+        let a = api(None);
+        assert!(!a.authorised(Some("")));
+        assert!(!a.authorised(None));
+        let a = api(Some(""));
+        assert!(!a.authorised(Some("")));
+    }
+
+    #[test]
+    fn a_patch_tells_null_from_an_absent_cap() {
+        let p: ApiKeyPatch = serde_json::from_str(r#"{"max_concurrent_streams": null}"#).unwrap();
+        assert_eq!(p.max_concurrent_streams, Some(None));
+        assert_eq!(p.max_concurrent_sessions, None);
+        let p: ApiKeyPatch = serde_json::from_str(r#"{"max_concurrent_sessions": 3}"#).unwrap();
+        assert_eq!(p.max_concurrent_sessions, Some(Some(3)));
+        assert!(serde_json::from_str::<ApiKeyPatch>(r#"{"unknown": 1}"#).is_err());
+    }
+
+    #[test]
+    fn node_class_labels_come_from_a_bounded_set() {
+        let config = nearpath_config::GatewayConfig::default();
+        let policy = nearpath_geo::Policy::compile(&config.geofence).unwrap();
+        assert_eq!(class_label(&policy, "cpu".into()), "cpu");
+        let known = nearpath_config::default_gpu_class_table()[0].class.to_string();
+        assert_eq!(class_label(&policy, known.clone()), known);
+        assert_eq!(class_label(&policy, "whatever-a-node-says".into()), crate::metrics::OTHER);
     }
 }
