@@ -3,12 +3,12 @@
 //! `/healthz` and `/metrics` need no token: the admin listener belongs on an internal network,
 //! where Prometheus scrapes without credentials.
 
+use crate::clock::SharedClock;
+use crate::components::{Auth, Directory, Placement, Sessions};
 use crate::http_util::{
     bearer, ct_eq, error, json, read_body, with_type, BodyError, Handler, Resp,
 };
 use crate::metrics::labels;
-use crate::clock::SharedClock;
-use crate::components::{Auth, Directory, Placement, Sessions};
 use crate::metrics::Metrics;
 use crate::registry::{ControlCmd, Revocation};
 use crate::store::{ApiKeyUpdate, KycStatus, Store, StoreError};
@@ -660,9 +660,7 @@ mod tests {
             settings,
             AdminParts {
                 directory: Arc::new(Directory {
-                    registry: Arc::new(
-                        crate::registry::Registry::new(Default::default()).unwrap(),
-                    ),
+                    registry: Arc::new(crate::registry::Registry::new(Default::default()).unwrap()),
                     clock: clock.clone(),
                 }),
                 placement: Arc::new(Placement::new(geo, policy, metrics.clone())),
@@ -713,8 +711,13 @@ mod tests {
         let config = nearpath_config::GatewayConfig::default();
         let policy = nearpath_geo::Policy::compile(&config.geofence).unwrap();
         assert_eq!(class_label(&policy, "cpu".into()), "cpu");
-        let known = nearpath_config::default_gpu_class_table()[0].class.to_string();
+        let known = nearpath_config::default_gpu_class_table()[0]
+            .class
+            .to_string();
         assert_eq!(class_label(&policy, known.clone()), known);
-        assert_eq!(class_label(&policy, "whatever-a-node-says".into()), crate::metrics::OTHER);
+        assert_eq!(
+            class_label(&policy, "whatever-a-node-says".into()),
+            crate::metrics::OTHER
+        );
     }
 }

@@ -664,7 +664,10 @@ impl Registry {
                     .is_err()
                 {
                     if let Some(r) = node.revocation() {
-                        node.conn.close(nearpath_protocol::app_code::CLOSE_REVOKED, r.code.as_bytes());
+                        node.conn.close(
+                            nearpath_protocol::app_code::CLOSE_REVOKED,
+                            r.code.as_bytes(),
+                        );
                     }
                 }
             });
@@ -789,7 +792,8 @@ mod tests {
     fn a_holder_whose_connection_closed_is_taken_over_at_once() {
         let r = registry(&ManualClock::new(0));
         let (old, _) = r.insert(node("n1", "op_a", &[], 10_000), STALE_MS).unwrap();
-        old.conn.close(nearpath_protocol::app_code::CLOSE_NORMAL, b"gone");
+        old.conn
+            .close(nearpath_protocol::app_code::CLOSE_NORMAL, b"gone");
         assert!(!holds_id(&old, 10_001, STALE_MS));
         let (_, replaced) = r.insert(node("n1", "op_a", &[], 10_001), STALE_MS).unwrap();
         assert!(replaced.is_some());
@@ -823,7 +827,10 @@ mod tests {
         let r = registry(&ManualClock::new(0));
         let (n, _) = r.insert(node("n1", "op_a", &[], 0), STALE_MS).unwrap();
         let game = r.acquire(&n, SlotKind::Game).expect("one game slot");
-        assert!(r.acquire(&n, SlotKind::Game).is_none(), "capacity is one game");
+        assert!(
+            r.acquire(&n, SlotKind::Game).is_none(),
+            "capacity is one game"
+        );
         let a = r.acquire(&n, SlotKind::Inference).unwrap();
         let b = r.acquire(&n, SlotKind::Inference).unwrap();
         assert!(r.acquire(&n, SlotKind::Inference).is_none());
@@ -841,7 +848,8 @@ mod tests {
         let r = registry(&ManualClock::new(0));
         let (n, _) = r.insert(node("n1", "op_a", &[], 0), STALE_MS).unwrap();
         let slot = r.acquire(&n, SlotKind::Inference).unwrap();
-        n.conn.close(nearpath_protocol::app_code::CLOSE_NORMAL, b"died");
+        n.conn
+            .close(nearpath_protocol::app_code::CLOSE_NORMAL, b"died");
         drop(slot);
         assert_eq!((n.sessions_in_use(), n.sessions_cut()), (0, 1));
     }
@@ -850,13 +858,19 @@ mod tests {
     fn a_model_whose_last_node_left_is_gone_for_the_grace_then_unknown() {
         let clock = ManualClock::new(1_000_000);
         let r = registry(&clock);
-        assert_eq!(r.model_availability("m", clock.unix_ms()), ModelAvailability::Unknown);
+        assert_eq!(
+            r.model_availability("m", clock.unix_ms()),
+            ModelAvailability::Unknown
+        );
         let (a, _) = r.insert(node("a", "op", &["m"], 0), STALE_MS).unwrap();
         let (b, _) = r.insert(node("b", "op", &["m"], 0), STALE_MS).unwrap();
         assert!(r.serves_model("m"));
         r.remove(&a);
         // Another node still serves it.
-        assert_eq!(r.model_availability("m", clock.unix_ms()), ModelAvailability::Served);
+        assert_eq!(
+            r.model_availability("m", clock.unix_ms()),
+            ModelAvailability::Served
+        );
         clock.advance(Duration::from_secs(5));
         let left = clock.unix_ms();
         r.remove(&b);
@@ -865,16 +879,26 @@ mod tests {
             ModelAvailability::Gone { since_ms: left }
         );
         assert_eq!(r.recently_served_models(left + 59_000), ["m"]);
-        assert_eq!(r.model_availability("m", left + 61_000), ModelAvailability::Unknown);
+        assert_eq!(
+            r.model_availability("m", left + 61_000),
+            ModelAvailability::Unknown
+        );
         // A node that serves it again makes it served at once.
         r.insert(node("c", "op", &["m"], 0), STALE_MS).unwrap();
-        assert_eq!(r.model_availability("m", left + 61_000), ModelAvailability::Served);
+        assert_eq!(
+            r.model_availability("m", left + 61_000),
+            ModelAvailability::Served
+        );
     }
 
     #[test]
     fn nodes_are_found_by_operator_and_by_enrolment_token() {
         let r = registry(&ManualClock::new(0));
-        for (id, op, tok) in [("a1", "op_a", "t1"), ("a2", "op_a", "t2"), ("b1", "op_b", "t1")] {
+        for (id, op, tok) in [
+            ("a1", "op_a", "t1"),
+            ("a2", "op_a", "t2"),
+            ("b1", "op_b", "t1"),
+        ] {
             let mut e = node(id, op, &[], 0);
             e.enrolment_token_id = tok.into();
             r.insert(e, STALE_MS).unwrap();
@@ -905,7 +929,8 @@ mod tests {
         });
         assert_eq!(n.revocation(), Some(&first));
         // The session closes the connection; the fallback close has nothing left to do.
-        n.conn.close(nearpath_protocol::app_code::CLOSE_REVOKED, b"token_revoked");
+        n.conn
+            .close(nearpath_protocol::app_code::CLOSE_REVOKED, b"token_revoked");
     }
 
     #[test]

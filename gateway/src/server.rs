@@ -357,9 +357,8 @@ fn window(bytes: u64) -> quinn::VarInt {
 fn node_front_end(shared: &Arc<Shared>) -> crate::control::NodeFrontEnd {
     // The game relay's frame streams: engineer "game" replaces this call by its service's.
     let game = shared.clone();
-    let frames: crate::control::FramesLoop = Arc::new(move |conn| {
-        Box::pin(crate::game::node_frames_loop(game.clone(), conn))
-    });
+    let frames: crate::control::FramesLoop =
+        Arc::new(move |conn| Box::pin(crate::game::node_frames_loop(game.clone(), conn)));
     crate::control::NodeFrontEnd::new(
         &shared.config,
         shared.directory.clone(),

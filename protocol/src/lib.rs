@@ -145,13 +145,18 @@ pub mod app_code {
                 .take_while(|l| l.starts_with('|'))
                 .skip(2)
                 .map(|row| {
-                    let cells: Vec<&str> = row.trim_matches('|').split('|').map(str::trim).collect();
+                    let cells: Vec<&str> =
+                        row.trim_matches('|').split('|').map(str::trim).collect();
                     let code = match cells[0].strip_prefix("0x") {
                         Some(hex) => u64::from_str_radix(hex, 16),
                         None => cells[0].parse(),
                     }
                     .unwrap_or_else(|e| panic!("bad code {:?}: {e}", cells[0]));
-                    (code, cells[1].trim_matches('`').to_string(), cells[2].to_string())
+                    (
+                        code,
+                        cells[1].trim_matches('`').to_string(),
+                        cells[2].to_string(),
+                    )
                 })
                 .collect()
         }
@@ -159,8 +164,10 @@ pub mod app_code {
         #[test]
         fn protocol_md_lists_the_same_codes_with_their_meanings() {
             let doc = documented();
-            let ours: Vec<(u64, String)> =
-                ALL.iter().map(|(n, c)| (c.into_inner(), n.to_string())).collect();
+            let ours: Vec<(u64, String)> = ALL
+                .iter()
+                .map(|(n, c)| (c.into_inner(), n.to_string()))
+                .collect();
             let theirs: Vec<(u64, String)> = doc.iter().map(|(c, n, _)| (*c, n.clone())).collect();
             assert_eq!(ours, theirs, "PROTOCOL.md's table and app_code disagree");
             // What each code means, by the words its row must use.
@@ -179,7 +186,10 @@ pub mod app_code {
             ];
             for (name, words) in meaning {
                 let (_, _, use_) = doc.iter().find(|(_, n, _)| n == name).unwrap();
-                assert!(use_.contains(words), "{name}: {use_:?} does not say {words:?}");
+                assert!(
+                    use_.contains(words),
+                    "{name}: {use_:?} does not say {words:?}"
+                );
             }
         }
     }

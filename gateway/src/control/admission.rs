@@ -338,7 +338,10 @@ mod tests {
     fn another_protocol_version_is_rejected_with_version() {
         let mut r = reg();
         r.protocol_version = PROTOCOL_VERSION + 1;
-        assert_eq!(check_register(&r, None).unwrap_err().code(), RejectCode::Version);
+        assert_eq!(
+            check_register(&r, None).unwrap_err().code(),
+            RejectCode::Version
+        );
     }
 
     #[test]
@@ -360,18 +363,28 @@ mod tests {
     fn a_bad_node_id_is_rejected_with_other() {
         let mut r = reg();
         r.node_id = "no spaces".into();
-        assert_eq!(check_register(&r, None).unwrap_err().code(), RejectCode::Other);
+        assert_eq!(
+            check_register(&r, None).unwrap_err().code(),
+            RejectCode::Other
+        );
     }
 
     #[test]
     fn kyc_decides_admission() {
-        assert_eq!(check_operator(None).unwrap_err().code(), RejectCode::BadToken);
         assert_eq!(
-            check_operator(Some(("op", KycStatus::Pending))).unwrap_err().code(),
+            check_operator(None).unwrap_err().code(),
+            RejectCode::BadToken
+        );
+        assert_eq!(
+            check_operator(Some(("op", KycStatus::Pending)))
+                .unwrap_err()
+                .code(),
             RejectCode::OperatorNotVerified
         );
         assert_eq!(
-            check_operator(Some(("op", KycStatus::Suspended))).unwrap_err().code(),
+            check_operator(Some(("op", KycStatus::Suspended)))
+                .unwrap_err()
+                .code(),
             RejectCode::OperatorSuspended
         );
         assert!(check_operator(Some(("op", KycStatus::Verified))).is_ok());
@@ -404,8 +417,10 @@ mod tests {
         let cu = Location::from_country(Country::parse("CU").unwrap());
         let fr = Location::from_country(Country::parse("FR").unwrap());
         let mut decisions = 0;
-        let e = check_onboarding(&policy, &restricted, &cu, &["h100".into()], |_| decisions += 1)
-            .unwrap_err();
+        let e = check_onboarding(&policy, &restricted, &cu, &["h100".into()], |_| {
+            decisions += 1
+        })
+        .unwrap_err();
         assert_eq!(e.code(), RejectCode::Geofence);
         assert_eq!(decisions, 1);
         assert!(e.to_string().contains("node located in CU"), "{e}");
@@ -438,7 +453,9 @@ mod tests {
         let policy = Policy::compile(&cfg).unwrap();
         let cu = Location::from_country(Country::parse("CU").unwrap());
         assert_eq!(
-            check_onboarding(&policy, &[], &cu, &[], |_| {}).unwrap_err().code(),
+            check_onboarding(&policy, &[], &cu, &[], |_| {})
+                .unwrap_err()
+                .code(),
             RejectCode::Geofence
         );
     }
@@ -446,7 +463,10 @@ mod tests {
     #[test]
     fn an_id_owned_or_held_by_someone_else_is_a_duplicate() {
         assert!(check_claim("n", "op_a", "op_a").is_ok());
-        assert_eq!(check_claim("n", "op_a", "op_b").unwrap_err().code(), RejectCode::Duplicate);
+        assert_eq!(
+            check_claim("n", "op_a", "op_b").unwrap_err().code(),
+            RejectCode::Duplicate
+        );
         for e in [
             InsertError::Duplicate {
                 existing_operator: "op_a".into(),
@@ -455,7 +475,10 @@ mod tests {
                 last_heard_ms_ago: 10,
             },
         ] {
-            assert_eq!(Rejection::from_insert(e, "n", 1_000).code(), RejectCode::Duplicate);
+            assert_eq!(
+                Rejection::from_insert(e, "n", 1_000).code(),
+                RejectCode::Duplicate
+            );
         }
     }
 

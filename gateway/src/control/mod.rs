@@ -759,6 +759,10 @@ mod close_code_tests {
                 }
             }
         }
-        assert!(bad.is_empty(), "use app_code constants:\n{}", bad.join("\n"));
+        assert!(
+            bad.is_empty(),
+            "use app_code constants:\n{}",
+            bad.join("\n")
+        );
     }
 }

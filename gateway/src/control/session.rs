@@ -36,7 +36,10 @@ pub struct SessionRules {
 }
 
 impl SessionRules {
-    pub fn from_config(nodes: &nearpath_config::NodesConfig, game: &nearpath_config::GameConfig) -> Self {
+    pub fn from_config(
+        nodes: &nearpath_config::NodesConfig,
+        game: &nearpath_config::GameConfig,
+    ) -> Self {
         SessionRules {
             heartbeat: Duration::from_millis(nodes.heartbeat_ms),
             missed_before_gone: nodes.missed_heartbeats_before_gone,
@@ -297,7 +300,9 @@ impl NodeSession {
         if std::mem::replace(&mut self.slow, false) {
             self.push(Action::Recovered);
         }
-        self.push(Action::Send(Message::HeartbeatAck(HeartbeatAck { seq: h.seq })));
+        self.push(Action::Send(Message::HeartbeatAck(HeartbeatAck {
+            seq: h.seq,
+        })));
     }
 
     /// A sample of how many datagrams the connection has received so far: anything received is
@@ -547,7 +552,10 @@ mod tests {
         // Gone exactly at the end of the lease (3 intervals), not before.
         assert_eq!(clock.now() - t0, rules().lease());
         let d = s.leave(clock.now(), &LeaveFacts::default());
-        assert_eq!(d.close, (app_code::CLOSE_LEASE_EXPIRED, "heartbeat_timeout"));
+        assert_eq!(
+            d.close,
+            (app_code::CLOSE_LEASE_EXPIRED, "heartbeat_timeout")
+        );
         assert_eq!(d.close.0.into_inner(), 4);
     }
 
@@ -604,7 +612,11 @@ mod tests {
             .iter()
             .map(|a| if let Action::Missed(n) = a { *n } else { 0 })
             .sum();
-        assert_eq!(u64::from(missed), s.leave(clock.now(), &LeaveFacts::default()).heartbeat_misses);
+        assert_eq!(
+            u64::from(missed),
+            s.leave(clock.now(), &LeaveFacts::default())
+                .heartbeat_misses
+        );
         assert!(missed >= 2, "{missed}");
     }
 
@@ -623,7 +635,10 @@ mod tests {
             },
         );
         let p = d.penalty.expect("penalised");
-        assert_eq!((p.kind, p.active, p.defer), ("disconnect_while_draining", 2, None));
+        assert_eq!(
+            (p.kind, p.active, p.defer),
+            ("disconnect_while_draining", 2, None)
+        );
     }
 
     #[test]
@@ -760,7 +775,10 @@ mod tests {
         s.handle_heartbeat(t0, &hb(1, 0));
         assert_eq!(s.poll_action(), Some(Action::CheckPath));
         drain(&mut s);
-        assert_eq!(s.poll_timeout().min(t0 + rules().path_check), s.poll_timeout());
+        assert_eq!(
+            s.poll_timeout().min(t0 + rules().path_check),
+            s.poll_timeout()
+        );
         clock.advance(rules().path_check);
         s.handle_timeout(clock.now());
         assert!(drain(&mut s).contains(&Action::CheckPath));
@@ -784,7 +802,9 @@ mod tests {
             drain(&mut s),
             [
                 Action::State(NodeState::Draining),
-                Action::Send(Message::Drain(Drain { deadline_ms: 30_000 }))
+                Action::Send(Message::Drain(Drain {
+                    deadline_ms: 30_000
+                }))
             ]
         );
     }
