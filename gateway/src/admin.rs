@@ -397,13 +397,12 @@ impl AdminApi {
                     let id = id.to_string();
                     let id2 = id.clone();
                     let op = blocking(s, move |st| st.set_operator_kyc(&id2, status)).await?;
-                    if status != KycStatus::Verified {
-                        // A suspended (or unverified) operator's nodes leave now, not at their
-                        // next reconnect.
-                        let code = if status == KycStatus::Suspended { "operator_suspended" } else { "operator_unverified" };
+                    // A suspended (or unverified) operator's nodes leave now, not at their next
+                    // reconnect.
+                    if let Some(revocation) = Revocation::of_operator(&id, status) {
                         let nodes = s.directory.registry.of_operator(&id);
                         warn!(operator = %id, status = status.as_str(), nodes = nodes.len(), "disconnecting the operator's nodes");
-                        s.directory.registry.revoke(nodes, Revocation { code, detail: format!("operator {id} is {}", status.as_str()) });
+                        s.directory.registry.revoke(nodes, revocation);
                     }
                     json(StatusCode::OK, &op)
                 }
@@ -420,7 +419,7 @@ impl AdminApi {
                     let nodes = s.directory.registry.of_enrolment_token(&id);
                     let disconnected: Vec<String> = nodes.iter().map(|n| n.id.clone()).collect();
                     warn!(token = %id, nodes = nodes.len(), "enrolment token revoked; disconnecting its nodes");
-                    s.directory.registry.revoke(nodes, Revocation { code: "token_revoked", detail: format!("enrolment token {id} was revoked") });
+                    s.directory.registry.revoke(nodes, Revocation::token_revoked(format!("enrolment token {id} was revoked")));
                     json(StatusCode::OK, &serde_json::json!({"revoked": true, "disconnected_nodes": disconnected}))
                 }
                 (&Method::GET, ["penalties"]) => {

@@ -11,6 +11,7 @@ use crate::router::{
     Deny, LatLon, NodeId, NodeRouteInfo, NodeState as RouteState, RouteOutcome, RouteParams,
     RouterError, RouterIndex, Workload,
 };
+use crate::store::KycStatus;
 use nearpath_geo::{ClassId, Location};
 use nearpath_protocol::message::{Capacity, Gpu, Workloads};
 use serde::Serialize;
@@ -95,6 +96,30 @@ pub struct Revocation {
     /// `token_revoked`, `operator_suspended` or `operator_unverified`.
     pub code: &'static str,
     pub detail: String,
+}
+
+impl Revocation {
+    /// The revocation of a node admitted under an operator whose KYC status is now `status`;
+    /// none while the operator is verified.
+    pub fn of_operator(operator_id: &str, status: KycStatus) -> Option<Revocation> {
+        let code = match status {
+            KycStatus::Verified => return None,
+            KycStatus::Suspended => "operator_suspended",
+            KycStatus::Pending => "operator_unverified",
+        };
+        Some(Revocation {
+            code,
+            detail: format!("operator {operator_id} is {}", status.as_str()),
+        })
+    }
+
+    /// The revocation of a node whose enrolment token was revoked.
+    pub fn token_revoked(detail: String) -> Revocation {
+        Revocation {
+            code: "token_revoked",
+            detail,
+        }
+    }
 }
 
 /// Which capacity pool a session uses.
@@ -931,6 +956,21 @@ mod tests {
         // The session closes the connection; the fallback close has nothing left to do.
         n.conn
             .close(nearpath_protocol::app_code::CLOSE_REVOKED, b"token_revoked");
+    }
+
+    #[test]
+    fn a_verified_operator_keeps_its_nodes_and_any_other_status_revokes_them() {
+        assert_eq!(Revocation::of_operator("op", KycStatus::Verified), None);
+        let r = Revocation::of_operator("op", KycStatus::Suspended).unwrap();
+        assert_eq!(
+            (r.code, r.detail.as_str()),
+            ("operator_suspended", "operator op is suspended")
+        );
+        let r = Revocation::of_operator("op", KycStatus::Pending).unwrap();
+        assert_eq!(
+            (r.code, r.detail.as_str()),
+            ("operator_unverified", "operator op is pending")
+        );
     }
 
     #[test]

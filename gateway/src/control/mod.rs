@@ -16,7 +16,7 @@ use crate::conn_guard::QuicGate;
 use crate::gpu_class::{self, Classified};
 use crate::metrics::{labels, Metrics};
 use crate::registry::{ControlCmd, NodeDynamic, NodeEntry, NodePath, NodeState, Revocation};
-use crate::store::{KycStatus, SlaDelta, Store};
+use crate::store::{SlaDelta, Store};
 use admission::Rejection;
 use nearpath_config::{GatewayConfig, NodesConfig};
 use nearpath_protocol::app_code;
@@ -669,21 +669,10 @@ impl NodeFrontEnd {
             .await
             .ok()?;
         match auth {
-            None => Some(Revocation {
-                code: "token_revoked",
-                detail: "the enrolment token was revoked".into(),
-            }),
-            Some((op, _)) => match op.kyc_status {
-                KycStatus::Verified => None,
-                KycStatus::Suspended => Some(Revocation {
-                    code: "operator_suspended",
-                    detail: format!("operator {} is suspended", op.id),
-                }),
-                KycStatus::Pending => Some(Revocation {
-                    code: "operator_unverified",
-                    detail: format!("operator {} is pending", op.id),
-                }),
-            },
+            None => Some(Revocation::token_revoked(
+                "the enrolment token was revoked".into(),
+            )),
+            Some((op, _)) => Revocation::of_operator(&op.id, op.kyc_status),
         }
     }
 }
