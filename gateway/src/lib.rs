@@ -3,14 +3,12 @@
 
 pub mod admin;
 pub mod api;
-pub mod cli;
 pub mod client;
 pub mod client_addr;
 pub mod clock;
 pub mod components;
 pub mod conn_guard;
 pub mod control;
-pub mod demo;
 pub mod error;
 pub mod game;
 pub mod gpu_class;

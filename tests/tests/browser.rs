@@ -936,7 +936,7 @@ async fn whep_answers_errors_cors_trickle_stats_and_delete_over_plain_http() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_demo_player_page_prefills_the_demo_key() {
-    let mut demo = nearpath_gateway::demo::Demo::start(
+    let mut demo = nearpath_gateway_cli::demo::Demo::start(
         nearpath_gateway::Listeners::ephemeral().await.unwrap(),
         None,
     )

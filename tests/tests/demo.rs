@@ -1,8 +1,8 @@
 //! `gateway demo` as the README runs it: one process, an in-process node, the embedded GeoIP
 //! database, development credentials.
 
-use nearpath_gateway::demo::{Demo, DEMO_ADMIN_TOKEN, DEMO_API_KEY, DEMO_MODEL, DEMO_NODE_ID};
 use nearpath_gateway::Listeners;
+use nearpath_gateway_cli::demo::{Demo, DEMO_ADMIN_TOKEN, DEMO_API_KEY, DEMO_MODEL, DEMO_NODE_ID};
 
 mod common;
 

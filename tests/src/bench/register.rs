@@ -7,13 +7,14 @@ use super::os::{loadavg_1m, mem_status, CpuMeter, MemStatus};
 use super::stats::{num, Summary};
 use super::system::{start_gateway, stop_all, verdict, Liveness, Placement, Table};
 use anyhow::{anyhow, Context};
-use nearpath_protocol::message::{Capacity, Heartbeat, Message, Register, Workloads};
-use nearpath_protocol::stream::{send, FramedRecv};
 use nearpath_protocol::tls::{client_config, parse_sha256_hex, ServerVerify};
-use nearpath_protocol::{ALPN_NODE, MAX_CONTROL_FRAME, PROTOCOL_VERSION};
+use nearpath_protocol::ALPN_NODE;
+use nearpath_tests::fake_node::{
+    heartbeat_loop, FakeNode, FakeNodeError, HeartbeatCount, Registration,
+};
 use serde_json::json;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
@@ -43,8 +44,8 @@ struct Counters {
     registered: AtomicU32,
     rejected: AtomicU32,
     failed: AtomicU32,
-    heartbeats: AtomicU64,
-    acks: AtomicU64,
+    /// Heartbeats sent and acks read, over all nodes.
+    heartbeats: Arc<HeartbeatCount>,
     /// Microseconds from the burst's start to each node's `Registered`.
     registered_at_us: Mutex<Vec<f64>>,
     /// Microseconds from the burst's start to each node's completed QUIC handshake.
@@ -87,82 +88,42 @@ async fn raw_node(
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push(at);
-        let (mut tx, rx) = conn.open_bi().await.context("opening the control stream")?;
-        let reg = Register {
-            protocol_version: PROTOCOL_VERSION,
-            node_id: id.clone(),
-            enrolment_token: fleet.token.clone(),
-            software_version: "0.1.0".into(),
-            gpus: vec![],
-            workloads: Workloads {
-                games: vec![],
-                models: vec![super::serve::MODEL.into()],
-            },
-            capacity: Capacity {
-                game_sessions: 0,
-                inference_concurrency: 4,
-            },
-        };
-        send(&mut tx, &Message::Register(reg))
-            .await
-            .context("sending Register")?;
-        let mut rx = FramedRecv::new(rx, MAX_CONTROL_FRAME);
-        let heartbeat_ms = match tokio::time::timeout(Duration::from_secs(60), rx.next()).await {
-            Ok(Ok(Some(Message::Registered(r)))) => {
+        let reg = Registration::new(&id, &fleet.token).models(&[super::serve::MODEL], 4);
+        let node = FakeNode::try_register_on(
+            fleet.endpoint.clone(),
+            conn,
+            reg.message(),
+            Duration::from_secs(60),
+        )
+        .await
+        .context("registering")?;
+        let heartbeat_ms = match node.registered() {
+            Ok(ms) => {
                 let at = t0.elapsed().as_secs_f64() * 1e6;
                 c.registered_at_us
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .push(at);
                 c.registered.fetch_add(1, Ordering::Relaxed);
-                r.heartbeat_ms
+                ms
             }
-            Ok(Ok(Some(Message::Rejected(r)))) => {
-                c.rejected.fetch_add(1, Ordering::Relaxed);
-                return Err(anyhow!("rejected ({}): {}", r.code, r.reason));
-            }
-            Ok(Ok(other)) => return Err(anyhow!("expected Registered, got {other:?}")),
-            Ok(Err(e)) => return Err(anyhow!("reading the answer to Register: {e}")),
-            Err(_) => return Err(anyhow!("no answer to Register within 60 s")),
-        };
-        // Acks are read apart from the sending schedule, so a late ack never delays the next
-        // heartbeat (as on a real node, whose heartbeats run on a timer).
-        let reader = {
-            let c = c.clone();
-            tokio::spawn(async move {
-                while let Ok(Some(m)) = rx.next().await {
-                    if matches!(m, Message::HeartbeatAck(_)) {
-                        c.acks.fetch_add(1, Ordering::Relaxed);
-                    }
+            Err(e) => {
+                if let FakeNodeError::Rejected { .. } = e {
+                    c.rejected.fetch_add(1, Ordering::Relaxed);
                 }
-            })
+                return Err(e.into());
+            }
         };
-        let mut tick = tokio::time::interval_at(
-            tokio::time::Instant::now() + Duration::from_millis(heartbeat_ms),
+        let (conn, tx, rx) = node.into_parts();
+        // Heartbeats run on a timer and acks are read apart from it (see `heartbeat_loop`).
+        let sent = heartbeat_loop(
+            tx,
+            rx,
             Duration::from_millis(heartbeat_ms.max(1)),
-        );
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut seq = 0u64;
-        let sent = loop {
-            tokio::select! {
-                _ = stop.cancelled() => break Ok(seq),
-                _ = tick.tick() => {}
-            }
-            seq += 1;
-            let hb = Heartbeat {
-                seq,
-                active_sessions: 0,
-                queue_depth: 0,
-                load: 0.0,
-                gpu_util: None,
-                encoder_ms_p50: None,
-            };
-            if let Err(e) = send(&mut tx, &Message::Heartbeat(hb)).await {
-                break Err(e);
-            }
-            c.heartbeats.fetch_add(1, Ordering::Relaxed);
-        };
-        reader.abort();
+            stop,
+            c.heartbeats.clone(),
+        )
+        .await;
         sent.context("sending Heartbeat")?;
         conn.close(0u32.into(), b"benchmark done");
         Ok::<_, anyhow::Error>(())
@@ -343,8 +304,8 @@ pub async fn run(a: RegisterArgs) -> anyhow::Result<()> {
     // Idle: a few heartbeats at least, and long enough for the burst's extra threads to go.
     let idle_for = settle.max(Duration::from_millis(a.heartbeat_ms * 6));
     let (acks0, sent0) = (
-        c.acks.load(Ordering::Relaxed),
-        c.heartbeats.load(Ordering::Relaxed),
+        c.heartbeats.acks.load(Ordering::Relaxed),
+        c.heartbeats.sent.load(Ordering::Relaxed),
     );
     let idle_cpu = CpuMeter::start(pid)?;
     tokio::time::sleep(idle_for).await;
@@ -353,8 +314,8 @@ pub async fn run(a: RegisterArgs) -> anyhow::Result<()> {
     let heap1 = ask(&mut gw.child, "heap")?;
     // Diagnostic, after the readings above: how much of the RSS is free heap glibc keeps.
     let trimmed = ask(&mut gw.child, "trim")?;
-    let acks = c.acks.load(Ordering::Relaxed) - acks0;
-    let sent = c.heartbeats.load(Ordering::Relaxed) - sent0;
+    let acks = c.heartbeats.acks.load(Ordering::Relaxed) - acks0;
+    let sent = c.heartbeats.sent.load(Ordering::Relaxed) - sent0;
     let listed_idle = node_count(gw.admin, &gw.admin_token).await?;
     let per_node = (idle.rss_kib as f64 - zero.rss_kib as f64) / a.nodes.max(1) as f64;
     let field = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);

@@ -16,16 +16,22 @@ use nearpath_config::{
 use nearpath_edge_node::{EdgeNode, NodeError, NodeOptions, NodeStatus};
 use nearpath_gateway::store::{KycStatus, SqliteStore, Store};
 use nearpath_gateway::{BoundAddrs, Gateway, Listeners};
-use nearpath_protocol::message::{Capacity, Gpu, Heartbeat, Message, Register, Workloads};
-use nearpath_protocol::stream::{send, FramedRecv};
-use nearpath_protocol::tls::{client_config, ServerVerify};
-use nearpath_protocol::{ALPN_NODE, MAX_CONTROL_FRAME, PROTOCOL_VERSION};
+use nearpath_protocol::message::Message;
+use nearpath_protocol::tls::ServerVerify;
 use serde_json::Value;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
+
+/// The hand-spoken node of the tests is the shared fake node ([`nearpath_tests::fake_node`]);
+/// these names are the ones the tests have always used (not every test binary uses all).
+#[allow(unused_imports)]
+pub use nearpath_tests::fake_node::{
+    unix_micros_now, FakeNode as RawNode, GameSession as RawGameSession, GatewayTarget,
+    Registration,
+};
 
 pub const ADMIN: &str = "test-admin-token-0123456789";
 pub const API_KEY: &str = "test-api-key";
@@ -92,6 +98,20 @@ pub struct TestGateway {
     pub operator_id: String,
     pub token: String,
     _dir: Option<tempfile::TempDir>,
+}
+
+impl GatewayTarget for TestGateway {
+    fn quic_addr(&self) -> SocketAddr {
+        self.addrs.quic
+    }
+
+    fn cert_sha256(&self) -> [u8; 32] {
+        self.sha
+    }
+
+    fn enrolment_token(&self) -> String {
+        self.token.clone()
+    }
 }
 
 impl TestGateway {
@@ -303,109 +323,6 @@ impl TestNode {
     }
 }
 
-/// A node that speaks the control protocol by hand, so tests can make it misbehave.
-pub struct RawNode {
-    pub endpoint: quinn::Endpoint,
-    pub conn: quinn::Connection,
-    pub send: quinn::SendStream,
-    pub recv: FramedRecv,
-    pub first: Message,
-    seq: u64,
-}
-
-impl RawNode {
-    /// Dials the gateway's QUIC listener from `from` as a node, sends `reg` on the control
-    /// stream and reads the answer into `first`. Every `connect_*` variant builds its own
-    /// `Register` and ends here.
-    pub async fn register(gw: &TestGateway, from: IpAddr, reg: Register) -> RawNode {
-        let cfg = client_config(ServerVerify::PinnedSha256(gw.sha), &[ALPN_NODE]).unwrap();
-        let (endpoint, _) =
-            nearpath_protocol::net::client_endpoint(SocketAddr::new(from, 0), cfg, 1 << 20)
-                .unwrap();
-        let conn = endpoint
-            .connect(gw.addrs.quic, "localhost")
-            .unwrap()
-            .await
-            .unwrap();
-        let (mut send_half, recv) = conn.open_bi().await.unwrap();
-        send(&mut send_half, &Message::Register(reg)).await.unwrap();
-        let mut recv = FramedRecv::new(recv, MAX_CONTROL_FRAME);
-        let first = recv.next().await.unwrap().unwrap();
-        RawNode {
-            endpoint,
-            conn,
-            send: send_half,
-            recv,
-            first,
-            seq: 0,
-        }
-    }
-
-    pub async fn connect(gw: &TestGateway, id: &str, from: IpAddr, class: &str) -> RawNode {
-        Self::connect_serving(gw, id, from, class, &["m"]).await
-    }
-
-    pub async fn connect_serving(
-        gw: &TestGateway,
-        id: &str,
-        from: IpAddr,
-        class: &str,
-        models: &[&str],
-    ) -> RawNode {
-        let workloads = Workloads {
-            games: vec![],
-            models: models.iter().map(|m| m.to_string()).collect(),
-        };
-        Self::register(gw, from, Self::registration(gw, id, class, workloads, 1)).await
-    }
-
-    /// The `Register` a raw node sends: one GPU of `class`, the enrolment token of `gw`.
-    fn registration(
-        gw: &TestGateway,
-        id: &str,
-        class: &str,
-        workloads: Workloads,
-        game_sessions: u32,
-    ) -> Register {
-        Register {
-            protocol_version: PROTOCOL_VERSION,
-            node_id: id.into(),
-            enrolment_token: gw.token.clone(),
-            software_version: "0.1.0".into(),
-            gpus: vec![Gpu {
-                model: class.into(),
-                class: class.into(),
-                vram_mib: 1,
-            }],
-            workloads,
-            capacity: Capacity {
-                game_sessions,
-                inference_concurrency: 4,
-            },
-        }
-    }
-
-    pub async fn heartbeat(&mut self, active_sessions: u32) {
-        self.seq += 1;
-        let hb = Heartbeat {
-            seq: self.seq,
-            active_sessions,
-            queue_depth: 0,
-            load: 0.1,
-            gpu_util: None,
-            encoder_ms_p50: None,
-        };
-        send(&mut self.send, &Message::Heartbeat(hb)).await.unwrap();
-        // The ack proves the gateway processed it.
-        loop {
-            match self.recv.next().await.unwrap().unwrap() {
-                Message::HeartbeatAck(a) if a.seq == self.seq => return,
-                _ => continue,
-            }
-        }
-    }
-}
-
 /// A minimal HTTP client for the tests.
 pub struct Http {
     client: Client<HttpConnector, Full<Bytes>>,
@@ -515,43 +432,6 @@ impl TestGateway {
     }
 }
 
-impl RawNode {
-    /// A raw node registered for `games` with room for `game_sessions` (and the model `m`), so
-    /// that tests can hold game sessions without encoding video.
-    pub async fn connect_games(
-        gw: &TestGateway,
-        id: &str,
-        from: IpAddr,
-        class: &str,
-        games: &[&str],
-        game_sessions: u32,
-    ) -> RawNode {
-        let workloads = Workloads {
-            games: games.iter().map(|g| g.to_string()).collect(),
-            models: vec!["m".into()],
-        };
-        let reg = Self::registration(gw, id, class, workloads, game_sessions);
-        Self::register(gw, from, reg).await
-    }
-
-    /// Keeps the raw node alive (heartbeats every 50 ms) until the returned task is aborted;
-    /// the node's connection stays usable through the clone in `conn`.
-    pub fn keep_alive(mut self) -> tokio::task::JoinHandle<RawNode> {
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_millis(50));
-            loop {
-                tick.tick().await;
-                if tokio::time::timeout(Duration::from_secs(2), self.heartbeat(0))
-                    .await
-                    .is_err()
-                {
-                    return self;
-                }
-            }
-        })
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // Game relay helpers (hostile/relay.rs).
 
@@ -572,113 +452,16 @@ pub async fn raw_game_node(
     games: &[&str],
     sessions: u32,
 ) -> RawNode {
-    let cfg = client_config(ServerVerify::PinnedSha256(gw.sha), &[ALPN_NODE]).unwrap();
-    let (endpoint, _) =
-        nearpath_protocol::net::client_endpoint(SocketAddr::new(from, 0), cfg, 1 << 20).unwrap();
-    let conn = endpoint
-        .connect(gw.addrs.quic, "localhost")
-        .unwrap()
-        .await
-        .unwrap();
-    let (mut send_half, recv) = conn.open_bi().await.unwrap();
-    let reg = Register {
-        protocol_version: PROTOCOL_VERSION,
-        node_id: id.into(),
-        enrolment_token: token.into(),
-        software_version: "0.1.0".into(),
-        gpus: vec![Gpu {
-            model: "rtx4090".into(),
-            class: "rtx4090".into(),
-            vram_mib: 24_000,
-        }],
-        workloads: Workloads {
-            games: games.iter().map(|g| g.to_string()).collect(),
-            models: vec![],
-        },
-        capacity: Capacity {
-            game_sessions: sessions,
-            inference_concurrency: 0,
-        },
-    };
-    send(&mut send_half, &Message::Register(reg)).await.unwrap();
-    let mut recv = FramedRecv::new(recv, MAX_CONTROL_FRAME);
-    let first = recv.next().await.unwrap().unwrap();
+    let reg = Registration::new(id, token)
+        .gpu("rtx4090", "rtx4090", 24_000)
+        .games(games, sessions);
+    let node = RawNode::register(gw, from, reg.message()).await;
     assert!(
-        matches!(first, Message::Registered(_)),
-        "{id} not registered: {first:?}"
+        matches!(node.first, Message::Registered(_)),
+        "{id} not registered: {:?}",
+        node.first
     );
-    RawNode {
-        endpoint,
-        conn,
-        send: send_half,
-        recv,
-        first,
-        seq: 0,
-    }
-}
-
-/// A game session the gateway opened on a raw node; keep it alive for as long as the session
-/// should run (dropping it ends the session stream, which the gateway takes for a node failure).
-pub struct RawGameSession {
-    pub session_id: u64,
-    pub send: quinn::SendStream,
-    pub recv: FramedRecv,
-}
-
-impl RawNode {
-    /// Accepts the gateway's next session stream, which must open a game, and accepts it.
-    pub async fn accept_game(&self) -> RawGameSession {
-        let (mut tx, rx) = self.conn.accept_bi().await.unwrap();
-        let mut rx = FramedRecv::new(rx, nearpath_protocol::MAX_REQUEST_FRAME);
-        let open = match rx.next().await.unwrap().unwrap() {
-            Message::Open(o) => o,
-            other => panic!("expected Open, got {other:?}"),
-        };
-        send(
-            &mut tx,
-            &Message::Accepted(nearpath_protocol::message::Accepted {
-                session_id: open.session_id,
-            }),
-        )
-        .await
-        .unwrap();
-        RawGameSession {
-            session_id: open.session_id,
-            send: tx,
-            recv: rx,
-        }
-    }
-
-    /// Sends one video frame for `session_id`, captured now, on its own uni stream. Errors (the
-    /// gateway refused the stream) are returned, not unwrapped.
-    pub async fn send_video_frame(
-        &self,
-        session_id: u64,
-        seq: u64,
-        payload: &[u8],
-    ) -> Result<(), nearpath_protocol::StreamError> {
-        let header = nearpath_protocol::FrameHeader {
-            session_id,
-            seq,
-            capture_ts_us: unix_micros_now(),
-            encode_us: 0,
-            keyframe: seq == 0,
-            input_seq: 0,
-            width: 1280,
-            height: 720,
-            payload_len: 0,
-        };
-        nearpath_protocol::stream::send_frame(&self.conn, header, Bytes::copy_from_slice(payload))
-            .await
-    }
-}
-
-/// Microseconds since the Unix epoch (the clock of frame capture times).
-pub fn unix_micros_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_micros() as u64)
-        .unwrap_or(0)
+    node
 }
 
 /// The value of one series (name with labels, exactly as exported) on the admin `/metrics`
@@ -705,97 +488,6 @@ pub async fn admin_game_session(gw: &TestGateway, id: u64) -> Option<Value> {
         .find(|s| s["id"].as_u64() == Some(id))
         .cloned()
 }
-impl RawNode {
-    /// A raw node registering with `token` (not necessarily the gateway's first one), serving
-    /// `games` and `models`, with room for 4 game sessions and 4 inference streams.
-    pub async fn connect_with(
-        gw: &TestGateway,
-        id: &str,
-        from: IpAddr,
-        token: &str,
-        games: &[&str],
-        models: &[&str],
-    ) -> RawNode {
-        let reg = Register {
-            protocol_version: PROTOCOL_VERSION,
-            node_id: id.into(),
-            enrolment_token: token.into(),
-            software_version: "0.1.0".into(),
-            gpus: vec![],
-            workloads: Workloads {
-                games: games.iter().map(|g| g.to_string()).collect(),
-                models: models.iter().map(|m| m.to_string()).collect(),
-            },
-            capacity: Capacity {
-                game_sessions: 4,
-                inference_concurrency: 4,
-            },
-        };
-        Self::register(gw, from, reg).await
-    }
-
-    /// Accepts the next session the gateway opens on this node and answers `Accepted`; returns
-    /// the session's stream halves and its `Open`.
-    pub async fn accept_session(
-        &self,
-    ) -> (
-        quinn::SendStream,
-        FramedRecv,
-        nearpath_protocol::message::Open,
-    ) {
-        let (mut tx, rx) = tokio::time::timeout(Duration::from_secs(10), self.conn.accept_bi())
-            .await
-            .expect("no session opened on the raw node")
-            .unwrap();
-        let mut rx = FramedRecv::new(rx, nearpath_protocol::MAX_REQUEST_FRAME);
-        let open = match rx.next().await.unwrap().unwrap() {
-            Message::Open(o) => o,
-            other => panic!("expected Open, got {}", other.name()),
-        };
-        let accepted = Message::Accepted(nearpath_protocol::message::Accepted {
-            session_id: open.session_id,
-        });
-        send(&mut tx, &accepted).await.unwrap();
-        (tx, rx, open)
-    }
-}
-
-impl RawNode {
-    /// Like [`RawNode::connect`], with a chosen enrolment token and GPUs given as
-    /// (model name, class hint) pairs; no GPUs makes a CPU-only node.
-    pub async fn connect_gpus(
-        gw: &TestGateway,
-        id: &str,
-        from: IpAddr,
-        token: &str,
-        gpus: &[(&str, &str)],
-    ) -> RawNode {
-        let reg = Register {
-            protocol_version: PROTOCOL_VERSION,
-            node_id: id.into(),
-            enrolment_token: token.into(),
-            software_version: "0.1.0".into(),
-            gpus: gpus
-                .iter()
-                .map(|(model, class)| Gpu {
-                    model: (*model).into(),
-                    class: (*class).into(),
-                    vram_mib: 80_000,
-                })
-                .collect(),
-            workloads: Workloads {
-                games: vec![],
-                models: vec!["m".into()],
-            },
-            capacity: Capacity {
-                game_sessions: 1,
-                inference_concurrency: 4,
-            },
-        };
-        Self::register(gw, from, reg).await
-    }
-}
-
 /// A second verified operator with its own enrolment token: (operator id, token secret).
 pub fn another_operator(gw: &TestGateway, name: &str) -> (String, String) {
     let op = gw.store.create_operator(name, KycStatus::Verified).unwrap();

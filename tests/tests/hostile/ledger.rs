@@ -4,7 +4,7 @@
 #[allow(unused_imports)]
 use crate::common::*;
 use nearpath_config::BackendConfig;
-use nearpath_protocol::message::{Accepted, Done, Message, SessionKind, Token};
+use nearpath_protocol::message::{Accepted, Message, SessionKind};
 use nearpath_protocol::stream::{send, FramedRecv};
 use nearpath_protocol::{ClientError, InferEvent, PlayParams, MAX_REQUEST_FRAME};
 use serde_json::{json, Value};
@@ -45,42 +45,16 @@ async fn metrics(gw: &TestGateway) -> String {
 }
 
 /// Serves every inference session the gateway opens on `conn` with three tokens and a `Done`
-/// claiming `u32::MAX` prompt and completion tokens.
+/// claiming `u32::MAX` prompt and completion tokens (the shared fake node's lying answer).
 fn serve_inflated_usage(conn: quinn::Connection) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        while let Ok((mut tx, rx)) = conn.accept_bi().await {
-            tokio::spawn(async move {
-                let mut framed = FramedRecv::new(rx, MAX_REQUEST_FRAME);
-                let Ok(Some(Message::Open(open))) = framed.next().await else {
-                    return;
-                };
-                let _ = send(
-                    &mut tx,
-                    &Message::Accepted(Accepted {
-                        session_id: open.session_id,
-                    }),
-                )
-                .await;
-                for i in 0..3 {
-                    let t = Token {
-                        index: i,
-                        text: format!(" t{i}"),
-                        node_elapsed_us: 1,
-                    };
-                    let _ = send(&mut tx, &Message::Token(t)).await;
-                }
-                let done = Done {
-                    finish_reason: "stop".into(),
-                    prompt_tokens: u32::MAX,
-                    completion_tokens: u32::MAX,
-                };
-                let _ = send(&mut tx, &Message::Done(done)).await;
-                let _ = tx.finish();
-                // Hold the stream until the gateway has read everything.
-                let _ = framed.next().await;
-            });
-        }
-    })
+    use nearpath_tests::fake_node::{serve_sessions, Answer, Serving};
+    let serving = Serving::inference_only(Answer {
+        tokens: 3,
+        usage: (u32::MAX, u32::MAX),
+    });
+    let (opened, _) = tokio::sync::mpsc::unbounded_channel();
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(serve_sessions(conn, serving, opened, stop))
 }
 
 /// Accepts every game session the gateway opens on `conn` and holds it until the gateway

@@ -2,14 +2,14 @@
 //! built-in inference simulator, a temporary store and fixed development credentials (API key
 //! `demo`, admin token `demo-admin`), like other servers' dev modes.
 
-use crate::server::{BoundAddrs, Gateway, Listeners};
-use crate::store::{KycStatus, SqliteStore, Store};
 use anyhow::Context;
 use nearpath_config::{
     BackendConfig, CapacityConfig, GameEntry, GameSource, GatewayConfig, ModelConfig, NodeConfig,
     NodeGatewayConfig, NodeIdentity,
 };
 use nearpath_edge_node::{EdgeNode, NodeOptions, NodeStatus};
+use nearpath_gateway::server::{BoundAddrs, Gateway, Listeners};
+use nearpath_gateway::store::{KycStatus, SqliteStore, Store};
 use nearpath_protocol::tls::ServerVerify;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -74,7 +74,7 @@ impl Demo {
             config.inference.default_requests_per_minute,
             config.inference.default_tokens_per_minute,
         )?;
-        let cert = crate::tls::self_signed(&["localhost", "127.0.0.1", "::1"])?;
+        let cert = nearpath_gateway::tls::self_signed(&["localhost", "127.0.0.1", "::1"])?;
         let sha = cert.sha256;
         let cert_sha256 = cert.sha256_hex();
         let gateway = Gateway::with_parts(config, cert, store)?
@@ -169,7 +169,7 @@ fn demo_node_config(quic: SocketAddr, sha: &str, token: String) -> NodeConfig {
 
 /// `gateway demo`.
 pub async fn run(opts: DemoOptions, shutdown: CancellationToken) -> anyhow::Result<()> {
-    crate::init_tracing(&nearpath_config::LogConfig::default());
+    nearpath_gateway::init_tracing(&nearpath_config::LogConfig::default());
     let listeners = Listeners::bind(opts.listen, opts.admin_listen, opts.quic_listen).await?;
     let mut demo = Demo::start(listeners, opts.store).await?;
     demo.node_registered().await?;

@@ -7,7 +7,10 @@ fn gateway() -> Command {
 }
 
 fn example(name: &str) -> String {
-    format!("{}/../config/examples/{name}", env!("CARGO_MANIFEST_DIR"))
+    format!(
+        "{}/../../config/examples/{name}",
+        env!("CARGO_MANIFEST_DIR")
+    )
 }
 
 #[test]

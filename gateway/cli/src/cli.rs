@@ -1,8 +1,9 @@
 //! The `gateway` command line: `run`, `demo`, `check-config`, `geo lookup`.
 
-use crate::{demo, Gateway};
+use crate::demo;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use nearpath_gateway::Gateway;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -72,7 +73,7 @@ pub fn main() -> ExitCode {
         } => geo_lookup(config, db, &ips),
         Cmd::Run { config } => run_async(async move {
             let cfg = nearpath_config::load_gateway(&config).map_err(anyhow::Error::msg)?;
-            crate::init_tracing(&cfg.log);
+            nearpath_gateway::init_tracing(&cfg.log);
             Gateway::load(cfg)?.run(shutdown_on_signal()).await?;
             Ok(())
         }),
@@ -141,7 +142,7 @@ pub fn shutdown_on_signal() -> CancellationToken {
 
 fn check_config(file: &std::path::Path) -> ExitCode {
     match nearpath_config::load_gateway(file) {
-        Ok(cfg) => match crate::check_runtime(&cfg) {
+        Ok(cfg) => match nearpath_gateway::check_runtime(&cfg) {
             Ok(()) => {
                 println!("{}: ok: {}", file.display(), cfg.summary());
                 ExitCode::SUCCESS
