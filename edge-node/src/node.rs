@@ -13,7 +13,7 @@ use nearpath_protocol::stream::{send, FramedRecv};
 use nearpath_protocol::tls::{
     client_config_with, parse_sha256_hex, ServerVerify, TransportOptions,
 };
-use nearpath_protocol::{ALPN_NODE, MAX_CONTROL_FRAME, PROTOCOL_VERSION};
+use nearpath_protocol::{app_code, ALPN_NODE, MAX_CONTROL_FRAME, PROTOCOL_VERSION};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -285,7 +285,7 @@ impl EdgeNode {
             .wait_idle(Duration::from_millis(self.config.drain.deadline_ms))
             .await;
         if let Some(ep) = endpoint {
-            ep.close(0u32.into(), b"node stopped");
+            ep.close(app_code::CLOSE_SHUTDOWN, b"node stopped");
             let _ = tokio::time::timeout(Duration::from_secs(1), ep.wait_idle()).await;
         }
         let _ = self.status.send(NodeStatus::Stopped);
@@ -321,7 +321,7 @@ impl EdgeNode {
                     code: r.code,
                     reason: r.reason.clone(),
                 });
-                conn.close(0u32.into(), b"rejected");
+                conn.close(app_code::CLOSE_REJECTED, b"rejected");
                 // KYC can be approved (or a suspension lifted) while the node waits, so those
                 // keep retrying at the backoff ceiling; a bad token, the geofence or a version
                 // mismatch need the operator to change something, so the node stops.
@@ -423,7 +423,7 @@ impl EdgeNode {
                         rx_seen = (rx, now);
                     } else if now - rx_seen.1 >= lease && drain_until.is_none() {
                         let rtt = conn.rtt();
-                        conn.close(0u32.into(), b"gateway silent");
+                        conn.close(app_code::CLOSE_LEASE_EXPIRED, b"gateway silent");
                         return ConnEnd::Silent(format!("nothing received from the gateway for {} ms", (now - rx_seen.1).as_millis()), rtt);
                     }
                     seq += 1;
@@ -448,7 +448,7 @@ impl EdgeNode {
                             let _ = ctl_send.finish();
                             // Wait for the gateway to close, bounded, so Drained is delivered.
                             let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
-                            conn.close(0u32.into(), b"drained");
+                            conn.close(app_code::CLOSE_SHUTDOWN, b"drained");
                             return ConnEnd::Drained;
                         }
                     }

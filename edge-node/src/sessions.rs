@@ -487,7 +487,7 @@ impl Sessions {
                     // The gateway reset the stream or sent Close: its client went away.
                     Ok(Some(Message::Close(_))) | Ok(None) | Err(_) => {
                         debug!("session cancelled by the gateway");
-                        let _ = tx.reset(0u32.into());
+                        let _ = tx.reset(nearpath_protocol::app_code::STREAM_CANCELLED);
                         return;
                     }
                     Ok(Some(_)) => {}

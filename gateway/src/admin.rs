@@ -3,14 +3,15 @@
 //! `/healthz` and `/metrics` need no token: the admin listener belongs on an internal network,
 //! where Prometheus scrapes without credentials.
 
-use crate::control::revoke_nodes;
+use crate::clock::SharedClock;
+use crate::components::{Auth, Directory, Placement, Sessions};
 use crate::http_util::{
     bearer, ct_eq, error, json, read_body, with_type, BodyError, Handler, Resp,
 };
 use crate::metrics::labels;
+use crate::metrics::Metrics;
 use crate::registry::{ControlCmd, Revocation};
-use crate::server::Shared;
-use crate::store::{ApiKeyUpdate, KycStatus, StoreError};
+use crate::store::{ApiKeyUpdate, KycStatus, Store, StoreError};
 use hyper::body::Incoming;
 use hyper::{Method, Request, StatusCode};
 use serde::Deserialize;
@@ -23,13 +24,88 @@ use tracing::{info, warn};
 
 const ADMIN_BODY_LIMIT: usize = 64 * 1024;
 
+/// The components the admin API uses.
+pub struct AdminParts {
+    /// Live nodes: listing, drain, revocation.
+    pub directory: Arc<Directory>,
+    /// GeoIP reloads and the geofence's classes.
+    pub placement: Arc<Placement>,
+    /// Operators, tokens, keys, GPU models, SLA, penalties, usage.
+    pub store: Arc<dyn Store>,
+    /// The API key cache, forgotten when keys change.
+    pub auth: Arc<Auth>,
+    /// The live game sessions, listed.
+    pub sessions: Arc<Sessions>,
+    pub metrics: Arc<Metrics>,
+    pub clock: SharedClock,
+}
+
+/// The settings the admin API reads, from `[admin]`, `[nodes]`, `[inference]`, `[geofence]`.
+#[derive(Debug, Clone, Default)]
+pub struct AdminSettings {
+    /// The admin Bearer token; none disables `/admin`.
+    pub token: Option<String>,
+    pub drain_deadline_ms: u64,
+    pub default_requests_per_minute: u32,
+    pub default_tokens_per_minute: u32,
+    pub controlled_gpu_classes: Vec<String>,
+}
+
+impl AdminSettings {
+    pub fn from_config(c: &nearpath_config::GatewayConfig) -> Self {
+        AdminSettings {
+            token: c.admin.token.clone(),
+            drain_deadline_ms: c.nodes.drain_deadline_ms,
+            default_requests_per_minute: c.inference.default_requests_per_minute,
+            default_tokens_per_minute: c.inference.default_tokens_per_minute,
+            controlled_gpu_classes: c.geofence.controlled_gpu_classes.clone(),
+        }
+    }
+}
+
+/// The admin front end.
 pub struct AdminApi {
-    shared: Arc<Shared>,
+    directory: Arc<Directory>,
+    placement: Arc<Placement>,
+    store: Arc<dyn Store>,
+    auth: Arc<Auth>,
+    sessions: Arc<Sessions>,
+    metrics: Arc<Metrics>,
+    clock: SharedClock,
+    settings: AdminSettings,
 }
 
 impl AdminApi {
-    pub fn new(shared: Arc<Shared>) -> Self {
-        AdminApi { shared }
+    pub fn new(config: &nearpath_config::GatewayConfig, parts: AdminParts) -> Self {
+        Self::with_settings(AdminSettings::from_config(config), parts)
+    }
+
+    pub fn with_settings(settings: AdminSettings, parts: AdminParts) -> Self {
+        let AdminParts {
+            directory,
+            placement,
+            store,
+            auth,
+            sessions,
+            metrics,
+            clock,
+        } = parts;
+        AdminApi {
+            directory,
+            placement,
+            store,
+            auth,
+            sessions,
+            metrics,
+            clock,
+            settings,
+        }
+    }
+
+    /// Whether `presented` is the admin token. No token configured means nobody is admin.
+    fn authorised(&self, presented: Option<&str>) -> bool {
+        let expected = self.settings.token.as_deref().unwrap_or("");
+        matches!(presented, Some(t) if !expected.is_empty() && ct_eq(t.as_bytes(), expected.as_bytes()))
     }
 }
 
@@ -62,10 +138,10 @@ fn store_error(e: StoreError) -> Resp {
 
 /// Runs a store call off the async threads.
 async fn blocking<T: Send + 'static>(
-    shared: &Arc<Shared>,
+    api: &AdminApi,
     f: impl FnOnce(&dyn crate::store::Store) -> Result<T, StoreError> + Send + 'static,
 ) -> Result<T, Resp> {
-    let store = shared.store.clone();
+    let store = api.store.clone();
     match tokio::task::spawn_blocking(move || f(store.as_ref())).await {
         Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => Err(store_error(e)),
@@ -181,7 +257,7 @@ impl AdminApi {
             (&Method::GET, ["healthz"]) => {
                 return json(
                     StatusCode::OK,
-                    &serde_json::json!({"status": "ok", "nodes": self.shared.directory.registry.len()}),
+                    &serde_json::json!({"status": "ok", "nodes": self.directory.registry.len()}),
                 )
             }
             (&Method::GET, ["metrics"]) => return self.metrics(),
@@ -194,18 +270,14 @@ impl AdminApi {
                 &format!("no route for {method} {path}"),
             );
         }
-        let expected = self.shared.config.admin.token.as_deref().unwrap_or("");
-        match bearer(&req) {
-            Some(t) if !expected.is_empty() && ct_eq(t.as_bytes(), expected.as_bytes()) => {}
-            _ => {
-                return error(
-                    StatusCode::UNAUTHORIZED,
-                    "unauthorized",
-                    "missing or wrong admin Bearer token",
-                )
-            }
+        if !self.authorised(bearer(&req)) {
+            return error(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "missing or wrong admin Bearer token",
+            );
         }
-        let s = &self.shared;
+        let s = self;
         let result: Result<Resp, Resp> = async {
             Ok(match (&method, &segs[1..]) {
                 (&Method::GET, ["nodes"]) => {
@@ -265,11 +337,12 @@ impl AdminApi {
                     if !nearpath_config::is_gpu_class_name(&class) || class == crate::gpu_class::UNCLASSIFIED {
                         return Err(error(StatusCode::BAD_REQUEST, "invalid", &format!("class: {:?} is not a GPU class name (lower-case letters, digits and _)", body.class)));
                     }
-                    let known = s.config.geofence.controlled_gpu_classes.iter().any(|c| s.placement.policy.class_id(c) == s.placement.policy.class_id(&class))
+                    let known = s.settings.controlled_gpu_classes.iter().any(|c| s.placement.policy.class_id(c) == s.placement.policy.class_id(&class))
                         || crate::gpu_class::GPU_MODEL_TABLE.iter().any(|(_, c)| *c == class);
                     let controlled = s.placement.policy.is_controlled(s.placement.policy.class_id(&class));
                     let (model, class2) = (body.model.clone(), class.clone());
-                    let rec = blocking(s, move |st| st.set_gpu_model_class(&key, &model, &class2, crate::clock::system_unix_ms())).await?;
+                    let now_ms = s.clock.unix_ms();
+                    let rec = blocking(s, move |st| st.set_gpu_model_class(&key, &model, &class2, now_ms)).await?;
                     info!(model = %rec.model_key, class = %class, controlled, "GPU model classified by admin");
                     json(StatusCode::OK, &serde_json::json!({
                         "model_key": rec.model_key,
@@ -283,7 +356,7 @@ impl AdminApi {
                 (&Method::POST, ["nodes", id, "drain"]) => {
                     let body: DrainBody = json_body(req).await?;
                     let node = s.directory.registry.get(id).ok_or_else(|| error(StatusCode::NOT_FOUND, "not_found", &format!("no live node {id}")))?;
-                    let deadline_ms = body.deadline_ms.unwrap_or(s.config.nodes.drain_deadline_ms);
+                    let deadline_ms = body.deadline_ms.unwrap_or(s.settings.drain_deadline_ms);
                     node.commands
                         .send(ControlCmd::Drain { deadline_ms })
                         .await
@@ -324,13 +397,12 @@ impl AdminApi {
                     let id = id.to_string();
                     let id2 = id.clone();
                     let op = blocking(s, move |st| st.set_operator_kyc(&id2, status)).await?;
-                    if status != KycStatus::Verified {
-                        // A suspended (or unverified) operator's nodes leave now, not at their
-                        // next reconnect.
-                        let code = if status == KycStatus::Suspended { "operator_suspended" } else { "operator_unverified" };
+                    // A suspended (or unverified) operator's nodes leave now, not at their next
+                    // reconnect.
+                    if let Some(revocation) = Revocation::of_operator(&id, status) {
                         let nodes = s.directory.registry.of_operator(&id);
                         warn!(operator = %id, status = status.as_str(), nodes = nodes.len(), "disconnecting the operator's nodes");
-                        revoke_nodes(nodes, Revocation { code, detail: format!("operator {id} is {}", status.as_str()) });
+                        s.directory.registry.revoke(nodes, revocation);
                     }
                     json(StatusCode::OK, &op)
                 }
@@ -347,7 +419,7 @@ impl AdminApi {
                     let nodes = s.directory.registry.of_enrolment_token(&id);
                     let disconnected: Vec<String> = nodes.iter().map(|n| n.id.clone()).collect();
                     warn!(token = %id, nodes = nodes.len(), "enrolment token revoked; disconnecting its nodes");
-                    revoke_nodes(nodes, Revocation { code: "token_revoked", detail: format!("enrolment token {id} was revoked") });
+                    s.directory.registry.revoke(nodes, Revocation::token_revoked(format!("enrolment token {id} was revoked")));
                     json(StatusCode::OK, &serde_json::json!({"revoked": true, "disconnected_nodes": disconnected}))
                 }
                 (&Method::GET, ["penalties"]) => {
@@ -361,8 +433,8 @@ impl AdminApi {
                 }
                 (&Method::POST, ["api-keys"]) => {
                     let body: NewApiKey = json_body(req).await?;
-                    let rpm = body.requests_per_minute.unwrap_or(s.config.inference.default_requests_per_minute);
-                    let tpm = body.tokens_per_minute.unwrap_or(s.config.inference.default_tokens_per_minute);
+                    let rpm = body.requests_per_minute.unwrap_or(s.settings.default_requests_per_minute);
+                    let tpm = body.tokens_per_minute.unwrap_or(s.settings.default_tokens_per_minute);
                     let caps = ApiKeyUpdate {
                         max_concurrent_streams: body.max_concurrent_streams.map(Some),
                         max_concurrent_sessions: body.max_concurrent_sessions.map(Some),
@@ -477,25 +549,13 @@ impl AdminApi {
     }
 
     fn metrics(&self) -> Resp {
-        let m = &self.shared.metrics;
+        let m = &self.metrics;
         self.sync_ledger_metrics();
         m.nodes.clear();
-        let policy = &self.shared.placement.policy;
-        // The class is the node's word: label with the classes the geofence names or the
-        // default GPU table knows (bounded sets), everything else is `other`.
-        let table = nearpath_config::default_gpu_class_table();
+        let policy = &self.placement.policy;
         let mut census: std::collections::HashMap<_, i64> = Default::default();
-        for ((state, country, class), n) in self.shared.directory.registry.census() {
-            let id = policy.class_id(&class);
-            let class = if !id.is_other() {
-                policy.class_name(id).to_string()
-            } else if matches!(class.as_str(), "cpu" | "unknown")
-                || table.iter().any(|p| p.class == class)
-            {
-                class
-            } else {
-                crate::metrics::OTHER.to_string()
-            };
+        for ((state, country, class), n) in self.directory.registry.census() {
+            let class = class_label(policy, class);
             *census.entry((state, country, class)).or_default() += n as i64;
         }
         for ((state, country, class), n) in census {
@@ -521,8 +581,8 @@ impl AdminApi {
     fn sync_ledger_metrics(&self) {
         static SYNC: std::sync::Mutex<()> = std::sync::Mutex::new(());
         let _one = SYNC.lock().unwrap_or_else(|p| p.into_inner());
-        let m = &self.shared.metrics;
-        let health = self.shared.store.ledger_health();
+        let m = &self.metrics;
+        let health = self.store.ledger_health();
         let seen = m.ledger_write_failures.get();
         if health.write_failures > seen {
             m.ledger_write_failures.inc_by(health.write_failures - seen);
@@ -531,21 +591,37 @@ impl AdminApi {
     }
 }
 
+/// The `class` label of `nearpath_nodes`. The class is the node's word: label with the classes
+/// the geofence names or the default GPU table knows (bounded sets), everything else is `other`.
+fn class_label(policy: &nearpath_geo::Policy, class: String) -> String {
+    let id = policy.class_id(&class);
+    if !id.is_other() {
+        policy.class_name(id).to_string()
+    } else if matches!(class.as_str(), "cpu" | "unknown")
+        || nearpath_config::default_gpu_class_table()
+            .iter()
+            .any(|p| p.class == class)
+    {
+        class
+    } else {
+        crate::metrics::OTHER.to_string()
+    }
+}
+
 /// Reloads the GeoIP database files when they change on disk.
-pub async fn geo_reload_loop(shared: Arc<Shared>) {
-    let every = shared.config.geo.reload_check_interval_s;
-    if every == 0 {
+/// `every` is `geo.reload_check_interval_s`; zero turns the check off.
+pub async fn geo_reload_loop(placement: Arc<Placement>, metrics: Arc<Metrics>, every: Duration) {
+    if every.is_zero() {
         return;
     }
-    let mut tick = tokio::time::interval(Duration::from_secs(every));
+    let mut tick = tokio::time::interval(every);
     tick.tick().await;
     loop {
         tick.tick().await;
-        let geo = shared.placement.geo.clone();
+        let geo = placement.geo.clone();
         match tokio::task::spawn_blocking(move || geo.reload_if_changed()).await {
             Ok(Ok(report)) if report.changed() => {
-                shared
-                    .metrics
+                metrics
                     .geo_reloads
                     .get_or_create(&labels([("outcome", "ok")]))
                     .inc();
@@ -553,8 +629,7 @@ pub async fn geo_reload_loop(shared: Arc<Shared>) {
             }
             Ok(Ok(_)) => {}
             Ok(Err(e)) => {
-                shared
-                    .metrics
+                metrics
                     .geo_reloads
                     .get_or_create(&labels([("outcome", "error")]))
                     .inc();
@@ -562,5 +637,86 @@ pub async fn geo_reload_loop(shared: Arc<Shared>) {
             }
             Err(_) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn api(token: Option<&str>) -> AdminApi {
+        let config = nearpath_config::GatewayConfig::default();
+        let store: Arc<dyn Store> = Arc::new(crate::store::SqliteStore::open_in_memory().unwrap());
+        let metrics = Arc::new(Metrics::new());
+        let clock = crate::clock::system();
+        let policy = nearpath_geo::Policy::compile(&config.geofence).unwrap();
+        let geo = Arc::new(nearpath_geo::GeoDb::open(&config.geo).unwrap());
+        let settings = AdminSettings {
+            token: token.map(str::to_string),
+            ..AdminSettings::from_config(&config)
+        };
+        AdminApi::with_settings(
+            settings,
+            AdminParts {
+                directory: Arc::new(Directory {
+                    registry: Arc::new(crate::registry::Registry::new(Default::default()).unwrap()),
+                    clock: clock.clone(),
+                }),
+                placement: Arc::new(Placement::new(geo, policy, metrics.clone())),
+                store: store.clone(),
+                auth: Arc::new(Auth::new(
+                    store,
+                    metrics.clone(),
+                    clock.clone(),
+                    crate::auth::CapDefaults::from_config(&config),
+                )),
+                sessions: Arc::new(Sessions::default()),
+                metrics,
+                clock,
+            },
+        )
+    }
+
+    #[test]
+    fn only_the_configured_admin_token_is_admin() {
+        let a = api(Some("s3cret"));
+        assert!(a.authorised(Some("s3cret")));
+        assert!(!a.authorised(Some("s3cre")));
+        assert!(!a.authorised(Some("")));
+        assert!(!a.authorised(None));
+    }
+
+    #[test]
+    fn without_a_configured_token_nobody_is_admin() {
+        let a = api(None);
+        assert!(!a.authorised(Some("")));
+        assert!(!a.authorised(None));
+        let a = api(Some(""));
+        assert!(!a.authorised(Some("")));
+    }
+
+    #[test]
+    fn a_patch_tells_null_from_an_absent_cap() {
+        let p: ApiKeyPatch = serde_json::from_str(r#"{"max_concurrent_streams": null}"#).unwrap();
+        assert_eq!(p.max_concurrent_streams, Some(None));
+        assert_eq!(p.max_concurrent_sessions, None);
+        let p: ApiKeyPatch = serde_json::from_str(r#"{"max_concurrent_sessions": 3}"#).unwrap();
+        assert_eq!(p.max_concurrent_sessions, Some(Some(3)));
+        assert!(serde_json::from_str::<ApiKeyPatch>(r#"{"unknown": 1}"#).is_err());
+    }
+
+    #[test]
+    fn node_class_labels_come_from_a_bounded_set() {
+        let config = nearpath_config::GatewayConfig::default();
+        let policy = nearpath_geo::Policy::compile(&config.geofence).unwrap();
+        assert_eq!(class_label(&policy, "cpu".into()), "cpu");
+        let known = nearpath_config::default_gpu_class_table()[0]
+            .class
+            .to_string();
+        assert_eq!(class_label(&policy, known.clone()), known);
+        assert_eq!(
+            class_label(&policy, "whatever-a-node-says".into()),
+            crate::metrics::OTHER
+        );
     }
 }

@@ -18,6 +18,7 @@ pub mod infer;
 pub mod liveness;
 pub mod meter;
 pub mod metrics;
+pub mod node_link;
 pub mod player;
 pub mod recent_models;
 pub mod registry;

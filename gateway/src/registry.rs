@@ -4,11 +4,14 @@
 //! One mutex guards the maps and the router index together so a route never sees a node that is
 //! half inserted; every operation under it is O(1) or a bounded index search (no I/O, no await).
 
+use crate::clock::SharedClock;
+use crate::node_link::NodeLink;
 use crate::recent_models::RecentModels;
 use crate::router::{
     Deny, LatLon, NodeId, NodeRouteInfo, NodeState as RouteState, RouteOutcome, RouteParams,
     RouterError, RouterIndex, Workload,
 };
+use crate::store::KycStatus;
 use nearpath_geo::{ClassId, Location};
 use nearpath_protocol::message::{Capacity, Gpu, Workloads};
 use serde::Serialize;
@@ -82,6 +85,10 @@ impl NodeDynamic {
     }
 }
 
+/// How long telling a revoked node why may take before its connection is closed regardless: a
+/// node that stops reading its control stream must not keep its admission.
+pub const REVOKE_GRACE: std::time::Duration = std::time::Duration::from_millis(300);
+
 /// Why the gateway withdrew a node's admission: a reason code the node is told (in `Shutdown`
 /// and as the connection's close reason) and a sentence for people.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -89,6 +96,30 @@ pub struct Revocation {
     /// `token_revoked`, `operator_suspended` or `operator_unverified`.
     pub code: &'static str,
     pub detail: String,
+}
+
+impl Revocation {
+    /// The revocation of a node admitted under an operator whose KYC status is now `status`;
+    /// none while the operator is verified.
+    pub fn of_operator(operator_id: &str, status: KycStatus) -> Option<Revocation> {
+        let code = match status {
+            KycStatus::Verified => return None,
+            KycStatus::Suspended => "operator_suspended",
+            KycStatus::Pending => "operator_unverified",
+        };
+        Some(Revocation {
+            code,
+            detail: format!("operator {operator_id} is {}", status.as_str()),
+        })
+    }
+
+    /// The revocation of a node whose enrolment token was revoked.
+    pub fn token_revoked(detail: String) -> Revocation {
+        Revocation {
+            code: "token_revoked",
+            detail,
+        }
+    }
 }
 
 /// Which capacity pool a session uses.
@@ -125,7 +156,8 @@ pub struct NodeEntry {
     pub capacity: Capacity,
     pub software_version: String,
     pub registered_at_ms: u64,
-    pub conn: quinn::Connection,
+    /// The handle sessions reach the node through (its connection).
+    pub conn: NodeLink,
     pub commands: mpsc::Sender<ControlCmd>,
     /// Cancelled to disconnect the node (credentials revoked, replaced by a newer connection).
     pub kick: CancellationToken,
@@ -155,7 +187,7 @@ impl NodeEntry {
         capacity: Capacity,
         software_version: String,
         registered_at_ms: u64,
-        conn: quinn::Connection,
+        conn: NodeLink,
         commands: mpsc::Sender<ControlCmd>,
         dynamic: NodeDynamic,
     ) -> Self {
@@ -364,6 +396,8 @@ pub struct Registry {
     model_grace_ms: AtomicU64,
     /// Bumped whenever a node registers, so that requests waiting for a node wake up.
     joined: watch::Sender<u64>,
+    /// When a node left, for the models it served.
+    clock: SharedClock,
 }
 
 /// A reserved session slot on a node; released (and the router told) on drop.
@@ -398,7 +432,14 @@ impl Registry {
             changed: tokio::sync::watch::channel(0).0,
             model_grace_ms: AtomicU64::new(600_000),
             joined: watch::Sender::new(0),
+            clock: crate::clock::system(),
         })
+    }
+
+    /// Reads time from `clock` (the gateway's one clock; a virtual one in tests).
+    pub fn with_clock(mut self, clock: SharedClock) -> Self {
+        self.clock = clock;
+        self
     }
 
     /// Sets how long a model is remembered after its last node left (`inference.model_grace_s`).
@@ -518,7 +559,7 @@ impl Registry {
             if inner.by_id.get(&entry.id).map(|e| e.key) == Some(entry.key) {
                 inner.by_id.remove(&entry.id);
             }
-            self.note_left(&mut inner, entry, crate::clock::system_unix_ms());
+            self.note_left(&mut inner, entry, self.clock.unix_ms());
         }
     }
 
@@ -634,6 +675,30 @@ impl Registry {
         })
     }
 
+    /// Withdraws the admission of `nodes` (token revoked, operator suspended): each node's
+    /// session sends `Shutdown{reason}` and closes its connection with `CLOSE_REVOKED`, which
+    /// ends its sessions. A node that does not take the `Shutdown` within [`REVOKE_GRACE`] is
+    /// closed all the same.
+    pub fn revoke(&self, nodes: Vec<Arc<NodeEntry>>, revocation: Revocation) {
+        for node in nodes {
+            tracing::warn!(node = %node.id, operator = %node.operator_id, code = revocation.code, "disconnecting node: {}", revocation.detail);
+            node.revoke(revocation.clone());
+            tokio::spawn(async move {
+                if tokio::time::timeout(REVOKE_GRACE * 2, node.conn.closed())
+                    .await
+                    .is_err()
+                {
+                    if let Some(r) = node.revocation() {
+                        node.conn.close(
+                            nearpath_protocol::app_code::CLOSE_REVOKED,
+                            r.code.as_bytes(),
+                        );
+                    }
+                }
+            });
+        }
+    }
+
     /// Whether some registered node serves model `name`.
     pub fn serves_model(&self, name: &str) -> bool {
         self.lock().router.serves(Workload::Model(name))
@@ -659,6 +724,269 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::clock::{Clock, ManualClock};
+    use std::time::Duration;
+
+    const STALE_MS: u64 = 1_000;
+
+    fn registry(clock: &Arc<ManualClock>) -> Arc<Registry> {
+        Arc::new(
+            Registry::new(RouteParams::default())
+                .unwrap()
+                .with_model_grace(Duration::from_secs(60))
+                .with_clock(clock.clone()),
+        )
+    }
+
+    /// A node of `operator` serving `models`, with one game and two inference slots,
+    /// registered (and last heard from) at `at_ms`.
+    fn node(id: &str, operator: &str, models: &[&str], at_ms: u64) -> NodeEntry {
+        let (tx, _rx) = mpsc::channel(1);
+        NodeEntry::new(
+            id.into(),
+            operator.into(),
+            "127.0.0.1:4433".parse().unwrap(),
+            Location::default(),
+            vec![],
+            vec![],
+            Workloads {
+                games: vec!["tetris".into()],
+                models: models.iter().map(|m| m.to_string()).collect(),
+            },
+            Capacity {
+                game_sessions: 1,
+                inference_concurrency: 2,
+            },
+            "1.0.0".into(),
+            at_ms,
+            NodeLink::detached("127.0.0.1:4433".parse().unwrap()),
+            tx,
+            NodeDynamic {
+                state: NodeState::Active,
+                load: 0.0,
+                reported_sessions: 0,
+                queue_depth: 0,
+                gpu_util: None,
+                encoder_ms_p50: None,
+                last_heartbeat_ms: at_ms,
+                rtt_ms: 0.0,
+                heartbeat_misses: 0,
+                slow: false,
+                recent_penalties: 0,
+                operator_flagged: false,
+            },
+        )
+    }
+
+    #[test]
+    fn a_node_id_connected_under_one_operator_is_refused_to_another() {
+        let r = registry(&ManualClock::new(0));
+        r.insert(node("n1", "op_a", &[], 10_000), STALE_MS).unwrap();
+        assert_eq!(
+            r.insert(node("n1", "op_b", &[], 99_000), STALE_MS).err(),
+            Some(InsertError::Duplicate {
+                existing_operator: "op_a".into()
+            })
+        );
+        assert_eq!(r.get("n1").unwrap().operator_id, "op_a");
+    }
+
+    #[test]
+    fn a_live_holder_keeps_its_id_and_a_silent_one_is_taken_over_once() {
+        let r = registry(&ManualClock::new(0));
+        let (old, _) = r.insert(node("n1", "op_a", &[], 10_000), STALE_MS).unwrap();
+        assert_eq!(
+            r.insert(node("n1", "op_a", &[], 10_400), STALE_MS).err(),
+            Some(InsertError::Live {
+                last_heard_ms_ago: 400
+            })
+        );
+        let (new, replaced) = r.insert(node("n1", "op_a", &[], 11_000), STALE_MS).unwrap();
+        assert_eq!(replaced.map(|e| e.key), Some(old.key));
+        assert_eq!(r.get("n1").unwrap().key, new.key);
+        assert!(r.by_key(old.key).is_none());
+        assert_eq!(r.len(), 1);
+        // The newcomer is now the live holder: a third registration right after is refused.
+        assert!(matches!(
+            r.insert(node("n1", "op_a", &[], 11_100), STALE_MS),
+            Err(InsertError::Live { .. })
+        ));
+    }
+
+    #[test]
+    fn a_holder_whose_connection_closed_is_taken_over_at_once() {
+        let r = registry(&ManualClock::new(0));
+        let (old, _) = r.insert(node("n1", "op_a", &[], 10_000), STALE_MS).unwrap();
+        old.conn
+            .close(nearpath_protocol::app_code::CLOSE_NORMAL, b"gone");
+        assert!(!holds_id(&old, 10_001, STALE_MS));
+        let (_, replaced) = r.insert(node("n1", "op_a", &[], 10_001), STALE_MS).unwrap();
+        assert!(replaced.is_some());
+    }
+
+    #[test]
+    fn a_slow_holder_with_an_open_connection_keeps_its_id_however_late() {
+        let r = registry(&ManualClock::new(0));
+        let (old, _) = r.insert(node("n1", "op_a", &[], 10_000), STALE_MS).unwrap();
+        old.dynamic().slow = true;
+        assert!(holds_id(&old, 60_000, STALE_MS));
+        assert!(matches!(
+            r.insert(node("n1", "op_a", &[], 60_000), STALE_MS),
+            Err(InsertError::Live { .. })
+        ));
+    }
+
+    #[test]
+    fn removing_a_replaced_entry_does_not_remove_its_successor() {
+        let r = registry(&ManualClock::new(0));
+        let (old, _) = r.insert(node("n1", "op_a", &[], 10_000), STALE_MS).unwrap();
+        let (new, _) = r.insert(node("n1", "op_a", &[], 20_000), STALE_MS).unwrap();
+        r.remove(&old);
+        assert_eq!(r.get("n1").map(|e| e.key), Some(new.key));
+        r.remove(&new);
+        assert!(r.is_empty());
+    }
+
+    #[test]
+    fn slots_are_bounded_by_capacity_and_freed_on_drop() {
+        let r = registry(&ManualClock::new(0));
+        let (n, _) = r.insert(node("n1", "op_a", &[], 0), STALE_MS).unwrap();
+        let game = r.acquire(&n, SlotKind::Game).expect("one game slot");
+        assert!(
+            r.acquire(&n, SlotKind::Game).is_none(),
+            "capacity is one game"
+        );
+        let a = r.acquire(&n, SlotKind::Inference).unwrap();
+        let b = r.acquire(&n, SlotKind::Inference).unwrap();
+        assert!(r.acquire(&n, SlotKind::Inference).is_none());
+        assert_eq!(n.sessions_in_use(), 3);
+        drop((game, a));
+        assert_eq!(n.sessions_in_use(), 1);
+        assert!(r.acquire(&n, SlotKind::Game).is_some());
+        drop(b);
+        // Slots released while the connection was open are not sessions cut by the node.
+        assert_eq!(n.sessions_cut(), 0);
+    }
+
+    #[test]
+    fn a_slot_released_after_the_connection_closed_counts_as_cut() {
+        let r = registry(&ManualClock::new(0));
+        let (n, _) = r.insert(node("n1", "op_a", &[], 0), STALE_MS).unwrap();
+        let slot = r.acquire(&n, SlotKind::Inference).unwrap();
+        n.conn
+            .close(nearpath_protocol::app_code::CLOSE_NORMAL, b"died");
+        drop(slot);
+        assert_eq!((n.sessions_in_use(), n.sessions_cut()), (0, 1));
+    }
+
+    #[test]
+    fn a_model_whose_last_node_left_is_gone_for_the_grace_then_unknown() {
+        let clock = ManualClock::new(1_000_000);
+        let r = registry(&clock);
+        assert_eq!(
+            r.model_availability("m", clock.unix_ms()),
+            ModelAvailability::Unknown
+        );
+        let (a, _) = r.insert(node("a", "op", &["m"], 0), STALE_MS).unwrap();
+        let (b, _) = r.insert(node("b", "op", &["m"], 0), STALE_MS).unwrap();
+        assert!(r.serves_model("m"));
+        r.remove(&a);
+        // Another node still serves it.
+        assert_eq!(
+            r.model_availability("m", clock.unix_ms()),
+            ModelAvailability::Served
+        );
+        clock.advance(Duration::from_secs(5));
+        let left = clock.unix_ms();
+        r.remove(&b);
+        assert_eq!(
+            r.model_availability("m", left + 59_000),
+            ModelAvailability::Gone { since_ms: left }
+        );
+        assert_eq!(r.recently_served_models(left + 59_000), ["m"]);
+        assert_eq!(
+            r.model_availability("m", left + 61_000),
+            ModelAvailability::Unknown
+        );
+        // A node that serves it again makes it served at once.
+        r.insert(node("c", "op", &["m"], 0), STALE_MS).unwrap();
+        assert_eq!(
+            r.model_availability("m", left + 61_000),
+            ModelAvailability::Served
+        );
+    }
+
+    #[test]
+    fn nodes_are_found_by_operator_and_by_enrolment_token() {
+        let r = registry(&ManualClock::new(0));
+        for (id, op, tok) in [
+            ("a1", "op_a", "t1"),
+            ("a2", "op_a", "t2"),
+            ("b1", "op_b", "t1"),
+        ] {
+            let mut e = node(id, op, &[], 0);
+            e.enrolment_token_id = tok.into();
+            r.insert(e, STALE_MS).unwrap();
+        }
+        let ids = |v: Vec<Arc<NodeEntry>>| {
+            let mut v: Vec<String> = v.iter().map(|e| e.id.clone()).collect();
+            v.sort();
+            v
+        };
+        assert_eq!(ids(r.of_operator("op_a")), ["a1", "a2"]);
+        assert_eq!(ids(r.of_operator("op_c")), Vec::<String>::new());
+        assert_eq!(ids(r.of_enrolment_token("t1")), ["a1", "b1"]);
+    }
+
+    #[tokio::test]
+    async fn revoking_withdraws_admission_once_with_the_first_reason() {
+        let r = registry(&ManualClock::new(0));
+        let (n, _) = r.insert(node("n1", "op_a", &[], 0), STALE_MS).unwrap();
+        let first = Revocation {
+            code: "token_revoked",
+            detail: "t".into(),
+        };
+        r.revoke(r.of_operator("op_a"), first.clone());
+        assert!(n.kick.is_cancelled(), "the node's session is told to leave");
+        n.revoke(Revocation {
+            code: "operator_suspended",
+            detail: "later".into(),
+        });
+        assert_eq!(n.revocation(), Some(&first));
+        // The session closes the connection; the fallback close has nothing left to do.
+        n.conn
+            .close(nearpath_protocol::app_code::CLOSE_REVOKED, b"token_revoked");
+    }
+
+    #[test]
+    fn a_verified_operator_keeps_its_nodes_and_any_other_status_revokes_them() {
+        assert_eq!(Revocation::of_operator("op", KycStatus::Verified), None);
+        let r = Revocation::of_operator("op", KycStatus::Suspended).unwrap();
+        assert_eq!(
+            (r.code, r.detail.as_str()),
+            ("operator_suspended", "operator op is suspended")
+        );
+        let r = Revocation::of_operator("op", KycStatus::Pending).unwrap();
+        assert_eq!(
+            (r.code, r.detail.as_str()),
+            ("operator_unverified", "operator op is pending")
+        );
+    }
+
+    #[test]
+    fn a_draining_or_slow_node_is_not_routed_new_sessions() {
+        let r = registry(&ManualClock::new(0));
+        let (n, _) = r.insert(node("n1", "op_a", &["m"], 0), STALE_MS).unwrap();
+        let routed = |r: &Registry| !r.route(None, Workload::Model("m"), |_| Ok(())).1.is_empty();
+        assert!(routed(&r));
+        n.dynamic().slow = true;
+        r.refresh(&n);
+        assert!(!routed(&r));
+        n.dynamic().slow = false;
+        n.dynamic().state = NodeState::Draining;
+        r.refresh(&n);
+        assert!(!routed(&r));
+    }
 
     #[test]
     fn a_live_node_holds_its_id_until_it_is_silent_for_the_takeover_interval() {

@@ -148,10 +148,12 @@ impl Gateway {
         let route_params = RouteParams::from(&config.routing);
         let registry =
             Registry::new(route_params).map_err(|e| GatewayError::Config(e.to_string()))?;
-        let registry = registry.with_model_grace(std::time::Duration::from_secs(
-            config.inference.model_grace_s,
-        ));
         let clock = crate::clock::system();
+        let registry = registry
+            .with_model_grace(std::time::Duration::from_secs(
+                config.inference.model_grace_s,
+            ))
+            .with_clock(clock.clone());
         let metrics = Arc::new(Metrics::new());
         let auth = Arc::new(Auth::new(
             store.clone(),
@@ -324,7 +326,8 @@ impl Gateway {
             }),
         );
         let handle = tokio::spawn(async move {
-            let quic_task = tokio::spawn(accept_quic(shared.clone(), clients, endpoint.clone()));
+            let nodes = Arc::new(node_front_end(&shared));
+            let quic_task = tokio::spawn(accept_quic(shared.clone(), clients, nodes, endpoint.clone()));
             let http_task = tokio::spawn(crate::http_util::serve(
                 listeners.http,
                 http_tls,
@@ -336,13 +339,17 @@ impl Gateway {
             let admin_task = tokio::spawn(crate::http_util::serve(
                 listeners.admin,
                 None,
-                Arc::new(crate::admin::AdminApi::new(shared.clone())),
+                Arc::new(admin_api(&shared)),
                 "admin",
                 inner_shutdown.clone(),
                 // The admin listener inherits [http]'s timeouts and caps, with its own counts.
                 crate::http_util::ConnPolicy::from_config(&shared.config.http, &shared.metrics),
             ));
-            let geo_task = tokio::spawn(crate::admin::geo_reload_loop(shared.clone()));
+            let geo_task = tokio::spawn(crate::admin::geo_reload_loop(
+                shared.placement.clone(),
+                shared.metrics.clone(),
+                Duration::from_secs(shared.config.geo.reload_check_interval_s),
+            ));
             shutdown.cancelled().await;
             info!("shutting down");
             inner_shutdown.cancel();
@@ -354,7 +361,10 @@ impl Gateway {
             while !shared.directory.registry.is_empty() && tokio::time::Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
-            endpoint.close(0u32.into(), b"gateway shutting down");
+            endpoint.close(
+                nearpath_protocol::app_code::CLOSE_SHUTDOWN,
+                b"gateway shutting down",
+            );
             quic_task.abort();
             let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
         });
@@ -398,9 +408,6 @@ impl crate::client::PlayService for GamePlay {
     }
 }
 
-/// Concurrent video frame streams a registered node may have in flight (frames are
-/// short-lived streams).
-const NODE_UNI_STREAMS: u32 = 256;
 /// Receive window of a node connection until it is registered: its control stream carries one
 /// `Register` (at most `MAX_CONTROL_FRAME`), nothing else may arrive before `Registered`.
 const NODE_PREREGISTER_WINDOW: u32 = 2 * nearpath_protocol::MAX_CONTROL_FRAME as u32;
@@ -408,21 +415,45 @@ const NODE_PREREGISTER_WINDOW: u32 = 2 * nearpath_protocol::MAX_CONTROL_FRAME as
 /// read as they come; nodes send none, so anything more would only be a stranger's ballast.
 const DATAGRAM_RECEIVE_BUFFER: usize = 64 * 1024;
 
-/// Grants a node connection its video frame streams and window, after `Registered` was sent.
-pub fn node_registered(shared: &Shared, conn: &quinn::Connection) {
-    shared.quic_gate.authenticated(conn.stable_id());
-    conn.set_receive_window(window(shared.config.quic.node_receive_window_bytes));
-    conn.set_max_concurrent_uni_streams(NODE_UNI_STREAMS.into());
+/// The QUIC-node front end, built with the components it uses.
+fn node_front_end(shared: &Arc<Shared>) -> crate::control::NodeFrontEnd {
+    // The game relay's frame streams: engineer "game" replaces this call by its service's.
+    let game = shared.clone();
+    let frames: crate::control::FramesLoop =
+        Arc::new(move |conn| Box::pin(crate::game::node_frames_loop(game.clone(), conn)));
+    crate::control::NodeFrontEnd::new(
+        &shared.config,
+        shared.directory.clone(),
+        shared.placement.clone(),
+        shared.store.clone(),
+        shared.metrics.clone(),
+        shared.clock.clone(),
+        shared.shutdown.clone(),
+        shared.quic_gate.clone(),
+        frames,
+    )
 }
 
-/// A configured window as a QUIC integer (config validation keeps it far below the limit).
-fn window(bytes: u64) -> quinn::VarInt {
-    quinn::VarInt::from_u64(bytes).unwrap_or(quinn::VarInt::MAX)
+/// The admin API, built with the components it uses.
+fn admin_api(shared: &Arc<Shared>) -> crate::admin::AdminApi {
+    crate::admin::AdminApi::new(
+        &shared.config,
+        crate::admin::AdminParts {
+            directory: shared.directory.clone(),
+            placement: shared.placement.clone(),
+            store: shared.store.clone(),
+            auth: shared.auth.clone(),
+            sessions: shared.sessions.clone(),
+            metrics: shared.metrics.clone(),
+            clock: shared.clock.clone(),
+        },
+    )
 }
 
 async fn accept_quic(
     shared: Arc<Shared>,
     clients: Arc<crate::client::QuicClients>,
+    nodes: Arc<crate::control::NodeFrontEnd>,
     endpoint: quinn::Endpoint,
 ) {
     let refused = |reason: &str| {
@@ -455,8 +486,8 @@ async fn accept_quic(
                 continue;
             }
         };
-        let shared = shared.clone();
         let clients = clients.clone();
+        let nodes = nodes.clone();
         tokio::spawn(async move {
             let conn = match incoming.await {
                 Ok(c) => c,
@@ -471,7 +502,7 @@ async fn accept_quic(
                 Some(a) if a == ALPN_NODE => {
                     // Only the control stream until `Registered` (see `node_registered`).
                     conn.set_receive_window(NODE_PREREGISTER_WINDOW.into());
-                    crate::control::handle_node(shared, conn).await
+                    crate::control::handle_node(nodes, conn).await
                 }
                 Some(a) if a == ALPN_CLIENT => {
                     // One request stream until a request authenticates (`QuicClients::authenticated`),
@@ -480,7 +511,7 @@ async fn accept_quic(
                 }
                 _ => {
                     warn!(%peer, "QUIC connection without a known ALPN");
-                    conn.close(4u32.into(), b"unknown ALPN");
+                    conn.close(nearpath_protocol::app_code::CLOSE_PROTOCOL, b"unknown ALPN");
                 }
             }
             drop(pre_auth);

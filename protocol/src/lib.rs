@@ -91,6 +91,108 @@ pub mod app_code {
     /// A relayed video frame given up at its deadline: the relay drops late frames rather than
     /// queue them. Not an error; the player skips the frame.
     pub const FRAME_DROPPED: VarInt = VarInt::from_u32(0x13);
+
+    /// Every code by name, in the order of PROTOCOL.md's table ("Application error codes").
+    pub const ALL: [(&str, VarInt); 11] = [
+        ("CLOSE_NORMAL", CLOSE_NORMAL),
+        ("CLOSE_PROTOCOL", CLOSE_PROTOCOL),
+        ("CLOSE_REJECTED", CLOSE_REJECTED),
+        ("CLOSE_SHUTDOWN", CLOSE_SHUTDOWN),
+        ("CLOSE_LEASE_EXPIRED", CLOSE_LEASE_EXPIRED),
+        ("CLOSE_REVOKED", CLOSE_REVOKED),
+        ("CLOSE_PATH_REFUSED", CLOSE_PATH_REFUSED),
+        ("STREAM_REFUSED", STREAM_REFUSED),
+        ("STREAM_ABORTED", STREAM_ABORTED),
+        ("STREAM_CANCELLED", STREAM_CANCELLED),
+        ("FRAME_DROPPED", FRAME_DROPPED),
+    ];
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        /// The numbers are the wire contract: a renumbered constant breaks every deployed peer.
+        #[test]
+        fn each_code_keeps_its_number() {
+            let numbers: Vec<(&str, u64)> = ALL.iter().map(|(n, c)| (*n, c.into_inner())).collect();
+            assert_eq!(
+                numbers,
+                [
+                    ("CLOSE_NORMAL", 0),
+                    ("CLOSE_PROTOCOL", 1),
+                    ("CLOSE_REJECTED", 2),
+                    ("CLOSE_SHUTDOWN", 3),
+                    ("CLOSE_LEASE_EXPIRED", 4),
+                    ("CLOSE_REVOKED", 5),
+                    ("CLOSE_PATH_REFUSED", 6),
+                    ("STREAM_REFUSED", 0x10),
+                    ("STREAM_ABORTED", 0x11),
+                    ("STREAM_CANCELLED", 0x12),
+                    ("FRAME_DROPPED", 0x13),
+                ]
+            );
+        }
+
+        /// Rows of PROTOCOL.md's "Application error codes" table: (code, name, use).
+        fn documented() -> Vec<(u64, String, String)> {
+            let doc = include_str!("../PROTOCOL.md");
+            let start = doc
+                .find("### Application error codes")
+                .expect("PROTOCOL.md has the application error code table");
+            doc[start..]
+                .lines()
+                .skip_while(|l| !l.starts_with('|'))
+                .take_while(|l| l.starts_with('|'))
+                .skip(2)
+                .map(|row| {
+                    let cells: Vec<&str> =
+                        row.trim_matches('|').split('|').map(str::trim).collect();
+                    let code = match cells[0].strip_prefix("0x") {
+                        Some(hex) => u64::from_str_radix(hex, 16),
+                        None => cells[0].parse(),
+                    }
+                    .unwrap_or_else(|e| panic!("bad code {:?}: {e}", cells[0]));
+                    (
+                        code,
+                        cells[1].trim_matches('`').to_string(),
+                        cells[2].to_string(),
+                    )
+                })
+                .collect()
+        }
+
+        #[test]
+        fn protocol_md_lists_the_same_codes_with_their_meanings() {
+            let doc = documented();
+            let ours: Vec<(u64, String)> = ALL
+                .iter()
+                .map(|(n, c)| (c.into_inner(), n.to_string()))
+                .collect();
+            let theirs: Vec<(u64, String)> = doc.iter().map(|(c, n, _)| (*c, n.clone())).collect();
+            assert_eq!(ours, theirs, "PROTOCOL.md's table and app_code disagree");
+            // What each code means, by the words its row must use.
+            let meaning = [
+                ("CLOSE_NORMAL", "normally"),
+                ("CLOSE_PROTOCOL", "protocol"),
+                ("CLOSE_REJECTED", "Rejected"),
+                ("CLOSE_SHUTDOWN", "shutting down"),
+                ("CLOSE_LEASE_EXPIRED", "lease"),
+                ("CLOSE_REVOKED", "withdrawn"),
+                ("CLOSE_PATH_REFUSED", "geofence refuses"),
+                ("STREAM_REFUSED", "not acceptable"),
+                ("STREAM_ABORTED", "upstream failed"),
+                ("STREAM_CANCELLED", "cancel upstream"),
+                ("FRAME_DROPPED", "deadline"),
+            ];
+            for (name, words) in meaning {
+                let (_, _, use_) = doc.iter().find(|(_, n, _)| n == name).unwrap();
+                assert!(
+                    use_.contains(words),
+                    "{name}: {use_:?} does not say {words:?}"
+                );
+            }
+        }
+    }
 }
 
 /// Microseconds since the Unix epoch, the clock of `capture_ts_us` and `sent_ts_us`.
