@@ -327,7 +327,12 @@ impl Gateway {
         );
         let handle = tokio::spawn(async move {
             let nodes = Arc::new(node_front_end(&shared));
-            let quic_task = tokio::spawn(accept_quic(shared.clone(), clients, nodes, endpoint.clone()));
+            let quic_task = tokio::spawn(accept_quic(
+                shared.clone(),
+                clients,
+                nodes,
+                endpoint.clone(),
+            ));
             let http_task = tokio::spawn(crate::http_util::serve(
                 listeners.http,
                 http_tls,
@@ -417,10 +422,10 @@ const DATAGRAM_RECEIVE_BUFFER: usize = 64 * 1024;
 
 /// The QUIC-node front end, built with the components it uses.
 fn node_front_end(shared: &Arc<Shared>) -> crate::control::NodeFrontEnd {
-    // The game relay's frame streams: engineer "game" replaces this call by its service's.
-    let game = shared.clone();
+    // The game relay's frame streams, served by the game service.
+    let games = shared.games.clone();
     let frames: crate::control::FramesLoop =
-        Arc::new(move |conn| Box::pin(crate::game::node_frames_loop(game.clone(), conn)));
+        Arc::new(move |conn| Box::pin(games.clone().node_frames_loop(conn)));
     crate::control::NodeFrontEnd::new(
         &shared.config,
         shared.directory.clone(),

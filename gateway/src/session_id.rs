@@ -2,8 +2,9 @@
 //!
 //! A session id travels in every frame header and input datagram, and nodes are run by
 //! strangers, so an id must not tell anyone what the next or any other live session's id is. The
-//! relay also checks which connection a frame came from (see `game::node_frames_loop`); the id
-//! being unguessable is the second lock, not the only one.
+//! relay also checks which connection a frame came from (see
+//! `game::GameService::node_frames_loop`); the id being unguessable is the second lock, not the
+//! only one.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};

@@ -18,7 +18,6 @@ pub mod session;
 pub use service::{session_params, GameService, NODE_ANSWER_TIMEOUT};
 
 use crate::registry::NodeEntry;
-use crate::server::Shared;
 use crate::session_id::SessionId;
 use bytes::Bytes;
 use nearpath_protocol::message::GameParams;
@@ -388,13 +387,6 @@ impl ForeignLog {
             self.suppressed.fetch_add(1, Ordering::Relaxed);
         }
     }
-}
-
-/// Forwards every frame stream a node opens to the session's client (see
-/// [`GameService::node_frames_loop`]).
-// Kept for the node session's call site; the lead points it at the service at merge.
-pub async fn node_frames_loop(shared: Arc<Shared>, conn: quinn::Connection) {
-    shared.games.clone().node_frames_loop(conn).await
 }
 
 /// Reads the payload that follows an already-read frame header.
