@@ -425,16 +425,6 @@ pub fn tls_acceptor(pair: CertPair) -> Result<tokio_rustls::TlsAcceptor, rustls:
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(cfg)))
 }
 
-/// See [`crate::client_addr::client_ip`]; kept with its old signature for webrtc.rs until its
-/// owner moves the call (the lead removes it at merge).
-pub fn client_ip(
-    shared: &crate::server::Shared,
-    peer: std::net::IpAddr,
-    headers: &hyper::HeaderMap,
-) -> ClientAddr {
-    client_addr::client_ip(&shared.config.http, peer, headers)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

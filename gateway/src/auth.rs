@@ -4,7 +4,6 @@
 //! end (OpenAI HTTP, WHEP, native QUIC) admits work through them.
 
 use crate::clock::SharedClock;
-use crate::components::Auth;
 use crate::error::CoreError;
 use crate::metrics::{labels, Metrics};
 use crate::store::{ApiKey, Store};
@@ -13,6 +12,17 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
+
+/// Who a request is from: API keys, their cache, and the per-key rate and concurrency limits.
+pub struct Auth {
+    pub store: Arc<dyn Store>,
+    pub keys: KeyCache,
+    pub limiter: RateLimiter,
+    pub clock: SharedClock,
+    pub metrics: Arc<Metrics>,
+    /// The caps of keys that set none.
+    pub defaults: CapDefaults,
+}
 
 /// How long an authenticated key is trusted without asking the store again. Revocation through
 /// the admin API removes the key from the cache at once and marks it revoked here for good; this

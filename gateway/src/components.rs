@@ -13,27 +13,17 @@
 //!
 //! Components do not know the front ends; the front ends do not know each other.
 
+pub use crate::auth::Auth;
 use crate::clock::SharedClock;
+pub use crate::meter::Meter;
 use crate::metrics::{labels, Metrics};
 use crate::registry::{NodeEntry, NodeState, Registry};
 use crate::router::Deny;
-use crate::store::Store;
+
 use nearpath_config::WorkloadKind;
 use nearpath_geo::{Decision, GeoDb, Location, Policy};
 use std::collections::BTreeSet;
 use std::sync::Arc;
-
-/// Who a request is from: API keys, their cache, and the per-key rate and concurrency limits.
-/// Its methods are in `auth.rs`.
-pub struct Auth {
-    pub store: Arc<dyn Store>,
-    pub keys: crate::auth::KeyCache,
-    pub limiter: crate::auth::RateLimiter,
-    pub clock: SharedClock,
-    pub metrics: Arc<Metrics>,
-    /// The caps of keys that set none.
-    pub defaults: crate::auth::CapDefaults,
-}
 
 /// The live nodes of this gateway and the router that picks among them.
 pub struct Directory {
@@ -136,22 +126,13 @@ impl Placement {
     }
 }
 
-/// The live sessions of every kind: their ids, the game relays, the WebRTC sessions.
+/// The live sessions: their ids (game and inference) and the game relays. (The WebRTC peers of
+/// browser sessions belong to the WHEP front end, which owns their table.)
 #[derive(Default)]
 pub struct Sessions {
     /// Session ids (game and inference): random, unique among live sessions.
     pub ids: crate::session_id::SessionIds,
-    pub games: crate::game::GameRelays,
-    pub webrtc: Arc<crate::webrtc::Sessions>,
-}
-
-/// The usage ledger: what was served, to whom, by which node. Its methods are in `meter.rs`.
-pub struct Meter {
-    pub store: Arc<dyn Store>,
-    pub metrics: Arc<Metrics>,
-    pub clock: SharedClock,
-    /// How far a node's usage claims may be off before it is an SLA penalty.
-    pub tolerance: crate::meter::UsageTolerance,
+    pub games: crate::relay::GameRelays,
 }
 
 #[cfg(test)]

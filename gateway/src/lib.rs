@@ -22,6 +22,7 @@ pub mod node_link;
 pub mod player;
 pub mod recent_models;
 pub mod registry;
+pub mod relay;
 pub mod router;
 pub mod sdp;
 pub mod server;
@@ -29,6 +30,9 @@ pub mod session_id;
 pub mod store;
 pub mod tls;
 pub mod webrtc;
+
+#[cfg(test)]
+mod layering;
 
 pub use server::{check_runtime, BoundAddrs, Gateway, GatewayError, Listeners, Shared};
 

@@ -4,13 +4,26 @@
 //! kept beside them, and a disagreement beyond the tolerance is an SLA penalty for the node, not
 //! a charge.
 
-use crate::components::{Directory, Meter};
+use crate::clock::SharedClock;
 use crate::metrics::labels;
+use crate::metrics::Metrics;
 use crate::registry::NodeEntry;
+use crate::registry::Registry;
+use crate::store::Store;
 use crate::store::{ApiKey, UsageKind, UsageRecord};
 use nearpath_protocol::openai::Usage;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tracing::warn;
+
+/// The usage ledger: what was served, to whom, by which node.
+pub struct Meter {
+    pub store: Arc<dyn Store>,
+    pub metrics: Arc<Metrics>,
+    pub clock: SharedClock,
+    /// How far a node's usage claims may be off before it is an SLA penalty.
+    pub tolerance: UsageTolerance,
+}
 
 /// The penalty kind of a node whose usage claims disagree with the gateway's count.
 pub const USAGE_MISMATCH: &str = "usage_mismatch";
@@ -75,9 +88,9 @@ pub struct Metering<'a> {
 impl Meter {
     /// Records metrics and appends the usage record. The append is durable (it is acknowledged
     /// only after its commit) but nobody waits for it: a client's answer must not wait for an
-    /// fsync. `directory` answers whether the model is served (so that a client's model name
+    /// fsync. `registry` answers whether the model is served (so that a client's model name
     /// becomes a metric label only when bounded) and takes a misreporting node's penalty.
-    pub fn record_inference(&self, directory: &Directory, m: Metering<'_>) {
+    pub fn record_inference(&self, registry: &Registry, m: Metering<'_>) {
         let duration = self.clock.now().saturating_duration_since(m.started);
         self.metrics
             .inference_requests
@@ -86,7 +99,7 @@ impl Meter {
         let served = m
             .node
             .is_some_and(|n| n.workloads.models.iter().any(|x| x == m.model))
-            || directory.registry.serves_model(m.model);
+            || registry.serves_model(m.model);
         let model = self.metrics.model_label(m.model, served);
         if let Some(t) = m.ttft {
             self.metrics
@@ -99,7 +112,7 @@ impl Meter {
             .get_or_create(&labels([("model", &model)]))
             .inc_by(m.usage.completion_tokens as u64);
         if let (Some(node), Some(reported)) = (m.node, m.reported) {
-            self.check_reported_usage(directory, node, m.request_id, m.usage, reported);
+            self.check_reported_usage(registry, node, m.request_id, m.usage, reported);
         }
         let record = UsageRecord {
             id: None,
@@ -140,7 +153,7 @@ impl Meter {
     /// routing score; the tenant is billed the gateway's count either way.
     fn check_reported_usage(
         &self,
-        directory: &Directory,
+        registry: &Registry,
         node: &NodeEntry,
         request_id: &str,
         billed: Usage,
@@ -175,7 +188,7 @@ impl Meter {
             let mut d = node.dynamic();
             d.recent_penalties = d.recent_penalties.saturating_add(1);
         }
-        directory.registry.refresh(node);
+        registry.refresh(node);
         let store = self.store.clone();
         let (id, operator) = (node.id.clone(), node.operator_id.clone());
         let at_ms = self.clock.unix_ms();

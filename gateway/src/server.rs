@@ -56,6 +56,8 @@ pub struct Shared {
     pub meter: Arc<Meter>,
     /// Game sessions, built from the components above.
     pub games: Arc<crate::game::GameService>,
+    /// The WebRTC peers of browser sessions, owned by the WHEP front end.
+    pub webrtc: Arc<crate::webrtc::Sessions>,
     pub shutdown: CancellationToken,
     /// Per-source admission of QUIC connections until they authenticate or register.
     pub quic_gate: Arc<crate::conn_guard::QuicGate>,
@@ -190,6 +192,7 @@ impl Gateway {
             sessions,
             meter,
             games,
+            webrtc: Arc::new(crate::webrtc::Sessions::default()),
             store,
             metrics,
             clock,
@@ -318,7 +321,7 @@ impl Gateway {
                 claims: crate::webrtc::is_webrtc_path,
                 handler: Arc::new(crate::webrtc::Whep::new(
                     shared.games.clone(),
-                    shared.sessions.webrtc.clone(),
+                    shared.webrtc.clone(),
                     shared.config.http.clone(),
                     shared.play_prefill_key.clone(),
                     shared.shutdown.clone(),

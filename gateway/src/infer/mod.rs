@@ -178,7 +178,7 @@ impl InferService {
             }
             Err(e) => {
                 self.meter.record_inference(
-                    &self.directory,
+                    &self.directory.registry,
                     Metering {
                         key: &ticket.key,
                         request_id: &ticket.request_id,
@@ -270,7 +270,7 @@ impl InferService {
         let node = stream.node.clone();
         drop(stream);
         self.meter.record_inference(
-            &self.directory,
+            &self.directory.registry,
             Metering {
                 key: &ticket.key,
                 request_id: &ticket.request_id,
@@ -764,46 +764,6 @@ fn node_error(code: &str, message: &str) -> CoreError {
         _ => ApiError::bad_gateway(format!("{code}: {message}")),
     };
     CoreError::from_api(&api)
-}
-
-// Calls kept with their old signatures for game.rs, webrtc.rs and admin.rs, whose owners move
-// them to the `Auth` and `Placement` methods; the lead removes these at merge.
-
-/// See [`Auth::authenticate`].
-pub async fn authenticate(
-    shared: &Arc<crate::server::Shared>,
-    secret: Option<&str>,
-) -> Result<ApiKey, ApiError> {
-    shared
-        .auth
-        .authenticate(secret)
-        .await
-        .map_err(|e| e.to_api())
-}
-
-/// See [`Auth::effective_caps`].
-pub fn effective_caps(shared: &crate::server::Shared, key: &ApiKey) -> EffectiveCaps {
-    shared.auth.effective_caps(key)
-}
-
-/// See [`Auth::count_cap_refusal`].
-pub fn count_cap_refusal(shared: &crate::server::Shared, entry: &'static str, r: &CapRefusal) {
-    shared.auth.count_cap_refusal(entry, r)
-}
-
-/// See [`Auth::ledger_gate`].
-pub fn ledger_gate(shared: &crate::server::Shared, entry: &'static str) -> Result<(), ApiError> {
-    shared.auth.ledger_gate(entry).map_err(|e| e.to_api())
-}
-
-/// See [`Placement::serve_check`].
-pub fn serve_check(
-    shared: &crate::server::Shared,
-    client: &Location,
-    node: &NodeEntry,
-    workload: WorkloadKind,
-) -> Result<(), crate::router::Deny> {
-    shared.placement.serve_check(client, node, workload)
 }
 
 #[cfg(test)]

@@ -409,7 +409,7 @@ async fn revoking_an_api_key_ends_its_game_sessions_within_1s() {
             .as_array()
             .unwrap()
             .len();
-        let peers = gw.shared.sessions.webrtc.len();
+        let peers = gw.shared.webrtc.len();
         if live == 0 && peers == 0 {
             break;
         }

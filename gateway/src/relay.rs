@@ -1,0 +1,498 @@
+//! The game relay's per-session state and its per-frame rule ([`FrameBudget`]): what the game
+//! service, the WebRTC front end and the admin view share about a live game session. It depends
+//! only on the registry and session ids, so the `Sessions` component can hold the table of live
+//! relays ([`GameRelays`]) without depending on the service that drives them.
+
+use crate::registry::NodeEntry;
+use crate::session_id::SessionId;
+use bytes::Bytes;
+use nearpath_protocol::message::GameParams;
+use nearpath_protocol::{FrameHeader, InputDatagram, MAX_VIDEO_FRAME};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tracing::warn;
+
+/// How long ending a session for a revoked key may wait on the node's stream.
+pub(crate) const REVOKE_SEND_BOUND: Duration = Duration::from_millis(200);
+
+/// Where a session's frames go.
+#[derive(Clone)]
+pub enum FrameSink {
+    /// Native client: each frame is forwarded as-is on a new uni stream of this connection.
+    Quic(quinn::Connection),
+    /// Another transport (WebRTC): whole frames are handed over; a full channel drops the frame
+    /// (a late frame is worth less than the next one).
+    Channel(mpsc::Sender<(FrameHeader, Bytes)>),
+}
+
+/// What the client side of a session tells the driver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientEvent {
+    ForceKeyframe,
+    SetBitrate(u32),
+    Close(String),
+    /// The client left: it closed its connection (or its control stream failed). Outcome
+    /// `client_left`.
+    Gone,
+    /// The client stopped answering: its connection timed out, or it has been silent for
+    /// `game.player_idle_timeout_ms` (see `crate::player`). Outcome `client_gone`.
+    Lost,
+}
+
+/// What the driver tells the client side.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Notice {
+    Paused(String),
+    Resumed,
+    Ended(String),
+}
+
+/// A started session: feed `events`, read `notices` (and frames from the sink).
+pub struct Started {
+    pub session_id: u64,
+    pub params: GameParams,
+    pub events: mpsc::Sender<ClientEvent>,
+    pub notices: mpsc::Receiver<Notice>,
+    pub relay: Arc<Relay>,
+}
+
+/// One live game session as the relay sees it.
+pub struct Relay {
+    pub session_id: u64,
+    /// Holds `session_id` among the live ids while anything still refers to the session.
+    pub(crate) _session: SessionId,
+    pub sink: FrameSink,
+    /// The client's address, for the admin view.
+    pub client_addr: String,
+    pub transport: &'static str,
+    /// The client's own stats (the browser page reports `getStats()` here).
+    pub client_stats: Mutex<Option<serde_json::Value>>,
+    /// The node serving the session now (changes on failover).
+    pub(crate) node: Mutex<Option<Arc<NodeEntry>>>,
+    pub frames: AtomicU64,
+    pub bytes: AtomicU64,
+    /// Frames dropped because they were older than `game.frame_budget_ms` on arrival.
+    pub dropped_late: AtomicU64,
+    /// Frames dropped because the session was over its in-flight budget, or abandoned because
+    /// they were not delivered by their deadline.
+    pub dropped_overload: AtomicU64,
+    /// Frames for this session that came from a connection other than its serving node's.
+    pub dropped_foreign: AtomicU64,
+    /// Frames lost to a stream or connection error.
+    pub dropped_relay: AtomicU64,
+    pub inputs: AtomicU64,
+    pub started: Instant,
+    pub game: String,
+    pub tenant: String,
+    /// Frames and bytes on their way to the client now.
+    pub(crate) in_flight: Mutex<InFlight>,
+    /// The session driver's event queue, for keyframe requests after a drop. Weak, so that the
+    /// relay (which outlives the front end in the session table) never keeps the queue open.
+    pub(crate) events: mpsc::WeakSender<ClientEvent>,
+    /// When the relay last asked for a keyframe (ms since `started`, plus one; 0 = never).
+    pub(crate) last_keyframe_request: AtomicU64,
+}
+
+/// Why the relay dropped a frame: the `reason` label of `nearpath_game_frames_dropped_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropReason {
+    /// Older than the frame budget when it arrived.
+    Late,
+    /// Over the session's in-flight budget, or not delivered by its deadline.
+    Overload,
+    /// Sent by a connection that does not serve the session.
+    Foreign,
+    /// A stream or connection failed while forwarding.
+    Relay,
+}
+
+impl DropReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DropReason::Late => "late",
+            DropReason::Overload => "overload",
+            DropReason::Foreign => "foreign",
+            DropReason::Relay => "relay",
+        }
+    }
+}
+
+/// Keyframe requests the relay makes after dropping frames come at most this often; the
+/// encoder needs a moment to produce one, and an IDR is several P frames' worth of bytes.
+pub(crate) const KEYFRAME_REQUEST_INTERVAL_MS: u64 = 300;
+/// Allowance for the client's delayed acknowledgement (QUIC's default `max_ack_delay`) when
+/// waiting for a frame to be acknowledged.
+pub(crate) const ACK_DELAY_ALLOWANCE: Duration = Duration::from_millis(25);
+
+/// Frames and bytes one session has on their way to its client.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct InFlight {
+    pub frames: u32,
+    pub bytes: u64,
+}
+
+/// What the relay does with a frame whose header it has just read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Forward it; it must be on its way within `remaining_us`. Its size is now counted in
+    /// flight and must be released when it is delivered or given up.
+    Forward { remaining_us: u64 },
+    /// Drop it.
+    Drop(DropReason),
+}
+
+/// The relay's rule for each frame, decided before a byte of it is forwarded. Pure: the clock is
+/// an argument, so tests drive it with virtual time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameBudget {
+    /// Oldest a frame may be, from its capture time, to be forwarded.
+    pub budget_us: u64,
+    pub max_in_flight_bytes: u64,
+    pub max_in_flight_frames: u32,
+}
+
+impl FrameBudget {
+    pub fn from_config(g: &nearpath_config::GameConfig) -> FrameBudget {
+        FrameBudget {
+            budget_us: g.frame_budget_ms.saturating_mul(1000),
+            max_in_flight_bytes: g.max_in_flight_bytes,
+            max_in_flight_frames: g.max_in_flight_frames,
+        }
+    }
+
+    /// Bytes a frame counts for while in flight: what goes on the wire.
+    pub fn frame_bytes(header: &FrameHeader) -> u64 {
+        u64::from(header.payload_len) + FrameHeader::LEN as u64
+    }
+
+    /// Decides the fate of a frame captured at `capture_ts_us` when the relay reads its header
+    /// at `now_us`, given what the session already has in flight (updated when it is forwarded).
+    ///
+    /// A frame is dropped, never queued: a late frame is worth less than the bandwidth it takes,
+    /// and a session over its in-flight budget has a client path that is not keeping up, where a
+    /// queued frame only makes every later one later. A frame is always admitted when nothing is
+    /// in flight, so one frame larger than the byte budget (a big IDR) still gets through. A
+    /// capture time in the future (a node's clock ahead of ours) counts as age 0: the deadline is
+    /// then the full budget from now, never later.
+    pub fn admit(
+        &self,
+        in_flight: &mut InFlight,
+        now_us: u64,
+        capture_ts_us: u64,
+        bytes: u64,
+    ) -> Verdict {
+        let age = now_us.saturating_sub(capture_ts_us);
+        if age > self.budget_us {
+            return Verdict::Drop(DropReason::Late);
+        }
+        if in_flight.frames > 0
+            && (in_flight.frames >= self.max_in_flight_frames
+                || in_flight.bytes.saturating_add(bytes) > self.max_in_flight_bytes)
+        {
+            return Verdict::Drop(DropReason::Overload);
+        }
+        in_flight.frames += 1;
+        in_flight.bytes = in_flight.bytes.saturating_add(bytes);
+        Verdict::Forward {
+            remaining_us: self.budget_us - age,
+        }
+    }
+
+    /// Gives back what [`Self::admit`] counted for a frame that has been delivered or dropped.
+    pub fn release(in_flight: &mut InFlight, bytes: u64) {
+        in_flight.frames = in_flight.frames.saturating_sub(1);
+        in_flight.bytes = in_flight.bytes.saturating_sub(bytes);
+    }
+}
+
+/// A frame counted in its session's in-flight budget; dropping it gives the budget back, so a
+/// frame task that ends any way at all (including being cancelled) releases its share.
+pub(crate) struct FlightSlot {
+    pub(crate) relay: Arc<Relay>,
+    pub(crate) bytes: u64,
+}
+
+impl Drop for FlightSlot {
+    fn drop(&mut self) {
+        let mut f = self
+            .relay
+            .in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        FrameBudget::release(&mut f, self.bytes);
+    }
+}
+
+impl Relay {
+    pub(crate) fn node(&self) -> Option<Arc<NodeEntry>> {
+        self.node.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+    /// Sends an input event to the serving node as a datagram (the node ignores stale seqs).
+    pub fn send_input(&self, seq: u64, sent_ts_us: u64, event: nearpath_protocol::InputEvent) {
+        self.inputs.fetch_add(1, Ordering::Relaxed);
+        if let Some(node) = self.node() {
+            let d = InputDatagram {
+                session_id: self.session_id,
+                seq,
+                sent_ts_us,
+                event,
+            };
+            let _ = node.conn.send_datagram(Bytes::from(d.encode()));
+        }
+    }
+
+    pub fn node_id(&self) -> Option<String> {
+        self.node().map(|n| n.id.clone())
+    }
+
+    /// Whether `conn` is the connection of the node serving the session now. During failover
+    /// no node serves it, so nothing is accepted until the new node is attached.
+    pub fn is_served_by(&self, conn: &quinn::Connection) -> bool {
+        self.node
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .is_some_and(|n| n.conn.stable_id() == conn.stable_id())
+    }
+
+    /// Frames and bytes on their way to the client now.
+    pub fn in_flight(&self) -> InFlight {
+        *self.in_flight.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The drop counter for `reason`.
+    pub fn dropped(&self, reason: DropReason) -> &AtomicU64 {
+        match reason {
+            DropReason::Late => &self.dropped_late,
+            DropReason::Overload => &self.dropped_overload,
+            DropReason::Foreign => &self.dropped_foreign,
+            DropReason::Relay => &self.dropped_relay,
+        }
+    }
+
+    /// Asks the node for a keyframe after frames were dropped (the client cannot decode the P
+    /// frames that follow a gap), at most once per [`KEYFRAME_REQUEST_INTERVAL_MS`].
+    pub fn request_keyframe(&self) -> bool {
+        let now = self.started.elapsed().as_millis() as u64 + 1;
+        let last = self.last_keyframe_request.load(Ordering::Relaxed);
+        if last != 0 && now.saturating_sub(last) < KEYFRAME_REQUEST_INTERVAL_MS {
+            return false;
+        }
+        if self
+            .last_keyframe_request
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_err()
+        {
+            // Another frame task asked just now.
+            return false;
+        }
+        match self.events.upgrade() {
+            Some(tx) => tx.try_send(ClientEvent::ForceKeyframe).is_ok(),
+            None => false,
+        }
+    }
+    pub(crate) fn set_node(&self, n: Option<Arc<NodeEntry>>) {
+        *self.node.lock().unwrap_or_else(|p| p.into_inner()) = n;
+    }
+}
+
+/// Live sessions by id.
+#[derive(Default)]
+pub struct GameRelays {
+    pub(crate) map: Mutex<HashMap<u64, Arc<Relay>>>,
+}
+
+impl GameRelays {
+    pub fn get(&self, id: u64) -> Option<Arc<Relay>> {
+        self.map
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+            .cloned()
+    }
+    pub(crate) fn insert(&self, r: Arc<Relay>) {
+        self.map
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(r.session_id, r);
+    }
+    pub(crate) fn remove(&self, id: u64) {
+        self.map
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
+    }
+    pub fn list(&self) -> Vec<Arc<Relay>> {
+        self.map
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+}
+
+/// Warns about a node's foreign frames at most once a second, with how many went unlogged, so a
+/// node spraying forged frames cannot flood the log.
+#[derive(Default)]
+pub(crate) struct ForeignLog {
+    /// When the last warning was written (ms since `since`, plus one; 0 = never).
+    pub(crate) last: AtomicU64,
+    pub(crate) suppressed: AtomicU64,
+    pub(crate) since: Option<Instant>,
+}
+
+impl ForeignLog {
+    pub(crate) fn new() -> ForeignLog {
+        ForeignLog {
+            since: Some(Instant::now()),
+            ..Default::default()
+        }
+    }
+
+    pub(crate) fn note(&self, node: &str, session_id: u64) {
+        let now = self.since.map_or(0, |t| t.elapsed().as_millis() as u64) + 1;
+        let last = self.last.load(Ordering::Relaxed);
+        if (last == 0 || now.saturating_sub(last) >= 1000)
+            && self
+                .last
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            let suppressed = self.suppressed.swap(0, Ordering::Relaxed);
+            warn!(
+                node,
+                session = session_id,
+                suppressed,
+                "refused a video frame for a session this node does not serve"
+            );
+        } else {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Reads the payload that follows an already-read frame header.
+pub(crate) async fn recv_frame_rest(
+    mut recv: quinn::RecvStream,
+    header: &FrameHeader,
+) -> Result<Bytes, String> {
+    let len = header.payload_len as usize;
+    if len > MAX_VIDEO_FRAME {
+        let _ = recv.stop(nearpath_protocol::app_code::STREAM_REFUSED);
+        return Err(format!("frame of {len} bytes is over the limit"));
+    }
+    let mut buf = vec![0u8; len];
+    recv.read_exact(&mut buf).await.map_err(|e| e.to_string())?;
+    Ok(Bytes::from(buf))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: u64 = 1000;
+
+    fn budget() -> FrameBudget {
+        FrameBudget {
+            budget_us: 100 * MS,
+            max_in_flight_bytes: 100_000,
+            max_in_flight_frames: 3,
+        }
+    }
+
+    #[test]
+    fn frames_are_dropped_before_forwarding_when_late_or_over_budget_never_queued() {
+        let b = budget();
+        let mut f = InFlight::default();
+        // Virtual clock: the relay reads headers at these times (us).
+        let t0 = 1_000_000_000u64;
+        // Fresh frame: forwarded with what is left of its budget.
+        assert_eq!(
+            b.admit(&mut f, t0 + 30 * MS, t0, 20_000),
+            Verdict::Forward {
+                remaining_us: 70 * MS
+            }
+        );
+        // Exactly at the budget is still in; a microsecond past it is late.
+        assert_eq!(
+            b.admit(&mut f, t0 + 100 * MS, t0, 20_000),
+            Verdict::Forward { remaining_us: 0 }
+        );
+        assert_eq!(
+            b.admit(&mut f, t0 + 100 * MS + 1, t0, 20_000),
+            Verdict::Drop(DropReason::Late)
+        );
+        assert_eq!(
+            f,
+            InFlight {
+                frames: 2,
+                bytes: 40_000
+            }
+        );
+        // Bytes: 40 000 + 70 000 is over 100 000, so the frame is dropped, not held back.
+        assert_eq!(
+            b.admit(&mut f, t0 + 40 * MS, t0 + 35 * MS, 70_000),
+            Verdict::Drop(DropReason::Overload)
+        );
+        // Frames: a third fits, a fourth does not, whatever its size.
+        assert!(matches!(
+            b.admit(&mut f, t0 + 41 * MS, t0 + 40 * MS, 10),
+            Verdict::Forward { .. }
+        ));
+        assert_eq!(
+            b.admit(&mut f, t0 + 42 * MS, t0 + 41 * MS, 10),
+            Verdict::Drop(DropReason::Overload)
+        );
+        // Delivered frames give their share back, and the next frame goes.
+        FrameBudget::release(&mut f, 20_000);
+        FrameBudget::release(&mut f, 10);
+        assert_eq!(
+            f,
+            InFlight {
+                frames: 1,
+                bytes: 20_000
+            }
+        );
+        assert!(matches!(
+            b.admit(&mut f, t0 + 50 * MS, t0 + 45 * MS, 70_000),
+            Verdict::Forward { .. }
+        ));
+        // Late beats everything else: a late frame never takes budget.
+        let before = f;
+        assert_eq!(
+            b.admit(&mut f, t0 + 500 * MS, t0, 1),
+            Verdict::Drop(DropReason::Late)
+        );
+        assert_eq!(f, before);
+    }
+
+    #[test]
+    fn a_frame_larger_than_the_byte_budget_passes_when_nothing_is_in_flight() {
+        let b = budget();
+        let mut f = InFlight::default();
+        assert!(matches!(
+            b.admit(&mut f, 10 * MS, 10 * MS, 500_000),
+            Verdict::Forward { .. }
+        ));
+        assert_eq!(
+            b.admit(&mut f, 11 * MS, 11 * MS, 10),
+            Verdict::Drop(DropReason::Overload)
+        );
+    }
+
+    #[test]
+    fn a_capture_time_in_the_future_gets_no_more_than_the_full_budget() {
+        let b = budget();
+        let mut f = InFlight::default();
+        assert_eq!(
+            b.admit(&mut f, 10 * MS, u64::MAX, 100),
+            Verdict::Forward {
+                remaining_us: 100 * MS
+            }
+        );
+    }
+}
