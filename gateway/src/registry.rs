@@ -75,6 +75,24 @@ pub struct NodeDynamic {
 }
 
 impl NodeDynamic {
+    /// A node just admitted at `now_ms`: active, idle, heard from now.
+    pub fn admitted(now_ms: u64, rtt_ms: f64, recent_penalties: u32) -> NodeDynamic {
+        NodeDynamic {
+            state: NodeState::Active,
+            load: 0.0,
+            reported_sessions: 0,
+            queue_depth: 0,
+            gpu_util: None,
+            encoder_ms_p50: None,
+            last_heartbeat_ms: now_ms,
+            rtt_ms,
+            heartbeat_misses: 0,
+            slow: false,
+            recent_penalties,
+            operator_flagged: false,
+        }
+    }
+
     /// The state metrics and the admin view show: `slow` for a live node that is slow.
     pub fn reported_state(&self) -> NodeState {
         if self.slow && self.state != NodeState::Gone {
@@ -761,20 +779,7 @@ mod tests {
             at_ms,
             NodeLink::detached("127.0.0.1:4433".parse().unwrap()),
             tx,
-            NodeDynamic {
-                state: NodeState::Active,
-                load: 0.0,
-                reported_sessions: 0,
-                queue_depth: 0,
-                gpu_util: None,
-                encoder_ms_p50: None,
-                last_heartbeat_ms: at_ms,
-                rtt_ms: 0.0,
-                heartbeat_misses: 0,
-                slow: false,
-                recent_penalties: 0,
-                operator_flagged: false,
-            },
+            NodeDynamic::admitted(at_ms, 0.0, 0),
         )
     }
 

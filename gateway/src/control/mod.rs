@@ -322,20 +322,11 @@ impl NodeFrontEnd {
             now,
             conn.clone().into(),
             commands,
-            NodeDynamic {
-                state: NodeState::Active,
-                load: 0.0,
-                reported_sessions: 0,
-                queue_depth: 0,
-                gpu_util: None,
-                encoder_ms_p50: None,
-                last_heartbeat_ms: now,
-                rtt_ms: conn.rtt().as_secs_f64() * 1000.0,
-                heartbeat_misses: 0,
-                slow: false,
-                recent_penalties: recent.min(u32::MAX as u64) as u32,
-                operator_flagged: false,
-            },
+            NodeDynamic::admitted(
+                now,
+                conn.rtt().as_secs_f64() * 1000.0,
+                recent.min(u32::MAX as u64) as u32,
+            ),
         );
         entry.gpu_class_hints = hints;
         entry.enrolment_token_id = token.id.clone();
