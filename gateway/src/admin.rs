@@ -660,7 +660,6 @@ mod tests {
             AdminParts {
                 directory: Arc::new(Directory {
                     registry: Arc::new(crate::registry::Registry::new(Default::default()).unwrap()),
-                    clock: clock.clone(),
                 }),
                 placement: Arc::new(Placement::new(geo, policy, metrics.clone())),
                 store: store.clone(),

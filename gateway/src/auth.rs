@@ -4,7 +4,7 @@
 //! end (OpenAI HTTP, WHEP, native QUIC) admits work through them.
 
 use crate::clock::SharedClock;
-use crate::error::CoreError;
+use crate::error::{CoreError, LEDGER_UNAVAILABLE};
 use crate::metrics::{labels, Metrics};
 use crate::store::{ApiKey, Store};
 use nearpath_protocol::openai::ApiError;
@@ -297,9 +297,6 @@ impl CapDefaults {
         }
     }
 }
-
-/// The error code of [`Auth::ledger_gate`]'s refusal.
-pub use crate::error::LEDGER_UNAVAILABLE;
 
 impl Auth {
     pub fn new(

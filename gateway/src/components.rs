@@ -9,12 +9,11 @@
 //! | [`Placement`] | GeoIP and the geofence policy                     |
 //! | [`Sessions`]  | session ids, game relays, WebRTC sessions         |
 //! | [`Meter`]     | the usage ledger                                  |
-//! | [`SharedClock`] | the one source of time                          |
+//! | [`SharedClock`](crate::clock::SharedClock) | the one source of time                          |
 //!
 //! Components do not know the front ends; the front ends do not know each other.
 
 pub use crate::auth::Auth;
-use crate::clock::SharedClock;
 pub use crate::meter::Meter;
 use crate::metrics::{labels, Metrics};
 use crate::registry::{NodeEntry, NodeState, Registry};
@@ -27,8 +26,8 @@ use std::sync::Arc;
 
 /// The live nodes of this gateway and the router that picks among them.
 pub struct Directory {
+    /// Reads time through the gateway's clock (`Registry::with_clock`).
     pub registry: Arc<Registry>,
-    pub clock: SharedClock,
 }
 
 impl Directory {

@@ -165,7 +165,6 @@ impl Gateway {
         ));
         let directory = Arc::new(Directory {
             registry: Arc::new(registry),
-            clock: clock.clone(),
         });
         let placement = Arc::new(Placement::new(geo, policy, metrics.clone()));
         let sessions = Arc::new(Sessions::default());

@@ -6,6 +6,7 @@
 
 pub mod attempts;
 
+use crate::auth::CapGuard;
 use crate::clock::SharedClock;
 use crate::components::{Auth, Directory, Meter, Placement, Sessions};
 use crate::error::CoreError;
@@ -28,12 +29,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
-
-// Moved to `auth.rs`; re-exported for the callers that still use these paths.
-pub use crate::auth::{
-    CapGuard, CapKind, CapRefusal, EffectiveCaps, KeyCache, RateLimiter, LEDGER_UNAVAILABLE,
-};
-pub use crate::meter::USAGE_MISMATCH;
 
 /// The prompt tokens a request is billed: one token per 4 bytes of its input text (message
 /// contents, or the prompt), rounded up. Four bytes per token is the usual average of BPE
