@@ -237,7 +237,8 @@ impl Sessions {
                 traceparent,
             } => {
                 let span = tracing::debug_span!("inference", %request_id, traceparent = traceparent.as_deref().unwrap_or("-"));
-                self.serve_inference(open.session_id, model, endpoint, request_json, tx, framed)
+                let trace = (request_id, traceparent);
+                self.serve_inference(open.session_id, model, endpoint, request_json, trace, tx, framed)
                     .instrument(span)
                     .await
             }
@@ -402,6 +403,7 @@ impl Sessions {
         model: String,
         endpoint: Endpoint,
         request_json: String,
+        (request_id, traceparent): (String, Option<String>),
         mut tx: quinn::SendStream,
         mut framed: FramedRecv,
     ) {
@@ -415,6 +417,9 @@ impl Sessions {
         };
         // The gateway routed by `model`; trust its choice over the body's spelling.
         request.model = model;
+        // Passed on to an upstream server, so its logs and traces join the gateway's.
+        request.request_id = Some(request_id);
+        request.traceparent = traceparent;
         let mut generation = match self.models.start(&request) {
             Ok(g) => g,
             Err(e) => {

@@ -204,6 +204,19 @@ fn non_empty_str(v: Option<&Value>) -> bool {
     matches!(v, Some(Value::String(s)) if !s.is_empty())
 }
 
+/// How many choices of a chat or completions chunk carry generated content (see
+/// [`ChunkInfo::generated`]); for a backend counting what it produced.
+pub fn generated_choices(endpoint: Endpoint, chunk: &Map<String, Value>) -> u32 {
+    match chunk.get("choices") {
+        Some(Value::Array(choices)) => choices
+            .iter()
+            .filter_map(Value::as_object)
+            .filter(|c| choice_generated(endpoint, c))
+            .count() as u32,
+        _ => 0,
+    }
+}
+
 /// Whether a choice carries generated content: text, reasoning, a refusal, or a piece of a tool
 /// call (its name or arguments).
 fn choice_generated(endpoint: Endpoint, choice: &Map<String, Value>) -> bool {
