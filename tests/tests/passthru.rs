@@ -28,6 +28,8 @@ fn scripted(
     let (opens, rx) = tokio::sync::mpsc::unbounded_channel();
     let script = Arc::new(script);
     tokio::spawn(async move {
+        // The whole node lives here: dropping its control stream would deregister it.
+        let raw = raw;
         while let Ok((mut tx, rx)) = raw.conn.accept_bi().await {
             let script = script.clone();
             let opens = opens.clone();
@@ -113,7 +115,7 @@ fn access_log() -> Arc<Mutex<Vec<u8>>> {
             .with_ansi(false)
             .with_writer(move || SharedWriter(writer.clone()))
             .finish();
-        let _ = tracing::subscriber::set_global_default(subscriber);
+        let _ = tracing_subscriber::util::SubscriberInitExt::try_init(subscriber);
         buf
     })
     .clone()
