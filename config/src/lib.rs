@@ -16,7 +16,7 @@ mod node;
 pub use common::{parse_version, LogConfig, LogFormat};
 pub use error::{ConfigError, ConfigErrors};
 pub use gateway::{
-    AdminConfig, GameConfig, GatewayConfig, HttpConfig, InferenceConfig, NodesConfig, QuicConfig,
+    AdminConfig, GameConfig, GatewayConfig, HttpConfig, InferenceConfig, ModelPrice, NodesConfig, QuicConfig,
     RoutingConfig, StoreConfig, IN_MEMORY_ORIGIN, MIN_ADMIN_TOKEN_CHARS,
 };
 pub use geo::*;

@@ -467,6 +467,7 @@ impl AdminApi {
                         max_concurrent_streams: body.max_concurrent_streams,
                         max_concurrent_sessions: body.max_concurrent_sessions,
                         session_starts_per_minute: body.session_starts_per_minute,
+                        ..Default::default()
                     };
                     let id = id.to_string();
                     let key = blocking(s, move |st| st.update_api_key(&id, update)).await?;

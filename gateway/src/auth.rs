@@ -430,6 +430,7 @@ mod tests {
             revoked: false,
             prefix: "npk_".into(),
             caps: Default::default(),
+            policy: Default::default(),
         }
     }
 
