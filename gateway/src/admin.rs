@@ -1077,4 +1077,85 @@ mod tests {
             crate::metrics::OTHER
         );
     }
+    fn fields(v: Value) -> PolicyFields {
+        let p: ApiKeyPatch = serde_json::from_value(v).expect("a patch body");
+        PolicyFields {
+            allowed_models: p.allowed_models,
+            expires_at_ms: p.expires_at_ms,
+            budget_tokens_per_day: p.budget_tokens_per_day,
+            budget_tokens_per_month: p.budget_tokens_per_month,
+            budget_usd_per_day: p.budget_usd_per_day,
+            budget_usd_per_month: p.budget_usd_per_month,
+        }
+    }
+
+    fn refused_field(v: Value) -> &'static str {
+        match policy_update(fields(v.clone())) {
+            Err(StoreError::Invalid { field, .. }) => field,
+            other => panic!("{v}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn policy_fields_of_the_wrong_type_or_value_are_refused_naming_the_field() {
+        use serde_json::json;
+        assert_eq!(refused_field(json!({"budget_usd_per_day": -0.01})), "budget_usd_per_day");
+        assert_eq!(refused_field(json!({"budget_usd_per_month": "NaN"})), "budget_usd_per_month");
+        assert_eq!(refused_field(json!({"budget_tokens_per_day": -1})), "budget_tokens_per_day");
+        assert_eq!(refused_field(json!({"budget_tokens_per_day": 1.5})), "budget_tokens_per_day");
+        assert_eq!(
+            refused_field(json!({"budget_tokens_per_month": 1e300})),
+            "budget_tokens_per_month"
+        );
+        assert_eq!(refused_field(json!({"expires_at_ms": -5})), "expires_at_ms");
+        assert_eq!(refused_field(json!({"expires_at_ms": "tomorrow"})), "expires_at_ms");
+        assert_eq!(refused_field(json!({"allowed_models": "m"})), "allowed_models");
+        assert_eq!(refused_field(json!({"allowed_models": [1]})), "allowed_models");
+        assert_eq!(refused_field(json!({"allowed_models": [""]})), "allowed_models");
+        assert_eq!(
+            refused_field(json!({"allowed_models": ["x".repeat(257)]})),
+            "allowed_models"
+        );
+        let many: Vec<String> = (0..257).map(|i| format!("m{i}")).collect();
+        assert_eq!(refused_field(json!({"allowed_models": many})), "allowed_models");
+        // Good values, `null` resets, absent leaves alone.
+        let u = policy_update(fields(json!({
+            "allowed_models": ["org/*"], "budget_tokens_per_day": 1e3,
+            "budget_usd_per_month": 0, "expires_at_ms": null
+        })))
+        .expect("valid");
+        assert_eq!(u.allowed_models, Some(vec!["org/*".to_string()]));
+        assert_eq!(u.budget_tokens_per_day, Some(Some(1000)));
+        assert_eq!(u.budget_usd_per_month, Some(Some(0.0)));
+        assert_eq!(u.expires_at_ms, Some(None));
+        assert_eq!(u.budget_usd_per_day, None);
+        let u = policy_update(fields(json!({"allowed_models": null}))).expect("reset");
+        assert_eq!(u.allowed_models, Some(vec![]));
+    }
+
+    #[test]
+    fn usage_ranges_are_real_dates_in_order_and_bounded() {
+        let now = crate::budget::day_start_ms(crate::budget::days_from_civil(2026, 12, 6));
+        assert_eq!(usage_range(None, None, now), Ok(None));
+        let d = |s| crate::budget::parse_day(s).unwrap();
+        assert_eq!(
+            usage_range(Some("2026-12-01"), None, now),
+            Ok(Some((d("2026-12-01"), d("2026-12-06"))))
+        );
+        assert_eq!(
+            usage_range(Some("2025-12-06"), Some("2026-12-06"), now),
+            Ok(Some((d("2025-12-06"), d("2026-12-06"))))
+        );
+        for (from, to, param) in [
+            (None, Some("2026-12-01"), "from"),
+            (Some("2026-13-01"), None, "from"),
+            (Some("yesterday"), None, "from"),
+            (Some("2026-12-01"), Some("2026-02-30"), "to"),
+            (Some("2026-12-02"), Some("2026-12-01"), "to"),
+            (Some("2025-12-05"), Some("2026-12-06"), "to"),
+        ] {
+            let e = usage_range(from, to, now).unwrap_err();
+            assert!(e.starts_with(param), "{from:?} {to:?}: {e}");
+        }
+    }
 }

@@ -612,4 +612,96 @@ mod tests {
             .admit_session_start(&k, 2, t0 + Duration::from_secs(30))
             .is_ok());
     }
+    fn auth_at(unix_ms: u64) -> (Auth, Arc<crate::clock::ManualClock>) {
+        let store: Arc<dyn Store> =
+            Arc::new(crate::store::SqliteStore::open_in_memory().expect("store"));
+        let clock = crate::clock::ManualClock::new(unix_ms);
+        let config = nearpath_config::GatewayConfig::default();
+        let auth = Auth::new(
+            store,
+            Arc::new(Metrics::new()),
+            clock.clone(),
+            CapDefaults::from_config(&config),
+        );
+        (auth, clock)
+    }
+
+    #[tokio::test]
+    async fn an_expired_key_is_refused_as_expired_also_from_the_cache() {
+        let t0 = 1_800_000_000_000;
+        let (auth, clock) = auth_at(t0);
+        let k = auth
+            .store
+            .insert_api_key_secret("npk_expiring", "t", 60, 6_000)
+            .expect("key");
+        auth.store
+            .update_api_key(
+                &k.id,
+                crate::store::ApiKeyUpdate {
+                    expires_at_ms: Some(Some(t0 + 1_000)),
+                    ..Default::default()
+                },
+            )
+            .expect("expiry");
+        assert!(auth.authenticate(Some("npk_expiring")).await.is_ok());
+        // Now cached; one millisecond short of the expiry it still works.
+        clock.advance(Duration::from_millis(999));
+        assert!(auth.authenticate(Some("npk_expiring")).await.is_ok());
+        clock.advance(Duration::from_millis(1));
+        let e = auth.authenticate(Some("npk_expiring")).await.unwrap_err();
+        assert_eq!((e.kind, e.code.as_ref()), (crate::error::Kind::Unauthenticated, "key_expired"));
+        assert_eq!(e.to_api().status, 401);
+        assert!(e.message.contains("expired at 2027-01-15T08:00:01.000Z"), "{}", e.message);
+        assert_eq!(e.quic_code(), "key_expired");
+        // And from the store, once the cache forgot it.
+        auth.keys.clear();
+        assert_eq!(
+            auth.authenticate(Some("npk_expiring")).await.unwrap_err().code,
+            "key_expired"
+        );
+    }
+
+    #[test]
+    fn the_allow_list_takes_names_and_prefixes_and_refuses_with_403_naming_the_model() {
+        let (auth, _) = auth_at(0);
+        let mut k = key(1);
+        assert!(Auth::model_allowed(&k, "anything"));
+        k.policy.allowed_models = vec!["org/*".into(), "exact".into()];
+        assert!(Auth::model_allowed(&k, "org/llama"));
+        assert!(Auth::model_allowed(&k, "exact"));
+        assert!(!Auth::model_allowed(&k, "exact-ish"));
+        assert!(!Auth::model_allowed(&k, "org"));
+        assert!(!Auth::model_allowed(&k, "other/org/x"));
+        let e = auth.check_model(&k, "other").unwrap_err();
+        assert_eq!(e.to_api().status, 403);
+        assert_eq!((e.code.as_ref(), e.param.as_deref()), ("model_not_allowed", Some("model")));
+        assert!(e.message.contains("\"other\""), "{}", e.message);
+        assert!(!e.retryable);
+        assert_eq!(e.quic_code(), "model_not_allowed");
+        k.policy.allowed_models = vec!["*".into()];
+        assert!(Auth::model_allowed(&k, "whatever"));
+    }
+
+    #[test]
+    fn a_key_over_budget_gets_a_429_that_says_not_to_retry_until_the_reset() {
+        // 2026-12-31 23:59:00 UTC.
+        let now = crate::budget::day_start_ms(crate::budget::days_from_civil(2026, 12, 31))
+            + 86_340_000;
+        let (auth, _) = auth_at(now);
+        let mut k = key(1);
+        k.policy.budget_tokens_per_month = Some(10);
+        assert!(auth.check_budget(&k).is_ok());
+        auth.spend.add(&k.id, "m", now, 4, 6);
+        let e = auth.check_budget(&k).unwrap_err();
+        assert_eq!((e.to_api().status, e.code.as_ref()), (429, "budget_exceeded"));
+        assert!(!e.retryable);
+        assert_eq!(e.retry_after_s, Some(60));
+        assert!(e.message.contains("budget_tokens_per_month: spent 10 of 10 tokens"), "{}", e.message);
+        assert_eq!(e.quic_code(), "budget_exceeded");
+        let page = auth.metrics.render();
+        assert!(
+            page.contains("nearpath_key_budget_refusals_total{budget=\"tokens_per_month\"} 1"),
+            "{page}"
+        );
+    }
 }
