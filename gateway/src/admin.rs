@@ -796,12 +796,11 @@ fn usage_range(from: Option<&str>, to: Option<&str>, now_ms: u64) -> Result<DayR
     Ok(Some((from, to)))
 }
 
-/// Usage totals of a set of (model, requests, prompt, completion) rows: overall and by model,
-/// costed with `prices`.
+/// Usage totals of a set of ledger rows: overall and by model, costed with `prices`.
 fn usage_totals<'a>(
     rows: impl Iterator<Item = &'a crate::store::KeyDayUsage>,
     prices: &crate::budget::Prices,
-) -> (Value, u64, f64) {
+) -> Value {
     let mut by_model: std::collections::BTreeMap<&str, (u64, u64, u64)> = Default::default();
     for r in rows {
         let e = by_model.entry(r.model.as_str()).or_default();
@@ -828,19 +827,14 @@ fn usage_totals<'a>(
             })
         })
         .collect();
-    let total = prompt.saturating_add(completion);
-    (
-        serde_json::json!({
-            "requests": requests,
-            "prompt_tokens": prompt,
-            "completion_tokens": completion,
-            "total_tokens": total,
-            "cost_usd": cost,
-            "by_model": models,
-        }),
-        total,
-        cost,
-    )
+    serde_json::json!({
+        "requests": requests,
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt.saturating_add(completion),
+        "cost_usd": cost,
+        "by_model": models,
+    })
 }
 
 impl AdminApi {
@@ -873,18 +867,14 @@ impl AdminApi {
         })
         .await?;
         let prices = &self.auth.prices;
-        let (mut today_v, tokens_day, usd_day) =
-            usage_totals(month_rows.iter().filter(|r| r.day == today), prices);
+        let mut today_v = usage_totals(month_rows.iter().filter(|r| r.day == today), prices);
         today_v["date"] = format_day(today).into();
-        let (mut month_v, tokens_month, usd_month) = usage_totals(month_rows.iter(), prices);
+        let mut month_v = usage_totals(month_rows.iter(), prices);
         month_v["from"] = format_day(month_first).into();
         month_v["to"] = format_day(today).into();
-        let spent = crate::budget::Spent {
-            tokens_day,
-            tokens_month,
-            usd_day,
-            usd_month,
-        };
+        // The budgets show what admission checks against: the in-memory book, which holds
+        // the same committed records as the store (it may lag a commit by microseconds).
+        let spent = self.auth.spend.spent(&key.id, now_ms, prices);
         let p = &key.policy;
         let limits = crate::budget::Limits {
             tokens_per_day: p.budget_tokens_per_day,
@@ -922,8 +912,7 @@ impl AdminApi {
         if let Some((from, to)) = range {
             let days: Vec<Value> = (from..=to)
                 .map(|d| {
-                    let (mut v, _, _) =
-                        usage_totals(range_rows.iter().filter(|r| r.day == d), prices);
+                    let mut v = usage_totals(range_rows.iter().filter(|r| r.day == d), prices);
                     v["date"] = format_day(d).into();
                     v
                 })
