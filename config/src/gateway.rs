@@ -1068,7 +1068,10 @@ completion_usd_per_mtok = 2
 "#;
         let cfg = crate::parse_gateway(text, "t.toml", &[]).expect("valid prices");
         let m = cfg.inference.prices["org/m"];
-        assert_eq!((m.prompt_usd_per_mtok, m.completion_usd_per_mtok), (0.5, 1.5));
+        assert_eq!(
+            (m.prompt_usd_per_mtok, m.completion_usd_per_mtok),
+            (0.5, 1.5)
+        );
         assert_eq!(cfg.inference.prices["*"].prompt_usd_per_mtok, 0.0);
         let bad = r#"
 [inference.prices."m"]

@@ -841,9 +841,13 @@ impl AdminApi {
     /// The key `id`, or a 404.
     async fn api_key(&self, id: &str) -> Result<crate::store::ApiKey, Resp> {
         let list = blocking(self, |st| st.list_api_keys()).await?;
-        list.into_iter()
-            .find(|k| k.id == id)
-            .ok_or_else(|| error(StatusCode::NOT_FOUND, "not_found", &format!("no API key {id}")))
+        list.into_iter().find(|k| k.id == id).ok_or_else(|| {
+            error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                &format!("no API key {id}"),
+            )
+        })
     }
 
     /// `GET /admin/api-keys/{id}/usage`: today's and this month's inference usage of the key
@@ -858,9 +862,15 @@ impl AdminApi {
         let month_first = first_day_of_month(month_of(now_ms));
         let id = key.id.clone();
         let (month_rows, range_rows) = blocking(self, move |st| {
-            let month = st.key_usage_by_day(Some(&id), day_start_ms(month_first), day_start_ms(today + 1))?;
+            let month = st.key_usage_by_day(
+                Some(&id),
+                day_start_ms(month_first),
+                day_start_ms(today + 1),
+            )?;
             let range = match range {
-                Some((from, to)) => st.key_usage_by_day(Some(&id), day_start_ms(from), day_start_ms(to + 1))?,
+                Some((from, to)) => {
+                    st.key_usage_by_day(Some(&id), day_start_ms(from), day_start_ms(to + 1))?
+                }
                 None => Vec::new(),
             };
             Ok((month, range))
@@ -1088,25 +1098,52 @@ mod tests {
     #[test]
     fn policy_fields_of_the_wrong_type_or_value_are_refused_naming_the_field() {
         use serde_json::json;
-        assert_eq!(refused_field(json!({"budget_usd_per_day": -0.01})), "budget_usd_per_day");
-        assert_eq!(refused_field(json!({"budget_usd_per_month": "NaN"})), "budget_usd_per_month");
-        assert_eq!(refused_field(json!({"budget_tokens_per_day": -1})), "budget_tokens_per_day");
-        assert_eq!(refused_field(json!({"budget_tokens_per_day": 1.5})), "budget_tokens_per_day");
+        assert_eq!(
+            refused_field(json!({"budget_usd_per_day": -0.01})),
+            "budget_usd_per_day"
+        );
+        assert_eq!(
+            refused_field(json!({"budget_usd_per_month": "NaN"})),
+            "budget_usd_per_month"
+        );
+        assert_eq!(
+            refused_field(json!({"budget_tokens_per_day": -1})),
+            "budget_tokens_per_day"
+        );
+        assert_eq!(
+            refused_field(json!({"budget_tokens_per_day": 1.5})),
+            "budget_tokens_per_day"
+        );
         assert_eq!(
             refused_field(json!({"budget_tokens_per_month": 1e300})),
             "budget_tokens_per_month"
         );
         assert_eq!(refused_field(json!({"expires_at_ms": -5})), "expires_at_ms");
-        assert_eq!(refused_field(json!({"expires_at_ms": "tomorrow"})), "expires_at_ms");
-        assert_eq!(refused_field(json!({"allowed_models": "m"})), "allowed_models");
-        assert_eq!(refused_field(json!({"allowed_models": [1]})), "allowed_models");
-        assert_eq!(refused_field(json!({"allowed_models": [""]})), "allowed_models");
+        assert_eq!(
+            refused_field(json!({"expires_at_ms": "tomorrow"})),
+            "expires_at_ms"
+        );
+        assert_eq!(
+            refused_field(json!({"allowed_models": "m"})),
+            "allowed_models"
+        );
+        assert_eq!(
+            refused_field(json!({"allowed_models": [1]})),
+            "allowed_models"
+        );
+        assert_eq!(
+            refused_field(json!({"allowed_models": [""]})),
+            "allowed_models"
+        );
         assert_eq!(
             refused_field(json!({"allowed_models": ["x".repeat(257)]})),
             "allowed_models"
         );
         let many: Vec<String> = (0..257).map(|i| format!("m{i}")).collect();
-        assert_eq!(refused_field(json!({"allowed_models": many})), "allowed_models");
+        assert_eq!(
+            refused_field(json!({"allowed_models": many})),
+            "allowed_models"
+        );
         // Good values, `null` resets, absent leaves alone.
         let u = policy_update(fields(json!({
             "allowed_models": ["org/*"], "budget_tokens_per_day": 1e3,

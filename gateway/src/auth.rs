@@ -649,14 +649,24 @@ mod tests {
         assert!(auth.authenticate(Some("npk_expiring")).await.is_ok());
         clock.advance(Duration::from_millis(1));
         let e = auth.authenticate(Some("npk_expiring")).await.unwrap_err();
-        assert_eq!((e.kind, e.code.as_ref()), (crate::error::Kind::Unauthenticated, "key_expired"));
+        assert_eq!(
+            (e.kind, e.code.as_ref()),
+            (crate::error::Kind::Unauthenticated, "key_expired")
+        );
         assert_eq!(e.to_api().status, 401);
-        assert!(e.message.contains("expired at 2027-01-15T08:00:01.000Z"), "{}", e.message);
+        assert!(
+            e.message.contains("expired at 2027-01-15T08:00:01.000Z"),
+            "{}",
+            e.message
+        );
         assert_eq!(e.quic_code(), "key_expired");
         // And from the store, once the cache forgot it.
         auth.keys.clear();
         assert_eq!(
-            auth.authenticate(Some("npk_expiring")).await.unwrap_err().code,
+            auth.authenticate(Some("npk_expiring"))
+                .await
+                .unwrap_err()
+                .code,
             "key_expired"
         );
     }
@@ -674,7 +684,10 @@ mod tests {
         assert!(!Auth::model_allowed(&k, "other/org/x"));
         let e = auth.check_model(&k, "other").unwrap_err();
         assert_eq!(e.to_api().status, 403);
-        assert_eq!((e.code.as_ref(), e.param.as_deref()), ("model_not_allowed", Some("model")));
+        assert_eq!(
+            (e.code.as_ref(), e.param.as_deref()),
+            ("model_not_allowed", Some("model"))
+        );
         assert!(e.message.contains("\"other\""), "{}", e.message);
         assert!(!e.retryable);
         assert_eq!(e.quic_code(), "model_not_allowed");
@@ -685,18 +698,26 @@ mod tests {
     #[test]
     fn a_key_over_budget_gets_a_429_that_says_not_to_retry_until_the_reset() {
         // 2026-12-31 23:59:00 UTC.
-        let now = crate::budget::day_start_ms(crate::budget::days_from_civil(2026, 12, 31))
-            + 86_340_000;
+        let now =
+            crate::budget::day_start_ms(crate::budget::days_from_civil(2026, 12, 31)) + 86_340_000;
         let (auth, _) = auth_at(now);
         let mut k = key(1);
         k.policy.budget_tokens_per_month = Some(10);
         assert!(auth.check_budget(&k).is_ok());
         auth.spend.add(&k.id, "m", now, 4, 6);
         let e = auth.check_budget(&k).unwrap_err();
-        assert_eq!((e.to_api().status, e.code.as_ref()), (429, "budget_exceeded"));
+        assert_eq!(
+            (e.to_api().status, e.code.as_ref()),
+            (429, "budget_exceeded")
+        );
         assert!(!e.retryable);
         assert_eq!(e.retry_after_s, Some(60));
-        assert!(e.message.contains("budget_tokens_per_month: spent 10 of 10 tokens"), "{}", e.message);
+        assert!(
+            e.message
+                .contains("budget_tokens_per_month: spent 10 of 10 tokens"),
+            "{}",
+            e.message
+        );
         assert_eq!(e.quic_code(), "budget_exceeded");
         let page = auth.metrics.render();
         assert!(

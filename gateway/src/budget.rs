@@ -401,7 +401,10 @@ mod tests {
         assert_eq!(civil_from_days(0), (1970, 1, 1));
         // 2000 is a leap year (divisible by 400), 2100 is not.
         assert_eq!(civil_from_days(days_from_civil(2000, 2, 29)), (2000, 2, 29));
-        assert_eq!(civil_from_days(days_from_civil(2100, 2, 28) + 1), (2100, 3, 1));
+        assert_eq!(
+            civil_from_days(days_from_civil(2100, 2, 28) + 1),
+            (2100, 3, 1)
+        );
         for day in (0..80_000).step_by(7) {
             let (y, m, d) = civil_from_days(day);
             assert_eq!(days_from_civil(y, m, d), day);
@@ -426,7 +429,10 @@ mod tests {
         assert_eq!(month_of(dec) + 1, month_of(jan));
         assert_eq!(Period::Month.resets_at_ms(dec), jan);
         assert_eq!(Period::Month.resets_at_ms(jan), ms(2027, 2, 1, 0, 0));
-        assert_eq!(first_day_of_month(month_of(jan)), days_from_civil(2027, 1, 1));
+        assert_eq!(
+            first_day_of_month(month_of(jan)),
+            days_from_civil(2027, 1, 1)
+        );
         // February of a leap year has 29 days.
         assert_eq!(
             Period::Month.resets_at_ms(ms(2028, 2, 29, 12, 0)),
@@ -533,7 +539,10 @@ mod tests {
         book.add("k", "cheap", now, 0, 600);
         // The day's tokens are named first.
         let r = book.check("k", &limits, now, &p).unwrap_err();
-        assert_eq!((r.budget, r.spent, r.limit), (Budget::TokensPerDay, 1000.0, 1000.0));
+        assert_eq!(
+            (r.budget, r.spent, r.limit),
+            (Budget::TokensPerDay, 1000.0, 1000.0)
+        );
         assert_eq!(r.retry_after_s, 3600);
         // A budget of zero refuses from the start.
         let zero = Limits {

@@ -1526,7 +1526,10 @@ fn a_key_policy_round_trips_and_bad_values_are_refused_naming_the_field() {
     assert_eq!(k.policy.allowed_models, ["org/*", "m"]);
     assert!(k.policy.allows_model("org/a") && k.policy.allows_model("m"));
     assert!(!k.policy.allows_model("mm") && !k.policy.allows_model("org"));
-    let read = store.authenticate_api_key(&secret).expect("auth").expect("key");
+    let read = store
+        .authenticate_api_key(&secret)
+        .expect("auth")
+        .expect("key");
     assert_eq!(read, k);
     assert_eq!(store.list_api_keys().unwrap()[0], k);
     // `Some(None)` and an empty list remove restrictions; untouched fields stay.
@@ -1635,7 +1638,15 @@ fn key_usage_is_summed_by_key_utc_day_and_model_over_inference_records_only() {
         .expect("query");
     let got: Vec<_> = rows
         .iter()
-        .map(|r| (r.day, r.model.as_str(), r.requests, r.prompt_tokens, r.completion_tokens))
+        .map(|r| {
+            (
+                r.day,
+                r.model.as_str(),
+                r.requests,
+                r.prompt_tokens,
+                r.completion_tokens,
+            )
+        })
         .collect();
     assert_eq!(
         got,

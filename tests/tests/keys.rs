@@ -95,7 +95,12 @@ async fn quic_infer(gw: &TestGateway, key: &str, body: &str) -> Result<String, S
 }
 
 /// Polls the key usage report until `pred` holds for it.
-async fn usage_when(gw: &TestGateway, id: &str, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+async fn usage_when(
+    gw: &TestGateway,
+    id: &str,
+    what: &str,
+    pred: impl Fn(&Value) -> bool,
+) -> Value {
     let path = format!("/admin/api-keys/{id}/usage");
     eventually(what, Duration::from_secs(10), || async {
         let v = gw.admin_get(&path).await;
@@ -234,7 +239,10 @@ async fn an_expired_key_is_401_saying_so_and_an_expiry_in_the_past_is_refused_at
     assert_eq!(s, 401, "{v}");
     assert_eq!(v["error"]["code"], "key_expired", "{v}");
     let msg = v["error"]["message"].as_str().unwrap();
-    assert!(msg.contains("expired at") && msg.contains(&past.to_string()), "{msg}");
+    assert!(
+        msg.contains("expired at") && msg.contains(&past.to_string()),
+        "{msg}"
+    );
     assert_eq!(header(&h, "x-should-retry"), "false");
     let (s, _) = gw.http.get(&gw.api_url("/v1/models"), Some(&key)).await;
     assert_eq!(s, 401);
@@ -343,7 +351,10 @@ async fn usd_month_spend_survives_a_gateway_restart_on_the_same_sqlite_file() {
         v["budgets"][0]["spent"].as_f64().unwrap_or(0.0) > 0.0
     })
     .await;
-    assert!((usage["month"]["cost_usd"].as_f64().unwrap() - 1.0).abs() < 1e-9, "{usage}");
+    assert!(
+        (usage["month"]["cost_usd"].as_f64().unwrap() - 1.0).abs() < 1e-9,
+        "{usage}"
+    );
     node.stop().await.unwrap();
     gw.stop().await;
 
@@ -412,9 +423,18 @@ async fn key_fields_are_validated_naming_the_field_and_the_usage_report_has_its_
     let many: Vec<String> = (0..257).map(|i| format!("m{i}")).collect();
     let bad = [
         (json!({"budget_usd_per_day": -1}), "budget_usd_per_day"),
-        (json!({"budget_usd_per_month": "NaN"}), "budget_usd_per_month"),
-        (json!({"budget_tokens_per_day": -5}), "budget_tokens_per_day"),
-        (json!({"budget_tokens_per_month": 0.5}), "budget_tokens_per_month"),
+        (
+            json!({"budget_usd_per_month": "NaN"}),
+            "budget_usd_per_month",
+        ),
+        (
+            json!({"budget_tokens_per_day": -5}),
+            "budget_tokens_per_day",
+        ),
+        (
+            json!({"budget_tokens_per_month": 0.5}),
+            "budget_tokens_per_month",
+        ),
         (json!({"expires_at_ms": now_ms() - 1}), "expires_at_ms"),
         (json!({"expires_at_ms": "soon"}), "expires_at_ms"),
         (json!({"allowed_models": [""]}), "allowed_models"),
@@ -468,7 +488,13 @@ async fn key_fields_are_validated_naming_the_field_and_the_usage_report_has_its_
     assert_eq!(v["object"], "api_key.usage");
     assert_eq!(v["api_key_id"], id.as_str());
     for period in ["today", "month"] {
-        for f in ["requests", "prompt_tokens", "completion_tokens", "total_tokens", "cost_usd"] {
+        for f in [
+            "requests",
+            "prompt_tokens",
+            "completion_tokens",
+            "total_tokens",
+            "cost_usd",
+        ] {
             assert!(v[period][f].is_number(), "{period}.{f}: {v}");
         }
         assert!(v[period]["by_model"].is_array(), "{v}");

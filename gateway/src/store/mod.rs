@@ -275,10 +275,13 @@ impl KeyPolicy {
     /// in `*` allows every model whose name starts with what precedes it.
     pub fn allows_model(&self, model: &str) -> bool {
         self.allowed_models.is_empty()
-            || self.allowed_models.iter().any(|e| match e.strip_suffix('*') {
-                Some(prefix) => model.starts_with(prefix),
-                None => e == model,
-            })
+            || self
+                .allowed_models
+                .iter()
+                .any(|e| match e.strip_suffix('*') {
+                    Some(prefix) => model.starts_with(prefix),
+                    None => e == model,
+                })
     }
 
     /// Checks every field: allow-list entries 1..=256 bytes without control characters, `*`
@@ -305,7 +308,10 @@ impl KeyPolicy {
                 check_measure(field, v)?;
             }
         }
-        if self.expires_at_ms.is_some_and(|v| i64::try_from(v).is_err()) {
+        if self
+            .expires_at_ms
+            .is_some_and(|v| i64::try_from(v).is_err())
+        {
             return Err(StoreError::Invalid {
                 field: "expires_at_ms",
                 message: "larger than the largest storable time".into(),
@@ -394,8 +400,14 @@ impl ApiKeyUpdate {
         }
         set(&mut key.requests_per_minute, &self.requests_per_minute);
         set(&mut key.tokens_per_minute, &self.tokens_per_minute);
-        set(&mut key.caps.max_concurrent_streams, &self.max_concurrent_streams);
-        set(&mut key.caps.max_concurrent_sessions, &self.max_concurrent_sessions);
+        set(
+            &mut key.caps.max_concurrent_streams,
+            &self.max_concurrent_streams,
+        );
+        set(
+            &mut key.caps.max_concurrent_sessions,
+            &self.max_concurrent_sessions,
+        );
         set(
             &mut key.caps.session_starts_per_minute,
             &self.session_starts_per_minute,
@@ -404,7 +416,10 @@ impl ApiKeyUpdate {
         set(&mut p.allowed_models, &self.allowed_models);
         set(&mut p.expires_at_ms, &self.expires_at_ms);
         set(&mut p.budget_tokens_per_day, &self.budget_tokens_per_day);
-        set(&mut p.budget_tokens_per_month, &self.budget_tokens_per_month);
+        set(
+            &mut p.budget_tokens_per_month,
+            &self.budget_tokens_per_month,
+        );
         set(&mut p.budget_usd_per_day, &self.budget_usd_per_day);
         set(&mut p.budget_usd_per_month, &self.budget_usd_per_month);
     }

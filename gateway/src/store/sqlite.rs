@@ -24,10 +24,9 @@ use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Row, Transactio
 use super::{
     check_id, check_measure, check_name, check_text, hash_secret, new_id, new_secret,
     secret_display_prefix, to_i64, ApiKey, ApiKeyUpdate, EnrolmentToken, GpuModelRecord, KeyCaps,
-    KeyDayUsage, KeyPolicy,
-    KycStatus, LedgerHealth, Operator, PenaltyEvent, SlaDelta, SlaRecord, Store, StoreError,
-    UsageKind, UsageRecord, UsageSummary, UsageTotals, API_KEY_PREFIX, ENROLMENT_TOKEN_PREFIX,
-    MAX_NAME_CHARS, MAX_SECRET_BYTES,
+    KeyDayUsage, KeyPolicy, KycStatus, LedgerHealth, Operator, PenaltyEvent, SlaDelta, SlaRecord,
+    Store, StoreError, UsageKind, UsageRecord, UsageSummary, UsageTotals, API_KEY_PREFIX,
+    ENROLMENT_TOKEN_PREFIX, MAX_NAME_CHARS, MAX_SECRET_BYTES,
 };
 
 /// How long a connection waits for another connection's lock before failing with a retryable
@@ -1474,10 +1473,12 @@ impl Store for SqliteStore {
         let allowed = if p.allowed_models.is_empty() {
             None
         } else {
-            Some(serde_json::to_string(&p.allowed_models).map_err(|e| StoreError::Invalid {
-                field: "allowed_models",
-                message: e.to_string(),
-            })?)
+            Some(
+                serde_json::to_string(&p.allowed_models).map_err(|e| StoreError::Invalid {
+                    field: "allowed_models",
+                    message: e.to_string(),
+                })?,
+            )
         };
         let opt = |field: &'static str, v: Option<u64>| v.map(|v| to_i64(field, v)).transpose();
         tx.execute(
