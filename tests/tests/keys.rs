@@ -472,6 +472,23 @@ async fn key_fields_are_validated_naming_the_field_and_the_usage_report_has_its_
         let msg = v["error"]["message"].as_str().unwrap_or("");
         assert!(msg.contains(field), "{fields}: {msg}");
     }
+    // The longest allow-list fits (256 entries of 256 bytes), and is stored whole.
+    let longest: Vec<String> = (0..256).map(|i| format!("{i:0>256}")).collect();
+    let (s, v) = admin_patch(
+        &gw,
+        &format!("/admin/api-keys/{id}"),
+        json!({"allowed_models": longest}),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["allowed_models"].as_array().unwrap().len(), 256);
+    let (s, _) = admin_patch(
+        &gw,
+        &format!("/admin/api-keys/{id}"),
+        json!({"allowed_models": ["org/*"]}),
+    )
+    .await;
+    assert_eq!(s, 200);
     let (s, _) = admin_patch(&gw, &format!("/admin/api-keys/{id}"), json!({"budget": 1})).await;
     assert_eq!(s, 400);
     let (s, _) = admin_patch(&gw, "/admin/api-keys/key_0000000000000000", json!({})).await;
