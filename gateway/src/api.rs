@@ -16,6 +16,7 @@
 //! [`InferService`]'s; WHEP and `/play` are served by a handler injected at assembly.
 
 use crate::access::{AccessLine, TraceParent};
+use crate::auth::Auth;
 use crate::client_addr::{self, ClientAddr};
 use crate::error::{CoreError, Kind};
 use crate::http_util::{bearer, read_body, with_type, Body, BodyError, Handler, Resp};
@@ -392,11 +393,12 @@ impl ClientApi {
         request_id: &str,
         id: &str,
     ) -> Resp {
-        if let Err(e) = self.infer.auth.authenticate(bearer(&req)).await {
-            return error_response(request_id, &e);
-        }
+        let key = match self.infer.auth.authenticate(bearer(&req)).await {
+            Ok(key) => key,
+            Err(e) => return error_response(request_id, &e),
+        };
         let (_, loc) = self.locate(&req, peer);
-        let list = self.model_list(&loc);
+        let list = self.model_list(&key, &loc);
         match list.iter().find(|m| m.0 == id) {
             Some((id, created, owned_by, available)) => with_type(
                 StatusCode::OK,
@@ -412,11 +414,12 @@ impl ClientApi {
     }
 
     async fn models(&self, req: Request<Incoming>, peer: SocketAddr, request_id: &str) -> Resp {
-        if let Err(e) = self.infer.auth.authenticate(bearer(&req)).await {
-            return error_response(request_id, &e);
-        }
+        let key = match self.infer.auth.authenticate(bearer(&req)).await {
+            Ok(key) => key,
+            Err(e) => return error_response(request_id, &e),
+        };
         let (_, loc) = self.locate(&req, peer);
-        let list = self.model_list(&loc);
+        let list = self.model_list(&key, &loc);
         let list: Vec<(&str, u64, &str, bool)> = list
             .iter()
             .map(|(id, created, owned_by, available)| (id.as_str(), *created, *owned_by, *available))
@@ -428,12 +431,15 @@ impl ClientApi {
         )
     }
 
-    /// The models visible from `loc`, sorted, with whether a node serves each now.
-    fn model_list(&self, loc: &Location) -> Vec<(String, u64, &'static str, bool)> {
-        let names =
+    /// The models `key` may use that are visible from `loc`, sorted, with whether a node serves
+    /// each now.
+    fn model_list(&self, key: &ApiKey, loc: &Location) -> Vec<(String, u64, &'static str, bool)> {
+        let mut names =
             self.infer
                 .directory
                 .visible(&self.infer.placement, loc, WorkloadKind::Inference);
+        // A key sees only the models it may use.
+        names.retain(|n| Auth::model_allowed(key, n));
         // Models whose last node left within `inference.model_grace_s` stay listed, marked
         // unavailable, so that a client does not take a blip for the model's removal.
         let now_ms = self.infer.clock.unix_ms();
@@ -445,7 +451,7 @@ impl ClientApi {
             .collect();
         list.extend(
             gone.iter()
-                .filter(|n| !names.contains(*n))
+                .filter(|n| !names.contains(*n) && Auth::model_allowed(key, n))
                 .map(|n| (n.clone(), created, "nearpath", false)),
         );
         list.sort_by(|a, b| a.0.cmp(&b.0));

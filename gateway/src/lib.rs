@@ -5,6 +5,7 @@ pub mod access;
 pub mod admin;
 pub mod api;
 pub mod auth;
+pub mod budget;
 pub mod client;
 pub mod client_addr;
 pub mod clock;
