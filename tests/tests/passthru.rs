@@ -232,6 +232,43 @@ async fn tool_call_deltas_logprobs_and_vendor_fields_pass_through_with_the_gatew
         assert!(line.contains(part), "{part} not in {line}");
     }
 
+    // A request refused before admission gets its line too.
+    let (status, _, _) = gw
+        .http
+        .request("POST", &url, Some("wrong-key"), Some(&body), &[("x-request-id", "req-passthru-401")])
+        .await;
+    assert_eq!(status, 401);
+    let line = access_line("req-passthru-401").await;
+    assert!(line.contains("http POST /v1/chat/completions status=401"), "{line}");
+
+    // QUIC clients get the same JSON in Chunks.
+    let client = native_client(&gw, DE).await;
+    let mut stream = client
+        .infer_at(API_KEY, nearpath_protocol::openai::Endpoint::Chat, &body)
+        .await
+        .unwrap();
+    let mut quic_chunks = Vec::new();
+    let billed = loop {
+        match stream.next().await.unwrap() {
+            Some(nearpath_protocol::client::InferEvent::Chunk(c)) => {
+                quic_chunks.push(serde_json::from_str::<Value>(&c.json).unwrap())
+            }
+            Some(nearpath_protocol::client::InferEvent::Done(d)) => break d,
+            Some(nearpath_protocol::client::InferEvent::Error(e)) => panic!("{e:?}"),
+            Some(_) => {}
+            None => panic!("no Done"),
+        }
+    };
+    let _ = opens.recv().await;
+    assert_eq!(quic_chunks.len(), 3);
+    for (quic, http) in quic_chunks.iter().zip(&chunks) {
+        assert_eq!(quic["choices"], http["choices"]);
+        assert_eq!(quic["model"], "m");
+        assert!(quic.get("usage").is_none());
+    }
+    assert_eq!(billed.completion_tokens, 2);
+    assert_eq!(billed.finish_reason, "tool_calls");
+
     // Not streaming: the same pieces assembled the way the openai client accumulates them.
     let plain = json!({"model": "m", "messages": [{"role": "user", "content": "Weather in Paris?"}]}).to_string();
     let (status, _, text) = gw
