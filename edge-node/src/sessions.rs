@@ -238,9 +238,17 @@ impl Sessions {
             } => {
                 let span = tracing::debug_span!("inference", %request_id, traceparent = traceparent.as_deref().unwrap_or("-"));
                 let trace = (request_id, traceparent);
-                self.serve_inference(open.session_id, model, endpoint, request_json, trace, tx, framed)
-                    .instrument(span)
-                    .await
+                self.serve_inference(
+                    open.session_id,
+                    model,
+                    endpoint,
+                    request_json,
+                    trace,
+                    tx,
+                    framed,
+                )
+                .instrument(span)
+                .await
             }
             SessionKind::Game(params) => {
                 self.serve_game(ctx, open.session_id, params, tx, framed)

@@ -331,7 +331,11 @@ impl ClientApi {
                 request_id: &request_id,
                 trace_id: Some(&trace_id),
                 duration_ms: elapsed_ms(started, self.infer.clock.now()),
-                outcome: if resp.status().is_success() { "ok" } else { "error" },
+                outcome: if resp.status().is_success() {
+                    "ok"
+                } else {
+                    "error"
+                },
                 ..AccessLine::default()
             }
             .emit();
@@ -422,7 +426,9 @@ impl ClientApi {
         let list = self.model_list(&key, &loc);
         let list: Vec<(&str, u64, &str, bool)> = list
             .iter()
-            .map(|(id, created, owned_by, available)| (id.as_str(), *created, *owned_by, *available))
+            .map(|(id, created, owned_by, available)| {
+                (id.as_str(), *created, *owned_by, *available)
+            })
             .collect();
         with_type(
             StatusCode::OK,
@@ -556,7 +562,9 @@ impl ClientApi {
                 ))))
             }
             Err(BodyError::Read(m)) => {
-                return Err(refused(CoreError::from_api(&ApiError::bad_request(m, None))))
+                return Err(refused(CoreError::from_api(&ApiError::bad_request(
+                    m, None,
+                ))))
             }
         };
         let request = InferenceRequest::parse(endpoint, &body)

@@ -21,10 +21,7 @@ enum Say {
 }
 
 /// Serves every session of `raw` with `script`, reporting each `Open` it got.
-fn scripted(
-    raw: RawNode,
-    script: Vec<Say>,
-) -> tokio::sync::mpsc::UnboundedReceiver<SessionKind> {
+fn scripted(raw: RawNode, script: Vec<Say>) -> tokio::sync::mpsc::UnboundedReceiver<SessionKind> {
     let (opens, rx) = tokio::sync::mpsc::unbounded_channel();
     let script = Arc::new(script);
     tokio::spawn(async move {
@@ -135,14 +132,20 @@ impl Write for SharedWriter {
 
 async fn access_line(request_id: &str) -> String {
     let log = access_log();
-    eventually("the access-log line", std::time::Duration::from_secs(10), || {
-        let log = log.clone();
-        let needle = format!("request_id={request_id} ");
-        async move {
-            let text = String::from_utf8_lossy(&log.lock().unwrap()).into_owned();
-            text.lines().find(|l| l.contains(&needle)).map(str::to_string)
-        }
-    })
+    eventually(
+        "the access-log line",
+        std::time::Duration::from_secs(10),
+        || {
+            let log = log.clone();
+            let needle = format!("request_id={request_id} ");
+            async move {
+                let text = String::from_utf8_lossy(&log.lock().unwrap()).into_owned();
+                text.lines()
+                    .find(|l| l.contains(&needle))
+                    .map(str::to_string)
+            }
+        },
+    )
     .await
 }
 
@@ -194,8 +197,14 @@ async fn tool_call_deltas_logprobs_and_vendor_fields_pass_through_with_the_gatew
         chunks[0]["choices"][0]["delta"]["tool_calls"][0]["function"],
         json!({"name": "get_weather", "arguments": "{\"city\":"})
     );
-    assert_eq!(chunks[0]["choices"][0]["logprobs"]["content"][0]["logprob"], -0.25);
-    assert!(chunks[..3].iter().all(|c| c.get("usage").is_none()), "forged usage relayed");
+    assert_eq!(
+        chunks[0]["choices"][0]["logprobs"]["content"][0]["logprob"],
+        -0.25
+    );
+    assert!(
+        chunks[..3].iter().all(|c| c.get("usage").is_none()),
+        "forged usage relayed"
+    );
     // The node's finish chunk is the only one.
     let finishes = chunks
         .iter()
@@ -215,7 +224,10 @@ async fn tool_call_deltas_logprobs_and_vendor_fields_pass_through_with_the_gatew
         } => {
             assert_eq!(request_id, "req-passthru-1");
             let tp = traceparent.unwrap();
-            assert!(tp.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"), "{tp}");
+            assert!(
+                tp.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"),
+                "{tp}"
+            );
             assert_ne!(tp, TRACE);
         }
         other => panic!("{other:?}"),
@@ -235,11 +247,20 @@ async fn tool_call_deltas_logprobs_and_vendor_fields_pass_through_with_the_gatew
     // A request refused before admission gets its line too.
     let (status, _, _) = gw
         .http
-        .request("POST", &url, Some("wrong-key"), Some(&body), &[("x-request-id", "req-passthru-401")])
+        .request(
+            "POST",
+            &url,
+            Some("wrong-key"),
+            Some(&body),
+            &[("x-request-id", "req-passthru-401")],
+        )
         .await;
     assert_eq!(status, 401);
     let line = access_line("req-passthru-401").await;
-    assert!(line.contains("http POST /v1/chat/completions status=401"), "{line}");
+    assert!(
+        line.contains("http POST /v1/chat/completions status=401"),
+        "{line}"
+    );
 
     // QUIC clients get the same JSON in Chunks.
     let client = native_client(&gw, DE).await;
@@ -270,10 +291,21 @@ async fn tool_call_deltas_logprobs_and_vendor_fields_pass_through_with_the_gatew
     assert_eq!(billed.finish_reason, "tool_calls");
 
     // Not streaming: the same pieces assembled the way the openai client accumulates them.
-    let plain = json!({"model": "m", "messages": [{"role": "user", "content": "Weather in Paris?"}]}).to_string();
+    let plain =
+        json!({"model": "m", "messages": [{"role": "user", "content": "Weather in Paris?"}]})
+            .to_string();
     let (status, _, text) = gw
         .http
-        .request("POST", &url, Some(API_KEY), Some(&plain), &[("traceparent", "00-00000000000000000000000000000000-00f067aa0ba902b7-01")])
+        .request(
+            "POST",
+            &url,
+            Some(API_KEY),
+            Some(&plain),
+            &[(
+                "traceparent",
+                "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            )],
+        )
         .await;
     assert_eq!(status, 200, "{text}");
     let v: Value = serde_json::from_str(&text).unwrap();
@@ -295,7 +327,10 @@ async fn tool_call_deltas_logprobs_and_vendor_fields_pass_through_with_the_gatew
     match opens.recv().await.unwrap() {
         SessionKind::Inference { traceparent, .. } => {
             let tp = traceparent.unwrap();
-            assert!(!tp.starts_with("00-00000000000000000000000000000000"), "{tp}");
+            assert!(
+                !tp.starts_with("00-00000000000000000000000000000000"),
+                "{tp}"
+            );
         }
         other => panic!("{other:?}"),
     }
@@ -314,14 +349,19 @@ async fn a_hostile_nodes_chunks_are_a_502_naming_it() {
         ("not-json", "{\"choices\":[".to_string()),
         ("not-object", "[1,2,3]".to_string()),
         ("nested", nested),
-        ("too-many-choices", json!({"choices": ten_thousand}).to_string()),
+        (
+            "too-many-choices",
+            json!({"choices": ten_thousand}).to_string(),
+        ),
         ("no-choices", json!({"id": "x"}).to_string()),
     ];
     for (i, (name, chunk)) in cases.into_iter().enumerate() {
         let node_id = format!("hostile-{name}");
         let raw = RawNode::connect_serving(&gw, &node_id, ip(DE), "cpu", &[&format!("h{i}")]).await;
         let _opens = scripted(raw, vec![Say::Chunk(chunk), Say::Done("stop")]);
-        let body = json!({"model": format!("h{i}"), "messages": [{"role": "user", "content": "hi"}]}).to_string();
+        let body =
+            json!({"model": format!("h{i}"), "messages": [{"role": "user", "content": "hi"}]})
+                .to_string();
         let (status, _, text) = gw
             .http
             .request("POST", &url, Some(API_KEY), Some(&body), &[])
@@ -336,18 +376,33 @@ async fn a_hostile_nodes_chunks_are_a_502_naming_it() {
             .await;
         assert_eq!(status, 200, "{name}: {text}");
         let last: Value = serde_json::from_str(sse_data(&text).last().unwrap()).unwrap();
-        assert!(last["error"]["message"].as_str().unwrap().contains(&node_id), "{name}: {text}");
+        assert!(
+            last["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains(&node_id),
+            "{name}: {text}"
+        );
     }
     // A tool-call index of 2^32 is the client's to judge: relayed, assembled without allocating.
     let raw = RawNode::connect_serving(&gw, "odd-index", ip(DE), "cpu", &["odd"]).await;
     let chunk = json!({"choices": [{"index": 0, "delta": {"tool_calls": [
         {"index": 4294967296u64, "id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}}]});
-    let _opens = scripted(raw, vec![Say::Chunk(chunk.to_string()), Say::Done("tool_calls")]);
+    let _opens = scripted(
+        raw,
+        vec![Say::Chunk(chunk.to_string()), Say::Done("tool_calls")],
+    );
     let body = json!({"model": "odd", "messages": [{"role": "user", "content": "hi"}]}).to_string();
-    let (status, _, text) = gw.http.request("POST", &url, Some(API_KEY), Some(&body), &[]).await;
+    let (status, _, text) = gw
+        .http
+        .request("POST", &url, Some(API_KEY), Some(&body), &[])
+        .await;
     assert_eq!(status, 200, "{text}");
     let v: Value = serde_json::from_str(&text).unwrap();
-    assert_eq!(v["choices"][0]["message"]["tool_calls"][0]["index"], 4294967296u64);
+    assert_eq!(
+        v["choices"][0]["message"]["tool_calls"][0]["index"],
+        4294967296u64
+    );
     gw.stop().await;
 }
 
@@ -403,7 +458,10 @@ async fn embeddings_are_assembled_in_input_order_and_billed_as_the_prompt_estima
     // Method not allowed on the new paths.
     let (status, _) = gw.http.get(&url, Some(API_KEY)).await;
     assert_eq!(status, 405);
-    let (status, _) = gw.http.get(&gw.api_url("/v1/responses"), Some(API_KEY)).await;
+    let (status, _) = gw
+        .http
+        .get(&gw.api_url("/v1/responses"), Some(API_KEY))
+        .await;
     assert_eq!(status, 405);
     gw.stop().await;
 }
@@ -411,7 +469,8 @@ async fn embeddings_are_assembled_in_input_order_and_billed_as_the_prompt_estima
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_model_is_found_by_id_with_the_lists_availability_and_404_otherwise() {
     let gw = TestGateway::start(|_| {}).await;
-    let raw = RawNode::connect_serving(&gw, "models-node", ip(DE), "cpu", &["org/model-7b", "m"]).await;
+    let raw =
+        RawNode::connect_serving(&gw, "models-node", ip(DE), "cpu", &["org/model-7b", "m"]).await;
     let _opens = scripted(raw, vec![Say::Token("x"), Say::Done("stop")]);
     let (status, body) = gw
         .http
@@ -424,7 +483,10 @@ async fn a_model_is_found_by_id_with_the_lists_availability_and_404_otherwise() 
     assert_eq!(v["owned_by"], "nearpath");
     assert_eq!(v["available"], true);
     assert!(v["created"].is_u64());
-    let (status, body) = gw.http.get(&gw.api_url("/v1/models/nope"), Some(API_KEY)).await;
+    let (status, body) = gw
+        .http
+        .get(&gw.api_url("/v1/models/nope"), Some(API_KEY))
+        .await;
     assert_eq!(status, 404, "{body}");
     let v: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["error"]["code"], "model_not_found", "{body}");
@@ -432,7 +494,13 @@ async fn a_model_is_found_by_id_with_the_lists_availability_and_404_otherwise() 
     assert_eq!(status, 401);
     let (status, _, _) = gw
         .http
-        .request("DELETE", &gw.api_url("/v1/models/m"), Some(API_KEY), None, &[])
+        .request(
+            "DELETE",
+            &gw.api_url("/v1/models/m"),
+            Some(API_KEY),
+            None,
+            &[],
+        )
         .await;
     assert_eq!(status, 405);
     gw.stop().await;

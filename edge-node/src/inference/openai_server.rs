@@ -286,7 +286,9 @@ async fn route(req: Request<Incoming>, state: &State) -> Result<Response<OpenAiB
             Some(Ok(BackendEvent::Chunk { json })) if endpoint == Endpoint::Embeddings => {
                 embeddings.push_chunk(&json).map_err(malformed)?
             }
-            Some(Ok(BackendEvent::Chunk { json })) => assembler.push_chunk(&json).map_err(malformed)?,
+            Some(Ok(BackendEvent::Chunk { json })) => {
+                assembler.push_chunk(&json).map_err(malformed)?
+            }
             Some(Ok(BackendEvent::Done {
                 finish_reason,
                 prompt_tokens,
@@ -457,7 +459,9 @@ impl SseBody {
                     self.queue.push_back(self.renderer.token_event(&text));
                 }
                 Some(Ok(BackendEvent::Chunk { json })) => self.chunk(&json),
-                Some(Ok(BackendEvent::Done { .. })) if self.renderer.endpoint() == Endpoint::Responses => {
+                Some(Ok(BackendEvent::Done { .. }))
+                    if self.renderer.endpoint() == Endpoint::Responses =>
+                {
                     // A Responses stream ends with its terminal event, which the backend sent.
                     self.finished = true;
                 }

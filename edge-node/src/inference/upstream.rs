@@ -28,8 +28,8 @@ use hyper::{Method, Request, StatusCode, Uri};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
 use nearpath_protocol::openai::{
-    error_message_of, generated_choices, parse_stream_chunk, Endpoint, InferenceRequest,
-    SseParser, StreamChunk, Usage,
+    error_message_of, generated_choices, parse_stream_chunk, Endpoint, InferenceRequest, SseParser,
+    StreamChunk, Usage,
 };
 use serde_json::{Map, Value};
 use tokio::sync::mpsc;
@@ -349,7 +349,8 @@ impl Inner {
             .is_some_and(|ct| ct.trim_start().starts_with("application/json"));
         let mut body = response.into_body();
         if is_json || endpoint == Endpoint::Embeddings {
-            self.relay_json(endpoint, body, estimated_prompt, tx).await?;
+            self.relay_json(endpoint, body, estimated_prompt, tx)
+                .await?;
             return Ok(None);
         }
         let mut parser = SseParser::new(MAX_EVENT_BYTES);
@@ -515,36 +516,41 @@ impl Inner {
                 return Err(self.protocol("the JSON answer has no choices array"));
             };
             let mut finish_reason = None;
-            let choices: Vec<Value> = choices.into_iter().map(|c| {
-                let Value::Object(mut c) = c else {
-                    return c;
-                };
-                if let Some(r) = c.get("finish_reason").and_then(Value::as_str) {
-                    if finish_reason.is_none() || c.get("index").and_then(Value::as_u64) == Some(0) {
-                        finish_reason = Some(r.to_owned());
+            let choices: Vec<Value> = choices
+                .into_iter()
+                .map(|c| {
+                    let Value::Object(mut c) = c else {
+                        return c;
+                    };
+                    if let Some(r) = c.get("finish_reason").and_then(Value::as_str) {
+                        if finish_reason.is_none()
+                            || c.get("index").and_then(Value::as_u64) == Some(0)
+                        {
+                            finish_reason = Some(r.to_owned());
+                        }
                     }
-                }
-                // A chat message becomes the delta of one streamed chunk, in its place.
-                match c.remove("message") {
-                    Some(message) => {
-                        let mut out = Map::with_capacity(c.len() + 1);
-                        let mut message = Some(message);
-                        for (k, v) in c {
-                            if k == "logprobs" || k == "finish_reason" {
-                                if let Some(m) = message.take() {
-                                    out.insert("delta".into(), m);
+                    // A chat message becomes the delta of one streamed chunk, in its place.
+                    match c.remove("message") {
+                        Some(message) => {
+                            let mut out = Map::with_capacity(c.len() + 1);
+                            let mut message = Some(message);
+                            for (k, v) in c {
+                                if k == "logprobs" || k == "finish_reason" {
+                                    if let Some(m) = message.take() {
+                                        out.insert("delta".into(), m);
+                                    }
                                 }
+                                out.insert(k, v);
                             }
-                            out.insert(k, v);
+                            if let Some(m) = message {
+                                out.insert("delta".into(), m);
+                            }
+                            Value::Object(out)
                         }
-                        if let Some(m) = message {
-                            out.insert("delta".into(), m);
-                        }
-                        Value::Object(out)
+                        None => Value::Object(c),
                     }
-                    None => Value::Object(c),
-                }
-            }).collect();
+                })
+                .collect();
             obj.insert("choices".into(), Value::Array(choices));
             let generated = generated_choices(endpoint, &obj);
             (
@@ -713,7 +719,9 @@ fn text_only(endpoint: Endpoint, choices: &[Value]) -> Option<String> {
         let Some(Value::Object(d)) = c.get("delta") else {
             return None;
         };
-        let assistant = d.get("role").is_none_or(|r| r.is_null() || r == "assistant");
+        let assistant = d
+            .get("role")
+            .is_none_or(|r| r.is_null() || r == "assistant");
         if !nulls_but(c, &["index", "delta", "finish_reason"])
             || !nulls_but(d, &["content", "role"])
             || !assistant
@@ -874,7 +882,9 @@ mod tests {
         let sent = request.await.unwrap_or_default().to_ascii_lowercase();
         assert!(sent.contains("\r\nx-request-id: req_abc\r\n"), "{sent}");
         assert!(
-            sent.contains("\r\ntraceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\n"),
+            sent.contains(
+                "\r\ntraceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\n"
+            ),
             "{sent}"
         );
     }
@@ -893,10 +903,14 @@ mod tests {
             json!({"id": "u1", "choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}],
                 "usage": {"prompt_tokens": 9, "completion_tokens": 4, "total_tokens": 13}}),
         ];
-        let body: String = chunks.iter().map(|c| format!("data: {c}\n\n")).collect::<String>()
+        let body: String = chunks
+            .iter()
+            .map(|c| format!("data: {c}\n\n"))
+            .collect::<String>()
             + "data: [DONE]\n\n";
         let (addr, _request) = canned(Some(sse_response(&body))).await;
-        let (events, end) = run_all(&backend(addr, None, None), &chat_request("m", json!({}))).await;
+        let (events, end) =
+            run_all(&backend(addr, None, None), &chat_request("m", json!({}))).await;
         let relayed: Vec<Value> = events
             .iter()
             .map(|e| match e {
@@ -931,14 +945,24 @@ mod tests {
         );
         // The finish reason travels in Done.
         assert_eq!(
-            split(json!({"choices": [{"index": 0, "delta": {"content": "a"}, "finish_reason": "stop"}]})),
+            split(
+                json!({"choices": [{"index": 0, "delta": {"content": "a"}, "finish_reason": "stop"}]})
+            ),
             text("a")
         );
-        assert_eq!(split(json!({"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 1}})), Ok(Relay::Nothing));
-        assert_eq!(split(json!({"choices": [{"index": 0, "delta": {}}]})), Ok(Relay::Nothing));
+        assert_eq!(
+            split(json!({"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 1}})),
+            Ok(Relay::Nothing)
+        );
+        assert_eq!(
+            split(json!({"choices": [{"index": 0, "delta": {}}]})),
+            Ok(Relay::Nothing)
+        );
         // The role chunk the relays render themselves.
         assert_eq!(
-            split(json!({"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]})),
+            split(
+                json!({"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]})
+            ),
             Ok(Relay::Nothing)
         );
         for not_text in [
@@ -950,7 +974,10 @@ mod tests {
             json!({"system_fingerprint": "fp", "choices": [{"index": 0, "delta": {"content": "a"}}]}),
             json!({"choices": [{"index": 0, "delta": {"content": "a"}, "stop_reason": 7}]}),
         ] {
-            assert!(matches!(split(not_text.clone()), Ok(Relay::Json(_))), "{not_text}");
+            assert!(
+                matches!(split(not_text.clone()), Ok(Relay::Json(_))),
+                "{not_text}"
+            );
         }
         assert!(split(json!({"choices": {}})).is_err());
     }
@@ -972,7 +999,10 @@ mod tests {
         };
         let (events, end) = run_all(&backend(addr, None, Some("up")), &req).await;
         let sent = request.await.unwrap_or_default();
-        assert!(sent.starts_with("POST /v1/embeddings HTTP/1.1\r\n"), "{sent}");
+        assert!(
+            sent.starts_with("POST /v1/embeddings HTTP/1.1\r\n"),
+            "{sent}"
+        );
         assert_eq!(
             sent_json(&sent),
             json!({"model": "up", "input": ["a", "b"], "encoding_format": "float", "dimensions": 2})
@@ -980,13 +1010,21 @@ mod tests {
         assert_eq!(
             events,
             vec![
-                BackendEvent::Chunk { json: r#"{"object":"embedding","index":0,"embedding":[0.25,-1.0]}"#.into() },
-                BackendEvent::Chunk { json: r#"{"object":"embedding","index":1,"embedding":[0.5,0.0]}"#.into() },
+                BackendEvent::Chunk {
+                    json: r#"{"object":"embedding","index":0,"embedding":[0.25,-1.0]}"#.into()
+                },
+                BackendEvent::Chunk {
+                    json: r#"{"object":"embedding","index":1,"embedding":[0.5,0.0]}"#.into()
+                },
             ]
         );
         assert_eq!(
             end,
-            Ok(BackendEvent::Done { finish_reason: "stop".into(), prompt_tokens: 6, completion_tokens: 0 })
+            Ok(BackendEvent::Done {
+                finish_reason: "stop".into(),
+                prompt_tokens: 6,
+                completion_tokens: 0
+            })
         );
     }
 

@@ -285,7 +285,13 @@ impl InferService {
                 };
                 match ev {
                     StreamEvent::Chunk { json, info } => {
-                        match relay.send(Output::Chunk { json: &json, info: &info }).await {
+                        match relay
+                            .send(Output::Chunk {
+                                json: &json,
+                                info: &info,
+                            })
+                            .await
+                        {
                             Ok(n) => bytes += n,
                             Err(Gone) => break 'pump "cancelled",
                         }
@@ -382,7 +388,11 @@ impl InferService {
             .map(|t| t.trace_id_hex());
         AccessLine {
             entry: ticket.entry,
-            method: if ticket.entry == "http" { "POST" } else { "INFER" },
+            method: if ticket.entry == "http" {
+                "POST"
+            } else {
+                "INFER"
+            },
             path: ticket.endpoint.path(),
             status,
             request_id: &ticket.request_id,

@@ -76,14 +76,21 @@ pub struct ChunkInfo {
 pub const MAX_EVENT_TYPE_BYTES: usize = 128;
 
 /// Responses events whose `response` object is the final one (its `usage` is the relay's).
-const TERMINAL_EVENTS: [&str; 3] = ["response.completed", "response.incomplete", "response.failed"];
+const TERMINAL_EVENTS: [&str; 3] = [
+    "response.completed",
+    "response.incomplete",
+    "response.failed",
+];
 
 /// Fields of a chat delta whose non-empty string values are generated content.
 const GENERATED_DELTA_FIELDS: [&str; 4] = ["content", "reasoning_content", "reasoning", "refusal"];
 
 /// Parses, checks and rewrites one piece (see the module documentation). Returns the JSON to
 /// relay and what it carried.
-pub fn rewrite_chunk(json: &str, ctx: &RewriteContext<'_>) -> Result<(String, ChunkInfo), RelayError> {
+pub fn rewrite_chunk(
+    json: &str,
+    ctx: &RewriteContext<'_>,
+) -> Result<(String, ChunkInfo), RelayError> {
     let value: Value =
         serde_json::from_str(json).map_err(|e| RelayError::NotJson(e.to_string()))?;
     let (value, info) = rewrite_value(value, ctx)?;
@@ -91,7 +98,10 @@ pub fn rewrite_chunk(json: &str, ctx: &RewriteContext<'_>) -> Result<(String, Ch
 }
 
 /// [`rewrite_chunk`] on an already parsed piece.
-pub fn rewrite_value(value: Value, ctx: &RewriteContext<'_>) -> Result<(Value, ChunkInfo), RelayError> {
+pub fn rewrite_value(
+    value: Value,
+    ctx: &RewriteContext<'_>,
+) -> Result<(Value, ChunkInfo), RelayError> {
     let Value::Object(mut obj) = value else {
         return Err(RelayError::NotObject);
     };
@@ -388,7 +398,9 @@ impl Assembler {
         match choice.message.get_mut(key) {
             Some(Value::String(s)) => s.push_str(text),
             _ => {
-                choice.message.insert(key.into(), Value::String(text.to_owned()));
+                choice
+                    .message
+                    .insert(key.into(), Value::String(text.to_owned()));
             }
         }
     }
@@ -508,7 +520,10 @@ impl Assembler {
             .into_iter()
             .map(|(index, acc)| {
                 let mut c = Map::new();
-                let finish = Value::String(acc.finish_reason.unwrap_or_else(|| finish_reason.to_owned()));
+                let finish = Value::String(
+                    acc.finish_reason
+                        .unwrap_or_else(|| finish_reason.to_owned()),
+                );
                 if chat {
                     c.insert("index".into(), Value::from(index));
                     c.insert("message".into(), Value::Object(chat_message(acc.message)));
@@ -516,7 +531,8 @@ impl Assembler {
                     let mut m = acc.message;
                     c.insert(
                         "text".into(),
-                        m.remove("text").unwrap_or_else(|| Value::String(String::new())),
+                        m.remove("text")
+                            .unwrap_or_else(|| Value::String(String::new())),
                     );
                     c.insert("index".into(), Value::from(index));
                 }
@@ -613,7 +629,8 @@ impl EmbeddingsAssembler {
                 return Err(RelayError::Embedding(format!("no embedding for input {i}")));
             };
             if let Value::Object(o) = &mut d {
-                o.entry("object").or_insert_with(|| Value::String("embedding".into()));
+                o.entry("object")
+                    .or_insert_with(|| Value::String("embedding".into()));
             }
             data.push(d);
         }

@@ -45,7 +45,15 @@ fn rewriting_sets_the_relays_identity_drops_usage_and_keeps_every_other_field_in
     let keys: Vec<&String> = out.as_object().expect("object").keys().collect();
     assert_eq!(
         keys,
-        ["id", "object", "created", "model", "system_fingerprint", "vendor_x", "choices"]
+        [
+            "id",
+            "object",
+            "created",
+            "model",
+            "system_fingerprint",
+            "vendor_x",
+            "choices"
+        ]
     );
     assert_eq!(info.generated, 1);
     assert!(info.has_role);
@@ -55,8 +63,14 @@ fn rewriting_sets_the_relays_identity_drops_usage_and_keeps_every_other_field_in
 #[test]
 fn a_hostile_nodes_garbage_is_a_typed_error() {
     let c = ctx(Endpoint::Chat, 1);
-    assert!(matches!(rewrite_chunk("not json", &c), Err(RelayError::NotJson(_))));
-    assert_eq!(rewrite_chunk("[1,2]", &c).err(), Some(RelayError::NotObject));
+    assert!(matches!(
+        rewrite_chunk("not json", &c),
+        Err(RelayError::NotJson(_))
+    ));
+    assert_eq!(
+        rewrite_chunk("[1,2]", &c).err(),
+        Some(RelayError::NotObject)
+    );
     assert_eq!(rewrite_chunk("{}", &c).err(), Some(RelayError::NoChoices));
     assert_eq!(
         rewrite_chunk(r#"{"choices":{}}"#, &c).err(),
@@ -67,8 +81,15 @@ fn a_hostile_nodes_garbage_is_a_typed_error() {
         Some(RelayError::ChoiceNotObject(0))
     );
     // 1 MiB of nested arrays: the parser's depth limit, not the stack, stops it.
-    let nested = format!("{{\"choices\":{}{}}}", "[".repeat(512 * 1024), "]".repeat(512 * 1024));
-    assert!(matches!(rewrite_chunk(&nested, &c), Err(RelayError::NotJson(_))));
+    let nested = format!(
+        "{{\"choices\":{}{}}}",
+        "[".repeat(512 * 1024),
+        "]".repeat(512 * 1024)
+    );
+    assert!(matches!(
+        rewrite_chunk(&nested, &c),
+        Err(RelayError::NotJson(_))
+    ));
 }
 
 #[test]
@@ -77,7 +98,10 @@ fn choices_beyond_n_are_refused() {
         .map(|i| json!({"index": i, "delta": {"content": "x"}, "finish_reason": null}))
         .collect();
     let err = rewrite(Endpoint::Chat, 2, json!({"choices": many})).expect_err("bounded by n");
-    assert!(matches!(err, RelayError::ChoiceIndex { at: 2, n: 2, .. }), "{err:?}");
+    assert!(
+        matches!(err, RelayError::ChoiceIndex { at: 2, n: 2, .. }),
+        "{err:?}"
+    );
     for index in [json!(4294967296u64), json!(-1), json!("0"), json!(1.5)] {
         let err = rewrite(
             Endpoint::Chat,
@@ -130,17 +154,28 @@ fn tool_call_deltas_that_repeat_their_identifiers_assemble_into_one_call() {
     // llama-cpp-python repeats id, type and function.name in every delta (DESIGN.md 7).
     let mut a = Assembler::new(Endpoint::Chat);
     for args in ["{\"city\"", ":\"Paris\"}"] {
-        a.push_value(json!({"choices": [{"index": 0, "delta": {"role": "assistant", "content": null,
+        a.push_value(
+            json!({"choices": [{"index": 0, "delta": {"role": "assistant", "content": null,
             "tool_calls": [{"index": 0, "id": "call_1", "type": "function",
                 "function": {"name": "get_weather", "arguments": args}}]},
-            "logprobs": null, "finish_reason": null}]}))
-            .expect("valid");
+            "logprobs": null, "finish_reason": null}]}),
+        )
+        .expect("valid");
     }
     a.push_value(json!({"system_fingerprint": "fp", "choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]}))
         .expect("valid");
     let body: Value = serde_json::from_str(
-        &a.finish("id1", 9, "m", "stop", Usage { prompt_tokens: 1, completion_tokens: 2 })
-            .expect("body"),
+        &a.finish(
+            "id1",
+            9,
+            "m",
+            "stop",
+            Usage {
+                prompt_tokens: 1,
+                completion_tokens: 2,
+            },
+        )
+        .expect("body"),
     )
     .expect("json");
     assert_eq!(
@@ -168,13 +203,23 @@ fn openai_style_tool_call_deltas_merge_by_index() {
         json!({"tool_calls": [{"index": 4294967296u64, "function": {"arguments": "x"}}]}),
     ];
     for d in pieces {
-        a.push_value(json!({"choices": [{"index": 0, "delta": d}]})).expect("valid");
+        a.push_value(json!({"choices": [{"index": 0, "delta": d}]}))
+            .expect("valid");
     }
-    let body: Value =
-        serde_json::from_str(&a.finish("i", 1, "m", "stop", Usage::default()).expect("body")).expect("json");
+    let body: Value = serde_json::from_str(
+        &a.finish("i", 1, "m", "stop", Usage::default())
+            .expect("body"),
+    )
+    .expect("json");
     let calls = &body["choices"][0]["message"]["tool_calls"];
-    assert_eq!(calls[0]["function"], json!({"name": "f", "arguments": "{}"}));
-    assert_eq!(calls[1]["function"], json!({"name": "g", "arguments": "[1]"}));
+    assert_eq!(
+        calls[0]["function"],
+        json!({"name": "f", "arguments": "{}"})
+    );
+    assert_eq!(
+        calls[1]["function"],
+        json!({"name": "g", "arguments": "[1]"})
+    );
     assert_eq!(calls.as_array().map(Vec::len), Some(3));
 }
 
@@ -187,10 +232,14 @@ fn tokens_chunks_logprobs_and_several_choices_assemble() {
          "logprobs": {"content": [{"token": "lo", "logprob": -1.0}], "refusal": null}},
         {"index": 1, "delta": {"role": "assistant", "content": "B"}, "logprobs": {"content": [{"token": "B", "logprob": -2.0}]}, "finish_reason": "length"}
     ]})).expect("valid");
-    a.push_value(json!({"choices": [{"index": 0, "delta": {"reasoning_content": "s"},
-        "logprobs": {"content": [{"token": "!", "logprob": -3.0}]}}]})).expect("valid");
+    a.push_value(
+        json!({"choices": [{"index": 0, "delta": {"reasoning_content": "s"},
+        "logprobs": {"content": [{"token": "!", "logprob": -3.0}]}}]}),
+    )
+    .expect("valid");
     let body: Value = serde_json::from_str(
-        &a.finish("i", 1, "m", "stop", Usage::default()).expect("body"),
+        &a.finish("i", 1, "m", "stop", Usage::default())
+            .expect("body"),
     )
     .expect("json");
     let c0 = &body["choices"][0];
@@ -216,7 +265,9 @@ fn a_text_only_stream_assembles_to_the_renderers_body() {
         a.push_text(" b");
         assert_eq!(
             a.finish("x", 9, "m", "length", usage).expect("body"),
-            super::super::render::completion_response(endpoint, "x", 9, "m", " a b", "length", usage)
+            super::super::render::completion_response(
+                endpoint, "x", 9, "m", " a b", "length", usage
+            )
         );
     }
 }
@@ -224,9 +275,14 @@ fn a_text_only_stream_assembles_to_the_renderers_body() {
 #[test]
 fn embeddings_assemble_in_index_order_and_refuse_duplicates_and_strays() {
     let mut e = EmbeddingsAssembler::new(2);
-    e.push_chunk(r#"{"object":"embedding","index":1,"embedding":[0.5,1]}"#).expect("ok");
-    e.push_chunk(r#"{"object":"embedding","index":0,"embedding":"AAAA"}"#).expect("ok");
-    assert!(e.push_chunk(r#"{"index":0,"embedding":[1]}"#).is_err(), "duplicate");
+    e.push_chunk(r#"{"object":"embedding","index":1,"embedding":[0.5,1]}"#)
+        .expect("ok");
+    e.push_chunk(r#"{"object":"embedding","index":0,"embedding":"AAAA"}"#)
+        .expect("ok");
+    assert!(
+        e.push_chunk(r#"{"index":0,"embedding":[1]}"#).is_err(),
+        "duplicate"
+    );
     for bad in [
         r#"{"index":2,"embedding":[1]}"#,
         r#"{"index":-1,"embedding":[1]}"#,
@@ -234,7 +290,10 @@ fn embeddings_assemble_in_index_order_and_refuse_duplicates_and_strays() {
         r#"{"index":0}"#,
         r#"[]"#,
     ] {
-        assert!(EmbeddingsAssembler::new(2).push_chunk(bad).is_err(), "{bad}");
+        assert!(
+            EmbeddingsAssembler::new(2).push_chunk(bad).is_err(),
+            "{bad}"
+        );
     }
     let body: Value = serde_json::from_str(&e.finish("m", 5).expect("body")).expect("json");
     assert_eq!(
@@ -244,7 +303,10 @@ fn embeddings_assemble_in_index_order_and_refuse_duplicates_and_strays() {
             {"object": "embedding", "index": 1, "embedding": [0.5, 1]}],
             "model": "m", "usage": {"prompt_tokens": 5, "total_tokens": 5}})
     );
-    assert!(EmbeddingsAssembler::new(1).finish("m", 1).is_err(), "missing input");
+    assert!(
+        EmbeddingsAssembler::new(1).finish("m", 1).is_err(),
+        "missing input"
+    );
 }
 
 #[test]
@@ -257,7 +319,10 @@ fn responses_events_get_the_public_model_and_the_measured_usage() {
     .expect("valid");
     assert_eq!(out["delta"], "hi");
     assert_eq!(info.generated, 1);
-    assert_eq!(info.event_type.as_deref(), Some("response.output_text.delta"));
+    assert_eq!(
+        info.event_type.as_deref(),
+        Some("response.output_text.delta")
+    );
     let (out, info) = rewrite(
         Endpoint::Responses,
         1,
@@ -272,7 +337,12 @@ fn responses_events_get_the_public_model_and_the_measured_usage() {
     );
     assert_eq!(info.generated, 0);
     assert_eq!(info.finished, vec![(0, "completed".to_string())]);
-    for bad in [json!({"type": "a\nb"}), json!({"type": 1}), json!({}), json!({"type": "x".repeat(200)})] {
+    for bad in [
+        json!({"type": "a\nb"}),
+        json!({"type": 1}),
+        json!({}),
+        json!({"type": "x".repeat(200)}),
+    ] {
         assert_eq!(
             rewrite(Endpoint::Responses, 1, bad).err(),
             Some(RelayError::NoEventType)
@@ -280,15 +350,20 @@ fn responses_events_get_the_public_model_and_the_measured_usage() {
     }
     let mut a = Assembler::new(Endpoint::Responses);
     a.push_value(out).expect("valid");
-    let body: Value =
-        serde_json::from_str(&a.finish("i", 1, "m", "stop", Usage::default()).expect("final")).expect("json");
+    let body: Value = serde_json::from_str(
+        &a.finish("i", 1, "m", "stop", Usage::default())
+            .expect("final"),
+    )
+    .expect("json");
     assert_eq!(body["id"], "r");
     assert_eq!(
         responses_sse_event("response.completed", "{}"),
         bytes::Bytes::from_static(b"event: response.completed\ndata: {}\n\n")
     );
     assert_eq!(
-        Assembler::new(Endpoint::Responses).finish("i", 1, "m", "stop", Usage::default()).err(),
+        Assembler::new(Endpoint::Responses)
+            .finish("i", 1, "m", "stop", Usage::default())
+            .err(),
         Some(RelayError::NoFinalResponse)
     );
 }
