@@ -237,18 +237,16 @@ impl Sessions {
                 traceparent,
             } => {
                 let span = tracing::debug_span!("inference", %request_id, traceparent = traceparent.as_deref().unwrap_or("-"));
-                let trace = (request_id, traceparent);
-                self.serve_inference(
-                    open.session_id,
+                let open_ = InferenceOpen {
                     model,
                     endpoint,
                     request_json,
-                    trace,
-                    tx,
-                    framed,
-                )
-                .instrument(span)
-                .await
+                    request_id,
+                    traceparent,
+                };
+                self.serve_inference(open.session_id, open_, tx, framed)
+                    .instrument(span)
+                    .await
             }
             SessionKind::Game(params) => {
                 self.serve_game(ctx, open.session_id, params, tx, framed)
@@ -408,13 +406,17 @@ impl Sessions {
     async fn serve_inference(
         &self,
         session_id: u64,
-        model: String,
-        endpoint: Endpoint,
-        request_json: String,
-        (request_id, traceparent): (String, Option<String>),
+        open: InferenceOpen,
         mut tx: quinn::SendStream,
         mut framed: FramedRecv,
     ) {
+        let InferenceOpen {
+            model,
+            endpoint,
+            request_json,
+            request_id,
+            traceparent,
+        } = open;
         let started = Instant::now();
         let mut request = match InferenceRequest::parse(endpoint, request_json.as_bytes()) {
             Ok(r) => r,
@@ -706,4 +708,12 @@ async fn send_frame_tracked(
         }
         Some(outcome) => outcome,
     }
+}
+/// What an inference `Open` asked for (`SessionKind::Inference`).
+struct InferenceOpen {
+    model: String,
+    endpoint: Endpoint,
+    request_json: String,
+    request_id: String,
+    traceparent: Option<String>,
 }

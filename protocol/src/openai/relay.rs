@@ -648,10 +648,9 @@ impl EmbeddingsAssembler {
 /// ends a stream with its terminal event, not `[DONE]`).
 /// `event_type` is [`ChunkInfo::event_type`] (checked to be printable).
 pub fn responses_sse_event(event_type: &str, json: &str) -> bytes::Bytes {
-    let ty = event_type;
-    let mut out = String::with_capacity(json.len() + ty.len() + 16);
+    let mut out = String::with_capacity(json.len() + event_type.len() + 16);
     out.push_str("event: ");
-    out.push_str(&ty);
+    out.push_str(event_type);
     out.push_str("\ndata: ");
     out.push_str(json);
     out.push_str("\n\n");
