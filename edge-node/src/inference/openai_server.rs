@@ -1016,4 +1016,106 @@ pub(super) mod tests {
         );
         server.stop().await;
     }
+
+    /// A backend that answers every request with the same events.
+    struct Scripted(Vec<BackendEvent>);
+
+    impl Backend for Scripted {
+        fn start(
+            &self,
+            _request: &InferenceRequest,
+        ) -> Result<Generation, crate::inference::BackendError> {
+            let (tx, generation) = Generation::channel();
+            let events = self.0.clone();
+            tokio::spawn(async move {
+                for e in events {
+                    if tx.send(Ok(e)).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            Ok(generation)
+        }
+
+        fn kind(&self) -> &'static str {
+            "scripted"
+        }
+    }
+
+    #[tokio::test]
+    async fn the_nodes_own_server_passes_tool_calls_through_and_assembles_them() {
+        let piece = |args: &str| {
+            BackendEvent::Chunk {
+            json: json!({"id": "up", "model": "up-model", "choices": [{"index": 0,
+                "delta": {"role": "assistant", "tool_calls": [{"index": 0, "id": "call_1", "type": "function",
+                    "function": {"name": "f", "arguments": args}}]}, "finish_reason": null}],
+                "usage": {"prompt_tokens": 1}})
+            .to_string(),
+        }
+        };
+        let backend: Arc<dyn Backend> = Arc::new(Scripted(vec![
+            piece("{\"a\":"),
+            piece("1}"),
+            BackendEvent::Chunk {
+                json:
+                    json!({"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]})
+                        .to_string(),
+            },
+            BackendEvent::Done {
+                finish_reason: "tool_calls".into(),
+                prompt_tokens: 3,
+                completion_tokens: 2,
+            },
+        ]));
+        let mut registry = ModelRegistry::new();
+        if let Err(e) = registry.insert("tools", 2, backend) {
+            panic!("{e}");
+        }
+        let listener = match TcpListener::bind("127.0.0.1:0").await {
+            Ok(l) => l,
+            Err(e) => panic!("{e}"),
+        };
+        let addr = match listener.local_addr() {
+            Ok(a) => a,
+            Err(e) => panic!("{e}"),
+        };
+        let shutdown = CancellationToken::new();
+        tokio::spawn(serve_openai_with(
+            listener,
+            Arc::new(registry),
+            ServerOptions::default(),
+            shutdown.clone(),
+        ));
+        let body = json!({"model": "tools", "messages": [{"role": "user", "content": "x"}]});
+        let (status, _, bytes) =
+            call(addr, "POST", "/v1/chat/completions", &[], &body.to_string()).await;
+        assert_eq!(status, StatusCode::OK);
+        let v = json_of(&bytes);
+        assert_eq!(v["model"], "tools");
+        let choice = &v["choices"][0];
+        assert_eq!(choice["finish_reason"], "tool_calls");
+        assert_eq!(choice["message"]["content"], Value::Null);
+        assert_eq!(
+            choice["message"]["tool_calls"],
+            json!([{"index": 0, "id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{\"a\":1}"}}])
+        );
+        let body = json!({"model": "tools", "stream": true, "messages": [{"role": "user", "content": "x"}]});
+        let (status, _, bytes) =
+            call(addr, "POST", "/v1/chat/completions", &[], &body.to_string()).await;
+        assert_eq!(status, StatusCode::OK);
+        let text = String::from_utf8_lossy(&bytes).into_owned();
+        let events: Vec<&str> = text
+            .split("\n\n")
+            .filter_map(|e| e.strip_prefix("data: "))
+            .collect();
+        // The backend's three chunks (it sent the role; it sent the finish), then [DONE].
+        assert_eq!(events.len(), 4, "{text}");
+        assert_eq!(events[3], "[DONE]");
+        for e in &events[..3] {
+            let c: Value = serde_json::from_str(e).unwrap_or_default();
+            assert_eq!(c["model"], "tools", "{e}");
+            assert!(c.get("usage").is_none(), "{e}");
+        }
+        shutdown.cancel();
+    }
 }
