@@ -16,8 +16,9 @@ mod node;
 pub use common::{parse_version, LogConfig, LogFormat};
 pub use error::{ConfigError, ConfigErrors};
 pub use gateway::{
-    AdminConfig, GameConfig, GatewayConfig, HttpConfig, InferenceConfig, NodesConfig, QuicConfig,
-    RoutingConfig, StoreConfig, IN_MEMORY_ORIGIN, MIN_ADMIN_TOKEN_CHARS,
+    AdminConfig, GameConfig, GatewayConfig, HttpConfig, InferenceConfig, NodesConfig,
+    OutlierConfig, QuicConfig, RoutingConfig, StoreConfig, IN_MEMORY_ORIGIN,
+    MAX_FALLBACKS_PER_MODEL, MIN_ADMIN_TOKEN_CHARS,
 };
 pub use geo::*;
 pub use iso::{is_iso_country, ISO_3166_1_ALPHA2, KOSOVO};
