@@ -27,6 +27,7 @@ pub mod router;
 pub mod sdp;
 pub mod server;
 pub mod session_id;
+pub mod slot_queue;
 pub mod store;
 pub mod tls;
 pub mod webrtc;

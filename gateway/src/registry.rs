@@ -11,6 +11,7 @@ use crate::router::{
     Deny, LatLon, NodeId, NodeRouteInfo, NodeState as RouteState, RouteOutcome, RouteParams,
     RouterError, RouterIndex, Workload,
 };
+use crate::slot_queue::SlotQueue;
 use crate::store::KycStatus;
 use nearpath_geo::{ClassId, Location};
 use nearpath_protocol::message::{Capacity, Gpu, Workloads};
@@ -416,6 +417,8 @@ pub struct Registry {
     joined: watch::Sender<u64>,
     /// When a node left, for the models it served.
     clock: SharedClock,
+    /// Inference requests waiting for a slot: woken here as slots free.
+    queue: Arc<SlotQueue>,
 }
 
 /// A reserved session slot on a node; released (and the router told) on drop.
@@ -433,6 +436,12 @@ impl Drop for SlotGuard {
         let (counter, _) = self.node.pool(self.kind);
         counter.fetch_sub(1, Ordering::AcqRel);
         self.registry.refresh(&self.node);
+        if self.kind == SlotKind::Inference {
+            // Exactly one queued request may take the slot.
+            self.registry
+                .queue
+                .wake(&self.node.workloads.models, 1);
+        }
         self.registry.notify_changed();
     }
 }
@@ -451,6 +460,7 @@ impl Registry {
             model_grace_ms: AtomicU64::new(600_000),
             joined: watch::Sender::new(0),
             clock: crate::clock::system(),
+            queue: Arc::new(SlotQueue::new()),
         })
     }
 
@@ -553,8 +563,22 @@ impl Registry {
         }
         drop(inner);
         self.joined.send_modify(|n| *n = n.wrapping_add(1));
+        self.wake_queued(&entry);
         self.notify_changed();
         Ok((entry, replaced))
+    }
+
+    /// The wait queues of inference requests that found no free slot.
+    pub fn slot_queue(&self) -> &Arc<SlotQueue> {
+        &self.queue
+    }
+
+    /// `entry` may take new inference requests (it registered, or came back from being slow):
+    /// as many queued requests as it has free slots are woken.
+    pub fn wake_queued(&self, entry: &NodeEntry) {
+        let (counter, cap) = entry.pool(SlotKind::Inference);
+        let free = cap.saturating_sub(counter.load(Ordering::Acquire));
+        self.queue.wake(&entry.workloads.models, free);
     }
 
     /// Tells the sessions waiting for a node (see [`Registry::subscribe`]) to look again.

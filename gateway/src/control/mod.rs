@@ -500,6 +500,7 @@ impl NodeFrontEnd {
                 info!("heartbeat arrived: node no longer slow");
                 registry.refresh(entry);
                 // Back in routing: sessions waiting for a node may take it.
+                registry.wake_queued(entry);
                 registry.notify_changed();
             }
             Action::Missed(n) => {
