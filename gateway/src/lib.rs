@@ -19,6 +19,7 @@ pub mod liveness;
 pub mod meter;
 pub mod metrics;
 pub mod node_link;
+pub mod outliers;
 pub mod player;
 pub mod recent_models;
 pub mod registry;

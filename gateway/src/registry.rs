@@ -11,6 +11,7 @@ use crate::router::{
     Deny, LatLon, NodeId, NodeRouteInfo, NodeState as RouteState, RouteOutcome, RouteParams,
     RouterError, RouterIndex, Workload,
 };
+use crate::outliers::{OutlierRules, OutlierView, Outliers};
 use crate::slot_queue::SlotQueue;
 use crate::store::KycStatus;
 use nearpath_geo::{ClassId, Location};
@@ -419,6 +420,8 @@ pub struct Registry {
     clock: SharedClock,
     /// Inference requests waiting for a slot: woken here as slots free.
     queue: Arc<SlotQueue>,
+    /// Nodes failing inference requests, and which are ejected from routing.
+    outliers: Mutex<Outliers>,
 }
 
 /// A reserved session slot on a node; released (and the router told) on drop.
@@ -461,6 +464,10 @@ impl Registry {
             joined: watch::Sender::new(0),
             clock: crate::clock::system(),
             queue: Arc::new(SlotQueue::new()),
+            outliers: Mutex::new(Outliers::new(
+                OutlierRules::default(),
+                std::time::Instant::now(),
+            )),
         })
     }
 
@@ -468,6 +475,68 @@ impl Registry {
     pub fn with_clock(mut self, clock: SharedClock) -> Self {
         self.clock = clock;
         self
+    }
+
+    /// Sets the outlier detection rules (`[inference.outlier]`).
+    pub fn with_outlier_rules(self, rules: OutlierRules) -> Self {
+        *self.outliers.lock().unwrap_or_else(|p| p.into_inner()) =
+            Outliers::new(rules, self.clock.now());
+        self
+    }
+
+    fn outliers(&self) -> MutexGuard<'_, Outliers> {
+        self.outliers.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records how an inference request ended on `node` (`ok`: served; otherwise a failure of
+    /// the node). Returns the end of the node's ejection if this ejected it.
+    pub fn record_inference_result(&self, node: &NodeEntry, ok: bool) -> Option<std::time::Instant> {
+        // The nodes serving each of its models, for the cap on ejected shares.
+        let peer_sets: Vec<Vec<String>> = if ok {
+            Vec::new()
+        } else {
+            let inner = self.lock();
+            node.workloads
+                .models
+                .iter()
+                .map(|m| {
+                    inner
+                        .by_id
+                        .values()
+                        .filter(|e| e.workloads.models.contains(m))
+                        .map(|e| e.id.clone())
+                        .collect()
+                })
+                .collect()
+        };
+        let now = self.clock.now();
+        let mut o = self.outliers();
+        o.prune(now);
+        o.handle_result(now, &node.id, ok, &peer_sets)
+    }
+
+    /// Whether the node with id `node` is ejected from inference routing now.
+    pub fn is_ejected(&self, node: &str) -> bool {
+        self.outliers().is_ejected(self.clock.now(), node)
+    }
+
+    /// The node's ejection state: when its ejection ends (unix ms), if it is ejected, and how
+    /// many times it was ejected.
+    pub fn outlier_view(&self, node: &str) -> (Option<u64>, u32) {
+        let now = self.clock.now();
+        let OutlierView {
+            ejected_until,
+            ejections,
+        } = self.outliers().view(node);
+        let until_ms = ejected_until
+            .filter(|t| *t > now)
+            .map(|t| self.clock.unix_ms() + (t - now).as_millis() as u64);
+        (until_ms, ejections)
+    }
+
+    /// Nodes ejected from inference routing now.
+    pub fn ejected_count(&self) -> usize {
+        self.outliers().ejected_count(self.clock.now())
     }
 
     /// Sets how long a model is remembered after its last node left (`inference.model_grace_s`).
