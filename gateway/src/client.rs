@@ -262,7 +262,8 @@ impl QuicClients {
             started,
             index: 0,
             request_id,
-            model: request.model.clone(),
+            // A fallback model's name when one serves the request (`InferStarted.model`).
+            model: stream.model.clone(),
         };
         infer.pump(ticket, stream, &mut relay).await;
     }

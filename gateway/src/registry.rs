@@ -534,6 +534,18 @@ impl Registry {
         (until_ms, ejections)
     }
 
+    /// The admin view of a node ([`NodeEntry::view`]) with its outlier state:
+    /// `ejected_until_ms` (unix ms, null unless ejected now) and `ejections`.
+    pub fn node_view(&self, node: &NodeEntry) -> serde_json::Value {
+        let mut v = node.view();
+        let (until_ms, ejections) = self.outlier_view(&node.id);
+        if let Some(o) = v.as_object_mut() {
+            o.insert("ejected_until_ms".into(), until_ms.into());
+            o.insert("ejections".into(), ejections.into());
+        }
+        v
+    }
+
     /// Nodes ejected from inference routing now.
     pub fn ejected_count(&self) -> usize {
         self.outliers().ejected_count(self.clock.now())

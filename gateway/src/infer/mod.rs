@@ -269,6 +269,8 @@ impl InferService {
         let reported = stream.reported();
         let ttft = stream.ttft;
         let node = stream.node.clone();
+        // Metered as the model that served it (a fallback's, if one did).
+        let served_model = stream.model.clone();
         drop(stream);
         // How the node did, for outlier detection: only a failure it is to blame for counts.
         match outcome {
@@ -282,7 +284,7 @@ impl InferService {
             Metering {
                 key: &ticket.key,
                 request_id: &ticket.request_id,
-                model: &ticket.model,
+                model: &served_model,
                 api: ticket.entry,
                 node: Some(&node),
                 outcome,
