@@ -528,8 +528,12 @@ impl InferService {
                     let waited_out = machine.queued_since().is_some()
                         && e.kind == crate::error::Kind::RateLimited
                         && !queue_full;
+                    // Saturation (429 here is never the key's rate limit: that is admission's)
+                    // and a model no node serves are not the client's fault.
                     let may_fall_back = !waited_out
-                        && (e.blame != Blame::Client || e.code == "model_not_found");
+                        && (e.blame != Blame::Client
+                            || e.code == "model_not_found"
+                            || e.kind == crate::error::Kind::RateLimited);
                     return Err((e, may_fall_back));
                 }
             }
