@@ -429,6 +429,18 @@ pub struct SlotGuard {
     registry: Arc<Registry>,
     pub node: Arc<NodeEntry>,
     kind: SlotKind,
+    /// Whether releasing the slot wakes a queued inference request (see
+    /// [`SlotGuard::release_quietly`]).
+    wake: bool,
+}
+
+impl SlotGuard {
+    /// The node refused the work as busy: the slot is released without waking a queued
+    /// request, which would only be refused the same way (and, woken by its own refusal, a
+    /// request would spin against the node).
+    pub fn release_quietly(mut self) {
+        self.wake = false;
+    }
 }
 
 impl Drop for SlotGuard {
@@ -439,7 +451,7 @@ impl Drop for SlotGuard {
         let (counter, _) = self.node.pool(self.kind);
         counter.fetch_sub(1, Ordering::AcqRel);
         self.registry.refresh(&self.node);
-        if self.kind == SlotKind::Inference {
+        if self.kind == SlotKind::Inference && self.wake {
             // Exactly one queued request may take the slot.
             self.registry
                 .queue
@@ -795,6 +807,7 @@ impl Registry {
             registry: self.clone(),
             node: node.clone(),
             kind,
+            wake: true,
         })
     }
 
@@ -1108,5 +1121,52 @@ mod tests {
         assert!(!id_held(true, 10_000, 10_000, 1_000));
         // A clock that went backwards does not make a live node stale.
         assert!(id_held(false, 10_000, 9_000, 1_000));
+    }
+
+    #[tokio::test]
+    async fn a_freed_inference_slot_wakes_one_queued_request_and_a_busy_refusal_none() {
+        let clock = ManualClock::new(0);
+        let r = registry(&clock);
+        let (n, _) = r.insert(node("n1", "op", &["m"], 0), STALE_MS).unwrap();
+        let a = r.acquire(&n, SlotKind::Inference).unwrap();
+        let b = r.acquire(&n, SlotKind::Inference).unwrap();
+        let q = r.slot_queue().clone();
+        let w1 = q.enqueue("m", "k1", 10, q.epoch()).unwrap();
+        let w2 = q.enqueue("m", "k2", 10, q.epoch()).unwrap();
+        // Refused as busy: nobody is woken (they would be refused the same way).
+        a.release_quietly();
+        assert!(w1.is_queued() && w2.is_queued());
+        // A slot freed by a finished request: exactly one waiter.
+        drop(b);
+        w1.woken().await;
+        assert!(!w1.is_queued());
+        assert!(w2.is_queued());
+        // A game slot is another pool: no inference waiter is woken.
+        let g = r.acquire(&n, SlotKind::Game).unwrap();
+        drop(g);
+        assert!(w2.is_queued());
+    }
+
+    #[test]
+    fn outcomes_eject_a_failing_node_but_never_the_last_of_a_model() {
+        let clock = ManualClock::new(0);
+        let r = registry(&clock);
+        let (n1, _) = r.insert(node("n1", "op", &["m"], 0), STALE_MS).unwrap();
+        for _ in 0..10 {
+            assert_eq!(r.record_inference_result(&n1, false), None);
+        }
+        assert!(!r.is_ejected("n1"));
+        let (n2, _) = r.insert(node("n2", "op", &["m"], 0), STALE_MS).unwrap();
+        let until = (0..5).find_map(|_| r.record_inference_result(&n2, false));
+        assert!(until.is_some());
+        assert!(r.is_ejected("n2"));
+        assert_eq!(r.ejected_count(), 1);
+        let v = r.node_view(&n2);
+        assert_eq!(v["ejections"], 1);
+        assert!(v["ejected_until_ms"].as_u64().is_some());
+        assert_eq!(r.node_view(&n1)["ejected_until_ms"], serde_json::Value::Null);
+        // Its ejection ends on the clock.
+        clock.advance(Duration::from_secs(30));
+        assert!(!r.is_ejected("n2"));
     }
 }

@@ -403,7 +403,7 @@ impl InferService {
                     }
                     trying = Some(Trying {
                         node: entry,
-                        _slot: slot,
+                        _slot: Some(slot),
                         session: self.sessions.ids.mint(),
                         io: None,
                         accepted: false,
@@ -417,6 +417,7 @@ impl InferService {
                         continue;
                     };
                     let key = t.node.key;
+                    let mut busy = false;
                     let next = t.next_event(model, request_json);
                     match tokio::time::timeout_at(tokio::time::Instant::from_std(deadline), next)
                         .await
@@ -425,6 +426,13 @@ impl InferService {
                             if let NodeEvent::Failed(e) | NodeEvent::Unreachable(e) = &ev {
                                 warn!(node = %t.node.id, error = %e.message, "candidate failed before the first token");
                             }
+                            busy = matches!(
+                                ev,
+                                NodeEvent::Refused {
+                                    code: RefuseCode::Busy,
+                                    ..
+                                }
+                            );
                             if counts_against_node(&ev) {
                                 let node = t.node.clone();
                                 self.record_node_result(&node, false);
@@ -439,8 +447,13 @@ impl InferService {
                         }
                     }
                     if machine.current() != Some(key) {
-                        // Given up on: dropping it resets its stream.
-                        trying = None;
+                        // Given up on: dropping it resets its stream. A node that refused as
+                        // busy gets its slot back without waking a queued request for it.
+                        if let Some(t) = trying.take() {
+                            if busy {
+                                t.release_quietly();
+                            }
+                        }
                     }
                 }
                 Action::WaitForJoin(until) => {
@@ -643,7 +656,8 @@ impl InferService {
 /// gives up on the node, which resets the stream (the node aborts the work).
 struct Trying {
     node: Arc<NodeEntry>,
-    _slot: SlotGuard,
+    /// Always `Some` until [`Trying::release_quietly`] takes it.
+    _slot: Option<SlotGuard>,
     session: SessionId,
     io: Option<(quinn::SendStream, FramedRecv)>,
     accepted: bool,
@@ -652,6 +666,20 @@ struct Trying {
 }
 
 impl Trying {
+    /// Gives the node up (its stream is reset) and its slot back without waking a queued
+    /// request ([`SlotGuard::release_quietly`]).
+    fn release_quietly(mut self) {
+        if let Some((mut tx, mut framed)) = self.io.take() {
+            let _ = tx.reset(STREAM_CANCELLED);
+            let _ = framed.get_mut().stop(STREAM_CANCELLED);
+        }
+        // Moved out, not dropped with `self` (which would wake a waiter).
+        let slot = self._slot.take();
+        if let Some(slot) = slot {
+            slot.release_quietly();
+        }
+    }
+
     /// Opens the stream and sends `Open` if not done yet, then reads the node's next message as
     /// an event for the machine. The machine bounds it with its deadline (the future is dropped
     /// when it passes, and the node is given up on).
