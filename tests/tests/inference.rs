@@ -833,3 +833,49 @@ async fn a_model_without_capacity_is_served_by_its_fallback_with_a_header() {
     node.stop().await.unwrap();
     gw.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keys_stream_cap_applies_before_queueing() {
+    let gw = TestGateway::start(|_| {}).await;
+    let (conn, alive) = one_slot_node(&gw, "one-slot", &["m"]).await;
+    let (s, v) = gw
+        .admin_post(
+            "/admin/api-keys",
+            json!({"tenant": "capped", "max_concurrent_streams": 2}),
+        )
+        .await;
+    assert_eq!(s, 201, "{v}");
+    let key = v["key"].as_str().unwrap().to_string();
+    let url = gw.api_url("/v1/chat/completions");
+    let spawn = |key: String| {
+        let url = url.clone();
+        tokio::spawn(async move {
+            Http::new()
+                .request("POST", &url, Some(&key), Some(&chat("m", true, 3)), &[])
+                .await
+        })
+    };
+    // One request holds the node's slot, a second waits in the queue...
+    let holder = spawn(key.clone());
+    let held = accept_and_hold(&conn).await;
+    let waiting = spawn(key.clone());
+    eventually("the request to be queued", Duration::from_secs(5), || async {
+        (gw.admin_get("/admin/nodes").await["queue_depth"]["m"] == 1).then_some(())
+    })
+    .await;
+    // ...and a third of the same key is over its cap of 2: refused at once, never queued.
+    let started = Instant::now();
+    let (s, _, b) = gw
+        .http
+        .request("POST", &url, Some(&key), Some(&chat("m", true, 3)), &[])
+        .await;
+    assert_eq!(s, 429, "{b}");
+    assert!(b.contains("concurrency_limit_exceeded"), "{b}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(gw.admin_get("/admin/nodes").await["queue_depth"]["m"], 1);
+    waiting.abort();
+    holder.abort();
+    drop(held);
+    alive.abort();
+    gw.stop().await;
+}
