@@ -1037,6 +1037,56 @@ fn is_web_origin(s: &str) -> bool {
         && !rest.starts_with(':')
 }
 
+/// `inference.fallbacks`: names non-empty, no self-reference, at most
+/// [`MAX_FALLBACKS_PER_MODEL`] per model, no duplicates, and no cycles (a fallback's own
+/// fallbacks are followed, so a cycle would only loop).
+fn check_fallbacks(fallbacks: &std::collections::BTreeMap<String, Vec<String>>, p: &mut Problems) {
+    for (model, to) in fallbacks {
+        let path = format!("inference.fallbacks.{model}");
+        if model.trim().is_empty() {
+            p.push(&path, "the model name must not be empty");
+        }
+        if to.len() > MAX_FALLBACKS_PER_MODEL {
+            p.push(
+                &path,
+                format!(
+                    "at most {MAX_FALLBACKS_PER_MODEL} fallbacks per model (got {})",
+                    to.len()
+                ),
+            );
+        }
+        for (i, b) in to.iter().enumerate() {
+            let at = format!("{path}[{i}]");
+            if b.trim().is_empty() {
+                p.push(&at, "the model name must not be empty");
+            } else if b == model {
+                p.push(&at, format!("{model} cannot fall back to itself"));
+            } else if to[..i].contains(b) {
+                p.push(&at, format!("{b} is named twice"));
+            }
+        }
+    }
+    // A cycle: following fallbacks from a model leads back to it.
+    for model in fallbacks.keys() {
+        let mut seen = std::collections::BTreeSet::new();
+        let mut stack: Vec<&String> = fallbacks[model].iter().collect();
+        while let Some(m) = stack.pop() {
+            if m == model {
+                p.push(
+                    format!("inference.fallbacks.{model}"),
+                    format!("the fallbacks of {model} lead back to it (a cycle)"),
+                );
+                break;
+            }
+            if seen.insert(m.clone()) {
+                if let Some(next) = fallbacks.get(m) {
+                    stack.extend(next.iter());
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1174,55 +1224,5 @@ mod tests {
                 "inference.outlier.max_ejection_s"
             ]
         );
-    }
-}
-
-/// `inference.fallbacks`: names non-empty, no self-reference, at most
-/// [`MAX_FALLBACKS_PER_MODEL`] per model, no duplicates, and no cycles (a fallback's own
-/// fallbacks are followed, so a cycle would only loop).
-fn check_fallbacks(fallbacks: &std::collections::BTreeMap<String, Vec<String>>, p: &mut Problems) {
-    for (model, to) in fallbacks {
-        let path = format!("inference.fallbacks.{model}");
-        if model.trim().is_empty() {
-            p.push(&path, "the model name must not be empty");
-        }
-        if to.len() > MAX_FALLBACKS_PER_MODEL {
-            p.push(
-                &path,
-                format!(
-                    "at most {MAX_FALLBACKS_PER_MODEL} fallbacks per model (got {})",
-                    to.len()
-                ),
-            );
-        }
-        for (i, b) in to.iter().enumerate() {
-            let at = format!("{path}[{i}]");
-            if b.trim().is_empty() {
-                p.push(&at, "the model name must not be empty");
-            } else if b == model {
-                p.push(&at, format!("{model} cannot fall back to itself"));
-            } else if to[..i].contains(b) {
-                p.push(&at, format!("{b} is named twice"));
-            }
-        }
-    }
-    // A cycle: following fallbacks from a model leads back to it.
-    for model in fallbacks.keys() {
-        let mut seen = std::collections::BTreeSet::new();
-        let mut stack: Vec<&String> = fallbacks[model].iter().collect();
-        while let Some(m) = stack.pop() {
-            if m == model {
-                p.push(
-                    format!("inference.fallbacks.{model}"),
-                    format!("the fallbacks of {model} lead back to it (a cycle)"),
-                );
-                break;
-            }
-            if seen.insert(m.clone()) {
-                if let Some(next) = fallbacks.get(m) {
-                    stack.extend(next.iter());
-                }
-            }
-        }
     }
 }

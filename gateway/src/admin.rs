@@ -589,7 +589,8 @@ impl AdminApi {
                 .get_or_create(&labels([("model", &model)]))
                 .set(depth);
         }
-        m.inference_nodes_ejected.set(registry.ejected_count() as i64);
+        m.inference_nodes_ejected
+            .set(registry.ejected_count() as i64);
         with_type(
             StatusCode::OK,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",

@@ -93,7 +93,11 @@ impl Outliers {
     }
 
     /// How many of `nodes` are ejected at `now`.
-    pub fn ejected_among<'a>(&self, now: Instant, nodes: impl IntoIterator<Item = &'a str>) -> usize {
+    pub fn ejected_among<'a>(
+        &self,
+        now: Instant,
+        nodes: impl IntoIterator<Item = &'a str>,
+    ) -> usize {
         nodes
             .into_iter()
             .filter(|n| self.is_ejected(now, n))
@@ -135,11 +139,7 @@ impl Outliers {
         let window_s = self.rules.window.as_secs().max(1);
         let rules = self.rules;
         let h = self.nodes.entry(node.to_string()).or_default();
-        while h
-            .buckets
-            .front()
-            .is_some_and(|b| b.0 + window_s <= second)
-        {
+        while h.buckets.front().is_some_and(|b| b.0 + window_s <= second) {
             h.buckets.pop_front();
         }
         match h.buckets.back_mut() {
@@ -157,11 +157,11 @@ impl Outliers {
             return None;
         }
         h.consecutive = h.consecutive.saturating_add(1);
-        let by_streak = rules.consecutive_failures > 0 && h.consecutive >= rules.consecutive_failures;
-        let (oks, fails) = h
-            .buckets
-            .iter()
-            .fold((0u64, 0u64), |(o, f), b| (o + u64::from(b.1), f + u64::from(b.2)));
+        let by_streak =
+            rules.consecutive_failures > 0 && h.consecutive >= rules.consecutive_failures;
+        let (oks, fails) = h.buckets.iter().fold((0u64, 0u64), |(o, f), b| {
+            (o + u64::from(b.1), f + u64::from(b.2))
+        });
         let total = oks + fails;
         let by_rate = rules.error_rate_percent > 0
             && total >= u64::from(rules.min_requests.max(1))
@@ -201,7 +201,8 @@ impl Outliers {
         let second = now.saturating_duration_since(self.epoch).as_secs();
         let window_s = self.rules.window.as_secs().max(1);
         self.nodes.retain(|_, h| {
-            h.ejected_until.is_some_and(|t| now < t + self.rules.max_ejection)
+            h.ejected_until
+                .is_some_and(|t| now < t + self.rules.max_ejection)
                 || h.buckets.back().is_some_and(|b| b.0 + window_s > second)
         });
     }

@@ -6,12 +6,12 @@
 
 use crate::clock::SharedClock;
 use crate::node_link::NodeLink;
+use crate::outliers::{OutlierRules, OutlierView, Outliers};
 use crate::recent_models::RecentModels;
 use crate::router::{
     Deny, LatLon, NodeId, NodeRouteInfo, NodeState as RouteState, RouteOutcome, RouteParams,
     RouterError, RouterIndex, Workload,
 };
-use crate::outliers::{OutlierRules, OutlierView, Outliers};
 use crate::slot_queue::SlotQueue;
 use crate::store::KycStatus;
 use nearpath_geo::{ClassId, Location};
@@ -453,9 +453,7 @@ impl Drop for SlotGuard {
         self.registry.refresh(&self.node);
         if self.kind == SlotKind::Inference && self.wake {
             // Exactly one queued request may take the slot.
-            self.registry
-                .queue
-                .wake(&self.node.workloads.models, 1);
+            self.registry.queue.wake(&self.node.workloads.models, 1);
         }
         self.registry.notify_changed();
     }
@@ -502,7 +500,11 @@ impl Registry {
 
     /// Records how an inference request ended on `node` (`ok`: served; otherwise a failure of
     /// the node). Returns the end of the node's ejection if this ejected it.
-    pub fn record_inference_result(&self, node: &NodeEntry, ok: bool) -> Option<std::time::Instant> {
+    pub fn record_inference_result(
+        &self,
+        node: &NodeEntry,
+        ok: bool,
+    ) -> Option<std::time::Instant> {
         // The nodes serving each of its models, for the cap on ejected shares.
         let peer_sets: Vec<Vec<String>> = if ok {
             Vec::new()
@@ -1164,7 +1166,10 @@ mod tests {
         let v = r.node_view(&n2);
         assert_eq!(v["ejections"], 1);
         assert!(v["ejected_until_ms"].as_u64().is_some());
-        assert_eq!(r.node_view(&n1)["ejected_until_ms"], serde_json::Value::Null);
+        assert_eq!(
+            r.node_view(&n1)["ejected_until_ms"],
+            serde_json::Value::Null
+        );
         // Its ejection ends on the clock.
         clock.advance(Duration::from_secs(30));
         assert!(!r.is_ejected("n2"));

@@ -178,7 +178,11 @@ impl SlotQueue {
         if missed {
             notify.notify_one();
         } else {
-            inner.models.entry(model.to_string()).or_default().push(key, seq, id);
+            inner
+                .models
+                .entry(model.to_string())
+                .or_default()
+                .push(key, seq, id);
         }
         inner.waiters.insert(
             id,
@@ -406,7 +410,10 @@ mod tests {
         let (k, seq, id) = q.pop().unwrap();
         assert_eq!((k.as_str(), id), ("a", 1));
         q.requeue(&k, seq, id);
-        assert_eq!(drain(&mut q).iter().map(|x| x.1).collect::<Vec<_>>(), [1, 3, 2]);
+        assert_eq!(
+            drain(&mut q).iter().map(|x| x.1).collect::<Vec<_>>(),
+            [1, 3, 2]
+        );
     }
 
     #[test]
@@ -431,7 +438,10 @@ mod tests {
         let e = q.epoch();
         let _a = q.enqueue("m", "k1", 2, e).unwrap();
         let _b = q.enqueue("m", "k2", 2, e).unwrap();
-        assert_eq!(q.enqueue("m", "k3", 2, e).err(), Some(QueueFull { depth: 2 }));
+        assert_eq!(
+            q.enqueue("m", "k3", 2, e).err(),
+            Some(QueueFull { depth: 2 })
+        );
         // Another model has its own bound.
         let _c = q.enqueue("other", "k3", 2, e).unwrap();
         assert_eq!(q.depths(), [("m".to_string(), 2), ("other".to_string(), 1)]);
@@ -441,7 +451,9 @@ mod tests {
     async fn a_freed_slot_wakes_exactly_one_waiter_fairly() {
         let q = Arc::new(SlotQueue::new());
         let e = q.epoch();
-        let a: Vec<_> = (0..3).map(|_| q.enqueue("m", "a", 100, e).unwrap()).collect();
+        let a: Vec<_> = (0..3)
+            .map(|_| q.enqueue("m", "a", 100, e).unwrap())
+            .collect();
         let b = q.enqueue("m", "b", 100, e).unwrap();
         q.wake(&models(&["m"]), 1);
         // a's first waiter is woken; nobody else.

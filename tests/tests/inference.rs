@@ -551,7 +551,11 @@ fn node_with_slots(gw: &TestGateway, id: &str, slots: u32) -> nearpath_config::N
 
 /// A raw node serving `models` with one inference slot, kept alive; its connection serves
 /// sessions by hand through the returned clone.
-async fn one_slot_node(gw: &TestGateway, id: &str, models: &[&str]) -> (quinn::Connection, tokio::task::JoinHandle<RawNode>) {
+async fn one_slot_node(
+    gw: &TestGateway,
+    id: &str,
+    models: &[&str],
+) -> (quinn::Connection, tokio::task::JoinHandle<RawNode>) {
     let reg = Registration::new(id, &gw.token)
         .gpu("cpu", "cpu", 1)
         .models(models, 1);
@@ -600,7 +604,10 @@ async fn requests_beyond_the_free_slots_are_queued_and_all_complete() {
     let queued = metric(&metrics, "nearpath_inference_queue_wait_seconds_count").unwrap_or(0.0);
     assert!(queued >= 1.0, "{metrics}");
     assert_eq!(
-        metric(&metrics, "nearpath_inference_requests_total{api=\"http\",outcome=\"rate_limited\"}"),
+        metric(
+            &metrics,
+            "nearpath_inference_requests_total{api=\"http\",outcome=\"rate_limited\"}"
+        ),
         None
     );
     node.stop().await.unwrap();
@@ -631,9 +638,11 @@ async fn a_request_queued_past_queue_max_wait_ms_is_429_with_retry_after() {
                 .await
         })
     };
-    eventually("the request to be queued", Duration::from_secs(5), || async {
-        (gw.admin_get("/admin/nodes").await["queue_depth"]["m"] == 1).then_some(())
-    })
+    eventually(
+        "the request to be queued",
+        Duration::from_secs(5),
+        || async { (gw.admin_get("/admin/nodes").await["queue_depth"]["m"] == 1).then_some(()) },
+    )
     .await;
     let (s, h, b) = waiting.await.unwrap();
     assert_eq!(s, 429, "{b}");
@@ -671,9 +680,11 @@ async fn a_client_that_goes_away_while_queued_leaves_the_queue_at_once() {
                 .await
         })
     };
-    eventually("the request to be queued", Duration::from_secs(5), || async {
-        (gw.admin_get("/admin/nodes").await["queue_depth"]["m"] == 1).then_some(())
-    })
+    eventually(
+        "the request to be queued",
+        Duration::from_secs(5),
+        || async { (gw.admin_get("/admin/nodes").await["queue_depth"]["m"] == 1).then_some(()) },
+    )
     .await;
     // The client disconnects: its request leaves the queue (well before the 10 s wait ends).
     waiting.abort();
@@ -739,7 +750,11 @@ async fn a_node_failing_every_request_is_ejected_and_skipped() {
     }
     assert_eq!(failovers().await, 5.0);
     let view = gw.admin_get("/admin/nodes/bad").await;
-    let live = if view["live"].is_object() { &view["live"] } else { &view };
+    let live = if view["live"].is_object() {
+        &view["live"]
+    } else {
+        &view
+    };
     assert_eq!(live["ejections"], 1, "{view}");
     assert!(live["ejected_until_ms"].as_u64().is_some(), "{view}");
     let nodes = gw.admin_get("/admin/nodes").await;
@@ -749,9 +764,15 @@ async fn a_node_failing_every_request_is_ejected_and_skipped() {
         .iter()
         .find(|n| n["id"] == "us-1")
         .unwrap();
-    assert_eq!((us["ejections"].clone(), us["ejected_until_ms"].clone()), (json!(0), Value::Null));
+    assert_eq!(
+        (us["ejections"].clone(), us["ejected_until_ms"].clone()),
+        (json!(0), Value::Null)
+    );
     let (_, m) = gw.http.get(&gw.admin_url("/metrics"), None).await;
-    assert_eq!(metric(&m, "nearpath_inference_node_ejections_total"), Some(1.0));
+    assert_eq!(
+        metric(&m, "nearpath_inference_node_ejections_total"),
+        Some(1.0)
+    );
     assert_eq!(metric(&m, "nearpath_inference_nodes_ejected"), Some(1.0));
     stop.cancel();
     alive.abort();
@@ -763,9 +784,15 @@ async fn a_node_failing_every_request_is_ejected_and_skipped() {
 async fn a_model_without_capacity_is_served_by_its_fallback_with_a_header() {
     let gw = TestGateway::start(|c| {
         c.inference.queue_max_depth = 0;
-        c.inference.fallbacks.insert("absent".into(), vec!["m".into()]);
-        c.inference.fallbacks.insert("big".into(), vec!["ghost".into(), "m".into()]);
-        c.inference.fallbacks.insert("lonely".into(), vec!["ghost".into()]);
+        c.inference
+            .fallbacks
+            .insert("absent".into(), vec!["m".into()]);
+        c.inference
+            .fallbacks
+            .insert("big".into(), vec!["ghost".into(), "m".into()]);
+        c.inference
+            .fallbacks
+            .insert("lonely".into(), vec!["ghost".into()]);
     })
     .await;
     let mut node = TestNode::start(gw.node_config("de-1", &gw.token), ip(DE));
@@ -774,7 +801,13 @@ async fn a_model_without_capacity_is_served_by_its_fallback_with_a_header() {
     // No node serves `absent`: `m` does, and says so.
     let (s, h, b) = gw
         .http
-        .request("POST", &url, Some(API_KEY), Some(&chat("absent", false, 2)), &[])
+        .request(
+            "POST",
+            &url,
+            Some(API_KEY),
+            Some(&chat("absent", false, 2)),
+            &[],
+        )
         .await;
     assert_eq!(s, 200, "{b}");
     assert_eq!(h["x-nearpath-fallback-model"], "m");
@@ -783,7 +816,13 @@ async fn a_model_without_capacity_is_served_by_its_fallback_with_a_header() {
     // Streaming too: every chunk names the fallback.
     let (s, h, b) = gw
         .http
-        .request("POST", &url, Some(API_KEY), Some(&chat("absent", true, 2)), &[])
+        .request(
+            "POST",
+            &url,
+            Some(API_KEY),
+            Some(&chat("absent", true, 2)),
+            &[],
+        )
         .await;
     assert_eq!(s, 200, "{b}");
     assert_eq!(h["x-nearpath-fallback-model"], "m");
@@ -803,28 +842,49 @@ async fn a_model_without_capacity_is_served_by_its_fallback_with_a_header() {
         let url = url.clone();
         tokio::spawn(async move {
             Http::new()
-                .request("POST", &url, Some(API_KEY), Some(&chat("big", true, 3)), &[])
+                .request(
+                    "POST",
+                    &url,
+                    Some(API_KEY),
+                    Some(&chat("big", true, 3)),
+                    &[],
+                )
                 .await
         })
     };
     let held = accept_and_hold(&conn).await;
     let (s, h, b) = gw
         .http
-        .request("POST", &url, Some(API_KEY), Some(&chat("big", false, 2)), &[])
+        .request(
+            "POST",
+            &url,
+            Some(API_KEY),
+            Some(&chat("big", false, 2)),
+            &[],
+        )
         .await;
     assert_eq!(s, 200, "{b}");
     assert_eq!(h["x-nearpath-fallback-model"], "m");
     // A fallback that is absent too: the original error.
     let (s, h, b) = gw
         .http
-        .request("POST", &url, Some(API_KEY), Some(&chat("lonely", false, 2)), &[])
+        .request(
+            "POST",
+            &url,
+            Some(API_KEY),
+            Some(&chat("lonely", false, 2)),
+            &[],
+        )
         .await;
     assert_eq!(s, 404, "{b}");
     assert!(b.contains("lonely"), "{b}");
     assert!(!h.contains_key("x-nearpath-fallback-model"));
     let (_, m) = gw.http.get(&gw.admin_url("/metrics"), None).await;
     assert_eq!(
-        metric(&m, "nearpath_inference_fallbacks_total{from=\"absent\",to=\"m\"}"),
+        metric(
+            &m,
+            "nearpath_inference_fallbacks_total{from=\"absent\",to=\"m\"}"
+        ),
         Some(2.0)
     );
     holder.abort();
@@ -859,9 +919,11 @@ async fn a_keys_stream_cap_applies_before_queueing() {
     let holder = spawn(key.clone());
     let held = accept_and_hold(&conn).await;
     let waiting = spawn(key.clone());
-    eventually("the request to be queued", Duration::from_secs(5), || async {
-        (gw.admin_get("/admin/nodes").await["queue_depth"]["m"] == 1).then_some(())
-    })
+    eventually(
+        "the request to be queued",
+        Duration::from_secs(5),
+        || async { (gw.admin_get("/admin/nodes").await["queue_depth"]["m"] == 1).then_some(()) },
+    )
     .await;
     // ...and a third of the same key is over its cap of 2: refused at once, never queued.
     let started = Instant::now();

@@ -492,8 +492,7 @@ impl InferAttempts {
         // nodes that serve it do not answer. A node that answered with an error is answered
         // as is.
         // Some node is only full: wait for a slot (while failures left attempts).
-        if self.round_saturated
-            && self.attempts.saturating_sub(self.busy) < self.rules.max_attempts
+        if self.round_saturated && self.attempts.saturating_sub(self.busy) < self.rules.max_attempts
         {
             return self.queue_or_fail(now);
         }
@@ -943,7 +942,11 @@ mod tests {
         let e = failed(&mut m);
         assert_eq!(e.kind, Kind::RateLimited);
         assert_eq!(e.retry_after_s, Some(1));
-        assert!(e.message.contains("2000 requests are queued"), "{}", e.message);
+        assert!(
+            e.message.contains("2000 requests are queued"),
+            "{}",
+            e.message
+        );
     }
 
     #[test]
@@ -993,7 +996,11 @@ mod tests {
         let t0 = Instant::now();
         let mut m = routed_with(queueing(), t0, &[1, 2]);
         tries(&mut m);
-        m.handle_node(t0, NodeId(1), NodeEvent::Failed(node_error(Kind::NodeFailed)));
+        m.handle_node(
+            t0,
+            NodeId(1),
+            NodeEvent::Failed(node_error(Kind::NodeFailed)),
+        );
         tries(&mut m);
         m.handle_node(t0, NodeId(2), NodeEvent::NoSlot);
         assert!(matches!(m.poll(), Action::WaitForSlot(_)));

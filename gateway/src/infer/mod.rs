@@ -507,7 +507,10 @@ impl InferService {
                 }
                 Action::Serve { node, attempts } => {
                     let Some(t) = trying.take().filter(|t| t.node.key == node) else {
-                        return Err((CoreError::internal("the served node's stream was lost"), false));
+                        return Err((
+                            CoreError::internal("the served node's stream was lost"),
+                            false,
+                        ));
                     };
                     if attempts > 1 {
                         info!(node = %t.node.id, attempts, "request served after failover");
@@ -556,9 +559,12 @@ impl InferService {
     /// Records a queued request's wait (seconds) when it leaves the queue.
     fn observe_queue_wait(&self, machine: &InferAttempts) {
         if let Some(since) = machine.queued_since() {
-            self.metrics
-                .inference_queue_wait_seconds
-                .observe(self.clock.now().saturating_duration_since(since).as_secs_f64());
+            self.metrics.inference_queue_wait_seconds.observe(
+                self.clock
+                    .now()
+                    .saturating_duration_since(since)
+                    .as_secs_f64(),
+            );
         }
     }
 
@@ -971,13 +977,18 @@ fn counts_against_node(ev: &NodeEvent) -> bool {
 
 /// `request` and its JSON body for model `to` (a fallback): the same body with `model`
 /// replaced. `None` if the body is not a JSON object (it always is: it was parsed).
-fn with_model(request: &InferenceRequest, request_json: &str, to: &str) -> Option<(InferenceRequest, String)> {
+fn with_model(
+    request: &InferenceRequest,
+    request_json: &str,
+    to: &str,
+) -> Option<(InferenceRequest, String)> {
     let mut body: serde_json::Map<String, serde_json::Value> =
         serde_json::from_str(request_json).ok()?;
     body.insert("model".into(), serde_json::Value::String(to.to_string()));
     let mut r = request.clone();
     r.model = to.to_string();
-    r.raw.insert("model".into(), serde_json::Value::String(to.to_string()));
+    r.raw
+        .insert("model".into(), serde_json::Value::String(to.to_string()));
     Some((r, serde_json::Value::Object(body).to_string()))
 }
 

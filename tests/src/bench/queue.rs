@@ -69,7 +69,13 @@ pub async fn run(a: QueueArgs) -> anyhow::Result<()> {
     let mut one = Conn::h2(gw.http).await?;
     let mut base = Vec::new();
     for _ in 0..a.baseline.max(1) {
-        let o = stream_once(&mut one, chat_request(gw.http, Some(&key), body.clone()), false, || {}).await?;
+        let o = stream_once(
+            &mut one,
+            chat_request(gw.http, Some(&key), body.clone()),
+            false,
+            || {},
+        )
+        .await?;
         if !o.complete(a.tokens) {
             anyhow::bail!("baseline stream incomplete: status {}", o.status);
         }
@@ -84,10 +90,10 @@ pub async fn run(a: QueueArgs) -> anyhow::Result<()> {
         a.ttft_ms as f64 / 1e3 + a.tokens as f64 / a.tokens_per_s.max(0.001),
     );
     // Past the gateway's queue wait, a stream must have been answered one way or the other.
-    let limit = Duration::from_millis(
-        nearpath_config::InferenceConfig::default().queue_max_wait_ms,
-    ) + stream_time * 4
-        + Duration::from_secs(30);
+    let limit =
+        Duration::from_millis(nearpath_config::InferenceConfig::default().queue_max_wait_ms)
+            + stream_time * 4
+            + Duration::from_secs(30);
     let t0 = Instant::now();
     let mut tasks = Vec::with_capacity(a.streams as usize);
     for i in 0..a.streams {
@@ -137,7 +143,10 @@ pub async fn run(a: QueueArgs) -> anyhow::Result<()> {
         "queue wait p50 / p99 / max (ms)".into(),
         format!("{:.0} / {:.0} / {:.0}", wait.p50, wait.p99, wait.max),
     ]);
-    t.row(vec!["wall (s)".into(), format!("{:.1}", wall.as_secs_f64())]);
+    t.row(vec![
+        "wall (s)".into(),
+        format!("{:.1}", wall.as_secs_f64()),
+    ]);
     println!();
     t.print();
     for f in other.iter().take(5) {
