@@ -357,10 +357,7 @@ impl ClientApi {
             .then(|| HeaderValue::from_str(&served_model).ok())
             .flatten();
         let tail = &request_id[request_id.len().saturating_sub(24)..];
-        let completion_id = match endpoint {
-            Endpoint::Chat => format!("chatcmpl-{tail}"),
-            Endpoint::Completion => format!("cmpl-{tail}"),
-        };
+        let completion_id = format!("{}{tail}", endpoint.id_prefix());
         if !request.stream {
             let mut relay = JsonRelay {
                 endpoint,
