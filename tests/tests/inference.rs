@@ -941,3 +941,33 @@ async fn a_keys_stream_cap_applies_before_queueing() {
     alive.abort();
     gw.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_native_client_is_told_the_fallback_model_in_infer_started() {
+    let gw = TestGateway::start(|c| {
+        c.inference
+            .fallbacks
+            .insert("absent".into(), vec!["m".into()]);
+    })
+    .await;
+    let mut node = TestNode::start(gw.node_config("de-1", &gw.token), ip(DE));
+    node.registered().await;
+    let client = native_client(&gw, FR_CLIENT).await;
+    let mut stream = client.infer(API_KEY, &chat("absent", true, 3)).await.unwrap();
+    let (mut started, mut done) = (None, false);
+    while let Some(ev) = stream.next().await.unwrap() {
+        match ev {
+            nearpath_protocol::InferEvent::Started(s) => started = Some(s.model),
+            nearpath_protocol::InferEvent::Done(_) => {
+                done = true;
+                break;
+            }
+            nearpath_protocol::InferEvent::Error(e) => panic!("{e:?}"),
+            _ => {}
+        }
+    }
+    assert!(done);
+    assert_eq!(started.as_deref(), Some("m"));
+    node.stop().await.unwrap();
+    gw.stop().await;
+}
