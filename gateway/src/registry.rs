@@ -560,6 +560,20 @@ impl Registry {
         v
     }
 
+    /// Whether some registered node serves `model` and is not ejected.
+    pub fn serves_unejected(&self, model: &str) -> bool {
+        let serving: Vec<String> = self
+            .lock()
+            .by_id
+            .values()
+            .filter(|e| e.workloads.models.iter().any(|m| m == model))
+            .map(|e| e.id.clone())
+            .collect();
+        let now = self.clock.now();
+        let o = self.outliers();
+        serving.iter().any(|id| !o.is_ejected(now, id))
+    }
+
     /// Nodes ejected from inference routing now.
     pub fn ejected_count(&self) -> usize {
         self.outliers().ejected_count(self.clock.now())
@@ -1171,6 +1185,8 @@ mod tests {
             r.node_view(&n1)["ejected_until_ms"],
             serde_json::Value::Null
         );
+        assert!(r.serves_unejected("m"));
+        assert!(!r.serves_unejected("nothing"));
         // Its ejection ends on the clock.
         clock.advance(Duration::from_secs(30));
         assert!(!r.is_ejected("n2"));

@@ -652,11 +652,16 @@ impl InferService {
                     *geofence_counted = true;
                     self.count_geofence("allow", "-");
                 }
-                // Ejected nodes are skipped, unless no other node is left: better a flaky node
-                // than none.
+                // Ejected nodes are skipped. If only ejected nodes have room, the request waits
+                // for a healthy node that is merely full; with no healthy node serving the
+                // model at all, the ejected ones are used: better a flaky node than none.
                 let registry = &self.directory.registry;
                 if found.iter().any(|n| !registry.is_ejected(&n.id)) {
                     found.retain(|n| !registry.is_ejected(&n.id));
+                } else if registry.serves_unejected(model) {
+                    found.clear();
+                    *nodes = found;
+                    return Route::Saturated;
                 }
                 Route::Candidates(
                     found
