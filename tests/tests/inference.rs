@@ -971,3 +971,31 @@ async fn a_native_client_is_told_the_fallback_model_in_infer_started() {
     node.stop().await.unwrap();
     gw.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_native_client_that_closes_while_queued_leaves_the_queue_at_once() {
+    let gw = TestGateway::start(|_| {}).await;
+    let (conn, alive) = one_slot_node(&gw, "one-slot", &["m"]).await;
+    let url = gw.api_url("/v1/chat/completions");
+    let holder = tokio::spawn(async move {
+        Http::new()
+            .request("POST", &url, Some(API_KEY), Some(&chat("m", true, 3)), &[])
+            .await
+    });
+    let held = accept_and_hold(&conn).await;
+    let client = native_client(&gw, FR_CLIENT).await;
+    let _queued = client.infer(API_KEY, &chat("m", true, 3)).await.unwrap();
+    eventually("the request to be queued", Duration::from_secs(5), || async {
+        (gw.admin_get("/admin/nodes").await["queue_depth"]["m"] == 1).then_some(())
+    })
+    .await;
+    client.close().await;
+    eventually("the queue to empty", Duration::from_secs(5), || async {
+        (gw.admin_get("/admin/nodes").await["queue_depth"] == json!({})).then_some(())
+    })
+    .await;
+    holder.abort();
+    drop(held);
+    alive.abort();
+    gw.stop().await;
+}
