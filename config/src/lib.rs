@@ -16,7 +16,7 @@ mod node;
 pub use common::{parse_version, LogConfig, LogFormat};
 pub use error::{ConfigError, ConfigErrors};
 pub use gateway::{
-    AdminConfig, GameConfig, GatewayConfig, HttpConfig, InferenceConfig, NodesConfig,
+    AdminConfig, GameConfig, GatewayConfig, HttpConfig, InferenceConfig, ModelPrice, NodesConfig,
     OutlierConfig, QuicConfig, RoutingConfig, StoreConfig, IN_MEMORY_ORIGIN,
     MAX_FALLBACKS_PER_MODEL, MIN_ADMIN_TOKEN_CHARS,
 };

@@ -25,6 +25,7 @@ const RANKS: &[(&str, u8)] = &[
     ("node_link", 0),
     ("slot_queue", 0),
     ("outliers", 0),
+    ("budget", 0),
     ("http_util", 1),
     ("store", 1),
     // State the components are made of.
