@@ -953,7 +953,10 @@ async fn a_native_client_is_told_the_fallback_model_in_infer_started() {
     let mut node = TestNode::start(gw.node_config("de-1", &gw.token), ip(DE));
     node.registered().await;
     let client = native_client(&gw, FR_CLIENT).await;
-    let mut stream = client.infer(API_KEY, &chat("absent", true, 3)).await.unwrap();
+    let mut stream = client
+        .infer(API_KEY, &chat("absent", true, 3))
+        .await
+        .unwrap();
     let (mut started, mut done) = (None, false);
     while let Some(ev) = stream.next().await.unwrap() {
         match ev {
@@ -985,9 +988,11 @@ async fn a_native_client_that_closes_while_queued_leaves_the_queue_at_once() {
     let held = accept_and_hold(&conn).await;
     let client = native_client(&gw, FR_CLIENT).await;
     let _queued = client.infer(API_KEY, &chat("m", true, 3)).await.unwrap();
-    eventually("the request to be queued", Duration::from_secs(5), || async {
-        (gw.admin_get("/admin/nodes").await["queue_depth"]["m"] == 1).then_some(())
-    })
+    eventually(
+        "the request to be queued",
+        Duration::from_secs(5),
+        || async { (gw.admin_get("/admin/nodes").await["queue_depth"]["m"] == 1).then_some(()) },
+    )
     .await;
     client.close().await;
     eventually("the queue to empty", Duration::from_secs(5), || async {
@@ -997,5 +1002,55 @@ async fn a_native_client_that_closes_while_queued_leaves_the_queue_at_once() {
     holder.abort();
     drop(held);
     alive.abort();
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fallback_the_key_may_not_use_leaves_the_original_error() {
+    let gw = TestGateway::start(|c| {
+        c.inference
+            .fallbacks
+            .insert("absent".into(), vec!["m".into()]);
+    })
+    .await;
+    let mut node = TestNode::start(gw.node_config("de-1", &gw.token), ip(DE));
+    node.registered().await;
+    // A key allowed `absent` but not its fallback `m`.
+    let (s, v) = gw
+        .admin_post(
+            "/admin/api-keys",
+            json!({"tenant": "narrow", "allowed_models": ["absent"]}),
+        )
+        .await;
+    assert_eq!(s, 201, "{v}");
+    let key = v["key"].as_str().unwrap().to_string();
+    let url = gw.api_url("/v1/chat/completions");
+    let (s, h, b) = gw
+        .http
+        .request(
+            "POST",
+            &url,
+            Some(&key),
+            Some(&chat("absent", false, 2)),
+            &[],
+        )
+        .await;
+    assert_eq!(s, 404, "{b}");
+    assert!(b.contains("model_not_found"), "{b}");
+    assert!(!h.contains_key("x-nearpath-fallback-model"));
+    // The same request with a key allowed both is served by the fallback.
+    let (s, h, b) = gw
+        .http
+        .request(
+            "POST",
+            &url,
+            Some(API_KEY),
+            Some(&chat("absent", false, 2)),
+            &[],
+        )
+        .await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(h["x-nearpath-fallback-model"], "m");
+    node.stop().await.unwrap();
     gw.stop().await;
 }
