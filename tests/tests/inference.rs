@@ -644,6 +644,12 @@ async fn a_request_queued_past_queue_max_wait_ms_is_429_with_retry_after() {
         || async { (gw.admin_get("/admin/nodes").await["queue_depth"]["m"] == 1).then_some(()) },
     )
     .await;
+    let (_, metrics) = gw.http.get(&gw.admin_url("/metrics"), None).await;
+    assert_eq!(
+        metric(&metrics, "nearpath_inference_queue_depth{model=\"m\"}"),
+        Some(1.0),
+        "{metrics}"
+    );
     let (s, h, b) = waiting.await.unwrap();
     assert_eq!(s, 429, "{b}");
     let retry: u64 = h["retry-after"].to_str().unwrap().parse().unwrap();
