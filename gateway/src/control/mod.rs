@@ -488,6 +488,10 @@ impl NodeFrontEnd {
             Action::State(state) => {
                 entry.dynamic().state = state;
                 registry.refresh(entry);
+                if state == NodeState::Active {
+                    // Taking sessions again: queued requests may take its free slots.
+                    registry.wake_queued(entry);
+                }
             }
             Action::Slow => {
                 entry.dynamic().slow = true;
