@@ -627,6 +627,16 @@ impl InferService {
                 for_s = until.saturating_duration_since(self.clock.now()).as_secs(),
                 "node ejected from inference routing: it keeps failing requests"
             );
+            // When the ejection ends, requests queued for the node's models may use its free
+            // slots (nothing else would wake them if every other node stays full).
+            let registry = self.directory.registry.clone();
+            let id = node.id.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep_until(tokio::time::Instant::from_std(until)).await;
+                if let Some(n) = registry.get(&id) {
+                    registry.wake_queued(&n);
+                }
+            });
         }
     }
 
