@@ -42,44 +42,29 @@ impl Llama {
 
 enum Server {
     Ready(Llama),
-    /// The Python packages are missing (outside CI: skip).
+    /// The Python packages are missing (outside CI: skip; in CI: fail).
     Missing(String),
     /// They are there but the server did not come up: every test fails with this.
     Broken(String),
 }
 
-fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0")
-}
-
 /// The shared server, started by the first test that asks; `None` means skip this test.
 fn llama() -> Option<&'static Llama> {
     static SERVER: OnceLock<Server> = OnceLock::new();
-    match SERVER.get_or_init(start_server) {
+    let server = SERVER.get_or_init(|| match python_lacks(NEEDS) {
+        Some(why) => Server::Missing(why),
+        None => match launch() {
+            Ok(l) => Server::Ready(l),
+            Err(e) => Server::Broken(e),
+        },
+    });
+    match server {
         Server::Ready(l) => Some(l),
-        Server::Missing(why) if !in_ci() => {
-            println!("SKIPPED (not in CI): {why}; install with {INSTALL}");
+        Server::Missing(why) => {
+            skip_unless_ci(why, INSTALL);
             None
         }
-        Server::Missing(why) => panic!("CI=true and {why}: .ci/run must install them ({INSTALL})"),
         Server::Broken(why) => panic!("{why}"),
-    }
-}
-
-fn start_server() -> Server {
-    match Command::new("python3").args(["-c", NEEDS]).output() {
-        Ok(o) if o.status.success() => {}
-        Ok(o) => {
-            return Server::Missing(format!(
-                "python3 cannot `{NEEDS}`: {}",
-                String::from_utf8_lossy(&o.stderr).trim()
-            ))
-        }
-        Err(e) => return Server::Missing(format!("python3 does not run: {e}")),
-    }
-    match launch() {
-        Ok(l) => Server::Ready(l),
-        Err(e) => Server::Broken(e),
     }
 }
 
