@@ -181,7 +181,10 @@ def section_logprobs():
     same_shape("logprobs non-streaming", g, d)
     content = (g["choices"][0].get("logprobs") or {}).get("content")
     check("logprobs: one entry per token", content and len(content) == len(d["choices"][0]["logprobs"]["content"]), g)
-    check("logprobs: top_logprobs has the asked length", all(len(t["top_logprobs"]) == 3 for t in content), content)
+    # llama-cpp-python lists the sampled token too when it is not among the top 3, hence
+    # "at least"; the shape check above already holds the gateway to the direct lengths.
+    check("logprobs: top_logprobs has at least the asked length",
+          all(len(t["top_logprobs"]) >= 3 for t in content), content)
     check("logprobs: same tokens as direct",
           [t["token"] for t in content] == [t["token"] for t in d["choices"][0]["logprobs"]["content"]], (g, d))
     g, d = both(lambda c: chunks_of(c, **kw))
