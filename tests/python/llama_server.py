@@ -1,12 +1,13 @@
 """Runs llama-cpp-python's OpenAI server on the tiny test model, for tests and benchmarks.
 
-Usage: python3 llama_server.py WORK_DIR
+Usage: python3 llama_server.py WORK_DIR [--remove-on-exit]
 
 Writes WORK_DIR/tiny.gguf (make_tiny_model.py), binds 127.0.0.1 port 0 itself (no free-port
 race), prints one JSON line {"port": N, "model": PATH} on stdout, then serves until its stdin
 closes. The stdin rule is what keeps a test binary from leaking servers: the Rust side holds
 the pipe for its whole life (a static), and the kernel closes it when that process exits,
-however it exits.
+however it exits. With --remove-on-exit it then deletes WORK_DIR too (a static's temporary
+directory is never dropped).
 
 The server is the same one `python -m llama_cpp.server --model tiny.gguf --model_alias tiny
 --n_ctx 2048 --embedding true --interrupt_requests false --port P --host 127.0.0.1` starts; it is
@@ -14,6 +15,7 @@ assembled here only so that it can serve an already bound socket.
 """
 import json
 import os
+import shutil
 import socket
 import sys
 import threading
@@ -21,17 +23,23 @@ import threading
 import make_tiny_model
 
 
-def watch_stdin():
+def watch_stdin(remove):
     # EOF on stdin means whoever started us is gone: leave at once, without cleanup that
     # could hang on a request in progress.
     sys.stdin.buffer.read()
+    if remove:
+        shutil.rmtree(remove, ignore_errors=True)
     os._exit(0)
 
 
 def main():
-    if len(sys.argv) != 2:
-        print("usage: llama_server.py WORK_DIR", file=sys.stderr)
+    args = sys.argv[1:]
+    remove = "--remove-on-exit" in args
+    args = [a for a in args if a != "--remove-on-exit"]
+    if len(args) != 1:
+        print("usage: llama_server.py WORK_DIR [--remove-on-exit]", file=sys.stderr)
         sys.exit(2)
+    sys.argv[1:] = args
     os.makedirs(sys.argv[1], exist_ok=True)
     model = os.path.join(sys.argv[1], "tiny.gguf")
     make_tiny_model.write(model)
@@ -58,7 +66,7 @@ def main():
             )
         ],
     )
-    threading.Thread(target=watch_stdin, daemon=True).start()
+    threading.Thread(target=watch_stdin, args=(sys.argv[1] if remove else None,), daemon=True).start()
     print(json.dumps({"port": port, "model": model}), flush=True)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     server.run(sockets=[sock])

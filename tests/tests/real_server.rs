@@ -31,7 +31,6 @@ struct Llama {
     port: u16,
     /// Held, never waited on: its stdin pipe closing at exit is the server's signal to stop.
     _child: Mutex<Child>,
-    _dir: tempfile::TempDir,
 }
 
 impl Llama {
@@ -70,12 +69,15 @@ fn llama() -> Option<&'static Llama> {
 
 fn launch() -> Result<Llama, String> {
     let started = Instant::now();
-    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-    let log_path = dir.path().join("server.log");
+    // Kept past this function: the server deletes it when it stops (--remove-on-exit), since a
+    // static is never dropped.
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?.keep();
+    let log_path = dir.join("server.log");
     let log = std::fs::File::create(&log_path).map_err(|e| e.to_string())?;
     let mut child = Command::new("python3")
         .arg(format!("{PYTHON_DIR}/llama_server.py"))
-        .arg(dir.path())
+        .arg(&dir)
+        .arg("--remove-on-exit")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(log)
@@ -84,7 +86,9 @@ fn launch() -> Result<Llama, String> {
     let log_of = |child: &mut Child| {
         let _ = child.kill();
         let _ = child.wait();
-        std::fs::read_to_string(&log_path).unwrap_or_default()
+        let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+        let _ = std::fs::remove_dir_all(&dir);
+        log
     };
     // The launcher prints one JSON line once its socket is bound; the thread keeps draining
     // stdout so that the server never blocks on a full pipe.
@@ -130,7 +134,6 @@ fn launch() -> Result<Llama, String> {
     Ok(Llama {
         port,
         _child: Mutex::new(child),
-        _dir: dir,
     })
 }
 
