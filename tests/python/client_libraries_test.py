@@ -145,7 +145,7 @@ def section_openai():
     r = client.chat.completions.create(model=model, messages=msgs, logprobs=True, top_logprobs=2, max_tokens=4)
     lp = r.choices[0].logprobs
     check("logprobs: one entry per token", lp and lp.content and len(lp.content) >= 1, r)
-    check("logprobs: entries have token, logprob, bytes and 2 top_logprobs",
+    check("logprobs: entries have a token, a logprob and 2 top_logprobs",
           all(isinstance(t.token, str) and t.logprob <= 0 and len(t.top_logprobs) == 2 for t in lp.content), lp)
     check("logprobs: the tokens spell the content", "".join(t.token for t in lp.content)
           == r.choices[0].message.content, (lp, r.choices[0].message.content))

@@ -103,7 +103,9 @@ fn launch() -> Result<Llama, String> {
         Ok(l) => l,
         Err(_) => {
             let log = log_of(&mut child);
-            return Err(format!("llama_server.py printed no port within 60 s:\n{log}"));
+            return Err(format!(
+                "llama_server.py printed no port within 60 s:\n{log}"
+            ));
         }
     };
     let port = serde_json::from_str::<serde_json::Value>(&line)
@@ -123,7 +125,9 @@ fn launch() -> Result<Llama, String> {
         }
         if Instant::now() > deadline {
             let log = log_of(&mut child);
-            return Err(format!("the llama server did not answer /v1/models within 60 s:\n{log}"));
+            return Err(format!(
+                "the llama server did not answer /v1/models within 60 s:\n{log}"
+            ));
         }
         std::thread::sleep(Duration::from_millis(20));
     }

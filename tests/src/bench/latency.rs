@@ -244,7 +244,14 @@ pub(crate) async fn measure(
     let mut per_repeat = Vec::new();
     for r in 0..a.repeats.max(1) {
         let cpu = CpuMeter::start(gw.child.pid)?;
-        let (w, res) = round(workers, targets.clone(), bodies.clone(), a.requests, a.tokens).await;
+        let (w, res) = round(
+            workers,
+            targets.clone(),
+            bodies.clone(),
+            a.requests,
+            a.tokens,
+        )
+        .await;
         workers = w;
         gw_cpu.push(cpu.percent()?);
         failures.extend(res.failures.iter().cloned());

@@ -38,7 +38,9 @@ fn classify(event: &[u8]) -> Option<Event> {
         .position(|w| w == CONTENT)
         .map(|i| i + CONTENT.len());
     // Python servers (json.dumps) put a space after the colon.
-    let value = content.and_then(|i| data.get(i..)).map(|v| v.trim_ascii_start());
+    let value = content
+        .and_then(|i| data.get(i..))
+        .map(|v| v.trim_ascii_start());
     Some(match value {
         // The string is non-empty if the byte after its opening quote is not the closing one.
         Some([b'"', next, ..]) if *next != b'"' => Event::Content,
