@@ -163,6 +163,7 @@ impl EdgeNode {
             workloads: Workloads {
                 games: self.config.games.iter().map(|g| g.title.clone()).collect(),
                 models: self.config.models.iter().map(|m| m.name.clone()).collect(),
+                model_caps: Vec::new(),
             },
             capacity: Capacity {
                 game_sessions: self.config.capacity.game_sessions,

@@ -6,7 +6,7 @@ use crate::game::{EncodedFrame, FrameGate, GameSession, InputOutcome};
 use crate::inference::{BackendError, BackendEvent, ModelRegistry};
 use nearpath_config::{EncoderConfig, GameEntry, MediaConfig, NodeConfig};
 use nearpath_protocol::message::{
-    Accepted, Done, ErrorInfo, Message, Open, RefuseCode, Refused, SessionKind, Token,
+    Accepted, Chunk, Done, ErrorInfo, Message, Open, RefuseCode, Refused, SessionKind, Token,
 };
 use nearpath_protocol::message::{Ended, GameParams};
 use nearpath_protocol::openai::{Endpoint, InferenceRequest};
@@ -231,9 +231,14 @@ impl Sessions {
         match open.kind {
             SessionKind::Inference {
                 model,
+                endpoint,
                 request_json,
+                request_id,
+                traceparent,
             } => {
-                self.serve_inference(open.session_id, model, request_json, tx, framed)
+                let span = tracing::debug_span!("inference", %request_id, traceparent = traceparent.as_deref().unwrap_or("-"));
+                self.serve_inference(open.session_id, model, endpoint, request_json, tx, framed)
+                    .instrument(span)
                     .await
             }
             SessionKind::Game(params) => {
@@ -395,17 +400,12 @@ impl Sessions {
         &self,
         session_id: u64,
         model: String,
+        endpoint: Endpoint,
         request_json: String,
         mut tx: quinn::SendStream,
         mut framed: FramedRecv,
     ) {
         let started = Instant::now();
-        // The body says which API it came from: chat requests carry `messages`.
-        let endpoint = if request_json.contains("\"messages\"") {
-            Endpoint::Chat
-        } else {
-            Endpoint::Completion
-        };
         let mut request = match InferenceRequest::parse(endpoint, request_json.as_bytes()) {
             Ok(r) => r,
             Err(e) => {
@@ -445,6 +445,18 @@ impl Sessions {
                         let msg = Message::Token(Token {
                             index,
                             text,
+                            node_elapsed_us: started.elapsed().as_micros() as u64,
+                        });
+                        index += 1;
+                        if send(&mut tx, &msg).await.is_err() {
+                            debug!("gateway stopped reading; abandoning the generation");
+                            return;
+                        }
+                    }
+                    Some(Ok(BackendEvent::Chunk { json })) => {
+                        let msg = Message::Chunk(Chunk {
+                            index,
+                            json,
                             node_elapsed_us: started.elapsed().as_micros() as u64,
                         });
                         index += 1;

@@ -347,10 +347,7 @@ impl ClientApi {
         };
         let created = infer.clock.unix_ms() / 1000;
         let tail = &request_id[request_id.len().saturating_sub(24)..];
-        let completion_id = match endpoint {
-            Endpoint::Chat => format!("chatcmpl-{tail}"),
-            Endpoint::Completion => format!("cmpl-{tail}"),
-        };
+        let completion_id = format!("{}{tail}", endpoint.id_prefix());
         if !request.stream {
             let mut relay = JsonRelay {
                 endpoint,

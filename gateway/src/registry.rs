@@ -770,6 +770,7 @@ mod tests {
             Workloads {
                 games: vec!["tetris".into()],
                 models: models.iter().map(|m| m.to_string()).collect(),
+                model_caps: Vec::new(),
             },
             Capacity {
                 game_sessions: 1,

@@ -68,6 +68,7 @@ fn bench(c: &mut Criterion) {
     let big = Message::InferRequest(InferRequest {
         protocol_version: PROTOCOL_VERSION,
         api_key: "sk-0123456789".into(),
+        endpoint: Default::default(),
         request_json: "x".repeat(1024 * 1024),
     });
     let mut big_frame = BytesMut::new();

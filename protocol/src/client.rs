@@ -13,14 +13,16 @@ use tokio::sync::mpsc;
 use crate::frame::FrameHeader;
 use crate::input::{InputDatagram, InputEvent};
 use crate::message::{
-    Close, Done, Ended, ErrorInfo, InferRequest, InferStarted, ListGames, Message, Paused,
+    Chunk, Close, Done, Ended, ErrorInfo, InferRequest, InferStarted, ListGames, Message, Paused,
     PlayRequest, PlayStarted, Token,
 };
 use crate::net::{self, NetError};
+use crate::openai::Endpoint;
 use crate::stream::{self, FramedRecv, StreamError};
 use crate::tls::{self, ServerVerify, TlsError, TransportOptions};
 use crate::{
-    app_code, unix_micros, ALPN_CLIENT, MAX_CONTROL_FRAME, MAX_VIDEO_FRAME, PROTOCOL_VERSION,
+    app_code, unix_micros, ALPN_CLIENT, MAX_CONTROL_FRAME, MAX_REQUEST_FRAME, MAX_VIDEO_FRAME,
+    PROTOCOL_VERSION,
 };
 
 /// Frames buffered between the frame reader task and the application.
@@ -211,16 +213,28 @@ impl Client {
         self.addr
     }
 
-    /// Starts one inference request; read the outcome with [`InferStream::next`].
+    /// Starts one chat-completions request; read the outcome with [`InferStream::next`].
     pub async fn infer(
         &self,
         api_key: &str,
+        request_json: &str,
+    ) -> Result<InferStream, ClientError> {
+        self.infer_at(api_key, Endpoint::Chat, request_json).await
+    }
+
+    /// Starts one inference request on `endpoint` (chat, completions, embeddings, responses);
+    /// read the outcome with [`InferStream::next`].
+    pub async fn infer_at(
+        &self,
+        api_key: &str,
+        endpoint: Endpoint,
         request_json: &str,
     ) -> Result<InferStream, ClientError> {
         let (mut send, recv) = self.open().await?;
         let request = Message::InferRequest(InferRequest {
             protocol_version: PROTOCOL_VERSION,
             api_key: api_key.to_string(),
+            endpoint,
             request_json: request_json.to_string(),
         });
         stream::send(&mut send, &request)
@@ -229,7 +243,8 @@ impl Client {
         // Nothing else goes this way; finishing tells the gateway the request is complete.
         send.finish().map_err(|e| self.stream_err(e.into()))?;
         Ok(InferStream {
-            recv: FramedRecv::new(recv, MAX_CONTROL_FRAME),
+            // `Chunk`s (embeddings, tool calls) may be larger than control messages.
+            recv: FramedRecv::new(recv, MAX_REQUEST_FRAME),
             addr: self.addr,
             finished: false,
         })
@@ -397,6 +412,8 @@ pub enum InferEvent {
     Started(InferStarted),
     /// A generated token.
     Token(Token),
+    /// A piece of the response as JSON (tool calls, logprobs, embeddings, Responses events).
+    Chunk(Chunk),
     /// The completion finished, with usage.
     Done(Done),
     /// The request failed (before or after `Started`).
@@ -425,13 +442,14 @@ impl InferStream {
         let event = match msg {
             Some(Message::InferStarted(m)) => InferEvent::Started(m),
             Some(Message::Token(m)) => InferEvent::Token(m),
+            Some(Message::Chunk(m)) => InferEvent::Chunk(m),
             Some(Message::Done(m)) => InferEvent::Done(m),
             Some(Message::Error(m)) => InferEvent::Error(m),
             Some(other) => {
                 self.finished = true;
                 return Err(ClientError::Unexpected {
                     addr: self.addr,
-                    expected: "InferStarted, Token, Done or Error",
+                    expected: "InferStarted, Token, Chunk, Done or Error",
                     got: other.name(),
                 });
             }

@@ -14,6 +14,7 @@
 //! - [`tls`] and [`net`] build rustls/quinn configurations (ring provider) and UDP sockets.
 //! - [`client`] is the native client library ([`Client`]) for `nearpath/1`.
 
+pub mod caps;
 pub mod client;
 pub mod codec;
 pub mod frame;
@@ -29,6 +30,7 @@ pub mod strategies;
 #[cfg(test)]
 mod tests;
 
+pub use caps::ModelCaps;
 pub use client::{
     Client, ClientError, ControlEvent, FrameSeqStats, FrameStream, InferEvent, InferStream,
     InputSender, PlayControl, PlayEvent, PlayParams, PlaySession, VideoFrame,
@@ -49,7 +51,7 @@ pub const ALPN_NODE: &[u8] = b"nearpath-node/1";
 pub const ALPN_CLIENT: &[u8] = b"nearpath/1";
 
 /// Version carried in `Register`, `InferRequest`, `PlayRequest` and `ListGames`.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// Largest control or request frame (type byte plus body) a receiver accepts by default.
 pub const MAX_CONTROL_FRAME: usize = 64 * 1024;

@@ -6,7 +6,9 @@
 
 use bytes::BufMut;
 
+use crate::caps::ModelCaps;
 use crate::codec::{DecodeError, Reader, WriteExt};
+use crate::openai::Endpoint;
 use crate::{MAX_CONTROL_FRAME, MAX_REQUEST_FRAME, PROTOCOL_VERSION};
 
 /// Most GPUs one `Register` may list.
@@ -37,6 +39,7 @@ pub mod ty {
     pub const ERROR: u8 = 0x18;
     pub const ENDED: u8 = 0x19;
     pub const INPUT_APPLIED: u8 = 0x1a;
+    pub const CHUNK: u8 = 0x1b;
 
     pub const INFER_REQUEST: u8 = 0x30;
     pub const INFER_STARTED: u8 = 0x31;
@@ -66,6 +69,16 @@ pub struct Workloads {
     pub games: Vec<String>,
     /// Inference model names.
     pub models: Vec<String>,
+    /// What each model of `models` supports beyond plain text, by position; a model past the
+    /// end of this list declares nothing ([`ModelCaps::NONE`]). Never longer than `models`.
+    pub model_caps: Vec<ModelCaps>,
+}
+
+impl Workloads {
+    /// The declared capabilities of `models[i]`.
+    pub fn caps_of(&self, i: usize) -> ModelCaps {
+        self.model_caps.get(i).copied().unwrap_or_default()
+    }
 }
 
 /// How many sessions a node takes at once.
@@ -253,8 +266,15 @@ pub enum SessionKind {
     Inference {
         /// Model as listed in `Workloads::models`.
         model: String,
+        /// The API the client called; the body has that endpoint's shape.
+        endpoint: Endpoint,
         /// The OpenAI-style request body, passed through untouched.
         request_json: String,
+        /// The gateway's request id (the client's `x-request-id`), for the node's logs and its
+        /// upstream's.
+        request_id: String,
+        /// The W3C `traceparent` to continue, if the client sent one (or the gateway traces).
+        traceparent: Option<String>,
     },
 }
 
@@ -367,6 +387,24 @@ pub struct Token {
     pub node_elapsed_us: u64,
 }
 
+/// One piece of an inference response as a JSON object (node -> gateway -> client), for
+/// everything the plain-text [`Token`] cannot carry: tool-call deltas, logprobs, reasoning,
+/// several choices, embeddings, Responses API events. What the JSON is depends on the request's
+/// endpoint (PROTOCOL.md): chat and completions send one streamed chunk object each (the gateway
+/// rewrites `id`, `object`, `created` and `model`, drops `usage`, keeps every other field);
+/// embeddings send one `data[]` element (`{"object":"embedding","index":i,"embedding":[..]}`)
+/// each and the gateway assembles the list; the Responses API sends one streaming event's data
+/// object (with its `type`) each.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Chunk {
+    /// 0-based position among the request's `Token`s and `Chunk`s.
+    pub index: u32,
+    /// One JSON object, as text.
+    pub json: String,
+    /// Microseconds since the node received `Open`.
+    pub node_elapsed_us: u64,
+}
+
 /// The completion finished (node -> gateway -> client).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Done {
@@ -414,7 +452,9 @@ pub struct InferRequest {
     pub protocol_version: u16,
     /// The caller's API key.
     pub api_key: String,
-    /// OpenAI chat-completions request body (JSON); `model` selects the model.
+    /// The API the body is for (chat completions, completions, embeddings, responses).
+    pub endpoint: Endpoint,
+    /// OpenAI request body (JSON) of `endpoint`; `model` selects the model.
     pub request_json: String,
 }
 
@@ -517,6 +557,8 @@ pub enum Message {
     Close(Close),
     /// See [`Token`].
     Token(Token),
+    /// See [`Chunk`].
+    Chunk(Chunk),
     /// See [`Done`].
     Done(Done),
     /// See [`ErrorInfo`].
@@ -562,6 +604,7 @@ impl Message {
             Message::SetBitrate(_) => ty::SET_BITRATE,
             Message::Close(_) => ty::CLOSE,
             Message::Token(_) => ty::TOKEN,
+            Message::Chunk(_) => ty::CHUNK,
             Message::Done(_) => ty::DONE,
             Message::Error(_) => ty::ERROR,
             Message::Ended(_) => ty::ENDED,
@@ -582,12 +625,13 @@ impl Message {
         type_name(self.type_byte()).unwrap_or("Unknown")
     }
 
-    /// The largest frame a receiver accepts for this message: [`MAX_REQUEST_FRAME`] for the two
-    /// messages that carry a request body (`InferRequest`, `Open`), [`MAX_CONTROL_FRAME`] for the
+    /// The largest frame a receiver accepts for this message: [`MAX_REQUEST_FRAME`] for the
+    /// messages that carry a request or response body (`InferRequest`, `Open`, `Chunk`: an
+    /// embedding of a few thousand floats is larger than a control frame), [`MAX_CONTROL_FRAME`] for the
     /// rest. Senders check it so that an oversized message fails locally with a clear error.
     pub fn max_frame(&self) -> usize {
         match self {
-            Message::InferRequest(_) | Message::Open(_) => MAX_REQUEST_FRAME,
+            Message::InferRequest(_) | Message::Open(_) | Message::Chunk(_) => MAX_REQUEST_FRAME,
             _ => MAX_CONTROL_FRAME,
         }
     }
@@ -606,6 +650,7 @@ impl Message {
                 });
                 b.put_list(&m.workloads.games, |b, s| b.put_str(s));
                 b.put_list(&m.workloads.models, |b, s| b.put_str(s));
+                b.put_list(&m.workloads.model_caps, |b, c| b.put_var(c.bits().into()));
                 b.put_var(m.capacity.game_sessions.into());
                 b.put_var(m.capacity.inference_concurrency.into());
             }
@@ -643,11 +688,17 @@ impl Message {
                     }
                     SessionKind::Inference {
                         model,
+                        endpoint,
                         request_json,
+                        request_id,
+                        traceparent,
                     } => {
                         b.put_u8(1);
                         b.put_str(model);
+                        b.put_u8(endpoint.to_byte());
                         b.put_str(request_json);
+                        b.put_str(request_id);
+                        b.put_opt(traceparent, |b, s| b.put_str(s));
                     }
                 }
             }
@@ -661,6 +712,11 @@ impl Message {
             Message::Token(m) => {
                 b.put_var(m.index.into());
                 b.put_str(&m.text);
+                b.put_var(m.node_elapsed_us);
+            }
+            Message::Chunk(m) => {
+                b.put_var(m.index.into());
+                b.put_str(&m.json);
                 b.put_var(m.node_elapsed_us);
             }
             Message::Done(m) => {
@@ -678,6 +734,7 @@ impl Message {
             Message::InferRequest(m) => {
                 b.put_u16(m.protocol_version);
                 b.put_str(&m.api_key);
+                b.put_u8(m.endpoint.to_byte());
                 b.put_str(&m.request_json);
             }
             Message::InferStarted(m) => {
@@ -732,6 +789,10 @@ impl Message {
                 let models = r.list("Workloads.models", 1, MAX_NAMES, |r| {
                     r.string("Workloads.models[]")
                 })?;
+                // One byte per capability mask at least; never more masks than models.
+                let model_caps = r.list("Workloads.model_caps", 1, models.len(), |r| {
+                    Ok(ModelCaps::from_bits(r.varint("Workloads.model_caps[]")?))
+                })?;
                 let capacity = Capacity {
                     game_sessions: r.u32("Capacity.game_sessions")?,
                     inference_concurrency: r.u32("Capacity.inference_concurrency")?,
@@ -742,7 +803,11 @@ impl Message {
                     enrolment_token,
                     software_version,
                     gpus,
-                    workloads: Workloads { games, models },
+                    workloads: Workloads {
+                        games,
+                        models,
+                        model_caps,
+                    },
                     capacity,
                 })
             }
@@ -794,7 +859,12 @@ impl Message {
                     }),
                     1 => SessionKind::Inference {
                         model: r.string("Inference.model")?,
+                        endpoint: endpoint(&mut r, "Inference.endpoint")?,
                         request_json: r.string("Inference.request_json")?,
+                        request_id: r.string("Inference.request_id")?,
+                        traceparent: r.option("Inference.traceparent", |r| {
+                            r.string("Inference.traceparent")
+                        })?,
                     },
                     other => return Err(bad_code("Open.kind", other)),
                 };
@@ -824,6 +894,11 @@ impl Message {
                 text: r.string("Token.text")?,
                 node_elapsed_us: r.varint("Token.node_elapsed_us")?,
             }),
+            ty::CHUNK => Message::Chunk(Chunk {
+                index: r.u32("Chunk.index")?,
+                json: r.string("Chunk.json")?,
+                node_elapsed_us: r.varint("Chunk.node_elapsed_us")?,
+            }),
             ty::DONE => Message::Done(Done {
                 finish_reason: r.string("Done.finish_reason")?,
                 prompt_tokens: r.u32("Done.prompt_tokens")?,
@@ -843,6 +918,7 @@ impl Message {
             ty::INFER_REQUEST => Message::InferRequest(InferRequest {
                 protocol_version: version(&mut r, name, "InferRequest.protocol_version")?,
                 api_key: r.string("InferRequest.api_key")?,
+                endpoint: endpoint(&mut r, "InferRequest.endpoint")?,
                 request_json: r.string("InferRequest.request_json")?,
             }),
             ty::INFER_STARTED => Message::InferStarted(InferStarted {
@@ -903,6 +979,7 @@ pub fn type_name(ty: u8) -> Option<&'static str> {
         ty::SET_BITRATE => "SetBitrate",
         ty::CLOSE => "Close",
         ty::TOKEN => "Token",
+        ty::CHUNK => "Chunk",
         ty::DONE => "Done",
         ty::ERROR => "Error",
         ty::ENDED => "Ended",
@@ -944,4 +1021,9 @@ fn bad_code(field: &'static str, byte: u8) -> DecodeError {
         field,
         detail: format!("unknown code {byte}"),
     }
+}
+
+fn endpoint(r: &mut Reader<'_>, field: &'static str) -> Result<Endpoint, DecodeError> {
+    let byte = r.u8(field)?;
+    Endpoint::from_byte(byte).ok_or_else(|| bad_code(field, byte))
 }

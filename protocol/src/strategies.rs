@@ -68,7 +68,15 @@ fn register() -> impl Strategy<Value = Message> {
                     enrolment_token,
                     software_version,
                     gpus,
-                    workloads: Workloads { games, models },
+                    workloads: Workloads {
+                        model_caps: models
+                            .iter()
+                            .enumerate()
+                            .map(|(i, _)| crate::ModelCaps::from_bits(i as u64))
+                            .collect(),
+                        games,
+                        models,
+                    },
                     capacity: Capacity {
                         game_sessions: gs,
                         inference_concurrency: ic,
@@ -132,10 +140,15 @@ fn session() -> impl Strategy<Value = Message> {
                 bitrate_kbps,
             })
         });
-    let inference = (text(), text()).prop_map(|(model, request_json)| SessionKind::Inference {
-        model,
-        request_json,
-    });
+    let inference = (text(), 0u8..4, text(), text(), proptest::option::of(text())).prop_map(
+        |(model, endpoint, request_json, request_id, traceparent)| SessionKind::Inference {
+            model,
+            endpoint: crate::openai::Endpoint::from_byte(endpoint).unwrap_or_default(),
+            request_json,
+            request_id,
+            traceparent,
+        },
+    );
     prop_oneof![
         (any::<u64>(), prop_oneof![game, inference])
             .prop_map(|(session_id, kind)| Message::Open(Open { session_id, kind })),
@@ -166,6 +179,13 @@ fn session() -> impl Strategy<Value = Message> {
                 retryable,
             })
         }),
+        (any::<u32>(), text(), any::<u64>()).prop_map(|(index, json, node_elapsed_us)| {
+            Message::Chunk(Chunk {
+                index,
+                json,
+                node_elapsed_us,
+            })
+        }),
         text().prop_map(|reason| Message::Ended(Ended { reason })),
         any::<u64>().prop_map(|seq| Message::InputApplied(InputApplied { seq })),
     ]
@@ -173,10 +193,11 @@ fn session() -> impl Strategy<Value = Message> {
 
 fn client() -> impl Strategy<Value = Message> {
     prop_oneof![
-        (text(), text()).prop_map(|(api_key, request_json)| {
+        (text(), 0u8..4, text()).prop_map(|(api_key, endpoint, request_json)| {
             Message::InferRequest(InferRequest {
                 protocol_version: PROTOCOL_VERSION,
                 api_key,
+                endpoint: crate::openai::Endpoint::from_byte(endpoint).unwrap_or_default(),
                 request_json,
             })
         }),

@@ -30,7 +30,8 @@ fn samples() -> Vec<Message> {
             ],
             workloads: Workloads {
                 games: vec!["doom".into(), "".into()],
-                models: vec!["llama-3-8b".into()],
+                models: vec!["llama-3-8b".into(), "embed".into()],
+                model_caps: vec![ModelCaps::TOOLS.with(ModelCaps::LOGPROBS)],
             },
             capacity: Capacity {
                 game_sessions: 4,
@@ -81,8 +82,11 @@ fn samples() -> Vec<Message> {
             session_id: 7,
             kind: SessionKind::Inference {
                 model: "llama".into(),
+                endpoint: crate::openai::Endpoint::Responses,
                 request_json: r#"{"model":"llama","messages":[{"role":"user","content":"héllo"}]}"#
                     .into(),
+                request_id: "req_1".into(),
+                traceparent: Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into()),
             },
         }),
         Message::Accepted(Accepted { session_id: 7 }),
@@ -114,9 +118,15 @@ fn samples() -> Vec<Message> {
             reason: "geofence: node left allowed region".into(),
         }),
         Message::InputApplied(InputApplied { seq: 99 }),
+        Message::Chunk(Chunk {
+            index: 3,
+            json: r#"{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0}]}}]}"#.into(),
+            node_elapsed_us: 1234,
+        }),
         Message::InferRequest(InferRequest {
             protocol_version: PROTOCOL_VERSION,
             api_key: "sk-test".into(),
+            endpoint: crate::openai::Endpoint::Embeddings,
             request_json: "{}".into(),
         }),
         Message::InferStarted(InferStarted {
@@ -380,10 +390,11 @@ fn version_mismatch_is_reported_and_skippable() {
         Message::Register(r) => r.clone(),
         _ => unreachable!("samples start with Register"),
     };
-    reg.protocol_version = 2;
+    let next = PROTOCOL_VERSION + 1;
+    reg.protocol_version = next;
     let mut stream = frame(&Message::Register(reg));
-    // A v2 body may be laid out differently; the decoder must not look past the version.
-    let mut v2_infer = vec![0, 2];
+    // A newer body may be laid out differently; the decoder must not look past the version.
+    let mut v2_infer = next.to_be_bytes().to_vec();
     v2_infer.extend_from_slice(&[0xff; 5]);
     stream.extend(raw_frame(ty::INFER_REQUEST, &v2_infer));
     stream.extend(frame(&Message::Drained));
@@ -393,7 +404,7 @@ fn version_mismatch_is_reported_and_skippable() {
         dec.poll(),
         Err(DecodeError::UnsupportedVersion {
             message: "Register",
-            got: 2,
+            got: next,
             supported: PROTOCOL_VERSION
         })
     );
@@ -401,7 +412,7 @@ fn version_mismatch_is_reported_and_skippable() {
         dec.poll(),
         Err(DecodeError::UnsupportedVersion {
             message: "InferRequest",
-            got: 2,
+            got: next,
             supported: PROTOCOL_VERSION
         })
     );
@@ -505,6 +516,7 @@ fn send_limit_follows_the_message_kind() {
     let infer = Message::InferRequest(InferRequest {
         protocol_version: PROTOCOL_VERSION,
         api_key: "k".into(),
+        endpoint: Default::default(),
         request_json: big.clone(),
     });
     assert!(encode_checked(&infer).is_ok());
@@ -522,6 +534,7 @@ fn send_limit_follows_the_message_kind() {
     let huge = Message::InferRequest(InferRequest {
         protocol_version: PROTOCOL_VERSION,
         api_key: "k".into(),
+        endpoint: Default::default(),
         request_json: "x".repeat(MAX_REQUEST_FRAME),
     });
     assert!(matches!(

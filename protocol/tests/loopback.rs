@@ -274,6 +274,7 @@ async fn framed_messages_frames_relays_and_datagrams_arrive_intact() {
                 workloads: Workloads {
                     games: vec!["doom".into()],
                     models: vec![],
+                    model_caps: vec![],
                 },
                 capacity: Capacity {
                     game_sessions: 2,
@@ -284,7 +285,10 @@ async fn framed_messages_frames_relays_and_datagrams_arrive_intact() {
                 session_id: 5,
                 kind: SessionKind::Inference {
                     model: "m".into(),
+                    endpoint: Default::default(),
                     request_json: big_json,
+                    request_id: "req_1".into(),
+                    traceparent: None,
                 },
             }),
             Message::Drained,

@@ -127,6 +127,7 @@ impl Registration {
             workloads: Workloads {
                 games: self.games.clone(),
                 models: self.models.clone(),
+                model_caps: Vec::new(),
             },
             capacity: Capacity {
                 game_sessions: self.game_sessions,

@@ -40,6 +40,10 @@ pub const EVENT_CHANNEL_CAPACITY: usize = 64;
 pub enum BackendEvent {
     /// A piece of generated text (a token or a few; may begin with a space).
     Token { text: String },
+    /// A piece of the response that plain text cannot carry, as one JSON object: a streamed
+    /// chunk (tool-call deltas, logprobs, several choices), one embedding, or one Responses API
+    /// event (see `Message::Chunk` for which, by endpoint). Relayed as a `Chunk` message.
+    Chunk { json: String },
     /// The generation finished. `finish_reason` is OpenAI's (`stop`, `length`, ...).
     Done {
         finish_reason: String,

@@ -264,6 +264,12 @@ async fn route(req: Request<Incoming>, state: &State) -> Result<Response<OpenAiB
     loop {
         match generation.next().await {
             Some(Ok(BackendEvent::Token { text: piece })) => text.push_str(&piece),
+            // Interim: JSON pieces are assembled by the shared assembler once it lands.
+            Some(Ok(BackendEvent::Chunk { .. })) => {
+                return Err(ApiError::internal(
+                    "this response cannot be assembled without streaming yet",
+                ))
+            }
             Some(Ok(BackendEvent::Done {
                 finish_reason,
                 prompt_tokens,
@@ -379,6 +385,9 @@ impl SseBody {
             match event {
                 Some(Ok(BackendEvent::Token { text })) => {
                     return Poll::Ready(Some(self.renderer.token_event(&text)));
+                }
+                Some(Ok(BackendEvent::Chunk { json })) => {
+                    return Poll::Ready(Some(nearpath_protocol::openai::sse_event(&json)));
                 }
                 Some(Ok(BackendEvent::Done {
                     finish_reason,
@@ -594,6 +603,7 @@ pub(super) mod tests {
         while let Some(ev) = g.next().await {
             match ev {
                 Ok(BackendEvent::Token { text: t }) => text.push_str(&t),
+                Ok(BackendEvent::Chunk { json }) => panic!("unexpected chunk {json}"),
                 Ok(BackendEvent::Done {
                     finish_reason,
                     prompt_tokens,

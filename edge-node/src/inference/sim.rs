@@ -204,6 +204,8 @@ impl SimScript {
         h.write(match request.endpoint {
             Endpoint::Chat => b"chat",
             Endpoint::Completion => b"completion",
+            Endpoint::Embeddings => b"embeddings",
+            Endpoint::Responses => b"responses",
         });
         for m in request.messages() {
             h.write(m.role.as_str().as_bytes());

@@ -278,6 +278,13 @@ impl Inner {
         let uri = match endpoint {
             Endpoint::Chat => self.chat_uri.clone(),
             Endpoint::Completion => self.completion_uri.clone(),
+            Endpoint::Embeddings | Endpoint::Responses => {
+                return Err(BackendError::BadRequest {
+                    url: self.url.clone(),
+                    status: 400,
+                    message: format!("{} is not relayed by this node", endpoint.path()),
+                })
+            }
         };
         let mut builder = Request::builder()
             .method(Method::POST)

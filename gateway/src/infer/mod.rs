@@ -23,7 +23,7 @@ use nearpath_protocol::app_code::STREAM_CANCELLED;
 use nearpath_protocol::message::{Message, Open, SessionKind};
 use nearpath_protocol::openai::{ApiError, InferenceRequest, Usage, MODEL_UNAVAILABLE};
 use nearpath_protocol::stream::{send, FramedRecv};
-use nearpath_protocol::MAX_CONTROL_FRAME;
+use nearpath_protocol::MAX_REQUEST_FRAME;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -82,6 +82,8 @@ pub struct Ticket {
     /// `http` or `quic` (metric label).
     pub entry: &'static str,
     pub started: Instant,
+    /// The W3C `traceparent` the client sent, continued on the node and its upstream.
+    pub traceparent: Option<String>,
     _cap: CapGuard,
 }
 
@@ -144,6 +146,7 @@ impl InferService {
             model: model.to_string(),
             entry,
             started,
+            traceparent: None,
             _cap: cap,
         })
     }
@@ -164,7 +167,16 @@ impl InferService {
         request_json: &str,
         client: &Location,
     ) -> Result<InferStream, CoreError> {
-        match self.dispatch(request, request_json, client).await {
+        match self
+            .dispatch(
+                request,
+                request_json,
+                client,
+                &ticket.request_id,
+                ticket.traceparent.as_deref(),
+            )
+            .await
+        {
             Ok(mut s) => {
                 // Revoking the key ends the stream in band (`key_revoked`) and resets the
                 // node's stream.
@@ -294,9 +306,18 @@ impl InferService {
         request: &InferenceRequest,
         request_json: &str,
         client: &Location,
+        request_id: &str,
+        traceparent: Option<&str>,
     ) -> Result<InferStream, CoreError> {
         let started = self.clock.now();
         let model = request.model.as_str();
+        let kind = SessionKind::Inference {
+            model: model.to_string(),
+            endpoint: request.endpoint,
+            request_json: request_json.to_string(),
+            request_id: request_id.to_string(),
+            traceparent: traceparent.map(str::to_string),
+        };
         let mut machine = InferAttempts::new(Rules::from_config(&self.config), model, started);
         // Subscribed before the first route, so that a node registering in between wakes us.
         let mut joins = self.directory.registry.joins();
@@ -338,7 +359,7 @@ impl InferService {
                         continue;
                     };
                     let key = t.node.key;
-                    let next = t.next_event(model, request_json);
+                    let next = t.next_event(&kind);
                     match tokio::time::timeout_at(tokio::time::Instant::from_std(deadline), next)
                         .await
                     {
@@ -483,7 +504,7 @@ impl Trying {
     /// Opens the stream and sends `Open` if not done yet, then reads the node's next message as
     /// an event for the machine. The machine bounds it with its deadline (the future is dropped
     /// when it passes, and the node is given up on).
-    async fn next_event(&mut self, model: &str, request_json: &str) -> NodeEvent {
+    async fn next_event(&mut self, kind: &SessionKind) -> NodeEvent {
         let id = &self.node.id;
         if self.io.is_none() {
             let (mut tx, rx) = match self.node.conn.open_bi().await {
@@ -497,10 +518,7 @@ impl Trying {
             };
             let open = Message::Open(Open {
                 session_id: self.session.get(),
-                kind: SessionKind::Inference {
-                    model: model.to_string(),
-                    request_json: request_json.to_string(),
-                },
+                kind: kind.clone(),
             });
             if let Err(e) = send(&mut tx, &open).await {
                 let _ = tx.reset(STREAM_CANCELLED);
@@ -509,7 +527,8 @@ impl Trying {
                     format!("node {id}: {e}"),
                 ));
             }
-            self.io = Some((tx, FramedRecv::new(rx, MAX_CONTROL_FRAME)));
+            // `Chunk`s (an embedding, a long tool call) may exceed a control frame.
+            self.io = Some((tx, FramedRecv::new(rx, MAX_REQUEST_FRAME)));
         }
         let Some((_, framed)) = self.io.as_mut() else {
             return NodeEvent::Unreachable(CoreError::internal("no stream"));

@@ -128,8 +128,10 @@ impl StreamRenderer {
     ) {
         out.reserve(self.head.len() + 96 + content.map_or(0, str::len));
         out.push_str(&self.head);
+        // The text fast path exists for chat and legacy completions; the other endpoints carry
+        // whole JSON pieces (`Chunk`) and are rendered elsewhere, so they take the chat shape.
         match self.endpoint {
-            Endpoint::Chat => {
+            Endpoint::Chat | Endpoint::Embeddings | Endpoint::Responses => {
                 out.push_str("\"choices\":[{\"index\":0,\"delta\":{");
                 if let Some(role) = role {
                     out.push_str("\"role\":");
@@ -186,7 +188,7 @@ impl StreamRenderer {
     pub fn role_event(&self) -> Option<Bytes> {
         match self.endpoint {
             Endpoint::Chat => Some(self.event(Some("assistant"), Some(""), None)),
-            Endpoint::Completion => None,
+            Endpoint::Completion | Endpoint::Embeddings | Endpoint::Responses => None,
         }
     }
 
@@ -266,7 +268,7 @@ pub fn completion_response(
     let _ = write!(out, "\",\"created\":{created},\"model\":");
     push_json_str(&mut out, model);
     match endpoint {
-        Endpoint::Chat => {
+        Endpoint::Chat | Endpoint::Embeddings | Endpoint::Responses => {
             out.push_str(
                 ",\"choices\":[{\"index\":0,\"message\":{\"role\":\"assistant\",\"content\":",
             );

@@ -16,12 +16,17 @@ pub const MAX_STOP_SEQUENCES: usize = 4;
 pub const MAX_MODEL_NAME_BYTES: usize = 256;
 
 /// Which OpenAI endpoint a request was sent to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum Endpoint {
     /// `POST /v1/chat/completions`.
+    #[default]
     Chat,
     /// `POST /v1/completions` (legacy text completions).
     Completion,
+    /// `POST /v1/embeddings`.
+    Embeddings,
+    /// `POST /v1/responses` (the Responses API).
+    Responses,
 }
 
 impl Endpoint {
@@ -30,6 +35,8 @@ impl Endpoint {
         match self {
             Endpoint::Chat => "/v1/chat/completions",
             Endpoint::Completion => "/v1/completions",
+            Endpoint::Embeddings => "/v1/embeddings",
+            Endpoint::Responses => "/v1/responses",
         }
     }
 
@@ -38,6 +45,8 @@ impl Endpoint {
         match self {
             Endpoint::Chat => "/chat/completions",
             Endpoint::Completion => "/completions",
+            Endpoint::Embeddings => "/embeddings",
+            Endpoint::Responses => "/responses",
         }
     }
 
@@ -46,15 +55,20 @@ impl Endpoint {
         match path.strip_suffix('/').unwrap_or(path) {
             "/v1/chat/completions" => Some(Endpoint::Chat),
             "/v1/completions" => Some(Endpoint::Completion),
+            "/v1/embeddings" => Some(Endpoint::Embeddings),
+            "/v1/responses" => Some(Endpoint::Responses),
             _ => None,
         }
     }
 
-    /// The `object` of a streamed chunk on this endpoint.
+    /// The `object` of a streamed chunk on this endpoint (embeddings stream nothing: their
+    /// pieces are `embedding` objects; Responses events carry a `type` instead).
     pub fn chunk_object(self) -> &'static str {
         match self {
             Endpoint::Chat => "chat.completion.chunk",
             Endpoint::Completion => "text_completion",
+            Endpoint::Embeddings => "embedding",
+            Endpoint::Responses => "response",
         }
     }
 
@@ -63,6 +77,8 @@ impl Endpoint {
         match self {
             Endpoint::Chat => "chat.completion",
             Endpoint::Completion => "text_completion",
+            Endpoint::Embeddings => "list",
+            Endpoint::Responses => "response",
         }
     }
 
@@ -71,7 +87,31 @@ impl Endpoint {
         match self {
             Endpoint::Chat => "chatcmpl-",
             Endpoint::Completion => "cmpl-",
+            Endpoint::Embeddings => "emb-",
+            Endpoint::Responses => "resp_",
         }
+    }
+
+    /// The wire byte of the endpoint in `Open` and `InferRequest` (PROTOCOL.md).
+    pub fn to_byte(self) -> u8 {
+        match self {
+            Endpoint::Chat => 0,
+            Endpoint::Completion => 1,
+            Endpoint::Embeddings => 2,
+            Endpoint::Responses => 3,
+        }
+    }
+
+    /// Parses the wire byte.
+    pub fn from_byte(b: u8) -> Option<Self> {
+        [
+            Endpoint::Chat,
+            Endpoint::Completion,
+            Endpoint::Embeddings,
+            Endpoint::Responses,
+        ]
+        .into_iter()
+        .find(|e| e.to_byte() == b)
     }
 }
 
@@ -122,13 +162,26 @@ pub struct ChatMessage {
     pub name: Option<String>,
 }
 
-/// What the model is asked to continue.
+/// The most inputs one embeddings request may carry (OpenAI's limit).
+pub const MAX_EMBEDDING_INPUTS: usize = 2048;
+
+/// One input of an embeddings request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EmbedInput {
+    Text(String),
+    /// Token ids of the model's tokeniser.
+    Tokens(Vec<u32>),
+}
+
+/// What the model is asked to continue (or, for embeddings, to embed).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Input {
     /// Chat endpoint: the conversation so far (never empty).
     Messages(Vec<ChatMessage>),
     /// Completions endpoint: one prompt string.
     Prompt(String),
+    /// Embeddings endpoint: 1..=[`MAX_EMBEDDING_INPUTS`] inputs, none empty.
+    Embed(Vec<EmbedInput>),
 }
 
 /// A validated request for `POST /v1/chat/completions` or `POST /v1/completions`.
@@ -440,6 +493,87 @@ fn parse_prompt(raw: &Map<String, Value>) -> Result<String, RequestError> {
     }
 }
 
+fn parse_embed_input(raw: &Map<String, Value>) -> Result<Vec<EmbedInput>, RequestError> {
+    const EXPECTED: &str =
+        "a string, an array of strings, an array of token ids or an array of token-id arrays";
+    let tokens = |items: &[Value], param: &str| -> Result<Vec<u32>, RequestError> {
+        if items.is_empty() {
+            return Err(RequestError::invalid_value(
+                param,
+                format!("Invalid '{param}': empty token array."),
+            ));
+        }
+        items
+            .iter()
+            .map(|v| {
+                v.as_u64()
+                    .and_then(|n| u32::try_from(n).ok())
+                    .ok_or_else(|| RequestError::invalid_type(param, "a token id", v))
+            })
+            .collect()
+    };
+    let text = |s: &str, param: &str| -> Result<EmbedInput, RequestError> {
+        if s.is_empty() {
+            return Err(RequestError::invalid_value(
+                param,
+                format!("Invalid '{param}': empty string."),
+            ));
+        }
+        Ok(EmbedInput::Text(s.to_owned()))
+    };
+    let inputs = match field(raw, "input") {
+        None => return Err(RequestError::missing("input")),
+        Some(Value::String(s)) => vec![text(s, "input")?],
+        Some(Value::Array(items)) if items.is_empty() => {
+            return Err(RequestError::invalid_value(
+                "input",
+                "Invalid 'input': empty array.".into(),
+            ))
+        }
+        Some(Value::Array(items)) if items.len() > MAX_EMBEDDING_INPUTS => {
+            return Err(RequestError::invalid_value(
+                "input",
+                format!(
+                    "Invalid 'input': array too long. Expected at most {MAX_EMBEDDING_INPUTS} \
+                     inputs, but got {} instead.",
+                    items.len()
+                ),
+            ))
+        }
+        Some(Value::Array(items)) if items.iter().all(Value::is_number) => {
+            vec![EmbedInput::Tokens(tokens(items, "input")?)]
+        }
+        Some(Value::Array(items)) => items
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                let param = format!("input[{i}]");
+                match v {
+                    Value::String(s) => text(s, &param),
+                    Value::Array(t) => Ok(EmbedInput::Tokens(tokens(t, &param)?)),
+                    other => Err(RequestError::invalid_type(&param, EXPECTED, other)),
+                }
+            })
+            .collect::<Result<Vec<_>, _>>()?,
+        Some(other) => return Err(RequestError::invalid_type("input", EXPECTED, other)),
+    };
+    match field(raw, "encoding_format") {
+        None => {}
+        Some(Value::String(f)) if f == "float" || f == "base64" => {}
+        Some(other) => {
+            return Err(RequestError::invalid_value(
+                "encoding_format",
+                format!("Invalid 'encoding_format': {other}. Expected 'float' or 'base64'."),
+            ))
+        }
+    }
+    if let Some(d) = opt_u32(raw, "dimensions", 1)? {
+        // Checked here only for range; whether the model can shorten is its backend's call.
+        let _ = d;
+    }
+    Ok(inputs)
+}
+
 fn parse_stop(raw: &Map<String, Value>) -> Result<Vec<String>, RequestError> {
     match field(raw, "stop") {
         None => Ok(Vec::new()),
@@ -534,6 +668,13 @@ impl InferenceRequest {
         let input = match endpoint {
             Endpoint::Chat => Input::Messages(parse_messages(&raw)?),
             Endpoint::Completion => Input::Prompt(parse_prompt(&raw)?),
+            Endpoint::Embeddings => Input::Embed(parse_embed_input(&raw)?),
+            Endpoint::Responses => {
+                return Err(RequestError::unsupported(
+                    "model",
+                    format!("{} is not served yet.", endpoint.path()),
+                ))
+            }
         };
         let stream = opt_bool(&raw, "stream", "stream")?.unwrap_or(false);
         let include_usage = match field(&raw, "stream_options") {
@@ -559,8 +700,8 @@ impl InferenceRequest {
         // A chat completion of zero tokens is meaningless; a legacy completion of zero tokens is
         // allowed by OpenAI (it was used with `echo`).
         let min_tokens = match endpoint {
-            Endpoint::Chat => 1,
             Endpoint::Completion => 0,
+            Endpoint::Chat | Endpoint::Embeddings | Endpoint::Responses => 1,
         };
         let max_tokens = match endpoint {
             Endpoint::Chat => match opt_u32(&raw, "max_completion_tokens", min_tokens)? {
@@ -568,6 +709,7 @@ impl InferenceRequest {
                 None => opt_u32(&raw, "max_tokens", min_tokens)?,
             },
             Endpoint::Completion => opt_u32(&raw, "max_tokens", min_tokens)?,
+            Endpoint::Embeddings | Endpoint::Responses => None,
         };
         let stop = parse_stop(&raw)?;
         let temperature = match field(&raw, "temperature") {
@@ -631,25 +773,50 @@ impl InferenceRequest {
     pub fn messages(&self) -> &[ChatMessage] {
         match &self.input {
             Input::Messages(m) => m,
-            Input::Prompt(_) => &[],
+            Input::Prompt(_) | Input::Embed(_) => &[],
         }
     }
 
     /// The prompt (only for the completions endpoint).
     pub fn prompt(&self) -> Option<&str> {
         match &self.input {
-            Input::Messages(_) => None,
+            Input::Messages(_) | Input::Embed(_) => None,
             Input::Prompt(p) => Some(p),
         }
     }
 
     /// Every piece of input text in order: message contents, or the prompt.
+    /// Token-id inputs of an embeddings request contribute nothing here; see
+    /// [`InferenceRequest::input_token_ids`].
     pub fn input_texts(&self) -> impl Iterator<Item = &str> {
-        let (messages, prompt) = match &self.input {
-            Input::Messages(m) => (m.as_slice(), None),
-            Input::Prompt(p) => (&[][..], Some(p.as_str())),
+        let (messages, prompt, embed) = match &self.input {
+            Input::Messages(m) => (m.as_slice(), None, &[][..]),
+            Input::Prompt(p) => (&[][..], Some(p.as_str()), &[][..]),
+            Input::Embed(e) => (&[][..], None, e.as_slice()),
         };
-        messages.iter().map(|m| m.content.as_str()).chain(prompt)
+        let texts = embed.iter().filter_map(|i| match i {
+            EmbedInput::Text(t) => Some(t.as_str()),
+            EmbedInput::Tokens(_) => None,
+        });
+        messages
+            .iter()
+            .map(|m| m.content.as_str())
+            .chain(prompt)
+            .chain(texts)
+    }
+
+    /// How many token ids the token-id inputs of an embeddings request carry (0 otherwise).
+    pub fn input_token_ids(&self) -> usize {
+        match &self.input {
+            Input::Embed(e) => e
+                .iter()
+                .map(|i| match i {
+                    EmbedInput::Tokens(t) => t.len(),
+                    EmbedInput::Text(_) => 0,
+                })
+                .sum(),
+            _ => 0,
+        }
     }
 
     /// The body to send to another OpenAI-compatible server: the original request with `model`
@@ -721,6 +888,67 @@ mod tests {
             Ok(r) => panic!("expected an error, got {r:?}"),
             Err(e) => e,
         }
+    }
+
+    #[test]
+    fn embeddings_inputs_parse_in_every_shape_and_hostile_ones_are_named() {
+        let ok = |v: Value| match parse(Endpoint::Embeddings, v) {
+            Ok(r) => r,
+            Err(e) => panic!("expected a valid request, got {e:?}"),
+        };
+        let err = |v: Value| match parse(Endpoint::Embeddings, v) {
+            Ok(r) => panic!("expected an error, got {r:?}"),
+            Err(e) => e,
+        };
+        let r = ok(json!({"model": "e", "input": "hello"}));
+        assert_eq!(
+            r.input,
+            Input::Embed(vec![EmbedInput::Text("hello".into())])
+        );
+        assert_eq!(r.input_texts().collect::<Vec<_>>(), ["hello"]);
+        let r = ok(json!({"model": "e", "input": ["a", [1, 2, 3]], "encoding_format": "base64"}));
+        assert_eq!(r.input_token_ids(), 3);
+        assert_eq!(r.input_texts().collect::<Vec<_>>(), ["a"]);
+        let r = ok(json!({"model": "e", "input": [7, 8]}));
+        assert_eq!(r.input, Input::Embed(vec![EmbedInput::Tokens(vec![7, 8])]));
+        assert_eq!(err(json!({"model": "e"})).param.as_deref(), Some("input"));
+        assert_eq!(
+            err(json!({"model": "e", "input": ""})).param.as_deref(),
+            Some("input")
+        );
+        assert_eq!(
+            err(json!({"model": "e", "input": []})).param.as_deref(),
+            Some("input")
+        );
+        assert_eq!(
+            err(json!({"model": "e", "input": ["ok", 5.5]}))
+                .param
+                .as_deref(),
+            Some("input[1]")
+        );
+        assert_eq!(
+            err(json!({"model": "e", "input": [[1, -1]]}))
+                .param
+                .as_deref(),
+            Some("input[0]")
+        );
+        let many: Vec<Value> = (0..=MAX_EMBEDDING_INPUTS).map(|_| json!("x")).collect();
+        assert_eq!(
+            err(json!({"model": "e", "input": many})).param.as_deref(),
+            Some("input")
+        );
+        assert_eq!(
+            err(json!({"model": "e", "input": "x", "encoding_format": "hex"}))
+                .param
+                .as_deref(),
+            Some("encoding_format")
+        );
+        assert_eq!(
+            err(json!({"model": "e", "input": "x", "dimensions": 0}))
+                .param
+                .as_deref(),
+            Some("dimensions")
+        );
     }
 
     #[test]

@@ -192,6 +192,23 @@ async fn infer_on(
                 write!(out, "{}", t.text)?;
                 out.flush()?;
             }
+            Some(InferEvent::Chunk(c)) => {
+                first.get_or_insert_with(|| started.elapsed().as_secs_f64() * 1000.0);
+                tokens += 1;
+                // Text deltas print as text; anything else (a tool call, logprobs) as its JSON.
+                let v: serde_json::Value = serde_json::from_str(&c.json).unwrap_or_default();
+                match v["choices"][0]["delta"]["content"].as_str() {
+                    Some(text)
+                        if v["choices"][0]["delta"]
+                            .as_object()
+                            .is_some_and(|d| d.len() == 1) =>
+                    {
+                        write!(out, "{text}")?
+                    }
+                    _ => writeln!(out, "\n{}", c.json)?,
+                }
+                out.flush()?;
+            }
             Some(InferEvent::Done(d)) => {
                 writeln!(out)?;
                 let total = started.elapsed().as_secs_f64();
