@@ -231,3 +231,28 @@ async fn embeddings_relay_the_real_servers_vectors_unchanged() {
 async fn models_retrieve_answers_for_a_model_the_real_server_serves() {
     compare("models").await;
 }
+
+#[test]
+fn the_tiny_model_is_deterministic_and_under_a_megabyte() {
+    if !python_can("import gguf", "python3 -m pip install gguf") {
+        return;
+    }
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let mut files = Vec::new();
+    for d in &dirs {
+        let out = Command::new("python3")
+            .arg(format!("{PYTHON_DIR}/make_tiny_model.py"))
+            .arg(d.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "make_tiny_model.py failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        files.push(std::fs::read(d.path().join("tiny.gguf")).unwrap());
+    }
+    assert!(files[0].starts_with(b"GGUF"), "not a GGUF file");
+    assert!(files[0].len() < 1_000_000, "{} bytes", files[0].len());
+    assert!(files[0] == files[1], "two runs wrote different bytes");
+}
