@@ -11,7 +11,8 @@
 mod common;
 
 use common::*;
-use nearpath_config::BackendConfig;
+use nearpath_config::ModelConfig;
+use serde_json::json;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
@@ -155,17 +156,32 @@ fn http_status(port: u16, path: &str) -> Option<u16> {
     std::str::from_utf8(&head[9..12]).ok()?.parse().ok()
 }
 
+/// The node's model `tiny`: the llama server, declaring what llama-cpp-python honours (see
+/// DESIGN.md §7: no `tool_choice: "required"`, no `n > 1`). The declaration is parsed as
+/// configuration text, as an operator writes it; a build without per-model capabilities
+/// (`unknown field`) gets the same model without them.
+fn upstream_model(l: &Llama) -> ModelConfig {
+    let mut model = json!({
+        "name": MODEL, "max_concurrency": 8,
+        "backend": {"type": "upstream", "base_url": l.url(), "upstream_model": MODEL,
+                    "timeout_ms": 30_000},
+        "capabilities": ["tools", "json_mode", "json_schema", "logprobs", "embeddings"],
+    });
+    match serde_json::from_value(model.clone()) {
+        Ok(m) => m,
+        Err(e) if e.to_string().contains("unknown field `capabilities`") => {
+            model.as_object_mut().unwrap().remove("capabilities");
+            serde_json::from_value(model).unwrap()
+        }
+        Err(e) => panic!("the upstream model's configuration: {e}"),
+    }
+}
+
 /// A gateway and a node in DE whose model `tiny` is the llama server, registered.
 async fn gateway_in_front_of(l: &Llama) -> (TestGateway, TestNode) {
     let gw = TestGateway::start(|_| {}).await;
     let mut cfg = gw.node_config("de-llama", &gw.token);
-    cfg.models[0].name = MODEL.into();
-    cfg.models[0].backend = BackendConfig::Upstream {
-        base_url: l.url(),
-        api_key: None,
-        upstream_model: Some(MODEL.into()),
-        timeout_ms: 30_000,
-    };
+    cfg.models = vec![upstream_model(l)];
     let mut node = TestNode::start(cfg, ip(DE));
     node.registered().await;
     (gw, node)
