@@ -79,9 +79,33 @@ def shape(v, top=True):
     return type(v).__name__
 
 
+def first_difference(a, b, path="$"):
+    """Where two shapes first differ, as a JSON path and what each side has there."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            if k not in a:
+                return f"{path}.{k}: missing through the gateway"
+            if k not in b:
+                return f"{path}.{k}: only through the gateway"
+            d = first_difference(a[k], b[k], f"{path}.{k}")
+            if d:
+                return d
+        return None
+    if isinstance(a, list) and isinstance(b, list):
+        if len(a) != len(b):
+            return f"{path}: {len(a)} items through the gateway, {len(b)} direct"
+        for i, (x, y) in enumerate(zip(a, b)):
+            d = first_difference(x, y, f"{path}[{i}]")
+            if d:
+                return d
+        return None
+    return None if a == b else f"{path}: {json.dumps(a)} through the gateway, {json.dumps(b)} direct"
+
+
 def same_shape(name, through, straight):
     a, b = shape(through), shape(straight)
-    check(name, a == b, f"\n  gateway: {json.dumps(through)}\n  direct:  {json.dumps(straight)}")
+    check(name, a == b, f"{first_difference(a, b)}\n  gateway: {json.dumps(through)}\n"
+          f"  direct:  {json.dumps(straight)}")
 
 
 def both(call):
