@@ -20,7 +20,10 @@ import socket
 import sys
 import threading
 
-import make_tiny_model
+# The model writer sits next to this file; importing it must not leave a __pycache__ in the
+# source tree.
+sys.dont_write_bytecode = True
+import make_tiny_model  # noqa: E402
 
 
 def watch_stdin(remove):
