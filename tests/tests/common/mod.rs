@@ -570,9 +570,14 @@ pub fn python_lacks(import_stmt: &str) -> Option<String> {
         .output()
     {
         Ok(o) if o.status.success() => None,
+        // The traceback's last line says which module is missing.
         Ok(o) => Some(format!(
             "python3 cannot `{import_stmt}`: {}",
-            String::from_utf8_lossy(&o.stderr).trim()
+            String::from_utf8_lossy(&o.stderr)
+                .lines()
+                .rfind(|l| !l.trim().is_empty())
+                .unwrap_or("(no message)")
+                .trim()
         )),
         Err(e) => Some(format!("python3 does not run: {e}")),
     }
