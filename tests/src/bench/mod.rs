@@ -9,6 +9,7 @@ pub mod latency;
 pub mod os;
 pub mod queue;
 pub mod quicmem;
+pub mod real;
 pub mod register;
 pub mod relay;
 pub mod rps;
