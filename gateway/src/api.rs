@@ -42,6 +42,9 @@ use tracing::{info_span, Instrument};
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 static X_SHOULD_RETRY: HeaderName = HeaderName::from_static("x-should-retry");
 static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+/// Names the model that served a request when it was a fallback of the requested one
+/// (`inference.fallbacks`).
+static X_FALLBACK_MODEL: HeaderName = HeaderName::from_static("x-nearpath-fallback-model");
 
 /// Another HTTP service mounted on this listener for the paths it claims (WHEP, session
 /// resources and `/play`, for browser players over WebRTC).
@@ -583,6 +586,13 @@ impl ClientApi {
             Ok(s) => s,
             Err(e) => return Ok(error_response(request_id, &e)),
         };
+        // A fallback model serves it: the response names that model, and says so in a header.
+        let served_model = stream.model.clone();
+        let fallback = stream
+            .fallback_from
+            .is_some()
+            .then(|| HeaderValue::from_str(&served_model).ok())
+            .flatten();
         // Embeddings have no streaming form.
         if !request.stream || endpoint == Endpoint::Embeddings {
             let collect = match endpoint {
@@ -592,7 +602,7 @@ impl ClientApi {
             let mut relay = JsonRelay {
                 completion_id: stream.completion_id.clone(),
                 created: stream.created,
-                model: request.model.clone(),
+                model: served_model.clone(),
                 node: stream.node.id.clone(),
                 collect: Some(collect),
                 body: None,
@@ -600,7 +610,13 @@ impl ClientApi {
             };
             infer.pump(ticket, stream, &mut relay).await;
             return Ok(match (relay.error, relay.body) {
-                (None, Some(body)) => with_type(StatusCode::OK, "application/json", body),
+                (None, Some(body)) => {
+                    let mut r = with_type(StatusCode::OK, "application/json", body);
+                    if let Some(v) = fallback {
+                        r.headers_mut().insert(X_FALLBACK_MODEL.clone(), v);
+                    }
+                    r
+                }
                 (Some(e), _) => error_response(request_id, &e),
                 (None, None) => error_response(
                     request_id,
@@ -616,7 +632,7 @@ impl ClientApi {
                 endpoint,
                 &stream.completion_id,
                 stream.created,
-                &request.model,
+                &served_model,
             ),
             include_usage: request.include_usage,
             role_sent: false,
@@ -631,6 +647,9 @@ impl ClientApi {
         );
         let mut r = Response::new(Body::Channel(rx));
         let h = r.headers_mut();
+        if let Some(v) = fallback {
+            h.insert(X_FALLBACK_MODEL.clone(), v);
+        }
         h.insert(
             CONTENT_TYPE,
             HeaderValue::from_static(openai::SSE_CONTENT_TYPE),
