@@ -1097,7 +1097,7 @@ pub(super) mod tests {
         assert_eq!(choice["message"]["content"], Value::Null);
         assert_eq!(
             choice["message"]["tool_calls"],
-            json!([{"index": 0, "id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{\"a\":1}"}}])
+            json!([{"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{\"a\":1}"}}])
         );
         let body = json!({"model": "tools", "stream": true, "messages": [{"role": "user", "content": "x"}]});
         let (status, _, bytes) =

@@ -273,7 +273,7 @@ pub fn completion_response(
                 ",\"choices\":[{\"index\":0,\"message\":{\"role\":\"assistant\",\"content\":",
             );
             push_json_str(&mut out, text);
-            out.push_str(",\"refusal\":null},\"logprobs\":null,\"finish_reason\":");
+            out.push_str("},\"logprobs\":null,\"finish_reason\":");
         }
         Endpoint::Completion => {
             out.push_str(",\"choices\":[{\"text\":");
@@ -495,7 +495,7 @@ mod tests {
         };
         assert_eq!(
             chat_completion("chatcmpl-2", 9, "m", " a b", "length", usage),
-            r#"{"id":"chatcmpl-2","object":"chat.completion","created":9,"model":"m","choices":[{"index":0,"message":{"role":"assistant","content":" a b","refusal":null},"logprobs":null,"finish_reason":"length"}],"usage":{"prompt_tokens":4,"completion_tokens":2,"total_tokens":6}}"#
+            r#"{"id":"chatcmpl-2","object":"chat.completion","created":9,"model":"m","choices":[{"index":0,"message":{"role":"assistant","content":" a b"},"logprobs":null,"finish_reason":"length"}],"usage":{"prompt_tokens":4,"completion_tokens":2,"total_tokens":6}}"#
         );
         assert_eq!(
             text_completion("cmpl-2", 9, "m", " a", "stop", usage),
