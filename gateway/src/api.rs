@@ -21,6 +21,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use nearpath_config::{HttpConfig, WorkloadKind};
 use nearpath_geo::Location;
 use nearpath_protocol::openai::{self, ApiError, Endpoint, InferenceRequest, StreamRenderer};
+use nearpath_protocol::ModelCaps;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -255,14 +256,16 @@ impl ClientApi {
         let now_ms = self.infer.clock.unix_ms();
         let gone = self.infer.directory.registry.recently_served_models(now_ms);
         let created = now_ms / 1000;
-        let mut list: Vec<(&str, u64, &str, bool)> = names
+        let caps = self.infer.directory.registry.all_model_caps();
+        let caps_of = |n: &str| caps.get(n).copied().unwrap_or_default();
+        let mut list: Vec<(&str, u64, &str, bool, ModelCaps)> = names
             .iter()
-            .map(|n| (n.as_str(), created, "nearpath", true))
+            .map(|n| (n.as_str(), created, "nearpath", true, caps_of(n)))
             .collect();
         list.extend(
             gone.iter()
                 .filter(|n| !names.contains(*n))
-                .map(|n| (n.as_str(), created, "nearpath", false)),
+                .map(|n| (n.as_str(), created, "nearpath", false, ModelCaps::NONE)),
         );
         list.sort_by(|a, b| a.0.cmp(b.0));
         with_type(

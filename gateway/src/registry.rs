@@ -14,6 +14,7 @@ use crate::router::{
 use crate::store::KycStatus;
 use nearpath_geo::{ClassId, Location};
 use nearpath_protocol::message::{Capacity, Gpu, Workloads};
+use nearpath_protocol::ModelCaps;
 use serde::Serialize;
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -193,6 +194,12 @@ pub struct NodeEntry {
 }
 
 impl NodeEntry {
+    /// What the node declares `model` can do, or `None` when it does not serve the model.
+    pub fn model_caps(&self, model: &str) -> Option<ModelCaps> {
+        let i = self.workloads.models.iter().position(|m| m == model)?;
+        Some(self.workloads.caps_of(i))
+    }
+
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         id: String,
@@ -715,6 +722,30 @@ impl Registry {
                 }
             });
         }
+    }
+
+    /// The union of what the registered nodes serving `model` declare it can do, or `None` when
+    /// no node serves it. A scan of the nodes: called only for requests that need a capability.
+    pub fn model_caps(&self, model: &str) -> Option<ModelCaps> {
+        self.lock()
+            .by_id
+            .values()
+            .filter_map(|e| e.model_caps(model))
+            .reduce(ModelCaps::with)
+    }
+
+    /// [`Registry::model_caps`] of every served model, in one pass (for `/v1/models`).
+    pub fn all_model_caps(&self) -> HashMap<String, ModelCaps> {
+        let mut out: HashMap<String, ModelCaps> = HashMap::new();
+        for e in self.lock().by_id.values() {
+            for (i, m) in e.workloads.models.iter().enumerate() {
+                let caps = e.workloads.caps_of(i);
+                out.entry(m.clone())
+                    .and_modify(|c| *c = c.with(caps))
+                    .or_insert(caps);
+            }
+        }
+        out
     }
 
     /// Whether some registered node serves model `name`.
