@@ -859,4 +859,127 @@ mod tests {
             assert!(!err.api_error().body().contains("127.0.0.1"), "{err}");
         }
     }
+
+    fn chat(extra: serde_json::Value) -> InferenceRequest {
+        let mut v =
+            serde_json::json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]});
+        if let (Some(o), serde_json::Value::Object(extra)) = (v.as_object_mut(), extra) {
+            o.extend(extra);
+        }
+        match InferenceRequest::parse(Endpoint::Chat, v.to_string().as_bytes()) {
+            Ok(r) => r,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn registry_refuses_a_request_needing_an_undeclared_capability() {
+        let mut registry = ModelRegistry::new();
+        let declared = ModelCaps::LOGPROBS;
+        assert!(registry
+            .insert_with_caps("m", 4, instant_sim(), declared)
+            .is_ok());
+        assert!(registry.insert("s", 4, instant_sim()).is_ok());
+        assert_eq!(registry.caps("m"), Some(declared));
+        assert_eq!(
+            registry.caps("s"),
+            Some(sim_caps()),
+            "the simulator's default"
+        );
+        let tools = chat(serde_json::json!({
+            "tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required"
+        }));
+        match registry.start(&tools) {
+            Err(e) => {
+                assert_eq!(e.code(), "unsupported_parameter");
+                assert!(!e.retryable(), "it would fail on any node like this one");
+                let api = e.api_error();
+                assert_eq!(api.status, 400);
+                assert_eq!(api.param.as_deref(), Some("tools"));
+                assert!(
+                    api.message.contains("does not support tools"),
+                    "{}",
+                    api.message
+                );
+            }
+            Ok(_) => panic!("a tools request reached a model without tools"),
+        }
+        assert_eq!(
+            registry.total_in_flight(),
+            0,
+            "refused before taking a slot"
+        );
+        assert!(registry
+            .start(&chat(serde_json::json!({"logprobs": true})))
+            .is_ok());
+        let mut on_sim = tools.clone();
+        on_sim.model = "s".into();
+        assert!(registry.start(&on_sim).is_ok());
+    }
+
+    #[test]
+    fn config_capability_names_are_the_protocol_names() {
+        let protocol: Vec<&str> = ModelCaps::NAMED.iter().map(|(_, n)| *n).collect();
+        assert_eq!(nearpath_config::CAPABILITY_NAMES.to_vec(), protocol);
+        assert_eq!(
+            ModelCaps::from_names(nearpath_config::SIM_CAPABILITY_NAMES),
+            Ok(sim_caps())
+        );
+        let upstream = nearpath_config::ModelConfig {
+            name: "u".into(),
+            max_concurrency: 1,
+            backend: nearpath_config::BackendConfig::Upstream {
+                base_url: "http://127.0.0.1:1/v1".into(),
+                api_key: None,
+                upstream_model: None,
+                timeout_ms: 1,
+            },
+            capabilities: None,
+        };
+        assert_eq!(configured_caps(&upstream), ModelCaps::NONE);
+        let declared = nearpath_config::ModelConfig {
+            capabilities: Some(vec!["tools".into(), "embeddings".into()]),
+            ..upstream
+        };
+        assert_eq!(
+            configured_caps(&declared),
+            ModelCaps::TOOLS.with(ModelCaps::EMBEDDINGS)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn rich_generations_are_paced_chunks_then_done() {
+        let sim = SimBackend::new(SimConfig {
+            ttft_ms: 100,
+            tokens_per_s: 10.0,
+            seed: 0,
+        });
+        let start = tokio::time::Instant::now();
+        let mut g = match sim.start(&chat(serde_json::json!({"n": 2, "max_tokens": 3}))) {
+            Ok(g) => g,
+            Err(e) => panic!("{e}"),
+        };
+        let mut chunks = 0;
+        loop {
+            match g.next().await {
+                Some(Ok(BackendEvent::Chunk { .. })) => chunks += 1,
+                Some(Ok(BackendEvent::Done {
+                    finish_reason,
+                    completion_tokens,
+                    ..
+                })) => {
+                    assert_eq!((finish_reason.as_str(), completion_tokens), ("length", 6));
+                    break;
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        // 3 content chunks per choice plus choice 1's finish chunk.
+        assert_eq!(chunks, 7);
+        // Steps at 100, 200 and 300 ms, and one more step that finds both choices finished.
+        assert_eq!(
+            tokio::time::Instant::now() - start,
+            std::time::Duration::from_millis(400)
+        );
+    }
 }

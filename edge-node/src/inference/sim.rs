@@ -466,6 +466,13 @@ impl Fnv64 {
     pub(crate) fn finish(&self) -> u64 {
         self.0
     }
+
+    #[cfg(test)]
+    pub(crate) fn hash(bytes: &[u8]) -> u64 {
+        let mut h = Self::new();
+        h.write(bytes);
+        h.finish()
+    }
 }
 
 #[cfg(test)]

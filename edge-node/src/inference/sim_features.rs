@@ -570,3 +570,455 @@ fn base64_encode(bytes: &[u8]) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn chat(extra: Value) -> InferenceRequest {
+        let mut v = json!({"model": "sim", "messages": [{"role": "user", "content": "What is the weather in Paris?"}]});
+        if let (Some(o), Value::Object(extra)) = (v.as_object_mut(), extra) {
+            o.extend(extra);
+        }
+        parse(Endpoint::Chat, v)
+    }
+
+    fn parse(endpoint: Endpoint, v: Value) -> InferenceRequest {
+        match InferenceRequest::parse(endpoint, v.to_string().as_bytes()) {
+            Ok(r) => r,
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+
+    fn config() -> SimConfig {
+        SimConfig {
+            ttft_ms: 0,
+            tokens_per_s: 0.0,
+            seed: 5,
+        }
+    }
+
+    /// Every chunk of a rich generation, parsed, and choice 0's finish reason.
+    fn run(r: &InferenceRequest) -> (Vec<Value>, &'static str, u32) {
+        let mut script = RichScript::new(&config(), r);
+        let mut out = Vec::new();
+        while let Some(chunks) = script.next_step() {
+            for c in chunks {
+                match serde_json::from_str(&c) {
+                    Ok(v) => out.push(v),
+                    Err(e) => panic!("chunk is not JSON ({e}): {c}"),
+                }
+            }
+        }
+        (out, script.finish_reason(), script.completion_tokens())
+    }
+
+    /// A small JSON Schema checker (types, required, enum, bounds, `$ref`, `anyOf`): enough to
+    /// show the generated instances are what a schema-validating client accepts.
+    fn check(root: &Value, schema: &Value, v: &Value) -> Result<(), String> {
+        let schema = resolve(root, schema);
+        if let Some(Value::Array(e)) = schema.get("enum") {
+            return if e.contains(v) {
+                Ok(())
+            } else {
+                Err(format!("{v} not in {e:?}"))
+            };
+        }
+        if let Some(Value::Array(alts)) = schema.get("anyOf") {
+            return if alts.iter().any(|a| check(root, a, v).is_ok()) {
+                Ok(())
+            } else {
+                Err(format!("{v} matches no anyOf"))
+            };
+        }
+        match schema.get("type").and_then(Value::as_str) {
+            Some("object") => {
+                let o = v.as_object().ok_or(format!("{v} is not an object"))?;
+                for r in schema
+                    .get("required")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                {
+                    let r = r.as_str().unwrap_or_default();
+                    if !o.contains_key(r) {
+                        return Err(format!("missing {r}"));
+                    }
+                }
+                for (k, sub) in schema
+                    .get("properties")
+                    .and_then(Value::as_object)
+                    .into_iter()
+                    .flatten()
+                {
+                    if let Some(x) = o.get(k) {
+                        check(root, sub, x)?;
+                    }
+                }
+                Ok(())
+            }
+            Some("array") => {
+                let a = v.as_array().ok_or(format!("{v} is not an array"))?;
+                if let Some(min) = schema.get("minItems").and_then(Value::as_u64) {
+                    if (a.len() as u64) < min {
+                        return Err(format!("{v} too short"));
+                    }
+                }
+                a.iter()
+                    .try_for_each(|x| check(root, schema.get("items").unwrap_or(&Value::Null), x))
+            }
+            Some("string") => {
+                let s = v.as_str().ok_or(format!("{v} is not a string"))?;
+                let len = s.len() as u64;
+                if schema
+                    .get("maxLength")
+                    .and_then(Value::as_u64)
+                    .is_some_and(|m| len > m)
+                    || schema
+                        .get("minLength")
+                        .and_then(Value::as_u64)
+                        .is_some_and(|m| len < m)
+                {
+                    return Err(format!("{v} has the wrong length"));
+                }
+                Ok(())
+            }
+            Some("integer") => {
+                let i = v.as_i64().ok_or(format!("{v} is not an integer"))?;
+                if schema
+                    .get("minimum")
+                    .and_then(Value::as_i64)
+                    .is_some_and(|m| i < m)
+                    || schema
+                        .get("maximum")
+                        .and_then(Value::as_i64)
+                        .is_some_and(|m| i > m)
+                {
+                    return Err(format!("{v} out of bounds"));
+                }
+                Ok(())
+            }
+            Some("number") => v.as_f64().map(|_| ()).ok_or(format!("{v} is not a number")),
+            Some("boolean") => v
+                .as_bool()
+                .map(|_| ())
+                .ok_or(format!("{v} is not a boolean")),
+            _ => Ok(()),
+        }
+    }
+
+    /// What Pydantic writes for a model with a nested model, an optional field, a literal and
+    /// bounded numbers (as LangChain's `with_structured_output` and `bind_tools` send it).
+    fn pydantic_schema() -> Value {
+        json!({
+            "$defs": {"Place": {"type": "object", "properties": {
+                "city": {"type": "string", "maxLength": 5},
+                "country": {"type": "string", "minLength": 2, "maxLength": 2}
+            }, "required": ["city", "country"], "title": "Place"}},
+            "type": "object",
+            "title": "Weather",
+            "properties": {
+                "place": {"$ref": "#/$defs/Place"},
+                "unit": {"enum": ["celsius", "fahrenheit"], "type": "string"},
+                "days": {"type": "integer", "minimum": 1, "maximum": 3},
+                "temperature": {"type": "number"},
+                "tags": {"type": "array", "items": {"type": "string"}, "minItems": 2},
+                "note": {"anyOf": [{"type": "string"}, {"type": "null"}], "default": null},
+                "windy": {"type": "boolean"}
+            },
+            "required": ["place", "unit", "days", "temperature", "tags", "windy"]
+        })
+    }
+
+    fn weather_tool() -> Value {
+        json!({"type": "function", "function": {"name": "get_weather", "description": "d", "parameters": pydantic_schema()}})
+    }
+
+    #[test]
+    fn tool_calls_stream_like_openai_with_arguments_valid_for_the_schema() {
+        let r = chat(json!({
+            "tools": [{"type": "function", "function": {"name": "other"}}, weather_tool()],
+            "tool_choice": {"type": "function", "function": {"name": "get_weather"}}
+        }));
+        assert!(!is_plain(&r));
+        let (chunks, finish, tokens) = run(&r);
+        assert_eq!(run(&r).0, chunks, "deterministic");
+        assert_eq!(finish, "tool_calls");
+        assert_eq!(tokens as usize, chunks.len());
+        let first = &chunks[0]["choices"][0];
+        assert_eq!(first["index"], 0);
+        let call = &first["delta"]["tool_calls"][0];
+        assert_eq!(call["index"], 0);
+        assert!(
+            call["id"]
+                .as_str()
+                .is_some_and(|id| id.starts_with("call_")),
+            "{call}"
+        );
+        assert_eq!(call["type"], "function");
+        assert_eq!(
+            call["function"],
+            json!({"name": "get_weather", "arguments": ""})
+        );
+        let mut args = String::new();
+        for c in &chunks[1..] {
+            let delta = &c["choices"][0]["delta"];
+            assert!(delta.get("content").is_none() && delta["tool_calls"][0].get("id").is_none());
+            assert_eq!(delta["tool_calls"][0]["index"], 0);
+            args.push_str(
+                delta["tool_calls"][0]["function"]["arguments"]
+                    .as_str()
+                    .unwrap_or_default(),
+            );
+        }
+        let args: Value = match serde_json::from_str(&args) {
+            Ok(v) => v,
+            Err(e) => panic!("arguments are not JSON ({e}): {args}"),
+        };
+        let schema = pydantic_schema();
+        assert_eq!(check(&schema, &schema, &args), Ok(()), "{args}");
+        // `required` picks the first tool; `auto` calls only a tool the user names.
+        let r = chat(json!({"tools": [weather_tool()], "tool_choice": "required"}));
+        assert_eq!(tool_to_call(&r).map(|t| t.name), Some("get_weather"));
+        let r = chat(json!({"tools": [weather_tool()]}));
+        assert_eq!(
+            tool_to_call(&r),
+            None,
+            "auto, and the user did not name the tool"
+        );
+        assert!(is_plain(&r));
+        let mut v = json!({"model": "sim", "messages": [{"role": "user", "content": "call get_weather please"}], "tools": [weather_tool()]});
+        assert_eq!(
+            tool_to_call(&parse(Endpoint::Chat, v.take())).map(|t| t.name),
+            Some("get_weather")
+        );
+    }
+
+    #[test]
+    fn json_mode_and_json_schema_stream_json_content() {
+        for rf in [
+            json!({"type": "json_object"}),
+            json!({"type": "json_schema", "json_schema": {"name": "Weather", "schema": pydantic_schema()}}),
+        ] {
+            let r = chat(json!({"response_format": rf}));
+            let (chunks, finish, _) = run(&r);
+            assert_eq!(finish, "stop");
+            assert!(chunks.len() > 2, "streamed in pieces");
+            assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+            let text: String = chunks
+                .iter()
+                .map(|c| {
+                    c["choices"][0]["delta"]["content"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_owned()
+                })
+                .collect();
+            let v: Value = match serde_json::from_str(&text) {
+                Ok(v) => v,
+                Err(e) => panic!("content is not JSON ({e}): {text}"),
+            };
+            assert!(v.is_object(), "{v}");
+            if rf["type"] == "json_schema" {
+                let schema = pydantic_schema();
+                assert_eq!(check(&schema, &schema, &v), Ok(()), "{v}");
+            }
+        }
+        // A `max_tokens` budget cuts the JSON short, as a model's would be.
+        let r = chat(json!({"response_format": {"type": "json_object"}, "max_tokens": 2}));
+        let (chunks, finish, tokens) = run(&r);
+        assert_eq!((chunks.len(), finish, tokens), (2, "length", 2));
+    }
+
+    #[test]
+    fn hostile_schemas_give_bounded_instances() {
+        // A self-referencing definition: generation stops at the depth bound.
+        let cyclic = json!({"$defs": {"N": {"type": "object", "properties": {"next": {"$ref": "#/$defs/N"}}, "required": ["next"]}}, "$ref": "#/$defs/N"});
+        let v = instance(&cyclic, &cyclic, &mut SplitMix64(1), 0);
+        assert!(v.to_string().len() < 1000, "{v}");
+        let huge = json!({"type": "array", "items": {"type": "integer"}, "minItems": u64::MAX});
+        let v = instance(&huge, &huge, &mut SplitMix64(1), 0);
+        assert_eq!(
+            v.as_array().map(Vec::len),
+            Some(MAX_GENERATED_ITEMS as usize)
+        );
+        let odd = json!({"type": "integer", "minimum": i64::MAX, "maximum": i64::MIN});
+        assert_eq!(instance(&odd, &odd, &mut SplitMix64(1), 0), json!(i64::MAX));
+        let dangling = json!({"$ref": "#/nowhere"});
+        assert!(instance(&dangling, &dangling, &mut SplitMix64(1), 0).is_string());
+    }
+
+    #[test]
+    fn logprobs_have_openai_shapes() {
+        let r = chat(json!({"logprobs": true, "top_logprobs": 3, "max_tokens": 6}));
+        let (chunks, finish, tokens) = run(&r);
+        assert_eq!((chunks.len(), finish, tokens), (6, "length", 6));
+        assert_eq!(run(&r).0, chunks, "deterministic");
+        for c in &chunks {
+            let choice = &c["choices"][0];
+            let entry = &choice["logprobs"]["content"][0];
+            assert_eq!(entry["token"], choice["delta"]["content"]);
+            let token = entry["token"].as_str().unwrap_or_default();
+            assert_eq!(entry["bytes"], json!(token.as_bytes()));
+            let lp = entry["logprob"].as_f64().unwrap_or(1.0);
+            assert!(lp <= 0.0);
+            let top = entry["top_logprobs"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            assert_eq!(top.len(), 3);
+            assert_eq!(top[0]["token"], entry["token"]);
+            let lps: Vec<f64> = top
+                .iter()
+                .map(|t| t["logprob"].as_f64().unwrap_or(1.0))
+                .collect();
+            assert!(
+                lps.windows(2).all(|w| w[0] >= w[1]) && lps.iter().all(|l| *l <= 0.0),
+                "{lps:?}"
+            );
+        }
+        // The text is the plain path's: logprobs only annotate it.
+        let plain = chat(json!({"max_tokens": 6}));
+        let mut script = SimScript::new(&config(), &plain);
+        let text: String = std::iter::from_fn(|| script.next_piece())
+            .flatten()
+            .collect();
+        let annotated: String = chunks
+            .iter()
+            .map(|c| {
+                c["choices"][0]["delta"]["content"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned()
+            })
+            .collect();
+        assert_eq!(annotated, text);
+        // Legacy completions: {tokens, token_logprobs, top_logprobs, text_offset}.
+        let r = parse(
+            Endpoint::Completion,
+            json!({"model": "sim", "prompt": "p", "logprobs": 2, "max_tokens": 3}),
+        );
+        let (chunks, ..) = run(&r);
+        let mut offset = 0;
+        for c in &chunks {
+            let choice = &c["choices"][0];
+            assert_eq!(c["object"], "text_completion");
+            let lp = &choice["logprobs"];
+            assert_eq!(lp["tokens"][0], choice["text"]);
+            assert!(lp["token_logprobs"][0].as_f64().is_some_and(|l| l <= 0.0));
+            assert_eq!(lp["top_logprobs"][0].as_object().map(Map::len), Some(2));
+            assert_eq!(lp["text_offset"][0], offset);
+            offset += choice["text"].as_str().map_or(0, str::len);
+        }
+    }
+
+    #[test]
+    fn several_choices_differ_and_carry_their_index() {
+        let r = chat(json!({"n": 3, "max_tokens": 5}));
+        let (chunks, finish, tokens) = run(&r);
+        assert_eq!(finish, "length");
+        assert_eq!(tokens, 15, "usage counts every choice");
+        let mut texts = vec![String::new(); 3];
+        let mut finishes = vec![None; 3];
+        for c in &chunks {
+            let choice = &c["choices"][0];
+            let i = choice["index"].as_u64().unwrap_or(99) as usize;
+            texts[i].push_str(choice["delta"]["content"].as_str().unwrap_or_default());
+            if let Some(f) = choice["finish_reason"].as_str() {
+                finishes[i] = Some(f.to_owned());
+            }
+        }
+        assert!(texts[0] != texts[1] && texts[1] != texts[2], "{texts:?}");
+        // Choice 0 finishes with `Done`; the others with their own chunk.
+        assert_eq!(
+            finishes,
+            [None, Some("length".into()), Some("length".into())]
+        );
+        let plain = chat(json!({"max_tokens": 5}));
+        let mut script = SimScript::new(&config(), &plain);
+        let text: String = std::iter::from_fn(|| script.next_piece())
+            .flatten()
+            .collect();
+        assert_eq!(texts[0], text, "choice 0 is the n = 1 text");
+        assert_eq!(run(&r).0, chunks, "deterministic");
+    }
+
+    #[test]
+    fn embeddings_are_deterministic_unit_vectors() {
+        let r = parse(
+            Endpoint::Embeddings,
+            json!({"model": "sim", "input": ["a b", "c", [1, 2]]}),
+        );
+        let (data, tokens) = match embeddings(&config(), &r) {
+            Ok(x) => x,
+            Err(e) => panic!("{e}"),
+        };
+        assert_eq!(tokens, 2 + 1 + 2);
+        let vs: Vec<Value> = data
+            .iter()
+            .filter_map(|d| serde_json::from_str(d).ok())
+            .collect();
+        assert_eq!(vs.len(), 3);
+        for (i, v) in vs.iter().enumerate() {
+            assert_eq!(
+                (v["object"].as_str(), v["index"].as_u64()),
+                (Some("embedding"), Some(i as u64))
+            );
+            let e: Vec<f64> = v["embedding"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_f64)
+                .collect();
+            assert_eq!(e.len(), SIM_EMBEDDING_DIMENSIONS);
+            let norm: f64 = e.iter().map(|x| x * x).sum::<f64>().sqrt();
+            assert!((norm - 1.0).abs() < 1e-5, "{norm}");
+        }
+        assert_ne!(vs[0]["embedding"], vs[1]["embedding"]);
+        assert_eq!(embeddings(&config(), &r).ok().map(|d| d.0), Some(data));
+        // `dimensions` shortens; base64 is the little-endian f32 bytes.
+        let r = parse(
+            Endpoint::Embeddings,
+            json!({"model": "sim", "input": "a b", "dimensions": 16, "encoding_format": "base64"}),
+        );
+        let b64 = embeddings(&config(), &r)
+            .ok()
+            .and_then(|(d, _)| serde_json::from_str::<Value>(&d[0]).ok());
+        let b64 = b64
+            .and_then(|v| v["embedding"].as_str().map(str::to_owned))
+            .unwrap_or_default();
+        assert_eq!(b64.len(), (16 * 4usize).div_ceil(3) * 4);
+        let floats = embedding(Fnv64::hash(b"a b") ^ config().seed.rotate_left(17), 16);
+        let bytes: Vec<u8> = floats.iter().flat_map(|x| x.to_le_bytes()).collect();
+        assert_eq!(b64, base64_encode(&bytes));
+        assert_eq!(base64_encode(b"hello"), "aGVsbG8=");
+        let r = parse(
+            Endpoint::Embeddings,
+            json!({"model": "sim", "input": "x", "dimensions": 65}),
+        );
+        assert!(matches!(
+            embeddings(&config(), &r),
+            Err(BackendError::BadRequest { status: 400, .. })
+        ));
+    }
+
+    #[test]
+    fn plain_requests_keep_the_token_fast_path() {
+        assert!(is_plain(&chat(json!({}))));
+        assert!(is_plain(&chat(
+            json!({"n": 1, "logprobs": false, "response_format": {"type": "text"}})
+        )));
+        assert!(is_plain(&chat(
+            json!({"tools": [weather_tool()], "tool_choice": "none"})
+        )));
+        for extra in [
+            json!({"n": 2}),
+            json!({"logprobs": true}),
+            json!({"response_format": {"type": "json_object"}}),
+            json!({"tools": [weather_tool()], "tool_choice": "required"}),
+        ] {
+            assert!(!is_plain(&chat(extra.clone())), "{extra}");
+        }
+    }
+}
