@@ -770,6 +770,32 @@ pub(super) mod tests {
         server.stop().await;
     }
 
+    /// `serve-openai` is honest on its own: a request needing what the model does not declare
+    /// (the simulator cannot look at images) is a 400 naming the parameter, before any work.
+    #[tokio::test]
+    async fn serve_openai_refuses_an_undeclared_capability_naming_the_param() {
+        let server = TestServer::start(SimConfig::default(), ServerOptions::default()).await;
+        let body = json!({"model": "sim-model", "stream": true, "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "what is this?"},
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+        ]}]});
+        let (status, _, bytes) = call(
+            server.addr,
+            "POST",
+            "/v1/chat/completions",
+            &[("content-type", "application/json")],
+            &body.to_string(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        let v: Value = serde_json::from_slice(&bytes).unwrap_or_default();
+        assert_eq!(v["error"]["code"], "unsupported_parameter");
+        assert_eq!(v["error"]["param"], "messages[0].content[1]");
+        assert_eq!(v["error"]["type"], "invalid_request_error");
+        assert_eq!(server.sim.active(), 0, "no generation was started");
+        server.stop().await;
+    }
+
     #[tokio::test]
     async fn error_statuses() {
         let options = ServerOptions {
