@@ -1036,4 +1036,40 @@ mod tests {
         // A clock that went backwards does not make a live node stale.
         assert!(id_held(false, 10_000, 9_000, 1_000));
     }
+
+    #[test]
+    fn model_caps_are_the_union_over_the_nodes_serving_the_model() {
+        let r = registry(&ManualClock::new(0));
+        let with_caps = |id: &str, caps: Vec<ModelCaps>| {
+            let mut n = node(id, "op", &["m", "e"], 0);
+            n.workloads.model_caps = caps;
+            n
+        };
+        assert_eq!(r.model_caps("m"), None, "nobody serves it");
+        r.insert(with_caps("a", vec![ModelCaps::TOOLS]), STALE_MS)
+            .unwrap();
+        // A node sending fewer caps than models declares nothing for the rest.
+        r.insert(
+            with_caps("b", vec![ModelCaps::LOGPROBS.with(ModelCaps::TOOLS)]),
+            STALE_MS,
+        )
+        .unwrap();
+        let (c, _) = r
+            .insert(
+                with_caps("c", vec![ModelCaps::NONE, ModelCaps::EMBEDDINGS]),
+                STALE_MS,
+            )
+            .unwrap();
+        assert_eq!(c.model_caps("e"), Some(ModelCaps::EMBEDDINGS));
+        assert_eq!(c.model_caps("x"), None);
+        assert_eq!(
+            r.model_caps("m"),
+            Some(ModelCaps::TOOLS.with(ModelCaps::LOGPROBS))
+        );
+        assert_eq!(r.model_caps("e"), Some(ModelCaps::EMBEDDINGS));
+        let all = r.all_model_caps();
+        assert_eq!(all.get("m"), r.model_caps("m").as_ref());
+        assert_eq!(all.get("e"), Some(&ModelCaps::EMBEDDINGS));
+        assert_eq!(all.len(), 2);
+    }
 }
