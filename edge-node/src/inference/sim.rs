@@ -197,8 +197,11 @@ async fn run_rich(
 ) {
     let mut k: u32 = 0;
     while let Some(chunks) = script.next_step() {
-        // Step k (0-based) is due at ttft + k * interval, as on the plain path.
-        let due_now = if k == 0 {
+        // Generating step k (0-based) is due at ttft + k * interval, as on the plain path; a
+        // step that only finishes choices goes out at once.
+        let due_now = if !script.step_is_paced() {
+            true
+        } else if k == 0 {
             ttft.is_zero()
         } else {
             interval.is_zero()
@@ -216,7 +219,9 @@ async fn run_rich(
                 _ = sleep_until_opt(wait) => {}
             }
         }
-        k = k.saturating_add(1);
+        if script.step_is_paced() {
+            k = k.saturating_add(1);
+        }
         for json in chunks {
             if tx.send(Ok(BackendEvent::Chunk { json })).await.is_err() {
                 return;

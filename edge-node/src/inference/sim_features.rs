@@ -116,6 +116,9 @@ pub(crate) struct RichScript {
     choices: Vec<Choice>,
     prompt_tokens: u32,
     finish0: &'static str,
+    /// Whether the last step generated something (a token's worth of time), rather than only
+    /// noticing that choices had finished.
+    paced: bool,
 }
 
 impl RichScript {
@@ -176,7 +179,15 @@ impl RichScript {
             choices,
             prompt_tokens: approx_prompt_tokens(request),
             finish0: "stop",
+            paced: false,
         }
+    }
+
+    /// Whether the step just taken costs a token's time (see [`RichScript::next_step`]): a
+    /// step that only finishes choices is sent with the previous one, as OpenAI sends a
+    /// choice's `finish_reason` right after its last token.
+    pub(crate) fn step_is_paced(&self) -> bool {
+        self.paced
     }
 
     /// The chunks of the next step, or `None` when every choice has finished. Choice 0's finish
@@ -186,6 +197,7 @@ impl RichScript {
             return None;
         }
         let mut out = Vec::new();
+        let steps_before = self.completion_tokens();
         for i in 0..self.choices.len() {
             if self.choices[i].finished {
                 continue;
@@ -194,6 +206,7 @@ impl RichScript {
                 out.push(chunk);
             }
         }
+        self.paced = self.completion_tokens() != steps_before;
         Some(out)
     }
 
