@@ -696,6 +696,13 @@ async fn requests_needing_a_capability_are_routed_only_to_nodes_declaring_it() {
     let (_, body) = http.get(&gw.api_url("/v1/models"), Some(API_KEY)).await;
     let v: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["data"][0]["capabilities"], json!(["logprobs"]), "{body}");
+    // Admins see what each node declares.
+    let one = gw.admin_get("/admin/nodes/far-us").await;
+    assert_eq!(
+        one["live"]["workloads"]["model_capabilities"],
+        json!([["logprobs"]]),
+        "{one}"
+    );
     // Needing more than any node declares: refused before a node is tried.
     let (status, _, text) = http
         .request(
