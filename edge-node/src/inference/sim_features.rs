@@ -473,7 +473,7 @@ pub(crate) fn instance(root: &Value, schema: &Value, rng: &mut SplitMix64, depth
             let frac = (rng.next_u64() % 100) as f64 / 100.0;
             json!(lo + (hi - lo) * frac)
         }
-        "boolean" => json!(rng.next_u64() % 2 == 0),
+        "boolean" => json!(rng.next_u64() & 1 == 0),
         "null" => Value::Null,
         _ => {
             let mut s = word(rng).to_owned();
