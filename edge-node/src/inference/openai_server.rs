@@ -796,6 +796,60 @@ pub(super) mod tests {
         server.stop().await;
     }
 
+    /// The simulator's tool call streams through `serve-openai` in OpenAI's shape: LangChain
+    /// and the `openai` client rebuild the call from these deltas.
+    #[tokio::test]
+    async fn serve_openai_streams_the_simulators_tool_call() {
+        let fast = SimConfig {
+            ttft_ms: 0,
+            tokens_per_s: 0.0,
+            seed: 0,
+        };
+        let server = TestServer::start(fast, ServerOptions::default()).await;
+        let body = json!({"model": "sim-model", "stream": true,
+            "messages": [{"role": "user", "content": "weather?"}],
+            "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {
+                "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}],
+            "tool_choice": "required"});
+        let (status, _, bytes) = call(
+            server.addr,
+            "POST",
+            "/v1/chat/completions",
+            &[("content-type", "application/json")],
+            &body.to_string(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+        let text = String::from_utf8_lossy(&bytes).into_owned();
+        let events: Vec<Value> = text
+            .split("\n\n")
+            .filter_map(|e| e.strip_prefix("data: "))
+            .filter_map(|e| serde_json::from_str(e).ok())
+            .collect();
+        let calls: Vec<&Value> = events
+            .iter()
+            .filter_map(|e| e["choices"][0]["delta"]["tool_calls"].get(0))
+            .collect();
+        assert_eq!(calls[0]["function"]["name"], "get_weather", "{text}");
+        assert!(calls[0]["id"]
+            .as_str()
+            .is_some_and(|id| id.starts_with("call_")));
+        let args: String = calls
+            .iter()
+            .filter_map(|c| c["function"]["arguments"].as_str())
+            .collect();
+        let args: Value = serde_json::from_str(&args).unwrap_or_default();
+        assert!(args["city"].is_string(), "{args}");
+        assert!(
+            events
+                .iter()
+                .any(|e| e["choices"][0]["finish_reason"] == "tool_calls"),
+            "{text}"
+        );
+        assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+        server.stop().await;
+    }
+
     #[tokio::test]
     async fn error_statuses() {
         let options = ServerOptions {
