@@ -25,9 +25,10 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use nearpath_protocol::openai::{
-    completion_response, models_list, ApiError, Endpoint, InferenceRequest, StreamRenderer, Usage,
-    SSE_CONTENT_TYPE, SSE_DONE,
+    completion_response, models_list_with_availability, ApiError, Endpoint, InferenceRequest,
+    StreamRenderer, Usage, SSE_CONTENT_TYPE, SSE_DONE,
 };
+use nearpath_protocol::ModelCaps;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -194,12 +195,25 @@ async fn route(req: Request<Incoming>, state: &State) -> Result<Response<OpenAiB
             return Err(ApiError::method_not_allowed(req.method().as_str(), path));
         }
         check_auth(&req, state)?;
-        let names: Vec<(&str, u64, &str)> = state
+        // Each entry says what the model can do, as the gateway's listing does.
+        let names: Vec<(&str, u64, &str, bool, ModelCaps)> = state
             .registry
             .model_names()
-            .map(|name| (name, state.started, state.options.owned_by.as_str()))
+            .map(|name| {
+                let caps = state.registry.caps(name).unwrap_or_default();
+                (
+                    name,
+                    state.started,
+                    state.options.owned_by.as_str(),
+                    true,
+                    caps,
+                )
+            })
             .collect();
-        return Ok(json_response(StatusCode::OK, models_list(&names)));
+        return Ok(json_response(
+            StatusCode::OK,
+            models_list_with_availability(&names),
+        ));
     }
     let Some(endpoint) = Endpoint::from_path(path) else {
         return Err(ApiError::not_found(path));
@@ -634,7 +648,8 @@ pub(super) mod tests {
         assert!(created > 1_600_000_000);
         assert_eq!(
             v,
-            json!({"object": "list", "data": [{"id": "sim-model", "object": "model", "created": created, "owned_by": "nearpath"}]})
+            json!({"object": "list", "data": [{"id": "sim-model", "object": "model", "created": created, "owned_by": "nearpath",
+                "available": true, "capabilities": ["tools", "json_mode", "json_schema", "logprobs", "embeddings", "n"]}]})
         );
         server.stop().await;
     }
