@@ -31,6 +31,10 @@ const MAX_INSTANCE_DEPTH: usize = 32;
 /// small whatever the schema's `minItems`.
 const MAX_GENERATED_ITEMS: u64 = 3;
 
+/// The most values one generated instance may hold: a hostile schema (a `$ref` used twice at
+/// every level, arrays of arrays) would otherwise grow exponentially with its depth.
+const MAX_GENERATED_VALUES: u32 = 1024;
+
 /// Bytes of JSON text per streamed piece (content of JSON mode, tool-call arguments).
 const JSON_PIECE_BYTES: usize = 8;
 
@@ -391,9 +395,22 @@ fn resolve<'a>(root: &'a Value, schema: &'a Value) -> &'a Value {
 /// the first `enum` value, a word for strings, small numbers within bounds, `minItems` items (at
 /// most [`MAX_GENERATED_ITEMS`]). Bounded by [`MAX_INSTANCE_DEPTH`].
 pub(crate) fn instance(root: &Value, schema: &Value, rng: &mut SplitMix64, depth: usize) -> Value {
-    if depth >= MAX_INSTANCE_DEPTH {
+    let mut budget = MAX_GENERATED_VALUES;
+    generate(root, schema, rng, depth, &mut budget)
+}
+
+/// [`instance`], spending one unit of `budget` per value (`null` once it is spent).
+fn generate(
+    root: &Value,
+    schema: &Value,
+    rng: &mut SplitMix64,
+    depth: usize,
+    budget: &mut u32,
+) -> Value {
+    if depth >= MAX_INSTANCE_DEPTH || *budget == 0 {
         return Value::Null;
     }
+    *budget -= 1;
     let schema = resolve(root, schema);
     if let Some(v) = schema.get("const") {
         return v.clone();
@@ -412,7 +429,7 @@ pub(crate) fn instance(root: &Value, schema: &Value, rng: &mut SplitMix64, depth
                 .find(|a| resolve(root, a).get("type").and_then(Value::as_str) != Some("null"))
                 .or(alts.first());
             if let Some(alt) = pick {
-                return instance(root, alt, rng, depth + 1);
+                return generate(root, alt, rng, depth + 1, budget);
             }
         }
     }
@@ -439,7 +456,7 @@ pub(crate) fn instance(root: &Value, schema: &Value, rng: &mut SplitMix64, depth
             let mut out = Map::new();
             for name in required {
                 let sub = props.and_then(|p| p.get(name)).unwrap_or(&Value::Null);
-                out.insert(name.to_owned(), instance(root, sub, rng, depth + 1));
+                out.insert(name.to_owned(), generate(root, sub, rng, depth + 1, budget));
             }
             Value::Object(out)
         }
@@ -449,7 +466,7 @@ pub(crate) fn instance(root: &Value, schema: &Value, rng: &mut SplitMix64, depth
             let items = schema.get("items").unwrap_or(&Value::Null);
             Value::Array(
                 (0..n)
-                    .map(|_| instance(root, items, rng, depth + 1))
+                    .map(|_| generate(root, items, rng, depth + 1, budget))
                     .collect(),
             )
         }
@@ -858,6 +875,14 @@ mod tests {
         );
         let odd = json!({"type": "integer", "minimum": i64::MAX, "maximum": i64::MIN});
         assert_eq!(instance(&odd, &odd, &mut SplitMix64(1), 0), json!(i64::MAX));
+        // Two references to the same definition at every level: exponential without a budget.
+        let doubling = json!({"$defs": {"T": {"type": "object", "required": ["l", "r"], "properties": {
+            "l": {"$ref": "#/$defs/T"}, "r": {"$ref": "#/$defs/T"}}}}, "$ref": "#/$defs/T"});
+        let v = instance(&doubling, &doubling, &mut SplitMix64(1), 0);
+        assert!(
+            v.to_string().len() < 64 * MAX_GENERATED_VALUES as usize,
+            "bounded"
+        );
         let dangling = json!({"$ref": "#/nowhere"});
         assert!(instance(&dangling, &dangling, &mut SplitMix64(1), 0).is_string());
     }
@@ -1014,6 +1039,59 @@ mod tests {
             embeddings(&config(), &r),
             Err(BackendError::BadRequest { status: 400, .. })
         ));
+    }
+
+    proptest::proptest! {
+        /// A schema is the client's input: generating from any JSON never panics.
+        #[test]
+        fn instance_generation_never_panics(schema in json_value()) {
+            let _ = instance(&schema, &schema, &mut SplitMix64(7), 0);
+        }
+    }
+
+    /// Arbitrary JSON, biased towards schema keywords.
+    fn json_value() -> impl proptest::strategy::Strategy<Value = Value> {
+        use proptest::prelude::*;
+        let key = prop_oneof![
+            Just("type".to_owned()),
+            Just("properties".to_owned()),
+            Just("required".to_owned()),
+            Just("items".to_owned()),
+            Just("enum".to_owned()),
+            Just("anyOf".to_owned()),
+            Just("$ref".to_owned()),
+            Just("minItems".to_owned()),
+            Just("maxLength".to_owned()),
+            Just("minLength".to_owned()),
+            Just("minimum".to_owned()),
+            Just("maximum".to_owned()),
+            "[a-z$/#]{0,6}",
+        ];
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<f64>().prop_map(|f| json!(f)),
+            prop_oneof![
+                Just("object"),
+                Just("array"),
+                Just("string"),
+                Just("integer"),
+                Just("number"),
+                Just("boolean"),
+                Just("null"),
+                Just("#/$defs/a"),
+                Just("é")
+            ]
+            .prop_map(Value::from),
+        ];
+        leaf.prop_recursive(6, 64, 6, move |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                proptest::collection::vec((key.clone(), inner), 0..5)
+                    .prop_map(|kv| Value::Object(kv.into_iter().collect())),
+            ]
+        })
     }
 
     #[test]
