@@ -1072,5 +1072,11 @@ mod tests {
         assert_eq!(all.get("m"), r.model_caps("m").as_ref());
         assert_eq!(all.get("e"), Some(&ModelCaps::EMBEDDINGS));
         assert_eq!(all.len(), 2);
+        // A node sending more caps than models: the extra ones name no model and are ignored.
+        let mut d = node("d", "op", &["z"], 0);
+        d.workloads.model_caps = vec![ModelCaps::VISION; 1000];
+        r.insert(d, STALE_MS).unwrap();
+        assert_eq!(r.model_caps("z"), Some(ModelCaps::VISION));
+        assert_eq!(r.all_model_caps().len(), 3);
     }
 }
