@@ -8,6 +8,7 @@ pub mod impaired;
 pub mod latency;
 pub mod os;
 pub mod quicmem;
+pub mod real;
 pub mod register;
 pub mod relay;
 pub mod rps;
