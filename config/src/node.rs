@@ -334,8 +334,14 @@ pub const CAPABILITY_NAMES: [&str; 7] = [
 ];
 
 /// What the simulator fakes, hence its capabilities when none are configured.
-pub const SIM_CAPABILITY_NAMES: [&str; 6] =
-    ["tools", "json_mode", "json_schema", "logprobs", "embeddings", "n"];
+pub const SIM_CAPABILITY_NAMES: [&str; 6] = [
+    "tools",
+    "json_mode",
+    "json_schema",
+    "logprobs",
+    "embeddings",
+    "n",
+];
 
 fn default_max_concurrency() -> u32 {
     8

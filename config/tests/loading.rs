@@ -433,7 +433,9 @@ fn model_capabilities_are_validated_naming_the_path() {
     let models = "[[models]]\nname = \"a\"\nbackend = { type = \"sim\" }\n\
                   [[models]]\nname = \"b\"\nbackend = { type = \"upstream\", base_url = \"http://127.0.0.1:1/v1\" }\n\
                   [[models]]\nname = \"c\"\nbackend = { type = \"sim\" }\n";
-    let shown = node_err(&format!("{models}capabilities = [\"tools\", \"telepathy\"]\n"));
+    let shown = node_err(&format!(
+        "{models}capabilities = [\"tools\", \"telepathy\"]\n"
+    ));
     assert!(
         shown.contains("models[2].capabilities[1]") && shown.contains("telepathy"),
         "{shown}"
