@@ -7,6 +7,7 @@ pub mod client;
 pub mod impaired;
 pub mod latency;
 pub mod os;
+pub mod queue;
 pub mod quicmem;
 pub mod real;
 pub mod register;

@@ -9,6 +9,7 @@
 //! target/release/bench real-ttft
 //! target/release/bench inference-rps
 //! target/release/bench inference-streams
+//! target/release/bench inference-queue
 //! target/release/bench nodes-register
 //! ```
 
@@ -43,6 +44,8 @@ enum Command {
     InferenceRps(bench::rps::RpsArgs),
     /// Many concurrent slow SSE streams over HTTP/2: gateway memory per stream and CPU.
     InferenceStreams(bench::streams::StreamsArgs),
+    /// Many more concurrent streams than slots (2,000 on 64): completion rate and queue wait.
+    InferenceQueue(bench::queue::QueueArgs),
     /// Many nodes registering at once: admission time and gateway memory per idle node.
     NodesRegister(bench::register::RegisterArgs),
     /// Diagnostic: heap per idle QUIC connection by the stream limits the server grants.
@@ -224,6 +227,7 @@ fn real_main() -> anyhow::Result<()> {
                 Command::RealTtft(a) => &a.placement,
                 Command::InferenceRps(a) => &a.placement,
                 Command::InferenceStreams(a) => &a.placement,
+                Command::InferenceQueue(a) => &a.placement,
                 Command::NodesRegister(a) => &a.placement,
                 Command::QuicIdleMemory(_) => &unpinned,
                 Command::RelayLatency(a) => &a.placement,
@@ -251,6 +255,7 @@ fn real_main() -> anyhow::Result<()> {
                 Command::RealTtft(a) => rt.block_on(bench::real::run(a)),
                 Command::InferenceRps(a) => rt.block_on(bench::rps::run(a)),
                 Command::InferenceStreams(a) => rt.block_on(bench::streams::run(a)),
+                Command::InferenceQueue(a) => rt.block_on(bench::queue::run(a)),
                 Command::NodesRegister(a) => rt.block_on(bench::register::run(a)),
                 Command::QuicIdleMemory(a) => rt.block_on(bench::quicmem::run(a)),
                 Command::RelayLatency(a) => rt.block_on(bench::relay::run_latency(a)),
