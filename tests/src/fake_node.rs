@@ -18,7 +18,8 @@ use nearpath_protocol::message::{
 use nearpath_protocol::stream::{send, FramedRecv};
 use nearpath_protocol::tls::{client_config, ServerVerify};
 use nearpath_protocol::{
-    FrameHeader, StreamError, ALPN_NODE, MAX_CONTROL_FRAME, MAX_REQUEST_FRAME, PROTOCOL_VERSION,
+    FrameHeader, ModelCaps, StreamError, ALPN_NODE, MAX_CONTROL_FRAME, MAX_REQUEST_FRAME,
+    PROTOCOL_VERSION,
 };
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -75,6 +76,9 @@ pub struct Registration {
     pub gpus: Vec<Gpu>,
     pub games: Vec<String>,
     pub models: Vec<String>,
+    /// What every model declares beyond plain text: everything by default, since a scripted
+    /// node answers whatever its test scripts.
+    pub model_caps: ModelCaps,
     pub game_sessions: u32,
     pub inference_concurrency: u32,
 }
@@ -87,9 +91,18 @@ impl Registration {
             gpus: vec![],
             games: vec![],
             models: vec![],
+            model_caps: ModelCaps::NAMED
+                .iter()
+                .fold(ModelCaps::NONE, |all, (c, _)| all.with(*c)),
             game_sessions: 0,
             inference_concurrency: 0,
         }
+    }
+
+    /// Declares `caps` for every model.
+    pub fn caps(mut self, caps: ModelCaps) -> Registration {
+        self.model_caps = caps;
+        self
     }
 
     /// Adds one GPU (`class` is the node's class hint).
@@ -127,7 +140,7 @@ impl Registration {
             workloads: Workloads {
                 games: self.games.clone(),
                 models: self.models.clone(),
-                model_caps: Vec::new(),
+                model_caps: vec![self.model_caps; self.models.len()],
             },
             capacity: Capacity {
                 game_sessions: self.game_sessions,
