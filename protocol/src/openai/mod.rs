@@ -25,6 +25,7 @@
 pub mod error;
 pub mod render;
 pub mod request;
+pub mod responses;
 pub mod sse;
 
 pub use error::*;
