@@ -310,6 +310,24 @@ pub struct ModelConfig {
     pub max_concurrency: u32,
     /// What produces the tokens. Required.
     pub backend: BackendConfig,
+    /// How `POST /v1/responses` (the OpenAI Responses API) is served for this model:
+    /// `"translate"` turns each request into a chat completions request for the backend and the
+    /// chat stream back into Responses events (any backend); `"native"` relays it to the
+    /// upstream's own `{base_url}/responses` (vLLM serves one; needs an `upstream` backend).
+    /// Default: "translate".
+    #[serde(default)]
+    pub responses: ResponsesMode,
+}
+
+/// How a model serves the Responses API (`[[models]] responses`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ResponsesMode {
+    /// Translated on the node to and from chat completions.
+    #[default]
+    Translate,
+    /// Relayed to the upstream server's own `/v1/responses`.
+    Native,
 }
 
 fn default_max_concurrency() -> u32 {
@@ -713,6 +731,14 @@ impl NodeConfig {
                 seen.insert(m.name.as_str(), first);
             }
             p.positive(&format!("{at}.max_concurrency"), m.max_concurrency);
+            if m.responses == ResponsesMode::Native
+                && !matches!(m.backend, BackendConfig::Upstream { .. })
+            {
+                p.push(
+                    format!("{at}.responses"),
+                    "is \"native\", which relays to an upstream server's /v1/responses, but the backend is not `upstream` (use \"translate\")",
+                );
+            }
             match &m.backend {
                 BackendConfig::Sim { tokens_per_s, .. } => {
                     // 0 means "as fast as possible" (benchmarks of the relay itself).
@@ -956,6 +982,7 @@ mod tests {
                 upstream_model: None,
                 timeout_ms: 1,
             },
+            responses: Default::default(),
         });
         let shown = format!("{cfg:?}");
         assert!(

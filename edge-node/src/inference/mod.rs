@@ -23,6 +23,7 @@ use nearpath_protocol::openai::{ApiError, InferenceRequest};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 mod openai_server;
+mod responses;
 mod sim;
 mod upstream;
 
@@ -315,6 +316,9 @@ pub struct ModelSpec {
     /// Generations at once for this model.
     pub max_concurrency: usize,
     pub backend: BackendSpec,
+    /// How `/v1/responses` is served: translated to chat (any backend) or relayed natively
+    /// (upstream backends only; a simulator model ignores `Native`).
+    pub responses: nearpath_config::ResponsesMode,
 }
 
 /// Which backend serves a model.
@@ -384,18 +388,24 @@ impl ModelRegistry {
     pub fn from_specs(specs: impl IntoIterator<Item = ModelSpec>) -> Result<Self, RegistryError> {
         let mut registry = Self::new();
         for spec in specs {
+            let upstream_error = |source| RegistryError::Upstream {
+                name: spec.name.clone(),
+                source,
+            };
+            let mut native = None;
             let backend: Arc<dyn Backend> = match spec.backend {
                 BackendSpec::Sim(config) => Arc::new(SimBackend::new(config)),
                 BackendSpec::Upstream(config) => {
-                    Arc::new(UpstreamBackend::new(config).map_err(|source| {
-                        RegistryError::Upstream {
-                            name: spec.name.clone(),
-                            source,
-                        }
-                    })?)
+                    let backend = UpstreamBackend::new(config.clone()).map_err(upstream_error)?;
+                    if spec.responses == nearpath_config::ResponsesMode::Native {
+                        native = Some(
+                            responses::NativeResponses::new(&config).map_err(upstream_error)?,
+                        );
+                    }
+                    Arc::new(backend)
                 }
             };
-            registry.insert(spec.name, spec.max_concurrency, backend)?;
+            registry.insert_with(spec.name, spec.max_concurrency, backend, native)?;
         }
         Ok(registry)
     }
@@ -413,13 +423,26 @@ impl ModelRegistry {
         Ok(registry)
     }
 
-    /// Serves `name` with `backend`, at most `max_concurrency` at once.
+    /// Serves `name` with `backend`, at most `max_concurrency` at once. `/v1/responses`
+    /// requests for it are translated to chat completions for `backend`.
     pub fn insert(
         &mut self,
         name: impl Into<String>,
         max_concurrency: usize,
         backend: Arc<dyn Backend>,
     ) -> Result<(), RegistryError> {
+        self.insert_with(name, max_concurrency, backend, None)
+    }
+
+    /// [`ModelRegistry::insert`], with Responses requests relayed by `native` when given.
+    fn insert_with(
+        &mut self,
+        name: impl Into<String>,
+        max_concurrency: usize,
+        backend: Arc<dyn Backend>,
+        native: Option<responses::NativeResponses>,
+    ) -> Result<(), RegistryError> {
+        let backend: Arc<dyn Backend> = Arc::new(responses::ResponsesAware::new(backend, native));
         let name = name.into();
         if name.is_empty() {
             return Err(RegistryError::EmptyName);
@@ -537,6 +560,7 @@ impl From<&nearpath_config::ModelConfig> for ModelSpec {
             name: m.name.clone(),
             max_concurrency: usize::try_from(m.max_concurrency).unwrap_or(MAX_PERMITS),
             backend,
+            responses: m.responses,
         }
     }
 }

@@ -24,6 +24,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
+use nearpath_protocol::openai::responses::responses_sse_event;
 use nearpath_protocol::openai::{
     completion_response, models_list, ApiError, Endpoint, InferenceRequest, StreamRenderer, Usage,
     SSE_CONTENT_TYPE, SSE_DONE,
@@ -230,6 +231,9 @@ async fn route(req: Request<Incoming>, state: &State) -> Result<Response<OpenAiB
         .to_bytes();
     let request = InferenceRequest::parse(endpoint, &body)?;
     let mut generation = state.registry.start(&request).map_err(|e| e.api_error())?;
+    if endpoint == Endpoint::Responses {
+        return serve_responses(request.stream, generation).await;
+    }
     let id = new_id(endpoint.id_prefix());
     let created = unix_now();
     if request.stream {
@@ -296,6 +300,105 @@ async fn route(req: Request<Incoming>, state: &State) -> Result<Response<OpenAiB
     }
 }
 
+/// `/v1/responses`: the generation yields one chunk per Responses event (see
+/// `inference::responses`). Streaming sends each as an SSE event named by its `type`, with no
+/// `[DONE]` (the Responses API has none); otherwise the answer is the `response` object of the
+/// terminal event.
+async fn serve_responses(
+    stream: bool,
+    mut generation: Generation,
+) -> Result<Response<OpenAiBody>, ApiError> {
+    if stream {
+        // As for chat: a backend that fails at once gets a proper status.
+        let first = match generation.next().await {
+            Some(Ok(event)) => event,
+            Some(Err(e)) => return Err(e.api_error()),
+            None => return Err(died()),
+        };
+        let body = ResponsesSse {
+            generation,
+            first: Some(Ok(first)),
+            sequence: 0,
+            finished: false,
+        };
+        let mut response = Response::new(OpenAiBody::Responses(Box::new(body)));
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static(SSE_CONTENT_TYPE),
+        );
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        return Ok(response);
+    }
+    let mut last = None;
+    loop {
+        match generation.next().await {
+            Some(Ok(BackendEvent::Chunk { json })) => last = Some(json),
+            Some(Ok(BackendEvent::Token { .. })) => {}
+            Some(Ok(BackendEvent::Done { .. })) => break,
+            Some(Err(e)) => return Err(e.api_error()),
+            None => return Err(died()),
+        }
+    }
+    let response = last
+        .and_then(|json| serde_json::from_str::<serde_json::Value>(&json).ok())
+        .and_then(|mut event| event.get_mut("response").map(serde_json::Value::take))
+        .ok_or_else(|| ApiError::internal("The inference backend sent no final response."))?;
+    Ok(json_response(StatusCode::OK, response.to_string()))
+}
+
+/// The SSE body of a streamed `/v1/responses` answer.
+pub(crate) struct ResponsesSse {
+    generation: Generation,
+    first: Option<EventResult>,
+    /// Events sent, for the `sequence_number` of an in-band error.
+    sequence: u64,
+    finished: bool,
+}
+
+impl ResponsesSse {
+    fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Option<Bytes>> {
+        loop {
+            if self.finished {
+                return Poll::Ready(None);
+            }
+            let event = match self.first.take() {
+                Some(event) => Some(event),
+                None => ready!(self.generation.poll_next(cx)),
+            };
+            let error = match event {
+                Some(Ok(BackendEvent::Chunk { json })) => {
+                    self.sequence += 1;
+                    let kind = serde_json::from_str::<serde_json::Value>(&json)
+                        .ok()
+                        .and_then(|v| v.get("type").and_then(|t| t.as_str()).map(str::to_owned))
+                        .unwrap_or_default();
+                    return Poll::Ready(Some(Bytes::from(responses_sse_event(&kind, &json))));
+                }
+                Some(Ok(BackendEvent::Token { .. })) => continue,
+                Some(Ok(BackendEvent::Done { .. })) => {
+                    self.finished = true;
+                    return Poll::Ready(None);
+                }
+                Some(Err(e)) => e.api_error(),
+                None => died(),
+            };
+            self.finished = true;
+            let body = serde_json::json!({
+                "type": "error",
+                "code": error.code.as_deref().unwrap_or(error.error_type),
+                "message": error.message,
+                "param": error.param,
+                "sequence_number": self.sequence,
+            });
+            return Poll::Ready(Some(Bytes::from(responses_sse_event(
+                "error",
+                &body.to_string(),
+            ))));
+        }
+    }
+}
+
 fn died() -> ApiError {
     ApiError::internal("The inference backend stopped without finishing the generation.")
 }
@@ -356,6 +459,7 @@ fn error_response(e: &ApiError) -> Response<OpenAiBody> {
 pub(crate) enum OpenAiBody {
     Full(Option<Bytes>),
     Sse(Box<SseBody>),
+    Responses(Box<ResponsesSse>),
 }
 
 pub(crate) struct SseBody {
@@ -434,6 +538,9 @@ impl Body for OpenAiBody {
             OpenAiBody::Sse(sse) => sse
                 .poll_event(cx)
                 .map(|event| event.map(|b| Ok(Frame::data(b)))),
+            OpenAiBody::Responses(sse) => sse
+                .poll_event(cx)
+                .map(|event| event.map(|b| Ok(Frame::data(b)))),
         }
     }
 
@@ -441,6 +548,7 @@ impl Body for OpenAiBody {
         match self {
             OpenAiBody::Full(bytes) => bytes.is_none(),
             OpenAiBody::Sse(sse) => sse.finished && sse.queue.is_empty(),
+            OpenAiBody::Responses(sse) => sse.finished,
         }
     }
 
@@ -448,7 +556,7 @@ impl Body for OpenAiBody {
         match self {
             OpenAiBody::Full(Some(bytes)) => SizeHint::with_exact(bytes.len() as u64),
             OpenAiBody::Full(None) => SizeHint::with_exact(0),
-            OpenAiBody::Sse(_) => SizeHint::default(),
+            OpenAiBody::Sse(_) | OpenAiBody::Responses(_) => SizeHint::default(),
         }
     }
 }
