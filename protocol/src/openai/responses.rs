@@ -33,8 +33,14 @@ pub const MAX_TOOLS: usize = 128;
 
 /// Responses request fields that chat completions does not accept under the same name; every
 /// other field is forwarded to the chat backend as is (sampling and vendor fields).
+/// Chat's own names for the conversation and the token limit are dropped too: they are made
+/// from `input` and `max_output_tokens`, and a stray copy must not override or contradict them.
 const RESPONSES_ONLY_FIELDS: &[&str] = &[
     "model",
+    "messages",
+    "max_tokens",
+    "max_completion_tokens",
+    "response_format",
     "input",
     "instructions",
     "stream",

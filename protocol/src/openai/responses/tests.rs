@@ -519,3 +519,96 @@ fn sse_framing_names_the_event_and_cannot_be_forged() {
         "event: xdata: evil\ndata: {}\n\n"
     );
 }
+
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn json_value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            (-3.0f64..3.0).prop_map(Value::from),
+            "[a-z_]{0,6}".prop_map(Value::from),
+            prop::sample::select(vec![
+                "message", "input_text", "output_text", "input_image", "refusal", "function_call",
+                "function_call_output", "reasoning", "user", "assistant", "system", "developer",
+                "function", "json_object", "json_schema", "auto", "required", "none",
+            ])
+            .prop_map(Value::from),
+        ];
+        leaf.prop_recursive(4, 48, 5, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                prop::collection::btree_map(
+                    prop::sample::select(vec![
+                        "type", "role", "content", "text", "name", "call_id", "arguments",
+                        "output", "image_url", "refusal", "format", "schema", "parameters",
+                        "strict", "index", "delta", "choices", "tool_calls", "function",
+                        "finish_reason", "id",
+                    ])
+                    .prop_map(str::to_owned),
+                    inner,
+                    0..5,
+                )
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    fn body() -> impl Strategy<Value = Value> {
+        let keys = prop::sample::select(vec![
+            "input", "instructions", "tools", "tool_choice", "text", "max_output_tokens",
+            "max_tokens", "messages", "stream", "store", "metadata", "reasoning", "top_p",
+            "temperature", "response_format", "parallel_tool_calls", "user", "stop",
+        ])
+        .prop_map(str::to_owned);
+        prop::collection::btree_map(keys, json_value(), 0..6).prop_map(|m| {
+            let mut obj: Map<String, Value> = m.into_iter().collect();
+            obj.insert("model".into(), Value::from("m"));
+            Value::Object(obj)
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// Whatever a client sends never panics, and every accepted Responses request
+        /// translates to a chat request that the chat parser accepts too (the node relies on it).
+        #[test]
+        fn every_accepted_request_translates_to_a_valid_chat_request(body in body()) {
+            if let Ok(r) = parse(body) {
+                let chat = Value::Object(chat_request(&r));
+                let back = InferenceRequest::from_value(Endpoint::Chat, chat.clone());
+                prop_assert!(back.is_ok(), "{chat}: {back:?}");
+                prop_assert_eq!(back.map(|b| b.max_tokens).ok().flatten(), r.max_tokens);
+            }
+        }
+
+        /// Whatever a backend streams never panics the event machine, sequence numbers stay
+        /// dense, and the stream always ends with one terminal event.
+        #[test]
+        fn arbitrary_backend_chunks_keep_the_event_stream_well_formed(
+            chunks in prop::collection::vec(json_value(), 0..12),
+        ) {
+            let mut s = stream_for(json!({"model": "m", "input": "hi"}));
+            for c in &chunks {
+                s.handle_chunk(c);
+                s.handle_chunk(&json!({"choices": [c]}));
+                s.handle_chunk(&json!({"choices": [{"delta": c}]}));
+            }
+            s.handle_done("stop", 1, 1);
+            let events = drain(&mut s);
+            for (i, e) in events.iter().enumerate() {
+                prop_assert_eq!(e["sequence_number"].as_u64(), Some(i as u64));
+            }
+            let terminal = events.iter().filter(|e| e["type"] == "response.completed").count();
+            prop_assert_eq!(terminal, 1);
+            prop_assert_eq!(events.last().map(|e| e["type"].clone()), Some(json!("response.completed")));
+            let added = events.iter().filter(|e| e["type"] == "response.output_item.added").count();
+            let done = events.iter().filter(|e| e["type"] == "response.output_item.done").count();
+            prop_assert_eq!(added, done);
+        }
+    }
+}
