@@ -434,15 +434,18 @@ fn responses_native_needs_an_upstream_backend() {
         "[[models]]\nname = \"m\"\nresponses = \"native\"\nbackend = { type = \"sim\" }\n",
     );
     assert!(shown.contains("models[0].responses"), "{shown}");
-    let shown = node_err(
-        "[[models]]\nname = \"m\"\nresponses = \"relay\"\nbackend = { type = \"sim\" }\n",
-    );
+    let shown =
+        node_err("[[models]]\nname = \"m\"\nresponses = \"relay\"\nbackend = { type = \"sim\" }\n");
     assert!(shown.contains("models[0].responses"), "{shown}");
     let upstream = "[[models]]\nname = \"m\"\nresponses = \"native\"\n\
                     backend = { type = \"upstream\", base_url = \"http://h/v1\" }\n\
                     [[models]]\nname = \"s\"\nbackend = { type = \"sim\" }\n";
-    let cfg = parse_node(&format!("{NODE}{upstream}"), "n.toml", &[])
-        .unwrap_or_else(|e| panic!("{e}"));
+    let cfg =
+        parse_node(&format!("{NODE}{upstream}"), "n.toml", &[]).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(cfg.models[0].responses, ResponsesMode::Native);
-    assert_eq!(cfg.models[1].responses, ResponsesMode::Translate, "the default");
+    assert_eq!(
+        cfg.models[1].responses,
+        ResponsesMode::Translate,
+        "the default"
+    );
 }

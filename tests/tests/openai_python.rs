@@ -110,8 +110,10 @@ impl nearpath_edge_node::inference::Backend for WeatherCaller {
     fn start(
         &self,
         _request: &nearpath_protocol::openai::InferenceRequest,
-    ) -> Result<nearpath_edge_node::inference::Generation, nearpath_edge_node::inference::BackendError>
-    {
+    ) -> Result<
+        nearpath_edge_node::inference::Generation,
+        nearpath_edge_node::inference::BackendError,
+    > {
         use nearpath_edge_node::inference::{BackendEvent, Generation};
         let (tx, generation) = Generation::channel();
         tokio::spawn(async move {
@@ -121,10 +123,16 @@ impl nearpath_edge_node::inference::Backend for WeatherCaller {
                 })
             };
             for event in [
-                chunk(json!({"tool_calls": [{"index": 0, "id": "call_w1", "type": "function",
-                    "function": {"name": "get_weather", "arguments": ""}}]})),
-                chunk(json!({"tool_calls": [{"index": 0, "function": {"arguments": "{\"city\": "}}]})),
-                chunk(json!({"tool_calls": [{"index": 0, "function": {"arguments": "\"Paris\"}"}}]})),
+                chunk(
+                    json!({"tool_calls": [{"index": 0, "id": "call_w1", "type": "function",
+                    "function": {"name": "get_weather", "arguments": ""}}]}),
+                ),
+                chunk(
+                    json!({"tool_calls": [{"index": 0, "function": {"arguments": "{\"city\": "}}]}),
+                ),
+                chunk(
+                    json!({"tool_calls": [{"index": 0, "function": {"arguments": "\"Paris\"}"}}]}),
+                ),
                 Ok(BackendEvent::Done {
                     finish_reason: "tool_calls".into(),
                     prompt_tokens: 12,
@@ -158,7 +166,9 @@ async fn the_official_openai_python_client_uses_the_responses_api_on_a_node() {
         seed: 3,
     }));
     registry.insert("m", 8, sim).unwrap();
-    registry.insert("weather", 8, Arc::new(WeatherCaller)).unwrap();
+    registry
+        .insert("weather", 8, Arc::new(WeatherCaller))
+        .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let shutdown = tokio_util::sync::CancellationToken::new();

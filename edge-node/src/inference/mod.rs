@@ -398,9 +398,8 @@ impl ModelRegistry {
                 BackendSpec::Upstream(config) => {
                     let backend = UpstreamBackend::new(config.clone()).map_err(upstream_error)?;
                     if spec.responses == nearpath_config::ResponsesMode::Native {
-                        native = Some(
-                            responses::NativeResponses::new(&config).map_err(upstream_error)?,
-                        );
+                        native =
+                            Some(responses::NativeResponses::new(&config).map_err(upstream_error)?);
                     }
                     Arc::new(backend)
                 }

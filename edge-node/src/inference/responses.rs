@@ -79,11 +79,10 @@ pub(super) fn translate(
     let body = Value::Object(chat_request(request));
     // The Responses request was validated with the same rules, so this fails only if the two
     // parsers disagree: a fault here, not the client's.
-    let chat_req = InferenceRequest::from_value(Endpoint::Chat, body).map_err(|e| {
-        BackendError::Internal {
+    let chat_req =
+        InferenceRequest::from_value(Endpoint::Chat, body).map_err(|e| BackendError::Internal {
             detail: format!("the Responses request does not translate to chat: {e}"),
-        }
-    })?;
+        })?;
     let mut inner = chat.start(&chat_req)?;
     let id = format!("resp_{:032x}", rand::random::<u128>());
     let machine = ResponseStream::new(request, &id, unix_now(), &request.model);
@@ -168,10 +167,12 @@ impl NativeResponses {
         let url = config.base_url.trim().trim_end_matches('/').to_owned();
         let uri: Uri = format!("{url}{}", Endpoint::Responses.sub_path())
             .parse()
-            .map_err(|e: hyper::http::uri::InvalidUri| UpstreamConfigError::InvalidUrl {
-                url: url.clone(),
-                reason: e.to_string(),
-            })?;
+            .map_err(
+                |e: hyper::http::uri::InvalidUri| UpstreamConfigError::InvalidUrl {
+                    url: url.clone(),
+                    reason: e.to_string(),
+                },
+            )?;
         let auth = match &config.api_key {
             Some(key) => {
                 let mut value = HeaderValue::from_str(&format!("Bearer {key}"))
@@ -217,11 +218,12 @@ impl NativeResponses {
         if let Some(auth) = &self.auth {
             builder = builder.header(header::AUTHORIZATION, auth.clone());
         }
-        let http = builder
-            .body(Full::new(Bytes::from(body)))
-            .map_err(|e| BackendError::Internal {
-                detail: format!("building the upstream request: {e}"),
-            })?;
+        let http =
+            builder
+                .body(Full::new(Bytes::from(body)))
+                .map_err(|e| BackendError::Internal {
+                    detail: format!("building the upstream request: {e}"),
+                })?;
         let client = self.client.clone();
         let url = self.url.clone();
         let timeout = self.timeout;
@@ -260,13 +262,14 @@ async fn relay_native(
         url: url.clone(),
         detail,
     };
-    let response = client
-        .request(request)
-        .await
-        .map_err(|e| BackendError::UpstreamUnavailable {
-            url: url.clone(),
-            reason: e.to_string(),
-        })?;
+    let response =
+        client
+            .request(request)
+            .await
+            .map_err(|e| BackendError::UpstreamUnavailable {
+                url: url.clone(),
+                reason: e.to_string(),
+            })?;
     let status = response.status();
     let mut body = response.into_body();
     if !status.is_success() {

@@ -211,8 +211,7 @@ pub(crate) fn parse_request(raw: &Map<String, Value>) -> Result<Vec<ChatMessage>
     if matches!(opt_bool(raw, "background", "background")?, Some(true)) {
         return Err(RequestError::unsupported(
             "background",
-            "Invalid 'background': background responses are not supported by this gateway."
-                .into(),
+            "Invalid 'background': background responses are not supported by this gateway.".into(),
         ));
     }
     opt_bool(raw, "store", "store")?;
@@ -299,9 +298,7 @@ pub(crate) fn parse_request(raw: &Map<String, Value>) -> Result<Vec<ChatMessage>
                 let role = parse_role(item, &param)?;
                 let content_param = format!("{param}.content");
                 let content = match item.get("content") {
-                    None | Some(Value::Null) => {
-                        return Err(RequestError::missing(&content_param))
-                    }
+                    None | Some(Value::Null) => return Err(RequestError::missing(&content_param)),
                     Some(c) => message_text(c, &content_param)?,
                 };
                 out.push(ChatMessage {
@@ -546,7 +543,9 @@ fn chat_part(part: &Map<String, Value>) -> Option<Value> {
             }
             Some(json!({"type": "image_url", "image_url": image}))
         }
-        "input_audio" => Some(json!({"type": "input_audio", "input_audio": part.get("input_audio")?})),
+        "input_audio" => {
+            Some(json!({"type": "input_audio", "input_audio": part.get("input_audio")?}))
+        }
         "input_file" => {
             let mut file = part.clone();
             file.remove("type");
@@ -593,7 +592,11 @@ pub fn chat_request(request: &InferenceRequest) -> Map<String, Value> {
         Some(Value::String(s)) => messages.push(json!({"role": "user", "content": s})),
         Some(Value::Array(items)) => {
             for item in items.iter().filter_map(Value::as_object) {
-                match item.get("type").and_then(Value::as_str).unwrap_or("message") {
+                match item
+                    .get("type")
+                    .and_then(Value::as_str)
+                    .unwrap_or("message")
+                {
                     "message" => {
                         let role = item.get("role").cloned().unwrap_or(Value::Null);
                         let content = item.get("content").map_or(Value::Null, chat_content);
@@ -942,7 +945,8 @@ impl ResponseStream {
             .and_then(|f| f.get("arguments"))
             .and_then(Value::as_str)
             .unwrap_or("");
-        let same = matches!(&self.open, Some(OpenItem::Call { chat_index: i, .. }) if *i == chat_index);
+        let same =
+            matches!(&self.open, Some(OpenItem::Call { chat_index: i, .. }) if *i == chat_index);
         if !same {
             self.close_open();
             let output_index = self.output_index();
@@ -1005,7 +1009,8 @@ impl ResponseStream {
         let output_index = self.output_index();
         let item = match open {
             OpenItem::Message { id, text } => {
-                let part = json!({"type": "output_text", "text": text, "annotations": [], "logprobs": []});
+                let part =
+                    json!({"type": "output_text", "text": text, "annotations": [], "logprobs": []});
                 self.emit(json!({
                     "type": "response.output_text.done",
                     "item_id": id,

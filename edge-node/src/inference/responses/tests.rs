@@ -33,7 +33,9 @@ async fn collect(mut g: Generation) -> (Vec<Value>, EventResult) {
                 Ok(v) => chunks.push(v),
                 Err(e) => panic!("chunk is not JSON ({e}): {json}"),
             },
-            Ok(BackendEvent::Token { text }) => panic!("a Responses stream yielded a token {text:?}"),
+            Ok(BackendEvent::Token { text }) => {
+                panic!("a Responses stream yielded a token {text:?}")
+            }
             end => return (chunks, end),
         }
     }
@@ -56,7 +58,8 @@ fn sim_registry() -> ModelRegistry {
 #[tokio::test]
 async fn translation_over_the_simulator_yields_ordered_events_then_done() {
     let registry = sim_registry();
-    let req = responses(json!({"model": "m", "input": "Tell me a story.", "instructions": "Be kind."}));
+    let req =
+        responses(json!({"model": "m", "input": "Tell me a story.", "instructions": "Be kind."}));
     let g = match registry.start(&req) {
         Ok(g) => g,
         Err(e) => panic!("{e}"),
@@ -71,8 +74,28 @@ async fn translation_over_the_simulator_yields_ordered_events_then_done() {
         panic!("{end:?}")
     };
     let kinds = types(&events);
-    assert_eq!(kinds[..4], ["response.created", "response.in_progress", "response.output_item.added", "response.content_part.added"]);
-    assert_eq!(kinds[kinds.len() - 4..], ["response.output_text.done", "response.content_part.done", "response.output_item.done", if finish_reason == "length" { "response.incomplete" } else { "response.completed" }]);
+    assert_eq!(
+        kinds[..4],
+        [
+            "response.created",
+            "response.in_progress",
+            "response.output_item.added",
+            "response.content_part.added"
+        ]
+    );
+    assert_eq!(
+        kinds[kinds.len() - 4..],
+        [
+            "response.output_text.done",
+            "response.content_part.done",
+            "response.output_item.done",
+            if finish_reason == "length" {
+                "response.incomplete"
+            } else {
+                "response.completed"
+            }
+        ]
+    );
     for (i, e) in events.iter().enumerate() {
         assert_eq!(e["sequence_number"], i as u64);
     }
@@ -88,7 +111,9 @@ async fn translation_over_the_simulator_yields_ordered_events_then_done() {
     assert_eq!(last["usage"]["output_tokens"], completion_tokens);
     assert_eq!(last["model"], "m");
     assert_eq!(last["instructions"], "Be kind.");
-    assert!(last["id"].as_str().is_some_and(|id| id.starts_with("resp_")));
+    assert!(last["id"]
+        .as_str()
+        .is_some_and(|id| id.starts_with("resp_")));
     // The slot is freed once the generation is consumed.
     assert_eq!(registry.in_flight("m"), Some(0));
 }
@@ -96,7 +121,8 @@ async fn translation_over_the_simulator_yields_ordered_events_then_done() {
 #[tokio::test]
 async fn max_output_tokens_reaches_the_backend_and_ends_incomplete() {
     let registry = sim_registry();
-    let req = responses(json!({"model": "m", "input": "Tell me a long story.", "max_output_tokens": 2}));
+    let req =
+        responses(json!({"model": "m", "input": "Tell me a long story.", "max_output_tokens": 2}));
     let (events, end) = collect(registry.start(&req).unwrap_or_else(|e| panic!("{e}"))).await;
     assert!(
         matches!(&end, Ok(BackendEvent::Done { finish_reason, completion_tokens: 2, .. }) if finish_reason == "length"),
@@ -104,7 +130,10 @@ async fn max_output_tokens_reaches_the_backend_and_ends_incomplete() {
     );
     let last = &events[events.len() - 1];
     assert_eq!(last["type"], "response.incomplete");
-    assert_eq!(last["response"]["incomplete_details"]["reason"], "max_output_tokens");
+    assert_eq!(
+        last["response"]["incomplete_details"]["reason"],
+        "max_output_tokens"
+    );
 }
 
 /// A chat backend that records the request it got and streams a tool call as chunks.
@@ -126,10 +155,18 @@ impl Backend for ToolCaller {
                 })
             };
             let events = [
-                chunk(json!({"role": "assistant", "tool_calls": [{"index": 0, "id": "call_7", "type": "function", "function": {"name": "weather", "arguments": ""}}]})),
-                chunk(json!({"tool_calls": [{"index": 0, "function": {"arguments": "{\"city\":"}}]})),
-                Ok(BackendEvent::Chunk { json: "not json".into() }),
-                chunk(json!({"tool_calls": [{"index": 0, "function": {"arguments": "\"Oslo\"}"}}]})),
+                chunk(
+                    json!({"role": "assistant", "tool_calls": [{"index": 0, "id": "call_7", "type": "function", "function": {"name": "weather", "arguments": ""}}]}),
+                ),
+                chunk(
+                    json!({"tool_calls": [{"index": 0, "function": {"arguments": "{\"city\":"}}]}),
+                ),
+                Ok(BackendEvent::Chunk {
+                    json: "not json".into(),
+                }),
+                chunk(
+                    json!({"tool_calls": [{"index": 0, "function": {"arguments": "\"Oslo\"}"}}]}),
+                ),
                 Ok(BackendEvent::Done {
                     finish_reason: "tool_calls".into(),
                     prompt_tokens: 9,
@@ -157,7 +194,9 @@ async fn a_chat_tool_call_becomes_a_function_call_item() {
     });
     let mut registry = ModelRegistry::new();
     let dyn_backend: Arc<dyn Backend> = backend.clone();
-    registry.insert("m", 1, dyn_backend).unwrap_or_else(|e| panic!("{e}"));
+    registry
+        .insert("m", 1, dyn_backend)
+        .unwrap_or_else(|e| panic!("{e}"));
     let req = responses(json!({
         "model": "m", "input": "Weather in Oslo?",
         "tools": [{"type": "function", "name": "weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}],
@@ -165,8 +204,14 @@ async fn a_chat_tool_call_becomes_a_function_call_item() {
     }));
     let (events, end) = collect(registry.start(&req).unwrap_or_else(|e| panic!("{e}"))).await;
     assert!(matches!(end, Ok(BackendEvent::Done { .. })), "{end:?}");
-    let seen = backend.seen.lock().unwrap_or_else(|e| e.into_inner()).clone();
-    let Some(seen) = seen else { panic!("the backend got nothing") };
+    let seen = backend
+        .seen
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    let Some(seen) = seen else {
+        panic!("the backend got nothing")
+    };
     assert_eq!(seen.endpoint, Endpoint::Chat);
     assert_eq!(seen.raw["tools"][0]["function"]["name"], "weather");
     assert_eq!(seen.raw["tool_choice"], "required");
@@ -207,7 +252,12 @@ async fn http(addr: SocketAddr, body: &Value) -> (StatusCode, String, Vec<u8>) {
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_owned();
-    let bytes = resp.into_body().collect().await.unwrap_or_else(|e| panic!("{e}")).to_bytes();
+    let bytes = resp
+        .into_body()
+        .collect()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .to_bytes();
     (status, ctype, bytes.to_vec())
 }
 
@@ -223,11 +273,18 @@ async fn serve_openai_answers_responses_streaming_and_not() {
     assert!(ctype.starts_with("text/event-stream"), "{ctype}");
     let text = String::from_utf8(body).unwrap_or_else(|e| panic!("{e}"));
     let mut parser = SseParser::new(1 << 20);
-    parser.push(text.as_bytes()).unwrap_or_else(|e| panic!("{e}"));
+    parser
+        .push(text.as_bytes())
+        .unwrap_or_else(|e| panic!("{e}"));
     let mut events = Vec::new();
     while let Some(e) = parser.next_event() {
-        let data: Value = serde_json::from_str(&e.data).unwrap_or_else(|err| panic!("{err}: {}", e.data));
-        assert_eq!(e.event.as_deref(), data["type"].as_str(), "the event line names the type");
+        let data: Value =
+            serde_json::from_str(&e.data).unwrap_or_else(|err| panic!("{err}: {}", e.data));
+        assert_eq!(
+            e.event.as_deref(),
+            data["type"].as_str(),
+            "the event line names the type"
+        );
         events.push(data);
     }
     assert!(!text.contains("[DONE]"), "the Responses API has no [DONE]");
@@ -235,12 +292,18 @@ async fn serve_openai_answers_responses_streaming_and_not() {
     let last = &events[events.len() - 1];
     // The simulator may stop at its own token limit: then the response is incomplete.
     assert!(
-        matches!(last["type"].as_str(), Some("response.completed" | "response.incomplete")),
+        matches!(
+            last["type"].as_str(),
+            Some("response.completed" | "response.incomplete")
+        ),
         "{last}"
     );
 
-    let (status, ctype, body) =
-        http(server.addr, &json!({"model": "sim-model", "input": "Hello"})).await;
+    let (status, ctype, body) = http(
+        server.addr,
+        &json!({"model": "sim-model", "input": "Hello"}),
+    )
+    .await;
     assert_eq!(status, StatusCode::OK);
     assert!(ctype.starts_with("application/json"), "{ctype}");
     let response: Value = serde_json::from_slice(&body).unwrap_or_else(|e| panic!("{e}"));
@@ -265,16 +328,22 @@ async fn serve_openai_answers_responses_streaming_and_not() {
 
 /// A one-shot HTTP server answering `response` (raw bytes) and reporting the request it read.
 async fn canned(response: Vec<u8>) -> (SocketAddr, oneshot::Receiver<String>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap_or_else(|e| panic!("{e}"));
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
     let (tx, rx) = oneshot::channel();
     tokio::spawn(async move {
-        let Ok((mut sock, _)) = listener.accept().await else { return };
+        let Ok((mut sock, _)) = listener.accept().await else {
+            return;
+        };
         let mut buf = Vec::new();
         let mut chunk = [0u8; 4096];
         // Read the head, then the body by its Content-Length.
         loop {
-            let Ok(n) = sock.read(&mut chunk).await else { return };
+            let Ok(n) = sock.read(&mut chunk).await else {
+                return;
+            };
             if n == 0 {
                 return;
             }
@@ -285,7 +354,8 @@ async fn canned(response: Vec<u8>) -> (SocketAddr, oneshot::Receiver<String>) {
                     .lines()
                     .find_map(|l| {
                         let (k, v) = l.split_once(':')?;
-                        k.eq_ignore_ascii_case("content-length").then(|| v.trim().parse::<usize>().ok())?
+                        k.eq_ignore_ascii_case("content-length")
+                            .then(|| v.trim().parse::<usize>().ok())?
                     })
                     .unwrap_or(0);
                 if buf.len() >= head_end + 4 + len {
@@ -303,7 +373,10 @@ async fn canned(response: Vec<u8>) -> (SocketAddr, oneshot::Receiver<String>) {
 fn sse_answer(events: &[Value]) -> Vec<u8> {
     let mut body = String::new();
     for e in events {
-        body.push_str(&format!("event: {}\ndata: {e}\n\n", e["type"].as_str().unwrap_or("")));
+        body.push_str(&format!(
+            "event: {}\ndata: {e}\n\n",
+            e["type"].as_str().unwrap_or("")
+        ));
     }
     format!(
         "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
@@ -354,7 +427,11 @@ async fn native_mode_relays_the_upstream_events_and_its_usage() {
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(body["model"], "up-model");
     assert_eq!(body["stream"], true);
-    assert_eq!(body["vendor"], json!({"x": 1}), "unknown fields pass through");
+    assert_eq!(
+        body["vendor"],
+        json!({"x": 1}),
+        "unknown fields pass through"
+    );
     assert_eq!(body["input"], "hi");
 }
 

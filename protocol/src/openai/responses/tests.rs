@@ -44,8 +44,14 @@ fn a_string_input_is_one_user_message_and_limits_map_to_the_request() {
         panic!("{:?}", r.input)
     };
     assert_eq!(m.len(), 2);
-    assert_eq!((m[0].role, m[0].content.as_str()), (Role::System, "be brief"));
-    assert_eq!((m[1].role, m[1].content.as_str()), (Role::User, "hello there"));
+    assert_eq!(
+        (m[0].role, m[0].content.as_str()),
+        (Role::System, "be brief")
+    );
+    assert_eq!(
+        (m[1].role, m[1].content.as_str()),
+        (Role::User, "hello there")
+    );
 }
 
 #[test]
@@ -68,7 +74,13 @@ fn input_items_of_every_kind_parse_into_messages() {
     let roles: Vec<Role> = r.messages().iter().map(|m| m.role).collect();
     assert_eq!(
         roles,
-        [Role::Developer, Role::User, Role::Assistant, Role::Assistant, Role::Tool]
+        [
+            Role::Developer,
+            Role::User,
+            Role::Assistant,
+            Role::Assistant,
+            Role::Tool
+        ]
     );
     assert_eq!(r.messages()[1].content, "what is in\nthis picture?");
     assert_eq!(r.messages()[4].content, "sunny");
@@ -83,10 +95,22 @@ fn hostile_responses_requests_are_refused_naming_the_param() {
         (json!({"model": "m", "input": 7}), "input"),
         (json!({"model": "m", "input": []}), "input"),
         (json!({"model": "m", "input": [1]}), "input[0]"),
-        (json!({"model": "m", "input": [{"content": "x"}]}), "input[0].role"),
-        (json!({"model": "m", "input": [{"role": "wizard", "content": "x"}]}), "input[0].role"),
-        (json!({"model": "m", "input": [{"role": "user"}]}), "input[0].content"),
-        (json!({"model": "m", "input": [{"role": "user", "content": 5}]}), "input[0].content"),
+        (
+            json!({"model": "m", "input": [{"content": "x"}]}),
+            "input[0].role",
+        ),
+        (
+            json!({"model": "m", "input": [{"role": "wizard", "content": "x"}]}),
+            "input[0].role",
+        ),
+        (
+            json!({"model": "m", "input": [{"role": "user"}]}),
+            "input[0].content",
+        ),
+        (
+            json!({"model": "m", "input": [{"role": "user", "content": 5}]}),
+            "input[0].content",
+        ),
         (
             json!({"model": "m", "input": ["hi", {"role": "user", "content": "x"}]}),
             "input[0]",
@@ -127,27 +151,78 @@ fn hostile_responses_requests_are_refused_naming_the_param() {
             json!({"model": "m", "input": [{"type": "function_call_output", "call_id": "c"}]}),
             "input[0].output",
         ),
-        (json!({"model": "m", "input": [{"type": "item_reference", "id": "msg_1"}]}), "input[0].type"),
-        (json!({"model": "m", "input": [{"type": "computer_call"}]}), "input[0].type"),
-        (json!({"model": "m", "input": "x", "previous_response_id": "resp_1"}), "previous_response_id"),
-        (json!({"model": "m", "input": "x", "conversation": "conv_1"}), "conversation"),
-        (json!({"model": "m", "input": "x", "background": true}), "background"),
-        (json!({"model": "m", "input": "x", "instructions": 1}), "instructions"),
-        (json!({"model": "m", "input": "x", "max_output_tokens": 0}), "max_output_tokens"),
-        (json!({"model": "m", "input": "x", "max_output_tokens": 1e12}), "max_output_tokens"),
-        (json!({"model": "m", "input": "x", "max_output_tokens": "5"}), "max_output_tokens"),
-        (json!({"model": "m", "input": "x", "temperature": 3}), "temperature"),
+        (
+            json!({"model": "m", "input": [{"type": "item_reference", "id": "msg_1"}]}),
+            "input[0].type",
+        ),
+        (
+            json!({"model": "m", "input": [{"type": "computer_call"}]}),
+            "input[0].type",
+        ),
+        (
+            json!({"model": "m", "input": "x", "previous_response_id": "resp_1"}),
+            "previous_response_id",
+        ),
+        (
+            json!({"model": "m", "input": "x", "conversation": "conv_1"}),
+            "conversation",
+        ),
+        (
+            json!({"model": "m", "input": "x", "background": true}),
+            "background",
+        ),
+        (
+            json!({"model": "m", "input": "x", "instructions": 1}),
+            "instructions",
+        ),
+        (
+            json!({"model": "m", "input": "x", "max_output_tokens": 0}),
+            "max_output_tokens",
+        ),
+        (
+            json!({"model": "m", "input": "x", "max_output_tokens": 1e12}),
+            "max_output_tokens",
+        ),
+        (
+            json!({"model": "m", "input": "x", "max_output_tokens": "5"}),
+            "max_output_tokens",
+        ),
+        (
+            json!({"model": "m", "input": "x", "temperature": 3}),
+            "temperature",
+        ),
         (json!({"model": "m", "input": "x", "top_p": 1.5}), "top_p"),
         (json!({"model": "m", "input": "x", "top_p": "0.1"}), "top_p"),
         (json!({"model": "m", "input": "x", "store": "no"}), "store"),
-        (json!({"model": "m", "input": "x", "metadata": []}), "metadata"),
-        (json!({"model": "m", "input": "x", "reasoning": "high"}), "reasoning"),
-        (json!({"model": "m", "input": "x", "parallel_tool_calls": 1}), "parallel_tool_calls"),
+        (
+            json!({"model": "m", "input": "x", "metadata": []}),
+            "metadata",
+        ),
+        (
+            json!({"model": "m", "input": "x", "reasoning": "high"}),
+            "reasoning",
+        ),
+        (
+            json!({"model": "m", "input": "x", "parallel_tool_calls": 1}),
+            "parallel_tool_calls",
+        ),
         (json!({"model": "m", "input": "x", "tools": {}}), "tools"),
-        (json!({"model": "m", "input": "x", "tools": [{"type": "web_search"}]}), "tools[0].type"),
-        (json!({"model": "m", "input": "x", "tools": [{"name": "f"}]}), "tools[0].type"),
-        (json!({"model": "m", "input": "x", "tools": [{"type": "function"}]}), "tools[0].name"),
-        (json!({"model": "m", "input": "x", "tools": [{"type": "function", "name": ""}]}), "tools[0].name"),
+        (
+            json!({"model": "m", "input": "x", "tools": [{"type": "web_search"}]}),
+            "tools[0].type",
+        ),
+        (
+            json!({"model": "m", "input": "x", "tools": [{"name": "f"}]}),
+            "tools[0].type",
+        ),
+        (
+            json!({"model": "m", "input": "x", "tools": [{"type": "function"}]}),
+            "tools[0].name",
+        ),
+        (
+            json!({"model": "m", "input": "x", "tools": [{"type": "function", "name": ""}]}),
+            "tools[0].name",
+        ),
         (
             json!({"model": "m", "input": "x", "tools": [{"type": "function", "name": "f", "parameters": "{}"}]}),
             "tools[0].parameters",
@@ -156,9 +231,18 @@ fn hostile_responses_requests_are_refused_naming_the_param() {
             json!({"model": "m", "input": "x", "tools": [{"type": "function", "name": "f", "strict": "yes"}]}),
             "tools[0].strict",
         ),
-        (json!({"model": "m", "input": "x", "tool_choice": "required"}), "tool_choice"),
-        (json!({"model": "m", "input": "x", "tool_choice": "maybe"}), "tool_choice"),
-        (json!({"model": "m", "input": "x", "tool_choice": 1}), "tool_choice"),
+        (
+            json!({"model": "m", "input": "x", "tool_choice": "required"}),
+            "tool_choice",
+        ),
+        (
+            json!({"model": "m", "input": "x", "tool_choice": "maybe"}),
+            "tool_choice",
+        ),
+        (
+            json!({"model": "m", "input": "x", "tool_choice": 1}),
+            "tool_choice",
+        ),
         (
             json!({"model": "m", "input": "x", "tools": [{"type": "function", "name": "f"}], "tool_choice": {"type": "function", "name": "g"}}),
             "tool_choice.name",
@@ -168,9 +252,18 @@ fn hostile_responses_requests_are_refused_naming_the_param() {
             "tool_choice.type",
         ),
         (json!({"model": "m", "input": "x", "text": "json"}), "text"),
-        (json!({"model": "m", "input": "x", "text": {"format": "json"}}), "text.format"),
-        (json!({"model": "m", "input": "x", "text": {"format": {}}}), "text.format.type"),
-        (json!({"model": "m", "input": "x", "text": {"format": {"type": "yaml"}}}), "text.format.type"),
+        (
+            json!({"model": "m", "input": "x", "text": {"format": "json"}}),
+            "text.format",
+        ),
+        (
+            json!({"model": "m", "input": "x", "text": {"format": {}}}),
+            "text.format.type",
+        ),
+        (
+            json!({"model": "m", "input": "x", "text": {"format": {"type": "yaml"}}}),
+            "text.format.type",
+        ),
         (
             json!({"model": "m", "input": "x", "text": {"format": {"type": "json_schema", "schema": {}}}}),
             "text.format.name",
@@ -192,20 +285,27 @@ fn hostile_responses_requests_are_refused_naming_the_param() {
     let huge: Vec<Value> = (0..=MAX_INPUT_ITEMS)
         .map(|_| json!({"role": "user", "content": "x"}))
         .collect();
-    assert_eq!(err(json!({"model": "m", "input": huge})).param.as_deref(), Some("input"));
+    assert_eq!(
+        err(json!({"model": "m", "input": huge})).param.as_deref(),
+        Some("input")
+    );
     let tools: Vec<Value> = (0..=MAX_TOOLS)
         .map(|i| json!({"type": "function", "name": format!("f{i}")}))
         .collect();
     assert_eq!(
-        err(json!({"model": "m", "input": "x", "tools": tools})).param.as_deref(),
+        err(json!({"model": "m", "input": "x", "tools": tools}))
+            .param
+            .as_deref(),
         Some("tools")
     );
 }
 
 #[test]
 fn store_true_and_nulls_are_accepted() {
-    ok(json!({"model": "m", "input": "x", "store": true, "previous_response_id": null,
-        "tools": null, "text": {"format": {"type": "text"}}, "metadata": null}));
+    ok(
+        json!({"model": "m", "input": "x", "store": true, "previous_response_id": null,
+        "tools": null, "text": {"format": {"type": "text"}}, "metadata": null}),
+    );
 }
 
 #[test]
@@ -259,7 +359,10 @@ fn chat_request_translates_every_part() {
             {"type": "function", "function": {"name": "g"}},
         ])
     );
-    assert_eq!(chat["tool_choice"], json!({"type": "function", "function": {"name": "f"}}));
+    assert_eq!(
+        chat["tool_choice"],
+        json!({"type": "function", "function": {"name": "f"}})
+    );
     assert_eq!(
         chat["response_format"],
         json!({"type": "json_schema", "json_schema": {"name": "s", "schema": {"type": "object"}, "strict": true}})
@@ -267,10 +370,25 @@ fn chat_request_translates_every_part() {
     assert_eq!(chat["max_tokens"], 50);
     assert_eq!(chat["stream"], true);
     assert_eq!(chat["reasoning_effort"], "low");
-    for kept in ["temperature", "top_p", "seed", "user", "parallel_tool_calls", "vendor_extra"] {
+    for kept in [
+        "temperature",
+        "top_p",
+        "seed",
+        "user",
+        "parallel_tool_calls",
+        "vendor_extra",
+    ] {
         assert_eq!(chat[kept], r.raw[kept], "{kept}");
     }
-    for dropped in ["input", "instructions", "max_output_tokens", "text", "store", "metadata", "reasoning"] {
+    for dropped in [
+        "input",
+        "instructions",
+        "max_output_tokens",
+        "text",
+        "store",
+        "metadata",
+        "reasoning",
+    ] {
         assert!(chat.get(dropped).is_none(), "{dropped} leaked into {chat}");
     }
     // The translation is itself a valid chat request.
@@ -281,8 +399,10 @@ fn chat_request_translates_every_part() {
 
 #[test]
 fn chat_request_of_a_string_input_and_json_mode() {
-    let r = ok(json!({"model": "m", "input": "hi", "text": {"format": {"type": "json_object"}},
-        "tool_choice": "auto", "tools": []}));
+    let r = ok(
+        json!({"model": "m", "input": "hi", "text": {"format": {"type": "json_object"}},
+        "tool_choice": "auto", "tools": []}),
+    );
     let chat = chat_request(&r);
     assert_eq!(chat["messages"], json!([{"role": "user", "content": "hi"}]));
     assert_eq!(chat["response_format"], json!({"type": "json_object"}));
@@ -444,7 +564,9 @@ fn length_finish_is_response_incomplete_with_max_output_tokens() {
 #[test]
 fn the_finish_reason_of_a_chunk_is_used_when_done_has_none() {
     let mut s = stream_for(json!({"model": "m", "input": "hi"}));
-    s.handle_chunk(&json!({"choices": [{"index": 0, "delta": {"content": "x"}, "finish_reason": "length"}]}));
+    s.handle_chunk(
+        &json!({"choices": [{"index": 0, "delta": {"content": "x"}, "finish_reason": "length"}]}),
+    );
     s.handle_done("", 1, 1);
     assert_eq!(drain(&mut s).last().unwrap()["type"], "response.incomplete");
 }
@@ -458,7 +580,11 @@ fn an_empty_generation_completes_with_no_output_and_later_input_is_ignored() {
     let events = drain(&mut s);
     assert_eq!(
         types(&events),
-        ["response.created", "response.in_progress", "response.completed"]
+        [
+            "response.created",
+            "response.in_progress",
+            "response.completed"
+        ]
     );
     assert_eq!(events[2]["response"]["output"], json!([]));
 }
@@ -489,9 +615,11 @@ fn hostile_backend_chunks_never_panic_and_are_ignored() {
 
 #[test]
 fn request_fields_are_echoed_in_the_response_object() {
-    let s = stream_for(json!({"model": "m", "input": "hi", "temperature": 0.3, "top_p": 0.8,
+    let s = stream_for(
+        json!({"model": "m", "input": "hi", "temperature": 0.3, "top_p": 0.8,
         "tool_choice": "none", "store": true, "metadata": {"a": "1"}, "user": "u",
-        "text": {"format": {"type": "json_object"}}, "reasoning": {"effort": "high"}}));
+        "text": {"format": {"type": "json_object"}}, "reasoning": {"effort": "high"}}),
+    );
     let r = s.response();
     assert_eq!(r["temperature"], 0.3);
     assert_eq!(r["top_p"], 0.8);
@@ -532,9 +660,24 @@ mod properties {
             (-3.0f64..3.0).prop_map(Value::from),
             "[a-z_]{0,6}".prop_map(Value::from),
             prop::sample::select(vec![
-                "message", "input_text", "output_text", "input_image", "refusal", "function_call",
-                "function_call_output", "reasoning", "user", "assistant", "system", "developer",
-                "function", "json_object", "json_schema", "auto", "required", "none",
+                "message",
+                "input_text",
+                "output_text",
+                "input_image",
+                "refusal",
+                "function_call",
+                "function_call_output",
+                "reasoning",
+                "user",
+                "assistant",
+                "system",
+                "developer",
+                "function",
+                "json_object",
+                "json_schema",
+                "auto",
+                "required",
+                "none",
             ])
             .prop_map(Value::from),
         ];
@@ -543,10 +686,27 @@ mod properties {
                 prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
                 prop::collection::btree_map(
                     prop::sample::select(vec![
-                        "type", "role", "content", "text", "name", "call_id", "arguments",
-                        "output", "image_url", "refusal", "format", "schema", "parameters",
-                        "strict", "index", "delta", "choices", "tool_calls", "function",
-                        "finish_reason", "id",
+                        "type",
+                        "role",
+                        "content",
+                        "text",
+                        "name",
+                        "call_id",
+                        "arguments",
+                        "output",
+                        "image_url",
+                        "refusal",
+                        "format",
+                        "schema",
+                        "parameters",
+                        "strict",
+                        "index",
+                        "delta",
+                        "choices",
+                        "tool_calls",
+                        "function",
+                        "finish_reason",
+                        "id",
                     ])
                     .prop_map(str::to_owned),
                     inner,
@@ -559,9 +719,24 @@ mod properties {
 
     fn body() -> impl Strategy<Value = Value> {
         let keys = prop::sample::select(vec![
-            "input", "instructions", "tools", "tool_choice", "text", "max_output_tokens",
-            "max_tokens", "messages", "stream", "store", "metadata", "reasoning", "top_p",
-            "temperature", "response_format", "parallel_tool_calls", "user", "stop",
+            "input",
+            "instructions",
+            "tools",
+            "tool_choice",
+            "text",
+            "max_output_tokens",
+            "max_tokens",
+            "messages",
+            "stream",
+            "store",
+            "metadata",
+            "reasoning",
+            "top_p",
+            "temperature",
+            "response_format",
+            "parallel_tool_calls",
+            "user",
+            "stop",
         ])
         .prop_map(str::to_owned);
         prop::collection::btree_map(keys, json_value(), 0..6).prop_map(|m| {
