@@ -336,7 +336,7 @@ impl Default for RoutingConfig {
 }
 
 /// `[inference]`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct InferenceConfig {
     /// Time to open a session stream on the chosen node and have it `Accepted`, in
@@ -374,7 +374,27 @@ pub struct InferenceConfig {
     /// for a node to (re)register before it is answered 503 `model_unavailable`, in
     /// milliseconds; so blips shorter than this are invisible. 0 answers at once. Default: 2000.
     pub unavailable_wait_ms: u64,
+    /// `[inference.prices."model-name"]`: what a model's tokens cost, for API keys' USD
+    /// budgets and the spend the admin API reports. The entry `"*"` prices every model without
+    /// its own entry; a model priced by neither is free (cost 0). Default: empty (all free).
+    pub prices: std::collections::BTreeMap<String, ModelPrice>,
 }
+
+/// One model's price, in US dollars per million tokens billed (the gateway's count).
+#[derive(Debug, Clone, Copy, PartialEq, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelPrice {
+    /// Per million prompt tokens. Default: 0.
+    #[serde(default)]
+    pub prompt_usd_per_mtok: f64,
+    /// Per million completion tokens. Default: 0.
+    #[serde(default)]
+    pub completion_usd_per_mtok: f64,
+}
+
+/// Longest model name a price entry may have, in bytes (a request's model name is bounded the
+/// same way).
+pub const MAX_PRICE_MODEL_BYTES: usize = 256;
 
 impl Default for InferenceConfig {
     fn default() -> Self {
@@ -390,6 +410,7 @@ impl Default for InferenceConfig {
             usage_tolerance_tokens: 16,
             model_grace_s: 600,
             unavailable_wait_ms: 2_000,
+            prices: Default::default(),
         }
     }
 }
@@ -763,6 +784,27 @@ impl GatewayConfig {
                 ),
             );
         }
+        for (model, price) in &i.prices {
+            let path = format!("inference.prices.{model:?}");
+            if model.trim().is_empty() || model.len() > MAX_PRICE_MODEL_BYTES {
+                p.push(
+                    &path,
+                    format!("a model name of 1..={MAX_PRICE_MODEL_BYTES} bytes (or \"*\")"),
+                );
+            }
+            for (field, v) in [
+                ("prompt_usd_per_mtok", price.prompt_usd_per_mtok),
+                ("completion_usd_per_mtok", price.completion_usd_per_mtok),
+            ] {
+                // A million tokens for more than a million dollars is a typo, not a price.
+                if !(v.is_finite() && (0.0..=1_000_000.0).contains(&v)) {
+                    p.push(
+                        format!("{path}.{field}"),
+                        format!("must be a number from 0 to 1000000 (got {v})"),
+                    );
+                }
+            }
+        }
     }
 
     fn check_game(&self, p: &mut Problems) {
@@ -1014,5 +1056,38 @@ mod tests {
              overrides, 3 country sets, log info (text)"
         );
         assert!(!s.contains('\n'));
+    }
+    #[test]
+    fn model_prices_parse_and_bad_ones_are_named_by_path() {
+        let text = r#"
+[inference.prices."org/m"]
+prompt_usd_per_mtok = 0.5
+completion_usd_per_mtok = 1.5
+[inference.prices."*"]
+completion_usd_per_mtok = 2
+"#;
+        let cfg = crate::parse_gateway(text, "t.toml", &[]).expect("valid prices");
+        let m = cfg.inference.prices["org/m"];
+        assert_eq!(
+            (m.prompt_usd_per_mtok, m.completion_usd_per_mtok),
+            (0.5, 1.5)
+        );
+        assert_eq!(cfg.inference.prices["*"].prompt_usd_per_mtok, 0.0);
+        let bad = r#"
+[inference.prices."m"]
+prompt_usd_per_mtok = -1
+completion_usd_per_mtok = inf
+"#;
+        let errs = crate::parse_gateway(bad, "t.toml", &[]).unwrap_err();
+        let paths: Vec<_> = errs.errors.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "inference.prices.\"m\".prompt_usd_per_mtok",
+                "inference.prices.\"m\".completion_usd_per_mtok"
+            ]
+        );
+        let unknown = "[inference.prices.\"m\"]\nprompt_usd = 1\n";
+        assert!(crate::parse_gateway(unknown, "t.toml", &[]).is_err());
     }
 }

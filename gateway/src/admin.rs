@@ -15,6 +15,7 @@ use crate::store::{ApiKeyUpdate, KycStatus, Store, StoreError};
 use hyper::body::Incoming;
 use hyper::{Method, Request, StatusCode};
 use serde::Deserialize;
+use serde_json::Value;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -22,7 +23,9 @@ use std::sync::Arc;
 use std::time::Duration;
 use tracing::{info, warn};
 
-const ADMIN_BODY_LIMIT: usize = 64 * 1024;
+/// The largest admin request body: room for an API key's longest allow-list (256 entries of
+/// 256 bytes, escaped) with the rest of the key.
+const ADMIN_BODY_LIMIT: usize = 160 * 1024;
 
 /// The components the admin API uses.
 pub struct AdminParts {
@@ -201,6 +204,20 @@ struct NewApiKey {
     max_concurrent_sessions: Option<u32>,
     #[serde(default)]
     session_starts_per_minute: Option<u32>,
+    /// The key's policy (allow-list, expiry, budgets), checked by [`policy_update`] so that a
+    /// wrong type or value is a 400 naming the field; `null` is the same as absent.
+    #[serde(default)]
+    allowed_models: Option<Value>,
+    #[serde(default)]
+    expires_at_ms: Option<Value>,
+    #[serde(default)]
+    budget_tokens_per_day: Option<Value>,
+    #[serde(default)]
+    budget_tokens_per_month: Option<Value>,
+    #[serde(default)]
+    budget_usd_per_day: Option<Value>,
+    #[serde(default)]
+    budget_usd_per_month: Option<Value>,
 }
 
 /// `PATCH /admin/api-keys/{id}`: absent fields stay as they are; a cap set to `null` goes back
@@ -218,11 +235,138 @@ struct ApiKeyPatch {
     max_concurrent_sessions: Option<Option<u32>>,
     #[serde(default, deserialize_with = "present")]
     session_starts_per_minute: Option<Option<u32>>,
+    /// Policy fields: `null` (or `[]` for the allow-list) removes the restriction.
+    #[serde(default, deserialize_with = "present")]
+    allowed_models: Option<Option<Value>>,
+    #[serde(default, deserialize_with = "present")]
+    expires_at_ms: Option<Option<Value>>,
+    #[serde(default, deserialize_with = "present")]
+    budget_tokens_per_day: Option<Option<Value>>,
+    #[serde(default, deserialize_with = "present")]
+    budget_tokens_per_month: Option<Option<Value>>,
+    #[serde(default, deserialize_with = "present")]
+    budget_usd_per_day: Option<Option<Value>>,
+    #[serde(default, deserialize_with = "present")]
+    budget_usd_per_month: Option<Option<Value>>,
 }
 
 /// Tells `null` (`Some(None)`) from an absent field (`None`, through `#[serde(default)]`).
-fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<u32>>, D::Error> {
-    Option::<u32>::deserialize(d).map(Some)
+fn present<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(
+    d: D,
+) -> Result<Option<Option<T>>, D::Error> {
+    Option::<T>::deserialize(d).map(Some)
+}
+
+/// The policy fields of a key body as JSON values: absent (`None`), `null` (`Some(None)`) or
+/// a value.
+#[derive(Default)]
+struct PolicyFields {
+    allowed_models: Option<Option<Value>>,
+    expires_at_ms: Option<Option<Value>>,
+    budget_tokens_per_day: Option<Option<Value>>,
+    budget_tokens_per_month: Option<Option<Value>>,
+    budget_usd_per_day: Option<Option<Value>>,
+    budget_usd_per_month: Option<Option<Value>>,
+}
+
+fn invalid(field: &'static str, message: impl Into<String>) -> StoreError {
+    StoreError::Invalid {
+        field,
+        message: message.into(),
+    }
+}
+
+/// A whole non-negative number (`1000` or `1e3`), at most `max`.
+fn whole_number(field: &'static str, v: &Value, what: &str, max: u64) -> Result<u64, StoreError> {
+    let n = match v.as_u64() {
+        Some(n) => Some(n),
+        None => v
+            .as_f64()
+            .filter(|f| f.is_finite() && *f >= 0.0 && f.fract() == 0.0 && *f <= max as f64)
+            .map(|f| f as u64),
+    };
+    match n {
+        Some(n) if n <= max => Ok(n),
+        _ => Err(invalid(
+            field,
+            format!("{v} is not {what} (a whole number from 0 to {max})"),
+        )),
+    }
+}
+
+/// Checks the policy fields of a create or patch body and turns them into the store's update,
+/// naming the field of the first problem (wrong type, negative or non-finite budget, an
+/// allow-list entry that is empty, over 256 bytes or not a string, over 256 entries).
+fn policy_update(f: PolicyFields) -> Result<ApiKeyUpdate, StoreError> {
+    use crate::store::{check_allowed_models, MAX_TOKEN_BUDGET};
+    let allowed_models = match f.allowed_models {
+        None => None,
+        Some(None) => Some(Vec::new()),
+        Some(Some(Value::Array(items))) => {
+            let mut list = Vec::with_capacity(items.len().min(crate::store::MAX_ALLOWED_MODELS));
+            for (i, item) in items.iter().enumerate() {
+                match item {
+                    Value::String(s) => list.push(s.clone()),
+                    other => {
+                        return Err(invalid(
+                            "allowed_models",
+                            format!("entry {i} ({other}) is not a string"),
+                        ))
+                    }
+                }
+            }
+            check_allowed_models(&list)?;
+            Some(list)
+        }
+        Some(Some(other)) => {
+            return Err(invalid(
+                "allowed_models",
+                format!("{other} is not a list of model names"),
+            ))
+        }
+    };
+    let tokens = |field: &'static str, v: Option<Option<Value>>| {
+        v.map(|v| {
+            v.map(|v| whole_number(field, &v, "a number of tokens", MAX_TOKEN_BUDGET))
+                .transpose()
+        })
+        .transpose()
+    };
+    let usd = |field: &'static str, v: Option<Option<Value>>| {
+        v.map(|v| {
+            v.map(|v| match v.as_f64() {
+                Some(x) if x.is_finite() && x >= 0.0 => Ok(x),
+                _ => Err(invalid(
+                    field,
+                    format!("{v} is not an amount of US dollars (a finite number, 0 or more)"),
+                )),
+            })
+            .transpose()
+        })
+        .transpose()
+    };
+    Ok(ApiKeyUpdate {
+        allowed_models,
+        expires_at_ms: f
+            .expires_at_ms
+            .map(|v| {
+                v.map(|v| {
+                    whole_number(
+                        "expires_at_ms",
+                        &v,
+                        "a Unix time in milliseconds",
+                        i64::MAX as u64,
+                    )
+                })
+                .transpose()
+            })
+            .transpose()?,
+        budget_tokens_per_day: tokens("budget_tokens_per_day", f.budget_tokens_per_day)?,
+        budget_tokens_per_month: tokens("budget_tokens_per_month", f.budget_tokens_per_month)?,
+        budget_usd_per_day: usd("budget_usd_per_day", f.budget_usd_per_day)?,
+        budget_usd_per_month: usd("budget_usd_per_month", f.budget_usd_per_month)?,
+        ..Default::default()
+    })
 }
 
 #[derive(Deserialize, Default)]
@@ -435,19 +579,37 @@ impl AdminApi {
                     let body: NewApiKey = json_body(req).await?;
                     let rpm = body.requests_per_minute.unwrap_or(s.settings.default_requests_per_minute);
                     let tpm = body.tokens_per_minute.unwrap_or(s.settings.default_tokens_per_minute);
-                    let caps = ApiKeyUpdate {
+                    let now_ms = s.clock.unix_ms();
+                    // Everything is checked before the key exists.
+                    let update = policy_update(PolicyFields {
+                        allowed_models: body.allowed_models.map(Some),
+                        expires_at_ms: body.expires_at_ms.map(Some),
+                        budget_tokens_per_day: body.budget_tokens_per_day.map(Some),
+                        budget_tokens_per_month: body.budget_tokens_per_month.map(Some),
+                        budget_usd_per_day: body.budget_usd_per_day.map(Some),
+                        budget_usd_per_month: body.budget_usd_per_month.map(Some),
+                    })
+                    .and_then(|u| match u.expires_at_ms {
+                        Some(Some(at)) if at <= now_ms => Err(invalid(
+                            "expires_at_ms",
+                            format!("{at} ({}) is not in the future (now is {now_ms})", crate::auth::rfc3339_ms(at)),
+                        )),
+                        _ => Ok(u),
+                    })
+                    .map_err(store_error)?;
+                    let update = ApiKeyUpdate {
                         max_concurrent_streams: body.max_concurrent_streams.map(Some),
                         max_concurrent_sessions: body.max_concurrent_sessions.map(Some),
                         session_starts_per_minute: body.session_starts_per_minute.map(Some),
-                        ..Default::default()
+                        ..update
                     };
                     let (key, secret) = blocking(s, move |st| {
                         // A cap of 0 is refused before the key exists.
                         st.create_api_key(&body.tenant, rpm, tpm).and_then(|(key, secret)| {
-                            if caps == ApiKeyUpdate::default() {
+                            if update == ApiKeyUpdate::default() {
                                 return Ok((key, secret));
                             }
-                            match st.update_api_key(&key.id, caps) {
+                            match st.update_api_key(&key.id, update) {
                                 Ok(key) => Ok((key, secret)),
                                 Err(e) => {
                                     let _ = st.revoke_api_key(&key.id);
@@ -459,18 +621,39 @@ impl AdminApi {
                     .await?;
                     json(StatusCode::CREATED, &serde_json::json!({"key": secret, "info": key, "note": "the key is shown once"}))
                 }
+                (&Method::GET, ["api-keys", id]) => {
+                    let key = s.api_key(id).await?;
+                    json(StatusCode::OK, &key)
+                }
+                (&Method::GET, ["api-keys", id, "usage"]) => {
+                    let key = s.api_key(id).await?;
+                    let range = usage_range(query_param(&req, "from"), query_param(&req, "to"), s.clock.unix_ms())
+                        .map_err(|m: String| error(StatusCode::BAD_REQUEST, "invalid", &m))?;
+                    s.key_usage(key, range).await?
+                }
                 (&Method::PATCH, ["api-keys", id]) => {
                     let body: ApiKeyPatch = json_body(req).await?;
+                    let update = policy_update(PolicyFields {
+                        allowed_models: body.allowed_models,
+                        expires_at_ms: body.expires_at_ms,
+                        budget_tokens_per_day: body.budget_tokens_per_day,
+                        budget_tokens_per_month: body.budget_tokens_per_month,
+                        budget_usd_per_day: body.budget_usd_per_day,
+                        budget_usd_per_month: body.budget_usd_per_month,
+                    })
+                    .map_err(store_error)?;
                     let update = ApiKeyUpdate {
                         requests_per_minute: body.requests_per_minute,
                         tokens_per_minute: body.tokens_per_minute,
                         max_concurrent_streams: body.max_concurrent_streams,
                         max_concurrent_sessions: body.max_concurrent_sessions,
                         session_starts_per_minute: body.session_starts_per_minute,
+                        ..update
                     };
                     let id = id.to_string();
                     let key = blocking(s, move |st| st.update_api_key(&id, update)).await?;
                     // Cached keys carry their limits: the change applies from the next request.
+                    // An expiry set in the past ends new requests at once; running ones go on.
                     s.auth.keys.clear();
                     json(StatusCode::OK, &key)
                 }
@@ -572,6 +755,183 @@ impl AdminApi {
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
             m.render(),
         )
+    }
+}
+
+/// The days of a usage report's daily breakdown, inclusive (days since 1970-01-01).
+type DayRange = Option<(i64, i64)>;
+
+/// `?from=YYYY-MM-DD&to=YYYY-MM-DD`: none, or a range of at most
+/// [`crate::budget::MAX_REPORT_DAYS`] days (`to` defaults to today). The message names the
+/// parameter at fault.
+fn usage_range(from: Option<&str>, to: Option<&str>, now_ms: u64) -> Result<DayRange, String> {
+    use crate::budget::{day_of, parse_day, MAX_REPORT_DAYS};
+    let parse = |name: &str, v: &str| {
+        parse_day(v).ok_or_else(|| {
+            format!("{name}: {v:?} is not a date (YYYY-MM-DD, a real UTC calendar day from 1970)")
+        })
+    };
+    let (from, to) = match (from, to) {
+        (None, None) => return Ok(None),
+        (None, Some(_)) => return Err("from: required with to".into()),
+        (Some(f), t) => (
+            parse("from", f)?,
+            match t {
+                Some(t) => parse("to", t)?,
+                None => day_of(now_ms),
+            },
+        ),
+    };
+    if to < from {
+        return Err(format!(
+            "to: {} is before from ({})",
+            crate::budget::format_day(to),
+            crate::budget::format_day(from)
+        ));
+    }
+    if to - from + 1 > MAX_REPORT_DAYS {
+        return Err(format!(
+            "to: the range has {} days, at most {MAX_REPORT_DAYS} allowed",
+            to - from + 1
+        ));
+    }
+    Ok(Some((from, to)))
+}
+
+/// Usage totals of a set of ledger rows: overall and by model, costed with `prices`.
+fn usage_totals<'a>(
+    rows: impl Iterator<Item = &'a crate::store::KeyDayUsage>,
+    prices: &crate::budget::Prices,
+) -> Value {
+    let mut by_model: std::collections::BTreeMap<&str, (u64, u64, u64)> = Default::default();
+    for r in rows {
+        let e = by_model.entry(r.model.as_str()).or_default();
+        e.0 += r.requests;
+        e.1 = e.1.saturating_add(r.prompt_tokens);
+        e.2 = e.2.saturating_add(r.completion_tokens);
+    }
+    let (mut requests, mut prompt, mut completion, mut cost) = (0u64, 0u64, 0u64, 0f64);
+    let models: Vec<Value> = by_model
+        .iter()
+        .map(|(model, (n, p, c))| {
+            let usd = prices.cost(model, *p, *c);
+            requests += n;
+            prompt = prompt.saturating_add(*p);
+            completion = completion.saturating_add(*c);
+            cost += usd;
+            serde_json::json!({
+                "model": model,
+                "requests": n,
+                "prompt_tokens": p,
+                "completion_tokens": c,
+                "total_tokens": p.saturating_add(*c),
+                "cost_usd": usd,
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "requests": requests,
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt.saturating_add(completion),
+        "cost_usd": cost,
+        "by_model": models,
+    })
+}
+
+impl AdminApi {
+    /// The key `id`, or a 404.
+    async fn api_key(&self, id: &str) -> Result<crate::store::ApiKey, Resp> {
+        let list = blocking(self, |st| st.list_api_keys()).await?;
+        list.into_iter().find(|k| k.id == id).ok_or_else(|| {
+            error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                &format!("no API key {id}"),
+            )
+        })
+    }
+
+    /// `GET /admin/api-keys/{id}/usage`: today's and this month's inference usage of the key
+    /// (UTC), by model, with costs at the current prices, its budgets with what is left, and,
+    /// for a `from`/`to` range, a daily breakdown.
+    async fn key_usage(&self, key: crate::store::ApiKey, range: DayRange) -> Result<Resp, Resp> {
+        use crate::budget::{
+            day_of, day_start_ms, first_day_of_month, format_day, month_of, Budget,
+        };
+        let now_ms = self.clock.unix_ms();
+        let today = day_of(now_ms);
+        let month_first = first_day_of_month(month_of(now_ms));
+        let id = key.id.clone();
+        let (month_rows, range_rows) = blocking(self, move |st| {
+            let month = st.key_usage_by_day(
+                Some(&id),
+                day_start_ms(month_first),
+                day_start_ms(today + 1),
+            )?;
+            let range = match range {
+                Some((from, to)) => {
+                    st.key_usage_by_day(Some(&id), day_start_ms(from), day_start_ms(to + 1))?
+                }
+                None => Vec::new(),
+            };
+            Ok((month, range))
+        })
+        .await?;
+        let prices = &self.auth.prices;
+        let mut today_v = usage_totals(month_rows.iter().filter(|r| r.day == today), prices);
+        today_v["date"] = format_day(today).into();
+        let mut month_v = usage_totals(month_rows.iter(), prices);
+        month_v["from"] = format_day(month_first).into();
+        month_v["to"] = format_day(today).into();
+        // The budgets show what admission checks against: the in-memory book, which holds
+        // the same committed records as the store (it may lag a commit by microseconds).
+        let spent = self.auth.spend.spent(&key.id, now_ms, prices);
+        let p = &key.policy;
+        let limits = crate::budget::Limits {
+            tokens_per_day: p.budget_tokens_per_day,
+            tokens_per_month: p.budget_tokens_per_month,
+            usd_per_day: p.budget_usd_per_day,
+            usd_per_month: p.budget_usd_per_month,
+        };
+        let budgets: Vec<Value> = Budget::ALL
+            .iter()
+            .filter_map(|b| {
+                let limit = limits.of(*b)?;
+                let resets = b.period().resets_at_ms(now_ms);
+                let used = spent.of(*b);
+                Some(serde_json::json!({
+                    "budget": b.as_str(),
+                    "limit": limit,
+                    "spent": used,
+                    "remaining": (limit - used).max(0.0),
+                    "exceeded": used >= limit,
+                    "resets_at": crate::auth::rfc3339_ms(resets),
+                    "resets_at_ms": resets,
+                }))
+            })
+            .collect();
+        let mut body = serde_json::json!({
+            "object": "api_key.usage",
+            "api_key_id": key.id,
+            "tenant": key.tenant,
+            "now": crate::auth::rfc3339_ms(now_ms),
+            "today": today_v,
+            "month": month_v,
+            "budgets": budgets,
+            "note": "tokens are what the gateway billed (its own count); costs use the current inference.prices",
+        });
+        if let Some((from, to)) = range {
+            let days: Vec<Value> = (from..=to)
+                .map(|d| {
+                    let mut v = usage_totals(range_rows.iter().filter(|r| r.day == d), prices);
+                    v["date"] = format_day(d).into();
+                    v
+                })
+                .collect();
+            body["days"] = Value::Array(days);
+        }
+        Ok(json(StatusCode::OK, &body))
     }
 }
 
@@ -717,5 +1077,113 @@ mod tests {
             class_label(&policy, "whatever-a-node-says".into()),
             crate::metrics::OTHER
         );
+    }
+    fn fields(v: Value) -> PolicyFields {
+        let p: ApiKeyPatch = serde_json::from_value(v).expect("a patch body");
+        PolicyFields {
+            allowed_models: p.allowed_models,
+            expires_at_ms: p.expires_at_ms,
+            budget_tokens_per_day: p.budget_tokens_per_day,
+            budget_tokens_per_month: p.budget_tokens_per_month,
+            budget_usd_per_day: p.budget_usd_per_day,
+            budget_usd_per_month: p.budget_usd_per_month,
+        }
+    }
+
+    fn refused_field(v: Value) -> &'static str {
+        match policy_update(fields(v.clone())) {
+            Err(StoreError::Invalid { field, .. }) => field,
+            other => panic!("{v}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn policy_fields_of_the_wrong_type_or_value_are_refused_naming_the_field() {
+        use serde_json::json;
+        assert_eq!(
+            refused_field(json!({"budget_usd_per_day": -0.01})),
+            "budget_usd_per_day"
+        );
+        assert_eq!(
+            refused_field(json!({"budget_usd_per_month": "NaN"})),
+            "budget_usd_per_month"
+        );
+        assert_eq!(
+            refused_field(json!({"budget_tokens_per_day": -1})),
+            "budget_tokens_per_day"
+        );
+        assert_eq!(
+            refused_field(json!({"budget_tokens_per_day": 1.5})),
+            "budget_tokens_per_day"
+        );
+        assert_eq!(
+            refused_field(json!({"budget_tokens_per_month": 1e300})),
+            "budget_tokens_per_month"
+        );
+        assert_eq!(refused_field(json!({"expires_at_ms": -5})), "expires_at_ms");
+        assert_eq!(
+            refused_field(json!({"expires_at_ms": "tomorrow"})),
+            "expires_at_ms"
+        );
+        assert_eq!(
+            refused_field(json!({"allowed_models": "m"})),
+            "allowed_models"
+        );
+        assert_eq!(
+            refused_field(json!({"allowed_models": [1]})),
+            "allowed_models"
+        );
+        assert_eq!(
+            refused_field(json!({"allowed_models": [""]})),
+            "allowed_models"
+        );
+        assert_eq!(
+            refused_field(json!({"allowed_models": ["x".repeat(257)]})),
+            "allowed_models"
+        );
+        let many: Vec<String> = (0..257).map(|i| format!("m{i}")).collect();
+        assert_eq!(
+            refused_field(json!({"allowed_models": many})),
+            "allowed_models"
+        );
+        // Good values, `null` resets, absent leaves alone.
+        let u = policy_update(fields(json!({
+            "allowed_models": ["org/*"], "budget_tokens_per_day": 1e3,
+            "budget_usd_per_month": 0, "expires_at_ms": null
+        })))
+        .expect("valid");
+        assert_eq!(u.allowed_models, Some(vec!["org/*".to_string()]));
+        assert_eq!(u.budget_tokens_per_day, Some(Some(1000)));
+        assert_eq!(u.budget_usd_per_month, Some(Some(0.0)));
+        assert_eq!(u.expires_at_ms, Some(None));
+        assert_eq!(u.budget_usd_per_day, None);
+        let u = policy_update(fields(json!({"allowed_models": null}))).expect("reset");
+        assert_eq!(u.allowed_models, Some(vec![]));
+    }
+
+    #[test]
+    fn usage_ranges_are_real_dates_in_order_and_bounded() {
+        let now = crate::budget::day_start_ms(crate::budget::days_from_civil(2026, 12, 6));
+        assert_eq!(usage_range(None, None, now), Ok(None));
+        let d = |s| crate::budget::parse_day(s).unwrap();
+        assert_eq!(
+            usage_range(Some("2026-12-01"), None, now),
+            Ok(Some((d("2026-12-01"), d("2026-12-06"))))
+        );
+        assert_eq!(
+            usage_range(Some("2025-12-06"), Some("2026-12-06"), now),
+            Ok(Some((d("2025-12-06"), d("2026-12-06"))))
+        );
+        for (from, to, param) in [
+            (None, Some("2026-12-01"), "from"),
+            (Some("2026-13-01"), None, "from"),
+            (Some("yesterday"), None, "from"),
+            (Some("2026-12-01"), Some("2026-02-30"), "to"),
+            (Some("2026-12-02"), Some("2026-12-01"), "to"),
+            (Some("2025-12-05"), Some("2026-12-06"), "to"),
+        ] {
+            let e = usage_range(from, to, now).unwrap_err();
+            assert!(e.starts_with(param), "{from:?} {to:?}: {e}");
+        }
     }
 }

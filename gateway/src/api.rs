@@ -9,6 +9,7 @@
 //! The front end only speaks HTTP: admission, routing, failover, the pump and metering are
 //! [`InferService`]'s; WHEP and `/play` are served by a handler injected at assembly.
 
+use crate::auth::Auth;
 use crate::client_addr::{self, ClientAddr};
 use crate::error::{CoreError, Kind};
 use crate::http_util::{bearer, read_body, with_type, Body, BodyError, Handler, Resp};
@@ -242,14 +243,17 @@ impl ClientApi {
     }
 
     async fn models(&self, req: Request<Incoming>, peer: SocketAddr, request_id: &str) -> Resp {
-        if let Err(e) = self.infer.auth.authenticate(bearer(&req)).await {
-            return error_response(request_id, &e);
-        }
+        let key = match self.infer.auth.authenticate(bearer(&req)).await {
+            Ok(key) => key,
+            Err(e) => return error_response(request_id, &e),
+        };
         let (_, loc) = self.locate(&req, peer);
-        let names =
+        let mut names =
             self.infer
                 .directory
                 .visible(&self.infer.placement, &loc, WorkloadKind::Inference);
+        // A key sees only the models it may use.
+        names.retain(|n| Auth::model_allowed(&key, n));
         // Models whose last node left within `inference.model_grace_s` stay listed, marked
         // unavailable, so that a client does not take a blip for the model's removal.
         let now_ms = self.infer.clock.unix_ms();
@@ -261,7 +265,7 @@ impl ClientApi {
             .collect();
         list.extend(
             gone.iter()
-                .filter(|n| !names.contains(*n))
+                .filter(|n| !names.contains(*n) && Auth::model_allowed(&key, n))
                 .map(|n| (n.as_str(), created, "nearpath", false)),
         );
         list.sort_by(|a, b| a.0.cmp(b.0));

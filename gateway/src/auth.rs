@@ -3,8 +3,9 @@
 //! usage cannot be recorded. These are the methods of [`crate::components::Auth`]; every front
 //! end (OpenAI HTTP, WHEP, native QUIC) admits work through them.
 
+use crate::budget::{BudgetRefusal, Limits, Prices, SpendBook};
 use crate::clock::SharedClock;
-use crate::error::{CoreError, LEDGER_UNAVAILABLE};
+use crate::error::{CoreError, BUDGET_EXCEEDED, LEDGER_UNAVAILABLE};
 use crate::metrics::{labels, Metrics};
 use crate::store::{ApiKey, Store};
 use nearpath_protocol::openai::ApiError;
@@ -22,6 +23,10 @@ pub struct Auth {
     pub metrics: Arc<Metrics>,
     /// The caps of keys that set none.
     pub defaults: CapDefaults,
+    /// What each key spent this UTC day and month (the meter adds each committed record).
+    pub spend: Arc<SpendBook>,
+    /// `inference.prices`, for the USD budgets.
+    pub prices: Arc<Prices>,
 }
 
 /// How long an authenticated key is trusted without asking the store again. Revocation through
@@ -312,6 +317,67 @@ impl Auth {
             clock,
             metrics,
             defaults,
+            spend: Arc::new(SpendBook::default()),
+            prices: Arc::new(Prices::default()),
+        }
+    }
+
+    /// The same with the price table of USD budgets (`inference.prices`).
+    pub fn with_prices(mut self, prices: Prices) -> Auth {
+        self.prices = Arc::new(prices);
+        self
+    }
+
+    /// Whether `key` may use `model`: its allow-list is empty, names the model, or has a
+    /// `prefix*` entry the model starts with. Every entry point asks before dispatch (and
+    /// `/v1/models` lists only what this allows).
+    pub fn model_allowed(key: &ApiKey, model: &str) -> bool {
+        key.policy.allows_model(model)
+    }
+
+    /// [`Auth::model_allowed`] as a 403 `model_not_allowed` (param `model`).
+    pub fn check_model(&self, key: &ApiKey, model: &str) -> Result<(), CoreError> {
+        if Self::model_allowed(key, model) {
+            return Ok(());
+        }
+        Err(CoreError::model_not_allowed(&key.prefix, model))
+    }
+
+    /// Refuses a request of a key that has spent one of its budgets in the current UTC day or
+    /// month: 429 `budget_exceeded`, not retryable (`x-should-retry: false`), `Retry-After`
+    /// until the period resets. An in-memory check (no store query); a request already running
+    /// finishes even if it goes over.
+    pub fn check_budget(&self, key: &ApiKey) -> Result<(), CoreError> {
+        let p = &key.policy;
+        let limits = Limits {
+            tokens_per_day: p.budget_tokens_per_day,
+            tokens_per_month: p.budget_tokens_per_month,
+            usd_per_day: p.budget_usd_per_day,
+            usd_per_month: p.budget_usd_per_month,
+        };
+        match self
+            .spend
+            .check(&key.id, &limits, self.clock.unix_ms(), &self.prices)
+        {
+            Ok(()) => Ok(()),
+            Err(r) => {
+                self.metrics
+                    .key_budget_refusals
+                    .get_or_create(&labels([("budget", r.budget.as_str())]))
+                    .inc();
+                Err(budget_exceeded(&key.prefix, &r))
+            }
+        }
+    }
+
+    /// Refuses a key whose `expires_at_ms` has passed (401 `key_expired`, saying when).
+    fn check_expiry(&self, key: &ApiKey) -> Result<(), CoreError> {
+        match key.policy.expires_at_ms {
+            Some(at) if at <= self.clock.unix_ms() => Err(CoreError::key_expired(
+                &key.prefix,
+                &format!("{} ({at} ms)", rfc3339_ms(at)),
+            )),
+            _ => Ok(()),
         }
     }
 
@@ -320,6 +386,7 @@ impl Auth {
         let secret = secret.ok_or_else(CoreError::missing_api_key)?;
         let hash = crate::store::hash_secret(secret);
         if let Some(key) = self.keys.get(&hash, self.clock.now()) {
+            self.check_expiry(&key)?;
             return Ok(key);
         }
         let store = self.store.clone();
@@ -330,7 +397,10 @@ impl Auth {
             .map_err(|e| CoreError::unavailable(format!("key store unavailable: {e}")))?;
         match found {
             // The store may have answered before a revocation that has landed since.
-            Some(key) if self.keys.put(hash, &key, self.clock.now()) => Ok(key),
+            Some(key) if self.keys.put(hash, &key, self.clock.now()) => {
+                self.check_expiry(&key)?;
+                Ok(key)
+            }
             _ => Err(CoreError::invalid_api_key()),
         }
     }
@@ -396,6 +466,30 @@ impl Auth {
     }
 }
 
+/// [`Auth::check_budget`]'s refusal as a core error.
+pub fn budget_exceeded(key_prefix: &str, r: &BudgetRefusal) -> CoreError {
+    CoreError::rate_limited(
+        BUDGET_EXCEEDED,
+        r.message(key_prefix),
+        u32::try_from(r.retry_after_s).unwrap_or(u32::MAX),
+    )
+    .with_retryable(false)
+}
+
+/// `YYYY-MM-DDTHH:MM:SS.mmmZ` of a Unix time in milliseconds.
+pub fn rfc3339_ms(unix_ms: u64) -> String {
+    let day = crate::budget::day_of(unix_ms);
+    let ms = unix_ms % crate::budget::DAY_MS;
+    format!(
+        "{}T{:02}:{:02}:{:02}.{:03}Z",
+        crate::budget::format_day(day),
+        ms / 3_600_000,
+        ms / 60_000 % 60,
+        ms / 1000 % 60,
+        ms % 1000
+    )
+}
+
 /// [`Auth::ledger_gate`]'s refusal.
 pub fn ledger_unavailable() -> CoreError {
     CoreError::from_api(&ApiError::new(
@@ -430,6 +524,7 @@ mod tests {
             revoked: false,
             prefix: "npk_".into(),
             caps: Default::default(),
+            policy: Default::default(),
         }
     }
 
@@ -516,5 +611,118 @@ mod tests {
         assert!(limiter
             .admit_session_start(&k, 2, t0 + Duration::from_secs(30))
             .is_ok());
+    }
+    fn auth_at(unix_ms: u64) -> (Auth, Arc<crate::clock::ManualClock>) {
+        let store: Arc<dyn Store> =
+            Arc::new(crate::store::SqliteStore::open_in_memory().expect("store"));
+        let clock = crate::clock::ManualClock::new(unix_ms);
+        let config = nearpath_config::GatewayConfig::default();
+        let auth = Auth::new(
+            store,
+            Arc::new(Metrics::new()),
+            clock.clone(),
+            CapDefaults::from_config(&config),
+        );
+        (auth, clock)
+    }
+
+    #[tokio::test]
+    async fn an_expired_key_is_refused_as_expired_also_from_the_cache() {
+        let t0 = 1_800_000_000_000;
+        let (auth, clock) = auth_at(t0);
+        let k = auth
+            .store
+            .insert_api_key_secret("npk_expiring", "t", 60, 6_000)
+            .expect("key");
+        auth.store
+            .update_api_key(
+                &k.id,
+                crate::store::ApiKeyUpdate {
+                    expires_at_ms: Some(Some(t0 + 1_000)),
+                    ..Default::default()
+                },
+            )
+            .expect("expiry");
+        assert!(auth.authenticate(Some("npk_expiring")).await.is_ok());
+        // Now cached; one millisecond short of the expiry it still works.
+        clock.advance(Duration::from_millis(999));
+        assert!(auth.authenticate(Some("npk_expiring")).await.is_ok());
+        clock.advance(Duration::from_millis(1));
+        let e = auth.authenticate(Some("npk_expiring")).await.unwrap_err();
+        assert_eq!(
+            (e.kind, e.code.as_ref()),
+            (crate::error::Kind::Unauthenticated, "key_expired")
+        );
+        assert_eq!(e.to_api().status, 401);
+        assert!(
+            e.message.contains("expired at 2027-01-15T08:00:01.000Z"),
+            "{}",
+            e.message
+        );
+        assert_eq!(e.quic_code(), "key_expired");
+        // And from the store, once the cache forgot it.
+        auth.keys.clear();
+        assert_eq!(
+            auth.authenticate(Some("npk_expiring"))
+                .await
+                .unwrap_err()
+                .code,
+            "key_expired"
+        );
+    }
+
+    #[test]
+    fn the_allow_list_takes_names_and_prefixes_and_refuses_with_403_naming_the_model() {
+        let (auth, _) = auth_at(0);
+        let mut k = key(1);
+        assert!(Auth::model_allowed(&k, "anything"));
+        k.policy.allowed_models = vec!["org/*".into(), "exact".into()];
+        assert!(Auth::model_allowed(&k, "org/llama"));
+        assert!(Auth::model_allowed(&k, "exact"));
+        assert!(!Auth::model_allowed(&k, "exact-ish"));
+        assert!(!Auth::model_allowed(&k, "org"));
+        assert!(!Auth::model_allowed(&k, "other/org/x"));
+        let e = auth.check_model(&k, "other").unwrap_err();
+        assert_eq!(e.to_api().status, 403);
+        assert_eq!(
+            (e.code.as_ref(), e.param.as_deref()),
+            ("model_not_allowed", Some("model"))
+        );
+        assert!(e.message.contains("\"other\""), "{}", e.message);
+        assert!(!e.retryable);
+        assert_eq!(e.quic_code(), "model_not_allowed");
+        k.policy.allowed_models = vec!["*".into()];
+        assert!(Auth::model_allowed(&k, "whatever"));
+    }
+
+    #[test]
+    fn a_key_over_budget_gets_a_429_that_says_not_to_retry_until_the_reset() {
+        // 2026-12-31 23:59:00 UTC.
+        let now =
+            crate::budget::day_start_ms(crate::budget::days_from_civil(2026, 12, 31)) + 86_340_000;
+        let (auth, _) = auth_at(now);
+        let mut k = key(1);
+        k.policy.budget_tokens_per_month = Some(10);
+        assert!(auth.check_budget(&k).is_ok());
+        auth.spend.add(&k.id, "m", now, 4, 6);
+        let e = auth.check_budget(&k).unwrap_err();
+        assert_eq!(
+            (e.to_api().status, e.code.as_ref()),
+            (429, "budget_exceeded")
+        );
+        assert!(!e.retryable);
+        assert_eq!(e.retry_after_s, Some(60));
+        assert!(
+            e.message
+                .contains("budget_tokens_per_month: spent 10 of 10 tokens"),
+            "{}",
+            e.message
+        );
+        assert_eq!(e.quic_code(), "budget_exceeded");
+        let page = auth.metrics.render();
+        assert!(
+            page.contains("nearpath_key_budget_refusals_total{budget=\"tokens_per_month\"} 1"),
+            "{page}"
+        );
     }
 }

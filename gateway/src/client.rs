@@ -394,6 +394,7 @@ mod tests {
             revoked: false,
             prefix: "npk_".into(),
             caps: Default::default(),
+            policy: Default::default(),
         };
         let refusal = limiter
             .acquire(&key, crate::auth::CapKind::Stream, 0)

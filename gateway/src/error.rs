@@ -20,6 +20,8 @@ pub enum Kind {
     KeyRevoked,
     /// The geofence denied the client or the node (403).
     Geofence,
+    /// The key may not do this (a model outside its allow-list): 403, never retried.
+    Forbidden,
     /// No such model, game, session or path (404).
     NotFound,
     /// A known path with the wrong method (405).
@@ -49,7 +51,7 @@ impl Kind {
         match self {
             Kind::InvalidRequest => 400,
             Kind::Unauthenticated | Kind::KeyRevoked => 401,
-            Kind::Geofence => 403,
+            Kind::Geofence | Kind::Forbidden => 403,
             Kind::NotFound => 404,
             Kind::MethodNotAllowed => 405,
             Kind::TooLarge => 413,
@@ -94,7 +96,7 @@ impl Kind {
             | Kind::UnsupportedMediaType
             | Kind::Unprocessable => "invalid_request_error",
             Kind::Unauthenticated | Kind::KeyRevoked => "authentication_error",
-            Kind::Geofence => "permission_denied",
+            Kind::Geofence | Kind::Forbidden => "permission_denied",
             Kind::RateLimited => "rate_limit_error",
             Kind::Unavailable | Kind::NodeFailed | Kind::Timeout | Kind::Internal => "server_error",
         }
@@ -107,6 +109,7 @@ impl Kind {
             Kind::Unauthenticated => "unauthenticated",
             Kind::KeyRevoked => "key_revoked",
             Kind::Geofence => "geofence",
+            Kind::Forbidden => "forbidden",
             Kind::NotFound => "not_found",
             Kind::MethodNotAllowed => "method_not_allowed",
             Kind::TooLarge => "too_large",
@@ -276,6 +279,23 @@ impl CoreError {
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(Kind::Internal, "internal_error", message)
     }
+    /// A model outside the key's allow-list: 403 `model_not_allowed`, param `model`.
+    pub fn model_not_allowed(key_prefix: &str, model: &str) -> Self {
+        Self::new(
+            Kind::Forbidden,
+            MODEL_NOT_ALLOWED,
+            format!("key {key_prefix} may not use the model {model:?} (not in its allowed_models)"),
+        )
+        .with_param("model")
+    }
+    /// An expired key: 401 `key_expired`, saying when it expired.
+    pub fn key_expired(key_prefix: &str, expired_at: &str) -> Self {
+        Self::new(
+            Kind::Unauthenticated,
+            KEY_EXPIRED,
+            format!("API key {key_prefix} expired at {expired_at}"),
+        )
+    }
 
     /// The error an OpenAI-shaped error stands for (statuses map to kinds; the code, param and
     /// message are kept).
@@ -312,8 +332,11 @@ impl CoreError {
                 "bad_request"
             }
             Kind::Unprocessable => "bad_request",
+            Kind::Unauthenticated if self.code == KEY_EXPIRED => KEY_EXPIRED,
             Kind::Unauthenticated => "unauthorized",
             Kind::Geofence => "geofence",
+            Kind::Forbidden if self.code == MODEL_NOT_ALLOWED => MODEL_NOT_ALLOWED,
+            Kind::Forbidden => "forbidden",
             Kind::NotFound => "model_not_found",
             Kind::TooLarge => "too_large",
             // A per-key concurrency cap and a ledger that cannot commit keep their own codes,
@@ -321,6 +344,7 @@ impl CoreError {
             Kind::RateLimited if self.code == CONCURRENCY_LIMIT_EXCEEDED => {
                 CONCURRENCY_LIMIT_EXCEEDED
             }
+            Kind::RateLimited if self.code == BUDGET_EXCEEDED => BUDGET_EXCEEDED,
             Kind::RateLimited => "rate_limited",
             Kind::Unavailable if self.code == nearpath_protocol::openai::MODEL_UNAVAILABLE => {
                 nearpath_protocol::openai::MODEL_UNAVAILABLE
@@ -338,6 +362,15 @@ pub const LEDGER_UNAVAILABLE: &str = "ledger_unavailable";
 
 /// The code of a refusal by a per-key concurrency cap.
 pub const CONCURRENCY_LIMIT_EXCEEDED: &str = "concurrency_limit_exceeded";
+
+/// The code of a request for a model outside the key's allow-list (403).
+pub const MODEL_NOT_ALLOWED: &str = "model_not_allowed";
+
+/// The code of a request of a key over one of its budgets (429, not retryable).
+pub const BUDGET_EXCEEDED: &str = "budget_exceeded";
+
+/// The code of a request with an expired key (401).
+pub const KEY_EXPIRED: &str = "key_expired";
 
 impl From<ApiError> for CoreError {
     fn from(e: ApiError) -> Self {

@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod api;
 pub mod auth;
+pub mod budget;
 pub mod client;
 pub mod client_addr;
 pub mod clock;

@@ -4,6 +4,7 @@
 //! kept beside them, and a disagreement beyond the tolerance is an SLA penalty for the node, not
 //! a charge.
 
+use crate::budget::SpendBook;
 use crate::clock::SharedClock;
 use crate::metrics::labels;
 use crate::metrics::Metrics;
@@ -23,6 +24,9 @@ pub struct Meter {
     pub clock: SharedClock,
     /// How far a node's usage claims may be off before it is an SLA penalty.
     pub tolerance: UsageTolerance,
+    /// The keys' spend this day and month: each committed record is added (the budgets read
+    /// it; the same book as `Auth::spend`).
+    pub spend: Arc<SpendBook>,
 }
 
 /// The penalty kind of a node whose usage claims disagree with the gateway's count.
@@ -141,9 +145,19 @@ impl Meter {
             bytes: m.bytes,
         };
         let store = self.store.clone();
+        let spend = self.spend.clone();
         tokio::task::spawn_blocking(move || {
-            if let Err(e) = store.append_usage(record) {
-                warn!(error = %e, "usage record not written");
+            let (key, model, at_ms) = (
+                record.api_key_id.clone(),
+                record.workload.clone(),
+                record.at_ms,
+            );
+            let (prompt, completion) = (record.prompt_tokens, record.completion_tokens);
+            match store.append_usage(record) {
+                // Spend is what the ledger holds: counted once committed, as a restart would
+                // count it from the store.
+                Ok(_) => spend.add(&key, &model, at_ms, prompt, completion),
+                Err(e) => warn!(error = %e, "usage record not written"),
             }
         });
     }

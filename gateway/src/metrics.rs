@@ -60,6 +60,9 @@ pub struct Metrics {
     pub usage_mismatches: Family<Labels, Counter>,
     /// Work refused by a per-key cap, by entry point and cap.
     pub key_cap_refusals: Family<Labels, Counter>,
+    /// Requests refused because their key spent a budget, by budget (`tokens_per_day`,
+    /// `tokens_per_month`, `usd_per_day`, `usd_per_month`).
+    pub key_budget_refusals: Family<Labels, Counter>,
     /// Times a node became slow: heartbeats late while its connection still delivered.
     pub nodes_slowed: Counter,
     /// Game sessions paused by the loss of their node, by how the pause ended
@@ -111,6 +114,7 @@ impl Metrics {
             ledger_refusals: Family::default(),
             usage_mismatches: Family::default(),
             key_cap_refusals: Family::default(),
+            key_budget_refusals: Family::default(),
             nodes_slowed: Counter::default(),
             game_pauses: Family::default(),
             node_id_takeovers: Counter::default(),
@@ -266,6 +270,11 @@ impl Metrics {
             "key_cap_refusals",
             "Work refused by a per-key cap, by entry point and cap",
             m.key_cap_refusals.clone(),
+        );
+        registry.register(
+            "key_budget_refusals",
+            "Requests refused because their API key spent one of its budgets, by budget",
+            m.key_budget_refusals.clone(),
         );
         registry.register(
             "node_id_takeovers",

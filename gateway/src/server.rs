@@ -157,12 +157,16 @@ impl Gateway {
             ))
             .with_clock(clock.clone());
         let metrics = Arc::new(Metrics::new());
-        let auth = Arc::new(Auth::new(
-            store.clone(),
-            metrics.clone(),
-            clock.clone(),
-            crate::auth::CapDefaults::from_config(&config),
-        ));
+        let auth = Arc::new(
+            Auth::new(
+                store.clone(),
+                metrics.clone(),
+                clock.clone(),
+                crate::auth::CapDefaults::from_config(&config),
+            )
+            .with_prices(crate::budget::Prices::from_config(&config.inference)),
+        );
+        load_spend(store.as_ref(), &auth.spend, clock.unix_ms())?;
         let directory = Arc::new(Directory {
             registry: Arc::new(registry),
         });
@@ -173,6 +177,7 @@ impl Gateway {
             metrics: metrics.clone(),
             clock: clock.clone(),
             tolerance: crate::meter::UsageTolerance::from_config(&config.inference),
+            spend: auth.spend.clone(),
         });
         let games = Arc::new(crate::game::GameService::new(
             auth.clone(),
@@ -380,6 +385,30 @@ impl Gateway {
 }
 
 /// The inference service both client front ends drive, from the components it uses.
+/// Fills the keys' spend book with this UTC month's usage from the ledger, so that budgets hold
+/// across restarts; from then on the meter adds each committed record.
+fn load_spend(
+    store: &dyn Store,
+    spend: &crate::budget::SpendBook,
+    now_ms: u64,
+) -> Result<(), GatewayError> {
+    let month_start = crate::budget::day_start_ms(crate::budget::first_day_of_month(
+        crate::budget::month_of(now_ms),
+    ));
+    let rows = store.key_usage_by_day(None, month_start, u64::MAX)?;
+    for r in rows {
+        let at_ms = crate::budget::day_start_ms(r.day);
+        spend.add(
+            &r.api_key_id,
+            &r.model,
+            at_ms,
+            r.prompt_tokens,
+            r.completion_tokens,
+        );
+    }
+    Ok(())
+}
+
 fn inference(shared: &Shared) -> crate::infer::InferService {
     crate::infer::InferService {
         auth: shared.auth.clone(),

@@ -1505,3 +1505,159 @@ fn bench_append_usage_throughput() {
         );
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// API key policy (issue 12) and usage by key and day.
+
+#[test]
+fn a_key_policy_round_trips_and_bad_values_are_refused_naming_the_field() {
+    use nearpath_gateway::store::ApiKeyUpdate;
+    let store = mem();
+    let (k, secret) = store.create_api_key("acme", 60, 10_000).expect("key");
+    assert_eq!(k.policy, Default::default());
+    let update = ApiKeyUpdate {
+        allowed_models: Some(vec!["org/*".into(), "m".into()]),
+        expires_at_ms: Some(Some(4_102_444_800_000)),
+        budget_tokens_per_day: Some(Some(1_000)),
+        budget_usd_per_month: Some(Some(2.5)),
+        ..Default::default()
+    };
+    let k = store.update_api_key(&k.id, update).expect("update");
+    assert_eq!(k.policy.allowed_models, ["org/*", "m"]);
+    assert!(k.policy.allows_model("org/a") && k.policy.allows_model("m"));
+    assert!(!k.policy.allows_model("mm") && !k.policy.allows_model("org"));
+    let read = store
+        .authenticate_api_key(&secret)
+        .expect("auth")
+        .expect("key");
+    assert_eq!(read, k);
+    assert_eq!(store.list_api_keys().unwrap()[0], k);
+    // `Some(None)` and an empty list remove restrictions; untouched fields stay.
+    let k = store
+        .update_api_key(
+            &k.id,
+            ApiKeyUpdate {
+                allowed_models: Some(vec![]),
+                budget_tokens_per_day: Some(None),
+                ..Default::default()
+            },
+        )
+        .expect("reset");
+    assert!(k.policy.allowed_models.is_empty());
+    assert_eq!(k.policy.budget_tokens_per_day, None);
+    assert_eq!(k.policy.budget_usd_per_month, Some(2.5));
+    // Hostile values: each refused with its field, nothing written.
+    let long = "x".repeat(257);
+    let many: Vec<String> = (0..257).map(|i| format!("m{i}")).collect();
+    for (update, field) in [
+        (
+            ApiKeyUpdate {
+                allowed_models: Some(vec![String::new()]),
+                ..Default::default()
+            },
+            "allowed_models",
+        ),
+        (
+            ApiKeyUpdate {
+                allowed_models: Some(vec![long]),
+                ..Default::default()
+            },
+            "allowed_models",
+        ),
+        (
+            ApiKeyUpdate {
+                allowed_models: Some(many),
+                ..Default::default()
+            },
+            "allowed_models",
+        ),
+        (
+            ApiKeyUpdate {
+                allowed_models: Some(vec!["a*b".into()]),
+                ..Default::default()
+            },
+            "allowed_models",
+        ),
+        (
+            ApiKeyUpdate {
+                budget_usd_per_day: Some(Some(-1.0)),
+                ..Default::default()
+            },
+            "budget_usd_per_day",
+        ),
+        (
+            ApiKeyUpdate {
+                budget_usd_per_month: Some(Some(f64::NAN)),
+                ..Default::default()
+            },
+            "budget_usd_per_month",
+        ),
+        (
+            ApiKeyUpdate {
+                budget_tokens_per_month: Some(Some(u64::MAX)),
+                ..Default::default()
+            },
+            "budget_tokens_per_month",
+        ),
+    ] {
+        match store.update_api_key(&k.id, update) {
+            Err(StoreError::Invalid { field: f, .. }) => assert_eq!(f, field),
+            other => panic!("{field}: {other:?}"),
+        }
+    }
+    assert_eq!(store.list_api_keys().unwrap()[0], k);
+}
+
+#[test]
+fn key_usage_is_summed_by_key_utc_day_and_model_over_inference_records_only() {
+    let store = mem();
+    let day = 86_400_000u64;
+    let base = 20_000 * day;
+    let rec = |key: &str, at_ms: u64, model: &str, kind: UsageKind, p: u64, c: u64| {
+        let mut r = usage(1, "t", "n", "ok");
+        r.api_key_id = key.into();
+        r.at_ms = at_ms;
+        r.workload = model.into();
+        r.kind = kind;
+        r.prompt_tokens = p;
+        r.completion_tokens = c;
+        r
+    };
+    for r in [
+        rec("key_a", base, "m", UsageKind::Inference, 1, 2),
+        rec("key_a", base + day - 1, "m", UsageKind::Inference, 10, 20),
+        rec("key_a", base + day, "m", UsageKind::Inference, 100, 200),
+        rec("key_a", base + 5, "other", UsageKind::Inference, 3, 3),
+        rec("key_a", base + 6, "doom", UsageKind::Game, 0, 0),
+        rec("key_b", base, "m", UsageKind::Inference, 7, 7),
+    ] {
+        store.append_usage(r).expect("append");
+    }
+    let rows = store
+        .key_usage_by_day(Some("key_a"), base, base + 2 * day)
+        .expect("query");
+    let got: Vec<_> = rows
+        .iter()
+        .map(|r| {
+            (
+                r.day,
+                r.model.as_str(),
+                r.requests,
+                r.prompt_tokens,
+                r.completion_tokens,
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (20_000, "m", 2, 11, 22),
+            (20_000, "other", 1, 3, 3),
+            (20_001, "m", 1, 100, 200)
+        ]
+    );
+    // The end is exclusive; all keys when none is named.
+    let all = store.key_usage_by_day(None, base, base + day).expect("all");
+    assert_eq!(all.len(), 3);
+    assert_eq!(all[2].api_key_id, "key_b");
+}

@@ -118,7 +118,9 @@ pub trait Relay: Send {
 
 impl InferService {
     /// Admits a request of `key` arriving on `entry`: the ledger must be able to commit, the
-    /// key's rate buckets must have room, and the key must have a stream left under its cap.
+    /// model must be on the key's allow-list (403), the key must be within its budgets (429
+    /// `budget_exceeded`), its rate buckets must have room, and it must have a stream left
+    /// under its cap.
     pub fn admit(
         &self,
         key: ApiKey,
@@ -128,6 +130,16 @@ impl InferService {
         started: Instant,
     ) -> Result<Ticket, CoreError> {
         self.auth.ledger_gate(entry)?;
+        // The key's own rules come before its rate buckets, so that a refused request does
+        // not use up the minute's allowance.
+        if let Err(e) = self
+            .auth
+            .check_model(&key, model)
+            .and_then(|()| self.auth.check_budget(&key))
+        {
+            self.count_request(entry, e.kind.as_str());
+            return Err(e);
+        }
         if let Err(wait_s) = self.auth.admit(&key) {
             self.count_request(entry, crate::error::Kind::RateLimited.as_str());
             return Err(CoreError::from_api(&ApiError::rate_limited(format!(

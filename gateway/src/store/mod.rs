@@ -215,7 +215,7 @@ pub struct EnrolmentToken {
 }
 
 /// An API key for an app or a player, without its secret.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ApiKey {
     /// `key_` followed by 16 hex digits.
     pub id: String,
@@ -231,6 +231,131 @@ pub struct ApiKey {
     /// Per-key caps on concurrent work; each `None` means the gateway-wide default.
     #[serde(default)]
     pub caps: KeyCaps,
+    /// Which models, until when, and how much (allow-list, expiry, budgets); shown flat in
+    /// JSON, as the admin API takes it.
+    #[serde(default, flatten)]
+    pub policy: KeyPolicy,
+}
+
+/// Longest entry of a key's model allow-list, in bytes.
+pub const MAX_ALLOWED_MODEL_BYTES: usize = 256;
+/// Most entries of a key's model allow-list.
+pub const MAX_ALLOWED_MODELS: usize = 256;
+/// Largest token budget (2^53: every value up to it is exact as a JSON number and an f64).
+pub const MAX_TOKEN_BUDGET: u64 = 1 << 53;
+
+/// What a key may use: its models, its lifetime and its budgets. Every field is optional and
+/// absent means unrestricted.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct KeyPolicy {
+    /// Model names, or prefixes ending in `*` (`org/*`; `*` alone is every model). Empty:
+    /// every model.
+    #[serde(default)]
+    pub allowed_models: Vec<String>,
+    /// From this Unix time in milliseconds the key no longer authenticates (401
+    /// `key_expired`); sessions already running are not cut.
+    #[serde(default)]
+    pub expires_at_ms: Option<u64>,
+    /// Tokens (prompt + completion, as billed) per UTC day.
+    #[serde(default)]
+    pub budget_tokens_per_day: Option<u64>,
+    /// Tokens per UTC calendar month.
+    #[serde(default)]
+    pub budget_tokens_per_month: Option<u64>,
+    /// US dollars per UTC day, at the gateway's `inference.prices`.
+    #[serde(default)]
+    pub budget_usd_per_day: Option<f64>,
+    /// US dollars per UTC calendar month.
+    #[serde(default)]
+    pub budget_usd_per_month: Option<f64>,
+}
+
+impl KeyPolicy {
+    /// Whether `model` is on the allow-list (an empty list allows every model). An entry ending
+    /// in `*` allows every model whose name starts with what precedes it.
+    pub fn allows_model(&self, model: &str) -> bool {
+        self.allowed_models.is_empty()
+            || self
+                .allowed_models
+                .iter()
+                .any(|e| match e.strip_suffix('*') {
+                    Some(prefix) => model.starts_with(prefix),
+                    None => e == model,
+                })
+    }
+
+    /// Checks every field: allow-list entries 1..=256 bytes without control characters, `*`
+    /// only at the end, at most 256 of them; budgets finite and not negative, token budgets at
+    /// most 2^53.
+    pub fn validate(&self) -> Result<(), StoreError> {
+        check_allowed_models(&self.allowed_models)?;
+        for (field, v) in [
+            ("budget_tokens_per_day", self.budget_tokens_per_day),
+            ("budget_tokens_per_month", self.budget_tokens_per_month),
+        ] {
+            if v.is_some_and(|v| v > MAX_TOKEN_BUDGET) {
+                return Err(StoreError::Invalid {
+                    field,
+                    message: format!("at most {MAX_TOKEN_BUDGET}"),
+                });
+            }
+        }
+        for (field, v) in [
+            ("budget_usd_per_day", self.budget_usd_per_day),
+            ("budget_usd_per_month", self.budget_usd_per_month),
+        ] {
+            if let Some(v) = v {
+                check_measure(field, v)?;
+            }
+        }
+        if self
+            .expires_at_ms
+            .is_some_and(|v| i64::try_from(v).is_err())
+        {
+            return Err(StoreError::Invalid {
+                field: "expires_at_ms",
+                message: "larger than the largest storable time".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Checks a model allow-list (see [`KeyPolicy::validate`]).
+pub fn check_allowed_models(list: &[String]) -> Result<(), StoreError> {
+    let field = "allowed_models";
+    if list.len() > MAX_ALLOWED_MODELS {
+        return Err(StoreError::Invalid {
+            field,
+            message: format!(
+                "{} entries, at most {MAX_ALLOWED_MODELS} allowed",
+                list.len()
+            ),
+        });
+    }
+    for (i, e) in list.iter().enumerate() {
+        let problem = if e.is_empty() {
+            Some("is empty".to_string())
+        } else if e.len() > MAX_ALLOWED_MODEL_BYTES {
+            Some(format!(
+                "is {} bytes, at most {MAX_ALLOWED_MODEL_BYTES} allowed",
+                e.len()
+            ))
+        } else if e.chars().any(char::is_control) {
+            Some("contains control characters".to_string())
+        } else if e.trim_end_matches('*').contains('*') || e.ends_with("**") {
+            Some("may have `*` only once, at the end (a prefix such as `org/*`)".to_string())
+        } else {
+            None
+        };
+        if let Some(p) = problem {
+            return Err(StoreError::Invalid {
+                field,
+                message: format!("entry {i} {p}"),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Caps on what one API key may hold at once, enforced on every entry point (HTTP and QUIC
@@ -248,14 +373,68 @@ pub struct KeyCaps {
 }
 
 /// A change to an API key's limits through [`Store::update_api_key`]: `None` leaves a field as
-/// it is; for the caps, `Some(None)` resets the field to the gateway-wide default.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// it is; for the caps, `Some(None)` resets the field to the gateway-wide default, and for the
+/// policy fields `Some(None)` (an empty allow-list) removes the restriction.
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct ApiKeyUpdate {
     pub requests_per_minute: Option<u32>,
     pub tokens_per_minute: Option<u32>,
     pub max_concurrent_streams: Option<Option<u32>>,
     pub max_concurrent_sessions: Option<Option<u32>>,
     pub session_starts_per_minute: Option<Option<u32>>,
+    pub allowed_models: Option<Vec<String>>,
+    pub expires_at_ms: Option<Option<u64>>,
+    pub budget_tokens_per_day: Option<Option<u64>>,
+    pub budget_tokens_per_month: Option<Option<u64>>,
+    pub budget_usd_per_day: Option<Option<f64>>,
+    pub budget_usd_per_month: Option<Option<f64>>,
+}
+
+impl ApiKeyUpdate {
+    /// Applies the change to `key` (without validating it).
+    pub fn apply(&self, key: &mut ApiKey) {
+        fn set<T: Clone>(field: &mut T, v: &Option<T>) {
+            if let Some(v) = v {
+                *field = v.clone();
+            }
+        }
+        set(&mut key.requests_per_minute, &self.requests_per_minute);
+        set(&mut key.tokens_per_minute, &self.tokens_per_minute);
+        set(
+            &mut key.caps.max_concurrent_streams,
+            &self.max_concurrent_streams,
+        );
+        set(
+            &mut key.caps.max_concurrent_sessions,
+            &self.max_concurrent_sessions,
+        );
+        set(
+            &mut key.caps.session_starts_per_minute,
+            &self.session_starts_per_minute,
+        );
+        let p = &mut key.policy;
+        set(&mut p.allowed_models, &self.allowed_models);
+        set(&mut p.expires_at_ms, &self.expires_at_ms);
+        set(&mut p.budget_tokens_per_day, &self.budget_tokens_per_day);
+        set(
+            &mut p.budget_tokens_per_month,
+            &self.budget_tokens_per_month,
+        );
+        set(&mut p.budget_usd_per_day, &self.budget_usd_per_day);
+        set(&mut p.budget_usd_per_month, &self.budget_usd_per_month);
+    }
+}
+
+/// One key's inference usage of one model on one UTC day, from the ledger.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct KeyDayUsage {
+    pub api_key_id: String,
+    /// Days since 1970-01-01 (UTC).
+    pub day: i64,
+    pub model: String,
+    pub requests: u64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
 }
 
 /// Accumulated service record of one node of one operator; feeds the routing reliability
@@ -572,6 +751,15 @@ pub trait Store: Send + Sync + 'static {
     fn usage_summary(&self, since_ms: Option<u64>) -> Result<UsageSummary, StoreError>;
     /// The newest `limit` usage records.
     fn list_usage(&self, limit: usize) -> Result<Vec<UsageRecord>, StoreError>;
+    /// Inference usage by key, UTC day and model, of the records made in `[from_ms, to_ms)`,
+    /// of one key or of all; sorted by key, day and model. What budgets count and the admin
+    /// API's usage report show.
+    fn key_usage_by_day(
+        &self,
+        api_key_id: Option<&str>,
+        from_ms: u64,
+        to_ms: u64,
+    ) -> Result<Vec<KeyDayUsage>, StoreError>;
 }
 
 /// SHA-256 of a secret, lowercase hex: what is stored and indexed instead of the secret.

@@ -24,9 +24,9 @@ use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Row, Transactio
 use super::{
     check_id, check_measure, check_name, check_text, hash_secret, new_id, new_secret,
     secret_display_prefix, to_i64, ApiKey, ApiKeyUpdate, EnrolmentToken, GpuModelRecord, KeyCaps,
-    KycStatus, LedgerHealth, Operator, PenaltyEvent, SlaDelta, SlaRecord, Store, StoreError,
-    UsageKind, UsageRecord, UsageSummary, UsageTotals, API_KEY_PREFIX, ENROLMENT_TOKEN_PREFIX,
-    MAX_NAME_CHARS, MAX_SECRET_BYTES,
+    KeyDayUsage, KeyPolicy, KycStatus, LedgerHealth, Operator, PenaltyEvent, SlaDelta, SlaRecord,
+    Store, StoreError, UsageKind, UsageRecord, UsageSummary, UsageTotals, API_KEY_PREFIX,
+    ENROLMENT_TOKEN_PREFIX, MAX_NAME_CHARS, MAX_SECRET_BYTES,
 };
 
 /// How long a connection waits for another connection's lock before failing with a retryable
@@ -189,6 +189,18 @@ CREATE TABLE gpu_models (
     classified_at_ms  INTEGER
 ) STRICT;
 "#,
+    // 4 (issue 12): per-key model allow-list (a JSON array of names and `prefix*` patterns;
+    // NULL: every model), expiry and budgets (NULL: none); usage by key and time, for the
+    // budgets' spend at start and the key usage report.
+    r#"
+ALTER TABLE api_keys ADD COLUMN allowed_models TEXT;
+ALTER TABLE api_keys ADD COLUMN expires_at_ms INTEGER;
+ALTER TABLE api_keys ADD COLUMN budget_tokens_per_day INTEGER;
+ALTER TABLE api_keys ADD COLUMN budget_tokens_per_month INTEGER;
+ALTER TABLE api_keys ADD COLUMN budget_usd_per_day REAL;
+ALTER TABLE api_keys ADD COLUMN budget_usd_per_month REAL;
+CREATE INDEX usage_records_by_key ON usage_records (api_key_id, at_ms);
+"#,
 ];
 
 /// The schema version this build writes and understands.
@@ -198,7 +210,8 @@ const OPERATOR_COLS: &str = "id, name, kyc_status, created_at_ms, updated_at_ms"
 const TOKEN_COLS: &str = "id, operator_id, created_at_ms, prefix, revoked_at_ms IS NOT NULL";
 const API_KEY_COLS: &str = "id, tenant, requests_per_minute, tokens_per_minute, created_at_ms, \
      revoked_at_ms IS NOT NULL, prefix, max_concurrent_streams, max_concurrent_sessions, \
-     session_starts_per_minute";
+     session_starts_per_minute, allowed_models, expires_at_ms, budget_tokens_per_day, \
+     budget_tokens_per_month, budget_usd_per_day, budget_usd_per_month";
 const SLA_COLS: &str = "node_id, operator_id, first_registered_at_ms, last_seen_at_ms, \
      registered_ms, registrations, sessions_served, sessions_failed, heartbeat_misses, \
      penalty_events, last_rtt_ms";
@@ -484,7 +497,31 @@ fn api_key_from_row(r: &Row<'_>) -> rusqlite::Result<ApiKey> {
             max_concurrent_sessions: r.get(8)?,
             session_starts_per_minute: r.get(9)?,
         },
+        policy: KeyPolicy {
+            allowed_models: match r.get::<_, Option<String>>(10)? {
+                None => Vec::new(),
+                Some(text) => serde_json::from_str(&text).map_err(|e| {
+                    rusqlite::Error::FromSqlConversionFailure(
+                        10,
+                        rusqlite::types::Type::Text,
+                        Box::new(e),
+                    )
+                })?,
+            },
+            expires_at_ms: opt_u64(r, 11)?,
+            budget_tokens_per_day: opt_u64(r, 12)?,
+            budget_tokens_per_month: opt_u64(r, 13)?,
+            budget_usd_per_day: r.get(14)?,
+            budget_usd_per_month: r.get(15)?,
+        },
     })
+}
+
+/// A nullable counter column (negative values, which the store never writes, read as 0).
+fn opt_u64(row: &Row<'_>, idx: usize) -> rusqlite::Result<Option<u64>> {
+    Ok(row
+        .get::<_, Option<i64>>(idx)?
+        .map(|v| u64::try_from(v).unwrap_or(0)))
 }
 
 fn sla_from_row(r: &Row<'_>) -> rusqlite::Result<SlaRecord> {
@@ -1277,6 +1314,7 @@ impl Store for SqliteStore {
             revoked: false,
             prefix: secret_display_prefix(secret),
             caps: KeyCaps::default(),
+            policy: KeyPolicy::default(),
         };
         tx.execute(
             "INSERT INTO api_keys (id, tenant, secret_hash, prefix, requests_per_minute, \
@@ -1429,25 +1467,26 @@ impl Store for SqliteStore {
                 kind: "api_key",
                 id: id.to_owned(),
             })?;
-        if let Some(v) = update.requests_per_minute {
-            key.requests_per_minute = v;
-        }
-        if let Some(v) = update.tokens_per_minute {
-            key.tokens_per_minute = v;
-        }
-        if let Some(v) = update.max_concurrent_streams {
-            key.caps.max_concurrent_streams = v;
-        }
-        if let Some(v) = update.max_concurrent_sessions {
-            key.caps.max_concurrent_sessions = v;
-        }
-        if let Some(v) = update.session_starts_per_minute {
-            key.caps.session_starts_per_minute = v;
-        }
+        update.apply(&mut key);
+        key.policy.validate()?;
+        let p = &key.policy;
+        let allowed = if p.allowed_models.is_empty() {
+            None
+        } else {
+            Some(
+                serde_json::to_string(&p.allowed_models).map_err(|e| StoreError::Invalid {
+                    field: "allowed_models",
+                    message: e.to_string(),
+                })?,
+            )
+        };
+        let opt = |field: &'static str, v: Option<u64>| v.map(|v| to_i64(field, v)).transpose();
         tx.execute(
             "UPDATE api_keys SET requests_per_minute = ?2, tokens_per_minute = ?3, \
              max_concurrent_streams = ?4, max_concurrent_sessions = ?5, \
-             session_starts_per_minute = ?6 WHERE id = ?1",
+             session_starts_per_minute = ?6, allowed_models = ?7, expires_at_ms = ?8, \
+             budget_tokens_per_day = ?9, budget_tokens_per_month = ?10, \
+             budget_usd_per_day = ?11, budget_usd_per_month = ?12 WHERE id = ?1",
             params![
                 id,
                 key.requests_per_minute,
@@ -1455,6 +1494,12 @@ impl Store for SqliteStore {
                 key.caps.max_concurrent_streams,
                 key.caps.max_concurrent_sessions,
                 key.caps.session_starts_per_minute,
+                allowed,
+                opt("expires_at_ms", p.expires_at_ms)?,
+                opt("budget_tokens_per_day", p.budget_tokens_per_day)?,
+                opt("budget_tokens_per_month", p.budget_tokens_per_month)?,
+                p.budget_usd_per_day,
+                p.budget_usd_per_month,
             ],
         )
         .op("update api key")?;
@@ -1725,6 +1770,36 @@ impl Store for SqliteStore {
             [saturating_i64(limit)],
             usage_from_row,
             "list usage",
+        )
+    }
+
+    fn key_usage_by_day(
+        &self,
+        api_key_id: Option<&str>,
+        from_ms: u64,
+        to_ms: u64,
+    ) -> Result<Vec<KeyDayUsage>, StoreError> {
+        // `?3 IS NULL OR api_key_id = ?3`: one statement for one key (the index on
+        // (api_key_id, at_ms)) and for all (the index on at_ms).
+        query_all(
+            &self.conn(),
+            "SELECT api_key_id, at_ms / 86400000 AS day, workload, count(*), \
+             sum(prompt_tokens), sum(completion_tokens) FROM usage_records \
+             WHERE kind = 'inference' AND at_ms >= ?1 AND at_ms < ?2 \
+             AND (?3 IS NULL OR api_key_id = ?3) \
+             GROUP BY api_key_id, day, workload ORDER BY api_key_id, day, workload",
+            params![saturating_i64(from_ms), saturating_i64(to_ms), api_key_id],
+            |r| {
+                Ok(KeyDayUsage {
+                    api_key_id: r.get(0)?,
+                    day: r.get(1)?,
+                    model: r.get(2)?,
+                    requests: get_u64(r, 3)?,
+                    prompt_tokens: get_u64(r, 4)?,
+                    completion_tokens: get_u64(r, 5)?,
+                })
+            },
+            "key usage by day",
         )
     }
 }
