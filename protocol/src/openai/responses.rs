@@ -716,6 +716,52 @@ pub fn chat_request(request: &InferenceRequest) -> Map<String, Value> {
     out
 }
 
+/// The model capabilities a validated Responses request needs, each with the parameter a
+/// refusal names, in the order the chat endpoint reports them: function `tools` (and a
+/// `tool_choice` that requires a call), `text.format` JSON mode or schema, and `input_image`
+/// parts (vision, naming the first such part). `tool_choice: "none"` needs no tools.
+pub fn required_caps(raw: &Map<String, Value>) -> Vec<(crate::ModelCaps, String)> {
+    use crate::ModelCaps;
+    let mut out = Vec::new();
+    let has_tools = matches!(field(raw, "tools"), Some(Value::Array(t)) if !t.is_empty());
+    match field(raw, "tool_choice") {
+        Some(Value::String(s)) if s == "none" => {}
+        Some(Value::String(s)) if s == "required" => {
+            out.push((ModelCaps::TOOLS, "tools".to_owned()));
+            out.push((ModelCaps::TOOLS, "tool_choice".to_owned()));
+        }
+        Some(Value::Object(_)) => {
+            out.push((ModelCaps::TOOLS, "tools".to_owned()));
+            out.push((ModelCaps::TOOLS, "tool_choice".to_owned()));
+        }
+        _ if has_tools => out.push((ModelCaps::TOOLS, "tools".to_owned())),
+        _ => {}
+    }
+    let format = raw
+        .get("text")
+        .and_then(|t| t.get("format"))
+        .and_then(|f| f.get("type"))
+        .and_then(Value::as_str);
+    match format {
+        Some("json_object") => out.push((ModelCaps::JSON_MODE, "text.format".to_owned())),
+        Some("json_schema") => out.push((ModelCaps::JSON_SCHEMA, "text.format".to_owned())),
+        _ => {}
+    }
+    if let Some(Value::Array(items)) = field(raw, "input") {
+        'images: for (i, item) in items.iter().enumerate() {
+            if let Some(Value::Array(parts)) = item.get("content") {
+                for (j, part) in parts.iter().enumerate() {
+                    if part.get("type").and_then(Value::as_str) == Some("input_image") {
+                        out.push((ModelCaps::VISION, format!("input[{i}].content[{j}]")));
+                        break 'images;
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
 /// One output item being streamed.
 #[derive(Debug)]
 enum OpenItem {

@@ -787,3 +787,44 @@ mod properties {
         }
     }
 }
+
+#[test]
+fn required_caps_name_the_responses_parameters() {
+    use crate::ModelCaps;
+    let caps = |v: Value| required_caps(&ok(v).raw);
+    assert!(caps(json!({"model": "m", "input": "hi"})).is_empty());
+    let tool = json!([{"type": "function", "name": "f"}]);
+    assert_eq!(
+        caps(json!({"model": "m", "input": "hi", "tools": tool})),
+        [(ModelCaps::TOOLS, "tools".to_owned())]
+    );
+    assert!(
+        caps(json!({"model": "m", "input": "hi", "tools": tool, "tool_choice": "none"})).is_empty()
+    );
+    assert_eq!(
+        caps(
+            json!({"model": "m", "input": "hi", "tools": tool, "tool_choice": {"type": "function", "name": "f"}})
+        ),
+        [
+            (ModelCaps::TOOLS, "tools".to_owned()),
+            (ModelCaps::TOOLS, "tool_choice".to_owned())
+        ]
+    );
+    assert_eq!(
+        caps(json!({"model": "m", "input": "hi", "text": {"format": {"type": "json_object"}}})),
+        [(ModelCaps::JSON_MODE, "text.format".to_owned())]
+    );
+    assert_eq!(
+        caps(
+            json!({"model": "m", "input": "hi", "text": {"format": {"type": "json_schema", "name": "s", "schema": {}}}})
+        ),
+        [(ModelCaps::JSON_SCHEMA, "text.format".to_owned())]
+    );
+    assert_eq!(
+        caps(json!({"model": "m", "input": [
+            {"role": "user", "content": "a"},
+            {"role": "user", "content": [{"type": "input_text", "text": "b"}, {"type": "input_image", "image_url": "https://x/y.png"}]},
+        ]})),
+        [(ModelCaps::VISION, "input[1].content[1]".to_owned())]
+    );
+}
