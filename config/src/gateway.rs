@@ -374,6 +374,19 @@ pub struct InferenceConfig {
     /// for a node to (re)register before it is answered 503 `model_unavailable`, in
     /// milliseconds; so blips shorter than this are invisible. 0 answers at once. Default: 2000.
     pub unavailable_wait_ms: u64,
+    /// How long a request that finds every node serving its model at capacity waits in the
+    /// model's queue for a slot before it is answered 429 with `Retry-After`, in milliseconds.
+    /// 0 answers at once (no queueing). Default: 10000.
+    pub queue_max_wait_ms: u64,
+    /// Requests one model's queue holds at most; a request finding it full is answered 429 at
+    /// once (or goes to a fallback model). Default: 2000.
+    pub queue_max_depth: u32,
+    /// `[inference.outlier]`: ejection of failing nodes.
+    pub outlier: OutlierConfig,
+    /// `[inference.fallbacks]`: model name -> models tried in order when it has no capacity or
+    /// every attempt failed before the first token, e.g. `"big" = ["small"]`. At most 4 per
+    /// model, no self-reference, no cycles. Default: none.
+    pub fallbacks: std::collections::BTreeMap<String, Vec<String>>,
     /// `[inference.prices."model-name"]`: what a model's tokens cost, for API keys' USD
     /// budgets and the spend the admin API reports. The entry `"*"` prices every model without
     /// its own entry; a model priced by neither is free (cost 0). Default: empty (all free).
@@ -396,6 +409,48 @@ pub struct ModelPrice {
 /// same way).
 pub const MAX_PRICE_MODEL_BYTES: usize = 256;
 
+/// `[inference.outlier]`: a node failing requests is ejected from routing for a while.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutlierConfig {
+    /// Consecutive failures (node errors after it was tried: failed, unreachable, no first
+    /// token in time; not client faults nor `Busy` refusals) that eject a node. 0 disables this
+    /// rule. Default: 5.
+    pub consecutive_failures: u32,
+    /// Error rate over the window that ejects a node, in percent; 0 disables this rule.
+    /// Default: 50.
+    pub error_rate_percent: u32,
+    /// The sliding window the error rate is measured over, in seconds. Default: 30.
+    pub window_s: u64,
+    /// Requests a node must have had in the window before its error rate counts. Default: 20.
+    pub min_requests: u32,
+    /// The first ejection's length, in seconds; the n-th ejection lasts n times this.
+    /// Default: 30.
+    pub base_ejection_s: u64,
+    /// The longest ejection, in seconds. Default: 300.
+    pub max_ejection_s: u64,
+    /// At most this share of the nodes serving a model are ejected at once, in percent; the
+    /// last node of a model is never ejected. Default: 50.
+    pub max_ejected_percent: u32,
+}
+
+impl Default for OutlierConfig {
+    fn default() -> Self {
+        Self {
+            consecutive_failures: 5,
+            error_rate_percent: 50,
+            window_s: 30,
+            min_requests: 20,
+            base_ejection_s: 30,
+            max_ejection_s: 300,
+            max_ejected_percent: 50,
+        }
+    }
+}
+
+/// Fallback models one model may name at most.
+pub const MAX_FALLBACKS_PER_MODEL: usize = 4;
+
 impl Default for InferenceConfig {
     fn default() -> Self {
         Self {
@@ -410,6 +465,10 @@ impl Default for InferenceConfig {
             usage_tolerance_tokens: 16,
             model_grace_s: 600,
             unavailable_wait_ms: 2_000,
+            queue_max_wait_ms: 10_000,
+            queue_max_depth: 2_000,
+            outlier: OutlierConfig::default(),
+            fallbacks: Default::default(),
             prices: Default::default(),
         }
     }
@@ -784,6 +843,46 @@ impl GatewayConfig {
                 ),
             );
         }
+        if i.queue_max_wait_ms > 600_000 {
+            p.push(
+                "inference.queue_max_wait_ms",
+                format!(
+                    "must be at most 600000 (a queued request costs a connection) (got {})",
+                    i.queue_max_wait_ms
+                ),
+            );
+        }
+        if i.queue_max_depth > 1_000_000 {
+            p.push(
+                "inference.queue_max_depth",
+                format!("must be at most 1000000 (got {})", i.queue_max_depth),
+            );
+        }
+        let o = &i.outlier;
+        if o.error_rate_percent > 100 {
+            p.push(
+                "inference.outlier.error_rate_percent",
+                format!("must be at most 100 (got {})", o.error_rate_percent),
+            );
+        }
+        if o.max_ejected_percent > 100 {
+            p.push(
+                "inference.outlier.max_ejected_percent",
+                format!("must be at most 100 (got {})", o.max_ejected_percent),
+            );
+        }
+        p.positive("inference.outlier.window_s", o.window_s);
+        p.positive("inference.outlier.base_ejection_s", o.base_ejection_s);
+        if o.max_ejection_s < o.base_ejection_s {
+            p.push(
+                "inference.outlier.max_ejection_s",
+                format!(
+                    "must be at least base_ejection_s ({}) (got {})",
+                    o.base_ejection_s, o.max_ejection_s
+                ),
+            );
+        }
+        check_fallbacks(&i.fallbacks, p);
         for (model, price) in &i.prices {
             let path = format!("inference.prices.{model:?}");
             if model.trim().is_empty() || model.len() > MAX_PRICE_MODEL_BYTES {
@@ -980,6 +1079,56 @@ fn is_web_origin(s: &str) -> bool {
         && !rest.starts_with(':')
 }
 
+/// `inference.fallbacks`: names non-empty, no self-reference, at most
+/// [`MAX_FALLBACKS_PER_MODEL`] per model, no duplicates, and no cycles (a fallback's own
+/// fallbacks are followed, so a cycle would only loop).
+fn check_fallbacks(fallbacks: &std::collections::BTreeMap<String, Vec<String>>, p: &mut Problems) {
+    for (model, to) in fallbacks {
+        let path = format!("inference.fallbacks.{model}");
+        if model.trim().is_empty() {
+            p.push(&path, "the model name must not be empty");
+        }
+        if to.len() > MAX_FALLBACKS_PER_MODEL {
+            p.push(
+                &path,
+                format!(
+                    "at most {MAX_FALLBACKS_PER_MODEL} fallbacks per model (got {})",
+                    to.len()
+                ),
+            );
+        }
+        for (i, b) in to.iter().enumerate() {
+            let at = format!("{path}[{i}]");
+            if b.trim().is_empty() {
+                p.push(&at, "the model name must not be empty");
+            } else if b == model {
+                p.push(&at, format!("{model} cannot fall back to itself"));
+            } else if to[..i].contains(b) {
+                p.push(&at, format!("{b} is named twice"));
+            }
+        }
+    }
+    // A cycle: following fallbacks from a model leads back to it.
+    for model in fallbacks.keys() {
+        let mut seen = std::collections::BTreeSet::new();
+        let mut stack: Vec<&String> = fallbacks[model].iter().collect();
+        while let Some(m) = stack.pop() {
+            if m == model {
+                p.push(
+                    format!("inference.fallbacks.{model}"),
+                    format!("the fallbacks of {model} lead back to it (a cycle)"),
+                );
+                break;
+            }
+            if seen.insert(m.clone()) {
+                if let Some(next) = fallbacks.get(m) {
+                    stack.extend(next.iter());
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1089,5 +1238,66 @@ completion_usd_per_mtok = inf
         );
         let unknown = "[inference.prices.\"m\"]\nprompt_usd = 1\n";
         assert!(crate::parse_gateway(unknown, "t.toml", &[]).is_err());
+    }
+
+    fn fallback_problems(pairs: &[(&str, &[&str])]) -> Vec<(String, String)> {
+        let mut cfg = GatewayConfig::default();
+        for (m, to) in pairs {
+            cfg.inference
+                .fallbacks
+                .insert(m.to_string(), to.iter().map(|s| s.to_string()).collect());
+        }
+        match cfg.validate() {
+            Ok(()) => Vec::new(),
+            Err(e) => e
+                .errors
+                .iter()
+                .map(|e| (e.path.clone(), e.message.clone()))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn fallbacks_are_validated_with_their_paths() {
+        assert!(fallback_problems(&[("big", &["small", "tiny"]), ("small", &["tiny"])]).is_empty());
+        let p = fallback_problems(&[("big", &["small", "big"])]);
+        assert_eq!(p[0].0, "inference.fallbacks.big[1]");
+        assert!(p[0].1.contains("itself"), "{p:?}");
+        let p = fallback_problems(&[("big", &[""])]);
+        assert_eq!(p[0].0, "inference.fallbacks.big[0]");
+        let p = fallback_problems(&[("big", &["a", "b", "c", "d", "e"])]);
+        assert_eq!(p[0].0, "inference.fallbacks.big");
+        assert!(p[0].1.contains("at most 4"), "{p:?}");
+        let p = fallback_problems(&[("a", &["b"]), ("b", &["c"]), ("c", &["a"])]);
+        let paths: Vec<_> = p.iter().map(|p| p.0.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "inference.fallbacks.a",
+                "inference.fallbacks.b",
+                "inference.fallbacks.c"
+            ]
+        );
+        assert!(p[0].1.contains("cycle"), "{p:?}");
+    }
+
+    #[test]
+    fn outlier_settings_are_validated_with_their_paths() {
+        let mut cfg = GatewayConfig::default();
+        cfg.inference.outlier.error_rate_percent = 101;
+        cfg.inference.outlier.max_ejected_percent = 200;
+        cfg.inference.outlier.window_s = 0;
+        cfg.inference.outlier.max_ejection_s = 1;
+        let errs = cfg.validate().unwrap_err();
+        let paths: Vec<_> = errs.errors.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "inference.outlier.error_rate_percent",
+                "inference.outlier.max_ejected_percent",
+                "inference.outlier.window_s",
+                "inference.outlier.max_ejection_s"
+            ]
+        );
     }
 }

@@ -425,12 +425,20 @@ impl AdminApi {
         let result: Result<Resp, Resp> = async {
             Ok(match (&method, &segs[1..]) {
                 (&Method::GET, ["nodes"]) => {
-                    let nodes: Vec<_> = s.directory.registry.list().iter().map(|n| n.view()).collect();
-                    json(StatusCode::OK, &serde_json::json!({"object": "list", "data": nodes}))
+                    let registry = &s.directory.registry;
+                    let nodes: Vec<_> = registry.list().iter().map(|n| registry.node_view(n)).collect();
+                    // Requests waiting for a slot, per model (queued admission).
+                    let queues: serde_json::Map<_, _> = registry
+                        .slot_queue()
+                        .depths()
+                        .into_iter()
+                        .map(|(m, d)| (m, serde_json::Value::from(d)))
+                        .collect();
+                    json(StatusCode::OK, &serde_json::json!({"object": "list", "data": nodes, "queue_depth": queues}))
                 }
                 (&Method::GET, ["nodes", id]) => {
                     let id = id.to_string();
-                    let live = s.directory.registry.get(&id).map(|n| n.view());
+                    let live = s.directory.registry.get(&id).map(|n| s.directory.registry.node_view(&n));
                     let id2 = id.clone();
                     // A node id belongs to one operator: its SLA record is that operator's.
                     let (owner, sla) = blocking(s, move |st| {
@@ -750,6 +758,22 @@ impl AdminApi {
                 ]))
                 .set(n);
         }
+        // Queue depths by model: a model some node registered keeps its name, any other is
+        // `other`, so the label set stays bounded.
+        m.inference_queue_depth.clear();
+        let registry = &self.directory.registry;
+        let mut depths: std::collections::HashMap<String, i64> = Default::default();
+        for (model, depth) in registry.slot_queue().depths() {
+            let label = m.model_label(&model, registry.serves_model(&model));
+            *depths.entry(label).or_default() += depth as i64;
+        }
+        for (model, depth) in depths {
+            m.inference_queue_depth
+                .get_or_create(&labels([("model", &model)]))
+                .set(depth);
+        }
+        m.inference_nodes_ejected
+            .set(registry.ejected_count() as i64);
         with_type(
             StatusCode::OK,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",

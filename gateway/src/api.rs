@@ -31,6 +31,9 @@ use tracing::{info_span, Instrument};
 
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 static X_SHOULD_RETRY: HeaderName = HeaderName::from_static("x-should-retry");
+/// Names the model that served a request when it was a fallback of the requested one
+/// (`inference.fallbacks`).
+static X_FALLBACK_MODEL: HeaderName = HeaderName::from_static("x-nearpath-fallback-model");
 
 /// Another HTTP service mounted on this listener for the paths it claims (WHEP, session
 /// resources and `/play`, for browser players over WebRTC).
@@ -350,6 +353,13 @@ impl ClientApi {
             Err(e) => return error_response(request_id, &e),
         };
         let created = infer.clock.unix_ms() / 1000;
+        // A fallback model serves it: the response names that model, and says so in a header.
+        let served_model = stream.model.clone();
+        let fallback = stream
+            .fallback_from
+            .is_some()
+            .then(|| HeaderValue::from_str(&served_model).ok())
+            .flatten();
         let tail = &request_id[request_id.len().saturating_sub(24)..];
         let completion_id = format!("{}{tail}", endpoint.id_prefix());
         if !request.stream {
@@ -357,14 +367,20 @@ impl ClientApi {
                 endpoint,
                 completion_id,
                 created,
-                model: request.model.clone(),
+                model: served_model.clone(),
                 text: String::new(),
                 body: None,
                 error: None,
             };
             infer.pump(ticket, stream, &mut relay).await;
             return match (relay.error, relay.body) {
-                (None, Some(body)) => with_type(StatusCode::OK, "application/json", body),
+                (None, Some(body)) => {
+                    let mut r = with_type(StatusCode::OK, "application/json", body);
+                    if let Some(v) = fallback {
+                        r.headers_mut().insert(X_FALLBACK_MODEL.clone(), v);
+                    }
+                    r
+                }
                 (Some(e), _) => error_response(request_id, &e),
                 (None, None) => error_response(
                     request_id,
@@ -376,7 +392,7 @@ impl ClientApi {
         let (tx, rx) = mpsc::channel::<Bytes>(64);
         let mut relay = SseRelay {
             tx,
-            renderer: StreamRenderer::new(endpoint, &completion_id, created, &request.model),
+            renderer: StreamRenderer::new(endpoint, &completion_id, created, &served_model),
             include_usage: request.include_usage,
         };
         let infer = infer.clone();
@@ -388,6 +404,9 @@ impl ClientApi {
         );
         let mut r = Response::new(Body::Channel(rx));
         let h = r.headers_mut();
+        if let Some(v) = fallback {
+            h.insert(X_FALLBACK_MODEL.clone(), v);
+        }
         h.insert(
             CONTENT_TYPE,
             HeaderValue::from_static(openai::SSE_CONTENT_TYPE),

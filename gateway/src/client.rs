@@ -246,12 +246,16 @@ impl QuicClients {
             Err(e) => return answer(&mut tx, &error_msg(&e)).await,
         };
         let client = infer.placement.geo.lookup(conn.remote_address().ip());
-        let stream = match infer
-            .start(&ticket, &request, &r.request_json, &client)
-            .await
-        {
-            Ok(s) => s,
-            Err(e) => return answer(&mut tx, &error_msg(&e)).await,
+        // A client that goes away while its request waits (queued for a slot, or for a node)
+        // gives its place up at once: dropping the dispatch leaves the queue.
+        let started_or_gone = tokio::select! {
+            r = infer.start(&ticket, &request, &r.request_json, &client) => Some(r),
+            _ = conn.closed() => None,
+        };
+        let stream = match started_or_gone {
+            Some(Ok(s)) => s,
+            Some(Err(e)) => return answer(&mut tx, &error_msg(&e)).await,
+            None => return,
         };
         let mut relay = QuicRelay {
             tx,
@@ -262,7 +266,8 @@ impl QuicClients {
             started,
             index: 0,
             request_id,
-            model: request.model.clone(),
+            // A fallback model's name when one serves the request (`InferStarted.model`).
+            model: stream.model.clone(),
         };
         infer.pump(ticket, stream, &mut relay).await;
     }

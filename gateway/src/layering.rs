@@ -23,6 +23,8 @@ const RANKS: &[(&str, u8)] = &[
     ("router", 0),
     ("player", 0),
     ("node_link", 0),
+    ("slot_queue", 0),
+    ("outliers", 0),
     ("budget", 0),
     ("http_util", 1),
     ("store", 1),

@@ -73,6 +73,17 @@ pub struct Metrics {
     /// Inference requests that found no node for a recently served model, by outcome:
     /// `served` (a node came back within `inference.unavailable_wait_ms`) or `unavailable` (503).
     pub inference_blip_waits: Family<Labels, Counter>,
+    /// Inference requests waiting in a model's queue, by model (a model some node registered,
+    /// else `other`); rebuilt from the queues at scrape time.
+    pub inference_queue_depth: Family<Labels, Gauge>,
+    /// How long queued inference requests waited for a slot, in seconds.
+    pub inference_queue_wait_seconds: Histogram,
+    /// Nodes ejected from inference routing by outlier detection.
+    pub inference_node_ejections: Counter,
+    /// Nodes ejected now; set at scrape time.
+    pub inference_nodes_ejected: Gauge,
+    /// Requests served by a fallback model, by configured model pair.
+    pub inference_fallbacks: Family<Labels, Counter>,
 }
 
 impl Default for Metrics {
@@ -119,12 +130,43 @@ impl Metrics {
             game_pauses: Family::default(),
             node_id_takeovers: Counter::default(),
             inference_blip_waits: Family::default(),
+            inference_queue_depth: Family::default(),
+            // 1 ms .. ~65 s.
+            inference_queue_wait_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 17)),
+            inference_node_ejections: Counter::default(),
+            inference_nodes_ejected: Gauge::default(),
+            inference_fallbacks: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
             "nodes",
             "Live edge nodes by state, country and GPU class",
             m.nodes.clone(),
+        );
+        registry.register(
+            "inference_queue_depth",
+            "Inference requests waiting for a slot, by model",
+            m.inference_queue_depth.clone(),
+        );
+        registry.register(
+            "inference_queue_wait_seconds",
+            "How long queued inference requests waited for a slot, in seconds",
+            m.inference_queue_wait_seconds.clone(),
+        );
+        registry.register(
+            "inference_node_ejections",
+            "Nodes ejected from inference routing by outlier detection",
+            m.inference_node_ejections.clone(),
+        );
+        registry.register(
+            "inference_nodes_ejected",
+            "Nodes ejected from inference routing now",
+            m.inference_nodes_ejected.clone(),
+        );
+        registry.register(
+            "inference_fallbacks",
+            "Inference requests served by a fallback model, by model pair",
+            m.inference_fallbacks.clone(),
         );
         registry.register(
             "node_slow",

@@ -6,11 +6,13 @@
 
 use crate::clock::SharedClock;
 use crate::node_link::NodeLink;
+use crate::outliers::{OutlierRules, OutlierView, Outliers};
 use crate::recent_models::RecentModels;
 use crate::router::{
     Deny, LatLon, NodeId, NodeRouteInfo, NodeState as RouteState, RouteOutcome, RouteParams,
     RouterError, RouterIndex, Workload,
 };
+use crate::slot_queue::SlotQueue;
 use crate::store::KycStatus;
 use nearpath_geo::{ClassId, Location};
 use nearpath_protocol::message::{Capacity, Gpu, Workloads};
@@ -416,6 +418,10 @@ pub struct Registry {
     joined: watch::Sender<u64>,
     /// When a node left, for the models it served.
     clock: SharedClock,
+    /// Inference requests waiting for a slot: woken here as slots free.
+    queue: Arc<SlotQueue>,
+    /// Nodes failing inference requests, and which are ejected from routing.
+    outliers: Mutex<Outliers>,
 }
 
 /// A reserved session slot on a node; released (and the router told) on drop.
@@ -423,6 +429,18 @@ pub struct SlotGuard {
     registry: Arc<Registry>,
     pub node: Arc<NodeEntry>,
     kind: SlotKind,
+    /// Whether releasing the slot wakes a queued inference request (see
+    /// [`SlotGuard::release_quietly`]).
+    wake: bool,
+}
+
+impl SlotGuard {
+    /// The node refused the work as busy: the slot is released without waking a queued
+    /// request, which would only be refused the same way (and, woken by its own refusal, a
+    /// request would spin against the node).
+    pub fn release_quietly(mut self) {
+        self.wake = false;
+    }
 }
 
 impl Drop for SlotGuard {
@@ -433,6 +451,10 @@ impl Drop for SlotGuard {
         let (counter, _) = self.node.pool(self.kind);
         counter.fetch_sub(1, Ordering::AcqRel);
         self.registry.refresh(&self.node);
+        if self.kind == SlotKind::Inference && self.wake {
+            // Exactly one queued request may take the slot.
+            self.registry.queue.wake(&self.node.workloads.models, 1);
+        }
         self.registry.notify_changed();
     }
 }
@@ -451,6 +473,11 @@ impl Registry {
             model_grace_ms: AtomicU64::new(600_000),
             joined: watch::Sender::new(0),
             clock: crate::clock::system(),
+            queue: Arc::new(SlotQueue::new()),
+            outliers: Mutex::new(Outliers::new(
+                OutlierRules::default(),
+                std::time::Instant::now(),
+            )),
         })
     }
 
@@ -458,6 +485,98 @@ impl Registry {
     pub fn with_clock(mut self, clock: SharedClock) -> Self {
         self.clock = clock;
         self
+    }
+
+    /// Sets the outlier detection rules (`[inference.outlier]`).
+    pub fn with_outlier_rules(self, rules: OutlierRules) -> Self {
+        *self.outliers.lock().unwrap_or_else(|p| p.into_inner()) =
+            Outliers::new(rules, self.clock.now());
+        self
+    }
+
+    fn outliers(&self) -> MutexGuard<'_, Outliers> {
+        self.outliers.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records how an inference request ended on `node` (`ok`: served; otherwise a failure of
+    /// the node). Returns the end of the node's ejection if this ejected it.
+    pub fn record_inference_result(
+        &self,
+        node: &NodeEntry,
+        ok: bool,
+    ) -> Option<std::time::Instant> {
+        // The nodes serving each of its models, for the cap on ejected shares.
+        let peer_sets: Vec<Vec<String>> = if ok {
+            Vec::new()
+        } else {
+            let inner = self.lock();
+            node.workloads
+                .models
+                .iter()
+                .map(|m| {
+                    inner
+                        .by_id
+                        .values()
+                        .filter(|e| e.workloads.models.contains(m))
+                        .map(|e| e.id.clone())
+                        .collect()
+                })
+                .collect()
+        };
+        let now = self.clock.now();
+        let mut o = self.outliers();
+        o.prune(now);
+        o.handle_result(now, &node.id, ok, &peer_sets)
+    }
+
+    /// Whether the node with id `node` is ejected from inference routing now.
+    pub fn is_ejected(&self, node: &str) -> bool {
+        self.outliers().is_ejected(self.clock.now(), node)
+    }
+
+    /// The node's ejection state: when its ejection ends (unix ms), if it is ejected, and how
+    /// many times it was ejected.
+    pub fn outlier_view(&self, node: &str) -> (Option<u64>, u32) {
+        let now = self.clock.now();
+        let OutlierView {
+            ejected_until,
+            ejections,
+        } = self.outliers().view(node);
+        let until_ms = ejected_until
+            .filter(|t| *t > now)
+            .map(|t| self.clock.unix_ms() + (t - now).as_millis() as u64);
+        (until_ms, ejections)
+    }
+
+    /// The admin view of a node ([`NodeEntry::view`]) with its outlier state:
+    /// `ejected_until_ms` (unix ms, null unless ejected now) and `ejections`.
+    pub fn node_view(&self, node: &NodeEntry) -> serde_json::Value {
+        let mut v = node.view();
+        let (until_ms, ejections) = self.outlier_view(&node.id);
+        if let Some(o) = v.as_object_mut() {
+            o.insert("ejected_until_ms".into(), until_ms.into());
+            o.insert("ejections".into(), ejections.into());
+        }
+        v
+    }
+
+    /// Whether some registered node serves `model` and is not ejected.
+    pub fn serves_unejected(&self, model: &str) -> bool {
+        let serving: Vec<String> = self
+            .lock()
+            .by_id
+            .values()
+            .filter(|e| e.workloads.models.iter().any(|m| m == model))
+            .map(|e| e.id.clone())
+            .collect();
+        let now = self.clock.now();
+        let o = self.outliers();
+        serving.iter().any(|id| !o.is_ejected(now, id))
+    }
+
+    /// Nodes ejected from inference routing now.
+    pub fn ejected_count(&self) -> usize {
+        self.outliers().ejected_count(self.clock.now())
     }
 
     /// Sets how long a model is remembered after its last node left (`inference.model_grace_s`).
@@ -553,8 +672,22 @@ impl Registry {
         }
         drop(inner);
         self.joined.send_modify(|n| *n = n.wrapping_add(1));
+        self.wake_queued(&entry);
         self.notify_changed();
         Ok((entry, replaced))
+    }
+
+    /// The wait queues of inference requests that found no free slot.
+    pub fn slot_queue(&self) -> &Arc<SlotQueue> {
+        &self.queue
+    }
+
+    /// `entry` may take new inference requests (it registered, or came back from being slow):
+    /// as many queued requests as it has free slots are woken.
+    pub fn wake_queued(&self, entry: &NodeEntry) {
+        let (counter, cap) = entry.pool(SlotKind::Inference);
+        let free = cap.saturating_sub(counter.load(Ordering::Acquire));
+        self.queue.wake(&entry.workloads.models, free);
     }
 
     /// Tells the sessions waiting for a node (see [`Registry::subscribe`]) to look again.
@@ -690,6 +823,7 @@ impl Registry {
             registry: self.clone(),
             node: node.clone(),
             kind,
+            wake: true,
         })
     }
 
@@ -1004,5 +1138,57 @@ mod tests {
         assert!(!id_held(true, 10_000, 10_000, 1_000));
         // A clock that went backwards does not make a live node stale.
         assert!(id_held(false, 10_000, 9_000, 1_000));
+    }
+
+    #[tokio::test]
+    async fn a_freed_inference_slot_wakes_one_queued_request_and_a_busy_refusal_none() {
+        let clock = ManualClock::new(0);
+        let r = registry(&clock);
+        let (n, _) = r.insert(node("n1", "op", &["m"], 0), STALE_MS).unwrap();
+        let a = r.acquire(&n, SlotKind::Inference).unwrap();
+        let b = r.acquire(&n, SlotKind::Inference).unwrap();
+        let q = r.slot_queue().clone();
+        let w1 = q.enqueue("m", "k1", 10, q.epoch()).unwrap();
+        let w2 = q.enqueue("m", "k2", 10, q.epoch()).unwrap();
+        // Refused as busy: nobody is woken (they would be refused the same way).
+        a.release_quietly();
+        assert!(w1.is_queued() && w2.is_queued());
+        // A slot freed by a finished request: exactly one waiter.
+        drop(b);
+        w1.woken().await;
+        assert!(!w1.is_queued());
+        assert!(w2.is_queued());
+        // A game slot is another pool: no inference waiter is woken.
+        let g = r.acquire(&n, SlotKind::Game).unwrap();
+        drop(g);
+        assert!(w2.is_queued());
+    }
+
+    #[test]
+    fn outcomes_eject_a_failing_node_but_never_the_last_of_a_model() {
+        let clock = ManualClock::new(0);
+        let r = registry(&clock);
+        let (n1, _) = r.insert(node("n1", "op", &["m"], 0), STALE_MS).unwrap();
+        for _ in 0..10 {
+            assert_eq!(r.record_inference_result(&n1, false), None);
+        }
+        assert!(!r.is_ejected("n1"));
+        let (n2, _) = r.insert(node("n2", "op", &["m"], 0), STALE_MS).unwrap();
+        let until = (0..5).find_map(|_| r.record_inference_result(&n2, false));
+        assert!(until.is_some());
+        assert!(r.is_ejected("n2"));
+        assert_eq!(r.ejected_count(), 1);
+        let v = r.node_view(&n2);
+        assert_eq!(v["ejections"], 1);
+        assert!(v["ejected_until_ms"].as_u64().is_some());
+        assert_eq!(
+            r.node_view(&n1)["ejected_until_ms"],
+            serde_json::Value::Null
+        );
+        assert!(r.serves_unejected("m"));
+        assert!(!r.serves_unejected("nothing"));
+        // Its ejection ends on the clock.
+        clock.advance(Duration::from_secs(30));
+        assert!(!r.is_ejected("n2"));
     }
 }

@@ -155,7 +155,10 @@ impl Gateway {
             .with_model_grace(std::time::Duration::from_secs(
                 config.inference.model_grace_s,
             ))
-            .with_clock(clock.clone());
+            .with_clock(clock.clone())
+            .with_outlier_rules(crate::outliers::OutlierRules::from_config(
+                &config.inference.outlier,
+            ));
         let metrics = Arc::new(Metrics::new());
         let auth = Arc::new(
             Auth::new(

@@ -123,3 +123,26 @@ fn nodes_register_and_are_listed() {
     assert_eq!(v["listed_after_disconnect"], 0, "{v}");
     assert!(v["heartbeat_acks_idle"].as_u64().unwrap() > 0, "{v}");
 }
+
+#[test]
+fn queue_completes_every_stream_beyond_the_slots() {
+    let v = bench(&[
+        "inference-queue",
+        "--streams",
+        "60",
+        "--slots",
+        "4",
+        "--tokens",
+        "3",
+        "--ttft-ms",
+        "10",
+        "--connections",
+        "4",
+        "--baseline",
+        "3",
+    ]);
+    assert_eq!(v["bench"], "inference-queue");
+    assert_eq!(v["complete"], 60, "{v}");
+    assert_eq!(v["refused"], 0, "{v}");
+    assert_eq!(v["queue_wait_ms"]["n"], 60, "{v}");
+}

@@ -44,3 +44,58 @@ async fn the_demo_serves_inference_with_its_development_credentials() {
     assert_eq!(s, 200);
     demo.stop().await;
 }
+
+/// Streams sent at once in the demo capacity test.
+const DEMO_LOAD_STREAMS: usize = 1_000;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_completes_a_thousand_concurrent_streams() {
+    use http_body_util::{BodyExt, Full};
+    let mut demo = Demo::start(Listeners::ephemeral().await.unwrap(), None)
+        .await
+        .unwrap();
+    demo.node_registered().await.unwrap();
+    let addr = demo.addrs.http;
+    // Ten HTTP/2 connections, 100 streams each (under the server's 200 per connection).
+    let mut conns = Vec::new();
+    for _ in 0..10 {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (send, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(tcp),
+        )
+        .await
+        .unwrap();
+        tokio::spawn(conn);
+        conns.push(send);
+    }
+    let body = serde_json::json!({"model": DEMO_MODEL, "max_tokens": 2, "stream": true,
+                                  "messages": [{"role": "user", "content": "hi"}]})
+    .to_string();
+    let tasks: Vec<_> = (0..DEMO_LOAD_STREAMS)
+        .map(|i| {
+            let mut send = conns[i % conns.len()].clone();
+            let req = hyper::Request::post(format!("http://{addr}/v1/chat/completions"))
+                .header("authorization", format!("Bearer {DEMO_API_KEY}"))
+                .header("content-type", "application/json")
+                .body(Full::new(bytes::Bytes::from(body.clone())))
+                .unwrap();
+            tokio::spawn(async move {
+                let resp = send.send_request(req).await.unwrap();
+                let status = resp.status().as_u16();
+                let b = resp.into_body().collect().await.unwrap().to_bytes();
+                (status, String::from_utf8_lossy(&b).into_owned())
+            })
+        })
+        .collect();
+    let mut complete = 0;
+    for t in tasks {
+        let (s, b) = t.await.unwrap();
+        assert_eq!(s, 200, "{b}");
+        assert!(b.trim_end().ends_with("data: [DONE]"), "{b}");
+        assert!(!b.contains("\"error\""), "{b}");
+        complete += 1;
+    }
+    assert_eq!(complete, DEMO_LOAD_STREAMS);
+    demo.stop().await;
+}

@@ -534,3 +534,529 @@ async fn native_quic_clients_stream_tokens() {
     node.stop().await.unwrap();
     gw.stop().await;
 }
+
+/// A real edge node with `slots` inference slots (the gateway's and the node's own limit) whose
+/// simulator takes a little while per request, so that concurrent requests overlap.
+fn node_with_slots(gw: &TestGateway, id: &str, slots: u32) -> nearpath_config::NodeConfig {
+    let mut cfg = gw.node_config(id, &gw.token);
+    cfg.capacity.inference_concurrency = slots;
+    cfg.models[0].max_concurrency = slots;
+    cfg.models[0].backend = BackendConfig::Sim {
+        ttft_ms: 20,
+        tokens_per_s: 200.0,
+        seed: 1,
+    };
+    cfg
+}
+
+/// A raw node serving `models` with one inference slot, kept alive; its connection serves
+/// sessions by hand through the returned clone.
+async fn one_slot_node(
+    gw: &TestGateway,
+    id: &str,
+    models: &[&str],
+) -> (quinn::Connection, tokio::task::JoinHandle<RawNode>) {
+    let reg = Registration::new(id, &gw.token)
+        .gpu("cpu", "cpu", 1)
+        .models(models, 1);
+    let raw = RawNode::register(gw, ip(DE), reg.message()).await;
+    let conn = raw.conn.clone();
+    (conn, raw.keep_alive())
+}
+
+/// Accepts the next session on `conn` and holds it without a token; returns when accepted.
+async fn accept_and_hold(conn: &quinn::Connection) -> (quinn::SendStream, FramedRecv) {
+    let (mut tx, rx) = conn.accept_bi().await.unwrap();
+    let mut framed = FramedRecv::new(rx, MAX_REQUEST_FRAME);
+    assert!(matches!(framed.next().await, Ok(Some(Message::Open(_)))));
+    send(&mut tx, &Message::Accepted(Accepted { session_id: 0 }))
+        .await
+        .unwrap();
+    (tx, framed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_beyond_the_free_slots_are_queued_and_all_complete() {
+    let gw = TestGateway::start(|_| {}).await;
+    let mut node = TestNode::start(node_with_slots(&gw, "de-1", 2), ip(DE));
+    node.registered().await;
+    let url = gw.api_url("/v1/chat/completions");
+    let tasks: Vec<_> = (0..20)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move {
+                Http::new()
+                    .request("POST", &url, Some(API_KEY), Some(&chat("m", true, 3)), &[])
+                    .await
+            })
+        })
+        .collect();
+    for t in tasks {
+        let (s, _, b) = t.await.unwrap();
+        assert_eq!(s, 200, "{b}");
+        let events = sse_events(&b);
+        assert_eq!(events.last().unwrap(), "[DONE]", "{b}");
+        assert!(!b.contains("\"error\""), "{b}");
+        assert_eq!(sse_text(&events).split_whitespace().count(), 3);
+    }
+    // Twenty requests on two slots: most of them waited in the queue.
+    let (_, metrics) = gw.http.get(&gw.admin_url("/metrics"), None).await;
+    let queued = metric(&metrics, "nearpath_inference_queue_wait_seconds_count").unwrap_or(0.0);
+    assert!(queued >= 1.0, "{metrics}");
+    assert_eq!(
+        metric(
+            &metrics,
+            "nearpath_inference_requests_total{api=\"http\",outcome=\"rate_limited\"}"
+        ),
+        None
+    );
+    node.stop().await.unwrap();
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_queued_past_queue_max_wait_ms_is_429_with_retry_after() {
+    let gw = TestGateway::start(|c| c.inference.queue_max_wait_ms = 1_500).await;
+    let (conn, alive) = one_slot_node(&gw, "one-slot", &["m"]).await;
+    let url = gw.api_url("/v1/chat/completions");
+    // The node's one slot is taken by a request it accepted and stalls on.
+    let holder = {
+        let url = url.clone();
+        tokio::spawn(async move {
+            Http::new()
+                .request("POST", &url, Some(API_KEY), Some(&chat("m", true, 3)), &[])
+                .await
+        })
+    };
+    let held = accept_and_hold(&conn).await;
+    // A second request waits in the queue, visible in the admin node listing.
+    let waiting = {
+        let url = url.clone();
+        tokio::spawn(async move {
+            Http::new()
+                .request("POST", &url, Some(API_KEY), Some(&chat("m", true, 3)), &[])
+                .await
+        })
+    };
+    eventually(
+        "the request to be queued",
+        Duration::from_secs(5),
+        || async { (gw.admin_get("/admin/nodes").await["queue_depth"]["m"] == 1).then_some(()) },
+    )
+    .await;
+    let (_, metrics) = gw.http.get(&gw.admin_url("/metrics"), None).await;
+    assert_eq!(
+        metric(&metrics, "nearpath_inference_queue_depth{model=\"m\"}"),
+        Some(1.0),
+        "{metrics}"
+    );
+    let (s, h, b) = waiting.await.unwrap();
+    assert_eq!(s, 429, "{b}");
+    let retry: u64 = h["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!(retry >= 1, "retry-after {retry}");
+    assert!(b.contains("queued for"), "{b}");
+    assert!(b.contains("at capacity"), "{b}");
+    // It left the queue.
+    assert_eq!(gw.admin_get("/admin/nodes").await["queue_depth"], json!({}));
+    holder.abort();
+    drop(held);
+    alive.abort();
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_goes_away_while_queued_leaves_the_queue_at_once() {
+    let gw = TestGateway::start(|_| {}).await;
+    let (conn, alive) = one_slot_node(&gw, "one-slot", &["m"]).await;
+    let url = gw.api_url("/v1/chat/completions");
+    let holder = {
+        let url = url.clone();
+        tokio::spawn(async move {
+            Http::new()
+                .request("POST", &url, Some(API_KEY), Some(&chat("m", true, 3)), &[])
+                .await
+        })
+    };
+    let held = accept_and_hold(&conn).await;
+    let waiting = {
+        let url = url.clone();
+        tokio::spawn(async move {
+            Http::new()
+                .request("POST", &url, Some(API_KEY), Some(&chat("m", true, 3)), &[])
+                .await
+        })
+    };
+    eventually(
+        "the request to be queued",
+        Duration::from_secs(5),
+        || async { (gw.admin_get("/admin/nodes").await["queue_depth"]["m"] == 1).then_some(()) },
+    )
+    .await;
+    // The client disconnects: its request leaves the queue (well before the 10 s wait ends).
+    waiting.abort();
+    eventually("the queue to empty", Duration::from_secs(5), || async {
+        (gw.admin_get("/admin/nodes").await["queue_depth"] == json!({})).then_some(())
+    })
+    .await;
+    holder.abort();
+    drop(held);
+    alive.abort();
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_failing_every_request_is_ejected_and_skipped() {
+    let gw = TestGateway::start(|_| {}).await;
+    // The failing node is nearest to the FR client, so it is tried first until ejected.
+    let reg = Registration::new("bad", &gw.token)
+        .gpu("cpu", "cpu", 1)
+        .models(&["m"], 4);
+    let bad = RawNode::register(&gw, ip(DE), reg.message()).await;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let (opened, _opened_rx) = tokio::sync::mpsc::unbounded_channel();
+    let serving = nearpath_tests::fake_node::Serving {
+        games: nearpath_tests::fake_node::OnOpen::Accept,
+        inference: nearpath_tests::fake_node::OnOpen::Refuse(
+            nearpath_protocol::message::RefuseCode::Internal,
+        ),
+        answer: nearpath_tests::fake_node::Answer {
+            tokens: 0,
+            usage: (0, 0),
+        },
+    };
+    tokio::spawn(nearpath_tests::fake_node::serve_sessions(
+        bad.conn.clone(),
+        serving,
+        opened,
+        stop.clone(),
+    ));
+    let alive = bad.keep_alive();
+    let mut good = TestNode::start(gw.node_config("us-1", &gw.token), ip(US_EAST));
+    good.registered().await;
+    let client = Http::from(ip(FR_CLIENT));
+    let url = gw.api_url("/v1/chat/completions");
+    let failovers = || async {
+        let (_, m) = gw.http.get(&gw.admin_url("/metrics"), None).await;
+        metric(&m, "nearpath_inference_failovers_total").unwrap_or(0.0)
+    };
+    // Five consecutive failures (the default) eject it; every request is still served.
+    for _ in 0..5 {
+        let (s, _, b) = client
+            .request("POST", &url, Some(API_KEY), Some(&chat("m", false, 2)), &[])
+            .await;
+        assert_eq!(s, 200, "{b}");
+    }
+    assert_eq!(failovers().await, 5.0);
+    // Later requests go to the healthy node directly.
+    for _ in 0..5 {
+        let (s, _, b) = client
+            .request("POST", &url, Some(API_KEY), Some(&chat("m", false, 2)), &[])
+            .await;
+        assert_eq!(s, 200, "{b}");
+    }
+    assert_eq!(failovers().await, 5.0);
+    let view = gw.admin_get("/admin/nodes/bad").await;
+    let live = if view["live"].is_object() {
+        &view["live"]
+    } else {
+        &view
+    };
+    assert_eq!(live["ejections"], 1, "{view}");
+    assert!(live["ejected_until_ms"].as_u64().is_some(), "{view}");
+    let nodes = gw.admin_get("/admin/nodes").await;
+    let us = nodes["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["id"] == "us-1")
+        .unwrap();
+    assert_eq!(
+        (us["ejections"].clone(), us["ejected_until_ms"].clone()),
+        (json!(0), Value::Null)
+    );
+    let (_, m) = gw.http.get(&gw.admin_url("/metrics"), None).await;
+    assert_eq!(
+        metric(&m, "nearpath_inference_node_ejections_total"),
+        Some(1.0)
+    );
+    assert_eq!(metric(&m, "nearpath_inference_nodes_ejected"), Some(1.0));
+    stop.cancel();
+    alive.abort();
+    good.stop().await.unwrap();
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_without_capacity_is_served_by_its_fallback_with_a_header() {
+    let gw = TestGateway::start(|c| {
+        c.inference.queue_max_depth = 0;
+        c.inference
+            .fallbacks
+            .insert("absent".into(), vec!["m".into()]);
+        c.inference
+            .fallbacks
+            .insert("big".into(), vec!["ghost".into(), "m".into()]);
+        c.inference
+            .fallbacks
+            .insert("lonely".into(), vec!["ghost".into()]);
+    })
+    .await;
+    let mut node = TestNode::start(gw.node_config("de-1", &gw.token), ip(DE));
+    node.registered().await;
+    let url = gw.api_url("/v1/chat/completions");
+    // No node serves `absent`: `m` does, and says so.
+    let (s, h, b) = gw
+        .http
+        .request(
+            "POST",
+            &url,
+            Some(API_KEY),
+            Some(&chat("absent", false, 2)),
+            &[],
+        )
+        .await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(h["x-nearpath-fallback-model"], "m");
+    let v: Value = serde_json::from_str(&b).unwrap();
+    assert_eq!(v["model"], "m");
+    // Streaming too: every chunk names the fallback.
+    let (s, h, b) = gw
+        .http
+        .request(
+            "POST",
+            &url,
+            Some(API_KEY),
+            Some(&chat("absent", true, 2)),
+            &[],
+        )
+        .await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(h["x-nearpath-fallback-model"], "m");
+    let first: Value = serde_json::from_str(&sse_events(&b)[0]).unwrap();
+    assert_eq!(first["model"], "m");
+    // A model served normally has no header.
+    let (s, h, _) = gw
+        .http
+        .request("POST", &url, Some(API_KEY), Some(&chat("m", false, 2)), &[])
+        .await;
+    assert_eq!(s, 200);
+    assert!(!h.contains_key("x-nearpath-fallback-model"));
+    // `big` is saturated (its node's one slot is held, and its queue holds nobody): its first
+    // fallback does not exist, its second serves.
+    let (conn, alive) = one_slot_node(&gw, "big-node", &["big"]).await;
+    let holder = {
+        let url = url.clone();
+        tokio::spawn(async move {
+            Http::new()
+                .request(
+                    "POST",
+                    &url,
+                    Some(API_KEY),
+                    Some(&chat("big", true, 3)),
+                    &[],
+                )
+                .await
+        })
+    };
+    let held = accept_and_hold(&conn).await;
+    let (s, h, b) = gw
+        .http
+        .request(
+            "POST",
+            &url,
+            Some(API_KEY),
+            Some(&chat("big", false, 2)),
+            &[],
+        )
+        .await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(h["x-nearpath-fallback-model"], "m");
+    // A fallback that is absent too: the original error.
+    let (s, h, b) = gw
+        .http
+        .request(
+            "POST",
+            &url,
+            Some(API_KEY),
+            Some(&chat("lonely", false, 2)),
+            &[],
+        )
+        .await;
+    assert_eq!(s, 404, "{b}");
+    assert!(b.contains("lonely"), "{b}");
+    assert!(!h.contains_key("x-nearpath-fallback-model"));
+    let (_, m) = gw.http.get(&gw.admin_url("/metrics"), None).await;
+    assert_eq!(
+        metric(
+            &m,
+            "nearpath_inference_fallbacks_total{from=\"absent\",to=\"m\"}"
+        ),
+        Some(2.0)
+    );
+    holder.abort();
+    drop(held);
+    alive.abort();
+    node.stop().await.unwrap();
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keys_stream_cap_applies_before_queueing() {
+    let gw = TestGateway::start(|_| {}).await;
+    let (conn, alive) = one_slot_node(&gw, "one-slot", &["m"]).await;
+    let (s, v) = gw
+        .admin_post(
+            "/admin/api-keys",
+            json!({"tenant": "capped", "max_concurrent_streams": 2}),
+        )
+        .await;
+    assert_eq!(s, 201, "{v}");
+    let key = v["key"].as_str().unwrap().to_string();
+    let url = gw.api_url("/v1/chat/completions");
+    let spawn = |key: String| {
+        let url = url.clone();
+        tokio::spawn(async move {
+            Http::new()
+                .request("POST", &url, Some(&key), Some(&chat("m", true, 3)), &[])
+                .await
+        })
+    };
+    // One request holds the node's slot, a second waits in the queue...
+    let holder = spawn(key.clone());
+    let held = accept_and_hold(&conn).await;
+    let waiting = spawn(key.clone());
+    eventually(
+        "the request to be queued",
+        Duration::from_secs(5),
+        || async { (gw.admin_get("/admin/nodes").await["queue_depth"]["m"] == 1).then_some(()) },
+    )
+    .await;
+    // ...and a third of the same key is over its cap of 2: refused at once, never queued.
+    let started = Instant::now();
+    let (s, _, b) = gw
+        .http
+        .request("POST", &url, Some(&key), Some(&chat("m", true, 3)), &[])
+        .await;
+    assert_eq!(s, 429, "{b}");
+    assert!(b.contains("concurrency_limit_exceeded"), "{b}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(gw.admin_get("/admin/nodes").await["queue_depth"]["m"], 1);
+    waiting.abort();
+    holder.abort();
+    drop(held);
+    alive.abort();
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_native_client_is_told_the_fallback_model_in_infer_started() {
+    let gw = TestGateway::start(|c| {
+        c.inference
+            .fallbacks
+            .insert("absent".into(), vec!["m".into()]);
+    })
+    .await;
+    let mut node = TestNode::start(gw.node_config("de-1", &gw.token), ip(DE));
+    node.registered().await;
+    let client = native_client(&gw, FR_CLIENT).await;
+    let mut stream = client
+        .infer(API_KEY, &chat("absent", true, 3))
+        .await
+        .unwrap();
+    let (mut started, mut done) = (None, false);
+    while let Some(ev) = stream.next().await.unwrap() {
+        match ev {
+            nearpath_protocol::InferEvent::Started(s) => started = Some(s.model),
+            nearpath_protocol::InferEvent::Done(_) => {
+                done = true;
+                break;
+            }
+            nearpath_protocol::InferEvent::Error(e) => panic!("{e:?}"),
+            _ => {}
+        }
+    }
+    assert!(done);
+    assert_eq!(started.as_deref(), Some("m"));
+    node.stop().await.unwrap();
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_native_client_that_closes_while_queued_leaves_the_queue_at_once() {
+    let gw = TestGateway::start(|_| {}).await;
+    let (conn, alive) = one_slot_node(&gw, "one-slot", &["m"]).await;
+    let url = gw.api_url("/v1/chat/completions");
+    let holder = tokio::spawn(async move {
+        Http::new()
+            .request("POST", &url, Some(API_KEY), Some(&chat("m", true, 3)), &[])
+            .await
+    });
+    let held = accept_and_hold(&conn).await;
+    let client = native_client(&gw, FR_CLIENT).await;
+    let _queued = client.infer(API_KEY, &chat("m", true, 3)).await.unwrap();
+    eventually(
+        "the request to be queued",
+        Duration::from_secs(5),
+        || async { (gw.admin_get("/admin/nodes").await["queue_depth"]["m"] == 1).then_some(()) },
+    )
+    .await;
+    client.close().await;
+    eventually("the queue to empty", Duration::from_secs(5), || async {
+        (gw.admin_get("/admin/nodes").await["queue_depth"] == json!({})).then_some(())
+    })
+    .await;
+    holder.abort();
+    drop(held);
+    alive.abort();
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fallback_the_key_may_not_use_leaves_the_original_error() {
+    let gw = TestGateway::start(|c| {
+        c.inference
+            .fallbacks
+            .insert("absent".into(), vec!["m".into()]);
+    })
+    .await;
+    let mut node = TestNode::start(gw.node_config("de-1", &gw.token), ip(DE));
+    node.registered().await;
+    // A key allowed `absent` but not its fallback `m`.
+    let (s, v) = gw
+        .admin_post(
+            "/admin/api-keys",
+            json!({"tenant": "narrow", "allowed_models": ["absent"]}),
+        )
+        .await;
+    assert_eq!(s, 201, "{v}");
+    let key = v["key"].as_str().unwrap().to_string();
+    let url = gw.api_url("/v1/chat/completions");
+    let (s, h, b) = gw
+        .http
+        .request(
+            "POST",
+            &url,
+            Some(&key),
+            Some(&chat("absent", false, 2)),
+            &[],
+        )
+        .await;
+    assert_eq!(s, 404, "{b}");
+    assert!(b.contains("model_not_found"), "{b}");
+    assert!(!h.contains_key("x-nearpath-fallback-model"));
+    // The same request with a key allowed both is served by the fallback.
+    let (s, h, b) = gw
+        .http
+        .request(
+            "POST",
+            &url,
+            Some(API_KEY),
+            Some(&chat("absent", false, 2)),
+            &[],
+        )
+        .await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(h["x-nearpath-fallback-model"], "m");
+    node.stop().await.unwrap();
+    gw.stop().await;
+}

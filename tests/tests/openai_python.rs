@@ -54,6 +54,111 @@ async fn the_official_openai_python_client_works_against_the_gateway() {
     gw.stop().await;
 }
 
+const CLIENTS: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/python/client_libraries_test.py"
+);
+
+/// A model on the simulator declared without tool support. The declaration is written as
+/// configuration text on purpose: it is parsed like an operator's file, so the test follows
+/// the documented keys rather than a Rust struct's field names.
+fn model_without_tools(name: &str) -> nearpath_config::ModelConfig {
+    let table = json!({"name": name, "max_concurrency": 8,
+                       "backend": {"type": "sim", "ttft_ms": 0, "tokens_per_s": 0.0, "seed": 1},
+                       "capabilities": {"tools": false}});
+    let list = json!({"name": name, "max_concurrency": 8,
+                      "backend": {"type": "sim", "ttft_ms": 0, "tokens_per_s": 0.0, "seed": 1},
+                      "capabilities": ["json_mode", "json_schema", "logprobs"]});
+    serde_json::from_value(table.clone())
+        .or_else(|a| serde_json::from_value(list.clone()).map_err(|b| (a, b)))
+        .unwrap_or_else(|(a, b)| {
+            panic!("a model config declaring no tools: {table} gives `{a}`, {list} gives `{b}`")
+        })
+}
+
+/// Runs one section of client_libraries_test.py against a gateway with a simulator node
+/// serving `m` (every simulator capability) plus the models `extra_models` adds.
+async fn run_clients(
+    section: &'static str,
+    extra_models: impl FnOnce(&mut Vec<nearpath_config::ModelConfig>),
+    env: Vec<(&'static str, String)>,
+) {
+    let gw = TestGateway::start(|_| {}).await;
+    let mut cfg = gw.node_config("de-1", &gw.token);
+    extra_models(&mut cfg.models);
+    let mut node = TestNode::start(cfg, ip(DE));
+    node.registered().await;
+    let base = gw.api_url("/v1");
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("python3")
+            .args([CLIENTS, section])
+            .env("NEARPATH_BASE_URL", base)
+            .env("NEARPATH_API_KEY", API_KEY)
+            .env("NEARPATH_MODEL", "m")
+            // LiteLLM and LangChain must never reach the network: the bundled cost map, no
+            // telemetry, no tracing.
+            .env("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+            .env("LITELLM_TELEMETRY", "False")
+            .env("LANGCHAIN_TRACING_V2", "false")
+            .env("LANGSMITH_TRACING", "false")
+            .envs(env)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!("{stdout}");
+    assert!(
+        out.status.success(),
+        "client_libraries_test.py {section} failed:\n{stdout}\n{stderr}"
+    );
+    assert!(stdout.contains("all checks passed"), "{stdout}");
+    node.stop().await.unwrap();
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openai_client_sync_async_raw_tools_json_and_logprobs_work_on_the_simulator() {
+    if !python_can("import openai", "python3 -m pip install openai") {
+        return;
+    }
+    run_clients("openai", |_| {}, vec![]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn litellm_completes_streams_and_calls_tools_through_the_gateway() {
+    if !python_can("import litellm", "python3 -m pip install litellm") {
+        return;
+    }
+    run_clients("litellm", |_| {}, vec![]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn langchain_invokes_streams_binds_tools_and_structures_output_through_the_gateway() {
+    if !python_can(
+        "import langchain_openai",
+        "python3 -m pip install langchain-openai",
+    ) {
+        return;
+    }
+    run_clients("langchain", |_| {}, vec![]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_capability_the_model_lacks_is_a_400_naming_the_parameter() {
+    if !python_can("import openai", "python3 -m pip install openai") {
+        return;
+    }
+    run_clients(
+        "capabilities",
+        |models| models.push(model_without_tools("m-plain")),
+        vec![("NEARPATH_PLAIN_MODEL", "m-plain".to_string())],
+    )
+    .await;
+}
+
 /// Runs tests/python/responses_test.py (one Python process) against `base`.
 async fn run_responses_script(base: String, key: &str, model: &str, tool_model: &str) {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/responses_test.py");

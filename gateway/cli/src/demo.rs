@@ -22,6 +22,8 @@ pub const DEMO_MODEL: &str = "nearpath-sim";
 pub const DEMO_NODE_ID: &str = "demo-node-1";
 pub const DEMO_OPERATOR: &str = "demo-operator";
 pub const DEMO_GAME: &str = "arena";
+/// Simulator streams the demo node serves at once (beyond them, requests queue at the gateway).
+pub const DEMO_CONCURRENT_STREAMS: u32 = 1_024;
 
 pub struct DemoOptions {
     pub listen: SocketAddr,
@@ -68,11 +70,31 @@ impl Demo {
             None => store.create_operator(DEMO_OPERATOR, KycStatus::Verified)?,
         };
         let (_tok, secret) = store.create_enrolment_token(&operator.id)?;
-        store.insert_api_key_secret(
+        // The demo takes at least DEMO_CONCURRENT_STREAMS streams at once from its one key and
+        // one host (a load test on localhost stands for many clients): neither the key's rate
+        // limits and stream cap nor the per-address connection cap may be what stops it.
+        config.http.max_connections_per_ip = config
+            .http
+            .max_connections_per_ip
+            .max(2 * DEMO_CONCURRENT_STREAMS);
+        let demo_key = store.insert_api_key_secret(
             DEMO_API_KEY,
             "demo-tenant",
-            config.inference.default_requests_per_minute,
-            config.inference.default_tokens_per_minute,
+            config
+                .inference
+                .default_requests_per_minute
+                .max(60 * DEMO_CONCURRENT_STREAMS),
+            config
+                .inference
+                .default_tokens_per_minute
+                .max(10_000 * DEMO_CONCURRENT_STREAMS),
+        )?;
+        store.update_api_key(
+            &demo_key.id,
+            nearpath_gateway::store::ApiKeyUpdate {
+                max_concurrent_streams: Some(Some(2 * DEMO_CONCURRENT_STREAMS)),
+                ..Default::default()
+            },
         )?;
         let cert = nearpath_gateway::tls::self_signed(&["localhost", "127.0.0.1", "::1"])?;
         let sha = cert.sha256;
@@ -145,11 +167,11 @@ fn demo_node_config(quic: SocketAddr, sha: &str, token: String) -> NodeConfig {
         gpu_classes: nearpath_config::default_gpu_class_table(),
         capacity: CapacityConfig {
             game_sessions: 2,
-            inference_concurrency: 64,
+            inference_concurrency: DEMO_CONCURRENT_STREAMS,
         },
         models: vec![ModelConfig {
             name: DEMO_MODEL.into(),
-            max_concurrency: 64,
+            max_concurrency: DEMO_CONCURRENT_STREAMS,
             backend: BackendConfig::Sim {
                 ttft_ms: 40,
                 tokens_per_s: 40.0,

@@ -488,6 +488,10 @@ impl NodeFrontEnd {
             Action::State(state) => {
                 entry.dynamic().state = state;
                 registry.refresh(entry);
+                if state == NodeState::Active {
+                    // Taking sessions again: queued requests may take its free slots.
+                    registry.wake_queued(entry);
+                }
             }
             Action::Slow => {
                 entry.dynamic().slow = true;
@@ -500,6 +504,7 @@ impl NodeFrontEnd {
                 info!("heartbeat arrived: node no longer slow");
                 registry.refresh(entry);
                 // Back in routing: sessions waiting for a node may take it.
+                registry.wake_queued(entry);
                 registry.notify_changed();
             }
             Action::Missed(n) => {

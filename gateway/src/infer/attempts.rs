@@ -18,6 +18,12 @@
 //! - A model that no node serves now but one served recently, or whose nodes do not answer, is a
 //!   blip: the request waits for a registration until `unavailable_wait` after its start, then
 //!   ends with 503 `model_unavailable` (retryable). A model never served is 404.
+//! - A request that finds no free slot (every node serving the model at capacity, every
+//!   candidate without a slot, or refusing `Busy`) is queued: it waits for a slot
+//!   ([`Action::WaitForSlot`]) until `queue_max_wait` after its start, routing again each time
+//!   a slot frees for it, and then ends with 429 and `Retry-After`. A full queue is 429 at once.
+//!   A `Busy` refusal is an attempt but does not use up `max_attempts` (the node is full, not
+//!   failing) and does not exclude the node from later rounds.
 
 use crate::error::{Blame, CoreError};
 use crate::router::NodeId;
@@ -36,6 +42,9 @@ pub struct Rules {
     pub first_token_timeout: Duration,
     /// How long, from the request's start, a blip is waited out.
     pub unavailable_wait: Duration,
+    /// How long, from the request's start, a request waits in its model's queue for a slot
+    /// (zero: saturation is answered at once).
+    pub queue_max_wait: Duration,
 }
 
 impl Rules {
@@ -45,6 +54,7 @@ impl Rules {
             connect_timeout: Duration::from_millis(c.connect_timeout_ms),
             first_token_timeout: Duration::from_millis(c.first_token_timeout_ms),
             unavailable_wait: Duration::from_millis(c.unavailable_wait_ms),
+            queue_max_wait: Duration::from_millis(c.queue_max_wait_ms),
         }
     }
 
@@ -112,6 +122,10 @@ pub enum Action {
     /// Wait for a node to register ([`InferAttempts::handle_join`]), or call
     /// [`InferAttempts::handle_timeout`] at the deadline.
     WaitForJoin(Instant),
+    /// Every node is at capacity: queue the request (or keep it queued) and wait for a slot to
+    /// free for it ([`InferAttempts::handle_slot`]; [`InferAttempts::handle_queue_full`] if the
+    /// queue has no room), or call [`InferAttempts::handle_timeout`] at the deadline.
+    WaitForSlot(Instant),
     /// The current node produced its first token: stream the rest from it.
     Serve { node: NodeId, attempts: u32 },
     /// The request ends with this error; nothing was sent to the client yet.
@@ -133,6 +147,9 @@ enum State {
         first_by: Instant,
     },
     Joining {
+        until: Instant,
+    },
+    Queued {
         until: Instant,
     },
     Done(Action),
@@ -158,6 +175,12 @@ pub struct InferAttempts {
     unreachable: bool,
     /// The request met a blip at some point (metrics: how blip waits end).
     blip_seen: bool,
+    /// A node of the current round had no free slot or refused `Busy`.
+    round_saturated: bool,
+    /// `Busy` refusals so far: attempts that do not count against `max_attempts`.
+    busy: u32,
+    /// When the request first queued.
+    queued_since: Option<Instant>,
 }
 
 impl InferAttempts {
@@ -174,6 +197,9 @@ impl InferAttempts {
             route_blip: false,
             unreachable: false,
             blip_seen: false,
+            round_saturated: false,
+            busy: 0,
+            queued_since: None,
         }
     }
 
@@ -198,6 +224,7 @@ impl InferAttempts {
             }
             State::Accepted { first_by, .. } => Action::WaitForNode(*first_by),
             State::Joining { until } => Action::WaitForJoin(*until),
+            State::Queued { until } => Action::WaitForSlot(*until),
             State::Done(a) => a.clone(),
         }
     }
@@ -205,6 +232,11 @@ impl InferAttempts {
     /// Whether the request met a blip (no node, or no node answering) at some point.
     pub fn blip_seen(&self) -> bool {
         self.blip_seen
+    }
+
+    /// When the request first waited for a slot, if it did.
+    pub fn queued_since(&self) -> Option<Instant> {
+        self.queued_since
     }
 
     /// Attempts made so far (nodes that had a slot for it).
@@ -227,6 +259,7 @@ impl InferAttempts {
             return;
         }
         self.route_blip = false;
+        self.round_saturated = false;
         self.queue.clear();
         match route {
             Route::Candidates(c) => self.queue.extend(c),
@@ -236,10 +269,15 @@ impl InferAttempts {
                 }
                 self.route_blip = true;
             }
+            // A queued request woken for a slot on a node it may not use waits on (the driver
+            // passes the slot to the next waiter).
+            Route::Denied { .. } if self.queued_since.is_some() => {
+                return self.queue_or_fail(now);
+            }
             Route::Denied { rule, reason } => {
                 return self.fail(CoreError::geofence_denied(&rule, &reason))
             }
-            Route::Saturated => return self.fail(self.saturated()),
+            Route::Saturated => return self.queue_or_fail(now),
             Route::Draining => return self.fail(CoreError::no_eligible_node(&self.model)),
         }
         self.next_candidate(now);
@@ -255,6 +293,7 @@ impl InferAttempts {
             NodeEvent::NoSlot if !accepted => {
                 // Not an attempt: the node was full when the driver asked.
                 self.attempts = self.attempts.saturating_sub(1);
+                self.round_saturated = true;
                 self.next_candidate(now);
             }
             NodeEvent::NoSlot => {}
@@ -280,7 +319,18 @@ impl InferAttempts {
                     RefuseCode::BadRequest => {
                         self.fail(CoreError::from_api(&ApiError::bad_request(reason, None)))
                     }
-                    RefuseCode::Busy | RefuseCode::UnknownWorkload | RefuseCode::Internal => {
+                    RefuseCode::Busy => {
+                        // Full, not failing: the node may take the request from the queue.
+                        self.busy += 1;
+                        self.round_saturated = true;
+                        self.last = Some(
+                            CoreError::unavailable(format!("node {name} refused: {reason}"))
+                                .with_blame(Blame::Node)
+                                .with_peer(name),
+                        );
+                        self.next_candidate(now);
+                    }
+                    RefuseCode::UnknownWorkload | RefuseCode::Internal => {
                         let e = CoreError::unavailable(format!("node {name} refused: {reason}"))
                             .with_blame(Blame::Node)
                             .with_peer(name);
@@ -304,6 +354,26 @@ impl InferAttempts {
             }
             NodeEvent::Failed(e) if e.blame == Blame::Client => self.fail(e),
             NodeEvent::Failed(e) => self.give_up_on(node, e, now),
+        }
+    }
+
+    /// A slot freed for the queued request: route again.
+    pub fn handle_slot(&mut self, _now: Instant) {
+        if matches!(self.state, State::Queued { .. }) {
+            self.state = State::Routing;
+        }
+    }
+
+    /// The model's queue had no room for the request: 429 at once.
+    pub fn handle_queue_full(&mut self, _now: Instant, depth: usize) {
+        if matches!(self.state, State::Queued { .. }) {
+            self.fail(
+                CoreError::from_api(&ApiError::rate_limited(format!(
+                    "every node serving {} is at capacity and {depth} requests are queued for it; retry shortly",
+                    self.model
+                )))
+                .with_retry_after_s(1),
+            );
         }
     }
 
@@ -339,6 +409,10 @@ impl InferAttempts {
             State::Joining { until } if now >= *until => {
                 self.fail(CoreError::model_unavailable(&self.model));
             }
+            State::Queued { until } if now >= *until => {
+                let e = self.saturated_after_wait(now);
+                self.fail(e);
+            }
             _ => {}
         }
     }
@@ -357,6 +431,35 @@ impl InferAttempts {
         )))
     }
 
+    /// Saturation after waiting in the queue: 429, saying how long it waited.
+    fn saturated_after_wait(&self, now: Instant) -> CoreError {
+        let waited = self
+            .queued_since
+            .map_or(Duration::ZERO, |t| now.saturating_duration_since(t));
+        CoreError::from_api(&ApiError::rate_limited(format!(
+            "every node serving {} is at capacity; retry shortly (queued for {} ms)",
+            self.model,
+            waited.as_millis()
+        )))
+        .with_retry_after_s(1)
+    }
+
+    /// No free slot: wait in the queue until `queue_max_wait` after the start, or answer 429.
+    fn queue_or_fail(&mut self, now: Instant) {
+        let until = self.started + self.rules.queue_max_wait;
+        if now >= until {
+            return match self.queued_since {
+                Some(_) => {
+                    let e = self.saturated_after_wait(now);
+                    self.fail(e)
+                }
+                None => self.fail(self.saturated().with_retry_after_s(1)),
+            };
+        }
+        self.queued_since.get_or_insert(now);
+        self.state = State::Queued { until };
+    }
+
     fn fail(&mut self, e: CoreError) {
         self.state = State::Done(Action::Fail(e));
     }
@@ -370,7 +473,7 @@ impl InferAttempts {
 
     /// Tries the next candidate of the current route, or decides how the round ends.
     fn next_candidate(&mut self, now: Instant) {
-        while self.attempts < self.rules.max_attempts {
+        while self.attempts.saturating_sub(self.busy) < self.rules.max_attempts {
             let Some(c) = self.queue.pop_front() else {
                 break;
             };
@@ -388,6 +491,11 @@ impl InferAttempts {
         // Only a blip is worth waiting for: no node serves a recently served model, or the
         // nodes that serve it do not answer. A node that answered with an error is answered
         // as is.
+        // Some node is only full: wait for a slot (while failures left attempts).
+        if self.round_saturated && self.attempts.saturating_sub(self.busy) < self.rules.max_attempts
+        {
+            return self.queue_or_fail(now);
+        }
         if !(self.route_blip || self.unreachable) {
             let e = self.last.take().unwrap_or_else(|| self.saturated());
             return self.fail(e);
@@ -414,6 +522,15 @@ mod tests {
             connect_timeout: 500 * MS,
             first_token_timeout: 2_000 * MS,
             unavailable_wait: 3_000 * MS,
+            // The rules of old: saturation is answered at once (queueing has its own tests).
+            queue_max_wait: Duration::ZERO,
+        }
+    }
+
+    fn queueing() -> Rules {
+        Rules {
+            queue_max_wait: 10_000 * MS,
+            ..rules()
         }
     }
 
@@ -768,5 +885,144 @@ mod tests {
         m.handle_node(t0, NodeId(2), NodeEvent::Accepted);
         m.handle_node(t0, NodeId(2), NodeEvent::FirstToken);
         assert_eq!(m.current(), Some(NodeId(2)));
+    }
+
+    #[test]
+    fn a_saturated_model_waits_for_a_slot_and_is_served_when_one_frees() {
+        let t0 = Instant::now();
+        let mut m = InferAttempts::new(queueing(), "m", t0);
+        m.handle_route(t0, Route::Saturated);
+        assert_eq!(m.poll(), Action::WaitForSlot(t0 + 10_000 * MS));
+        assert_eq!(m.queued_since(), Some(t0));
+        // A slot frees: route again, and the node is tried.
+        m.handle_slot(t0 + 700 * MS);
+        assert_eq!(m.poll(), Action::Route);
+        m.handle_route(t0 + 700 * MS, route(&[1]));
+        assert_eq!(tries(&mut m), NodeId(1));
+        m.handle_node(t0 + 710 * MS, NodeId(1), NodeEvent::Accepted);
+        m.handle_node(t0 + 720 * MS, NodeId(1), NodeEvent::FirstToken);
+        assert_eq!(
+            m.poll(),
+            Action::Serve {
+                node: NodeId(1),
+                attempts: 1
+            }
+        );
+    }
+
+    #[test]
+    fn a_woken_request_that_loses_the_race_waits_again_until_its_deadline() {
+        let t0 = Instant::now();
+        let mut m = routed_with(queueing(), t0, &[1, 2]);
+        tries(&mut m);
+        m.handle_node(t0, NodeId(1), NodeEvent::NoSlot);
+        tries(&mut m);
+        m.handle_node(t0, NodeId(2), NodeEvent::NoSlot);
+        assert_eq!(m.poll(), Action::WaitForSlot(t0 + 10_000 * MS));
+        m.handle_slot(t0 + 100 * MS);
+        m.handle_route(t0 + 100 * MS, Route::Saturated);
+        // The same deadline: it runs from the request's start, not from each wake.
+        assert_eq!(m.poll(), Action::WaitForSlot(t0 + 10_000 * MS));
+        assert_eq!(m.queued_since(), Some(t0));
+        m.handle_timeout(t0 + 9_999 * MS);
+        assert!(matches!(m.poll(), Action::WaitForSlot(_)));
+        m.handle_timeout(t0 + 10_000 * MS);
+        let e = failed(&mut m);
+        assert_eq!((e.kind, e.retryable), (Kind::RateLimited, true));
+        assert_eq!(e.retry_after_s, Some(1));
+        assert!(e.message.contains("queued for 10000 ms"), "{}", e.message);
+    }
+
+    #[test]
+    fn a_full_queue_is_429_at_once() {
+        let t0 = Instant::now();
+        let mut m = InferAttempts::new(queueing(), "m", t0);
+        m.handle_route(t0, Route::Saturated);
+        m.handle_queue_full(t0, 2_000);
+        let e = failed(&mut m);
+        assert_eq!(e.kind, Kind::RateLimited);
+        assert_eq!(e.retry_after_s, Some(1));
+        assert!(
+            e.message.contains("2000 requests are queued"),
+            "{}",
+            e.message
+        );
+    }
+
+    #[test]
+    fn busy_refusals_queue_the_request_and_do_not_use_up_attempts() {
+        let t0 = Instant::now();
+        let mut m = routed_with(queueing(), t0, &[1]);
+        for round in 0..5u32 {
+            assert_eq!(tries(&mut m), NodeId(1), "round {round}");
+            m.handle_node(
+                t0,
+                NodeId(1),
+                NodeEvent::Refused {
+                    code: RefuseCode::Busy,
+                    reason: "full".into(),
+                },
+            );
+            assert!(matches!(m.poll(), Action::WaitForSlot(_)));
+            m.handle_slot(t0);
+            m.handle_route(t0, route(&[1]));
+        }
+        // More rounds than max_attempts, and the busy node is still tried: it was full, not
+        // failing.
+        assert_eq!(tries(&mut m), NodeId(1));
+        m.handle_node(t0, NodeId(1), NodeEvent::Accepted);
+        m.handle_node(t0, NodeId(1), NodeEvent::FirstToken);
+        assert!(matches!(m.poll(), Action::Serve { .. }));
+    }
+
+    #[test]
+    fn a_queued_request_woken_for_a_node_it_may_not_use_waits_on() {
+        let t0 = Instant::now();
+        let mut m = InferAttempts::new(queueing(), "m", t0);
+        m.handle_route(t0, Route::Saturated);
+        m.handle_slot(t0 + 5 * MS);
+        m.handle_route(
+            t0 + 5 * MS,
+            Route::Denied {
+                rule: "r".into(),
+                reason: "no".into(),
+            },
+        );
+        assert_eq!(m.poll(), Action::WaitForSlot(t0 + 10_000 * MS));
+    }
+
+    #[test]
+    fn a_failed_node_beside_a_full_one_queues_for_the_full_one() {
+        let t0 = Instant::now();
+        let mut m = routed_with(queueing(), t0, &[1, 2]);
+        tries(&mut m);
+        m.handle_node(
+            t0,
+            NodeId(1),
+            NodeEvent::Failed(node_error(Kind::NodeFailed)),
+        );
+        tries(&mut m);
+        m.handle_node(t0, NodeId(2), NodeEvent::NoSlot);
+        assert!(matches!(m.poll(), Action::WaitForSlot(_)));
+        // Woken: the failed node is not tried again.
+        m.handle_slot(t0 + MS);
+        m.handle_route(t0 + MS, route(&[1, 2]));
+        assert_eq!(tries(&mut m), NodeId(2));
+    }
+
+    #[test]
+    fn without_queueing_saturation_is_answered_at_once() {
+        let t0 = Instant::now();
+        let mut m = InferAttempts::new(rules(), "m", t0);
+        m.handle_route(t0, Route::Saturated);
+        let e = failed(&mut m);
+        assert_eq!(e.kind, Kind::RateLimited);
+        assert_eq!(m.queued_since(), None);
+    }
+
+    fn routed_with(r: Rules, t0: Instant, nodes: &[u64]) -> InferAttempts {
+        let mut m = InferAttempts::new(r, "m", t0);
+        m.handle_route(t0, route(nodes));
+        m
     }
 }

@@ -9,18 +9,19 @@ pub mod attempts;
 use crate::auth::CapGuard;
 use crate::clock::SharedClock;
 use crate::components::{Auth, Directory, Meter, Placement, Sessions};
-use crate::error::CoreError;
+use crate::error::{Blame, CoreError};
 use crate::meter::Metering;
 use crate::metrics::{labels, Metrics};
 use crate::registry::{ModelAvailability, NodeEntry, SlotGuard, SlotKind};
 use crate::router::{LatLon, NoRoute, Workload};
 use crate::session_id::SessionId;
+use crate::slot_queue::QueueEntry;
 use crate::store::ApiKey;
 use attempts::{Action, Candidate, InferAttempts, NodeEvent, Route, Rules};
 use nearpath_config::{InferenceConfig, WorkloadKind};
 use nearpath_geo::Location;
 use nearpath_protocol::app_code::STREAM_CANCELLED;
-use nearpath_protocol::message::{Message, Open, SessionKind};
+use nearpath_protocol::message::{Message, Open, RefuseCode, SessionKind};
 use nearpath_protocol::openai::{ApiError, InferenceRequest, Usage, MODEL_UNAVAILABLE};
 use nearpath_protocol::stream::{send, FramedRecv};
 use nearpath_protocol::MAX_REQUEST_FRAME;
@@ -181,6 +182,7 @@ impl InferService {
     ) -> Result<InferStream, CoreError> {
         match self
             .dispatch(
+                &ticket.key,
                 request,
                 request_json,
                 client,
@@ -229,6 +231,7 @@ impl InferService {
     ) -> &'static str {
         let mut bytes = 0u64;
         let mut last_token: Option<Instant> = None;
+        let mut stream_failure_blames_node = false;
         let outcome: &'static str = 'pump: {
             match relay.send(Output::Started).await {
                 Ok(n) => bytes += n,
@@ -270,6 +273,7 @@ impl InferService {
                         break 'pump "ok";
                     }
                     StreamEvent::Failed(e) => {
+                        stream_failure_blames_node = e.blame == Blame::Node;
                         if let Ok(n) = relay.send(Output::Failed(&e)).await {
                             bytes += n;
                         }
@@ -287,13 +291,22 @@ impl InferService {
         let reported = stream.reported();
         let ttft = stream.ttft;
         let node = stream.node.clone();
+        // Metered as the model that served it (a fallback's, if one did).
+        let served_model = stream.model.clone();
         drop(stream);
+        // How the node did, for outlier detection: only a failure it is to blame for counts.
+        match outcome {
+            "ok" => self.record_node_result(&node, true),
+            "cancelled" => {}
+            _ if stream_failure_blames_node => self.record_node_result(&node, false),
+            _ => {}
+        }
         self.meter.record_inference(
             &self.directory.registry,
             Metering {
                 key: &ticket.key,
                 request_id: &ticket.request_id,
-                model: &ticket.model,
+                model: &served_model,
                 api: ticket.entry,
                 node: Some(&node),
                 outcome,
@@ -307,20 +320,94 @@ impl InferService {
         outcome
     }
 
-    /// Routes and starts a request, failing over between candidates until one produces its first
-    /// event. The decisions are [`InferAttempts`]'; this drives it: it routes, opens streams,
-    /// reads the nodes' answers, waits for registrations and deadlines.
-    ///
-    /// An answer comes within `unavailable_wait_ms + max_attempts × connect_timeout_ms` unless a
-    /// node accepted the request (then the first-token timeout applies).
+    /// Routes and starts a request of API key `key`, failing over between candidates until one
+    /// produces its first event, waiting in the model's queue while every node is at capacity
+    /// ([`InferService::dispatch_model`]); then, if the model has no capacity or every attempt
+    /// failed before the first token, the same for each of its fallback models
+    /// (`inference.fallbacks`) the key may use. A fallback that does not serve either is
+    /// answered with the original model's error.
     pub async fn dispatch(
         &self,
+        key: &ApiKey,
         request: &InferenceRequest,
         request_json: &str,
         client: &Location,
         request_id: &str,
         traceparent: Option<&str>,
     ) -> Result<InferStream, CoreError> {
+        let (error, may_fall_back) = match self
+            .dispatch_model(
+                &key.id,
+                request,
+                request_json,
+                client,
+                request_id,
+                traceparent,
+            )
+            .await
+        {
+            Ok(s) => return Ok(s),
+            Err(e) => e,
+        };
+        let fallbacks = match self.config.fallbacks.get(&request.model) {
+            Some(f) if may_fall_back => f,
+            _ => return Err(error),
+        };
+        for to in fallbacks {
+            // The key must be allowed to use the fallback like any model it names.
+            if !crate::auth::Auth::model_allowed(key, to) {
+                debug!(from = %request.model, %to, "fallback model not allowed for the key");
+                continue;
+            }
+            let Some((request_b, json_b)) = with_model(request, request_json, to) else {
+                continue;
+            };
+            match self
+                .dispatch_model(
+                    &key.id,
+                    &request_b,
+                    &json_b,
+                    client,
+                    request_id,
+                    traceparent,
+                )
+                .await
+            {
+                Ok(mut s) => {
+                    info!(from = %request.model, %to, "served by a fallback model");
+                    self.metrics
+                        .inference_fallbacks
+                        .get_or_create(&labels([("from", &request.model), ("to", to)]))
+                        .inc();
+                    s.fallback_from = Some(request.model.clone());
+                    return Ok(s);
+                }
+                Err((e, _)) => {
+                    debug!(from = %request.model, %to, error = %e.message, "fallback model could not serve either")
+                }
+            }
+        }
+        Err(error)
+    }
+
+    /// [`InferService::dispatch`] for one model, without fallbacks. The decisions are
+    /// [`InferAttempts`]'; this drives it: it routes, opens streams, reads the nodes' answers,
+    /// waits for registrations, for slots in the model's queue, and for deadlines. An error
+    /// comes with whether a fallback model may be tried (not for a client fault, nor after the
+    /// request already waited out the queue).
+    ///
+    /// An answer comes within `unavailable_wait_ms + max_attempts × connect_timeout_ms` (plus
+    /// up to `queue_max_wait_ms` queued) unless a node accepted the request (then the
+    /// first-token timeout applies).
+    pub async fn dispatch_model(
+        &self,
+        key_id: &str,
+        request: &InferenceRequest,
+        request_json: &str,
+        client: &Location,
+        request_id: &str,
+        traceparent: Option<&str>,
+    ) -> Result<InferStream, (CoreError, bool)> {
         let started = self.clock.now();
         let model = request.model.as_str();
         let kind = SessionKind::Inference {
@@ -333,14 +420,23 @@ impl InferService {
         let mut machine = InferAttempts::new(Rules::from_config(&self.config), model, started);
         // Subscribed before the first route, so that a node registering in between wakes us.
         let mut joins = self.directory.registry.joins();
+        let queue = self.directory.registry.slot_queue().clone();
         let mut nodes: Vec<Arc<NodeEntry>> = Vec::new();
         let mut trying: Option<Trying> = None;
         let mut geofence_counted = false;
+        // The request's place in the model's queue, once it queued.
+        let mut waiter: Option<QueueEntry> = None;
+        // Read before each route: a slot freed after it is not missed by the queue.
+        let mut epoch = queue.epoch();
+        let mut last_route_denied = false;
+        let mut queue_full = false;
         loop {
             match machine.poll() {
                 Action::Route => {
                     joins.borrow_and_update();
+                    epoch = queue.epoch();
                     let route = self.route(model, client, &mut nodes, &mut geofence_counted);
+                    last_route_denied = matches!(route, Route::Denied { .. });
                     machine.handle_route(self.clock.now(), route);
                 }
                 Action::TryNode { node, failover } => {
@@ -357,7 +453,7 @@ impl InferService {
                     }
                     trying = Some(Trying {
                         node: entry,
-                        _slot: slot,
+                        _slot: Some(slot),
                         session: self.sessions.ids.mint(),
                         io: None,
                         accepted: false,
@@ -371,6 +467,7 @@ impl InferService {
                         continue;
                     };
                     let key = t.node.key;
+                    let mut busy = false;
                     let next = t.next_event(&kind);
                     match tokio::time::timeout_at(tokio::time::Instant::from_std(deadline), next)
                         .await
@@ -379,13 +476,34 @@ impl InferService {
                             if let NodeEvent::Failed(e) | NodeEvent::Unreachable(e) = &ev {
                                 warn!(node = %t.node.id, error = %e.message, "candidate failed before the first token");
                             }
+                            busy = matches!(
+                                ev,
+                                NodeEvent::Refused {
+                                    code: RefuseCode::Busy,
+                                    ..
+                                }
+                            );
+                            if counts_against_node(&ev) {
+                                let node = t.node.clone();
+                                self.record_node_result(&node, false);
+                            }
                             machine.handle_node(self.clock.now(), key, ev)
                         }
-                        Err(_) => machine.handle_timeout(self.clock.now().max(deadline)),
+                        Err(_) => {
+                            // No `Accepted` or no first token in time: the node's failure.
+                            let node = t.node.clone();
+                            self.record_node_result(&node, false);
+                            machine.handle_timeout(self.clock.now().max(deadline))
+                        }
                     }
                     if machine.current() != Some(key) {
-                        // Given up on: dropping it resets its stream.
-                        trying = None;
+                        // Given up on: dropping it resets its stream. A node that refused as
+                        // busy gets its slot back without waking a queued request for it.
+                        if let Some(t) = trying.take() {
+                            if busy {
+                                t.release_quietly();
+                            }
+                        }
                     }
                 }
                 Action::WaitForJoin(until) => {
@@ -401,9 +519,48 @@ impl InferService {
                         _ => machine.handle_timeout(self.clock.now().max(until)),
                     }
                 }
+                Action::WaitForSlot(until) => {
+                    let w = match &waiter {
+                        Some(w) => {
+                            // Woken, but the slot went to another request (back to its place)
+                            // or is on a node it may not use (the next waiter gets it).
+                            if last_route_denied {
+                                w.pass_on();
+                            } else {
+                                w.requeue(epoch);
+                            }
+                            w
+                        }
+                        None => match queue.enqueue(
+                            model,
+                            key_id,
+                            self.config.queue_max_depth as usize,
+                            epoch,
+                        ) {
+                            Ok(w) => {
+                                debug!(%model, "every node is at capacity; queued");
+                                waiter.insert(w)
+                            }
+                            Err(full) => {
+                                queue_full = true;
+                                machine.handle_queue_full(self.clock.now(), full.depth);
+                                continue;
+                            }
+                        },
+                    };
+                    match tokio::time::timeout_at(tokio::time::Instant::from_std(until), w.woken())
+                        .await
+                    {
+                        Ok(()) => machine.handle_slot(self.clock.now()),
+                        Err(_) => machine.handle_timeout(self.clock.now().max(until)),
+                    }
+                }
                 Action::Serve { node, attempts } => {
                     let Some(t) = trying.take().filter(|t| t.node.key == node) else {
-                        return Err(CoreError::internal("the served node's stream was lost"));
+                        return Err((
+                            CoreError::internal("the served node's stream was lost"),
+                            false,
+                        ));
                     };
                     if attempts > 1 {
                         info!(node = %t.node.id, attempts, "request served after failover");
@@ -411,20 +568,75 @@ impl InferService {
                     if machine.blip_seen() {
                         self.count_blip_wait("served");
                     }
-                    return Ok(t.into_stream(
+                    self.observe_queue_wait(&machine);
+                    if let Some(w) = waiter.take() {
+                        w.served();
+                    }
+                    let mut s = t.into_stream(
                         attempts,
                         self.clock.now().saturating_duration_since(started),
                         request,
                         &self.config,
-                    ));
+                    );
+                    s.queue_wait = machine
+                        .queued_since()
+                        .map(|q| self.clock.now().saturating_duration_since(q));
+                    return Ok(s);
                 }
                 Action::Fail(e) => {
                     if e.code == MODEL_UNAVAILABLE {
                         self.count_blip_wait("unavailable");
                     }
-                    return Err(e);
+                    self.observe_queue_wait(&machine);
+                    // A request that waited out the queue has waited enough; a client fault
+                    // would fail the same way on another model (a model no node serves is
+                    // not the client's fault here).
+                    let waited_out = machine.queued_since().is_some()
+                        && e.kind == crate::error::Kind::RateLimited
+                        && !queue_full;
+                    // Saturation (429 here is never the key's rate limit: that is admission's)
+                    // and a model no node serves are not the client's fault.
+                    let may_fall_back = !waited_out
+                        && (e.blame != Blame::Client
+                            || e.code == "model_not_found"
+                            || e.kind == crate::error::Kind::RateLimited);
+                    return Err((e, may_fall_back));
                 }
             }
+        }
+    }
+
+    /// Records a queued request's wait (seconds) when it leaves the queue.
+    fn observe_queue_wait(&self, machine: &InferAttempts) {
+        if let Some(since) = machine.queued_since() {
+            self.metrics.inference_queue_wait_seconds.observe(
+                self.clock
+                    .now()
+                    .saturating_duration_since(since)
+                    .as_secs_f64(),
+            );
+        }
+    }
+
+    /// Feeds outlier detection; counts and logs an ejection.
+    fn record_node_result(&self, node: &NodeEntry, ok: bool) {
+        if let Some(until) = self.directory.registry.record_inference_result(node, ok) {
+            self.metrics.inference_node_ejections.inc();
+            warn!(
+                node = %node.id,
+                for_s = until.saturating_duration_since(self.clock.now()).as_secs(),
+                "node ejected from inference routing: it keeps failing requests"
+            );
+            // When the ejection ends, requests queued for the node's models may use its free
+            // slots (nothing else would wake them if every other node stays full).
+            let registry = self.directory.registry.clone();
+            let id = node.id.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep_until(tokio::time::Instant::from_std(until)).await;
+                if let Some(n) = registry.get(&id) {
+                    registry.wake_queued(&n);
+                }
+            });
         }
     }
 
@@ -436,7 +648,7 @@ impl InferService {
         nodes: &mut Vec<Arc<NodeEntry>>,
         geofence_counted: &mut bool,
     ) -> Route {
-        let (outcome, found) =
+        let (outcome, mut found) =
             self.directory
                 .registry
                 .route(client_latlon(client), Workload::Model(model), |n| {
@@ -464,6 +676,17 @@ impl InferService {
                 if !*geofence_counted {
                     *geofence_counted = true;
                     self.count_geofence("allow", "-");
+                }
+                // Ejected nodes are skipped. If only ejected nodes have room, the request waits
+                // for a healthy node that is merely full; with no healthy node serving the
+                // model at all, the ejected ones are used: better a flaky node than none.
+                let registry = &self.directory.registry;
+                if found.iter().any(|n| !registry.is_ejected(&n.id)) {
+                    found.retain(|n| !registry.is_ejected(&n.id));
+                } else if registry.serves_unejected(model) {
+                    found.clear();
+                    *nodes = found;
+                    return Route::Saturated;
                 }
                 Route::Candidates(
                     found
@@ -504,7 +727,8 @@ impl InferService {
 /// gives up on the node, which resets the stream (the node aborts the work).
 struct Trying {
     node: Arc<NodeEntry>,
-    _slot: SlotGuard,
+    /// Always `Some` until [`Trying::release_quietly`] takes it.
+    _slot: Option<SlotGuard>,
     session: SessionId,
     io: Option<(quinn::SendStream, FramedRecv)>,
     accepted: bool,
@@ -513,6 +737,20 @@ struct Trying {
 }
 
 impl Trying {
+    /// Gives the node up (its stream is reset) and its slot back without waking a queued
+    /// request ([`SlotGuard::release_quietly`]).
+    fn release_quietly(mut self) {
+        if let Some((mut tx, mut framed)) = self.io.take() {
+            let _ = tx.reset(STREAM_CANCELLED);
+            let _ = framed.get_mut().stop(STREAM_CANCELLED);
+        }
+        // Moved out, not dropped with `self` (which would wake a waiter).
+        let slot = self._slot.take();
+        if let Some(slot) = slot {
+            slot.release_quietly();
+        }
+    }
+
     /// Opens the stream and sends `Open` if not done yet, then reads the node's next message as
     /// an event for the machine. The machine bounds it with its deadline (the future is dropped
     /// when it passes, and the node is given up on).
@@ -588,6 +826,9 @@ impl Trying {
         let first = self.first.take();
         InferStream {
             node: self.node.clone(),
+            model: request.model.clone(),
+            fallback_from: None,
+            queue_wait: None,
             session_id: self.session.get(),
             attempts,
             ttft,
@@ -628,6 +869,12 @@ pub enum StreamEvent {
 /// A request admitted and running on a node, its first event already received.
 pub struct InferStream {
     pub node: Arc<NodeEntry>,
+    /// The model serving the request: the request's, or a fallback of it.
+    pub model: String,
+    /// The request's own model, when a fallback serves it (`inference.fallbacks`).
+    pub fallback_from: Option<String>,
+    /// How long the request waited in its model's queue, if it queued.
+    pub queue_wait: Option<Duration>,
     pub session_id: u64,
     pub attempts: u32,
     /// Request start to the first event, as the gateway saw it.
@@ -776,6 +1023,36 @@ fn to_event(r: Result<Option<Message>, nearpath_protocol::StreamError>) -> Strea
             "the node failed mid-stream: {e}"
         )))),
     }
+}
+
+/// Whether a node's answer before the first token is its failure, for outlier detection: not a
+/// client fault, not a `Busy` refusal (full is not broken), not a missing slot.
+fn counts_against_node(ev: &NodeEvent) -> bool {
+    match ev {
+        NodeEvent::Unreachable(_) => true,
+        NodeEvent::Failed(e) => e.blame != Blame::Client,
+        NodeEvent::Refused { code, .. } => {
+            matches!(code, RefuseCode::Internal | RefuseCode::UnknownWorkload)
+        }
+        NodeEvent::NoSlot | NodeEvent::Accepted | NodeEvent::FirstToken => false,
+    }
+}
+
+/// `request` and its JSON body for model `to` (a fallback): the same body with `model`
+/// replaced. `None` if the body is not a JSON object (it always is: it was parsed).
+fn with_model(
+    request: &InferenceRequest,
+    request_json: &str,
+    to: &str,
+) -> Option<(InferenceRequest, String)> {
+    let mut body: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(request_json).ok()?;
+    body.insert("model".into(), serde_json::Value::String(to.to_string()));
+    let mut r = request.clone();
+    r.model = to.to_string();
+    r.raw
+        .insert("model".into(), serde_json::Value::String(to.to_string()));
+    Some((r, serde_json::Value::Object(body).to_string()))
 }
 
 /// Maps a node-reported error code to the core's error: a request the backend found invalid is

@@ -23,7 +23,18 @@ impl Child {
     /// Runs `bench <args>` and waits (bounded) for its ready line.
     pub fn spawn(name: &str, args: &[String], ready_within: Duration) -> anyhow::Result<Child> {
         let exe = std::env::current_exe().context("locating this executable")?;
-        let mut proc = Command::new(exe)
+        Self::spawn_program(name, exe.as_os_str(), args, ready_within)
+    }
+
+    /// Runs another program that keeps the same rules (one JSON ready line on stdout, stops
+    /// when stdin closes), e.g. `tests/python/llama_server.py`.
+    pub fn spawn_program(
+        name: &str,
+        program: &std::ffi::OsStr,
+        args: &[String],
+        ready_within: Duration,
+    ) -> anyhow::Result<Child> {
+        let mut proc = Command::new(program)
             .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

@@ -64,11 +64,16 @@ impl Conn {
 
     pub async fn send(
         &mut self,
-        req: Request<Full<Bytes>>,
+        mut req: Request<Full<Bytes>>,
     ) -> anyhow::Result<Response<hyper::body::Incoming>> {
         let addr = self.addr();
         let r = match self {
             Conn::H1(_, s) => {
+                // HTTP/1.1 to an origin server takes the origin form (`/path`), as hyper's
+                // pooled client sends it; uvicorn routes the absolute form to a 404.
+                if let Some(pq) = req.uri().path_and_query().cloned() {
+                    *req.uri_mut() = pq.into();
+                }
                 s.ready()
                     .await
                     .with_context(|| format!("connection to {addr} closed"))?;
@@ -99,6 +104,9 @@ pub fn chat_request(addr: SocketAddr, key: Option<&str>, body: Bytes) -> Request
     let mut b = Request::builder()
         .method("POST")
         .uri(format!("http://{addr}/v1/chat/completions"))
+        // HTTP/1.1 requires Host; hyper's server forgives its absence, uvicorn (Python
+        // servers, `bench real-ttft`) answers 400.
+        .header("host", addr.to_string())
         .header("content-type", "application/json");
     if let Some(k) = key {
         b = b.header("authorization", format!("Bearer {k}"));

@@ -8,8 +8,10 @@ use super::os::{loadavg_1m, CpuMeter};
 use super::serve::Sim;
 use super::stats::{num, Repeated, Summary};
 use super::system::{
-    start_gateway, start_nodes, stop_all, verdict, Liveness, NodesSpec, Placement, Table,
+    start_gateway, start_nodes, stop_all, verdict, GatewayProc, Liveness, NodesSpec, Placement,
+    Table,
 };
+use bytes::Bytes;
 use serde_json::json;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -58,15 +60,15 @@ struct Round {
 async fn round(
     workers: Vec<Worker>,
     targets: [(SocketAddr, Option<String>); 2],
+    bodies: [Bytes; 2],
     requests: u32,
     tokens: u32,
 ) -> (Vec<Worker>, Round) {
     let next = Arc::new(AtomicU32::new(0));
-    let body = chat_body(true, tokens);
     let mut tasks = Vec::new();
     for mut w in workers {
         let next = next.clone();
-        let body = body.clone();
+        let bodies = bodies.clone();
         let targets = targets.clone();
         tasks.push(tokio::spawn(async move {
             let mut ok: [Vec<StreamOutcome>; 2] = [Vec::new(), Vec::new()];
@@ -79,7 +81,7 @@ async fn round(
                 // Alternating by request number interleaves the two paths across all workers.
                 let path = (i % 2) as usize;
                 let (addr, key) = &targets[path];
-                let req = chat_request(*addr, key.as_deref(), body.clone());
+                let req = chat_request(*addr, key.as_deref(), bodies[path].clone());
                 let r = tokio::time::timeout(
                     Duration::from_secs(30),
                     stream_once(&mut w.conns[path], req, true, || {}),
@@ -142,7 +144,6 @@ fn gaps_us(v: &[StreamOutcome]) -> Vec<f64> {
 }
 
 pub async fn run(a: LatencyArgs) -> anyhow::Result<()> {
-    let load_start = loadavg_1m();
     let sim = Sim {
         ttft_ms: a.ttft_ms,
         tokens_per_s: a.tokens_per_s,
@@ -163,23 +164,67 @@ pub async fn run(a: LatencyArgs) -> anyhow::Result<()> {
         .backend
         .ok_or_else(|| anyhow::anyhow!("the node process reported no backend address"))?;
     let targets = [(gw.http, Some(gw.api_key.clone())), (backend, None)];
+    let body = chat_body(true, a.tokens);
+    let run = Measure {
+        bench: "inference-latency",
+        setup: format!("sim ttft {} ms, {} tokens/s", a.ttft_ms, a.tokens_per_s),
+        params: json!({"ttft_ms": a.ttft_ms, "tokens_per_s": a.tokens_per_s}),
+        requests: a.requests,
+        concurrency: a.concurrency,
+        tokens: a.tokens,
+        repeats: a.repeats,
+        warmup: a.warmup,
+        placement: &a.placement,
+    };
+    let r = measure(run, &gw, targets, [body.clone(), body]).await;
+    stop_all(vec![nodes.child, gw.child]).await;
+    r
+}
+
+/// One interleaved gateway-versus-direct comparison: what to send and how often.
+pub(crate) struct Measure<'a> {
+    /// The subcommand's name, first in the summary line.
+    pub bench: &'static str,
+    /// What serves the tokens, for the header line.
+    pub setup: String,
+    /// Backend parameters for the summary's `params`.
+    pub params: serde_json::Value,
+    pub requests: u32,
+    pub concurrency: u32,
+    pub tokens: u32,
+    pub repeats: u32,
+    pub warmup: u32,
+    pub placement: &'a super::system::Placement,
+}
+
+/// Runs `a.repeats` rounds of streamed requests, alternating between the gateway
+/// (`targets[0]`, `bodies[0]`) and the direct path (`targets[1]`, `bodies[1]`), prints the table
+/// and the JSON summary, and fails if any request failed.
+pub(crate) async fn measure(
+    a: Measure<'_>,
+    gw: &GatewayProc,
+    targets: [(SocketAddr, Option<String>); 2],
+    bodies: [Bytes; 2],
+) -> anyhow::Result<()> {
+    let load_start = loadavg_1m();
+    let p = a.placement;
     let mut workers = Vec::new();
     for _ in 0..a.concurrency.max(1) {
         workers.push(Worker {
-            conns: [Conn::h1(gw.http).await?, Conn::h1(backend).await?],
+            conns: [Conn::h1(targets[0].0).await?, Conn::h1(targets[1].0).await?],
         });
     }
     println!(
-        "inference-latency: {} requests x {} repeats, concurrency {}, {} tokens, sim ttft {} ms, {} tokens/s; {}",
+        "{}: {} requests x {} repeats, concurrency {}, {} tokens, {}; {}",
+        a.bench,
         a.requests,
         a.repeats,
         a.concurrency,
         a.tokens,
-        a.ttft_ms,
-        a.tokens_per_s,
+        a.setup,
         p.describe()
     );
-    let (w, warm) = round(workers, targets.clone(), a.warmup, a.tokens).await;
+    let (w, warm) = round(workers, targets.clone(), bodies.clone(), a.warmup, a.tokens).await;
     workers = w;
     if !warm.failures.is_empty() {
         anyhow::bail!(
@@ -199,7 +244,14 @@ pub async fn run(a: LatencyArgs) -> anyhow::Result<()> {
     let mut per_repeat = Vec::new();
     for r in 0..a.repeats.max(1) {
         let cpu = CpuMeter::start(gw.child.pid)?;
-        let (w, res) = round(workers, targets.clone(), a.requests, a.tokens).await;
+        let (w, res) = round(
+            workers,
+            targets.clone(),
+            bodies.clone(),
+            a.requests,
+            a.tokens,
+        )
+        .await;
         workers = w;
         gw_cpu.push(cpu.percent()?);
         failures.extend(res.failures.iter().cloned());
@@ -301,9 +353,9 @@ pub async fn run(a: LatencyArgs) -> anyhow::Result<()> {
         println!("  failure: {f}");
     }
     let summary = json!({
-        "bench": "inference-latency",
-        "params": {"requests": a.requests, "concurrency": a.concurrency, "tokens": a.tokens, "ttft_ms": a.ttft_ms,
-                   "tokens_per_s": a.tokens_per_s, "repeats": a.repeats, "placement": p.describe()},
+        "bench": a.bench,
+        "params": {"requests": a.requests, "concurrency": a.concurrency, "tokens": a.tokens,
+                   "backend": a.params, "repeats": a.repeats, "placement": p.describe()},
         "added": {"ttft_p50_ms": added_r[0].to_json(), "ttft_p99_ms": added_r[1].to_json(),
                   "gap_p50_us": added_r[2].to_json(), "gap_p99_us": added_r[3].to_json()},
         "gateway": {"ttft_p50_ms": rep(&a_fig[0]).to_json(), "ttft_p99_ms": rep(&a_fig[1]).to_json(),
@@ -320,7 +372,6 @@ pub async fn run(a: LatencyArgs) -> anyhow::Result<()> {
     });
     println!("{summary}");
     drop(workers);
-    stop_all(vec![nodes.child, gw.child]).await;
     if !failures.is_empty() {
         anyhow::bail!("{} requests failed", failures.len());
     }

@@ -205,6 +205,9 @@ pub struct NodesArgs {
     pub capacity: u32,
     pub sim: Sim,
     pub backend_listen: Option<SocketAddr>,
+    /// An OpenAI-compatible server (`http://host:port/v1`) the nodes' model relays to instead
+    /// of the simulator, and the model name it knows (`bench real-ttft`).
+    pub upstream: Option<(String, String)>,
     pub nofile: (u64, u64),
 }
 
@@ -239,8 +242,17 @@ pub async fn serve_nodes(args: NodesArgs) -> anyhow::Result<()> {
         let pin = parse_sha256_hex(sha)?;
         for i in 0..args.nodes {
             let id = format!("{}-{i}", args.id_prefix);
+            let mut config = node_config(&id, quic, sha, token, args.sim, args.capacity);
+            if let Some((base_url, model)) = &args.upstream {
+                config.models[0].backend = BackendConfig::Upstream {
+                    base_url: base_url.clone(),
+                    api_key: None,
+                    upstream_model: Some(model.clone()),
+                    timeout_ms: 60_000,
+                };
+            }
             let node = EdgeNode::new(
-                node_config(&id, quic, sha, token, args.sim, args.capacity),
+                config,
                 NodeOptions {
                     use_nvml: false,
                     verify: Some(ServerVerify::PinnedSha256(pin)),

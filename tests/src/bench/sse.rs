@@ -20,7 +20,7 @@ pub struct Scanner {
     buf: Vec<u8>,
 }
 
-const CONTENT: &[u8] = b"\"content\":\"";
+const CONTENT: &[u8] = b"\"content\":";
 
 fn classify(event: &[u8]) -> Option<Event> {
     let data = event
@@ -37,9 +37,13 @@ fn classify(event: &[u8]) -> Option<Event> {
         .windows(CONTENT.len())
         .position(|w| w == CONTENT)
         .map(|i| i + CONTENT.len());
-    Some(match content {
+    // Python servers (json.dumps) put a space after the colon.
+    let value = content
+        .and_then(|i| data.get(i..))
+        .map(|v| v.trim_ascii_start());
+    Some(match value {
         // The string is non-empty if the byte after its opening quote is not the closing one.
-        Some(i) if data.get(i).is_some_and(|b| *b != b'"') => Event::Content,
+        Some([b'"', next, ..]) if *next != b'"' => Event::Content,
         _ => Event::Other,
     })
 }
@@ -51,7 +55,13 @@ impl Scanner {
 
     /// Feeds the next body bytes; calls `on_event` for each event they complete, in order.
     pub fn feed(&mut self, chunk: &[u8], mut on_event: impl FnMut(Event)) {
-        self.buf.extend_from_slice(chunk);
+        // SSE lines may end in CRLF (sse-starlette, which Python servers use). JSON strings
+        // escape CR, so dropping every CR leaves the same events with LF line ends.
+        if chunk.contains(&b'\r') {
+            self.buf.extend(chunk.iter().filter(|b| **b != b'\r'));
+        } else {
+            self.buf.extend_from_slice(chunk);
+        }
         let mut start = 0;
         while let Some(end) = self.buf[start..].windows(2).position(|w| w == b"\n\n") {
             if let Some(ev) = classify(&self.buf[start..start + end]) {
@@ -100,6 +110,29 @@ mod tests {
             Event::Done,
         ];
         for piece in [1, 2, 7, 64, text.len()] {
+            assert_eq!(scan_in_pieces(&text, piece), want, "piece {piece}");
+        }
+    }
+
+    #[test]
+    fn python_servers_crlf_and_spaced_json_are_classified_alike() {
+        // What llama-cpp-python sends: json.dumps spacing, sse-starlette's CRLF line ends.
+        let text = [
+            "data: {\"id\": \"x\", \"choices\": [{\"index\": 0, \"delta\": {\"role\": \"assistant\"}}]}\r\n\r\n",
+            "data: {\"id\": \"x\", \"choices\": [{\"index\": 0, \"delta\": {\"content\": \"e\"}}]}\r\n\r\n",
+            "data: {\"id\": \"x\", \"choices\": [{\"index\": 0, \"delta\": {\"content\": \"\"}}]}\r\n\r\n",
+            "data: {\"error\": {\"message\": \"x\"}}\r\n\r\n",
+            "data: [DONE]\r\n\r\n",
+        ]
+        .concat();
+        let want = vec![
+            Event::Other,
+            Event::Content,
+            Event::Other,
+            Event::Error,
+            Event::Done,
+        ];
+        for piece in [1, 3, text.len()] {
             assert_eq!(scan_in_pieces(&text, piece), want, "piece {piece}");
         }
     }

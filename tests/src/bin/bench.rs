@@ -6,8 +6,10 @@
 //! ```text
 //! cargo build --release -p nearpath-tests --bin bench
 //! target/release/bench inference-latency
+//! target/release/bench real-ttft
 //! target/release/bench inference-rps
 //! target/release/bench inference-streams
+//! target/release/bench inference-queue
 //! target/release/bench nodes-register
 //! ```
 
@@ -34,10 +36,16 @@ struct Cli {
 enum Command {
     /// Streaming TTFT and inter-token gaps, through the gateway and direct, interleaved.
     InferenceLatency(bench::latency::LatencyArgs),
+    /// The same with a real inference server (llama-cpp-python on a tiny generated model) as
+    /// the node's upstream, against that server directly. Needs python3 with
+    /// `llama-cpp-python[server]` and `gguf`.
+    RealTtft(bench::real::RealTtftArgs),
     /// Non-streaming requests per second through a gateway on one core, and direct.
     InferenceRps(bench::rps::RpsArgs),
     /// Many concurrent slow SSE streams over HTTP/2: gateway memory per stream and CPU.
     InferenceStreams(bench::streams::StreamsArgs),
+    /// Many more concurrent streams than slots (2,000 on 64): completion rate and queue wait.
+    InferenceQueue(bench::queue::QueueArgs),
     /// Many nodes registering at once: admission time and gateway memory per idle node.
     NodesRegister(bench::register::RegisterArgs),
     /// Diagnostic: heap per idle QUIC connection by the stream limits the server grants.
@@ -89,6 +97,12 @@ enum Command {
         tokens_per_s: f64,
         #[arg(long)]
         backend_listen: Option<SocketAddr>,
+        /// Relay the nodes' model to this OpenAI-compatible server instead of the simulator.
+        #[arg(long)]
+        upstream_url: Option<String>,
+        /// The model name the upstream server knows.
+        #[arg(long, default_value = "tiny")]
+        upstream_model: String,
     },
 }
 
@@ -169,6 +183,8 @@ fn real_main() -> anyhow::Result<()> {
             ttft_ms,
             tokens_per_s,
             backend_listen,
+            upstream_url,
+            upstream_model,
         } => {
             let nofile = prepare(&proc.cpus, proc.nofile)?;
             init_logging();
@@ -184,6 +200,7 @@ fn real_main() -> anyhow::Result<()> {
                     tokens_per_s,
                 },
                 backend_listen,
+                upstream: upstream_url.map(|u| (u, upstream_model)),
                 nofile,
             }))
         }
@@ -207,8 +224,10 @@ fn real_main() -> anyhow::Result<()> {
             };
             let placement = match &command {
                 Command::InferenceLatency(a) => &a.placement,
+                Command::RealTtft(a) => &a.placement,
                 Command::InferenceRps(a) => &a.placement,
                 Command::InferenceStreams(a) => &a.placement,
+                Command::InferenceQueue(a) => &a.placement,
                 Command::NodesRegister(a) => &a.placement,
                 Command::QuicIdleMemory(_) => &unpinned,
                 Command::RelayLatency(a) => &a.placement,
@@ -233,8 +252,10 @@ fn real_main() -> anyhow::Result<()> {
             let rt = runtime(threads)?;
             match command {
                 Command::InferenceLatency(a) => rt.block_on(bench::latency::run(a)),
+                Command::RealTtft(a) => rt.block_on(bench::real::run(a)),
                 Command::InferenceRps(a) => rt.block_on(bench::rps::run(a)),
                 Command::InferenceStreams(a) => rt.block_on(bench::streams::run(a)),
+                Command::InferenceQueue(a) => rt.block_on(bench::queue::run(a)),
                 Command::NodesRegister(a) => rt.block_on(bench::register::run(a)),
                 Command::QuicIdleMemory(a) => rt.block_on(bench::quicmem::run(a)),
                 Command::RelayLatency(a) => rt.block_on(bench::relay::run_latency(a)),

@@ -560,3 +560,51 @@ pub async fn node_behind_relay(
     node.registered().await;
     (node, relay)
 }
+
+// ---------------------------------------------------------------------------------------------
+// Python packages of the client-library and real-server tests (openai_python.rs, real_server.rs).
+
+/// Why `python3` cannot run `import_stmt` (e.g. `import litellm`), or `None` when it can.
+pub fn python_lacks(import_stmt: &str) -> Option<String> {
+    match std::process::Command::new("python3")
+        .args(["-c", import_stmt])
+        .output()
+    {
+        Ok(o) if o.status.success() => None,
+        // The traceback's last line says which module is missing.
+        Ok(o) => Some(format!(
+            "python3 cannot `{import_stmt}`: {}",
+            String::from_utf8_lossy(&o.stderr)
+                .lines()
+                .rfind(|l| !l.trim().is_empty())
+                .unwrap_or("(no message)")
+                .trim()
+        )),
+        Err(e) => Some(format!("python3 does not run: {e}")),
+    }
+}
+
+/// Whether `CI` is set to something true: missing test prerequisites then fail, not skip.
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0")
+}
+
+/// Reports a missing prerequisite: a printed skip on a developer's machine, a failure in CI
+/// (where `.ci/run` installs everything, so a missing package is a broken CI image).
+pub fn skip_unless_ci(why: &str, install: &str) {
+    if in_ci() {
+        panic!("CI is set and {why}: .ci/run must install it ({install})");
+    }
+    println!("SKIPPED (CI is not set): {why}; install with {install}");
+}
+
+/// True when `python3` can run `import_stmt`; otherwise skips (returns false) or, in CI, fails.
+pub fn python_can(import_stmt: &str, install: &str) -> bool {
+    match python_lacks(import_stmt) {
+        None => true,
+        Some(why) => {
+            skip_unless_ci(&why, install);
+            false
+        }
+    }
+}
