@@ -31,6 +31,9 @@ pub const MAX_INPUT_ITEMS: usize = 4096;
 /// The most tools one request may declare (OpenAI's limit for chat completions).
 pub const MAX_TOOLS: usize = 128;
 
+/// The most alternatives per token `top_logprobs` may ask for (OpenAI's limit).
+pub const MAX_TOP_LOGPROBS: u64 = 20;
+
 /// Responses request fields that chat completions does not accept under the same name; every
 /// other field is forwarded to the chat backend as is (sampling and vendor fields).
 /// Chat's own names for the conversation and the token limit are dropped too: they are made
@@ -54,6 +57,7 @@ const RESPONSES_ONLY_FIELDS: &[&str] = &[
     "conversation",
     "store",
     "include",
+    "logprobs",
     "truncation",
     "reasoning",
     "background",
@@ -230,6 +234,35 @@ pub(crate) fn parse_request(raw: &Map<String, Value>) -> Result<Vec<ChatMessage>
                 ))
             }
             None => return Err(RequestError::invalid_type("top_p", "a number", v)),
+        }
+    }
+    match field(raw, "include") {
+        None => {}
+        Some(Value::Array(items)) => {
+            for (i, item) in items.iter().enumerate() {
+                if !item.is_string() {
+                    return Err(RequestError::invalid_type(
+                        &format!("include[{i}]"),
+                        "a string",
+                        item,
+                    ));
+                }
+            }
+        }
+        Some(other) => return Err(RequestError::invalid_type("include", "an array", other)),
+    }
+    if let Some(v) = field(raw, "top_logprobs") {
+        match v.as_u64() {
+            Some(n) if n <= MAX_TOP_LOGPROBS => {}
+            _ => {
+                return Err(RequestError::invalid_value(
+                    "top_logprobs",
+                    format!(
+                        "Invalid 'top_logprobs': expected an integer between 0 and \
+                         {MAX_TOP_LOGPROBS}, but got {v}."
+                    ),
+                ))
+            }
         }
     }
     let tool_names = parse_tools(raw)?;
@@ -706,6 +739,14 @@ pub fn chat_request(request: &InferenceRequest) -> Map<String, Value> {
             _ => {}
         }
     }
+    // Chat sends log probabilities only when `logprobs` is true; Responses asks for them with
+    // `include` (and `top_logprobs` implies them).
+    let wants_logprobs = field(raw, "top_logprobs").is_some()
+        || matches!(raw.get("include"), Some(Value::Array(inc))
+            if inc.iter().any(|i| i == "message.output_text.logprobs"));
+    if wants_logprobs {
+        out.insert("logprobs".into(), Value::Bool(true));
+    }
     if let Some(effort) = raw
         .get("reasoning")
         .and_then(|r| r.get("effort"))
@@ -768,6 +809,8 @@ enum OpenItem {
     Message {
         id: String,
         text: String,
+        /// Token log probabilities of `text`, when the backend sent them.
+        logprobs: Vec<Value>,
     },
     Call {
         id: String,
@@ -911,6 +954,12 @@ impl ResponseStream {
 
     /// A plain piece of generated text for the assistant message.
     pub fn handle_text(&mut self, text: &str) {
+        self.text_delta(text, Vec::new());
+    }
+
+    /// A piece of text with its token log probabilities (chat's `logprobs.content` entries,
+    /// which have the Responses shape already: `token`, `logprob`, `bytes`, `top_logprobs`).
+    fn text_delta(&mut self, text: &str, logprobs: Vec<Value>) {
         if self.finished || text.is_empty() {
             return;
         }
@@ -933,13 +982,20 @@ impl ResponseStream {
             self.open = Some(OpenItem::Message {
                 id,
                 text: String::new(),
+                logprobs: Vec::new(),
             });
         }
         let output_index = self.output_index();
-        let Some(OpenItem::Message { id, text: so_far }) = &mut self.open else {
+        let Some(OpenItem::Message {
+            id,
+            text: so_far,
+            logprobs: all,
+        }) = &mut self.open
+        else {
             return;
         };
         so_far.push_str(text);
+        all.extend(logprobs.iter().cloned());
         let id = id.clone();
         self.emit(json!({
             "type": "response.output_text.delta",
@@ -947,7 +1003,7 @@ impl ResponseStream {
             "output_index": output_index,
             "content_index": 0,
             "delta": text,
-            "logprobs": [],
+            "logprobs": logprobs,
         }));
     }
 
@@ -974,7 +1030,13 @@ impl ResponseStream {
             return;
         };
         if let Some(text) = delta.get("content").and_then(Value::as_str) {
-            self.handle_text(text);
+            let logprobs = choice
+                .get("logprobs")
+                .and_then(|l| l.get("content"))
+                .and_then(Value::as_array)
+                .map(|l| l.iter().filter(|e| e.is_object()).cloned().collect())
+                .unwrap_or_default();
+            self.text_delta(text, logprobs);
         }
         if let Some(calls) = delta.get("tool_calls").and_then(Value::as_array) {
             for call in calls {
@@ -1054,16 +1116,15 @@ impl ResponseStream {
         };
         let output_index = self.output_index();
         let item = match open {
-            OpenItem::Message { id, text } => {
-                let part =
-                    json!({"type": "output_text", "text": text, "annotations": [], "logprobs": []});
+            OpenItem::Message { id, text, logprobs } => {
+                let part = json!({"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs});
                 self.emit(json!({
                     "type": "response.output_text.done",
                     "item_id": id,
                     "output_index": output_index,
                     "content_index": 0,
                     "text": text,
-                    "logprobs": [],
+                    "logprobs": logprobs,
                 }));
                 self.emit(json!({
                     "type": "response.content_part.done",

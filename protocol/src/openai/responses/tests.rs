@@ -828,3 +828,63 @@ fn required_caps_name_the_responses_parameters() {
         [(ModelCaps::VISION, "input[1].content[1]".to_owned())]
     );
 }
+
+#[test]
+fn logprobs_are_asked_for_and_relayed_into_the_text_events() {
+    let r = ok(
+        json!({"model": "m", "input": "hi", "include": ["message.output_text.logprobs"], "top_logprobs": 2}),
+    );
+    let chat = chat_request(&r);
+    assert_eq!(chat["logprobs"], true);
+    assert_eq!(chat["top_logprobs"], 2);
+    assert!(chat.get("include").is_none());
+    assert!(chat_request(&ok(json!({"model": "m", "input": "hi"})))
+        .get("logprobs")
+        .is_none());
+    for (body, param) in [
+        (
+            json!({"model": "m", "input": "x", "include": "all"}),
+            "include",
+        ),
+        (
+            json!({"model": "m", "input": "x", "include": [1]}),
+            "include[0]",
+        ),
+        (
+            json!({"model": "m", "input": "x", "top_logprobs": 21}),
+            "top_logprobs",
+        ),
+        (
+            json!({"model": "m", "input": "x", "top_logprobs": -1}),
+            "top_logprobs",
+        ),
+    ] {
+        assert_eq!(err(body.clone()).param.as_deref(), Some(param), "{body}");
+    }
+    let mut s = stream_for(json!({"model": "m", "input": "hi"}));
+    let lp = |t: &str| json!({"token": t, "logprob": -0.5, "bytes": [104], "top_logprobs": [{"token": t, "logprob": -0.5, "bytes": [104]}]});
+    s.handle_chunk(&json!({"choices": [{"index": 0, "delta": {"content": "h"}, "logprobs": {"content": [lp("h")]}}]}));
+    s.handle_chunk(&json!({"choices": [{"index": 0, "delta": {"content": "i"}, "logprobs": {"content": [lp("i"), 7]}}]}));
+    s.handle_done("stop", 1, 2);
+    let events = drain(&mut s);
+    let deltas: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["type"] == "response.output_text.delta")
+        .collect();
+    assert_eq!(deltas[0]["logprobs"], json!([lp("h")]));
+    assert_eq!(
+        deltas[1]["logprobs"],
+        json!([lp("i")]),
+        "a malformed entry is dropped"
+    );
+    let done = events
+        .iter()
+        .find(|e| e["type"] == "response.output_text.done")
+        .unwrap();
+    assert_eq!(done["logprobs"], json!([lp("h"), lp("i")]));
+    let last = events.last().unwrap();
+    assert_eq!(
+        last["response"]["output"][0]["content"][0]["logprobs"],
+        json!([lp("h"), lp("i")])
+    );
+}
