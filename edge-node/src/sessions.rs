@@ -237,7 +237,14 @@ impl Sessions {
                 traceparent,
             } => {
                 let span = tracing::debug_span!("inference", %request_id, traceparent = traceparent.as_deref().unwrap_or("-"));
-                self.serve_inference(open.session_id, model, endpoint, request_json, tx, framed)
+                let open_ = InferenceOpen {
+                    model,
+                    endpoint,
+                    request_json,
+                    request_id,
+                    traceparent,
+                };
+                self.serve_inference(open.session_id, open_, tx, framed)
                     .instrument(span)
                     .await
             }
@@ -399,12 +406,17 @@ impl Sessions {
     async fn serve_inference(
         &self,
         session_id: u64,
-        model: String,
-        endpoint: Endpoint,
-        request_json: String,
+        open: InferenceOpen,
         mut tx: quinn::SendStream,
         mut framed: FramedRecv,
     ) {
+        let InferenceOpen {
+            model,
+            endpoint,
+            request_json,
+            request_id,
+            traceparent,
+        } = open;
         let started = Instant::now();
         let mut request = match InferenceRequest::parse(endpoint, request_json.as_bytes()) {
             Ok(r) => r,
@@ -415,6 +427,9 @@ impl Sessions {
         };
         // The gateway routed by `model`; trust its choice over the body's spelling.
         request.model = model;
+        // Passed on to an upstream server, so its logs and traces join the gateway's.
+        request.request_id = Some(request_id);
+        request.traceparent = traceparent;
         let mut generation = match self.models.start(&request) {
             Ok(g) => g,
             Err(e) => {
@@ -693,4 +708,12 @@ async fn send_frame_tracked(
         }
         Some(outcome) => outcome,
     }
+}
+/// What an inference `Open` asked for (`SessionKind::Inference`).
+struct InferenceOpen {
+    model: String,
+    endpoint: Endpoint,
+    request_json: String,
+    request_id: String,
+    traceparent: Option<String>,
 }

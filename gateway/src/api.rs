@@ -1,5 +1,11 @@
-//! The client-facing HTTP API: OpenAI-compatible inference (`/v1/models`,
-//! `/v1/chat/completions`, `/v1/completions`, SSE streaming), game listing, health.
+//! The client-facing HTTP API: OpenAI-compatible inference (`/v1/models`, `/v1/models/{id}`,
+//! `/v1/chat/completions`, `/v1/completions`, `/v1/embeddings`, `/v1/responses`, SSE streaming),
+//! game listing, health.
+//!
+//! What the backend produced passes through: JSON pieces (tool calls, logprobs, reasoning, vendor
+//! fields) are relayed as [`InferService`] rewrote them, and non-streaming bodies are assembled
+//! from them ([`openai::Assembler`]). Every request gets one access-log line
+//! ([`crate::access`]); a W3C `traceparent` is continued (or a trace started) towards the node.
 //!
 //! Every response carries `x-request-id`. Errors use OpenAI's body shape; a geofence denial is
 //! 403 with `x-should-retry: false`, no eligible node is 503, saturation is 429 with
@@ -9,11 +15,13 @@
 //! The front end only speaks HTTP: admission, routing, failover, the pump and metering are
 //! [`InferService`]'s; WHEP and `/play` are served by a handler injected at assembly.
 
+use crate::access::{AccessLine, TraceParent};
 use crate::auth::Auth;
 use crate::client_addr::{self, ClientAddr};
 use crate::error::{CoreError, Kind};
 use crate::http_util::{bearer, read_body, with_type, Body, BodyError, Handler, Resp};
 use crate::infer::{new_request_id, Gone, InferService, Output, Relay};
+use crate::store::ApiKey;
 use crate::tls::CertPair;
 use bytes::Bytes;
 use hyper::body::Incoming;
@@ -21,7 +29,9 @@ use hyper::header::{HeaderName, HeaderValue, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 use nearpath_config::{HttpConfig, WorkloadKind};
 use nearpath_geo::Location;
-use nearpath_protocol::openai::{self, ApiError, Endpoint, InferenceRequest, StreamRenderer};
+use nearpath_protocol::openai::{
+    self, ApiError, Assembler, EmbeddingsAssembler, Endpoint, InferenceRequest, StreamRenderer,
+};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -31,6 +41,7 @@ use tracing::{info_span, Instrument};
 
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 static X_SHOULD_RETRY: HeaderName = HeaderName::from_static("x-should-retry");
+static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 /// Names the model that served a request when it was a fallback of the requested one
 /// (`inference.fallbacks`).
 static X_FALLBACK_MODEL: HeaderName = HeaderName::from_static("x-nearpath-fallback-model");
@@ -95,6 +106,11 @@ struct SseRelay {
     tx: mpsc::Sender<Bytes>,
     renderer: StreamRenderer,
     include_usage: bool,
+    /// The chat role chunk went out (ours, or the backend's own first chunk carried `role`). It
+    /// is sent with the first piece rather than at start, so that it is never sent twice.
+    role_sent: bool,
+    /// A piece carried a `finish_reason`: no finish chunk of our own follows.
+    finish_sent: bool,
 }
 
 impl SseRelay {
@@ -106,27 +122,57 @@ impl SseRelay {
         }
         Ok(n)
     }
+
+    /// Our role chunk, unless it went out already or `backend_has_role`.
+    fn role(&mut self, backend_has_role: bool, out: &mut Vec<Bytes>) {
+        if !self.role_sent {
+            self.role_sent = true;
+            if !backend_has_role {
+                out.extend(self.renderer.role_event());
+            }
+        }
+    }
 }
 
 impl Relay for SseRelay {
     async fn send(&mut self, out: Output<'_>) -> Result<u64, Gone> {
-        let chunks: Vec<Bytes> = match out {
-            Output::Started => self.renderer.role_event().into_iter().collect(),
-            Output::Token(t) => vec![self.renderer.token_event(t)],
+        let responses = self.renderer.endpoint() == Endpoint::Responses;
+        let mut chunks: Vec<Bytes> = Vec::with_capacity(2);
+        match out {
+            Output::Started => {}
+            Output::Token(t) => {
+                self.role(false, &mut chunks);
+                chunks.push(self.renderer.token_event(t));
+            }
+            Output::Chunk { json, info } if responses => {
+                chunks.push(openai::responses_sse_event(
+                    info.event_type.as_deref().unwrap_or_default(),
+                    json,
+                ));
+            }
+            Output::Chunk { json, info } => {
+                self.role(info.has_role, &mut chunks);
+                self.finish_sent |= !info.finished.is_empty();
+                chunks.push(openai::sse_event(json));
+            }
+            // A Responses stream ends with its terminal event, which the backend sent.
+            Output::Done { .. } if responses => {}
             Output::Done {
                 finish_reason,
                 usage,
             } => {
-                let mut out = vec![self.renderer.finish_event(finish_reason)];
-                if self.include_usage {
-                    out.push(self.renderer.usage_event(usage));
+                self.role(false, &mut chunks);
+                if !self.finish_sent {
+                    chunks.push(self.renderer.finish_event(finish_reason));
                 }
-                out.push(Bytes::from_static(openai::SSE_DONE.as_bytes()));
-                out
+                if self.include_usage {
+                    chunks.push(self.renderer.usage_event(usage));
+                }
+                chunks.push(Bytes::from_static(openai::SSE_DONE.as_bytes()));
             }
             // A node failure after the headers went out is an in-band error event.
-            Output::Failed(e) => vec![e.to_api().sse_event()],
-        };
+            Output::Failed(e) => chunks.push(e.to_api().sse_event()),
+        }
         self.push(chunks).await
     }
 
@@ -135,15 +181,35 @@ impl Relay for SseRelay {
     }
 }
 
-/// The whole completion as one JSON body, for a request that did not ask to stream.
+/// What a non-streaming response is assembled with.
+enum Collect {
+    Completion(Assembler),
+    Embeddings(EmbeddingsAssembler),
+}
+
+/// The whole answer as one JSON body, for a request that did not ask to stream.
 struct JsonRelay {
-    endpoint: Endpoint,
     completion_id: String,
     created: u64,
     model: String,
-    text: String,
+    /// The node serving it, named when its pieces cannot be assembled.
+    node: String,
+    collect: Option<Collect>,
     body: Option<String>,
     error: Option<CoreError>,
+}
+
+impl JsonRelay {
+    fn malformed(&mut self, e: openai::RelayError) {
+        self.collect = None;
+        self.error = Some(
+            CoreError::from_api(&ApiError::bad_gateway(format!(
+                "node {} sent a malformed answer: {e}",
+                self.node
+            )))
+            .with_peer(self.node.clone()),
+        );
+    }
 }
 
 impl Relay for JsonRelay {
@@ -151,25 +217,48 @@ impl Relay for JsonRelay {
         match out {
             Output::Started => Ok(0),
             Output::Token(t) => {
-                self.text.push_str(t);
+                if let Some(Collect::Completion(a)) = &mut self.collect {
+                    a.push_text(t);
+                }
+                Ok(0)
+            }
+            Output::Chunk { json, .. } => {
+                let pushed = match &mut self.collect {
+                    Some(Collect::Completion(a)) => a.push_chunk(json),
+                    Some(Collect::Embeddings(e)) => e.push_chunk(json),
+                    None => Ok(()),
+                };
+                if let Err(e) = pushed {
+                    self.malformed(e);
+                }
                 Ok(0)
             }
             Output::Done {
                 finish_reason,
                 usage,
             } => {
-                let body = openai::completion_response(
-                    self.endpoint,
-                    &self.completion_id,
-                    self.created,
-                    &self.model,
-                    &self.text,
-                    finish_reason,
-                    usage,
-                );
-                let n = body.len() as u64;
-                self.body = Some(body);
-                Ok(n)
+                let body = match self.collect.take() {
+                    Some(Collect::Completion(a)) => a.finish(
+                        &self.completion_id,
+                        self.created,
+                        &self.model,
+                        finish_reason,
+                        usage,
+                    ),
+                    Some(Collect::Embeddings(e)) => e.finish(&self.model, usage.prompt_tokens),
+                    None => return Ok(0),
+                };
+                match body {
+                    Ok(body) => {
+                        let n = body.len() as u64;
+                        self.body = Some(body);
+                        Ok(n)
+                    }
+                    Err(e) => {
+                        self.malformed(e);
+                        Ok(0)
+                    }
+                }
             }
             // Nothing was sent yet: the error becomes the response's status.
             Output::Failed(e) => {
@@ -183,6 +272,17 @@ impl Relay for JsonRelay {
         // A client that goes away drops the whole request future, and the stream with it.
         std::future::pending().await
     }
+
+    fn status(&self) -> u16 {
+        self.error.as_ref().map_or(200, |e| e.to_api().status)
+    }
+}
+
+/// What an inference request showed of itself before it was refused, for its access-log line.
+#[derive(Default)]
+struct Seen {
+    key_id: Option<String>,
+    model: Option<String>,
 }
 
 impl ClientApi {
@@ -208,13 +308,51 @@ impl ClientApi {
             .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
             .map(str::to_string)
             .unwrap_or_else(new_request_id);
-        let span = info_span!("http_request", id = %request_id, method = %req.method(), path = %req.uri().path());
-        let mut resp = self.dispatch(req, peer, &request_id).instrument(span).await;
+        // Invalid trace contexts are ignored, and a new trace is started in their place.
+        let trace = TraceParent::continue_or_start(
+            req.headers()
+                .get(&TRACEPARENT)
+                .and_then(|v| v.to_str().ok()),
+        );
+        let trace_id = trace.trace_id_hex();
+        let method = req.method().clone();
+        let path = req.uri().path().to_string();
+        let started = self.infer.clock.now();
+        let span = info_span!("http_request", id = %request_id, method = %method, path = %path, trace_id = %trace_id);
+        let mut resp = self
+            .dispatch(req, peer, &request_id, &trace)
+            .instrument(span)
+            .await;
         set_request_id(&mut resp, &request_id);
+        // Inference requests log their own line (when their stream ends); everything else here.
+        if !(method == Method::POST && Endpoint::from_path(&path).is_some()) {
+            AccessLine {
+                entry: "http",
+                method: method.as_str(),
+                path: &path,
+                status: resp.status().as_u16(),
+                request_id: &request_id,
+                trace_id: Some(&trace_id),
+                duration_ms: elapsed_ms(started, self.infer.clock.now()),
+                outcome: if resp.status().is_success() {
+                    "ok"
+                } else {
+                    "error"
+                },
+                ..AccessLine::default()
+            }
+            .emit();
+        }
         resp
     }
 
-    async fn dispatch(&self, req: Request<Incoming>, peer: SocketAddr, request_id: &str) -> Resp {
+    async fn dispatch(
+        &self,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+        request_id: &str,
+        trace: &TraceParent,
+    ) -> Resp {
         let path = req.uri().path().to_string();
         match (req.method().clone(), path.as_str()) {
             (Method::GET, "/healthz") => with_type(
@@ -225,23 +363,60 @@ impl ClientApi {
             ),
             (Method::GET, "/v1/models") => self.models(req, peer, request_id).await,
             (Method::GET, "/v1/games") => self.games(req, peer, request_id).await,
-            (Method::POST, "/v1/chat/completions") => {
-                self.completions(Endpoint::Chat, req, peer, request_id)
-                    .await
+            // Model ids may contain `/` (`org/model`): the id is the rest of the path.
+            (Method::GET, p) if p.starts_with("/v1/models/") && p.len() > "/v1/models/".len() => {
+                let id = p["/v1/models/".len()..].to_string();
+                self.model(req, peer, request_id, &id).await
             }
-            (Method::POST, "/v1/completions") => {
-                self.completions(Endpoint::Completion, req, peer, request_id)
-                    .await
-            }
+            (Method::POST, p) if Endpoint::from_path(p).is_some() => match Endpoint::from_path(p) {
+                Some(endpoint) => {
+                    self.completions(endpoint, req, peer, request_id, trace)
+                        .await
+                }
+                None => api_error(request_id, &ApiError::not_found(&path)),
+            },
             // WHEP, session resources and the player page (browser players over WebRTC).
             (_, p) if self.mounted.as_ref().is_some_and(|m| (m.claims)(p)) => match &self.mounted {
                 Some(m) => m.handler.clone().handle(req, peer).await,
                 None => api_error(request_id, &ApiError::not_found(&path)),
             },
-            (m, "/v1/models" | "/v1/games" | "/v1/chat/completions" | "/v1/completions") => {
+            (m, p)
+                if matches!(p, "/v1/models" | "/v1/games")
+                    || Endpoint::from_path(p).is_some()
+                    || p.starts_with("/v1/models/") =>
+            {
                 api_error(request_id, &ApiError::method_not_allowed(m.as_str(), &path))
             }
             _ => api_error(request_id, &ApiError::not_found(&path)),
+        }
+    }
+
+    /// `GET /v1/models/{id}`: the model as `/v1/models` lists it (same visibility, same
+    /// `available`), or 404 `model_not_found`.
+    async fn model(
+        &self,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+        request_id: &str,
+        id: &str,
+    ) -> Resp {
+        let key = match self.infer.auth.authenticate(bearer(&req)).await {
+            Ok(key) => key,
+            Err(e) => return error_response(request_id, &e),
+        };
+        let (_, loc) = self.locate(&req, peer);
+        let list = self.model_list(&key, &loc);
+        match list.iter().find(|m| m.0 == id) {
+            Some((id, created, owned_by, available)) => with_type(
+                StatusCode::OK,
+                "application/json",
+                serde_json::json!({
+                    "id": id, "object": "model", "created": created, "owned_by": owned_by,
+                    "available": available,
+                })
+                .to_string(),
+            ),
+            None => error_response(request_id, &CoreError::model_not_found(id)),
         }
     }
 
@@ -251,32 +426,45 @@ impl ClientApi {
             Err(e) => return error_response(request_id, &e),
         };
         let (_, loc) = self.locate(&req, peer);
-        let mut names =
-            self.infer
-                .directory
-                .visible(&self.infer.placement, &loc, WorkloadKind::Inference);
-        // A key sees only the models it may use.
-        names.retain(|n| Auth::model_allowed(&key, n));
-        // Models whose last node left within `inference.model_grace_s` stay listed, marked
-        // unavailable, so that a client does not take a blip for the model's removal.
-        let now_ms = self.infer.clock.unix_ms();
-        let gone = self.infer.directory.registry.recently_served_models(now_ms);
-        let created = now_ms / 1000;
-        let mut list: Vec<(&str, u64, &str, bool)> = names
+        let list = self.model_list(&key, &loc);
+        let list: Vec<(&str, u64, &str, bool)> = list
             .iter()
-            .map(|n| (n.as_str(), created, "nearpath", true))
+            .map(|(id, created, owned_by, available)| {
+                (id.as_str(), *created, *owned_by, *available)
+            })
             .collect();
-        list.extend(
-            gone.iter()
-                .filter(|n| !names.contains(*n) && Auth::model_allowed(&key, n))
-                .map(|n| (n.as_str(), created, "nearpath", false)),
-        );
-        list.sort_by(|a, b| a.0.cmp(b.0));
         with_type(
             StatusCode::OK,
             "application/json",
             openai::models_list_with_availability(&list),
         )
+    }
+
+    /// The models `key` may use that are visible from `loc`, sorted, with whether a node serves
+    /// each now.
+    fn model_list(&self, key: &ApiKey, loc: &Location) -> Vec<(String, u64, &'static str, bool)> {
+        let mut names =
+            self.infer
+                .directory
+                .visible(&self.infer.placement, loc, WorkloadKind::Inference);
+        // A key sees only the models it may use.
+        names.retain(|n| Auth::model_allowed(key, n));
+        // Models whose last node left within `inference.model_grace_s` stay listed, marked
+        // unavailable, so that a client does not take a blip for the model's removal.
+        let now_ms = self.infer.clock.unix_ms();
+        let gone = self.infer.directory.registry.recently_served_models(now_ms);
+        let created = now_ms / 1000;
+        let mut list: Vec<(String, u64, &'static str, bool)> = names
+            .iter()
+            .map(|n| (n.clone(), created, "nearpath", true))
+            .collect();
+        list.extend(
+            gone.iter()
+                .filter(|n| !names.contains(*n) && Auth::model_allowed(key, n))
+                .map(|n| (n.clone(), created, "nearpath", false)),
+        );
+        list.sort_by(|a, b| a.0.cmp(&b.0));
+        list
     }
 
     async fn games(&self, req: Request<Incoming>, peer: SocketAddr, request_id: &str) -> Resp {
@@ -298,19 +486,63 @@ impl ClientApi {
         )
     }
 
+    /// An inference request; its access-log line is written here when it is refused before
+    /// reaching a node, by the service otherwise (when the answer or the stream ends).
     async fn completions(
         &self,
         endpoint: Endpoint,
         req: Request<Incoming>,
         peer: SocketAddr,
         request_id: &str,
+        trace: &TraceParent,
     ) -> Resp {
+        let started = self.infer.clock.now();
+        let mut seen = Seen::default();
+        match self
+            .infer_request(endpoint, req, peer, request_id, trace, &mut seen)
+            .await
+        {
+            Ok(resp) => resp,
+            Err((resp, outcome)) => {
+                let trace_id = trace.trace_id_hex();
+                AccessLine {
+                    entry: "http",
+                    method: "POST",
+                    path: endpoint.path(),
+                    status: resp.status().as_u16(),
+                    request_id,
+                    trace_id: Some(&trace_id),
+                    key_id: seen.key_id.as_deref(),
+                    model: seen.model.as_deref(),
+                    duration_ms: elapsed_ms(started, self.infer.clock.now()),
+                    outcome,
+                    ..AccessLine::default()
+                }
+                .emit();
+                resp
+            }
+        }
+    }
+
+    /// Serves an inference request; `Err` is a refusal before admission (not logged yet).
+    async fn infer_request(
+        &self,
+        endpoint: Endpoint,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+        request_id: &str,
+        trace: &TraceParent,
+        seen: &mut Seen,
+    ) -> Result<Resp, (Resp, &'static str)> {
+        let refused = |e: CoreError| (error_response(request_id, &e), e.kind.as_str());
         let infer = &self.infer;
         let started = infer.clock.now();
-        let key = match infer.auth.authenticate(bearer(&req)).await {
-            Ok(k) => k,
-            Err(e) => return error_response(request_id, &e),
-        };
+        let key: ApiKey = infer
+            .auth
+            .authenticate(bearer(&req))
+            .await
+            .map_err(refused)?;
+        seen.key_id = Some(key.id.clone());
         let (_ip, client) = self.locate(&req, peer);
         if let Some(ct) = req
             .headers()
@@ -318,41 +550,42 @@ impl ClientApi {
             .and_then(|v| v.to_str().ok())
         {
             if !ct.to_ascii_lowercase().starts_with("application/json") {
-                return api_error(
-                    request_id,
-                    &ApiError::bad_request(
-                        format!("Content-Type must be application/json, not {ct}"),
-                        None,
-                    ),
-                );
+                return Err(refused(CoreError::from_api(&ApiError::bad_request(
+                    format!("Content-Type must be application/json, not {ct}"),
+                    None,
+                ))));
             }
         }
         let limit = self.http.max_body_bytes as usize;
         let body = match read_body(req.into_body(), limit).await {
             Ok(b) => b,
             Err(BodyError::TooLarge { limit }) => {
-                return api_error(request_id, &ApiError::payload_too_large(limit))
+                return Err(refused(CoreError::from_api(&ApiError::payload_too_large(
+                    limit,
+                ))))
             }
             Err(BodyError::Read(m)) => {
-                return api_error(request_id, &ApiError::bad_request(m, None))
+                return Err(refused(CoreError::from_api(&ApiError::bad_request(
+                    m, None,
+                ))))
             }
         };
-        let request = match InferenceRequest::parse(endpoint, &body) {
-            Ok(r) => r,
-            Err(e) => return api_error(request_id, &ApiError::invalid_request(e)),
-        };
+        let request = InferenceRequest::parse(endpoint, &body)
+            .map_err(|e| refused(CoreError::from_api(&ApiError::invalid_request(e))))?;
+        seen.model = Some(request.model.clone());
         // Held until the response (or the stream) ends, however it ends.
-        let ticket = match infer.admit(key, "http", request_id, &request.model, started) {
-            Ok(t) => t,
-            Err(e) => return error_response(request_id, &e),
-        };
+        let mut ticket = infer
+            .admit(key, "http", request_id, &request.model, started)
+            .map_err(refused)?;
+        ticket.endpoint = endpoint;
+        ticket.traceparent = Some(trace.header());
         // The node gets the body as the client sent it (it knows the endpoint from its shape).
         let raw = String::from_utf8_lossy(&body).into_owned();
+        // From here on the service writes the access-log line.
         let stream = match infer.start(&ticket, &request, &raw, &client).await {
             Ok(s) => s,
-            Err(e) => return error_response(request_id, &e),
+            Err(e) => return Ok(error_response(request_id, &e)),
         };
-        let created = infer.clock.unix_ms() / 1000;
         // A fallback model serves it: the response names that model, and says so in a header.
         let served_model = stream.model.clone();
         let fallback = stream
@@ -360,20 +593,23 @@ impl ClientApi {
             .is_some()
             .then(|| HeaderValue::from_str(&served_model).ok())
             .flatten();
-        let tail = &request_id[request_id.len().saturating_sub(24)..];
-        let completion_id = format!("{}{tail}", endpoint.id_prefix());
-        if !request.stream {
+        // Embeddings have no streaming form.
+        if !request.stream || endpoint == Endpoint::Embeddings {
+            let collect = match endpoint {
+                Endpoint::Embeddings => Collect::Embeddings(EmbeddingsAssembler::new(stream.n)),
+                _ => Collect::Completion(Assembler::new(endpoint)),
+            };
             let mut relay = JsonRelay {
-                endpoint,
-                completion_id,
-                created,
+                completion_id: stream.completion_id.clone(),
+                created: stream.created,
                 model: served_model.clone(),
-                text: String::new(),
+                node: stream.node.id.clone(),
+                collect: Some(collect),
                 body: None,
                 error: None,
             };
             infer.pump(ticket, stream, &mut relay).await;
-            return match (relay.error, relay.body) {
+            return Ok(match (relay.error, relay.body) {
                 (None, Some(body)) => {
                     let mut r = with_type(StatusCode::OK, "application/json", body);
                     if let Some(v) = fallback {
@@ -386,14 +622,21 @@ impl ClientApi {
                     request_id,
                     &CoreError::internal("the completion ended without a result"),
                 ),
-            };
+            });
         }
         // Streaming: headers go out now; tokens follow as they arrive from the node.
         let (tx, rx) = mpsc::channel::<Bytes>(64);
         let mut relay = SseRelay {
             tx,
-            renderer: StreamRenderer::new(endpoint, &completion_id, created, &served_model),
+            renderer: StreamRenderer::new(
+                endpoint,
+                &stream.completion_id,
+                stream.created,
+                &served_model,
+            ),
             include_usage: request.include_usage,
+            role_sent: false,
+            finish_sent: false,
         };
         let infer = infer.clone();
         tokio::spawn(
@@ -420,8 +663,12 @@ impl ClientApi {
             HeaderName::from_static("x-accel-buffering"),
             HeaderValue::from_static("no"),
         );
-        r
+        Ok(r)
     }
+}
+
+fn elapsed_ms(from: std::time::Instant, to: std::time::Instant) -> u64 {
+    u64::try_from(to.saturating_duration_since(from).as_millis()).unwrap_or(u64::MAX)
 }
 
 impl Handler for ClientApi {

@@ -2,9 +2,11 @@
 //! first message carries the API key, so the gateway keeps no per-connection auth state.
 //!
 //! The front end only speaks the native protocol: inference is [`InferService`]'s (this renders
-//! its pump's output as `InferStarted`/`Token`/`Done`/`Error` frames), game sessions are served
+//! its pump's output as `InferStarted`/`Token`/`Chunk`/`Done`/`Error` frames; a `Chunk` carries
+//! the same JSON an HTTP client gets), game sessions are served
 //! by the [`PlayService`] injected at assembly.
 
+use crate::access::{AccessLine, TraceParent};
 use crate::clock::SharedClock;
 use crate::conn_guard::QuicGate;
 use crate::error::CoreError;
@@ -12,9 +14,9 @@ use crate::infer::{new_request_id, Gone, InferService, Output, Relay};
 use nearpath_config::{QuicConfig, WorkloadKind};
 use nearpath_protocol::app_code::{CLOSE_PROTOCOL, CLOSE_SHUTDOWN};
 use nearpath_protocol::message::{
-    Done, ErrorInfo, GameList, InferRequest, InferStarted, Message, PlayRequest, Token,
+    Chunk, Done, ErrorInfo, GameList, InferRequest, InferStarted, Message, PlayRequest, Token,
 };
-use nearpath_protocol::openai::{ApiError, Endpoint, InferenceRequest};
+use nearpath_protocol::openai::{ApiError, InferenceRequest};
 use nearpath_protocol::stream::{send, FramedRecv};
 use nearpath_protocol::{MAX_REQUEST_FRAME, PROTOCOL_VERSION};
 use std::future::Future;
@@ -212,6 +214,32 @@ impl QuicClients {
         let infer = &self.infer;
         let started = infer.clock.now();
         let request_id = new_request_id();
+        // Native clients send no trace context: each request starts a trace.
+        let trace = TraceParent::continue_or_start(None);
+        let refused = |e: &CoreError, key_id: Option<&str>, model: Option<&str>| {
+            let trace_id = trace.trace_id_hex();
+            AccessLine {
+                entry: "quic",
+                method: "INFER",
+                path: r.endpoint.path(),
+                status: e.to_api().status,
+                request_id: &request_id,
+                trace_id: Some(&trace_id),
+                key_id,
+                model,
+                duration_ms: u64::try_from(
+                    infer
+                        .clock
+                        .now()
+                        .saturating_duration_since(started)
+                        .as_millis(),
+                )
+                .unwrap_or(u64::MAX),
+                outcome: e.kind.as_str(),
+                ..AccessLine::default()
+            }
+            .emit();
+        };
         if r.protocol_version != PROTOCOL_VERSION {
             let msg = Message::Error(ErrorInfo {
                 code: "version".into(),
@@ -226,25 +254,30 @@ impl QuicClients {
                 self.authenticated(&conn);
                 k
             }
-            Err(e) => return answer(&mut tx, &error_msg(&e)).await,
+            Err(e) => {
+                refused(&e, None, None);
+                return answer(&mut tx, &error_msg(&e)).await;
+            }
         };
-        let endpoint = if r.request_json.contains("\"messages\"") {
-            Endpoint::Chat
-        } else {
-            Endpoint::Completion
-        };
-        let request = match InferenceRequest::parse(endpoint, r.request_json.as_bytes()) {
+        let request = match InferenceRequest::parse(r.endpoint, r.request_json.as_bytes()) {
             Ok(q) => q,
             Err(e) => {
                 let e = CoreError::from_api(&ApiError::invalid_request(e));
+                refused(&e, Some(&key.id), None);
                 return answer(&mut tx, &error_msg(&e)).await;
             }
         };
         // Held until this request ends, however it ends.
-        let ticket = match infer.admit(key, "quic", &request_id, &request.model, started) {
+        let key_id = key.id.clone();
+        let mut ticket = match infer.admit(key, "quic", &request_id, &request.model, started) {
             Ok(t) => t,
-            Err(e) => return answer(&mut tx, &error_msg(&e)).await,
+            Err(e) => {
+                refused(&e, Some(&key_id), Some(&request.model));
+                return answer(&mut tx, &error_msg(&e)).await;
+            }
         };
+        ticket.endpoint = r.endpoint;
+        ticket.traceparent = Some(trace.header());
         let client = infer.placement.geo.lookup(conn.remote_address().ip());
         // A client that goes away while its request waits (queued for a slot, or for a node)
         // gives its place up at once: dropping the dispatch leaves the queue.
@@ -324,6 +357,22 @@ impl Relay for QuicRelay {
                 }),
                 true,
             ),
+            // The same JSON an HTTP client gets.
+            Output::Chunk { json, .. } => {
+                self.index += 1;
+                (
+                    Message::Chunk(Chunk {
+                        index: self.index - 1,
+                        json: json.to_string(),
+                        node_elapsed_us: self
+                            .clock
+                            .now()
+                            .saturating_duration_since(self.started)
+                            .as_micros() as u64,
+                    }),
+                    false,
+                )
+            }
             Output::Failed(e) => (error_msg(e), true),
         };
         send(&mut self.tx, &msg).await.map_err(|_| Gone)?;

@@ -1,6 +1,7 @@
 //! The Nearpath gateway: locates clients and nodes (GeoIP), enforces the geofence, routes each
 //! session to the nearest eligible node and relays its traffic. See ARCHITECTURE.md.
 
+pub mod access;
 pub mod admin;
 pub mod api;
 pub mod auth;

@@ -24,10 +24,10 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use nearpath_protocol::openai::responses::responses_sse_event;
 use nearpath_protocol::openai::{
-    completion_response, models_list, ApiError, Endpoint, InferenceRequest, StreamRenderer, Usage,
-    SSE_CONTENT_TYPE, SSE_DONE,
+    models_list, responses_sse_event, rewrite_chunk, sse_event, ApiError, Assembler,
+    EmbeddingsAssembler, Endpoint, InferenceRequest, Input, RelayError, RewriteContext,
+    StreamRenderer, Usage, SSE_CONTENT_TYPE, SSE_DONE,
 };
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -209,6 +209,14 @@ async fn route(req: Request<Incoming>, state: &State) -> Result<Response<OpenAiB
         return Err(ApiError::method_not_allowed(req.method().as_str(), path));
     }
     check_auth(&req, state)?;
+    // Passed on to an upstream server as headers, so its logs join the caller's.
+    let header = |name: &str| {
+        req.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let trace = (header("x-request-id"), header("traceparent"));
     let limit = state.options.max_body_bytes;
     let declared = req
         .headers()
@@ -229,11 +237,9 @@ async fn route(req: Request<Incoming>, state: &State) -> Result<Response<OpenAiB
             }
         })?
         .to_bytes();
-    let request = InferenceRequest::parse(endpoint, &body)?;
+    let mut request = InferenceRequest::parse(endpoint, &body)?;
+    (request.request_id, request.traceparent) = trace;
     let mut generation = state.registry.start(&request).map_err(|e| e.api_error())?;
-    if endpoint == Endpoint::Responses {
-        return serve_responses(request.stream, generation).await;
-    }
     let id = new_id(endpoint.id_prefix());
     let created = unix_now();
     if request.stream {
@@ -245,14 +251,17 @@ async fn route(req: Request<Incoming>, state: &State) -> Result<Response<OpenAiB
             None => return Err(died()),
         };
         let renderer = StreamRenderer::new(endpoint, &id, created, &request.model);
-        let mut queue = VecDeque::with_capacity(4);
-        queue.extend(renderer.role_event());
         let body = SseBody {
             generation,
             renderer,
+            id,
+            created,
+            model: request.model.clone(),
             include_usage: request.include_usage,
-            queue,
+            queue: VecDeque::with_capacity(4),
             first: Some(Ok(first)),
+            role_sent: false,
+            finish_sent: false,
             finished: false,
         };
         let mut response = Response::new(OpenAiBody::Sse(Box::new(body)));
@@ -264,15 +273,21 @@ async fn route(req: Request<Incoming>, state: &State) -> Result<Response<OpenAiB
         headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
         return Ok(response);
     }
-    let mut text = String::new();
+    // The same assembly the gateway does: tool calls, logprobs and every other field kept.
+    let mut assembler = Assembler::new(endpoint);
+    let mut embeddings = EmbeddingsAssembler::new(match &request.input {
+        Input::Embed(inputs) => u32::try_from(inputs.len()).unwrap_or(u32::MAX),
+        _ => 0,
+    });
+    let malformed = |e: RelayError| ApiError::internal(format!("the backend's answer: {e}"));
     loop {
         match generation.next().await {
-            Some(Ok(BackendEvent::Token { text: piece })) => text.push_str(&piece),
-            // Interim: JSON pieces are assembled by the shared assembler once it lands.
-            Some(Ok(BackendEvent::Chunk { .. })) => {
-                return Err(ApiError::internal(
-                    "this response cannot be assembled without streaming yet",
-                ))
+            Some(Ok(BackendEvent::Token { text })) => assembler.push_text(&text),
+            Some(Ok(BackendEvent::Chunk { json })) if endpoint == Endpoint::Embeddings => {
+                embeddings.push_chunk(&json).map_err(malformed)?
+            }
+            Some(Ok(BackendEvent::Chunk { json })) => {
+                assembler.push_chunk(&json).map_err(malformed)?
             }
             Some(Ok(BackendEvent::Done {
                 finish_reason,
@@ -283,118 +298,15 @@ async fn route(req: Request<Incoming>, state: &State) -> Result<Response<OpenAiB
                     prompt_tokens,
                     completion_tokens,
                 };
-                let body = completion_response(
-                    endpoint,
-                    &id,
-                    created,
-                    &request.model,
-                    &text,
-                    &finish_reason,
-                    usage,
-                );
+                let body = match endpoint {
+                    Endpoint::Embeddings => embeddings.finish(&request.model, prompt_tokens),
+                    _ => assembler.finish(&id, created, &request.model, &finish_reason, usage),
+                }
+                .map_err(malformed)?;
                 return Ok(json_response(StatusCode::OK, body));
             }
             Some(Err(e)) => return Err(e.api_error()),
             None => return Err(died()),
-        }
-    }
-}
-
-/// `/v1/responses`: the generation yields one chunk per Responses event (see
-/// `inference::responses`). Streaming sends each as an SSE event named by its `type`, with no
-/// `[DONE]` (the Responses API has none); otherwise the answer is the `response` object of the
-/// terminal event.
-async fn serve_responses(
-    stream: bool,
-    mut generation: Generation,
-) -> Result<Response<OpenAiBody>, ApiError> {
-    if stream {
-        // As for chat: a backend that fails at once gets a proper status.
-        let first = match generation.next().await {
-            Some(Ok(event)) => event,
-            Some(Err(e)) => return Err(e.api_error()),
-            None => return Err(died()),
-        };
-        let body = ResponsesSse {
-            generation,
-            first: Some(Ok(first)),
-            sequence: 0,
-            finished: false,
-        };
-        let mut response = Response::new(OpenAiBody::Responses(Box::new(body)));
-        let headers = response.headers_mut();
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static(SSE_CONTENT_TYPE),
-        );
-        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-        return Ok(response);
-    }
-    let mut last = None;
-    loop {
-        match generation.next().await {
-            Some(Ok(BackendEvent::Chunk { json })) => last = Some(json),
-            Some(Ok(BackendEvent::Token { .. })) => {}
-            Some(Ok(BackendEvent::Done { .. })) => break,
-            Some(Err(e)) => return Err(e.api_error()),
-            None => return Err(died()),
-        }
-    }
-    let response = last
-        .and_then(|json| serde_json::from_str::<serde_json::Value>(&json).ok())
-        .and_then(|mut event| event.get_mut("response").map(serde_json::Value::take))
-        .ok_or_else(|| ApiError::internal("The inference backend sent no final response."))?;
-    Ok(json_response(StatusCode::OK, response.to_string()))
-}
-
-/// The SSE body of a streamed `/v1/responses` answer.
-pub(crate) struct ResponsesSse {
-    generation: Generation,
-    first: Option<EventResult>,
-    /// Events sent, for the `sequence_number` of an in-band error.
-    sequence: u64,
-    finished: bool,
-}
-
-impl ResponsesSse {
-    fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Option<Bytes>> {
-        loop {
-            if self.finished {
-                return Poll::Ready(None);
-            }
-            let event = match self.first.take() {
-                Some(event) => Some(event),
-                None => ready!(self.generation.poll_next(cx)),
-            };
-            let error = match event {
-                Some(Ok(BackendEvent::Chunk { json })) => {
-                    self.sequence += 1;
-                    let kind = serde_json::from_str::<serde_json::Value>(&json)
-                        .ok()
-                        .and_then(|v| v.get("type").and_then(|t| t.as_str()).map(str::to_owned))
-                        .unwrap_or_default();
-                    return Poll::Ready(Some(Bytes::from(responses_sse_event(&kind, &json))));
-                }
-                Some(Ok(BackendEvent::Token { .. })) => continue,
-                Some(Ok(BackendEvent::Done { .. })) => {
-                    self.finished = true;
-                    return Poll::Ready(None);
-                }
-                Some(Err(e)) => e.api_error(),
-                None => died(),
-            };
-            self.finished = true;
-            let body = serde_json::json!({
-                "type": "error",
-                "code": error.code.as_deref().unwrap_or(error.error_type),
-                "message": error.message,
-                "param": error.param,
-                "sequence_number": self.sequence,
-            });
-            return Poll::Ready(Some(Bytes::from(responses_sse_event(
-                "error",
-                &body.to_string(),
-            ))));
         }
     }
 }
@@ -459,21 +371,76 @@ fn error_response(e: &ApiError) -> Response<OpenAiBody> {
 pub(crate) enum OpenAiBody {
     Full(Option<Bytes>),
     Sse(Box<SseBody>),
-    Responses(Box<ResponsesSse>),
 }
 
 pub(crate) struct SseBody {
     generation: Generation,
     renderer: StreamRenderer,
+    /// The response's identity, written into the backend's chunks.
+    id: String,
+    created: u64,
+    model: String,
     include_usage: bool,
     /// Events rendered but not yet handed to hyper (the role event; the closing events).
     queue: VecDeque<Bytes>,
     /// The first event, taken before the headers were sent.
     first: Option<EventResult>,
+    /// The role chunk went out (ours, or the backend's first chunk carried `role`).
+    role_sent: bool,
+    /// A backend chunk carried a `finish_reason`: no finish chunk of our own follows.
+    finish_sent: bool,
     finished: bool,
 }
 
 impl SseBody {
+    /// Queues our role chunk unless it went out already or `backend_has_role`.
+    fn role(&mut self, backend_has_role: bool) {
+        if !self.role_sent {
+            self.role_sent = true;
+            if !backend_has_role {
+                self.queue.extend(self.renderer.role_event());
+            }
+        }
+    }
+
+    /// Queues one backend piece: a chat or completions chunk rewritten with this response's
+    /// identity ([`rewrite_chunk`]), a Responses event as its own SSE event type.
+    fn chunk(&mut self, json: &str) {
+        let endpoint = self.renderer.endpoint();
+        let ctx = RewriteContext {
+            endpoint,
+            id: &self.id,
+            created: self.created,
+            model: &self.model,
+            // The node's own backend is trusted with its choices.
+            n: u32::MAX,
+            usage: Usage::default(),
+        };
+        match endpoint {
+            Endpoint::Responses => {
+                let ty = serde_json::from_str::<serde_json::Value>(json)
+                    .ok()
+                    .and_then(|v| v.get("type").and_then(|t| t.as_str()).map(str::to_owned))
+                    .filter(|t| t.bytes().all(|b| b.is_ascii_graphic()))
+                    .unwrap_or_default();
+                self.queue.push_back(responses_sse_event(&ty, json));
+            }
+            Endpoint::Embeddings => self.queue.push_back(sse_event(json)),
+            Endpoint::Chat | Endpoint::Completion => match rewrite_chunk(json, &ctx) {
+                Ok((json, info)) => {
+                    self.role(info.has_role);
+                    self.finish_sent |= !info.finished.is_empty();
+                    self.queue.push_back(sse_event(&json));
+                }
+                Err(e) => {
+                    let e = ApiError::internal(format!("the backend's answer: {e}"));
+                    self.queue.push_back(e.sse_event());
+                    self.finished = true;
+                }
+            },
+        }
+    }
+
     fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Option<Bytes>> {
         loop {
             if let Some(bytes) = self.queue.pop_front() {
@@ -488,18 +455,26 @@ impl SseBody {
             };
             match event {
                 Some(Ok(BackendEvent::Token { text })) => {
-                    return Poll::Ready(Some(self.renderer.token_event(&text)));
+                    self.role(false);
+                    self.queue.push_back(self.renderer.token_event(&text));
                 }
-                Some(Ok(BackendEvent::Chunk { json })) => {
-                    return Poll::Ready(Some(nearpath_protocol::openai::sse_event(&json)));
+                Some(Ok(BackendEvent::Chunk { json })) => self.chunk(&json),
+                Some(Ok(BackendEvent::Done { .. }))
+                    if self.renderer.endpoint() == Endpoint::Responses =>
+                {
+                    // A Responses stream ends with its terminal event, which the backend sent.
+                    self.finished = true;
                 }
                 Some(Ok(BackendEvent::Done {
                     finish_reason,
                     prompt_tokens,
                     completion_tokens,
                 })) => {
-                    self.queue
-                        .push_back(self.renderer.finish_event(&finish_reason));
+                    self.role(false);
+                    if !self.finish_sent {
+                        self.queue
+                            .push_back(self.renderer.finish_event(&finish_reason));
+                    }
                     if self.include_usage {
                         self.queue.push_back(self.renderer.usage_event(Usage {
                             prompt_tokens,
@@ -538,9 +513,6 @@ impl Body for OpenAiBody {
             OpenAiBody::Sse(sse) => sse
                 .poll_event(cx)
                 .map(|event| event.map(|b| Ok(Frame::data(b)))),
-            OpenAiBody::Responses(sse) => sse
-                .poll_event(cx)
-                .map(|event| event.map(|b| Ok(Frame::data(b)))),
         }
     }
 
@@ -548,7 +520,6 @@ impl Body for OpenAiBody {
         match self {
             OpenAiBody::Full(bytes) => bytes.is_none(),
             OpenAiBody::Sse(sse) => sse.finished && sse.queue.is_empty(),
-            OpenAiBody::Responses(sse) => sse.finished,
         }
     }
 
@@ -556,7 +527,7 @@ impl Body for OpenAiBody {
         match self {
             OpenAiBody::Full(Some(bytes)) => SizeHint::with_exact(bytes.len() as u64),
             OpenAiBody::Full(None) => SizeHint::with_exact(0),
-            OpenAiBody::Sse(_) | OpenAiBody::Responses(_) => SizeHint::default(),
+            OpenAiBody::Sse(_) => SizeHint::default(),
         }
     }
 }
@@ -1044,5 +1015,107 @@ pub(super) mod tests {
             "aborted streams kept generating"
         );
         server.stop().await;
+    }
+
+    /// A backend that answers every request with the same events.
+    struct Scripted(Vec<BackendEvent>);
+
+    impl Backend for Scripted {
+        fn start(
+            &self,
+            _request: &InferenceRequest,
+        ) -> Result<Generation, crate::inference::BackendError> {
+            let (tx, generation) = Generation::channel();
+            let events = self.0.clone();
+            tokio::spawn(async move {
+                for e in events {
+                    if tx.send(Ok(e)).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            Ok(generation)
+        }
+
+        fn kind(&self) -> &'static str {
+            "scripted"
+        }
+    }
+
+    #[tokio::test]
+    async fn the_nodes_own_server_passes_tool_calls_through_and_assembles_them() {
+        let piece = |args: &str| {
+            BackendEvent::Chunk {
+            json: json!({"id": "up", "model": "up-model", "choices": [{"index": 0,
+                "delta": {"role": "assistant", "tool_calls": [{"index": 0, "id": "call_1", "type": "function",
+                    "function": {"name": "f", "arguments": args}}]}, "finish_reason": null}],
+                "usage": {"prompt_tokens": 1}})
+            .to_string(),
+        }
+        };
+        let backend: Arc<dyn Backend> = Arc::new(Scripted(vec![
+            piece("{\"a\":"),
+            piece("1}"),
+            BackendEvent::Chunk {
+                json:
+                    json!({"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]})
+                        .to_string(),
+            },
+            BackendEvent::Done {
+                finish_reason: "tool_calls".into(),
+                prompt_tokens: 3,
+                completion_tokens: 2,
+            },
+        ]));
+        let mut registry = ModelRegistry::new();
+        if let Err(e) = registry.insert("tools", 2, backend) {
+            panic!("{e}");
+        }
+        let listener = match TcpListener::bind("127.0.0.1:0").await {
+            Ok(l) => l,
+            Err(e) => panic!("{e}"),
+        };
+        let addr = match listener.local_addr() {
+            Ok(a) => a,
+            Err(e) => panic!("{e}"),
+        };
+        let shutdown = CancellationToken::new();
+        tokio::spawn(serve_openai_with(
+            listener,
+            Arc::new(registry),
+            ServerOptions::default(),
+            shutdown.clone(),
+        ));
+        let body = json!({"model": "tools", "messages": [{"role": "user", "content": "x"}]});
+        let (status, _, bytes) =
+            call(addr, "POST", "/v1/chat/completions", &[], &body.to_string()).await;
+        assert_eq!(status, StatusCode::OK);
+        let v = json_of(&bytes);
+        assert_eq!(v["model"], "tools");
+        let choice = &v["choices"][0];
+        assert_eq!(choice["finish_reason"], "tool_calls");
+        assert_eq!(choice["message"]["content"], Value::Null);
+        assert_eq!(
+            choice["message"]["tool_calls"],
+            json!([{"index": 0, "id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{\"a\":1}"}}])
+        );
+        let body = json!({"model": "tools", "stream": true, "messages": [{"role": "user", "content": "x"}]});
+        let (status, _, bytes) =
+            call(addr, "POST", "/v1/chat/completions", &[], &body.to_string()).await;
+        assert_eq!(status, StatusCode::OK);
+        let text = String::from_utf8_lossy(&bytes).into_owned();
+        let events: Vec<&str> = text
+            .split("\n\n")
+            .filter_map(|e| e.strip_prefix("data: "))
+            .collect();
+        // The backend's three chunks (it sent the role; it sent the finish), then [DONE].
+        assert_eq!(events.len(), 4, "{text}");
+        assert_eq!(events[3], "[DONE]");
+        for e in &events[..3] {
+            let c: Value = serde_json::from_str(e).unwrap_or_default();
+            assert_eq!(c["model"], "tools", "{e}");
+            assert!(c.get("usage").is_none(), "{e}");
+        }
+        shutdown.cancel();
     }
 }

@@ -79,10 +79,13 @@ pub(super) fn translate(
     let body = Value::Object(chat_request(request));
     // The Responses request was validated with the same rules, so this fails only if the two
     // parsers disagree: a fault here, not the client's.
-    let chat_req =
+    let mut chat_req =
         InferenceRequest::from_value(Endpoint::Chat, body).map_err(|e| BackendError::Internal {
             detail: format!("the Responses request does not translate to chat: {e}"),
         })?;
+    // Not part of the body: carried over so an upstream's logs join the caller's.
+    chat_req.request_id = request.request_id.clone();
+    chat_req.traceparent = request.traceparent.clone();
     let mut inner = chat.start(&chat_req)?;
     let id = format!("resp_{:032x}", rand::random::<u128>());
     let machine = ResponseStream::new(request, &id, unix_now(), &request.model);
@@ -217,6 +220,16 @@ impl NativeResponses {
             .header(header::ACCEPT, "text/event-stream");
         if let Some(auth) = &self.auth {
             builder = builder.header(header::AUTHORIZATION, auth.clone());
+        }
+        // As for chat: the ids go upstream as headers; invalid values (the gateway checks
+        // them) are dropped.
+        for (name, value) in [
+            ("x-request-id", request.request_id.as_deref()),
+            ("traceparent", request.traceparent.as_deref()),
+        ] {
+            if let Some(value) = value.and_then(|v| HeaderValue::from_str(v).ok()) {
+                builder = builder.header(name, value);
+            }
         }
         let http =
             builder

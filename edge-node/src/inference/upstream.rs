@@ -1,15 +1,21 @@
 //! The production backend: relays to an OpenAI-compatible server running on the node (vLLM,
 //! SGLang, llama.cpp server, Ollama, TGI) over plain HTTP/1.1 with keep-alive.
 //!
-//! Every request goes upstream as a stream (`stream: true`, `stream_options.include_usage: true`)
-//! whatever the client asked, with `model` replaced by `upstream_model`; the node turns the
-//! events into [`BackendEvent`]s and the gateway re-renders them for the client. Only text is
-//! relayed (`delta.content` / `text`); tool-call deltas are not.
+//! Every chat or completions request goes upstream as a stream (`stream: true`,
+//! `stream_options.include_usage: true`) whatever the client asked, with `model` replaced by
+//! `upstream_model` and every other field as the client sent it. Each upstream chunk is relayed
+//! faithfully: a chunk that is only text for choice 0 becomes a [`BackendEvent::Token`] (the fast
+//! path; its `finish_reason`, if any, travels in `Done`), anything else (tool-call deltas,
+//! logprobs, reasoning, several choices, vendor fields) a [`BackendEvent::Chunk`] with the
+//! upstream's object minus `usage`, which is read for `Done`. Embeddings go to `{base}/embeddings`
+//! and each `data[]` element is relayed as a `Chunk`. The request's `x-request-id` and
+//! `traceparent` go upstream as headers.
 //!
 //! `https` base URLs are refused: the upstream runs on the node itself, and the gateway link is
 //! already encrypted. A server that ignores `stream` and answers with one JSON document is
-//! accepted too. When the upstream reports no usage, prompt tokens are estimated with
-//! [`approx_prompt_tokens`] and completion tokens are the number of text chunks.
+//! accepted too (its choices are relayed as `Chunk`s). When the upstream reports no usage, prompt
+//! tokens are estimated with [`approx_prompt_tokens`] and completion tokens are the number of
+//! chunks with generated content.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,9 +28,10 @@ use hyper::{Method, Request, StatusCode, Uri};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
 use nearpath_protocol::openai::{
-    error_message_of, parse_stream_chunk, Endpoint, InferenceRequest, SseParser, StreamChunk, Usage,
+    error_message_of, generated_choices, parse_stream_chunk, Endpoint, InferenceRequest, SseParser,
+    StreamChunk, Usage,
 };
-use serde_json::Value;
+use serde_json::{Map, Value};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
@@ -97,6 +104,7 @@ struct Inner {
     url: String,
     chat_uri: Uri,
     completion_uri: Uri,
+    embeddings_uri: Uri,
     auth: Option<HeaderValue>,
     upstream_model: Option<String>,
     timeout: Duration,
@@ -139,6 +147,7 @@ impl UpstreamBackend {
         };
         let chat_uri = endpoint_uri(Endpoint::Chat)?;
         let completion_uri = endpoint_uri(Endpoint::Completion)?;
+        let embeddings_uri = endpoint_uri(Endpoint::Embeddings)?;
         let auth = match &config.api_key {
             Some(key) => {
                 let mut value = HeaderValue::from_str(&format!("Bearer {key}"))
@@ -164,6 +173,7 @@ impl UpstreamBackend {
                 url: url.trim_end_matches('/').to_owned(),
                 chat_uri,
                 completion_uri,
+                embeddings_uri,
                 auth,
                 upstream_model: config.upstream_model,
                 timeout,
@@ -184,13 +194,24 @@ impl Backend for UpstreamBackend {
             .upstream_model
             .clone()
             .unwrap_or_else(|| request.model.clone());
-        let body = request.upstream_body(&model);
+        let body = match request.endpoint {
+            Endpoint::Embeddings => request.upstream_embeddings_body(&model),
+            _ => request.upstream_body(&model),
+        };
         let endpoint = request.endpoint;
         let estimated_prompt = approx_prompt_tokens(request);
+        // Invalid header values (they came through the gateway, which checks them) are dropped.
+        let trace_headers: Vec<(&'static str, HeaderValue)> = [
+            ("x-request-id", request.request_id.as_deref()),
+            ("traceparent", request.traceparent.as_deref()),
+        ]
+        .into_iter()
+        .filter_map(|(name, v)| Some((name, HeaderValue::from_str(v?).ok()?)))
+        .collect();
         let (tx, generation) = Generation::channel();
         let deadline = Instant::now().checked_add(inner.timeout);
         tokio::spawn(async move {
-            let relay = inner.relay(endpoint, model, body, estimated_prompt, &tx);
+            let relay = inner.relay(endpoint, model, body, trace_headers, estimated_prompt, &tx);
             let outcome = tokio::select! {
                 biased;
                 // The consumer is gone: dropping `relay` drops the response body, which closes
@@ -244,6 +265,7 @@ async fn drain(mut body: Incoming) {
 /// The text, finish reason and usage found so far in a stream.
 #[derive(Default)]
 struct StreamState {
+    endpoint: Endpoint,
     finish_reason: Option<String>,
     usage: Option<Usage>,
     chunks: u32,
@@ -272,13 +294,15 @@ impl Inner {
         endpoint: Endpoint,
         model: String,
         body: Vec<u8>,
+        trace_headers: Vec<(&'static str, HeaderValue)>,
         estimated_prompt: u32,
         tx: &mpsc::Sender<EventResult>,
     ) -> Result<Option<Incoming>, BackendError> {
         let uri = match endpoint {
             Endpoint::Chat => self.chat_uri.clone(),
             Endpoint::Completion => self.completion_uri.clone(),
-            Endpoint::Embeddings | Endpoint::Responses => {
+            Endpoint::Embeddings => self.embeddings_uri.clone(),
+            Endpoint::Responses => {
                 return Err(BackendError::BadRequest {
                     url: self.url.clone(),
                     status: 400,
@@ -293,6 +317,9 @@ impl Inner {
             .header(header::ACCEPT, "text/event-stream");
         if let Some(auth) = &self.auth {
             builder = builder.header(header::AUTHORIZATION, auth.clone());
+        }
+        for (name, value) in trace_headers {
+            builder = builder.header(name, value);
         }
         let request =
             builder
@@ -321,12 +348,16 @@ impl Inner {
             .and_then(|v| v.to_str().ok())
             .is_some_and(|ct| ct.trim_start().starts_with("application/json"));
         let mut body = response.into_body();
-        if is_json {
-            self.relay_json(body, estimated_prompt, tx).await?;
+        if is_json || endpoint == Endpoint::Embeddings {
+            self.relay_json(endpoint, body, estimated_prompt, tx)
+                .await?;
             return Ok(None);
         }
         let mut parser = SseParser::new(MAX_EVENT_BYTES);
-        let mut state = StreamState::default();
+        let mut state = StreamState {
+            endpoint,
+            ..StreamState::default()
+        };
         while !state.done {
             let Some(frame) = body.frame().await else {
                 break;
@@ -381,33 +412,44 @@ impl Inner {
         state: &mut StreamState,
         tx: &mpsc::Sender<EventResult>,
     ) -> Result<bool, BackendError> {
-        let chunk = parse_stream_chunk(data).map_err(|e| {
+        let malformed = |reason: String| {
             let mut excerpt: String = data.chars().take(120).collect();
             if excerpt.len() < data.len() {
                 excerpt.push('…');
             }
-            self.protocol(format!("{e} in event {excerpt:?}"))
-        })?;
-        match chunk {
-            StreamChunk::Done => state.done = true,
-            StreamChunk::Chunk {
-                text,
-                finish_reason,
-                usage,
-            } => {
-                if let Some(text) = text.filter(|t| !t.is_empty()) {
-                    state.chunks = state.chunks.saturating_add(1);
-                    if tx.send(Ok(BackendEvent::Token { text })).await.is_err() {
-                        return Ok(false);
-                    }
-                }
-                if finish_reason.is_some() {
-                    state.finish_reason = finish_reason;
-                }
-                if usage.is_some() {
-                    state.usage = usage;
-                }
+            self.protocol(format!("{reason} in event {excerpt:?}"))
+        };
+        if data.trim() == "[DONE]" {
+            state.done = true;
+            return Ok(true);
+        }
+        let value: Value = serde_json::from_str(data)
+            .map_err(|e| malformed(format!("malformed stream chunk: {e}")))?;
+        let is_error = value.get("error").is_some_and(|e| !e.is_null());
+        if !is_error {
+            let Value::Object(obj) = value else {
+                return Err(malformed("a stream chunk is not a JSON object".into()));
+            };
+            let piece = split_chunk(state.endpoint, obj).map_err(malformed)?;
+            if let Some(usage) = piece.usage {
+                state.usage = Some(usage);
             }
+            if piece.finish_reason.is_some() {
+                state.finish_reason = piece.finish_reason;
+            }
+            let event = match piece.relay {
+                Relay::Nothing => return Ok(true),
+                Relay::Text(text) => BackendEvent::Token { text },
+                Relay::Json(json) => BackendEvent::Chunk { json },
+            };
+            if piece.generated {
+                state.chunks = state.chunks.saturating_add(1);
+            }
+            return Ok(tx.send(Ok(event)).await.is_ok());
+        }
+        let chunk = parse_stream_chunk(data).map_err(|e| malformed(e.to_string()))?;
+        match chunk {
+            StreamChunk::Done | StreamChunk::Chunk { .. } => {}
             StreamChunk::Error {
                 message,
                 error_type,
@@ -428,10 +470,13 @@ impl Inner {
         Ok(true)
     }
 
-    /// A server that ignored `stream: true` answered with one `chat.completion` or
-    /// `text_completion` document: relay it as one token and `Done`.
+    /// A JSON answer: an embeddings list (each `data[]` element becomes a `Chunk`), or one
+    /// `chat.completion` / `text_completion` document from a server that ignored `stream: true`
+    /// (its choices become one `Chunk`, as if streamed at once: tool calls, logprobs and every
+    /// other field kept). Then `Done` with the upstream's counts.
     async fn relay_json(
         &self,
+        endpoint: Endpoint,
         body: Incoming,
         estimated_prompt: u32,
         tx: &mpsc::Sender<EventResult>,
@@ -443,30 +488,85 @@ impl Inner {
             .to_bytes();
         let value: Value = serde_json::from_slice(&bytes)
             .map_err(|e| self.protocol(format!("the JSON answer does not parse: {e}")))?;
-        let choice = &value["choices"][0];
-        let text = choice["message"]["content"]
-            .as_str()
-            .or_else(|| choice["text"].as_str())
-            .ok_or_else(|| self.protocol("the JSON answer has no choices[0] text"))?;
-        let finish_reason = choice["finish_reason"]
-            .as_str()
-            .unwrap_or("stop")
-            .to_owned();
+        let Value::Object(mut obj) = value else {
+            return Err(self.protocol("the JSON answer is not an object"));
+        };
+        let usage = obj.remove("usage");
         let count = |key: &str| {
-            value["usage"][key]
-                .as_u64()
+            usage
+                .as_ref()
+                .and_then(|u| u.get(key))
+                .and_then(Value::as_u64)
                 .map(|n| u32::try_from(n).unwrap_or(u32::MAX))
         };
         let prompt_tokens = count("prompt_tokens").unwrap_or(estimated_prompt);
-        let completion_tokens = count("completion_tokens").unwrap_or(u32::from(!text.is_empty()));
-        if !text.is_empty() {
-            let token = BackendEvent::Token {
-                text: text.to_owned(),
+        let (events, finish_reason, generated) = if endpoint == Endpoint::Embeddings {
+            let Some(Value::Array(data)) = obj.remove("data") else {
+                return Err(self.protocol("the embeddings answer has no data array"));
             };
-            if tx.send(Ok(token)).await.is_err() {
+            let events: Vec<BackendEvent> = data
+                .into_iter()
+                .map(|d| BackendEvent::Chunk {
+                    json: d.to_string(),
+                })
+                .collect();
+            (events, "stop".to_owned(), 0)
+        } else {
+            let Some(Value::Array(choices)) = obj.remove("choices") else {
+                return Err(self.protocol("the JSON answer has no choices array"));
+            };
+            let mut finish_reason = None;
+            let choices: Vec<Value> = choices
+                .into_iter()
+                .map(|c| {
+                    let Value::Object(mut c) = c else {
+                        return c;
+                    };
+                    if let Some(r) = c.get("finish_reason").and_then(Value::as_str) {
+                        if finish_reason.is_none()
+                            || c.get("index").and_then(Value::as_u64) == Some(0)
+                        {
+                            finish_reason = Some(r.to_owned());
+                        }
+                    }
+                    // A chat message becomes the delta of one streamed chunk, in its place.
+                    match c.remove("message") {
+                        Some(message) => {
+                            let mut out = Map::with_capacity(c.len() + 1);
+                            let mut message = Some(message);
+                            for (k, v) in c {
+                                if k == "logprobs" || k == "finish_reason" {
+                                    if let Some(m) = message.take() {
+                                        out.insert("delta".into(), m);
+                                    }
+                                }
+                                out.insert(k, v);
+                            }
+                            if let Some(m) = message {
+                                out.insert("delta".into(), m);
+                            }
+                            Value::Object(out)
+                        }
+                        None => Value::Object(c),
+                    }
+                })
+                .collect();
+            obj.insert("choices".into(), Value::Array(choices));
+            let generated = generated_choices(endpoint, &obj);
+            (
+                vec![BackendEvent::Chunk {
+                    json: Value::Object(obj).to_string(),
+                }],
+                finish_reason.unwrap_or_else(|| "stop".to_owned()),
+                generated,
+            )
+        };
+        for event in events {
+            if tx.send(Ok(event)).await.is_err() {
                 return Ok(());
             }
         }
+        let completion_tokens = count("completion_tokens").unwrap_or(generated);
         let _ = tx
             .send(Ok(BackendEvent::Done {
                 finish_reason,
@@ -526,6 +626,117 @@ impl Inner {
     }
 }
 
+/// How one upstream chunk is relayed.
+#[derive(Debug, PartialEq)]
+enum Relay {
+    /// Nothing to relay (a usage-only chunk, an empty delta).
+    Nothing,
+    /// Only text for choice 0: the `Token` fast path.
+    Text(String),
+    /// Anything else: the chunk minus `usage`, as JSON.
+    Json(String),
+}
+
+/// What one upstream chunk carried.
+#[derive(Debug, PartialEq)]
+struct Piece {
+    relay: Relay,
+    usage: Option<Usage>,
+    /// Choice 0's finish reason (another choice's when choice 0 has none).
+    finish_reason: Option<String>,
+    /// It carried generated content (for the estimated completion count).
+    generated: bool,
+}
+
+/// Fields of a chunk the relay owns: a chunk with nothing else can take the fast path.
+const OWNED_FIELDS: [&str; 5] = ["id", "object", "created", "model", "usage"];
+
+/// Splits one upstream chunk (see the module documentation): its usage, its finish reason, and
+/// whether it is relayed as text, as JSON, or not at all.
+fn split_chunk(endpoint: Endpoint, mut obj: Map<String, Value>) -> Result<Piece, String> {
+    let usage = obj
+        .remove("usage")
+        .and_then(|u| serde_json::from_value::<Usage>(u).ok());
+    let nothing = |usage| Piece {
+        relay: Relay::Nothing,
+        usage,
+        finish_reason: None,
+        generated: false,
+    };
+    let choices = match obj.get("choices") {
+        Some(Value::Array(c)) => c,
+        None | Some(Value::Null) => return Ok(nothing(usage)),
+        Some(_) => return Err("`choices` is not an array".into()),
+    };
+    let mut finish_reason = None;
+    for c in choices {
+        if let Some(r) = c.get("finish_reason").and_then(Value::as_str) {
+            if finish_reason.is_none() || c.get("index").and_then(Value::as_u64) == Some(0) {
+                finish_reason = Some(r.to_owned());
+            }
+        }
+    }
+    let only_owned = obj
+        .keys()
+        .all(|k| k == "choices" || OWNED_FIELDS.contains(&k.as_str()));
+    if choices.is_empty() && only_owned {
+        return Ok(nothing(usage));
+    }
+    let generated = generated_choices(endpoint, &obj) > 0;
+    let relay = match only_owned.then(|| text_only(endpoint, choices)).flatten() {
+        Some(t) if t.is_empty() => Relay::Nothing,
+        Some(t) => Relay::Text(t),
+        None => Relay::Json(Value::Object(obj).to_string()),
+    };
+    Ok(Piece {
+        relay,
+        usage,
+        finish_reason,
+        generated,
+    })
+}
+
+/// The text of `choices` when they are one choice 0 whose only non-null fields besides `index`
+/// and `finish_reason` are its text (`delta.content`, or `text` on completions) and, on chat, the
+/// `role` `assistant` (the relays send that role chunk themselves).
+fn text_only(endpoint: Endpoint, choices: &[Value]) -> Option<String> {
+    let [Value::Object(c)] = choices else {
+        return None;
+    };
+    if c.get("index").and_then(Value::as_u64).unwrap_or(0) != 0 {
+        return None;
+    }
+    let nulls_but = |m: &Map<String, Value>, allowed: &[&str]| {
+        m.iter()
+            .all(|(k, v)| v.is_null() || allowed.contains(&k.as_str()))
+    };
+    let (holder, key) = if endpoint == Endpoint::Completion {
+        if !nulls_but(c, &["index", "text", "finish_reason"]) {
+            return None;
+        }
+        (c, "text")
+    } else {
+        let Some(Value::Object(d)) = c.get("delta") else {
+            return None;
+        };
+        let assistant = d
+            .get("role")
+            .is_none_or(|r| r.is_null() || r == "assistant");
+        if !nulls_but(c, &["index", "delta", "finish_reason"])
+            || !nulls_but(d, &["content", "role"])
+            || !assistant
+        {
+            return None;
+        }
+        (d, "content")
+    };
+    match holder.get(key) {
+        Some(Value::String(t)) => Some(t.clone()),
+        None | Some(Value::Null) => Some(String::new()),
+        Some(_) => None,
+    }
+}
+
 /// An error with its causes, e.g. "client error (Connect): tcp connect error: Connection
 /// refused (os error 111)", so logs say what actually happened.
 fn error_chain(e: &dyn std::error::Error) -> String {
@@ -582,17 +793,42 @@ mod tests {
         }
     }
 
-    /// Runs a generation to its end: tokens, then the final Done or error.
+    /// Runs a generation to its end: the text of choice 0 piece by piece (from tokens, and from
+    /// chunks that carry any), then the final Done or error.
     async fn run(b: &dyn Backend, r: &InferenceRequest) -> (Vec<String>, EventResult) {
+        let (events, end) = run_all(b, r).await;
+        let texts = events
+            .into_iter()
+            .filter_map(|e| match e {
+                BackendEvent::Token { text } => Some(text),
+                BackendEvent::Chunk { json } => {
+                    let v: Value = serde_json::from_str(&json).unwrap_or_default();
+                    let c = &v["choices"][0];
+                    c["delta"]["content"]
+                        .as_str()
+                        .or(c["text"].as_str())
+                        .filter(|t| !t.is_empty())
+                        .map(str::to_owned)
+                }
+                BackendEvent::Done { .. } => None,
+            })
+            .collect();
+        (texts, end)
+    }
+
+    /// Runs a generation to its end: every token and chunk, then the final Done or error.
+    async fn run_all(b: &dyn Backend, r: &InferenceRequest) -> (Vec<BackendEvent>, EventResult) {
         let mut g = match b.start(r) {
             Ok(g) => g,
             Err(e) => return (Vec::new(), Err(e)),
         };
-        let mut tokens = Vec::new();
+        let mut events = Vec::new();
         let end = tokio::time::timeout(Duration::from_secs(10), async {
             loop {
                 match g.next().await {
-                    Some(Ok(BackendEvent::Token { text })) => tokens.push(text),
+                    Some(Ok(e @ (BackendEvent::Token { .. } | BackendEvent::Chunk { .. }))) => {
+                        events.push(e)
+                    }
                     Some(end) => return end,
                     None => panic!("generation ended without Done or error"),
                 }
@@ -600,9 +836,196 @@ mod tests {
         })
         .await;
         match end {
-            Ok(end) => (tokens, end),
+            Ok(end) => (events, end),
             Err(_) => panic!("generation did not finish in 10 s"),
         }
+    }
+
+    /// The body of a captured HTTP request, as JSON.
+    fn sent_json(sent: &str) -> Value {
+        let json_start = sent.find("\r\n\r\n").map_or(0, |i| i + 4);
+        serde_json::from_str(&sent[json_start..]).unwrap_or_default()
+    }
+
+    #[tokio::test]
+    async fn the_upstream_receives_every_field_the_client_sent() {
+        let (addr, request) = canned(Some(sse_response("data: [DONE]\n\n"))).await;
+        let extra = json!({
+            "messages": [{"role": "user", "content": [
+                {"type": "text", "text": "What is this?"},
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA", "detail": "low"}}]}],
+            "tools": [{"type": "function", "function": {"name": "get_weather", "description": "d",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}}, "required": ["city"]}}}],
+            "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+            "parallel_tool_calls": false,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}, "strict": true}},
+            "logprobs": true, "top_logprobs": 3, "seed": 42, "user": "u-1", "n": 1,
+            "stop": ["\n\n", "END"], "temperature": 0.25, "top_p": 0.5,
+            "reasoning_effort": "low", "x_vendor_field": {"nested": [1, 2.5, null, "s"]},
+        });
+        let req = chat_request("public", extra.clone());
+        let _ = run(&backend(addr, None, Some("up-model")), &req).await;
+        let sent = sent_json(&request.await.unwrap_or_default());
+        for (key, value) in extra.as_object().into_iter().flatten() {
+            assert_eq!(&sent[key], value, "{key}");
+        }
+        assert_eq!(sent["model"], "up-model");
+    }
+
+    #[tokio::test]
+    async fn request_id_and_traceparent_reach_the_upstream_as_headers() {
+        let (addr, request) = canned(Some(sse_response("data: [DONE]\n\n"))).await;
+        let mut req = chat_request("m", json!({}));
+        req.request_id = Some("req_abc".into());
+        req.traceparent = Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into());
+        let _ = run(&backend(addr, None, None), &req).await;
+        let sent = request.await.unwrap_or_default().to_ascii_lowercase();
+        assert!(sent.contains("\r\nx-request-id: req_abc\r\n"), "{sent}");
+        assert!(
+            sent.contains(
+                "\r\ntraceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\n"
+            ),
+            "{sent}"
+        );
+    }
+
+    #[tokio::test]
+    async fn tool_call_logprob_and_reasoning_chunks_pass_through_unchanged() {
+        let chunks = [
+            json!({"id": "u1", "object": "chat.completion.chunk", "created": 1, "model": "up",
+                "choices": [{"index": 0, "delta": {"role": "assistant", "content": null,
+                    "tool_calls": [{"index": 0, "id": "call_1", "type": "function",
+                        "function": {"name": "get_weather", "arguments": "{\"ci"}}]},
+                    "logprobs": null, "finish_reason": null}]}),
+            json!({"id": "u1", "choices": [{"index": 0, "delta": {"reasoning_content": "hm"},
+                "logprobs": {"content": [{"token": "a", "logprob": -0.5, "bytes": [97], "top_logprobs": []}]},
+                "finish_reason": null}], "system_fingerprint": "fp_1", "x_vendor": 1}),
+            json!({"id": "u1", "choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}],
+                "usage": {"prompt_tokens": 9, "completion_tokens": 4, "total_tokens": 13}}),
+        ];
+        let body: String = chunks
+            .iter()
+            .map(|c| format!("data: {c}\n\n"))
+            .collect::<String>()
+            + "data: [DONE]\n\n";
+        let (addr, _request) = canned(Some(sse_response(&body))).await;
+        let (events, end) =
+            run_all(&backend(addr, None, None), &chat_request("m", json!({}))).await;
+        let relayed: Vec<Value> = events
+            .iter()
+            .map(|e| match e {
+                BackendEvent::Chunk { json } => serde_json::from_str(json).unwrap_or_default(),
+                other => panic!("expected chunks only, got {other:?}"),
+            })
+            .collect();
+        // The first two as sent; the finish chunk carries nothing Done does not (its reason and
+        // the usage).
+        assert_eq!(relayed, chunks[..2]);
+        assert_eq!(
+            end,
+            Ok(BackendEvent::Done {
+                finish_reason: "tool_calls".into(),
+                prompt_tokens: 9,
+                completion_tokens: 4
+            })
+        );
+    }
+
+    #[test]
+    fn only_plain_text_of_choice_zero_takes_the_token_fast_path() {
+        let split = |v: Value| match v {
+            Value::Object(o) => split_chunk(Endpoint::Chat, o).map(|p| p.relay),
+            _ => Err("not an object".into()),
+        };
+        let text = |t: &str| Ok(Relay::Text(t.into()));
+        assert_eq!(
+            split(json!({"id": "x", "object": "o", "created": 1, "model": "m",
+                "choices": [{"index": 0, "delta": {"content": "hi"}, "logprobs": null, "finish_reason": null}]})),
+            text("hi")
+        );
+        // The finish reason travels in Done.
+        assert_eq!(
+            split(
+                json!({"choices": [{"index": 0, "delta": {"content": "a"}, "finish_reason": "stop"}]})
+            ),
+            text("a")
+        );
+        assert_eq!(
+            split(json!({"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 1}})),
+            Ok(Relay::Nothing)
+        );
+        assert_eq!(
+            split(json!({"choices": [{"index": 0, "delta": {}}]})),
+            Ok(Relay::Nothing)
+        );
+        // The role chunk the relays render themselves.
+        assert_eq!(
+            split(
+                json!({"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]})
+            ),
+            Ok(Relay::Nothing)
+        );
+        for not_text in [
+            json!({"choices": [{"index": 0, "delta": {"role": "tool", "content": "x"}}]}),
+            json!({"choices": [{"index": 1, "delta": {"content": "b"}}]}),
+            json!({"choices": [{"index": 0, "delta": {"content": "a"}}, {"index": 1, "delta": {"content": "b"}}]}),
+            json!({"choices": [{"index": 0, "delta": {"content": "a"}, "logprobs": {"content": []}}]}),
+            json!({"choices": [{"index": 0, "delta": {"content": "a", "refusal": "no"}}]}),
+            json!({"system_fingerprint": "fp", "choices": [{"index": 0, "delta": {"content": "a"}}]}),
+            json!({"choices": [{"index": 0, "delta": {"content": "a"}, "stop_reason": 7}]}),
+        ] {
+            assert!(
+                matches!(split(not_text.clone()), Ok(Relay::Json(_))),
+                "{not_text}"
+            );
+        }
+        assert!(split(json!({"choices": {}})).is_err());
+    }
+
+    #[tokio::test]
+    async fn embeddings_are_posted_without_stream_fields_and_relayed_element_by_element() {
+        let doc = r#"{"object":"list","data":[{"object":"embedding","index":0,"embedding":[0.25,-1.0]},{"object":"embedding","index":1,"embedding":[0.5,0.0]}],"model":"up","usage":{"prompt_tokens":6,"total_tokens":6}}"#;
+        let response = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{doc}",
+            doc.len()
+        );
+        let (addr, request) = canned(Some(response.into_bytes())).await;
+        let req = match InferenceRequest::parse(
+            Endpoint::Embeddings,
+            br#"{"model":"m","input":["a","b"],"encoding_format":"float","dimensions":2}"#,
+        ) {
+            Ok(r) => r,
+            Err(e) => panic!("{e}"),
+        };
+        let (events, end) = run_all(&backend(addr, None, Some("up")), &req).await;
+        let sent = request.await.unwrap_or_default();
+        assert!(
+            sent.starts_with("POST /v1/embeddings HTTP/1.1\r\n"),
+            "{sent}"
+        );
+        assert_eq!(
+            sent_json(&sent),
+            json!({"model": "up", "input": ["a", "b"], "encoding_format": "float", "dimensions": 2})
+        );
+        assert_eq!(
+            events,
+            vec![
+                BackendEvent::Chunk {
+                    json: r#"{"object":"embedding","index":0,"embedding":[0.25,-1.0]}"#.into()
+                },
+                BackendEvent::Chunk {
+                    json: r#"{"object":"embedding","index":1,"embedding":[0.5,0.0]}"#.into()
+                },
+            ]
+        );
+        assert_eq!(
+            end,
+            Ok(BackendEvent::Done {
+                finish_reason: "stop".into(),
+                prompt_tokens: 6,
+                completion_tokens: 0
+            })
+        );
     }
 
     fn fast() -> SimConfig {

@@ -6,6 +6,7 @@
 
 pub mod attempts;
 
+use crate::access::AccessLine;
 use crate::auth::CapGuard;
 use crate::clock::SharedClock;
 use crate::components::{Auth, Directory, Meter, Placement, Sessions};
@@ -22,7 +23,10 @@ use nearpath_config::{InferenceConfig, WorkloadKind};
 use nearpath_geo::Location;
 use nearpath_protocol::app_code::STREAM_CANCELLED;
 use nearpath_protocol::message::{Message, Open, RefuseCode, SessionKind};
-use nearpath_protocol::openai::{ApiError, InferenceRequest, Usage, MODEL_UNAVAILABLE};
+use nearpath_protocol::openai::{
+    rewrite_chunk, ApiError, ChunkInfo, Endpoint, InferenceRequest, Input, RewriteContext, Usage,
+    MODEL_UNAVAILABLE,
+};
 use nearpath_protocol::stream::{send, FramedRecv};
 use nearpath_protocol::MAX_REQUEST_FRAME;
 use std::future::Future;
@@ -34,10 +38,35 @@ use tracing::{debug, info, warn};
 /// The prompt tokens a request is billed: one token per 4 bytes of its input text (message
 /// contents, or the prompt), rounded up. Four bytes per token is the usual average of BPE
 /// tokenisers on English text; the gateway cannot run the node's tokeniser, and must not take
-/// the node's word for it. Bounded by the request body limit.
+/// the node's word for it. Bounded by the request body limit. Token-id inputs (embeddings) count
+/// one token per id.
 pub fn prompt_token_estimate(request: &InferenceRequest) -> u32 {
     let bytes: usize = request.input_texts().map(str::len).sum();
-    u32::try_from(bytes.div_ceil(4)).unwrap_or(u32::MAX)
+    let tokens = bytes.div_ceil(4).saturating_add(request.input_token_ids());
+    u32::try_from(tokens).unwrap_or(u32::MAX)
+}
+
+/// How many choices a request asks for (`n`, 1 when absent), or, for embeddings, how many inputs
+/// it has: a node's piece with a choice (or input) index at or beyond it is refused.
+pub fn choices_of(request: &InferenceRequest) -> u32 {
+    match &request.input {
+        Input::Embed(inputs) => u32::try_from(inputs.len()).unwrap_or(u32::MAX),
+        _ => request
+            .raw
+            .get("n")
+            .and_then(serde_json::Value::as_u64)
+            .map_or(1, |n| u32::try_from(n).unwrap_or(u32::MAX).max(1)),
+    }
+}
+
+/// The response id the client sees (`chatcmpl-…`, `cmpl-…`, `resp_…`): the endpoint's prefix and
+/// the tail of the request id, so that one can be found from the other.
+pub fn completion_id(endpoint: Endpoint, request_id: &str) -> String {
+    let mut tail_at = request_id.len().saturating_sub(24);
+    while !request_id.is_char_boundary(tail_at) {
+        tail_at += 1;
+    }
+    format!("{}{}", endpoint.id_prefix(), &request_id[tail_at..])
 }
 
 /// A fresh request id (`req_` and 24 hex digits).
@@ -54,11 +83,12 @@ pub fn client_latlon(loc: &Location) -> Option<LatLon> {
 }
 
 /// What a tenant is billed: the estimated prompt, and the non-empty pieces the gateway relayed,
-/// at most the request's `max_tokens` (a node cannot bill more by saying so).
-pub fn billed_usage(prompt_tokens: u32, pieces: u32, max_tokens: Option<u32>) -> Usage {
+/// at most the request's `max_tokens` for each of its `n` choices (a node cannot bill more by
+/// saying so).
+pub fn billed_usage(prompt_tokens: u32, pieces: u32, max_tokens: Option<u32>, n: u32) -> Usage {
     Usage {
         prompt_tokens,
-        completion_tokens: pieces.min(max_tokens.unwrap_or(u32::MAX)),
+        completion_tokens: pieces.min(max_tokens.map_or(u32::MAX, |m| m.saturating_mul(n.max(1)))),
     }
 }
 
@@ -83,8 +113,11 @@ pub struct Ticket {
     /// `http` or `quic` (metric label).
     pub entry: &'static str,
     pub started: Instant,
-    /// The W3C `traceparent` the client sent, continued on the node and its upstream.
+    /// The W3C `traceparent` passed to the node and its upstream (the gateway's span in the
+    /// client's trace, or a new trace); set by the front end.
     pub traceparent: Option<String>,
+    /// The endpoint, for the access log; set by the front end.
+    pub endpoint: Endpoint,
     _cap: CapGuard,
 }
 
@@ -94,6 +127,11 @@ pub enum Output<'a> {
     /// The request runs on a node; nothing of the completion yet.
     Started,
     Token(&'a str),
+    /// One JSON piece, already rewritten ([`rewrite_chunk`]): relayed as is.
+    Chunk {
+        json: &'a str,
+        info: &'a ChunkInfo,
+    },
     /// The end. `usage` is what the tenant is billed.
     Done {
         finish_reason: &'a str,
@@ -115,6 +153,10 @@ pub trait Relay: Send {
     /// Completes when the client has gone away (never, for a client that cannot be watched).
     /// It is raced against the node's next event, so it must keep its progress in `self`.
     fn gone(&mut self) -> impl Future<Output = ()> + Send;
+    /// The status the client got, for the access log (a stream's headers said 200).
+    fn status(&self) -> u16 {
+        200
+    }
 }
 
 impl InferService {
@@ -160,6 +202,7 @@ impl InferService {
             entry,
             started,
             traceparent: None,
+            endpoint: Endpoint::Chat,
             _cap: cap,
         })
     }
@@ -214,6 +257,7 @@ impl InferService {
                         bytes: 0,
                     },
                 );
+                self.access_log(ticket, e.to_api().status, e.kind.as_str(), None, None, None);
                 Err(e)
             }
         }
@@ -243,6 +287,18 @@ impl InferService {
                     _ = relay.gone() => break 'pump "cancelled",
                 };
                 match ev {
+                    StreamEvent::Chunk { json, info } => {
+                        match relay
+                            .send(Output::Chunk {
+                                json: &json,
+                                info: &info,
+                            })
+                            .await
+                        {
+                            Ok(n) => bytes += n,
+                            Err(Gone) => break 'pump "cancelled",
+                        }
+                    }
                     StreamEvent::Token(t) => {
                         let now = self.clock.now();
                         if let Some(last) = last_token {
@@ -317,7 +373,59 @@ impl InferService {
                 bytes,
             },
         );
+        self.access_log(
+            &ticket,
+            relay.status(),
+            outcome,
+            Some(&node.id),
+            Some(ttft),
+            Some(usage),
+        );
         outcome
+    }
+
+    /// The access-log line of an admitted request.
+    fn access_log(
+        &self,
+        ticket: &Ticket,
+        status: u16,
+        outcome: &str,
+        node: Option<&str>,
+        ttft: Option<Duration>,
+        usage: Option<Usage>,
+    ) {
+        let trace_id = ticket
+            .traceparent
+            .as_deref()
+            .and_then(crate::access::TraceParent::parse)
+            .map(|t| t.trace_id_hex());
+        AccessLine {
+            entry: ticket.entry,
+            method: if ticket.entry == "http" {
+                "POST"
+            } else {
+                "INFER"
+            },
+            path: ticket.endpoint.path(),
+            status,
+            request_id: &ticket.request_id,
+            trace_id: trace_id.as_deref(),
+            key_id: Some(&ticket.key.id),
+            model: Some(&ticket.model),
+            node,
+            ttft_ms: ttft.map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
+            prompt_tokens: usage.map(|u| u.prompt_tokens),
+            completion_tokens: usage.map(|u| u.completion_tokens),
+            duration_ms: u64::try_from(
+                self.clock
+                    .now()
+                    .saturating_duration_since(ticket.started)
+                    .as_millis(),
+            )
+            .unwrap_or(u64::MAX),
+            outcome,
+        }
+        .emit();
     }
 
     /// Routes and starts a request of API key `key`, failing over between candidates until one
@@ -576,6 +684,8 @@ impl InferService {
                         attempts,
                         self.clock.now().saturating_duration_since(started),
                         request,
+                        completion_id(request.endpoint, request_id),
+                        self.clock.unix_ms() / 1000,
                         &self.config,
                     );
                     s.queue_wait = machine
@@ -821,10 +931,21 @@ impl Trying {
         attempts: u32,
         ttft: Duration,
         request: &InferenceRequest,
+        completion_id: String,
+        created: u64,
         cfg: &InferenceConfig,
     ) -> InferStream {
         let first = self.first.take();
+        let n = choices_of(request);
         InferStream {
+            endpoint: request.endpoint,
+            completion_id,
+            created,
+            n,
+            embeddings_seen: match request.endpoint {
+                Endpoint::Embeddings => vec![false; n as usize],
+                _ => Vec::new(),
+            },
             node: self.node.clone(),
             model: request.model.clone(),
             fallback_from: None,
@@ -858,6 +979,12 @@ impl Drop for Trying {
 #[derive(Debug)]
 pub enum StreamEvent {
     Token(String),
+    /// One JSON piece: as the node sent it until [`InferStream::next`] rewrote it (then `info`
+    /// says what it carried).
+    Chunk {
+        json: String,
+        info: ChunkInfo,
+    },
     Done {
         finish_reason: String,
         usage: Usage,
@@ -869,7 +996,17 @@ pub enum StreamEvent {
 /// A request admitted and running on a node, its first event already received.
 pub struct InferStream {
     pub node: Arc<NodeEntry>,
-    /// The model serving the request: the request's, or a fallback of it.
+    pub endpoint: Endpoint,
+    /// The response id the client sees ([`completion_id`]).
+    pub completion_id: String,
+    /// The response's `created` (Unix seconds).
+    pub created: u64,
+    /// [`choices_of`] the request.
+    pub n: u32,
+    /// Embeddings: which inputs' embeddings came (each may come once).
+    embeddings_seen: Vec<bool>,
+    /// The model serving the request: the request's, or a fallback of it (pieces are rewritten
+    /// to carry it).
     pub model: String,
     /// The request's own model, when a fallback serves it (`inference.fallbacks`).
     pub fallback_from: Option<String>,
@@ -942,13 +1079,50 @@ impl InferStream {
                 }
             }
         };
-        self.finished = !matches!(ev, StreamEvent::Token(_));
+        self.finished = !matches!(ev, StreamEvent::Token(_) | StreamEvent::Chunk { .. });
         match ev {
+            // Embeddings and Responses events have no plain-text form.
+            StreamEvent::Token(_)
+                if matches!(self.endpoint, Endpoint::Embeddings | Endpoint::Responses) =>
+            {
+                self.malformed(format!(
+                    "a Token on {}, which carries only Chunks",
+                    self.endpoint.path()
+                ))
+            }
             StreamEvent::Token(t) => {
                 if !t.is_empty() {
                     self.pieces = self.pieces.saturating_add(1);
                 }
                 StreamEvent::Token(t)
+            }
+            StreamEvent::Chunk { json, .. } => {
+                let ctx = RewriteContext {
+                    endpoint: self.endpoint,
+                    id: &self.completion_id,
+                    created: self.created,
+                    model: &self.model,
+                    n: self.n,
+                    usage: self.billed(),
+                };
+                match rewrite_chunk(&json, &ctx) {
+                    Ok((json, info)) => {
+                        if let Some(i) = info.embedding_index {
+                            match self.embeddings_seen.get_mut(i as usize) {
+                                Some(seen @ false) => *seen = true,
+                                _ => {
+                                    return self
+                                        .malformed(format!("a second embedding for input {i}"))
+                                }
+                            }
+                        }
+                        if info.generated > 0 {
+                            self.pieces = self.pieces.saturating_add(1);
+                        }
+                        StreamEvent::Chunk { json, info }
+                    }
+                    Err(e) => self.malformed(e.to_string()),
+                }
             }
             StreamEvent::Done {
                 finish_reason,
@@ -964,9 +1138,27 @@ impl InferStream {
         }
     }
 
-    /// What the tenant is billed so far ([`billed_usage`]).
+    /// What the tenant is billed so far ([`billed_usage`]). Embeddings bill the prompt only.
     pub fn billed(&self) -> Usage {
-        billed_usage(self.prompt_tokens, self.pieces, self.max_tokens)
+        let pieces = match self.endpoint {
+            Endpoint::Embeddings => 0,
+            _ => self.pieces,
+        };
+        billed_usage(self.prompt_tokens, pieces, self.max_tokens, self.n)
+    }
+
+    /// The node sent something that cannot be relayed: the stream ends with a 502 naming it
+    /// (in band once streaming started), and the node's stream is reset.
+    fn malformed(&mut self, detail: String) -> StreamEvent {
+        self.finished = false;
+        self.cancel();
+        let id = &self.node.id;
+        StreamEvent::Failed(
+            CoreError::from_api(&ApiError::bad_gateway(format!(
+                "node {id} sent a malformed answer: {detail}"
+            )))
+            .with_peer(id.clone()),
+        )
     }
 
     /// The counts the node's `Done` claimed, if it sent one.
@@ -1005,6 +1197,10 @@ impl Drop for InferStream {
 fn to_event(r: Result<Option<Message>, nearpath_protocol::StreamError>) -> StreamEvent {
     match r {
         Ok(Some(Message::Token(t))) => StreamEvent::Token(t.text),
+        Ok(Some(Message::Chunk(c))) => StreamEvent::Chunk {
+            json: c.json,
+            info: ChunkInfo::default(),
+        },
         Ok(Some(Message::Done(d))) => StreamEvent::Done {
             finish_reason: d.finish_reason,
             usage: Usage {
@@ -1091,10 +1287,12 @@ mod tests {
     #[test]
     fn usage_above_what_was_relayed_is_not_billed() {
         // The node may say it produced 500 tokens; the tenant pays the 3 pieces relayed.
-        assert_eq!(billed_usage(7, 3, None).completion_tokens, 3);
+        assert_eq!(billed_usage(7, 3, None, 1).completion_tokens, 3);
         // Never more than max_tokens, however many pieces came.
-        assert_eq!(billed_usage(7, 40, Some(16)).completion_tokens, 16);
-        assert_eq!(billed_usage(7, 40, Some(16)).prompt_tokens, 7);
+        assert_eq!(billed_usage(7, 40, Some(16), 1).completion_tokens, 16);
+        assert_eq!(billed_usage(7, 40, Some(16), 1).prompt_tokens, 7);
+        // n choices may each produce max_tokens, no more.
+        assert_eq!(billed_usage(7, 40, Some(16), 2).completion_tokens, 32);
     }
 
     #[test]

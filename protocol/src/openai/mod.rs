@@ -18,17 +18,20 @@
 //! buffer: the per-stream constant part is rendered once ([`StreamRenderer`]) and only the token
 //! text is escaped per chunk. [`push_json_str`] produces exactly what `serde_json` produces.
 //!
-//! The module is split along its seams: [`request`] (parsing and validation), [`render`]
+//! The module is split along its seams: [`request`] (parsing and validation), [`relay`]
+//! (pass-through of backend pieces: rewriting, assembling non-streaming bodies), [`render`]
 //! (responses, chunks, SSE framing), [`error`] ([`ApiError`]) and [`sse`] (reading streams). Every
 //! item is re-exported here, so `nearpath_protocol::openai::X` names stay stable.
 
 pub mod error;
+pub mod relay;
 pub mod render;
 pub mod request;
 pub mod responses;
 pub mod sse;
 
 pub use error::*;
+pub use relay::*;
 pub use render::*;
 pub use request::*;
 pub use sse::*;

@@ -204,6 +204,12 @@ pub struct InferenceRequest {
     pub seed: Option<i64>,
     /// The request body exactly as received (every field, known or not), so it can be forwarded.
     pub raw: Map<String, Value>,
+    /// The request's `x-request-id`, passed on to an upstream server as that header (not part
+    /// of the body; `None` from parsing, set by whoever knows it).
+    pub request_id: Option<String>,
+    /// The W3C `traceparent` passed on to an upstream server (not part of the body; `None` from
+    /// parsing).
+    pub traceparent: Option<String>,
 }
 
 /// Why a request body was rejected. Rendered as a 400 `invalid_request_error` (see
@@ -762,6 +768,8 @@ impl InferenceRequest {
             user,
             seed,
             raw,
+            request_id: None,
+            traceparent: None,
         })
     }
 
@@ -813,6 +821,16 @@ impl InferenceRequest {
                 .sum(),
             _ => 0,
         }
+    }
+
+    /// The body of an embeddings request to another OpenAI-compatible server: the original
+    /// request with `model` replaced (embeddings do not stream, so `stream` fields are dropped).
+    pub fn upstream_embeddings_body(&self, model: &str) -> Vec<u8> {
+        let mut body = self.raw.clone();
+        body.remove("stream");
+        body.remove("stream_options");
+        body.insert("model".into(), Value::String(model.to_owned()));
+        serde_json::to_vec(&body).unwrap_or_default()
     }
 
     /// The body to send to another OpenAI-compatible server: the original request with `model`

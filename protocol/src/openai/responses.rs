@@ -1212,19 +1212,5 @@ impl ResponseStream {
     }
 }
 
-/// One Responses streaming event as SSE, with the `event:` line the official clients expect:
-/// `event: <type>\ndata: <json>\n\n`. `json` must be serialised on one line (as serde_json
-/// writes it). Line breaks in `event_type`, which comes from a backend, are dropped so that it
-/// cannot forge other SSE fields.
-pub fn responses_sse_event(event_type: &str, json: &str) -> String {
-    let mut out = String::with_capacity(json.len() + event_type.len() + 16);
-    out.push_str("event: ");
-    out.extend(event_type.chars().filter(|c| *c != '\n' && *c != '\r'));
-    out.push_str("\ndata: ");
-    out.push_str(json);
-    out.push_str("\n\n");
-    out
-}
-
 #[cfg(test)]
 mod tests;

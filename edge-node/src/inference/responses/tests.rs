@@ -197,11 +197,13 @@ async fn a_chat_tool_call_becomes_a_function_call_item() {
     registry
         .insert("m", 1, dyn_backend)
         .unwrap_or_else(|e| panic!("{e}"));
-    let req = responses(json!({
+    let mut req = responses(json!({
         "model": "m", "input": "Weather in Oslo?",
         "tools": [{"type": "function", "name": "weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}],
         "tool_choice": "required",
     }));
+    req.request_id = Some("req_t".into());
+    req.traceparent = Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into());
     let (events, end) = collect(registry.start(&req).unwrap_or_else(|e| panic!("{e}"))).await;
     assert!(matches!(end, Ok(BackendEvent::Done { .. })), "{end:?}");
     let seen = backend
@@ -213,6 +215,12 @@ async fn a_chat_tool_call_becomes_a_function_call_item() {
         panic!("the backend got nothing")
     };
     assert_eq!(seen.endpoint, Endpoint::Chat);
+    assert_eq!(
+        seen.request_id.as_deref(),
+        Some("req_t"),
+        "the ids reach the chat backend"
+    );
+    assert_eq!(seen.traceparent, req.traceparent);
     assert_eq!(seen.raw["tools"][0]["function"]["name"], "weather");
     assert_eq!(seen.raw["tool_choice"], "required");
     assert_eq!(
@@ -409,7 +417,10 @@ async fn native_mode_relays_the_upstream_events_and_its_usage() {
     ];
     let (addr, seen) = canned(sse_answer(&upstream_events)).await;
     let registry = native_registry(addr);
-    let req = responses(json!({"model": "m", "input": "hi", "store": false, "vendor": {"x": 1}}));
+    let mut req =
+        responses(json!({"model": "m", "input": "hi", "store": false, "vendor": {"x": 1}}));
+    req.request_id = Some("req_native".into());
+    req.traceparent = Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into());
     let (events, end) = collect(registry.start(&req).unwrap_or_else(|e| panic!("{e}"))).await;
     assert_eq!(events, upstream_events, "relayed as the upstream sent them");
     assert_eq!(
@@ -423,6 +434,16 @@ async fn native_mode_relays_the_upstream_events_and_its_usage() {
     let request = seen.await.unwrap_or_else(|e| panic!("{e}"));
     assert!(request.starts_with("POST /v1/responses "), "{request}");
     assert!(request.contains("authorization: Bearer sk-up"), "{request}");
+    assert!(
+        request.contains("\r\nx-request-id: req_native\r\n"),
+        "{request}"
+    );
+    assert!(
+        request.contains(
+            "\r\ntraceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\n"
+        ),
+        "{request}"
+    );
     let body: Value = serde_json::from_str(&request[request.find("\r\n\r\n").unwrap_or(0) + 4..])
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(body["model"], "up-model");

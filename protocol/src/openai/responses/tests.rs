@@ -636,18 +636,6 @@ fn request_fields_are_echoed_in_the_response_object() {
     assert_eq!(d.response()["text"], json!({"format": {"type": "text"}}));
 }
 
-#[test]
-fn sse_framing_names_the_event_and_cannot_be_forged() {
-    assert_eq!(
-        responses_sse_event("response.completed", "{\"a\":1}"),
-        "event: response.completed\ndata: {\"a\":1}\n\n"
-    );
-    assert_eq!(
-        responses_sse_event("x\ndata: evil\r", "{}"),
-        "event: xdata: evil\ndata: {}\n\n"
-    );
-}
-
 mod properties {
     use super::*;
     use proptest::prelude::*;
