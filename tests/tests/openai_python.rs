@@ -197,14 +197,41 @@ fn require_python_openai() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_official_openai_python_client_uses_the_responses_api_through_the_gateway() {
+    use nearpath_edge_node::inference::{serve_openai_with, ModelRegistry, ServerOptions};
+    use std::sync::Arc;
     require_python_openai();
+    // The tool-calling model is an OpenAI-compatible server that the node relays to (a scripted
+    // chat backend behind an OpenAI server), so a call travels as upstream chat chunks, through
+    // the node's translation, to the gateway as Responses events.
+    let mut registry = ModelRegistry::new();
+    registry
+        .insert("weather", 8, Arc::new(WeatherCaller))
+        .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let upstream = tokio::spawn(serve_openai_with(
+        listener,
+        Arc::new(registry),
+        ServerOptions::default(),
+        shutdown.clone(),
+    ));
     let gw = TestGateway::start(|_| {}).await;
-    let mut node = TestNode::start(gw.node_config("de-1", &gw.token), ip(DE));
+    let mut cfg = gw.node_config("de-1", &gw.token);
+    // Written as configuration, so the test follows the documented keys.
+    let weather: nearpath_config::ModelConfig = serde_json::from_value(json!({
+        "name": "weather", "max_concurrency": 8,
+        "backend": {"type": "upstream", "base_url": format!("http://{addr}/v1")},
+    }))
+    .unwrap();
+    cfg.models.push(weather);
+    let mut node = TestNode::start(cfg, ip(DE));
     node.registered().await;
-    // The simulator calls a tool when `tool_choice` requires one, so "m" serves both.
-    run_responses_script(gw.api_url("/v1"), API_KEY, "m", "m").await;
+    run_responses_script(gw.api_url("/v1"), API_KEY, "m", "weather").await;
     node.stop().await.unwrap();
     gw.stop().await;
+    shutdown.cancel();
+    upstream.await.unwrap();
 }
 
 /// A chat backend that always calls `get_weather` for Paris, streamed as chat chunks the way
