@@ -32,3 +32,4 @@ pub use node::{
     NodeGatewayConfig, NodeIdentity, ResponsesMode, CPU_GPU_CLASS, UNKNOWN_GPU_CLASS,
 };
 pub use node::{CongestionController, MediaConfig, NodeQuicConfig};
+pub use node::{CAPABILITY_NAMES, SIM_CAPABILITY_NAMES};

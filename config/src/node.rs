@@ -310,6 +310,16 @@ pub struct ModelConfig {
     pub max_concurrency: u32,
     /// What produces the tokens. Required.
     pub backend: BackendConfig,
+    /// The optional OpenAI features the backend honours for this model, from
+    /// [`CAPABILITY_NAMES`] (`tools`, `json_mode`, `json_schema`, `logprobs`, `embeddings`, `n`,
+    /// `vision`). The gateway refuses a request needing one that no node serving the model
+    /// declares (400 naming the parameter) and routes such requests only to nodes declaring it.
+    /// Default: for the simulator, what it fakes (all but `vision`); for an upstream, none, since
+    /// only the operator knows what the server honours (declare them: llama.cpp's server honours
+    /// `tools` with a named `tool_choice`, `json_mode`, `json_schema`, `logprobs`, and
+    /// `embeddings` when started with `--embedding`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capabilities: Option<Vec<String>>,
     /// How `POST /v1/responses` (the OpenAI Responses API) is served for this model:
     /// `"translate"` turns each request into a chat completions request for the backend and the
     /// chat stream back into Responses events (any backend); `"native"` relays it to the
@@ -330,11 +340,42 @@ pub enum ResponsesMode {
     Native,
 }
 
+/// The capability names `[[models]] capabilities` accepts (the protocol's `ModelCaps` names).
+pub const CAPABILITY_NAMES: [&str; 7] = [
+    "tools",
+    "json_mode",
+    "json_schema",
+    "logprobs",
+    "embeddings",
+    "n",
+    "vision",
+];
+
+/// What the simulator fakes, hence its capabilities when none are configured.
+pub const SIM_CAPABILITY_NAMES: [&str; 6] = [
+    "tools",
+    "json_mode",
+    "json_schema",
+    "logprobs",
+    "embeddings",
+    "n",
+];
+
 fn default_max_concurrency() -> u32 {
     8
 }
 
 impl ModelConfig {
+    /// The capability names in effect: `capabilities` as configured, else the backend's default
+    /// (see [`ModelConfig::capabilities`]).
+    pub fn capability_names(&self) -> Vec<&str> {
+        match (&self.capabilities, &self.backend) {
+            (Some(names), _) => names.iter().map(String::as_str).collect(),
+            (None, BackendConfig::Sim { .. }) => SIM_CAPABILITY_NAMES.to_vec(),
+            (None, BackendConfig::Upstream { .. }) => Vec::new(),
+        }
+    }
+
     /// The model name to send upstream: `upstream_model`, else `name` (also for the simulator).
     pub fn upstream_model_name(&self) -> &str {
         match &self.backend {
@@ -739,6 +780,20 @@ impl NodeConfig {
                     "is \"native\", which relays to an upstream server's /v1/responses, but the backend is not `upstream` (use \"translate\")",
                 );
             }
+            for (j, c) in m.capabilities.iter().flatten().enumerate() {
+                let path = format!("{at}.capabilities[{j}]");
+                if !CAPABILITY_NAMES.contains(&c.as_str()) {
+                    p.push(
+                        path,
+                        format!(
+                            "{c:?} is not a capability (expected one of {})",
+                            CAPABILITY_NAMES.join(", ")
+                        ),
+                    );
+                } else if m.capabilities.iter().flatten().take(j).any(|d| d == c) {
+                    p.push(path, format!("{c:?} is listed twice"));
+                }
+            }
             match &m.backend {
                 BackendConfig::Sim { tokens_per_s, .. } => {
                     // 0 means "as fast as possible" (benchmarks of the relay itself).
@@ -983,6 +1038,7 @@ mod tests {
                 timeout_ms: 1,
             },
             responses: Default::default(),
+            capabilities: None,
         });
         let shown = format!("{cfg:?}");
         assert!(

@@ -417,6 +417,7 @@ fn configurations_round_trip_through_toml() {
             timeout_ms: 9,
         },
         responses: Default::default(),
+        capabilities: Some(vec!["tools".into(), "logprobs".into()]),
     });
     node.games.push(GameEntry {
         title: "g".into(),
@@ -448,4 +449,37 @@ fn responses_native_needs_an_upstream_backend() {
         ResponsesMode::Translate,
         "the default"
     );
+}
+
+#[test]
+fn model_capabilities_are_validated_naming_the_path() {
+    let models = "[[models]]\nname = \"a\"\nbackend = { type = \"sim\" }\n\
+                  [[models]]\nname = \"b\"\nbackend = { type = \"upstream\", base_url = \"http://127.0.0.1:1/v1\" }\n\
+                  [[models]]\nname = \"c\"\nbackend = { type = \"sim\" }\n";
+    let shown = node_err(&format!(
+        "{models}capabilities = [\"tools\", \"telepathy\"]\n"
+    ));
+    assert!(
+        shown.contains("models[2].capabilities[1]") && shown.contains("telepathy"),
+        "{shown}"
+    );
+    let shown = node_err(&format!("{models}capabilities = [\"n\", \"n\"]\n"));
+    assert!(shown.contains("models[2].capabilities[1]"), "{shown}");
+    let shown = node_err(&format!("{models}capabilities = \"tools\"\n"));
+    assert!(shown.contains("models[2].capabilities"), "{shown}");
+    // Defaults: the simulator declares what it fakes, an upstream nothing until declared.
+    let cfg = match parse_node(
+        &format!("{NODE}{models}capabilities = [\"vision\"]\n"),
+        "n.toml",
+        &[],
+    ) {
+        Ok(cfg) => cfg,
+        Err(e) => panic!("{e}"),
+    };
+    assert_eq!(
+        cfg.models[0].capability_names(),
+        nearpath_config::SIM_CAPABILITY_NAMES.to_vec()
+    );
+    assert!(cfg.models[1].capability_names().is_empty());
+    assert_eq!(cfg.models[2].capability_names(), ["vision"]);
 }

@@ -163,7 +163,12 @@ impl EdgeNode {
             workloads: Workloads {
                 games: self.config.games.iter().map(|g| g.title.clone()).collect(),
                 models: self.config.models.iter().map(|m| m.name.clone()).collect(),
-                model_caps: Vec::new(),
+                model_caps: self
+                    .config
+                    .models
+                    .iter()
+                    .map(crate::inference::configured_caps)
+                    .collect(),
             },
             capacity: Capacity {
                 game_sessions: self.config.capacity.game_sessions,

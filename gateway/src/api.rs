@@ -32,6 +32,7 @@ use nearpath_geo::Location;
 use nearpath_protocol::openai::{
     self, ApiError, Assembler, EmbeddingsAssembler, Endpoint, InferenceRequest, StreamRenderer,
 };
+use nearpath_protocol::ModelCaps;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -407,14 +408,10 @@ impl ClientApi {
         let (_, loc) = self.locate(&req, peer);
         let list = self.model_list(&key, &loc);
         match list.iter().find(|m| m.0 == id) {
-            Some((id, created, owned_by, available)) => with_type(
+            Some((id, created, owned_by, available, caps)) => with_type(
                 StatusCode::OK,
                 "application/json",
-                serde_json::json!({
-                    "id": id, "object": "model", "created": created, "owned_by": owned_by,
-                    "available": available,
-                })
-                .to_string(),
+                openai::model_object(id, *created, owned_by, *available, *caps),
             ),
             None => error_response(request_id, &CoreError::model_not_found(id)),
         }
@@ -427,10 +424,10 @@ impl ClientApi {
         };
         let (_, loc) = self.locate(&req, peer);
         let list = self.model_list(&key, &loc);
-        let list: Vec<(&str, u64, &str, bool)> = list
+        let list: Vec<(&str, u64, &str, bool, ModelCaps)> = list
             .iter()
-            .map(|(id, created, owned_by, available)| {
-                (id.as_str(), *created, *owned_by, *available)
+            .map(|(id, created, owned_by, available, caps)| {
+                (id.as_str(), *created, *owned_by, *available, *caps)
             })
             .collect();
         with_type(
@@ -442,7 +439,12 @@ impl ClientApi {
 
     /// The models `key` may use that are visible from `loc`, sorted, with whether a node serves
     /// each now.
-    fn model_list(&self, key: &ApiKey, loc: &Location) -> Vec<(String, u64, &'static str, bool)> {
+    /// Each with the union of what the nodes serving it declare it can do.
+    fn model_list(
+        &self,
+        key: &ApiKey,
+        loc: &Location,
+    ) -> Vec<(String, u64, &'static str, bool, ModelCaps)> {
         let mut names =
             self.infer
                 .directory
@@ -454,14 +456,16 @@ impl ClientApi {
         let now_ms = self.infer.clock.unix_ms();
         let gone = self.infer.directory.registry.recently_served_models(now_ms);
         let created = now_ms / 1000;
-        let mut list: Vec<(String, u64, &'static str, bool)> = names
+        let caps = self.infer.directory.registry.all_model_caps();
+        let caps_of = |n: &str| caps.get(n).copied().unwrap_or_default();
+        let mut list: Vec<(String, u64, &'static str, bool, ModelCaps)> = names
             .iter()
-            .map(|n| (n.clone(), created, "nearpath", true))
+            .map(|n| (n.clone(), created, "nearpath", true, caps_of(n)))
             .collect();
         list.extend(
             gone.iter()
                 .filter(|n| !names.contains(*n) && Auth::model_allowed(key, n))
-                .map(|n| (n.clone(), created, "nearpath", false)),
+                .map(|n| (n.clone(), created, "nearpath", false, ModelCaps::NONE)),
         );
         list.sort_by(|a, b| a.0.cmp(&b.0));
         list

@@ -16,6 +16,7 @@ use crate::slot_queue::SlotQueue;
 use crate::store::KycStatus;
 use nearpath_geo::{ClassId, Location};
 use nearpath_protocol::message::{Capacity, Gpu, Workloads};
+use nearpath_protocol::ModelCaps;
 use serde::Serialize;
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -195,6 +196,12 @@ pub struct NodeEntry {
 }
 
 impl NodeEntry {
+    /// What the node declares `model` can do, or `None` when it does not serve the model.
+    pub fn model_caps(&self, model: &str) -> Option<ModelCaps> {
+        let i = self.workloads.models.iter().position(|m| m == model)?;
+        Some(self.workloads.caps_of(i))
+    }
+
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         id: String,
@@ -326,7 +333,8 @@ impl NodeEntry {
             "location": self.location(),
             "gpus": self.gpus.iter().enumerate().map(|(i, g)| serde_json::json!({"model": g.model, "class": g.class, "class_hint": self.gpu_class_hints.get(i), "vram_mib": g.vram_mib})).collect::<Vec<_>>(),
             "classes": self.classes.iter().map(|c| c.0.as_str()).collect::<std::collections::BTreeSet<_>>(),
-            "workloads": {"games": self.workloads.games, "models": self.workloads.models},
+            "workloads": {"games": self.workloads.games, "models": self.workloads.models,
+                "model_capabilities": (0..self.workloads.models.len()).map(|i| self.workloads.caps_of(i).names()).collect::<Vec<_>>()},
             "capacity": {"game_sessions": self.capacity.game_sessions, "inference_concurrency": self.capacity.inference_concurrency},
             "in_use": {"game_sessions": self.games_in_use.load(Ordering::Relaxed), "inference": self.inference_in_use.load(Ordering::Relaxed)},
             "software_version": self.software_version,
@@ -851,6 +859,30 @@ impl Registry {
         }
     }
 
+    /// The union of what the registered nodes serving `model` declare it can do, or `None` when
+    /// no node serves it. A scan of the nodes: called only for requests that need a capability.
+    pub fn model_caps(&self, model: &str) -> Option<ModelCaps> {
+        self.lock()
+            .by_id
+            .values()
+            .filter_map(|e| e.model_caps(model))
+            .reduce(ModelCaps::with)
+    }
+
+    /// [`Registry::model_caps`] of every served model, in one pass (for `/v1/models`).
+    pub fn all_model_caps(&self) -> HashMap<String, ModelCaps> {
+        let mut out: HashMap<String, ModelCaps> = HashMap::new();
+        for e in self.lock().by_id.values() {
+            for (i, m) in e.workloads.models.iter().enumerate() {
+                let caps = e.workloads.caps_of(i);
+                out.entry(m.clone())
+                    .and_modify(|c| *c = c.with(caps))
+                    .or_insert(caps);
+            }
+        }
+        out
+    }
+
     /// Whether some registered node serves model `name`.
     pub fn serves_model(&self, name: &str) -> bool {
         self.lock().router.serves(Workload::Model(name))
@@ -1138,6 +1170,48 @@ mod tests {
         assert!(!id_held(true, 10_000, 10_000, 1_000));
         // A clock that went backwards does not make a live node stale.
         assert!(id_held(false, 10_000, 9_000, 1_000));
+    }
+
+    #[test]
+    fn model_caps_are_the_union_over_the_nodes_serving_the_model() {
+        let r = registry(&ManualClock::new(0));
+        let with_caps = |id: &str, caps: Vec<ModelCaps>| {
+            let mut n = node(id, "op", &["m", "e"], 0);
+            n.workloads.model_caps = caps;
+            n
+        };
+        assert_eq!(r.model_caps("m"), None, "nobody serves it");
+        r.insert(with_caps("a", vec![ModelCaps::TOOLS]), STALE_MS)
+            .unwrap();
+        // A node sending fewer caps than models declares nothing for the rest.
+        r.insert(
+            with_caps("b", vec![ModelCaps::LOGPROBS.with(ModelCaps::TOOLS)]),
+            STALE_MS,
+        )
+        .unwrap();
+        let (c, _) = r
+            .insert(
+                with_caps("c", vec![ModelCaps::NONE, ModelCaps::EMBEDDINGS]),
+                STALE_MS,
+            )
+            .unwrap();
+        assert_eq!(c.model_caps("e"), Some(ModelCaps::EMBEDDINGS));
+        assert_eq!(c.model_caps("x"), None);
+        assert_eq!(
+            r.model_caps("m"),
+            Some(ModelCaps::TOOLS.with(ModelCaps::LOGPROBS))
+        );
+        assert_eq!(r.model_caps("e"), Some(ModelCaps::EMBEDDINGS));
+        let all = r.all_model_caps();
+        assert_eq!(all.get("m"), r.model_caps("m").as_ref());
+        assert_eq!(all.get("e"), Some(&ModelCaps::EMBEDDINGS));
+        assert_eq!(all.len(), 2);
+        // A node sending more caps than models: the extra ones name no model and are ignored.
+        let mut d = node("d", "op", &["z"], 0);
+        d.workloads.model_caps = vec![ModelCaps::VISION; 1000];
+        r.insert(d, STALE_MS).unwrap();
+        assert_eq!(r.model_caps("z"), Some(ModelCaps::VISION));
+        assert_eq!(r.all_model_caps().len(), 3);
     }
 
     #[tokio::test]

@@ -1060,3 +1060,190 @@ async fn a_fallback_the_key_may_not_use_leaves_the_original_error() {
     node.stop().await.unwrap();
     gw.stop().await;
 }
+
+/// Answers the next session on a fake node with one token and `Done`; returns its `Open`.
+async fn answer_one(node: &RawNode) -> nearpath_protocol::message::Open {
+    let (mut tx, _rx, open) = node.accept_session().await;
+    send(
+        &mut tx,
+        &Message::Token(Token {
+            index: 0,
+            text: " hi".into(),
+            node_elapsed_us: 1,
+        }),
+    )
+    .await
+    .unwrap();
+    let done = nearpath_protocol::message::Done {
+        finish_reason: "stop".into(),
+        prompt_tokens: 1,
+        completion_tokens: 1,
+    };
+    send(&mut tx, &Message::Done(done)).await.unwrap();
+    let _ = tx.finish();
+    open
+}
+
+/// A fake node serving `m` that declares `caps` for it.
+async fn node_with_caps(
+    gw: &TestGateway,
+    id: &str,
+    at: (&str, &str, f64, f64),
+    caps: nearpath_protocol::ModelCaps,
+) -> RawNode {
+    let mut reg = nearpath_tests::fake_node::Registration::new(id, &gw.token)
+        .gpu("cpu", "cpu", 1)
+        .models(&["m"], 4)
+        .message();
+    reg.workloads.model_caps = vec![caps];
+    RawNode::register(gw, ip(at), reg).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_needing_a_capability_no_node_declares_is_a_400_naming_the_param() {
+    let gw = TestGateway::start(|_| {}).await;
+    // A real node whose simulator model declares nothing: the gateway must not send it tools.
+    let mut cfg = gw.node_config("de-1", &gw.token);
+    cfg.models[0].capabilities = Some(vec![]);
+    let mut node = TestNode::start(cfg, ip(DE));
+    node.registered().await;
+    let tools = json!({"model": "m", "stream": true,
+        "messages": [{"role": "user", "content": "weather?"}],
+        "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}],
+        "tool_choice": "required"})
+    .to_string();
+    let (status, _, body) = gw
+        .http
+        .request(
+            "POST",
+            &gw.api_url("/v1/chat/completions"),
+            Some(API_KEY),
+            Some(&tools),
+            &[],
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["error"]["type"], "invalid_request_error");
+    assert_eq!(v["error"]["code"], "unsupported_parameter");
+    assert_eq!(v["error"]["param"], "tools");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("model `m` does not support tools"),
+        "{body}"
+    );
+    // Hostile shapes are refused by the parser, naming the parameter.
+    let bad = json!({"model": "m", "messages": [{"role": "user", "content": "x"}],
+        "tools": [{"type": "function", "function": {"name": "bad name!"}}]})
+    .to_string();
+    let (status, _, body) = gw
+        .http
+        .request(
+            "POST",
+            &gw.api_url("/v1/chat/completions"),
+            Some(API_KEY),
+            Some(&bad),
+            &[],
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["error"]["param"], "tools[0].function.name");
+    // The same refusal over QUIC, and a plain request still works.
+    let client = nearpath_protocol::Client::connect(
+        gw.addrs.quic,
+        "localhost",
+        nearpath_protocol::ServerVerify::PinnedSha256(gw.sha),
+    )
+    .await
+    .unwrap();
+    let mut stream = client.infer(API_KEY, &tools).await.unwrap();
+    let mut refused = None;
+    while let Ok(Some(ev)) = stream.next().await {
+        if let nearpath_protocol::InferEvent::Error(e) = ev {
+            refused = Some(e);
+        }
+    }
+    let refused = refused.expect("an error event");
+    assert!(refused.message.contains("'tools'"), "{refused:?}");
+    assert!(!refused.retryable);
+    let (status, _, body) = gw
+        .http
+        .request(
+            "POST",
+            &gw.api_url("/v1/chat/completions"),
+            Some(API_KEY),
+            Some(&chat("m", false, 3)),
+            &[],
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    // `/v1/models` tells clients what the model can do.
+    let (_, body) = gw.http.get(&gw.api_url("/v1/models"), Some(API_KEY)).await;
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["data"][0]["capabilities"], json!([]), "{body}");
+    node.stop().await.unwrap();
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_needing_a_capability_are_routed_only_to_nodes_declaring_it() {
+    use nearpath_protocol::ModelCaps;
+    let gw = TestGateway::start(|_| {}).await;
+    // The client is in France: the German node is the nearer, the American one declares
+    // logprobs.
+    let near = node_with_caps(&gw, "near-de", DE, ModelCaps::NONE).await;
+    let far = node_with_caps(&gw, "far-us", US_EAST, ModelCaps::LOGPROBS).await;
+    let http = Http::from(ip(FR_CLIENT));
+    let url = gw.api_url("/v1/chat/completions");
+    let logprobs = json!({"model": "m", "stream": true, "logprobs": true, "top_logprobs": 2,
+        "messages": [{"role": "user", "content": "x"}]})
+    .to_string();
+    for (body, node, name) in [
+        (chat("m", true, 1), &near, "near-de"),
+        (logprobs.clone(), &far, "far-us"),
+        (logprobs, &far, "far-us"),
+        (chat("m", true, 1), &near, "near-de"),
+    ] {
+        let (answered, (status, _, text)) = tokio::join!(
+            answer_one(node),
+            http.request("POST", &url, Some(API_KEY), Some(&body), &[])
+        );
+        assert_eq!(status, 200, "{name}: {text}");
+        let nearpath_protocol::message::SessionKind::Inference { request_json, .. } = answered.kind
+        else {
+            panic!("not an inference session")
+        };
+        assert_eq!(request_json, body, "{name} got the request");
+    }
+    // Both nodes serve `m`; the listing shows the union of what they declare.
+    let (_, body) = http.get(&gw.api_url("/v1/models"), Some(API_KEY)).await;
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["data"][0]["capabilities"], json!(["logprobs"]), "{body}");
+    // Admins see what each node declares.
+    let one = gw.admin_get("/admin/nodes/far-us").await;
+    assert_eq!(
+        one["live"]["workloads"]["model_capabilities"],
+        json!([["logprobs"]]),
+        "{one}"
+    );
+    // Needing more than any node declares: refused before a node is tried.
+    let (status, _, text) = http
+        .request(
+            "POST",
+            &url,
+            Some(API_KEY),
+            Some(
+                &json!({"model": "m", "n": 2, "messages": [{"role": "user", "content": "x"}]})
+                    .to_string(),
+            ),
+            &[],
+        )
+        .await;
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("\"param\":\"n\""), "{text}");
+    drop((near, far));
+    gw.stop().await;
+}

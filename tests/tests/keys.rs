@@ -120,6 +120,7 @@ fn sim(name: &str) -> ModelConfig {
             seed: 1,
         },
         responses: Default::default(),
+        capabilities: None,
     }
 }
 

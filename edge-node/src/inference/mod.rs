@@ -19,18 +19,21 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use nearpath_protocol::openai::{ApiError, InferenceRequest};
+use nearpath_protocol::openai::{unsupported_capability, ApiError, InferenceRequest};
+use nearpath_protocol::ModelCaps;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 mod openai_server;
 mod responses;
 mod sim;
+mod sim_features;
 mod upstream;
 
 pub use openai_server::{
     check_exposure, serve_openai, serve_openai_with, ExposureError, ServerOptions,
 };
 pub use sim::{SimBackend, SimConfig, DEFAULT_SIM_MAX_TOKENS};
+pub use sim_features::{sim_caps, SIM_EMBEDDING_DIMENSIONS};
 pub use upstream::{UpstreamBackend, UpstreamConfig, UpstreamConfigError};
 
 /// How many events a backend may run ahead of its consumer before it waits.
@@ -107,6 +110,14 @@ pub enum BackendError {
     /// A fault inside this node (a backend task ended without finishing).
     #[error("internal backend error: {detail}")]
     Internal { detail: String },
+    /// The request needs a capability (tools, logprobs, `n > 1`, ...) this node's model does
+    /// not declare; `param` is the parameter that needs it (the client's request, not a fault).
+    #[error("model `{model}` does not support what '{param}' asks for")]
+    Unsupported {
+        model: String,
+        capability: ModelCaps,
+        param: String,
+    },
 }
 
 impl BackendError {
@@ -124,6 +135,7 @@ impl BackendError {
             BackendError::UpstreamError { .. } => "upstream_error",
             BackendError::UpstreamProtocol { .. } => "upstream_protocol",
             BackendError::Internal { .. } => "internal",
+            BackendError::Unsupported { .. } => "unsupported_parameter",
         }
     }
 
@@ -140,7 +152,8 @@ impl BackendError {
             BackendError::UnknownModel { .. }
             | BackendError::BadRequest { .. }
             | BackendError::UpstreamProtocol { .. }
-            | BackendError::Internal { .. } => false,
+            | BackendError::Internal { .. }
+            | BackendError::Unsupported { .. } => false,
         }
     }
 
@@ -180,6 +193,11 @@ impl BackendError {
                 ApiError::bad_gateway("The inference backend sent a malformed response.")
             }
             BackendError::Internal { detail } => ApiError::internal(detail.clone()),
+            BackendError::Unsupported {
+                model,
+                capability,
+                param,
+            } => unsupported_capability(model, *capability, param),
         }
     }
 }
@@ -241,6 +259,12 @@ pub trait Backend: Send + Sync + 'static {
 
     /// A short name for logs and metrics (`sim`, `upstream`).
     fn kind(&self) -> &'static str;
+
+    /// What the backend honours when the model's configuration declares nothing: the simulator
+    /// knows what it fakes; a relay cannot know what its server honours, so it claims nothing.
+    fn default_caps(&self) -> ModelCaps {
+        ModelCaps::NONE
+    }
 }
 
 impl<B: Backend + ?Sized> Backend for Arc<B> {
@@ -250,6 +274,10 @@ impl<B: Backend + ?Sized> Backend for Arc<B> {
 
     fn kind(&self) -> &'static str {
         (**self).kind()
+    }
+
+    fn default_caps(&self) -> ModelCaps {
+        (**self).default_caps()
     }
 }
 
@@ -319,6 +347,8 @@ pub struct ModelSpec {
     /// How `/v1/responses` is served: translated to chat (any backend) or relayed natively
     /// (upstream backends only; a simulator model ignores `Native`).
     pub responses: nearpath_config::ResponsesMode,
+    /// What the model declares it can do; `None` for the backend's default.
+    pub caps: Option<ModelCaps>,
 }
 
 /// Which backend serves a model.
@@ -348,6 +378,7 @@ pub enum RegistryError {
 struct ModelEntry {
     name: String,
     backend: Limited<Arc<dyn Backend>>,
+    caps: ModelCaps,
 }
 
 /// The models this node serves, each behind its concurrency limit, optionally under a node-wide
@@ -404,7 +435,8 @@ impl ModelRegistry {
                     Arc::new(backend)
                 }
             };
-            registry.insert_with(spec.name, spec.max_concurrency, backend, native)?;
+            let caps = spec.caps.unwrap_or_else(|| backend.default_caps());
+            registry.insert_full(spec.name, spec.max_concurrency, backend, caps, native)?;
         }
         Ok(registry)
     }
@@ -422,23 +454,39 @@ impl ModelRegistry {
         Ok(registry)
     }
 
-    /// Serves `name` with `backend`, at most `max_concurrency` at once. `/v1/responses`
-    /// requests for it are translated to chat completions for `backend`.
+    /// Serves `name` with `backend`, at most `max_concurrency` at once, with the backend's
+    /// default capabilities. `/v1/responses` requests for it are translated to chat completions
+    /// for `backend`.
     pub fn insert(
         &mut self,
         name: impl Into<String>,
         max_concurrency: usize,
         backend: Arc<dyn Backend>,
     ) -> Result<(), RegistryError> {
-        self.insert_with(name, max_concurrency, backend, None)
+        let caps = backend.default_caps();
+        self.insert_full(name, max_concurrency, backend, caps, None)
     }
 
-    /// [`ModelRegistry::insert`], with Responses requests relayed by `native` when given.
-    fn insert_with(
+    /// [`ModelRegistry::insert`] declaring `caps`: a request needing more is refused with
+    /// [`BackendError::Unsupported`] before the backend sees it.
+    pub fn insert_with_caps(
         &mut self,
         name: impl Into<String>,
         max_concurrency: usize,
         backend: Arc<dyn Backend>,
+        caps: ModelCaps,
+    ) -> Result<(), RegistryError> {
+        self.insert_full(name, max_concurrency, backend, caps, None)
+    }
+
+    /// [`ModelRegistry::insert_with_caps`], with Responses requests relayed by `native` when
+    /// given (else translated to chat for `backend`).
+    fn insert_full(
+        &mut self,
+        name: impl Into<String>,
+        max_concurrency: usize,
+        backend: Arc<dyn Backend>,
+        caps: ModelCaps,
         native: Option<responses::NativeResponses>,
     ) -> Result<(), RegistryError> {
         let backend: Arc<dyn Backend> = Arc::new(responses::ResponsesAware::new(backend, native));
@@ -456,6 +504,7 @@ impl ModelRegistry {
         self.models.push(ModelEntry {
             backend: Limited::new(name.clone(), max_concurrency, backend),
             name,
+            caps,
         });
         Ok(())
     }
@@ -474,6 +523,20 @@ impl ModelRegistry {
                 model: request.model.clone(),
             });
         };
+        // Defence in depth: the gateway routes by the declared capabilities too, but this
+        // node's own OpenAI server (`serve-openai`) has no gateway in front of it.
+        let caps = self.models[i].caps;
+        if let Some((capability, param)) = request
+            .required_caps()
+            .into_iter()
+            .find(|(need, _)| !caps.contains(*need))
+        {
+            return Err(BackendError::Unsupported {
+                model: request.model.clone(),
+                capability,
+                param,
+            });
+        }
         let node_permit = match &self.node_limit {
             None => None,
             Some((limit, sem)) => {
@@ -496,6 +559,11 @@ impl ModelRegistry {
 
     pub fn contains(&self, model: &str) -> bool {
         self.index.contains_key(model)
+    }
+
+    /// What `model` declares it can do, or `None` for an unknown model.
+    pub fn caps(&self, model: &str) -> Option<ModelCaps> {
+        self.index.get(model).map(|&i| self.models[i].caps)
     }
 
     /// Model names in configuration order (for `/v1/models` and registration).
@@ -560,8 +628,16 @@ impl From<&nearpath_config::ModelConfig> for ModelSpec {
             max_concurrency: usize::try_from(m.max_concurrency).unwrap_or(MAX_PERMITS),
             backend,
             responses: m.responses,
+            caps: Some(configured_caps(m)),
         }
     }
+}
+
+/// The capabilities a `[[models]]` entry declares, its backend's default when it lists none
+/// (names were validated at load; an unknown one could only come from a config built in code,
+/// and declares nothing).
+pub fn configured_caps(m: &nearpath_config::ModelConfig) -> ModelCaps {
+    ModelCaps::from_names(m.capability_names()).unwrap_or_default()
 }
 
 /// Approximate token count of `text`: each run of letters/digits counts one, each other
@@ -807,5 +883,129 @@ mod tests {
             // The node's private upstream address never reaches a client.
             assert!(!err.api_error().body().contains("127.0.0.1"), "{err}");
         }
+    }
+
+    fn chat(extra: serde_json::Value) -> InferenceRequest {
+        let mut v =
+            serde_json::json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]});
+        if let (Some(o), serde_json::Value::Object(extra)) = (v.as_object_mut(), extra) {
+            o.extend(extra);
+        }
+        match InferenceRequest::parse(Endpoint::Chat, v.to_string().as_bytes()) {
+            Ok(r) => r,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn registry_refuses_a_request_needing_an_undeclared_capability() {
+        let mut registry = ModelRegistry::new();
+        let declared = ModelCaps::LOGPROBS;
+        assert!(registry
+            .insert_with_caps("m", 4, instant_sim(), declared)
+            .is_ok());
+        assert!(registry.insert("s", 4, instant_sim()).is_ok());
+        assert_eq!(registry.caps("m"), Some(declared));
+        assert_eq!(
+            registry.caps("s"),
+            Some(sim_caps()),
+            "the simulator's default"
+        );
+        let tools = chat(serde_json::json!({
+            "tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required"
+        }));
+        match registry.start(&tools) {
+            Err(e) => {
+                assert_eq!(e.code(), "unsupported_parameter");
+                assert!(!e.retryable(), "it would fail on any node like this one");
+                let api = e.api_error();
+                assert_eq!(api.status, 400);
+                assert_eq!(api.param.as_deref(), Some("tools"));
+                assert!(
+                    api.message.contains("does not support tools"),
+                    "{}",
+                    api.message
+                );
+            }
+            Ok(_) => panic!("a tools request reached a model without tools"),
+        }
+        assert_eq!(
+            registry.total_in_flight(),
+            0,
+            "refused before taking a slot"
+        );
+        assert!(registry
+            .start(&chat(serde_json::json!({"logprobs": true})))
+            .is_ok());
+        let mut on_sim = tools.clone();
+        on_sim.model = "s".into();
+        assert!(registry.start(&on_sim).is_ok());
+    }
+
+    #[test]
+    fn config_capability_names_are_the_protocol_names() {
+        let protocol: Vec<&str> = ModelCaps::NAMED.iter().map(|(_, n)| *n).collect();
+        assert_eq!(nearpath_config::CAPABILITY_NAMES.to_vec(), protocol);
+        assert_eq!(
+            ModelCaps::from_names(nearpath_config::SIM_CAPABILITY_NAMES),
+            Ok(sim_caps())
+        );
+        let upstream = nearpath_config::ModelConfig {
+            name: "u".into(),
+            max_concurrency: 1,
+            backend: nearpath_config::BackendConfig::Upstream {
+                base_url: "http://127.0.0.1:1/v1".into(),
+                api_key: None,
+                upstream_model: None,
+                timeout_ms: 1,
+            },
+            capabilities: None,
+            responses: Default::default(),
+        };
+        assert_eq!(configured_caps(&upstream), ModelCaps::NONE);
+        let declared = nearpath_config::ModelConfig {
+            capabilities: Some(vec!["tools".into(), "embeddings".into()]),
+            ..upstream
+        };
+        assert_eq!(
+            configured_caps(&declared),
+            ModelCaps::TOOLS.with(ModelCaps::EMBEDDINGS)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn rich_generations_are_paced_chunks_then_done() {
+        let sim = SimBackend::new(SimConfig {
+            ttft_ms: 100,
+            tokens_per_s: 10.0,
+            seed: 0,
+        });
+        let start = tokio::time::Instant::now();
+        let mut g = match sim.start(&chat(serde_json::json!({"n": 2, "max_tokens": 3}))) {
+            Ok(g) => g,
+            Err(e) => panic!("{e}"),
+        };
+        let mut chunks = 0;
+        loop {
+            match g.next().await {
+                Some(Ok(BackendEvent::Chunk { .. })) => chunks += 1,
+                Some(Ok(BackendEvent::Done {
+                    finish_reason,
+                    completion_tokens,
+                    ..
+                })) => {
+                    assert_eq!((finish_reason.as_str(), completion_tokens), ("length", 6));
+                    break;
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        // 3 content chunks per choice plus choice 1's finish chunk.
+        assert_eq!(chunks, 7);
+        // Steps at 100, 200 and 300 ms; the finishes go out with the last.
+        assert_eq!(
+            tokio::time::Instant::now() - start,
+            std::time::Duration::from_millis(300)
+        );
     }
 }

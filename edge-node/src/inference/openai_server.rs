@@ -25,10 +25,11 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use nearpath_protocol::openai::{
-    models_list, responses_sse_event, rewrite_chunk, sse_event, ApiError, Assembler,
-    EmbeddingsAssembler, Endpoint, InferenceRequest, Input, RelayError, RewriteContext,
+    models_list_with_availability, responses_sse_event, rewrite_chunk, sse_event, ApiError,
+    Assembler, EmbeddingsAssembler, Endpoint, InferenceRequest, Input, RelayError, RewriteContext,
     StreamRenderer, Usage, SSE_CONTENT_TYPE, SSE_DONE,
 };
+use nearpath_protocol::ModelCaps;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -195,12 +196,25 @@ async fn route(req: Request<Incoming>, state: &State) -> Result<Response<OpenAiB
             return Err(ApiError::method_not_allowed(req.method().as_str(), path));
         }
         check_auth(&req, state)?;
-        let names: Vec<(&str, u64, &str)> = state
+        // Each entry says what the model can do, as the gateway's listing does.
+        let names: Vec<(&str, u64, &str, bool, ModelCaps)> = state
             .registry
             .model_names()
-            .map(|name| (name, state.started, state.options.owned_by.as_str()))
+            .map(|name| {
+                let caps = state.registry.caps(name).unwrap_or_default();
+                (
+                    name,
+                    state.started,
+                    state.options.owned_by.as_str(),
+                    true,
+                    caps,
+                )
+            })
             .collect();
-        return Ok(json_response(StatusCode::OK, models_list(&names)));
+        return Ok(json_response(
+            StatusCode::OK,
+            models_list_with_availability(&names),
+        ));
     }
     let Some(endpoint) = Endpoint::from_path(path) else {
         return Err(ApiError::not_found(path));
@@ -713,7 +727,8 @@ pub(super) mod tests {
         assert!(created > 1_600_000_000);
         assert_eq!(
             v,
-            json!({"object": "list", "data": [{"id": "sim-model", "object": "model", "created": created, "owned_by": "nearpath"}]})
+            json!({"object": "list", "data": [{"id": "sim-model", "object": "model", "created": created, "owned_by": "nearpath",
+                "available": true, "capabilities": ["tools", "json_mode", "json_schema", "logprobs", "embeddings", "n"]}]})
         );
         server.stop().await;
     }
@@ -846,6 +861,86 @@ pub(super) mod tests {
         let v = json_of(&body);
         assert_eq!(v["object"], "chat.completion");
         assert_eq!(v["choices"][0]["message"]["role"], "assistant");
+        server.stop().await;
+    }
+
+    /// `serve-openai` is honest on its own: a request needing what the model does not declare
+    /// (the simulator cannot look at images) is a 400 naming the parameter, before any work.
+    #[tokio::test]
+    async fn serve_openai_refuses_an_undeclared_capability_naming_the_param() {
+        let server = TestServer::start(SimConfig::default(), ServerOptions::default()).await;
+        let body = json!({"model": "sim-model", "stream": true, "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "what is this?"},
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+        ]}]});
+        let (status, _, bytes) = call(
+            server.addr,
+            "POST",
+            "/v1/chat/completions",
+            &[("content-type", "application/json")],
+            &body.to_string(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        let v: Value = serde_json::from_slice(&bytes).unwrap_or_default();
+        assert_eq!(v["error"]["code"], "unsupported_parameter");
+        assert_eq!(v["error"]["param"], "messages[0].content[1]");
+        assert_eq!(v["error"]["type"], "invalid_request_error");
+        assert_eq!(server.sim.active(), 0, "no generation was started");
+        server.stop().await;
+    }
+
+    /// The simulator's tool call streams through `serve-openai` in OpenAI's shape: LangChain
+    /// and the `openai` client rebuild the call from these deltas.
+    #[tokio::test]
+    async fn serve_openai_streams_the_simulators_tool_call() {
+        let fast = SimConfig {
+            ttft_ms: 0,
+            tokens_per_s: 0.0,
+            seed: 0,
+        };
+        let server = TestServer::start(fast, ServerOptions::default()).await;
+        let body = json!({"model": "sim-model", "stream": true,
+            "messages": [{"role": "user", "content": "weather?"}],
+            "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {
+                "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}],
+            "tool_choice": "required"});
+        let (status, _, bytes) = call(
+            server.addr,
+            "POST",
+            "/v1/chat/completions",
+            &[("content-type", "application/json")],
+            &body.to_string(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+        let text = String::from_utf8_lossy(&bytes).into_owned();
+        let events: Vec<Value> = text
+            .split("\n\n")
+            .filter_map(|e| e.strip_prefix("data: "))
+            .filter_map(|e| serde_json::from_str(e).ok())
+            .collect();
+        let calls: Vec<&Value> = events
+            .iter()
+            .filter_map(|e| e["choices"][0]["delta"]["tool_calls"].get(0))
+            .collect();
+        assert_eq!(calls[0]["function"]["name"], "get_weather", "{text}");
+        assert!(calls[0]["id"]
+            .as_str()
+            .is_some_and(|id| id.starts_with("call_")));
+        let args: String = calls
+            .iter()
+            .filter_map(|c| c["function"]["arguments"].as_str())
+            .collect();
+        let args: Value = serde_json::from_str(&args).unwrap_or_default();
+        assert!(args["city"].is_string(), "{args}");
+        assert!(
+            events
+                .iter()
+                .any(|e| e["choices"][0]["finish_reason"] == "tool_calls"),
+            "{text}"
+        );
+        assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
         server.stop().await;
     }
 
@@ -1097,7 +1192,7 @@ pub(super) mod tests {
         assert_eq!(choice["message"]["content"], Value::Null);
         assert_eq!(
             choice["message"]["tool_calls"],
-            json!([{"index": 0, "id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{\"a\":1}"}}])
+            json!([{"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{\"a\":1}"}}])
         );
         let body = json!({"model": "tools", "stream": true, "messages": [{"role": "user", "content": "x"}]});
         let (status, _, bytes) =

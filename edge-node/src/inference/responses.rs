@@ -69,6 +69,10 @@ impl Backend for ResponsesAware {
     fn kind(&self) -> &'static str {
         self.chat.kind()
     }
+
+    fn default_caps(&self) -> nearpath_protocol::ModelCaps {
+        self.chat.default_caps()
+    }
 }
 
 /// Serves a Responses request with a chat backend (see the module docs).

@@ -24,7 +24,9 @@ use nearpath_protocol::openai::{Endpoint, InferenceRequest};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
+use super::sim_features::{self, RichScript};
 use super::{approx_prompt_tokens, Backend, BackendError, BackendEvent, EventResult, Generation};
+use nearpath_protocol::ModelCaps;
 
 /// Tokens generated when a request sets no `max_tokens`.
 pub const DEFAULT_SIM_MAX_TOKENS: u32 = 64;
@@ -110,6 +112,12 @@ impl Drop for ActiveGuard {
 
 impl Backend for SimBackend {
     fn start(&self, request: &InferenceRequest) -> Result<Generation, BackendError> {
+        if request.endpoint == Endpoint::Embeddings {
+            return self.start_embeddings(request);
+        }
+        if !sim_features::is_plain(request) {
+            return Ok(self.start_rich(request));
+        }
         let script = SimScript::new(&self.config, request);
         let (tx, generation) = Generation::channel();
         let guard = ActiveGuard::new(&self.active);
@@ -128,6 +136,104 @@ impl Backend for SimBackend {
     fn kind(&self) -> &'static str {
         "sim"
     }
+
+    fn default_caps(&self) -> ModelCaps {
+        sim_features::sim_caps()
+    }
+}
+
+impl SimBackend {
+    /// Several choices, logprobs, JSON or a tool call: chunks, paced like tokens (one step of
+    /// every choice per token interval).
+    fn start_rich(&self, request: &InferenceRequest) -> Generation {
+        let script = RichScript::new(&self.config, request);
+        let (tx, generation) = Generation::channel();
+        let guard = ActiveGuard::new(&self.active);
+        let ttft = Duration::from_millis(self.config.ttft_ms);
+        let interval = self.config.token_interval();
+        let start = Instant::now();
+        tokio::spawn(async move {
+            let _guard = guard;
+            run_rich(script, tx, start, ttft, interval).await;
+        });
+        generation
+    }
+
+    /// One `data[]` element per input after the TTFT, then `Done`.
+    fn start_embeddings(&self, request: &InferenceRequest) -> Result<Generation, BackendError> {
+        let (data, prompt_tokens) = sim_features::embeddings(&self.config, request)?;
+        let (tx, generation) = Generation::channel();
+        let guard = ActiveGuard::new(&self.active);
+        let due = Instant::now().checked_add(Duration::from_millis(self.config.ttft_ms));
+        tokio::spawn(async move {
+            let _guard = guard;
+            tokio::select! {
+                biased;
+                _ = tx.closed() => return,
+                _ = sleep_until_opt(due) => {}
+            }
+            for json in data {
+                if tx.send(Ok(BackendEvent::Chunk { json })).await.is_err() {
+                    return;
+                }
+            }
+            let done = BackendEvent::Done {
+                finish_reason: "stop".to_owned(),
+                prompt_tokens,
+                completion_tokens: 0,
+            };
+            let _ = tx.send(Ok(done)).await;
+        });
+        Ok(generation)
+    }
+}
+
+async fn run_rich(
+    mut script: RichScript,
+    tx: mpsc::Sender<EventResult>,
+    start: Instant,
+    ttft: Duration,
+    interval: Duration,
+) {
+    let mut k: u32 = 0;
+    while let Some(chunks) = script.next_step() {
+        // Generating step k (0-based) is due at ttft + k * interval, as on the plain path; a
+        // step that only finishes choices goes out at once.
+        let due_now = if !script.step_is_paced() {
+            true
+        } else if k == 0 {
+            ttft.is_zero()
+        } else {
+            interval.is_zero()
+        };
+        if due_now {
+            tokio::task::consume_budget().await;
+        } else {
+            let wait = interval
+                .checked_mul(k)
+                .and_then(|gap| gap.checked_add(ttft))
+                .and_then(|wait| start.checked_add(wait));
+            tokio::select! {
+                biased;
+                _ = tx.closed() => return,
+                _ = sleep_until_opt(wait) => {}
+            }
+        }
+        if script.step_is_paced() {
+            k = k.saturating_add(1);
+        }
+        for json in chunks {
+            if tx.send(Ok(BackendEvent::Chunk { json })).await.is_err() {
+                return;
+            }
+        }
+    }
+    let done = BackendEvent::Done {
+        finish_reason: script.finish_reason().to_owned(),
+        prompt_tokens: script.prompt_tokens(),
+        completion_tokens: script.completion_tokens(),
+    };
+    let _ = tx.send(Ok(done)).await;
 }
 
 async fn run(
@@ -200,6 +306,34 @@ pub(crate) struct SimScript {
 
 impl SimScript {
     pub(crate) fn new(config: &SimConfig, request: &InferenceRequest) -> Self {
+        Self::for_choice(config, request, 0)
+    }
+
+    /// The text of choice `index` (choice 0 is the plain path's text, so asking for logprobs
+    /// or more choices does not change the first).
+    pub(crate) fn for_choice(config: &SimConfig, request: &InferenceRequest, index: u32) -> Self {
+        let seed =
+            Self::seed_of(config, request) ^ u64::from(index).wrapping_mul(0xa076_1d64_78bd_642f);
+        Self {
+            rng: SplitMix64(seed),
+            max_tokens: request.max_tokens.unwrap_or(DEFAULT_SIM_MAX_TOKENS),
+            steps: 0,
+            prompt_tokens: approx_prompt_tokens(request),
+            stops: request
+                .stop
+                .iter()
+                .filter(|s| !s.is_empty())
+                .cloned()
+                .collect(),
+            pending: String::new(),
+            stopped: false,
+            flushed: false,
+        }
+    }
+
+    /// The PRNG seed of a request: the configured seed, the request's `seed` and a hash of the
+    /// endpoint and input.
+    pub(crate) fn seed_of(config: &SimConfig, request: &InferenceRequest) -> u64 {
         let mut h = Fnv64::new();
         h.write(match request.endpoint {
             Endpoint::Chat => b"chat",
@@ -216,22 +350,7 @@ impl SimScript {
         if let Some(p) = request.prompt() {
             h.write(p.as_bytes());
         }
-        let seed = h.finish() ^ config.seed.rotate_left(17) ^ request.seed.unwrap_or(0) as u64;
-        Self {
-            rng: SplitMix64(seed),
-            max_tokens: request.max_tokens.unwrap_or(DEFAULT_SIM_MAX_TOKENS),
-            steps: 0,
-            prompt_tokens: approx_prompt_tokens(request),
-            stops: request
-                .stop
-                .iter()
-                .filter(|s| !s.is_empty())
-                .cloned()
-                .collect(),
-            pending: String::new(),
-            stopped: false,
-            flushed: false,
-        }
+        h.finish() ^ config.seed.rotate_left(17) ^ request.seed.unwrap_or(0) as u64
     }
 
     /// The next step: `Some(Some(text))` emits text, `Some(None)` is a step whose text is held
@@ -310,7 +429,7 @@ impl SimScript {
 }
 
 /// Small, varied and recognisably fake.
-const VOCABULARY: &[&str] = &[
+pub(crate) const VOCABULARY: &[&str] = &[
     "the", "edge", "node", "streams", "tokens", "quickly", "across", "a", "quiet", "network",
     "gateway", "routes", "every", "request", "to", "nearest", "GPU", "model", "answers", "with",
     "latency", "low", "and", "steady", "frames", "arrive", "on", "time", "while", "players",
@@ -322,10 +441,10 @@ const VOCABULARY: &[&str] = &[
 
 /// SplitMix64: tiny, fast, and good enough for placeholder text.
 #[derive(Debug)]
-struct SplitMix64(u64);
+pub(crate) struct SplitMix64(pub(crate) u64);
 
 impl SplitMix64 {
-    fn next_u64(&mut self) -> u64 {
+    pub(crate) fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
@@ -335,22 +454,29 @@ impl SplitMix64 {
 }
 
 /// FNV-1a: stable across Rust releases, unlike `DefaultHasher`, so outputs repeat everywhere.
-struct Fnv64(u64);
+pub(crate) struct Fnv64(u64);
 
 impl Fnv64 {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self(0xcbf2_9ce4_8422_2325)
     }
 
-    fn write(&mut self, bytes: &[u8]) {
+    pub(crate) fn write(&mut self, bytes: &[u8]) {
         for &b in bytes {
             self.0 ^= u64::from(b);
             self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
         }
     }
 
-    fn finish(&self) -> u64 {
+    pub(crate) fn finish(&self) -> u64 {
         self.0
+    }
+
+    #[cfg(test)]
+    pub(crate) fn hash(bytes: &[u8]) -> u64 {
+        let mut h = Self::new();
+        h.write(bytes);
+        h.finish()
     }
 }
 

@@ -201,8 +201,13 @@ impl Backend for UpstreamBackend {
         let endpoint = request.endpoint;
         let estimated_prompt = approx_prompt_tokens(request);
         // Invalid header values (they came through the gateway, which checks them) are dropped.
+        // The request id always goes as `x-nearpath-request-id`, and as `x-request-id` only when
+        // it is a UUID: llama-cpp-python's server (starlette-context) answers any other
+        // `x-request-id` with an empty 400, which would fail a request over a log header.
+        let request_id = request.request_id.as_deref();
         let trace_headers: Vec<(&'static str, HeaderValue)> = [
-            ("x-request-id", request.request_id.as_deref()),
+            ("x-nearpath-request-id", request_id),
+            ("x-request-id", request_id.filter(|id| is_uuid(id))),
             ("traceparent", request.traceparent.as_deref()),
         ]
         .into_iter()
@@ -240,6 +245,16 @@ impl Backend for UpstreamBackend {
     fn kind(&self) -> &'static str {
         "upstream"
     }
+}
+
+/// Whether `s` is a UUID in its text form (8-4-4-4-12 hex digits, any version).
+fn is_uuid(s: &str) -> bool {
+    let b = s.as_bytes();
+    b.len() == 36
+        && b.iter().enumerate().all(|(i, c)| match i {
+            8 | 13 | 18 | 23 => *c == b'-',
+            _ => c.is_ascii_hexdigit(),
+        })
 }
 
 /// Runs `fut` until `deadline` (`None` when the deadline is beyond representation).
@@ -696,44 +711,34 @@ fn split_chunk(endpoint: Endpoint, mut obj: Map<String, Value>) -> Result<Piece,
     })
 }
 
-/// The text of `choices` when they are one choice 0 whose only non-null fields besides `index`
-/// and `finish_reason` are its text (`delta.content`, or `text` on completions) and, on chat, the
-/// `role` `assistant` (the relays send that role chunk themselves).
+/// The text of `choices` when they are one choice 0 mid-stream carrying only text: exactly
+/// `index`, `delta: {"content": <string>}` (`text` on completions), and `logprobs` and
+/// `finish_reason` present and null, which is what the gateway renders for a `Token`. Anything
+/// else is relayed whole, so the client sees the backend's own chunk: a role chunk (backends
+/// differ: `{"role":"assistant"}` from llama.cpp's server, `"content":""` from vLLM and OpenAI,
+/// `"content":null` before a tool call), the finish chunk (llama.cpp's lists every delta field
+/// as null), or a chunk without `logprobs`.
 fn text_only(endpoint: Endpoint, choices: &[Value]) -> Option<String> {
     let [Value::Object(c)] = choices else {
         return None;
     };
-    if c.get("index").and_then(Value::as_u64).unwrap_or(0) != 0 {
+    let text_key = if endpoint == Endpoint::Completion {
+        "text"
+    } else {
+        "delta"
+    };
+    let exact = c.len() == 4
+        && c.get("index").and_then(Value::as_u64) == Some(0)
+        && c.get("logprobs").is_some_and(Value::is_null)
+        && c.get("finish_reason").is_some_and(Value::is_null);
+    if !exact {
         return None;
     }
-    let nulls_but = |m: &Map<String, Value>, allowed: &[&str]| {
-        m.iter()
-            .all(|(k, v)| v.is_null() || allowed.contains(&k.as_str()))
-    };
-    let (holder, key) = if endpoint == Endpoint::Completion {
-        if !nulls_but(c, &["index", "text", "finish_reason"]) {
-            return None;
-        }
-        (c, "text")
-    } else {
-        let Some(Value::Object(d)) = c.get("delta") else {
-            return None;
-        };
-        let assistant = d
-            .get("role")
-            .is_none_or(|r| r.is_null() || r == "assistant");
-        if !nulls_but(c, &["index", "delta", "finish_reason"])
-            || !nulls_but(d, &["content", "role"])
-            || !assistant
-        {
-            return None;
-        }
-        (d, "content")
-    };
-    match holder.get(key) {
-        Some(Value::String(t)) => Some(t.clone()),
-        None | Some(Value::Null) => Some(String::new()),
-        Some(_) => None,
+    match (endpoint, c.get(text_key)?) {
+        (Endpoint::Completion, Value::String(t)) => Some(t.clone()),
+        (Endpoint::Completion, _) => None,
+        (_, Value::Object(d)) if d.len() == 1 => d.get("content")?.as_str().map(str::to_owned),
+        _ => None,
     }
 }
 
@@ -880,13 +885,34 @@ mod tests {
         req.traceparent = Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into());
         let _ = run(&backend(addr, None, None), &req).await;
         let sent = request.await.unwrap_or_default().to_ascii_lowercase();
-        assert!(sent.contains("\r\nx-request-id: req_abc\r\n"), "{sent}");
+        assert!(
+            sent.contains("\r\nx-nearpath-request-id: req_abc\r\n"),
+            "{sent}"
+        );
+        // Regression: llama-cpp-python answers a non-UUID `x-request-id` with an empty 400.
+        assert!(!sent.contains("\r\nx-request-id:"), "{sent}");
         assert!(
             sent.contains(
                 "\r\ntraceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\n"
             ),
             "{sent}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_uuid_request_id_also_goes_as_x_request_id() {
+        let (addr, request) = canned(Some(sse_response("data: [DONE]\n\n"))).await;
+        let mut req = chat_request("m", json!({}));
+        let id = "0af76519-16cd-43dd-8448-eb211c80319c";
+        req.request_id = Some(id.into());
+        let _ = run(&backend(addr, None, None), &req).await;
+        let sent = request.await.unwrap_or_default().to_ascii_lowercase();
+        assert!(
+            sent.contains(&format!("\r\nx-request-id: {id}\r\n")),
+            "{sent}"
+        );
+        assert!(!is_uuid("0af76519-16cd-43dd-8448-eb211c80319"));
+        assert!(!is_uuid("0af76519x16cd-43dd-8448-eb211c80319c"));
     }
 
     #[tokio::test]
@@ -918,9 +944,12 @@ mod tests {
                 other => panic!("expected chunks only, got {other:?}"),
             })
             .collect();
-        // The first two as sent; the finish chunk carries nothing Done does not (its reason and
-        // the usage).
-        assert_eq!(relayed, chunks[..2]);
+        // Each as sent, the finish chunk too, less its usage (which goes in Done).
+        let mut expected = chunks.to_vec();
+        if let Some(last) = expected.last_mut().and_then(Value::as_object_mut) {
+            last.remove("usage");
+        }
+        assert_eq!(relayed, expected);
         assert_eq!(
             end,
             Ok(BackendEvent::Done {
@@ -943,29 +972,22 @@ mod tests {
                 "choices": [{"index": 0, "delta": {"content": "hi"}, "logprobs": null, "finish_reason": null}]})),
             text("hi")
         );
-        // The finish reason travels in Done.
-        assert_eq!(
-            split(
-                json!({"choices": [{"index": 0, "delta": {"content": "a"}, "finish_reason": "stop"}]})
-            ),
-            text("a")
-        );
         assert_eq!(
             split(json!({"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 1}})),
             Ok(Relay::Nothing)
         );
-        assert_eq!(
-            split(json!({"choices": [{"index": 0, "delta": {}}]})),
-            Ok(Relay::Nothing)
-        );
-        // The role chunk the relays render themselves.
-        assert_eq!(
-            split(
-                json!({"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]})
-            ),
-            Ok(Relay::Nothing)
-        );
         for not_text in [
+            // Regression: finish chunks were replaced by the gateway's own `"delta":{}`, where
+            // llama.cpp's server lists every delta field as null.
+            json!({"choices": [{"index": 0, "delta": {"content": "a"}, "logprobs": null, "finish_reason": "stop"}]}),
+            json!({"choices": [{"index": 0, "delta": {"role": null, "content": null, "tool_calls": null}, "logprobs": null, "finish_reason": "tool_calls"}]}),
+            json!({"choices": [{"index": 0, "delta": {}, "logprobs": null, "finish_reason": null}]}),
+            // Without `logprobs` the gateway's rendering would add a field.
+            json!({"choices": [{"index": 0, "delta": {"content": "a"}, "finish_reason": null}]}),
+            // Regression: a role chunk was dropped for the gateway's own, which says
+            // `"content":""` where llama.cpp's server says nothing (and `null` before a tool call).
+            json!({"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}),
+            json!({"choices": [{"index": 0, "delta": {"role": "assistant"}}]}),
             json!({"choices": [{"index": 0, "delta": {"role": "tool", "content": "x"}}]}),
             json!({"choices": [{"index": 1, "delta": {"content": "b"}}]}),
             json!({"choices": [{"index": 0, "delta": {"content": "a"}}, {"index": 1, "delta": {"content": "b"}}]}),
@@ -1099,7 +1121,11 @@ mod tests {
             Ok(g) => g,
             Err(e) => panic!("{e}"),
         };
-        let first = tokio::time::timeout(Duration::from_secs(5), g.next()).await;
+        // The role chunk comes whole, then the first token.
+        let mut first = tokio::time::timeout(Duration::from_secs(5), g.next()).await;
+        if matches!(first, Ok(Some(Ok(BackendEvent::Chunk { .. })))) {
+            first = tokio::time::timeout(Duration::from_secs(5), g.next()).await;
+        }
         assert!(
             matches!(first, Ok(Some(Ok(BackendEvent::Token { .. })))),
             "{first:?}"

@@ -178,6 +178,7 @@ fn demo_node_config(quic: SocketAddr, sha: &str, token: String) -> NodeConfig {
                 seed: 0,
             },
             responses: Default::default(),
+            capabilities: None,
         }],
         games: vec![GameEntry {
             title: DEMO_GAME.into(),

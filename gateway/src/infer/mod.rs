@@ -14,7 +14,7 @@ use crate::error::{Blame, CoreError};
 use crate::meter::Metering;
 use crate::metrics::{labels, Metrics};
 use crate::registry::{ModelAvailability, NodeEntry, SlotGuard, SlotKind};
-use crate::router::{LatLon, NoRoute, Workload};
+use crate::router::{Deny, LatLon, NoRoute, Workload};
 use crate::session_id::SessionId;
 use crate::slot_queue::QueueEntry;
 use crate::store::ApiKey;
@@ -28,12 +28,16 @@ use nearpath_protocol::openai::{
     MODEL_UNAVAILABLE,
 };
 use nearpath_protocol::stream::{send, FramedRecv};
-use nearpath_protocol::MAX_REQUEST_FRAME;
+use nearpath_protocol::{ModelCaps, MAX_REQUEST_FRAME};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
+
+/// The rule of the routing denial of a node whose model lacks a capability the request needs
+/// (never shown to clients: such a route is reported as saturated).
+const CAPS_RULE: &str = "capabilities";
 
 /// The prompt tokens a request is billed: one token per 4 bytes of its input text (message
 /// contents, or the prompt), rounded up. Four bytes per token is the usual average of BPE
@@ -525,6 +529,21 @@ impl InferService {
             request_id: request_id.to_string(),
             traceparent: traceparent.map(str::to_string),
         };
+        // A request needing a capability (tools, logprobs, n > 1, ...) that no node serving the
+        // model declares is refused before any node is tried; routing then skips the nodes that
+        // lack it. Plain requests need none and skip both.
+        let needs = request.required_caps_set();
+        if !needs.is_empty() {
+            if let Some(e) = self
+                .directory
+                .registry
+                .model_caps(model)
+                .and_then(|have| request.unsupported_by(have))
+            {
+                // The client's request: no fallback model is tried for it.
+                return Err((CoreError::from_api(&e), false));
+            }
+        }
         let mut machine = InferAttempts::new(Rules::from_config(&self.config), model, started);
         // Subscribed before the first route, so that a node registering in between wakes us.
         let mut joins = self.directory.registry.joins();
@@ -543,7 +562,7 @@ impl InferService {
                 Action::Route => {
                     joins.borrow_and_update();
                     epoch = queue.epoch();
-                    let route = self.route(model, client, &mut nodes, &mut geofence_counted);
+                    let route = self.route(model, needs, client, &mut nodes, &mut geofence_counted);
                     last_route_denied = matches!(route, Route::Denied { .. });
                     machine.handle_route(self.clock.now(), route);
                 }
@@ -751,9 +770,11 @@ impl InferService {
     }
 
     /// Routes `model` for `client`, keeping the candidates' entries in `nodes`.
+    /// Nodes whose declared capabilities for the model lack `needs` are skipped.
     fn route(
         &self,
         model: &str,
+        needs: ModelCaps,
         client: &Location,
         nodes: &mut Vec<Arc<NodeEntry>>,
         geofence_counted: &mut bool,
@@ -762,10 +783,20 @@ impl InferService {
             self.directory
                 .registry
                 .route(client_latlon(client), Workload::Model(model), |n| {
+                    if !needs.is_empty() && !n.model_caps(model).is_some_and(|c| c.contains(needs))
+                    {
+                        return Err(Deny {
+                            rule: CAPS_RULE.into(),
+                            reason: "the node's model lacks a capability the request needs".into(),
+                        });
+                    }
                     self.placement
                         .serve_check(client, n, WorkloadKind::Inference)
                 });
         let route = match outcome.failure() {
+            // The nodes that could serve the request are busy, draining or gone (the check in
+            // `dispatch` found one that declares what it needs): retry later.
+            Some(NoRoute::Denied(d)) if d.rule == CAPS_RULE => Route::Saturated,
             Some(NoRoute::NotServed) => Route::NotServed {
                 recently_served: self
                     .directory

@@ -18,12 +18,14 @@
 //! buffer: the per-stream constant part is rendered once ([`StreamRenderer`]) and only the token
 //! text is escaped per chunk. [`push_json_str`] produces exactly what `serde_json` produces.
 //!
-//! The module is split along its seams: [`request`] (parsing and validation), [`relay`]
+//! The module is split along its seams: [`request`] (parsing and validation), [`features`]
+//! (tools, structured output, logprobs, `n`: validation and the capabilities they need), [`relay`]
 //! (pass-through of backend pieces: rewriting, assembling non-streaming bodies), [`render`]
 //! (responses, chunks, SSE framing), [`error`] ([`ApiError`]) and [`sse`] (reading streams). Every
 //! item is re-exported here, so `nearpath_protocol::openai::X` names stay stable.
 
 pub mod error;
+pub mod features;
 pub mod relay;
 pub mod render;
 pub mod request;
@@ -31,6 +33,7 @@ pub mod responses;
 pub mod sse;
 
 pub use error::*;
+pub use features::*;
 pub use relay::*;
 pub use render::*;
 pub use request::*;

@@ -561,7 +561,10 @@ impl Assembler {
 }
 
 /// A chat message from merged deltas: `role` (assistant unless said), `content` (null when only
-/// tool calls came, `""` when nothing did), `refusal`, then every other field in arrival order.
+/// tool calls came, `""` when nothing did), then every other field in arrival order. Nothing the
+/// backend did not send is invented (no `refusal: null`: llama.cpp's server sends none), and the
+/// `index` of each tool call, which exists only to merge deltas, is dropped as in a
+/// non-streaming answer.
 fn chat_message(mut merged: Map<String, Value>) -> Map<String, Value> {
     let mut m = Map::new();
     let role = merged
@@ -579,10 +582,11 @@ fn chat_message(mut merged: Map<String, Value>) -> Map<String, Value> {
         Some(c) => c,
     };
     m.insert("content".into(), content);
-    m.insert(
-        "refusal".into(),
-        merged.remove("refusal").unwrap_or(Value::Null),
-    );
+    if let Some(Value::Array(calls)) = merged.get_mut("tool_calls") {
+        for call in calls.iter_mut().filter_map(Value::as_object_mut) {
+            call.remove("index");
+        }
+    }
     for (k, v) in merged {
         m.insert(k, v);
     }

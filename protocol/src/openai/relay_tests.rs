@@ -181,8 +181,8 @@ fn tool_call_deltas_that_repeat_their_identifiers_assemble_into_one_call() {
     assert_eq!(
         body,
         json!({"id": "id1", "object": "chat.completion", "created": 9, "model": "m",
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": null, "refusal": null,
-                "tool_calls": [{"index": 0, "id": "call_1", "type": "function",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": null,
+                "tool_calls": [{"id": "call_1", "type": "function",
                     "function": {"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}}]},
                 "logprobs": null, "finish_reason": "tool_calls"}],
             "system_fingerprint": "fp",

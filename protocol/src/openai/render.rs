@@ -12,6 +12,7 @@ use bytes::Bytes;
 use serde::Deserialize;
 
 use super::request::Endpoint;
+use crate::caps::ModelCaps;
 
 /// reading here, older ones read until the connection closes.
 pub const SSE_DONE: &str = "data: [DONE]\n\n";
@@ -273,7 +274,7 @@ pub fn completion_response(
                 ",\"choices\":[{\"index\":0,\"message\":{\"role\":\"assistant\",\"content\":",
             );
             push_json_str(&mut out, text);
-            out.push_str(",\"refusal\":null},\"logprobs\":null,\"finish_reason\":");
+            out.push_str("},\"logprobs\":null,\"finish_reason\":");
         }
         Endpoint::Completion => {
             out.push_str(",\"choices\":[{\"text\":");
@@ -346,38 +347,73 @@ pub fn models_list(models: &[(&str, u64, &str)]) -> String {
     )
 }
 
-/// `GET /v1/models` with availability: every entry also carries `"available"`, false for a model
-/// that was served recently but has no node right now (requests for it are 503
-/// `model_unavailable` until a node returns).
-pub fn models_list_with_availability(models: &[(&str, u64, &str, bool)]) -> String {
+/// `GET /v1/models` with availability and capabilities: every entry also carries `"available"`,
+/// false for a model that was served recently but has no node right now (requests for it are 503
+/// `model_unavailable` until a node returns), and `"capabilities"`, the names of what some node
+/// serving it declares (`tools`, `json_mode`, `json_schema`, `logprobs`, `embeddings`, `n`,
+/// `vision`; see [`ModelCaps`]).
+pub fn models_list_with_availability(models: &[(&str, u64, &str, bool, ModelCaps)]) -> String {
     write_models(
         models
             .iter()
-            .map(|&(id, created, owned_by, available)| (id, created, owned_by, Some(available))),
+            .map(|&(id, created, owned_by, available, caps)| {
+                (id, created, owned_by, Some((available, caps)))
+            }),
     )
 }
 
-/// The model list both forms share; `available` is written only when given.
-fn write_models<'a>(
-    models: impl ExactSizeIterator<Item = (&'a str, u64, &'a str, Option<bool>)>,
+/// One model object as `GET /v1/models/{id}` returns it: the same entry as in
+/// [`models_list_with_availability`].
+pub fn model_object(
+    id: &str,
+    created: u64,
+    owned_by: &str,
+    available: bool,
+    caps: ModelCaps,
 ) -> String {
-    let mut out = String::with_capacity(32 + models.len() * 96);
+    let mut out = String::with_capacity(128);
+    write_model(&mut out, id, created, owned_by, Some((available, caps)));
+    out
+}
+
+fn write_model(
+    out: &mut String,
+    id: &str,
+    created: u64,
+    owned_by: &str,
+    extra: Option<(bool, ModelCaps)>,
+) {
+    out.push_str("{\"id\":");
+    push_json_str(out, id);
+    let _ = write!(
+        out,
+        ",\"object\":\"model\",\"created\":{created},\"owned_by\":"
+    );
+    push_json_str(out, owned_by);
+    if let Some((available, caps)) = extra {
+        let _ = write!(out, ",\"available\":{available},\"capabilities\":[");
+        for (i, name) in caps.names().into_iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            push_json_str(out, name);
+        }
+        out.push(']');
+    }
+    out.push('}');
+}
+
+/// The model list both forms share; availability and capabilities are written only when given.
+fn write_models<'a>(
+    models: impl ExactSizeIterator<Item = (&'a str, u64, &'a str, Option<(bool, ModelCaps)>)>,
+) -> String {
+    let mut out = String::with_capacity(32 + models.len() * 128);
     out.push_str("{\"object\":\"list\",\"data\":[");
-    for (i, (id, created, owned_by, available)) in models.enumerate() {
+    for (i, (id, created, owned_by, extra)) in models.enumerate() {
         if i > 0 {
             out.push(',');
         }
-        out.push_str("{\"id\":");
-        push_json_str(&mut out, id);
-        let _ = write!(
-            out,
-            ",\"object\":\"model\",\"created\":{created},\"owned_by\":"
-        );
-        push_json_str(&mut out, owned_by);
-        if let Some(available) = available {
-            let _ = write!(out, ",\"available\":{available}");
-        }
-        out.push('}');
+        write_model(&mut out, id, created, owned_by, extra);
     }
     out.push_str("]}");
     out
@@ -495,7 +531,7 @@ mod tests {
         };
         assert_eq!(
             chat_completion("chatcmpl-2", 9, "m", " a b", "length", usage),
-            r#"{"id":"chatcmpl-2","object":"chat.completion","created":9,"model":"m","choices":[{"index":0,"message":{"role":"assistant","content":" a b","refusal":null},"logprobs":null,"finish_reason":"length"}],"usage":{"prompt_tokens":4,"completion_tokens":2,"total_tokens":6}}"#
+            r#"{"id":"chatcmpl-2","object":"chat.completion","created":9,"model":"m","choices":[{"index":0,"message":{"role":"assistant","content":" a b"},"logprobs":null,"finish_reason":"length"}],"usage":{"prompt_tokens":4,"completion_tokens":2,"total_tokens":6}}"#
         );
         assert_eq!(
             text_completion("cmpl-2", 9, "m", " a", "stop", usage),
@@ -516,10 +552,20 @@ mod tests {
     fn models_list_with_availability_exact() {
         assert_eq!(
             models_list_with_availability(&[
-                ("a", 1, "nearpath", true),
-                ("b", 2, "nearpath", false)
+                ("a", 1, "nearpath", true, ModelCaps::NONE),
+                (
+                    "b",
+                    2,
+                    "nearpath",
+                    false,
+                    ModelCaps::TOOLS.with(ModelCaps::MULTIPLE_CHOICES)
+                )
             ]),
-            r#"{"object":"list","data":[{"id":"a","object":"model","created":1,"owned_by":"nearpath","available":true},{"id":"b","object":"model","created":2,"owned_by":"nearpath","available":false}]}"#
+            r#"{"object":"list","data":[{"id":"a","object":"model","created":1,"owned_by":"nearpath","available":true,"capabilities":[]},{"id":"b","object":"model","created":2,"owned_by":"nearpath","available":false,"capabilities":["tools","n"]}]}"#
+        );
+        assert_eq!(
+            model_object("a", 1, "nearpath", true, ModelCaps::LOGPROBS),
+            r#"{"id":"a","object":"model","created":1,"owned_by":"nearpath","available":true,"capabilities":["logprobs"]}"#
         );
     }
 

@@ -735,17 +735,8 @@ impl InferenceRequest {
                 return Err(RequestError::invalid_type("temperature", "a number", other))
             }
         };
-        match opt_u32(&raw, "n", 1)? {
-            None | Some(1) => {}
-            Some(n) => {
-                return Err(RequestError::unsupported(
-                    "n",
-                    format!(
-                        "Invalid 'n': {n}. This server generates one choice per request (n=1)."
-                    ),
-                ))
-            }
-        }
+        // `n`, tools, `response_format`, logprobs: shapes checked here, needs in `features`.
+        super::features::validate(endpoint, &raw)?;
         let user = opt_string(&raw, "user")?;
         let seed = match opt_int(&raw, "seed")? {
             None => None,
@@ -1170,9 +1161,9 @@ mod tests {
                 "invalid_type",
             ),
             (
-                json!({"model": "m", "messages": [user], "n": 2}),
+                json!({"model": "m", "messages": [user], "n": 129}),
                 "n",
-                "unsupported_value",
+                "invalid_value",
             ),
             (
                 json!({"model": "m", "messages": [user], "n": 0}),
@@ -1265,7 +1256,7 @@ mod tests {
     fn upstream_body_replaces_model_and_forces_streaming_usage() {
         let req = chat_ok(json!({
             "model": "public-name", "messages": [{"role": "user", "content": "hi"}],
-            "stream": false, "top_p": 0.5, "tools": [{"type": "function"}]
+            "stream": false, "top_p": 0.5, "tools": [{"type": "function", "function": {"name": "f"}}]
         }));
         let body: Value = match serde_json::from_slice(&req.upstream_body("org/Model-8B")) {
             Ok(v) => v,
@@ -1276,7 +1267,7 @@ mod tests {
             json!({
                 "model": "org/Model-8B", "messages": [{"role": "user", "content": "hi"}],
                 "stream": true, "stream_options": {"include_usage": true}, "top_p": 0.5,
-                "tools": [{"type": "function"}]
+                "tools": [{"type": "function", "function": {"name": "f"}}]
             })
         );
         let req = chat_ok(json!({

@@ -73,6 +73,7 @@ pub fn model_config(sim: Sim, capacity: u32) -> ModelConfig {
             seed: 1,
         },
         responses: Default::default(),
+        capabilities: None,
     }
 }
 

@@ -252,6 +252,7 @@ impl TestGateway {
                     seed: 1,
                 },
                 responses: Default::default(),
+                capabilities: None,
             }],
             games: vec![],
             encoder: Default::default(),

@@ -404,6 +404,7 @@ fn native_registry(addr: SocketAddr) -> ModelRegistry {
             timeout_ms: 10_000,
         }),
         responses: nearpath_config::ResponsesMode::Native,
+        caps: None,
     };
     ModelRegistry::from_specs([spec]).unwrap_or_else(|e| panic!("{e}"))
 }
