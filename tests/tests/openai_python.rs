@@ -222,6 +222,7 @@ async fn the_official_openai_python_client_uses_the_responses_api_through_the_ga
     let weather: nearpath_config::ModelConfig = serde_json::from_value(json!({
         "name": "weather", "max_concurrency": 8,
         "backend": {"type": "upstream", "base_url": format!("http://{addr}/v1")},
+        "capabilities": ["tools"],
     }))
     .unwrap();
     cfg.models.push(weather);
@@ -281,6 +282,10 @@ impl nearpath_edge_node::inference::Backend for WeatherCaller {
 
     fn kind(&self) -> &'static str {
         "weather"
+    }
+
+    fn default_caps(&self) -> nearpath_protocol::ModelCaps {
+        nearpath_protocol::ModelCaps::TOOLS
     }
 }
 

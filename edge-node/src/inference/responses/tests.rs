@@ -195,7 +195,7 @@ async fn a_chat_tool_call_becomes_a_function_call_item() {
     let mut registry = ModelRegistry::new();
     let dyn_backend: Arc<dyn Backend> = backend.clone();
     registry
-        .insert("m", 1, dyn_backend)
+        .insert_with_caps("m", 1, dyn_backend, nearpath_protocol::ModelCaps::TOOLS)
         .unwrap_or_else(|e| panic!("{e}"));
     let mut req = responses(json!({
         "model": "m", "input": "Weather in Oslo?",
