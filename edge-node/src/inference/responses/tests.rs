@@ -486,3 +486,28 @@ async fn native_mode_maps_upstream_failures() {
         }
     }
 }
+
+#[tokio::test]
+async fn a_responses_request_needing_a_capability_the_model_lacks_is_refused_naming_it() {
+    let mut registry = ModelRegistry::new();
+    let sim: Arc<dyn Backend> = Arc::new(SimBackend::new(fast()));
+    registry
+        .insert_with_caps("m", 1, sim, nearpath_protocol::ModelCaps::NONE)
+        .unwrap_or_else(|e| panic!("{e}"));
+    for (body, param) in [
+        (
+            json!({"model": "m", "input": "x", "tools": [{"type": "function", "name": "f"}]}),
+            "tools",
+        ),
+        (
+            json!({"model": "m", "input": "x", "text": {"format": {"type": "json_object"}}}),
+            "text.format",
+        ),
+    ] {
+        match registry.start(&responses(body)) {
+            Err(BackendError::Unsupported { param: p, .. }) => assert_eq!(p, param),
+            Err(e) => panic!("{param}: {e}"),
+            Ok(_) => panic!("{param}: accepted"),
+        }
+    }
+}
