@@ -29,7 +29,7 @@ pub use load::{
 pub use node::{
     default_gpu_class_table, gpu_class_for_model, BackendConfig, CapacityConfig, DrainConfig,
     EncoderConfig, GameEntry, GameSource, GpuClassPattern, GpuSpec, ModelConfig, NodeConfig,
-    NodeGatewayConfig, NodeIdentity, CPU_GPU_CLASS, UNKNOWN_GPU_CLASS,
+    NodeGatewayConfig, NodeIdentity, ResponsesMode, CPU_GPU_CLASS, UNKNOWN_GPU_CLASS,
 };
 pub use node::{CongestionController, MediaConfig, NodeQuicConfig};
 pub use node::{CAPABILITY_NAMES, SIM_CAPABILITY_NAMES};

@@ -320,6 +320,24 @@ pub struct ModelConfig {
     /// `embeddings` when started with `--embedding`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub capabilities: Option<Vec<String>>,
+    /// How `POST /v1/responses` (the OpenAI Responses API) is served for this model:
+    /// `"translate"` turns each request into a chat completions request for the backend and the
+    /// chat stream back into Responses events (any backend); `"native"` relays it to the
+    /// upstream's own `{base_url}/responses` (vLLM serves one; needs an `upstream` backend).
+    /// Default: "translate".
+    #[serde(default)]
+    pub responses: ResponsesMode,
+}
+
+/// How a model serves the Responses API (`[[models]] responses`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ResponsesMode {
+    /// Translated on the node to and from chat completions.
+    #[default]
+    Translate,
+    /// Relayed to the upstream server's own `/v1/responses`.
+    Native,
 }
 
 /// The capability names `[[models]] capabilities` accepts (the protocol's `ModelCaps` names).
@@ -754,6 +772,14 @@ impl NodeConfig {
                 seen.insert(m.name.as_str(), first);
             }
             p.positive(&format!("{at}.max_concurrency"), m.max_concurrency);
+            if m.responses == ResponsesMode::Native
+                && !matches!(m.backend, BackendConfig::Upstream { .. })
+            {
+                p.push(
+                    format!("{at}.responses"),
+                    "is \"native\", which relays to an upstream server's /v1/responses, but the backend is not `upstream` (use \"translate\")",
+                );
+            }
             for (j, c) in m.capabilities.iter().flatten().enumerate() {
                 let path = format!("{at}.capabilities[{j}]");
                 if !CAPABILITY_NAMES.contains(&c.as_str()) {
@@ -1011,6 +1037,7 @@ mod tests {
                 upstream_model: None,
                 timeout_ms: 1,
             },
+            responses: Default::default(),
             capabilities: None,
         });
         let shown = format!("{cfg:?}");

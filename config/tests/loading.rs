@@ -416,6 +416,7 @@ fn configurations_round_trip_through_toml() {
             upstream_model: Some("up".into()),
             timeout_ms: 9,
         },
+        responses: Default::default(),
         capabilities: Some(vec!["tools".into(), "logprobs".into()]),
     });
     node.games.push(GameEntry {
@@ -426,6 +427,28 @@ fn configurations_round_trip_through_toml() {
     });
     let text = toml::to_string(&node).unwrap();
     assert_eq!(parse_node(&text, "rt.toml", &[]).unwrap(), node);
+}
+
+#[test]
+fn responses_native_needs_an_upstream_backend() {
+    let shown = node_err(
+        "[[models]]\nname = \"m\"\nresponses = \"native\"\nbackend = { type = \"sim\" }\n",
+    );
+    assert!(shown.contains("models[0].responses"), "{shown}");
+    let shown =
+        node_err("[[models]]\nname = \"m\"\nresponses = \"relay\"\nbackend = { type = \"sim\" }\n");
+    assert!(shown.contains("models[0].responses"), "{shown}");
+    let upstream = "[[models]]\nname = \"m\"\nresponses = \"native\"\n\
+                    backend = { type = \"upstream\", base_url = \"http://h/v1\" }\n\
+                    [[models]]\nname = \"s\"\nbackend = { type = \"sim\" }\n";
+    let cfg =
+        parse_node(&format!("{NODE}{upstream}"), "n.toml", &[]).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(cfg.models[0].responses, ResponsesMode::Native);
+    assert_eq!(
+        cfg.models[1].responses,
+        ResponsesMode::Translate,
+        "the default"
+    );
 }
 
 #[test]

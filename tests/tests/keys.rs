@@ -119,6 +119,7 @@ fn sim(name: &str) -> ModelConfig {
             tokens_per_s: 0.0,
             seed: 1,
         },
+        responses: Default::default(),
         capabilities: None,
     }
 }

@@ -158,3 +158,164 @@ async fn a_capability_the_model_lacks_is_a_400_naming_the_parameter() {
     )
     .await;
 }
+
+/// Runs tests/python/responses_test.py (one Python process) against `base`.
+async fn run_responses_script(base: String, key: &str, model: &str, tool_model: &str) {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/responses_test.py");
+    let (key, model, tool_model) = (key.to_owned(), model.to_owned(), tool_model.to_owned());
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("python3")
+            .arg(script)
+            .env("NEARPATH_BASE_URL", base)
+            .env("NEARPATH_API_KEY", key)
+            .env("NEARPATH_MODEL", model)
+            .env("NEARPATH_TOOL_MODEL", tool_model)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!("{stdout}");
+    assert!(
+        out.status.success(),
+        "python checks failed:\n{stdout}\n{stderr}"
+    );
+    assert!(stdout.contains("all checks passed"));
+}
+
+fn require_python_openai() {
+    let probe = Command::new("python3")
+        .args(["-c", "import openai"])
+        .output();
+    match probe {
+        Ok(o) if o.status.success() => {}
+        _ => panic!("python3 with the `openai` package is required: run .ci/run, or `python3 -m pip install openai`"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_official_openai_python_client_uses_the_responses_api_through_the_gateway() {
+    use nearpath_edge_node::inference::{serve_openai_with, ModelRegistry, ServerOptions};
+    use std::sync::Arc;
+    require_python_openai();
+    // The tool-calling model is an OpenAI-compatible server that the node relays to (a scripted
+    // chat backend behind an OpenAI server), so a call travels as upstream chat chunks, through
+    // the node's translation, to the gateway as Responses events.
+    let mut registry = ModelRegistry::new();
+    registry
+        .insert("weather", 8, Arc::new(WeatherCaller))
+        .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let upstream = tokio::spawn(serve_openai_with(
+        listener,
+        Arc::new(registry),
+        ServerOptions::default(),
+        shutdown.clone(),
+    ));
+    let gw = TestGateway::start(|_| {}).await;
+    let mut cfg = gw.node_config("de-1", &gw.token);
+    // Written as configuration, so the test follows the documented keys.
+    let weather: nearpath_config::ModelConfig = serde_json::from_value(json!({
+        "name": "weather", "max_concurrency": 8,
+        "backend": {"type": "upstream", "base_url": format!("http://{addr}/v1")},
+        "capabilities": ["tools"],
+    }))
+    .unwrap();
+    cfg.models.push(weather);
+    let mut node = TestNode::start(cfg, ip(DE));
+    node.registered().await;
+    run_responses_script(gw.api_url("/v1"), API_KEY, "m", "weather").await;
+    node.stop().await.unwrap();
+    gw.stop().await;
+    shutdown.cancel();
+    upstream.await.unwrap();
+}
+
+/// A chat backend that always calls `get_weather` for Paris, streamed as chat chunks the way
+/// OpenAI streams a tool call (the id and name once, then argument pieces).
+struct WeatherCaller;
+
+impl nearpath_edge_node::inference::Backend for WeatherCaller {
+    fn start(
+        &self,
+        _request: &nearpath_protocol::openai::InferenceRequest,
+    ) -> Result<
+        nearpath_edge_node::inference::Generation,
+        nearpath_edge_node::inference::BackendError,
+    > {
+        use nearpath_edge_node::inference::{BackendEvent, Generation};
+        let (tx, generation) = Generation::channel();
+        tokio::spawn(async move {
+            let chunk = |delta: serde_json::Value| {
+                Ok(BackendEvent::Chunk {
+                    json: json!({"choices": [{"index": 0, "delta": delta}]}).to_string(),
+                })
+            };
+            for event in [
+                chunk(
+                    json!({"tool_calls": [{"index": 0, "id": "call_w1", "type": "function",
+                    "function": {"name": "get_weather", "arguments": ""}}]}),
+                ),
+                chunk(
+                    json!({"tool_calls": [{"index": 0, "function": {"arguments": "{\"city\": "}}]}),
+                ),
+                chunk(
+                    json!({"tool_calls": [{"index": 0, "function": {"arguments": "\"Paris\"}"}}]}),
+                ),
+                Ok(BackendEvent::Done {
+                    finish_reason: "tool_calls".into(),
+                    prompt_tokens: 12,
+                    completion_tokens: 8,
+                }),
+            ] {
+                if tx.send(event).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(generation)
+    }
+
+    fn kind(&self) -> &'static str {
+        "weather"
+    }
+
+    fn default_caps(&self) -> nearpath_protocol::ModelCaps {
+        nearpath_protocol::ModelCaps::TOOLS
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_official_openai_python_client_uses_the_responses_api_on_a_node() {
+    use nearpath_edge_node::inference::{
+        serve_openai_with, Backend, ModelRegistry, ServerOptions, SimBackend, SimConfig,
+    };
+    use std::sync::Arc;
+    require_python_openai();
+    let mut registry = ModelRegistry::new();
+    let sim: Arc<dyn Backend> = Arc::new(SimBackend::new(SimConfig {
+        ttft_ms: 0,
+        tokens_per_s: 0.0,
+        seed: 3,
+    }));
+    registry.insert("m", 8, sim).unwrap();
+    registry
+        .insert("weather", 8, Arc::new(WeatherCaller))
+        .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let server = tokio::spawn(serve_openai_with(
+        listener,
+        Arc::new(registry),
+        ServerOptions::default(),
+        shutdown.clone(),
+    ));
+    run_responses_script(format!("http://{addr}/v1"), "sk-none", "m", "weather").await;
+    shutdown.cancel();
+    server.await.unwrap();
+}

@@ -24,6 +24,7 @@ use nearpath_protocol::ModelCaps;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 mod openai_server;
+mod responses;
 mod sim;
 mod sim_features;
 mod upstream;
@@ -343,6 +344,9 @@ pub struct ModelSpec {
     /// Generations at once for this model.
     pub max_concurrency: usize,
     pub backend: BackendSpec,
+    /// How `/v1/responses` is served: translated to chat (any backend) or relayed natively
+    /// (upstream backends only; a simulator model ignores `Native`).
+    pub responses: nearpath_config::ResponsesMode,
     /// What the model declares it can do; `None` for the backend's default.
     pub caps: Option<ModelCaps>,
 }
@@ -415,19 +419,24 @@ impl ModelRegistry {
     pub fn from_specs(specs: impl IntoIterator<Item = ModelSpec>) -> Result<Self, RegistryError> {
         let mut registry = Self::new();
         for spec in specs {
+            let upstream_error = |source| RegistryError::Upstream {
+                name: spec.name.clone(),
+                source,
+            };
+            let mut native = None;
             let backend: Arc<dyn Backend> = match spec.backend {
                 BackendSpec::Sim(config) => Arc::new(SimBackend::new(config)),
                 BackendSpec::Upstream(config) => {
-                    Arc::new(UpstreamBackend::new(config).map_err(|source| {
-                        RegistryError::Upstream {
-                            name: spec.name.clone(),
-                            source,
-                        }
-                    })?)
+                    let backend = UpstreamBackend::new(config.clone()).map_err(upstream_error)?;
+                    if spec.responses == nearpath_config::ResponsesMode::Native {
+                        native =
+                            Some(responses::NativeResponses::new(&config).map_err(upstream_error)?);
+                    }
+                    Arc::new(backend)
                 }
             };
             let caps = spec.caps.unwrap_or_else(|| backend.default_caps());
-            registry.insert_with_caps(spec.name, spec.max_concurrency, backend, caps)?;
+            registry.insert_full(spec.name, spec.max_concurrency, backend, caps, native)?;
         }
         Ok(registry)
     }
@@ -446,7 +455,8 @@ impl ModelRegistry {
     }
 
     /// Serves `name` with `backend`, at most `max_concurrency` at once, with the backend's
-    /// default capabilities.
+    /// default capabilities. `/v1/responses` requests for it are translated to chat completions
+    /// for `backend`.
     pub fn insert(
         &mut self,
         name: impl Into<String>,
@@ -454,7 +464,7 @@ impl ModelRegistry {
         backend: Arc<dyn Backend>,
     ) -> Result<(), RegistryError> {
         let caps = backend.default_caps();
-        self.insert_with_caps(name, max_concurrency, backend, caps)
+        self.insert_full(name, max_concurrency, backend, caps, None)
     }
 
     /// [`ModelRegistry::insert`] declaring `caps`: a request needing more is refused with
@@ -466,6 +476,20 @@ impl ModelRegistry {
         backend: Arc<dyn Backend>,
         caps: ModelCaps,
     ) -> Result<(), RegistryError> {
+        self.insert_full(name, max_concurrency, backend, caps, None)
+    }
+
+    /// [`ModelRegistry::insert_with_caps`], with Responses requests relayed by `native` when
+    /// given (else translated to chat for `backend`).
+    fn insert_full(
+        &mut self,
+        name: impl Into<String>,
+        max_concurrency: usize,
+        backend: Arc<dyn Backend>,
+        caps: ModelCaps,
+        native: Option<responses::NativeResponses>,
+    ) -> Result<(), RegistryError> {
+        let backend: Arc<dyn Backend> = Arc::new(responses::ResponsesAware::new(backend, native));
         let name = name.into();
         if name.is_empty() {
             return Err(RegistryError::EmptyName);
@@ -603,6 +627,7 @@ impl From<&nearpath_config::ModelConfig> for ModelSpec {
             name: m.name.clone(),
             max_concurrency: usize::try_from(m.max_concurrency).unwrap_or(MAX_PERMITS),
             backend,
+            responses: m.responses,
             caps: Some(configured_caps(m)),
         }
     }
@@ -935,6 +960,7 @@ mod tests {
                 timeout_ms: 1,
             },
             capabilities: None,
+            responses: Default::default(),
         };
         assert_eq!(configured_caps(&upstream), ModelCaps::NONE);
         let declared = nearpath_config::ModelConfig {

@@ -177,6 +177,7 @@ fn demo_node_config(quic: SocketAddr, sha: &str, token: String) -> NodeConfig {
                 tokens_per_s: 40.0,
                 seed: 0,
             },
+            responses: Default::default(),
             capabilities: None,
         }],
         games: vec![GameEntry {

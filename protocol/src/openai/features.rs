@@ -478,7 +478,7 @@ impl InferenceRequest {
                     }
                 }
             }
-            Endpoint::Responses => {}
+            Endpoint::Responses => out = super::responses::required_caps(&self.raw),
         }
         out
     }

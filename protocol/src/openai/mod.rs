@@ -29,6 +29,7 @@ pub mod features;
 pub mod relay;
 pub mod render;
 pub mod request;
+pub mod responses;
 pub mod sse;
 
 pub use error::*;

@@ -242,7 +242,7 @@ impl RequestError {
         )
     }
 
-    fn invalid_type(param: &str, expected: &str, got: &Value) -> Self {
+    pub(super) fn invalid_type(param: &str, expected: &str, got: &Value) -> Self {
         Self::new(
             Some(param.to_owned()),
             "invalid_type",
@@ -253,11 +253,11 @@ impl RequestError {
         )
     }
 
-    fn invalid_value(param: &str, message: String) -> Self {
+    pub(super) fn invalid_value(param: &str, message: String) -> Self {
         Self::new(Some(param.to_owned()), "invalid_value", message)
     }
 
-    fn unsupported(param: &str, message: String) -> Self {
+    pub(super) fn unsupported(param: &str, message: String) -> Self {
         Self::new(Some(param.to_owned()), "unsupported_value", message)
     }
 }
@@ -274,11 +274,11 @@ fn type_name(v: &Value) -> &'static str {
 }
 
 /// A present, non-null field. OpenAI treats `null` like an absent optional field.
-fn field<'a>(raw: &'a Map<String, Value>, key: &str) -> Option<&'a Value> {
+pub(super) fn field<'a>(raw: &'a Map<String, Value>, key: &str) -> Option<&'a Value> {
     raw.get(key).filter(|v| !v.is_null())
 }
 
-fn opt_bool(
+pub(super) fn opt_bool(
     raw: &Map<String, Value>,
     key: &str,
     param: &str,
@@ -675,12 +675,7 @@ impl InferenceRequest {
             Endpoint::Chat => Input::Messages(parse_messages(&raw)?),
             Endpoint::Completion => Input::Prompt(parse_prompt(&raw)?),
             Endpoint::Embeddings => Input::Embed(parse_embed_input(&raw)?),
-            Endpoint::Responses => {
-                return Err(RequestError::unsupported(
-                    "model",
-                    format!("{} is not served yet.", endpoint.path()),
-                ))
-            }
+            Endpoint::Responses => Input::Messages(super::responses::parse_request(&raw)?),
         };
         let stream = opt_bool(&raw, "stream", "stream")?.unwrap_or(false);
         let include_usage = match field(&raw, "stream_options") {
@@ -715,7 +710,8 @@ impl InferenceRequest {
                 None => opt_u32(&raw, "max_tokens", min_tokens)?,
             },
             Endpoint::Completion => opt_u32(&raw, "max_tokens", min_tokens)?,
-            Endpoint::Embeddings | Endpoint::Responses => None,
+            Endpoint::Responses => opt_u32(&raw, "max_output_tokens", min_tokens)?,
+            Endpoint::Embeddings => None,
         };
         let stop = parse_stop(&raw)?;
         let temperature = match field(&raw, "temperature") {

@@ -72,6 +72,7 @@ pub fn model_config(sim: Sim, capacity: u32) -> ModelConfig {
             tokens_per_s: sim.tokens_per_s,
             seed: 1,
         },
+        responses: Default::default(),
         capabilities: None,
     }
 }

@@ -251,6 +251,7 @@ impl TestGateway {
                     tokens_per_s: 0.0,
                     seed: 1,
                 },
+                responses: Default::default(),
                 capabilities: None,
             }],
             games: vec![],
