@@ -14,13 +14,13 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Uri};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
 use nearpath_protocol::openai::responses::{chat_request, ResponseStream};
-use nearpath_protocol::openai::{error_message_of, Endpoint, InferenceRequest, SseParser};
+use nearpath_protocol::openai::{Endpoint, InferenceRequest, SseParser};
 use serde_json::Value;
 use tokio::sync::mpsc;
 
@@ -32,8 +32,6 @@ use super::{
 /// The largest single SSE event accepted from a native upstream: what one `Chunk` message can
 /// carry to the gateway (a `response.completed` event repeats the whole output).
 const MAX_EVENT_BYTES: usize = nearpath_protocol::MAX_REQUEST_FRAME - 1024;
-/// The most of an error body read to find its message.
-const MAX_ERROR_BODY: usize = 64 * 1024;
 
 fn unix_now() -> u64 {
     SystemTime::now()
@@ -290,37 +288,7 @@ async fn relay_native(
     let status = response.status();
     let mut body = response.into_body();
     if !status.is_success() {
-        let bytes = Limited::new(body, MAX_ERROR_BODY)
-            .collect()
-            .await
-            .map(|c| c.to_bytes())
-            .unwrap_or_default();
-        let message = error_message_of(&bytes)
-            .unwrap_or_else(|| status.canonical_reason().unwrap_or("no message").to_owned());
-        let url = url.clone();
-        return Err(match status.as_u16() {
-            404 => BackendError::ModelNotFound {
-                url,
-                model,
-                message,
-            },
-            s @ (401 | 403) => BackendError::UpstreamAuth {
-                url,
-                status: s,
-                message,
-            },
-            s @ (429 | 500..=599) => BackendError::UpstreamError {
-                url,
-                status: Some(s),
-                message,
-            },
-            s @ 400..=499 => BackendError::BadRequest {
-                url,
-                status: s,
-                message,
-            },
-            s => protocol(format!("unexpected HTTP status {s}: {message}")),
-        });
+        return Err(super::upstream::status_error(&url, status, model, body).await);
     }
     let mut parser = SseParser::new(MAX_EVENT_BYTES);
     while let Some(frame) = body.frame().await {

@@ -599,45 +599,60 @@ impl Inner {
         model: String,
         body: Incoming,
     ) -> BackendError {
-        let bytes = Limited::new(body, MAX_ERROR_BODY)
-            .collect()
-            .await
-            .map(|c| c.to_bytes())
-            .unwrap_or_default();
-        let message = error_message_of(&bytes).unwrap_or_else(|| {
-            let text = String::from_utf8_lossy(&bytes);
-            let text = text.trim();
-            if text.is_empty() {
-                status.canonical_reason().unwrap_or("no message").to_owned()
-            } else {
-                text.chars().take(300).collect()
-            }
-        });
-        let url = self.url.clone();
-        match status.as_u16() {
-            404 => BackendError::ModelNotFound {
-                url,
-                model,
-                message,
-            },
-            s @ (401 | 403) => BackendError::UpstreamAuth {
-                url,
-                status: s,
-                message,
-            },
-            // 429 is the upstream's capacity, not the request's fault: another node may serve it.
-            s @ (429 | 500..=599) => BackendError::UpstreamError {
-                url,
-                status: Some(s),
-                message,
-            },
-            s @ 400..=499 => BackendError::BadRequest {
-                url,
-                status: s,
-                message,
-            },
-            s => self.protocol(format!("unexpected HTTP status {s}: {message}")),
+        status_error(&self.url, status, model, body).await
+    }
+}
+
+/// The error for a non-success answer of the upstream at `url` (any endpoint): its own message
+/// (OpenAI's error shape, else the start of the body, else the status's reason) under the kind
+/// that says who is to blame and whether another node may succeed.
+pub(crate) async fn status_error(
+    url: &str,
+    status: StatusCode,
+    model: String,
+    body: Incoming,
+) -> BackendError {
+    let bytes = Limited::new(body, MAX_ERROR_BODY)
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .unwrap_or_default();
+    let message = error_message_of(&bytes).unwrap_or_else(|| {
+        let text = String::from_utf8_lossy(&bytes);
+        let text = text.trim();
+        if text.is_empty() {
+            status.canonical_reason().unwrap_or("no message").to_owned()
+        } else {
+            text.chars().take(300).collect()
         }
+    });
+    let url = url.to_owned();
+    match status.as_u16() {
+        404 => BackendError::ModelNotFound {
+            url,
+            model,
+            message,
+        },
+        s @ (401 | 403) => BackendError::UpstreamAuth {
+            url,
+            status: s,
+            message,
+        },
+        // 429 is the upstream's capacity, not the request's fault: another node may serve it.
+        s @ (429 | 500..=599) => BackendError::UpstreamError {
+            url,
+            status: Some(s),
+            message,
+        },
+        s @ 400..=499 => BackendError::BadRequest {
+            url,
+            status: s,
+            message,
+        },
+        s => BackendError::UpstreamProtocol {
+            url,
+            detail: format!("unexpected HTTP status {s}: {message}"),
+        },
     }
 }
 
