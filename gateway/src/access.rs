@@ -113,6 +113,11 @@ impl AccessLine<'_> {
     /// Emits the line at info on [`ACCESS_TARGET`]: structured fields for collectors, and the
     /// same as `key=value` text in the message for people reading plain logs.
     pub fn emit(&self) {
+        // The text is built only when someone will read it: at the default `warn` level the
+        // line costs one filter check, not a formatted string per request.
+        if !tracing::enabled!(target: "nearpath::access", tracing::Level::INFO) {
+            return;
+        }
         let dash = |v: Option<&str>| v.unwrap_or("-").to_owned();
         let num = |v: Option<u64>| v.map_or_else(|| "-".to_owned(), |n| n.to_string());
         let mut msg = String::with_capacity(256);
