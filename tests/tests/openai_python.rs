@@ -89,32 +89,25 @@ async fn run_clients(
     let mut node = TestNode::start(cfg, ip(DE));
     node.registered().await;
     let base = gw.api_url("/v1");
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new("python3")
-            .args([CLIENTS, section])
-            .env("NEARPATH_BASE_URL", base)
-            .env("NEARPATH_API_KEY", API_KEY)
-            .env("NEARPATH_MODEL", "m")
-            // LiteLLM and LangChain must never reach the network: the bundled cost map, no
-            // telemetry, no tracing.
-            .env("LITELLM_LOCAL_MODEL_COST_MAP", "True")
-            .env("LITELLM_TELEMETRY", "False")
-            .env("LANGCHAIN_TRACING_V2", "false")
-            .env("LANGSMITH_TRACING", "false")
-            .envs(env)
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    println!("{stdout}");
-    assert!(
-        out.status.success(),
-        "client_libraries_test.py {section} failed:\n{stdout}\n{stderr}"
-    );
-    assert!(stdout.contains("all checks passed"), "{stdout}");
+    let mut all_env: Vec<(String, String)> = vec![
+        ("NEARPATH_BASE_URL".into(), base),
+        ("NEARPATH_API_KEY".into(), API_KEY.into()),
+        ("NEARPATH_MODEL".into(), "m".into()),
+        // LiteLLM and LangChain must never reach the network: the bundled cost map, no
+        // telemetry, no tracing.
+        ("LITELLM_LOCAL_MODEL_COST_MAP".into(), "True".into()),
+        ("LITELLM_TELEMETRY".into(), "False".into()),
+        ("LANGCHAIN_TRACING_V2".into(), "false".into()),
+        ("LANGSMITH_TRACING".into(), "false".into()),
+    ];
+    all_env.extend(env.into_iter().map(|(k, v)| (k.to_owned(), v)));
+    run_python_checks(
+        &format!("client_libraries_test.py {section}"),
+        CLIENTS.to_owned(),
+        vec![section.to_owned()],
+        all_env,
+    )
+    .await;
     node.stop().await.unwrap();
     gw.stop().await;
 }
@@ -162,27 +155,18 @@ async fn a_capability_the_model_lacks_is_a_400_naming_the_parameter() {
 /// Runs tests/python/responses_test.py (one Python process) against `base`.
 async fn run_responses_script(base: String, key: &str, model: &str, tool_model: &str) {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/responses_test.py");
-    let (key, model, tool_model) = (key.to_owned(), model.to_owned(), tool_model.to_owned());
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new("python3")
-            .arg(script)
-            .env("NEARPATH_BASE_URL", base)
-            .env("NEARPATH_API_KEY", key)
-            .env("NEARPATH_MODEL", model)
-            .env("NEARPATH_TOOL_MODEL", tool_model)
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    println!("{stdout}");
-    assert!(
-        out.status.success(),
-        "python checks failed:\n{stdout}\n{stderr}"
-    );
-    assert!(stdout.contains("all checks passed"));
+    run_python_checks(
+        "python checks",
+        script.to_owned(),
+        vec![],
+        vec![
+            ("NEARPATH_BASE_URL".into(), base),
+            ("NEARPATH_API_KEY".into(), key.to_owned()),
+            ("NEARPATH_MODEL".into(), model.to_owned()),
+            ("NEARPATH_TOOL_MODEL".into(), tool_model.to_owned()),
+        ],
+    )
+    .await;
 }
 
 fn require_python_openai() {

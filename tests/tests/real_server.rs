@@ -193,27 +193,18 @@ async fn compare(section: &'static str) {
     let (gw, node) = gateway_in_front_of(l).await;
     let base = gw.api_url("/v1");
     let direct = l.url();
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new("python3")
-            .arg(format!("{PYTHON_DIR}/real_server_check.py"))
-            .arg(section)
-            .env("NEARPATH_BASE_URL", base)
-            .env("NEARPATH_DIRECT_URL", direct)
-            .env("NEARPATH_API_KEY", API_KEY)
-            .env("NEARPATH_MODEL", MODEL)
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    println!("{stdout}");
-    assert!(
-        out.status.success(),
-        "real_server_check.py {section} failed:\n{stdout}\n{stderr}"
-    );
-    assert!(stdout.contains("all checks passed"), "{stdout}");
+    run_python_checks(
+        &format!("real_server_check.py {section}"),
+        format!("{PYTHON_DIR}/real_server_check.py"),
+        vec![section.to_owned()],
+        vec![
+            ("NEARPATH_BASE_URL".into(), base),
+            ("NEARPATH_DIRECT_URL".into(), direct),
+            ("NEARPATH_API_KEY".into(), API_KEY.into()),
+            ("NEARPATH_MODEL".into(), MODEL.into()),
+        ],
+    )
+    .await;
     node.stop().await.unwrap();
     gw.stop().await;
 }

@@ -609,3 +609,30 @@ pub fn python_can(import_stmt: &str, install: &str) -> bool {
         }
     }
 }
+
+/// Runs `python3 <script> <args>` with `env` off the runtime, prints what it printed and asserts
+/// that it passed: exit 0 and "all checks passed", as every check script under tests/python
+/// reports. `what` names the run in the failure message.
+#[allow(dead_code)]
+pub async fn run_python_checks(
+    what: &str,
+    script: String,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+) {
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("python3")
+            .arg(script)
+            .args(args)
+            .envs(env)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!("{stdout}");
+    assert!(out.status.success(), "{what} failed:\n{stdout}\n{stderr}");
+    assert!(stdout.contains("all checks passed"), "{stdout}");
+}
