@@ -420,6 +420,20 @@ fn version_mismatch_is_reported_and_skippable() {
 }
 
 #[test]
+fn a_register_declaring_more_capability_masks_than_models_is_rejected() {
+    // A hostile node must not be able to attach capabilities to models it does not list.
+    let mut reg = match &samples()[0] {
+        Message::Register(r) => r.clone(),
+        _ => unreachable!("samples start with Register"),
+    };
+    reg.workloads.model_caps = vec![ModelCaps::TOOLS; reg.workloads.models.len() + 1];
+    let bytes = encode_to_vec(&Message::Register(reg));
+    let mut dec = Decoder::new(MAX_CONTROL_FRAME);
+    dec.push(&bytes);
+    assert!(dec.poll().is_err());
+}
+
+#[test]
 fn out_of_domain_values_are_rejected() {
     let cases: Vec<(Vec<u8>, &str)> = vec![
         // A boolean must be 0 or 1.
