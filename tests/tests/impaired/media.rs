@@ -13,11 +13,8 @@ use crate::common::*;
 use nearpath_tests::game_impaired::{run, Report, Scenario};
 use nearpath_tests::impair::Impairment;
 
-/// The encoding tests need a core each to hold 60 fps on a 2-core machine: one at a time.
-static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
 async fn play(name: &str, s: Scenario) -> Report {
-    let _heavy = HEAVY.lock().await;
+    let _heavy = crate::HEAVY.lock().await;
     let r = run(&s).await.unwrap();
     println!("{name}: {}", r.json());
     r

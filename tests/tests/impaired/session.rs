@@ -10,9 +10,6 @@ use nearpath_protocol::{ControlEvent, FrameStream, PlayControl, PlayParams};
 use nearpath_tests::impair::UdpRelay;
 use std::time::{Duration, Instant};
 
-/// Tests that encode video need the CPU: one at a time.
-static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
 fn small() -> PlayParams {
     PlayParams {
         game: "arena".into(),
@@ -125,7 +122,7 @@ async fn next_event(control: &mut PlayControl, within: Duration) -> ControlEvent
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_3s_blackout_of_the_only_node_resumes_the_session() {
-    let _heavy = HEAVY.lock().await;
+    let _heavy = crate::HEAVY.lock().await;
     let gw = TestGateway::start(|_| {}).await;
     let (node, relay) = arena_behind_relay(&gw, "de-1", 7).await;
     let c = native_client(&gw, FR_CLIENT).await;
@@ -184,7 +181,7 @@ async fn a_3s_blackout_of_the_only_node_resumes_the_session() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_that_never_returns_ends_the_session_after_the_pause_window() {
-    let _heavy = HEAVY.lock().await;
+    let _heavy = crate::HEAVY.lock().await;
     let gw = TestGateway::start(|c| c.game.pause_window_ms = 2000).await;
     let (node, relay) = arena_behind_relay(&gw, "de-1", 11).await;
     let c = native_client(&gw, FR_CLIENT).await;
@@ -405,7 +402,7 @@ async fn a_failed_over_session_bills_each_node_for_its_own_time() {
 async fn a_silent_node_with_a_second_node_fails_over_within_the_lease() {
     // A guard, not a fix: telling slow from gone must not make a silently dead node (kill -9,
     // cable pulled) take longer to detect. 100 ms heartbeats: a 300 ms lease.
-    let _heavy = HEAVY.lock().await;
+    let _heavy = crate::HEAVY.lock().await;
     let gw = TestGateway::start(|_| {}).await;
     let (near, relay) = arena_behind_relay(&gw, "de-1", 5).await;
     let mut cfg = gw.node_config("us-1", &gw.token);
