@@ -48,6 +48,8 @@ pub struct GatewayConfig {
     pub quic: QuicConfig,
     /// `[store]`: the durable database (operators, SLA records, usage ledger).
     pub store: StoreConfig,
+    /// `[federation]`: this gateway as one of several regional gateways sharing the store.
+    pub federation: FederationConfig,
     /// `[nodes]`: liveness and admission of edge nodes.
     pub nodes: NodesConfig,
     /// `[routing]`: how candidate nodes are scored.
@@ -250,14 +252,94 @@ impl Default for QuicConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
     /// SQLite database file, created if missing; relative paths are relative to the working
-    /// directory. Default: `nearpath-gateway.db`.
+    /// directory. Used when `url` is not set. Default: `nearpath-gateway.db`.
     pub path: PathBuf,
+    /// PostgreSQL connection URL (`postgres://user:password@host:port/db`); when set, it selects
+    /// the PostgreSQL store (several gateways share it: a federation) and `path` is ignored.
+    /// Also `NEARPATH_STORE__URL`. Default: none (SQLite at `path`).
+    pub url: Option<String>,
+    /// Connections in the PostgreSQL pool. Default: 8.
+    pub pool_size: u32,
+    /// How long to wait for a PostgreSQL connection (connecting, or a free one from the pool),
+    /// in milliseconds. Default: 5000.
+    pub connect_timeout_ms: u64,
 }
 
 impl Default for StoreConfig {
     fn default() -> Self {
         Self {
             path: PathBuf::from("nearpath-gateway.db"),
+            url: None,
+            pool_size: 8,
+            connect_timeout_ms: 5_000,
+        }
+    }
+}
+
+/// `[federation]`: this gateway as one of several regional gateways sharing a store. Without
+/// `gateway_id` the gateway stands alone (the default, and the demo).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FederationConfig {
+    /// This gateway's id in the federation: 1 to 64 of `[A-Za-z0-9._-]`. Setting it joins the
+    /// federation. Default: none (a standalone gateway).
+    pub gateway_id: Option<String>,
+    /// The region this gateway serves (free text shown to clients, e.g. `eu-central`).
+    /// Default: empty.
+    pub region: String,
+    /// Where the gateway is, in degrees; clients and nodes without RTT figures pick the nearest.
+    /// Default: 0.0, 0.0.
+    pub lat: f64,
+    pub lon: f64,
+    /// The QUIC address nodes, clients and peer gateways reach this gateway at (`host:port`).
+    /// Default: none (the QUIC listen address).
+    pub public_quic_address: Option<String>,
+    /// The base URL of this gateway's client HTTP API (`https://gw-eu.example.com`), used in
+    /// redirects and `/v1/gateways`. Default: none (`http://` + the HTTP listen address).
+    pub public_http_url: Option<String>,
+    /// How often the gateway renews its entry in the gateway directory, in milliseconds.
+    /// Default: 1000.
+    pub heartbeat_ms: u64,
+    /// How long an entry lives without renewal; a gateway silent for longer is dead to its
+    /// peers, in milliseconds. Must exceed `heartbeat_ms`. Default: 3000.
+    pub lease_ms: u64,
+    /// How often the gateway publishes its live nodes to the node directory, in milliseconds
+    /// (a bounded rate, not per heartbeat). Default: 1000.
+    pub node_directory_interval_ms: u64,
+    /// How a session reaches a node attached to another gateway, per workload: `trunk` relays
+    /// through the gateway-to-gateway QUIC trunk (ALPN `nearpath-peer/1`), `redirect` sends the
+    /// client to the peer. Defaults: inference `trunk`, game `redirect`.
+    pub inference_route: CrossRoute,
+    pub game_route: CrossRoute,
+    /// The share of a key's per-minute limit a gateway leases from the store at a time, in
+    /// percent (1 to 100): smaller slices hold the fleet-wide limit tighter, larger ones cost
+    /// fewer store round trips. Default: 10.
+    pub limit_slice_percent: u32,
+}
+
+/// How a session reaches a node attached to another gateway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CrossRoute {
+    Trunk,
+    Redirect,
+}
+
+impl Default for FederationConfig {
+    fn default() -> Self {
+        Self {
+            gateway_id: None,
+            region: String::new(),
+            lat: 0.0,
+            lon: 0.0,
+            public_quic_address: None,
+            public_http_url: None,
+            heartbeat_ms: 1_000,
+            lease_ms: 3_000,
+            node_directory_interval_ms: 1_000,
+            inference_route: CrossRoute::Trunk,
+            game_route: CrossRoute::Redirect,
+            limit_slice_percent: 10,
         }
     }
 }
@@ -592,9 +674,8 @@ impl GatewayConfig {
         self.check_http(p);
         self.check_admin(p, run);
         self.check_quic(p, run);
-        if self.store.path.as_os_str().is_empty() {
-            p.push("store.path", "must not be empty");
-        }
+        self.check_store(p);
+        self.check_federation(p);
         self.check_nodes(p);
         self.check_routing(p);
         self.check_inference(p);
@@ -602,6 +683,71 @@ impl GatewayConfig {
         self.geo.check(p);
         self.geofence.check(p);
         self.log.check(p);
+    }
+
+    fn check_store(&self, p: &mut Problems) {
+        let s = &self.store;
+        match &s.url {
+            None if s.path.as_os_str().is_empty() => p.push("store.path", "must not be empty"),
+            None => {}
+            Some(url) => {
+                if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                    p.push(
+                        "store.url",
+                        "must be a PostgreSQL URL (postgres://user:password@host:port/db)",
+                    );
+                }
+                p.positive("store.pool_size", s.pool_size);
+                p.positive("store.connect_timeout_ms", s.connect_timeout_ms);
+            }
+        }
+    }
+
+    fn check_federation(&self, p: &mut Problems) {
+        let f = &self.federation;
+        if let Some(id) = &f.gateway_id {
+            let ok = (1..=64).contains(&id.len())
+                && id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+            if !ok {
+                p.push(
+                    "federation.gateway_id",
+                    "must be 1 to 64 characters of A-Z, a-z, 0-9, '.', '_' and '-'",
+                );
+            }
+        }
+        if !(-90.0..=90.0).contains(&f.lat) {
+            p.push("federation.lat", "must be between -90 and 90");
+        }
+        if !(-180.0..=180.0).contains(&f.lon) {
+            p.push("federation.lon", "must be between -180 and 180");
+        }
+        p.positive("federation.heartbeat_ms", f.heartbeat_ms);
+        p.positive(
+            "federation.node_directory_interval_ms",
+            f.node_directory_interval_ms,
+        );
+        if f.lease_ms <= f.heartbeat_ms {
+            p.push(
+                "federation.lease_ms",
+                format!(
+                    "must exceed federation.heartbeat_ms ({}): an entry would expire between renewals",
+                    f.heartbeat_ms
+                ),
+            );
+        }
+        if !(1..=100).contains(&f.limit_slice_percent) {
+            p.push("federation.limit_slice_percent", "must be between 1 and 100");
+        }
+        if let Some(u) = &f.public_http_url {
+            if !(u.starts_with("http://") || u.starts_with("https://")) {
+                p.push(
+                    "federation.public_http_url",
+                    "must start with http:// or https://",
+                );
+            }
+        }
     }
 
     fn check_http(&self, p: &mut Problems) {

@@ -134,7 +134,14 @@ impl Gateway {
             }
         };
         let cert = crate::tls::load_pem(&cert_file, &key_file)?;
-        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&config.store.path)?);
+        let store: Arc<dyn Store> = match &config.store.url {
+            Some(url) => Arc::new(crate::store::PgStore::open(
+                url,
+                config.store.pool_size,
+                Duration::from_millis(config.store.connect_timeout_ms),
+            )?),
+            None => Arc::new(SqliteStore::open(&config.store.path)?),
+        };
         Self::with_parts(config, cert, store)
     }
 

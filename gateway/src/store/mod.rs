@@ -39,8 +39,10 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+pub mod pg;
 mod sqlite;
 
+pub use pg::PgStore;
 pub use sqlite::{SqliteStore, WriterStats, DEFAULT_BUSY_TIMEOUT, SCHEMA_VERSION};
 
 /// Prefix of enrolment token secrets.
@@ -124,6 +126,21 @@ pub enum StoreError {
     /// The store's background writer has stopped (the store is shutting down or the writer died).
     #[error("store is closed")]
     Closed,
+    /// PostgreSQL failed during `op` (see [`StoreError::is_retryable`] for which failures are
+    /// transient: lost connections, serialization failures, deadlocks, pool timeouts).
+    #[error("store (PostgreSQL): {op} failed: {source}")]
+    Postgres {
+        op: &'static str,
+        #[source]
+        source: postgres::Error,
+    },
+    /// No PostgreSQL connection could be had within `store.connect_timeout_ms` (the database
+    /// is down, unreachable or every pooled connection is busy). Retryable.
+    #[error("store (PostgreSQL): no connection: {message}")]
+    Unavailable { message: String },
+    /// This store does not implement `op` (a federation feature on a store that lacks it).
+    #[error("store: {op} is not supported by this store")]
+    NotSupported { op: &'static str },
 }
 
 impl StoreError {
@@ -131,6 +148,8 @@ impl StoreError {
     /// busy timeout) and the same call may succeed if repeated.
     pub fn is_retryable(&self) -> bool {
         match self {
+            StoreError::Postgres { source, .. } => pg::is_transient(source),
+            StoreError::Unavailable { .. } => true,
             StoreError::Sqlite { source, .. } | StoreError::Open { source, .. } => matches!(
                 source.sqlite_error_code(),
                 Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
@@ -607,6 +626,66 @@ pub struct UsageSummary {
     pub by_node: Vec<UsageTotals>,
 }
 
+/// One gateway in the federation's directory (table `gateways`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GatewayRecord {
+    /// `federation.gateway_id`.
+    pub id: String,
+    pub region: String,
+    pub lat: f64,
+    pub lon: f64,
+    /// Where nodes, native clients and peer gateways reach it over QUIC (`host:port`).
+    pub quic_address: String,
+    /// The base URL of its client HTTP API.
+    pub http_url: String,
+    /// SHA-256 of its QUIC certificate (DER), 64 lowercase hex digits: what nodes pin, and what
+    /// peers check on the `nearpath-peer/1` trunk.
+    pub cert_sha256: String,
+    /// The gateway software version (`x.y.z`).
+    pub version: String,
+    pub started_at_ms: u64,
+    pub heartbeat_at_ms: u64,
+    /// The entry is dead after this unless renewed.
+    pub expires_at_ms: u64,
+}
+
+impl GatewayRecord {
+    /// True while the lease holds at `now_ms`.
+    pub fn is_live(&self, now_ms: u64) -> bool {
+        now_ms < self.expires_at_ms
+    }
+}
+
+/// One live node as published by the gateway that holds its connection (table `node_directory`).
+/// Published at `federation.node_directory_interval_ms`, not per heartbeat: load figures are
+/// up to that old.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeDirEntry {
+    pub node_id: String,
+    pub operator_id: String,
+    /// The gateway holding the node's connection.
+    pub gateway_id: String,
+    /// Where GeoIP placed the node (ISO country, and coordinates when known).
+    pub country: Option<String>,
+    pub lat: Option<f64>,
+    pub lon: Option<f64>,
+    /// GPU classes the node was admitted with (e.g. `h100`, `consumer`).
+    pub gpu_classes: Vec<String>,
+    /// Models it serves and game titles it runs.
+    pub models: Vec<String>,
+    pub games: Vec<String>,
+    pub inference_slots: u32,
+    pub inference_free: u32,
+    pub game_slots: u32,
+    pub game_free: u32,
+    /// Draining, suspended or otherwise not taking new sessions.
+    pub accepting: bool,
+    /// What the gateway has verified about the node's claims (`unverified` until the checkers
+    /// of issue 14 run).
+    pub verification: String,
+    pub updated_at_ms: u64,
+}
+
 /// The gateway's durable state. Object safe: the gateway holds an `Arc<dyn Store>`.
 ///
 /// All methods are synchronous and may block (see the module documentation): call them from
@@ -760,6 +839,42 @@ pub trait Store: Send + Sync + 'static {
         from_ms: u64,
         to_ms: u64,
     ) -> Result<Vec<KeyDayUsage>, StoreError>;
+
+    // ---- Federation (issue 13). A standalone gateway uses these too (it is a federation of
+    // one), so both stores implement them; the defaults only keep test doubles short.
+
+    /// Inserts or renews this gateway's entry in the gateway directory (`record.id` is the key;
+    /// every field is replaced, `heartbeat_at_ms` and `expires_at_ms` included).
+    fn gateway_heartbeat(&self, record: &GatewayRecord) -> Result<(), StoreError> {
+        let _ = record;
+        Err(StoreError::NotSupported {
+            op: "gateway_heartbeat",
+        })
+    }
+    /// Removes a gateway's directory entry and its published nodes (orderly shutdown).
+    fn gateway_leave(&self, gateway_id: &str) -> Result<(), StoreError> {
+        let _ = gateway_id;
+        Err(StoreError::NotSupported { op: "gateway_leave" })
+    }
+    /// Every gateway in the directory, expired entries included (callers judge liveness from
+    /// `expires_at_ms`), ordered by id.
+    fn list_gateways(&self) -> Result<Vec<GatewayRecord>, StoreError> {
+        Err(StoreError::NotSupported { op: "list_gateways" })
+    }
+    /// Replaces, in one transaction, the set of live nodes `gateway_id` holds with `nodes`
+    /// (each entry's `gateway_id` must equal it). A node id published by two gateways (it moved)
+    /// keeps the newer entry.
+    fn publish_nodes(&self, gateway_id: &str, nodes: &[NodeDirEntry]) -> Result<(), StoreError> {
+        let _ = (gateway_id, nodes);
+        Err(StoreError::NotSupported { op: "publish_nodes" })
+    }
+    /// The node directory: every published node, ordered by node id. Entries of gateways whose
+    /// lease expired are included; callers filter with [`Store::list_gateways`].
+    fn list_node_directory(&self) -> Result<Vec<NodeDirEntry>, StoreError> {
+        Err(StoreError::NotSupported {
+            op: "list_node_directory",
+        })
+    }
 }
 
 /// SHA-256 of a secret, lowercase hex: what is stored and indexed instead of the secret.
