@@ -18,6 +18,8 @@
 
 use super::*;
 use ::postgres::NoTls;
+
+mod limits;
 use r2d2_postgres::PostgresConnectionManager;
 use std::time::Duration;
 
@@ -29,6 +31,8 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     // 1: the base schema (operators, tokens, keys, node ids, SLA, penalties, GPU models, usage).
     // (filled in by the PostgreSQL store work)
     "SELECT 1",
+    // (issue 13, fleet-wide limits) the per-minute counters and the concurrency holds.
+    limits::MIGRATION,
 ];
 
 /// The newest schema version this build knows.
@@ -261,4 +265,23 @@ impl Store for PgStore {
     }
     // ---- Federation: each feature adds its overrides below, delegating to an inherent
     // method in its own file under `store/pg/`.
+    fn lease_units(
+        &self,
+        key_id: &str,
+        pool: &str,
+        window_start_ms: u64,
+        want: u64,
+        limit: u64,
+    ) -> Result<u64, StoreError> {
+        self.pg_lease_units(key_id, pool, window_start_ms, want, limit)
+    }
+    fn publish_holds(&self, gateway_id: &str, holds: &[FleetHold]) -> Result<(), StoreError> {
+        self.pg_publish_holds(gateway_id, holds)
+    }
+    fn fleet_holds(&self, key_id: Option<&str>, now_ms: u64) -> Result<Vec<FleetHold>, StoreError> {
+        self.pg_fleet_holds(key_id, now_ms)
+    }
+    fn prune_limits(&self, before_window_ms: u64, now_ms: u64) -> Result<u64, StoreError> {
+        self.pg_prune_limits(before_window_ms, now_ms)
+    }
 }
