@@ -858,4 +858,96 @@ mod tests {
             "{page}"
         );
     }
+
+    fn fleet_auth(
+        store: Arc<dyn Store>,
+        id: &str,
+        clock: Arc<crate::clock::ManualClock>,
+    ) -> Auth {
+        let mut config = nearpath_config::GatewayConfig::default();
+        config.federation.gateway_id = Some(id.into());
+        let metrics = Arc::new(Metrics::new());
+        Auth::new(
+            store.clone(),
+            metrics.clone(),
+            clock.clone(),
+            CapDefaults::from_config(&config),
+        )
+        .with_fleet(FleetLimits::new(id, store, clock, metrics, &config))
+    }
+
+    #[tokio::test]
+    async fn two_gateways_share_a_keys_requests_per_minute_and_the_next_window_starts_fresh() {
+        let t0 = 1_800_000_000_000 - 1_800_000_000_000 % 60_000 + 1_000;
+        let clock = crate::clock::ManualClock::new(t0);
+        let store: Arc<dyn Store> =
+            Arc::new(crate::store::SqliteStore::open_in_memory().expect("store"));
+        let a = fleet_auth(store.clone(), "a", clock.clone());
+        let b = fleet_auth(store, "b", clock.clone());
+        let mut k = key(1_000_000);
+        k.requests_per_minute = 10;
+        let mut admitted = 0;
+        for i in 0..30 {
+            let auth = if i % 2 == 0 { &a } else { &b };
+            if auth.admit_request(&k).await.is_ok() {
+                admitted += 1;
+            }
+        }
+        assert_eq!(admitted, 10);
+        // Refused until the window ends, from either gateway.
+        assert_eq!(a.admit_request(&k).await, Err(59));
+        assert_eq!(b.admit_request(&k).await, Err(59));
+        clock.advance(Duration::from_secs(59));
+        assert!(b.admit_request(&k).await.is_ok());
+        // Session starts count apart, fleet-wide too.
+        let mut starts = 0;
+        for i in 0..6 {
+            let auth = if i % 2 == 0 { &a } else { &b };
+            if auth.admit_session_start(&k, 3).await.is_ok() {
+                starts += 1;
+            }
+        }
+        assert_eq!(starts, 3);
+        let r = a.admit_session_start(&k, 3).await.unwrap_err();
+        assert_eq!((r.code, r.cap), ("rate_limit_exceeded", "session_starts"));
+    }
+
+    #[tokio::test]
+    async fn a_store_that_cannot_lease_fails_open_to_this_gateways_own_limits() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("gw.db");
+        let store: Arc<dyn Store> =
+            Arc::new(crate::store::SqliteStore::open(&path).expect("store"));
+        // The limit tables vanish under the gateway: every lease and reservation fails.
+        let raw = rusqlite::Connection::open(&path).expect("raw");
+        raw.execute_batch("DROP TABLE limit_windows; DROP TABLE limit_holds;")
+            .expect("drop");
+        let clock = crate::clock::ManualClock::new(1_800_000_000_000);
+        let auth = fleet_auth(store, "a", clock);
+        let mut k = key(1_000_000);
+        k.requests_per_minute = 3;
+        // This gateway's bucket decides: 3 of 5, and the refusal still says when to retry.
+        let results: Vec<_> = [(); 5].iter().map(|_| ()).collect();
+        let mut admitted = 0;
+        for _ in results {
+            if auth.admit_request(&k).await.is_ok() {
+                admitted += 1;
+            }
+        }
+        assert_eq!(admitted, 3);
+        // Concurrency: the local cap holds.
+        let _g1 = auth.acquire_cap(&k, CapKind::Stream, 2, "http").await.expect("1");
+        let _g2 = auth.acquire_cap(&k, CapKind::Stream, 2, "http").await.expect("2");
+        assert!(auth.acquire_cap(&k, CapKind::Stream, 2, "http").await.is_err());
+        let page = auth.metrics.render();
+        assert!(
+            page.contains("nearpath_limit_fail_open_total{pool=\"requests\"}"),
+            "{page}"
+        );
+        assert!(
+            page.contains("nearpath_limit_leases_total{pool=\"requests\",result=\"failed\"} 1"),
+            "{page}"
+        );
+    }
+
 }
