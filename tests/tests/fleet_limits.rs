@@ -72,11 +72,14 @@ async fn a_keys_requests_per_minute_hold_across_three_gateways() {
         let (mut admitted, mut refused, mut sent) = (0u32, [0u32; 3], 0u32);
         // Hammer all three at once until each has refused a few times.
         while refused.iter().any(|&r| r < 3) && sent < 600 {
-            let url = |g: &TestGateway| g.api_url("/v1/chat/completions");
+            let urls: Vec<String> = gws
+                .iter()
+                .map(|g| g.api_url("/v1/chat/completions"))
+                .collect();
             let (a, b, c) = tokio::join!(
-                gws[0].http.post(&url(&gws[0]), Some(&secret), body, &[]),
-                gws[1].http.post(&url(&gws[1]), Some(&secret), body, &[]),
-                gws[2].http.post(&url(&gws[2]), Some(&secret), body, &[]),
+                gws[0].http.post(&urls[0], Some(&secret), body, &[]),
+                gws[1].http.post(&urls[1], Some(&secret), body, &[]),
+                gws[2].http.post(&urls[2], Some(&secret), body, &[]),
             );
             for (i, (status, text)) in [a, b, c].into_iter().enumerate() {
                 sent += 1;
