@@ -45,6 +45,11 @@ pub struct FleetLimits {
     tick: Duration,
     max_wait: Duration,
     round_trips: AtomicU64,
+    /// Held across every write of this gateway's holds (and a reservation's read and answer),
+    /// so that they reach the store in order and each writes the book's reservation as it is
+    /// then: a renewal computed before a reservation but written after it would otherwise put
+    /// a smaller figure in the store than this gateway admits against.
+    hold_writes: Mutex<()>,
 }
 
 impl FleetLimits {
@@ -75,6 +80,7 @@ impl FleetLimits {
             tick: Duration::from_millis(config.heartbeat_ms.max(1)),
             max_wait: MAX_STORE_WAIT,
             round_trips: AtomicU64::new(0),
+            hold_writes: Mutex::new(()),
         })
     }
 
@@ -277,6 +283,7 @@ impl FleetLimits {
                 reserved,
                 expires_at_ms,
             } => {
+                let _writes = self.hold_writes.lock().unwrap_or_else(|p| p.into_inner());
                 let hold = FleetHold {
                     gateway_id: self.gateway_id.clone(),
                     key_id: key.clone(),
@@ -313,16 +320,20 @@ impl FleetLimits {
                 holds,
                 expires_at_ms,
             } => {
+                let _writes = self.hold_writes.lock().unwrap_or_else(|p| p.into_inner());
+                // What the book reserves now, not when the renewal was queued.
+                let book = self.book();
                 let holds: Vec<FleetHold> = holds
                     .into_iter()
-                    .map(|(key_id, pool, held)| FleetHold {
+                    .map(|(key_id, pool, _)| FleetHold {
+                        held: book.held(&key_id, pool).1,
                         gateway_id: self.gateway_id.clone(),
                         key_id,
                         pool: pool.as_str().to_string(),
-                        held,
                         expires_at_ms,
                     })
                     .collect();
+                drop(book);
                 if let Err(e) = self.store.publish_holds(&self.gateway_id, &holds) {
                     tracing::warn!(error = %e, "renewing concurrency holds failed");
                 }
