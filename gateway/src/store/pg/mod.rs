@@ -654,6 +654,14 @@ pub(crate) fn pg_err(op: &'static str) -> impl FnOnce(::postgres::Error) -> Stor
     move |source| StoreError::Postgres { op, source }
 }
 
+/// What a lookup of an id PostgreSQL cannot hold (one with NUL) answers: no such record.
+fn not_found(kind: &'static str, id: &str) -> StoreError {
+    StoreError::NotFound {
+        kind,
+        id: id.to_owned(),
+    }
+}
+
 /// Refuses text PostgreSQL cannot store (NUL), as a caller error naming the field.
 fn check_no_nul(field: &'static str, value: &str) -> Result<(), StoreError> {
     if value.contains('\0') {
@@ -884,6 +892,9 @@ impl Store for PgStore {
     }
 
     fn get_operator(&self, id: &str) -> Result<Option<Operator>, StoreError> {
+        if id.contains('\0') {
+            return Ok(None);
+        }
         self.run(Retry::Idempotent, |c| {
             c.query_opt(
                 &format!("SELECT {OPERATOR_COLS} FROM operators WHERE id = $1"),
@@ -908,6 +919,9 @@ impl Store for PgStore {
     }
 
     fn set_operator_kyc(&self, id: &str, status: KycStatus) -> Result<Operator, StoreError> {
+        if id.contains('\0') {
+            return Err(not_found("operator", id));
+        }
         let now = to_i64("updated_at_ms", crate::clock::system_unix_ms())?;
         self.run(Retry::Idempotent, |c| {
             c.query_opt(
@@ -932,6 +946,9 @@ impl Store for PgStore {
         &self,
         operator_id: &str,
     ) -> Result<(EnrolmentToken, String), StoreError> {
+        if operator_id.contains('\0') {
+            return Err(not_found("operator", operator_id));
+        }
         let secret = new_secret(ENROLMENT_TOKEN_PREFIX);
         let now = crate::clock::system_unix_ms();
         let token = EnrolmentToken {
@@ -989,6 +1006,9 @@ impl Store for PgStore {
     }
 
     fn revoke_enrolment_token(&self, id: &str) -> Result<(), StoreError> {
+        if id.contains('\0') {
+            return Err(not_found("enrolment_token", id));
+        }
         let now = to_i64("revoked_at_ms", crate::clock::system_unix_ms())?;
         let changed = self.run(Retry::Idempotent, |c| {
             c.execute(
@@ -1008,6 +1028,9 @@ impl Store for PgStore {
     }
 
     fn list_enrolment_tokens(&self, operator_id: &str) -> Result<Vec<EnrolmentToken>, StoreError> {
+        if operator_id.contains('\0') {
+            return Err(not_found("operator", operator_id));
+        }
         self.run(Retry::Idempotent, |c| {
             // One snapshot, so "operator exists" and its tokens agree.
             let mut tx = c
@@ -1123,6 +1146,9 @@ impl Store for PgStore {
     }
 
     fn revoke_api_key(&self, id: &str) -> Result<(), StoreError> {
+        if id.contains('\0') {
+            return Err(not_found("api_key", id));
+        }
         let now = to_i64("revoked_at_ms", crate::clock::system_unix_ms())?;
         let changed = self.run(Retry::Idempotent, |c| {
             c.execute(
@@ -1141,6 +1167,9 @@ impl Store for PgStore {
     }
 
     fn update_api_key(&self, id: &str, update: ApiKeyUpdate) -> Result<ApiKey, StoreError> {
+        if id.contains('\0') {
+            return Err(not_found("api_key", id));
+        }
         // A cap of 0 would lock the key out silently; revoking it says so.
         for (field, v) in [
             ("requests_per_minute", update.requests_per_minute),
