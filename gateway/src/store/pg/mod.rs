@@ -5,9 +5,11 @@
 //! connection pool: the [`Store`] trait is synchronous and the gateway already calls it from
 //! `spawn_blocking`, so a blocking driver fits without a second async runtime in the call path.
 //! The driver runs a small runtime of its own per connection, which may not be entered from a
-//! thread that is driving async tasks: call the store from `spawn_blocking` (as the trait asks),
-//! never from an async task directly. [`PgStore::open`] and dropping the store are safe anywhere
-//! (they move their driver work to a thread of their own when called from async code).
+//! thread that is driving async tasks; every method therefore runs its driver work through
+//! `blocking` (`block_in_place` on a multi-threaded runtime's worker, a scoped thread on a
+//! current-thread runtime), so the store is safe to call anywhere, though async code should
+//! still call it from `spawn_blocking` (as the trait asks) to keep workers free. Code that uses
+//! [`PgStore::conn`] directly must do the same (call it through `spawn_blocking`).
 //!
 //! # Semantics
 //! Every method behaves as [`super::SqliteStore`]'s does (same validation, error kinds,
@@ -300,21 +302,22 @@ enum Retry {
     IfRolledBack,
 }
 
-/// True when running on a thread that drives async tasks, where the driver's own runtime may
-/// not be entered.
-fn in_async_context() -> bool {
-    tokio::runtime::Handle::try_current().is_ok()
-}
-
-/// Runs `f` on a thread of its own when called from async code (see the module documentation).
-fn off_runtime<T: Send>(f: impl FnOnce() -> T + Send) -> T {
-    if in_async_context() {
-        std::thread::scope(|s| match s.spawn(f).join() {
+/// Runs `f`, which uses the driver, so that the driver's own runtime may block: directly on a
+/// plain or `spawn_blocking` thread; through `block_in_place` on a worker of a multi-threaded
+/// runtime (the gateway calls the store there at startup, and `gateway run` opens it there);
+/// on a scoped thread of its own from a current-thread runtime, where `block_in_place` is not
+/// allowed.
+fn blocking<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current() {
+        Err(_) => f(),
+        Ok(handle) if handle.runtime_flavor() == RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        Ok(_) => std::thread::scope(|s| match s.spawn(f).join() {
             Ok(v) => v,
             Err(panic) => std::panic::resume_unwind(panic),
-        })
-    } else {
-        f()
+        }),
     }
 }
 
@@ -396,7 +399,7 @@ impl PgStore {
             probe_thread: Some(probe_thread),
             location,
         };
-        off_runtime(|| store.migrate())?;
+        store.migrate()?;
         Ok(store)
     }
 
@@ -415,16 +418,19 @@ impl PgStore {
 
     /// Runs `f` on a pooled connection, retrying transient failures as `retry` allows. A failure
     /// to get a connection is not retried: the pool already waited the connect timeout.
-    fn run<T>(
+    fn run<T: Send>(
         &self,
         retry: Retry,
-        mut f: impl FnMut(&mut PgConn) -> Result<T, StoreError>,
+        mut f: impl FnMut(&mut PgConn) -> Result<T, StoreError> + Send,
     ) -> Result<T, StoreError> {
         let mut attempt = 1;
         loop {
-            let mut conn = self.conn()?;
-            let result = f(&mut conn);
-            drop(conn);
+            // Checking a connection out (r2d2 tests it), using it and giving it back (a broken
+            // one is closed) all run the driver.
+            let result = blocking(|| {
+                let mut conn = self.conn()?;
+                f(&mut conn)
+            });
             match result {
                 Err(e)
                     if attempt < MAX_ATTEMPTS
@@ -595,11 +601,7 @@ impl Drop for PgStore {
         // Closing a connection runs the driver's runtime, which may not happen on a thread
         // driving async tasks (a gateway or test dropping its store there).
         if let Some(pool) = self.pool.take() {
-            if in_async_context() {
-                let _ = std::thread::spawn(move || drop(pool)).join();
-            } else {
-                drop(pool);
-            }
+            blocking(move || drop(pool));
         }
     }
 }
