@@ -1962,3 +1962,63 @@ fn pg_query_i64(url: &str, sql: &str) -> i64 {
         .expect("raw query")
         .get::<_, i64>(0)
 }
+
+/// Polls `cond` until it holds or `limit` passes (the ledger probe runs every 500 ms).
+fn holds_within(limit: Duration, cond: impl Fn() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if cond() {
+            return true;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    cond()
+}
+
+#[test]
+fn pg_a_ledger_that_cannot_commit_is_unhealthy_until_a_probe_commits() {
+    let Some(url) = pg_url("ledger_health") else {
+        return;
+    };
+    let admin = pg::PgServer::shared().expect("server").url();
+    let db = url.rsplit('/').next().expect("database name").to_string();
+    // What a primary that came back read-only looks like: every new session of the database is
+    // read-only, and the sessions the store holds are cut.
+    let set_read_only = |on: bool| {
+        pg_execute(
+            &admin,
+            &format!(
+                "ALTER DATABASE \"{db}\" SET default_transaction_read_only = {on}; \
+                 SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                 WHERE datname = '{db}' AND pid <> pg_backend_pid()"
+            ),
+        )
+    };
+    let store = pg_open(&url);
+    store.append_usage(usage(1, "t", "n", "ok")).expect("append");
+    assert!(store.ledger_health().healthy);
+
+    set_read_only(true);
+    let err = store
+        .append_usage(usage(2, "t", "n", "ok"))
+        .expect_err("a read-only database cannot take usage");
+    assert!(matches!(err, StoreError::Postgres { .. }), "{err:?}");
+    let h = store.ledger_health();
+    assert!(!h.healthy, "{h:?}");
+    assert!(h.write_failures >= 1, "{h:?}");
+    // Probes keep failing (and counting) while it stays read-only; reads go on.
+    assert!(holds_within(Duration::from_secs(20), || store
+        .ledger_health()
+        .write_failures
+        >= 2));
+    assert!(!store.ledger_health().healthy);
+    assert_eq!(store.list_usage(10).expect("reads go on").len(), 1);
+
+    set_read_only(false);
+    // No usage write is needed to notice the recovery: the probe does.
+    assert!(holds_within(Duration::from_secs(20), || store
+        .ledger_health()
+        .healthy));
+    store.append_usage(usage(3, "t", "n", "ok")).expect("append again");
+    assert_eq!(store.list_usage(10).expect("list").len(), 2);
+}
