@@ -8,7 +8,8 @@ mod common;
 use common::*;
 use nearpath_config::GatewayConfig;
 use nearpath_gateway::auth::CapGuard;
-use nearpath_gateway::store::{FleetHold, SqliteStore, Store, StoreError};
+use nearpath_gateway::store::{FleetHold, PgStore, SqliteStore, Store, StoreError};
+use nearpath_tests::pg::PgServer;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -27,6 +28,16 @@ async fn federation(
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("federation.db");
     let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&path).unwrap());
+    (federation_on(store, path, n, edit).await, dir)
+}
+
+/// `n` gateways in a federation on `store`.
+async fn federation_on(
+    store: Arc<dyn Store>,
+    path: std::path::PathBuf,
+    n: usize,
+    edit: impl Fn(&mut GatewayConfig),
+) -> Vec<TestGateway> {
     let mut gws = Vec::new();
     for i in 0..n {
         gws.push(
@@ -39,7 +50,7 @@ async fn federation(
             .await,
         );
     }
-    (gws, dir)
+    gws
 }
 
 /// The sum of every sample of a metric family (all label sets) on a gateway's `/metrics`.
@@ -59,6 +70,29 @@ fn round_trips(gw: &TestGateway) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_keys_requests_per_minute_hold_across_three_gateways() {
     let (gws, _dir) = federation(3, |_| {}).await;
+    hammer_ten_per_minute(&gws).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keys_requests_per_minute_hold_across_three_gateways_on_postgresql() {
+    let Some(server) = PgServer::shared() else {
+        return;
+    };
+    let url = server.new_database("fleet_rpm");
+    let store: Arc<dyn Store> = Arc::new(
+        tokio::task::spawn_blocking(move || PgStore::open(&url, 8, Duration::from_secs(20)))
+            .await
+            .unwrap()
+            .unwrap(),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let gws = federation_on(store, dir.path().join("unused.db"), 3, |_| {}).await;
+    hammer_ten_per_minute(&gws).await;
+}
+
+/// Hammers three gateways at once with a fresh key of 10 requests/min and checks that the
+/// federation admits 10 (±1) in the window, not 30.
+async fn hammer_ten_per_minute(gws: &[TestGateway]) {
     let body = r#"{"model":"no-such-model","messages":[{"role":"user","content":"hi"}]}"#;
     // A run that crosses a minute boundary counts two windows: it is run again with a fresh key.
     for attempt in 0..3 {
@@ -100,7 +134,7 @@ async fn a_keys_requests_per_minute_hold_across_three_gateways() {
             trips as f64 / f64::from(sent)
         );
         assert!((9..=11).contains(&admitted), "{admitted} admitted, not 10");
-        for gw in &gws {
+        for gw in gws {
             assert_eq!(metric_sum(gw, "nearpath_limit_fail_open").await, 0.0);
             assert!(metric_sum(gw, "nearpath_limit_leases").await >= 1.0);
         }
@@ -330,4 +364,18 @@ fn the_limit_store_methods_refuse_hostile_arguments_and_never_grant_beyond_the_l
     let a: Arc<dyn Store> = Arc::new(SqliteStore::open(&path2).unwrap());
     let b: Arc<dyn Store> = Arc::new(SqliteStore::open(&path2).unwrap());
     concurrent_leases_never_pass_the_limit(vec![a, b]);
+}
+
+#[test]
+fn the_limit_store_methods_refuse_hostile_arguments_and_never_grant_beyond_the_limit_on_postgresql() {
+    let Some(server) = PgServer::shared() else {
+        return;
+    };
+    let open = |url: &str| -> Arc<dyn Store> {
+        Arc::new(PgStore::open(url, 4, Duration::from_secs(20)).unwrap())
+    };
+    limits_contract(open(&server.new_database("limits_contract")));
+    // Two pools on one database, as two gateways would have.
+    let url = server.new_database("limits_race");
+    concurrent_leases_never_pass_the_limit(vec![open(&url), open(&url)]);
 }
