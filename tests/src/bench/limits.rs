@@ -36,6 +36,9 @@ pub struct LimitsArgs {
     /// A PostgreSQL URL to share instead of a temporary SQLite file.
     #[arg(long)]
     pub store_url: Option<String>,
+    /// Start a throwaway PostgreSQL (the tests' `PgServer`) and share that.
+    #[arg(long)]
+    pub postgres: bool,
 }
 
 fn now_ms() -> u64 {
@@ -54,7 +57,16 @@ fn pct(sorted: &[f64], p: f64) -> f64 {
 
 pub async fn run(a: LimitsArgs) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let store: Arc<dyn Store> = match &a.store_url {
+    let server = if a.postgres {
+        Some(nearpath_tests::pg::PgServer::try_start()?)
+    } else {
+        None
+    };
+    let url = match &server {
+        Some(s) => Some(s.new_database("fleet_limits_bench")),
+        None => a.store_url.clone(),
+    };
+    let store: Arc<dyn Store> = match &url {
         Some(url) => Arc::new(nearpath_gateway::store::PgStore::open(
             url,
             16,
@@ -202,7 +214,7 @@ pub async fn run(a: LimitsArgs) -> anyhow::Result<()> {
         "{}",
         json!({"bench": "fleet-limits", "gateways": 3, "tasks_per_gateway": a.tasks,
                "slice_percent": a.slice_percent, "rpm": rows, "caps": caps,
-               "store": if a.store_url.is_some() { "postgres" } else { "sqlite" }})
+               "store": if url.is_some() { "postgres" } else { "sqlite" }})
     );
     Ok(())
 }
