@@ -552,7 +552,10 @@ impl Auth {
         key: &ApiKey,
         per_minute: u32,
     ) -> Result<(), CapRefusal> {
-        let local = || self.limiter.admit_session_start(key, per_minute, self.clock.now());
+        let local = || {
+            self.limiter
+                .admit_session_start(key, per_minute, self.clock.now())
+        };
         let Some(fleet) = &self.fleet else {
             return local();
         };
@@ -859,11 +862,7 @@ mod tests {
         );
     }
 
-    fn fleet_auth(
-        store: Arc<dyn Store>,
-        id: &str,
-        clock: Arc<crate::clock::ManualClock>,
-    ) -> Auth {
+    fn fleet_auth(store: Arc<dyn Store>, id: &str, clock: Arc<crate::clock::ManualClock>) -> Auth {
         let mut config = nearpath_config::GatewayConfig::default();
         config.federation.gateway_id = Some(id.into());
         let metrics = Arc::new(Metrics::new());
@@ -936,9 +935,18 @@ mod tests {
         }
         assert_eq!(admitted, 3);
         // Concurrency: the local cap holds.
-        let _g1 = auth.acquire_cap(&k, CapKind::Stream, 2, "http").await.expect("1");
-        let _g2 = auth.acquire_cap(&k, CapKind::Stream, 2, "http").await.expect("2");
-        assert!(auth.acquire_cap(&k, CapKind::Stream, 2, "http").await.is_err());
+        let _g1 = auth
+            .acquire_cap(&k, CapKind::Stream, 2, "http")
+            .await
+            .expect("1");
+        let _g2 = auth
+            .acquire_cap(&k, CapKind::Stream, 2, "http")
+            .await
+            .expect("2");
+        assert!(auth
+            .acquire_cap(&k, CapKind::Stream, 2, "http")
+            .await
+            .is_err());
         let page = auth.metrics.render();
         assert!(
             page.contains("nearpath_limit_fail_open_total{pool=\"requests\"}"),
@@ -949,5 +957,4 @@ mod tests {
             "{page}"
         );
     }
-
 }

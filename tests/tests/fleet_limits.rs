@@ -64,7 +64,12 @@ async fn metric_sum(gw: &TestGateway, family: &str) -> f64 {
 }
 
 fn round_trips(gw: &TestGateway) -> u64 {
-    gw.shared.auth.fleet.as_ref().expect("federated").round_trips()
+    gw.shared
+        .auth
+        .fleet
+        .as_ref()
+        .expect("federated")
+        .round_trips()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -155,8 +160,17 @@ async fn top_up(
     let start = Instant::now();
     let mut i = 0;
     while held.len() < want {
-        assert!(start.elapsed() < timeout, "the fleet holds only {}", held.len());
-        if let Ok(g) = gws[i % gws.len()].shared.auth.acquire_stream(key, "http").await {
+        assert!(
+            start.elapsed() < timeout,
+            "the fleet holds only {}",
+            held.len()
+        );
+        if let Ok(g) = gws[i % gws.len()]
+            .shared
+            .auth
+            .acquire_stream(key, "http")
+            .await
+        {
             held.push(g);
         } else {
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -183,18 +197,33 @@ async fn a_concurrency_cap_of_4_holds_across_three_gateways() {
             held.push(g);
         }
     }
-    assert!((1..=4).contains(&held.len()), "{} held after the burst", held.len());
+    assert!(
+        (1..=4).contains(&held.len()),
+        "{} held after the burst",
+        held.len()
+    );
     // Topped up one at a time, the fleet reaches 4 and no gateway admits a fifth.
     top_up(&gws, &key, &mut held, 4, Duration::from_secs(10)).await;
     for gw in &gws {
-        let r = gw.shared.auth.acquire_stream(&key, "http").await.err().expect("a fifth");
+        let r = gw
+            .shared
+            .auth
+            .acquire_stream(&key, "http")
+            .await
+            .err()
+            .expect("a fifth");
         assert_eq!(r.code, "concurrency_limit_exceeded");
     }
     // Freed slots move to another gateway once their holder's tick gives them back.
     held.clear();
     let only_two = &gws[2..];
     top_up(only_two, &key, &mut held, 4, Duration::from_secs(10)).await;
-    assert!(only_two[0].shared.auth.acquire_stream(&key, "http").await.is_err());
+    assert!(only_two[0]
+        .shared
+        .auth
+        .acquire_stream(&key, "http")
+        .await
+        .is_err());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -216,13 +245,24 @@ async fn a_dead_gateways_held_concurrency_expires_after_its_lease() {
             }],
         )
         .unwrap();
-    let r = gws[0].shared.auth.acquire_stream(&key, "http").await.err().expect("refused");
+    let r = gws[0]
+        .shared
+        .auth
+        .acquire_stream(&key, "http")
+        .await
+        .err()
+        .expect("refused");
     assert!(r.message.contains("across the federation"), "{}", r.message);
-    let g = eventually("the dead gateway's holds to expire", Duration::from_secs(10), || async {
-        gws[0].shared.auth.acquire_stream(&key, "http").await.ok()
-    })
+    let g = eventually(
+        "the dead gateway's holds to expire",
+        Duration::from_secs(10),
+        || async { gws[0].shared.auth.acquire_stream(&key, "http").await.ok() },
+    )
     .await;
-    assert!(now_ms() >= expires, "admitted before the dead gateway's lease ended");
+    assert!(
+        now_ms() >= expires,
+        "admitted before the dead gateway's lease ended"
+    );
     drop(g);
 }
 
@@ -238,7 +278,12 @@ async fn a_standalone_gateway_keeps_its_in_memory_limits() {
     for _ in 0..4 {
         let (s, _) = gw
             .http
-            .post(&gw.api_url("/v1/chat/completions"), Some("npk_alone"), body, &[])
+            .post(
+                &gw.api_url("/v1/chat/completions"),
+                Some("npk_alone"),
+                body,
+                &[],
+            )
             .await;
         statuses.push(s);
     }
@@ -265,21 +310,41 @@ pub fn limits_contract(store: Arc<dyn Store>) {
     assert_eq!(store.lease_units("k1", "requests", W, 4, 10).unwrap(), 4);
     assert_eq!(store.lease_units("k1", "requests", W, 4, 10).unwrap(), 2);
     assert_eq!(store.lease_units("k1", "requests", W, 4, 10).unwrap(), 0);
-    assert_eq!(store.lease_units("k1", "requests", W + 60_000, 4, 10).unwrap(), 4);
+    assert_eq!(
+        store
+            .lease_units("k1", "requests", W + 60_000, 4, 10)
+            .unwrap(),
+        4
+    );
     assert_eq!(store.lease_units("k1", "tokens", W, 4, 10).unwrap(), 4);
     assert_eq!(store.lease_units("k2", "requests", W, 40, 10).unwrap(), 10);
     assert_eq!(store.lease_units("k3", "requests", W, 0, 10).unwrap(), 0);
     // A limit lowered mid-window grants nothing more once used passes it.
     assert_eq!(store.lease_units("k1", "requests", W, 4, 5).unwrap(), 0);
     // Hostile arguments: forged or huge key ids, unknown pools, overflowing counts.
-    invalid(store.lease_units(&"k".repeat(300), "requests", W, 1, 10), "key_id");
+    invalid(
+        store.lease_units(&"k".repeat(300), "requests", W, 1, 10),
+        "key_id",
+    );
     invalid(store.lease_units("", "requests", W, 1, 10), "key_id");
-    invalid(store.lease_units("k1", "requests'; DROP TABLE x;--", W, 1, 10), "pool");
-    invalid(store.lease_units("k1", "streams", W + 1, 1, 10), "window_start_ms");
-    invalid(store.lease_units("k1", "requests", u64::MAX - u64::MAX % 60_000, 1, 10), "window_start_ms");
+    invalid(
+        store.lease_units("k1", "requests'; DROP TABLE x;--", W, 1, 10),
+        "pool",
+    );
+    invalid(
+        store.lease_units("k1", "streams", W + 1, 1, 10),
+        "window_start_ms",
+    );
+    invalid(
+        store.lease_units("k1", "requests", u64::MAX - u64::MAX % 60_000, 1, 10),
+        "window_start_ms",
+    );
     invalid(store.lease_units("k1", "requests", W, u64::MAX, 10), "want");
     invalid(store.lease_units("k1", "requests", W, 1, u64::MAX), "limit");
-    invalid(store.lease_units("k1", "requests", W, 1, i64::MAX as u64), "limit");
+    invalid(
+        store.lease_units("k1", "requests", W, 1, i64::MAX as u64),
+        "limit",
+    );
     // The largest counts accepted cannot overflow the counter.
     let big = (i64::MAX as u64) / 2;
     assert_eq!(store.lease_units("k4", "tokens", W, big, big).unwrap(), big);
@@ -294,41 +359,97 @@ pub fn limits_contract(store: Arc<dyn Store>) {
         expires_at_ms: exp,
     };
     store
-        .publish_holds("a", &[hold("a", "k1", "streams", 3, 2_000), hold("a", "k1", "sessions", 1, 2_000)])
+        .publish_holds(
+            "a",
+            &[
+                hold("a", "k1", "streams", 3, 2_000),
+                hold("a", "k1", "sessions", 1, 2_000),
+            ],
+        )
         .unwrap();
-    store.publish_holds("b", &[hold("b", "k1", "streams", 2, 1_000)]).unwrap();
-    store.publish_holds("b", &[hold("b", "k2", "streams", 1, 5_000)]).unwrap();
+    store
+        .publish_holds("b", &[hold("b", "k1", "streams", 2, 1_000)])
+        .unwrap();
+    store
+        .publish_holds("b", &[hold("b", "k2", "streams", 1, 5_000)])
+        .unwrap();
     let live = store.fleet_holds(Some("k1"), 999).unwrap();
     assert_eq!(
-        live.iter().map(|h| (h.gateway_id.as_str(), h.pool.as_str(), h.held)).collect::<Vec<_>>(),
-        vec![("a", "sessions", 1), ("a", "streams", 3), ("b", "streams", 2)]
+        live.iter()
+            .map(|h| (h.gateway_id.as_str(), h.pool.as_str(), h.held))
+            .collect::<Vec<_>>(),
+        vec![
+            ("a", "sessions", 1),
+            ("a", "streams", 3),
+            ("b", "streams", 2)
+        ]
     );
     // b's hold of k1 has expired at 1000.
     assert_eq!(store.fleet_holds(Some("k1"), 1_000).unwrap().len(), 2);
     assert_eq!(store.fleet_holds(None, 1_000).unwrap().len(), 3);
     // Renewal replaces; 0 removes.
-    store.publish_holds("a", &[hold("a", "k1", "streams", 1, 3_000), hold("a", "k1", "sessions", 0, 3_000)]).unwrap();
+    store
+        .publish_holds(
+            "a",
+            &[
+                hold("a", "k1", "streams", 1, 3_000),
+                hold("a", "k1", "sessions", 0, 3_000),
+            ],
+        )
+        .unwrap();
     let live = store.fleet_holds(Some("k1"), 2_500).unwrap();
     assert_eq!(live, vec![hold("a", "k1", "streams", 1, 3_000)]);
     // Hostile: a gateway publishing another's holds, rate pools, huge counts, floods.
-    invalid(store.publish_holds("a", &[hold("b", "k1", "streams", 9, 3_000)]), "holds.gateway_id");
-    invalid(store.publish_holds("a", &[hold("a", "k1", "requests", 1, 3_000)]), "pool");
-    invalid(store.publish_holds("a", &[hold("a", "k1", "bogus", 1, 3_000)]), "pool");
-    invalid(store.publish_holds("a", &[hold("a", "k1", "streams", u64::MAX, 3_000)]), "held");
-    invalid(store.publish_holds("a", &[hold("a", "k1", "streams", 1, u64::MAX)]), "expires_at_ms");
-    invalid(store.publish_holds("a", &[hold("a", &"k".repeat(300), "streams", 1, 3_000)]), "key_id");
+    invalid(
+        store.publish_holds("a", &[hold("b", "k1", "streams", 9, 3_000)]),
+        "holds.gateway_id",
+    );
+    invalid(
+        store.publish_holds("a", &[hold("a", "k1", "requests", 1, 3_000)]),
+        "pool",
+    );
+    invalid(
+        store.publish_holds("a", &[hold("a", "k1", "bogus", 1, 3_000)]),
+        "pool",
+    );
+    invalid(
+        store.publish_holds("a", &[hold("a", "k1", "streams", u64::MAX, 3_000)]),
+        "held",
+    );
+    invalid(
+        store.publish_holds("a", &[hold("a", "k1", "streams", 1, u64::MAX)]),
+        "expires_at_ms",
+    );
+    invalid(
+        store.publish_holds("a", &[hold("a", &"k".repeat(300), "streams", 1, 3_000)]),
+        "key_id",
+    );
     invalid(store.publish_holds(&"g".repeat(300), &[]), "gateway_id");
-    let flood: Vec<_> = (0..10_001).map(|i| hold("a", &format!("k{i}"), "streams", 1, 3_000)).collect();
+    let flood: Vec<_> = (0..10_001)
+        .map(|i| hold("a", &format!("k{i}"), "streams", 1, 3_000))
+        .collect();
     invalid(store.publish_holds("a", &flood), "holds");
     invalid(store.fleet_holds(Some(&"k".repeat(300)), 0), "key_id");
     // A refused publish changed nothing.
-    assert_eq!(store.fleet_holds(Some("k1"), 2_500).unwrap(), vec![hold("a", "k1", "streams", 1, 3_000)]);
+    assert_eq!(
+        store.fleet_holds(Some("k1"), 2_500).unwrap(),
+        vec![hold("a", "k1", "streams", 1, 3_000)]
+    );
 
     // Pruning drops old windows and expired holds.
     let pruned = store.prune_limits(W + 60_000, 4_000).unwrap();
     assert!(pruned >= 5, "{pruned}");
-    assert_eq!(store.lease_units("k1", "requests", W + 60_000, 10, 10).unwrap(), 6);
-    assert!(store.fleet_holds(None, 0).unwrap().iter().all(|h| h.expires_at_ms > 4_000));
+    assert_eq!(
+        store
+            .lease_units("k1", "requests", W + 60_000, 10, 10)
+            .unwrap(),
+        6
+    );
+    assert!(store
+        .fleet_holds(None, 0)
+        .unwrap()
+        .iter()
+        .all(|h| h.expires_at_ms > 4_000));
 }
 
 /// Gateways leasing one key's window at once from several threads are granted the limit
@@ -367,7 +488,8 @@ fn the_limit_store_methods_refuse_hostile_arguments_and_never_grant_beyond_the_l
 }
 
 #[test]
-fn the_limit_store_methods_refuse_hostile_arguments_and_never_grant_beyond_the_limit_on_postgresql() {
+fn the_limit_store_methods_refuse_hostile_arguments_and_never_grant_beyond_the_limit_on_postgresql()
+{
     let Some(server) = PgServer::shared() else {
         return;
     };

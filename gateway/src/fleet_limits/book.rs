@@ -278,7 +278,14 @@ impl LimitBook {
 
     /// Charges `units` (tokens) used by work that has ended, at `now_ms`. The balance may go
     /// negative; the next lease covers the debt first.
-    pub fn handle_charge(&mut self, now_ms: u64, key: &str, pool: RatePool, limit: u64, units: u64) {
+    pub fn handle_charge(
+        &mut self,
+        now_ms: u64,
+        key: &str,
+        pool: RatePool,
+        limit: u64,
+        units: u64,
+    ) {
         let cap = limit.min(i64::MAX as u64) as i64;
         let low = (slice_of(limit, self.config.slice_percent) as i64 + 1) / 2;
         let s = self.rate(now_ms, key, pool, limit);
@@ -336,7 +343,13 @@ impl LimitBook {
     }
 
     /// Takes one slot of `key`'s concurrency `pool` (at most `limit` fleet-wide).
-    pub fn handle_acquire(&mut self, now_ms: u64, key: &str, pool: CapPool, limit: u64) -> Decision {
+    pub fn handle_acquire(
+        &mut self,
+        now_ms: u64,
+        key: &str,
+        pool: CapPool,
+        limit: u64,
+    ) -> Decision {
         let c = self.config;
         let s = self.caps.entry((key.to_string(), pool)).or_default();
         s.limit = limit;
@@ -581,7 +594,13 @@ mod tests {
     }
 
     /// Admits through `book`, serving its store work and asking again while it waits.
-    fn admit(store: &mut FakeStore, me: usize, book: &mut LimitBook, now: u64, d: &[Demand]) -> Decision {
+    fn admit(
+        store: &mut FakeStore,
+        me: usize,
+        book: &mut LimitBook,
+        now: u64,
+        d: &[Demand],
+    ) -> Decision {
         loop {
             let r = book.handle_admit(now, K, d);
             store.serve(me, book, now, 0);
@@ -613,14 +632,23 @@ mod tests {
         book.handle_granted(T0, K, RatePool::Requests, T0, 10, 10);
         // Five admissions from the slice without the store; the sixth leaves 4 < 5: prefetch.
         for _ in 0..5 {
-            assert_eq!(book.handle_admit(T0, K, &req(100)), Decision::Admit { fail_open: false });
+            assert_eq!(
+                book.handle_admit(T0, K, &req(100)),
+                Decision::Admit { fail_open: false }
+            );
             assert_eq!(book.poll(), None);
         }
-        assert_eq!(book.handle_admit(T0, K, &req(100)), Decision::Admit { fail_open: false });
+        assert_eq!(
+            book.handle_admit(T0, K, &req(100)),
+            Decision::Admit { fail_open: false }
+        );
         assert!(matches!(book.poll(), Some(Command::Lease { want: 10, .. })));
         // The rest of the slice still admits while the prefetch is on its way.
         for _ in 0..4 {
-            assert_eq!(book.handle_admit(T0, K, &req(100)), Decision::Admit { fail_open: false });
+            assert_eq!(
+                book.handle_admit(T0, K, &req(100)),
+                Decision::Admit { fail_open: false }
+            );
         }
         assert_eq!(book.poll(), None);
         assert_eq!(book.balance(K, RatePool::Requests), 0);
@@ -640,7 +668,9 @@ mod tests {
             for i in 0..(limit * 10) as usize {
                 let g = i % 3;
                 let now = T0 + i as u64;
-                if let Decision::Admit { .. } = admit(&mut store, g, &mut books[g], now, &req(limit)) {
+                if let Decision::Admit { .. } =
+                    admit(&mut store, g, &mut books[g], now, &req(limit))
+                {
                     admitted += 1;
                 }
             }
@@ -660,7 +690,10 @@ mod tests {
         let mut store = FakeStore::default();
         let mut book = LimitBook::new(BookConfig::default());
         for _ in 0..10 {
-            assert!(matches!(admit(&mut store, 0, &mut book, T0 + 1_000, &req(10)), Decision::Admit { .. }));
+            assert!(matches!(
+                admit(&mut store, 0, &mut book, T0 + 1_000, &req(10)),
+                Decision::Admit { .. }
+            ));
         }
         assert_eq!(
             admit(&mut store, 0, &mut book, T0 + 1_000, &req(10)),
@@ -670,9 +703,15 @@ mod tests {
         );
         // Refusals in a spent window cost no store round trip.
         let trips = store.trips;
-        assert!(matches!(admit(&mut store, 0, &mut book, T0 + 59_999, &req(10)), Decision::Refuse { retry_after_ms: 1 }));
+        assert!(matches!(
+            admit(&mut store, 0, &mut book, T0 + 59_999, &req(10)),
+            Decision::Refuse { retry_after_ms: 1 }
+        ));
         assert_eq!(store.trips, trips);
-        assert!(matches!(admit(&mut store, 0, &mut book, T0 + WINDOW_MS, &req(10)), Decision::Admit { .. }));
+        assert!(matches!(
+            admit(&mut store, 0, &mut book, T0 + WINDOW_MS, &req(10)),
+            Decision::Admit { .. }
+        ));
     }
 
     #[test]
@@ -683,9 +722,15 @@ mod tests {
         book.handle_granted(T0, K, RatePool::Requests, T0, 10, 10);
         assert_eq!(book.balance(K, RatePool::Requests), 10);
         // Next window: the 10 units are gone; the first request waits for a new lease.
-        assert_eq!(book.handle_admit(T0 + WINDOW_MS, K, &req(100)), Decision::Wait);
+        assert_eq!(
+            book.handle_admit(T0 + WINDOW_MS, K, &req(100)),
+            Decision::Wait
+        );
         assert_eq!(book.balance(K, RatePool::Requests), 0);
-        let Some(Command::Lease { window_start_ms, .. }) = book.poll() else {
+        let Some(Command::Lease {
+            window_start_ms, ..
+        }) = book.poll()
+        else {
             panic!("lease")
         };
         assert_eq!(window_start_ms, T0 + WINDOW_MS);
@@ -693,7 +738,14 @@ mod tests {
         book.handle_granted(T0 + WINDOW_MS, K, RatePool::Requests, T0, 10, 10);
         assert_eq!(book.balance(K, RatePool::Requests), 0);
         // A grant that arrives after its window ended is not credited either.
-        book.handle_granted(T0 + 2 * WINDOW_MS, K, RatePool::Requests, T0 + WINDOW_MS, 10, 10);
+        book.handle_granted(
+            T0 + 2 * WINDOW_MS,
+            K,
+            RatePool::Requests,
+            T0 + WINDOW_MS,
+            10,
+            10,
+        );
         assert_eq!(book.balance(K, RatePool::Requests), 0);
     }
 
@@ -706,11 +758,17 @@ mod tests {
             limit: 1_000,
             take: false,
         }];
-        assert!(matches!(admit(&mut store, 0, &mut book, T0, &tokens), Decision::Admit { .. }));
+        assert!(matches!(
+            admit(&mut store, 0, &mut book, T0, &tokens),
+            Decision::Admit { .. }
+        ));
         assert_eq!(book.balance(K, RatePool::Tokens), 100);
         // A request used 350 tokens: 250 of debt, leased with the next slice (350 asked).
         book.handle_charge(T0, K, RatePool::Tokens, 1_000, 350);
-        assert!(matches!(book.poll(), Some(Command::Lease { want: 350, .. })));
+        assert!(matches!(
+            book.poll(),
+            Some(Command::Lease { want: 350, .. })
+        ));
         book.handle_granted(T0, K, RatePool::Tokens, T0, 350, 350);
         assert_eq!(book.balance(K, RatePool::Tokens), 100);
         // A huge charge is capped at one window's limit of debt, and carried into the next
@@ -721,10 +779,19 @@ mod tests {
         // lease of 1,100 gets the 900 left, and the window is spent.
         store.serve(0, &mut book, T0, 0);
         assert_eq!(book.balance(K, RatePool::Tokens), -100);
-        assert!(matches!(admit(&mut store, 0, &mut book, T0 + 1, &tokens), Decision::Refuse { .. }));
-        assert_eq!(book.handle_admit(T0 + WINDOW_MS, K, &tokens), Decision::Wait);
+        assert!(matches!(
+            admit(&mut store, 0, &mut book, T0 + 1, &tokens),
+            Decision::Refuse { .. }
+        ));
+        assert_eq!(
+            book.handle_admit(T0 + WINDOW_MS, K, &tokens),
+            Decision::Wait
+        );
         assert_eq!(book.balance(K, RatePool::Tokens), -100);
-        assert!(matches!(book.poll(), Some(Command::Lease { want: 200, .. })));
+        assert!(matches!(
+            book.poll(),
+            Some(Command::Lease { want: 200, .. })
+        ));
     }
 
     #[test]
@@ -735,17 +802,32 @@ mod tests {
         book.handle_lease_failed(T0 + 5, K, RatePool::Requests);
         assert_eq!(book.handle_admit(T0 + 5, K, &req(10)), Decision::FailOpen);
         assert_eq!(book.poll(), None);
-        assert_eq!(book.handle_admit(T0 + 1_004, K, &req(10)), Decision::FailOpen);
+        assert_eq!(
+            book.handle_admit(T0 + 1_004, K, &req(10)),
+            Decision::FailOpen
+        );
         assert_eq!(book.handle_admit(T0 + 1_005, K, &req(10)), Decision::Wait);
         assert!(matches!(book.poll(), Some(Command::Lease { .. })));
         // A wait that ran out fails open too, and the late answer is still credited.
         book.handle_lease_timeout(T0 + 1_006, K, RatePool::Requests);
-        assert_eq!(book.handle_admit(T0 + 1_006, K, &req(10)), Decision::FailOpen);
+        assert_eq!(
+            book.handle_admit(T0 + 1_006, K, &req(10)),
+            Decision::FailOpen
+        );
         book.handle_granted(T0 + 1_007, K, RatePool::Requests, T0, 1, 1);
-        assert_eq!(book.handle_admit(T0 + 1_008, K, &req(10)), Decision::Admit { fail_open: false });
+        assert_eq!(
+            book.handle_admit(T0 + 1_008, K, &req(10)),
+            Decision::Admit { fail_open: false }
+        );
     }
 
-    fn acquire(store: &mut FakeStore, me: usize, book: &mut LimitBook, now: u64, limit: u64) -> Decision {
+    fn acquire(
+        store: &mut FakeStore,
+        me: usize,
+        book: &mut LimitBook,
+        now: u64,
+        limit: u64,
+    ) -> Decision {
         loop {
             let r = book.handle_acquire(now, K, CapPool::Streams, limit);
             store.serve(me, book, now, limit);
@@ -758,7 +840,9 @@ mod tests {
     #[test]
     fn a_concurrency_cap_holds_across_three_gateways_and_freed_slots_move() {
         let mut store = FakeStore::default();
-        let mut books: Vec<_> = (0..3).map(|_| LimitBook::new(BookConfig::default())).collect();
+        let mut books: Vec<_> = (0..3)
+            .map(|_| LimitBook::new(BookConfig::default()))
+            .collect();
         let mut admitted = 0;
         for i in 0..12 {
             let g = i % 3;
@@ -777,9 +861,15 @@ mod tests {
         books[0].handle_tick(T0 + 300);
         store.serve(0, &mut books[0], T0 + 300, 4);
         for _ in 0..h0 {
-            assert!(matches!(acquire(&mut store, 2, &mut books[2], T0 + 300, 4), Decision::Admit { .. }));
+            assert!(matches!(
+                acquire(&mut store, 2, &mut books[2], T0 + 300, 4),
+                Decision::Admit { .. }
+            ));
         }
-        assert!(matches!(acquire(&mut store, 2, &mut books[2], T0 + 300, 4), Decision::Refuse { .. }));
+        assert!(matches!(
+            acquire(&mut store, 2, &mut books[2], T0 + 300, 4),
+            Decision::Refuse { .. }
+        ));
     }
 
     #[test]
@@ -787,16 +877,32 @@ mod tests {
         // Both publish before either reads: each sees the other and gives back what does not
         // fit; neither may end above limit minus what the other published.
         let mut store = FakeStore::default();
-        let (mut a, mut b) = (LimitBook::new(BookConfig { slice_percent: 100, ..Default::default() }), LimitBook::new(BookConfig { slice_percent: 100, ..Default::default() }));
+        let (mut a, mut b) = (
+            LimitBook::new(BookConfig {
+                slice_percent: 100,
+                ..Default::default()
+            }),
+            LimitBook::new(BookConfig {
+                slice_percent: 100,
+                ..Default::default()
+            }),
+        );
         assert_eq!(a.handle_acquire(T0, K, CapPool::Streams, 4), Decision::Wait);
         assert_eq!(b.handle_acquire(T0, K, CapPool::Streams, 4), Decision::Wait);
-        let (Some(Command::Reserve { reserved: ra, .. }), Some(Command::Reserve { reserved: rb, .. })) = (a.poll(), b.poll()) else {
+        let (
+            Some(Command::Reserve { reserved: ra, .. }),
+            Some(Command::Reserve { reserved: rb, .. }),
+        ) = (a.poll(), b.poll())
+        else {
             panic!("reserves")
         };
         assert_eq!((ra, rb), (4, 4));
         store.publish(0, K, CapPool::Streams, ra, T0 + 3_000);
         store.publish(1, K, CapPool::Streams, rb, T0 + 3_000);
-        let (oa, ob) = (store.others(K, CapPool::Streams, 0, T0), store.others(K, CapPool::Streams, 1, T0));
+        let (oa, ob) = (
+            store.others(K, CapPool::Streams, 0, T0),
+            store.others(K, CapPool::Streams, 1, T0),
+        );
         a.handle_reserved(T0, K, CapPool::Streams, ra, oa, 4);
         b.handle_reserved(T0, K, CapPool::Streams, rb, ob, 4);
         store.serve(0, &mut a, T0, 4);
@@ -806,7 +912,10 @@ mod tests {
         assert!(fa + fb <= 4, "{fa} + {fb}");
         // Both refuse now from the cached view (no store trip) until it is stale.
         let trips = store.trips;
-        assert!(matches!(a.handle_acquire(T0 + 1, K, CapPool::Streams, 4), Decision::Refuse { .. }));
+        assert!(matches!(
+            a.handle_acquire(T0 + 1, K, CapPool::Streams, 4),
+            Decision::Refuse { .. }
+        ));
         assert_eq!(store.trips, trips);
         assert_eq!(a.poll(), None);
     }
@@ -817,14 +926,26 @@ mod tests {
         let mut dead = LimitBook::new(BookConfig::default());
         let mut live = LimitBook::new(BookConfig::default());
         for _ in 0..4 {
-            assert!(matches!(acquire(&mut store, 0, &mut dead, T0, 4), Decision::Admit { .. }));
+            assert!(matches!(
+                acquire(&mut store, 0, &mut dead, T0, 4),
+                Decision::Admit { .. }
+            ));
         }
         // Gateway 0 dies: no more ticks. Within its lease its holds still count.
-        assert!(matches!(acquire(&mut store, 1, &mut live, T0 + 2_999, 4), Decision::Refuse { .. }));
+        assert!(matches!(
+            acquire(&mut store, 1, &mut live, T0 + 2_999, 4),
+            Decision::Refuse { .. }
+        ));
         // The cached view refuses without the store until it is stale, then the store is asked
         // again; past the lease the dead gateway's holds are gone.
-        assert!(matches!(acquire(&mut store, 1, &mut live, T0 + 3_000, 4), Decision::Refuse { .. }));
-        assert!(matches!(acquire(&mut store, 1, &mut live, T0 + 3_250, 4), Decision::Admit { .. }));
+        assert!(matches!(
+            acquire(&mut store, 1, &mut live, T0 + 3_000, 4),
+            Decision::Refuse { .. }
+        ));
+        assert!(matches!(
+            acquire(&mut store, 1, &mut live, T0 + 3_250, 4),
+            Decision::Admit { .. }
+        ));
         // A live gateway's ticks keep its holds: they renew before the lease ends.
         live.handle_tick(T0 + 4_000);
         store.serve(1, &mut live, T0 + 4_000, 4);
@@ -841,12 +962,24 @@ mod tests {
     #[test]
     fn a_failed_reservation_admits_by_the_local_cap_only() {
         let mut book = LimitBook::new(BookConfig::default());
-        assert_eq!(book.handle_acquire(T0, K, CapPool::Sessions, 2), Decision::Wait);
+        assert_eq!(
+            book.handle_acquire(T0, K, CapPool::Sessions, 2),
+            Decision::Wait
+        );
         let _ = book.poll();
         book.handle_reserve_failed(T0, K, CapPool::Sessions);
-        assert_eq!(book.handle_acquire(T0, K, CapPool::Sessions, 2), Decision::Admit { fail_open: true });
-        assert_eq!(book.handle_acquire(T0, K, CapPool::Sessions, 2), Decision::Admit { fail_open: true });
-        assert!(matches!(book.handle_acquire(T0, K, CapPool::Sessions, 2), Decision::Refuse { .. }));
+        assert_eq!(
+            book.handle_acquire(T0, K, CapPool::Sessions, 2),
+            Decision::Admit { fail_open: true }
+        );
+        assert_eq!(
+            book.handle_acquire(T0, K, CapPool::Sessions, 2),
+            Decision::Admit { fail_open: true }
+        );
+        assert!(matches!(
+            book.handle_acquire(T0, K, CapPool::Sessions, 2),
+            Decision::Refuse { .. }
+        ));
         // The next tick publishes what it holds, so the fleet counts it.
         book.handle_tick(T0 + 1_000);
         let Some(Command::Publish { holds, .. }) = book.poll() else {
@@ -858,8 +991,14 @@ mod tests {
     #[test]
     fn ticks_give_idle_slots_back_and_forget_idle_keys() {
         let mut store = FakeStore::default();
-        let mut book = LimitBook::new(BookConfig { slice_percent: 50, ..Default::default() });
-        assert!(matches!(acquire(&mut store, 0, &mut book, T0, 4), Decision::Admit { .. }));
+        let mut book = LimitBook::new(BookConfig {
+            slice_percent: 50,
+            ..Default::default()
+        });
+        assert!(matches!(
+            acquire(&mut store, 0, &mut book, T0, 4),
+            Decision::Admit { .. }
+        ));
         assert_eq!(book.held(K, CapPool::Streams), (1, 2));
         // The prune of the first tick aside, each tick publishes the reservation shrunk to
         // the work in flight.
@@ -869,10 +1008,14 @@ mod tests {
                 .collect::<Vec<_>>()
         };
         book.handle_tick(T0 + 1_000);
-        assert!(matches!(&publishes(&mut book)[..], [Command::Publish { holds, .. }] if holds == &vec![(K.to_string(), CapPool::Streams, 1)]));
+        assert!(
+            matches!(&publishes(&mut book)[..], [Command::Publish { holds, .. }] if holds == &vec![(K.to_string(), CapPool::Streams, 1)])
+        );
         book.handle_release(K, CapPool::Streams);
         book.handle_tick(T0 + 2_000);
-        assert!(matches!(&publishes(&mut book)[..], [Command::Publish { holds, .. }] if holds == &vec![(K.to_string(), CapPool::Streams, 0)]));
+        assert!(
+            matches!(&publishes(&mut book)[..], [Command::Publish { holds, .. }] if holds == &vec![(K.to_string(), CapPool::Streams, 0)])
+        );
         book.handle_tick(T0 + 3_000);
         assert!(publishes(&mut book).is_empty());
         assert_eq!(book.held(K, CapPool::Streams), (0, 0));

@@ -292,10 +292,10 @@ impl FleetLimits {
                     expires_at_ms,
                 };
                 // Publish, then read: two commits, in this order (see `book`).
-                let r = self.store.publish_holds(&self.gateway_id, &[hold]).and_then(|()| {
-                    self.store
-                        .fleet_holds(Some(&key), self.clock.unix_ms())
-                });
+                let r = self
+                    .store
+                    .publish_holds(&self.gateway_id, &[hold])
+                    .and_then(|()| self.store.fleet_holds(Some(&key), self.clock.unix_ms()));
                 let now = self.clock.unix_ms();
                 let result = match r {
                     Ok(holds) => {

@@ -1006,7 +1006,9 @@ pub trait Store: Send + Sync + 'static {
     /// then reads [`Store::fleet_holds`] is seen by any other gateway doing the same.
     fn publish_holds(&self, gateway_id: &str, holds: &[FleetHold]) -> Result<(), StoreError> {
         let _ = (gateway_id, holds);
-        Err(StoreError::NotSupported { op: "publish_holds" })
+        Err(StoreError::NotSupported {
+            op: "publish_holds",
+        })
     }
     /// The holds still live at `now_ms` (`expires_at_ms > now_ms`), of one key or of all,
     /// ordered by key, pool and gateway.

@@ -21,6 +21,7 @@ use std::time::Duration;
 use rusqlite::types::{FromSql, FromSqlError, FromSqlResult, ValueRef};
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Row, TransactionBehavior};
 
+use super::{check_holds, check_lease, FleetHold};
 use super::{
     check_id, check_measure, check_name, check_text, hash_secret, new_id, new_secret,
     secret_display_prefix, to_i64, ApiKey, ApiKeyUpdate, EnrolmentToken, GpuModelRecord, KeyCaps,
@@ -28,7 +29,6 @@ use super::{
     Store, StoreError, UsageKind, UsageRecord, UsageSummary, UsageTotals, API_KEY_PREFIX,
     ENROLMENT_TOKEN_PREFIX, MAX_NAME_CHARS, MAX_SECRET_BYTES,
 };
-use super::{check_holds, check_lease, FleetHold};
 
 /// How long a connection waits for another connection's lock before failing with a retryable
 /// error.

@@ -98,7 +98,10 @@ pub async fn run(a: LimitsArgs) -> anyhow::Result<()> {
             .filter_map(|a| a.fleet.as_ref().map(|f| f.round_trips()))
             .sum()
     };
-    println!("fleet-limits: 3 gateways, {} tasks each, slices of {} %", a.tasks, a.slice_percent);
+    println!(
+        "fleet-limits: 3 gateways, {} tasks each, slices of {} %",
+        a.tasks, a.slice_percent
+    );
     println!(
         "{:>8} {:>9} {:>9} {:>8} {:>12} {:>12} {:>12}",
         "rpm", "admitted", "ratio", "tries", "trips/try", "p50 µs", "p99 µs"
@@ -149,7 +152,10 @@ pub async fn run(a: LimitsArgs) -> anyhow::Result<()> {
             lat.extend(t.await?);
         }
         lat.sort_by(|x, y| x.total_cmp(y));
-        let (admitted, tries) = (admitted.load(Ordering::Relaxed), tries.load(Ordering::Relaxed));
+        let (admitted, tries) = (
+            admitted.load(Ordering::Relaxed),
+            tries.load(Ordering::Relaxed),
+        );
         let trips = trips(&auths) - before;
         let same_window = now_ms() / 60_000 == window;
         let ratio = admitted as f64 / f64::from(rpm);
@@ -158,17 +164,27 @@ pub async fn run(a: LimitsArgs) -> anyhow::Result<()> {
             trips as f64 / tries.max(1) as f64,
             pct(&lat, 0.5),
             pct(&lat, 0.99),
-            if same_window { "" } else { "  (ran past the window end)" }
+            if same_window {
+                ""
+            } else {
+                "  (ran past the window end)"
+            }
         );
-        rows.push(json!({"rpm": rpm, "admitted": admitted, "ratio": ratio, "tries": tries,
+        rows.push(
+            json!({"rpm": rpm, "admitted": admitted, "ratio": ratio, "tries": tries,
             "store_round_trips": trips, "trips_per_try": trips as f64 / tries.max(1) as f64,
-            "p50_us": pct(&lat, 0.5), "p99_us": pct(&lat, 0.99), "one_window": same_window}));
+            "p50_us": pct(&lat, 0.5), "p99_us": pct(&lat, 0.99), "one_window": same_window}),
+        );
     }
     println!();
-    println!("{:>8} {:>12} {:>9} {:>10}", "cap", "max held", "ratio", "admitted");
+    println!(
+        "{:>8} {:>12} {:>9} {:>10}",
+        "cap", "max held", "ratio", "admitted"
+    );
     let mut caps = Vec::new();
     for (n, &cap) in a.caps.iter().enumerate() {
-        let (mut key, _) = store.create_api_key(&format!("bench-cap-{n}"), 1_000_000, 1_000_000_000)?;
+        let (mut key, _) =
+            store.create_api_key(&format!("bench-cap-{n}"), 1_000_000, 1_000_000_000)?;
         key.caps.max_concurrent_streams = Some(cap);
         let key: ApiKey = key;
         let held = Arc::new(AtomicU64::new(0));
@@ -178,8 +194,13 @@ pub async fn run(a: LimitsArgs) -> anyhow::Result<()> {
         let mut tasks = Vec::new();
         for auth in &auths {
             for t in 0..a.tasks {
-                let (auth, key, held, max, admitted) =
-                    (auth.clone(), key.clone(), held.clone(), max.clone(), admitted.clone());
+                let (auth, key, held, max, admitted) = (
+                    auth.clone(),
+                    key.clone(),
+                    held.clone(),
+                    max.clone(),
+                    admitted.clone(),
+                );
                 tasks.push(tokio::spawn(async move {
                     let mut i = t as u64;
                     while Instant::now() < end {
