@@ -877,7 +877,8 @@ mod tests {
 
     #[tokio::test]
     async fn two_gateways_share_a_keys_requests_per_minute_and_the_next_window_starts_fresh() {
-        let t0 = 1_800_000_000_000 - 1_800_000_000_000 % 60_000 + 1_000;
+        // 1_800_000_000_000 starts a minute; one second into it.
+        let t0 = 1_800_000_000_000 + 1_000;
         let clock = crate::clock::ManualClock::new(t0);
         let store: Arc<dyn Store> =
             Arc::new(crate::store::SqliteStore::open_in_memory().expect("store"));

@@ -301,7 +301,8 @@ fn invalid(r: Result<impl std::fmt::Debug, StoreError>, field: &str) {
     }
 }
 
-const W: u64 = 1_800_000_000_000 - 1_800_000_000_000 % 60_000;
+/// A window start (1,800,000,000,000 ms is a whole minute).
+const W: u64 = 1_800_000_000_000;
 
 /// The limit methods' contract, for any store.
 pub fn limits_contract(store: Arc<dyn Store>) {

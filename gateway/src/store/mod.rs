@@ -742,7 +742,7 @@ pub fn check_lease(
     limit: u64,
 ) -> Result<(i64, i64, i64), StoreError> {
     check_limit_key(key_id, pool)?;
-    if window_start_ms % LIMIT_WINDOW_MS != 0 {
+    if !window_start_ms.is_multiple_of(LIMIT_WINDOW_MS) {
         return Err(StoreError::Invalid {
             field: "window_start_ms",
             message: format!("{window_start_ms} does not start a minute"),

@@ -86,9 +86,10 @@ pub async fn run(a: LimitsArgs) -> anyhow::Result<()> {
         gateways.push(Gateway::with_parts(c, cert, store.clone())?);
     }
     let shutdown = tokio_util::sync::CancellationToken::new();
+    let mut ticks = Vec::new();
     for g in &gateways {
         if let Some(f) = g.shared().auth.fleet.clone() {
-            tokio::spawn(f.run(shutdown.clone()));
+            ticks.push(tokio::spawn(f.run(shutdown.clone())));
         }
     }
     let auths: Vec<_> = gateways.iter().map(|g| g.shared().auth.clone()).collect();
@@ -230,7 +231,11 @@ pub async fn run(a: LimitsArgs) -> anyhow::Result<()> {
         println!("{cap:>8} {max:>12} {ratio:>9.3} {admitted:>10}");
         caps.push(json!({"cap": cap, "max_held": max, "ratio": ratio, "admitted": admitted}));
     }
+    // The gateways give their reservations back before the store (and its server) goes.
     shutdown.cancel();
+    for t in ticks {
+        let _ = t.await;
+    }
     println!(
         "{}",
         json!({"bench": "fleet-limits", "gateways": 3, "tasks_per_gateway": a.tasks,
