@@ -10,8 +10,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use nearpath_gateway::store::{
-    hash_secret, KycStatus, PgStore, SlaDelta, SqliteStore, Store, StoreError, UsageKind, UsageRecord,
-    UsageTotals, SCHEMA_VERSION,
+    hash_secret, KycStatus, PgStore, SlaDelta, SqliteStore, Store, StoreError, UsageKind,
+    UsageRecord, UsageTotals, SCHEMA_VERSION,
 };
 
 // The throwaway PostgreSQL server of the end-to-end tests, included by path: a dependency on
@@ -81,7 +81,6 @@ store_suite!(
     hostile_names_and_ids_are_refused_naming_the_field,
     key_usage_is_summed_by_key_utc_day_and_model_over_inference_records_only,
     a_key_policy_round_trips_and_bad_values_are_refused_naming_the_field,
-
 );
 
 fn usage(n: u64, tenant: &str, node: &str, outcome: &str) -> UsageRecord {
@@ -1740,7 +1739,10 @@ fn hostile_names_and_ids_are_refused_naming_the_field(store: Arc<dyn Store>) {
         }
         // Authentication with such a secret finds nothing and fails nothing.
         assert_eq!(store.authenticate_api_key(bad).expect("auth"), None);
-        assert!(store.authenticate_enrolment_token(bad).expect("auth").is_none());
+        assert!(store
+            .authenticate_enrolment_token(bad)
+            .expect("auth")
+            .is_none());
     }
     let huge_id = "n".repeat(257);
     match store.claim_node_id(&huge_id, "op_a", 1) {
@@ -1776,7 +1778,9 @@ fn hostile_names_and_ids_are_refused_naming_the_field(store: Arc<dyn Store>) {
     for result in [
         store.revoke_api_key("key_\0"),
         store.revoke_enrolment_token("tok_\0"),
-        store.set_operator_kyc("op_\0", KycStatus::Verified).map(drop),
+        store
+            .set_operator_kyc("op_\0", KycStatus::Verified)
+            .map(drop),
         store.list_enrolment_tokens("op_\0").map(drop),
         store.create_enrolment_token("op_\0").map(drop),
     ] {
@@ -1846,7 +1850,10 @@ fn pg_a_newer_schema_is_refused() {
         return;
     };
     drop(pg_open(&url));
-    pg_execute(&url, "UPDATE nearpath_schema SET version = 999 WHERE id = 1");
+    pg_execute(
+        &url,
+        "UPDATE nearpath_schema SET version = 999 WHERE id = 1",
+    );
     match PgStore::open(&url, 1, Duration::from_secs(20)) {
         Err(StoreError::SchemaTooNew {
             found, supported, ..
@@ -1995,7 +2002,9 @@ fn pg_a_ledger_that_cannot_commit_is_unhealthy_until_a_probe_commits() {
         )
     };
     let store = pg_open(&url);
-    store.append_usage(usage(1, "t", "n", "ok")).expect("append");
+    store
+        .append_usage(usage(1, "t", "n", "ok"))
+        .expect("append");
     assert!(store.ledger_health().healthy);
 
     set_read_only(true);
@@ -2019,6 +2028,8 @@ fn pg_a_ledger_that_cannot_commit_is_unhealthy_until_a_probe_commits() {
     assert!(holds_within(Duration::from_secs(20), || store
         .ledger_health()
         .healthy));
-    store.append_usage(usage(3, "t", "n", "ok")).expect("append again");
+    store
+        .append_usage(usage(3, "t", "n", "ok"))
+        .expect("append again");
     assert_eq!(store.list_usage(10).expect("list").len(), 2);
 }
