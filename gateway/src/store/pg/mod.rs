@@ -295,7 +295,7 @@ fn rolled_back(e: &StoreError) -> bool {
 
 /// Which failures an operation may be retried after (see the module documentation).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Retry {
+pub(crate) enum Retry {
     /// Running it twice has the effect of running it once: any transient failure.
     Idempotent,
     /// Only failures PostgreSQL reports as rolled back.
@@ -412,7 +412,9 @@ impl PgStore {
         &self.location
     }
 
-    /// A connection from the pool, waiting up to the connect timeout.
+    /// A connection from the pool, waiting up to the connect timeout. Feature code should use
+    /// [`PgStore::run`] instead, which may be called from any thread and retries transient
+    /// failures; a connection from here must only be used off the async runtime's workers.
     pub(crate) fn conn(&self) -> Result<PgConn, StoreError> {
         let pool = self.pool.as_ref().ok_or(StoreError::Closed)?;
         pool.get().map_err(|e| StoreError::Unavailable {
@@ -420,9 +422,11 @@ impl PgStore {
         })
     }
 
-    /// Runs `f` on a pooled connection, retrying transient failures as `retry` allows. A failure
-    /// to get a connection is not retried: the pool already waited the connect timeout.
-    fn run<T: Send>(
+    /// Runs `f` on a pooled connection, retrying transient failures as `retry` allows (so `f`
+    /// may run more than once: keep it free of side effects outside the database). A failure
+    /// to get a connection is not retried: the pool already waited the connect timeout. Safe
+    /// on any thread (see `blocking`).
+    pub(crate) fn run<T: Send>(
         &self,
         retry: Retry,
         mut f: impl FnMut(&mut PgConn) -> Result<T, StoreError> + Send,
