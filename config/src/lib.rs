@@ -15,6 +15,7 @@ mod node;
 
 pub use common::{parse_version, LogConfig, LogFormat};
 pub use error::{ConfigError, ConfigErrors};
+pub use gateway::{CrossRoute, FederationConfig};
 pub use gateway::{
     AdminConfig, GameConfig, GatewayConfig, HttpConfig, InferenceConfig, ModelPrice, NodesConfig,
     OutlierConfig, QuicConfig, RoutingConfig, StoreConfig, IN_MEMORY_ORIGIN,
