@@ -868,3 +868,65 @@ async fn relay(
         let _ = node_tx.reset(STREAM_CANCELLED);
     }
 }
+
+/// Merges the ranking of this gateway's nodes with that of the remote nodes into one, as if one
+/// router had ranked them all: candidates by score (best first, at most `max_candidates`), the
+/// counts added up, the first denial kept (a local one first). Each list's entries are those of
+/// its candidates.
+pub fn merge_routes(
+    local: (RouteOutcome, Vec<Arc<NodeEntry>>),
+    remote: (RouteOutcome, Vec<Arc<NodeEntry>>),
+    max_candidates: usize,
+) -> (RouteOutcome, Vec<Arc<NodeEntry>>) {
+    let (mut a, a_nodes) = local;
+    let (b, b_nodes) = remote;
+    if b.serving == 0 {
+        return (a, a_nodes);
+    }
+    let mut candidates = a.candidates;
+    candidates.extend(b.candidates);
+    candidates.sort_by(|x, y| x.score_ms.total_cmp(&y.score_ms));
+    candidates.truncate(max_candidates.max(1));
+    let nodes = candidates
+        .iter()
+        .filter_map(|c| {
+            a_nodes
+                .iter()
+                .chain(b_nodes.iter())
+                .find(|n| n.key == c.node)
+                .cloned()
+        })
+        .collect();
+    a.candidates = candidates;
+    a.serving += b.serving;
+    a.full += b.full;
+    a.draining += b.draining;
+    a.denied = a.denied.or(b.denied);
+    a.denied_count += b.denied_count;
+    a.examined += b.examined;
+    (a, nodes)
+}
+
+/// The geofence's class ids for the GPU classes a node was admitted with, as the node front end
+/// derives them at registration: an unclassified GPU is every class the geofence names
+/// (`restricted`), a node without GPUs is `cpu`.
+pub fn classes_of(
+    policy: &nearpath_geo::Policy,
+    restricted: &[ClassId],
+    names: &[String],
+) -> Vec<(String, ClassId)> {
+    let cpu = [crate::gpu_class::CPU.to_string()];
+    let names = if names.is_empty() { &cpu[..] } else { names };
+    let mut out: Vec<(String, ClassId)> = Vec::new();
+    for name in names {
+        if out.iter().any(|(n, _)| n == name) {
+            continue;
+        }
+        if name == crate::gpu_class::UNCLASSIFIED {
+            out.extend(restricted.iter().map(|id| (name.clone(), *id)));
+        } else {
+            out.push((name.clone(), policy.class_id(name)));
+        }
+    }
+    out
+}
