@@ -749,20 +749,23 @@ impl Trunk {
     /// candidate); a protocol violation resets the stream.
     async fn serve_stream(&self, peer_id: &str, mut tx: SendStream, rx: RecvStream) {
         let mut framed = FramedRecv::new(rx, MAX_REQUEST_FRAME);
-        let first = tokio::time::timeout(OPEN_TIMEOUT, async {
-            let a = framed.next().await;
-            let b = framed.next().await;
-            (a, b)
-        })
-        .await;
-        let (node_id, open) = match first {
-            Ok((Ok(Some(Message::PeerOpen(p))), Ok(Some(Message::Open(o))))) => (p.node_id, o),
-            _ => {
-                debug!(peer = %peer_id, "trunk stream without PeerOpen and Open");
-                let _ = tx.reset(STREAM_REFUSED);
-                let _ = framed.get_mut().stop(STREAM_REFUSED);
-                return;
-            }
+        // `PeerOpen` first (anything else is refused at once), then the session's `Open`.
+        let node_id = match tokio::time::timeout(OPEN_TIMEOUT, framed.next()).await {
+            Ok(Ok(Some(Message::PeerOpen(p)))) => Some(p.node_id),
+            _ => None,
+        };
+        let open = match node_id {
+            Some(_) => match tokio::time::timeout(OPEN_TIMEOUT, framed.next()).await {
+                Ok(Ok(Some(Message::Open(o)))) => Some(o),
+                _ => None,
+            },
+            None => None,
+        };
+        let (Some(node_id), Some(open)) = (node_id, open) else {
+            debug!(peer = %peer_id, "trunk stream without PeerOpen and Open");
+            let _ = tx.reset(STREAM_REFUSED);
+            let _ = framed.get_mut().stop(STREAM_REFUSED);
+            return;
         };
         let node = self.registry.get(&node_id);
         let checked = check_open(&node_id, node.as_deref(), &open.kind).and_then(|()| {
@@ -929,4 +932,361 @@ pub fn classes_of(
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+    use nearpath_protocol::message::GameParams;
+    use nearpath_protocol::openai::Endpoint;
+
+    const T0: u64 = 1_000_000;
+
+    fn record(id: &str, pin: [u8; 32], expires_at_ms: u64) -> GatewayRecord {
+        GatewayRecord {
+            id: id.into(),
+            region: "r".into(),
+            lat: 50.0,
+            lon: 8.0,
+            quic_address: "127.0.0.1:4433".into(),
+            http_url: "http://127.0.0.1:8080".into(),
+            cert_sha256: nearpath_protocol::tls::sha256_hex(&pin),
+            version: "0.1.0".into(),
+            started_at_ms: 0,
+            heartbeat_at_ms: expires_at_ms.saturating_sub(3_000),
+            expires_at_ms,
+        }
+    }
+
+    fn dir_node(id: &str, gateway: &str, models: &[&str]) -> NodeDirEntry {
+        NodeDirEntry {
+            node_id: id.into(),
+            operator_id: "op".into(),
+            gateway_id: gateway.into(),
+            country: Some("DE".into()),
+            lat: Some(52.5),
+            lon: Some(13.4),
+            gpu_classes: vec![],
+            models: models.iter().map(|m| m.to_string()).collect(),
+            games: vec![],
+            inference_slots: 4,
+            inference_free: 4,
+            game_slots: 0,
+            game_free: 0,
+            accepting: true,
+            verification: "unverified".into(),
+            updated_at_ms: T0,
+        }
+    }
+
+    #[test]
+    fn a_peer_is_admitted_only_by_the_pin_of_a_live_gateway_other_than_itself() {
+        let (a, b, c) = ([1u8; 32], [2u8; 32], [3u8; 32]);
+        let gws = vec![
+            record("gw-a", a, T0 + 3_000),
+            record("gw-b", b, T0 + 3_000),
+            record("gw-old", c, T0 - 1),
+        ];
+        assert_eq!(check_peer(Some(b), &gws, "gw-a", T0).map(|g| g.id.as_str()), Ok("gw-b"));
+        assert_eq!(check_peer(None, &gws, "gw-a", T0).err(), Some(PeerRefusal::NoCertificate));
+        assert_eq!(
+            check_peer(Some([9u8; 32]), &gws, "gw-a", T0).err(),
+            Some(PeerRefusal::UnknownPin)
+        );
+        assert_eq!(check_peer(Some(c), &gws, "gw-a", T0).err(), Some(PeerRefusal::Expired));
+        assert_eq!(check_peer(Some(a), &gws, "gw-a", T0).err(), Some(PeerRefusal::IsSelf));
+        // The lease ends exactly at `expires_at_ms`.
+        assert_eq!(
+            check_peer(Some(b), &gws, "gw-a", T0 + 3_000).err(),
+            Some(PeerRefusal::Expired)
+        );
+    }
+
+    #[test]
+    fn a_live_entry_wins_over_an_expired_one_with_the_same_pin() {
+        let pin = [7u8; 32];
+        let gws = vec![record("gw-b-old", pin, T0 - 10), record("gw-b", pin, T0 + 10)];
+        assert_eq!(check_peer(Some(pin), &gws, "gw-a", T0).map(|g| g.id.as_str()), Ok("gw-b"));
+    }
+
+    #[test]
+    fn refusal_reasons_are_the_documented_close_reasons() {
+        let doc = include_str!("../../protocol/PROTOCOL.md");
+        for r in [
+            PeerRefusal::NoCertificate,
+            PeerRefusal::UnknownPin,
+            PeerRefusal::Expired,
+            PeerRefusal::IsSelf,
+        ] {
+            assert!(doc.contains(&format!("`{}`", r.as_str())), "{}", r.as_str());
+        }
+    }
+
+    fn inference(model: &str) -> SessionKind {
+        SessionKind::Inference {
+            model: model.into(),
+            endpoint: Endpoint::Chat,
+            request_json: "{}".into(),
+            request_id: "req_1".into(),
+            traceparent: None,
+        }
+    }
+
+    fn local_node(id: &str, models: &[&str]) -> NodeEntry {
+        let (tx, _rx) = tokio::sync::mpsc::channel(1);
+        NodeEntry::new(
+            id.into(),
+            "op".into(),
+            "127.0.0.1:1".parse().unwrap(),
+            Location::default(),
+            vec![],
+            vec![],
+            Workloads {
+                games: vec!["tetris".into()],
+                models: models.iter().map(|m| m.to_string()).collect(),
+                model_caps: vec![],
+            },
+            Capacity {
+                game_sessions: 1,
+                inference_concurrency: 2,
+            },
+            "1.0.0".into(),
+            T0,
+            NodeLink::detached("127.0.0.1:1".parse().unwrap()),
+            tx,
+            NodeDynamic::admitted(T0, 0.0, 0),
+        )
+    }
+
+    #[test]
+    fn a_trunk_open_naming_a_node_not_attached_here_is_refused() {
+        let err = check_open("ghost", None, &inference("m")).unwrap_err();
+        assert_eq!(err.0, RefuseCode::UnknownWorkload);
+        assert!(err.1.contains("not attached"), "{}", err.1);
+    }
+
+    #[test]
+    fn a_trunk_open_is_refused_for_a_model_the_node_lacks_a_game_or_a_node_not_accepting() {
+        let n = local_node("n1", &["m"]);
+        assert_eq!(check_open("n1", Some(&n), &inference("m")), Ok(()));
+        assert_eq!(
+            check_open("n1", Some(&n), &inference("other")).unwrap_err().0,
+            RefuseCode::UnknownWorkload
+        );
+        let game = SessionKind::Game(GameParams {
+            title: "tetris".into(),
+            width: 640,
+            height: 360,
+            fps: 30,
+            bitrate_kbps: 1_000,
+        });
+        assert_eq!(
+            check_open("n1", Some(&n), &game).unwrap_err().0,
+            RefuseCode::UnknownWorkload
+        );
+        n.dynamic().state = NodeState::Draining;
+        assert_eq!(
+            check_open("n1", Some(&n), &inference("m")).unwrap_err().0,
+            RefuseCode::Busy
+        );
+        let gone = local_node("n2", &["m"]);
+        gone.conn
+            .close(nearpath_protocol::app_code::CLOSE_NORMAL, b"bye");
+        assert_eq!(
+            check_open("n2", Some(&gone), &inference("m")).unwrap_err().0,
+            RefuseCode::Busy
+        );
+    }
+
+    struct NoFleet;
+
+    impl FleetSource for NoFleet {
+        fn gateways(&self) -> Result<Vec<GatewayRecord>, StoreError> {
+            Ok(Vec::new())
+        }
+        fn node_directory(&self) -> Result<Vec<NodeDirEntry>, StoreError> {
+            Ok(Vec::new())
+        }
+    }
+
+    fn trunk(clock: &Arc<ManualClock>, registry: Arc<Registry>) -> Trunk {
+        let config = FederationConfig {
+            gateway_id: Some("gw-a".into()),
+            ..Default::default()
+        };
+        let policy =
+            nearpath_geo::Policy::compile(&nearpath_config::GeofenceConfig::default()).unwrap();
+        let classify: Classify = Arc::new(move |names: &[String]| classes_of(&policy, &[], names));
+        Trunk::new(
+            "gw-a".into(),
+            config,
+            RouteParams::default(),
+            Arc::new(NoFleet),
+            registry,
+            clock.clone(),
+            classify,
+            crate::tls::self_signed(&["localhost"]).unwrap(),
+        )
+        .unwrap()
+    }
+
+    fn routed(t: &Trunk, model: &str) -> Vec<String> {
+        let client = LatLon::new(48.85, 2.35).ok();
+        t.route(client, Workload::Model(model), |_| Ok(()))
+            .1
+            .iter()
+            .map(|n| n.id.clone())
+            .collect()
+    }
+
+    #[test]
+    fn remote_nodes_of_live_peers_are_routed_and_those_of_expired_peers_are_not() {
+        let clock = ManualClock::new(T0);
+        let registry = Arc::new(Registry::new(RouteParams::default()).unwrap());
+        let t = trunk(&clock, registry);
+        t.apply(
+            T0,
+            vec![
+                record("gw-a", [1; 32], T0 + 3_000),
+                record("gw-b", [2; 32], T0 + 3_000),
+                record("gw-c", [3; 32], T0 - 1),
+            ],
+            vec![
+                dir_node("b1", "gw-b", &["m"]),
+                dir_node("c1", "gw-c", &["m"]),
+                // Our own publication is never a remote node.
+                dir_node("a1", "gw-a", &["m"]),
+            ],
+        );
+        assert_eq!(routed(&t, "m"), vec!["b1".to_string()]);
+        assert!(routed(&t, "other").is_empty());
+        let (_, nodes) = t.route(None, Workload::Model("m"), |_| Ok(()));
+        assert!(nodes[0].conn.is_remote());
+        assert!(nodes[0].key.0 & REMOTE_KEY_BIT != 0, "remote keys never meet local ones");
+        // B's lease runs out before the next directory read: its nodes stop being routed at once.
+        clock.advance(Duration::from_millis(3_000));
+        assert!(routed(&t, "m").is_empty());
+    }
+
+    #[test]
+    fn a_node_this_gateway_holds_is_never_routed_as_remote() {
+        let clock = ManualClock::new(T0);
+        let registry = Arc::new(Registry::new(RouteParams::default()).unwrap());
+        registry.insert(local_node("b1", &["m"]), 1_000).unwrap();
+        let t = trunk(&clock, registry);
+        t.apply(
+            T0,
+            vec![record("gw-b", [2; 32], T0 + 3_000)],
+            vec![dir_node("b1", "gw-b", &["m"])],
+        );
+        assert!(routed(&t, "m").is_empty());
+    }
+
+    #[test]
+    fn a_remote_node_that_is_full_or_not_accepting_is_not_a_candidate() {
+        let clock = ManualClock::new(T0);
+        let t = trunk(&clock, Arc::new(Registry::new(RouteParams::default()).unwrap()));
+        let mut full = dir_node("b1", "gw-b", &["m"]);
+        full.inference_free = 0;
+        let mut draining = dir_node("b2", "gw-b", &["m"]);
+        draining.accepting = false;
+        t.apply(T0, vec![record("gw-b", [2; 32], T0 + 3_000)], vec![full, draining]);
+        let (outcome, nodes) = t.route(None, Workload::Model("m"), |_| Ok(()));
+        assert!(nodes.is_empty());
+        assert_eq!((outcome.serving, outcome.full, outcome.draining), (2, 1, 1));
+    }
+
+    #[test]
+    fn the_geofence_is_applied_to_remote_nodes_with_their_published_country() {
+        let clock = ManualClock::new(T0);
+        let t = trunk(&clock, Arc::new(Registry::new(RouteParams::default()).unwrap()));
+        t.apply(
+            T0,
+            vec![record("gw-b", [2; 32], T0 + 3_000)],
+            vec![dir_node("b1", "gw-b", &["m"])],
+        );
+        let mut seen = Vec::new();
+        let (outcome, nodes) = t.route(None, Workload::Model("m"), |n| {
+            seen.push(n.location().country.map(|c| c.as_str().to_string()));
+            Err(Deny {
+                rule: "no_de".into(),
+                reason: "denied".into(),
+            })
+        });
+        assert!(nodes.is_empty());
+        assert_eq!(seen, vec![Some("DE".to_string())]);
+        assert_eq!(outcome.denied.map(|d| d.rule), Some("no_de".to_string()));
+    }
+
+    #[test]
+    fn a_republished_node_keeps_its_entry_and_the_count_of_our_sessions_on_it() {
+        let clock = ManualClock::new(T0);
+        let registry = Arc::new(Registry::new(RouteParams::default()).unwrap());
+        let t = trunk(&clock, registry.clone());
+        let gws = vec![record("gw-b", [2; 32], T0 + 3_000)];
+        t.apply(T0, gws.clone(), vec![dir_node("b1", "gw-b", &["m"])]);
+        let (_, first) = t.route(None, Workload::Model("m"), |_| Ok(()));
+        let slot = registry.acquire(&first[0], SlotKind::Inference).unwrap();
+        let mut again = dir_node("b1", "gw-b", &["m"]);
+        again.inference_free = 3;
+        t.apply(T0 + 500, gws, vec![again]);
+        let (_, second) = t.route(None, Workload::Model("m"), |_| Ok(()));
+        assert!(Arc::ptr_eq(&first[0], &second[0]));
+        assert_eq!(second[0].sessions_in_use(), 1);
+        drop(slot);
+    }
+
+    #[test]
+    fn merged_routes_rank_local_and_remote_nodes_by_one_score() {
+        use crate::router::Candidate;
+        let n = |id: &str, key: u64| {
+            let mut e = local_node(id, &["m"]);
+            e.key = NodeId(key);
+            Arc::new(e)
+        };
+        let outcome = |c: &[(u64, f64)]| RouteOutcome {
+            candidates: c
+                .iter()
+                .map(|(k, s)| Candidate {
+                    node: NodeId(*k),
+                    score_ms: *s,
+                    est_client_rtt_ms: 0.0,
+                })
+                .collect(),
+            serving: c.len(),
+            full: 0,
+            draining: 0,
+            denied: None,
+            denied_count: 0,
+            examined: c.len(),
+        };
+        let local = (outcome(&[(1, 30.0), (2, 90.0)]), vec![n("l1", 1), n("l2", 2)]);
+        let remote = (outcome(&[(REMOTE_KEY_BIT | 1, 50.0)]), vec![n("r1", REMOTE_KEY_BIT | 1)]);
+        let (o, nodes) = merge_routes(local, remote, 3);
+        let ids: Vec<&str> = nodes.iter().map(|n| n.id.as_str()).collect();
+        assert_eq!(ids, ["l1", "r1", "l2"]);
+        assert_eq!(o.serving, 3);
+        // No local node at all: the remote ones are the route.
+        let none = (outcome(&[]), vec![]);
+        let remote = (outcome(&[(REMOTE_KEY_BIT | 1, 50.0)]), vec![n("r1", REMOTE_KEY_BIT | 1)]);
+        let (o, nodes) = merge_routes(none, remote, 3);
+        assert!(o.failure().is_none());
+        assert_eq!(nodes[0].id, "r1");
+        // At most `max_candidates`.
+        let local = (outcome(&[(1, 30.0), (2, 90.0)]), vec![n("l1", 1), n("l2", 2)]);
+        let remote = (outcome(&[(REMOTE_KEY_BIT | 1, 50.0)]), vec![n("r1", REMOTE_KEY_BIT | 1)]);
+        assert_eq!(merge_routes(local, remote, 2).1.len(), 2);
+    }
+
+    #[test]
+    fn unclassified_gpus_count_as_every_restricted_class_and_no_gpu_as_cpu() {
+        let policy =
+            nearpath_geo::Policy::compile(&nearpath_config::GeofenceConfig::default()).unwrap();
+        let restricted = [policy.class_id("h100"), policy.class_id("a100")];
+        let c = classes_of(&policy, &restricted, &["unclassified".to_string()]);
+        assert_eq!(c.len(), 2);
+        let c = classes_of(&policy, &restricted, &[]);
+        assert_eq!(c, vec![("cpu".to_string(), policy.class_id("cpu"))]);
+    }
 }
