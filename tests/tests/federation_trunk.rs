@@ -59,7 +59,6 @@ struct Member {
     http: SocketAddr,
     sha: [u8; 32],
     operator_id: String,
-    token: String,
     reads: Arc<AtomicU64>,
 }
 
@@ -116,7 +115,6 @@ async fn federated(path: PathBuf, id: &str, fleet: &Arc<Fleet>, lease_ms: u64) -
         http: gw.addrs.http,
         sha: gw.sha,
         operator_id: gw.operator_id.clone(),
-        token: gw.token.clone(),
         reads,
     };
     (gw, member)
