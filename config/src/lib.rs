@@ -15,12 +15,12 @@ mod node;
 
 pub use common::{parse_version, LogConfig, LogFormat};
 pub use error::{ConfigError, ConfigErrors};
-pub use gateway::{CrossRoute, FederationConfig};
 pub use gateway::{
     AdminConfig, GameConfig, GatewayConfig, HttpConfig, InferenceConfig, ModelPrice, NodesConfig,
     OutlierConfig, QuicConfig, RoutingConfig, StoreConfig, IN_MEMORY_ORIGIN,
     MAX_FALLBACKS_PER_MODEL, MIN_ADMIN_TOKEN_CHARS,
 };
+pub use gateway::{CrossRoute, FederationConfig};
 pub use geo::*;
 pub use iso::{is_iso_country, ISO_3166_1_ALPHA2, KOSOVO};
 pub use load::{

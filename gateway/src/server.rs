@@ -253,12 +253,15 @@ impl Gateway {
         let Some(id) = shared.config.federation.gateway_id.clone() else {
             return Ok(None);
         };
-        let fleet = self.fleet.clone().unwrap_or_else(|| {
-            Arc::new(crate::trunk::StoreFleet(shared.store.clone())) as Arc<_>
-        });
+        let fleet = self
+            .fleet
+            .clone()
+            .unwrap_or_else(|| Arc::new(crate::trunk::StoreFleet(shared.store.clone())) as Arc<_>);
         let placement = shared.placement.clone();
-        let restricted =
-            crate::control::admission::restricted_class_ids(&shared.config.geofence, &placement.policy);
+        let restricted = crate::control::admission::restricted_class_ids(
+            &shared.config.geofence,
+            &placement.policy,
+        );
         let classify: crate::trunk::Classify = Arc::new(move |names: &[String]| {
             crate::trunk::classes_of(&placement.policy, &restricted, names)
         });

@@ -274,11 +274,9 @@ impl Peer {
 
 impl Dialer {
     async fn dial(&self, peer: &GatewayRecord) -> Result<quinn::Connection, ConnectionError> {
-        let endpoint = self
-            .endpoint
-            .get()
-            .ok_or(ConnectionError::LocallyClosed)?;
-        let pin = parse_sha256_hex(&peer.cert_sha256).map_err(|_| ConnectionError::LocallyClosed)?;
+        let endpoint = self.endpoint.get().ok_or(ConnectionError::LocallyClosed)?;
+        let pin =
+            parse_sha256_hex(&peer.cert_sha256).map_err(|_| ConnectionError::LocallyClosed)?;
         let addr = resolve(&peer.quic_address)
             .await
             .ok_or(ConnectionError::LocallyClosed)?;
@@ -585,10 +583,7 @@ impl Trunk {
             snap.index.upsert(entry.key, info);
             snap.by_key
                 .insert(entry.key, (entry.clone(), gw.expires_at_ms));
-            snap.remote.insert(
-                id,
-                Remote { entry, dir: n },
-            );
+            snap.remote.insert(id, Remote { entry, dir: n });
         }
         snap.gateways = gateways;
     }
@@ -648,17 +643,19 @@ impl Trunk {
         let now_ms = self.clock.unix_ms();
         let snap = lock(&self.snapshot);
         let by_key = &snap.by_key;
-        let outcome = snap.index.route(client, workload, |key| match by_key.get(&key) {
-            Some((_, expires)) if now_ms >= *expires => Err(Deny {
-                rule: "registry".into(),
-                reason: "the node's gateway is gone".into(),
-            }),
-            Some((e, _)) => allow(e),
-            None => Err(Deny {
-                rule: "registry".into(),
-                reason: "node left".into(),
-            }),
-        });
+        let outcome = snap
+            .index
+            .route(client, workload, |key| match by_key.get(&key) {
+                Some((_, expires)) if now_ms >= *expires => Err(Deny {
+                    rule: "registry".into(),
+                    reason: "the node's gateway is gone".into(),
+                }),
+                Some((e, _)) => allow(e),
+                None => Err(Deny {
+                    rule: "registry".into(),
+                    reason: "node left".into(),
+                }),
+            });
         let nodes = outcome
             .candidates
             .iter()
@@ -685,10 +682,7 @@ impl Trunk {
     ) {
         let pin = peer_cert_sha256(&conn);
         let mut verdict = self.admit_peer(pin);
-        if matches!(
-            verdict,
-            Err(PeerRefusal::UnknownPin | PeerRefusal::Expired)
-        ) {
+        if matches!(verdict, Err(PeerRefusal::UnknownPin | PeerRefusal::Expired)) {
             // A peer that joined (or renewed) since our last read: read again once.
             if let Err(e) = self.refresh().await {
                 debug!(error = %e, "re-reading the gateway directory for a peer");
@@ -988,14 +982,26 @@ mod tests {
             record("gw-b", b, T0 + 3_000),
             record("gw-old", c, T0 - 1),
         ];
-        assert_eq!(check_peer(Some(b), &gws, "gw-a", T0).map(|g| g.id.as_str()), Ok("gw-b"));
-        assert_eq!(check_peer(None, &gws, "gw-a", T0).err(), Some(PeerRefusal::NoCertificate));
+        assert_eq!(
+            check_peer(Some(b), &gws, "gw-a", T0).map(|g| g.id.as_str()),
+            Ok("gw-b")
+        );
+        assert_eq!(
+            check_peer(None, &gws, "gw-a", T0).err(),
+            Some(PeerRefusal::NoCertificate)
+        );
         assert_eq!(
             check_peer(Some([9u8; 32]), &gws, "gw-a", T0).err(),
             Some(PeerRefusal::UnknownPin)
         );
-        assert_eq!(check_peer(Some(c), &gws, "gw-a", T0).err(), Some(PeerRefusal::Expired));
-        assert_eq!(check_peer(Some(a), &gws, "gw-a", T0).err(), Some(PeerRefusal::IsSelf));
+        assert_eq!(
+            check_peer(Some(c), &gws, "gw-a", T0).err(),
+            Some(PeerRefusal::Expired)
+        );
+        assert_eq!(
+            check_peer(Some(a), &gws, "gw-a", T0).err(),
+            Some(PeerRefusal::IsSelf)
+        );
         // The lease ends exactly at `expires_at_ms`.
         assert_eq!(
             check_peer(Some(b), &gws, "gw-a", T0 + 3_000).err(),
@@ -1006,8 +1012,14 @@ mod tests {
     #[test]
     fn a_live_entry_wins_over_an_expired_one_with_the_same_pin() {
         let pin = [7u8; 32];
-        let gws = vec![record("gw-b-old", pin, T0 - 10), record("gw-b", pin, T0 + 10)];
-        assert_eq!(check_peer(Some(pin), &gws, "gw-a", T0).map(|g| g.id.as_str()), Ok("gw-b"));
+        let gws = vec![
+            record("gw-b-old", pin, T0 - 10),
+            record("gw-b", pin, T0 + 10),
+        ];
+        assert_eq!(
+            check_peer(Some(pin), &gws, "gw-a", T0).map(|g| g.id.as_str()),
+            Ok("gw-b")
+        );
     }
 
     #[test]
@@ -1071,7 +1083,9 @@ mod tests {
         let n = local_node("n1", &["m"]);
         assert_eq!(check_open("n1", Some(&n), &inference("m")), Ok(()));
         assert_eq!(
-            check_open("n1", Some(&n), &inference("other")).unwrap_err().0,
+            check_open("n1", Some(&n), &inference("other"))
+                .unwrap_err()
+                .0,
             RefuseCode::UnknownWorkload
         );
         let game = SessionKind::Game(GameParams {
@@ -1094,7 +1108,9 @@ mod tests {
         gone.conn
             .close(nearpath_protocol::app_code::CLOSE_NORMAL, b"bye");
         assert_eq!(
-            check_open("n2", Some(&gone), &inference("m")).unwrap_err().0,
+            check_open("n2", Some(&gone), &inference("m"))
+                .unwrap_err()
+                .0,
             RefuseCode::Busy
         );
     }
@@ -1163,7 +1179,10 @@ mod tests {
         assert!(routed(&t, "other").is_empty());
         let (_, nodes) = t.route(None, Workload::Model("m"), |_| Ok(()));
         assert!(nodes[0].conn.is_remote());
-        assert!(nodes[0].key.0 & REMOTE_KEY_BIT != 0, "remote keys never meet local ones");
+        assert!(
+            nodes[0].key.0 & REMOTE_KEY_BIT != 0,
+            "remote keys never meet local ones"
+        );
         // B's lease runs out before the next directory read: its nodes stop being routed at once.
         clock.advance(Duration::from_millis(3_000));
         assert!(routed(&t, "m").is_empty());
@@ -1186,12 +1205,19 @@ mod tests {
     #[test]
     fn a_remote_node_that_is_full_or_not_accepting_is_not_a_candidate() {
         let clock = ManualClock::new(T0);
-        let t = trunk(&clock, Arc::new(Registry::new(RouteParams::default()).unwrap()));
+        let t = trunk(
+            &clock,
+            Arc::new(Registry::new(RouteParams::default()).unwrap()),
+        );
         let mut full = dir_node("b1", "gw-b", &["m"]);
         full.inference_free = 0;
         let mut draining = dir_node("b2", "gw-b", &["m"]);
         draining.accepting = false;
-        t.apply(T0, vec![record("gw-b", [2; 32], T0 + 3_000)], vec![full, draining]);
+        t.apply(
+            T0,
+            vec![record("gw-b", [2; 32], T0 + 3_000)],
+            vec![full, draining],
+        );
         let (outcome, nodes) = t.route(None, Workload::Model("m"), |_| Ok(()));
         assert!(nodes.is_empty());
         assert_eq!((outcome.serving, outcome.full, outcome.draining), (2, 1, 1));
@@ -1200,7 +1226,10 @@ mod tests {
     #[test]
     fn the_geofence_is_applied_to_remote_nodes_with_their_published_country() {
         let clock = ManualClock::new(T0);
-        let t = trunk(&clock, Arc::new(Registry::new(RouteParams::default()).unwrap()));
+        let t = trunk(
+            &clock,
+            Arc::new(Registry::new(RouteParams::default()).unwrap()),
+        );
         t.apply(
             T0,
             vec![record("gw-b", [2; 32], T0 + 3_000)],
@@ -1261,21 +1290,36 @@ mod tests {
             denied_count: 0,
             examined: c.len(),
         };
-        let local = (outcome(&[(1, 30.0), (2, 90.0)]), vec![n("l1", 1), n("l2", 2)]);
-        let remote = (outcome(&[(REMOTE_KEY_BIT | 1, 50.0)]), vec![n("r1", REMOTE_KEY_BIT | 1)]);
+        let local = (
+            outcome(&[(1, 30.0), (2, 90.0)]),
+            vec![n("l1", 1), n("l2", 2)],
+        );
+        let remote = (
+            outcome(&[(REMOTE_KEY_BIT | 1, 50.0)]),
+            vec![n("r1", REMOTE_KEY_BIT | 1)],
+        );
         let (o, nodes) = merge_routes(local, remote, 3);
         let ids: Vec<&str> = nodes.iter().map(|n| n.id.as_str()).collect();
         assert_eq!(ids, ["l1", "r1", "l2"]);
         assert_eq!(o.serving, 3);
         // No local node at all: the remote ones are the route.
         let none = (outcome(&[]), vec![]);
-        let remote = (outcome(&[(REMOTE_KEY_BIT | 1, 50.0)]), vec![n("r1", REMOTE_KEY_BIT | 1)]);
+        let remote = (
+            outcome(&[(REMOTE_KEY_BIT | 1, 50.0)]),
+            vec![n("r1", REMOTE_KEY_BIT | 1)],
+        );
         let (o, nodes) = merge_routes(none, remote, 3);
         assert!(o.failure().is_none());
         assert_eq!(nodes[0].id, "r1");
         // At most `max_candidates`.
-        let local = (outcome(&[(1, 30.0), (2, 90.0)]), vec![n("l1", 1), n("l2", 2)]);
-        let remote = (outcome(&[(REMOTE_KEY_BIT | 1, 50.0)]), vec![n("r1", REMOTE_KEY_BIT | 1)]);
+        let local = (
+            outcome(&[(1, 30.0), (2, 90.0)]),
+            vec![n("l1", 1), n("l2", 2)],
+        );
+        let remote = (
+            outcome(&[(REMOTE_KEY_BIT | 1, 50.0)]),
+            vec![n("r1", REMOTE_KEY_BIT | 1)],
+        );
         assert_eq!(merge_routes(local, remote, 2).1.len(), 2);
     }
 

@@ -92,7 +92,12 @@ impl Member {
 
 /// A federated gateway `id` reading `fleet`; the trunk notices a silent peer after
 /// `lease_ms`.
-async fn federated(path: PathBuf, id: &str, fleet: &Arc<Fleet>, lease_ms: u64) -> (TestGateway, Member) {
+async fn federated(
+    path: PathBuf,
+    id: &str,
+    fleet: &Arc<Fleet>,
+    lease_ms: u64,
+) -> (TestGateway, Member) {
     let reads = Arc::new(AtomicU64::new(0));
     let reader = Arc::new(Reader {
         fleet: fleet.clone(),
@@ -161,7 +166,8 @@ async fn a_client_at_a_is_served_by_the_node_attached_to_b_and_billed_once() {
     let fleet = Arc::new(Fleet::default());
     let (gw_b, b) = federated(path.clone(), "gw-b", &fleet, 3_000).await;
     let (gw_a, a) = federated(path, "gw-a", &fleet, 3_000).await;
-    *fleet.gateways.lock().unwrap() = vec![a.record(now_ms() + HOUR_MS), b.record(now_ms() + HOUR_MS)];
+    *fleet.gateways.lock().unwrap() =
+        vec![a.record(now_ms() + HOUR_MS), b.record(now_ms() + HOUR_MS)];
     let mut node = TestNode::start(gw_b.node_config("b-node-1", &gw_b.token), ip(DE));
     node.registered().await;
     *fleet.nodes.lock().unwrap() = vec![published(&b, "b-node-1")];
@@ -186,7 +192,11 @@ async fn a_client_at_a_is_served_by_the_node_attached_to_b_and_billed_once() {
         .iter()
         .filter(|e| **e != "[DONE]")
         .map(|e| serde_json::from_str::<serde_json::Value>(e).unwrap())
-        .filter_map(|v| v["choices"][0]["delta"]["content"].as_str().map(str::to_string))
+        .filter_map(|v| {
+            v["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_string)
+        })
         .collect();
     assert!(!text.is_empty(), "no tokens relayed: {body}");
     assert!(!body.contains("\"error\""), "{body}");
@@ -225,7 +235,9 @@ async fn a_client_at_a_is_served_by_the_node_attached_to_b_and_billed_once() {
         .await;
     assert_eq!(status, 200, "{body}");
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-    assert!(v["choices"][0]["message"]["content"].as_str().is_some_and(|c| !c.is_empty()));
+    assert!(v["choices"][0]["message"]["content"]
+        .as_str()
+        .is_some_and(|c| !c.is_empty()));
     node.stop().await.unwrap();
     gw_a.stop().await;
     gw_b.stop().await;
@@ -331,7 +343,11 @@ async fn a_peer_whose_certificate_is_not_the_pinned_one_is_never_sent_a_request(
         Some("true"),
         "{status} {body}"
     );
-    assert!(started.elapsed() < Duration::from_secs(20), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
     // Nothing was served: the only usage record is A's failure, against no node.
     let records = eventually("the usage record", Duration::from_secs(10), || async {
         let rows = gw_a.store.list_usage(100).unwrap();
@@ -375,7 +391,10 @@ async fn a_forged_trunk_request_naming_a_node_that_is_not_attached_is_refused() 
     send(&mut tx, &peer_open).await.unwrap();
     send(&mut tx, &open).await.unwrap();
     let mut rx = FramedRecv::new(rx, MAX_REQUEST_FRAME);
-    match tokio::time::timeout(Duration::from_secs(10), rx.next()).await.unwrap() {
+    match tokio::time::timeout(Duration::from_secs(10), rx.next())
+        .await
+        .unwrap()
+    {
         Ok(Some(Message::Refused(r))) => {
             assert_eq!(r.code, RefuseCode::UnknownWorkload);
             assert!(r.reason.contains("not attached"), "{}", r.reason);
@@ -387,7 +406,10 @@ async fn a_forged_trunk_request_naming_a_node_that_is_not_attached_is_refused() 
     let (mut tx, rx) = conn.open_bi().await.unwrap();
     send(&mut tx, &open).await.unwrap();
     let mut rx = FramedRecv::new(rx, MAX_REQUEST_FRAME);
-    match tokio::time::timeout(Duration::from_secs(10), rx.next()).await.unwrap() {
+    match tokio::time::timeout(Duration::from_secs(10), rx.next())
+        .await
+        .unwrap()
+    {
         Err(nearpath_protocol::StreamError::Read(quinn::ReadError::Reset(code))) => {
             assert_eq!(code, STREAM_REFUSED)
         }
@@ -515,7 +537,9 @@ async fn a_gateway_outside_a_federation_does_not_speak_the_peer_alpn() {
     let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
     let r = tokio::time::timeout(
         Duration::from_secs(10),
-        endpoint.connect_with(config, gw.addrs.quic, "localhost").unwrap(),
+        endpoint
+            .connect_with(config, gw.addrs.quic, "localhost")
+            .unwrap(),
     )
     .await
     .expect("handshake neither failed nor finished");

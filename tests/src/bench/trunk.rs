@@ -242,8 +242,14 @@ pub async fn run(a: TrunkArgs) -> anyhow::Result<()> {
 
     let one = Summary::of(&mut ttft[0]);
     let trunk = Summary::of(&mut ttft[1]);
-    println!("TTFT (ms), {} requests per path, interleaved, sim ttft {} ms", a.requests, a.ttft_ms);
-    println!("{:<22} {:>8} {:>8} {:>8} {:>8} {:>8}", "path", "p5", "p50", "p95", "p99", "max");
+    println!(
+        "TTFT (ms), {} requests per path, interleaved, sim ttft {} ms",
+        a.requests, a.ttft_ms
+    );
+    println!(
+        "{:<22} {:>8} {:>8} {:>8} {:>8} {:>8}",
+        "path", "p5", "p50", "p95", "p99", "max"
+    );
     for (name, s) in [("one gateway (B)", one), ("trunk (A -> B)", trunk)] {
         println!(
             "{:<22} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2}",
