@@ -377,7 +377,7 @@ impl Trunk {
         };
         Ok(Trunk {
             self_id,
-            params: params.clone(),
+            params,
             snapshot: Mutex::new(Snapshot {
                 gateways: Vec::new(),
                 remote: HashMap::new(),
