@@ -209,6 +209,10 @@ pub struct Trunk {
     /// Peer connections we accepted, by peer id: closed when the peer's lease expires.
     accepted: Mutex<Vec<(String, quinn::Connection)>>,
     next_key: AtomicUsize,
+    /// When the directories were last applied (Unix ms): an unknown pin triggers a fresh read
+    /// only if the last one is older than the refresh interval, so strangers cannot make the
+    /// gateway read the store per handshake.
+    applied_at_ms: std::sync::atomic::AtomicU64,
 }
 
 /// What dialing a peer needs: our endpoint (set once it is bound) and our certificate.
@@ -397,6 +401,7 @@ impl Trunk {
             peers: Mutex::new(HashMap::new()),
             accepted: Mutex::new(Vec::new()),
             next_key: AtomicUsize::new(1),
+            applied_at_ms: std::sync::atomic::AtomicU64::new(0),
         })
     }
 }
@@ -586,6 +591,7 @@ impl Trunk {
             snap.remote.insert(id, Remote { entry, dir: n });
         }
         snap.gateways = gateways;
+        self.applied_at_ms.store(now_ms, Ordering::Relaxed);
     }
 
     fn remote_entry(&self, n: &NodeDirEntry, peer: &Arc<Peer>, now_ms: u64) -> NodeEntry {
@@ -682,7 +688,12 @@ impl Trunk {
     ) {
         let pin = peer_cert_sha256(&conn);
         let mut verdict = self.admit_peer(pin);
-        if matches!(verdict, Err(PeerRefusal::UnknownPin | PeerRefusal::Expired)) {
+        let stale = self
+            .clock
+            .unix_ms()
+            .saturating_sub(self.applied_at_ms.load(Ordering::Relaxed))
+            >= self.config.node_directory_interval_ms;
+        if stale && matches!(verdict, Err(PeerRefusal::UnknownPin | PeerRefusal::Expired)) {
             // A peer that joined (or renewed) since our last read: read again once.
             if let Err(e) = self.refresh().await {
                 debug!(error = %e, "re-reading the gateway directory for a peer");
