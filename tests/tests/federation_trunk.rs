@@ -298,6 +298,7 @@ async fn a_peer_without_a_live_pinned_certificate_is_refused_with_the_reason() {
     gone.id = "gw-gone".into();
     gone.cert_sha256 = expired.sha256_hex();
     *fleet.gateways.lock().unwrap() = vec![b.record(now_ms() + HOUR_MS), gone];
+    b.read_directory().await;
 
     let code = CLOSE_PEER_REFUSED.into_inner();
     let conn = dial_peer(&b, Some(&stranger)).await;
@@ -371,6 +372,7 @@ async fn a_forged_trunk_request_naming_a_node_that_is_not_attached_is_refused() 
     peer.id = "gw-t".into();
     peer.cert_sha256 = peer_cert.sha256_hex();
     *fleet.gateways.lock().unwrap() = vec![b.record(now_ms() + HOUR_MS), peer];
+    b.read_directory().await;
     let conn = dial_peer(&b, Some(&peer_cert)).await;
 
     let open = Message::Open(Open {
