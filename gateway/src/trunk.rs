@@ -478,9 +478,23 @@ impl Trunk {
     /// Re-reads the directories every `node_directory_interval_ms` until `shutdown`.
     pub async fn refresh_loop(self: Arc<Self>, shutdown: CancellationToken) {
         let every = Duration::from_millis(self.config.node_directory_interval_ms.max(1));
+        // A failing read is logged when it starts failing (or fails differently), not every
+        // interval.
+        let mut failing: Option<String> = None;
         loop {
-            if let Err(e) = self.refresh().await {
-                warn!(error = %e, "reading the federation directories failed; keeping the last read");
+            match self.refresh().await {
+                Ok(()) => {
+                    if failing.take().is_some() {
+                        info!("reading the federation directories works again");
+                    }
+                }
+                Err(e) => {
+                    let message = e.to_string();
+                    if failing.as_deref() != Some(message.as_str()) {
+                        warn!(error = %message, "reading the federation directories failed; keeping the last read");
+                    }
+                    failing = Some(message);
+                }
             }
             tokio::select! {
                 _ = shutdown.cancelled() => return,
