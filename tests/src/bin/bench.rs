@@ -11,6 +11,7 @@
 //! target/release/bench inference-streams
 //! target/release/bench inference-queue
 //! target/release/bench nodes-register
+//! target/release/bench trunk-ttft
 //! target/release/bench fleet-limits
 //! ```
 
@@ -49,6 +50,9 @@ enum Command {
     InferenceQueue(bench::queue::QueueArgs),
     /// Many nodes registering at once: admission time and gateway memory per idle node.
     NodesRegister(bench::register::RegisterArgs),
+    /// TTFT through the gateway-to-gateway trunk against the same node on one gateway
+    /// (two federated gateways in this process, interleaved requests).
+    TrunkTtft(bench::trunk::TrunkArgs),
     /// A key's limits under load on three gateways sharing one store (in this process):
     /// admitted/limit per minute window, store round trips per request, concurrency cap held.
     FleetLimits(bench::limits::LimitsArgs),
@@ -237,7 +241,7 @@ fn real_main() -> anyhow::Result<()> {
                 Command::InferenceStreams(a) => &a.placement,
                 Command::InferenceQueue(a) => &a.placement,
                 Command::NodesRegister(a) => &a.placement,
-                Command::QuicIdleMemory(_) => &unpinned,
+                Command::QuicIdleMemory(_) | Command::TrunkTtft(_) => &unpinned,
                 Command::RelayLatency(a) => &a.placement,
                 Command::RelayCapacity(a) => &a.placement,
                 Command::RelayOverload(a) => &a.run.placement,
@@ -267,6 +271,7 @@ fn real_main() -> anyhow::Result<()> {
                 Command::InferenceQueue(a) => rt.block_on(bench::queue::run(a)),
                 Command::NodesRegister(a) => rt.block_on(bench::register::run(a)),
                 Command::QuicIdleMemory(a) => rt.block_on(bench::quicmem::run(a)),
+                Command::TrunkTtft(a) => rt.block_on(bench::trunk::run(a)),
                 Command::RelayLatency(a) => rt.block_on(bench::relay::run_latency(a)),
                 Command::RelayCapacity(a) => rt.block_on(bench::relay::run_capacity(a)),
                 Command::RelayOverload(a) => rt.block_on(bench::relay::run_overload(a)),
