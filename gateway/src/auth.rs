@@ -477,9 +477,12 @@ impl Auth {
         }
     }
 
-    /// Charges the tokens a finished request used to `key`'s fleet-wide tokens/min (in a
-    /// federation; the charge may overshoot the window by this one request, like the buckets).
+    /// Charges the tokens a finished request used to `key`'s tokens/min: this gateway's
+    /// buckets always (they decide alone on a standalone gateway, and when a federation's store
+    /// fails open), and the fleet-wide window in a federation. The charge may overshoot by this
+    /// one request.
     pub fn charge_tokens(&self, key: &ApiKey, tokens: u64) {
+        self.limiter.charge_tokens(key, tokens);
         if let Some(fleet) = &self.fleet {
             fleet.charge(
                 &key.id,
@@ -760,6 +763,22 @@ mod tests {
             CapDefaults::from_config(&config),
         );
         (auth, clock)
+    }
+
+    #[tokio::test]
+    async fn a_standalone_gateway_charges_what_requests_used_to_the_keys_tokens_per_minute() {
+        // The bug: the restructure of issue 11 dropped the call that charged a finished
+        // request's tokens, so tokens/min refused nothing while a single token was left.
+        let (auth, _) = auth_at(1_800_000_000_000);
+        let mut k = key(100);
+        k.requests_per_minute = 1_000;
+        auth.admit_request(&k).await.expect("the first request");
+        auth.charge_tokens(&k, 150);
+        let wait = auth
+            .admit_request(&k)
+            .await
+            .expect_err("150 of 100 tokens/min used: refused");
+        assert!((1..=60).contains(&wait), "retry after {wait} s");
     }
 
     #[tokio::test]
