@@ -875,6 +875,17 @@ pub trait Store: Send + Sync + 'static {
             op: "list_node_directory",
         })
     }
+
+    /// The federation's secret, the MAC key of redirect tickets (`ticket.rs`): the stored one,
+    /// or else `candidate` (at least 32 random bytes the caller drew), stored first. Get or
+    /// create in one statement, so gateways starting together all read the one that won; one
+    /// per store, so one per federation.
+    fn federation_secret(&self, candidate: &[u8]) -> Result<Vec<u8>, StoreError> {
+        let _ = candidate;
+        Err(StoreError::NotSupported {
+            op: "federation_secret",
+        })
+    }
 }
 
 /// SHA-256 of a secret, lowercase hex: what is stored and indexed instead of the secret.

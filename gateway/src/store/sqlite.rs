@@ -201,6 +201,15 @@ ALTER TABLE api_keys ADD COLUMN budget_usd_per_day REAL;
 ALTER TABLE api_keys ADD COLUMN budget_usd_per_month REAL;
 CREATE INDEX usage_records_by_key ON usage_records (api_key_id, at_ms);
 "#,
+    // 5 (issue 13, redirects): the federation's secret, one row, the MAC key of redirect
+    // tickets.
+    r#"
+CREATE TABLE IF NOT EXISTS federation_secret (
+    id             INTEGER PRIMARY KEY CHECK (id = 1),
+    secret         BLOB NOT NULL,
+    created_at_ms  INTEGER NOT NULL
+) STRICT;
+"#,
 ];
 
 /// The schema version this build writes and understands.
@@ -1801,6 +1810,37 @@ impl Store for SqliteStore {
             },
             "key usage by day",
         )
+    }
+
+    fn federation_secret(&self, candidate: &[u8]) -> Result<Vec<u8>, StoreError> {
+        if candidate.len() < 32 {
+            return Err(StoreError::Invalid {
+                field: "candidate",
+                message: "a federation secret must be at least 32 bytes".into(),
+            });
+        }
+        if let Some(s) = self
+            .conn()
+            .query_row("SELECT secret FROM federation_secret WHERE id = 1", [], |r| {
+                r.get::<_, Vec<u8>>(0)
+            })
+            .optional()
+            .op("read federation secret")?
+        {
+            return Ok(s);
+        }
+        let now = to_i64("created_at_ms", crate::clock::system_unix_ms())?;
+        let conn = self.write_conn();
+        conn.execute(
+            "INSERT INTO federation_secret (id, secret, created_at_ms) VALUES (1, ?1, ?2) \
+             ON CONFLICT (id) DO NOTHING",
+            params![candidate, now],
+        )
+        .op("create federation secret")?;
+        conn.query_row("SELECT secret FROM federation_secret WHERE id = 1", [], |r| {
+            r.get::<_, Vec<u8>>(0)
+        })
+        .op("read federation secret")
     }
 }
 

@@ -18,6 +18,8 @@
 
 use super::*;
 use ::postgres::NoTls;
+
+mod redirect;
 use r2d2_postgres::PostgresConnectionManager;
 use std::time::Duration;
 
@@ -29,6 +31,12 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     // 1: the base schema (operators, tokens, keys, node ids, SLA, penalties, GPU models, usage).
     // (filled in by the PostgreSQL store work)
     "SELECT 1",
+    // Issue 13, redirects (`redirect.rs`): the federation's secret, one row.
+    "CREATE TABLE IF NOT EXISTS federation_secret (
+        id             INTEGER PRIMARY KEY CHECK (id = 1),
+        secret         BYTEA NOT NULL,
+        created_at_ms  BIGINT NOT NULL
+    )",
 ];
 
 /// The newest schema version this build knows.
@@ -261,4 +269,7 @@ impl Store for PgStore {
     }
     // ---- Federation: each feature adds its overrides below, delegating to an inherent
     // method in its own file under `store/pg/`.
+    fn federation_secret(&self, candidate: &[u8]) -> Result<Vec<u8>, StoreError> {
+        self.pg_federation_secret(candidate)
+    }
 }
