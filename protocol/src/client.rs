@@ -325,6 +325,33 @@ impl Client {
         }
     }
 
+    /// Starts the session a redirect ticket names on this client's gateway (the one the
+    /// ticket was issued for); [`Client::play`] does this itself when it follows a `Redirect`.
+    pub async fn play_ticket(
+        &self,
+        api_key: &str,
+        ticket: &str,
+    ) -> Result<PlaySession, ClientError> {
+        if self.play_active.swap(true, Ordering::AcqRel) {
+            return Err(ClientError::PlayActive);
+        }
+        let guard = ActiveGuard(self.play_active.clone());
+        let request = Message::PlayTicket(PlayTicket {
+            protocol_version: PROTOCOL_VERSION,
+            api_key: api_key.to_string(),
+            ticket: ticket.to_string(),
+        });
+        match self.start_play(&request).await? {
+            PlayAnswer::Started(send, control, started) => {
+                Ok(self.session(send, control, started, guard, None, None))
+            }
+            PlayAnswer::Redirect(r) => Err(ClientError::Redirect {
+                gateway_id: r.gateway_id,
+                detail: "a ticketed session was redirected again".into(),
+            }),
+        }
+    }
+
     /// Sends a play stream's first message and reads the gateway's answer.
     async fn start_play(&self, request: &Message) -> Result<PlayAnswer, ClientError> {
         let (mut send, recv) = self.open().await?;

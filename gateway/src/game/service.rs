@@ -67,6 +67,9 @@ pub fn bad_ticket(message: impl Into<String>) -> CoreError {
 /// The code of [`bad_ticket`] errors.
 pub const BAD_TICKET: &str = "bad_ticket";
 
+/// The code of the error for a valid ticket whose node is not attached to the gateway it names.
+pub const TICKET_NODE_UNAVAILABLE: &str = "ticket_node_unavailable";
+
 /// A session attached to one node.
 struct Attached {
     node: Arc<NodeEntry>,
@@ -81,6 +84,8 @@ enum NoNode {
     Unknown,
     Full,
     Failed(String),
+    /// The node a ticket names is not attached here (it moved or left since the peer looked).
+    TicketNode,
 }
 
 fn node_ref(n: &NodeEntry) -> NodeRef {
@@ -263,9 +268,7 @@ impl GameService {
         if let Some(f) = outcome.failure() {
             return Err(match f {
                 NoRoute::NotServed => NoNode::Unknown,
-                NoRoute::Denied(d) if d.rule == "ticket" => NoNode::Failed(
-                    "the node the ticket names is not attached to this gateway".into(),
-                ),
+                NoRoute::Denied(d) if d.rule == "ticket" => NoNode::TicketNode,
                 NoRoute::Denied(d) if d.rule != "failover" => {
                     NoNode::Denied(format!("rule {}: {}", d.rule, d.reason))
                 }
@@ -501,6 +504,12 @@ impl GameService {
                     NoNode::Full => CoreError::no_capacity("every node serving this game is busy")
                         .with_retry_after_s(2),
                     NoNode::Failed(e) => CoreError::no_capacity(e).with_retry_after_s(2),
+                    // Retryable at the gateway that issued the ticket, which routes afresh.
+                    NoNode::TicketNode => CoreError::new(
+                        Kind::Unavailable,
+                        TICKET_NODE_UNAVAILABLE,
+                        "the node the ticket names is not attached to this gateway",
+                    ),
                 };
                 self.count_start(transport, &e.code);
                 return Err(e);
