@@ -14,7 +14,8 @@ use crate::infer::{new_request_id, Gone, InferService, Output, Relay};
 use nearpath_config::{QuicConfig, WorkloadKind};
 use nearpath_protocol::app_code::{CLOSE_PROTOCOL, CLOSE_SHUTDOWN};
 use nearpath_protocol::message::{
-    Chunk, Done, ErrorInfo, GameList, InferRequest, InferStarted, Message, PlayRequest, PlayTicket, Token,
+    Chunk, Done, ErrorInfo, GameList, InferRequest, InferStarted, Message, PlayRequest, PlayTicket,
+    Token,
 };
 use nearpath_protocol::openai::{ApiError, InferenceRequest};
 use nearpath_protocol::stream::{send, FramedRecv};

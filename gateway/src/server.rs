@@ -201,11 +201,13 @@ impl Gateway {
         );
         // In a federation, game sessions for peers' nodes are redirected with tickets.
         let games = Arc::new(match &config.federation.gateway_id {
-            Some(id) => games.with_federation(Arc::new(crate::game::redirect::GameFederation::new(
-                id.clone(),
-                config.federation.game_route,
-                store.clone(),
-            ))),
+            Some(id) => {
+                games.with_federation(Arc::new(crate::game::redirect::GameFederation::new(
+                    id.clone(),
+                    config.federation.game_route,
+                    store.clone(),
+                )))
+            }
             None => games,
         });
         let shared = Arc::new(Shared {

@@ -390,7 +390,12 @@ impl Client {
             .await
             .map_err(|e| fail(format!("cannot resolve {:?}: {e}", redirect.quic_address)))?
             .find(|a| a.is_ipv4() == self.bind.is_ipv4())
-            .ok_or_else(|| fail(format!("{:?} has no address of this family", redirect.quic_address)))?;
+            .ok_or_else(|| {
+                fail(format!(
+                    "{:?} has no address of this family",
+                    redirect.quic_address
+                ))
+            })?;
         let host = redirect
             .quic_address
             .rsplit_once(':')
@@ -412,7 +417,14 @@ impl Client {
         match peer.start_play(&request).await? {
             PlayAnswer::Started(send, control, started) => {
                 let peer = Arc::new(peer);
-                Ok(peer.session(send, control, started, guard, Some(peer.clone()), Some(redirect)))
+                Ok(peer.session(
+                    send,
+                    control,
+                    started,
+                    guard,
+                    Some(peer.clone()),
+                    Some(redirect),
+                ))
             }
             PlayAnswer::Redirect(_) => Err(fail("the peer redirected again".into())),
         }

@@ -93,7 +93,9 @@ fn publish(a: &TestGateway, b: &TestGateway, b_expires_at_ms: u64) {
 }
 
 /// Gateways A and B on one store; raw nodes need no heartbeats from them within the test.
-async fn federation(edit_b: impl FnOnce(&mut nearpath_config::GatewayConfig)) -> (tempfile::TempDir, TestGateway, TestGateway) {
+async fn federation(
+    edit_b: impl FnOnce(&mut nearpath_config::GatewayConfig),
+) -> (tempfile::TempDir, TestGateway, TestGateway) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("federation.db");
     let a = TestGateway::start_at(path.clone(), |c| {
@@ -191,7 +193,10 @@ async fn a_native_client_at_a_is_redirected_to_the_node_on_b_plays_and_is_billed
     assert!(
         page.contains("outcome=\"redirected\""),
         "A counts the redirect: {}",
-        page.lines().filter(|l| l.contains("game_sessions")).collect::<Vec<_>>().join("\n")
+        page.lines()
+            .filter(|l| l.contains("game_sessions"))
+            .collect::<Vec<_>>()
+            .join("\n")
     );
 
     s.close("done").await.unwrap();
@@ -204,16 +209,20 @@ async fn a_native_client_at_a_is_redirected_to_the_node_on_b_plays_and_is_billed
     }
     // Billed once, by B, for the node on B: one usage row of this session in the shared store.
     let id = format!("game_{}", g.session_id);
-    let row = eventually("the session's final usage row", Duration::from_secs(10), || async {
-        let rows: Vec<_> = b
-            .store
-            .list_usage(100)
-            .unwrap()
-            .into_iter()
-            .filter(|u| u.kind == UsageKind::Game && u.request_id.starts_with(&id))
-            .collect();
-        (rows.len() == 1 && rows[0].outcome != "in_progress").then(|| rows[0].clone())
-    })
+    let row = eventually(
+        "the session's final usage row",
+        Duration::from_secs(10),
+        || async {
+            let rows: Vec<_> = b
+                .store
+                .list_usage(100)
+                .unwrap()
+                .into_iter()
+                .filter(|u| u.kind == UsageKind::Game && u.request_id.starts_with(&id))
+                .collect();
+            (rows.len() == 1 && rows[0].outcome != "in_progress").then(|| rows[0].clone())
+        },
+    )
     .await;
     assert_eq!(row.node_id, "b-1");
     assert_eq!(row.frames, 30, "{row:?}");
@@ -230,7 +239,10 @@ async fn a_peer_whose_lease_expired_is_not_a_redirect_target() {
     let c = native_client(&a, FR_CLIENT).await;
     match c.play(API_KEY, small("arena")).await {
         Err(ClientError::Refused { code, .. }) => assert_eq!(code, "unknown_game"),
-        other => panic!("expected a refusal, got {:?}", other.map(|s| s.redirect().cloned())),
+        other => panic!(
+            "expected a refusal, got {:?}",
+            other.map(|s| s.redirect().cloned())
+        ),
     }
     a.stop().await;
     b.stop().await;
@@ -269,7 +281,9 @@ fn claims_for(b: &TestGateway, node: &str) -> TicketClaims {
 async fn refused_code(b: &TestGateway, from: (&str, &str, f64, f64), ticket: &str) -> String {
     let c = native_client(b, from).await;
     match c.play_ticket(API_KEY, ticket).await {
-        Err(ClientError::Refused { code, retryable, .. }) => {
+        Err(ClientError::Refused {
+            code, retryable, ..
+        }) => {
             assert!(!retryable || code == "ticket_node_unavailable", "{code}");
             code
         }
@@ -293,26 +307,44 @@ async fn hostile_tickets_forged_expired_replayed_misaddressed_or_naming_another_
         "bad_ticket"
     );
     // Hostile sizes and shapes.
-    assert_eq!(refused_code(&b, FR_CLIENT, &"ab".repeat(5_000)).await, "bad_ticket");
-    assert_eq!(refused_code(&b, FR_CLIENT, "not hex at all").await, "bad_ticket");
+    assert_eq!(
+        refused_code(&b, FR_CLIENT, &"ab".repeat(5_000)).await,
+        "bad_ticket"
+    );
+    assert_eq!(
+        refused_code(&b, FR_CLIENT, "not hex at all").await,
+        "bad_ticket"
+    );
 
     // Expired, and one claiming a life longer than tickets get.
     let mut expired = claims_for(&b, "b-1");
     expired.expires_at_ms = now_ms() - 1;
-    assert_eq!(refused_code(&b, FR_CLIENT, &seal(&b, &expired)).await, "bad_ticket");
+    assert_eq!(
+        refused_code(&b, FR_CLIENT, &seal(&b, &expired)).await,
+        "bad_ticket"
+    );
     let mut long = claims_for(&b, "b-1");
     long.expires_at_ms = now_ms() + MAX_TICKET_TTL_MS + 60_000;
-    assert_eq!(refused_code(&b, FR_CLIENT, &seal(&b, &long)).await, "bad_ticket");
+    assert_eq!(
+        refused_code(&b, FR_CLIENT, &seal(&b, &long)).await,
+        "bad_ticket"
+    );
 
     // Issued to another client address, for another gateway, or to another key.
     let good = seal(&b, &claims_for(&b, "b-1"));
     assert_eq!(refused_code(&b, KR_CLIENT, &good).await, "bad_ticket");
     let mut other_gw = claims_for(&b, "b-1");
     other_gw.target = "c".into();
-    assert_eq!(refused_code(&b, FR_CLIENT, &seal(&b, &other_gw)).await, "bad_ticket");
+    assert_eq!(
+        refused_code(&b, FR_CLIENT, &seal(&b, &other_gw)).await,
+        "bad_ticket"
+    );
     let mut other_key = claims_for(&b, "b-1");
     other_key.key_id = "key_someone_else".into();
-    assert_eq!(refused_code(&b, FR_CLIENT, &seal(&b, &other_key)).await, "bad_ticket");
+    assert_eq!(
+        refused_code(&b, FR_CLIENT, &seal(&b, &other_key)).await,
+        "bad_ticket"
+    );
 
     // Naming a node that is not attached to B: not placed anywhere else.
     let elsewhere = seal(&b, &claims_for(&b, "c-1"));
@@ -329,7 +361,10 @@ async fn hostile_tickets_forged_expired_replayed_misaddressed_or_naming_another_
     assert_eq!(refused_code(&b, FR_CLIENT, &good).await, "bad_ticket");
     // A ticket is no API key: a wrong key is refused before the ticket is looked at.
     let c2 = native_client(&b, FR_CLIENT).await;
-    match c2.play_ticket("not-a-key", &seal(&b, &claims_for(&b, "b-1"))).await {
+    match c2
+        .play_ticket("not-a-key", &seal(&b, &claims_for(&b, "b-1")))
+        .await
+    {
         Err(ClientError::Refused { code, .. }) => assert_eq!(code, "unauthorized"),
         other => panic!("expected unauthorized, got {:?}", other.is_ok()),
     }
@@ -410,7 +445,9 @@ async fn request(
         b = b.header(*k, *v);
     }
     let req = b
-        .body(http_body_util::Full::new(bytes::Bytes::from(body.to_string())))
+        .body(http_body_util::Full::new(bytes::Bytes::from(
+            body.to_string(),
+        )))
         .unwrap();
     let resp = tokio::time::timeout(Duration::from_secs(20), client.request(req))
         .await

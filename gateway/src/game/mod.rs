@@ -16,4 +16,6 @@ pub mod service;
 pub mod session;
 
 pub use crate::relay::*;
-pub use service::{bad_ticket, session_params, GameService, Placed, BAD_TICKET, NODE_ANSWER_TIMEOUT};
+pub use service::{
+    bad_ticket, session_params, GameService, Placed, BAD_TICKET, NODE_ANSWER_TIMEOUT,
+};

@@ -136,8 +136,10 @@ impl GameFederation {
             return None;
         }
         let view = self.view.read().unwrap_or_else(|p| p.into_inner()).clone();
-        let read = tokio::task::spawn_blocking(move || Ok::<_, StoreError>((view.gateways()?, view.nodes()?)))
-            .await;
+        let read = tokio::task::spawn_blocking(move || {
+            Ok::<_, StoreError>((view.gateways()?, view.nodes()?))
+        })
+        .await;
         let (gateways, nodes) = match read {
             Ok(Ok(v)) => v,
             Ok(Err(e)) => {
@@ -354,18 +356,23 @@ mod tests {
         Ok(())
     }
 
-    fn pick<'a>(
-        gws: &'a [GatewayRecord],
-        nodes: &'a [NodeDirEntry],
-    ) -> Option<&'a str> {
-        let client = Some(Coords { lat: 50.0, lon: 10.0 });
-        pick_remote("a", "arena", client, gws, nodes, NOW, allow_all).map(|(n, _)| n.node_id.as_str())
+    fn pick<'a>(gws: &'a [GatewayRecord], nodes: &'a [NodeDirEntry]) -> Option<&'a str> {
+        let client = Some(Coords {
+            lat: 50.0,
+            lon: 10.0,
+        });
+        pick_remote("a", "arena", client, gws, nodes, NOW, allow_all)
+            .map(|(n, _)| n.node_id.as_str())
     }
 
     #[test]
     fn the_nearest_eligible_node_of_a_live_peer_is_picked() {
         let gws = [gw("a", NOW + 1), gw("b", NOW + 1), gw("c", NOW + 1)];
-        let nodes = [node("far", "b", 10.0), node("near", "c", 49.0), node("mine", "a", 50.0)];
+        let nodes = [
+            node("far", "b", 10.0),
+            node("near", "c", 49.0),
+            node("mine", "a", 50.0),
+        ];
         assert_eq!(pick(&gws, &nodes), Some("near"));
     }
 

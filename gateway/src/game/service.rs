@@ -378,7 +378,15 @@ impl GameService {
             }
         }
         match self
-            .start_on(key, client, client_addr, transport, params.clone(), sink, None)
+            .start_on(
+                key,
+                client,
+                client_addr,
+                transport,
+                params.clone(),
+                sink,
+                None,
+            )
             .await
         {
             Ok(s) => Ok(Placed::Here(s)),

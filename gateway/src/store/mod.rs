@@ -854,19 +854,25 @@ pub trait Store: Send + Sync + 'static {
     /// Removes a gateway's directory entry and its published nodes (orderly shutdown).
     fn gateway_leave(&self, gateway_id: &str) -> Result<(), StoreError> {
         let _ = gateway_id;
-        Err(StoreError::NotSupported { op: "gateway_leave" })
+        Err(StoreError::NotSupported {
+            op: "gateway_leave",
+        })
     }
     /// Every gateway in the directory, expired entries included (callers judge liveness from
     /// `expires_at_ms`), ordered by id.
     fn list_gateways(&self) -> Result<Vec<GatewayRecord>, StoreError> {
-        Err(StoreError::NotSupported { op: "list_gateways" })
+        Err(StoreError::NotSupported {
+            op: "list_gateways",
+        })
     }
     /// Replaces, in one transaction, the set of live nodes `gateway_id` holds with `nodes`
     /// (each entry's `gateway_id` must equal it). A node id published by two gateways (it moved)
     /// keeps the newer entry.
     fn publish_nodes(&self, gateway_id: &str, nodes: &[NodeDirEntry]) -> Result<(), StoreError> {
         let _ = (gateway_id, nodes);
-        Err(StoreError::NotSupported { op: "publish_nodes" })
+        Err(StoreError::NotSupported {
+            op: "publish_nodes",
+        })
     }
     /// The node directory: every published node, ordered by node id. Entries of gateways whose
     /// lease expired are included; callers filter with [`Store::list_gateways`].

@@ -1821,9 +1821,11 @@ impl Store for SqliteStore {
         }
         if let Some(s) = self
             .conn()
-            .query_row("SELECT secret FROM federation_secret WHERE id = 1", [], |r| {
-                r.get::<_, Vec<u8>>(0)
-            })
+            .query_row(
+                "SELECT secret FROM federation_secret WHERE id = 1",
+                [],
+                |r| r.get::<_, Vec<u8>>(0),
+            )
             .optional()
             .op("read federation secret")?
         {
@@ -1837,9 +1839,11 @@ impl Store for SqliteStore {
             params![candidate, now],
         )
         .op("create federation secret")?;
-        conn.query_row("SELECT secret FROM federation_secret WHERE id = 1", [], |r| {
-            r.get::<_, Vec<u8>>(0)
-        })
+        conn.query_row(
+            "SELECT secret FROM federation_secret WHERE id = 1",
+            [],
+            |r| r.get::<_, Vec<u8>>(0),
+        )
         .op("read federation secret")
     }
 }

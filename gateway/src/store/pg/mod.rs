@@ -71,7 +71,11 @@ pub fn is_transient(e: &::postgres::Error) -> bool {
 
 impl PgStore {
     /// Connects (a pool of `pool_size`), and migrates the schema to [`PG_SCHEMA_VERSION`].
-    pub fn open(url: &str, pool_size: u32, connect_timeout: Duration) -> Result<PgStore, StoreError> {
+    pub fn open(
+        url: &str,
+        pool_size: u32,
+        connect_timeout: Duration,
+    ) -> Result<PgStore, StoreError> {
         let config: ::postgres::Config = url.parse().map_err(|e| StoreError::Invalid {
             field: "store.url",
             message: format!("{e}"),
