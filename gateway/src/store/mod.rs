@@ -686,7 +686,28 @@ pub struct NodeDirEntry {
     pub updated_at_ms: u64,
 }
 
-/// The gateway's durable state. Object safe: the gateway holds an `Arc<dyn Store>`.
+/// One live game session in the federation's sessions directory (table `game_session_dir`):
+/// what another gateway needs to resume it through itself when the session's gateway dies.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionDirEntry {
+    pub session_id: u64,
+    /// The API key the session runs under (`ApiKey::id`): a resume must authenticate as it.
+    pub key_id: String,
+    /// The node running the game, and the gateway relaying it now.
+    pub node_id: String,
+    pub gateway_id: String,
+    pub game: String,
+    pub width: u32,
+    pub height: u32,
+    pub fps: u32,
+    pub bitrate_kbps: u32,
+    /// SHA-256 (lowercase hex) of the session's resume token; the token itself only the
+    /// client holds.
+    pub resume_token_sha256: String,
+    pub updated_at_ms: u64,
+}
+
+
 ///
 /// All methods are synchronous and may block (see the module documentation): call them from
 /// `tokio::task::spawn_blocking` in async code. Lists are returned in a stable order: operators,
@@ -879,6 +900,30 @@ pub trait Store: Send + Sync + 'static {
     fn list_node_directory(&self) -> Result<Vec<NodeDirEntry>, StoreError> {
         Err(StoreError::NotSupported {
             op: "list_node_directory",
+        })
+    }
+
+    /// Inserts or replaces a session's entry in the sessions directory (keyed by
+    /// `session_id`).
+    fn put_session_dir(&self, entry: &SessionDirEntry) -> Result<(), StoreError> {
+        let _ = entry;
+        Err(StoreError::NotSupported {
+            op: "put_session_dir",
+        })
+    }
+    /// A session's directory entry, if it has one.
+    fn get_session_dir(&self, session_id: u64) -> Result<Option<SessionDirEntry>, StoreError> {
+        let _ = session_id;
+        Err(StoreError::NotSupported {
+            op: "get_session_dir",
+        })
+    }
+    /// Removes a session's directory entry (the session ended); removing a missing one is
+    /// not an error.
+    fn remove_session_dir(&self, session_id: u64) -> Result<(), StoreError> {
+        let _ = session_id;
+        Err(StoreError::NotSupported {
+            op: "remove_session_dir",
         })
     }
 

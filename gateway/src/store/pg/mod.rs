@@ -37,6 +37,20 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         secret         BYTEA NOT NULL,
         created_at_ms  BIGINT NOT NULL
     )",
+    // Issue 13, session resume (`redirect.rs`): the sessions directory.
+    "CREATE TABLE IF NOT EXISTS game_session_dir (
+        session_id           BIGINT PRIMARY KEY,
+        key_id               TEXT NOT NULL,
+        node_id              TEXT NOT NULL,
+        gateway_id           TEXT NOT NULL,
+        game                 TEXT NOT NULL,
+        width                BIGINT NOT NULL,
+        height               BIGINT NOT NULL,
+        fps                  BIGINT NOT NULL,
+        bitrate_kbps         BIGINT NOT NULL,
+        resume_token_sha256  TEXT NOT NULL,
+        updated_at_ms        BIGINT NOT NULL
+    )",
 ];
 
 /// The newest schema version this build knows.
@@ -275,5 +289,14 @@ impl Store for PgStore {
     // method in its own file under `store/pg/`.
     fn federation_secret(&self, candidate: &[u8]) -> Result<Vec<u8>, StoreError> {
         self.pg_federation_secret(candidate)
+    }
+    fn put_session_dir(&self, entry: &SessionDirEntry) -> Result<(), StoreError> {
+        self.pg_put_session_dir(entry)
+    }
+    fn get_session_dir(&self, session_id: u64) -> Result<Option<SessionDirEntry>, StoreError> {
+        self.pg_get_session_dir(session_id)
+    }
+    fn remove_session_dir(&self, session_id: u64) -> Result<(), StoreError> {
+        self.pg_remove_session_dir(session_id)
     }
 }
