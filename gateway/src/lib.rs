@@ -34,6 +34,7 @@ pub mod slot_queue;
 pub mod store;
 pub mod ticket;
 pub mod tls;
+pub mod trunk;
 pub mod webrtc;
 
 #[cfg(test)]

@@ -51,6 +51,8 @@ pub mod ty {
     pub const GAME_LIST: u8 = 0x37;
     pub const REDIRECT: u8 = 0x38;
     pub const PLAY_TICKET: u8 = 0x39;
+
+    pub const PEER_OPEN: u8 = 0x40;
 }
 
 /// One GPU a node offers.
@@ -519,6 +521,17 @@ pub struct ListGames {
     pub api_key: String,
 }
 
+/// gateway -> peer gateway, first message of a trunk stream (ALPN `nearpath-peer/1`): run the
+/// session whose `Open` follows on the stream on node `node_id`, which the receiving gateway
+/// holds. Both gateways authenticated each other with pinned certificates at the handshake.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerOpen {
+    /// Must equal [`PROTOCOL_VERSION`].
+    pub protocol_version: u16,
+    /// The node, as named in the node directory.
+    pub node_id: String,
+}
+
 /// gateway -> client: playable titles.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GameList {
@@ -619,6 +632,8 @@ pub enum Message {
     Redirect(Redirect),
     /// See [`PlayTicket`].
     PlayTicket(PlayTicket),
+    /// See [`PeerOpen`].
+    PeerOpen(PeerOpen),
 }
 
 impl Message {
@@ -655,6 +670,7 @@ impl Message {
             Message::GameList(_) => ty::GAME_LIST,
             Message::Redirect(_) => ty::REDIRECT,
             Message::PlayTicket(_) => ty::PLAY_TICKET,
+            Message::PeerOpen(_) => ty::PEER_OPEN,
         }
     }
 
@@ -812,6 +828,10 @@ impl Message {
                 b.put_u16(m.protocol_version);
                 b.put_str(&m.api_key);
                 b.put_str(&m.ticket);
+            }
+            Message::PeerOpen(m) => {
+                b.put_u16(m.protocol_version);
+                b.put_str(&m.node_id);
             }
         }
     }
@@ -1016,6 +1036,10 @@ impl Message {
                 api_key: r.string("PlayTicket.api_key")?,
                 ticket: r.string("PlayTicket.ticket")?,
             }),
+            ty::PEER_OPEN => Message::PeerOpen(PeerOpen {
+                protocol_version: version(&mut r, name, "PeerOpen.protocol_version")?,
+                node_id: r.string("PeerOpen.node_id")?,
+            }),
             other => return Err(DecodeError::UnknownType(other)),
         };
         r.finish(name)?;
@@ -1056,6 +1080,7 @@ pub fn type_name(ty: u8) -> Option<&'static str> {
         ty::GAME_LIST => "GameList",
         ty::REDIRECT => "Redirect",
         ty::PLAY_TICKET => "PlayTicket",
+        ty::PEER_OPEN => "PeerOpen",
         _ => return None,
     })
 }

@@ -263,6 +263,10 @@ fn client() -> impl Strategy<Value = Message> {
             api_key,
             ticket,
         })),
+        text().prop_map(|node_id| Message::PeerOpen(PeerOpen {
+            protocol_version: PROTOCOL_VERSION,
+            node_id,
+        })),
     ]
 }
 

@@ -172,6 +172,10 @@ fn samples() -> Vec<Message> {
             api_key: "np_live_x".into(),
             ticket: "0102".into(),
         }),
+        Message::PeerOpen(PeerOpen {
+            protocol_version: PROTOCOL_VERSION,
+            node_id: "node-b1".into(),
+        }),
     ]
 }
 
