@@ -81,6 +81,8 @@ store_suite!(
     hostile_names_and_ids_are_refused_naming_the_field,
     key_usage_is_summed_by_key_utc_day_and_model_over_inference_records_only,
     a_key_policy_round_trips_and_bad_values_are_refused_naming_the_field,
+    sessions_directory_keeps_one_entry_per_session_id_across_the_u64_range,
+    the_federation_secret_is_created_once_and_shared,
 );
 
 fn usage(n: u64, tenant: &str, node: &str, outcome: &str) -> UsageRecord {
@@ -1712,10 +1714,8 @@ fn key_usage_is_summed_by_key_utc_day_and_model_over_inference_records_only(stor
 
 /// The sessions directory (issue 13, session resume): put replaces by id, ids use the whole
 /// u64 range (random session ids above i64::MAX included), remove is idempotent.
-#[test]
-fn sessions_directory_keeps_one_entry_per_session_id_across_the_u64_range() {
+fn sessions_directory_keeps_one_entry_per_session_id_across_the_u64_range(store: Arc<dyn Store>) {
     use nearpath_gateway::store::SessionDirEntry;
-    let store = mem();
     let entry = |id: u64, node: &str| SessionDirEntry {
         session_id: id,
         key_id: "key_a".into(),
@@ -1746,9 +1746,7 @@ fn sessions_directory_keeps_one_entry_per_session_id_across_the_u64_range() {
 
 /// The federation secret is created once and then always read back, whatever candidate a
 /// later caller offers (two gateways starting together agree on one secret).
-#[test]
-fn the_federation_secret_is_created_once_and_shared() {
-    let store = mem();
+fn the_federation_secret_is_created_once_and_shared(store: Arc<dyn Store>) {
     let first = store.federation_secret(&[1u8; 32]).expect("create");
     assert_eq!(first, vec![1u8; 32]);
     assert_eq!(store.federation_secret(&[2u8; 32]).expect("read"), first);
