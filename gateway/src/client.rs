@@ -14,7 +14,8 @@ use crate::infer::{new_request_id, Gone, InferService, Output, Relay};
 use nearpath_config::{QuicConfig, WorkloadKind};
 use nearpath_protocol::app_code::{CLOSE_PROTOCOL, CLOSE_SHUTDOWN};
 use nearpath_protocol::message::{
-    Chunk, Done, ErrorInfo, GameList, InferRequest, InferStarted, Message, PlayRequest, Token,
+    Chunk, Done, ErrorInfo, GameList, InferRequest, InferStarted, Message, PlayRequest, PlayTicket,
+    Token,
 };
 use nearpath_protocol::openai::{ApiError, InferenceRequest};
 use nearpath_protocol::stream::{send, FramedRecv};
@@ -43,6 +44,14 @@ pub trait PlayService: Send + Sync + 'static {
         tx: quinn::SendStream,
         rx: FramedRecv,
         req: PlayRequest,
+    ) -> Pin<Box<dyn Future<Output = ()> + Send>>;
+    /// Serves one `PlayTicket` stream (a client a peer gateway redirected here).
+    fn serve_ticket(
+        &self,
+        conn: quinn::Connection,
+        tx: quinn::SendStream,
+        rx: FramedRecv,
+        req: PlayTicket,
     ) -> Pin<Box<dyn Future<Output = ()> + Send>>;
 }
 
@@ -183,6 +192,12 @@ impl QuicClients {
                     self.authenticated(&conn);
                 }
                 self.play.serve_play(conn, tx, framed, r).await
+            }
+            Message::PlayTicket(t) => {
+                if self.infer.auth.authenticate(Some(&t.api_key)).await.is_ok() {
+                    self.authenticated(&conn);
+                }
+                self.play.serve_ticket(conn, tx, framed, t).await
             }
             other => {
                 let e = CoreError::bad_request(

@@ -27,6 +27,7 @@ const RANKS: &[(&str, u8)] = &[
     ("slot_queue", 0),
     ("outliers", 0),
     ("budget", 0),
+    ("ticket", 0),
     ("http_util", 1),
     ("store", 1),
     // State the components are made of.

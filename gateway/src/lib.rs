@@ -33,6 +33,7 @@ pub mod server;
 pub mod session_id;
 pub mod slot_queue;
 pub mod store;
+pub mod ticket;
 pub mod tls;
 pub mod trunk;
 pub mod webrtc;

@@ -201,7 +201,7 @@ impl Gateway {
             tolerance: crate::meter::UsageTolerance::from_config(&config.inference),
             spend: auth.spend.clone(),
         });
-        let games = Arc::new(crate::game::GameService::new(
+        let games = crate::game::GameService::new(
             auth.clone(),
             directory.clone(),
             placement.clone(),
@@ -210,7 +210,18 @@ impl Gateway {
             metrics.clone(),
             clock.clone(),
             config.game.clone(),
-        ));
+        );
+        // In a federation, game sessions for peers' nodes are redirected with tickets.
+        let games = Arc::new(match &config.federation.gateway_id {
+            Some(id) => {
+                games.with_federation(Arc::new(crate::game::redirect::GameFederation::new(
+                    id.clone(),
+                    config.federation.game_route,
+                    store.clone(),
+                )))
+            }
+            None => games,
+        });
         let shared = Arc::new(Shared {
             auth,
             directory,
@@ -542,6 +553,16 @@ impl crate::client::PlayService for GamePlay {
         req: nearpath_protocol::message::PlayRequest,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
         Box::pin(self.0.clone().serve_play(conn, tx, rx, req))
+    }
+
+    fn serve_ticket(
+        &self,
+        conn: quinn::Connection,
+        tx: quinn::SendStream,
+        rx: nearpath_protocol::stream::FramedRecv,
+        req: nearpath_protocol::message::PlayTicket,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+        Box::pin(self.0.clone().serve_ticket(conn, tx, rx, req))
     }
 }
 

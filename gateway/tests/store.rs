@@ -81,6 +81,8 @@ store_suite!(
     hostile_names_and_ids_are_refused_naming_the_field,
     key_usage_is_summed_by_key_utc_day_and_model_over_inference_records_only,
     a_key_policy_round_trips_and_bad_values_are_refused_naming_the_field,
+    sessions_directory_keeps_one_entry_per_session_id_across_the_u64_range,
+    the_federation_secret_is_created_once_and_shared,
 );
 
 fn usage(n: u64, tenant: &str, node: &str, outcome: &str) -> UsageRecord {
@@ -1708,6 +1710,50 @@ fn key_usage_is_summed_by_key_utc_day_and_model_over_inference_records_only(stor
     let all = store.key_usage_by_day(None, base, base + day).expect("all");
     assert_eq!(all.len(), 3);
     assert_eq!(all[2].api_key_id, "key_b");
+}
+
+/// The sessions directory (issue 13, session resume): put replaces by id, ids use the whole
+/// u64 range (random session ids above i64::MAX included), remove is idempotent.
+fn sessions_directory_keeps_one_entry_per_session_id_across_the_u64_range(store: Arc<dyn Store>) {
+    use nearpath_gateway::store::SessionDirEntry;
+    let entry = |id: u64, node: &str| SessionDirEntry {
+        session_id: id,
+        key_id: "key_a".into(),
+        node_id: node.into(),
+        gateway_id: "eu-1".into(),
+        game: "arena".into(),
+        width: 1280,
+        height: 720,
+        fps: 60,
+        bitrate_kbps: 10_000,
+        resume_token_sha256: hash_secret("resume-token"),
+        updated_at_ms: 1_800_000_000_000,
+    };
+    let big = u64::MAX - 7;
+    store.put_session_dir(&entry(big, "n1")).expect("put");
+    store.put_session_dir(&entry(5, "n1")).expect("put");
+    store.put_session_dir(&entry(big, "n2")).expect("replace");
+    assert_eq!(
+        store.get_session_dir(big).expect("get"),
+        Some(entry(big, "n2"))
+    );
+    assert_eq!(store.get_session_dir(5).expect("get"), Some(entry(5, "n1")));
+    assert_eq!(store.get_session_dir(6).expect("get"), None);
+    store.remove_session_dir(big).expect("remove");
+    store.remove_session_dir(big).expect("remove twice");
+    assert_eq!(store.get_session_dir(big).expect("get"), None);
+}
+
+/// The federation secret is created once and then always read back, whatever candidate a
+/// later caller offers (two gateways starting together agree on one secret).
+fn the_federation_secret_is_created_once_and_shared(store: Arc<dyn Store>) {
+    let first = store.federation_secret(&[1u8; 32]).expect("create");
+    assert_eq!(first, vec![1u8; 32]);
+    assert_eq!(store.federation_secret(&[2u8; 32]).expect("read"), first);
+    assert!(matches!(
+        store.federation_secret(&[3u8; 8]),
+        Err(StoreError::Invalid { .. })
+    ));
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ use crate::frame::FrameHeader;
 use crate::input::{InputDatagram, InputEvent};
 use crate::message::{
     Chunk, Close, Done, Ended, ErrorInfo, InferRequest, InferStarted, ListGames, Message, Paused,
-    PlayRequest, PlayStarted, Token,
+    PlayRequest, PlayStarted, PlayTicket, Redirect, Token,
 };
 use crate::net::{self, NetError};
 use crate::openai::Endpoint;
@@ -122,6 +122,15 @@ pub enum ClientError {
     /// carry no stream to tell sessions apart before their header is read).
     #[error("a play session is already active on this connection")]
     PlayActive,
+    /// A gateway's `Redirect` could not be followed: a bad address or pin, or the peer it
+    /// names redirected again (a ticket is good for one hop only).
+    #[error("cannot follow the redirect to gateway {gateway_id}: {detail}")]
+    Redirect {
+        /// The peer gateway named in the redirect.
+        gateway_id: String,
+        /// Why.
+        detail: String,
+    },
     /// An input datagram could not be sent.
     #[error("cannot send input datagram to {addr}: {source}")]
     Datagram {
@@ -154,6 +163,11 @@ pub struct Client {
     conn: quinn::Connection,
     addr: SocketAddr,
     play_active: Arc<AtomicBool>,
+    /// The local address it was bound to and the transport it uses: a redirected play session
+    /// dials the peer gateway the same way, so that the peer sees the client address the
+    /// ticket was issued for.
+    bind: SocketAddr,
+    transport: TransportOptions,
 }
 
 impl Client {
@@ -200,6 +214,8 @@ impl Client {
             conn,
             addr,
             play_active: Arc::new(AtomicBool::new(false)),
+            bind: SocketAddr::new(bind.ip(), 0),
+            transport: transport.clone(),
         })
     }
 
@@ -275,6 +291,12 @@ impl Client {
 
     /// Starts a game session and waits until the gateway confirms it with `PlayStarted`.
     ///
+    /// When the gateway answers with a `Redirect` (the node for the session is attached to
+    /// another gateway of the federation), the library follows it once, transparently: it dials
+    /// the peer on a new connection pinned to the certificate hash the redirect names, and
+    /// starts the session there with the redirect's ticket. The session then lives on that
+    /// connection (see [`PlaySession::redirect`]); this client's connection stays open.
+    ///
     /// One play session at a time per connection; a second call fails with
     /// [`ClientError::PlayActive`] until the first [`PlaySession`] is dropped or closed.
     pub async fn play(
@@ -286,7 +308,6 @@ impl Client {
             return Err(ClientError::PlayActive);
         }
         let guard = ActiveGuard(self.play_active.clone());
-        let (mut send, recv) = self.open().await?;
         let request = Message::PlayRequest(PlayRequest {
             protocol_version: PROTOCOL_VERSION,
             api_key: api_key.to_string(),
@@ -296,21 +317,130 @@ impl Client {
             fps: params.fps,
             bitrate_kbps: params.bitrate_kbps,
         });
-        stream::send(&mut send, &request)
+        match self.start_play(&request).await? {
+            PlayAnswer::Started(send, control, started) => {
+                Ok(self.session(send, control, started, guard, None, None))
+            }
+            PlayAnswer::Redirect(redirect) => self.follow(api_key, redirect, guard).await,
+        }
+    }
+
+    /// Starts the session a redirect ticket names on this client's gateway (the one the
+    /// ticket was issued for); [`Client::play`] does this itself when it follows a `Redirect`.
+    pub async fn play_ticket(
+        &self,
+        api_key: &str,
+        ticket: &str,
+    ) -> Result<PlaySession, ClientError> {
+        if self.play_active.swap(true, Ordering::AcqRel) {
+            return Err(ClientError::PlayActive);
+        }
+        let guard = ActiveGuard(self.play_active.clone());
+        let request = Message::PlayTicket(PlayTicket {
+            protocol_version: PROTOCOL_VERSION,
+            api_key: api_key.to_string(),
+            ticket: ticket.to_string(),
+        });
+        match self.start_play(&request).await? {
+            PlayAnswer::Started(send, control, started) => {
+                Ok(self.session(send, control, started, guard, None, None))
+            }
+            PlayAnswer::Redirect(r) => Err(ClientError::Redirect {
+                gateway_id: r.gateway_id,
+                detail: "a ticketed session was redirected again".into(),
+            }),
+        }
+    }
+
+    /// Sends a play stream's first message and reads the gateway's answer.
+    async fn start_play(&self, request: &Message) -> Result<PlayAnswer, ClientError> {
+        let (mut send, recv) = self.open().await?;
+        stream::send(&mut send, request)
             .await
             .map_err(|e| self.stream_err(e))?;
         let mut control = FramedRecv::new(recv, MAX_CONTROL_FRAME);
-        let started = match control.next().await.map_err(|e| self.stream_err(e))? {
-            Some(Message::PlayStarted(started)) => started,
-            Some(Message::Error(e)) => return Err(refused(e)),
-            Some(other) => return Err(self.unexpected("PlayStarted or Error", &other)),
-            None => {
-                return Err(ClientError::EndedEarly {
-                    addr: self.addr,
-                    expected: "PlayStarted",
-                })
-            }
+        match control.next().await.map_err(|e| self.stream_err(e))? {
+            Some(Message::PlayStarted(started)) => Ok(PlayAnswer::Started(send, control, started)),
+            Some(Message::Redirect(r)) => Ok(PlayAnswer::Redirect(r)),
+            Some(Message::Error(e)) => Err(refused(e)),
+            Some(other) => Err(self.unexpected("PlayStarted, Redirect or Error", &other)),
+            None => Err(ClientError::EndedEarly {
+                addr: self.addr,
+                expected: "PlayStarted",
+            }),
+        }
+    }
+
+    /// Follows a `Redirect`: dials the peer it names (pinned to its certificate hash, from the
+    /// same local address and with the same transport) and starts the session there with the
+    /// ticket. One hop only: a peer that redirects again is an error.
+    async fn follow(
+        &self,
+        api_key: &str,
+        redirect: Redirect,
+        guard: ActiveGuard,
+    ) -> Result<PlaySession, ClientError> {
+        let fail = |detail: String| ClientError::Redirect {
+            gateway_id: redirect.gateway_id.clone(),
+            detail,
         };
+        let pin = tls::parse_sha256_hex(&redirect.cert_sha256)
+            .map_err(|e| fail(format!("bad certificate pin: {e}")))?;
+        let addr = tokio::net::lookup_host(redirect.quic_address.as_str())
+            .await
+            .map_err(|e| fail(format!("cannot resolve {:?}: {e}", redirect.quic_address)))?
+            .find(|a| a.is_ipv4() == self.bind.is_ipv4())
+            .ok_or_else(|| {
+                fail(format!(
+                    "{:?} has no address of this family",
+                    redirect.quic_address
+                ))
+            })?;
+        let host = redirect
+            .quic_address
+            .rsplit_once(':')
+            .map_or(redirect.quic_address.as_str(), |(h, _)| h)
+            .trim_matches(['[', ']']);
+        let peer = Client::connect_with(
+            self.bind,
+            addr,
+            host,
+            ServerVerify::PinnedSha256(pin),
+            &self.transport,
+        )
+        .await?;
+        let request = Message::PlayTicket(PlayTicket {
+            protocol_version: PROTOCOL_VERSION,
+            api_key: api_key.to_string(),
+            ticket: redirect.ticket.clone(),
+        });
+        match peer.start_play(&request).await? {
+            PlayAnswer::Started(send, control, started) => {
+                let peer = Arc::new(peer);
+                Ok(peer.session(
+                    send,
+                    control,
+                    started,
+                    guard,
+                    Some(peer.clone()),
+                    Some(redirect),
+                ))
+            }
+            PlayAnswer::Redirect(_) => Err(fail("the peer redirected again".into())),
+        }
+    }
+
+    /// A started session on this client's connection. `hold` keeps a redirected session's
+    /// own client (and so its connection) alive for as long as a part of the session is.
+    fn session(
+        &self,
+        send: quinn::SendStream,
+        control: FramedRecv,
+        started: PlayStarted,
+        guard: ActiveGuard,
+        hold: Option<Arc<Client>>,
+        redirect: Option<Redirect>,
+    ) -> PlaySession {
         let (tx, frames) = mpsc::channel(FRAME_QUEUE);
         let reader = tokio::spawn(read_frames(
             self.conn.clone(),
@@ -318,27 +448,32 @@ impl Client {
             started.session_id,
             tx,
         ));
-        Ok(PlaySession {
+        PlaySession {
             started,
+            redirect,
+            gateway: self.addr,
             control: PlayControl {
                 send,
                 recv: control,
                 addr: self.addr,
                 finished: false,
                 closed: false,
+                _hold: hold.clone(),
             },
             frames: FrameStream {
                 rx: frames,
                 reader,
                 _guard: guard,
+                _hold: hold.clone(),
             },
             input: InputSender {
                 conn: self.conn.clone(),
                 addr: self.addr,
                 session_id: started.session_id,
                 seq: Arc::new(AtomicU64::new(0)),
+                _hold: hold,
             },
-        })
+        }
     }
 
     /// Closes the connection (application close, code 0) and waits, at most [`CLOSE_WAIT`],
@@ -381,6 +516,12 @@ impl Drop for Client {
     fn drop(&mut self) {
         self.conn.close(app_code::CLOSE_NORMAL, b"client dropped");
     }
+}
+
+/// What a gateway answers a play stream's first message with.
+enum PlayAnswer {
+    Started(quinn::SendStream, FramedRecv, PlayStarted),
+    Redirect(Redirect),
 }
 
 fn stream_err(addr: SocketAddr, source: StreamError) -> ClientError {
@@ -539,6 +680,10 @@ pub enum PlayEvent {
 #[derive(Debug)]
 pub struct PlaySession {
     started: PlayStarted,
+    /// The redirect followed to start it, if any.
+    redirect: Option<Redirect>,
+    /// The gateway serving it.
+    gateway: SocketAddr,
     control: PlayControl,
     frames: FrameStream,
     input: InputSender,
@@ -548,6 +693,17 @@ impl PlaySession {
     /// The parameters the gateway confirmed.
     pub fn started(&self) -> &PlayStarted {
         &self.started
+    }
+
+    /// The `Redirect` the session was started through (the gateway first asked sent the client
+    /// to a peer), or `None` when the gateway asked serves it.
+    pub fn redirect(&self) -> Option<&Redirect> {
+        self.redirect.as_ref()
+    }
+
+    /// The QUIC address of the gateway serving the session (the peer's after a redirect).
+    pub fn gateway(&self) -> SocketAddr {
+        self.gateway
     }
 
     /// The next video frame, in stream order; `Ok(None)` once the connection has closed.
@@ -617,6 +773,8 @@ pub struct PlayControl {
     finished: bool,
     /// `Close` was sent.
     closed: bool,
+    /// A redirected session's own client (see [`Client::play`]).
+    _hold: Option<Arc<Client>>,
 }
 
 impl Drop for PlayControl {
@@ -691,6 +849,7 @@ pub struct FrameStream {
     rx: mpsc::Receiver<Result<VideoFrame, ClientError>>,
     reader: tokio::task::JoinHandle<()>,
     _guard: ActiveGuard,
+    _hold: Option<Arc<Client>>,
 }
 
 impl FrameStream {
@@ -752,6 +911,7 @@ pub struct InputSender {
     addr: SocketAddr,
     session_id: u64,
     seq: Arc<AtomicU64>,
+    _hold: Option<Arc<Client>>,
 }
 
 impl InputSender {

@@ -49,6 +49,8 @@ pub mod ty {
     pub const RESUMED: u8 = 0x35;
     pub const LIST_GAMES: u8 = 0x36;
     pub const GAME_LIST: u8 = 0x37;
+    pub const REDIRECT: u8 = 0x38;
+    pub const PLAY_TICKET: u8 = 0x39;
 
     pub const PEER_OPEN: u8 = 0x40;
 }
@@ -537,6 +539,36 @@ pub struct GameList {
     pub titles: Vec<String>,
 }
 
+/// gateway -> client, instead of `PlayStarted`: the node that should serve the session is
+/// attached to another gateway of the federation; play there with `ticket` (a [`PlayTicket`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Redirect {
+    /// The peer gateway's `federation.gateway_id`.
+    pub gateway_id: String,
+    /// Where to dial it over QUIC (`host:port`).
+    pub quic_address: String,
+    /// SHA-256 of its QUIC certificate (DER), 64 lowercase hex digits: the pin to dial it with.
+    /// The client trusts it because the gateway it already trusts sent it.
+    pub cert_sha256: String,
+    /// The base URL of its HTTP API (for browsers and `GET /v1/gateways`).
+    pub http_url: String,
+    /// The signed, short-lived, single-use ticket the peer accepts instead of routing again.
+    pub ticket: String,
+}
+
+/// client -> gateway, first message on a play stream: start the session a [`Redirect`]'s
+/// ticket names (its game and parameters are in the ticket) on the gateway it names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlayTicket {
+    /// Must equal [`PROTOCOL_VERSION`].
+    pub protocol_version: u16,
+    /// The caller's API key: the ticket does not replace it (it must be the key the ticket was
+    /// issued to).
+    pub api_key: String,
+    /// [`Redirect::ticket`], as received.
+    pub ticket: String,
+}
+
 /// Every framed message.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Message {
@@ -596,6 +628,10 @@ pub enum Message {
     ListGames(ListGames),
     /// See [`GameList`].
     GameList(GameList),
+    /// See [`Redirect`].
+    Redirect(Redirect),
+    /// See [`PlayTicket`].
+    PlayTicket(PlayTicket),
     /// See [`PeerOpen`].
     PeerOpen(PeerOpen),
 }
@@ -632,6 +668,8 @@ impl Message {
             Message::Resumed => ty::RESUMED,
             Message::ListGames(_) => ty::LIST_GAMES,
             Message::GameList(_) => ty::GAME_LIST,
+            Message::Redirect(_) => ty::REDIRECT,
+            Message::PlayTicket(_) => ty::PLAY_TICKET,
             Message::PeerOpen(_) => ty::PEER_OPEN,
         }
     }
@@ -779,6 +817,18 @@ impl Message {
                 b.put_str(&m.api_key);
             }
             Message::GameList(m) => b.put_list(&m.titles, |b, s| b.put_str(s)),
+            Message::Redirect(m) => {
+                b.put_str(&m.gateway_id);
+                b.put_str(&m.quic_address);
+                b.put_str(&m.cert_sha256);
+                b.put_str(&m.http_url);
+                b.put_str(&m.ticket);
+            }
+            Message::PlayTicket(m) => {
+                b.put_u16(m.protocol_version);
+                b.put_str(&m.api_key);
+                b.put_str(&m.ticket);
+            }
             Message::PeerOpen(m) => {
                 b.put_u16(m.protocol_version);
                 b.put_str(&m.node_id);
@@ -974,6 +1024,18 @@ impl Message {
                     r.string("GameList.titles[]")
                 })?,
             }),
+            ty::REDIRECT => Message::Redirect(Redirect {
+                gateway_id: r.string("Redirect.gateway_id")?,
+                quic_address: r.string("Redirect.quic_address")?,
+                cert_sha256: r.string("Redirect.cert_sha256")?,
+                http_url: r.string("Redirect.http_url")?,
+                ticket: r.string("Redirect.ticket")?,
+            }),
+            ty::PLAY_TICKET => Message::PlayTicket(PlayTicket {
+                protocol_version: version(&mut r, name, "PlayTicket.protocol_version")?,
+                api_key: r.string("PlayTicket.api_key")?,
+                ticket: r.string("PlayTicket.ticket")?,
+            }),
             ty::PEER_OPEN => Message::PeerOpen(PeerOpen {
                 protocol_version: version(&mut r, name, "PeerOpen.protocol_version")?,
                 node_id: r.string("PeerOpen.node_id")?,
@@ -1016,6 +1078,8 @@ pub fn type_name(ty: u8) -> Option<&'static str> {
         ty::RESUMED => "Resumed",
         ty::LIST_GAMES => "ListGames",
         ty::GAME_LIST => "GameList",
+        ty::REDIRECT => "Redirect",
+        ty::PLAY_TICKET => "PlayTicket",
         ty::PEER_OPEN => "PeerOpen",
         _ => return None,
     })

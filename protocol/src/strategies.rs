@@ -247,6 +247,22 @@ fn client() -> impl Strategy<Value = Message> {
             api_key,
         })),
         names().prop_map(|titles| Message::GameList(GameList { titles })),
+        (text(), text(), text(), text(), text()).prop_map(
+            |(gateway_id, quic_address, cert_sha256, http_url, ticket)| {
+                Message::Redirect(Redirect {
+                    gateway_id,
+                    quic_address,
+                    cert_sha256,
+                    http_url,
+                    ticket,
+                })
+            }
+        ),
+        (text(), text()).prop_map(|(api_key, ticket)| Message::PlayTicket(PlayTicket {
+            protocol_version: PROTOCOL_VERSION,
+            api_key,
+            ticket,
+        })),
         text().prop_map(|node_id| Message::PeerOpen(PeerOpen {
             protocol_version: PROTOCOL_VERSION,
             node_id,

@@ -160,6 +160,18 @@ fn samples() -> Vec<Message> {
         Message::GameList(GameList {
             titles: vec!["doom".into(), "quake".into()],
         }),
+        Message::Redirect(Redirect {
+            gateway_id: "us-1".into(),
+            quic_address: "gw-us.example.com:4433".into(),
+            cert_sha256: "ab".repeat(32),
+            http_url: "https://gw-us.example.com".into(),
+            ticket: "0102".into(),
+        }),
+        Message::PlayTicket(PlayTicket {
+            protocol_version: PROTOCOL_VERSION,
+            api_key: "np_live_x".into(),
+            ticket: "0102".into(),
+        }),
         Message::PeerOpen(PeerOpen {
             protocol_version: PROTOCOL_VERSION,
             node_id: "node-b1".into(),

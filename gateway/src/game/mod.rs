@@ -6,11 +6,16 @@
 //! * [`service`]: [`GameService`], built with the components it uses: starts sessions, runs each
 //!   one's driver (which only moves messages and timers), relays frames and input, serves
 //!   native players' play streams.
+//! * [`redirect`]: sessions for nodes attached to other gateways of the federation (redirect
+//!   with a signed ticket) and the tickets peers send here.
 //! * [`crate::relay`]: the relay's per-session state and its per-frame rule, shared with the
 //!   WebRTC front end and the `Sessions` component.
 
+pub mod redirect;
 pub mod service;
 pub mod session;
 
 pub use crate::relay::*;
-pub use service::{session_params, GameService, NODE_ANSWER_TIMEOUT};
+pub use service::{
+    bad_ticket, session_params, GameService, Placed, BAD_TICKET, NODE_ANSWER_TIMEOUT,
+};

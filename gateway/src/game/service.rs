@@ -22,7 +22,8 @@ use bytes::Bytes;
 use nearpath_config::{GameConfig, WorkloadKind};
 use nearpath_geo::Location;
 use nearpath_protocol::message::{
-    Ended, ErrorInfo, GameParams, Message, Open, Paused, PlayRequest, PlayStarted, SessionKind,
+    Ended, ErrorInfo, GameParams, Message, Open, Paused, PlayRequest, PlayStarted, PlayTicket,
+    Redirect, SessionKind,
 };
 use nearpath_protocol::stream::{recv_frame_header, relay_frame_by, send, FramedRecv, Relayed};
 use nearpath_protocol::{InputDatagram, MAX_CONTROL_FRAME, MAX_VIDEO_FRAME};
@@ -46,7 +47,28 @@ pub struct GameService {
     metrics: Arc<Metrics>,
     clock: SharedClock,
     config: GameConfig,
+    /// This gateway's federation, when it is in one (`federation.gateway_id`): sessions for
+    /// peers' nodes are redirected there, and tickets from peers are honoured here.
+    federation: Option<Arc<super::redirect::GameFederation>>,
 }
+
+/// Where a session was placed: here, or on a peer's node (the client must go there).
+pub enum Placed {
+    Here(Started),
+    Redirect(super::redirect::RedirectTo),
+}
+
+/// The error of a ticket this gateway does not honour (forged, expired, for another client,
+/// key or gateway, used already): the client's fault, never retried with the same ticket.
+pub fn bad_ticket(message: impl Into<String>) -> CoreError {
+    CoreError::new(Kind::Forbidden, BAD_TICKET, message).with_retryable(false)
+}
+
+/// The code of [`bad_ticket`] errors.
+pub const BAD_TICKET: &str = "bad_ticket";
+
+/// The code of the error for a valid ticket whose node is not attached to the gateway it names.
+pub const TICKET_NODE_UNAVAILABLE: &str = "ticket_node_unavailable";
 
 /// A session attached to one node.
 struct Attached {
@@ -62,6 +84,8 @@ enum NoNode {
     Unknown,
     Full,
     Failed(String),
+    /// The node a ticket names is not attached here (it moved or left since the peer looked).
+    TicketNode,
 }
 
 fn node_ref(n: &NodeEntry) -> NodeRef {
@@ -129,7 +153,19 @@ impl GameService {
             metrics,
             clock,
             config,
+            federation: None,
         }
+    }
+
+    /// Makes the service a member of a federation (see [`super::redirect`]).
+    pub fn with_federation(mut self, f: Arc<super::redirect::GameFederation>) -> GameService {
+        self.federation = Some(f);
+        self
+    }
+
+    /// The federation it is a member of, if any.
+    pub fn federation(&self) -> Option<&Arc<super::redirect::GameFederation>> {
+        self.federation.as_ref()
     }
 
     /// The `[game]` section it runs with.
@@ -207,12 +243,15 @@ impl GameService {
 
     /// Routes the session and opens it on the first candidate that accepts, each given
     /// [`NODE_ANSWER_TIMEOUT`]. `exclude` holds the registrations that failed the session.
+    /// `only` pins it to one node id (a peer's ticket: the peer evaluated the geofence with
+    /// the client's address, so it is not evaluated again).
     async fn attach(
         &self,
         client: &Location,
         params: &GameParams,
         session_id: u64,
         exclude: &[crate::router::NodeId],
+        only: Option<&str>,
     ) -> Result<Attached, NoNode> {
         let (outcome, nodes) = self.directory.registry.route(
             client_latlon(client),
@@ -224,12 +263,20 @@ impl GameService {
                         reason: "node failed this session".into(),
                     });
                 }
-                self.placement.serve_check(client, n, WorkloadKind::Game)
+                match only {
+                    Some(id) if n.id != id => Err(crate::router::Deny {
+                        rule: "ticket".into(),
+                        reason: "the ticket names another node".into(),
+                    }),
+                    Some(_) => Ok(()),
+                    None => self.placement.serve_check(client, n, WorkloadKind::Game),
+                }
             },
         );
         if let Some(f) = outcome.failure() {
             return Err(match f {
                 NoRoute::NotServed => NoNode::Unknown,
+                NoRoute::Denied(d) if d.rule == "ticket" => NoNode::TicketNode,
                 NoRoute::Denied(d) if d.rule != "failover" => {
                     NoNode::Denied(format!("rule {}: {}", d.rule, d.reason))
                 }
@@ -311,6 +358,144 @@ impl GameService {
         params: GameParams,
         sink: FrameSink,
     ) -> Result<Started, CoreError> {
+        self.start_on(key, client, client_addr, transport, params, sink, None)
+            .await
+    }
+
+    /// Places a game session in the federation: on a node of this gateway when one is eligible
+    /// (no redirect costs less than a redirect), else, in a federation that redirects games, on
+    /// the nearest eligible node of a live peer, to which the client is sent with a ticket
+    /// (`client_ip` is what the ticket binds it to; without it nothing is redirected). The
+    /// geofence is evaluated here, once, with the client's location, for either.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn place_session(
+        self: &Arc<Self>,
+        key: &ApiKey,
+        client: Location,
+        client_ip: Option<std::net::IpAddr>,
+        client_addr: String,
+        transport: &'static str,
+        params: GameParams,
+        sink: FrameSink,
+    ) -> Result<Placed, CoreError> {
+        if self.federation.is_some() && !self.has_local_candidate(&client, &params) {
+            if let Some(to) = self.find_remote(key, &client, client_ip, &params).await {
+                self.count_start(transport, "redirected");
+                info!(gateway = %to.gateway.id, node = %to.node_id, game = %params.title, "game session redirected to a peer");
+                return Ok(Placed::Redirect(to));
+            }
+        }
+        match self
+            .start_on(
+                key,
+                client,
+                client_addr,
+                transport,
+                params.clone(),
+                sink,
+                None,
+            )
+            .await
+        {
+            Ok(s) => Ok(Placed::Here(s)),
+            // Every local candidate refused or failed to answer: a peer may still have room.
+            Err(e) if e.kind == Kind::Unavailable && e.code == "no_capacity" => {
+                match self.find_remote(key, &client, client_ip, &params).await {
+                    Some(to) => {
+                        self.count_start(transport, "redirected");
+                        Ok(Placed::Redirect(to))
+                    }
+                    None => Err(e),
+                }
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Starts a session a peer's ticket names, after the ticket is checked and consumed
+    /// ([`super::redirect::GameFederation::accept`]): on exactly the node it names, with its
+    /// parameters, without evaluating the geofence again. Admission (ledger, key caps) is
+    /// checked here as for any session.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn start_ticketed(
+        self: &Arc<Self>,
+        key: &ApiKey,
+        claims: &crate::ticket::TicketClaims,
+        client: Location,
+        client_addr: String,
+        transport: &'static str,
+        sink: FrameSink,
+    ) -> Result<Started, CoreError> {
+        let params = super::redirect::ticket_params(claims);
+        // The ticket's parameters came from a peer's checks under its own `[game]` limits:
+        // they must pass this gateway's too.
+        let clamp = PlayRequest {
+            protocol_version: nearpath_protocol::PROTOCOL_VERSION,
+            api_key: String::new(),
+            game: params.title.clone(),
+            width: params.width,
+            height: params.height,
+            fps: params.fps,
+            bitrate_kbps: params.bitrate_kbps,
+        };
+        let params = self
+            .session_params(&clamp)
+            .map_err(|e| CoreError::bad_request(e, None))?;
+        self.start_on(
+            key,
+            client,
+            client_addr,
+            transport,
+            params,
+            sink,
+            Some(claims.node_id.as_str()),
+        )
+        .await
+    }
+
+    /// A peer's node for the session and its ticket, if this gateway redirects games.
+    /// Admission (ledger, key caps) is the peer's to judge when it starts the session.
+    async fn find_remote(
+        &self,
+        key: &ApiKey,
+        client: &Location,
+        client_ip: Option<std::net::IpAddr>,
+        params: &GameParams,
+    ) -> Option<super::redirect::RedirectTo> {
+        let (f, ip) = (self.federation.as_ref()?, client_ip?);
+        f.find(
+            &self.placement,
+            client,
+            ip,
+            &key.id,
+            params,
+            self.clock.unix_ms(),
+        )
+        .await
+    }
+
+    /// Whether a node of this gateway could take the session now (routing only; nothing is
+    /// reserved).
+    fn has_local_candidate(&self, client: &Location, params: &GameParams) -> bool {
+        let (outcome, _) = self.directory.registry.route(
+            client_latlon(client),
+            Workload::Game(&params.title),
+            |n| self.placement.serve_check(client, n, WorkloadKind::Game),
+        );
+        outcome.failure().is_none()
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn start_on(
+        self: &Arc<Self>,
+        key: &ApiKey,
+        client: Location,
+        client_addr: String,
+        transport: &'static str,
+        params: GameParams,
+        sink: FrameSink,
+        only: Option<&str>,
+    ) -> Result<Started, CoreError> {
         let cap = match self.admit_start(key, transport).await {
             Ok(g) => g,
             Err(e) => {
@@ -320,7 +505,7 @@ impl GameService {
         };
         let session = self.sessions.ids.mint();
         let session_id = session.get();
-        let attached = match self.attach(&client, &params, session_id, &[]).await {
+        let attached = match self.attach(&client, &params, session_id, &[], only).await {
             Ok(a) => a,
             Err(no) => {
                 let e = match no {
@@ -335,6 +520,12 @@ impl GameService {
                     NoNode::Full => CoreError::no_capacity("every node serving this game is busy")
                         .with_retry_after_s(2),
                     NoNode::Failed(e) => CoreError::no_capacity(e).with_retry_after_s(2),
+                    // Retryable at the gateway that issued the ticket, which routes afresh.
+                    NoNode::TicketNode => CoreError::new(
+                        Kind::Unavailable,
+                        TICKET_NODE_UNAVAILABLE,
+                        "the node the ticket names is not attached to this gateway",
+                    ),
                 };
                 self.count_start(transport, &e.code);
                 return Err(e);
@@ -468,7 +659,9 @@ impl GameService {
                         // A change that lands while this attempt runs makes a failed one try
                         // again.
                         changes.borrow_and_update();
-                        let found = self.attach(&client, &params, session_id, &exclude).await;
+                        let found = self
+                            .attach(&client, &params, session_id, &exclude, None)
+                            .await;
                         rules.observe(totals());
                         match found {
                             Ok(a) => {
@@ -741,7 +934,7 @@ impl GameService {
         self: Arc<Self>,
         conn: quinn::Connection,
         mut ctl_tx: quinn::SendStream,
-        mut ctl_rx: FramedRecv,
+        ctl_rx: FramedRecv,
         req: PlayRequest,
     ) {
         let key: ApiKey = match self.authenticate(Some(&req.api_key)).await {
@@ -761,18 +954,31 @@ impl GameService {
             }
         };
         let client = self.locate(conn.remote_address().ip());
-        let started = match self
-            .start_session(
+        let placed = self
+            .place_session(
                 &key,
                 client,
+                Some(conn.remote_address().ip()),
                 conn.remote_address().to_string(),
                 "quic",
                 params,
                 FrameSink::Quic(conn.clone()),
             )
-            .await
-        {
-            Ok(s) => s,
+            .await;
+        let started = match placed {
+            Ok(Placed::Here(s)) => s,
+            Ok(Placed::Redirect(to)) => {
+                let msg = Message::Redirect(Redirect {
+                    gateway_id: to.gateway.id,
+                    quic_address: to.gateway.quic_address,
+                    cert_sha256: to.gateway.cert_sha256,
+                    http_url: to.gateway.http_url,
+                    ticket: to.ticket,
+                });
+                let _ = send(&mut ctl_tx, &msg).await;
+                let _ = ctl_tx.finish();
+                return;
+            }
             Err(e) => {
                 // Native players see the core's code as is (`unknown_game`, `no_capacity`, ...).
                 let msg = Message::Error(ErrorInfo {
@@ -785,6 +991,80 @@ impl GameService {
                 return;
             }
         };
+        self.run_play(conn, ctl_tx, ctl_rx, started).await
+    }
+
+    /// Serves a `PlayTicket` (a client a peer redirected here) on a native client's bidi
+    /// stream until the session ends. The API key is authenticated as for any session and must
+    /// be the one the ticket was issued to; the ticket must verify, be meant for this gateway
+    /// and this client address, be unexpired and unused.
+    pub async fn serve_ticket(
+        self: Arc<Self>,
+        conn: quinn::Connection,
+        mut ctl_tx: quinn::SendStream,
+        ctl_rx: FramedRecv,
+        req: PlayTicket,
+    ) {
+        let refuse = async |tx: &mut quinn::SendStream, e: CoreError| {
+            let msg = Message::Error(ErrorInfo {
+                code: e.code.to_string(),
+                message: e.message,
+                retryable: e.retryable,
+            });
+            let _ = send(tx, &msg).await;
+            let _ = tx.finish();
+        };
+        let key: ApiKey = match self.authenticate(Some(&req.api_key)).await {
+            Ok(k) => k,
+            Err(e) => {
+                let _ = send(&mut ctl_tx, &err("unauthorized", e.message)).await;
+                let _ = ctl_tx.finish();
+                return;
+            }
+        };
+        let Some(federation) = self.federation.clone() else {
+            let e = bad_ticket("this gateway is not in a federation");
+            return refuse(&mut ctl_tx, e).await;
+        };
+        let ip = conn.remote_address().ip();
+        let claims = match federation
+            .accept(&req.ticket, ip, &key.id, self.clock.unix_ms())
+            .await
+        {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(client = %conn.remote_address(), error = %e, "redirect ticket refused");
+                self.count_start("quic", BAD_TICKET);
+                return refuse(&mut ctl_tx, bad_ticket(e.to_string())).await;
+            }
+        };
+        info!(issuer = %claims.issuer, node = %claims.node_id, "redirect ticket accepted");
+        let client = self.locate(ip);
+        let started = match self
+            .start_ticketed(
+                &key,
+                &claims,
+                client,
+                conn.remote_address().to_string(),
+                "quic",
+                FrameSink::Quic(conn.clone()),
+            )
+            .await
+        {
+            Ok(s) => s,
+            Err(e) => return refuse(&mut ctl_tx, e).await,
+        };
+        self.run_play(conn, ctl_tx, ctl_rx, started).await
+    }
+
+    /// Answers `PlayStarted` and runs a native player's session until it ends.
+    async fn run_play(
+        self: Arc<Self>,
+        conn: quinn::Connection,
+        mut ctl_tx: quinn::SendStream,
+        mut ctl_rx: FramedRecv,
+        started: Started,
+    ) {
         let Started {
             session_id,
             params,

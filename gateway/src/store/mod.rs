@@ -795,6 +795,28 @@ pub fn check_holds(gateway_id: &str, holds: &[FleetHold]) -> Result<(), StoreErr
 }
 
 /// The gateway's durable state. Object safe: the gateway holds an `Arc<dyn Store>`.
+/// One live game session in the federation's sessions directory (table `game_session_dir`):
+/// what another gateway needs to resume it through itself when the session's gateway dies.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionDirEntry {
+    pub session_id: u64,
+    /// The API key the session runs under (`ApiKey::id`): a resume must authenticate as it.
+    pub key_id: String,
+    /// The node running the game, and the gateway relaying it now.
+    pub node_id: String,
+    pub gateway_id: String,
+    pub game: String,
+    pub width: u32,
+    pub height: u32,
+    pub fps: u32,
+    pub bitrate_kbps: u32,
+    /// SHA-256 (lowercase hex) of the session's resume token; the token itself only the
+    /// client holds.
+    pub resume_token_sha256: String,
+    pub updated_at_ms: u64,
+}
+
+
 ///
 /// All methods are synchronous and may block (see the module documentation): call them from
 /// `tokio::task::spawn_blocking` in async code. Lists are returned in a stable order: operators,
@@ -962,19 +984,25 @@ pub trait Store: Send + Sync + 'static {
     /// Removes a gateway's directory entry and its published nodes (orderly shutdown).
     fn gateway_leave(&self, gateway_id: &str) -> Result<(), StoreError> {
         let _ = gateway_id;
-        Err(StoreError::NotSupported { op: "gateway_leave" })
+        Err(StoreError::NotSupported {
+            op: "gateway_leave",
+        })
     }
     /// Every gateway in the directory, expired entries included (callers judge liveness from
     /// `expires_at_ms`), ordered by id.
     fn list_gateways(&self) -> Result<Vec<GatewayRecord>, StoreError> {
-        Err(StoreError::NotSupported { op: "list_gateways" })
+        Err(StoreError::NotSupported {
+            op: "list_gateways",
+        })
     }
     /// Replaces, in one transaction, the set of live nodes `gateway_id` holds with `nodes`
     /// (each entry's `gateway_id` must equal it). A node id published by two gateways (it moved)
     /// keeps the newer entry.
     fn publish_nodes(&self, gateway_id: &str, nodes: &[NodeDirEntry]) -> Result<(), StoreError> {
         let _ = (gateway_id, nodes);
-        Err(StoreError::NotSupported { op: "publish_nodes" })
+        Err(StoreError::NotSupported {
+            op: "publish_nodes",
+        })
     }
     /// The node directory: every published node, ordered by node id. Entries of gateways whose
     /// lease expired are included; callers filter with [`Store::list_gateways`].
@@ -1021,6 +1049,40 @@ pub trait Store: Send + Sync + 'static {
     fn prune_limits(&self, before_window_ms: u64, now_ms: u64) -> Result<u64, StoreError> {
         let _ = (before_window_ms, now_ms);
         Err(StoreError::NotSupported { op: "prune_limits" })
+    }
+    /// Inserts or replaces a session's entry in the sessions directory (keyed by
+    /// `session_id`).
+    fn put_session_dir(&self, entry: &SessionDirEntry) -> Result<(), StoreError> {
+        let _ = entry;
+        Err(StoreError::NotSupported {
+            op: "put_session_dir",
+        })
+    }
+    /// A session's directory entry, if it has one.
+    fn get_session_dir(&self, session_id: u64) -> Result<Option<SessionDirEntry>, StoreError> {
+        let _ = session_id;
+        Err(StoreError::NotSupported {
+            op: "get_session_dir",
+        })
+    }
+    /// Removes a session's directory entry (the session ended); removing a missing one is
+    /// not an error.
+    fn remove_session_dir(&self, session_id: u64) -> Result<(), StoreError> {
+        let _ = session_id;
+        Err(StoreError::NotSupported {
+            op: "remove_session_dir",
+        })
+    }
+
+    /// The federation's secret, the MAC key of redirect tickets (`ticket.rs`): the stored one,
+    /// or else `candidate` (at least 32 random bytes the caller drew), stored first. Get or
+    /// create in one statement, so gateways starting together all read the one that won; one
+    /// per store, so one per federation.
+    fn federation_secret(&self, candidate: &[u8]) -> Result<Vec<u8>, StoreError> {
+        let _ = candidate;
+        Err(StoreError::NotSupported {
+            op: "federation_secret",
+        })
     }
 }
 

@@ -22,6 +22,7 @@ use rusqlite::types::{FromSql, FromSqlError, FromSqlResult, ValueRef};
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Row, TransactionBehavior};
 
 use super::{check_holds, check_lease, FleetHold};
+use super::SessionDirEntry;
 use super::{
     check_id, check_measure, check_name, check_text, hash_secret, new_id, new_secret,
     secret_display_prefix, to_i64, ApiKey, ApiKeyUpdate, EnrolmentToken, GpuModelRecord, KeyCaps,
@@ -220,6 +221,32 @@ CREATE TABLE IF NOT EXISTS limit_holds (
     held           INTEGER NOT NULL,
     expires_at_ms  INTEGER NOT NULL,
     PRIMARY KEY (key_id, pool, gateway_id)
+) STRICT;
+"#,
+    // 6 (issue 13, redirects): the federation's secret, one row, the MAC key of redirect
+    // tickets.
+    r#"
+CREATE TABLE IF NOT EXISTS federation_secret (
+    id             INTEGER PRIMARY KEY CHECK (id = 1),
+    secret         BLOB NOT NULL,
+    created_at_ms  INTEGER NOT NULL
+) STRICT;
+"#,
+    // 7 (issue 13, session resume): the sessions directory (a session's id is a random u64,
+    // stored bit for bit as a signed integer).
+    r#"
+CREATE TABLE IF NOT EXISTS game_session_dir (
+    session_id           INTEGER PRIMARY KEY,
+    key_id               TEXT NOT NULL,
+    node_id              TEXT NOT NULL,
+    gateway_id           TEXT NOT NULL,
+    game                 TEXT NOT NULL,
+    width                INTEGER NOT NULL,
+    height               INTEGER NOT NULL,
+    fps                  INTEGER NOT NULL,
+    bitrate_kbps         INTEGER NOT NULL,
+    resume_token_sha256  TEXT NOT NULL,
+    updated_at_ms        INTEGER NOT NULL
 ) STRICT;
 "#,
 ];
@@ -1926,6 +1953,107 @@ impl Store for SqliteStore {
             )
             .op("prune limit holds")?;
         Ok((windows + holds) as u64)
+    }
+    fn federation_secret(&self, candidate: &[u8]) -> Result<Vec<u8>, StoreError> {
+        if candidate.len() < 32 {
+            return Err(StoreError::Invalid {
+                field: "candidate",
+                message: "a federation secret must be at least 32 bytes".into(),
+            });
+        }
+        if let Some(s) = self
+            .conn()
+            .query_row(
+                "SELECT secret FROM federation_secret WHERE id = 1",
+                [],
+                |r| r.get::<_, Vec<u8>>(0),
+            )
+            .optional()
+            .op("read federation secret")?
+        {
+            return Ok(s);
+        }
+        let now = to_i64("created_at_ms", crate::clock::system_unix_ms())?;
+        let conn = self.write_conn();
+        conn.execute(
+            "INSERT INTO federation_secret (id, secret, created_at_ms) VALUES (1, ?1, ?2) \
+             ON CONFLICT (id) DO NOTHING",
+            params![candidate, now],
+        )
+        .op("create federation secret")?;
+        conn.query_row(
+            "SELECT secret FROM federation_secret WHERE id = 1",
+            [],
+            |r| r.get::<_, Vec<u8>>(0),
+        )
+        .op("read federation secret")
+    }
+
+    fn put_session_dir(&self, e: &SessionDirEntry) -> Result<(), StoreError> {
+        self.write_conn()
+            .execute(
+                "INSERT INTO game_session_dir (session_id, key_id, node_id, gateway_id, game, \
+                 width, height, fps, bitrate_kbps, resume_token_sha256, updated_at_ms) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11) \
+                 ON CONFLICT (session_id) DO UPDATE SET key_id = excluded.key_id, \
+                 node_id = excluded.node_id, gateway_id = excluded.gateway_id, \
+                 game = excluded.game, width = excluded.width, height = excluded.height, \
+                 fps = excluded.fps, bitrate_kbps = excluded.bitrate_kbps, \
+                 resume_token_sha256 = excluded.resume_token_sha256, \
+                 updated_at_ms = excluded.updated_at_ms",
+                params![
+                    e.session_id as i64,
+                    e.key_id,
+                    e.node_id,
+                    e.gateway_id,
+                    e.game,
+                    e.width,
+                    e.height,
+                    e.fps,
+                    e.bitrate_kbps,
+                    e.resume_token_sha256,
+                    saturating_i64(e.updated_at_ms),
+                ],
+            )
+            .op("put session directory entry")?;
+        Ok(())
+    }
+
+    fn get_session_dir(&self, session_id: u64) -> Result<Option<SessionDirEntry>, StoreError> {
+        self.conn()
+            .query_row(
+                "SELECT session_id, key_id, node_id, gateway_id, game, width, height, fps, \
+                 bitrate_kbps, resume_token_sha256, updated_at_ms FROM game_session_dir \
+                 WHERE session_id = ?1",
+                [session_id as i64],
+                |r| {
+                    Ok(SessionDirEntry {
+                        session_id: r.get::<_, i64>(0)? as u64,
+                        key_id: r.get(1)?,
+                        node_id: r.get(2)?,
+                        gateway_id: r.get(3)?,
+                        game: r.get(4)?,
+                        width: r.get(5)?,
+                        height: r.get(6)?,
+                        fps: r.get(7)?,
+                        bitrate_kbps: r.get(8)?,
+                        resume_token_sha256: r.get(9)?,
+                        updated_at_ms: get_u64(r, 10)?,
+                    })
+                },
+            )
+            .optional()
+            .op("get session directory entry")
+    }
+
+    fn remove_session_dir(&self, session_id: u64) -> Result<(), StoreError> {
+        self.write_conn()
+            .execute(
+                "DELETE FROM game_session_dir WHERE session_id = ?1",
+                [session_id as i64],
+            )
+            .op("remove session directory entry")?;
+        Ok(())
     }
 }
 

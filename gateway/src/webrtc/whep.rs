@@ -9,7 +9,7 @@ use super::{
 };
 use crate::client_addr::{client_addr, ClientAddr};
 use crate::error::{CoreError, Kind};
-use crate::game::{ClientEvent, FrameSink, GameService};
+use crate::game::{ClientEvent, FrameSink, GameService, Placed};
 use crate::http_util::{bearer, read_body, Body, BodyError, Handler, Resp};
 use crate::sdp::is_mdns_candidate;
 use crate::store::ApiKey;
@@ -145,6 +145,10 @@ pub enum WhepError {
     /// The PATCH asks for an ICE restart, which this gateway does not do (422).
     #[error("ICE restarts are not supported; start a new session")]
     IceRestartUnsupported,
+    /// A redirect ticket this gateway does not honour: forged, expired, used, or issued for
+    /// another client, key, gateway or node (403, not retryable with the same ticket).
+    #[error("{message}")]
+    BadTicket { message: String },
     /// A fault of ours (the WebRTC stack failed), 500.
     #[error("{what}: {reason}")]
     Internal { what: &'static str, reason: String },
@@ -225,6 +229,13 @@ impl WhepError {
                 None,
                 self.to_string(),
             ),
+            WhepError::BadTicket { message } => ApiError::new(
+                403,
+                "permission_denied",
+                Some(crate::game::BAD_TICKET),
+                None,
+                message.clone(),
+            ),
             WhepError::Internal { .. } => ApiError::internal(self.to_string()),
         }
     }
@@ -243,6 +254,9 @@ impl WhepError {
     pub fn from_core(title: &str, e: CoreError) -> WhepError {
         match e.kind {
             Kind::Geofence => WhepError::Geofence { message: e.message },
+            Kind::Forbidden if e.code == crate::game::BAD_TICKET => {
+                WhepError::BadTicket { message: e.message }
+            }
             Kind::NotFound => WhepError::UnknownGame {
                 title: title.to_string(),
             },
@@ -518,7 +532,12 @@ async fn whep_post(
     let key = authenticate(w, &req).await?;
     content_type_is(req.headers(), SDP_CONTENT_TYPE)?;
     let play = play_request(title, req.uri().query())?;
-    let params = w
+    let req_query = req.uri().query().map(str::to_owned);
+    let manual_redirect = req
+        .headers()
+        .get(&NEARPATH_REDIRECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"manual"));
+    let mut params = w
         .games
         .session_params(&play)
         .map_err(|reason| WhepError::BadRequest {
@@ -535,18 +554,51 @@ async fn whep_post(
     // Route first: a refused client (geofence, no capacity) then costs no sockets. Frames that
     // arrive before the browser is connected are dropped, and a keyframe is asked for then.
     let (frames_tx, frames_rx) = mpsc::channel(FRAME_QUEUE);
-    let started = w
-        .games
-        .start_session(
-            &key,
-            location,
-            client.to_string(),
-            "webrtc",
-            params.clone(),
-            FrameSink::Channel(frames_tx),
-        )
-        .await
-        .map_err(|e| WhepError::from_core(title, e))?;
+    let sink = FrameSink::Channel(frames_tx);
+    let started = match query_ticket(req_query.as_deref()) {
+        // A peer redirected this client here: the ticket names the node and the parameters.
+        Some(ticket) => {
+            let f = w.games.federation().ok_or_else(|| WhepError::BadTicket {
+                message: "this gateway is not in a federation".into(),
+            })?;
+            let ip = client.ip().ok_or_else(|| WhepError::BadTicket {
+                message: "the client's address is unknown".into(),
+            })?;
+            let claims = f
+                .accept(&ticket, ip, &key.id, w.games.clock().unix_ms())
+                .await
+                .map_err(|e| WhepError::BadTicket {
+                    message: e.to_string(),
+                })?;
+            if claims.game != title {
+                return Err(WhepError::BadTicket {
+                    message: format!("the ticket is for {}, not {title}", claims.game),
+                });
+            }
+            params = crate::game::redirect::ticket_params(&claims);
+            w.games
+                .start_ticketed(&key, &claims, location, client.to_string(), "webrtc", sink)
+                .await
+                .map_err(|e| WhepError::from_core(title, e))?
+        }
+        None => match w
+            .games
+            .place_session(
+                &key,
+                location,
+                client.ip(),
+                client.to_string(),
+                "webrtc",
+                params.clone(),
+                sink,
+            )
+            .await
+            .map_err(|e| WhepError::from_core(title, e))?
+        {
+            Placed::Here(s) => s,
+            Placed::Redirect(to) => return Ok(redirect_response(&to, title, manual_redirect)),
+        },
+    };
     let negotiated = match negotiate(w.games.config(), &w.sessions.ports, &offer, &params, ip).await
     {
         Ok(n) => n,
@@ -609,6 +661,57 @@ async fn whep_post(
         }
     }
     Ok(r)
+}
+
+/// The request header with which a page asks for redirects it can follow itself (`/play`):
+/// a browser following a cross-origin 307 drops the `Authorization` header, so the page
+/// re-sends the offer with it to the `location` it is given.
+static NEARPATH_REDIRECT: HeaderName = HeaderName::from_static("nearpath-redirect");
+
+/// The `ticket` query parameter, if any (hex: nothing to unescape).
+fn query_ticket(query: Option<&str>) -> Option<String> {
+    query?
+        .split('&')
+        .filter_map(|p| p.split_once('='))
+        .find(|(k, _)| *k == "ticket")
+        .map(|(_, v)| v.to_string())
+}
+
+/// The answer that sends a WHEP client to the peer gateway holding the node: `307` with the
+/// peer's WHEP URL (the ticket in its query) in `Location`, which WHEP clients follow with the
+/// same method and body. With `Nearpath-Redirect: manual` the same URL comes as `200` JSON
+/// (`{"object":"redirect","location":..,"gateway_id":..}`) for a page to follow itself.
+fn redirect_response(to: &crate::game::redirect::RedirectTo, title: &str, manual: bool) -> Resp {
+    let url = format!(
+        "{}/v1/games/{}/whep?ticket={}",
+        to.gateway.http_url.trim_end_matches('/'),
+        title,
+        to.ticket
+    );
+    let (status, body) = if manual {
+        let json = serde_json::json!({
+            "object": "redirect",
+            "location": url,
+            "gateway_id": to.gateway.id,
+        });
+        (StatusCode::OK, json.to_string())
+    } else {
+        (StatusCode::TEMPORARY_REDIRECT, String::new())
+    };
+    let mut r = Response::new(Body::from_bytes(body));
+    *r.status_mut() = status;
+    let h = r.headers_mut();
+    if manual {
+        h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    }
+    if let Ok(v) = HeaderValue::from_str(&url) {
+        h.insert(hyper::header::LOCATION, v);
+    }
+    h.insert(
+        hyper::header::CACHE_CONTROL,
+        HeaderValue::from_static("no-store"),
+    );
+    r
 }
 
 /// The session `id` names, if it exists and belongs to the key's tenant.

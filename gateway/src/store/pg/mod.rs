@@ -54,6 +54,7 @@ use ::postgres::types::ToSql;
 use ::postgres::{GenericClient, NoTls, Row};
 
 mod limits;
+mod redirect;
 use r2d2_postgres::PostgresConnectionManager;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
@@ -193,6 +194,26 @@ CREATE TABLE IF NOT EXISTS ledger_probe (
     // 2 (issue 13, fleet-wide limits): the per-minute counters gateways lease slices of, and
     // each gateway's concurrency holds with their expiry.
     limits::MIGRATION,
+    // Issue 13, redirects (`redirect.rs`): the federation's secret, one row.
+    "CREATE TABLE IF NOT EXISTS federation_secret (
+        id             INTEGER PRIMARY KEY CHECK (id = 1),
+        secret         BYTEA NOT NULL,
+        created_at_ms  BIGINT NOT NULL
+    )",
+    // Issue 13, session resume (`redirect.rs`): the sessions directory.
+    "CREATE TABLE IF NOT EXISTS game_session_dir (
+        session_id           BIGINT PRIMARY KEY,
+        key_id               TEXT NOT NULL,
+        node_id              TEXT NOT NULL,
+        gateway_id           TEXT NOT NULL,
+        game                 TEXT NOT NULL,
+        width                BIGINT NOT NULL,
+        height               BIGINT NOT NULL,
+        fps                  BIGINT NOT NULL,
+        bitrate_kbps         BIGINT NOT NULL,
+        resume_token_sha256  TEXT NOT NULL,
+        updated_at_ms        BIGINT NOT NULL
+    )",
 ];
 
 /// The newest schema version this build knows.
@@ -1715,5 +1736,17 @@ impl Store for PgStore {
     }
     fn prune_limits(&self, before_window_ms: u64, now_ms: u64) -> Result<u64, StoreError> {
         self.pg_prune_limits(before_window_ms, now_ms)
+    }
+    fn federation_secret(&self, candidate: &[u8]) -> Result<Vec<u8>, StoreError> {
+        self.pg_federation_secret(candidate)
+    }
+    fn put_session_dir(&self, entry: &SessionDirEntry) -> Result<(), StoreError> {
+        self.pg_put_session_dir(entry)
+    }
+    fn get_session_dir(&self, session_id: u64) -> Result<Option<SessionDirEntry>, StoreError> {
+        self.pg_get_session_dir(session_id)
+    }
+    fn remove_session_dir(&self, session_id: u64) -> Result<(), StoreError> {
+        self.pg_remove_session_dir(session_id)
     }
 }

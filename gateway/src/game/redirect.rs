@@ -1,0 +1,415 @@
+//! Game sessions across the federation by redirect (`federation.game_route = "redirect"`).
+//!
+//! When no node of this gateway can take a game session, the node directory (published by
+//! every gateway into the shared store) may name a node attached to a peer. This gateway then
+//! evaluates the geofence once, with the client's address, against that node's published
+//! location and GPU classes, and answers with a redirect carrying a ticket
+//! ([`crate::ticket`]): the peer accepts the ticket instead of routing again and places the
+//! session on exactly that node. Tickets are MACed with the federation's secret, which every
+//! gateway reads from the store ([`crate::store::Store::federation_secret`]).
+//!
+//! The directory is read through [`FederationView`], so that tests can stand in for the store
+//! and the gateway directory.
+
+use crate::components::Placement;
+use crate::router::Deny;
+use crate::store::{GatewayRecord, NodeDirEntry, Store, StoreError};
+use crate::ticket::{Expect, ReplayGuard, TicketClaims, TicketError, TICKET_TTL_MS};
+use nearpath_config::CrossRoute;
+use nearpath_config::WorkloadKind;
+use nearpath_geo::{distance_km, Coords, Country, Decision, Location};
+use nearpath_protocol::message::GameParams;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex, RwLock};
+
+/// What the federation looks like from here: the gateway directory and the node directory.
+/// Blocking (it may read the store): call it from `spawn_blocking`.
+pub trait FederationView: Send + Sync + 'static {
+    /// Every gateway in the directory, expired ones included.
+    fn gateways(&self) -> Result<Vec<GatewayRecord>, StoreError>;
+    /// Every published node.
+    fn nodes(&self) -> Result<Vec<NodeDirEntry>, StoreError>;
+}
+
+/// The view over the shared store (the directories other gateways publish into).
+pub struct StoreView(pub Arc<dyn Store>);
+
+impl FederationView for StoreView {
+    fn gateways(&self) -> Result<Vec<GatewayRecord>, StoreError> {
+        self.0.list_gateways()
+    }
+    fn nodes(&self) -> Result<Vec<NodeDirEntry>, StoreError> {
+        self.0.list_node_directory()
+    }
+}
+
+/// Where a redirected client goes.
+#[derive(Debug, Clone)]
+pub struct RedirectTo {
+    /// The peer gateway.
+    pub gateway: GatewayRecord,
+    /// The node the ticket names.
+    pub node_id: String,
+    /// The sealed ticket.
+    pub ticket: String,
+}
+
+/// Why a ticket was not honoured.
+#[derive(Debug, thiserror::Error)]
+pub enum AcceptError {
+    #[error(transparent)]
+    Ticket(#[from] TicketError),
+    #[error("the federation secret cannot be read: {0}")]
+    Store(String),
+}
+
+/// This gateway as a member of a federation, for game sessions.
+pub struct GameFederation {
+    gateway_id: String,
+    route: CrossRoute,
+    store: Arc<dyn Store>,
+    view: RwLock<Arc<dyn FederationView>>,
+    secret: tokio::sync::OnceCell<Arc<[u8]>>,
+    replay: Mutex<ReplayGuard>,
+}
+
+impl GameFederation {
+    pub fn new(gateway_id: String, route: CrossRoute, store: Arc<dyn Store>) -> GameFederation {
+        GameFederation {
+            gateway_id,
+            route,
+            view: RwLock::new(Arc::new(StoreView(store.clone()))),
+            store,
+            secret: tokio::sync::OnceCell::new(),
+            replay: Mutex::new(ReplayGuard::default()),
+        }
+    }
+
+    /// Replaces where the directories are read from (tests).
+    pub fn set_view(&self, view: Arc<dyn FederationView>) {
+        *self.view.write().unwrap_or_else(|p| p.into_inner()) = view;
+    }
+
+    pub fn gateway_id(&self) -> &str {
+        &self.gateway_id
+    }
+
+    /// Whether game sessions for other gateways' nodes are redirected (else they are not
+    /// placed there at all: the game trunk is not built).
+    pub fn redirects_games(&self) -> bool {
+        self.route == CrossRoute::Redirect
+    }
+
+    /// The federation's secret, read (or created) once per process.
+    async fn secret(&self) -> Result<Arc<[u8]>, String> {
+        self.secret
+            .get_or_try_init(|| async {
+                let store = self.store.clone();
+                let candidate: [u8; 32] = rand::random();
+                let s = tokio::task::spawn_blocking(move || store.federation_secret(&candidate))
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| e.to_string())?;
+                if s.len() < 32 {
+                    return Err("the stored federation secret is shorter than 32 bytes".into());
+                }
+                Ok(Arc::from(s))
+            })
+            .await
+            .cloned()
+    }
+
+    /// Finds a peer's node for the session and mints its ticket; `None` when no peer has an
+    /// eligible node (or the directory cannot be read: the session then fails as it would
+    /// have without a federation).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn find(
+        &self,
+        placement: &Placement,
+        client: &Location,
+        client_ip: IpAddr,
+        key_id: &str,
+        params: &GameParams,
+        now_ms: u64,
+    ) -> Option<RedirectTo> {
+        if !self.redirects_games() {
+            return None;
+        }
+        let view = self.view.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let read = tokio::task::spawn_blocking(move || {
+            Ok::<_, StoreError>((view.gateways()?, view.nodes()?))
+        })
+        .await;
+        let (gateways, nodes) = match read {
+            Ok(Ok(v)) => v,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "cannot read the federation's directories");
+                return None;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "federation directory read failed");
+                return None;
+            }
+        };
+        let (node, gateway) = pick_remote(
+            &self.gateway_id,
+            &params.title,
+            client.coords,
+            &gateways,
+            &nodes,
+            now_ms,
+            |n| remote_serve_check(placement, client, n),
+        )?;
+        let secret = match self.secret().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "no federation secret: cannot redirect");
+                return None;
+            }
+        };
+        let claims = TicketClaims {
+            issuer: self.gateway_id.clone(),
+            target: gateway.id.clone(),
+            key_id: key_id.to_string(),
+            node_id: node.node_id.clone(),
+            client_ip,
+            game: params.title.clone(),
+            width: params.width,
+            height: params.height,
+            fps: params.fps,
+            bitrate_kbps: params.bitrate_kbps,
+            expires_at_ms: now_ms + TICKET_TTL_MS,
+            nonce: rand::random(),
+        };
+        Some(RedirectTo {
+            ticket: claims.seal(&secret),
+            node_id: node.node_id.clone(),
+            gateway: gateway.clone(),
+        })
+    }
+
+    /// Checks and consumes a ticket presented here; on success the session must be placed on
+    /// the node it names, with its parameters.
+    pub async fn accept(
+        &self,
+        ticket: &str,
+        client_ip: IpAddr,
+        key_id: &str,
+        now_ms: u64,
+    ) -> Result<TicketClaims, AcceptError> {
+        let secret = self.secret().await.map_err(AcceptError::Store)?;
+        let claims = TicketClaims::open(ticket, &secret)?;
+        Expect {
+            gateway_id: &self.gateway_id,
+            client_ip,
+            key_id,
+            now_ms,
+        }
+        .check(&claims)?;
+        self.replay
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .consume(now_ms, &claims)?;
+        Ok(claims)
+    }
+}
+
+/// The game parameters a ticket carries.
+pub fn ticket_params(c: &TicketClaims) -> GameParams {
+    GameParams {
+        title: c.game.clone(),
+        width: c.width,
+        height: c.height,
+        fps: c.fps,
+        bitrate_kbps: c.bitrate_kbps,
+    }
+}
+
+/// The geofence verdict for serving `client` from a node another gateway holds, from what that
+/// gateway published: its country and coordinates (GeoIP of the node's address there) and its
+/// GPU classes (every one must be allowed; a node without GPUs is `cpu`).
+pub fn remote_serve_check(
+    placement: &Placement,
+    client: &Location,
+    node: &NodeDirEntry,
+) -> Result<(), Deny> {
+    let mut loc = node
+        .country
+        .as_deref()
+        .and_then(Country::parse)
+        .map_or(Location::UNKNOWN, Location::from_country);
+    if let (Some(lat), Some(lon)) = (node.lat, node.lon) {
+        loc.coords = Some(Coords { lat, lon });
+    }
+    let cpu = ["cpu".to_string()];
+    let classes: &[String] = if node.gpu_classes.is_empty() {
+        &cpu
+    } else {
+        &node.gpu_classes
+    };
+    for class in classes {
+        let id = placement.policy.class_id(class);
+        if let Decision::Deny { rule, reason, .. } =
+            placement
+                .policy
+                .check_serve(client, &loc, id, WorkloadKind::Game)
+        {
+            return Err(Deny {
+                rule: rule.to_string(),
+                reason: reason.to_string(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The best node of another live gateway for `title`: published by a gateway other than
+/// `self_id` whose lease holds at `now_ms`, accepting, with a free game slot, serving the title
+/// and allowed by `allow` (the geofence); nearest to the client first (nodes without
+/// coordinates last), then by id, so the choice is deterministic.
+pub fn pick_remote<'a>(
+    self_id: &str,
+    title: &str,
+    client: Option<Coords>,
+    gateways: &'a [GatewayRecord],
+    nodes: &'a [NodeDirEntry],
+    now_ms: u64,
+    mut allow: impl FnMut(&NodeDirEntry) -> Result<(), Deny>,
+) -> Option<(&'a NodeDirEntry, &'a GatewayRecord)> {
+    let mut best: Option<(f64, &NodeDirEntry, &GatewayRecord)> = None;
+    for n in nodes {
+        if n.gateway_id == self_id
+            || !n.accepting
+            || n.game_free == 0
+            || !n.games.iter().any(|g| g == title)
+        {
+            continue;
+        }
+        let Some(gw) = gateways
+            .iter()
+            .find(|g| g.id == n.gateway_id && g.is_live(now_ms))
+        else {
+            continue;
+        };
+        if allow(n).is_err() {
+            continue;
+        }
+        let d = match (client, n.lat, n.lon) {
+            (Some(c), Some(lat), Some(lon)) => distance_km(c, Coords { lat, lon }),
+            _ => f64::INFINITY,
+        };
+        let better = match &best {
+            None => true,
+            Some((bd, bn, _)) => d < *bd || (d == *bd && n.node_id < bn.node_id),
+        };
+        if better {
+            best = Some((d, n, gw));
+        }
+    }
+    best.map(|(_, n, g)| (n, g))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: u64 = 1_000_000;
+
+    fn gw(id: &str, expires_at_ms: u64) -> GatewayRecord {
+        GatewayRecord {
+            id: id.into(),
+            region: "r".into(),
+            lat: 0.0,
+            lon: 0.0,
+            quic_address: "127.0.0.1:1".into(),
+            http_url: "http://127.0.0.1:2".into(),
+            cert_sha256: "00".repeat(32),
+            version: "0.1.0".into(),
+            started_at_ms: 0,
+            heartbeat_at_ms: 0,
+            expires_at_ms,
+        }
+    }
+
+    fn node(id: &str, gateway: &str, lat: f64) -> NodeDirEntry {
+        NodeDirEntry {
+            node_id: id.into(),
+            operator_id: "op".into(),
+            gateway_id: gateway.into(),
+            country: Some("DE".into()),
+            lat: Some(lat),
+            lon: Some(10.0),
+            gpu_classes: vec!["consumer".into()],
+            models: vec![],
+            games: vec!["arena".into()],
+            inference_slots: 0,
+            inference_free: 0,
+            game_slots: 2,
+            game_free: 1,
+            accepting: true,
+            verification: "unverified".into(),
+            updated_at_ms: NOW,
+        }
+    }
+
+    fn allow_all(_: &NodeDirEntry) -> Result<(), Deny> {
+        Ok(())
+    }
+
+    fn pick<'a>(gws: &'a [GatewayRecord], nodes: &'a [NodeDirEntry]) -> Option<&'a str> {
+        let client = Some(Coords {
+            lat: 50.0,
+            lon: 10.0,
+        });
+        pick_remote("a", "arena", client, gws, nodes, NOW, allow_all)
+            .map(|(n, _)| n.node_id.as_str())
+    }
+
+    #[test]
+    fn the_nearest_eligible_node_of_a_live_peer_is_picked() {
+        let gws = [gw("a", NOW + 1), gw("b", NOW + 1), gw("c", NOW + 1)];
+        let nodes = [
+            node("far", "b", 10.0),
+            node("near", "c", 49.0),
+            node("mine", "a", 50.0),
+        ];
+        assert_eq!(pick(&gws, &nodes), Some("near"));
+    }
+
+    #[test]
+    fn a_node_of_a_gateway_whose_lease_expired_is_not_picked() {
+        let gws = [gw("b", NOW)];
+        assert_eq!(pick(&gws, &[node("n", "b", 50.0)]), None);
+        // Nor one of a gateway that is not in the directory at all.
+        assert_eq!(pick(&[gw("c", NOW + 1)], &[node("n", "b", 50.0)]), None);
+    }
+
+    #[test]
+    fn full_draining_or_other_game_nodes_are_not_picked() {
+        let gws = [gw("b", NOW + 1)];
+        let mut full = node("full", "b", 50.0);
+        full.game_free = 0;
+        let mut draining = node("draining", "b", 50.0);
+        draining.accepting = false;
+        let mut other = node("other", "b", 50.0);
+        other.games = vec!["chess".into()];
+        assert_eq!(pick(&gws, &[full, draining, other]), None);
+    }
+
+    #[test]
+    fn a_node_the_geofence_denies_is_not_picked() {
+        let gws = [gw("b", NOW + 1)];
+        let nodes = [node("denied", "b", 50.0), node("allowed", "b", 10.0)];
+        let got = pick_remote("a", "arena", None, &gws, &nodes, NOW, |n| {
+            if n.node_id == "denied" {
+                Err(Deny {
+                    rule: "r".into(),
+                    reason: "no".into(),
+                })
+            } else {
+                Ok(())
+            }
+        });
+        assert_eq!(got.map(|(n, _)| n.node_id.as_str()), Some("allowed"));
+    }
+}
