@@ -4,6 +4,7 @@
 
 pub mod backoff;
 pub mod game;
+pub mod gateways;
 pub mod gpu;
 pub mod inference;
 pub mod node;
