@@ -291,6 +291,69 @@ impl Selector {
     }
 }
 
+/// At most this many gateways are taken from a bootstrap list (a federation is a handful of
+/// regions; a longer list is truncated, not probed).
+pub const MAX_BOOTSTRAP_GATEWAYS: usize = 64;
+/// A bootstrap answer longer than this is refused.
+pub const MAX_BOOTSTRAP_BYTES: usize = 256 * 1024;
+
+/// The QUIC addresses in a `GET /v1/gateways` answer (`{"data":[{"quic_address": "host:port",
+/// "cert_sha256": "<hex>", "live": true}, ...]}`), in list order, without duplicates. Entries
+/// that are not live, have no usable address, or (when `pins` is given) whose `cert_sha256` is
+/// not one of the pins are skipped: the list says where to connect, never whom to trust.
+pub fn parse_gateway_list(body: &[u8], pins: Option<&[[u8; 32]]>) -> Result<Vec<String>, String> {
+    if body.len() > MAX_BOOTSTRAP_BYTES {
+        return Err(format!(
+            "the gateway list is {} bytes; at most {MAX_BOOTSTRAP_BYTES}",
+            body.len()
+        ));
+    }
+    let v: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| format!("the gateway list is not JSON: {e}"))?;
+    let data = v
+        .get("data")
+        .and_then(|d| d.as_array())
+        .ok_or("the gateway list has no \"data\" array")?;
+    let mut out: Vec<String> = Vec::new();
+    for entry in data {
+        if out.len() == MAX_BOOTSTRAP_GATEWAYS {
+            break;
+        }
+        if entry.get("live").and_then(|l| l.as_bool()) == Some(false) {
+            continue;
+        }
+        let Some(address) = entry.get("quic_address").and_then(|a| a.as_str()) else {
+            continue;
+        };
+        if !is_host_port(address) || out.iter().any(|a| a == address) {
+            continue;
+        }
+        if let Some(pins) = pins {
+            let pinned = entry
+                .get("cert_sha256")
+                .and_then(|c| c.as_str())
+                .and_then(|c| nearpath_protocol::tls::parse_sha256_hex(c).ok())
+                .is_some_and(|sha| pins.contains(&sha));
+            if !pinned {
+                continue;
+            }
+        }
+        out.push(address.to_string());
+    }
+    Ok(out)
+}
+
+/// `host:port` with a non-empty host of at most 255 characters and a non-zero port.
+fn is_host_port(address: &str) -> bool {
+    let Some((host, port)) = address.rsplit_once(':') else {
+        return false;
+    };
+    let host_ok = !host.is_empty()
+        && host.len() <= 255
+        && !host.contains(|c: char| c.is_whitespace() || c.is_control() || c == '/');
+    host_ok && port.parse::<u16>().is_ok_and(|p| p != 0)
+}
+
 fn candidate(address: String) -> Candidate {
     Candidate {
         address,
@@ -497,5 +560,50 @@ mod tests {
         s.handle_connect_failed(t0, 99, false, 0.0);
         s.handle_lost(t0, 99, None, 0.0);
         assert_eq!(s.address(99), "");
+    }
+
+    #[test]
+    fn bootstrap_list_keeps_live_well_formed_pinned_entries_once() {
+        let pin = [7u8; 32];
+        let body = serde_json::json!({"object": "list", "data": [
+            {"id": "a", "quic_address": "127.0.0.1:4433", "cert_sha256": hex::encode(pin), "live": true},
+            {"id": "dup", "quic_address": "127.0.0.1:4433", "cert_sha256": hex::encode(pin), "live": true},
+            {"id": "dead", "quic_address": "127.0.0.2:4433", "cert_sha256": hex::encode(pin), "live": false},
+            {"id": "forged", "quic_address": "127.0.0.3:4433", "cert_sha256": hex::encode([8u8; 32]), "live": true},
+            {"id": "nopin", "quic_address": "127.0.0.4:4433", "live": true},
+            {"id": "badtype", "quic_address": 4433, "cert_sha256": hex::encode(pin)},
+            {"id": "noport", "quic_address": "gw.example", "cert_sha256": hex::encode(pin)},
+            {"id": "port0", "quic_address": "gw.example:0", "cert_sha256": hex::encode(pin)},
+            "not an object",
+            {"id": "b", "quic_address": "[::1]:4433", "cert_sha256": hex::encode(pin)}
+        ]});
+        let bytes = body.to_string().into_bytes();
+        assert_eq!(
+            parse_gateway_list(&bytes, Some(&[pin])).unwrap(),
+            ["127.0.0.1:4433", "[::1]:4433"]
+        );
+        // Trust through a CA: every live, well-formed entry is a candidate.
+        assert_eq!(
+            parse_gateway_list(&bytes, None).unwrap(),
+            ["127.0.0.1:4433", "127.0.0.3:4433", "127.0.0.4:4433", "[::1]:4433"]
+        );
+    }
+
+    #[test]
+    fn bootstrap_list_refuses_huge_or_malformed_answers_and_truncates_long_lists() {
+        assert!(parse_gateway_list(&vec![b' '; MAX_BOOTSTRAP_BYTES + 1], None)
+            .unwrap_err()
+            .contains("at most"));
+        assert!(parse_gateway_list(b"<html>", None).is_err());
+        assert!(parse_gateway_list(b"{\"data\": 5}", None).is_err());
+        assert!(parse_gateway_list(b"[]", None).is_err());
+        let long: Vec<serde_json::Value> = (0..1000)
+            .map(|i| serde_json::json!({"quic_address": format!("h{i}:1")}))
+            .collect();
+        let body = serde_json::json!({ "data": long }).to_string();
+        assert_eq!(
+            parse_gateway_list(body.as_bytes(), None).unwrap().len(),
+            MAX_BOOTSTRAP_GATEWAYS
+        );
     }
 }
