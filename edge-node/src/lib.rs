@@ -3,6 +3,7 @@
 //! opens (inference now; game streaming in `game`).
 
 pub mod backoff;
+pub mod bootstrap;
 pub mod game;
 pub mod gateways;
 pub mod gpu;

@@ -2,7 +2,8 @@
 //! session streams the gateway opens, reconnect with backoff, drain on shutdown.
 
 use crate::backoff::Backoff;
-use crate::gateways::{parse_gateway_list, Action, Selector, MAX_BOOTSTRAP_BYTES};
+use crate::bootstrap::fetch_gateway_list;
+use crate::gateways::{Action, Selector};
 use crate::gpu::GpuMonitor;
 use crate::sessions::{SessionContext, Sessions};
 use nearpath_config::NodeConfig;
@@ -85,8 +86,6 @@ pub struct EdgeNode {
     status: watch::Sender<NodeStatus>,
 }
 
-/// Bound on fetching the bootstrap gateway list.
-const BOOTSTRAP_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How the session with one gateway connection ended.
 enum ConnEnd {
@@ -247,6 +246,9 @@ impl EdgeNode {
                     continue;
                 }
                 Action::Probe => {
+                    let _ = self.status.send(NodeStatus::Connecting {
+                        attempt: selector.attempts(),
+                    });
                     let limit = selector
                         .attempt_timeout(now)
                         .unwrap_or(Duration::from_millis(gw.connect_timeout_ms));
@@ -450,15 +452,9 @@ impl EdgeNode {
     async fn fetch_gateway_list(&self) -> Result<Vec<String>, String> {
         let gw = &self.config.gateway;
         let url = gw.bootstrap_url.as_deref().unwrap_or_default();
-        let body = tokio::time::timeout(
-            BOOTSTRAP_TIMEOUT,
-            http_get(url, gw.bootstrap_api_key.as_deref()),
-        )
-        .await
-        .map_err(|_| format!("{url}: no answer within {BOOTSTRAP_TIMEOUT:?}"))??;
         let pins = gw.pins();
-        let pins = (gw.ca_file.is_none()).then_some(pins.as_slice());
-        parse_gateway_list(&body, pins)
+        let pins = gw.ca_file.is_none().then_some(pins.as_slice());
+        fetch_gateway_list(url, gw.bootstrap_api_key.as_deref(), pins).await
     }
 
     async fn serve_connection(
@@ -688,35 +684,6 @@ async fn futures_join_all<F: std::future::Future>(futures: impl IntoIterator<Ite
     out.into_iter().flatten().collect()
 }
 
-/// A plain-HTTP GET of `url` (`http://host[:port]/path`), with a bearer token when given;
-/// the body is bounded by [`MAX_BOOTSTRAP_BYTES`].
-async fn http_get(url: &str, bearer: Option<&str>) -> Result<Vec<u8>, String> {
-    use http_body_util::{BodyExt, Empty, Limited};
-    use hyper_util::client::legacy::{connect::HttpConnector, Client};
-    use hyper_util::rt::TokioExecutor;
-    let client: Client<HttpConnector, Empty<bytes::Bytes>> =
-        Client::builder(TokioExecutor::new()).build(HttpConnector::new());
-    let mut req = hyper::Request::get(url);
-    if let Some(key) = bearer {
-        req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {key}"));
-    }
-    let req = req
-        .body(Empty::new())
-        .map_err(|e| format!("{url}: {e}"))?;
-    let resp = client
-        .request(req)
-        .await
-        .map_err(|e| format!("{url}: {e}"))?;
-    let status = resp.status();
-    if !status.is_success() {
-        return Err(format!("{url}: HTTP {status}"));
-    }
-    let body = Limited::new(resp.into_body(), MAX_BOOTSTRAP_BYTES)
-        .collect()
-        .await
-        .map_err(|e| format!("{url}: reading the body: {e}"))?;
-    Ok(body.to_bytes().to_vec())
-}
 
 async fn resolve(address: &str) -> Result<SocketAddr, String> {
     if let Ok(a) = address.parse::<SocketAddr>() {

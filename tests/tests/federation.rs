@@ -1,0 +1,231 @@
+//! Nodes that move between the gateways of a federation: the node probes every gateway it
+//! knows, registers with the lowest round trip, and on losing it registers with the next
+//! within 2 s.
+
+mod common;
+
+use common::*;
+use nearpath_edge_node::NodeStatus;
+use nearpath_protocol::tls::sha256_hex;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+/// Two gateways sharing one SQLite store (operators, tokens and keys are the same on both).
+async fn two_gateways() -> (TestGateway, TestGateway, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("shared.db");
+    let a = TestGateway::start_at(path.clone(), |_| {}).await;
+    let b = TestGateway::start_at(path, |_| {}).await;
+    (a, b, dir)
+}
+
+/// A node config listing `addresses` (in this order), pinned to both gateways' certificates.
+fn federated_node(
+    a: &TestGateway,
+    b: &TestGateway,
+    id: &str,
+    addresses: [SocketAddr; 2],
+) -> nearpath_config::NodeConfig {
+    let mut cfg = a.node_config(id, &a.token);
+    cfg.gateway.address = String::new();
+    cfg.gateway.addresses = addresses.iter().map(|a| a.to_string()).collect();
+    cfg.gateway.pinned_cert_sha256 = None;
+    cfg.gateway.pinned_cert_sha256s = vec![sha256_hex(&a.sha), sha256_hex(&b.sha)];
+    cfg
+}
+
+/// The gateway address the node is registered with, once it is.
+async fn registered_at(node: &mut TestNode) -> String {
+    match node
+        .wait_status(|s| matches!(s, NodeStatus::Registered { .. }))
+        .await
+    {
+        NodeStatus::Registered { gateway, .. } => gateway,
+        _ => unreachable!(),
+    }
+}
+
+/// Waits (bounded by `limit`) until the node is registered with a gateway other than `old`;
+/// returns that gateway and how long it took from `since`.
+async fn moved_from(
+    node: &mut TestNode,
+    old: &str,
+    since: Instant,
+    limit: Duration,
+) -> (String, Duration) {
+    let status = tokio::time::timeout(
+        limit,
+        node.wait_status(|s| matches!(s, NodeStatus::Registered { gateway, .. } if gateway != old)),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("the node did not leave {old} within {limit:?}"));
+    match status {
+        NodeStatus::Registered { gateway, .. } => (gateway, since.elapsed()),
+        _ => unreachable!(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_registers_with_the_lowest_rtt_gateway() {
+    let (a, b, _dir) = two_gateways().await;
+    // A is 60 ms away (each way), B is direct: the node must pick B although A is listed first.
+    let slow = relay_from(&a, DE, 1).await;
+    slow.set_both(nearpath_tests::impair::Impairment::delay(60.0));
+    let cfg = federated_node(&a, &b, "n-rtt", [slow.addr(), b.addrs.quic]);
+    let mut node = TestNode::start(cfg, ip(DE));
+    assert_eq!(registered_at(&mut node).await, b.addrs.quic.to_string());
+    b.wait_nodes("n-rtt at B", Duration::from_secs(5), |ids| {
+        ids == ["n-rtt".to_string()]
+    })
+    .await;
+    assert!(a.node_ids().await.is_empty());
+    node.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_fails_over_to_the_next_gateway_within_2s_when_its_gateway_stops() {
+    let (a, b, _dir) = two_gateways().await;
+    let cfg = federated_node(&a, &b, "n-move", [a.addrs.quic, b.addrs.quic]);
+    let mut node = TestNode::start(cfg, ip(DE));
+    let first = registered_at(&mut node).await;
+    let (gone, stay) = if first == a.addrs.quic.to_string() {
+        (a, b)
+    } else {
+        (b, a)
+    };
+    let killed = Instant::now();
+    gone.stop().await;
+    let (now_at, took) = moved_from(&mut node, &first, killed, Duration::from_secs(5)).await;
+    assert_eq!(now_at, stay.addrs.quic.to_string());
+    assert!(
+        took < Duration::from_secs(2),
+        "re-registered after {took:?}"
+    );
+    stay.wait_nodes("the node at the surviving gateway", Duration::from_secs(2), |ids| {
+        ids == ["n-move".to_string()]
+    })
+    .await;
+    eprintln!("failover after a gateway shutdown: {} ms", took.as_millis());
+    node.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_fails_over_within_2s_of_noticing_that_its_gateway_went_silent() {
+    let (a, b, _dir) = two_gateways().await;
+    // Both paths go through relays, so either can be cut without a word (like kill -9 or a
+    // lost route: no close ever arrives).
+    let ra = relay_from(&a, DE, 2).await;
+    let rb = relay_from(&b, DE, 3).await;
+    let cfg = federated_node(&a, &b, "n-silent", [ra.addr(), rb.addr()]);
+    let mut node = TestNode::start(cfg, ip(DE));
+    let first = registered_at(&mut node).await;
+    let (cut, other) = if first == ra.addr().to_string() {
+        (&ra, &rb)
+    } else {
+        (&rb, &ra)
+    };
+    let cut_at = Instant::now();
+    cut.blackout_forever();
+    let (now_at, took) = moved_from(&mut node, &first, cut_at, Duration::from_secs(6)).await;
+    assert_eq!(now_at, other.addr().to_string());
+    // The node notices after its lease (3 heartbeats of 100 ms in the test config), then has
+    // 2 s to register elsewhere.
+    let lease = Duration::from_millis(300);
+    assert!(
+        took < lease + Duration::from_secs(2),
+        "re-registered {took:?} after the cut"
+    );
+    eprintln!("failover after a silent gateway: {} ms", took.as_millis());
+    node.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn all_gateways_down_backs_off_then_the_first_to_return_is_used() {
+    let (a, b, _dir) = two_gateways().await;
+    let ra = relay_from(&a, DE, 4).await;
+    let rb = relay_from(&b, DE, 5).await;
+    let mut cfg = federated_node(&a, &b, "n-back", [ra.addr(), rb.addr()]);
+    cfg.gateway.connect_timeout_ms = 300;
+    ra.blackout_forever();
+    rb.blackout_forever();
+    let mut node = TestNode::start(cfg, ip(DE));
+    // Nothing answers: the node keeps trying (no registration, no give-up).
+    node.wait_status(|s| matches!(s, NodeStatus::Connecting { attempt } if *attempt >= 1))
+        .await;
+    rb.restore();
+    let gateway = tokio::time::timeout(Duration::from_secs(8), registered_at(&mut node))
+        .await
+        .expect("registered once a gateway answered");
+    assert_eq!(gateway, rb.addr().to_string());
+    node.stop().await.unwrap();
+}
+
+/// Serves `body` as the answer to every HTTP request on a port-0 listener, recording each
+/// request's head (to check the bearer token).
+async fn serve_list(body: String) -> (SocketAddr, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let heads = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = heads.clone();
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            let body = body.clone();
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 8192];
+                let mut len = 0;
+                while !buf[..len].windows(4).any(|w| w == b"\r\n\r\n") && len < buf.len() {
+                    match sock.read(&mut buf[len..]).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => len += n,
+                    }
+                }
+                seen.lock()
+                    .unwrap()
+                    .push(String::from_utf8_lossy(&buf[..len]).into_owned());
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\
+                     connection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = sock.write_all(resp.as_bytes()).await;
+            });
+        }
+    });
+    (addr, heads)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bootstrap_list_is_used_and_entries_with_unpinned_certificates_are_ignored() {
+    let (a, b, _dir) = two_gateways().await;
+    // The list names A with a forged certificate digest and B with its own: a node pinning
+    // both gateways must ignore the forged entry (whoever serves the list cannot make the
+    // node trust anything) and register with B.
+    let forged = [0x55u8; 32];
+    let list = serde_json::json!({"object": "list", "data": [
+        {"id": "a", "region": "eu", "lat": 50.1, "lon": 8.7, "quic_address": "127.0.0.1:9",
+         "http_url": "http://127.0.0.1:9", "cert_sha256": sha256_hex(&forged), "live": true},
+        {"id": "b", "region": "eu", "lat": 50.1, "lon": 8.7, "quic_address": b.addrs.quic.to_string(),
+         "http_url": format!("http://{}", b.addrs.http), "cert_sha256": sha256_hex(&b.sha), "live": true},
+        {"id": "stale", "region": "eu", "lat": 0.0, "lon": 0.0, "quic_address": a.addrs.quic.to_string(),
+         "http_url": "http://127.0.0.1:9", "cert_sha256": sha256_hex(&a.sha), "live": false}
+    ]});
+    let (http, heads) = serve_list(list.to_string()).await;
+    let mut cfg = a.node_config("n-boot", &a.token);
+    cfg.gateway.address = String::new();
+    cfg.gateway.bootstrap_url = Some(format!("http://{http}/v1/gateways"));
+    cfg.gateway.bootstrap_api_key = Some(API_KEY.into());
+    cfg.gateway.pinned_cert_sha256 = None;
+    cfg.gateway.pinned_cert_sha256s = vec![sha256_hex(&a.sha), sha256_hex(&b.sha)];
+    cfg.validate_for_run().unwrap();
+    let mut node = TestNode::start(cfg, ip(DE));
+    assert_eq!(registered_at(&mut node).await, b.addrs.quic.to_string());
+    let head = heads.lock().unwrap()[0].to_ascii_lowercase();
+    assert!(head.starts_with("get /v1/gateways "), "{head}");
+    assert!(
+        head.contains(&format!("authorization: bearer {}", API_KEY.to_ascii_lowercase())),
+        "{head}"
+    );
+    node.stop().await.unwrap();
+}
