@@ -229,3 +229,40 @@ async fn bootstrap_list_is_used_and_entries_with_unpinned_certificates_are_ignor
     );
     node.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_picks_the_nearest_gateway_and_skips_a_dead_one() {
+    let (a, b, _dir) = two_gateways().await;
+    let slow = relay_from(&a, DE, 6).await;
+    slow.set_both(nearpath_tests::impair::Impairment::delay(60.0));
+    // A port nobody answers on: its handshake never completes and must not hold the pick up.
+    let dead = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let candidates = [
+        dead.local_addr().unwrap().to_string(),
+        slow.addr().to_string(),
+        b.addrs.quic.to_string(),
+    ];
+    let pins = nearpath_protocol::ServerVerify::PinnedAnySha256(vec![a.sha, b.sha]);
+    let started = Instant::now();
+    let (client, picked) =
+        nearpath_gateway_cli::pick::nearest(&candidates, Some("localhost"), pins.clone())
+            .await
+            .unwrap();
+    assert_eq!(picked, b.addrs.quic.to_string());
+    assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+    client.close().await;
+    // A gateway whose certificate is not pinned is never used, however near.
+    let only_a = nearpath_protocol::ServerVerify::PinnedSha256(a.sha);
+    let (client, picked) =
+        nearpath_gateway_cli::pick::nearest(&candidates, Some("localhost"), only_a)
+            .await
+            .unwrap();
+    assert_eq!(picked, slow.addr().to_string());
+    client.close().await;
+    // Nothing answering is an error naming each gateway, after the probe bound.
+    let err = nearpath_gateway_cli::pick::nearest(&candidates[..1], None, pins)
+        .await
+        .err()
+        .unwrap();
+    assert!(err.contains(&candidates[0]), "{err}");
+}

@@ -8,7 +8,6 @@ use nearpath_protocol::{
 };
 use std::collections::HashMap;
 use std::io::Write;
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 use std::time::Instant;
@@ -183,61 +182,24 @@ async fn connect(c: &Conn) -> anyhow::Result<Client> {
     nearest(c, &candidates, verify).await
 }
 
-/// Connects to every candidate at once and keeps the first to finish its handshake (the
-/// lowest round trip); the others are closed.
 async fn nearest(c: &Conn, candidates: &[String], verify: ServerVerify) -> anyhow::Result<Client> {
     let started = Instant::now();
-    let mut set = tokio::task::JoinSet::new();
-    for address in candidates {
-        let (c2, address, verify) = (c.clone(), address.clone(), verify.clone());
-        set.spawn(async move {
-            let result =
-                tokio::time::timeout(PROBE_TIMEOUT, connect_to(&c2, &address, verify)).await;
-            (address, result)
-        });
-    }
-    let mut failures = Vec::new();
-    while let Some(joined) = set.join_next().await {
-        let Ok((address, result)) = joined else {
-            continue;
-        };
-        match result {
-            Ok(Ok(client)) => {
-                eprintln!(
-                    "using gateway {address} (handshake {:.1} ms, nearest of {})",
-                    started.elapsed().as_secs_f64() * 1000.0,
-                    candidates.len()
-                );
-                // The slower handshakes are abandoned; their connections close on drop.
-                set.abort_all();
-                return Ok(client);
-            }
-            Ok(Err(e)) => failures.push(format!("{address}: {e:#}")),
-            Err(_) => failures.push(format!("{address}: no answer within {PROBE_TIMEOUT:?}")),
-        }
-    }
-    bail!("no gateway answered: {}", failures.join("; "))
+    let (client, address) =
+        nearpath_gateway_cli::pick::nearest(candidates, c.server_name.as_deref(), verify)
+            .await
+            .map_err(anyhow::Error::msg)?;
+    eprintln!(
+        "using gateway {address} (handshake {:.1} ms, nearest of {})",
+        started.elapsed().as_secs_f64() * 1000.0,
+        candidates.len()
+    );
+    Ok(client)
 }
 
-/// Bound on one gateway's handshake when several are probed.
-const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
-
 async fn connect_to(c: &Conn, gateway: &str, verify: ServerVerify) -> anyhow::Result<Client> {
-    let addr: SocketAddr = match gateway.parse() {
-        Ok(a) => a,
-        Err(_) => tokio::net::lookup_host(gateway)
-            .await
-            .with_context(|| format!("resolving {gateway}"))?
-            .next()
-            .with_context(|| format!("{gateway} has no addresses"))?,
-    };
-    let host = c.server_name.clone().unwrap_or_else(|| {
-        gateway
-            .rsplit_once(':')
-            .map(|(h, _)| h.trim_matches(['[', ']']).to_string())
-            .unwrap_or_else(|| gateway.to_string())
-    });
-    Ok(Client::connect(addr, &host, verify).await?)
+    nearpath_gateway_cli::pick::connect(gateway, c.server_name.as_deref(), verify)
+        .await
+        .map_err(anyhow::Error::msg)
 }
 
 async fn infer(conn: Conn, model: String, max_tokens: u32, prompt: String) -> anyhow::Result<()> {
