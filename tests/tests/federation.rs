@@ -266,3 +266,279 @@ async fn client_picks_the_nearest_gateway_and_skips_a_dead_one() {
         .unwrap();
     assert!(err.contains(&candidates[0]), "{err}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Gateways as separate processes, killed with SIGKILL.
+
+/// Set in a child process: the config file it runs as a gateway.
+const GATEWAY_PROCESS_ENV: &str = "NEARPATH_TEST_GATEWAY_CONFIG";
+
+/// Not a test: the body of a gateway process the federation tests start (this test binary run
+/// again with the config path in [`GATEWAY_PROCESS_ENV`]). It does what `gateway run --config`
+/// does (`nearpath_gateway_cli::cli`): load the file, log as configured, serve until killed.
+#[test]
+#[ignore = "the body of a gateway process started by the federation tests"]
+fn federation_gateway_process() {
+    let Ok(path) = std::env::var(GATEWAY_PROCESS_ENV) else {
+        return;
+    };
+    let cfg = nearpath_config::load_gateway_for_run(std::path::Path::new(&path))
+        .unwrap_or_else(|e| panic!("{e}"));
+    nearpath_gateway::init_tracing(&cfg.log);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        nearpath_gateway::Gateway::load(cfg)
+            .unwrap()
+            .run(tokio_util::sync::CancellationToken::new())
+            .await
+            .unwrap();
+    });
+}
+
+/// A gateway process: its addresses (read from its `gateway listening` log line) and pin.
+struct GatewayProcess {
+    child: std::process::Child,
+    quic: SocketAddr,
+    http: SocketAddr,
+    admin: SocketAddr,
+    sha: [u8; 32],
+}
+
+impl GatewayProcess {
+    /// Writes a config for a gateway on `ip` (ports 0) with its own certificate and the shared
+    /// store, starts it, and waits for its listening line.
+    fn start(dir: &std::path::Path, name: &str, ip: &str, store: &std::path::Path) -> GatewayProcess {
+        use std::io::BufRead;
+        let cert = nearpath_protocol::tls::self_signed(&["localhost".to_string(), ip.to_string()]).unwrap();
+        let cert_file = dir.join(format!("{name}-cert.pem"));
+        let key_file = dir.join(format!("{name}-key.pem"));
+        std::fs::write(&cert_file, &cert.cert_pem).unwrap();
+        std::fs::write(&key_file, &cert.key_pem).unwrap();
+        let mut cfg = test_config(store.to_path_buf());
+        let any: SocketAddr = format!("{ip}:0").parse().unwrap();
+        cfg.http.listen = any;
+        cfg.admin.listen = any;
+        cfg.quic.listen = any;
+        cfg.quic.cert_file = Some(cert_file);
+        cfg.quic.key_file = Some(key_file);
+        cfg.log.format = nearpath_config::LogFormat::Json;
+        cfg.log.level = "info".into();
+        let file = dir.join(format!("{name}.toml"));
+        std::fs::write(&file, toml::to_string(&cfg).unwrap()).unwrap();
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "federation_gateway_process",
+                "--exact",
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(GATEWAY_PROCESS_ENV, &file)
+            .env_remove("RUST_LOG")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .expect("starting a gateway process");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+                // The first log line shares its line with the harness's `test ... `.
+                let Some(start) = line.find('{') else {
+                    continue;
+                };
+                let Ok(v) = serde_json::from_str::<serde_json::Value>(&line[start..]) else {
+                    continue;
+                };
+                if v["fields"]["message"] == "gateway listening" {
+                    let f = &v["fields"];
+                    let addr = |k: &str| f[k].as_str().unwrap().parse::<SocketAddr>().unwrap();
+                    let _ = tx.send((addr("quic"), addr("http"), addr("admin")));
+                }
+            }
+        });
+        let Ok((quic, http, admin)) = rx.recv_timeout(Duration::from_secs(30)) else {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the gateway process did not report its addresses");
+        };
+        GatewayProcess {
+            child,
+            quic,
+            http,
+            admin,
+            sha: cert.sha256,
+        }
+    }
+
+    /// SIGKILL: no goodbye to nodes, clients or the store.
+    fn kill9(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    async fn admin_get(&self, http: &Http, path: &str) -> serde_json::Value {
+        let (status, body) = http
+            .get(&format!("http://{}{path}", self.admin), Some(ADMIN))
+            .await;
+        assert_eq!(status, 200, "GET {path}: {body}");
+        serde_json::from_str(&body).unwrap()
+    }
+
+    async fn node_ids(&self, http: &Http) -> Vec<String> {
+        let v = self.admin_get(http, "/admin/nodes").await;
+        let mut ids: Vec<String> = v["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n["id"].as_str().unwrap().to_string())
+            .collect();
+        ids.sort();
+        ids
+    }
+}
+
+impl Drop for GatewayProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Requests counted for `tenant` in a `/admin/usage` summary.
+fn tenant_requests(summary: &serde_json::Value, tenant: &str) -> u64 {
+    summary["by_tenant"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["key"] == tenant)
+        .map(|t| t["requests"].as_u64().unwrap())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_a_gateway_process_moves_its_nodes_within_3s_and_loses_no_acknowledged_usage() {
+    use nearpath_gateway::store::{KycStatus, SqliteStore, Store};
+    let dir = tempfile::tempdir().unwrap();
+    let store_path = dir.path().join("federation.db");
+    // The shared store, seeded before the gateways start: one operator, its token, one key.
+    let (token, _) = {
+        let store = SqliteStore::open(&store_path).unwrap();
+        let op = store.create_operator("op-fed", KycStatus::Verified).unwrap();
+        let (_, token) = store.create_enrolment_token(&op.id).unwrap();
+        store
+            .insert_api_key_secret(API_KEY, "tenant-fed", 100_000, 100_000_000)
+            .unwrap();
+        (token, op.id)
+    };
+    let names = ["a", "b", "c"];
+    let ips = ["127.0.0.21", "127.0.0.22", "127.0.0.23"];
+    let mut gws: Vec<GatewayProcess> = names
+        .iter()
+        .zip(ips)
+        .map(|(n, ip)| GatewayProcess::start(dir.path(), n, ip, &store_path))
+        .collect();
+    // Node k reaches gateway k directly and the others through a 30 ms relay, so it registers
+    // with gateway k and the test knows which nodes B holds.
+    let mut relays = Vec::new();
+    let mut nodes = Vec::new();
+    for k in 0..3 {
+        let mut addresses = Vec::new();
+        for (g, gw) in gws.iter().enumerate() {
+            if g == k {
+                addresses.push(gw.quic.to_string());
+            } else {
+                let relay = nearpath_tests::impair::UdpRelay::start(
+                    "127.0.0.1:0".parse().unwrap(),
+                    gw.quic,
+                    ip(DE),
+                    k as u64 * 10 + g as u64,
+                )
+                .await
+                .unwrap();
+                relay.set_both(nearpath_tests::impair::Impairment::delay(30.0));
+                addresses.push(relay.addr().to_string());
+                relays.push(relay);
+            }
+        }
+        let mut cfg = nearpath_config::NodeConfig::new(
+            nearpath_config::NodeIdentity {
+                id: format!("node-{}", names[k]),
+                enrolment_token: Some(token.clone()),
+            },
+            nearpath_config::NodeGatewayConfig::pinned("unused:1", "0".repeat(64)),
+        );
+        cfg.gateway.address = String::new();
+        cfg.gateway.addresses = addresses;
+        cfg.gateway.pinned_cert_sha256 = None;
+        cfg.gateway.pinned_cert_sha256s = gws.iter().map(|g| sha256_hex(&g.sha)).collect();
+        cfg.models = vec![nearpath_config::ModelConfig {
+            name: "m".into(),
+            max_concurrency: 8,
+            backend: nearpath_config::BackendConfig::Sim {
+                ttft_ms: 0,
+                tokens_per_s: 0.0,
+                seed: 1,
+            },
+            responses: Default::default(),
+            capabilities: None,
+        }];
+        cfg.validate_for_run().unwrap();
+        let mut node = TestNode::start(cfg, ip(DE));
+        assert_eq!(registered_at(&mut node).await, gws[k].quic.to_string());
+        nodes.push(node);
+    }
+    let http = Http::from(ip(FR_CLIENT));
+    assert_eq!(gws[1].node_ids(&http).await, ["node-b"]);
+
+    // Usage through B, acknowledged: B's admin API reads it back from the store.
+    for i in 0..5 {
+        let body = serde_json::json!({"model": "m", "max_tokens": 4,
+            "messages": [{"role": "user", "content": format!("hello {i}")}]});
+        let (status, text) = http
+            .post(
+                &format!("http://{}/v1/chat/completions", gws[1].http),
+                Some(API_KEY),
+                &body.to_string(),
+                &[],
+            )
+            .await;
+        assert_eq!(status, 200, "{text}");
+    }
+    let acknowledged = eventually("B to have committed its usage", Duration::from_secs(5), || {
+        let (gw, http) = (&gws[1], &http);
+        async move {
+            let n = tenant_requests(&gw.admin_get(http, "/admin/usage").await, "tenant-fed");
+            (n >= 5).then_some(n)
+        }
+    })
+    .await;
+
+    let killed = Instant::now();
+    gws[1].kill9();
+    let old = nodes[1]
+        .status
+        .borrow()
+        .clone();
+    let NodeStatus::Registered { gateway: old, .. } = old else {
+        panic!("node-b was not registered: {old:?}");
+    };
+    let (now_at, took) = moved_from(&mut nodes[1], &old, killed, Duration::from_secs(10)).await;
+    eprintln!("kill -9 of gateway B: node-b registered again after {} ms", took.as_millis());
+    assert!(
+        took < Duration::from_secs(3),
+        "node-b moved after {took:?} (at {now_at})"
+    );
+    let survivors = [&gws[0], &gws[2]];
+    let mut holders = 0;
+    for gw in survivors {
+        holders += gw.node_ids(&http).await.contains(&"node-b".to_string()) as usize;
+    }
+    assert_eq!(holders, 1, "node-b must be at exactly one of A and C");
+    // Everything B acknowledged is in the shared store, seen from a surviving gateway.
+    let after = tenant_requests(&gws[0].admin_get(&http, "/admin/usage").await, "tenant-fed");
+    assert!(after >= acknowledged, "{after} < {acknowledged}");
+    for node in nodes {
+        node.stop().await.unwrap();
+    }
+}
