@@ -307,14 +307,18 @@ struct GatewayProcess {
 impl GatewayProcess {
     /// Writes a config for a gateway on `ip` (ports 0) with its own certificate and the shared
     /// store, starts it, and waits for its listening line.
-    fn start(dir: &std::path::Path, name: &str, ip: &str, store: &std::path::Path) -> GatewayProcess {
+    fn start(dir: &std::path::Path, name: &str, ip: &str, store: &SharedStore) -> GatewayProcess {
         use std::io::BufRead;
         let cert = nearpath_protocol::tls::self_signed(&["localhost".to_string(), ip.to_string()]).unwrap();
         let cert_file = dir.join(format!("{name}-cert.pem"));
         let key_file = dir.join(format!("{name}-key.pem"));
         std::fs::write(&cert_file, &cert.cert_pem).unwrap();
         std::fs::write(&key_file, &cert.key_pem).unwrap();
-        let mut cfg = test_config(store.to_path_buf());
+        let mut cfg = test_config(dir.join("unused.db"));
+        match store {
+            SharedStore::Sqlite(path) => cfg.store.path = path.clone(),
+            SharedStore::Postgres(url) => cfg.store.url = Some(url.clone()),
+        }
         let any: SocketAddr = format!("{ip}:0").parse().unwrap();
         cfg.http.listen = any;
         cfg.admin.listen = any;
@@ -416,14 +420,40 @@ fn tenant_requests(summary: &serde_json::Value, tenant: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// The store the gateway processes share.
+enum SharedStore {
+    Sqlite(std::path::PathBuf),
+    Postgres(String),
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kill_9_of_a_gateway_process_moves_its_nodes_within_3s_and_loses_no_acknowledged_usage() {
-    use nearpath_gateway::store::{KycStatus, SqliteStore, Store};
+async fn kill_9_of_a_gateway_process_on_postgresql_moves_its_nodes_within_3s_and_loses_no_acknowledged_usage(
+) {
+    let Some(pg) = nearpath_tests::pg::PgServer::shared() else {
+        return;
+    };
+    let url = pg.new_database("federation_kill9");
+    kill_9_scenario(SharedStore::Postgres(url)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_a_gateway_process_on_sqlite_moves_its_nodes_within_3s_and_loses_no_acknowledged_usage(
+) {
     let dir = tempfile::tempdir().unwrap();
-    let store_path = dir.path().join("federation.db");
+    kill_9_scenario(SharedStore::Sqlite(dir.path().join("federation.db"))).await;
+}
+
+async fn kill_9_scenario(shared: SharedStore) {
+    use nearpath_gateway::store::{KycStatus, PgStore, SqliteStore, Store};
+    let dir = tempfile::tempdir().unwrap();
     // The shared store, seeded before the gateways start: one operator, its token, one key.
     let (token, _) = {
-        let store = SqliteStore::open(&store_path).unwrap();
+        let store: Box<dyn Store> = match &shared {
+            SharedStore::Sqlite(path) => Box::new(SqliteStore::open(path).unwrap()),
+            SharedStore::Postgres(url) => {
+                Box::new(PgStore::open(url, 2, Duration::from_secs(5)).unwrap())
+            }
+        };
         let op = store.create_operator("op-fed", KycStatus::Verified).unwrap();
         let (_, token) = store.create_enrolment_token(&op.id).unwrap();
         store
@@ -436,7 +466,7 @@ async fn kill_9_of_a_gateway_process_moves_its_nodes_within_3s_and_loses_no_ackn
     let mut gws: Vec<GatewayProcess> = names
         .iter()
         .zip(ips)
-        .map(|(n, ip)| GatewayProcess::start(dir.path(), n, ip, &store_path))
+        .map(|(n, ip)| GatewayProcess::start(dir.path(), n, ip, &shared))
         .collect();
     // Node k reaches gateway k directly and the others through a 30 ms relay, so it registers
     // with gateway k and the test knows which nodes B holds.
@@ -524,7 +554,14 @@ async fn kill_9_of_a_gateway_process_moves_its_nodes_within_3s_and_loses_no_ackn
         panic!("node-b was not registered: {old:?}");
     };
     let (now_at, took) = moved_from(&mut nodes[1], &old, killed, Duration::from_secs(10)).await;
-    eprintln!("kill -9 of gateway B: node-b registered again after {} ms", took.as_millis());
+    eprintln!(
+        "kill -9 of gateway B ({}): node-b registered again after {} ms",
+        match shared {
+            SharedStore::Sqlite(_) => "SQLite",
+            SharedStore::Postgres(_) => "PostgreSQL",
+        },
+        took.as_millis()
+    );
     assert!(
         took < Duration::from_secs(3),
         "node-b moved after {took:?} (at {now_at})"
