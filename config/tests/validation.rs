@@ -806,8 +806,10 @@ fn node_gateway_source_is_exactly_one_of_address_addresses_and_bootstrap_url() {
     let none = format!("[node]\nid = \"n\"\n[gateway]\npinned_cert_sha256 = \"{pin}\"\n");
     assert_eq!(
         node_raw(&none),
-        ["3: gateway.address: required: set one of gateway.address, gateway.addresses or \
-          gateway.bootstrap_url"]
+        [
+            "3: gateway.address: required: set one of gateway.address, gateway.addresses or \
+          gateway.bootstrap_url"
+        ]
     );
     let two = format!(
         "[node]\nid = \"n\"\n[gateway]\naddress = \"a:1\"\naddresses = [\"b:2\"]\n\
@@ -815,8 +817,10 @@ fn node_gateway_source_is_exactly_one_of_address_addresses_and_bootstrap_url() {
     );
     assert_eq!(
         node_raw(&two),
-        ["5: gateway.addresses: set exactly one of gateway.address, gateway.addresses and \
-          gateway.bootstrap_url"]
+        [
+            "5: gateway.addresses: set exactly one of gateway.address, gateway.addresses and \
+          gateway.bootstrap_url"
+        ]
     );
     let ok = format!(
         "[node]\nid = \"n\"\n[gateway]\naddresses = [\"a:1\", \"[::1]:2\"]\n\
@@ -869,8 +873,10 @@ fn node_gateway_trust_is_one_of_ca_pin_and_pin_list() {
     );
     assert_eq!(
         node_raw(&text),
-        ["6: gateway.pinned_cert_sha256s: set only one of gateway.ca_file, \
-          gateway.pinned_cert_sha256 and gateway.pinned_cert_sha256s"]
+        [
+            "6: gateway.pinned_cert_sha256s: set only one of gateway.ca_file, \
+          gateway.pinned_cert_sha256 and gateway.pinned_cert_sha256s"
+        ]
     );
 }
 
@@ -880,8 +886,14 @@ fn node_bootstrap_url_must_be_http_and_its_key_needs_it() {
     for (url, want) in [
         ("https://gw/v1/gateways", "must be an http:// URL"),
         ("ftp://gw/v1/gateways", "must be an http:// URL"),
-        ("http:///v1/gateways", "is not an http://host[:port]/path URL"),
-        ("http://gw/v1 gateways", "is not an http://host[:port]/path URL"),
+        (
+            "http:///v1/gateways",
+            "is not an http://host[:port]/path URL",
+        ),
+        (
+            "http://gw/v1 gateways",
+            "is not an http://host[:port]/path URL",
+        ),
     ] {
         let text = format!(
             "[node]\nid = \"n\"\n[gateway]\nbootstrap_url = \"{url}\"\n\
@@ -899,8 +911,10 @@ fn node_bootstrap_url_must_be_http_and_its_key_needs_it() {
     );
     assert_eq!(
         node_raw(&text),
-        ["5: gateway.bootstrap_api_key: is only used with gateway.bootstrap_url, which is not \
-          set"]
+        [
+            "5: gateway.bootstrap_api_key: is only used with gateway.bootstrap_url, which is not \
+          set"
+        ]
     );
     let text = format!(
         "[node]\nid = \"n\"\n[gateway]\nbootstrap_url = \"http://127.0.0.1:8080/v1/gateways\"\n\

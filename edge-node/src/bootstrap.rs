@@ -39,9 +39,7 @@ async fn http_get(url: &str, bearer: Option<&str>) -> Result<Vec<u8>, String> {
     if let Some(key) = bearer {
         req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {key}"));
     }
-    let req = req
-        .body(Empty::new())
-        .map_err(|e| format!("{url}: {e}"))?;
+    let req = req.body(Empty::new()).map_err(|e| format!("{url}: {e}"))?;
     let resp = client
         .request(req)
         .await

@@ -585,15 +585,22 @@ mod tests {
         // Trust through a CA: every live, well-formed entry is a candidate.
         assert_eq!(
             parse_gateway_list(&bytes, None).unwrap(),
-            ["127.0.0.1:4433", "127.0.0.3:4433", "127.0.0.4:4433", "[::1]:4433"]
+            [
+                "127.0.0.1:4433",
+                "127.0.0.3:4433",
+                "127.0.0.4:4433",
+                "[::1]:4433"
+            ]
         );
     }
 
     #[test]
     fn bootstrap_list_refuses_huge_or_malformed_answers_and_truncates_long_lists() {
-        assert!(parse_gateway_list(&vec![b' '; MAX_BOOTSTRAP_BYTES + 1], None)
-            .unwrap_err()
-            .contains("at most"));
+        assert!(
+            parse_gateway_list(&vec![b' '; MAX_BOOTSTRAP_BYTES + 1], None)
+                .unwrap_err()
+                .contains("at most")
+        );
         assert!(parse_gateway_list(b"<html>", None).is_err());
         assert!(parse_gateway_list(b"{\"data\": 5}", None).is_err());
         assert!(parse_gateway_list(b"[]", None).is_err());

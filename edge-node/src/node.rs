@@ -45,13 +45,18 @@ pub enum NodeError {
 /// What the node is doing now (for the demo's console, tests and logs).
 #[derive(Debug, Clone, PartialEq)]
 pub enum NodeStatus {
-    Connecting { attempt: u32 },
+    Connecting {
+        attempt: u32,
+    },
     /// Registered with the gateway at `gateway` (its configured or listed QUIC address).
     Registered {
         country: Option<String>,
         gateway: String,
     },
-    Rejected { code: RejectCode, reason: String },
+    Rejected {
+        code: RejectCode,
+        reason: String,
+    },
     Draining,
     Stopped,
 }
@@ -86,7 +91,6 @@ pub struct EdgeNode {
     status: watch::Sender<NodeStatus>,
 }
 
-
 /// How the session with one gateway connection ended.
 enum ConnEnd {
     /// Lost or closed by the gateway: reconnect.
@@ -104,7 +108,11 @@ impl EdgeNode {
             Some(v) => v,
             None => {
                 let g = &config.gateway;
-                match (&g.ca_file, &g.pinned_cert_sha256, g.pinned_cert_sha256s.is_empty()) {
+                match (
+                    &g.ca_file,
+                    &g.pinned_cert_sha256,
+                    g.pinned_cert_sha256s.is_empty(),
+                ) {
                     (Some(ca), None, true) => ServerVerify::CaFile(ca.clone()),
                     (None, Some(pin), true) => ServerVerify::PinnedSha256(parse_sha256_hex(pin)?),
                     (None, None, false) => ServerVerify::PinnedAnySha256(
@@ -113,16 +121,17 @@ impl EdgeNode {
                             .map(|pin| parse_sha256_hex(pin))
                             .collect::<Result<_, _>>()?,
                     ),
-                    _ => return Err(NodeError::Config(
-                        "exactly one of gateway.ca_file, gateway.pinned_cert_sha256 and \
+                    _ => {
+                        return Err(NodeError::Config(
+                            "exactly one of gateway.ca_file, gateway.pinned_cert_sha256 and \
                          gateway.pinned_cert_sha256s is required"
-                            .into(),
-                    )),
+                                .into(),
+                        ))
+                    }
                 }
             }
         };
-        if config.gateway.gateway_addresses().is_empty() && config.gateway.bootstrap_url.is_none()
-        {
+        if config.gateway.gateway_addresses().is_empty() && config.gateway.bootstrap_url.is_none() {
             return Err(NodeError::Config(
                 "gateway.address: required: set one of gateway.address, gateway.addresses or \
                  gateway.bootstrap_url"
@@ -257,8 +266,10 @@ impl EdgeNode {
                         r = self.probe(&addresses, &client_cfg, &mut endpoint, limit) => r,
                         _ = shutdown.cancelled() => break,
                     };
-                    let rtts: Vec<Option<Duration>> =
-                        results.iter().map(|r| r.as_ref().map(|(_, rtt)| *rtt)).collect();
+                    let rtts: Vec<Option<Duration>> = results
+                        .iter()
+                        .map(|r| r.as_ref().map(|(_, rtt)| *rtt))
+                        .collect();
                     info!(
                         rtts_ms = ?addresses.iter().zip(&rtts).map(|(a, r)| (a.as_str(), r.map(|d| d.as_millis() as u64))).collect::<Vec<_>>(),
                         "measured the round trip to each gateway"
@@ -281,10 +292,7 @@ impl EdgeNode {
             let limit = selector.attempt_timeout(now);
             let outcome = match reused {
                 Some(conn) => Ok(conn),
-                None => {
-                    self.dial(&address, &client_cfg, &mut endpoint, limit)
-                        .await
-                }
+                None => self.dial(&address, &client_cfg, &mut endpoint, limit).await,
             };
             let conn = match outcome {
                 Ok(c) => c,
@@ -311,12 +319,22 @@ impl EdgeNode {
                 Ok(ConnEnd::Drained) => break,
                 Ok(ConnEnd::Silent(why, rtt)) => {
                     warn!(gateway = %address, reason = %why, "the gateway went silent; reconnecting");
-                    selector.handle_lost(std::time::Instant::now(), index, Some(rtt), rand::random());
+                    selector.handle_lost(
+                        std::time::Instant::now(),
+                        index,
+                        Some(rtt),
+                        rand::random(),
+                    );
                 }
                 Ok(ConnEnd::Reconnect(why)) => {
                     warn!(gateway = %address, reason = %why, "disconnected from the gateway");
                     if selector.current() == Some(index) {
-                        selector.handle_lost(std::time::Instant::now(), index, None, rand::random());
+                        selector.handle_lost(
+                            std::time::Instant::now(),
+                            index,
+                            None,
+                            rand::random(),
+                        );
                     } else {
                         selector.handle_connect_failed(
                             std::time::Instant::now(),
@@ -658,7 +676,9 @@ impl EdgeNode {
 const FAST_TIMEOUT: &str = "attempt timed out";
 
 /// Runs the futures concurrently and returns their outputs in order.
-async fn futures_join_all<F: std::future::Future>(futures: impl IntoIterator<Item = F>) -> Vec<F::Output> {
+async fn futures_join_all<F: std::future::Future>(
+    futures: impl IntoIterator<Item = F>,
+) -> Vec<F::Output> {
     let mut set = Vec::new();
     for f in futures {
         set.push(Box::pin(f));
@@ -683,7 +703,6 @@ async fn futures_join_all<F: std::future::Future>(futures: impl IntoIterator<Ite
     .await;
     out.into_iter().flatten().collect()
 }
-
 
 async fn resolve(address: &str) -> Result<SocketAddr, String> {
     if let Ok(a) = address.parse::<SocketAddr>() {

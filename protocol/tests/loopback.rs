@@ -809,7 +809,10 @@ async fn pin_set_accepts_any_listed_certificate_and_nothing_else() {
             ALPN_NODE,
         );
         let (server_conn, client) = tokio::join!(accepting, dialing);
-        assert!(client.is_ok() && server_conn.is_some(), "a listed pin must connect");
+        assert!(
+            client.is_ok() && server_conn.is_some(),
+            "a listed pin must connect"
+        );
 
         // Neither a list without the server's pin nor an empty list trusts it.
         for pins in [vec![other], Vec::new()] {

@@ -101,9 +101,11 @@ async fn node_fails_over_to_the_next_gateway_within_2s_when_its_gateway_stops() 
         took < Duration::from_secs(2),
         "re-registered after {took:?}"
     );
-    stay.wait_nodes("the node at the surviving gateway", Duration::from_secs(2), |ids| {
-        ids == ["n-move".to_string()]
-    })
+    stay.wait_nodes(
+        "the node at the surviving gateway",
+        Duration::from_secs(2),
+        |ids| ids == ["n-move".to_string()],
+    )
     .await;
     eprintln!("failover after a gateway shutdown: {} ms", took.as_millis());
     node.stop().await.unwrap();
@@ -224,7 +226,10 @@ async fn bootstrap_list_is_used_and_entries_with_unpinned_certificates_are_ignor
     let head = heads.lock().unwrap()[0].to_ascii_lowercase();
     assert!(head.starts_with("get /v1/gateways "), "{head}");
     assert!(
-        head.contains(&format!("authorization: bearer {}", API_KEY.to_ascii_lowercase())),
+        head.contains(&format!(
+            "authorization: bearer {}",
+            API_KEY.to_ascii_lowercase()
+        )),
         "{head}"
     );
     node.stop().await.unwrap();
@@ -249,7 +254,11 @@ async fn client_picks_the_nearest_gateway_and_skips_a_dead_one() {
             .await
             .unwrap();
     assert_eq!(picked, b.addrs.quic.to_string());
-    assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
     client.close().await;
     // A gateway whose certificate is not pinned is never used, however near.
     let only_a = nearpath_protocol::ServerVerify::PinnedSha256(a.sha);
@@ -309,7 +318,8 @@ impl GatewayProcess {
     /// store, starts it, and waits for its listening line.
     fn start(dir: &std::path::Path, name: &str, ip: &str, store: &SharedStore) -> GatewayProcess {
         use std::io::BufRead;
-        let cert = nearpath_protocol::tls::self_signed(&["localhost".to_string(), ip.to_string()]).unwrap();
+        let cert = nearpath_protocol::tls::self_signed(&["localhost".to_string(), ip.to_string()])
+            .unwrap();
         let cert_file = dir.join(format!("{name}-cert.pem"));
         let key_file = dir.join(format!("{name}-key.pem"));
         std::fs::write(&cert_file, &cert.cert_pem).unwrap();
@@ -346,7 +356,10 @@ impl GatewayProcess {
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
                 // The first log line shares its line with the harness's `test ... `.
                 let Some(start) = line.find('{') else {
                     continue;
@@ -454,7 +467,9 @@ async fn kill_9_scenario(shared: SharedStore) {
                 Box::new(PgStore::open(url, 2, Duration::from_secs(5)).unwrap())
             }
         };
-        let op = store.create_operator("op-fed", KycStatus::Verified).unwrap();
+        let op = store
+            .create_operator("op-fed", KycStatus::Verified)
+            .unwrap();
         let (_, token) = store.create_enrolment_token(&op.id).unwrap();
         store
             .insert_api_key_secret(API_KEY, "tenant-fed", 100_000, 100_000_000)
@@ -535,21 +550,22 @@ async fn kill_9_scenario(shared: SharedStore) {
             .await;
         assert_eq!(status, 200, "{text}");
     }
-    let acknowledged = eventually("B to have committed its usage", Duration::from_secs(5), || {
-        let (gw, http) = (&gws[1], &http);
-        async move {
-            let n = tenant_requests(&gw.admin_get(http, "/admin/usage").await, "tenant-fed");
-            (n >= 5).then_some(n)
-        }
-    })
+    let acknowledged = eventually(
+        "B to have committed its usage",
+        Duration::from_secs(5),
+        || {
+            let (gw, http) = (&gws[1], &http);
+            async move {
+                let n = tenant_requests(&gw.admin_get(http, "/admin/usage").await, "tenant-fed");
+                (n >= 5).then_some(n)
+            }
+        },
+    )
     .await;
 
     let killed = Instant::now();
     gws[1].kill9();
-    let old = nodes[1]
-        .status
-        .borrow()
-        .clone();
+    let old = nodes[1].status.borrow().clone();
     let NodeStatus::Registered { gateway: old, .. } = old else {
         panic!("node-b was not registered: {old:?}");
     };

@@ -166,10 +166,9 @@ async fn connect(c: &Conn) -> anyhow::Result<Client> {
             _ => Vec::new(),
         };
         let pins = (!pins.is_empty()).then_some(pins.as_slice());
-        let list =
-            nearpath_edge_node::bootstrap::fetch_gateway_list(url, Some(&c.key), pins)
-                .await
-                .map_err(|e| anyhow::anyhow!("discovering gateways: {e}"))?;
+        let list = nearpath_edge_node::bootstrap::fetch_gateway_list(url, Some(&c.key), pins)
+            .await
+            .map_err(|e| anyhow::anyhow!("discovering gateways: {e}"))?;
         if list.is_empty() {
             bail!("{url} lists no live gateway (that the given pins trust)");
         }
