@@ -48,6 +48,9 @@ enum Command {
     InferenceQueue(bench::queue::QueueArgs),
     /// Many nodes registering at once: admission time and gateway memory per idle node.
     NodesRegister(bench::register::RegisterArgs),
+    /// Many nodes registering at once across three gateways sharing one PostgreSQL (started
+    /// by the harness): time to all registered and store load from pg_stat_database.
+    NodesFederation(bench::federation::FederationArgs),
     /// Diagnostic: heap per idle QUIC connection by the stream limits the server grants.
     QuicIdleMemory(bench::quicmem::QuicMemArgs),
     /// Game frames node -> client through the gateway and direct, same frames at the same time.
@@ -212,6 +215,10 @@ fn real_main() -> anyhow::Result<()> {
             init_logging();
             runtime(1)?.block_on(bench::impaired::run_impair(a))
         }
+        Command::NodesFederation(a) => {
+            init_logging();
+            runtime(2)?.block_on(bench::federation::run(a))
+        }
         command => {
             let unpinned = bench::system::Placement {
                 gateway_cpus: String::new(),
@@ -236,6 +243,7 @@ fn real_main() -> anyhow::Result<()> {
                 Command::ServeGateway { .. }
                 | Command::ServeNodes { .. }
                 | Command::GameImpaired(_)
+                | Command::NodesFederation(_)
                 | Command::Impair(_) => {
                     anyhow::bail!("these commands are handled above")
                 }
@@ -264,6 +272,7 @@ fn real_main() -> anyhow::Result<()> {
                 Command::ServeGateway { .. }
                 | Command::ServeNodes { .. }
                 | Command::GameImpaired(_)
+                | Command::NodesFederation(_)
                 | Command::Impair(_) => {
                     anyhow::bail!("these commands are handled above")
                 }
