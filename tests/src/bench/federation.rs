@@ -3,11 +3,11 @@
 //! are registered, and the load on the store (transactions and rows per second, from
 //! `pg_stat_database`) during the burst.
 
-use nearpath_tests::fake_node::{FakeNode, Registration};
 use anyhow::Context;
 use nearpath_gateway::store::{KycStatus, PgStore, Store};
 use nearpath_gateway::{Gateway, Listeners};
 use nearpath_protocol::tls::ServerVerify;
+use nearpath_tests::fake_node::{FakeNode, Registration};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -42,12 +42,18 @@ fn pg_counters(url: &str, db: &str) -> anyhow::Result<[i64; 4]> {
 }
 
 pub async fn run(a: FederationArgs) -> anyhow::Result<()> {
-    let pg = nearpath_tests::pg::PgServer::try_start().map_err(|e| anyhow::anyhow!("{e}"))?;
-    let url = pg.new_database("bench_federation");
+    // The synchronous PostgreSQL client must not block a runtime thread that drives tasks.
+    fn sync<R>(f: impl FnOnce() -> R) -> R {
+        tokio::task::block_in_place(f)
+    }
+    let pg = sync(nearpath_tests::pg::PgServer::try_start).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let url = sync(|| pg.new_database("bench_federation"));
     let db = url.rsplit('/').next().unwrap_or_default().to_string();
-    let seed = PgStore::open(&url, 2, Duration::from_secs(5)).context("opening the store")?;
-    let op = seed.create_operator("op-bench", KycStatus::Verified)?;
-    let (_, token) = seed.create_enrolment_token(&op.id)?;
+    let token = sync(|| -> anyhow::Result<String> {
+        let seed = PgStore::open(&url, 2, Duration::from_secs(5)).context("opening the store")?;
+        let op = seed.create_operator("op-bench", KycStatus::Verified)?;
+        Ok(seed.create_enrolment_token(&op.id)?.1)
+    })?;
     let mut gateways = Vec::new();
     let shutdown = CancellationToken::new();
     for g in 0..a.gateways.max(1) {
@@ -61,11 +67,9 @@ pub async fn run(a: FederationArgs) -> anyhow::Result<()> {
         cfg.quic.handshake_burst_per_ip = 1_000_000;
         cfg.quic.max_unauthenticated_per_ip = 1_000_000;
         cfg.quic.retry_above_handshakes = 1_000_000;
-        let store: Arc<dyn Store> = Arc::new(PgStore::open(
-            &url,
-            a.pool_size,
-            Duration::from_secs(5),
-        )?);
+        let store: Arc<dyn Store> = Arc::new(sync(|| {
+            PgStore::open(&url, a.pool_size, Duration::from_secs(5))
+        })?);
         let cert = nearpath_gateway::tls::self_signed(&["localhost"])?;
         let sha = cert.sha256;
         let gw = Gateway::with_parts(cfg, cert, store)?;
@@ -74,7 +78,7 @@ pub async fn run(a: FederationArgs) -> anyhow::Result<()> {
         let (addrs, _task) = gw.start(Listeners::bind(any, any, any).await?, shutdown.clone())?;
         gateways.push((addrs.quic, sha));
     }
-    let before = pg_counters(&url, &db)?;
+    let before = sync(|| pg_counters(&url, &db))?;
     let t0 = Instant::now();
     let registered = Arc::new(AtomicU32::new(0));
     let mut tasks = tokio::task::JoinSet::new();
@@ -115,7 +119,7 @@ pub async fn run(a: FederationArgs) -> anyhow::Result<()> {
         }
     }
     let took = t0.elapsed();
-    let after = pg_counters(&url, &db)?;
+    let after = sync(|| pg_counters(&url, &db))?;
     let secs = took.as_secs_f64().max(1e-9);
     let d = |i: usize| (after[i] - before[i]) as f64;
     println!(
