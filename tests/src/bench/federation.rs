@@ -142,6 +142,22 @@ pub async fn run(a: FederationArgs) -> anyhow::Result<()> {
     if !errors.is_empty() {
         println!("first errors: {errors:?}");
     }
+    // The machine-readable summary, last (as every bench prints one).
+    println!(
+        "{}",
+        serde_json::json!({
+            "bench": "nodes-federation",
+            "nodes": a.nodes,
+            "gateways": gateways.len(),
+            "registered": registered.load(Ordering::Relaxed),
+            "all_registered_ms": took.as_secs_f64() * 1000.0,
+            "store_commits": d(0),
+            "store_commits_per_s": d(0) / secs,
+            "store_rollbacks": d(1),
+            "store_rows_written": d(2),
+            "store_rows_read": d(3),
+        })
+    );
     drop(nodes);
     shutdown.cancel();
     Ok(())
