@@ -356,10 +356,14 @@ fn wait_ready(port: u16, watchdog: &mut Child) -> Result<(), String> {
             Ok(()) => return Ok(()),
             Err(e) => {
                 if let Ok(Some(status)) = watchdog.try_wait() {
-                    return Err(format!("postgres exited before accepting connections ({status})"));
+                    return Err(format!(
+                        "postgres exited before accepting connections ({status})"
+                    ));
                 }
                 if Instant::now() >= deadline {
-                    return Err(format!("not accepting connections after {READY_TIMEOUT:?}: {e}"));
+                    return Err(format!(
+                        "not accepting connections after {READY_TIMEOUT:?}: {e}"
+                    ));
                 }
             }
         }
@@ -401,7 +405,9 @@ mod tests {
         let url = a.clone();
         std::thread::spawn(move || {
             let mut client = postgres::Client::connect(&url, postgres::NoTls).unwrap();
-            client.batch_execute("CREATE TABLE only_in_a (x INT)").unwrap();
+            client
+                .batch_execute("CREATE TABLE only_in_a (x INT)")
+                .unwrap();
         })
         .join()
         .unwrap();

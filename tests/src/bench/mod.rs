@@ -19,3 +19,4 @@ pub mod sse;
 pub mod stats;
 pub mod streams;
 pub mod system;
+pub mod trunk;
