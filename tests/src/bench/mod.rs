@@ -7,6 +7,7 @@ pub mod client;
 pub mod federation;
 pub mod impaired;
 pub mod latency;
+pub mod limits;
 pub mod os;
 pub mod queue;
 pub mod quicmem;
