@@ -87,22 +87,55 @@ impl fmt::Debug for NodeIdentity {
 }
 
 /// `[gateway]` in the node configuration.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+///
+/// Where to connect is exactly one of `address` (one gateway), `addresses` (a federation: the
+/// node probes them all and connects to the lowest round trip) and `bootstrap_url` (a URL
+/// serving the `/v1/gateways` list). How to trust them is exactly one of `ca_file`,
+/// `pinned_cert_sha256` and `pinned_cert_sha256s`.
+#[derive(Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct NodeGatewayConfig {
-    /// The gateway's QUIC address, `host:port` (`[::1]:4433` for IPv6). Required.
+    /// The gateway's QUIC address, `host:port` (`[::1]:4433` for IPv6). Default: empty (not
+    /// set); exactly one of `address`, `addresses` and `bootstrap_url` is required.
+    #[serde(default)]
     pub address: String,
-    /// TLS server name to verify. Default: the host part of `address`.
+    /// Several gateways' QUIC addresses (a federation). The node measures the handshake round
+    /// trip to each, connects to the fastest and, on losing it, to the next one at once.
+    /// Default: empty.
+    #[serde(default)]
+    pub addresses: Vec<String>,
+    /// An `http://` URL answering with the `GET /v1/gateways` JSON (`{"data":[{"quic_address",
+    /// "cert_sha256", ...}]}`), fetched at start and whenever every known gateway failed. The
+    /// list only says where to connect: a gateway is trusted through `ca_file` or the pins, and
+    /// with pins an entry whose `cert_sha256` is not pinned is ignored, so whoever controls the
+    /// URL can at worst make the node fail to connect, never make it trust a gateway.
+    /// Default: none.
+    #[serde(default)]
+    pub bootstrap_url: Option<String>,
+    /// Bearer token sent with the `bootstrap_url` request (the `/v1/gateways` API needs an API
+    /// key). Default: none.
+    #[serde(default)]
+    pub bootstrap_api_key: Option<String>,
+    /// TLS server name to verify. Default: the host part of each gateway's address.
     #[serde(default)]
     pub server_name: Option<String>,
-    /// PEM CA certificate(s) the gateway's certificate must chain to. Exactly one of `ca_file`
-    /// and `pinned_cert_sha256` is required: there is no way to accept any certificate.
+    /// PEM CA certificate(s) the gateway's certificate must chain to. Exactly one of `ca_file`,
+    /// `pinned_cert_sha256` and `pinned_cert_sha256s` is required: there is no way to accept
+    /// any certificate.
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
     /// SHA-256 of the gateway's DER certificate, 64 hex digits: only that certificate is
     /// accepted. Default: none.
     #[serde(default)]
     pub pinned_cert_sha256: Option<String>,
+    /// SHA-256 digests of several gateways' DER certificates (a federation, each gateway with
+    /// its own certificate): a gateway presenting any of them is accepted. Default: empty.
+    #[serde(default)]
+    pub pinned_cert_sha256s: Vec<String>,
+    /// Bound on one round-trip probe or connection attempt when several gateways are known, in
+    /// milliseconds: a dead gateway costs at most this before the next is tried. Default: 1000.
+    #[serde(default = "default_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
     /// First reconnect delay after losing the gateway, in milliseconds; doubles per failure
     /// (with jitter). Default: 250.
     #[serde(default = "default_reconnect_initial_ms")]
@@ -116,6 +149,31 @@ fn default_reconnect_initial_ms() -> u64 {
     250
 }
 
+fn default_connect_timeout_ms() -> u64 {
+    1_000
+}
+
+impl fmt::Debug for NodeGatewayConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NodeGatewayConfig")
+            .field("address", &self.address)
+            .field("addresses", &self.addresses)
+            .field("bootstrap_url", &self.bootstrap_url)
+            .field(
+                "bootstrap_api_key",
+                &self.bootstrap_api_key.as_ref().map(|_| "<redacted>"),
+            )
+            .field("server_name", &self.server_name)
+            .field("ca_file", &self.ca_file)
+            .field("pinned_cert_sha256", &self.pinned_cert_sha256)
+            .field("pinned_cert_sha256s", &self.pinned_cert_sha256s)
+            .field("connect_timeout_ms", &self.connect_timeout_ms)
+            .field("reconnect_initial_ms", &self.reconnect_initial_ms)
+            .field("reconnect_max_ms", &self.reconnect_max_ms)
+            .finish()
+    }
+}
+
 fn default_reconnect_max_ms() -> u64 {
     30_000
 }
@@ -125,9 +183,14 @@ impl NodeGatewayConfig {
     pub fn pinned(address: impl Into<String>, pinned_cert_sha256: impl Into<String>) -> Self {
         Self {
             address: address.into(),
+            addresses: Vec::new(),
+            bootstrap_url: None,
+            bootstrap_api_key: None,
             server_name: None,
             ca_file: None,
             pinned_cert_sha256: Some(pinned_cert_sha256.into()),
+            pinned_cert_sha256s: Vec::new(),
+            connect_timeout_ms: default_connect_timeout_ms(),
             reconnect_initial_ms: default_reconnect_initial_ms(),
             reconnect_max_ms: default_reconnect_max_ms(),
         }
@@ -153,6 +216,34 @@ impl NodeGatewayConfig {
     /// The pinned certificate digest as bytes, when one is set and well-formed.
     pub fn pinned_cert_sha256_bytes(&self) -> Option<[u8; 32]> {
         parse_sha256_hex(self.pinned_cert_sha256.as_deref()?)
+    }
+
+    /// Every pinned digest (`pinned_cert_sha256` and `pinned_cert_sha256s`) that is well-formed.
+    pub fn pins(&self) -> Vec<[u8; 32]> {
+        self.pinned_cert_sha256
+            .iter()
+            .chain(&self.pinned_cert_sha256s)
+            .filter_map(|pin| parse_sha256_hex(pin))
+            .collect()
+    }
+
+    /// The configured gateway addresses: `address`, or `addresses` (empty with
+    /// `bootstrap_url`, whose list is fetched at run time).
+    pub fn gateway_addresses(&self) -> Vec<String> {
+        if self.address.is_empty() {
+            self.addresses.clone()
+        } else {
+            vec![self.address.clone()]
+        }
+    }
+
+    /// How the gateways are named in logs and errors: the address, the list, or the URL.
+    pub fn describe(&self) -> String {
+        match (&self.bootstrap_url, self.gateway_addresses().as_slice()) {
+            (Some(url), _) => format!("gateways listed at {url}"),
+            (None, [one]) => one.clone(),
+            (None, many) => many.join(", "),
+        }
     }
 }
 
@@ -673,8 +764,60 @@ impl NodeConfig {
 
     fn check_gateway(&self, p: &mut Problems) {
         let g = &self.gateway;
-        if let Err(problem) = g.host_port() {
-            p.push("gateway.address", problem);
+        let sources = [
+            !g.address.is_empty(),
+            !g.addresses.is_empty(),
+            g.bootstrap_url.is_some(),
+        ];
+        match sources.iter().filter(|set| **set).count() {
+            0 => p.push(
+                "gateway.address",
+                "required: set one of gateway.address, gateway.addresses or \
+                 gateway.bootstrap_url",
+            ),
+            1 => {}
+            _ => p.push(
+                "gateway.addresses",
+                "set exactly one of gateway.address, gateway.addresses and gateway.bootstrap_url",
+            ),
+        }
+        if !g.address.is_empty() {
+            if let Err(problem) = g.host_port() {
+                p.push("gateway.address", problem);
+            }
+        }
+        // A federation is a handful of regional gateways; a list of thousands is a mistake (and
+        // each entry costs a probe per failover round).
+        const MAX_GATEWAYS: usize = 64;
+        if g.addresses.len() > MAX_GATEWAYS {
+            p.push(
+                "gateway.addresses",
+                format!("{} entries; at most {MAX_GATEWAYS}", g.addresses.len()),
+            );
+        }
+        for (i, address) in g.addresses.iter().enumerate() {
+            if let Err(problem) = split_host_port(address) {
+                p.push(format!("gateway.addresses[{i}]"), problem);
+            } else if g.addresses[..i].contains(address) {
+                p.push(
+                    format!("gateway.addresses[{i}]"),
+                    format!("{address:?} is listed twice"),
+                );
+            }
+        }
+        if let Some(url) = &g.bootstrap_url {
+            if let Err(problem) = check_bootstrap_url(url) {
+                p.push("gateway.bootstrap_url", problem);
+            }
+        }
+        if let Some(key) = &g.bootstrap_api_key {
+            check_secret(p, "gateway.bootstrap_api_key", key);
+            if g.bootstrap_url.is_none() {
+                p.push(
+                    "gateway.bootstrap_api_key",
+                    "is only used with gateway.bootstrap_url, which is not set",
+                );
+            }
         }
         if let Some(name) = &g.server_name {
             if name.is_empty() || name.contains(char::is_whitespace) {
@@ -684,8 +827,9 @@ impl NodeConfig {
                 );
             }
         }
+        let pins_set = !g.pinned_cert_sha256s.is_empty();
         match (&g.ca_file, &g.pinned_cert_sha256) {
-            (None, None) => p.push(
+            (None, None) if !pins_set => p.push(
                 "gateway",
                 "set one of ca_file or pinned_cert_sha256 (there is no option to accept any \
                  certificate)",
@@ -693,6 +837,11 @@ impl NodeConfig {
             (Some(_), Some(_)) => p.push(
                 "gateway.pinned_cert_sha256",
                 "set either gateway.ca_file or gateway.pinned_cert_sha256, not both",
+            ),
+            (Some(_), None) | (None, Some(_)) if pins_set => p.push(
+                "gateway.pinned_cert_sha256s",
+                "set only one of gateway.ca_file, gateway.pinned_cert_sha256 and \
+                 gateway.pinned_cert_sha256s",
             ),
             (Some(ca), None) if ca.as_os_str().is_empty() => {
                 p.push("gateway.ca_file", "must not be empty")
@@ -703,6 +852,24 @@ impl NodeConfig {
             ),
             _ => {}
         }
+        if g.pinned_cert_sha256s.len() > MAX_GATEWAYS {
+            p.push(
+                "gateway.pinned_cert_sha256s",
+                format!(
+                    "{} entries; at most {MAX_GATEWAYS}",
+                    g.pinned_cert_sha256s.len()
+                ),
+            );
+        }
+        for (i, pin) in g.pinned_cert_sha256s.iter().enumerate() {
+            if parse_sha256_hex(pin).is_none() {
+                p.push(
+                    format!("gateway.pinned_cert_sha256s[{i}]"),
+                    format!("{pin:?} is not a SHA-256 digest (64 hex digits)"),
+                );
+            }
+        }
+        p.positive("gateway.connect_timeout_ms", g.connect_timeout_ms);
         p.positive("gateway.reconnect_initial_ms", g.reconnect_initial_ms);
         if g.reconnect_max_ms < g.reconnect_initial_ms {
             p.push(
@@ -856,7 +1023,9 @@ impl NodeConfig {
 
     /// One line for `edge-node check-config`.
     pub fn summary(&self) -> String {
-        let trust = if self.gateway.pinned_cert_sha256.is_some() {
+        let trust = if !self.gateway.pinned_cert_sha256s.is_empty() {
+            "pinned certificates"
+        } else if self.gateway.pinned_cert_sha256.is_some() {
             "pinned certificate"
         } else {
             "CA file"
@@ -871,7 +1040,7 @@ impl NodeConfig {
             "node {} -> gateway {} ({trust}, server name {}), enrolment token {}, {gpus}, \
              {} models, {} games, capacity {} game sessions / {} inference, log {} ({})",
             self.node.id,
-            self.gateway.address,
+            self.gateway.describe(),
             self.gateway.server_name(),
             if self.node.enrolment_token.is_some() {
                 "set"
@@ -886,6 +1055,26 @@ impl NodeConfig {
             self.log.format.as_str(),
         )
     }
+}
+
+/// A bootstrap URL: `http://host[:port]/path`. Plain HTTP is enough because the list it returns
+/// is never a trust decision (see [`NodeGatewayConfig::bootstrap_url`]).
+fn check_bootstrap_url(url: &str) -> Result<(), String> {
+    let Some(rest) = url.strip_prefix("http://") else {
+        return Err(format!(
+            "{url:?} must be an http:// URL (trust comes from the pins or ca_file, not from \
+             the transport of the list)"
+        ));
+    };
+    let authority = rest.split('/').next().unwrap_or("");
+    if authority.is_empty()
+        || url.len() > 2048
+        || rest.contains(|c: char| c.is_whitespace() || c.is_control())
+        || rest.contains('#')
+    {
+        return Err(format!("{url:?} is not an http://host[:port]/path URL"));
+    }
+    Ok(())
 }
 
 fn is_v1_base_url(url: &str) -> bool {

@@ -122,3 +122,25 @@ fn every_example_key_is_documented_with_its_default() {
         }
     }
 }
+
+#[test]
+fn federation_gateway_template_runs_for_each_of_three_gateways() {
+    let template = read("federation-gateway.toml.in");
+    for (i, lat, lon) in [
+        (1, "50.1", "8.7"),
+        (2, "40.7", "-74.0"),
+        (3, "35.7", "139.7"),
+    ] {
+        let text = template
+            .replace("@I@", &i.to_string())
+            .replace("@LAT@", lat)
+            .replace("@LON@", lon);
+        let cfg = parse_gateway_for_run(&text, "gw.toml", &[]).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            cfg.federation.gateway_id.as_deref(),
+            Some(&*format!("gw-{i}"))
+        );
+        assert_eq!(cfg.quic.listen.to_string(), format!("127.0.0.{i}:4433"));
+        assert!(cfg.store.url.is_some());
+    }
+}

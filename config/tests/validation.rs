@@ -799,3 +799,127 @@ unavailable_wait_ms = 60001
     // Zero turns either off.
     assert!(gw("[inference]\nmodel_grace_s = 0\nunavailable_wait_ms = 0\n").is_empty());
 }
+
+#[test]
+fn node_gateway_source_is_exactly_one_of_address_addresses_and_bootstrap_url() {
+    let pin = "0".repeat(64);
+    let none = format!("[node]\nid = \"n\"\n[gateway]\npinned_cert_sha256 = \"{pin}\"\n");
+    assert_eq!(
+        node_raw(&none),
+        [
+            "3: gateway.address: required: set one of gateway.address, gateway.addresses or \
+          gateway.bootstrap_url"
+        ]
+    );
+    let two = format!(
+        "[node]\nid = \"n\"\n[gateway]\naddress = \"a:1\"\naddresses = [\"b:2\"]\n\
+         pinned_cert_sha256 = \"{pin}\"\n"
+    );
+    assert_eq!(
+        node_raw(&two),
+        [
+            "5: gateway.addresses: set exactly one of gateway.address, gateway.addresses and \
+          gateway.bootstrap_url"
+        ]
+    );
+    let ok = format!(
+        "[node]\nid = \"n\"\n[gateway]\naddresses = [\"a:1\", \"[::1]:2\"]\n\
+         pinned_cert_sha256s = [\"{pin}\", \"{}\"]\n",
+        "f".repeat(64)
+    );
+    let cfg = parse_node(&ok, "n.toml", &[]).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(cfg.gateway.gateway_addresses(), ["a:1", "[::1]:2"]);
+    assert_eq!(cfg.gateway.pins(), [[0u8; 32], [0xff; 32]]);
+}
+
+#[test]
+fn node_gateway_addresses_and_pins_are_each_checked_by_index() {
+    let text = format!(
+        "[node]\nid = \"n\"\n[gateway]\naddresses = [\"a:1\", \"no-port\", \"a:1\"]\n\
+         pinned_cert_sha256s = [\"{}\", \"xyz\"]\nconnect_timeout_ms = 0\n",
+        "0".repeat(64)
+    );
+    let errs = node_raw(&text).join("\n");
+    for want in [
+        "gateway.addresses[1]: \"no-port\" is not host:port",
+        "gateway.addresses[2]: \"a:1\" is listed twice",
+        "gateway.pinned_cert_sha256s[1]: \"xyz\" is not a SHA-256 digest (64 hex digits)",
+        "gateway.connect_timeout_ms: must be greater than 0",
+    ] {
+        assert!(errs.contains(want), "missing {want:?} in\n{errs}");
+    }
+    // An inflated list is refused, not probed.
+    let many: Vec<String> = (0..65).map(|i| format!("\"h{i}:1\"")).collect();
+    let text = format!(
+        "[node]\nid = \"n\"\n[gateway]\naddresses = [{}]\npinned_cert_sha256 = \"{}\"\n",
+        many.join(", "),
+        "0".repeat(64)
+    );
+    assert!(
+        node_raw(&text)
+            .join("\n")
+            .contains("gateway.addresses: 65 entries; at most 64"),
+        "{:?}",
+        node_raw(&text)
+    );
+}
+
+#[test]
+fn node_gateway_trust_is_one_of_ca_pin_and_pin_list() {
+    let pin = "0".repeat(64);
+    let text = format!(
+        "[node]\nid = \"n\"\n[gateway]\naddress = \"a:1\"\npinned_cert_sha256 = \"{pin}\"\n\
+         pinned_cert_sha256s = [\"{pin}\"]\n"
+    );
+    assert_eq!(
+        node_raw(&text),
+        [
+            "6: gateway.pinned_cert_sha256s: set only one of gateway.ca_file, \
+          gateway.pinned_cert_sha256 and gateway.pinned_cert_sha256s"
+        ]
+    );
+}
+
+#[test]
+fn node_bootstrap_url_must_be_http_and_its_key_needs_it() {
+    let pin = "0".repeat(64);
+    for (url, want) in [
+        ("https://gw/v1/gateways", "must be an http:// URL"),
+        ("ftp://gw/v1/gateways", "must be an http:// URL"),
+        (
+            "http:///v1/gateways",
+            "is not an http://host[:port]/path URL",
+        ),
+        (
+            "http://gw/v1 gateways",
+            "is not an http://host[:port]/path URL",
+        ),
+    ] {
+        let text = format!(
+            "[node]\nid = \"n\"\n[gateway]\nbootstrap_url = \"{url}\"\n\
+             pinned_cert_sha256 = \"{pin}\"\n"
+        );
+        let errs = node_raw(&text).join("\n");
+        assert!(
+            errs.contains("gateway.bootstrap_url") && errs.contains(want),
+            "{url}: {errs}"
+        );
+    }
+    let text = format!(
+        "[node]\nid = \"n\"\n[gateway]\naddress = \"a:1\"\nbootstrap_api_key = \"k\"\n\
+         pinned_cert_sha256 = \"{pin}\"\n"
+    );
+    assert_eq!(
+        node_raw(&text),
+        [
+            "5: gateway.bootstrap_api_key: is only used with gateway.bootstrap_url, which is not \
+          set"
+        ]
+    );
+    let text = format!(
+        "[node]\nid = \"n\"\n[gateway]\nbootstrap_url = \"http://127.0.0.1:8080/v1/gateways\"\n\
+         bootstrap_api_key = \"secret-key\"\npinned_cert_sha256 = \"{pin}\"\n"
+    );
+    let cfg = parse_node(&text, "n.toml", &[]).unwrap_or_else(|e| panic!("{e}"));
+    assert!(!format!("{cfg:?}").contains("secret-key"));
+}

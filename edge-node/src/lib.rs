@@ -3,7 +3,9 @@
 //! opens (inference now; game streaming in `game`).
 
 pub mod backoff;
+pub mod bootstrap;
 pub mod game;
+pub mod gateways;
 pub mod gpu;
 pub mod inference;
 pub mod node;

@@ -2,6 +2,8 @@
 //! session streams the gateway opens, reconnect with backoff, drain on shutdown.
 
 use crate::backoff::Backoff;
+use crate::bootstrap::fetch_gateway_list;
+use crate::gateways::{Action, Selector};
 use crate::gpu::GpuMonitor;
 use crate::sessions::{SessionContext, Sessions};
 use nearpath_config::NodeConfig;
@@ -43,9 +45,18 @@ pub enum NodeError {
 /// What the node is doing now (for the demo's console, tests and logs).
 #[derive(Debug, Clone, PartialEq)]
 pub enum NodeStatus {
-    Connecting { attempt: u32 },
-    Registered { country: Option<String> },
-    Rejected { code: RejectCode, reason: String },
+    Connecting {
+        attempt: u32,
+    },
+    /// Registered with the gateway at `gateway` (its configured or listed QUIC address).
+    Registered {
+        country: Option<String>,
+        gateway: String,
+    },
+    Rejected {
+        code: RejectCode,
+        reason: String,
+    },
     Draining,
     Stopped,
 }
@@ -80,13 +91,6 @@ pub struct EdgeNode {
     status: watch::Sender<NodeStatus>,
 }
 
-/// After the gateway went silent, connection attempts are retried at once, each bounded by a
-/// short timeout, for this long; then the usual backoff applies.
-const FAST_REDIAL_WINDOW: Duration = Duration::from_secs(15);
-/// Bounds on one fast connection attempt (six round trips of the last connection, within these).
-const FAST_ATTEMPT_MIN: Duration = Duration::from_millis(250);
-const FAST_ATTEMPT_MAX: Duration = Duration::from_secs(3);
-
 /// How the session with one gateway connection ended.
 enum ConnEnd {
     /// Lost or closed by the gateway: reconnect.
@@ -100,18 +104,40 @@ enum ConnEnd {
 
 impl EdgeNode {
     pub fn new(config: NodeConfig, opts: NodeOptions) -> Result<EdgeNode, NodeError> {
-        let verify =
-            match opts.verify {
-                Some(v) => v,
-                None => match (&config.gateway.ca_file, &config.gateway.pinned_cert_sha256) {
-                    (Some(ca), None) => ServerVerify::CaFile(ca.clone()),
-                    (None, Some(pin)) => ServerVerify::PinnedSha256(parse_sha256_hex(pin)?),
-                    _ => return Err(NodeError::Config(
-                        "exactly one of gateway.ca_file and gateway.pinned_cert_sha256 is required"
-                            .into(),
-                    )),
-                },
-            };
+        let verify = match opts.verify {
+            Some(v) => v,
+            None => {
+                let g = &config.gateway;
+                match (
+                    &g.ca_file,
+                    &g.pinned_cert_sha256,
+                    g.pinned_cert_sha256s.is_empty(),
+                ) {
+                    (Some(ca), None, true) => ServerVerify::CaFile(ca.clone()),
+                    (None, Some(pin), true) => ServerVerify::PinnedSha256(parse_sha256_hex(pin)?),
+                    (None, None, false) => ServerVerify::PinnedAnySha256(
+                        g.pinned_cert_sha256s
+                            .iter()
+                            .map(|pin| parse_sha256_hex(pin))
+                            .collect::<Result<_, _>>()?,
+                    ),
+                    _ => {
+                        return Err(NodeError::Config(
+                            "exactly one of gateway.ca_file, gateway.pinned_cert_sha256 and \
+                         gateway.pinned_cert_sha256s is required"
+                                .into(),
+                        ))
+                    }
+                }
+            }
+        };
+        if config.gateway.gateway_addresses().is_empty() && config.gateway.bootstrap_url.is_none() {
+            return Err(NodeError::Config(
+                "gateway.address: required: set one of gateway.address, gateway.addresses or \
+                 gateway.bootstrap_url"
+                    .into(),
+            ));
+        }
         if config
             .node
             .enrolment_token
@@ -190,93 +216,132 @@ impl EdgeNode {
             &transport_options(&self.config),
         )?;
         let gw = &self.config.gateway;
-        let mut backoff = Backoff::new(
+        let backoff = Backoff::new(
             Duration::from_millis(gw.reconnect_initial_ms),
             Duration::from_millis(gw.reconnect_max_ms),
         );
+        let mut selector = Selector::new(
+            gw.gateway_addresses(),
+            gw.bootstrap_url.is_some(),
+            backoff,
+            Duration::from_millis(gw.connect_timeout_ms),
+        );
         let mut endpoint: Option<quinn::Endpoint> = None;
-        // Set after the gateway went silent: until when attempts are fast, and their bound.
-        let mut fast: Option<(tokio::time::Instant, Duration)> = None;
+        // Connections made by the last probe, kept so the chosen gateway is not dialled twice.
+        let mut probed: Vec<Option<quinn::Connection>> = Vec::new();
         loop {
             if shutdown.is_cancelled() {
                 break;
             }
-            let fast_attempt = fast
-                .filter(|(until, _)| tokio::time::Instant::now() < *until)
-                .map(|(_, limit)| limit);
-            let _ = self.status.send(NodeStatus::Connecting {
-                attempt: backoff.attempts(),
-            });
-            let outcome = async {
-                let addr = resolve(&gw.address).await?;
-                let ep = match &endpoint {
-                    Some(ep) => ep.clone(),
-                    None => {
-                        let bind = self
-                            .bind
-                            .unwrap_or_else(|| nearpath_protocol::net::unspecified_for(addr));
-                        let (ep, _) = nearpath_protocol::net::client_endpoint(
-                            bind,
-                            client_cfg.clone(),
-                            1 << 21,
-                        )
-                        .map_err(|e| format!("binding {bind}: {e}"))?;
-                        endpoint = Some(ep.clone());
-                        ep
-                    }
-                };
-                let server_name = gw
-                    .server_name
-                    .clone()
-                    .unwrap_or_else(|| host_part(&gw.address).to_string());
-                let connecting = ep
-                    .connect(addr, &server_name)
-                    .map_err(|e| format!("connecting to {addr}: {e}"))?;
-                // After a silent path, an attempt that gets no answer is abandoned and a new one
-                // started: QUIC backs off its handshake retransmissions exponentially, so one
-                // attempt begun during an outage might not speak again until seconds after the
-                // path returns, while a fresh one speaks at once.
-                let conn = match fast_attempt {
-                    Some(limit) => tokio::time::timeout(limit, connecting).await.map_err(|_| {
-                        format!("{FAST_TIMEOUT}: no answer from {addr} within {limit:?}")
-                    })?,
-                    None => connecting.await,
-                }
-                .map_err(|e| format!("connecting to {addr}: {e}"))?;
-                Ok::<_, String>(conn)
-            }
-            .await;
-            let conn = match outcome {
-                Ok(c) => c,
-                Err(e) if e.starts_with(FAST_TIMEOUT) => {
-                    info!(error = %e, "gateway still unreachable; trying again");
-                    if shutdown.is_cancelled() {
-                        break;
-                    }
-                    continue;
-                }
-                Err(e) => {
-                    let wait = backoff.next_delay(rand::random::<f64>());
-                    warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "gateway unreachable");
+            let now = std::time::Instant::now();
+            let index = match selector.poll(now) {
+                Action::WaitUntil(until) => {
+                    let wait = until.saturating_duration_since(now);
                     tokio::select! {
                         _ = tokio::time::sleep(wait) => continue,
                         _ = shutdown.cancelled() => break,
                     }
                 }
+                Action::Fetch => {
+                    let list = tokio::select! {
+                        list = self.fetch_gateway_list() => list,
+                        _ = shutdown.cancelled() => break,
+                    };
+                    match &list {
+                        Ok(l) => info!(gateways = l.len(), "fetched the gateway list"),
+                        Err(e) => warn!(error = %e, "cannot fetch the gateway list"),
+                    }
+                    selector.handle_fetched(std::time::Instant::now(), list, rand::random());
+                    continue;
+                }
+                Action::Probe => {
+                    let _ = self.status.send(NodeStatus::Connecting {
+                        attempt: selector.attempts(),
+                    });
+                    let limit = selector
+                        .attempt_timeout(now)
+                        .unwrap_or(Duration::from_millis(gw.connect_timeout_ms));
+                    let addresses = selector.addresses();
+                    let results = tokio::select! {
+                        r = self.probe(&addresses, &client_cfg, &mut endpoint, limit) => r,
+                        _ = shutdown.cancelled() => break,
+                    };
+                    let rtts: Vec<Option<Duration>> = results
+                        .iter()
+                        .map(|r| r.as_ref().map(|(_, rtt)| *rtt))
+                        .collect();
+                    info!(
+                        rtts_ms = ?addresses.iter().zip(&rtts).map(|(a, r)| (a.as_str(), r.map(|d| d.as_millis() as u64))).collect::<Vec<_>>(),
+                        "measured the round trip to each gateway"
+                    );
+                    probed = results.into_iter().map(|r| r.map(|(c, _)| c)).collect();
+                    selector.handle_probed(std::time::Instant::now(), &rtts, rand::random());
+                    continue;
+                }
+                Action::Connect(i) => i,
             };
-            match self.serve_connection(conn, &shutdown, &mut backoff).await {
+            // Connections from the probe to the gateways not chosen are closed now.
+            let reused = probed.get_mut(index).and_then(Option::take);
+            for conn in probed.drain(..).flatten() {
+                conn.close(app_code::CLOSE_SHUTDOWN, b"probe");
+            }
+            let address = selector.address(index).to_string();
+            let _ = self.status.send(NodeStatus::Connecting {
+                attempt: selector.attempts(),
+            });
+            let limit = selector.attempt_timeout(now);
+            let outcome = match reused {
+                Some(conn) => Ok(conn),
+                None => self.dial(&address, &client_cfg, &mut endpoint, limit).await,
+            };
+            let conn = match outcome {
+                Ok(c) => c,
+                Err(e) => {
+                    let timed_out = e.starts_with(FAST_TIMEOUT);
+                    if timed_out {
+                        info!(gateway = %address, error = %e, "gateway unreachable; trying again");
+                    } else {
+                        warn!(gateway = %address, error = %e, "gateway unreachable");
+                    }
+                    selector.handle_connect_failed(
+                        std::time::Instant::now(),
+                        index,
+                        timed_out,
+                        rand::random(),
+                    );
+                    continue;
+                }
+            };
+            match self
+                .serve_connection(conn, &address, &shutdown, &mut selector, index)
+                .await
+            {
                 Ok(ConnEnd::Drained) => break,
                 Ok(ConnEnd::Silent(why, rtt)) => {
-                    let limit = (rtt * 6).clamp(FAST_ATTEMPT_MIN, FAST_ATTEMPT_MAX);
-                    warn!(reason = %why, attempt_ms = limit.as_millis() as u64, "the gateway went silent; reconnecting");
-                    fast = Some((tokio::time::Instant::now() + FAST_REDIAL_WINDOW, limit));
+                    warn!(gateway = %address, reason = %why, "the gateway went silent; reconnecting");
+                    selector.handle_lost(
+                        std::time::Instant::now(),
+                        index,
+                        Some(rtt),
+                        rand::random(),
+                    );
                 }
                 Ok(ConnEnd::Reconnect(why)) => {
-                    let wait = backoff.next_delay(rand::random::<f64>());
-                    warn!(reason = %why, retry_in_ms = wait.as_millis() as u64, "disconnected from the gateway");
-                    tokio::select! {
-                        _ = tokio::time::sleep(wait) => {}
-                        _ = shutdown.cancelled() => break,
+                    warn!(gateway = %address, reason = %why, "disconnected from the gateway");
+                    if selector.current() == Some(index) {
+                        selector.handle_lost(
+                            std::time::Instant::now(),
+                            index,
+                            None,
+                            rand::random(),
+                        );
+                    } else {
+                        selector.handle_connect_failed(
+                            std::time::Instant::now(),
+                            index,
+                            false,
+                            rand::random(),
+                        );
                     }
                 }
                 Err(e) => {
@@ -285,6 +350,9 @@ impl EdgeNode {
                     return Err(e);
                 }
             }
+        }
+        for conn in probed.drain(..).flatten() {
+            conn.close(app_code::CLOSE_SHUTDOWN, b"probe");
         }
         // Sessions still running (we lost the gateway while shutting down) get the deadline too.
         self.sessions
@@ -299,11 +367,121 @@ impl EdgeNode {
         Ok(())
     }
 
+    /// One QUIC handshake with the gateway at `address`, bounded by `limit` when given (errors
+    /// from a bounded attempt that ran out start with [`FAST_TIMEOUT`]).
+    async fn dial(
+        &self,
+        address: &str,
+        client_cfg: &quinn::ClientConfig,
+        endpoint: &mut Option<quinn::Endpoint>,
+        limit: Option<Duration>,
+    ) -> Result<quinn::Connection, String> {
+        let addr = resolve(address).await?;
+        let ep = match endpoint {
+            Some(ep) => ep.clone(),
+            None => {
+                let bind = self
+                    .bind
+                    .unwrap_or_else(|| nearpath_protocol::net::unspecified_for(addr));
+                let (ep, _) =
+                    nearpath_protocol::net::client_endpoint(bind, client_cfg.clone(), 1 << 21)
+                        .map_err(|e| format!("binding {bind}: {e}"))?;
+                *endpoint = Some(ep.clone());
+                ep
+            }
+        };
+        let server_name = self
+            .config
+            .gateway
+            .server_name
+            .clone()
+            .unwrap_or_else(|| host_part(address).to_string());
+        let connecting = ep
+            .connect(addr, &server_name)
+            .map_err(|e| format!("connecting to {addr}: {e}"))?;
+        // A bounded attempt that gets no answer is abandoned and a new one started: QUIC backs
+        // off its handshake retransmissions exponentially, so one attempt begun during an
+        // outage might not speak again until seconds after the path returns, while a fresh one
+        // speaks at once; and with several gateways, a dead one must not hold up the others.
+        match limit {
+            Some(limit) => tokio::time::timeout(limit, connecting)
+                .await
+                .map_err(|_| format!("{FAST_TIMEOUT}: no answer from {addr} within {limit:?}"))?,
+            None => connecting.await,
+        }
+        .map_err(|e| format!("connecting to {addr}: {e}"))
+    }
+
+    /// Handshakes with every gateway at once; each result is the connection and its handshake
+    /// time (about one round trip plus the gateway's TLS work), or `None` when it failed or took
+    /// longer than `limit`.
+    async fn probe(
+        &self,
+        addresses: &[String],
+        client_cfg: &quinn::ClientConfig,
+        endpoint: &mut Option<quinn::Endpoint>,
+        limit: Duration,
+    ) -> Vec<Option<(quinn::Connection, Duration)>> {
+        // The endpoint is created once, before the concurrent handshakes share it.
+        if endpoint.is_none() {
+            if let Some(first) = addresses.first() {
+                let _ = self.dial_endpoint(first, client_cfg, endpoint).await;
+            }
+        }
+        let ep = endpoint.clone();
+        let attempts = addresses.iter().map(|address| {
+            let ep = ep.clone();
+            async move {
+                let ep = ep?;
+                let addr = resolve(address).await.ok()?;
+                let server_name = self
+                    .config
+                    .gateway
+                    .server_name
+                    .clone()
+                    .unwrap_or_else(|| host_part(address).to_string());
+                let started = tokio::time::Instant::now();
+                let connecting = ep.connect(addr, &server_name).ok()?;
+                let conn = tokio::time::timeout(limit, connecting).await.ok()?.ok()?;
+                Some((conn, started.elapsed()))
+            }
+        });
+        futures_join_all(attempts).await
+    }
+
+    /// Creates the QUIC endpoint (bound like [`EdgeNode::dial`] would) without dialling.
+    async fn dial_endpoint(
+        &self,
+        address: &str,
+        client_cfg: &quinn::ClientConfig,
+        endpoint: &mut Option<quinn::Endpoint>,
+    ) -> Result<(), String> {
+        let addr = resolve(address).await?;
+        let bind = self
+            .bind
+            .unwrap_or_else(|| nearpath_protocol::net::unspecified_for(addr));
+        let (ep, _) = nearpath_protocol::net::client_endpoint(bind, client_cfg.clone(), 1 << 21)
+            .map_err(|e| format!("binding {bind}: {e}"))?;
+        *endpoint = Some(ep);
+        Ok(())
+    }
+
+    /// Fetches the bootstrap URL's gateway list; with pins, only pinned gateways are kept.
+    async fn fetch_gateway_list(&self) -> Result<Vec<String>, String> {
+        let gw = &self.config.gateway;
+        let url = gw.bootstrap_url.as_deref().unwrap_or_default();
+        let pins = gw.pins();
+        let pins = gw.ca_file.is_none().then_some(pins.as_slice());
+        fetch_gateway_list(url, gw.bootstrap_api_key.as_deref(), pins).await
+    }
+
     async fn serve_connection(
         &self,
         conn: quinn::Connection,
+        address: &str,
         shutdown: &CancellationToken,
-        backoff: &mut Backoff,
+        selector: &mut Selector,
+        index: usize,
     ) -> Result<ConnEnd, NodeError> {
         let (mut ctl_send, ctl_recv) = match conn.open_bi().await {
             Ok(s) => s,
@@ -349,7 +527,7 @@ impl EdgeNode {
                     Ok(ConnEnd::Reconnect(format!("rejected: {}", r.reason)))
                 } else {
                     Err(NodeError::Rejected {
-                        gateway: self.config.gateway.address.clone(),
+                        gateway: address.to_string(),
                         code: r.code,
                         reason: r.reason,
                     })
@@ -377,10 +555,11 @@ impl EdgeNode {
                 ))
             }
         };
-        backoff.reset();
-        info!(country = ?registered.node_country, heartbeat_ms = registered.heartbeat_ms, "registered with the gateway");
+        selector.handle_registered(std::time::Instant::now(), index);
+        info!(gateway = %address, country = ?registered.node_country, heartbeat_ms = registered.heartbeat_ms, "registered with the gateway");
         let _ = self.status.send(NodeStatus::Registered {
             country: registered.node_country.clone(),
+            gateway: address.to_string(),
         });
         let ctx = SessionContext { conn: conn.clone() };
         let conn_done = CancellationToken::new();
@@ -493,8 +672,37 @@ impl EdgeNode {
     }
 }
 
-/// Marks a fast connection attempt that timed out (retried at once, not backed off).
+/// Marks a bounded connection attempt that timed out.
 const FAST_TIMEOUT: &str = "attempt timed out";
+
+/// Runs the futures concurrently and returns their outputs in order.
+async fn futures_join_all<F: std::future::Future>(
+    futures: impl IntoIterator<Item = F>,
+) -> Vec<F::Output> {
+    let mut set = Vec::new();
+    for f in futures {
+        set.push(Box::pin(f));
+    }
+    let mut out: Vec<Option<F::Output>> = set.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (f, slot) in set.iter_mut().zip(out.iter_mut()) {
+            if slot.is_none() {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => *slot = Some(v),
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+    out.into_iter().flatten().collect()
+}
 
 async fn resolve(address: &str) -> Result<SocketAddr, String> {
     if let Ok(a) = address.parse::<SocketAddr>() {

@@ -26,6 +26,10 @@ pub enum ServerVerify {
     /// [`cert_sha256`]). Name and validity dates are not checked (the pin is the trust
     /// decision), but the handshake signature is, so the server must hold the key.
     PinnedSha256([u8; 32]),
+    /// Trust an end-entity certificate whose SHA-256 is any of these (a node that knows the
+    /// pins of every gateway in a federation). Checked like [`ServerVerify::PinnedSha256`]; an
+    /// empty list trusts nothing.
+    PinnedAnySha256(Vec<[u8; 32]>),
     /// Trust any certificate; the handshake signature is still checked. For local development
     /// only: anyone on the path can impersonate the server.
     InsecureDangerous,
@@ -336,14 +340,21 @@ pub fn client_config_with(
         ServerVerify::PinnedSha256(pin) => builder
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(PinnedVerifier {
-                pin: Some(pin),
+                pins: Some(vec![pin]),
+                algorithms: provider.signature_verification_algorithms,
+            }))
+            .with_no_client_auth(),
+        ServerVerify::PinnedAnySha256(pins) => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(PinnedVerifier {
+                pins: Some(pins),
                 algorithms: provider.signature_verification_algorithms,
             }))
             .with_no_client_auth(),
         ServerVerify::InsecureDangerous => builder
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(PinnedVerifier {
-                pin: None,
+                pins: None,
                 algorithms: provider.signature_verification_algorithms,
             }))
             .with_no_client_auth(),
@@ -431,7 +442,7 @@ pub fn client_config_with_identity(
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(PinnedVerifier {
-            pin: Some(pin),
+            pins: Some(vec![pin]),
             algorithms: provider.signature_verification_algorithms,
         }))
         .with_client_auth_cert(cert_chain, key)?;
@@ -513,11 +524,11 @@ pub fn negotiated_alpn(conn: &quinn::Connection) -> Option<Vec<u8>> {
         .protocol
 }
 
-/// Certificate verifier that trusts a pinned end-entity hash, or anything when `pin` is `None`,
-/// and always checks the handshake signature with the certificate's key.
+/// Certificate verifier that trusts pinned end-entity hashes, or anything when `pins` is
+/// `None`, and always checks the handshake signature with the certificate's key.
 #[derive(Debug)]
 struct PinnedVerifier {
-    pin: Option<[u8; 32]>,
+    pins: Option<Vec<[u8; 32]>>,
     algorithms: WebPkiSupportedAlgorithms,
 }
 
@@ -530,9 +541,11 @@ impl ServerCertVerifier for PinnedVerifier {
         _ocsp_response: &[u8],
         _now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        match self.pin {
+        match &self.pins {
             None => Ok(ServerCertVerified::assertion()),
-            Some(pin) if cert_sha256(end_entity) == pin => Ok(ServerCertVerified::assertion()),
+            Some(pins) if pins.contains(&cert_sha256(end_entity)) => {
+                Ok(ServerCertVerified::assertion())
+            }
             Some(_) => Err(rustls::Error::InvalidCertificate(
                 rustls::CertificateError::ApplicationVerificationFailure,
             )),

@@ -794,3 +794,39 @@ async fn pinned_verifier_still_checks_the_handshake_signature() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn pin_set_accepts_any_listed_certificate_and_nothing_else() {
+    guarded(async {
+        let (server, sha) = self_signed_server();
+        let mut other = sha;
+        other[0] ^= 0xff;
+        let accepting = accept(&server);
+        let dialing = dial(
+            server.addr,
+            "localhost",
+            ServerVerify::PinnedAnySha256(vec![other, sha]),
+            ALPN_NODE,
+        );
+        let (server_conn, client) = tokio::join!(accepting, dialing);
+        assert!(
+            client.is_ok() && server_conn.is_some(),
+            "a listed pin must connect"
+        );
+
+        // Neither a list without the server's pin nor an empty list trusts it.
+        for pins in [vec![other], Vec::new()] {
+            let accepting = accept(&server);
+            let dialing = dial(
+                server.addr,
+                "localhost",
+                ServerVerify::PinnedAnySha256(pins.clone()),
+                ALPN_NODE,
+            );
+            let (server_conn, client) = tokio::join!(accepting, dialing);
+            assert!(client.is_err(), "{} pins: connected", pins.len());
+            assert!(server_conn.is_none());
+        }
+    })
+    .await;
+}

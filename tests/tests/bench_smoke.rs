@@ -146,3 +146,22 @@ fn queue_completes_every_stream_beyond_the_slots() {
     assert_eq!(v["refused"], 0, "{v}");
     assert_eq!(v["queue_wait_ms"]["n"], 60, "{v}");
 }
+
+#[test]
+fn nodes_federation_registers_every_node_across_three_gateways_on_postgresql() {
+    if !nearpath_tests::pg::PgServer::available() {
+        return;
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_bench"))
+        .args(["nodes-federation", "--nodes", "30", "--pool-size", "2"])
+        .env("RUST_LOG", "off")
+        .output()
+        .expect("running the bench binary");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    let last = stdout.lines().rev().find(|l| l.starts_with('{')).unwrap();
+    let v: Value = serde_json::from_str(last).unwrap();
+    assert_eq!(v["registered"], 30, "{v}");
+    assert_eq!(v["gateways"], 3);
+    assert!(v["store_commits"].as_f64().unwrap() > 0.0, "{v}");
+}

@@ -4,6 +4,7 @@
 
 pub mod child;
 pub mod client;
+pub mod federation;
 pub mod impaired;
 pub mod latency;
 pub mod limits;

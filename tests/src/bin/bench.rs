@@ -50,6 +50,9 @@ enum Command {
     InferenceQueue(bench::queue::QueueArgs),
     /// Many nodes registering at once: admission time and gateway memory per idle node.
     NodesRegister(bench::register::RegisterArgs),
+    /// Many nodes registering at once across three gateways sharing one PostgreSQL (started
+    /// by the harness): time to all registered and store load from pg_stat_database.
+    NodesFederation(bench::federation::FederationArgs),
     /// TTFT through the gateway-to-gateway trunk against the same node on one gateway
     /// (two federated gateways in this process, interleaved requests).
     TrunkTtft(bench::trunk::TrunkArgs),
@@ -220,6 +223,10 @@ fn real_main() -> anyhow::Result<()> {
             init_logging();
             runtime(1)?.block_on(bench::impaired::run_impair(a))
         }
+        Command::NodesFederation(a) => {
+            init_logging();
+            runtime(2)?.block_on(bench::federation::run(a))
+        }
         Command::FleetLimits(a) => {
             init_logging();
             runtime(2)?.block_on(bench::limits::run(a))
@@ -248,6 +255,7 @@ fn real_main() -> anyhow::Result<()> {
                 Command::ServeGateway { .. }
                 | Command::ServeNodes { .. }
                 | Command::GameImpaired(_)
+                | Command::NodesFederation(_)
                 | Command::FleetLimits(_)
                 | Command::Impair(_) => {
                     anyhow::bail!("these commands are handled above")
@@ -278,6 +286,7 @@ fn real_main() -> anyhow::Result<()> {
                 Command::ServeGateway { .. }
                 | Command::ServeNodes { .. }
                 | Command::GameImpaired(_)
+                | Command::NodesFederation(_)
                 | Command::FleetLimits(_)
                 | Command::Impair(_) => {
                     anyhow::bail!("these commands are handled above")

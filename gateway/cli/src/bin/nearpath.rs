@@ -8,7 +8,6 @@ use nearpath_protocol::{
 };
 use std::collections::HashMap;
 use std::io::Write;
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 use std::time::Instant;
@@ -24,20 +23,30 @@ struct Cli {
     cmd: Cmd,
 }
 
-#[derive(Args)]
+#[derive(Args, Clone)]
 struct Conn {
-    /// Gateway QUIC address (host:port).
-    #[arg(long, default_value = "127.0.0.1:4433")]
+    /// Gateway QUIC address (host:port). Used as given: no probing.
+    #[arg(long, default_value = "127.0.0.1:4433", conflicts_with_all = ["gateways", "discover"])]
     gateway: String,
+    /// Several gateways' QUIC addresses, comma-separated: the CLI measures the handshake
+    /// round trip to each and uses the nearest.
+    #[arg(long, value_delimiter = ',', conflicts_with = "discover")]
+    gateways: Vec<String>,
+    /// URL of a gateway's `GET /v1/gateways` list (e.g. http://gw:8080/v1/gateways, fetched
+    /// with --key): the CLI probes the live gateways listed and uses the nearest. The list only
+    /// says where gateways are; their certificates are still checked with --pin or --ca.
+    #[arg(long)]
+    discover: Option<String>,
     /// API key (or NEARPATH_API_KEY).
     #[arg(long, env = "NEARPATH_API_KEY", default_value = "demo")]
     key: String,
     /// Trust this CA certificate file (PEM).
     #[arg(long, conflicts_with_all = ["pin", "insecure"])]
     ca: Option<PathBuf>,
-    /// Trust a certificate with this SHA-256 (hex), as `gateway demo` prints.
-    #[arg(long, conflicts_with = "insecure")]
-    pin: Option<String>,
+    /// Trust a certificate with this SHA-256 (hex), as `gateway demo` prints. Repeat it (or
+    /// separate with commas) to trust each gateway of a federation.
+    #[arg(long, conflicts_with = "insecure", value_delimiter = ',')]
+    pin: Vec<String>,
     /// Accept any certificate. For local development only: it gives no protection.
     #[arg(long)]
     insecure: bool,
@@ -132,31 +141,64 @@ fn main() -> std::process::ExitCode {
 }
 
 async fn connect(c: &Conn) -> anyhow::Result<Client> {
-    let addr: SocketAddr = match c.gateway.parse() {
-        Ok(a) => a,
-        Err(_) => tokio::net::lookup_host(&c.gateway)
-            .await
-            .with_context(|| format!("resolving {}", c.gateway))?
-            .next()
-            .with_context(|| format!("{} has no addresses", c.gateway))?,
-    };
     let verify = if c.insecure {
         eprintln!("warning: --insecure: the gateway's certificate is NOT checked (local development only)");
         ServerVerify::InsecureDangerous
     } else if let Some(ca) = &c.ca {
         ServerVerify::CaFile(ca.clone())
-    } else if let Some(pin) = &c.pin {
+    } else if let [pin] = c.pin.as_slice() {
         ServerVerify::PinnedSha256(nearpath_protocol::tls::parse_sha256_hex(pin)?)
+    } else if !c.pin.is_empty() {
+        ServerVerify::PinnedAnySha256(
+            c.pin
+                .iter()
+                .map(|p| nearpath_protocol::tls::parse_sha256_hex(p))
+                .collect::<Result<_, _>>()?,
+        )
     } else {
         bail!("say how to check the gateway's certificate: --ca FILE, --pin SHA256, or --insecure for local development");
     };
-    let host = c.server_name.clone().unwrap_or_else(|| {
-        c.gateway
-            .rsplit_once(':')
-            .map(|(h, _)| h.trim_matches(['[', ']']).to_string())
-            .unwrap_or_else(|| c.gateway.clone())
-    });
-    Ok(Client::connect(addr, &host, verify).await?)
+    let candidates = if let Some(url) = &c.discover {
+        // With pins, entries whose certificate is not pinned are skipped before probing.
+        let pins: Vec<[u8; 32]> = match &verify {
+            ServerVerify::PinnedSha256(p) => vec![*p],
+            ServerVerify::PinnedAnySha256(p) => p.clone(),
+            _ => Vec::new(),
+        };
+        let pins = (!pins.is_empty()).then_some(pins.as_slice());
+        let list = nearpath_edge_node::bootstrap::fetch_gateway_list(url, Some(&c.key), pins)
+            .await
+            .map_err(|e| anyhow::anyhow!("discovering gateways: {e}"))?;
+        if list.is_empty() {
+            bail!("{url} lists no live gateway (that the given pins trust)");
+        }
+        list
+    } else if !c.gateways.is_empty() {
+        c.gateways.clone()
+    } else {
+        return connect_to(c, &c.gateway, verify).await;
+    };
+    nearest(c, &candidates, verify).await
+}
+
+async fn nearest(c: &Conn, candidates: &[String], verify: ServerVerify) -> anyhow::Result<Client> {
+    let started = Instant::now();
+    let (client, address) =
+        nearpath_gateway_cli::pick::nearest(candidates, c.server_name.as_deref(), verify)
+            .await
+            .map_err(anyhow::Error::msg)?;
+    eprintln!(
+        "using gateway {address} (handshake {:.1} ms, nearest of {})",
+        started.elapsed().as_secs_f64() * 1000.0,
+        candidates.len()
+    );
+    Ok(client)
+}
+
+async fn connect_to(c: &Conn, gateway: &str, verify: ServerVerify) -> anyhow::Result<Client> {
+    nearpath_gateway_cli::pick::connect(gateway, c.server_name.as_deref(), verify)
+        .await
+        .map_err(anyhow::Error::msg)
 }
 
 async fn infer(conn: Conn, model: String, max_tokens: u32, prompt: String) -> anyhow::Result<()> {
