@@ -16,6 +16,8 @@
 //! never edit. Gateways starting together race to migrate: the version row is locked with
 //! `SELECT ... FOR UPDATE` inside the migrating transaction, so exactly one applies each step.
 
+mod directory;
+
 use super::*;
 use ::postgres::NoTls;
 use r2d2_postgres::PostgresConnectionManager;
@@ -29,6 +31,8 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     // 1: the base schema (operators, tokens, keys, node ids, SLA, penalties, GPU models, usage).
     // (filled in by the PostgreSQL store work)
     "SELECT 1",
+    // 2 (issue 13, gateway and node directories): see `directory.rs`.
+    directory::MIGRATION,
 ];
 
 /// The newest schema version this build knows.
@@ -261,4 +265,26 @@ impl Store for PgStore {
     }
     // ---- Federation: each feature adds its overrides below, delegating to an inherent
     // method in its own file under `store/pg/`.
+    fn gateway_heartbeat(&self, record: &GatewayRecord) -> Result<(), StoreError> {
+        self.dir_heartbeat(record)
+    }
+    fn gateway_join(
+        &self,
+        record: &GatewayRecord,
+        now_ms: u64,
+    ) -> Result<Option<GatewayRecord>, StoreError> {
+        self.dir_join(record, now_ms)
+    }
+    fn gateway_leave(&self, gateway_id: &str) -> Result<(), StoreError> {
+        self.dir_leave(gateway_id)
+    }
+    fn list_gateways(&self) -> Result<Vec<GatewayRecord>, StoreError> {
+        self.dir_list_gateways()
+    }
+    fn publish_nodes(&self, gateway_id: &str, nodes: &[NodeDirEntry]) -> Result<(), StoreError> {
+        self.dir_publish_nodes(gateway_id, nodes)
+    }
+    fn list_node_directory(&self) -> Result<Vec<NodeDirEntry>, StoreError> {
+        self.dir_list_nodes()
+    }
 }
