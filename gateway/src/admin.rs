@@ -499,10 +499,15 @@ impl AdminApi {
                         Ok((owner, sla))
                     })
                     .await?;
-                    if live.is_none() && sla.is_none() && owner.is_none() {
+                    // Attached to another live gateway: its node directory entry.
+                    let remote = match (&live, &s.fleet) {
+                        (None, Some(fleet)) => fleet.remote_nodes(s.clock.unix_ms()).into_iter().find(|n| n.node_id == id).map(remote_node_view),
+                        _ => None,
+                    };
+                    if live.is_none() && remote.is_none() && sla.is_none() && owner.is_none() {
                         return Err(error(StatusCode::NOT_FOUND, "not_found", &format!("no node {id}")));
                     }
-                    json(StatusCode::OK, &serde_json::json!({"id": id, "operator_id": owner, "live": live, "sla": sla}))
+                    json(StatusCode::OK, &serde_json::json!({"id": id, "operator_id": owner, "live": live, "remote": remote, "sla": sla}))
                 }
                 (&Method::GET, ["gpu-models"]) => {
                     let list = blocking(s, |st| st.list_gpu_models()).await?;

@@ -28,8 +28,14 @@ fn federate(c: &mut nearpath_config::GatewayConfig, id: &str, region: &str, lat:
 async fn two_gateways() -> (tempfile::TempDir, PathBuf, TestGateway, TestGateway) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("shared.db");
-    let a = TestGateway::start_at(path.clone(), |c| federate(c, "eu-1", "eu-central", 50.1, 8.7)).await;
-    let b = TestGateway::start_at(path.clone(), |c| federate(c, "us-1", "us-east", 40.7, -74.0)).await;
+    let a = TestGateway::start_at(path.clone(), |c| {
+        federate(c, "eu-1", "eu-central", 50.1, 8.7)
+    })
+    .await;
+    let b = TestGateway::start_at(path.clone(), |c| {
+        federate(c, "us-1", "us-east", 40.7, -74.0)
+    })
+    .await;
     (dir, path, a, b)
 }
 
@@ -43,7 +49,10 @@ fn ids_of(list: &Value) -> Vec<String> {
 }
 
 async fn client_gateways(gw: &TestGateway) -> Value {
-    let (status, body) = gw.http.get(&gw.api_url("/v1/gateways"), Some(API_KEY)).await;
+    let (status, body) = gw
+        .http
+        .get(&gw.api_url("/v1/gateways"), Some(API_KEY))
+        .await;
     assert_eq!(status, 200, "{body}");
     serde_json::from_str(&body).unwrap()
 }
@@ -71,7 +80,16 @@ async fn two_gateways_sharing_a_store_see_each_other_in_admin_and_client_listing
     assert_eq!(list["object"], "list");
     let eu = &list["data"][0];
     let keys: Vec<&str> = eu.as_object().unwrap().keys().map(String::as_str).collect();
-    let mut want = vec!["id", "region", "lat", "lon", "quic_address", "http_url", "cert_sha256", "live"];
+    let mut want = vec![
+        "id",
+        "region",
+        "lat",
+        "lon",
+        "quic_address",
+        "http_url",
+        "cert_sha256",
+        "live",
+    ];
     want.sort();
     let mut got = keys.clone();
     got.sort();
@@ -81,12 +99,21 @@ async fn two_gateways_sharing_a_store_see_each_other_in_admin_and_client_listing
     assert_eq!(eu["lon"], 8.7);
     assert_eq!(eu["quic_address"], a.addrs.quic.to_string());
     assert_eq!(eu["http_url"], format!("http://{}", a.addrs.http));
-    assert_eq!(eu["cert_sha256"], nearpath_protocol::tls::sha256_hex(&a.sha));
+    assert_eq!(
+        eu["cert_sha256"],
+        nearpath_protocol::tls::sha256_hex(&a.sha)
+    );
     assert_eq!(eu["live"], true);
-    assert_eq!(list["data"][1]["cert_sha256"], nearpath_protocol::tls::sha256_hex(&b.sha));
+    assert_eq!(
+        list["data"][1]["cert_sha256"],
+        nearpath_protocol::tls::sha256_hex(&b.sha)
+    );
 
     // The gauge counts both.
-    assert_eq!(admin_metric(&a, "nearpath_federation_gateways_live").await, 2.0);
+    assert_eq!(
+        admin_metric(&a, "nearpath_federation_gateways_live").await,
+        2.0
+    );
 
     // An orderly shutdown leaves the directory at once (no wait for the lease).
     let _ = b.stop().await;
@@ -105,7 +132,10 @@ async fn the_client_gateway_listing_needs_an_api_key() {
         let (status, body) = gw.http.get(&gw.api_url("/v1/gateways"), key).await;
         assert_eq!(status, 401, "{key:?}: {body}");
     }
-    let (status, _) = gw.http.post(&gw.api_url("/v1/gateways"), Some(API_KEY), "{}", &[]).await;
+    let (status, _) = gw
+        .http
+        .post(&gw.api_url("/v1/gateways"), Some(API_KEY), "{}", &[])
+        .await;
     assert_eq!(status, 405);
     let _ = gw.stop().await;
 }
@@ -134,10 +164,16 @@ async fn a_duplicate_gateway_id_with_another_certificate_is_refused() {
         Ok(_) => panic!("a second gateway with the id eu-1 and another certificate started"),
     };
     assert!(matches!(err, GatewayError::DuplicateGatewayId(_)), "{err}");
-    assert!(err.to_string().contains("\"eu-1\""), "the error names the id: {err}");
+    assert!(
+        err.to_string().contains("\"eu-1\""),
+        "the error names the id: {err}"
+    );
     // The holder is untouched.
     let list = b.admin_get("/admin/gateways").await;
-    assert_eq!(list["data"][0]["cert_sha256"], nearpath_protocol::tls::sha256_hex(&a.sha));
+    assert_eq!(
+        list["data"][0]["cert_sha256"],
+        nearpath_protocol::tls::sha256_hex(&a.sha)
+    );
     let _ = b.stop().await;
     let _ = a.stop().await;
 }
@@ -171,12 +207,23 @@ async fn a_node_attached_to_one_gateway_is_listed_by_every_gateway() {
     assert_eq!(ids_of(&at_a), ["de-1"], "listed once, as local: {at_a}");
     assert_eq!(at_a["data"][0]["remote"], false);
     assert_eq!(at_a["data"][0]["gateway_id"], "eu-1");
-    assert_eq!(b.shared.fleet.remote_nodes(nearpath_gateway::clock::system_unix_ms()).len(), 1);
+    assert_eq!(
+        b.shared
+            .fleet
+            .remote_nodes(nearpath_gateway::clock::system_unix_ms())
+            .len(),
+        1
+    );
+    let one = b.admin_get("/admin/nodes/de-1").await;
+    assert_eq!(one["remote"]["gateway_id"], "eu-1", "{one}");
+    assert_eq!(one["live"], Value::Null, "not attached to us-1");
 
     // The node leaves: it drops out of the directory within the bounded publish rate.
     node.stop().await.unwrap();
     eventually("de-1 gone from us-1's listing", WAIT, || async {
-        ids_of(&b.admin_get("/admin/nodes").await).is_empty().then_some(())
+        ids_of(&b.admin_get("/admin/nodes").await)
+            .is_empty()
+            .then_some(())
     })
     .await;
     let _ = b.stop().await;
@@ -190,7 +237,14 @@ async fn a_penalty_recorded_by_one_gateway_is_listed_by_another() {
     let operator = a.operator_id.clone();
     tokio::task::spawn_blocking(move || {
         store
-            .record_penalty("de-1", &operator, 1_700_000_000_000, "disconnect_without_drain", 2, "at eu-1")
+            .record_penalty(
+                "de-1",
+                &operator,
+                1_700_000_000_000,
+                "disconnect_without_drain",
+                2,
+                "at eu-1",
+            )
             .unwrap()
     })
     .await

@@ -225,9 +225,7 @@ impl DirectorySchedule {
     /// When the next publication is due.
     fn publish_due_ms(&self) -> u64 {
         match (self.membership_changed, self.last_publish_ms) {
-            (true, Some(last)) => self
-                .next_publish_ms
-                .min(last + self.min_publish_gap_ms),
+            (true, Some(last)) => self.next_publish_ms.min(last + self.min_publish_gap_ms),
             (true, None) => self.next_publish_ms.min(0),
             (false, _) => self.next_publish_ms,
         }
@@ -576,9 +574,15 @@ pub async fn run(parts: DirectoryParts, shutdown: CancellationToken) {
     let mut note = |what: &'static str, r: &Result<(), StoreError>| {
         let was = failing.insert(what, r.is_err()).unwrap_or(false);
         match r {
-            Err(e) if !was => warn!(gateway = %id, op = what, error = %e, "gateway directory: store call failed; retrying"),
-            Err(e) => debug!(gateway = %id, op = what, error = %e, "gateway directory: still failing"),
-            Ok(()) if was => info!(gateway = %id, op = what, "gateway directory: store reachable again"),
+            Err(e) if !was => {
+                warn!(gateway = %id, op = what, error = %e, "gateway directory: store call failed; retrying")
+            }
+            Err(e) => {
+                debug!(gateway = %id, op = what, error = %e, "gateway directory: still failing")
+            }
+            Ok(()) if was => {
+                info!(gateway = %id, op = what, "gateway directory: store reachable again")
+            }
             Ok(()) => {}
         }
     };
@@ -628,7 +632,10 @@ pub async fn run(parts: DirectoryParts, shutdown: CancellationToken) {
                     schedule.handle_publish_done(clock.unix_ms(), r.is_ok());
                 }
                 DirAction::Refresh => {
-                    let r = blocking(&store, |s| Ok((s.list_gateways()?, s.list_node_directory()?))).await;
+                    let r = blocking(&store, |s| {
+                        Ok((s.list_gateways()?, s.list_node_directory()?))
+                    })
+                    .await;
                     let at = clock.unix_ms();
                     let r = r.map(|(gateways, nodes)| {
                         let live = gateways.iter().filter(|g| g.is_live(at)).count();
@@ -641,7 +648,11 @@ pub async fn run(parts: DirectoryParts, shutdown: CancellationToken) {
             }
         }
         let now = clock.unix_ms();
-        let wait = schedule.next_wake_ms().saturating_sub(now).min(poll_ms).max(1);
+        let wait = schedule
+            .next_wake_ms()
+            .saturating_sub(now)
+            .min(poll_ms)
+            .max(1);
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = tokio::time::sleep(Duration::from_millis(wait)) => {}
@@ -650,7 +661,9 @@ pub async fn run(parts: DirectoryParts, shutdown: CancellationToken) {
     let gid = me.id.clone();
     match blocking(&store, move |s| s.gateway_leave(&gid)).await {
         Ok(()) => info!(gateway = %me.id, "left the gateway directory"),
-        Err(e) => warn!(gateway = %me.id, error = %e, "could not leave the gateway directory; the entry expires with its lease"),
+        Err(e) => {
+            warn!(gateway = %me.id, error = %e, "could not leave the gateway directory; the entry expires with its lease")
+        }
     }
 }
 
@@ -714,7 +727,14 @@ mod tests {
         let mut s = DirectorySchedule::new(0, HB, PUBLISH);
         let mut dir = BTreeMap::new();
         let log = drive(&mut s, &mut dir, 0, 10_000, true);
-        assert_eq!(&log[..3], &[(0, DirAction::Heartbeat), (0, DirAction::Publish), (0, DirAction::Refresh)]);
+        assert_eq!(
+            &log[..3],
+            &[
+                (0, DirAction::Heartbeat),
+                (0, DirAction::Publish),
+                (0, DirAction::Refresh)
+            ]
+        );
         assert_eq!(count(&log, DirAction::Heartbeat), 10, "0, 1000, .. 9000");
         assert_eq!(count(&log, DirAction::Publish), 10);
         assert_eq!(count(&log, DirAction::Refresh), 10);
@@ -764,7 +784,11 @@ mod tests {
         let mut dir = BTreeMap::new();
         drive(&mut s, &mut dir, 0, 100, true); // published at 0
         s.handle_membership_changed(100);
-        assert_eq!(s.poll(249), None, "within a quarter interval of the last publication");
+        assert_eq!(
+            s.poll(249),
+            None,
+            "within a quarter interval of the last publication"
+        );
         assert_eq!(s.poll(250), Some(DirAction::Publish));
         s.handle_publish_done(250, true);
         // A node flapping every millisecond still costs one publication per 250 ms.
@@ -822,16 +846,37 @@ mod tests {
     fn remote_nodes_are_those_of_other_live_gateways() {
         let fleet = FleetView::new("eu-1".into());
         fleet.apply(
-            vec![record("eu-1", 10_000), record("us-1", 10_000), record("ap-1", 5_000)],
-            vec![entry("a", "eu-1"), entry("b", "us-1"), entry("c", "ap-1"), entry("d", "gone-1")],
+            vec![
+                record("eu-1", 10_000),
+                record("us-1", 10_000),
+                record("ap-1", 5_000),
+            ],
+            vec![
+                entry("a", "eu-1"),
+                entry("b", "us-1"),
+                entry("c", "ap-1"),
+                entry("d", "gone-1"),
+            ],
             4_000,
         );
         let ids = |v: Vec<NodeDirEntry>| v.into_iter().map(|n| n.node_id).collect::<Vec<_>>();
-        assert_eq!(ids(fleet.remote_nodes(4_000)), ["b", "c"], "not our own, not an unknown gateway's");
-        assert_eq!(ids(fleet.remote_nodes(5_000)), ["b"], "ap-1's lease ended at 5000");
+        assert_eq!(
+            ids(fleet.remote_nodes(4_000)),
+            ["b", "c"],
+            "not our own, not an unknown gateway's"
+        );
+        assert_eq!(
+            ids(fleet.remote_nodes(5_000)),
+            ["b"],
+            "ap-1's lease ended at 5000"
+        );
         assert_eq!(fleet.gateway("ap-1").map(|g| g.expires_at_ms), Some(5_000));
         assert_eq!(fleet.gateway("nope"), None);
-        let live: Vec<String> = fleet.live_gateways(5_000).into_iter().map(|g| g.id).collect();
+        let live: Vec<String> = fleet
+            .live_gateways(5_000)
+            .into_iter()
+            .map(|g| g.id)
+            .collect();
         assert_eq!(live, ["eu-1", "us-1"]);
     }
 
@@ -854,7 +899,10 @@ mod tests {
             2_000,
         );
         assert_eq!(st[0].record.id, "eu-1");
-        assert_eq!((st[0].live, st[0].nodes, st[0].expires_in_ms), (false, 2, -1_000));
+        assert_eq!(
+            (st[0].live, st[0].nodes, st[0].expires_in_ms),
+            (false, 2, -1_000)
+        );
         assert_eq!((st[1].live, st[1].nodes), (true, 1));
     }
 
@@ -864,14 +912,24 @@ mod tests {
         let quic: SocketAddr = "10.0.0.1:4433".parse().unwrap();
         let http: SocketAddr = "10.0.0.1:8080".parse().unwrap();
         let s = SelfInfo::new(&cfg, quic, http, "b".repeat(64), 5);
-        assert_eq!((s.id.as_str(), s.quic_address.as_str(), s.http_url.as_str()), ("standalone", "10.0.0.1:4433", "http://10.0.0.1:8080"));
+        assert_eq!(
+            (s.id.as_str(), s.quic_address.as_str(), s.http_url.as_str()),
+            ("standalone", "10.0.0.1:4433", "http://10.0.0.1:8080")
+        );
         cfg.federation.gateway_id = Some("eu-1".into());
         cfg.federation.public_quic_address = Some("gw-eu.example.com:443".into());
         cfg.federation.public_http_url = Some("https://gw-eu.example.com/".into());
         let s = SelfInfo::new(&cfg, quic, http, "b".repeat(64), 5);
-        assert_eq!((s.id.as_str(), s.quic_address.as_str(), s.http_url.as_str()), ("eu-1", "gw-eu.example.com:443", "https://gw-eu.example.com"));
+        assert_eq!(
+            (s.id.as_str(), s.quic_address.as_str(), s.http_url.as_str()),
+            ("eu-1", "gw-eu.example.com:443", "https://gw-eu.example.com")
+        );
         let r = s.record(100, 3_000);
-        assert_eq!((r.heartbeat_at_ms, r.expires_at_ms, r.started_at_ms), (100, 3_100, 5));
-        crate::store::directory::check_gateway_record(&r).expect("what a gateway writes passes the store's checks");
+        assert_eq!(
+            (r.heartbeat_at_ms, r.expires_at_ms, r.started_at_ms),
+            (100, 3_100, 5)
+        );
+        crate::store::directory::check_gateway_record(&r)
+            .expect("what a gateway writes passes the store's checks");
     }
 }

@@ -38,7 +38,9 @@ pub fn check_gateway_id(field: &'static str, id: &str) -> Result<(), StoreError>
     } else {
         Err(invalid(
             field,
-            format!("must be 1 to {MAX_GATEWAY_ID_BYTES} characters of A-Z, a-z, 0-9, '.', '_' and '-'"),
+            format!(
+                "must be 1 to {MAX_GATEWAY_ID_BYTES} characters of A-Z, a-z, 0-9, '.', '_' and '-'"
+            ),
         ))
     }
 }
@@ -46,7 +48,10 @@ pub fn check_gateway_id(field: &'static str, id: &str) -> Result<(), StoreError>
 /// Printable text without control characters, at most `max` bytes (empty allowed).
 fn check_short(field: &'static str, v: &str, max: usize) -> Result<(), StoreError> {
     if v.len() > max {
-        return Err(invalid(field, format!("{} bytes, at most {max} allowed", v.len())));
+        return Err(invalid(
+            field,
+            format!("{} bytes, at most {max} allowed", v.len()),
+        ));
     }
     if v.chars().any(char::is_control) {
         return Err(invalid(field, "must not contain control characters"));
@@ -121,7 +126,9 @@ fn check_list(field: &'static str, list: &[String]) -> Result<(), StoreError> {
         {
             return Err(invalid(
                 field,
-                format!("entry {i} must be 1 to {MAX_DIR_NAME_BYTES} bytes without control characters"),
+                format!(
+                    "entry {i} must be 1 to {MAX_DIR_NAME_BYTES} bytes without control characters"
+                ),
             ));
         }
     }
@@ -184,7 +191,10 @@ pub fn check_publication(gateway_id: &str, nodes: &[NodeDirEntry]) -> Result<(),
     if nodes.len() > MAX_PUBLISHED_NODES {
         return Err(invalid(
             "nodes",
-            format!("{} nodes, at most {MAX_PUBLISHED_NODES} allowed", nodes.len()),
+            format!(
+                "{} nodes, at most {MAX_PUBLISHED_NODES} allowed",
+                nodes.len()
+            ),
         ));
     }
     let mut seen = std::collections::HashSet::with_capacity(nodes.len());

@@ -1858,7 +1858,11 @@ impl Store for SqliteStore {
     fn list_gateways(&self) -> Result<Vec<super::GatewayRecord>, StoreError> {
         self.dir_list_gateways()
     }
-    fn publish_nodes(&self, gateway_id: &str, nodes: &[super::NodeDirEntry]) -> Result<(), StoreError> {
+    fn publish_nodes(
+        &self,
+        gateway_id: &str,
+        nodes: &[super::NodeDirEntry],
+    ) -> Result<(), StoreError> {
         self.dir_publish_nodes(gateway_id, nodes)
     }
     fn list_node_directory(&self) -> Result<Vec<super::NodeDirEntry>, StoreError> {

@@ -131,7 +131,8 @@ impl PgStore {
                 now = 0;
             }
         }
-        let (started, beat, expires) = (i(r.started_at_ms), i(r.heartbeat_at_ms), i(r.expires_at_ms));
+        let (started, beat, expires) =
+            (i(r.started_at_ms), i(r.heartbeat_at_ms), i(r.expires_at_ms));
         let mut p: Vec<&(dyn ::postgres::types::ToSql + Sync)> = vec![
             &r.id,
             &r.region,
@@ -148,7 +149,9 @@ impl PgStore {
         if guard_now_ms.is_some() {
             p.push(&now);
         }
-        client.execute(sql.as_str(), &p).map_err(pg_err("upsert gateway"))
+        client
+            .execute(sql.as_str(), &p)
+            .map_err(pg_err("upsert gateway"))
     }
 
     pub(crate) fn dir_heartbeat(&self, record: &GatewayRecord) -> Result<(), StoreError> {
@@ -186,8 +189,11 @@ impl PgStore {
         check_gateway_id("gateway_id", gateway_id)?;
         let mut conn = self.conn()?;
         let mut tx = conn.transaction().map_err(pg_err("begin gateway leave"))?;
-        tx.execute("DELETE FROM node_directory WHERE gateway_id = $1", &[&gateway_id])
-            .map_err(pg_err("delete gateway's nodes"))?;
+        tx.execute(
+            "DELETE FROM node_directory WHERE gateway_id = $1",
+            &[&gateway_id],
+        )
+        .map_err(pg_err("delete gateway's nodes"))?;
         tx.execute("DELETE FROM gateways WHERE id = $1", &[&gateway_id])
             .map_err(pg_err("delete gateway"))?;
         tx.commit().map_err(pg_err("commit gateway leave"))
@@ -212,8 +218,11 @@ impl PgStore {
         check_publication(gateway_id, nodes)?;
         let mut conn = self.conn()?;
         let mut tx = conn.transaction().map_err(pg_err("begin publish nodes"))?;
-        tx.execute("DELETE FROM node_directory WHERE gateway_id = $1", &[&gateway_id])
-            .map_err(pg_err("replace gateway's nodes"))?;
+        tx.execute(
+            "DELETE FROM node_directory WHERE gateway_id = $1",
+            &[&gateway_id],
+        )
+        .map_err(pg_err("replace gateway's nodes"))?;
         // A node another gateway published more recently (it moved there) keeps that entry.
         let stmt = tx
             .prepare(&format!(

@@ -137,8 +137,11 @@ impl SqliteStore {
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .op("begin gateway leave")?;
-        tx.execute("DELETE FROM node_directory WHERE gateway_id = ?1", [gateway_id])
-            .op("delete gateway's nodes")?;
+        tx.execute(
+            "DELETE FROM node_directory WHERE gateway_id = ?1",
+            [gateway_id],
+        )
+        .op("delete gateway's nodes")?;
         tx.execute("DELETE FROM gateways WHERE id = ?1", [gateway_id])
             .op("delete gateway")?;
         tx.commit().op("commit gateway leave")
@@ -164,8 +167,11 @@ impl SqliteStore {
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .op("begin publish nodes")?;
-        tx.execute("DELETE FROM node_directory WHERE gateway_id = ?1", [gateway_id])
-            .op("replace gateway's nodes")?;
+        tx.execute(
+            "DELETE FROM node_directory WHERE gateway_id = ?1",
+            [gateway_id],
+        )
+        .op("replace gateway's nodes")?;
         {
             // A node another gateway published more recently (it moved there) keeps that entry.
             let mut stmt = tx
