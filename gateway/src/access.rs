@@ -73,17 +73,37 @@ impl TraceParent {
     }
 
     pub fn trace_id_hex(&self) -> String {
-        hex::encode(self.trace_id)
+        let mut out = String::with_capacity(32);
+        push_hex(&mut out, &self.trace_id);
+        out
     }
 
-    /// The header value.
+    /// The header value. Built once per request: by hand, because `format!` over `hex::encode`
+    /// (a char iterator per byte) cost several thousand instructions each time.
     pub fn header(&self) -> String {
-        format!(
-            "00-{}-{}-{:02x}",
-            hex::encode(self.trace_id),
-            hex::encode(self.span_id),
-            self.flags
-        )
+        let mut out = String::with_capacity(55);
+        out.push_str("00-");
+        push_hex(&mut out, &self.trace_id);
+        out.push('-');
+        push_hex(&mut out, &self.span_id);
+        out.push('-');
+        push_hex(&mut out, &[self.flags]);
+        out
+    }
+}
+
+/// Whether access lines are wanted (info on `nearpath::access`): callers check it before
+/// gathering what a line needs.
+pub fn enabled() -> bool {
+    tracing::enabled!(target: "nearpath::access", tracing::Level::INFO)
+}
+
+/// Appends `bytes` as lowercase hex.
+fn push_hex(out: &mut String, bytes: &[u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for b in bytes {
+        out.push(DIGITS[usize::from(b >> 4)] as char);
+        out.push(DIGITS[usize::from(b & 0xf)] as char);
     }
 }
 
@@ -115,7 +135,7 @@ impl AccessLine<'_> {
     pub fn emit(&self) {
         // The text is built only when someone will read it: at the default `warn` level the
         // line costs one filter check, not a formatted string per request.
-        if !tracing::enabled!(target: "nearpath::access", tracing::Level::INFO) {
+        if !enabled() {
             return;
         }
         let dash = |v: Option<&str>| v.unwrap_or("-").to_owned();

@@ -398,6 +398,9 @@ impl InferService {
         ttft: Option<Duration>,
         usage: Option<Usage>,
     ) {
+        if !crate::access::enabled() {
+            return;
+        }
         let trace_id = ticket
             .traceparent
             .as_deref()

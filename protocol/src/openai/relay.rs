@@ -376,6 +376,11 @@ pub struct Assembler {
     top: Map<String, Value>,
     /// Responses: the `response` of the last terminal event.
     response: Option<Value>,
+    /// Text of choice 0 that came as `Token`s before any `Chunk`. Most answers are nothing else,
+    /// and for them [`Assembler::finish`] renders the body straight from this string: building
+    /// it as a `serde_json::Value` (an ordered map hashed per key, per token) cost about 26,000
+    /// instructions per request, a tenth of the gateway's whole cost of one.
+    plain: String,
 }
 
 impl Assembler {
@@ -385,11 +390,28 @@ impl Assembler {
             choices: BTreeMap::new(),
             top: Map::new(),
             response: None,
+            plain: String::new(),
         }
     }
 
     /// A plain text piece of choice 0 (a `Token`).
     pub fn push_text(&mut self, text: &str) {
+        if self.choices.is_empty() {
+            self.plain.push_str(text);
+            return;
+        }
+        self.push_text_slow(text);
+    }
+
+    /// Moves the plain text gathered so far into choice 0, where the pieces that follow it merge.
+    fn flush_plain(&mut self) {
+        if !self.plain.is_empty() {
+            let text = std::mem::take(&mut self.plain);
+            self.push_text_slow(&text);
+        }
+    }
+
+    fn push_text_slow(&mut self, text: &str) {
         let key = match self.endpoint {
             Endpoint::Completion => "text",
             _ => "content",
@@ -417,6 +439,7 @@ impl Assembler {
         let Value::Object(mut obj) = value else {
             return Err(RelayError::NotObject);
         };
+        self.flush_plain();
         if self.endpoint == Endpoint::Responses {
             let Some(Value::String(ty)) = obj.get("type") else {
                 return Err(RelayError::NoEventType);
@@ -502,6 +525,18 @@ impl Assembler {
                 .response
                 .map(|r| r.to_string())
                 .ok_or(RelayError::NoFinalResponse);
+        }
+        if self.choices.is_empty() && self.top.is_empty() {
+            // Only `Token`s came (or nothing): the same body, without building it as a value.
+            return Ok(super::render::completion_response(
+                self.endpoint,
+                id,
+                created,
+                model,
+                &self.plain,
+                finish_reason,
+                usage,
+            ));
         }
         let mut out = Map::new();
         out.insert("id".into(), Value::String(id.to_owned()));

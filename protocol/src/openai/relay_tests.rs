@@ -273,6 +273,45 @@ fn a_text_only_stream_assembles_to_the_renderers_body() {
 }
 
 #[test]
+fn the_text_only_fast_path_renders_what_the_general_path_would() {
+    // `finish` renders Token-only answers without building a JSON value; the body must be the
+    // one the general path gives for the same text arriving as a chunk.
+    let usage = Usage {
+        prompt_tokens: 3,
+        completion_tokens: 5,
+    };
+    for (endpoint, piece) in [
+        (Endpoint::Chat, json!({"choices": [{"index": 0, "delta": {"content": "Hi \"there\"\n"}}]})),
+        (Endpoint::Completion, json!({"choices": [{"index": 0, "text": "Hi \"there\"\n"}]})),
+    ] {
+        let mut fast = Assembler::new(endpoint);
+        fast.push_text("Hi \"the");
+        fast.push_text("re\"\n");
+        let mut general = Assembler::new(endpoint);
+        general.push_value(piece).expect("valid");
+        assert_eq!(
+            fast.finish("x", 9, "m", "stop", usage).expect("body"),
+            general.finish("x", 9, "m", "stop", usage).expect("body"),
+            "{endpoint:?}"
+        );
+    }
+}
+
+#[test]
+fn tokens_before_and_after_a_chunk_join_choice_0_in_order() {
+    let mut a = Assembler::new(Endpoint::Chat);
+    a.push_text("a");
+    a.push_value(json!({"choices": [{"index": 0, "delta": {"content": "b"}}]}))
+        .expect("valid");
+    a.push_text("c");
+    let body: Value =
+        serde_json::from_str(&a.finish("i", 1, "m", "stop", Usage::default()).expect("body"))
+            .expect("json");
+    assert_eq!(body["choices"][0]["message"]["content"], "abc");
+    assert_eq!(body["choices"].as_array().map(Vec::len), Some(1));
+}
+
+#[test]
 fn embeddings_assemble_in_index_order_and_refuse_duplicates_and_strays() {
     let mut e = EmbeddingsAssembler::new(2);
     e.push_chunk(r#"{"object":"embedding","index":1,"embedding":[0.5,1]}"#)
