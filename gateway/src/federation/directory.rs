@@ -226,7 +226,8 @@ impl DirectorySchedule {
     fn publish_due_ms(&self) -> u64 {
         match (self.membership_changed, self.last_publish_ms) {
             (true, Some(last)) => self.next_publish_ms.min(last + self.min_publish_gap_ms),
-            (true, None) => self.next_publish_ms.min(0),
+            // Never published yet: at once.
+            (true, None) => 0,
             (false, _) => self.next_publish_ms,
         }
     }
