@@ -337,6 +337,10 @@ impl Gateway {
             self.cert.sha256_hex(),
             shared.clock.unix_ms(),
         );
+        // What the store would refuse to write (an oversize public address, ...) is a
+        // configuration error, found now rather than on every renewal.
+        crate::store::directory::check_gateway_record(&me.record(0, 1))
+            .map_err(|e| GatewayError::Config(format!("federation: {e}")))?;
         let timing = crate::federation::directory::DirectoryTiming::from_config(&shared.config);
         crate::federation::directory::join(
             shared.store.as_ref(),

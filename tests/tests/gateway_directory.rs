@@ -259,3 +259,34 @@ async fn a_penalty_recorded_by_one_gateway_is_listed_by_another() {
     let _ = b.stop().await;
     let _ = a.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_public_address_the_directory_would_refuse_stops_the_gateway_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gw.db");
+    for (field, edit) in [
+        (
+            "quic_address",
+            (|c: &mut nearpath_config::GatewayConfig| {
+                c.federation.public_quic_address = Some("host name:443".into())
+            }) as fn(&mut nearpath_config::GatewayConfig),
+        ),
+        ("quic_address", |c| {
+            c.federation.public_quic_address = Some(format!("{}:443", "h".repeat(2000)))
+        }),
+        ("region", |c| c.federation.region = "r".repeat(200)),
+    ] {
+        let mut config = test_config(path.clone());
+        federate(&mut config, "eu-1", "eu-central", 50.1, 8.7);
+        edit(&mut config);
+        let store = std::sync::Arc::new(nearpath_gateway::store::SqliteStore::open(&path).unwrap());
+        let cert = nearpath_gateway::tls::self_signed(&["localhost"]).unwrap();
+        let gw = Gateway::with_parts(config, cert, store).unwrap();
+        let err = match gw.start(Listeners::ephemeral().await.unwrap(), Default::default()) {
+            Err(e) => e,
+            Ok(_) => panic!("started with a bad {field}"),
+        };
+        assert!(matches!(err, GatewayError::Config(_)), "{err}");
+        assert!(err.to_string().contains(field), "{err}");
+    }
+}
