@@ -111,6 +111,55 @@ fn node_from_row(r: &Row) -> NodeDirEntry {
     }
 }
 
+/// A publication as one array per column, for `UNNEST`.
+#[derive(Default)]
+struct NodeColumns {
+    node_id: Vec<String>,
+    operator_id: Vec<String>,
+    gateway_id: Vec<String>,
+    country: Vec<Option<String>>,
+    lat: Vec<Option<f64>>,
+    lon: Vec<Option<f64>>,
+    gpu_classes: Vec<String>,
+    models: Vec<String>,
+    games: Vec<String>,
+    inference_slots: Vec<i64>,
+    inference_free: Vec<i64>,
+    game_slots: Vec<i64>,
+    game_free: Vec<i64>,
+    accepting: Vec<bool>,
+    verification: Vec<String>,
+    updated_at_ms: Vec<i64>,
+}
+
+impl NodeColumns {
+    fn with_capacity(n: usize) -> NodeColumns {
+        NodeColumns {
+            node_id: Vec::with_capacity(n),
+            ..NodeColumns::default()
+        }
+    }
+
+    fn push(&mut self, n: &NodeDirEntry) {
+        self.node_id.push(n.node_id.clone());
+        self.operator_id.push(n.operator_id.clone());
+        self.gateway_id.push(n.gateway_id.clone());
+        self.country.push(n.country.clone());
+        self.lat.push(n.lat);
+        self.lon.push(n.lon);
+        self.gpu_classes.push(list_to_json(&n.gpu_classes));
+        self.models.push(list_to_json(&n.models));
+        self.games.push(list_to_json(&n.games));
+        self.inference_slots.push(i64::from(n.inference_slots));
+        self.inference_free.push(i64::from(n.inference_free));
+        self.game_slots.push(i64::from(n.game_slots));
+        self.game_free.push(i64::from(n.game_free));
+        self.accepting.push(n.accepting);
+        self.verification.push(n.verification.clone());
+        self.updated_at_ms.push(i(n.updated_at_ms));
+    }
+}
+
 impl PgStore {
     fn upsert_gateway(
         client: &mut impl ::postgres::GenericClient,
@@ -223,11 +272,20 @@ impl PgStore {
             &[&gateway_id],
         )
         .map_err(pg_err("replace gateway's nodes"))?;
-        // A node another gateway published more recently (it moved there) keeps that entry.
-        let stmt = tx
-            .prepare(&format!(
-                "INSERT INTO node_directory ({NODE_COLS}) VALUES \
-                 ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16) \
+        // One statement for the whole set (column arrays through UNNEST, which CockroachDB
+        // has too): a row per round trip made 1,000 nodes cost ~450 ms. A node another gateway
+        // published more recently (it moved there) keeps that entry.
+        let mut cols = NodeColumns::with_capacity(nodes.len());
+        for n in nodes {
+            cols.push(n);
+        }
+        tx.execute(
+            &format!(
+                "INSERT INTO node_directory ({NODE_COLS}) \
+                 SELECT * FROM UNNEST($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], \
+                 $5::DOUBLE PRECISION[], $6::DOUBLE PRECISION[], $7::TEXT[], $8::TEXT[], \
+                 $9::TEXT[], $10::BIGINT[], $11::BIGINT[], $12::BIGINT[], $13::BIGINT[], \
+                 $14::BOOLEAN[], $15::TEXT[], $16::BIGINT[]) \
                  ON CONFLICT (node_id) DO UPDATE SET operator_id = excluded.operator_id, \
                  gateway_id = excluded.gateway_id, country = excluded.country, \
                  lat = excluded.lat, lon = excluded.lon, gpu_classes = excluded.gpu_classes, \
@@ -237,44 +295,27 @@ impl PgStore {
                  game_free = excluded.game_free, accepting = excluded.accepting, \
                  verification = excluded.verification, updated_at_ms = excluded.updated_at_ms \
                  WHERE node_directory.updated_at_ms <= excluded.updated_at_ms"
-            ))
-            .map_err(pg_err("prepare publish node"))?;
-        for n in nodes {
-            let (classes, models, games) = (
-                list_to_json(&n.gpu_classes),
-                list_to_json(&n.models),
-                list_to_json(&n.games),
-            );
-            let counts = [
-                i64::from(n.inference_slots),
-                i64::from(n.inference_free),
-                i64::from(n.game_slots),
-                i64::from(n.game_free),
-            ];
-            let updated = i(n.updated_at_ms);
-            tx.execute(
-                &stmt,
-                &[
-                    &n.node_id,
-                    &n.operator_id,
-                    &n.gateway_id,
-                    &n.country,
-                    &n.lat,
-                    &n.lon,
-                    &classes,
-                    &models,
-                    &games,
-                    &counts[0],
-                    &counts[1],
-                    &counts[2],
-                    &counts[3],
-                    &n.accepting,
-                    &n.verification,
-                    &updated,
-                ],
-            )
-            .map_err(pg_err("publish node"))?;
-        }
+            ),
+            &[
+                &cols.node_id,
+                &cols.operator_id,
+                &cols.gateway_id,
+                &cols.country,
+                &cols.lat,
+                &cols.lon,
+                &cols.gpu_classes,
+                &cols.models,
+                &cols.games,
+                &cols.inference_slots,
+                &cols.inference_free,
+                &cols.game_slots,
+                &cols.game_free,
+                &cols.accepting,
+                &cols.verification,
+                &cols.updated_at_ms,
+            ],
+        )
+        .map_err(pg_err("publish nodes"))?;
         tx.commit().map_err(pg_err("commit publish nodes"))
     }
 
