@@ -10,13 +10,79 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use nearpath_gateway::store::{
-    hash_secret, KycStatus, SlaDelta, SqliteStore, Store, StoreError, UsageKind, UsageRecord,
+    hash_secret, KycStatus, PgStore, SlaDelta, SqliteStore, Store, StoreError, UsageKind, UsageRecord,
     UsageTotals, SCHEMA_VERSION,
 };
+
+// The throwaway PostgreSQL server of the end-to-end tests, included by path: a dependency on
+// `nearpath-tests` would be circular (it depends on this crate).
+#[path = "../../tests/src/pg.rs"]
+#[allow(dead_code)]
+mod pg;
+
+/// A fresh database on this binary's PostgreSQL server, or `None` (after printing why) when
+/// PostgreSQL is not installed and `CI` is not set.
+fn pg_url(test: &str) -> Option<String> {
+    pg::PgServer::shared().map(|server| server.new_database(test))
+}
+
+fn pg_open(url: &str) -> PgStore {
+    PgStore::open(url, 4, Duration::from_secs(20)).expect("open PostgreSQL store")
+}
+
+/// A PostgreSQL store on a fresh database (see [`pg_url`]).
+fn pg_store(test: &str) -> Option<Arc<dyn Store>> {
+    pg_url(test).map(|url| Arc::new(pg_open(&url)) as Arc<dyn Store>)
+}
+
+/// Runs each named behaviour test (a `fn(Arc<dyn Store>)`) against both stores.
+macro_rules! store_suite {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite_suite {
+            $(
+                #[test]
+                fn $name() {
+                    super::$name(super::mem())
+                }
+            )*
+        }
+        mod pg_suite {
+            $(
+                #[test]
+                fn $name() {
+                    if let Some(store) = super::pg_store(stringify!($name)) {
+                        super::$name(store)
+                    }
+                }
+            )*
+        }
+    };
+}
 
 fn mem() -> Arc<dyn Store> {
     Arc::new(SqliteStore::open_in_memory().expect("open in-memory store"))
 }
+
+// The behaviour suite: each of these tests runs against SQLite (`sqlite_suite::`) and against
+// PostgreSQL (`pg_suite::`, on the throwaway server of `nearpath_tests::pg`, a database per
+// test), so that the two stores keep one set of semantics.
+store_suite!(
+    operators_are_created_listed_and_validated,
+    kyc_transitions_are_stored_and_seen_by_token_authentication,
+    enrolment_tokens_authenticate_until_revoked,
+    api_keys_authenticate_until_revoked_and_fixed_secrets_are_idempotent,
+    sla_records_accumulate,
+    penalties_are_listed_counted_and_bump_the_sla_record,
+    node_ids_belong_to_their_first_operator_forever,
+    sla_records_and_penalties_are_kept_per_operator,
+    gpu_models_are_noted_while_unclassified_and_classified_by_admins,
+    usage_is_listed_and_summed,
+    invalid_usage_is_refused_before_reaching_the_ledger,
+    hostile_names_and_ids_are_refused_naming_the_field,
+    key_usage_is_summed_by_key_utc_day_and_model_over_inference_records_only,
+    a_key_policy_round_trips_and_bad_values_are_refused_naming_the_field,
+
+);
 
 fn usage(n: u64, tenant: &str, node: &str, outcome: &str) -> UsageRecord {
     // Every third record is a game session (frames, no tokens); the rest are inference requests.
@@ -55,9 +121,7 @@ fn usage(n: u64, tenant: &str, node: &str, outcome: &str) -> UsageRecord {
 // ---------------------------------------------------------------------------------------------
 // Operators and KYC
 
-#[test]
-fn operators_are_created_listed_and_validated() {
-    let store = mem();
+fn operators_are_created_listed_and_validated(store: Arc<dyn Store>) {
     let a = store
         .create_operator("  Acme GPUs  ", KycStatus::Pending)
         .expect("create a");
@@ -81,9 +145,7 @@ fn operators_are_created_listed_and_validated() {
     assert_eq!(store.list_operators().expect("list").len(), 2);
 }
 
-#[test]
-fn kyc_transitions_are_stored_and_seen_by_token_authentication() {
-    let store = mem();
+fn kyc_transitions_are_stored_and_seen_by_token_authentication(store: Arc<dyn Store>) {
     let op = store
         .create_operator("Node Co", KycStatus::Pending)
         .expect("create");
@@ -126,9 +188,7 @@ fn kyc_transitions_are_stored_and_seen_by_token_authentication() {
 // ---------------------------------------------------------------------------------------------
 // Enrolment tokens and API keys
 
-#[test]
-fn enrolment_tokens_authenticate_until_revoked() {
-    let store = mem();
+fn enrolment_tokens_authenticate_until_revoked(store: Arc<dyn Store>) {
     let op = store
         .create_operator("Op", KycStatus::Verified)
         .expect("create");
@@ -236,9 +296,7 @@ impl EnrolmentTokenView {
     }
 }
 
-#[test]
-fn api_keys_authenticate_until_revoked_and_fixed_secrets_are_idempotent() {
-    let store = mem();
+fn api_keys_authenticate_until_revoked_and_fixed_secrets_are_idempotent(store: Arc<dyn Store>) {
     let (k1, s1) = store.create_api_key("acme", 60, 10_000).expect("k1");
     let (k2, s2) = store.create_api_key("beta", 5, 500).expect("k2");
     assert!(s1.starts_with("npk_") && s1.len() == 68, "{s1}");
@@ -386,9 +444,7 @@ fn secrets_are_stored_only_as_sha256_digests() {
 // ---------------------------------------------------------------------------------------------
 // SLA and penalties
 
-#[test]
-fn sla_records_accumulate() {
-    let store = mem();
+fn sla_records_accumulate(store: Arc<dyn Store>) {
     assert_eq!(store.sla_get("op_1", "node-a").expect("get"), None);
     let first = store
         .sla_apply(
@@ -483,9 +539,7 @@ fn sla_records_accumulate() {
     ));
 }
 
-#[test]
-fn penalties_are_listed_counted_and_bump_the_sla_record() {
-    let store = mem();
+fn penalties_are_listed_counted_and_bump_the_sla_record(store: Arc<dyn Store>) {
     store
         .sla_apply(
             "node-a",
@@ -594,9 +648,7 @@ fn penalties_are_listed_counted_and_bump_the_sla_record() {
     );
 }
 
-#[test]
-fn node_ids_belong_to_their_first_operator_forever() {
-    let store = mem();
+fn node_ids_belong_to_their_first_operator_forever(store: Arc<dyn Store>) {
     assert_eq!(store.node_owner("acme-gpu-1").expect("owner"), None);
     assert_eq!(
         store
@@ -639,12 +691,18 @@ fn racing_claims_of_a_fresh_node_id_have_one_winner() {
     let stores: Vec<Arc<dyn Store>> = (0..2)
         .map(|_| Arc::new(SqliteStore::open(&path).expect("open")) as Arc<dyn Store>)
         .collect();
+    racing_claims_have_one_winner(&stores, 4);
+}
+
+/// `threads` threads over `stores` (gateways' stores on one database) claim each of 20 fresh
+/// node ids at once: every thread reads back the same single owner.
+fn racing_claims_have_one_winner(stores: &[Arc<dyn Store>], threads: usize) {
     for round in 0..20 {
         let id = format!("node-{round}");
-        let barrier = Arc::new(Barrier::new(4));
-        let handles: Vec<_> = (0..4)
+        let barrier = Arc::new(Barrier::new(threads));
+        let handles: Vec<_> = (0..threads)
             .map(|t| {
-                let store = Arc::clone(&stores[t % 2]);
+                let store = Arc::clone(&stores[t % stores.len()]);
                 let (barrier, id) = (Arc::clone(&barrier), id.clone());
                 thread::spawn(move || {
                     barrier.wait();
@@ -662,9 +720,7 @@ fn racing_claims_of_a_fresh_node_id_have_one_winner() {
     }
 }
 
-#[test]
-fn sla_records_and_penalties_are_kept_per_operator() {
-    let store = mem();
+fn sla_records_and_penalties_are_kept_per_operator(store: Arc<dyn Store>) {
     let seen = |at| SlaDelta {
         registrations: 1,
         seen_at_ms: at,
@@ -772,9 +828,7 @@ CREATE TABLE usage_records (id INTEGER PRIMARY KEY AUTOINCREMENT, at_ms INTEGER 
 CREATE INDEX usage_records_by_time ON usage_records (at_ms);
 "#;
 
-#[test]
-fn gpu_models_are_noted_while_unclassified_and_classified_by_admins() {
-    let store = mem();
+fn gpu_models_are_noted_while_unclassified_and_classified_by_admins(store: Arc<dyn Store>) {
     assert_eq!(store.gpu_model_class("acmeturbo9000").expect("get"), None);
     store
         .note_unclassified_gpu_model("acmeturbo9000", "Acme Turbo 9000", 10)
@@ -866,9 +920,7 @@ fn assert_totals_eq(got: &[UsageTotals], want: &[UsageTotals]) {
     }
 }
 
-#[test]
-fn usage_is_listed_and_summed() {
-    let store = mem();
+fn usage_is_listed_and_summed(store: Arc<dyn Store>) {
     let tenants = ["acme", "beta", "zeta"];
     let nodes = ["node-1", "node-2", ""];
     let outcomes = ["ok", "ok", "error", "cancelled", "timeout"];
@@ -917,9 +969,7 @@ fn usage_is_listed_and_summed() {
     assert!(empty.by_tenant.is_empty() && empty.by_node.is_empty());
 }
 
-#[test]
-fn invalid_usage_is_refused_before_reaching_the_ledger() {
-    let store = mem();
+fn invalid_usage_is_refused_before_reaching_the_ledger(store: Arc<dyn Store>) {
     let cases: [(&str, UsageRecord); 5] = [
         (
             "duration_ms",
@@ -1226,7 +1276,10 @@ fn a_held_lock_gives_retryable_errors_and_reads_continue() {
 
 #[tokio::test]
 async fn works_from_async_code_through_spawn_blocking() {
-    let store = mem();
+    works_from_async_code(mem()).await;
+}
+
+async fn works_from_async_code(store: Arc<dyn Store>) {
     let id = tokio::task::spawn_blocking({
         let store = Arc::clone(&store);
         move || store.append_usage(usage(1, "t", "n", "ok"))
@@ -1509,10 +1562,8 @@ fn bench_append_usage_throughput() {
 // ---------------------------------------------------------------------------------------------
 // API key policy (issue 12) and usage by key and day.
 
-#[test]
-fn a_key_policy_round_trips_and_bad_values_are_refused_naming_the_field() {
+fn a_key_policy_round_trips_and_bad_values_are_refused_naming_the_field(store: Arc<dyn Store>) {
     use nearpath_gateway::store::ApiKeyUpdate;
-    let store = mem();
     let (k, secret) = store.create_api_key("acme", 60, 10_000).expect("key");
     assert_eq!(k.policy, Default::default());
     let update = ApiKeyUpdate {
@@ -1608,9 +1659,7 @@ fn a_key_policy_round_trips_and_bad_values_are_refused_naming_the_field() {
     assert_eq!(store.list_api_keys().unwrap()[0], k);
 }
 
-#[test]
-fn key_usage_is_summed_by_key_utc_day_and_model_over_inference_records_only() {
-    let store = mem();
+fn key_usage_is_summed_by_key_utc_day_and_model_over_inference_records_only(store: Arc<dyn Store>) {
     let day = 86_400_000u64;
     let base = 20_000 * day;
     let rec = |key: &str, at_ms: u64, model: &str, kind: UsageKind, p: u64, c: u64| {
@@ -1660,4 +1709,316 @@ fn key_usage_is_summed_by_key_utc_day_and_model_over_inference_records_only() {
     let all = store.key_usage_by_day(None, base, base + day).expect("all");
     assert_eq!(all.len(), 3);
     assert_eq!(all[2].api_key_id, "key_b");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Hostile input (both stores)
+
+fn hostile_names_and_ids_are_refused_naming_the_field(store: Arc<dyn Store>) {
+    let huge = "x".repeat(100_000);
+    for (bad, what) in [
+        (huge.as_str(), "huge"),
+        ("nul\0inside", "NUL"),
+        ("bell\u{7}", "control character"),
+        ("line\nbreak", "newline"),
+    ] {
+        match store.create_operator(bad, KycStatus::Verified) {
+            Err(StoreError::Invalid { field: "name", .. }) => {}
+            other => panic!("operator name ({what}): expected Invalid, got {other:?}"),
+        }
+        match store.insert_api_key_secret("npk_hostile", bad, 1, 1) {
+            Err(StoreError::Invalid {
+                field: "tenant", ..
+            }) => {}
+            other => panic!("tenant ({what}): expected Invalid, got {other:?}"),
+        }
+        match store.insert_api_key_secret(bad, "tenant", 1, 1) {
+            Err(StoreError::Invalid {
+                field: "secret", ..
+            }) => {}
+            other => panic!("secret ({what}): expected Invalid, got {other:?}"),
+        }
+        // Authentication with such a secret finds nothing and fails nothing.
+        assert_eq!(store.authenticate_api_key(bad).expect("auth"), None);
+        assert!(store.authenticate_enrolment_token(bad).expect("auth").is_none());
+    }
+    let huge_id = "n".repeat(257);
+    match store.claim_node_id(&huge_id, "op_a", 1) {
+        Err(StoreError::Invalid {
+            field: "node_id", ..
+        }) => {}
+        other => panic!("huge node id: expected Invalid, got {other:?}"),
+    }
+    match store.record_penalty("node", "op_a", 1, "kind", 1, &huge) {
+        Err(StoreError::Invalid {
+            field: "detail", ..
+        }) => {}
+        other => panic!("huge penalty detail: expected Invalid, got {other:?}"),
+    }
+    match store.sla_apply(
+        "node",
+        "op_a",
+        SlaDelta {
+            registered_ms: u64::MAX,
+            ..SlaDelta::default()
+        },
+    ) {
+        Err(StoreError::Invalid {
+            field: "registered_ms",
+            ..
+        }) => {}
+        other => panic!("inflated SLA count: expected Invalid, got {other:?}"),
+    }
+    // Lookups of ids no store could hold are answered, not failed.
+    assert_eq!(store.node_owner(&huge).expect("owner"), None);
+    assert_eq!(store.node_owner("a\0b").expect("owner"), None);
+    assert_eq!(store.get_operator("op_\0").expect("get"), None);
+    for result in [
+        store.revoke_api_key("key_\0"),
+        store.revoke_enrolment_token("tok_\0"),
+        store.set_operator_kyc("op_\0", KycStatus::Verified).map(drop),
+        store.list_enrolment_tokens("op_\0").map(drop),
+        store.create_enrolment_token("op_\0").map(drop),
+    ] {
+        assert!(
+            matches!(result, Err(StoreError::NotFound { .. })),
+            "{result:?}"
+        );
+    }
+    assert!(store.list_operators().expect("list").is_empty());
+    assert!(store.list_api_keys().expect("list").is_empty());
+    assert!(store.sla_list().expect("list").is_empty());
+    assert!(store.ledger_health().healthy);
+}
+
+// ---------------------------------------------------------------------------------------------
+// PostgreSQL only: concurrency, migration races, connection failures, visibility across gateways
+
+#[test]
+fn pg_racing_claims_from_many_threads_and_two_gateways_have_one_owner() {
+    let Some(url) = pg_url("racing_claims") else {
+        return;
+    };
+    let stores: Vec<Arc<dyn Store>> = (0..2)
+        .map(|_| Arc::new(pg_open(&url)) as Arc<dyn Store>)
+        .collect();
+    racing_claims_have_one_winner(&stores, 16);
+}
+
+#[test]
+fn pg_gateways_migrating_one_empty_database_together_all_succeed() {
+    let Some(url) = pg_url("migrate_race") else {
+        return;
+    };
+    const GATEWAYS: usize = 6;
+    let barrier = Arc::new(Barrier::new(GATEWAYS));
+    let handles: Vec<_> = (0..GATEWAYS)
+        .map(|_| {
+            let (barrier, url) = (Arc::clone(&barrier), url.clone());
+            thread::spawn(move || {
+                barrier.wait();
+                PgStore::open(&url, 2, Duration::from_secs(20))
+            })
+        })
+        .collect();
+    let stores: Vec<PgStore> = handles
+        .into_iter()
+        .map(|h| h.join().expect("thread").expect("every gateway opens"))
+        .collect();
+    // Every gateway works on the one schema.
+    let op = stores[0]
+        .create_operator("Racer", KycStatus::Verified)
+        .expect("create");
+    for s in &stores {
+        assert_eq!(s.get_operator(&op.id).expect("get").as_ref(), Some(&op));
+    }
+    let version = pg_query_i64(&url, "SELECT version FROM nearpath_schema WHERE id = 1");
+    assert_eq!(version, nearpath_gateway::store::pg::PG_SCHEMA_VERSION);
+    // Reopening an up-to-date database changes nothing and keeps everything.
+    drop(stores);
+    let again = pg_open(&url);
+    assert_eq!(again.list_operators().expect("list"), vec![op]);
+}
+
+#[test]
+fn pg_a_newer_schema_is_refused() {
+    let Some(url) = pg_url("newer_schema") else {
+        return;
+    };
+    drop(pg_open(&url));
+    pg_execute(&url, "UPDATE nearpath_schema SET version = 999 WHERE id = 1");
+    match PgStore::open(&url, 1, Duration::from_secs(20)) {
+        Err(StoreError::SchemaTooNew {
+            found, supported, ..
+        }) => {
+            assert_eq!(found, 999);
+            assert_eq!(supported, nearpath_gateway::store::pg::PG_SCHEMA_VERSION);
+        }
+        other => panic!("expected SchemaTooNew, got {other:?}"),
+    }
+}
+
+#[test]
+fn pg_a_closed_port_is_unavailable_quickly_and_retryable() {
+    // A port that was just free: nothing listens on it.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind")
+        .port();
+    let url = format!("postgresql://nearpath:secret-password@127.0.0.1:{port}/nearpath");
+    let started = Instant::now();
+    let err = PgStore::open(&url, 2, Duration::from_millis(300)).expect_err("nothing listens");
+    let took = started.elapsed();
+    assert!(
+        matches!(err, StoreError::Unavailable { .. }),
+        "expected Unavailable, got {err:?}"
+    );
+    assert!(err.is_retryable(), "{err:?}");
+    assert!(
+        !err.to_string().contains("secret-password"),
+        "the error must not show the password: {err}"
+    );
+    // The connect timeout bounds it (generous margin for a loaded machine).
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+}
+
+#[test]
+fn pg_a_bad_url_is_invalid_naming_store_url() {
+    match PgStore::open("postgresql://[::1", 1, Duration::from_millis(100)) {
+        Err(StoreError::Invalid {
+            field: "store.url", ..
+        }) => {}
+        other => panic!("expected Invalid store.url, got {other:?}"),
+    }
+}
+
+#[test]
+fn pg_a_usage_record_is_readable_by_another_gateway_as_soon_as_append_returns() {
+    let Some(url) = pg_url("usage_visibility") else {
+        return;
+    };
+    let (a, b) = (pg_open(&url), pg_open(&url));
+    for n in 1..=20 {
+        let id = a.append_usage(usage(n, "t", "n", "ok")).expect("append");
+        // No polling: the acknowledgement means committed, so the other gateway sees it now.
+        let seen = b.list_usage(1).expect("list");
+        assert_eq!(seen.first().and_then(|r| r.id), Some(id), "record {n}");
+    }
+    let summary = b.usage_summary(None).expect("summary");
+    assert_eq!(summary.by_tenant[0].requests, 20);
+}
+
+#[test]
+fn pg_nul_in_ids_is_refused_and_in_usage_text_is_replaced_not_failed() {
+    let Some(store) = pg_store("nul") else {
+        return;
+    };
+    match store.claim_node_id("node\0x", "op_a", 1) {
+        Err(StoreError::Invalid {
+            field: "node_id", ..
+        }) => {}
+        other => panic!("NUL node id: expected Invalid, got {other:?}"),
+    }
+    match store.record_penalty("node", "op_a", 1, "kind", 1, "detail\0") {
+        Err(StoreError::Invalid {
+            field: "detail", ..
+        }) => {}
+        other => panic!("NUL detail: expected Invalid, got {other:?}"),
+    }
+    // A usage record is billing: a hostile model name must not make it (or the ledger) fail.
+    let mut r = usage(1, "t", "n", "ok");
+    r.workload = "evil\0model".into();
+    let id = store.append_usage(r).expect("append");
+    let stored = store.list_usage(1).expect("list");
+    assert_eq!(stored[0].id, Some(id));
+    assert_eq!(stored[0].workload, "evil\u{FFFD}model");
+    assert!(store.ledger_health().healthy);
+}
+
+#[tokio::test]
+async fn pg_works_from_async_code_and_drops_there() {
+    // Opening and dropping happen on the runtime's thread here, as in `gateway run`.
+    let Some(url) = pg_url("async") else {
+        return;
+    };
+    let store: Arc<dyn Store> = Arc::new(pg_open(&url));
+    let last = Arc::clone(&store);
+    works_from_async_code(store).await;
+    // The last reference goes here, on the runtime's thread.
+    drop(last);
+}
+
+fn pg_client(url: &str) -> postgres::Client {
+    postgres::Client::connect(url, postgres::NoTls).expect("raw connect")
+}
+
+fn pg_execute(url: &str, sql: &str) {
+    pg_client(url).batch_execute(sql).expect("raw execute");
+}
+
+fn pg_query_i64(url: &str, sql: &str) -> i64 {
+    pg_client(url)
+        .query_one(sql, &[])
+        .expect("raw query")
+        .get::<_, i64>(0)
+}
+
+/// Polls `cond` until it holds or `limit` passes (the ledger probe runs every 500 ms).
+fn holds_within(limit: Duration, cond: impl Fn() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if cond() {
+            return true;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    cond()
+}
+
+#[test]
+fn pg_a_ledger_that_cannot_commit_is_unhealthy_until_a_probe_commits() {
+    let Some(url) = pg_url("ledger_health") else {
+        return;
+    };
+    let admin = pg::PgServer::shared().expect("server").url();
+    let db = url.rsplit('/').next().expect("database name").to_string();
+    // What a primary that came back read-only looks like: every new session of the database is
+    // read-only, and the sessions the store holds are cut.
+    let set_read_only = |on: bool| {
+        pg_execute(
+            &admin,
+            &format!(
+                "ALTER DATABASE \"{db}\" SET default_transaction_read_only = {on}; \
+                 SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                 WHERE datname = '{db}' AND pid <> pg_backend_pid()"
+            ),
+        )
+    };
+    let store = pg_open(&url);
+    store.append_usage(usage(1, "t", "n", "ok")).expect("append");
+    assert!(store.ledger_health().healthy);
+
+    set_read_only(true);
+    let err = store
+        .append_usage(usage(2, "t", "n", "ok"))
+        .expect_err("a read-only database cannot take usage");
+    assert!(matches!(err, StoreError::Postgres { .. }), "{err:?}");
+    let h = store.ledger_health();
+    assert!(!h.healthy, "{h:?}");
+    assert!(h.write_failures >= 1, "{h:?}");
+    // Probes keep failing (and counting) while it stays read-only; reads go on.
+    assert!(holds_within(Duration::from_secs(20), || store
+        .ledger_health()
+        .write_failures
+        >= 2));
+    assert!(!store.ledger_health().healthy);
+    assert_eq!(store.list_usage(10).expect("reads go on").len(), 1);
+
+    set_read_only(false);
+    // No usage write is needed to notice the recovery: the probe does.
+    assert!(holds_within(Duration::from_secs(20), || store
+        .ledger_health()
+        .healthy));
+    store.append_usage(usage(3, "t", "n", "ok")).expect("append again");
+    assert_eq!(store.list_usage(10).expect("list").len(), 2);
 }

@@ -7,39 +7,60 @@ use std::sync::Arc;
 mod directory_checks;
 
 use directory_checks::*;
-use nearpath_gateway::store::{SqliteStore, Store};
+use nearpath_gateway::store::{PgStore, SqliteStore, Store};
+use std::time::Duration;
 
 fn sqlite() -> Arc<dyn Store> {
     Arc::new(SqliteStore::open_in_memory().expect("open in-memory store"))
 }
 
-// ---------------------------------------------------------------------------------------------
-// SQLite.
+// The throwaway PostgreSQL server of the end-to-end tests, included by path (as in `store.rs`).
+#[path = "../../tests/src/pg.rs"]
+#[allow(dead_code)]
+mod pg;
 
-#[test]
-fn sqlite_heartbeats_renew_and_expired_leases_stay_listed_as_expired() {
-    heartbeats_renew_and_expired_leases_stay_listed_as_expired(sqlite().as_ref());
+/// A PostgreSQL store on a fresh database, or `None` (after printing why) when PostgreSQL is
+/// not installed and `CI` is not set.
+fn postgres(test: &str) -> Option<Arc<dyn Store>> {
+    pg::PgServer::shared().map(|server| {
+        let url = server.new_database(test);
+        Arc::new(PgStore::open(&url, 4, Duration::from_secs(20)).expect("open PostgreSQL store"))
+            as Arc<dyn Store>
+    })
 }
 
-#[test]
-fn sqlite_a_live_holder_of_the_id_with_another_pin_refuses_the_join() {
-    a_live_holder_of_the_id_with_another_pin_refuses_the_join(sqlite().as_ref());
+/// Runs each check of `directory_checks` against SQLite (`sqlite_suite::`) and PostgreSQL
+/// (`pg_suite::`, a database per test).
+macro_rules! directory_suite {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite_suite {
+            $(
+                #[test]
+                fn $name() {
+                    super::$name(super::sqlite().as_ref())
+                }
+            )*
+        }
+        mod pg_suite {
+            $(
+                #[test]
+                fn $name() {
+                    if let Some(store) = super::postgres(concat!("dir_", stringify!($name))) {
+                        super::$name(store.as_ref())
+                    }
+                }
+            )*
+        }
+    };
 }
 
-#[test]
-fn sqlite_publishing_replaces_the_gateways_whole_set() {
-    publishing_replaces_the_gateways_whole_set(sqlite().as_ref());
-}
-
-#[test]
-fn sqlite_a_node_that_moved_keeps_the_newer_entry() {
-    a_node_that_moved_keeps_the_newer_entry(sqlite().as_ref());
-}
-
-#[test]
-fn sqlite_hostile_directory_entries_are_refused_with_invalid() {
-    hostile_directory_entries_are_refused_with_invalid(sqlite().as_ref());
-}
+directory_suite!(
+    heartbeats_renew_and_expired_leases_stay_listed_as_expired,
+    a_live_holder_of_the_id_with_another_pin_refuses_the_join,
+    publishing_replaces_the_gateways_whole_set,
+    a_node_that_moved_keeps_the_newer_entry,
+    hostile_directory_entries_are_refused_with_invalid,
+);
 
 #[test]
 fn sqlite_directories_survive_reopening_the_file() {

@@ -4,3 +4,4 @@
 pub mod fake_node;
 pub mod game_impaired;
 pub mod impair;
+pub mod pg;

@@ -4,9 +4,11 @@
 mod common;
 
 use common::*;
+use nearpath_gateway::store::{PgStore, Store};
 use nearpath_gateway::{Gateway, GatewayError, Listeners};
 use serde_json::Value;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Bounded waits: the directory refreshes every 100 ms here; seconds of margin for a loaded
@@ -289,4 +291,87 @@ async fn a_public_address_the_directory_would_refuse_stops_the_gateway_at_start(
         assert!(matches!(err, GatewayError::Config(_)), "{err}");
         assert!(err.to_string().contains(field), "{err}");
     }
+}
+
+/// Two gateways each with its own connection pool to one PostgreSQL database, as regional
+/// gateways run: each sees the other, the other's node and the other's penalty.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_gateways_sharing_postgresql_see_each_other_their_nodes_and_penalties() {
+    let Some(server) = nearpath_tests::pg::PgServer::shared() else {
+        return;
+    };
+    let url = server.new_database("gateway_directory");
+    let open = |url: String| async move {
+        tokio::task::spawn_blocking(move || {
+            Arc::new(PgStore::open(&url, 4, Duration::from_secs(20)).unwrap()) as Arc<dyn Store>
+        })
+        .await
+        .unwrap()
+    };
+    let a = TestGateway::start_on(open(url.clone()).await, |c| {
+        federate(c, "eu-1", "eu-central", 50.1, 8.7)
+    })
+    .await;
+    let b = TestGateway::start_on(open(url.clone()).await, |c| {
+        federate(c, "us-1", "us-east", 40.7, -74.0)
+    })
+    .await;
+    for gw in [&a, &b] {
+        eventually("both gateways in /v1/gateways", WAIT, || async {
+            (ids_of(&client_gateways(gw).await) == ["eu-1", "us-1"]).then_some(())
+        })
+        .await;
+    }
+    let mut node = TestNode::start(a.node_config("de-1", &a.token), ip(DE));
+    node.registered().await;
+    let at_b = eventually("de-1 in us-1's node listing", WAIT, || async {
+        let list = b.admin_get("/admin/nodes").await;
+        list["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["id"] == "de-1")
+            .cloned()
+    })
+    .await;
+    assert_eq!(
+        (at_b["gateway_id"].as_str(), at_b["remote"].as_bool()),
+        (Some("eu-1"), Some(true)),
+        "{at_b}"
+    );
+
+    let store = a.store.clone();
+    let operator = a.operator_id.clone();
+    tokio::task::spawn_blocking(move || {
+        store
+            .record_penalty(
+                "de-1",
+                &operator,
+                1_700_000_000_000,
+                "disconnect_without_drain",
+                1,
+                "at eu-1",
+            )
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let list = b.admin_get("/admin/penalties").await;
+    assert!(
+        list["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["detail"] == "at eu-1"),
+        "{list}"
+    );
+
+    node.stop().await.unwrap();
+    let _ = b.stop().await;
+    assert_eq!(
+        ids_of(&a.admin_get("/admin/gateways").await),
+        ["eu-1"],
+        "us-1 left"
+    );
+    let _ = a.stop().await;
 }

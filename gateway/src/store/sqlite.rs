@@ -317,30 +317,31 @@ impl WriterCounters {
     }
 }
 
-/// A validated usage record, converted to what SQLite stores, waiting for the writer.
-struct UsageRow {
-    at_ms: i64,
-    kind: &'static str,
-    request_id: String,
-    tenant: String,
-    api_key_id: String,
-    node_id: String,
-    operator_id: String,
-    workload: String,
-    outcome: String,
-    prompt_tokens: i64,
-    completion_tokens: i64,
-    ttft_ms: Option<f64>,
-    duration_ms: f64,
-    gpu_seconds: f64,
-    frames: i64,
-    bytes: i64,
-    node_prompt_tokens: Option<i64>,
-    node_completion_tokens: Option<i64>,
+/// A validated usage record, converted to what SQLite stores, waiting for the writer (the
+/// PostgreSQL store validates with it too).
+pub(super) struct UsageRow {
+    pub(super) at_ms: i64,
+    pub(super) kind: &'static str,
+    pub(super) request_id: String,
+    pub(super) tenant: String,
+    pub(super) api_key_id: String,
+    pub(super) node_id: String,
+    pub(super) operator_id: String,
+    pub(super) workload: String,
+    pub(super) outcome: String,
+    pub(super) prompt_tokens: i64,
+    pub(super) completion_tokens: i64,
+    pub(super) ttft_ms: Option<f64>,
+    pub(super) duration_ms: f64,
+    pub(super) gpu_seconds: f64,
+    pub(super) frames: i64,
+    pub(super) bytes: i64,
+    pub(super) node_prompt_tokens: Option<i64>,
+    pub(super) node_completion_tokens: Option<i64>,
 }
 
 impl UsageRow {
-    fn new(r: UsageRecord) -> Result<Self, StoreError> {
+    pub(super) fn new(r: UsageRecord) -> Result<Self, StoreError> {
         check_id("request_id", &r.request_id, true)?;
         check_id("tenant", &r.tenant, true)?;
         check_id("api_key_id", &r.api_key_id, true)?;
@@ -1126,7 +1127,7 @@ fn operator_exists(conn: &Connection, id: &str) -> Result<bool, StoreError> {
         .map(|found| found.is_some())
 }
 
-fn check_secret(secret: &str) -> Result<(), StoreError> {
+pub(super) fn check_secret(secret: &str) -> Result<(), StoreError> {
     if secret.is_empty() || secret.len() > MAX_SECRET_BYTES {
         return Err(StoreError::Invalid {
             field: "secret",

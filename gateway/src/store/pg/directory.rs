@@ -7,7 +7,7 @@ use ::postgres::Row;
 use super::super::directory::{
     check_gateway_id, check_gateway_record, check_publication, list_from_json, list_to_json,
 };
-use super::{pg_err, GatewayRecord, NodeDirEntry, PgStore, StoreError};
+use super::{pg_err, GatewayRecord, NodeDirEntry, PgConn, PgStore, Retry, StoreError};
 
 /// Migration that creates the directories (appended to `MIGRATIONS`; self-contained).
 pub(crate) const MIGRATION: &str = r#"
@@ -205,9 +205,10 @@ impl PgStore {
 
     pub(crate) fn dir_heartbeat(&self, record: &GatewayRecord) -> Result<(), StoreError> {
         check_gateway_record(record)?;
-        let mut conn = self.conn()?;
-        Self::upsert_gateway(&mut *conn, record, None)?;
-        Ok(())
+        self.run(Retry::Idempotent, |conn| {
+            Self::upsert_gateway(&mut **conn, record, None)?;
+            Ok(())
+        })
     }
 
     pub(crate) fn dir_join(
@@ -216,7 +217,17 @@ impl PgStore {
         now_ms: u64,
     ) -> Result<Option<GatewayRecord>, StoreError> {
         check_gateway_record(record)?;
-        let mut conn = self.conn()?;
+        // Idempotent: a retried join after a commit whose answer was lost finds its own pin.
+        self.run(Retry::Idempotent, |conn| {
+            Self::join_tx(conn, record, now_ms)
+        })
+    }
+
+    fn join_tx(
+        conn: &mut PgConn,
+        record: &GatewayRecord,
+        now_ms: u64,
+    ) -> Result<Option<GatewayRecord>, StoreError> {
         let mut tx = conn.transaction().map_err(pg_err("begin gateway join"))?;
         // The conditional upsert locks the conflicting row, so a concurrent join of the same
         // id waits here and then sees this one's row.
@@ -236,27 +247,29 @@ impl PgStore {
 
     pub(crate) fn dir_leave(&self, gateway_id: &str) -> Result<(), StoreError> {
         check_gateway_id("gateway_id", gateway_id)?;
-        let mut conn = self.conn()?;
-        let mut tx = conn.transaction().map_err(pg_err("begin gateway leave"))?;
-        tx.execute(
-            "DELETE FROM node_directory WHERE gateway_id = $1",
-            &[&gateway_id],
-        )
-        .map_err(pg_err("delete gateway's nodes"))?;
-        tx.execute("DELETE FROM gateways WHERE id = $1", &[&gateway_id])
-            .map_err(pg_err("delete gateway"))?;
-        tx.commit().map_err(pg_err("commit gateway leave"))
+        self.run(Retry::Idempotent, |conn| {
+            let mut tx = conn.transaction().map_err(pg_err("begin gateway leave"))?;
+            tx.execute(
+                "DELETE FROM node_directory WHERE gateway_id = $1",
+                &[&gateway_id],
+            )
+            .map_err(pg_err("delete gateway's nodes"))?;
+            tx.execute("DELETE FROM gateways WHERE id = $1", &[&gateway_id])
+                .map_err(pg_err("delete gateway"))?;
+            tx.commit().map_err(pg_err("commit gateway leave"))
+        })
     }
 
     pub(crate) fn dir_list_gateways(&self) -> Result<Vec<GatewayRecord>, StoreError> {
-        let mut conn = self.conn()?;
-        let rows = conn
-            .query(
-                &format!("SELECT {GATEWAY_COLS} FROM gateways ORDER BY id"),
-                &[],
-            )
-            .map_err(pg_err("list gateways"))?;
-        Ok(rows.iter().map(gateway_from_row).collect())
+        self.run(Retry::Idempotent, |conn| {
+            let rows = conn
+                .query(
+                    &format!("SELECT {GATEWAY_COLS} FROM gateways ORDER BY id"),
+                    &[],
+                )
+                .map_err(pg_err("list gateways"))?;
+            Ok(rows.iter().map(gateway_from_row).collect())
+        })
     }
 
     pub(crate) fn dir_publish_nodes(
@@ -265,7 +278,21 @@ impl PgStore {
         nodes: &[NodeDirEntry],
     ) -> Result<(), StoreError> {
         check_publication(gateway_id, nodes)?;
-        let mut conn = self.conn()?;
+        // A node another gateway published more recently (it moved there) keeps that entry.
+        let mut cols = NodeColumns::with_capacity(nodes.len());
+        for n in nodes {
+            cols.push(n);
+        }
+        self.run(Retry::Idempotent, |conn| {
+            Self::publish_tx(conn, gateway_id, &cols)
+        })
+    }
+
+    fn publish_tx(
+        conn: &mut PgConn,
+        gateway_id: &str,
+        cols: &NodeColumns,
+    ) -> Result<(), StoreError> {
         let mut tx = conn.transaction().map_err(pg_err("begin publish nodes"))?;
         tx.execute(
             "DELETE FROM node_directory WHERE gateway_id = $1",
@@ -273,12 +300,7 @@ impl PgStore {
         )
         .map_err(pg_err("replace gateway's nodes"))?;
         // One statement for the whole set (column arrays through UNNEST, which CockroachDB
-        // has too): a row per round trip made 1,000 nodes cost ~450 ms. A node another gateway
-        // published more recently (it moved there) keeps that entry.
-        let mut cols = NodeColumns::with_capacity(nodes.len());
-        for n in nodes {
-            cols.push(n);
-        }
+        // has too): a row per round trip made 1,000 nodes cost ~450 ms.
         tx.execute(
             &format!(
                 "INSERT INTO node_directory ({NODE_COLS}) \
@@ -320,13 +342,14 @@ impl PgStore {
     }
 
     pub(crate) fn dir_list_nodes(&self) -> Result<Vec<NodeDirEntry>, StoreError> {
-        let mut conn = self.conn()?;
-        let rows = conn
-            .query(
-                &format!("SELECT {NODE_COLS} FROM node_directory ORDER BY node_id"),
-                &[],
-            )
-            .map_err(pg_err("list node directory"))?;
-        Ok(rows.iter().map(node_from_row).collect())
+        self.run(Retry::Idempotent, |conn| {
+            let rows = conn
+                .query(
+                    &format!("SELECT {NODE_COLS} FROM node_directory ORDER BY node_id"),
+                    &[],
+                )
+                .map_err(pg_err("list node directory"))?;
+            Ok(rows.iter().map(node_from_row).collect())
+        })
     }
 }
