@@ -1,6 +1,8 @@
 //! The federation's gateway and node directories on PostgreSQL (tables `gateways` and
 //! `node_directory`). Portable to CockroachDB: plain upserts (`ON CONFLICT ... DO UPDATE ...
-//! WHERE`), no advisory locks.
+//! WHERE`, the `WHERE` deciding who wins a node id or a gateway id), `UNNEST` of typed arrays
+//! for a whole publication in one statement, no advisory locks. Every method is idempotent, so
+//! all run with `Retry::Idempotent` on the store's pool.
 
 use ::postgres::Row;
 
