@@ -17,8 +17,8 @@ async fn a_gateway_loaded_with_a_store_url_serves_inference_metered_into_postgre
     };
     let url = server.new_database("gateway_e2e");
     let dir = tempfile::tempdir().unwrap();
-    let cert = nearpath_protocol::tls::self_signed(&["localhost".into(), "127.0.0.1".into()])
-        .unwrap();
+    let cert =
+        nearpath_protocol::tls::self_signed(&["localhost".into(), "127.0.0.1".into()]).unwrap();
     let (cert_file, key_file) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
     std::fs::write(&cert_file, &cert.cert_pem).unwrap();
     std::fs::write(&key_file, &cert.key_pem).unwrap();
@@ -64,16 +64,20 @@ async fn a_gateway_loaded_with_a_store_url_serves_inference_metered_into_postgre
 
     // The gateway appends the record as the request ends, which may be just after the reply:
     // wait for it, reading through the other store, which proves it is in PostgreSQL.
-    let usage = eventually("the usage record in PostgreSQL", Duration::from_secs(10), || {
-        let observer = Arc::clone(&observer);
-        async move {
-            let rows = tokio::task::spawn_blocking(move || observer.list_usage(10))
-                .await
-                .unwrap()
-                .unwrap();
-            rows.into_iter().find(|r| r.kind == UsageKind::Inference)
-        }
-    })
+    let usage = eventually(
+        "the usage record in PostgreSQL",
+        Duration::from_secs(10),
+        || {
+            let observer = Arc::clone(&observer);
+            async move {
+                let rows = tokio::task::spawn_blocking(move || observer.list_usage(10))
+                    .await
+                    .unwrap()
+                    .unwrap();
+                rows.into_iter().find(|r| r.kind == UsageKind::Inference)
+            }
+        },
+    )
     .await;
     assert_eq!(usage.tenant, "tenant-a");
     assert_eq!(usage.node_id, "de-1");

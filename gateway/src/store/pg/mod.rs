@@ -299,7 +299,7 @@ fn rolled_back(e: &StoreError) -> bool {
 
 /// Which failures an operation may be retried after (see the module documentation).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Retry {
+pub(crate) enum Retry {
     /// Running it twice has the effect of running it once: any transient failure.
     Idempotent,
     /// Only failures PostgreSQL reports as rolled back.
@@ -354,7 +354,11 @@ impl PgStore {
     /// Connects (a pool of `pool_size`), and migrates the schema to [`PG_SCHEMA_VERSION`].
     /// Fails with [`StoreError::Unavailable`] (retryable) when no connection can be had within
     /// `connect_timeout`.
-    pub fn open(url: &str, pool_size: u32, connect_timeout: Duration) -> Result<PgStore, StoreError> {
+    pub fn open(
+        url: &str,
+        pool_size: u32,
+        connect_timeout: Duration,
+    ) -> Result<PgStore, StoreError> {
         let mut config: ::postgres::Config = url.parse().map_err(|e| StoreError::Invalid {
             field: "store.url",
             message: format!("{e}"),
@@ -412,7 +416,9 @@ impl PgStore {
         &self.location
     }
 
-    /// A connection from the pool, waiting up to the connect timeout.
+    /// A connection from the pool, waiting up to the connect timeout. Feature code should use
+    /// [`PgStore::run`] instead, which may be called from any thread and retries transient
+    /// failures; a connection from here must only be used off the async runtime's workers.
     pub(crate) fn conn(&self) -> Result<PgConn, StoreError> {
         let pool = self.pool.as_ref().ok_or(StoreError::Closed)?;
         pool.get().map_err(|e| StoreError::Unavailable {
@@ -420,9 +426,11 @@ impl PgStore {
         })
     }
 
-    /// Runs `f` on a pooled connection, retrying transient failures as `retry` allows. A failure
-    /// to get a connection is not retried: the pool already waited the connect timeout.
-    fn run<T: Send>(
+    /// Runs `f` on a pooled connection, retrying transient failures as `retry` allows (so `f`
+    /// may run more than once: keep it free of side effects outside the database). A failure
+    /// to get a connection is not retried: the pool already waited the connect timeout. Safe
+    /// on any thread (see `blocking`).
+    pub(crate) fn run<T: Send>(
         &self,
         retry: Retry,
         mut f: impl FnMut(&mut PgConn) -> Result<T, StoreError> + Send,
@@ -752,12 +760,10 @@ fn api_key_from_row(r: &Row) -> Result<ApiKey, StoreError> {
         policy: KeyPolicy {
             allowed_models: match col::<Option<String>>(r, 10, op)? {
                 None => Vec::new(),
-                Some(text) => {
-                    serde_json::from_str(&text).map_err(|e| StoreError::Invalid {
-                        field: "allowed_models",
-                        message: format!("stored value is not a JSON list of names: {e}"),
-                    })?
-                }
+                Some(text) => serde_json::from_str(&text).map_err(|e| StoreError::Invalid {
+                    field: "allowed_models",
+                    message: format!("stored value is not a JSON list of names: {e}"),
+                })?,
             },
             expires_at_ms: col_opt_u64(r, 11, op)?,
             budget_tokens_per_day: col_opt_u64(r, 12, op)?,
@@ -969,7 +975,9 @@ impl Store for PgStore {
         self.run(Retry::IfRolledBack, |c| {
             // The foreign key refuses an unknown operator too, but as a constraint violation;
             // the lookup in the same transaction turns it into NotFound.
-            let mut tx = c.transaction().map_err(pg_err("begin create enrolment token"))?;
+            let mut tx = c
+                .transaction()
+                .map_err(pg_err("begin create enrolment token"))?;
             if !operator_exists(&mut tx, operator_id)? {
                 return Err(StoreError::NotFound {
                     kind: "operator",
@@ -1226,12 +1234,12 @@ impl Store for PgStore {
             let allowed = if p.allowed_models.is_empty() {
                 None
             } else {
-                Some(serde_json::to_string(&p.allowed_models).map_err(|e| {
-                    StoreError::Invalid {
+                Some(
+                    serde_json::to_string(&p.allowed_models).map_err(|e| StoreError::Invalid {
                         field: "allowed_models",
                         message: e.to_string(),
-                    }
-                })?)
+                    })?,
+                )
             };
             let opt = |field: &'static str, v: Option<u64>| v.map(|v| to_i64(field, v)).transpose();
             let opt32 = |v: Option<u32>| v.map(i64::from);
@@ -1505,15 +1513,14 @@ impl Store for PgStore {
             return Ok(None);
         }
         self.run(Retry::Idempotent, |c| {
-            Ok(c
-                .query_opt(
-                    "SELECT class FROM gpu_models WHERE model_key = $1",
-                    &[&model_key],
-                )
-                .map_err(pg_err("read gpu model class"))?
-                .map(|r| col::<Option<String>>(&r, 0, "read gpu model class"))
-                .transpose()?
-                .flatten())
+            Ok(c.query_opt(
+                "SELECT class FROM gpu_models WHERE model_key = $1",
+                &[&model_key],
+            )
+            .map_err(pg_err("read gpu model class"))?
+            .map(|r| col::<Option<String>>(&r, 0, "read gpu model class"))
+            .transpose()?
+            .flatten())
         })
     }
 
