@@ -34,6 +34,7 @@ const RANKS: &[(&str, u8)] = &[
     ("auth", 2),
     ("relay", 3),
     ("meter", 3),
+    ("trunk", 3),
     // The federation's directories: store, registry and clock below it; read by front ends.
     ("federation", 3),
     ("components", 4),

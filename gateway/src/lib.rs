@@ -34,6 +34,7 @@ pub mod session_id;
 pub mod slot_queue;
 pub mod store;
 pub mod tls;
+pub mod trunk;
 pub mod webrtc;
 
 #[cfg(test)]

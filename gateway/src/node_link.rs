@@ -4,11 +4,14 @@
 //! what sessions use to reach a node (open a session stream, send a datagram, notice it left)
 //! and what the registry's rules ask (is it closed?). A link is either a QUIC connection or, in
 //! tests, a detached stand-in that can be closed and counts as a connection with no peer, so
-//! that the registry's rules are tested without sockets.
+//! that the registry's rules are tested without sockets, or a node another gateway of the
+//! federation holds, reached through the trunk to that gateway ([`RemoteLink`]).
 
 use bytes::Bytes;
 use quinn::{ConnectionError, RecvStream, SendDatagramError, SendStream, VarInt};
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,6 +25,27 @@ pub struct NodeLink(Inner);
 enum Inner {
     Quic(quinn::Connection),
     Detached(Arc<Detached>),
+    Remote(Arc<dyn RemoteLink>),
+}
+
+/// A session stream opened through a peer gateway.
+pub type RemoteOpen<'a> =
+    Pin<Box<dyn Future<Output = Result<(SendStream, RecvStream), ConnectionError>> + Send + 'a>>;
+
+/// A node held by another gateway, reached through the trunk to it: opening a session stream
+/// opens a trunk stream already addressed to the node, so sessions run on it exactly as on a
+/// local node's stream. Only session streams travel (no datagrams).
+pub trait RemoteLink: Send + Sync + std::fmt::Debug {
+    /// Opens a stream to the node through the peer (dialling the trunk if needed).
+    fn open_bi(&self) -> RemoteOpen<'_>;
+    /// Why the trunk connection in use closed, once it has.
+    fn close_reason(&self) -> Option<ConnectionError>;
+    /// The trunk's round-trip estimate (zero before it is dialled).
+    fn rtt(&self) -> Duration;
+    /// The peer gateway's address.
+    fn remote_address(&self) -> SocketAddr;
+    /// An id unique among the links of this process.
+    fn stable_id(&self) -> usize;
 }
 
 #[derive(Debug)]
@@ -41,6 +65,16 @@ impl From<quinn::Connection> for NodeLink {
 }
 
 impl NodeLink {
+    /// A link to a node another gateway holds.
+    pub fn remote(link: Arc<dyn RemoteLink>) -> NodeLink {
+        NodeLink(Inner::Remote(link))
+    }
+
+    /// Whether the node is held by another gateway (reached through the trunk).
+    pub fn is_remote(&self) -> bool {
+        matches!(self.0, Inner::Remote(_))
+    }
+
     /// A link with no connection behind it (tests): open until [`NodeLink::close`]; streams and
     /// datagrams fail as on a locally closed connection.
     pub fn detached(addr: SocketAddr) -> NodeLink {
@@ -55,7 +89,7 @@ impl NodeLink {
     pub fn quic(&self) -> Option<&quinn::Connection> {
         match &self.0 {
             Inner::Quic(c) => Some(c),
-            Inner::Detached(_) => None,
+            Inner::Detached(_) | Inner::Remote(_) => None,
         }
     }
 
@@ -64,6 +98,7 @@ impl NodeLink {
         match &self.0 {
             Inner::Quic(c) => c.stable_id(),
             Inner::Detached(d) => d.id,
+            Inner::Remote(r) => r.stable_id(),
         }
     }
 
@@ -72,6 +107,7 @@ impl NodeLink {
         match &self.0 {
             Inner::Quic(c) => c.remote_address(),
             Inner::Detached(d) => d.addr,
+            Inner::Remote(r) => r.remote_address(),
         }
     }
 
@@ -80,6 +116,7 @@ impl NodeLink {
         match &self.0 {
             Inner::Quic(c) => c.rtt(),
             Inner::Detached(_) => Duration::ZERO,
+            Inner::Remote(r) => r.rtt(),
         }
     }
 
@@ -87,7 +124,7 @@ impl NodeLink {
     pub fn received_datagrams(&self) -> u64 {
         match &self.0 {
             Inner::Quic(c) => c.stats().udp_rx.datagrams,
-            Inner::Detached(_) => 0,
+            Inner::Detached(_) | Inner::Remote(_) => 0,
         }
     }
 
@@ -96,6 +133,7 @@ impl NodeLink {
         match &self.0 {
             Inner::Quic(c) => c.close_reason(),
             Inner::Detached(d) => (*d.closed.borrow()).then_some(ConnectionError::LocallyClosed),
+            Inner::Remote(r) => r.close_reason(),
         }
     }
 
@@ -106,6 +144,8 @@ impl NodeLink {
             Inner::Detached(d) => {
                 d.closed.send_replace(true);
             }
+            // The trunk is shared by every node of the peer: one node's session never closes it.
+            Inner::Remote(_) => {}
         }
     }
 
@@ -118,6 +158,8 @@ impl NodeLink {
                 let _ = rx.wait_for(|closed| *closed).await;
                 ConnectionError::LocallyClosed
             }
+            // A remote node is never registered here, so nothing waits for its link to close.
+            Inner::Remote(_) => std::future::pending().await,
         }
     }
 
@@ -126,6 +168,7 @@ impl NodeLink {
         match &self.0 {
             Inner::Quic(c) => c.open_bi().await,
             Inner::Detached(_) => Err(ConnectionError::LocallyClosed),
+            Inner::Remote(r) => r.open_bi().await,
         }
     }
 
@@ -133,7 +176,7 @@ impl NodeLink {
     pub fn send_datagram(&self, data: Bytes) -> Result<(), SendDatagramError> {
         match &self.0 {
             Inner::Quic(c) => c.send_datagram(data),
-            Inner::Detached(_) => Err(SendDatagramError::ConnectionLost(
+            Inner::Detached(_) | Inner::Remote(_) => Err(SendDatagramError::ConnectionLost(
                 ConnectionError::LocallyClosed,
             )),
         }

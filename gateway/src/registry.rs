@@ -819,6 +819,11 @@ impl Registry {
         (outcome, nodes)
     }
 
+    /// How many candidates a route returns at most (`routing.max_candidates`).
+    pub fn max_candidates(&self) -> usize {
+        self.lock().router.params().max_candidates
+    }
+
     /// Reserves a slot of `kind` on `node` if it has one free.
     pub fn acquire(self: &Arc<Self>, node: &Arc<NodeEntry>, kind: SlotKind) -> Option<SlotGuard> {
         let (counter, cap) = node.pool(kind);

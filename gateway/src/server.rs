@@ -10,7 +10,7 @@ use crate::store::{SqliteStore, Store};
 use crate::tls::CertPair;
 use nearpath_config::GatewayConfig;
 use nearpath_geo::{GeoDb, Policy};
-use nearpath_protocol::{ALPN_CLIENT, ALPN_NODE};
+use nearpath_protocol::{ALPN_CLIENT, ALPN_NODE, ALPN_PEER};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -115,6 +115,8 @@ pub struct BoundAddrs {
 pub struct Gateway {
     shared: Arc<Shared>,
     cert: CertPair,
+    /// Where the trunk reads the federation's directories (the store unless a test says).
+    fleet: Option<Arc<dyn crate::trunk::FleetSource>>,
 }
 
 /// Checks what `load` would check beyond the config file itself (databases and the geofence
@@ -224,7 +226,11 @@ impl Gateway {
             )),
             config,
         });
-        Ok(Gateway { shared, cert })
+        Ok(Gateway {
+            shared,
+            cert,
+            fleet: None,
+        })
     }
 
     /// Makes `/play` prefill its key field with `key` (the demo's key; never a real tenant's).
@@ -235,12 +241,51 @@ impl Gateway {
         self
     }
 
+    /// Reads the federation's gateway and node directories from `fleet` instead of the store
+    /// (tests share one in-memory directory between gateways).
+    pub fn with_fleet_source(mut self, fleet: Arc<dyn crate::trunk::FleetSource>) -> Gateway {
+        self.fleet = Some(fleet);
+        self
+    }
+
     pub fn shared(&self) -> &Arc<Shared> {
         &self.shared
     }
 
     pub fn cert(&self) -> &CertPair {
         &self.cert
+    }
+
+    /// The trunk to the federation's other gateways, when `federation.gateway_id` is set.
+    fn trunk(&self) -> Result<Option<Arc<crate::trunk::Trunk>>, GatewayError> {
+        let shared = &self.shared;
+        let Some(id) = shared.config.federation.gateway_id.clone() else {
+            return Ok(None);
+        };
+        let fleet = self
+            .fleet
+            .clone()
+            .unwrap_or_else(|| Arc::new(crate::trunk::StoreFleet(shared.store.clone())) as Arc<_>);
+        let placement = shared.placement.clone();
+        let restricted = crate::control::admission::restricted_class_ids(
+            &shared.config.geofence,
+            &placement.policy,
+        );
+        let classify: crate::trunk::Classify = Arc::new(move |names: &[String]| {
+            crate::trunk::classes_of(&placement.policy, &restricted, names)
+        });
+        let trunk = crate::trunk::Trunk::new(
+            id,
+            shared.config.federation.clone(),
+            RouteParams::from(&shared.config.routing),
+            fleet,
+            shared.directory.registry.clone(),
+            shared.clock.clone(),
+            classify,
+            self.cert.clone(),
+        )
+        .map_err(|e| GatewayError::Config(e.to_string()))?;
+        Ok(Some(Arc::new(trunk)))
     }
 
     /// Binds the configured listeners and serves until `shutdown`.
@@ -299,12 +344,23 @@ impl Gateway {
             datagram_receive_buffer: Some(DATAGRAM_RECEIVE_BUFFER),
             ..Default::default()
         };
-        let server_config = nearpath_protocol::tls::server_config(
-            self.cert.chain.clone(),
-            self.cert.key.clone_key(),
-            &[ALPN_NODE, ALPN_CLIENT],
-            &transport,
-        )
+        let trunk = self.trunk()?;
+        // A federated gateway also speaks the trunk, and asks for (optional) client
+        // certificates: peers present theirs, nodes and clients none.
+        let server_config = match &trunk {
+            Some(_) => nearpath_protocol::tls::server_config_with_client_auth(
+                self.cert.chain.clone(),
+                self.cert.key.clone_key(),
+                &[ALPN_NODE, ALPN_CLIENT, ALPN_PEER],
+                &transport,
+            ),
+            None => nearpath_protocol::tls::server_config(
+                self.cert.chain.clone(),
+                self.cert.key.clone_key(),
+                &[ALPN_NODE, ALPN_CLIENT],
+                &transport,
+            ),
+        }
         .map_err(|e| GatewayError::Quic(e.to_string()))?;
         let endpoint = quinn::Endpoint::new(
             quinn::EndpointConfig::default(),
@@ -313,6 +369,9 @@ impl Gateway {
             Arc::new(quinn::TokioRuntime),
         )
         .map_err(|e| GatewayError::Quic(e.to_string()))?;
+        if let Some(t) = &trunk {
+            t.set_endpoint(endpoint.clone());
+        }
 
         let http_tls = match (
             &shared.config.http.tls_cert_file,
@@ -351,7 +410,7 @@ impl Gateway {
         shared.fleet.set_self(me.clone());
 
         let inner_shutdown = shared.shutdown.clone();
-        let infer = Arc::new(inference(&shared));
+        let infer = Arc::new(inference(&shared, trunk.clone()));
         let clients = Arc::new(crate::client::QuicClients::new(
             infer.clone(),
             Arc::new(GamePlay(shared.games.clone())),
@@ -376,10 +435,14 @@ impl Gateway {
         .with_fleet(shared.fleet.clone());
         let handle = tokio::spawn(async move {
             let nodes = Arc::new(node_front_end(&shared));
+            let trunk_task = trunk
+                .clone()
+                .map(|t| tokio::spawn(t.refresh_loop(inner_shutdown.clone())));
             let quic_task = tokio::spawn(accept_quic(
                 shared.clone(),
                 clients,
                 nodes,
+                trunk,
                 endpoint.clone(),
             ));
             let http_task = tokio::spawn(crate::http_util::serve(
@@ -422,6 +485,9 @@ impl Gateway {
             let _ = http_task.await;
             let _ = admin_task.await;
             geo_task.abort();
+            if let Some(t) = trunk_task {
+                t.abort();
+            }
             // The directory task leaves the directory on `inner_shutdown` (one store write).
             let _ = tokio::time::timeout(Duration::from_secs(2), directory_task).await;
             // Control loops send Shutdown to their nodes on `inner_shutdown`; give them a moment.
@@ -465,7 +531,10 @@ fn load_spend(
     Ok(())
 }
 
-fn inference(shared: &Shared) -> crate::infer::InferService {
+fn inference(
+    shared: &Shared,
+    trunk: Option<Arc<crate::trunk::Trunk>>,
+) -> crate::infer::InferService {
     crate::infer::InferService {
         auth: shared.auth.clone(),
         directory: shared.directory.clone(),
@@ -475,6 +544,9 @@ fn inference(shared: &Shared) -> crate::infer::InferService {
         metrics: shared.metrics.clone(),
         clock: shared.clock.clone(),
         config: shared.config.inference.clone(),
+        trunk: trunk.filter(|_| {
+            shared.config.federation.inference_route == nearpath_config::CrossRoute::Trunk
+        }),
     }
 }
 
@@ -547,6 +619,7 @@ async fn accept_quic(
     shared: Arc<Shared>,
     clients: Arc<crate::client::QuicClients>,
     nodes: Arc<crate::control::NodeFrontEnd>,
+    trunk: Option<Arc<crate::trunk::Trunk>>,
     endpoint: quinn::Endpoint,
 ) {
     let refused = |reason: &str| {
@@ -581,6 +654,9 @@ async fn accept_quic(
         };
         let clients = clients.clone();
         let nodes = nodes.clone();
+        let trunk = trunk.clone();
+        let gate = shared.quic_gate.clone();
+        let shutdown = shared.shutdown.clone();
         tokio::spawn(async move {
             let conn = match incoming.await {
                 Ok(c) => c,
@@ -602,6 +678,14 @@ async fn accept_quic(
                     // and no uni streams ever.
                     clients.handle(conn).await
                 }
+                Some(a) if a == ALPN_PEER => match trunk {
+                    Some(t) => t.serve_peer(conn, gate, shutdown).await,
+                    // Not offered without a federation; a handshake cannot pick it.
+                    None => conn.close(
+                        nearpath_protocol::app_code::CLOSE_PROTOCOL,
+                        b"not in a federation",
+                    ),
+                },
                 _ => {
                     warn!(%peer, "QUIC connection without a known ALPN");
                     conn.close(nearpath_protocol::app_code::CLOSE_PROTOCOL, b"unknown ALPN");

@@ -49,6 +49,9 @@ pub use tls::{ServerVerify, TlsError, TransportOptions};
 pub const ALPN_NODE: &[u8] = b"nearpath-node/1";
 /// ALPN of native player and app clients <-> gateway connections.
 pub const ALPN_CLIENT: &[u8] = b"nearpath/1";
+/// ALPN of the gateway-to-gateway trunk of a federation (both ends present certificates pinned
+/// in the shared gateway directory).
+pub const ALPN_PEER: &[u8] = b"nearpath-peer/1";
 
 /// Version carried in `Register`, `InferRequest`, `PlayRequest` and `ListGames`.
 pub const PROTOCOL_VERSION: u16 = 2;
@@ -83,6 +86,11 @@ pub mod app_code {
     /// The node's connection moved (QUIC migration) to an address the onboarding geofence
     /// refuses (after `Shutdown`); the close reason is `path_refused`.
     pub const CLOSE_PATH_REFUSED: VarInt = VarInt::from_u32(6);
+    /// A peer gateway's trunk connection is refused: its client certificate is missing or not
+    /// pinned by a live gateway of the federation, or it is this gateway itself. The close
+    /// reason names which (`peer_no_certificate`, `peer_unknown_pin`, `peer_expired`,
+    /// `peer_is_self`).
+    pub const CLOSE_PEER_REFUSED: VarInt = VarInt::from_u32(7);
 
     /// Stream refused (too large, or not acceptable now).
     pub const STREAM_REFUSED: VarInt = VarInt::from_u32(0x10);
@@ -95,7 +103,7 @@ pub mod app_code {
     pub const FRAME_DROPPED: VarInt = VarInt::from_u32(0x13);
 
     /// Every code by name, in the order of PROTOCOL.md's table ("Application error codes").
-    pub const ALL: [(&str, VarInt); 11] = [
+    pub const ALL: [(&str, VarInt); 12] = [
         ("CLOSE_NORMAL", CLOSE_NORMAL),
         ("CLOSE_PROTOCOL", CLOSE_PROTOCOL),
         ("CLOSE_REJECTED", CLOSE_REJECTED),
@@ -103,6 +111,7 @@ pub mod app_code {
         ("CLOSE_LEASE_EXPIRED", CLOSE_LEASE_EXPIRED),
         ("CLOSE_REVOKED", CLOSE_REVOKED),
         ("CLOSE_PATH_REFUSED", CLOSE_PATH_REFUSED),
+        ("CLOSE_PEER_REFUSED", CLOSE_PEER_REFUSED),
         ("STREAM_REFUSED", STREAM_REFUSED),
         ("STREAM_ABORTED", STREAM_ABORTED),
         ("STREAM_CANCELLED", STREAM_CANCELLED),
@@ -127,6 +136,7 @@ pub mod app_code {
                     ("CLOSE_LEASE_EXPIRED", 4),
                     ("CLOSE_REVOKED", 5),
                     ("CLOSE_PATH_REFUSED", 6),
+                    ("CLOSE_PEER_REFUSED", 7),
                     ("STREAM_REFUSED", 0x10),
                     ("STREAM_ABORTED", 0x11),
                     ("STREAM_CANCELLED", 0x12),
@@ -181,6 +191,7 @@ pub mod app_code {
                 ("CLOSE_LEASE_EXPIRED", "lease"),
                 ("CLOSE_REVOKED", "withdrawn"),
                 ("CLOSE_PATH_REFUSED", "geofence refuses"),
+                ("CLOSE_PEER_REFUSED", "pinned"),
                 ("STREAM_REFUSED", "not acceptable"),
                 ("STREAM_ABORTED", "upstream failed"),
                 ("STREAM_CANCELLED", "cancel upstream"),

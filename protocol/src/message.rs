@@ -49,6 +49,8 @@ pub mod ty {
     pub const RESUMED: u8 = 0x35;
     pub const LIST_GAMES: u8 = 0x36;
     pub const GAME_LIST: u8 = 0x37;
+
+    pub const PEER_OPEN: u8 = 0x40;
 }
 
 /// One GPU a node offers.
@@ -517,6 +519,17 @@ pub struct ListGames {
     pub api_key: String,
 }
 
+/// gateway -> peer gateway, first message of a trunk stream (ALPN `nearpath-peer/1`): run the
+/// session whose `Open` follows on the stream on node `node_id`, which the receiving gateway
+/// holds. Both gateways authenticated each other with pinned certificates at the handshake.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerOpen {
+    /// Must equal [`PROTOCOL_VERSION`].
+    pub protocol_version: u16,
+    /// The node, as named in the node directory.
+    pub node_id: String,
+}
+
 /// gateway -> client: playable titles.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GameList {
@@ -583,6 +596,8 @@ pub enum Message {
     ListGames(ListGames),
     /// See [`GameList`].
     GameList(GameList),
+    /// See [`PeerOpen`].
+    PeerOpen(PeerOpen),
 }
 
 impl Message {
@@ -617,6 +632,7 @@ impl Message {
             Message::Resumed => ty::RESUMED,
             Message::ListGames(_) => ty::LIST_GAMES,
             Message::GameList(_) => ty::GAME_LIST,
+            Message::PeerOpen(_) => ty::PEER_OPEN,
         }
     }
 
@@ -763,6 +779,10 @@ impl Message {
                 b.put_str(&m.api_key);
             }
             Message::GameList(m) => b.put_list(&m.titles, |b, s| b.put_str(s)),
+            Message::PeerOpen(m) => {
+                b.put_u16(m.protocol_version);
+                b.put_str(&m.node_id);
+            }
         }
     }
 
@@ -954,6 +974,10 @@ impl Message {
                     r.string("GameList.titles[]")
                 })?,
             }),
+            ty::PEER_OPEN => Message::PeerOpen(PeerOpen {
+                protocol_version: version(&mut r, name, "PeerOpen.protocol_version")?,
+                node_id: r.string("PeerOpen.node_id")?,
+            }),
             other => return Err(DecodeError::UnknownType(other)),
         };
         r.finish(name)?;
@@ -992,6 +1016,7 @@ pub fn type_name(ty: u8) -> Option<&'static str> {
         ty::RESUMED => "Resumed",
         ty::LIST_GAMES => "ListGames",
         ty::GAME_LIST => "GameList",
+        ty::PEER_OPEN => "PeerOpen",
         _ => return None,
     })
 }

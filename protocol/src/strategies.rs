@@ -247,6 +247,10 @@ fn client() -> impl Strategy<Value = Message> {
             api_key,
         })),
         names().prop_map(|titles| Message::GameList(GameList { titles })),
+        text().prop_map(|node_id| Message::PeerOpen(PeerOpen {
+            protocol_version: PROTOCOL_VERSION,
+            node_id,
+        })),
     ]
 }
 

@@ -160,6 +160,10 @@ fn samples() -> Vec<Message> {
         Message::GameList(GameList {
             titles: vec!["doom".into(), "quake".into()],
         }),
+        Message::PeerOpen(PeerOpen {
+            protocol_version: PROTOCOL_VERSION,
+            node_id: "node-b1".into(),
+        }),
     ]
 }
 

@@ -390,6 +390,121 @@ pub fn server_config(
     Ok(config)
 }
 
+/// [`server_config`] that also asks connecting peers for a client certificate, optionally: a
+/// peer that presents one must prove it holds the key (the handshake signature is checked), but
+/// no chain or name is checked. Nodes and clients present none and are unaffected; a gateway
+/// dialing the trunk (`nearpath-peer/1`) presents its own, and the application checks its pin
+/// ([`peer_cert_sha256`]) against the gateway directory.
+pub fn server_config_with_client_auth(
+    cert_chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    alpn: &[&[u8]],
+    transport: &TransportOptions,
+) -> Result<quinn::ServerConfig, TlsError> {
+    let provider = provider();
+    let verifier = Arc::new(AnyClientCert {
+        algorithms: provider.signature_verification_algorithms,
+    });
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(cert_chain, key)?;
+    tls.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
+        .map_err(|e| TlsError::Quic(e.to_string()))?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
+    config.transport_config(Arc::new(transport.to_transport_config()?));
+    Ok(config)
+}
+
+/// A QUIC client configuration that trusts exactly the server certificate pinned by `pin`
+/// and presents `cert_chain` as its client certificate (the gateway-to-gateway trunk).
+pub fn client_config_with_identity(
+    pin: [u8; 32],
+    alpn: &[&[u8]],
+    transport: &TransportOptions,
+    cert_chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> Result<quinn::ClientConfig, TlsError> {
+    let provider = provider();
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(PinnedVerifier {
+            pin: Some(pin),
+            algorithms: provider.signature_verification_algorithms,
+        }))
+        .with_client_auth_cert(cert_chain, key)?;
+    tls.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+        .map_err(|e| TlsError::Quic(e.to_string()))?;
+    let mut config = quinn::ClientConfig::new(Arc::new(quic));
+    config.transport_config(Arc::new(transport.to_transport_config()?));
+    Ok(config)
+}
+
+/// SHA-256 of the end-entity certificate the other end of `conn` presented (a server's, or a
+/// client certificate), or `None` when it presented none.
+pub fn peer_cert_sha256(conn: &quinn::Connection) -> Option<[u8; 32]> {
+    let certs = conn
+        .peer_identity()?
+        .downcast::<Vec<CertificateDer<'static>>>()
+        .ok()?;
+    certs.first().map(|c| cert_sha256(c.as_ref()))
+}
+
+/// Client certificate verifier that accepts any certificate (or none) and checks the handshake
+/// signature: the trust decision is the application's, by pin.
+#[derive(Debug)]
+struct AnyClientCert {
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl rustls::server::danger::ClientCertVerifier for AnyClientCert {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
+    ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
+        Ok(rustls::server::danger::ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
 /// The ALPN protocol negotiated on an established connection.
 pub fn negotiated_alpn(conn: &quinn::Connection) -> Option<Vec<u8>> {
     conn.handshake_data()?

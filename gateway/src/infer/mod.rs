@@ -107,6 +107,9 @@ pub struct InferService {
     pub metrics: Arc<Metrics>,
     pub clock: SharedClock,
     pub config: InferenceConfig,
+    /// The federation's trunk, when requests may run on nodes other gateways hold
+    /// (`federation.inference_route = "trunk"`): their nodes are ranked with ours.
+    pub trunk: Option<Arc<crate::trunk::Trunk>>,
 }
 
 /// An admitted request: who it is for, and the key's stream cap it holds until it ends.
@@ -782,20 +785,30 @@ impl InferService {
         nodes: &mut Vec<Arc<NodeEntry>>,
         geofence_counted: &mut bool,
     ) -> Route {
-        let (outcome, mut found) =
+        // The one check for local and remote nodes alike: the geofence is this gateway's, with
+        // the client's address, whoever holds the node.
+        let allow = |n: &NodeEntry| {
+            if !needs.is_empty() && !n.model_caps(model).is_some_and(|c| c.contains(needs)) {
+                return Err(Deny {
+                    rule: CAPS_RULE.into(),
+                    reason: "the node's model lacks a capability the request needs".into(),
+                });
+            }
+            self.placement
+                .serve_check(client, n, WorkloadKind::Inference)
+        };
+        let local =
             self.directory
                 .registry
-                .route(client_latlon(client), Workload::Model(model), |n| {
-                    if !needs.is_empty() && !n.model_caps(model).is_some_and(|c| c.contains(needs))
-                    {
-                        return Err(Deny {
-                            rule: CAPS_RULE.into(),
-                            reason: "the node's model lacks a capability the request needs".into(),
-                        });
-                    }
-                    self.placement
-                        .serve_check(client, n, WorkloadKind::Inference)
-                });
+                .route(client_latlon(client), Workload::Model(model), &allow);
+        let (outcome, mut found) = match &self.trunk {
+            Some(trunk) => crate::trunk::merge_routes(
+                local,
+                trunk.route(client_latlon(client), Workload::Model(model), &allow),
+                self.directory.registry.max_candidates(),
+            ),
+            None => local,
+        };
         let route = match outcome.failure() {
             // The nodes that could serve the request are busy, draining or gone (the check in
             // `dispatch` found one that declares what it needs): retry later.

@@ -18,3 +18,4 @@ pub mod sse;
 pub mod stats;
 pub mod streams;
 pub mod system;
+pub mod trunk;

@@ -11,6 +11,7 @@
 //! target/release/bench inference-streams
 //! target/release/bench inference-queue
 //! target/release/bench nodes-register
+//! target/release/bench trunk-ttft
 //! ```
 
 #[path = "../bench/mod.rs"]
@@ -48,6 +49,9 @@ enum Command {
     InferenceQueue(bench::queue::QueueArgs),
     /// Many nodes registering at once: admission time and gateway memory per idle node.
     NodesRegister(bench::register::RegisterArgs),
+    /// TTFT through the gateway-to-gateway trunk against the same node on one gateway
+    /// (two federated gateways in this process, interleaved requests).
+    TrunkTtft(bench::trunk::TrunkArgs),
     /// Diagnostic: heap per idle QUIC connection by the stream limits the server grants.
     QuicIdleMemory(bench::quicmem::QuicMemArgs),
     /// Game frames node -> client through the gateway and direct, same frames at the same time.
@@ -229,7 +233,7 @@ fn real_main() -> anyhow::Result<()> {
                 Command::InferenceStreams(a) => &a.placement,
                 Command::InferenceQueue(a) => &a.placement,
                 Command::NodesRegister(a) => &a.placement,
-                Command::QuicIdleMemory(_) => &unpinned,
+                Command::QuicIdleMemory(_) | Command::TrunkTtft(_) => &unpinned,
                 Command::RelayLatency(a) => &a.placement,
                 Command::RelayCapacity(a) => &a.placement,
                 Command::RelayOverload(a) => &a.run.placement,
@@ -258,6 +262,7 @@ fn real_main() -> anyhow::Result<()> {
                 Command::InferenceQueue(a) => rt.block_on(bench::queue::run(a)),
                 Command::NodesRegister(a) => rt.block_on(bench::register::run(a)),
                 Command::QuicIdleMemory(a) => rt.block_on(bench::quicmem::run(a)),
+                Command::TrunkTtft(a) => rt.block_on(bench::trunk::run(a)),
                 Command::RelayLatency(a) => rt.block_on(bench::relay::run_latency(a)),
                 Command::RelayCapacity(a) => rt.block_on(bench::relay::run_capacity(a)),
                 Command::RelayOverload(a) => rt.block_on(bench::relay::run_overload(a)),

@@ -638,6 +638,54 @@ pub async fn run_python_checks(
 }
 
 impl TestGateway {
+    /// [`TestGateway::start_at`] with `prepare` applied to the loaded gateway before it starts
+    /// (a federation's shared directory, for one).
+    pub async fn start_prepared(
+        path: PathBuf,
+        edit: impl FnOnce(&mut GatewayConfig),
+        prepare: impl FnOnce(Gateway) -> Gateway,
+    ) -> TestGateway {
+        let mut config = test_config(path.clone());
+        edit(&mut config);
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&path).unwrap());
+        let operator = match store
+            .list_operators()
+            .unwrap()
+            .into_iter()
+            .find(|o| o.name == "op-verified")
+        {
+            Some(o) => o,
+            None => store
+                .create_operator("op-verified", KycStatus::Verified)
+                .unwrap(),
+        };
+        let (_, token) = store.create_enrolment_token(&operator.id).unwrap();
+        store
+            .insert_api_key_secret(API_KEY, "tenant-a", 100_000, 100_000_000)
+            .unwrap();
+        let cert = nearpath_gateway::tls::self_signed(&["localhost", "127.0.0.1"]).unwrap();
+        let sha = cert.sha256;
+        let gw = prepare(Gateway::with_parts(config, cert, store.clone()).unwrap());
+        let shared = gw.shared().clone();
+        let shutdown = CancellationToken::new();
+        let (addrs, task) = gw
+            .start(Listeners::ephemeral().await.unwrap(), shutdown.clone())
+            .unwrap();
+        TestGateway {
+            http: Http::new(),
+            addrs,
+            sha,
+            shared,
+            store,
+            store_path: path,
+            shutdown,
+            task,
+            operator_id: operator.id,
+            token,
+            _dir: None,
+        }
+    }
+
     /// A gateway opened by [`Gateway::load`] from `config`, exactly as `gateway run` opens one
     /// (so on PostgreSQL when `store.url` is set), provisioned like [`TestGateway::start`]
     /// (verified operator, enrolment token, [`API_KEY`]) through `store`, which must reach the
