@@ -626,6 +626,7 @@ impl ClientApi {
         // Held until the response (or the stream) ends, however it ends.
         let mut ticket = infer
             .admit(key, "http", request_id, &request.model, started)
+            .await
             .map_err(refused)?;
         ticket.endpoint = endpoint;
         ticket.traceparent = Some(trace.header());

@@ -6,6 +6,8 @@
 use crate::budget::{BudgetRefusal, Limits, Prices, SpendBook};
 use crate::clock::SharedClock;
 use crate::error::{CoreError, BUDGET_EXCEEDED, LEDGER_UNAVAILABLE};
+use crate::fleet_limits::book::{CapPool, Demand, RatePool};
+use crate::fleet_limits::{FleetLimits, Outcome};
 use crate::metrics::{labels, Metrics};
 use crate::store::{ApiKey, Store};
 use nearpath_protocol::openai::ApiError;
@@ -27,6 +29,10 @@ pub struct Auth {
     pub spend: Arc<SpendBook>,
     /// `inference.prices`, for the USD budgets.
     pub prices: Arc<Prices>,
+    /// The federation's shared limits (when `federation.gateway_id` is set): per-minute limits
+    /// and concurrency caps then hold across every gateway sharing the store. `None`: the
+    /// in-memory buckets of this gateway alone.
+    pub fleet: Option<Arc<FleetLimits>>,
 }
 
 /// How long an authenticated key is trusted without asking the store again. Revocation through
@@ -138,10 +144,15 @@ pub struct CapGuard {
     held: Arc<Mutex<HashMap<String, HeldCounts>>>,
     key: String,
     kind: CapKind,
+    /// The fleet-wide slot this also holds, in a federation.
+    fleet: Option<(Arc<FleetLimits>, CapPool)>,
 }
 
 impl Drop for CapGuard {
     fn drop(&mut self) {
+        if let Some((fleet, pool)) = &self.fleet {
+            fleet.release(&self.key, *pool);
+        }
         let mut map = self.held.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(c) = map.get_mut(&self.key) {
             match self.kind {
@@ -257,6 +268,7 @@ impl RateLimiter {
             held: self.held.clone(),
             key: key.id.clone(),
             kind,
+            fleet: None,
         })
     }
 
@@ -319,7 +331,14 @@ impl Auth {
             defaults,
             spend: Arc::new(SpendBook::default()),
             prices: Arc::new(Prices::default()),
+            fleet: None,
         }
+    }
+
+    /// The same with the federation's shared limits (see [`Auth::fleet`]).
+    pub fn with_fleet(mut self, fleet: Arc<FleetLimits>) -> Auth {
+        self.fleet = Some(fleet);
+        self
     }
 
     /// The same with the price table of USD budgets (`inference.prices`).
@@ -430,17 +449,134 @@ impl Auth {
         self.limiter.admit(key, self.clock.now())
     }
 
+    /// Takes one request from `key`'s requests/min, needing a token of its tokens/min left:
+    /// fleet-wide in a federation (from the slices this gateway leased; a request waits for
+    /// the store only when its slice is empty), else from this gateway's buckets. When the
+    /// store fails, the buckets of this gateway decide (fail open to the per-gateway limit).
+    /// `Err` says how many seconds until one is available.
+    pub async fn admit_request(&self, key: &ApiKey) -> Result<(), u64> {
+        let Some(fleet) = &self.fleet else {
+            return self.admit(key);
+        };
+        let demands = [
+            Demand {
+                pool: RatePool::Requests,
+                limit: u64::from(key.requests_per_minute.max(1)),
+                take: true,
+            },
+            Demand {
+                pool: RatePool::Tokens,
+                limit: u64::from(key.tokens_per_minute.max(1)),
+                take: false,
+            },
+        ];
+        match fleet.admit(&key.id, &demands).await {
+            Outcome::Admit => Ok(()),
+            Outcome::Refuse { retry_after_s } => Err(retry_after_s),
+            Outcome::FailOpen => self.admit(key),
+        }
+    }
+
+    /// Charges the tokens a finished request used to `key`'s fleet-wide tokens/min (in a
+    /// federation; the charge may overshoot the window by this one request, like the buckets).
+    pub fn charge_tokens(&self, key: &ApiKey, tokens: u64) {
+        if let Some(fleet) = &self.fleet {
+            fleet.charge(
+                &key.id,
+                RatePool::Tokens,
+                u64::from(key.tokens_per_minute.max(1)),
+                tokens,
+            );
+        }
+    }
+
     /// Takes one of `key`'s concurrent inference streams for a request arriving on `entry`
     /// (`http` or `quic`), counting a refusal.
-    pub fn acquire_stream(
+    pub async fn acquire_stream(
         &self,
         key: &ApiKey,
         entry: &'static str,
     ) -> Result<CapGuard, CapRefusal> {
         let limit = self.effective_caps(key).max_concurrent_streams;
-        self.limiter
-            .acquire(key, CapKind::Stream, limit)
-            .inspect_err(|r| self.count_cap_refusal(entry, r))
+        self.acquire_cap(key, CapKind::Stream, limit, entry).await
+    }
+
+    /// Takes one unit of `key`'s concurrency cap of `kind` (at most `limit` held at once):
+    /// at this gateway, and in a federation across every gateway too (a refusal then says so).
+    /// Counts a refusal under `entry`.
+    pub async fn acquire_cap(
+        &self,
+        key: &ApiKey,
+        kind: CapKind,
+        limit: u32,
+        entry: &'static str,
+    ) -> Result<CapGuard, CapRefusal> {
+        let mut guard = self
+            .limiter
+            .acquire(key, kind, limit)
+            .inspect_err(|r| self.count_cap_refusal(entry, r))?;
+        let Some(fleet) = &self.fleet else {
+            return Ok(guard);
+        };
+        let (pool, what, cap) = match kind {
+            CapKind::Stream => (CapPool::Streams, "inference requests in flight", "streams"),
+            CapKind::Session => (CapPool::Sessions, "live game sessions", "sessions"),
+        };
+        match fleet.acquire(&key.id, pool, u64::from(limit)).await {
+            // Fail-open: the local cap above already holds at this gateway.
+            Outcome::Admit | Outcome::FailOpen => {
+                guard.fleet = Some((fleet.clone(), pool));
+                Ok(guard)
+            }
+            Outcome::Refuse { retry_after_s } => {
+                let r = CapRefusal {
+                    code: crate::error::CONCURRENCY_LIMIT_EXCEEDED,
+                    cap,
+                    message: format!(
+                        "key {} already has {limit} {what} across the federation's gateways (its limit is {limit}); retry when one ends",
+                        key.prefix
+                    ),
+                    retry_after_s,
+                };
+                self.count_cap_refusal(entry, &r);
+                Err(r)
+            }
+        }
+    }
+
+    /// Takes one game session start from `key`'s `per_minute`: fleet-wide in a federation
+    /// (failing open to this gateway's bucket when the store fails), else this gateway's
+    /// bucket.
+    pub async fn admit_session_start(
+        &self,
+        key: &ApiKey,
+        per_minute: u32,
+    ) -> Result<(), CapRefusal> {
+        let local = || {
+            self.limiter
+                .admit_session_start(key, per_minute, self.clock.now())
+        };
+        let Some(fleet) = &self.fleet else {
+            return local();
+        };
+        let demand = [Demand {
+            pool: RatePool::SessionStarts,
+            limit: u64::from(per_minute.max(1)),
+            take: true,
+        }];
+        match fleet.admit(&key.id, &demand).await {
+            Outcome::Admit => Ok(()),
+            Outcome::FailOpen => local(),
+            Outcome::Refuse { retry_after_s } => Err(CapRefusal {
+                code: "rate_limit_exceeded",
+                cap: "session_starts",
+                message: format!(
+                    "key {} started {per_minute} game sessions this minute across the federation's gateways (its limit)",
+                    key.prefix
+                ),
+                retry_after_s,
+            }),
+        }
     }
 
     /// Counts a per-key cap refusal by entry point and cap.
@@ -722,6 +858,103 @@ mod tests {
         let page = auth.metrics.render();
         assert!(
             page.contains("nearpath_key_budget_refusals_total{budget=\"tokens_per_month\"} 1"),
+            "{page}"
+        );
+    }
+
+    fn fleet_auth(store: Arc<dyn Store>, id: &str, clock: Arc<crate::clock::ManualClock>) -> Auth {
+        let mut config = nearpath_config::GatewayConfig::default();
+        config.federation.gateway_id = Some(id.into());
+        let metrics = Arc::new(Metrics::new());
+        Auth::new(
+            store.clone(),
+            metrics.clone(),
+            clock.clone(),
+            CapDefaults::from_config(&config),
+        )
+        .with_fleet(FleetLimits::new(id, store, clock, metrics, &config))
+    }
+
+    #[tokio::test]
+    async fn two_gateways_share_a_keys_requests_per_minute_and_the_next_window_starts_fresh() {
+        // 1_800_000_000_000 starts a minute; one second into it.
+        let t0 = 1_800_000_000_000 + 1_000;
+        let clock = crate::clock::ManualClock::new(t0);
+        let store: Arc<dyn Store> =
+            Arc::new(crate::store::SqliteStore::open_in_memory().expect("store"));
+        let a = fleet_auth(store.clone(), "a", clock.clone());
+        let b = fleet_auth(store, "b", clock.clone());
+        let mut k = key(1_000_000);
+        k.requests_per_minute = 10;
+        let mut admitted = 0;
+        for i in 0..30 {
+            let auth = if i % 2 == 0 { &a } else { &b };
+            if auth.admit_request(&k).await.is_ok() {
+                admitted += 1;
+            }
+        }
+        assert_eq!(admitted, 10);
+        // Refused until the window ends, from either gateway.
+        assert_eq!(a.admit_request(&k).await, Err(59));
+        assert_eq!(b.admit_request(&k).await, Err(59));
+        clock.advance(Duration::from_secs(59));
+        assert!(b.admit_request(&k).await.is_ok());
+        // Session starts count apart, fleet-wide too.
+        let mut starts = 0;
+        for i in 0..6 {
+            let auth = if i % 2 == 0 { &a } else { &b };
+            if auth.admit_session_start(&k, 3).await.is_ok() {
+                starts += 1;
+            }
+        }
+        assert_eq!(starts, 3);
+        let r = a.admit_session_start(&k, 3).await.unwrap_err();
+        assert_eq!((r.code, r.cap), ("rate_limit_exceeded", "session_starts"));
+    }
+
+    #[tokio::test]
+    async fn a_store_that_cannot_lease_fails_open_to_this_gateways_own_limits() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("gw.db");
+        let store: Arc<dyn Store> =
+            Arc::new(crate::store::SqliteStore::open(&path).expect("store"));
+        // The limit tables vanish under the gateway: every lease and reservation fails.
+        let raw = rusqlite::Connection::open(&path).expect("raw");
+        raw.execute_batch("DROP TABLE limit_windows; DROP TABLE limit_holds;")
+            .expect("drop");
+        let clock = crate::clock::ManualClock::new(1_800_000_000_000);
+        let auth = fleet_auth(store, "a", clock);
+        let mut k = key(1_000_000);
+        k.requests_per_minute = 3;
+        // This gateway's bucket decides: 3 of 5, and the refusal still says when to retry.
+        let results: Vec<_> = [(); 5].iter().map(|_| ()).collect();
+        let mut admitted = 0;
+        for _ in results {
+            if auth.admit_request(&k).await.is_ok() {
+                admitted += 1;
+            }
+        }
+        assert_eq!(admitted, 3);
+        // Concurrency: the local cap holds.
+        let _g1 = auth
+            .acquire_cap(&k, CapKind::Stream, 2, "http")
+            .await
+            .expect("1");
+        let _g2 = auth
+            .acquire_cap(&k, CapKind::Stream, 2, "http")
+            .await
+            .expect("2");
+        assert!(auth
+            .acquire_cap(&k, CapKind::Stream, 2, "http")
+            .await
+            .is_err());
+        let page = auth.metrics.render();
+        assert!(
+            page.contains("nearpath_limit_fail_open_total{pool=\"requests\"}"),
+            "{page}"
+        );
+        assert!(
+            page.contains("nearpath_limit_leases_total{pool=\"requests\",result=\"failed\"} 1"),
             "{page}"
         );
     }

@@ -269,7 +269,10 @@ impl QuicClients {
         };
         // Held until this request ends, however it ends.
         let key_id = key.id.clone();
-        let mut ticket = match infer.admit(key, "quic", &request_id, &request.model, started) {
+        let mut ticket = match infer
+            .admit(key, "quic", &request_id, &request.model, started)
+            .await
+        {
             Ok(t) => t,
             Err(e) => {
                 refused(&e, Some(&key_id), Some(&request.model));

@@ -31,7 +31,8 @@ const RANKS: &[(&str, u8)] = &[
     ("store", 1),
     // State the components are made of.
     ("registry", 2),
-    ("auth", 2),
+    ("fleet_limits", 2),
+    ("auth", 3),
     ("relay", 3),
     ("meter", 3),
     ("trunk", 3),

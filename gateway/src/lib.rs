@@ -14,6 +14,7 @@ pub mod conn_guard;
 pub mod control;
 pub mod error;
 pub mod federation;
+pub mod fleet_limits;
 pub mod game;
 pub mod gpu_class;
 pub mod http_util;

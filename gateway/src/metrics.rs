@@ -63,6 +63,14 @@ pub struct Metrics {
     /// Requests refused because their key spent a budget, by budget (`tokens_per_day`,
     /// `tokens_per_month`, `usd_per_day`, `usd_per_month`).
     pub key_budget_refusals: Family<Labels, Counter>,
+    /// Fleet-wide limits (federation): store leases of per-minute slices and concurrency
+    /// reservations, by pool and result (`granted`, `partial`, `spent`, `reserved`, `failed`).
+    pub limit_leases: Family<Labels, Counter>,
+    /// Admissions that waited for the store (their local slice was empty), by pool and result
+    /// (`admitted`, `refused`, `failed`, `timeout`).
+    pub limit_store_waits: Family<Labels, Counter>,
+    /// Admissions decided by the local per-gateway limit because the store failed, by pool.
+    pub limit_fail_open: Family<Labels, Counter>,
     /// Times a node became slow: heartbeats late while its connection still delivered.
     pub nodes_slowed: Counter,
     /// Game sessions paused by the loss of their node, by how the pause ended
@@ -129,6 +137,9 @@ impl Metrics {
             usage_mismatches: Family::default(),
             key_cap_refusals: Family::default(),
             key_budget_refusals: Family::default(),
+            limit_leases: Family::default(),
+            limit_store_waits: Family::default(),
+            limit_fail_open: Family::default(),
             nodes_slowed: Counter::default(),
             game_pauses: Family::default(),
             node_id_takeovers: Counter::default(),
@@ -326,6 +337,21 @@ impl Metrics {
             "key_budget_refusals",
             "Requests refused because their API key spent one of its budgets, by budget",
             m.key_budget_refusals.clone(),
+        );
+        registry.register(
+            "limit_leases",
+            "Fleet-wide limit leases and concurrency reservations taken from the store, by pool and result",
+            m.limit_leases.clone(),
+        );
+        registry.register(
+            "limit_store_waits",
+            "Admissions that waited for the store because their local slice was empty, by pool and result",
+            m.limit_store_waits.clone(),
+        );
+        registry.register(
+            "limit_fail_open",
+            "Admissions decided by the local per-gateway limit because the store failed, by pool",
+            m.limit_fail_open.clone(),
         );
         registry.register(
             "node_id_takeovers",

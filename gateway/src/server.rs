@@ -175,15 +175,25 @@ impl Gateway {
                 &config.inference.outlier,
             ));
         let metrics = Arc::new(Metrics::new());
-        let auth = Arc::new(
-            Auth::new(
+        let mut auth = Auth::new(
+            store.clone(),
+            metrics.clone(),
+            clock.clone(),
+            crate::auth::CapDefaults::from_config(&config),
+        )
+        .with_prices(crate::budget::Prices::from_config(&config.inference));
+        // A gateway in a federation shares its keys' limits with its peers through the store;
+        // a standalone one keeps them in memory.
+        if let Some(id) = &config.federation.gateway_id {
+            auth = auth.with_fleet(crate::fleet_limits::FleetLimits::new(
+                id,
                 store.clone(),
-                metrics.clone(),
                 clock.clone(),
-                crate::auth::CapDefaults::from_config(&config),
-            )
-            .with_prices(crate::budget::Prices::from_config(&config.inference)),
-        );
+                metrics.clone(),
+                &config,
+            ));
+        }
+        let auth = Arc::new(auth);
         load_spend(store.as_ref(), &auth.spend, clock.unix_ms())?;
         let directory = Arc::new(Directory {
             registry: Arc::new(registry),
@@ -479,9 +489,18 @@ impl Gateway {
                 shared.metrics.clone(),
                 Duration::from_secs(shared.config.geo.reload_check_interval_s),
             ));
+            let fleet_task = shared
+                .auth
+                .fleet
+                .clone()
+                .map(|f| tokio::spawn(f.run(inner_shutdown.clone())));
             shutdown.cancelled().await;
             info!("shutting down");
             inner_shutdown.cancel();
+            if let Some(t) = fleet_task {
+                // It gives this gateway's concurrency reservations back before it ends.
+                let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
+            }
             let _ = http_task.await;
             let _ = admin_task.await;
             geo_task.abort();

@@ -178,22 +178,30 @@ impl GameService {
     /// Checks what a key may start before anything is routed: the ledger can bill the session,
     /// the key is under its cap on live sessions and its session starts per minute. The guard
     /// holds the key's session slot until the session ends.
-    fn admit_start(&self, key: &ApiKey, transport: &'static str) -> Result<CapGuard, CoreError> {
+    async fn admit_start(
+        &self,
+        key: &ApiKey,
+        transport: &'static str,
+    ) -> Result<CapGuard, CoreError> {
         self.auth.ledger_gate(transport)?;
         let caps = self.auth.effective_caps(key);
-        let refused = |r: CapRefusal| {
-            self.auth.count_cap_refusal(transport, &r);
-            r.core_error()
-        };
         let guard = self
             .auth
-            .limiter
-            .acquire(key, CapKind::Session, caps.max_concurrent_sessions)
-            .map_err(refused)?;
+            .acquire_cap(
+                key,
+                CapKind::Session,
+                caps.max_concurrent_sessions,
+                transport,
+            )
+            .await
+            .map_err(|r| r.core_error())?;
         self.auth
-            .limiter
-            .admit_session_start(key, caps.session_starts_per_minute, self.clock.now())
-            .map_err(refused)?;
+            .admit_session_start(key, caps.session_starts_per_minute)
+            .await
+            .map_err(|r: CapRefusal| {
+                self.auth.count_cap_refusal(transport, &r);
+                r.core_error()
+            })?;
         Ok(guard)
     }
 
@@ -303,7 +311,7 @@ impl GameService {
         params: GameParams,
         sink: FrameSink,
     ) -> Result<Started, CoreError> {
-        let cap = match self.admit_start(key, transport) {
+        let cap = match self.admit_start(key, transport).await {
             Ok(g) => g,
             Err(e) => {
                 self.count_start(transport, &e.code);

@@ -171,7 +171,7 @@ impl InferService {
     /// model must be on the key's allow-list (403), the key must be within its budgets (429
     /// `budget_exceeded`), its rate buckets must have room, and it must have a stream left
     /// under its cap.
-    pub fn admit(
+    pub async fn admit(
         &self,
         key: ApiKey,
         entry: &'static str,
@@ -190,7 +190,7 @@ impl InferService {
             self.count_request(entry, e.kind.as_str());
             return Err(e);
         }
-        if let Err(wait_s) = self.auth.admit(&key) {
+        if let Err(wait_s) = self.auth.admit_request(&key).await {
             self.count_request(entry, crate::error::Kind::RateLimited.as_str());
             return Err(CoreError::from_api(&ApiError::rate_limited(format!(
                 "rate limit reached for key {} ({} requests/min, {} tokens/min)",
@@ -201,6 +201,7 @@ impl InferService {
         let cap = self
             .auth
             .acquire_stream(&key, entry)
+            .await
             .map_err(|r| r.core_error())?;
         Ok(Ticket {
             key,
@@ -351,6 +352,7 @@ impl InferService {
         }
         // Billed from what was relayed, also when the stream ended early.
         let usage = stream.billed();
+        self.auth.charge_tokens(&ticket.key, usage.total_tokens());
         let reported = stream.reported();
         let ttft = stream.ttft;
         let node = stream.node.clone();

@@ -687,6 +687,114 @@ pub struct NodeDirEntry {
     pub updated_at_ms: u64,
 }
 
+/// The per-key limits shared by a federation's gateways (issue 13), by pool: the three
+/// per-minute pools leased in slices with [`Store::lease_units`], and the two concurrency pools
+/// published with [`Store::publish_holds`]. Anything else is refused as `pool`.
+pub const LIMIT_POOLS: &[&str] = &[
+    "requests",
+    "tokens",
+    "session_starts",
+    "streams",
+    "sessions",
+];
+
+/// The length of a limit window, in milliseconds: per-minute limits count in windows aligned to
+/// the wall clock's minutes.
+pub const LIMIT_WINDOW_MS: u64 = 60_000;
+
+/// The most holds one [`Store::publish_holds`] call may carry (a gateway publishes one per key
+/// and pool it holds work of).
+pub const MAX_HOLDS_PER_PUBLISH: usize = 10_000;
+
+/// What one gateway holds of one key's concurrency pool, published with an expiry (table
+/// `limit_holds`): a gateway that stops renewing its holds stops counting once they expire.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FleetHold {
+    pub gateway_id: String,
+    pub key_id: String,
+    /// `streams` or `sessions`.
+    pub pool: String,
+    /// Units reserved: work in flight plus the slots leased ahead of it.
+    pub held: u64,
+    pub expires_at_ms: u64,
+}
+
+/// Checks the arguments every limit method shares: a key id of 1..=[`MAX_ID_CHARS`]
+/// characters and a pool of [`LIMIT_POOLS`].
+pub fn check_limit_key(key_id: &str, pool: &str) -> Result<(), StoreError> {
+    check_id("key_id", key_id, false)?;
+    if !LIMIT_POOLS.contains(&pool) {
+        return Err(StoreError::Invalid {
+            field: "pool",
+            message: format!("{pool:?} is not one of {}", LIMIT_POOLS.join(", ")),
+        });
+    }
+    Ok(())
+}
+
+/// Checks [`Store::lease_units`]' arguments and returns them as the signed integers both
+/// databases store: `(window_start_ms, want, limit)`. A window must start on a minute, and no
+/// count may exceed `i64::MAX` (so that `used + want` cannot overflow in SQL either).
+pub fn check_lease(
+    key_id: &str,
+    pool: &str,
+    window_start_ms: u64,
+    want: u64,
+    limit: u64,
+) -> Result<(i64, i64, i64), StoreError> {
+    check_limit_key(key_id, pool)?;
+    if !window_start_ms.is_multiple_of(LIMIT_WINDOW_MS) {
+        return Err(StoreError::Invalid {
+            field: "window_start_ms",
+            message: format!("{window_start_ms} does not start a minute"),
+        });
+    }
+    let window = to_i64("window_start_ms", window_start_ms)?;
+    // Half the range: `used + want` of two maximal values still fits in a BIGINT.
+    const MAX_UNITS: u64 = (i64::MAX as u64) / 2;
+    for (field, v) in [("want", want), ("limit", limit)] {
+        if v > MAX_UNITS {
+            return Err(StoreError::Invalid {
+                field,
+                message: format!("{v} exceeds the largest count {MAX_UNITS}"),
+            });
+        }
+    }
+    Ok((window, want as i64, limit as i64))
+}
+
+/// Checks [`Store::publish_holds`]' arguments.
+pub fn check_holds(gateway_id: &str, holds: &[FleetHold]) -> Result<(), StoreError> {
+    check_id("gateway_id", gateway_id, false)?;
+    if holds.len() > MAX_HOLDS_PER_PUBLISH {
+        return Err(StoreError::Invalid {
+            field: "holds",
+            message: format!(
+                "{} holds, at most {MAX_HOLDS_PER_PUBLISH} per call",
+                holds.len()
+            ),
+        });
+    }
+    for h in holds {
+        if h.gateway_id != gateway_id {
+            return Err(StoreError::Invalid {
+                field: "holds.gateway_id",
+                message: format!("{:?} is not the publishing gateway", h.gateway_id),
+            });
+        }
+        check_limit_key(&h.key_id, &h.pool)?;
+        if !matches!(h.pool.as_str(), "streams" | "sessions") {
+            return Err(StoreError::Invalid {
+                field: "pool",
+                message: format!("{:?} is not a concurrency pool", h.pool),
+            });
+        }
+        to_i64("held", h.held)?;
+        to_i64("expires_at_ms", h.expires_at_ms)?;
+    }
+    Ok(())
+}
+
 /// The gateway's durable state. Object safe: the gateway holds an `Arc<dyn Store>`.
 ///
 /// All methods are synchronous and may block (see the module documentation): call them from
@@ -887,6 +995,45 @@ pub trait Store: Send + Sync + 'static {
         Err(StoreError::NotSupported {
             op: "list_node_directory",
         })
+    }
+
+    // ---- Fleet-wide limits (issue 13, item 4).
+
+    /// Leases up to `want` units of `key_id`'s `pool` in the window starting at
+    /// `window_start_ms` (a minute boundary), never granting beyond `limit` in that window:
+    /// one atomic conditional upsert of the shared counter. Returns the units granted (0 when
+    /// the window is spent). A gateway asks for a slice at a time and admits locally from it.
+    fn lease_units(
+        &self,
+        key_id: &str,
+        pool: &str,
+        window_start_ms: u64,
+        want: u64,
+        limit: u64,
+    ) -> Result<u64, StoreError> {
+        let _ = (key_id, pool, window_start_ms, want, limit);
+        Err(StoreError::NotSupported { op: "lease_units" })
+    }
+    /// Inserts or replaces `gateway_id`'s holds (each hold's `gateway_id` must equal it); a hold
+    /// of 0 removes the row. Each call is its own commit, so that a gateway that publishes and
+    /// then reads [`Store::fleet_holds`] is seen by any other gateway doing the same.
+    fn publish_holds(&self, gateway_id: &str, holds: &[FleetHold]) -> Result<(), StoreError> {
+        let _ = (gateway_id, holds);
+        Err(StoreError::NotSupported {
+            op: "publish_holds",
+        })
+    }
+    /// The holds still live at `now_ms` (`expires_at_ms > now_ms`), of one key or of all,
+    /// ordered by key, pool and gateway.
+    fn fleet_holds(&self, key_id: Option<&str>, now_ms: u64) -> Result<Vec<FleetHold>, StoreError> {
+        let _ = (key_id, now_ms);
+        Err(StoreError::NotSupported { op: "fleet_holds" })
+    }
+    /// Deletes limit windows that started before `before_window_ms` and holds that expired
+    /// before `now_ms`. Returns the rows deleted.
+    fn prune_limits(&self, before_window_ms: u64, now_ms: u64) -> Result<u64, StoreError> {
+        let _ = (before_window_ms, now_ms);
+        Err(StoreError::NotSupported { op: "prune_limits" })
     }
 }
 

@@ -21,6 +21,7 @@ use std::time::Duration;
 use rusqlite::types::{FromSql, FromSqlError, FromSqlResult, ValueRef};
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Row, TransactionBehavior};
 
+use super::{check_holds, check_lease, FleetHold};
 mod directory;
 
 use super::{
@@ -203,7 +204,27 @@ ALTER TABLE api_keys ADD COLUMN budget_usd_per_day REAL;
 ALTER TABLE api_keys ADD COLUMN budget_usd_per_month REAL;
 CREATE INDEX usage_records_by_key ON usage_records (api_key_id, at_ms);
 "#,
-    // 5 (issue 13): the federation's gateway directory (one row per gateway, with its lease)
+    // 5 (issue 13, fleet-wide limits): the shared per-minute counters gateways lease slices
+    // of, and each gateway's concurrency holds with their expiry.
+    r#"
+CREATE TABLE IF NOT EXISTS limit_windows (
+    key_id           TEXT NOT NULL,
+    pool             TEXT NOT NULL,
+    window_start_ms  INTEGER NOT NULL,
+    used             INTEGER NOT NULL,
+    last_grant       INTEGER NOT NULL,
+    PRIMARY KEY (key_id, pool, window_start_ms)
+) STRICT;
+CREATE TABLE IF NOT EXISTS limit_holds (
+    gateway_id     TEXT NOT NULL,
+    key_id         TEXT NOT NULL,
+    pool           TEXT NOT NULL,
+    held           INTEGER NOT NULL,
+    expires_at_ms  INTEGER NOT NULL,
+    PRIMARY KEY (key_id, pool, gateway_id)
+) STRICT;
+"#,
+    // 6 (issue 13): the federation's gateway directory (one row per gateway, with its lease)
     // and node directory (one row per live node, owned by the gateway holding its connection).
     // Self-contained (IF NOT EXISTS) so that it applies whatever its final number.
     r#"
@@ -1841,6 +1862,109 @@ impl Store for SqliteStore {
             },
             "key usage by day",
         )
+    }
+
+    // ---- Fleet-wide limits (issue 13, item 4).
+
+    fn lease_units(
+        &self,
+        key_id: &str,
+        pool: &str,
+        window_start_ms: u64,
+        want: u64,
+        limit: u64,
+    ) -> Result<u64, StoreError> {
+        let (window, want, limit) = check_lease(key_id, pool, window_start_ms, want, limit)?;
+        // One conditional upsert: the grant is computed from the row as it is when the write
+        // takes it, so two gateways leasing at once can never be granted more than `limit`
+        // together. SET expressions all read the old row, so `last_grant` is this call's grant.
+        let granted: i64 = self
+            .write_conn()
+            .prepare_cached(
+                "INSERT INTO limit_windows (key_id, pool, window_start_ms, used, last_grant) \
+                 VALUES (?1, ?2, ?3, min(?4, ?5), min(?4, ?5)) \
+                 ON CONFLICT (key_id, pool, window_start_ms) DO UPDATE SET \
+                 used = used + min(?4, max(?5 - used, 0)), \
+                 last_grant = min(?4, max(?5 - used, 0)) \
+                 RETURNING last_grant",
+            )
+            .op("lease limit units")?
+            .query_row(params![key_id, pool, window, want, limit], |r| r.get(0))
+            .op("lease limit units")?;
+        Ok(u64::try_from(granted).unwrap_or(0))
+    }
+
+    fn publish_holds(&self, gateway_id: &str, holds: &[FleetHold]) -> Result<(), StoreError> {
+        check_holds(gateway_id, holds)?;
+        let mut conn = self.write_conn();
+        let tx = conn.transaction().op("begin publish holds")?;
+        for h in holds {
+            if h.held == 0 {
+                tx.prepare_cached(
+                    "DELETE FROM limit_holds WHERE key_id = ?1 AND pool = ?2 AND gateway_id = ?3",
+                )
+                .op("publish holds")?
+                .execute(params![h.key_id, h.pool, gateway_id])
+                .op("publish holds")?;
+            } else {
+                tx.prepare_cached(
+                    "INSERT INTO limit_holds (gateway_id, key_id, pool, held, expires_at_ms) \
+                     VALUES (?1, ?2, ?3, ?4, ?5) \
+                     ON CONFLICT (key_id, pool, gateway_id) DO UPDATE SET \
+                     held = excluded.held, expires_at_ms = excluded.expires_at_ms",
+                )
+                .op("publish holds")?
+                .execute(params![
+                    gateway_id,
+                    h.key_id,
+                    h.pool,
+                    to_i64("held", h.held)?,
+                    to_i64("expires_at_ms", h.expires_at_ms)?
+                ])
+                .op("publish holds")?;
+            }
+        }
+        tx.commit().op("commit publish holds")
+    }
+
+    fn fleet_holds(&self, key_id: Option<&str>, now_ms: u64) -> Result<Vec<FleetHold>, StoreError> {
+        if let Some(k) = key_id {
+            check_id("key_id", k, false)?;
+        }
+        query_all(
+            &self.conn(),
+            "SELECT gateway_id, key_id, pool, held, expires_at_ms FROM limit_holds \
+             WHERE expires_at_ms > ?1 AND (?2 IS NULL OR key_id = ?2) \
+             ORDER BY key_id, pool, gateway_id",
+            params![saturating_i64(now_ms), key_id],
+            |r| {
+                Ok(FleetHold {
+                    gateway_id: r.get(0)?,
+                    key_id: r.get(1)?,
+                    pool: r.get(2)?,
+                    held: get_u64(r, 3)?,
+                    expires_at_ms: get_u64(r, 4)?,
+                })
+            },
+            "list fleet holds",
+        )
+    }
+
+    fn prune_limits(&self, before_window_ms: u64, now_ms: u64) -> Result<u64, StoreError> {
+        let conn = self.write_conn();
+        let windows = conn
+            .execute(
+                "DELETE FROM limit_windows WHERE window_start_ms < ?1",
+                [saturating_i64(before_window_ms)],
+            )
+            .op("prune limit windows")?;
+        let holds = conn
+            .execute(
+                "DELETE FROM limit_holds WHERE expires_at_ms <= ?1",
+                [saturating_i64(now_ms)],
+            )
+            .op("prune limit holds")?;
+        Ok((windows + holds) as u64)
     }
     // ---- Federation: gateway and node directories (`sqlite/directory.rs`).
     fn gateway_heartbeat(&self, record: &super::GatewayRecord) -> Result<(), StoreError> {

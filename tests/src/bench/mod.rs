@@ -6,6 +6,7 @@ pub mod child;
 pub mod client;
 pub mod impaired;
 pub mod latency;
+pub mod limits;
 pub mod os;
 pub mod queue;
 pub mod quicmem;

@@ -12,6 +12,7 @@
 //! target/release/bench inference-queue
 //! target/release/bench nodes-register
 //! target/release/bench trunk-ttft
+//! target/release/bench fleet-limits
 //! ```
 
 #[path = "../bench/mod.rs"]
@@ -52,6 +53,9 @@ enum Command {
     /// TTFT through the gateway-to-gateway trunk against the same node on one gateway
     /// (two federated gateways in this process, interleaved requests).
     TrunkTtft(bench::trunk::TrunkArgs),
+    /// A key's limits under load on three gateways sharing one store (in this process):
+    /// admitted/limit per minute window, store round trips per request, concurrency cap held.
+    FleetLimits(bench::limits::LimitsArgs),
     /// Diagnostic: heap per idle QUIC connection by the stream limits the server grants.
     QuicIdleMemory(bench::quicmem::QuicMemArgs),
     /// Game frames node -> client through the gateway and direct, same frames at the same time.
@@ -216,6 +220,10 @@ fn real_main() -> anyhow::Result<()> {
             init_logging();
             runtime(1)?.block_on(bench::impaired::run_impair(a))
         }
+        Command::FleetLimits(a) => {
+            init_logging();
+            runtime(2)?.block_on(bench::limits::run(a))
+        }
         command => {
             let unpinned = bench::system::Placement {
                 gateway_cpus: String::new(),
@@ -240,6 +248,7 @@ fn real_main() -> anyhow::Result<()> {
                 Command::ServeGateway { .. }
                 | Command::ServeNodes { .. }
                 | Command::GameImpaired(_)
+                | Command::FleetLimits(_)
                 | Command::Impair(_) => {
                     anyhow::bail!("these commands are handled above")
                 }
@@ -269,6 +278,7 @@ fn real_main() -> anyhow::Result<()> {
                 Command::ServeGateway { .. }
                 | Command::ServeNodes { .. }
                 | Command::GameImpaired(_)
+                | Command::FleetLimits(_)
                 | Command::Impair(_) => {
                     anyhow::bail!("these commands are handled above")
                 }

@@ -733,6 +733,58 @@ impl TestGateway {
 }
 
 impl TestGateway {
+    /// A gateway on an already open `store` that other gateways of the test share (a
+    /// federation of in-process gateways); `path` names the store's file in its config. The
+    /// verified operator and the test API key are created once, by the first gateway.
+    pub async fn start_sharing(
+        store: Arc<dyn Store>,
+        path: PathBuf,
+        edit: impl FnOnce(&mut GatewayConfig),
+    ) -> TestGateway {
+        let mut config = test_config(path.clone());
+        edit(&mut config);
+        let operator = match store
+            .list_operators()
+            .unwrap()
+            .into_iter()
+            .find(|o| o.name == "op-verified")
+        {
+            Some(o) => o,
+            None => store
+                .create_operator("op-verified", KycStatus::Verified)
+                .unwrap(),
+        };
+        let (_, token) = store.create_enrolment_token(&operator.id).unwrap();
+        if store.authenticate_api_key(API_KEY).unwrap().is_none() {
+            store
+                .insert_api_key_secret(API_KEY, "tenant-a", 100_000, 100_000_000)
+                .unwrap();
+        }
+        let cert = nearpath_gateway::tls::self_signed(&["localhost", "127.0.0.1"]).unwrap();
+        let sha = cert.sha256;
+        let gw = Gateway::with_parts(config, cert, store.clone()).unwrap();
+        let shared = gw.shared().clone();
+        let shutdown = CancellationToken::new();
+        let (addrs, task) = gw
+            .start(Listeners::ephemeral().await.unwrap(), shutdown.clone())
+            .unwrap();
+        TestGateway {
+            http: Http::new(),
+            addrs,
+            sha,
+            shared,
+            store,
+            store_path: path,
+            shutdown,
+            task,
+            operator_id: operator.id,
+            token,
+            _dir: None,
+        }
+    }
+}
+
+impl TestGateway {
     /// A gateway like [`TestGateway::start`] on a store opened by the caller (PostgreSQL, or a
     /// store shared with another gateway); `store_path` is empty.
     pub async fn start_on(

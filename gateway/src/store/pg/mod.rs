@@ -54,6 +54,8 @@ use super::sqlite::{check_secret, UsageRow};
 use super::*;
 use ::postgres::types::ToSql;
 use ::postgres::{GenericClient, NoTls, Row};
+
+mod limits;
 use r2d2_postgres::PostgresConnectionManager;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
@@ -190,7 +192,10 @@ CREATE TABLE IF NOT EXISTS ledger_probe (
     at_ms  BIGINT NOT NULL
 );
 "#,
-    // 2 (issue 13): the gateway and node directories (see `directory.rs`).
+    // 2 (issue 13, fleet-wide limits): the per-minute counters gateways lease slices of, and
+    // each gateway's concurrency holds with their expiry.
+    limits::MIGRATION,
+    // 3 (issue 13): the gateway and node directories (see `directory.rs`).
     directory::MIGRATION,
 ];
 
@@ -1696,6 +1701,25 @@ impl Store for PgStore {
     }
     // ---- Federation: each feature adds its overrides below, delegating to an inherent
     // method in its own file under `store/pg/`.
+    fn lease_units(
+        &self,
+        key_id: &str,
+        pool: &str,
+        window_start_ms: u64,
+        want: u64,
+        limit: u64,
+    ) -> Result<u64, StoreError> {
+        self.pg_lease_units(key_id, pool, window_start_ms, want, limit)
+    }
+    fn publish_holds(&self, gateway_id: &str, holds: &[FleetHold]) -> Result<(), StoreError> {
+        self.pg_publish_holds(gateway_id, holds)
+    }
+    fn fleet_holds(&self, key_id: Option<&str>, now_ms: u64) -> Result<Vec<FleetHold>, StoreError> {
+        self.pg_fleet_holds(key_id, now_ms)
+    }
+    fn prune_limits(&self, before_window_ms: u64, now_ms: u64) -> Result<u64, StoreError> {
+        self.pg_prune_limits(before_window_ms, now_ms)
+    }
     fn gateway_heartbeat(&self, record: &GatewayRecord) -> Result<(), StoreError> {
         self.dir_heartbeat(record)
     }
