@@ -5,6 +5,7 @@
 
 use crate::clock::SharedClock;
 use crate::components::{Auth, Directory, Placement, Sessions};
+use crate::federation::directory::FleetView;
 use crate::http_util::{
     bearer, ct_eq, error, json, read_body, with_type, BodyError, Handler, Resp,
 };
@@ -76,6 +77,8 @@ pub struct AdminApi {
     metrics: Arc<Metrics>,
     clock: SharedClock,
     settings: AdminSettings,
+    /// The other gateways' nodes, listed beside the local ones (none: local nodes only).
+    fleet: Option<Arc<FleetView>>,
 }
 
 impl AdminApi {
@@ -102,7 +105,22 @@ impl AdminApi {
             metrics,
             clock,
             settings,
+            fleet: None,
         }
+    }
+
+    /// Lists the federation's remote nodes (from `fleet`) beside the local ones.
+    pub fn with_fleet(mut self, fleet: Arc<FleetView>) -> Self {
+        self.fleet = Some(fleet);
+        self
+    }
+
+    /// This gateway's id in the federation.
+    fn self_id(&self) -> String {
+        self.fleet
+            .as_ref()
+            .map(|f| f.self_id().to_string())
+            .unwrap_or_else(|| crate::federation::directory::STANDALONE_ID.to_string())
     }
 
     /// Whether `presented` is the admin token. No token configured means nobody is admin.
@@ -137,6 +155,20 @@ fn store_error(e: StoreError) -> Resp {
             &e.to_string(),
         ),
     }
+}
+
+/// A node of another gateway as `/admin/nodes` lists it: its node directory entry, with `id`,
+/// a `state` (`active` while it accepts sessions, else `draining`) and `remote: true`.
+fn remote_node_view(n: crate::store::NodeDirEntry) -> Value {
+    let state = if n.accepting { "active" } else { "draining" };
+    let id = n.node_id.clone();
+    let mut v = serde_json::to_value(n).unwrap_or(Value::Null);
+    if let Some(o) = v.as_object_mut() {
+        o.insert("id".into(), Value::from(id));
+        o.insert("state".into(), Value::from(state));
+        o.insert("remote".into(), Value::Bool(true));
+    }
+    v
 }
 
 /// Runs a store call off the async threads.
@@ -426,7 +458,24 @@ impl AdminApi {
             Ok(match (&method, &segs[1..]) {
                 (&Method::GET, ["nodes"]) => {
                     let registry = &s.directory.registry;
-                    let nodes: Vec<_> = registry.list().iter().map(|n| registry.node_view(n)).collect();
+                    let self_id = s.self_id();
+                    let mut nodes: Vec<_> = registry
+                        .list()
+                        .iter()
+                        .map(|n| {
+                            let mut v = registry.node_view(n);
+                            if let Some(o) = v.as_object_mut() {
+                                o.insert("gateway_id".into(), Value::from(self_id.clone()));
+                                o.insert("remote".into(), Value::Bool(false));
+                            }
+                            v
+                        })
+                        .collect();
+                    // Nodes of the other live gateways, from the node directory (up to one
+                    // publish interval old): the whole fleet from any gateway.
+                    if let Some(fleet) = &s.fleet {
+                        nodes.extend(fleet.remote_nodes(s.clock.unix_ms()).into_iter().map(remote_node_view));
+                    }
                     // Requests waiting for a slot, per model (queued admission).
                     let queues: serde_json::Map<_, _> = registry
                         .slot_queue()
@@ -450,10 +499,15 @@ impl AdminApi {
                         Ok((owner, sla))
                     })
                     .await?;
-                    if live.is_none() && sla.is_none() && owner.is_none() {
+                    // Attached to another live gateway: its node directory entry.
+                    let remote = match (&live, &s.fleet) {
+                        (None, Some(fleet)) => fleet.remote_nodes(s.clock.unix_ms()).into_iter().find(|n| n.node_id == id).map(remote_node_view),
+                        _ => None,
+                    };
+                    if live.is_none() && remote.is_none() && sla.is_none() && owner.is_none() {
                         return Err(error(StatusCode::NOT_FOUND, "not_found", &format!("no node {id}")));
                     }
-                    json(StatusCode::OK, &serde_json::json!({"id": id, "operator_id": owner, "live": live, "sla": sla}))
+                    json(StatusCode::OK, &serde_json::json!({"id": id, "operator_id": owner, "live": live, "remote": remote, "sla": sla}))
                 }
                 (&Method::GET, ["gpu-models"]) => {
                     let list = blocking(s, |st| st.list_gpu_models()).await?;
@@ -515,6 +569,12 @@ impl AdminApi {
                         .map_err(|_| error(StatusCode::CONFLICT, "gone", "the node is disconnecting"))?;
                     info!(node = %id, deadline_ms, "drain requested by admin");
                     json(StatusCode::ACCEPTED, &serde_json::json!({"id": id, "state": "draining", "deadline_ms": deadline_ms}))
+                }
+                (&Method::GET, ["gateways"]) => {
+                    let (gateways, nodes) = blocking(s, |st| Ok((st.list_gateways()?, st.list_node_directory()?))).await?;
+                    let now_ms = s.clock.unix_ms();
+                    let data = crate::federation::directory::statuses(gateways, &nodes, now_ms);
+                    json(StatusCode::OK, &serde_json::json!({"object": "list", "self": s.self_id(), "data": data}))
                 }
                 (&Method::GET, ["sla"]) => {
                     let list = blocking(s, |st| st.sla_list()).await?;

@@ -19,6 +19,7 @@ use crate::access::{AccessLine, TraceParent};
 use crate::auth::Auth;
 use crate::client_addr::{self, ClientAddr};
 use crate::error::{CoreError, Kind};
+use crate::federation::directory::FleetView;
 use crate::http_util::{bearer, read_body, with_type, Body, BodyError, Handler, Resp};
 use crate::infer::{new_request_id, Gone, InferService, Output, Relay};
 use crate::store::ApiKey;
@@ -59,6 +60,8 @@ pub struct ClientApi {
     infer: Arc<InferService>,
     http: HttpConfig,
     mounted: Option<Mounted>,
+    /// The federation's gateways, for `GET /v1/gateways` (none: this gateway is not listed).
+    fleet: Option<Arc<FleetView>>,
 }
 
 /// The response for a core error: its OpenAI body and status, `x-should-retry: false` when a
@@ -293,7 +296,49 @@ impl ClientApi {
             infer,
             http,
             mounted,
+            fleet: None,
         }
+    }
+
+    /// Serves `GET /v1/gateways` from `fleet`.
+    pub fn with_fleet(mut self, fleet: Arc<FleetView>) -> Self {
+        self.fleet = Some(fleet);
+        self
+    }
+
+    /// `GET /v1/gateways`: the live gateways of the federation, ordered by id, for clients
+    /// that pick the nearest (API-key authenticated like `/v1/models`). Read from the fleet
+    /// view, so a client polling it costs no store round trip.
+    async fn gateways(&self, req: Request<Incoming>, request_id: &str) -> Resp {
+        if let Err(e) = self.infer.auth.authenticate(bearer(&req)).await {
+            return error_response(request_id, &e);
+        }
+        let now_ms = self.infer.clock.unix_ms();
+        let live = self
+            .fleet
+            .as_ref()
+            .map(|f| f.live_gateways(now_ms))
+            .unwrap_or_default();
+        let data: Vec<serde_json::Value> = live
+            .iter()
+            .map(|g| {
+                serde_json::json!({
+                    "id": g.id,
+                    "region": g.region,
+                    "lat": g.lat,
+                    "lon": g.lon,
+                    "quic_address": g.quic_address,
+                    "http_url": g.http_url,
+                    "cert_sha256": g.cert_sha256,
+                    "live": true,
+                })
+            })
+            .collect();
+        with_type(
+            StatusCode::OK,
+            "application/json",
+            serde_json::json!({"object": "list", "data": data}).to_string(),
+        )
     }
 
     fn locate(&self, req: &Request<Incoming>, peer: SocketAddr) -> (ClientAddr, Location) {
@@ -364,6 +409,7 @@ impl ClientApi {
             ),
             (Method::GET, "/v1/models") => self.models(req, peer, request_id).await,
             (Method::GET, "/v1/games") => self.games(req, peer, request_id).await,
+            (Method::GET, "/v1/gateways") => self.gateways(req, request_id).await,
             // Model ids may contain `/` (`org/model`): the id is the rest of the path.
             (Method::GET, p) if p.starts_with("/v1/models/") && p.len() > "/v1/models/".len() => {
                 let id = p["/v1/models/".len()..].to_string();
@@ -382,7 +428,7 @@ impl ClientApi {
                 None => api_error(request_id, &ApiError::not_found(&path)),
             },
             (m, p)
-                if matches!(p, "/v1/models" | "/v1/games")
+                if matches!(p, "/v1/models" | "/v1/games" | "/v1/gateways")
                     || Endpoint::from_path(p).is_some()
                     || p.starts_with("/v1/models/") =>
             {

@@ -37,6 +37,8 @@ const RANKS: &[(&str, u8)] = &[
     ("relay", 3),
     ("meter", 3),
     ("trunk", 3),
+    // The federation's directories: store, registry and clock below it; read by front ends.
+    ("federation", 3),
     ("components", 4),
     // Session rules (sans-IO machines and their drivers) and the services built on them.
     ("infer", 5),

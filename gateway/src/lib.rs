@@ -13,6 +13,7 @@ pub mod components;
 pub mod conn_guard;
 pub mod control;
 pub mod error;
+pub mod federation;
 pub mod fleet_limits;
 pub mod game;
 pub mod gpu_class;

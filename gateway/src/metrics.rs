@@ -92,6 +92,9 @@ pub struct Metrics {
     pub inference_nodes_ejected: Gauge,
     /// Requests served by a fallback model, by configured model pair.
     pub inference_fallbacks: Family<Labels, Counter>,
+    /// Gateways whose lease in the gateway directory holds (this one included), as of the
+    /// directory task's last refresh.
+    pub federation_gateways_live: Gauge,
 }
 
 impl Default for Metrics {
@@ -147,6 +150,7 @@ impl Metrics {
             inference_node_ejections: Counter::default(),
             inference_nodes_ejected: Gauge::default(),
             inference_fallbacks: Family::default(),
+            federation_gateways_live: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -178,6 +182,11 @@ impl Metrics {
             "inference_fallbacks",
             "Inference requests served by a fallback model, by model pair",
             m.inference_fallbacks.clone(),
+        );
+        registry.register(
+            "federation_gateways_live",
+            "Gateways live in the federation's gateway directory (this one included)",
+            m.federation_gateways_live.clone(),
         );
         registry.register(
             "node_slow",

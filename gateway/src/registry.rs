@@ -352,6 +352,12 @@ impl NodeEntry {
             "recent_penalties": d.recent_penalties,
         })
     }
+
+    /// Slots of `kind` the gateway has in use on this node (what the node directory publishes
+    /// as capacity minus free).
+    pub fn in_use(&self, kind: SlotKind) -> u32 {
+        self.pool(kind).0.load(Ordering::Relaxed)
+    }
 }
 
 /// Why a registration could not be inserted.

@@ -40,6 +40,9 @@ pub enum GatewayError {
     },
     #[error("QUIC endpoint: {0}")]
     Quic(String),
+    /// Another live gateway holds `federation.gateway_id` with a different certificate.
+    #[error("federation: {0}")]
+    DuplicateGatewayId(#[from] crate::federation::directory::DuplicateGatewayId),
 }
 
 /// The components of one gateway, grouped for the tasks that assemble front ends from them.
@@ -63,6 +66,9 @@ pub struct Shared {
     pub quic_gate: Arc<crate::conn_guard::QuicGate>,
     /// The API key `/play` prefills (the demo's; `None` on a real gateway).
     pub play_prefill_key: Option<String>,
+    /// The other gateways of the federation and their nodes, as last read from the store
+    /// (`federation/directory.rs`): what cross-region routing and `GET /v1/gateways` read.
+    pub fleet: Arc<crate::federation::directory::FleetView>,
 }
 
 /// The sockets a gateway serves on. Tests bind port 0 and read the addresses back.
@@ -236,6 +242,9 @@ impl Gateway {
             shutdown: CancellationToken::new(),
             quic_gate: Arc::new(crate::conn_guard::QuicGate::new((&config.quic).into())),
             play_prefill_key: None,
+            fleet: Arc::new(crate::federation::directory::FleetView::new(
+                crate::federation::directory::gateway_id(&config),
+            )),
             config,
         });
         Ok(Gateway {
@@ -399,6 +408,28 @@ impl Gateway {
             _ => None,
         };
 
+        // Into the gateway directory before serving: a gateway configured with an id another
+        // live gateway holds (with another certificate) must not start.
+        let me = crate::federation::directory::SelfInfo::new(
+            &shared.config,
+            addrs.quic,
+            addrs.http,
+            self.cert.sha256_hex(),
+            shared.clock.unix_ms(),
+        );
+        // What the store would refuse to write (an oversize public address, ...) is a
+        // configuration error, found now rather than on every renewal.
+        crate::store::directory::check_gateway_record(&me.record(0, 1))
+            .map_err(|e| GatewayError::Config(format!("federation: {e}")))?;
+        let timing = crate::federation::directory::DirectoryTiming::from_config(&shared.config);
+        crate::federation::directory::join(
+            shared.store.as_ref(),
+            &timing,
+            &me,
+            shared.clock.unix_ms(),
+        )?;
+        shared.fleet.set_self(me.clone());
+
         let inner_shutdown = shared.shutdown.clone();
         let infer = Arc::new(inference(&shared, trunk.clone()));
         let clients = Arc::new(crate::client::QuicClients::new(
@@ -421,7 +452,8 @@ impl Gateway {
                     shared.shutdown.clone(),
                 )),
             }),
-        );
+        )
+        .with_fleet(shared.fleet.clone());
         let handle = tokio::spawn(async move {
             let nodes = Arc::new(node_front_end(&shared));
             let trunk_task = trunk
@@ -451,6 +483,18 @@ impl Gateway {
                 // The admin listener inherits [http]'s timeouts and caps, with its own counts.
                 crate::http_util::ConnPolicy::from_config(&shared.config.http, &shared.metrics),
             ));
+            let directory_task = tokio::spawn(crate::federation::directory::run(
+                crate::federation::directory::DirectoryParts {
+                    store: shared.store.clone(),
+                    registry: shared.directory.registry.clone(),
+                    fleet: shared.fleet.clone(),
+                    metrics: shared.metrics.clone(),
+                    clock: shared.clock.clone(),
+                    timing,
+                    me,
+                },
+                inner_shutdown.clone(),
+            ));
             let geo_task = tokio::spawn(crate::admin::geo_reload_loop(
                 shared.placement.clone(),
                 shared.metrics.clone(),
@@ -474,6 +518,8 @@ impl Gateway {
             if let Some(t) = trunk_task {
                 t.abort();
             }
+            // The directory task leaves the directory on `inner_shutdown` (one store write).
+            let _ = tokio::time::timeout(Duration::from_secs(2), directory_task).await;
             // Control loops send Shutdown to their nodes on `inner_shutdown`; give them a moment.
             let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
             while !shared.directory.registry.is_empty() && tokio::time::Instant::now() < deadline {
@@ -606,6 +652,7 @@ fn admin_api(shared: &Arc<Shared>) -> crate::admin::AdminApi {
             clock: shared.clock.clone(),
         },
     )
+    .with_fleet(shared.fleet.clone())
 }
 
 async fn accept_quic(

@@ -39,6 +39,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+pub mod directory;
 pub mod pg;
 mod sqlite;
 
@@ -980,6 +981,18 @@ pub trait Store: Send + Sync + 'static {
         Err(StoreError::NotSupported {
             op: "gateway_heartbeat",
         })
+    }
+    /// Inserts or renews this gateway's entry like [`Store::gateway_heartbeat`], unless another
+    /// entry that is live at `now_ms` holds `record.id` with a different `cert_sha256` (another
+    /// gateway configured with the same id): then nothing is written and that holder is
+    /// returned. Atomic, so two gateways starting with one id cannot both join.
+    fn gateway_join(
+        &self,
+        record: &GatewayRecord,
+        now_ms: u64,
+    ) -> Result<Option<GatewayRecord>, StoreError> {
+        let _ = (record, now_ms);
+        Err(StoreError::NotSupported { op: "gateway_join" })
     }
     /// Removes a gateway's directory entry and its published nodes (orderly shutdown).
     fn gateway_leave(&self, gateway_id: &str) -> Result<(), StoreError> {

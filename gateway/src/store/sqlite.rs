@@ -23,6 +23,8 @@ use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Row, Transactio
 
 use super::{check_holds, check_lease, FleetHold};
 use super::SessionDirEntry;
+mod directory;
+
 use super::{
     check_id, check_measure, check_name, check_text, hash_secret, new_id, new_secret,
     secret_display_prefix, to_i64, ApiKey, ApiKeyUpdate, EnrolmentToken, GpuModelRecord, KeyCaps,
@@ -248,6 +250,43 @@ CREATE TABLE IF NOT EXISTS game_session_dir (
     resume_token_sha256  TEXT NOT NULL,
     updated_at_ms        INTEGER NOT NULL
 ) STRICT;
+"#,
+    // 8 (issue 13): the federation's gateway directory (one row per gateway, with its lease)
+    // and node directory (one row per live node, owned by the gateway holding its connection).
+    // Self-contained (IF NOT EXISTS) so that it applies whatever its final number.
+    r#"
+CREATE TABLE IF NOT EXISTS gateways (
+    id               TEXT PRIMARY KEY,
+    region           TEXT NOT NULL,
+    lat              REAL NOT NULL,
+    lon              REAL NOT NULL,
+    quic_address     TEXT NOT NULL,
+    http_url         TEXT NOT NULL,
+    cert_sha256      TEXT NOT NULL,
+    version          TEXT NOT NULL,
+    started_at_ms    INTEGER NOT NULL,
+    heartbeat_at_ms  INTEGER NOT NULL,
+    expires_at_ms    INTEGER NOT NULL
+) STRICT;
+CREATE TABLE IF NOT EXISTS node_directory (
+    node_id          TEXT PRIMARY KEY,
+    operator_id      TEXT NOT NULL,
+    gateway_id       TEXT NOT NULL,
+    country          TEXT,
+    lat              REAL,
+    lon              REAL,
+    gpu_classes      TEXT NOT NULL,
+    models           TEXT NOT NULL,
+    games            TEXT NOT NULL,
+    inference_slots  INTEGER NOT NULL,
+    inference_free   INTEGER NOT NULL,
+    game_slots       INTEGER NOT NULL,
+    game_free        INTEGER NOT NULL,
+    accepting        INTEGER NOT NULL,
+    verification     TEXT NOT NULL,
+    updated_at_ms    INTEGER NOT NULL
+) STRICT;
+CREATE INDEX IF NOT EXISTS node_directory_by_gateway ON node_directory (gateway_id);
 "#,
 ];
 
@@ -2054,6 +2093,33 @@ impl Store for SqliteStore {
             )
             .op("remove session directory entry")?;
         Ok(())
+    }
+    // ---- Federation: gateway and node directories (`sqlite/directory.rs`).
+    fn gateway_heartbeat(&self, record: &super::GatewayRecord) -> Result<(), StoreError> {
+        self.dir_heartbeat(record)
+    }
+    fn gateway_join(
+        &self,
+        record: &super::GatewayRecord,
+        now_ms: u64,
+    ) -> Result<Option<super::GatewayRecord>, StoreError> {
+        self.dir_join(record, now_ms)
+    }
+    fn gateway_leave(&self, gateway_id: &str) -> Result<(), StoreError> {
+        self.dir_leave(gateway_id)
+    }
+    fn list_gateways(&self) -> Result<Vec<super::GatewayRecord>, StoreError> {
+        self.dir_list_gateways()
+    }
+    fn publish_nodes(
+        &self,
+        gateway_id: &str,
+        nodes: &[super::NodeDirEntry],
+    ) -> Result<(), StoreError> {
+        self.dir_publish_nodes(gateway_id, nodes)
+    }
+    fn list_node_directory(&self) -> Result<Vec<super::NodeDirEntry>, StoreError> {
+        self.dir_list_nodes()
     }
 }
 

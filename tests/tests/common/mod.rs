@@ -783,3 +783,56 @@ impl TestGateway {
         }
     }
 }
+
+impl TestGateway {
+    /// A gateway like [`TestGateway::start`] on a store opened by the caller (PostgreSQL, or a
+    /// store shared with another gateway); `store_path` is empty.
+    pub async fn start_on(
+        store: Arc<dyn Store>,
+        edit: impl FnOnce(&mut GatewayConfig),
+    ) -> TestGateway {
+        let mut config = test_config(PathBuf::new());
+        edit(&mut config);
+        let s = store.clone();
+        let (operator, token) = tokio::task::spawn_blocking(move || {
+            let operator = match s
+                .list_operators()
+                .unwrap()
+                .into_iter()
+                .find(|o| o.name == "op-verified")
+            {
+                Some(o) => o,
+                None => s
+                    .create_operator("op-verified", KycStatus::Verified)
+                    .unwrap(),
+            };
+            let (_, token) = s.create_enrolment_token(&operator.id).unwrap();
+            s.insert_api_key_secret(API_KEY, "tenant-a", 100_000, 100_000_000)
+                .unwrap();
+            (operator, token)
+        })
+        .await
+        .unwrap();
+        let cert = nearpath_gateway::tls::self_signed(&["localhost", "127.0.0.1"]).unwrap();
+        let sha = cert.sha256;
+        let gw = Gateway::with_parts(config, cert, store.clone()).unwrap();
+        let shared = gw.shared().clone();
+        let shutdown = CancellationToken::new();
+        let (addrs, task) = gw
+            .start(Listeners::ephemeral().await.unwrap(), shutdown.clone())
+            .unwrap();
+        TestGateway {
+            http: Http::new(),
+            addrs,
+            sha,
+            shared,
+            store,
+            store_path: PathBuf::new(),
+            shutdown,
+            task,
+            operator_id: operator.id,
+            token,
+            _dir: None,
+        }
+    }
+}

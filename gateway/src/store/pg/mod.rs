@@ -48,6 +48,8 @@
 //! `CREATE TABLE IF NOT EXISTS`, whose own race (a unique violation in the catalog) is retried.
 //! A database whose version is newer than this build's is refused ([`StoreError::SchemaTooNew`]).
 
+mod directory;
+
 use super::sqlite::{check_secret, UsageRow};
 use super::*;
 use ::postgres::types::ToSql;
@@ -194,13 +196,13 @@ CREATE TABLE IF NOT EXISTS ledger_probe (
     // 2 (issue 13, fleet-wide limits): the per-minute counters gateways lease slices of, and
     // each gateway's concurrency holds with their expiry.
     limits::MIGRATION,
-    // Issue 13, redirects (`redirect.rs`): the federation's secret, one row.
+    // 3 (issue 13, redirects, `redirect.rs`): the federation's secret, one row.
     "CREATE TABLE IF NOT EXISTS federation_secret (
         id             INTEGER PRIMARY KEY CHECK (id = 1),
         secret         BYTEA NOT NULL,
         created_at_ms  BIGINT NOT NULL
     )",
-    // Issue 13, session resume (`redirect.rs`): the sessions directory.
+    // 4 (issue 13, session resume, `redirect.rs`): the sessions directory.
     "CREATE TABLE IF NOT EXISTS game_session_dir (
         session_id           BIGINT PRIMARY KEY,
         key_id               TEXT NOT NULL,
@@ -214,6 +216,8 @@ CREATE TABLE IF NOT EXISTS ledger_probe (
         resume_token_sha256  TEXT NOT NULL,
         updated_at_ms        BIGINT NOT NULL
     )",
+    // 5 (issue 13): the gateway and node directories (see `directory.rs`).
+    directory::MIGRATION,
 ];
 
 /// The newest schema version this build knows.
@@ -1748,5 +1752,27 @@ impl Store for PgStore {
     }
     fn remove_session_dir(&self, session_id: u64) -> Result<(), StoreError> {
         self.pg_remove_session_dir(session_id)
+    }
+    fn gateway_heartbeat(&self, record: &GatewayRecord) -> Result<(), StoreError> {
+        self.dir_heartbeat(record)
+    }
+    fn gateway_join(
+        &self,
+        record: &GatewayRecord,
+        now_ms: u64,
+    ) -> Result<Option<GatewayRecord>, StoreError> {
+        self.dir_join(record, now_ms)
+    }
+    fn gateway_leave(&self, gateway_id: &str) -> Result<(), StoreError> {
+        self.dir_leave(gateway_id)
+    }
+    fn list_gateways(&self) -> Result<Vec<GatewayRecord>, StoreError> {
+        self.dir_list_gateways()
+    }
+    fn publish_nodes(&self, gateway_id: &str, nodes: &[NodeDirEntry]) -> Result<(), StoreError> {
+        self.dir_publish_nodes(gateway_id, nodes)
+    }
+    fn list_node_directory(&self) -> Result<Vec<NodeDirEntry>, StoreError> {
+        self.dir_list_nodes()
     }
 }
