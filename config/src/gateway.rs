@@ -738,7 +738,10 @@ impl GatewayConfig {
             );
         }
         if !(1..=100).contains(&f.limit_slice_percent) {
-            p.push("federation.limit_slice_percent", "must be between 1 and 100");
+            p.push(
+                "federation.limit_slice_percent",
+                "must be between 1 and 100",
+            );
         }
         if let Some(u) = &f.public_http_url {
             if !(u.starts_with("http://") || u.starts_with("https://")) {

@@ -817,7 +817,6 @@ pub struct SessionDirEntry {
     pub updated_at_ms: u64,
 }
 
-
 ///
 /// All methods are synchronous and may block (see the module documentation): call them from
 /// `tokio::task::spawn_blocking` in async code. Lists are returned in a stable order: operators,

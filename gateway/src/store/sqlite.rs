@@ -21,8 +21,8 @@ use std::time::Duration;
 use rusqlite::types::{FromSql, FromSqlError, FromSqlResult, ValueRef};
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Row, TransactionBehavior};
 
-use super::{check_holds, check_lease, FleetHold};
 use super::SessionDirEntry;
+use super::{check_holds, check_lease, FleetHold};
 mod directory;
 
 use super::{

@@ -281,8 +281,14 @@ fn the_text_only_fast_path_renders_what_the_general_path_would() {
         completion_tokens: 5,
     };
     for (endpoint, piece) in [
-        (Endpoint::Chat, json!({"choices": [{"index": 0, "delta": {"content": "Hi \"there\"\n"}}]})),
-        (Endpoint::Completion, json!({"choices": [{"index": 0, "text": "Hi \"there\"\n"}]})),
+        (
+            Endpoint::Chat,
+            json!({"choices": [{"index": 0, "delta": {"content": "Hi \"there\"\n"}}]}),
+        ),
+        (
+            Endpoint::Completion,
+            json!({"choices": [{"index": 0, "text": "Hi \"there\"\n"}]}),
+        ),
     ] {
         let mut fast = Assembler::new(endpoint);
         fast.push_text("Hi \"the");
@@ -304,9 +310,11 @@ fn tokens_before_and_after_a_chunk_join_choice_0_in_order() {
     a.push_value(json!({"choices": [{"index": 0, "delta": {"content": "b"}}]}))
         .expect("valid");
     a.push_text("c");
-    let body: Value =
-        serde_json::from_str(&a.finish("i", 1, "m", "stop", Usage::default()).expect("body"))
-            .expect("json");
+    let body: Value = serde_json::from_str(
+        &a.finish("i", 1, "m", "stop", Usage::default())
+            .expect("body"),
+    )
+    .expect("json");
     assert_eq!(body["choices"][0]["message"]["content"], "abc");
     assert_eq!(body["choices"].as_array().map(Vec::len), Some(1));
 }
