@@ -125,27 +125,63 @@ impl TestGateway {
     }
 
     pub async fn start_at(path: PathBuf, edit: impl FnOnce(&mut GatewayConfig)) -> TestGateway {
-        let mut config = test_config(path.clone());
-        edit(&mut config);
         let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&path).unwrap());
-        let operator = match store
-            .list_operators()
-            .unwrap()
-            .into_iter()
-            .find(|o| o.name == "op-verified")
-        {
-            Some(o) => o,
-            None => store
-                .create_operator("op-verified", KycStatus::Verified)
-                .unwrap(),
-        };
-        let (_, token) = store.create_enrolment_token(&operator.id).unwrap();
-        store
-            .insert_api_key_secret(API_KEY, "tenant-a", 100_000, 100_000_000)
-            .unwrap();
+        Self::start_prepared_on(store, path, edit, |gw| gw).await
+    }
+
+    /// Provisions `store` as every test gateway has it (each at most once, so gateways sharing
+    /// a store find them): the verified operator `op-verified`, a fresh enrolment token of it,
+    /// and [`API_KEY`]. Off the runtime, as the gateway calls its store.
+    async fn provision(store: &Arc<dyn Store>) -> (nearpath_gateway::store::Operator, String) {
+        let s = Arc::clone(store);
+        tokio::task::spawn_blocking(move || {
+            let operator = match s
+                .list_operators()
+                .unwrap()
+                .into_iter()
+                .find(|o| o.name == "op-verified")
+            {
+                Some(o) => o,
+                None => s
+                    .create_operator("op-verified", KycStatus::Verified)
+                    .unwrap(),
+            };
+            let (_, token) = s.create_enrolment_token(&operator.id).unwrap();
+            // Idempotent: a second gateway on the same store gets the same key back.
+            s.insert_api_key_secret(API_KEY, "tenant-a", 100_000, 100_000_000)
+                .unwrap();
+            (operator, token)
+        })
+        .await
+        .unwrap()
+    }
+
+    /// Provisions `store`, builds a gateway with a fresh self-signed certificate, applies
+    /// `prepare` to it and serves it on ephemeral listeners. Every constructor ends here.
+    async fn start_prepared_on(
+        store: Arc<dyn Store>,
+        store_path: PathBuf,
+        edit: impl FnOnce(&mut GatewayConfig),
+        prepare: impl FnOnce(Gateway) -> Gateway,
+    ) -> TestGateway {
+        let mut config = test_config(store_path.clone());
+        edit(&mut config);
         let cert = nearpath_gateway::tls::self_signed(&["localhost", "127.0.0.1"]).unwrap();
         let sha = cert.sha256;
-        let gw = Gateway::with_parts(config, cert, store.clone()).unwrap();
+        let (operator, token) = Self::provision(&store).await;
+        let gw = prepare(Gateway::with_parts(config, cert, store.clone()).unwrap());
+        Self::serve(gw, sha, store, store_path, operator.id, token).await
+    }
+
+    /// Serves `gw` on ephemeral 127.0.0.1 listeners.
+    async fn serve(
+        gw: Gateway,
+        sha: [u8; 32],
+        store: Arc<dyn Store>,
+        store_path: PathBuf,
+        operator_id: String,
+        token: String,
+    ) -> TestGateway {
         let shared = gw.shared().clone();
         let shutdown = CancellationToken::new();
         let (addrs, task) = gw
@@ -157,10 +193,10 @@ impl TestGateway {
             sha,
             shared,
             store,
-            store_path: path,
+            store_path,
             shutdown,
             task,
-            operator_id: operator.id,
+            operator_id,
             token,
             _dir: None,
         }
@@ -645,45 +681,8 @@ impl TestGateway {
         edit: impl FnOnce(&mut GatewayConfig),
         prepare: impl FnOnce(Gateway) -> Gateway,
     ) -> TestGateway {
-        let mut config = test_config(path.clone());
-        edit(&mut config);
         let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&path).unwrap());
-        let operator = match store
-            .list_operators()
-            .unwrap()
-            .into_iter()
-            .find(|o| o.name == "op-verified")
-        {
-            Some(o) => o,
-            None => store
-                .create_operator("op-verified", KycStatus::Verified)
-                .unwrap(),
-        };
-        let (_, token) = store.create_enrolment_token(&operator.id).unwrap();
-        store
-            .insert_api_key_secret(API_KEY, "tenant-a", 100_000, 100_000_000)
-            .unwrap();
-        let cert = nearpath_gateway::tls::self_signed(&["localhost", "127.0.0.1"]).unwrap();
-        let sha = cert.sha256;
-        let gw = prepare(Gateway::with_parts(config, cert, store.clone()).unwrap());
-        let shared = gw.shared().clone();
-        let shutdown = CancellationToken::new();
-        let (addrs, task) = gw
-            .start(Listeners::ephemeral().await.unwrap(), shutdown.clone())
-            .unwrap();
-        TestGateway {
-            http: Http::new(),
-            addrs,
-            sha,
-            shared,
-            store,
-            store_path: path,
-            shutdown,
-            task,
-            operator_id: operator.id,
-            token,
-            _dir: None,
-        }
+        Self::start_prepared_on(store, path, edit, prepare).await
     }
 
     /// A gateway opened by [`Gateway::load`] from `config`, exactly as `gateway run` opens one
@@ -696,39 +695,10 @@ impl TestGateway {
         store: Arc<dyn Store>,
         sha: [u8; 32],
     ) -> TestGateway {
-        let provision = Arc::clone(&store);
-        let (operator, token) = tokio::task::spawn_blocking(move || {
-            let operator = provision
-                .create_operator("op-verified", KycStatus::Verified)
-                .unwrap();
-            let (_, token) = provision.create_enrolment_token(&operator.id).unwrap();
-            provision
-                .insert_api_key_secret(API_KEY, "tenant-a", 100_000, 100_000_000)
-                .unwrap();
-            (operator, token)
-        })
-        .await
-        .unwrap();
+        let (operator, token) = Self::provision(&store).await;
         let store_path = config.store.path.clone();
         let gw = Gateway::load(config).unwrap();
-        let shared = gw.shared().clone();
-        let shutdown = CancellationToken::new();
-        let (addrs, task) = gw
-            .start(Listeners::ephemeral().await.unwrap(), shutdown.clone())
-            .unwrap();
-        TestGateway {
-            http: Http::new(),
-            addrs,
-            sha,
-            shared,
-            store,
-            store_path,
-            shutdown,
-            task,
-            operator_id: operator.id,
-            token,
-            _dir: None,
-        }
+        Self::serve(gw, sha, store, store_path, operator.id, token).await
     }
 }
 
@@ -741,46 +711,7 @@ impl TestGateway {
         path: PathBuf,
         edit: impl FnOnce(&mut GatewayConfig),
     ) -> TestGateway {
-        let mut config = test_config(path.clone());
-        edit(&mut config);
-        let operator = match store
-            .list_operators()
-            .unwrap()
-            .into_iter()
-            .find(|o| o.name == "op-verified")
-        {
-            Some(o) => o,
-            None => store
-                .create_operator("op-verified", KycStatus::Verified)
-                .unwrap(),
-        };
-        let (_, token) = store.create_enrolment_token(&operator.id).unwrap();
-        if store.authenticate_api_key(API_KEY).unwrap().is_none() {
-            store
-                .insert_api_key_secret(API_KEY, "tenant-a", 100_000, 100_000_000)
-                .unwrap();
-        }
-        let cert = nearpath_gateway::tls::self_signed(&["localhost", "127.0.0.1"]).unwrap();
-        let sha = cert.sha256;
-        let gw = Gateway::with_parts(config, cert, store.clone()).unwrap();
-        let shared = gw.shared().clone();
-        let shutdown = CancellationToken::new();
-        let (addrs, task) = gw
-            .start(Listeners::ephemeral().await.unwrap(), shutdown.clone())
-            .unwrap();
-        TestGateway {
-            http: Http::new(),
-            addrs,
-            sha,
-            shared,
-            store,
-            store_path: path,
-            shutdown,
-            task,
-            operator_id: operator.id,
-            token,
-            _dir: None,
-        }
+        Self::start_prepared_on(store, path, edit, |gw| gw).await
     }
 }
 
@@ -791,48 +722,6 @@ impl TestGateway {
         store: Arc<dyn Store>,
         edit: impl FnOnce(&mut GatewayConfig),
     ) -> TestGateway {
-        let mut config = test_config(PathBuf::new());
-        edit(&mut config);
-        let s = store.clone();
-        let (operator, token) = tokio::task::spawn_blocking(move || {
-            let operator = match s
-                .list_operators()
-                .unwrap()
-                .into_iter()
-                .find(|o| o.name == "op-verified")
-            {
-                Some(o) => o,
-                None => s
-                    .create_operator("op-verified", KycStatus::Verified)
-                    .unwrap(),
-            };
-            let (_, token) = s.create_enrolment_token(&operator.id).unwrap();
-            s.insert_api_key_secret(API_KEY, "tenant-a", 100_000, 100_000_000)
-                .unwrap();
-            (operator, token)
-        })
-        .await
-        .unwrap();
-        let cert = nearpath_gateway::tls::self_signed(&["localhost", "127.0.0.1"]).unwrap();
-        let sha = cert.sha256;
-        let gw = Gateway::with_parts(config, cert, store.clone()).unwrap();
-        let shared = gw.shared().clone();
-        let shutdown = CancellationToken::new();
-        let (addrs, task) = gw
-            .start(Listeners::ephemeral().await.unwrap(), shutdown.clone())
-            .unwrap();
-        TestGateway {
-            http: Http::new(),
-            addrs,
-            sha,
-            shared,
-            store,
-            store_path: PathBuf::new(),
-            shutdown,
-            task,
-            operator_id: operator.id,
-            token,
-            _dir: None,
-        }
+        Self::start_prepared_on(store, PathBuf::new(), edit, |gw| gw).await
     }
 }
