@@ -622,6 +622,11 @@ pub struct GameConfig {
     /// connection) and resumed on the first eligible node within this long, the same node
     /// included if it comes back; after it the session ends, in milliseconds. Default: 5000.
     pub pause_window_ms: u64,
+    /// A federation only: a player resuming a session whose gateway died (`PlayResume`) waits
+    /// this long for the session's own node (which keeps the game running while it reconnects)
+    /// to register with this gateway; then any eligible node here takes the session, with a
+    /// fresh game, in milliseconds. Default: 3000.
+    pub resume_node_wait_ms: u64,
 }
 
 impl Default for GameConfig {
@@ -649,6 +654,7 @@ impl Default for GameConfig {
             default_session_starts_per_minute: 30,
             usage_checkpoint_ms: 10_000,
             pause_window_ms: 5_000,
+            resume_node_wait_ms: 3_000,
         }
     }
 }
@@ -1076,6 +1082,7 @@ impl GatewayConfig {
         );
         p.positive("game.usage_checkpoint_ms", g.usage_checkpoint_ms);
         p.positive("game.pause_window_ms", g.pause_window_ms);
+        p.positive("game.resume_node_wait_ms", g.resume_node_wait_ms);
         for (name, default, max) in [
             ("width", g.default_width, g.max_width),
             ("height", g.default_height, g.max_height),

@@ -630,6 +630,12 @@ pub struct MediaConfig {
     /// base round trip) above which the encoder's bitrate backs off, in milliseconds.
     /// Default: 40.
     pub queue_delay_threshold_ms: u64,
+    /// A game session whose gateway connection is lost (the gateway went silent or its
+    /// connection was reset, not closed on purpose) keeps running, unseen, this long, so that
+    /// the player can resume it through another gateway of the federation (the new gateway opens
+    /// it again with the same session id); after it the game stops, in milliseconds.
+    /// Default: 10000.
+    pub resume_grace_ms: u64,
 }
 
 impl Default for MediaConfig {
@@ -638,6 +644,7 @@ impl Default for MediaConfig {
             min_bitrate_kbps: 300,
             max_frame_delay_ms: 200,
             queue_delay_threshold_ms: 40,
+            resume_grace_ms: 10_000,
         }
     }
 }
@@ -746,6 +753,7 @@ impl NodeConfig {
         p.positive("encoder.threads", self.encoder.threads);
         p.positive("media.min_bitrate_kbps", self.media.min_bitrate_kbps);
         p.positive("media.max_frame_delay_ms", self.media.max_frame_delay_ms);
+        p.positive("media.resume_grace_ms", self.media.resume_grace_ms);
         p.positive(
             "media.queue_delay_threshold_ms",
             self.media.queue_delay_threshold_ms,

@@ -36,6 +36,8 @@ pub struct Sessions {
     game_slots: u32,
     /// Running game sessions by id, for routing input datagrams.
     running_games: Mutex<HashMap<u64, Arc<GameSession>>>,
+    /// Game sessions whose gateway was lost, waiting for a resume, by id.
+    parked: Mutex<HashMap<u64, Parked>>,
     capacity: u32,
     active: AtomicU32,
     draining: AtomicBool,
@@ -44,6 +46,39 @@ pub struct Sessions {
     cancel_all: Mutex<CancellationToken>,
     /// Total inference sessions served, for tests and logs.
     served: AtomicU32,
+}
+
+/// A game session kept running after its gateway was lost.
+struct Parked {
+    title: String,
+    resume: tokio::sync::oneshot::Sender<Resume>,
+}
+
+/// The session stream a gateway opened to resume a parked game.
+struct Resume {
+    ctx: SessionContext,
+    tx: quinn::SendStream,
+    framed: FramedRecv,
+}
+
+/// How one gateway connection's share of a game session ended.
+enum LegEnd {
+    /// The session is over (the game, the gateway or the node ended it).
+    Over,
+    /// The connection to the gateway was lost, not closed on purpose.
+    PathLost,
+}
+
+/// Whether a connection ended because its path failed (the gateway went silent, or reset the
+/// connection after a restart), as opposed to being closed on purpose by either end.
+fn path_lost(conn: &quinn::Connection) -> bool {
+    use quinn::ConnectionError as E;
+    match conn.close_reason() {
+        Some(E::TimedOut) | Some(E::Reset) => true,
+        // The node closes a silent gateway's connection itself (`CLOSE_LEASE_EXPIRED`).
+        Some(E::LocallyClosed) => true,
+        _ => false,
+    }
 }
 
 /// Counts a running session; the count drops (and idle waiters wake) however the session ends.
@@ -71,6 +106,7 @@ impl Sessions {
             media: config.media.clone(),
             game_slots: config.capacity.game_sessions,
             running_games: Mutex::new(HashMap::new()),
+            parked: Mutex::new(HashMap::new()),
             capacity: config.capacity.inference_concurrency + config.capacity.game_sessions,
             active: AtomicU32::new(0),
             draining: AtomicBool::new(false),
@@ -249,6 +285,12 @@ impl Sessions {
                     .await
             }
             SessionKind::Game(params) => {
+                let Some((ctx, tx, framed)) = self
+                    .resume_parked(ctx, open.session_id, &params, tx, framed)
+                    .await
+                else {
+                    return;
+                };
                 self.serve_game(ctx, open.session_id, params, tx, framed)
                     .await
             }
@@ -261,7 +303,7 @@ impl Sessions {
         session_id: u64,
         params: GameParams,
         mut tx: quinn::SendStream,
-        mut framed: FramedRecv,
+        framed: FramedRecv,
     ) {
         let Some(entry) = self.games.iter().find(|g| g.title == params.title) else {
             refuse(
@@ -299,13 +341,6 @@ impl Sessions {
         self.active.fetch_add(1, Ordering::AcqRel);
         let _guard = ActiveGuard(self);
         let _remove = RemoveGame(self, session_id);
-        if send(&mut tx, &Message::Accepted(Accepted { session_id }))
-            .await
-            .is_err()
-        {
-            game.stop();
-            return;
-        }
         debug!(
             w = params.width,
             h = params.height,
@@ -313,6 +348,123 @@ impl Sessions {
             "game session running"
         );
         let cancel = self.cancel_token();
+        let (mut ctx, mut tx, mut framed) = (ctx, tx, framed);
+        loop {
+            if send(&mut tx, &Message::Accepted(Accepted { session_id }))
+                .await
+                .is_err()
+            {
+                game.stop();
+                return;
+            }
+            match self
+                .game_leg(
+                    &ctx,
+                    session_id,
+                    &params,
+                    &game,
+                    &mut frames,
+                    &mut tx,
+                    &mut framed,
+                    &cancel,
+                )
+                .await
+            {
+                LegEnd::Over => return,
+                LegEnd::PathLost => {}
+            }
+            // The gateway vanished without ending the session: keep the game running, unseen,
+            // for the grace period, so that the player can resume it through another gateway,
+            // which opens it here again with the same session id.
+            let grace = Duration::from_millis(self.media.resume_grace_ms);
+            warn!(
+                grace_ms = grace.as_millis() as u64,
+                "gateway lost; keeping the game for a resume"
+            );
+            let (resume_tx, mut resume_rx) = tokio::sync::oneshot::channel();
+            self.parked_map().insert(
+                session_id,
+                Parked {
+                    title: params.title.clone(),
+                    resume: resume_tx,
+                },
+            );
+            let deadline = tokio::time::sleep(grace);
+            tokio::pin!(deadline);
+            let resumed = loop {
+                tokio::select! {
+                    r = &mut resume_rx => break r.ok(),
+                    f = frames.recv() => if f.is_none() { break None },
+                    _ = &mut deadline => break None,
+                    _ = cancel.cancelled() => break None,
+                }
+            };
+            self.parked_map().remove(&session_id);
+            match resumed {
+                Some(r) => {
+                    debug!("game session resumed through another gateway");
+                    game.force_keyframe();
+                    (ctx, tx, framed) = (r.ctx, r.tx, r.framed);
+                }
+                None => {
+                    debug!("no gateway resumed the game within the grace period; stopping it");
+                    game.stop();
+                    return;
+                }
+            }
+        }
+    }
+
+    fn parked_map(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Parked>> {
+        self.parked.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Hands a session stream that opens a parked game (same id) to the task keeping it: the
+    /// stream is given back when no game with that id is parked. A parked game of another
+    /// title is refused: an id names one game.
+    async fn resume_parked(
+        &self,
+        ctx: SessionContext,
+        session_id: u64,
+        params: &GameParams,
+        mut tx: quinn::SendStream,
+        framed: FramedRecv,
+    ) -> Option<(SessionContext, quinn::SendStream, FramedRecv)> {
+        let parked = self.parked_map().remove(&session_id);
+        let Some(parked) = parked else {
+            return Some((ctx, tx, framed));
+        };
+        if parked.title != params.title {
+            self.parked_map().insert(session_id, parked);
+            refuse(
+                &mut tx,
+                RefuseCode::BadRequest,
+                format!("session {session_id} is another game"),
+            )
+            .await;
+            return None;
+        }
+        if let Err(back) = parked.resume.send(Resume { ctx, tx, framed }) {
+            // The game stopped meanwhile: serve the stream as a new session.
+            return Some((back.ctx, back.tx, back.framed));
+        }
+        None
+    }
+
+    /// Serves one gateway connection's share of a game session, until the session is over or
+    /// that connection is lost.
+    #[allow(clippy::too_many_arguments)]
+    async fn game_leg(
+        &self,
+        ctx: &SessionContext,
+        session_id: u64,
+        params: &GameParams,
+        game: &Arc<GameSession>,
+        frames: &mut tokio::sync::mpsc::Receiver<EncodedFrame>,
+        tx: &mut quinn::SendStream,
+        framed: &mut FramedRecv,
+        cancel: &CancellationToken,
+    ) -> LegEnd {
         let rate = Arc::new(Mutex::new(RateController::new(
             Instant::now(),
             RateConfig {
@@ -338,10 +490,10 @@ impl Sessions {
                     Some(frame) => sender.send(frame),
                     None => {
                         let reason = game.ended().map(|e| e.to_string()).unwrap_or_else(|| "game ended".into());
-                        let _ = send(&mut tx, &Message::Ended(Ended { reason })).await;
+                        let _ = send(tx, &Message::Ended(Ended { reason })).await;
                         let _ = tx.finish();
                         let _ = tokio::time::timeout(Duration::from_secs(2), tx.stopped()).await;
-                        return;
+                        return LegEnd::Over;
                     }
                 },
                 Some((seq, outcome)) = sender.done.recv() => sender.outcome(seq, outcome),
@@ -375,18 +527,23 @@ impl Sessions {
                     Ok(Some(Message::ForceKeyframe)) => game.force_keyframe(),
                     // The client's bitrate is the session's ceiling; congestion decides below it.
                     Ok(Some(Message::SetBitrate(b))) => lock(&rate).set_max_kbps(b.kbps),
-                    Ok(Some(Message::Close(_))) | Ok(None) | Err(_) => {
+                    Ok(Some(Message::Close(_))) | Ok(None) => {
                         game.stop();
                         let _ = tx.finish();
-                        return;
+                        return LegEnd::Over;
+                    }
+                    Err(_) if path_lost(&ctx.conn) => return LegEnd::PathLost,
+                    Err(_) => {
+                        game.stop();
+                        return LegEnd::Over;
                     }
                     Ok(Some(_)) => {}
                 },
                 _ = cancel.cancelled() => {
                     game.stop();
-                    let _ = send(&mut tx, &Message::Ended(Ended { reason: "the node's drain deadline passed".into() })).await;
+                    let _ = send(tx, &Message::Ended(Ended { reason: "the node's drain deadline passed".into() })).await;
                     let _ = tx.finish();
-                    return;
+                    return LegEnd::Over;
                 }
             }
             // Apply what the controller decided: a new encoder target, an IDR after a reset.

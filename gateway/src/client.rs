@@ -14,8 +14,8 @@ use crate::infer::{new_request_id, Gone, InferService, Output, Relay};
 use nearpath_config::{QuicConfig, WorkloadKind};
 use nearpath_protocol::app_code::{CLOSE_PROTOCOL, CLOSE_SHUTDOWN};
 use nearpath_protocol::message::{
-    Chunk, Done, ErrorInfo, GameList, InferRequest, InferStarted, Message, PlayRequest, PlayTicket,
-    Token,
+    Chunk, Done, ErrorInfo, GameList, InferRequest, InferStarted, Message, PlayRequest, PlayResume,
+    PlayTicket, Token,
 };
 use nearpath_protocol::openai::{ApiError, InferenceRequest};
 use nearpath_protocol::stream::{send, FramedRecv};
@@ -52,6 +52,14 @@ pub trait PlayService: Send + Sync + 'static {
         tx: quinn::SendStream,
         rx: FramedRecv,
         req: PlayTicket,
+    ) -> Pin<Box<dyn Future<Output = ()> + Send>>;
+    /// Serves one `PlayResume` stream (a player whose gateway died resumes here).
+    fn serve_resume(
+        &self,
+        conn: quinn::Connection,
+        tx: quinn::SendStream,
+        rx: FramedRecv,
+        req: PlayResume,
     ) -> Pin<Box<dyn Future<Output = ()> + Send>>;
 }
 
@@ -198,6 +206,12 @@ impl QuicClients {
                     self.authenticated(&conn);
                 }
                 self.play.serve_ticket(conn, tx, framed, t).await
+            }
+            Message::PlayResume(r) => {
+                if self.infer.auth.authenticate(Some(&r.api_key)).await.is_ok() {
+                    self.authenticated(&conn);
+                }
+                self.play.serve_resume(conn, tx, framed, r).await
             }
             other => {
                 let e = CoreError::bad_request(

@@ -57,6 +57,9 @@ pub struct Started {
     pub events: mpsc::Sender<ClientEvent>,
     pub notices: mpsc::Receiver<Notice>,
     pub relay: Arc<Relay>,
+    /// In a federation: the secret the player resumes the session with through another gateway
+    /// if this one dies (sent to native players as `ResumeToken`).
+    pub resume_token: Option<String>,
 }
 
 /// One live game session as the relay sees it.

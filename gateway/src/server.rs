@@ -610,6 +610,16 @@ impl crate::client::PlayService for GamePlay {
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
         Box::pin(self.0.clone().serve_ticket(conn, tx, rx, req))
     }
+
+    fn serve_resume(
+        &self,
+        conn: quinn::Connection,
+        tx: quinn::SendStream,
+        rx: nearpath_protocol::stream::FramedRecv,
+        req: nearpath_protocol::message::PlayResume,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+        Box::pin(self.0.clone().serve_resume(conn, tx, rx, req))
+    }
 }
 
 /// Receive window of a node connection until it is registered: its control stream carries one

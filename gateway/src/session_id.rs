@@ -38,6 +38,16 @@ impl SessionIds {
         }
     }
 
+    /// Holds a given id (a session resumed from another gateway keeps its id), or `None` when
+    /// it is 0 or already live here.
+    pub fn claim(&self, id: u64) -> Option<SessionId> {
+        let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        (id != 0 && live.insert(id)).then(|| SessionId {
+            id,
+            live: self.live.clone(),
+        })
+    }
+
     /// How many ids are held now.
     pub fn live(&self) -> usize {
         self.live.lock().unwrap_or_else(|p| p.into_inner()).len()

@@ -1739,8 +1739,17 @@ fn sessions_directory_keeps_one_entry_per_session_id_across_the_u64_range(store:
     );
     assert_eq!(store.get_session_dir(5).expect("get"), Some(entry(5, "n1")));
     assert_eq!(store.get_session_dir(6).expect("get"), None);
-    store.remove_session_dir(big).expect("remove");
-    store.remove_session_dir(big).expect("remove twice");
+    // Only the gateway holding the entry removes it: a gateway ending its share of a session
+    // that a player resumed elsewhere leaves the new gateway's entry alone.
+    store
+        .remove_session_dir(big, "us-1")
+        .expect("remove by another gateway");
+    assert_eq!(
+        store.get_session_dir(big).expect("get"),
+        Some(entry(big, "n2"))
+    );
+    store.remove_session_dir(big, "eu-1").expect("remove");
+    store.remove_session_dir(big, "eu-1").expect("remove twice");
     assert_eq!(store.get_session_dir(big).expect("get"), None);
 }
 

@@ -14,7 +14,7 @@ use crate::frame::FrameHeader;
 use crate::input::{InputDatagram, InputEvent};
 use crate::message::{
     Chunk, Close, Done, Ended, ErrorInfo, InferRequest, InferStarted, ListGames, Message, Paused,
-    PlayRequest, PlayStarted, PlayTicket, Redirect, Token,
+    PlayRequest, PlayResume, PlayStarted, PlayTicket, Redirect, Token,
 };
 use crate::net::{self, NetError};
 use crate::openai::Endpoint;
@@ -318,8 +318,8 @@ impl Client {
             bitrate_kbps: params.bitrate_kbps,
         });
         match self.start_play(&request).await? {
-            PlayAnswer::Started(send, control, started) => {
-                Ok(self.session(send, control, started, guard, None, None))
+            PlayAnswer::Started(send, control, started, token) => {
+                Ok(self.session(send, control, started, guard, None, None, token))
             }
             PlayAnswer::Redirect(redirect) => self.follow(api_key, redirect, guard).await,
         }
@@ -342,12 +342,43 @@ impl Client {
             ticket: ticket.to_string(),
         });
         match self.start_play(&request).await? {
-            PlayAnswer::Started(send, control, started) => {
-                Ok(self.session(send, control, started, guard, None, None))
+            PlayAnswer::Started(send, control, started, token) => {
+                Ok(self.session(send, control, started, guard, None, None, token))
             }
             PlayAnswer::Redirect(r) => Err(ClientError::Redirect {
                 gateway_id: r.gateway_id,
                 detail: "a ticketed session was redirected again".into(),
+            }),
+        }
+    }
+
+    /// Resumes, through this client's gateway, a session whose gateway was lost: `session_id`
+    /// and `token` are the lost session's ([`PlayStarted::session_id`],
+    /// [`PlaySession::resume_token`]). The gateway answers once the session's node (or another
+    /// node, with a fresh game) serves it; the returned session has the same id and a new token.
+    pub async fn resume(
+        &self,
+        api_key: &str,
+        session_id: u64,
+        token: &str,
+    ) -> Result<PlaySession, ClientError> {
+        if self.play_active.swap(true, Ordering::AcqRel) {
+            return Err(ClientError::PlayActive);
+        }
+        let guard = ActiveGuard(self.play_active.clone());
+        let request = Message::PlayResume(PlayResume {
+            protocol_version: PROTOCOL_VERSION,
+            api_key: api_key.to_string(),
+            session_id,
+            token: token.to_string(),
+        });
+        match self.start_play(&request).await? {
+            PlayAnswer::Started(send, control, started, token) => {
+                Ok(self.session(send, control, started, guard, None, None, token))
+            }
+            PlayAnswer::Redirect(r) => Err(ClientError::Redirect {
+                gateway_id: r.gateway_id,
+                detail: "a resumed session was redirected".into(),
             }),
         }
     }
@@ -359,8 +390,17 @@ impl Client {
             .await
             .map_err(|e| self.stream_err(e))?;
         let mut control = FramedRecv::new(recv, MAX_CONTROL_FRAME);
-        match control.next().await.map_err(|e| self.stream_err(e))? {
-            Some(Message::PlayStarted(started)) => Ok(PlayAnswer::Started(send, control, started)),
+        let mut first = control.next().await.map_err(|e| self.stream_err(e))?;
+        // A gateway of a federation sends the session's resume token before `PlayStarted`.
+        let mut token = None;
+        if let Some(Message::ResumeToken(t)) = first {
+            token = Some(t.token);
+            first = control.next().await.map_err(|e| self.stream_err(e))?;
+        }
+        match first {
+            Some(Message::PlayStarted(started)) => {
+                Ok(PlayAnswer::Started(send, control, started, token))
+            }
             Some(Message::Redirect(r)) => Ok(PlayAnswer::Redirect(r)),
             Some(Message::Error(e)) => Err(refused(e)),
             Some(other) => Err(self.unexpected("PlayStarted, Redirect or Error", &other)),
@@ -415,7 +455,7 @@ impl Client {
             ticket: redirect.ticket.clone(),
         });
         match peer.start_play(&request).await? {
-            PlayAnswer::Started(send, control, started) => {
+            PlayAnswer::Started(send, control, started, token) => {
                 let peer = Arc::new(peer);
                 Ok(peer.session(
                     send,
@@ -424,6 +464,7 @@ impl Client {
                     guard,
                     Some(peer.clone()),
                     Some(redirect),
+                    token,
                 ))
             }
             PlayAnswer::Redirect(_) => Err(fail("the peer redirected again".into())),
@@ -440,6 +481,7 @@ impl Client {
         guard: ActiveGuard,
         hold: Option<Arc<Client>>,
         redirect: Option<Redirect>,
+        resume_token: Option<String>,
     ) -> PlaySession {
         let (tx, frames) = mpsc::channel(FRAME_QUEUE);
         let reader = tokio::spawn(read_frames(
@@ -451,6 +493,7 @@ impl Client {
         PlaySession {
             started,
             redirect,
+            resume_token,
             gateway: self.addr,
             control: PlayControl {
                 send,
@@ -520,7 +563,8 @@ impl Drop for Client {
 
 /// What a gateway answers a play stream's first message with.
 enum PlayAnswer {
-    Started(quinn::SendStream, FramedRecv, PlayStarted),
+    /// The session started; with the resume token the gateway sent first, if any.
+    Started(quinn::SendStream, FramedRecv, PlayStarted, Option<String>),
     Redirect(Redirect),
 }
 
@@ -682,6 +726,8 @@ pub struct PlaySession {
     started: PlayStarted,
     /// The redirect followed to start it, if any.
     redirect: Option<Redirect>,
+    /// The token that resumes it through another gateway of the federation, if any.
+    resume_token: Option<String>,
     /// The gateway serving it.
     gateway: SocketAddr,
     control: PlayControl,
@@ -699,6 +745,12 @@ impl PlaySession {
     /// to a peer), or `None` when the gateway asked serves it.
     pub fn redirect(&self) -> Option<&Redirect> {
         self.redirect.as_ref()
+    }
+
+    /// The secret that resumes the session through another gateway of the federation if this
+    /// one dies ([`Client::resume`]); `None` from a gateway outside a federation.
+    pub fn resume_token(&self) -> Option<&str> {
+        self.resume_token.as_deref()
     }
 
     /// The QUIC address of the gateway serving the session (the peer's after a redirect).

@@ -51,6 +51,8 @@ pub mod ty {
     pub const GAME_LIST: u8 = 0x37;
     pub const REDIRECT: u8 = 0x38;
     pub const PLAY_TICKET: u8 = 0x39;
+    pub const RESUME_TOKEN: u8 = 0x3a;
+    pub const PLAY_RESUME: u8 = 0x3b;
 
     pub const PEER_OPEN: u8 = 0x40;
 }
@@ -569,6 +571,30 @@ pub struct PlayTicket {
     pub ticket: String,
 }
 
+/// gateway -> client, on a play stream after `PlayStarted` (gateways of a federation only):
+/// the secret that lets this client resume the session through another gateway of the
+/// federation if this one dies ([`PlayResume`]). A later `ResumeToken` replaces it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResumeToken {
+    /// 64 lowercase hex digits (32 random bytes); gateways store only its SHA-256.
+    pub token: String,
+}
+
+/// client -> gateway, first message on a play stream: resume a session whose gateway was lost,
+/// through this gateway of the same federation. Answered like `PlayRequest` (`PlayStarted`
+/// with the same session id, then a fresh `ResumeToken`; or `Error`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlayResume {
+    /// Must equal [`PROTOCOL_VERSION`].
+    pub protocol_version: u16,
+    /// The caller's API key: it must be the key the session was started with.
+    pub api_key: String,
+    /// The session to resume ([`PlayStarted::session_id`]).
+    pub session_id: u64,
+    /// The session's latest [`ResumeToken::token`].
+    pub token: String,
+}
+
 /// Every framed message.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Message {
@@ -632,6 +658,10 @@ pub enum Message {
     Redirect(Redirect),
     /// See [`PlayTicket`].
     PlayTicket(PlayTicket),
+    /// See [`ResumeToken`].
+    ResumeToken(ResumeToken),
+    /// See [`PlayResume`].
+    PlayResume(PlayResume),
     /// See [`PeerOpen`].
     PeerOpen(PeerOpen),
 }
@@ -670,6 +700,8 @@ impl Message {
             Message::GameList(_) => ty::GAME_LIST,
             Message::Redirect(_) => ty::REDIRECT,
             Message::PlayTicket(_) => ty::PLAY_TICKET,
+            Message::ResumeToken(_) => ty::RESUME_TOKEN,
+            Message::PlayResume(_) => ty::PLAY_RESUME,
             Message::PeerOpen(_) => ty::PEER_OPEN,
         }
     }
@@ -828,6 +860,13 @@ impl Message {
                 b.put_u16(m.protocol_version);
                 b.put_str(&m.api_key);
                 b.put_str(&m.ticket);
+            }
+            Message::ResumeToken(m) => b.put_str(&m.token),
+            Message::PlayResume(m) => {
+                b.put_u16(m.protocol_version);
+                b.put_str(&m.api_key);
+                b.put_var(m.session_id);
+                b.put_str(&m.token);
             }
             Message::PeerOpen(m) => {
                 b.put_u16(m.protocol_version);
@@ -1036,6 +1075,15 @@ impl Message {
                 api_key: r.string("PlayTicket.api_key")?,
                 ticket: r.string("PlayTicket.ticket")?,
             }),
+            ty::RESUME_TOKEN => Message::ResumeToken(ResumeToken {
+                token: r.string("ResumeToken.token")?,
+            }),
+            ty::PLAY_RESUME => Message::PlayResume(PlayResume {
+                protocol_version: version(&mut r, name, "PlayResume.protocol_version")?,
+                api_key: r.string("PlayResume.api_key")?,
+                session_id: r.varint("PlayResume.session_id")?,
+                token: r.string("PlayResume.token")?,
+            }),
             ty::PEER_OPEN => Message::PeerOpen(PeerOpen {
                 protocol_version: version(&mut r, name, "PeerOpen.protocol_version")?,
                 node_id: r.string("PeerOpen.node_id")?,
@@ -1080,6 +1128,8 @@ pub fn type_name(ty: u8) -> Option<&'static str> {
         ty::GAME_LIST => "GameList",
         ty::REDIRECT => "Redirect",
         ty::PLAY_TICKET => "PlayTicket",
+        ty::RESUME_TOKEN => "ResumeToken",
+        ty::PLAY_RESUME => "PlayResume",
         ty::PEER_OPEN => "PeerOpen",
         _ => return None,
     })

@@ -263,6 +263,15 @@ fn client() -> impl Strategy<Value = Message> {
             api_key,
             ticket,
         })),
+        text().prop_map(|token| Message::ResumeToken(ResumeToken { token })),
+        (text(), any::<u64>(), text()).prop_map(|(api_key, session_id, token)| {
+            Message::PlayResume(PlayResume {
+                protocol_version: PROTOCOL_VERSION,
+                api_key,
+                session_id,
+                token,
+            })
+        }),
         text().prop_map(|node_id| Message::PeerOpen(PeerOpen {
             protocol_version: PROTOCOL_VERSION,
             node_id,

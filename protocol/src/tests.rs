@@ -176,6 +176,15 @@ fn samples() -> Vec<Message> {
             protocol_version: PROTOCOL_VERSION,
             node_id: "node-b1".into(),
         }),
+        Message::ResumeToken(ResumeToken {
+            token: "ab".repeat(32),
+        }),
+        Message::PlayResume(PlayResume {
+            protocol_version: PROTOCOL_VERSION,
+            api_key: "np_live_x".into(),
+            session_id: u64::MAX,
+            token: "cd".repeat(32),
+        }),
     ]
 }
 

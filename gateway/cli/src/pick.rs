@@ -2,7 +2,7 @@
 //! once and keeps the first to finish, which is the lowest round trip (plus the gateway's TLS
 //! work); the slower handshakes are abandoned.
 
-use nearpath_protocol::{Client, ServerVerify};
+use nearpath_protocol::{Client, PlaySession, ServerVerify};
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -76,4 +76,57 @@ pub async fn nearest(
         return Err("no gateway to try".into());
     }
     Err(format!("no gateway answered: {}", failures.join("; ")))
+}
+
+/// How long a player keeps trying to resume its session through the other gateways after its
+/// own was lost.
+pub const RESUME_FOR: Duration = Duration::from_secs(10);
+
+/// Resumes game session `session_id` (with its latest resume `token`) through the nearest
+/// gateway among `candidates` other than `lost` (the lost one only when there is no other),
+/// retrying for [`RESUME_FOR`] while the answers say a retry may help: the session's node may
+/// still be reconnecting, or the new gateway may not have given up the old connection yet.
+/// Returns the new gateway's client, the resumed session and the gateway's address.
+pub async fn resume_nearest(
+    candidates: &[String],
+    lost: SocketAddr,
+    server_name: Option<&str>,
+    verify: ServerVerify,
+    api_key: &str,
+    session_id: u64,
+    token: &str,
+) -> Result<(Client, PlaySession, String), String> {
+    let others: Vec<String> = candidates
+        .iter()
+        .filter(|a| a.parse::<SocketAddr>().ok() != Some(lost))
+        .cloned()
+        .collect();
+    let pool = if others.is_empty() {
+        candidates.to_vec()
+    } else {
+        others
+    };
+    let until = tokio::time::Instant::now() + RESUME_FOR;
+    let mut last = String::from("no gateway to try");
+    while tokio::time::Instant::now() < until {
+        match nearest(&pool, server_name, verify.clone()).await {
+            Ok((client, address)) => match client.resume(api_key, session_id, token).await {
+                Ok(session) => return Ok((client, session, address)),
+                Err(e) if e.is_retryable() => {
+                    last = format!("{address}: {e}");
+                    client.close().await;
+                }
+                Err(e) => {
+                    return Err(format!(
+                        "resuming session {session_id} through {address}: {e}"
+                    ))
+                }
+            },
+            Err(e) => last = e,
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Err(format!(
+        "could not resume session {session_id} within {RESUME_FOR:?}: {last}"
+    ))
 }

@@ -13,7 +13,7 @@
 
 use crate::components::Placement;
 use crate::router::Deny;
-use crate::store::{GatewayRecord, NodeDirEntry, Store, StoreError};
+use crate::store::{GatewayRecord, NodeDirEntry, SessionDirEntry, Store, StoreError};
 use crate::ticket::{Expect, ReplayGuard, TicketClaims, TicketError, TICKET_TTL_MS};
 use nearpath_config::CrossRoute;
 use nearpath_config::WorkloadKind;
@@ -98,6 +98,40 @@ impl GameFederation {
     /// placed there at all: the game trunk is not built).
     pub fn redirects_games(&self) -> bool {
         self.route == CrossRoute::Redirect
+    }
+
+    /// Writes (or rewrites) a session's entry in the sessions directory, which lets the player
+    /// resume it through another gateway if this one dies. A failed write is logged: the
+    /// session runs on, only without that escape.
+    pub async fn publish_session(&self, entry: SessionDirEntry) {
+        let store = self.store.clone();
+        let id = entry.session_id;
+        match tokio::task::spawn_blocking(move || store.put_session_dir(&entry)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(session = id, error = %e, "session directory entry not written")
+            }
+            Err(e) => tracing::warn!(session = id, error = %e, "session directory writer failed"),
+        }
+    }
+
+    /// A session's directory entry.
+    pub async fn lookup_session(&self, id: u64) -> Result<Option<SessionDirEntry>, String> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || store.get_session_dir(id))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())
+    }
+
+    /// Removes a session's entry if this gateway still holds it (in the background).
+    pub fn forget_session(&self, id: u64) {
+        let (store, me) = (self.store.clone(), self.gateway_id.clone());
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = store.remove_session_dir(id, &me) {
+                tracing::warn!(session = id, error = %e, "session directory entry not removed");
+            }
+        });
     }
 
     /// The federation's secret, read (or created) once per process.

@@ -17,13 +17,13 @@ use crate::player::{ConnSample, PlayerSilence};
 use crate::registry::{NodeEntry, SlotGuard, SlotKind};
 use crate::router::LatLon;
 use crate::router::{NoRoute, Workload};
-use crate::store::{ApiKey, UsageKind, UsageRecord};
+use crate::store::{ApiKey, SessionDirEntry, UsageKind, UsageRecord};
 use bytes::Bytes;
 use nearpath_config::{GameConfig, WorkloadKind};
 use nearpath_geo::Location;
 use nearpath_protocol::message::{
-    Ended, ErrorInfo, GameParams, Message, Open, Paused, PlayRequest, PlayStarted, PlayTicket,
-    Redirect, SessionKind,
+    Ended, ErrorInfo, GameParams, Message, Open, Paused, PlayRequest, PlayResume, PlayStarted,
+    PlayTicket, Redirect, ResumeToken, SessionKind,
 };
 use nearpath_protocol::stream::{recv_frame_header, relay_frame_by, send, FramedRecv, Relayed};
 use nearpath_protocol::{InputDatagram, MAX_CONTROL_FRAME, MAX_VIDEO_FRAME};
@@ -69,6 +69,14 @@ pub const BAD_TICKET: &str = "bad_ticket";
 
 /// The code of the error for a valid ticket whose node is not attached to the gateway it names.
 pub const TICKET_NODE_UNAVAILABLE: &str = "ticket_node_unavailable";
+/// The error code of a refused `PlayResume`: no such session, another key's, or a wrong token
+/// (one answer for all three, so that nobody can probe which sessions exist).
+pub const BAD_RESUME: &str = "bad_resume";
+/// The error code of a `PlayResume` for a session still running on this gateway (the player's
+/// old connection has not been given up yet): retryable after a few seconds.
+pub const RESUME_CONFLICT: &str = "resume_conflict";
+/// The longest resume token read (64 hex digits are expected).
+const RESUME_TOKEN_LEN: usize = 64;
 
 /// A session attached to one node.
 struct Attached {
@@ -251,7 +259,7 @@ impl GameService {
         params: &GameParams,
         session_id: u64,
         exclude: &[crate::router::NodeId],
-        only: Option<&str>,
+        pin: Pin<'_>,
     ) -> Result<Attached, NoNode> {
         let (outcome, nodes) = self.directory.registry.route(
             client_latlon(client),
@@ -263,20 +271,22 @@ impl GameService {
                         reason: "node failed this session".into(),
                     });
                 }
-                match only {
-                    Some(id) if n.id != id => Err(crate::router::Deny {
-                        rule: "ticket".into(),
-                        reason: "the ticket names another node".into(),
+                match pin {
+                    Pin::Ticket(id) | Pin::Resume(id) if n.id != id => Err(crate::router::Deny {
+                        rule: "pinned".into(),
+                        reason: "the session is pinned to another node".into(),
                     }),
-                    Some(_) => Ok(()),
-                    None => self.placement.serve_check(client, n, WorkloadKind::Game),
+                    Pin::Ticket(_) => Ok(()),
+                    Pin::Resume(_) | Pin::Any => {
+                        self.placement.serve_check(client, n, WorkloadKind::Game)
+                    }
                 }
             },
         );
         if let Some(f) = outcome.failure() {
             return Err(match f {
                 NoRoute::NotServed => NoNode::Unknown,
-                NoRoute::Denied(d) if d.rule == "ticket" => NoNode::TicketNode,
+                NoRoute::Denied(d) if d.rule == "pinned" => NoNode::TicketNode,
                 NoRoute::Denied(d) if d.rule != "failover" => {
                     NoNode::Denied(format!("rule {}: {}", d.rule, d.reason))
                 }
@@ -505,32 +515,163 @@ impl GameService {
         };
         let session = self.sessions.ids.mint();
         let session_id = session.get();
-        let attached = match self.attach(&client, &params, session_id, &[], only).await {
+        let pin = only.map_or(Pin::Any, Pin::Ticket);
+        let attached = match self.attach(&client, &params, session_id, &[], pin).await {
             Ok(a) => a,
             Err(no) => {
-                let e = match no {
-                    NoNode::Denied(r) => {
-                        CoreError::new(Kind::Geofence, "geofence", format!("geofence: {r}"))
-                    }
-                    NoNode::Unknown => CoreError::new(
-                        Kind::NotFound,
-                        "unknown_game",
-                        format!("no node serves {}", params.title),
-                    ),
-                    NoNode::Full => CoreError::no_capacity("every node serving this game is busy")
-                        .with_retry_after_s(2),
-                    NoNode::Failed(e) => CoreError::no_capacity(e).with_retry_after_s(2),
-                    // Retryable at the gateway that issued the ticket, which routes afresh.
-                    NoNode::TicketNode => CoreError::new(
-                        Kind::Unavailable,
-                        TICKET_NODE_UNAVAILABLE,
-                        "the node the ticket names is not attached to this gateway",
-                    ),
-                };
+                let e = no_node_error(no, &params);
                 self.count_start(transport, &e.code);
                 return Err(e);
             }
         };
+        Ok(self
+            .launch(
+                key,
+                client,
+                client_addr,
+                transport,
+                params,
+                sink,
+                cap,
+                session,
+                attached,
+                None,
+            )
+            .await)
+    }
+
+    /// Resumes, through this gateway, a session whose gateway was lost: `entry` is its
+    /// sessions-directory entry, already matched against the player's key and resume token.
+    /// The session keeps its id. Its own node (which keeps the game running while it
+    /// reconnects) is waited for, up to `game.resume_node_wait_ms`, so the game goes on where
+    /// it was; after that any eligible node here takes it with a fresh game. The geofence is
+    /// evaluated here, with the client's address, as for any start; the key's session starts
+    /// per minute are not charged (it is the same session).
+    pub async fn start_resumed(
+        self: &Arc<Self>,
+        key: &ApiKey,
+        entry: &SessionDirEntry,
+        client: Location,
+        client_addr: String,
+        transport: &'static str,
+        sink: FrameSink,
+    ) -> Result<Started, CoreError> {
+        let clamp = PlayRequest {
+            protocol_version: nearpath_protocol::PROTOCOL_VERSION,
+            api_key: String::new(),
+            game: entry.game.clone(),
+            width: entry.width,
+            height: entry.height,
+            fps: entry.fps,
+            bitrate_kbps: entry.bitrate_kbps,
+        };
+        let params = self
+            .session_params(&clamp)
+            .map_err(|e| CoreError::bad_request(e, None))?;
+        self.auth.ledger_gate(transport)?;
+        let caps = self.auth.effective_caps(key);
+        let cap = self
+            .auth
+            .acquire_cap(
+                key,
+                CapKind::Session,
+                caps.max_concurrent_sessions,
+                transport,
+            )
+            .await
+            .map_err(|r| r.core_error())?;
+        let Some(session) = self.sessions.ids.claim(entry.session_id) else {
+            return Err(CoreError::new(
+                Kind::Unavailable,
+                RESUME_CONFLICT,
+                "the session is still running on this gateway; try again in a few seconds",
+            )
+            .with_retry_after_s(3));
+        };
+        let session_id = session.get();
+        let wait = Duration::from_millis(self.config.resume_node_wait_ms);
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut changes = self.directory.registry.subscribe();
+        let own = loop {
+            changes.borrow_and_update();
+            match self
+                .attach(
+                    &client,
+                    &params,
+                    session_id,
+                    &[],
+                    Pin::Resume(&entry.node_id),
+                )
+                .await
+            {
+                Ok(a) => break Some(a),
+                // Not attached here (yet): the node is still reconnecting.
+                Err(NoNode::TicketNode) => {}
+                Err(no @ NoNode::Denied(_)) => {
+                    let e = no_node_error(no, &params);
+                    self.count_start(transport, &e.code);
+                    return Err(e);
+                }
+                // Here, but it cannot take the session: another node will.
+                Err(_) => break None,
+            }
+            tokio::select! {
+                r = changes.changed() => if r.is_err() { break None },
+                _ = tokio::time::sleep_until(deadline) => break None,
+            }
+        };
+        let attached = match own {
+            Some(a) => a,
+            None => {
+                info!(session = session_id, node = %entry.node_id, "the session's node did not come back here; resuming on another node");
+                match self
+                    .attach(&client, &params, session_id, &[], Pin::Any)
+                    .await
+                {
+                    Ok(a) => a,
+                    Err(no) => {
+                        let e = no_node_error(no, &params);
+                        self.count_start(transport, &e.code);
+                        return Err(e);
+                    }
+                }
+            }
+        };
+        info!(session = session_id, node = %attached.node.id, from = %entry.gateway_id, "game session resumed from another gateway");
+        Ok(self
+            .launch(
+                key,
+                client,
+                client_addr,
+                transport,
+                params,
+                sink,
+                cap,
+                session,
+                attached,
+                Some(entry.gateway_id.clone()),
+            )
+            .await)
+    }
+
+    /// Runs an attached session: registers its relay, publishes it in the federation's
+    /// sessions directory (with a fresh resume token) and starts its driver.
+    /// `resumed_from` names the gateway a resumed session came from.
+    #[allow(clippy::too_many_arguments)]
+    async fn launch(
+        self: &Arc<Self>,
+        key: &ApiKey,
+        client: Location,
+        client_addr: String,
+        transport: &'static str,
+        params: GameParams,
+        sink: FrameSink,
+        cap: CapGuard,
+        session: crate::session_id::SessionId,
+        attached: Attached,
+        resumed_from: Option<String>,
+    ) -> Started {
+        let session_id = session.get();
         let (events_tx, events_rx) = mpsc::channel(16);
         let relay = Arc::new(Relay {
             session_id,
@@ -556,6 +697,42 @@ impl GameService {
         });
         self.sessions.games.insert(relay.clone());
         self.metrics.active_game_sessions.inc();
+        if resumed_from.is_some() {
+            self.count_start(transport, "resumed");
+        }
+        // In a federation the player gets a resume token, and the session a directory entry
+        // naming its node and this gateway, so that the player can resume it elsewhere.
+        let (resume_token, dir) = match &self.federation {
+            Some(f) => {
+                let token = hex::encode(rand::random::<[u8; 32]>());
+                let entry = SessionDirEntry {
+                    session_id,
+                    key_id: key.id.clone(),
+                    node_id: attached.node.id.clone(),
+                    gateway_id: f.gateway_id().to_string(),
+                    game: params.title.clone(),
+                    width: params.width,
+                    height: params.height,
+                    fps: params.fps,
+                    bitrate_kbps: params.bitrate_kbps,
+                    resume_token_sha256: crate::store::hash_secret(&token),
+                    updated_at_ms: self.clock.unix_ms(),
+                };
+                f.publish_session(entry.clone()).await;
+                (Some(token), Some(entry))
+            }
+            None => (None, None),
+        };
+        // A resumed session's usage rows get their own request ids: the gateway it came from
+        // wrote rows under the plain ones.
+        let usage_tag = resumed_from.map(|_| {
+            let me = self
+                .federation
+                .as_ref()
+                .map_or("here", |f| f.gateway_id())
+                .to_string();
+            format!("via_{me}_{}", self.clock.unix_ms())
+        });
         let (notices_tx, notices_rx) = mpsc::channel(16);
         let span = info_span!("game_session", id = session_id, game = %params.title, transport);
         tokio::spawn(
@@ -569,16 +746,18 @@ impl GameService {
                     events_rx,
                     notices_tx,
                     cap,
+                    Ledgering { usage_tag, dir },
                 )
                 .instrument(span),
         );
-        Ok(Started {
+        Started {
             session_id,
             params,
             events: events_tx,
             notices: notices_rx,
             relay,
-        })
+            resume_token,
+        }
     }
 
     /// One node's share of a game session as a usage row: what the gateway counted (its own
@@ -590,15 +769,16 @@ impl GameService {
         relay: &Relay,
         params: &GameParams,
         seg: &UsageSegment,
+        tag: Option<&str>,
     ) -> UsageRecord {
         UsageRecord {
             id: None,
             at_ms: self.clock.unix_ms(),
             kind: UsageKind::Game,
-            request_id: if seg.index <= 1 {
-                format!("game_{}", relay.session_id)
-            } else {
-                format!("game_{}_{}", relay.session_id, seg.index)
+            request_id: match (tag, seg.index) {
+                (None, 0 | 1) => format!("game_{}", relay.session_id),
+                (None, i) => format!("game_{}_{i}", relay.session_id),
+                (Some(t), i) => format!("game_{}_{t}_{i}", relay.session_id),
             },
             tenant: key.tenant.clone(),
             api_key_id: key.id.clone(),
@@ -631,6 +811,7 @@ impl GameService {
         mut events: mpsc::Receiver<ClientEvent>,
         notices: mpsc::Sender<Notice>,
         _cap: CapGuard,
+        mut ledgering: Ledgering,
     ) {
         info!(node = %attached.node.id, "game session started");
         let session_id = relay.session_id;
@@ -660,7 +841,7 @@ impl GameService {
                         // again.
                         changes.borrow_and_update();
                         let found = self
-                            .attach(&client, &params, session_id, &exclude, None)
+                            .attach(&client, &params, session_id, &exclude, Pin::Any)
                             .await;
                         rules.observe(totals());
                         match found {
@@ -690,7 +871,13 @@ impl GameService {
                         let _ = notices.send(n).await;
                     }
                     Action::Usage(seg) => {
-                        let row = self.usage_record(&key, &relay, &params, &seg);
+                        let row = self.usage_record(
+                            &key,
+                            &relay,
+                            &params,
+                            &seg,
+                            ledgering.usage_tag.as_deref(),
+                        );
                         if ledger.as_ref().is_none_or(|(i, _)| *i != seg.index) {
                             let (tx, rx) = watch::channel(None);
                             tokio::spawn(
@@ -721,6 +908,12 @@ impl GameService {
                         paused,
                     } => {
                         self.metrics.game_failovers.inc();
+                        // The directory names the new node, so a resume elsewhere finds it.
+                        if let (Some(f), Some(entry)) = (&self.federation, ledgering.dir.as_mut()) {
+                            entry.node_id = node.id.clone();
+                            entry.updated_at_ms = self.clock.unix_ms();
+                            f.publish_session(entry.clone()).await;
+                        }
                         info!(node = %node.id, same_node, paused_ms = paused.as_millis() as u64, "session resumed");
                     }
                     Action::Ended {
@@ -732,6 +925,9 @@ impl GameService {
                             warn!(key = %key.id, "API key revoked: ending the game session");
                         }
                         self.finish(&relay, outcome, gpu_seconds, segments);
+                        if let (Some(f), Some(_)) = (&self.federation, &ledgering.dir) {
+                            f.forget_session(relay.session_id);
+                        }
                     }
                 }
             }
@@ -1057,6 +1253,99 @@ impl GameService {
         self.run_play(conn, ctl_tx, ctl_rx, started).await
     }
 
+    /// Serves a `PlayResume` (a player whose gateway died resumes its session here) on a
+    /// native client's bidi stream until the session ends. The key must be the session's and
+    /// the token its latest; then the session continues under its id ([`Self::start_resumed`]).
+    pub async fn serve_resume(
+        self: Arc<Self>,
+        conn: quinn::Connection,
+        mut ctl_tx: quinn::SendStream,
+        ctl_rx: FramedRecv,
+        req: PlayResume,
+    ) {
+        let refuse = async |tx: &mut quinn::SendStream, e: CoreError| {
+            let msg = Message::Error(ErrorInfo {
+                code: e.code.to_string(),
+                message: e.message,
+                retryable: e.retryable,
+            });
+            let _ = send(tx, &msg).await;
+            let _ = tx.finish();
+        };
+        let bad = || {
+            CoreError::new(
+                Kind::Forbidden,
+                BAD_RESUME,
+                "no session to resume with this id, key and token",
+            )
+            .with_retryable(false)
+        };
+        let key: ApiKey = match self.authenticate(Some(&req.api_key)).await {
+            Ok(k) => k,
+            Err(e) => {
+                let _ = send(&mut ctl_tx, &err("unauthorized", e.message)).await;
+                let _ = ctl_tx.finish();
+                return;
+            }
+        };
+        let Some(federation) = self.federation.clone() else {
+            let e = CoreError::new(
+                Kind::Forbidden,
+                BAD_RESUME,
+                "this gateway is not in a federation: sessions cannot move to it",
+            )
+            .with_retryable(false);
+            return refuse(&mut ctl_tx, e).await;
+        };
+        let token_ok = req.token.len() == RESUME_TOKEN_LEN
+            && req
+                .token
+                .bytes()
+                .all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f'));
+        if !token_ok || req.session_id == 0 {
+            self.count_start("quic", BAD_RESUME);
+            return refuse(&mut ctl_tx, bad()).await;
+        }
+        let entry = match federation.lookup_session(req.session_id).await {
+            Ok(e) => e,
+            Err(e) => {
+                warn!(error = %e, "sessions directory unreadable");
+                let e = CoreError::new(
+                    Kind::Unavailable,
+                    "store_unavailable",
+                    "the sessions directory cannot be read; try again",
+                )
+                .with_retry_after_s(1);
+                return refuse(&mut ctl_tx, e).await;
+            }
+        };
+        let hash = crate::store::hash_secret(&req.token);
+        let Some(entry) = entry.filter(|e| {
+            crate::ticket::ct_eq(e.resume_token_sha256.as_bytes(), hash.as_bytes())
+                && e.key_id == key.id
+        }) else {
+            warn!(client = %conn.remote_address(), session = req.session_id, "resume refused");
+            self.count_start("quic", BAD_RESUME);
+            return refuse(&mut ctl_tx, bad()).await;
+        };
+        let ip = conn.remote_address().ip();
+        let started = match self
+            .start_resumed(
+                &key,
+                &entry,
+                self.locate(ip),
+                conn.remote_address().to_string(),
+                "quic",
+                FrameSink::Quic(conn.clone()),
+            )
+            .await
+        {
+            Ok(s) => s,
+            Err(e) => return refuse(&mut ctl_tx, e).await,
+        };
+        self.run_play(conn, ctl_tx, ctl_rx, started).await
+    }
+
     /// Answers `PlayStarted` and runs a native player's session until it ends.
     async fn run_play(
         self: Arc<Self>,
@@ -1070,8 +1359,19 @@ impl GameService {
             params,
             events,
             mut notices,
+            resume_token,
             ..
         } = started;
+        // The token goes first, so that a client has it as soon as the session starts.
+        if let Some(token) = resume_token {
+            if send(&mut ctl_tx, &Message::ResumeToken(ResumeToken { token }))
+                .await
+                .is_err()
+            {
+                let _ = events.send(ClientEvent::Gone).await;
+                return;
+            }
+        }
         let msg = Message::PlayStarted(PlayStarted {
             session_id,
             width: params.width,
@@ -1139,6 +1439,47 @@ impl GameService {
             }
         }
         let _ = ctl_tx.finish();
+    }
+}
+
+/// Which nodes a session may be attached to.
+#[derive(Debug, Clone, Copy)]
+enum Pin<'a> {
+    /// Any eligible node (the geofence and placement rules decide).
+    Any,
+    /// Exactly this node, without evaluating the geofence again (a peer's ticket: the peer
+    /// evaluated it with the client's address).
+    Ticket(&'a str),
+    /// Exactly this node, if the geofence allows it (a resumed session's own node).
+    Resume(&'a str),
+}
+
+/// What a session's driver writes besides the relay: its usage rows' request-id tag (a resumed
+/// session's) and its sessions-directory entry (in a federation).
+struct Ledgering {
+    usage_tag: Option<String>,
+    dir: Option<SessionDirEntry>,
+}
+
+/// The error a player sees when no node takes its session.
+fn no_node_error(no: NoNode, params: &GameParams) -> CoreError {
+    match no {
+        NoNode::Denied(r) => CoreError::new(Kind::Geofence, "geofence", format!("geofence: {r}")),
+        NoNode::Unknown => CoreError::new(
+            Kind::NotFound,
+            "unknown_game",
+            format!("no node serves {}", params.title),
+        ),
+        NoNode::Full => {
+            CoreError::no_capacity("every node serving this game is busy").with_retry_after_s(2)
+        }
+        NoNode::Failed(e) => CoreError::no_capacity(e).with_retry_after_s(2),
+        // Retryable at the gateway that issued the ticket, which routes afresh.
+        NoNode::TicketNode => CoreError::new(
+            Kind::Unavailable,
+            TICKET_NODE_UNAVAILABLE,
+            "the node the ticket names is not attached to this gateway",
+        ),
     }
 }
 

@@ -1077,10 +1077,12 @@ pub trait Store: Send + Sync + 'static {
             op: "get_session_dir",
         })
     }
-    /// Removes a session's directory entry (the session ended); removing a missing one is
-    /// not an error.
-    fn remove_session_dir(&self, session_id: u64) -> Result<(), StoreError> {
-        let _ = session_id;
+    /// Removes a session's directory entry (the session ended) if `gateway_id` still holds it:
+    /// a gateway ending its share of a session that a player resumed through another gateway
+    /// must not erase the new gateway's entry. Removing a missing entry, or one another gateway
+    /// holds, is not an error (nothing is removed).
+    fn remove_session_dir(&self, session_id: u64, gateway_id: &str) -> Result<(), StoreError> {
+        let _ = (session_id, gateway_id);
         Err(StoreError::NotSupported {
             op: "remove_session_dir",
         })

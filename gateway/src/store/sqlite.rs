@@ -2085,11 +2085,11 @@ impl Store for SqliteStore {
             .op("get session directory entry")
     }
 
-    fn remove_session_dir(&self, session_id: u64) -> Result<(), StoreError> {
+    fn remove_session_dir(&self, session_id: u64, gateway_id: &str) -> Result<(), StoreError> {
         self.write_conn()
             .execute(
-                "DELETE FROM game_session_dir WHERE session_id = ?1",
-                [session_id as i64],
+                "DELETE FROM game_session_dir WHERE session_id = ?1 AND gateway_id = ?2",
+                params![session_id as i64, gateway_id],
             )
             .op("remove session directory entry")?;
         Ok(())

@@ -90,6 +90,11 @@ enum Cmd {
         /// Stop after this many seconds.
         #[arg(long, default_value_t = 10.0)]
         seconds: f64,
+        /// With several gateways (--gateways, --discover): when nothing at all has arrived from
+        /// the gateway for this many milliseconds while frames should flow, give it up and
+        /// resume the session through the nearest other gateway of the federation.
+        #[arg(long, default_value_t = 1000)]
+        resume_after_ms: u64,
     },
 }
 
@@ -119,6 +124,7 @@ fn main() -> std::process::ExitCode {
                 bitrate,
                 out,
                 seconds,
+                resume_after_ms,
             } => {
                 let params = PlayParams {
                     game,
@@ -127,7 +133,14 @@ fn main() -> std::process::ExitCode {
                     fps,
                     bitrate_kbps: bitrate,
                 };
-                play(conn, params, out, seconds).await
+                play(
+                    conn,
+                    params,
+                    out,
+                    seconds,
+                    Duration::from_millis(resume_after_ms),
+                )
+                .await
             }
         }
     });
@@ -141,7 +154,16 @@ fn main() -> std::process::ExitCode {
 }
 
 async fn connect(c: &Conn) -> anyhow::Result<Client> {
-    let verify = if c.insecure {
+    let verify = verify_of(c)?;
+    match candidates_of(c, &verify).await? {
+        Some(candidates) => nearest(c, &candidates, verify).await,
+        None => connect_to(c, &c.gateway, verify).await,
+    }
+}
+
+/// How the gateways' certificates are checked, from the flags.
+fn verify_of(c: &Conn) -> anyhow::Result<ServerVerify> {
+    Ok(if c.insecure {
         eprintln!("warning: --insecure: the gateway's certificate is NOT checked (local development only)");
         ServerVerify::InsecureDangerous
     } else if let Some(ca) = &c.ca {
@@ -157,10 +179,15 @@ async fn connect(c: &Conn) -> anyhow::Result<Client> {
         )
     } else {
         bail!("say how to check the gateway's certificate: --ca FILE, --pin SHA256, or --insecure for local development");
-    };
-    let candidates = if let Some(url) = &c.discover {
+    })
+}
+
+/// The gateways to choose among (`--gateways` or `--discover`), or `None` for the one
+/// `--gateway`.
+async fn candidates_of(c: &Conn, verify: &ServerVerify) -> anyhow::Result<Option<Vec<String>>> {
+    if let Some(url) = &c.discover {
         // With pins, entries whose certificate is not pinned are skipped before probing.
-        let pins: Vec<[u8; 32]> = match &verify {
+        let pins: Vec<[u8; 32]> = match verify {
             ServerVerify::PinnedSha256(p) => vec![*p],
             ServerVerify::PinnedAnySha256(p) => p.clone(),
             _ => Vec::new(),
@@ -172,13 +199,12 @@ async fn connect(c: &Conn) -> anyhow::Result<Client> {
         if list.is_empty() {
             bail!("{url} lists no live gateway (that the given pins trust)");
         }
-        list
+        Ok(Some(list))
     } else if !c.gateways.is_empty() {
-        c.gateways.clone()
+        Ok(Some(c.gateways.clone()))
     } else {
-        return connect_to(c, &c.gateway, verify).await;
-    };
-    nearest(c, &candidates, verify).await
+        Ok(None)
+    }
 }
 
 async fn nearest(c: &Conn, candidates: &[String], verify: ServerVerify) -> anyhow::Result<Client> {
@@ -291,59 +317,80 @@ async fn play(
     params: PlayParams,
     out: Option<PathBuf>,
     seconds: f64,
+    resume_after: Duration,
 ) -> anyhow::Result<()> {
     let client = connect(&conn).await?;
-    let result = play_on(&client, &conn, params, out, seconds).await;
+    let mut holder = Some(client);
+    let result = play_on(&mut holder, &conn, params, out, seconds, resume_after).await;
     // However the session ended (its time is up, the gateway ended it, Ctrl-C, an error), the
     // connection is closed cleanly and the close is sent before the process exits: the gateway
     // then ends the session and frees its node slot at once, instead of after the idle timeout.
-    client.close().await;
+    if let Some(client) = holder {
+        client.close().await;
+    }
     result
 }
 
+/// Resumes session `session_id` through the nearest other gateway (see
+/// [`nearpath_gateway_cli::pick::resume_nearest`]).
+async fn resume_elsewhere(
+    conn: &Conn,
+    lost: std::net::SocketAddr,
+    session_id: u64,
+    token: &str,
+) -> anyhow::Result<(Client, nearpath_protocol::PlaySession)> {
+    let verify = verify_of(conn)?;
+    let candidates = candidates_of(conn, &verify)
+        .await?
+        .unwrap_or_else(|| vec![conn.gateway.clone()]);
+    let (client, session, address) = nearpath_gateway_cli::pick::resume_nearest(
+        &candidates,
+        lost,
+        conn.server_name.as_deref(),
+        verify,
+        &conn.key,
+        session_id,
+        token,
+    )
+    .await
+    .map_err(anyhow::Error::msg)?;
+    eprintln!("resuming through gateway {address}");
+    Ok((client, session))
+}
+
+/// Why one gateway's share of a session stopped.
+enum Leg {
+    /// The player's time is up, or Ctrl-C.
+    Stop,
+    /// The gateway ended the session.
+    Ended(String),
+    /// The gateway went silent or its connection failed.
+    Lost(String),
+}
+
 async fn play_on(
-    client: &Client,
+    holder: &mut Option<Client>,
     conn: &Conn,
     params: PlayParams,
     out: Option<PathBuf>,
     seconds: f64,
+    resume_after: Duration,
 ) -> anyhow::Result<()> {
-    let session = client.play(&conn.key, params.clone()).await?;
+    let Some(client) = holder.as_ref() else {
+        bail!("no gateway connection");
+    };
+    let mut session = client.play(&conn.key, params.clone()).await?;
     let started = *session.started();
     eprintln!(
         "session {} started: {}x{} @ {} fps, {} kbps",
         started.session_id, started.width, started.height, started.fps, started.bitrate_kbps
     );
-    let (mut control, mut frames, input) = session.split();
     let mut file = match &out {
         Some(p) => {
             Some(std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?)
         }
         None => None,
     };
-    // Scripted input: hold each direction for a while, one key event every 50 ms.
-    let keys = [68u16, 83, 65, 87];
-    let sent: std::sync::Arc<std::sync::Mutex<HashMap<u64, Instant>>> = Default::default();
-    let sent2 = sent.clone();
-    let script = tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_millis(50));
-        let mut i = 0usize;
-        loop {
-            tick.tick().await;
-            let code = keys[(i / 20) % keys.len()];
-            let down = i.is_multiple_of(2);
-            match input.send(InputEvent::Key { code, down }) {
-                Ok(seq) => {
-                    sent2
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .insert(seq, Instant::now());
-                }
-                Err(_) => return,
-            }
-            i += 1;
-        }
-    });
     let deadline = tokio::time::Instant::now() + Duration::from_secs_f64(seconds);
     let t0 = Instant::now();
     let (mut count, mut bytes, mut keyframes) = (0u64, 0u64, 0u64);
@@ -352,72 +399,93 @@ async fn play_on(
     let mut seqs = FrameSeqStats::default();
     let mut net_ms = Vec::new();
     let mut i2p_ms = Vec::new();
-    let mut last_input_seen = 0u64;
     let mut pauses = 0u32;
+    let mut resumes = 0u32;
     let mut ended: Option<String> = None;
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);
+    // Set while a resume is in progress: when the gateway was given up, for the figure.
+    let mut lost_at: Option<Instant> = None;
     loop {
-        tokio::select! {
-            _ = tokio::time::sleep_until(deadline) => break,
-            _ = &mut ctrl_c => {
-                eprintln!("interrupted");
-                break;
-            }
-            f = frames.next() => match f? {
-                Some(f) => {
-                    let now = now_us();
-                    count += 1;
-                    bytes += f.payload.len() as u64;
-                    keyframes += f.header.keyframe as u64;
-                    seqs.record(f.header.seq);
-                    net_ms.push(now.saturating_sub(f.header.capture_ts_us) as f64 / 1000.0);
-                    if f.header.input_seq > last_input_seen {
-                        last_input_seen = f.header.input_seq;
-                        if let Some(t) = sent.lock().unwrap_or_else(|p| p.into_inner()).remove(&f.header.input_seq) {
-                            i2p_ms.push(t.elapsed().as_secs_f64() * 1000.0);
+        let token = session.resume_token().map(str::to_string);
+        let gateway = session.gateway();
+        let (mut control, mut frames, input) = session.split();
+        let leg = {
+            let Some(client) = holder.as_ref() else {
+                bail!("no gateway connection");
+            };
+            play_leg(
+                client,
+                &mut control,
+                &mut frames,
+                input,
+                deadline,
+                &mut ctrl_c,
+                resume_after,
+                &mut LegStats {
+                    file: file.as_mut(),
+                    count: &mut count,
+                    bytes: &mut bytes,
+                    keyframes: &mut keyframes,
+                    seqs: &mut seqs,
+                    net_ms: &mut net_ms,
+                    i2p_ms: &mut i2p_ms,
+                    pauses: &mut pauses,
+                    lost_at: &mut lost_at,
+                },
+            )
+            .await?
+        };
+        match leg {
+            Leg::Stop => {
+                // Say why the session ends (outcome `ok`) and wait until the gateway has taken
+                // it (it finishes the control stream) before the connection closes. Bounded: a
+                // gateway that does not answer must not hold the player up; the close that
+                // follows ends the session anyway.
+                let _ = tokio::time::timeout(Duration::from_millis(500), async {
+                    if control.close("done").await.is_ok() {
+                        while let Ok(Some(ev)) = control.next().await {
+                            if matches!(ev, ControlEvent::Ended(_) | ControlEvent::Error(_)) {
+                                break;
+                            }
                         }
                     }
-                    if let Some(file) = file.as_mut() {
-                        file.write_all(&f.payload)?;
-                    }
-                }
-                None => break,
-            },
-            c = control.next() => match c? {
-                Some(ControlEvent::Paused(p)) => { pauses += 1; eprintln!("paused: {}", p.reason); }
-                Some(ControlEvent::Resumed) => {
-                    // The session moved to another node, whose frames count from 0 again.
-                    seqs.restart();
-                    eprintln!("resumed");
-                }
-                Some(ControlEvent::Ended(e)) => { ended = Some(e.reason); break; }
-                Some(ControlEvent::Error(e)) => bail!("{} ({})", e.message, e.code),
-                None => break,
-            },
-        }
-    }
-    script.abort();
-    if ended.is_none() {
-        // Say why the session ends (outcome `ok`) and wait until the gateway has taken it (it
-        // finishes the control stream) before the connection closes. Bounded: a gateway that
-        // does not answer must not hold the player up; the close that follows ends the session
-        // anyway.
-        let _ = tokio::time::timeout(Duration::from_millis(500), async {
-            if control.close("done").await.is_ok() {
-                while let Ok(Some(ev)) = control.next().await {
-                    if matches!(ev, ControlEvent::Ended(_) | ControlEvent::Error(_)) {
-                        break;
-                    }
-                }
+                })
+                .await;
+                break;
             }
-        })
-        .await;
+            Leg::Ended(reason) => {
+                ended = Some(reason);
+                break;
+            }
+            Leg::Lost(why) => {
+                let Some(token) = token else {
+                    bail!("lost the gateway ({why}), and it gave no resume token (not in a federation)");
+                };
+                eprintln!(
+                    "gateway {gateway} lost ({why}); resuming session {}",
+                    started.session_id
+                );
+                lost_at = Some(Instant::now());
+                drop((control, frames));
+                if let Some(old) = holder.take() {
+                    // Nothing is sent to a dead gateway; the connection is only let go of.
+                    drop(old);
+                }
+                let (client, next) =
+                    resume_elsewhere(conn, gateway, started.session_id, &token).await?;
+                *holder = Some(client);
+                session = next;
+                resumes += 1;
+                // Another node, or the same one on a new connection: frames count from 0.
+                seqs.restart();
+            }
+        }
     }
     seqs.finish();
     let secs = t0.elapsed().as_secs_f64();
     println!(
-        "frames {count} in {secs:.2} s = {:.1} fps (target {}), {:.2} Mbit/s, keyframes {keyframes}, missing/dropped {}, reordered {}, duplicates {}, pauses {pauses}",
+        "frames {count} in {secs:.2} s = {:.1} fps (target {}), {:.2} Mbit/s, keyframes {keyframes}, missing/dropped {}, reordered {}, duplicates {}, pauses {pauses}, resumes {resumes}",
         count as f64 / secs,
         started.fps,
         bytes as f64 * 8.0 / secs / 1e6,
@@ -444,4 +512,129 @@ async fn play_on(
         );
     }
     Ok(())
+}
+
+/// Counters a session accumulates across its gateways.
+struct LegStats<'a> {
+    file: Option<&'a mut std::fs::File>,
+    count: &'a mut u64,
+    bytes: &'a mut u64,
+    keyframes: &'a mut u64,
+    seqs: &'a mut FrameSeqStats,
+    net_ms: &'a mut Vec<f64>,
+    i2p_ms: &'a mut Vec<f64>,
+    pauses: &'a mut u32,
+    lost_at: &'a mut Option<Instant>,
+}
+
+/// Plays one gateway's share of a session: frames in, scripted input out, until the time is
+/// up, the session ends, or the gateway is lost (its connection failed, or nothing at all
+/// arrived from it for `resume_after` while frames were expected).
+#[allow(clippy::too_many_arguments)]
+async fn play_leg(
+    client: &Client,
+    control: &mut nearpath_protocol::PlayControl,
+    frames: &mut nearpath_protocol::FrameStream,
+    input: nearpath_protocol::InputSender,
+    deadline: tokio::time::Instant,
+    ctrl_c: &mut std::pin::Pin<&mut impl std::future::Future<Output = std::io::Result<()>>>,
+    resume_after: Duration,
+    st: &mut LegStats<'_>,
+) -> anyhow::Result<Leg> {
+    // Scripted input: hold each direction for a while, one key event every 50 ms.
+    let keys = [68u16, 83, 65, 87];
+    let sent: std::sync::Arc<std::sync::Mutex<HashMap<u64, Instant>>> = Default::default();
+    let sent2 = sent.clone();
+    let script = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(50));
+        let mut i = 0usize;
+        loop {
+            tick.tick().await;
+            let code = keys[(i / 20) % keys.len()];
+            let down = i.is_multiple_of(2);
+            match input.send(InputEvent::Key { code, down }) {
+                Ok(seq) => {
+                    sent2
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(seq, Instant::now());
+                }
+                Err(_) => return,
+            }
+            i += 1;
+        }
+    });
+    struct AbortOnDrop(tokio::task::JoinHandle<()>);
+    impl Drop for AbortOnDrop {
+        fn drop(&mut self) {
+            self.0.abort();
+        }
+    }
+    let _script = AbortOnDrop(script);
+    let mut last_input_seen = 0u64;
+    let mut paused = false;
+    // The gateway answers every keep-alive, so a connection on which nothing at all arrives
+    // for `resume_after` while frames should flow has lost its gateway; QUIC's idle timeout
+    // would say so only seconds later.
+    let mut watch = tokio::time::interval(Duration::from_millis(100));
+    watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut rx_seen = (client.connection().stats().udp_rx.datagrams, Instant::now());
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep_until(deadline) => return Ok(Leg::Stop),
+            _ = ctrl_c.as_mut() => {
+                eprintln!("interrupted");
+                return Ok(Leg::Stop);
+            }
+            _ = watch.tick() => {
+                let rx = client.connection().stats().udp_rx.datagrams;
+                if rx != rx_seen.0 || paused {
+                    rx_seen = (rx, Instant::now());
+                } else if rx_seen.1.elapsed() >= resume_after {
+                    return Ok(Leg::Lost(format!("nothing received for {} ms", rx_seen.1.elapsed().as_millis())));
+                }
+            }
+            f = frames.next() => match f {
+                Ok(Some(f)) => {
+                    let now = now_us();
+                    if let Some(at) = st.lost_at.take() {
+                        eprintln!(
+                            "resumed: first frame {:.0} ms after the gateway was lost (keyframe {})",
+                            at.elapsed().as_secs_f64() * 1000.0,
+                            f.header.keyframe
+                        );
+                    }
+                    *st.count += 1;
+                    *st.bytes += f.payload.len() as u64;
+                    *st.keyframes += f.header.keyframe as u64;
+                    st.seqs.record(f.header.seq);
+                    st.net_ms.push(now.saturating_sub(f.header.capture_ts_us) as f64 / 1000.0);
+                    if f.header.input_seq > last_input_seen {
+                        last_input_seen = f.header.input_seq;
+                        if let Some(t) = sent.lock().unwrap_or_else(|p| p.into_inner()).remove(&f.header.input_seq) {
+                            st.i2p_ms.push(t.elapsed().as_secs_f64() * 1000.0);
+                        }
+                    }
+                    if let Some(file) = st.file.as_mut() {
+                        file.write_all(&f.payload)?;
+                    }
+                }
+                Ok(None) => return Ok(Leg::Lost("the connection closed".into())),
+                Err(e) => return Ok(Leg::Lost(e.to_string())),
+            },
+            c = control.next() => match c {
+                Ok(Some(ControlEvent::Paused(p))) => { *st.pauses += 1; paused = true; eprintln!("paused: {}", p.reason); }
+                Ok(Some(ControlEvent::Resumed)) => {
+                    // The session moved to another node, whose frames count from 0 again.
+                    st.seqs.restart();
+                    paused = false;
+                    eprintln!("resumed");
+                }
+                Ok(Some(ControlEvent::Ended(e))) => return Ok(Leg::Ended(e.reason)),
+                Ok(Some(ControlEvent::Error(e))) => bail!("{} ({})", e.message, e.code),
+                Ok(None) => return Ok(Leg::Ended("the gateway finished the session".into())),
+                Err(e) => return Ok(Leg::Lost(e.to_string())),
+            },
+        }
+    }
 }

@@ -1750,8 +1750,8 @@ impl Store for PgStore {
     fn get_session_dir(&self, session_id: u64) -> Result<Option<SessionDirEntry>, StoreError> {
         self.pg_get_session_dir(session_id)
     }
-    fn remove_session_dir(&self, session_id: u64) -> Result<(), StoreError> {
-        self.pg_remove_session_dir(session_id)
+    fn remove_session_dir(&self, session_id: u64, gateway_id: &str) -> Result<(), StoreError> {
+        self.pg_remove_session_dir(session_id, gateway_id)
     }
     fn gateway_heartbeat(&self, record: &GatewayRecord) -> Result<(), StoreError> {
         self.dir_heartbeat(record)

@@ -96,11 +96,15 @@ impl PgStore {
     }
 
     /// See [`crate::store::Store::remove_session_dir`].
-    pub(crate) fn pg_remove_session_dir(&self, session_id: u64) -> Result<(), StoreError> {
+    pub(crate) fn pg_remove_session_dir(
+        &self,
+        session_id: u64,
+        gateway_id: &str,
+    ) -> Result<(), StoreError> {
         let mut conn = self.conn()?;
         conn.execute(
-            "DELETE FROM game_session_dir WHERE session_id = $1",
-            &[&(session_id as i64)],
+            "DELETE FROM game_session_dir WHERE session_id = $1 AND gateway_id = $2",
+            &[&(session_id as i64), &gateway_id],
         )
         .map_err(pg_err("remove session directory entry"))?;
         Ok(())

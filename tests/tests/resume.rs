@@ -1,0 +1,259 @@
+//! A native game session survives losing its gateway (issue 13, item 5): gateways A and B of a
+//! federation share one store; the game's node and the player reach A. A goes silent (both
+//! paths blacked out, as kill -9 or a lost route looks from outside: no close ever arrives).
+//! The node keeps the game running and re-registers with B; the player resumes the session
+//! through B with its resume token (same session id), and the first frame it gets is a
+//! keyframe, within 3 s of the blackout.
+//!
+//! The node has one game slot, so a resume that started a fresh game while the old one held
+//! the slot would be refused: a resumed session proves the parked game itself was taken over.
+
+mod common;
+
+use common::*;
+use nearpath_config::{GameEntry, GameSource};
+use nearpath_protocol::tls::sha256_hex;
+use nearpath_protocol::{ClientError, PlayParams, ServerVerify};
+use std::time::{Duration, Instant};
+
+/// Gateways A and B in one federation on a shared SQLite store.
+async fn federation() -> (tempfile::TempDir, TestGateway, TestGateway) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("federation.db");
+    let a = TestGateway::start_at(path.clone(), |c| {
+        c.federation.gateway_id = Some("a".into());
+    })
+    .await;
+    let b = TestGateway::start_at(path, |c| {
+        c.federation.gateway_id = Some("b".into());
+    })
+    .await;
+    (dir, a, b)
+}
+
+fn small() -> PlayParams {
+    PlayParams {
+        game: "arena".into(),
+        width: 320,
+        height: 180,
+        fps: 30,
+        bitrate_kbps: 1000,
+    }
+}
+
+/// Reads frames until `n` arrived (bounded).
+async fn frames(session: &mut nearpath_protocol::PlaySession, n: usize) {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        for _ in 0..n {
+            session.next_frame().await.unwrap().expect("a frame");
+        }
+    })
+    .await
+    .expect("frames flow");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_native_session_resumes_through_another_gateway_with_its_id_and_a_keyframe_within_3s() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    let (_dir, a, b) = federation().await;
+    // The node reaches each gateway through a relay that can be cut without a word; it
+    // registers with one of them (the lowest round trip), called "home" below.
+    let node_to_a = relay_from(&a, DE, 1).await;
+    let node_to_b = relay_from(&b, DE, 2).await;
+    let mut cfg = a.node_config("n-game", &a.token);
+    cfg.gateway.address = String::new();
+    cfg.gateway.addresses = vec![node_to_a.addr().to_string(), node_to_b.addr().to_string()];
+    cfg.gateway.pinned_cert_sha256 = None;
+    cfg.gateway.pinned_cert_sha256s = vec![sha256_hex(&a.sha), sha256_hex(&b.sha)];
+    cfg.games = vec![GameEntry {
+        title: "arena".into(),
+        source: GameSource::Builtin {},
+    }];
+    cfg.capacity.game_sessions = 1;
+    let mut node = TestNode::start(cfg, ip(DE));
+    let at = match node
+        .wait_status(|s| matches!(s, nearpath_edge_node::NodeStatus::Registered { .. }))
+        .await
+    {
+        nearpath_edge_node::NodeStatus::Registered { gateway, .. } => gateway,
+        _ => unreachable!(),
+    };
+    let (home, away, node_home) = if at == node_to_a.addr().to_string() {
+        (&a, &b, &node_to_a)
+    } else {
+        (&b, &a, &node_to_b)
+    };
+
+    // The player reaches each gateway through its own relay (so both see it in FR).
+    let player_home = relay_from(home, FR_CLIENT, 3).await;
+    let player_away = relay_from(away, FR_CLIENT, 4).await;
+    let pins = ServerVerify::PinnedAnySha256(vec![a.sha, b.sha]);
+    let client = nearpath_protocol::Client::connect(player_home.addr(), "localhost", pins.clone())
+        .await
+        .unwrap();
+    let mut session = client.play(API_KEY, small()).await.unwrap();
+    assert!(
+        session.redirect().is_none(),
+        "the node's own gateway serves it"
+    );
+    let id = session.started().session_id;
+    let token = session
+        .resume_token()
+        .expect("a federated gateway hands out a resume token")
+        .to_string();
+    assert_eq!(token.len(), 64);
+    frames(&mut session, 10).await;
+
+    // The home gateway dies, as far as anyone outside can tell.
+    let cut = Instant::now();
+    node_home.blackout_forever();
+    player_home.blackout_forever();
+    // The player notices the silence as `nearpath play` does (nothing for its
+    // `--resume-after-ms`, 1 s by default) and resumes through the other gateway.
+    let rx = || client.connection().stats().udp_rx.datagrams;
+    let mut seen = (rx(), Instant::now());
+    while seen.1.elapsed() < Duration::from_millis(1000) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if rx() != seen.0 {
+            seen = (rx(), Instant::now());
+        }
+        assert!(
+            cut.elapsed() < Duration::from_secs(5),
+            "the gateway never went silent"
+        );
+    }
+    drop(session);
+    let noticed = cut.elapsed();
+    let candidates = vec![
+        player_home.addr().to_string(),
+        player_away.addr().to_string(),
+    ];
+    let (client_b, mut resumed, via) = nearpath_gateway_cli::pick::resume_nearest(
+        &candidates,
+        player_home.addr(),
+        Some("localhost"),
+        pins.clone(),
+        API_KEY,
+        id,
+        &token,
+    )
+    .await
+    .expect("the session resumes through the other gateway");
+    let answered = cut.elapsed();
+    assert_eq!(via, player_away.addr().to_string());
+    assert_eq!(resumed.started().session_id, id, "the session keeps its id");
+    let first = tokio::time::timeout(Duration::from_secs(5), resumed.next_frame())
+        .await
+        .expect("frames after the resume")
+        .unwrap()
+        .expect("a frame");
+    let took = cut.elapsed();
+    assert!(
+        first.header.keyframe,
+        "the first frame after a resume is a keyframe"
+    );
+    assert_eq!(first.header.session_id, id);
+    assert!(
+        took < Duration::from_secs(3),
+        "resumed {took:?} after A went silent"
+    );
+    eprintln!(
+        "resume through another gateway: silence noticed {} ms, answered {} ms, first frame {} ms after the cut",
+        noticed.as_millis(),
+        answered.as_millis(),
+        took.as_millis()
+    );
+    let next_token = resumed.resume_token().expect("a fresh token").to_string();
+    assert_ne!(next_token, token, "each gateway hands out its own token");
+    frames(&mut resumed, 10).await;
+
+    // The old token is spent: B's directory entry holds the new one's hash.
+    let thief = nearpath_protocol::Client::connect(player_away.addr(), "localhost", pins.clone())
+        .await
+        .unwrap();
+    match thief.resume(API_KEY, id, &token).await {
+        Err(ClientError::Refused {
+            code, retryable, ..
+        }) => {
+            assert_eq!(code, "bad_resume");
+            assert!(!retryable);
+        }
+        other => panic!("a spent token resumed: {:?}", other.map(|s| *s.started())),
+    }
+    resumed.close("done").await.unwrap();
+    client_b.close().await;
+    node.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_is_refused_for_a_wrong_token_another_key_an_unknown_session_or_outside_a_federation(
+) {
+    let (_dir, a, b) = federation().await;
+    let mut cfg = a.node_config("n-game", &a.token);
+    cfg.games = vec![GameEntry {
+        title: "arena".into(),
+        source: GameSource::Builtin {},
+    }];
+    let mut node = TestNode::start(cfg, ip(DE));
+    node.registered().await;
+    let client = native_client(&a, FR_CLIENT).await;
+    let mut session = client.play(API_KEY, small()).await.unwrap();
+    let id = session.started().session_id;
+    let token = session.resume_token().unwrap().to_string();
+    frames(&mut session, 3).await;
+
+    let (_, other_key) = b
+        .store
+        .create_api_key("tenant-other", 100, 100_000)
+        .unwrap();
+    let at_b = native_client(&b, FR_CLIENT).await;
+    let refused = |r: Result<nearpath_protocol::PlaySession, ClientError>| match r {
+        Err(ClientError::Refused {
+            code, retryable, ..
+        }) => (code, retryable),
+        Ok(s) => panic!("resumed session {}", s.started().session_id),
+        Err(e) => panic!("{e}"),
+    };
+    let mut wrong = token.clone().into_bytes();
+    wrong[0] = if wrong[0] == b'0' { b'1' } else { b'0' };
+    let wrong = String::from_utf8(wrong).unwrap();
+    // A forged token, another tenant's key with the right token, an unknown id, a token of the
+    // wrong shape and a huge one all get the same answer, so nothing can be probed.
+    for (key, sid, tok) in [
+        (API_KEY, id, wrong.as_str()),
+        (other_key.as_str(), id, token.as_str()),
+        (API_KEY, id ^ 1, token.as_str()),
+        (API_KEY, id, "not-hex"),
+        (API_KEY, id, &"a".repeat(60_000)),
+        (API_KEY, 0, token.as_str()),
+    ] {
+        assert_eq!(
+            refused(at_b.resume(key, sid, tok).await),
+            ("bad_resume".to_string(), false),
+            "key {key:.8}, session {sid}, token {:.16}",
+            tok
+        );
+    }
+    // The right token at the gateway still serving the session: retry later, not a new copy.
+    let at_a = native_client(&a, FR_CLIENT).await;
+    assert_eq!(
+        refused(at_a.resume(API_KEY, id, &token).await),
+        ("resume_conflict".to_string(), true)
+    );
+    // A wrong key is unauthorized, as for any request.
+    let (code, _) = refused(at_b.resume("npk_nosuchkey", id, &token).await);
+    assert_eq!(code, "unauthorized");
+    session.close("done").await.unwrap();
+    node.stop().await.unwrap();
+
+    // A standalone gateway has no sessions directory: no token, and no resume.
+    let solo = TestGateway::start(|_| {}).await;
+    let c = native_client(&solo, FR_CLIENT).await;
+    assert_eq!(
+        refused(c.resume(API_KEY, id, &token).await),
+        ("bad_resume".to_string(), false)
+    );
+}
