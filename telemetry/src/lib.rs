@@ -277,7 +277,8 @@ impl TraceIds {
 /// Joins `span` to a caller's trace and returns the span's own context, the one to pass on.
 ///
 /// While spans are exported, `span` becomes the child of `parent` (a remote context: the
-/// client's `traceparent` at the gateway, the gateway's at the node) and its ids are those of
+/// client's `traceparent` at the gateway, the gateway's at the node), or a root when there is
+/// none, and its ids are those of
 /// the exported span, so that what is passed on names a span the collector receives. When
 /// spans are not exported, or `span` is disabled, `None`: the caller makes its own ids.
 /// Call it before the span is first entered: a started span's parent cannot change.
@@ -285,16 +286,20 @@ pub fn join(span: &tracing::Span, parent: Option<TraceIds>) -> Option<TraceIds> 
     if !exporting() || span.is_disabled() {
         return None;
     }
-    if let Some(p) = parent {
-        let remote = SpanContext::new(
+    // Without a caller's context the span is a root: a request starts its own trace, not one
+    // per connection (its `tracing` parent, the connection's span, would otherwise be its
+    // OpenTelemetry parent too).
+    let parent_cx = match parent {
+        Some(p) => opentelemetry::Context::new().with_remote_span_context(SpanContext::new(
             TraceId::from_bytes(p.trace_id),
             SpanId::from_bytes(p.span_id),
             TraceFlags::new(p.flags),
             true,
             TraceState::default(),
-        );
-        let _ = span.set_parent(opentelemetry::Context::new().with_remote_span_context(remote));
-    }
+        )),
+        None => opentelemetry::Context::new(),
+    };
+    let _ = span.set_parent(parent_cx);
     let cx = span.context();
     let own = cx.span().span_context().clone();
     own.is_valid().then(|| TraceIds {

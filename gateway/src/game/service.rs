@@ -634,6 +634,8 @@ impl GameService {
     ) {
         info!(node = %attached.node.id, "game session started");
         let session_id = relay.session_id;
+        // The node that served last, for the session's access-log line.
+        let mut last_node = attached.node.id.clone();
         let mut rules = GameSession::new(
             self.clock.now(),
             Rules::from_config(&self.config),
@@ -666,6 +668,7 @@ impl GameService {
                         match found {
                             Ok(a) => {
                                 let node = node_ref(&a.node);
+                                last_node.clone_from(&a.node.id);
                                 attached = Some(a);
                                 rules.handle_attached(self.clock.now(), node);
                             }
@@ -732,6 +735,26 @@ impl GameService {
                             warn!(key = %key.id, "API key revoked: ending the game session");
                         }
                         self.finish(&relay, outcome, gpu_seconds, segments);
+                        crate::access::SessionLine {
+                            transport: relay.transport,
+                            session_id,
+                            key_id: &key.id,
+                            game: &params.title,
+                            node: Some(&last_node),
+                            country: client.country.as_ref().map(|c| c.as_str()),
+                            duration_ms: u64::try_from(
+                                self.clock
+                                    .now()
+                                    .saturating_duration_since(relay.started)
+                                    .as_millis(),
+                            )
+                            .unwrap_or(u64::MAX),
+                            frames: relay.frames.load(Ordering::Relaxed),
+                            bytes: relay.bytes.load(Ordering::Relaxed),
+                            nodes: segments,
+                            outcome,
+                        }
+                        .emit();
                     }
                 }
             }
