@@ -103,6 +103,25 @@ static PROVIDER: OnceLock<Mutex<Option<SdkTracerProvider>>> = OnceLock::new();
 /// A broken exporter does not stop the process: the lines are installed anyway, and the error
 /// is returned for the caller to log.
 pub fn init(cfg: &LogConfig, default_service: &str) -> Result<(), TelemetryError> {
+    init_with_writer(
+        cfg,
+        default_service,
+        std::io::stdout,
+        std::io::stdout().is_terminal(),
+    )
+}
+
+/// [`init`] with the lines written to `writer` (`is_terminal`: whether it is a terminal, for
+/// `color = "auto"`). For tests that read what was logged.
+pub fn init_with_writer<W>(
+    cfg: &LogConfig,
+    default_service: &str,
+    writer: W,
+    is_terminal: bool,
+) -> Result<(), TelemetryError>
+where
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
     let rust_log = std::env::var("RUST_LOG").ok();
     let (filter, bad_filter) = match env_filter(&cfg.level, rust_log.as_deref()) {
         Ok(f) => (f, None),
@@ -111,15 +130,19 @@ pub fn init(cfg: &LogConfig, default_service: &str) -> Result<(), TelemetryError
     };
     let ansi = use_color(
         cfg.color,
-        std::io::stdout().is_terminal(),
+        is_terminal,
         std::env::var_os("NO_COLOR").as_deref(),
     );
     let lines = match cfg.format {
         LogFormat::Json => tracing_subscriber::fmt::layer()
             .json()
             .with_ansi(false)
+            .with_writer(writer)
             .boxed(),
-        LogFormat::Text => tracing_subscriber::fmt::layer().with_ansi(ansi).boxed(),
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_ansi(ansi)
+            .with_writer(writer)
+            .boxed(),
     };
     let (provider, export_error) = match cfg.otlp_endpoint.as_deref() {
         Some(endpoint) => match provider(cfg, endpoint, default_service) {
