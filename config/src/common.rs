@@ -10,7 +10,7 @@ pub struct LogConfig {
     /// A `tracing_subscriber::EnvFilter` directive such as `info` or
     /// `info,nearpath_gateway=debug`; `RUST_LOG`, when set, is for the binaries to honour instead.
     /// Either way the chatty libraries (WebRTC, OpenH264) are capped at `error` unless the
-    /// directive names them (`webrtc_ice=warn`). Default: `info`.
+    /// directive names them (`rtc_ice=warn`). Default: `info`.
     pub level: String,
     /// Output format. Default: `text`.
     pub format: LogFormat,

@@ -24,22 +24,14 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
 
-/// Libraries whose warnings describe normal operation of a healthy session (webrtc-rs logs
-/// ICE candidate and DTLS/SCTP shutdown chatter at WARN; OpenH264 reports parameter
-/// adjustments as warnings), capped at `error` ahead of the operator's directive. A directive
-/// that names one of these targets replaces its cap (`webrtc_ice=warn`), because a later
-/// directive for the same target wins; targets match by prefix, so `webrtc` covers every
-/// `webrtc_*` crate.
-pub const LIBRARY_CAPS: &[&str] = &[
-    "webrtc=error",
-    "interceptor=error",
-    "rtp=error",
-    "rtcp=error",
-    "sdp=error",
-    "stun=error",
-    "turn=error",
-    "openh264=error",
-];
+/// Libraries whose warnings describe normal operation of a healthy session, capped at `error`
+/// ahead of the operator's directive: webrtc-rs (`webrtc`, a thin async driver, and the sans-IO
+/// `rtc` family under it: `rtc_ice`, `rtc_dtls`, `rtc_sctp`, `rtc_srtp`, ... — ICE candidate
+/// pairs, DTLS and SCTP teardown, handler errors at close are logged at WARN) and OpenH264
+/// (parameter adjustments while initialising). A directive that names one of these targets
+/// replaces its cap (`rtc_ice=warn`), because a later directive for the same target wins;
+/// targets match by prefix, so `rtc` covers every `rtc_*` crate.
+pub const LIBRARY_CAPS: &[&str] = &["webrtc=error", "rtc=error", "openh264=error"];
 
 /// How long a batch of spans may take to reach the collector before it is dropped.
 const EXPORT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -365,12 +357,12 @@ mod tests {
     fn library_warnings_are_capped_below_the_operators_level() {
         let f = env_filter("info", None).unwrap().to_string();
         for target in [
-            "webrtc::peer_connection",
-            "webrtc_ice::agent::agent_internal",
-            "webrtc_dtls::conn",
-            "webrtc_sctp::association",
-            "webrtc_srtp::session",
-            "interceptor::report",
+            "webrtc::peer_connection::driver",
+            "rtc::peer_connection::handler::sctp",
+            "rtc_ice::agent",
+            "rtc_dtls::conn",
+            "rtc_sctp::association",
+            "rtc_srtp::session",
             "openh264",
         ] {
             assert!(!passes(&f, target, Level::WARN), "{target} WARN shown");
@@ -384,18 +376,16 @@ mod tests {
 
     #[test]
     fn an_operator_directive_naming_a_library_overrides_its_cap() {
-        let f = env_filter("info,webrtc_ice=warn", None).unwrap().to_string();
-        assert!(passes(&f, "webrtc_ice::agent", Level::WARN));
-        assert!(!passes(&f, "webrtc_dtls::conn", Level::WARN));
+        let f = env_filter("info,rtc_ice=warn", None).unwrap().to_string();
+        assert!(passes(&f, "rtc_ice::agent", Level::WARN));
+        assert!(!passes(&f, "rtc_dtls::conn", Level::WARN));
         // RUST_LOG replaces `[log] level`, and may lift a cap as well.
-        let f = env_filter("warn", Some("debug,webrtc=debug"))
-            .unwrap()
-            .to_string();
-        assert!(passes(&f, "webrtc_sctp::association", Level::DEBUG));
+        let f = env_filter("warn", Some("debug,rtc=debug")).unwrap().to_string();
+        assert!(passes(&f, "rtc_sctp::association", Level::DEBUG));
         assert!(passes(&f, "nearpath_edge_node", Level::DEBUG));
         // A bare level does not lift a cap: libraries must be named.
         let f = env_filter("info", Some("trace")).unwrap().to_string();
-        assert!(!passes(&f, "webrtc_ice::agent", Level::WARN));
+        assert!(!passes(&f, "rtc_ice::agent", Level::WARN));
         // An empty RUST_LOG is no directive at all.
         let f = env_filter("warn", Some(" ")).unwrap().to_string();
         assert!(!passes(&f, "nearpath_gateway", Level::INFO));

@@ -231,6 +231,14 @@ async fn a_webrtc_game_session_ends_with_one_access_line_and_its_requests_have_i
     ] {
         assert!(line.contains(part), "{part} not in {line}");
     }
+    // The WebRTC library's warnings about a session like this one (never connected, hung up)
+    // stay below the default level: no WARN line from a target outside this project.
+    let text = captured();
+    let library_warnings: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains(" WARN ") && (l.contains(" rtc") || l.contains(" webrtc")))
+        .collect();
+    assert!(library_warnings.is_empty(), "{library_warnings:#?}");
     drop(node);
     gw.stop().await;
 }
