@@ -439,6 +439,32 @@ mod tests {
     }
 
     #[test]
+    fn a_grpc_exporter_needs_the_runtime_it_will_run_on() {
+        let cfg = LogConfig {
+            otlp_endpoint: Some("http://127.0.0.1:4317".into()),
+            otlp_protocol: OtlpProtocol::Grpc,
+            ..LogConfig::default()
+        };
+        let outside = provider(&cfg, "http://127.0.0.1:4317", "svc").unwrap_err();
+        assert!(outside.to_string().contains("Tokio runtime"), "{outside}");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let p = rt.block_on(async { provider(&cfg, "http://127.0.0.1:4317", "svc") });
+        // Nothing listens there: shutting down drops the spans without hanging.
+        p.unwrap().shutdown().ok();
+        let http = LogConfig {
+            otlp_endpoint: Some("http://127.0.0.1:4318".into()),
+            ..LogConfig::default()
+        };
+        provider(&http, "http://127.0.0.1:4318", "svc")
+            .unwrap()
+            .shutdown()
+            .ok();
+    }
+
+    #[test]
     fn without_export_join_makes_no_ids() {
         let span = tracing::info_span!("http_request");
         assert_eq!(join(&span, TraceIds::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")), None);
