@@ -125,17 +125,6 @@ where
         is_terminal,
         std::env::var_os("NO_COLOR").as_deref(),
     );
-    let lines = match cfg.format {
-        LogFormat::Json => tracing_subscriber::fmt::layer()
-            .json()
-            .with_ansi(false)
-            .with_writer(writer)
-            .boxed(),
-        LogFormat::Text => tracing_subscriber::fmt::layer()
-            .with_ansi(ansi)
-            .with_writer(writer)
-            .boxed(),
-    };
     let (provider, export_error) = match cfg.otlp_endpoint.as_deref() {
         Some(endpoint) => match provider(cfg, endpoint, default_service) {
             Ok(p) => (Some(p), None),
@@ -143,16 +132,26 @@ where
         },
         None => (None, None),
     };
-    let otel = provider.as_ref().map(|p| {
-        tracing_opentelemetry::layer()
-            .with_tracer(p.tracer("nearpath"))
-            .with_filter(tracing_subscriber::filter::filter_fn(exported))
-    });
-    let installed = tracing_subscriber::registry()
-        .with(lines.with_filter(filter))
-        .with(otel)
-        .try_init()
-        .is_ok();
+    let installed = match &provider {
+        // Without export the filter is global, as before OTLP existed: a disabled callsite
+        // costs one cached interest check, with no per-layer filter state.
+        None => tracing_subscriber::registry()
+            .with(filter)
+            .with(lines(cfg.format, ansi, writer))
+            .try_init()
+            .is_ok(),
+        // With export each layer has its own filter: the operator's level decides what is
+        // printed, and this project's spans are exported whatever that level.
+        Some(p) => tracing_subscriber::registry()
+            .with(lines(cfg.format, ansi, writer).with_filter(filter))
+            .with(
+                tracing_opentelemetry::layer()
+                    .with_tracer(p.tracer("nearpath"))
+                    .with_filter(tracing_subscriber::filter::filter_fn(exported)),
+            )
+            .try_init()
+            .is_ok(),
+    };
     if installed {
         if let Some(p) = provider {
             let _ = PROVIDER.set(Mutex::new(Some(p)));
@@ -162,6 +161,25 @@ where
     match (bad_filter, export_error) {
         (_, Some(e)) | (Some(e), None) => Err(e),
         (None, None) => Ok(()),
+    }
+}
+
+/// The printed lines: text (coloured when `ansi`) or JSON, written to `writer`.
+fn lines<S, W>(format: LogFormat, ansi: bool, writer: W) -> Box<dyn Layer<S> + Send + Sync>
+where
+    S: tracing::Subscriber + for<'span> tracing_subscriber::registry::LookupSpan<'span>,
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
+    match format {
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .with_ansi(false)
+            .with_writer(writer)
+            .boxed(),
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_ansi(ansi)
+            .with_writer(writer)
+            .boxed(),
     }
 }
 
