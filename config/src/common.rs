@@ -300,7 +300,11 @@ mod tests {
             cfg.check(&mut p);
             let errs = p.into_result("x").unwrap_err();
             assert_eq!(errs.errors[0].path, path);
-            assert!(errs.errors[0].message.contains(says), "{}", errs.errors[0].message);
+            assert!(
+                errs.errors[0].message.contains(says),
+                "{}",
+                errs.errors[0].message
+            );
         }
     }
 

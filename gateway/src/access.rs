@@ -78,11 +78,13 @@ impl TraceParent {
     /// span names the gateway's as its parent; otherwise as [`TraceParent::continue_or_start`].
     /// Call it before `span` is first entered.
     pub fn for_span(span: &tracing::Span, client: Option<&str>) -> Self {
-        let parent = client.and_then(Self::parse).map(|p| nearpath_telemetry::TraceIds {
-            trace_id: p.trace_id,
-            span_id: p.span_id,
-            flags: p.flags,
-        });
+        let parent = client
+            .and_then(Self::parse)
+            .map(|p| nearpath_telemetry::TraceIds {
+                trace_id: p.trace_id,
+                span_id: p.span_id,
+                flags: p.flags,
+            });
         match nearpath_telemetry::join(span, parent) {
             Some(own) => Self {
                 trace_id: own.trace_id,
@@ -249,14 +251,21 @@ impl AccessLine<'_> {
     }
 }
 
+/// The most characters of a game title an access line carries.
+pub const GAME_LOGGED_CHARS: usize = 64;
+
 /// The access-log line of a game session, emitted once when it ends (native QUIC and WebRTC
 /// players alike): who played what where, for how long, what was relayed, and how it ended.
 #[derive(Debug, Clone, Default)]
 pub struct SessionLine<'a> {
     /// `quic` (native player) or `webrtc` (browser).
     pub transport: &'a str,
-    pub session_id: u64,
-    pub key_id: &'a str,
+    /// `None`: refused before a session was made.
+    pub session_id: Option<u64>,
+    /// `None`: the key did not authenticate.
+    pub key_id: Option<&'a str>,
+    /// As the player asked for it (a refused request's title is the client's, not a known one:
+    /// logged escaped and cut to [`GAME_LOGGED_CHARS`]).
     pub game: &'a str,
     /// The node that served last (after a failover, the one that took over; a session that
     /// ended paused names the node it lost).
@@ -281,13 +290,21 @@ impl SessionLine<'_> {
         }
         let node = self.node.unwrap_or("-");
         let country = self.country.unwrap_or("-");
+        let key = self.key_id.unwrap_or("-");
+        let session = self
+            .session_id
+            .map_or_else(|| "-".to_owned(), |id| id.to_string());
+        let game = match self.game.char_indices().nth(GAME_LOGGED_CHARS) {
+            Some((cut, _)) => &self.game[..cut],
+            None => self.game,
+        };
         tracing::info!(
             target: "nearpath::access",
             entry = self.transport,
             kind = "game",
             session_id = self.session_id,
             key_id = self.key_id,
-            game = self.game,
+            game,
             node = self.node,
             country = self.country,
             duration_ms = self.duration_ms,
@@ -295,12 +312,9 @@ impl SessionLine<'_> {
             bytes = self.bytes,
             nodes = self.nodes,
             outcome = self.outcome,
-            "{} GAME session_id={} key={} game={:?} node={node} country={country} duration_ms={} \
-             frames={} bytes={} nodes={} outcome={}",
+            "{} GAME session_id={session} key={key} game={game:?} node={node} country={country} \
+             duration_ms={} frames={} bytes={} nodes={} outcome={}",
             self.transport,
-            self.session_id,
-            self.key_id,
-            self.game,
             self.duration_ms,
             self.frames,
             self.bytes,

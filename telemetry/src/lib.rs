@@ -118,7 +118,10 @@ where
     let (filter, bad_filter) = match env_filter(&cfg.level, rust_log.as_deref()) {
         Ok(f) => (f, None),
         // An unparsable RUST_LOG falls back to the validated `[log] level`.
-        Err(e) => (env_filter(&cfg.level, None).unwrap_or_else(|_| EnvFilter::new("info")), Some(e)),
+        Err(e) => (
+            env_filter(&cfg.level, None).unwrap_or_else(|_| EnvFilter::new("info")),
+            Some(e),
+        ),
     };
     let ansi = use_color(
         cfg.color,
@@ -398,7 +401,9 @@ mod tests {
         assert!(passes(&f, "rtc_ice::agent", Level::WARN));
         assert!(!passes(&f, "rtc_dtls::conn", Level::WARN));
         // RUST_LOG replaces `[log] level`, and may lift a cap as well.
-        let f = env_filter("warn", Some("debug,rtc=debug")).unwrap().to_string();
+        let f = env_filter("warn", Some("debug,rtc=debug"))
+            .unwrap()
+            .to_string();
         assert!(passes(&f, "rtc_sctp::association", Level::DEBUG));
         assert!(passes(&f, "nearpath_edge_node", Level::DEBUG));
         // A bare level does not lift a cap: libraries must be named.
@@ -429,7 +434,10 @@ mod tests {
             ("http://127.0.0.1:4318", "http://127.0.0.1:4318/v1/traces"),
             ("http://127.0.0.1:4318/", "http://127.0.0.1:4318/v1/traces"),
             ("http://c:4318/v1/traces", "http://c:4318/v1/traces"),
-            ("http://c:4318/otlp/v1/traces", "http://c:4318/otlp/v1/traces"),
+            (
+                "http://c:4318/otlp/v1/traces",
+                "http://c:4318/otlp/v1/traces",
+            ),
         ] {
             assert_eq!(traces_url(given, HttpProtobuf), expected);
         }
@@ -485,6 +493,12 @@ mod tests {
     #[test]
     fn without_export_join_makes_no_ids() {
         let span = tracing::info_span!("http_request");
-        assert_eq!(join(&span, TraceIds::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")), None);
+        assert_eq!(
+            join(
+                &span,
+                TraceIds::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+            ),
+            None
+        );
     }
 }

@@ -70,32 +70,36 @@ fn fake_collector(spans: Arc<Mutex<Vec<(String, Span)>>>) -> SocketAddr {
                 let (tcp, _) = listener.accept().await.unwrap();
                 let spans = spans.clone();
                 tokio::spawn(async move {
-                    let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                        let spans = spans.clone();
-                        async move {
-                            assert_eq!(req.uri().path(), "/v1/traces");
-                            assert_eq!(req.headers()["content-type"], "application/x-protobuf");
-                            let body = req.into_body().collect().await.unwrap().to_bytes();
-                            let export = ExportTraceServiceRequest::decode(body).unwrap();
-                            let mut got = spans.lock().unwrap();
-                            for rs in export.resource_spans {
-                                let service = rs
-                                    .resource
-                                    .iter()
-                                    .flat_map(|r| &r.attributes)
-                                    .find(|a| a.key == "service.name")
-                                    .and_then(|a| a.value.as_ref())
-                                    .map(|v| format!("{:?}", v.value))
-                                    .unwrap_or_default();
-                                for ss in rs.scope_spans {
-                                    got.extend(ss.spans.into_iter().map(|s| (service.clone(), s)));
+                    let service = hyper::service::service_fn(
+                        move |req: hyper::Request<hyper::body::Incoming>| {
+                            let spans = spans.clone();
+                            async move {
+                                assert_eq!(req.uri().path(), "/v1/traces");
+                                assert_eq!(req.headers()["content-type"], "application/x-protobuf");
+                                let body = req.into_body().collect().await.unwrap().to_bytes();
+                                let export = ExportTraceServiceRequest::decode(body).unwrap();
+                                let mut got = spans.lock().unwrap();
+                                for rs in export.resource_spans {
+                                    let service = rs
+                                        .resource
+                                        .iter()
+                                        .flat_map(|r| &r.attributes)
+                                        .find(|a| a.key == "service.name")
+                                        .and_then(|a| a.value.as_ref())
+                                        .map(|v| format!("{:?}", v.value))
+                                        .unwrap_or_default();
+                                    for ss in rs.scope_spans {
+                                        got.extend(
+                                            ss.spans.into_iter().map(|s| (service.clone(), s)),
+                                        );
+                                    }
                                 }
+                                Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                                    http_body_util::Full::new(bytes::Bytes::new()),
+                                ))
                             }
-                            Ok::<_, std::convert::Infallible>(hyper::Response::new(
-                                http_body_util::Full::new(bytes::Bytes::new()),
-                            ))
-                        }
-                    });
+                        },
+                    );
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
                         .await;
@@ -159,6 +163,8 @@ async fn a_native_game_session_ends_with_one_access_line_naming_its_key_game_nod
             .expect("a frame");
     }
     session.close("done").await.unwrap();
+    // One play at a time per connection: the next one below needs this one gone.
+    drop(session);
     let id = format!("session_id={} ", g.session_id);
     let line = line_with(&["nearpath::access", "quic GAME", &id]).await;
     for part in [
@@ -180,6 +186,22 @@ async fn a_native_game_session_ends_with_one_access_line_naming_its_key_game_nod
         .filter(|l| l.contains(&format!("quic GAME {id}")))
         .count();
     assert_eq!(lines, 1, "{text}");
+
+    // A refused play gets its line too: no session, no key, and the client's title escaped
+    // and cut (a hostile client writes what it likes there).
+    let forged_title = format!("arena\nFAKE-LINE{}", "x".repeat(500));
+    let refused = c
+        .play("not-a-key", PlayParams::hd(forged_title.as_str()))
+        .await;
+    assert!(refused.is_err(), "a wrong key plays");
+    let line = line_with(&["quic GAME session_id=- key=- ", "FAKE-LINE"]).await;
+    assert!(line.contains("game=\"arena\\nFAKE-LINE"), "{line}");
+    assert!(line.contains("country=FR"), "{line}");
+    assert!(!line.contains(&"x".repeat(100)), "the title is cut: {line}");
+    assert!(
+        !captured().lines().any(|l| l.starts_with("FAKE-LINE")),
+        "a forged title started a log line"
+    );
     gw.stop().await;
 }
 
@@ -223,7 +245,11 @@ async fn a_webrtc_game_session_ends_with_one_access_line_and_its_requests_have_i
     .await;
     assert_eq!(status, 200, "DELETE {resource}");
     let delete_id = h["x-request-id"].to_str().unwrap().to_string();
-    line_with(&[&format!("request_id={delete_id} "), "http DELETE /v1/sessions/"]).await;
+    line_with(&[
+        &format!("request_id={delete_id} "),
+        "http DELETE /v1/sessions/",
+    ])
+    .await;
     let id = format!("session_id={} ", g.session_id);
     let line = line_with(&["webrtc GAME", &id]).await;
     for part in [
@@ -283,7 +309,10 @@ async fn admin_requests_get_a_line_with_a_request_id_and_scrapes_stay_below_info
     let id = h["x-request-id"].to_str().unwrap().to_string();
     assert!(id.starts_with("req_"), "{id}");
     let line = line_with(&[&format!("request_id={id}")]).await;
-    assert!(line.contains("status=401") && line.contains("outcome=error"), "{line}");
+    assert!(
+        line.contains("status=401") && line.contains("outcome=error"),
+        "{line}"
+    );
     assert!(!captured().contains(&forged));
 
     // Scrapes are logged at debug: not at the configured info.
@@ -362,7 +391,10 @@ async fn otlp_export_joins_the_gateway_and_node_spans_to_the_clients_trace() {
             &gw.api_url("/v1/chat/completions"),
             Some(API_KEY),
             Some(&body),
-            &[("traceparent", &traceparent), ("x-request-id", "req-otel-1")],
+            &[
+                ("traceparent", &traceparent),
+                ("x-request-id", "req-otel-1"),
+            ],
         )
         .await;
     assert_eq!(status, 200, "{text}");

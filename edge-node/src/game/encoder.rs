@@ -43,17 +43,22 @@ unsafe extern "C" fn openh264_log(_ctx: *mut c_void, level: c_int, text: *const 
 /// before the codec initialises (on the first frame), which is when it warns.
 fn open_codec(config: H264Config) -> Result<openh264::encoder::Encoder, openh264::Error> {
     use openh264_sys2::{WelsTraceCallback, ENCODER_OPTION_TRACE_CALLBACK};
-    let mut inner = openh264::encoder::Encoder::with_api_config(OpenH264API::from_source(), config)?;
+    let mut inner =
+        openh264::encoder::Encoder::with_api_config(OpenH264API::from_source(), config)?;
     let mut callback: WelsTraceCallback = Some(openh264_log);
     // SAFETY: the trace options are accepted before initialisation; the option is a pointer to
     // the callback, which OpenH264 copies, and the callback is a plain function.
     let rc = unsafe {
-        inner
-            .raw_api()
-            .set_option(ENCODER_OPTION_TRACE_CALLBACK, std::ptr::from_mut(&mut callback).cast())
+        inner.raw_api().set_option(
+            ENCODER_OPTION_TRACE_CALLBACK,
+            std::ptr::from_mut(&mut callback).cast(),
+        )
     };
     if rc != 0 {
-        tracing::debug!(rc, "OpenH264 refused the log callback; its messages go to stderr");
+        tracing::debug!(
+            rc,
+            "OpenH264 refused the log callback; its messages go to stderr"
+        );
     }
     Ok(inner)
 }
@@ -466,10 +471,10 @@ impl Encoder for OpenH264Encoder {
             // Not initialised yet: remake the (cheap, unallocated) codec with the new rate.
             let config = self.config.bitrate(BitRate::from_bps(bitrate_bps(kbps)));
             self.inner = open_codec(config).map_err(|e| EncoderError::Bitrate {
-                        encoder: Self::NAME,
-                        kbps,
-                        reason: e.to_string(),
-                    })?;
+                encoder: Self::NAME,
+                kbps,
+                reason: e.to_string(),
+            })?;
             self.config = config;
             self.current_kbps = kbps;
             Ok(())

@@ -737,8 +737,8 @@ impl GameService {
                         self.finish(&relay, outcome, gpu_seconds, segments);
                         crate::access::SessionLine {
                             transport: relay.transport,
-                            session_id,
-                            key_id: &key.id,
+                            session_id: Some(session_id),
+                            key_id: Some(&key.id),
                             game: &params.title,
                             node: Some(&last_node),
                             country: client.country.as_ref().map(|c| c.as_str()),
@@ -960,9 +960,25 @@ impl GameService {
         ctl_rx: FramedRecv,
         req: PlayRequest,
     ) {
+        let client = self.locate(conn.remote_address().ip());
+        let country = client.country;
+        // A play refused or sent elsewhere gets its access line here; a session that starts
+        // gets one when it ends.
+        let refused = |key_id: Option<&str>, outcome: &str| {
+            crate::access::SessionLine {
+                transport: "quic",
+                key_id,
+                game: &req.game,
+                country: country.as_ref().map(|c| c.as_str()),
+                outcome,
+                ..Default::default()
+            }
+            .emit()
+        };
         let key: ApiKey = match self.authenticate(Some(&req.api_key)).await {
             Ok(k) => k,
             Err(e) => {
+                refused(None, e.kind.as_str());
                 let _ = send(&mut ctl_tx, &err("unauthorized", e.message)).await;
                 let _ = ctl_tx.finish();
                 return;
@@ -971,12 +987,12 @@ impl GameService {
         let params = match self.session_params(&req) {
             Ok(p) => p,
             Err(e) => {
+                refused(Some(&key.id), "bad_request");
                 let _ = send(&mut ctl_tx, &err("bad_request", e)).await;
                 let _ = ctl_tx.finish();
                 return;
             }
         };
-        let client = self.locate(conn.remote_address().ip());
         let placed = self
             .place_session(
                 &key,
@@ -991,6 +1007,7 @@ impl GameService {
         let started = match placed {
             Ok(Placed::Here(s)) => s,
             Ok(Placed::Redirect(to)) => {
+                refused(Some(&key.id), "redirected");
                 let msg = Message::Redirect(Redirect {
                     gateway_id: to.gateway.id,
                     quic_address: to.gateway.quic_address,
@@ -1003,6 +1020,7 @@ impl GameService {
                 return;
             }
             Err(e) => {
+                refused(Some(&key.id), &e.code);
                 // Native players see the core's code as is (`unknown_game`, `no_capacity`, ...).
                 let msg = Message::Error(ErrorInfo {
                     code: e.code.to_string(),
