@@ -3,16 +3,33 @@
 use crate::error::Problems;
 use serde::{Deserialize, Serialize};
 
-/// `[log]`: what the binary logs and how.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+/// `[log]`: what the binary logs and how, and where its trace spans go.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
     /// A `tracing_subscriber::EnvFilter` directive such as `info` or
     /// `info,nearpath_gateway=debug`; `RUST_LOG`, when set, is for the binaries to honour instead.
-    /// Default: `info`.
+    /// Either way the chatty libraries (WebRTC, OpenH264) are capped at `error` unless the
+    /// directive names them (`rtc_ice=warn`). Default: `info`.
     pub level: String,
     /// Output format. Default: `text`.
     pub format: LogFormat,
+    /// ANSI colour in text lines: `auto` (only when standard error is a terminal and `NO_COLOR`
+    /// is unset or empty), `always`, `never`. JSON lines never carry colour. Default: `auto`.
+    pub color: LogColor,
+    /// The OpenTelemetry collector receiving this binary's spans (OTLP), as an `http://` URL:
+    /// the base URL (`http://127.0.0.1:4318`, to which `/v1/traces` is added) or the full traces
+    /// URL for `http/protobuf`, `http://127.0.0.1:4317` for `grpc`. No TLS: export to a local
+    /// collector or agent. Default: none (no export, and no exporter built).
+    pub otlp_endpoint: Option<String>,
+    /// The OTLP transport: `http/protobuf` or `grpc`. Default: `http/protobuf`.
+    pub otlp_protocol: OtlpProtocol,
+    /// The `service.name` resource of the exported spans. Default: `nearpath-gateway` for the
+    /// gateway, `nearpath-edge-node` for the node.
+    pub service_name: Option<String>,
+    /// The share of traces started here that are exported, 0.0 to 1.0; a request that arrives
+    /// with a W3C `traceparent` follows its caller's sampling decision. Default: `1.0`.
+    pub otlp_sample_ratio: f64,
 }
 
 impl Default for LogConfig {
@@ -20,6 +37,11 @@ impl Default for LogConfig {
         Self {
             level: "info".into(),
             format: LogFormat::Text,
+            color: LogColor::Auto,
+            otlp_endpoint: None,
+            otlp_protocol: OtlpProtocol::HttpProtobuf,
+            service_name: None,
+            otlp_sample_ratio: 1.0,
         }
     }
 }
@@ -44,6 +66,32 @@ impl LogFormat {
     }
 }
 
+/// When text log lines carry ANSI colour codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogColor {
+    /// Colour only on a terminal, and not when `NO_COLOR` is set to a non-empty value.
+    Auto,
+    /// Always colour, even into a file or a pipe.
+    Always,
+    /// Never colour.
+    Never,
+}
+
+/// The OTLP transport of exported spans.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+pub enum OtlpProtocol {
+    /// Protobuf over HTTP POST (`/v1/traces`), OTLP's default on port 4318.
+    #[serde(rename = "http/protobuf")]
+    HttpProtobuf,
+    /// gRPC, port 4317.
+    #[serde(rename = "grpc")]
+    Grpc,
+}
+
+/// The longest `[log] service_name` accepted.
+const SERVICE_NAME_MAX: usize = 128;
+
 impl LogConfig {
     pub(crate) fn check(&self, p: &mut Problems) {
         if self.level.trim().is_empty() {
@@ -54,6 +102,43 @@ impl LogConfig {
                 format!("{:?} is not a log filter directive: {e}", self.level),
             );
         }
+        if let Some(url) = &self.otlp_endpoint {
+            check_otlp_endpoint(p, url);
+        }
+        if let Some(name) = &self.service_name {
+            check_name(p, "log.service_name", name, SERVICE_NAME_MAX, false);
+        }
+        if !(0.0..=1.0).contains(&self.otlp_sample_ratio) {
+            p.push(
+                "log.otlp_sample_ratio",
+                format!(
+                    "must be between 0.0 and 1.0 (got {})",
+                    self.otlp_sample_ratio
+                ),
+            );
+        }
+    }
+}
+
+/// An OTLP endpoint is `http://host[:port][/path]`: the exporter is built without TLS, so an
+/// `https://` URL would fail at every export instead of once, here.
+fn check_otlp_endpoint(p: &mut Problems, url: &str) {
+    const PATH: &str = "log.otlp_endpoint";
+    let Some(rest) = url.strip_prefix("http://") else {
+        let why = if url.starts_with("https://") {
+            "must be an http:// URL: spans are exported without TLS, to a local collector or agent"
+        } else {
+            "must be an http:// URL such as \"http://127.0.0.1:4318\""
+        };
+        p.push(PATH, why);
+        return;
+    };
+    let host = rest.split(['/', '?', '#']).next().unwrap_or("");
+    if host.is_empty() || url.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        p.push(
+            PATH,
+            format!("{url:?} is not a URL with a host (e.g. \"http://127.0.0.1:4318\")"),
+        );
     }
 }
 
@@ -126,6 +211,7 @@ mod tests {
         LogConfig {
             level: "info,nearpath_gateway=debug".into(),
             format: LogFormat::Json,
+            ..LogConfig::default()
         }
         .check(&mut p);
         assert!(p.into_result("x").is_ok());
@@ -134,6 +220,7 @@ mod tests {
         LogConfig {
             level: "nearpath=loud".into(),
             format: LogFormat::Text,
+            ..LogConfig::default()
         }
         .check(&mut p);
         let errs = p.into_result("x").unwrap_err();
@@ -145,6 +232,94 @@ mod tests {
             "{}",
             errs.errors[0].message
         );
+    }
+
+    #[test]
+    fn otlp_settings_are_checked_with_the_path_named() {
+        let mut p = Problems::default();
+        LogConfig {
+            otlp_endpoint: Some("http://127.0.0.1:4318".into()),
+            otlp_protocol: OtlpProtocol::Grpc,
+            service_name: Some("edge-eu-1".into()),
+            otlp_sample_ratio: 0.25,
+            ..LogConfig::default()
+        }
+        .check(&mut p);
+        assert!(p.into_result("x").is_ok());
+        for (cfg, path, says) in [
+            (
+                LogConfig {
+                    otlp_endpoint: Some("https://collector:4318".into()),
+                    ..LogConfig::default()
+                },
+                "log.otlp_endpoint",
+                "without TLS",
+            ),
+            (
+                LogConfig {
+                    otlp_endpoint: Some("collector:4318".into()),
+                    ..LogConfig::default()
+                },
+                "log.otlp_endpoint",
+                "http:// URL",
+            ),
+            (
+                LogConfig {
+                    otlp_endpoint: Some("http:///v1/traces".into()),
+                    ..LogConfig::default()
+                },
+                "log.otlp_endpoint",
+                "with a host",
+            ),
+            (
+                LogConfig {
+                    otlp_sample_ratio: 1.5,
+                    ..LogConfig::default()
+                },
+                "log.otlp_sample_ratio",
+                "between 0.0 and 1.0",
+            ),
+            (
+                LogConfig {
+                    otlp_sample_ratio: f64::NAN,
+                    ..LogConfig::default()
+                },
+                "log.otlp_sample_ratio",
+                "between 0.0 and 1.0",
+            ),
+            (
+                LogConfig {
+                    service_name: Some(" ".into()),
+                    ..LogConfig::default()
+                },
+                "log.service_name",
+                "must not be empty",
+            ),
+        ] {
+            let mut p = Problems::default();
+            cfg.check(&mut p);
+            let errs = p.into_result("x").unwrap_err();
+            assert_eq!(errs.errors[0].path, path);
+            assert!(
+                errs.errors[0].message.contains(says),
+                "{}",
+                errs.errors[0].message
+            );
+        }
+    }
+
+    #[test]
+    fn log_colour_and_protocol_names_are_the_documented_ones() {
+        let cfg: LogConfig = toml::from_str(
+            "color = \"never\"\notlp_protocol = \"grpc\"\notlp_endpoint = \"http://c:4317\"",
+        )
+        .unwrap();
+        assert_eq!(cfg.color, LogColor::Never);
+        assert_eq!(cfg.otlp_protocol, OtlpProtocol::Grpc);
+        let cfg: LogConfig = toml::from_str("otlp_protocol = \"http/protobuf\"").unwrap();
+        assert_eq!(cfg.otlp_protocol, OtlpProtocol::HttpProtobuf);
+        assert!(toml::from_str::<LogConfig>("color = \"sometimes\"").is_err());
+        assert!(toml::from_str::<LogConfig>("otlp_protocol = \"http/json\"").is_err());
     }
 
     #[test]

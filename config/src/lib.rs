@@ -13,7 +13,7 @@ mod iso;
 mod load;
 mod node;
 
-pub use common::{parse_version, LogConfig, LogFormat};
+pub use common::{parse_version, LogColor, LogConfig, LogFormat, OtlpProtocol};
 pub use error::{ConfigError, ConfigErrors};
 pub use gateway::{
     AdminConfig, GameConfig, GatewayConfig, HttpConfig, InferenceConfig, ModelPrice, NodesConfig,

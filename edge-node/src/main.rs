@@ -87,17 +87,22 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_tracing(level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).try_init();
+/// The gateway's subscriber set-up (`nearpath_telemetry`): `[log]` level, format, colour and
+/// OTLP export; an exporter that cannot be built is logged and the node runs without it.
+fn init_tracing(cfg: &nearpath_config::LogConfig) {
+    if let Err(e) = nearpath_telemetry::init(cfg, "nearpath-edge-node") {
+        tracing::error!(error = %e, "logging set up without it");
+    }
 }
 
 async fn run(config: PathBuf) -> anyhow::Result<()> {
     let cfg = nearpath_config::load_node_for_run(&config).map_err(anyhow::Error::msg)?;
-    init_tracing(&cfg.log.level);
+    init_tracing(&cfg.log);
     let node = EdgeNode::new(cfg, NodeOptions::default())?;
-    node.run(shutdown_on_signal()).await?;
+    let result = node.run(shutdown_on_signal()).await;
+    // The last spans (the drain) reach the collector before the process exits.
+    nearpath_telemetry::shutdown();
+    result?;
     Ok(())
 }
 
@@ -128,7 +133,7 @@ async fn serve_openai(
     // Checked before anything is loaded or bound: a keyless server never listens off loopback.
     nearpath_edge_node::inference::check_exposure(listen, &options)?;
     let cfg = nearpath_config::load_node(&config).map_err(anyhow::Error::msg)?;
-    init_tracing(&cfg.log.level);
+    init_tracing(&cfg.log);
     let registry = nearpath_edge_node::inference::ModelRegistry::from_config(&cfg.models, None)
         .context("building the models")?;
     let listener = tokio::net::TcpListener::bind(listen)

@@ -272,7 +272,17 @@ impl Sessions {
                 request_id,
                 traceparent,
             } => {
-                let span = tracing::debug_span!("inference", %request_id, traceparent = traceparent.as_deref().unwrap_or("-"));
+                let span = tracing::info_span!("inference", %request_id, %model, traceparent = traceparent.as_deref().unwrap_or("-"));
+                // With spans exported, this span joins the gateway's (the client's trace), and
+                // the upstream server continues from it.
+                let traceparent = nearpath_telemetry::join(
+                    &span,
+                    traceparent
+                        .as_deref()
+                        .and_then(nearpath_telemetry::TraceIds::parse),
+                )
+                .map(|own| own.header())
+                .or(traceparent);
                 let open_ = InferenceOpen {
                     model,
                     endpoint,

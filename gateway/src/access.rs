@@ -1,5 +1,6 @@
 //! Request identity and the access log: W3C `traceparent` (validated, continued or started) and
-//! the one access-log line each request gets (target `nearpath::access`, at info).
+//! the one access-log line each request and each game session gets (target `nearpath::access`,
+//! at info; `/metrics` scrapes at debug).
 //!
 //! A leaf: no I/O beyond the `tracing` event, no clock (the caller measures durations).
 
@@ -72,6 +73,28 @@ impl TraceParent {
         }
     }
 
+    /// The context of a request served in `span`: while spans are exported (OTLP), `span` is
+    /// joined to the client's trace and its own ids are the ones passed on, so that the node's
+    /// span names the gateway's as its parent; otherwise as [`TraceParent::continue_or_start`].
+    /// Call it before `span` is first entered.
+    pub fn for_span(span: &tracing::Span, client: Option<&str>) -> Self {
+        let parent = client
+            .and_then(Self::parse)
+            .map(|p| nearpath_telemetry::TraceIds {
+                trace_id: p.trace_id,
+                span_id: p.span_id,
+                flags: p.flags,
+            });
+        match nearpath_telemetry::join(span, parent) {
+            Some(own) => Self {
+                trace_id: own.trace_id,
+                span_id: own.span_id,
+                flags: own.flags,
+            },
+            None => Self::continue_or_start(client),
+        }
+    }
+
     pub fn trace_id_hex(&self) -> String {
         let mut out = String::with_capacity(32);
         push_hex(&mut out, &self.trace_id);
@@ -90,6 +113,23 @@ impl TraceParent {
         push_hex(&mut out, &[self.flags]);
         out
     }
+}
+
+/// The request id a client sent in `x-request-id`, when it is usable as one: 1 to 128 visible
+/// ASCII characters (it is echoed in a header and written to logs). `None`: make one.
+pub fn client_request_id(header: Option<&str>) -> Option<String> {
+    header
+        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
+        .map(str::to_string)
+}
+
+/// A new request id: `req_` and 24 random hex digits.
+pub fn new_request_id() -> String {
+    format!(
+        "req_{:016x}{:08x}",
+        rand::random::<u64>(),
+        rand::random::<u32>()
+    )
 }
 
 /// Whether access lines are wanted (info on `nearpath::access`): callers check it before
@@ -124,6 +164,8 @@ pub struct AccessLine<'a> {
     pub ttft_ms: Option<u64>,
     pub prompt_tokens: Option<u32>,
     pub completion_tokens: Option<u32>,
+    /// The client's country (ISO alpha-2) as GeoIP placed it.
+    pub country: Option<&'a str>,
     pub duration_ms: u64,
     /// `ok`, `cancelled`, or the error kind.
     pub outcome: &'a str,
@@ -144,7 +186,7 @@ impl AccessLine<'_> {
         let _ = write!(
             msg,
             "{} {} {} status={} request_id={} trace_id={} key={} model={:?} node={} ttft_ms={} \
-             prompt_tokens={} completion_tokens={} duration_ms={} outcome={}",
+             prompt_tokens={} completion_tokens={} country={} duration_ms={} outcome={}",
             self.entry,
             self.method,
             self.path,
@@ -157,6 +199,7 @@ impl AccessLine<'_> {
             num(self.ttft_ms),
             num(self.prompt_tokens.map(u64::from)),
             num(self.completion_tokens.map(u64::from)),
+            dash(self.country),
             self.duration_ms,
             self.outcome,
         );
@@ -174,9 +217,109 @@ impl AccessLine<'_> {
             ttft_ms = self.ttft_ms,
             prompt_tokens = self.prompt_tokens,
             completion_tokens = self.completion_tokens,
+            country = self.country,
             duration_ms = self.duration_ms,
             outcome = self.outcome,
             "{msg}"
+        );
+    }
+
+    /// Emits the line at debug: for requests too frequent and too dull for info (`/metrics`
+    /// scrapes, health probes of the admin listener).
+    pub fn emit_debug(&self) {
+        if !tracing::enabled!(target: "nearpath::access", tracing::Level::DEBUG) {
+            return;
+        }
+        tracing::debug!(
+            target: "nearpath::access",
+            entry = self.entry,
+            method = self.method,
+            path = self.path,
+            status = self.status,
+            request_id = self.request_id,
+            duration_ms = self.duration_ms,
+            outcome = self.outcome,
+            "{} {} {} status={} request_id={} duration_ms={} outcome={}",
+            self.entry,
+            self.method,
+            self.path,
+            self.status,
+            self.request_id,
+            self.duration_ms,
+            self.outcome,
+        );
+    }
+}
+
+/// The most characters of a game title an access line carries.
+pub const GAME_LOGGED_CHARS: usize = 64;
+
+/// The access-log line of a game session, emitted once when it ends (native QUIC and WebRTC
+/// players alike): who played what where, for how long, what was relayed, and how it ended.
+#[derive(Debug, Clone, Default)]
+pub struct SessionLine<'a> {
+    /// `quic` (native player) or `webrtc` (browser).
+    pub transport: &'a str,
+    /// `None`: refused before a session was made.
+    pub session_id: Option<u64>,
+    /// `None`: the key did not authenticate.
+    pub key_id: Option<&'a str>,
+    /// As the player asked for it (a refused request's title is the client's, not a known one:
+    /// logged escaped and cut to [`GAME_LOGGED_CHARS`]).
+    pub game: &'a str,
+    /// The node that served last (after a failover, the one that took over; a session that
+    /// ended paused names the node it lost).
+    pub node: Option<&'a str>,
+    /// The client's country (ISO alpha-2) as GeoIP placed it.
+    pub country: Option<&'a str>,
+    pub duration_ms: u64,
+    /// Frames and bytes relayed to the player.
+    pub frames: u64,
+    pub bytes: u64,
+    /// Nodes that served the session (more than one after a failover).
+    pub nodes: u32,
+    /// `ended` or why it ended (`client_closed`, `idle`, `key_revoked`, ...).
+    pub outcome: &'a str,
+}
+
+impl SessionLine<'_> {
+    /// Emits the line at info on [`ACCESS_TARGET`], structured and as `key=value` text.
+    pub fn emit(&self) {
+        if !enabled() {
+            return;
+        }
+        let node = self.node.unwrap_or("-");
+        let country = self.country.unwrap_or("-");
+        let key = self.key_id.unwrap_or("-");
+        let session = self
+            .session_id
+            .map_or_else(|| "-".to_owned(), |id| id.to_string());
+        let game = match self.game.char_indices().nth(GAME_LOGGED_CHARS) {
+            Some((cut, _)) => &self.game[..cut],
+            None => self.game,
+        };
+        tracing::info!(
+            target: "nearpath::access",
+            entry = self.transport,
+            kind = "game",
+            session_id = self.session_id,
+            key_id = self.key_id,
+            game,
+            node = self.node,
+            country = self.country,
+            duration_ms = self.duration_ms,
+            frames = self.frames,
+            bytes = self.bytes,
+            nodes = self.nodes,
+            outcome = self.outcome,
+            "{} GAME session_id={session} key={key} game={game:?} node={node} country={country} \
+             duration_ms={} frames={} bytes={} nodes={} outcome={}",
+            self.transport,
+            self.duration_ms,
+            self.frames,
+            self.bytes,
+            self.nodes,
+            self.outcome,
         );
     }
 }

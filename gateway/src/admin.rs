@@ -3,6 +3,7 @@
 //! `/healthz` and `/metrics` need no token: the admin listener belongs on an internal network,
 //! where Prometheus scrapes without credentials.
 
+use crate::access;
 use crate::clock::SharedClock;
 use crate::components::{Auth, Directory, Placement, Sessions};
 use crate::federation::directory::FleetView;
@@ -22,7 +23,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
-use tracing::{info, warn};
+use tracing::{info, warn, Instrument};
 
 /// The largest admin request body: room for an API key's longest allow-list (256 entries of
 /// 256 bytes, escaped) with the rest of the key.
@@ -136,7 +137,46 @@ impl Handler for AdminApi {
         req: Request<Incoming>,
         _peer: SocketAddr,
     ) -> Pin<Box<dyn Future<Output = Resp> + Send>> {
-        Box::pin(async move { self.route(req).await })
+        Box::pin(async move {
+            let request_id = access::client_request_id(
+                req.headers()
+                    .get("x-request-id")
+                    .and_then(|v| v.to_str().ok()),
+            )
+            .unwrap_or_else(access::new_request_id);
+            let method = req.method().clone();
+            let path = req.uri().path().to_string();
+            let started = self.clock.now();
+            let span = tracing::info_span!("admin_request", id = %request_id, method = %method, path = %path);
+            let mut resp = self.route(req).instrument(span).await;
+            if let Ok(v) = hyper::header::HeaderValue::from_str(&request_id) {
+                resp.headers_mut().insert("x-request-id", v);
+            }
+            let status = resp.status();
+            let line = access::AccessLine {
+                entry: "admin",
+                method: method.as_str(),
+                path: &path,
+                status: status.as_u16(),
+                request_id: &request_id,
+                duration_ms: u64::try_from(
+                    self.clock
+                        .now()
+                        .saturating_duration_since(started)
+                        .as_millis(),
+                )
+                .unwrap_or(u64::MAX),
+                outcome: if status.is_success() { "ok" } else { "error" },
+                ..access::AccessLine::default()
+            };
+            // Scrapes and probes come every few seconds and say nothing: debug, not info.
+            if method == Method::GET && (path == "/metrics" || path == "/healthz") {
+                line.emit_debug();
+            } else {
+                line.emit();
+            }
+            resp
+        })
     }
 }
 

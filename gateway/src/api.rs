@@ -287,6 +287,7 @@ impl Relay for JsonRelay {
 struct Seen {
     key_id: Option<String>,
     model: Option<String>,
+    country: Option<nearpath_geo::Country>,
 }
 
 impl ClientApi {
@@ -347,24 +348,25 @@ impl ClientApi {
     }
 
     async fn route(&self, req: Request<Incoming>, peer: SocketAddr) -> Resp {
-        let request_id = req
-            .headers()
-            .get(&X_REQUEST_ID)
-            .and_then(|v| v.to_str().ok())
-            .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
-            .map(str::to_string)
-            .unwrap_or_else(new_request_id);
+        let request_id = crate::access::client_request_id(
+            req.headers()
+                .get(&X_REQUEST_ID)
+                .and_then(|v| v.to_str().ok()),
+        )
+        .unwrap_or_else(new_request_id);
+        let method = req.method().clone();
+        let path = req.uri().path().to_string();
+        let started = self.infer.clock.now();
+        let span = info_span!("http_request", id = %request_id, method = %method, path = %path, trace_id = tracing::field::Empty);
         // Invalid trace contexts are ignored, and a new trace is started in their place.
-        let trace = TraceParent::continue_or_start(
+        let trace = TraceParent::for_span(
+            &span,
             req.headers()
                 .get(&TRACEPARENT)
                 .and_then(|v| v.to_str().ok()),
         );
         let trace_id = trace.trace_id_hex();
-        let method = req.method().clone();
-        let path = req.uri().path().to_string();
-        let started = self.infer.clock.now();
-        let span = info_span!("http_request", id = %request_id, method = %method, path = %path, trace_id = %trace_id);
+        span.record("trace_id", trace_id.as_str());
         let mut resp = self
             .dispatch(req, peer, &request_id, &trace)
             .instrument(span)
@@ -564,6 +566,7 @@ impl ClientApi {
                     trace_id: Some(&trace_id),
                     key_id: seen.key_id.as_deref(),
                     model: seen.model.as_deref(),
+                    country: seen.country.as_ref().map(|c| c.as_str()),
                     duration_ms: elapsed_ms(started, self.infer.clock.now()),
                     outcome,
                     ..AccessLine::default()
@@ -594,6 +597,7 @@ impl ClientApi {
             .map_err(refused)?;
         seen.key_id = Some(key.id.clone());
         let (_ip, client) = self.locate(&req, peer);
+        seen.country = client.country;
         if let Some(ct) = req
             .headers()
             .get(CONTENT_TYPE)
@@ -630,6 +634,7 @@ impl ClientApi {
             .map_err(refused)?;
         ticket.endpoint = endpoint;
         ticket.traceparent = Some(trace.header());
+        ticket.country = client.country;
         // The node gets the body as the client sent it (it knows the endpoint from its shape).
         let raw = String::from_utf8_lossy(&body).into_owned();
         // From here on the service writes the access-log line.

@@ -236,15 +236,34 @@ impl QuicClients {
     async fn serve_infer(
         &self,
         conn: quinn::Connection,
-        mut tx: quinn::SendStream,
+        tx: quinn::SendStream,
         framed: FramedRecv,
         r: InferRequest,
     ) {
         let infer = &self.infer;
         let started = infer.clock.now();
         let request_id = new_request_id();
-        // Native clients send no trace context: each request starts a trace.
-        let trace = TraceParent::continue_or_start(None);
+        // Native clients send no trace context: each request starts a trace, whose root is this
+        // request's span when spans are exported.
+        let span = info_span!("quic_request", id = %request_id);
+        let trace = TraceParent::for_span(&span, None);
+        self.serve_infer_in(conn, tx, framed, r, request_id, started, trace)
+            .instrument(span)
+            .await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn serve_infer_in(
+        &self,
+        conn: quinn::Connection,
+        mut tx: quinn::SendStream,
+        framed: FramedRecv,
+        r: InferRequest,
+        request_id: String,
+        started: std::time::Instant,
+        trace: TraceParent,
+    ) {
+        let infer = &self.infer;
         let refused = |e: &CoreError, key_id: Option<&str>, model: Option<&str>| {
             let trace_id = trace.trace_id_hex();
             AccessLine {
@@ -311,6 +330,7 @@ impl QuicClients {
         ticket.endpoint = r.endpoint;
         ticket.traceparent = Some(trace.header());
         let client = infer.placement.geo.lookup(conn.remote_address().ip());
+        ticket.country = client.country;
         // A client that goes away while its request waits (queued for a slot, or for a node)
         // gives its place up at once: dropping the dispatch leaves the queue.
         let started_or_gone = tokio::select! {

@@ -44,13 +44,12 @@ mod layering;
 
 pub use server::{check_runtime, BoundAddrs, Gateway, GatewayError, Listeners, Shared};
 
-/// Installs the tracing subscriber once (text or JSON, level from config or `RUST_LOG`).
+/// Installs the tracing subscriber once from `[log]`: text or JSON lines, colour only on a
+/// terminal (`[log] color`, `NO_COLOR`), the level from config or `RUST_LOG` with library noise
+/// capped, and OTLP span export when `[log] otlp_endpoint` is set (see `nearpath_telemetry`).
+/// An exporter that cannot be built is logged, and the gateway runs without it.
 pub fn init_tracing(cfg: &nearpath_config::LogConfig) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cfg.level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    let _ = match cfg.format {
-        nearpath_config::LogFormat::Json => builder.json().try_init(),
-        nearpath_config::LogFormat::Text => builder.try_init(),
-    };
+    if let Err(e) = nearpath_telemetry::init(cfg, "nearpath-gateway") {
+        tracing::error!(error = %e, "logging set up without it");
+    }
 }

@@ -15,7 +15,53 @@ use openh264::encoder::{
 };
 use openh264::formats::YUVSlices;
 use openh264::{OpenH264API, Timestamp};
+use std::ffi::{c_char, c_int, c_void, CStr};
 use thiserror::Error;
+
+/// Receives OpenH264's own log messages, which it would otherwise print to standard error
+/// outside the logger (the parameter adjustments it reports while initialising, at WARNING):
+/// they become `tracing` events on target `openh264` at the library's level, where the default
+/// filter caps them at `error` (`nearpath_telemetry::LIBRARY_CAPS`).
+unsafe extern "C" fn openh264_log(_ctx: *mut c_void, level: c_int, text: *const c_char) {
+    use openh264_sys2::{WELS_LOG_DEBUG, WELS_LOG_ERROR, WELS_LOG_INFO, WELS_LOG_WARNING};
+    if text.is_null() {
+        return;
+    }
+    // SAFETY: OpenH264 passes a NUL-terminated string that lives for the call.
+    let text = unsafe { CStr::from_ptr(text) }.to_string_lossy();
+    let text = text.trim_end();
+    match level {
+        l if l <= WELS_LOG_ERROR as c_int => tracing::error!(target: "openh264", "{text}"),
+        l if l <= WELS_LOG_WARNING as c_int => tracing::warn!(target: "openh264", "{text}"),
+        l if l <= WELS_LOG_INFO as c_int => tracing::info!(target: "openh264", "{text}"),
+        l if l <= WELS_LOG_DEBUG as c_int => tracing::debug!(target: "openh264", "{text}"),
+        _ => tracing::trace!(target: "openh264", "{text}"),
+    }
+}
+
+/// An OpenH264 encoder whose messages go through [`openh264_log`]. The callback is installed
+/// before the codec initialises (on the first frame), which is when it warns.
+fn open_codec(config: H264Config) -> Result<openh264::encoder::Encoder, openh264::Error> {
+    use openh264_sys2::{WelsTraceCallback, ENCODER_OPTION_TRACE_CALLBACK};
+    let mut inner =
+        openh264::encoder::Encoder::with_api_config(OpenH264API::from_source(), config)?;
+    let mut callback: WelsTraceCallback = Some(openh264_log);
+    // SAFETY: the trace options are accepted before initialisation; the option is a pointer to
+    // the callback, which OpenH264 copies, and the callback is a plain function.
+    let rc = unsafe {
+        inner.raw_api().set_option(
+            ENCODER_OPTION_TRACE_CALLBACK,
+            std::ptr::from_mut(&mut callback).cast(),
+        )
+    };
+    if rc != 0 {
+        tracing::debug!(
+            rc,
+            "OpenH264 refused the log callback; its messages go to stderr"
+        );
+    }
+    Ok(inner)
+}
 
 /// One encoded access unit: every NAL unit of one picture, Annex B (start-code prefixed).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -262,8 +308,7 @@ impl OpenH264Encoder {
             // size-limited slices each thread codes its own part of the picture.
             config = config.max_slice_len(THREADED_SLICE_BYTES);
         }
-        let inner = openh264::encoder::Encoder::with_api_config(OpenH264API::from_source(), config)
-            .map_err(|e| init_err(e.to_string()))?;
+        let inner = open_codec(config).map_err(|e| init_err(e.to_string()))?;
         Ok(Self {
             params,
             options,
@@ -325,7 +370,7 @@ impl OpenH264Encoder {
 
     /// Replaces the codec with a fresh one at the current settings; it starts with an IDR.
     fn reopen(&mut self) {
-        match openh264::encoder::Encoder::with_api_config(OpenH264API::from_source(), self.config) {
+        match open_codec(self.config) {
             Ok(inner) => {
                 self.inner = inner;
                 self.started = false;
@@ -425,13 +470,11 @@ impl Encoder for OpenH264Encoder {
         } else {
             // Not initialised yet: remake the (cheap, unallocated) codec with the new rate.
             let config = self.config.bitrate(BitRate::from_bps(bitrate_bps(kbps)));
-            self.inner =
-                openh264::encoder::Encoder::with_api_config(OpenH264API::from_source(), config)
-                    .map_err(|e| EncoderError::Bitrate {
-                        encoder: Self::NAME,
-                        kbps,
-                        reason: e.to_string(),
-                    })?;
+            self.inner = open_codec(config).map_err(|e| EncoderError::Bitrate {
+                encoder: Self::NAME,
+                kbps,
+                reason: e.to_string(),
+            })?;
             self.config = config;
             self.current_kbps = kbps;
             Ok(())
@@ -494,6 +537,57 @@ mod tests {
             bitrate_kbps: 2000,
             threads: 1,
         }
+    }
+
+    /// Events on target `openh264` while `f` runs on this thread, as `LEVEL text` lines.
+    fn openh264_events(f: impl FnOnce()) -> Vec<String> {
+        use std::sync::{Arc, Mutex};
+        use tracing_subscriber::layer::SubscriberExt;
+        #[derive(Clone, Default)]
+        struct Seen(Arc<Mutex<Vec<String>>>);
+        impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Seen {
+            fn on_event(
+                &self,
+                event: &tracing::Event<'_>,
+                _: tracing_subscriber::layer::Context<'_, S>,
+            ) {
+                struct Msg(String);
+                impl tracing::field::Visit for Msg {
+                    fn record_debug(&mut self, _: &tracing::field::Field, v: &dyn std::fmt::Debug) {
+                        self.0 = format!("{v:?}");
+                    }
+                }
+                if event.metadata().target() == "openh264" {
+                    let mut m = Msg(String::new());
+                    event.record(&mut m);
+                    self.0
+                        .lock()
+                        .unwrap()
+                        .push(format!("{} {}", event.metadata().level(), m.0));
+                }
+            }
+        }
+        let seen = Seen::default();
+        let subscriber = tracing_subscriber::registry().with(seen.clone());
+        tracing::subscriber::with_default(subscriber, f);
+        let lines = seen.0.lock().unwrap().clone();
+        lines
+    }
+
+    #[test]
+    fn openh264_messages_go_through_tracing_not_stderr() {
+        // Every encoder warns once while initialising (frame skipping is off, as low latency
+        // wants): "[OpenH264] this = 0x..., Warning:bEnableFrameSkip = 0,bitrate can't be
+        // controlled ...". It used to be printed on stderr.
+        let lines = openh264_events(|| {
+            let mut g = BuiltinGame::new("arena", 320, 240).unwrap();
+            let mut enc = OpenH264Encoder::new(params(320, 240)).unwrap();
+            let _ = enc.encode(g.render(), true);
+        });
+        assert!(
+            lines.iter().any(|l| l.starts_with("WARN ")),
+            "no OpenH264 warning reached tracing: {lines:?}"
+        );
     }
 
     #[test]

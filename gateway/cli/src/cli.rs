@@ -74,7 +74,10 @@ pub fn main() -> ExitCode {
         Cmd::Run { config } => run_async(async move {
             let cfg = nearpath_config::load_gateway(&config).map_err(anyhow::Error::msg)?;
             nearpath_gateway::init_tracing(&cfg.log);
-            Gateway::load(cfg)?.run(shutdown_on_signal()).await?;
+            let result = Gateway::load(cfg)?.run(shutdown_on_signal()).await;
+            // The last spans reach the collector before the process exits.
+            nearpath_telemetry::shutdown();
+            result?;
             Ok(())
         }),
         Cmd::Demo {

@@ -815,6 +815,8 @@ impl GameService {
     ) {
         info!(node = %attached.node.id, "game session started");
         let session_id = relay.session_id;
+        // The node that served last, for the session's access-log line.
+        let mut last_node = attached.node.id.clone();
         let mut rules = GameSession::new(
             self.clock.now(),
             Rules::from_config(&self.config),
@@ -847,6 +849,7 @@ impl GameService {
                         match found {
                             Ok(a) => {
                                 let node = node_ref(&a.node);
+                                last_node.clone_from(&a.node.id);
                                 attached = Some(a);
                                 rules.handle_attached(self.clock.now(), node);
                             }
@@ -928,6 +931,26 @@ impl GameService {
                         if let (Some(f), Some(_)) = (&self.federation, &ledgering.dir) {
                             f.forget_session(relay.session_id);
                         }
+                        crate::access::SessionLine {
+                            transport: relay.transport,
+                            session_id: Some(session_id),
+                            key_id: Some(&key.id),
+                            game: &params.title,
+                            node: Some(&last_node),
+                            country: client.country.as_ref().map(|c| c.as_str()),
+                            duration_ms: u64::try_from(
+                                self.clock
+                                    .now()
+                                    .saturating_duration_since(relay.started)
+                                    .as_millis(),
+                            )
+                            .unwrap_or(u64::MAX),
+                            frames: relay.frames.load(Ordering::Relaxed),
+                            bytes: relay.bytes.load(Ordering::Relaxed),
+                            nodes: segments,
+                            outcome,
+                        }
+                        .emit();
                     }
                 }
             }
@@ -1133,9 +1156,25 @@ impl GameService {
         ctl_rx: FramedRecv,
         req: PlayRequest,
     ) {
+        let client = self.locate(conn.remote_address().ip());
+        let country = client.country;
+        // A play refused or sent elsewhere gets its access line here; a session that starts
+        // gets one when it ends.
+        let refused = |key_id: Option<&str>, outcome: &str| {
+            crate::access::SessionLine {
+                transport: "quic",
+                key_id,
+                game: &req.game,
+                country: country.as_ref().map(|c| c.as_str()),
+                outcome,
+                ..Default::default()
+            }
+            .emit()
+        };
         let key: ApiKey = match self.authenticate(Some(&req.api_key)).await {
             Ok(k) => k,
             Err(e) => {
+                refused(None, e.kind.as_str());
                 let _ = send(&mut ctl_tx, &err("unauthorized", e.message)).await;
                 let _ = ctl_tx.finish();
                 return;
@@ -1144,12 +1183,12 @@ impl GameService {
         let params = match self.session_params(&req) {
             Ok(p) => p,
             Err(e) => {
+                refused(Some(&key.id), "bad_request");
                 let _ = send(&mut ctl_tx, &err("bad_request", e)).await;
                 let _ = ctl_tx.finish();
                 return;
             }
         };
-        let client = self.locate(conn.remote_address().ip());
         let placed = self
             .place_session(
                 &key,
@@ -1164,6 +1203,7 @@ impl GameService {
         let started = match placed {
             Ok(Placed::Here(s)) => s,
             Ok(Placed::Redirect(to)) => {
+                refused(Some(&key.id), "redirected");
                 let msg = Message::Redirect(Redirect {
                     gateway_id: to.gateway.id,
                     quic_address: to.gateway.quic_address,
@@ -1176,6 +1216,7 @@ impl GameService {
                 return;
             }
             Err(e) => {
+                refused(Some(&key.id), &e.code);
                 // Native players see the core's code as is (`unknown_game`, `no_capacity`, ...).
                 let msg = Message::Error(ErrorInfo {
                     code: e.code.to_string(),

@@ -74,13 +74,7 @@ pub fn completion_id(endpoint: Endpoint, request_id: &str) -> String {
 }
 
 /// A fresh request id (`req_` and 24 hex digits).
-pub fn new_request_id() -> String {
-    format!(
-        "req_{:016x}{:08x}",
-        rand::random::<u64>(),
-        rand::random::<u32>()
-    )
-}
+pub use crate::access::new_request_id;
 
 pub fn client_latlon(loc: &Location) -> Option<LatLon> {
     loc.coords.and_then(|c| LatLon::new(c.lat, c.lon).ok())
@@ -125,6 +119,8 @@ pub struct Ticket {
     pub traceparent: Option<String>,
     /// The endpoint, for the access log; set by the front end.
     pub endpoint: Endpoint,
+    /// The client's country as GeoIP placed it, for the access log; set by the front end.
+    pub country: Option<nearpath_geo::Country>,
     _cap: CapGuard,
 }
 
@@ -211,6 +207,7 @@ impl InferService {
             started,
             traceparent: None,
             endpoint: Endpoint::Chat,
+            country: None,
             _cap: cap,
         })
     }
@@ -428,6 +425,7 @@ impl InferService {
             ttft_ms: ttft.map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
             prompt_tokens: usage.map(|u| u.prompt_tokens),
             completion_tokens: usage.map(|u| u.completion_tokens),
+            country: ticket.country.as_ref().map(|c| c.as_str()),
             duration_ms: u64::try_from(
                 self.clock
                     .now()
