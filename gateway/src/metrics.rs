@@ -1,18 +1,40 @@
 //! Prometheus metrics: what gateway operators watch. Served as Prometheus/OpenMetrics text at
 //! `GET /metrics` on the admin listener.
+//!
+//! Names follow the Prometheus conventions: everything under `nearpath_` except the standard
+//! `process_*` family, base units in the name (`_seconds`, `_bytes`), counters exported with
+//! `_total`, label values only from bounded sets. Every family is registered here and listed
+//! in [`FAMILIES`], and every labelled family whose label values are known in advance starts
+//! with each of them at 0, so that dashboards and alerts see a series before the first event
+//! (see [`label_values`]).
 
+use prometheus_client::collector::Collector;
 use prometheus_client::encoding::text::encode;
-use prometheus_client::metrics::counter::Counter;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
-use prometheus_client::registry::Registry;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::{Metric, Registry};
 
 pub type Labels = Vec<(&'static str, String)>;
 
-fn histogram_ms() -> Histogram {
-    // 0.05 ms .. ~26 s: covers relay overheads up to slow first tokens.
-    Histogram::new(exponential_buckets(0.05, 2.0, 20))
+/// Buckets for time to first token: 5 ms .. ~41 s, doubling; a first token comes after a
+/// prompt's prefill, which takes from milliseconds to tens of seconds.
+fn ttft_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.005, 2.0, 14))
+}
+
+/// Buckets for gaps between tokens: 0.5 ms .. ~4 s, doubling.
+fn inter_token_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.0005, 2.0, 14))
+}
+
+/// Buckets for a video frame's age when the relay delivered it: 1 ms .. ~1 s, doubling by
+/// half-steps below the usual frame budgets (tens of milliseconds), where players notice.
+fn frame_latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.001, std::f64::consts::SQRT_2, 21))
 }
 
 /// Every metric the gateway exports. Cheap to clone handles; all updates are atomic.
@@ -28,13 +50,20 @@ pub struct Metrics {
     pub geofence_decisions: Family<Labels, Counter>,
     pub inference_requests: Family<Labels, Counter>,
     pub inference_failovers: Counter,
-    pub ttft_ms: Family<Labels, Histogram, fn() -> Histogram>,
-    pub inter_token_ms: Histogram,
+    /// Time to first token seen at the gateway, in seconds, by model.
+    pub ttft_seconds: Family<Labels, Histogram, fn() -> Histogram>,
+    /// Gap between tokens seen at the gateway, in seconds.
+    pub inter_token_seconds: Histogram,
     pub tokens_out: Family<Labels, Counter>,
     pub active_streams: Gauge,
     pub game_sessions: Family<Labels, Counter>,
     pub active_game_sessions: Gauge,
     pub game_frames_relayed: Counter,
+    /// Video bytes (frame headers and payloads) delivered to players.
+    pub game_relayed_bytes: Counter,
+    /// A frame's age when the relay delivered it: from its capture on the node (the node's
+    /// clock) to its delivery by the gateway (the gateway's clock), in seconds.
+    pub game_frame_latency_seconds: Histogram,
     pub game_frames_dropped: Family<Labels, Counter>,
     pub game_failovers: Counter,
     pub geo_reloads: Family<Labels, Counter>,
@@ -95,6 +124,8 @@ pub struct Metrics {
     /// Gateways whose lease in the gateway directory holds (this one included), as of the
     /// directory task's last refresh.
     pub federation_gateways_live: Gauge,
+    /// Always 1; its labels say which build runs.
+    build_info: Family<Labels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -103,9 +134,242 @@ impl Default for Metrics {
     }
 }
 
+/// Every family the gateway exports, as its `# TYPE` line names it, with its type: counters
+/// are scraped as `NAME_total`, histograms as `NAME_bucket`, `NAME_sum` and `NAME_count`. A
+/// fresh gateway's `/metrics` shows exactly these (the `process_*` ones on Linux only); the
+/// Grafana dashboard in `deploy/grafana/` may use only these.
+pub const FAMILIES: &[(&str, MetricType)] = &[
+    ("nearpath_build_info", MetricType::Gauge),
+    ("nearpath_nodes", MetricType::Gauge),
+    ("nearpath_node_registrations", MetricType::Counter),
+    ("nearpath_node_rejections", MetricType::Counter),
+    ("nearpath_node_heartbeat_misses", MetricType::Counter),
+    ("nearpath_node_penalties", MetricType::Counter),
+    ("nearpath_node_disconnects", MetricType::Counter),
+    ("nearpath_node_slowdowns", MetricType::Counter),
+    ("nearpath_node_id_takeovers", MetricType::Counter),
+    ("nearpath_geofence_decisions", MetricType::Counter),
+    ("nearpath_geo_reloads", MetricType::Counter),
+    ("nearpath_inference_requests", MetricType::Counter),
+    ("nearpath_inference_failovers", MetricType::Counter),
+    ("nearpath_inference_ttft_seconds", MetricType::Histogram),
+    (
+        "nearpath_inference_inter_token_seconds",
+        MetricType::Histogram,
+    ),
+    ("nearpath_inference_tokens_out", MetricType::Counter),
+    ("nearpath_inference_active_streams", MetricType::Gauge),
+    ("nearpath_inference_queue_depth", MetricType::Gauge),
+    (
+        "nearpath_inference_queue_wait_seconds",
+        MetricType::Histogram,
+    ),
+    ("nearpath_inference_node_ejections", MetricType::Counter),
+    ("nearpath_inference_nodes_ejected", MetricType::Gauge),
+    ("nearpath_inference_fallbacks", MetricType::Counter),
+    ("nearpath_inference_blip_waits", MetricType::Counter),
+    ("nearpath_inference_usage_mismatches", MetricType::Counter),
+    ("nearpath_game_sessions", MetricType::Counter),
+    ("nearpath_game_active_sessions", MetricType::Gauge),
+    ("nearpath_game_frames_relayed", MetricType::Counter),
+    ("nearpath_game_relayed_bytes", MetricType::Counter),
+    ("nearpath_game_frame_latency_seconds", MetricType::Histogram),
+    ("nearpath_game_frames_dropped", MetricType::Counter),
+    ("nearpath_game_failovers", MetricType::Counter),
+    ("nearpath_game_pauses", MetricType::Counter),
+    ("nearpath_quic_handshakes_refused", MetricType::Counter),
+    ("nearpath_quic_retries", MetricType::Counter),
+    ("nearpath_http_connections_refused", MetricType::Counter),
+    ("nearpath_http_connections_timed_out", MetricType::Counter),
+    ("nearpath_ledger_write_failures", MetricType::Counter),
+    ("nearpath_ledger_healthy", MetricType::Gauge),
+    ("nearpath_ledger_refusals", MetricType::Counter),
+    ("nearpath_key_cap_refusals", MetricType::Counter),
+    ("nearpath_key_budget_refusals", MetricType::Counter),
+    ("nearpath_limit_leases", MetricType::Counter),
+    ("nearpath_limit_store_waits", MetricType::Counter),
+    ("nearpath_limit_fail_open", MetricType::Counter),
+    ("nearpath_federation_gateways_live", MetricType::Gauge),
+    ("process_cpu_seconds", MetricType::Counter),
+    ("process_resident_memory_bytes", MetricType::Gauge),
+    ("process_virtual_memory_bytes", MetricType::Gauge),
+    ("process_open_fds", MetricType::Gauge),
+    ("process_max_fds", MetricType::Gauge),
+    ("process_threads", MetricType::Gauge),
+    ("process_start_time_seconds", MetricType::Gauge),
+];
+
+/// The families [`FAMILIES`] lists that this platform exports (`process_*` needs Linux's
+/// `/proc`).
+pub fn exported_families() -> impl Iterator<Item = (&'static str, MetricType)> {
+    FAMILIES
+        .iter()
+        .copied()
+        .filter(|(name, _)| cfg!(target_os = "linux") || !name.starts_with("process_"))
+}
+
+/// The sample names a family of `kind` named `family` is scraped as.
+pub fn sample_names(family: &str, kind: MetricType) -> Vec<String> {
+    match kind {
+        MetricType::Counter => vec![format!("{family}_total")],
+        MetricType::Histogram => ["_bucket", "_sum", "_count"]
+            .iter()
+            .map(|s| format!("{family}{s}"))
+            .collect(),
+        _ => vec![family.to_string()],
+    }
+}
+
+/// The label values of each bounded labelled family that are known before any event. A fresh
+/// gateway shows every combination below at 0; the call sites record only these values (a
+/// test in `gateway/tests/metrics.rs` ties the enums behind them to these lists).
+pub mod label_values {
+    /// `node_rejections{code}`: `RejectCode::as_str`.
+    pub const NODE_REJECT_CODES: &[&str] = &[
+        "bad_token",
+        "operator_not_verified",
+        "operator_suspended",
+        "geofence",
+        "version",
+        "duplicate",
+        "other",
+    ];
+    /// `node_penalties{kind}`.
+    pub const NODE_PENALTY_KINDS: &[&str] = &[
+        "disconnect_while_draining",
+        "disconnect_without_drain",
+        "usage_mismatch",
+    ];
+    /// `node_disconnects{cause}`: `LeaveCause::as_str`.
+    pub const NODE_DISCONNECT_CAUSES: &[&str] = &[
+        "connection_lost",
+        "heartbeat_timeout",
+        "kicked",
+        "revoked",
+        "gateway_shutdown",
+        "protocol_error",
+        "path_refused",
+    ];
+    /// `geofence_decisions{side}`. Allowed decisions carry `rule="-"`; denials name the
+    /// configured rule, so they appear at the first denial by that rule.
+    pub const GEOFENCE_SIDES: &[&str] = &["client", "node"];
+    /// `geo_reloads{outcome}`.
+    pub const GEO_RELOAD_OUTCOMES: &[&str] = &["ok", "error"];
+    /// `inference_requests{api}`.
+    pub const INFERENCE_APIS: &[&str] = &["http", "quic"];
+    /// `inference_requests{outcome}`: `ok`, `cancelled` (the client left) or an error kind
+    /// (`error::Kind::as_str`).
+    pub const INFERENCE_OUTCOMES: &[&str] = &[
+        "ok",
+        "cancelled",
+        "invalid_request",
+        "unauthenticated",
+        "key_revoked",
+        "geofence",
+        "forbidden",
+        "not_found",
+        "method_not_allowed",
+        "too_large",
+        "unsupported_media_type",
+        "unprocessable",
+        "rate_limited",
+        "unavailable",
+        "node_failed",
+        "timeout",
+        "internal",
+    ];
+    /// `inference_blip_waits{outcome}`.
+    pub const BLIP_WAIT_OUTCOMES: &[&str] = &["served", "unavailable"];
+    /// `inference_usage_mismatches{field}`.
+    pub const USAGE_FIELDS: &[&str] = &["prompt", "completion"];
+    /// `game_sessions{transport}`.
+    pub const GAME_TRANSPORTS: &[&str] = &["quic", "webrtc"];
+    /// `game_sessions{outcome}`: how sessions ended, then why starts were refused (the error
+    /// code); any other code is counted as `other`.
+    pub const GAME_SESSION_OUTCOMES: &[&str] = &[
+        "ok",
+        "client_left",
+        "client_gone",
+        "node_lost",
+        "key_revoked",
+        "ended_by_node",
+        "redirected",
+        "bad_ticket",
+        "ticket_node_unavailable",
+        "geofence",
+        "unknown_game",
+        "no_capacity",
+        "ledger_unavailable",
+        "concurrency_limit_exceeded",
+        "rate_limit_exceeded",
+        super::OTHER,
+    ];
+    /// `game_frames_dropped{reason}`: `DropReason::as_str`.
+    pub const FRAME_DROP_REASONS: &[&str] = &["late", "overload", "foreign", "relay"];
+    /// `game_pauses{outcome}`.
+    pub const PAUSE_OUTCOMES: &[&str] = &["same_node", "other_node", "expired", "ended"];
+    /// `quic_handshakes_refused{reason}`: `QuicRefusal::as_str`.
+    pub const QUIC_REFUSALS: &[&str] = &["rate", "unauthenticated"];
+    /// `http_connections_*{listener}`.
+    pub const HTTP_LISTENERS: &[&str] = &["http", "admin"];
+    /// `http_connections_refused{reason}`: `HttpRefusal::as_str`.
+    pub const HTTP_REFUSALS: &[&str] = &["max_connections", "max_connections_per_ip"];
+    /// `http_connections_timed_out{phase}`.
+    pub const HTTP_TIMEOUT_PHASES: &[&str] = &["tls", "header", "idle"];
+    /// `ledger_refusals{entry}` and `key_cap_refusals{entry}`.
+    pub const ENTRIES: &[&str] = &["http", "quic", "webrtc"];
+    /// `key_cap_refusals{entry, cap}`: the caps each entry point has.
+    pub const KEY_CAPS: &[(&str, &[&str])] = &[
+        ("http", &["streams"]),
+        ("quic", &["streams", "sessions", "session_starts"]),
+        ("webrtc", &["sessions", "session_starts"]),
+    ];
+    /// `key_budget_refusals{budget}`: `Budget::as_str`.
+    pub const BUDGETS: &[&str] = &[
+        "tokens_per_day",
+        "tokens_per_month",
+        "usd_per_day",
+        "usd_per_month",
+    ];
+    /// `limit_*{pool}` for per-minute pools: `RatePool::as_str`.
+    pub const RATE_POOLS: &[&str] = &["requests", "tokens", "session_starts"];
+    /// `limit_*{pool}` for concurrency pools: `CapPool::as_str`.
+    pub const CAP_POOLS: &[&str] = &["streams", "sessions"];
+    /// `limit_leases{result}` of a per-minute pool.
+    pub const RATE_LEASE_RESULTS: &[&str] = &["granted", "partial", "spent", "failed"];
+    /// `limit_leases{result}` of a concurrency pool.
+    pub const CAP_LEASE_RESULTS: &[&str] = &["reserved", "failed"];
+    /// `limit_store_waits{result}`.
+    pub const WAIT_RESULTS: &[&str] = &["admitted", "refused", "failed", "timeout"];
+}
+
+/// `value` if it is one of `known`, else [`OTHER`]: for labels taken from strings that are
+/// bounded only by convention (error codes).
+pub fn bounded<'a>(value: &'a str, known: &[&'static str]) -> &'a str {
+    if known.contains(&value) {
+        value
+    } else {
+        OTHER
+    }
+}
+
+/// What `nearpath_build_info` says: the crate version, the git commit it was built from
+/// (`unknown` outside a git checkout) and the compiler.
+pub fn build_info() -> [(&'static str, &'static str); 3] {
+    [
+        ("version", env!("CARGO_PKG_VERSION")),
+        ("git_sha", env!("NEARPATH_GIT_SHA")),
+        ("rustc", env!("NEARPATH_RUSTC_VERSION")),
+    ]
+}
+
+/// Registers `metric` under `registry`'s prefix.
+fn reg(registry: &mut Registry, name: &str, help: &str, metric: impl Metric) {
+    registry.register(name, help, metric);
+}
+
 impl Metrics {
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("nearpath");
         let m = Metrics {
             nodes: Family::default(),
             registrations: Counter::default(),
@@ -116,13 +380,15 @@ impl Metrics {
             geofence_decisions: Family::default(),
             inference_requests: Family::default(),
             inference_failovers: Counter::default(),
-            ttft_ms: Family::new_with_constructor(histogram_ms),
-            inter_token_ms: histogram_ms(),
+            ttft_seconds: Family::new_with_constructor(ttft_histogram),
+            inter_token_seconds: inter_token_histogram(),
             tokens_out: Family::default(),
             active_streams: Gauge::default(),
             game_sessions: Family::default(),
             active_game_sessions: Gauge::default(),
             game_frames_relayed: Counter::default(),
+            game_relayed_bytes: Counter::default(),
+            game_frame_latency_seconds: frame_latency_histogram(),
             game_frames_dropped: Family::default(),
             game_failovers: Counter::default(),
             geo_reloads: Family::default(),
@@ -151,220 +417,350 @@ impl Metrics {
             inference_nodes_ejected: Gauge::default(),
             inference_fallbacks: Family::default(),
             federation_gateways_live: Gauge::default(),
+            build_info: Family::default(),
             registry: Registry::default(),
         };
-        registry.register(
+        let mut root = Registry::default();
+        let r = root.sub_registry_with_prefix("nearpath");
+        reg(
+            r,
+            "build_info",
+            "Always 1; the labels say which build of the gateway runs",
+            m.build_info.clone(),
+        );
+        reg(
+            r,
             "nodes",
             "Live edge nodes by state, country and GPU class",
             m.nodes.clone(),
         );
-        registry.register(
-            "inference_queue_depth",
-            "Inference requests waiting for a slot, by model",
-            m.inference_queue_depth.clone(),
-        );
-        registry.register(
-            "inference_queue_wait_seconds",
-            "How long queued inference requests waited for a slot, in seconds",
-            m.inference_queue_wait_seconds.clone(),
-        );
-        registry.register(
-            "inference_node_ejections",
-            "Nodes ejected from inference routing by outlier detection",
-            m.inference_node_ejections.clone(),
-        );
-        registry.register(
-            "inference_nodes_ejected",
-            "Nodes ejected from inference routing now",
-            m.inference_nodes_ejected.clone(),
-        );
-        registry.register(
-            "inference_fallbacks",
-            "Inference requests served by a fallback model, by model pair",
-            m.inference_fallbacks.clone(),
-        );
-        registry.register(
-            "federation_gateways_live",
-            "Gateways live in the federation's gateway directory (this one included)",
-            m.federation_gateways_live.clone(),
-        );
-        registry.register(
-            "node_slow",
-            "Times a node became slow: heartbeats late while its connection still delivered",
-            m.nodes_slowed.clone(),
-        );
-        registry.register(
-            "game_pauses",
-            "Game sessions paused by the loss of their node, by how the pause ended",
-            m.game_pauses.clone(),
-        );
-        registry.register(
+        reg(
+            r,
             "node_registrations",
             "Successful node registrations",
             m.registrations.clone(),
         );
-        registry.register(
+        reg(
+            r,
             "node_rejections",
             "Refused node registrations by code",
             m.rejections.clone(),
         );
-        registry.register(
+        reg(
+            r,
             "node_heartbeat_misses",
             "Heartbeat intervals that passed without a heartbeat",
             m.heartbeat_misses.clone(),
         );
-        registry.register(
+        reg(
+            r,
             "node_penalties",
             "Penalty events by kind",
             m.penalties.clone(),
         );
-        registry.register(
+        reg(
+            r,
             "node_disconnects",
             "Node disconnections by cause",
             m.node_disconnects.clone(),
         );
-        registry.register(
-            "geofence_decisions",
-            "Geofence decisions by side, outcome and rule",
-            m.geofence_decisions.clone(),
+        reg(
+            r,
+            "node_slowdowns",
+            "Times a node became slow: heartbeats late while its connection still delivered",
+            m.nodes_slowed.clone(),
         );
-        registry.register(
-            "inference_requests",
-            "Inference requests by API and outcome",
-            m.inference_requests.clone(),
-        );
-        registry.register(
-            "inference_failovers",
-            "Inference attempts retried on another node before the first token",
-            m.inference_failovers.clone(),
-        );
-        registry.register(
-            "inference_ttft_ms",
-            "Time to first token seen at the gateway, in milliseconds",
-            m.ttft_ms.clone(),
-        );
-        registry.register(
-            "inference_inter_token_ms",
-            "Gap between tokens seen at the gateway, in milliseconds",
-            m.inter_token_ms.clone(),
-        );
-        registry.register(
-            "inference_tokens_out",
-            "Completion tokens streamed to clients, by model",
-            m.tokens_out.clone(),
-        );
-        registry.register(
-            "inference_active_streams",
-            "Inference requests in flight",
-            m.active_streams.clone(),
-        );
-        registry.register(
-            "game_sessions",
-            "Game sessions by transport and outcome",
-            m.game_sessions.clone(),
-        );
-        registry.register(
-            "game_active_sessions",
-            "Game sessions in progress",
-            m.active_game_sessions.clone(),
-        );
-        registry.register(
-            "game_frames_relayed",
-            "Video frames relayed to players",
-            m.game_frames_relayed.clone(),
-        );
-        registry.register(
-            "game_frames_dropped",
-            "Video frames dropped by reason",
-            m.game_frames_dropped.clone(),
-        );
-        registry.register(
-            "game_failovers",
-            "Game sessions moved to another node",
-            m.game_failovers.clone(),
-        );
-        registry.register(
-            "geo_reloads",
-            "GeoIP database reloads by outcome",
-            m.geo_reloads.clone(),
-        );
-        registry.register(
-            "quic_handshakes_refused",
-            "QUIC connection attempts refused before the handshake, by reason",
-            m.quic_handshakes_refused.clone(),
-        );
-        registry.register(
-            "quic_retries",
-            "QUIC connection attempts asked to validate their address (retry token)",
-            m.quic_retries.clone(),
-        );
-        registry.register(
-            "http_connections_refused",
-            "HTTP connections closed at once by a connection cap, by listener and reason",
-            m.http_connections_refused.clone(),
-        );
-        registry.register(
-            "http_connections_timed_out",
-            "HTTP connections closed by a timeout, by listener and phase",
-            m.http_connections_timed_out.clone(),
-        );
-        registry.register(
-            "ledger_write_failures",
-            "Usage ledger writes (records and health probes) that failed to commit",
-            m.ledger_write_failures.clone(),
-        );
-        registry.register(
-            "ledger_healthy",
-            "1 while the usage ledger commits; 0 while it cannot and new work is refused",
-            m.ledger_healthy.clone(),
-        );
-        registry.register(
-            "ledger_refusals",
-            "Requests and session starts refused because the usage ledger cannot commit, by entry point",
-            m.ledger_refusals.clone(),
-        );
-        registry.register(
-            "inference_usage_mismatches",
-            "Node-reported token counts beyond the tolerance from the gateway's own count, by field",
-            m.usage_mismatches.clone(),
-        );
-        registry.register(
-            "key_cap_refusals",
-            "Work refused by a per-key cap, by entry point and cap",
-            m.key_cap_refusals.clone(),
-        );
-        registry.register(
-            "key_budget_refusals",
-            "Requests refused because their API key spent one of its budgets, by budget",
-            m.key_budget_refusals.clone(),
-        );
-        registry.register(
-            "limit_leases",
-            "Fleet-wide limit leases and concurrency reservations taken from the store, by pool and result",
-            m.limit_leases.clone(),
-        );
-        registry.register(
-            "limit_store_waits",
-            "Admissions that waited for the store because their local slice was empty, by pool and result",
-            m.limit_store_waits.clone(),
-        );
-        registry.register(
-            "limit_fail_open",
-            "Admissions decided by the local per-gateway limit because the store failed, by pool",
-            m.limit_fail_open.clone(),
-        );
-        registry.register(
+        reg(
+            r,
             "node_id_takeovers",
             "Registrations that took a node id over from a silent previous connection",
             m.node_id_takeovers.clone(),
         );
-        registry.register(
+        reg(
+            r,
+            "geofence_decisions",
+            "Geofence decisions by side, outcome and rule",
+            m.geofence_decisions.clone(),
+        );
+        reg(
+            r,
+            "geo_reloads",
+            "GeoIP database reloads by outcome",
+            m.geo_reloads.clone(),
+        );
+        reg(
+            r,
+            "inference_requests",
+            "Inference requests by API and outcome",
+            m.inference_requests.clone(),
+        );
+        reg(
+            r,
+            "inference_failovers",
+            "Inference attempts retried on another node before the first token",
+            m.inference_failovers.clone(),
+        );
+        reg(
+            r,
+            "inference_ttft_seconds",
+            "Time to first token seen at the gateway, in seconds, by model",
+            m.ttft_seconds.clone(),
+        );
+        reg(
+            r,
+            "inference_inter_token_seconds",
+            "Gap between tokens seen at the gateway, in seconds",
+            m.inter_token_seconds.clone(),
+        );
+        reg(
+            r,
+            "inference_tokens_out",
+            "Completion tokens streamed to clients, by model",
+            m.tokens_out.clone(),
+        );
+        reg(
+            r,
+            "inference_active_streams",
+            "Inference requests in flight",
+            m.active_streams.clone(),
+        );
+        reg(
+            r,
+            "inference_queue_depth",
+            "Inference requests waiting for a slot, by model",
+            m.inference_queue_depth.clone(),
+        );
+        reg(
+            r,
+            "inference_queue_wait_seconds",
+            "How long queued inference requests waited for a slot, in seconds",
+            m.inference_queue_wait_seconds.clone(),
+        );
+        reg(
+            r,
+            "inference_node_ejections",
+            "Nodes ejected from inference routing by outlier detection",
+            m.inference_node_ejections.clone(),
+        );
+        reg(
+            r,
+            "inference_nodes_ejected",
+            "Nodes ejected from inference routing now",
+            m.inference_nodes_ejected.clone(),
+        );
+        reg(
+            r,
+            "inference_fallbacks",
+            "Inference requests served by a fallback model, by model pair",
+            m.inference_fallbacks.clone(),
+        );
+        reg(
+            r,
             "inference_blip_waits",
             "Requests for a recently served model with no node, by outcome (served, unavailable)",
             m.inference_blip_waits.clone(),
         );
+        reg(r, "inference_usage_mismatches", "Node-reported token counts beyond the tolerance from the gateway's own count, by field", m.usage_mismatches.clone());
+        reg(r, "game_sessions", "Game sessions by transport and outcome (how they ended, or why their start was refused)", m.game_sessions.clone());
+        reg(
+            r,
+            "game_active_sessions",
+            "Game sessions in progress",
+            m.active_game_sessions.clone(),
+        );
+        reg(
+            r,
+            "game_frames_relayed",
+            "Video frames relayed to players",
+            m.game_frames_relayed.clone(),
+        );
+        reg(
+            r,
+            "game_relayed_bytes",
+            "Video bytes (frame headers and payloads) relayed to players",
+            m.game_relayed_bytes.clone(),
+        );
+        reg(r, "game_frame_latency_seconds", "Age of video frames when the relay delivered them, from their capture on the node, in seconds", m.game_frame_latency_seconds.clone());
+        reg(
+            r,
+            "game_frames_dropped",
+            "Video frames dropped by reason",
+            m.game_frames_dropped.clone(),
+        );
+        reg(
+            r,
+            "game_failovers",
+            "Game sessions moved to another node",
+            m.game_failovers.clone(),
+        );
+        reg(
+            r,
+            "game_pauses",
+            "Game sessions paused by the loss of their node, by how the pause ended",
+            m.game_pauses.clone(),
+        );
+        reg(
+            r,
+            "quic_handshakes_refused",
+            "QUIC connection attempts refused before the handshake, by reason",
+            m.quic_handshakes_refused.clone(),
+        );
+        reg(
+            r,
+            "quic_retries",
+            "QUIC connection attempts asked to validate their address (retry token)",
+            m.quic_retries.clone(),
+        );
+        reg(
+            r,
+            "http_connections_refused",
+            "HTTP connections closed at once by a connection cap, by listener and reason",
+            m.http_connections_refused.clone(),
+        );
+        reg(
+            r,
+            "http_connections_timed_out",
+            "HTTP connections closed by a timeout, by listener and phase",
+            m.http_connections_timed_out.clone(),
+        );
+        reg(
+            r,
+            "ledger_write_failures",
+            "Usage ledger writes (records and health probes) that failed to commit",
+            m.ledger_write_failures.clone(),
+        );
+        reg(
+            r,
+            "ledger_healthy",
+            "1 while the usage ledger commits; 0 while it cannot and new work is refused",
+            m.ledger_healthy.clone(),
+        );
+        reg(r, "ledger_refusals", "Requests and session starts refused because the usage ledger cannot commit, by entry point", m.ledger_refusals.clone());
+        reg(
+            r,
+            "key_cap_refusals",
+            "Work refused by a per-key cap, by entry point and cap",
+            m.key_cap_refusals.clone(),
+        );
+        reg(
+            r,
+            "key_budget_refusals",
+            "Requests refused because their API key spent one of its budgets, by budget",
+            m.key_budget_refusals.clone(),
+        );
+        reg(r, "limit_leases", "Fleet-wide limit leases and concurrency reservations taken from the store, by pool and result", m.limit_leases.clone());
+        reg(r, "limit_store_waits", "Admissions that waited for the store because their local slice was empty, by pool and result", m.limit_store_waits.clone());
+        reg(
+            r,
+            "limit_fail_open",
+            "Admissions decided by the local per-gateway limit because the store failed, by pool",
+            m.limit_fail_open.clone(),
+        );
+        reg(
+            r,
+            "federation_gateways_live",
+            "Gateways live in the federation's gateway directory (this one included)",
+            m.federation_gateways_live.clone(),
+        );
+        // The conventional process metrics carry no prefix, so they live in the root registry.
+        root.register_collector(Box::new(ProcessCollector));
         m.ledger_healthy.set(1);
-        Metrics { registry, ..m }
+        m.build_info.get_or_create(&labels(build_info())).set(1);
+        m.declare_known_labels();
+        Metrics {
+            registry: root,
+            ..m
+        }
+    }
+
+    /// Creates every series of a bounded labelled family whose label values are known now, at
+    /// 0, so that `rate()` and alerts have a series before the first event.
+    fn declare_known_labels(&self) {
+        use label_values::*;
+        fn zero(family: &Family<Labels, Counter>, l: Labels) {
+            // Creating the series is the point; its handle is not needed.
+            let _ = family.get_or_create(&l);
+        }
+        fn each(family: &Family<Labels, Counter>, key: &'static str, values: &[&str]) {
+            for v in values {
+                zero(family, labels([(key, v)]));
+            }
+        }
+        each(&self.rejections, "code", NODE_REJECT_CODES);
+        each(&self.penalties, "kind", NODE_PENALTY_KINDS);
+        each(&self.node_disconnects, "cause", NODE_DISCONNECT_CAUSES);
+        for side in GEOFENCE_SIDES {
+            zero(
+                &self.geofence_decisions,
+                labels([("side", side), ("outcome", "allow"), ("rule", "-")]),
+            );
+        }
+        each(&self.geo_reloads, "outcome", GEO_RELOAD_OUTCOMES);
+        for api in INFERENCE_APIS {
+            for outcome in INFERENCE_OUTCOMES {
+                zero(
+                    &self.inference_requests,
+                    labels([("api", api), ("outcome", outcome)]),
+                );
+            }
+        }
+        each(&self.inference_blip_waits, "outcome", BLIP_WAIT_OUTCOMES);
+        each(&self.usage_mismatches, "field", USAGE_FIELDS);
+        for transport in GAME_TRANSPORTS {
+            for outcome in GAME_SESSION_OUTCOMES {
+                zero(
+                    &self.game_sessions,
+                    labels([("transport", transport), ("outcome", outcome)]),
+                );
+            }
+        }
+        each(&self.game_frames_dropped, "reason", FRAME_DROP_REASONS);
+        each(&self.game_pauses, "outcome", PAUSE_OUTCOMES);
+        each(&self.quic_handshakes_refused, "reason", QUIC_REFUSALS);
+        for listener in HTTP_LISTENERS {
+            for reason in HTTP_REFUSALS {
+                zero(
+                    &self.http_connections_refused,
+                    labels([("listener", listener), ("reason", reason)]),
+                );
+            }
+            for phase in HTTP_TIMEOUT_PHASES {
+                zero(
+                    &self.http_connections_timed_out,
+                    labels([("listener", listener), ("phase", phase)]),
+                );
+            }
+        }
+        each(&self.ledger_refusals, "entry", ENTRIES);
+        for (entry, caps) in KEY_CAPS {
+            for cap in *caps {
+                zero(
+                    &self.key_cap_refusals,
+                    labels([("entry", entry), ("cap", cap)]),
+                );
+            }
+        }
+        each(&self.key_budget_refusals, "budget", BUDGETS);
+        for (pools, results) in [
+            (RATE_POOLS, RATE_LEASE_RESULTS),
+            (CAP_POOLS, CAP_LEASE_RESULTS),
+        ] {
+            for pool in pools {
+                for result in results {
+                    zero(
+                        &self.limit_leases,
+                        labels([("pool", pool), ("result", result)]),
+                    );
+                }
+                for result in WAIT_RESULTS {
+                    zero(
+                        &self.limit_store_waits,
+                        labels([("pool", pool), ("result", result)]),
+                    );
+                }
+                zero(&self.limit_fail_open, labels([("pool", pool)]));
+            }
+        }
     }
 
     /// Prometheus text exposition.
@@ -373,6 +769,159 @@ impl Metrics {
         // Writing into a String cannot fail.
         let _ = encode(&mut out, &self.registry);
         out
+    }
+}
+
+/// The conventional `process_*` metrics, read from `/proc/self` at each scrape (Linux only;
+/// elsewhere the collector exports nothing).
+#[derive(Debug)]
+struct ProcessCollector;
+
+impl Collector for ProcessCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Some(p) = process::read() else {
+            return Ok(());
+        };
+        let counter = ConstCounter::new(p.cpu_seconds);
+        counter.encode(encoder.encode_descriptor(
+            "process_cpu_seconds",
+            "Total user and system CPU time spent in seconds",
+            None,
+            counter.metric_type(),
+        )?)?;
+        let gauges: [(&str, &str, f64); 6] = [
+            (
+                "process_resident_memory_bytes",
+                "Resident memory size in bytes",
+                p.resident_bytes as f64,
+            ),
+            (
+                "process_virtual_memory_bytes",
+                "Virtual memory size in bytes",
+                p.virtual_bytes as f64,
+            ),
+            (
+                "process_open_fds",
+                "Number of open file descriptors",
+                p.open_fds as f64,
+            ),
+            (
+                "process_max_fds",
+                "Maximum number of open file descriptors",
+                p.max_fds as f64,
+            ),
+            (
+                "process_threads",
+                "Number of OS threads in the process",
+                p.threads as f64,
+            ),
+            (
+                "process_start_time_seconds",
+                "Start time of the process since the Unix epoch in seconds",
+                p.start_time_seconds,
+            ),
+        ];
+        for (name, help, value) in gauges {
+            let gauge = ConstGauge::new(value);
+            gauge.encode(encoder.encode_descriptor(name, help, None, gauge.metric_type())?)?;
+        }
+        Ok(())
+    }
+}
+
+/// Process figures from `/proc`. The parsers are separate from the reads so that they can be
+/// tested on fixed text.
+pub mod process {
+    /// One reading of the process figures.
+    #[derive(Debug, Clone, Default, PartialEq)]
+    pub struct Process {
+        pub cpu_seconds: f64,
+        pub resident_bytes: u64,
+        pub virtual_bytes: u64,
+        pub open_fds: u64,
+        pub max_fds: u64,
+        pub threads: u64,
+        pub start_time_seconds: f64,
+    }
+
+    /// From `/proc/self/stat`: user and system CPU ticks, the thread count and the start time
+    /// in ticks since boot. The command name (field 2) may hold spaces and parentheses, so the
+    /// fields are counted from its last `)`.
+    pub fn parse_stat(stat: &str) -> Option<(u64, u64, u64, u64)> {
+        let rest = &stat[stat.rfind(')')? + 1..];
+        // `rest` starts at field 3 (state); utime is field 14, stime 15, num_threads 20,
+        // starttime 22.
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let field = |n: usize| f.get(n - 3)?.parse::<u64>().ok();
+        Some((field(14)?, field(15)?, field(20)?, field(22)?))
+    }
+
+    /// From `/proc/self/status`: `VmRSS` and `VmSize`, in bytes.
+    pub fn parse_status(status: &str) -> (Option<u64>, Option<u64>) {
+        let kb = |key: &str| {
+            status.lines().find_map(|l| {
+                let v = l.strip_prefix(key)?.strip_prefix(':')?;
+                let n: u64 = v.trim().strip_suffix("kB")?.trim().parse().ok()?;
+                n.checked_mul(1024)
+            })
+        };
+        (kb("VmRSS"), kb("VmSize"))
+    }
+
+    /// From `/proc/stat`: the boot time, seconds since the Unix epoch.
+    pub fn parse_boot_time(stat: &str) -> Option<u64> {
+        stat.lines()
+            .find_map(|l| l.strip_prefix("btime ")?.trim().parse().ok())
+    }
+
+    /// From `/proc/self/limits`: the soft limit on open files (`unlimited` is `u64::MAX`).
+    pub fn parse_max_fds(limits: &str) -> Option<u64> {
+        let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+        let soft = line["Max open files".len()..].split_whitespace().next()?;
+        if soft == "unlimited" {
+            Some(u64::MAX)
+        } else {
+            soft.parse().ok()
+        }
+    }
+
+    /// Reads the figures of this process; `None` where `/proc` is not there.
+    #[cfg(target_os = "linux")]
+    pub fn read() -> Option<Process> {
+        // SAFETY: sysconf only reads a system constant.
+        let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+        let ticks = if ticks > 0 { ticks as f64 } else { 100.0 };
+        let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+        let (utime, stime, threads, start_ticks) = parse_stat(&stat)?;
+        let (rss, vsize) = std::fs::read_to_string("/proc/self/status")
+            .map(|s| parse_status(&s))
+            .unwrap_or((None, None));
+        let boot = std::fs::read_to_string("/proc/stat")
+            .ok()
+            .and_then(|s| parse_boot_time(&s))
+            .unwrap_or(0);
+        let open_fds = std::fs::read_dir("/proc/self/fd")
+            .map(|d| d.count() as u64)
+            .unwrap_or(0);
+        let max_fds = std::fs::read_to_string("/proc/self/limits")
+            .ok()
+            .and_then(|s| parse_max_fds(&s))
+            .unwrap_or(0);
+        Some(Process {
+            cpu_seconds: (utime + stime) as f64 / ticks,
+            resident_bytes: rss.unwrap_or(0),
+            virtual_bytes: vsize.unwrap_or(0),
+            open_fds,
+            max_fds,
+            threads,
+            start_time_seconds: boot as f64 + start_ticks as f64 / ticks,
+        })
+    }
+
+    /// Reads nothing: only Linux has `/proc/self`.
+    #[cfg(not(target_os = "linux"))]
+    pub fn read() -> Option<Process> {
+        None
     }
 }
 
