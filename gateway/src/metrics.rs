@@ -10,7 +10,7 @@
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::text::encode;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, MetricEncoder};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
@@ -363,9 +363,30 @@ pub fn build_info() -> [(&'static str, &'static str); 3] {
     ]
 }
 
-/// Registers `metric` under `registry`'s prefix.
+/// Registers `metric` under `registry`'s prefix, listed even while it has no series.
 fn reg(registry: &mut Registry, name: &str, help: &str, metric: impl Metric) {
-    registry.register(name, help, metric);
+    registry.register(name, help, Listed(metric));
+}
+
+/// A metric whose `# HELP` and `# TYPE` lines are written even while it has no series: the
+/// registry leaves empty families out, and a family whose label values are not known in
+/// advance (a model, a country) would otherwise be missing from `/metrics` until its first
+/// event.
+#[derive(Debug)]
+struct Listed<M>(M);
+
+impl<M: EncodeMetric> EncodeMetric for Listed<M> {
+    fn encode(&self, encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        self.0.encode(encoder)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        self.0.metric_type()
+    }
+
+    fn is_empty(&self) -> bool {
+        false
+    }
 }
 
 impl Metrics {
@@ -958,9 +979,446 @@ pub fn labels<const N: usize>(pairs: [(&'static str, &str); N]) -> Labels {
     pairs.iter().map(|(k, v)| (*k, v.to_string())).collect()
 }
 
+/// The metric names a Grafana dashboard uses, so that a test can hold them against the
+/// families the gateway exports (a rename must not silently blank a panel).
+pub mod dashboard {
+    /// Words of PromQL that are not metric names when they stand alone (aggregations may be
+    /// followed by `by (...)` before their parenthesis).
+    const KEYWORDS: &[&str] = &[
+        "sum",
+        "min",
+        "max",
+        "avg",
+        "group",
+        "stddev",
+        "stdvar",
+        "count",
+        "count_values",
+        "bottomk",
+        "topk",
+        "quantile",
+        "limitk",
+        "limit_ratio",
+        "by",
+        "without",
+        "on",
+        "ignoring",
+        "group_left",
+        "group_right",
+        "bool",
+        "and",
+        "or",
+        "unless",
+        "offset",
+        "inf",
+        "nan",
+    ];
+    /// Keywords followed by a parenthesised list of label names.
+    const LABEL_LISTS: &[&str] = &[
+        "by",
+        "without",
+        "on",
+        "ignoring",
+        "group_left",
+        "group_right",
+    ];
+
+    /// The metric names in a PromQL expression: identifiers outside strings, label matchers
+    /// (`{...}`), ranges (`[...]`), label lists (`by (...)`) and Grafana variables (`$x`), that
+    /// are neither functions nor keywords.
+    pub fn metric_names(expr: &str) -> Vec<String> {
+        let c: Vec<char> = expr.chars().collect();
+        let mut out = Vec::new();
+        let mut i = 0;
+        // Skips from an opening delimiter to its match, over strings.
+        let skip_group = |mut i: usize, open: char, close: char| -> usize {
+            let mut depth = 0;
+            while i < c.len() {
+                match c[i] {
+                    '"' | '\'' | '`' => i = skip_string(&c, i),
+                    x if x == open => depth += 1,
+                    x if x == close => {
+                        depth -= 1;
+                        if depth == 0 {
+                            return i + 1;
+                        }
+                    }
+                    _ => {}
+                }
+                i += 1;
+            }
+            i
+        };
+        while i < c.len() {
+            let ch = c[i];
+            if ch == '"' || ch == '\'' || ch == '`' {
+                i = skip_string(&c, i) + 1;
+            } else if ch == '{' {
+                i = skip_group(i, '{', '}');
+            } else if ch == '[' {
+                i = skip_group(i, '[', ']');
+            } else if ch == '$' {
+                i += 1;
+                while i < c.len() && (c[i].is_ascii_alphanumeric() || c[i] == '_') {
+                    i += 1;
+                }
+            } else if ch.is_ascii_digit()
+                || (ch == '.' && c.get(i + 1).is_some_and(char::is_ascii_digit))
+            {
+                // A number, exponent included (`1e-9`).
+                i += 1;
+                while i < c.len()
+                    && (c[i].is_ascii_alphanumeric()
+                        || c[i] == '.'
+                        || ((c[i] == '-' || c[i] == '+') && matches!(c[i - 1], 'e' | 'E')))
+                {
+                    i += 1;
+                }
+            } else if ch.is_ascii_alphabetic() || ch == '_' || ch == ':' {
+                let start = i;
+                while i < c.len() && (c[i].is_ascii_alphanumeric() || c[i] == '_' || c[i] == ':') {
+                    i += 1;
+                }
+                let word: String = c[start..i].iter().collect();
+                let mut j = i;
+                while j < c.len() && c[j].is_whitespace() {
+                    j += 1;
+                }
+                let lower = word.to_ascii_lowercase();
+                if LABEL_LISTS.contains(&lower.as_str()) && c.get(j) == Some(&'(') {
+                    i = skip_group(j, '(', ')');
+                } else if c.get(j) == Some(&'(') || KEYWORDS.contains(&lower.as_str()) {
+                    // A function or an operator.
+                } else {
+                    out.push(word);
+                }
+            } else {
+                i += 1;
+            }
+        }
+        out
+    }
+
+    /// The index of the quote that closes the string opening at `i`.
+    fn skip_string(c: &[char], i: usize) -> usize {
+        let quote = c[i];
+        let mut j = i + 1;
+        while j < c.len() && c[j] != quote {
+            if c[j] == '\\' && quote != '`' {
+                j += 1;
+            }
+            j += 1;
+        }
+        j
+    }
+
+    /// Every metric a dashboard's panels and template variables use, with where: the panel
+    /// title (or `variable NAME`) for each. Panels inside collapsed rows count too.
+    pub fn used_metrics(dashboard: &serde_json::Value) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        fn panels(list: &serde_json::Value, out: &mut Vec<(String, String)>) {
+            for p in list.as_array().into_iter().flatten() {
+                let title = p["title"].as_str().unwrap_or("?").to_string();
+                for t in p["targets"].as_array().into_iter().flatten() {
+                    if let Some(expr) = t["expr"].as_str() {
+                        for name in metric_names(expr) {
+                            out.push((title.clone(), name));
+                        }
+                    }
+                }
+                panels(&p["panels"], out);
+            }
+        }
+        panels(&dashboard["panels"], &mut out);
+        for v in dashboard["templating"]["list"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            let Some(q) = v["query"].as_str() else {
+                continue;
+            };
+            // Grafana's `label_values(SELECTOR, LABEL)`: the selector is PromQL, the label not.
+            let Some(inner) = q.trim().strip_prefix("label_values(") else {
+                continue;
+            };
+            let selector = inner.rsplit_once(',').map_or(inner, |(s, _)| s);
+            let name = format!("variable {}", v["name"].as_str().unwrap_or("?"));
+            for m in metric_names(selector) {
+                out.push((name.clone(), m));
+            }
+        }
+        out
+    }
+
+    /// The number of panel queries (`targets[].expr`) of a dashboard, rows' panels included.
+    pub fn query_count(dashboard: &serde_json::Value) -> usize {
+        fn count(list: &serde_json::Value) -> usize {
+            list.as_array()
+                .into_iter()
+                .flatten()
+                .map(|p| {
+                    p["targets"]
+                        .as_array()
+                        .map_or(0, |t| t.iter().filter(|t| t["expr"].is_string()).count())
+                        + count(&p["panels"])
+                })
+                .sum()
+        }
+        count(&dashboard["panels"])
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeSet;
+
+    /// The families of an exposition, from its `# TYPE` lines, with their types.
+    fn families(text: &str) -> BTreeSet<(String, String)> {
+        text.lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .map(|l| {
+                let (name, kind) = l.split_once(' ').expect("TYPE line");
+                (name.to_string(), kind.to_string())
+            })
+            .collect()
+    }
+
+    fn type_name(t: MetricType) -> &'static str {
+        match t {
+            MetricType::Counter => "counter",
+            MetricType::Gauge => "gauge",
+            MetricType::Histogram => "histogram",
+            _ => "other",
+        }
+    }
+
+    #[test]
+    fn a_fresh_registry_exports_exactly_the_listed_families() {
+        let got = families(&Metrics::new().render());
+        let want: BTreeSet<_> = exported_families()
+            .map(|(n, t)| (n.to_string(), type_name(t).to_string()))
+            .collect();
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn metric_names_follow_prometheus_conventions() {
+        let mut seen = BTreeSet::new();
+        for (name, kind) in FAMILIES {
+            assert!(seen.insert(*name), "{name} listed twice");
+            assert!(
+                name.starts_with("nearpath_") || name.starts_with("process_"),
+                "{name}: every family is under nearpath_ (or the standard process_)"
+            );
+            for unit in ["_ms", "_millis", "_us", "_kb", "_mb", "_percent"] {
+                assert!(
+                    !name.ends_with(unit) && !name.contains(&format!("{unit}_")),
+                    "{name}: base units only (seconds, bytes, ratios)"
+                );
+            }
+            // The exposition adds `_total` to counters; a family named with it would export
+            // `_total_total`.
+            assert!(!name.ends_with("_total"), "{name}");
+            if *kind == MetricType::Histogram {
+                assert!(
+                    name.ends_with("_seconds") || name.ends_with("_bytes"),
+                    "{name}: a histogram has a unit"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn bounded_families_start_with_every_known_label_value_at_zero() {
+        let text = Metrics::new().render();
+        for line in [
+            "nearpath_game_frames_dropped_total{reason=\"late\"} 0",
+            "nearpath_game_sessions_total{transport=\"webrtc\",outcome=\"no_capacity\"} 0",
+            "nearpath_inference_requests_total{api=\"http\",outcome=\"ok\"} 0",
+            "nearpath_inference_requests_total{api=\"quic\",outcome=\"node_failed\"} 0",
+            "nearpath_node_rejections_total{code=\"bad_token\"} 0",
+            "nearpath_node_disconnects_total{cause=\"heartbeat_timeout\"} 0",
+            "nearpath_geofence_decisions_total{side=\"client\",outcome=\"allow\",rule=\"-\"} 0",
+            "nearpath_key_cap_refusals_total{entry=\"webrtc\",cap=\"session_starts\"} 0",
+            "nearpath_limit_leases_total{pool=\"streams\",result=\"reserved\"} 0",
+            "nearpath_http_connections_timed_out_total{listener=\"admin\",phase=\"header\"} 0",
+            "nearpath_quic_handshakes_refused_total{reason=\"rate\"} 0",
+            "nearpath_ledger_healthy 1",
+            "nearpath_game_frame_latency_seconds_count 0",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing `{line}` in\n{text}"
+            );
+        }
+        // Each bounded family has its whole cross product, nothing more.
+        let count = |prefix: &str| text.lines().filter(|l| l.starts_with(prefix)).count();
+        use label_values::*;
+        assert_eq!(
+            count("nearpath_inference_requests_total{"),
+            INFERENCE_APIS.len() * INFERENCE_OUTCOMES.len()
+        );
+        assert_eq!(
+            count("nearpath_game_sessions_total{"),
+            GAME_TRANSPORTS.len() * GAME_SESSION_OUTCOMES.len()
+        );
+    }
+
+    #[test]
+    fn game_session_outcomes_outside_the_known_codes_are_other() {
+        use label_values::GAME_SESSION_OUTCOMES;
+        assert_eq!(bounded("no_capacity", GAME_SESSION_OUTCOMES), "no_capacity");
+        assert_eq!(
+            bounded("x".repeat(10_000).as_str(), GAME_SESSION_OUTCOMES),
+            OTHER
+        );
+        assert_eq!(bounded("", GAME_SESSION_OUTCOMES), OTHER);
+    }
+
+    #[test]
+    fn build_info_is_one_with_version_git_sha_and_rustc() {
+        let text = Metrics::new().render();
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("nearpath_build_info{"))
+            .expect("build info");
+        assert!(line.ends_with("} 1"), "{line}");
+        assert!(
+            line.contains(&format!("version=\"{}\"", env!("CARGO_PKG_VERSION"))),
+            "{line}"
+        );
+        for (k, v) in build_info() {
+            assert!(!v.is_empty() && !v.contains('"'), "{k}={v:?}");
+        }
+    }
+
+    #[test]
+    fn process_metrics_parse_hostile_proc_text() {
+        // The command name may hold spaces and parentheses.
+        let stat = "42 (a) b) (c) S 1 42 42 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 7 0 12345 1000 300 18446744073709551615";
+        assert_eq!(process::parse_stat(stat), Some((250, 50, 7, 12345)));
+        assert_eq!(process::parse_stat("42 (x) S 1 2"), None, "truncated");
+        assert_eq!(process::parse_stat("no parenthesis"), None);
+        let wrong = stat.replace(" 250 ", " -250 ");
+        assert_eq!(process::parse_stat(&wrong), None, "negative ticks");
+        let status = "Name:\tgateway\nVmSize:\t  2048 kB\nVmRSS:\t   1024 kB\nThreads:\t7\n";
+        assert_eq!(
+            process::parse_status(status),
+            (Some(1024 * 1024), Some(2048 * 1024))
+        );
+        assert_eq!(
+            process::parse_status("VmRSS: 99999999999999999999 kB\nVmSize: 12"),
+            (None, None)
+        );
+        assert_eq!(
+            process::parse_boot_time("cpu 1 2 3\nbtime 1700000000\n"),
+            Some(1_700_000_000)
+        );
+        assert_eq!(process::parse_boot_time("btime soon"), None);
+        let limits = "Limit                     Soft Limit           Hard Limit           Units\nMax open files            1024                 524288               files\n";
+        assert_eq!(process::parse_max_fds(limits), Some(1024));
+        assert_eq!(
+            process::parse_max_fds(
+                "Max open files            unlimited            unlimited            files"
+            ),
+            Some(u64::MAX)
+        );
+        assert_eq!(process::parse_max_fds(""), None);
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn process_metrics_read_this_process() {
+        let p = process::read().expect("/proc/self");
+        assert!(
+            p.resident_bytes > 0 && p.virtual_bytes >= p.resident_bytes,
+            "{p:?}"
+        );
+        assert!(
+            p.threads >= 1 && p.open_fds >= 1 && p.max_fds >= p.open_fds,
+            "{p:?}"
+        );
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64();
+        // Started in the last day, not in the future (a tick of rounding aside).
+        assert!(
+            p.start_time_seconds > now - 86_400.0 && p.start_time_seconds < now + 1.0,
+            "{p:?}"
+        );
+        let text = Metrics::new().render();
+        assert!(text.contains("\nprocess_cpu_seconds_total "), "{text}");
+        assert!(text.contains("\nprocess_resident_memory_bytes "), "{text}");
+    }
+
+    #[test]
+    fn promql_metric_names_skip_functions_labels_ranges_and_variables() {
+        let expr = r#"histogram_quantile(0.95, sum by (le, model) (rate(nearpath_inference_ttft_seconds_bucket{instance=~"$instance",model!="a{b}"}[$__rate_interval]))) / on(instance) group_left(version) nearpath_build_info or vector(0) * 1e-3 + time() - process_start_time_seconds offset 5m"#;
+        assert_eq!(
+            dashboard::metric_names(expr),
+            [
+                "nearpath_inference_ttft_seconds_bucket",
+                "nearpath_build_info",
+                "process_start_time_seconds"
+            ]
+        );
+        // A name outside the prefixes is still a name: the check then fails on it.
+        assert_eq!(dashboard::metric_names("sum(up)"), ["up"]);
+    }
+
+    /// Every metric the Grafana dashboard queries is exported by a fresh gateway, so that a
+    /// rename cannot silently blank a panel.
+    #[test]
+    fn the_grafana_dashboard_uses_only_exported_metrics() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../deploy/grafana/nearpath-gateway.json"
+        );
+        let text = std::fs::read_to_string(path).expect("dashboard");
+        let json: serde_json::Value = serde_json::from_str(&text).expect("dashboard is JSON");
+        assert!(
+            json["title"].is_string() && json["uid"].is_string(),
+            "a Grafana dashboard"
+        );
+        let exported: BTreeSet<String> = families(&Metrics::new().render())
+            .into_iter()
+            .flat_map(|(name, kind)| {
+                let t = match kind.as_str() {
+                    "counter" => MetricType::Counter,
+                    "histogram" => MetricType::Histogram,
+                    _ => MetricType::Gauge,
+                };
+                sample_names(&name, t)
+            })
+            .collect();
+        let used = dashboard::used_metrics(&json);
+        assert!(
+            dashboard::query_count(&json) >= 20,
+            "the dashboard has its panels"
+        );
+        let unknown: Vec<_> = used.iter().filter(|(_, m)| !exported.contains(m)).collect();
+        assert!(
+            unknown.is_empty(),
+            "dashboard queries metrics the gateway does not export: {unknown:?}"
+        );
+        // The main figures are on it.
+        for m in [
+            "nearpath_nodes",
+            "nearpath_game_active_sessions",
+            "nearpath_inference_ttft_seconds_bucket",
+            "nearpath_game_frame_latency_seconds_bucket",
+            "nearpath_geofence_decisions_total",
+            "nearpath_inference_requests_total",
+        ] {
+            assert!(
+                used.iter().any(|(_, u)| u == m),
+                "{m} is not on the dashboard"
+            );
+        }
+    }
 
     #[test]
     fn model_labels_are_served_names_only_and_bounded() {
