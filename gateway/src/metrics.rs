@@ -698,10 +698,6 @@ impl Metrics {
     /// 0, so that `rate()` and alerts have a series before the first event.
     fn declare_known_labels(&self) {
         use label_values::*;
-        fn zero(family: &Family<Labels, Counter>, l: Labels) {
-            // Creating the series is the point; its handle is not needed.
-            let _ = family.get_or_create(&l);
-        }
         fn each(family: &Family<Labels, Counter>, key: &'static str, values: &[&str]) {
             for v in values {
                 zero(family, labels([(key, v)]));
@@ -784,6 +780,32 @@ impl Metrics {
         }
     }
 
+    /// Lists the denials of the geofence's `rules` (the configured ones and the built-in
+    /// `unknown-location` and `anonymous-ip`) at 0, at both checkpoints. The rule names come
+    /// from the config, so the set stays bounded.
+    pub fn declare_geofence_rules<'a>(&self, rules: impl IntoIterator<Item = &'a str>) {
+        for rule in rules {
+            for side in label_values::GEOFENCE_SIDES {
+                zero(
+                    &self.geofence_decisions,
+                    labels([("side", side), ("outcome", "deny"), ("rule", rule)]),
+                );
+            }
+        }
+    }
+
+    /// Lists the configured fallback pairs (`inference.fallbacks`) at 0.
+    pub fn declare_fallbacks(&self, fallbacks: &std::collections::BTreeMap<String, Vec<String>>) {
+        for (from, tos) in fallbacks {
+            for to in tos {
+                zero(
+                    &self.inference_fallbacks,
+                    labels([("from", from), ("to", to)]),
+                );
+            }
+        }
+    }
+
     /// Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut out = String::new();
@@ -791,6 +813,12 @@ impl Metrics {
         let _ = encode(&mut out, &self.registry);
         out
     }
+}
+
+/// Creates the series of `family` labelled `l`, at 0.
+fn zero(family: &Family<Labels, Counter>, l: Labels) {
+    // Creating the series is the point; its handle is not needed.
+    let _ = family.get_or_create(&l);
 }
 
 /// The conventional `process_*` metrics, read from `/proc/self` at each scrape (Linux only;
@@ -1264,6 +1292,27 @@ mod tests {
             count("nearpath_game_sessions_total{"),
             GAME_TRANSPORTS.len() * GAME_SESSION_OUTCOMES.len()
         );
+    }
+
+    #[test]
+    fn configured_geofence_rules_and_fallbacks_are_listed_at_zero() {
+        let m = Metrics::new();
+        m.declare_geofence_rules(["embargo", "unknown-location"]);
+        let fallbacks = [(
+            "big".to_string(),
+            vec!["small".to_string(), "tiny".to_string()],
+        )]
+        .into_iter()
+        .collect();
+        m.declare_fallbacks(&fallbacks);
+        let text = m.render();
+        for line in [
+            "nearpath_geofence_decisions_total{side=\"client\",outcome=\"deny\",rule=\"embargo\"} 0",
+            "nearpath_geofence_decisions_total{side=\"node\",outcome=\"deny\",rule=\"unknown-location\"} 0",
+            "nearpath_inference_fallbacks_total{from=\"big\",to=\"tiny\"} 0",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing `{line}` in\n{text}");
+        }
     }
 
     #[test]

@@ -43,6 +43,7 @@ async fn a_fresh_gateway_lists_every_family_and_the_dashboard_uses_only_those() 
         r#"nearpath_inference_requests_total{api="http",outcome="ok"} 0"#,
         r#"nearpath_inference_requests_total{api="quic",outcome="timeout"} 0"#,
         r#"nearpath_geofence_decisions_total{side="node",outcome="allow",rule="-"} 0"#,
+        r#"nearpath_geofence_decisions_total{side="client",outcome="deny",rule="unknown-location"} 0"#,
         r#"nearpath_node_rejections_total{code="bad_token"} 0"#,
         r#"nearpath_node_disconnects_total{cause="connection_lost"} 0"#,
         r#"nearpath_ledger_refusals_total{entry="webrtc"} 0"#,
