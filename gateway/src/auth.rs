@@ -968,10 +968,13 @@ mod tests {
             .await
             .is_err());
         let page = auth.metrics.render();
-        assert!(
-            page.contains("nearpath_limit_fail_open_total{pool=\"requests\"}"),
-            "{page}"
-        );
+        // The series exists from start (at 0): the admissions above must have counted.
+        let fail_open: f64 = page
+            .lines()
+            .find_map(|l| l.strip_prefix("nearpath_limit_fail_open_total{pool=\"requests\"} "))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0);
+        assert!(fail_open >= 1.0, "{page}");
         assert!(
             page.contains("nearpath_limit_leases_total{pool=\"requests\",result=\"failed\"} 1"),
             "{page}"

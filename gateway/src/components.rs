@@ -77,6 +77,11 @@ pub struct Placement {
 
 impl Placement {
     pub fn new(geo: Arc<GeoDb>, policy: Policy, metrics: Arc<Metrics>) -> Placement {
+        // Denials by each rule are listed from the start, so that alerts on them work at once.
+        metrics.declare_geofence_rules(policy.rule_names().chain([
+            nearpath_geo::policy::UNKNOWN_LOCATION_RULE,
+            nearpath_geo::policy::ANONYMOUS_IP_RULE,
+        ]));
         Placement {
             geo,
             policy,

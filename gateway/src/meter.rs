@@ -107,9 +107,9 @@ impl Meter {
         let model = self.metrics.model_label(m.model, served);
         if let Some(t) = m.ttft {
             self.metrics
-                .ttft_ms
+                .ttft_seconds
                 .get_or_create(&labels([("model", &model)]))
-                .observe(t.as_secs_f64() * 1000.0);
+                .observe(t.as_secs_f64());
         }
         self.metrics
             .tokens_out

@@ -175,6 +175,7 @@ impl Gateway {
                 &config.inference.outlier,
             ));
         let metrics = Arc::new(Metrics::new());
+        metrics.declare_fallbacks(&config.inference.fallbacks);
         let mut auth = Auth::new(
             store.clone(),
             metrics.clone(),

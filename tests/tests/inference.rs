@@ -608,7 +608,8 @@ async fn requests_beyond_the_free_slots_are_queued_and_all_complete() {
             &metrics,
             "nearpath_inference_requests_total{api=\"http\",outcome=\"rate_limited\"}"
         ),
-        None
+        // Listed from start, and still 0: no request was refused.
+        Some(0.0)
     );
     node.stop().await.unwrap();
     gw.stop().await;

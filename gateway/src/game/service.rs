@@ -12,7 +12,7 @@ use crate::auth::{CapGuard, CapKind, CapRefusal};
 use crate::clock::SharedClock;
 use crate::components::{Auth, Directory, Meter, Placement, Sessions};
 use crate::error::{CoreError, Kind};
-use crate::metrics::{labels, Metrics};
+use crate::metrics::{bounded, label_values, labels, Metrics};
 use crate::player::{ConnSample, PlayerSilence};
 use crate::registry::{NodeEntry, SlotGuard, SlotKind};
 use crate::router::LatLon;
@@ -350,7 +350,14 @@ impl GameService {
     fn count_start(&self, transport: &'static str, outcome: &str) {
         self.metrics
             .game_sessions
-            .get_or_create(&labels([("transport", transport), ("outcome", outcome)]))
+            .get_or_create(&labels([
+                ("transport", transport),
+                // Start refusals carry an error code: bounded by convention only.
+                (
+                    "outcome",
+                    bounded(outcome, label_values::GAME_SESSION_OUTCOMES),
+                ),
+            ]))
             .inc();
     }
 
@@ -1114,6 +1121,12 @@ impl GameService {
                 relay.frames.fetch_add(1, Ordering::Relaxed);
                 relay.bytes.fetch_add(n, Ordering::Relaxed);
                 self.metrics.game_frames_relayed.inc();
+                self.metrics.game_relayed_bytes.inc_by(n);
+                // A node clock ahead of ours reads as age 0, as in the frame budget.
+                let age_us = self.clock.unix_us().saturating_sub(header.capture_ts_us);
+                self.metrics
+                    .game_frame_latency_seconds
+                    .observe(age_us as f64 / 1e6);
             }
             Ok(Relayed::Abandoned) => {
                 self.count_drop(&relay, DropReason::Overload);

@@ -307,9 +307,9 @@ impl InferService {
                     StreamEvent::Token(t) => {
                         let now = self.clock.now();
                         if let Some(last) = last_token {
-                            self.metrics.inter_token_ms.observe(
-                                now.saturating_duration_since(last).as_secs_f64() * 1000.0,
-                            );
+                            self.metrics
+                                .inter_token_seconds
+                                .observe(now.saturating_duration_since(last).as_secs_f64());
                         }
                         last_token = Some(now);
                         match relay.send(Output::Token(&t)).await {

@@ -125,6 +125,14 @@ async fn frame_injection_from_another_node_is_refused() {
         .await,
         30.0
     );
+    // Each relayed frame's age and bytes are counted (just after the frame itself).
+    eventually("30 frame latencies", Duration::from_secs(5), || async {
+        let n = admin_metric(&gw, "nearpath_game_frame_latency_seconds_count").await;
+        (n == 30.0).then_some(())
+    })
+    .await;
+    let bytes = admin_metric(&gw, "nearpath_game_relayed_bytes_total").await;
+    assert!(bytes >= 30.0 * b"real frame".len() as f64, "{bytes} bytes");
     drop(opened);
     gw.stop().await;
 }
