@@ -339,7 +339,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let first = load_or_create(dir.path(), &names()).unwrap();
         std::fs::write(&first.files.cert_file, "not a certificate").unwrap();
-        let err = load_or_create(dir.path(), &names()).err().unwrap().to_string();
+        let err = load_or_create(dir.path(), &names())
+            .err()
+            .unwrap()
+            .to_string();
         assert!(err.contains(GENERATED_CERT_FILE), "{err}");
         assert_eq!(
             std::fs::read_to_string(&first.files.cert_file).unwrap(),
@@ -353,7 +356,10 @@ mod tests {
         // A folder where the certificate should be cannot be read by anyone, root included.
         std::fs::create_dir(dir.path().join(GENERATED_CERT_FILE)).unwrap();
         std::fs::write(dir.path().join(GENERATED_KEY_FILE), "key").unwrap();
-        let err = load_or_create(dir.path(), &names()).err().unwrap().to_string();
+        let err = load_or_create(dir.path(), &names())
+            .err()
+            .unwrap()
+            .to_string();
         assert!(err.contains(GENERATED_CERT_FILE), "{err}");
         assert!(dir.path().join(GENERATED_CERT_FILE).is_dir());
         assert_eq!(
@@ -432,7 +438,11 @@ mod tests {
     fn pin_of_a_file_without_a_certificate_names_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("key-only.pem");
-        std::fs::write(&f, "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n").unwrap();
+        std::fs::write(
+            &f,
+            "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+        )
+        .unwrap();
         let err = pin_of_file(&f).unwrap_err().to_string();
         assert!(err.contains("key-only.pem"), "{err}");
     }

@@ -57,7 +57,10 @@ fn binaries() -> (PathBuf, PathBuf) {
                 cmd.arg("--release");
             }
             let status = cmd.status().expect("running cargo build for the binaries");
-            assert!(status.success(), "cargo build of gateway and edge-node failed");
+            assert!(
+                status.success(),
+                "cargo build of gateway and edge-node failed"
+            );
             (profile_dir.join("gateway"), profile_dir.join("edge-node"))
         })
         .clone()
@@ -466,9 +469,12 @@ async fn cert_generate_never_overwrites_and_cert_pin_names_a_bad_file() {
     let out_dir = dir.path().join("certs");
     let generate = || {
         let mut c = Command::new(&gateway);
-        c.args(["cert", "generate", "--out"])
-            .arg(&out_dir)
-            .args(["--name", "gw.example.com", "--name", "192.0.2.7"]);
+        c.args(["cert", "generate", "--out"]).arg(&out_dir).args([
+            "--name",
+            "gw.example.com",
+            "--name",
+            "192.0.2.7",
+        ]);
         c
     };
     let out = generate().output().await.unwrap();
