@@ -137,6 +137,22 @@ pub fn quic_cert(config: &GatewayConfig) -> Result<QuicCert, CertError> {
     }
 }
 
+/// What [`quic_cert`] would find, without creating anything (`gateway check-config`): the
+/// configured or already generated certificate, `None` when the generated pair does not exist
+/// yet (the first `gateway run` creates it), or the error `gateway run` would stop with.
+pub fn inspect(config: &GatewayConfig) -> Result<Option<QuicCert>, CertError> {
+    if config.quic.cert_file.is_some() && config.quic.key_file.is_some() {
+        return quic_cert(config).map(Some);
+    }
+    let dir = generated_dir(config);
+    let cert_file = dir.join(GENERATED_CERT_FILE);
+    let key_file = dir.join(GENERATED_KEY_FILE);
+    if !exists(&cert_file)? && !exists(&key_file)? {
+        return Ok(None);
+    }
+    load_or_create(&dir, &generated_names(config)).map(Some)
+}
+
 /// Loads the self-signed pair in `dir`, or creates it when neither file exists.
 pub fn load_or_create(dir: &Path, names: &[String]) -> Result<QuicCert, CertError> {
     let cert_file = dir.join(GENERATED_CERT_FILE);
@@ -432,6 +448,23 @@ mod tests {
         assert_eq!(configured.pair.sha256, made.pair.sha256);
         cfg.federation.public_quic_address = Some("[2001:db8::1]:4433".into());
         assert_eq!(generated_names(&cfg), ["localhost", "2001:db8::1"]);
+    }
+
+    #[test]
+    fn inspect_creates_nothing_and_reports_what_run_would() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = GatewayConfig::default();
+        cfg.quic.generated_cert_dir = Some(dir.path().join("state"));
+        assert!(inspect(&cfg).unwrap().is_none());
+        assert!(!dir.path().join("state").exists());
+        let made = quic_cert(&cfg).unwrap();
+        let seen = inspect(&cfg).unwrap().unwrap();
+        assert_eq!(seen.pair.sha256, made.pair.sha256);
+        assert_eq!(seen.files.origin, CertOrigin::Reused);
+        std::fs::remove_file(&made.files.cert_file).unwrap();
+        let err = inspect(&cfg).err().unwrap();
+        assert!(matches!(err, CertError::KeyWithoutCert { .. }), "{err}");
+        assert!(!made.files.cert_file.exists());
     }
 
     #[test]

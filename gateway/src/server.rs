@@ -123,9 +123,12 @@ pub struct Gateway {
     fleet: Option<Arc<dyn crate::trunk::FleetSource>>,
 }
 
-/// Checks what `load` would check beyond the config file itself (databases and the geofence
-/// compile), without opening listeners. Used by `gateway check-config`.
+/// Checks what `load` would check beyond the config file itself (certificate files, databases,
+/// the geofence compile), without opening listeners or creating files. Used by `gateway
+/// check-config`.
 pub fn check_runtime(config: &GatewayConfig) -> Result<(), GatewayError> {
+    // The certificate files as `load` would find them, creating nothing.
+    crate::cert::inspect(config)?;
     GeoDb::open(&config.geo)?;
     Policy::compile(&config.geofence).map_err(|e| GatewayError::Policy(e.to_string()))?;
     Ok(())

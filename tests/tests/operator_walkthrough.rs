@@ -171,10 +171,14 @@ impl Proc {
 /// loopback), the state folder, the admin token and the log format, set through the
 /// environment as the README's walkthrough sets them.
 fn gateway_run(state: &Path) -> Command {
+    gateway_with(state, &["run", "--config"])
+}
+
+/// `gateway <args> <the example config>` with the walkthrough's environment.
+fn gateway_with(state: &Path, args: &[&str]) -> Command {
     let (gateway, _) = binaries();
     let mut cmd = Command::new(gateway);
-    cmd.arg("run")
-        .arg("--config")
+    cmd.args(args)
         .arg(example("gateway.toml"))
         .env("NEARPATH_ADMIN__TOKEN", ADMIN_TOKEN)
         .env("NEARPATH_HTTP__LISTEN", "127.0.0.1:0")
@@ -394,8 +398,8 @@ async fn the_readme_walkthrough_runs_a_gateway_and_a_separate_node() {
     gw.stop().await;
 }
 
-/// `gateway run` on a state folder prepared by `prepare` must exit with an error naming
-/// `named`, and leave the folder's files as they were.
+/// `gateway run` (and `gateway check-config`) on a state folder prepared by `prepare` must exit
+/// with an error naming `named`, and leave the folder's files as they were.
 async fn run_refuses(prepare: impl FnOnce(&Path), named: &str) -> String {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
@@ -408,6 +412,13 @@ async fn run_refuses(prepare: impl FnOnce(&Path), named: &str) -> String {
     assert!(!output.contains("pinned_cert_sha256 ="), "{output}");
     // Nothing was created or replaced (the database is opened after the certificate).
     assert_eq!(snapshot(&state), before, "{output}");
+    // `check-config` makes the same check, creating nothing.
+    let (status, checked) = Proc::spawn(gateway_with(&state, &["check-config"]))
+        .exit()
+        .await;
+    assert!(!status.success(), "{checked}");
+    assert!(checked.contains(named), "{checked}");
+    assert_eq!(snapshot(&state), before, "{checked}");
     output
 }
 
