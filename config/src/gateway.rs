@@ -189,10 +189,17 @@ pub struct QuicConfig {
     /// UDP address for nodes (ALPN `nearpath-node/1`) and native clients (`nearpath/1`).
     /// Default: `0.0.0.0:4433`.
     pub listen: SocketAddr,
-    /// PEM certificate chain; `gateway run` requires it (nodes pin or verify it). Default: none.
+    /// PEM certificate chain (leaf first) that nodes and clients verify, by its SHA-256 pin or
+    /// by a CA. Set both `cert_file` and `key_file`, or neither: then `gateway run` uses the
+    /// self-signed pair in `generated_cert_dir`, creating it on first start. Default: none.
     pub cert_file: Option<PathBuf>,
-    /// PEM private key for `cert_file`; `gateway run` requires it. Default: none.
+    /// PEM private key for `cert_file`. Default: none.
     pub key_file: Option<PathBuf>,
+    /// Where `gateway run` keeps the self-signed certificate (`quic-cert.pem`) and key
+    /// (`quic-key.pem`) it creates, mode 0600, when `cert_file` and `key_file` are unset; they
+    /// are reused on every later start and never overwritten. A relative path is relative to
+    /// the working directory. Default: none (the folder of `store.path`, next to the database).
+    pub generated_cert_dir: Option<PathBuf>,
     /// UDP socket receive buffer to ask the kernel for, in bytes (capped by
     /// `net.core.rmem_max`); the kernel default drops bursts from many sessions. Default: 4194304.
     pub recv_buffer_bytes: usize,
@@ -233,6 +240,7 @@ impl Default for QuicConfig {
             listen: SocketAddr::from((Ipv4Addr::UNSPECIFIED, 4433)),
             cert_file: None,
             key_file: None,
+            generated_cert_dir: None,
             recv_buffer_bytes: 4 * 1024 * 1024,
             idle_timeout_ms: 10_000,
             stream_receive_window_bytes: 1_114_112,
@@ -679,7 +687,7 @@ impl GatewayConfig {
     pub(crate) fn check(&self, p: &mut Problems, run: bool) {
         self.check_http(p);
         self.check_admin(p, run);
-        self.check_quic(p, run);
+        self.check_quic(p);
         self.check_store(p);
         self.check_federation(p);
         self.check_nodes(p);
@@ -877,25 +885,19 @@ impl GatewayConfig {
         }
     }
 
-    fn check_quic(&self, p: &mut Problems, run: bool) {
+    fn check_quic(&self, p: &mut Problems) {
         let q = &self.quic;
-        if run {
-            for (path, present) in [
-                ("quic.cert_file", q.cert_file.is_some()),
-                ("quic.key_file", q.key_file.is_some()),
-            ] {
-                if !present {
-                    p.push(
-                        path,
-                        "required (nodes verify the gateway by this certificate)",
-                    );
-                }
-            }
-        } else {
-            both_or_neither(
-                p,
-                ("quic.cert_file", q.cert_file.is_some()),
-                ("quic.key_file", q.key_file.is_some()),
+        // Neither file set is runnable too: `gateway run` then creates (once) and reuses a
+        // self-signed pair in `generated_cert_dir`.
+        both_or_neither(
+            p,
+            ("quic.cert_file", q.cert_file.is_some()),
+            ("quic.key_file", q.key_file.is_some()),
+        );
+        if q.cert_file.is_some() && q.generated_cert_dir.is_some() {
+            p.push(
+                "quic.generated_cert_dir",
+                "set either quic.cert_file and quic.key_file or quic.generated_cert_dir, not both",
             );
         }
         p.positive("quic.recv_buffer_bytes", q.recv_buffer_bytes);
@@ -1295,7 +1297,8 @@ mod tests {
         assert_eq!(cfg.validate(), Ok(()));
         let errs = cfg.validate_for_run().unwrap_err();
         let paths: Vec<_> = errs.errors.iter().map(|e| e.path.as_str()).collect();
-        assert_eq!(paths, ["admin.token", "quic.cert_file", "quic.key_file"]);
+        // No certificate is runnable: `gateway run` creates a self-signed one.
+        assert_eq!(paths, ["admin.token"]);
     }
 
     #[test]
@@ -1455,5 +1458,23 @@ completion_usd_per_mtok = inf
                 "inference.outlier.max_ejection_s"
             ]
         );
+    }
+
+    #[test]
+    fn quic_certificate_files_come_in_pairs_or_not_at_all() {
+        let mut cfg = GatewayConfig::default();
+        cfg.admin.token = Some("0123456789abcdef".into());
+        cfg.validate_for_run().unwrap();
+        cfg.quic.key_file = Some("key.pem".into());
+        let errs = cfg.validate_for_run().unwrap_err();
+        let paths: Vec<_> = errs.errors.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(paths, ["quic.cert_file"]);
+        cfg.quic.cert_file = Some("cert.pem".into());
+        cfg.validate_for_run().unwrap();
+        // A directory for generated files beside configured files is a contradiction.
+        cfg.quic.generated_cert_dir = Some("/var/lib/nearpath".into());
+        let errs = cfg.validate_for_run().unwrap_err();
+        let paths: Vec<_> = errs.errors.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(paths, ["quic.generated_cert_dir"]);
     }
 }

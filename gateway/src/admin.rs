@@ -68,6 +68,17 @@ impl AdminSettings {
     }
 }
 
+/// What `GET /admin/gateway` says about the answering gateway beyond its id and version.
+#[derive(Debug, Clone)]
+pub struct GatewayInfo {
+    /// SHA-256 of the QUIC certificate (DER), lowercase hex: the value nodes pin.
+    pub cert_sha256: String,
+    /// The addresses the listeners are bound to.
+    pub http: SocketAddr,
+    pub admin: SocketAddr,
+    pub quic: SocketAddr,
+}
+
 /// The admin front end.
 pub struct AdminApi {
     directory: Arc<Directory>,
@@ -80,6 +91,8 @@ pub struct AdminApi {
     settings: AdminSettings,
     /// The other gateways' nodes, listed beside the local ones (none: local nodes only).
     fleet: Option<Arc<FleetView>>,
+    /// This gateway's certificate pin and listeners (none: `GET /admin/gateway` shows nulls).
+    info: Option<GatewayInfo>,
 }
 
 impl AdminApi {
@@ -107,7 +120,14 @@ impl AdminApi {
             clock,
             settings,
             fleet: None,
+            info: None,
         }
+    }
+
+    /// Answers `GET /admin/gateway` with `info` (the certificate pin and listeners).
+    pub fn with_gateway_info(mut self, info: GatewayInfo) -> Self {
+        self.info = Some(info);
+        self
     }
 
     /// Lists the federation's remote nodes (from `fleet`) beside the local ones.
@@ -609,6 +629,19 @@ impl AdminApi {
                         .map_err(|_| error(StatusCode::CONFLICT, "gone", "the node is disconnecting"))?;
                     info!(node = %id, deadline_ms, "drain requested by admin");
                     json(StatusCode::ACCEPTED, &serde_json::json!({"id": id, "state": "draining", "deadline_ms": deadline_ms}))
+                }
+                (&Method::GET, ["gateway"]) => {
+                    let info = s.info.as_ref();
+                    json(StatusCode::OK, &serde_json::json!({
+                        "id": s.self_id(),
+                        "version": env!("CARGO_PKG_VERSION"),
+                        "cert_sha256": info.map(|i| i.cert_sha256.clone()),
+                        "listen": {
+                            "http": info.map(|i| i.http.to_string()),
+                            "admin": info.map(|i| i.admin.to_string()),
+                            "quic": info.map(|i| i.quic.to_string()),
+                        },
+                    }))
                 }
                 (&Method::GET, ["gateways"]) => {
                     let (gateways, nodes) = blocking(s, |st| Ok((st.list_gateways()?, st.list_node_directory()?))).await?;

@@ -29,6 +29,8 @@ const RANKS: &[(&str, u8)] = &[
     ("budget", 0),
     ("ticket", 0),
     ("http_util", 1),
+    // The gateway's own certificate files, on top of `tls`.
+    ("cert", 1),
     ("store", 1),
     // State the components are made of.
     ("registry", 2),

@@ -6,6 +6,7 @@ pub mod admin;
 pub mod api;
 pub mod auth;
 pub mod budget;
+pub mod cert;
 pub mod client;
 pub mod client_addr;
 pub mod clock;

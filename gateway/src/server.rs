@@ -32,6 +32,8 @@ pub enum GatewayError {
     Store(#[from] crate::store::StoreError),
     #[error("TLS: {0}")]
     Tls(#[from] nearpath_protocol::tls::TlsError),
+    #[error("QUIC certificate: {0}")]
+    Cert(#[from] crate::cert::CertError),
     #[error("binding the {what} listener on {addr}: {source}")]
     Bind {
         what: &'static str,
@@ -115,13 +117,18 @@ pub struct BoundAddrs {
 pub struct Gateway {
     shared: Arc<Shared>,
     cert: CertPair,
+    /// Where `cert` was read from, for a gateway opened by [`Gateway::load`].
+    cert_files: Option<crate::cert::CertFiles>,
     /// Where the trunk reads the federation's directories (the store unless a test says).
     fleet: Option<Arc<dyn crate::trunk::FleetSource>>,
 }
 
-/// Checks what `load` would check beyond the config file itself (databases and the geofence
-/// compile), without opening listeners. Used by `gateway check-config`.
+/// Checks what `load` would check beyond the config file itself (certificate files, databases,
+/// the geofence compile), without opening listeners or creating files. Used by `gateway
+/// check-config`.
 pub fn check_runtime(config: &GatewayConfig) -> Result<(), GatewayError> {
+    // The certificate files as `load` would find them, creating nothing.
+    crate::cert::inspect(config)?;
     GeoDb::open(&config.geo)?;
     Policy::compile(&config.geofence).map_err(|e| GatewayError::Policy(e.to_string()))?;
     Ok(())
@@ -133,15 +140,16 @@ impl Gateway {
         config
             .validate_for_run()
             .map_err(|e| GatewayError::Config(e.to_string()))?;
-        let (cert_file, key_file) = match (&config.quic.cert_file, &config.quic.key_file) {
-            (Some(c), Some(k)) => (c.clone(), k.clone()),
-            _ => {
-                return Err(GatewayError::Config(
-                    "quic.cert_file and quic.key_file are required".into(),
-                ))
-            }
-        };
-        let cert = crate::tls::load_pem(&cert_file, &key_file)?;
+        // The configured files, or the self-signed pair of the state directory (created on the
+        // first start, reused afterwards).
+        let crate::cert::QuicCert { pair: cert, files } = crate::cert::quic_cert(&config)?;
+        info!(
+            cert_sha256 = %cert.sha256_hex(),
+            cert_file = %files.cert_file.display(),
+            key_file = %files.key_file.display(),
+            origin = files.origin.as_str(),
+            "QUIC certificate (nodes pin its cert_sha256)"
+        );
         let store: Arc<dyn Store> = match &config.store.url {
             Some(url) => Arc::new(crate::store::PgStore::open(
                 url,
@@ -150,7 +158,9 @@ impl Gateway {
             )?),
             None => Arc::new(SqliteStore::open(&config.store.path)?),
         };
-        Self::with_parts(config, cert, store)
+        let mut gateway = Self::with_parts(config, cert, store)?;
+        gateway.cert_files = Some(files);
+        Ok(gateway)
     }
 
     /// Builds a gateway from already-open parts (demo and tests).
@@ -251,6 +261,7 @@ impl Gateway {
         Ok(Gateway {
             shared,
             cert,
+            cert_files: None,
             fleet: None,
         })
     }
@@ -276,6 +287,12 @@ impl Gateway {
 
     pub fn cert(&self) -> &CertPair {
         &self.cert
+    }
+
+    /// The certificate's files and whether they were configured, reused or created now (a
+    /// gateway opened by [`Gateway::load`]; `None` for one built from parts).
+    pub fn cert_files(&self) -> Option<&crate::cert::CertFiles> {
+        self.cert_files.as_ref()
     }
 
     /// The trunk to the federation's other gateways, when `federation.gateway_id` is set.
@@ -431,6 +448,12 @@ impl Gateway {
         )?;
         shared.fleet.set_self(me.clone());
 
+        let info = crate::admin::GatewayInfo {
+            cert_sha256: self.cert.sha256_hex(),
+            http: addrs.http,
+            admin: addrs.admin,
+            quic: addrs.quic,
+        };
         let inner_shutdown = shared.shutdown.clone();
         let infer = Arc::new(inference(&shared, trunk.clone()));
         let clients = Arc::new(crate::client::QuicClients::new(
@@ -478,7 +501,7 @@ impl Gateway {
             let admin_task = tokio::spawn(crate::http_util::serve(
                 listeners.admin,
                 None,
-                Arc::new(admin_api(&shared)),
+                Arc::new(admin_api(&shared).with_gateway_info(info)),
                 "admin",
                 inner_shutdown.clone(),
                 // The admin listener inherits [http]'s timeouts and caps, with its own counts.

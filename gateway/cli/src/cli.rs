@@ -1,8 +1,9 @@
-//! The `gateway` command line: `run`, `demo`, `check-config`, `geo lookup`.
+//! The `gateway` command line: `run`, `demo`, `check-config`, `cert`, `geo lookup`.
 
 use crate::demo;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use nearpath_gateway::cert::CertOrigin;
 use nearpath_gateway::Gateway;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -18,7 +19,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Run a configured gateway.
+    /// Run a configured gateway. Without quic.cert_file and quic.key_file it creates a
+    /// self-signed certificate on its first start (quic.generated_cert_dir, by default next to
+    /// the SQLite file) and reuses it afterwards; it prints the certificate's pin.
     Run {
         #[arg(long, short)]
         config: PathBuf,
@@ -46,6 +49,28 @@ enum Cmd {
         #[command(subcommand)]
         cmd: GeoCmd,
     },
+    /// QUIC certificate tools: create a self-signed pair, print a certificate's pin.
+    Cert {
+        #[command(subcommand)]
+        cmd: CertCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum CertCmd {
+    /// Create a self-signed certificate and key, quic-cert.pem and quic-key.pem (mode 0600), in
+    /// DIR and print the pin nodes need. Existing files are never overwritten.
+    Generate {
+        /// Folder to write the files to (created if missing).
+        #[arg(long, value_name = "DIR", default_value = ".")]
+        out: PathBuf,
+        /// A DNS name or IP address the certificate names (repeatable). Default: localhost.
+        #[arg(long = "name", value_name = "DNS")]
+        names: Vec<String>,
+    },
+    /// Print the pin of a PEM certificate (the first one in FILE): the SHA-256 of its DER
+    /// encoding as 64 hex digits, the form of nodes' pinned_cert_sha256.
+    Pin { file: PathBuf },
 }
 
 #[derive(Subcommand)]
@@ -71,10 +96,18 @@ pub fn main() -> ExitCode {
         Cmd::Geo {
             cmd: GeoCmd::Lookup { config, db, ips },
         } => geo_lookup(config, db, &ips),
+        Cmd::Cert {
+            cmd: CertCmd::Generate { out, names },
+        } => cert_generate(&out, names),
+        Cmd::Cert {
+            cmd: CertCmd::Pin { file },
+        } => cert_pin(&file),
         Cmd::Run { config } => run_async(async move {
             let cfg = nearpath_config::load_gateway(&config).map_err(anyhow::Error::msg)?;
             nearpath_gateway::init_tracing(&cfg.log);
-            let result = Gateway::load(cfg)?.run(shutdown_on_signal()).await;
+            let gateway = Gateway::load(cfg)?;
+            print_pin(&gateway);
+            let result = gateway.run(shutdown_on_signal()).await;
             // The last spans reach the collector before the process exits.
             nearpath_telemetry::shutdown();
             result?;
@@ -94,6 +127,62 @@ pub fn main() -> ExitCode {
             };
             demo::run(opts, shutdown_on_signal()).await
         }),
+    }
+}
+
+/// Tells the operator, on stdout, which certificate the gateway serves and the line a node's
+/// config needs to trust it.
+fn print_pin(gateway: &Gateway) {
+    if let Some(files) = gateway.cert_files() {
+        let how = match files.origin {
+            CertOrigin::Created => "created now",
+            CertOrigin::Reused => "self-signed, created on an earlier start",
+            CertOrigin::Configured => "configured",
+        };
+        println!(
+            "QUIC certificate {} ({how}); key {}",
+            files.cert_file.display(),
+            files.key_file.display()
+        );
+    }
+    println!("nodes trust this gateway with, in edge-node.toml [gateway]:");
+    println!("pinned_cert_sha256 = \"{}\"", gateway.cert().sha256_hex());
+}
+
+fn cert_generate(out: &std::path::Path, names: Vec<String>) -> ExitCode {
+    let names = if names.is_empty() {
+        vec!["localhost".to_string()]
+    } else {
+        names
+    };
+    match nearpath_gateway::cert::create(out, &names) {
+        Ok(made) => {
+            println!("certificate {}", made.files.cert_file.display());
+            println!("key         {}", made.files.key_file.display());
+            println!(
+                "use them with [quic] cert_file and key_file; nodes trust them with, in \
+                 edge-node.toml [gateway]:"
+            );
+            println!("pinned_cert_sha256 = \"{}\"", made.pair.sha256_hex());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn cert_pin(file: &std::path::Path) -> ExitCode {
+    match nearpath_gateway::cert::pin_of_file(file) {
+        Ok(pin) => {
+            println!("{pin}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 
