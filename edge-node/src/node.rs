@@ -339,7 +339,10 @@ impl EdgeNode {
                             selector.handle_untrusted(std::time::Instant::now(), i, rand::random());
                         }
                     }
-                    let addresses: Vec<String> = addresses.into_iter().map(Option::unwrap_or_default).collect();
+                    let addresses: Vec<String> = addresses
+                        .into_iter()
+                        .map(Option::unwrap_or_default)
+                        .collect();
                     let rtts: Vec<Option<Duration>> = results
                         .iter()
                         .map(|r| r.as_ref().ok().map(|(_, rtt)| *rtt))
@@ -348,7 +351,10 @@ impl EdgeNode {
                         rtts_ms = ?addresses.iter().zip(&rtts).map(|(a, r)| (a.as_str(), r.map(|d| d.as_millis() as u64))).collect::<Vec<_>>(),
                         "measured the round trip to each gateway"
                     );
-                    probed = results.into_iter().map(|r| r.ok().map(|(c, _)| c)).collect();
+                    probed = results
+                        .into_iter()
+                        .map(|r| r.ok().map(|(c, _)| c))
+                        .collect();
                     selector.handle_probed(std::time::Instant::now(), &rtts, rand::random());
                     continue;
                 }
@@ -493,12 +499,14 @@ impl EdgeNode {
         // outage might not speak again until seconds after the path returns, while a fresh one
         // speaks at once; and with several gateways, a dead one must not hold up the others.
         match limit {
-            Some(limit) => tokio::time::timeout(limit, connecting)
-                .await
-                .map_err(|_| DialError::NoAnswer {
-                    addr,
-                    bounded: true,
-                })?,
+            Some(limit) => {
+                tokio::time::timeout(limit, connecting)
+                    .await
+                    .map_err(|_| DialError::NoAnswer {
+                        addr,
+                        bounded: true,
+                    })?
+            }
             None => connecting.await,
         }
         .map_err(|e| DialError::handshake(addr, e))
@@ -840,7 +848,42 @@ pub fn transport_options(config: &NodeConfig) -> TransportOptions {
 
 #[cfg(test)]
 mod tests {
-    use super::host_part;
+    use super::{host_part, DialError, NodeError, PinMismatch};
+
+    #[test]
+    fn a_gateway_that_never_answers_is_no_gateway_answering_at_addr_udp() {
+        let addr = "192.0.2.7:4433".parse().unwrap();
+        let e = DialError::handshake(addr, quinn::ConnectionError::TimedOut);
+        assert!(matches!(e, DialError::NoAnswer { bounded: false, .. }));
+        assert_eq!(
+            e.to_string(),
+            "no gateway answering at 192.0.2.7:4433 (UDP)"
+        );
+        let bounded = DialError::NoAnswer {
+            addr,
+            bounded: true,
+        };
+        assert_eq!(bounded.to_string(), e.to_string());
+    }
+
+    #[test]
+    fn untrusted_gateways_are_each_named_with_their_mismatch() {
+        let m = |b: u8| PinMismatch {
+            expected: vec![[1; 32]],
+            presented: [b; 32],
+        };
+        let one = NodeError::Untrusted(vec![("a:1".into(), m(2))]);
+        assert_eq!(one.to_string(), format!("gateway a:1: {}", m(2)));
+        let two = NodeError::Untrusted(vec![("a:1".into(), m(2)), ("b:1".into(), m(3))]);
+        assert_eq!(
+            two.to_string(),
+            format!(
+                "no gateway presented a pinned certificate: gateway a:1: {}; gateway b:1: {}",
+                m(2),
+                m(3)
+            )
+        );
+    }
 
     #[test]
     fn host_part_handles_names_ipv4_and_ipv6() {
