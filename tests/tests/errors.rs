@@ -190,8 +190,7 @@ async fn an_address_where_nothing_answers_is_no_gateway_answering_at_addr_udp() 
         ServerVerify::PinnedSha256(another_pin()),
     )
     .await
-    .err()
-    .expect("nothing answers");
+    .expect_err("nothing answers");
     assert_eq!(
         text,
         format!("no gateway to use: no gateway answering at {addr} (UDP)")
@@ -226,8 +225,7 @@ async fn the_main_error_kinds_print_each_cause_once() {
         nearpath_gateway::GatewayError::from(nearpath_geo::GeoDb::open(&geo).unwrap_err());
     assert_each_cause_once(&anyhow::Error::new(geo_err));
     let store_err = nearpath_gateway::store::SqliteStore::open(dir.path())
-        .err()
-        .expect("a directory is not a database");
+        .expect_err("a directory is not a database");
     let store_err = nearpath_gateway::GatewayError::from(store_err);
     assert_each_cause_once(&anyhow::Error::new(store_err));
     let pin_err = NodeError::from(tls::parse_sha256_hex("not-a-pin").unwrap_err());
