@@ -32,6 +32,9 @@ pub enum Action {
     Connect(usize),
     /// Nothing to do before this instant; call `poll` again then.
     WaitUntil(Instant),
+    /// Every gateway the node knows presented a certificate it does not trust (a pin
+    /// mismatch): nothing is left to dial, and retrying would fail the same way.
+    GiveUp,
 }
 
 #[derive(Debug, Clone)]
@@ -59,6 +62,9 @@ pub struct Selector {
     /// After a silent path: until when attempts are fast, and their bound.
     fast: Option<(Instant, Duration)>,
     current: Option<usize>,
+    /// Addresses that presented an untrusted certificate: never dialled again, whatever list
+    /// a later fetch brings.
+    untrusted: Vec<String>,
 }
 
 impl Selector {
@@ -80,6 +86,7 @@ impl Selector {
             connect_timeout,
             fast: None,
             current: None,
+            untrusted: Vec::new(),
         }
     }
 
@@ -126,8 +133,35 @@ impl Selector {
         }
     }
 
+    /// Whether candidate `index` presented an untrusted certificate (it is never dialled).
+    pub fn is_untrusted(&self, index: usize) -> bool {
+        self.candidates
+            .get(index)
+            .is_some_and(|c| self.untrusted.contains(&c.address))
+    }
+
+    fn all_untrusted(&self) -> bool {
+        !self.candidates.is_empty()
+            && self
+                .candidates
+                .iter()
+                .all(|c| self.untrusted.contains(&c.address))
+    }
+
+    /// Candidates that presented an untrusted certificate count as tried in every round.
+    fn skip_untrusted(&mut self) {
+        for c in &mut self.candidates {
+            if self.untrusted.contains(&c.address) {
+                c.tried = true;
+            }
+        }
+    }
+
     /// What to do now.
     pub fn poll(&mut self, now: Instant) -> Action {
+        if self.all_untrusted() && !self.stale {
+            return Action::GiveUp;
+        }
         if let Some(until) = self.wait_until {
             if now < until {
                 return Action::WaitUntil(until);
@@ -172,6 +206,7 @@ impl Selector {
         for c in &mut self.candidates {
             c.tried = false;
         }
+        self.skip_untrusted();
         self.probed = false;
         self.stale = self.bootstrap;
     }
@@ -203,6 +238,11 @@ impl Selector {
                 })
                 .collect();
             self.current = None;
+            self.skip_untrusted();
+        }
+        if self.all_untrusted() {
+            // Checked by `poll` first: the node stops.
+            return;
         }
         if self.candidates.is_empty() {
             // Nothing to dial: back off and fetch again.
@@ -255,6 +295,28 @@ impl Selector {
         }
     }
 
+    /// Candidate `index` presented a certificate that is not pinned: it is never dialled
+    /// again (a wrong pin or a replaced certificate is not fixed by waiting). The others are
+    /// tried as after any failure; once none is left, `poll` answers [`Action::GiveUp`].
+    pub fn handle_untrusted(&mut self, now: Instant, index: usize, unit_random: f64) {
+        let Some(c) = self.candidates.get_mut(index) else {
+            return;
+        };
+        c.tried = true;
+        if !self.untrusted.contains(&c.address) {
+            self.untrusted.push(c.address.clone());
+        }
+        if self.current == Some(index) {
+            self.current = None;
+        }
+        if self.all_untrusted() {
+            return;
+        }
+        if self.round_exhausted() {
+            self.end_round(now, unit_random);
+        }
+    }
+
     /// The connection with `index` ended after registering. `silent_rtt` is set when nothing
     /// arrived from the gateway for its lease (the path is down): that opens a fast-redial
     /// window with attempts bounded by six of its round trips. Any other gateway is dialled at
@@ -274,6 +336,7 @@ impl Selector {
         for c in &mut self.candidates {
             c.tried = false;
         }
+        self.skip_untrusted();
         if let Some(c) = self.candidates.get_mut(index) {
             c.tried = true;
         }
@@ -547,6 +610,76 @@ mod tests {
         s.handle_fetched(now, Err("timeout".into()), 0.0);
         assert_eq!(s.poll(now), Action::Probe);
         assert_eq!(s.addresses(), ["x:1", "y:1"]);
+    }
+
+    #[test]
+    fn a_pin_mismatch_is_never_retried_and_a_lone_gateway_gives_up() {
+        let t0 = Instant::now();
+        let mut s = one();
+        assert_eq!(s.poll(t0), Action::Connect(0));
+        s.handle_untrusted(t0, 0, 0.5);
+        assert!(s.is_untrusted(0));
+        // No backoff and no new round: retrying fails the same way.
+        assert_eq!(s.poll(t0), Action::GiveUp);
+        assert_eq!(s.poll(t0 + Duration::from_secs(3600)), Action::GiveUp);
+    }
+
+    #[test]
+    fn a_gateway_with_a_pin_mismatch_is_skipped_in_every_later_round() {
+        let t0 = Instant::now();
+        let mut s = three();
+        assert_eq!(s.poll(t0), Action::Probe);
+        s.handle_untrusted(t0, 1, 0.0);
+        s.handle_probed(t0, &[Some(30 * MS), None, Some(12 * MS)], 0.0);
+        assert_eq!(s.poll(t0), Action::Connect(2));
+        s.handle_registered(t0, 2);
+        s.handle_lost(t0, 2, None, 0.0);
+        // Failover goes to the trusted one, never to the untrusted one.
+        assert_eq!(s.poll(t0), Action::Connect(0));
+        s.handle_connect_failed(t0, 0, false, 0.0);
+        let mut now = match s.poll(t0) {
+            Action::WaitUntil(t) => t,
+            other => panic!("expected the backoff, got {other:?}"),
+        };
+        assert_eq!(s.poll(now), Action::Probe);
+        s.handle_probed(now, &[None, Some(MS), Some(2 * MS)], 0.0);
+        // Even with the best round trip, the untrusted one is not dialled.
+        assert_eq!(s.poll(now), Action::Connect(2));
+        s.handle_untrusted(now, 2, 0.0);
+        assert!(matches!(s.poll(now), Action::WaitUntil(_)));
+        now += Duration::from_secs(60);
+        assert_eq!(s.poll(now), Action::Probe);
+        s.handle_untrusted(now, 0, 0.0);
+        assert_eq!(s.poll(now), Action::GiveUp);
+    }
+
+    #[test]
+    fn an_untrusted_gateway_stays_untrusted_when_a_bootstrap_list_names_it_again() {
+        let t0 = Instant::now();
+        let mut s = Selector::new(
+            Vec::new(),
+            true,
+            Backoff::new(250 * MS, 30_000 * MS),
+            1000 * MS,
+        );
+        assert_eq!(s.poll(t0), Action::Fetch);
+        s.handle_fetched(t0, Ok(vec!["x:1".into(), "y:1".into()]), 0.0);
+        assert_eq!(s.poll(t0), Action::Probe);
+        s.handle_untrusted(t0, 0, 0.0);
+        s.handle_probed(t0, &[None, Some(MS)], 0.0);
+        assert_eq!(s.poll(t0), Action::Connect(1));
+        s.handle_connect_failed(t0, 1, false, 0.0);
+        let now = match s.poll(t0) {
+            Action::WaitUntil(t) => t,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(s.poll(now), Action::Fetch);
+        // The list now holds only the untrusted gateway.
+        s.handle_fetched(now, Ok(vec!["x:1".into()]), 0.0);
+        assert_eq!(s.poll(now), Action::GiveUp);
+        // Forged indices are ignored.
+        s.handle_untrusted(now, 99, 0.0);
+        assert!(!s.is_untrusted(99));
     }
 
     #[test]

@@ -81,7 +81,8 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // Each cause once, even where a message already shows its source.
+            eprintln!("error: {}", nearpath_protocol::report::chain(e.as_ref()));
             ExitCode::FAILURE
         }
     }

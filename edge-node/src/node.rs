@@ -13,7 +13,7 @@ use nearpath_protocol::message::{
 use nearpath_protocol::stream::priority;
 use nearpath_protocol::stream::{send, FramedRecv};
 use nearpath_protocol::tls::{
-    client_config_with, parse_sha256_hex, ServerVerify, TransportOptions,
+    client_config_with, parse_sha256_hex, PinMismatch, ServerVerify, TransportOptions,
 };
 use nearpath_protocol::{app_code, ALPN_NODE, MAX_CONTROL_FRAME, PROTOCOL_VERSION};
 use std::net::SocketAddr;
@@ -40,6 +40,63 @@ pub enum NodeError {
         code: RejectCode,
         reason: String,
     },
+    /// Every gateway the node knows presented a certificate that is not pinned (address and
+    /// mismatch of each). Retrying cannot fix it: the pin or the gateway's certificate must
+    /// change.
+    #[error("{}", untrusted_message(.0))]
+    Untrusted(Vec<(String, PinMismatch)>),
+}
+
+fn untrusted_message(gateways: &[(String, PinMismatch)]) -> String {
+    let each: Vec<String> = gateways
+        .iter()
+        .map(|(address, mismatch)| format!("gateway {address}: {mismatch}"))
+        .collect();
+    match each.as_slice() {
+        [one] => one.clone(),
+        _ => format!(
+            "no gateway presented a pinned certificate: {}",
+            each.join("; ")
+        ),
+    }
+}
+
+/// Why one connection attempt failed.
+#[derive(Debug)]
+enum DialError {
+    /// The gateway presented a certificate that is not pinned: never retried.
+    Untrusted(PinMismatch),
+    /// Nothing answered within the bound (`bounded`: the selector's attempt timeout, so the
+    /// path may come back any moment) or QUIC's idle timeout.
+    NoAnswer { addr: SocketAddr, bounded: bool },
+    /// Anything else (resolution, local socket, a refused or broken handshake).
+    Other(String),
+}
+
+impl std::fmt::Display for DialError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DialError::Untrusted(m) => write!(f, "{m}"),
+            DialError::NoAnswer { addr, .. } => write!(f, "no gateway answering at {addr} (UDP)"),
+            DialError::Other(e) => f.write_str(e),
+        }
+    }
+}
+
+impl DialError {
+    /// The error of a handshake with `addr` that QUIC ended with `e`.
+    fn handshake(addr: SocketAddr, e: quinn::ConnectionError) -> DialError {
+        if let Some(m) = PinMismatch::from_connection_error(&e) {
+            return DialError::Untrusted(m);
+        }
+        match e {
+            quinn::ConnectionError::TimedOut => DialError::NoAnswer {
+                addr,
+                bounded: false,
+            },
+            e => DialError::Other(format!("connecting to {addr}: {e}")),
+        }
+    }
 }
 
 /// What the node is doing now (for the demo's console, tests and logs).
@@ -229,6 +286,8 @@ impl EdgeNode {
         let mut endpoint: Option<quinn::Endpoint> = None;
         // Connections made by the last probe, kept so the chosen gateway is not dialled twice.
         let mut probed: Vec<Option<quinn::Connection>> = Vec::new();
+        // The gateways that presented a certificate that is not pinned, with the mismatch.
+        let mut untrusted: Vec<(String, PinMismatch)> = Vec::new();
         loop {
             if shutdown.is_cancelled() {
                 break;
@@ -261,24 +320,54 @@ impl EdgeNode {
                     let limit = selector
                         .attempt_timeout(now)
                         .unwrap_or(Duration::from_millis(gw.connect_timeout_ms));
-                    let addresses = selector.addresses();
-                    let results = tokio::select! {
+                    // Gateways that presented an untrusted certificate are not probed again.
+                    let addresses: Vec<Option<String>> = selector
+                        .addresses()
+                        .into_iter()
+                        .enumerate()
+                        .map(|(i, a)| (!selector.is_untrusted(i)).then_some(a))
+                        .collect();
+                    let mut results = tokio::select! {
                         r = self.probe(&addresses, &client_cfg, &mut endpoint, limit) => r,
                         _ = shutdown.cancelled() => break,
                     };
+                    for (i, result) in results.iter_mut().enumerate() {
+                        if let Err(DialError::Untrusted(m)) = result {
+                            let address = selector.address(i).to_string();
+                            error!(gateway = %address, error = %m, "the gateway's certificate is not pinned: not dialling it again");
+                            untrusted.push((address, m.clone()));
+                            selector.handle_untrusted(std::time::Instant::now(), i, rand::random());
+                        }
+                    }
+                    let addresses: Vec<String> = addresses
+                        .into_iter()
+                        .map(Option::unwrap_or_default)
+                        .collect();
                     let rtts: Vec<Option<Duration>> = results
                         .iter()
-                        .map(|r| r.as_ref().map(|(_, rtt)| *rtt))
+                        .map(|r| r.as_ref().ok().map(|(_, rtt)| *rtt))
                         .collect();
                     info!(
                         rtts_ms = ?addresses.iter().zip(&rtts).map(|(a, r)| (a.as_str(), r.map(|d| d.as_millis() as u64))).collect::<Vec<_>>(),
                         "measured the round trip to each gateway"
                     );
-                    probed = results.into_iter().map(|r| r.map(|(c, _)| c)).collect();
+                    probed = results
+                        .into_iter()
+                        .map(|r| r.ok().map(|(c, _)| c))
+                        .collect();
                     selector.handle_probed(std::time::Instant::now(), &rtts, rand::random());
                     continue;
                 }
                 Action::Connect(i) => i,
+                Action::GiveUp => {
+                    let e = NodeError::Untrusted(std::mem::take(&mut untrusted));
+                    error!(error = %e, "giving up: no gateway presents a pinned certificate");
+                    for conn in probed.drain(..).flatten() {
+                        conn.close(app_code::CLOSE_SHUTDOWN, b"probe");
+                    }
+                    let _ = self.status.send(NodeStatus::Stopped);
+                    return Err(e);
+                }
             };
             // Connections from the probe to the gateways not chosen are closed now.
             let reused = probed.get_mut(index).and_then(Option::take);
@@ -296,8 +385,14 @@ impl EdgeNode {
             };
             let conn = match outcome {
                 Ok(c) => c,
+                Err(DialError::Untrusted(m)) => {
+                    error!(gateway = %address, error = %m, "the gateway's certificate is not pinned: not dialling it again");
+                    untrusted.push((address, m));
+                    selector.handle_untrusted(std::time::Instant::now(), index, rand::random());
+                    continue;
+                }
                 Err(e) => {
-                    let timed_out = e.starts_with(FAST_TIMEOUT);
+                    let timed_out = matches!(e, DialError::NoAnswer { bounded: true, .. });
                     if timed_out {
                         info!(gateway = %address, error = %e, "gateway unreachable; trying again");
                     } else {
@@ -375,8 +470,8 @@ impl EdgeNode {
         client_cfg: &quinn::ClientConfig,
         endpoint: &mut Option<quinn::Endpoint>,
         limit: Option<Duration>,
-    ) -> Result<quinn::Connection, String> {
-        let addr = resolve(address).await?;
+    ) -> Result<quinn::Connection, DialError> {
+        let addr = resolve(address).await.map_err(DialError::Other)?;
         let ep = match endpoint {
             Some(ep) => ep.clone(),
             None => {
@@ -385,7 +480,7 @@ impl EdgeNode {
                     .unwrap_or_else(|| nearpath_protocol::net::unspecified_for(addr));
                 let (ep, _) =
                     nearpath_protocol::net::client_endpoint(bind, client_cfg.clone(), 1 << 21)
-                        .map_err(|e| format!("binding {bind}: {e}"))?;
+                        .map_err(|e| DialError::Other(format!("binding {bind}: {e}")))?;
                 *endpoint = Some(ep.clone());
                 ep
             }
@@ -398,33 +493,38 @@ impl EdgeNode {
             .unwrap_or_else(|| host_part(address).to_string());
         let connecting = ep
             .connect(addr, &server_name)
-            .map_err(|e| format!("connecting to {addr}: {e}"))?;
+            .map_err(|e| DialError::Other(format!("connecting to {addr}: {e}")))?;
         // A bounded attempt that gets no answer is abandoned and a new one started: QUIC backs
         // off its handshake retransmissions exponentially, so one attempt begun during an
         // outage might not speak again until seconds after the path returns, while a fresh one
         // speaks at once; and with several gateways, a dead one must not hold up the others.
         match limit {
-            Some(limit) => tokio::time::timeout(limit, connecting)
-                .await
-                .map_err(|_| format!("{FAST_TIMEOUT}: no answer from {addr} within {limit:?}"))?,
+            Some(limit) => {
+                tokio::time::timeout(limit, connecting)
+                    .await
+                    .map_err(|_| DialError::NoAnswer {
+                        addr,
+                        bounded: true,
+                    })?
+            }
             None => connecting.await,
         }
-        .map_err(|e| format!("connecting to {addr}: {e}"))
+        .map_err(|e| DialError::handshake(addr, e))
     }
 
-    /// Handshakes with every gateway at once; each result is the connection and its handshake
-    /// time (about one round trip plus the gateway's TLS work), or `None` when it failed or took
-    /// longer than `limit`.
+    /// Handshakes with every gateway at once (`None`: skipped); each result is the connection
+    /// and its handshake time (about one round trip plus the gateway's TLS work), or why it
+    /// failed or took longer than `limit`.
     async fn probe(
         &self,
-        addresses: &[String],
+        addresses: &[Option<String>],
         client_cfg: &quinn::ClientConfig,
         endpoint: &mut Option<quinn::Endpoint>,
         limit: Duration,
-    ) -> Vec<Option<(quinn::Connection, Duration)>> {
+    ) -> Vec<Result<(quinn::Connection, Duration), DialError>> {
         // The endpoint is created once, before the concurrent handshakes share it.
         if endpoint.is_none() {
-            if let Some(first) = addresses.first() {
+            if let Some(first) = addresses.iter().flatten().next() {
                 let _ = self.dial_endpoint(first, client_cfg, endpoint).await;
             }
         }
@@ -432,8 +532,11 @@ impl EdgeNode {
         let attempts = addresses.iter().map(|address| {
             let ep = ep.clone();
             async move {
-                let ep = ep?;
-                let addr = resolve(address).await.ok()?;
+                let address = address
+                    .as_deref()
+                    .ok_or_else(|| DialError::Other("skipped".into()))?;
+                let ep = ep.ok_or_else(|| DialError::Other("no QUIC endpoint".into()))?;
+                let addr = resolve(address).await.map_err(DialError::Other)?;
                 let server_name = self
                     .config
                     .gateway
@@ -441,9 +544,17 @@ impl EdgeNode {
                     .clone()
                     .unwrap_or_else(|| host_part(address).to_string());
                 let started = tokio::time::Instant::now();
-                let connecting = ep.connect(addr, &server_name).ok()?;
-                let conn = tokio::time::timeout(limit, connecting).await.ok()?.ok()?;
-                Some((conn, started.elapsed()))
+                let connecting = ep
+                    .connect(addr, &server_name)
+                    .map_err(|e| DialError::Other(format!("connecting to {addr}: {e}")))?;
+                let conn = tokio::time::timeout(limit, connecting)
+                    .await
+                    .map_err(|_| DialError::NoAnswer {
+                        addr,
+                        bounded: true,
+                    })?
+                    .map_err(|e| DialError::handshake(addr, e))?;
+                Ok((conn, started.elapsed()))
             }
         });
         futures_join_all(attempts).await
@@ -672,9 +783,6 @@ impl EdgeNode {
     }
 }
 
-/// Marks a bounded connection attempt that timed out.
-const FAST_TIMEOUT: &str = "attempt timed out";
-
 /// Runs the futures concurrently and returns their outputs in order.
 async fn futures_join_all<F: std::future::Future>(
     futures: impl IntoIterator<Item = F>,
@@ -740,7 +848,42 @@ pub fn transport_options(config: &NodeConfig) -> TransportOptions {
 
 #[cfg(test)]
 mod tests {
-    use super::host_part;
+    use super::{host_part, DialError, NodeError, PinMismatch};
+
+    #[test]
+    fn a_gateway_that_never_answers_is_no_gateway_answering_at_addr_udp() {
+        let addr = "192.0.2.7:4433".parse().unwrap();
+        let e = DialError::handshake(addr, quinn::ConnectionError::TimedOut);
+        assert!(matches!(e, DialError::NoAnswer { bounded: false, .. }));
+        assert_eq!(
+            e.to_string(),
+            "no gateway answering at 192.0.2.7:4433 (UDP)"
+        );
+        let bounded = DialError::NoAnswer {
+            addr,
+            bounded: true,
+        };
+        assert_eq!(bounded.to_string(), e.to_string());
+    }
+
+    #[test]
+    fn untrusted_gateways_are_each_named_with_their_mismatch() {
+        let m = |b: u8| PinMismatch {
+            expected: vec![[1; 32]],
+            presented: [b; 32],
+        };
+        let one = NodeError::Untrusted(vec![("a:1".into(), m(2))]);
+        assert_eq!(one.to_string(), format!("gateway a:1: {}", m(2)));
+        let two = NodeError::Untrusted(vec![("a:1".into(), m(2)), ("b:1".into(), m(3))]);
+        assert_eq!(
+            two.to_string(),
+            format!(
+                "no gateway presented a pinned certificate: gateway a:1: {}; gateway b:1: {}",
+                m(2),
+                m(3)
+            )
+        );
+    }
 
     #[test]
     fn host_part_handles_names_ipv4_and_ipv6() {

@@ -64,6 +64,17 @@ pub enum ClientError {
         /// Why.
         source: quinn::ConnectError,
     },
+    /// The gateway presented a certificate that is not the pinned one. Retrying cannot help:
+    /// the pin or the gateway's certificate must change.
+    #[error("{0}")]
+    PinMismatch(tls::PinMismatch),
+    /// Nothing answered the handshake at `addr` before the connection attempt timed out: no
+    /// gateway listens there, or a firewall drops UDP on the way.
+    #[error("no gateway answering at {addr} (UDP)")]
+    NoAnswer {
+        /// The address dialled.
+        addr: SocketAddr,
+    },
     /// The connection failed or was closed.
     #[error("connection to {addr} failed: {source}")]
     Connection {
@@ -142,11 +153,24 @@ pub enum ClientError {
 }
 
 impl ClientError {
+    /// The error of a handshake with `addr` that failed with `source`: a pin mismatch and a
+    /// silent address are told apart from other failures, in words an operator acts on.
+    pub fn handshake(addr: SocketAddr, source: quinn::ConnectionError) -> ClientError {
+        if let Some(mismatch) = tls::PinMismatch::from_connection_error(&source) {
+            return ClientError::PinMismatch(mismatch);
+        }
+        match source {
+            // Nothing at all came back during the handshake for the idle timeout.
+            quinn::ConnectionError::TimedOut => ClientError::NoAnswer { addr },
+            source => ClientError::Connection { addr, source },
+        }
+    }
+
     /// Whether retrying (on a new connection where the connection failed) may succeed.
     pub fn is_retryable(&self) -> bool {
         match self {
             ClientError::Refused { retryable, .. } => *retryable,
-            ClientError::Connection { .. } => true,
+            ClientError::Connection { .. } | ClientError::NoAnswer { .. } => true,
             ClientError::Stream { source, .. } => source.blame() == stream::Blame::Network,
             ClientError::Datagram { source, .. } => {
                 matches!(source, quinn::SendDatagramError::ConnectionLost(_))
@@ -208,7 +232,7 @@ impl Client {
             .map_err(|source| ClientError::Connect { addr, source })?;
         let conn = connecting
             .await
-            .map_err(|source| ClientError::Connection { addr, source })?;
+            .map_err(|source| ClientError::handshake(addr, source))?;
         Ok(Client {
             endpoint,
             conn,

@@ -13,6 +13,7 @@
 //!   [`recv_frame`], [`relay_frame`].
 //! - [`tls`] and [`net`] build rustls/quinn configurations (ring provider) and UDP sockets.
 //! - [`client`] is the native client library ([`Client`]) for `nearpath/1`.
+//! - [`report`] prints an error and its causes, each cause once (what the binaries print).
 
 pub mod caps;
 pub mod client;
@@ -22,6 +23,7 @@ pub mod input;
 pub mod message;
 pub mod net;
 pub mod openai;
+pub mod report;
 pub mod stream;
 pub mod tls;
 

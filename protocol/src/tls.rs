@@ -95,6 +95,85 @@ pub enum TlsError {
     Generate(#[from] rcgen::Error),
 }
 
+/// A server presented a certificate whose SHA-256 is not the pinned one: the message an
+/// operator acts on (fix the pin, or find out why the gateway's certificate changed). Retrying
+/// cannot help, so nodes and clients stop dialling that server.
+#[derive(Clone, PartialEq, Eq, Error)]
+#[error("certificate pin mismatch: expected {}, gateway presented {}", expected_list(.expected), sha256_hex(.presented))]
+pub struct PinMismatch {
+    /// The pins that would have been trusted (one, or a federation's set).
+    pub expected: Vec<[u8; 32]>,
+    /// SHA-256 of the end-entity certificate the server presented.
+    pub presented: [u8; 32],
+}
+
+/// Words that start [`PinMismatch`]'s message, found again in the handshake error's text.
+const PIN_MISMATCH_MARK: &str = "certificate pin mismatch: expected ";
+const PIN_MISMATCH_PRESENTED: &str = ", gateway presented ";
+
+// rustls shows a verifier's own error only through `Debug` (inside "invalid peer certificate:
+// Other(OtherError(..))"), so `Debug` is the message too: it is what reaches the QUIC error.
+impl std::fmt::Debug for PinMismatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
+}
+
+fn expected_list(pins: &[[u8; 32]]) -> String {
+    if pins.is_empty() {
+        return "no pin".to_string();
+    }
+    pins.iter().map(sha256_hex).collect::<Vec<_>>().join(" or ")
+}
+
+impl PinMismatch {
+    /// The rustls error a verifier returns: a certificate error, so the server is sent the
+    /// `certificate_unknown` alert.
+    fn into_rustls(self) -> rustls::Error {
+        rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(
+            Arc::new(self),
+        )))
+    }
+
+    /// The pin mismatch behind a failed connection attempt, if that is why it failed. Only an
+    /// error this end raised itself counts (a locally detected transport error carrying the
+    /// `certificate_unknown` alert): a peer cannot forge one by closing with a chosen reason.
+    pub fn from_connection_error(e: &quinn::ConnectionError) -> Option<PinMismatch> {
+        let quinn::ConnectionError::TransportError(t) = e else {
+            return None;
+        };
+        Self::from_transport_error(u64::from(t.code), &t.reason)
+    }
+
+    /// [`PinMismatch::from_connection_error`] on a transport error's code and reason.
+    fn from_transport_error(code: u64, reason: &str) -> Option<PinMismatch> {
+        // TLS alert 46 (certificate_unknown) as a QUIC CRYPTO_ERROR (0x100 + alert).
+        if code != 0x100 + 46 {
+            return None;
+        }
+        Self::parse(reason)
+    }
+
+    /// Reads the mismatch back from text holding its message.
+    fn parse(text: &str) -> Option<PinMismatch> {
+        let rest = &text[text.find(PIN_MISMATCH_MARK)? + PIN_MISMATCH_MARK.len()..];
+        let (expected, rest) = rest.split_once(PIN_MISMATCH_PRESENTED)?;
+        let expected = if expected == "no pin" {
+            Vec::new()
+        } else {
+            expected
+                .split(" or ")
+                .map(|p| parse_sha256_hex(p).ok())
+                .collect::<Option<Vec<_>>>()?
+        };
+        let presented = parse_sha256_hex(rest.get(..64)?).ok()?;
+        Some(PinMismatch {
+            expected,
+            presented,
+        })
+    }
+}
+
 /// Transport settings shared by both ends.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TransportOptions {
@@ -546,9 +625,11 @@ impl ServerCertVerifier for PinnedVerifier {
             Some(pins) if pins.contains(&cert_sha256(end_entity)) => {
                 Ok(ServerCertVerified::assertion())
             }
-            Some(_) => Err(rustls::Error::InvalidCertificate(
-                rustls::CertificateError::ApplicationVerificationFailure,
-            )),
+            Some(pins) => Err(PinMismatch {
+                expected: pins.clone(),
+                presented: cert_sha256(end_entity),
+            }
+            .into_rustls()),
         }
     }
 
@@ -602,6 +683,63 @@ mod tests {
             err.to_string().contains("/nonexistent/nearpath/cert.pem"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn pin_mismatch_names_both_pins_and_reads_back_from_the_handshake_error() {
+        let m = PinMismatch {
+            expected: vec![[1u8; 32]],
+            presented: [2u8; 32],
+        };
+        assert_eq!(
+            m.to_string(),
+            format!(
+                "certificate pin mismatch: expected {}, gateway presented {}",
+                "01".repeat(32),
+                "02".repeat(32)
+            )
+        );
+        // What quinn makes of the verifier's error on this end.
+        let reason = m.clone().into_rustls().to_string();
+        let crypto_46 = u64::from(quinn::TransportErrorCode::crypto(46));
+        assert_eq!(
+            PinMismatch::from_transport_error(crypto_46, &reason),
+            Some(m.clone())
+        );
+        let several = PinMismatch {
+            expected: vec![[1u8; 32], [3u8; 32]],
+            presented: [2u8; 32],
+        };
+        assert_eq!(
+            PinMismatch::parse(&several.clone().into_rustls().to_string()),
+            Some(several)
+        );
+    }
+
+    #[test]
+    fn pin_mismatch_is_never_read_from_what_the_peer_sent_or_other_alerts() {
+        let text = PinMismatch {
+            expected: vec![[1u8; 32]],
+            presented: [2u8; 32],
+        }
+        .to_string();
+        // Another alert with the same words (only the verifier raises certificate_unknown).
+        let crypto_40 = u64::from(quinn::TransportErrorCode::crypto(40));
+        assert_eq!(PinMismatch::from_transport_error(crypto_40, &text), None);
+        // What a peer sends arrives as `ConnectionClosed`, never as this end's own error.
+        let closed = quinn::ConnectionError::ConnectionClosed(quinn::ConnectionClose {
+            error_code: quinn::TransportErrorCode::crypto(46),
+            frame_type: None,
+            reason: text.clone().into_bytes().into(),
+        });
+        assert_eq!(PinMismatch::from_connection_error(&closed), None);
+        // Truncated or forged texts.
+        assert_eq!(PinMismatch::parse(&text[..text.len() - 1]), None);
+        assert_eq!(
+            PinMismatch::parse("certificate pin mismatch: expected zz, gateway presented 00"),
+            None
+        );
+        assert_eq!(PinMismatch::parse(""), None);
     }
 
     #[test]

@@ -107,8 +107,17 @@ async fn pinned_verifier_accepts_the_right_hash_and_rejects_a_wrong_one() {
         );
         let (server_conn, client) = tokio::join!(accepting, dialing);
         match client {
-            Err(quinn::ConnectionError::TransportError(e)) => {
+            Err(e @ quinn::ConnectionError::TransportError(_)) => {
                 assert!(e.to_string().contains("certificate"), "{e}");
+                // Both pins are recovered from this end's own error.
+                let m = nearpath_protocol::tls::PinMismatch::from_connection_error(&e);
+                assert_eq!(
+                    m,
+                    Some(nearpath_protocol::tls::PinMismatch {
+                        expected: vec![wrong],
+                        presented: sha
+                    })
+                );
             }
             Err(other) => panic!("wrong pin failed for another reason: {other}"),
             Ok(_) => panic!("wrong pin connected"),

@@ -1239,3 +1239,272 @@ async fn a_closed_tab_or_killed_browser_ends_its_session_within_the_idle_timeout
     node.stop().await.unwrap();
     gw.stop().await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// The player page's polish: the reason of a refusal, an unknown game refused, stats posting that
+// stops with the session, controls help, favicon, stats overlay out of the game's HUD.
+
+/// Polls `expr` in the page until `pred` holds (bounded), returning its value.
+async fn wait_eval(page: &Page, expr: &str, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    let start = Instant::now();
+    loop {
+        let v = page.eval(expr).await.unwrap_or(Value::Null);
+        if pred(&v) {
+            return v;
+        }
+        if start.elapsed() >= Duration::from_secs(30) {
+            let page_state = page
+                .eval("JSON.stringify([document.location.href, document.getElementById('message') && document.getElementById('message').textContent, window.nearpath && window.nearpath.lastError])")
+                .await;
+            panic!("timed out waiting for {what}; {expr} = {v}; page: {page_state:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn error_message(body: &str) -> String {
+    serde_json::from_str::<Value>(body)
+        .map(|v| v["error"]["message"].as_str().unwrap_or("").to_string())
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_player_page_icon_and_refusals_it_shows_over_plain_http() {
+    let gw = TestGateway::start(|_| {}).await;
+    let mut de = TestNode::start(with_arena(gw.node_config("de-1", &gw.token)), ip(DE));
+    de.registered().await;
+    let auth = format!("Bearer {API_KEY}");
+
+    // A wrong key: 401 with a reason, for the game list and for an offer alike.
+    let (status, _, body) = request(
+        None,
+        "GET",
+        &gw.api_url("/v1/games"),
+        &[("authorization", "Bearer wrong-key")],
+        "",
+    )
+    .await;
+    assert_eq!(status, 401, "{body}");
+    assert!(!error_message(&body).is_empty(), "{body}");
+    let (status, _, body) = request(
+        None,
+        "POST",
+        &gw.api_url("/v1/games/arena/whep"),
+        &[
+            ("authorization", "Bearer wrong-key"),
+            ("content-type", "application/sdp"),
+        ],
+        CHROMIUM_OFFER,
+    )
+    .await;
+    assert_eq!(status, 401, "{body}");
+    assert!(!error_message(&body).is_empty(), "{body}");
+
+    // An offer for a game no node serves, while one serves another: 404 naming it, and no
+    // session of any game.
+    let (status, h, body) = request(
+        None,
+        "POST",
+        &gw.api_url("/v1/games/nosuch/whep"),
+        &[
+            ("authorization", auth.as_str()),
+            ("content-type", "application/sdp"),
+        ],
+        CHROMIUM_OFFER,
+    )
+    .await;
+    assert_eq!(
+        (status, error_code(&body).as_str()),
+        (404, "game_not_found"),
+        "{body}"
+    );
+    assert!(error_message(&body).contains("nosuch"), "{body}");
+    assert_eq!(header(&h, "x-should-retry"), "false");
+    assert!(gw.admin_get("/admin/sessions").await["data"]
+        .as_array()
+        .unwrap()
+        .is_empty());
+
+    // Stats for a session that ended: 404 with a reason (the page stops at the first).
+    let (status, h, body) = request(
+        None,
+        "POST",
+        &gw.api_url("/v1/games/arena/whep?width=320&height=180&fps=30"),
+        &[
+            ("authorization", auth.as_str()),
+            ("content-type", "application/sdp"),
+        ],
+        CHROMIUM_OFFER,
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let session = gw.api_url(header(&h, "location"));
+    let (status, _, _) = request(
+        None,
+        "DELETE",
+        &session,
+        &[("authorization", auth.as_str())],
+        "",
+    )
+    .await;
+    assert_eq!(status, 200);
+    wait_sessions(&gw, "the session to end", Duration::from_secs(5), |l| {
+        l.is_empty()
+    })
+    .await;
+    let json_headers = [
+        ("authorization", auth.as_str()),
+        ("content-type", "application/json"),
+    ];
+    let (status, _, body) = request(
+        None,
+        "POST",
+        &format!("{session}/stats"),
+        &json_headers,
+        r#"{"framesDecoded":5}"#,
+    )
+    .await;
+    assert_eq!(status, 404, "{body}");
+    assert!(!error_message(&body).is_empty(), "{body}");
+
+    // The page: an inline icon, the controls help, the stats overlay collapsed at the bottom.
+    let (status, _, page) = request(None, "GET", &gw.api_url("/play"), &[], "").await;
+    assert_eq!(status, 200);
+    assert!(page.contains(r#"<link rel="icon" href="data:image/svg+xml,"#));
+    assert!(page.contains(r#"<div id="help" class="hidden""#));
+    assert!(page.contains(r#"<div id="stats" class="collapsed""#));
+    // And the icon browsers ask for on any page of the gateway.
+    for method in ["GET", "HEAD"] {
+        let (status, h, body) = request(None, method, &gw.api_url("/favicon.ico"), &[], "").await;
+        assert_eq!(status, 200, "{method}");
+        assert_eq!(header(&h, "content-type"), "image/svg+xml");
+        if method == "GET" {
+            assert!(body.starts_with("<svg"), "{body}");
+        }
+    }
+    let (status, _, _) = request(None, "POST", &gw.api_url("/favicon.ico"), &[], "").await;
+    assert_eq!(status, 405);
+
+    de.stop().await.unwrap();
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_player_page_says_why_it_cannot_play_and_stops_posting_stats_when_the_session_ends() {
+    let _one = ONE_BROWSER_AT_A_TIME.lock().await;
+    let gw = TestGateway::start(|_| {}).await;
+    let mut node = TestNode::start(with_arena(gw.node_config("de-1", &gw.token)), ip(DE));
+    node.registered().await;
+    let browser = Browser::launch().await;
+
+    // A wrong key: Play shows the gateway's 401 reason, not a prompt to enter a key.
+    let (_, _, body) = request(
+        None,
+        "GET",
+        &gw.api_url("/v1/games"),
+        &[("authorization", "Bearer wrong-key")],
+        "",
+    )
+    .await;
+    let reason = error_message(&body);
+    let page = browser.open(&gw.api_url("/play?key=wrong-key")).await;
+    wait_eval(
+        &page,
+        "window.nearpath.gamesError",
+        "the games' error",
+        |v| v.is_string(),
+    )
+    .await;
+    page.eval("document.getElementById('play').click()")
+        .await
+        .unwrap();
+    let shown = wait_eval(
+        &page,
+        "window.nearpath.lastError",
+        "the page's error",
+        Value::is_string,
+    )
+    .await;
+    assert_eq!(shown, Value::String(reason.clone()));
+    let text = page
+        .eval("document.getElementById('message').textContent")
+        .await
+        .unwrap();
+    assert_eq!(text, Value::String(reason));
+    assert_eq!(page.eval("window.nearpath.pcCreated").await.unwrap(), 0);
+
+    // The help overlay: `h` shows it and hides it again.
+    let hidden = "document.getElementById('help').classList.contains('hidden')";
+    assert_eq!(page.eval(hidden).await.unwrap(), true);
+    page.key(72, "h", "KeyH", true).await.unwrap();
+    page.key(72, "h", "KeyH", false).await.unwrap();
+    assert_eq!(page.eval(hidden).await.unwrap(), false);
+    page.key(72, "h", "KeyH", true).await.unwrap();
+    page.key(72, "h", "KeyH", false).await.unwrap();
+    assert_eq!(page.eval(hidden).await.unwrap(), true);
+    drop(page);
+
+    // An unknown game is refused by name, with what the gateway offers; nothing is played.
+    let page = browser
+        .open(&gw.api_url(&format!("/play?key={API_KEY}&game=nosuch&autostart=1")))
+        .await;
+    let shown = wait_eval(
+        &page,
+        "window.nearpath.lastError",
+        "the unknown game's error",
+        Value::is_string,
+    )
+    .await;
+    assert_eq!(
+        shown, "unknown game \"nosuch\": this gateway offers arena",
+        "{shown}"
+    );
+    assert_eq!(page.eval("window.nearpath.pcCreated").await.unwrap(), 0);
+    assert!(gw.admin_get("/admin/sessions").await["data"]
+        .as_array()
+        .unwrap()
+        .is_empty());
+    drop(page);
+
+    // Stats are posted while the session lives and no more once it ended.
+    let page = browser.open(&play_url(&gw, 640, 360, 30)).await;
+    wait_stats(&page, "decoding", Duration::from_secs(30), |s| {
+        num(s, "framesDecoded") > 5.0
+    })
+    .await;
+    let id = page.eval("window.nearpath.session").await.unwrap();
+    let id = id.as_str().expect("the session id").to_string();
+    let (status, _, _) = request(
+        None,
+        "DELETE",
+        &gw.api_url(&format!("/v1/sessions/{id}")),
+        &[("authorization", &format!("Bearer {API_KEY}"))],
+        "",
+    )
+    .await;
+    assert_eq!(status, 200);
+    wait_stats(&page, "the session's end", Duration::from_secs(10), |s| {
+        s["ended"].is_string()
+    })
+    .await;
+    let posts = page.eval("window.nearpath.statsPosts").await.unwrap();
+    assert!(posts.as_u64().unwrap() > 0);
+    let ticks = page.eval("window.nearpath.statsTicks").await.unwrap();
+    let later = ticks.as_u64().unwrap() + 3;
+    wait_eval(
+        &page,
+        "window.nearpath.statsTicks",
+        "three more stats samples",
+        |v| v.as_u64().is_some_and(|n| n >= later),
+    )
+    .await;
+    assert_eq!(
+        page.eval("window.nearpath.statsPosts").await.unwrap(),
+        posts,
+        "stats were posted after the session ended"
+    );
+    drop(page);
+    drop(browser);
+    node.stop().await.unwrap();
+    gw.stop().await;
+}

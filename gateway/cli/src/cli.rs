@@ -197,7 +197,7 @@ fn run_async(f: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCo
     match rt.block_on(f) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", nearpath_protocol::report::chain(e.as_ref()));
             ExitCode::FAILURE
         }
     }
@@ -240,7 +240,11 @@ fn check_config(file: &std::path::Path) -> ExitCode {
                 ExitCode::SUCCESS
             }
             Err(e) => {
-                eprintln!("{}: {e:#}", file.display());
+                eprintln!(
+                    "{}: {}",
+                    file.display(),
+                    nearpath_protocol::report::chain(&e)
+                );
                 ExitCode::from(2)
             }
         },
@@ -292,7 +296,7 @@ fn geo_lookup(config: Option<PathBuf>, db: Option<PathBuf>, ips: &[String]) -> E
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(2),
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", nearpath_protocol::report::chain(e.as_ref()));
             ExitCode::FAILURE
         }
     }

@@ -2,7 +2,7 @@
 //! once and keeps the first to finish, which is the lowest round trip (plus the gateway's TLS
 //! work); the slower handshakes are abandoned.
 
-use nearpath_protocol::{Client, PlaySession, ServerVerify};
+use nearpath_protocol::{Client, ClientError, PlaySession, ServerVerify};
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -33,7 +33,21 @@ pub async fn connect(
     });
     Client::connect(addr, &host, verify)
         .await
-        .map_err(|e| format!("{gateway}: {e}"))
+        .map_err(|e| describe(gateway, &e))
+}
+
+/// The failure to connect to `gateway` as the user named it (a host name stays a host name).
+fn describe(gateway: &str, e: &ClientError) -> String {
+    match e {
+        ClientError::NoAnswer { .. } => no_answer(gateway),
+        ClientError::PinMismatch(m) => format!("gateway {gateway}: {m}"),
+        e => format!("{gateway}: {e}"),
+    }
+}
+
+/// What a dialled address that never answered is called.
+fn no_answer(gateway: &str) -> String {
+    format!("no gateway answering at {gateway} (UDP)")
 }
 
 /// Handshakes with every candidate at once and returns the first connected client and its
@@ -69,13 +83,13 @@ pub async fn nearest(
                 return Ok((client, address));
             }
             Ok(Err(e)) => failures.push(e),
-            Err(_) => failures.push(format!("{address}: no answer within {PROBE_TIMEOUT:?}")),
+            Err(_) => failures.push(no_answer(&address)),
         }
     }
     if failures.is_empty() {
         return Err("no gateway to try".into());
     }
-    Err(format!("no gateway answered: {}", failures.join("; ")))
+    Err(format!("no gateway to use: {}", failures.join("; ")))
 }
 
 /// How long a player keeps trying to resume its session through the other gateways after its

@@ -39,7 +39,11 @@
 //!   `Access-Control-Allow-Origin` for the origins in `http.cors_allowed_origins` (`"*"` allows
 //!   any), exposing `Location`, `Link` and `x-request-id`.
 //! * `GET /play`: the player page (plain HTML and JavaScript, no build step). With `gateway
-//!   demo` the key field is prefilled with the demo key.
+//!   demo` the key field is prefilled with the demo key. It shows the reason of a refusal (a
+//!   wrong key's 401 message), refuses a `?game=` the gateway does not offer instead of playing
+//!   another, stops posting stats when the session ends, has a controls help (`?` or `h`) and
+//!   keeps its stats to one line at the bottom right unless expanded (`?stats=full`).
+//! * `GET /favicon.ico`: the site icon (SVG), also inline in the page.
 //!
 //! Session resources (`/v1/sessions/{id}`) answer only to a key of the tenant that created them;
 //! anything else gets 404.

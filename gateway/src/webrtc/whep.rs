@@ -32,6 +32,10 @@ use webrtc::peer_connection::RTCIceCandidateInit;
 
 /// The player page, with `__NEARPATH_DEMO_KEY__` replaced when served.
 const PLAY_HTML: &str = include_str!("../../static/play.html");
+/// The site icon, also inline in the player page: browsers ask for `/favicon.ico` on any page
+/// of the gateway they show (a JSON answer, the admin's `/metrics`), and get it rather than a 404.
+const FAVICON_SVG: &str = "<svg xmlns='http://www.w3.org/2000/svg' viewBox='0 0 16 16'>\
+    <path d='M8 1 14 14 8 11 2 14z' fill='#f5c400'/></svg>";
 /// Frames waiting for the session task; a full queue drops the newest frame (see
 /// [`FrameSink::Channel`]).
 const FRAME_QUEUE: usize = 8;
@@ -286,7 +290,10 @@ impl WhepError {
 
 /// Whether `path` is one of this module's resources.
 pub fn is_webrtc_path(path: &str) -> bool {
-    path == "/play" || path.starts_with("/v1/sessions/") || whep_title(path).is_some()
+    path == "/play"
+        || path == "/favicon.ico"
+        || path.starts_with("/v1/sessions/")
+        || whep_title(path).is_some()
 }
 
 fn whep_title(path: &str) -> Option<&str> {
@@ -431,6 +438,12 @@ async fn handle_with(w: &Whep, req: Request<Incoming>, peer: SocketAddr) -> Resp
             m => method_not_allowed(&m, &path, "GET, HEAD"),
         };
     }
+    if path == "/favicon.ico" {
+        return match method {
+            Method::GET | Method::HEAD => favicon(),
+            m => method_not_allowed(&m, &path, "GET, HEAD"),
+        };
+    }
     let mut resp = if let Some(title) = whep_title(&path) {
         let title = title.to_string();
         match method {
@@ -491,6 +504,17 @@ fn play_page(w: &Whep) -> Resp {
     h.insert(
         HeaderName::from_static("x-content-type-options"),
         HeaderValue::from_static("nosniff"),
+    );
+    r
+}
+
+fn favicon() -> Resp {
+    let mut r = Response::new(Body::from_bytes(FAVICON_SVG));
+    let h = r.headers_mut();
+    h.insert(CONTENT_TYPE, HeaderValue::from_static("image/svg+xml"));
+    h.insert(
+        hyper::header::CACHE_CONTROL,
+        HeaderValue::from_static("public, max-age=86400"),
     );
     r
 }
@@ -887,6 +911,7 @@ mod tests {
         assert_eq!(session_path("/v1/sessions/12/stats"), Some(("12", true)));
         assert_eq!(session_path("/v1/sessions/12/x"), None);
         assert!(is_webrtc_path("/play"));
+        assert!(is_webrtc_path("/favicon.ico"));
         assert!(!is_webrtc_path("/v1/games"));
     }
 }

@@ -147,7 +147,7 @@ fn main() -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", nearpath_protocol::report::chain(e.as_ref()));
             std::process::ExitCode::FAILURE
         }
     }
