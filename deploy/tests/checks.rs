@@ -152,7 +152,13 @@ pub fn check_deb(deb: &Path, metadata: &toml::Table, version: &str) {
                 deb.display(),
                 e.path
             );
-            assert_eq!(e.owner, "root/root", "{}: owner of {}", deb.display(), e.path);
+            assert_eq!(
+                e.owner,
+                "root/root",
+                "{}: owner of {}",
+                deb.display(),
+                e.path
+            );
         }
     }
 
@@ -197,7 +203,11 @@ pub fn check_deb(deb: &Path, metadata: &toml::Table, version: &str) {
         .filter(|e| e.path.starts_with("etc/") && !e.mode.starts_with('d'))
         .map(|e| format!("/{}", e.path))
         .collect();
-    assert_eq!(under_etc.len(), got.len(), "every file under /etc is a conffile");
+    assert_eq!(
+        under_etc.len(),
+        got.len(),
+        "every file under /etc is a conffile"
+    );
 }
 
 /// Extracts the package into `dir`.

@@ -49,7 +49,9 @@ fn deb_of_the_edge_node_ships_every_asset_and_control_field_of_its_cargo_deb_met
         .collect();
     assert_eq!(bins, ["usr/bin/edge-node"], "only the edge node's binary");
     assert!(
-        !paths.iter().any(|p| p.starts_with("usr/share/man/man1/gateway")),
+        !paths
+            .iter()
+            .any(|p| p.starts_with("usr/share/man/man1/gateway")),
         "only the edge node's pages: {paths:#?}"
     );
 
@@ -69,7 +71,10 @@ fn deb_of_the_edge_node_ships_every_asset_and_control_field_of_its_cargo_deb_met
     let version = checks::run(
         std::process::Command::new(root.path().join("usr/bin/edge-node")).arg("--version"),
     );
-    assert_eq!(version.trim(), format!("edge-node {}", env!("CARGO_PKG_VERSION")));
+    assert_eq!(
+        version.trim(),
+        format!("edge-node {}", env!("CARGO_PKG_VERSION"))
+    );
 }
 
 #[test]
@@ -109,6 +114,9 @@ fn edge_node_unit_passes_systemd_analyze_verify_and_stays_hardened() {
         "SystemCallFilter=@system-service",
         "Restart=on-failure",
     ] {
-        assert!(unit.contains(required), "{required:?} missing from the unit");
+        assert!(
+            unit.contains(required),
+            "{required:?} missing from the unit"
+        );
     }
 }

@@ -76,7 +76,10 @@ fn deb_of_the_gateway_ships_every_asset_and_control_field_of_its_cargo_deb_metad
     assert!(page.contains(".TH gateway-run 1"), "{page}");
     assert!(page.contains("Gateway config file"), "{page}");
     let bash = String::from_utf8(read("usr/share/bash-completion/completions/gateway")).unwrap();
-    assert!(bash.contains("check-config") && bash.contains("_gateway"), "{bash}");
+    assert!(
+        bash.contains("check-config") && bash.contains("_gateway"),
+        "{bash}"
+    );
     let copyright = String::from_utf8(read("usr/share/doc/nearpath-gateway/copyright")).unwrap();
     assert!(copyright.contains("Apache License"), "{copyright}");
     let notice = String::from_utf8(read("usr/share/doc/nearpath-gateway/NOTICE")).unwrap();
@@ -85,7 +88,10 @@ fn deb_of_the_gateway_ships_every_asset_and_control_field_of_its_cargo_deb_metad
     let version = checks::run(
         std::process::Command::new(root.path().join("usr/bin/gateway")).arg("--version"),
     );
-    assert_eq!(version.trim(), format!("gateway {}", env!("CARGO_PKG_VERSION")));
+    assert_eq!(
+        version.trim(),
+        format!("gateway {}", env!("CARGO_PKG_VERSION"))
+    );
 }
 
 #[test]
@@ -124,7 +130,10 @@ fn gateway_unit_passes_systemd_analyze_verify_and_stays_hardened() {
         "SystemCallFilter=@system-service",
         "Restart=on-failure",
     ] {
-        assert!(unit.contains(required), "{required:?} missing from the unit");
+        assert!(
+            unit.contains(required),
+            "{required:?} missing from the unit"
+        );
     }
 }
 
@@ -149,8 +158,15 @@ fn dockerfile_copies_only_files_that_exist_and_runs_as_a_non_root_user() {
         .filter(|w| w[0] == "FROM")
         .map(|w| w[1])
         .collect();
-    assert_eq!(froms.len(), 2, "a build stage and a runtime stage: {froms:?}");
-    assert!(froms[0].starts_with("rust:") && froms[0].ends_with("bookworm"), "{froms:?}");
+    assert_eq!(
+        froms.len(),
+        2,
+        "a build stage and a runtime stage: {froms:?}"
+    );
+    assert!(
+        froms[0].starts_with("rust:") && froms[0].ends_with("bookworm"),
+        "{froms:?}"
+    );
     assert_eq!(froms[1], "debian:bookworm-slim");
     let mut copied = 0;
     for words in instructions.iter().filter(|w| w[0] == "COPY") {
@@ -163,7 +179,10 @@ fn dockerfile_copies_only_files_that_exist_and_runs_as_a_non_root_user() {
             .copied()
             .collect();
         for src in &args[..args.len() - 1] {
-            assert!(repo.join(src).exists(), "Dockerfile copies {src}, which does not exist");
+            assert!(
+                repo.join(src).exists(),
+                "Dockerfile copies {src}, which does not exist"
+            );
             copied += 1;
         }
     }
@@ -198,5 +217,8 @@ fn dockerfile_copies_only_files_that_exist_and_runs_as_a_non_root_user() {
         .expect("a USER instruction");
     assert!(user[1] != "root" && user[1] != "0", "runs as {}", user[1]);
     let ignore = std::fs::read_to_string(repo.join(".dockerignore")).unwrap();
-    assert!(ignore.lines().any(|l| l.trim() == "target"), "target/ in the build context");
+    assert!(
+        ignore.lines().any(|l| l.trim() == "target"),
+        "target/ in the build context"
+    );
 }
