@@ -4,6 +4,7 @@
 
 pub mod backoff;
 pub mod bootstrap;
+pub mod clidoc;
 pub mod game;
 pub mod gateways;
 pub mod gpu;

@@ -1,7 +1,8 @@
 //! The `edge-node` binary.
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
+use nearpath_edge_node::clidoc;
 use nearpath_edge_node::{EdgeNode, NodeOptions};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -21,13 +22,18 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Validate a node config file: a one-line summary (exit 0) or every error (exit 2).
-    CheckConfig { file: PathBuf },
+    CheckConfig {
+        /// The node config file to check.
+        file: PathBuf,
+    },
     /// Serve the config's models over an OpenAI-compatible HTTP API, without a gateway (for
     /// testing a node's backends, and as the no-gateway baseline in benchmarks). Any address
     /// but loopback requires an API key.
     ServeOpenai {
+        /// Node config file whose [[models]] are served.
         #[arg(long, short)]
         config: PathBuf,
+        /// HTTP listener address (host:port).
         #[arg(long, default_value = "127.0.0.1:8000")]
         listen: SocketAddr,
         /// File holding the API key clients must send as `Authorization: Bearer <key>` (first
@@ -39,10 +45,31 @@ enum Cmd {
         #[arg(skip = std::env::var("NEARPATH_OPENAI_API_KEY").ok())]
         api_key_env: Option<String>,
     },
+    /// Print the shell completion script for SHELL to stdout (the packages install them).
+    Completions {
+        /// The shell to complete for.
+        #[arg(value_enum)]
+        shell: clidoc::Shell,
+    },
+    /// Print the man page to stdout, or with --dir write one page per command there.
+    Man {
+        /// Write edge-node.1 and a page per subcommand (edge-node-SUB.1) into this directory.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The documentation commands need no runtime.
+    match &cli.cmd {
+        Some(Cmd::Completions { shell }) => {
+            clidoc::write_completions(Cli::command(), *shell, &mut std::io::stdout());
+            return ExitCode::SUCCESS;
+        }
+        Some(Cmd::Man { dir }) => return man(dir.as_deref()),
+        _ => {}
+    }
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -72,6 +99,8 @@ fn main() -> ExitCode {
             }),
             _,
         ) => rt.block_on(serve_openai(config, listen, api_key_file, api_key_env)),
+        // Answered above, before the runtime.
+        (Some(Cmd::Completions { .. } | Cmd::Man { .. }), _) => Ok(()),
         (None, Some(config)) => rt.block_on(run(config)),
         (None, None) => {
             eprintln!("error: --config FILE is required (see --help)");
@@ -83,6 +112,20 @@ fn main() -> ExitCode {
         Err(e) => {
             // Each cause once, even where a message already shows its source.
             eprintln!("error: {}", nearpath_protocol::report::chain(e.as_ref()));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn man(dir: Option<&std::path::Path>) -> ExitCode {
+    let result = match dir {
+        Some(dir) => clidoc::write_man_pages(Cli::command(), dir).map(|_| ()),
+        None => clidoc::write_man(Cli::command(), &mut std::io::stdout()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: writing the man pages: {e}");
             ExitCode::FAILURE
         }
     }
@@ -164,4 +207,16 @@ fn shutdown_on_signal() -> CancellationToken {
         t.cancel();
     });
     token
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_help_entry_of_edge_node_has_a_description() {
+        Cli::command().debug_assert();
+        let missing = clidoc::undocumented(&Cli::command());
+        assert!(missing.is_empty(), "without help text: {missing:#?}");
+    }
 }

@@ -99,3 +99,24 @@ async fn the_demo_completes_a_thousand_concurrent_streams() {
     assert_eq!(complete, DEMO_LOAD_STREAMS);
     demo.stop().await;
 }
+
+/// The container image runs the demo with its listeners on 0.0.0.0: the in-process node must
+/// dial loopback, since nothing can connect to the unspecified address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_listening_on_the_unspecified_address_registers_its_node() {
+    let listeners = Listeners::bind(
+        "127.0.0.1:0".parse().unwrap(),
+        "127.0.0.1:0".parse().unwrap(),
+        "0.0.0.0:0".parse().unwrap(),
+    )
+    .await
+    .unwrap();
+    let mut demo = Demo::start(listeners, None).await.unwrap();
+    assert!(demo.addrs.quic.ip().is_unspecified(), "{}", demo.addrs.quic);
+    // Bounded so that a regression fails instead of hanging: the node retries forever.
+    tokio::time::timeout(std::time::Duration::from_secs(60), demo.node_registered())
+        .await
+        .expect("the demo node never registered")
+        .unwrap();
+    demo.stop().await;
+}

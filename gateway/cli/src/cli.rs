@@ -1,8 +1,10 @@
-//! The `gateway` command line: `run`, `demo`, `check-config`, `cert`, `geo lookup`.
+//! The `gateway` command line: `run`, `demo`, `check-config`, `cert`, `geo lookup`,
+//! `completions`, `man`.
 
 use crate::demo;
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
+use nearpath_edge_node::clidoc;
 use nearpath_gateway::cert::CertOrigin;
 use nearpath_gateway::Gateway;
 use std::net::{IpAddr, SocketAddr};
@@ -23,6 +25,7 @@ enum Cmd {
     /// self-signed certificate on its first start (quic.generated_cert_dir, by default next to
     /// the SQLite file) and reuses it afterwards; it prints the certificate's pin.
     Run {
+        /// Gateway config file (see config/examples/gateway.toml).
         #[arg(long, short)]
         config: PathBuf,
     },
@@ -43,11 +46,26 @@ enum Cmd {
         store: Option<PathBuf>,
     },
     /// Validate a gateway config file: prints a one-line summary (exit 0) or every error (exit 2).
-    CheckConfig { file: PathBuf },
+    CheckConfig {
+        /// The gateway config file to check.
+        file: PathBuf,
+    },
     /// GeoIP tools.
     Geo {
         #[command(subcommand)]
         cmd: GeoCmd,
+    },
+    /// Print the shell completion script for SHELL to stdout (the packages install them).
+    Completions {
+        /// The shell to complete for.
+        #[arg(value_enum)]
+        shell: clidoc::Shell,
+    },
+    /// Print the man page to stdout, or with --dir write one page per command there.
+    Man {
+        /// Write gateway.1 and a page per subcommand (gateway-SUB.1) into this directory.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
     },
     /// QUIC certificate tools: create a self-signed pair, print a certificate's pin.
     Cert {
@@ -70,7 +88,10 @@ enum CertCmd {
     },
     /// Print the pin of a PEM certificate (the first one in FILE): the SHA-256 of its DER
     /// encoding as 64 hex digits, the form of nodes' pinned_cert_sha256.
-    Pin { file: PathBuf },
+    Pin {
+        /// The PEM certificate file.
+        file: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -84,6 +105,7 @@ enum GeoCmd {
         /// A MaxMind DB file to use instead of the configured one.
         #[arg(long)]
         db: Option<PathBuf>,
+        /// IPv4 or IPv6 addresses to look up.
         #[arg(required = true)]
         ips: Vec<String>,
     },
@@ -102,6 +124,11 @@ pub fn main() -> ExitCode {
         Cmd::Cert {
             cmd: CertCmd::Pin { file },
         } => cert_pin(&file),
+        Cmd::Completions { shell } => {
+            clidoc::write_completions(Cli::command(), shell, &mut std::io::stdout());
+            ExitCode::SUCCESS
+        }
+        Cmd::Man { dir } => man(Cli::command(), dir.as_deref()),
         Cmd::Run { config } => run_async(async move {
             let cfg = nearpath_config::load_gateway(&config).map_err(anyhow::Error::msg)?;
             nearpath_gateway::init_tracing(&cfg.log);
@@ -181,6 +208,21 @@ fn cert_pin(file: &std::path::Path) -> ExitCode {
         }
         Err(e) => {
             eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `man` for the binaries of this crate: the page to stdout, or every page into `dir`.
+pub fn man(cmd: clap::Command, dir: Option<&std::path::Path>) -> ExitCode {
+    let result = match dir {
+        Some(dir) => clidoc::write_man_pages(cmd, dir).map(|_| ()),
+        None => clidoc::write_man(cmd, &mut std::io::stdout()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: writing the man pages: {e}");
             ExitCode::FAILURE
         }
     }
@@ -299,5 +341,17 @@ fn geo_lookup(config: Option<PathBuf>, db: Option<PathBuf>, ips: &[String]) -> E
             eprintln!("error: {}", nearpath_protocol::report::chain(e.as_ref()));
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_help_entry_of_gateway_has_a_description() {
+        Cli::command().debug_assert();
+        let missing = clidoc::undocumented(&Cli::command());
+        assert!(missing.is_empty(), "without help text: {missing:#?}");
     }
 }

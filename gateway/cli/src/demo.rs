@@ -104,7 +104,7 @@ impl Demo {
         let gateway_shutdown = CancellationToken::new();
         let (addrs, gw_task) = gateway.start(listeners, gateway_shutdown.clone())?;
 
-        let node_cfg = demo_node_config(addrs.quic, &cert_sha256, secret);
+        let node_cfg = demo_node_config(dialable(addrs.quic), &cert_sha256, secret);
         let node = EdgeNode::new(
             node_cfg,
             NodeOptions {
@@ -152,6 +152,21 @@ impl Demo {
         let _ = self.node.await;
         self.gateway_shutdown.cancel();
         let _ = self.gateway.await;
+    }
+}
+
+/// Where the in-process node dials a listener: a listener on the unspecified address (`0.0.0.0`
+/// or `::`, as in a container) is not an address a peer can connect to, so the node dials
+/// loopback on the same port.
+fn dialable(listen: SocketAddr) -> SocketAddr {
+    match listen.ip() {
+        std::net::IpAddr::V4(ip) if ip.is_unspecified() => {
+            SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, listen.port()))
+        }
+        std::net::IpAddr::V6(ip) if ip.is_unspecified() => {
+            SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, listen.port()))
+        }
+        _ => listen,
     }
 }
 

@@ -2,7 +2,8 @@
 //! gateway.
 
 use anyhow::{bail, Context};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
+use nearpath_edge_node::clidoc;
 use nearpath_protocol::{
     Client, ControlEvent, FrameSeqStats, InferEvent, InputEvent, PlayParams, ServerVerify,
 };
@@ -61,8 +62,10 @@ enum Cmd {
     Infer {
         #[command(flatten)]
         conn: Conn,
+        /// The model to ask (`nearpath-sim` in the demo).
         #[arg(long, short)]
         model: String,
+        /// Most tokens to generate.
         #[arg(long, default_value_t = 128)]
         max_tokens: u32,
         /// The user message.
@@ -73,12 +76,16 @@ enum Cmd {
     Play {
         #[command(flatten)]
         conn: Conn,
+        /// The game's title (`testpattern` in the demo).
         #[arg(long)]
         game: String,
+        /// Video width in pixels.
         #[arg(long, default_value_t = 1280)]
         width: u32,
+        /// Video height in pixels.
         #[arg(long, default_value_t = 720)]
         height: u32,
+        /// Frames per second.
         #[arg(long, default_value_t = 60)]
         fps: u32,
         /// Target bitrate in kbit/s.
@@ -96,10 +103,31 @@ enum Cmd {
         #[arg(long, default_value_t = 1000)]
         resume_after_ms: u64,
     },
+    /// Print the shell completion script for SHELL to stdout (the packages install them).
+    Completions {
+        /// The shell to complete for.
+        #[arg(value_enum)]
+        shell: clidoc::Shell,
+    },
+    /// Print the man page to stdout, or with --dir write one page per command there.
+    Man {
+        /// Write nearpath.1 and a page per subcommand (nearpath-SUB.1) into this directory.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    // The documentation commands need no runtime.
+    match &cli.cmd {
+        Cmd::Completions { shell } => {
+            clidoc::write_completions(Cli::command(), *shell, &mut std::io::stdout());
+            return std::process::ExitCode::SUCCESS;
+        }
+        Cmd::Man { dir } => return nearpath_gateway_cli::cli::man(Cli::command(), dir.as_deref()),
+        _ => {}
+    }
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -142,6 +170,8 @@ fn main() -> std::process::ExitCode {
                 )
                 .await
             }
+            // Answered above, before the runtime.
+            Cmd::Completions { .. } | Cmd::Man { .. } => Ok(()),
         }
     });
     match result {
@@ -636,5 +666,17 @@ async fn play_leg(
                 Err(e) => return Ok(Leg::Lost(e.to_string())),
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_help_entry_of_nearpath_has_a_description() {
+        Cli::command().debug_assert();
+        let missing = clidoc::undocumented(&Cli::command());
+        assert!(missing.is_empty(), "without help text: {missing:#?}");
     }
 }
