@@ -25,6 +25,7 @@ pub mod metrics;
 pub mod node_link;
 pub mod outliers;
 pub mod player;
+pub mod preflight;
 pub mod recent_models;
 pub mod registry;
 pub mod relay;
@@ -42,7 +43,8 @@ pub mod webrtc;
 #[cfg(test)]
 mod layering;
 
-pub use server::{check_runtime, BoundAddrs, Gateway, GatewayError, Listeners, Shared};
+pub use preflight::preflight;
+pub use server::{BoundAddrs, Gateway, GatewayError, Listeners, Shared};
 
 /// Installs the tracing subscriber once (text or JSON, level from config or `RUST_LOG`).
 pub fn init_tracing(cfg: &nearpath_config::LogConfig) {

@@ -119,12 +119,15 @@ pub struct Gateway {
     fleet: Option<Arc<dyn crate::trunk::FleetSource>>,
 }
 
-/// Checks what `load` would check beyond the config file itself (databases and the geofence
-/// compile), without opening listeners. Used by `gateway check-config`.
-pub fn check_runtime(config: &GatewayConfig) -> Result<(), GatewayError> {
-    GeoDb::open(&config.geo)?;
-    Policy::compile(&config.geofence).map_err(|e| GatewayError::Policy(e.to_string()))?;
-    Ok(())
+/// Problems found with the configuration after it loaded, one per line, each naming its key.
+fn config_errors(errors: Vec<nearpath_config::ConfigError>) -> GatewayError {
+    GatewayError::Config(
+        errors
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("\n"),
+    )
 }
 
 impl Gateway {
@@ -133,15 +136,7 @@ impl Gateway {
         config
             .validate_for_run()
             .map_err(|e| GatewayError::Config(e.to_string()))?;
-        let (cert_file, key_file) = match (&config.quic.cert_file, &config.quic.key_file) {
-            (Some(c), Some(k)) => (c.clone(), k.clone()),
-            _ => {
-                return Err(GatewayError::Config(
-                    "quic.cert_file and quic.key_file are required".into(),
-                ))
-            }
-        };
-        let cert = crate::tls::load_pem(&cert_file, &key_file)?;
+        let cert = crate::tls::quic_certificate(&config).map_err(config_errors)?;
         let store: Arc<dyn Store> = match &config.store.url {
             Some(url) => Arc::new(crate::store::PgStore::open(
                 url,
@@ -394,18 +389,11 @@ impl Gateway {
             t.set_endpoint(endpoint.clone());
         }
 
-        let http_tls = match (
-            &shared.config.http.tls_cert_file,
-            &shared.config.http.tls_key_file,
-        ) {
-            (Some(c), Some(k)) => {
-                let pair = crate::tls::load_pem(c, k)?;
-                Some(
-                    crate::api::tls_acceptor(pair)
-                        .map_err(|e| GatewayError::Config(e.to_string()))?,
-                )
-            }
-            _ => None,
+        let http_tls = match crate::tls::http_certificate(&shared.config).map_err(config_errors)? {
+            Some(pair) => Some(
+                crate::api::tls_acceptor(pair).map_err(|e| GatewayError::Config(e.to_string()))?,
+            ),
+            None => None,
         };
 
         // Into the gateway directory before serving: a gateway configured with an id another
