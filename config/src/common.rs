@@ -78,8 +78,7 @@ pub(crate) fn is_placeholder_secret(value: &str) -> bool {
         .split(|c: char| !c.is_ascii_alphanumeric())
         .filter(|w| !w.is_empty())
         .collect();
-    let change_me = words.contains(&"changeme")
-        || words.windows(2).any(|w| w == ["change", "me"]);
+    let change_me = words.contains(&"changeme") || words.windows(2).any(|w| w == ["change", "me"]);
     !value.is_empty()
         && (lower.starts_with("replace-with")
             || change_me
@@ -190,10 +189,20 @@ mod tests {
         for real in ["0123456789abcdef0123", "np_live_9f8e7d", "exchange-meter"] {
             assert!(!is_placeholder_secret(real), "{real}");
         }
-        for host in ["gateway.example.com", "EXAMPLE.ORG", "gw.example", "example.net."] {
+        for host in [
+            "gateway.example.com",
+            "EXAMPLE.ORG",
+            "gw.example",
+            "example.net.",
+        ] {
             assert!(is_example_host(host), "{host}");
         }
-        for host in ["127.0.0.1", "gw.examples.com", "myexample.com", "example.company"] {
+        for host in [
+            "127.0.0.1",
+            "gw.examples.com",
+            "myexample.com",
+            "example.company",
+        ] {
             assert!(!is_example_host(host), "{host}");
         }
     }

@@ -70,7 +70,9 @@ pub fn load_gateway(path: &Path) -> Result<GatewayConfig, ConfigErrors> {
 
 /// [`load_gateway`] plus [`GatewayConfig::validate_for_run`]'s checks.
 pub fn load_gateway_for_run(path: &Path) -> Result<GatewayConfig, ConfigErrors> {
-    load_with(path, GATEWAY_FILE_KEYS, |c: &GatewayConfig, p| c.check(p, true))
+    load_with(path, GATEWAY_FILE_KEYS, |c: &GatewayConfig, p| {
+        c.check(p, true)
+    })
 }
 
 /// What `gateway run` and `gateway check-config` both call: [`load_gateway_for_run`] plus

@@ -150,13 +150,15 @@ fn federation_gateway_template_runs_for_each_of_three_gateways() {
         // The admin token comes from the environment (README exports a random one).
         let errs = parse_gateway_for_run(&text, "gw.toml", &[]).unwrap_err();
         assert_eq!(
-            errs.errors.iter().map(|e| e.path.as_str()).collect::<Vec<_>>(),
+            errs.errors
+                .iter()
+                .map(|e| e.path.as_str())
+                .collect::<Vec<_>>(),
             ["admin.token"],
             "{errs}"
         );
         let env = [("NEARPATH_ADMIN__TOKEN", "0123456789abcdef0123")];
-        let cfg =
-            parse_gateway_for_run(&text, "gw.toml", &env).unwrap_or_else(|e| panic!("{e}"));
+        let cfg = parse_gateway_for_run(&text, "gw.toml", &env).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(
             cfg.federation.gateway_id.as_deref(),
             Some(&*format!("gw-{i}"))

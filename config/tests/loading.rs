@@ -503,7 +503,10 @@ fn schema_errors_are_all_reported_with_line_and_column_and_validation_still_runs
     ];
     assert_eq!(shown.len(), want.len(), "{shown:#?}");
     for (got, want) in shown.iter().zip(want) {
-        assert!(got.starts_with(want), "{got:?} does not start with {want:?}");
+        assert!(
+            got.starts_with(want),
+            "{got:?} does not start with {want:?}"
+        );
     }
     // A required key of the wrong type is reported once, not again as missing.
     let errs = parse_node("[node]\nid = 5\n[gateway]\naddress = 1\n", "n.toml", &[]).unwrap_err();
@@ -547,7 +550,10 @@ fn relative_paths_resolve_against_the_config_files_folder() {
     .unwrap();
     let cfg = load_gateway(&file).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(cfg.quic.cert_file, Some(dir.path().join("certs/quic.pem")));
-    assert_eq!(cfg.quic.key_file.as_deref(), Some(std::path::Path::new("/abs/key.pem")));
+    assert_eq!(
+        cfg.quic.key_file.as_deref(),
+        Some(std::path::Path::new("/abs/key.pem"))
+    );
     assert_eq!(cfg.store.path, dir.path().join("state/gw.db"));
     assert_eq!(cfg.geo.database, Some(dir.path().join("../geo/City.mmdb")));
 
@@ -567,7 +573,10 @@ fn relative_paths_resolve_against_the_config_files_folder() {
     ];
     let cfg = parse_gateway_checked(&text, "gateway.toml", Some(dir.path()), &env, &|_| vec![])
         .unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(cfg.quic.cert_file.as_deref(), Some(std::path::Path::new("from-env.pem")));
+    assert_eq!(
+        cfg.quic.cert_file.as_deref(),
+        Some(std::path::Path::new("from-env.pem"))
+    );
     // The default store path is not in the file, so it stays relative to the working directory.
     let env = [
         ("NEARPATH_ADMIN__TOKEN", "0123456789abcdef0123"),
@@ -612,7 +621,10 @@ fn files_that_are_not_configurations_are_refused_with_a_reason() {
     let shown = |path: &std::path::Path| load_gateway(path).unwrap_err().to_string();
 
     let err = shown(dir.path());
-    assert!(err.ends_with("is a directory, not a configuration file"), "{err}");
+    assert!(
+        err.ends_with("is a directory, not a configuration file"),
+        "{err}"
+    );
 
     let binary = dir.path().join("bin.toml");
     std::fs::write(&binary, b"[http]\nlisten = \"\xff\xfe\"\n").unwrap();
@@ -626,7 +638,10 @@ fn files_that_are_not_configurations_are_refused_with_a_reason() {
     let f = std::fs::File::create(&huge).unwrap();
     f.set_len(MAX_CONFIG_BYTES + 1).unwrap();
     let err = shown(&huge);
-    assert!(err.ends_with("is larger than 4 MiB: not a configuration file"), "{err}");
+    assert!(
+        err.ends_with("is larger than 4 MiB: not a configuration file"),
+        "{err}"
+    );
 
     #[cfg(unix)]
     {

@@ -59,8 +59,7 @@ fn main() -> ExitCode {
     };
     let result = match (cli.cmd, cli.config) {
         (Some(Cmd::CheckConfig { file, quiet }), _) => {
-            return match nearpath_config::load_node_checked(&file, &nearpath_edge_node::preflight)
-            {
+            return match nearpath_config::load_node_checked(&file, &nearpath_edge_node::preflight) {
                 Ok(cfg) => {
                     if !quiet {
                         println!("{}: ok: {}", file.display(), cfg.summary());

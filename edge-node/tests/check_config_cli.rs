@@ -55,7 +55,10 @@ fn example_placeholders_are_refused_until_filled() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(stdout.lines().count(), 1, "{stdout}");
-    let out = node(&["check-config", "--quiet", file.to_str().unwrap()], &filled);
+    let out = node(
+        &["check-config", "--quiet", file.to_str().unwrap()],
+        &filled,
+    );
     assert!(out.status.success() && out.stdout.is_empty());
 }
 
@@ -74,11 +77,19 @@ fn check_config_refuses_what_the_node_refuses_to_run_with() {
     let want = format!("{}:6:1: gateway.ca_file: cannot read ", file.display());
     let out = node(&["check-config", file.to_str().unwrap()], &[]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(stderr(&out).contains(&want), "{want:?} not in\n{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(&want),
+        "{want:?} not in\n{}",
+        stderr(&out)
+    );
     assert!(stderr(&out).contains(&dir.path().join("ca.pem").display().to_string()));
     let out = node(&["--config", file.to_str().unwrap()], &[]);
     assert!(!out.status.success());
-    assert!(stderr(&out).contains(&want), "{want:?} not in\n{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(&want),
+        "{want:?} not in\n{}",
+        stderr(&out)
+    );
 
     let s = nearpath_protocol::tls::self_signed(&["localhost".to_string()]).unwrap();
     std::fs::write(dir.path().join("ca.pem"), &s.cert_pem).unwrap();
@@ -98,7 +109,11 @@ fn check_config_refuses_what_the_node_refuses_to_run_with() {
     .unwrap();
     let out = node(&["check-config", file.to_str().unwrap()], &[]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(stderr(&out).contains(":1:2: node.enrolment_token: required"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(":1:2: node.enrolment_token: required"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]
@@ -138,7 +153,11 @@ fn hostile_files_are_refused_with_a_reason() {
         let out = node(&["check-config", path.to_str().unwrap()], &[]);
         assert_eq!(out.status.code(), Some(2), "{name}");
         for want in wants {
-            assert!(stderr(&out).contains(want), "{name}: {want:?} not in\n{}", stderr(&out));
+            assert!(
+                stderr(&out).contains(want),
+                "{name}: {want:?} not in\n{}",
+                stderr(&out)
+            );
         }
     }
 }

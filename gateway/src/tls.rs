@@ -54,13 +54,19 @@ pub fn load_pem(cert_file: &Path, key_file: &Path) -> Result<CertPair, TlsError>
 pub fn quic_certificate(config: &GatewayConfig) -> Result<CertPair, Vec<ConfigError>> {
     match (&config.quic.cert_file, &config.quic.key_file) {
         (Some(cert), Some(key)) => load_pair(("quic.cert_file", cert), ("quic.key_file", key)),
-        (cert, key) => Err([("quic.cert_file", cert.is_none()), ("quic.key_file", key.is_none())]
-            .into_iter()
-            .filter(|(_, missing)| *missing)
-            .map(|(path, _)| {
-                ConfigError::new(path, "required (nodes verify the gateway by this certificate)")
-            })
-            .collect()),
+        (cert, key) => Err([
+            ("quic.cert_file", cert.is_none()),
+            ("quic.key_file", key.is_none()),
+        ]
+        .into_iter()
+        .filter(|(_, missing)| *missing)
+        .map(|(path, _)| {
+            ConfigError::new(
+                path,
+                "required (nodes verify the gateway by this certificate)",
+            )
+        })
+        .collect()),
     }
 }
 

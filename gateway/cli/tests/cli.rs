@@ -250,12 +250,20 @@ fn check_config_refuses_every_file_run_refuses() {
         .current_dir("/")
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(out.stdout.is_empty());
 
     let token = "token = \"0123456789abcdef0123\"\n";
     let cases: &[(&str, String, &str)] = &[
-        ("no-token", good.replace(token, ""), ":3:2: admin.token: required"),
+        (
+            "no-token",
+            good.replace(token, ""),
+            ":3:2: admin.token: required",
+        ),
         (
             "short-token",
             good.replace(token, "token = \"short\"\n"),
@@ -298,10 +306,16 @@ fn check_config_refuses_every_file_run_refuses() {
         let want = format!("{}{want}", file.display());
         let (code, _, stderr) = check(&file);
         assert_eq!(code, Some(2), "{name}: {stderr}");
-        assert!(stderr.contains(&want), "{name}: check-config: {want:?} not in\n{stderr}");
+        assert!(
+            stderr.contains(&want),
+            "{name}: check-config: {want:?} not in\n{stderr}"
+        );
         let (code, stderr) = run_refused(&file);
         assert_ne!(code, Some(0), "{name}");
-        assert!(stderr.contains(&want), "{name}: run: {want:?} not in\n{stderr}");
+        assert!(
+            stderr.contains(&want),
+            "{name}: run: {want:?} not in\n{stderr}"
+        );
         assert!(!stderr.contains("<config>"), "{name}: {stderr}");
     }
 }
@@ -345,11 +359,23 @@ fn check_config_refuses_hostile_files_with_a_reason() {
     std::os::unix::fs::symlink(d.join("loop-b.toml"), d.join("loop-a.toml")).unwrap();
     std::os::unix::fs::symlink(d.join("loop-a.toml"), d.join("loop-b.toml")).unwrap();
     for (name, want) in [
-        ("huge.toml", "is larger than 4 MiB: not a configuration file".to_string()),
+        (
+            "huge.toml",
+            "is larger than 4 MiB: not a configuration file".to_string(),
+        ),
         ("binary.toml", ":2:10: is not UTF-8 text".to_string()),
-        ("types.toml", ":1:1: http: invalid type: integer `5`".to_string()),
-        ("loop-a.toml", ": cannot read the configuration file: ".to_string()),
-        ("missing.toml", ": cannot read the configuration file: ".to_string()),
+        (
+            "types.toml",
+            ":1:1: http: invalid type: integer `5`".to_string(),
+        ),
+        (
+            "loop-a.toml",
+            ": cannot read the configuration file: ".to_string(),
+        ),
+        (
+            "missing.toml",
+            ": cannot read the configuration file: ".to_string(),
+        ),
     ] {
         let (code, _, stderr) = check(&d.join(name));
         assert_eq!(code, Some(2), "{name}: {stderr}");
@@ -357,7 +383,10 @@ fn check_config_refuses_hostile_files_with_a_reason() {
     }
     let (code, _, stderr) = check(d);
     assert_eq!(code, Some(2));
-    assert!(stderr.contains("is a directory, not a configuration file"), "{stderr}");
+    assert!(
+        stderr.contains("is a directory, not a configuration file"),
+        "{stderr}"
+    );
 }
 
 #[test]
