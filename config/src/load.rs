@@ -408,6 +408,14 @@ fn parse_with<T: DeserializeOwned>(
                 if removed.iter().any(|r| is_under(&e.path, r)) {
                     continue;
                 }
+                // The file's checks and the caller's may find the same thing (a certificate
+                // that is not configured): say it once.
+                if errors
+                    .iter()
+                    .any(|o| o.path == e.path && o.message == e.message)
+                {
+                    continue;
+                }
                 locate(&mut e, spans.as_ref(), text, &provenance);
                 errors.push(e);
             }

@@ -282,7 +282,7 @@ fn check_config_refuses_every_file_run_refuses() {
         (
             "no-cert",
             good.replace("cert_file = \"cert.pem\"\n", ""),
-            ": quic.cert_file: required",
+            ":6:2: quic.cert_file: required",
         ),
         (
             "garbage-key",
