@@ -153,6 +153,33 @@ pub(crate) fn check_secret(p: &mut Problems, path: &str, value: &str) {
     }
 }
 
+/// Whether a secret is a placeholder of the kind the example files ship with
+/// (`REPLACE-WITH-YOUR-ENROLMENT-TOKEN`, `change-me-to-a-long-random-string`, `...`): copied
+/// unchanged, it would be refused by the other side (or, for an admin token, guessed by anyone
+/// who read the examples).
+pub(crate) fn is_placeholder_secret(value: &str) -> bool {
+    let lower = value.to_ascii_lowercase();
+    let words: Vec<&str> = lower
+        .split(|c: char| !c.is_ascii_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .collect();
+    let change_me = words.contains(&"changeme") || words.windows(2).any(|w| w == ["change", "me"]);
+    !value.is_empty()
+        && (lower.starts_with("replace-with")
+            || change_me
+            || value.chars().all(|c| c == '.' || c == 'x' || c == 'X')
+            || (value.starts_with('<') && value.ends_with('>')))
+}
+
+/// Whether `host` is a domain reserved for documentation (RFC 2606: `example.com`, `.org`,
+/// `.net` and the `.example` top-level domain), as in the example files' addresses.
+pub(crate) fn is_example_host(host: &str) -> bool {
+    let host = host.trim_end_matches('.').to_ascii_lowercase();
+    ["example.com", "example.net", "example.org", "example"]
+        .iter()
+        .any(|d| host == *d || host.ends_with(&format!(".{d}")))
+}
+
 /// A free-form name (game title, model name): 1 to `max` characters, no control characters,
 /// not blank.
 pub(crate) fn check_name(p: &mut Problems, path: &str, value: &str, max: usize, spaces: bool) {
@@ -305,6 +332,39 @@ mod tests {
                 "{}",
                 errs.errors[0].message
             );
+        }
+    }
+
+    #[test]
+    fn placeholders_from_the_examples_are_recognised() {
+        for placeholder in [
+            "REPLACE-WITH-YOUR-ENROLMENT-TOKEN",
+            "REPLACE-WITH-AN-API-KEY",
+            "change-me-to-a-long-random-string",
+            "federation-admin-token-change-me",
+            "...",
+            "<an API key>",
+        ] {
+            assert!(is_placeholder_secret(placeholder), "{placeholder}");
+        }
+        for real in ["0123456789abcdef0123", "np_live_9f8e7d", "exchange-meter"] {
+            assert!(!is_placeholder_secret(real), "{real}");
+        }
+        for host in [
+            "gateway.example.com",
+            "EXAMPLE.ORG",
+            "gw.example",
+            "example.net.",
+        ] {
+            assert!(is_example_host(host), "{host}");
+        }
+        for host in [
+            "127.0.0.1",
+            "gw.examples.com",
+            "myexample.com",
+            "example.company",
+        ] {
+            assert!(!is_example_host(host), "{host}");
         }
     }
 

@@ -16,6 +16,8 @@ pub struct ConfigError {
     /// 1-based line in the file where `path` is written, when the loader could find it (values
     /// that come from defaults or from the environment have none).
     pub line: Option<usize>,
+    /// 1-based column (in characters) of the same place, set together with `line`.
+    pub column: Option<usize>,
 }
 
 impl ConfigError {
@@ -25,6 +27,7 @@ impl ConfigError {
             path: path.into(),
             message: message.into(),
             line: None,
+            column: None,
         }
     }
 }
@@ -67,15 +70,20 @@ impl ConfigErrors {
 }
 
 impl fmt::Display for ConfigErrors {
-    /// One line per error: `origin:line: path: message` (`origin: path: message` without a line).
+    /// One line per error: `origin:line:column: path: message`, the way compilers write it so
+    /// that editors jump there (`origin:line: ...` without a column, `origin: ...` without a
+    /// line).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for (i, e) in self.errors.iter().enumerate() {
             if i > 0 {
                 f.write_str("\n")?;
             }
-            match e.line {
-                Some(line) => write!(f, "{}:{}: {}", self.origin, line, e)?,
-                None => write!(f, "{}: {}", self.origin, e)?,
+            match (e.line, e.column) {
+                (Some(line), Some(column)) => {
+                    write!(f, "{}:{}:{}: {}", self.origin, line, column, e)?
+                }
+                (Some(line), None) => write!(f, "{}:{}: {}", self.origin, line, e)?,
+                (None, _) => write!(f, "{}: {}", self.origin, e)?,
             }
         }
         Ok(())
@@ -93,6 +101,11 @@ pub(crate) struct Problems {
 impl Problems {
     pub(crate) fn push(&mut self, path: impl Into<String>, message: impl Into<String>) {
         self.errors.push(ConfigError::new(path, message));
+    }
+
+    /// Adds problems found outside this crate (files the configuration names, say).
+    pub(crate) fn extend(&mut self, errors: impl IntoIterator<Item = ConfigError>) {
+        self.errors.extend(errors);
     }
 
     /// Records `message` at `path` unless `value > 0`.
@@ -157,6 +170,18 @@ mod tests {
         );
         assert!(errs.has_path("admin.token"));
         assert!(!errs.has_path("admin"));
+    }
+
+    #[test]
+    fn display_adds_the_column_when_known() {
+        let mut a = ConfigError::new("quic.cert_file", "missing");
+        a.line = Some(7);
+        a.column = Some(3);
+        let errs = ConfigErrors::new("/etc/nearpath/gateway.toml", vec![a]);
+        assert_eq!(
+            errs.to_string(),
+            "/etc/nearpath/gateway.toml:7:3: quic.cert_file: missing"
+        );
     }
 
     #[test]

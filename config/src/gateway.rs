@@ -1,6 +1,6 @@
 //! The gateway's configuration root and its sections.
 
-use crate::common::{check_secret, parse_version, LogConfig};
+use crate::common::{check_secret, is_placeholder_secret, parse_version, LogConfig};
 use crate::error::{ConfigErrors, Problems};
 use crate::geo::{GeoConfig, GeoOverride, GeofenceConfig};
 use ipnet::IpNet;
@@ -697,6 +697,36 @@ impl GatewayConfig {
         self.geo.check(p);
         self.geofence.check(p);
         self.log.check(p);
+        if run {
+            self.check_placeholders(p);
+        }
+    }
+
+    /// Values copied unchanged from the example files, which `gateway run` must not start with.
+    fn check_placeholders(&self, p: &mut Problems) {
+        if let Some(token) = &self.admin.token {
+            if is_placeholder_secret(token) {
+                p.push(
+                    "admin.token",
+                    format!(
+                        "is the placeholder from the example configuration: put a random secret \
+                         of at least {MIN_ADMIN_TOKEN_CHARS} characters here (e.g. the output of \
+                         `openssl rand -hex 32`), preferably in the environment variable \
+                         NEARPATH_ADMIN__TOKEN"
+                    ),
+                );
+            }
+        }
+        if let Some(url) = &self.store.url {
+            if url.contains(":PASSWORD@") {
+                p.push(
+                    "store.url",
+                    "holds the placeholder PASSWORD from the example configuration: put the \
+                     database role's password there, preferably in the environment variable \
+                     NEARPATH_STORE__URL",
+                );
+            }
+        }
     }
 
     fn check_store(&self, p: &mut Problems) {

@@ -24,8 +24,10 @@ pub use gateway::{CrossRoute, FederationConfig};
 pub use geo::*;
 pub use iso::{is_iso_country, ISO_3166_1_ALPHA2, KOSOVO};
 pub use load::{
-    load_gateway, load_gateway_for_run, load_node, load_node_for_run, parse_gateway,
-    parse_gateway_for_run, parse_node, parse_node_for_run, ENV_PREFIX,
+    load_gateway, load_gateway_checked, load_gateway_for_run, load_node, load_node_checked,
+    load_node_for_run, parse_gateway, parse_gateway_checked, parse_gateway_for_run, parse_node,
+    parse_node_checked, parse_node_for_run, ExtraChecks, ENV_PREFIX, GATEWAY_FILE_KEYS,
+    MAX_CONFIG_BYTES, NODE_FILE_KEYS,
 };
 pub use node::{
     default_gpu_class_table, gpu_class_for_model, BackendConfig, CapacityConfig, DrainConfig,

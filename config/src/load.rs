@@ -1,4 +1,9 @@
-//! Loading: file -> TOML -> environment overrides -> typed configuration -> validation.
+//! Loading: file -> TOML -> relative paths resolved -> environment overrides -> typed
+//! configuration -> validation (plus the caller's checks of the files it names).
+//!
+//! Every problem is reported at once: keys that do not fit the schema (unknown keys, wrong
+//! types) are set aside one by one so that the rest of the file is still read and validated.
+//! Each error carries the key path, and the line and column where the key is written.
 //!
 //! Environment overrides are variables `NEARPATH_<SECTION>__<KEY>[__<KEY>...]`: the part after
 //! `NEARPATH_` is split on double underscores into a key path and lower-cased
@@ -17,6 +22,7 @@ use crate::node::NodeConfig;
 use serde::de::DeserializeOwned;
 use serde_path_to_error::Segment;
 use std::fmt::Write as _;
+use std::io::Read as _;
 use std::path::Path;
 use toml::de::{DeTable, DeValue};
 use toml::{Table, Value};
@@ -24,41 +30,100 @@ use toml::{Table, Value};
 /// Prefix of the environment variables that override configuration keys.
 pub const ENV_PREFIX: &str = "NEARPATH_";
 
+/// Largest configuration file read, in bytes. Real files are a few tens of KiB (the example
+/// with every key is about 25 KiB); anything near this is the wrong file, or a hostile one.
+pub const MAX_CONFIG_BYTES: u64 = 4 << 20;
+
+/// Most errors one load reports about keys that do not fit the schema (unknown keys, wrong
+/// types): each costs another deserialisation pass, and a file with more is the wrong file.
+const MAX_SCHEMA_ERRORS: usize = 50;
+
+/// Keys of the gateway configuration that name files. A relative path written in a file is
+/// relative to the folder of that file (set through the environment, or left at its default,
+/// it stays relative to the working directory).
+pub const GATEWAY_FILE_KEYS: &[&str] = &[
+    "http.tls_cert_file",
+    "http.tls_key_file",
+    "quic.cert_file",
+    "quic.key_file",
+    "store.path",
+    "geo.database",
+    "geo.anonymous_ip_database",
+];
+
+/// Keys of the node configuration that name files; see [`GATEWAY_FILE_KEYS`].
+pub const NODE_FILE_KEYS: &[&str] = &["gateway.ca_file"];
+
+/// Checks of what a configuration refers to (certificate files, databases), made by the binary
+/// that uses them. Each error names the key path it concerns; the loader adds the file, line and
+/// column, and reports them with the file's own errors.
+pub type ExtraChecks<'a, T> = &'a dyn Fn(&T) -> Vec<ConfigError>;
+
 /// Loads, overrides from the process environment, and validates a gateway configuration file
-/// (without the checks only `gateway run` needs; see [`load_gateway_for_run`]).
+/// (without the checks only `gateway run` needs; see [`load_gateway_for_run`]). Relative file
+/// paths in it are resolved against the file's folder ([`GATEWAY_FILE_KEYS`]).
 pub fn load_gateway(path: &Path) -> Result<GatewayConfig, ConfigErrors> {
-    let text = read(path)?;
-    with_process_env(|env| parse_gateway(&text, &path.display().to_string(), env))
+    load_with(path, GATEWAY_FILE_KEYS, |c: &GatewayConfig, p| {
+        c.check(p, false)
+    })
 }
 
 /// [`load_gateway`] plus [`GatewayConfig::validate_for_run`]'s checks.
 pub fn load_gateway_for_run(path: &Path) -> Result<GatewayConfig, ConfigErrors> {
-    let text = read(path)?;
-    with_process_env(|env| parse_gateway_for_run(&text, &path.display().to_string(), env))
+    load_with(path, GATEWAY_FILE_KEYS, |c: &GatewayConfig, p| {
+        c.check(p, true)
+    })
+}
+
+/// What `gateway run` and `gateway check-config` both call: [`load_gateway_for_run`] plus
+/// `extra`, the checks of the files and databases the configuration names, every error of
+/// both kinds reported at once.
+pub fn load_gateway_checked(
+    path: &Path,
+    extra: ExtraChecks<'_, GatewayConfig>,
+) -> Result<GatewayConfig, ConfigErrors> {
+    load_with(path, GATEWAY_FILE_KEYS, |c: &GatewayConfig, p| {
+        c.check(p, true);
+        p.extend(extra(c));
+    })
 }
 
 /// Loads, overrides from the process environment, and validates an edge node configuration
-/// file (without the checks only `edge-node run` needs; see [`load_node_for_run`]).
+/// file (without the checks only running the node needs; see [`load_node_for_run`]). Relative
+/// file paths in it are resolved against the file's folder ([`NODE_FILE_KEYS`]).
 pub fn load_node(path: &Path) -> Result<NodeConfig, ConfigErrors> {
-    let text = read(path)?;
-    with_process_env(|env| parse_node(&text, &path.display().to_string(), env))
+    load_with(path, NODE_FILE_KEYS, |c: &NodeConfig, p| c.check(p, false))
 }
 
 /// [`load_node`] plus [`NodeConfig::validate_for_run`]'s checks.
 pub fn load_node_for_run(path: &Path) -> Result<NodeConfig, ConfigErrors> {
-    let text = read(path)?;
-    with_process_env(|env| parse_node_for_run(&text, &path.display().to_string(), env))
+    load_with(path, NODE_FILE_KEYS, |c: &NodeConfig, p| c.check(p, true))
+}
+
+/// What `edge-node --config` and `edge-node check-config` both call; see
+/// [`load_gateway_checked`].
+pub fn load_node_checked(
+    path: &Path,
+    extra: ExtraChecks<'_, NodeConfig>,
+) -> Result<NodeConfig, ConfigErrors> {
+    load_with(path, NODE_FILE_KEYS, |c: &NodeConfig, p| {
+        c.check(p, true);
+        p.extend(extra(c));
+    })
 }
 
 /// Parses and validates gateway configuration `text`. `origin` names it in errors (a file name);
 /// `env` is the set of environment variables to apply as overrides, as (name, value) pairs
 /// (those not starting with [`ENV_PREFIX`] are ignored), so tests need no process environment.
+/// Paths are taken as written (see [`parse_gateway_checked`] to resolve them).
 pub fn parse_gateway(
     text: &str,
     origin: &str,
     env: &[(&str, &str)],
 ) -> Result<GatewayConfig, ConfigErrors> {
-    parse_with(text, origin, env, |c: &GatewayConfig, p| c.check(p, false))
+    parse_with(&Source::text(text, origin), env, |c: &GatewayConfig, p| {
+        c.check(p, false)
+    })
 }
 
 /// [`parse_gateway`] plus [`GatewayConfig::validate_for_run`]'s checks.
@@ -67,7 +132,30 @@ pub fn parse_gateway_for_run(
     origin: &str,
     env: &[(&str, &str)],
 ) -> Result<GatewayConfig, ConfigErrors> {
-    parse_with(text, origin, env, |c: &GatewayConfig, p| c.check(p, true))
+    parse_with(&Source::text(text, origin), env, |c: &GatewayConfig, p| {
+        c.check(p, true)
+    })
+}
+
+/// [`load_gateway_checked`] on text: relative paths in `text` resolve against `base_dir` when
+/// given.
+pub fn parse_gateway_checked(
+    text: &str,
+    origin: &str,
+    base_dir: Option<&Path>,
+    env: &[(&str, &str)],
+    extra: ExtraChecks<'_, GatewayConfig>,
+) -> Result<GatewayConfig, ConfigErrors> {
+    let src = Source {
+        text,
+        origin,
+        base_dir,
+        file_keys: GATEWAY_FILE_KEYS,
+    };
+    parse_with(&src, env, |c: &GatewayConfig, p| {
+        c.check(p, true);
+        p.extend(extra(c));
+    })
 }
 
 /// Parses and validates edge node configuration `text`; see [`parse_gateway`] for the arguments.
@@ -76,7 +164,9 @@ pub fn parse_node(
     origin: &str,
     env: &[(&str, &str)],
 ) -> Result<NodeConfig, ConfigErrors> {
-    parse_with(text, origin, env, |c: &NodeConfig, p| c.check(p, false))
+    parse_with(&Source::text(text, origin), env, |c: &NodeConfig, p| {
+        c.check(p, false)
+    })
 }
 
 /// [`parse_node`] plus [`NodeConfig::validate_for_run`]'s checks.
@@ -85,18 +175,111 @@ pub fn parse_node_for_run(
     origin: &str,
     env: &[(&str, &str)],
 ) -> Result<NodeConfig, ConfigErrors> {
-    parse_with(text, origin, env, |c: &NodeConfig, p| c.check(p, true))
+    parse_with(&Source::text(text, origin), env, |c: &NodeConfig, p| {
+        c.check(p, true)
+    })
 }
 
+/// [`load_node_checked`] on text; see [`parse_gateway_checked`].
+pub fn parse_node_checked(
+    text: &str,
+    origin: &str,
+    base_dir: Option<&Path>,
+    env: &[(&str, &str)],
+    extra: ExtraChecks<'_, NodeConfig>,
+) -> Result<NodeConfig, ConfigErrors> {
+    let src = Source {
+        text,
+        origin,
+        base_dir,
+        file_keys: NODE_FILE_KEYS,
+    };
+    parse_with(&src, env, |c: &NodeConfig, p| {
+        c.check(p, true);
+        p.extend(extra(c));
+    })
+}
+
+/// Configuration text and what the loader needs to know about where it came from.
+struct Source<'a> {
+    text: &'a str,
+    /// Names the text in errors: the file path as given.
+    origin: &'a str,
+    /// The folder relative paths in the text are relative to (`None`: leave them as written).
+    base_dir: Option<&'a Path>,
+    /// Keys whose values are file paths.
+    file_keys: &'a [&'a str],
+}
+
+impl<'a> Source<'a> {
+    fn text(text: &'a str, origin: &'a str) -> Self {
+        Self {
+            text,
+            origin,
+            base_dir: None,
+            file_keys: &[],
+        }
+    }
+}
+
+fn load_with<T: DeserializeOwned>(
+    path: &Path,
+    file_keys: &[&str],
+    check: impl Fn(&T, &mut Problems),
+) -> Result<T, ConfigErrors> {
+    let text = read(path)?;
+    let origin = path.display().to_string();
+    let src = Source {
+        text: &text,
+        origin: &origin,
+        base_dir: path.parent(),
+        file_keys,
+    };
+    with_process_env(|env| parse_with(&src, env, check))
+}
+
+/// Reads a configuration file, refusing what cannot be one (a directory, a huge or endless
+/// file, bytes that are not UTF-8) with a message that says so rather than a bare OS error.
 fn read(path: &Path) -> Result<String, ConfigErrors> {
-    std::fs::read_to_string(path).map_err(|e| {
-        ConfigErrors::new(
-            path.display().to_string(),
-            vec![ConfigError::new(
-                "",
-                format!("cannot read the configuration file: {e}"),
-            )],
-        )
+    let fail = |e: ConfigError| ConfigErrors::new(path.display().to_string(), vec![e]);
+    let cannot = |e: std::io::Error| {
+        fail(ConfigError::new(
+            "",
+            format!("cannot read the configuration file: {e}"),
+        ))
+    };
+    let file = std::fs::File::open(path).map_err(cannot)?;
+    if file.metadata().map_err(cannot)?.is_dir() {
+        return Err(fail(ConfigError::new(
+            "",
+            "is a directory, not a configuration file",
+        )));
+    }
+    // Bounded read: `metadata().len()` says nothing about a FIFO or a device like /dev/zero.
+    let mut bytes = Vec::new();
+    file.take(MAX_CONFIG_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(cannot)?;
+    if bytes.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(fail(ConfigError::new(
+            "",
+            format!(
+                "is larger than {} MiB: not a configuration file",
+                MAX_CONFIG_BYTES >> 20
+            ),
+        )));
+    }
+    String::from_utf8(bytes).map_err(|e| {
+        let valid = e.utf8_error().valid_up_to();
+        let before = std::str::from_utf8(&e.as_bytes()[..valid]).unwrap_or_default();
+        let mut err = ConfigError::new(
+            "",
+            "is not UTF-8 text (TOML files are UTF-8); the first bad byte is here",
+        );
+        let (line, column) = line_col(before, before.len());
+        err.line = Some(line);
+        err.column = Some(column);
+        fail(err)
     })
 }
 
@@ -134,17 +317,21 @@ struct Provenance {
 }
 
 fn parse_with<T: DeserializeOwned>(
-    text: &str,
-    origin: &str,
+    src: &Source<'_>,
     env: &[(&str, &str)],
     check: impl Fn(&T, &mut Problems),
 ) -> Result<T, ConfigErrors> {
+    let (text, origin) = (src.text, src.origin);
     let fail = |errors: Vec<ConfigError>| ConfigErrors::new(origin, errors);
     let mut table: Table = match text.parse() {
         Ok(table) => table,
         Err(e) => return Err(fail(vec![syntax_error(text, &e)])),
     };
     let spans = DeTable::parse(text).ok();
+    // Before the overrides: only what the file says is relative to the file.
+    if let Some(base) = src.base_dir {
+        resolve_file_keys(&mut table, src.file_keys, base);
+    }
 
     let mut provenance = Vec::new();
     let mut env_errors = Vec::new();
@@ -166,15 +353,19 @@ fn parse_with<T: DeserializeOwned>(
         return Err(fail(env_errors));
     }
 
-    // A field that wants a string gets the variable as written even when it reads as TOML (a
-    // numeric token, say): retry with the raw string at the path serde complained about.
+    // Schema errors: serde stops at the first, so each offending key is reported, removed, and
+    // the rest deserialised again, until it fits or a key cannot be removed (a missing one).
+    let mut errors: Vec<ConfigError> = Vec::new();
+    let mut removed: Vec<String> = Vec::new();
     let config = loop {
         let error = match serde_path_to_error::deserialize::<_, T>(Value::Table(table.clone())) {
-            Ok(config) => break config,
+            Ok(config) => break Some(config),
             Err(error) => error,
         };
         let path = error_path(error.path());
         let message = error.inner().message();
+        // A field that wants a string gets the variable as written even when it reads as TOML
+        // (a numeric token, say): retry with the raw string at the path serde complained about.
         // Inside an internally tagged enum the path stops at the enum, so a variable below it
         // qualifies when serde's message quotes its value (``integer `12345` ``).
         let retry = provenance.iter_mut().find(|p| {
@@ -189,24 +380,133 @@ fn parse_with<T: DeserializeOwned>(
             continue;
         }
         let mut e = serde_error(&path, message);
+        // A key of the wrong type, once removed, may come back as a missing required key: the
+        // first message said it already.
+        if errors.iter().any(|old| old.path == e.path) {
+            break None;
+        }
         locate(&mut e, spans.as_ref(), text, &provenance);
-        return Err(fail(vec![e]));
+        let target = removal_target(&e.path);
+        errors.push(e);
+        if errors.len() >= MAX_SCHEMA_ERRORS
+            || removed.contains(&target)
+            || !remove_path(&mut table, &target)
+        {
+            break None;
+        }
+        removed.push(target);
     };
 
-    let mut problems = Problems::default();
-    check(&config, &mut problems);
-    problems.into_result(origin).map_err(|mut errs| {
-        for e in &mut errs.errors {
-            locate(e, spans.as_ref(), text, &provenance);
+    // The table is sorted by key, so serde meets the keys out of file order: show them in it.
+    errors.sort_by_key(|e| (e.line.unwrap_or(usize::MAX), e.column));
+    if let Some(config) = &config {
+        let mut problems = Problems::default();
+        check(config, &mut problems);
+        if let Err(found) = problems.into_result(origin) {
+            // What was removed took its default, which says nothing about the file.
+            for mut e in found.errors {
+                if removed.iter().any(|r| is_under(&e.path, r)) {
+                    continue;
+                }
+                // The file's checks and the caller's may find the same thing (a certificate
+                // that is not configured): say it once.
+                if errors
+                    .iter()
+                    .any(|o| o.path == e.path && o.message == e.message)
+                {
+                    continue;
+                }
+                locate(&mut e, spans.as_ref(), text, &provenance);
+                errors.push(e);
+            }
         }
-        errs
-    })?;
-    Ok(config)
+    }
+    match config {
+        Some(config) if errors.is_empty() => Ok(config),
+        _ => Err(fail(errors)),
+    }
+}
+
+/// Makes the relative paths written at `keys` relative to `base` (the config file's folder).
+/// Absolute paths, empty values (refused by validation) and non-strings (refused by the
+/// schema) are left alone.
+fn resolve_file_keys(table: &mut Table, keys: &[&str], base: &Path) {
+    if base.as_os_str().is_empty() {
+        return;
+    }
+    for key in keys {
+        let mut segments = key.split('.');
+        let Some(first) = segments.next() else {
+            continue;
+        };
+        let mut current = table.get_mut(first);
+        for seg in segments {
+            current = match current {
+                Some(Value::Table(t)) => t.get_mut(seg),
+                _ => None,
+            };
+        }
+        if let Some(Value::String(value)) = current {
+            let path = Path::new(value.as_str());
+            if !value.is_empty() && path.is_relative() {
+                if let Some(joined) = base.join(path).to_str() {
+                    *value = joined.to_string();
+                }
+            }
+        }
+    }
+}
+
+/// The key to remove so that deserialisation can go past an error at `path`: the path without
+/// trailing array indexes (removing one element would shift the indexes of the next errors).
+fn removal_target(path: &str) -> String {
+    let mut target = path;
+    while let Some(stripped) = target.strip_suffix(']') {
+        match stripped.rfind('[') {
+            Some(i) => target = &stripped[..i],
+            None => break,
+        }
+    }
+    target.to_string()
+}
+
+/// Removes the key at `path` (`a.b[2].c`); false when there is none.
+fn remove_path(table: &mut Table, path: &str) -> bool {
+    let Some(parts) = path_parts(path) else {
+        return false;
+    };
+    let Some((PathPart::Key(last), parents)) = parts.split_last() else {
+        return false;
+    };
+    let mut current = Step::Table(table);
+    for part in parents {
+        current = match (current, part) {
+            (Step::Table(t), PathPart::Key(k)) => match t.get_mut(*k) {
+                Some(Value::Table(inner)) => Step::Table(inner),
+                Some(Value::Array(items)) => Step::Array(items),
+                _ => return false,
+            },
+            (Step::Array(items), PathPart::Index(i)) => match items.get_mut(*i) {
+                Some(Value::Table(inner)) => Step::Table(inner),
+                Some(Value::Array(inner)) => Step::Array(inner),
+                _ => return false,
+            },
+            _ => return false,
+        };
+    }
+    match current {
+        Step::Table(t) => t.remove(*last).is_some(),
+        Step::Array(_) => false,
+    }
 }
 
 fn syntax_error(text: &str, e: &toml::de::Error) -> ConfigError {
     let mut err = ConfigError::new("", format!("not valid TOML: {}", e.message().trim_end()));
-    err.line = e.span().map(|span| line_of(text, span.start));
+    if let Some(span) = e.span() {
+        let (line, column) = line_col(text, span.start);
+        err.line = Some(line);
+        err.column = Some(column);
+    }
     err
 }
 
@@ -257,8 +557,10 @@ fn locate(
         let _ = write!(e.message, " (from environment variable {})", p.var);
         return;
     }
-    if let Some(spans) = spans {
-        e.line = span_of(spans.get_ref(), &e.path).map(|start| line_of(text, start));
+    if let Some(start) = spans.and_then(|spans| span_of(spans.get_ref(), &e.path)) {
+        let (line, column) = line_col(text, start);
+        e.line = Some(line);
+        e.column = Some(column);
     }
 }
 
@@ -268,12 +570,21 @@ fn is_under(path: &str, base: &str) -> bool {
         .is_some_and(|rest| rest.is_empty() || rest.starts_with('.') || rest.starts_with('['))
 }
 
+/// 1-based line and column (in characters) of byte `offset` in `text`.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let mut offset = offset.min(text.len());
+    while !text.is_char_boundary(offset) {
+        offset -= 1;
+    }
+    let before = &text[..offset];
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let line = before.bytes().filter(|&b| b == b'\n').count() + 1;
+    (line, before[line_start..].chars().count() + 1)
+}
+
+#[cfg(test)]
 fn line_of(text: &str, offset: usize) -> usize {
-    text.as_bytes()[..offset.min(text.len())]
-        .iter()
-        .filter(|&&b| b == b'\n')
-        .count()
-        + 1
+    line_col(text, offset).0
 }
 
 /// The path in error syntax: `a.b[2].c`; empty for the root.

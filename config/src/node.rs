@@ -1,6 +1,6 @@
 //! The edge node's configuration root and its sections.
 
-use crate::common::{check_name, check_secret, LogConfig};
+use crate::common::{check_name, check_secret, is_example_host, is_placeholder_secret, LogConfig};
 use crate::error::{ConfigErrors, Problems};
 use crate::gateway::IN_MEMORY_ORIGIN;
 use crate::geo::{gpu_class_name_problem, is_gpu_class_name, is_label};
@@ -67,7 +67,7 @@ pub struct NodeIdentity {
     /// This node's name, unique per gateway: 1 to 64 characters of `A-Z a-z 0-9 . _ -`.
     /// Required.
     pub id: String,
-    /// Enrolment token issued to the node's (KYC-verified) operator. `edge-node run` requires
+    /// Enrolment token issued to the node's (KYC-verified) operator. `edge-node --config` requires
     /// it; prefer the environment (`NEARPATH_NODE__ENROLMENT_TOKEN`) to the file. Default: none.
     #[serde(default)]
     pub enrolment_token: Option<String>,
@@ -719,7 +719,8 @@ impl NodeConfig {
         p.into_result(IN_MEMORY_ORIGIN)
     }
 
-    /// [`Self::validate`] plus what `edge-node run` needs: the enrolment token.
+    /// [`Self::validate`] plus what `edge-node --config` (running the node) needs: the enrolment
+    /// token, and no placeholder copied from the example file.
     pub fn validate_for_run(&self) -> Result<(), ConfigErrors> {
         let mut p = Problems::default();
         self.check(&mut p, true);
@@ -768,6 +769,90 @@ impl NodeConfig {
             );
         }
         self.log.check(p);
+        if run {
+            self.check_placeholders(p);
+        }
+    }
+
+    /// Values copied unchanged from the example file, which `edge-node --config` must not
+    /// start with: the gateway would refuse the token, and no gateway presents an all-zero pin.
+    fn check_placeholders(&self, p: &mut Problems) {
+        if let Some(token) = &self.node.enrolment_token {
+            if is_placeholder_secret(token) {
+                p.push(
+                    "node.enrolment_token",
+                    "is the placeholder from the example configuration: put the enrolment token \
+                     the gateway operator issued to your operator account here (POST \
+                     /admin/operators/{id}/tokens shows it once), preferably in the environment \
+                     variable NEARPATH_NODE__ENROLMENT_TOKEN",
+                );
+            }
+        }
+        let g = &self.gateway;
+        if let Some(key) = &g.bootstrap_api_key {
+            if is_placeholder_secret(key) {
+                p.push(
+                    "gateway.bootstrap_api_key",
+                    "is the placeholder from the example configuration: put an API key of the \
+                     gateway here (POST /admin/api-keys), preferably in the environment \
+                     variable NEARPATH_GATEWAY__BOOTSTRAP_API_KEY",
+                );
+            }
+        }
+        const PIN_HELP: &str = "is the all-zero placeholder from the example configuration: put \
+             the SHA-256 of the gateway's QUIC certificate here (64 hex digits; ask the gateway \
+             operator, or compute it with `openssl x509 -in cert.pem -outform DER | sha256sum`)";
+        if g.pinned_cert_sha256_bytes() == Some([0; 32]) {
+            p.push("gateway.pinned_cert_sha256", PIN_HELP);
+        }
+        for (i, pin) in g.pinned_cert_sha256s.iter().enumerate() {
+            if parse_sha256_hex(pin) == Some([0; 32]) {
+                p.push(format!("gateway.pinned_cert_sha256s[{i}]"), PIN_HELP);
+            }
+        }
+        const HOST_HELP: &str = "is an example address (a domain reserved for documentation): \
+             put your gateway's QUIC address here, host:port";
+        if let Ok((host, _)) = g.host_port() {
+            if is_example_host(host) {
+                p.push("gateway.address", HOST_HELP);
+            }
+        }
+        for (i, address) in g.addresses.iter().enumerate() {
+            if let Ok((host, _)) = split_host_port(address) {
+                if is_example_host(host) {
+                    p.push(format!("gateway.addresses[{i}]"), HOST_HELP);
+                }
+            }
+        }
+        if let Some(url) = &g.bootstrap_url {
+            let host = url
+                .strip_prefix("http://")
+                .and_then(|rest| rest.split(['/', ':']).next());
+            if host.is_some_and(is_example_host) {
+                p.push(
+                    "gateway.bootstrap_url",
+                    "is an example URL (a domain reserved for documentation): put the URL of \
+                     your gateway's GET /v1/gateways here",
+                );
+            }
+        }
+        for (i, model) in self.models.iter().enumerate() {
+            if let BackendConfig::Upstream {
+                api_key: Some(key), ..
+            } = &model.backend
+            {
+                if is_placeholder_secret(key) {
+                    p.push(
+                        format!("models[{i}].backend.api_key"),
+                        format!(
+                            "is a placeholder: put the upstream server's API key here, \
+                             preferably in the environment variable \
+                             NEARPATH_MODELS__{i}__BACKEND__API_KEY, or leave the key out"
+                        ),
+                    );
+                }
+            }
+        }
     }
 
     fn check_gateway(&self, p: &mut Problems) {

@@ -45,7 +45,19 @@ fn gateway_example_runs_once_secrets_come_from_the_environment() {
 fn node_example_validates_with_the_default_gpu_table() {
     let cfg = parse_node(&read("edge-node.toml"), "edge-node.toml", &[])
         .unwrap_or_else(|e| panic!("{e}"));
-    cfg.validate_for_run().unwrap_or_else(|e| panic!("{e}"));
+    // Running needs the placeholders replaced (see `node_example_runs_once_its_placeholders_are_
+    // filled`); everything else in the file is ready.
+    let errs = cfg.validate_for_run().unwrap_err();
+    let paths: Vec<_> = errs.errors.iter().map(|e| e.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        [
+            "node.enrolment_token",
+            "gateway.pinned_cert_sha256",
+            "gateway.address"
+        ],
+        "{errs}"
+    );
     assert_eq!(cfg.gpu_classes, default_gpu_class_table());
     assert_eq!(cfg.node.id, "edge-1");
     assert_eq!(cfg.gateway.pinned_cert_sha256_bytes(), Some([0; 32]));
@@ -138,7 +150,18 @@ fn federation_gateway_template_runs_for_each_of_three_gateways() {
             .replace("@I@", &i.to_string())
             .replace("@LAT@", lat)
             .replace("@LON@", lon);
-        let cfg = parse_gateway_for_run(&text, "gw.toml", &[]).unwrap_or_else(|e| panic!("{e}"));
+        // The admin token comes from the environment (README exports a random one).
+        let errs = parse_gateway_for_run(&text, "gw.toml", &[]).unwrap_err();
+        assert_eq!(
+            errs.errors
+                .iter()
+                .map(|e| e.path.as_str())
+                .collect::<Vec<_>>(),
+            ["admin.token"],
+            "{errs}"
+        );
+        let env = [("NEARPATH_ADMIN__TOKEN", "0123456789abcdef0123")];
+        let cfg = parse_gateway_for_run(&text, "gw.toml", &env).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(
             cfg.federation.gateway_id.as_deref(),
             Some(&*format!("gw-{i}"))
@@ -146,4 +169,54 @@ fn federation_gateway_template_runs_for_each_of_three_gateways() {
         assert_eq!(cfg.quic.listen.to_string(), format!("127.0.0.{i}:4433"));
         assert!(cfg.store.url.is_some());
     }
+}
+
+/// The rule: the untouched examples are refused by the run checks with a message saying what to
+/// put in place of each placeholder, and pass once those are filled (from the environment, the
+/// way the examples recommend for secrets).
+#[test]
+fn node_example_runs_once_its_placeholders_are_filled() {
+    let text = read("edge-node.toml");
+    let errs = parse_node_for_run(&text, "edge-node.toml", &[]).unwrap_err();
+    let shown = errs.to_string();
+    for want in [
+        "edge-node.toml:23:1: node.enrolment_token: is the placeholder from the example \
+         configuration: put the enrolment token",
+        "gateway.pinned_cert_sha256: is the all-zero placeholder from the example configuration: \
+         put the SHA-256 of the gateway's QUIC certificate here",
+        "gateway.address: is an example address (a domain reserved for documentation)",
+    ] {
+        assert!(shown.contains(want), "missing {want:?} in\n{shown}");
+    }
+    let env = [
+        ("NEARPATH_NODE__ENROLMENT_TOKEN", "np_enrol_5e2b7c"),
+        ("NEARPATH_GATEWAY__ADDRESS", "gw.nearpath.test:4433"),
+        (
+            "NEARPATH_GATEWAY__PINNED_CERT_SHA256",
+            "ab01ab01ab01ab01ab01ab01ab01ab01ab01ab01ab01ab01ab01ab01ab01ab01",
+        ),
+    ];
+    let cfg = parse_node_for_run(&text, "edge-node.toml", &env).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(cfg.node.enrolment_token.as_deref(), Some("np_enrol_5e2b7c"));
+}
+
+#[test]
+fn gateway_example_admin_token_placeholder_is_refused_with_what_to_put_there() {
+    let text = read("gateway.toml").replace(
+        "# token = \"change-me-to-a-long-random-string\"",
+        "token = \"change-me-to-a-long-random-string\"",
+    );
+    let env = [
+        ("NEARPATH_QUIC__CERT_FILE", "/etc/nearpath/quic-cert.pem"),
+        ("NEARPATH_QUIC__KEY_FILE", "/etc/nearpath/quic-key.pem"),
+    ];
+    let errs = parse_gateway_for_run(&text, "gateway.toml", &env).unwrap_err();
+    assert_eq!(errs.errors.len(), 1, "{errs}");
+    assert!(
+        errs.to_string().starts_with(
+            "gateway.toml:76:1: admin.token: is the placeholder from the example configuration: \
+             put a random secret of at least 16 characters here"
+        ),
+        "{errs}"
+    );
 }

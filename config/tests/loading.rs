@@ -48,7 +48,7 @@ fn files_on_disk_are_named_in_errors() {
     assert_eq!(
         err.to_string(),
         format!(
-            "{}:2: http.max_body_bytes: must be greater than 0 (got 0)",
+            "{}:2:1: http.max_body_bytes: must be greater than 0 (got 0)",
             file.path().display()
         )
     );
@@ -61,7 +61,7 @@ fn syntax_errors_give_the_line() {
             "[http]\nlisten = \"127.0.0.1:1\"\nmax_body_bytes = = 3\n",
             &[]
         ),
-        "gw.toml:3: not valid TOML: extra `=`, expected nothing"
+        "gw.toml:3:18: not valid TOML: extra `=`, expected nothing"
     );
 }
 
@@ -69,22 +69,22 @@ fn syntax_errors_give_the_line() {
 fn type_errors_name_the_path_and_line() {
     assert_eq!(
         gw_err("\n[http]\nlisten = \"localhost\"\n", &[]),
-        "gw.toml:3: http.listen: invalid socket address syntax"
+        "gw.toml:3:1: http.listen: invalid socket address syntax"
     );
     assert_eq!(
         gw_err("[nodes]\nheartbeat_ms = -5\n", &[]),
-        "gw.toml:2: nodes.heartbeat_ms: invalid value: integer `-5`, expected u64"
+        "gw.toml:2:1: nodes.heartbeat_ms: invalid value: integer `-5`, expected u64"
     );
     assert_eq!(
         gw_err(
             "[[geo.overrides]]\ncidr = \"10.0.0.0/33\"\ncountry = \"US\"\n",
             &[]
         ),
-        "gw.toml:2: geo.overrides[0].cidr: invalid IP address syntax"
+        "gw.toml:2:1: geo.overrides[0].cidr: invalid IP address syntax"
     );
     assert_eq!(
         gw_err("[geofence]\nunknown_location_controlled = \"maybe\"\n", &[]),
-        "gw.toml:2: geofence.unknown_location_controlled: unknown variant `maybe`, expected \
+        "gw.toml:2:1: geofence.unknown_location_controlled: unknown variant `maybe`, expected \
          `allow` or `deny`"
     );
 }
@@ -93,19 +93,19 @@ fn type_errors_name_the_path_and_line() {
 fn unknown_keys_are_rejected_at_every_depth() {
     assert_eq!(
         gw_err("htp = 1\n", &[]),
-        "gw.toml:1: htp: unknown key (expected one of `http`, `admin`, `quic`, `store`, \
+        "gw.toml:1:1: htp: unknown key (expected one of `http`, `admin`, `quic`, `store`, \
          `federation`, `nodes`, `routing`, `inference`, `game`, `geo`, `geofence`, `log`)"
     );
     assert_eq!(
         gw_err("[admin]\nlisten = \"127.0.0.1:1\"\ntokn = \"x\"\n", &[]),
-        "gw.toml:3: admin.tokn: unknown key (expected `listen` or `token`)"
+        "gw.toml:3:1: admin.tokn: unknown key (expected `listen` or `token`)"
     );
     assert_eq!(
         gw_err(
             "[[geo.overrides]]\ncidr = \"10.0.0.0/8\"\ncountry = \"US\"\nlatitude = 1.0\n",
             &[]
         ),
-        "gw.toml:4: geo.overrides[0].latitude: unknown key (expected one of `cidr`, `country`, \
+        "gw.toml:4:1: geo.overrides[0].latitude: unknown key (expected one of `cidr`, `country`, \
          `subdivision`, `lat`, `lon`)"
     );
     let shown = gw_err(
@@ -113,22 +113,22 @@ fn unknown_keys_are_rejected_at_every_depth() {
         &[],
     );
     assert!(
-        shown.starts_with("gw.toml:4: geofence.rules[0].allow: unknown key (expected one of "),
+        shown.starts_with("gw.toml:4:1: geofence.rules[0].allow: unknown key (expected one of "),
         "{shown}"
     );
     // Inside the internally tagged backend enum, and in an inline table.
     assert_eq!(
         node_err("[[models]]\nname = \"m\"\n[models.backend]\ntype = \"sim\"\nttft = 5\n"),
-        "n.toml:10: models[0].backend.ttft: unknown key (expected one of `ttft_ms`, \
+        "n.toml:10:1: models[0].backend.ttft: unknown key (expected one of `ttft_ms`, \
          `tokens_per_s`, `seed`)"
     );
     assert_eq!(
         node_err("[[games]]\ntitle = \"t\"\nsource = { type = \"builtin\", command = [\"x\"] }\n"),
-        "n.toml:8: games[0].source.command: unknown key"
+        "n.toml:8:30: games[0].source.command: unknown key"
     );
     assert_eq!(
         node_err("[encoder]\nthreads = 2\nbitrate = 1\n"),
-        "n.toml:8: encoder.bitrate: unknown key (expected `idr_interval_s` or `threads`)"
+        "n.toml:8:1: encoder.bitrate: unknown key (expected `idr_interval_s` or `threads`)"
     );
 }
 
@@ -137,21 +137,21 @@ fn missing_required_keys_are_named() {
     let err = parse_node("[node]\n", "n.toml", &[]).unwrap_err();
     assert_eq!(
         err.to_string(),
-        "n.toml:1: node.id: required key is missing"
+        "n.toml:1:2: node.id: required key is missing"
     );
     let err = parse_node("[node]\nid = \"n\"\n", "n.toml", &[]).unwrap_err();
     assert_eq!(err.to_string(), "n.toml: gateway: required key is missing");
     assert_eq!(
         node_err("[[models]]\nname = \"m\"\n"),
-        "n.toml:6: models[0].backend: required key is missing"
+        "n.toml:6:1: models[0].backend: required key is missing"
     );
     assert_eq!(
         node_err("[[models]]\nname = \"m\"\nbackend = { type = \"upstream\" }\n"),
-        "n.toml:8: models[0].backend.base_url: required key is missing"
+        "n.toml:8:1: models[0].backend.base_url: required key is missing"
     );
     assert_eq!(
         node_err("[[models]]\nname = \"m\"\nbackend = { type = \"llm\" }\n"),
-        "n.toml:8: models[0].backend.type: unknown variant `llm`, expected `sim` or `upstream`"
+        "n.toml:8:13: models[0].backend.type: unknown variant `llm`, expected `sim` or `upstream`"
     );
 }
 
@@ -482,4 +482,174 @@ fn model_capabilities_are_validated_naming_the_path() {
     );
     assert!(cfg.models[1].capability_names().is_empty());
     assert_eq!(cfg.models[2].capability_names(), ["vision"]);
+}
+
+/// The rule: every schema error is reported at once (not only the first of a kind), each with
+/// its line and column, and the semantic checks still run on the rest of the file.
+#[test]
+fn schema_errors_are_all_reported_with_line_and_column_and_validation_still_runs() {
+    let text = "[http]\nlisten_port = 1\nmax_body_bytes = \"big\"\n\n[admin]\n  tokn = \"x\"\n\
+                [nodes]\nheartbeat_ms = -5\n[[geofence.rules]]\nname = \"r\"\n\
+                deny_client_countries = [\"@nope\"]\ngpu_classes = [\"h100\", 7]\n";
+    let errs = parse_gateway(text, "gw.toml", &[]).unwrap_err();
+    let shown: Vec<String> = errs.to_string().lines().map(str::to_string).collect();
+    let want = [
+        "gw.toml:2:1: http.listen_port: unknown key",
+        "gw.toml:3:1: http.max_body_bytes: invalid type: string \"big\", expected u64",
+        "gw.toml:6:3: admin.tokn: unknown key",
+        "gw.toml:8:1: nodes.heartbeat_ms: invalid value: integer `-5`, expected u64",
+        "gw.toml:12:24: geofence.rules[0].gpu_classes[1]: invalid type: integer `7`",
+        "gw.toml:11:26: geofence.rules[0].deny_client_countries[0]: unknown country set \"@nope\"",
+    ];
+    assert_eq!(shown.len(), want.len(), "{shown:#?}");
+    for (got, want) in shown.iter().zip(want) {
+        assert!(
+            got.starts_with(want),
+            "{got:?} does not start with {want:?}"
+        );
+    }
+    // A required key of the wrong type is reported once, not again as missing.
+    let errs = parse_node("[node]\nid = 5\n[gateway]\naddress = 1\n", "n.toml", &[]).unwrap_err();
+    let paths: Vec<_> = errs.errors.iter().map(|e| e.path.as_str()).collect();
+    assert_eq!(paths, ["node.id", "gateway.address"], "{errs}");
+}
+
+#[test]
+fn a_flood_of_bad_keys_is_cut_off_not_looped_over() {
+    let text: String = (0..5000).map(|i| format!("k{i} = {i}\n")).collect();
+    let errs = parse_gateway(&text, "gw.toml", &[]).unwrap_err();
+    assert_eq!(errs.errors.len(), 50);
+    // Shown in file order, each with its own line.
+    let lines: Vec<_> = errs.errors.iter().map(|e| e.line.unwrap()).collect();
+    assert!(lines.windows(2).all(|w| w[0] < w[1]), "{lines:?}");
+}
+
+#[test]
+fn columns_count_characters_not_bytes() {
+    let text = "[[geofence.rules]]\nname = \"r\"\ndeny_client_countries = [\"ÄÖ\", \"@x\"]\n";
+    let errs = parse_gateway(text, "gw.toml", &[]).unwrap_err();
+    let e = errs
+        .errors
+        .iter()
+        .find(|e| e.path == "geofence.rules[0].deny_client_countries[1]")
+        .unwrap_or_else(|| panic!("{errs}"));
+    assert_eq!((e.line, e.column), (Some(3), Some(32)));
+}
+
+/// The rule: a relative path in a config file is relative to the file's folder; absolute paths
+/// and paths from the environment are taken as written.
+#[test]
+fn relative_paths_resolve_against_the_config_files_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("gateway.toml");
+    std::fs::write(
+        &file,
+        "[quic]\ncert_file = \"certs/quic.pem\"\nkey_file = \"/abs/key.pem\"\n\
+         [store]\npath = \"state/gw.db\"\n[geo]\ndatabase = \"../geo/City.mmdb\"\n",
+    )
+    .unwrap();
+    let cfg = load_gateway(&file).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(cfg.quic.cert_file, Some(dir.path().join("certs/quic.pem")));
+    assert_eq!(
+        cfg.quic.key_file.as_deref(),
+        Some(std::path::Path::new("/abs/key.pem"))
+    );
+    assert_eq!(cfg.store.path, dir.path().join("state/gw.db"));
+    assert_eq!(cfg.geo.database, Some(dir.path().join("../geo/City.mmdb")));
+
+    let env = [("NEARPATH_QUIC__CERT_FILE", "from-env.pem")];
+    let text = std::fs::read_to_string(&file).unwrap();
+    let cfg = parse_gateway_checked(&text, "gateway.toml", Some(dir.path()), &env, &|_| vec![])
+        .map(Some)
+        .unwrap_or_else(|e| {
+            // Only the run checks may complain (no admin token), never about the paths.
+            assert!(e.errors.iter().all(|e| e.path == "admin.token"), "{e}");
+            None
+        });
+    assert!(cfg.is_none());
+    let env = [
+        ("NEARPATH_QUIC__CERT_FILE", "from-env.pem"),
+        ("NEARPATH_ADMIN__TOKEN", "0123456789abcdef0123"),
+    ];
+    let cfg = parse_gateway_checked(&text, "gateway.toml", Some(dir.path()), &env, &|_| vec![])
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        cfg.quic.cert_file.as_deref(),
+        Some(std::path::Path::new("from-env.pem"))
+    );
+    // The default store path is not in the file, so it stays relative to the working directory.
+    let env = [
+        ("NEARPATH_ADMIN__TOKEN", "0123456789abcdef0123"),
+        ("NEARPATH_QUIC__CERT_FILE", "c.pem"),
+        ("NEARPATH_QUIC__KEY_FILE", "k.pem"),
+    ];
+    let cfg = parse_gateway_checked("", "g.toml", Some(dir.path()), &env, &|_| vec![])
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(cfg.store.path, std::path::Path::new("nearpath-gateway.db"));
+
+    let node = dir.path().join("node.toml");
+    std::fs::write(
+        &node,
+        "[node]\nid = \"n\"\n[gateway]\naddress = \"h:1\"\nca_file = \"ca.pem\"\n",
+    )
+    .unwrap();
+    let cfg = load_node(&node).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(cfg.gateway.ca_file, Some(dir.path().join("ca.pem")));
+}
+
+#[test]
+fn extra_checks_are_reported_with_the_files_errors_and_located() {
+    let text = "[admin]\ntoken = \"0123456789abcdef0123\"\n[quic]\nlisten = \"0.0.0.0:4433\"\n\
+                cert_file = \"c.pem\"\nkey_file = \"k.pem\"\n[http]\nmax_body_bytes = 0\n";
+    let extra = |_: &GatewayConfig| {
+        vec![ConfigError::new(
+            "quic.cert_file",
+            "cannot read c.pem: No such file or directory",
+        )]
+    };
+    let errs = parse_gateway_checked(text, "gw.toml", None, &[], &extra).unwrap_err();
+    assert_eq!(
+        errs.to_string(),
+        "gw.toml:8:1: http.max_body_bytes: must be greater than 0 (got 0)\n\
+         gw.toml:5:1: quic.cert_file: cannot read c.pem: No such file or directory"
+    );
+}
+
+#[test]
+fn files_that_are_not_configurations_are_refused_with_a_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let shown = |path: &std::path::Path| load_gateway(path).unwrap_err().to_string();
+
+    let err = shown(dir.path());
+    assert!(
+        err.ends_with("is a directory, not a configuration file"),
+        "{err}"
+    );
+
+    let binary = dir.path().join("bin.toml");
+    std::fs::write(&binary, b"[http]\nlisten = \"\xff\xfe\"\n").unwrap();
+    let err = shown(&binary);
+    assert!(
+        err.starts_with(&format!("{}:2:11: is not UTF-8 text", binary.display())),
+        "{err}"
+    );
+
+    let huge = dir.path().join("huge.toml");
+    let f = std::fs::File::create(&huge).unwrap();
+    f.set_len(MAX_CONFIG_BYTES + 1).unwrap();
+    let err = shown(&huge);
+    assert!(
+        err.ends_with("is larger than 4 MiB: not a configuration file"),
+        "{err}"
+    );
+
+    #[cfg(unix)]
+    {
+        let a = dir.path().join("a.toml");
+        let b = dir.path().join("b.toml");
+        std::os::unix::fs::symlink(&b, &a).unwrap();
+        std::os::unix::fs::symlink(&a, &b).unwrap();
+        let err = shown(&a);
+        assert!(err.contains("cannot read the configuration file"), "{err}");
+    }
 }

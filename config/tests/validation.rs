@@ -516,9 +516,9 @@ deny_client_countries = ["@missing"]
     assert_eq!(errs.errors.len(), 3, "{errs}");
     assert_eq!(
         errs.to_string(),
-        "three.toml:3: http.max_body_bytes: must be greater than 0 (got 0)\n\
-         three.toml:6: geo.overrides[0].country: \"XX\" is not an ISO 3166-1 alpha-2 country code\n\
-         three.toml:9: geofence.rules[0].deny_client_countries[0]: unknown country set \
+        "three.toml:3:1: http.max_body_bytes: must be greater than 0 (got 0)\n\
+         three.toml:6:1: geo.overrides[0].country: \"XX\" is not an ISO 3166-1 alpha-2 country code\n\
+         three.toml:9:26: geofence.rules[0].deny_client_countries[0]: unknown country set \
          \"@missing\""
     );
 }
@@ -600,13 +600,18 @@ fn node_run_mode_needs_the_enrolment_token() {
     let errs = parse_node_for_run(&text, "n.toml", &[]).unwrap_err();
     assert_eq!(
         errs.to_string(),
-        "n.toml:1: node.enrolment_token: required: set it in the file or in the environment \
-         variable NEARPATH_NODE__ENROLMENT_TOKEN"
+        "n.toml:1:2: node.enrolment_token: required: set it in the file or in the environment \
+         variable NEARPATH_NODE__ENROLMENT_TOKEN\n\
+         n.toml:4:1: gateway.address: is an example address (a domain reserved for \
+         documentation): put your gateway's QUIC address here, host:port"
     );
     let cfg = parse_node_for_run(
         &text,
         "n.toml",
-        &[("NEARPATH_NODE__ENROLMENT_TOKEN", "tok")],
+        &[
+            ("NEARPATH_NODE__ENROLMENT_TOKEN", "tok"),
+            ("NEARPATH_GATEWAY__ADDRESS", "gw.nearpath.test:4433"),
+        ],
     )
     .unwrap();
     assert_eq!(cfg.node.enrolment_token.as_deref(), Some("tok"));

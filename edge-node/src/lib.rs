@@ -10,6 +10,8 @@ pub mod gateways;
 pub mod gpu;
 pub mod inference;
 pub mod node;
+pub mod preflight;
 pub mod sessions;
 
 pub use node::{EdgeNode, NodeError, NodeOptions, NodeStatus};
+pub use preflight::preflight;

@@ -21,10 +21,15 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Validate a node config file: a one-line summary (exit 0) or every error (exit 2).
+    /// Check a node config file exactly as running the node (`--config`) would before dialling
+    /// the gateway (placeholders, CA file, models): a one-line summary (exit 0) or every error
+    /// with its file, line and column (exit 2).
     CheckConfig {
         /// The node config file to check.
         file: PathBuf,
+        /// Print nothing on success (errors still go to stderr).
+        #[arg(long, short)]
+        quiet: bool,
     },
     /// Serve the config's models over an OpenAI-compatible HTTP API, without a gateway (for
     /// testing a node's backends, and as the no-gateway baseline in benchmarks). Any address
@@ -78,10 +83,12 @@ fn main() -> ExitCode {
         }
     };
     let result = match (cli.cmd, cli.config) {
-        (Some(Cmd::CheckConfig { file }), _) => {
-            return match nearpath_config::load_node(&file) {
+        (Some(Cmd::CheckConfig { file, quiet }), _) => {
+            return match nearpath_config::load_node_checked(&file, &nearpath_edge_node::preflight) {
                 Ok(cfg) => {
-                    println!("{}: ok: {}", file.display(), cfg.summary());
+                    if !quiet {
+                        println!("{}: ok: {}", file.display(), cfg.summary());
+                    }
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
@@ -140,7 +147,9 @@ fn init_tracing(cfg: &nearpath_config::LogConfig) {
 }
 
 async fn run(config: PathBuf) -> anyhow::Result<()> {
-    let cfg = nearpath_config::load_node_for_run(&config).map_err(anyhow::Error::msg)?;
+    // The same load and checks as check-config: a file one accepts, the other does.
+    let cfg = nearpath_config::load_node_checked(&config, &nearpath_edge_node::preflight)
+        .map_err(anyhow::Error::msg)?;
     init_tracing(&cfg.log);
     let node = EdgeNode::new(cfg, NodeOptions::default())?;
     let result = node.run(shutdown_on_signal()).await;

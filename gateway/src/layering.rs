@@ -53,6 +53,8 @@ const RANKS: &[(&str, u8)] = &[
     ("webrtc", 6),
     // Assembly.
     ("server", 7),
+    // What `gateway run` checks before serving, for `run` and `check-config` alike.
+    ("preflight", 7),
 ];
 
 fn sources(dir: &Path, out: &mut Vec<PathBuf>) {

@@ -26,6 +26,7 @@ pub mod metrics;
 pub mod node_link;
 pub mod outliers;
 pub mod player;
+pub mod preflight;
 pub mod recent_models;
 pub mod registry;
 pub mod relay;
@@ -43,7 +44,8 @@ pub mod webrtc;
 #[cfg(test)]
 mod layering;
 
-pub use server::{check_runtime, BoundAddrs, Gateway, GatewayError, Listeners, Shared};
+pub use preflight::preflight;
+pub use server::{BoundAddrs, Gateway, GatewayError, Listeners, Shared};
 
 /// Installs the tracing subscriber once from `[log]`: text or JSON lines, colour only on a
 /// terminal (`[log] color`, `NO_COLOR`), the level from config or `RUST_LOG` with library noise

@@ -123,15 +123,15 @@ pub struct Gateway {
     fleet: Option<Arc<dyn crate::trunk::FleetSource>>,
 }
 
-/// Checks what `load` would check beyond the config file itself (certificate files, databases,
-/// the geofence compile), without opening listeners or creating files. Used by `gateway
-/// check-config`.
-pub fn check_runtime(config: &GatewayConfig) -> Result<(), GatewayError> {
-    // The certificate files as `load` would find them, creating nothing.
-    crate::cert::inspect(config)?;
-    GeoDb::open(&config.geo)?;
-    Policy::compile(&config.geofence).map_err(|e| GatewayError::Policy(e.to_string()))?;
-    Ok(())
+/// Problems found with the configuration after it loaded, one per line, each naming its key.
+fn config_errors(errors: Vec<nearpath_config::ConfigError>) -> GatewayError {
+    GatewayError::Config(
+        errors
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("\n"),
+    )
 }
 
 impl Gateway {
@@ -412,18 +412,11 @@ impl Gateway {
             t.set_endpoint(endpoint.clone());
         }
 
-        let http_tls = match (
-            &shared.config.http.tls_cert_file,
-            &shared.config.http.tls_key_file,
-        ) {
-            (Some(c), Some(k)) => {
-                let pair = crate::tls::load_pem(c, k)?;
-                Some(
-                    crate::api::tls_acceptor(pair)
-                        .map_err(|e| GatewayError::Config(e.to_string()))?,
-                )
-            }
-            _ => None,
+        let http_tls = match crate::tls::http_certificate(&shared.config).map_err(config_errors)? {
+            Some(pair) => Some(
+                crate::api::tls_acceptor(pair).map_err(|e| GatewayError::Config(e.to_string()))?,
+            ),
+            None => None,
         };
 
         // Into the gateway directory before serving: a gateway configured with an id another

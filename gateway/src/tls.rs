@@ -1,6 +1,7 @@
 //! Certificates for the gateway's QUIC endpoint and HTTPS listener, on top of the protocol
 //! crate's TLS helpers.
 
+use nearpath_config::{ConfigError, GatewayConfig};
 use nearpath_protocol::tls::{cert_sha256, load_certs, load_private_key, sha256_hex, TlsError};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use std::path::Path;
@@ -44,6 +45,62 @@ pub fn load_pem(cert_file: &Path, key_file: &Path) -> Result<CertPair, TlsError>
         sha256,
         cert_pem,
     })
+}
+
+/// The QUIC certificate `gateway run` serves with, from `quic.cert_file` and `quic.key_file`.
+/// The one place that decides about it: [`crate::Gateway::load`] and
+/// [`crate::preflight::preflight`] (so `gateway check-config`) both call it, and a change to what
+/// happens without a configured certificate belongs here. Errors name the key they concern.
+pub fn quic_certificate(config: &GatewayConfig) -> Result<CertPair, Vec<ConfigError>> {
+    match (&config.quic.cert_file, &config.quic.key_file) {
+        (Some(cert), Some(key)) => load_pair(("quic.cert_file", cert), ("quic.key_file", key)),
+        (cert, key) => Err([
+            ("quic.cert_file", cert.is_none()),
+            ("quic.key_file", key.is_none()),
+        ]
+        .into_iter()
+        .filter(|(_, missing)| *missing)
+        .map(|(path, _)| {
+            ConfigError::new(
+                path,
+                "required (nodes verify the gateway by this certificate)",
+            )
+        })
+        .collect()),
+    }
+}
+
+/// The HTTPS listener's certificate, when `http.tls_cert_file` and `http.tls_key_file` are set.
+pub fn http_certificate(config: &GatewayConfig) -> Result<Option<CertPair>, Vec<ConfigError>> {
+    match (&config.http.tls_cert_file, &config.http.tls_key_file) {
+        (Some(cert), Some(key)) => {
+            load_pair(("http.tls_cert_file", cert), ("http.tls_key_file", key)).map(Some)
+        }
+        // Validation refuses one without the other.
+        _ => Ok(None),
+    }
+}
+
+/// Loads a certificate chain and its key, each problem at the key naming the file.
+fn load_pair(
+    (cert_key, cert_file): (&str, &Path),
+    (key_key, key_file): (&str, &Path),
+) -> Result<CertPair, Vec<ConfigError>> {
+    let chain = load_certs(cert_file).map_err(|e| ConfigError::new(cert_key, e.to_string()));
+    let key = load_private_key(key_file).map_err(|e| ConfigError::new(key_key, e.to_string()));
+    match (chain, key) {
+        (Ok(chain), Ok(key)) => {
+            let sha256 = cert_sha256(chain[0].as_ref());
+            let cert_pem = std::fs::read_to_string(cert_file).ok();
+            Ok(CertPair {
+                chain,
+                key,
+                sha256,
+                cert_pem,
+            })
+        }
+        (chain, key) => Err([chain.err(), key.err()].into_iter().flatten().collect()),
+    }
 }
 
 /// A fresh self-signed certificate for the given DNS names / IP literals (demo and tests).

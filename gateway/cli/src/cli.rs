@@ -45,10 +45,15 @@ enum Cmd {
         #[arg(long)]
         store: Option<PathBuf>,
     },
-    /// Validate a gateway config file: prints a one-line summary (exit 0) or every error (exit 2).
+    /// Check a gateway config file exactly as `run` would before serving (certificates, GeoIP
+    /// databases, store path, placeholders): a one-line summary (exit 0) or every error with
+    /// its file, line and column (exit 2).
     CheckConfig {
         /// The gateway config file to check.
         file: PathBuf,
+        /// Print nothing on success (errors still go to stderr).
+        #[arg(long, short)]
+        quiet: bool,
     },
     /// GeoIP tools.
     Geo {
@@ -114,7 +119,7 @@ enum GeoCmd {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::CheckConfig { file } => check_config(&file),
+        Cmd::CheckConfig { file, quiet } => check_config(&file, quiet),
         Cmd::Geo {
             cmd: GeoCmd::Lookup { config, db, ips },
         } => geo_lookup(config, db, &ips),
@@ -130,7 +135,9 @@ pub fn main() -> ExitCode {
         }
         Cmd::Man { dir } => man(Cli::command(), dir.as_deref()),
         Cmd::Run { config } => run_async(async move {
-            let cfg = nearpath_config::load_gateway(&config).map_err(anyhow::Error::msg)?;
+            // The same load and checks as check-config: a file one accepts, the other does.
+            let cfg = nearpath_config::load_gateway_checked(&config, &nearpath_gateway::preflight)
+                .map_err(anyhow::Error::msg)?;
             nearpath_gateway::init_tracing(&cfg.log);
             let gateway = Gateway::load(cfg)?;
             print_pin(&gateway);
@@ -274,22 +281,14 @@ pub fn shutdown_on_signal() -> CancellationToken {
     token
 }
 
-fn check_config(file: &std::path::Path) -> ExitCode {
-    match nearpath_config::load_gateway(file) {
-        Ok(cfg) => match nearpath_gateway::check_runtime(&cfg) {
-            Ok(()) => {
+fn check_config(file: &std::path::Path, quiet: bool) -> ExitCode {
+    match nearpath_config::load_gateway_checked(file, &nearpath_gateway::preflight) {
+        Ok(cfg) => {
+            if !quiet {
                 println!("{}: ok: {}", file.display(), cfg.summary());
-                ExitCode::SUCCESS
             }
-            Err(e) => {
-                eprintln!(
-                    "{}: {}",
-                    file.display(),
-                    nearpath_protocol::report::chain(&e)
-                );
-                ExitCode::from(2)
-            }
-        },
+            ExitCode::SUCCESS
+        }
         Err(errors) => {
             eprintln!("{errors}");
             ExitCode::from(2)
