@@ -36,7 +36,7 @@ pub fn preflight(config: &GatewayConfig) -> Vec<ConfigError> {
             }
         }
     } else {
-    match crate::tls::quic_certificate(config) {
+        match crate::tls::quic_certificate(config) {
             Ok(pair) => {
                 let transport = nearpath_protocol::tls::TransportOptions::default();
                 let sha256 = pair.sha256_hex();
