@@ -25,45 +25,25 @@ const ADMIN_TOKEN: &str = "walkthrough-admin-token-0123456789";
 /// How long a process may take to print what a step waits for, on a loaded machine.
 const STEP: Duration = Duration::from_secs(60);
 
-/// The `gateway` and `edge-node` binaries of this build, built if missing or stale. Cargo
-/// builds a package's own binaries before its tests, never another package's, so this asks
-/// cargo for them (a no-op once they are fresh) in the target folder this test runs from.
+/// The `gateway` and `edge-node` binaries of this build. Cargo builds only a package's own
+/// binaries for its tests, and a nested `cargo build` from inside `cargo test` waits forever
+/// for the build directory's lock, which the running `cargo test` holds. The README's test
+/// command (`cargo test --workspace --all-targets`) builds every binary before any test runs,
+/// so they are taken from this test's target folder; run alone, the test says how to build them.
 fn binaries() -> (PathBuf, PathBuf) {
-    static BUILT: std::sync::OnceLock<(PathBuf, PathBuf)> = std::sync::OnceLock::new();
-    BUILT
-        .get_or_init(|| {
-            let exe = std::env::current_exe().unwrap();
-            // target/<profile>/deps/<this test> → target/<profile>
-            let profile_dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
-            let target_dir = profile_dir.parent().unwrap();
-            let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| env!("CARGO").into());
-            let mut cmd = std::process::Command::new(cargo);
-            cmd.current_dir(root).args([
-                "build",
-                "--quiet",
-                "-p",
-                "nearpath-gateway-cli",
-                "--bin",
-                "gateway",
-                "-p",
-                "nearpath-edge-node",
-                "--bin",
-                "edge-node",
-                "--target-dir",
-            ]);
-            cmd.arg(target_dir);
-            if profile_dir.file_name().is_some_and(|n| n == "release") {
-                cmd.arg("--release");
-            }
-            let status = cmd.status().expect("running cargo build for the binaries");
-            assert!(
-                status.success(),
-                "cargo build of gateway and edge-node failed"
-            );
-            (profile_dir.join("gateway"), profile_dir.join("edge-node"))
-        })
-        .clone()
+    let exe = std::env::current_exe().unwrap();
+    // target/<profile>/deps/<this test> → target/<profile>
+    let profile_dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
+    let (gateway, node) = (profile_dir.join("gateway"), profile_dir.join("edge-node"));
+    for bin in [&gateway, &node] {
+        assert!(
+            bin.is_file(),
+            "{} is missing: build the binaries first (`cargo build --bins`, or run the README's \
+             `cargo test --workspace --all-targets`, which builds them)",
+            bin.display()
+        );
+    }
+    (gateway, node)
 }
 
 fn example(name: &str) -> PathBuf {
