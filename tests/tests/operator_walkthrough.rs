@@ -238,7 +238,10 @@ fn mode(path: &Path) -> u32 {
 async fn the_readme_walkthrough_runs_a_gateway_and_a_separate_node() {
     let (_, edge_node) = binaries();
     let dir = tempfile::tempdir().unwrap();
+    // The state folder exists (the README's `mkdir -p ~/nearpath`): the gateway creates its
+    // database and certificate files, never the folder.
     let state = dir.path().join("state");
+    std::fs::create_dir(&state).unwrap();
     let http = Http::new();
 
     // 1. `gateway run`: the certificate is created in the state folder and its pin printed.
