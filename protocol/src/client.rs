@@ -497,6 +497,7 @@ impl Client {
 
     /// A started session on this client's connection. `hold` keeps a redirected session's
     /// own client (and so its connection) alive for as long as a part of the session is.
+    #[allow(clippy::too_many_arguments)]
     fn session(
         &self,
         send: quinn::SendStream,
