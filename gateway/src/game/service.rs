@@ -1255,15 +1255,6 @@ impl GameService {
         ctl_rx: FramedRecv,
         req: PlayTicket,
     ) {
-        let refuse = async |tx: &mut quinn::SendStream, e: CoreError| {
-            let msg = Message::Error(ErrorInfo {
-                code: e.code.to_string(),
-                message: e.message,
-                retryable: e.retryable,
-            });
-            let _ = send(tx, &msg).await;
-            let _ = tx.finish();
-        };
         let key: ApiKey = match self.authenticate(Some(&req.api_key)).await {
             Ok(k) => k,
             Err(e) => {
@@ -1274,7 +1265,7 @@ impl GameService {
         };
         let Some(federation) = self.federation.clone() else {
             let e = bad_ticket("this gateway is not in a federation");
-            return refuse(&mut ctl_tx, e).await;
+            return refuse_play(&mut ctl_tx, e).await;
         };
         let ip = conn.remote_address().ip();
         let claims = match federation
@@ -1285,7 +1276,7 @@ impl GameService {
             Err(e) => {
                 warn!(client = %conn.remote_address(), error = %e, "redirect ticket refused");
                 self.count_start("quic", BAD_TICKET);
-                return refuse(&mut ctl_tx, bad_ticket(e.to_string())).await;
+                return refuse_play(&mut ctl_tx, bad_ticket(e.to_string())).await;
             }
         };
         info!(issuer = %claims.issuer, node = %claims.node_id, "redirect ticket accepted");
@@ -1302,7 +1293,7 @@ impl GameService {
             .await
         {
             Ok(s) => s,
-            Err(e) => return refuse(&mut ctl_tx, e).await,
+            Err(e) => return refuse_play(&mut ctl_tx, e).await,
         };
         self.run_play(conn, ctl_tx, ctl_rx, started).await
     }
@@ -1317,15 +1308,6 @@ impl GameService {
         ctl_rx: FramedRecv,
         req: PlayResume,
     ) {
-        let refuse = async |tx: &mut quinn::SendStream, e: CoreError| {
-            let msg = Message::Error(ErrorInfo {
-                code: e.code.to_string(),
-                message: e.message,
-                retryable: e.retryable,
-            });
-            let _ = send(tx, &msg).await;
-            let _ = tx.finish();
-        };
         let bad = || {
             CoreError::new(
                 Kind::Forbidden,
@@ -1349,7 +1331,7 @@ impl GameService {
                 "this gateway is not in a federation: sessions cannot move to it",
             )
             .with_retryable(false);
-            return refuse(&mut ctl_tx, e).await;
+            return refuse_play(&mut ctl_tx, e).await;
         };
         let token_ok = req.token.len() == RESUME_TOKEN_LEN
             && req
@@ -1358,7 +1340,7 @@ impl GameService {
                 .all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f'));
         if !token_ok || req.session_id == 0 {
             self.count_start("quic", BAD_RESUME);
-            return refuse(&mut ctl_tx, bad()).await;
+            return refuse_play(&mut ctl_tx, bad()).await;
         }
         let entry = match federation.lookup_session(req.session_id).await {
             Ok(e) => e,
@@ -1370,7 +1352,7 @@ impl GameService {
                     "the sessions directory cannot be read; try again",
                 )
                 .with_retry_after_s(1);
-                return refuse(&mut ctl_tx, e).await;
+                return refuse_play(&mut ctl_tx, e).await;
             }
         };
         let hash = crate::store::hash_secret(&req.token);
@@ -1380,7 +1362,7 @@ impl GameService {
         }) else {
             warn!(client = %conn.remote_address(), session = req.session_id, "resume refused");
             self.count_start("quic", BAD_RESUME);
-            return refuse(&mut ctl_tx, bad()).await;
+            return refuse_play(&mut ctl_tx, bad()).await;
         };
         let ip = conn.remote_address().ip();
         let started = match self
@@ -1395,7 +1377,7 @@ impl GameService {
             .await
         {
             Ok(s) => s,
-            Err(e) => return refuse(&mut ctl_tx, e).await,
+            Err(e) => return refuse_play(&mut ctl_tx, e).await,
         };
         self.run_play(conn, ctl_tx, ctl_rx, started).await
     }
@@ -1494,6 +1476,17 @@ impl GameService {
         }
         let _ = ctl_tx.finish();
     }
+}
+
+/// Refuses a play stream: the core error as the native `Error`, then the stream finishes.
+async fn refuse_play(tx: &mut quinn::SendStream, e: CoreError) {
+    let msg = Message::Error(ErrorInfo {
+        code: e.code.to_string(),
+        message: e.message,
+        retryable: e.retryable,
+    });
+    let _ = send(tx, &msg).await;
+    let _ = tx.finish();
 }
 
 /// Which nodes a session may be attached to.
