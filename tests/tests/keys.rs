@@ -349,8 +349,11 @@ async fn usd_month_spend_survives_a_gateway_restart_on_the_same_sqlite_file() {
     let (id, key) = new_key(&gw, json!({"budget_usd_per_month": 0.99})).await;
     let (s, _, v) = post_chat(&gw, &key, &chat("m", 3)).await;
     assert_eq!(s, 200, "{v}");
-    let usage = usage_when(&gw, &id, "the spend", |v| {
+    // The spend book is charged at once; the month's cost comes from the ledger, whose row
+    // commits a moment later: wait for both (a CI run saw the book ahead of the ledger).
+    let usage = usage_when(&gw, &id, "the spend and its ledger row", |v| {
         v["budgets"][0]["spent"].as_f64().unwrap_or(0.0) > 0.0
+            && v["month"]["cost_usd"].as_f64().unwrap_or(0.0) > 0.0
     })
     .await;
     assert!(
