@@ -222,10 +222,13 @@ impl GameService {
     /// Checks what a key may start before anything is routed: the ledger can bill the session,
     /// the key is under its cap on live sessions and its session starts per minute. The guard
     /// holds the key's session slot until the session ends.
+    /// A resumed session (`charge_start` false) holds a session slot here but is not a new
+    /// start: the key's starts per minute are not charged again.
     async fn admit_start(
         &self,
         key: &ApiKey,
         transport: &'static str,
+        charge_start: bool,
     ) -> Result<CapGuard, CoreError> {
         self.auth.ledger_gate(transport)?;
         let caps = self.auth.effective_caps(key);
@@ -239,6 +242,9 @@ impl GameService {
             )
             .await
             .map_err(|r| r.core_error())?;
+        if !charge_start {
+            return Ok(guard);
+        }
         self.auth
             .admit_session_start(key, caps.session_starts_per_minute)
             .await
@@ -513,7 +519,7 @@ impl GameService {
         sink: FrameSink,
         only: Option<&str>,
     ) -> Result<Started, CoreError> {
-        let cap = match self.admit_start(key, transport).await {
+        let cap = match self.admit_start(key, transport, true).await {
             Ok(g) => g,
             Err(e) => {
                 self.count_start(transport, &e.code);
@@ -575,18 +581,7 @@ impl GameService {
         let params = self
             .session_params(&clamp)
             .map_err(|e| CoreError::bad_request(e, None))?;
-        self.auth.ledger_gate(transport)?;
-        let caps = self.auth.effective_caps(key);
-        let cap = self
-            .auth
-            .acquire_cap(
-                key,
-                CapKind::Session,
-                caps.max_concurrent_sessions,
-                transport,
-            )
-            .await
-            .map_err(|r| r.core_error())?;
+        let cap = self.admit_start(key, transport, false).await?;
         let Some(session) = self.sessions.ids.claim(entry.session_id) else {
             return Err(CoreError::new(
                 Kind::Unavailable,
