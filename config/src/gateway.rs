@@ -35,6 +35,10 @@ pub const MIN_QUIC_WINDOW_BYTES: u64 = 65_536;
 /// gateway hold.
 pub const MAX_QUIC_WINDOW_BYTES: u64 = 1 << 30;
 
+/// The largest model weights either side accepts, in bytes (10 TB: twice the largest open model
+/// at fp32 is under a tenth of this).
+pub const MAX_MODEL_WEIGHTS_BYTES: u64 = 10_000_000_000_000;
+
 /// The `gateway` binary's configuration file. Every section is optional and defaults as its
 /// fields document; unknown keys are errors at every level.
 #[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
@@ -62,6 +66,8 @@ pub struct GatewayConfig {
     pub geo: GeoConfig,
     /// `[geofence]`: who may be served by whom.
     pub geofence: GeofenceConfig,
+    /// `[checker]`: what the gateway verifies of nodes' claims (GPU, capacity, location).
+    pub checker: CheckerConfig,
     /// `[log]`: logging.
     pub log: LogConfig,
 }
@@ -348,6 +354,117 @@ impl Default for FederationConfig {
             inference_route: CrossRoute::Trunk,
             game_route: CrossRoute::Redirect,
             limit_slice_percent: 10,
+        }
+    }
+}
+
+/// `[checker]`: the gateway checks what nodes claim against physics (README, "Checkers"):
+/// probe sessions at registration and at random times while a node is idle, samples from real
+/// sessions, GPU identities across nodes, and each node's RTT against the speed of light.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CheckerConfig {
+    /// Run the checks. Off, every node stays `unverified` and nothing is demoted or
+    /// reclassified. Default: true.
+    pub enabled: bool,
+    /// Where this gateway is, in degrees, for the location checks (RTT against the speed of
+    /// light). Default: `federation.lat`/`federation.lon` when `federation.gateway_id` is set,
+    /// else none: a standalone gateway without a position checks no location, and then cannot
+    /// require controlled-class nodes to prove proximity.
+    pub lat_deg: Option<f64>,
+    pub lon_deg: Option<f64>,
+    /// How far a node may be from where GeoIP puts it beyond what its RTT allows, in km. Covers
+    /// GeoIP databases that only know a country (its centroid) and paths longer than great
+    /// circles. Default: 1000.0.
+    pub location_slack_km: f64,
+    /// Controlled-class nodes must prove proximity: their RTT to the gateway nearest their
+    /// claimed location must fit that location within `location_slack_km`. Needs a gateway
+    /// position. Default: true.
+    pub controlled_requires_proximity: bool,
+    /// The registration check starts at a random time within this long of registering, in
+    /// milliseconds (so probes do not look scheduled). Default: 2000.
+    pub registration_probe_delay_max_ms: u64,
+    /// Mean time between probes of an idle node (random, exponentially spaced), in
+    /// milliseconds. Default: 600000 (10 minutes).
+    pub standby_probe_interval_mean_ms: u64,
+    /// A probe that has not finished within this long failed, in milliseconds. Default: 30000.
+    pub probe_timeout_ms: u64,
+    /// Tokens a probe asks for (`max_tokens`; the exact number varies randomly by up to a
+    /// quarter so probes do not look alike). Default: 64.
+    pub probe_max_tokens: u32,
+    /// Probes in a row that find a node far below its claimed class before its routing rank
+    /// is demoted. Default: 3.
+    pub demote_after_probes: u32,
+    /// How much faster than memory bandwidth / weight bytes a node may decode one stream
+    /// before the claim is impossible, as a fraction (speculative decoding beats the naive
+    /// bound). Default: 0.5.
+    pub decode_tolerance: f64,
+    /// The same for hardware encoder throughput. Default: 0.25.
+    pub encode_tolerance: f64,
+    /// A probe delivering less than this fraction of the claimed class's bound is far below
+    /// the claim. Default: 0.1.
+    pub far_below_ratio: f64,
+    /// Routing penalty for a node no check has verified yet, in milliseconds (routing prefers
+    /// verified nodes). Default: 10.0.
+    pub unverified_penalty_ms: f64,
+    /// Routing penalty for a demoted node, in milliseconds. Default: 500.0.
+    pub demoted_penalty_ms: f64,
+    /// How old another gateway's verdict on a node may be and still count in the majority,
+    /// in milliseconds. Default: 86400000 (a day).
+    pub vote_max_age_ms: u64,
+    /// Weight sizes the gateway knows, by model name: a node declaring less for one of these
+    /// is taken at this size (a node cannot shrink a model to pass the physics checks).
+    /// Default: none.
+    pub known_models: Vec<KnownModel>,
+    /// Seed for the probe schedule; none draws one at start. Default: none.
+    pub seed: Option<u64>,
+}
+
+/// One `[[checker.known_models]]` entry.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct KnownModel {
+    /// The model name nodes register. Required.
+    pub name: String,
+    /// Its weights, in bytes. Required.
+    pub weights_bytes: u64,
+}
+
+impl Default for CheckerConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            lat_deg: None,
+            lon_deg: None,
+            location_slack_km: 1000.0,
+            controlled_requires_proximity: true,
+            registration_probe_delay_max_ms: 2_000,
+            standby_probe_interval_mean_ms: 600_000,
+            probe_timeout_ms: 30_000,
+            probe_max_tokens: 64,
+            demote_after_probes: 3,
+            decode_tolerance: 0.5,
+            encode_tolerance: 0.25,
+            far_below_ratio: 0.1,
+            unverified_penalty_ms: 10.0,
+            demoted_penalty_ms: 500.0,
+            vote_max_age_ms: 86_400_000,
+            known_models: Vec::new(),
+            seed: None,
+        }
+    }
+}
+
+impl GatewayConfig {
+    /// Where the checker places this gateway: `checker.lat_deg`/`lon_deg`, else the
+    /// federation's position when the gateway is in a federation, else none.
+    pub fn checker_position(&self) -> Option<(f64, f64)> {
+        match (self.checker.lat_deg, self.checker.lon_deg) {
+            (Some(lat), Some(lon)) => Some((lat, lon)),
+            _ if self.federation.gateway_id.is_some() => {
+                Some((self.federation.lat, self.federation.lon))
+            }
+            _ => None,
         }
     }
 }
@@ -694,6 +811,7 @@ impl GatewayConfig {
         self.check_routing(p);
         self.check_inference(p);
         self.check_game(p);
+        self.check_checker(p);
         self.geo.check(p);
         self.geofence.check(p);
         self.log.check(p);
@@ -982,6 +1100,61 @@ impl GatewayConfig {
                 p.push(
                     "nodes.min_software_version",
                     format!("{v:?} is not a version x.y.z (e.g. \"0.1.0\")"),
+                );
+            }
+        }
+    }
+
+    fn check_checker(&self, p: &mut Problems) {
+        let c = &self.checker;
+        match (c.lat_deg, c.lon_deg) {
+            (Some(lat), Some(lon)) => {
+                if !(-90.0..=90.0).contains(&lat) {
+                    p.push("checker.lat_deg", "must be between -90 and 90");
+                }
+                if !(-180.0..=180.0).contains(&lon) {
+                    p.push("checker.lon_deg", "must be between -180 and 180");
+                }
+            }
+            (None, None) => {}
+            (Some(_), None) => p.push("checker.lon_deg", "must be set with checker.lat_deg"),
+            (None, Some(_)) => p.push("checker.lat_deg", "must be set with checker.lon_deg"),
+        }
+        p.non_negative_finite("checker.location_slack_km", c.location_slack_km);
+        p.positive(
+            "checker.standby_probe_interval_mean_ms",
+            c.standby_probe_interval_mean_ms,
+        );
+        p.positive("checker.probe_timeout_ms", c.probe_timeout_ms);
+        if !(1..=4096).contains(&c.probe_max_tokens) {
+            p.push("checker.probe_max_tokens", "must be between 1 and 4096");
+        }
+        p.positive("checker.demote_after_probes", c.demote_after_probes);
+        p.non_negative_finite("checker.decode_tolerance", c.decode_tolerance);
+        p.non_negative_finite("checker.encode_tolerance", c.encode_tolerance);
+        if !(c.far_below_ratio.is_finite() && (0.0..1.0).contains(&c.far_below_ratio)) {
+            p.push("checker.far_below_ratio", "must be at least 0 and below 1");
+        }
+        p.non_negative_finite("checker.unverified_penalty_ms", c.unverified_penalty_ms);
+        p.non_negative_finite("checker.demoted_penalty_ms", c.demoted_penalty_ms);
+        p.positive("checker.vote_max_age_ms", c.vote_max_age_ms);
+        let mut seen = std::collections::BTreeSet::new();
+        for (i, m) in c.known_models.iter().enumerate() {
+            if m.name.is_empty() || m.name.len() > 256 {
+                p.push(
+                    &format!("checker.known_models[{i}].name"),
+                    "must be 1 to 256 bytes",
+                );
+            } else if !seen.insert(m.name.as_str()) {
+                p.push(
+                    &format!("checker.known_models[{i}].name"),
+                    format!("{:?} is listed twice", m.name),
+                );
+            }
+            if m.weights_bytes == 0 || m.weights_bytes > MAX_MODEL_WEIGHTS_BYTES {
+                p.push(
+                    &format!("checker.known_models[{i}].weights_bytes"),
+                    format!("must be between 1 and {MAX_MODEL_WEIGHTS_BYTES} (10 TB)"),
                 );
             }
         }
@@ -1329,6 +1502,52 @@ mod tests {
         let paths: Vec<_> = errs.errors.iter().map(|e| e.path.as_str()).collect();
         // No certificate is runnable: `gateway run` creates a self-signed one.
         assert_eq!(paths, ["admin.token"]);
+    }
+
+    #[test]
+    fn checker_values_are_checked_and_name_their_path() {
+        let mut cfg = GatewayConfig::default();
+        cfg.checker.lat_deg = Some(91.0);
+        cfg.checker.location_slack_km = f64::NAN;
+        cfg.checker.far_below_ratio = 1.0;
+        cfg.checker.probe_max_tokens = 0;
+        cfg.checker.known_models = vec![
+            KnownModel {
+                name: "m".into(),
+                weights_bytes: 0,
+            },
+            KnownModel {
+                name: "m".into(),
+                weights_bytes: MAX_MODEL_WEIGHTS_BYTES + 1,
+            },
+        ];
+        let errs = cfg.validate().unwrap_err();
+        let paths: Vec<_> = errs.errors.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "checker.lon_deg",
+                "checker.location_slack_km",
+                "checker.probe_max_tokens",
+                "checker.far_below_ratio",
+                "checker.known_models[0].weights_bytes",
+                "checker.known_models[1].name",
+                "checker.known_models[1].weights_bytes",
+            ]
+        );
+    }
+
+    #[test]
+    fn the_checker_places_the_gateway_where_it_is_told_else_where_the_federation_is() {
+        let mut cfg = GatewayConfig::default();
+        assert_eq!(cfg.checker_position(), None, "standalone, no position");
+        cfg.federation.gateway_id = Some("eu".into());
+        cfg.federation.lat = 50.1;
+        cfg.federation.lon = 8.7;
+        assert_eq!(cfg.checker_position(), Some((50.1, 8.7)));
+        cfg.checker.lat_deg = Some(52.5);
+        cfg.checker.lon_deg = Some(13.4);
+        assert_eq!(cfg.checker_position(), Some((52.5, 13.4)));
     }
 
     #[test]

@@ -20,7 +20,7 @@ pub use gateway::{
     OutlierConfig, QuicConfig, RoutingConfig, StoreConfig, IN_MEMORY_ORIGIN,
     MAX_FALLBACKS_PER_MODEL, MIN_ADMIN_TOKEN_CHARS,
 };
-pub use gateway::{CrossRoute, FederationConfig};
+pub use gateway::{CheckerConfig, CrossRoute, FederationConfig, KnownModel, MAX_MODEL_WEIGHTS_BYTES};
 pub use geo::*;
 pub use iso::{is_iso_country, ISO_3166_1_ALPHA2, KOSOVO};
 pub use load::{

@@ -550,15 +550,34 @@ impl AdminApi {
                     let live = s.directory.registry.get(&id).map(|n| s.directory.registry.node_view(&n));
                     let id2 = id.clone();
                     // A node id belongs to one operator: its SLA record is that operator's.
-                    let (owner, sla) = blocking(s, move |st| {
+                    let (owner, sla, stored, checks) = blocking(s, move |st| {
                         let owner = st.node_owner(&id2)?;
                         let sla = match &owner {
                             Some(op) => st.sla_get(op, &id2)?,
                             None => None,
                         };
-                        Ok((owner, sla))
+                        let stored = st.load_verification(&id2)?;
+                        let checks = st.checks_of(&id2, 20)?;
+                        Ok((owner, sla, stored, checks))
                     })
                     .await?;
+                    // The live verdict when the node is here; else what the store remembers.
+                    let verification = live
+                        .as_ref()
+                        .and_then(|v| v.get("verification").cloned())
+                        .or_else(|| {
+                            stored.map(|(state, reasons, at_ms)| {
+                                let reasons: serde_json::Value = serde_json::from_str(&reasons).unwrap_or_default();
+                                serde_json::json!({"state": state, "reasons": reasons, "checked_at_ms": at_ms, "live": false})
+                            })
+                        });
+                    let checks: Vec<serde_json::Value> = checks
+                        .into_iter()
+                        .map(|c| {
+                            let detail: serde_json::Value = serde_json::from_str(&c.detail_json).unwrap_or_default();
+                            serde_json::json!({"gateway_id": c.gateway_id, "kind": c.kind, "state": c.state, "at_ms": c.at_ms, "detail": detail})
+                        })
+                        .collect();
                     // Attached to another live gateway: its node directory entry.
                     let remote = match (&live, &s.fleet) {
                         (None, Some(fleet)) => fleet.remote_nodes(s.clock.unix_ms()).into_iter().find(|n| n.node_id == id).map(remote_node_view),
@@ -567,7 +586,7 @@ impl AdminApi {
                     if live.is_none() && remote.is_none() && sla.is_none() && owner.is_none() {
                         return Err(error(StatusCode::NOT_FOUND, "not_found", &format!("no node {id}")));
                     }
-                    json(StatusCode::OK, &serde_json::json!({"id": id, "operator_id": owner, "live": live, "remote": remote, "sla": sla}))
+                    json(StatusCode::OK, &serde_json::json!({"id": id, "operator_id": owner, "live": live, "remote": remote, "sla": sla, "verification": verification, "checks": checks}))
                 }
                 (&Method::GET, ["gpu-models"]) => {
                     let list = blocking(s, |st| st.list_gpu_models()).await?;

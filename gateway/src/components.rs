@@ -68,6 +68,10 @@ fn visible_names<'a, F: FnOnce() -> bool>(
     out
 }
 
+/// The rule name of refusals because of what the checker found (a quarantined node, or a
+/// controlled-class node that has not proven where it is), in decisions and metrics.
+pub const CHECKER_RULE: &str = "checker";
+
 /// Where clients and nodes are (GeoIP) and what the geofence allows.
 pub struct Placement {
     pub geo: Arc<GeoDb>,
@@ -81,6 +85,7 @@ impl Placement {
         metrics.declare_geofence_rules(policy.rule_names().chain([
             nearpath_geo::policy::UNKNOWN_LOCATION_RULE,
             nearpath_geo::policy::ANONYMOUS_IP_RULE,
+            CHECKER_RULE,
         ]));
         Placement {
             geo,
@@ -97,9 +102,29 @@ impl Placement {
         node: &NodeEntry,
         workload: WorkloadKind,
     ) -> Result<(), Deny> {
-        // Read once: the location changes when the node's connection migrates.
+        // Read once: the location changes when the node's connection migrates, the classes
+        // when the checker reclassifies the node.
         let node_location = node.location();
-        for (_, class) in &node.classes {
+        let check = node.check();
+        if let Some(why) = &check.quarantine {
+            return Err(Deny {
+                rule: CHECKER_RULE.to_string(),
+                reason: format!("node {} is quarantined: {why}", node.id),
+            });
+        }
+        let classes = node.classes_now();
+        if let Some(why) = &check.controlled_block {
+            if classes.iter().any(|(_, c)| self.policy.is_controlled(*c)) {
+                return Err(Deny {
+                    rule: CHECKER_RULE.to_string(),
+                    reason: format!(
+                        "node {} may not serve a controlled GPU class: {why}",
+                        node.id
+                    ),
+                });
+            }
+        }
+        for (_, class) in &classes {
             if let Decision::Deny { rule, reason, .. } =
                 self.policy
                     .check_serve(client, &node_location, *class, workload)

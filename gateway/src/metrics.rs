@@ -124,6 +124,14 @@ pub struct Metrics {
     /// Gateways whose lease in the gateway directory holds (this one included), as of the
     /// directory task's last refresh.
     pub federation_gateways_live: Gauge,
+    /// `checker_checks{kind,state}`: completed checks by kind and the state they left.
+    pub checker_checks: Family<Labels, Counter>,
+    /// `checker_probes{outcome}`: probe sessions by outcome (`ok`, `failed`, `busy`).
+    pub checker_probes: Family<Labels, Counter>,
+    /// `checker_reclassifications`: nodes reclassified after an impossible claim.
+    pub checker_reclassifications: Counter,
+    /// `node_verification{state}`: live nodes by verification state.
+    pub node_verification: Family<Labels, Gauge>,
     /// Always 1; its labels say which build runs.
     build_info: Family<Labels, Gauge>,
 }
@@ -190,6 +198,10 @@ pub const FAMILIES: &[(&str, MetricType)] = &[
     ("nearpath_limit_store_waits", MetricType::Counter),
     ("nearpath_limit_fail_open", MetricType::Counter),
     ("nearpath_federation_gateways_live", MetricType::Gauge),
+    ("nearpath_checker_checks", MetricType::Counter),
+    ("nearpath_checker_probes", MetricType::Counter),
+    ("nearpath_checker_reclassifications", MetricType::Counter),
+    ("nearpath_node_verification", MetricType::Gauge),
     ("process_cpu_seconds", MetricType::Counter),
     ("process_resident_memory_bytes", MetricType::Gauge),
     ("process_virtual_memory_bytes", MetricType::Gauge),
@@ -239,7 +251,27 @@ pub mod label_values {
         "disconnect_while_draining",
         "disconnect_without_drain",
         "usage_mismatch",
+        "impossible_claim",
     ];
+    /// `node_verification{state}` and `checker_checks{state}`: the checker's verification
+    /// states.
+    pub const VERIFICATION_STATES: &[&str] = &[
+        "unverified",
+        "verified",
+        "mislocated",
+        "impossible_claim",
+        "quarantined",
+    ];
+    /// `checker_checks{kind}`.
+    pub const CHECKER_CHECK_KINDS: &[&str] = &[
+        "registration",
+        "standby",
+        "session",
+        "identity",
+        "location",
+    ];
+    /// `checker_probes{outcome}`.
+    pub const CHECKER_PROBE_OUTCOMES: &[&str] = &["ok", "failed", "busy"];
     /// `node_disconnects{cause}`: `LeaveCause::as_str`.
     pub const NODE_DISCONNECT_CAUSES: &[&str] = &[
         "connection_lost",
@@ -441,6 +473,10 @@ impl Metrics {
             inference_nodes_ejected: Gauge::default(),
             inference_fallbacks: Family::default(),
             federation_gateways_live: Gauge::default(),
+            checker_checks: Family::default(),
+            checker_probes: Family::default(),
+            checker_reclassifications: Counter::default(),
+            node_verification: Family::default(),
             build_info: Family::default(),
             registry: Registry::default(),
         };
@@ -686,6 +722,30 @@ impl Metrics {
             "Gateways live in the federation's gateway directory (this one included)",
             m.federation_gateways_live.clone(),
         );
+        reg(
+            r,
+            "checker_checks",
+            "Completed checks of node claims by kind and the verification state they left",
+            m.checker_checks.clone(),
+        );
+        reg(
+            r,
+            "checker_probes",
+            "Probe sessions the checker ran, by outcome",
+            m.checker_probes.clone(),
+        );
+        reg(
+            r,
+            "checker_reclassifications",
+            "Nodes reclassified to another GPU class after an impossible claim",
+            m.checker_reclassifications.clone(),
+        );
+        reg(
+            r,
+            "node_verification",
+            "Live nodes by verification state",
+            m.node_verification.clone(),
+        );
         // The conventional process metrics carry no prefix, so they live in the root registry.
         root.register_collector(Box::new(ProcessCollector));
         m.ledger_healthy.set(1);
@@ -708,6 +768,20 @@ impl Metrics {
         }
         each(&self.rejections, "code", NODE_REJECT_CODES);
         each(&self.penalties, "kind", NODE_PENALTY_KINDS);
+        each(&self.checker_probes, "outcome", CHECKER_PROBE_OUTCOMES);
+        for kind in CHECKER_CHECK_KINDS {
+            for state in VERIFICATION_STATES {
+                zero(
+                    &self.checker_checks,
+                    labels([("kind", kind), ("state", state)]),
+                );
+            }
+        }
+        for state in VERIFICATION_STATES {
+            self.node_verification
+                .get_or_create(&labels([("state", state)]))
+                .set(0);
+        }
         each(&self.node_disconnects, "cause", NODE_DISCONNECT_CAUSES);
         for side in GEOFENCE_SIDES {
             zero(

@@ -188,6 +188,8 @@ pub struct NodeEntry {
     /// Set, once, when the node's credentials were withdrawn; the control loop tells the node.
     revoked: OnceLock<Revocation>,
     pub dynamic: Mutex<NodeDynamic>,
+    /// What the checker (`checker/`) decided about the node; set only by its driver.
+    check: Mutex<NodeCheck>,
     games_in_use: AtomicU32,
     inference_in_use: AtomicU32,
     /// Slots released after the node's connection had closed: sessions that ended because the
@@ -236,6 +238,7 @@ impl NodeEntry {
             enrolment_token_id: String::new(),
             revoked: OnceLock::new(),
             dynamic: Mutex::new(dynamic),
+            check: Mutex::new(NodeCheck::default()),
             games_in_use: AtomicU32::new(0),
             inference_in_use: AtomicU32::new(0),
             sessions_cut: AtomicU32::new(0),
@@ -256,6 +259,18 @@ impl NodeEntry {
 
     pub fn dynamic(&self) -> MutexGuard<'_, NodeDynamic> {
         self.dynamic.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// What the checker decided about the node (a copy).
+    pub fn check(&self) -> NodeCheck {
+        self.check.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The GPU classes the geofence checks for the node now: the checker's reclassification
+    /// when it found the claimed classes impossible, else the classes derived at registration.
+    pub fn classes_now(&self) -> Vec<(String, ClassId)> {
+        let c = self.check.lock().unwrap_or_else(|p| p.into_inner());
+        c.reclassified.clone().unwrap_or_else(|| self.classes.clone())
     }
 
     /// The address the node's connection comes from now and GeoIP's location of it.
@@ -320,6 +335,11 @@ impl NodeEntry {
             gateway_rtt_ms: d.rtt_ms,
             penalty_events_recent: d.recent_penalties,
             operator_flagged: d.operator_flagged,
+            check_penalty_ms: self
+                .check
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .penalty_ms,
         }
     }
 
@@ -332,7 +352,9 @@ impl NodeEntry {
             "address": self.addr().to_string(),
             "location": self.location(),
             "gpus": self.gpus.iter().enumerate().map(|(i, g)| serde_json::json!({"model": g.model, "class": g.class, "class_hint": self.gpu_class_hints.get(i), "vram_mib": g.vram_mib})).collect::<Vec<_>>(),
-            "classes": self.classes.iter().map(|c| c.0.as_str()).collect::<std::collections::BTreeSet<_>>(),
+            "classes": self.classes_now().iter().map(|c| c.0.clone()).collect::<std::collections::BTreeSet<_>>(),
+            "claimed_classes": self.classes.iter().map(|c| c.0.as_str()).collect::<std::collections::BTreeSet<_>>(),
+            "verification": self.check().view,
             "workloads": {"games": self.workloads.games, "models": self.workloads.models,
                 "model_capabilities": (0..self.workloads.models.len()).map(|i| self.workloads.caps_of(i).names()).collect::<Vec<_>>()},
             "capacity": {"game_sessions": self.capacity.game_sessions, "inference_concurrency": self.capacity.inference_concurrency},
@@ -357,6 +379,42 @@ impl NodeEntry {
     /// as capacity minus free).
     pub fn in_use(&self, kind: SlotKind) -> u32 {
         self.pool(kind).0.load(Ordering::Relaxed)
+    }
+}
+
+/// What the checker decided about a node, as the rest of the gateway uses it (the checker's
+/// own types live above the registry; this is their effect).
+#[derive(Debug, Clone)]
+pub struct NodeCheck {
+    /// The verification state's name (`unverified`, `verified`, `mislocated`,
+    /// `impossible_claim`, `quarantined`).
+    pub state: &'static str,
+    /// At least one check has completed.
+    pub checked: bool,
+    /// The classes the checker found the node to be, replacing the claimed ones for the
+    /// geofence (an impossible claim).
+    pub reclassified: Option<Vec<(String, ClassId)>>,
+    /// Why the node may not serve controlled GPU classes now, if it may not.
+    pub controlled_block: Option<String>,
+    /// Why the node may serve nothing now (quarantined), if so.
+    pub quarantine: Option<String>,
+    /// Added to the node's routing score, in milliseconds.
+    pub penalty_ms: f64,
+    /// The checker's verification as JSON, for `GET /admin/nodes/{id}` (`verification`).
+    pub view: serde_json::Value,
+}
+
+impl Default for NodeCheck {
+    fn default() -> Self {
+        NodeCheck {
+            state: "unverified",
+            checked: false,
+            reclassified: None,
+            controlled_block: None,
+            quarantine: None,
+            penalty_ms: 0.0,
+            view: serde_json::json!({"state": "unverified", "reasons": [], "checks": 0}),
+        }
     }
 }
 
@@ -436,6 +494,29 @@ pub struct Registry {
     queue: Arc<SlotQueue>,
     /// Nodes failing inference requests, and which are ejected from routing.
     outliers: Mutex<Outliers>,
+    /// Where the checker's driver hears of nodes joining and leaving, of their inventories
+    /// and of what real sessions delivered (none when the checker is off).
+    check_events: OnceLock<mpsc::Sender<CheckEvent>>,
+}
+
+/// What the checker's driver is told by the registry and the session front ends. Sent with
+/// `try_send`: a full queue drops the event (samples are advisory; a lost join is recovered by
+/// the driver's periodic sweep of the registry), so no session ever waits on the checker.
+#[derive(Clone)]
+pub enum CheckEvent {
+    /// A node registered (inserted in the registry).
+    Joined(Arc<NodeEntry>),
+    /// A node left the registry.
+    Left(Arc<NodeEntry>),
+    /// A node reported its hardware inventory.
+    Inventory(Arc<NodeEntry>),
+    /// A real inference session on the node finished: its single-stream decode rate.
+    Decode {
+        node: Arc<NodeEntry>,
+        model: String,
+        tokens_per_s: f64,
+        ttft_ms: f64,
+    },
 }
 
 /// A reserved session slot on a node; released (and the router told) on drop.
@@ -492,7 +573,20 @@ impl Registry {
                 OutlierRules::default(),
                 std::time::Instant::now(),
             )),
+            check_events: OnceLock::new(),
         })
+    }
+
+    /// Sends the checker's events to `tx` from now on (set once, at assembly).
+    pub fn set_check_events(&self, tx: mpsc::Sender<CheckEvent>) {
+        let _ = self.check_events.set(tx);
+    }
+
+    /// Tells the checker, if there is one; never waits (see [`CheckEvent`]).
+    pub fn check_event(&self, ev: CheckEvent) {
+        if let Some(tx) = self.check_events.get() {
+            let _ = tx.try_send(ev);
+        }
     }
 
     /// Reads time from `clock` (the gateway's one clock; a virtual one in tests).
@@ -688,6 +782,10 @@ impl Registry {
         self.joined.send_modify(|n| *n = n.wrapping_add(1));
         self.wake_queued(&entry);
         self.notify_changed();
+        if let Some(old) = &replaced {
+            self.check_event(CheckEvent::Left(old.clone()));
+        }
+        self.check_event(CheckEvent::Joined(entry.clone()));
         Ok((entry, replaced))
     }
 
@@ -719,12 +817,14 @@ impl Registry {
     /// must not remove its successor).
     pub fn remove(&self, entry: &NodeEntry) {
         let mut inner = self.lock();
-        if inner.by_key.remove(&entry.key).is_some() {
+        if let Some(removed) = inner.by_key.remove(&entry.key) {
             inner.router.remove(entry.key);
             if inner.by_id.get(&entry.id).map(|e| e.key) == Some(entry.key) {
                 inner.by_id.remove(&entry.id);
             }
             self.note_left(&mut inner, entry, self.clock.unix_ms());
+            drop(inner);
+            self.check_event(CheckEvent::Left(removed));
         }
     }
 
@@ -737,6 +837,13 @@ impl Registry {
             let info = entry.route_info();
             inner.router.upsert(entry.key, info);
         }
+    }
+
+    /// Sets what the checker decided about a node and re-reads it into the router index.
+    pub fn set_check(&self, entry: &NodeEntry, check: NodeCheck) {
+        *entry.check.lock().unwrap_or_else(|p| p.into_inner()) = check;
+        self.refresh(entry);
+        self.notify_changed();
     }
 
     /// Re-reads a node's dynamic state into the router index (cheap: no re-indexing).
@@ -909,7 +1016,7 @@ impl Registry {
                 .country
                 .map(|c| c.as_str().to_string())
                 .unwrap_or_else(|| "unknown".into());
-            let class = e.classes.first().map(|c| c.0.clone()).unwrap_or_default();
+            let class = e.classes_now().first().map(|c| c.0.clone()).unwrap_or_default();
             *m.entry((state, country, class)).or_insert(0) += 1;
         }
         m

@@ -296,6 +296,10 @@ pub struct NodeState {
     pub penalty_events_recent: u32,
     /// The node's operator is flagged (e.g. suspended while under review).
     pub operator_flagged: bool,
+    /// What the checker adds to the node's score, in milliseconds: a penalty for a node not
+    /// verified yet, a larger one for a node demoted for delivering far below its claimed class
+    /// (`[checker]`). NaN, negative and infinite values count as 0 / the clamp.
+    pub check_penalty_ms: f64,
 }
 
 impl NodeState {
@@ -309,6 +313,11 @@ impl NodeState {
             0.0
         } else {
             self.gateway_rtt_ms.clamp(0.0, MAX_RTT_MS)
+        };
+        self.check_penalty_ms = if self.check_penalty_ms.is_nan() {
+            0.0
+        } else {
+            self.check_penalty_ms.clamp(0.0, MAX_RTT_MS)
         };
         self
     }
@@ -477,6 +486,7 @@ fn static_cost(state: &NodeState, p: &RouteParams) -> f64 {
         + p.load_penalty_ms * f64::from(state.load)
         + p.reliability_penalty_ms * f64::from(state.penalty_events_recent)
         + flagged
+        + state.check_penalty_ms
 }
 
 /// Trigonometric values of a cell's edges, precomputed so that a bound needs no `sin`/`cos`.
@@ -2048,6 +2058,7 @@ mod tests {
             if s.operator_flagged {
                 score += p.suspended_penalty_ms;
             }
+            score += s.check_penalty_ms;
             all.push((score, s.load, n.id));
         }
         all.sort_by(|a, b| {
@@ -2098,6 +2109,11 @@ mod tests {
                     0
                 },
                 operator_flagged: rng.random_bool(0.02),
+                check_penalty_ms: if rng.random_bool(0.1) {
+                    rng.random_range(0.0..600.0)
+                } else {
+                    0.0
+                },
             },
         }
     }

@@ -471,6 +471,19 @@ impl Gateway {
             }),
         )
         .with_fleet(shared.fleet.clone());
+        // Before any node can register, so the checker hears of every one.
+        let checker_task = crate::checker::driver::start(
+            crate::checker::driver::CheckerParts::new(
+                &shared.config,
+                shared.directory.registry.clone(),
+                shared.placement.clone(),
+                shared.sessions.clone(),
+                shared.store.clone(),
+                shared.metrics.clone(),
+                shared.clock.clone(),
+            ),
+            inner_shutdown.clone(),
+        );
         let handle = tokio::spawn(async move {
             let nodes = Arc::new(node_front_end(&shared));
             let trunk_task = trunk
@@ -532,6 +545,9 @@ impl Gateway {
             let _ = http_task.await;
             let _ = admin_task.await;
             geo_task.abort();
+            if let Some(t) = checker_task {
+                t.abort();
+            }
             if let Some(t) = trunk_task {
                 t.abort();
             }

@@ -597,6 +597,9 @@ impl Trunk {
                     gateway_rtt_ms: rtt_ms,
                     penalty_events_recent: 0,
                     operator_flagged: false,
+                    // The node's own gateway checks it; a remote node is taken as its
+                    // gateway published it.
+                    check_penalty_ms: 0.0,
                 },
             };
             snap.index.upsert(entry.key, info);

@@ -151,6 +151,8 @@ fn quantile(sorted: &[f64], q: f64) -> f64 {
 pub async fn run(s: &Scenario) -> anyhow::Result<Report> {
     let dir = tempfile::tempdir()?;
     let mut config = GatewayConfig::default();
+    // Probe sessions would take node slots mid-measurement (`bench checker` measures them).
+    config.checker.enabled = false;
     config.store.path = dir.path().join("gw.db");
     config.nodes.heartbeat_ms = s.heartbeat_ms;
     config.geo.reload_check_interval_s = 0;

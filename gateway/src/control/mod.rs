@@ -633,7 +633,7 @@ impl NodeFrontEnd {
             return Ok(());
         }
         let location = self.placement.geo.lookup(now.ip());
-        for (name, id) in &entry.classes {
+        for (name, id) in &entry.classes_now() {
             let decision = self.placement.policy.check_onboard(&location, *id);
             self.placement.count_decision("node", &decision);
             if let nearpath_geo::Decision::Deny { rule, reason, .. } = decision {

@@ -39,7 +39,8 @@ use crate::store::{GatewayRecord, NodeDirEntry, Store, StoreError};
 /// The id of a gateway without `federation.gateway_id`.
 pub const STANDALONE_ID: &str = "standalone";
 
-/// What the node directory says about verification until the checkers of issue 14 run.
+/// The verification state of a node no check has run on (`checker/`); what a directory entry
+/// says when its gateway's checker is off.
 pub const UNVERIFIED: &str = "unverified";
 
 /// This gateway's id: `federation.gateway_id`, or [`STANDALONE_ID`].
@@ -425,17 +426,25 @@ impl FleetView {
 // ---------------------------------------------------------------------------------------------
 // What this gateway publishes.
 
-/// Whether a node takes new sessions: active, not slow, admission not withdrawn.
+/// Whether a node takes new sessions: active, not slow, admission not withdrawn, not
+/// quarantined by the checker. A node the checker bars from controlled classes is published
+/// as not accepting either: peers check the geofence against the published classes only, and
+/// refusing all of a peer's sessions is the safe side of not telling them why.
 fn accepting(n: &NodeEntry) -> bool {
-    let d = n.dynamic();
-    d.state == NodeState::Active && !d.slow && n.revocation().is_none()
+    let live = {
+        let d = n.dynamic();
+        d.state == NodeState::Active && !d.slow && n.revocation().is_none()
+    };
+    let check = n.check();
+    live && check.quarantine.is_none() && check.controlled_block.is_none()
 }
 
 /// The node directory entry of a live local node.
 pub fn dir_entry(n: &NodeEntry, gateway_id: &str, now_ms: u64) -> NodeDirEntry {
     let loc = n.location();
+    let classes_now = n.classes_now();
     let classes: std::collections::BTreeSet<&str> =
-        n.classes.iter().map(|c| c.0.as_str()).collect();
+        classes_now.iter().map(|c| c.0.as_str()).collect();
     let inference_slots = n.capacity.inference_concurrency;
     let game_slots = n.capacity.game_sessions;
     NodeDirEntry {
@@ -453,7 +462,7 @@ pub fn dir_entry(n: &NodeEntry, gateway_id: &str, now_ms: u64) -> NodeDirEntry {
         game_slots,
         game_free: game_slots.saturating_sub(n.in_use(SlotKind::Game)),
         accepting: accepting(n),
-        verification: UNVERIFIED.to_string(),
+        verification: n.check().state.to_string(),
         updated_at_ms: now_ms,
     }
 }

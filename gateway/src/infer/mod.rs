@@ -355,7 +355,16 @@ impl InferService {
         let node = stream.node.clone();
         // Metered as the model that served it (a fallback's, if one did).
         let served_model = stream.model.clone();
+        let choices = stream.n;
         drop(stream);
+        // One choice of a chat or text completion: several choices decode as a batch, and other
+        // endpoints' pieces are not tokens.
+        if outcome == "ok"
+            && choices == 1
+            && matches!(ticket.endpoint, Endpoint::Chat | Endpoint::Completion)
+        {
+            self.decode_sample(&node, &served_model, ticket.started, ttft, usage.completion_tokens);
+        }
         // How the node did, for outlier detection: only a failure it is to blame for counts.
         match outcome {
             "ok" => self.record_node_result(&node, true),
@@ -388,6 +397,39 @@ impl InferService {
             Some(usage),
         );
         outcome
+    }
+
+    /// Tells the checker how fast a finished single-choice request decoded on a local node:
+    /// the tokens after the first over the time from the first token to the end. Slow
+    /// clients only make it slower, so it never overstates what the node can do.
+    fn decode_sample(
+        &self,
+        node: &Arc<NodeEntry>,
+        model: &str,
+        started: std::time::Instant,
+        ttft: Duration,
+        completion_tokens: u32,
+    ) {
+        if node.conn.is_remote() || completion_tokens < 8 {
+            return;
+        }
+        let decode = self
+            .clock
+            .now()
+            .saturating_duration_since(started)
+            .saturating_sub(ttft)
+            .as_secs_f64();
+        if decode <= 0.0 {
+            return;
+        }
+        self.directory
+            .registry
+            .check_event(crate::registry::CheckEvent::Decode {
+                node: node.clone(),
+                model: model.to_string(),
+                tokens_per_s: f64::from(completion_tokens - 1) / decode,
+                ttft_ms: ttft.as_secs_f64() * 1000.0,
+            });
     }
 
     /// The access-log line of an admitted request.

@@ -58,6 +58,8 @@ pub async fn run(a: FederationArgs) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     for g in 0..a.gateways.max(1) {
         let mut cfg = nearpath_config::GatewayConfig::default();
+        // Probe sessions would take node slots mid-measurement (`bench checker` measures them).
+        cfg.checker.enabled = false;
         cfg.admin.token = Some("bench-admin-token-0123456789".into());
         cfg.store.url = Some(url.clone());
         cfg.store.pool_size = a.pool_size;

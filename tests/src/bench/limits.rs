@@ -77,6 +77,8 @@ pub async fn run(a: LimitsArgs) -> anyhow::Result<()> {
     let mut gateways = Vec::new();
     for i in 0..3 {
         let mut c = GatewayConfig::default();
+        // Probe sessions would take node slots mid-measurement (`bench checker` measures them).
+        c.checker.enabled = false;
         c.store.path = dir.path().join("fleet.db");
         c.federation.gateway_id = Some(format!("bench-{i}"));
         c.federation.limit_slice_percent = a.slice_percent;

@@ -79,6 +79,8 @@ async fn gateway(
     shutdown: &CancellationToken,
 ) -> anyhow::Result<Started> {
     let mut config = GatewayConfig::default();
+    // Probe sessions would take node slots mid-measurement (`bench checker` measures them).
+    config.checker.enabled = false;
     config.admin.token = Some("bench-admin-token-0123456789".into());
     config.federation.gateway_id = Some(id.to_string());
     config.federation.node_directory_interval_ms = 50;

@@ -59,6 +59,9 @@ enum Command {
     /// A key's limits under load on three gateways sharing one store (in this process):
     /// admitted/limit per minute window, store round trips per request, concurrency cap held.
     FleetLimits(bench::limits::LimitsArgs),
+    /// The checker: tokens/s of a fully loaded node with the checker off and on (probes at
+    /// random times), and the time from an impossible claim to the node's reclassification.
+    Checker(bench::checker::CheckerArgs),
     /// Diagnostic: heap per idle QUIC connection by the stream limits the server grants.
     QuicIdleMemory(bench::quicmem::QuicMemArgs),
     /// Game frames node -> client through the gateway and direct, same frames at the same time.
@@ -248,7 +251,9 @@ fn real_main() -> anyhow::Result<()> {
                 Command::InferenceStreams(a) => &a.placement,
                 Command::InferenceQueue(a) => &a.placement,
                 Command::NodesRegister(a) => &a.placement,
-                Command::QuicIdleMemory(_) | Command::TrunkTtft(_) => &unpinned,
+                Command::QuicIdleMemory(_) | Command::TrunkTtft(_) | Command::Checker(_) => {
+                    &unpinned
+                }
                 Command::RelayLatency(a) => &a.placement,
                 Command::RelayCapacity(a) => &a.placement,
                 Command::RelayOverload(a) => &a.run.placement,
@@ -280,6 +285,7 @@ fn real_main() -> anyhow::Result<()> {
                 Command::NodesRegister(a) => rt.block_on(bench::register::run(a)),
                 Command::QuicIdleMemory(a) => rt.block_on(bench::quicmem::run(a)),
                 Command::TrunkTtft(a) => rt.block_on(bench::trunk::run(a)),
+                Command::Checker(a) => rt.block_on(bench::checker::run(a)),
                 Command::RelayLatency(a) => rt.block_on(bench::relay::run_latency(a)),
                 Command::RelayCapacity(a) => rt.block_on(bench::relay::run_capacity(a)),
                 Command::RelayOverload(a) => rt.block_on(bench::relay::run_overload(a)),

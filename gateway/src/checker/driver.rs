@@ -1,0 +1,854 @@
+//! The checker's driver: feeds the sans-IO [`Checker`] from the live gateway (nodes joining and
+//! leaving, their inventories, their RTT, what real sessions delivered, the probes it runs) and
+//! applies its verdicts (the registry's [`NodeCheck`], the geofence on a reclassified node,
+//! durable check records, SLA events, metrics).
+//!
+//! Probe sessions are ordinary inference sessions on the wire (an `Open` with a chat request
+//! streamed back as tokens), started at random times the core draws; the gateway runs them
+//! itself, so no API key is charged and no usage is recorded: they never reach the meter.
+
+use super::geoproof::{Proximity, RttConstraint};
+use super::schedule::{Action, Checker, CheckerParams, NodeFacts, ProbeId, Sample};
+use super::verdict::{GatewayVote, Verification, VerificationState};
+use super::physics::Tolerance;
+use crate::clock::SharedClock;
+use crate::components::{Placement, Sessions};
+use crate::metrics::{labels, Metrics};
+use crate::registry::{CheckEvent, NodeCheck, NodeEntry, Registry, Revocation, SlotKind};
+use crate::store::Store;
+use nearpath_config::{CheckerConfig, GatewayConfig};
+use nearpath_geo::LatLon;
+use nearpath_protocol::message::{Message, Open, SessionKind};
+use nearpath_protocol::openai::Endpoint;
+use nearpath_protocol::stream::{send, FramedRecv};
+use nearpath_protocol::MAX_REQUEST_FRAME;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn, Instrument};
+
+/// How many events may wait for the driver before new ones are dropped.
+const EVENT_QUEUE: usize = 4096;
+/// How long the driver waits for a node's inventory after its registration before it checks
+/// the node without one (nodes send it right after `Register`).
+const INVENTORY_WAIT_MS: u64 = 1_500;
+/// How often the driver looks at every node (idle or busy, RTT, lost events).
+const SWEEP: Duration = Duration::from_secs(1);
+
+/// What the driver is built from.
+pub struct CheckerParts {
+    pub config: CheckerConfig,
+    /// Where this gateway is (see [`GatewayConfig::checker_position`]).
+    pub position: Option<(f64, f64)>,
+    /// `federation.gateway_id`, or empty for a standalone gateway.
+    pub gateway_id: String,
+    /// A node's GPU identity counts as live this long after it was last seen (the node lease).
+    pub identity_live_ms: u64,
+    pub registry: Arc<Registry>,
+    pub placement: Arc<Placement>,
+    pub sessions: Arc<Sessions>,
+    pub store: Arc<dyn Store>,
+    pub metrics: Arc<Metrics>,
+    pub clock: SharedClock,
+}
+
+impl CheckerParts {
+    /// The parts from a gateway's configuration and components.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        config: &GatewayConfig,
+        registry: Arc<Registry>,
+        placement: Arc<Placement>,
+        sessions: Arc<Sessions>,
+        store: Arc<dyn Store>,
+        metrics: Arc<Metrics>,
+        clock: SharedClock,
+    ) -> CheckerParts {
+        let lease_ms = config.nodes.heartbeat_ms
+            * u64::from(config.nodes.missed_heartbeats_before_gone.max(1) + 1);
+        CheckerParts {
+            config: config.checker.clone(),
+            position: config.checker_position(),
+            gateway_id: config.federation.gateway_id.clone().unwrap_or_default(),
+            identity_live_ms: lease_ms.max(10_000),
+            registry,
+            placement,
+            sessions,
+            store,
+            metrics,
+            clock,
+        }
+    }
+}
+
+/// Starts the checker (when `[checker] enabled`): the registry sends it events from now on.
+pub fn start(parts: CheckerParts, shutdown: CancellationToken) -> Option<tokio::task::JoinHandle<()>> {
+    if !parts.config.enabled {
+        info!("checker: off ([checker] enabled = false): nodes stay unverified");
+        return None;
+    }
+    if parts.position.is_none() {
+        info!(
+            "checker: this gateway has no position (checker.lat_deg/lon_deg or a federation \
+             position): node locations are not checked, and controlled-class nodes are not \
+             required to prove proximity"
+        );
+    }
+    let (tx, rx) = mpsc::channel(EVENT_QUEUE);
+    parts.registry.set_check_events(tx);
+    let seed = parts.config.seed.unwrap_or_else(rand::random);
+    let core = Checker::new(params_of(&parts.config), seed);
+    let driver = Driver {
+        parts,
+        core,
+        nodes: HashMap::new(),
+        probes: JoinSet::new(),
+        probe_nodes: HashMap::new(),
+    };
+    Some(tokio::spawn(
+        driver
+            .run(rx, shutdown)
+            .instrument(tracing::info_span!("checker")),
+    ))
+}
+
+fn params_of(c: &CheckerConfig) -> CheckerParams {
+    CheckerParams {
+        registration_delay_max_ms: c.registration_probe_delay_max_ms,
+        idle_interval_mean_ms: c.standby_probe_interval_mean_ms,
+        probe_timeout_ms: c.probe_timeout_ms,
+        demote_after: c.demote_after_probes,
+        vote_max_age_ms: c.vote_max_age_ms,
+        tolerance: Tolerance {
+            decode_over: c.decode_tolerance,
+            encode_over: c.encode_tolerance,
+            far_below_ratio: c.far_below_ratio,
+        },
+        slack_km: c.location_slack_km,
+    }
+}
+
+/// A node the driver follows.
+struct Tracked {
+    entry: Arc<NodeEntry>,
+    /// Registered with the core (after its inventory, or after waiting for one).
+    announced: bool,
+    joined_ms: u64,
+    idle: Option<bool>,
+    /// The smallest RTT seen on the node's connection, in ms (queueing only adds delay).
+    min_rtt_ms: f64,
+    /// The RTT last given to the core.
+    told_rtt_ms: f64,
+    /// What the store remembered of the node's last verdict, until a new one.
+    prior: Option<(String, String)>,
+}
+
+struct Driver {
+    parts: CheckerParts,
+    core: Checker,
+    nodes: HashMap<String, Tracked>,
+    probes: JoinSet<(ProbeId, Result<Sample, String>)>,
+    probe_nodes: HashMap<ProbeId, String>,
+}
+
+impl Driver {
+    async fn run(mut self, mut events: mpsc::Receiver<CheckEvent>, shutdown: CancellationToken) {
+        let mut sweep = tokio::time::interval(SWEEP);
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let now = self.parts.clock.unix_ms();
+            while let Some(action) = self.core.poll(now) {
+                self.apply(now, action).await;
+            }
+            let wait = self
+                .core
+                .poll_timeout()
+                .map(|t| t.saturating_sub(now))
+                .unwrap_or(60_000)
+                .min(60_000);
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                ev = events.recv() => match ev {
+                    Some(ev) => self.on_event(ev).await,
+                    None => break,
+                },
+                Some(done) = self.probes.join_next(), if !self.probes.is_empty() => {
+                    if let Ok((id, result)) = done {
+                        self.on_probe_done(id, result);
+                    }
+                }
+                _ = sweep.tick() => self.sweep().await,
+                _ = tokio::time::sleep(Duration::from_millis(wait)) => {}
+            }
+        }
+        self.probes.abort_all();
+    }
+
+    async fn on_event(&mut self, ev: CheckEvent) {
+        let now = self.parts.clock.unix_ms();
+        match ev {
+            CheckEvent::Joined(entry) => self.on_joined(now, entry).await,
+            CheckEvent::Left(entry) => {
+                // A replaced entry's departure must not forget its successor.
+                let same = self
+                    .nodes
+                    .get(&entry.id)
+                    .is_some_and(|t| Arc::ptr_eq(&t.entry, &entry));
+                if same {
+                    self.nodes.remove(&entry.id);
+                    self.core.handle_left(now, &entry.id);
+                }
+            }
+            CheckEvent::Inventory(entry) => {
+                let known = self
+                    .nodes
+                    .get(&entry.id)
+                    .is_some_and(|t| Arc::ptr_eq(&t.entry, &entry));
+                if !known {
+                    self.on_joined(now, entry.clone()).await;
+                }
+                self.announce(now, &entry, true).await;
+            }
+            CheckEvent::Decode {
+                node,
+                model,
+                tokens_per_s,
+                ttft_ms,
+            } => {
+                if self.nodes.contains_key(&node.id) {
+                    self.core.handle_sample(
+                        now,
+                        &node.id,
+                        Sample::Decode {
+                            model,
+                            tokens_per_s,
+                            ttft_ms,
+                            from_probe: false,
+                        },
+                    );
+                }
+            }
+        }
+    }
+
+    async fn on_joined(&mut self, now: u64, entry: Arc<NodeEntry>) {
+        let id = entry.id.clone();
+        let store = self.parts.store.clone();
+        let key = id.clone();
+        let prior = tokio::task::spawn_blocking(move || store.load_verification(&key))
+            .await
+            .ok()
+            .and_then(|r| r.map_err(|e| warn!(error = %e, "checker: could not read the node's last verdict")).ok())
+            .flatten()
+            .map(|(state, reasons, _at)| (state, reasons));
+        if let Some((state, reasons)) = &prior {
+            if state == "quarantined" || state == "impossible_claim" {
+                // Until the registration check says otherwise, a node whose last verdict was
+                // against it does not serve controlled classes (a reconnect must not launder it).
+                let mut check = entry.check();
+                check.controlled_block = Some(format!(
+                    "its last verdict was {state} ({reasons}); re-checking"
+                ));
+                self.parts.registry.set_check(&entry, check);
+            }
+        }
+        let rtt = rtt_ms(&entry);
+        self.nodes.insert(
+            id,
+            Tracked {
+                entry,
+                announced: false,
+                joined_ms: now,
+                idle: None,
+                min_rtt_ms: rtt,
+                told_rtt_ms: f64::NAN,
+                prior,
+            },
+        );
+    }
+
+    /// Registers a node with the core, with its inventory when it has one.
+    async fn announce(&mut self, now: u64, entry: &Arc<NodeEntry>, with_inventory: bool) {
+        let Some(t) = self.nodes.get(&entry.id) else {
+            return;
+        };
+        if t.announced && !with_inventory {
+            return;
+        }
+        let inventory = if with_inventory {
+            entry.inventory.get().cloned()
+        } else {
+            None
+        };
+        let mut facts = self.facts_of(entry, inventory.as_ref());
+        let mut duplicates = Vec::new();
+        if let Some(inv) = &inventory {
+            let (changed, dups) = self.identity(now, entry, inv).await;
+            facts.gpu_set_changed = changed;
+            duplicates = dups;
+        }
+        self.core.handle_registered(now, &entry.id, facts);
+        for uuid in duplicates {
+            self.core.handle_duplicate_uuid(now, &entry.id, &uuid);
+        }
+        if let Some(t) = self.nodes.get_mut(&entry.id) {
+            t.announced = true;
+        }
+        self.feed_rtt(now, &entry.id);
+    }
+
+    fn facts_of(
+        &self,
+        entry: &NodeEntry,
+        inventory: Option<&nearpath_protocol::message::Inventory>,
+    ) -> NodeFacts {
+        let policy = &self.parts.placement.policy;
+        let gpu_classes: Vec<String> = entry.gpus.iter().map(|g| g.class.clone()).collect();
+        let known: HashMap<&str, u64> = self
+            .parts
+            .config
+            .known_models
+            .iter()
+            .map(|m| (m.name.as_str(), m.weights_bytes))
+            .collect();
+        let mut models: Vec<(String, u64)> = entry
+            .workloads
+            .models
+            .iter()
+            .map(|m| (m.clone(), known.get(m.as_str()).copied().unwrap_or(0)))
+            .collect();
+        if let Some(inv) = inventory {
+            for w in &inv.models {
+                if let Some(m) = models.iter_mut().find(|m| m.0 == w.name) {
+                    m.1 = super::physics::weights_floor(
+                        w.weights_bytes,
+                        known.get(w.name.as_str()).copied(),
+                    );
+                }
+            }
+        }
+        NodeFacts {
+            gpu_classes,
+            models,
+            gpu_uuids: inventory
+                .map(|i| i.gpus.iter().map(|g| g.uuid.clone()).collect())
+                .unwrap_or_default(),
+            gpu_set_changed: false,
+            hardware_encoder: inventory.is_some_and(|i| is_hardware_encoder(&i.encoder)),
+            claimed_location: entry
+                .location()
+                .coords
+                .and_then(|c| LatLon::new(c.lat, c.lon).ok()),
+            controlled: entry
+                .classes
+                .iter()
+                .any(|(_, c)| policy.is_controlled(*c)),
+        }
+    }
+
+    /// Records the node's GPU identities and finds the UUIDs another live node also holds.
+    async fn identity(
+        &self,
+        now: u64,
+        entry: &NodeEntry,
+        inv: &nearpath_protocol::message::Inventory,
+    ) -> (bool, Vec<String>) {
+        let rows: Vec<crate::store::GpuIdentityRow> = inv
+            .gpus
+            .iter()
+            .map(|g| crate::store::GpuIdentityRow {
+                uuid: g.uuid.clone(),
+                pci_device_id: g.pci_device_id,
+                driver_version: g.driver_version.clone(),
+                model: entry
+                    .gpus
+                    .get(g.index as usize)
+                    .map(|x| x.model.clone())
+                    .unwrap_or_default(),
+            })
+            .collect();
+        let uuids: Vec<String> = rows.iter().map(|r| r.uuid.clone()).collect();
+        let store = self.parts.store.clone();
+        let (node, gw) = (entry.id.clone(), self.parts.gateway_id.clone());
+        let since = now.saturating_sub(self.parts.identity_live_ms);
+        let res = tokio::task::spawn_blocking(move || {
+            let change = store.record_node_gpus(&node, &gw, &rows, now)?;
+            let holders = store.gpu_uuid_holders(&uuids, since)?;
+            Ok::<_, crate::store::StoreError>((change, holders))
+        })
+        .await;
+        match res {
+            Ok(Ok((change, holders))) => {
+                let mut dups: Vec<String> = holders
+                    .into_iter()
+                    .filter(|(_, holder, _, _)| *holder != entry.id)
+                    .map(|(uuid, holder, _, _)| {
+                        warn!(node = %entry.id, other = %holder, %uuid, "checker: a GPU UUID is reported by two live nodes");
+                        uuid
+                    })
+                    .collect();
+                // One node reporting the same UUID twice is as suspicious as two nodes.
+                let mut seen = std::collections::HashSet::new();
+                for g in &inv.gpus {
+                    if !seen.insert(g.uuid.as_str()) {
+                        dups.push(g.uuid.clone());
+                    }
+                }
+                dups.sort();
+                dups.dedup();
+                (change.changed && !change.first_seen, dups)
+            }
+            Ok(Err(e)) => {
+                warn!(node = %entry.id, error = %e, "checker: could not record the node's GPU identities");
+                (false, Vec::new())
+            }
+            Err(_) => (false, Vec::new()),
+        }
+    }
+
+    fn feed_rtt(&mut self, now: u64, id: &str) {
+        let Some((lat, lon)) = self.parts.position else {
+            return;
+        };
+        let Ok(at) = LatLon::new(lat, lon) else {
+            return;
+        };
+        let Some(t) = self.nodes.get_mut(id) else {
+            return;
+        };
+        let rtt = t.min_rtt_ms.min(rtt_ms(&t.entry));
+        t.min_rtt_ms = rtt;
+        // The core only needs to hear of a better (smaller) RTT.
+        if t.told_rtt_ms.is_nan() || rtt < t.told_rtt_ms - 0.05 {
+            t.told_rtt_ms = rtt;
+            self.core.handle_rtt(
+                now,
+                id,
+                RttConstraint {
+                    gateway_id: self.parts.gateway_id.clone(),
+                    at,
+                    rtt_ms: rtt,
+                    measured_at_ms: now,
+                },
+            );
+        }
+    }
+
+    async fn sweep(&mut self) {
+        let now = self.parts.clock.unix_ms();
+        // Events can be dropped when the queue is full: pick up joins and departures here.
+        let live = self.parts.registry.list();
+        for e in &live {
+            let known = self
+                .nodes
+                .get(&e.id)
+                .is_some_and(|t| Arc::ptr_eq(&t.entry, e));
+            if !known {
+                self.on_joined(now, e.clone()).await;
+            }
+        }
+        let gone: Vec<String> = self
+            .nodes
+            .iter()
+            .filter(|(id, t)| {
+                !live
+                    .iter()
+                    .any(|e| &e.id == *id && Arc::ptr_eq(e, &t.entry))
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in gone {
+            self.nodes.remove(&id);
+            self.core.handle_left(now, &id);
+        }
+        let ids: Vec<String> = self.nodes.keys().cloned().collect();
+        let mut counts: HashMap<&'static str, i64> = HashMap::new();
+        for id in ids {
+            let Some(t) = self.nodes.get(&id) else {
+                continue;
+            };
+            let entry = t.entry.clone();
+            if !t.announced {
+                if entry.inventory.get().is_some() {
+                    self.announce(now, &entry, true).await;
+                } else if now.saturating_sub(t.joined_ms) >= INVENTORY_WAIT_MS {
+                    debug!(node = %id, "checker: no inventory from the node; checking without one");
+                    self.announce(now, &entry, false).await;
+                }
+            }
+            let idle = entry.in_use(SlotKind::Inference) == 0 && entry.in_use(SlotKind::Game) == 0;
+            if let Some(t) = self.nodes.get_mut(&id) {
+                if t.announced && t.idle != Some(idle) {
+                    t.idle = Some(idle);
+                    self.core.handle_idle(now, &id, idle);
+                }
+            }
+            self.feed_rtt(now, &id);
+            *counts.entry(entry.check().state).or_default() += 1;
+        }
+        for state in crate::metrics::label_values::VERIFICATION_STATES {
+            self.parts
+                .metrics
+                .node_verification
+                .get_or_create(&labels([("state", state)]))
+                .set(counts.get(state).copied().unwrap_or(0));
+        }
+    }
+
+    fn on_probe_done(&mut self, id: ProbeId, result: Result<Sample, String>) {
+        let now = self.parts.clock.unix_ms();
+        let outcome = match &result {
+            Ok(_) => "ok",
+            Err(e) if e == BUSY => "busy",
+            Err(_) => "failed",
+        };
+        self.parts
+            .metrics
+            .checker_probes
+            .get_or_create(&labels([("outcome", outcome)]))
+            .inc();
+        if let Some(node) = self.probe_nodes.remove(&id) {
+            debug!(%node, outcome, "checker: probe finished");
+        }
+        self.core.handle_probe_done(now, id, result);
+    }
+
+    async fn apply(&mut self, now: u64, action: Action) {
+        match action {
+            Action::StartProbe { id, node_id, model } => {
+                let Some(t) = self.nodes.get(&node_id) else {
+                    self.core
+                        .handle_probe_done(now, id, Err("the node left".into()));
+                    return;
+                };
+                let entry = t.entry.clone();
+                let registry = self.parts.registry.clone();
+                let sessions = self.parts.sessions.clone();
+                let max_tokens = self.parts.config.probe_max_tokens;
+                let timeout = Duration::from_millis(self.parts.config.probe_timeout_ms);
+                self.probe_nodes.insert(id, node_id.clone());
+                self.probes.spawn(
+                    async move {
+                        let r = tokio::time::timeout(
+                            timeout,
+                            probe(&registry, &sessions, entry, &model, max_tokens),
+                        )
+                        .await
+                        .unwrap_or_else(|_| Err("the probe timed out".into()));
+                        (id, r)
+                    }
+                    .instrument(tracing::debug_span!("probe", node = %node_id)),
+                );
+            }
+            Action::Verdict {
+                node_id,
+                verification,
+                record,
+            } => self.on_verdict(now, &node_id, verification, record).await,
+        }
+    }
+
+    async fn on_verdict(
+        &mut self,
+        now: u64,
+        node_id: &str,
+        verification: Verification,
+        record: super::schedule::CheckRecord,
+    ) {
+        let Some(t) = self.nodes.get_mut(node_id) else {
+            return;
+        };
+        t.prior = None;
+        let entry = t.entry.clone();
+        let policy = &self.parts.placement.policy;
+        let before = entry.check();
+        let reclassified = verification.reclassified_to.as_ref().and_then(|class| {
+            policy
+                .class_id(class)
+                .map(|id| vec![(class.clone(), id); entry.gpus.len().max(1)])
+        });
+        let classes_after = reclassified.clone().unwrap_or_else(|| entry.classes.clone());
+        let controlled = classes_after.iter().any(|(_, c)| policy.is_controlled(*c));
+        let state = verification.state;
+        let reasons = verification.reasons.join("; ");
+        let quarantine = (state == VerificationState::Quarantined).then(|| reasons.clone());
+        let mut controlled_block = None;
+        if controlled {
+            let checked = verification.checks > 0;
+            match state {
+                VerificationState::Verified | VerificationState::ImpossibleClaim => {}
+                VerificationState::Unverified if !checked => {}
+                other => {
+                    controlled_block = Some(format!("verification is {}: {reasons}", other.as_str()))
+                }
+            }
+            if controlled_block.is_none()
+                && self.parts.position.is_some()
+                && self.parts.config.controlled_requires_proximity
+            {
+                if let Some(Proximity::NotProven { why, .. }) = &verification.proximity {
+                    controlled_block = Some(format!("not proven near its claimed location: {why}"));
+                }
+            }
+        }
+        let penalty_ms = if verification.demoted {
+            self.parts.config.demoted_penalty_ms
+        } else if state == VerificationState::Verified {
+            0.0
+        } else {
+            self.parts.config.unverified_penalty_ms
+        };
+        let view = serde_json::to_value(&verification).unwrap_or_default();
+        let check = NodeCheck {
+            state: state.as_str(),
+            checked: verification.checks > 0,
+            reclassified: reclassified.clone(),
+            controlled_block,
+            quarantine,
+            penalty_ms,
+            view,
+        };
+        self.parts.registry.set_check(&entry, check);
+        self.parts
+            .metrics
+            .checker_checks
+            .get_or_create(&labels([("kind", record.kind), ("state", state.as_str())]))
+            .inc();
+        if before.state != state.as_str() {
+            info!(node = %node_id, from = before.state, to = state.as_str(), %reasons, "checker: verification changed");
+        }
+        let newly_reclassified = reclassified.is_some() && before.reclassified != reclassified;
+        if newly_reclassified {
+            self.reclassify(now, &entry, &classes_after, &reasons).await;
+        }
+        // Durable: the record of this check and the node's state, then the votes of every
+        // gateway that checked the node.
+        let store = self.parts.store.clone();
+        let row = crate::store::CheckRecordRow {
+            node_id: node_id.to_string(),
+            gateway_id: self.parts.gateway_id.clone(),
+            kind: record.kind.to_string(),
+            state: state.as_str().to_string(),
+            detail_json: serde_json::to_string(&record).unwrap_or_default(),
+            at_ms: now,
+        };
+        let reasons_json = serde_json::to_string(&verification.reasons).unwrap_or_default();
+        let id = node_id.to_string();
+        let federated = !self.parts.gateway_id.is_empty();
+        let votes = tokio::task::spawn_blocking(move || {
+            store.record_check(&row)?;
+            store.save_verification(&id, row.state.as_str(), &reasons_json, now)?;
+            if federated {
+                store.latest_votes(&id)
+            } else {
+                Ok(Vec::new())
+            }
+        })
+        .await;
+        match votes {
+            Ok(Ok(v)) if federated => {
+                let votes: Vec<GatewayVote> = v
+                    .into_iter()
+                    .filter_map(|(gateway_id, state, at_ms)| {
+                        Some(GatewayVote {
+                            gateway_id,
+                            state: parse_state(&state)?,
+                            at_ms,
+                        })
+                    })
+                    .collect();
+                // Only other gateways' votes are news; the core knows its own verdict.
+                if votes.iter().any(|v| v.gateway_id != self.parts.gateway_id) {
+                    self.core.handle_votes(now, node_id, votes);
+                }
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => warn!(node = %node_id, error = %e, "checker: could not record the check"),
+            Err(_) => {}
+        }
+    }
+
+    /// A node whose claimed classes are impossible is taken as the class it showed: the
+    /// onboarding geofence runs again on it, which disconnects a node that could not have
+    /// registered as that class from where it is; the impossible claim is an SLA event.
+    async fn reclassify(
+        &self,
+        now: u64,
+        entry: &Arc<NodeEntry>,
+        classes: &[(String, nearpath_geo::ClassId)],
+        reasons: &str,
+    ) {
+        self.parts.metrics.checker_reclassifications.inc();
+        let names: Vec<&str> = classes.iter().map(|c| c.0.as_str()).collect();
+        warn!(node = %entry.id, claimed = ?entry.classes.iter().map(|c| c.0.as_str()).collect::<Vec<_>>(), found = ?names, %reasons, "checker: impossible claim; node reclassified");
+        let location = entry.location();
+        for (name, id) in classes {
+            let decision = self.parts.placement.policy.check_onboard(&location, *id);
+            self.parts.placement.count_decision("node", &decision);
+            if let nearpath_geo::Decision::Deny { rule, reason, .. } = decision {
+                warn!(node = %entry.id, %rule, "checker: the reclassified node may not be onboarded where it is; disconnecting");
+                entry.revoke(Revocation {
+                    code: "reclassified",
+                    detail: format!(
+                        "the node delivered what no {} can ({reasons}); as class {name} it is \
+                         refused by geofence rule {rule}: {reason}",
+                        entry
+                            .classes
+                            .first()
+                            .map(|c| c.0.as_str())
+                            .unwrap_or("claimed class")
+                    ),
+                });
+                break;
+            }
+        }
+        self.parts
+            .metrics
+            .penalties
+            .get_or_create(&labels([("kind", "impossible_claim")]))
+            .inc();
+        let store = self.parts.store.clone();
+        let (id, op) = (entry.id.clone(), entry.operator_id.clone());
+        let active = entry.sessions_in_use();
+        let detail = format!("impossible claim: {reasons}");
+        let res = tokio::task::spawn_blocking(move || {
+            store.record_penalty(&id, &op, now, "impossible_claim", active, &detail)
+        })
+        .await;
+        if let Ok(Err(e)) = res {
+            warn!(node = %entry.id, error = %e, "checker: could not record the SLA event");
+        }
+    }
+}
+
+/// The error text of a probe that found no free slot (not held against the node).
+const BUSY: &str = "no free inference slot";
+
+fn rtt_ms(entry: &NodeEntry) -> f64 {
+    let ms = entry.conn.rtt().as_secs_f64() * 1000.0;
+    if ms.is_finite() && ms >= 0.0 {
+        ms
+    } else {
+        f64::INFINITY
+    }
+}
+
+fn is_hardware_encoder(name: &str) -> bool {
+    let n = name.to_ascii_lowercase();
+    ["nvenc", "vaapi", "qsv", "amf", "videotoolbox", "v4l2"]
+        .iter()
+        .any(|h| n.contains(h))
+}
+
+fn parse_state(s: &str) -> Option<VerificationState> {
+    VerificationState::ALL
+        .iter()
+        .copied()
+        .find(|v| v.as_str() == s)
+}
+
+/// Words the probe prompts are drawn from, so that probes do not all look alike.
+const PROBE_TOPICS: &[&str] = &[
+    "the history of the bicycle",
+    "how tides work",
+    "a recipe for lentil soup",
+    "why the sky is blue",
+    "the rules of chess",
+    "how a compiler works",
+    "a short poem about rain",
+    "the water cycle",
+    "how to plant tomatoes",
+    "what a neutron star is",
+];
+
+/// Runs one probe: an inference session that looks like a client's, streamed and timed here.
+/// Its decode rate counts from the first token to the last, so the time to first token (queue,
+/// prompt processing) does not dilute it.
+async fn probe(
+    registry: &Arc<Registry>,
+    sessions: &Sessions,
+    node: Arc<NodeEntry>,
+    model: &str,
+    max_tokens: u32,
+) -> Result<Sample, String> {
+    let Some(_slot) = registry.acquire(&node, SlotKind::Inference) else {
+        return Err(BUSY.into());
+    };
+    let session = sessions.ids.mint();
+    let (topic, tokens) = {
+        use rand::Rng;
+        let mut rng = rand::rng();
+        let topic = PROBE_TOPICS[rng.random_range(0..PROBE_TOPICS.len())];
+        let spread = (max_tokens / 4).max(1);
+        let tokens = max_tokens - spread / 2 + rng.random_range(0..spread);
+        (topic, tokens.max(1))
+    };
+    let body = serde_json::json!({
+        "model": model,
+        "messages": [{"role": "user", "content": format!("Tell me about {topic}.")}],
+        "max_tokens": tokens,
+        "stream": true,
+    });
+    let (mut tx, rx) = node
+        .conn
+        .open_bi()
+        .await
+        .map_err(|e| format!("could not open a stream: {e}"))?;
+    let open = Message::Open(Open {
+        session_id: session.get(),
+        kind: SessionKind::Inference {
+            model: model.to_string(),
+            endpoint: Endpoint::Chat,
+            request_json: body.to_string(),
+            request_id: crate::access::new_request_id(),
+            traceparent: None,
+        },
+    });
+    send(&mut tx, &open)
+        .await
+        .map_err(|e| format!("could not send Open: {e}"))?;
+    let mut framed = FramedRecv::new(rx, MAX_REQUEST_FRAME);
+    let start = Instant::now();
+    let mut first: Option<Instant> = None;
+    let mut last = start;
+    let mut pieces: u32 = 0;
+    loop {
+        match framed.next().await {
+            Ok(Some(Message::Accepted(_))) => {}
+            Ok(Some(Message::Refused(r))) => {
+                return Err(format!("the node refused the probe: {}", r.reason))
+            }
+            Ok(Some(Message::Token(_))) | Ok(Some(Message::Chunk(_))) => {
+                let at = Instant::now();
+                first.get_or_insert(at);
+                last = at;
+                pieces = pieces.saturating_add(1);
+            }
+            Ok(Some(Message::Done(_))) => break,
+            Ok(Some(Message::Error(e))) => {
+                return Err(format!("the node failed the probe: {}", e.message))
+            }
+            Ok(Some(other)) => return Err(format!("unexpected {} on a probe", other.name())),
+            Ok(None) => return Err("the node closed the probe stream early".into()),
+            Err(e) => return Err(format!("probe stream: {e}")),
+        }
+    }
+    let _ = tx.finish();
+    let first = first.ok_or("the probe produced no tokens")?;
+    let ttft_ms = first.duration_since(start).as_secs_f64() * 1000.0;
+    let span = last.duration_since(first).as_secs_f64();
+    // Pieces after the first, over the time they took: each piece is at least one token, so
+    // this never overstates the rate of an honest node.
+    if pieces < 2 || span <= 0.0 {
+        return Err("too few tokens to time".into());
+    }
+    Ok(Sample::Decode {
+        model: model.to_string(),
+        tokens_per_s: f64::from(pieces - 1) / span,
+        ttft_ms,
+        from_probe: true,
+    })
+}
