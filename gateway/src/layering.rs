@@ -35,6 +35,8 @@ const RANKS: &[(&str, u8)] = &[
     // State the components are made of.
     ("registry", 2),
     ("fleet_limits", 2),
+    // The checker's sans-IO core (physics, RTT geolocation, verdicts, scheduler).
+    ("checker", 2),
     ("auth", 3),
     ("relay", 3),
     ("meter", 3),

@@ -7,6 +7,7 @@ pub mod api;
 pub mod auth;
 pub mod budget;
 pub mod cert;
+pub mod checker;
 pub mod client;
 pub mod client_addr;
 pub mod clock;
