@@ -83,6 +83,13 @@ store_suite!(
     a_key_policy_round_trips_and_bad_values_are_refused_naming_the_field,
     sessions_directory_keeps_one_entry_per_session_id_across_the_u64_range,
     the_federation_secret_is_created_once_and_shared,
+    check_records_list_newest_first_and_each_gateway_keeps_its_newest_vote,
+    check_records_are_capped_per_node_and_the_cap_never_drops_a_vote,
+    hostile_check_records_and_verifications_are_refused_naming_the_field,
+    a_changed_gpu_set_is_detected_across_records,
+    a_gpu_uuid_held_by_two_live_nodes_is_found_for_both,
+    gpu_reports_over_the_limits_are_refused_and_leave_the_set_unchanged,
+    a_verification_snapshot_is_replaced_only_by_a_newer_one,
 );
 
 fn usage(n: u64, tenant: &str, node: &str, outcome: &str) -> UsageRecord {
@@ -2140,5 +2147,580 @@ fn pg_concurrent_appends_from_two_gateways_are_all_acknowledged_and_stored() {
         "pg concurrent appends: {total} records from {THREADS} threads on 2 stores in {took:?} \
          ({:.0}/s, throwaway server with fsync off)",
         total as f64 / took.as_secs_f64()
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// The checker's records (issue 14): check records and votes, GPU identities, verification
+// snapshots
+
+mod checker_support {
+    use nearpath_gateway::store::{CheckRecordRow, GpuIdentityRow};
+
+    pub fn check(node: &str, gateway: &str, state: &str, at_ms: u64) -> CheckRecordRow {
+        CheckRecordRow {
+            node_id: node.into(),
+            gateway_id: gateway.into(),
+            kind: "idle_probe".into(),
+            state: state.into(),
+            detail_json: format!("{{\"at\":{at_ms}}}"),
+            at_ms,
+        }
+    }
+
+    pub fn gpu(uuid: &str) -> GpuIdentityRow {
+        GpuIdentityRow {
+            uuid: uuid.into(),
+            pci_device_id: 0x2330_10de,
+            driver_version: "550.54.15".into(),
+            model: "NVIDIA H100 80GB HBM3".into(),
+        }
+    }
+
+    pub fn gpus(uuids: &[&str]) -> Vec<GpuIdentityRow> {
+        uuids.iter().map(|u| gpu(u)).collect()
+    }
+}
+
+use checker_support::{check, gpu, gpus};
+
+fn votes(store: &Arc<dyn Store>, node: &str) -> Vec<(String, String, u64)> {
+    store
+        .latest_votes(node)
+        .expect("votes")
+        .into_iter()
+        .map(|v| (v.gateway_id, v.state, v.at_ms))
+        .collect()
+}
+
+fn vote(gateway: &str, state: &str, at_ms: u64) -> (String, String, u64) {
+    (gateway.into(), state.into(), at_ms)
+}
+
+fn check_records_list_newest_first_and_each_gateway_keeps_its_newest_vote(store: Arc<dyn Store>) {
+    // Two federated gateways and a standalone one check the same node.
+    store
+        .record_check(&check("n1", "eu-1", "verified", 1_000))
+        .expect("eu-1");
+    store
+        .record_check(&check("n1", "us-1", "mislocated", 1_500))
+        .expect("us-1");
+    store
+        .record_check(&check("n1", "eu-1", "impossible_claim", 2_000))
+        .expect("eu-1 again");
+    store
+        .record_check(&check("n1", "", "verified", 1_200))
+        .expect("standalone");
+    // A record that arrives late (older than eu-1's vote) joins the history but not the vote.
+    store
+        .record_check(&check("n1", "eu-1", "verified", 1_800))
+        .expect("late");
+    store
+        .record_check(&check("n2", "eu-1", "verified", 3_000))
+        .expect("n2");
+
+    let list = store.checks_of("n1", 10).expect("list");
+    assert_eq!(
+        list.iter()
+            .map(|c| (c.gateway_id.as_str(), c.at_ms))
+            .collect::<Vec<_>>(),
+        [
+            ("eu-1", 2_000),
+            ("eu-1", 1_800),
+            ("us-1", 1_500),
+            ("", 1_200),
+            ("eu-1", 1_000)
+        ],
+        "newest first, one node only"
+    );
+    assert_eq!(
+        list[0],
+        check("n1", "eu-1", "impossible_claim", 2_000),
+        "round trip"
+    );
+    assert_eq!(store.checks_of("n1", 2).expect("limit").len(), 2);
+    assert!(store.checks_of("n1", 0).expect("zero").is_empty());
+    assert!(store.checks_of("nobody", 10).expect("unknown").is_empty());
+
+    assert_eq!(
+        votes(&store, "n1"),
+        [
+            vote("", "verified", 1_200),
+            vote("eu-1", "impossible_claim", 2_000),
+            vote("us-1", "mislocated", 1_500),
+        ],
+        "one vote per gateway, its newest"
+    );
+    assert_eq!(
+        store.latest_votes("n1").expect("votes")[1].kind,
+        "idle_probe"
+    );
+    // Same time from the same gateway: the later write wins.
+    store
+        .record_check(&check("n1", "us-1", "verified", 1_500))
+        .expect("tie");
+    assert_eq!(votes(&store, "n1")[2], vote("us-1", "verified", 1_500));
+
+    // Retention by age: records and votes older than the bound go.
+    let deleted = store.prune_checks(1_600).expect("prune");
+    assert_eq!(
+        deleted,
+        4 + 2,
+        "4 records (1000, 1200, 1500 twice) and 2 votes"
+    );
+    assert_eq!(
+        store
+            .checks_of("n1", 10)
+            .expect("list")
+            .iter()
+            .map(|c| c.at_ms)
+            .collect::<Vec<_>>(),
+        [2_000, 1_800]
+    );
+    assert_eq!(
+        votes(&store, "n1"),
+        [vote("eu-1", "impossible_claim", 2_000)]
+    );
+    assert_eq!(store.checks_of("n2", 10).expect("n2").len(), 1);
+}
+
+/// A hostile node can make the gateway check it as often as it likes (reconnecting, say):
+/// its history stays capped, and the cap never erases another gateway's vote.
+fn check_records_are_capped_per_node_and_the_cap_never_drops_a_vote(store: Arc<dyn Store>) {
+    use nearpath_gateway::store::{MAX_CHECKS_LIST, MAX_CHECKS_PER_NODE};
+    store
+        .record_check(&check("n1", "us-1", "verified", 1))
+        .expect("us-1");
+    store
+        .record_check(&check("n2", "eu-1", "verified", 1))
+        .expect("n2");
+    let extra = 25;
+    for i in 0..(MAX_CHECKS_PER_NODE + extra) as u64 {
+        store
+            .record_check(&check("n1", "eu-1", "quarantined", 10 + i))
+            .expect("record");
+    }
+    let list = store.checks_of("n1", usize::MAX).expect("list");
+    assert_eq!(list.len(), MAX_CHECKS_PER_NODE.min(MAX_CHECKS_LIST));
+    assert_eq!(list[0].at_ms, 10 + (MAX_CHECKS_PER_NODE + extra) as u64 - 1);
+    assert_eq!(
+        list.last().map(|c| c.at_ms),
+        Some(10 + extra as u64),
+        "the oldest went first (us-1's record included)"
+    );
+    assert_eq!(
+        votes(&store, "n1"),
+        [
+            vote(
+                "eu-1",
+                "quarantined",
+                10 + (MAX_CHECKS_PER_NODE + extra) as u64 - 1
+            ),
+            vote("us-1", "verified", 1),
+        ]
+    );
+    assert_eq!(
+        store.checks_of("n2", 10).expect("n2").len(),
+        1,
+        "other nodes untouched"
+    );
+}
+
+fn hostile_check_records_and_verifications_are_refused_naming_the_field(store: Arc<dyn Store>) {
+    use nearpath_gateway::store::MAX_CHECK_DETAIL_BYTES;
+    let huge_id = "n".repeat(257);
+    let huge_detail = format!("\"{}\"", "x".repeat(MAX_CHECK_DETAIL_BYTES));
+    let bad: Vec<(&str, CheckEdit)> = vec![
+        ("node_id", Box::new(|c| c.node_id = String::new())),
+        ("node_id", Box::new(move |c| c.node_id = huge_id.clone())),
+        ("node_id", Box::new(|c| c.node_id = "n\0".into())),
+        ("gateway_id", Box::new(|c| c.gateway_id = "eu 1".into())),
+        ("gateway_id", Box::new(|c| c.gateway_id = "g".repeat(65))),
+        ("kind", Box::new(|c| c.kind = String::new())),
+        ("kind", Box::new(|c| c.kind = "k".repeat(65))),
+        ("state", Box::new(|c| c.state = "verified\n".into())),
+        (
+            "state",
+            Box::new(|c| c.state = "'; DROP TABLE check_records; --".into()),
+        ),
+        (
+            "detail_json",
+            Box::new(move |c| c.detail_json = huge_detail.clone()),
+        ),
+        (
+            "detail_json",
+            Box::new(|c| c.detail_json = "{not json".into()),
+        ),
+        ("detail_json", Box::new(|c| c.detail_json = String::new())),
+        ("at_ms", Box::new(|c| c.at_ms = u64::MAX)),
+    ];
+    for (field, edit) in bad {
+        let mut rec = check("n1", "eu-1", "verified", 5);
+        edit(&mut rec);
+        match store.record_check(&rec) {
+            Err(e @ StoreError::Invalid { .. }) => {
+                assert!(e.is_caller_error());
+                let StoreError::Invalid { field: got, .. } = e else {
+                    unreachable!()
+                };
+                assert_eq!(got, field, "{rec:?}");
+            }
+            other => panic!("{field}: expected Invalid, got {other:?}"),
+        }
+    }
+    assert!(
+        store.checks_of("n1", 10).expect("list").is_empty(),
+        "nothing was written"
+    );
+    assert!(store.latest_votes("n1").expect("votes").is_empty());
+    // Exactly at the limit is fine.
+    let mut at_limit = check("n1", "eu-1", "verified", 5);
+    at_limit.detail_json = format!("\"{}\"", "x".repeat(MAX_CHECK_DETAIL_BYTES - 2));
+    store.record_check(&at_limit).expect("16 KiB of JSON");
+
+    for (node, state, reasons, at, field) in [
+        ("n1", "", "{}", 1, "state"),
+        ("n1", "a b", "{}", 1, "state"),
+        ("n1", "verified", "[", 1, "reasons_json"),
+        ("", "verified", "{}", 1, "node_id"),
+        ("n1", "verified", "{}", u64::MAX, "at_ms"),
+    ] {
+        match store.save_verification(node, state, reasons, at) {
+            Err(StoreError::Invalid { field: got, .. }) => assert_eq!(got, field),
+            other => panic!("{field}: expected Invalid, got {other:?}"),
+        }
+    }
+    assert!(matches!(
+        store.load_verification("n\0"),
+        Err(StoreError::Invalid {
+            field: "node_id",
+            ..
+        })
+    ));
+    assert_eq!(store.load_verification("n1").expect("load"), None);
+}
+
+type CheckEdit = Box<dyn Fn(&mut nearpath_gateway::store::CheckRecordRow)>;
+
+fn a_changed_gpu_set_is_detected_across_records(store: Arc<dyn Store>) {
+    use nearpath_gateway::store::GpuSetChange;
+    let first = store
+        .record_node_gpus("n1", "eu-1", &gpus(&["GPU-bbb", "GPU-aaa"]), 1_000)
+        .expect("first");
+    assert_eq!(
+        first,
+        GpuSetChange {
+            changed: false,
+            previous: vec![],
+            first_seen: true
+        }
+    );
+    assert_eq!(
+        store.node_gpus("n1").expect("gpus"),
+        gpus(&["gpu-aaa", "gpu-bbb"]),
+        "stored lowercase, by uuid"
+    );
+    // The same GPUs in another order and case, with a new driver: not a change of set.
+    let mut same = gpus(&["gpu-AAA", "GPU-BBB"]);
+    same[0].driver_version = "555.42".into();
+    let again = store
+        .record_node_gpus("n1", "us-1", &same, 2_000)
+        .expect("again");
+    assert_eq!(
+        again,
+        GpuSetChange {
+            changed: false,
+            previous: vec!["gpu-aaa".into(), "gpu-bbb".into()],
+            first_seen: false
+        }
+    );
+    assert_eq!(
+        store.node_gpus("n1").expect("gpus")[0].driver_version,
+        "555.42"
+    );
+    // One GPU swapped: a change, with the previous set to compare.
+    let swapped = store
+        .record_node_gpus("n1", "us-1", &gpus(&["GPU-aaa", "GPU-ccc"]), 3_000)
+        .expect("swapped");
+    assert!(swapped.changed && !swapped.first_seen);
+    assert_eq!(swapped.previous, ["gpu-aaa", "gpu-bbb"]);
+    // Every GPU gone (NVML failed, say): a change too; and back again is another.
+    let gone = store
+        .record_node_gpus("n1", "us-1", &[], 4_000)
+        .expect("gone");
+    assert!(gone.changed);
+    assert!(store.node_gpus("n1").expect("gpus").is_empty());
+    let back = store
+        .record_node_gpus("n1", "us-1", &gpus(&["GPU-aaa"]), 5_000)
+        .expect("back");
+    assert!(back.changed && !back.first_seen && back.previous.is_empty());
+    // Another node's first record is its own.
+    let other = store
+        .record_node_gpus("n2", "", &gpus(&["GPU-ddd"]), 5_000)
+        .expect("n2");
+    assert!(other.first_seen && !other.changed);
+}
+
+fn a_gpu_uuid_held_by_two_live_nodes_is_found_for_both(store: Arc<dyn Store>) {
+    let holders = |uuids: &[&str], since: u64| -> Vec<(String, String, String, u64)> {
+        let uuids: Vec<String> = uuids.iter().map(|u| u.to_string()).collect();
+        store
+            .gpu_uuid_holders(&uuids, since)
+            .expect("holders")
+            .into_iter()
+            .map(|h| (h.uuid, h.node_id, h.gateway_id, h.seen_at_ms))
+            .collect()
+    };
+    let row =
+        |u: &str, n: &str, g: &str, at: u64| (u.to_string(), n.to_string(), g.to_string(), at);
+    store
+        .record_node_gpus("n1", "eu-1", &gpus(&["GPU-shared", "GPU-one"]), 1_000)
+        .expect("n1");
+    // n2 copied n1's UUID (in another case) onto a second node, through another gateway.
+    store
+        .record_node_gpus("n2", "us-1", &gpus(&["gpu-SHARED", "GPU-two"]), 1_100)
+        .expect("n2");
+    store
+        .record_node_gpus("n3", "us-1", &gpus(&["GPU-three"]), 1_100)
+        .expect("n3");
+    assert_eq!(
+        holders(&["GPU-shared", "GPU-one"], 0),
+        [
+            row("gpu-one", "n1", "eu-1", 1_000),
+            row("gpu-shared", "n1", "eu-1", 1_000),
+            row("gpu-shared", "n2", "us-1", 1_100),
+        ]
+    );
+    // Only holders seen since the bound count as live.
+    assert_eq!(
+        holders(&["gpu-shared"], 1_050),
+        [row("gpu-shared", "n2", "us-1", 1_100)]
+    );
+    // A heartbeat's touch renews n1's liveness, and never moves it back.
+    assert!(store.touch_node_gpus("n1", 2_000).expect("touch"));
+    assert!(store.touch_node_gpus("n1", 1_500).expect("older touch"));
+    assert_eq!(
+        holders(&["gpu-shared"], 1_050),
+        [
+            row("gpu-shared", "n1", "eu-1", 2_000),
+            row("gpu-shared", "n2", "us-1", 1_100),
+        ]
+    );
+    assert!(!store
+        .touch_node_gpus("nobody", 2_000)
+        .expect("touch unknown"));
+    assert!(holders(&[], 0).is_empty());
+    assert!(holders(&["gpu-nobody"], 0).is_empty());
+    // Nodes not seen for long are forgotten: n2 and n3 (seen at 1,100) go, n1 stays.
+    assert_eq!(store.prune_node_gpus(1_500).expect("prune"), 2);
+    assert_eq!(
+        holders(&["gpu-shared", "gpu-two", "gpu-three"], 0),
+        [row("gpu-shared", "n1", "eu-1", 2_000)]
+    );
+    assert!(store.node_gpus("n2").expect("n2").is_empty());
+    let again = store
+        .record_node_gpus("n2", "us-1", &gpus(&["GPU-two"]), 3_000)
+        .expect("n2 again");
+    assert!(again.first_seen, "a pruned node starts over");
+}
+
+fn gpu_reports_over_the_limits_are_refused_and_leave_the_set_unchanged(store: Arc<dyn Store>) {
+    use nearpath_gateway::store::{MAX_GPUS, MAX_GPU_UUID_BYTES};
+    store
+        .record_node_gpus("n1", "eu-1", &gpus(&["GPU-a"]), 1_000)
+        .expect("n1");
+    let many: Vec<_> = (0..=MAX_GPUS).map(|i| gpu(&format!("GPU-{i}"))).collect();
+    let long_uuid = format!("GPU-{}", "f".repeat(MAX_GPU_UUID_BYTES));
+    let mut control_driver = gpu("GPU-b");
+    control_driver.driver_version = "550\u{7}".into();
+    let mut huge_model = gpu("GPU-b");
+    huge_model.model = "m".repeat(10_000);
+    let cases: Vec<(&str, Vec<_>, &str, &str)> = vec![
+        ("more GPUs than allowed", many, "n1", "gpus"),
+        ("a uuid too long", vec![gpu(&long_uuid)], "n1", "gpus.uuid"),
+        ("an empty uuid", vec![gpu("")], "n1", "gpus.uuid"),
+        ("a uuid with a space", vec![gpu("GPU a")], "n1", "gpus.uuid"),
+        ("a uuid with NUL", vec![gpu("GPU-\0")], "n1", "gpus.uuid"),
+        (
+            "one GPU twice",
+            vec![gpu("GPU-b"), gpu("gpu-B")],
+            "n1",
+            "gpus.uuid",
+        ),
+        (
+            "a control character",
+            vec![control_driver],
+            "n1",
+            "gpus.driver_version",
+        ),
+        ("a huge model name", vec![huge_model], "n1", "gpus.model"),
+        ("a NUL node id", vec![gpu("GPU-b")], "n\0", "node_id"),
+    ];
+    for (what, list, node, field) in cases {
+        match store.record_node_gpus(node, "eu-1", &list, 2_000) {
+            Err(StoreError::Invalid { field: got, .. }) => assert_eq!(got, field, "{what}"),
+            other => panic!("{what}: expected Invalid, got {other:?}"),
+        }
+    }
+    match store.record_node_gpus("n1", "not a gateway", &gpus(&["GPU-b"]), 2_000) {
+        Err(StoreError::Invalid {
+            field: "gateway_id",
+            ..
+        }) => {}
+        other => panic!("bad gateway id: expected Invalid, got {other:?}"),
+    }
+    match store.record_node_gpus("n1", "eu-1", &gpus(&["GPU-b"]), u64::MAX) {
+        Err(StoreError::Invalid {
+            field: "seen_at_ms",
+            ..
+        }) => {}
+        other => panic!("huge time: expected Invalid, got {other:?}"),
+    }
+    assert_eq!(
+        store.node_gpus("n1").expect("gpus"),
+        gpus(&["gpu-a"]),
+        "unchanged"
+    );
+    // Exactly MAX_GPUS is allowed.
+    let full: Vec<_> = (0..MAX_GPUS).map(|i| gpu(&format!("GPU-{i:02}"))).collect();
+    let change = store
+        .record_node_gpus("n1", "eu-1", &full, 3_000)
+        .expect("64 GPUs");
+    assert!(change.changed);
+    assert_eq!(store.node_gpus("n1").expect("gpus").len(), MAX_GPUS);
+    let query: Vec<String> = (0..=MAX_GPUS).map(|i| format!("GPU-{i}")).collect();
+    assert!(matches!(
+        store.gpu_uuid_holders(&query, 0),
+        Err(StoreError::Invalid { field: "uuids", .. })
+    ));
+    assert!(matches!(
+        store.gpu_uuid_holders(&[long_uuid], 0),
+        Err(StoreError::Invalid {
+            field: "gpus.uuid",
+            ..
+        })
+    ));
+    assert!(matches!(
+        store.touch_node_gpus("n1", u64::MAX),
+        Err(StoreError::Invalid {
+            field: "seen_at_ms",
+            ..
+        })
+    ));
+}
+
+fn a_verification_snapshot_is_replaced_only_by_a_newer_one(store: Arc<dyn Store>) {
+    use nearpath_gateway::store::VerificationSnapshot;
+    let snap = |state: &str, reasons: &str, at: u64| VerificationSnapshot {
+        node_id: "n1".into(),
+        state: state.into(),
+        reasons_json: reasons.into(),
+        at_ms: at,
+    };
+    assert_eq!(store.load_verification("n1").expect("load"), None);
+    let reasons = r#"["gpu_uuid_duplicated","weights_exceed_vram"]"#;
+    store
+        .save_verification("n1", "quarantined", reasons, 2_000)
+        .expect("save");
+    assert_eq!(
+        store.load_verification("n1").expect("load"),
+        Some(snap("quarantined", reasons, 2_000))
+    );
+    // A stale writer (an older decision arriving late) does not undo the quarantine.
+    store
+        .save_verification("n1", "verified", "[]", 1_000)
+        .expect("stale save");
+    assert_eq!(
+        store.load_verification("n1").expect("load"),
+        Some(snap("quarantined", reasons, 2_000))
+    );
+    store
+        .save_verification("n1", "verified", "[]", 3_000)
+        .expect("newer save");
+    assert_eq!(
+        store.load_verification("n1").expect("load"),
+        Some(snap("verified", "[]", 3_000))
+    );
+    assert_eq!(store.load_verification("n2").expect("other node"), None);
+}
+
+/// A restart must not forget a quarantine, a vote or a node's GPUs.
+#[test]
+fn checker_records_survive_reopening_the_sqlite_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("gateway.db");
+    {
+        let store = SqliteStore::open(&path).expect("open");
+        store
+            .record_check(&check("n1", "", "quarantined", 1_000))
+            .expect("check");
+        store
+            .record_node_gpus("n1", "", &gpus(&["GPU-a"]), 1_000)
+            .expect("gpus");
+        store
+            .save_verification("n1", "quarantined", r#"["gpu_uuid_duplicated"]"#, 1_000)
+            .expect("verification");
+    }
+    let store = SqliteStore::open(&path).expect("reopen");
+    assert_eq!(
+        store.checks_of("n1", 10).expect("checks"),
+        [check("n1", "", "quarantined", 1_000)]
+    );
+    assert_eq!(store.latest_votes("n1").expect("votes").len(), 1);
+    assert_eq!(
+        store
+            .load_verification("n1")
+            .expect("load")
+            .map(|s| s.state),
+        Some("quarantined".to_string())
+    );
+    let change = store
+        .record_node_gpus("n1", "", &gpus(&["GPU-b"]), 2_000)
+        .expect("gpus again");
+    assert!(!change.first_seen && change.changed, "{change:?}");
+    assert_eq!(change.previous, ["gpu-a"]);
+}
+
+/// Two gateways (two pools on one database) record checks of one node at once: every record
+/// is kept and each gateway ends with its own newest vote.
+#[test]
+fn pg_two_gateways_recording_checks_of_one_node_at_once_each_keep_their_vote() {
+    let Some(url) = pg_url("pg_two_gateways_checks") else {
+        return;
+    };
+    let gateways: Vec<(String, Arc<dyn Store>)> = ["eu-1", "us-1"]
+        .iter()
+        .map(|g| (g.to_string(), Arc::new(pg_open(&url)) as Arc<dyn Store>))
+        .collect();
+    let per_gateway = 100u64;
+    let barrier = Arc::new(Barrier::new(gateways.len()));
+    let threads: Vec<_> = gateways
+        .iter()
+        .map(|(g, store)| {
+            let (g, store, barrier) = (g.clone(), Arc::clone(store), Arc::clone(&barrier));
+            thread::spawn(move || {
+                barrier.wait();
+                for i in 0..per_gateway {
+                    store
+                        .record_check(&check("n1", &g, "verified", 1_000 + i))
+                        .expect("record");
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("thread");
+    }
+    let store = &gateways[0].1;
+    assert_eq!(
+        store.checks_of("n1", 1000).expect("list").len() as u64,
+        per_gateway * 2
+    );
+    assert_eq!(
+        votes(store, "n1"),
+        [
+            vote("eu-1", "verified", 1_000 + per_gateway - 1),
+            vote("us-1", "verified", 1_000 + per_gateway - 1),
+        ]
     );
 }

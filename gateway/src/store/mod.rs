@@ -39,10 +39,15 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+pub mod checker;
 pub mod directory;
 pub mod pg;
 mod sqlite;
 
+pub use checker::{
+    CheckRecordRow, CheckVote, GpuHolder, GpuIdentityRow, GpuSetChange, VerificationSnapshot,
+    MAX_CHECKS_LIST, MAX_CHECKS_PER_NODE, MAX_CHECK_DETAIL_BYTES, MAX_GPUS, MAX_GPU_UUID_BYTES,
+};
 pub use pg::PgStore;
 pub use sqlite::{SqliteStore, WriterStats, DEFAULT_BUSY_TIMEOUT, SCHEMA_VERSION};
 
@@ -1096,6 +1101,105 @@ pub trait Store: Send + Sync + 'static {
         let _ = candidate;
         Err(StoreError::NotSupported {
             op: "federation_secret",
+        })
+    }
+
+    // ---- The checker's records (issue 14, items 4 and 5; `checker.rs`). Both stores
+    // implement them; the defaults only keep test doubles short.
+
+    /// Appends a check record and, in the same transaction, makes it its gateway's vote on the
+    /// node unless that gateway's vote is newer (by `at_ms`; a tie goes to this record). Keeps at
+    /// most [`MAX_CHECKS_PER_NODE`] records per node, deleting the oldest.
+    fn record_check(&self, rec: &CheckRecordRow) -> Result<(), StoreError> {
+        let _ = rec;
+        Err(StoreError::NotSupported { op: "record_check" })
+    }
+    /// The node's newest `limit` check records (at most [`MAX_CHECKS_LIST`]), newest first (by
+    /// `at_ms`, then by insertion).
+    fn checks_of(&self, node_id: &str, limit: usize) -> Result<Vec<CheckRecordRow>, StoreError> {
+        let _ = (node_id, limit);
+        Err(StoreError::NotSupported { op: "checks_of" })
+    }
+    /// Each gateway's newest check of the node, ordered by gateway id: what the majority rule
+    /// reads. Kept apart from the capped history, so that many checks by one gateway never
+    /// push another gateway's vote out.
+    fn latest_votes(&self, node_id: &str) -> Result<Vec<CheckVote>, StoreError> {
+        let _ = node_id;
+        Err(StoreError::NotSupported { op: "latest_votes" })
+    }
+    /// Deletes check records and votes older than `older_than_ms`. Returns the rows deleted.
+    fn prune_checks(&self, older_than_ms: u64) -> Result<u64, StoreError> {
+        let _ = older_than_ms;
+        Err(StoreError::NotSupported { op: "prune_checks" })
+    }
+    /// Replaces the node's GPU set with `gpus` atomically (at most [`MAX_GPUS`], each UUID
+    /// once, compared in ASCII lowercase), records `gateway_id` as its recorder and
+    /// `seen_at_ms` as its liveness, and says how the set of UUIDs compares with the node's
+    /// previous record.
+    fn record_node_gpus(
+        &self,
+        node_id: &str,
+        gateway_id: &str,
+        gpus: &[GpuIdentityRow],
+        seen_at_ms: u64,
+    ) -> Result<GpuSetChange, StoreError> {
+        let _ = (node_id, gateway_id, gpus, seen_at_ms);
+        Err(StoreError::NotSupported {
+            op: "record_node_gpus",
+        })
+    }
+    /// The node's recorded GPUs, by UUID (lowercase).
+    fn node_gpus(&self, node_id: &str) -> Result<Vec<GpuIdentityRow>, StoreError> {
+        let _ = node_id;
+        Err(StoreError::NotSupported { op: "node_gpus" })
+    }
+    /// Every node holding one of `uuids` (at most [`MAX_GPUS`], any case) whose GPU set was
+    /// seen at or after `live_since_ms`, the asking node included (the caller filters), ordered
+    /// by UUID and node id; at most [`checker::MAX_GPU_HOLDERS`] rows.
+    fn gpu_uuid_holders(
+        &self,
+        uuids: &[String],
+        live_since_ms: u64,
+    ) -> Result<Vec<GpuHolder>, StoreError> {
+        let _ = (uuids, live_since_ms);
+        Err(StoreError::NotSupported {
+            op: "gpu_uuid_holders",
+        })
+    }
+    /// Renews the liveness of the node's GPU set (one row; it never moves back in time).
+    /// Returns false when the node has no GPU record.
+    fn touch_node_gpus(&self, node_id: &str, seen_at_ms: u64) -> Result<bool, StoreError> {
+        let _ = (node_id, seen_at_ms);
+        Err(StoreError::NotSupported {
+            op: "touch_node_gpus",
+        })
+    }
+    /// Deletes the GPU sets of nodes not seen since `seen_before_ms` (a node seen again later
+    /// is then recorded as first seen). Returns the nodes deleted.
+    fn prune_node_gpus(&self, seen_before_ms: u64) -> Result<u64, StoreError> {
+        let _ = seen_before_ms;
+        Err(StoreError::NotSupported {
+            op: "prune_node_gpus",
+        })
+    }
+    /// Saves the node's verification state, unless a newer snapshot (by `at_ms`) is stored.
+    fn save_verification(
+        &self,
+        node_id: &str,
+        state: &str,
+        reasons_json: &str,
+        at_ms: u64,
+    ) -> Result<(), StoreError> {
+        let _ = (node_id, state, reasons_json, at_ms);
+        Err(StoreError::NotSupported {
+            op: "save_verification",
+        })
+    }
+    /// The node's saved verification state, if any.
+    fn load_verification(&self, node_id: &str) -> Result<Option<VerificationSnapshot>, StoreError> {
+        let _ = node_id;
+        Err(StoreError::NotSupported {
+            op: "load_verification",
         })
     }
 }

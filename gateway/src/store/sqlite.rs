@@ -23,6 +23,7 @@ use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Row, Transactio
 
 use super::SessionDirEntry;
 use super::{check_holds, check_lease, FleetHold};
+mod checker;
 mod directory;
 
 use super::{
@@ -288,6 +289,10 @@ CREATE TABLE IF NOT EXISTS node_directory (
 ) STRICT;
 CREATE INDEX IF NOT EXISTS node_directory_by_gateway ON node_directory (gateway_id);
 "#,
+    // 9 (issue 14): the checker's records: check records and each gateway's latest vote per
+    // node, the GPUs each node reports, and each node's verification snapshot
+    // (`sqlite/checker.rs`).
+    checker::MIGRATION,
 ];
 
 /// The schema version this build writes and understands.
@@ -2120,6 +2125,63 @@ impl Store for SqliteStore {
     }
     fn list_node_directory(&self) -> Result<Vec<super::NodeDirEntry>, StoreError> {
         self.dir_list_nodes()
+    }
+
+    fn record_check(&self, rec: &super::CheckRecordRow) -> Result<(), StoreError> {
+        self.chk_record(rec)
+    }
+    fn checks_of(
+        &self,
+        node_id: &str,
+        limit: usize,
+    ) -> Result<Vec<super::CheckRecordRow>, StoreError> {
+        self.chk_list(node_id, limit)
+    }
+    fn latest_votes(&self, node_id: &str) -> Result<Vec<super::CheckVote>, StoreError> {
+        self.chk_votes(node_id)
+    }
+    fn prune_checks(&self, older_than_ms: u64) -> Result<u64, StoreError> {
+        self.chk_prune(older_than_ms)
+    }
+    fn record_node_gpus(
+        &self,
+        node_id: &str,
+        gateway_id: &str,
+        gpus: &[super::GpuIdentityRow],
+        seen_at_ms: u64,
+    ) -> Result<super::GpuSetChange, StoreError> {
+        self.gpu_record(node_id, gateway_id, gpus, seen_at_ms)
+    }
+    fn node_gpus(&self, node_id: &str) -> Result<Vec<super::GpuIdentityRow>, StoreError> {
+        self.gpu_list(node_id)
+    }
+    fn gpu_uuid_holders(
+        &self,
+        uuids: &[String],
+        live_since_ms: u64,
+    ) -> Result<Vec<super::GpuHolder>, StoreError> {
+        self.gpu_holders(uuids, live_since_ms)
+    }
+    fn touch_node_gpus(&self, node_id: &str, seen_at_ms: u64) -> Result<bool, StoreError> {
+        self.gpu_touch(node_id, seen_at_ms)
+    }
+    fn prune_node_gpus(&self, seen_before_ms: u64) -> Result<u64, StoreError> {
+        self.gpu_prune(seen_before_ms)
+    }
+    fn save_verification(
+        &self,
+        node_id: &str,
+        state: &str,
+        reasons_json: &str,
+        at_ms: u64,
+    ) -> Result<(), StoreError> {
+        self.ver_save(node_id, state, reasons_json, at_ms)
+    }
+    fn load_verification(
+        &self,
+        node_id: &str,
+    ) -> Result<Option<super::VerificationSnapshot>, StoreError> {
+        self.ver_load(node_id)
     }
 }
 

@@ -48,6 +48,7 @@
 //! `CREATE TABLE IF NOT EXISTS`, whose own race (a unique violation in the catalog) is retried.
 //! A database whose version is newer than this build's is refused ([`StoreError::SchemaTooNew`]).
 
+mod checker;
 mod directory;
 
 use super::sqlite::{check_secret, UsageRow};
@@ -218,6 +219,9 @@ CREATE TABLE IF NOT EXISTS ledger_probe (
     )",
     // 5 (issue 13): the gateway and node directories (see `directory.rs`).
     directory::MIGRATION,
+    // 6 (issue 14): the checker's records: check records and each gateway's latest vote per
+    // node, the GPUs each node reports, and each node's verification snapshot (`checker.rs`).
+    checker::MIGRATION,
 ];
 
 /// The newest schema version this build knows.
@@ -1774,5 +1778,54 @@ impl Store for PgStore {
     }
     fn list_node_directory(&self) -> Result<Vec<NodeDirEntry>, StoreError> {
         self.dir_list_nodes()
+    }
+    fn record_check(&self, rec: &CheckRecordRow) -> Result<(), StoreError> {
+        self.chk_record(rec)
+    }
+    fn checks_of(&self, node_id: &str, limit: usize) -> Result<Vec<CheckRecordRow>, StoreError> {
+        self.chk_list(node_id, limit)
+    }
+    fn latest_votes(&self, node_id: &str) -> Result<Vec<CheckVote>, StoreError> {
+        self.chk_votes(node_id)
+    }
+    fn prune_checks(&self, older_than_ms: u64) -> Result<u64, StoreError> {
+        self.chk_prune(older_than_ms)
+    }
+    fn record_node_gpus(
+        &self,
+        node_id: &str,
+        gateway_id: &str,
+        gpus: &[GpuIdentityRow],
+        seen_at_ms: u64,
+    ) -> Result<GpuSetChange, StoreError> {
+        self.gpu_record(node_id, gateway_id, gpus, seen_at_ms)
+    }
+    fn node_gpus(&self, node_id: &str) -> Result<Vec<GpuIdentityRow>, StoreError> {
+        self.gpu_list(node_id)
+    }
+    fn gpu_uuid_holders(
+        &self,
+        uuids: &[String],
+        live_since_ms: u64,
+    ) -> Result<Vec<GpuHolder>, StoreError> {
+        self.gpu_holders(uuids, live_since_ms)
+    }
+    fn touch_node_gpus(&self, node_id: &str, seen_at_ms: u64) -> Result<bool, StoreError> {
+        self.gpu_touch(node_id, seen_at_ms)
+    }
+    fn prune_node_gpus(&self, seen_before_ms: u64) -> Result<u64, StoreError> {
+        self.gpu_prune(seen_before_ms)
+    }
+    fn save_verification(
+        &self,
+        node_id: &str,
+        state: &str,
+        reasons_json: &str,
+        at_ms: u64,
+    ) -> Result<(), StoreError> {
+        self.ver_save(node_id, state, reasons_json, at_ms)
+    }
+    fn load_verification(&self, node_id: &str) -> Result<Option<VerificationSnapshot>, StoreError> {
+        self.ver_load(node_id)
     }
 }
