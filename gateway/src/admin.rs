@@ -566,9 +566,9 @@ impl AdminApi {
                         .as_ref()
                         .and_then(|v| v.get("verification").cloned())
                         .or_else(|| {
-                            stored.map(|(state, reasons, at_ms)| {
-                                let reasons: serde_json::Value = serde_json::from_str(&reasons).unwrap_or_default();
-                                serde_json::json!({"state": state, "reasons": reasons, "checked_at_ms": at_ms, "live": false})
+                            stored.map(|snap| {
+                                let reasons: serde_json::Value = serde_json::from_str(&snap.reasons_json).unwrap_or_default();
+                                serde_json::json!({"state": snap.state, "reasons": reasons, "checked_at_ms": snap.at_ms, "live": false})
                             })
                         });
                     let checks: Vec<serde_json::Value> = checks

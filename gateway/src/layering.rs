@@ -35,8 +35,6 @@ const RANKS: &[(&str, u8)] = &[
     // State the components are made of.
     ("registry", 2),
     ("fleet_limits", 2),
-    // The checker's sans-IO core (physics, RTT geolocation, verdicts, scheduler).
-    ("checker", 2),
     ("auth", 3),
     ("relay", 3),
     ("meter", 3),
@@ -48,6 +46,9 @@ const RANKS: &[(&str, u8)] = &[
     ("infer", 5),
     ("game", 5),
     ("control", 5),
+    // The checker: its sans-IO core (physics, RTT geolocation, verdicts, scheduler) and the
+    // driver that runs probes and applies verdicts to the registry and the store.
+    ("checker", 5),
     // Front ends: built with the components and services they use, never with each other.
     ("api", 6),
     ("client", 6),

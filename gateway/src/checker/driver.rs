@@ -17,7 +17,7 @@ use crate::metrics::{labels, Metrics};
 use crate::registry::{CheckEvent, NodeCheck, NodeEntry, Registry, Revocation, SlotKind};
 use crate::store::Store;
 use nearpath_config::{CheckerConfig, GatewayConfig};
-use nearpath_geo::LatLon;
+use nearpath_geo::Coords;
 use nearpath_protocol::message::{Message, Open, SessionKind};
 use nearpath_protocol::openai::Endpoint;
 use nearpath_protocol::stream::{send, FramedRecv};
@@ -43,10 +43,11 @@ pub struct CheckerParts {
     pub config: CheckerConfig,
     /// Where this gateway is (see [`GatewayConfig::checker_position`]).
     pub position: Option<(f64, f64)>,
-    /// `federation.gateway_id`, or empty for a standalone gateway.
+    /// This gateway's id in check records and RTT constraints (`federation.gateway_id`, or
+    /// `standalone`).
     pub gateway_id: String,
-    /// A node's GPU identity counts as live this long after it was last seen (the node lease).
-    pub identity_live_ms: u64,
+    /// In a federation: other gateways' votes and RTT constraints are read from the store.
+    pub federated: bool,
     pub registry: Arc<Registry>,
     pub placement: Arc<Placement>,
     pub sessions: Arc<Sessions>,
@@ -67,13 +68,11 @@ impl CheckerParts {
         metrics: Arc<Metrics>,
         clock: SharedClock,
     ) -> CheckerParts {
-        let lease_ms = config.nodes.heartbeat_ms
-            * u64::from(config.nodes.missed_heartbeats_before_gone.max(1) + 1);
         CheckerParts {
             config: config.checker.clone(),
             position: config.checker_position(),
-            gateway_id: config.federation.gateway_id.clone().unwrap_or_default(),
-            identity_live_ms: lease_ms.max(10_000),
+            gateway_id: crate::federation::directory::gateway_id(config),
+            federated: config.federation.gateway_id.is_some(),
             registry,
             placement,
             sessions,
@@ -100,13 +99,16 @@ pub fn start(parts: CheckerParts, shutdown: CancellationToken) -> Option<tokio::
     let (tx, rx) = mpsc::channel(EVENT_QUEUE);
     parts.registry.set_check_events(tx);
     let seed = parts.config.seed.unwrap_or_else(rand::random);
-    let core = Checker::new(params_of(&parts.config), seed);
+    let mut params = params_of(&parts.config);
+    params.gateway_id = parts.gateway_id.clone();
+    let core = Checker::new(params, seed);
     let driver = Driver {
         parts,
         core,
         nodes: HashMap::new(),
         probes: JoinSet::new(),
         probe_nodes: HashMap::new(),
+        sweeps: 0,
     };
     Some(tokio::spawn(
         driver
@@ -128,6 +130,7 @@ fn params_of(c: &CheckerConfig) -> CheckerParams {
             far_below_ratio: c.far_below_ratio,
         },
         slack_km: c.location_slack_km,
+        gateway_id: String::new(),
     }
 }
 
@@ -144,6 +147,11 @@ struct Tracked {
     told_rtt_ms: f64,
     /// What the store remembered of the node's last verdict, until a new one.
     prior: Option<(String, String)>,
+    /// RTT constraints other gateways of the federation measured on this node (it was
+    /// attached to them before), given to the core with the node's facts.
+    foreign: Vec<RttConstraint>,
+    /// GPU UUIDs already reported to the core as held by another node.
+    dups: std::collections::HashSet<String>,
 }
 
 struct Driver {
@@ -152,7 +160,14 @@ struct Driver {
     nodes: HashMap<String, Tracked>,
     probes: JoinSet<(ProbeId, Result<Sample, String>)>,
     probe_nodes: HashMap<ProbeId, String>,
+    sweeps: u64,
 }
+
+/// Every this many sweeps the driver renews its nodes' GPU identities in the store and looks
+/// for their UUIDs on nodes of other gateways.
+const IDENTITY_SWEEPS: u64 = 30;
+/// How long a GPU identity counts as live after it was last renewed, in ms (three renewals).
+const IDENTITY_LIVE_MS: u64 = 3 * IDENTITY_SWEEPS * 1_000;
 
 impl Driver {
     async fn run(mut self, mut events: mpsc::Receiver<CheckEvent>, shutdown: CancellationToken) {
@@ -243,7 +258,7 @@ impl Driver {
             .ok()
             .and_then(|r| r.map_err(|e| warn!(error = %e, "checker: could not read the node's last verdict")).ok())
             .flatten()
-            .map(|(state, reasons, _at)| (state, reasons));
+            .map(|snap| (snap.state, snap.reasons_json));
         if let Some((state, reasons)) = &prior {
             if state == "quarantined" || state == "impossible_claim" {
                 // Until the registration check says otherwise, a node whose last verdict was
@@ -255,6 +270,11 @@ impl Driver {
                 self.parts.registry.set_check(&entry, check);
             }
         }
+        let foreign = if self.parts.federated {
+            self.foreign_constraints(now, &entry.id).await
+        } else {
+            Vec::new()
+        };
         let rtt = rtt_ms(&entry);
         self.nodes.insert(
             id,
@@ -266,6 +286,8 @@ impl Driver {
                 min_rtt_ms: rtt,
                 told_rtt_ms: f64::NAN,
                 prior,
+                foreign,
+                dups: Default::default(),
             },
         );
     }
@@ -291,7 +313,18 @@ impl Driver {
             duplicates = dups;
         }
         self.core.handle_registered(now, &entry.id, facts);
+        let foreign = self
+            .nodes
+            .get(&entry.id)
+            .map(|t| t.foreign.clone())
+            .unwrap_or_default();
+        for c in foreign {
+            self.core.handle_rtt(now, &entry.id, c);
+        }
         for uuid in duplicates {
+            if let Some(t) = self.nodes.get_mut(&entry.id) {
+                t.dups.insert(uuid.to_ascii_lowercase());
+            }
             self.core.handle_duplicate_uuid(now, &entry.id, &uuid);
         }
         if let Some(t) = self.nodes.get_mut(&entry.id) {
@@ -341,7 +374,7 @@ impl Driver {
             claimed_location: entry
                 .location()
                 .coords
-                .and_then(|c| LatLon::new(c.lat, c.lon).ok()),
+                .and_then(|c| Some(Coords { lat: c.lat, lon: c.lon })),
             controlled: entry
                 .classes
                 .iter()
@@ -373,7 +406,7 @@ impl Driver {
         let uuids: Vec<String> = rows.iter().map(|r| r.uuid.clone()).collect();
         let store = self.parts.store.clone();
         let (node, gw) = (entry.id.clone(), self.parts.gateway_id.clone());
-        let since = now.saturating_sub(self.parts.identity_live_ms);
+        let since = now.saturating_sub(IDENTITY_LIVE_MS);
         let res = tokio::task::spawn_blocking(move || {
             let change = store.record_node_gpus(&node, &gw, &rows, now)?;
             let holders = store.gpu_uuid_holders(&uuids, since)?;
@@ -384,10 +417,10 @@ impl Driver {
             Ok(Ok((change, holders))) => {
                 let mut dups: Vec<String> = holders
                     .into_iter()
-                    .filter(|(_, holder, _, _)| *holder != entry.id)
-                    .map(|(uuid, holder, _, _)| {
-                        warn!(node = %entry.id, other = %holder, %uuid, "checker: a GPU UUID is reported by two live nodes");
-                        uuid
+                    .filter(|h| h.node_id != entry.id)
+                    .map(|h| {
+                        warn!(node = %entry.id, other = %h.node_id, other_gateway = %h.gateway_id, uuid = %h.uuid, "checker: a GPU UUID is reported by two live nodes");
+                        h.uuid
                     })
                     .collect();
                 // One node reporting the same UUID twice is as suspicious as two nodes.
@@ -409,13 +442,57 @@ impl Driver {
         }
     }
 
+    /// The newest RTT constraint each other gateway recorded on the node, within
+    /// `vote_max_age_ms`.
+    async fn foreign_constraints(&self, now: u64, node_id: &str) -> Vec<RttConstraint> {
+        let store = self.parts.store.clone();
+        let id = node_id.to_string();
+        let rows = match tokio::task::spawn_blocking(move || store.checks_of(&id, 200)).await {
+            Ok(Ok(rows)) => rows,
+            Ok(Err(e)) => {
+                warn!(node = %node_id, error = %e, "checker: could not read other gateways' checks");
+                return Vec::new();
+            }
+            Err(_) => return Vec::new(),
+        };
+        let oldest = now.saturating_sub(self.parts.config.vote_max_age_ms);
+        let mut out: Vec<RttConstraint> = Vec::new();
+        // Newest first: the first row of each gateway wins.
+        for row in rows {
+            if row.gateway_id == self.parts.gateway_id
+                || row.at_ms < oldest
+                || out.iter().any(|c| c.gateway_id == row.gateway_id)
+            {
+                continue;
+            }
+            let Ok(detail) = serde_json::from_str::<serde_json::Value>(&row.detail_json) else {
+                continue;
+            };
+            let c = &detail["rtt_constraint"];
+            let (Some(lat), Some(lon), Some(rtt_ms)) =
+                (c["lat"].as_f64(), c["lon"].as_f64(), c["rtt_ms"].as_f64())
+            else {
+                continue;
+            };
+            let constraint = RttConstraint {
+                gateway_id: row.gateway_id.clone(),
+                at: Coords { lat, lon },
+                rtt_ms,
+                measured_at_ms: row.at_ms,
+            };
+            // Peer gateways are trusted, but a damaged row must not become a constraint.
+            if constraint.is_valid() {
+                out.push(constraint);
+            }
+        }
+        out
+    }
+
     fn feed_rtt(&mut self, now: u64, id: &str) {
         let Some((lat, lon)) = self.parts.position else {
             return;
         };
-        let Ok(at) = LatLon::new(lat, lon) else {
-            return;
-        };
+        let at = Coords { lat, lon };
         let Some(t) = self.nodes.get_mut(id) else {
             return;
         };
@@ -489,12 +566,66 @@ impl Driver {
             self.feed_rtt(now, &id);
             *counts.entry(entry.check().state).or_default() += 1;
         }
+        self.sweeps += 1;
+        if self.parts.federated && self.sweeps % IDENTITY_SWEEPS == 0 {
+            self.identity_sweep(now).await;
+        }
         for state in crate::metrics::label_values::VERIFICATION_STATES {
             self.parts
                 .metrics
                 .node_verification
                 .get_or_create(&labels([("state", state)]))
                 .set(counts.get(state).copied().unwrap_or(0));
+        }
+    }
+
+    /// Renews this gateway's nodes' GPU identities and flags those whose UUIDs another live
+    /// node holds, wherever it is attached (the check at registration only sees the nodes that
+    /// were there before).
+    async fn identity_sweep(&mut self, now: u64) {
+        let mine: Vec<(String, Vec<String>)> = self
+            .nodes
+            .iter()
+            .filter_map(|(id, t)| {
+                let inv = t.entry.inventory.get()?;
+                Some((id.clone(), inv.gpus.iter().map(|g| g.uuid.clone()).collect()))
+            })
+            .collect();
+        if mine.is_empty() {
+            return;
+        }
+        let store = self.parts.store.clone();
+        let since = now.saturating_sub(IDENTITY_LIVE_MS);
+        let query = mine.clone();
+        let res = tokio::task::spawn_blocking(move || {
+            for (id, _) in &query {
+                store.touch_node_gpus(id, now)?;
+            }
+            let uuids: Vec<String> = query.iter().flat_map(|(_, u)| u.iter().cloned()).collect();
+            store.gpu_uuid_holders(&uuids, since)
+        })
+        .await;
+        let holders = match res {
+            Ok(Ok(h)) => h,
+            Ok(Err(e)) => {
+                warn!(error = %e, "checker: could not renew GPU identities");
+                return;
+            }
+            Err(_) => return,
+        };
+        for (id, uuids) in mine {
+            for h in &holders {
+                let ours = uuids.iter().any(|u| u.eq_ignore_ascii_case(&h.uuid));
+                let new = ours
+                    && h.node_id != id
+                    && self
+                        .nodes
+                        .get_mut(&id)
+                        .is_some_and(|t| t.dups.insert(h.uuid.to_ascii_lowercase()));
+                if new {
+                    self.core.handle_duplicate_uuid(now, &id, &h.uuid);
+                }
+            }
         }
     }
 
@@ -566,9 +697,8 @@ impl Driver {
         let policy = &self.parts.placement.policy;
         let before = entry.check();
         let reclassified = verification.reclassified_to.as_ref().and_then(|class| {
-            policy
-                .class_id(class)
-                .map(|id| vec![(class.clone(), id); entry.gpus.len().max(1)])
+            let id = policy.class_id(class);
+            Some(vec![(class.clone(), id); entry.gpus.len().max(1)])
         });
         let classes_after = reclassified.clone().unwrap_or_else(|| entry.classes.clone());
         let controlled = classes_after.iter().any(|(_, c)| policy.is_controlled(*c));
@@ -627,17 +757,26 @@ impl Driver {
         // Durable: the record of this check and the node's state, then the votes of every
         // gateway that checked the node.
         let store = self.parts.store.clone();
+        // The record carries this gateway's RTT constraint on the node, so that the gateway
+        // the node attaches to next can intersect it with its own.
+        let constraint = self.nodes.get(node_id).and_then(|t| {
+            let (lat, lon) = self.parts.position?;
+            t.told_rtt_ms.is_finite().then(|| {
+                serde_json::json!({"lat": lat, "lon": lon, "rtt_ms": t.told_rtt_ms})
+            })
+        });
         let row = crate::store::CheckRecordRow {
             node_id: node_id.to_string(),
             gateway_id: self.parts.gateway_id.clone(),
             kind: record.kind.to_string(),
             state: state.as_str().to_string(),
-            detail_json: serde_json::to_string(&record).unwrap_or_default(),
+            detail_json: serde_json::json!({"record": record, "rtt_constraint": constraint})
+                .to_string(),
             at_ms: now,
         };
         let reasons_json = serde_json::to_string(&verification.reasons).unwrap_or_default();
         let id = node_id.to_string();
-        let federated = !self.parts.gateway_id.is_empty();
+        let federated = self.parts.federated;
         let votes = tokio::task::spawn_blocking(move || {
             store.record_check(&row)?;
             store.save_verification(&id, row.state.as_str(), &reasons_json, now)?;
@@ -652,11 +791,11 @@ impl Driver {
             Ok(Ok(v)) if federated => {
                 let votes: Vec<GatewayVote> = v
                     .into_iter()
-                    .filter_map(|(gateway_id, state, at_ms)| {
+                    .filter_map(|v| {
                         Some(GatewayVote {
-                            gateway_id,
-                            state: parse_state(&state)?,
-                            at_ms,
+                            state: parse_state(&v.state)?,
+                            gateway_id: v.gateway_id,
+                            at_ms: v.at_ms,
                         })
                     })
                     .collect();

@@ -50,6 +50,7 @@
 //!   to vote honestly (gateways are operated by one party); forged duplicate votes from one
 //!   gateway id count once.
 
+pub mod driver;
 pub mod geoproof;
 pub mod physics;
 pub mod schedule;
