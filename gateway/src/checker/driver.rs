@@ -259,17 +259,24 @@ impl Driver {
             .and_then(|r| r.map_err(|e| warn!(error = %e, "checker: could not read the node's last verdict")).ok())
             .flatten()
             .map(|snap| (snap.state, snap.reasons_json));
-        if let Some((state, reasons)) = &prior {
+        // Not verified yet: ranked behind verified nodes. A node whose last verdict was against
+        // it also serves no controlled class until its registration check says otherwise (a
+        // reconnect must not launder a verdict).
+        let mut check = entry.check();
+        check.penalty_ms = self.parts.config.unverified_penalty_ms;
+        let policy = &self.parts.placement.policy;
+        let controlled = entry
+            .classes_now()
+            .iter()
+            .any(|(_, c)| policy.is_controlled(*c));
+        if let Some((state, reasons)) = prior.as_ref().filter(|_| controlled) {
             if state == "quarantined" || state == "impossible_claim" {
-                // Until the registration check says otherwise, a node whose last verdict was
-                // against it does not serve controlled classes (a reconnect must not launder it).
-                let mut check = entry.check();
                 check.controlled_block = Some(format!(
                     "its last verdict was {state} ({reasons}); re-checking"
                 ));
-                self.parts.registry.set_check(&entry, check);
             }
         }
+        self.parts.registry.set_check(&entry, check);
         let foreign = if self.parts.federated {
             self.foreign_constraints(now, &entry.id).await
         } else {
