@@ -308,6 +308,73 @@ pub struct GpuSpec {
     /// Class, overriding the `gpu_classes` table; not `cpu`. Default: from the table.
     #[serde(default)]
     pub class: Option<String>,
+    /// NVML's UUID of the GPU (`nvidia-smi -L` prints it), e.g.
+    /// `GPU-5d1a8a2e-0c1f-4b1e-9f0e-2a3b4c5d6e7f`, reported in `Inventory` for the gateway's
+    /// checker; at most 96 bytes, unique among `[[gpus]]`. Default: none (reported as unknown).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uuid: Option<String>,
+    /// NVML's combined PCI id `(device << 16) | vendor`, e.g. `0x233010de` for an H100 SXM
+    /// (TOML takes hex integers); reported in `Inventory`. Default: none (reported as 0, unknown).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pci_device_id: Option<u32>,
+}
+
+/// Longest `[[gpus]] uuid` (the protocol's `MAX_GPU_UUID_BYTES`).
+pub const MAX_GPU_UUID_BYTES: usize = 96;
+
+/// `[[models]] weights_bytes`, `params_b` and `dtype`: one way to give the size, and a sane one.
+fn check_weights(p: &mut Problems, at: &str, m: &ModelConfig) {
+    const TB: &str = "10 TB (10000000000000)";
+    match (m.weights_bytes, m.params_b, m.dtype) {
+        (Some(_), Some(_), _) => p.push(
+            format!("{at}.weights_bytes"),
+            "and params_b are both set: give the size one way",
+        ),
+        (Some(b), None, dtype) => {
+            if b == 0 || b > MAX_WEIGHTS_BYTES {
+                p.push(
+                    format!("{at}.weights_bytes"),
+                    format!("must be 1 byte to {TB} (got {b})"),
+                );
+            }
+            if dtype.is_some() {
+                p.push(
+                    format!("{at}.dtype"),
+                    "only applies with params_b (weights_bytes is the size already)",
+                );
+            }
+        }
+        (None, Some(params_b), dtype) => {
+            if !(params_b.is_finite() && params_b > 0.0) {
+                p.push(
+                    format!("{at}.params_b"),
+                    format!("must be a finite number of billions greater than 0 (got {params_b})"),
+                );
+            } else if let Some(d) = dtype {
+                let bytes = computed_weights_bytes(params_b, d);
+                if bytes > MAX_WEIGHTS_BYTES as f64 {
+                    p.push(
+                        format!("{at}.params_b"),
+                        format!(
+                            "{params_b} billion parameters of {} is {bytes} bytes, more than {TB}",
+                            d.as_str()
+                        ),
+                    );
+                }
+            }
+            if dtype.is_none() {
+                p.push(
+                    format!("{at}.dtype"),
+                    "required with params_b (fp32, bf16, fp16, fp8, int8, int4, q8_0, q6_k, q5_k_m, q4_k_m, q4_0)",
+                );
+            }
+        }
+        (None, None, Some(_)) => p.push(
+            format!("{at}.dtype"),
+            "only applies with params_b (set params_b, or weights_bytes instead)",
+        ),
+        (None, None, None) => {}
+    }
 }
 
 /// One `[[gpu_classes]]` entry.
@@ -418,6 +485,110 @@ pub struct ModelConfig {
     /// Default: "translate".
     #[serde(default)]
     pub responses: ResponsesMode,
+    /// Bytes of weights the model needs in GPU memory, reported to the gateway's checker (which
+    /// refuses claims whose weights cannot fit the node's claimed VRAM). 1 to 10 TB; not with
+    /// `params_b`. Default: none (then `params_b` x `dtype`, else unknown: the node reports 0 and
+    /// does not detect the size from an upstream). For the simulator this is the knob that makes
+    /// a node report one model size whatever it serves.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weights_bytes: Option<u64>,
+    /// The model's parameters in billions (e.g. 70.6), with `dtype`: the weight size reported is
+    /// `params_b` x 10^9 x the dtype's bits per weight / 8. Not with `weights_bytes`. Default:
+    /// none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub params_b: Option<f64>,
+    /// The weights' data type, required with `params_b` (see [`Dtype::bits_per_weight`]).
+    /// Default: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dtype: Option<Dtype>,
+}
+
+/// Largest weight size a model may declare or compute: 10 TB (10^13 bytes). No model served on
+/// one node comes near it; a larger figure is a typo (or a lie the checker would refuse anyway).
+pub const MAX_WEIGHTS_BYTES: u64 = 10_000_000_000_000;
+
+/// The data type of a model's weights (`[[models]] dtype`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+pub enum Dtype {
+    #[serde(rename = "fp32")]
+    Fp32,
+    #[serde(rename = "bf16")]
+    Bf16,
+    #[serde(rename = "fp16")]
+    Fp16,
+    #[serde(rename = "fp8")]
+    Fp8,
+    #[serde(rename = "int8")]
+    Int8,
+    #[serde(rename = "int4")]
+    Int4,
+    /// llama.cpp's GGUF `Q8_0`.
+    #[serde(rename = "q8_0")]
+    Q8_0,
+    /// llama.cpp's GGUF `Q6_K`.
+    #[serde(rename = "q6_k")]
+    Q6K,
+    /// llama.cpp's GGUF `Q5_K_M`.
+    #[serde(rename = "q5_k_m")]
+    Q5KM,
+    /// llama.cpp's GGUF `Q4_K_M`.
+    #[serde(rename = "q4_k_m")]
+    Q4KM,
+    /// llama.cpp's GGUF `Q4_0`.
+    #[serde(rename = "q4_0")]
+    Q4_0,
+}
+
+impl Dtype {
+    /// Bits each weight takes on average. Plain types are their width; int4 and fp8 ignore
+    /// their per-group scales (small against the weights). The GGUF quantisations count their
+    /// block scales: `Q8_0` and `Q4_0` by their block layout (34 and 18 bytes per 32 weights:
+    /// 8.5 and 4.5), the k-quant mixes by the averages llama.cpp reports for Llama models
+    /// (`Q6_K` 6.56, `Q5_K_M` 5.69, `Q4_K_M` 4.85).
+    pub fn bits_per_weight(self) -> f64 {
+        match self {
+            Dtype::Fp32 => 32.0,
+            Dtype::Bf16 | Dtype::Fp16 => 16.0,
+            Dtype::Fp8 | Dtype::Int8 => 8.0,
+            Dtype::Int4 => 4.0,
+            Dtype::Q8_0 => 8.5,
+            Dtype::Q6K => 6.56,
+            Dtype::Q5KM => 5.69,
+            Dtype::Q4KM => 4.85,
+            Dtype::Q4_0 => 4.5,
+        }
+    }
+
+    /// The config name, e.g. `q4_k_m`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Dtype::Fp32 => "fp32",
+            Dtype::Bf16 => "bf16",
+            Dtype::Fp16 => "fp16",
+            Dtype::Fp8 => "fp8",
+            Dtype::Int8 => "int8",
+            Dtype::Int4 => "int4",
+            Dtype::Q8_0 => "q8_0",
+            Dtype::Q6K => "q6_k",
+            Dtype::Q5KM => "q5_k_m",
+            Dtype::Q4KM => "q4_k_m",
+            Dtype::Q4_0 => "q4_0",
+        }
+    }
+}
+
+/// Where a model's configured weight size comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightsOrigin {
+    /// `weights_bytes`.
+    Declared,
+    /// `params_b` x `dtype`.
+    Computed,
+}
+
+/// `params_b` billions of parameters of `dtype`, in bytes (rounded up).
+fn computed_weights_bytes(params_b: f64, dtype: Dtype) -> f64 {
+    (params_b * 1e9 * dtype.bits_per_weight() / 8.0).ceil()
 }
 
 /// How a model serves the Responses API (`[[models]] responses`).
@@ -465,6 +636,17 @@ impl ModelConfig {
             (None, BackendConfig::Sim { .. }) => SIM_CAPABILITY_NAMES.to_vec(),
             (None, BackendConfig::Upstream { .. }) => Vec::new(),
         }
+    }
+
+    /// The model's weight size as configured: `weights_bytes`, else `params_b` x `dtype`, else
+    /// `None` (unknown). Only meaningful for a validated config.
+    pub fn configured_weights_bytes(&self) -> Option<(u64, WeightsOrigin)> {
+        if let Some(b) = self.weights_bytes {
+            return Some((b, WeightsOrigin::Declared));
+        }
+        let bytes = computed_weights_bytes(self.params_b?, self.dtype?);
+        (bytes.is_finite() && bytes >= 1.0 && bytes <= MAX_WEIGHTS_BYTES as f64)
+            .then_some((bytes as u64, WeightsOrigin::Computed))
     }
 
     /// The model name to send upstream: `upstream_model`, else `name` (also for the simulator).
@@ -995,6 +1177,34 @@ impl NodeConfig {
             if let Some(problem) = gpu.class.as_deref().and_then(class_problem) {
                 p.push(format!("gpus[{i}].class"), problem);
             }
+            if let Some(uuid) = &gpu.uuid {
+                let path = format!("gpus[{i}].uuid");
+                if uuid.is_empty() || uuid.len() > MAX_GPU_UUID_BYTES {
+                    p.push(
+                        path,
+                        format!("must be 1 to {MAX_GPU_UUID_BYTES} bytes (got {})", uuid.len()),
+                    );
+                } else if !uuid.bytes().all(|b| b.is_ascii_graphic()) {
+                    p.push(
+                        path,
+                        format!("{uuid:?} must be printable ASCII without spaces (as nvidia-smi -L prints it)"),
+                    );
+                } else if let Some(j) = self.gpus[..i]
+                    .iter()
+                    .position(|g| g.uuid.as_deref() == Some(uuid.as_str()))
+                {
+                    p.push(path, format!("{uuid:?} is already the uuid of gpus[{j}]"));
+                }
+            }
+            if let Some(id) = gpu.pci_device_id {
+                // NVML puts the vendor in the low half: a value without one is a bare device id.
+                if id >> 16 == 0 || id & 0xffff == 0 {
+                    p.push(
+                        format!("gpus[{i}].pci_device_id"),
+                        format!("0x{id:x} must be NVML's combined (device << 16) | vendor, e.g. 0x233010de for an H100 SXM (device 0x2330, vendor 0x10de)"),
+                    );
+                }
+            }
         }
         for (i, pattern) in self.gpu_classes.iter().enumerate() {
             if pattern.contains.trim().is_empty() {
@@ -1054,6 +1264,7 @@ impl NodeConfig {
                     p.push(path, format!("{c:?} is listed twice"));
                 }
             }
+            check_weights(p, &at, m);
             match &m.backend {
                 BackendConfig::Sim { tokens_per_s, .. } => {
                     // 0 means "as fast as possible" (benchmarks of the relay itself).
@@ -1321,6 +1532,9 @@ mod tests {
             },
             responses: Default::default(),
             capabilities: None,
+            weights_bytes: None,
+            params_b: None,
+            dtype: None,
         });
         let shown = format!("{cfg:?}");
         assert!(

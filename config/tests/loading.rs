@@ -418,6 +418,9 @@ fn configurations_round_trip_through_toml() {
         },
         responses: Default::default(),
         capabilities: Some(vec!["tools".into(), "logprobs".into()]),
+        weights_bytes: None,
+        params_b: None,
+        dtype: None,
     });
     node.games.push(GameEntry {
         title: "g".into(),

@@ -934,3 +934,152 @@ fn node_bootstrap_url_must_be_http_and_its_key_needs_it() {
     let cfg = parse_node(&text, "n.toml", &[]).unwrap_or_else(|e| panic!("{e}"));
     assert!(!format!("{cfg:?}").contains("secret-key"));
 }
+
+/// The node's model sizes for the gateway's checker: one way to give the size, a sane one.
+#[test]
+fn model_weights_are_given_one_way_and_within_ten_terabytes() {
+    let sim = "backend = { type = \"sim\" }";
+    let cases = [
+        // Both set.
+        (
+            "weights_bytes = 1000\nparams_b = 7.0\ndtype = \"bf16\"",
+            "models[0].weights_bytes: and params_b are both set: give the size one way",
+        ),
+        // params_b without dtype.
+        (
+            "params_b = 7.0",
+            "models[0].dtype: required with params_b",
+        ),
+        // dtype alone.
+        ("dtype = \"fp16\"", "models[0].dtype: only applies with params_b"),
+        // dtype with weights_bytes.
+        (
+            "weights_bytes = 1000\ndtype = \"fp16\"",
+            "models[0].dtype: only applies with params_b",
+        ),
+        // Zero and absurd sizes.
+        (
+            "weights_bytes = 0",
+            "models[0].weights_bytes: must be 1 byte to 10 TB (10000000000000) (got 0)",
+        ),
+        (
+            "weights_bytes = 10000000000001",
+            "models[0].weights_bytes: must be 1 byte to 10 TB",
+        ),
+        (
+            "params_b = 0.0\ndtype = \"bf16\"",
+            "models[0].params_b: must be a finite number of billions greater than 0",
+        ),
+        (
+            "params_b = nan\ndtype = \"bf16\"",
+            "models[0].params_b: must be a finite number of billions greater than 0",
+        ),
+        (
+            "params_b = 5000.1\ndtype = \"fp32\"",
+            "models[0].params_b: 5000.1 billion parameters of fp32",
+        ),
+    ];
+    for (keys, want) in cases {
+        let errs = node(&format!("[[models]]\nname = \"m\"\n{keys}\n{sim}\n"));
+        assert!(
+            errs.iter().any(|e| e.contains(want)),
+            "{keys:?}: want {want:?}, got {errs:?}"
+        );
+    }
+    // An unknown dtype is refused by name, at its path.
+    let errs = node(&format!("[[models]]\nname = \"m\"\nparams_b = 7.0\ndtype = \"fp7\"\n{sim}\n"));
+    assert!(
+        errs.iter().any(|e| e.contains("models[0].dtype") || e.contains("fp7")),
+        "{errs:?}"
+    );
+    // The good ones.
+    for keys in [
+        "weights_bytes = 10000000000000",
+        "params_b = 70.6\ndtype = \"q4_k_m\"",
+        "",
+    ] {
+        assert_eq!(
+            node(&format!("[[models]]\nname = \"m\"\n{keys}\n{sim}\n")),
+            Vec::<String>::new(),
+            "{keys:?}"
+        );
+    }
+}
+
+#[test]
+fn configured_weights_are_declared_or_computed_from_params_and_dtype() {
+    let sim = "backend = { type = \"sim\" }";
+    let cfg = parse_node(
+        &node_text(&format!(
+            "[[models]]\nname = \"a\"\nweights_bytes = 42\n{sim}\n\
+             [[models]]\nname = \"b\"\nparams_b = 70.0\ndtype = \"bf16\"\n{sim}\n\
+             [[models]]\nname = \"c\"\nparams_b = 8.0\ndtype = \"q4_0\"\n{sim}\n\
+             [[models]]\nname = \"d\"\n{sim}\n"
+        )),
+        "gw.toml",
+        &[],
+    )
+    .unwrap();
+    let w: Vec<_> = cfg
+        .models
+        .iter()
+        .map(|m| m.configured_weights_bytes())
+        .collect();
+    assert_eq!(
+        w,
+        [
+            Some((42, WeightsOrigin::Declared)),
+            Some((140_000_000_000, WeightsOrigin::Computed)),
+            // 4.5 bits per weight.
+            Some((4_500_000_000, WeightsOrigin::Computed)),
+            None,
+        ]
+    );
+    assert_eq!(Dtype::Q4KM.bits_per_weight(), 4.85);
+}
+
+#[test]
+fn gpu_uuids_are_bounded_printable_and_unique_and_pci_ids_carry_a_vendor() {
+    let gpu = |extra: &str| {
+        format!("[[gpus]]\nmodel = \"NVIDIA H100 80GB HBM3\"\nvram_mib = 81559\n{extra}\n")
+    };
+    let cases = [
+        (gpu("uuid = \"\""), "gpus[0].uuid: must be 1 to 96 bytes (got 0)"),
+        (
+            gpu(&format!("uuid = \"{}\"", "U".repeat(97))),
+            "gpus[0].uuid: must be 1 to 96 bytes (got 97)",
+        ),
+        (
+            gpu("uuid = \"GPU 1\""),
+            "gpus[0].uuid: \"GPU 1\" must be printable ASCII",
+        ),
+        (
+            format!("{}{}", gpu("uuid = \"GPU-a\""), gpu("uuid = \"GPU-a\"")),
+            "gpus[1].uuid: \"GPU-a\" is already the uuid of gpus[0]",
+        ),
+        (
+            gpu("pci_device_id = 0x2330"),
+            "gpus[0].pci_device_id: 0x2330 must be NVML's combined (device << 16) | vendor",
+        ),
+        (
+            gpu("pci_device_id = 0x23300000"),
+            "gpus[0].pci_device_id: 0x23300000 must be NVML's combined",
+        ),
+    ];
+    for (extra, want) in cases {
+        let errs = node(&extra);
+        assert!(
+            errs.iter().any(|e| e.contains(want)),
+            "want {want:?}, got {errs:?}"
+        );
+    }
+    // A negative or oversized id is a type error at its path, not a wrap-around.
+    let errs = node(&gpu("pci_device_id = -1"));
+    assert!(errs.iter().any(|e| e.contains("pci_device_id")), "{errs:?}");
+    assert_eq!(
+        node(&gpu(
+            "uuid = \"GPU-5d1a8a2e-0c1f-4b1e-9f0e-2a3b4c5d6e7f\"\npci_device_id = 0x233010de"
+        )),
+        Vec::<String>::new()
+    );
+}

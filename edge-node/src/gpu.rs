@@ -6,12 +6,19 @@
 use nearpath_config::{gpu_class_for_model, GpuClassPattern, GpuSpec};
 use serde::Serialize;
 
-/// One GPU as the node reports it at registration.
+/// One GPU as the node reports it at registration (`Register`) and in its `Inventory`.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct GpuInfo {
     pub model: String,
     pub class: String,
     pub vram_mib: u64,
+    /// NVML's UUID (`GPU-...`), or `[[gpus]] uuid`; empty when unknown.
+    pub uuid: String,
+    /// NVML's combined PCI id `(device << 16) | vendor`, or `[[gpus]] pci_device_id`; 0 when
+    /// unknown.
+    pub pci_device_id: u32,
+    /// The NVIDIA driver's version from NVML; empty without NVML.
+    pub driver_version: String,
 }
 
 /// Where the GPU description came from.
@@ -84,6 +91,9 @@ impl GpuMonitor {
 
 fn nvml_gpus(n: &nvml_wrapper::Nvml, table: &[GpuClassPattern]) -> Vec<GpuInfo> {
     let count = n.device_count().unwrap_or(0);
+    // One driver serves every device; a failure to read it (or an identity below) leaves the
+    // field unknown rather than hiding the GPU, whose model and memory still count.
+    let driver_version = n.sys_driver_version().unwrap_or_default();
     (0..count)
         .filter_map(|i| {
             let d = n.device_by_index(i).ok()?;
@@ -96,6 +106,9 @@ fn nvml_gpus(n: &nvml_wrapper::Nvml, table: &[GpuClassPattern]) -> Vec<GpuInfo> 
                 class: gpu_class_for_model(table, &model),
                 model,
                 vram_mib,
+                uuid: d.uuid().unwrap_or_default(),
+                pci_device_id: d.pci_info().map(|p| p.pci_device_id).unwrap_or(0),
+                driver_version: driver_version.clone(),
             })
         })
         .collect()
@@ -109,6 +122,9 @@ pub fn from_config(configured: &[GpuSpec], table: &[GpuClassPattern]) -> (Vec<Gp
                 model: "cpu".into(),
                 class: "cpu".into(),
                 vram_mib: 0,
+                uuid: String::new(),
+                pci_device_id: 0,
+                driver_version: String::new(),
             }],
             GpuSource::None,
         );
@@ -122,6 +138,9 @@ pub fn from_config(configured: &[GpuSpec], table: &[GpuClassPattern]) -> (Vec<Gp
                 .clone()
                 .unwrap_or_else(|| gpu_class_for_model(table, &g.model)),
             vram_mib: g.vram_mib,
+            uuid: g.uuid.clone().unwrap_or_default(),
+            pci_device_id: g.pci_device_id.unwrap_or(0),
+            driver_version: String::new(),
         })
         .collect();
     (gpus, GpuSource::Config)

@@ -9,6 +9,7 @@ pub mod game;
 pub mod gateways;
 pub mod gpu;
 pub mod inference;
+pub mod inventory;
 pub mod node;
 pub mod preflight;
 pub mod sessions;

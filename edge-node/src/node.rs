@@ -11,7 +11,7 @@ use nearpath_protocol::message::{
     Capacity, Drain, Gpu, Heartbeat, Message, Register, RejectCode, Workloads,
 };
 use nearpath_protocol::stream::priority;
-use nearpath_protocol::stream::{send, FramedRecv};
+use nearpath_protocol::stream::{send, FramedRecv, StreamError};
 use nearpath_protocol::tls::{
     client_config_with, parse_sha256_hex, PinMismatch, ServerVerify, TransportOptions,
 };
@@ -668,6 +668,19 @@ impl EdgeNode {
         };
         selector.handle_registered(std::time::Instant::now(), index);
         info!(gateway = %address, country = ?registered.node_country, heartbeat_ms = registered.heartbeat_ms, "registered with the gateway");
+        // Once per connection, after `Registered`: only a gateway that admitted the node learns
+        // its hardware identities. It goes before the status says registered, so whoever
+        // watches the status finds it already on the wire.
+        let inventory = crate::inventory::inventory(&self.config, self.gpus.gpus());
+        match send(&mut ctl_send, &Message::Inventory(inventory)).await {
+            Ok(()) => {}
+            Err(e @ StreamError::TooLarge { .. }) => {
+                // Advisory: the gateway's checker treats the node as unreported, which is
+                // better than not serving at all.
+                warn!(error = %e, "the inventory does not fit in a control frame; not sent");
+            }
+            Err(e) => return Ok(ConnEnd::Reconnect(format!("sending Inventory: {e}"))),
+        }
         let _ = self.status.send(NodeStatus::Registered {
             country: registered.node_country.clone(),
             gateway: address.to_string(),

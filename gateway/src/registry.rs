@@ -15,7 +15,7 @@ use crate::router::{
 use crate::slot_queue::SlotQueue;
 use crate::store::KycStatus;
 use nearpath_geo::{ClassId, Location};
-use nearpath_protocol::message::{Capacity, Gpu, Workloads};
+use nearpath_protocol::message::{Capacity, Gpu, Inventory, Workloads};
 use nearpath_protocol::ModelCaps;
 use serde::Serialize;
 use std::collections::HashMap;
@@ -24,6 +24,49 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
+
+/// What a node reported in its `Inventory`, checked against its registration
+/// (`control::inventory::sanitise`): the gateway checker's input. Self-reported, never a root of
+/// trust.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeInventory {
+    /// The entries that match the registration: GPU indexes below `gpus.len()` (one identity
+    /// each), models among `workloads.models` (one size each).
+    pub inventory: Inventory,
+    /// When it arrived (unix ms).
+    pub received_at_ms: u64,
+    /// Non-empty UUIDs reported for more than one of the node's GPUs (sorted).
+    pub duplicate_uuids: Vec<String>,
+    /// Why entries were dropped (the first few).
+    pub dropped: Vec<String>,
+    /// How many entries were dropped in all.
+    pub dropped_count: u32,
+}
+
+impl NodeInventory {
+    /// The admin view's `hardware` object.
+    pub fn view(&self) -> serde_json::Value {
+        let inv = &self.inventory;
+        serde_json::json!({
+            "gpus": inv.gpus.iter().map(|g| serde_json::json!({
+                "index": g.index,
+                "uuid": g.uuid,
+                "pci_device_id": g.pci_device_id,
+                "driver_version": g.driver_version,
+            })).collect::<Vec<_>>(),
+            "encoder": inv.encoder,
+            "models": inv.models.iter().map(|m| serde_json::json!({
+                "name": m.name,
+                "weights_bytes": m.weights_bytes,
+                "source": m.source.as_str(),
+            })).collect::<Vec<_>>(),
+            "received_at_ms": self.received_at_ms,
+            "duplicate_uuids": self.duplicate_uuids,
+            "dropped": self.dropped,
+            "dropped_count": self.dropped_count,
+        })
+    }
+}
 
 /// Lifecycle of a registered node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
@@ -187,6 +230,9 @@ pub struct NodeEntry {
     pub enrolment_token_id: String,
     /// Set, once, when the node's credentials were withdrawn; the control loop tells the node.
     revoked: OnceLock<Revocation>,
+    /// The node's `Inventory`, set once by the control loop when it arrives (a node that sends
+    /// none, or an old node, leaves it empty: unreported).
+    pub inventory: OnceLock<NodeInventory>,
     pub dynamic: Mutex<NodeDynamic>,
     /// What the checker (`checker/`) decided about the node; set only by its driver.
     check: Mutex<NodeCheck>,
@@ -237,6 +283,7 @@ impl NodeEntry {
             kick: CancellationToken::new(),
             enrolment_token_id: String::new(),
             revoked: OnceLock::new(),
+            inventory: OnceLock::new(),
             dynamic: Mutex::new(dynamic),
             check: Mutex::new(NodeCheck::default()),
             games_in_use: AtomicU32::new(0),
@@ -372,6 +419,7 @@ impl NodeEntry {
             "rtt_ms": d.rtt_ms,
             "heartbeat_misses": d.heartbeat_misses,
             "recent_penalties": d.recent_penalties,
+            "hardware": self.inventory.get().map(NodeInventory::view),
         })
     }
 

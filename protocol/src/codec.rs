@@ -223,6 +223,23 @@ impl<'a> Reader<'a> {
         }
     }
 
+    /// A string of at most `max` bytes: for fields whose meaning has a natural bound (a GPU
+    /// UUID, a version), so that a peer cannot park kilobytes in state the receiver keeps.
+    pub(crate) fn string_max(
+        &mut self,
+        field: &'static str,
+        max: usize,
+    ) -> Result<String, DecodeError> {
+        let s = self.string(field)?;
+        if s.len() > max {
+            return Err(DecodeError::InvalidValue {
+                field,
+                detail: format!("{} bytes, at most {max} allowed", s.len()),
+            });
+        }
+        Ok(s)
+    }
+
     pub(crate) fn option<T>(
         &mut self,
         field: &'static str,

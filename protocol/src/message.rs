@@ -15,6 +15,13 @@ use crate::{MAX_CONTROL_FRAME, MAX_REQUEST_FRAME, PROTOCOL_VERSION};
 pub const MAX_GPUS: usize = 64;
 /// Most entries in one list of names (games, models, titles).
 pub const MAX_NAMES: usize = 4096;
+/// Longest `GpuIdentity.uuid` (NVML's `GPU-xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx` is 40 bytes;
+/// MIG instance UUIDs are longer).
+pub const MAX_GPU_UUID_BYTES: usize = 96;
+/// Longest `GpuIdentity.driver_version` (NVML's are like `550.54.15`).
+pub const MAX_DRIVER_VERSION_BYTES: usize = 64;
+/// Longest `Inventory.encoder` name (`openh264`, `nvenc`, ...).
+pub const MAX_ENCODER_NAME_BYTES: usize = 32;
 
 /// Message type bytes. Ranges: `0x01..=0x0f` node control, `0x10..=0x2f` session streams,
 /// `0x30..=0x4f` client streams.
@@ -27,6 +34,7 @@ pub mod ty {
     pub const DRAIN: u8 = 0x06;
     pub const DRAINED: u8 = 0x07;
     pub const SHUTDOWN: u8 = 0x08;
+    pub const INVENTORY: u8 = 0x09;
 
     pub const OPEN: u8 = 0x10;
     pub const ACCEPTED: u8 = 0x11;
@@ -246,6 +254,92 @@ pub struct Drain {
 pub struct Shutdown {
     /// Human-readable cause.
     pub reason: String,
+}
+
+/// One GPU's hardware identity, as NVML reports it (or the node's config says).
+///
+/// Self-reported: the gateway cross-checks it (the same UUID on two live nodes, a changed set
+/// between registrations) but it is not a root of trust.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GpuIdentity {
+    /// Position of the GPU in `Register.gpus`.
+    pub index: u32,
+    /// NVML's UUID, e.g. `GPU-5d1a8a2e-...`; empty when unknown. At most
+    /// [`MAX_GPU_UUID_BYTES`].
+    pub uuid: String,
+    /// NVML's combined PCI id `(device << 16) | vendor`, e.g. `0x233010de` for an H100 SXM
+    /// (device 0x2330, vendor 0x10de NVIDIA); 0 when unknown.
+    pub pci_device_id: u32,
+    /// The driver version, e.g. `550.54.15`; empty when unknown. At most
+    /// [`MAX_DRIVER_VERSION_BYTES`].
+    pub driver_version: String,
+}
+
+/// Where a node got a model's weight size from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum WeightsSource {
+    /// `[[models]] weights_bytes` in the node's config.
+    Declared,
+    /// Computed from `[[models]] params_b` and `dtype`.
+    Computed,
+    /// Detected from the inference backend.
+    Detected,
+}
+
+impl WeightsSource {
+    const ALL: [WeightsSource; 3] = [
+        WeightsSource::Declared,
+        WeightsSource::Computed,
+        WeightsSource::Detected,
+    ];
+
+    /// The wire byte.
+    pub fn to_byte(self) -> u8 {
+        match self {
+            WeightsSource::Declared => 0,
+            WeightsSource::Computed => 1,
+            WeightsSource::Detected => 2,
+        }
+    }
+
+    /// Parses the wire byte.
+    pub fn from_byte(b: u8) -> Option<Self> {
+        Self::ALL.into_iter().find(|c| c.to_byte() == b)
+    }
+
+    /// Snake-case name for logs and the admin API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WeightsSource::Declared => "declared",
+            WeightsSource::Computed => "computed",
+            WeightsSource::Detected => "detected",
+        }
+    }
+}
+
+/// The size of one served model's weights.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelWeights {
+    /// The model, as listed in `Register.workloads.models`.
+    pub name: String,
+    /// Bytes of weights the model needs in GPU memory; 0 when unknown.
+    pub weights_bytes: u64,
+    /// Where the figure comes from (meaningless when `weights_bytes` is 0).
+    pub source: WeightsSource,
+}
+
+/// node -> gateway, once, after `Registered`: what the gateway's checker tests the node's claims
+/// against (hardware identities, model sizes, encoder). Advisory: a gateway that does not know
+/// the type skips it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Inventory {
+    /// Identities of the GPUs of `Register.gpus`, by index; at most [`MAX_GPUS`].
+    pub gpus: Vec<GpuIdentity>,
+    /// Weight sizes of the served models; at most [`MAX_NAMES`].
+    pub models: Vec<ModelWeights>,
+    /// The node's video encoder (`openh264`, `nvenc`, ...); empty when it serves no games. At
+    /// most [`MAX_ENCODER_NAME_BYTES`].
+    pub encoder: String,
 }
 
 /// Parameters of a game session.
@@ -614,6 +708,8 @@ pub enum Message {
     Drained,
     /// See [`Shutdown`].
     Shutdown(Shutdown),
+    /// See [`Inventory`].
+    Inventory(Inventory),
     /// See [`Open`].
     Open(Open),
     /// See [`Accepted`].
@@ -678,6 +774,7 @@ impl Message {
             Message::Drain(_) => ty::DRAIN,
             Message::Drained => ty::DRAINED,
             Message::Shutdown(_) => ty::SHUTDOWN,
+            Message::Inventory(_) => ty::INVENTORY,
             Message::Open(_) => ty::OPEN,
             Message::Accepted(_) => ty::ACCEPTED,
             Message::Refused(_) => ty::REFUSED,
@@ -761,6 +858,20 @@ impl Message {
             Message::Drain(m) => b.put_var(m.deadline_ms),
             Message::Drained | Message::ForceKeyframe | Message::Resumed => {}
             Message::Shutdown(m) => b.put_str(&m.reason),
+            Message::Inventory(m) => {
+                b.put_list(&m.gpus, |b, g| {
+                    b.put_var(g.index.into());
+                    b.put_str(&g.uuid);
+                    b.put_var(g.pci_device_id.into());
+                    b.put_str(&g.driver_version);
+                });
+                b.put_list(&m.models, |b, w| {
+                    b.put_str(&w.name);
+                    b.put_var(w.weights_bytes);
+                    b.put_u8(w.source.to_byte());
+                });
+                b.put_str(&m.encoder);
+            }
             Message::Open(m) => {
                 b.put_var(m.session_id);
                 match &m.kind {
@@ -956,6 +1067,37 @@ impl Message {
             ty::SHUTDOWN => Message::Shutdown(Shutdown {
                 reason: r.string("Shutdown.reason")?,
             }),
+            ty::INVENTORY => {
+                // A GPU identity is at least a one-byte index, two empty strings and a one-byte
+                // id; a model at least an empty name, a one-byte size and the source byte.
+                let gpus = r.list("Inventory.gpus", 4, MAX_GPUS, |r| {
+                    Ok(GpuIdentity {
+                        index: r.u32("GpuIdentity.index")?,
+                        uuid: r.string_max("GpuIdentity.uuid", MAX_GPU_UUID_BYTES)?,
+                        pci_device_id: r.u32("GpuIdentity.pci_device_id")?,
+                        driver_version: r
+                            .string_max("GpuIdentity.driver_version", MAX_DRIVER_VERSION_BYTES)?,
+                    })
+                })?;
+                let models = r.list("Inventory.models", 3, MAX_NAMES, |r| {
+                    let name = r.string("ModelWeights.name")?;
+                    let weights_bytes = r.varint("ModelWeights.weights_bytes")?;
+                    let byte = r.u8("ModelWeights.source")?;
+                    let source = WeightsSource::from_byte(byte)
+                        .ok_or_else(|| bad_code("ModelWeights.source", byte))?;
+                    Ok(ModelWeights {
+                        name,
+                        weights_bytes,
+                        source,
+                    })
+                })?;
+                let encoder = r.string_max("Inventory.encoder", MAX_ENCODER_NAME_BYTES)?;
+                Message::Inventory(Inventory {
+                    gpus,
+                    models,
+                    encoder,
+                })
+            }
             ty::OPEN => {
                 let session_id = r.varint("Open.session_id")?;
                 let kind = match r.u8("Open.kind")? {
@@ -1106,6 +1248,7 @@ pub fn type_name(ty: u8) -> Option<&'static str> {
         ty::DRAIN => "Drain",
         ty::DRAINED => "Drained",
         ty::SHUTDOWN => "Shutdown",
+        ty::INVENTORY => "Inventory",
         ty::OPEN => "Open",
         ty::ACCEPTED => "Accepted",
         ty::REFUSED => "Refused",

@@ -86,9 +86,41 @@ fn register() -> impl Strategy<Value = Message> {
         )
 }
 
+/// Inventories within the decoder's bounds: strings of at most 4-byte characters stay under
+/// their byte caps (24 chars for the 96-byte UUID, 16 for the 64-byte driver, 8 for the 32-byte
+/// encoder).
+pub fn inventory() -> impl Strategy<Value = Inventory> {
+    let gpu = (any::<u32>(), text(), any::<u32>(), ".{0,16}").prop_map(
+        |(index, uuid, pci_device_id, driver_version)| GpuIdentity {
+            index,
+            uuid,
+            pci_device_id,
+            driver_version,
+        },
+    );
+    let source = prop_oneof![
+        Just(WeightsSource::Declared),
+        Just(WeightsSource::Computed),
+        Just(WeightsSource::Detected),
+    ];
+    let model = (text(), any::<u64>(), source).prop_map(|(name, weights_bytes, source)| {
+        ModelWeights {
+            name,
+            weights_bytes,
+            source,
+        }
+    });
+    (vec(gpu, 0..4), vec(model, 0..4), ".{0,8}").prop_map(|(gpus, models, encoder)| Inventory {
+        gpus,
+        models,
+        encoder,
+    })
+}
+
 fn node_control() -> impl Strategy<Value = Message> {
     prop_oneof![
         register(),
+        inventory().prop_map(Message::Inventory),
         (any::<u64>(), any::<u64>(), proptest::option::of(text())).prop_map(
             |(lease_ms, heartbeat_ms, node_country)| Message::Registered(Registered {
                 lease_ms,

@@ -68,6 +68,20 @@ fn samples() -> Vec<Message> {
         Message::Shutdown(Shutdown {
             reason: "gateway restarting".into(),
         }),
+        Message::Inventory(Inventory {
+            gpus: vec![GpuIdentity {
+                index: 300,
+                uuid: "GPU-5d1a8a2e-0c1f-4b1e-9f0e-2a3b4c5d6e7f".into(),
+                pci_device_id: 0x2330_10de,
+                driver_version: "550.54.15".into(),
+            }],
+            models: vec![ModelWeights {
+                name: "llama-3-70b-ü".into(),
+                weights_bytes: 141_000_000_000,
+                source: WeightsSource::Computed,
+            }],
+            encoder: "openh264".into(),
+        }),
         Message::Open(Open {
             session_id: u64::MAX,
             kind: SessionKind::Game(GameParams {
@@ -663,4 +677,121 @@ proptest! {
         bytes[i] = byte;
         let _ = decode_one(&bytes);
     }
+}
+
+/// A body of an Inventory with one GPU whose strings are given raw.
+fn inventory_body(uuid: &[u8], driver: &[u8], encoder: &[u8]) -> Vec<u8> {
+    let mut body = vec![1, 0];
+    put_varint(&mut body, uuid.len() as u64);
+    body.extend_from_slice(uuid);
+    put_varint(&mut body, 0x2330_10de);
+    put_varint(&mut body, driver.len() as u64);
+    body.extend_from_slice(driver);
+    body.push(0); // no models
+    put_varint(&mut body, encoder.len() as u64);
+    body.extend_from_slice(encoder);
+    body
+}
+
+#[test]
+fn inventory_strings_at_their_caps_decode_and_one_byte_more_is_refused() {
+    let ok = inventory_body(
+        &[b'u'; MAX_GPU_UUID_BYTES],
+        &[b'd'; MAX_DRIVER_VERSION_BYTES],
+        &[b'e'; MAX_ENCODER_NAME_BYTES],
+    );
+    assert!(matches!(
+        decode_one(&raw_frame(ty::INVENTORY, &ok)),
+        Ok(Some(Message::Inventory(_)))
+    ));
+    for (body, field) in [
+        (
+            inventory_body(&[b'u'; MAX_GPU_UUID_BYTES + 1], b"", b""),
+            "GpuIdentity.uuid",
+        ),
+        (
+            inventory_body(b"", &[b'd'; MAX_DRIVER_VERSION_BYTES + 1], b""),
+            "GpuIdentity.driver_version",
+        ),
+        (
+            inventory_body(b"", b"", &[b'e'; MAX_ENCODER_NAME_BYTES + 1]),
+            "Inventory.encoder",
+        ),
+    ] {
+        let err = decode_one(&raw_frame(ty::INVENTORY, &body)).unwrap_err();
+        assert!(
+            matches!(&err, DecodeError::InvalidValue { field: f, .. } if *f == field),
+            "{field}: {err:?}"
+        );
+        // An oversized field is confined to its frame: the stream can go on.
+        assert!(!err.is_fatal());
+    }
+}
+
+#[test]
+fn inventory_lists_above_their_caps_are_refused_before_allocation() {
+    // More GPUs than MAX_GPUS, even though the body could hold that many minimal entries.
+    let mut body = Vec::new();
+    put_varint(&mut body, (MAX_GPUS + 1) as u64);
+    body.resize(body.len() + 4 * (MAX_GPUS + 1), 0);
+    body.extend_from_slice(&[0, 0]);
+    assert!(matches!(
+        decode_one(&raw_frame(ty::INVENTORY, &body)),
+        Err(DecodeError::InvalidValue {
+            field: "Inventory.gpus",
+            ..
+        })
+    ));
+    let mut body = vec![0];
+    put_varint(&mut body, (MAX_NAMES + 1) as u64);
+    body.resize(body.len() + 3 * (MAX_NAMES + 1), 0);
+    body.push(0);
+    assert!(matches!(
+        decode_one(&raw_frame(ty::INVENTORY, &body)),
+        Err(DecodeError::InvalidValue {
+            field: "Inventory.models",
+            ..
+        })
+    ));
+    // A count the rest of the body cannot hold is truncated, whatever the cap.
+    let mut body = vec![0];
+    put_varint(&mut body, 1 << 40);
+    assert!(matches!(
+        decode_one(&raw_frame(ty::INVENTORY, &body)),
+        Err(DecodeError::InvalidValue { .. } | DecodeError::Truncated { .. })
+    ));
+}
+
+#[test]
+fn inventory_weights_source_is_a_closed_set() {
+    // No GPUs, one model "m" of 1 byte with source 3, empty encoder.
+    let body = [0, 1, 1, b'm', 1, 3, 0];
+    assert!(matches!(
+        decode_one(&raw_frame(ty::INVENTORY, &body)),
+        Err(DecodeError::InvalidValue {
+            field: "ModelWeights.source",
+            ..
+        })
+    ));
+    for b in 0..=2u8 {
+        assert_eq!(WeightsSource::from_byte(b).map(WeightsSource::to_byte), Some(b));
+    }
+}
+
+#[test]
+fn inventory_duplicate_uuids_and_any_index_decode_the_receiver_judges_them() {
+    // The wire carries what the node said; checking indexes against `Register.gpus` and
+    // flagging repeated UUIDs is the gateway's job, since only it knows the registration.
+    let gpu = |index| GpuIdentity {
+        index,
+        uuid: "GPU-same".into(),
+        pci_device_id: 0,
+        driver_version: String::new(),
+    };
+    let msg = Message::Inventory(Inventory {
+        gpus: vec![gpu(0), gpu(u32::MAX)],
+        models: vec![],
+        encoder: String::new(),
+    });
+    assert_eq!(decode_one(&frame(&msg)), Ok(Some(msg)));
 }

@@ -527,6 +527,9 @@ async fn kill_9_scenario(shared: SharedStore) {
             },
             responses: Default::default(),
             capabilities: None,
+            weights_bytes: None,
+            params_b: None,
+            dtype: None,
         }];
         cfg.validate_for_run().unwrap();
         let mut node = TestNode::start(cfg, ip(DE));

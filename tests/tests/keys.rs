@@ -121,6 +121,9 @@ fn sim(name: &str) -> ModelConfig {
         },
         responses: Default::default(),
         capabilities: None,
+        weights_bytes: None,
+        params_b: None,
+        dtype: None,
     }
 }
 

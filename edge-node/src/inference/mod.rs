@@ -961,6 +961,9 @@ mod tests {
             },
             capabilities: None,
             responses: Default::default(),
+            weights_bytes: None,
+            params_b: None,
+            dtype: None,
         };
         assert_eq!(configured_caps(&upstream), ModelCaps::NONE);
         let declared = nearpath_config::ModelConfig {

@@ -194,6 +194,9 @@ fn demo_node_config(quic: SocketAddr, sha: &str, token: String) -> NodeConfig {
             },
             responses: Default::default(),
             capabilities: None,
+            weights_bytes: None,
+            params_b: None,
+            dtype: None,
         }],
         games: vec![GameEntry {
             title: DEMO_GAME.into(),

@@ -8,6 +8,7 @@
 //! gathers the facts (store, GeoIP), moves messages and timers, and executes the actions.
 
 pub mod admission;
+pub mod inventory;
 pub mod session;
 
 use crate::clock::SharedClock;
@@ -20,8 +21,9 @@ use crate::store::{SlaDelta, Store};
 use admission::Rejection;
 use nearpath_config::{GatewayConfig, NodesConfig};
 use nearpath_protocol::app_code;
-use nearpath_protocol::message::{Message, Register, Registered, Rejected};
-use nearpath_protocol::stream::{send as send_msg, FramedRecv};
+use nearpath_protocol::message::{Inventory, Message, Register, Registered, Rejected};
+use nearpath_protocol::stream::{send as send_msg, FramedRecv, StreamError};
+use nearpath_protocol::DecodeError;
 use nearpath_protocol::MAX_CONTROL_FRAME;
 use session::{Action, LeaveCause, LeaveFacts, Linger, NodeSession, SessionRules};
 use std::future::Future;
@@ -49,6 +51,12 @@ const NODE_UNI_STREAMS: u32 = 256;
 pub type FramesLoop =
     Arc<dyn Fn(quinn::Connection) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
 
+/// Called once per node connection when its `Inventory` has been stored on its entry
+/// (`NodeEntry::inventory`), on the node's control task: it must not block (hand work to a
+/// task or a channel). Injected with [`NodeFrontEnd::with_inventory_hook`] so that the node
+/// front end does not depend on the checker.
+pub type InventoryHook = Arc<dyn Fn(&Arc<NodeEntry>) + Send + Sync>;
+
 /// The QUIC-node front end: everything a node connection uses, and nothing else.
 pub struct NodeFrontEnd {
     directory: Arc<Directory>,
@@ -65,6 +73,7 @@ pub struct NodeFrontEnd {
     restricted: Vec<nearpath_geo::ClassId>,
     node_receive_window_bytes: u64,
     frames: FramesLoop,
+    inventory_hook: Option<InventoryHook>,
 }
 
 impl NodeFrontEnd {
@@ -94,7 +103,14 @@ impl NodeFrontEnd {
             restricted,
             node_receive_window_bytes: config.quic.node_receive_window_bytes,
             frames,
+            inventory_hook: None,
         }
+    }
+
+    /// Calls `hook` whenever a node's `Inventory` has been stored (see [`InventoryHook`]).
+    pub fn with_inventory_hook(mut self, hook: InventoryHook) -> Self {
+        self.inventory_hook = Some(hook);
+        self
     }
 
     /// How long a silent node holds its id against a new registration.
@@ -398,8 +414,14 @@ impl NodeFrontEnd {
                             info!("node drained");
                             s.handle_drained(now);
                         }
+                        Ok(Some(Message::Inventory(inv))) => self.receive_inventory(&entry, inv),
                         Ok(Some(other)) => {
                             warn!(message = other.name(), "unexpected message on the control stream; ignoring");
+                        }
+                        Err(StreamError::Decode(DecodeError::UnknownType(ty))) => {
+                            // PROTOCOL.md section 3: a newer node may send advisory messages
+                            // this gateway does not know; the decoder consumed the frame.
+                            info!(message_type = ty, "unknown message type on the control stream; skipped");
                         }
                         Ok(None) => s.handle_connection_lost(now),
                         Err(e) => {
@@ -436,6 +458,37 @@ impl NodeFrontEnd {
             );
         }
         self.depart(&s, &entry).await;
+    }
+
+    /// Stores a node's first `Inventory`, checked against its registration, and calls the hook;
+    /// a later one is ignored (PROTOCOL.md: the first is what the checker tested).
+    fn receive_inventory(&self, entry: &Arc<NodeEntry>, inv: Inventory) {
+        if entry.inventory.get().is_some() {
+            warn!("a second Inventory on this connection; ignored (the first stands)");
+            return;
+        }
+        let n = inventory::sanitise(inv, entry.gpus.len(), &entry.workloads, self.clock.unix_ms());
+        if n.dropped_count > 0 {
+            warn!(
+                dropped = n.dropped_count,
+                reasons = ?n.dropped,
+                "inventory entries that do not match the registration were dropped"
+            );
+        }
+        if !n.duplicate_uuids.is_empty() {
+            warn!(uuids = ?n.duplicate_uuids, "the inventory reports one GPU UUID for several GPUs");
+        }
+        info!(
+            gpus = n.inventory.gpus.len(),
+            models = n.inventory.models.len(),
+            encoder = %n.inventory.encoder,
+            "inventory received"
+        );
+        if entry.inventory.set(n).is_ok() {
+            if let Some(hook) = &self.inventory_hook {
+                hook(entry);
+            }
+        }
     }
 
     /// Executes one action of the node's session.

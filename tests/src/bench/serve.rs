@@ -76,6 +76,9 @@ pub fn model_config(sim: Sim, capacity: u32) -> ModelConfig {
         },
         responses: Default::default(),
         capabilities: None,
+        weights_bytes: None,
+        params_b: None,
+        dtype: None,
     }
 }
 

@@ -293,6 +293,9 @@ impl TestGateway {
                 },
                 responses: Default::default(),
                 capabilities: None,
+                weights_bytes: None,
+                params_b: None,
+                dtype: None,
             }],
             games: vec![],
             encoder: Default::default(),
@@ -308,6 +311,8 @@ pub fn gpu(model: &str) -> GpuSpec {
         model: model.into(),
         vram_mib: 80_000,
         class: None,
+        uuid: None,
+        pci_device_id: None,
     }
 }
 

@@ -1,0 +1,144 @@
+//! The node's `Inventory`: what the gateway's checker tests the node's claims against (GPU
+//! identities, the size of each model's weights, the video encoder).
+//!
+//! Everything here is self-reported: the GPU identities come from NVML when a driver is present
+//! (else from `[[gpus]]` in the config), the model sizes from `[[models]] weights_bytes` or
+//! `params_b` x `dtype`. The size is not detected from an upstream server (reported as 0,
+//! unknown). For the simulator, the configured size is what it reports, whatever it delivers:
+//! that is the knob tests use to make a node lie about a model.
+
+use crate::game::OpenH264Encoder;
+use crate::gpu::GpuInfo;
+use nearpath_config::{NodeConfig, WeightsOrigin};
+use nearpath_protocol::message::{GpuIdentity, Inventory, ModelWeights, WeightsSource};
+
+/// The `Inventory` this node sends after `Registered`, for the GPUs it registered with.
+///
+/// A GPU is listed by its position in `Register.gpus` only when something of its identity is
+/// known (a node without NVML or configured identities lists none). Every configured model is
+/// listed, with 0 bytes when its size is unknown.
+pub fn inventory(config: &NodeConfig, gpus: &[GpuInfo]) -> Inventory {
+    let gpus = gpus
+        .iter()
+        .enumerate()
+        .filter(|(_, g)| !g.uuid.is_empty() || g.pci_device_id != 0 || !g.driver_version.is_empty())
+        .map(|(i, g)| GpuIdentity {
+            index: i as u32,
+            uuid: g.uuid.clone(),
+            pci_device_id: g.pci_device_id,
+            driver_version: g.driver_version.clone(),
+        })
+        .collect();
+    let models = config
+        .models
+        .iter()
+        .map(|m| {
+            let (weights_bytes, source) = match m.configured_weights_bytes() {
+                Some((b, WeightsOrigin::Declared)) => (b, WeightsSource::Declared),
+                Some((b, WeightsOrigin::Computed)) => (b, WeightsSource::Computed),
+                None => (0, WeightsSource::Declared),
+            };
+            ModelWeights {
+                name: m.name.clone(),
+                weights_bytes,
+                source,
+            }
+        })
+        .collect();
+    // Games are encoded with OpenH264 (the only encoder today); a node without games encodes
+    // nothing.
+    let encoder = if config.games.is_empty() {
+        String::new()
+    } else {
+        OpenH264Encoder::NAME.to_string()
+    };
+    Inventory {
+        gpus,
+        models,
+        encoder,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gpu::from_config;
+    use nearpath_config::parse_node;
+
+    const NODE: &str = r#"
+[node]
+id = "n1"
+[gateway]
+address = "gw.example.com:4433"
+pinned_cert_sha256 = "ab01ab01ab01ab01ab01ab01ab01ab01ab01ab01ab01ab01ab01ab01ab01ab01"
+[[gpus]]
+model = "NVIDIA H100 80GB HBM3"
+vram_mib = 81559
+uuid = "GPU-5d1a8a2e-0c1f-4b1e-9f0e-2a3b4c5d6e7f"
+pci_device_id = 0x233010de
+[[gpus]]
+model = "NVIDIA H100 80GB HBM3"
+vram_mib = 81559
+[[models]]
+name = "declared"
+weights_bytes = 16000000000
+backend = { type = "sim" }
+[[models]]
+name = "computed"
+params_b = 70.0
+dtype = "fp8"
+backend = { type = "sim" }
+[[models]]
+name = "unknown"
+backend = { type = "sim" }
+[[games]]
+title = "testpattern"
+source = { type = "builtin" }
+"#;
+
+    #[test]
+    fn the_node_reports_configured_identities_and_sizes_in_its_inventory() {
+        let cfg = parse_node(NODE, "node.toml", &[]).unwrap();
+        let (gpus, _) = from_config(&cfg.gpus, &cfg.gpu_classes);
+        let inv = inventory(&cfg, &gpus);
+        // The second GPU has no known identity: it is not listed.
+        assert_eq!(
+            inv.gpus,
+            [GpuIdentity {
+                index: 0,
+                uuid: "GPU-5d1a8a2e-0c1f-4b1e-9f0e-2a3b4c5d6e7f".into(),
+                pci_device_id: 0x2330_10de,
+                driver_version: String::new(),
+            }]
+        );
+        assert_eq!(
+            inv.models,
+            [
+                ModelWeights {
+                    name: "declared".into(),
+                    weights_bytes: 16_000_000_000,
+                    source: WeightsSource::Declared,
+                },
+                ModelWeights {
+                    name: "computed".into(),
+                    weights_bytes: 70_000_000_000,
+                    source: WeightsSource::Computed,
+                },
+                ModelWeights {
+                    name: "unknown".into(),
+                    weights_bytes: 0,
+                    source: WeightsSource::Declared,
+                },
+            ]
+        );
+        assert_eq!(inv.encoder, "openh264");
+    }
+
+    #[test]
+    fn a_node_without_gpus_or_games_reports_an_empty_inventory() {
+        let text = NODE.split("[[gpus]]").next().unwrap();
+        let cfg = parse_node(text, "node.toml", &[]).unwrap();
+        let (gpus, _) = from_config(&cfg.gpus, &cfg.gpu_classes);
+        assert_eq!(inventory(&cfg, &gpus), Inventory::default());
+    }
+}
