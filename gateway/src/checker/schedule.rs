@@ -139,6 +139,9 @@ pub struct CheckRecord {
 }
 
 /// What the driver must do.
+// A verdict is much larger than a probe start, but actions live only between `poll` and the
+// driver, a few at a time: boxing would cost an allocation per verdict for nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum Action {
     /// Open a probe session of `model` on the node, looking like a real one; report its outcome
@@ -789,6 +792,9 @@ mod tests {
         })
     }
 
+    /// Probe starts (time, model), the verdicts seen, and the time the run ended.
+    type Run = (Vec<(u64, String)>, Vec<(Verification, CheckRecord)>, u64);
+
     /// Runs every probe the checker starts to completion with `answer`, each taking 100 ms,
     /// until nothing is scheduled before `until`; returns (start time, model) of each probe.
     fn run(
@@ -796,7 +802,7 @@ mod tests {
         mut now: u64,
         until: u64,
         answer: impl Fn(&str) -> Result<Sample, String>,
-    ) -> (Vec<(u64, String)>, Vec<(Verification, CheckRecord)>, u64) {
+    ) -> Run {
         let (mut log, mut vs) = (Vec::new(), Vec::new());
         loop {
             let acts = drain(c, now);
