@@ -405,7 +405,11 @@ mod tests {
     fn the_minimum_rtt_per_gateway_counts_and_work_is_bounded() {
         let mut cs = vec![c("fra", FRANKFURT, 50.0), c("fra", FRANKFURT, 2.0)];
         for i in 0..10_000 {
-            cs.push(c(&format!("g{i}"), at(0.0, (i % 360) as f64 - 180.0), 400.0));
+            cs.push(c(
+                &format!("g{i}"),
+                at(0.0, (i % 360) as f64 - 180.0),
+                400.0,
+            ));
         }
         let r = check_location(Some(SINGAPORE), &cs, 0.0);
         assert_eq!(r.constraints.len(), MAX_CONSTRAINTS);

@@ -65,6 +65,4 @@ pub use physics::{
     Evidence, Finding, ModelEvidence, Tolerance, CLASS_TABLE,
 };
 pub use schedule::{Action, CheckRecord, Checker, CheckerParams, NodeFacts, ProbeId, Sample};
-pub use verdict::{
-    decide, majority, DecideInput, GatewayVote, Verification, VerificationState,
-};
+pub use verdict::{decide, majority, DecideInput, GatewayVote, Verification, VerificationState};

@@ -82,7 +82,8 @@ const NVENC_FPS_VOLTA: f64 = 800.0;
 /// The same for Blackwell consumer parts (ninth-generation NVENC).
 const NVENC_FPS_BLACKWELL: f64 = 1200.0;
 
-/// The physics of every class of [`crate::gpu_class::GPU_MODEL_TABLE`].
+/// The physics of every class of [`crate::gpu_class::GPU_MODEL_TABLE`], one row per line.
+#[rustfmt::skip]
 pub const CLASS_TABLE: &[ClassPhysics] = &[
     // Host memory bandwidth of the fastest two-socket server (2 x 12 channels of MRDIMM-8800);
     // no device memory: weights live in host RAM, so the fit check does not apply.
@@ -509,7 +510,9 @@ mod tests {
             other => panic!("{other:?}"),
         }
         // Two GPUs double the bound.
-        assert!(check_claim(&["rtx4090", "rtx4090"], &ev("m", 14 * GB, Some(120.0)), &t).is_empty());
+        assert!(
+            check_claim(&["rtx4090", "rtx4090"], &ev("m", 14 * GB, Some(120.0)), &t).is_empty()
+        );
     }
 
     #[test]
@@ -534,7 +537,11 @@ mod tests {
     #[test]
     fn far_below_the_claim_is_a_demotion_signal_not_an_impossibility() {
         // h100: 3900 GB/s over 14 GB = 278 tok/s expected; 1 tok/s is far below.
-        let f = check_claim(&["h100"], &ev("m", 14 * GB, Some(1.0)), &Tolerance::default());
+        let f = check_claim(
+            &["h100"],
+            &ev("m", 14 * GB, Some(1.0)),
+            &Tolerance::default(),
+        );
         assert!(matches!(&f[..], [Finding::FarBelowClaim { .. }]), "{f:?}");
         assert!(!is_impossible(&f[0]));
     }
@@ -545,7 +552,10 @@ mod tests {
         assert!(check_claim(&["unclassified"], &ev("m", 900 * GB, Some(1e9)), &t).is_empty());
         assert!(check_claim(&[], &ev("m", 900 * GB, Some(1e9)), &t).is_empty());
         for tps in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY, -5.0] {
-            assert!(check_claim(&["l4"], &ev("m", GB, Some(tps)), &t).is_empty(), "{tps}");
+            assert!(
+                check_claim(&["l4"], &ev("m", GB, Some(tps)), &t).is_empty(),
+                "{tps}"
+            );
         }
         assert!(check_claim(&["l4"], &ev("m", 0, Some(1e12)), &t).is_empty());
         // A NaN tolerance falls back to the default instead of disabling the bound.
@@ -592,7 +602,10 @@ mod tests {
         // Two GPUs: half the memory and bandwidth each (2 x 696 GB/s is enough).
         assert_eq!(least_consistent_class(2, &e, &t), Some("a40"));
         // Beyond any class: 10 TB of weights.
-        assert_eq!(least_consistent_class(1, &ev("x", 10_000 * GB, None), &t), None);
+        assert_eq!(
+            least_consistent_class(1, &ev("x", 10_000 * GB, None), &t),
+            None
+        );
         // A million GPUs are capped, so an absurd count does not explain everything.
         assert_eq!(
             least_consistent_class(1_000_000, &ev("x", 1_000_000 * GB, None), &t),

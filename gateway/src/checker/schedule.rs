@@ -32,7 +32,9 @@ use serde::Serialize;
 
 use super::geoproof::{check_location, prove_proximity, RttConstraint};
 use super::physics::{check_claim, Evidence, Finding, ModelEvidence, Tolerance};
-use super::verdict::{decide, DecideInput, GatewayVote, Verification, VerificationState, MAX_VOTES};
+use super::verdict::{
+    decide, DecideInput, GatewayVote, Verification, VerificationState, MAX_VOTES,
+};
 
 /// Models kept per node (the largest by weight: they give the tightest bounds, and a node cannot
 /// hide a big model behind many small ones).
@@ -137,6 +139,9 @@ pub struct CheckRecord {
 }
 
 /// What the driver must do.
+// A verdict is much larger than a probe start, but actions live only between `poll` and the
+// driver, a few at a time: boxing would cost an allocation per verdict for nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum Action {
     /// Open a probe session of `model` on the node, looking like a real one; report its outcome
@@ -237,7 +242,10 @@ impl Checker {
     }
 
     fn jitter(&mut self, now: u64) -> u64 {
-        now.saturating_add(self.rng.random_range(0..=self.params.registration_delay_max_ms))
+        now.saturating_add(
+            self.rng
+                .random_range(0..=self.params.registration_delay_max_ms),
+        )
     }
 
     fn idle_delay(&mut self, now: u64) -> u64 {
@@ -365,7 +373,10 @@ impl Checker {
         let Some(n) = self.nodes.get_mut(node_id) else {
             return;
         };
-        let e = n.rtt.entry(c.gateway_id.clone()).or_insert_with(|| c.clone());
+        let e = n
+            .rtt
+            .entry(c.gateway_id.clone())
+            .or_insert_with(|| c.clone());
         if c.rtt_ms < e.rtt_ms || e.at != c.at {
             *e = c;
         }
@@ -378,7 +389,13 @@ impl Checker {
                 .expect("not empty");
             n.rtt.remove(&loosest);
         }
-        self.emit(now, node_id, "location", "RTT constraint updated".into(), false);
+        self.emit(
+            now,
+            node_id,
+            "location",
+            "RTT constraint updated".into(),
+            false,
+        );
     }
 
     /// A measurement from a real session (or a probe, with `from_probe`).
@@ -540,7 +557,13 @@ impl Checker {
             .take(MAX_VOTES)
             .map(|v| (v.gateway_id.clone(), v))
             .collect();
-        self.emit(now, node_id, "majority", "votes of other gateways".into(), false);
+        self.emit(
+            now,
+            node_id,
+            "majority",
+            "votes of other gateways".into(),
+            false,
+        );
     }
 
     /// The driver learnt that a GPU UUID of this node is held by another node elsewhere (for
@@ -565,8 +588,8 @@ impl Checker {
         };
         let constraints: Vec<RttConstraint> = n.rtt.values().cloned().collect();
         let claimed = n.facts.claimed_location;
-        let location = (!constraints.is_empty())
-            .then(|| check_location(claimed, &constraints, p.slack_km));
+        let location =
+            (!constraints.is_empty()).then(|| check_location(claimed, &constraints, p.slack_km));
         let proximity = match (claimed, constraints.is_empty()) {
             (Some(c), false) => Some(prove_proximity(c, &constraints, p.slack_km)),
             _ => None,
@@ -698,11 +721,15 @@ impl Checker {
             return Some(0);
         }
         let probes = self.probes.values().map(|p| p.deadline);
-        let nodes = self.nodes.values().filter(|n| n.in_flight.is_none()).flat_map(|n| {
-            let start = n.next_start_at.filter(|_| !n.queue.is_empty());
-            let idle = n.next_idle_at.filter(|_| n.queue.is_empty());
-            start.into_iter().chain(idle)
-        });
+        let nodes = self
+            .nodes
+            .values()
+            .filter(|n| n.in_flight.is_none())
+            .flat_map(|n| {
+                let start = n.next_start_at.filter(|_| !n.queue.is_empty());
+                let idle = n.next_idle_at.filter(|_| n.queue.is_empty());
+                start.into_iter().chain(idle)
+            });
         probes.chain(nodes).min()
     }
 }
@@ -765,6 +792,9 @@ mod tests {
         })
     }
 
+    /// Probe starts (time, model), the verdicts seen, and the time the run ended.
+    type Run = (Vec<(u64, String)>, Vec<(Verification, CheckRecord)>, u64);
+
     /// Runs every probe the checker starts to completion with `answer`, each taking 100 ms,
     /// until nothing is scheduled before `until`; returns (start time, model) of each probe.
     fn run(
@@ -772,7 +802,7 @@ mod tests {
         mut now: u64,
         until: u64,
         answer: impl Fn(&str) -> Result<Sample, String>,
-    ) -> (Vec<(u64, String)>, Vec<(Verification, CheckRecord)>, u64) {
+    ) -> Run {
         let (mut log, mut vs) = (Vec::new(), Vec::new());
         loop {
             let acts = drain(c, now);
@@ -845,6 +875,7 @@ mod tests {
     fn a_probe_that_times_out_fails_counts_toward_demotion_and_a_late_answer_is_ignored() {
         let mut c = Checker::new(CheckerParams::default(), 3);
         c.handle_registered(0, "n1", facts(&["h100"], &[("m", 14 * GB)]));
+        drain(&mut c, 0);
         let mut now = c.poll_timeout().unwrap();
         let (id, _) = starts(&drain(&mut c, now))[0].clone();
         now = c.poll_timeout().unwrap();
@@ -857,7 +888,12 @@ mod tests {
         assert!(drain(&mut c, now + 1).is_empty(), "late answer ignored");
         // Two more failures (standby probes) demote the node.
         c.handle_idle(now, "n1", true);
-        let (_, vs, _) = run(&mut c, now, now + 86_400_000, |_| Err("stream reset".into()));
+        let (_, vs, _) = run(
+            &mut c,
+            now,
+            now + 86_400_000,
+            |_| Err("stream reset".into()),
+        );
         assert!(vs.iter().any(|(v, _)| v.demoted), "{vs:?}");
     }
 
@@ -875,8 +911,14 @@ mod tests {
             .iter()
             .any(|c| c == class));
         assert_eq!(rec.kind, "registration");
-        assert!(rec.findings.iter().any(|f| matches!(f, Finding::WeightsDoNotFit { .. })));
-        assert!(rec.findings.iter().any(|f| matches!(f, Finding::DecodeTooFast { .. })));
+        assert!(rec
+            .findings
+            .iter()
+            .any(|f| matches!(f, Finding::WeightsDoNotFit { .. })));
+        assert!(rec
+            .findings
+            .iter()
+            .any(|f| matches!(f, Finding::DecodeTooFast { .. })));
     }
 
     #[test]
@@ -940,7 +982,10 @@ mod tests {
             .collect();
         assert_eq!(
             vs,
-            [("n1".to_string(), Quarantined), ("n2".to_string(), Quarantined)]
+            [
+                ("n1".to_string(), Quarantined),
+                ("n2".to_string(), Quarantined)
+            ]
         );
         // A UUID reported elsewhere in the federation flags a third node.
         c.handle_registered(6, "n3", facts(&["l4"], &[("m", GB)]));
@@ -992,7 +1037,11 @@ mod tests {
         assert_eq!(v.state, Verified);
         assert!(!v.controlled_eligible);
         assert!(matches!(v.proximity, Some(Proximity::NotProven { .. })));
-        assert!(v.reasons.iter().any(|r| r.contains("proximity")), "{:?}", v.reasons);
+        assert!(
+            v.reasons.iter().any(|r| r.contains("proximity")),
+            "{:?}",
+            v.reasons
+        );
         // A faster answer later proves proximity (the minimum RTT counts).
         c.handle_rtt(now + 1, "n1", rtt(2.0));
         let vs = verdicts(&drain(&mut c, now + 1));
@@ -1079,12 +1128,16 @@ mod tests {
         assert!(vs.iter().all(|(v, _)| v.state == Unverified));
         assert!(vs.iter().any(|(_, r)| r.detail.contains("invalid")));
         // Events for nodes that do not exist are ignored.
-        c.handle_rtt(2, "ghost", RttConstraint {
-            gateway_id: "fra".into(),
-            at: FRANKFURT,
-            rtt_ms: 1.0,
-            measured_at_ms: 2,
-        });
+        c.handle_rtt(
+            2,
+            "ghost",
+            RttConstraint {
+                gateway_id: "fra".into(),
+                at: FRANKFURT,
+                rtt_ms: 1.0,
+                measured_at_ms: 2,
+            },
+        );
         c.handle_idle(2, "ghost", true);
         c.handle_votes(2, "ghost", vec![]);
         c.handle_duplicate_uuid(2, "ghost", "u");
@@ -1097,7 +1150,9 @@ mod tests {
     fn ten_thousand_models_cost_bounded_probes_and_findings() {
         let mut c = Checker::new(CheckerParams::default(), 1);
         let mut f = facts(&["rtx3080"], &[]);
-        f.models = (0..10_000).map(|i| (format!("m{i}"), 100 * GB + i)).collect();
+        f.models = (0..10_000)
+            .map(|i| (format!("m{i}"), 100 * GB + i))
+            .collect();
         f.gpu_uuids = (0..10_000).map(|i| format!("GPU-{i}")).collect();
         c.handle_registered(0, "n1", f);
         let (log, vs, _) = run(&mut c, 0, u64::MAX / 2, |_| decode(1.0));
@@ -1121,7 +1176,11 @@ mod tests {
         let v = &vs.last().unwrap().0;
         assert_eq!(v.state, Verified);
         assert!(v.findings.is_empty());
-        assert!(v.reasons.iter().any(|r| r.contains("no physics")), "{:?}", v.reasons);
+        assert!(
+            v.reasons.iter().any(|r| r.contains("no physics")),
+            "{:?}",
+            v.reasons
+        );
     }
 
     #[test]

@@ -4,7 +4,9 @@
 use serde::{Deserialize, Serialize};
 
 use super::geoproof::{LocationCheck, LocationVerdict, Proximity};
-use super::physics::{check_claim, is_impossible, least_consistent_class, Evidence, Finding, Tolerance};
+use super::physics::{
+    check_claim, is_impossible, least_consistent_class, Evidence, Finding, Tolerance,
+};
 
 /// A node's verification state, from least to most severe (see [`VerificationState::severity`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -190,10 +192,11 @@ fn local_state(
         };
     }
     if let Some(LocationCheck {
-        verdict: LocationVerdict::Mislocated {
-            estimate,
-            radius_km,
-        },
+        verdict:
+            LocationVerdict::Mislocated {
+                estimate,
+                radius_km,
+            },
         ..
     }) = &inp.location
     {
@@ -228,7 +231,9 @@ pub fn decide(inp: &DecideInput) -> Verification {
         .filter(|c| super::physics::physics_of(c).is_none())
         .collect();
     for c in unknown {
-        reasons.push(format!("class {c} has no physics row: its claims cannot be checked"));
+        reasons.push(format!(
+            "class {c} has no physics row: its claims cannot be checked"
+        ));
     }
     if inp.gpu_set_changed {
         reasons.push("the GPU set changed since the previous registration: full check".to_string());
@@ -256,7 +261,10 @@ pub fn decide(inp: &DecideInput) -> Verification {
                 s
             }
             None => {
-                reasons.push(format!("the {} gateways that checked disagree", votes.len()));
+                reasons.push(format!(
+                    "the {} gateways that checked disagree",
+                    votes.len()
+                ));
                 if local.severity() >= VerificationState::Unverified.severity() {
                     local
                 } else {
@@ -359,7 +367,9 @@ mod tests {
         }
         assert_eq!(majority(&v, 5, AGE), Some(Verified));
         // A flood of invented gateway ids is bounded.
-        let flood: Vec<_> = (0..10_000).map(|i| vote(&format!("g{i}"), Quarantined, 5)).collect();
+        let flood: Vec<_> = (0..10_000)
+            .map(|i| vote(&format!("g{i}"), Quarantined, 5))
+            .collect();
         assert_eq!(fresh_votes(&flood, 5, AGE).len(), MAX_VOTES);
     }
 
@@ -368,7 +378,13 @@ mod tests {
         let labels: Vec<_> = VerificationState::ALL.iter().map(|s| s.as_str()).collect();
         assert_eq!(
             labels,
-            ["unverified", "verified", "mislocated", "impossible_claim", "quarantined"]
+            [
+                "unverified",
+                "verified",
+                "mislocated",
+                "impossible_claim",
+                "quarantined"
+            ]
         );
         for s in VerificationState::ALL {
             assert_eq!(serde_json::to_value(s).unwrap(), s.as_str());
@@ -415,7 +431,10 @@ mod tests {
         let v = decide(&input(&["rtx3080"], 40 * gb, Some(50.0)));
         assert_eq!(v.state, ImpossibleClaim);
         assert_eq!(v.reclassified_to.as_deref(), Some("a100"));
-        assert!(v.controlled_eligible, "eligibility then depends on the geofence");
+        assert!(
+            v.controlled_eligible,
+            "eligibility then depends on the geofence"
+        );
         let v = decide(&input(&["rtx3080"], 100_000 * gb, None));
         assert_eq!(v.state, Quarantined);
         let mut i = input(&["l4"], 14 * gb, Some(10.0));
@@ -423,7 +442,11 @@ mod tests {
         let v = decide(&i);
         assert_eq!(v.state, Quarantined);
         assert!(!v.controlled_eligible);
-        assert!(v.reasons.iter().any(|r| r.contains("GPU-1")), "{:?}", v.reasons);
+        assert!(
+            v.reasons.iter().any(|r| r.contains("GPU-1")),
+            "{:?}",
+            v.reasons
+        );
     }
 
     #[test]
@@ -446,7 +469,11 @@ mod tests {
     #[test]
     fn votes_decide_and_a_dispute_is_never_better_than_unverified() {
         let mut i = input(&["l4"], 1_000_000_000, Some(10.0));
-        i.votes = vec![vote("a", Verified, 0), vote("b", Mislocated, 0), vote("c", Mislocated, 0)];
+        i.votes = vec![
+            vote("a", Verified, 0),
+            vote("b", Mislocated, 0),
+            vote("c", Mislocated, 0),
+        ];
         assert_eq!(decide(&i).state, Mislocated);
         i.votes = vec![vote("a", Verified, 0), vote("b", Mislocated, 0)];
         let v = decide(&i);
