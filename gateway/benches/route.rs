@@ -75,6 +75,7 @@ fn build(rtt: GatewayRtt) -> (RouterIndex, Vec<NodeRouteInfo>) {
                     0
                 },
                 operator_flagged: rng.random_bool(0.01),
+                check_penalty_ms: 0.0,
             },
         };
         index.upsert(NodeId(id), info.clone());

@@ -63,7 +63,9 @@ async fn chat(gw: &TestGateway, from: (&str, &str, f64, f64)) -> (u16, String) {
         .post(
             &gw.api_url("/v1/chat/completions"),
             Some(API_KEY),
-            serde_json::json!({"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}),
+            &serde_json::json!({"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
+                .to_string(),
+            &[("content-type", "application/json")],
         )
         .await
 }

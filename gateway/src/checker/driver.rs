@@ -308,7 +308,7 @@ impl Driver {
             return;
         }
         let inventory = if with_inventory {
-            entry.inventory.get().cloned()
+            entry.inventory.get().map(|n| n.inventory.clone())
         } else {
             None
         };
@@ -594,7 +594,7 @@ impl Driver {
             .nodes
             .iter()
             .filter_map(|(id, t)| {
-                let inv = t.entry.inventory.get()?;
+                let inv = &t.entry.inventory.get()?.inventory;
                 Some((id.clone(), inv.gpus.iter().map(|g| g.uuid.clone()).collect()))
             })
             .collect();

@@ -485,6 +485,9 @@ impl NodeFrontEnd {
             "inventory received"
         );
         if entry.inventory.set(n).is_ok() {
+            self.directory
+                .registry
+                .check_event(crate::registry::CheckEvent::Inventory(entry.clone()));
             if let Some(hook) = &self.inventory_hook {
                 hook(entry);
             }

@@ -111,8 +111,13 @@ async fn setup(
         },
         models: vec![ModelConfig {
             name: MODEL.into(),
+            max_concurrency: 8,
             backend: BackendConfig::sim(),
-            ..ModelConfig::named(MODEL)
+            capabilities: None,
+            responses: Default::default(),
+            weights_bytes: None,
+            params_b: None,
+            dtype: None,
         }],
         games: vec![],
         encoder: Default::default(),
@@ -175,7 +180,9 @@ fn gpu(model: &str, vram_mib: u64) -> GpuSpec {
     GpuSpec {
         model: model.into(),
         vram_mib,
-        ..GpuSpec::named(model)
+        class: None,
+        uuid: None,
+        pci_device_id: None,
     }
 }
 
