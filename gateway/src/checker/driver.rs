@@ -166,6 +166,12 @@ struct Driver {
 /// Every this many sweeps the driver renews its nodes' GPU identities in the store and looks
 /// for their UUIDs on nodes of other gateways.
 const IDENTITY_SWEEPS: u64 = 30;
+/// Every this many sweeps (an hour) old records are pruned.
+const PRUNE_SWEEPS: u64 = 3_600;
+/// Check records are kept at least this long, in ms (30 days).
+const CHECK_RETENTION_MS: u64 = 30 * 86_400_000;
+/// GPU identities not renewed for this long are dropped, in ms (7 days).
+const GPU_RETENTION_MS: u64 = 7 * 86_400_000;
 /// How long a GPU identity counts as live after it was last renewed, in ms (three renewals).
 const IDENTITY_LIVE_MS: u64 = 3 * IDENTITY_SWEEPS * 1_000;
 
@@ -396,9 +402,20 @@ impl Driver {
         entry: &NodeEntry,
         inv: &nearpath_protocol::message::Inventory,
     ) -> (bool, Vec<String>) {
+        // One node reporting the same UUID for two GPUs is as suspicious as two nodes sharing
+        // one; the store keeps each UUID once per node.
+        let mut seen = std::collections::HashSet::new();
+        let mut own_dups: Vec<String> = Vec::new();
+        for g in &inv.gpus {
+            if !seen.insert(g.uuid.to_ascii_lowercase()) {
+                own_dups.push(g.uuid.clone());
+            }
+        }
+        let mut kept = std::collections::HashSet::new();
         let rows: Vec<crate::store::GpuIdentityRow> = inv
             .gpus
             .iter()
+            .filter(|g| kept.insert(g.uuid.to_ascii_lowercase()))
             .map(|g| crate::store::GpuIdentityRow {
                 uuid: g.uuid.clone(),
                 pci_device_id: g.pci_device_id,
@@ -430,22 +447,16 @@ impl Driver {
                         h.uuid
                     })
                     .collect();
-                // One node reporting the same UUID twice is as suspicious as two nodes.
-                let mut seen = std::collections::HashSet::new();
-                for g in &inv.gpus {
-                    if !seen.insert(g.uuid.as_str()) {
-                        dups.push(g.uuid.clone());
-                    }
-                }
+                dups.extend(own_dups);
                 dups.sort();
                 dups.dedup();
                 (change.changed && !change.first_seen, dups)
             }
             Ok(Err(e)) => {
                 warn!(node = %entry.id, error = %e, "checker: could not record the node's GPU identities");
-                (false, Vec::new())
+                (false, own_dups)
             }
-            Err(_) => (false, Vec::new()),
+            Err(_) => (false, own_dups),
         }
     }
 
@@ -574,8 +585,11 @@ impl Driver {
             *counts.entry(entry.check().state).or_default() += 1;
         }
         self.sweeps += 1;
-        if self.parts.federated && self.sweeps % IDENTITY_SWEEPS == 0 {
+        if self.sweeps % IDENTITY_SWEEPS == 0 {
             self.identity_sweep(now).await;
+        }
+        if self.sweeps % PRUNE_SWEEPS == 1 {
+            self.prune(now);
         }
         for state in crate::metrics::label_values::VERIFICATION_STATES {
             self.parts
@@ -634,6 +648,22 @@ impl Driver {
                 }
             }
         }
+    }
+
+    /// Drops check records older than the votes they could be (and a month at least), and GPU
+    /// identities not renewed for a week (nodes that never came back), in the background.
+    fn prune(&self, now: u64) {
+        let store = self.parts.store.clone();
+        let checks_before = now.saturating_sub(self.parts.config.vote_max_age_ms.max(CHECK_RETENTION_MS));
+        let gpus_before = now.saturating_sub(GPU_RETENTION_MS);
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = store.prune_checks(checks_before) {
+                warn!(error = %e, "checker: could not prune old check records");
+            }
+            if let Err(e) = store.prune_node_gpus(gpus_before) {
+                warn!(error = %e, "checker: could not prune old GPU identities");
+            }
+        });
     }
 
     fn on_probe_done(&mut self, id: ProbeId, result: Result<Sample, String>) {
