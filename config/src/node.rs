@@ -1182,7 +1182,10 @@ impl NodeConfig {
                 if uuid.is_empty() || uuid.len() > MAX_GPU_UUID_BYTES {
                     p.push(
                         path,
-                        format!("must be 1 to {MAX_GPU_UUID_BYTES} bytes (got {})", uuid.len()),
+                        format!(
+                            "must be 1 to {MAX_GPU_UUID_BYTES} bytes (got {})",
+                            uuid.len()
+                        ),
                     );
                 } else if !uuid.bytes().all(|b| b.is_ascii_graphic()) {
                     p.push(

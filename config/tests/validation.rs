@@ -946,12 +946,12 @@ fn model_weights_are_given_one_way_and_within_ten_terabytes() {
             "models[0].weights_bytes: and params_b are both set: give the size one way",
         ),
         // params_b without dtype.
-        (
-            "params_b = 7.0",
-            "models[0].dtype: required with params_b",
-        ),
+        ("params_b = 7.0", "models[0].dtype: required with params_b"),
         // dtype alone.
-        ("dtype = \"fp16\"", "models[0].dtype: only applies with params_b"),
+        (
+            "dtype = \"fp16\"",
+            "models[0].dtype: only applies with params_b",
+        ),
         // dtype with weights_bytes.
         (
             "weights_bytes = 1000\ndtype = \"fp16\"",
@@ -987,9 +987,12 @@ fn model_weights_are_given_one_way_and_within_ten_terabytes() {
         );
     }
     // An unknown dtype is refused by name, at its path.
-    let errs = node(&format!("[[models]]\nname = \"m\"\nparams_b = 7.0\ndtype = \"fp7\"\n{sim}\n"));
+    let errs = node(&format!(
+        "[[models]]\nname = \"m\"\nparams_b = 7.0\ndtype = \"fp7\"\n{sim}\n"
+    ));
     assert!(
-        errs.iter().any(|e| e.contains("models[0].dtype") || e.contains("fp7")),
+        errs.iter()
+            .any(|e| e.contains("models[0].dtype") || e.contains("fp7")),
         "{errs:?}"
     );
     // The good ones.
@@ -1044,7 +1047,10 @@ fn gpu_uuids_are_bounded_printable_and_unique_and_pci_ids_carry_a_vendor() {
         format!("[[gpus]]\nmodel = \"NVIDIA H100 80GB HBM3\"\nvram_mib = 81559\n{extra}\n")
     };
     let cases = [
-        (gpu("uuid = \"\""), "gpus[0].uuid: must be 1 to 96 bytes (got 0)"),
+        (
+            gpu("uuid = \"\""),
+            "gpus[0].uuid: must be 1 to 96 bytes (got 0)",
+        ),
         (
             gpu(&format!("uuid = \"{}\"", "U".repeat(97))),
             "gpus[0].uuid: must be 1 to 96 bytes (got 97)",

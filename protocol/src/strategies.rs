@@ -103,13 +103,12 @@ pub fn inventory() -> impl Strategy<Value = Inventory> {
         Just(WeightsSource::Computed),
         Just(WeightsSource::Detected),
     ];
-    let model = (text(), any::<u64>(), source).prop_map(|(name, weights_bytes, source)| {
-        ModelWeights {
+    let model =
+        (text(), any::<u64>(), source).prop_map(|(name, weights_bytes, source)| ModelWeights {
             name,
             weights_bytes,
             source,
-        }
-    });
+        });
     (vec(gpu, 0..4), vec(model, 0..4), ".{0,8}").prop_map(|(gpus, models, encoder)| Inventory {
         gpus,
         models,

@@ -774,7 +774,10 @@ fn inventory_weights_source_is_a_closed_set() {
         })
     ));
     for b in 0..=2u8 {
-        assert_eq!(WeightsSource::from_byte(b).map(WeightsSource::to_byte), Some(b));
+        assert_eq!(
+            WeightsSource::from_byte(b).map(WeightsSource::to_byte),
+            Some(b)
+        );
     }
 }
 

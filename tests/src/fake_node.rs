@@ -667,6 +667,26 @@ async fn serve_one(
     }
 }
 
+impl FakeNode {
+    /// Sends `inv` on the control stream without the sender's frame-size check, so that a test
+    /// can send what an honest node never would (oversized strings or lists, forged UUIDs,
+    /// indexes past its GPUs, models it does not serve, a second inventory).
+    pub async fn send_inventory(&mut self, inv: nearpath_protocol::message::Inventory) {
+        let frame = nearpath_protocol::encode_to_vec(&Message::Inventory(inv));
+        self.send.write_all(&frame).await.unwrap();
+    }
+
+    /// Sends one frame of type `ty` with `body` as is (an unknown type from a newer peer, or a
+    /// body no encoder would write).
+    pub async fn send_raw_frame(&mut self, ty: u8, body: &[u8]) {
+        let mut frame = Vec::with_capacity(body.len() + 11);
+        nearpath_protocol::codec::put_varint(&mut frame, body.len() as u64 + 1);
+        frame.push(ty);
+        frame.extend_from_slice(body);
+        self.send.write_all(&frame).await.unwrap();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -708,25 +728,5 @@ mod tests {
             ),
             (3, 4)
         );
-    }
-}
-
-impl FakeNode {
-    /// Sends `inv` on the control stream without the sender's frame-size check, so that a test
-    /// can send what an honest node never would (oversized strings or lists, forged UUIDs,
-    /// indexes past its GPUs, models it does not serve, a second inventory).
-    pub async fn send_inventory(&mut self, inv: nearpath_protocol::message::Inventory) {
-        let frame = nearpath_protocol::encode_to_vec(&Message::Inventory(inv));
-        self.send.write_all(&frame).await.unwrap();
-    }
-
-    /// Sends one frame of type `ty` with `body` as is (an unknown type from a newer peer, or a
-    /// body no encoder would write).
-    pub async fn send_raw_frame(&mut self, ty: u8, body: &[u8]) {
-        let mut frame = Vec::with_capacity(body.len() + 11);
-        nearpath_protocol::codec::put_varint(&mut frame, body.len() as u64 + 1);
-        frame.push(ty);
-        frame.extend_from_slice(body);
-        self.send.write_all(&frame).await.unwrap();
     }
 }

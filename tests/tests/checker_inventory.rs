@@ -16,11 +16,15 @@ const UUID: &str = "GPU-5d1a8a2e-0c1f-4b1e-9f0e-2a3b4c5d6e7f";
 /// The `hardware` object of a live node's admin view, once its inventory has arrived.
 async fn hardware(gw: &TestGateway, id: &str) -> Value {
     let path = &format!("/admin/nodes/{id}");
-    eventually("the node's inventory", Duration::from_secs(10), move || async move {
-        let v = gw.admin_get(path).await;
-        let h = v["live"]["hardware"].clone();
-        (!h.is_null()).then_some(h)
-    })
+    eventually(
+        "the node's inventory",
+        Duration::from_secs(10),
+        move || async move {
+            let v = gw.admin_get(path).await;
+            let h = v["live"]["hardware"].clone();
+            (!h.is_null()).then_some(h)
+        },
+    )
     .await
 }
 
@@ -98,7 +102,10 @@ async fn inventory_entries_not_matching_the_registration_are_dropped_and_the_nod
         "liar-1",
         ip(DE),
         &gw.token,
-        &[("NVIDIA GeForce RTX 4090", "rtx4090"), ("NVIDIA GeForce RTX 4090", "rtx4090")],
+        &[
+            ("NVIDIA GeForce RTX 4090", "rtx4090"),
+            ("NVIDIA GeForce RTX 4090", "rtx4090"),
+        ],
     )
     .await;
     registered(&raw);
@@ -170,7 +177,9 @@ async fn an_undecodable_inventory_closes_only_that_nodes_connection() {
         (
             "huge",
             Inventory {
-                models: (0..2000).map(|i| weights(&format!("{i:0>60}"), 1)).collect(),
+                models: (0..2000)
+                    .map(|i| weights(&format!("{i:0>60}"), 1))
+                    .collect(),
                 ..Default::default()
             },
         ),
@@ -188,9 +197,11 @@ async fn an_undecodable_inventory_closes_only_that_nodes_connection() {
             }
             other => panic!("{id}: closed with {other:?}"),
         }
-        gw.wait_nodes("the hostile node to leave", Duration::from_secs(10), |ids| {
-            !ids.iter().any(|n| n == id)
-        })
+        gw.wait_nodes(
+            "the hostile node to leave",
+            Duration::from_secs(10),
+            |ids| !ids.iter().any(|n| n == id),
+        )
         .await;
     }
     // The honest node never noticed.

@@ -467,7 +467,12 @@ impl NodeFrontEnd {
             warn!("a second Inventory on this connection; ignored (the first stands)");
             return;
         }
-        let n = inventory::sanitise(inv, entry.gpus.len(), &entry.workloads, self.clock.unix_ms());
+        let n = inventory::sanitise(
+            inv,
+            entry.gpus.len(),
+            &entry.workloads,
+            self.clock.unix_ms(),
+        );
         if n.dropped_count > 0 {
             warn!(
                 dropped = n.dropped_count,
