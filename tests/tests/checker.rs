@@ -136,6 +136,15 @@ async fn an_over_declared_node_is_demoted_and_routing_prefers_a_verified_one() {
     .await;
     let (status, body) = chat(&gw, FR_CLIENT).await;
     assert_eq!(status, 200, "{body}");
+    // The one usage record is the client's, served by the verified node: none of the probes
+    // (three on the slow node, at least one on the honest one) was billed to anybody.
+    let usage = eventually("the request's usage record", Duration::from_secs(10), || async {
+        let u = gw.store.list_usage(100).unwrap();
+        (!u.is_empty()).then_some(u)
+    })
+    .await;
+    assert_eq!(usage.len(), 1, "{usage:?}");
+    assert_eq!(usage[0].node_id, "honest-h100");
     let nodes = gw.admin_get("/admin/nodes").await;
     let honest_view = nodes["data"]
         .as_array()
@@ -216,4 +225,52 @@ async fn a_controlled_node_2000_km_from_its_claim_by_rtt_loses_controlled_eligib
     let _ = far_node.stop().await;
     let _ = near_node.stop().await;
     gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gpu_uuid_already_live_at_another_gateway_quarantines_the_newcomer() {
+    // Two gateways of a federation sharing one store: the GPU identities of gw-a's nodes are
+    // there for gw-b to find.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("federation.db");
+    let store: std::sync::Arc<dyn nearpath_gateway::store::Store> =
+        std::sync::Arc::new(nearpath_gateway::store::SqliteStore::open(&path).unwrap());
+    let mut gws = Vec::new();
+    for id in ["gw-a", "gw-b"] {
+        gws.push(
+            TestGateway::start_sharing(store.clone(), path.clone(), |c| {
+                fast_checker(c);
+                c.federation.gateway_id = Some(id.into());
+            })
+            .await,
+        );
+    }
+    let mut first = gws[0].node_config("original", &gws[0].token);
+    claim(&mut first, "NVIDIA L4", 23_034, "GPU-federated-clone-0001");
+    let mut first = TestNode::start(first, ip(DE));
+    first.registered().await;
+    wait_verification(&gws[0], "original", "the first node checked", |v| {
+        v["checks"].as_u64() > Some(0) || v["state"] != "unverified"
+    })
+    .await;
+    // The same UUID, in another case, from another node at the other gateway.
+    let mut clone = gws[1].node_config("clone", &gws[1].token);
+    claim(&mut clone, "NVIDIA L4", 23_034, "gpu-FEDERATED-clone-0001");
+    let mut clone = TestNode::start(clone, ip(DE));
+    clone.registered().await;
+    let v = wait_verification(&gws[1], "clone", "the clone quarantined", |v| {
+        v["state"] == "quarantined"
+    })
+    .await;
+    assert!(v["reasons"].to_string().to_lowercase().contains("gpu-federated-clone-0001"), "{v}");
+    let checks = gws[1].admin_get("/admin/nodes/clone").await["checks"].clone();
+    assert!(
+        checks.as_array().unwrap().iter().any(|c| c["gateway_id"] == "gw-b"),
+        "the record names the gateway that checked: {checks}"
+    );
+    let _ = first.stop().await;
+    let _ = clone.stop().await;
+    for gw in gws {
+        gw.stop().await;
+    }
 }

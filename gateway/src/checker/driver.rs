@@ -789,7 +789,11 @@ impl Driver {
         }
         let newly_reclassified = reclassified.is_some() && before.reclassified != reclassified;
         if newly_reclassified {
-            self.reclassify(now, &entry, &classes_after, &reasons).await;
+            // One SLA event per connection: more evidence may move the class again (weights
+            // first, then a probe's speed), but the operator lied once.
+            let first = before.reclassified.is_none();
+            self.reclassify(now, &entry, &classes_after, &reasons, first)
+                .await;
         }
         // Durable: the record of this check and the node's state, then the votes of every
         // gateway that checked the node.
@@ -856,6 +860,7 @@ impl Driver {
         entry: &Arc<NodeEntry>,
         classes: &[(String, nearpath_geo::ClassId)],
         reasons: &str,
+        sla_event: bool,
     ) {
         self.parts.metrics.checker_reclassifications.inc();
         let names: Vec<&str> = classes.iter().map(|c| c.0.as_str()).collect();
@@ -880,6 +885,9 @@ impl Driver {
                 });
                 break;
             }
+        }
+        if !sla_event {
+            return;
         }
         self.parts
             .metrics

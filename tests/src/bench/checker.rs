@@ -53,7 +53,7 @@ pub struct CheckerArgs {
 }
 
 const KEY: &str = "bench-checker-key";
-const MODEL: &str = "bench-model";
+use super::serve::MODEL;
 /// Where the bench's gateway places 127.0.0.1 (the node connects from there): Beijing.
 const CN: (&str, f64, f64) = ("CN", 39.9, 116.4);
 
@@ -197,8 +197,9 @@ async fn load_round(a: &CheckerArgs, checker_on: bool) -> anyhow::Result<(f64, u
             c.checker.seed = Some(1);
         },
         |n| {
-            // An honest claim: an H100 decoding a 14 GB model at the simulator's rate.
-            n.gpus = vec![gpu("NVIDIA H100 80GB HBM3", 81_559)];
+            // An honest claim the CN clients may use: an A40 (not export-controlled) decoding a
+            // 2 GB model at the simulator's rate (its bound: 348 tokens/s per stream).
+            n.gpus = vec![gpu("NVIDIA A40", 46_068)];
             n.capacity.inference_concurrency = a.concurrency;
             n.models[0].max_concurrency = a.concurrency;
             n.models[0].backend = BackendConfig::Sim {
@@ -206,7 +207,7 @@ async fn load_round(a: &CheckerArgs, checker_on: bool) -> anyhow::Result<(f64, u
                 tokens_per_s: a.tokens_per_s,
                 seed: 1,
             };
-            n.models[0].weights_bytes = Some(14_000_000_000);
+            n.models[0].weights_bytes = Some(2_000_000_000);
         },
     )
     .await?;
