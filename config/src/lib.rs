@@ -20,7 +20,9 @@ pub use gateway::{
     OutlierConfig, QuicConfig, RoutingConfig, StoreConfig, IN_MEMORY_ORIGIN,
     MAX_FALLBACKS_PER_MODEL, MIN_ADMIN_TOKEN_CHARS,
 };
-pub use gateway::{CheckerConfig, CrossRoute, FederationConfig, KnownModel, MAX_MODEL_WEIGHTS_BYTES};
+pub use gateway::{
+    CheckerConfig, CrossRoute, FederationConfig, KnownModel, MAX_MODEL_WEIGHTS_BYTES,
+};
 pub use geo::*;
 pub use iso::{is_iso_country, ISO_3166_1_ALPHA2, KOSOVO};
 pub use load::{
@@ -30,10 +32,10 @@ pub use load::{
     MAX_CONFIG_BYTES, NODE_FILE_KEYS,
 };
 pub use node::{
-    default_gpu_class_table, gpu_class_for_model, BackendConfig, CapacityConfig, DrainConfig, Dtype,
-    EncoderConfig, GameEntry, GameSource, GpuClassPattern, GpuSpec, ModelConfig, NodeConfig,
+    default_gpu_class_table, gpu_class_for_model, BackendConfig, CapacityConfig, DrainConfig,
+    Dtype, EncoderConfig, GameEntry, GameSource, GpuClassPattern, GpuSpec, ModelConfig, NodeConfig,
     NodeGatewayConfig, NodeIdentity, ResponsesMode, CPU_GPU_CLASS, UNKNOWN_GPU_CLASS,
 };
 pub use node::{CongestionController, MediaConfig, NodeQuicConfig};
-pub use node::{CAPABILITY_NAMES, SIM_CAPABILITY_NAMES};
 pub use node::{WeightsOrigin, MAX_GPU_UUID_BYTES, MAX_WEIGHTS_BYTES};
+pub use node::{CAPABILITY_NAMES, SIM_CAPABILITY_NAMES};

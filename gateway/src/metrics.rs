@@ -263,13 +263,8 @@ pub mod label_values {
         "quarantined",
     ];
     /// `checker_checks{kind}`.
-    pub const CHECKER_CHECK_KINDS: &[&str] = &[
-        "registration",
-        "standby",
-        "session",
-        "identity",
-        "location",
-    ];
+    pub const CHECKER_CHECK_KINDS: &[&str] =
+        &["registration", "standby", "session", "identity", "location"];
     /// `checker_probes{outcome}`.
     pub const CHECKER_PROBE_OUTCOMES: &[&str] = &["ok", "failed", "busy"];
     /// `node_disconnects{cause}`: `LeaveCause::as_str`.

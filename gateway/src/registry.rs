@@ -317,7 +317,9 @@ impl NodeEntry {
     /// when it found the claimed classes impossible, else the classes derived at registration.
     pub fn classes_now(&self) -> Vec<(String, ClassId)> {
         let c = self.check.lock().unwrap_or_else(|p| p.into_inner());
-        c.reclassified.clone().unwrap_or_else(|| self.classes.clone())
+        c.reclassified
+            .clone()
+            .unwrap_or_else(|| self.classes.clone())
     }
 
     /// The address the node's connection comes from now and GeoIP's location of it.
@@ -1064,7 +1066,11 @@ impl Registry {
                 .country
                 .map(|c| c.as_str().to_string())
                 .unwrap_or_else(|| "unknown".into());
-            let class = e.classes_now().first().map(|c| c.0.clone()).unwrap_or_default();
+            let class = e
+                .classes_now()
+                .first()
+                .map(|c| c.0.clone())
+                .unwrap_or_default();
             *m.entry((state, country, class)).or_insert(0) += 1;
         }
         m

@@ -165,3 +165,29 @@ fn nodes_federation_registers_every_node_across_three_gateways_on_postgresql() {
     assert_eq!(v["gateways"], 3);
     assert!(v["store_commits"].as_f64().unwrap() > 0.0, "{v}");
 }
+
+#[test]
+fn checker_measures_load_with_and_without_it_and_a_reclassification() {
+    let v = bench(&[
+        "checker",
+        "--rounds",
+        "1",
+        "--seconds",
+        "1",
+        "--concurrency",
+        "2",
+        "--tokens",
+        "8",
+        "--reclass-rounds",
+        "1",
+    ]);
+    assert_eq!(v["bench"], "checker");
+    for side in ["tokens_per_s_off", "tokens_per_s_on"] {
+        assert!(v[side]["median"].as_f64().unwrap() > 0.0, "{v}");
+    }
+    let reclass = v["reclassification"].as_array().unwrap();
+    assert_eq!(reclass.len(), 2, "{v}");
+    for r in reclass {
+        assert!(r["seconds"]["median"].as_f64().unwrap() > 0.0, "{v}");
+    }
+}

@@ -50,7 +50,12 @@ async fn verification(gw: &TestGateway, id: &str) -> Value {
 }
 
 /// Waits until the node's verification matches `pred`, and returns it.
-async fn wait_verification(gw: &TestGateway, id: &str, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+async fn wait_verification(
+    gw: &TestGateway,
+    id: &str,
+    what: &str,
+    pred: impl Fn(&Value) -> bool,
+) -> Value {
     eventually(what, Duration::from_secs(20), || async {
         let v = verification(gw, id).await;
         pred(&v).then_some(v)
@@ -76,18 +81,28 @@ async fn an_under_declared_node_is_reclassified_and_refused_from_a_restricted_co
     // Claims one RTX 3080 (10 GiB, 760 GB/s) from CN, where that class may onboard; serves a
     // model whose weights need 40 GB at 50 tokens/s: 2,000 GB/s of weights read per second.
     let mut cfg = gw.node_config("liar-3080", &gw.token);
-    claim(&mut cfg, "NVIDIA GeForce RTX 3080", 10_240, "GPU-3080-liar-0001");
+    claim(
+        &mut cfg,
+        "NVIDIA GeForce RTX 3080",
+        10_240,
+        "GPU-3080-liar-0001",
+    );
     serve(&mut cfg, 50.0, 40_000_000_000);
     let mut node = TestNode::start(cfg, ip(CN));
     node.registered().await;
     // Reclassified to a class that holds 40 GB and reads ~2 TB/s: a controlled class, which
     // the export-control rule refuses from CN, so the gateway disconnects the node.
-    eventually("the node to be disconnected", Duration::from_secs(20), || async {
-        (!gw.node_ids().await.contains(&"liar-3080".to_string())).then_some(())
-    })
+    eventually(
+        "the node to be disconnected",
+        Duration::from_secs(20),
+        || async { (!gw.node_ids().await.contains(&"liar-3080".to_string())).then_some(()) },
+    )
     .await;
     let detail = gw.admin_get("/admin/nodes/liar-3080").await;
-    assert_eq!(detail["verification"]["state"], "impossible_claim", "{detail}");
+    assert_eq!(
+        detail["verification"]["state"], "impossible_claim",
+        "{detail}"
+    );
     let checks = detail["checks"].as_array().expect("checks listed");
     assert!(
         checks.iter().any(|c| c["state"] == "impossible_claim"),
@@ -114,7 +129,12 @@ async fn an_over_declared_node_is_demoted_and_routing_prefers_a_verified_one() {
     // Claims an H100 (3.35 TB/s) for a 14 GB model, which it could decode at ~240 tokens/s,
     // and delivers 10: far below the claim on every probe.
     let mut slow = gw.node_config("slow-h100", &gw.token);
-    claim(&mut slow, "NVIDIA H100 80GB HBM3", 81_559, "GPU-h100-slow-0001");
+    claim(
+        &mut slow,
+        "NVIDIA H100 80GB HBM3",
+        81_559,
+        "GPU-h100-slow-0001",
+    );
     serve(&mut slow, 10.0, 14_000_000_000);
     let mut slow_node = TestNode::start(slow, ip(DE));
     slow_node.registered().await;
@@ -126,7 +146,12 @@ async fn an_over_declared_node_is_demoted_and_routing_prefers_a_verified_one() {
     // An honest node (same claim, 150 tokens/s) is verified and takes the traffic although the
     // demoted one is as near.
     let mut honest = gw.node_config("honest-h100", &gw.token);
-    claim(&mut honest, "NVIDIA H100 80GB HBM3", 81_559, "GPU-h100-honest-0001");
+    claim(
+        &mut honest,
+        "NVIDIA H100 80GB HBM3",
+        81_559,
+        "GPU-h100-honest-0001",
+    );
     serve(&mut honest, 150.0, 14_000_000_000);
     let mut honest_node = TestNode::start(honest, ip(DE));
     honest_node.registered().await;
@@ -138,10 +163,14 @@ async fn an_over_declared_node_is_demoted_and_routing_prefers_a_verified_one() {
     assert_eq!(status, 200, "{body}");
     // The one usage record is the client's, served by the verified node: none of the probes
     // (three on the slow node, at least one on the honest one) was billed to anybody.
-    let usage = eventually("the request's usage record", Duration::from_secs(10), || async {
-        let u = gw.store.list_usage(100).unwrap();
-        (!u.is_empty()).then_some(u)
-    })
+    let usage = eventually(
+        "the request's usage record",
+        Duration::from_secs(10),
+        || async {
+            let u = gw.store.list_usage(100).unwrap();
+            (!u.is_empty()).then_some(u)
+        },
+    )
     .await;
     assert_eq!(usage.len(), 1, "{usage:?}");
     assert_eq!(usage[0].node_id, "honest-h100");
@@ -171,7 +200,10 @@ async fn one_gpu_uuid_on_two_live_nodes_quarantines_both() {
         nodes.push(n);
     }
     for id in ["twin-a", "twin-b"] {
-        let v = wait_verification(&gw, id, "both twins quarantined", |v| v["state"] == "quarantined").await;
+        let v = wait_verification(&gw, id, "both twins quarantined", |v| {
+            v["state"] == "quarantined"
+        })
+        .await;
         assert!(
             v["reasons"].to_string().contains("GPU-cloned-uuid-0001"),
             "the reason names the UUID: {v}"
@@ -201,19 +233,38 @@ async fn a_controlled_node_2000_km_from_its_claim_by_rtt_loses_controlled_eligib
     relay.set_both(nearpath_tests::impair::Impairment::delay(10.0));
     let mut far = gw.node_config("far-h100", &gw.token);
     far.gateway.address = relay.addr().to_string();
-    claim(&mut far, "NVIDIA H100 80GB HBM3", 81_559, "GPU-h100-far-0001");
+    claim(
+        &mut far,
+        "NVIDIA H100 80GB HBM3",
+        81_559,
+        "GPU-h100-far-0001",
+    );
     let mut far_node = TestNode::start(far, ip(DE));
     far_node.registered().await;
-    let v = wait_verification(&gw, "far-h100", "the far node to fail the proximity proof", |v| {
-        v["proximity"].to_string().contains("not_proven") || v["controlled_eligible"] == false && v["checks"].as_u64() > Some(0)
-    })
+    let v = wait_verification(
+        &gw,
+        "far-h100",
+        "the far node to fail the proximity proof",
+        |v| {
+            v["proximity"].to_string().contains("not_proven")
+                || v["controlled_eligible"] == false && v["checks"].as_u64() > Some(0)
+        },
+    )
     .await;
     assert_eq!(v["controlled_eligible"], false, "{v}");
     let (status, body) = chat(&gw, FR_CLIENT).await;
-    assert_ne!(status, 200, "a controlled-class session must not go to the far node: {body}");
+    assert_ne!(
+        status, 200,
+        "a controlled-class session must not go to the far node: {body}"
+    );
     // A node that is where it says (loopback: well under a millisecond) proves it and serves.
     let mut near = gw.node_config("near-h100", &gw.token);
-    claim(&mut near, "NVIDIA H100 80GB HBM3", 81_559, "GPU-h100-near-0001");
+    claim(
+        &mut near,
+        "NVIDIA H100 80GB HBM3",
+        81_559,
+        "GPU-h100-near-0001",
+    );
     let mut near_node = TestNode::start(near, ip(DE));
     near_node.registered().await;
     wait_verification(&gw, "near-h100", "the near node to prove proximity", |v| {
@@ -262,10 +313,20 @@ async fn a_gpu_uuid_already_live_at_another_gateway_quarantines_the_newcomer() {
         v["state"] == "quarantined"
     })
     .await;
-    assert!(v["reasons"].to_string().to_lowercase().contains("gpu-federated-clone-0001"), "{v}");
+    assert!(
+        v["reasons"]
+            .to_string()
+            .to_lowercase()
+            .contains("gpu-federated-clone-0001"),
+        "{v}"
+    );
     let checks = gws[1].admin_get("/admin/nodes/clone").await["checks"].clone();
     assert!(
-        checks.as_array().unwrap().iter().any(|c| c["gateway_id"] == "gw-b"),
+        checks
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["gateway_id"] == "gw-b"),
         "the record names the gateway that checked: {checks}"
     );
     let _ = first.stop().await;

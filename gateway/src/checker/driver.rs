@@ -8,9 +8,9 @@
 //! itself, so no API key is charged and no usage is recorded: they never reach the meter.
 
 use super::geoproof::{Proximity, RttConstraint};
+use super::physics::Tolerance;
 use super::schedule::{Action, Checker, CheckerParams, NodeFacts, ProbeId, Sample};
 use super::verdict::{GatewayVote, Verification, VerificationState};
-use super::physics::Tolerance;
 use crate::clock::SharedClock;
 use crate::components::{Placement, Sessions};
 use crate::metrics::{labels, Metrics};
@@ -84,7 +84,10 @@ impl CheckerParts {
 }
 
 /// Starts the checker (when `[checker] enabled`): the registry sends it events from now on.
-pub fn start(parts: CheckerParts, shutdown: CancellationToken) -> Option<tokio::task::JoinHandle<()>> {
+pub fn start(
+    parts: CheckerParts,
+    shutdown: CancellationToken,
+) -> Option<tokio::task::JoinHandle<()>> {
     if !parts.config.enabled {
         info!("checker: off ([checker] enabled = false): nodes stay unverified");
         return None;
@@ -262,7 +265,10 @@ impl Driver {
         let prior = tokio::task::spawn_blocking(move || store.load_verification(&key))
             .await
             .ok()
-            .and_then(|r| r.map_err(|e| warn!(error = %e, "checker: could not read the node's last verdict")).ok())
+            .and_then(|r| {
+                r.map_err(|e| warn!(error = %e, "checker: could not read the node's last verdict"))
+                    .ok()
+            })
             .flatten()
             .map(|snap| (snap.state, snap.reasons_json));
         // Not verified yet: ranked behind verified nodes. A node whose last verdict was against
@@ -384,14 +390,13 @@ impl Driver {
                 .unwrap_or_default(),
             gpu_set_changed: false,
             hardware_encoder: inventory.is_some_and(|i| is_hardware_encoder(&i.encoder)),
-            claimed_location: entry
-                .location()
-                .coords
-                .and_then(|c| Some(Coords { lat: c.lat, lon: c.lon })),
-            controlled: entry
-                .classes
-                .iter()
-                .any(|(_, c)| policy.is_controlled(*c)),
+            claimed_location: entry.location().coords.and_then(|c| {
+                Some(Coords {
+                    lat: c.lat,
+                    lon: c.lon,
+                })
+            }),
+            controlled: entry.classes.iter().any(|(_, c)| policy.is_controlled(*c)),
         }
     }
 
@@ -609,7 +614,10 @@ impl Driver {
             .iter()
             .filter_map(|(id, t)| {
                 let inv = &t.entry.inventory.get()?.inventory;
-                Some((id.clone(), inv.gpus.iter().map(|g| g.uuid.clone()).collect()))
+                Some((
+                    id.clone(),
+                    inv.gpus.iter().map(|g| g.uuid.clone()).collect(),
+                ))
             })
             .collect();
         if mine.is_empty() {
@@ -654,7 +662,8 @@ impl Driver {
     /// identities not renewed for a week (nodes that never came back), in the background.
     fn prune(&self, now: u64) {
         let store = self.parts.store.clone();
-        let checks_before = now.saturating_sub(self.parts.config.vote_max_age_ms.max(CHECK_RETENTION_MS));
+        let checks_before =
+            now.saturating_sub(self.parts.config.vote_max_age_ms.max(CHECK_RETENTION_MS));
         let gpus_before = now.saturating_sub(GPU_RETENTION_MS);
         tokio::task::spawn_blocking(move || {
             if let Err(e) = store.prune_checks(checks_before) {
@@ -737,7 +746,9 @@ impl Driver {
             let id = policy.class_id(class);
             Some(vec![(class.clone(), id); entry.gpus.len().max(1)])
         });
-        let classes_after = reclassified.clone().unwrap_or_else(|| entry.classes.clone());
+        let classes_after = reclassified
+            .clone()
+            .unwrap_or_else(|| entry.classes.clone());
         let controlled = classes_after.iter().any(|(_, c)| policy.is_controlled(*c));
         let state = verification.state;
         let reasons = verification.reasons.join("; ");
@@ -749,7 +760,8 @@ impl Driver {
                 VerificationState::Verified | VerificationState::ImpossibleClaim => {}
                 VerificationState::Unverified if !checked => {}
                 other => {
-                    controlled_block = Some(format!("verification is {}: {reasons}", other.as_str()))
+                    controlled_block =
+                        Some(format!("verification is {}: {reasons}", other.as_str()))
                 }
             }
             if controlled_block.is_none()
@@ -802,9 +814,9 @@ impl Driver {
         // the node attaches to next can intersect it with its own.
         let constraint = self.nodes.get(node_id).and_then(|t| {
             let (lat, lon) = self.parts.position?;
-            t.told_rtt_ms.is_finite().then(|| {
-                serde_json::json!({"lat": lat, "lon": lon, "rtt_ms": t.told_rtt_ms})
-            })
+            t.told_rtt_ms
+                .is_finite()
+                .then(|| serde_json::json!({"lat": lat, "lon": lon, "rtt_ms": t.told_rtt_ms}))
         });
         let row = crate::store::CheckRecordRow {
             node_id: node_id.to_string(),

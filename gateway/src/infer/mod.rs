@@ -363,7 +363,13 @@ impl InferService {
             && choices == 1
             && matches!(ticket.endpoint, Endpoint::Chat | Endpoint::Completion)
         {
-            self.decode_sample(&node, &served_model, ticket.started, ttft, usage.completion_tokens);
+            self.decode_sample(
+                &node,
+                &served_model,
+                ticket.started,
+                ttft,
+                usage.completion_tokens,
+            );
         }
         // How the node did, for outlier detection: only a failure it is to blame for counts.
         match outcome {

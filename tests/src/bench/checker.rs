@@ -50,6 +50,9 @@ pub struct CheckerArgs {
     /// Rounds of the reclassification part, per registration delay.
     #[arg(long, default_value_t = 5)]
     pub reclass_rounds: u32,
+    /// Accepted like the other commands' (this one runs in one process, unpinned).
+    #[arg(long, hide = true)]
+    pub no_pin: bool,
 }
 
 const KEY: &str = "bench-checker-key";
@@ -227,9 +230,13 @@ async fn load_round(a: &CheckerArgs, checker_on: bool) -> anyhow::Result<(f64, u
         tasks.push(tokio::spawn(async move {
             let mut conn = Conn::h1(http).await?;
             while Instant::now() < end {
-                let out =
-                    stream_once(&mut conn, chat_request(http, Some(KEY), chat_body(true, max)), false, || {})
-                        .await?;
+                let out = stream_once(
+                    &mut conn,
+                    chat_request(http, Some(KEY), chat_body(true, max)),
+                    false,
+                    || {},
+                )
+                .await?;
                 tokens.fetch_add(u64::from(out.tokens), Ordering::Relaxed);
                 if out.status != 200 {
                     conn = Conn::h1(http).await?;
@@ -282,7 +289,10 @@ async fn reclass_round(delay_max_ms: u64, seed: u64) -> anyhow::Result<f64> {
     .await?;
     let deadline = registered + Duration::from_secs(60);
     while s.node_state().is_some() {
-        anyhow::ensure!(Instant::now() < deadline, "the lying node was not disconnected within 60 s");
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the lying node was not disconnected within 60 s"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let t = registered.elapsed().as_secs_f64();
@@ -312,10 +322,17 @@ pub async fn run(a: CheckerArgs) -> anyhow::Result<()> {
         a.concurrency, a.seconds, a.rounds, a.tokens_per_s
     );
     println!("  checker off: {} tokens/s", off.show(0));
-    println!("  checker on:  {} tokens/s (probes run per round: {})", on.show(0), probes.show(0));
+    println!(
+        "  checker on:  {} tokens/s (probes run per round: {})",
+        on.show(0),
+        probes.show(0)
+    );
     println!("  on/off ratio: {}", ratios.show(3));
     let mut reclass = Vec::new();
-    for (delay, label) in [(2_000u64, "default delay (random within 2 s)"), (0, "no delay")] {
+    for (delay, label) in [
+        (2_000u64, "default delay (random within 2 s)"),
+        (0, "no delay"),
+    ] {
         let mut t = Vec::new();
         for r in 0..a.reclass_rounds {
             t.push(reclass_round(delay, u64::from(r) + 1).await?);
