@@ -1142,18 +1142,18 @@ impl GatewayConfig {
         for (i, m) in c.known_models.iter().enumerate() {
             if m.name.is_empty() || m.name.len() > 256 {
                 p.push(
-                    &format!("checker.known_models[{i}].name"),
+                    format!("checker.known_models[{i}].name"),
                     "must be 1 to 256 bytes",
                 );
             } else if !seen.insert(m.name.as_str()) {
                 p.push(
-                    &format!("checker.known_models[{i}].name"),
+                    format!("checker.known_models[{i}].name"),
                     format!("{:?} is listed twice", m.name),
                 );
             }
             if m.weights_bytes == 0 || m.weights_bytes > MAX_MODEL_WEIGHTS_BYTES {
                 p.push(
-                    &format!("checker.known_models[{i}].weights_bytes"),
+                    format!("checker.known_models[{i}].weights_bytes"),
                     format!("must be between 1 and {MAX_MODEL_WEIGHTS_BYTES} (10 TB)"),
                 );
             }

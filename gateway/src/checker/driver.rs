@@ -390,11 +390,9 @@ impl Driver {
                 .unwrap_or_default(),
             gpu_set_changed: false,
             hardware_encoder: inventory.is_some_and(|i| is_hardware_encoder(&i.encoder)),
-            claimed_location: entry.location().coords.and_then(|c| {
-                Some(Coords {
-                    lat: c.lat,
-                    lon: c.lon,
-                })
+            claimed_location: entry.location().coords.map(|c| Coords {
+                lat: c.lat,
+                lon: c.lon,
             }),
             controlled: entry.classes.iter().any(|(_, c)| policy.is_controlled(*c)),
         }
@@ -590,7 +588,7 @@ impl Driver {
             *counts.entry(entry.check().state).or_default() += 1;
         }
         self.sweeps += 1;
-        if self.sweeps % IDENTITY_SWEEPS == 0 {
+        if self.sweeps.is_multiple_of(IDENTITY_SWEEPS) {
             self.identity_sweep(now).await;
         }
         if self.sweeps % PRUNE_SWEEPS == 1 {
@@ -742,9 +740,9 @@ impl Driver {
         let entry = t.entry.clone();
         let policy = &self.parts.placement.policy;
         let before = entry.check();
-        let reclassified = verification.reclassified_to.as_ref().and_then(|class| {
+        let reclassified = verification.reclassified_to.as_ref().map(|class| {
             let id = policy.class_id(class);
-            Some(vec![(class.clone(), id); entry.gpus.len().max(1)])
+            vec![(class.clone(), id); entry.gpus.len().max(1)]
         });
         let classes_after = reclassified
             .clone()

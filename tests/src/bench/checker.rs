@@ -73,7 +73,7 @@ async fn setup(
     node: impl FnOnce(&mut NodeConfig),
 ) -> anyhow::Result<(Setup, Instant)> {
     let dir = tempfile::tempdir()?;
-    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.path().join("gw.db"))?);
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(dir.path().join("gw.db"))?);
     let operator = store.create_operator("bench-operator", KycStatus::Verified)?;
     let (_, token) = store.create_enrolment_token(&operator.id)?;
     store.insert_api_key_secret(KEY, "bench", 1_000_000, 1_000_000_000)?;
