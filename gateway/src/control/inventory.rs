@@ -8,6 +8,8 @@
 //! checker's question, not the receipt's.
 
 use crate::registry::NodeInventory;
+// Names from the node are cut with the control front end's `truncate` (logged, not echoed whole).
+use super::truncate;
 use nearpath_protocol::message::{Inventory, Workloads};
 use std::collections::{BTreeSet, HashSet};
 
@@ -77,19 +79,6 @@ pub fn sanitise(
         dropped,
         dropped_count: drop_count,
     }
-}
-
-/// At most `max` bytes of `s`, cut at a character boundary (a hostile name is logged, not
-/// echoed whole).
-fn truncate(s: &str, max: usize) -> &str {
-    if s.len() <= max {
-        return s;
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
 }
 
 #[cfg(test)]
