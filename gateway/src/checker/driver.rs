@@ -844,7 +844,7 @@ impl Driver {
                     .into_iter()
                     .filter_map(|v| {
                         Some(GatewayVote {
-                            state: parse_state(&v.state)?,
+                            state: VerificationState::from_name(&v.state)?,
                             gateway_id: v.gateway_id,
                             at_ms: v.at_ms,
                         })
@@ -935,13 +935,6 @@ fn is_hardware_encoder(name: &str) -> bool {
     ["nvenc", "vaapi", "qsv", "amf", "videotoolbox", "v4l2"]
         .iter()
         .any(|h| n.contains(h))
-}
-
-fn parse_state(s: &str) -> Option<VerificationState> {
-    VerificationState::ALL
-        .iter()
-        .copied()
-        .find(|v| v.as_str() == s)
 }
 
 /// Words the probe prompts are drawn from, so that probes do not all look alike.

@@ -34,6 +34,11 @@ impl VerificationState {
         VerificationState::Quarantined,
     ];
 
+    /// The state named `name` ([`Self::as_str`]), as stored in check records and votes.
+    pub fn from_name(name: &str) -> Option<VerificationState> {
+        Self::ALL.into_iter().find(|s| s.as_str() == name)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             VerificationState::Unverified => "unverified",
@@ -371,6 +376,17 @@ mod tests {
             .map(|i| vote(&format!("g{i}"), Quarantined, 5))
             .collect();
         assert_eq!(fresh_votes(&flood, 5, AGE).len(), MAX_VOTES);
+    }
+
+    #[test]
+    fn the_metrics_label_list_is_the_states_and_names_parse_back() {
+        // `metrics` sits below the checker and keeps its own list for the zero series.
+        let names: Vec<_> = VerificationState::ALL.iter().map(|s| s.as_str()).collect();
+        assert_eq!(names, crate::metrics::label_values::VERIFICATION_STATES);
+        for s in VerificationState::ALL {
+            assert_eq!(VerificationState::from_name(s.as_str()), Some(s));
+        }
+        assert_eq!(VerificationState::from_name("trusted"), None);
     }
 
     #[test]
