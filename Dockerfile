@@ -8,10 +8,13 @@
 #   docker run -d -v nearpath:/var/lib/nearpath -v /etc/nearpath:/etc/nearpath:ro \
 #     -e NEARPATH_ADMIN__TOKEN -p 8080:8080 -p 127.0.0.1:8081:8081 -p 4433:4433/udp nearpath
 
-# Build stage: the release binaries. nasm makes OpenH264 use its assembly (faster encoding).
+# Build stage: the release binaries. nasm makes OpenH264 use its assembly (faster encoding);
+# libopus and FFmpeg's libraries are linked (Opus audio, libx264/NVENC/VAAPI through libavcodec);
+# clang is for bindgen, which generates the FFmpeg bindings.
 FROM rust:1-bookworm AS builder
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends nasm \
+    && apt-get install -y --no-install-recommends nasm pkg-config libclang-dev clang libopus-dev \
+       libavcodec-dev libavutil-dev libswscale-dev libavformat-dev libavfilter-dev libavdevice-dev \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
@@ -23,10 +26,13 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     && mkdir -p /out \
     && cp target/release/gateway target/release/nearpath target/release/edge-node /out/
 
-# Runtime stage: Debian slim (glibc and libstdc++, which the binaries link), no compiler.
+# Runtime stage: Debian slim (glibc, libstdc++, libopus and FFmpeg's libraries, which the
+# binaries link), no compiler. NVENC needs the host's NVIDIA driver (--gpus with the NVIDIA
+# container toolkit), VAAPI the host's /dev/dri.
 FROM debian:bookworm-slim
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends ca-certificates \
+    && apt-get install -y --no-install-recommends ca-certificates libopus0 libavcodec59 libavutil57 \
+       libswscale6 libavformat59 libavfilter8 libavdevice59 \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --system --user-group --uid 10001 --home-dir /var/lib/nearpath --create-home \
        --shell /usr/sbin/nologin nearpath
