@@ -671,7 +671,11 @@ impl EdgeNode {
         // Once per connection, after `Registered`: only a gateway that admitted the node learns
         // its hardware identities. It goes before the status says registered, so whoever
         // watches the status finds it already on the wire.
-        let inventory = crate::inventory::inventory(&self.config, self.gpus.gpus());
+        let inventory = crate::inventory::inventory(
+            &self.config,
+            self.gpus.gpus(),
+            self.sessions.encoders().h264_name(),
+        );
         match send(&mut ctl_send, &Message::Inventory(inventory)).await {
             Ok(()) => {}
             Err(e @ StreamError::TooLarge { .. }) => {

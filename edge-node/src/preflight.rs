@@ -20,6 +20,13 @@ pub fn preflight(config: &NodeConfig) -> Vec<ConfigError> {
     ) {
         errors.push(ConfigError::new("models", e.to_string()));
     }
+    // The encoder is probed only where games are served (an inference node encodes nothing);
+    // the result is cached, so the node does not probe again when it starts.
+    if !config.games.is_empty() {
+        if let Err(e) = crate::game::select::NodeEncoders::resolve(&config.encoder) {
+            errors.push(ConfigError::new("encoder.encoder", e.to_string()));
+        }
+    }
     errors
 }
 

@@ -65,6 +65,44 @@ pub mod ty {
     pub const PEER_OPEN: u8 = 0x40;
 }
 
+/// A video codec: what a node encodes and a client decodes. On the wire it is its name
+/// ([`VideoCodec::as_str`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
+pub enum VideoCodec {
+    /// H.264 (AVC): every client decodes it. The default.
+    #[default]
+    H264,
+    /// H.265 (HEVC).
+    Hevc,
+    /// AV1.
+    Av1,
+}
+
+impl VideoCodec {
+    /// Every codec, in the order of their wire names' first appearance.
+    pub const ALL: [VideoCodec; 3] = [VideoCodec::H264, VideoCodec::Hevc, VideoCodec::Av1];
+
+    /// The wire and configuration name: `h264`, `hevc`, `av1`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VideoCodec::H264 => "h264",
+            VideoCodec::Hevc => "hevc",
+            VideoCodec::Av1 => "av1",
+        }
+    }
+
+    /// The codec named `name` (exactly as [`VideoCodec::as_str`] writes it), if known.
+    pub fn from_name(name: &str) -> Option<VideoCodec> {
+        VideoCodec::ALL.into_iter().find(|c| c.as_str() == name)
+    }
+}
+
+impl std::fmt::Display for VideoCodec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// One GPU a node offers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Gpu {
