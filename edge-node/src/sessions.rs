@@ -351,11 +351,22 @@ impl Sessions {
             .await;
             return;
         }
+        // The gateway only asks for codecs this node registered; a gateway that asks for
+        // another is refused rather than served in a codec its client may not decode.
+        let Some(offered) = self.encoders.get(params.codec) else {
+            refuse(
+                &mut tx,
+                RefuseCode::BadRequest,
+                format!("this node does not encode {}", params.codec),
+            )
+            .await;
+            return;
+        };
         let (game, mut frames) = match GameSession::start_with_encoder(
             params.clone(),
             &entry.source,
             &self.encoder,
-            self.encoders.h264_factory(),
+            offered.factory.clone(),
         ) {
             Ok(x) => x,
             Err(e) => {

@@ -15,7 +15,7 @@ use crate::router::{
 use crate::slot_queue::SlotQueue;
 use crate::store::KycStatus;
 use nearpath_geo::{ClassId, Location};
-use nearpath_protocol::message::{Capacity, Gpu, Inventory, Workloads};
+use nearpath_protocol::message::{Capacity, Gpu, Inventory, NodeEncoder, VideoCodec, Workloads};
 use nearpath_protocol::ModelCaps;
 use serde::Serialize;
 use std::collections::HashMap;
@@ -217,6 +217,9 @@ pub struct NodeEntry {
     /// unclassified GPU contributes every class the geofence names.
     pub classes: Vec<(String, ClassId)>,
     pub workloads: Workloads,
+    /// The video encoders the node registered, one per codec (the first of each codec kept);
+    /// set with [`NodeEntry::set_encoders`]. Empty: the node encodes H.264 only.
+    pub encoders: Vec<NodeEncoder>,
     pub capacity: Capacity,
     pub software_version: String,
     pub registered_at_ms: u64,
@@ -250,6 +253,25 @@ impl NodeEntry {
         Some(self.workloads.caps_of(i))
     }
 
+    /// Records the encoders a node registered, one per codec (a repeated codec keeps its first
+    /// entry, so a node cannot grow the list past the codecs there are).
+    pub fn set_encoders(&mut self, encoders: &[NodeEncoder]) {
+        self.encoders.clear();
+        for e in encoders {
+            if !self.encoders.iter().any(|k| k.codec == e.codec) {
+                self.encoders.push(e.clone());
+            }
+        }
+    }
+
+    /// Whether the node encodes `codec` (a node that listed no encoders encodes H.264).
+    pub fn encodes(&self, codec: VideoCodec) -> bool {
+        if self.encoders.is_empty() {
+            return codec == VideoCodec::H264;
+        }
+        self.encoders.iter().any(|e| e.codec == codec)
+    }
+
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         id: String,
@@ -275,6 +297,7 @@ impl NodeEntry {
             gpu_class_hints: Vec::new(),
             classes,
             workloads,
+            encoders: Vec::new(),
             capacity,
             software_version,
             registered_at_ms,

@@ -11,6 +11,7 @@ fn params(title: &str, width: u32, height: u32, fps: u32) -> GameParams {
         height,
         fps,
         bitrate_kbps: 1000,
+        codec: Default::default(),
     }
 }
 
