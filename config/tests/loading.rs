@@ -134,13 +134,14 @@ fn unknown_keys_are_rejected_at_every_depth() {
     // An encoder nobody implements is refused at its key, naming the choices.
     let shown = node_err("[encoder]\nencoder = \"quicksync\"\n");
     assert!(
-        shown.contains("encoder.encoder")
-            && shown.contains("quicksync")
-            && shown.contains("x264"),
+        shown.contains("encoder.encoder") && shown.contains("quicksync") && shown.contains("x264"),
         "{shown}"
     );
     let shown = node_err("[encoder]\nvaapi_device = \" \"\n");
-    assert!(shown.contains("encoder.vaapi_device: must not be empty"), "{shown}");
+    assert!(
+        shown.contains("encoder.vaapi_device: must not be empty"),
+        "{shown}"
+    );
 }
 
 #[test]

@@ -1097,12 +1097,9 @@ impl Message {
                 // so that a later node's extra codecs do not stop it registering.
                 let encoders = r
                     .list("Register.encoders", 2, MAX_ENCODERS, |r| {
-                        let codec =
-                            r.string_max("NodeEncoder.codec", MAX_CODEC_NAME_BYTES)?;
-                        let implementation = r.string_max(
-                            "NodeEncoder.implementation",
-                            MAX_ENCODER_NAME_BYTES,
-                        )?;
+                        let codec = r.string_max("NodeEncoder.codec", MAX_CODEC_NAME_BYTES)?;
+                        let implementation =
+                            r.string_max("NodeEncoder.implementation", MAX_ENCODER_NAME_BYTES)?;
                         Ok(VideoCodec::from_name(&codec).map(|codec| NodeEncoder {
                             codec,
                             implementation,
@@ -1282,9 +1279,10 @@ impl Message {
                 bitrate_kbps: r.u32("PlayRequest.bitrate_kbps")?,
                 codecs: r
                     .list("PlayRequest.codecs", 1, MAX_CODECS, |r| {
-                        Ok(VideoCodec::from_name(
-                            &r.string_max("PlayRequest.codecs[]", MAX_CODEC_NAME_BYTES)?,
-                        ))
+                        Ok(VideoCodec::from_name(&r.string_max(
+                            "PlayRequest.codecs[]",
+                            MAX_CODEC_NAME_BYTES,
+                        )?))
                     })?
                     .into_iter()
                     .flatten()

@@ -62,7 +62,17 @@ fn register() -> impl Strategy<Value = Message> {
         vec(node_encoder(), 0..4),
     )
         .prop_map(
-            |(node_id, enrolment_token, software_version, gpus, games, models, gs, ic, encoders)| {
+            |(
+                node_id,
+                enrolment_token,
+                software_version,
+                gpus,
+                games,
+                models,
+                gs,
+                ic,
+                encoders,
+            )| {
                 Message::Register(Register {
                     protocol_version: PROTOCOL_VERSION,
                     node_id,
@@ -262,18 +272,20 @@ fn client() -> impl Strategy<Value = Message> {
             any::<u32>(),
             vec(video_codec(), 0..4)
         )
-            .prop_map(|(api_key, game, width, height, fps, bitrate_kbps, codecs)| {
-                Message::PlayRequest(PlayRequest {
-                    protocol_version: PROTOCOL_VERSION,
-                    api_key,
-                    game,
-                    width,
-                    height,
-                    fps,
-                    bitrate_kbps,
-                    codecs,
-                })
-            }),
+            .prop_map(
+                |(api_key, game, width, height, fps, bitrate_kbps, codecs)| {
+                    Message::PlayRequest(PlayRequest {
+                        protocol_version: PROTOCOL_VERSION,
+                        api_key,
+                        game,
+                        width,
+                        height,
+                        fps,
+                        bitrate_kbps,
+                        codecs,
+                    })
+                }
+            ),
         (
             any::<u64>(),
             any::<u32>(),

@@ -913,7 +913,9 @@ fn a_session_codec_must_be_known_and_a_client_list_is_filtered() {
         decode_one(&raw_frame(ty::PLAY_REQUEST, &body))
     };
     match request(&["vp9", "av1", "h264"]).unwrap() {
-        Some(Message::PlayRequest(r)) => assert_eq!(r.codecs, vec![VideoCodec::Av1, VideoCodec::H264]),
+        Some(Message::PlayRequest(r)) => {
+            assert_eq!(r.codecs, vec![VideoCodec::Av1, VideoCodec::H264])
+        }
         other => panic!("{other:?}"),
     }
     assert!(matches!(

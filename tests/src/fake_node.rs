@@ -12,8 +12,8 @@
 
 use bytes::Bytes;
 use nearpath_protocol::message::{
-    Accepted, Capacity, Done, Gpu, Heartbeat, Message, Open, RefuseCode, Refused, Register,
-    NodeEncoder, SessionKind, Token, VideoCodec, Workloads,
+    Accepted, Capacity, Done, Gpu, Heartbeat, Message, NodeEncoder, Open, RefuseCode, Refused,
+    Register, SessionKind, Token, VideoCodec, Workloads,
 };
 use nearpath_protocol::stream::{send, FramedRecv};
 use nearpath_protocol::tls::{client_config, ServerVerify};
