@@ -1146,6 +1146,30 @@ mod tests {
     }
 
     #[test]
+    fn a_node_encodes_what_it_registered_once_per_codec_and_h264_when_silent() {
+        let enc = |codec, implementation: &str| NodeEncoder {
+            codec,
+            implementation: implementation.into(),
+        };
+        let mut n = node("n", "op", &[], 0);
+        // A node that lists nothing (a games node of an older build) encodes H.264.
+        assert!(n.encodes(VideoCodec::H264));
+        assert!(!n.encodes(VideoCodec::Hevc));
+        // Repeats of a codec keep the first entry: the list cannot outgrow the codecs.
+        let mut listed = vec![enc(VideoCodec::Hevc, "hevc_nvenc")];
+        listed.extend((0..15).map(|i| enc(VideoCodec::Hevc, &format!("fake{i}"))));
+        listed.push(enc(VideoCodec::Av1, "av1_nvenc"));
+        n.set_encoders(&listed);
+        assert_eq!(
+            n.encoders,
+            vec![enc(VideoCodec::Hevc, "hevc_nvenc"), enc(VideoCodec::Av1, "av1_nvenc")]
+        );
+        // A node that lists encoders encodes exactly those: no H.264 here.
+        assert!(n.encodes(VideoCodec::Hevc) && n.encodes(VideoCodec::Av1));
+        assert!(!n.encodes(VideoCodec::H264));
+    }
+
+    #[test]
     fn a_node_id_connected_under_one_operator_is_refused_to_another() {
         let r = registry(&ManualClock::new(0));
         r.insert(node("n1", "op_a", &[], 10_000), STALE_MS).unwrap();
