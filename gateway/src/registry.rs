@@ -1162,7 +1162,10 @@ mod tests {
         n.set_encoders(&listed);
         assert_eq!(
             n.encoders,
-            vec![enc(VideoCodec::Hevc, "hevc_nvenc"), enc(VideoCodec::Av1, "av1_nvenc")]
+            vec![
+                enc(VideoCodec::Hevc, "hevc_nvenc"),
+                enc(VideoCodec::Av1, "av1_nvenc")
+            ]
         );
         // A node that lists encoders encodes exactly those: no H.264 here.
         assert!(n.encodes(VideoCodec::Hevc) && n.encodes(VideoCodec::Av1));

@@ -91,7 +91,11 @@ pub fn run(a: EncodersArgs) -> anyhow::Result<()> {
         .split(',')
         .map(parse_size)
         .collect::<anyhow::Result<_>>()?;
-    let mut names: Vec<String> = a.encoders.split(',').map(|s| s.trim().to_string()).collect();
+    let mut names: Vec<String> = a
+        .encoders
+        .split(',')
+        .map(|s| s.trim().to_string())
+        .collect();
     if names == ["auto"] {
         names = vec!["h264_nvenc".into(), "x264".into(), "openh264".into()];
     }
@@ -164,9 +168,6 @@ pub fn run(a: EncodersArgs) -> anyhow::Result<()> {
             }));
         }
     }
-    println!(
-        "{}",
-        json!({ "bench": "encoders", "results": results })
-    );
+    println!("{}", json!({ "bench": "encoders", "results": results }));
     Ok(())
 }
