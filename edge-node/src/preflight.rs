@@ -60,4 +60,30 @@ mod tests {
         cfg.gateway.ca_file = Some(dir.path().join("ca.pem"));
         assert_eq!(preflight(&cfg), Vec::new());
     }
+
+    #[cfg(feature = "libav")]
+    #[test]
+    fn an_explicit_encoder_that_does_not_open_here_is_refused_at_its_key() {
+        let gateway = NodeGatewayConfig::pinned("127.0.0.1:4433", "ab".repeat(32));
+        let node = NodeIdentity {
+            id: "n".into(),
+            enrolment_token: Some("t".into()),
+        };
+        let mut cfg = NodeConfig::new(node, gateway);
+        cfg.encoder.encoder = nearpath_config::EncoderKind::Vaapi;
+        cfg.encoder.vaapi_device = "/nonexistent/renderD128".into();
+        // A node without games encodes nothing, so nothing is probed.
+        assert_eq!(preflight(&cfg), Vec::new());
+        cfg.games = vec![nearpath_config::GameEntry {
+            title: "arena".into(),
+            source: nearpath_config::GameSource::Builtin {},
+        }];
+        let errors = preflight(&cfg);
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors[0].path, "encoder.encoder");
+        assert!(
+            errors[0].message.contains("/nonexistent/renderD128"),
+            "the reason names the device: {errors:?}"
+        );
+    }
 }
