@@ -176,3 +176,59 @@ async fn a_client_asking_for_hevc_gets_it_from_the_node_that_encodes_it() {
     far.stop().await.unwrap();
     gw.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_registering_thousands_of_encoders_is_not_admitted_and_the_gateway_goes_on() {
+    let gw = TestGateway::start(|_| {}).await;
+    // 2,000 entries fit a control frame but pass MAX_ENCODERS; 10,000 do not fit a frame.
+    for n in [2_000usize, 10_000] {
+        let endpoint = nearpath_tests::fake_node::node_endpoint(
+            std::net::SocketAddr::new(ip(DE), 0),
+            ServerVerify::PinnedSha256(gw.sha),
+            1 << 20,
+        )
+        .unwrap();
+        let reg = Registration::new(&format!("greedy-{n}"), &gw.token)
+            .games(&["arena"], 1)
+            .encoders(&vec![(VideoCodec::Hevc, "hevc_nvenc"); n]);
+        let answer = RawNode::try_register(
+            &endpoint,
+            gw.addrs.quic,
+            gw.sha,
+            reg.message(),
+            Duration::from_secs(10),
+        )
+        .await;
+        if let Ok(node) = &answer {
+            assert!(
+                !matches!(node.first, nearpath_protocol::Message::Registered(_)),
+                "{n} encoders: registered"
+            );
+        }
+        assert!(
+            !gw.node_ids().await.contains(&format!("greedy-{n}")),
+            "{n} encoders: listed"
+        );
+    }
+    // An honest node still registers and serves.
+    let mut node = TestNode::start(game_node(&gw, "de-1", EncoderKind::Openh264), ip(DE));
+    node.registered().await;
+    let c = client(&gw).await;
+    let session = c
+        .play(
+            API_KEY,
+            PlayParams {
+                game: "arena".into(),
+                width: 320,
+                height: 240,
+                fps: 30,
+                bitrate_kbps: 1000,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(session.started().codec, VideoCodec::H264);
+    drop(c);
+    node.stop().await.unwrap();
+    gw.stop().await;
+}
