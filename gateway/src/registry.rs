@@ -429,6 +429,8 @@ impl NodeEntry {
             "verification": self.check().view,
             "workloads": {"games": self.workloads.games, "models": self.workloads.models,
                 "model_capabilities": (0..self.workloads.models.len()).map(|i| self.workloads.caps_of(i).names()).collect::<Vec<_>>()},
+            // What `encodes` decides by: an empty list from a games node means H.264 only.
+            "encoders": self.encoders.iter().map(|e| serde_json::json!({"codec": e.codec.as_str(), "implementation": e.implementation})).collect::<Vec<_>>(),
             "capacity": {"game_sessions": self.capacity.game_sessions, "inference_concurrency": self.capacity.inference_concurrency},
             "in_use": {"game_sessions": self.games_in_use.load(Ordering::Relaxed), "inference": self.inference_in_use.load(Ordering::Relaxed)},
             "software_version": self.software_version,

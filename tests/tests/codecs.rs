@@ -114,6 +114,22 @@ async fn a_client_asking_for_hevc_gets_it_from_the_node_that_encodes_it() {
     far_cfg.encoder.software_hevc_av1 = true;
     let mut far = TestNode::start(far_cfg, ip(US_EAST));
     far.registered().await;
+    // The gateway shows what each node registered.
+    let view = gw.admin_get("/admin/nodes/us-hevc").await;
+    assert_eq!(
+        view["encoders"],
+        serde_json::json!([
+            {"codec": "h264", "implementation": "x264"},
+            {"codec": "hevc", "implementation": "x265"}
+        ]),
+        "{view}"
+    );
+    let view = gw.admin_get("/admin/nodes/de-h264").await;
+    assert_eq!(
+        view["encoders"],
+        serde_json::json!([{"codec": "h264", "implementation": "openh264"}]),
+        "{view}"
+    );
 
     let small = PlayParams {
         game: "arena".into(),
