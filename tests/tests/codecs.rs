@@ -117,7 +117,7 @@ async fn a_client_asking_for_hevc_gets_it_from_the_node_that_encodes_it() {
     // The gateway shows what each node registered.
     let view = gw.admin_get("/admin/nodes/us-hevc").await;
     assert_eq!(
-        view["encoders"],
+        view["live"]["encoders"],
         serde_json::json!([
             {"codec": "h264", "implementation": "x264"},
             {"codec": "hevc", "implementation": "x265"}
@@ -126,7 +126,7 @@ async fn a_client_asking_for_hevc_gets_it_from_the_node_that_encodes_it() {
     );
     let view = gw.admin_get("/admin/nodes/de-h264").await;
     assert_eq!(
-        view["encoders"],
+        view["live"]["encoders"],
         serde_json::json!([{"codec": "h264", "implementation": "openh264"}]),
         "{view}"
     );
