@@ -825,8 +825,8 @@ pub struct EncoderConfig {
     /// second) instead of relying on IDRs alone, which evens out frame sizes; IDRs still come
     /// on request. Default: false.
     pub intra_refresh: bool,
-    /// Where x264 encodes H.264, also offer HEVC (libx265) and AV1 (libsvtav1) encoded on the
-    /// CPU. They are slow (meant for tests and small sizes); NVENC offers HEVC and AV1 without
+    /// Where x264 encodes H.264, also offer HEVC (libx265) and AV1 (libaom-av1, real-time
+    /// mode) encoded on the CPU. They are slow (meant for tests and small sizes); NVENC offers HEVC and AV1 without
     /// this. Default: false.
     pub software_hevc_av1: bool,
     /// The DRM render node VAAPI opens. Default: "/dev/dri/renderD128".

@@ -1,6 +1,6 @@
 //! Encoders and codecs end to end (protocol version 3): sessions encoded by x264 and by
-//! OpenH264 both decode at 1280x720; a client that asks for HEVC gets it from a node that
-//! encodes it (x265 on the CPU here) and a clear refusal where no node does.
+//! OpenH264 both decode at 1280x720; a client that asks for HEVC or AV1 gets it from a node
+//! that encodes it (x265 and libaom on the CPU here) and a clear refusal where no node does.
 
 mod common;
 
@@ -103,7 +103,7 @@ async fn x264_and_openh264_sessions_both_decode_at_720p() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_asking_for_hevc_gets_it_from_the_node_that_encodes_it() {
+async fn a_client_asking_for_hevc_or_av1_gets_it_from_the_node_that_encodes_it() {
     let _heavy = HEAVY.lock().await;
     let gw = TestGateway::start(|_| {}).await;
     // The nearer node (DE, for a client in FR) encodes H.264 only; the far one (US) also
@@ -120,7 +120,8 @@ async fn a_client_asking_for_hevc_gets_it_from_the_node_that_encodes_it() {
         view["live"]["encoders"],
         serde_json::json!([
             {"codec": "h264", "implementation": "x264"},
-            {"codec": "hevc", "implementation": "x265"}
+            {"codec": "hevc", "implementation": "x265"},
+            {"codec": "av1", "implementation": "aom"}
         ]),
         "{view}"
     );
@@ -162,8 +163,33 @@ async fn a_client_asking_for_hevc_gets_it_from_the_node_that_encodes_it() {
     );
     drop(c);
 
-    // AV1 is encoded nowhere (SVT-AV1 lags, so the x265 node does not offer it): a client
-    // that also takes H.264 gets H.264 from the nearest node.
+    // AV1 first: the same node encodes it with libaom (real-time mode). A temporal unit
+    // starts with a temporal delimiter OBU (type 2), then the sequence header (type 1).
+    let c = client(&gw).await;
+    let session = c
+        .play_with_codecs(API_KEY, small.clone(), &[VideoCodec::Av1, VideoCodec::H264])
+        .await
+        .unwrap();
+    assert_eq!(session.started().codec, VideoCodec::Av1);
+    let frames = frames_of(session, 10).await;
+    assert!(frames[0].header.keyframe);
+    let first = &frames[0].payload;
+    assert_eq!(
+        (first[0] >> 3 & 0xf, first[2] >> 3 & 0xf),
+        (2, 1),
+        "{:x?}",
+        &first[..4]
+    );
+    drop(c);
+
+    // Without the far node nobody encodes AV1: a client that also takes H.264 gets H.264 from
+    // the near node; one that takes AV1 only is refused with the codec named, not a generic
+    // "no capacity".
+    far.stop().await.unwrap();
+    gw.wait_nodes("the far node to leave", Duration::from_secs(10), |ids| {
+        !ids.iter().any(|id| id == "us-hevc")
+    })
+    .await;
     let c = client(&gw).await;
     let session = c
         .play_with_codecs(API_KEY, small.clone(), &[VideoCodec::Av1, VideoCodec::H264])
@@ -175,7 +201,6 @@ async fn a_client_asking_for_hevc_gets_it_from_the_node_that_encodes_it() {
     assert_eq!((decoded, dims), (10, (320, 240)));
     drop(c);
 
-    // AV1 only: refused with the codec named, not a generic "no capacity".
     let c = client(&gw).await;
     let Err(err) = c.play_with_codecs(API_KEY, small, &[VideoCodec::Av1]).await else {
         panic!("no node encodes AV1, yet the session started");
@@ -189,7 +214,6 @@ async fn a_client_asking_for_hevc_gets_it_from_the_node_that_encodes_it() {
     }
     drop(c);
     near.stop().await.unwrap();
-    far.stop().await.unwrap();
     gw.stop().await;
 }
 

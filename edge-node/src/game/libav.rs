@@ -1,6 +1,6 @@
 //! Video encoders of Debian's FFmpeg libraries (libavcodec), behind the same [`Encoder`] trait
 //! as OpenH264: `libx264` on the CPU, NVIDIA's `h264_nvenc`, `hevc_nvenc` and `av1_nvenc`,
-//! `h264_vaapi` on a DRM render node, and, for tests, `libx265` and `libsvtav1` on the CPU.
+//! `h264_vaapi` on a DRM render node, and, for tests, `libx265` and `libaom-av1` on the CPU.
 //!
 //! Every encoder is set up the same way for interactive streaming: no B-frames, no lookahead
 //! (one frame in, its access unit out before the next frame: [`LibavEncoder::encode`] fails a
@@ -38,13 +38,16 @@ pub enum LibavCodec {
     H264Vaapi,
     /// `libx265`: HEVC on the CPU (slow; tests and small sizes).
     X265,
-    /// `libsvtav1`: AV1 on the CPU (slow; tests and small sizes).
+    /// `libsvtav1`: AV1 on the CPU. It keeps frames in its pipeline even in low-delay mode,
+    /// so the probe refuses it; kept to show why.
     SvtAv1,
+    /// `libaom-av1` in real-time mode: AV1 on the CPU (slow; tests and small sizes).
+    Aom,
 }
 
 impl LibavCodec {
     /// Every encoder, for listings.
-    pub const ALL: [LibavCodec; 7] = [
+    pub const ALL: [LibavCodec; 8] = [
         LibavCodec::X264,
         LibavCodec::H264Nvenc,
         LibavCodec::HevcNvenc,
@@ -52,6 +55,7 @@ impl LibavCodec {
         LibavCodec::H264Vaapi,
         LibavCodec::X265,
         LibavCodec::SvtAv1,
+        LibavCodec::Aom,
     ];
 
     /// The implementation name reported in logs, stats and `Register` (`x264`, `h264_nvenc`).
@@ -64,6 +68,7 @@ impl LibavCodec {
             LibavCodec::H264Vaapi => "h264_vaapi",
             LibavCodec::X265 => "x265",
             LibavCodec::SvtAv1 => "svtav1",
+            LibavCodec::Aom => "aom",
         }
     }
 
@@ -73,6 +78,7 @@ impl LibavCodec {
             LibavCodec::X264 => "libx264",
             LibavCodec::X265 => "libx265",
             LibavCodec::SvtAv1 => "libsvtav1",
+            LibavCodec::Aom => "libaom-av1",
             other => other.name(),
         }
     }
@@ -82,7 +88,7 @@ impl LibavCodec {
         match self {
             LibavCodec::X264 | LibavCodec::H264Nvenc | LibavCodec::H264Vaapi => VideoCodec::H264,
             LibavCodec::HevcNvenc | LibavCodec::X265 => VideoCodec::Hevc,
-            LibavCodec::Av1Nvenc | LibavCodec::SvtAv1 => VideoCodec::Av1,
+            LibavCodec::Av1Nvenc | LibavCodec::SvtAv1 | LibavCodec::Aom => VideoCodec::Av1,
         }
     }
 
@@ -361,6 +367,13 @@ impl LibavEncoder {
                     opts.push(("tune", "zerolatency".into()));
                     opts.push(("forced-idr", "1".into()));
                     opts.push(("x265-params", "repeat-headers=1:frame-threads=1:rc-lookahead=0:bframes=0:scenecut=0:log-level=error".into()));
+                }
+                LibavCodec::Aom => {
+                    // Real-time mode without lag: one frame in, its temporal unit out.
+                    opts.push(("usage", "realtime".into()));
+                    opts.push(("cpu-used", "8".into()));
+                    opts.push(("lag-in-frames", "0".into()));
+                    opts.push(("row-mt", "1".into()));
                 }
                 LibavCodec::SvtAv1 => {
                     opts.push(("preset", "12".into()));
@@ -899,13 +912,13 @@ mod tests {
     #[test]
     fn software_hevc_and_av1_open_and_give_keyframes() {
         let mut g = BuiltinGame::new("arena", 320, 240).unwrap();
-        for codec in [LibavCodec::X265, LibavCodec::SvtAv1] {
+        for codec in [LibavCodec::X265, LibavCodec::SvtAv1, LibavCodec::Aom] {
             let mut enc = LibavEncoder::open(codec, params(320, 240), LibavOptions::default())
                 .unwrap_or_else(|e| panic!("{e}"));
             let mut aus = Vec::new();
             for i in 0..10 {
                 g.step();
-                if let Some(au) = enc.encode(g.render(), i == 0).unwrap() {
+                if let Some(au) = enc.encode(g.render(), i == 0 || i == 6).unwrap() {
                     aus.push((i, au));
                 }
             }
@@ -923,6 +936,24 @@ mod tests {
                 continue;
             }
             assert_eq!(aus.len(), 10, "{codec:?} lags");
+            let keyframes: Vec<usize> = aus
+                .iter()
+                .filter(|(_, au)| au.keyframe)
+                .map(|(i, _)| *i)
+                .collect();
+            assert_eq!(keyframes, [0, 6], "{codec:?}: keyframes on request only");
+            if codec == LibavCodec::Aom {
+                // AV1: a temporal delimiter OBU (type 2), then the sequence header (type 1),
+                // on every keyframe.
+                for (i, au) in &aus {
+                    let types = (au.data[0] >> 3 & 0xf, au.data[2] >> 3 & 0xf);
+                    if au.keyframe {
+                        assert_eq!(types, (2, 1), "frame {i}: {:x?}", &au.data[..4]);
+                    } else {
+                        assert_ne!(types.1, 1, "frame {i}: a sequence header unasked");
+                    }
+                }
+            }
             if codec == LibavCodec::X265 {
                 // HEVC: VPS (32), SPS (33), PPS (34) in front of the IDR.
                 let types: Vec<u8> = nal_units(&aus[0].1.data)

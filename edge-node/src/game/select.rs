@@ -176,7 +176,7 @@ mod imp {
                 _ => (
                     LibavCodec::X264,
                     if cfg.software_hevc_av1 {
-                        vec![LibavCodec::X265, LibavCodec::SvtAv1]
+                        vec![LibavCodec::X265, LibavCodec::Aom]
                     } else {
                         Vec::new()
                     },
