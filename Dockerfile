@@ -20,6 +20,10 @@ WORKDIR /src
 COPY . .
 # The cache mounts keep the registry and the build between image builds (BuildKit); the
 # binaries are copied out of the cached target folder, which the next stage cannot see.
+# FFmpeg's headers and clang for the edge node's libavcodec encoders (bindgen at build time).
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends libavcodec-dev libavutil-dev clang libclang-dev pkg-config \
+    && rm -rf /var/lib/apt/lists/*
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     cargo build --release --locked -p nearpath-gateway-cli -p nearpath-edge-node --bins \
@@ -36,6 +40,10 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --system --user-group --uid 10001 --home-dir /var/lib/nearpath --create-home \
        --shell /usr/sbin/nologin nearpath
+# libavcodec for the edge node's encoders (x264, NVENC, VAAPI).
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends libavcodec59 libavutil57 \
+    && rm -rf /var/lib/apt/lists/*
 COPY --from=builder /out/gateway /out/nearpath /out/edge-node /usr/local/bin/
 COPY config/examples/gateway.toml config/examples/edge-node.toml /etc/nearpath/
 COPY LICENSE NOTICE geo/data/NRO_LICENSE geo/data/CENTROIDS.md /usr/share/doc/nearpath/

@@ -33,8 +33,9 @@ pub use load::{
 };
 pub use node::{
     default_gpu_class_table, gpu_class_for_model, BackendConfig, CapacityConfig, DrainConfig,
-    Dtype, EncoderConfig, GameEntry, GameSource, GpuClassPattern, GpuSpec, ModelConfig, NodeConfig,
-    NodeGatewayConfig, NodeIdentity, ResponsesMode, CPU_GPU_CLASS, UNKNOWN_GPU_CLASS,
+    Dtype, EncoderConfig, EncoderKind, GameEntry, GameSource, GpuClassPattern, GpuSpec,
+    ModelConfig, NodeConfig, NodeGatewayConfig, NodeIdentity, ResponsesMode, CPU_GPU_CLASS,
+    UNKNOWN_GPU_CLASS,
 };
 pub use node::{CongestionController, MediaConfig, NodeQuicConfig};
 pub use node::{WeightsOrigin, MAX_GPU_UUID_BYTES, MAX_WEIGHTS_BYTES};

@@ -46,7 +46,7 @@ pub struct NodeConfig {
     /// `[[games]]`: game titles served. Default: [].
     #[serde(default)]
     pub games: Vec<GameEntry>,
-    /// `[encoder]`: the H.264 encoder.
+    /// `[encoder]`: the video encoder.
     #[serde(default)]
     pub encoder: EncoderConfig,
     /// `[media]`: how game frames are sent to the gateway (congestion control).
@@ -777,6 +777,38 @@ pub enum GameSource {
     },
 }
 
+/// Which video encoder a node uses (`[encoder] encoder`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EncoderKind {
+    /// The best one that opens on this machine, probed once at start in the order NVENC,
+    /// VAAPI, x264, OpenH264. The default.
+    #[default]
+    Auto,
+    /// NVIDIA NVENC through libavcodec (`h264_nvenc`, plus `hevc_nvenc` and `av1_nvenc` where
+    /// the GPU has them).
+    Nvenc,
+    /// VAAPI through libavcodec (`h264_vaapi`) on [`EncoderConfig::vaapi_device`].
+    Vaapi,
+    /// libx264 on the CPU through libavcodec.
+    X264,
+    /// Cisco OpenH264 on the CPU, built into the node (no FFmpeg libraries needed).
+    Openh264,
+}
+
+impl EncoderKind {
+    /// The name used in the configuration file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EncoderKind::Auto => "auto",
+            EncoderKind::Nvenc => "nvenc",
+            EncoderKind::Vaapi => "vaapi",
+            EncoderKind::X264 => "x264",
+            EncoderKind::Openh264 => "openh264",
+        }
+    }
+}
+
 /// `[encoder]`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -785,6 +817,20 @@ pub struct EncoderConfig {
     pub idr_interval_s: u64,
     /// Encoder threads per session. Default: 1.
     pub threads: u16,
+    /// Which encoder: "auto" (the best that opens here: nvenc, then vaapi, then x264, then
+    /// openh264), "nvenc", "vaapi", "x264" or "openh264". An explicit choice this machine
+    /// cannot open is a start-up error that says why. Default: "auto".
+    pub encoder: EncoderKind,
+    /// x264 only: refresh the picture with a moving column of intra blocks (one sweep a
+    /// second) instead of relying on IDRs alone, which evens out frame sizes; IDRs still come
+    /// on request. Default: false.
+    pub intra_refresh: bool,
+    /// Where x264 encodes H.264, also offer HEVC (libx265) and AV1 (libaom-av1, real-time
+    /// mode) encoded on the CPU. They are slow (meant for tests and small sizes); NVENC offers HEVC and AV1 without
+    /// this. Default: false.
+    pub software_hevc_av1: bool,
+    /// The DRM render node VAAPI opens. Default: "/dev/dri/renderD128".
+    pub vaapi_device: String,
 }
 
 impl Default for EncoderConfig {
@@ -792,6 +838,10 @@ impl Default for EncoderConfig {
         Self {
             idr_interval_s: 10,
             threads: 1,
+            encoder: EncoderKind::Auto,
+            intra_refresh: false,
+            software_hevc_av1: false,
+            vaapi_device: "/dev/dri/renderD128".into(),
         }
     }
 }
@@ -934,6 +984,9 @@ impl NodeConfig {
         self.check_workloads(p);
         p.positive("encoder.idr_interval_s", self.encoder.idr_interval_s);
         p.positive("encoder.threads", self.encoder.threads);
+        if self.encoder.vaapi_device.trim().is_empty() {
+            p.push("encoder.vaapi_device", "must not be empty");
+        }
         p.positive("media.min_bitrate_kbps", self.media.min_bitrate_kbps);
         p.positive("media.max_frame_delay_ms", self.media.max_frame_delay_ms);
         p.positive("media.resume_grace_ms", self.media.resume_grace_ms);

@@ -128,7 +128,19 @@ fn unknown_keys_are_rejected_at_every_depth() {
     );
     assert_eq!(
         node_err("[encoder]\nthreads = 2\nbitrate = 1\n"),
-        "n.toml:8:1: encoder.bitrate: unknown key (expected `idr_interval_s` or `threads`)"
+        "n.toml:8:1: encoder.bitrate: unknown key (expected one of `idr_interval_s`, `threads`, \
+         `encoder`, `intra_refresh`, `software_hevc_av1`, `vaapi_device`)"
+    );
+    // An encoder nobody implements is refused at its key, naming the choices.
+    let shown = node_err("[encoder]\nencoder = \"quicksync\"\n");
+    assert!(
+        shown.contains("encoder.encoder") && shown.contains("quicksync") && shown.contains("x264"),
+        "{shown}"
+    );
+    let shown = node_err("[encoder]\nvaapi_device = \" \"\n");
+    assert!(
+        shown.contains("encoder.vaapi_device: must not be empty"),
+        "{shown}"
     );
 }
 

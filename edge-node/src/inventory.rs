@@ -7,7 +7,6 @@
 //! unknown). For the simulator, the configured size is what it reports, whatever it delivers:
 //! that is the knob tests use to make a node lie about a model.
 
-use crate::game::OpenH264Encoder;
 use crate::gpu::GpuInfo;
 use nearpath_config::{NodeConfig, WeightsOrigin};
 use nearpath_protocol::message::{GpuIdentity, Inventory, ModelWeights, WeightsSource};
@@ -17,7 +16,7 @@ use nearpath_protocol::message::{GpuIdentity, Inventory, ModelWeights, WeightsSo
 /// A GPU is listed by its position in `Register.gpus` only when something of its identity is
 /// known (a node without NVML or configured identities lists none). Every configured model is
 /// listed, with 0 bytes when its size is unknown.
-pub fn inventory(config: &NodeConfig, gpus: &[GpuInfo]) -> Inventory {
+pub fn inventory(config: &NodeConfig, gpus: &[GpuInfo], h264_encoder: &str) -> Inventory {
     let gpus = gpus
         .iter()
         .enumerate()
@@ -45,12 +44,12 @@ pub fn inventory(config: &NodeConfig, gpus: &[GpuInfo]) -> Inventory {
             }
         })
         .collect();
-    // Games are encoded with OpenH264 (the only encoder today); a node without games encodes
-    // nothing.
+    // The H.264 encoder `[encoder]` resolved to (every codec's encoder is in `Register`); a
+    // node without games encodes nothing.
     let encoder = if config.games.is_empty() {
         String::new()
     } else {
-        OpenH264Encoder::NAME.to_string()
+        h264_encoder.to_string()
     };
     Inventory {
         gpus,
@@ -100,7 +99,7 @@ source = { type = "builtin" }
     fn the_node_reports_configured_identities_and_sizes_in_its_inventory() {
         let cfg = parse_node(NODE, "node.toml", &[]).unwrap();
         let (gpus, _) = from_config(&cfg.gpus, &cfg.gpu_classes);
-        let inv = inventory(&cfg, &gpus);
+        let inv = inventory(&cfg, &gpus, "openh264");
         // The second GPU has no known identity: it is not listed.
         assert_eq!(
             inv.gpus,
@@ -139,6 +138,6 @@ source = { type = "builtin" }
         let text = NODE.split("[[gpus]]").next().unwrap();
         let cfg = parse_node(text, "node.toml", &[]).unwrap();
         let (gpus, _) = from_config(&cfg.gpus, &cfg.gpu_classes);
-        assert_eq!(inventory(&cfg, &gpus), Inventory::default());
+        assert_eq!(inventory(&cfg, &gpus, "x264"), Inventory::default());
     }
 }

@@ -8,7 +8,7 @@ use crate::gpu::GpuMonitor;
 use crate::sessions::{SessionContext, Sessions};
 use nearpath_config::NodeConfig;
 use nearpath_protocol::message::{
-    Capacity, Drain, Gpu, Heartbeat, Message, Register, RejectCode, Workloads,
+    Capacity, Drain, Gpu, Heartbeat, Message, NodeEncoder, Register, RejectCode, Workloads,
 };
 use nearpath_protocol::stream::priority;
 use nearpath_protocol::stream::{send, FramedRecv, StreamError};
@@ -256,6 +256,19 @@ impl EdgeNode {
             capacity: Capacity {
                 game_sessions: self.config.capacity.game_sessions,
                 inference_concurrency: self.config.capacity.inference_concurrency,
+            },
+            encoders: if self.config.games.is_empty() {
+                Vec::new()
+            } else {
+                self.sessions
+                    .encoders()
+                    .offered()
+                    .iter()
+                    .map(|e| NodeEncoder {
+                        codec: e.codec,
+                        implementation: e.implementation.to_string(),
+                    })
+                    .collect()
             },
         }
     }
@@ -671,7 +684,11 @@ impl EdgeNode {
         // Once per connection, after `Registered`: only a gateway that admitted the node learns
         // its hardware identities. It goes before the status says registered, so whoever
         // watches the status finds it already on the wire.
-        let inventory = crate::inventory::inventory(&self.config, self.gpus.gpus());
+        let inventory = crate::inventory::inventory(
+            &self.config,
+            self.gpus.gpus(),
+            self.sessions.encoders().h264_name(),
+        );
         match send(&mut ctl_send, &Message::Inventory(inventory)).await {
             Ok(()) => {}
             Err(e @ StreamError::TooLarge { .. }) => {

@@ -20,6 +20,13 @@ pub fn preflight(config: &NodeConfig) -> Vec<ConfigError> {
     ) {
         errors.push(ConfigError::new("models", e.to_string()));
     }
+    // The encoder is probed only where games are served (an inference node encodes nothing);
+    // the result is cached, so the node does not probe again when it starts.
+    if !config.games.is_empty() {
+        if let Err(e) = crate::game::select::NodeEncoders::resolve(&config.encoder) {
+            errors.push(ConfigError::new("encoder.encoder", e.to_string()));
+        }
+    }
     errors
 }
 
@@ -52,5 +59,31 @@ mod tests {
         std::fs::write(dir.path().join("ca.pem"), &s.cert_pem).unwrap();
         cfg.gateway.ca_file = Some(dir.path().join("ca.pem"));
         assert_eq!(preflight(&cfg), Vec::new());
+    }
+
+    #[cfg(feature = "libav")]
+    #[test]
+    fn an_explicit_encoder_that_does_not_open_here_is_refused_at_its_key() {
+        let gateway = NodeGatewayConfig::pinned("127.0.0.1:4433", "ab".repeat(32));
+        let node = NodeIdentity {
+            id: "n".into(),
+            enrolment_token: Some("t".into()),
+        };
+        let mut cfg = NodeConfig::new(node, gateway);
+        cfg.encoder.encoder = nearpath_config::EncoderKind::Vaapi;
+        cfg.encoder.vaapi_device = "/nonexistent/renderD128".into();
+        // A node without games encodes nothing, so nothing is probed.
+        assert_eq!(preflight(&cfg), Vec::new());
+        cfg.games = vec![nearpath_config::GameEntry {
+            title: "arena".into(),
+            source: nearpath_config::GameSource::Builtin {},
+        }];
+        let errors = preflight(&cfg);
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors[0].path, "encoder.encoder");
+        assert!(
+            errors[0].message.contains("/nonexistent/renderD128"),
+            "the reason names the device: {errors:?}"
+        );
     }
 }

@@ -2,6 +2,7 @@
 //! session, `Open` first, then tokens (inference) or control messages (game).
 
 use crate::game::rate::{FrameOutcome, RateConfig, RateController, SlotDecision};
+use crate::game::select::NodeEncoders;
 use crate::game::{EncodedFrame, FrameGate, GameSession, InputOutcome};
 use crate::inference::{BackendError, BackendEvent, ModelRegistry};
 use nearpath_config::{EncoderConfig, GameEntry, MediaConfig, NodeConfig};
@@ -32,6 +33,8 @@ pub struct Sessions {
     models: ModelRegistry,
     games: Vec<GameEntry>,
     encoder: EncoderConfig,
+    /// The encoders `[encoder]` resolved to on this machine (probed once at start).
+    encoders: NodeEncoders,
     media: MediaConfig,
     game_slots: u32,
     /// Running game sessions by id, for routing input datagrams.
@@ -99,10 +102,20 @@ impl Sessions {
             Some(config.capacity.inference_concurrency as usize),
         )
         .map_err(|e| format!("models: {e}"))?;
+        // A node without games encodes nothing: no probing, no FFmpeg.
+        let encoders = if config.games.is_empty() {
+            NodeEncoders::openh264()
+        } else {
+            let e = NodeEncoders::resolve(&config.encoder)
+                .map_err(|e| format!("encoder.encoder: {e}"))?;
+            tracing::info!(picked = e.kind.as_str(), "{}", e.describe());
+            e
+        };
         Ok(Sessions {
             models,
             games: config.games.clone(),
             encoder: config.encoder.clone(),
+            encoders,
             media: config.media.clone(),
             game_slots: config.capacity.game_sessions,
             running_games: Mutex::new(HashMap::new()),
@@ -114,6 +127,11 @@ impl Sessions {
             cancel_all: Mutex::new(CancellationToken::new()),
             served: AtomicU32::new(0),
         })
+    }
+
+    /// The encoders this node offers.
+    pub fn encoders(&self) -> &NodeEncoders {
+        &self.encoders
     }
 
     pub fn active(&self) -> u32 {
@@ -333,19 +351,34 @@ impl Sessions {
             .await;
             return;
         }
-        let (game, mut frames) =
-            match GameSession::start(params.clone(), &entry.source, &self.encoder) {
-                Ok(x) => x,
-                Err(e) => {
-                    let code = if e.is_client_error() {
-                        RefuseCode::BadRequest
-                    } else {
-                        RefuseCode::Internal
-                    };
-                    refuse(&mut tx, code, e.to_string()).await;
-                    return;
-                }
-            };
+        // The gateway only asks for codecs this node registered; a gateway that asks for
+        // another is refused rather than served in a codec its client may not decode.
+        let Some(offered) = self.encoders.get(params.codec) else {
+            refuse(
+                &mut tx,
+                RefuseCode::BadRequest,
+                format!("this node does not encode {}", params.codec),
+            )
+            .await;
+            return;
+        };
+        let (game, mut frames) = match GameSession::start_with_encoder(
+            params.clone(),
+            &entry.source,
+            &self.encoder,
+            offered.factory.clone(),
+        ) {
+            Ok(x) => x,
+            Err(e) => {
+                let code = if e.is_client_error() {
+                    RefuseCode::BadRequest
+                } else {
+                    RefuseCode::Internal
+                };
+                refuse(&mut tx, code, e.to_string()).await;
+                return;
+            }
+        };
         let game = Arc::new(game);
         self.games_map().insert(session_id, game.clone());
         self.active.fetch_add(1, Ordering::AcqRel);

@@ -15,7 +15,7 @@ use crate::router::{
 use crate::slot_queue::SlotQueue;
 use crate::store::KycStatus;
 use nearpath_geo::{ClassId, Location};
-use nearpath_protocol::message::{Capacity, Gpu, Inventory, Workloads};
+use nearpath_protocol::message::{Capacity, Gpu, Inventory, NodeEncoder, VideoCodec, Workloads};
 use nearpath_protocol::ModelCaps;
 use serde::Serialize;
 use std::collections::HashMap;
@@ -217,6 +217,9 @@ pub struct NodeEntry {
     /// unclassified GPU contributes every class the geofence names.
     pub classes: Vec<(String, ClassId)>,
     pub workloads: Workloads,
+    /// The video encoders the node registered, one per codec (the first of each codec kept);
+    /// set with [`NodeEntry::set_encoders`]. Empty: the node encodes H.264 only.
+    pub encoders: Vec<NodeEncoder>,
     pub capacity: Capacity,
     pub software_version: String,
     pub registered_at_ms: u64,
@@ -250,6 +253,25 @@ impl NodeEntry {
         Some(self.workloads.caps_of(i))
     }
 
+    /// Records the encoders a node registered, one per codec (a repeated codec keeps its first
+    /// entry, so a node cannot grow the list past the codecs there are).
+    pub fn set_encoders(&mut self, encoders: &[NodeEncoder]) {
+        self.encoders.clear();
+        for e in encoders {
+            if !self.encoders.iter().any(|k| k.codec == e.codec) {
+                self.encoders.push(e.clone());
+            }
+        }
+    }
+
+    /// Whether the node encodes `codec` (a node that listed no encoders encodes H.264).
+    pub fn encodes(&self, codec: VideoCodec) -> bool {
+        if self.encoders.is_empty() {
+            return codec == VideoCodec::H264;
+        }
+        self.encoders.iter().any(|e| e.codec == codec)
+    }
+
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         id: String,
@@ -275,6 +297,7 @@ impl NodeEntry {
             gpu_class_hints: Vec::new(),
             classes,
             workloads,
+            encoders: Vec::new(),
             capacity,
             software_version,
             registered_at_ms,
@@ -406,6 +429,8 @@ impl NodeEntry {
             "verification": self.check().view,
             "workloads": {"games": self.workloads.games, "models": self.workloads.models,
                 "model_capabilities": (0..self.workloads.models.len()).map(|i| self.workloads.caps_of(i).names()).collect::<Vec<_>>()},
+            // What `encodes` decides by: an empty list from a games node means H.264 only.
+            "encoders": self.encoders.iter().map(|e| serde_json::json!({"codec": e.codec.as_str(), "implementation": e.implementation})).collect::<Vec<_>>(),
             "capacity": {"game_sessions": self.capacity.game_sessions, "inference_concurrency": self.capacity.inference_concurrency},
             "in_use": {"game_sessions": self.games_in_use.load(Ordering::Relaxed), "inference": self.inference_in_use.load(Ordering::Relaxed)},
             "software_version": self.software_version,
@@ -1120,6 +1145,33 @@ mod tests {
             tx,
             NodeDynamic::admitted(at_ms, 0.0, 0),
         )
+    }
+
+    #[test]
+    fn a_node_encodes_what_it_registered_once_per_codec_and_h264_when_silent() {
+        let enc = |codec, implementation: &str| NodeEncoder {
+            codec,
+            implementation: implementation.into(),
+        };
+        let mut n = node("n", "op", &[], 0);
+        // A node that lists nothing (a games node of an older build) encodes H.264.
+        assert!(n.encodes(VideoCodec::H264));
+        assert!(!n.encodes(VideoCodec::Hevc));
+        // Repeats of a codec keep the first entry: the list cannot outgrow the codecs.
+        let mut listed = vec![enc(VideoCodec::Hevc, "hevc_nvenc")];
+        listed.extend((0..15).map(|i| enc(VideoCodec::Hevc, &format!("fake{i}"))));
+        listed.push(enc(VideoCodec::Av1, "av1_nvenc"));
+        n.set_encoders(&listed);
+        assert_eq!(
+            n.encoders,
+            vec![
+                enc(VideoCodec::Hevc, "hevc_nvenc"),
+                enc(VideoCodec::Av1, "av1_nvenc")
+            ]
+        );
+        // A node that lists encoders encodes exactly those: no H.264 here.
+        assert!(n.encodes(VideoCodec::Hevc) && n.encodes(VideoCodec::Av1));
+        assert!(!n.encodes(VideoCodec::H264));
     }
 
     #[test]

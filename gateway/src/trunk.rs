@@ -1122,6 +1122,7 @@ mod tests {
             height: 360,
             fps: 30,
             bitrate_kbps: 1_000,
+            codec: Default::default(),
         });
         assert_eq!(
             check_open("n1", Some(&n), &game).unwrap_err().0,

@@ -14,7 +14,7 @@ use crate::frame::FrameHeader;
 use crate::input::{InputDatagram, InputEvent};
 use crate::message::{
     Chunk, Close, Done, Ended, ErrorInfo, InferRequest, InferStarted, ListGames, Message, Paused,
-    PlayRequest, PlayResume, PlayStarted, PlayTicket, Redirect, Token,
+    PlayRequest, PlayResume, PlayStarted, PlayTicket, Redirect, Token, VideoCodec,
 };
 use crate::net::{self, NetError};
 use crate::openai::Endpoint;
@@ -328,6 +328,18 @@ impl Client {
         api_key: &str,
         params: PlayParams,
     ) -> Result<PlaySession, ClientError> {
+        self.play_with_codecs(api_key, params, &[]).await
+    }
+
+    /// [`Client::play`] for a client that decodes more than H.264: `codecs` in preference
+    /// order (empty: H.264 only). The gateway picks the first one a node that may serve the
+    /// session encodes; `PlayStarted::codec` (in [`PlaySession`]) says which.
+    pub async fn play_with_codecs(
+        &self,
+        api_key: &str,
+        params: PlayParams,
+        codecs: &[VideoCodec],
+    ) -> Result<PlaySession, ClientError> {
         if self.play_active.swap(true, Ordering::AcqRel) {
             return Err(ClientError::PlayActive);
         }
@@ -340,6 +352,7 @@ impl Client {
             height: params.height,
             fps: params.fps,
             bitrate_kbps: params.bitrate_kbps,
+            codecs: codecs.to_vec(),
         });
         match self.start_play(&request).await? {
             PlayAnswer::Started(send, control, started, token) => {

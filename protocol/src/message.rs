@@ -20,8 +20,16 @@ pub const MAX_NAMES: usize = 4096;
 pub const MAX_GPU_UUID_BYTES: usize = 96;
 /// Longest `GpuIdentity.driver_version` (NVML's are like `550.54.15`).
 pub const MAX_DRIVER_VERSION_BYTES: usize = 64;
-/// Longest `Inventory.encoder` name (`openh264`, `nvenc`, ...).
+/// Longest `Inventory.encoder` name (`openh264`, `nvenc`, ...), and longest
+/// `NodeEncoder.implementation`.
 pub const MAX_ENCODER_NAME_BYTES: usize = 32;
+/// Most encoders one `Register` may list (one per codec is what nodes send; the room is for
+/// codecs added later).
+pub const MAX_ENCODERS: usize = 16;
+/// Most codecs a `PlayRequest` may list.
+pub const MAX_CODECS: usize = 8;
+/// Longest codec name on the wire (`h264`, `hevc`, `av1`; room for later ones).
+pub const MAX_CODEC_NAME_BYTES: usize = 16;
 
 /// Message type bytes. Ranges: `0x01..=0x0f` node control, `0x10..=0x2f` session streams,
 /// `0x30..=0x4f` client streams.
@@ -65,6 +73,44 @@ pub mod ty {
     pub const PEER_OPEN: u8 = 0x40;
 }
 
+/// A video codec: what a node encodes and a client decodes. On the wire it is its name
+/// ([`VideoCodec::as_str`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
+pub enum VideoCodec {
+    /// H.264 (AVC): every client decodes it. The default.
+    #[default]
+    H264,
+    /// H.265 (HEVC).
+    Hevc,
+    /// AV1.
+    Av1,
+}
+
+impl VideoCodec {
+    /// Every codec, in the order of their wire names' first appearance.
+    pub const ALL: [VideoCodec; 3] = [VideoCodec::H264, VideoCodec::Hevc, VideoCodec::Av1];
+
+    /// The wire and configuration name: `h264`, `hevc`, `av1`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VideoCodec::H264 => "h264",
+            VideoCodec::Hevc => "hevc",
+            VideoCodec::Av1 => "av1",
+        }
+    }
+
+    /// The codec named `name` (exactly as [`VideoCodec::as_str`] writes it), if known.
+    pub fn from_name(name: &str) -> Option<VideoCodec> {
+        VideoCodec::ALL.into_iter().find(|c| c.as_str() == name)
+    }
+}
+
+impl std::fmt::Display for VideoCodec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// One GPU a node offers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Gpu {
@@ -95,6 +141,16 @@ impl Workloads {
     }
 }
 
+/// One video encoder a node offers (protocol version 3).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeEncoder {
+    /// What it produces.
+    pub codec: VideoCodec,
+    /// The implementation (`openh264`, `x264`, `h264_nvenc`, ...), for logs and fleet views;
+    /// at most [`MAX_ENCODER_NAME_BYTES`].
+    pub implementation: String,
+}
+
 /// How many sessions a node takes at once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Capacity {
@@ -121,6 +177,10 @@ pub struct Register {
     pub workloads: Workloads,
     /// Concurrency limits.
     pub capacity: Capacity,
+    /// The video encoders the node offers, at most one per codec (protocol version 3); at
+    /// most [`MAX_ENCODERS`]. Entries naming a codec the receiver does not know are dropped
+    /// when decoding. A node serving games that lists none is taken to encode H.264.
+    pub encoders: Vec<NodeEncoder>,
 }
 
 /// gateway -> node: registration accepted.
@@ -355,6 +415,9 @@ pub struct GameParams {
     pub fps: u32,
     /// Target bitrate in kbit/s.
     pub bitrate_kbps: u32,
+    /// The codec to encode in, one the node listed in `Register.encoders` (protocol
+    /// version 3).
+    pub codec: VideoCodec,
 }
 
 /// What an `Open` asks the node to run.
@@ -584,6 +647,10 @@ pub struct PlayRequest {
     pub fps: u32,
     /// Requested bitrate in kbit/s.
     pub bitrate_kbps: u32,
+    /// Codecs the client decodes, most preferred first (protocol version 3); the gateway
+    /// picks the first one a node that may serve the session encodes. Empty means H.264 only.
+    /// At most [`MAX_CODECS`]; names the gateway does not know are dropped when decoding.
+    pub codecs: Vec<VideoCodec>,
 }
 
 /// gateway -> client: the session runs with these (possibly adjusted) parameters.
@@ -599,6 +666,8 @@ pub struct PlayStarted {
     pub fps: u32,
     /// Bitrate in kbit/s.
     pub bitrate_kbps: u32,
+    /// The codec of the session's video frames (protocol version 3).
+    pub codec: VideoCodec,
 }
 
 /// gateway -> client: frames stop for a while (failover to another node in progress).
@@ -836,6 +905,10 @@ impl Message {
                 b.put_list(&m.workloads.model_caps, |b, c| b.put_var(c.bits().into()));
                 b.put_var(m.capacity.game_sessions.into());
                 b.put_var(m.capacity.inference_concurrency.into());
+                b.put_list(&m.encoders, |b, e| {
+                    b.put_str(e.codec.as_str());
+                    b.put_str(&e.implementation);
+                });
             }
             Message::Registered(m) => {
                 b.put_var(m.lease_ms);
@@ -882,6 +955,7 @@ impl Message {
                         b.put_var(g.height.into());
                         b.put_var(g.fps.into());
                         b.put_var(g.bitrate_kbps.into());
+                        b.put_str(g.codec.as_str());
                     }
                     SessionKind::Inference {
                         model,
@@ -946,6 +1020,7 @@ impl Message {
                 b.put_var(m.height.into());
                 b.put_var(m.fps.into());
                 b.put_var(m.bitrate_kbps.into());
+                b.put_list(&m.codecs, |b, c| b.put_str(c.as_str()));
             }
             Message::PlayStarted(m) => {
                 b.put_var(m.session_id);
@@ -953,6 +1028,7 @@ impl Message {
                 b.put_var(m.height.into());
                 b.put_var(m.fps.into());
                 b.put_var(m.bitrate_kbps.into());
+                b.put_str(m.codec.as_str());
             }
             Message::Paused(m) => b.put_str(&m.reason),
             Message::ListGames(m) => {
@@ -1017,6 +1093,21 @@ impl Message {
                     game_sessions: r.u32("Capacity.game_sessions")?,
                     inference_concurrency: r.u32("Capacity.inference_concurrency")?,
                 };
+                // Two length bytes at least per entry; unknown codecs are dropped, not refused,
+                // so that a later node's extra codecs do not stop it registering.
+                let encoders = r
+                    .list("Register.encoders", 2, MAX_ENCODERS, |r| {
+                        let codec = r.string_max("NodeEncoder.codec", MAX_CODEC_NAME_BYTES)?;
+                        let implementation =
+                            r.string_max("NodeEncoder.implementation", MAX_ENCODER_NAME_BYTES)?;
+                        Ok(VideoCodec::from_name(&codec).map(|codec| NodeEncoder {
+                            codec,
+                            implementation,
+                        }))
+                    })?
+                    .into_iter()
+                    .flatten()
+                    .collect();
                 Message::Register(Register {
                     protocol_version,
                     node_id,
@@ -1029,6 +1120,7 @@ impl Message {
                         model_caps,
                     },
                     capacity,
+                    encoders,
                 })
             }
             ty::REGISTERED => Message::Registered(Registered {
@@ -1107,6 +1199,7 @@ impl Message {
                         height: r.u32("Game.height")?,
                         fps: r.u32("Game.fps")?,
                         bitrate_kbps: r.u32("Game.bitrate_kbps")?,
+                        codec: codec(&mut r, "Game.codec")?,
                     }),
                     1 => SessionKind::Inference {
                         model: r.string("Inference.model")?,
@@ -1184,6 +1277,16 @@ impl Message {
                 height: r.u32("PlayRequest.height")?,
                 fps: r.u32("PlayRequest.fps")?,
                 bitrate_kbps: r.u32("PlayRequest.bitrate_kbps")?,
+                codecs: r
+                    .list("PlayRequest.codecs", 1, MAX_CODECS, |r| {
+                        Ok(VideoCodec::from_name(&r.string_max(
+                            "PlayRequest.codecs[]",
+                            MAX_CODEC_NAME_BYTES,
+                        )?))
+                    })?
+                    .into_iter()
+                    .flatten()
+                    .collect(),
             }),
             ty::PLAY_STARTED => Message::PlayStarted(PlayStarted {
                 session_id: r.varint("PlayStarted.session_id")?,
@@ -1191,6 +1294,7 @@ impl Message {
                 height: r.u32("PlayStarted.height")?,
                 fps: r.u32("PlayStarted.fps")?,
                 bitrate_kbps: r.u32("PlayStarted.bitrate_kbps")?,
+                codec: codec(&mut r, "PlayStarted.codec")?,
             }),
             ty::PAUSED => Message::Paused(Paused {
                 reason: r.string("Paused.reason")?,
@@ -1303,6 +1407,16 @@ fn bad_code(field: &'static str, byte: u8) -> DecodeError {
         field,
         detail: format!("unknown code {byte}"),
     }
+}
+
+/// A single codec the receiver must act on (the codec of a session): an unknown name is an
+/// error, unlike in the lists of what a peer offers or accepts.
+fn codec(r: &mut Reader<'_>, field: &'static str) -> Result<VideoCodec, DecodeError> {
+    let name = r.string_max(field, MAX_CODEC_NAME_BYTES)?;
+    VideoCodec::from_name(&name).ok_or_else(|| DecodeError::InvalidValue {
+        field,
+        detail: format!("unknown codec {name:?}"),
+    })
 }
 
 fn endpoint(r: &mut Reader<'_>, field: &'static str) -> Result<Endpoint, DecodeError> {

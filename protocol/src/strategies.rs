@@ -59,9 +59,20 @@ fn register() -> impl Strategy<Value = Message> {
         names(),
         any::<u32>(),
         any::<u32>(),
+        vec(node_encoder(), 0..4),
     )
         .prop_map(
-            |(node_id, enrolment_token, software_version, gpus, games, models, gs, ic)| {
+            |(
+                node_id,
+                enrolment_token,
+                software_version,
+                gpus,
+                games,
+                models,
+                gs,
+                ic,
+                encoders,
+            )| {
                 Message::Register(Register {
                     protocol_version: PROTOCOL_VERSION,
                     node_id,
@@ -81,9 +92,23 @@ fn register() -> impl Strategy<Value = Message> {
                         game_sessions: gs,
                         inference_concurrency: ic,
                     },
+                    encoders,
                 })
             },
         )
+}
+
+/// Any known codec.
+pub fn video_codec() -> impl Strategy<Value = VideoCodec> {
+    proptest::sample::select(VideoCodec::ALL.to_vec())
+}
+
+/// Encoders within the decoder's bounds (8 characters of at most 4 bytes: 32 bytes).
+fn node_encoder() -> impl Strategy<Value = NodeEncoder> {
+    (video_codec(), ".{0,8}").prop_map(|(codec, implementation)| NodeEncoder {
+        codec,
+        implementation,
+    })
 }
 
 /// Inventories within the decoder's bounds: strings of at most 4-byte characters stay under
@@ -161,14 +186,16 @@ fn session() -> impl Strategy<Value = Message> {
         any::<u32>(),
         any::<u32>(),
         any::<u32>(),
+        video_codec(),
     )
-        .prop_map(|(title, width, height, fps, bitrate_kbps)| {
+        .prop_map(|(title, width, height, fps, bitrate_kbps, codec)| {
             SessionKind::Game(GameParams {
                 title,
                 width,
                 height,
                 fps,
                 bitrate_kbps,
+                codec,
             })
         });
     let inference = (text(), 0u8..4, text(), text(), proptest::option::of(text())).prop_map(
@@ -242,33 +269,39 @@ fn client() -> impl Strategy<Value = Message> {
             any::<u32>(),
             any::<u32>(),
             any::<u32>(),
-            any::<u32>()
+            any::<u32>(),
+            vec(video_codec(), 0..4)
         )
-            .prop_map(|(api_key, game, width, height, fps, bitrate_kbps)| {
-                Message::PlayRequest(PlayRequest {
-                    protocol_version: PROTOCOL_VERSION,
-                    api_key,
-                    game,
-                    width,
-                    height,
-                    fps,
-                    bitrate_kbps,
-                })
-            }),
+            .prop_map(
+                |(api_key, game, width, height, fps, bitrate_kbps, codecs)| {
+                    Message::PlayRequest(PlayRequest {
+                        protocol_version: PROTOCOL_VERSION,
+                        api_key,
+                        game,
+                        width,
+                        height,
+                        fps,
+                        bitrate_kbps,
+                        codecs,
+                    })
+                }
+            ),
         (
             any::<u64>(),
             any::<u32>(),
             any::<u32>(),
             any::<u32>(),
-            any::<u32>()
+            any::<u32>(),
+            video_codec()
         )
-            .prop_map(|(session_id, width, height, fps, bitrate_kbps)| {
+            .prop_map(|(session_id, width, height, fps, bitrate_kbps, codec)| {
                 Message::PlayStarted(PlayStarted {
                     session_id,
                     width,
                     height,
                     fps,
                     bitrate_kbps,
+                    codec,
                 })
             }),
         text().prop_map(|reason| Message::Paused(Paused { reason })),

@@ -37,6 +37,16 @@ fn samples() -> Vec<Message> {
                 game_sessions: 4,
                 inference_concurrency: 300,
             },
+            encoders: vec![
+                NodeEncoder {
+                    codec: VideoCodec::H264,
+                    implementation: "h264_nvenc".into(),
+                },
+                NodeEncoder {
+                    codec: VideoCodec::Av1,
+                    implementation: "av1_nvenc".into(),
+                },
+            ],
         }),
         Message::Registered(Registered {
             lease_ms: 15_000,
@@ -90,6 +100,7 @@ fn samples() -> Vec<Message> {
                 height: 1080,
                 fps: 60,
                 bitrate_kbps: 20_000,
+                codec: VideoCodec::Hevc,
             }),
         }),
         Message::Open(Open {
@@ -155,6 +166,7 @@ fn samples() -> Vec<Message> {
             height: 720,
             fps: 60,
             bitrate_kbps: 10_000,
+            codecs: vec![VideoCodec::Av1, VideoCodec::H264],
         }),
         Message::PlayStarted(PlayStarted {
             session_id: 42,
@@ -162,6 +174,7 @@ fn samples() -> Vec<Message> {
             height: 720,
             fps: 60,
             bitrate_kbps: 10_000,
+            codec: VideoCodec::Av1,
         }),
         Message::Paused(Paused {
             reason: "failover".into(),
@@ -797,4 +810,123 @@ fn inventory_duplicate_uuids_and_any_index_decode_the_receiver_judges_them() {
         encoder: String::new(),
     });
     assert_eq!(decode_one(&frame(&msg)), Ok(Some(msg)));
+}
+
+/// The `Register` of `samples()` with raw `encoders` entries (names the types cannot hold),
+/// as a frame.
+fn register_with_encoders(encoders: Vec<(String, String)>) -> Vec<u8> {
+    let reg = match &samples()[0] {
+        Message::Register(r) => r.clone(),
+        _ => unreachable!("samples start with Register"),
+    };
+    let mut body = Vec::new();
+    Message::Register(Register {
+        encoders: Vec::new(),
+        ..reg
+    })
+    .encode_body(&mut body);
+    body.pop(); // the empty encoder list's count, the body's last byte
+    put_varint(&mut body, encoders.len() as u64);
+    for (codec, implementation) in &encoders {
+        put_varint(&mut body, codec.len() as u64);
+        body.extend_from_slice(codec.as_bytes());
+        put_varint(&mut body, implementation.len() as u64);
+        body.extend_from_slice(implementation.as_bytes());
+    }
+    raw_frame(ty::REGISTER, &body)
+}
+
+#[test]
+fn register_drops_encoders_of_unknown_codecs_and_keeps_the_rest() {
+    let frame = register_with_encoders(vec![
+        ("vvc".into(), "vvenc".into()),
+        ("h264".into(), "x264".into()),
+        ("H264".into(), "shouting".into()),
+    ]);
+    match decode_one(&frame).unwrap() {
+        Some(Message::Register(r)) => assert_eq!(
+            r.encoders,
+            vec![NodeEncoder {
+                codec: VideoCodec::H264,
+                implementation: "x264".into()
+            }]
+        ),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn register_with_too_many_encoders_or_long_names_is_refused() {
+    // 10,000 encoders: refused at the count, before anything is allocated for them.
+    let many = vec![("h264".to_string(), "x".to_string()); 10_000];
+    assert!(matches!(
+        decode_one(&register_with_encoders(many)),
+        Err(DecodeError::InvalidValue {
+            field: "Register.encoders",
+            ..
+        })
+    ));
+    let at_cap = vec![("h264".to_string(), "x".to_string()); MAX_ENCODERS];
+    assert!(decode_one(&register_with_encoders(at_cap))
+        .unwrap()
+        .is_some());
+    let long = vec![("h264".to_string(), "x".repeat(MAX_ENCODER_NAME_BYTES + 1))];
+    assert!(matches!(
+        decode_one(&register_with_encoders(long)),
+        Err(DecodeError::InvalidValue {
+            field: "NodeEncoder.implementation",
+            ..
+        })
+    ));
+    let long = vec![("h".repeat(MAX_CODEC_NAME_BYTES + 1), "x".into())];
+    assert!(matches!(
+        decode_one(&register_with_encoders(long)),
+        Err(DecodeError::InvalidValue {
+            field: "NodeEncoder.codec",
+            ..
+        })
+    ));
+}
+
+#[test]
+fn a_session_codec_must_be_known_and_a_client_list_is_filtered() {
+    // PlayStarted: session 1, 64x48, 30 fps, 100 kbit/s, codec "vp9".
+    let mut body = vec![1, 64, 48, 30, 100, 3];
+    body.extend_from_slice(b"vp9");
+    assert!(matches!(
+        decode_one(&raw_frame(ty::PLAY_STARTED, &body)),
+        Err(DecodeError::InvalidValue {
+            field: "PlayStarted.codec",
+            ..
+        })
+    ));
+    // A PlayRequest's list drops names it does not know, keeps the order of the rest, and
+    // refuses more than MAX_CODECS entries.
+    let request = |codecs: &[&str]| {
+        let mut body = PROTOCOL_VERSION.to_be_bytes().to_vec();
+        body.extend_from_slice(&[1, b'k', 1, b'g', 64, 48, 30, 100]);
+        put_varint(&mut body, codecs.len() as u64);
+        for c in codecs {
+            body.push(c.len() as u8);
+            body.extend_from_slice(c.as_bytes());
+        }
+        decode_one(&raw_frame(ty::PLAY_REQUEST, &body))
+    };
+    match request(&["vp9", "av1", "h264"]).unwrap() {
+        Some(Message::PlayRequest(r)) => {
+            assert_eq!(r.codecs, vec![VideoCodec::Av1, VideoCodec::H264])
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        request(&["h264"; MAX_CODECS + 1]),
+        Err(DecodeError::InvalidValue {
+            field: "PlayRequest.codecs",
+            ..
+        })
+    ));
+    for c in VideoCodec::ALL {
+        assert_eq!(VideoCodec::from_name(c.as_str()), Some(c));
+    }
+    assert_eq!(VideoCodec::from_name("HEVC"), None);
 }

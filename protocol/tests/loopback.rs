@@ -289,6 +289,10 @@ async fn framed_messages_frames_relays_and_datagrams_arrive_intact() {
                     game_sessions: 2,
                     inference_concurrency: 0,
                 },
+                encoders: vec![NodeEncoder {
+                    codec: VideoCodec::H264,
+                    implementation: "openh264".into(),
+                }],
             }),
             Message::Open(Open {
                 session_id: 5,
@@ -561,6 +565,7 @@ async fn scripted_gateway(conn: quinn::Connection) {
                         height: req.height,
                         fps: req.fps,
                         bitrate_kbps: req.bitrate_kbps,
+                        codec: VideoCodec::H264,
                     });
                     send(&mut send_half, &started).await.unwrap();
                     for seq in 0..3u64 {

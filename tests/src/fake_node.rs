@@ -12,8 +12,8 @@
 
 use bytes::Bytes;
 use nearpath_protocol::message::{
-    Accepted, Capacity, Done, Gpu, Heartbeat, Message, Open, RefuseCode, Refused, Register,
-    SessionKind, Token, Workloads,
+    Accepted, Capacity, Done, Gpu, Heartbeat, Message, NodeEncoder, Open, RefuseCode, Refused,
+    Register, SessionKind, Token, VideoCodec, Workloads,
 };
 use nearpath_protocol::stream::{send, FramedRecv};
 use nearpath_protocol::tls::{client_config, ServerVerify};
@@ -81,6 +81,9 @@ pub struct Registration {
     pub model_caps: ModelCaps,
     pub game_sessions: u32,
     pub inference_concurrency: u32,
+    /// The encoders it registers (none by default: a node that lists none is taken to encode
+    /// H.264).
+    pub encoders: Vec<NodeEncoder>,
 }
 
 impl Registration {
@@ -96,7 +99,20 @@ impl Registration {
                 .fold(ModelCaps::NONE, |all, (c, _)| all.with(*c)),
             game_sessions: 0,
             inference_concurrency: 0,
+            encoders: vec![],
         }
+    }
+
+    /// Registers encoders: `(codec, implementation)` pairs.
+    pub fn encoders(mut self, encoders: &[(VideoCodec, &str)]) -> Registration {
+        self.encoders = encoders
+            .iter()
+            .map(|(codec, implementation)| NodeEncoder {
+                codec: *codec,
+                implementation: implementation.to_string(),
+            })
+            .collect();
+        self
     }
 
     /// Declares `caps` for every model.
@@ -146,6 +162,7 @@ impl Registration {
                 game_sessions: self.game_sessions,
                 inference_concurrency: self.inference_concurrency,
             },
+            encoders: self.encoders.clone(),
         }
     }
 }

@@ -191,3 +191,43 @@ fn checker_measures_load_with_and_without_it_and_a_reclassification() {
         assert!(r["seconds"]["median"].as_f64().unwrap() > 0.0, "{v}");
     }
 }
+
+#[test]
+fn encoders_times_x264_and_openh264_at_each_size() {
+    let v = bench(&[
+        "encoders",
+        "--frames",
+        "5",
+        "--warmup",
+        "1",
+        "--sizes",
+        "320x240,640x360",
+    ]);
+    assert_eq!(v["bench"], "encoders");
+    let results = v["results"].as_array().unwrap();
+    let seen: Vec<(String, u64)> = results
+        .iter()
+        .map(|r| {
+            (
+                r["encoder"].as_str().unwrap().to_string(),
+                r["width"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("x264".to_string(), 320),
+            ("openh264".to_string(), 320),
+            ("x264".to_string(), 640),
+            ("openh264".to_string(), 640)
+        ],
+        "{v}"
+    );
+    for r in results {
+        assert!(r["ms"]["median"].as_f64().unwrap() > 0.0, "{v}");
+        assert!(r["ms"]["max"].as_f64() >= r["ms"]["min"].as_f64(), "{v}");
+        assert_eq!(r["frames_without_output"], 0, "{v}");
+        assert!(r["kbps"].as_f64().unwrap() > 0.0, "{v}");
+    }
+}

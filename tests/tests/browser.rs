@@ -24,7 +24,20 @@ fn with_arena(mut cfg: NodeConfig) -> NodeConfig {
         source: GameSource::Builtin {},
     }];
     cfg.capacity.game_sessions = 1;
+    cfg.encoder.encoder = test_encoder();
     cfg
+}
+
+/// The node's encoder for these tests: `NEARPATH_TEST_ENCODER` (`x264`, `openh264`, ...;
+/// default `auto`), so that input-to-photon can be compared between encoders (README
+/// "Benchmarks").
+fn test_encoder() -> nearpath_config::EncoderKind {
+    match std::env::var("NEARPATH_TEST_ENCODER") {
+        Ok(name) => toml::Value::String(name.clone())
+            .try_into()
+            .unwrap_or_else(|e| panic!("NEARPATH_TEST_ENCODER={name:?}: {e}")),
+        Err(_) => nearpath_config::EncoderKind::Auto,
+    }
 }
 
 fn num(v: &Value, k: &str) -> f64 {

@@ -157,6 +157,16 @@ pub trait Encoder: Send {
     fn set_bitrate(&mut self, kbps: u32) -> Result<(), EncoderError>;
 }
 
+/// Makes encoders for a session: at its start, and again whenever the session needs a new one
+/// (a resolution change). Built once per node from `[encoder]` (see `game::select`).
+pub type EncoderFactory =
+    std::sync::Arc<dyn Fn(EncoderParams) -> Result<Box<dyn Encoder>, EncoderError> + Send + Sync>;
+
+/// The factory of OpenH264 encoders with the default options.
+pub fn openh264_factory() -> EncoderFactory {
+    std::sync::Arc::new(|p| Ok(Box::new(OpenH264Encoder::new(p)?) as Box<dyn Encoder>))
+}
+
 /// Settings an encoder is opened with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EncoderParams {

@@ -17,13 +17,18 @@ pub mod builtin;
 pub mod encoder;
 pub mod external;
 pub mod frame;
+#[cfg(feature = "libav")]
+pub mod libav;
 pub mod pacer;
 pub mod rate;
+pub mod select;
 #[cfg(test)]
 mod tests;
 
 pub use builtin::{BuiltinError, BuiltinGame};
-pub use encoder::{AccessUnit, Encoder, EncoderError, EncoderParams, OpenH264Encoder};
+pub use encoder::{
+    AccessUnit, Encoder, EncoderError, EncoderFactory, EncoderParams, OpenH264Encoder,
+};
 pub use frame::{FrameError, I420Frame};
 
 use bytes::Bytes;
@@ -431,18 +436,17 @@ impl GameSession {
         source: &GameSource,
         encoder_cfg: &EncoderConfig,
     ) -> Result<(GameSession, mpsc::Receiver<EncodedFrame>), GameError> {
-        Self::start_with_encoder(params, source, encoder_cfg, |p| {
-            Ok(Box::new(OpenH264Encoder::new(p)?) as Box<dyn Encoder>)
-        })
+        Self::start_with_encoder(params, source, encoder_cfg, encoder::openh264_factory())
     }
 
     /// [`GameSession::start`] with another encoder (a hardware one, say), made by
-    /// `make_encoder` from the session's settings.
+    /// `make_encoder` from the session's settings (and made again if the session needs a new
+    /// encoder).
     pub fn start_with_encoder(
         params: GameParams,
         source: &GameSource,
         encoder_cfg: &EncoderConfig,
-        make_encoder: impl FnOnce(EncoderParams) -> Result<Box<dyn Encoder>, EncoderError>,
+        make_encoder: EncoderFactory,
     ) -> Result<(GameSession, mpsc::Receiver<EncodedFrame>), GameError> {
         validate(&params)?;
         if tokio::runtime::Handle::try_current().is_err() {

@@ -11,6 +11,7 @@ fn params(title: &str, width: u32, height: u32, fps: u32) -> GameParams {
         height,
         fps,
         bitrate_kbps: 1000,
+        codec: Default::default(),
     }
 }
 
@@ -18,6 +19,7 @@ fn encoder_cfg() -> EncoderConfig {
     EncoderConfig {
         idr_interval_s: 10,
         threads: 1,
+        ..EncoderConfig::default()
     }
 }
 
@@ -330,13 +332,13 @@ async fn custom_encoders_plug_in() {
         params("arena", 64, 48, 60),
         &builtin(),
         &encoder_cfg(),
-        |p| {
+        std::sync::Arc::new(|p: EncoderParams| {
             assert_eq!(
                 (p.width, p.height, p.fps, p.bitrate_kbps),
                 (64, 48, 60, 1000)
             );
-            Ok(Box::new(Fake))
-        },
+            Ok(Box::new(Fake) as Box<dyn Encoder>)
+        }),
     )
     .unwrap();
     assert_eq!(&next(&mut rx).await.data[..], &[64, 1]);

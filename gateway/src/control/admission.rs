@@ -296,6 +296,7 @@ mod tests {
             gpus: vec![],
             workloads: Workloads::default(),
             capacity: Capacity::default(),
+            encoders: vec![],
         }
     }
 

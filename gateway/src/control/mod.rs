@@ -345,6 +345,7 @@ impl NodeFrontEnd {
             ),
         );
         entry.gpu_class_hints = hints;
+        entry.set_encoders(&reg.encoders);
         entry.enrolment_token_id = token.id.clone();
         let stale_after_ms = self.id_takeover_after_ms();
         let (entry, replaced) = self

@@ -18,7 +18,7 @@ use crate::ticket::{Expect, ReplayGuard, TicketClaims, TicketError, TICKET_TTL_M
 use nearpath_config::CrossRoute;
 use nearpath_config::WorkloadKind;
 use nearpath_geo::{distance_km, Coords, Country, Decision, Location};
-use nearpath_protocol::message::GameParams;
+use nearpath_protocol::message::{GameParams, VideoCodec};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -166,7 +166,8 @@ impl GameFederation {
         params: &GameParams,
         now_ms: u64,
     ) -> Option<RedirectTo> {
-        if !self.redirects_games() {
+        // Peers do not publish their nodes' encoders: only H.264 sessions are redirected.
+        if !self.redirects_games() || params.codec != VideoCodec::H264 {
             return None;
         }
         let view = self.view.read().unwrap_or_else(|p| p.into_inner()).clone();
@@ -256,6 +257,8 @@ pub fn ticket_params(c: &TicketClaims) -> GameParams {
         height: c.height,
         fps: c.fps,
         bitrate_kbps: c.bitrate_kbps,
+        // Redirected sessions are H.264: peers do not publish their nodes' encoders.
+        codec: VideoCodec::H264,
     }
 }
 

@@ -23,7 +23,7 @@ use nearpath_config::{GameConfig, WorkloadKind};
 use nearpath_geo::Location;
 use nearpath_protocol::message::{
     Ended, ErrorInfo, GameParams, Message, Open, Paused, PlayRequest, PlayResume, PlayStarted,
-    PlayTicket, Redirect, ResumeToken, SessionKind,
+    PlayTicket, Redirect, ResumeToken, SessionKind, VideoCodec,
 };
 use nearpath_protocol::stream::{recv_frame_header, relay_frame_by, send, FramedRecv, Relayed};
 use nearpath_protocol::{InputDatagram, MAX_CONTROL_FRAME, MAX_VIDEO_FRAME};
@@ -94,6 +94,20 @@ enum NoNode {
     Failed(String),
     /// The node a ticket names is not attached here (it moved or left since the peer looked).
     TicketNode,
+    /// Nodes serve the game, but none of those the session may use encodes its codec.
+    Codec(VideoCodec),
+}
+
+/// The routing refusal of a node that does not encode `codec`.
+fn codec_check(n: &NodeEntry, codec: VideoCodec) -> Result<(), crate::router::Deny> {
+    if n.encodes(codec) {
+        Ok(())
+    } else {
+        Err(crate::router::Deny {
+            rule: "codec".into(),
+            reason: format!("the node does not encode {codec}"),
+        })
+    }
 }
 
 fn node_ref(n: &NodeEntry) -> NodeRef {
@@ -271,6 +285,7 @@ impl GameService {
             client_latlon(client),
             Workload::Game(&params.title),
             |n| {
+                codec_check(n, params.codec)?;
                 if exclude.contains(&n.key) {
                     return Err(crate::router::Deny {
                         rule: "failover".into(),
@@ -293,6 +308,7 @@ impl GameService {
             return Err(match f {
                 NoRoute::NotServed => NoNode::Unknown,
                 NoRoute::Denied(d) if d.rule == "pinned" => NoNode::TicketNode,
+                NoRoute::Denied(d) if d.rule == "codec" => NoNode::Codec(params.codec),
                 NoRoute::Denied(d) if d.rule != "failover" => {
                     NoNode::Denied(format!("rule {}: {}", d.rule, d.reason))
                 }
@@ -460,6 +476,7 @@ impl GameService {
             height: params.height,
             fps: params.fps,
             bitrate_kbps: params.bitrate_kbps,
+            codecs: vec![params.codec],
         };
         let params = self
             .session_params(&clamp)
@@ -503,9 +520,40 @@ impl GameService {
         let (outcome, _) = self.directory.registry.route(
             client_latlon(client),
             Workload::Game(&params.title),
-            |n| self.placement.serve_check(client, n, WorkloadKind::Game),
+            |n| {
+                codec_check(n, params.codec)?;
+                self.placement.serve_check(client, n, WorkloadKind::Game)
+            },
         );
         outcome.failure().is_none()
+    }
+
+    /// The codec of a session whose client decodes `accepted` (most preferred first; empty:
+    /// H.264): the first one a node that may serve the session encodes; when none does, the
+    /// most preferred, so that the refusal names it ("no node encodes hevc").
+    pub fn pick_codec(
+        &self,
+        client: &Location,
+        params: &GameParams,
+        accepted: &[VideoCodec],
+    ) -> VideoCodec {
+        let Some(&first) = accepted.first() else {
+            return VideoCodec::H264;
+        };
+        if accepted.len() == 1 {
+            return first;
+        }
+        accepted
+            .iter()
+            .copied()
+            .find(|&codec| {
+                let p = GameParams {
+                    codec,
+                    ..params.clone()
+                };
+                self.has_local_candidate(client, &p)
+            })
+            .unwrap_or(first)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -577,6 +625,8 @@ impl GameService {
             height: entry.height,
             fps: entry.fps,
             bitrate_kbps: entry.bitrate_kbps,
+            // The sessions directory does not record the codec: a resumed session is H.264.
+            codecs: vec![],
         };
         let params = self
             .session_params(&clamp)
@@ -1189,7 +1239,10 @@ impl GameService {
             }
         };
         let params = match self.session_params(&req) {
-            Ok(p) => p,
+            Ok(p) => GameParams {
+                codec: self.pick_codec(&client, &p, &req.codecs),
+                ..p
+            },
             Err(e) => {
                 refused(Some(&key.id), "bad_request");
                 let _ = send(&mut ctl_tx, &err("bad_request", e)).await;
@@ -1409,6 +1462,7 @@ impl GameService {
             height: params.height,
             fps: params.fps,
             bitrate_kbps: params.bitrate_kbps,
+            codec: params.codec,
         });
         if send(&mut ctl_tx, &msg).await.is_err() {
             let _ = events.send(ClientEvent::Gone).await;
@@ -1522,6 +1576,11 @@ fn no_node_error(no: NoNode, params: &GameParams) -> CoreError {
             TICKET_NODE_UNAVAILABLE,
             "the node the ticket names is not attached to this gateway",
         ),
+        NoNode::Codec(codec) => CoreError::new(
+            Kind::Unprocessable,
+            "unsupported_codec",
+            format!("no node encodes {codec}"),
+        ),
     }
 }
 
@@ -1569,6 +1628,8 @@ pub fn session_params(g: &GameConfig, r: &PlayRequest) -> Result<GameParams, Str
         height: pick(r.height, g.default_height),
         fps: pick(r.fps, g.default_fps),
         bitrate_kbps: pick(r.bitrate_kbps, g.default_bitrate_kbps),
+        // The client's first choice; `GameService::pick_codec` settles it against the nodes.
+        codec: r.codecs.first().copied().unwrap_or_default(),
     };
     if !p.width.is_multiple_of(2) || !p.height.is_multiple_of(2) || p.width < 16 || p.height < 16 {
         return Err(format!(

@@ -529,6 +529,8 @@ pub fn play_request(title: &str, query: Option<&str>) -> Result<PlayRequest, Whe
         height: 0,
         fps: 0,
         bitrate_kbps: 0,
+        // Browsers get H.264: the WebRTC peer packetises and offers H.264 only.
+        codecs: vec![],
     };
     for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));

@@ -5,6 +5,7 @@
 pub mod checker;
 pub mod child;
 pub mod client;
+pub mod encoders;
 pub mod federation;
 pub mod impaired;
 pub mod latency;

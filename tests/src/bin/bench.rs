@@ -76,6 +76,9 @@ enum Command {
     GameImpaired(bench::impaired::GameImpairedArgs),
     /// Runs the seeded UDP impairment relay alone until ctrl-c.
     Impair(bench::impaired::ImpairArgs),
+    /// Video encoders' milliseconds per frame (x264, OpenH264, NVENC where present) at 720p
+    /// and 1080p on the built-in game's frames, in one run.
+    Encoders(bench::encoders::EncodersArgs),
     /// (internal) Runs a gateway; prints its addresses as JSON; stops when stdin closes.
     #[command(hide = true)]
     ServeGateway {
@@ -226,6 +229,10 @@ fn real_main() -> anyhow::Result<()> {
             init_logging();
             runtime(1)?.block_on(bench::impaired::run_impair(a))
         }
+        Command::Encoders(a) => {
+            init_logging();
+            bench::encoders::run(a)
+        }
         Command::NodesFederation(a) => {
             init_logging();
             runtime(2)?.block_on(bench::federation::run(a))
@@ -262,7 +269,8 @@ fn real_main() -> anyhow::Result<()> {
                 | Command::GameImpaired(_)
                 | Command::NodesFederation(_)
                 | Command::FleetLimits(_)
-                | Command::Impair(_) => {
+                | Command::Impair(_)
+                | Command::Encoders(_) => {
                     anyhow::bail!("these commands are handled above")
                 }
             };
@@ -294,7 +302,8 @@ fn real_main() -> anyhow::Result<()> {
                 | Command::GameImpaired(_)
                 | Command::NodesFederation(_)
                 | Command::FleetLimits(_)
-                | Command::Impair(_) => {
+                | Command::Impair(_)
+                | Command::Encoders(_) => {
                     anyhow::bail!("these commands are handled above")
                 }
             }

@@ -204,6 +204,7 @@ async fn stalled_player(
             height: 0,
             fps: 0,
             bitrate_kbps: 0,
+            codecs: vec![],
         }),
     )
     .await

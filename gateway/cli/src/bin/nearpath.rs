@@ -6,6 +6,7 @@ use clap::{Args, CommandFactory, Parser, Subcommand};
 use nearpath_edge_node::clidoc;
 use nearpath_protocol::{
     Client, ControlEvent, FrameSeqStats, InferEvent, InputEvent, PlayParams, ServerVerify,
+    VideoCodec,
 };
 use std::collections::HashMap;
 use std::io::Write;
@@ -91,9 +92,14 @@ enum Cmd {
         /// Target bitrate in kbit/s.
         #[arg(long, default_value_t = 10_000)]
         bitrate: u32,
-        /// Write the Annex B stream here (plays with `ffplay FILE.h264`).
+        /// Write the stream here (H.264 and HEVC as Annex B, AV1 as OBUs; plays with
+        /// `ffplay FILE.h264`, `ffplay FILE.hevc`).
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Codecs to accept, most preferred first, comma-separated (`h264`, `hevc`, `av1`); the
+        /// gateway picks the first one a node encodes.
+        #[arg(long, value_delimiter = ',', value_parser = parse_codec, default_value = "h264")]
+        codecs: Vec<VideoCodec>,
         /// Stop after this many seconds.
         #[arg(long, default_value_t = 10.0)]
         seconds: f64,
@@ -151,6 +157,7 @@ fn main() -> std::process::ExitCode {
                 fps,
                 bitrate,
                 out,
+                codecs,
                 seconds,
                 resume_after_ms,
             } => {
@@ -164,6 +171,7 @@ fn main() -> std::process::ExitCode {
                 play(
                     conn,
                     params,
+                    codecs,
                     out,
                     seconds,
                     Duration::from_millis(resume_after_ms),
@@ -342,16 +350,31 @@ fn percentile(v: &mut [f64], p: f64) -> f64 {
     v[((v.len() - 1) as f64 * p).round() as usize]
 }
 
+/// A codec named on the command line.
+fn parse_codec(s: &str) -> Result<VideoCodec, String> {
+    VideoCodec::from_name(s).ok_or_else(|| format!("unknown codec {s:?} (h264, hevc or av1)"))
+}
+
 async fn play(
     conn: Conn,
     params: PlayParams,
+    codecs: Vec<VideoCodec>,
     out: Option<PathBuf>,
     seconds: f64,
     resume_after: Duration,
 ) -> anyhow::Result<()> {
     let client = connect(&conn).await?;
     let mut holder = Some(client);
-    let result = play_on(&mut holder, &conn, params, out, seconds, resume_after).await;
+    let result = play_on(
+        &mut holder,
+        &conn,
+        params,
+        &codecs,
+        out,
+        seconds,
+        resume_after,
+    )
+    .await;
     // However the session ended (its time is up, the gateway ended it, Ctrl-C, an error), the
     // connection is closed cleanly and the close is sent before the process exits: the gateway
     // then ends the session and frees its node slot at once, instead of after the idle timeout.
@@ -402,6 +425,7 @@ async fn play_on(
     holder: &mut Option<Client>,
     conn: &Conn,
     params: PlayParams,
+    codecs: &[VideoCodec],
     out: Option<PathBuf>,
     seconds: f64,
     resume_after: Duration,
@@ -409,11 +433,18 @@ async fn play_on(
     let Some(client) = holder.as_ref() else {
         bail!("no gateway connection");
     };
-    let mut session = client.play(&conn.key, params.clone()).await?;
+    let mut session = client
+        .play_with_codecs(&conn.key, params.clone(), codecs)
+        .await?;
     let started = *session.started();
     eprintln!(
-        "session {} started: {}x{} @ {} fps, {} kbps",
-        started.session_id, started.width, started.height, started.fps, started.bitrate_kbps
+        "session {} started: {}x{} @ {} fps, {} kbps, {}",
+        started.session_id,
+        started.width,
+        started.height,
+        started.fps,
+        started.bitrate_kbps,
+        started.codec
     );
     let mut file = match &out {
         Some(p) => {

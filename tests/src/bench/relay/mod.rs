@@ -37,7 +37,7 @@ use super::system::{
 use anyhow::{anyhow, bail, Context};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use nearpath_protocol::message::{Message, PlayRequest, PlayStarted};
+use nearpath_protocol::message::{Message, PlayRequest, PlayStarted, VideoCodec};
 use nearpath_protocol::stream::{recv_frame_header, relay_frame, send, send_frame, FramedRecv};
 use nearpath_protocol::tls::{
     client_config, negotiated_alpn, parse_sha256_hex, self_signed, server_config, ServerVerify,

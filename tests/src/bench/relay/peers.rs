@@ -106,6 +106,7 @@ pub(super) async fn serve_player(
         height: req.height,
         fps: req.fps,
         bitrate_kbps: req.bitrate_kbps,
+        codec: VideoCodec::H264,
     };
     send(&mut tx, &Message::PlayStarted(started)).await?;
     Ok(DirectPlayer {
