@@ -8,7 +8,7 @@ use nearpath_config::{EncoderConfig, GameEntry, MediaConfig, NodeConfig};
 use nearpath_protocol::message::{
     Accepted, Chunk, Done, ErrorInfo, Message, Open, RefuseCode, Refused, SessionKind, Token,
 };
-use nearpath_protocol::message::{Ended, GameParams};
+use nearpath_protocol::message::{Ended, GameParams, VIDEO_REFUSED};
 use nearpath_protocol::openai::{Endpoint, InferenceRequest};
 use nearpath_protocol::stream::{priority, send, FramedRecv};
 use nearpath_protocol::InputDatagram;
@@ -537,6 +537,21 @@ impl Sessions {
                     Ok(Some(Message::ForceKeyframe)) => game.force_keyframe(),
                     // The client's bitrate is the session's ceiling; congestion decides below it.
                     Ok(Some(Message::SetBitrate(b))) => lock(&rate).set_max_kbps(b.kbps),
+                    // The gateway checked the change against its limits; the node checks again
+                    // (its own limits, and whether its source can change size) and answers with
+                    // the values in force or a `video_refused` error. The rate controller's
+                    // state carries over: the path did not change.
+                    Ok(Some(Message::SetVideo(v))) => {
+                        let answer = match game.set_video(v.width, v.height, v.fps) {
+                            Ok(()) => Message::SetVideo(v),
+                            Err(e) => Message::Error(ErrorInfo {
+                                code: VIDEO_REFUSED.into(),
+                                message: e.to_string(),
+                                retryable: false,
+                            }),
+                        };
+                        let _ = send(tx, &answer).await;
+                    }
                     Ok(Some(Message::Close(_))) | Ok(None) => {
                         game.stop();
                         let _ = tx.finish();

@@ -14,7 +14,8 @@ use crate::frame::FrameHeader;
 use crate::input::{InputDatagram, InputEvent};
 use crate::message::{
     Chunk, Close, Done, Ended, ErrorInfo, InferRequest, InferStarted, ListGames, Message, Paused,
-    PlayRequest, PlayResume, PlayStarted, PlayTicket, Redirect, Token,
+    PlayRequest, PlayResume, PlayStarted, PlayTicket, Redirect, Rumble, SetVideo, Token,
+    VIDEO_REFUSED,
 };
 use crate::net::{self, NetError};
 use crate::openai::Endpoint;
@@ -733,6 +734,14 @@ pub enum ControlEvent {
     Ended(Ended),
     /// The session failed.
     Error(ErrorInfo),
+    /// A [`PlayControl::set_video`] took effect: frames at the new size follow, the first of
+    /// them an IDR (the frame header carries the size of each frame).
+    VideoChanged(SetVideo),
+    /// A [`PlayControl::set_video`] was refused (code `video_refused`); the session goes on at
+    /// its current size and rate.
+    VideoRefused(ErrorInfo),
+    /// The game asks for a gamepad vibration.
+    Rumble(Rumble),
 }
 
 /// Either kind of play event, from [`PlaySession::next_event`].
@@ -825,6 +834,16 @@ impl PlaySession {
         self.control.request_keyframe().await
     }
 
+    /// Asks to change the picture size and frame rate; see [`PlayControl::set_video`].
+    pub async fn set_video(
+        &mut self,
+        width: u32,
+        height: u32,
+        fps: u32,
+    ) -> Result<(), ClientError> {
+        self.control.set_video(width, height, fps).await
+    }
+
     /// Sends `Close` and finishes the control stream; keep reading [`PlaySession::next_control`]
     /// to see the gateway's `Ended`.
     pub async fn close(&mut self, reason: &str) -> Result<(), ClientError> {
@@ -877,12 +896,15 @@ impl PlayControl {
             Some(Message::Paused(p)) => ControlEvent::Paused(p),
             Some(Message::Resumed) => ControlEvent::Resumed,
             Some(Message::Ended(e)) => ControlEvent::Ended(e),
+            Some(Message::Error(e)) if e.code == VIDEO_REFUSED => ControlEvent::VideoRefused(e),
             Some(Message::Error(e)) => ControlEvent::Error(e),
+            Some(Message::SetVideo(v)) => ControlEvent::VideoChanged(v),
+            Some(Message::Rumble(r)) => ControlEvent::Rumble(r),
             Some(other) => {
                 self.finished = true;
                 return Err(ClientError::Unexpected {
                     addr: self.addr,
-                    expected: "Paused, Resumed, Ended or Error",
+                    expected: "Paused, Resumed, Ended, Error, SetVideo or Rumble",
                     got: other.name(),
                 });
             }
@@ -901,6 +923,22 @@ impl PlayControl {
     /// Asks for a keyframe.
     pub async fn request_keyframe(&mut self) -> Result<(), ClientError> {
         stream::send(&mut self.send, &Message::ForceKeyframe)
+            .await
+            .map_err(|e| stream_err(self.addr, e))
+    }
+
+    /// Asks to change the picture size and frame rate mid-session. The answer comes as a
+    /// control event: [`ControlEvent::VideoChanged`] with the values in force, or
+    /// [`ControlEvent::VideoRefused`] saying why (out of the gateway's limits, too many changes
+    /// a second, a frame source of fixed size).
+    pub async fn set_video(
+        &mut self,
+        width: u32,
+        height: u32,
+        fps: u32,
+    ) -> Result<(), ClientError> {
+        let msg = Message::SetVideo(SetVideo { width, height, fps });
+        stream::send(&mut self.send, &msg)
             .await
             .map_err(|e| stream_err(self.addr, e))
     }

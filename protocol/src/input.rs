@@ -12,6 +12,9 @@ pub const INPUT_MAGIC: u8 = 0x49; // 'I'
 /// Second byte: the datagram layout version.
 pub const INPUT_VERSION: u8 = 1;
 
+/// Gamepads one session may use (pad indices `0..MAX_PADS`).
+pub const MAX_PADS: usize = 4;
+
 /// One input event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum InputEvent {

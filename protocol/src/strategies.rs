@@ -188,6 +188,23 @@ fn session() -> impl Strategy<Value = Message> {
             .prop_map(|(code, reason)| Message::Refused(Refused { code, reason })),
         Just(Message::ForceKeyframe),
         any::<u32>().prop_map(|kbps| Message::SetBitrate(SetBitrate { kbps })),
+        (any::<u32>(), any::<u32>(), any::<u32>()).prop_map(|(width, height, fps)| {
+            Message::SetVideo(SetVideo { width, height, fps })
+        }),
+        (
+            0..crate::input::MAX_PADS as u8,
+            any::<u16>(),
+            any::<u16>(),
+            0..=MAX_RUMBLE_MS
+        )
+            .prop_map(|(pad, strong_magnitude, weak_magnitude, duration_ms)| {
+                Message::Rumble(Rumble {
+                    pad,
+                    strong_magnitude,
+                    weak_magnitude,
+                    duration_ms,
+                })
+            }),
         text().prop_map(|reason| Message::Close(Close { reason })),
         (any::<u32>(), text(), any::<u64>()).prop_map(|(index, text, node_elapsed_us)| {
             Message::Token(Token {

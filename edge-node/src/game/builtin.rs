@@ -162,6 +162,25 @@ impl BuiltinGame {
         })
     }
 
+    /// Renders at a new size from the next frame on, the game going on where it was: the
+    /// ship keeps its place relative to the arena (and its size relative to the height), the
+    /// frame counter and held input carry over. A size I420 cannot hold is refused and changes
+    /// nothing.
+    pub fn resize(&mut self, width: u32, height: u32) -> Result<(), BuiltinError> {
+        let out = I420Frame::black(width, height)
+            .map_err(|_| BuiltinError::BadDimensions { width, height })?;
+        let scale = |v: i64, new: u32, old: u32| v * i64::from(new) / i64::from(old.max(1));
+        self.ship_x = scale(self.ship_x, width, self.width);
+        self.ship_y = scale(self.ship_y, height, self.height);
+        self.ship_half = scale(self.ship_half, height, self.height).max(4);
+        self.width = width;
+        self.height = height;
+        self.bars = (self.scene == Scene::TestPattern).then(|| BarRows::new(width));
+        self.out = out;
+        self.clamp_ship();
+        Ok(())
+    }
+
     /// Frame width in pixels.
     pub fn width(&self) -> u32 {
         self.width
@@ -647,6 +666,34 @@ mod tests {
         assert_eq!(a.ship_position(), b.ship_position());
         a.advance_to(3);
         assert_eq!(a.frame_number(), 7, "never goes back");
+    }
+
+    #[test]
+    fn resizing_keeps_the_game_going_with_the_ship_in_the_same_place_of_the_arena() {
+        let mut g = BuiltinGame::new("arena", 1280, 720).unwrap();
+        g.apply_input(&key(68, true));
+        g.advance_to(30);
+        g.render();
+        let (x, y) = g.ship_position();
+        assert!(x > 640, "the ship moved right: {x}");
+        g.resize(1920, 1080).unwrap();
+        assert_eq!((g.width(), g.height(), g.frame_number()), (1920, 1080, 30));
+        let (nx, ny) = g.ship_position();
+        assert!(
+            (nx - x * 3 / 2).abs() <= 1 && (ny - y * 3 / 2).abs() <= 1,
+            "{x},{y} -> {nx},{ny}"
+        );
+        let f = g.render();
+        assert_eq!((f.width(), f.height()), (1920, 1080));
+        // Held input carries over: the ship keeps moving right.
+        g.advance_to(31);
+        assert!(g.ship_position().0 > nx);
+        // A size I420 cannot hold changes nothing.
+        assert!(g.resize(641, 360).is_err());
+        assert_eq!((g.width(), g.height()), (1920, 1080));
+        g.resize(16, 16).unwrap();
+        let f = g.render();
+        assert_eq!((f.width(), f.height()), (16, 16));
     }
 
     #[test]

@@ -157,6 +157,12 @@ pub trait Encoder: Send {
     fn set_bitrate(&mut self, kbps: u32) -> Result<(), EncoderError>;
 }
 
+/// Makes an encoder for a session's settings. A session keeps its factory and calls it again
+/// when the picture size or frame rate changes mid-session (`SetVideo`), so a factory must be
+/// callable more than once.
+pub type EncoderFactory =
+    std::sync::Arc<dyn Fn(EncoderParams) -> Result<Box<dyn Encoder>, EncoderError> + Send + Sync>;
+
 /// Settings an encoder is opened with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EncoderParams {

@@ -23,7 +23,9 @@ pub mod rate;
 mod tests;
 
 pub use builtin::{BuiltinError, BuiltinGame};
-pub use encoder::{AccessUnit, Encoder, EncoderError, EncoderParams, OpenH264Encoder};
+pub use encoder::{
+    AccessUnit, Encoder, EncoderError, EncoderFactory, EncoderParams, OpenH264Encoder,
+};
 pub use frame::{FrameError, I420Frame};
 
 use bytes::Bytes;
@@ -320,6 +322,8 @@ struct Shared {
     /// Spare frame buffers for the external reader, so 60 fps does not mean 60 allocations of
     /// megabytes a second.
     pool: Mutex<Vec<Vec<u8>>>,
+    /// A size change (width, height, fps) not yet applied by the encoder thread.
+    video: Mutex<Option<(u32, u32, u32)>>,
 }
 
 impl Shared {
@@ -385,9 +389,16 @@ impl Ring {
 pub struct GameSession {
     shared: Arc<Shared>,
     end_rx: watch::Receiver<Option<GameEnd>>,
+    /// The parameters the session started with.
     params: GameParams,
+    /// The parameters in force now (size and rate follow [`GameSession::set_video`]).
+    video: Mutex<GameParams>,
     encoder: &'static str,
     started: Instant,
+    /// The frames come from an external program, whose size is fixed.
+    external: bool,
+    /// The pacer's frame rate.
+    fps: watch::Sender<u32>,
 }
 
 impl std::fmt::Debug for GameSession {
@@ -431,18 +442,19 @@ impl GameSession {
         source: &GameSource,
         encoder_cfg: &EncoderConfig,
     ) -> Result<(GameSession, mpsc::Receiver<EncodedFrame>), GameError> {
-        Self::start_with_encoder(params, source, encoder_cfg, |p| {
-            Ok(Box::new(OpenH264Encoder::new(p)?) as Box<dyn Encoder>)
-        })
+        let factory: EncoderFactory =
+            Arc::new(|p| Ok(Box::new(OpenH264Encoder::new(p)?) as Box<dyn Encoder>));
+        Self::start_with_encoder(params, source, encoder_cfg, factory)
     }
 
     /// [`GameSession::start`] with another encoder (a hardware one, say), made by
-    /// `make_encoder` from the session's settings.
+    /// `make_encoder` from the session's settings, and made again by it at a new size or frame
+    /// rate ([`GameSession::set_video`]).
     pub fn start_with_encoder(
         params: GameParams,
         source: &GameSource,
         encoder_cfg: &EncoderConfig,
-        make_encoder: impl FnOnce(EncoderParams) -> Result<Box<dyn Encoder>, EncoderError>,
+        make_encoder: EncoderFactory,
     ) -> Result<(GameSession, mpsc::Receiver<EncodedFrame>), GameError> {
         validate(&params)?;
         if tokio::runtime::Handle::try_current().is_err() {
@@ -459,12 +471,13 @@ impl GameSession {
             }
             GameSource::Command { .. } => None,
         };
+        let threads = encoder_cfg.threads.max(1);
         let encoder = make_encoder(EncoderParams {
             width: w,
             height: h,
             fps,
             bitrate_kbps: params.bitrate_kbps,
-            threads: encoder_cfg.threads.max(1),
+            threads,
         })?;
         let encoder_name = encoder.name();
 
@@ -472,6 +485,7 @@ impl GameSession {
         let (frames_tx, frames_rx) = mpsc::channel(FRAME_QUEUE);
         let cancel = CancellationToken::new();
         let mut external_parts = None;
+        let external_source = builtin.is_none();
         let (sink, thread_source, pace_source) = match (builtin, source) {
             (Some(game), _) => (
                 InputSink::Builtin(Vec::new()),
@@ -512,7 +526,9 @@ impl GameSession {
             end: end_tx,
             cancel,
             pool: Mutex::new(Vec::new()),
+            video: Mutex::new(None),
         });
+        let (fps_tx, fps_rx) = watch::channel(fps);
 
         // Capacity 1: a frame may wait while the previous one is encoded, but never more.
         let (work_tx, work_rx) = std_mpsc::sync_channel::<Work>(1);
@@ -529,6 +545,8 @@ impl GameSession {
             failures: 0,
             width: w as u16,
             height: h as u16,
+            threads,
+            factory: make_encoder,
         };
         std::thread::Builder::new()
             .name(thread_name(&params.title))
@@ -546,7 +564,7 @@ impl GameSession {
                 h,
             );
         }
-        tokio::spawn(pace(shared.clone(), fps, work_tx, pace_source));
+        tokio::spawn(pace(shared.clone(), fps_rx, work_tx, pace_source));
         tracing::info!(
             title = %params.title,
             width = w,
@@ -560,17 +578,61 @@ impl GameSession {
             GameSession {
                 shared,
                 end_rx,
+                video: Mutex::new(params.clone()),
                 params,
                 encoder: encoder_name,
                 started: Instant::now(),
+                external: external_source,
+                fps: fps_tx,
             },
             frames_rx,
         ))
     }
 
-    /// The parameters the session runs with.
+    /// The parameters the session started with.
     pub fn params(&self) -> &GameParams {
         &self.params
+    }
+
+    /// The parameters in force now: the start's, with the size and frame rate of the last
+    /// accepted [`GameSession::set_video`].
+    pub fn current_params(&self) -> GameParams {
+        self.video.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Changes the picture size and frame rate without a new session: the pacer runs at the
+    /// new rate at once, and the encoder thread, before its next frame, resizes the built-in
+    /// game (its state carries over, the ship where it was relative to the arena) and makes a
+    /// new encoder at the new size through the session's [`EncoderFactory`], whose first frame
+    /// is an IDR. Changes that arrive faster than frames replace each other (the newest wins),
+    /// so a flood costs at most one new encoder a frame. Refused, with the session unchanged,
+    /// for sizes or rates outside what [`GameSession::start`] accepts and for external
+    /// programs, which write frames of the size they were started with.
+    pub fn set_video(&self, width: u32, height: u32, fps: u32) -> Result<(), GameError> {
+        let mut video = self.video.lock().unwrap_or_else(|p| p.into_inner());
+        let wanted = GameParams {
+            width,
+            height,
+            fps,
+            ..video.clone()
+        };
+        validate(&wanted)?;
+        if self.external {
+            return Err(GameError::InvalidParams {
+                title: wanted.title,
+                reason: format!(
+                    "the frame source is an external program, which writes {}x{} frames; \
+                     its size cannot change mid-session (start a new session instead)",
+                    video.width, video.height
+                ),
+            });
+        }
+        // A new encoder even for a rate alone: its rate control budgets bits per frame.
+        *self.shared.video.lock().unwrap_or_else(|p| p.into_inner()) = Some((width, height, fps));
+        self.fps.send_replace(fps);
+        *video = wanted;
+        tracing::info!(width, height, fps, "video changed");
+        Ok(())
     }
 
     /// Applies one input event from the client's datagram `seq`. Events with a seq not above
@@ -759,15 +821,35 @@ fn unix_micros() -> u64 {
 
 /// Hands frame slots to the encoder thread at the session's rate, dropping (not queueing) the
 /// ones it cannot take.
-async fn pace(shared: Arc<Shared>, fps: u32, work: std_mpsc::SyncSender<Work>, source: PaceSource) {
-    let mut pacer = pacer::Pacer::new(fps, tokio::time::Instant::now());
+async fn pace(
+    shared: Arc<Shared>,
+    mut fps: watch::Receiver<u32>,
+    work: std_mpsc::SyncSender<Work>,
+    source: PaceSource,
+) {
+    let rate = *fps.borrow_and_update();
+    let mut pacer = pacer::Pacer::new(rate, tokio::time::Instant::now());
+    // Slot numbers count on across frame-rate changes (the built-in game steps once a slot),
+    // so a new pacer's slots are numbered from where the old one stopped.
+    let mut base = 0u64;
+    let mut last = 0u64;
     let late = &shared.counters.frames_dropped_late;
     loop {
         let tick = tokio::select! {
             biased;
             _ = shared.cancel.cancelled() => break,
-            tick = pacer.tick() => tick,
+            changed = fps.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                let rate = *fps.borrow_and_update();
+                base = last + 1;
+                pacer = pacer::Pacer::new(rate, tokio::time::Instant::now());
+                continue;
+            }
+            tick = pacer.tick() => pacer::Tick { index: base + tick.index, ..tick },
         };
+        last = tick.index;
         late.fetch_add(tick.missed, Ordering::Relaxed);
         let gate = shared
             .gate
@@ -850,6 +932,9 @@ struct EncoderThread {
     failures: u32,
     width: u16,
     height: u16,
+    threads: u16,
+    /// Makes the encoder again when the size or rate changes.
+    factory: EncoderFactory,
 }
 
 impl EncoderThread {
@@ -867,7 +952,49 @@ impl EncoderThread {
         // Dropping `self.frames` now closes the receiver, after the reason was recorded.
     }
 
+    /// Applies a pending size or rate change: a new encoder from the factory (its first frame
+    /// an IDR) and, for a built-in game, a resized picture. A factory that fails leaves the
+    /// session as it was (logged): the player keeps a picture rather than losing the session.
+    fn apply_video(&mut self) {
+        let pending = self
+            .shared
+            .video
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let Some((width, height, fps)) = pending else {
+            return;
+        };
+        let (Ok(w16), Ok(h16)) = (u16::try_from(width), u16::try_from(height)) else {
+            return;
+        };
+        let params = EncoderParams {
+            width,
+            height,
+            fps,
+            bitrate_kbps: self.shared.bitrate.load(Ordering::Relaxed),
+            threads: self.threads,
+        };
+        let encoder = match (self.factory)(params) {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::warn!(error = %e, width, height, fps, "no encoder at the new size; keeping the old one");
+                return;
+            }
+        };
+        if let ThreadSource::Builtin(game) = &mut self.source {
+            if let Err(e) = game.resize(width, height) {
+                tracing::warn!(error = %e, width, height, "the game cannot render at the new size");
+                return;
+            }
+        }
+        self.encoder = encoder;
+        (self.width, self.height) = (w16, h16);
+        self.shared.force_idr.store(true, Ordering::Release);
+    }
+
     fn one(&mut self, item: Work) -> Result<(), GameEnd> {
+        self.apply_video();
         let (captured, capture_ts_us, input_seq, external) = match item {
             Work::Render { index } => {
                 let ThreadSource::Builtin(game) = &mut self.source else {

@@ -3,6 +3,7 @@
 use super::Counters;
 use crate::clock::SharedClock;
 use crate::game::{ClientEvent, Relay};
+use nearpath_protocol::message::SetVideo;
 use nearpath_protocol::{FrameHeader, InputEvent};
 use serde::Deserialize;
 use std::sync::atomic::Ordering;
@@ -50,6 +51,13 @@ pub enum PageMessage {
         buttons: u32,
     },
     Keyframe,
+    /// Change the picture size and frame rate (the page's video element was resized). The
+    /// session's rules check it against the limits and the rate limit.
+    Video {
+        width: u32,
+        height: u32,
+        fps: u32,
+    },
     Ping {
         id: u64,
         ts: Option<f64>,
@@ -120,7 +128,9 @@ impl PageMessage {
                     buttons: *buttons,
                 },
             ),
-            PageMessage::Keyframe | PageMessage::Ping { .. } => return None,
+            PageMessage::Keyframe | PageMessage::Video { .. } | PageMessage::Ping { .. } => {
+                return None
+            }
         })
     }
 }
@@ -180,6 +190,10 @@ pub(super) async fn read_input(
         match m {
             PageMessage::Keyframe => {
                 let _ = events.try_send(ClientEvent::ForceKeyframe);
+            }
+            PageMessage::Video { width, height, fps } => {
+                // A full queue drops it; the page asks again on its next resize.
+                let _ = events.try_send(ClientEvent::SetVideo(SetVideo { width, height, fps }));
             }
             PageMessage::Ping { id, ts } => {
                 let ts = ts.filter(|t| t.is_finite()).unwrap_or(0.0);
@@ -287,6 +301,31 @@ mod tests {
         );
         assert!(PageMessage::parse(br#"{"t":"key","seq":-1,"code":87,"down":true}"#).is_none());
         assert!(PageMessage::parse(br#"{"t":"nope"}"#).is_none());
+        assert_eq!(
+            PageMessage::parse(br#"{"t":"video","width":1920,"height":1080,"fps":60}"#),
+            Some(PageMessage::Video {
+                width: 1920,
+                height: 1080,
+                fps: 60
+            })
+        );
+        // Out-of-type values never become a change; in-type nonsense (0x0) is refused by the
+        // session's rules with a reason.
+        for bad in [
+            &br#"{"t":"video","width":-2,"height":1080,"fps":60}"#[..],
+            br#"{"t":"video","width":1e12,"height":1080,"fps":60}"#,
+            br#"{"t":"video","width":1920.5,"height":1080,"fps":60}"#,
+            br#"{"t":"video","width":"1920","height":1080,"fps":60}"#,
+            br#"{"t":"video","width":1920,"height":1080}"#,
+            br#"{"t":"video","width":NaN,"height":1080,"fps":60}"#,
+        ] {
+            assert_eq!(
+                PageMessage::parse(bad),
+                None,
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
         assert!(PageMessage::parse(b"not json").is_none());
         assert!(PageMessage::parse(&vec![b' '; MAX_INPUT_MESSAGE + 1]).is_none());
     }

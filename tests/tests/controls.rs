@@ -1,0 +1,358 @@
+//! Player controls end to end (issue 15, "Controls"): the picture size and frame rate change
+//! mid-session without a new session (native players; the browser's in browser.rs), the
+//! gateway and the node each refuse what they must, a failover starts the next node at the size
+//! in force, and rumble travels node -> gateway -> player only from the serving node.
+
+mod common;
+
+use common::*;
+use nearpath_config::{GameEntry, GameSource};
+use nearpath_protocol::message::{
+    ErrorInfo, Message, Rumble, SessionKind, SetVideo, VIDEO_REFUSED,
+};
+use nearpath_protocol::stream::send;
+use nearpath_protocol::{ControlEvent, FrameStream, PlayControl, PlayParams, VideoFrame};
+use std::time::Duration;
+
+/// The encoding tests need a core each on a 2-core machine: one at a time.
+static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn arena_node(gw: &TestGateway, id: &str, source: GameSource) -> nearpath_config::NodeConfig {
+    let mut cfg = gw.node_config(id, &gw.token);
+    cfg.games = vec![GameEntry {
+        title: "arena".into(),
+        source,
+    }];
+    cfg.capacity.game_sessions = 1;
+    cfg
+}
+
+fn params(width: u32, height: u32, fps: u32, bitrate_kbps: u32) -> PlayParams {
+    PlayParams {
+        game: "arena".into(),
+        width,
+        height,
+        fps,
+        bitrate_kbps,
+    }
+}
+
+/// What came in while waiting for a control event: the frames (in arrival order) and the
+/// event.
+async fn until_control(
+    control: &mut PlayControl,
+    frames: &mut FrameStream,
+    got: &mut Vec<VideoFrame>,
+) -> ControlEvent {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        tokio::select! {
+            c = control.next() => return c.unwrap().expect("control stream ended"),
+            f = frames.next() => got.push(f.unwrap().expect("frames ended")),
+            _ = tokio::time::sleep_until(deadline) => panic!("no control event within 20 s"),
+        }
+    }
+}
+
+async fn next_frame(frames: &mut FrameStream) -> VideoFrame {
+    tokio::time::timeout(Duration::from_secs(20), frames.next())
+        .await
+        .expect("no frame within 20 s")
+        .unwrap()
+        .expect("frames ended")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_720p_session_changed_to_1080p_keeps_decoding_in_the_same_session() {
+    use openh264::formats::YUVSource;
+    let _heavy = HEAVY.lock().await;
+    let gw = TestGateway::start(|_| {}).await;
+    let mut node = TestNode::start(arena_node(&gw, "de-1", GameSource::Builtin {}), ip(DE));
+    node.registered().await;
+    let c = native_client(&gw, FR_CLIENT).await;
+    let session = c.play(API_KEY, params(1280, 720, 30, 4000)).await.unwrap();
+    let id = session.started().session_id;
+    let (mut control, mut frames, _input) = session.split();
+    // One decoder for the whole session, as a player has: the new size arrives in-stream.
+    let mut dec = openh264::decoder::Decoder::new().unwrap();
+    let mut last_seq = None;
+    let mut decode = |f: &VideoFrame| -> Option<(usize, usize)> {
+        assert_eq!(f.header.session_id, id, "a frame of another session");
+        // Frames travel on their own streams: one overtaken by the next is late, and a player
+        // drops it rather than decode it out of order.
+        if last_seq.is_some_and(|s| f.header.seq <= s) {
+            return None;
+        }
+        last_seq = Some(f.header.seq);
+        let yuv = dec
+            .decode(&f.payload)
+            .unwrap_or_else(|e| panic!("frame {} does not decode: {e}", f.header.seq))?;
+        Some(yuv.dimensions())
+    };
+    for _ in 0..10 {
+        let f = next_frame(&mut frames).await;
+        assert_eq!((f.header.width, f.header.height), (1280, 720));
+        if let Some(d) = decode(&f) {
+            assert_eq!(d, (1280, 720));
+        }
+    }
+    control.set_video(1920, 1080, 30).await.unwrap();
+    let mut got = Vec::new();
+    match until_control(&mut control, &mut frames, &mut got).await {
+        ControlEvent::VideoChanged(v) => assert_eq!(
+            v,
+            SetVideo {
+                width: 1920,
+                height: 1080,
+                fps: 30
+            }
+        ),
+        other => panic!("expected VideoChanged, got {other:?}"),
+    }
+    // Frames already on their way are 720p; the first 1080p one is an IDR, and every later
+    // frame is 1080p and decodes at that size.
+    let mut big = 0;
+    let mut seen_big = false;
+    let mut i = 0;
+    while big < 30 {
+        let f = if i < got.len() {
+            got[i].clone()
+        } else {
+            next_frame(&mut frames).await
+        };
+        i += 1;
+        let size = (f.header.width, f.header.height);
+        if size == (1920, 1080) {
+            if !seen_big {
+                assert!(f.header.keyframe, "the first 1080p frame is an IDR");
+                seen_big = true;
+            }
+            if let Some(d) = decode(&f) {
+                assert_eq!(d, (1920, 1080));
+                big += 1;
+            }
+        } else {
+            assert!(!seen_big, "a 720p frame after the change: {:?}", f.header);
+            assert_eq!(size, (1280, 720));
+            decode(&f);
+        }
+    }
+    assert!(
+        admin_game_session(&gw, id).await.is_some(),
+        "the same session runs"
+    );
+    control.close("done").await.unwrap();
+    drop(node);
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_and_flooded_video_changes_are_refused_and_the_session_plays_on() {
+    let _heavy = HEAVY.lock().await;
+    let gw = TestGateway::start(|_| {}).await;
+    let mut node = TestNode::start(arena_node(&gw, "de-1", GameSource::Builtin {}), ip(DE));
+    node.registered().await;
+    let c = native_client(&gw, FR_CLIENT).await;
+    let session = c.play(API_KEY, params(160, 96, 30, 300)).await.unwrap();
+    let (mut control, mut frames, _input) = session.split();
+    let mut got = Vec::new();
+    for (w, h, fps, why) in [
+        (0, 0, 30, "at least 16x16"),
+        (99_999, 99_999, 30, "even"),
+        (99_998, 99_998, 30, "exceeds the limit"),
+        (161, 96, 30, "even"),
+        (160, 97, 30, "even"),
+        (160, 96, 0, "fps is outside"),
+        (160, 96, 1000, "fps is outside"),
+    ] {
+        control.set_video(w, h, fps).await.unwrap();
+        match until_control(&mut control, &mut frames, &mut got).await {
+            ControlEvent::VideoRefused(e) => {
+                assert_eq!(e.code, VIDEO_REFUSED);
+                assert!(e.message.contains(why), "{w}x{h}@{fps}: {}", e.message);
+            }
+            other => panic!("{w}x{h}@{fps}: expected VideoRefused, got {other:?}"),
+        }
+    }
+    // A flood: 20 changes at once. At most MAX_VIDEO_CHANGES_PER_S reach the node; the rest
+    // are refused, each with an answer.
+    for i in 0..20u32 {
+        control.set_video(160 + 2 * i, 96, 30).await.unwrap();
+    }
+    let (mut changed, mut refused) = (0, 0);
+    while changed + refused < 20 {
+        match until_control(&mut control, &mut frames, &mut got).await {
+            ControlEvent::VideoChanged(_) => changed += 1,
+            ControlEvent::VideoRefused(e) => {
+                assert!(
+                    e.message.contains("too many video changes"),
+                    "{}",
+                    e.message
+                );
+                refused += 1;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(
+        (1..=4).contains(&changed),
+        "{changed} changed, {refused} refused"
+    );
+    // And it plays on.
+    for _ in 0..10 {
+        next_frame(&mut frames).await;
+    }
+    control.close("done").await.unwrap();
+    drop(node);
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_external_program_refuses_a_video_change_with_a_reason_and_keeps_streaming() {
+    let gw = TestGateway::start(|_| {}).await;
+    // Grey frames of the size the node asks for, at about 60 fps, until killed.
+    let script = "import os,sys,time\nw=int(os.environ['NEARPATH_WIDTH']);h=int(os.environ['NEARPATH_HEIGHT'])\nwhile True:\n    sys.stdout.buffer.write(bytes([100])*(w*h) + bytes([128])*(w*h//2))\n    sys.stdout.flush()\n    time.sleep(1/60)\n";
+    let source = GameSource::Command {
+        command: vec!["python3".into(), "-c".into(), script.into()],
+    };
+    let mut node = TestNode::start(arena_node(&gw, "de-ext", source), ip(DE));
+    node.registered().await;
+    let c = native_client(&gw, FR_CLIENT).await;
+    let session = c.play(API_KEY, params(64, 64, 30, 300)).await.unwrap();
+    let (mut control, mut frames, _input) = session.split();
+    next_frame(&mut frames).await;
+    control.set_video(128, 128, 30).await.unwrap();
+    let mut got = Vec::new();
+    match until_control(&mut control, &mut frames, &mut got).await {
+        ControlEvent::VideoRefused(e) => {
+            assert!(e.message.contains("external program"), "{}", e.message)
+        }
+        other => panic!("expected VideoRefused, got {other:?}"),
+    }
+    for _ in 0..5 {
+        let f = next_frame(&mut frames).await;
+        assert_eq!((f.header.width, f.header.height), (64, 64));
+    }
+    control.close("done").await.unwrap();
+    drop(node);
+    gw.stop().await;
+}
+
+/// A raw node serving "arena" (one slot) from `place`.
+async fn raw_arena(gw: &TestGateway, id: &str, place: (&str, &str, f64, f64)) -> RawNode {
+    raw_game_node(gw, id, ip(place), &gw.token, &["arena"], 1).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failover_starts_the_next_node_at_the_size_in_force() {
+    let gw = TestGateway::start(|c| c.nodes.heartbeat_ms = 60_000).await;
+    let near = raw_arena(&gw, "de-1", DE).await;
+    let far = raw_arena(&gw, "us-1", US_EAST).await;
+    let c = native_client(&gw, FR_CLIENT).await;
+    let play = tokio::spawn(async move {
+        let s = c.play(API_KEY, params(160, 96, 30, 300)).await.unwrap();
+        (c, s)
+    });
+    let mut first = near.accept_game().await;
+    let (_c, session) = play.await.unwrap();
+    let (mut control, mut frames, _input) = session.split();
+    control.set_video(320, 180, 60).await.unwrap();
+    let wanted = SetVideo {
+        width: 320,
+        height: 180,
+        fps: 60,
+    };
+    match first.recv.next().await.unwrap() {
+        Some(Message::SetVideo(v)) => assert_eq!(v, wanted),
+        other => panic!("expected SetVideo on the node, got {other:?}"),
+    }
+    send(&mut first.send, &Message::SetVideo(wanted))
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    assert_eq!(
+        until_control(&mut control, &mut frames, &mut got).await,
+        ControlEvent::VideoChanged(wanted)
+    );
+    near.conn.close(0u32.into(), b"dead");
+    let (_tx, _rx, open) = far.accept_session().await;
+    match open.kind {
+        SessionKind::Game(g) => assert_eq!(
+            (g.width, g.height, g.fps),
+            (320, 180, 60),
+            "the next node opens the session at the size in force"
+        ),
+        other => panic!("expected a game, got {other:?}"),
+    }
+    drop(first);
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_serving_node_can_confirm_a_change_or_rumble_the_players_pad() {
+    let gw = TestGateway::start(|c| c.nodes.heartbeat_ms = 60_000).await;
+    let serving = raw_arena(&gw, "de-1", DE).await;
+    let mut other = raw_arena(&gw, "us-1", US_EAST).await;
+    let c = native_client(&gw, FR_CLIENT).await;
+    let play = tokio::spawn(async move {
+        let s = c.play(API_KEY, params(160, 96, 30, 300)).await.unwrap();
+        (c, s)
+    });
+    let mut node_side = serving.accept_game().await;
+    let (_c, session) = play.await.unwrap();
+    let (mut control, mut frames, _input) = session.split();
+    let rumble = |pad| Rumble {
+        pad,
+        strong_magnitude: 40_000,
+        weak_magnitude: 1_000,
+        duration_ms: 200,
+    };
+    // Another node forges a rumble on its control stream; its heartbeat's ack proves the
+    // gateway read it.
+    let forged = nearpath_protocol::encode_to_vec(&Message::Rumble(rumble(1)));
+    // A frame this short has a one-byte length; the body follows the type byte.
+    let body = &forged[2..];
+    other
+        .send_raw_frame(nearpath_protocol::message::ty::RUMBLE, body)
+        .await;
+    other.heartbeat(0).await;
+    // The serving node confirms a change nobody asked for: nothing reaches the player.
+    send(
+        &mut node_side.send,
+        &Message::SetVideo(SetVideo {
+            width: 3840,
+            height: 2160,
+            fps: 240,
+        }),
+    )
+    .await
+    .unwrap();
+    // The serving node's own rumble does reach it, and first: neither the forgery nor the
+    // unsolicited confirmation came before it.
+    send(&mut node_side.send, &Message::Rumble(rumble(2)))
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    assert_eq!(
+        until_control(&mut control, &mut frames, &mut got).await,
+        ControlEvent::Rumble(rumble(2))
+    );
+    // A change the node refuses reaches the player with the node's reason.
+    control.set_video(320, 180, 30).await.unwrap();
+    match node_side.recv.next().await.unwrap() {
+        Some(Message::SetVideo(_)) => {}
+        other => panic!("expected SetVideo on the node, got {other:?}"),
+    }
+    let no = Message::Error(ErrorInfo {
+        code: VIDEO_REFUSED.into(),
+        message: "this node renders one size".into(),
+        retryable: false,
+    });
+    send(&mut node_side.send, &no).await.unwrap();
+    match until_control(&mut control, &mut frames, &mut got).await {
+        ControlEvent::VideoRefused(e) => assert_eq!(e.message, "this node renders one size"),
+        other => panic!("expected VideoRefused, got {other:?}"),
+    }
+    drop(node_side);
+    gw.stop().await;
+}
