@@ -8,7 +8,7 @@ use nearpath_config::{EncoderConfig, GameEntry, MediaConfig, NodeConfig};
 use nearpath_protocol::message::{
     Accepted, Chunk, Done, ErrorInfo, Message, Open, RefuseCode, Refused, SessionKind, Token,
 };
-use nearpath_protocol::message::{Ended, GameParams, VIDEO_REFUSED};
+use nearpath_protocol::message::{Ended, GameParams, Rumble, VIDEO_REFUSED};
 use nearpath_protocol::openai::{Endpoint, InferenceRequest};
 use nearpath_protocol::stream::{priority, send, FramedRecv};
 use nearpath_protocol::InputDatagram;
@@ -358,6 +358,7 @@ impl Sessions {
             "game session running"
         );
         let cancel = self.cancel_token();
+        let mut rumbles = game.take_rumbles();
         let (mut ctx, mut tx, mut framed) = (ctx, tx, framed);
         loop {
             if send(&mut tx, &Message::Accepted(Accepted { session_id }))
@@ -374,6 +375,7 @@ impl Sessions {
                     &params,
                     &game,
                     &mut frames,
+                    &mut rumbles,
                     &mut tx,
                     &mut framed,
                     &cancel,
@@ -471,6 +473,7 @@ impl Sessions {
         params: &GameParams,
         game: &Arc<GameSession>,
         frames: &mut tokio::sync::mpsc::Receiver<EncodedFrame>,
+        rumbles: &mut Option<tokio::sync::mpsc::Receiver<Rumble>>,
         tx: &mut quinn::SendStream,
         framed: &mut FramedRecv,
         cancel: &CancellationToken,
@@ -507,6 +510,10 @@ impl Sessions {
                     }
                 },
                 Some((seq, outcome)) = sender.done.recv() => sender.outcome(seq, outcome),
+                // The game asks for a vibration: on the session stream, to the gateway.
+                Some(r) = async { match rumbles.as_mut() { Some(rx) => rx.recv().await, None => std::future::pending().await } } => {
+                    let _ = send(tx, &Message::Rumble(r)).await;
+                }
                 _ = sleep_until_opt(timeout) => {
                     let reset = sender.reset_late();
                     for _ in 0..reset {

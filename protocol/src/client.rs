@@ -1030,6 +1030,26 @@ pub struct InputSender {
 }
 
 impl InputSender {
+    /// Sends one gamepad's whole state (input layout version 2): `pad` 0..=3, sticks (left x,
+    /// left y, right x, right y), analog triggers (left, right; 0..=65535) and the standard
+    /// layout's 17 buttons as bits ([`crate::input::STANDARD_BUTTONS`]). A pad out of range or
+    /// buttons beyond the 17 are sent as they are and dropped by the gateway; send only state
+    /// that changed.
+    pub fn send_pad(
+        &self,
+        pad: u8,
+        axes: [i16; 4],
+        triggers: [u16; 2],
+        buttons: u32,
+    ) -> Result<u64, ClientError> {
+        self.send(InputEvent::Gamepad {
+            pad,
+            axes,
+            triggers,
+            buttons,
+        })
+    }
+
     /// Sends `event` stamped with the next sequence number and the current time; returns the
     /// sequence number (compare with `FrameHeader::input_seq` for input-to-photon latency).
     pub fn send(&self, event: InputEvent) -> Result<u64, ClientError> {

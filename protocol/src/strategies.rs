@@ -372,8 +372,18 @@ pub fn input_event() -> impl Strategy<Value = InputEvent> {
         (any::<u8>(), any::<bool>())
             .prop_map(|(button, down)| InputEvent::MouseButton { button, down }),
         (any::<i16>(), any::<i16>()).prop_map(|(dx, dy)| InputEvent::Wheel { dx, dy }),
-        (any::<[i16; 4]>(), any::<u32>())
-            .prop_map(|(axes, buttons)| InputEvent::Gamepad { axes, buttons }),
+        (
+            0..crate::input::MAX_PADS as u8,
+            any::<[i16; 4]>(),
+            any::<[u16; 2]>(),
+            0..=crate::input::STANDARD_BUTTONS
+        )
+            .prop_map(|(pad, axes, triggers, buttons)| InputEvent::Gamepad {
+                pad,
+                axes,
+                triggers,
+                buttons
+            }),
         Just(InputEvent::KeyframeRequest),
         any::<u32>().prop_map(|id| InputEvent::Ping { id }),
     ]

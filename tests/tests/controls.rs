@@ -356,3 +356,81 @@ async fn only_the_serving_node_can_confirm_a_change_or_rumble_the_players_pad() 
     drop(node_side);
     gw.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gamepad_2s_trigger_reaches_the_game() {
+    use nearpath_edge_node::game::builtin::trigger_bar;
+    use openh264::formats::YUVSource;
+    let _heavy = HEAVY.lock().await;
+    let gw = TestGateway::start(|_| {}).await;
+    let mut node = TestNode::start(arena_node(&gw, "de-1", GameSource::Builtin {}), ip(DE));
+    node.registered().await;
+    let c = native_client(&gw, FR_CLIENT).await;
+    let session = c.play(API_KEY, params(320, 180, 30, 1500)).await.unwrap();
+    let (_control, mut frames, input) = session.split();
+    // Pad 2's right trigger, fully pulled (and its button bit), sticks at rest.
+    let seq = input.send_pad(2, [0; 4], [0, u16::MAX], 1 << 7).unwrap();
+    let (x0, x1, y0, y1) = trigger_bar(320, 180, 2, u16::MAX);
+    let (x, y) = (((x0 + x1) / 2) as usize, ((y0 + y1) / 2) as usize);
+    let mut dec = openh264::decoder::Decoder::new().unwrap();
+    let mut before = None;
+    let mut last_seq = None;
+    loop {
+        let f = next_frame(&mut frames).await;
+        if last_seq.is_some_and(|s| f.header.seq <= s) {
+            continue;
+        }
+        last_seq = Some(f.header.seq);
+        let Some(yuv) = dec.decode(&f.payload).unwrap() else {
+            continue;
+        };
+        let luma = yuv.y()[y * yuv.strides().0 + x];
+        if f.header.input_seq < seq {
+            before.get_or_insert(luma);
+            continue;
+        }
+        // The frame that applied it shows pad 2's bar at full height.
+        let before = before.expect("frames before the input");
+        assert!(before < 100, "no bar before the trigger: luma {before}");
+        assert!(luma > 180, "pad 2's trigger bar: luma {luma}");
+        break;
+    }
+    drop(node);
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_collision_in_the_builtin_game_rumbles_the_native_players_pad() {
+    let _heavy = HEAVY.lock().await;
+    let gw = TestGateway::start(|_| {}).await;
+    let mut node = TestNode::start(arena_node(&gw, "de-1", GameSource::Builtin {}), ip(DE));
+    node.registered().await;
+    let c = native_client(&gw, FR_CLIENT).await;
+    let session = c.play(API_KEY, params(160, 96, 60, 300)).await.unwrap();
+    let (mut control, mut frames, input) = session.split();
+    // The ship onto the outer asteroid's orbit (0.42 x 96 px right of the centre): the asteroid
+    // laps every 233 frames (under 4 s at 60 fps) and hits it. Pad 3 sends input last, so its
+    // pad is the one that rumbles.
+    input
+        .send(nearpath_protocol::InputEvent::MouseMove { dx: 40, dy: 0 })
+        .unwrap();
+    input.send_pad(3, [0; 4], [0, 0], 0).unwrap();
+    let mut got = Vec::new();
+    let r = match until_control(&mut control, &mut frames, &mut got).await {
+        ControlEvent::Rumble(r) => r,
+        other => panic!("expected Rumble, got {other:?}"),
+    };
+    let (strong, weak, ms) = nearpath_edge_node::game::HIT_RUMBLE;
+    assert_eq!(
+        r,
+        Rumble {
+            pad: 3,
+            strong_magnitude: strong,
+            weak_magnitude: weak,
+            duration_ms: ms
+        }
+    );
+    control.close("done").await.unwrap();
+    drop(node);
+    gw.stop().await;
+}

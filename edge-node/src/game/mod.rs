@@ -32,7 +32,7 @@ use bytes::Bytes;
 use nearpath_config::{EncoderConfig, GameSource};
 use nearpath_protocol::frame::FrameHeader;
 use nearpath_protocol::input::InputEvent;
-use nearpath_protocol::message::GameParams;
+use nearpath_protocol::message::{GameParams, Rumble};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{mpsc as std_mpsc, Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -51,6 +51,10 @@ const ENCODE_TIME_WINDOW: usize = 600;
 const MAX_ENCODE_FAILURES: u32 = 3;
 /// Largest frame rate a session may ask for.
 pub const MAX_FPS: u32 = 240;
+/// Vibrations waiting for the session's sender before more are dropped.
+const RUMBLE_QUEUE: usize = 8;
+/// The built-in game's rumble on a hit: strong motor, weak motor, milliseconds.
+pub const HIT_RUMBLE: (u16, u16, u32) = (40_000, 12_000, 200);
 
 /// One encoded video frame, ready for a [`FrameHeader`] and the session's stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -324,6 +328,9 @@ struct Shared {
     pool: Mutex<Vec<Vec<u8>>>,
     /// A size change (width, height, fps) not yet applied by the encoder thread.
     video: Mutex<Option<(u32, u32, u32)>>,
+    /// Vibrations the game asks for (built-in game: one per hit), for the session's sender;
+    /// full, it drops them (a late vibration is worth nothing).
+    rumble: mpsc::Sender<Rumble>,
 }
 
 impl Shared {
@@ -399,6 +406,8 @@ pub struct GameSession {
     external: bool,
     /// The pacer's frame rate.
     fps: watch::Sender<u32>,
+    /// Vibrations the game asks for, until [`GameSession::take_rumbles`] takes them.
+    rumble: Mutex<Option<mpsc::Receiver<Rumble>>>,
 }
 
 impl std::fmt::Debug for GameSession {
@@ -482,6 +491,7 @@ impl GameSession {
         let encoder_name = encoder.name();
 
         let (end_tx, end_rx) = watch::channel(None);
+        let (rumble_tx, rumble_rx) = mpsc::channel(RUMBLE_QUEUE);
         let (frames_tx, frames_rx) = mpsc::channel(FRAME_QUEUE);
         let cancel = CancellationToken::new();
         let mut external_parts = None;
@@ -527,6 +537,7 @@ impl GameSession {
             cancel,
             pool: Mutex::new(Vec::new()),
             video: Mutex::new(None),
+            rumble: rumble_tx,
         });
         let (fps_tx, fps_rx) = watch::channel(fps);
 
@@ -584,6 +595,7 @@ impl GameSession {
                 started: Instant::now(),
                 external: external_source,
                 fps: fps_tx,
+                rumble: Mutex::new(Some(rumble_rx)),
             },
             frames_rx,
         ))
@@ -592,6 +604,13 @@ impl GameSession {
     /// The parameters the session started with.
     pub fn params(&self) -> &GameParams {
         &self.params
+    }
+
+    /// The vibrations the game asks for (the built-in game: one on each hit of the ship, on
+    /// the pad that sent input last); `None` after the first call. External programs ask for
+    /// none (their contract has no channel for it).
+    pub fn take_rumbles(&self) -> Option<mpsc::Receiver<Rumble>> {
+        self.rumble.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
 
     /// The parameters in force now: the start's, with the size and frame rate of the last
@@ -1011,7 +1030,16 @@ impl EncoderThread {
                     }
                     input.last_seq
                 };
+                let hits = game.hits();
                 game.advance_to(index);
+                if game.hits() > hits {
+                    let _ = self.shared.rumble.try_send(Rumble {
+                        pad: game.last_pad(),
+                        strong_magnitude: HIT_RUMBLE.0,
+                        weak_magnitude: HIT_RUMBLE.1,
+                        duration_ms: HIT_RUMBLE.2,
+                    });
+                }
                 game.render();
                 self.shared
                     .counters
