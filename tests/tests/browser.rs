@@ -1588,3 +1588,55 @@ async fn the_page_follows_its_window_size_mid_session_and_keeps_decoding() {
     node.stop().await.unwrap();
     gw.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_hears_refused_video_changes_and_the_games_rumble() {
+    let _one = ONE_BROWSER_AT_A_TIME.lock().await;
+    let gw = TestGateway::start(|_| {}).await;
+    let mut node = TestNode::start(with_arena(gw.node_config("de-1", &gw.token)), ip(DE));
+    node.registered().await;
+    let browser = Browser::launch().await;
+    let page = browser.open(&play_url(&gw, 320, 180, 60)).await;
+    wait_stats(
+        &page,
+        "the first decoded frame",
+        Duration::from_secs(30),
+        |s| num(s, "framesDecoded") > 0.0,
+    )
+    .await;
+    // Hostile sizes are refused with the reason, and the session goes on.
+    page.eval(r#"window.nearpath.send({t: "video", width: 0, height: 0, fps: 30})"#)
+        .await
+        .unwrap();
+    let why = wait_eval(&page, "window.nearpath.videoRefused", "the refusal", |v| {
+        v.is_string()
+    })
+    .await;
+    assert!(why.as_str().unwrap().contains("at least 16x16"), "{why}");
+    // The ship onto the outer asteroid's orbit (0.42 x 180 px right of the centre): the next
+    // pass hits it, and the node's rumble reaches the page.
+    page.eval(r#"window.nearpath.input({t: "mouse", dx: 76, dy: 0})"#)
+        .await
+        .unwrap();
+    let r = wait_eval(&page, "window.nearpath.lastRumble", "a rumble", |v| {
+        v.is_object()
+    })
+    .await;
+    let (strong, weak, ms) = nearpath_edge_node::game::HIT_RUMBLE;
+    assert_eq!(
+        r,
+        serde_json::json!({"t": "rumble", "pad": 0, "strong": strong, "weak": weak, "duration_ms": ms})
+    );
+    let decoded = page.eval("window.nearpath.framesDecoded()").await.unwrap();
+    wait_eval(
+        &page,
+        "window.nearpath.framesDecoded()",
+        "frames after",
+        |v| v.as_u64() > decoded.as_u64(),
+    )
+    .await;
+    drop(page);
+    drop(browser);
+    node.stop().await.unwrap();
+    gw.stop().await;
+}

@@ -96,9 +96,12 @@ async fn a_720p_session_changed_to_1080p_keeps_decoding_in_the_same_session() {
             assert_eq!(d, (1280, 720));
         }
     }
+    let asked = std::time::Instant::now();
     control.set_video(1920, 1080, 30).await.unwrap();
     let mut got = Vec::new();
-    match until_control(&mut control, &mut frames, &mut got).await {
+    let answer = until_control(&mut control, &mut frames, &mut got).await;
+    let confirmed = asked.elapsed();
+    match answer {
         ControlEvent::VideoChanged(v) => assert_eq!(
             v,
             SetVideo {
@@ -126,6 +129,13 @@ async fn a_720p_session_changed_to_1080p_keeps_decoding_in_the_same_session() {
             if !seen_big {
                 assert!(f.header.keyframe, "the first 1080p frame is an IDR");
                 seen_big = true;
+                // Bounded by the confirmation when it was already buffered.
+                println!(
+                    "720p -> 1080p: confirmed after {:.1} ms, first 1080p frame (IDR, {} bytes) after {:.1} ms",
+                    confirmed.as_secs_f64() * 1000.0,
+                    f.payload.len(),
+                    asked.elapsed().max(confirmed).as_secs_f64() * 1000.0
+                );
             }
             if let Some(d) = decode(&f) {
                 assert_eq!(d, (1920, 1080));
