@@ -31,6 +31,9 @@
 //!   notches. Keyframe requests and pings are handled by the node and not forwarded. A program
 //!   that does not read its stdin still works; input for it is dropped once the pipe is full.
 //! - stderr: logged by the node (rate limited); the last line is quoted when it fails.
+//! - The size is fixed for the session: a player's mid-session size change (`SetVideo`) is
+//!   refused with a reason for external programs, and they have no way to ask for rumble
+//!   (the built-in game's is the only one there is).
 //! - The session ends when the program exits or closes stdout, or writes a partial frame; when
 //!   the session ends for any other reason the node kills the program's whole process group.
 
