@@ -444,3 +444,39 @@ async fn a_collision_in_the_builtin_game_rumbles_the_native_players_pad() {
     drop(node);
     gw.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_video_change_rewrites_the_sessions_directory_so_a_resume_elsewhere_opens_at_that_size() {
+    let _heavy = HEAVY.lock().await;
+    let gw = TestGateway::start(|c| c.federation.gateway_id = Some("a".into())).await;
+    let mut node = TestNode::start(arena_node(&gw, "de-1", GameSource::Builtin {}), ip(DE));
+    node.registered().await;
+    let c = native_client(&gw, FR_CLIENT).await;
+    let session = c.play(API_KEY, params(160, 96, 30, 300)).await.unwrap();
+    let id = session.started().session_id;
+    let entry = gw
+        .store
+        .get_session_dir(id)
+        .unwrap()
+        .expect("a directory entry");
+    assert_eq!((entry.width, entry.height, entry.fps), (160, 96, 30));
+    let (mut control, mut frames, _input) = session.split();
+    control.set_video(320, 180, 60).await.unwrap();
+    let mut got = Vec::new();
+    assert!(matches!(
+        until_control(&mut control, &mut frames, &mut got).await,
+        ControlEvent::VideoChanged(_)
+    ));
+    // The entry is published from the session's driver, right after the change took effect.
+    let entry = eventually("the rewritten entry", Duration::from_secs(5), || async {
+        gw.store
+            .get_session_dir(id)
+            .unwrap()
+            .filter(|e| (e.width, e.height, e.fps) == (320, 180, 60))
+    })
+    .await;
+    assert_eq!(entry.node_id, "de-1");
+    control.close("done").await.unwrap();
+    drop(node);
+    gw.stop().await;
+}
