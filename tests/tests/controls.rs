@@ -480,3 +480,57 @@ async fn a_video_change_rewrites_the_sessions_directory_so_a_resume_elsewhere_op
     drop(node);
     gw.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_video_change_reaches_only_the_session_of_the_stream_it_came_on() {
+    let _heavy = HEAVY.lock().await;
+    let gw = TestGateway::start(|_| {}).await;
+    let mut cfg = arena_node(&gw, "de-1", GameSource::Builtin {});
+    cfg.capacity.game_sessions = 2;
+    let mut node = TestNode::start(cfg, ip(DE));
+    node.registered().await;
+    // SetVideo names no session: it acts on the session of the play stream it arrives on, so
+    // another client has no way to address someone else's session.
+    let alice = native_client(&gw, FR_CLIENT).await;
+    let mallory = native_client(&gw, FR_CLIENT).await;
+    let a = alice.play(API_KEY, params(160, 96, 30, 300)).await.unwrap();
+    let m = mallory
+        .play(API_KEY, params(160, 96, 30, 300))
+        .await
+        .unwrap();
+    let (a_id, m_id) = (a.started().session_id, m.started().session_id);
+    assert_ne!(a_id, m_id);
+    let (mut a_control, mut a_frames, _a_input) = a.split();
+    let (mut m_control, mut m_frames, _m_input) = m.split();
+    m_control.set_video(320, 180, 30).await.unwrap();
+    let mut got = Vec::new();
+    assert!(matches!(
+        until_control(&mut m_control, &mut m_frames, &mut got).await,
+        ControlEvent::VideoChanged(_)
+    ));
+    // Alice's first control event is the answer to her own change, not Mallory's.
+    a_control.set_video(192, 108, 30).await.unwrap();
+    let mut a_got = Vec::new();
+    assert_eq!(
+        until_control(&mut a_control, &mut a_frames, &mut a_got).await,
+        ControlEvent::VideoChanged(SetVideo {
+            width: 192,
+            height: 108,
+            fps: 30
+        })
+    );
+    // Alice's frames are hers and never Mallory's size.
+    loop {
+        let f = match a_got.pop() {
+            Some(f) => f,
+            None => next_frame(&mut a_frames).await,
+        };
+        assert_eq!(f.header.session_id, a_id);
+        assert_ne!((f.header.width, f.header.height), (320, 180));
+        if (f.header.width, f.header.height) == (192, 108) {
+            break;
+        }
+    }
+    drop(node);
+    gw.stop().await;
+}
