@@ -378,13 +378,20 @@ async fn gamepad_2s_trigger_reaches_the_game() {
     let c = native_client(&gw, FR_CLIENT).await;
     let session = c.play(API_KEY, params(320, 180, 30, 1500)).await.unwrap();
     let (_control, mut frames, input) = session.split();
-    // Pad 2's right trigger, fully pulled (and its button bit), sticks at rest.
-    let seq = input.send_pad(2, [0; 4], [0, u16::MAX], 1 << 7).unwrap();
     let (x0, x1, y0, y1) = trigger_bar(320, 180, 2, u16::MAX);
     let (x, y) = (((x0 + x1) / 2) as usize, ((y0 + y1) / 2) as usize);
     let mut dec = openh264::decoder::Decoder::new().unwrap();
-    let mut before = None;
-    let mut last_seq = None;
+    // A frame rendered before the input: no bar there.
+    let first = next_frame(&mut frames).await;
+    assert!(first.header.keyframe);
+    let mut last_seq = Some(first.header.seq);
+    let before = {
+        let yuv = dec.decode(&first.payload).unwrap().expect("a picture");
+        yuv.y()[y * yuv.strides().0 + x]
+    };
+    assert!(before < 100, "no bar before the trigger: luma {before}");
+    // Pad 2's right trigger, fully pulled (and its button bit), sticks at rest.
+    let seq = input.send_pad(2, [0; 4], [0, u16::MAX], 1 << 7).unwrap();
     loop {
         let f = next_frame(&mut frames).await;
         if last_seq.is_some_and(|s| f.header.seq <= s) {
@@ -396,12 +403,10 @@ async fn gamepad_2s_trigger_reaches_the_game() {
         };
         let luma = yuv.y()[y * yuv.strides().0 + x];
         if f.header.input_seq < seq {
-            before.get_or_insert(luma);
+            assert!(luma < 100, "a bar before the trigger: luma {luma}");
             continue;
         }
         // The frame that applied it shows pad 2's bar at full height.
-        let before = before.expect("frames before the input");
-        assert!(before < 100, "no bar before the trigger: luma {before}");
         assert!(luma > 180, "pad 2's trigger bar: luma {luma}");
         break;
     }
