@@ -9,7 +9,7 @@ use nearpath_config::{EncoderConfig, GameEntry, MediaConfig, NodeConfig};
 use nearpath_protocol::message::{
     Accepted, Chunk, Done, ErrorInfo, Message, Open, RefuseCode, Refused, SessionKind, Token,
 };
-use nearpath_protocol::message::{Ended, GameParams};
+use nearpath_protocol::message::{Ended, GameParams, Rumble, VIDEO_REFUSED};
 use nearpath_protocol::openai::{Endpoint, InferenceRequest};
 use nearpath_protocol::stream::{priority, send, FramedRecv};
 use nearpath_protocol::InputDatagram;
@@ -391,6 +391,7 @@ impl Sessions {
             "game session running"
         );
         let cancel = self.cancel_token();
+        let mut rumbles = game.take_rumbles();
         let (mut ctx, mut tx, mut framed) = (ctx, tx, framed);
         loop {
             if send(&mut tx, &Message::Accepted(Accepted { session_id }))
@@ -407,6 +408,7 @@ impl Sessions {
                     &params,
                     &game,
                     &mut frames,
+                    &mut rumbles,
                     &mut tx,
                     &mut framed,
                     &cancel,
@@ -504,6 +506,7 @@ impl Sessions {
         params: &GameParams,
         game: &Arc<GameSession>,
         frames: &mut tokio::sync::mpsc::Receiver<EncodedFrame>,
+        rumbles: &mut Option<tokio::sync::mpsc::Receiver<Rumble>>,
         tx: &mut quinn::SendStream,
         framed: &mut FramedRecv,
         cancel: &CancellationToken,
@@ -540,6 +543,10 @@ impl Sessions {
                     }
                 },
                 Some((seq, outcome)) = sender.done.recv() => sender.outcome(seq, outcome),
+                // The game asks for a vibration: on the session stream, to the gateway.
+                Some(r) = async { match rumbles.as_mut() { Some(rx) => rx.recv().await, None => std::future::pending().await } } => {
+                    let _ = send(tx, &Message::Rumble(r)).await;
+                }
                 _ = sleep_until_opt(timeout) => {
                     let reset = sender.reset_late();
                     for _ in 0..reset {
@@ -570,6 +577,21 @@ impl Sessions {
                     Ok(Some(Message::ForceKeyframe)) => game.force_keyframe(),
                     // The client's bitrate is the session's ceiling; congestion decides below it.
                     Ok(Some(Message::SetBitrate(b))) => lock(&rate).set_max_kbps(b.kbps),
+                    // The gateway checked the change against its limits; the node checks again
+                    // (its own limits, and whether its source can change size) and answers with
+                    // the values in force or a `video_refused` error. The rate controller's
+                    // state carries over: the path did not change.
+                    Ok(Some(Message::SetVideo(v))) => {
+                        let answer = match game.set_video(v.width, v.height, v.fps) {
+                            Ok(()) => Message::SetVideo(v),
+                            Err(e) => Message::Error(ErrorInfo {
+                                code: VIDEO_REFUSED.into(),
+                                message: e.to_string(),
+                                retryable: false,
+                            }),
+                        };
+                        let _ = send(tx, &answer).await;
+                    }
                     Ok(Some(Message::Close(_))) | Ok(None) => {
                         game.stop();
                         let _ = tx.finish();

@@ -6,7 +6,7 @@
 use crate::registry::NodeEntry;
 use crate::session_id::SessionId;
 use bytes::Bytes;
-use nearpath_protocol::message::GameParams;
+use nearpath_protocol::message::{GameParams, Rumble, SetVideo};
 use nearpath_protocol::{FrameHeader, InputDatagram, MAX_VIDEO_FRAME};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -33,6 +33,9 @@ pub enum FrameSink {
 pub enum ClientEvent {
     ForceKeyframe,
     SetBitrate(u32),
+    /// Change the picture size and frame rate (checked against `[game]` limits by the
+    /// session's rules, then by the node).
+    SetVideo(SetVideo),
     Close(String),
     /// The client left: it closed its connection (or its control stream failed). Outcome
     /// `client_left`.
@@ -48,6 +51,12 @@ pub enum Notice {
     Paused(String),
     Resumed,
     Ended(String),
+    /// A video change took effect with these values.
+    VideoChanged(SetVideo),
+    /// A video change was refused; the session goes on unchanged.
+    VideoRefused(String),
+    /// The serving node asks for a gamepad vibration (already bounded and rate limited).
+    Rumble(Rumble),
 }
 
 /// A started session: feed `events`, read `notices` (and frames from the sink).

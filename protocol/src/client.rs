@@ -14,7 +14,8 @@ use crate::frame::FrameHeader;
 use crate::input::{InputDatagram, InputEvent};
 use crate::message::{
     Chunk, Close, Done, Ended, ErrorInfo, InferRequest, InferStarted, ListGames, Message, Paused,
-    PlayRequest, PlayResume, PlayStarted, PlayTicket, Redirect, Token, VideoCodec,
+    PlayRequest, PlayResume, PlayStarted, PlayTicket, Redirect, Rumble, SetVideo, Token,
+    VideoCodec, VIDEO_REFUSED,
 };
 use crate::net::{self, NetError};
 use crate::openai::Endpoint;
@@ -746,6 +747,14 @@ pub enum ControlEvent {
     Ended(Ended),
     /// The session failed.
     Error(ErrorInfo),
+    /// A [`PlayControl::set_video`] took effect: frames at the new size follow, the first of
+    /// them an IDR (the frame header carries the size of each frame).
+    VideoChanged(SetVideo),
+    /// A [`PlayControl::set_video`] was refused (code `video_refused`); the session goes on at
+    /// its current size and rate.
+    VideoRefused(ErrorInfo),
+    /// The game asks for a gamepad vibration.
+    Rumble(Rumble),
 }
 
 /// Either kind of play event, from [`PlaySession::next_event`].
@@ -838,6 +847,16 @@ impl PlaySession {
         self.control.request_keyframe().await
     }
 
+    /// Asks to change the picture size and frame rate; see [`PlayControl::set_video`].
+    pub async fn set_video(
+        &mut self,
+        width: u32,
+        height: u32,
+        fps: u32,
+    ) -> Result<(), ClientError> {
+        self.control.set_video(width, height, fps).await
+    }
+
     /// Sends `Close` and finishes the control stream; keep reading [`PlaySession::next_control`]
     /// to see the gateway's `Ended`.
     pub async fn close(&mut self, reason: &str) -> Result<(), ClientError> {
@@ -890,12 +909,15 @@ impl PlayControl {
             Some(Message::Paused(p)) => ControlEvent::Paused(p),
             Some(Message::Resumed) => ControlEvent::Resumed,
             Some(Message::Ended(e)) => ControlEvent::Ended(e),
+            Some(Message::Error(e)) if e.code == VIDEO_REFUSED => ControlEvent::VideoRefused(e),
             Some(Message::Error(e)) => ControlEvent::Error(e),
+            Some(Message::SetVideo(v)) => ControlEvent::VideoChanged(v),
+            Some(Message::Rumble(r)) => ControlEvent::Rumble(r),
             Some(other) => {
                 self.finished = true;
                 return Err(ClientError::Unexpected {
                     addr: self.addr,
-                    expected: "Paused, Resumed, Ended or Error",
+                    expected: "Paused, Resumed, Ended, Error, SetVideo or Rumble",
                     got: other.name(),
                 });
             }
@@ -914,6 +936,22 @@ impl PlayControl {
     /// Asks for a keyframe.
     pub async fn request_keyframe(&mut self) -> Result<(), ClientError> {
         stream::send(&mut self.send, &Message::ForceKeyframe)
+            .await
+            .map_err(|e| stream_err(self.addr, e))
+    }
+
+    /// Asks to change the picture size and frame rate mid-session. The answer comes as a
+    /// control event: [`ControlEvent::VideoChanged`] with the values in force, or
+    /// [`ControlEvent::VideoRefused`] saying why (out of the gateway's limits, too many changes
+    /// a second, a frame source of fixed size).
+    pub async fn set_video(
+        &mut self,
+        width: u32,
+        height: u32,
+        fps: u32,
+    ) -> Result<(), ClientError> {
+        let msg = Message::SetVideo(SetVideo { width, height, fps });
+        stream::send(&mut self.send, &msg)
             .await
             .map_err(|e| stream_err(self.addr, e))
     }
@@ -1005,6 +1043,26 @@ pub struct InputSender {
 }
 
 impl InputSender {
+    /// Sends one gamepad's whole state (input layout version 2): `pad` 0..=3, sticks (left x,
+    /// left y, right x, right y), analog triggers (left, right; 0..=65535) and the standard
+    /// layout's 17 buttons as bits ([`crate::input::STANDARD_BUTTONS`]). A pad out of range or
+    /// buttons beyond the 17 are sent as they are and dropped by the gateway; send only state
+    /// that changed.
+    pub fn send_pad(
+        &self,
+        pad: u8,
+        axes: [i16; 4],
+        triggers: [u16; 2],
+        buttons: u32,
+    ) -> Result<u64, ClientError> {
+        self.send(InputEvent::Gamepad {
+            pad,
+            axes,
+            triggers,
+            buttons,
+        })
+    }
+
     /// Sends `event` stamped with the next sequence number and the current time; returns the
     /// sequence number (compare with `FrameHeader::input_seq` for input-to-photon latency).
     pub fn send(&self, event: InputEvent) -> Result<u64, ClientError> {

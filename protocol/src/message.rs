@@ -56,6 +56,8 @@ pub mod ty {
     pub const ENDED: u8 = 0x19;
     pub const INPUT_APPLIED: u8 = 0x1a;
     pub const CHUNK: u8 = 0x1b;
+    pub const SET_VIDEO: u8 = 0x1c;
+    pub const RUMBLE: u8 = 0x1d;
 
     pub const INFER_REQUEST: u8 = 0x30;
     pub const INFER_STARTED: u8 = 0x31;
@@ -532,6 +534,39 @@ pub struct SetBitrate {
     pub kbps: u32,
 }
 
+/// Change a running game session's picture size and frame rate without a new session (added
+/// in protocol version 3). client -> gateway on the play stream and gateway -> node on the
+/// session stream ask for it; node -> gateway and gateway -> client confirm it with the values
+/// now in force. A refusal is an `Error` with code `video_refused` that does not end the session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SetVideo {
+    /// Picture width in pixels (even, at least 16).
+    pub width: u32,
+    /// Picture height in pixels (even, at least 16).
+    pub height: u32,
+    /// Frames per second (1 and up).
+    pub fps: u32,
+}
+
+/// The error code of a refused [`SetVideo`]: the session keeps running at its current size.
+pub const VIDEO_REFUSED: &str = "video_refused";
+
+/// node -> gateway -> client: make a gamepad vibrate (added in protocol version 3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rumble {
+    /// Pad index, 0..=3 ([`crate::input::MAX_PADS`] pads).
+    pub pad: u8,
+    /// The low-frequency (strong, left) motor, 0..=65535.
+    pub strong_magnitude: u16,
+    /// The high-frequency (weak, right) motor, 0..=65535.
+    pub weak_magnitude: u16,
+    /// How long, in milliseconds (at most [`MAX_RUMBLE_MS`]).
+    pub duration_ms: u32,
+}
+
+/// Longest [`Rumble::duration_ms`] a decoder accepts (5 s).
+pub const MAX_RUMBLE_MS: u32 = 5_000;
+
 /// End the session (gateway -> node, or client -> gateway on a play stream).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Close {
@@ -791,6 +826,10 @@ pub enum Message {
     SetBitrate(SetBitrate),
     /// See [`Close`].
     Close(Close),
+    /// See [`SetVideo`].
+    SetVideo(SetVideo),
+    /// See [`Rumble`].
+    Rumble(Rumble),
     /// See [`Token`].
     Token(Token),
     /// See [`Chunk`].
@@ -850,6 +889,8 @@ impl Message {
             Message::ForceKeyframe => ty::FORCE_KEYFRAME,
             Message::SetBitrate(_) => ty::SET_BITRATE,
             Message::Close(_) => ty::CLOSE,
+            Message::SetVideo(_) => ty::SET_VIDEO,
+            Message::Rumble(_) => ty::RUMBLE,
             Message::Token(_) => ty::TOKEN,
             Message::Chunk(_) => ty::CHUNK,
             Message::Done(_) => ty::DONE,
@@ -980,6 +1021,17 @@ impl Message {
             }
             Message::SetBitrate(m) => b.put_var(m.kbps.into()),
             Message::Close(m) => b.put_str(&m.reason),
+            Message::SetVideo(m) => {
+                b.put_var(m.width.into());
+                b.put_var(m.height.into());
+                b.put_var(m.fps.into());
+            }
+            Message::Rumble(m) => {
+                b.put_u8(m.pad);
+                b.put_u16(m.strong_magnitude);
+                b.put_u16(m.weak_magnitude);
+                b.put_var(m.duration_ms.into());
+            }
             Message::Token(m) => {
                 b.put_var(m.index.into());
                 b.put_str(&m.text);
@@ -1233,6 +1285,39 @@ impl Message {
             ty::CLOSE => Message::Close(Close {
                 reason: r.string("Close.reason")?,
             }),
+            // Sizes and rates are checked against the session's limits by whoever acts on
+            // them; the codec only keeps them in range of their type.
+            ty::SET_VIDEO => Message::SetVideo(SetVideo {
+                width: r.u32("SetVideo.width")?,
+                height: r.u32("SetVideo.height")?,
+                fps: r.u32("SetVideo.fps")?,
+            }),
+            ty::RUMBLE => {
+                let pad = r.u8("Rumble.pad")?;
+                if usize::from(pad) >= crate::input::MAX_PADS {
+                    return Err(DecodeError::InvalidValue {
+                        field: "Rumble.pad",
+                        detail: format!("pad {pad}, expected 0..{}", crate::input::MAX_PADS),
+                    });
+                }
+                let strong = r.bytes(2, "Rumble.strong_magnitude")?;
+                let strong_magnitude = u16::from_be_bytes([strong[0], strong[1]]);
+                let weak = r.bytes(2, "Rumble.weak_magnitude")?;
+                let weak_magnitude = u16::from_be_bytes([weak[0], weak[1]]);
+                let duration_ms = r.u32("Rumble.duration_ms")?;
+                if duration_ms > MAX_RUMBLE_MS {
+                    return Err(DecodeError::InvalidValue {
+                        field: "Rumble.duration_ms",
+                        detail: format!("{duration_ms} ms, at most {MAX_RUMBLE_MS} allowed"),
+                    });
+                }
+                Message::Rumble(Rumble {
+                    pad,
+                    strong_magnitude,
+                    weak_magnitude,
+                    duration_ms,
+                })
+            }
             ty::TOKEN => Message::Token(Token {
                 index: r.u32("Token.index")?,
                 text: r.string("Token.text")?,
@@ -1359,6 +1444,8 @@ pub fn type_name(ty: u8) -> Option<&'static str> {
         ty::FORCE_KEYFRAME => "ForceKeyframe",
         ty::SET_BITRATE => "SetBitrate",
         ty::CLOSE => "Close",
+        ty::SET_VIDEO => "SetVideo",
+        ty::RUMBLE => "Rumble",
         ty::TOKEN => "Token",
         ty::CHUNK => "Chunk",
         ty::DONE => "Done",

@@ -215,6 +215,23 @@ fn session() -> impl Strategy<Value = Message> {
             .prop_map(|(code, reason)| Message::Refused(Refused { code, reason })),
         Just(Message::ForceKeyframe),
         any::<u32>().prop_map(|kbps| Message::SetBitrate(SetBitrate { kbps })),
+        (any::<u32>(), any::<u32>(), any::<u32>()).prop_map(|(width, height, fps)| {
+            Message::SetVideo(SetVideo { width, height, fps })
+        }),
+        (
+            0..crate::input::MAX_PADS as u8,
+            any::<u16>(),
+            any::<u16>(),
+            0..=MAX_RUMBLE_MS
+        )
+            .prop_map(|(pad, strong_magnitude, weak_magnitude, duration_ms)| {
+                Message::Rumble(Rumble {
+                    pad,
+                    strong_magnitude,
+                    weak_magnitude,
+                    duration_ms,
+                })
+            }),
         text().prop_map(|reason| Message::Close(Close { reason })),
         (any::<u32>(), text(), any::<u64>()).prop_map(|(index, text, node_elapsed_us)| {
             Message::Token(Token {
@@ -388,8 +405,18 @@ pub fn input_event() -> impl Strategy<Value = InputEvent> {
         (any::<u8>(), any::<bool>())
             .prop_map(|(button, down)| InputEvent::MouseButton { button, down }),
         (any::<i16>(), any::<i16>()).prop_map(|(dx, dy)| InputEvent::Wheel { dx, dy }),
-        (any::<[i16; 4]>(), any::<u32>())
-            .prop_map(|(axes, buttons)| InputEvent::Gamepad { axes, buttons }),
+        (
+            0..crate::input::MAX_PADS as u8,
+            any::<[i16; 4]>(),
+            any::<[u16; 2]>(),
+            0..=crate::input::STANDARD_BUTTONS
+        )
+            .prop_map(|(pad, axes, triggers, buttons)| InputEvent::Gamepad {
+                pad,
+                axes,
+                triggers,
+                buttons
+            }),
         Just(InputEvent::KeyframeRequest),
         any::<u32>().prop_map(|id| InputEvent::Ping { id }),
     ]

@@ -121,6 +121,17 @@ fn samples() -> Vec<Message> {
         }),
         Message::ForceKeyframe,
         Message::SetBitrate(SetBitrate { kbps: 8_000 }),
+        Message::SetVideo(SetVideo {
+            width: 1920,
+            height: 1080,
+            fps: 144,
+        }),
+        Message::Rumble(Rumble {
+            pad: 3,
+            strong_magnitude: 65_535,
+            weak_magnitude: 300,
+            duration_ms: MAX_RUMBLE_MS,
+        }),
         Message::Close(Close {
             reason: "client left".into(),
         }),
@@ -508,6 +519,27 @@ fn out_of_domain_values_are_rejected() {
                 raw_frame(ty::SET_BITRATE, &b)
             },
             "SetBitrate.kbps",
+        ),
+        // A SetVideo size beyond u32.
+        (
+            {
+                let mut b = Vec::new();
+                put_varint(&mut b, 1 << 40);
+                b.extend_from_slice(&[1, 1]);
+                raw_frame(ty::SET_VIDEO, &b)
+            },
+            "SetVideo.width",
+        ),
+        // Pad 4 of a four-pad session.
+        (raw_frame(ty::RUMBLE, &[4, 0, 1, 0, 1, 10]), "Rumble.pad"),
+        // A rumble longer than MAX_RUMBLE_MS.
+        (
+            {
+                let mut b = vec![0, 0xff, 0xff, 0, 0];
+                put_varint(&mut b, u64::from(MAX_RUMBLE_MS) + 1);
+                raw_frame(ty::RUMBLE, &b)
+            },
+            "Rumble.duration_ms",
         ),
         // NaN load.
         (

@@ -308,7 +308,11 @@ pub async fn run(s: &Scenario) -> anyhow::Result<Report> {
                 Ok(Some(ControlEvent::Paused(_))) => report.paused += 1,
                 Ok(Some(ControlEvent::Ended(e))) => anyhow::bail!("the session ended: {e:?}"),
                 Ok(Some(ControlEvent::Error(e))) => anyhow::bail!("the session failed: {e:?}"),
-                Ok(Some(ControlEvent::Resumed)) => {}
+                // Video changes and rumble are not part of this measurement.
+                Ok(Some(ControlEvent::Resumed))
+                | Ok(Some(ControlEvent::VideoChanged(_)))
+                | Ok(Some(ControlEvent::VideoRefused(_)))
+                | Ok(Some(ControlEvent::Rumble(_))) => {}
                 Ok(None) | Err(_) => anyhow::bail!("the session's control stream closed"),
             },
             _ = tokio::time::sleep_until(end.into()) => break,

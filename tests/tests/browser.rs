@@ -1521,3 +1521,135 @@ async fn the_player_page_says_why_it_cannot_play_and_stops_posting_stats_when_th
     node.stop().await.unwrap();
     gw.stop().await;
 }
+
+/// The page's decoded picture size (`videoWidth`, `videoHeight`), its decoded frame count and
+/// the size its stage asked for last.
+const VIDEO_SIZE: &str = "(async () => { const v = document.getElementById('video'); const n = await window.nearpath.framesDecoded(); return { w: v.videoWidth, h: v.videoHeight, decoded: n, fit: window.nearpath.fitNow, changes: window.nearpath.videoChanges, refused: window.nearpath.videoRefused }; })()";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_follows_its_window_size_mid_session_and_keeps_decoding() {
+    let _one = ONE_BROWSER_AT_A_TIME.lock().await;
+    let gw = TestGateway::start(|_| {}).await;
+    let mut node = TestNode::start(with_arena(gw.node_config("de-1", &gw.token)), ip(DE));
+    node.registered().await;
+    let browser = Browser::launch().await;
+    // Small sizes and 30 fps keep the software encoder and decoder light on a 2-core machine.
+    let resize = |w: u32, h: u32| serde_json::json!({"width": w, "height": h, "deviceScaleFactor": 1, "mobile": false});
+    let page = browser
+        .open(&gw.api_url(&format!(
+            "/play?key={API_KEY}&game=arena&width=320&height=180&fps=30&autostart=1&fit=1"
+        )))
+        .await;
+    page.call("Emulation.setDeviceMetricsOverride", resize(480, 320))
+        .await
+        .unwrap();
+    // The page asks for its stage's size (the window less the header's 3rem), even.
+    let first = wait_eval(&page, VIDEO_SIZE, "the video at the stage's size", |v| {
+        v["fit"].is_object()
+            && v["w"] == v["fit"]["width"]
+            && v["h"] == v["fit"]["height"]
+            && v["decoded"].as_u64().is_some_and(|n| n > 0)
+    })
+    .await;
+    // The stage is the window's width, less a scrollbar when the header wraps.
+    let w0 = first["fit"]["width"].as_u64().unwrap();
+    assert!((440..=480).contains(&w0), "{first}");
+    let sessions = wait_sessions(&gw, "the WebRTC session", Duration::from_secs(5), |l| {
+        l.len() == 1
+    })
+    .await;
+    let id = sessions[0]["id"].clone();
+    // A bigger window: the picture follows, in the same session, and frames keep decoding.
+    page.call("Emulation.setDeviceMetricsOverride", resize(640, 400))
+        .await
+        .unwrap();
+    let second = wait_eval(&page, VIDEO_SIZE, "the video at the new size", |v| {
+        v["fit"]["width"].as_u64().is_some_and(|w| w > 600)
+            && v["w"] == v["fit"]["width"]
+            && v["h"] == v["fit"]["height"]
+    })
+    .await;
+    let decoded = second["decoded"].as_u64().unwrap();
+    wait_eval(&page, VIDEO_SIZE, "frames decoded after the change", |v| {
+        v["decoded"].as_u64().is_some_and(|n| n >= decoded + 30) && v["w"] == second["w"]
+    })
+    .await;
+    let stats = wait_stats(
+        &page,
+        "stats at the new size",
+        Duration::from_secs(10),
+        |s| s["width"] == second["w"],
+    )
+    .await;
+    println!(
+        "resized {w0} -> {} x {}, {} changes confirmed, refused: {}; stats {}x{}",
+        second["w"],
+        second["h"],
+        second["changes"],
+        second["refused"],
+        stats["width"],
+        stats["height"]
+    );
+    let now = wait_sessions(&gw, "the same session", Duration::from_secs(5), |l| {
+        l.len() == 1
+    })
+    .await;
+    assert!(id.is_u64(), "{sessions:?}");
+    assert_eq!(now[0]["id"], id, "the change needed no new session");
+    drop(page);
+    drop(browser);
+    node.stop().await.unwrap();
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_hears_refused_video_changes_and_the_games_rumble() {
+    let _one = ONE_BROWSER_AT_A_TIME.lock().await;
+    let gw = TestGateway::start(|_| {}).await;
+    let mut node = TestNode::start(with_arena(gw.node_config("de-1", &gw.token)), ip(DE));
+    node.registered().await;
+    let browser = Browser::launch().await;
+    let page = browser.open(&play_url(&gw, 320, 180, 60)).await;
+    wait_stats(
+        &page,
+        "the first decoded frame",
+        Duration::from_secs(30),
+        |s| num(s, "framesDecoded") > 0.0,
+    )
+    .await;
+    // Hostile sizes are refused with the reason, and the session goes on.
+    page.eval(r#"window.nearpath.send({t: "video", width: 0, height: 0, fps: 30})"#)
+        .await
+        .unwrap();
+    let why = wait_eval(&page, "window.nearpath.videoRefused", "the refusal", |v| {
+        v.is_string()
+    })
+    .await;
+    assert!(why.as_str().unwrap().contains("at least 16x16"), "{why}");
+    // The ship onto the outer asteroid's orbit (0.42 x 180 px right of the centre): the next
+    // pass hits it, and the node's rumble reaches the page.
+    page.eval(r#"window.nearpath.input({t: "mouse", dx: 76, dy: 0})"#)
+        .await
+        .unwrap();
+    let r = wait_eval(&page, "window.nearpath.lastRumble", "a rumble", |v| {
+        v.is_object()
+    })
+    .await;
+    let (strong, weak, ms) = nearpath_edge_node::game::HIT_RUMBLE;
+    assert_eq!(
+        r,
+        serde_json::json!({"t": "rumble", "pad": 0, "strong": strong, "weak": weak, "duration_ms": ms})
+    );
+    let decoded = page.eval("window.nearpath.framesDecoded()").await.unwrap();
+    wait_eval(
+        &page,
+        "window.nearpath.framesDecoded()",
+        "frames after",
+        |v| v.as_u64() > decoded.as_u64(),
+    )
+    .await;
+    drop(page);
+    drop(browser);
+    node.stop().await.unwrap();
+    gw.stop().await;
+}

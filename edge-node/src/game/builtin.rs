@@ -13,7 +13,7 @@
 //! sprites, so a 1920x1080 frame costs well under a millisecond on one core.
 
 use super::frame::I420Frame;
-use nearpath_protocol::input::InputEvent;
+use nearpath_protocol::input::{InputEvent, MAX_PADS};
 use thiserror::Error;
 
 /// Titles a `{ type = "builtin" }` game entry may use: `arena` (a dark scrolling grid) and
@@ -100,14 +100,30 @@ pub struct BuiltinGame {
     /// Ship half-size in pixels (the mouse wheel changes it).
     ship_half: i64,
     held: u8,
-    stick: [i16; 2],
+    /// The last state of each gamepad (any pad steers the one ship).
+    pads: [PadState; MAX_PADS],
     firing_mouse: bool,
-    firing_pad: bool,
+    /// Collisions of the ship with an asteroid so far, and whether it overlaps one now.
+    hits: u64,
+    touching: bool,
+    /// The pad that sent input last (0 before any): the one a hit rumbles.
+    last_pad: u8,
     /// Accumulated wheel motion not yet turned into a size step.
     wheel_acc: i32,
     /// Colour bar rows for the test pattern, built once.
     bars: Option<BarRows>,
     out: I420Frame,
+}
+
+/// What the game keeps of one gamepad.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct PadState {
+    /// Left stick x and y.
+    stick: [i16; 2],
+    /// Left and right analog triggers.
+    triggers: [u16; 2],
+    /// Button A (standard button 0) held: the ship fires.
+    firing: bool,
 }
 
 /// One row of the colour bars in each plane.
@@ -153,13 +169,34 @@ impl BuiltinGame {
             ship_y: i64::from(height) * FIX / 2,
             ship_half: (i64::from(height) / 40).max(4),
             held: 0,
-            stick: [0, 0],
+            pads: [PadState::default(); MAX_PADS],
             firing_mouse: false,
-            firing_pad: false,
+            hits: 0,
+            touching: false,
+            last_pad: 0,
             wheel_acc: 0,
             bars,
             out,
         })
+    }
+
+    /// Renders at a new size from the next frame on, the game going on where it was: the
+    /// ship keeps its place relative to the arena (and its size relative to the height), the
+    /// frame counter and held input carry over. A size I420 cannot hold is refused and changes
+    /// nothing.
+    pub fn resize(&mut self, width: u32, height: u32) -> Result<(), BuiltinError> {
+        let out = I420Frame::black(width, height)
+            .map_err(|_| BuiltinError::BadDimensions { width, height })?;
+        let scale = |v: i64, new: u32, old: u32| v * i64::from(new) / i64::from(old.max(1));
+        self.ship_x = scale(self.ship_x, width, self.width);
+        self.ship_y = scale(self.ship_y, height, self.height);
+        self.ship_half = scale(self.ship_half, height, self.height).max(4);
+        self.width = width;
+        self.height = height;
+        self.bars = (self.scene == Scene::TestPattern).then(|| BarRows::new(width));
+        self.out = out;
+        self.clamp_ship();
+        Ok(())
     }
 
     /// Frame width in pixels.
@@ -175,6 +212,63 @@ impl BuiltinGame {
     /// Frames simulated so far.
     pub fn frame_number(&self) -> u64 {
         self.frame_no
+    }
+
+    /// Pad `pad`'s analog triggers (left, right) as the game last saw them; zero for a pad
+    /// never seen or out of range.
+    pub fn pad_triggers(&self, pad: usize) -> [u16; 2] {
+        self.pads.get(pad).map_or([0, 0], |p| p.triggers)
+    }
+
+    /// How much faster the ship moves than at rest, in 1/65535: the deepest right trigger of
+    /// any pad (0 none, 65535 double speed).
+    pub fn boost(&self) -> u16 {
+        self.pads.iter().map(|p| p.triggers[1]).max().unwrap_or(0)
+    }
+
+    /// Collisions of the ship with an asteroid so far, counted when an overlap begins (a ship
+    /// resting inside an asteroid's path counts once per pass).
+    pub fn hits(&self) -> u64 {
+        self.hits
+    }
+
+    /// The pad that sent input last (0 before any gamepad input): the one a hit rumbles.
+    pub fn last_pad(&self) -> u8 {
+        self.last_pad
+    }
+
+    /// Where asteroid `i` (0..5) is at `frame_no`, and its radius, in pixels.
+    fn asteroid(&self, i: u32, frame_no: u64) -> (f64, f64, f64) {
+        let (w, h) = (f64::from(self.width), f64::from(self.height));
+        let (cx, cy) = (w / 2.0, h / 2.0);
+        let unit = w.min(h);
+        let fi = f64::from(i);
+        let radius = unit * (0.16 + 0.065 * fi);
+        let speed = 0.011 + 0.004 * fi;
+        let dir = if i.is_multiple_of(2) { 1.0 } else { -1.0 };
+        let angle = dir * speed * frame_no as f64 + fi * 1.3;
+        (
+            cx + radius * angle.cos(),
+            cy + radius * angle.sin(),
+            (unit * (0.018 + 0.006 * fi)).max(2.0),
+        )
+    }
+
+    /// Counts a hit when the ship starts to overlap an asteroid.
+    fn check_collision(&mut self) {
+        let (sx, sy) = (
+            self.ship_x as f64 / FIX as f64,
+            self.ship_y as f64 / FIX as f64,
+        );
+        let half = self.ship_half as f64;
+        let touching = (0..ASTEROIDS).any(|i| {
+            let (x, y, r) = self.asteroid(i, self.frame_no);
+            (x - sx).hypot(y - sy) < r + half
+        });
+        if touching && !self.touching {
+            self.hits += 1;
+        }
+        self.touching = touching;
     }
 
     /// The ship's centre in whole pixels, origin top left.
@@ -225,9 +319,21 @@ impl BuiltinGame {
                 self.ship_half = (self.ship_half + i64::from(steps) * 2).clamp(4, max_half);
                 self.clamp_ship();
             }
-            InputEvent::Gamepad { axes, buttons } => {
-                self.stick = [axes[0], axes[1]];
-                self.firing_pad = buttons & 1 != 0;
+            InputEvent::Gamepad {
+                pad,
+                axes,
+                triggers,
+                buttons,
+            } => {
+                // The decoder keeps pads in range; an out-of-range one is ignored, not a panic.
+                if let Some(p) = self.pads.get_mut(usize::from(pad)) {
+                    self.last_pad = pad;
+                    *p = PadState {
+                        stick: [axes[0], axes[1]],
+                        triggers,
+                        firing: buttons & 1 != 0,
+                    };
+                }
             }
             InputEvent::KeyframeRequest | InputEvent::Ping { .. } => {}
         }
@@ -259,12 +365,19 @@ impl BuiltinGame {
                 i64::from(a) * speed / 32767
             }
         };
-        vx += axis(self.stick[0]);
-        vy += axis(self.stick[1]);
+        for p in &self.pads {
+            vx += axis(p.stick[0]);
+            vy += axis(p.stick[1]);
+        }
+        // A right trigger boosts: up to double speed at full pull.
+        let boost = i64::from(self.boost());
+        vx += vx * boost / 65535;
+        vy += vy * boost / 65535;
         self.ship_x += vx;
         self.ship_y += vy;
         self.clamp_ship();
         self.frame_no += 1;
+        self.check_collision();
     }
 
     /// Steps until [`BuiltinGame::frame_number`] is `frame_no` (no-op if it is already past),
@@ -294,7 +407,10 @@ impl BuiltinGame {
         let frame_no = self.frame_no;
         let (sx, sy) = self.ship_position();
         let ship_half = self.ship_half as i32;
-        let firing = self.firing_mouse || self.firing_pad;
+        let firing = self.firing_mouse || self.pads.iter().any(|p| p.firing);
+        let triggers: Vec<u16> = self.pads.iter().map(|p| p.triggers[1]).collect();
+        let asteroids: Vec<(f64, f64, f64)> =
+            (0..ASTEROIDS).map(|i| self.asteroid(i, frame_no)).collect();
         let scene = self.scene;
         let bars = self.bars.as_ref();
         let mut c = Canvas::new(&mut self.out, w, h);
@@ -305,19 +421,15 @@ impl BuiltinGame {
         }
 
         // Asteroids orbit the centre at different radii and speeds.
-        let (cx, cy) = (w as f64 / 2.0, h as f64 / 2.0);
-        let unit = h.min(w) as f64;
-        for i in 0..5u32 {
-            let fi = f64::from(i);
-            let radius = unit * (0.16 + 0.065 * fi);
-            let speed = 0.011 + 0.004 * fi;
-            let dir = if i % 2 == 0 { 1.0 } else { -1.0 };
-            let angle = dir * speed * frame_no as f64 + fi * 1.3;
-            let x = cx + radius * angle.cos();
-            let y = cy + radius * angle.sin();
-            let r = (unit * (0.018 + 0.006 * fi)).max(2.0);
-            let colour = [GREY, ORANGE, CYAN, MAGENTA, GREEN][i as usize];
+        for (i, (x, y, r)) in asteroids.into_iter().enumerate() {
+            let colour = [GREY, ORANGE, CYAN, MAGENTA, GREEN][i];
             c.disc(x as i32, y as i32, r as i32, colour);
+        }
+
+        // Each pad's right trigger as a white bar, bottom left, above the sweeping bar.
+        for (pad, level) in triggers.into_iter().enumerate() {
+            let (x0, x1, y0, y1) = trigger_bar(w, h, pad, level);
+            c.rect(x0, y0, x1, y1, WHITE);
         }
 
         // A bar sweeps along the bottom once every two seconds (at 60 fps).
@@ -345,6 +457,24 @@ impl BuiltinGame {
 
         &self.out
     }
+}
+
+/// Asteroids on the arena.
+const ASTEROIDS: u32 = 5;
+
+/// Where pad `pad`'s right-trigger bar is drawn at `level` (0..=65535) in a `w`x`h` frame:
+/// `(x0, x1, y0, y1)`, empty at 0 and a quarter of the height tall at full pull.
+pub fn trigger_bar(w: usize, h: usize, pad: usize, level: u16) -> (i32, i32, i32, i32) {
+    let bw = (w / 40).max(4);
+    let x0 = 4 + pad * (bw + 4);
+    let bottom = h.saturating_sub((h / 30).max(2) + 2);
+    let tall = (h / 4) * usize::from(level) / 65535;
+    (
+        x0 as i32,
+        (x0 + bw) as i32,
+        bottom.saturating_sub(tall) as i32,
+        bottom as i32,
+    )
 }
 
 impl BarRows {
@@ -589,7 +719,9 @@ mod tests {
     fn gamepad_stick_and_mouse_move_the_ship() {
         let mut g = BuiltinGame::new("testpattern", 1280, 720).unwrap();
         g.apply_input(&InputEvent::Gamepad {
+            pad: 0,
             axes: [32767, -16384, 0, 0],
+            triggers: [0, 0],
             buttons: 0,
         });
         g.step();
@@ -601,7 +733,9 @@ mod tests {
         );
         // Inside the dead zone the stick does nothing.
         g.apply_input(&InputEvent::Gamepad {
+            pad: 0,
             axes: [1000, -1000, 0, 0],
+            triggers: [0, 0],
             buttons: 0,
         });
         let before = g.ship_position();
@@ -609,6 +743,67 @@ mod tests {
         assert_eq!(g.ship_position(), before);
         g.apply_input(&InputEvent::MouseMove { dx: -100, dy: 50 });
         assert_eq!(g.ship_position(), (before.0 - 100, before.1 + 50));
+    }
+
+    #[test]
+    fn gamepad_2s_trigger_reaches_the_game_boosts_the_ship_and_shows_in_the_picture() {
+        let pad2 = |trigger: u16, x: i16| InputEvent::Gamepad {
+            pad: 2,
+            axes: [x, 0, 0, 0],
+            triggers: [0, trigger],
+            buttons: 0,
+        };
+        let mut g = BuiltinGame::new("arena", 320, 180).unwrap();
+        let (x0, x1, y0, y1) = trigger_bar(320, 180, 2, u16::MAX);
+        let luma = |f: &I420Frame| f.y()[((y0 + y1) / 2 * 320 + (x0 + x1) / 2) as usize];
+        assert!(luma(g.render()) < 100, "no bar before the trigger");
+        // Pad 2's stick alone moves the ship at normal speed.
+        g.apply_input(&pad2(0, 32767));
+        let before = g.ship_position().0;
+        g.step();
+        let normal = g.ship_position().0 - before;
+        assert!(normal > 0);
+        // Its right trigger is seen, doubles the speed and draws its bar.
+        g.apply_input(&pad2(u16::MAX, 32767));
+        assert_eq!(g.pad_triggers(2), [0, u16::MAX]);
+        assert_eq!(g.pad_triggers(0), [0, 0]);
+        assert_eq!(g.boost(), u16::MAX);
+        let before = g.ship_position().0;
+        g.step();
+        assert_eq!(g.ship_position().0 - before, 2 * normal);
+        assert!(luma(g.render()) > 200, "pad 2's bar is drawn");
+        // Out-of-range pads (which the decoder refuses anyway) are ignored.
+        g.apply_input(&InputEvent::Gamepad {
+            pad: 9,
+            axes: [0; 4],
+            triggers: [u16::MAX; 2],
+            buttons: 0,
+        });
+        assert_eq!(g.pad_triggers(9), [0, 0]);
+    }
+
+    #[test]
+    fn a_ship_in_an_asteroids_path_is_hit_once_per_pass() {
+        let mut g = BuiltinGame::new("arena", 160, 96).unwrap();
+        // Onto the outer orbit (radius 0.42 x 96 from the centre), right of the centre.
+        g.apply_input(&InputEvent::MouseMove { dx: 40, dy: 0 });
+        assert_eq!(g.hits(), 0);
+        let mut hit_frames = Vec::new();
+        for _ in 0..600 {
+            let before = g.hits();
+            g.step();
+            if g.hits() > before {
+                hit_frames.push(g.frame_number());
+            }
+        }
+        // The two outer asteroids (laps of 233 and 286 frames) pass over that spot a few times
+        // in 600 frames; each pass counts once (the rising edge of the overlap, which lasts
+        // several frames), never once a frame.
+        assert!((3..=8).contains(&hit_frames.len()), "{hit_frames:?}");
+        assert!(
+            hit_frames.windows(2).all(|w| w[1] - w[0] > 5),
+            "{hit_frames:?}"
+        );
     }
 
     #[test]
@@ -647,6 +842,34 @@ mod tests {
         assert_eq!(a.ship_position(), b.ship_position());
         a.advance_to(3);
         assert_eq!(a.frame_number(), 7, "never goes back");
+    }
+
+    #[test]
+    fn resizing_keeps_the_game_going_with_the_ship_in_the_same_place_of_the_arena() {
+        let mut g = BuiltinGame::new("arena", 1280, 720).unwrap();
+        g.apply_input(&key(68, true));
+        g.advance_to(30);
+        g.render();
+        let (x, y) = g.ship_position();
+        assert!(x > 640, "the ship moved right: {x}");
+        g.resize(1920, 1080).unwrap();
+        assert_eq!((g.width(), g.height(), g.frame_number()), (1920, 1080, 30));
+        let (nx, ny) = g.ship_position();
+        assert!(
+            (nx - x * 3 / 2).abs() <= 1 && (ny - y * 3 / 2).abs() <= 1,
+            "{x},{y} -> {nx},{ny}"
+        );
+        let f = g.render();
+        assert_eq!((f.width(), f.height()), (1920, 1080));
+        // Held input carries over: the ship keeps moving right.
+        g.advance_to(31);
+        assert!(g.ship_position().0 > nx);
+        // A size I420 cannot hold changes nothing.
+        assert!(g.resize(641, 360).is_err());
+        assert_eq!((g.width(), g.height()), (1920, 1080));
+        g.resize(16, 16).unwrap();
+        let f = g.render();
+        assert_eq!((f.width(), f.height()), (16, 16));
     }
 
     #[test]

@@ -158,7 +158,8 @@ pub trait Encoder: Send {
 }
 
 /// Makes encoders for a session: at its start, and again whenever the session needs a new one
-/// (a resolution change). Built once per node from `[encoder]` (see `game::select`).
+/// (`SetVideo` changes the picture size or frame rate), so it must be callable more than once.
+/// Built once per node from `[encoder]` (see `game::select`).
 pub type EncoderFactory =
     std::sync::Arc<dyn Fn(EncoderParams) -> Result<Box<dyn Encoder>, EncoderError> + Send + Sync>;
 

@@ -12,19 +12,28 @@
 //!   plane, then U, then V, no padding). It should write about `NEARPATH_FPS` frames a second;
 //!   the node encodes the newest complete frame at each frame time and counts the frames it
 //!   never got to (`source_frames_superseded`).
-//! - stdin: the player's input, one JSON object per line, in the order the node applied it:
+//! - stdin: the player's input, one JSON object per line, in the order the node applied it
+//!   (line format version 2, with input datagram layout 2; version 1 had no `pad` and
+//!   `triggers` in gamepad lines, and other lines are unchanged):
 //!   ```text
 //!   {"seq":1,"type":"key","code":87,"down":true}
 //!   {"seq":2,"type":"mouse_move","dx":-3,"dy":4}
 //!   {"seq":3,"type":"mouse_button","button":0,"down":true}
 //!   {"seq":4,"type":"wheel","dx":0,"dy":-120}
-//!   {"seq":5,"type":"gamepad","axes":[0,-32768,0,0],"buttons":1}
+//!   {"seq":5,"type":"gamepad","pad":2,"axes":[0,-32768,0,0],"triggers":[0,65535],"buttons":129}
 //!   ```
+//!   A gamepad line is one pad's whole state: `pad` 0..=3, `axes` left x, left y, right x,
+//!   right y (-32768..=32767), `triggers` left and right (0..=65535), `buttons` the W3C
+//!   Standard Gamepad's 17 buttons as bits (0 A, 1 B, 2 X, 3 Y, 4/5 bumpers, 6/7 triggers, 8
+//!   back, 9 start, 10/11 stick presses, 12-15 d-pad up, down, left, right, 16 home).
 //!   `seq` grows (gaps are inputs lost in the network); key codes are what the client sent
 //!   (browsers send `KeyboardEvent.keyCode`); mouse motion is relative; wheel is in 1/120
 //!   notches. Keyframe requests and pings are handled by the node and not forwarded. A program
 //!   that does not read its stdin still works; input for it is dropped once the pipe is full.
 //! - stderr: logged by the node (rate limited); the last line is quoted when it fails.
+//! - The size is fixed for the session: a player's mid-session size change (`SetVideo`) is
+//!   refused with a reason for external programs, and they have no way to ask for rumble
+//!   (the built-in game's is the only one there is).
 //! - The session ends when the program exits or closes stdout, or writes a partial frame; when
 //!   the session ends for any other reason the node kills the program's whole process group.
 
@@ -503,10 +512,15 @@ pub fn input_json(seq: u64, event: &InputEvent, out: &mut String) {
         InputEvent::Wheel { dx, dy } => {
             writeln!(out, r#"{{"seq":{seq},"type":"wheel","dx":{dx},"dy":{dy}}}"#)
         }
-        InputEvent::Gamepad { axes, buttons } => writeln!(
+        InputEvent::Gamepad {
+            pad,
+            axes,
+            triggers,
+            buttons,
+        } => writeln!(
             out,
-            r#"{{"seq":{seq},"type":"gamepad","axes":[{},{},{},{}],"buttons":{buttons}}}"#,
-            axes[0], axes[1], axes[2], axes[3]
+            r#"{{"seq":{seq},"type":"gamepad","pad":{pad},"axes":[{},{},{},{}],"triggers":[{},{}],"buttons":{buttons}}}"#,
+            axes[0], axes[1], axes[2], axes[3], triggers[0], triggers[1]
         ),
         InputEvent::KeyframeRequest | InputEvent::Ping { .. } => Ok(()),
     };
@@ -645,8 +659,10 @@ mod tests {
             },
             InputEvent::Wheel { dx: 0, dy: -120 },
             InputEvent::Gamepad {
+                pad: 2,
                 axes: [0, i16::MIN, 7, i16::MAX],
-                buttons: 0x8000_0001,
+                triggers: [0, u16::MAX],
+                buttons: 0x1_0081,
             },
             InputEvent::KeyframeRequest,
             InputEvent::Ping { id: 1 },
@@ -682,7 +698,7 @@ mod tests {
         );
         assert_eq!(
             lines[4],
-            serde_json::json!({"seq":5,"type":"gamepad","axes":[0,-32768,7,32767],"buttons":2147483649u32})
+            serde_json::json!({"seq":5,"type":"gamepad","pad":2,"axes":[0,-32768,7,32767],"triggers":[0,65535],"buttons":65665})
         );
     }
 }

@@ -35,7 +35,7 @@ use bytes::Bytes;
 use nearpath_config::{EncoderConfig, GameSource};
 use nearpath_protocol::frame::FrameHeader;
 use nearpath_protocol::input::InputEvent;
-use nearpath_protocol::message::GameParams;
+use nearpath_protocol::message::{GameParams, Rumble};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{mpsc as std_mpsc, Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -54,6 +54,10 @@ const ENCODE_TIME_WINDOW: usize = 600;
 const MAX_ENCODE_FAILURES: u32 = 3;
 /// Largest frame rate a session may ask for.
 pub const MAX_FPS: u32 = 240;
+/// Vibrations waiting for the session's sender before more are dropped.
+const RUMBLE_QUEUE: usize = 8;
+/// The built-in game's rumble on a hit: strong motor, weak motor, milliseconds.
+pub const HIT_RUMBLE: (u16, u16, u32) = (40_000, 12_000, 200);
 
 /// One encoded video frame, ready for a [`FrameHeader`] and the session's stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -325,6 +329,11 @@ struct Shared {
     /// Spare frame buffers for the external reader, so 60 fps does not mean 60 allocations of
     /// megabytes a second.
     pool: Mutex<Vec<Vec<u8>>>,
+    /// A size change (width, height, fps) not yet applied by the encoder thread.
+    video: Mutex<Option<(u32, u32, u32)>>,
+    /// Vibrations the game asks for (built-in game: one per hit), for the session's sender;
+    /// full, it drops them (a late vibration is worth nothing).
+    rumble: mpsc::Sender<Rumble>,
 }
 
 impl Shared {
@@ -390,9 +399,18 @@ impl Ring {
 pub struct GameSession {
     shared: Arc<Shared>,
     end_rx: watch::Receiver<Option<GameEnd>>,
+    /// The parameters the session started with.
     params: GameParams,
+    /// The parameters in force now (size and rate follow [`GameSession::set_video`]).
+    video: Mutex<GameParams>,
     encoder: &'static str,
     started: Instant,
+    /// The frames come from an external program, whose size is fixed.
+    external: bool,
+    /// The pacer's frame rate.
+    fps: watch::Sender<u32>,
+    /// Vibrations the game asks for, until [`GameSession::take_rumbles`] takes them.
+    rumble: Mutex<Option<mpsc::Receiver<Rumble>>>,
 }
 
 impl std::fmt::Debug for GameSession {
@@ -440,8 +458,8 @@ impl GameSession {
     }
 
     /// [`GameSession::start`] with another encoder (a hardware one, say), made by
-    /// `make_encoder` from the session's settings (and made again if the session needs a new
-    /// encoder).
+    /// `make_encoder` from the session's settings, and made again by it at a new size or frame
+    /// rate ([`GameSession::set_video`]).
     pub fn start_with_encoder(
         params: GameParams,
         source: &GameSource,
@@ -463,19 +481,22 @@ impl GameSession {
             }
             GameSource::Command { .. } => None,
         };
+        let threads = encoder_cfg.threads.max(1);
         let encoder = make_encoder(EncoderParams {
             width: w,
             height: h,
             fps,
             bitrate_kbps: params.bitrate_kbps,
-            threads: encoder_cfg.threads.max(1),
+            threads,
         })?;
         let encoder_name = encoder.name();
 
         let (end_tx, end_rx) = watch::channel(None);
+        let (rumble_tx, rumble_rx) = mpsc::channel(RUMBLE_QUEUE);
         let (frames_tx, frames_rx) = mpsc::channel(FRAME_QUEUE);
         let cancel = CancellationToken::new();
         let mut external_parts = None;
+        let external_source = builtin.is_none();
         let (sink, thread_source, pace_source) = match (builtin, source) {
             (Some(game), _) => (
                 InputSink::Builtin(Vec::new()),
@@ -516,7 +537,10 @@ impl GameSession {
             end: end_tx,
             cancel,
             pool: Mutex::new(Vec::new()),
+            video: Mutex::new(None),
+            rumble: rumble_tx,
         });
+        let (fps_tx, fps_rx) = watch::channel(fps);
 
         // Capacity 1: a frame may wait while the previous one is encoded, but never more.
         let (work_tx, work_rx) = std_mpsc::sync_channel::<Work>(1);
@@ -533,6 +557,8 @@ impl GameSession {
             failures: 0,
             width: w as u16,
             height: h as u16,
+            threads,
+            factory: make_encoder,
         };
         std::thread::Builder::new()
             .name(thread_name(&params.title))
@@ -550,7 +576,7 @@ impl GameSession {
                 h,
             );
         }
-        tokio::spawn(pace(shared.clone(), fps, work_tx, pace_source));
+        tokio::spawn(pace(shared.clone(), fps_rx, work_tx, pace_source));
         tracing::info!(
             title = %params.title,
             width = w,
@@ -564,17 +590,69 @@ impl GameSession {
             GameSession {
                 shared,
                 end_rx,
+                video: Mutex::new(params.clone()),
                 params,
                 encoder: encoder_name,
                 started: Instant::now(),
+                external: external_source,
+                fps: fps_tx,
+                rumble: Mutex::new(Some(rumble_rx)),
             },
             frames_rx,
         ))
     }
 
-    /// The parameters the session runs with.
+    /// The parameters the session started with.
     pub fn params(&self) -> &GameParams {
         &self.params
+    }
+
+    /// The vibrations the game asks for (the built-in game: one on each hit of the ship, on
+    /// the pad that sent input last); `None` after the first call. External programs ask for
+    /// none (their contract has no channel for it).
+    pub fn take_rumbles(&self) -> Option<mpsc::Receiver<Rumble>> {
+        self.rumble.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+
+    /// The parameters in force now: the start's, with the size and frame rate of the last
+    /// accepted [`GameSession::set_video`].
+    pub fn current_params(&self) -> GameParams {
+        self.video.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Changes the picture size and frame rate without a new session: the pacer runs at the
+    /// new rate at once, and the encoder thread, before its next frame, resizes the built-in
+    /// game (its state carries over, the ship where it was relative to the arena) and makes a
+    /// new encoder at the new size through the session's [`EncoderFactory`], whose first frame
+    /// is an IDR. Changes that arrive faster than frames replace each other (the newest wins),
+    /// so a flood costs at most one new encoder a frame. Refused, with the session unchanged,
+    /// for sizes or rates outside what [`GameSession::start`] accepts and for external
+    /// programs, which write frames of the size they were started with.
+    pub fn set_video(&self, width: u32, height: u32, fps: u32) -> Result<(), GameError> {
+        let mut video = self.video.lock().unwrap_or_else(|p| p.into_inner());
+        let wanted = GameParams {
+            width,
+            height,
+            fps,
+            ..video.clone()
+        };
+        validate(&wanted)?;
+        if self.external {
+            return Err(GameError::InvalidParams {
+                title: wanted.title,
+                reason: format!(
+                    "the frame source is an external program, which writes {}x{} frames; \
+                     its size cannot change mid-session (start a new session instead)",
+                    video.width, video.height
+                ),
+            });
+        }
+        // A new encoder even for a rate alone: its rate control budgets bits per frame.
+        *self.shared.video.lock().unwrap_or_else(|p| p.into_inner()) = Some((width, height, fps));
+        self.fps.send_replace(fps);
+        *video = wanted;
+        tracing::info!(width, height, fps, "video changed");
+        Ok(())
     }
 
     /// Applies one input event from the client's datagram `seq`. Events with a seq not above
@@ -763,15 +841,35 @@ fn unix_micros() -> u64 {
 
 /// Hands frame slots to the encoder thread at the session's rate, dropping (not queueing) the
 /// ones it cannot take.
-async fn pace(shared: Arc<Shared>, fps: u32, work: std_mpsc::SyncSender<Work>, source: PaceSource) {
-    let mut pacer = pacer::Pacer::new(fps, tokio::time::Instant::now());
+async fn pace(
+    shared: Arc<Shared>,
+    mut fps: watch::Receiver<u32>,
+    work: std_mpsc::SyncSender<Work>,
+    source: PaceSource,
+) {
+    let rate = *fps.borrow_and_update();
+    let mut pacer = pacer::Pacer::new(rate, tokio::time::Instant::now());
+    // Slot numbers count on across frame-rate changes (the built-in game steps once a slot),
+    // so a new pacer's slots are numbered from where the old one stopped.
+    let mut base = 0u64;
+    let mut last = 0u64;
     let late = &shared.counters.frames_dropped_late;
     loop {
         let tick = tokio::select! {
             biased;
             _ = shared.cancel.cancelled() => break,
-            tick = pacer.tick() => tick,
+            changed = fps.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                let rate = *fps.borrow_and_update();
+                base = last + 1;
+                pacer = pacer::Pacer::new(rate, tokio::time::Instant::now());
+                continue;
+            }
+            tick = pacer.tick() => pacer::Tick { index: base + tick.index, ..tick },
         };
+        last = tick.index;
         late.fetch_add(tick.missed, Ordering::Relaxed);
         let gate = shared
             .gate
@@ -854,6 +952,9 @@ struct EncoderThread {
     failures: u32,
     width: u16,
     height: u16,
+    threads: u16,
+    /// Makes the encoder again when the size or rate changes.
+    factory: EncoderFactory,
 }
 
 impl EncoderThread {
@@ -871,7 +972,49 @@ impl EncoderThread {
         // Dropping `self.frames` now closes the receiver, after the reason was recorded.
     }
 
+    /// Applies a pending size or rate change: a new encoder from the factory (its first frame
+    /// an IDR) and, for a built-in game, a resized picture. A factory that fails leaves the
+    /// session as it was (logged): the player keeps a picture rather than losing the session.
+    fn apply_video(&mut self) {
+        let pending = self
+            .shared
+            .video
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let Some((width, height, fps)) = pending else {
+            return;
+        };
+        let (Ok(w16), Ok(h16)) = (u16::try_from(width), u16::try_from(height)) else {
+            return;
+        };
+        let params = EncoderParams {
+            width,
+            height,
+            fps,
+            bitrate_kbps: self.shared.bitrate.load(Ordering::Relaxed),
+            threads: self.threads,
+        };
+        let encoder = match (self.factory)(params) {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::warn!(error = %e, width, height, fps, "no encoder at the new size; keeping the old one");
+                return;
+            }
+        };
+        if let ThreadSource::Builtin(game) = &mut self.source {
+            if let Err(e) = game.resize(width, height) {
+                tracing::warn!(error = %e, width, height, "the game cannot render at the new size");
+                return;
+            }
+        }
+        self.encoder = encoder;
+        (self.width, self.height) = (w16, h16);
+        self.shared.force_idr.store(true, Ordering::Release);
+    }
+
     fn one(&mut self, item: Work) -> Result<(), GameEnd> {
+        self.apply_video();
         let (captured, capture_ts_us, input_seq, external) = match item {
             Work::Render { index } => {
                 let ThreadSource::Builtin(game) = &mut self.source else {
@@ -888,7 +1031,16 @@ impl EncoderThread {
                     }
                     input.last_seq
                 };
+                let hits = game.hits();
                 game.advance_to(index);
+                if game.hits() > hits {
+                    let _ = self.shared.rumble.try_send(Rumble {
+                        pad: game.last_pad(),
+                        strong_magnitude: HIT_RUMBLE.0,
+                        weak_magnitude: HIT_RUMBLE.1,
+                        duration_ms: HIT_RUMBLE.2,
+                    });
+                }
                 game.render();
                 self.shared
                     .counters

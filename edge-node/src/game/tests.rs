@@ -538,3 +538,146 @@ while read -r line; do head -c "$n" /dev/zero; done"#,
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test]
+async fn a_video_change_resizes_the_game_and_restarts_the_encoder_with_an_idr() {
+    let (session, mut rx) =
+        GameSession::start(params("arena", 320, 180, 60), &builtin(), &encoder_cfg()).unwrap();
+    let mut dec = openh264::decoder::Decoder::new().unwrap();
+    let decode = |dec: &mut openh264::decoder::Decoder, f: &EncodedFrame| {
+        use openh264::formats::YUVSource;
+        dec.decode(&f.data)
+            .expect("decodes")
+            .expect("a picture per frame")
+            .dimensions()
+    };
+    for _ in 0..3 {
+        let f = next(&mut rx).await;
+        assert_eq!(decode(&mut dec, &f), (320, 180));
+    }
+    session.set_video(480, 270, 30).unwrap();
+    assert_eq!(
+        (
+            session.current_params().width,
+            session.current_params().height,
+            session.current_params().fps
+        ),
+        (480, 270, 30)
+    );
+    // Frames encoded before the change may still be queued; the first at the new size is an
+    // IDR, and every frame after it has the new size, decoding with the same decoder.
+    let mut seq = None;
+    let first = loop {
+        let f = next(&mut rx).await;
+        if let Some(s) = seq {
+            assert!(f.seq > s);
+        }
+        seq = Some(f.seq);
+        if (f.width, f.height) == (480, 270) {
+            break f;
+        }
+        assert_eq!((f.width, f.height), (320, 180));
+        assert_eq!(decode(&mut dec, &f), (320, 180));
+    };
+    assert!(first.keyframe);
+    assert_eq!(decode(&mut dec, &first), (480, 270));
+    for _ in 0..5 {
+        let f = next(&mut rx).await;
+        assert_eq!((f.width, f.height), (480, 270));
+        assert_eq!(decode(&mut dec, &f), (480, 270));
+    }
+    assert!(session.ended().is_none());
+}
+
+#[tokio::test]
+async fn out_of_range_video_changes_are_refused_and_change_nothing() {
+    let (session, mut rx) =
+        GameSession::start(params("arena", 160, 96, 60), &builtin(), &encoder_cfg()).unwrap();
+    next(&mut rx).await;
+    for (w, h, fps) in [
+        (0, 0, 60),
+        (99_999, 99_999, 60),
+        (161, 96, 60),
+        (160, 97, 60),
+        (160, 96, 0),
+        (160, 96, 1000),
+        (u32::MAX, u32::MAX, u32::MAX),
+    ] {
+        let e = session.set_video(w, h, fps).unwrap_err();
+        assert!(e.is_client_error(), "{w}x{h}@{fps}: {e}");
+    }
+    assert_eq!(session.current_params(), params("arena", 160, 96, 60));
+    for _ in 0..3 {
+        let f = next(&mut rx).await;
+        assert_eq!((f.width, f.height), (160, 96));
+    }
+}
+
+#[tokio::test]
+async fn a_flood_of_video_changes_costs_at_most_one_encoder_a_frame_and_the_last_wins() {
+    use std::sync::atomic::AtomicUsize;
+    /// Counts the encoders made; each emits the picture's width.
+    struct Fake;
+    impl Encoder for Fake {
+        fn name(&self) -> &'static str {
+            "fake"
+        }
+        fn encode(
+            &mut self,
+            frame: &I420Frame,
+            force_idr: bool,
+        ) -> Result<Option<AccessUnit>, EncoderError> {
+            Ok(Some(AccessUnit {
+                data: Bytes::from(frame.width().to_le_bytes().to_vec()),
+                keyframe: force_idr,
+            }))
+        }
+        fn set_bitrate(&mut self, _kbps: u32) -> Result<(), EncoderError> {
+            Ok(())
+        }
+    }
+    let made = Arc::new(AtomicUsize::new(0));
+    let counter = made.clone();
+    let (session, mut rx) = GameSession::start_with_encoder(
+        params("arena", 64, 48, 30),
+        &builtin(),
+        &encoder_cfg(),
+        Arc::new(move |_| {
+            counter.fetch_add(1, Ordering::SeqCst);
+            Ok(Box::new(Fake))
+        }),
+    )
+    .unwrap();
+    next(&mut rx).await;
+    for i in 0..1000u32 {
+        session.set_video(64 + 2 * (i % 50), 48, 30).unwrap();
+    }
+    session.set_video(200, 100, 30).unwrap();
+    let f = loop {
+        let f = next(&mut rx).await;
+        if f.width == 200 {
+            break f;
+        }
+    };
+    assert!(f.keyframe);
+    assert_eq!(f.height, 100);
+    let frames = session.stats().frames_encoded;
+    let made = made.load(Ordering::SeqCst) as u64;
+    assert!(made <= frames + 1, "{made} encoders for {frames} frames");
+}
+
+#[tokio::test]
+async fn an_external_program_refuses_a_video_change_and_keeps_running() {
+    let (session, mut rx) = GameSession::start(
+        params("ext", 16, 16, 30),
+        &command("while :; do head -c 384 /dev/zero; sleep 0.02; done"),
+        &encoder_cfg(),
+    )
+    .unwrap();
+    next(&mut rx).await;
+    let e = session.set_video(32, 32, 30).unwrap_err();
+    assert!(e.to_string().contains("external program"), "{e}");
+    assert_eq!(session.current_params(), params("ext", 16, 16, 30));
+    let f = next(&mut rx).await;
+    assert_eq!((f.width, f.height), (16, 16));
+}

@@ -23,7 +23,7 @@ use nearpath_config::{GameConfig, WorkloadKind};
 use nearpath_geo::Location;
 use nearpath_protocol::message::{
     Ended, ErrorInfo, GameParams, Message, Open, Paused, PlayRequest, PlayResume, PlayStarted,
-    PlayTicket, Redirect, ResumeToken, SessionKind, VideoCodec,
+    PlayTicket, Redirect, ResumeToken, SessionKind, VideoCodec, VIDEO_REFUSED,
 };
 use nearpath_protocol::stream::{recv_frame_header, relay_frame_by, send, FramedRecv, Relayed};
 use nearpath_protocol::{InputDatagram, MAX_CONTROL_FRAME, MAX_VIDEO_FRAME};
@@ -857,7 +857,7 @@ impl GameService {
         self: Arc<Self>,
         key: ApiKey,
         client: Location,
-        params: GameParams,
+        mut params: GameParams,
         relay: Arc<Relay>,
         attached: Attached,
         mut events: mpsc::Receiver<ClientEvent>,
@@ -957,6 +957,26 @@ impl GameService {
                             warn!("no node took the session within the pause window; ending it");
                         }
                     }
+                    Action::VideoInForce(v) => {
+                        // A node that takes the session from here on (failover, or a resume
+                        // through another gateway) opens it at the size in force.
+                        params.width = v.width;
+                        params.height = v.height;
+                        params.fps = v.fps;
+                        if let (Some(f), Some(entry)) = (&self.federation, ledgering.dir.as_mut()) {
+                            entry.width = v.width;
+                            entry.height = v.height;
+                            entry.fps = v.fps;
+                            entry.updated_at_ms = self.clock.unix_ms();
+                            f.publish_session(entry.clone()).await;
+                        }
+                        info!(
+                            width = v.width,
+                            height = v.height,
+                            fps = v.fps,
+                            "video changed"
+                        );
+                    }
                     Action::Failover {
                         node,
                         same_node,
@@ -1033,6 +1053,13 @@ impl GameService {
                 Ev::Timeout => rules.handle_timeout(now),
                 Ev::Client(e) => rules.handle_client(now, e),
                 Ev::Node(Some(Message::Ended(e))) => rules.handle_node_ended(now, e.reason),
+                // Only the serving node's session stream is read here, so nothing another node
+                // sends can reach this session.
+                Ev::Node(Some(Message::SetVideo(v))) => rules.handle_node_video(v),
+                Ev::Node(Some(Message::Error(e))) if e.code == VIDEO_REFUSED => {
+                    rules.handle_node_video_refused(e.message)
+                }
+                Ev::Node(Some(Message::Rumble(r))) => rules.handle_node_rumble(now, r),
                 Ev::Node(Some(_)) => {}
                 Ev::Node(None) => rules.handle_node_lost(now),
                 Ev::Changed(true) => rules.handle_registry_changed(now),
@@ -1494,6 +1521,7 @@ impl GameService {
                     let ev = match m {
                         Ok(Some(Message::ForceKeyframe)) => Some(ClientEvent::ForceKeyframe),
                         Ok(Some(Message::SetBitrate(b))) => Some(ClientEvent::SetBitrate(b.kbps)),
+                        Ok(Some(Message::SetVideo(v))) => Some(ClientEvent::SetVideo(v)),
                         Ok(Some(Message::Close(c))) => Some(ClientEvent::Close(c.reason)),
                         Ok(Some(_)) => None,
                         Ok(None) => { client_open = false; None }
@@ -1511,6 +1539,12 @@ impl GameService {
                 n = notices.recv() => match n {
                     Some(Notice::Paused(reason)) => { let _ = send(&mut ctl_tx, &Message::Paused(Paused { reason })).await; }
                     Some(Notice::Resumed) => { let _ = send(&mut ctl_tx, &Message::Resumed).await; }
+                    Some(Notice::VideoChanged(v)) => { let _ = send(&mut ctl_tx, &Message::SetVideo(v)).await; }
+                    Some(Notice::VideoRefused(message)) => {
+                        let refused = Message::Error(ErrorInfo { code: VIDEO_REFUSED.into(), message, retryable: false });
+                        let _ = send(&mut ctl_tx, &refused).await;
+                    }
+                    Some(Notice::Rumble(r)) => { let _ = send(&mut ctl_tx, &Message::Rumble(r)).await; }
                     Some(Notice::Ended(reason)) => {
                         let _ = send(&mut ctl_tx, &Message::Ended(Ended { reason })).await;
                         break;
@@ -1593,6 +1627,9 @@ async fn to_node(a: &mut Attached, cmd: NodeCommand) {
         }
         NodeCommand::SetBitrate(kbps) => {
             let _ = send(&mut a.tx, &Message::SetBitrate(SetBitrate { kbps })).await;
+        }
+        NodeCommand::SetVideo(v) => {
+            let _ = send(&mut a.tx, &Message::SetVideo(v)).await;
         }
         NodeCommand::Close {
             reason,

@@ -16,11 +16,19 @@
 //! * Each node's share is its own usage segment, GPU-seconds measured from when it took the
 //!   session to when it was lost or the session ended, counted once; paused time is billed to
 //!   nobody. The open segment is checkpointed every checkpoint interval.
+//! * The player may change the picture size and frame rate mid-session (`SetVideo`): a change
+//!   within the `[game]` limits and the rate limit ([`MAX_VIDEO_CHANGES_PER_S`]) goes to the
+//!   node, which checks it again and confirms or refuses it; only a confirmed change is in
+//!   force (the node that resumes a paused session starts at it), and the player hears either
+//!   way. A change asked for during a pause is in force at once: the next node starts at it.
+//! * Rumble from the serving node reaches the player at most [`MAX_RUMBLES_PER_S`] a second;
+//!   the excess is dropped (a vibration a few milliseconds late is worth nothing).
 //! * The player ends the session at any time (closed `ok`, left `client_left`, gone
 //!   `client_gone`); a revoked key ends it (`key_revoked`); a game that ends on the node ends it
 //!   (`ended_by_node`), which is not a failover.
 
 use crate::router::NodeId;
+use nearpath_protocol::message::{Rumble, SetVideo};
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
@@ -51,6 +59,7 @@ pub use super::Notice;
 pub enum NodeCommand {
     ForceKeyframe,
     SetBitrate(u32),
+    SetVideo(SetVideo),
     /// Ends the node's session and finishes the stream. `bounded`: a node that does not read
     /// its session stream must not hold the session open, so past a short bound the stream is
     /// reset instead.
@@ -97,6 +106,9 @@ pub enum Action {
     Usage(UsageSegment),
     /// A pause ended: `same_node`, `other_node`, `expired` or `ended` (a metric label).
     PauseEnded(&'static str),
+    /// The session's size and frame rate are now these: a node that takes the session from
+    /// here on opens it with them.
+    VideoInForce(SetVideo),
     /// The session moved to a node after a pause.
     Failover {
         node: NodeRef,
@@ -117,6 +129,7 @@ pub struct Rules {
     pub pause_window: Duration,
     pub checkpoint_every: Duration,
     pub max_bitrate_kbps: u32,
+    pub video: VideoLimits,
 }
 
 impl Rules {
@@ -125,7 +138,74 @@ impl Rules {
             pause_window: Duration::from_millis(g.pause_window_ms),
             checkpoint_every: Duration::from_millis(g.usage_checkpoint_ms.max(1)),
             max_bitrate_kbps: g.max_bitrate_kbps,
+            video: VideoLimits::from_config(g),
         }
+    }
+}
+
+/// The largest picture and frame rate a session may have: the limits a `PlayRequest` gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VideoLimits {
+    pub max_width: u32,
+    pub max_height: u32,
+    pub max_fps: u32,
+}
+
+impl VideoLimits {
+    pub fn from_config(g: &nearpath_config::GameConfig) -> VideoLimits {
+        VideoLimits {
+            max_width: g.max_width,
+            max_height: g.max_height,
+            max_fps: g.max_fps,
+        }
+    }
+
+    /// Whether a session may run at `width`x`height` and `fps`; the reason it may not.
+    pub fn check(&self, width: u32, height: u32, fps: u32) -> Result<(), String> {
+        if !width.is_multiple_of(2) || !height.is_multiple_of(2) || width < 16 || height < 16 {
+            return Err(format!("{width}x{height} must be even and at least 16x16"));
+        }
+        if width > self.max_width || height > self.max_height {
+            return Err(format!(
+                "{width}x{height} exceeds the limit {}x{}",
+                self.max_width, self.max_height
+            ));
+        }
+        if fps == 0 || fps > self.max_fps {
+            return Err(format!("{fps} fps is outside 1..={}", self.max_fps));
+        }
+        Ok(())
+    }
+}
+
+/// Video changes a player may ask for in any one second; the excess is refused (the player is
+/// told, and the session goes on unchanged). A page following its window size sends at most a
+/// few (it debounces), and each change costs the node a new encoder.
+pub const MAX_VIDEO_CHANGES_PER_S: usize = 4;
+
+/// Rumble messages relayed to a player in any one second; the excess is dropped.
+pub const MAX_RUMBLES_PER_S: usize = 30;
+
+/// A sliding one-second window of events, admitting at most `max` in it.
+#[derive(Debug, Default)]
+struct PerSecond {
+    times: VecDeque<Instant>,
+}
+
+impl PerSecond {
+    fn admit(&mut self, now: Instant, max: usize) -> bool {
+        while self
+            .times
+            .front()
+            .is_some_and(|t| now.saturating_duration_since(*t) >= Duration::from_secs(1))
+        {
+            self.times.pop_front();
+        }
+        if self.times.len() >= max {
+            return false;
+        }
+        self.times.push_back(now);
+        true
     }
 }
 
@@ -162,6 +242,10 @@ pub struct GameSession {
     failed: Vec<NodeId>,
     /// The bitrate the player asked for last, re-applied on the node that resumes the session.
     bitrate: Option<u32>,
+    /// Video changes sent to the serving node and not yet answered, oldest first.
+    video_pending: VecDeque<SetVideo>,
+    video_changes: PerSecond,
+    rumbles: PerSecond,
     totals: Totals,
     segments: u32,
     gpu_seconds: f64,
@@ -192,6 +276,9 @@ impl GameSession {
             }),
             failed: Vec::new(),
             bitrate: None,
+            video_pending: VecDeque::new(),
+            video_changes: PerSecond::default(),
+            rumbles: PerSecond::default(),
             totals: Totals::default(),
             segments: 1,
             gpu_seconds: 0.0,
@@ -306,6 +393,13 @@ impl GameSession {
                     self.actions
                         .push_back(Action::ToNode(NodeCommand::SetBitrate(kbps)));
                 }
+                Some(ClientEvent::SetVideo(v)) => {
+                    if self.admit_video(now, v) {
+                        self.video_pending.push_back(v);
+                        self.actions
+                            .push_back(Action::ToNode(NodeCommand::SetVideo(v)));
+                    }
+                }
                 Some(ClientEvent::Close(reason)) => self.close_node(now, reason, "ok"),
                 Some(ClientEvent::Lost) => {
                     self.close_node(now, "client gone".into(), "client_gone")
@@ -322,6 +416,15 @@ impl GameSession {
                         self.bitrate = Some(self.clamp_bitrate(kbps));
                         return;
                     }
+                    // No node to ask: the next one opens the session at the new size.
+                    Some(ClientEvent::SetVideo(v)) => {
+                        if self.admit_video(now, v) {
+                            self.actions.push_back(Action::VideoInForce(v));
+                            self.actions
+                                .push_back(Action::Notify(Notice::VideoChanged(v)));
+                        }
+                        return;
+                    }
                     Some(ClientEvent::Close(_)) => "ok",
                     Some(ClientEvent::Gone) | None => "client_left",
                     Some(ClientEvent::Lost) => "client_gone",
@@ -329,6 +432,68 @@ impl GameSession {
                 self.actions.push_back(Action::PauseEnded("ended"));
                 self.end(now, outcome);
             }
+        }
+    }
+
+    /// Checks a player's video change against the limits and the rate limit; a refused one is
+    /// answered here.
+    fn admit_video(&mut self, now: Instant, v: SetVideo) -> bool {
+        let verdict = self
+            .rules
+            .video
+            .check(v.width, v.height, v.fps)
+            .and_then(|()| {
+                if self.video_changes.admit(now, MAX_VIDEO_CHANGES_PER_S) {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "too many video changes: at most {MAX_VIDEO_CHANGES_PER_S} a second"
+                    ))
+                }
+            });
+        match verdict {
+            Ok(()) => true,
+            Err(reason) => {
+                self.actions
+                    .push_back(Action::Notify(Notice::VideoRefused(reason)));
+                false
+            }
+        }
+    }
+
+    /// The serving node confirmed a video change. Only a change this session asked for and
+    /// within the limits counts: a node cannot resize a session on its own.
+    pub fn handle_node_video(&mut self, v: SetVideo) {
+        if !matches!(self.state, State::Serving(_)) {
+            return;
+        }
+        let Some(i) = self.video_pending.iter().position(|p| *p == v) else {
+            return;
+        };
+        // Answers come in order: the ones before it were overtaken.
+        self.video_pending.drain(..=i);
+        if self.rules.video.check(v.width, v.height, v.fps).is_ok() {
+            self.actions.push_back(Action::VideoInForce(v));
+            self.actions
+                .push_back(Action::Notify(Notice::VideoChanged(v)));
+        }
+    }
+
+    /// The serving node refused the oldest video change not yet answered.
+    pub fn handle_node_video_refused(&mut self, reason: String) {
+        if !matches!(self.state, State::Serving(_)) {
+            return;
+        }
+        if self.video_pending.pop_front().is_some() {
+            self.actions
+                .push_back(Action::Notify(Notice::VideoRefused(reason)));
+        }
+    }
+
+    /// The serving node asks for a vibration: passed on within the rate limit.
+    pub fn handle_node_rumble(&mut self, now: Instant, r: Rumble) {
+        if matches!(self.state, State::Serving(_)) && self.rumbles.admit(now, MAX_RUMBLES_PER_S) {
+            self.actions.push_back(Action::Notify(Notice::Rumble(r)));
         }
     }
 
@@ -378,6 +543,11 @@ impl GameSession {
         };
         let row = self.segment_row(seg, now, "node_lost");
         let lost = seg.node.clone();
+        for _ in self.video_pending.drain(..) {
+            self.actions.push_back(Action::Notify(Notice::VideoRefused(
+                "the node was lost before the change took effect; ask again".into(),
+            )));
+        }
         self.gpu_seconds += row.gpu_seconds;
         self.failed.push(lost.key);
         self.actions.push_back(Action::Serve(None));
@@ -488,6 +658,11 @@ mod tests {
             pause_window: WINDOW,
             checkpoint_every: CHECKPOINT,
             max_bitrate_kbps: 20_000,
+            video: VideoLimits {
+                max_width: 1920,
+                max_height: 1080,
+                max_fps: 120,
+            },
         }
     }
 
@@ -753,6 +928,175 @@ mod tests {
                 NodeCommand::SetBitrate(MIN_PLAYER_BITRATE_KBPS)
             ]
         );
+    }
+
+    fn video(width: u32, height: u32, fps: u32) -> SetVideo {
+        SetVideo { width, height, fps }
+    }
+
+    fn refused(actions: &[Action]) -> Vec<String> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Notify(Notice::VideoRefused(r)) => Some(r.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_video_change_goes_to_the_node_and_is_in_force_only_once_the_node_confirms_it() {
+        let t0 = Instant::now();
+        let mut s = GameSession::new(t0, rules(), node(1, "de-1"));
+        let v = video(1920, 1080, 60);
+        s.handle_client(t0, Some(ClientEvent::SetVideo(v)));
+        assert_eq!(
+            drain(&mut s),
+            vec![Action::ToNode(NodeCommand::SetVideo(v))]
+        );
+        // A confirmation of something never asked for is ignored: a node cannot resize a
+        // session on its own.
+        s.handle_node_video(video(640, 360, 30));
+        assert!(drain(&mut s).is_empty());
+        s.handle_node_video(v);
+        assert_eq!(
+            drain(&mut s),
+            vec![
+                Action::VideoInForce(v),
+                Action::Notify(Notice::VideoChanged(v))
+            ]
+        );
+        // Answered once: a second confirmation changes nothing.
+        s.handle_node_video(v);
+        assert!(drain(&mut s).is_empty());
+    }
+
+    #[test]
+    fn a_video_change_the_node_refuses_is_reported_and_changes_nothing() {
+        let t0 = Instant::now();
+        let mut s = GameSession::new(t0, rules(), node(1, "de-1"));
+        s.handle_client(t0, Some(ClientEvent::SetVideo(video(1280, 720, 30))));
+        drain(&mut s);
+        s.handle_node_video_refused("fixed-size source".into());
+        assert_eq!(
+            drain(&mut s),
+            vec![Action::Notify(Notice::VideoRefused(
+                "fixed-size source".into()
+            ))]
+        );
+        // A refusal with nothing pending is not passed on.
+        s.handle_node_video_refused("again".into());
+        assert!(drain(&mut s).is_empty());
+    }
+
+    #[test]
+    fn hostile_video_changes_are_refused_with_a_reason_and_the_session_goes_on() {
+        let t0 = Instant::now();
+        let mut s = GameSession::new(t0, rules(), node(1, "de-1"));
+        for (v, why) in [
+            (video(0, 0, 60), "at least 16x16"),
+            (video(99_999, 99_999, 60), "even"),
+            (video(99_998, 99_998, 60), "exceeds the limit 1920x1080"),
+            (video(1281, 720, 60), "even"),
+            (video(1280, 721, 60), "even"),
+            (video(1280, 720, 0), "outside 1..=120"),
+            (video(1280, 720, 1000), "outside 1..=120"),
+            (video(u32::MAX - 1, u32::MAX - 1, u32::MAX), "exceeds"),
+        ] {
+            s.handle_client(t0, Some(ClientEvent::SetVideo(v)));
+            let a = drain(&mut s);
+            let r = refused(&a);
+            assert_eq!(r.len(), 1, "{v:?}: {a:?}");
+            assert!(r[0].contains(why), "{v:?}: {}", r[0]);
+            assert!(!a.iter().any(|a| matches!(a, Action::ToNode(_))), "{v:?}");
+        }
+        assert!(!s.is_ended());
+    }
+
+    #[test]
+    fn a_flood_of_video_changes_is_cut_to_the_rate_limit_and_the_excess_refused() {
+        let t0 = Instant::now();
+        let mut s = GameSession::new(t0, rules(), node(1, "de-1"));
+        let mut sent = 0;
+        let mut refusals = 0;
+        for i in 0..100u32 {
+            s.handle_client(
+                t0 + ms(u64::from(i)),
+                Some(ClientEvent::SetVideo(video(640 + 2 * (i % 8), 360, 30))),
+            );
+            let a = drain(&mut s);
+            sent += a
+                .iter()
+                .filter(|a| matches!(a, Action::ToNode(NodeCommand::SetVideo(_))))
+                .count();
+            let r = refused(&a);
+            if let Some(r) = r.first() {
+                assert!(r.contains("too many video changes"), "{r}");
+            }
+            refusals += r.len();
+        }
+        assert_eq!(
+            (sent, refusals),
+            (MAX_VIDEO_CHANGES_PER_S, 100 - MAX_VIDEO_CHANGES_PER_S)
+        );
+        // A second later the player may change it again.
+        s.handle_client(
+            t0 + ms(1_000),
+            Some(ClientEvent::SetVideo(video(1280, 720, 60))),
+        );
+        assert_eq!(
+            drain(&mut s),
+            vec![Action::ToNode(NodeCommand::SetVideo(video(1280, 720, 60)))]
+        );
+    }
+
+    #[test]
+    fn a_video_change_during_a_pause_is_in_force_for_the_node_that_resumes() {
+        let t0 = Instant::now();
+        let mut s = GameSession::new(t0, rules(), node(1, "de-1"));
+        // One pending at the loss: the player hears it did not take effect.
+        s.handle_client(t0, Some(ClientEvent::SetVideo(video(1280, 720, 60))));
+        drain(&mut s);
+        s.handle_node_lost(t0 + ms(1));
+        let a = drain(&mut s);
+        assert_eq!(refused(&a).len(), 1, "{a:?}");
+        let v = video(1920, 1080, 60);
+        s.handle_client(t0 + ms(2), Some(ClientEvent::SetVideo(v)));
+        assert_eq!(
+            drain(&mut s),
+            vec![
+                Action::VideoInForce(v),
+                Action::Notify(Notice::VideoChanged(v))
+            ]
+        );
+        // A stale confirmation from the lost node's stream does nothing.
+        s.handle_node_video(video(1280, 720, 60));
+        assert!(drain(&mut s).is_empty());
+    }
+
+    #[test]
+    fn rumble_reaches_the_player_at_most_thirty_times_a_second() {
+        let t0 = Instant::now();
+        let mut s = GameSession::new(t0, rules(), node(1, "de-1"));
+        let r = Rumble {
+            pad: 0,
+            strong_magnitude: 1,
+            weak_magnitude: 2,
+            duration_ms: 100,
+        };
+        for i in 0..100 {
+            s.handle_node_rumble(t0 + ms(i), r);
+        }
+        let a = drain(&mut s);
+        assert_eq!(a.len(), MAX_RUMBLES_PER_S);
+        assert!(a.iter().all(|a| *a == Action::Notify(Notice::Rumble(r))));
+        s.handle_node_rumble(t0 + ms(1_000), r);
+        assert_eq!(drain(&mut s).len(), 1);
+        // Nothing while paused: no node serves the session.
+        s.handle_node_lost(t0 + ms(1_001));
+        drain(&mut s);
+        s.handle_node_rumble(t0 + ms(3_000), r);
+        assert!(drain(&mut s).is_empty());
     }
 
     #[test]

@@ -3,6 +3,8 @@
 use super::Counters;
 use crate::clock::SharedClock;
 use crate::game::{ClientEvent, Relay};
+use nearpath_protocol::input::{MAX_PADS, STANDARD_BUTTONS};
+use nearpath_protocol::message::SetVideo;
 use nearpath_protocol::{FrameHeader, InputEvent};
 use serde::Deserialize;
 use std::sync::atomic::Ordering;
@@ -43,13 +45,27 @@ pub enum PageMessage {
         dx: i16,
         dy: i16,
     },
+    /// One gamepad's whole state: `pad` 0..=3 (0 when absent), up to four stick axes in
+    /// -1..=1, up to two triggers (left, right) in 0..=1, and the standard layout's 17 buttons
+    /// as bits.
     Pad {
         seq: u64,
         ts: Option<f64>,
+        #[serde(default)]
+        pad: u8,
         axes: Vec<f64>,
+        #[serde(default)]
+        triggers: Vec<f64>,
         buttons: u32,
     },
     Keyframe,
+    /// Change the picture size and frame rate (the page's video element was resized). The
+    /// session's rules check it against the limits and the rate limit.
+    Video {
+        width: u32,
+        height: u32,
+        fps: u32,
+    },
     Ping {
         id: u64,
         ts: Option<f64>,
@@ -62,13 +78,34 @@ impl PageMessage {
         if data.len() > MAX_INPUT_MESSAGE {
             return None;
         }
-        serde_json::from_slice(data).ok()
+        let m: PageMessage = serde_json::from_slice(data).ok()?;
+        // A pad past the fourth, more axes or triggers than a pad has, or buttons beyond the
+        // standard layout's are malformed, not clamped: the page is at fault.
+        if let PageMessage::Pad {
+            pad,
+            axes,
+            triggers,
+            buttons,
+            ..
+        } = &m
+        {
+            if usize::from(*pad) >= MAX_PADS
+                || axes.len() > 4
+                || triggers.len() > 2
+                || buttons & !STANDARD_BUTTONS != 0
+            {
+                return None;
+            }
+        }
+        Some(m)
     }
 
     /// The input event, its seq and its send time (Unix µs), for the messages that are input.
     pub fn input(&self) -> Option<(u64, Option<f64>, InputEvent)> {
         let axis =
             |v: Option<&f64>| (v.copied().unwrap_or(0.0).clamp(-1.0, 1.0) * 32767.0).round() as i16;
+        let trigger =
+            |v: Option<&f64>| (v.copied().unwrap_or(0.0).clamp(0.0, 1.0) * 65535.0).round() as u16;
         Some(match self {
             PageMessage::Key {
                 seq,
@@ -105,12 +142,16 @@ impl PageMessage {
             PageMessage::Pad {
                 seq,
                 ts,
+                pad,
                 axes,
+                triggers,
                 buttons,
             } => (
                 *seq,
                 *ts,
                 InputEvent::Gamepad {
+                    pad: *pad,
+                    triggers: [trigger(triggers.first()), trigger(triggers.get(1))],
                     axes: [
                         axis(axes.first()),
                         axis(axes.get(1)),
@@ -120,7 +161,9 @@ impl PageMessage {
                     buttons: *buttons,
                 },
             ),
-            PageMessage::Keyframe | PageMessage::Ping { .. } => return None,
+            PageMessage::Keyframe | PageMessage::Video { .. } | PageMessage::Ping { .. } => {
+                return None
+            }
         })
     }
 }
@@ -180,6 +223,10 @@ pub(super) async fn read_input(
         match m {
             PageMessage::Keyframe => {
                 let _ = events.try_send(ClientEvent::ForceKeyframe);
+            }
+            PageMessage::Video { width, height, fps } => {
+                // A full queue drops it; the page asks again on its next resize.
+                let _ = events.try_send(ClientEvent::SetVideo(SetVideo { width, height, fps }));
             }
             PageMessage::Ping { id, ts } => {
                 let ts = ts.filter(|t| t.is_finite()).unwrap_or(0.0);
@@ -269,7 +316,9 @@ mod tests {
                 4,
                 None,
                 InputEvent::Gamepad {
+                    pad: 0,
                     axes: [32767, -32767, 32767, 0],
+                    triggers: [0, 0],
                     buttons: 5
                 }
             ))
@@ -287,6 +336,72 @@ mod tests {
         );
         assert!(PageMessage::parse(br#"{"t":"key","seq":-1,"code":87,"down":true}"#).is_none());
         assert!(PageMessage::parse(br#"{"t":"nope"}"#).is_none());
+        let m = PageMessage::parse(
+            br#"{"t":"pad","seq":6,"pad":2,"axes":[0,0.5],"triggers":[0.25,1.7],"buttons":65665}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            m.input(),
+            Some((
+                6,
+                None,
+                InputEvent::Gamepad {
+                    pad: 2,
+                    axes: [0, 16384, 0, 0],
+                    triggers: [16384, 65535],
+                    buttons: 65665
+                }
+            ))
+        );
+        // Hostile pads: pad 7, NaN or huge axes, huge arrays, buttons past the 17 standard ones.
+        let mut huge = br#"{"t":"pad","seq":7,"axes":["#.to_vec();
+        huge.extend(std::iter::repeat_n(&b"0,"[..], 1500).flatten());
+        huge.extend(br#"0],"buttons":0}"#);
+        for bad in [
+            &br#"{"t":"pad","seq":7,"pad":7,"axes":[0,0,0,0],"buttons":0}"#[..],
+            br#"{"t":"pad","seq":7,"pad":4,"axes":[],"buttons":0}"#,
+            br#"{"t":"pad","seq":7,"pad":-1,"axes":[],"buttons":0}"#,
+            br#"{"t":"pad","seq":7,"axes":[NaN,0],"buttons":0}"#,
+            br#"{"t":"pad","seq":7,"axes":[1e400],"buttons":0}"#,
+            br#"{"t":"pad","seq":7,"axes":[0,0,0,0,0],"buttons":0}"#,
+            br#"{"t":"pad","seq":7,"axes":[],"triggers":[0,0,0],"buttons":0}"#,
+            br#"{"t":"pad","seq":7,"axes":[],"triggers":["x"],"buttons":0}"#,
+            br#"{"t":"pad","seq":7,"axes":[],"buttons":131072}"#,
+            br#"{"t":"pad","seq":7,"axes":[],"buttons":4294967296}"#,
+            &huge,
+        ] {
+            assert_eq!(
+                PageMessage::parse(bad),
+                None,
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        assert_eq!(
+            PageMessage::parse(br#"{"t":"video","width":1920,"height":1080,"fps":60}"#),
+            Some(PageMessage::Video {
+                width: 1920,
+                height: 1080,
+                fps: 60
+            })
+        );
+        // Out-of-type values never become a change; in-type nonsense (0x0) is refused by the
+        // session's rules with a reason.
+        for bad in [
+            &br#"{"t":"video","width":-2,"height":1080,"fps":60}"#[..],
+            br#"{"t":"video","width":1e12,"height":1080,"fps":60}"#,
+            br#"{"t":"video","width":1920.5,"height":1080,"fps":60}"#,
+            br#"{"t":"video","width":"1920","height":1080,"fps":60}"#,
+            br#"{"t":"video","width":1920,"height":1080}"#,
+            br#"{"t":"video","width":NaN,"height":1080,"fps":60}"#,
+        ] {
+            assert_eq!(
+                PageMessage::parse(bad),
+                None,
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
         assert!(PageMessage::parse(b"not json").is_none());
         assert!(PageMessage::parse(&vec![b' '; MAX_INPUT_MESSAGE + 1]).is_none());
     }

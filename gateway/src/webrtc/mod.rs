@@ -67,8 +67,9 @@
 //! {"t":"mouse","seq":2,"ts":…,"dx":-3,"dy":4}                            relative motion, pixels
 //! {"t":"button","seq":3,"ts":…,"button":0,"down":true}                   0 left, 1 middle, 2 right
 //! {"t":"wheel","seq":4,"ts":…,"dx":0,"dy":-120}                          notches x 120, + is up
-//! {"t":"pad","seq":5,"ts":…,"axes":[0.0,-1.0,0.0,0.0],"buttons":1}      sticks -1..1, button bits
+//! {"t":"pad","seq":5,"ts":…,"pad":2,"axes":[0.0,-1.0,0.0,0.0],"triggers":[0.0,1.0],"buttons":129}
 //! {"t":"keyframe"}                                                       ask for an IDR
+//! {"t":"video","width":1920,"height":1080,"fps":60}                      change size and rate
 //! {"t":"ping","id":7,"ts":…}                                             answered with a pong
 //! ```
 //! The `/play` page pings every second. Once a page has pinged, a channel silent for
@@ -80,7 +81,29 @@
 //! {"t":"paused","reason":"node de-1 failed; moving the session"}   then {"t":"resumed"}
 //! {"t":"ended","reason":"…"}
 //! {"t":"rate","kbps":8000}                                          the encoder's new target
+//! {"t":"video","width":1920,"height":1080,"fps":60}                 a size change took effect
+//! {"t":"video_refused","reason":"…"}                                a size change was refused
+//! {"t":"rumble","pad":0,"strong":40000,"weak":8000,"duration_ms":200}   vibrate pad 0
 //! ```
+//! `pad` is one gamepad's whole state: `pad` 0..=3 (0 when absent), at most 4 `axes` in -1..1
+//! (left x, left y, right x, right y; clamped), at most 2 `triggers` (left, right) in 0..1
+//! (clamped; absent means released), `buttons` the W3C Standard Gamepad's 17 buttons as bits
+//! (0..=131071). A pad of 4 or more, longer arrays, buttons beyond bit 16, or numbers that are
+//! not numbers make the message malformed (ignored and counted); the gateway sends the rest
+//! to the node as input datagrams of layout 2. `/play` polls up to 4 pads (the Nth connected
+//! one is pad N) every 8 ms and sends a pad's state when it changes.
+//! `video` (page to gateway) asks for the session's picture size and frame rate to change
+//! without a new session, exactly as a native `SetVideo` (PROTOCOL.md section 5.5: the `[game]`
+//! limits, at most 4 changes a second, the node's own checks); numbers that are not
+//! non-negative integers below 2^32 make the message malformed (ignored and counted), in-range
+//! nonsense (0x0, odd sizes, fps 0) is answered `video_refused` with the reason. The video
+//! track carries the new size in-stream from the first IDR at it; the `<video>` element keeps
+//! playing. `/play` sends it when the stage it shows the video in changes size (window resize,
+//! fullscreen; debounced 300 ms, in device pixels, even, clamped to 16x16..3840x2160) while its
+//! "fit" box is checked (the default unless the address names `width` and `height`).
+//! `rumble` comes from the node serving the session (at most 30 a second); magnitudes are
+//! 0..=65535, `duration_ms` at most 5000; `/play` plays it on the `pad`-th connected gamepad
+//! with `vibrationActuator.playEffect("dual-rumble", ...)` where the pad has one.
 //! `frame` is sent right after the frame's RTP packets: `rtp_ts` is the frame's RTP timestamp
 //! (what `requestVideoFrameCallback` reports as `rtpTimestamp`), `input_seq` the last input the
 //! node applied before capturing it, `capture_ts_us`/`gw_us` the node's capture and the

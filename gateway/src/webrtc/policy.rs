@@ -274,6 +274,18 @@ impl SessionControl {
             Some(Notice::Resumed) => self
                 .actions
                 .push_back(Action::Tell(r#"{"t":"resumed"}"#.into())),
+            Some(Notice::VideoChanged(v)) => self.actions.push_back(Action::Tell(format!(
+                r#"{{"t":"video","width":{},"height":{},"fps":{}}}"#,
+                v.width, v.height, v.fps
+            ))),
+            Some(Notice::VideoRefused(reason)) => self.actions.push_back(Action::Tell(format!(
+                r#"{{"t":"video_refused","reason":{}}}"#,
+                json_str(&reason)
+            ))),
+            Some(Notice::Rumble(r)) => self.actions.push_back(Action::Tell(format!(
+                r#"{{"t":"rumble","pad":{},"strong":{},"weak":{},"duration_ms":{}}}"#,
+                r.pad, r.strong_magnitude, r.weak_magnitude, r.duration_ms
+            ))),
             Some(Notice::Ended(reason)) => {
                 self.actions.push_back(Action::Tell(ended_message(&reason)));
                 self.actions.push_back(Action::Flush);

@@ -108,6 +108,11 @@ enum Cmd {
         /// resume the session through the nearest other gateway of the federation.
         #[arg(long, default_value_t = 1000)]
         resume_after_ms: u64,
+        /// Change the picture size and frame rate mid-session, AFTER the start: `3s:1920x1080@60`
+        /// (`ms` or `s`; repeat the flag for several changes). The session goes on; the first
+        /// frame at the new size is a keyframe. A refused change is printed with its reason.
+        #[arg(long = "resize-after", value_name = "AFTER:WxH@FPS", value_parser = parse_resize)]
+        resize_after: Vec<Resize>,
     },
     /// Print the shell completion script for SHELL to stdout (the packages install them).
     Completions {
@@ -160,6 +165,7 @@ fn main() -> std::process::ExitCode {
                 codecs,
                 seconds,
                 resume_after_ms,
+                resize_after,
             } => {
                 let params = PlayParams {
                     game,
@@ -175,6 +181,7 @@ fn main() -> std::process::ExitCode {
                     out,
                     seconds,
                     Duration::from_millis(resume_after_ms),
+                    resize_after,
                 )
                 .await
             }
@@ -355,6 +362,37 @@ fn parse_codec(s: &str) -> Result<VideoCodec, String> {
     VideoCodec::from_name(s).ok_or_else(|| format!("unknown codec {s:?} (h264, hevc or av1)"))
 }
 
+/// One `--resize-after`: when, after the start, and the values to ask for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Resize {
+    after: Duration,
+    width: u32,
+    height: u32,
+    fps: u32,
+}
+
+/// Parses `3s:1920x1080@60` (or `500ms:...`, `2.5s:...`).
+fn parse_resize(s: &str) -> Result<Resize, String> {
+    let bad = || format!("{s:?} is not AFTER:WxH@FPS (e.g. 3s:1920x1080@60)");
+    let (after, video) = s.split_once(':').ok_or_else(bad)?;
+    let after = if let Some(ms) = after.strip_suffix("ms") {
+        Duration::from_millis(ms.parse().map_err(|_| bad())?)
+    } else if let Some(secs) = after.strip_suffix('s') {
+        let secs: f64 = secs.parse().map_err(|_| bad())?;
+        Duration::try_from_secs_f64(secs).map_err(|_| bad())?
+    } else {
+        return Err(bad());
+    };
+    let (size, fps) = video.split_once('@').ok_or_else(bad)?;
+    let (width, height) = size.split_once('x').ok_or_else(bad)?;
+    Ok(Resize {
+        after,
+        width: width.parse().map_err(|_| bad())?,
+        height: height.parse().map_err(|_| bad())?,
+        fps: fps.parse().map_err(|_| bad())?,
+    })
+}
+
 async fn play(
     conn: Conn,
     params: PlayParams,
@@ -362,6 +400,7 @@ async fn play(
     out: Option<PathBuf>,
     seconds: f64,
     resume_after: Duration,
+    resizes: Vec<Resize>,
 ) -> anyhow::Result<()> {
     let client = connect(&conn).await?;
     let mut holder = Some(client);
@@ -373,6 +412,7 @@ async fn play(
         out,
         seconds,
         resume_after,
+        resizes,
     )
     .await;
     // However the session ended (its time is up, the gateway ended it, Ctrl-C, an error), the
@@ -429,6 +469,7 @@ async fn play_on(
     out: Option<PathBuf>,
     seconds: f64,
     resume_after: Duration,
+    mut resizes: Vec<Resize>,
 ) -> anyhow::Result<()> {
     let Some(client) = holder.as_ref() else {
         bail!("no gateway connection");
@@ -452,7 +493,12 @@ async fn play_on(
         }
         None => None,
     };
-    let deadline = tokio::time::Instant::now() + Duration::from_secs_f64(seconds);
+    let begun = tokio::time::Instant::now();
+    let deadline = begun + Duration::from_secs_f64(seconds);
+    // Due times, latest first, so that the next one is popped off the end.
+    resizes.sort_by_key(|r| std::cmp::Reverse(r.after));
+    let mut resizes: Vec<(tokio::time::Instant, Resize)> =
+        resizes.into_iter().map(|r| (begun + r.after, r)).collect();
     let t0 = Instant::now();
     let (mut count, mut bytes, mut keyframes) = (0u64, 0u64, 0u64);
     // Frames travel on their own streams and may overtake each other: a late frame is not a
@@ -493,6 +539,7 @@ async fn play_on(
                     i2p_ms: &mut i2p_ms,
                     pauses: &mut pauses,
                     lost_at: &mut lost_at,
+                    resizes: &mut resizes,
                 },
             )
             .await?
@@ -586,6 +633,8 @@ struct LegStats<'a> {
     i2p_ms: &'a mut Vec<f64>,
     pauses: &'a mut u32,
     lost_at: &'a mut Option<Instant>,
+    /// `--resize-after` changes not yet asked for, latest first.
+    resizes: &'a mut Vec<(tokio::time::Instant, Resize)>,
 }
 
 /// Plays one gateway's share of a session: frames in, scripted input out, until the time is
@@ -643,6 +692,14 @@ async fn play_leg(
     loop {
         tokio::select! {
             _ = tokio::time::sleep_until(deadline) => return Ok(Leg::Stop),
+            _ = sleep_until_opt(st.resizes.last().map(|(at, _)| *at)) => {
+                if let Some((_, r)) = st.resizes.pop() {
+                    eprintln!("asking for {}x{} @ {} fps", r.width, r.height, r.fps);
+                    if let Err(e) = control.set_video(r.width, r.height, r.fps).await {
+                        return Ok(Leg::Lost(e.to_string()));
+                    }
+                }
+            }
             _ = ctrl_c.as_mut() => {
                 eprintln!("interrupted");
                 return Ok(Leg::Stop);
@@ -693,6 +750,12 @@ async fn play_leg(
                 }
                 Ok(Some(ControlEvent::Ended(e))) => return Ok(Leg::Ended(e.reason)),
                 Ok(Some(ControlEvent::Error(e))) => bail!("{} ({})", e.message, e.code),
+                Ok(Some(ControlEvent::VideoChanged(v))) => eprintln!("video changed: {}x{} @ {} fps", v.width, v.height, v.fps),
+                Ok(Some(ControlEvent::VideoRefused(e))) => eprintln!("video change refused: {}", e.message),
+                Ok(Some(ControlEvent::Rumble(r))) => eprintln!(
+                    "rumble: pad {} strong {} weak {} for {} ms",
+                    r.pad, r.strong_magnitude, r.weak_magnitude, r.duration_ms
+                ),
                 Ok(None) => return Ok(Leg::Ended("the gateway finished the session".into())),
                 Err(e) => return Ok(Leg::Lost(e.to_string())),
             },
@@ -700,9 +763,51 @@ async fn play_leg(
     }
 }
 
+/// Sleeps until `at`, or forever without one.
+async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn resize_flags_parse_and_nonsense_is_refused() {
+        assert_eq!(
+            parse_resize("3s:1920x1080@60"),
+            Ok(Resize {
+                after: Duration::from_secs(3),
+                width: 1920,
+                height: 1080,
+                fps: 60
+            })
+        );
+        assert_eq!(
+            parse_resize("250ms:640x360@30").map(|r| r.after),
+            Ok(Duration::from_millis(250))
+        );
+        assert_eq!(
+            parse_resize("2.5s:640x360@30").map(|r| r.after),
+            Ok(Duration::from_millis(2500))
+        );
+        for bad in [
+            "",
+            "3:1920x1080@60",
+            "3s1920x1080@60",
+            "3s:1920x1080",
+            "3s:1920@60",
+            "-1s:640x360@30",
+            "1e400s:640x360@30",
+            "3s:-1x1080@60",
+            "3s:99999999999x1080@60",
+        ] {
+            assert!(parse_resize(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn every_help_entry_of_nearpath_has_a_description() {
