@@ -105,6 +105,12 @@ pub struct BuiltinGame {
     firing_pad: bool,
     /// Accumulated wheel motion not yet turned into a size step.
     wheel_acc: i32,
+    /// Collisions of the ship with an asteroid so far (rising edges of overlap).
+    hits: u64,
+    /// Whether the ship overlapped an asteroid after the last step.
+    overlapping: bool,
+    /// The ship's speed in the last step, in 1/1000 of full speed (0..=1000).
+    thrust_milli: u32,
     /// Colour bar rows for the test pattern, built once.
     bars: Option<BarRows>,
     out: I420Frame,
@@ -157,6 +163,9 @@ impl BuiltinGame {
             firing_mouse: false,
             firing_pad: false,
             wheel_acc: 0,
+            hits: 0,
+            overlapping: false,
+            thrust_milli: 0,
             bars,
             out,
         })
@@ -175,6 +184,18 @@ impl BuiltinGame {
     /// Frames simulated so far.
     pub fn frame_number(&self) -> u64 {
         self.frame_no
+    }
+
+    /// Collisions of the ship with an asteroid so far, counted when an overlap begins (the
+    /// rising edge), so a ship resting on an asteroid is one hit, not one a frame.
+    pub fn hits(&self) -> u64 {
+        self.hits
+    }
+
+    /// How fast the ship moved in the last step, 0.0 (still) to 1.0 (full speed): what the
+    /// engine sound follows.
+    pub fn thrust(&self) -> f32 {
+        self.thrust_milli as f32 / 1000.0
     }
 
     /// The ship's centre in whole pixels, origin top left.
@@ -261,10 +282,23 @@ impl BuiltinGame {
         };
         vx += axis(self.stick[0]);
         vy += axis(self.stick[1]);
+        let (x0, y0) = (self.ship_x, self.ship_y);
         self.ship_x += vx;
         self.ship_y += vy;
         self.clamp_ship();
         self.frame_no += 1;
+        // What the ship actually moved (a wall stops it, and its engine with it).
+        let moved = ((self.ship_x - x0) as f64).hypot((self.ship_y - y0) as f64);
+        self.thrust_milli = ((moved / speed as f64) * 1000.0).clamp(0.0, 1000.0) as u32;
+        let (sx, sy) = self.ship_position();
+        let ship_r = self.ship_half as f64;
+        let overlapping = asteroids(self.width, self.height, self.frame_no)
+            .iter()
+            .any(|&(x, y, r, _)| (x - f64::from(sx)).hypot(y - f64::from(sy)) < r + ship_r);
+        if overlapping && !self.overlapping {
+            self.hits += 1;
+        }
+        self.overlapping = overlapping;
     }
 
     /// Steps until [`BuiltinGame::frame_number`] is `frame_no` (no-op if it is already past),
@@ -281,6 +315,16 @@ impl BuiltinGame {
         let max_y = (i64::from(self.height) * FIX - h).max(h);
         self.ship_x = self.ship_x.clamp(h, max_x);
         self.ship_y = self.ship_y.clamp(h, max_y);
+    }
+
+    /// Paints the sync flash over the rendered frame: the whole top-right quarter white, so a
+    /// player can find it by sampling a few pixels there (`/play` does, to measure the offset
+    /// between the beep it hears and the flash it shows). Called for the frames that fall in a
+    /// beep ([`super::audio::flash_on`]).
+    pub fn draw_flash(&mut self) {
+        let (w, h) = (self.width as usize, self.height as usize);
+        let mut c = Canvas::new(&mut self.out, w, h);
+        c.rect((w / 2) as i32, 0, w as i32, (h / 2) as i32, WHITE);
     }
 
     /// The frame as last rendered (black before the first [`BuiltinGame::render`]).
@@ -304,19 +348,7 @@ impl BuiltinGame {
             _ => c.arena_background(frame_no),
         }
 
-        // Asteroids orbit the centre at different radii and speeds.
-        let (cx, cy) = (w as f64 / 2.0, h as f64 / 2.0);
-        let unit = h.min(w) as f64;
-        for i in 0..5u32 {
-            let fi = f64::from(i);
-            let radius = unit * (0.16 + 0.065 * fi);
-            let speed = 0.011 + 0.004 * fi;
-            let dir = if i % 2 == 0 { 1.0 } else { -1.0 };
-            let angle = dir * speed * frame_no as f64 + fi * 1.3;
-            let x = cx + radius * angle.cos();
-            let y = cy + radius * angle.sin();
-            let r = (unit * (0.018 + 0.006 * fi)).max(2.0);
-            let colour = [GREY, ORANGE, CYAN, MAGENTA, GREEN][i as usize];
+        for (x, y, r, colour) in asteroids(w as u32, h as u32, frame_no) {
             c.disc(x as i32, y as i32, r as i32, colour);
         }
 
@@ -345,6 +377,25 @@ impl BuiltinGame {
 
         &self.out
     }
+}
+
+/// Where the five asteroids are at frame `frame_no`: centre, radius, colour. They orbit the
+/// centre at different radii and speeds; [`BuiltinGame::step`] checks collisions against the
+/// same positions [`BuiltinGame::render`] draws.
+fn asteroids(width: u32, height: u32, frame_no: u64) -> [(f64, f64, f64, Yuv); 5] {
+    let (w, h) = (f64::from(width), f64::from(height));
+    let (cx, cy) = (w / 2.0, h / 2.0);
+    let unit = h.min(w);
+    std::array::from_fn(|i| {
+        let fi = i as f64;
+        let radius = unit * (0.16 + 0.065 * fi);
+        let speed = 0.011 + 0.004 * fi;
+        let dir = if i % 2 == 0 { 1.0 } else { -1.0 };
+        let angle = dir * speed * frame_no as f64 + fi * 1.3;
+        let r = (unit * (0.018 + 0.006 * fi)).max(2.0);
+        let colour = [GREY, ORANGE, CYAN, MAGENTA, GREEN][i];
+        (cx + radius * angle.cos(), cy + radius * angle.sin(), r, colour)
+    })
 }
 
 impl BarRows {
@@ -664,5 +715,71 @@ mod tests {
                 assert_eq!((f.width(), f.height()), (w, h));
             }
         }
+    }
+
+    /// Moves the ship (by relative mouse motion) so that its centre is at (`x`, `y`).
+    fn move_ship_to(g: &mut BuiltinGame, x: f64, y: f64) {
+        let (sx, sy) = g.ship_position();
+        g.apply_input(&InputEvent::MouseMove {
+            dx: x as i32 - sx,
+            dy: y as i32 - sy,
+        });
+    }
+
+    /// Guards `hits()`, which the hit sound (and CTL's rumble) follow: one hit per overlap
+    /// that begins, not one per frame of overlap.
+    #[test]
+    fn hits_count_the_rising_edges_of_overlap() {
+        let mut g = BuiltinGame::new("arena", 640, 360).unwrap();
+        g.step();
+        assert_eq!(g.hits(), 0, "the ship starts clear of the asteroids");
+        for round in 1..=3u64 {
+            // Onto asteroid 4 (the largest) where it will be after the next step.
+            let (x, y, _, _) = asteroids(640, 360, g.frame_number() + 1)[4];
+            move_ship_to(&mut g, x, y);
+            g.step();
+            assert_eq!(g.hits(), round, "round {round}: the overlap begins");
+            // Following it for a few frames is still the same hit.
+            for _ in 0..3 {
+                let (x, y, _, _) = asteroids(640, 360, g.frame_number() + 1)[4];
+                move_ship_to(&mut g, x, y);
+                g.step();
+            }
+            assert_eq!(g.hits(), round, "round {round}: one hit per overlap");
+            // Away to a corner, clear of every asteroid.
+            move_ship_to(&mut g, 5.0, 5.0);
+            g.step();
+            assert_eq!(g.hits(), round);
+        }
+    }
+
+    #[test]
+    fn thrust_follows_what_the_ship_moved() {
+        let mut g = BuiltinGame::new("arena", 640, 360).unwrap();
+        g.step();
+        assert_eq!(g.thrust(), 0.0);
+        g.apply_input(&key(keys::RIGHT[0], true));
+        g.step();
+        assert!(g.thrust() > 0.99, "{}", g.thrust());
+        // Against the right wall the ship stops, and so does its engine.
+        for _ in 0..400 {
+            g.step();
+        }
+        assert_eq!(g.thrust(), 0.0);
+        g.apply_input(&key(keys::RIGHT[0], false));
+        g.apply_input(&key(keys::LEFT[0], true));
+        g.step();
+        assert!(g.thrust() > 0.99);
+    }
+
+    #[test]
+    fn the_flash_whitens_the_top_right_quarter_only() {
+        let mut g = BuiltinGame::new("arena", 64, 32).unwrap();
+        g.render();
+        g.draw_flash();
+        let y = g.frame().y();
+        assert_eq!(y[5 * 64 + 40], WHITE.0);
+        assert_eq!(y[15 * 64 + 63], WHITE.0);
+        assert_ne!(y[20 * 64 + 40], WHITE.0, "the bottom half is not flashed");
     }
 }

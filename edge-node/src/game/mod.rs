@@ -13,6 +13,7 @@
 //! pacer stops, the encoder thread finishes the frame in hand and exits, an external program's
 //! process group is killed, and the frame receiver yields `None` once the end reason is set.
 
+pub mod audio;
 pub mod builtin;
 pub mod encoder;
 pub mod external;
@@ -27,7 +28,7 @@ pub use encoder::{AccessUnit, Encoder, EncoderError, EncoderParams, OpenH264Enco
 pub use frame::{FrameError, I420Frame};
 
 use bytes::Bytes;
-use nearpath_config::{EncoderConfig, GameSource};
+use nearpath_config::{AudioConfig, EncoderConfig, GameSource};
 use nearpath_protocol::frame::FrameHeader;
 use nearpath_protocol::input::InputEvent;
 use nearpath_protocol::message::GameParams;
@@ -320,6 +321,14 @@ struct Shared {
     /// Spare frame buffers for the external reader, so 60 fps does not mean 60 allocations of
     /// megabytes a second.
     pool: Mutex<Vec<Vec<u8>>>,
+    /// The session's timeline: frame slot 0 and audio sample 0 are due at its instant.
+    epoch: audio::Epoch,
+    /// What the built-in game's sound follows (thrust, hits), updated each rendered frame.
+    synth: Arc<audio::SynthInputs>,
+    /// An external program's audio pipe until [`GameSession::start_audio`] takes it.
+    audio_pipe: Mutex<Option<std::fs::File>>,
+    /// Whether [`GameSession::start_audio`] has run.
+    audio_started: AtomicBool,
 }
 
 impl Shared {
@@ -472,6 +481,7 @@ impl GameSession {
         let (frames_tx, frames_rx) = mpsc::channel(FRAME_QUEUE);
         let cancel = CancellationToken::new();
         let mut external_parts = None;
+        let mut audio_pipe = None;
         let (sink, thread_source, pace_source) = match (builtin, source) {
             (Some(game), _) => (
                 InputSink::Builtin(Vec::new()),
@@ -479,7 +489,8 @@ impl GameSession {
                 PaceSource::Builtin,
             ),
             (None, GameSource::Command { command }) => {
-                let spawned = external::spawn(command, &params.title, w, h, fps)?;
+                let mut spawned = external::spawn(command, &params.title, w, h, fps)?;
+                audio_pipe = spawned.audio.take();
                 let (input_tx, input_rx) = mpsc::channel(external::INPUT_QUEUE);
                 let slot = Arc::new(external::FrameSlot::default());
                 external_parts = Some((spawned, input_rx, slot.clone()));
@@ -512,6 +523,13 @@ impl GameSession {
             end: end_tx,
             cancel,
             pool: Mutex::new(Vec::new()),
+            epoch: audio::Epoch {
+                at: Instant::now(),
+                unix_us: unix_micros(),
+            },
+            synth: Arc::default(),
+            audio_pipe: Mutex::new(audio_pipe),
+            audio_started: AtomicBool::new(false),
         });
 
         // Capacity 1: a frame may wait while the previous one is encoded, but never more.
@@ -529,6 +547,7 @@ impl GameSession {
             failures: 0,
             width: w as u16,
             height: h as u16,
+            fps,
         };
         std::thread::Builder::new()
             .name(thread_name(&params.title))
@@ -568,9 +587,52 @@ impl GameSession {
         ))
     }
 
+    /// The session's epoch on the Unix clock, microseconds: when frame slot 0 and audio sample
+    /// 0 were due (the built-in game's beep and flash are timed from it).
+    pub fn epoch_unix_us(&self) -> u64 {
+        self.shared.epoch.unix_us
+    }
+
     /// The parameters the session runs with.
     pub fn params(&self) -> &GameParams {
         &self.params
+    }
+
+    /// Starts the session's sound, once: the built-in game's synthesiser, or the reader of an
+    /// external program's audio pipe, each encoding Opus with `cfg`. Packets arrive on the
+    /// returned receiver until the session ends. `None` when audio is disabled (an external
+    /// program's pipe is then read and discarded, so it never blocks on it) or already started.
+    pub fn start_audio(
+        &self,
+        cfg: &AudioConfig,
+    ) -> Result<Option<mpsc::Receiver<audio::EncodedAudio>>, audio::AudioError> {
+        if self.shared.audio_started.swap(true, Ordering::AcqRel) {
+            return Ok(None);
+        }
+        let name = format!("audio-{}", &thread_name(&self.params.title)[5..]);
+        let pipe = self
+            .shared
+            .audio_pipe
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        match pipe {
+            Some(pipe) => audio::spawn_pipe(
+                cfg.enabled.then_some(cfg),
+                pipe,
+                self.shared.cancel.clone(),
+                name,
+            ),
+            None if cfg.enabled => audio::spawn_builtin(
+                cfg,
+                self.shared.epoch,
+                self.shared.synth.clone(),
+                self.shared.cancel.clone(),
+                name,
+            )
+            .map(Some),
+            None => Ok(None),
+        }
     }
 
     /// Applies one input event from the client's datagram `seq`. Events with a seq not above
@@ -760,7 +822,8 @@ fn unix_micros() -> u64 {
 /// Hands frame slots to the encoder thread at the session's rate, dropping (not queueing) the
 /// ones it cannot take.
 async fn pace(shared: Arc<Shared>, fps: u32, work: std_mpsc::SyncSender<Work>, source: PaceSource) {
-    let mut pacer = pacer::Pacer::new(fps, tokio::time::Instant::now());
+    // Slot 0 is due at the session's epoch, the instant its sound's sample 0 is due too.
+    let mut pacer = pacer::Pacer::new(fps, tokio::time::Instant::from_std(shared.epoch.at));
     let late = &shared.counters.frames_dropped_late;
     loop {
         let tick = tokio::select! {
@@ -850,6 +913,8 @@ struct EncoderThread {
     failures: u32,
     width: u16,
     height: u16,
+    /// The session's frame rate (the flash's timeline).
+    fps: u32,
 }
 
 impl EncoderThread {
@@ -886,6 +951,14 @@ impl EncoderThread {
                 };
                 game.advance_to(index);
                 game.render();
+                if audio::flash_on(audio::slot_time_us(index, self.fps)) {
+                    game.draw_flash();
+                }
+                let synth = &self.shared.synth;
+                synth
+                    .thrust_milli
+                    .store((game.thrust() * 1000.0) as u32, Ordering::Relaxed);
+                synth.hits.store(game.hits(), Ordering::Relaxed);
                 self.shared
                     .counters
                     .frames_rendered

@@ -176,6 +176,7 @@ pub(super) async fn run_session(
     mut n: Negotiated,
     started: game::Started,
     mut frames: mpsc::Receiver<(FrameHeader, Bytes)>,
+    mut audio: mpsc::Receiver<nearpath_protocol::AudioPacket>,
     params: GameParams,
 ) {
     let game::Started {
@@ -304,6 +305,9 @@ pub(super) async fn run_session(
                         }
                     }
                 }
+            }
+            Some(packet) = audio.recv() => {
+                let _ = packet;
             }
             fb = fb_rx.recv() => {
                 if let Some(fb) = fb {
