@@ -1010,6 +1010,7 @@ async fn bench_node_process() {
         games: vec![],
         encoder: Default::default(),
         media: Default::default(),
+        audio: Default::default(),
         quic: Default::default(),
         log: Default::default(),
     };
