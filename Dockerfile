@@ -8,10 +8,11 @@
 #   docker run -d -v nearpath:/var/lib/nearpath -v /etc/nearpath:/etc/nearpath:ro \
 #     -e NEARPATH_ADMIN__TOKEN -p 8080:8080 -p 127.0.0.1:8081:8081 -p 4433:4433/udp nearpath
 
-# Build stage: the release binaries. nasm makes OpenH264 use its assembly (faster encoding).
+# Build stage: the release binaries. nasm makes OpenH264 use its assembly (faster encoding);
+# libopus-dev and pkg-config link game sound's Opus encoder.
 FROM rust:1-bookworm AS builder
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends nasm \
+    && apt-get install -y --no-install-recommends nasm libopus-dev pkg-config \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
@@ -26,7 +27,7 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
 # Runtime stage: Debian slim (glibc and libstdc++, which the binaries link), no compiler.
 FROM debian:bookworm-slim
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends ca-certificates \
+    && apt-get install -y --no-install-recommends ca-certificates libopus0 \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --system --user-group --uid 10001 --home-dir /var/lib/nearpath --create-home \
        --shell /usr/sbin/nologin nearpath
