@@ -12,8 +12,9 @@
 //! `n / 48000` seconds after it. The periodic beep ([`beep_on`]) and the picture's flash
 //! ([`flash_on`]) are the same window of that timeline, so any offset a player measures between
 //! them is the pipeline's. Synthesised packets are paced by sample count from a monotonic clock
-//! (packet `k` is finished at `epoch + (k + 1) * 10 ms`), never by sleeping 10 ms, so the sound
-//! does not drift from the picture.
+//! (packet `k` is made at `epoch + k * 10 ms`, when its first sample is due, as a frame slot is
+//! rendered when it is due), never by sleeping 10 ms, so the sound does not drift from the
+//! picture.
 
 use bytes::Bytes;
 use nearpath_config::AudioConfig;
@@ -327,8 +328,10 @@ pub fn spawn_builtin(
             let period = Duration::from_millis(10);
             loop {
                 let k = synth.next_sample() / FRAME_SAMPLES as u64;
-                // Packet k holds samples of [k, k+1) * 10 ms and is complete at its end.
-                let due = epoch.at + period * u32::try_from(k + 1).unwrap_or(u32::MAX);
+                // Packet k holds samples of [k, k+1) * 10 ms. Synthesised sound needs no
+                // waiting for its samples to happen: it is made when its first sample is due,
+                // as the picture of a frame slot is rendered when the slot is due.
+                let due = epoch.at + period * u32::try_from(k).unwrap_or(u32::MAX);
                 let now = Instant::now();
                 if due > now {
                     std::thread::sleep(due - now);
@@ -616,8 +619,8 @@ mod tests {
             assert_eq!(p.samples, 480);
             assert!(p.fec);
         }
-        // 50 packets are not ready before 500 ms of the clock: paced, not bursted.
-        assert!(elapsed >= Duration::from_millis(500), "{elapsed:?}");
+        // Packet 49 is not made before 490 ms of the clock: paced, not bursted.
+        assert!(elapsed >= Duration::from_millis(490), "{elapsed:?}");
         cancel.cancel();
         let end = tokio::time::timeout(Duration::from_secs(5), async {
             while rx.recv().await.is_some() {}
