@@ -797,9 +797,13 @@ fn node_media_and_quic_checks() {
 fn node_audio_checks_name_the_field() {
     let errs = node("[audio]\nbitrate_kbps = 5\nexpected_loss_percent = 101\n");
     assert_eq!(errs.len(), 2, "{errs:?}");
-    assert!(errs.iter().any(|e| e.contains("audio.bitrate_kbps")), "{errs:?}");
     assert!(
-        errs.iter().any(|e| e.contains("audio.expected_loss_percent")),
+        errs.iter().any(|e| e.contains("audio.bitrate_kbps")),
+        "{errs:?}"
+    );
+    assert!(
+        errs.iter()
+            .any(|e| e.contains("audio.expected_loss_percent")),
         "{errs:?}"
     );
     assert!(node("[audio]\nbitrate_kbps = 511\n")

@@ -1,10 +1,10 @@
 //! Session streams the gateway opens on the node's connection: one bidirectional stream per
 //! session, `Open` first, then tokens (inference) or control messages (game).
 
+use crate::game::audio::{self, EncodedAudio};
 use crate::game::rate::{FrameOutcome, RateConfig, RateController, SlotDecision};
 use crate::game::{EncodedFrame, FrameGate, GameSession, InputOutcome};
 use crate::inference::{BackendError, BackendEvent, ModelRegistry};
-use crate::game::audio::{self, EncodedAudio};
 use nearpath_config::{AudioConfig, EncoderConfig, GameEntry, MediaConfig, NodeConfig};
 use nearpath_protocol::message::{
     Accepted, Chunk, Done, ErrorInfo, Message, Open, RefuseCode, Refused, SessionKind, Token,

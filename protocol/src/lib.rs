@@ -39,8 +39,8 @@ mod tests;
 pub use audio::{AudioError, AudioPacket};
 pub use caps::ModelCaps;
 pub use client::{
-    AudioStream, Client, ClientError, ControlEvent, FrameSeqStats, FrameStream, InferEvent, InferStream,
-    InputSender, PlayControl, PlayEvent, PlayParams, PlaySession, VideoFrame,
+    AudioStream, Client, ClientError, ControlEvent, FrameSeqStats, FrameStream, InferEvent,
+    InferStream, InputSender, PlayControl, PlayEvent, PlayParams, PlaySession, VideoFrame,
 };
 pub use codec::{decode_message, encode, encode_to_vec, DecodeError, Decoder};
 pub use frame::{FrameHeader, FrameHeaderError};

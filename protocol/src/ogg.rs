@@ -81,8 +81,8 @@ impl<W: Write> OggOpusWriter<W> {
                 self.late += 1;
                 return Ok(());
             }
-            let gap_samples = p.capture_ts_us.saturating_sub(next) * u64::from(AUDIO_SAMPLE_RATE)
-                / 1_000_000;
+            let gap_samples =
+                p.capture_ts_us.saturating_sub(next) * u64::from(AUDIO_SAMPLE_RATE) / 1_000_000;
             let fill = gap_samples.min(MAX_FILL_SAMPLES) / 480;
             for _ in 0..fill {
                 self.write_packet(EMPTY_10MS.to_vec(), 480)?;

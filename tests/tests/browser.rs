@@ -1567,7 +1567,8 @@ async fn chromium_plays_the_games_sound_in_sync_with_the_picture() {
         .collect();
     offsets.sort_by(f64::total_cmp);
     let median = offsets[offsets.len() / 2];
-    let jb_ms = num(&audio, "jitterBufferDelay") / num(&audio, "jitterBufferEmittedCount").max(1.0) * 1000.0;
+    let jb_ms = num(&audio, "jitterBufferDelay") / num(&audio, "jitterBufferEmittedCount").max(1.0)
+        * 1000.0;
     println!(
         "audio: {samples} samples ({:.1}% concealed), {} packets, jitter buffer {jb_ms:.1} ms; beep - flash offsets {offsets:?} ms, median {median:.1} ms ({} beeps, {} flashes; audio context latency {}, video jitter buffer {} ms)",
         concealed / samples * 100.0,
@@ -1581,13 +1582,19 @@ async fn chromium_plays_the_games_sound_in_sync_with_the_picture() {
         samples > num(&first, "totalSamplesReceived") + 48_000.0 * 4.0,
         "samples grew by at least 4 s of sound: {audio}"
     );
-    assert!(concealed < 0.05 * samples, "{concealed} of {samples} samples concealed");
+    assert!(
+        concealed < 0.05 * samples,
+        "{concealed} of {samples} samples concealed"
+    );
     assert!(
         (-10.0..=AV_OFFSET_BOUND_MS).contains(&median),
         "beep/flash offset median {median} ms: {offsets:?}"
     );
     let sessions = gw.admin_get("/admin/sessions").await;
-    assert!(sessions["data"][0]["audio"]["packets"].as_u64().unwrap() > 400, "{sessions}");
+    assert!(
+        sessions["data"][0]["audio"]["packets"].as_u64().unwrap() > 400,
+        "{sessions}"
+    );
     page.eval("window.nearpath.stop()").await.unwrap();
     drop(browser);
     node.stop().await.unwrap();

@@ -310,7 +310,14 @@ async fn an_external_frame_source_is_streamed_and_its_exit_ends_the_session() {
 /// What ffprobe says about an audio file: (codec, sample rate, channels, duration in seconds).
 fn ffprobe_audio(path: &std::path::Path) -> (String, u32, u32, f64) {
     let out = std::process::Command::new("ffprobe")
-        .args(["-v", "error", "-show_streams", "-show_format", "-of", "json"])
+        .args([
+            "-v",
+            "error",
+            "-show_streams",
+            "-show_format",
+            "-of",
+            "json",
+        ])
         .arg(path)
         .output()
         .expect("ffprobe runs (apt-get install ffmpeg; .ci/deps installs it)");
@@ -417,7 +424,10 @@ async fn a_native_client_receives_the_games_sound_and_writes_ogg_opus() {
         "the file lasts {duration:.3} s, the sound listened to {listened_s:.3} s"
     );
     let view = admin_game_session(&gw, sid).await.expect("live");
-    assert!(view["audio"]["packets"].as_u64().unwrap() >= packets, "{view}");
+    assert!(
+        view["audio"]["packets"].as_u64().unwrap() >= packets,
+        "{view}"
+    );
     control.close("done").await.unwrap();
     node.stop().await.unwrap();
     gw.stop().await;
@@ -467,7 +477,10 @@ async fn when_the_serving_node_dies_audio_resumes_from_the_next_node() {
             _ = tokio::time::sleep(Duration::from_secs(5)) => panic!("no sound from the first node"),
         }
     }
-    assert_eq!(gw.admin_get("/admin/sessions").await["data"][0]["node"], "de-1");
+    assert_eq!(
+        gw.admin_get("/admin/sessions").await["data"][0]["node"],
+        "de-1"
+    );
     near.task.abort();
     let killed = Instant::now();
     let mut resumed = false;
@@ -494,9 +507,16 @@ async fn when_the_serving_node_dies_audio_resumes_from_the_next_node() {
         "audio resumed {:?} after the node was killed",
         killed.elapsed()
     );
-    assert_eq!(gw.admin_get("/admin/sessions").await["data"][0]["node"], "us-1");
+    assert_eq!(
+        gw.admin_get("/admin/sessions").await["data"][0]["node"],
+        "us-1"
+    );
     // The new node's sound counts from its own start.
-    assert!(after.iter().any(|p| p.seq < 100), "{:?}", after.iter().map(|p| p.seq).collect::<Vec<_>>());
+    assert!(
+        after.iter().any(|p| p.seq < 100),
+        "{:?}",
+        after.iter().map(|p| p.seq).collect::<Vec<_>>()
+    );
     control.close("done").await.unwrap();
     far.stop().await.unwrap();
     gw.stop().await;

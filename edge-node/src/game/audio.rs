@@ -510,7 +510,9 @@ mod tests {
         assert!(beep_on(0) && beep_on(59_999) && !beep_on(60_000));
         assert!(beep_on(2_000_000) && !beep_on(1_999_999));
         // 60 fps: frames 0..=3 flash (0, 16.7, 33.3, 50 ms), frame 4 (66.7 ms) does not.
-        let flashing: Vec<u64> = (0..130).filter(|&i| flash_on(slot_time_us(i, 60))).collect();
+        let flashing: Vec<u64> = (0..130)
+            .filter(|&i| flash_on(slot_time_us(i, 60)))
+            .collect();
         assert_eq!(flashing, [0, 1, 2, 3, 120, 121, 122, 123]);
     }
 
@@ -537,7 +539,10 @@ mod tests {
             synth.fill(1.0, 0, &mut pcm);
         }
         let full = rms(&pcm);
-        assert!(full > idle * 3.0, "engine at full thrust {full} vs idle {idle}");
+        assert!(
+            full > idle * 3.0,
+            "engine at full thrust {full} vs idle {idle}"
+        );
         // A hit adds a burst that decays.
         synth.fill(1.0, 1, &mut pcm);
         let hit = rms(&pcm);
@@ -575,7 +580,11 @@ mod tests {
 
     #[test]
     fn every_config_the_validator_accepts_makes_an_encoder() {
-        for (kbps, fec, dtx, loss) in [(6, false, true, 0), (510, true, false, 100), (96, true, true, 5)] {
+        for (kbps, fec, dtx, loss) in [
+            (6, false, true, 0),
+            (510, true, false, 100),
+            (96, true, true, 5),
+        ] {
             let cfg = AudioConfig {
                 enabled: true,
                 bitrate_kbps: kbps,

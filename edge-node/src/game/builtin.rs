@@ -394,7 +394,12 @@ fn asteroids(width: u32, height: u32, frame_no: u64) -> [(f64, f64, f64, Yuv); 5
         let angle = dir * speed * frame_no as f64 + fi * 1.3;
         let r = (unit * (0.018 + 0.006 * fi)).max(2.0);
         let colour = [GREY, ORANGE, CYAN, MAGENTA, GREEN][i];
-        (cx + radius * angle.cos(), cy + radius * angle.sin(), r, colour)
+        (
+            cx + radius * angle.cos(),
+            cy + radius * angle.sin(),
+            r,
+            colour,
+        )
     })
 }
 

@@ -200,7 +200,9 @@ fn spawn_in(
                 if write_fd == AUDIO_FD {
                     // dup2 onto itself would keep close-on-exec set.
                     let flags = libc::fcntl(AUDIO_FD, libc::F_GETFD);
-                    if flags < 0 || libc::fcntl(AUDIO_FD, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
+                    if flags < 0
+                        || libc::fcntl(AUDIO_FD, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0
+                    {
                         return Err(io::Error::last_os_error());
                     }
                 } else if libc::dup2(write_fd, AUDIO_FD) < 0 {

@@ -588,7 +588,8 @@ async fn builtin_flash_and_beep_share_the_session_timeline() {
         let f = next(&mut rx).await;
         let yuv = dec.decode(&f.data).unwrap().expect("a picture per frame");
         // Four points spread over the top-right quarter: only the flash covers them all.
-        let lumas = [(170, 10), (300, 10), (170, 70), (300, 70)].map(|(x, y)| luma_at(&yuv, x, y, 8));
+        let lumas =
+            [(170, 10), (300, 10), (170, 70), (300, 70)].map(|(x, y)| luma_at(&yuv, x, y, 8));
         let t = (f.capture_ts_us - epoch) % audio::BEEP_PERIOD_US;
         if lumas.iter().all(|&l| l > 200.0) {
             flashed.push(t);
@@ -599,9 +600,15 @@ async fn builtin_flash_and_beep_share_the_session_timeline() {
     // Frames are captured a little after their slot is due: allow 30 ms of render lateness.
     assert!(flashed.len() >= 3, "flashed frames at {flashed:?}");
     for t in &flashed {
-        assert!(*t < audio::BEEP_LEN_US + 30_000, "a flash {t} us into the period");
+        assert!(
+            *t < audio::BEEP_LEN_US + 30_000,
+            "a flash {t} us into the period"
+        );
     }
-    assert!(dark > 40, "{dark} frames outside the window were not flashed");
+    assert!(
+        dark > 40,
+        "{dark} frames outside the window were not flashed"
+    );
     // Sound: packet k starts at epoch + 10 k ms.
     let (got, mut sound) = sound_reader.await.unwrap();
     assert_eq!(got.len(), 40, "40 packets within 20 s each");
@@ -643,7 +650,10 @@ async fn external_source_sound_on_fd_3_is_encoded_and_its_end_is_not_the_session
         }
     })
     .await;
-    assert!(drained.is_ok(), "the sound ends when the program closes fd 3");
+    assert!(
+        drained.is_ok(),
+        "the sound ends when the program closes fd 3"
+    );
     assert_eq!(seqs, (0..10).collect::<Vec<u32>>());
     // The session goes on.
     next(&mut rx).await;

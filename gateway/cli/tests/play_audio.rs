@@ -19,7 +19,16 @@ async fn nearpath_play_audio_out_writes_ogg_opus_that_ffprobe_reads() {
         Command::new(env!("CARGO_BIN_EXE_nearpath"))
             .args(["play", "--gateway", &quic.to_string(), "--pin", &pin])
             .args(["--key", DEMO_API_KEY, "--game", DEMO_GAME])
-            .args(["--width", "320", "--height", "180", "--fps", "30", "--bitrate", "1000"])
+            .args([
+                "--width",
+                "320",
+                "--height",
+                "180",
+                "--fps",
+                "30",
+                "--bitrate",
+                "1000",
+            ])
             .args(["--seconds", "3", "--audio-out"])
             .arg(&path)
             .output()
@@ -36,7 +45,14 @@ async fn nearpath_play_audio_out_writes_ogg_opus_that_ffprobe_reads() {
     assert!(stdout.contains("audio packets"), "{stdout}");
     assert!(stdout.contains("(Ogg Opus;"), "{stdout}");
     let probe = Command::new("ffprobe")
-        .args(["-v", "error", "-show_streams", "-show_format", "-of", "json"])
+        .args([
+            "-v",
+            "error",
+            "-show_streams",
+            "-show_format",
+            "-of",
+            "json",
+        ])
         .arg(&file)
         .output()
         .expect("ffprobe runs (apt-get install ffmpeg; .ci/deps installs it)");

@@ -5,8 +5,8 @@
 
 use super::session::{Action, GameSession, NodeCommand, NodeRef, Rules, Totals, UsageSegment};
 use super::{
-    recv_frame_rest, AudioDrop, ClientEvent, DropReason, FlightSlot, ForeignLog, FrameBudget, FrameSink,
-    InFlight, Notice, Relay, Started, Verdict, ACK_DELAY_ALLOWANCE, REVOKE_SEND_BOUND,
+    recv_frame_rest, AudioDrop, ClientEvent, DropReason, FlightSlot, ForeignLog, FrameBudget,
+    FrameSink, InFlight, Notice, Relay, Started, Verdict, ACK_DELAY_ALLOWANCE, REVOKE_SEND_BOUND,
 };
 use crate::auth::{CapGuard, CapKind, CapRefusal};
 use crate::clock::SharedClock;

@@ -447,6 +447,9 @@ mod tests {
         assert_eq!(rtp_ts(9, t + 10_000, VIDEO_CLOCK_HZ).wrapping_sub(v0), 900);
         // Wrapping is fine: a random origin near the top.
         let a = rtp_ts(u32::MAX, t, AUDIO_CLOCK_HZ);
-        assert_eq!(rtp_ts(u32::MAX, t + 20_000, AUDIO_CLOCK_HZ).wrapping_sub(a), 960);
+        assert_eq!(
+            rtp_ts(u32::MAX, t + 20_000, AUDIO_CLOCK_HZ).wrapping_sub(a),
+            960
+        );
     }
 }

@@ -348,9 +348,11 @@ async fn audio_injection_garbage_and_floods_from_another_node_are_refused() {
     for seq in 0..30 {
         stranger.send_audio(sid, seq, b"forged").unwrap();
     }
-    eventually("30 foreign audio drops", Duration::from_secs(10), || async {
-        (admin_metric(&gw, foreign).await >= 30.0).then_some(())
-    })
+    eventually(
+        "30 foreign audio drops",
+        Duration::from_secs(10),
+        || async { (admin_metric(&gw, foreign).await >= 30.0).then_some(()) },
+    )
     .await;
     // Garbage: wrong magic, truncated header, unknown version and flags, a bad sample count,
     // no payload, an oversized payload. From the serving node itself, so only the format is

@@ -440,7 +440,8 @@ async fn play_on(
     };
     let mut ogg = match &audio_out {
         Some(p) => {
-            let f = std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?;
+            let f =
+                std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?;
             Some(OggOpusWriter::new(
                 std::io::BufWriter::new(f),
                 started.session_id as u32,
