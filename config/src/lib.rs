@@ -37,6 +37,6 @@ pub use node::{
     ModelConfig, NodeConfig, NodeGatewayConfig, NodeIdentity, ResponsesMode, CPU_GPU_CLASS,
     UNKNOWN_GPU_CLASS,
 };
-pub use node::{CongestionController, MediaConfig, NodeQuicConfig};
+pub use node::{AudioConfig, CongestionController, MediaConfig, NodeQuicConfig};
 pub use node::{WeightsOrigin, MAX_GPU_UUID_BYTES, MAX_WEIGHTS_BYTES};
 pub use node::{CAPABILITY_NAMES, SIM_CAPABILITY_NAMES};

@@ -52,6 +52,9 @@ pub struct NodeConfig {
     /// `[media]`: how game frames are sent to the gateway (congestion control).
     #[serde(default)]
     pub media: MediaConfig,
+    /// `[audio]`: game sound (Opus).
+    #[serde(default)]
+    pub audio: AudioConfig,
     /// `[quic]`: the node's QUIC connection to the gateway.
     #[serde(default)]
     pub quic: NodeQuicConfig,
@@ -881,6 +884,39 @@ impl Default for MediaConfig {
     }
 }
 
+/// `[audio]`: game sound, encoded as Opus (48 kHz stereo, 10 ms packets, the restricted
+/// low-delay application) and sent to the gateway as audio datagrams.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AudioConfig {
+    /// Whether game sessions send sound. With `false` no audio is encoded or sent, and an
+    /// external program's audio pipe is read and discarded. Default: true.
+    pub enabled: bool,
+    /// Opus bitrate per session (stereo), in kbit/s, 6 to 510. Default: 96.
+    pub bitrate_kbps: u32,
+    /// Opus in-band forward error correction: each packet carries a coarse copy of the previous
+    /// one, so a single lost datagram is repaired by the next. Default: true.
+    pub fec: bool,
+    /// Opus discontinuous transmission: near-silent stretches are sent as rare comfort-noise
+    /// packets instead of every 10 ms. Default: false (a player cannot tell a silent game from a
+    /// lost path).
+    pub dtx: bool,
+    /// The packet loss the encoder plans its FEC for, in percent, 0 to 100. Default: 5.
+    pub expected_loss_percent: u32,
+}
+
+impl Default for AudioConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            bitrate_kbps: 96,
+            fec: true,
+            dtx: false,
+            expected_loss_percent: 5,
+        }
+    }
+}
+
 /// A QUIC congestion controller, as `[quic] congestion` names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -930,6 +966,7 @@ impl NodeConfig {
             games: Vec::new(),
             encoder: EncoderConfig::default(),
             media: MediaConfig::default(),
+            audio: AudioConfig::default(),
             quic: NodeQuicConfig::default(),
             log: LogConfig::default(),
         }
@@ -994,6 +1031,24 @@ impl NodeConfig {
             "media.queue_delay_threshold_ms",
             self.media.queue_delay_threshold_ms,
         );
+        if !(6..=510).contains(&self.audio.bitrate_kbps) {
+            p.push(
+                "audio.bitrate_kbps",
+                format!(
+                    "{} is outside 6..=510, the bitrates Opus encodes",
+                    self.audio.bitrate_kbps
+                ),
+            );
+        }
+        if self.audio.expected_loss_percent > 100 {
+            p.push(
+                "audio.expected_loss_percent",
+                format!(
+                    "{} is not a percentage (0..=100)",
+                    self.audio.expected_loss_percent
+                ),
+            );
+        }
         if self.quic.reorder_packet_threshold < 3 {
             p.push(
                 "quic.reorder_packet_threshold",

@@ -794,6 +794,31 @@ fn node_media_and_quic_checks() {
 }
 
 #[test]
+fn node_audio_checks_name_the_field() {
+    let errs = node("[audio]\nbitrate_kbps = 5\nexpected_loss_percent = 101\n");
+    assert_eq!(errs.len(), 2, "{errs:?}");
+    assert!(
+        errs.iter().any(|e| e.contains("audio.bitrate_kbps")),
+        "{errs:?}"
+    );
+    assert!(
+        errs.iter()
+            .any(|e| e.contains("audio.expected_loss_percent")),
+        "{errs:?}"
+    );
+    assert!(node("[audio]\nbitrate_kbps = 511\n")
+        .iter()
+        .any(|e| e.contains("audio.bitrate_kbps")));
+    assert!(node("[audio]\nvolume = 3\n")
+        .iter()
+        .any(|e| e.contains("volume")));
+    assert!(node(
+        "[audio]\nenabled = false\nbitrate_kbps = 6\nfec = false\ndtx = true\nexpected_loss_percent = 100\n"
+    )
+    .is_empty());
+}
+
+#[test]
 fn blip_windows_are_bounded() {
     let text = r#"
 [inference]

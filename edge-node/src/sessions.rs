@@ -1,11 +1,12 @@
 //! Session streams the gateway opens on the node's connection: one bidirectional stream per
 //! session, `Open` first, then tokens (inference) or control messages (game).
 
+use crate::game::audio::{self, EncodedAudio};
 use crate::game::rate::{FrameOutcome, RateConfig, RateController, SlotDecision};
 use crate::game::select::NodeEncoders;
 use crate::game::{EncodedFrame, FrameGate, GameSession, InputOutcome};
 use crate::inference::{BackendError, BackendEvent, ModelRegistry};
-use nearpath_config::{EncoderConfig, GameEntry, MediaConfig, NodeConfig};
+use nearpath_config::{AudioConfig, EncoderConfig, GameEntry, MediaConfig, NodeConfig};
 use nearpath_protocol::message::{
     Accepted, Chunk, Done, ErrorInfo, Message, Open, RefuseCode, Refused, SessionKind, Token,
 };
@@ -22,6 +23,38 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info_span, warn, Instrument};
 
+/// The next packet of a session's sound; never ready when it has none.
+async fn recv_sound(
+    sound: &mut Option<tokio::sync::mpsc::Receiver<EncodedAudio>>,
+) -> Option<EncodedAudio> {
+    match sound {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Sends one packet of a session's sound as an audio datagram on the gateway connection. A
+/// datagram the connection cannot take now is lost, like one lost on the path: the player's
+/// decoder conceals it.
+fn send_sound(conn: &quinn::Connection, session_id: u64, packet: EncodedAudio) {
+    let datagram = nearpath_protocol::AudioPacket {
+        session_id,
+        seq: packet.seq,
+        capture_ts_us: packet.capture_ts_us,
+        samples: packet.samples,
+        flags: audio::flags(&packet),
+        opus: packet.data,
+    };
+    match datagram.encode() {
+        Ok(bytes) => {
+            if let Err(e) = conn.send_datagram(bytes.into()) {
+                debug!(error = %e, "audio datagram not sent");
+            }
+        }
+        Err(e) => warn!(error = %e, "audio packet not encodable; dropped"),
+    }
+}
+
 /// What a session needs from the connection it arrived on.
 #[derive(Clone)]
 pub struct SessionContext {
@@ -36,6 +69,7 @@ pub struct Sessions {
     /// The encoders `[encoder]` resolved to on this machine (probed once at start).
     encoders: NodeEncoders,
     media: MediaConfig,
+    audio: AudioConfig,
     game_slots: u32,
     /// Running game sessions by id, for routing input datagrams.
     running_games: Mutex<HashMap<u64, Arc<GameSession>>>,
@@ -117,6 +151,7 @@ impl Sessions {
             encoder: config.encoder.clone(),
             encoders,
             media: config.media.clone(),
+            audio: config.audio.clone(),
             game_slots: config.capacity.game_sessions,
             running_games: Mutex::new(HashMap::new()),
             parked: Mutex::new(HashMap::new()),
@@ -379,6 +414,14 @@ impl Sessions {
                 return;
             }
         };
+        // Sound is an addition: a session whose audio cannot start goes on silent.
+        let mut sound = match game.start_audio(&self.audio) {
+            Ok(rx) => rx,
+            Err(e) => {
+                warn!(error = %e, "game sound unavailable; the session goes on silent");
+                None
+            }
+        };
         let game = Arc::new(game);
         self.games_map().insert(session_id, game.clone());
         self.active.fetch_add(1, Ordering::AcqRel);
@@ -409,6 +452,7 @@ impl Sessions {
                     &game,
                     &mut frames,
                     &mut rumbles,
+                    &mut sound,
                     &mut tx,
                     &mut framed,
                     &cancel,
@@ -449,6 +493,10 @@ impl Sessions {
                 Some(r) => {
                     debug!("game session resumed through another gateway");
                     game.force_keyframe();
+                    // Sound made while no gateway listened is stale: start from what comes next.
+                    if let Some(rx) = sound.as_mut() {
+                        while rx.try_recv().is_ok() {}
+                    }
                     (ctx, tx, framed) = (r.ctx, r.tx, r.framed);
                 }
                 None => {
@@ -507,6 +555,7 @@ impl Sessions {
         game: &Arc<GameSession>,
         frames: &mut tokio::sync::mpsc::Receiver<EncodedFrame>,
         rumbles: &mut Option<tokio::sync::mpsc::Receiver<Rumble>>,
+        sound: &mut Option<tokio::sync::mpsc::Receiver<EncodedAudio>>,
         tx: &mut quinn::SendStream,
         framed: &mut FramedRecv,
         cancel: &CancellationToken,
@@ -541,6 +590,12 @@ impl Sessions {
                         let _ = tokio::time::timeout(Duration::from_secs(2), tx.stopped()).await;
                         return LegEnd::Over;
                     }
+                },
+                a = recv_sound(sound) => match a {
+                    Some(packet) => send_sound(&ctx.conn, session_id, packet),
+                    // The source's sound ended (an external program closed its pipe): the
+                    // session goes on silent.
+                    None => *sound = None,
                 },
                 Some((seq, outcome)) = sender.done.recv() => sender.outcome(seq, outcome),
                 // The game asks for a vibration: on the session stream, to the gateway.

@@ -876,6 +876,11 @@ impl AdminApi {
                                     "foreign": r.dropped_foreign.load(Relaxed),
                                     "relay": r.dropped_relay.load(Relaxed),
                                 },
+                                "audio": {
+                                    "packets": r.audio_packets.load(Relaxed),
+                                    "foreign": r.audio_foreign.load(Relaxed),
+                                    "dropped": r.audio_dropped.load(Relaxed),
+                                },
                                 "in_flight_frames": r.in_flight().frames,
                                 "in_flight_bytes": r.in_flight().bytes,
                                 "inputs": r.inputs.load(Relaxed),

@@ -65,6 +65,10 @@ pub struct Metrics {
     /// clock) to its delivery by the gateway (the gateway's clock), in seconds.
     pub game_frame_latency_seconds: Histogram,
     pub game_frames_dropped: Family<Labels, Counter>,
+    /// Audio packets relayed to players.
+    pub game_audio_relayed: Counter,
+    /// Audio datagrams from nodes dropped, by reason (`AudioDrop::as_str`).
+    pub game_audio_dropped: Family<Labels, Counter>,
     pub game_failovers: Counter,
     pub geo_reloads: Family<Labels, Counter>,
     /// QUIC connection attempts refused before their handshake, by reason (`rate`,
@@ -183,6 +187,8 @@ pub const FAMILIES: &[(&str, MetricType)] = &[
     ("nearpath_game_relayed_bytes", MetricType::Counter),
     ("nearpath_game_frame_latency_seconds", MetricType::Histogram),
     ("nearpath_game_frames_dropped", MetricType::Counter),
+    ("nearpath_game_audio_relayed", MetricType::Counter),
+    ("nearpath_game_audio_dropped", MetricType::Counter),
     ("nearpath_game_failovers", MetricType::Counter),
     ("nearpath_game_pauses", MetricType::Counter),
     ("nearpath_quic_handshakes_refused", MetricType::Counter),
@@ -336,6 +342,8 @@ pub mod label_values {
     ];
     /// `game_frames_dropped{reason}`: `DropReason::as_str`.
     pub const FRAME_DROP_REASONS: &[&str] = &["late", "overload", "foreign", "relay"];
+    /// `game_audio_dropped{reason}`: `AudioDrop::as_str`.
+    pub const AUDIO_DROP_REASONS: &[&str] = &["malformed", "foreign", "relay"];
     /// `game_pauses{outcome}`.
     pub const PAUSE_OUTCOMES: &[&str] = &["same_node", "other_node", "expired", "ended"];
     /// `quic_handshakes_refused{reason}`: `QuicRefusal::as_str`.
@@ -441,6 +449,8 @@ impl Metrics {
             game_relayed_bytes: Counter::default(),
             game_frame_latency_seconds: frame_latency_histogram(),
             game_frames_dropped: Family::default(),
+            game_audio_relayed: Counter::default(),
+            game_audio_dropped: Family::default(),
             game_failovers: Counter::default(),
             geo_reloads: Family::default(),
             quic_handshakes_refused: Family::default(),
@@ -644,6 +654,18 @@ impl Metrics {
         );
         reg(
             r,
+            "game_audio_relayed",
+            "Audio packets relayed to players",
+            m.game_audio_relayed.clone(),
+        );
+        reg(
+            r,
+            "game_audio_dropped",
+            "Audio datagrams from nodes dropped by reason",
+            m.game_audio_dropped.clone(),
+        );
+        reg(
+            r,
             "game_failovers",
             "Game sessions moved to another node",
             m.game_failovers.clone(),
@@ -804,6 +826,7 @@ impl Metrics {
             }
         }
         each(&self.game_frames_dropped, "reason", FRAME_DROP_REASONS);
+        each(&self.game_audio_dropped, "reason", AUDIO_DROP_REASONS);
         each(&self.game_pauses, "outcome", PAUSE_OUTCOMES);
         each(&self.quic_handshakes_refused, "reason", QUIC_REFUSALS);
         for listener in HTTP_LISTENERS {

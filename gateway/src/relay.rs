@@ -7,7 +7,7 @@ use crate::registry::NodeEntry;
 use crate::session_id::SessionId;
 use bytes::Bytes;
 use nearpath_protocol::message::{GameParams, Rumble, SetVideo};
-use nearpath_protocol::{FrameHeader, InputDatagram, MAX_VIDEO_FRAME};
+use nearpath_protocol::{AudioPacket, FrameHeader, InputDatagram, MAX_VIDEO_FRAME};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -23,9 +23,37 @@ pub(crate) const REVOKE_SEND_BOUND: Duration = Duration::from_millis(200);
 pub enum FrameSink {
     /// Native client: each frame is forwarded as-is on a new uni stream of this connection.
     Quic(quinn::Connection),
-    /// Another transport (WebRTC): whole frames are handed over; a full channel drops the frame
-    /// (a late frame is worth less than the next one).
-    Channel(mpsc::Sender<(FrameHeader, Bytes)>),
+    /// Another transport (WebRTC): whole frames and decoded audio packets are handed over; a
+    /// full channel drops the frame or packet (a late one is worth less than the next one).
+    Channel {
+        /// Video frames.
+        frames: mpsc::Sender<(FrameHeader, Bytes)>,
+        /// Audio packets.
+        audio: mpsc::Sender<AudioPacket>,
+    },
+}
+
+/// Why the relay dropped an audio datagram from a node: the `reason` label of
+/// `nearpath_game_audio_dropped_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AudioDrop {
+    /// Not a valid audio datagram (bad magic, version, flags, sample count or length).
+    Malformed,
+    /// For a session the sending connection does not serve (or no live session: the same
+    /// answer, so a node cannot probe which ids are live).
+    Foreign,
+    /// The player's connection or channel could not take it.
+    Relay,
+}
+
+impl AudioDrop {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AudioDrop::Malformed => "malformed",
+            AudioDrop::Foreign => "foreign",
+            AudioDrop::Relay => "relay",
+        }
+    }
 }
 
 /// What the client side of a session tells the driver.
@@ -95,6 +123,13 @@ pub struct Relay {
     pub dropped_foreign: AtomicU64,
     /// Frames lost to a stream or connection error.
     pub dropped_relay: AtomicU64,
+    /// Audio packets forwarded to the player.
+    pub audio_packets: AtomicU64,
+    /// Audio datagrams naming this session that came from a connection other than its serving
+    /// node's.
+    pub audio_foreign: AtomicU64,
+    /// Audio packets the player's connection or channel could not take.
+    pub audio_dropped: AtomicU64,
     pub inputs: AtomicU64,
     pub started: Instant,
     pub game: String,
@@ -366,6 +401,15 @@ impl ForeignLog {
     }
 
     pub(crate) fn note(&self, node: &str, session_id: u64) {
+        self.note_what(node, session_id, "video frame");
+    }
+
+    /// [`ForeignLog::note`] for an audio datagram.
+    pub(crate) fn note_audio(&self, node: &str, session_id: u64) {
+        self.note_what(node, session_id, "audio datagram");
+    }
+
+    fn note_what(&self, node: &str, session_id: u64, what: &str) {
         let now = self.since.map_or(0, |t| t.elapsed().as_millis() as u64) + 1;
         let last = self.last.load(Ordering::Relaxed);
         if (last == 0 || now.saturating_sub(last) >= 1000)
@@ -379,7 +423,7 @@ impl ForeignLog {
                 node,
                 session = session_id,
                 suppressed,
-                "refused a video frame for a session this node does not serve"
+                "refused a {what} for a session this node does not serve"
             );
         } else {
             self.suppressed.fetch_add(1, Ordering::Relaxed);

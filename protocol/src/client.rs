@@ -863,6 +863,19 @@ impl PlaySession {
         self.control.close(reason).await
     }
 
+    /// The session's sound: audio datagrams the gateway forwards, read as they arrive. Take it
+    /// once per session (datagrams go to whichever reader asks first), before or after
+    /// [`PlaySession::split`].
+    pub fn audio(&self) -> AudioStream {
+        AudioStream {
+            conn: self.input.conn.clone(),
+            session_id: self.input.session_id,
+            malformed: 0,
+            foreign: 0,
+            _hold: self.input._hold.clone(),
+        }
+    }
+
     /// Splits into independently usable parts.
     pub fn split(self) -> (PlayControl, FrameStream, InputSender) {
         (self.control, self.frames, self.input)
@@ -1029,6 +1042,38 @@ async fn read_frames(
         if tx.send(result).await.is_err() {
             return;
         }
+    }
+}
+
+/// Audio packets of a play session (Opus, 48 kHz stereo, usually 10 ms each), from the QUIC
+/// datagrams the gateway forwards. Unreliable and unordered: order by `seq`, conceal gaps.
+#[derive(Debug)]
+pub struct AudioStream {
+    conn: quinn::Connection,
+    session_id: u64,
+    malformed: u64,
+    foreign: u64,
+    _hold: Option<Arc<Client>>,
+}
+
+impl AudioStream {
+    /// The next audio packet of this session; `None` once the connection has closed.
+    /// Datagrams that are not valid audio, or name another session, are skipped and counted.
+    /// Cancel-safe.
+    pub async fn next(&mut self) -> Option<crate::audio::AudioPacket> {
+        loop {
+            let dgram = self.conn.read_datagram().await.ok()?;
+            match crate::audio::AudioPacket::decode(&dgram) {
+                Ok(p) if p.session_id == self.session_id => return Some(p),
+                Ok(_) => self.foreign += 1,
+                Err(_) => self.malformed += 1,
+            }
+        }
+    }
+
+    /// Datagrams skipped so far: (not valid audio, another session's).
+    pub fn skipped(&self) -> (u64, u64) {
+        (self.malformed, self.foreign)
     }
 }
 

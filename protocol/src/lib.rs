@@ -9,12 +9,15 @@
 //! - [`message`] defines every framed message ([`Message`]).
 //! - [`frame`] defines the fixed 48-byte [`FrameHeader`] that starts each video frame stream.
 //! - [`input`] defines [`InputDatagram`].
+//! - [`audio`] defines [`AudioPacket`], the Opus audio datagram; [`ogg`] writes received
+//!   packets as an Ogg Opus file.
 //! - [`stream`] runs the codec over quinn: [`FramedRecv`], [`send`], [`send_frame`],
 //!   [`recv_frame`], [`relay_frame`].
 //! - [`tls`] and [`net`] build rustls/quinn configurations (ring provider) and UDP sockets.
 //! - [`client`] is the native client library ([`Client`]) for `nearpath/1`.
 //! - [`report`] prints an error and its causes, each cause once (what the binaries print).
 
+pub mod audio;
 pub mod caps;
 pub mod client;
 pub mod codec;
@@ -22,6 +25,7 @@ pub mod frame;
 pub mod input;
 pub mod message;
 pub mod net;
+pub mod ogg;
 pub mod openai;
 pub mod report;
 pub mod stream;
@@ -32,10 +36,11 @@ pub mod strategies;
 #[cfg(test)]
 mod tests;
 
+pub use audio::{AudioError, AudioPacket};
 pub use caps::ModelCaps;
 pub use client::{
-    Client, ClientError, ControlEvent, FrameSeqStats, FrameStream, InferEvent, InferStream,
-    InputSender, PlayControl, PlayEvent, PlayParams, PlaySession, VideoFrame,
+    AudioStream, Client, ClientError, ControlEvent, FrameSeqStats, FrameStream, InferEvent,
+    InferStream, InputSender, PlayControl, PlayEvent, PlayParams, PlaySession, VideoFrame,
 };
 pub use codec::{decode_message, encode, encode_to_vec, DecodeError, Decoder};
 pub use frame::{FrameHeader, FrameHeaderError};

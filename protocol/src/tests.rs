@@ -699,6 +699,28 @@ proptest! {
     }
 
     #[test]
+    fn prop_audio_packet_round_trips(
+        session_id in any::<u64>(),
+        seq in any::<u32>(),
+        capture_ts_us in any::<u64>(),
+        samples in prop::sample::select(vec![120u16, 240, 480, 960, 1920, 2880]),
+        fec in any::<bool>(),
+        opus in proptest::collection::vec(any::<u8>(), 1..=crate::audio::MAX_OPUS_PACKET),
+    ) {
+        let p = crate::audio::AudioPacket {
+            session_id,
+            seq,
+            capture_ts_us,
+            samples,
+            flags: u8::from(fec),
+            opus: bytes::Bytes::from(opus),
+        };
+        let encoded = bytes::Bytes::from(p.encode().unwrap());
+        prop_assert!(encoded.len() <= crate::audio::AudioPacket::MAX_LEN);
+        prop_assert_eq!(crate::audio::AudioPacket::decode(&encoded), Ok(p));
+    }
+
+    #[test]
     fn prop_arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
         let mut dec = Decoder::new(MAX_CONTROL_FRAME);
         dec.push(&bytes);
@@ -709,6 +731,7 @@ proptest! {
         }
         let _ = FrameHeader::decode(&bytes);
         let _ = InputDatagram::decode(&bytes);
+        let _ = crate::audio::AudioPacket::decode(&bytes::Bytes::from(bytes.clone()));
     }
 
     #[test]

@@ -430,6 +430,35 @@ impl FakeNode {
     }
 }
 
+impl FakeNode {
+    /// Sends one audio datagram for `session_id` (a 10 ms packet captured now, its Opus
+    /// payload `opus`); returns the bytes sent. Errors (the connection cannot send datagrams
+    /// now) are returned, not unwrapped.
+    pub fn send_audio(
+        &self,
+        session_id: u64,
+        seq: u32,
+        opus: &[u8],
+    ) -> Result<usize, quinn::SendDatagramError> {
+        let packet = nearpath_protocol::AudioPacket {
+            session_id,
+            seq,
+            capture_ts_us: nearpath_protocol::unix_micros(),
+            samples: 480,
+            flags: 0,
+            opus: Bytes::copy_from_slice(opus),
+        };
+        let bytes = packet.encode().expect("a valid test packet");
+        let n = bytes.len();
+        self.conn.send_datagram(Bytes::from(bytes)).map(|()| n)
+    }
+
+    /// Sends raw bytes as one datagram (for malformed-input tests).
+    pub fn send_raw_datagram(&self, bytes: &[u8]) -> Result<(), quinn::SendDatagramError> {
+        self.conn.send_datagram(Bytes::copy_from_slice(bytes))
+    }
+}
+
 /// Sends one 1280x720 game frame on its own uni stream, with `capture_ts_us` set to now.
 pub async fn send_game_frame(
     conn: &quinn::Connection,

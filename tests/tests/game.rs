@@ -306,3 +306,218 @@ async fn an_external_frame_source_is_streamed_and_its_exit_ends_the_session() {
     node.stop().await.unwrap();
     gw.stop().await;
 }
+
+/// What ffprobe says about an audio file: (codec, sample rate, channels, duration in seconds).
+fn ffprobe_audio(path: &std::path::Path) -> (String, u32, u32, f64) {
+    let out = std::process::Command::new("ffprobe")
+        .args([
+            "-v",
+            "error",
+            "-show_streams",
+            "-show_format",
+            "-of",
+            "json",
+        ])
+        .arg(path)
+        .output()
+        .expect("ffprobe runs (apt-get install ffmpeg; .ci/deps installs it)");
+    assert!(
+        out.status.success(),
+        "ffprobe failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let s = &v["streams"][0];
+    let num = |x: &serde_json::Value| -> f64 {
+        x.as_str()
+            .and_then(|t| t.parse().ok())
+            .or_else(|| x.as_f64())
+            .unwrap_or_else(|| panic!("not a number: {x} in {v}"))
+    };
+    (
+        s["codec_name"].as_str().unwrap_or_default().to_string(),
+        num(&s["sample_rate"]) as u32,
+        s["channels"].as_u64().unwrap_or_default() as u32,
+        num(&v["format"]["duration"]),
+    )
+}
+
+/// Guards the native audio path end to end: the built-in game's sound, encoded on the node,
+/// relayed by the gateway as datagrams and written by the client as Ogg Opus (what
+/// `nearpath play --audio-out` does), decodes with ffprobe as Opus, 48 kHz, stereo, lasting as
+/// long as the session was listened to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_native_client_receives_the_games_sound_and_writes_ogg_opus() {
+    let _heavy = HEAVY.lock().await;
+    let gw = TestGateway::start(|_| {}).await;
+    let mut node = TestNode::start(
+        with_game(
+            gw.node_config("de-1", &gw.token),
+            "arena",
+            GameSource::Builtin {},
+        ),
+        ip(DE),
+    );
+    node.registered().await;
+    let c = client(&gw, ip(FR_CLIENT)).await;
+    let params = PlayParams {
+        game: "arena".into(),
+        width: 320,
+        height: 180,
+        fps: 30,
+        bitrate_kbps: 1000,
+    };
+    let session = c.play(API_KEY, params).await.unwrap();
+    let sid = session.started().session_id;
+    let mut audio = session.audio();
+    let (mut control, mut frames, _input) = session.split();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("session.opus");
+    let mut ogg = nearpath_protocol::ogg::OggOpusWriter::new(
+        std::io::BufWriter::new(std::fs::File::create(&path).unwrap()),
+        sid as u32,
+    )
+    .unwrap();
+    let t0 = Instant::now();
+    let (mut packets, mut first_ts, mut last_ts) = (0u64, 0u64, 0u64);
+    let mut latency_ms = Vec::new();
+    let mut frames_seen = 0;
+    while t0.elapsed() < Duration::from_secs(3) {
+        tokio::select! {
+            p = audio.next() => {
+                let p = p.expect("connection open");
+                assert_eq!(p.session_id, sid);
+                assert_eq!(p.samples, 480);
+                assert!(p.flags & nearpath_protocol::audio::AUDIO_FLAG_FEC != 0, "FEC is on by default");
+                latency_ms.push(nearpath_protocol::unix_micros().saturating_sub(p.capture_ts_us) as f64 / 1000.0);
+                if packets == 0 {
+                    first_ts = p.capture_ts_us;
+                }
+                last_ts = p.capture_ts_us;
+                packets += 1;
+                ogg.push(&p).unwrap();
+            }
+            f = frames.next() => {
+                f.unwrap().unwrap();
+                frames_seen += 1;
+            }
+            _ = tokio::time::sleep(Duration::from_secs(5)) => panic!("nothing for 5 s"),
+        }
+    }
+    let listened_s = (last_ts - first_ts) as f64 / 1e6 + 0.01;
+    latency_ms.sort_by(f64::total_cmp);
+    println!(
+        "{packets} audio packets over {listened_s:.2} s of capture time, {frames_seen} frames; capture -> client p50 {:.2} ms, p95 {:.2} ms; {} late, {} concealed",
+        latency_ms[latency_ms.len() / 2],
+        latency_ms[latency_ms.len() * 95 / 100],
+        ogg.late,
+        ogg.filled
+    );
+    // 10 ms packets for the whole time (allowing the session's start-up).
+    assert!(packets >= 250, "only {packets} audio packets in 3 s");
+    assert!(frames_seen > 60, "video kept flowing beside the sound");
+    ogg.finish().unwrap();
+    let (codec, rate, channels, duration) = ffprobe_audio(&path);
+    assert_eq!((codec.as_str(), rate, channels), ("opus", 48_000, 2));
+    assert!(
+        (duration - listened_s).abs() < 0.1,
+        "the file lasts {duration:.3} s, the sound listened to {listened_s:.3} s"
+    );
+    let view = admin_game_session(&gw, sid).await.expect("live");
+    assert!(
+        view["audio"]["packets"].as_u64().unwrap() >= packets,
+        "{view}"
+    );
+    control.close("done").await.unwrap();
+    node.stop().await.unwrap();
+    gw.stop().await;
+}
+
+/// Guards audio across failover: when the serving node dies, the next node's sound reaches the
+/// same player (its packets start again from seq 0, with its own capture clock).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_the_serving_node_dies_audio_resumes_from_the_next_node() {
+    let _heavy = HEAVY.lock().await;
+    let gw = TestGateway::start(|_| {}).await;
+    let mut near = TestNode::start(
+        with_game(
+            gw.node_config("de-1", &gw.token),
+            "arena",
+            GameSource::Builtin {},
+        ),
+        ip(DE),
+    );
+    near.registered().await;
+    let mut far = TestNode::start(
+        with_game(
+            gw.node_config("us-1", &gw.token),
+            "arena",
+            GameSource::Builtin {},
+        ),
+        ip(US_EAST),
+    );
+    far.registered().await;
+    let c = client(&gw, ip(FR_CLIENT)).await;
+    let params = PlayParams {
+        game: "arena".into(),
+        width: 320,
+        height: 180,
+        fps: 30,
+        bitrate_kbps: 1000,
+    };
+    let session = c.play(API_KEY, params).await.unwrap();
+    let mut audio = session.audio();
+    let (mut control, mut frames, _input) = session.split();
+    // Sound from the first node.
+    let mut before = 0;
+    while before < 20 {
+        tokio::select! {
+            p = audio.next() => { p.expect("open"); before += 1; }
+            f = frames.next() => { f.unwrap().unwrap(); }
+            _ = tokio::time::sleep(Duration::from_secs(5)) => panic!("no sound from the first node"),
+        }
+    }
+    assert_eq!(
+        gw.admin_get("/admin/sessions").await["data"][0]["node"],
+        "de-1"
+    );
+    near.task.abort();
+    let killed = Instant::now();
+    let mut resumed = false;
+    let mut after = Vec::new();
+    while after.len() < 50 {
+        tokio::select! {
+            c = control.next() => match c.unwrap() {
+                Some(ControlEvent::Paused(_)) => {}
+                Some(ControlEvent::Resumed) => resumed = true,
+                other => panic!("unexpected control event {other:?}"),
+            },
+            p = audio.next() => {
+                let p = p.expect("open");
+                // Packets of the dead node still in flight may arrive before the notice.
+                if resumed {
+                    after.push(p);
+                }
+            }
+            f = frames.next() => { f.unwrap().unwrap(); }
+            _ = tokio::time::sleep(Duration::from_secs(5)) => panic!("audio did not resume ({} packets after Resumed)", after.len()),
+        }
+    }
+    println!(
+        "audio resumed {:?} after the node was killed",
+        killed.elapsed()
+    );
+    assert_eq!(
+        gw.admin_get("/admin/sessions").await["data"][0]["node"],
+        "us-1"
+    );
+    // The new node's sound counts from its own start.
+    assert!(
+        after.iter().any(|p| p.seq < 100),
+        "{:?}",
+        after.iter().map(|p| p.seq).collect::<Vec<_>>()
+    );
+    control.close("done").await.unwrap();
+    far.stop().await.unwrap();
+    gw.stop().await;
+}

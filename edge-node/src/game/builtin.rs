@@ -106,6 +106,8 @@ pub struct BuiltinGame {
     /// Collisions of the ship with an asteroid so far, and whether it overlaps one now.
     hits: u64,
     touching: bool,
+    /// The ship's speed in the last step, in 1/1000 of full (unboosted) speed (0..=1000).
+    thrust_milli: u32,
     /// The pad that sent input last (0 before any): the one a hit rumbles.
     last_pad: u8,
     /// Accumulated wheel motion not yet turned into a size step.
@@ -173,6 +175,7 @@ impl BuiltinGame {
             firing_mouse: false,
             hits: 0,
             touching: false,
+            thrust_milli: 0,
             last_pad: 0,
             wheel_acc: 0,
             bars,
@@ -373,11 +376,21 @@ impl BuiltinGame {
         let boost = i64::from(self.boost());
         vx += vx * boost / 65535;
         vy += vy * boost / 65535;
+        let (x0, y0) = (self.ship_x, self.ship_y);
         self.ship_x += vx;
         self.ship_y += vy;
         self.clamp_ship();
         self.frame_no += 1;
+        // What the ship actually moved (a wall stops it, and its engine with it).
+        let moved = ((self.ship_x - x0) as f64).hypot((self.ship_y - y0) as f64);
+        self.thrust_milli = ((moved / speed as f64) * 1000.0).clamp(0.0, 1000.0) as u32;
         self.check_collision();
+    }
+
+    /// How fast the ship moved in the last step, 0.0 (still) to 1.0 (full speed or more): what
+    /// the engine sound follows.
+    pub fn thrust(&self) -> f32 {
+        self.thrust_milli as f32 / 1000.0
     }
 
     /// Steps until [`BuiltinGame::frame_number`] is `frame_no` (no-op if it is already past),
@@ -394,6 +407,16 @@ impl BuiltinGame {
         let max_y = (i64::from(self.height) * FIX - h).max(h);
         self.ship_x = self.ship_x.clamp(h, max_x);
         self.ship_y = self.ship_y.clamp(h, max_y);
+    }
+
+    /// Paints the sync flash over the rendered frame: the whole top-right quarter white, so a
+    /// player can find it by sampling a few pixels there (`/play` does, to measure the offset
+    /// between the beep it hears and the flash it shows). Called for the frames that fall in a
+    /// beep ([`super::audio::flash_on`]).
+    pub fn draw_flash(&mut self) {
+        let (w, h) = (self.width as usize, self.height as usize);
+        let mut c = Canvas::new(&mut self.out, w, h);
+        c.rect((w / 2) as i32, 0, w as i32, (h / 2) as i32, WHITE);
     }
 
     /// The frame as last rendered (black before the first [`BuiltinGame::render`]).
@@ -887,5 +910,35 @@ mod tests {
                 assert_eq!((f.width(), f.height()), (w, h));
             }
         }
+    }
+
+    #[test]
+    fn thrust_follows_what_the_ship_moved() {
+        let mut g = BuiltinGame::new("arena", 640, 360).unwrap();
+        g.step();
+        assert_eq!(g.thrust(), 0.0);
+        g.apply_input(&key(keys::RIGHT[0], true));
+        g.step();
+        assert!(g.thrust() > 0.99, "{}", g.thrust());
+        // Against the right wall the ship stops, and so does its engine.
+        for _ in 0..400 {
+            g.step();
+        }
+        assert_eq!(g.thrust(), 0.0);
+        g.apply_input(&key(keys::RIGHT[0], false));
+        g.apply_input(&key(keys::LEFT[0], true));
+        g.step();
+        assert!(g.thrust() > 0.99);
+    }
+
+    #[test]
+    fn the_flash_whitens_the_top_right_quarter_only() {
+        let mut g = BuiltinGame::new("arena", 64, 32).unwrap();
+        g.render();
+        g.draw_flash();
+        let y = g.frame().y();
+        assert_eq!(y[5 * 64 + 40], WHITE.0);
+        assert_eq!(y[15 * 64 + 63], WHITE.0);
+        assert_ne!(y[20 * 64 + 40], WHITE.0, "the bottom half is not flashed");
     }
 }

@@ -30,6 +30,12 @@
 //!   (browsers send `KeyboardEvent.keyCode`); mouse motion is relative; wheel is in 1/120
 //!   notches. Keyframe requests and pings are handled by the node and not forwarded. A program
 //!   that does not read its stdin still works; input for it is dropped once the pipe is full.
+//! - fd 3: the program's sound, optional. The node passes the write end of a pipe as file
+//!   descriptor 3 and sets `NEARPATH_AUDIO_FD=3`, `NEARPATH_AUDIO_FORMAT=s16le`,
+//!   `NEARPATH_AUDIO_RATE=48000` and `NEARPATH_AUDIO_CHANNELS=2`: interleaved signed 16-bit
+//!   little-endian stereo PCM at 48 kHz, in real time (`ffmpeg ... -f s16le -ar 48000 -ac 2
+//!   pipe:3`). The node reads it in 10 ms packets and encodes Opus. A program that writes no
+//!   sound, or closes fd 3, is fine: the session goes on silent.
 //! - stderr: logged by the node (rate limited); the last line is quoted when it fails.
 //! - The size is fixed for the session: a player's mid-session size change (`SetVideo`) is
 //!   refused with a reason for external programs, and they have no way to ask for rumble
@@ -129,6 +135,28 @@ pub(super) struct Spawned {
     stdout: ChildStdout,
     stderr: ChildStderr,
     program: String,
+    /// The read end of the program's audio pipe (fd 3 in the program).
+    pub(super) audio: Option<std::fs::File>,
+}
+
+/// The file descriptor an external program writes its sound to.
+pub const AUDIO_FD: i32 = 3;
+
+/// A pipe for the program's sound: (read end, write end), both close-on-exec in the node.
+fn audio_pipe() -> io::Result<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)> {
+    use std::os::fd::FromRawFd;
+    let mut fds = [0; 2];
+    // SAFETY: `fds` is a valid array of two ints for pipe2 to fill.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: pipe2 succeeded, so both descriptors are open and owned by nobody else.
+    Ok(unsafe {
+        (
+            std::os::fd::OwnedFd::from_raw_fd(fds[0]),
+            std::os::fd::OwnedFd::from_raw_fd(fds[1]),
+        )
+    })
 }
 
 /// Starts the program. Fails if it cannot be executed (not found, not executable).
@@ -165,7 +193,39 @@ fn spawn_in(
             cmd.env(name, value);
         }
     }
+    let spawn_err = |source: io::Error| GameError::Spawn {
+        title: title.to_owned(),
+        program: program.clone(),
+        source,
+    };
+    let (audio_read, audio_write) = audio_pipe().map_err(spawn_err)?;
+    {
+        use std::os::fd::AsRawFd;
+        let write_fd = audio_write.as_raw_fd();
+        // SAFETY: the closure only calls async-signal-safe functions (dup2, fcntl) on
+        // descriptors that stay open until after the spawn.
+        unsafe {
+            cmd.pre_exec(move || {
+                if write_fd == AUDIO_FD {
+                    // dup2 onto itself would keep close-on-exec set.
+                    let flags = libc::fcntl(AUDIO_FD, libc::F_GETFD);
+                    if flags < 0
+                        || libc::fcntl(AUDIO_FD, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0
+                    {
+                        return Err(io::Error::last_os_error());
+                    }
+                } else if libc::dup2(write_fd, AUDIO_FD) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
     cmd.args(args)
+        .env("NEARPATH_AUDIO_FD", AUDIO_FD.to_string())
+        .env("NEARPATH_AUDIO_FORMAT", "s16le")
+        .env("NEARPATH_AUDIO_RATE", "48000")
+        .env("NEARPATH_AUDIO_CHANNELS", "2")
         .env("NEARPATH_WIDTH", width.to_string())
         .env("NEARPATH_HEIGHT", height.to_string())
         .env("NEARPATH_FPS", fps.to_string())
@@ -176,12 +236,9 @@ fn spawn_in(
         // Its own process group, so that the helpers a launcher script starts die with it.
         .process_group(0)
         .kill_on_drop(true);
-    let spawn_err = |source: io::Error| GameError::Spawn {
-        title: title.to_owned(),
-        program: program.clone(),
-        source,
-    };
     let mut child = cmd.spawn().map_err(spawn_err)?;
+    // Only the program holds the write end now, so its exit ends the node's reads.
+    drop(audio_write);
     let pipe = || spawn_err(io::Error::other("pipe missing after spawn"));
     let stdin = child.stdin.take().ok_or_else(pipe)?;
     let stdout = child.stdout.take().ok_or_else(pipe)?;
@@ -193,6 +250,7 @@ fn spawn_in(
         stdout,
         stderr,
         program: program.clone(),
+        audio: Some(std::fs::File::from(audio_read)),
     })
 }
 
@@ -214,6 +272,7 @@ pub(super) fn run(
         stdout,
         stderr,
         program,
+        audio: _,
     } = spawned;
     let cancel = shared.cancel.clone();
     tokio::spawn(write_inputs(
@@ -610,11 +669,19 @@ mod tests {
         assert_eq!(vars.get("LC_ALL"), Some(&"C.UTF-8"));
         assert_eq!(vars.get("NEARPATH_WIDTH"), Some(&"64"));
         assert_eq!(vars.get("NEARPATH_TITLE"), Some(&"envdump"));
+        assert_eq!(vars.get("NEARPATH_AUDIO_FD"), Some(&"3"));
+        assert_eq!(vars.get("NEARPATH_AUDIO_FORMAT"), Some(&"s16le"));
+        assert_eq!(vars.get("NEARPATH_AUDIO_RATE"), Some(&"48000"));
+        assert_eq!(vars.get("NEARPATH_AUDIO_CHANNELS"), Some(&"2"));
         assert!(vars.contains_key("PATH"));
         let nearpath: Vec<&&str> = vars.keys().filter(|k| k.starts_with("NEARPATH_")).collect();
         assert_eq!(
             nearpath,
             [
+                &"NEARPATH_AUDIO_CHANNELS",
+                &"NEARPATH_AUDIO_FD",
+                &"NEARPATH_AUDIO_FORMAT",
+                &"NEARPATH_AUDIO_RATE",
                 &"NEARPATH_FPS",
                 &"NEARPATH_HEIGHT",
                 &"NEARPATH_TITLE",

@@ -13,6 +13,7 @@
 //! pacer stops, the encoder thread finishes the frame in hand and exits, an external program's
 //! process group is killed, and the frame receiver yields `None` once the end reason is set.
 
+pub mod audio;
 pub mod builtin;
 pub mod encoder;
 pub mod external;
@@ -32,7 +33,7 @@ pub use encoder::{
 pub use frame::{FrameError, I420Frame};
 
 use bytes::Bytes;
-use nearpath_config::{EncoderConfig, GameSource};
+use nearpath_config::{AudioConfig, EncoderConfig, GameSource};
 use nearpath_protocol::frame::FrameHeader;
 use nearpath_protocol::input::InputEvent;
 use nearpath_protocol::message::{GameParams, Rumble};
@@ -334,6 +335,14 @@ struct Shared {
     /// Vibrations the game asks for (built-in game: one per hit), for the session's sender;
     /// full, it drops them (a late vibration is worth nothing).
     rumble: mpsc::Sender<Rumble>,
+    /// The session's timeline: frame slot 0 and audio sample 0 are due at its instant.
+    epoch: audio::Epoch,
+    /// What the built-in game's sound follows (thrust, hits), updated each rendered frame.
+    synth: Arc<audio::SynthInputs>,
+    /// An external program's audio pipe until [`GameSession::start_audio`] takes it.
+    audio_pipe: Mutex<Option<std::fs::File>>,
+    /// Whether [`GameSession::start_audio`] has run.
+    audio_started: AtomicBool,
 }
 
 impl Shared {
@@ -426,7 +435,12 @@ impl std::fmt::Debug for GameSession {
 /// Work for the encoder thread.
 enum Work {
     /// Render and encode frame slot `index` of the built-in game.
-    Render { index: u64 },
+    Render {
+        /// The slot's number.
+        index: u64,
+        /// When the slot is due, in microseconds after the session's epoch.
+        at_us: u64,
+    },
     /// Encode a frame from the external program.
     Frame(external::LatestFrame),
 }
@@ -497,6 +511,7 @@ impl GameSession {
         let cancel = CancellationToken::new();
         let mut external_parts = None;
         let external_source = builtin.is_none();
+        let mut audio_pipe = None;
         let (sink, thread_source, pace_source) = match (builtin, source) {
             (Some(game), _) => (
                 InputSink::Builtin(Vec::new()),
@@ -504,7 +519,8 @@ impl GameSession {
                 PaceSource::Builtin,
             ),
             (None, GameSource::Command { command }) => {
-                let spawned = external::spawn(command, &params.title, w, h, fps)?;
+                let mut spawned = external::spawn(command, &params.title, w, h, fps)?;
+                audio_pipe = spawned.audio.take();
                 let (input_tx, input_rx) = mpsc::channel(external::INPUT_QUEUE);
                 let slot = Arc::new(external::FrameSlot::default());
                 external_parts = Some((spawned, input_rx, slot.clone()));
@@ -539,6 +555,13 @@ impl GameSession {
             pool: Mutex::new(Vec::new()),
             video: Mutex::new(None),
             rumble: rumble_tx,
+            epoch: audio::Epoch {
+                at: Instant::now(),
+                unix_us: unix_micros(),
+            },
+            synth: Arc::default(),
+            audio_pipe: Mutex::new(audio_pipe),
+            audio_started: AtomicBool::new(false),
         });
         let (fps_tx, fps_rx) = watch::channel(fps);
 
@@ -602,6 +625,12 @@ impl GameSession {
         ))
     }
 
+    /// The session's epoch on the Unix clock, microseconds: when frame slot 0 and audio sample
+    /// 0 were due (the built-in game's beep and flash are timed from it).
+    pub fn epoch_unix_us(&self) -> u64 {
+        self.shared.epoch.unix_us
+    }
+
     /// The parameters the session started with.
     pub fn params(&self) -> &GameParams {
         &self.params
@@ -653,6 +682,43 @@ impl GameSession {
         *video = wanted;
         tracing::info!(width, height, fps, "video changed");
         Ok(())
+
+
+    /// Starts the session's sound, once: the built-in game's synthesiser, or the reader of an
+    /// external program's audio pipe, each encoding Opus with `cfg`. Packets arrive on the
+    /// returned receiver until the session ends. `None` when audio is disabled (an external
+    /// program's pipe is then read and discarded, so it never blocks on it) or already started.
+    pub fn start_audio(
+        &self,
+        cfg: &AudioConfig,
+    ) -> Result<Option<mpsc::Receiver<audio::EncodedAudio>>, audio::AudioError> {
+        if self.shared.audio_started.swap(true, Ordering::AcqRel) {
+            return Ok(None);
+        }
+        let name = format!("audio-{}", &thread_name(&self.params.title)[5..]);
+        let pipe = self
+            .shared
+            .audio_pipe
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        match pipe {
+            Some(pipe) => audio::spawn_pipe(
+                cfg.enabled.then_some(cfg),
+                pipe,
+                self.shared.cancel.clone(),
+                name,
+            ),
+            None if cfg.enabled => audio::spawn_builtin(
+                cfg,
+                self.shared.epoch,
+                self.shared.synth.clone(),
+                self.shared.cancel.clone(),
+                name,
+            )
+            .map(Some),
+            None => Ok(None),
+        }
     }
 
     /// Applies one input event from the client's datagram `seq`. Events with a seq not above
@@ -848,7 +914,9 @@ async fn pace(
     source: PaceSource,
 ) {
     let rate = *fps.borrow_and_update();
-    let mut pacer = pacer::Pacer::new(rate, tokio::time::Instant::now());
+    // Slot 0 is due at the session's epoch, the instant its sound's sample 0 is due too.
+    let epoch = tokio::time::Instant::from_std(shared.epoch.at);
+    let mut pacer = pacer::Pacer::new(rate, epoch);
     // Slot numbers count on across frame-rate changes (the built-in game steps once a slot),
     // so a new pacer's slots are numbered from where the old one stopped.
     let mut base = 0u64;
@@ -886,7 +954,13 @@ async fn pace(
             continue;
         }
         let item = match &source {
-            PaceSource::Builtin => Work::Render { index: tick.index },
+            PaceSource::Builtin => Work::Render {
+                index: tick.index,
+                // The slot's place on the session's timeline, which the sound shares: after a
+                // frame-rate change slot numbers no longer say it.
+                at_us: u64::try_from(tick.due.saturating_duration_since(epoch).as_micros())
+                    .unwrap_or(u64::MAX),
+            },
             PaceSource::External(slot) => match slot.take() {
                 Some(frame) => Work::Frame(frame),
                 // The program has not produced a new frame since the last slot.
@@ -1016,7 +1090,7 @@ impl EncoderThread {
     fn one(&mut self, item: Work) -> Result<(), GameEnd> {
         self.apply_video();
         let (captured, capture_ts_us, input_seq, external) = match item {
-            Work::Render { index } => {
+            Work::Render { index, at_us } => {
                 let ThreadSource::Builtin(game) = &mut self.source else {
                     return Ok(());
                 };
@@ -1042,6 +1116,14 @@ impl EncoderThread {
                     });
                 }
                 game.render();
+                if audio::flash_on(at_us) {
+                    game.draw_flash();
+                }
+                let synth = &self.shared.synth;
+                synth
+                    .thrust_milli
+                    .store((game.thrust() * 1000.0) as u32, Ordering::Relaxed);
+                synth.hits.store(game.hits(), Ordering::Relaxed);
                 self.shared
                     .counters
                     .frames_rendered

@@ -681,3 +681,143 @@ async fn an_external_program_refuses_a_video_change_and_keeps_running() {
     let f = next(&mut rx).await;
     assert_eq!((f.width, f.height), (16, 16));
 }
+
+/// Mean luma of a `size`-pixel square at (`x`, `y`) of a decoded picture.
+fn luma_at(yuv: &openh264::decoder::DecodedYUV<'_>, x: usize, y: usize, size: usize) -> f64 {
+    use openh264::formats::YUVSource;
+    let (stride, _, _) = yuv.strides();
+    let plane = yuv.y();
+    let mut sum = 0u64;
+    for row in y..y + size {
+        for col in x..x + size {
+            sum += u64::from(plane[row * stride + col]);
+        }
+    }
+    sum as f64 / (size * size) as f64
+}
+
+/// Guards the A/V sync reference: the built-in game's flash (top-right quarter white) is on
+/// exactly the frames whose slot falls in a beep window of the session timeline, and its sound
+/// is stamped from the same epoch, 10 ms a packet.
+#[tokio::test]
+async fn builtin_flash_and_beep_share_the_session_timeline() {
+    let (session, mut rx) =
+        GameSession::start(params("arena", 320, 180, 30), &builtin(), &encoder_cfg()).unwrap();
+    let mut sound = session
+        .start_audio(&AudioConfig::default())
+        .unwrap()
+        .expect("audio is on by default");
+    assert!(
+        session
+            .start_audio(&AudioConfig::default())
+            .unwrap()
+            .is_none(),
+        "audio starts once"
+    );
+    let epoch = session.epoch_unix_us();
+    // The sender reads sound as it comes; so does this test, beside the frames.
+    let sound_reader = tokio::spawn(async move {
+        let mut got = Vec::new();
+        while got.len() < 40 {
+            match tokio::time::timeout(Duration::from_secs(20), sound.recv()).await {
+                Ok(Some(p)) => got.push(p),
+                _ => break,
+            }
+        }
+        (got, sound)
+    });
+    let mut dec = openh264::decoder::Decoder::new().unwrap();
+    let (mut flashed, mut dark) = (Vec::new(), 0);
+    // 2.5 s at 30 fps: the beeps at 0 s and 2 s.
+    for _ in 0..75 {
+        let f = next(&mut rx).await;
+        let yuv = dec.decode(&f.data).unwrap().expect("a picture per frame");
+        // Four points spread over the top-right quarter: only the flash covers them all.
+        let lumas =
+            [(170, 10), (300, 10), (170, 70), (300, 70)].map(|(x, y)| luma_at(&yuv, x, y, 8));
+        let t = (f.capture_ts_us - epoch) % audio::BEEP_PERIOD_US;
+        if lumas.iter().all(|&l| l > 200.0) {
+            flashed.push(t);
+        } else if (100_000..1_900_000).contains(&t) {
+            dark += 1;
+        }
+    }
+    // Frames are captured a little after their slot is due: allow 30 ms of render lateness.
+    assert!(flashed.len() >= 3, "flashed frames at {flashed:?}");
+    for t in &flashed {
+        assert!(
+            *t < audio::BEEP_LEN_US + 30_000,
+            "a flash {t} us into the period"
+        );
+    }
+    assert!(
+        dark > 40,
+        "{dark} frames outside the window were not flashed"
+    );
+    // Sound: packet k starts at epoch + 10 k ms.
+    let (got, mut sound) = sound_reader.await.unwrap();
+    assert_eq!(got.len(), 40, "40 packets within 20 s each");
+    for (k, p) in got.iter().enumerate() {
+        assert_eq!(p.seq as usize, k);
+        assert_eq!(p.capture_ts_us, epoch + k as u64 * 10_000);
+        assert_eq!(p.samples, 480);
+    }
+    session.stop();
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        while sound.recv().await.is_some() {}
+    })
+    .await;
+    assert!(closed.is_ok(), "audio ends with the session");
+}
+
+/// Frames of 64x48 I420 every 30 ms, forever.
+const FRAMES_64X48: &str = "while :; do head -c 4608 /dev/zero; sleep 0.03; done";
+
+/// Guards the external audio pipe: a program writes PCM to fd 3 (`NEARPATH_AUDIO_FD`), the node
+/// encodes it in 10 ms packets; closing fd 3 ends the sound, not the session.
+#[tokio::test]
+async fn external_source_sound_on_fd_3_is_encoded_and_its_end_is_not_the_session_end() {
+    // 100 ms of sound (10 packets and a half), then fd 3 closed, then frames.
+    let script = format!(
+        "head -c {} /dev/zero >&\"$NEARPATH_AUDIO_FD\"; exec 3>&-; {FRAMES_64X48}",
+        audio::FRAME_BYTES * 10 + audio::FRAME_BYTES / 2
+    );
+    let (session, mut rx) =
+        GameSession::start(params("ext", 64, 48, 30), &command(&script), &encoder_cfg()).unwrap();
+    let mut sound = session
+        .start_audio(&AudioConfig::default())
+        .unwrap()
+        .expect("audio on");
+    let mut seqs = Vec::new();
+    let drained = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(p) = sound.recv().await {
+            seqs.push(p.seq);
+        }
+    })
+    .await;
+    assert!(
+        drained.is_ok(),
+        "the sound ends when the program closes fd 3"
+    );
+    assert_eq!(seqs, (0..10).collect::<Vec<u32>>());
+    // The session goes on.
+    next(&mut rx).await;
+    next(&mut rx).await;
+    assert!(session.ended().is_none());
+}
+
+/// With `[audio] enabled = false` the node still reads the pipe, so a program writing more
+/// sound than a pipe holds (64 KiB) does not block before its frames.
+#[tokio::test]
+async fn disabled_audio_drains_the_pipe_so_the_program_never_blocks() {
+    let script = format!("head -c 1000000 /dev/zero >&3; {FRAMES_64X48}");
+    let (session, mut rx) =
+        GameSession::start(params("ext", 64, 48, 30), &command(&script), &encoder_cfg()).unwrap();
+    let off = AudioConfig {
+        enabled: false,
+        ..AudioConfig::default()
+    };
+    assert!(session.start_audio(&off).unwrap().is_none());
+    let f = next(&mut rx).await;
+    assert_eq!((f.width, f.height), (64, 48));
+}

@@ -204,6 +204,7 @@ fn demo_node_config(quic: SocketAddr, sha: &str, token: String) -> NodeConfig {
         }],
         encoder: Default::default(),
         media: Default::default(),
+        audio: Default::default(),
         quic: Default::default(),
         log: Default::default(),
     }

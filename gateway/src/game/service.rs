@@ -5,8 +5,8 @@
 
 use super::session::{Action, GameSession, NodeCommand, NodeRef, Rules, Totals, UsageSegment};
 use super::{
-    recv_frame_rest, ClientEvent, DropReason, FlightSlot, ForeignLog, FrameBudget, FrameSink,
-    InFlight, Notice, Relay, Started, Verdict, ACK_DELAY_ALLOWANCE, REVOKE_SEND_BOUND,
+    recv_frame_rest, AudioDrop, ClientEvent, DropReason, FlightSlot, ForeignLog, FrameBudget,
+    FrameSink, InFlight, Notice, Relay, Started, Verdict, ACK_DELAY_ALLOWANCE, REVOKE_SEND_BOUND,
 };
 use crate::auth::{CapGuard, CapKind, CapRefusal};
 use crate::clock::SharedClock;
@@ -26,7 +26,7 @@ use nearpath_protocol::message::{
     PlayTicket, Redirect, ResumeToken, SessionKind, VideoCodec, VIDEO_REFUSED,
 };
 use nearpath_protocol::stream::{recv_frame_header, relay_frame_by, send, FramedRecv, Relayed};
-use nearpath_protocol::{InputDatagram, MAX_CONTROL_FRAME, MAX_VIDEO_FRAME};
+use nearpath_protocol::{AudioPacket, InputDatagram, MAX_CONTROL_FRAME, MAX_VIDEO_FRAME};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -739,6 +739,9 @@ impl GameService {
             dropped_overload: AtomicU64::new(0),
             dropped_foreign: AtomicU64::new(0),
             dropped_relay: AtomicU64::new(0),
+            audio_packets: AtomicU64::new(0),
+            audio_foreign: AtomicU64::new(0),
+            audio_dropped: AtomicU64::new(0),
             inputs: AtomicU64::new(0),
             started: self.clock.now(),
             game: params.title.clone(),
@@ -1083,6 +1086,9 @@ impl GameService {
             dropped_overload = relay.dropped_overload.load(Ordering::Relaxed),
             dropped_foreign = relay.dropped_foreign.load(Ordering::Relaxed),
             dropped_relay = relay.dropped_relay.load(Ordering::Relaxed),
+            audio_packets = relay.audio_packets.load(Ordering::Relaxed),
+            audio_foreign = relay.audio_foreign.load(Ordering::Relaxed),
+            audio_dropped = relay.audio_dropped.load(Ordering::Relaxed),
             "game session ended"
         );
     }
@@ -1106,6 +1112,9 @@ impl GameService {
             .into_iter()
             .find(|n| n.conn.stable_id() == conn.stable_id())
             .map_or_else(|| "unregistered".into(), |n| n.id.as_str().into());
+        // Audio comes as datagrams on the same connection, for as long as it lives.
+        // It ends by itself when the connection closes.
+        tokio::spawn(self.clone().node_audio_loop(conn.clone(), node_id.clone()));
         while let Ok(recv) = conn.accept_uni().await {
             let this = self.clone();
             let conn = conn.clone();
@@ -1171,7 +1180,7 @@ impl GameService {
                     .await
                     .map_err(|e| e.to_string())
             }
-            FrameSink::Channel(tx) => {
+            FrameSink::Channel { frames: tx, .. } => {
                 match tokio::time::timeout_at(write_by, recv_frame_rest(recv, &header)).await {
                     Ok(Ok(payload)) => {
                         let n = payload.len() as u64;
@@ -1209,6 +1218,69 @@ impl GameService {
                 self.count_drop(&relay, DropReason::Relay);
             }
         }
+    }
+
+    /// Forwards a node's audio datagrams to the sessions' players. Runs once per node
+    /// connection, beside [`GameService::node_frames_loop`].
+    ///
+    /// Like a frame, an audio datagram is accepted only from the connection of the node serving
+    /// its session now (during failover: only the new node); a datagram for an unknown session
+    /// and a foreign one get the same treatment (dropped and counted, `foreign`), so a node
+    /// cannot probe which ids are live. A malformed one is dropped and counted (`malformed`).
+    /// A native player gets the datagram unchanged; a browser session gets the decoded packet
+    /// on its channel. Nothing here waits: a packet the player cannot take now is dropped.
+    pub async fn node_audio_loop(self: Arc<Self>, conn: quinn::Connection, node_id: Arc<str>) {
+        let foreign_log = ForeignLog::new();
+        while let Ok(dgram) = conn.read_datagram().await {
+            self.relay_audio(&conn, dgram, &foreign_log, &node_id);
+        }
+    }
+
+    /// One audio datagram from a node (see [`GameService::node_audio_loop`]).
+    pub(crate) fn relay_audio(
+        &self,
+        conn: &quinn::Connection,
+        dgram: Bytes,
+        foreign_log: &ForeignLog,
+        node_id: &str,
+    ) {
+        let packet = match AudioPacket::decode(&dgram) {
+            Ok(p) => p,
+            Err(e) => {
+                debug!(error = %e, node = node_id, "malformed audio datagram from node");
+                self.count_audio_drop(AudioDrop::Malformed);
+                return;
+            }
+        };
+        let relay = match self.sessions.games.get(packet.session_id) {
+            Some(relay) if relay.is_served_by(conn) => relay,
+            other => {
+                if let Some(relay) = other {
+                    relay.audio_foreign.fetch_add(1, Ordering::Relaxed);
+                }
+                self.count_audio_drop(AudioDrop::Foreign);
+                foreign_log.note_audio(node_id, packet.session_id);
+                return;
+            }
+        };
+        let sent = match &relay.sink {
+            FrameSink::Quic(client) => client.send_datagram(dgram).is_ok(),
+            FrameSink::Channel { audio, .. } => audio.try_send(packet).is_ok(),
+        };
+        if sent {
+            relay.audio_packets.fetch_add(1, Ordering::Relaxed);
+            self.metrics.game_audio_relayed.inc();
+        } else {
+            relay.audio_dropped.fetch_add(1, Ordering::Relaxed);
+            self.count_audio_drop(AudioDrop::Relay);
+        }
+    }
+
+    fn count_audio_drop(&self, reason: AudioDrop) {
+        self.metrics
+            .game_audio_dropped
+            .get_or_create(&labels([("reason", reason.as_str())]))
+            .inc();
     }
 
     /// Forwards a client's input datagrams to the node serving the session. Runs once per

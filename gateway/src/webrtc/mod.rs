@@ -229,6 +229,8 @@ struct SessionHandle {
 #[derive(Default)]
 struct Counters {
     frames_sent: AtomicU64,
+    /// Opus packets written to the audio track.
+    audio_packets: AtomicU64,
     frames_skipped: AtomicU64,
     rtp_packets: AtomicU64,
     keyframe_requests: AtomicU64,
@@ -243,6 +245,7 @@ impl Counters {
         let r = Ordering::Relaxed;
         serde_json::json!({
             "frames_sent": self.frames_sent.load(r),
+            "audio_packets": self.audio_packets.load(r),
             "frames_skipped_before_idr": self.frames_skipped.load(r),
             "rtp_packets": self.rtp_packets.load(r),
             "keyframe_requests": self.keyframe_requests.load(r),

@@ -38,6 +38,20 @@ use webrtc::rtp_transceiver::RtpSender;
 const GATHER_TIMEOUT: Duration = Duration::from_secs(3);
 /// Payload type registered for H.264; the browser's own number is what gets used.
 const H264_PAYLOAD_TYPE: u8 = 102;
+/// Payload type registered for Opus; likewise the offer's number is used.
+const OPUS_PAYLOAD_TYPE: u8 = 111;
+
+/// The game's sound: Opus, 48 kHz, stereo, 10 ms packets with in-band FEC (what the node
+/// encodes; the gateway forwards the packets unchanged).
+fn opus_codec() -> RTCRtpCodec {
+    RTCRtpCodec {
+        mime_type: "audio/opus".to_string(),
+        clock_rate: 48_000,
+        channels: 2,
+        sdp_fmtp_line: "minptime=10;useinbandfec=1;stereo=1;sprop-stereo=1".to_string(),
+        rtcp_feedback: vec![],
+    }
+}
 
 // Offer checks and trickle fragments live in `crate::sdp`, which needs no webrtc-rs, so that the
 // fuzz targets in `fuzz/` compile that exact code without the rest of the gateway.
@@ -191,12 +205,20 @@ impl PeerConnectionEventHandler for Handler {
     }
 }
 
+/// The session's Opus track.
+pub(super) struct AudioTrack {
+    pub track: Arc<TrackLocalStaticRTP>,
+    pub sender: Arc<dyn RtpSender>,
+    pub ssrc: u32,
+}
+
 /// A peer connection that has answered an offer.
 pub(super) struct Negotiated {
     pub pc: Arc<dyn PeerConnection>,
     pub track: Arc<TrackLocalStaticRTP>,
     pub sender: Arc<dyn RtpSender>,
     pub ssrc: u32,
+    pub audio: AudioTrack,
     pub answer: String,
     pub events: mpsc::UnboundedReceiver<PcEvent>,
     pub port: PortLease,
@@ -263,6 +285,15 @@ pub(super) async fn negotiate(
                 RtpCodecKind::Video,
             )
             .map_err(internal("registering H.264"))?;
+        media
+            .register_codec(
+                RTCRtpCodecParameters {
+                    rtp_codec: opus_codec(),
+                    payload_type: OPUS_PAYLOAD_TYPE,
+                },
+                RtpCodecKind::Audio,
+            )
+            .map_err(internal("registering Opus"))?;
         for (typ, parameter) in [("ccm", "fir"), ("goog-remb", "")] {
             media.register_feedback(
                 RTCPFeedback {
@@ -329,6 +360,28 @@ pub(super) async fn negotiate(
                 .add_track(track.clone() as Arc<dyn TrackLocal>)
                 .await
                 .map_err(internal("adding the video track"))?;
+            // The sound, in the same stream as the picture, so the browser lip-syncs them by
+            // their RTP timestamps and sender reports. An offer without an audio section gets
+            // an answer without one, and these packets go nowhere.
+            let audio_ssrc = rand::random::<u32>();
+            let audio_track = Arc::new(TrackLocalStaticRTP::new(MediaStreamTrack::new(
+                "nearpath".to_string(),
+                "audio".to_string(),
+                "game-audio".to_string(),
+                RtpCodecKind::Audio,
+                vec![RTCRtpEncodingParameters {
+                    rtp_coding_parameters: RTCRtpCodingParameters {
+                        ssrc: Some(audio_ssrc),
+                        ..Default::default()
+                    },
+                    codec: opus_codec(),
+                    ..Default::default()
+                }],
+            )));
+            let audio_sender = pc
+                .add_track(audio_track.clone() as Arc<dyn TrackLocal>)
+                .await
+                .map_err(internal("adding the audio track"))?;
             let desc = RTCSessionDescription::offer(offer.to_string()).map_err(|e| {
                 WhepError::BadOffer {
                     reason: e.to_string(),
@@ -364,15 +417,21 @@ pub(super) async fn negotiate(
             if let Some(ip) = g.webrtc_public_ip {
                 answer = advertise_public_ip(&answer, ip);
             }
-            Ok::<_, WhepError>((track, sender, ssrc, answer))
+            let audio = AudioTrack {
+                track: audio_track,
+                sender: audio_sender,
+                ssrc: audio_ssrc,
+            };
+            Ok::<_, WhepError>((track, sender, ssrc, audio, answer))
         }
         .await;
         return match result {
-            Ok((track, sender, ssrc, answer)) => Ok(Negotiated {
+            Ok((track, sender, ssrc, audio, answer)) => Ok(Negotiated {
                 pc,
                 track,
                 sender,
                 ssrc,
+                audio,
                 answer,
                 events: events_rx,
                 port,

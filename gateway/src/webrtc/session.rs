@@ -31,6 +31,81 @@ use webrtc::peer_connection::RTCPeerConnectionState;
 const RTP_MTU: usize = 1200;
 /// The RTP clock rate of video.
 const VIDEO_CLOCK_HZ: u64 = 90_000;
+/// The RTP clock rate of Opus.
+const AUDIO_CLOCK_HZ: u64 = 48_000;
+
+/// The RTP timestamp of media captured at `capture_ts_us` (Unix microseconds, the node's
+/// capture clock) at `clock_hz`, from a random origin. Both tracks take their timestamps from
+/// the same capture clock, so the RTP time of a picture and of the sound made with it map to
+/// the same instant, and the browser lines them up by the sender reports.
+fn rtp_ts(base: u32, capture_ts_us: u64, clock_hz: u64) -> u32 {
+    // u128: a Unix time in microseconds times 90 000 overflows u64.
+    let ticks = u128::from(capture_ts_us) * u128::from(clock_hz) / 1_000_000;
+    base.wrapping_add(ticks as u32)
+}
+
+/// The audio sender once the connection is up.
+struct Audio {
+    track: Arc<TrackLocalStaticRTP>,
+    payload_type: u8,
+    ssrc: u32,
+    seq: u16,
+    ts_base: u32,
+    /// The next packet starts a talk spurt (RTP marker): the first one, or the first after a
+    /// gap.
+    marker: bool,
+    /// Capture time of the end of the last packet written.
+    next_ts_us: u64,
+}
+
+impl Audio {
+    async fn send(&mut self, p: &nearpath_protocol::AudioPacket) -> Result<(), String> {
+        let dur_us = u64::from(p.samples) * 1_000_000 / AUDIO_CLOCK_HZ;
+        // More than one packet missing (a failover, loss upstream): a new talk spurt.
+        let marker = self.marker || p.capture_ts_us > self.next_ts_us + dur_us;
+        self.marker = false;
+        self.next_ts_us = p.capture_ts_us + dur_us;
+        let header = rtc::rtp::header::Header {
+            version: 2,
+            marker,
+            payload_type: self.payload_type,
+            sequence_number: self.seq,
+            timestamp: rtp_ts(self.ts_base, p.capture_ts_us, AUDIO_CLOCK_HZ),
+            ssrc: self.ssrc,
+            ..Default::default()
+        };
+        self.seq = self.seq.wrapping_add(1);
+        self.track
+            .write_rtp(rtc::rtp::packet::Packet {
+                header,
+                payload: p.opus.clone(),
+            })
+            .await
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// The audio sender, when the browser's offer asked for sound (an audio section whose codec is
+/// Opus).
+async fn start_audio(n: &Negotiated) -> Option<Audio> {
+    let params = n.audio.sender.get_parameters().await.ok()?;
+    let pt = params
+        .rtp_parameters
+        .codecs
+        .iter()
+        .find(|c| c.rtp_codec.mime_type.eq_ignore_ascii_case("audio/opus"))
+        .map(|c| c.payload_type)?;
+    debug!(payload_type = pt, ssrc = n.audio.ssrc, "audio sender ready");
+    Some(Audio {
+        track: n.audio.track.clone(),
+        payload_type: pt,
+        ssrc: n.audio.ssrc,
+        seq: rand::random(),
+        ts_base: rand::random(),
+        marker: true,
+        next_ts_us: 0,
+    })
+}
 /// The playout-delay extension's value for "no playout delay": 12 bits min, 12 bits max, both 0.
 const PLAYOUT_DELAY_ZERO: [u8; 3] = [0, 0, 0];
 
@@ -38,8 +113,7 @@ const PLAYOUT_DELAY_ZERO: [u8; 3] = [0, 0, 0];
 struct Video {
     track: Arc<TrackLocalStaticRTP>,
     packetizer: Box<dyn Packetizer>,
-    /// RTP timestamp origin: the gateway's receive clock maps to 90 kHz from here.
-    epoch: Instant,
+    /// RTP timestamp origin (random): capture times map to 90 kHz from here.
     ts_base: u32,
     /// Negotiated id of the playout-delay extension, if the browser offered it.
     playout_delay_id: Option<u8>,
@@ -50,16 +124,17 @@ struct Video {
 }
 
 impl Video {
-    /// Packetises one access unit and writes it; returns its RTP timestamp.
+    /// Packetises one access unit captured at `capture_ts_us` and writes it; returns its RTP
+    /// timestamp.
     async fn send(
         &mut self,
         payload: &Bytes,
         at: Instant,
+        capture_ts_us: u64,
         counters: &Counters,
         clock: &SharedClock,
     ) -> Result<u32, String> {
-        let ticks = at.duration_since(self.epoch).as_micros() as u64 * VIDEO_CLOCK_HZ / 1_000_000;
-        let ts = self.ts_base.wrapping_add(ticks as u32);
+        let ts = rtp_ts(self.ts_base, capture_ts_us, VIDEO_CLOCK_HZ);
         let packets = self
             .packetizer
             .packetize(at, payload, 0)
@@ -129,7 +204,6 @@ async fn start_video(n: &Negotiated, now: Instant) -> Result<Video, String> {
     Ok(Video {
         track: n.track.clone(),
         packetizer: Box::new(packetizer),
-        epoch: now,
         ts_base: rand::random(),
         playout_delay_id,
         abs_send_time_id,
@@ -176,6 +250,7 @@ pub(super) async fn run_session(
     mut n: Negotiated,
     started: game::Started,
     mut frames: mpsc::Receiver<(FrameHeader, Bytes)>,
+    mut audio: mpsc::Receiver<nearpath_protocol::AudioPacket>,
     params: GameParams,
 ) {
     let game::Started {
@@ -199,6 +274,7 @@ pub(super) async fn run_session(
         },
     );
     let mut video: Option<Video> = None;
+    let mut sound: Option<Audio> = None;
     let mut dc: Option<Arc<dyn DataChannel>> = None;
     let (fb_tx, mut fb_rx) = mpsc::channel::<Feedback>(64);
     let (heard_tx, mut heard_rx) = mpsc::channel::<bool>(64);
@@ -210,6 +286,7 @@ pub(super) async fn run_session(
                     match start_video(&n, now).await {
                         Ok(v) => {
                             video = Some(v);
+                            sound = start_audio(&n).await;
                             tokio::spawn(
                                 read_feedback(n.track.clone(), fb_tx.clone()).in_current_span(),
                             );
@@ -294,7 +371,7 @@ pub(super) async fn run_session(
                     }
                     FrameVerdict::Send => {
                         let Some(v) = video.as_mut() else { continue };
-                        match v.send(&payload, at, &counters, &clock).await {
+                        match v.send(&payload, at, header.capture_ts_us, &counters, &clock).await {
                             Ok(rtp_ts) => {
                                 control.handle_sent(at, payload.len());
                                 counters.frames_sent.fetch_add(1, Ordering::Relaxed);
@@ -302,6 +379,18 @@ pub(super) async fn run_session(
                             }
                             Err(e) => debug!(error = %e, "frame not written"),
                         }
+                    }
+                }
+            }
+            Some(packet) = audio.recv() => {
+                // Before the browser is connected (or when it asked for no sound) packets are
+                // dropped: sound does not wait.
+                if let Some(a) = sound.as_mut() {
+                    match a.send(&packet).await {
+                        Ok(()) => {
+                            counters.audio_packets.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(e) => debug!(error = %e, "audio packet not written"),
                     }
                 }
             }
@@ -335,8 +424,32 @@ pub(super) async fn run_session(
     info!(
         reason,
         frames_sent = counters.frames_sent.load(Ordering::Relaxed),
+        audio_packets = counters.audio_packets.load(Ordering::Relaxed),
         inputs = counters.inputs.load(Ordering::Relaxed),
         "WebRTC session ended"
     );
     drop(n.port);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Guards A/V sync: both tracks' RTP timestamps come from the capture clock, so media
+    /// captured at the same instant have RTP times that map back to it.
+    #[test]
+    fn rtp_timestamps_follow_the_capture_clock_at_each_rate() {
+        let t = 1_765_000_000_123_456u64;
+        let a0 = rtp_ts(7, t, AUDIO_CLOCK_HZ);
+        let v0 = rtp_ts(9, t, VIDEO_CLOCK_HZ);
+        // 10 ms later: 480 ticks of audio, 900 of video.
+        assert_eq!(rtp_ts(7, t + 10_000, AUDIO_CLOCK_HZ).wrapping_sub(a0), 480);
+        assert_eq!(rtp_ts(9, t + 10_000, VIDEO_CLOCK_HZ).wrapping_sub(v0), 900);
+        // Wrapping is fine: a random origin near the top.
+        let a = rtp_ts(u32::MAX, t, AUDIO_CLOCK_HZ);
+        assert_eq!(
+            rtp_ts(u32::MAX, t + 20_000, AUDIO_CLOCK_HZ).wrapping_sub(a),
+            960
+        );
+    }
 }

@@ -39,6 +39,9 @@ const FAVICON_SVG: &str = "<svg xmlns='http://www.w3.org/2000/svg' viewBox='0 0 
 /// Frames waiting for the session task; a full queue drops the newest frame (see
 /// [`FrameSink::Channel`]).
 const FRAME_QUEUE: usize = 8;
+/// Audio packets buffered between the relay and the session task (160 ms of 10 ms packets);
+/// when full, packets are dropped and the browser's decoder conceals them.
+const AUDIO_QUEUE: usize = 16;
 
 static X_SHOULD_RETRY: HeaderName = HeaderName::from_static("x-should-retry");
 
@@ -580,7 +583,11 @@ async fn whep_post(
     // Route first: a refused client (geofence, no capacity) then costs no sockets. Frames that
     // arrive before the browser is connected are dropped, and a keyframe is asked for then.
     let (frames_tx, frames_rx) = mpsc::channel(FRAME_QUEUE);
-    let sink = FrameSink::Channel(frames_tx);
+    let (audio_tx, audio_rx) = mpsc::channel(AUDIO_QUEUE);
+    let sink = FrameSink::Channel {
+        frames: frames_tx,
+        audio: audio_tx,
+    };
     let started = match query_ticket(req_query.as_deref()) {
         // A peer redirected this client here: the ticket names the node and the parameters.
         Some(ticket) => {
@@ -669,6 +676,7 @@ async fn whep_post(
             negotiated,
             started,
             frames_rx,
+            audio_rx,
             params,
         )
         .instrument(span),

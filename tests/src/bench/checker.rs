@@ -125,6 +125,7 @@ async fn setup(
         games: vec![],
         encoder: Default::default(),
         media: Default::default(),
+        audio: Default::default(),
         quic: Default::default(),
         log: Default::default(),
     };

@@ -107,6 +107,7 @@ pub fn node_config(
         games: vec![],
         encoder: Default::default(),
         media: Default::default(),
+        audio: Default::default(),
         quic: Default::default(),
         log: Default::default(),
     }

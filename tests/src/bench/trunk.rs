@@ -147,6 +147,7 @@ fn node_config(b: &Started, token: &str, a: &TrunkArgs) -> NodeConfig {
         games: vec![],
         encoder: Default::default(),
         media: Default::default(),
+        audio: Default::default(),
         quic: Default::default(),
         log: Default::default(),
     }

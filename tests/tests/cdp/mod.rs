@@ -81,6 +81,8 @@ impl Browser {
                 "--disable-component-update",
                 "--disable-sync",
                 "--remote-debugging-port=0",
+                // The player's sound plays (and feeds its beep detector) without a click.
+                "--autoplay-policy=no-user-gesture-required",
             ])
             .arg(format!("--user-data-dir={}", profile.path().display()))
             .arg("about:blank")

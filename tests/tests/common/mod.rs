@@ -300,6 +300,7 @@ impl TestGateway {
             games: vec![],
             encoder: Default::default(),
             media: Default::default(),
+            audio: Default::default(),
             quic: Default::default(),
             log: Default::default(),
         }

@@ -322,3 +322,108 @@ async fn a_player_that_never_reads_gets_frames_dropped_not_queued() {
     drop((opened_good, opened_stalled.send));
     gw.stop().await;
 }
+
+/// Guards the audio relay (`GameService::node_audio_loop`): audio datagrams naming a session
+/// reach its player only from the connection of the node serving it. Another operator's node
+/// forging the victim's session id, malformed datagrams, and a flood of forgeries are dropped
+/// and counted; the serving node's packets still arrive, unchanged and in full.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audio_injection_garbage_and_floods_from_another_node_are_refused() {
+    let gw = TestGateway::start(patient).await;
+    let serving = raw_game_node(&gw, "de-serving", ip(DE), &gw.token, &[GAME], 1).await;
+    let stranger_token = other_operator_token(&gw, "op-stranger");
+    let stranger = raw_game_node(&gw, "us-stranger", ip(US_EAST), &stranger_token, &[], 0).await;
+    let player = client(&gw, ip(FR_CLIENT)).await;
+    let (session, opened) = tokio::join!(
+        player.play(API_KEY, PlayParams::hd(GAME)),
+        serving.accept_game()
+    );
+    let session = session.unwrap();
+    let sid = session.started().session_id;
+    assert_eq!(opened.session_id, sid);
+    let mut audio = session.audio();
+    let foreign = "nearpath_game_audio_dropped_total{reason=\"foreign\"}";
+    let malformed = "nearpath_game_audio_dropped_total{reason=\"malformed\"}";
+
+    // 30 well-formed packets with the victim's id from the stranger's connection.
+    for seq in 0..30 {
+        stranger.send_audio(sid, seq, b"forged").unwrap();
+    }
+    eventually(
+        "30 foreign audio drops",
+        Duration::from_secs(10),
+        || async { (admin_metric(&gw, foreign).await >= 30.0).then_some(()) },
+    )
+    .await;
+    // Garbage: wrong magic, truncated header, unknown version and flags, a bad sample count,
+    // no payload, an oversized payload. From the serving node itself, so only the format is
+    // at fault.
+    let good = nearpath_protocol::AudioPacket {
+        session_id: sid,
+        seq: 0,
+        capture_ts_us: 1,
+        samples: 480,
+        flags: 0,
+        opus: bytes::Bytes::from_static(b"x"),
+    }
+    .encode()
+    .unwrap();
+    let mut garbage: Vec<Vec<u8>> = vec![
+        vec![0x49; 40],
+        good[..10].to_vec(),
+        good[..nearpath_protocol::AudioPacket::HEADER_LEN].to_vec(),
+    ];
+    for (i, v) in [(1, 9u8), (2, 0x80), (24, 7)] {
+        let mut b = good.clone();
+        b[i] = v;
+        garbage.push(b);
+    }
+    let mut big = good.clone();
+    big.resize(nearpath_protocol::AudioPacket::HEADER_LEN + 1100, 0);
+    garbage.push(big);
+    for g in &garbage {
+        serving.send_raw_datagram(g).unwrap();
+    }
+    eventually(
+        "every malformed datagram counted",
+        Duration::from_secs(10),
+        || async { (admin_metric(&gw, malformed).await >= garbage.len() as f64).then_some(()) },
+    )
+    .await;
+    // A flood of forgeries; some may be lost in buffers, none may be relayed.
+    for seq in 0..3000 {
+        let _ = stranger.send_audio(sid, 1000 + seq, b"flood");
+    }
+    // The serving node's own packets, one at a time: each arrives (sent again every 200 ms
+    // until it does: datagrams may be lost), and a forged one relayed before it would have
+    // shown up first.
+    let until = Instant::now() + Duration::from_secs(20);
+    for seq in 0..30u32 {
+        'this: loop {
+            before(until, "the serving node's audio packets");
+            serving.send_audio(sid, seq, b"real").unwrap();
+            let resend = tokio::time::sleep(Duration::from_millis(200));
+            tokio::pin!(resend);
+            loop {
+                tokio::select! {
+                    p = audio.next() => {
+                        let p = p.expect("connection open");
+                        assert_eq!(p.session_id, sid);
+                        assert_eq!(&p.opus[..], b"real", "a forged packet reached the player");
+                        assert_eq!(p.samples, 480);
+                        if p.seq == seq {
+                            break 'this;
+                        }
+                    }
+                    _ = &mut resend => break,
+                }
+            }
+        }
+    }
+    assert!(admin_metric(&gw, foreign).await >= 30.0);
+    let view = admin_game_session(&gw, sid).await.expect("session is live");
+    assert!(view["audio"]["packets"].as_u64().unwrap() >= 30, "{view}");
+    assert!(view["audio"]["foreign"].as_u64().unwrap() >= 30, "{view}");
+    drop(opened);
+    gw.stop().await;
+}

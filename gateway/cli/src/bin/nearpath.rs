@@ -4,6 +4,7 @@
 use anyhow::{bail, Context};
 use clap::{Args, CommandFactory, Parser, Subcommand};
 use nearpath_edge_node::clidoc;
+use nearpath_protocol::ogg::OggOpusWriter;
 use nearpath_protocol::{
     Client, ControlEvent, FrameSeqStats, InferEvent, InputEvent, PlayParams, ServerVerify,
     VideoCodec,
@@ -100,6 +101,11 @@ enum Cmd {
         /// gateway picks the first one a node encodes.
         #[arg(long, value_delimiter = ',', value_parser = parse_codec, default_value = "h264")]
         codecs: Vec<VideoCodec>,
+        /// Write the session's sound here as Ogg Opus (48 kHz stereo; plays with `ffplay
+        /// FILE.opus`); lost packets become concealed gaps, so the file keeps the session's
+        /// timing.
+        #[arg(long)]
+        audio_out: Option<PathBuf>,
         /// Stop after this many seconds.
         #[arg(long, default_value_t = 10.0)]
         seconds: f64,
@@ -163,6 +169,7 @@ fn main() -> std::process::ExitCode {
                 bitrate,
                 out,
                 codecs,
+                audio_out,
                 seconds,
                 resume_after_ms,
                 resize_after,
@@ -179,6 +186,7 @@ fn main() -> std::process::ExitCode {
                     params,
                     codecs,
                     out,
+                    audio_out,
                     seconds,
                     Duration::from_millis(resume_after_ms),
                     resize_after,
@@ -398,6 +406,7 @@ async fn play(
     params: PlayParams,
     codecs: Vec<VideoCodec>,
     out: Option<PathBuf>,
+    audio_out: Option<PathBuf>,
     seconds: f64,
     resume_after: Duration,
     resizes: Vec<Resize>,
@@ -409,7 +418,7 @@ async fn play(
         &conn,
         params,
         &codecs,
-        out,
+        (out, audio_out),
         seconds,
         resume_after,
         resizes,
@@ -466,7 +475,7 @@ async fn play_on(
     conn: &Conn,
     params: PlayParams,
     codecs: &[VideoCodec],
-    out: Option<PathBuf>,
+    (out, audio_out): (Option<PathBuf>, Option<PathBuf>),
     seconds: f64,
     resume_after: Duration,
     mut resizes: Vec<Resize>,
@@ -499,6 +508,19 @@ async fn play_on(
     resizes.sort_by_key(|r| std::cmp::Reverse(r.after));
     let mut resizes: Vec<(tokio::time::Instant, Resize)> =
         resizes.into_iter().map(|r| (begun + r.after, r)).collect();
+    let mut ogg = match &audio_out {
+        Some(p) => {
+            let f =
+                std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?;
+            Some(OggOpusWriter::new(
+                std::io::BufWriter::new(f),
+                started.session_id as u32,
+            )?)
+        }
+        None => None,
+    };
+    let mut audio_packets = 0u64;
+    let mut audio_ms = Vec::new();
     let t0 = Instant::now();
     let (mut count, mut bytes, mut keyframes) = (0u64, 0u64, 0u64);
     // Frames travel on their own streams and may overtake each other: a late frame is not a
@@ -516,6 +538,7 @@ async fn play_on(
     loop {
         let token = session.resume_token().map(str::to_string);
         let gateway = session.gateway();
+        let mut audio = session.audio();
         let (mut control, mut frames, input) = session.split();
         let leg = {
             let Some(client) = holder.as_ref() else {
@@ -525,6 +548,7 @@ async fn play_on(
                 client,
                 &mut control,
                 &mut frames,
+                &mut audio,
                 input,
                 deadline,
                 &mut ctrl_c,
@@ -540,6 +564,9 @@ async fn play_on(
                     pauses: &mut pauses,
                     lost_at: &mut lost_at,
                     resizes: &mut resizes,
+                    ogg: ogg.as_mut(),
+                    audio_packets: &mut audio_packets,
+                    audio_ms: &mut audio_ms,
                 },
             )
             .await?
@@ -575,7 +602,7 @@ async fn play_on(
                     started.session_id
                 );
                 lost_at = Some(Instant::now());
-                drop((control, frames));
+                drop((control, frames, audio));
                 if let Some(old) = holder.take() {
                     // Nothing is sent to a dead gateway; the connection is only let go of.
                     drop(old);
@@ -609,8 +636,23 @@ async fn play_on(
         percentile(&mut i2p_ms, 0.95),
         i2p_ms.len()
     );
+    println!(
+        "audio packets {audio_packets} ({:.2} s); audio latency (capture -> receive) p50 {:.2} ms, p95 {:.2} ms",
+        audio_packets as f64 * 0.01,
+        percentile(&mut audio_ms, 0.5),
+        percentile(&mut audio_ms, 0.95),
+    );
     if let Some(r) = ended {
         println!("session ended: {r}");
+    }
+    if let (Some(w), Some(p)) = (ogg, &audio_out) {
+        let (late, filled) = (w.late, w.filled);
+        w.finish()
+            .with_context(|| format!("writing {}", p.display()))?;
+        println!(
+            "wrote {} (Ogg Opus; {late} late packets dropped, {filled} lost packets concealed)",
+            p.display()
+        );
     }
     if let Some(p) = out {
         println!(
@@ -635,6 +677,9 @@ struct LegStats<'a> {
     lost_at: &'a mut Option<Instant>,
     /// `--resize-after` changes not yet asked for, latest first.
     resizes: &'a mut Vec<(tokio::time::Instant, Resize)>,
+    ogg: Option<&'a mut OggOpusWriter<std::io::BufWriter<std::fs::File>>>,
+    audio_packets: &'a mut u64,
+    audio_ms: &'a mut Vec<f64>,
 }
 
 /// Plays one gateway's share of a session: frames in, scripted input out, until the time is
@@ -645,6 +690,7 @@ async fn play_leg(
     client: &Client,
     control: &mut nearpath_protocol::PlayControl,
     frames: &mut nearpath_protocol::FrameStream,
+    audio: &mut nearpath_protocol::AudioStream,
     input: nearpath_protocol::InputSender,
     deadline: tokio::time::Instant,
     ctrl_c: &mut std::pin::Pin<&mut impl std::future::Future<Output = std::io::Result<()>>>,
@@ -689,8 +735,20 @@ async fn play_leg(
     let mut watch = tokio::time::interval(Duration::from_millis(100));
     watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut rx_seen = (client.connection().stats().udp_rx.datagrams, Instant::now());
+    let mut audio_open = true;
     loop {
         tokio::select! {
+            a = audio.next(), if audio_open => match a {
+                Some(p) => {
+                    *st.audio_packets += 1;
+                    st.audio_ms.push(now_us().saturating_sub(p.capture_ts_us) as f64 / 1000.0);
+                    if let Some(w) = st.ogg.as_mut() {
+                        w.push(&p)?;
+                    }
+                }
+                // The connection closed; the frame stream says so too.
+                None => audio_open = false,
+            },
             _ = tokio::time::sleep_until(deadline) => return Ok(Leg::Stop),
             _ = sleep_until_opt(st.resizes.last().map(|(at, _)| *at)) => {
                 if let Some((_, r)) = st.resizes.pop() {
