@@ -682,7 +682,7 @@ impl GameSession {
         *video = wanted;
         tracing::info!(width, height, fps, "video changed");
         Ok(())
-
+    }
 
     /// Starts the session's sound, once: the built-in game's synthesiser, or the reader of an
     /// external program's audio pipe, each encoding Opus with `cfg`. Packets arrive on the
