@@ -181,17 +181,15 @@ fn main() -> std::process::ExitCode {
                     fps,
                     bitrate_kbps: bitrate,
                 };
-                play(
-                    conn,
-                    params,
+                let options = PlayOptions {
                     codecs,
                     out,
                     audio_out,
                     seconds,
-                    Duration::from_millis(resume_after_ms),
-                    resize_after,
-                )
-                .await
+                    resume_after: Duration::from_millis(resume_after_ms),
+                    resizes: resize_after,
+                };
+                play(conn, params, options).await
             }
             // Answered above, before the runtime.
             Cmd::Completions { .. } | Cmd::Man { .. } => Ok(()),
@@ -401,29 +399,26 @@ fn parse_resize(s: &str) -> Result<Resize, String> {
     })
 }
 
-async fn play(
-    conn: Conn,
-    params: PlayParams,
+/// What `nearpath play` does beyond the session's parameters.
+struct PlayOptions {
+    /// Codecs to accept, most preferred first.
     codecs: Vec<VideoCodec>,
+    /// Where the frames go (Annex B H.264, or the codec's elementary stream).
     out: Option<PathBuf>,
+    /// Where the sound goes (Ogg Opus).
     audio_out: Option<PathBuf>,
+    /// How long to play.
     seconds: f64,
+    /// Resume through another gateway when the connection is silent this long.
     resume_after: Duration,
+    /// `--resize-after` changes.
     resizes: Vec<Resize>,
-) -> anyhow::Result<()> {
+}
+
+async fn play(conn: Conn, params: PlayParams, options: PlayOptions) -> anyhow::Result<()> {
     let client = connect(&conn).await?;
     let mut holder = Some(client);
-    let result = play_on(
-        &mut holder,
-        &conn,
-        params,
-        &codecs,
-        (out, audio_out),
-        seconds,
-        resume_after,
-        resizes,
-    )
-    .await;
+    let result = play_on(&mut holder, &conn, params, options).await;
     // However the session ended (its time is up, the gateway ended it, Ctrl-C, an error), the
     // connection is closed cleanly and the close is sent before the process exits: the gateway
     // then ends the session and frees its node slot at once, instead of after the idle timeout.
@@ -474,17 +469,21 @@ async fn play_on(
     holder: &mut Option<Client>,
     conn: &Conn,
     params: PlayParams,
-    codecs: &[VideoCodec],
-    (out, audio_out): (Option<PathBuf>, Option<PathBuf>),
-    seconds: f64,
-    resume_after: Duration,
-    mut resizes: Vec<Resize>,
+    options: PlayOptions,
 ) -> anyhow::Result<()> {
+    let PlayOptions {
+        codecs,
+        out,
+        audio_out,
+        seconds,
+        resume_after,
+        mut resizes,
+    } = options;
     let Some(client) = holder.as_ref() else {
         bail!("no gateway connection");
     };
     let mut session = client
-        .play_with_codecs(&conn.key, params.clone(), codecs)
+        .play_with_codecs(&conn.key, params.clone(), &codecs)
         .await?;
     let started = *session.started();
     eprintln!(
