@@ -49,21 +49,6 @@ async fn frames_of(session: nearpath_protocol::PlaySession, n: usize) -> Vec<Vid
     got
 }
 
-/// H.264 frames decoded by OpenH264: how many produced a picture, and its size.
-fn decode_h264(frames: &[VideoFrame]) -> (usize, (usize, usize)) {
-    use openh264::formats::YUVSource;
-    let mut dec = openh264::decoder::Decoder::new().unwrap();
-    let mut decoded = 0;
-    let mut dims = (0, 0);
-    for f in frames {
-        if let Some(yuv) = dec.decode(&f.payload).unwrap() {
-            dims = yuv.dimensions();
-            decoded += 1;
-        }
-    }
-    (decoded, dims)
-}
-
 /// Whether an Annex B stream carries x264's version SEI (user data unregistered, "x264 -
 /// core ..."), which x264 writes with the first IDR and OpenH264 never does.
 fn made_by_x264(payload: &[u8]) -> bool {

@@ -40,33 +40,25 @@ async fn client(gw: &TestGateway, from: std::net::IpAddr) -> Client {
     .unwrap()
 }
 
-fn decode_all(frames: &[VideoFrame]) -> (usize, (usize, usize)) {
-    use openh264::formats::YUVSource;
-    let mut dec = openh264::decoder::Decoder::new().unwrap();
-    let mut decoded = 0;
-    let mut dims = (0, 0);
-    for f in frames {
-        if let Some(yuv) = dec.decode(&f.payload).unwrap() {
-            dims = yuv.dimensions();
-            decoded += 1;
-        }
-    }
-    (decoded, dims)
+/// A node serving the built-in `arena` (one session at a time) from `addr`, registered.
+async fn arena_node(gw: &TestGateway, id: &str, addr: std::net::IpAddr) -> TestNode {
+    let mut node = TestNode::start(
+        with_game(
+            gw.node_config(id, &gw.token),
+            "arena",
+            GameSource::Builtin {},
+        ),
+        addr,
+    );
+    node.registered().await;
+    node
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_native_client_plays_720p60_for_5_seconds_and_input_moves_the_ship() {
     let _heavy = HEAVY.lock().await;
     let gw = TestGateway::start(|_| {}).await;
-    let mut node = TestNode::start(
-        with_game(
-            gw.node_config("de-1", &gw.token),
-            "arena",
-            GameSource::Builtin {},
-        ),
-        ip(DE),
-    );
-    node.registered().await;
+    let mut node = arena_node(&gw, "de-1", ip(DE)).await;
     let c = client(&gw, ip(FR_CLIENT)).await;
     let session = c.play(API_KEY, PlayParams::hd("arena")).await.unwrap();
     assert_eq!(
@@ -111,7 +103,7 @@ async fn a_native_client_plays_720p60_for_5_seconds_and_input_moves_the_ship() {
         "only {n} frames in {secs:.2} s"
     );
     assert!(got[0].header.keyframe, "the stream starts with an IDR");
-    let (decoded, dims) = decode_all(&got);
+    let (decoded, dims) = decode_h264(&got);
     assert_eq!(dims, (1280, 720));
     assert!(
         decoded as f64 >= 0.95 * n as f64,
@@ -139,24 +131,8 @@ async fn a_native_client_plays_720p60_for_5_seconds_and_input_moves_the_ship() {
 async fn when_the_serving_node_dies_frames_resume_from_another_within_2_seconds() {
     let _heavy = HEAVY.lock().await;
     let gw = TestGateway::start(|_| {}).await;
-    let mut near = TestNode::start(
-        with_game(
-            gw.node_config("de-1", &gw.token),
-            "arena",
-            GameSource::Builtin {},
-        ),
-        ip(DE),
-    );
-    near.registered().await;
-    let mut far = TestNode::start(
-        with_game(
-            gw.node_config("us-1", &gw.token),
-            "arena",
-            GameSource::Builtin {},
-        ),
-        ip(US_EAST),
-    );
-    far.registered().await;
+    let mut near = arena_node(&gw, "de-1", ip(DE)).await;
+    let mut far = arena_node(&gw, "us-1", ip(US_EAST)).await;
     let c = client(&gw, ip(FR_CLIENT)).await;
     let params = PlayParams {
         game: "arena".into(),
@@ -300,7 +276,7 @@ async fn an_external_frame_source_is_streamed_and_its_exit_ends_the_session() {
         "{reason}"
     );
     assert!(got.len() >= 10, "only {} frames", got.len());
-    let (decoded, dims) = decode_all(&got);
+    let (decoded, dims) = decode_h264(&got);
     assert_eq!(dims, (64, 64));
     assert!(decoded >= 10);
     node.stop().await.unwrap();
@@ -350,15 +326,7 @@ fn ffprobe_audio(path: &std::path::Path) -> (String, u32, u32, f64) {
 async fn a_native_client_receives_the_games_sound_and_writes_ogg_opus() {
     let _heavy = HEAVY.lock().await;
     let gw = TestGateway::start(|_| {}).await;
-    let mut node = TestNode::start(
-        with_game(
-            gw.node_config("de-1", &gw.token),
-            "arena",
-            GameSource::Builtin {},
-        ),
-        ip(DE),
-    );
-    node.registered().await;
+    let mut node = arena_node(&gw, "de-1", ip(DE)).await;
     let c = client(&gw, ip(FR_CLIENT)).await;
     let params = PlayParams {
         game: "arena".into(),
@@ -439,24 +407,8 @@ async fn a_native_client_receives_the_games_sound_and_writes_ogg_opus() {
 async fn when_the_serving_node_dies_audio_resumes_from_the_next_node() {
     let _heavy = HEAVY.lock().await;
     let gw = TestGateway::start(|_| {}).await;
-    let mut near = TestNode::start(
-        with_game(
-            gw.node_config("de-1", &gw.token),
-            "arena",
-            GameSource::Builtin {},
-        ),
-        ip(DE),
-    );
-    near.registered().await;
-    let mut far = TestNode::start(
-        with_game(
-            gw.node_config("us-1", &gw.token),
-            "arena",
-            GameSource::Builtin {},
-        ),
-        ip(US_EAST),
-    );
-    far.registered().await;
+    let mut near = arena_node(&gw, "de-1", ip(DE)).await;
+    let mut far = arena_node(&gw, "us-1", ip(US_EAST)).await;
     let c = client(&gw, ip(FR_CLIENT)).await;
     let params = PlayParams {
         game: "arena".into(),

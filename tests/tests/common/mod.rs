@@ -735,3 +735,19 @@ impl TestGateway {
         Self::start_prepared_on(store, PathBuf::new(), edit, |gw| gw).await
     }
 }
+
+/// H.264 frames decoded in order by OpenH264: how many produced a picture, and the size of the
+/// last one.
+pub fn decode_h264(frames: &[nearpath_protocol::VideoFrame]) -> (usize, (usize, usize)) {
+    use openh264::formats::YUVSource;
+    let mut dec = openh264::decoder::Decoder::new().unwrap();
+    let mut decoded = 0;
+    let mut dims = (0, 0);
+    for f in frames {
+        if let Some(yuv) = dec.decode(&f.payload).unwrap() {
+            dims = yuv.dimensions();
+            decoded += 1;
+        }
+    }
+    (decoded, dims)
+}
