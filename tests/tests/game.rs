@@ -58,7 +58,7 @@ async fn arena_node(gw: &TestGateway, id: &str, addr: std::net::IpAddr) -> TestN
 async fn a_native_client_plays_720p60_for_5_seconds_and_input_moves_the_ship() {
     let _heavy = HEAVY.lock().await;
     let gw = TestGateway::start(|_| {}).await;
-    let mut node = arena_node(&gw, "de-1", ip(DE)).await;
+    let node = arena_node(&gw, "de-1", ip(DE)).await;
     let c = client(&gw, ip(FR_CLIENT)).await;
     let session = c.play(API_KEY, PlayParams::hd("arena")).await.unwrap();
     assert_eq!(
@@ -131,8 +131,8 @@ async fn a_native_client_plays_720p60_for_5_seconds_and_input_moves_the_ship() {
 async fn when_the_serving_node_dies_frames_resume_from_another_within_2_seconds() {
     let _heavy = HEAVY.lock().await;
     let gw = TestGateway::start(|_| {}).await;
-    let mut near = arena_node(&gw, "de-1", ip(DE)).await;
-    let mut far = arena_node(&gw, "us-1", ip(US_EAST)).await;
+    let near = arena_node(&gw, "de-1", ip(DE)).await;
+    let far = arena_node(&gw, "us-1", ip(US_EAST)).await;
     let c = client(&gw, ip(FR_CLIENT)).await;
     let params = PlayParams {
         game: "arena".into(),
@@ -326,7 +326,7 @@ fn ffprobe_audio(path: &std::path::Path) -> (String, u32, u32, f64) {
 async fn a_native_client_receives_the_games_sound_and_writes_ogg_opus() {
     let _heavy = HEAVY.lock().await;
     let gw = TestGateway::start(|_| {}).await;
-    let mut node = arena_node(&gw, "de-1", ip(DE)).await;
+    let node = arena_node(&gw, "de-1", ip(DE)).await;
     let c = client(&gw, ip(FR_CLIENT)).await;
     let params = PlayParams {
         game: "arena".into(),
@@ -407,8 +407,8 @@ async fn a_native_client_receives_the_games_sound_and_writes_ogg_opus() {
 async fn when_the_serving_node_dies_audio_resumes_from_the_next_node() {
     let _heavy = HEAVY.lock().await;
     let gw = TestGateway::start(|_| {}).await;
-    let mut near = arena_node(&gw, "de-1", ip(DE)).await;
-    let mut far = arena_node(&gw, "us-1", ip(US_EAST)).await;
+    let near = arena_node(&gw, "de-1", ip(DE)).await;
+    let far = arena_node(&gw, "us-1", ip(US_EAST)).await;
     let c = client(&gw, ip(FR_CLIENT)).await;
     let params = PlayParams {
         game: "arena".into(),
