@@ -1791,6 +1791,12 @@ async fn chromium_decodes_av1_from_a_node_that_encodes_it() {
     cfg.encoder.software_hevc_av1 = true;
     let mut node = TestNode::start(cfg, ip(DE));
     node.registered().await;
+    // A second node that encodes H.264 only: it must not take the AV1 session, neither at
+    // the start nor when the AV1 node dies.
+    let mut h264_only = with_arena(gw.node_config("us-1", &gw.token));
+    h264_only.encoder.encoder = nearpath_config::EncoderKind::Openh264;
+    let mut other = TestNode::start(h264_only, ip(US_EAST));
+    other.registered().await;
     let browser = Browser::launch().await;
     // 320x180 at 30 fps: libaom's real-time mode keeps up on a 2-core machine.
     let page = browser
@@ -1813,10 +1819,28 @@ async fn chromium_decodes_av1_from_a_node_that_encodes_it() {
         l.len() == 1
     })
     .await;
+    assert_eq!(sessions[0]["node"], "de-1", "{sessions:?}");
     println!("AV1 session: {}", sessions[0]);
+    // The AV1 node dies: the H.264 node is not an option (its frames would not decode in this
+    // peer connection, and there is no renegotiation), so once the pause window has passed
+    // the session ends, saying why.
+    node.task.abort();
+    let banner = wait_eval(
+        &page,
+        "document.getElementById('banner').textContent",
+        "the session's end",
+        |v| v.as_str().is_some_and(|t| t.starts_with("session ended")),
+    )
+    .await;
+    assert_eq!(
+        banner,
+        "session ended: no node that encodes av1 (the session's codec) available within 5 s"
+    );
+    wait_sessions(&gw, "no session", Duration::from_secs(5), |l| l.is_empty()).await;
+    wait_slots_in_use(&gw, 0).await;
     drop(page);
     drop(browser);
-    node.stop().await.unwrap();
+    other.stop().await.unwrap();
     gw.stop().await;
 }
 

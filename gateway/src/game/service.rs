@@ -281,11 +281,14 @@ impl GameService {
         exclude: &[crate::router::NodeId],
         pin: Pin<'_>,
     ) -> Result<Attached, NoNode> {
+        // Whether some node was refused for the codec: when the others are the nodes that
+        // failed this session, the codec is what keeps it from resuming.
+        let codec_denied = std::cell::Cell::new(false);
         let (outcome, nodes) = self.directory.registry.route(
             client_latlon(client),
             Workload::Game(&params.title),
             |n| {
-                codec_check(n, params.codec)?;
+                codec_check(n, params.codec).inspect_err(|_| codec_denied.set(true))?;
                 if exclude.contains(&n.key) {
                     return Err(crate::router::Deny {
                         rule: "failover".into(),
@@ -309,6 +312,9 @@ impl GameService {
                 NoRoute::NotServed => NoNode::Unknown,
                 NoRoute::Denied(d) if d.rule == "pinned" => NoNode::TicketNode,
                 NoRoute::Denied(d) if d.rule == "codec" => NoNode::Codec(params.codec),
+                NoRoute::Denied(d) if d.rule == "failover" && codec_denied.get() => {
+                    NoNode::Codec(params.codec)
+                }
                 NoRoute::Denied(d) if d.rule != "failover" => {
                     NoNode::Denied(format!("rule {}: {}", d.rule, d.reason))
                 }
@@ -907,6 +913,9 @@ impl GameService {
                                 last_node.clone_from(&a.node.id);
                                 attached = Some(a);
                                 rules.handle_attached(self.clock.now(), node);
+                            }
+                            Err(NoNode::Codec(codec)) => {
+                                rules.handle_attach_failed_for_codec(self.clock.now(), codec)
                             }
                             Err(_) => rules.handle_attach_failed(self.clock.now()),
                         }
