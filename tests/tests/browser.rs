@@ -1895,3 +1895,55 @@ async fn h264_stays_the_default_and_browser_codecs_limits_what_browsers_get() {
     );
     gw.stop().await;
 }
+
+/// Issue 15: the answer names only the codec the session got, in the browser's payload type:
+/// an HEVC-only offer (what a browser with hardware HEVC decoding sends for `codec=hevc`) is
+/// answered with H.265 by a node that encodes it, an AV1-only offer with AV1. No browser here
+/// decodes HEVC in WebRTC, so the H.265 media path is covered up to the answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hevc_and_av1_offers_are_answered_with_that_codec_alone() {
+    let _one = ONE_BROWSER_AT_A_TIME.lock().await;
+    let gw = TestGateway::start(|_| {}).await;
+    let mut cfg = with_arena(gw.node_config("de-1", &gw.token));
+    cfg.encoder.software_hevc_av1 = true;
+    cfg.capacity.game_sessions = 2;
+    let mut node = TestNode::start(cfg, ip(DE));
+    node.registered().await;
+    let auth = format!("Bearer {API_KEY}");
+    let headers = [
+        ("authorization", auth.as_str()),
+        ("content-type", "application/sdp"),
+    ];
+    let whep = gw.api_url("/v1/games/arena/whep?width=320&height=180&fps=30");
+    let hevc_only = CHROMIUM_OFFER
+        .replace("H264/90000", "H263/90000")
+        .replace("a=rtpmap:45 AV1/90000", "a=rtpmap:45 H265/90000")
+        .replace(
+            "a=fmtp:45 level-idx=5;profile=0;tier=0",
+            "a=fmtp:45 level-id=93;profile-id=1;tier-flag=0;tx-mode=SRST",
+        );
+    let av1_only = CHROMIUM_OFFER.replace("H264/90000", "H263/90000");
+    for (offer, want, pt) in [(hevc_only, "H265/90000", 45), (av1_only, "AV1/90000", 45)] {
+        let (status, h, answer) = request(None, "POST", &whep, &headers, &offer).await;
+        assert_eq!(status, 201, "{answer}");
+        let video: Vec<&str> = answer
+            .lines()
+            .filter(|l| l.starts_with("a=rtpmap:") && l.ends_with("/90000"))
+            .filter(|l| !l.contains(" rtx/"))
+            .collect();
+        assert_eq!(video, [format!("a=rtpmap:{pt} {want}")], "{answer}");
+        let location = header(&h, "location").to_string();
+        let (status, _, _) = request(
+            None,
+            "DELETE",
+            &gw.api_url(&location),
+            &[("authorization", auth.as_str())],
+            "",
+        )
+        .await;
+        assert_eq!(status, 200);
+    }
+    wait_sessions(&gw, "no session", Duration::from_secs(5), |l| l.is_empty()).await;
+    node.stop().await.unwrap();
+    gw.stop().await;
+}
