@@ -97,3 +97,46 @@ async fn a_gateway_loaded_with_a_store_url_serves_inference_metered_into_postgre
     node.stop().await.unwrap();
     gw.stop().await;
 }
+
+/// Issue 15: the PostgreSQL sessions directory keeps a session's codec (migration 7), so that
+/// a resume reopens the session in it; rewriting the entry rewrites the codec.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_postgresql_sessions_directory_keeps_the_codec() {
+    use nearpath_gateway::store::SessionDirEntry;
+    use nearpath_protocol::VideoCodec;
+    let Some(server) = PgServer::shared() else {
+        return;
+    };
+    let url = server.new_database("session_dir_codec");
+    tokio::task::spawn_blocking(move || {
+        let store = PgStore::open(&url, 2, Duration::from_secs(20)).unwrap();
+        let mut e = SessionDirEntry {
+            session_id: u64::MAX - 7,
+            key_id: "key".into(),
+            node_id: "de-1".into(),
+            gateway_id: "a".into(),
+            game: "arena".into(),
+            width: 320,
+            height: 180,
+            fps: 30,
+            bitrate_kbps: 1000,
+            codec: VideoCodec::Av1,
+            resume_token_sha256: "00".repeat(32),
+            updated_at_ms: 1,
+        };
+        store.put_session_dir(&e).unwrap();
+        assert_eq!(
+            store.get_session_dir(e.session_id).unwrap(),
+            Some(e.clone())
+        );
+        e.codec = VideoCodec::Hevc;
+        e.updated_at_ms = 2;
+        store.put_session_dir(&e).unwrap();
+        assert_eq!(
+            store.get_session_dir(e.session_id).unwrap().unwrap().codec,
+            VideoCodec::Hevc
+        );
+    })
+    .await
+    .unwrap();
+}

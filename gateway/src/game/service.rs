@@ -631,8 +631,8 @@ impl GameService {
             height: entry.height,
             fps: entry.fps,
             bitrate_kbps: entry.bitrate_kbps,
-            // The sessions directory does not record the codec: a resumed session is H.264.
-            codecs: vec![],
+            // The codec the session was started in: its client decodes that one.
+            codecs: vec![entry.codec],
         };
         let params = self
             .session_params(&clamp)
@@ -776,6 +776,7 @@ impl GameService {
                     height: params.height,
                     fps: params.fps,
                     bitrate_kbps: params.bitrate_kbps,
+                    codec: params.codec,
                     resume_token_sha256: crate::store::hash_secret(&token),
                     updated_at_ms: self.clock.unix_ms(),
                 };
