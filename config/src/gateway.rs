@@ -724,6 +724,12 @@ pub struct GameConfig {
     /// STUN/TURN URIs advertised to browsers (`stun:host:port`, `turn:host:port`).
     /// Default: [].
     pub ice_servers: Vec<String>,
+    /// The video codecs browsers may get, most preferred first: `h264`, `av1`, `hevc`. A WHEP
+    /// session gets the first of these that the browser's offer lists and that a node which
+    /// may serve it encodes (the offer's own order does not count, so a page that wants AV1
+    /// offers only AV1). Removing a name keeps browsers off that codec. Default:
+    /// ["h264", "av1", "hevc"] (H.264 whenever the browser offers it).
+    pub browser_codecs: Vec<String>,
     /// A WHEP session whose browser has not connected (ICE and DTLS done) this long after the
     /// answer is ended, releasing its node slot, in milliseconds. Default: 10000.
     pub webrtc_connect_timeout_ms: u64,
@@ -754,6 +760,9 @@ pub struct GameConfig {
     pub resume_node_wait_ms: u64,
 }
 
+/// The video codecs a browser can be sent, by their configuration (and wire) names.
+pub const BROWSER_CODECS: [&str; 3] = ["h264", "av1", "hevc"];
+
 impl Default for GameConfig {
     fn default() -> Self {
         Self {
@@ -773,6 +782,7 @@ impl Default for GameConfig {
             webrtc_udp_port_max: 0,
             webrtc_public_ip: None,
             ice_servers: Vec::new(),
+            browser_codecs: BROWSER_CODECS.iter().map(|c| c.to_string()).collect(),
             webrtc_connect_timeout_ms: 10_000,
             player_idle_timeout_ms: 2_500,
             default_max_concurrent_sessions: 4,
@@ -1336,6 +1346,25 @@ impl GatewayConfig {
                 p.push(
                     "game.webrtc_public_ip",
                     format!("{ip} is not an address a browser can reach"),
+                );
+            }
+        }
+        if g.browser_codecs.is_empty() {
+            p.push(
+                "game.browser_codecs",
+                "list at least one codec (\"h264\" is what every browser decodes)",
+            );
+        }
+        for (i, name) in g.browser_codecs.iter().enumerate() {
+            if !BROWSER_CODECS.contains(&name.as_str()) {
+                p.push(
+                    format!("game.browser_codecs[{i}]"),
+                    format!("{name:?} is not a codec browsers can be sent (h264, av1, hevc)"),
+                );
+            } else if g.browser_codecs[..i].contains(name) {
+                p.push(
+                    format!("game.browser_codecs[{i}]"),
+                    format!("{name:?} is listed twice"),
                 );
             }
         }

@@ -428,6 +428,28 @@ ice_servers = ["stun:stun.example.com:3478", "https://turn.example.com", "turn:"
     );
 }
 
+/// Guards `game.browser_codecs`: unknown names, duplicates and an empty list are refused at
+/// load, naming the entry.
+#[test]
+fn browser_codecs_are_known_names_listed_once() {
+    assert_eq!(
+        gw("[game]\nbrowser_codecs = [\"av1\", \"vp8\", \"av1\", \"H264\"]\n"),
+        [
+            "2: game.browser_codecs[1]: \"vp8\" is not a codec browsers can be sent (h264, av1, hevc)",
+            "2: game.browser_codecs[2]: \"av1\" is listed twice",
+            "2: game.browser_codecs[3]: \"H264\" is not a codec browsers can be sent (h264, av1, hevc)",
+        ]
+    );
+    assert_eq!(
+        gw("[game]\nbrowser_codecs = []\n"),
+        ["2: game.browser_codecs: list at least one codec (\"h264\" is what every browser decodes)"]
+    );
+    assert_eq!(
+        gw("[game]\nbrowser_codecs = [\"av1\", \"h264\"]\n"),
+        Vec::<String>::new()
+    );
+}
+
 #[test]
 fn http_and_admin_checks() {
     let text = r#"

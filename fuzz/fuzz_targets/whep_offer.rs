@@ -39,7 +39,19 @@ fuzz_target!(|data: &[u8]| {
     match checked {
         Ok(summary) => {
             assert!(offer.contains("m=video"));
-            assert!(offer.to_ascii_lowercase().contains("h264"));
+            // Every codec the gateway may send is one the offer names, listed once.
+            assert!(!summary.video_codecs.is_empty());
+            let lower = offer.to_ascii_lowercase();
+            for (i, codec) in summary.video_codecs.iter().enumerate() {
+                let rtpmap = match *codec {
+                    "h264" => "h264/",
+                    "av1" => "av1/",
+                    "hevc" => "h265/",
+                    other => panic!("unknown codec name {other}"),
+                };
+                assert!(lower.contains(rtpmap), "{codec}");
+                assert!(!summary.video_codecs[..i].contains(codec));
+            }
             assert!(offer.contains(&format!("a=ice-ufrag:{}", summary.ice_ufrag)));
             assert!(offer.contains(&format!("a=ice-pwd:{}", summary.ice_pwd)));
             assert!((4..=256).contains(&summary.ice_ufrag.len()));

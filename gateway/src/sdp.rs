@@ -15,10 +15,41 @@ pub struct OfferSummary {
     pub ice_pwd: String,
     /// The offer has a data channel section (input is possible).
     pub has_data_channel: bool,
+    /// The video codecs the gateway can send that the browser's receiving video sections list,
+    /// by their configuration names (`h264`, `av1`, `hevc`), in the offer's order, each once.
+    pub video_codecs: Vec<&'static str>,
+}
+
+/// The configuration name of a video codec an offer lists, when the gateway can send it in the
+/// form offered: H.264 Constrained Baseline in packetization mode 1, AV1 Main profile (what
+/// libaom, SVT-AV1 and NVENC write for 8-bit 4:2:0), H.265 Main profile.
+pub fn sendable_video_codec(name: &str, clock_rate: u32, fmtp: &str) -> Option<&'static str> {
+    if clock_rate != 90_000 {
+        return None;
+    }
+    if name.eq_ignore_ascii_case("H264") {
+        return is_constrained_baseline_mode1(fmtp).then_some("h264");
+    }
+    let param = |key: &str| {
+        fmtp.split(';').find_map(|kv| {
+            let (k, v) = kv.trim().split_once('=')?;
+            k.trim().eq_ignore_ascii_case(key).then(|| v.trim())
+        })
+    };
+    if name.eq_ignore_ascii_case("AV1") {
+        // RFC-to-be (AV1 RTP spec, section 7.2): an absent profile means 0, Main.
+        return matches!(param("profile"), None | Some("0")).then_some("av1");
+    }
+    if name.eq_ignore_ascii_case("H265") {
+        // RFC 7798 section 7.1: an absent profile-id means 1, Main.
+        return matches!(param("profile-id"), None | Some("1")).then_some("hevc");
+    }
+    None
 }
 
 /// Checks that an offer can be answered: it parses, has a video section the browser receives,
-/// offers H.264 Constrained Baseline with packetization-mode 1, and carries ICE credentials.
+/// offers a video codec the gateway can send ([`sendable_video_codec`]), and carries ICE
+/// credentials.
 ///
 /// It parses with the same parser `RTCSessionDescription::offer` uses, so an offer that passes
 /// here also parses when it is handed to the peer connection.
@@ -26,7 +57,7 @@ pub fn check_offer(sdp: &str) -> Result<OfferSummary, String> {
     let parsed = rtc_sdp::SessionDescription::unmarshal(&mut Cursor::new(sdp.as_bytes()))
         .map_err(|e| format!("not an SDP offer: {e}"))?;
     let mut video = false;
-    let mut h264 = false;
+    let mut video_codecs: Vec<&'static str> = Vec::new();
     let mut has_data_channel = false;
     let mut ufrag = parsed.attribute("ice-ufrag").cloned();
     let mut pwd = parsed.attribute("ice-pwd").cloned();
@@ -37,11 +68,19 @@ pub fn check_offer(sdp: &str) -> Result<OfferSummary, String> {
                     continue;
                 }
                 video = true;
-                h264 |= m.codecs().values().any(|c| {
-                    c.name.eq_ignore_ascii_case("H264")
-                        && c.clock_rate == 90_000
-                        && is_constrained_baseline_mode1(&c.fmtp)
-                });
+                // The m= line's format order is the browser's preference (JSEP); `codecs()`
+                // is keyed by payload type, so the order comes from the m= line.
+                let codecs = m.codecs();
+                for pt in &m.media_name.formats {
+                    let Some(c) = pt.parse::<u8>().ok().and_then(|pt| codecs.get(&pt)) else {
+                        continue;
+                    };
+                    if let Some(name) = sendable_video_codec(&c.name, c.clock_rate, &c.fmtp) {
+                        if !video_codecs.contains(&name) {
+                            video_codecs.push(name);
+                        }
+                    }
+                }
             }
             "application" => has_data_channel = true,
             _ => {}
@@ -56,8 +95,8 @@ pub fn check_offer(sdp: &str) -> Result<OfferSummary, String> {
     if !video {
         return Err("the offer has no video section the browser receives (add a recvonly video transceiver)".into());
     }
-    if !h264 {
-        return Err("the offer has no H.264 Constrained Baseline codec (profile-level-id 42e0xx, packetization-mode=1)".into());
+    if video_codecs.is_empty() {
+        return Err("the offer has no video codec the gateway sends: H.264 Constrained Baseline (profile-level-id 42e0xx, packetization-mode=1), AV1 (profile 0) or H.265 (profile-id 1)".into());
     }
     let (Some(ice_ufrag), Some(ice_pwd)) = (ufrag, pwd) else {
         return Err("the offer has no ICE credentials (ice-ufrag/ice-pwd)".into());
@@ -71,6 +110,7 @@ pub fn check_offer(sdp: &str) -> Result<OfferSummary, String> {
         ice_ufrag,
         ice_pwd,
         has_data_channel,
+        video_codecs,
     })
 }
 
@@ -214,6 +254,54 @@ a=ice-ufrag:abcd\r\na=ice-pwd:0123456789abcdef0123456789\r\na=setup:actpass\r\na
         assert!(check_offer("hello").is_err());
     }
 
+    /// Guards codec negotiation: the offer's sendable video codecs are read in the m= line's
+    /// order, in the forms the nodes encode, and garbage rtpmap/fmtp lines neither panic nor
+    /// count as a codec.
+    #[test]
+    fn offers_list_their_sendable_video_codecs_in_order() {
+        assert_eq!(check_offer(OFFER).unwrap().video_codecs, ["h264"]);
+        let av1_first = OFFER.replace("SAVPF 96 108", "SAVPF 45 96 108 49").replace(
+            "a=rtpmap:96 VP8/90000\r\n",
+            "a=rtpmap:96 VP8/90000\r\na=rtpmap:45 AV1/90000\r\n\
+a=fmtp:45 level-idx=5;profile=0;tier=0\r\na=rtpmap:49 H265/90000\r\n\
+a=fmtp:49 level-id=93;profile-id=1;tier-flag=0;tx-mode=SRST\r\n",
+        );
+        assert_eq!(
+            check_offer(&av1_first).unwrap().video_codecs,
+            ["av1", "h264", "hevc"]
+        );
+        // AV1 only: fine for the offer check (the gateway then decides whether it can serve it).
+        let av1_only = av1_first.replace("SAVPF 45 96 108 49", "SAVPF 45");
+        assert_eq!(check_offer(&av1_only).unwrap().video_codecs, ["av1"]);
+        // Profiles no node encodes (AV1 High, HEVC Main 10) and clock rates that are not 90 kHz
+        // do not count.
+        let wrong = av1_only
+            .replace("profile=0", "profile=1")
+            .replace("SAVPF 45", "SAVPF 45 49")
+            .replace("profile-id=1", "profile-id=2");
+        let err = check_offer(&wrong).unwrap_err();
+        assert!(
+            err.contains("no video codec") && err.contains("AV1"),
+            "{err}"
+        );
+        assert!(check_offer(&av1_only.replace("AV1/90000", "AV1/48000")).is_err());
+        // Garbage in the codec lines: refused or ignored, never a panic.
+        for garbage in [
+            "a=rtpmap:45 AV1\r\n",
+            "a=rtpmap:999 AV1/90000\r\n",
+            "a=rtpmap:45 AV1/99999999999999999999\r\n",
+            "a=rtpmap:x AV1/90000\r\n",
+            "a=fmtp:45 profile\r\n",
+            "a=fmtp:45 ;;;=;profile==0;\r\n",
+            "a=fmtp:\r\n",
+            "a=rtpmap:\u{1F600} H265/90000/2/\r\n",
+        ] {
+            // Each replaces the only sendable codec's rtpmap: nothing is left to send.
+            let bad = av1_only.replace("a=rtpmap:45 AV1/90000\r\n", garbage);
+            assert!(check_offer(&bad).is_err(), "{garbage:?}");
+        }
+    }
+
     #[test]
     fn sdpfrags_parse_and_mdns_candidates_are_recognised() {
         let body = "a=ice-ufrag:abcd\r\na=ice-pwd:secret\r\nm=video 9 UDP/TLS/RTP/SAVPF 0\r\na=mid:0\r\n\
@@ -237,6 +325,8 @@ a=candidate:2 1 udp 2122260223 1f5a0c4e-0000-4000-8000-000000000000.local 54322 
             (s.ice_ufrag.as_str(), s.ice_pwd.as_str()),
             ("vOIz", "ApXIpW/yr68GumvvDGpz458/")
         );
+        // Chromium's default order lists H.264 before AV1 and, headless, no H.265.
+        assert_eq!(s.video_codecs, ["h264", "av1"]);
     }
 
     /// Credentials used to be taken as written, so an offer with a one-byte or megabyte ufrag,

@@ -1733,6 +1733,13 @@ fn sessions_directory_keeps_one_entry_per_session_id_across_the_u64_range(store:
         height: 720,
         fps: 60,
         bitrate_kbps: 10_000,
+        // The codec is kept per entry and replaced with it (issue 15: a resume reopens the
+        // session in its codec).
+        codec: if node == "n2" {
+            nearpath_protocol::VideoCodec::Av1
+        } else {
+            nearpath_protocol::VideoCodec::H264
+        },
         resume_token_sha256: hash_secret("resume-token"),
         updated_at_ms: 1_800_000_000_000,
     };

@@ -554,10 +554,31 @@ async fn whep_answers_errors_cors_trickle_stats_and_delete_over_plain_http() {
         (400, "bad_sdp"),
         "{body}"
     );
-    let no_h264 = CHROMIUM_OFFER.replace("H264/90000", "H263/90000");
-    let (status, _, body) = post(whep.clone(), sdp(&[]), no_h264).await;
+    let no_codec = CHROMIUM_OFFER
+        .replace("H264/90000", "H263/90000")
+        .replace("AV1/90000", "AV2/90000");
+    let (status, _, body) = post(whep.clone(), sdp(&[]), no_codec).await;
     assert_eq!(status, 400, "{body}");
     assert!(body.contains("H.264"), "{body}");
+    // 422: an offer whose only sendable codec is AV1, which neither node encodes (no
+    // `software_hevc_av1`): the refusal names it, and no session, slot or port is left taken.
+    let av1_only = CHROMIUM_OFFER.replace("H264/90000", "H263/90000");
+    let (status, h, body) = post(whep.clone(), sdp(&[]), av1_only).await;
+    assert_eq!(
+        (status, error_code(&body).as_str()),
+        (422, "unsupported_codec"),
+        "{body}"
+    );
+    assert!(
+        error_message(&body).contains("no node encodes av1"),
+        "{body}"
+    );
+    assert_eq!(header(&h, "x-should-retry"), "false");
+    wait_slots_in_use(&gw, 0).await;
+    assert_eq!(
+        gw.admin_get("/admin/sessions").await["data"],
+        serde_json::json!([])
+    );
     let (status, _, body) = post(
         gw.api_url("/v1/games/arena/whep?width=abc"),
         sdp(&[]),
@@ -1752,6 +1773,177 @@ async fn chromium_plays_the_games_sound_in_sync_with_the_picture() {
     );
     page.eval("window.nearpath.stop()").await.unwrap();
     drop(browser);
+    node.stop().await.unwrap();
+    gw.stop().await;
+}
+
+/// Reads the page's video codec and frames decoded.
+const VIDEO_CODEC: &str = "(async () => { const np = window.nearpath; const n = await np.framesDecoded(); return { mime: np.videoMime || null, decoded: n, codecs: np.videoCodecs || null, error: np.lastError || null }; })()";
+
+/// Issue 15: AV1 to a browser that negotiates it. The page offers AV1 alone (`codec=av1`), the
+/// gateway picks the node that encodes it (libaom on the CPU here), packetises its temporal
+/// units with the AV1 payloader, and Chromium decodes them (dav1d).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chromium_decodes_av1_from_a_node_that_encodes_it() {
+    let _one = ONE_BROWSER_AT_A_TIME.lock().await;
+    let gw = TestGateway::start(|_| {}).await;
+    let mut cfg = with_arena(gw.node_config("de-1", &gw.token));
+    cfg.encoder.software_hevc_av1 = true;
+    let mut node = TestNode::start(cfg, ip(DE));
+    node.registered().await;
+    // A second node that encodes H.264 only: it must not take the AV1 session, neither at
+    // the start nor when the AV1 node dies.
+    let mut h264_only = with_arena(gw.node_config("us-1", &gw.token));
+    h264_only.encoder.encoder = nearpath_config::EncoderKind::Openh264;
+    let mut other = TestNode::start(h264_only, ip(US_EAST));
+    other.registered().await;
+    let browser = Browser::launch().await;
+    // 320x180 at 30 fps: libaom's real-time mode keeps up on a 2-core machine.
+    let page = browser
+        .open(&gw.api_url(&format!(
+            "/play?key={API_KEY}&game=arena&width=320&height=180&fps=30&autostart=1&codec=av1"
+        )))
+        .await;
+    let first = wait_eval(&page, VIDEO_CODEC, "AV1 frames decoded", |v| {
+        v["mime"] == "video/AV1" && v["decoded"].as_u64().is_some_and(|n| n > 0)
+    })
+    .await;
+    println!("headless Chromium decodes in WebRTC: {}", first["codecs"]);
+    let decoded = first["decoded"].as_u64().unwrap();
+    // Frames keep decoding (not one keyframe and a stall).
+    wait_eval(&page, VIDEO_CODEC, "AV1 frames keep decoding", |v| {
+        v["decoded"].as_u64().is_some_and(|n| n >= decoded + 30) && v["mime"] == "video/AV1"
+    })
+    .await;
+    let sessions = wait_sessions(&gw, "the AV1 session", Duration::from_secs(5), |l| {
+        l.len() == 1
+    })
+    .await;
+    assert_eq!(sessions[0]["node"], "de-1", "{sessions:?}");
+    println!("AV1 session: {}", sessions[0]);
+    // The AV1 node dies: the H.264 node is not an option (its frames would not decode in this
+    // peer connection, and there is no renegotiation), so once the pause window has passed
+    // the session ends, saying why.
+    node.task.abort();
+    let banner = wait_eval(
+        &page,
+        "document.getElementById('banner').textContent",
+        "the session's end",
+        |v| v.as_str().is_some_and(|t| t.starts_with("session ended")),
+    )
+    .await;
+    assert_eq!(
+        banner,
+        "session ended: no node that encodes av1 (the session's codec) available within 5 s"
+    );
+    wait_sessions(&gw, "no session", Duration::from_secs(5), |l| l.is_empty()).await;
+    wait_slots_in_use(&gw, 0).await;
+    drop(page);
+    drop(browser);
+    other.stop().await.unwrap();
+    gw.stop().await;
+}
+
+/// Issue 15: the default page still gets H.264 from a node that also encodes AV1 and HEVC (the
+/// gateway's `browser_codecs` puts H.264 first), and a gateway configured for H.264 only
+/// refuses an AV1-only offer with 422, naming what it sends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h264_stays_the_default_and_browser_codecs_limits_what_browsers_get() {
+    let _one = ONE_BROWSER_AT_A_TIME.lock().await;
+    let gw = TestGateway::start(|_| {}).await;
+    let mut cfg = with_arena(gw.node_config("de-1", &gw.token));
+    cfg.encoder.software_hevc_av1 = true;
+    let mut node = TestNode::start(cfg, ip(DE));
+    node.registered().await;
+    let browser = Browser::launch().await;
+    let page = browser
+        .open(&gw.api_url(&format!(
+            "/play?key={API_KEY}&game=arena&width=320&height=180&fps=30&autostart=1"
+        )))
+        .await;
+    wait_eval(&page, VIDEO_CODEC, "H.264 frames decoded", |v| {
+        v["mime"] == "video/H264" && v["decoded"].as_u64().is_some_and(|n| n > 10)
+    })
+    .await;
+    drop(page);
+    drop(browser);
+    node.stop().await.unwrap();
+    gw.stop().await;
+
+    let gw = TestGateway::start(|c| c.game.browser_codecs = vec!["h264".into()]).await;
+    let auth = format!("Bearer {API_KEY}");
+    let av1_only = CHROMIUM_OFFER.replace("H264/90000", "H263/90000");
+    let (status, _, body) = request(
+        None,
+        "POST",
+        &gw.api_url("/v1/games/arena/whep"),
+        &[
+            ("authorization", auth.as_str()),
+            ("content-type", "application/sdp"),
+        ],
+        &av1_only,
+    )
+    .await;
+    assert_eq!(
+        (status, error_code(&body).as_str()),
+        (422, "unsupported_codec"),
+        "{body}"
+    );
+    assert_eq!(
+        error_message(&body),
+        "the offer lists av1 and this gateway sends browsers h264 only"
+    );
+    gw.stop().await;
+}
+
+/// Issue 15: the answer names only the codec the session got, in the browser's payload type:
+/// an HEVC-only offer (what a browser with hardware HEVC decoding sends for `codec=hevc`) is
+/// answered with H.265 by a node that encodes it, an AV1-only offer with AV1. No browser here
+/// decodes HEVC in WebRTC, so the H.265 media path is covered up to the answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hevc_and_av1_offers_are_answered_with_that_codec_alone() {
+    let _one = ONE_BROWSER_AT_A_TIME.lock().await;
+    let gw = TestGateway::start(|_| {}).await;
+    let mut cfg = with_arena(gw.node_config("de-1", &gw.token));
+    cfg.encoder.software_hevc_av1 = true;
+    cfg.capacity.game_sessions = 2;
+    let mut node = TestNode::start(cfg, ip(DE));
+    node.registered().await;
+    let auth = format!("Bearer {API_KEY}");
+    let headers = [
+        ("authorization", auth.as_str()),
+        ("content-type", "application/sdp"),
+    ];
+    let whep = gw.api_url("/v1/games/arena/whep?width=320&height=180&fps=30");
+    let hevc_only = CHROMIUM_OFFER
+        .replace("H264/90000", "H263/90000")
+        .replace("a=rtpmap:45 AV1/90000", "a=rtpmap:45 H265/90000")
+        .replace(
+            "a=fmtp:45 level-idx=5;profile=0;tier=0",
+            "a=fmtp:45 level-id=93;profile-id=1;tier-flag=0;tx-mode=SRST",
+        );
+    let av1_only = CHROMIUM_OFFER.replace("H264/90000", "H263/90000");
+    for (offer, want, pt) in [(hevc_only, "H265/90000", 45), (av1_only, "AV1/90000", 45)] {
+        let (status, h, answer) = request(None, "POST", &whep, &headers, &offer).await;
+        assert_eq!(status, 201, "{answer}");
+        let video: Vec<&str> = answer
+            .lines()
+            .filter(|l| l.starts_with("a=rtpmap:") && l.ends_with("/90000"))
+            .filter(|l| !l.contains(" rtx/"))
+            .collect();
+        assert_eq!(video, [format!("a=rtpmap:{pt} {want}")], "{answer}");
+        let location = header(&h, "location").to_string();
+        let (status, _, _) = request(
+            None,
+            "DELETE",
+            &gw.api_url(&location),
+            &[("authorization", auth.as_str())],
+            "",
+        )
+        .await;
+        assert_eq!(status, 200);
+    }
+    wait_sessions(&gw, "no session", Duration::from_secs(5), |l| l.is_empty()).await;
     node.stop().await.unwrap();
     gw.stop().await;
 }

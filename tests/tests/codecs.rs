@@ -257,3 +257,42 @@ async fn a_node_registering_thousands_of_encoders_is_not_admitted_and_the_gatewa
     node.stop().await.unwrap();
     gw.stop().await;
 }
+
+/// Issue 15: the sessions directory records the session's codec, so that a resume through
+/// another gateway (`GameService::start_resumed`) reopens it in the codec its client decodes
+/// rather than H.264.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sessions_directory_records_the_sessions_codec() {
+    let _heavy = HEAVY.lock().await;
+    let gw = TestGateway::start(|c| c.federation.gateway_id = Some("a".into())).await;
+    let mut cfg = game_node(&gw, "de-1", EncoderKind::X264);
+    cfg.encoder.software_hevc_av1 = true;
+    cfg.capacity.game_sessions = 2;
+    let mut node = TestNode::start(cfg, ip(DE));
+    node.registered().await;
+    let small = PlayParams {
+        game: "arena".into(),
+        width: 320,
+        height: 180,
+        fps: 30,
+        bitrate_kbps: 1000,
+    };
+    let c = client(&gw).await;
+    for codec in [VideoCodec::Av1, VideoCodec::H264] {
+        let session = c
+            .play_with_codecs(API_KEY, small.clone(), &[codec])
+            .await
+            .unwrap();
+        assert_eq!(session.started().codec, codec);
+        let entry = gw
+            .store
+            .get_session_dir(session.started().session_id)
+            .unwrap()
+            .expect("a directory entry");
+        assert_eq!(entry.codec, codec);
+        drop(session);
+    }
+    drop(c);
+    node.stop().await.unwrap();
+    gw.stop().await;
+}

@@ -281,11 +281,14 @@ impl GameService {
         exclude: &[crate::router::NodeId],
         pin: Pin<'_>,
     ) -> Result<Attached, NoNode> {
+        // Whether some node was refused for the codec: when the others are the nodes that
+        // failed this session, the codec is what keeps it from resuming.
+        let codec_denied = std::cell::Cell::new(false);
         let (outcome, nodes) = self.directory.registry.route(
             client_latlon(client),
             Workload::Game(&params.title),
             |n| {
-                codec_check(n, params.codec)?;
+                codec_check(n, params.codec).inspect_err(|_| codec_denied.set(true))?;
                 if exclude.contains(&n.key) {
                     return Err(crate::router::Deny {
                         rule: "failover".into(),
@@ -309,6 +312,9 @@ impl GameService {
                 NoRoute::NotServed => NoNode::Unknown,
                 NoRoute::Denied(d) if d.rule == "pinned" => NoNode::TicketNode,
                 NoRoute::Denied(d) if d.rule == "codec" => NoNode::Codec(params.codec),
+                NoRoute::Denied(d) if d.rule == "failover" && codec_denied.get() => {
+                    NoNode::Codec(params.codec)
+                }
                 NoRoute::Denied(d) if d.rule != "failover" => {
                     NoNode::Denied(format!("rule {}: {}", d.rule, d.reason))
                 }
@@ -625,8 +631,8 @@ impl GameService {
             height: entry.height,
             fps: entry.fps,
             bitrate_kbps: entry.bitrate_kbps,
-            // The sessions directory does not record the codec: a resumed session is H.264.
-            codecs: vec![],
+            // The codec the session was started in: its client decodes that one.
+            codecs: vec![entry.codec],
         };
         let params = self
             .session_params(&clamp)
@@ -770,6 +776,7 @@ impl GameService {
                     height: params.height,
                     fps: params.fps,
                     bitrate_kbps: params.bitrate_kbps,
+                    codec: params.codec,
                     resume_token_sha256: crate::store::hash_secret(&token),
                     updated_at_ms: self.clock.unix_ms(),
                 };
@@ -907,6 +914,9 @@ impl GameService {
                                 last_node.clone_from(&a.node.id);
                                 attached = Some(a);
                                 rules.handle_attached(self.clock.now(), node);
+                            }
+                            Err(NoNode::Codec(codec)) => {
+                                rules.handle_attach_failed_for_codec(self.clock.now(), codec)
                             }
                             Err(_) => rules.handle_attach_failed(self.clock.now()),
                         }

@@ -28,7 +28,7 @@
 //!   (`ended_by_node`), which is not a failover.
 
 use crate::router::NodeId;
-use nearpath_protocol::message::{Rumble, SetVideo};
+use nearpath_protocol::message::{Rumble, SetVideo, VideoCodec};
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
@@ -251,6 +251,9 @@ pub struct GameSession {
     gpu_seconds: f64,
     next_checkpoint: Instant,
     actions: VecDeque<Action>,
+    /// The last attach failed because no node left encodes the session's codec (the client
+    /// negotiated it once; there is no renegotiation), so the end says so.
+    codec_missing: Option<VideoCodec>,
 }
 
 /// "5 s", "2.5 s": a window for people.
@@ -284,6 +287,7 @@ impl GameSession {
             gpu_seconds: 0.0,
             next_checkpoint: now + rules.checkpoint_every,
             actions: VecDeque::new(),
+            codec_missing: None,
         }
     }
 
@@ -372,8 +376,12 @@ impl GameSession {
 
     fn expire(&mut self, now: Instant) {
         self.actions.push_back(Action::PauseEnded("expired"));
+        let what = match self.codec_missing {
+            Some(codec) => format!("no node that encodes {codec} (the session's codec)"),
+            None => "no node".to_string(),
+        };
         self.actions.push_back(Action::Notify(Notice::Ended(format!(
-            "no node available within {}",
+            "{what} available within {}",
             seconds(self.rules.pause_window)
         ))));
         self.end(now, "node_lost");
@@ -592,6 +600,19 @@ impl GameSession {
 
     /// The attach asked for found no node.
     pub fn handle_attach_failed(&mut self, now: Instant) {
+        self.codec_missing = None;
+        self.handle_attach_failed_inner(now);
+    }
+
+    /// The attach found nodes for the game, but none of those left encodes `codec`, the codec
+    /// the client negotiated: frames in another codec would not decode, so the session waits
+    /// for one that does and otherwise ends saying why.
+    pub fn handle_attach_failed_for_codec(&mut self, now: Instant, codec: VideoCodec) {
+        self.codec_missing = Some(codec);
+        self.handle_attach_failed_inner(now);
+    }
+
+    fn handle_attach_failed_inner(&mut self, now: Instant) {
         let failed = self.failed.clone();
         let State::Paused {
             deadline,
@@ -732,6 +753,23 @@ mod tests {
         assert!(a.iter().any(|a| matches!(a, Action::Failover { same_node: true, paused, .. } if *paused == ms(1_050))));
         assert_eq!(a.last(), Some(&Action::Notify(Notice::Resumed)));
         assert_eq!(s.serving(), Some(&node(2, "de-1")));
+    }
+
+    /// Guards failover of an AV1 or HEVC session: when only nodes without its codec are left,
+    /// it ends naming the codec rather than resuming in another one.
+    #[test]
+    fn no_node_with_the_sessions_codec_ends_it_naming_the_codec() {
+        let t0 = Instant::now();
+        let mut s = GameSession::new(t0, rules(), node(1, "de-1"));
+        s.handle_node_lost(t0);
+        s.handle_attach_failed_for_codec(t0 + ms(5), VideoCodec::Av1);
+        drain(&mut s);
+        s.handle_timeout(t0 + WINDOW);
+        let a = drain(&mut s);
+        assert!(a.contains(&Action::Notify(Notice::Ended(
+            "no node that encodes av1 (the session's codec) available within 5 s".into()
+        ))));
+        assert_eq!(ended(&a), Some("node_lost"));
     }
 
     #[test]

@@ -816,10 +816,31 @@ pub struct SessionDirEntry {
     pub height: u32,
     pub fps: u32,
     pub bitrate_kbps: u32,
+    /// The session's video codec, so that a resume elsewhere reopens it in the codec its
+    /// client decodes (a browser negotiated it once). Rows written before it was recorded read
+    /// as H.264, which every such session was.
+    #[serde(default, with = "codec_name")]
+    pub codec: nearpath_protocol::message::VideoCodec,
     /// SHA-256 (lowercase hex) of the session's resume token; the token itself only the
     /// client holds.
     pub resume_token_sha256: String,
     pub updated_at_ms: u64,
+}
+
+/// A [`SessionDirEntry`]'s codec in JSON: its name (`"av1"`); an unknown name is an error.
+mod codec_name {
+    use nearpath_protocol::message::VideoCodec;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(c: &VideoCodec, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(c.as_str())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<VideoCodec, D::Error> {
+        let name = String::deserialize(d)?;
+        VideoCodec::from_name(&name)
+            .ok_or_else(|| serde::de::Error::custom(format!("unknown codec {name:?}")))
+    }
 }
 
 ///

@@ -293,7 +293,17 @@ CREATE INDEX IF NOT EXISTS node_directory_by_gateway ON node_directory (gateway_
     // node, the GPUs each node reports, and each node's verification snapshot
     // (`sqlite/checker.rs`).
     checker::MIGRATION,
+    // 10 (issue 15): the session's video codec in the sessions directory.
+    r#"
+ALTER TABLE game_session_dir ADD COLUMN codec TEXT NOT NULL DEFAULT 'h264';
+"#,
 ];
+
+/// A stored codec name; one this build does not know (a newer build wrote it) reads as H.264,
+/// which every node encodes.
+fn codec_of(name: &str) -> nearpath_protocol::message::VideoCodec {
+    nearpath_protocol::message::VideoCodec::from_name(name).unwrap_or_default()
+}
 
 /// The schema version this build writes and understands.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
@@ -2037,14 +2047,14 @@ impl Store for SqliteStore {
         self.write_conn()
             .execute(
                 "INSERT INTO game_session_dir (session_id, key_id, node_id, gateway_id, game, \
-                 width, height, fps, bitrate_kbps, resume_token_sha256, updated_at_ms) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11) \
+                 width, height, fps, bitrate_kbps, resume_token_sha256, updated_at_ms, codec) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12) \
                  ON CONFLICT (session_id) DO UPDATE SET key_id = excluded.key_id, \
                  node_id = excluded.node_id, gateway_id = excluded.gateway_id, \
                  game = excluded.game, width = excluded.width, height = excluded.height, \
                  fps = excluded.fps, bitrate_kbps = excluded.bitrate_kbps, \
                  resume_token_sha256 = excluded.resume_token_sha256, \
-                 updated_at_ms = excluded.updated_at_ms",
+                 updated_at_ms = excluded.updated_at_ms, codec = excluded.codec",
                 params![
                     e.session_id as i64,
                     e.key_id,
@@ -2057,6 +2067,7 @@ impl Store for SqliteStore {
                     e.bitrate_kbps,
                     e.resume_token_sha256,
                     saturating_i64(e.updated_at_ms),
+                    e.codec.as_str(),
                 ],
             )
             .op("put session directory entry")?;
@@ -2067,7 +2078,7 @@ impl Store for SqliteStore {
         self.conn()
             .query_row(
                 "SELECT session_id, key_id, node_id, gateway_id, game, width, height, fps, \
-                 bitrate_kbps, resume_token_sha256, updated_at_ms FROM game_session_dir \
+                 bitrate_kbps, resume_token_sha256, updated_at_ms, codec FROM game_session_dir \
                  WHERE session_id = ?1",
                 [session_id as i64],
                 |r| {
@@ -2083,6 +2094,7 @@ impl Store for SqliteStore {
                         bitrate_kbps: r.get(8)?,
                         resume_token_sha256: r.get(9)?,
                         updated_at_ms: get_u64(r, 10)?,
+                        codec: codec_of(&r.get::<_, String>(11)?),
                     })
                 },
             )

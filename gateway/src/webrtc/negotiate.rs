@@ -4,7 +4,7 @@
 use super::ports::{PortLease, PortLeases};
 use super::{WhepError, ABS_SEND_TIME_URI, PLAYOUT_DELAY_URI};
 use nearpath_config::GameConfig;
-use nearpath_protocol::message::GameParams;
+use nearpath_protocol::message::{GameParams, VideoCodec};
 use rtc::interceptor::{Attribute, Interceptor, Packet, Slot, StreamInfo, TaggedPacket};
 use rtc::media_stream::MediaStreamTrack;
 use rtc::peer_connection::configuration::interceptor_registry::{
@@ -36,8 +36,8 @@ use webrtc::rtp_transceiver::RtpSender;
 
 /// Host candidates gather in milliseconds; this only bounds a pathological case.
 const GATHER_TIMEOUT: Duration = Duration::from_secs(3);
-/// Payload type registered for H.264; the browser's own number is what gets used.
-const H264_PAYLOAD_TYPE: u8 = 102;
+/// Payload type registered for the video codec; the browser's own number is what gets used.
+const VIDEO_PAYLOAD_TYPE: u8 = 102;
 /// Payload type registered for Opus; likewise the offer's number is used.
 const OPUS_PAYLOAD_TYPE: u8 = 111;
 
@@ -218,6 +218,8 @@ pub(super) struct Negotiated {
     pub track: Arc<TrackLocalStaticRTP>,
     pub sender: Arc<dyn RtpSender>,
     pub ssrc: u32,
+    /// The video codec the answer names (the session's `GameParams.codec`).
+    pub codec: VideoCodec,
     pub audio: AudioTrack,
     pub answer: String,
     pub events: mpsc::UnboundedReceiver<PcEvent>,
@@ -241,15 +243,28 @@ fn bind_addrs(client: IpAddr, port: u16) -> Vec<SocketAddr> {
     out
 }
 
-fn h264_codec(params: &GameParams) -> RTCRtpCodec {
+/// The session's video codec as the media engine registers it. Only this one is registered, so
+/// the answer offers the browser nothing else. The fmtp lines name what the nodes' encoders
+/// write: H.264 Constrained Baseline in packetization mode 1; AV1 Main profile (webrtc-rs
+/// matches fmtp parameters both sides name, so the profile alone matches Chromium's
+/// `level-idx=5;profile=0;tier=0`); H.265 Main profile.
+pub(super) fn video_codec(params: &GameParams) -> RTCRtpCodec {
+    let (mime_type, sdp_fmtp_line) = match params.codec {
+        VideoCodec::H264 => (
+            "video/H264",
+            format!(
+                "level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=42e0{:02x}",
+                h264_level(params.width, params.height, params.fps)
+            ),
+        ),
+        VideoCodec::Av1 => ("video/AV1", "profile=0".to_string()),
+        VideoCodec::Hevc => ("video/H265", "profile-id=1".to_string()),
+    };
     RTCRtpCodec {
-        mime_type: "video/H264".to_string(),
+        mime_type: mime_type.to_string(),
         clock_rate: 90_000,
         channels: 0,
-        sdp_fmtp_line: format!(
-            "level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=42e0{:02x}",
-            h264_level(params.width, params.height, params.fps)
-        ),
+        sdp_fmtp_line,
         rtcp_feedback: vec![],
     }
 }
@@ -268,7 +283,7 @@ pub(super) async fn negotiate(
             reason: e.to_string(),
         }
     };
-    let codec = h264_codec(params);
+    let codec = video_codec(params);
     let mut tried = HashSet::new();
     // A port that probed free can be taken by another process before the stack binds it; try
     // a few before giving up.
@@ -280,11 +295,11 @@ pub(super) async fn negotiate(
             .register_codec(
                 RTCRtpCodecParameters {
                     rtp_codec: codec.clone(),
-                    payload_type: H264_PAYLOAD_TYPE,
+                    payload_type: VIDEO_PAYLOAD_TYPE,
                 },
                 RtpCodecKind::Video,
             )
-            .map_err(internal("registering H.264"))?;
+            .map_err(internal("registering the video codec"))?;
         media
             .register_codec(
                 RTCRtpCodecParameters {
@@ -431,6 +446,7 @@ pub(super) async fn negotiate(
                 track,
                 sender,
                 ssrc,
+                codec: params.codec,
                 audio,
                 answer,
                 events: events_rx,

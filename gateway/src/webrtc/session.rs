@@ -10,11 +10,14 @@ use crate::clock::SharedClock;
 use crate::game::{self, ClientEvent, GameService};
 use bytes::Bytes;
 use nearpath_protocol::message::GameParams;
+use nearpath_protocol::message::VideoCodec;
 use nearpath_protocol::FrameHeader;
 use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
 use rtc::rtcp::payload_feedbacks::receiver_estimated_maximum_bitrate::ReceiverEstimatedMaximumBitrate;
+use rtc::rtp::codec::av1::Av1Payloader;
 use rtc::rtp::codec::h264::H264Payloader;
+use rtc::rtp::codec::h265::HevcPayloader;
 use rtc::rtp::packetizer::{new_packetizer, Packetizer};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -112,6 +115,8 @@ const PLAYOUT_DELAY_ZERO: [u8; 3] = [0, 0, 0];
 /// The video sender once the connection is up.
 struct Video {
     track: Arc<TrackLocalStaticRTP>,
+    /// The negotiated codec: the node encodes it, the packetizer's payloader writes it.
+    codec: VideoCodec,
     packetizer: Box<dyn Packetizer>,
     /// RTP timestamp origin (random): capture times map to 90 kHz from here.
     ts_base: u32,
@@ -135,6 +140,11 @@ impl Video {
         clock: &SharedClock,
     ) -> Result<u32, String> {
         let ts = rtp_ts(self.ts_base, capture_ts_us, VIDEO_CLOCK_HZ);
+        // webrtc-rs's AV1 payloader indexes the OBUs' sizes without checking them; a node's
+        // frame is checked first, so that a malformed one is dropped rather than panic here.
+        if self.codec == VideoCodec::Av1 && !av1_temporal_unit_ok(payload) {
+            return Err("malformed AV1 temporal unit".into());
+        }
         let packets = self
             .packetizer
             .packetize(at, payload, 0)
@@ -160,6 +170,55 @@ impl Video {
     }
 }
 
+/// Whether `tu` is a temporal unit of low-overhead AV1 OBUs (AV1 spec 5.3, 5.2) that
+/// webrtc-rs's payloader can walk: every OBU's header and size fit in the buffer, and at least
+/// one OBU is of a type it sends (temporal delimiters, tile lists and padding are dropped). Sizes
+/// are read as leb128 of at most 4 bytes (a frame of 256 MiB is not one), which the payloader
+/// decodes the same way.
+fn av1_temporal_unit_ok(tu: &[u8]) -> bool {
+    const OBU_TEMPORAL_DELIMITER: u8 = 2;
+    const OBU_TILE_LIST: u8 = 8;
+    const OBU_PADDING: u8 = 15;
+    let mut i = 0;
+    let mut sent = false;
+    while i < tu.len() {
+        let header = tu[i];
+        let typ = (header >> 3) & 0x0f;
+        let header_len = if header & 0x04 != 0 { 2 } else { 1 };
+        if i + header_len > tu.len() {
+            return false;
+        }
+        let body = i + header_len;
+        let end = if header & 0x02 != 0 {
+            let mut size = 0usize;
+            let mut n = 0;
+            loop {
+                let Some(&b) = tu.get(body + n) else {
+                    return false;
+                };
+                size |= usize::from(b & 0x7f) << (7 * n);
+                n += 1;
+                if b & 0x80 == 0 {
+                    break;
+                }
+                if n == 4 {
+                    return false;
+                }
+            }
+            body + n + size
+        } else {
+            // Without a size field the OBU runs to the end of the unit.
+            tu.len()
+        };
+        if end > tu.len() {
+            return false;
+        }
+        sent |= !matches!(typ, OBU_TEMPORAL_DELIMITER | OBU_TILE_LIST | OBU_PADDING);
+        i = end;
+    }
+    sent
+}
+
 /// The abs-send-time value for now: NTP time, 6.18 fixed-point seconds (24 bits).
 fn abs_send_time(clock: &SharedClock) -> Bytes {
     let since_epoch = Duration::from_micros(clock.unix_us());
@@ -180,7 +239,11 @@ async fn start_video(n: &Negotiated, now: Instant) -> Result<Video, String> {
         RTP_MTU,
         pt,
         n.ssrc,
-        Box::new(H264Payloader::default()),
+        match n.codec {
+            VideoCodec::H264 => Box::new(H264Payloader::default()),
+            VideoCodec::Av1 => Box::new(Av1Payloader::default()),
+            VideoCodec::Hevc => Box::new(HevcPayloader),
+        },
         Box::new(rtc::rtp::sequence::new_random_sequencer()),
         VIDEO_CLOCK_HZ as u32,
     );
@@ -197,12 +260,14 @@ async fn start_video(n: &Negotiated, now: Instant) -> Result<Video, String> {
     debug!(
         payload_type = pt,
         ssrc = n.ssrc,
+        codec = %n.codec,
         ?playout_delay_id,
         ?abs_send_time_id,
         "video sender ready"
     );
     Ok(Video {
         track: n.track.clone(),
+        codec: n.codec,
         packetizer: Box::new(packetizer),
         ts_base: rand::random(),
         playout_delay_id,
@@ -434,6 +499,49 @@ pub(super) async fn run_session(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Guards the AV1 path against a node's malformed frames: the check refuses what would make
+    /// webrtc-rs's payloader index out of bounds, and what it passes packetises.
+    #[test]
+    fn av1_temporal_units_are_checked_before_the_payloader_walks_them() {
+        // Temporal delimiter (type 2, has size, 0 bytes), then a frame OBU (type 6) of 3 bytes.
+        let good = [0x12, 0x00, 0x32, 0x03, 1, 2, 3];
+        assert!(av1_temporal_unit_ok(&good));
+        let mut p = Av1Payloader::default();
+        use rtc::rtp::packetizer::Payloader;
+        assert!(!p
+            .payload(1200, &Bytes::copy_from_slice(&good))
+            .unwrap()
+            .is_empty());
+        // A last OBU without a size field runs to the end.
+        assert!(av1_temporal_unit_ok(&[0x12, 0x00, 0x30, 9, 9]));
+        for bad in [
+            &[][..],                                  // nothing
+            &[0x12, 0x00],                            // a delimiter only: nothing to send
+            &[0x32, 0x05, 1, 2],                      // size past the end
+            &[0x32],                                  // size field missing
+            &[0x32, 0x80, 0x80, 0x80, 0x80, 0x01, 1], // a 5-byte leb128
+            &[0x36],                                  // extension byte missing
+            &[0x32, 0xff, 0xff, 0xff, 0x7f],          // 256 MiB claimed
+        ] {
+            assert!(!av1_temporal_unit_ok(bad), "{bad:?}");
+        }
+        // Whatever bytes come, the check never panics, and what it passes packetises.
+        let mut x = 0x9e37_79b9u32;
+        for len in 0..2000usize {
+            let buf: Vec<u8> = (0..len % 64)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 17;
+                    x ^= x << 5;
+                    x as u8
+                })
+                .collect();
+            if av1_temporal_unit_ok(&buf) {
+                p.payload(1200, &Bytes::from(buf)).unwrap();
+            }
+        }
+    }
 
     /// Guards A/V sync: both tracks' RTP timestamps come from the capture clock, so media
     /// captured at the same instant have RTP times that map back to it.

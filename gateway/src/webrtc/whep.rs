@@ -17,7 +17,7 @@ use hyper::body::Incoming;
 use hyper::header::{HeaderName, HeaderValue, CONTENT_TYPE};
 use hyper::{HeaderMap, Method, Request, Response, StatusCode};
 use nearpath_config::HttpConfig;
-use nearpath_protocol::message::PlayRequest;
+use nearpath_protocol::message::{PlayRequest, VideoCodec};
 use nearpath_protocol::openai::ApiError;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
@@ -156,6 +156,10 @@ pub enum WhepError {
     /// another client, key, gateway or node (403, not retryable with the same ticket).
     #[error("{message}")]
     BadTicket { message: String },
+    /// The browser's offer lists no video codec that both the gateway sends browsers
+    /// (`game.browser_codecs`) and a node that may serve the session encodes (422).
+    #[error("{message}")]
+    UnsupportedCodec { message: String },
     /// A fault of ours (the WebRTC stack failed), 500.
     #[error("{what}: {reason}")]
     Internal { what: &'static str, reason: String },
@@ -243,6 +247,13 @@ impl WhepError {
                 None,
                 message.clone(),
             ),
+            WhepError::UnsupportedCodec { message } => ApiError::new(
+                422,
+                "invalid_request_error",
+                Some("unsupported_codec"),
+                None,
+                message.clone(),
+            ),
             WhepError::Internal { .. } => ApiError::internal(self.to_string()),
         }
     }
@@ -283,6 +294,9 @@ impl WhepError {
                 message: e.message,
                 retry_after_s: e.retry_after_s.unwrap_or(1),
             },
+            Kind::Unprocessable if e.code == "unsupported_codec" => {
+                WhepError::UnsupportedCodec { message: e.message }
+            }
             Kind::Unavailable if e.code == crate::error::LEDGER_UNAVAILABLE => {
                 WhepError::LedgerUnavailable { message: e.message }
             }
@@ -532,7 +546,7 @@ pub fn play_request(title: &str, query: Option<&str>) -> Result<PlayRequest, Whe
         height: 0,
         fps: 0,
         bitrate_kbps: 0,
-        // Browsers get H.264: the WebRTC peer packetises and offers H.264 only.
+        // Browsers' codecs come from their offers (`offer_codecs`), not the address.
         codecs: vec![],
     };
     for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
@@ -550,6 +564,29 @@ pub fn play_request(title: &str, query: Option<&str>) -> Result<PlayRequest, Whe
         })?;
     }
     Ok(r)
+}
+
+/// The codecs a browser may get, most preferred first: those of `configured` (the gateway's
+/// `browser_codecs`, in its order) that the offer lists. None: 422 naming both lists.
+pub fn offer_codecs(
+    configured: &[String],
+    offered: &[&'static str],
+) -> Result<Vec<VideoCodec>, WhepError> {
+    let accepted: Vec<VideoCodec> = configured
+        .iter()
+        .filter(|c| offered.contains(&c.as_str()))
+        .filter_map(|c| VideoCodec::from_name(c))
+        .collect();
+    if accepted.is_empty() {
+        return Err(WhepError::UnsupportedCodec {
+            message: format!(
+                "the offer lists {} and this gateway sends browsers {} only",
+                offered.join(", "),
+                configured.join(", ")
+            ),
+        });
+    }
+    Ok(accepted)
 }
 
 async fn whep_post(
@@ -580,6 +617,8 @@ async fn whep_post(
     let ip = client.ip().unwrap_or(peer.ip());
     let offer = body_text(req, w.http.max_body_bytes as usize).await?;
     let summary = check_offer(&offer).map_err(|reason| WhepError::BadOffer { reason })?;
+    let accepted = offer_codecs(&w.games.config().browser_codecs, &summary.video_codecs)?;
+    params.codec = w.games.pick_codec(&location, &params, &accepted);
     // Route first: a refused client (geofence, no capacity) then costs no sockets. Frames that
     // arrive before the browser is connected are dropped, and a keyframe is asked for then.
     let (frames_tx, frames_rx) = mpsc::channel(FRAME_QUEUE);
@@ -609,6 +648,15 @@ async fn whep_post(
                 });
             }
             params = crate::game::redirect::ticket_params(&claims);
+            // Peers redirect H.264 sessions only (they do not know each other's encoders).
+            if !accepted.contains(&params.codec) {
+                return Err(WhepError::UnsupportedCodec {
+                    message: format!(
+                        "the redirected session is {}, which the offer does not list",
+                        params.codec
+                    ),
+                });
+            }
             w.games
                 .start_ticketed(&key, &claims, location, client.to_string(), "webrtc", sink)
                 .await

@@ -222,6 +222,8 @@ CREATE TABLE IF NOT EXISTS ledger_probe (
     // 6 (issue 14): the checker's records: check records and each gateway's latest vote per
     // node, the GPUs each node reports, and each node's verification snapshot (`checker.rs`).
     checker::MIGRATION,
+    // 7 (issue 15): the session's video codec in the sessions directory.
+    "ALTER TABLE game_session_dir ADD COLUMN codec TEXT NOT NULL DEFAULT 'h264'",
 ];
 
 /// The newest schema version this build knows.

@@ -39,14 +39,14 @@ impl PgStore {
         let mut conn = self.conn()?;
         conn.execute(
             "INSERT INTO game_session_dir (session_id, key_id, node_id, gateway_id, game, \
-             width, height, fps, bitrate_kbps, resume_token_sha256, updated_at_ms) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) \
+             width, height, fps, bitrate_kbps, resume_token_sha256, updated_at_ms, codec) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) \
              ON CONFLICT (session_id) DO UPDATE SET key_id = excluded.key_id, \
              node_id = excluded.node_id, gateway_id = excluded.gateway_id, \
              game = excluded.game, width = excluded.width, height = excluded.height, \
              fps = excluded.fps, bitrate_kbps = excluded.bitrate_kbps, \
              resume_token_sha256 = excluded.resume_token_sha256, \
-             updated_at_ms = excluded.updated_at_ms",
+             updated_at_ms = excluded.updated_at_ms, codec = excluded.codec",
             &[
                 &(e.session_id as i64),
                 &e.key_id,
@@ -59,6 +59,7 @@ impl PgStore {
                 &i64::from(e.bitrate_kbps),
                 &e.resume_token_sha256,
                 &i64_of(e.updated_at_ms),
+                &e.codec.as_str(),
             ],
         )
         .map_err(pg_err("put session directory entry"))?;
@@ -74,7 +75,7 @@ impl PgStore {
         let row = conn
             .query_opt(
                 "SELECT session_id, key_id, node_id, gateway_id, game, width, height, fps, \
-                 bitrate_kbps, resume_token_sha256, updated_at_ms FROM game_session_dir \
+                 bitrate_kbps, resume_token_sha256, updated_at_ms, codec FROM game_session_dir \
                  WHERE session_id = $1",
                 &[&(session_id as i64)],
             )
@@ -92,6 +93,9 @@ impl PgStore {
             bitrate_kbps: u32_of(r.get(8)),
             resume_token_sha256: r.get(9),
             updated_at_ms: u64::try_from(r.get::<_, i64>(10)).unwrap_or(0),
+            // A name this build does not know (a newer build wrote it) reads as H.264.
+            codec: nearpath_protocol::message::VideoCodec::from_name(&r.get::<_, String>(11))
+                .unwrap_or_default(),
         }))
     }
 
