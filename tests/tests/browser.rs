@@ -1709,7 +1709,7 @@ async fn chromium_plays_the_games_sound_in_sync_with_the_picture() {
     // Five beeps' worth (2 s apart) of sound and picture.
     let av = wait_eval(
         &page,
-        "(() => { const a = window.nearpath.av; return { beeps: a.beeps.length, flashes: a.flashes.length, offsets: a.offsets, ctx: a.contextLatencyMs, videoJb: window.nearpath.stats && window.nearpath.stats.jitterBufferMs }; })()",
+        "(() => { const a = window.nearpath.av; return { beeps: a.beeps.length, flashes: a.flashes.length, offsets: a.offsets, ctx: a.contextLatencyMs, videoJb: window.nearpath.stats && window.nearpath.stats.jitterBufferMs, hold: a.videoHoldMs }; })()",
         "five beep/flash pairs",
         |v| v["offsets"].as_array().is_some_and(|o| o.len() >= 5),
     )
@@ -1743,13 +1743,14 @@ async fn chromium_plays_the_games_sound_in_sync_with_the_picture() {
     let jb_ms = num(&audio, "jitterBufferDelay") / num(&audio, "jitterBufferEmittedCount").max(1.0)
         * 1000.0;
     println!(
-        "audio: {samples} samples ({:.1}% concealed), {} packets, jitter buffer {jb_ms:.1} ms; beep - flash offsets {offsets:?} ms, median {median:.1} ms ({} beeps, {} flashes; audio context latency {}, video jitter buffer {} ms)",
+        "audio: {samples} samples ({:.1}% concealed), {} packets, jitter buffer {jb_ms:.1} ms; beep - flash offsets {offsets:?} ms, median {median:.1} ms ({} beeps, {} flashes; audio context latency {}, video jitter buffer {} ms, video hold {} ms)",
         concealed / samples * 100.0,
         num(&audio, "packetsReceived"),
         av["beeps"],
         av["flashes"],
         av["ctx"],
-        av["videoJb"]
+        av["videoJb"],
+        av["hold"]
     );
     assert!(
         samples > num(&first, "totalSamplesReceived") + 48_000.0 * 4.0,
