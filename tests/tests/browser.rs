@@ -1670,11 +1670,11 @@ async fn the_page_hears_refused_video_changes_and_the_games_rumble() {
 
 /// How late the beep may be heard after its flash is shown, median, in ms, with `/play?sync=1`
 /// (what the issue asks: 40). In that mode the page leaves the playout-delay extension out of
-/// its offer and holds the video 60 ms in its jitter buffer, about what the sound's own
-/// pipeline costs (10 ms Opus packets, a ~32 ms jitter buffer, the audio output), and Chromium's
-/// lip sync works from the gateway's capture-clock sender reports. Measured here: medians of
-/// 27 to 35 ms. Without `sync=1` (the default: the picture is rendered as soon as it is
-/// decoded, input-to-photon first) the sound trails by 50 to 60 ms.
+/// its offer and holds the video in its jitter buffer as long as the sound's own pipeline takes
+/// (the audio jitter buffer's delay, ~32 ms, plus 38 ms for the 10 ms Opus packet and the audio
+/// output), and Chromium's lip sync works from the gateway's capture-clock sender reports.
+/// Measured here: medians of 18 to 28 ms (4 runs). Without `sync=1` (the default: the picture
+/// is rendered as soon as it is decoded, input-to-photon first) the sound trails by 50 to 61 ms.
 const AV_OFFSET_BOUND_MS: f64 = 40.0;
 
 /// Guards the browser audio path and A/V sync: Chromium receives and decodes the game's Opus
