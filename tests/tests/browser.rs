@@ -218,6 +218,10 @@ async fn chromium_plays_720p60_for_10_seconds_and_keys_move_the_ship() {
     .await;
     assert_eq!(sessions[0]["transport"], "webrtc");
     assert_eq!(sessions[0]["node"], "de-1");
+    // Input-to-photon first by default: the page offers the playout-delay extension (render
+    // each frame at once) and the gateway takes it; only `/play?sync=1` leaves it out.
+    let sync = page.eval("window.nearpath.syncStats()").await.unwrap();
+    assert_eq!(sync["playoutDelayExtension"], true, "{sync}");
 
     // Where the ship is on screen before any input: the centre.
     let (x0, _) = ship_on_screen(&page).await;
