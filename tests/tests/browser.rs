@@ -218,6 +218,10 @@ async fn chromium_plays_720p60_for_10_seconds_and_keys_move_the_ship() {
     .await;
     assert_eq!(sessions[0]["transport"], "webrtc");
     assert_eq!(sessions[0]["node"], "de-1");
+    // Input-to-photon first by default: the page offers the playout-delay extension (render
+    // each frame at once) and the gateway takes it; only `/play?sync=1` leaves it out.
+    let sync = page.eval("window.nearpath.syncStats()").await.unwrap();
+    assert_eq!(sync["playoutDelayExtension"], true, "{sync}");
 
     // Where the ship is on screen before any input: the centre.
     let (x0, _) = ship_on_screen(&page).await;
@@ -1689,19 +1693,20 @@ async fn the_page_hears_refused_video_changes_and_the_games_rumble() {
 // ---------------------------------------------------------------------------------------------
 // Sound: the Opus track in the same peer connection, and A/V sync measured in the page.
 
-/// How late the beep may be heard after its flash is shown, median, in ms. The issue asks for
-/// 40; this build measures medians of 48 to 72 ms here (4 runs): the video track plays with a zero playout delay
-/// (input-to-photon first), so Chromium cannot hold the picture back to its sound, and the sound
-/// waits in its jitter buffer (about 30 ms) and the audio output (10 ms) while the picture does
-/// not. Lowering it needs either audio's jitter buffer below Chromium's minimum or a video
-/// playout delay (input-to-photon paid for sync); see the report of issue 15.
-const AV_OFFSET_BOUND_MS: f64 = 100.0;
+/// How late the beep may be heard after its flash is shown, median, in ms, with `/play?sync=1`
+/// (what the issue asks: 40). In that mode the page leaves the playout-delay extension out of
+/// its offer and holds the video in its jitter buffer as long as the sound's own pipeline takes
+/// (the audio jitter buffer's delay, ~32 ms, plus 38 ms for the 10 ms Opus packet and the audio
+/// output), and Chromium's lip sync works from the gateway's capture-clock sender reports.
+/// Measured here: medians of 18 to 28 ms (4 runs). Without `sync=1` (the default: the picture
+/// is rendered as soon as it is decoded, input-to-photon first) the sound trails by 50 to 61 ms.
+const AV_OFFSET_BOUND_MS: f64 = 40.0;
 
 /// Guards the browser audio path and A/V sync: Chromium receives and decodes the game's Opus
 /// track (`inbound-rtp` audio: samples grow, under 5% concealed), and the offset between the
 /// beep it hears and the flash it shows (the built-in game makes both at the same instant of
-/// its timeline, every 2 s) stays within [`AV_OFFSET_BOUND_MS`], median of five beeps; the
-/// sound is never early.
+/// its timeline, every 2 s) stays within [`AV_OFFSET_BOUND_MS`] either way, median of five
+/// beeps, in the page's sync mode (`/play?sync=1`); both tracks are in one MediaStream.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chromium_plays_the_games_sound_in_sync_with_the_picture() {
     let _one = ONE_BROWSER_AT_A_TIME.lock().await;
@@ -1709,7 +1714,9 @@ async fn chromium_plays_the_games_sound_in_sync_with_the_picture() {
     let mut node = TestNode::start(with_arena(gw.node_config("de-1", &gw.token)), ip(DE));
     node.registered().await;
     let browser = Browser::launch().await;
-    let page = browser.open(&play_url(&gw, 640, 360, 30)).await;
+    let page = browser
+        .open(&format!("{}&sync=1", play_url(&gw, 640, 360, 30)))
+        .await;
     wait_stats(
         &page,
         "the first decoded frame",
@@ -1727,12 +1734,27 @@ async fn chromium_plays_the_games_sound_in_sync_with_the_picture() {
     // Five beeps' worth (2 s apart) of sound and picture.
     let av = wait_eval(
         &page,
-        "(() => { const a = window.nearpath.av; return { beeps: a.beeps.length, flashes: a.flashes.length, offsets: a.offsets, ctx: a.contextLatencyMs, videoJb: window.nearpath.stats && window.nearpath.stats.jitterBufferMs }; })()",
+        "(() => { const a = window.nearpath.av; return { beeps: a.beeps.length, flashes: a.flashes.length, offsets: a.offsets, ctx: a.contextLatencyMs, videoJb: window.nearpath.stats && window.nearpath.stats.jitterBufferMs, hold: a.videoHoldMs }; })()",
         "five beep/flash pairs",
         |v| v["offsets"].as_array().is_some_and(|o| o.len() >= 5),
     )
     .await;
     let audio = page.eval("window.nearpath.audioStats()").await.unwrap();
+    // What Chromium knows: both tracks in one stream (it lip-syncs only those), and in sync
+    // mode no playout-delay extension negotiated (it would render video at once).
+    let sync = page.eval("window.nearpath.syncStats()").await.unwrap();
+    println!("sync: {sync}");
+    let msid: Vec<&str> = sync["msid"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|l| l.as_str()?.strip_prefix("a=msid:")?.split(' ').next())
+        .collect();
+    assert!(
+        msid.len() == 2 && msid[0] == msid[1],
+        "audio and video in one stream: {sync}"
+    );
+    assert_eq!(sync["playoutDelayExtension"], false, "{sync}");
     let samples = num(&audio, "totalSamplesReceived");
     let concealed = num(&audio, "concealedSamples");
     let mut offsets: Vec<f64> = av["offsets"]
@@ -1746,13 +1768,14 @@ async fn chromium_plays_the_games_sound_in_sync_with_the_picture() {
     let jb_ms = num(&audio, "jitterBufferDelay") / num(&audio, "jitterBufferEmittedCount").max(1.0)
         * 1000.0;
     println!(
-        "audio: {samples} samples ({:.1}% concealed), {} packets, jitter buffer {jb_ms:.1} ms; beep - flash offsets {offsets:?} ms, median {median:.1} ms ({} beeps, {} flashes; audio context latency {}, video jitter buffer {} ms)",
+        "audio: {samples} samples ({:.1}% concealed), {} packets, jitter buffer {jb_ms:.1} ms; beep - flash offsets {offsets:?} ms, median {median:.1} ms ({} beeps, {} flashes; audio context latency {}, video jitter buffer {} ms, video hold {} ms)",
         concealed / samples * 100.0,
         num(&audio, "packetsReceived"),
         av["beeps"],
         av["flashes"],
         av["ctx"],
-        av["videoJb"]
+        av["videoJb"],
+        av["hold"]
     );
     assert!(
         samples > num(&first, "totalSamplesReceived") + 48_000.0 * 4.0,
@@ -1763,7 +1786,7 @@ async fn chromium_plays_the_games_sound_in_sync_with_the_picture() {
         "{concealed} of {samples} samples concealed"
     );
     assert!(
-        (-10.0..=AV_OFFSET_BOUND_MS).contains(&median),
+        (-AV_OFFSET_BOUND_MS..=AV_OFFSET_BOUND_MS).contains(&median),
         "beep/flash offset median {median} ms: {offsets:?}"
     );
     let sessions = gw.admin_get("/admin/sessions").await;

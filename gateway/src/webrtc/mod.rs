@@ -122,7 +122,14 @@
 //! 5% are ignored, at most two per second, none in the first 6 s (Chromium reports its start
 //! value until it has measured the incoming rate for 5 s). NACKs are answered from a send
 //! history. The `playout-delay` header extension (min = max = 0), when the browser offers it,
-//! puts Chromium on its low-latency rendering path (each frame rendered as soon as decoded).
+//! puts Chromium on its low-latency rendering path (each frame rendered as soon as decoded);
+//! a page that wants lip sync instead (`/play?sync=1`) leaves it out of its offer.
+//!
+//! # Sender reports
+//! The gateway writes the RTCP sender reports of both tracks itself (about once a second per
+//! track): NTP time is the capture time of a packet (the node's clock, Unix µs) and RTP time
+//! that packet's own timestamp, so the browser maps audio and video onto one capture clock.
+//! webrtc-rs' sender-report interceptor (RTP time ↔ send time) is not registered.
 //!
 //! # Sockets
 //! Each session binds its own UDP port: one from `game.webrtc_udp_port_min..=max` when set (a

@@ -5,11 +5,11 @@ use super::ports::{PortLease, PortLeases};
 use super::{WhepError, ABS_SEND_TIME_URI, PLAYOUT_DELAY_URI};
 use nearpath_config::GameConfig;
 use nearpath_protocol::message::{GameParams, VideoCodec};
-use rtc::interceptor::{Attribute, Interceptor, Packet, Slot, StreamInfo, TaggedPacket};
-use rtc::media_stream::MediaStreamTrack;
-use rtc::peer_connection::configuration::interceptor_registry::{
-    configure_nack, configure_rtcp_reports,
+use rtc::interceptor::{
+    Attribute, Interceptor, Packet, ReceiverReportBuilder, Slot, StreamInfo, TaggedPacket,
 };
+use rtc::media_stream::MediaStreamTrack;
+use rtc::peer_connection::configuration::interceptor_registry::configure_nack;
 use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
 use rtc::rtcp::payload_feedbacks::receiver_estimated_maximum_bitrate::ReceiverEstimatedMaximumBitrate;
@@ -329,7 +329,12 @@ pub(super) async fn negotiate(
                 )
                 .map_err(internal("registering a header extension"))?;
         }
-        let registry = configure_rtcp_reports(configure_nack(Registry::new(), &mut media))
+        // No sender-report interceptor: it maps a track's RTP time to the time its last packet
+        // was *sent*, which differs between the tracks by their capture-to-send latencies. The
+        // session writes its own sender reports from the capture clock (`session.rs`,
+        // `SenderReports`), so audio and video map to one timeline.
+        let registry = configure_nack(Registry::new(), &mut media)
+            .with(Slot::ReceiverReport, ReceiverReportBuilder::new().build())
             .with(Slot::from(12_500), FeedbackTap::default());
         let settings = SettingEngineBuilder::new()
             .with_multicast_dns_mode(rtc::ice::mdns::MulticastDnsMode::Disabled);

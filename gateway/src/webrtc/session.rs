@@ -16,6 +16,7 @@ use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
 use rtc::rtcp::payload_feedbacks::receiver_estimated_maximum_bitrate::ReceiverEstimatedMaximumBitrate;
 use rtc::rtp::codec::av1::Av1Payloader;
+use rtc::rtcp::sender_report::SenderReport;
 use rtc::rtp::codec::h264::H264Payloader;
 use rtc::rtp::codec::h265::HevcPayloader;
 use rtc::rtp::packetizer::{new_packetizer, Packetizer};
@@ -47,6 +48,87 @@ fn rtp_ts(base: u32, capture_ts_us: u64, clock_hz: u64) -> u32 {
     base.wrapping_add(ticks as u32)
 }
 
+/// How often each track sends a sender report (RFC 3550 suggests about every 5 s for a few
+/// members; Chromium's lip sync needs two reports per track before it acts, so once a second).
+const SENDER_REPORT_INTERVAL: Duration = Duration::from_secs(1);
+
+/// A sender report for a track: NTP time is the capture time of a packet (Unix µs → NTP) and
+/// RTP time is exactly that packet's RTP timestamp (`rtp_ts` with the same origin and rate), so
+/// the reports of both tracks put their media on the one capture clock, whatever each track's
+/// capture-to-send latency.
+fn sender_report(
+    ssrc: u32,
+    ts_base: u32,
+    clock_hz: u64,
+    capture_ts_us: u64,
+    packets: u32,
+    octets: u32,
+) -> SenderReport {
+    SenderReport {
+        ssrc,
+        ntp_time: rtc::shared::time::SystemInstant::unix2ntp(Duration::from_micros(capture_ts_us)),
+        rtp_time: rtp_ts(ts_base, capture_ts_us, clock_hz),
+        packet_count: packets,
+        octet_count: octets,
+        ..Default::default()
+    }
+}
+
+/// One track's sender-report state: counts and when the last report went out.
+struct SenderReports {
+    ssrc: u32,
+    ts_base: u32,
+    clock_hz: u64,
+    packets: u32,
+    octets: u32,
+    last: Option<Instant>,
+}
+
+impl SenderReports {
+    fn new(ssrc: u32, ts_base: u32, clock_hz: u64) -> Self {
+        SenderReports {
+            ssrc,
+            ts_base,
+            clock_hz,
+            packets: 0,
+            octets: 0,
+            last: None,
+        }
+    }
+
+    fn count(&mut self, payload_len: usize) {
+        self.packets = self.packets.wrapping_add(1);
+        self.octets = self.octets.wrapping_add(payload_len as u32);
+    }
+
+    /// The report to send after a packet captured at `capture_ts_us`, if one is due.
+    fn due(&mut self, now: Instant, capture_ts_us: u64) -> Option<SenderReport> {
+        if self
+            .last
+            .is_some_and(|l| now.duration_since(l) < SENDER_REPORT_INTERVAL)
+        {
+            return None;
+        }
+        self.last = Some(now);
+        Some(sender_report(
+            self.ssrc,
+            self.ts_base,
+            self.clock_hz,
+            capture_ts_us,
+            self.packets,
+            self.octets,
+        ))
+    }
+}
+
+/// Writes a sender report on `track`'s sender (a report that cannot be written is only logged:
+/// the next one comes a second later).
+async fn send_report(track: &TrackLocalStaticRTP, sr: SenderReport) {
+    if let Err(e) = track.write_rtcp(vec![Box::new(sr)]).await {
+        debug!(error = %e, "sender report not written");
+    }
+}
+
 /// The audio sender once the connection is up.
 struct Audio {
     track: Arc<TrackLocalStaticRTP>,
@@ -59,6 +141,7 @@ struct Audio {
     marker: bool,
     /// Capture time of the end of the last packet written.
     next_ts_us: u64,
+    reports: SenderReports,
 }
 
 impl Audio {
@@ -84,7 +167,12 @@ impl Audio {
                 payload: p.opus.clone(),
             })
             .await
-            .map_err(|e| e.to_string())
+            .map_err(|e| e.to_string())?;
+        self.reports.count(p.opus.len());
+        if let Some(sr) = self.reports.due(Instant::now(), p.capture_ts_us) {
+            send_report(&self.track, sr).await;
+        }
+        Ok(())
     }
 }
 
@@ -99,14 +187,16 @@ async fn start_audio(n: &Negotiated) -> Option<Audio> {
         .find(|c| c.rtp_codec.mime_type.eq_ignore_ascii_case("audio/opus"))
         .map(|c| c.payload_type)?;
     debug!(payload_type = pt, ssrc = n.audio.ssrc, "audio sender ready");
+    let ts_base = rand::random();
     Some(Audio {
         track: n.audio.track.clone(),
         payload_type: pt,
         ssrc: n.audio.ssrc,
         seq: rand::random(),
-        ts_base: rand::random(),
+        ts_base,
         marker: true,
         next_ts_us: 0,
+        reports: SenderReports::new(n.audio.ssrc, ts_base, AUDIO_CLOCK_HZ),
     })
 }
 /// The playout-delay extension's value for "no playout delay": 12 bits min, 12 bits max, both 0.
@@ -126,6 +216,7 @@ struct Video {
     /// skips packets without it and would measure only a fraction of the rate (the packetizer's
     /// own option marks only a frame's last packet).
     abs_send_time_id: Option<u8>,
+    reports: SenderReports,
 }
 
 impl Video {
@@ -164,7 +255,11 @@ impl Video {
                     .set_extension(id, abs_send_time(clock))
                     .map_err(|e| e.to_string())?;
             }
+            self.reports.count(p.payload.len());
             self.track.write_rtp(p).await.map_err(|e| e.to_string())?;
+        }
+        if let Some(sr) = self.reports.due(at, capture_ts_us) {
+            send_report(&self.track, sr).await;
         }
         Ok(ts)
     }
@@ -265,13 +360,15 @@ async fn start_video(n: &Negotiated, now: Instant) -> Result<Video, String> {
         ?abs_send_time_id,
         "video sender ready"
     );
+    let ts_base = rand::random();
     Ok(Video {
         track: n.track.clone(),
         codec: n.codec,
         packetizer: Box::new(packetizer),
-        ts_base: rand::random(),
+        ts_base,
         playout_delay_id,
         abs_send_time_id,
+        reports: SenderReports::new(n.ssrc, ts_base, VIDEO_CLOCK_HZ),
     })
 }
 
@@ -559,5 +656,48 @@ mod tests {
             rtp_ts(u32::MAX, t + 20_000, AUDIO_CLOCK_HZ).wrapping_sub(a),
             960
         );
+    }
+
+    /// Guards A/V sync: each track's sender report pairs a packet's capture time (as NTP) with
+    /// exactly the RTP timestamp that packet carries, so audio and video captured at the same
+    /// instant map to the same NTP time, whatever their rates, origins or send times.
+    #[test]
+    fn sender_reports_map_rtp_time_to_the_capture_clock_for_both_tracks() {
+        use rtc::shared::time::SystemInstant;
+        let t = 1_765_000_000_123_456u64;
+        let (abase, vbase) = (0xdead_beef_u32, 0x0123_4567_u32);
+        let a = sender_report(1, abase, AUDIO_CLOCK_HZ, t, 10, 1000);
+        let v = sender_report(2, vbase, VIDEO_CLOCK_HZ, t, 20, 2000);
+        // The RTP time is the packet's own timestamp.
+        assert_eq!(a.rtp_time, rtp_ts(abase, t, AUDIO_CLOCK_HZ));
+        assert_eq!(v.rtp_time, rtp_ts(vbase, t, VIDEO_CLOCK_HZ));
+        // Both reports name the same instant: the capture time, not a send time.
+        assert_eq!(a.ntp_time, v.ntp_time);
+        let back = SystemInstant::ntp2unix(a.ntp_time).as_micros() as i128;
+        assert!((back - i128::from(t)).abs() <= 1, "{back} vs {t}");
+        assert_eq!((a.ssrc, a.packet_count, a.octet_count), (1, 10, 1000));
+        // A later report of either track extrapolates like the other: 1 s later is 48 000
+        // audio ticks and 90 000 video ticks after the first, at NTP + 1 s.
+        let a2 = sender_report(1, abase, AUDIO_CLOCK_HZ, t + 1_000_000, 0, 0);
+        let v2 = sender_report(2, vbase, VIDEO_CLOCK_HZ, t + 1_000_000, 0, 0);
+        assert_eq!(a2.rtp_time.wrapping_sub(a.rtp_time), 48_000);
+        assert_eq!(v2.rtp_time.wrapping_sub(v.rtp_time), 90_000);
+        assert_eq!(a2.ntp_time - a.ntp_time, 1 << 32);
+        assert_eq!(v2.ntp_time, a2.ntp_time);
+    }
+
+    /// Guards the report rate: one per track per second, counting every packet.
+    #[test]
+    fn sender_reports_go_out_once_a_second_with_the_counts() {
+        let mut r = SenderReports::new(5, 0, AUDIO_CLOCK_HZ);
+        let t0 = Instant::now();
+        r.count(100);
+        let first = r.due(t0, 1_000).expect("the first report goes out at once");
+        assert_eq!((first.packet_count, first.octet_count), (1, 100));
+        r.count(50);
+        assert!(r.due(t0 + Duration::from_millis(999), 2_000).is_none());
+        let next = r.due(t0 + Duration::from_millis(1000), 3_000).unwrap();
+        assert_eq!((next.packet_count, next.octet_count), (2, 150));
+        assert_eq!(next.rtp_time, rtp_ts(0, 3_000, AUDIO_CLOCK_HZ));
     }
 }
