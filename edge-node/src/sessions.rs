@@ -23,11 +23,10 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info_span, warn, Instrument};
 
-/// The next packet of a session's sound; never ready when it has none.
-async fn recv_sound(
-    sound: &mut Option<tokio::sync::mpsc::Receiver<EncodedAudio>>,
-) -> Option<EncodedAudio> {
-    match sound {
+/// The next item of an optional channel (a session's sound, its rumbles); never ready when
+/// there is none, `None` once the channel has closed.
+async fn recv_opt<T>(rx: &mut Option<tokio::sync::mpsc::Receiver<T>>) -> Option<T> {
+    match rx {
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,
     }
@@ -591,7 +590,7 @@ impl Sessions {
                         return LegEnd::Over;
                     }
                 },
-                a = recv_sound(sound) => match a {
+                a = recv_opt(sound) => match a {
                     Some(packet) => send_sound(&ctx.conn, session_id, packet),
                     // The source's sound ended (an external program closed its pipe): the
                     // session goes on silent.
@@ -599,9 +598,13 @@ impl Sessions {
                 },
                 Some((seq, outcome)) = sender.done.recv() => sender.outcome(seq, outcome),
                 // The game asks for a vibration: on the session stream, to the gateway.
-                Some(r) = async { match rumbles.as_mut() { Some(rx) => rx.recv().await, None => std::future::pending().await } } => {
-                    let _ = send(tx, &Message::Rumble(r)).await;
-                }
+                r = recv_opt(rumbles) => match r {
+                    Some(r) => {
+                        let _ = send(tx, &Message::Rumble(r)).await;
+                    }
+                    // The game asks for no more (it ended, or never could).
+                    None => *rumbles = None,
+                },
                 _ = sleep_until_opt(timeout) => {
                     let reset = sender.reset_late();
                     for _ in 0..reset {

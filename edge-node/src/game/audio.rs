@@ -59,11 +59,6 @@ pub fn flash_on(t_us: u64) -> bool {
     beep_on(t_us)
 }
 
-/// Session time of frame slot `index` at `fps`, in microseconds.
-pub fn slot_time_us(index: u64, fps: u32) -> u64 {
-    index.saturating_mul(1_000_000) / u64::from(fps.max(1))
-}
-
 /// Session time of sample `n`, in microseconds.
 pub fn sample_time_us(n: u64) -> u64 {
     n.saturating_mul(1_000_000) / u64::from(SAMPLE_RATE)
@@ -497,6 +492,11 @@ mod tests {
         let power = s1 * s1 + s2 * s2 - 2.0 * w.cos() * s1 * s2;
         let total: f64 = left.iter().map(|x| x * x).sum::<f64>() * left.len() as f64 / 2.0;
         power / total.max(1.0)
+    }
+
+    /// Session time of frame slot `index` at `fps`, in microseconds, as the pacer makes it due.
+    fn slot_time_us(index: u64, fps: u32) -> u64 {
+        crate::game::pacer::slot_offset(index, fps).as_micros() as u64
     }
 
     #[test]

@@ -77,7 +77,7 @@ impl Pacer {
 }
 
 /// Time from the start to slot `index`: `index / fps` seconds, rounded down to a nanosecond.
-fn slot_offset(index: u64, fps: u32) -> Duration {
+pub(crate) fn slot_offset(index: u64, fps: u32) -> Duration {
     let nanos = u128::from(index) * 1_000_000_000 / u128::from(fps);
     Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX))
 }
