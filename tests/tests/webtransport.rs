@@ -248,6 +248,7 @@ async fn when_the_serving_node_dies_a_webtransport_player_is_paused_and_frames_r
     assert_eq!(sessions["data"][0]["node"], "de-1");
     near.task.abort();
     let killed = Instant::now();
+    let session = p.session.clone();
     let mut paused = false;
     let mut resumed = false;
     let resumed_at = loop {
@@ -257,7 +258,7 @@ async fn when_the_serving_node_dies_a_webtransport_player_is_paused_and_frames_r
                 Some(Message::Resumed) => resumed = true,
                 other => panic!("unexpected {other:?}"),
             },
-            f = p.next_frame() => {
+            f = wt_client::next_frame(&session) => {
                 let f = f.unwrap();
                 if paused && f.header.keyframe {
                     break Instant::now();
