@@ -173,7 +173,7 @@ pub(super) async fn gateway_fleet(a: &RelayCapacityArgs, gw: &Gw, n: u32) -> any
                 let session = p.session.clone();
                 let id = p.started.session_id;
                 player_side.push(Box::new(p));
-                (id, PlayerFrames::WebTransport(session))
+                (id, PlayerFrames::WebTransport(Box::new(session)))
             }
         };
         let node = opened_session(&mut opened_rx, &mut pending, session_id).await?;

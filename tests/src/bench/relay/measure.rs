@@ -32,8 +32,8 @@ pub(super) async fn collect(frames: FrameStream, last: u64, not_before: Instant)
 pub(super) enum PlayerFrames {
     /// A native client's frame streams.
     Native(FrameStream),
-    /// A WebTransport session's uni streams.
-    WebTransport(web_transport_quinn::Session),
+    /// A WebTransport session's uni streams (boxed: the session is large).
+    WebTransport(Box<web_transport_quinn::Session>),
 }
 
 impl PlayerFrames {
