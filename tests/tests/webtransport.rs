@@ -111,6 +111,49 @@ async fn the_webtransport_info_names_the_quic_port_and_the_certificate_the_gatew
     gw.stop().await;
 }
 
+/// A renewed certificate is served to new connections at once; the page's list names it first
+/// and the previous one after it (a page that fetched the list just before still connects), and
+/// a session on the previous certificate goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewed_certificate_is_served_at_once_and_the_previous_hash_stays_listed() {
+    let gw = TestGateway::start(|_| {}).await;
+    let node = arena_node(&gw, "de-1", ip(DE)).await;
+    let before = wt_client::fetch_info(gw.addrs.http).await.unwrap();
+    let p = wt_play(&gw, 320, 180, 30).await;
+    frame(&p).await;
+    gw.shared.wt_certs.as_ref().unwrap().rotate().unwrap();
+    let after = wt_client::fetch_info(gw.addrs.http).await.unwrap();
+    assert_eq!(after.cert_hashes.len(), 2);
+    assert_ne!(after.cert_hashes[0], before.cert_hashes[0]);
+    assert_eq!(after.cert_hashes[1], before.cert_hashes[0]);
+    // New connections get the new certificate: pinning only the old one fails, the list works.
+    assert!(wt_client::connect(
+        ip(FR_CLIENT),
+        gw.addrs.quic,
+        "/v1/play",
+        &before.cert_hashes
+    )
+    .await
+    .is_err());
+    let (_s, presented) =
+        wt_client::connect(ip(FR_CLIENT), gw.addrs.quic, "/v1/play", &after.cert_hashes)
+            .await
+            .unwrap();
+    assert_eq!(presented, after.cert_hashes[0]);
+    // The session that started on the old certificate still plays.
+    for _ in 0..10 {
+        frame(&p).await;
+    }
+    p.session.close(0, b"done");
+    let sid = p.started.session_id;
+    wait_until("the session ended", || async {
+        admin_game_session(&gw, sid).await.is_none()
+    })
+    .await;
+    node.stop().await.unwrap();
+    gw.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_webtransport_disabled_the_info_is_404_and_h3_is_not_offered() {
     let gw = TestGateway::start(|c| c.webtransport.enabled = false).await;
