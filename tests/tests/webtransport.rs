@@ -468,6 +468,8 @@ async fn a_client_that_never_sends_a_play_request_is_closed_at_the_auth_timeout_
 async fn hostile_datagrams_and_streams_are_ignored_and_counted_and_other_tenants_see_no_session() {
     let gw = TestGateway::start(|_| {}).await;
     let node = arena_node(&gw, "de-1", ip(DE)).await;
+    // A second player's session (below) needs a second node slot.
+    let node2 = arena_node(&gw, "de-2", ip(DE)).await;
     let p = wt_play(&gw, 320, 180, 30).await;
     let sid = p.started.session_id;
     frame(&p).await;
@@ -512,7 +514,7 @@ async fn hostile_datagrams_and_streams_are_ignored_and_counted_and_other_tenants
         dropped("malformed").await >= 1.0
     })
     .await;
-    // Input naming another session id (unknown, or live but another connection's).
+    // Input naming a session id nobody plays.
     p.session
         .send_datagram(Bytes::from(input(sid + 1000, 1001)))
         .unwrap();
@@ -520,6 +522,21 @@ async fn hostile_datagrams_and_streams_are_ignored_and_counted_and_other_tenants
         dropped("foreign").await >= 1.0
     })
     .await;
+    // Input naming another WebTransport player's live session: ignored the same way, and that
+    // session's input count does not move.
+    let other = wt_play(&gw, 320, 180, 30).await;
+    let other_sid = other.started.session_id;
+    frame(&other).await;
+    p.session
+        .send_datagram(Bytes::from(input(other_sid, 1002)))
+        .unwrap();
+    wait_until("foreign counted", || async {
+        dropped("foreign").await >= 2.0
+    })
+    .await;
+    let view = admin_game_session(&gw, other_sid).await.expect("live");
+    assert_eq!(view["inputs"], 0, "{view}");
+    other.session.close(0, b"done");
     // A datagram as large as the path allows.
     let max = raw.max_datagram_size().unwrap();
     raw.send_datagram(Bytes::from(vec![0u8; max])).unwrap();
@@ -571,13 +588,14 @@ async fn hostile_datagrams_and_streams_are_ignored_and_counted_and_other_tenants
         .await;
     assert_eq!(status, 404, "{body}");
     assert!(admin_game_session(&gw, sid).await.is_some());
-    // The player leaves (so that the node has no session to drain when it stops).
+    // The players leave (so that the nodes have no session to drain when they stop).
     p.session.close(0, b"done");
-    wait_until("the session ended", || async {
-        admin_game_session(&gw, sid).await.is_none()
+    wait_until("the sessions ended", || async {
+        admin_game_session_count(&gw).await == 0
     })
     .await;
     node.stop().await.unwrap();
+    node2.stop().await.unwrap();
     gw.stop().await;
 }
 
