@@ -270,5 +270,8 @@ fn webrtc_load_delivers_every_frame_over_webrtc_and_quic() {
     // Each 20 KB frame is many RTP packets, and each player heard pongs to its pings.
     assert!(run["rtp_packets"].as_u64().unwrap() > 240 * 5, "{v}");
     assert!(run["pongs"].as_u64().unwrap() >= 2, "{v}");
-    assert!(r["ratio_webrtc_over_quic_per_session"].as_f64().unwrap() > 0.0, "{v}");
+    assert!(
+        r["ratio_webrtc_over_quic_per_session"].as_f64().unwrap() > 0.0,
+        "{v}"
+    );
 }

@@ -308,7 +308,12 @@ pub(super) async fn negotiate(
                 RtpCodecKind::Audio,
             )
             .map_err(internal("registering Opus"))?;
-        for (typ, parameter) in [("ccm", "fir"), ("goog-remb", ""), ("nack", ""), ("nack", "pli")] {
+        for (typ, parameter) in [
+            ("ccm", "fir"),
+            ("goog-remb", ""),
+            ("nack", ""),
+            ("nack", "pli"),
+        ] {
             media.register_feedback(
                 RTCPFeedback {
                     typ: typ.to_string(),

@@ -142,7 +142,9 @@ pub fn start_gateway(p: &Placement, live: Liveness, nofile: u64) -> anyhow::Resu
         args.push(d.display().to_string());
     }
     let child = match &p.gateway_exe {
-        Some(exe) => Child::spawn_program("gateway", exe.as_os_str(), &args, Duration::from_secs(30))?,
+        Some(exe) => {
+            Child::spawn_program("gateway", exe.as_os_str(), &args, Duration::from_secs(30))?
+        }
         None => Child::spawn("gateway", &args, Duration::from_secs(30))?,
     };
     Ok(GatewayProc {

@@ -152,7 +152,8 @@ pub(super) fn interarrival_jitter(log: &RecvLog, from: u64, to: u64) -> Vec<f64>
         .filter(|w| w[1].seq == w[0].seq + 1)
         .map(|w| {
             let arrival = w[1].at_us as f64 - w[0].at_us as f64;
-            let capture = (w[1].at_us as f64 - w[1].latency_us) - (w[0].at_us as f64 - w[0].latency_us);
+            let capture =
+                (w[1].at_us as f64 - w[1].latency_us) - (w[0].at_us as f64 - w[0].latency_us);
             (arrival - capture).abs()
         })
         .collect()
@@ -261,8 +262,10 @@ fn client_media() -> anyhow::Result<MediaEngine> {
 impl WhepPlayer {
     async fn connect(http: SocketAddr, api_key: &str, shape: &StreamShape) -> anyhow::Result<Self> {
         let mut media = client_media()?;
-        let registry = configure_nack(Registry::new(), &mut media)
-            .with(rtc::interceptor::Slot::ReceiverReport, ReceiverReportBuilder::new().build());
+        let registry = configure_nack(Registry::new(), &mut media).with(
+            rtc::interceptor::Slot::ReceiverReport,
+            ReceiverReportBuilder::new().build(),
+        );
         let log = Arc::new(Mutex::new(PlayerLog::default()));
         let (gathered_tx, mut gathered_rx) = tokio::sync::watch::channel(false);
         let (connected_tx, connected) = tokio::sync::watch::channel(false);
@@ -676,7 +679,10 @@ pub async fn run_webrtc_load(a: WebrtcLoadArgs) -> anyhow::Result<()> {
         .split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
-        .map(|s| s.parse::<u32>().map_err(|e| anyhow!("--sessions {s:?}: {e}")))
+        .map(|s| {
+            s.parse::<u32>()
+                .map_err(|e| anyhow!("--sessions {s:?}: {e}"))
+        })
         .collect::<Result<_, _>>()?;
     if steps.is_empty() || steps.contains(&0) {
         bail!("--sessions must name session counts above 0");
@@ -697,8 +703,18 @@ pub async fn run_webrtc_load(a: WebrtcLoadArgs) -> anyhow::Result<()> {
         1e3 / plan.fps() as f64
     );
     let mut table = Table::new(&[
-        "sessions", "transport", "gw cpu %", "gw %/session", "gen cpu %", "frames recv/exp", "late",
-        "lost", "lat p50 ms", "lat p99 ms", "jitter p99 ms", "rtp lost",
+        "sessions",
+        "transport",
+        "gw cpu %",
+        "gw %/session",
+        "gen cpu %",
+        "frames recv/exp",
+        "late",
+        "lost",
+        "lat p50 ms",
+        "lat p99 ms",
+        "jitter p99 ms",
+        "rtp lost",
     ]);
     let mut out = Vec::new();
     for &n in &steps {
@@ -775,7 +791,10 @@ pub async fn run_webrtc_load(a: WebrtcLoadArgs) -> anyhow::Result<()> {
         }
         if let (Some(w), Some(b)) = (per.get("webrtc"), per.get("webrtc-base")) {
             let ratio = w.median() / b.median().max(1e-9);
-            entry.insert("ratio_webrtc_over_webrtc_base_per_session".into(), num(ratio));
+            entry.insert(
+                "ratio_webrtc_over_webrtc_base_per_session".into(),
+                num(ratio),
+            );
         }
         out.push(Value::Object(entry));
     }
@@ -783,11 +802,20 @@ pub async fn run_webrtc_load(a: WebrtcLoadArgs) -> anyhow::Result<()> {
     for e in &out {
         for (key, what) in [
             ("ratio_webrtc_over_quic_per_session", "WebRTC / native QUIC"),
-            ("ratio_webrtc_base_over_quic_per_session", "WebRTC (baseline gateway) / native QUIC"),
-            ("ratio_webrtc_over_webrtc_base_per_session", "WebRTC this build / baseline"),
+            (
+                "ratio_webrtc_base_over_quic_per_session",
+                "WebRTC (baseline gateway) / native QUIC",
+            ),
+            (
+                "ratio_webrtc_over_webrtc_base_per_session",
+                "WebRTC this build / baseline",
+            ),
         ] {
             if let Some(r) = e[key].as_f64() {
-                println!("  {} sessions: {what}, gateway CPU per session: {r:.2}x", e["sessions"]);
+                println!(
+                    "  {} sessions: {what}, gateway CPU per session: {r:.2}x",
+                    e["sessions"]
+                );
             }
         }
     }
