@@ -267,3 +267,47 @@ fn relay_capacity_over_webtransport_delivers_the_frames_of_a_few_sessions() {
     assert!(received as f64 >= 0.9 * expected as f64, "{v}");
     assert!(run["gateway_cpu_percent"].as_f64().unwrap() > 0.0, "{v}");
 }
+
+/// Guards `bench webrtc-load`: WebRTC players negotiate with the gateway over WHEP, receive
+/// every measured frame as RTP (matched to the gateway's `frame` messages), keep their sessions
+/// alive with pings, and the native QUIC baseline runs beside them in the same invocation.
+#[test]
+fn webrtc_load_delivers_every_frame_over_webrtc_and_quic() {
+    let v = bench(&[
+        "webrtc-load",
+        "--sessions",
+        "2",
+        "--seconds",
+        "2",
+        "--warmup-seconds",
+        "1.5",
+        "--repeat",
+        "1",
+        // An IDR every half second: the warm-up holds one, so each player is decoding-ready
+        // (the gateway skips frames until a keyframe) before the measured window.
+        "--idr-every-s",
+        "0.5",
+        "--idr-bytes",
+        "40000",
+    ]);
+    assert_eq!(v["bench"], "webrtc-load", "{v}");
+    let r = &v["results"][0];
+    assert_eq!(r["sessions"], 2, "{v}");
+    for t in ["webrtc", "quic"] {
+        // 2 sessions x 2 s x 60 fps, every one delivered.
+        assert_eq!(r[t]["frames_expected"], 240, "{t}: {v}");
+        assert_eq!(r[t]["frames_received"], 240, "{t}: {v}");
+        assert!(
+            r[t]["gateway_cpu_percent"]["median"].as_f64().unwrap() > 0.0,
+            "{t}: {v}"
+        );
+    }
+    let run = &r["webrtc"]["runs"][0];
+    // Each 20 KB frame is many RTP packets, and each player heard pongs to its pings.
+    assert!(run["rtp_packets"].as_u64().unwrap() > 240 * 5, "{v}");
+    assert!(run["pongs"].as_u64().unwrap() >= 2, "{v}");
+    assert!(
+        r["ratio_webrtc_over_quic_per_session"].as_f64().unwrap() > 0.0,
+        "{v}"
+    );
+}

@@ -146,6 +146,7 @@
 //! `42e01f` gets the stream; Chromium's decoders do not enforce level limits.
 
 mod datachannel;
+mod h264;
 mod negotiate;
 pub mod policy;
 mod ports;

@@ -6,10 +6,9 @@ use super::{WhepError, ABS_SEND_TIME_URI, PLAYOUT_DELAY_URI};
 use nearpath_config::GameConfig;
 use nearpath_protocol::message::{GameParams, VideoCodec};
 use rtc::interceptor::{
-    Attribute, Interceptor, Packet, ReceiverReportBuilder, Slot, StreamInfo, TaggedPacket,
+    Attribute, Interceptor, NackResponderBuilder, Packet, Slot, StreamInfo, TaggedPacket,
 };
 use rtc::media_stream::MediaStreamTrack;
-use rtc::peer_connection::configuration::interceptor_registry::configure_nack;
 use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
 use rtc::rtcp::payload_feedbacks::receiver_estimated_maximum_bitrate::ReceiverEstimatedMaximumBitrate;
@@ -309,7 +308,12 @@ pub(super) async fn negotiate(
                 RtpCodecKind::Audio,
             )
             .map_err(internal("registering Opus"))?;
-        for (typ, parameter) in [("ccm", "fir"), ("goog-remb", "")] {
+        for (typ, parameter) in [
+            ("ccm", "fir"),
+            ("goog-remb", ""),
+            ("nack", ""),
+            ("nack", "pli"),
+        ] {
             media.register_feedback(
                 RTCPFeedback {
                     typ: typ.to_string(),
@@ -333,8 +337,14 @@ pub(super) async fn negotiate(
         // was *sent*, which differs between the tracks by their capture-to-send latencies. The
         // session writes its own sender reports from the capture clock (`session.rs`,
         // `SenderReports`), so audio and video map to one timeline.
-        let registry = configure_nack(Registry::new(), &mut media)
-            .with(Slot::ReceiverReport, ReceiverReportBuilder::new().build())
+        //
+        // Every interceptor sees every packet, so the chain holds only what a send-only peer
+        // uses: the NACK responder (retransmissions; `nack` and `nack pli` are in the answer)
+        // and the feedback tap. The browser sends no RTP, so a NACK generator and a
+        // receiver-report interceptor (what `configure_nack` and the default registry add) would
+        // only add per-packet work.
+        let registry = Registry::new()
+            .with(Slot::NackResponder, NackResponderBuilder::new().build())
             .with(Slot::from(12_500), FeedbackTap::default());
         let settings = SettingEngineBuilder::new()
             .with_multicast_dns_mode(rtc::ice::mdns::MulticastDnsMode::Disabled);

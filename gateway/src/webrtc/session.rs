@@ -17,7 +17,6 @@ use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication
 use rtc::rtcp::payload_feedbacks::receiver_estimated_maximum_bitrate::ReceiverEstimatedMaximumBitrate;
 use rtc::rtcp::sender_report::SenderReport;
 use rtc::rtp::codec::av1::Av1Payloader;
-use rtc::rtp::codec::h264::H264Payloader;
 use rtc::rtp::codec::h265::HevcPayloader;
 use rtc::rtp::packetizer::{new_packetizer, Packetizer};
 use std::sync::atomic::Ordering;
@@ -243,6 +242,9 @@ impl Video {
         counters
             .rtp_packets
             .fetch_add(packets.len() as u64, Ordering::Relaxed);
+        // One send time for the whole frame: its packets are written within microseconds of
+        // each other (the extension's unit is 3.8 µs), and one buffer serves them all.
+        let send_time = self.abs_send_time_id.map(|id| (id, abs_send_time(clock)));
         for mut p in packets {
             p.header.timestamp = ts;
             if let Some(id) = self.playout_delay_id {
@@ -250,9 +252,9 @@ impl Video {
                     .set_extension(id, Bytes::from_static(&PLAYOUT_DELAY_ZERO))
                     .map_err(|e| e.to_string())?;
             }
-            if let Some(id) = self.abs_send_time_id {
+            if let Some((id, t)) = &send_time {
                 p.header
-                    .set_extension(id, abs_send_time(clock))
+                    .set_extension(*id, t.clone())
                     .map_err(|e| e.to_string())?;
             }
             self.reports.count(p.payload.len());
@@ -335,7 +337,7 @@ async fn start_video(n: &Negotiated, now: Instant) -> Result<Video, String> {
         pt,
         n.ssrc,
         match n.codec {
-            VideoCodec::H264 => Box::new(H264Payloader::default()),
+            VideoCodec::H264 => Box::new(super::h264::H264Payloader::default()),
             VideoCodec::Av1 => Box::new(Av1Payloader::default()),
             VideoCodec::Hevc => Box::new(HevcPayloader),
         },

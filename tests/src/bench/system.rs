@@ -31,6 +31,10 @@ pub struct Placement {
     /// Directory for the gateway's SQLite store (default: the system temp dir).
     #[arg(long)]
     pub store_dir: Option<PathBuf>,
+    /// Run the gateway from this `bench` binary (its hidden `serve-gateway`) instead of this
+    /// one: another build of the gateway under the same load, e.g. the main branch's.
+    #[arg(long)]
+    pub gateway_exe: Option<PathBuf>,
 }
 
 impl Placement {
@@ -137,7 +141,12 @@ pub fn start_gateway(p: &Placement, live: Liveness, nofile: u64) -> anyhow::Resu
         args.push("--store-dir".into());
         args.push(d.display().to_string());
     }
-    let child = Child::spawn("gateway", &args, Duration::from_secs(30))?;
+    let child = match &p.gateway_exe {
+        Some(exe) => {
+            Child::spawn_program("gateway", exe.as_os_str(), &args, Duration::from_secs(30))?
+        }
+        None => Child::spawn("gateway", &args, Duration::from_secs(30))?,
+    };
     Ok(GatewayProc {
         http: child.addr("http")?,
         admin: child.addr("admin")?,

@@ -71,6 +71,9 @@ enum Command {
     /// Game relay past saturation: --factor times the relay's capacity; delivered-frame
     /// latency and drops per session.
     RelayOverload(bench::relay::RelayOverloadArgs),
+    /// N WebRTC (WHEP) players at 720p60 on one gateway, and the same N native QUIC players:
+    /// gateway CPU per session, frames delivered, latency and jitter.
+    WebrtcLoad(bench::relay::WebrtcLoadArgs),
     /// One 720p60 game session with the node behind a seeded impairment relay: delivered fps,
     /// frame latency above the path delay, bitrate, skipped/reset frames, node evictions.
     GameImpaired(bench::impaired::GameImpairedArgs),
@@ -250,6 +253,7 @@ fn real_main() -> anyhow::Result<()> {
                 gateway_threads: 1,
                 no_pin: true,
                 store_dir: None,
+                gateway_exe: None,
             };
             let placement = match &command {
                 Command::InferenceLatency(a) => &a.placement,
@@ -264,6 +268,7 @@ fn real_main() -> anyhow::Result<()> {
                 Command::RelayLatency(a) => &a.placement,
                 Command::RelayCapacity(a) => &a.placement,
                 Command::RelayOverload(a) => &a.run.placement,
+                Command::WebrtcLoad(a) => &a.placement,
                 Command::ServeGateway { .. }
                 | Command::ServeNodes { .. }
                 | Command::GameImpaired(_)
@@ -297,6 +302,7 @@ fn real_main() -> anyhow::Result<()> {
                 Command::RelayLatency(a) => rt.block_on(bench::relay::run_latency(a)),
                 Command::RelayCapacity(a) => rt.block_on(bench::relay::run_capacity(a)),
                 Command::RelayOverload(a) => rt.block_on(bench::relay::run_overload(a)),
+                Command::WebrtcLoad(a) => rt.block_on(bench::relay::run_webrtc_load(a)),
                 Command::ServeGateway { .. }
                 | Command::ServeNodes { .. }
                 | Command::GameImpaired(_)

@@ -45,6 +45,8 @@ pub(super) struct CapRun {
     pub(super) missing_per_session: Vec<u64>,
     /// `nearpath_game_frames_dropped_total` by reason (gateway mode).
     pub(super) gw_dropped_by: Vec<(&'static str, f64)>,
+    /// Each measured frame's interarrival time minus its capture interval, microseconds.
+    pub(super) jitter_us: Vec<f64>,
 }
 
 impl CapRun {
@@ -423,6 +425,11 @@ pub(super) async fn capacity_inner(
         .zip(&ranges)
         .map(|(l, &(first, count))| Window::of_one(l, first, count, 1e6 / fps).missing())
         .collect();
+    let jitter_us = logs
+        .iter()
+        .zip(&ranges)
+        .flat_map(|(l, &(first, count))| interarrival_jitter(l, first, count))
+        .collect();
     let udp_after = udp_picture();
     let drops_after = gw
         .as_ref()
@@ -461,6 +468,7 @@ pub(super) async fn capacity_inner(
         load,
         missing_per_session,
         gw_dropped_by,
+        jitter_us,
     })
 }
 

@@ -27,6 +27,7 @@ mod peers;
 mod plan;
 mod priority;
 mod report;
+mod whep_load;
 
 use super::client::Conn;
 use super::os::{loadavg_1m, mem_status, pin_current_thread, CpuMeter};
@@ -71,6 +72,7 @@ use peers::*;
 pub use plan::*;
 pub use priority::*;
 use report::*;
+pub use whep_load::*;
 
 /// The title every fake node serves.
 pub const GAME: &str = "bench";

@@ -29,12 +29,25 @@ pub enum PlanError {
 
 /// A pre-encoded stream: frame sizes of one group of pictures (IDR first) over shared payload
 /// bytes. Sessions start at different places in the group, so their IDRs do not coincide.
+///
+/// The bytes are shaped as one H.264 NAL unit in Annex B (a start code, an IDR or non-IDR slice
+/// header byte, then a body with no zero byte, so no start code by chance): the native relay
+/// does not look at them, but the WebRTC path payloads them as H.264, and arbitrary bytes could
+/// read as NAL units it drops (an access unit delimiter, filler) or holds back (SPS, PPS).
 #[derive(Debug, Clone)]
 pub struct FramePlan {
     pub(super) sizes: Vec<u32>,
+    /// IDR frames: a prefix of this.
     pub(super) payload: Bytes,
+    /// P frames: a prefix of this.
+    pub(super) p_payload: Bytes,
     pub(super) fps: u32,
 }
+
+/// Annex B start code and NAL header of an IDR slice (nal_ref_idc 3, type 5).
+const IDR_NAL: [u8; 5] = [0, 0, 0, 1, 0x65];
+/// Annex B start code and NAL header of a non-IDR slice (nal_ref_idc 2, type 1).
+const P_NAL: [u8; 5] = [0, 0, 0, 1, 0x41];
 
 /// The smallest P frame the plan makes (a nearly static scene still costs a few packets).
 pub(super) const MIN_P_FRAME: u32 = 500;
@@ -86,10 +99,18 @@ impl FramePlan {
         if max as usize > MAX_VIDEO_FRAME {
             return Err(PlanError::TooLarge(max));
         }
-        let payload: Vec<u8> = (0..max).map(|_| (unit(&mut state) * 256.0) as u8).collect();
+        let body: Vec<u8> = (0..max)
+            .map(|_| ((unit(&mut state) * 255.0) as u8).saturating_add(1))
+            .collect();
+        let nal = |head: [u8; 5]| {
+            let mut v = head.to_vec();
+            v.extend_from_slice(&body[..(max as usize).saturating_sub(head.len())]);
+            Bytes::from(v)
+        };
         Ok(FramePlan {
             sizes,
-            payload: Bytes::from(payload),
+            payload: nal(IDR_NAL),
+            p_payload: nal(P_NAL),
             fps: shape.fps,
         })
     }
@@ -130,7 +151,12 @@ impl FramePlan {
     /// Frame `k` of a stream that starts `phase` frames into the group: (keyframe, payload).
     pub fn frame(&self, k: u64, phase: u64) -> (bool, Bytes) {
         let i = ((k + phase) % self.sizes.len() as u64) as usize;
-        (i == 0, self.payload.slice(..self.sizes[i] as usize))
+        let bytes = if i == 0 {
+            &self.payload
+        } else {
+            &self.p_payload
+        };
+        (i == 0, bytes.slice(..self.sizes[i] as usize))
     }
 }
 
@@ -159,6 +185,13 @@ mod tests {
         let (key, idr) = plan.frame(0, 0);
         assert!(key);
         assert_eq!(idr.len(), 60_000);
+        // One Annex B NAL unit each: an IDR slice, then non-IDR slices, and no start code
+        // inside (the WebRTC path payloads these bytes as H.264).
+        assert_eq!(idr[..5], IDR_NAL);
+        assert!(!idr[5..].contains(&0));
+        let (_, p) = plan.frame(1, 0);
+        assert_eq!(p[..5], P_NAL);
+        assert!(!p[5..].contains(&0));
         assert!(!plan.frame(1, 0).0);
         assert!(plan.frame(120, 0).0 && plan.frame(100, 20).0);
         // P frames vary around their mean but stay well below the IDR.
