@@ -152,9 +152,16 @@ async fn ship_on_screen(page: &Page) -> (f64, f64) {
     }
 }
 
+/// The player page over WebRTC (`transport=webrtc`: these tests guard the WebRTC path even
+/// where the gateway and the browser offer WebTransport).
 fn play_url(gw: &TestGateway, w: u32, h: u32, fps: u32) -> String {
+    play_url_via(gw, w, h, fps, "webrtc")
+}
+
+/// The player page with `transport=` `webtransport`, `webrtc` or `auto`.
+fn play_url_via(gw: &TestGateway, w: u32, h: u32, fps: u32, transport: &str) -> String {
     gw.api_url(&format!(
-        "/play?key={API_KEY}&game=arena&width={w}&height={h}&fps={fps}&autostart=1"
+        "/play?key={API_KEY}&game=arena&width={w}&height={h}&fps={fps}&autostart=1&transport={transport}"
     ))
 }
 
@@ -1573,7 +1580,7 @@ async fn the_page_follows_its_window_size_mid_session_and_keeps_decoding() {
     let resize = |w: u32, h: u32| serde_json::json!({"width": w, "height": h, "deviceScaleFactor": 1, "mobile": false});
     let page = browser
         .open(&gw.api_url(&format!(
-            "/play?key={API_KEY}&game=arena&width=320&height=180&fps=30&autostart=1&fit=1"
+            "/play?key={API_KEY}&game=arena&width=320&height=180&fps=30&autostart=1&fit=1&transport=webrtc"
         )))
         .await;
     page.call("Emulation.setDeviceMetricsOverride", resize(480, 320))
@@ -1824,7 +1831,7 @@ async fn chromium_decodes_av1_from_a_node_that_encodes_it() {
     // 320x180 at 30 fps: libaom's real-time mode keeps up on a 2-core machine.
     let page = browser
         .open(&gw.api_url(&format!(
-            "/play?key={API_KEY}&game=arena&width=320&height=180&fps=30&autostart=1&codec=av1"
+            "/play?key={API_KEY}&game=arena&width=320&height=180&fps=30&autostart=1&codec=av1&transport=webrtc"
         )))
         .await;
     let first = wait_eval(&page, VIDEO_CODEC, "AV1 frames decoded", |v| {
@@ -1881,7 +1888,7 @@ async fn h264_stays_the_default_and_browser_codecs_limits_what_browsers_get() {
     let browser = Browser::launch().await;
     let page = browser
         .open(&gw.api_url(&format!(
-            "/play?key={API_KEY}&game=arena&width=320&height=180&fps=30&autostart=1"
+            "/play?key={API_KEY}&game=arena&width=320&height=180&fps=30&autostart=1&transport=webrtc"
         )))
         .await;
     wait_eval(&page, VIDEO_CODEC, "H.264 frames decoded", |v| {
