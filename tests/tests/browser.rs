@@ -124,11 +124,16 @@ async fn wait_slots_in_use(gw: &TestGateway, n: u32) {
 /// The centre of the ship (the only yellow in the arena scene) in the frame the page's
 /// `<video>` shows now, found by drawing it on a canvas.
 async fn ship_on_screen(page: &Page) -> (f64, f64) {
+    // Over WebTransport the page draws each frame on its canvas; over WebRTC the video element
+    // shows it.
     const FIND_SHIP: &str = r#"(() => {
-        const v = document.getElementById("video");
-        if (!v.videoWidth) return null;
+        const wt = window.nearpath && window.nearpath.transport === "webtransport";
+        const v = document.getElementById(wt ? "canvas" : "video");
+        const w = wt ? (window.nearpath.stats && window.nearpath.stats.framesDecoded ? v.width : 0) : v.videoWidth;
+        const h = wt ? v.height : v.videoHeight;
+        if (!w) return null;
         const c = document.createElement("canvas");
-        c.width = v.videoWidth; c.height = v.videoHeight;
+        c.width = w; c.height = h;
         const g = c.getContext("2d", { willReadFrequently: true });
         g.drawImage(v, 0, 0);
         const d = g.getImageData(0, 0, c.width, c.height).data;
@@ -1975,5 +1980,374 @@ async fn hevc_and_av1_offers_are_answered_with_that_codec_alone() {
     }
     wait_sessions(&gw, "no session", Duration::from_secs(5), |l| l.is_empty()).await;
     node.stop().await.unwrap();
+    gw.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The page over WebTransport + WebCodecs (`/play` with the default `transport=auto`, or
+// `transport=webtransport`): Chromium connects to the gateway's WebTransport endpoint with the
+// certificate hashes of `GET /v1/webtransport` (`serverCertificateHashes`: 127.0.0.1 works with
+// no browser flag), speaks the native play protocol on one bidirectional stream, decodes each
+// frame stream's H.264 with a `VideoDecoder` and draws it on a canvas.
+
+/// `window.nearpath` fields these tests read, in one evaluation.
+const WT_STATE: &str = "(() => { const np = window.nearpath; return { transport: np.transport, reason: np.transportReason, error: np.lastError, wt: np.wtCreated, pc: np.pcCreated, state: np.state, decoded: np.stats && np.stats.framesDecoded }; })()";
+
+/// Guards the WebTransport path end to end: ten seconds of 720p60 decoded (at least 90% of the
+/// frames), 1280 wide, every key applied and the ship moving on the canvas, input-to-photon
+/// measured, the page's stats posted to the gateway and the session ended by Stop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chromium_plays_720p60_over_webtransport_for_10_seconds_and_keys_move_the_ship() {
+    let _one = ONE_BROWSER_AT_A_TIME.lock().await;
+    let gw = TestGateway::start(|_| {}).await;
+    let mut node = TestNode::start(with_arena(gw.node_config("de-1", &gw.token)), ip(DE));
+    node.registered().await;
+    let browser = Browser::launch().await;
+    // The default (auto) picks WebTransport: this Chromium has it and WebCodecs.
+    let page = browser
+        .open(&play_url_via(&gw, 1280, 720, 60, "auto"))
+        .await;
+    let first = wait_stats(
+        &page,
+        "the first decoded frame",
+        Duration::from_secs(30),
+        |s| num(s, "framesDecoded") > 0.0,
+    )
+    .await;
+    let state = page.eval(WT_STATE).await.unwrap();
+    assert_eq!(state["transport"], "webtransport", "{state}");
+    assert_eq!(first["transport"], "webtransport", "{first}");
+    assert_eq!(state["pc"], 0, "no peer connection: {state}");
+    let sessions = wait_sessions(&gw, "the WebTransport session", Duration::from_secs(5), |l| {
+        l.len() == 1
+    })
+    .await;
+    assert_eq!(sessions[0]["transport"], "webtransport", "{}", sessions[0]);
+    // The stats line says which transport plays.
+    let line = page
+        .eval("document.getElementById('stats').textContent")
+        .await
+        .unwrap();
+    assert!(
+        line.as_str().unwrap_or("").starts_with("WebTransport"),
+        "{line}"
+    );
+
+    let (x0, _) = ship_on_screen(&page).await;
+    assert!(
+        (x0 - 640.0).abs() < 40.0,
+        "the ship starts in the centre, not at x {x0}"
+    );
+    let t0 = Instant::now();
+    let decoded0 = num(&first, "framesDecoded");
+    let mut down = false;
+    let mut presses: u32 = 0;
+    while t0.elapsed() < Duration::from_secs(10) {
+        down = !down;
+        page.key(68, "d", "KeyD", down).await.unwrap();
+        presses += 1;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    if down {
+        page.key(68, "d", "KeyD", false).await.unwrap();
+        presses += 1;
+    }
+    let stats = wait_stats(
+        &page,
+        "the last inputs applied",
+        Duration::from_secs(5),
+        |s| {
+            num(s, "inputsSent") >= f64::from(presses)
+                && num(s, "inputSeqApplied") >= num(s, "inputsSent")
+        },
+    )
+    .await;
+    let window = (num(&stats, "ts") - num(&first, "ts")) / 1000.0;
+    let decoded = num(&stats, "framesDecoded") - decoded0;
+    let expected = 60.0 * window;
+    println!(
+        "WebTransport: decoded {decoded} frames in {window:.2} s ({:.1} fps), {}x{}, {} kbit/s, late {}, skipped {}, reset {}, decode errors {}, keyframe requests {}",
+        decoded / window,
+        stats["width"],
+        stats["height"],
+        stats["bitrateKbps"],
+        stats["framesLate"],
+        stats["framesSkipped"],
+        stats["streamsReset"],
+        stats["decodeErrors"],
+        stats["keyframeRequests"],
+    );
+    print_latency(&stats);
+    assert!(
+        decoded >= 0.9 * expected,
+        "decoded only {decoded} frames of {expected:.0}: {stats}"
+    );
+    assert_eq!(num(&stats, "width"), 1280.0, "{stats}");
+    assert_eq!(num(&stats, "height"), 720.0, "{stats}");
+    assert_eq!(num(&stats, "decodeErrors"), 0.0, "{stats}");
+    let (x1, _) = ship_on_screen(&page).await;
+    println!("ship at x {x0:.0} before the keys, {x1:.0} after");
+    assert!(
+        x1 > x0 + 300.0,
+        "the ship did not move right on the canvas: x {x0} -> {x1}"
+    );
+    let l = &stats["inputToPhoton"];
+    assert!(
+        num(l, "n") >= f64::from(presses) * 0.5,
+        "too few latency samples: {stats}"
+    );
+    assert!(
+        num(l, "p50") > 0.0 && num(l, "p95") >= num(l, "p50"),
+        "{stats}"
+    );
+    // The page's stats reach the gateway's admin view, as over WebRTC.
+    let sessions = wait_sessions(
+        &gw,
+        "the page's stats in the admin view",
+        Duration::from_secs(5),
+        |l| {
+            l.len() == 1
+                && l[0]["client_stats"]["framesDecoded"]
+                    .as_f64()
+                    .unwrap_or(0.0)
+                    > 0.0
+        },
+    )
+    .await;
+    assert_eq!(sessions[0]["client_stats"]["transport"], "webtransport");
+    assert!(
+        sessions[0]["inputs"].as_u64().unwrap_or(0) >= u64::from(presses),
+        "{}",
+        sessions[0]
+    );
+
+    // Stop ends the session (Close on the session stream, then DELETE).
+    page.eval("window.nearpath.stop()").await.unwrap();
+    wait_sessions(&gw, "the session to end", Duration::from_secs(5), |l| {
+        l.is_empty()
+    })
+    .await;
+    drop(browser);
+    node.stop().await.unwrap();
+    gw.stop().await;
+}
+
+/// Plays until 30 frames are decoded and returns the page's state.
+async fn wait_playing(page: &Page) -> Value {
+    wait_stats(page, "30 decoded frames", Duration::from_secs(30), |s| {
+        num(s, "framesDecoded") >= 30.0
+    })
+    .await;
+    page.eval(WT_STATE).await.unwrap()
+}
+
+/// Guards the fallback: a browser without WebTransport (taken away before the page's scripts
+/// run), and a gateway with `[webtransport] enabled = false`, both play over WebRTC with the
+/// default `transport=auto`, and the page says why. Forcing `transport=webtransport` on that
+/// gateway is refused with the reason instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_falls_back_to_webrtc_without_webtransport_in_the_browser_or_the_gateway() {
+    let _one = ONE_BROWSER_AT_A_TIME.lock().await;
+    let gw = TestGateway::start(|_| {}).await;
+    let mut node = TestNode::start(with_arena(gw.node_config("de-1", &gw.token)), ip(DE));
+    node.registered().await;
+    let browser = Browser::launch().await;
+    let page = browser
+        .open_with(
+            &play_url_via(&gw, 320, 180, 30, "auto"),
+            Some("delete window.WebTransport;"),
+        )
+        .await;
+    let state = wait_playing(&page).await;
+    assert_eq!(state["transport"], "webrtc", "{state}");
+    assert_eq!(state["reason"], "this browser has no WebTransport", "{state}");
+    assert_eq!(state["wt"], 0, "{state}");
+    assert_eq!(state["pc"], 1, "{state}");
+    let sessions = wait_sessions(&gw, "the WebRTC session", Duration::from_secs(5), |l| {
+        l.len() == 1
+    })
+    .await;
+    assert_eq!(sessions[0]["transport"], "webrtc");
+    page.eval("window.nearpath.stop()").await.unwrap();
+    wait_sessions(&gw, "the session to end", Duration::from_secs(5), |l| {
+        l.is_empty()
+    })
+    .await;
+    drop(page);
+    drop(browser);
+    node.stop().await.unwrap();
+    gw.stop().await;
+
+    // A gateway that serves no WebTransport: /v1/webtransport answers 404.
+    let gw = TestGateway::start(|c| c.webtransport.enabled = false).await;
+    let mut node = TestNode::start(with_arena(gw.node_config("de-1", &gw.token)), ip(DE));
+    node.registered().await;
+    let browser = Browser::launch().await;
+    let page = browser
+        .open(&play_url_via(&gw, 320, 180, 30, "auto"))
+        .await;
+    let state = wait_playing(&page).await;
+    assert_eq!(state["transport"], "webrtc", "{state}");
+    assert!(
+        state["reason"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("the gateway offers no WebTransport"),
+        "{state}"
+    );
+    assert_eq!(state["wt"], 0, "{state}");
+    page.eval("window.nearpath.stop()").await.unwrap();
+    wait_sessions(&gw, "the session to end", Duration::from_secs(5), |l| {
+        l.is_empty()
+    })
+    .await;
+    drop(page);
+    // Forced WebTransport on that gateway: refused with the reason, nothing played.
+    let page = browser
+        .open(&play_url_via(&gw, 320, 180, 30, "webtransport"))
+        .await;
+    let shown = wait_eval(
+        &page,
+        "window.nearpath.lastError",
+        "the page's error",
+        Value::is_string,
+    )
+    .await;
+    assert!(
+        shown
+            .as_str()
+            .unwrap()
+            .starts_with("WebTransport: the gateway offers no WebTransport"),
+        "{shown}"
+    );
+    let state = page.eval(WT_STATE).await.unwrap();
+    assert_eq!(state["pc"], 0, "{state}");
+    assert_eq!(state["wt"], 0, "{state}");
+    assert!(gw.admin_get("/admin/sessions").await["data"]
+        .as_array()
+        .unwrap()
+        .is_empty());
+    drop(browser);
+    node.stop().await.unwrap();
+    gw.stop().await;
+}
+
+/// Guards the refusal path over WebTransport: a wrong key is answered `Error` on the session
+/// stream and the page shows its reason (as the WebRTC path shows the 401's), with no session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_key_over_webtransport_shows_the_gateways_reason() {
+    let _one = ONE_BROWSER_AT_A_TIME.lock().await;
+    let gw = TestGateway::start(|_| {}).await;
+    let mut node = TestNode::start(with_arena(gw.node_config("de-1", &gw.token)), ip(DE));
+    node.registered().await;
+    let browser = Browser::launch().await;
+    let page = browser
+        .open(&gw.api_url(
+            "/play?key=wrong-key&game=arena&width=320&height=180&fps=30&autostart=1&transport=webtransport",
+        ))
+        .await;
+    let shown = wait_eval(
+        &page,
+        "window.nearpath.lastError",
+        "the page's error",
+        Value::is_string,
+    )
+    .await;
+    let state = page.eval(WT_STATE).await.unwrap();
+    println!("wrong key over WebTransport: {state}");
+    assert_eq!(state["transport"], "webtransport", "{state}");
+    assert_eq!(state["wt"], 1, "{state}");
+    let text = page
+        .eval("document.getElementById('message').textContent")
+        .await
+        .unwrap();
+    assert_eq!(text, shown);
+    let shown = shown.as_str().unwrap().to_lowercase();
+    assert!(
+        shown.contains("key") || shown.contains("unauthor"),
+        "the reason names the key: {shown}"
+    );
+    assert!(gw.admin_get("/admin/sessions").await["data"]
+        .as_array()
+        .unwrap()
+        .is_empty());
+    drop(browser);
+    node.stop().await.unwrap();
+    gw.stop().await;
+}
+
+/// Guards failover over WebTransport: the serving node dies, the gateway pauses the session
+/// and resumes it on the other node; the page keeps its one WebTransport session and its
+/// decoder, waits for the new node's keyframe and decodes again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webtransport_keeps_decoding_on_the_same_session_when_the_serving_node_dies() {
+    let _one = ONE_BROWSER_AT_A_TIME.lock().await;
+    let gw = TestGateway::start(|c| {
+        c.geo
+            .overrides
+            .push(place(("127.0.0.1", "FR", 48.85, 2.35)))
+    })
+    .await;
+    let mut near = TestNode::start(with_arena(gw.node_config("de-1", &gw.token)), ip(DE));
+    near.registered().await;
+    let mut far = TestNode::start(with_arena(gw.node_config("us-1", &gw.token)), ip(US_EAST));
+    far.registered().await;
+    let browser = Browser::launch().await;
+    let page = browser
+        .open(&play_url_via(&gw, 640, 360, 30, "webtransport"))
+        .await;
+    let state = wait_playing(&page).await;
+    assert_eq!(state["transport"], "webtransport", "{state}");
+    let sessions = wait_sessions(&gw, "the session", Duration::from_secs(5), |l| {
+        l.len() == 1
+    })
+    .await;
+    assert_eq!(sessions[0]["node"], "de-1", "the nearer node serves first");
+    let decoded = || async {
+        page.eval("window.nearpath.framesDecoded()")
+            .await
+            .unwrap()
+            .as_f64()
+            .unwrap_or(0.0)
+    };
+    let at_kill = decoded().await;
+    near.task.abort();
+    let killed = Instant::now();
+    let resumed = loop {
+        let n = decoded().await;
+        if n >= at_kill + 30.0 {
+            break killed.elapsed();
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(15),
+            "decoding did not resume: {n} frames, {at_kill} at the kill; {}",
+            page.eval(WT_STATE).await.unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let stats = wait_stats(
+        &page,
+        "the pause and resume notices",
+        Duration::from_secs(5),
+        |s| num(s, "pausedCount") >= 1.0 && num(s, "resumedCount") >= 1.0,
+    )
+    .await;
+    println!(
+        "WebTransport: 30 more frames decoded {resumed:?} after the node was killed (keyframe requests {}, skipped {}, late {}, decode errors {})",
+        stats["keyframeRequests"], stats["framesSkipped"], stats["framesLate"], stats["decodeErrors"]
+    );
+    assert_eq!(num(&stats, "wtCreated"), 1.0, "one WebTransport session: {stats}");
+    assert!(!stats["paused"].as_bool().unwrap(), "{stats}");
+    let sessions = wait_sessions(
+        &gw,
+        "the session on the other node",
+        Duration::from_secs(5),
+        |l| l.len() == 1,
+    )
+    .await;
+    assert_eq!(sessions[0]["node"], "us-1");
+    assert_eq!(sessions[0]["transport"], "webtransport");
+    drop(browser);
+    far.stop().await.unwrap();
     gw.stop().await;
 }
