@@ -62,6 +62,8 @@ pub struct GatewayConfig {
     pub inference: InferenceConfig,
     /// `[game]`: stream parameters and WebRTC transport.
     pub game: GameConfig,
+    /// `[webtransport]`: game sessions for browsers over WebTransport on the QUIC port.
+    pub webtransport: WebTransportConfig,
     /// `[geo]`: where location answers come from.
     pub geo: GeoConfig,
     /// `[geofence]`: who may be served by whom.
@@ -469,6 +471,32 @@ impl GatewayConfig {
     }
 }
 
+/// Longest validity of a certificate a browser accepts through `serverCertificateHashes`
+/// (Chrome refuses longer ones), in days.
+pub const MAX_WEBTRANSPORT_CERT_DAYS: u32 = 14;
+
+/// `[webtransport]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebTransportConfig {
+    /// Serve WebTransport (HTTP/3, ALPN `h3`) on the QUIC listener, and `GET /v1/webtransport`
+    /// on the HTTP listener. Default: true.
+    pub enabled: bool,
+    /// Validity of the self-signed ECDSA P-256 certificate WebTransport connections get, in days
+    /// (1 to 14: browsers pin it by hash only if it is valid for at most 14 days). A new one is
+    /// made when less than half of this remains. Default: 13.
+    pub cert_validity_days: u32,
+}
+
+impl Default for WebTransportConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            cert_validity_days: 13,
+        }
+    }
+}
+
 /// `[nodes]`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -821,6 +849,7 @@ impl GatewayConfig {
         self.check_routing(p);
         self.check_inference(p);
         self.check_game(p);
+        self.check_webtransport(p);
         self.check_checker(p);
         self.geo.check(p);
         self.geofence.check(p);
@@ -1093,6 +1122,18 @@ impl GatewayConfig {
             q.handshake_rate_per_ip_per_s,
         );
         p.positive("quic.handshake_burst_per_ip", q.handshake_burst_per_ip);
+    }
+
+    fn check_webtransport(&self, p: &mut Problems) {
+        let days = self.webtransport.cert_validity_days;
+        if !(1..=MAX_WEBTRANSPORT_CERT_DAYS).contains(&days) {
+            p.push(
+                "webtransport.cert_validity_days",
+                format!(
+                    "{days} is outside 1..={MAX_WEBTRANSPORT_CERT_DAYS} (browsers refuse pinned certificates valid for longer than 14 days)"
+                ),
+            );
+        }
     }
 
     fn check_nodes(&self, p: &mut Problems) {
@@ -1531,6 +1572,22 @@ mod tests {
         let paths: Vec<_> = errs.errors.iter().map(|e| e.path.as_str()).collect();
         // No certificate is runnable: `gateway run` creates a self-signed one.
         assert_eq!(paths, ["admin.token"]);
+    }
+
+    #[test]
+    fn webtransport_cert_validity_is_1_to_14_days_and_named() {
+        let mut cfg = GatewayConfig::default();
+        assert_eq!(cfg.webtransport.cert_validity_days, 13);
+        for days in [1, 14] {
+            cfg.webtransport.cert_validity_days = days;
+            assert_eq!(cfg.validate(), Ok(()), "{days}");
+        }
+        for days in [0, 15, 365] {
+            cfg.webtransport.cert_validity_days = days;
+            let errs = cfg.validate().unwrap_err();
+            let paths: Vec<_> = errs.errors.iter().map(|e| e.path.as_str()).collect();
+            assert_eq!(paths, ["webtransport.cert_validity_days"], "{days}");
+        }
     }
 
     #[test]

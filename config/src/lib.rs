@@ -17,8 +17,8 @@ pub use common::{parse_version, LogColor, LogConfig, LogFormat, OtlpProtocol};
 pub use error::{ConfigError, ConfigErrors};
 pub use gateway::{
     AdminConfig, GameConfig, GatewayConfig, HttpConfig, InferenceConfig, ModelPrice, NodesConfig,
-    OutlierConfig, QuicConfig, RoutingConfig, StoreConfig, IN_MEMORY_ORIGIN,
-    MAX_FALLBACKS_PER_MODEL, MIN_ADMIN_TOKEN_CHARS,
+    OutlierConfig, QuicConfig, RoutingConfig, StoreConfig, WebTransportConfig, IN_MEMORY_ORIGIN,
+    MAX_FALLBACKS_PER_MODEL, MAX_WEBTRANSPORT_CERT_DAYS, MIN_ADMIN_TOKEN_CHARS,
 };
 pub use gateway::{
     CheckerConfig, CrossRoute, FederationConfig, KnownModel, MAX_MODEL_WEIGHTS_BYTES,

@@ -31,6 +31,7 @@ const RANKS: &[(&str, u8)] = &[
     ("http_util", 1),
     // The gateway's own certificate files, on top of `tls`.
     ("cert", 1),
+    ("wt_cert", 1),
     ("store", 1),
     // State the components are made of.
     ("registry", 2),
@@ -54,6 +55,7 @@ const RANKS: &[(&str, u8)] = &[
     ("client", 6),
     ("admin", 6),
     ("webrtc", 6),
+    ("webtransport", 6),
     // Assembly.
     ("server", 7),
     // What `gateway run` checks before serving, for `run` and `check-config` alike.

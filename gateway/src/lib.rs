@@ -41,6 +41,8 @@ pub mod ticket;
 pub mod tls;
 pub mod trunk;
 pub mod webrtc;
+pub mod webtransport;
+pub mod wt_cert;
 
 #[cfg(test)]
 mod layering;

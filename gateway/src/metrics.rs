@@ -69,6 +69,12 @@ pub struct Metrics {
     pub game_audio_relayed: Counter,
     /// Audio datagrams from nodes dropped, by reason (`AudioDrop::as_str`).
     pub game_audio_dropped: Family<Labels, Counter>,
+    /// Datagrams from WebTransport players ignored, by reason (`prefix`: not this connection's
+    /// session; `malformed`: not an input datagram; `foreign`: another connection's session).
+    pub webtransport_datagrams_dropped: Family<Labels, Counter>,
+    /// WebTransport connections refused after their handshake, by reason (`handshake`,
+    /// `path`, `auth_timeout`).
+    pub webtransport_refused: Family<Labels, Counter>,
     pub game_failovers: Counter,
     pub geo_reloads: Family<Labels, Counter>,
     /// QUIC connection attempts refused before their handshake, by reason (`rate`,
@@ -189,6 +195,11 @@ pub const FAMILIES: &[(&str, MetricType)] = &[
     ("nearpath_game_frames_dropped", MetricType::Counter),
     ("nearpath_game_audio_relayed", MetricType::Counter),
     ("nearpath_game_audio_dropped", MetricType::Counter),
+    (
+        "nearpath_webtransport_datagrams_dropped",
+        MetricType::Counter,
+    ),
+    ("nearpath_webtransport_refused", MetricType::Counter),
     ("nearpath_game_failovers", MetricType::Counter),
     ("nearpath_game_pauses", MetricType::Counter),
     ("nearpath_quic_handshakes_refused", MetricType::Counter),
@@ -316,7 +327,7 @@ pub mod label_values {
     /// `inference_usage_mismatches{field}`.
     pub const USAGE_FIELDS: &[&str] = &["prompt", "completion"];
     /// `game_sessions{transport}`.
-    pub const GAME_TRANSPORTS: &[&str] = &["quic", "webrtc"];
+    pub const GAME_TRANSPORTS: &[&str] = &["quic", "webrtc", "webtransport"];
     /// `game_sessions{outcome}`: how sessions ended, then why starts were refused (the error
     /// code); any other code is counted as `other`.
     pub const GAME_SESSION_OUTCOMES: &[&str] = &[
@@ -344,6 +355,10 @@ pub mod label_values {
     pub const FRAME_DROP_REASONS: &[&str] = &["late", "overload", "foreign", "relay"];
     /// `game_audio_dropped{reason}`: `AudioDrop::as_str`.
     pub const AUDIO_DROP_REASONS: &[&str] = &["malformed", "foreign", "relay"];
+    /// `webtransport_datagrams_dropped{reason}`.
+    pub const WT_DATAGRAM_DROPS: &[&str] = &["prefix", "malformed", "foreign"];
+    /// `webtransport_refused{reason}`.
+    pub const WT_REFUSALS: &[&str] = &["handshake", "path", "auth_timeout"];
     /// `game_pauses{outcome}`.
     pub const PAUSE_OUTCOMES: &[&str] = &["same_node", "other_node", "expired", "ended"];
     /// `quic_handshakes_refused{reason}`: `QuicRefusal::as_str`.
@@ -451,6 +466,8 @@ impl Metrics {
             game_frames_dropped: Family::default(),
             game_audio_relayed: Counter::default(),
             game_audio_dropped: Family::default(),
+            webtransport_datagrams_dropped: Family::default(),
+            webtransport_refused: Family::default(),
             game_failovers: Counter::default(),
             geo_reloads: Family::default(),
             quic_handshakes_refused: Family::default(),
@@ -666,6 +683,18 @@ impl Metrics {
         );
         reg(
             r,
+            "webtransport_datagrams_dropped",
+            "Datagrams from WebTransport players ignored by reason",
+            m.webtransport_datagrams_dropped.clone(),
+        );
+        reg(
+            r,
+            "webtransport_refused",
+            "WebTransport connections refused after their handshake by reason",
+            m.webtransport_refused.clone(),
+        );
+        reg(
+            r,
             "game_failovers",
             "Game sessions moved to another node",
             m.game_failovers.clone(),
@@ -827,6 +856,12 @@ impl Metrics {
         }
         each(&self.game_frames_dropped, "reason", FRAME_DROP_REASONS);
         each(&self.game_audio_dropped, "reason", AUDIO_DROP_REASONS);
+        each(
+            &self.webtransport_datagrams_dropped,
+            "reason",
+            WT_DATAGRAM_DROPS,
+        );
+        each(&self.webtransport_refused, "reason", WT_REFUSALS);
         each(&self.game_pauses, "outcome", PAUSE_OUTCOMES);
         each(&self.quic_handshakes_refused, "reason", QUIC_REFUSALS);
         for listener in HTTP_LISTENERS {

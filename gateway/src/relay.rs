@@ -23,6 +23,9 @@ pub(crate) const REVOKE_SEND_BOUND: Duration = Duration::from_millis(200);
 pub enum FrameSink {
     /// Native client: each frame is forwarded as-is on a new uni stream of this connection.
     Quic(quinn::Connection),
+    /// Browser over WebTransport: as [`FrameSink::Quic`] (one uni stream per frame, audio
+    /// datagrams as they come), with WebTransport's stream and datagram framing added.
+    WebTransport(WtSink),
     /// Another transport (WebRTC): whole frames and decoded audio packets are handed over; a
     /// full channel drops the frame or packet (a late one is worth less than the next one).
     Channel {
@@ -31,6 +34,34 @@ pub enum FrameSink {
         /// Audio packets.
         audio: mpsc::Sender<AudioPacket>,
     },
+}
+
+/// A WebTransport player's connection and the framing its session's streams and datagrams
+/// carry (RFC 9297 / draft-ietf-webtrans-http3): the raw QUIC connection is kept, so that a
+/// WebTransport frame costs what a native one does.
+#[derive(Clone)]
+pub struct WtSink {
+    pub conn: quinn::Connection,
+    /// Written before each frame on a uni stream: stream type 0x54 and the session id.
+    pub uni: nearpath_protocol::stream::UniFraming,
+    /// Written before each datagram, and expected before each received one: the quarter
+    /// stream id of the session's CONNECT stream.
+    pub datagram_prefix: Bytes,
+}
+
+impl WtSink {
+    /// `payload` with the session's datagram prefix before it.
+    pub fn datagram(&self, payload: &[u8]) -> Bytes {
+        let mut d = Vec::with_capacity(self.datagram_prefix.len() + payload.len());
+        d.extend_from_slice(&self.datagram_prefix);
+        d.extend_from_slice(payload);
+        Bytes::from(d)
+    }
+
+    /// The payload of a received datagram if it names this session, `None` otherwise.
+    pub fn strip_datagram<'a>(&self, d: &'a [u8]) -> Option<&'a [u8]> {
+        d.strip_prefix(self.datagram_prefix.as_ref())
+    }
 }
 
 /// Why the relay dropped an audio datagram from a node: the `reason` label of

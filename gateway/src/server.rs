@@ -42,6 +42,8 @@ pub enum GatewayError {
     },
     #[error("QUIC endpoint: {0}")]
     Quic(String),
+    #[error("WebTransport certificate: {0}")]
+    WtCert(#[from] crate::wt_cert::WtCertError),
     /// Another live gateway holds `federation.gateway_id` with a different certificate.
     #[error("federation: {0}")]
     DuplicateGatewayId(#[from] crate::federation::directory::DuplicateGatewayId),
@@ -71,6 +73,9 @@ pub struct Shared {
     /// The other gateways of the federation and their nodes, as last read from the store
     /// (`federation/directory.rs`): what cross-region routing and `GET /v1/gateways` read.
     pub fleet: Arc<crate::federation::directory::FleetView>,
+    /// The rotating certificate browsers' WebTransport connections get (`None` when
+    /// `[webtransport] enabled = false`).
+    pub wt_certs: Option<Arc<crate::wt_cert::WtCerts>>,
 }
 
 /// The sockets a gateway serves on. Tests bind port 0 and read the addresses back.
@@ -239,7 +244,16 @@ impl Gateway {
             }
             None => games,
         });
+        let wt_certs = if config.webtransport.enabled {
+            Some(Arc::new(crate::wt_cert::WtCerts::new(
+                config.webtransport.cert_validity_days,
+                clock.clone(),
+            )?))
+        } else {
+            None
+        };
         let shared = Arc::new(Shared {
+            wt_certs,
             auth,
             directory,
             placement,
@@ -386,20 +400,25 @@ impl Gateway {
         let trunk = self.trunk()?;
         // A federated gateway also speaks the trunk, and asks for (optional) client
         // certificates: peers present theirs, nodes and clients none.
-        let server_config = match &trunk {
-            Some(_) => nearpath_protocol::tls::server_config_with_client_auth(
-                self.cert.chain.clone(),
-                self.cert.key.clone_key(),
-                &[ALPN_NODE, ALPN_CLIENT, ALPN_PEER],
-                &transport,
-            ),
-            None => nearpath_protocol::tls::server_config(
-                self.cert.chain.clone(),
-                self.cert.key.clone_key(),
-                &[ALPN_NODE, ALPN_CLIENT],
-                &transport,
-            ),
+        let mut alpn: Vec<&[u8]> = vec![ALPN_NODE, ALPN_CLIENT];
+        if trunk.is_some() {
+            alpn.push(ALPN_PEER);
         }
+        if shared.wt_certs.is_some() {
+            alpn.push(crate::wt_cert::ALPN_H3);
+        }
+        // The main certificate for every ALPN but `h3`, which gets the WebTransport one.
+        let resolver = crate::wt_cert::AlpnCertResolver::new(
+            self.cert.chain.clone(),
+            &self.cert.key,
+            shared.wt_certs.clone(),
+        )?;
+        let server_config = nearpath_protocol::tls::server_config_with_resolver(
+            Arc::new(resolver),
+            &alpn,
+            &transport,
+            trunk.is_some(),
+        )
         .map_err(|e| GatewayError::Quic(e.to_string()))?;
         let endpoint = quinn::Endpoint::new(
             quinn::EndpointConfig::default(),
@@ -461,13 +480,22 @@ impl Gateway {
             shared.config.http.clone(),
             Some(crate::api::Mounted {
                 claims: crate::webrtc::is_webrtc_path,
-                handler: Arc::new(crate::webrtc::Whep::new(
-                    shared.games.clone(),
-                    shared.webrtc.clone(),
-                    shared.config.http.clone(),
-                    shared.play_prefill_key.clone(),
-                    shared.shutdown.clone(),
-                )),
+                handler: Arc::new(
+                    crate::webrtc::Whep::new(
+                        shared.games.clone(),
+                        shared.webrtc.clone(),
+                        shared.config.http.clone(),
+                        shared.play_prefill_key.clone(),
+                        shared.shutdown.clone(),
+                    )
+                    .with_webtransport(shared.wt_certs.clone().map(|certs| {
+                        crate::webrtc::WebTransportInfo {
+                            port: addrs.quic.port(),
+                            path: crate::webtransport::PLAY_PATH,
+                            certs,
+                        }
+                    })),
+                ),
             }),
         )
         .with_fleet(shared.fleet.clone());
@@ -484,16 +512,32 @@ impl Gateway {
             ),
             inner_shutdown.clone(),
         );
+        let webtransport = shared.wt_certs.as_ref().map(|_| {
+            Arc::new(crate::webtransport::WebTransport::new(
+                shared.games.clone(),
+                shared.quic_gate.clone(),
+                shared.config.quic.clone(),
+                shared.metrics.clone(),
+                shared.shutdown.clone(),
+            ))
+        });
         let handle = tokio::spawn(async move {
             let nodes = Arc::new(node_front_end(&shared));
+            let wt_cert_task = shared
+                .wt_certs
+                .clone()
+                .map(|c| tokio::spawn(c.rotation_loop(inner_shutdown.clone())));
             let trunk_task = trunk
                 .clone()
                 .map(|t| tokio::spawn(t.refresh_loop(inner_shutdown.clone())));
             let quic_task = tokio::spawn(accept_quic(
                 shared.clone(),
-                clients,
-                nodes,
-                trunk,
+                QuicFrontEnds {
+                    clients,
+                    nodes,
+                    trunk,
+                    webtransport,
+                },
                 endpoint.clone(),
             ));
             let http_task = tokio::spawn(crate::http_util::serve(
@@ -545,6 +589,9 @@ impl Gateway {
             let _ = http_task.await;
             let _ = admin_task.await;
             geo_task.abort();
+            if let Some(t) = wt_cert_task {
+                t.abort();
+            }
             if let Some(t) = checker_task {
                 t.abort();
             }
@@ -698,13 +745,16 @@ fn admin_api(shared: &Arc<Shared>) -> crate::admin::AdminApi {
     .with_fleet(shared.fleet.clone())
 }
 
-async fn accept_quic(
-    shared: Arc<Shared>,
+/// What the QUIC endpoint dispatches connections to, by ALPN.
+struct QuicFrontEnds {
     clients: Arc<crate::client::QuicClients>,
     nodes: Arc<crate::control::NodeFrontEnd>,
     trunk: Option<Arc<crate::trunk::Trunk>>,
-    endpoint: quinn::Endpoint,
-) {
+    /// `h3` (`None`: WebTransport is disabled, and `h3` is not offered).
+    webtransport: Option<Arc<crate::webtransport::WebTransport>>,
+}
+
+async fn accept_quic(shared: Arc<Shared>, front: QuicFrontEnds, endpoint: quinn::Endpoint) {
     let refused = |reason: &str| {
         shared
             .metrics
@@ -735,9 +785,10 @@ async fn accept_quic(
                 continue;
             }
         };
-        let clients = clients.clone();
-        let nodes = nodes.clone();
-        let trunk = trunk.clone();
+        let clients = front.clients.clone();
+        let nodes = front.nodes.clone();
+        let trunk = front.trunk.clone();
+        let webtransport = front.webtransport.clone();
         let gate = shared.quic_gate.clone();
         let shutdown = shared.shutdown.clone();
         tokio::spawn(async move {
@@ -761,6 +812,16 @@ async fn accept_quic(
                     // and no uni streams ever.
                     clients.handle(conn).await
                 }
+                Some(a) if a == crate::wt_cert::ALPN_H3 => match webtransport {
+                    // Browsers: the HTTP/3 handshake, then one play stream, under the same
+                    // admission as native clients until its key authenticates.
+                    Some(w) => w.handle(conn).await,
+                    // Not offered when disabled; a handshake cannot pick it.
+                    None => conn.close(
+                        nearpath_protocol::app_code::CLOSE_PROTOCOL,
+                        b"no WebTransport",
+                    ),
+                },
                 Some(a) if a == ALPN_PEER => match trunk {
                     Some(t) => t.serve_peer(conn, gate, shutdown).await,
                     // Not offered without a federation; a handshake cannot pick it.

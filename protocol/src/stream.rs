@@ -338,12 +338,54 @@ pub enum Relayed {
 /// says nothing about when the frame will arrive. A frame that is still unacknowledged at its
 /// deadline is reset, which drops its unsent bytes from quinn's buffer.
 pub async fn relay_frame_by(
+    recv: quinn::RecvStream,
+    header: &FrameHeader,
+    out: &quinn::Connection,
+    max: usize,
+    write_by: tokio::time::Instant,
+    acked_by: tokio::time::Instant,
+) -> Result<Relayed, StreamError> {
+    relay_frame_framed(
+        recv,
+        header,
+        out,
+        max,
+        write_by,
+        acked_by,
+        &UniFraming::native(),
+    )
+    .await
+}
+
+/// How the player's transport frames a unidirectional stream the gateway opens: bytes written
+/// before the frame (WebTransport's stream type and session id) and the mapping of this
+/// protocol's reset codes into the transport's code space (WebTransport's application codes
+/// live inside HTTP/3's).
+#[derive(Debug, Clone)]
+pub struct UniFraming {
+    pub prefix: Bytes,
+    pub map_code: fn(quinn::VarInt) -> quinn::VarInt,
+}
+
+impl UniFraming {
+    /// A native `nearpath/1` connection: nothing before the frame, codes as they are.
+    pub fn native() -> UniFraming {
+        UniFraming {
+            prefix: Bytes::new(),
+            map_code: |c| c,
+        }
+    }
+}
+
+/// [`relay_frame_by`] onto a stream framed as `framing` says.
+pub async fn relay_frame_framed(
     mut recv: quinn::RecvStream,
     header: &FrameHeader,
     out: &quinn::Connection,
     max: usize,
     write_by: tokio::time::Instant,
     acked_by: tokio::time::Instant,
+    framing: &UniFraming,
 ) -> Result<Relayed, StreamError> {
     if header.payload_len as usize > max {
         let _ = recv.stop(app_code::STREAM_REFUSED);
@@ -363,22 +405,28 @@ pub async fn relay_frame_by(
     };
     // The client's session stream (control notices) goes before video on its connection.
     let _ = send.set_priority(priority::VIDEO_FRAME);
+    let map = framing.map_code;
     let abandon = |send: &mut quinn::SendStream, recv: &mut quinn::RecvStream, code| {
-        let _ = send.reset(code);
+        let _ = send.reset(map(code));
         let _ = recv.stop(app_code::STREAM_ABORTED);
     };
-    let forwarded =
-        match tokio::time::timeout_at(write_by, relay_body(&mut recv, header, &mut send)).await {
-            Ok(Ok(n)) => n,
-            Ok(Err(e)) => {
-                abandon(&mut send, &mut recv, app_code::STREAM_ABORTED);
-                return Err(e);
-            }
-            Err(_) => {
-                abandon(&mut send, &mut recv, app_code::FRAME_DROPPED);
-                return Ok(Relayed::Abandoned);
-            }
-        };
+    let body = async {
+        if !framing.prefix.is_empty() {
+            send.write_chunk(framing.prefix.clone()).await?;
+        }
+        relay_body(&mut recv, header, &mut send).await
+    };
+    let forwarded = match tokio::time::timeout_at(write_by, body).await {
+        Ok(Ok(n)) => n,
+        Ok(Err(e)) => {
+            abandon(&mut send, &mut recv, app_code::STREAM_ABORTED);
+            return Err(e);
+        }
+        Err(_) => {
+            abandon(&mut send, &mut recv, app_code::FRAME_DROPPED);
+            return Ok(Relayed::Abandoned);
+        }
+    };
     send.finish()?;
     match tokio::time::timeout_at(acked_by, send.stopped()).await {
         Ok(Ok(None)) => Ok(Relayed::Delivered(forwarded)),
@@ -389,7 +437,7 @@ pub async fn relay_frame_by(
         }
         Err(_) => {
             // Resetting a finished stream is allowed until all of it is acknowledged.
-            let _ = send.reset(app_code::FRAME_DROPPED);
+            let _ = send.reset(map(app_code::FRAME_DROPPED));
             Ok(Relayed::Abandoned)
         }
     }

@@ -507,6 +507,35 @@ pub fn server_config_with_client_auth(
     Ok(config)
 }
 
+/// [`server_config`] (or, with `client_auth`, [`server_config_with_client_auth`]) whose
+/// certificate is chosen per handshake by `resolver` (the gateway serves browsers' WebTransport
+/// a certificate of its own, chosen by the ClientHello's ALPN).
+pub fn server_config_with_resolver(
+    resolver: Arc<dyn rustls::server::ResolvesServerCert>,
+    alpn: &[&[u8]],
+    transport: &TransportOptions,
+    client_auth: bool,
+) -> Result<quinn::ServerConfig, TlsError> {
+    let provider = provider();
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])?;
+    let mut tls = if client_auth {
+        builder
+            .with_client_cert_verifier(Arc::new(AnyClientCert {
+                algorithms: provider.signature_verification_algorithms,
+            }))
+            .with_cert_resolver(resolver)
+    } else {
+        builder.with_no_client_auth().with_cert_resolver(resolver)
+    };
+    tls.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
+        .map_err(|e| TlsError::Quic(e.to_string()))?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
+    config.transport_config(Arc::new(transport.to_transport_config()?));
+    Ok(config)
+}
+
 /// A QUIC client configuration that trusts exactly the server certificate pinned by `pin`
 /// and presents `cert_chain` as its client certificate (the gateway-to-gateway trunk).
 pub fn client_config_with_identity(

@@ -5,3 +5,4 @@ pub mod fake_node;
 pub mod game_impaired;
 pub mod impair;
 pub mod pg;
+pub mod wt_client;

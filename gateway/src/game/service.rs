@@ -6,7 +6,8 @@
 use super::session::{Action, GameSession, NodeCommand, NodeRef, Rules, Totals, UsageSegment};
 use super::{
     recv_frame_rest, AudioDrop, ClientEvent, DropReason, FlightSlot, ForeignLog, FrameBudget,
-    FrameSink, InFlight, Notice, Relay, Started, Verdict, ACK_DELAY_ALLOWANCE, REVOKE_SEND_BOUND,
+    FrameSink, InFlight, Notice, Relay, Started, Verdict, WtSink, ACK_DELAY_ALLOWANCE,
+    REVOKE_SEND_BOUND,
 };
 use crate::auth::{CapGuard, CapKind, CapRefusal};
 use crate::clock::SharedClock;
@@ -25,7 +26,9 @@ use nearpath_protocol::message::{
     Ended, ErrorInfo, GameParams, Message, Open, Paused, PlayRequest, PlayResume, PlayStarted,
     PlayTicket, Redirect, ResumeToken, SessionKind, VideoCodec, VIDEO_REFUSED,
 };
-use nearpath_protocol::stream::{recv_frame_header, relay_frame_by, send, FramedRecv, Relayed};
+use nearpath_protocol::stream::{
+    recv_frame_header, relay_frame_by, relay_frame_framed, send, FramedRecv, Relayed,
+};
 use nearpath_protocol::{AudioPacket, InputDatagram, MAX_CONTROL_FRAME, MAX_VIDEO_FRAME};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -1190,6 +1193,20 @@ impl GameService {
                     .await
                     .map_err(|e| e.to_string())
             }
+            FrameSink::WebTransport(wt) => {
+                let acked_by = write_by + wt.conn.rtt() + ACK_DELAY_ALLOWANCE;
+                relay_frame_framed(
+                    recv,
+                    &header,
+                    &wt.conn,
+                    MAX_VIDEO_FRAME,
+                    write_by,
+                    acked_by,
+                    &wt.uni,
+                )
+                .await
+                .map_err(|e| e.to_string())
+            }
             FrameSink::Channel { frames: tx, .. } => {
                 match tokio::time::timeout_at(write_by, recv_frame_rest(recv, &header)).await {
                     Ok(Ok(payload)) => {
@@ -1275,6 +1292,7 @@ impl GameService {
         };
         let sent = match &relay.sink {
             FrameSink::Quic(client) => client.send_datagram(dgram).is_ok(),
+            FrameSink::WebTransport(wt) => wt.conn.send_datagram(wt.datagram(&dgram)).is_ok(),
             FrameSink::Channel { audio, .. } => audio.try_send(packet).is_ok(),
         };
         if sent {
@@ -1315,10 +1333,62 @@ impl GameService {
         }
     }
 
+    /// Forwards a WebTransport player's input datagrams to the node serving its session. Runs
+    /// once per WebTransport connection. A datagram without this connection's session prefix,
+    /// one that is not an input datagram, and one naming a session this connection does not
+    /// play are ignored and counted (`nearpath_webtransport_datagrams_dropped_total`).
+    pub async fn webtransport_input_loop(self: Arc<Self>, sink: WtSink) {
+        let conn = sink.conn.clone();
+        let dropped = |reason: &str| {
+            self.metrics
+                .webtransport_datagrams_dropped
+                .get_or_create(&labels([("reason", reason)]))
+                .inc();
+        };
+        while let Ok(dgram) = conn.read_datagram().await {
+            let Some(payload) = sink.strip_datagram(&dgram) else {
+                dropped("prefix");
+                continue;
+            };
+            let Ok(input) = InputDatagram::decode(payload) else {
+                dropped("malformed");
+                continue;
+            };
+            let relay = self.sessions.games.get(input.session_id);
+            // Only the session's own client may steer it; an unknown id is answered the same.
+            let Some(relay) = relay.filter(|r| {
+                matches!(&r.sink, FrameSink::WebTransport(w) if w.conn.stable_id() == conn.stable_id())
+            }) else {
+                dropped("foreign");
+                continue;
+            };
+            relay.inputs.fetch_add(1, Ordering::Relaxed);
+            if let Some(node) = relay.node() {
+                let _ = node.conn.send_datagram(Bytes::copy_from_slice(payload));
+            }
+        }
+    }
+
     /// Serves a `PlayRequest` on a native client's bidi stream until the session ends.
     pub async fn serve_play(
         self: Arc<Self>,
         conn: quinn::Connection,
+        ctl_tx: quinn::SendStream,
+        ctl_rx: FramedRecv,
+        req: PlayRequest,
+    ) {
+        let sink = FrameSink::Quic(conn.clone());
+        self.serve_play_via(conn, sink, "quic", ctl_tx, ctl_rx, req)
+            .await
+    }
+
+    /// [`Self::serve_play`] for a player whose frames go to `sink` over `transport`
+    /// (`"quic"`, or `"webtransport"`: the same protocol on a WebTransport bidi stream).
+    pub async fn serve_play_via(
+        self: Arc<Self>,
+        conn: quinn::Connection,
+        sink: FrameSink,
+        transport: &'static str,
         mut ctl_tx: quinn::SendStream,
         ctl_rx: FramedRecv,
         req: PlayRequest,
@@ -1329,7 +1399,7 @@ impl GameService {
         // gets one when it ends.
         let refused = |key_id: Option<&str>, outcome: &str| {
             crate::access::SessionLine {
-                transport: "quic",
+                transport,
                 key_id,
                 game: &req.game,
                 country: country.as_ref().map(|c| c.as_str()),
@@ -1365,9 +1435,9 @@ impl GameService {
                 client,
                 Some(conn.remote_address().ip()),
                 conn.remote_address().to_string(),
-                "quic",
+                transport,
                 params,
-                FrameSink::Quic(conn.clone()),
+                sink,
             )
             .await;
         let started = match placed {

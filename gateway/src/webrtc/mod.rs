@@ -157,7 +157,7 @@ pub use datachannel::PageMessage;
 pub use negotiate::{advertise_public_ip, h264_level};
 pub use policy::{PcState, SessionControl};
 pub use ports::{PortLease, PortLeases};
-pub use whep::{is_webrtc_path, play_request, Whep, WhepError};
+pub use whep::{is_webrtc_path, play_request, WebTransportInfo, Whep, WhepError};
 
 use crate::game::Relay;
 use std::collections::HashMap;

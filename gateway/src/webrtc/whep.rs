@@ -9,7 +9,7 @@ use super::{
 };
 use crate::client_addr::{client_addr, ClientAddr};
 use crate::error::{CoreError, Kind};
-use crate::game::{ClientEvent, FrameSink, GameService, Placed};
+use crate::game::{ClientEvent, FrameSink, GameService, Placed, Relay};
 use crate::http_util::{bearer, read_body, Body, BodyError, Handler, Resp};
 use crate::sdp::is_mdns_candidate;
 use crate::store::ApiKey;
@@ -55,9 +55,27 @@ pub struct Whep {
     http: HttpConfig,
     play_prefill_key: Option<String>,
     shutdown: CancellationToken,
+    /// What `GET /v1/webtransport` answers (`None`: `[webtransport] enabled = false`).
+    webtransport: Option<WebTransportInfo>,
+}
+
+/// Where browsers reach the gateway's WebTransport server, for `GET /v1/webtransport`.
+#[derive(Clone)]
+pub struct WebTransportInfo {
+    /// The QUIC listener's UDP port.
+    pub port: u16,
+    /// The path sessions are accepted on.
+    pub path: &'static str,
+    pub certs: Arc<crate::wt_cert::WtCerts>,
 }
 
 impl Whep {
+    /// Answers `GET /v1/webtransport` from `info`.
+    pub fn with_webtransport(mut self, info: Option<WebTransportInfo>) -> Whep {
+        self.webtransport = info;
+        self
+    }
+
     pub fn new(
         games: Arc<GameService>,
         sessions: Arc<Sessions>,
@@ -71,6 +89,7 @@ impl Whep {
             http,
             play_prefill_key,
             shutdown,
+            webtransport: None,
         }
     }
 
@@ -308,6 +327,7 @@ impl WhepError {
 /// Whether `path` is one of this module's resources.
 pub fn is_webrtc_path(path: &str) -> bool {
     path == "/play"
+        || path == WEBTRANSPORT_INFO_PATH
         || path == "/favicon.ico"
         || path.starts_with("/v1/sessions/")
         || whep_title(path).is_some()
@@ -454,6 +474,15 @@ async fn handle_with(w: &Whep, req: Request<Incoming>, peer: SocketAddr) -> Resp
             Method::GET | Method::HEAD => play_page(w),
             m => method_not_allowed(&m, &path, "GET, HEAD"),
         };
+    }
+    if path == WEBTRANSPORT_INFO_PATH {
+        let mut resp = match method {
+            Method::OPTIONS => return preflight(w, req.headers(), "GET, OPTIONS"),
+            Method::GET | Method::HEAD => webtransport_info(w),
+            m => method_not_allowed(&m, &path, "GET, OPTIONS"),
+        };
+        add_cors(&mut resp, origin);
+        return resp;
     }
     if path == "/favicon.ico" {
         return match method {
@@ -857,7 +886,81 @@ async fn session_patch(w: &Whep, req: Request<Incoming>, id: &str) -> Result<Res
     Ok(empty(StatusCode::NO_CONTENT))
 }
 
+/// Where browsers open WebTransport sessions and the certificate hashes they pin (no key
+/// needed: it says nothing about any tenant).
+pub const WEBTRANSPORT_INFO_PATH: &str = "/v1/webtransport";
+
+fn webtransport_info(w: &Whep) -> Resp {
+    let Some(info) = &w.webtransport else {
+        let body = serde_json::json!({"error": {
+            "message": "WebTransport is disabled on this gateway ([webtransport] enabled = false)",
+            "type": "not_found_error",
+            "code": "webtransport_disabled",
+        }});
+        let mut r = Response::new(Body::from_bytes(body.to_string()));
+        *r.status_mut() = StatusCode::NOT_FOUND;
+        r.headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        return r;
+    };
+    let certs = info.certs.info();
+    let body = serde_json::json!({
+        "port": info.port,
+        "path": info.path,
+        "cert_hashes": certs.hashes,
+        "expires_unix_ms": certs.expires_unix_ms,
+    });
+    let mut r = Response::new(Body::from_bytes(body.to_string()));
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    // The hashes change when the certificate is renewed.
+    r.headers_mut().insert(
+        hyper::header::CACHE_CONTROL,
+        HeaderValue::from_static("no-store"),
+    );
+    r
+}
+
+/// A live WebTransport session of the key's tenant (the same answer as for a WebRTC one: an
+/// unknown id and another tenant's are both absent).
+async fn owned_webtransport_session(
+    w: &Whep,
+    req: &Request<Incoming>,
+    id: &str,
+) -> Result<Arc<Relay>, WhepError> {
+    let key = authenticate(w, req).await?;
+    let none = || WhepError::NoSession { id: id.to_string() };
+    let n: u64 = id.parse().map_err(|_| none())?;
+    let relay = w.games.relays().get(n).ok_or_else(none)?;
+    if !matches!(relay.sink, FrameSink::WebTransport(_)) || relay.tenant != key.tenant {
+        return Err(none());
+    }
+    Ok(relay)
+}
+
+/// Whether `id` is a WebRTC session of this front end's table (whoever owns it).
+fn is_webrtc_session(w: &Whep, id: &str) -> bool {
+    id.parse::<u64>()
+        .ok()
+        .and_then(|n| w.sessions.get(n))
+        .is_some()
+}
+
 async fn session_delete(w: &Whep, req: Request<Incoming>, id: &str) -> Result<Resp, WhepError> {
+    if !is_webrtc_session(w, id) {
+        let relay = owned_webtransport_session(w, &req, id).await?;
+        info!(
+            session = relay.session_id,
+            transport = "webtransport",
+            "session deleted by the client"
+        );
+        if let Some(events) = relay.events.upgrade() {
+            let _ = events
+                .send(ClientEvent::Close("deleted by the client".into()))
+                .await;
+        }
+        return Ok(empty(StatusCode::OK));
+    }
     let h = owned_session(w, &req, id).await?;
     info!(session = h.id, "WHEP session deleted by the client");
     h.stop.cancel();
@@ -865,6 +968,17 @@ async fn session_delete(w: &Whep, req: Request<Incoming>, id: &str) -> Result<Re
 }
 
 async fn session_stats(w: &Whep, req: Request<Incoming>, id: &str) -> Result<Resp, WhepError> {
+    if !is_webrtc_session(w, id) {
+        let relay = owned_webtransport_session(w, &req, id).await?;
+        content_type_is(req.headers(), "application/json")?;
+        let body = body_text(req, MAX_STATS_BYTES).await?;
+        let mut v = stats_object(&body)?;
+        if let Some(obj) = v.as_object_mut() {
+            obj.insert("gateway".into(), relay_counters(&relay));
+        }
+        *relay.client_stats.lock().unwrap_or_else(|p| p.into_inner()) = Some(v);
+        return Ok(empty(StatusCode::NO_CONTENT));
+    }
     let h = owned_session(w, &req, id).await?;
     content_type_is(req.headers(), "application/json")?;
     let body = body_text(req, MAX_STATS_BYTES).await?;
@@ -885,6 +999,36 @@ async fn session_stats(w: &Whep, req: Request<Incoming>, id: &str) -> Result<Res
         .lock()
         .unwrap_or_else(|p| p.into_inner()) = Some(v);
     Ok(empty(StatusCode::NO_CONTENT))
+}
+
+/// A stats body: a JSON object.
+fn stats_object(body: &str) -> Result<serde_json::Value, WhepError> {
+    let v: serde_json::Value = serde_json::from_str(body).map_err(|e| WhepError::BadRequest {
+        reason: format!("stats must be JSON: {e}"),
+        param: None,
+    })?;
+    if !v.is_object() {
+        return Err(WhepError::BadRequest {
+            reason: "stats must be a JSON object".into(),
+            param: None,
+        });
+    }
+    Ok(v)
+}
+
+/// What the relay counted for a WebTransport session, added to its page's stats.
+fn relay_counters(r: &Relay) -> serde_json::Value {
+    use std::sync::atomic::Ordering::Relaxed;
+    serde_json::json!({
+        "frames": r.frames.load(Relaxed),
+        "bytes": r.bytes.load(Relaxed),
+        "dropped_late": r.dropped_late.load(Relaxed),
+        "dropped_overload": r.dropped_overload.load(Relaxed),
+        "dropped_relay": r.dropped_relay.load(Relaxed),
+        "audio_packets": r.audio_packets.load(Relaxed),
+        "audio_dropped": r.audio_dropped.load(Relaxed),
+        "inputs": r.inputs.load(Relaxed),
+    })
 }
 
 #[cfg(test)]

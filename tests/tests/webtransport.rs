@@ -1,0 +1,488 @@
+//! Game sessions for browsers over WebTransport, end to end: `GET /v1/webtransport`, the
+//! gateway's own certificate for `h3`, a session played with the WebTransport test client
+//! (`nearpath_tests::wt_client`, built on `web-transport-quinn`), input and audio datagrams,
+//! stats and DELETE, failover, and what hostile clients try.
+
+mod common;
+
+use bytes::Bytes;
+use common::*;
+use nearpath_config::{GameEntry, GameSource};
+use nearpath_protocol::message::Message;
+use nearpath_protocol::{InputEvent, VideoFrame};
+use nearpath_tests::wt_client::{self, WtClientError, WtPlayer};
+use std::time::{Duration, Instant};
+
+/// The encoding tests need a core each to hold 60 fps on a 2-core machine: run them one at a
+/// time rather than let them starve each other.
+static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// A node serving the built-in `arena` (one session at a time) from `addr`, registered.
+async fn arena_node(gw: &TestGateway, id: &str, addr: std::net::IpAddr) -> TestNode {
+    let mut cfg = gw.node_config(id, &gw.token);
+    cfg.games = vec![GameEntry {
+        title: "arena".into(),
+        source: GameSource::Builtin {},
+    }];
+    cfg.capacity.game_sessions = 1;
+    let mut node = TestNode::start(cfg, addr);
+    node.registered().await;
+    node
+}
+
+/// A WebTransport session to the gateway as a page opens it: info first, then the URL it names.
+async fn wt_session(gw: &TestGateway) -> web_transport_quinn::Session {
+    let info = wt_client::fetch_info(gw.addrs.http).await.unwrap();
+    let (session, _) =
+        wt_client::connect(ip(FR_CLIENT), gw.addrs.quic, &info.path, &info.cert_hashes)
+            .await
+            .unwrap();
+    session
+}
+
+async fn wt_play(gw: &TestGateway, w: u32, h: u32, fps: u32) -> WtPlayer {
+    let session = wt_session(gw).await;
+    WtPlayer::play(
+        session,
+        wt_client::play_request(API_KEY, "arena", w, h, fps),
+    )
+    .await
+    .unwrap()
+}
+
+async fn frame(p: &WtPlayer) -> VideoFrame {
+    tokio::time::timeout(Duration::from_secs(5), p.next_frame())
+        .await
+        .expect("a frame within 5 s")
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_webtransport_info_names_the_quic_port_and_the_certificate_the_gateway_presents_to_h3()
+{
+    let gw = TestGateway::start(|_| {}).await;
+    let (status, body) = gw.http.get(&gw.api_url("/v1/webtransport"), None).await;
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["port"], gw.addrs.quic.port());
+    assert_eq!(v["path"], "/v1/play");
+    let hashes = v["cert_hashes"].as_array().unwrap();
+    assert_eq!(hashes.len(), 1, "{v}");
+    assert!(v["expires_unix_ms"].as_u64().unwrap() > 0);
+    let info = wt_client::fetch_info(gw.addrs.http).await.unwrap();
+    let (_session, presented) =
+        wt_client::connect(ip(FR_CLIENT), gw.addrs.quic, "/v1/play", &info.cert_hashes)
+            .await
+            .unwrap();
+    // `h3` gets the WebTransport certificate; nodes and native clients keep the pinned one.
+    assert_eq!(presented, info.cert_hashes[0]);
+    assert_ne!(
+        presented, gw.sha,
+        "the main QUIC certificate must not change"
+    );
+    // A client pinning only the main certificate's hash cannot open WebTransport.
+    assert!(
+        wt_client::connect(ip(FR_CLIENT), gw.addrs.quic, "/v1/play", &[gw.sha])
+            .await
+            .is_err()
+    );
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_webtransport_disabled_the_info_is_404_and_h3_is_not_offered() {
+    let gw = TestGateway::start(|c| c.webtransport.enabled = false).await;
+    let (status, body) = gw.http.get(&gw.api_url("/v1/webtransport"), None).await;
+    assert_eq!(status, 404, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["error"]["code"], "webtransport_disabled");
+    let r = wt_client::connect(ip(FR_CLIENT), gw.addrs.quic, "/v1/play", &[gw.sha]).await;
+    assert!(matches!(r, Err(WtClientError::Connect(_))), "{:?}", r.err());
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webtransport_player_plays_720p60_input_moves_the_ship_audio_arrives_and_delete_ends_it()
+{
+    let _heavy = HEAVY.lock().await;
+    let gw = TestGateway::start(|_| {}).await;
+    let node = arena_node(&gw, "de-1", ip(DE)).await;
+    let mut p = wt_play(&gw, 1280, 720, 60).await;
+    let sid = p.started.session_id;
+    assert_eq!(
+        (p.started.width, p.started.height, p.started.fps),
+        (1280, 720, 60)
+    );
+    let t0 = Instant::now();
+    let mut got: Vec<VideoFrame> = Vec::new();
+    let mut audio = 0u64;
+    let mut last_sent = 0u64;
+    let mut next_input = Instant::now();
+    let mut i = 0u32;
+    while t0.elapsed() < Duration::from_secs(3) {
+        if Instant::now() >= next_input {
+            // Hold D (move right), pressing it again every 100 ms.
+            last_sent = p
+                .send_input(InputEvent::Key {
+                    code: 68,
+                    down: i.is_multiple_of(2),
+                })
+                .unwrap();
+            i += 1;
+            next_input += Duration::from_millis(100);
+        }
+        tokio::select! {
+            f = p.next_frame() => got.push(f.unwrap()),
+            d = p.next_datagram() => {
+                let d = d.unwrap();
+                let packet = nearpath_protocol::AudioPacket::decode(&d).unwrap();
+                assert_eq!(packet.session_id, sid);
+                audio += 1;
+            }
+            _ = tokio::time::sleep(Duration::from_secs(5)) => panic!("nothing for 5 s"),
+        }
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let n = got.len();
+    println!("webtransport: {n} frames and {audio} audio packets in {secs:.2} s");
+    assert!(
+        n as f64 >= 0.9 * 60.0 * secs,
+        "only {n} frames in {secs:.2} s"
+    );
+    assert!(got.iter().all(|f| f.header.session_id == sid));
+    assert!(got[0].header.keyframe, "the stream starts with an IDR");
+    let (decoded, dims) = decode_h264(&got);
+    assert_eq!(dims, (1280, 720));
+    assert!(
+        decoded as f64 >= 0.95 * n as f64,
+        "decoded {decoded} of {n}"
+    );
+    let applied = got.iter().map(|f| f.header.input_seq).max().unwrap();
+    assert!(
+        applied >= last_sent.saturating_sub(2) && applied > 0,
+        "applied {applied}, sent {last_sent}"
+    );
+    // 10 ms packets (allowing the session's start-up).
+    assert!(audio >= 200, "only {audio} audio packets in {secs:.2} s");
+    let view = admin_game_session(&gw, sid).await.expect("live");
+    assert_eq!(view["transport"], "webtransport", "{view}");
+    assert!(
+        view["inputs"].as_u64().unwrap() >= u64::from(i) - 1,
+        "{view}"
+    );
+
+    // Stats: posted with the session's key, shown in the admin view with the gateway's counts.
+    let stats_url = gw.api_url(&format!("/v1/sessions/{sid}/stats"));
+    let (status, body) = gw
+        .http
+        .post(&stats_url, Some(API_KEY), r#"{"decoded": 42}"#, &[])
+        .await;
+    assert_eq!(status, 204, "{body}");
+    let view = admin_game_session(&gw, sid).await.expect("live");
+    assert_eq!(view["client_stats"]["decoded"], 42, "{view}");
+    assert!(view["client_stats"]["gateway"]["frames"].as_u64().unwrap() > 0);
+
+    // DELETE ends it: the play stream says so, and the session resources are gone.
+    let session_url = gw.api_url(&format!("/v1/sessions/{sid}"));
+    let (status, _, body) = gw
+        .http
+        .request("DELETE", &session_url, Some(API_KEY), None, &[])
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let end = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match p.next_message().await {
+                Ok(Some(Message::Ended(_))) | Ok(None) | Err(_) => break,
+                Ok(Some(_)) => {}
+            }
+        }
+    })
+    .await;
+    assert!(end.is_ok(), "the play stream did not end after DELETE");
+    wait_until("the session ended", || async {
+        admin_game_session(&gw, sid).await.is_none()
+    })
+    .await;
+    let (status, body) = gw
+        .http
+        .post(&stats_url, Some(API_KEY), r#"{"decoded": 43}"#, &[])
+        .await;
+    assert_eq!(status, 404, "{body}");
+    assert_eq!(
+        admin_metric(
+            &gw,
+            "nearpath_game_sessions_total{transport=\"webtransport\",outcome=\"ok\"}"
+        )
+        .await,
+        1.0
+    );
+    node.stop().await.unwrap();
+    gw.stop().await;
+}
+
+/// Polls `cond` every 20 ms for up to 10 s.
+async fn wait_until<F, Fut>(what: &str, cond: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !cond().await {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_the_serving_node_dies_a_webtransport_player_is_paused_and_frames_resume_with_an_idr()
+{
+    let _heavy = HEAVY.lock().await;
+    let gw = TestGateway::start(|_| {}).await;
+    let near = arena_node(&gw, "de-1", ip(DE)).await;
+    let far = arena_node(&gw, "us-1", ip(US_EAST)).await;
+    let mut p = wt_play(&gw, 640, 360, 30).await;
+    for _ in 0..10 {
+        frame(&p).await;
+    }
+    let sessions = gw.admin_get("/admin/sessions").await;
+    assert_eq!(sessions["data"][0]["node"], "de-1");
+    near.task.abort();
+    let killed = Instant::now();
+    let mut paused = false;
+    let mut resumed = false;
+    let resumed_at = loop {
+        tokio::select! {
+            m = p.next_message() => match m.unwrap() {
+                Some(Message::Paused(_)) => paused = true,
+                Some(Message::Resumed) => resumed = true,
+                other => panic!("unexpected {other:?}"),
+            },
+            f = p.next_frame() => {
+                let f = f.unwrap();
+                if paused && f.header.keyframe {
+                    break Instant::now();
+                }
+            }
+            _ = tokio::time::sleep(Duration::from_secs(5)) => panic!("frames did not resume"),
+        }
+    };
+    let gap = resumed_at - killed;
+    println!("webtransport frames resumed {gap:?} after the node was killed");
+    assert!(gap < Duration::from_secs(2), "{gap:?}");
+    if !resumed {
+        let m = tokio::time::timeout(Duration::from_secs(2), p.next_message())
+            .await
+            .expect("Resumed after Paused")
+            .unwrap();
+        assert!(matches!(m, Some(Message::Resumed)), "{m:?}");
+    }
+    let sessions = gw.admin_get("/admin/sessions").await;
+    assert_eq!(sessions["data"][0]["node"], "us-1");
+    far.stop().await.unwrap();
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_path_is_404_and_counted() {
+    let gw = TestGateway::start(|_| {}).await;
+    let info = wt_client::fetch_info(gw.addrs.http).await.unwrap();
+    let r = wt_client::connect(ip(FR_CLIENT), gw.addrs.quic, "/v1/other", &info.cert_hashes).await;
+    match r {
+        Err(WtClientError::Session(e)) => assert!(e.contains("404"), "{e}"),
+        other => panic!("expected a 404, got {:?}", other.map(|_| ())),
+    }
+    assert_eq!(
+        admin_metric(&gw, "nearpath_webtransport_refused_total{reason=\"path\"}").await,
+        1.0
+    );
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_key_gets_error_and_no_frames_and_the_connection_is_closed_at_the_auth_timeout() {
+    let gw = TestGateway::start(|c| c.quic.client_auth_timeout_ms = 1000).await;
+    let node = arena_node(&gw, "de-1", ip(DE)).await;
+    let session = wt_session(&gw).await;
+    let r = WtPlayer::play(
+        session.clone(),
+        wt_client::play_request("not-a-key", "arena", 320, 180, 30),
+    )
+    .await;
+    match r {
+        Err(WtClientError::Refused { code, .. }) => assert_eq!(code, "unauthorized"),
+        other => panic!("expected Error, got {:?}", other.map(|p| p.started)),
+    }
+    // No frame ever comes; the unauthenticated connection is closed.
+    let closed =
+        tokio::time::timeout(Duration::from_secs(5), wt_client::next_frame(&session)).await;
+    assert!(
+        matches!(closed, Ok(Err(_))),
+        "the connection stays open or got a frame: {closed:?}"
+    );
+    assert!(admin_game_session_count(&gw).await == 0);
+    node.stop().await.unwrap();
+    gw.stop().await;
+}
+
+async fn admin_game_session_count(gw: &TestGateway) -> usize {
+    gw.admin_get("/admin/sessions").await["data"]
+        .as_array()
+        .unwrap()
+        .len()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_sends_a_play_request_is_closed_at_the_auth_timeout_and_its_slot_freed()
+{
+    let gw = TestGateway::start(|c| {
+        c.quic.client_auth_timeout_ms = 500;
+        c.quic.max_unauthenticated_per_ip = 1;
+    })
+    .await;
+    let session = wt_session(&gw).await;
+    // It holds the source's one unauthenticated slot: a second connection is refused.
+    let info = wt_client::fetch_info(gw.addrs.http).await.unwrap();
+    assert!(
+        wt_client::connect(ip(FR_CLIENT), gw.addrs.quic, "/v1/play", &info.cert_hashes)
+            .await
+            .is_err(),
+        "a second unauthenticated connection from the same source was admitted"
+    );
+    let t0 = Instant::now();
+    let e = tokio::time::timeout(Duration::from_secs(5), session.closed())
+        .await
+        .expect("closed by the gateway");
+    println!("closed after {:?}: {e}", t0.elapsed());
+    assert!(
+        admin_metric(
+            &gw,
+            "nearpath_webtransport_refused_total{reason=\"auth_timeout\"}"
+        )
+        .await
+            >= 1.0
+    );
+    // The slot is free again.
+    wait_until("the slot is free", || async {
+        gw.shared.quic_gate.unauthenticated_from(ip(FR_CLIENT)) == 0
+    })
+    .await;
+    wt_client::connect(ip(FR_CLIENT), gw.addrs.quic, "/v1/play", &info.cert_hashes)
+        .await
+        .unwrap();
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_datagrams_and_streams_are_ignored_and_counted_and_other_tenants_see_no_session() {
+    let gw = TestGateway::start(|_| {}).await;
+    let node = arena_node(&gw, "de-1", ip(DE)).await;
+    let p = wt_play(&gw, 320, 180, 30).await;
+    let sid = p.started.session_id;
+    frame(&p).await;
+    let raw: &quinn::Connection = &p.session;
+    let dropped = |reason: &'static str| {
+        let gw = &gw;
+        async move {
+            admin_metric(
+                gw,
+                &format!("nearpath_webtransport_datagrams_dropped_total{{reason=\"{reason}\"}}"),
+            )
+            .await
+        }
+    };
+    let input = |session_id: u64, seq: u64| {
+        nearpath_protocol::InputDatagram {
+            session_id,
+            seq,
+            sent_ts_us: 1,
+            event: InputEvent::Key {
+                code: 68,
+                down: true,
+            },
+        }
+        .encode()
+    };
+    // A prefix naming another WebTransport session (quarter stream id 1).
+    let mut other_prefix = vec![0x01];
+    other_prefix.extend_from_slice(&input(sid, 1000));
+    raw.send_datagram(Bytes::from(other_prefix)).unwrap();
+    // A prefix that is not even a complete varint.
+    raw.send_datagram(Bytes::from_static(&[0x40])).unwrap();
+    wait_until("bad prefixes counted", || async {
+        dropped("prefix").await >= 2.0
+    })
+    .await;
+    // Garbage after a valid prefix.
+    p.session
+        .send_datagram(Bytes::from_static(b"\x49garbage"))
+        .unwrap();
+    wait_until("malformed counted", || async {
+        dropped("malformed").await >= 1.0
+    })
+    .await;
+    // Input naming another session id (unknown, or live but another connection's).
+    p.session
+        .send_datagram(Bytes::from(input(sid + 1000, 1001)))
+        .unwrap();
+    wait_until("foreign counted", || async {
+        dropped("foreign").await >= 1.0
+    })
+    .await;
+    // A datagram as large as the path allows.
+    let max = raw.max_datagram_size().unwrap();
+    raw.send_datagram(Bytes::from(vec![0u8; max])).unwrap();
+    assert!(raw.send_datagram(Bytes::from(vec![0u8; max + 1])).is_err());
+    // None of that was forwarded: the session's input count is still 0.
+    let view = admin_game_session(&gw, sid).await.expect("live");
+    assert_eq!(view["inputs"], 0, "{view}");
+    // More streams than a page opens: the extra bidi streams are refused, the session goes on.
+    for _ in 0..20 {
+        match tokio::time::timeout(Duration::from_millis(300), p.session.open_bi()).await {
+            Ok(Ok((mut tx, mut rx))) => {
+                let _ = tx.write_all(b"junk").await;
+                let _ =
+                    tokio::time::timeout(Duration::from_millis(300), rx.read(&mut [0u8; 16])).await;
+            }
+            // The stream limit holds it back: also fine.
+            _ => break,
+        }
+    }
+    for _ in 0..5 {
+        if let Ok(Ok(mut tx)) =
+            tokio::time::timeout(Duration::from_millis(300), p.session.open_uni()).await
+        {
+            let _ = tx.write_all(&[0u8; 1024]).await;
+        }
+    }
+    for _ in 0..5 {
+        frame(&p).await;
+    }
+    // Another tenant's key sees no such session.
+    gw.store
+        .insert_api_key_secret("other-tenant-key", "tenant-b", 100_000, 100_000_000)
+        .unwrap();
+    let (status, body) = gw
+        .http
+        .post(
+            &gw.api_url(&format!("/v1/sessions/{sid}/stats")),
+            Some("other-tenant-key"),
+            "{}",
+            &[],
+        )
+        .await;
+    assert_eq!(status, 404, "{body}");
+    let (status, _, body) = gw
+        .http
+        .request(
+            "DELETE",
+            &gw.api_url(&format!("/v1/sessions/{sid}")),
+            Some("other-tenant-key"),
+            None,
+            &[],
+        )
+        .await;
+    assert_eq!(status, 404, "{body}");
+    assert!(admin_game_session(&gw, sid).await.is_some());
+    node.stop().await.unwrap();
+    gw.stop().await;
+}
