@@ -85,6 +85,13 @@ impl Browser {
                 "--autoplay-policy=no-user-gesture-required",
             ])
             .arg(format!("--user-data-dir={}", profile.path().display()))
+            // Extra switches for diagnosing a failed test (e.g. a net log:
+            // `NEARPATH_CHROMIUM_ARGS="--log-net-log=/tmp/net.json --net-log-capture-mode=Everything"`).
+            .args(
+                std::env::var("NEARPATH_CHROMIUM_ARGS")
+                    .unwrap_or_default()
+                    .split_whitespace(),
+            )
             .arg("about:blank")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
