@@ -186,6 +186,7 @@ fn print_latency(stats: &Value) {
         "encode",
         "nodeToGateway",
         "gatewayToBrowser",
+        "nodeToBrowser",
         "receiveToPresent",
         "decode",
         "presentToDisplay",
@@ -2262,11 +2263,17 @@ async fn a_wrong_key_over_webtransport_shows_the_gateways_reason() {
         .await
         .unwrap();
     assert_eq!(text, shown);
-    let shown = shown.as_str().unwrap().to_lowercase();
-    assert!(
-        shown.contains("key") || shown.contains("unauthor"),
-        "the reason names the key: {shown}"
-    );
+    // The same reason the HTTP API gives a wrong key (what the WebRTC path shows).
+    let (status, _, body) = request(
+        None,
+        "GET",
+        &gw.api_url("/v1/games"),
+        &[("authorization", "Bearer wrong-key")],
+        "",
+    )
+    .await;
+    assert_eq!(status, 401);
+    assert_eq!(shown, Value::String(error_message(&body)));
     assert!(gw.admin_get("/admin/sessions").await["data"]
         .as_array()
         .unwrap()
@@ -2349,5 +2356,367 @@ async fn webtransport_keeps_decoding_on_the_same_session_when_the_serving_node_d
     assert_eq!(sessions[0]["transport"], "webtransport");
     drop(browser);
     far.stop().await.unwrap();
+    gw.stop().await;
+}
+
+/// The frame bytes of `msg` without their length prefix: (type, body).
+fn type_and_body(msg: &nearpath_protocol::Message) -> (u8, Vec<u8>) {
+    let bytes = nearpath_protocol::encode_to_vec(msg);
+    let prefix = bytes.iter().position(|b| b & 0x80 == 0).unwrap() + 1;
+    (bytes[prefix], bytes[prefix + 1..].to_vec())
+}
+
+/// Evaluates `np.wire.<call>` on the page and returns its value.
+async fn wire(page: &Page, call: &str) -> Value {
+    page.eval(&format!("window.nearpath.wire.{call}"))
+        .await
+        .unwrap_or_else(|e| panic!("{call}: {e}"))
+}
+
+fn bytes_of(v: &Value) -> Vec<u8> {
+    v.as_array()
+        .unwrap_or_else(|| panic!("not a byte array: {v}"))
+        .iter()
+        .map(|b| u8::try_from(b.as_u64().unwrap()).unwrap())
+        .collect()
+}
+
+/// Guards the page's WebTransport wire codec against the protocol crate, byte for byte: what
+/// it writes (`PlayRequest`, `SetVideo`, `Close`, `ForceKeyframe`, input datagrams of every
+/// event with a session id above 2^53) decodes in Rust to exactly what was meant and re-encodes
+/// to the same bytes; what the gateway writes (every control message the page reads, frame
+/// headers, audio datagrams) reads back field for field in the page. And what a hostile or
+/// broken gateway could send instead (truncated or trailing bytes, out-of-range values, an
+/// overlong varint, a string longer than its message, invalid UTF-8, bad magic/version/flags,
+/// a payload length of 0 or over 8 MiB, a wrong Opus frame size) is refused, never misread.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pages_webtransport_wire_codec_matches_the_protocol_crate() {
+    use nearpath_protocol::message::{
+        Close, Ended, ErrorInfo, Paused, PlayRequest, PlayStarted, ResumeToken, Rumble, SetVideo,
+    };
+    use nearpath_protocol::{
+        AudioPacket, Decoder, FrameHeader, InputDatagram, InputEvent, Message, VideoCodec,
+        MAX_CONTROL_FRAME,
+    };
+    let _one = ONE_BROWSER_AT_A_TIME.lock().await;
+    let gw = TestGateway::start(|_| {}).await;
+    let browser = Browser::launch().await;
+    let page = browser
+        .open(&gw.api_url("/play?key=k&transport=webtransport"))
+        .await;
+    wait_eval(&page, "!!(window.nearpath && window.nearpath.wire)", "the page", |v| {
+        v == &Value::Bool(true)
+    })
+    .await;
+    let decode = |bytes: &[u8]| {
+        let mut d = Decoder::new(MAX_CONTROL_FRAME);
+        d.push(bytes);
+        let m = d.poll().expect("decodes").expect("one whole message");
+        assert_eq!(d.buffered(), 0, "exactly one message");
+        assert_eq!(
+            nearpath_protocol::encode_to_vec(&m),
+            bytes,
+            "canonical: re-encodes to the page's bytes"
+        );
+        m
+    };
+
+    // What the page writes.
+    let req = bytes_of(&wire(&page, r#"playRequest("k€y ✓", "arena", 1280, 720, 60, 300000)"#).await);
+    assert_eq!(
+        decode(&req),
+        Message::PlayRequest(PlayRequest {
+            protocol_version: nearpath_protocol::PROTOCOL_VERSION,
+            api_key: "k€y ✓".into(),
+            game: "arena".into(),
+            width: 1280,
+            height: 720,
+            fps: 60,
+            bitrate_kbps: 300_000,
+            codecs: vec![],
+        })
+    );
+    let sv = bytes_of(&wire(&page, "setVideo(3840, 2160, 240)").await);
+    assert_eq!(
+        decode(&sv),
+        Message::SetVideo(SetVideo {
+            width: 3840,
+            height: 2160,
+            fps: 240
+        })
+    );
+    let close = bytes_of(&wire(&page, r#"close("stopped ✓")"#).await);
+    assert_eq!(
+        decode(&close),
+        Message::Close(Close {
+            reason: "stopped ✓".into()
+        })
+    );
+    let fk = bytes_of(&wire(&page, "forceKeyframe()").await);
+    assert_eq!(decode(&fk), Message::ForceKeyframe);
+
+    let sid = u64::MAX - 5;
+    let ts_ms = 1_765_000_000_123.5_f64;
+    let cases: [(&str, InputEvent); 9] = [
+        (r#"{t:"key",code:68,down:true}"#, InputEvent::Key { code: 68, down: true }),
+        (r#"{t:"key",code:65535,down:false}"#, InputEvent::Key { code: 65535, down: false }),
+        (r#"{t:"mouse",dx:-3,dy:70000}"#, InputEvent::MouseMove { dx: -3, dy: 70000 }),
+        (r#"{t:"button",button:2,down:true}"#, InputEvent::MouseButton { button: 2, down: true }),
+        (r#"{t:"wheel",dx:-120,dy:40000}"#, InputEvent::Wheel { dx: -120, dy: 32767 }),
+        (
+            r#"{t:"pad",pad:2,axes:[0,-1,0.5,7],triggers:[0.25,1],buttons:131071}"#,
+            InputEvent::Gamepad {
+                pad: 2,
+                axes: [0, -32767, 16384, 32767],
+                triggers: [16384, 65535],
+                buttons: 0x1ffff,
+            },
+        ),
+        (
+            r#"{t:"pad",pad:0,axes:[],buttons:1}"#,
+            InputEvent::Gamepad {
+                pad: 0,
+                axes: [0; 4],
+                triggers: [0; 2],
+                buttons: 1,
+            },
+        ),
+        (r#"{t:"keyframe"}"#, InputEvent::KeyframeRequest),
+        (r#"{t:"ping",id:4000000000}"#, InputEvent::Ping { id: 4_000_000_000 }),
+    ];
+    for (i, (msg, event)) in cases.into_iter().enumerate() {
+        let seq = 1 + i as u64;
+        let bytes = bytes_of(&wire(&page, &format!(r#"input("{sid}", {seq}, {ts_ms}, {msg})"#)).await);
+        let d = InputDatagram::decode(&bytes).unwrap_or_else(|e| panic!("{msg}: {e}"));
+        assert_eq!(
+            d,
+            InputDatagram {
+                session_id: sid,
+                seq,
+                sent_ts_us: 1_765_000_000_123_500,
+                event,
+            },
+            "{msg}"
+        );
+        assert_eq!(d.encode(), bytes, "{msg}");
+    }
+    assert_eq!(wire(&page, r#"input("1", 1, 0, {t:"video"})"#).await, Value::Null);
+
+    // What the gateway writes, read by the page.
+    let control = |m: &Message| {
+        let (ty, body) = type_and_body(m);
+        format!("control({ty}, {body:?})")
+    };
+    let started = Message::PlayStarted(PlayStarted {
+        session_id: u64::MAX - 1,
+        width: 1280,
+        height: 720,
+        fps: 60,
+        bitrate_kbps: 8000,
+        codec: VideoCodec::H264,
+    });
+    let v = wire(&page, &control(&started)).await;
+    assert_eq!(v["t"], "started", "{v}");
+    assert_eq!(v["sessionId"], (u64::MAX - 1).to_string(), "{v}");
+    assert_eq!((v["width"].clone(), v["height"].clone(), v["fps"].clone(), v["kbps"].clone()), (1280.into(), 720.into(), 60.into(), 8000.into()));
+    assert_eq!(v["codec"], "h264");
+    let v = wire(
+        &page,
+        &control(&Message::Error(ErrorInfo {
+            code: "unauthorized".into(),
+            message: "Falscher Schlüssel ✗".into(),
+            retryable: true,
+        })),
+    )
+    .await;
+    assert_eq!(v, serde_json::json!({"t": "error", "code": "unauthorized", "message": "Falscher Schlüssel ✗", "retryable": true}));
+    for (m, want) in [
+        (Message::Ended(Ended { reason: "client_left".into() }), serde_json::json!({"t": "ended", "reason": "client_left"})),
+        (Message::Paused(Paused { reason: "node lost".into() }), serde_json::json!({"t": "paused", "reason": "node lost"})),
+        (Message::Resumed, serde_json::json!({"t": "resumed"})),
+        (Message::SetVideo(SetVideo { width: 640, height: 360, fps: 30 }), serde_json::json!({"t": "video", "width": 640, "height": 360, "fps": 30})),
+        (
+            Message::Rumble(Rumble { pad: 3, strong_magnitude: 65535, weak_magnitude: 1, duration_ms: 5000 }),
+            serde_json::json!({"t": "rumble", "pad": 3, "strong": 65535, "weak": 1, "duration_ms": 5000}),
+        ),
+        (Message::ResumeToken(ResumeToken { token: "ab".repeat(32) }), serde_json::json!({"t": "resume_token", "token": "ab".repeat(32)})),
+    ] {
+        assert_eq!(wire(&page, &control(&m)).await, want, "{m:?}");
+    }
+    // A message type this page does not know is skipped, not an error.
+    assert_eq!(wire(&page, "control(127, [1, 2, 3])").await, serde_json::json!({"t": "unknown", "type": 127}));
+    // Malformed bodies are refused.
+    let (ty, body) = type_and_body(&started);
+    let hostile: Vec<(String, &str)> = vec![
+        (format!("control({ty}, {:?})", &body[..body.len() - 1]), "truncated"),
+        (format!("control({ty}, {:?})", [&body[..], &[0]].concat()), "trailing"),
+        (format!("control({ty}, [255,255,255,255,255,255,255,255,255,255,1])"), "varint"),
+        // Error whose message claims 2^40 bytes, and 1000 bytes with one left.
+        ("control(24, [1, 97, 128, 128, 128, 128, 128, 32])".into(), "u32"),
+        ("control(24, [1, 97, 232, 7, 98])".into(), "truncated"),
+        // Error whose bool is 2.
+        ("control(24, [1, 97, 1, 98, 2])".into(), "bool"),
+        // Ended whose reason is not UTF-8.
+        ("control(25, [2, 195, 40])".into(), ""),
+        // Rumble for pad 4, and one of 5001 ms.
+        ("control(29, [4, 0, 0, 0, 0, 1])".into(), "range"),
+        ("control(29, [0, 0, 0, 0, 0, 137, 39])".into(), "range"),
+        // SetVideo with a width over u32.
+        ("control(28, [128, 128, 128, 128, 16, 1, 1])".into(), "u32"),
+        // Resumed with a body.
+        ("control(53, [0])".into(), "trailing"),
+    ];
+    for (call, why) in hostile {
+        let v = wire(&page, &call).await;
+        let err = v["error"].as_str().unwrap_or_else(|| panic!("{call} was accepted: {v}"));
+        assert!(err.contains(why), "{call}: {err}");
+    }
+
+    let header = FrameHeader {
+        session_id: u64::MAX,
+        seq: 123_456,
+        capture_ts_us: 1_765_000_000_123_456,
+        encode_us: 4321,
+        keyframe: true,
+        input_seq: 99,
+        width: 1280,
+        height: 720,
+        payload_len: 8 * 1024 * 1024,
+    };
+    let enc = header.encode();
+    let v = wire(&page, &format!("frameHeader({:?})", enc.to_vec())).await;
+    assert_eq!(
+        v,
+        serde_json::json!({"key": true, "session": u64::MAX.to_string(), "seq": 123456, "captureUs": 1765000000123456_u64,
+            "inputSeq": 99, "encodeUs": 4321, "payloadLen": 8388608, "width": 1280, "height": 720})
+    );
+    let mut bad: Vec<(Vec<u8>, &str)> = Vec::new();
+    for (i, b, what) in [(0, 0x4f, "magic"), (1, 2, "version"), (2, 0x03, "flags"), (3, 1, "reserved")] {
+        let mut h = enc;
+        h[i] = b;
+        bad.push((h.to_vec(), what));
+    }
+    let mut h = enc;
+    h[40..44].copy_from_slice(&0u32.to_le_bytes());
+    bad.push((h.to_vec(), "empty payload"));
+    h[40..44].copy_from_slice(&(8 * 1024 * 1024 + 1u32).to_le_bytes());
+    bad.push((h.to_vec(), "payload over 8 MiB"));
+    bad.push((enc[..47].to_vec(), "short"));
+    for (b, what) in bad {
+        assert_eq!(wire(&page, &format!("frameHeader({b:?})")).await, Value::Null, "{what}");
+    }
+
+    let pkt = AudioPacket {
+        session_id: u64::MAX - 7,
+        seq: u32::MAX,
+        capture_ts_us: 1_765_000_000_000_010,
+        samples: 480,
+        flags: 1,
+        opus: bytes::Bytes::from_static(&[0xfc, 1, 2, 3]),
+    };
+    let enc = pkt.encode().unwrap();
+    let v = wire(&page, &format!("audio({enc:?})")).await;
+    assert_eq!(
+        v,
+        serde_json::json!({"session": (u64::MAX - 7).to_string(), "seq": u32::MAX, "captureUs": 1765000000000010_u64, "samples": 480, "payload": [0xfc, 1, 2, 3]})
+    );
+    let mut bad: Vec<(Vec<u8>, &str)> = Vec::new();
+    for (i, b, what) in [(0, 0x49, "magic"), (1, 2, "version"), (2, 0x02, "flags"), (24, 100, "samples")] {
+        let mut a = enc.clone();
+        a[i] = b;
+        bad.push((a, what));
+    }
+    bad.push((enc[..25].to_vec(), "no payload"));
+    let mut big = enc[..25].to_vec();
+    big.extend(std::iter::repeat_n(0u8, 1001));
+    bad.push((big, "payload over 1000 bytes"));
+    for (b, what) in bad {
+        assert_eq!(wire(&page, &format!("audio({b:?})")).await, Value::Null, "{what}");
+    }
+    drop(browser);
+    gw.stop().await;
+}
+
+/// Input-to-photon in Chromium, WebTransport against WebRTC, in one run (README
+/// "Benchmarks"): one gateway and node, 720p60, each path played for `NEARPATH_I2P_SECS`
+/// (20) seconds while D is pressed and released every 100 ms, `NEARPATH_I2P_ROUNDS` (1)
+/// rounds alternating the paths. Prints p50/p95 of input-to-photon per path: over WebRTC to the
+/// frame's expected display time (requestVideoFrameCallback) and to its hand-over to the
+/// compositor (`inputToPresent`), over WebTransport to the moment the frame is drawn on the
+/// canvas (the hand-over there), plus WebRTC's jitter-buffer delay.
+/// `cargo test --release -p nearpath-tests --test browser bench_input_to_photon -- --ignored --nocapture`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark: run on demand (see above)"]
+async fn bench_input_to_photon_webtransport_vs_webrtc() {
+    let _one = ONE_BROWSER_AT_A_TIME.lock().await;
+    let secs: u64 = std::env::var("NEARPATH_I2P_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    let rounds: u32 = std::env::var("NEARPATH_I2P_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    let gw = TestGateway::start(|_| {}).await;
+    let mut node = TestNode::start(with_arena(gw.node_config("de-1", &gw.token)), ip(DE));
+    node.registered().await;
+    let browser = Browser::launch().await;
+    let mut table = Vec::new();
+    for round in 1..=rounds {
+        for transport in ["webtransport", "webrtc"] {
+            let page = browser
+                .open(&play_url_via(&gw, 1280, 720, 60, transport))
+                .await;
+            let first = wait_stats(&page, "decoding", Duration::from_secs(30), |s| {
+                num(s, "framesDecoded") >= 60.0
+            })
+            .await;
+            assert_eq!(first["transport"], transport, "{first}");
+            let t0 = Instant::now();
+            let mut down = false;
+            while t0.elapsed() < Duration::from_secs(secs) {
+                down = !down;
+                page.key(68, "d", "KeyD", down).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            if down {
+                page.key(68, "d", "KeyD", false).await.unwrap();
+            }
+            let stats = wait_stats(&page, "the last inputs applied", Duration::from_secs(5), |s| {
+                num(s, "inputSeqApplied") >= num(s, "inputsSent")
+            })
+            .await;
+            let window = (num(&stats, "ts") - num(&first, "ts")) / 1000.0;
+            let fps = (num(&stats, "framesDecoded") - num(&first, "framesDecoded")) / window;
+            let (l, p) = (&stats["inputToPhoton"], &stats["inputToPresent"]);
+            let line = format!(
+                "round {round} {transport:<12} input-to-photon p50 {:6.1} ms p95 {:6.1} ms (n={}) | to present p50 {:6.1} p95 {:6.1} | {fps:.1} fps decoded, jitter buffer {:.1} ms, decode {:.1} ms",
+                num(l, "p50"),
+                num(l, "p95"),
+                num(l, "n"),
+                num(p, "p50"),
+                num(p, "p95"),
+                num(&stats, "jitterBufferAvgMs"),
+                num(&stats, "decodeMs"),
+            );
+            println!("{line}");
+            print_latency(&stats);
+            table.push(line);
+            assert!(num(l, "n") >= 10.0, "too few samples: {stats}");
+            page.eval("window.nearpath.stop()").await.unwrap();
+            wait_sessions(&gw, "the session to end", Duration::from_secs(5), |l| {
+                l.is_empty()
+            })
+            .await;
+            wait_slots_in_use(&gw, 0).await;
+            page.call("Page.close", serde_json::json!({})).await.ok();
+        }
+    }
+    println!("--- input-to-photon, 720p60, {secs} s per path ---");
+    for line in table {
+        println!("{line}");
+    }
+    drop(browser);
+    node.stop().await.unwrap();
     gw.stop().await;
 }
