@@ -387,11 +387,21 @@ impl Gateway {
         // 1.25 MB per stream) let one unauthenticated connection with 256 streams pin 256 MB.
         // Limits are raised per connection once it authenticates or registers (see
         // `QuicClients::authenticated` and `node_registered`).
+        //
+        // With WebTransport on, three unidirectional streams: browsers (Chromium) close a
+        // connection whose initial limit is below HTTP/3's three (control, QPACK encoder and
+        // decoder streams), and the limit is sent before the ALPN is known. Connections of the
+        // other ALPNs get no further credit ([`accept_quic`]), and what the three can hold is
+        // still bounded by the one connection window.
         let q = &shared.config.quic;
         let transport = nearpath_protocol::tls::TransportOptions {
             idle_timeout: Duration::from_millis(q.idle_timeout_ms),
             max_concurrent_bidi_streams: 1,
-            max_concurrent_uni_streams: 0,
+            max_concurrent_uni_streams: if shared.wt_certs.is_some() {
+                crate::webtransport::H3_UNI_STREAMS
+            } else {
+                0
+            },
             stream_receive_window: Some(q.stream_receive_window_bytes),
             receive_window: Some(q.stream_receive_window_bytes),
             datagram_receive_buffer: Some(DATAGRAM_RECEIVE_BUFFER),
@@ -801,6 +811,11 @@ async fn accept_quic(shared: Arc<Shared>, front: QuicFrontEnds, endpoint: quinn:
             };
             pre_auth.bind(conn.stable_id());
             let alpn = nearpath_protocol::tls::negotiated_alpn(&conn);
+            if alpn.as_deref() != Some(crate::wt_cert::ALPN_H3) {
+                // The unidirectional streams granted at handshake are HTTP/3's; other protocols
+                // get theirs when they register (nodes), or never (clients).
+                conn.set_max_concurrent_uni_streams(0u32.into());
+            }
             match alpn.as_deref() {
                 Some(a) if a == ALPN_NODE => {
                     // Only the control stream until `Registered` (see `node_registered`).

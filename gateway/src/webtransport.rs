@@ -41,7 +41,7 @@ pub const PLAY_PATH: &str = "/v1/play";
 
 /// HTTP/3 unidirectional streams a browser needs to open: its control stream and QPACK's
 /// encoder and decoder streams. The page itself opens none.
-const H3_UNI_STREAMS: u32 = 3;
+pub const H3_UNI_STREAMS: u32 = 3;
 /// Bidirectional streams a browser needs: the CONNECT stream and the one play stream.
 const WT_BIDI_STREAMS: u32 = 2;
 /// How long a wrong-path connection is kept open for its 404 to be delivered.

@@ -3,6 +3,7 @@
 //! (`nearpath_tests::wt_client`, built on `web-transport-quinn`), input and audio datagrams,
 //! stats and DELETE, failover, and what hostile clients try.
 
+mod cdp;
 mod common;
 
 use bytes::Bytes;
@@ -248,6 +249,7 @@ async fn when_the_serving_node_dies_a_webtransport_player_is_paused_and_frames_r
     assert_eq!(sessions["data"][0]["node"], "de-1");
     near.task.abort();
     let killed = Instant::now();
+    let session = p.session.clone();
     let mut paused = false;
     let mut resumed = false;
     let resumed_at = loop {
@@ -257,7 +259,7 @@ async fn when_the_serving_node_dies_a_webtransport_player_is_paused_and_frames_r
                 Some(Message::Resumed) => resumed = true,
                 other => panic!("unexpected {other:?}"),
             },
-            f = p.next_frame() => {
+            f = wt_client::next_frame(&session) => {
                 let f = f.unwrap();
                 if paused && f.header.keyframe {
                     break Instant::now();
@@ -483,6 +485,93 @@ async fn hostile_datagrams_and_streams_are_ignored_and_counted_and_other_tenants
         .await;
     assert_eq!(status, 404, "{body}");
     assert!(admin_game_session(&gw, sid).await.is_some());
+    node.stop().await.unwrap();
+    gw.stop().await;
+}
+
+/// Chromium's own WebTransport against the gateway: the certificate it pins by hash (ECDSA P-256,
+/// at most 14 days), HTTP/3 SETTINGS and CONNECT, the play stream, frames on uni streams and
+/// audio datagrams. Guards the interoperability the page relies on, independently of the page.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chromium_opens_webtransport_with_the_listed_hashes_and_receives_frames_and_audio() {
+    let _heavy = HEAVY.lock().await;
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    // The browser connects from 127.0.0.1: place it in France, so that the German node serves.
+    let gw = TestGateway::start(|c| {
+        c.geo
+            .overrides
+            .push(place(("127.0.0.1", "FR", 48.85, 2.35)))
+    })
+    .await;
+    let node = arena_node(&gw, "de-1", ip(DE)).await;
+    let req = nearpath_protocol::encode_to_vec(&Message::PlayRequest(wt_client::play_request(
+        API_KEY, "arena", 320, 180, 30,
+    )));
+    let browser = cdp::Browser::launch().await;
+    // A loopback http:// page is a secure context, as WebTransport requires.
+    let page = browser.open(&gw.api_url("/healthz")).await;
+    let script = format!(
+        r#"(async () => {{
+  const info = await (await fetch('/v1/webtransport')).json();
+  const hashes = info.cert_hashes.map(h => ({{algorithm: 'sha-256',
+    value: new Uint8Array(h.match(/../g).map(x => parseInt(x, 16)))}}));
+  const wt = new WebTransport(`https://127.0.0.1:${{info.port}}${{info.path}}`,
+    {{serverCertificateHashes: hashes}});
+  await wt.ready;
+  const s = await wt.createBidirectionalStream();
+  const w = s.writable.getWriter();
+  await w.write(new Uint8Array({req:?}));
+  const r = s.readable.getReader();
+  const first = (await r.read()).value;
+  let frames = 0, short = 0, keyframe0 = null, audio = 0;
+  const dg = wt.datagrams.readable.getReader();
+  const deadline = Date.now() + 2500;
+  const audioLoop = (async () => {{
+    while (Date.now() < deadline) {{
+      const d = await dg.read();
+      if (d.done) break;
+      if (d.value[0] === 0x41) audio++;
+    }}
+  }})();
+  const uni = wt.incomingUnidirectionalStreams.getReader();
+  while (Date.now() < deadline) {{
+    const {{value, done}} = await uni.read();
+    if (done) break;
+    const chunks = [];
+    const sr = value.getReader();
+    let n = 0;
+    try {{
+      for (;;) {{ const c = await sr.read(); if (c.done) break; chunks.push(c.value); n += c.value.length; }}
+    }} catch (e) {{ continue; }}
+    if (n < 48) {{ short++; continue; }}
+    const head = new Uint8Array(48); let o = 0;
+    for (const c of chunks) {{ const k = Math.min(c.length, 48 - o); head.set(c.subarray(0, k), o); o += k; if (o === 48) break; }}
+    if (keyframe0 === null) keyframe0 = Array.from(head);
+    frames++;
+  }}
+  await audioLoop;
+  wt.close();
+  return {{first: Array.from(first), frames, short, keyframe0, audio}};
+}})()"#
+    );
+    let v = page.eval(&script).await.unwrap();
+    println!("chromium over WebTransport: {v}");
+    // The first message on the play stream is PlayStarted.
+    let first: Vec<u8> = serde_json::from_value(v["first"].clone()).unwrap();
+    let mut decoder = nearpath_protocol::Decoder::new(nearpath_protocol::MAX_CONTROL_FRAME);
+    decoder.push(&first);
+    let started = decoder.poll().unwrap().map(|m| m.name());
+    assert_eq!(started, Some("PlayStarted"), "{v}");
+    assert!(v["frames"].as_u64().unwrap() >= 30, "{v}");
+    assert_eq!(v["short"], 0, "{v}");
+    let head: Vec<u8> = serde_json::from_value(v["keyframe0"].clone()).unwrap();
+    let header = nearpath_protocol::FrameHeader::decode(&head).unwrap();
+    assert!(header.keyframe, "the first frame is an IDR: {header:?}");
+    assert!(v["audio"].as_u64().unwrap() >= 100, "{v}");
+    drop(browser);
     node.stop().await.unwrap();
     gw.stop().await;
 }
