@@ -189,6 +189,7 @@ fn print_latency(stats: &Value) {
         "nodeToBrowser",
         "receiveToPresent",
         "decode",
+        "draw",
         "presentToDisplay",
     ] {
         let v = &stats["breakdown"][k];
@@ -1573,11 +1574,18 @@ async fn the_player_page_says_why_it_cannot_play_and_stops_posting_stats_when_th
 
 /// The page's decoded picture size (`videoWidth`, `videoHeight`), its decoded frame count and
 /// the size its stage asked for last.
-const VIDEO_SIZE: &str = "(async () => { const v = document.getElementById('video'); const n = await window.nearpath.framesDecoded(); return { w: v.videoWidth, h: v.videoHeight, decoded: n, fit: window.nearpath.fitNow, changes: window.nearpath.videoChanges, refused: window.nearpath.videoRefused }; })()";
+const VIDEO_SIZE: &str = "(async () => { const wt = window.nearpath.transport === 'webtransport'; const v = document.getElementById(wt ? 'canvas' : 'video'); const n = await window.nearpath.framesDecoded(); return { transport: window.nearpath.transport, w: wt ? v.width : v.videoWidth, h: wt ? v.height : v.videoHeight, decoded: n, fit: window.nearpath.fitNow, changes: window.nearpath.videoChanges, refused: window.nearpath.videoRefused }; })()";
 
+/// Over both transports (the video element's size over WebRTC, the canvas's over WebTransport).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_page_follows_its_window_size_mid_session_and_keeps_decoding() {
     let _one = ONE_BROWSER_AT_A_TIME.lock().await;
+    for transport in ["webrtc", "webtransport"] {
+        follows_window_size(transport).await;
+    }
+}
+
+async fn follows_window_size(transport: &str) {
     let gw = TestGateway::start(|_| {}).await;
     let mut node = TestNode::start(with_arena(gw.node_config("de-1", &gw.token)), ip(DE));
     node.registered().await;
@@ -1586,7 +1594,7 @@ async fn the_page_follows_its_window_size_mid_session_and_keeps_decoding() {
     let resize = |w: u32, h: u32| serde_json::json!({"width": w, "height": h, "deviceScaleFactor": 1, "mobile": false});
     let page = browser
         .open(&gw.api_url(&format!(
-            "/play?key={API_KEY}&game=arena&width=320&height=180&fps=30&autostart=1&fit=1&transport=webrtc"
+            "/play?key={API_KEY}&game=arena&width=320&height=180&fps=30&autostart=1&fit=1&transport={transport}"
         )))
         .await;
     page.call("Emulation.setDeviceMetricsOverride", resize(480, 320))
@@ -1603,10 +1611,9 @@ async fn the_page_follows_its_window_size_mid_session_and_keeps_decoding() {
     // The stage is the window's width, less a scrollbar when the header wraps.
     let w0 = first["fit"]["width"].as_u64().unwrap();
     assert!((440..=480).contains(&w0), "{first}");
-    let sessions = wait_sessions(&gw, "the WebRTC session", Duration::from_secs(5), |l| {
-        l.len() == 1
-    })
-    .await;
+    assert_eq!(first["transport"], transport, "{first}");
+    let sessions =
+        wait_sessions(&gw, "the session", Duration::from_secs(5), |l| l.len() == 1).await;
     let id = sessions[0]["id"].clone();
     // A bigger window: the picture follows, in the same session, and frames keep decoding.
     page.call("Emulation.setDeviceMetricsOverride", resize(640, 400))
@@ -1631,7 +1638,7 @@ async fn the_page_follows_its_window_size_mid_session_and_keeps_decoding() {
     )
     .await;
     println!(
-        "resized {w0} -> {} x {}, {} changes confirmed, refused: {}; stats {}x{}",
+        "{transport}: resized {w0} -> {} x {}, {} changes confirmed, refused: {}; stats {}x{}",
         second["w"],
         second["h"],
         second["changes"],
@@ -1651,14 +1658,23 @@ async fn the_page_follows_its_window_size_mid_session_and_keeps_decoding() {
     gw.stop().await;
 }
 
+/// Over both transports (`Error{video_refused}` and `Rumble` on the WebTransport session stream).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_page_hears_refused_video_changes_and_the_games_rumble() {
     let _one = ONE_BROWSER_AT_A_TIME.lock().await;
+    for transport in ["webrtc", "webtransport"] {
+        hears_refusals_and_rumble(transport).await;
+    }
+}
+
+async fn hears_refusals_and_rumble(transport: &str) {
     let gw = TestGateway::start(|_| {}).await;
     let mut node = TestNode::start(with_arena(gw.node_config("de-1", &gw.token)), ip(DE));
     node.registered().await;
     let browser = Browser::launch().await;
-    let page = browser.open(&play_url(&gw, 320, 180, 60)).await;
+    let page = browser
+        .open(&play_url_via(&gw, 320, 180, 60, transport))
+        .await;
     wait_stats(
         &page,
         "the first decoded frame",
@@ -1675,6 +1691,10 @@ async fn the_page_hears_refused_video_changes_and_the_games_rumble() {
     })
     .await;
     assert!(why.as_str().unwrap().contains("at least 16x16"), "{why}");
+    assert_eq!(
+        page.eval("window.nearpath.transport").await.unwrap(),
+        transport
+    );
     // The ship onto the outer asteroid's orbit (0.42 x 180 px right of the centre): the next
     // pass hits it, and the node's rumble reaches the page.
     page.eval(r#"window.nearpath.input({t: "mouse", dx: 76, dy: 0})"#)
@@ -2019,9 +2039,12 @@ async fn chromium_plays_720p60_over_webtransport_for_10_seconds_and_keys_move_th
     assert_eq!(state["transport"], "webtransport", "{state}");
     assert_eq!(first["transport"], "webtransport", "{first}");
     assert_eq!(state["pc"], 0, "no peer connection: {state}");
-    let sessions = wait_sessions(&gw, "the WebTransport session", Duration::from_secs(5), |l| {
-        l.len() == 1
-    })
+    let sessions = wait_sessions(
+        &gw,
+        "the WebTransport session",
+        Duration::from_secs(5),
+        |l| l.len() == 1,
+    )
     .await;
     assert_eq!(sessions[0]["transport"], "webtransport", "{}", sessions[0]);
     // The stats line says which transport plays.
@@ -2161,7 +2184,10 @@ async fn the_page_falls_back_to_webrtc_without_webtransport_in_the_browser_or_th
         .await;
     let state = wait_playing(&page).await;
     assert_eq!(state["transport"], "webrtc", "{state}");
-    assert_eq!(state["reason"], "this browser has no WebTransport", "{state}");
+    assert_eq!(
+        state["reason"], "this browser has no WebTransport",
+        "{state}"
+    );
     assert_eq!(state["wt"], 0, "{state}");
     assert_eq!(state["pc"], 1, "{state}");
     let sessions = wait_sessions(&gw, "the WebRTC session", Duration::from_secs(5), |l| {
@@ -2184,9 +2210,7 @@ async fn the_page_falls_back_to_webrtc_without_webtransport_in_the_browser_or_th
     let mut node = TestNode::start(with_arena(gw.node_config("de-1", &gw.token)), ip(DE));
     node.registered().await;
     let browser = Browser::launch().await;
-    let page = browser
-        .open(&play_url_via(&gw, 320, 180, 30, "auto"))
-        .await;
+    let page = browser.open(&play_url_via(&gw, 320, 180, 30, "auto")).await;
     let state = wait_playing(&page).await;
     assert_eq!(state["transport"], "webrtc", "{state}");
     assert!(
@@ -2305,10 +2329,8 @@ async fn webtransport_keeps_decoding_on_the_same_session_when_the_serving_node_d
         .await;
     let state = wait_playing(&page).await;
     assert_eq!(state["transport"], "webtransport", "{state}");
-    let sessions = wait_sessions(&gw, "the session", Duration::from_secs(5), |l| {
-        l.len() == 1
-    })
-    .await;
+    let sessions =
+        wait_sessions(&gw, "the session", Duration::from_secs(5), |l| l.len() == 1).await;
     assert_eq!(sessions[0]["node"], "de-1", "the nearer node serves first");
     let decoded = || async {
         page.eval("window.nearpath.framesDecoded()")
@@ -2343,7 +2365,11 @@ async fn webtransport_keeps_decoding_on_the_same_session_when_the_serving_node_d
         "WebTransport: 30 more frames decoded {resumed:?} after the node was killed (keyframe requests {}, skipped {}, late {}, decode errors {})",
         stats["keyframeRequests"], stats["framesSkipped"], stats["framesLate"], stats["decodeErrors"]
     );
-    assert_eq!(num(&stats, "wtCreated"), 1.0, "one WebTransport session: {stats}");
+    assert_eq!(
+        num(&stats, "wtCreated"),
+        1.0,
+        "one WebTransport session: {stats}"
+    );
     assert!(!stats["paused"].as_bool().unwrap(), "{stats}");
     let sessions = wait_sessions(
         &gw,
@@ -2404,9 +2430,12 @@ async fn the_pages_webtransport_wire_codec_matches_the_protocol_crate() {
     let page = browser
         .open(&gw.api_url("/play?key=k&transport=webtransport"))
         .await;
-    wait_eval(&page, "!!(window.nearpath && window.nearpath.wire)", "the page", |v| {
-        v == &Value::Bool(true)
-    })
+    wait_eval(
+        &page,
+        "!!(window.nearpath && window.nearpath.wire)",
+        "the page",
+        |v| v == &Value::Bool(true),
+    )
     .await;
     let decode = |bytes: &[u8]| {
         let mut d = Decoder::new(MAX_CONTROL_FRAME);
@@ -2422,7 +2451,13 @@ async fn the_pages_webtransport_wire_codec_matches_the_protocol_crate() {
     };
 
     // What the page writes.
-    let req = bytes_of(&wire(&page, r#"playRequest("k€y ✓", "arena", 1280, 720, 60, 300000)"#).await);
+    let req = bytes_of(
+        &wire(
+            &page,
+            r#"playRequest("k€y ✓", "arena", 1280, 720, 60, 300000)"#,
+        )
+        .await,
+    );
     assert_eq!(
         decode(&req),
         Message::PlayRequest(PlayRequest {
@@ -2458,11 +2493,38 @@ async fn the_pages_webtransport_wire_codec_matches_the_protocol_crate() {
     let sid = u64::MAX - 5;
     let ts_ms = 1_765_000_000_123.5_f64;
     let cases: [(&str, InputEvent); 9] = [
-        (r#"{t:"key",code:68,down:true}"#, InputEvent::Key { code: 68, down: true }),
-        (r#"{t:"key",code:65535,down:false}"#, InputEvent::Key { code: 65535, down: false }),
-        (r#"{t:"mouse",dx:-3,dy:70000}"#, InputEvent::MouseMove { dx: -3, dy: 70000 }),
-        (r#"{t:"button",button:2,down:true}"#, InputEvent::MouseButton { button: 2, down: true }),
-        (r#"{t:"wheel",dx:-120,dy:40000}"#, InputEvent::Wheel { dx: -120, dy: 32767 }),
+        (
+            r#"{t:"key",code:68,down:true}"#,
+            InputEvent::Key {
+                code: 68,
+                down: true,
+            },
+        ),
+        (
+            r#"{t:"key",code:65535,down:false}"#,
+            InputEvent::Key {
+                code: 65535,
+                down: false,
+            },
+        ),
+        (
+            r#"{t:"mouse",dx:-3,dy:70000}"#,
+            InputEvent::MouseMove { dx: -3, dy: 70000 },
+        ),
+        (
+            r#"{t:"button",button:2,down:true}"#,
+            InputEvent::MouseButton {
+                button: 2,
+                down: true,
+            },
+        ),
+        (
+            r#"{t:"wheel",dx:-120,dy:40000}"#,
+            InputEvent::Wheel {
+                dx: -120,
+                dy: 32767,
+            },
+        ),
         (
             r#"{t:"pad",pad:2,axes:[0,-1,0.5,7],triggers:[0.25,1],buttons:131071}"#,
             InputEvent::Gamepad {
@@ -2482,11 +2544,15 @@ async fn the_pages_webtransport_wire_codec_matches_the_protocol_crate() {
             },
         ),
         (r#"{t:"keyframe"}"#, InputEvent::KeyframeRequest),
-        (r#"{t:"ping",id:4000000000}"#, InputEvent::Ping { id: 4_000_000_000 }),
+        (
+            r#"{t:"ping",id:4000000000}"#,
+            InputEvent::Ping { id: 4_000_000_000 },
+        ),
     ];
     for (i, (msg, event)) in cases.into_iter().enumerate() {
         let seq = 1 + i as u64;
-        let bytes = bytes_of(&wire(&page, &format!(r#"input("{sid}", {seq}, {ts_ms}, {msg})"#)).await);
+        let bytes =
+            bytes_of(&wire(&page, &format!(r#"input("{sid}", {seq}, {ts_ms}, {msg})"#)).await);
         let d = InputDatagram::decode(&bytes).unwrap_or_else(|e| panic!("{msg}: {e}"));
         assert_eq!(
             d,
@@ -2500,7 +2566,10 @@ async fn the_pages_webtransport_wire_codec_matches_the_protocol_crate() {
         );
         assert_eq!(d.encode(), bytes, "{msg}");
     }
-    assert_eq!(wire(&page, r#"input("1", 1, 0, {t:"video"})"#).await, Value::Null);
+    assert_eq!(
+        wire(&page, r#"input("1", 1, 0, {t:"video"})"#).await,
+        Value::Null
+    );
 
     // What the gateway writes, read by the page.
     let control = |m: &Message| {
@@ -2518,7 +2587,15 @@ async fn the_pages_webtransport_wire_codec_matches_the_protocol_crate() {
     let v = wire(&page, &control(&started)).await;
     assert_eq!(v["t"], "started", "{v}");
     assert_eq!(v["sessionId"], (u64::MAX - 1).to_string(), "{v}");
-    assert_eq!((v["width"].clone(), v["height"].clone(), v["fps"].clone(), v["kbps"].clone()), (1280.into(), 720.into(), 60.into(), 8000.into()));
+    assert_eq!(
+        (
+            v["width"].clone(),
+            v["height"].clone(),
+            v["fps"].clone(),
+            v["kbps"].clone()
+        ),
+        (1280.into(), 720.into(), 60.into(), 8000.into())
+    );
     assert_eq!(v["codec"], "h264");
     let v = wire(
         &page,
@@ -2529,30 +2606,75 @@ async fn the_pages_webtransport_wire_codec_matches_the_protocol_crate() {
         })),
     )
     .await;
-    assert_eq!(v, serde_json::json!({"t": "error", "code": "unauthorized", "message": "Falscher Schlüssel ✗", "retryable": true}));
+    assert_eq!(
+        v,
+        serde_json::json!({"t": "error", "code": "unauthorized", "message": "Falscher Schlüssel ✗", "retryable": true})
+    );
     for (m, want) in [
-        (Message::Ended(Ended { reason: "client_left".into() }), serde_json::json!({"t": "ended", "reason": "client_left"})),
-        (Message::Paused(Paused { reason: "node lost".into() }), serde_json::json!({"t": "paused", "reason": "node lost"})),
-        (Message::Resumed, serde_json::json!({"t": "resumed"})),
-        (Message::SetVideo(SetVideo { width: 640, height: 360, fps: 30 }), serde_json::json!({"t": "video", "width": 640, "height": 360, "fps": 30})),
         (
-            Message::Rumble(Rumble { pad: 3, strong_magnitude: 65535, weak_magnitude: 1, duration_ms: 5000 }),
+            Message::Ended(Ended {
+                reason: "client_left".into(),
+            }),
+            serde_json::json!({"t": "ended", "reason": "client_left"}),
+        ),
+        (
+            Message::Paused(Paused {
+                reason: "node lost".into(),
+            }),
+            serde_json::json!({"t": "paused", "reason": "node lost"}),
+        ),
+        (Message::Resumed, serde_json::json!({"t": "resumed"})),
+        (
+            Message::SetVideo(SetVideo {
+                width: 640,
+                height: 360,
+                fps: 30,
+            }),
+            serde_json::json!({"t": "video", "width": 640, "height": 360, "fps": 30}),
+        ),
+        (
+            Message::Rumble(Rumble {
+                pad: 3,
+                strong_magnitude: 65535,
+                weak_magnitude: 1,
+                duration_ms: 5000,
+            }),
             serde_json::json!({"t": "rumble", "pad": 3, "strong": 65535, "weak": 1, "duration_ms": 5000}),
         ),
-        (Message::ResumeToken(ResumeToken { token: "ab".repeat(32) }), serde_json::json!({"t": "resume_token", "token": "ab".repeat(32)})),
+        (
+            Message::ResumeToken(ResumeToken {
+                token: "ab".repeat(32),
+            }),
+            serde_json::json!({"t": "resume_token", "token": "ab".repeat(32)}),
+        ),
     ] {
         assert_eq!(wire(&page, &control(&m)).await, want, "{m:?}");
     }
     // A message type this page does not know is skipped, not an error.
-    assert_eq!(wire(&page, "control(127, [1, 2, 3])").await, serde_json::json!({"t": "unknown", "type": 127}));
+    assert_eq!(
+        wire(&page, "control(127, [1, 2, 3])").await,
+        serde_json::json!({"t": "unknown", "type": 127})
+    );
     // Malformed bodies are refused.
     let (ty, body) = type_and_body(&started);
     let hostile: Vec<(String, &str)> = vec![
-        (format!("control({ty}, {:?})", &body[..body.len() - 1]), "truncated"),
-        (format!("control({ty}, {:?})", [&body[..], &[0]].concat()), "trailing"),
-        (format!("control({ty}, [255,255,255,255,255,255,255,255,255,255,1])"), "varint"),
+        (
+            format!("control({ty}, {:?})", &body[..body.len() - 1]),
+            "truncated",
+        ),
+        (
+            format!("control({ty}, {:?})", [&body[..], &[0]].concat()),
+            "trailing",
+        ),
+        (
+            format!("control({ty}, [255,255,255,255,255,255,255,255,255,255,1])"),
+            "varint",
+        ),
         // Error whose message claims 2^40 bytes, and 1000 bytes with one left.
-        ("control(24, [1, 97, 128, 128, 128, 128, 128, 32])".into(), "u32"),
+        (
+            "control(24, [1, 97, 128, 128, 128, 128, 128, 32])".into(),
+            "u32",
+        ),
         ("control(24, [1, 97, 232, 7, 98])".into(), "truncated"),
         // Error whose bool is 2.
         ("control(24, [1, 97, 1, 98, 2])".into(), "bool"),
@@ -2568,7 +2690,9 @@ async fn the_pages_webtransport_wire_codec_matches_the_protocol_crate() {
     ];
     for (call, why) in hostile {
         let v = wire(&page, &call).await;
-        let err = v["error"].as_str().unwrap_or_else(|| panic!("{call} was accepted: {v}"));
+        let err = v["error"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{call} was accepted: {v}"));
         assert!(err.contains(why), "{call}: {err}");
     }
 
@@ -2591,7 +2715,12 @@ async fn the_pages_webtransport_wire_codec_matches_the_protocol_crate() {
             "inputSeq": 99, "encodeUs": 4321, "payloadLen": 8388608, "width": 1280, "height": 720})
     );
     let mut bad: Vec<(Vec<u8>, &str)> = Vec::new();
-    for (i, b, what) in [(0, 0x4f, "magic"), (1, 2, "version"), (2, 0x03, "flags"), (3, 1, "reserved")] {
+    for (i, b, what) in [
+        (0, 0x4f, "magic"),
+        (1, 2, "version"),
+        (2, 0x03, "flags"),
+        (3, 1, "reserved"),
+    ] {
         let mut h = enc;
         h[i] = b;
         bad.push((h.to_vec(), what));
@@ -2603,7 +2732,11 @@ async fn the_pages_webtransport_wire_codec_matches_the_protocol_crate() {
     bad.push((h.to_vec(), "payload over 8 MiB"));
     bad.push((enc[..47].to_vec(), "short"));
     for (b, what) in bad {
-        assert_eq!(wire(&page, &format!("frameHeader({b:?})")).await, Value::Null, "{what}");
+        assert_eq!(
+            wire(&page, &format!("frameHeader({b:?})")).await,
+            Value::Null,
+            "{what}"
+        );
     }
 
     let pkt = AudioPacket {
@@ -2621,7 +2754,12 @@ async fn the_pages_webtransport_wire_codec_matches_the_protocol_crate() {
         serde_json::json!({"session": (u64::MAX - 7).to_string(), "seq": u32::MAX, "captureUs": 1765000000000010_u64, "samples": 480, "payload": [0xfc, 1, 2, 3]})
     );
     let mut bad: Vec<(Vec<u8>, &str)> = Vec::new();
-    for (i, b, what) in [(0, 0x49, "magic"), (1, 2, "version"), (2, 0x02, "flags"), (24, 100, "samples")] {
+    for (i, b, what) in [
+        (0, 0x49, "magic"),
+        (1, 2, "version"),
+        (2, 0x02, "flags"),
+        (24, 100, "samples"),
+    ] {
         let mut a = enc.clone();
         a[i] = b;
         bad.push((a, what));
@@ -2631,7 +2769,11 @@ async fn the_pages_webtransport_wire_codec_matches_the_protocol_crate() {
     big.extend(std::iter::repeat_n(0u8, 1001));
     bad.push((big, "payload over 1000 bytes"));
     for (b, what) in bad {
-        assert_eq!(wire(&page, &format!("audio({b:?})")).await, Value::Null, "{what}");
+        assert_eq!(
+            wire(&page, &format!("audio({b:?})")).await,
+            Value::Null,
+            "{what}"
+        );
     }
     drop(browser);
     gw.stop().await;
@@ -2682,9 +2824,12 @@ async fn bench_input_to_photon_webtransport_vs_webrtc() {
             if down {
                 page.key(68, "d", "KeyD", false).await.unwrap();
             }
-            let stats = wait_stats(&page, "the last inputs applied", Duration::from_secs(5), |s| {
-                num(s, "inputSeqApplied") >= num(s, "inputsSent")
-            })
+            let stats = wait_stats(
+                &page,
+                "the last inputs applied",
+                Duration::from_secs(5),
+                |s| num(s, "inputSeqApplied") >= num(s, "inputsSent"),
+            )
             .await;
             let window = (num(&stats, "ts") - num(&first, "ts")) / 1000.0;
             let fps = (num(&stats, "framesDecoded") - num(&first, "framesDecoded")) / window;
@@ -2716,6 +2861,55 @@ async fn bench_input_to_photon_webtransport_vs_webrtc() {
     for line in table {
         println!("{line}");
     }
+    drop(browser);
+    node.stop().await.unwrap();
+    gw.stop().await;
+}
+
+/// Guards sound over WebTransport: with Sound on, the gateway's audio datagrams (the node's
+/// Opus packets) reach the page, decode in an `AudioDecoder` and are scheduled on Web Audio,
+/// none malformed or another session's; with Sound off nothing is decoded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webtransport_plays_the_games_sound_through_an_audio_decoder() {
+    let _one = ONE_BROWSER_AT_A_TIME.lock().await;
+    let gw = TestGateway::start(|_| {}).await;
+    let mut node = TestNode::start(with_arena(gw.node_config("de-1", &gw.token)), ip(DE));
+    node.registered().await;
+    let browser = Browser::launch().await;
+    let page = browser
+        .open(&play_url_via(&gw, 320, 180, 30, "webtransport"))
+        .await;
+    wait_playing(&page).await;
+    // Muted (the default): packets arrive and are counted, nothing is decoded.
+    let muted = wait_eval(
+        &page,
+        "window.nearpath.audioStats()",
+        "audio datagrams",
+        |a| num(a, "packetsReceived") >= 50.0,
+    )
+    .await;
+    assert_eq!(num(&muted, "packetsDecoded"), 0.0, "{muted}");
+    page.eval("window.nearpath.setMuted(false)").await.unwrap();
+    let on = wait_eval(
+        &page,
+        "window.nearpath.audioStats()",
+        "decoded sound",
+        |a| num(a, "packetsDecoded") >= 200.0,
+    )
+    .await;
+    println!("WebTransport sound: {on}");
+    assert_eq!(num(&on, "malformed"), 0.0, "{on}");
+    assert_eq!(num(&on, "foreign"), 0.0, "{on}");
+    // Loopback loses nothing; a few packets may be late around the unmute.
+    assert!(
+        num(&on, "packetsLost") <= 0.02 * num(&on, "packetsReceived"),
+        "{on}"
+    );
+    page.eval("window.nearpath.setMuted(true)").await.unwrap();
+    let off = page.eval("window.nearpath.audioStats()").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let later = page.eval("window.nearpath.audioStats()").await.unwrap();
+    assert_eq!(later["packetsDecoded"], off["packetsDecoded"], "{later}");
     drop(browser);
     node.stop().await.unwrap();
     gw.stop().await;
