@@ -231,3 +231,39 @@ fn encoders_times_x264_and_openh264_at_each_size() {
         assert!(r["kbps"].as_f64().unwrap() > 0.0, "{v}");
     }
 }
+
+#[test]
+fn relay_capacity_over_webtransport_delivers_the_frames_of_a_few_sessions() {
+    let v = bench(&[
+        "relay-capacity",
+        "--transport",
+        "webtransport",
+        "--sessions",
+        "2",
+        "--only",
+        "--no-direct",
+        "--seconds",
+        "2",
+        "--warmup-seconds",
+        "1",
+        "--ramp-seconds",
+        "0",
+        "--fps",
+        "30",
+        "--kbps",
+        "2000",
+        "--idr-bytes",
+        "20000",
+    ]);
+    assert_eq!(v["params"]["transport"], "webtransport", "{v}");
+    let run = &v["runs"][0]["gateway"][0];
+    assert_eq!(run["sessions"], 2, "{v}");
+    let stats = &run["stats"];
+    let expected = stats["expected"].as_u64().unwrap();
+    let received = stats["received"].as_u64().unwrap();
+    // Every session's frames went through the gateway's WebTransport path (a loaded shared
+    // machine may lose a frame or two to the deadline; this checks the path, not the capacity).
+    assert!(expected >= 2 * 50, "{v}");
+    assert!(received as f64 >= 0.9 * expected as f64, "{v}");
+    assert!(run["gateway_cpu_percent"].as_f64().unwrap() > 0.0, "{v}");
+}

@@ -480,3 +480,47 @@ async fn receive_session(session: &mut nearpath_protocol::PlaySession, n: usize)
             .expect("frames ended");
     }
 }
+
+/// The player-silence rule holds for WebTransport players too: a browser whose path goes dark
+/// (no close) releases its node slot within `game.player_idle_timeout_ms`, outcome
+/// `client_gone`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abandoned_webtransport_session_releases_its_slot_within_3s() {
+    use nearpath_tests::wt_client;
+    let (gw, node) = setup(1).await;
+    let relay = relay_from(&gw, FR_CLIENT, 3).await;
+    let info = wt_client::fetch_info(gw.addrs.http).await.unwrap();
+    let (session, _) =
+        wt_client::connect(ip(FR_CLIENT), relay.addr(), &info.path, &info.cert_hashes)
+            .await
+            .unwrap();
+    let (player, opened) = tokio::join!(
+        wt_client::WtPlayer::play(
+            session,
+            wt_client::play_request(API_KEY, GAME, 320, 180, 30)
+        ),
+        node.accept_game()
+    );
+    let player = player.unwrap();
+    let sid = player.started.session_id;
+    let frames_task = pump(&node, sid);
+    for _ in 0..30 {
+        tokio::time::timeout(Duration::from_secs(5), player.next_frame())
+            .await
+            .expect("no frame within 5 s")
+            .unwrap();
+    }
+    relay.blackout_forever();
+    let took = wait_released(
+        &gw,
+        "the abandoned WebTransport session to end",
+        IDLE + MARGIN,
+    )
+    .await;
+    println!("an abandoned WebTransport session released its slot {took:?} after the blackout");
+    assert_eq!(final_usage(&gw, sid).await.outcome, "client_gone");
+    frames_task.abort();
+    drop(opened);
+    drop(player);
+    gw.stop().await;
+}

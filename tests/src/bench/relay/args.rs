@@ -95,10 +95,31 @@ pub struct RelayCapacityArgs {
     /// 0 leaves the scheduler alone.
     #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
     pub nice: i32,
+    /// How the players reach the gateway: `quic` (native `nearpath/1`) or `webtransport` (a
+    /// browser's WebTransport session: HTTP/3 CONNECT, frames on WebTransport uni streams). The
+    /// direct sessions are native either way.
+    #[arg(long, value_enum, default_value_t = PlayerTransport::Quic)]
+    pub transport: PlayerTransport,
     #[command(flatten)]
     pub shape: StreamShape,
     #[command(flatten)]
     pub placement: Placement,
+}
+
+/// The players' transport (`--transport`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PlayerTransport {
+    Quic,
+    Webtransport,
+}
+
+impl PlayerTransport {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PlayerTransport::Quic => "quic",
+            PlayerTransport::Webtransport => "webtransport",
+        }
+    }
 }
 
 #[derive(Debug, Clone, clap::Args)]

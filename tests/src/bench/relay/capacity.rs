@@ -96,7 +96,7 @@ pub(super) type Keep = Vec<Box<dyn std::any::Any + Send>>;
 pub(super) struct Fleet {
     pub(super) stop: CancellationToken,
     pub(super) legs: Vec<Leg>,
-    pub(super) players: Vec<FrameStream>,
+    pub(super) players: Vec<PlayerFrames>,
     /// Player-side handles (client connection, control stream).
     pub(super) player_side: Keep,
     /// Node-side handles (node connections and endpoint, session streams).
@@ -153,16 +153,36 @@ pub(super) async fn gateway_fleet(a: &RelayCapacityArgs, gw: &Gw, n: u32) -> any
     let params = play_params(&a.shape);
     let mut pending = HashMap::new();
     let (mut legs, mut players) = (Vec::new(), Vec::new());
+    let wt_info = match a.transport {
+        PlayerTransport::Webtransport => Some(
+            nearpath_tests::wt_client::fetch_info(gw.http)
+                .await
+                .context("GET /v1/webtransport")?,
+        ),
+        PlayerTransport::Quic => None,
+    };
     for _ in 0..n {
-        let p = play(gw.quic, gw.sha, &gw.api_key, params.clone()).await?;
-        let node = opened_session(&mut opened_rx, &mut pending, p.session_id).await?;
+        let (session_id, frames): (u64, PlayerFrames) = match &wt_info {
+            None => {
+                let p = play(gw.quic, gw.sha, &gw.api_key, params.clone()).await?;
+                player_side.push(Box::new((p._control, p._client)));
+                (p.session_id, PlayerFrames::Native(p.frames))
+            }
+            Some(info) => {
+                let p = wt_play(gw, info, &params).await?;
+                let session = p.session.clone();
+                let id = p.started.session_id;
+                player_side.push(Box::new(p));
+                (id, PlayerFrames::WebTransport(Box::new(session)))
+            }
+        };
+        let node = opened_session(&mut opened_rx, &mut pending, session_id).await?;
         legs.push(Leg {
             conn: node.conn.clone(),
-            session_id: p.session_id,
+            session_id,
         });
-        players.push(p.frames);
+        players.push(frames);
         node_side.push(Box::new(node));
-        player_side.push(Box::new((p._control, p._client)));
     }
     Ok(Fleet {
         stop,
@@ -171,6 +191,34 @@ pub(super) async fn gateway_fleet(a: &RelayCapacityArgs, gw: &Gw, n: u32) -> any
         player_side,
         node_side,
     })
+}
+
+/// A WebTransport player (as a browser page plays) through the gateway.
+async fn wt_play(
+    gw: &Gw,
+    info: &nearpath_tests::wt_client::WtInfo,
+    params: &PlayParams,
+) -> anyhow::Result<nearpath_tests::wt_client::WtPlayer> {
+    use nearpath_tests::wt_client;
+    let (session, _) = wt_client::connect(
+        gw.quic.ip(),
+        SocketAddr::new(gw.quic.ip(), info.port),
+        &info.path,
+        &info.cert_hashes,
+    )
+    .await
+    .context("WebTransport player connecting")?;
+    let mut req = wt_client::play_request(
+        &gw.api_key,
+        &params.game,
+        params.width,
+        params.height,
+        params.fps,
+    );
+    req.bitrate_kbps = params.bitrate_kbps;
+    wt_client::WtPlayer::play(session, req)
+        .await
+        .context("WebTransport player: play")
 }
 
 pub(super) async fn direct_fleet(a: &RelayCapacityArgs, n: u32) -> anyhow::Result<Fleet> {
@@ -197,7 +245,7 @@ pub(super) async fn direct_fleet(a: &RelayCapacityArgs, n: u32) -> anyhow::Resul
             conn: node.conn.clone(),
             session_id: node.session_id,
         });
-        players.push(p.frames);
+        players.push(PlayerFrames::Native(p.frames));
         node_side.push(Box::new(node));
         player_side.push(Box::new((p._control, p._client)));
     }
@@ -291,7 +339,7 @@ pub(super) async fn capacity_inner(
             phase,
             (1280, 720),
         )));
-        receivers.push(tokio::spawn(collect(player, count - 1, end)));
+        receivers.push(tokio::spawn(collect_from(player, count - 1, end)));
         ranges.push((first, count));
     }
     let udp_before = udp_picture();
@@ -682,7 +730,7 @@ pub(super) async fn capacity_report(a: &RelayCapacityArgs) -> anyhow::Result<u32
     }
     let summary = json!({
         "bench": "relay-capacity",
-        "params": {"ramp": steps, "seconds": a.seconds, "warmup_seconds": a.warmup_seconds, "repeats": a.repeats.max(1),
+        "params": {"transport": a.transport.as_str(), "ramp": steps, "seconds": a.seconds, "warmup_seconds": a.warmup_seconds, "repeats": a.repeats.max(1),
                    "sessions_per_node": a.sessions_per_node, "ramp_seconds": a.ramp_seconds, "fps": plan.fps(), "kbps": num(plan.kbps()),
                    "idr_bytes": plan.sizes[0], "gop_frames": plan.gop(), "placement": describe_placement(&a.placement, &priority)},
         "largest_clean_sessions": last_pass,

@@ -24,7 +24,40 @@ pub(super) struct RecvLog {
 
 /// Reads frames until frame `last` arrives, the connection closes, or nothing comes for
 /// [`QUIET`] after `not_before`.
-pub(super) async fn collect(mut frames: FrameStream, last: u64, not_before: Instant) -> RecvLog {
+pub(super) async fn collect(frames: FrameStream, last: u64, not_before: Instant) -> RecvLog {
+    collect_from(PlayerFrames::Native(frames), last, not_before).await
+}
+
+/// Where a player's frames arrive.
+pub(super) enum PlayerFrames {
+    /// A native client's frame streams.
+    Native(FrameStream),
+    /// A WebTransport session's uni streams (boxed: the session is large).
+    WebTransport(Box<web_transport_quinn::Session>),
+}
+
+impl PlayerFrames {
+    async fn next(&mut self) -> Result<Option<nearpath_protocol::VideoFrame>, String> {
+        match self {
+            PlayerFrames::Native(f) => f.next().await.map_err(|e| e.to_string()),
+            PlayerFrames::WebTransport(s) => {
+                match nearpath_tests::wt_client::next_frame(s).await {
+                    Ok(f) => Ok(Some(f)),
+                    // A closed session ends the stream, as a native connection's does.
+                    Err(nearpath_tests::wt_client::WtClientError::Session(_)) => Ok(None),
+                    Err(e) => Err(e.to_string()),
+                }
+            }
+        }
+    }
+}
+
+/// [`collect`] from either kind of player.
+pub(super) async fn collect_from(
+    mut frames: PlayerFrames,
+    last: u64,
+    not_before: Instant,
+) -> RecvLog {
     let mut log = RecvLog::default();
     loop {
         let limit = not_before.max(Instant::now()) + QUIET;

@@ -87,6 +87,7 @@ const QUIET: Duration = Duration::from_secs(3);
 /// What the harness needs of the gateway child.
 struct Gw {
     quic: SocketAddr,
+    http: SocketAddr,
     admin: SocketAddr,
     sha: [u8; 32],
     token: String,
@@ -98,6 +99,7 @@ impl Gw {
     fn of(p: &GatewayProc) -> anyhow::Result<Gw> {
         Ok(Gw {
             quic: p.quic,
+            http: p.http,
             admin: p.admin,
             sha: parse_sha256_hex(&p.sha256)?,
             token: p.token.clone(),
