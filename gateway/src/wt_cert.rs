@@ -152,17 +152,23 @@ impl WtCerts {
 
     /// Replaces the certificate if it is due ([`Self::renew_at_unix_ms`]); true if it did.
     pub fn rotate_if_due(&self) -> Result<bool, WtCertError> {
-        let now = self.clock.unix_ms();
-        if now < self.renew_at_unix_ms() {
+        if self.clock.unix_ms() < self.renew_at_unix_ms() {
             return Ok(false);
         }
-        let next = Arc::new(WtCert::generate(now, self.validity_days)?);
+        self.rotate()?;
+        Ok(true)
+    }
+
+    /// Replaces the certificate now: new connections get the new one at once, and the current
+    /// one becomes the previous (still listed while valid).
+    pub fn rotate(&self) -> Result<(), WtCertError> {
+        let next = Arc::new(WtCert::generate(self.clock.unix_ms(), self.validity_days)?);
         let old = self.current();
         self.pair.store(Arc::new(Pair {
             current: next,
             previous: Some(old),
         }));
-        Ok(true)
+        Ok(())
     }
 
     /// Renews the certificate when due, until `shutdown`. It checks at least hourly, so a

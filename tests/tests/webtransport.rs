@@ -61,7 +61,10 @@ async fn frame(p: &WtPlayer) -> VideoFrame {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_webtransport_info_names_the_quic_port_and_the_certificate_the_gateway_presents_to_h3()
 {
-    let gw = TestGateway::start(|_| {}).await;
+    let gw = TestGateway::start(|c| {
+        c.http.cors_allowed_origins = vec!["https://game.example".into()];
+    })
+    .await;
     let (status, body) = gw.http.get(&gw.api_url("/v1/webtransport"), None).await;
     assert_eq!(status, 200, "{body}");
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
@@ -70,6 +73,24 @@ async fn the_webtransport_info_names_the_quic_port_and_the_certificate_the_gatew
     let hashes = v["cert_hashes"].as_array().unwrap();
     assert_eq!(hashes.len(), 1, "{v}");
     assert!(v["expires_unix_ms"].as_u64().unwrap() > 0);
+    // CORS like the other browser resources.
+    let (status, headers, _) = gw
+        .http
+        .request(
+            "GET",
+            &gw.api_url("/v1/webtransport"),
+            None,
+            None,
+            &[("origin", "https://game.example")],
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        headers
+            .get("access-control-allow-origin")
+            .map(|v| v.to_str().unwrap()),
+        Some("https://game.example")
+    );
     let info = wt_client::fetch_info(gw.addrs.http).await.unwrap();
     let (_session, presented) =
         wt_client::connect(ip(FR_CLIENT), gw.addrs.quic, "/v1/play", &info.cert_hashes)
@@ -87,6 +108,49 @@ async fn the_webtransport_info_names_the_quic_port_and_the_certificate_the_gatew
             .await
             .is_err()
     );
+    gw.stop().await;
+}
+
+/// A renewed certificate is served to new connections at once; the page's list names it first
+/// and the previous one after it (a page that fetched the list just before still connects), and
+/// a session on the previous certificate goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewed_certificate_is_served_at_once_and_the_previous_hash_stays_listed() {
+    let gw = TestGateway::start(|_| {}).await;
+    let node = arena_node(&gw, "de-1", ip(DE)).await;
+    let before = wt_client::fetch_info(gw.addrs.http).await.unwrap();
+    let p = wt_play(&gw, 320, 180, 30).await;
+    frame(&p).await;
+    gw.shared.wt_certs.as_ref().unwrap().rotate().unwrap();
+    let after = wt_client::fetch_info(gw.addrs.http).await.unwrap();
+    assert_eq!(after.cert_hashes.len(), 2);
+    assert_ne!(after.cert_hashes[0], before.cert_hashes[0]);
+    assert_eq!(after.cert_hashes[1], before.cert_hashes[0]);
+    // New connections get the new certificate: pinning only the old one fails, the list works.
+    assert!(wt_client::connect(
+        ip(FR_CLIENT),
+        gw.addrs.quic,
+        "/v1/play",
+        &before.cert_hashes
+    )
+    .await
+    .is_err());
+    let (_s, presented) =
+        wt_client::connect(ip(FR_CLIENT), gw.addrs.quic, "/v1/play", &after.cert_hashes)
+            .await
+            .unwrap();
+    assert_eq!(presented, after.cert_hashes[0]);
+    // The session that started on the old certificate still plays.
+    for _ in 0..10 {
+        frame(&p).await;
+    }
+    p.session.close(0, b"done");
+    let sid = p.started.session_id;
+    wait_until("the session ended", || async {
+        admin_game_session(&gw, sid).await.is_none()
+    })
+    .await;
+    node.stop().await.unwrap();
     gw.stop().await;
 }
 
@@ -151,12 +215,22 @@ async fn a_webtransport_player_plays_720p60_input_moves_the_ship_audio_arrives_a
         "only {n} frames in {secs:.2} s"
     );
     assert!(got.iter().all(|f| f.header.session_id == sid));
-    assert!(got[0].header.keyframe, "the stream starts with an IDR");
-    let (decoded, dims) = decode_h264(&got);
+    // The stream starts with an IDR; if the relay gave that one up (late or over budget on a
+    // loaded machine, which it counts), it asked for another, and decoding starts there.
+    let idr = got.iter().position(|f| f.header.keyframe).expect("an IDR");
+    let view = admin_game_session(&gw, sid).await.expect("live");
+    if idr > 0 {
+        let d = &view["dropped"];
+        let dropped = d["late"].as_u64().unwrap() + d["overload"].as_u64().unwrap();
+        assert!(dropped > 0, "the stream starts with a P frame: {view}");
+        assert!(idr < 60, "no IDR within a second of a drop: {view}");
+    }
+    let (decoded, dims) = decode_h264(&got[idr..]);
     assert_eq!(dims, (1280, 720));
     assert!(
-        decoded as f64 >= 0.95 * n as f64,
-        "decoded {decoded} of {n}"
+        decoded as f64 >= 0.95 * (n - idr) as f64,
+        "decoded {decoded} of {}",
+        n - idr
     );
     let applied = got.iter().map(|f| f.header.input_seq).max().unwrap();
     assert!(
@@ -302,7 +376,7 @@ async fn a_wrong_path_is_404_and_counted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_key_gets_error_and_no_frames_and_the_connection_is_closed_at_the_auth_timeout() {
-    let gw = TestGateway::start(|c| c.quic.client_auth_timeout_ms = 1000).await;
+    let gw = TestGateway::start(|c| c.quic.client_auth_timeout_ms = 2000).await;
     let node = arena_node(&gw, "de-1", ip(DE)).await;
     let session = wt_session(&gw).await;
     let r = WtPlayer::play(
@@ -313,6 +387,22 @@ async fn a_wrong_key_gets_error_and_no_frames_and_the_connection_is_closed_at_th
     match r {
         Err(WtClientError::Refused { code, .. }) => assert_eq!(code, "unauthorized"),
         other => panic!("expected Error, got {:?}", other.map(|p| p.started)),
+    }
+    // One play stream per connection: a second one (the right key this time) is reset with
+    // STREAM_REFUSED, in WebTransport's code space.
+    let (mut tx, mut rx) = tokio::time::timeout(Duration::from_secs(2), session.open_bi())
+        .await
+        .expect("the first play stream's credit comes back")
+        .unwrap();
+    wt_client::send_message(
+        &mut tx,
+        &Message::PlayRequest(wt_client::play_request(API_KEY, "arena", 320, 180, 30)),
+    )
+    .await
+    .unwrap();
+    match tokio::time::timeout(Duration::from_secs(2), rx.read(&mut [0u8; 64])).await {
+        Ok(Err(web_transport_quinn::ReadError::Reset(code))) => assert_eq!(code, 0x10),
+        other => panic!("the second play stream was not refused: {other:?}"),
     }
     // No frame ever comes; the unauthenticated connection is closed.
     let closed =
@@ -378,6 +468,8 @@ async fn a_client_that_never_sends_a_play_request_is_closed_at_the_auth_timeout_
 async fn hostile_datagrams_and_streams_are_ignored_and_counted_and_other_tenants_see_no_session() {
     let gw = TestGateway::start(|_| {}).await;
     let node = arena_node(&gw, "de-1", ip(DE)).await;
+    // A second player's session (below) needs a second node slot.
+    let node2 = arena_node(&gw, "de-2", ip(DE)).await;
     let p = wt_play(&gw, 320, 180, 30).await;
     let sid = p.started.session_id;
     frame(&p).await;
@@ -422,7 +514,7 @@ async fn hostile_datagrams_and_streams_are_ignored_and_counted_and_other_tenants
         dropped("malformed").await >= 1.0
     })
     .await;
-    // Input naming another session id (unknown, or live but another connection's).
+    // Input naming a session id nobody plays.
     p.session
         .send_datagram(Bytes::from(input(sid + 1000, 1001)))
         .unwrap();
@@ -430,6 +522,21 @@ async fn hostile_datagrams_and_streams_are_ignored_and_counted_and_other_tenants
         dropped("foreign").await >= 1.0
     })
     .await;
+    // Input naming another WebTransport player's live session: ignored the same way, and that
+    // session's input count does not move.
+    let other = wt_play(&gw, 320, 180, 30).await;
+    let other_sid = other.started.session_id;
+    frame(&other).await;
+    p.session
+        .send_datagram(Bytes::from(input(other_sid, 1002)))
+        .unwrap();
+    wait_until("foreign counted", || async {
+        dropped("foreign").await >= 2.0
+    })
+    .await;
+    let view = admin_game_session(&gw, other_sid).await.expect("live");
+    assert_eq!(view["inputs"], 0, "{view}");
+    other.session.close(0, b"done");
     // A datagram as large as the path allows.
     let max = raw.max_datagram_size().unwrap();
     raw.send_datagram(Bytes::from(vec![0u8; max])).unwrap();
@@ -437,18 +544,14 @@ async fn hostile_datagrams_and_streams_are_ignored_and_counted_and_other_tenants
     // None of that was forwarded: the session's input count is still 0.
     let view = admin_game_session(&gw, sid).await.expect("live");
     assert_eq!(view["inputs"], 0, "{view}");
-    // More streams than a page opens: the extra bidi streams are refused, the session goes on.
-    for _ in 0..20 {
-        match tokio::time::timeout(Duration::from_millis(300), p.session.open_bi()).await {
-            Ok(Ok((mut tx, mut rx))) => {
-                let _ = tx.write_all(b"junk").await;
-                let _ =
-                    tokio::time::timeout(Duration::from_millis(300), rx.read(&mut [0u8; 16])).await;
-            }
-            // The stream limit holds it back: also fine.
-            _ => break,
-        }
-    }
+    // More streams than a page opens: the CONNECT and play streams are all the bidi credit a
+    // WebTransport connection gets, so a third one cannot even be opened.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), p.session.open_bi())
+            .await
+            .is_err(),
+        "a third bidirectional stream was granted"
+    );
     for _ in 0..5 {
         if let Ok(Ok(mut tx)) =
             tokio::time::timeout(Duration::from_millis(300), p.session.open_uni()).await
@@ -485,7 +588,14 @@ async fn hostile_datagrams_and_streams_are_ignored_and_counted_and_other_tenants
         .await;
     assert_eq!(status, 404, "{body}");
     assert!(admin_game_session(&gw, sid).await.is_some());
+    // The players leave (so that the nodes have no session to drain when they stop).
+    p.session.close(0, b"done");
+    wait_until("the sessions ended", || async {
+        admin_game_session_count(&gw).await == 0
+    })
+    .await;
     node.stop().await.unwrap();
+    node2.stop().await.unwrap();
     gw.stop().await;
 }
 

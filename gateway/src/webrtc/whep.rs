@@ -955,9 +955,9 @@ async fn session_delete(w: &Whep, req: Request<Incoming>, id: &str) -> Result<Re
             "session deleted by the client"
         );
         if let Some(events) = relay.events.upgrade() {
-            let _ = events
-                .send(ClientEvent::Close("deleted by the client".into()))
-                .await;
+            // Bounded: a session driver that is not reading its queue is ending anyway.
+            let close = events.send(ClientEvent::Close("deleted by the client".into()));
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(1), close).await;
         }
         return Ok(empty(StatusCode::OK));
     }
