@@ -124,11 +124,16 @@ async fn wait_slots_in_use(gw: &TestGateway, n: u32) {
 /// The centre of the ship (the only yellow in the arena scene) in the frame the page's
 /// `<video>` shows now, found by drawing it on a canvas.
 async fn ship_on_screen(page: &Page) -> (f64, f64) {
+    // Over WebTransport the page draws each frame on its canvas; over WebRTC the video element
+    // shows it.
     const FIND_SHIP: &str = r#"(() => {
-        const v = document.getElementById("video");
-        if (!v.videoWidth) return null;
+        const wt = window.nearpath && window.nearpath.transport === "webtransport";
+        const v = document.getElementById(wt ? "canvas" : "video");
+        const w = wt ? (window.nearpath.stats && window.nearpath.stats.framesDecoded ? v.width : 0) : v.videoWidth;
+        const h = wt ? v.height : v.videoHeight;
+        if (!w) return null;
         const c = document.createElement("canvas");
-        c.width = v.videoWidth; c.height = v.videoHeight;
+        c.width = w; c.height = h;
         const g = c.getContext("2d", { willReadFrequently: true });
         g.drawImage(v, 0, 0);
         const d = g.getImageData(0, 0, c.width, c.height).data;
@@ -152,9 +157,16 @@ async fn ship_on_screen(page: &Page) -> (f64, f64) {
     }
 }
 
+/// The player page over WebRTC (`transport=webrtc`: these tests guard the WebRTC path even
+/// where the gateway and the browser offer WebTransport).
 fn play_url(gw: &TestGateway, w: u32, h: u32, fps: u32) -> String {
+    play_url_via(gw, w, h, fps, "webrtc")
+}
+
+/// The player page with `transport=` `webtransport`, `webrtc` or `auto`.
+fn play_url_via(gw: &TestGateway, w: u32, h: u32, fps: u32, transport: &str) -> String {
     gw.api_url(&format!(
-        "/play?key={API_KEY}&game=arena&width={w}&height={h}&fps={fps}&autostart=1"
+        "/play?key={API_KEY}&game=arena&width={w}&height={h}&fps={fps}&autostart=1&transport={transport}"
     ))
 }
 
@@ -174,8 +186,10 @@ fn print_latency(stats: &Value) {
         "encode",
         "nodeToGateway",
         "gatewayToBrowser",
+        "nodeToBrowser",
         "receiveToPresent",
         "decode",
+        "draw",
         "presentToDisplay",
     ] {
         let v = &stats["breakdown"][k];
@@ -1560,11 +1574,18 @@ async fn the_player_page_says_why_it_cannot_play_and_stops_posting_stats_when_th
 
 /// The page's decoded picture size (`videoWidth`, `videoHeight`), its decoded frame count and
 /// the size its stage asked for last.
-const VIDEO_SIZE: &str = "(async () => { const v = document.getElementById('video'); const n = await window.nearpath.framesDecoded(); return { w: v.videoWidth, h: v.videoHeight, decoded: n, fit: window.nearpath.fitNow, changes: window.nearpath.videoChanges, refused: window.nearpath.videoRefused }; })()";
+const VIDEO_SIZE: &str = "(async () => { const wt = window.nearpath.transport === 'webtransport'; const v = document.getElementById(wt ? 'canvas' : 'video'); const n = await window.nearpath.framesDecoded(); return { transport: window.nearpath.transport, w: wt ? v.width : v.videoWidth, h: wt ? v.height : v.videoHeight, decoded: n, fit: window.nearpath.fitNow, changes: window.nearpath.videoChanges, refused: window.nearpath.videoRefused }; })()";
 
+/// Over both transports (the video element's size over WebRTC, the canvas's over WebTransport).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_page_follows_its_window_size_mid_session_and_keeps_decoding() {
     let _one = ONE_BROWSER_AT_A_TIME.lock().await;
+    for transport in ["webrtc", "webtransport"] {
+        follows_window_size(transport).await;
+    }
+}
+
+async fn follows_window_size(transport: &str) {
     let gw = TestGateway::start(|_| {}).await;
     let mut node = TestNode::start(with_arena(gw.node_config("de-1", &gw.token)), ip(DE));
     node.registered().await;
@@ -1573,7 +1594,7 @@ async fn the_page_follows_its_window_size_mid_session_and_keeps_decoding() {
     let resize = |w: u32, h: u32| serde_json::json!({"width": w, "height": h, "deviceScaleFactor": 1, "mobile": false});
     let page = browser
         .open(&gw.api_url(&format!(
-            "/play?key={API_KEY}&game=arena&width=320&height=180&fps=30&autostart=1&fit=1"
+            "/play?key={API_KEY}&game=arena&width=320&height=180&fps=30&autostart=1&fit=1&transport={transport}"
         )))
         .await;
     page.call("Emulation.setDeviceMetricsOverride", resize(480, 320))
@@ -1590,10 +1611,9 @@ async fn the_page_follows_its_window_size_mid_session_and_keeps_decoding() {
     // The stage is the window's width, less a scrollbar when the header wraps.
     let w0 = first["fit"]["width"].as_u64().unwrap();
     assert!((440..=480).contains(&w0), "{first}");
-    let sessions = wait_sessions(&gw, "the WebRTC session", Duration::from_secs(5), |l| {
-        l.len() == 1
-    })
-    .await;
+    assert_eq!(first["transport"], transport, "{first}");
+    let sessions =
+        wait_sessions(&gw, "the session", Duration::from_secs(5), |l| l.len() == 1).await;
     let id = sessions[0]["id"].clone();
     // A bigger window: the picture follows, in the same session, and frames keep decoding.
     page.call("Emulation.setDeviceMetricsOverride", resize(640, 400))
@@ -1618,7 +1638,7 @@ async fn the_page_follows_its_window_size_mid_session_and_keeps_decoding() {
     )
     .await;
     println!(
-        "resized {w0} -> {} x {}, {} changes confirmed, refused: {}; stats {}x{}",
+        "{transport}: resized {w0} -> {} x {}, {} changes confirmed, refused: {}; stats {}x{}",
         second["w"],
         second["h"],
         second["changes"],
@@ -1638,14 +1658,23 @@ async fn the_page_follows_its_window_size_mid_session_and_keeps_decoding() {
     gw.stop().await;
 }
 
+/// Over both transports (`Error{video_refused}` and `Rumble` on the WebTransport session stream).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_page_hears_refused_video_changes_and_the_games_rumble() {
     let _one = ONE_BROWSER_AT_A_TIME.lock().await;
+    for transport in ["webrtc", "webtransport"] {
+        hears_refusals_and_rumble(transport).await;
+    }
+}
+
+async fn hears_refusals_and_rumble(transport: &str) {
     let gw = TestGateway::start(|_| {}).await;
     let mut node = TestNode::start(with_arena(gw.node_config("de-1", &gw.token)), ip(DE));
     node.registered().await;
     let browser = Browser::launch().await;
-    let page = browser.open(&play_url(&gw, 320, 180, 60)).await;
+    let page = browser
+        .open(&play_url_via(&gw, 320, 180, 60, transport))
+        .await;
     wait_stats(
         &page,
         "the first decoded frame",
@@ -1662,6 +1691,10 @@ async fn the_page_hears_refused_video_changes_and_the_games_rumble() {
     })
     .await;
     assert!(why.as_str().unwrap().contains("at least 16x16"), "{why}");
+    assert_eq!(
+        page.eval("window.nearpath.transport").await.unwrap(),
+        transport
+    );
     // The ship onto the outer asteroid's orbit (0.42 x 180 px right of the centre): the next
     // pass hits it, and the node's rumble reaches the page.
     page.eval(r#"window.nearpath.input({t: "mouse", dx: 76, dy: 0})"#)
@@ -1824,7 +1857,7 @@ async fn chromium_decodes_av1_from_a_node_that_encodes_it() {
     // 320x180 at 30 fps: libaom's real-time mode keeps up on a 2-core machine.
     let page = browser
         .open(&gw.api_url(&format!(
-            "/play?key={API_KEY}&game=arena&width=320&height=180&fps=30&autostart=1&codec=av1"
+            "/play?key={API_KEY}&game=arena&width=320&height=180&fps=30&autostart=1&codec=av1&transport=webrtc"
         )))
         .await;
     let first = wait_eval(&page, VIDEO_CODEC, "AV1 frames decoded", |v| {
@@ -1881,7 +1914,7 @@ async fn h264_stays_the_default_and_browser_codecs_limits_what_browsers_get() {
     let browser = Browser::launch().await;
     let page = browser
         .open(&gw.api_url(&format!(
-            "/play?key={API_KEY}&game=arena&width=320&height=180&fps=30&autostart=1"
+            "/play?key={API_KEY}&game=arena&width=320&height=180&fps=30&autostart=1&transport=webrtc"
         )))
         .await;
     wait_eval(&page, VIDEO_CODEC, "H.264 frames decoded", |v| {
@@ -1967,6 +2000,934 @@ async fn hevc_and_av1_offers_are_answered_with_that_codec_alone() {
         assert_eq!(status, 200);
     }
     wait_sessions(&gw, "no session", Duration::from_secs(5), |l| l.is_empty()).await;
+    node.stop().await.unwrap();
+    gw.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The page over WebTransport + WebCodecs (`/play` with the default `transport=auto`, or
+// `transport=webtransport`): Chromium connects to the gateway's WebTransport endpoint with the
+// certificate hashes of `GET /v1/webtransport` (`serverCertificateHashes`: 127.0.0.1 works with
+// no browser flag), speaks the native play protocol on one bidirectional stream, decodes each
+// frame stream's H.264 with a `VideoDecoder` and draws it on a canvas.
+
+/// `window.nearpath` fields these tests read, in one evaluation.
+const WT_STATE: &str = "(() => { const np = window.nearpath; return { transport: np.transport, reason: np.transportReason, error: np.lastError, wt: np.wtCreated, pc: np.pcCreated, state: np.state, decoded: np.stats && np.stats.framesDecoded }; })()";
+
+/// Guards the WebTransport path end to end: ten seconds of 720p60 decoded (at least 90% of the
+/// frames), 1280 wide, every key applied and the ship moving on the canvas, input-to-photon
+/// measured, the page's stats posted to the gateway and the session ended by Stop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chromium_plays_720p60_over_webtransport_for_10_seconds_and_keys_move_the_ship() {
+    let _one = ONE_BROWSER_AT_A_TIME.lock().await;
+    let gw = TestGateway::start(|_| {}).await;
+    let mut node = TestNode::start(with_arena(gw.node_config("de-1", &gw.token)), ip(DE));
+    node.registered().await;
+    let browser = Browser::launch().await;
+    // The default (auto) picks WebTransport: this Chromium has it and WebCodecs.
+    let page = browser
+        .open(&play_url_via(&gw, 1280, 720, 60, "auto"))
+        .await;
+    let first = wait_stats(
+        &page,
+        "the first decoded frame",
+        Duration::from_secs(30),
+        |s| num(s, "framesDecoded") > 0.0,
+    )
+    .await;
+    let state = page.eval(WT_STATE).await.unwrap();
+    assert_eq!(state["transport"], "webtransport", "{state}");
+    assert_eq!(first["transport"], "webtransport", "{first}");
+    assert_eq!(state["pc"], 0, "no peer connection: {state}");
+    let sessions = wait_sessions(
+        &gw,
+        "the WebTransport session",
+        Duration::from_secs(5),
+        |l| l.len() == 1,
+    )
+    .await;
+    assert_eq!(sessions[0]["transport"], "webtransport", "{}", sessions[0]);
+    // The stats line says which transport plays.
+    let line = page
+        .eval("document.getElementById('stats').textContent")
+        .await
+        .unwrap();
+    assert!(
+        line.as_str().unwrap_or("").starts_with("WebTransport"),
+        "{line}"
+    );
+
+    let (x0, _) = ship_on_screen(&page).await;
+    assert!(
+        (x0 - 640.0).abs() < 40.0,
+        "the ship starts in the centre, not at x {x0}"
+    );
+    let t0 = Instant::now();
+    let decoded0 = num(&first, "framesDecoded");
+    let mut down = false;
+    let mut presses: u32 = 0;
+    while t0.elapsed() < Duration::from_secs(10) {
+        down = !down;
+        page.key(68, "d", "KeyD", down).await.unwrap();
+        presses += 1;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    if down {
+        page.key(68, "d", "KeyD", false).await.unwrap();
+        presses += 1;
+    }
+    let stats = wait_stats(
+        &page,
+        "the last inputs applied",
+        Duration::from_secs(5),
+        |s| {
+            num(s, "inputsSent") >= f64::from(presses)
+                && num(s, "inputSeqApplied") >= num(s, "inputsSent")
+        },
+    )
+    .await;
+    let window = (num(&stats, "ts") - num(&first, "ts")) / 1000.0;
+    let decoded = num(&stats, "framesDecoded") - decoded0;
+    let expected = 60.0 * window;
+    println!(
+        "WebTransport: decoded {decoded} frames in {window:.2} s ({:.1} fps), {}x{}, {} kbit/s, late {}, skipped {}, reset {}, decode errors {}, keyframe requests {}",
+        decoded / window,
+        stats["width"],
+        stats["height"],
+        stats["bitrateKbps"],
+        stats["framesLate"],
+        stats["framesSkipped"],
+        stats["streamsReset"],
+        stats["decodeErrors"],
+        stats["keyframeRequests"],
+    );
+    print_latency(&stats);
+    assert!(
+        decoded >= 0.9 * expected,
+        "decoded only {decoded} frames of {expected:.0}: {stats}"
+    );
+    assert_eq!(num(&stats, "width"), 1280.0, "{stats}");
+    assert_eq!(num(&stats, "height"), 720.0, "{stats}");
+    assert_eq!(num(&stats, "decodeErrors"), 0.0, "{stats}");
+    let (x1, _) = ship_on_screen(&page).await;
+    println!("ship at x {x0:.0} before the keys, {x1:.0} after");
+    assert!(
+        x1 > x0 + 300.0,
+        "the ship did not move right on the canvas: x {x0} -> {x1}"
+    );
+    let l = &stats["inputToPhoton"];
+    assert!(
+        num(l, "n") >= f64::from(presses) * 0.5,
+        "too few latency samples: {stats}"
+    );
+    assert!(
+        num(l, "p50") > 0.0 && num(l, "p95") >= num(l, "p50"),
+        "{stats}"
+    );
+    // The page's stats reach the gateway's admin view, as over WebRTC.
+    let sessions = wait_sessions(
+        &gw,
+        "the page's stats in the admin view",
+        Duration::from_secs(5),
+        |l| {
+            l.len() == 1
+                && l[0]["client_stats"]["framesDecoded"]
+                    .as_f64()
+                    .unwrap_or(0.0)
+                    > 0.0
+        },
+    )
+    .await;
+    assert_eq!(sessions[0]["client_stats"]["transport"], "webtransport");
+    assert!(
+        sessions[0]["inputs"].as_u64().unwrap_or(0) >= u64::from(presses),
+        "{}",
+        sessions[0]
+    );
+
+    // Stop ends the session (Close on the session stream, then DELETE).
+    page.eval("window.nearpath.stop()").await.unwrap();
+    wait_sessions(&gw, "the session to end", Duration::from_secs(5), |l| {
+        l.is_empty()
+    })
+    .await;
+    drop(browser);
+    node.stop().await.unwrap();
+    gw.stop().await;
+}
+
+/// Plays until 30 frames are decoded and returns the page's state.
+async fn wait_playing(page: &Page) -> Value {
+    wait_stats(page, "30 decoded frames", Duration::from_secs(30), |s| {
+        num(s, "framesDecoded") >= 30.0
+    })
+    .await;
+    page.eval(WT_STATE).await.unwrap()
+}
+
+/// Guards the fallback: a browser without WebTransport (taken away before the page's scripts
+/// run), and a gateway with `[webtransport] enabled = false`, both play over WebRTC with the
+/// default `transport=auto`, and the page says why. Forcing `transport=webtransport` on that
+/// gateway is refused with the reason instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_falls_back_to_webrtc_without_webtransport_in_the_browser_or_the_gateway() {
+    let _one = ONE_BROWSER_AT_A_TIME.lock().await;
+    let gw = TestGateway::start(|_| {}).await;
+    let mut node = TestNode::start(with_arena(gw.node_config("de-1", &gw.token)), ip(DE));
+    node.registered().await;
+    let browser = Browser::launch().await;
+    let page = browser
+        .open_with(
+            &play_url_via(&gw, 320, 180, 30, "auto"),
+            Some("delete window.WebTransport;"),
+        )
+        .await;
+    let state = wait_playing(&page).await;
+    assert_eq!(state["transport"], "webrtc", "{state}");
+    assert_eq!(
+        state["reason"], "this browser has no WebTransport",
+        "{state}"
+    );
+    assert_eq!(state["wt"], 0, "{state}");
+    assert_eq!(state["pc"], 1, "{state}");
+    let sessions = wait_sessions(&gw, "the WebRTC session", Duration::from_secs(5), |l| {
+        l.len() == 1
+    })
+    .await;
+    assert_eq!(sessions[0]["transport"], "webrtc");
+    page.eval("window.nearpath.stop()").await.unwrap();
+    wait_sessions(&gw, "the session to end", Duration::from_secs(5), |l| {
+        l.is_empty()
+    })
+    .await;
+    drop(page);
+    drop(browser);
+    node.stop().await.unwrap();
+    gw.stop().await;
+
+    // A gateway that serves no WebTransport: /v1/webtransport answers 404.
+    let gw = TestGateway::start(|c| c.webtransport.enabled = false).await;
+    let mut node = TestNode::start(with_arena(gw.node_config("de-1", &gw.token)), ip(DE));
+    node.registered().await;
+    let browser = Browser::launch().await;
+    let page = browser.open(&play_url_via(&gw, 320, 180, 30, "auto")).await;
+    let state = wait_playing(&page).await;
+    assert_eq!(state["transport"], "webrtc", "{state}");
+    assert!(
+        state["reason"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("the gateway offers no WebTransport"),
+        "{state}"
+    );
+    assert_eq!(state["wt"], 0, "{state}");
+    page.eval("window.nearpath.stop()").await.unwrap();
+    wait_sessions(&gw, "the session to end", Duration::from_secs(5), |l| {
+        l.is_empty()
+    })
+    .await;
+    drop(page);
+    // Forced WebTransport on that gateway: refused with the reason, nothing played.
+    let page = browser
+        .open(&play_url_via(&gw, 320, 180, 30, "webtransport"))
+        .await;
+    let shown = wait_eval(
+        &page,
+        "window.nearpath.lastError",
+        "the page's error",
+        Value::is_string,
+    )
+    .await;
+    assert!(
+        shown
+            .as_str()
+            .unwrap()
+            .starts_with("WebTransport: the gateway offers no WebTransport"),
+        "{shown}"
+    );
+    let state = page.eval(WT_STATE).await.unwrap();
+    assert_eq!(state["pc"], 0, "{state}");
+    assert_eq!(state["wt"], 0, "{state}");
+    assert!(gw.admin_get("/admin/sessions").await["data"]
+        .as_array()
+        .unwrap()
+        .is_empty());
+    drop(browser);
+    node.stop().await.unwrap();
+    gw.stop().await;
+}
+
+/// Guards the refusal path over WebTransport: a wrong key is answered `Error` on the session
+/// stream and the page shows its reason (as the WebRTC path shows the 401's), with no session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_key_over_webtransport_shows_the_gateways_reason() {
+    let _one = ONE_BROWSER_AT_A_TIME.lock().await;
+    let gw = TestGateway::start(|_| {}).await;
+    let mut node = TestNode::start(with_arena(gw.node_config("de-1", &gw.token)), ip(DE));
+    node.registered().await;
+    let browser = Browser::launch().await;
+    let page = browser
+        .open(&gw.api_url(
+            "/play?key=wrong-key&game=arena&width=320&height=180&fps=30&autostart=1&transport=webtransport",
+        ))
+        .await;
+    let shown = wait_eval(
+        &page,
+        "window.nearpath.lastError",
+        "the page's error",
+        Value::is_string,
+    )
+    .await;
+    let state = page.eval(WT_STATE).await.unwrap();
+    println!("wrong key over WebTransport: {state}");
+    assert_eq!(state["transport"], "webtransport", "{state}");
+    assert_eq!(state["wt"], 1, "{state}");
+    let text = page
+        .eval("document.getElementById('message').textContent")
+        .await
+        .unwrap();
+    assert_eq!(text, shown);
+    // The same reason the HTTP API gives a wrong key (what the WebRTC path shows).
+    let (status, _, body) = request(
+        None,
+        "GET",
+        &gw.api_url("/v1/games"),
+        &[("authorization", "Bearer wrong-key")],
+        "",
+    )
+    .await;
+    assert_eq!(status, 401);
+    assert_eq!(shown, Value::String(error_message(&body)));
+    assert!(gw.admin_get("/admin/sessions").await["data"]
+        .as_array()
+        .unwrap()
+        .is_empty());
+    drop(browser);
+    node.stop().await.unwrap();
+    gw.stop().await;
+}
+
+/// Guards failover over WebTransport: the serving node dies, the gateway pauses the session
+/// and resumes it on the other node; the page keeps its one WebTransport session and its
+/// decoder, waits for the new node's keyframe and decodes again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webtransport_keeps_decoding_on_the_same_session_when_the_serving_node_dies() {
+    let _one = ONE_BROWSER_AT_A_TIME.lock().await;
+    let gw = TestGateway::start(|c| {
+        c.geo
+            .overrides
+            .push(place(("127.0.0.1", "FR", 48.85, 2.35)))
+    })
+    .await;
+    let mut near = TestNode::start(with_arena(gw.node_config("de-1", &gw.token)), ip(DE));
+    near.registered().await;
+    let mut far = TestNode::start(with_arena(gw.node_config("us-1", &gw.token)), ip(US_EAST));
+    far.registered().await;
+    let browser = Browser::launch().await;
+    let page = browser
+        .open(&play_url_via(&gw, 640, 360, 30, "webtransport"))
+        .await;
+    let state = wait_playing(&page).await;
+    assert_eq!(state["transport"], "webtransport", "{state}");
+    let sessions =
+        wait_sessions(&gw, "the session", Duration::from_secs(5), |l| l.len() == 1).await;
+    assert_eq!(sessions[0]["node"], "de-1", "the nearer node serves first");
+    let decoded = || async {
+        page.eval("window.nearpath.framesDecoded()")
+            .await
+            .unwrap()
+            .as_f64()
+            .unwrap_or(0.0)
+    };
+    let at_kill = decoded().await;
+    near.task.abort();
+    let killed = Instant::now();
+    let resumed = loop {
+        let n = decoded().await;
+        if n >= at_kill + 30.0 {
+            break killed.elapsed();
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(15),
+            "decoding did not resume: {n} frames, {at_kill} at the kill; {}",
+            page.eval(WT_STATE).await.unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let stats = wait_stats(
+        &page,
+        "the pause and resume notices",
+        Duration::from_secs(5),
+        |s| num(s, "pausedCount") >= 1.0 && num(s, "resumedCount") >= 1.0,
+    )
+    .await;
+    println!(
+        "WebTransport: 30 more frames decoded {resumed:?} after the node was killed (keyframe requests {}, skipped {}, late {}, decode errors {})",
+        stats["keyframeRequests"], stats["framesSkipped"], stats["framesLate"], stats["decodeErrors"]
+    );
+    assert_eq!(
+        num(&stats, "wtCreated"),
+        1.0,
+        "one WebTransport session: {stats}"
+    );
+    assert!(!stats["paused"].as_bool().unwrap(), "{stats}");
+    let sessions = wait_sessions(
+        &gw,
+        "the session on the other node",
+        Duration::from_secs(5),
+        |l| l.len() == 1,
+    )
+    .await;
+    assert_eq!(sessions[0]["node"], "us-1");
+    assert_eq!(sessions[0]["transport"], "webtransport");
+    drop(browser);
+    far.stop().await.unwrap();
+    gw.stop().await;
+}
+
+/// The frame bytes of `msg` without their length prefix: (type, body).
+fn type_and_body(msg: &nearpath_protocol::Message) -> (u8, Vec<u8>) {
+    let bytes = nearpath_protocol::encode_to_vec(msg);
+    let prefix = bytes.iter().position(|b| b & 0x80 == 0).unwrap() + 1;
+    (bytes[prefix], bytes[prefix + 1..].to_vec())
+}
+
+/// Evaluates `np.wire.<call>` on the page and returns its value.
+async fn wire(page: &Page, call: &str) -> Value {
+    page.eval(&format!("window.nearpath.wire.{call}"))
+        .await
+        .unwrap_or_else(|e| panic!("{call}: {e}"))
+}
+
+fn bytes_of(v: &Value) -> Vec<u8> {
+    v.as_array()
+        .unwrap_or_else(|| panic!("not a byte array: {v}"))
+        .iter()
+        .map(|b| u8::try_from(b.as_u64().unwrap()).unwrap())
+        .collect()
+}
+
+/// Guards the page's WebTransport wire codec against the protocol crate, byte for byte: what
+/// it writes (`PlayRequest`, `SetVideo`, `Close`, `ForceKeyframe`, input datagrams of every
+/// event with a session id above 2^53) decodes in Rust to exactly what was meant and re-encodes
+/// to the same bytes; what the gateway writes (every control message the page reads, frame
+/// headers, audio datagrams) reads back field for field in the page. And what a hostile or
+/// broken gateway could send instead (truncated or trailing bytes, out-of-range values, an
+/// overlong varint, a string longer than its message, invalid UTF-8, bad magic/version/flags,
+/// a payload length of 0 or over 8 MiB, a wrong Opus frame size) is refused, never misread.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pages_webtransport_wire_codec_matches_the_protocol_crate() {
+    use nearpath_protocol::message::{
+        Close, Ended, ErrorInfo, Paused, PlayRequest, PlayStarted, ResumeToken, Rumble, SetVideo,
+    };
+    use nearpath_protocol::{
+        AudioPacket, Decoder, FrameHeader, InputDatagram, InputEvent, Message, VideoCodec,
+        MAX_CONTROL_FRAME,
+    };
+    let _one = ONE_BROWSER_AT_A_TIME.lock().await;
+    let gw = TestGateway::start(|_| {}).await;
+    let browser = Browser::launch().await;
+    let page = browser
+        .open(&gw.api_url("/play?key=k&transport=webtransport"))
+        .await;
+    wait_eval(
+        &page,
+        "!!(window.nearpath && window.nearpath.wire)",
+        "the page",
+        |v| v == &Value::Bool(true),
+    )
+    .await;
+    let decode = |bytes: &[u8]| {
+        let mut d = Decoder::new(MAX_CONTROL_FRAME);
+        d.push(bytes);
+        let m = d.poll().expect("decodes").expect("one whole message");
+        assert_eq!(d.buffered(), 0, "exactly one message");
+        assert_eq!(
+            nearpath_protocol::encode_to_vec(&m),
+            bytes,
+            "canonical: re-encodes to the page's bytes"
+        );
+        m
+    };
+
+    // What the page writes.
+    let req = bytes_of(
+        &wire(
+            &page,
+            r#"playRequest("k€y ✓", "arena", 1280, 720, 60, 300000)"#,
+        )
+        .await,
+    );
+    assert_eq!(
+        decode(&req),
+        Message::PlayRequest(PlayRequest {
+            protocol_version: nearpath_protocol::PROTOCOL_VERSION,
+            api_key: "k€y ✓".into(),
+            game: "arena".into(),
+            width: 1280,
+            height: 720,
+            fps: 60,
+            bitrate_kbps: 300_000,
+            codecs: vec![],
+        })
+    );
+    let sv = bytes_of(&wire(&page, "setVideo(3840, 2160, 240)").await);
+    assert_eq!(
+        decode(&sv),
+        Message::SetVideo(SetVideo {
+            width: 3840,
+            height: 2160,
+            fps: 240
+        })
+    );
+    let close = bytes_of(&wire(&page, r#"close("stopped ✓")"#).await);
+    assert_eq!(
+        decode(&close),
+        Message::Close(Close {
+            reason: "stopped ✓".into()
+        })
+    );
+    let fk = bytes_of(&wire(&page, "forceKeyframe()").await);
+    assert_eq!(decode(&fk), Message::ForceKeyframe);
+
+    let sid = u64::MAX - 5;
+    let ts_ms = 1_765_000_000_123.5_f64;
+    let cases: [(&str, InputEvent); 9] = [
+        (
+            r#"{t:"key",code:68,down:true}"#,
+            InputEvent::Key {
+                code: 68,
+                down: true,
+            },
+        ),
+        (
+            r#"{t:"key",code:65535,down:false}"#,
+            InputEvent::Key {
+                code: 65535,
+                down: false,
+            },
+        ),
+        (
+            r#"{t:"mouse",dx:-3,dy:70000}"#,
+            InputEvent::MouseMove { dx: -3, dy: 70000 },
+        ),
+        (
+            r#"{t:"button",button:2,down:true}"#,
+            InputEvent::MouseButton {
+                button: 2,
+                down: true,
+            },
+        ),
+        (
+            r#"{t:"wheel",dx:-120,dy:40000}"#,
+            InputEvent::Wheel {
+                dx: -120,
+                dy: 32767,
+            },
+        ),
+        (
+            r#"{t:"pad",pad:2,axes:[0,-1,0.5,7],triggers:[0.25,1],buttons:131071}"#,
+            InputEvent::Gamepad {
+                pad: 2,
+                axes: [0, -32767, 16384, 32767],
+                triggers: [16384, 65535],
+                buttons: 0x1ffff,
+            },
+        ),
+        (
+            r#"{t:"pad",pad:0,axes:[],buttons:1}"#,
+            InputEvent::Gamepad {
+                pad: 0,
+                axes: [0; 4],
+                triggers: [0; 2],
+                buttons: 1,
+            },
+        ),
+        (r#"{t:"keyframe"}"#, InputEvent::KeyframeRequest),
+        (
+            r#"{t:"ping",id:4000000000}"#,
+            InputEvent::Ping { id: 4_000_000_000 },
+        ),
+    ];
+    for (i, (msg, event)) in cases.into_iter().enumerate() {
+        let seq = 1 + i as u64;
+        let bytes =
+            bytes_of(&wire(&page, &format!(r#"input("{sid}", {seq}, {ts_ms}, {msg})"#)).await);
+        let d = InputDatagram::decode(&bytes).unwrap_or_else(|e| panic!("{msg}: {e}"));
+        assert_eq!(
+            d,
+            InputDatagram {
+                session_id: sid,
+                seq,
+                sent_ts_us: 1_765_000_000_123_500,
+                event,
+            },
+            "{msg}"
+        );
+        assert_eq!(d.encode(), bytes, "{msg}");
+    }
+    assert_eq!(
+        wire(&page, r#"input("1", 1, 0, {t:"video"})"#).await,
+        Value::Null
+    );
+
+    // What the gateway writes, read by the page.
+    let control = |m: &Message| {
+        let (ty, body) = type_and_body(m);
+        format!("control({ty}, {body:?})")
+    };
+    let started = Message::PlayStarted(PlayStarted {
+        session_id: u64::MAX - 1,
+        width: 1280,
+        height: 720,
+        fps: 60,
+        bitrate_kbps: 8000,
+        codec: VideoCodec::H264,
+    });
+    let v = wire(&page, &control(&started)).await;
+    assert_eq!(v["t"], "started", "{v}");
+    assert_eq!(v["sessionId"], (u64::MAX - 1).to_string(), "{v}");
+    assert_eq!(
+        (
+            v["width"].clone(),
+            v["height"].clone(),
+            v["fps"].clone(),
+            v["kbps"].clone()
+        ),
+        (1280.into(), 720.into(), 60.into(), 8000.into())
+    );
+    assert_eq!(v["codec"], "h264");
+    let v = wire(
+        &page,
+        &control(&Message::Error(ErrorInfo {
+            code: "unauthorized".into(),
+            message: "Falscher Schlüssel ✗".into(),
+            retryable: true,
+        })),
+    )
+    .await;
+    assert_eq!(
+        v,
+        serde_json::json!({"t": "error", "code": "unauthorized", "message": "Falscher Schlüssel ✗", "retryable": true})
+    );
+    for (m, want) in [
+        (
+            Message::Ended(Ended {
+                reason: "client_left".into(),
+            }),
+            serde_json::json!({"t": "ended", "reason": "client_left"}),
+        ),
+        (
+            Message::Paused(Paused {
+                reason: "node lost".into(),
+            }),
+            serde_json::json!({"t": "paused", "reason": "node lost"}),
+        ),
+        (Message::Resumed, serde_json::json!({"t": "resumed"})),
+        (
+            Message::SetVideo(SetVideo {
+                width: 640,
+                height: 360,
+                fps: 30,
+            }),
+            serde_json::json!({"t": "video", "width": 640, "height": 360, "fps": 30}),
+        ),
+        (
+            Message::Rumble(Rumble {
+                pad: 3,
+                strong_magnitude: 65535,
+                weak_magnitude: 1,
+                duration_ms: 5000,
+            }),
+            serde_json::json!({"t": "rumble", "pad": 3, "strong": 65535, "weak": 1, "duration_ms": 5000}),
+        ),
+        (
+            Message::ResumeToken(ResumeToken {
+                token: "ab".repeat(32),
+            }),
+            serde_json::json!({"t": "resume_token", "token": "ab".repeat(32)}),
+        ),
+    ] {
+        assert_eq!(wire(&page, &control(&m)).await, want, "{m:?}");
+    }
+    // A message type this page does not know is skipped, not an error.
+    assert_eq!(
+        wire(&page, "control(127, [1, 2, 3])").await,
+        serde_json::json!({"t": "unknown", "type": 127})
+    );
+    // Malformed bodies are refused.
+    let (ty, body) = type_and_body(&started);
+    let hostile: Vec<(String, &str)> = vec![
+        (
+            format!("control({ty}, {:?})", &body[..body.len() - 1]),
+            "truncated",
+        ),
+        (
+            format!("control({ty}, {:?})", [&body[..], &[0]].concat()),
+            "trailing",
+        ),
+        (
+            format!("control({ty}, [255,255,255,255,255,255,255,255,255,255,1])"),
+            "varint",
+        ),
+        // Error whose message claims 2^40 bytes, and 1000 bytes with one left.
+        (
+            "control(24, [1, 97, 128, 128, 128, 128, 128, 32])".into(),
+            "u32",
+        ),
+        ("control(24, [1, 97, 232, 7, 98])".into(), "truncated"),
+        // Error whose bool is 2.
+        ("control(24, [1, 97, 1, 98, 2])".into(), "bool"),
+        // Ended whose reason is not UTF-8.
+        ("control(25, [2, 195, 40])".into(), ""),
+        // Rumble for pad 4, and one of 5001 ms.
+        ("control(29, [4, 0, 0, 0, 0, 1])".into(), "range"),
+        ("control(29, [0, 0, 0, 0, 0, 137, 39])".into(), "range"),
+        // SetVideo with a width over u32.
+        ("control(28, [128, 128, 128, 128, 16, 1, 1])".into(), "u32"),
+        // Resumed with a body.
+        ("control(53, [0])".into(), "trailing"),
+    ];
+    for (call, why) in hostile {
+        let v = wire(&page, &call).await;
+        let err = v["error"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{call} was accepted: {v}"));
+        assert!(err.contains(why), "{call}: {err}");
+    }
+
+    let header = FrameHeader {
+        session_id: u64::MAX,
+        seq: 123_456,
+        capture_ts_us: 1_765_000_000_123_456,
+        encode_us: 4321,
+        keyframe: true,
+        input_seq: 99,
+        width: 1280,
+        height: 720,
+        payload_len: 8 * 1024 * 1024,
+    };
+    let enc = header.encode();
+    let v = wire(&page, &format!("frameHeader({:?})", enc.to_vec())).await;
+    assert_eq!(
+        v,
+        serde_json::json!({"key": true, "session": u64::MAX.to_string(), "seq": 123456, "captureUs": 1765000000123456_u64,
+            "inputSeq": 99, "encodeUs": 4321, "payloadLen": 8388608, "width": 1280, "height": 720})
+    );
+    let mut bad: Vec<(Vec<u8>, &str)> = Vec::new();
+    for (i, b, what) in [
+        (0, 0x4f, "magic"),
+        (1, 2, "version"),
+        (2, 0x03, "flags"),
+        (3, 1, "reserved"),
+    ] {
+        let mut h = enc;
+        h[i] = b;
+        bad.push((h.to_vec(), what));
+    }
+    let mut h = enc;
+    h[40..44].copy_from_slice(&0u32.to_le_bytes());
+    bad.push((h.to_vec(), "empty payload"));
+    h[40..44].copy_from_slice(&(8 * 1024 * 1024 + 1u32).to_le_bytes());
+    bad.push((h.to_vec(), "payload over 8 MiB"));
+    bad.push((enc[..47].to_vec(), "short"));
+    for (b, what) in bad {
+        assert_eq!(
+            wire(&page, &format!("frameHeader({b:?})")).await,
+            Value::Null,
+            "{what}"
+        );
+    }
+
+    let pkt = AudioPacket {
+        session_id: u64::MAX - 7,
+        seq: u32::MAX,
+        capture_ts_us: 1_765_000_000_000_010,
+        samples: 480,
+        flags: 1,
+        opus: bytes::Bytes::from_static(&[0xfc, 1, 2, 3]),
+    };
+    let enc = pkt.encode().unwrap();
+    let v = wire(&page, &format!("audio({enc:?})")).await;
+    assert_eq!(
+        v,
+        serde_json::json!({"session": (u64::MAX - 7).to_string(), "seq": u32::MAX, "captureUs": 1765000000000010_u64, "samples": 480, "payload": [0xfc, 1, 2, 3]})
+    );
+    let mut bad: Vec<(Vec<u8>, &str)> = Vec::new();
+    for (i, b, what) in [
+        (0, 0x49, "magic"),
+        (1, 2, "version"),
+        (2, 0x02, "flags"),
+        (24, 100, "samples"),
+    ] {
+        let mut a = enc.clone();
+        a[i] = b;
+        bad.push((a, what));
+    }
+    bad.push((enc[..25].to_vec(), "no payload"));
+    let mut big = enc[..25].to_vec();
+    big.extend(std::iter::repeat_n(0u8, 1001));
+    bad.push((big, "payload over 1000 bytes"));
+    for (b, what) in bad {
+        assert_eq!(
+            wire(&page, &format!("audio({b:?})")).await,
+            Value::Null,
+            "{what}"
+        );
+    }
+    drop(browser);
+    gw.stop().await;
+}
+
+/// Input-to-photon in Chromium, WebTransport against WebRTC, in one run (README
+/// "Benchmarks"): one gateway and node, 720p60, each path played for `NEARPATH_I2P_SECS`
+/// (20) seconds while D is pressed and released every 100 ms, `NEARPATH_I2P_ROUNDS` (1)
+/// rounds alternating the paths. Prints p50/p95 of input-to-photon per path: over WebRTC to the
+/// frame's expected display time (requestVideoFrameCallback) and to its hand-over to the
+/// compositor (`inputToPresent`), over WebTransport to the moment the frame is drawn on the
+/// canvas (the hand-over there), plus WebRTC's jitter-buffer delay.
+/// `cargo test --release -p nearpath-tests --test browser bench_input_to_photon -- --ignored --nocapture`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark: run on demand (see above)"]
+async fn bench_input_to_photon_webtransport_vs_webrtc() {
+    let _one = ONE_BROWSER_AT_A_TIME.lock().await;
+    let secs: u64 = std::env::var("NEARPATH_I2P_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    let rounds: u32 = std::env::var("NEARPATH_I2P_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    let gw = TestGateway::start(|_| {}).await;
+    let mut node = TestNode::start(with_arena(gw.node_config("de-1", &gw.token)), ip(DE));
+    node.registered().await;
+    let browser = Browser::launch().await;
+    let mut table = Vec::new();
+    for round in 1..=rounds {
+        // The third: WebTransport with `render=video` (frames shown by the video element
+        // through a MediaStreamTrackGenerator, timed like WebRTC's).
+        for transport in ["webtransport", "webrtc", "webtransport&render=video"] {
+            let page = browser
+                .open(&play_url_via(&gw, 1280, 720, 60, transport))
+                .await;
+            let first = wait_stats(&page, "decoding", Duration::from_secs(30), |s| {
+                num(s, "framesDecoded") >= 60.0
+            })
+            .await;
+            assert_eq!(
+                first["transport"].as_str(),
+                transport.split('&').next(),
+                "{first}"
+            );
+            let t0 = Instant::now();
+            let mut down = false;
+            while t0.elapsed() < Duration::from_secs(secs) {
+                down = !down;
+                page.key(68, "d", "KeyD", down).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            if down {
+                page.key(68, "d", "KeyD", false).await.unwrap();
+            }
+            let stats = wait_stats(
+                &page,
+                "the last inputs applied",
+                Duration::from_secs(5),
+                |s| num(s, "inputSeqApplied") >= num(s, "inputsSent"),
+            )
+            .await;
+            let window = (num(&stats, "ts") - num(&first, "ts")) / 1000.0;
+            let fps = (num(&stats, "framesDecoded") - num(&first, "framesDecoded")) / window;
+            let (l, p) = (&stats["inputToPhoton"], &stats["inputToPresent"]);
+            let line = format!(
+                "round {round} {transport:<25} input-to-photon p50 {:6.1} ms p95 {:6.1} ms (n={}) | to present p50 {:6.1} p95 {:6.1} | {fps:.1} fps decoded, jitter buffer {:.1} ms, decode {:.1} ms",
+                num(l, "p50"),
+                num(l, "p95"),
+                num(l, "n"),
+                num(p, "p50"),
+                num(p, "p95"),
+                num(&stats, "jitterBufferAvgMs"),
+                num(&stats, "decodeMs"),
+            ) + &if first["transport"] == "webtransport" {
+                format!(
+                    " | not drawn {}, late {}, skipped {}, reset {}, decode errors {}",
+                    stats["framesNotDrawn"],
+                    stats["framesLate"],
+                    stats["framesSkipped"],
+                    stats["streamsReset"],
+                    stats["decodeErrors"]
+                )
+            } else {
+                String::new()
+            };
+            println!("{line}");
+            print_latency(&stats);
+            table.push(line);
+            assert!(num(l, "n") >= 10.0, "too few samples: {stats}");
+            page.eval("window.nearpath.stop()").await.unwrap();
+            wait_sessions(&gw, "the session to end", Duration::from_secs(5), |l| {
+                l.is_empty()
+            })
+            .await;
+            wait_slots_in_use(&gw, 0).await;
+            page.call("Page.close", serde_json::json!({})).await.ok();
+        }
+    }
+    println!("--- input-to-photon, 720p60, {secs} s per path ---");
+    for line in table {
+        println!("{line}");
+    }
+    drop(browser);
+    node.stop().await.unwrap();
+    gw.stop().await;
+}
+
+/// Guards sound over WebTransport: with Sound on, the gateway's audio datagrams (the node's
+/// Opus packets) reach the page, decode in an `AudioDecoder` and are scheduled on Web Audio,
+/// none malformed or another session's; with Sound off nothing is decoded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webtransport_plays_the_games_sound_through_an_audio_decoder() {
+    let _one = ONE_BROWSER_AT_A_TIME.lock().await;
+    let gw = TestGateway::start(|_| {}).await;
+    let mut node = TestNode::start(with_arena(gw.node_config("de-1", &gw.token)), ip(DE));
+    node.registered().await;
+    let browser = Browser::launch().await;
+    let page = browser
+        .open(&play_url_via(&gw, 320, 180, 30, "webtransport"))
+        .await;
+    wait_playing(&page).await;
+    // Muted (the default): packets arrive and are counted, nothing is decoded.
+    let muted = wait_eval(
+        &page,
+        "window.nearpath.audioStats()",
+        "audio datagrams",
+        |a| num(a, "packetsReceived") >= 50.0,
+    )
+    .await;
+    assert_eq!(num(&muted, "packetsDecoded"), 0.0, "{muted}");
+    page.eval("window.nearpath.setMuted(false)").await.unwrap();
+    let on = wait_eval(
+        &page,
+        "window.nearpath.audioStats()",
+        "decoded sound",
+        |a| num(a, "packetsDecoded") >= 200.0,
+    )
+    .await;
+    println!("WebTransport sound: {on}");
+    assert_eq!(num(&on, "malformed"), 0.0, "{on}");
+    assert_eq!(num(&on, "foreign"), 0.0, "{on}");
+    // Loopback loses nothing; a few packets may be late around the unmute.
+    assert!(
+        num(&on, "packetsLost") <= 0.02 * num(&on, "packetsReceived"),
+        "{on}"
+    );
+    page.eval("window.nearpath.setMuted(true)").await.unwrap();
+    let off = page.eval("window.nearpath.audioStats()").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let later = page.eval("window.nearpath.audioStats()").await.unwrap();
+    assert_eq!(later["packetsDecoded"], off["packetsDecoded"], "{later}");
+    drop(browser);
     node.stop().await.unwrap();
     gw.stop().await;
 }

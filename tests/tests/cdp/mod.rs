@@ -85,6 +85,13 @@ impl Browser {
                 "--autoplay-policy=no-user-gesture-required",
             ])
             .arg(format!("--user-data-dir={}", profile.path().display()))
+            // Extra switches for diagnosing a failed test (e.g. a net log:
+            // `NEARPATH_CHROMIUM_ARGS="--log-net-log=/tmp/net.json --net-log-capture-mode=Everything"`).
+            .args(
+                std::env::var("NEARPATH_CHROMIUM_ARGS")
+                    .unwrap_or_default()
+                    .split_whitespace(),
+            )
             .arg("about:blank")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -185,6 +192,13 @@ impl Browser {
 
     /// Opens `url` in a new tab and attaches to it.
     pub async fn open(&self, url: &str) -> Page {
+        self.open_with(url, None).await
+    }
+
+    /// Opens `url` in a new tab after arranging for `init_script` to run in every document of
+    /// the tab before the page's own scripts (`Page.addScriptToEvaluateOnNewDocument`): how a
+    /// test takes a browser feature away, e.g. `delete window.WebTransport`.
+    pub async fn open_with(&self, url: &str, init_script: Option<&str>) -> Page {
         let t = self
             .cdp
             .call("Target.createTarget", json!({"url": "about:blank"}), None)
@@ -215,6 +229,14 @@ impl Browser {
         page.call("Page.bringToFront", json!({}))
             .await
             .expect("Page.bringToFront");
+        if let Some(source) = init_script {
+            page.call(
+                "Page.addScriptToEvaluateOnNewDocument",
+                json!({ "source": source }),
+            )
+            .await
+            .expect("Page.addScriptToEvaluateOnNewDocument");
+        }
         page.call("Page.navigate", json!({"url": url}))
             .await
             .expect("Page.navigate");
