@@ -270,9 +270,10 @@ fn relay_capacity_over_webtransport_delivers_the_frames_of_a_few_sessions() {
 
 /// Guards `bench webrtc-load`: WebRTC players negotiate with the gateway over WHEP, receive
 /// every measured frame as RTP (matched to the gateway's `frame` messages), keep their sessions
-/// alive with pings, and the native QUIC baseline runs beside them in the same invocation.
+/// alive with pings, and the WebTransport and native QUIC players run beside them in the same
+/// invocation.
 #[test]
-fn webrtc_load_delivers_every_frame_over_webrtc_and_quic() {
+fn webrtc_load_delivers_every_frame_over_webrtc_webtransport_and_quic() {
     let v = bench(&[
         "webrtc-load",
         "--sessions",
@@ -293,7 +294,7 @@ fn webrtc_load_delivers_every_frame_over_webrtc_and_quic() {
     assert_eq!(v["bench"], "webrtc-load", "{v}");
     let r = &v["results"][0];
     assert_eq!(r["sessions"], 2, "{v}");
-    for t in ["webrtc", "quic"] {
+    for t in ["webrtc", "webtransport", "quic"] {
         // 2 sessions x 2 s x 60 fps, every one delivered.
         assert_eq!(r[t]["frames_expected"], 240, "{t}: {v}");
         assert_eq!(r[t]["frames_received"], 240, "{t}: {v}");
@@ -306,8 +307,10 @@ fn webrtc_load_delivers_every_frame_over_webrtc_and_quic() {
     // Each 20 KB frame is many RTP packets, and each player heard pongs to its pings.
     assert!(run["rtp_packets"].as_u64().unwrap() > 240 * 5, "{v}");
     assert!(run["pongs"].as_u64().unwrap() >= 2, "{v}");
-    assert!(
-        r["ratio_webrtc_over_quic_per_session"].as_f64().unwrap() > 0.0,
-        "{v}"
-    );
+    for ratio in [
+        "ratio_webrtc_over_quic_per_session",
+        "ratio_webtransport_over_quic_per_session",
+    ] {
+        assert!(r[ratio].as_f64().unwrap() > 0.0, "{ratio}: {v}");
+    }
 }

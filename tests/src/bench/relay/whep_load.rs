@@ -46,6 +46,10 @@ pub struct WebrtcLoadArgs {
     /// Skip the native QUIC baseline.
     #[arg(long)]
     pub no_native: bool,
+    /// Skip the WebTransport sessions (the same relay-capacity players, each reaching the
+    /// gateway as a browser's WebTransport session does).
+    #[arg(long)]
+    pub no_webtransport: bool,
     /// Also run the WebRTC sessions on the gateway of this other `bench` binary (e.g. a
     /// release build of the main branch), interleaved with this build's: transport
     /// `webrtc-base` in the report, so before and after come from one run.
@@ -632,8 +636,14 @@ async fn webrtc_inner(
     })
 }
 
-/// The native QUIC baseline: the relay-capacity run at `n` through the gateway.
-async fn native_run(a: &WebrtcLoadArgs, plan: &Arc<FramePlan>, n: u32) -> anyhow::Result<LoadRun> {
+/// The native QUIC baseline (or, with `PlayerTransport::Webtransport`, browser-shaped
+/// WebTransport players): the relay-capacity run at `n` through the gateway.
+async fn native_run(
+    a: &WebrtcLoadArgs,
+    plan: &Arc<FramePlan>,
+    n: u32,
+    transport: PlayerTransport,
+) -> anyhow::Result<LoadRun> {
     let cap = RelayCapacityArgs {
         sessions: n,
         steps: String::new(),
@@ -649,16 +659,17 @@ async fn native_run(a: &WebrtcLoadArgs, plan: &Arc<FramePlan>, n: u32) -> anyhow
         direct_only: false,
         dump: None,
         nice: a.nice,
+        transport,
         shape: a.shape.clone(),
         placement: a.placement.clone(),
     };
     let r = capacity_run(&cap, plan, n, Mode::Gateway).await?;
     if let Some(e) = &r.first_error {
-        bail!("native run at {n}: {e}");
+        bail!("{} run at {n}: {e}", transport.as_str());
     }
     Ok(LoadRun {
         n,
-        transport: "quic",
+        transport: transport.as_str(),
         window: r.window.clone(),
         gw_cpu: r.gw_cpu,
         gen_cpu: r.gen_cpu,
@@ -692,7 +703,12 @@ pub async fn run_webrtc_load(a: WebrtcLoadArgs) -> anyhow::Result<()> {
         describe_plan(&plan),
         steps,
         a.repeat.max(1),
-        if a.no_native { "" } else { " and native QUIC" },
+        match (a.no_webtransport, a.no_native) {
+            (false, false) => ", WebTransport and native QUIC",
+            (false, true) => " and WebTransport",
+            (true, false) => " and native QUIC",
+            (true, true) => "",
+        },
         a.seconds,
         a.warmup_seconds,
         describe_placement(&a.placement, &priority)
@@ -723,6 +739,9 @@ pub async fn run_webrtc_load(a: WebrtcLoadArgs) -> anyhow::Result<()> {
             by.push(("webrtc-base", Vec::new()));
         }
         by.push(("webrtc", Vec::new()));
+        if !a.no_webtransport {
+            by.push(("webtransport", Vec::new()));
+        }
         if !a.no_native {
             by.push(("quic", Vec::new()));
         }
@@ -732,7 +751,10 @@ pub async fn run_webrtc_load(a: WebrtcLoadArgs) -> anyhow::Result<()> {
                 let r = match *t {
                     "webrtc" => webrtc_run(&a, &plan, n, false).await?,
                     "webrtc-base" => webrtc_run(&a, &plan, n, true).await?,
-                    _ => native_run(&a, &plan, n).await?,
+                    "webtransport" => {
+                        native_run(&a, &plan, n, PlayerTransport::Webtransport).await?
+                    }
+                    _ => native_run(&a, &plan, n, PlayerTransport::Quic).await?,
                 };
                 runs.push(r);
             }
@@ -763,7 +785,7 @@ pub async fn run_webrtc_load(a: WebrtcLoadArgs) -> anyhow::Result<()> {
                 p50.show(2),
                 p99.show(2),
                 jit.show(2),
-                if *t != "quic" {
+                if t.starts_with("webrtc") {
                     runs.iter().map(|r| r.rtp_lost).sum::<u64>().to_string()
                 } else {
                     "-".into()
@@ -785,6 +807,10 @@ pub async fn run_webrtc_load(a: WebrtcLoadArgs) -> anyhow::Result<()> {
             let ratio = w.median() / q.median().max(1e-9);
             entry.insert("ratio_webrtc_over_quic_per_session".into(), num(ratio));
         }
+        if let (Some(w), Some(q)) = (per.get("webtransport"), per.get("quic")) {
+            let ratio = w.median() / q.median().max(1e-9);
+            entry.insert("ratio_webtransport_over_quic_per_session".into(), num(ratio));
+        }
         if let (Some(b), Some(q)) = (per.get("webrtc-base"), per.get("quic")) {
             let ratio = b.median() / q.median().max(1e-9);
             entry.insert("ratio_webrtc_base_over_quic_per_session".into(), num(ratio));
@@ -802,6 +828,10 @@ pub async fn run_webrtc_load(a: WebrtcLoadArgs) -> anyhow::Result<()> {
     for e in &out {
         for (key, what) in [
             ("ratio_webrtc_over_quic_per_session", "WebRTC / native QUIC"),
+            (
+                "ratio_webtransport_over_quic_per_session",
+                "WebTransport / native QUIC",
+            ),
             (
                 "ratio_webrtc_base_over_quic_per_session",
                 "WebRTC (baseline gateway) / native QUIC",
