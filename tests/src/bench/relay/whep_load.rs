@@ -809,7 +809,10 @@ pub async fn run_webrtc_load(a: WebrtcLoadArgs) -> anyhow::Result<()> {
         }
         if let (Some(w), Some(q)) = (per.get("webtransport"), per.get("quic")) {
             let ratio = w.median() / q.median().max(1e-9);
-            entry.insert("ratio_webtransport_over_quic_per_session".into(), num(ratio));
+            entry.insert(
+                "ratio_webtransport_over_quic_per_session".into(),
+                num(ratio),
+            );
         }
         if let (Some(b), Some(q)) = (per.get("webrtc-base"), per.get("quic")) {
             let ratio = b.median() / q.median().max(1e-9);
