@@ -71,8 +71,8 @@ enum Command {
     /// Game relay past saturation: --factor times the relay's capacity; delivered-frame
     /// latency and drops per session.
     RelayOverload(bench::relay::RelayOverloadArgs),
-    /// N WebRTC (WHEP) players at 720p60 on one gateway, and the same N native QUIC players:
-    /// gateway CPU per session, frames delivered, latency and jitter.
+    /// N WebRTC (WHEP) players at 720p60 on one gateway, then the same N as WebTransport and as
+    /// native QUIC players: gateway CPU per session, frames delivered, latency and jitter.
     WebrtcLoad(bench::relay::WebrtcLoadArgs),
     /// One 720p60 game session with the node behind a seeded impairment relay: delivered fps,
     /// frame latency above the path delay, bitrate, skipped/reset frames, node evictions.

@@ -31,7 +31,7 @@ const PLAYOUT_DELAY_URI: &str = "http://www.webrtc.org/experiments/rtp-hdrext/pl
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct WebrtcLoadArgs {
-    /// Session counts (comma-separated); each is measured over WebRTC and over native QUIC.
+    /// Session counts (comma-separated); each is measured over WebRTC, WebTransport and native QUIC.
     #[arg(long, default_value = "1,4,8")]
     pub sessions: String,
     /// Measured seconds per run.
