@@ -237,88 +237,17 @@ async fn chromium_plays_720p60_for_10_seconds_and_keys_move_the_ship() {
     let sync = page.eval("window.nearpath.syncStats()").await.unwrap();
     assert_eq!(sync["playoutDelayExtension"], true, "{sync}");
 
-    // Where the ship is on screen before any input: the centre.
-    let (x0, _) = ship_on_screen(&page).await;
-    assert!(
-        (x0 - 640.0).abs() < 40.0,
-        "the ship starts in the centre, not at x {x0}"
-    );
-
-    // Ten seconds of play, holding and releasing D (move right) every 200 ms.
-    let t0 = Instant::now();
-    let decoded0 = num(&first, "framesDecoded");
-    let mut down = false;
-    let mut presses: u32 = 0;
-    while t0.elapsed() < Duration::from_secs(10) {
-        down = !down;
-        page.key(68, "d", "KeyD", down).await.unwrap();
-        presses += 1;
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    if down {
-        page.key(68, "d", "KeyD", false).await.unwrap();
-        presses += 1;
-    }
-    let played = t0.elapsed();
-    // The page posts stats once a second: wait for a sample taken after the last key.
-    let sent_at_end = page.eval("window.nearpath.stats.inputsSent").await.unwrap();
-    let stats = wait_stats(
-        &page,
-        "the last inputs applied",
-        Duration::from_secs(5),
-        |s| {
-            num(s, "inputsSent") >= f64::from(presses)
-                && num(s, "inputSeqApplied") >= num(s, "inputsSent")
-        },
-    )
+    let Played {
+        stats: _,
+        presses,
+        expected,
+    } = play_ten_seconds_holding_d(&page, &first, |stats| {
+        format!(
+            "lost {}, dropped {}, freezes {}",
+            stats["packetsLost"], stats["framesDropped"], stats["freezeCount"]
+        )
+    })
     .await;
-    // The window between the two samples (the page samples once a second).
-    let window = (num(&stats, "ts") - num(&first, "ts")) / 1000.0;
-    let decoded = num(&stats, "framesDecoded") - decoded0;
-    let expected = 60.0 * window;
-    println!(
-        "decoded {decoded} frames in {window:.2} s ({:.1} fps; keys for {:.2} s), {}x{}, {} kbit/s, lost {}, dropped {}, freezes {} (inputs sent {}, {sent_at_end} before the final sample)",
-        decoded / window,
-        played.as_secs_f64(),
-        stats["width"],
-        stats["height"],
-        stats["bitrateKbps"],
-        stats["packetsLost"],
-        stats["framesDropped"],
-        stats["freezeCount"],
-        stats["inputsSent"],
-    );
-    print_latency(&stats);
-    assert!(
-        decoded >= 0.9 * expected,
-        "decoded only {decoded} frames of {expected:.0}: {stats}"
-    );
-    assert_eq!(num(&stats, "width"), 1280.0, "{stats}");
-    assert_eq!(num(&stats, "height"), 720.0, "{stats}");
-    // Every key the page sent was applied by the node (frames carry the last applied seq).
-    assert!(num(&stats, "inputsSent") >= f64::from(presses), "{stats}");
-    assert!(
-        num(&stats, "inputSeqApplied") >= num(&stats, "inputsSent"),
-        "{stats}"
-    );
-    // …and the picture the browser shows has the ship moved right (it crosses the frame in
-    // ~5 s of holding D, so it ends at the right edge).
-    let (x1, _) = ship_on_screen(&page).await;
-    println!("ship at x {x0:.0} before the keys, {x1:.0} after");
-    assert!(
-        x1 > x0 + 300.0,
-        "the ship did not move right on screen: x {x0} -> {x1}"
-    );
-    // Input-to-photon was measured for most presses.
-    let l = &stats["inputToPhoton"];
-    assert!(
-        num(l, "n") >= f64::from(presses) * 0.5,
-        "too few latency samples: {stats}"
-    );
-    assert!(
-        num(l, "p50") > 0.0 && num(l, "p95") >= num(l, "p50"),
-        "{stats}"
-    );
 
     // The gateway shows what the page reported, and what it relayed itself.
     let sessions = wait_sessions(
@@ -2057,73 +1986,22 @@ async fn chromium_plays_720p60_over_webtransport_for_10_seconds_and_keys_move_th
         "{line}"
     );
 
-    let (x0, _) = ship_on_screen(&page).await;
-    assert!(
-        (x0 - 640.0).abs() < 40.0,
-        "the ship starts in the centre, not at x {x0}"
-    );
-    let t0 = Instant::now();
-    let decoded0 = num(&first, "framesDecoded");
-    let mut down = false;
-    let mut presses: u32 = 0;
-    while t0.elapsed() < Duration::from_secs(10) {
-        down = !down;
-        page.key(68, "d", "KeyD", down).await.unwrap();
-        presses += 1;
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    if down {
-        page.key(68, "d", "KeyD", false).await.unwrap();
-        presses += 1;
-    }
-    let stats = wait_stats(
-        &page,
-        "the last inputs applied",
-        Duration::from_secs(5),
-        |s| {
-            num(s, "inputsSent") >= f64::from(presses)
-                && num(s, "inputSeqApplied") >= num(s, "inputsSent")
-        },
-    )
+    let Played {
+        stats,
+        presses,
+        expected: _,
+    } = play_ten_seconds_holding_d(&page, &first, |stats| {
+        format!(
+            "late {}, skipped {}, reset {}, decode errors {}, keyframe requests {}",
+            stats["framesLate"],
+            stats["framesSkipped"],
+            stats["streamsReset"],
+            stats["decodeErrors"],
+            stats["keyframeRequests"]
+        )
+    })
     .await;
-    let window = (num(&stats, "ts") - num(&first, "ts")) / 1000.0;
-    let decoded = num(&stats, "framesDecoded") - decoded0;
-    let expected = 60.0 * window;
-    println!(
-        "WebTransport: decoded {decoded} frames in {window:.2} s ({:.1} fps), {}x{}, {} kbit/s, late {}, skipped {}, reset {}, decode errors {}, keyframe requests {}",
-        decoded / window,
-        stats["width"],
-        stats["height"],
-        stats["bitrateKbps"],
-        stats["framesLate"],
-        stats["framesSkipped"],
-        stats["streamsReset"],
-        stats["decodeErrors"],
-        stats["keyframeRequests"],
-    );
-    print_latency(&stats);
-    assert!(
-        decoded >= 0.9 * expected,
-        "decoded only {decoded} frames of {expected:.0}: {stats}"
-    );
-    assert_eq!(num(&stats, "width"), 1280.0, "{stats}");
-    assert_eq!(num(&stats, "height"), 720.0, "{stats}");
     assert_eq!(num(&stats, "decodeErrors"), 0.0, "{stats}");
-    let (x1, _) = ship_on_screen(&page).await;
-    println!("ship at x {x0:.0} before the keys, {x1:.0} after");
-    assert!(
-        x1 > x0 + 300.0,
-        "the ship did not move right on the canvas: x {x0} -> {x1}"
-    );
-    let l = &stats["inputToPhoton"];
-    assert!(
-        num(l, "n") >= f64::from(presses) * 0.5,
-        "too few latency samples: {stats}"
-    );
-    assert!(
-        num(l, "p50") > 0.0 && num(l, "p95") >= num(l, "p50"),
-        "{stats}"
-    );
     // The page's stats reach the gateway's admin view, as over WebRTC.
     let sessions = wait_sessions(
         &gw,
@@ -2154,6 +2032,106 @@ async fn chromium_plays_720p60_over_webtransport_for_10_seconds_and_keys_move_th
     drop(browser);
     node.stop().await.unwrap();
     gw.stop().await;
+}
+
+/// What [`play_ten_seconds_holding_d`] played.
+struct Played {
+    /// The page's stats sample taken after the last key was applied.
+    stats: Value,
+    /// Key events sent (downs and ups).
+    presses: u32,
+    /// Frames a 60 fps stream holds over the sampled window.
+    expected: f64,
+}
+
+/// The 720p60 play both browser paths are held to: the ship starts in the centre, D is held
+/// and released every 200 ms for ten seconds, then at least 90% of the frames were decoded at
+/// 1280x720, every key the page sent was applied by the node (frames carry the last applied
+/// seq), the ship on screen moved right (it crosses the frame in ~5 s of holding D, so it ends
+/// at the right edge), and input-to-photon was measured for most presses. `detail` adds the
+/// path's own counters to the printed line.
+async fn play_ten_seconds_holding_d(
+    page: &Page,
+    first: &Value,
+    detail: impl Fn(&Value) -> String,
+) -> Played {
+    let (x0, _) = ship_on_screen(page).await;
+    assert!(
+        (x0 - 640.0).abs() < 40.0,
+        "the ship starts in the centre, not at x {x0}"
+    );
+    let t0 = Instant::now();
+    let decoded0 = num(first, "framesDecoded");
+    let mut down = false;
+    let mut presses: u32 = 0;
+    while t0.elapsed() < Duration::from_secs(10) {
+        down = !down;
+        page.key(68, "d", "KeyD", down).await.unwrap();
+        presses += 1;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    if down {
+        page.key(68, "d", "KeyD", false).await.unwrap();
+        presses += 1;
+    }
+    let played = t0.elapsed();
+    // The page samples its stats once a second: wait for a sample taken after the last key.
+    let stats = wait_stats(
+        page,
+        "the last inputs applied",
+        Duration::from_secs(5),
+        |s| {
+            num(s, "inputsSent") >= f64::from(presses)
+                && num(s, "inputSeqApplied") >= num(s, "inputsSent")
+        },
+    )
+    .await;
+    let window = (num(&stats, "ts") - num(first, "ts")) / 1000.0;
+    let decoded = num(&stats, "framesDecoded") - decoded0;
+    let expected = 60.0 * window;
+    println!(
+        "{}: decoded {decoded} frames in {window:.2} s ({:.1} fps; keys for {:.2} s), {}x{}, {} kbit/s, {} (inputs sent {})",
+        stats["transport"],
+        decoded / window,
+        played.as_secs_f64(),
+        stats["width"],
+        stats["height"],
+        stats["bitrateKbps"],
+        detail(&stats),
+        stats["inputsSent"],
+    );
+    print_latency(&stats);
+    assert!(
+        decoded >= 0.9 * expected,
+        "decoded only {decoded} frames of {expected:.0}: {stats}"
+    );
+    assert_eq!(num(&stats, "width"), 1280.0, "{stats}");
+    assert_eq!(num(&stats, "height"), 720.0, "{stats}");
+    assert!(num(&stats, "inputsSent") >= f64::from(presses), "{stats}");
+    assert!(
+        num(&stats, "inputSeqApplied") >= num(&stats, "inputsSent"),
+        "{stats}"
+    );
+    let (x1, _) = ship_on_screen(page).await;
+    println!("ship at x {x0:.0} before the keys, {x1:.0} after");
+    assert!(
+        x1 > x0 + 300.0,
+        "the ship did not move right on screen: x {x0} -> {x1}"
+    );
+    let l = &stats["inputToPhoton"];
+    assert!(
+        num(l, "n") >= f64::from(presses) * 0.5,
+        "too few latency samples: {stats}"
+    );
+    assert!(
+        num(l, "p50") > 0.0 && num(l, "p95") >= num(l, "p50"),
+        "{stats}"
+    );
+    Played {
+        stats,
+        presses,
+        expected,
+    }
 }
 
 /// Plays until 30 frames are decoded and returns the page's state.
