@@ -286,85 +286,18 @@ async fn chromium_plays_720p60_for_10_seconds_and_keys_move_the_ship() {
     gw.stop().await;
 }
 
+/// Guards failover over WebRTC: the serving node dies, the gateway pauses the session and
+/// resumes it on the other node; the page keeps its one peer connection, which decodes the new
+/// node's frames.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chromium_keeps_decoding_on_the_same_connection_when_the_serving_node_dies() {
-    let _one = ONE_BROWSER_AT_A_TIME.lock().await;
-    // The browser connects from 127.0.0.1: place it in France, so that the German node is the
-    // nearer one and serves first.
-    let gw = TestGateway::start(|c| {
-        c.geo
-            .overrides
-            .push(place(("127.0.0.1", "FR", 48.85, 2.35)))
-    })
-    .await;
-    let mut near = TestNode::start(with_arena(gw.node_config("de-1", &gw.token)), ip(DE));
-    near.registered().await;
-    let mut far = TestNode::start(with_arena(gw.node_config("us-1", &gw.token)), ip(US_EAST));
-    far.registered().await;
-    let browser = Browser::launch().await;
-    let page = browser.open(&play_url(&gw, 640, 360, 30)).await;
-    wait_stats(&page, "30 decoded frames", Duration::from_secs(30), |s| {
-        num(s, "framesDecoded") >= 30.0
-    })
-    .await;
-    let sessions = wait_sessions(&gw, "the WebRTC session", Duration::from_secs(5), |l| {
-        l.len() == 1
-    })
-    .await;
-    assert_eq!(sessions[0]["node"], "de-1", "the nearer node serves first");
-
-    // Kill the serving node abruptly (no drain).
-    let decoded = || async {
-        page.eval("window.nearpath.framesDecoded()")
-            .await
-            .unwrap()
-            .as_f64()
-            .unwrap_or(0.0)
-    };
-    let at_kill = decoded().await;
-    near.task.abort();
-    let killed = Instant::now();
-    // The page is told the node moved, and the same peer connection decodes the new node's frames.
-    let resumed = loop {
-        let n = decoded().await;
-        if n >= at_kill + 30.0 {
-            break killed.elapsed();
-        }
-        assert!(
-            killed.elapsed() < Duration::from_secs(15),
-            "decoding did not resume: {n} frames, {at_kill} at the kill"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    let stats = wait_stats(
-        &page,
-        "the pause and resume notices",
-        Duration::from_secs(5),
-        |s| num(s, "pausedCount") >= 1.0 && num(s, "resumedCount") >= 1.0,
-    )
-    .await;
-    println!(
-        "30 more frames decoded {resumed:?} after the node was killed (frames decoded: {} at the kill, {} now; freezes {}, {} ms frozen)",
-        at_kill, stats["framesDecoded"], stats["freezeCount"], stats["freezeMs"]
-    );
+    let stats = failover_keeps_the_session("webrtc").await;
     assert_eq!(
         num(&stats, "pcCreated"),
         1.0,
         "one peer connection for the whole session: {stats}"
     );
     assert_eq!(stats["state"], "connected", "{stats}");
-    assert!(!stats["paused"].as_bool().unwrap(), "{stats}");
-    let sessions = wait_sessions(
-        &gw,
-        "the session on the other node",
-        Duration::from_secs(5),
-        |l| l.len() == 1,
-    )
-    .await;
-    assert_eq!(sessions[0]["node"], "us-1");
-    drop(browser);
-    far.stop().await.unwrap();
-    gw.stop().await;
 }
 
 /// A plain HTTP client for the WHEP error cases (the common one forces a JSON content type).
@@ -2290,6 +2223,20 @@ async fn a_wrong_key_over_webtransport_shows_the_gateways_reason() {
 /// decoder, waits for the new node's keyframe and decodes again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn webtransport_keeps_decoding_on_the_same_session_when_the_serving_node_dies() {
+    let stats = failover_keeps_the_session("webtransport").await;
+    assert_eq!(
+        num(&stats, "wtCreated"),
+        1.0,
+        "one WebTransport session: {stats}"
+    );
+}
+
+/// Failover as a player sees it, over `transport`: the browser (placed in France) is served by
+/// the nearer German node; that node is killed abruptly (no drain), and within 15 s the page has
+/// decoded 30 more frames, heard the pause and resume notices and is no longer paused, while the
+/// gateway shows the session, on the same transport, on the American node. Returns the page's
+/// stats for the path's own checks.
+async fn failover_keeps_the_session(transport: &str) -> Value {
     let _one = ONE_BROWSER_AT_A_TIME.lock().await;
     let gw = TestGateway::start(|c| {
         c.geo
@@ -2303,10 +2250,10 @@ async fn webtransport_keeps_decoding_on_the_same_session_when_the_serving_node_d
     far.registered().await;
     let browser = Browser::launch().await;
     let page = browser
-        .open(&play_url_via(&gw, 640, 360, 30, "webtransport"))
+        .open(&play_url_via(&gw, 640, 360, 30, transport))
         .await;
     let state = wait_playing(&page).await;
-    assert_eq!(state["transport"], "webtransport", "{state}");
+    assert_eq!(state["transport"], transport, "{state}");
     let sessions =
         wait_sessions(&gw, "the session", Duration::from_secs(5), |l| l.len() == 1).await;
     assert_eq!(sessions[0]["node"], "de-1", "the nearer node serves first");
@@ -2340,13 +2287,9 @@ async fn webtransport_keeps_decoding_on_the_same_session_when_the_serving_node_d
     )
     .await;
     println!(
-        "WebTransport: 30 more frames decoded {resumed:?} after the node was killed (keyframe requests {}, skipped {}, late {}, decode errors {})",
-        stats["keyframeRequests"], stats["framesSkipped"], stats["framesLate"], stats["decodeErrors"]
-    );
-    assert_eq!(
-        num(&stats, "wtCreated"),
-        1.0,
-        "one WebTransport session: {stats}"
+        "{transport}: 30 more frames decoded {resumed:?} after the node was killed (frames decoded {} at the kill, {} now; freezes {}, keyframe requests {}, skipped {}, late {}, decode errors {})",
+        at_kill, stats["framesDecoded"], stats["freezeCount"], stats["keyframeRequests"],
+        stats["framesSkipped"], stats["framesLate"], stats["decodeErrors"]
     );
     assert!(!stats["paused"].as_bool().unwrap(), "{stats}");
     let sessions = wait_sessions(
@@ -2357,10 +2300,11 @@ async fn webtransport_keeps_decoding_on_the_same_session_when_the_serving_node_d
     )
     .await;
     assert_eq!(sessions[0]["node"], "us-1");
-    assert_eq!(sessions[0]["transport"], "webtransport");
+    assert_eq!(sessions[0]["transport"], transport);
     drop(browser);
     far.stop().await.unwrap();
     gw.stop().await;
+    stats
 }
 
 /// The frame bytes of `msg` without their length prefix: (type, body).
