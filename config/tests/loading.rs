@@ -94,7 +94,7 @@ fn unknown_keys_are_rejected_at_every_depth() {
     assert_eq!(
         gw_err("htp = 1\n", &[]),
         "gw.toml:1:1: htp: unknown key (expected one of `http`, `admin`, `quic`, `store`, \
-         `federation`, `nodes`, `routing`, `inference`, `game`, `geo`, `geofence`, `checker`, `log`)"
+         `federation`, `nodes`, `routing`, `inference`, `game`, `webtransport`, `geo`, `geofence`, `checker`, `log`)"
     );
     assert_eq!(
         gw_err("[admin]\nlisten = \"127.0.0.1:1\"\ntokn = \"x\"\n", &[]),
@@ -258,7 +258,7 @@ fn env_unknown_keys_and_bad_values_name_the_variable() {
     assert_eq!(
         gw_err("", &[("NEARPATH_NODE__ENROLMENT_TOKEN", "x")]),
         "gw.toml: node: unknown key (expected one of `http`, `admin`, `quic`, `store`, \
-         `federation`, `nodes`, `routing`, `inference`, `game`, `geo`, `geofence`, `checker`, `log`) (from environment variable \
+         `federation`, `nodes`, `routing`, `inference`, `game`, `webtransport`, `geo`, `geofence`, `checker`, `log`) (from environment variable \
          NEARPATH_NODE__ENROLMENT_TOKEN)"
     );
     assert_eq!(
