@@ -11,11 +11,13 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client as HttpClient;
 use hyper_util::rt::TokioExecutor;
 use nearpath_protocol::message::{Message, PlayRequest, PlayStarted};
-use nearpath_protocol::tls::{ServerVerify, TransportOptions};
 use nearpath_protocol::{Decoder, FrameHeader, InputDatagram, InputEvent, VideoFrame};
-use rustls::pki_types::CertificateDer;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use web_transport_quinn::Session;
 
 /// What went wrong on the client side.
@@ -88,6 +90,69 @@ pub async fn fetch_info(http: SocketAddr) -> Result<WtInfo, WtClientError> {
     })
 }
 
+/// Accepts exactly the certificates whose SHA-256 is listed, as a browser's
+/// `serverCertificateHashes` does (it also requires ECDSA P-256, which this does not check).
+#[derive(Debug)]
+struct PinnedHashes {
+    hashes: Vec<[u8; 32]>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl ServerCertVerifier for PinnedHashes {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let h = nearpath_protocol::tls::cert_sha256(end_entity.as_ref());
+        if self.hashes.contains(&h) {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::General(format!(
+                "certificate {} is not among the pinned hashes",
+                nearpath_protocol::tls::sha256_hex(&h)
+            )))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
 /// A WebTransport session to `https://localhost:{quic.port()}{path}`, dialled from `from`
 /// (tests pick loopback addresses the geofence knows), trusting only `hashes`. Returns the
 /// session and the certificate the gateway presented.
@@ -97,17 +162,23 @@ pub async fn connect(
     path: &str,
     hashes: &[[u8; 32]],
 ) -> Result<(Session, [u8; 32]), WtClientError> {
-    // Exactly the listed certificates, as a browser's `serverCertificateHashes` (which also
-    // requires ECDSA P-256: the gateway's tests check that of the certificate itself).
-    let config = nearpath_protocol::tls::client_config_with(
-        ServerVerify::PinnedAnySha256(hashes.to_vec()),
-        &[b"h3"],
-        &TransportOptions {
-            keep_alive: Some(std::time::Duration::from_secs(1)),
-            ..TransportOptions::default()
-        },
-    )
-    .map_err(err(WtClientError::Connect))?;
+    let provider = nearpath_protocol::tls::provider();
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(err(WtClientError::Connect))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(PinnedHashes {
+            hashes: hashes.to_vec(),
+            provider,
+        }))
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![b"h3".to_vec()];
+    let quic_tls = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+        .map_err(err(WtClientError::Connect))?;
+    let mut config = quinn::ClientConfig::new(Arc::new(quic_tls));
+    let mut transport = quinn::TransportConfig::default();
+    transport.keep_alive_interval(Some(std::time::Duration::from_secs(1)));
+    config.transport_config(Arc::new(transport));
     let endpoint =
         quinn::Endpoint::client(SocketAddr::new(from, 0)).map_err(err(WtClientError::Connect))?;
     let conn = endpoint

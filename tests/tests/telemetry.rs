@@ -18,7 +18,7 @@ use serde_json::json;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 const CHROMIUM_OFFER: &str = include_str!("../browser/chromium-156-offer.sdp");
 const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
@@ -161,6 +161,18 @@ async fn a_native_game_session_ends_with_one_access_line_naming_its_key_game_nod
             .expect("frame in time")
             .unwrap()
             .expect("a frame");
+    }
+    // The gateway counts a frame once the player has acknowledged it, which can come after the
+    // player has read it: close only when the gateway has counted all three (regression: the
+    // line said frames=2 when the close overtook the last acknowledgement on a loaded machine).
+    let counted = Instant::now();
+    while admin_game_session(&gw, g.session_id).await.expect("live")["frames"] != 3 {
+        assert!(
+            counted.elapsed() < Duration::from_secs(5),
+            "the gateway never counted 3 frames: {:?}",
+            admin_game_session(&gw, g.session_id).await
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
     session.close("done").await.unwrap();
     // One play at a time per connection: the next one below needs this one gone.
