@@ -176,8 +176,10 @@ pub async fn connect(
     let quic_tls = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
         .map_err(err(WtClientError::Connect))?;
     let mut config = quinn::ClientConfig::new(Arc::new(quic_tls));
-    let mut transport = quinn::TransportConfig::default();
-    transport.keep_alive_interval(Some(std::time::Duration::from_secs(1)));
+    // The transport a native player uses (a PING after 1 s of quiet, a 3 s idle timeout).
+    let transport = nearpath_protocol::client::client_transport()
+        .to_transport_config()
+        .map_err(err(WtClientError::Connect))?;
     config.transport_config(Arc::new(transport));
     let endpoint =
         quinn::Endpoint::client(SocketAddr::new(from, 0)).map_err(err(WtClientError::Connect))?;
@@ -212,6 +214,8 @@ pub struct WtPlayer {
     rx: web_transport_quinn::RecvStream,
     decoder: Decoder,
     seq: AtomicU64,
+    /// `None` once taken by [`WtPlayer::take_frames`].
+    frames: Option<WtFrames>,
 }
 
 /// Writes one native protocol message on a WebTransport stream.
@@ -228,6 +232,8 @@ impl WtPlayer {
     /// Opens the play stream, sends `req` and waits for `PlayStarted` (a `ResumeToken` before
     /// it is kept); `Error` is [`WtClientError::Refused`].
     pub async fn play(session: Session, req: PlayRequest) -> Result<WtPlayer, WtClientError> {
+        // Reading frames starts before the request, so that none waits unread.
+        let frames = WtFrames::spawn(session.clone());
         let (mut tx, rx) = session
             .open_bi()
             .await
@@ -248,6 +254,7 @@ impl WtPlayer {
             rx,
             decoder: Decoder::new(nearpath_protocol::MAX_CONTROL_FRAME),
             seq: AtomicU64::new(0),
+            frames: Some(frames),
         };
         loop {
             match p.next_message().await? {
@@ -298,9 +305,23 @@ impl WtPlayer {
     }
 
     /// The next video frame: one unidirectional stream, the 48-byte header then the access
-    /// unit. A stream the gateway reset (a dropped frame) is skipped.
-    pub async fn next_frame(&self) -> Result<VideoFrame, WtClientError> {
-        next_frame(&self.session).await
+    /// unit. A stream the gateway reset (a dropped frame) is skipped. Cancel-safe (see
+    /// [`WtFrames`]); a closed session is an error.
+    pub async fn next_frame(&mut self) -> Result<VideoFrame, WtClientError> {
+        let frames = self
+            .frames
+            .as_mut()
+            .ok_or_else(|| WtClientError::Protocol("frames taken".into()))?;
+        frames
+            .next()
+            .await?
+            .ok_or_else(|| WtClientError::Session("session closed".into()))
+    }
+
+    /// The session's frames, to read apart from the player (a load generator keeps the player
+    /// and reads its frames elsewhere); [`WtPlayer::next_frame`] has none after this.
+    pub fn take_frames(&mut self) -> Option<WtFrames> {
+        self.frames.take()
     }
 
     /// Sends `event` as an input datagram with the next sequence number; returns it.
@@ -334,39 +355,81 @@ fn unix_us() -> u64 {
         .unwrap_or(0)
 }
 
-/// The next video frame of `session` (see [`WtPlayer::next_frame`]).
-pub async fn next_frame(session: &Session) -> Result<VideoFrame, WtClientError> {
-    loop {
-        let mut rx = session
-            .accept_uni()
-            .await
-            .map_err(err(WtClientError::Session))?;
-        let bytes = match rx
-            .read_to_end(FrameHeader::LEN + nearpath_protocol::MAX_VIDEO_FRAME)
-            .await
-        {
-            Ok(b) => b,
-            // A reset stream is a dropped frame.
-            Err(_) => continue,
-        };
-        if bytes.len() < FrameHeader::LEN {
-            return Err(WtClientError::Protocol(format!(
-                "frame stream of {} bytes",
-                bytes.len()
-            )));
-        }
-        let header = FrameHeader::decode(&bytes[..FrameHeader::LEN])
-            .map_err(err(WtClientError::Protocol))?;
-        let payload = Bytes::copy_from_slice(&bytes[FrameHeader::LEN..]);
-        if payload.len() != header.payload_len as usize {
-            return Err(WtClientError::Protocol(format!(
-                "payload of {} bytes, header says {}",
-                payload.len(),
-                header.payload_len
-            )));
-        }
-        return Ok(VideoFrame { header, payload });
+/// The video frames of a WebTransport session, read by a background task in the order the
+/// gateway opened their streams (frame order), so that waiting for one is cancel-safe.
+///
+/// Reading a frame stream inside a `select!` that another branch can win is not: the losing
+/// future drops a half-read stream, and dropping a stream before its end sends STOP_SENDING,
+/// which the gateway counts as a frame the player refused (`dropped.relay`). That is what
+/// `a_webtransport_player_plays_720p60…` once saw about one run in three, while audio
+/// datagrams (every 10 ms) raced the frames: the test client's bug, not the relay's.
+pub struct WtFrames {
+    rx: tokio::sync::mpsc::Receiver<Result<VideoFrame, WtClientError>>,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+impl WtFrames {
+    /// Starts reading `session`'s frame streams.
+    pub fn spawn(session: Session) -> WtFrames {
+        let (tx, rx) = tokio::sync::mpsc::channel(256);
+        let reader = tokio::spawn(async move {
+            loop {
+                let result = match session.accept_uni().await {
+                    Ok(rx) => match read_frame(rx).await {
+                        // A reset stream is a dropped frame.
+                        None => continue,
+                        Some(r) => r,
+                    },
+                    // A closed session ends the frames: the channel closes.
+                    Err(_) => return,
+                };
+                if tx.send(result).await.is_err() {
+                    return;
+                }
+            }
+        });
+        WtFrames { rx, reader }
     }
+
+    /// The next frame; `Ok(None)` once the session has closed. Cancel-safe.
+    pub async fn next(&mut self) -> Result<Option<VideoFrame>, WtClientError> {
+        self.rx.recv().await.transpose()
+    }
+}
+
+impl Drop for WtFrames {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+/// One frame stream: the 48-byte header then the access unit; `None` if it was reset.
+async fn read_frame(
+    mut rx: web_transport_quinn::RecvStream,
+) -> Option<Result<VideoFrame, WtClientError>> {
+    let bytes = rx
+        .read_to_end(FrameHeader::LEN + nearpath_protocol::MAX_VIDEO_FRAME)
+        .await
+        .ok()?;
+    if bytes.len() < FrameHeader::LEN {
+        return Some(Err(WtClientError::Protocol(format!(
+            "frame stream of {} bytes",
+            bytes.len()
+        ))));
+    }
+    let header = match FrameHeader::decode(&bytes[..FrameHeader::LEN]) {
+        Ok(h) => h,
+        Err(e) => return Some(Err(WtClientError::Protocol(e.to_string()))),
+    };
+    let payload = Bytes::copy_from_slice(&bytes[FrameHeader::LEN..]);
+    if payload.len() != header.payload_len as usize {
+        return Some(Err(WtClientError::Protocol(format!(
+            "payload of {} bytes, header says {}",
+            payload.len(),
+            header.payload_len
+        ))));
+    }
+    Some(Ok(VideoFrame { header, payload }))
 }
 
 /// A `PlayRequest` as the page sends it (an empty codec list: H.264).

@@ -504,7 +504,7 @@ async fn an_abandoned_webtransport_session_releases_its_slot_within_3s() {
         ),
         node.accept_game()
     );
-    let player = player.unwrap();
+    let mut player = player.unwrap();
     let sid = player.started.session_id;
     let frames_task = pump(&node, sid);
     for _ in 0..30 {

@@ -171,11 +171,11 @@ pub(super) async fn gateway_fleet(a: &RelayCapacityArgs, gw: &Gw, n: u32) -> any
                 (p.session_id, PlayerFrames::Native(p.frames))
             }
             Some(info) => {
-                let p = wt_play(gw, info, &params).await?;
-                let session = p.session.clone();
+                let mut p = wt_play(gw, info, &params).await?;
+                let frames = p.take_frames().expect("frames not taken yet");
                 let id = p.started.session_id;
                 player_side.push(Box::new(p));
-                (id, PlayerFrames::WebTransport(Box::new(session)))
+                (id, PlayerFrames::WebTransport(frames))
             }
         };
         let node = opened_session(&mut opened_rx, &mut pending, session_id).await?;

@@ -32,22 +32,15 @@ pub(super) async fn collect(frames: FrameStream, last: u64, not_before: Instant)
 pub(super) enum PlayerFrames {
     /// A native client's frame streams.
     Native(FrameStream),
-    /// A WebTransport session's uni streams (boxed: the session is large).
-    WebTransport(Box<web_transport_quinn::Session>),
+    /// A WebTransport session's uni streams.
+    WebTransport(nearpath_tests::wt_client::WtFrames),
 }
 
 impl PlayerFrames {
     async fn next(&mut self) -> Result<Option<nearpath_protocol::VideoFrame>, String> {
         match self {
             PlayerFrames::Native(f) => f.next().await.map_err(|e| e.to_string()),
-            PlayerFrames::WebTransport(s) => {
-                match nearpath_tests::wt_client::next_frame(s).await {
-                    Ok(f) => Ok(Some(f)),
-                    // A closed session ends the stream, as a native connection's does.
-                    Err(nearpath_tests::wt_client::WtClientError::Session(_)) => Ok(None),
-                    Err(e) => Err(e.to_string()),
-                }
-            }
+            PlayerFrames::WebTransport(f) => f.next().await.map_err(|e| e.to_string()),
         }
     }
 }
