@@ -47,6 +47,7 @@ pub const GATEWAY_FILE_KEYS: &[&str] = &[
     "quic.cert_file",
     "quic.key_file",
     "store.path",
+    "store.ca_file",
     "geo.database",
     "geo.anonymous_ip_database",
     "log.otlp_ca_file",

@@ -99,6 +99,11 @@ pub fn preflight(config: &GatewayConfig) -> Vec<ConfigError> {
             errors.push(ConfigError::new("store.path", message));
         }
     }
+    if let (Some(_), Some(ca)) = (&config.store.url, &config.store.ca_file) {
+        if let Err(message) = crate::store::pg::tls::PgTls::new(Some(ca)) {
+            errors.push(ConfigError::new("store.ca_file", message));
+        }
+    }
     // The entry `run` writes to the gateway directory, with the configured listeners standing
     // in for the bound ones (the same unless a port is 0).
     let me = crate::federation::directory::SelfInfo::new(

@@ -2725,3 +2725,70 @@ fn pg_two_gateways_recording_checks_of_one_node_at_once_each_keep_their_vote() {
         ]
     );
 }
+
+/// TLS to PostgreSQL (`[store] ca_file`, `sslmode=require`): a server with a certificate for
+/// 127.0.0.1 is reached over TLS when its CA is configured; the same URL without the CA (the
+/// system's roots, which do not hold it) is refused with a certificate error, which also shows
+/// the connection really is TLS; `sslmode=disable` connects in plain text.
+#[test]
+fn pg_tls_is_checked_against_the_configured_ca_and_refused_without_it() {
+    if !pg::PgServer::available() {
+        return;
+    }
+    let certified =
+        rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()]).unwrap();
+    let server = pg::PgServer::try_start_tls(
+        &certified.cert.pem(),
+        &certified.signing_key.serialize_pem(),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let url = server.new_database("tls");
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("pg-ca.pem");
+    std::fs::write(&ca, certified.cert.pem()).unwrap();
+    let timeout = Duration::from_secs(20);
+
+    let tls_url = format!("{url}?sslmode=require");
+    let store = PgStore::open_tls(&tls_url, 2, timeout, Some(&ca))
+        .unwrap_or_else(|e| panic!("TLS with the CA: {e}; log: {}", server.log()));
+    assert!(store.location().ends_with("(TLS)"), "{}", store.location());
+    store
+        .create_operator("op-tls", KycStatus::Verified)
+        .unwrap();
+    assert_eq!(store.list_operators().unwrap().len(), 1);
+    drop(store);
+    // libpq's spelling of the same check.
+    let verify_full = format!("{url}?sslmode=verify-full");
+    PgStore::open_tls(&verify_full, 1, timeout, Some(&ca)).expect("verify-full reads as require");
+
+    let Err(refused) = PgStore::open_tls(&tls_url, 1, Duration::from_secs(5), None) else {
+        panic!("a server whose CA is not trusted is refused");
+    };
+    let shown = refused.to_string();
+    assert!(
+        shown.contains("certificate") || shown.contains("UnknownIssuer"),
+        "{shown}"
+    );
+    assert!(
+        refused.is_retryable(),
+        "an unreachable store is retryable: {shown}"
+    );
+
+    // Another server name than the certificate's is refused too.
+    let wrong_name = certified_for_other_name();
+    let other = dir.path().join("other-ca.pem");
+    std::fs::write(&other, wrong_name).unwrap();
+    assert!(PgStore::open_tls(&tls_url, 1, Duration::from_secs(5), Some(&other)).is_err());
+
+    let plain = format!("{url}?sslmode=disable");
+    let store = PgStore::open_tls(&plain, 1, timeout, None).expect("plain connection");
+    assert_eq!(store.list_operators().unwrap().len(), 1);
+}
+
+/// A certificate (as PEM) that no server of these tests presents.
+fn certified_for_other_name() -> String {
+    rcgen::generate_simple_self_signed(vec!["db.example.net".into()])
+        .unwrap()
+        .cert
+        .pem()
+}
