@@ -537,7 +537,8 @@ async fn a_node_renamed_by_its_operator_keeps_its_gpu_and_is_not_quarantined() {
 /// The GPU moved from a node of the same operator that no gateway holds any more, but whose
 /// identity was never released (its gateway died with it): the newcomer is not a clone, and
 /// the old identity is released so that no later sweep flags it. The same GPU left behind by
-/// ANOTHER operator's node still quarantines the newcomer.
+/// ANOTHER operator's node still quarantines the newcomer, and so does one another gateway
+/// recorded a moment ago (its node may be live there, not yet in the directory).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gpu_left_behind_by_a_dead_gateway_moves_within_an_operator_only() {
     let gw = TestGateway::start(fast_checker).await;
@@ -583,9 +584,38 @@ async fn a_gpu_left_behind_by_a_dead_gateway_moves_within_an_operator_only() {
             .contains("gpu-left-behind-other"),
         "{v}"
     );
+    // A GPU another gateway recorded a moment ago may belong to a node live there that is not
+    // in the node directory yet: not a move, even within one operator.
+    gw.store
+        .claim_node_id("ghost-fresh", &gw.operator_id, now_ms())
+        .unwrap();
+    gw.store
+        .record_node_gpus(
+            "ghost-fresh",
+            "gw-elsewhere",
+            &[nearpath_gateway::store::GpuIdentityRow {
+                uuid: "GPU-just-seen".into(),
+                pci_device_id: 0x27b810de,
+                driver_version: "550.54".into(),
+                model: "NVIDIA L4".into(),
+            }],
+            now_ms(),
+        )
+        .unwrap();
+    let hasty = l4_node(&gw, "hasty", &gw.token, "GPU-just-seen").await;
+    wait_verification(&gw, "hasty", "the hasty heir quarantined", |v| {
+        v["state"] == "quarantined"
+    })
+    .await;
+    assert_eq!(
+        live_holders(&gw, "GPU-just-seen"),
+        ["ghost-fresh", "hasty"],
+        "nothing released"
+    );
     let _ = other_token;
     let _ = heir.stop().await;
     let _ = thief.stop().await;
+    let _ = hasty.stop().await;
     gw.stop().await;
 }
 
