@@ -196,7 +196,8 @@ impl UpstreamBackend {
     /// says (`None` when it does not): `GET {base}/models`, the entry whose `id` is `model`
     /// (or the only entry: llama.cpp's server lists its one model under its file path or
     /// alias), its `meta.size`. llama.cpp's server (`llama-server`) fills `meta` with
-    /// `llama_model_size` (the bytes of every tensor) and `n_params`; vLLM, Ollama and
+    /// `llama_model_size` (the bytes of every tensor) and `n_params` (its `/props` lists the
+    /// model's path and file type, not its size); vLLM, Ollama and
     /// llama-cpp-python's server (0.3: `id`, `object`, `owned_by`, `permissions` only) list no
     /// size. A parameter count alone is not a size (the bits per weight are unknown), so it is
     /// not used.
@@ -280,13 +281,20 @@ pub enum DetectError {
     Timeout { url: String, timeout_ms: u64 },
 }
 
-/// `meta.size` of `model` in an OpenAI `/models` listing: the entry whose `id` is `model`, else
-/// the only entry. A size that is not a positive integer of at most 10 TB is no size.
+/// `meta.size` of `model` in an OpenAI `/models` listing: the entry whose `id` (or one of its
+/// `aliases`, as recent llama.cpp servers list them) is `model`, else the only entry. A size
+/// that is not a positive integer of at most 10 TB is no size.
 pub fn weights_in_listing(listing: &Value, model: &str) -> Option<u64> {
     let data = listing.get("data")?.as_array()?;
+    let named = |m: &&Value| {
+        m.get("id").and_then(Value::as_str) == Some(model)
+            || m.get("aliases")
+                .and_then(Value::as_array)
+                .is_some_and(|a| a.iter().any(|x| x.as_str() == Some(model)))
+    };
     let entry = data
         .iter()
-        .find(|m| m.get("id").and_then(Value::as_str) == Some(model))
+        .find(named)
         .or_else(|| (data.len() == 1).then(|| &data[0]))?;
     entry
         .get("meta")?
@@ -1640,6 +1648,11 @@ mod tests {
         ]});
         assert_eq!(weights_in_listing(&two, "b"), Some(2_000));
         assert_eq!(weights_in_listing(&two, "c"), None, "ambiguous: no size");
+        let aliased = json!({"data": [
+            {"id": "a", "aliases": ["alpha"], "meta": {"size": 1_000}},
+            {"id": "b", "aliases": [7, "beta"], "meta": {"size": 2_000}},
+        ]});
+        assert_eq!(weights_in_listing(&aliased, "beta"), Some(2_000));
         // llama-cpp-python's server (0.3) and vLLM list no size; a parameter count is no size.
         let python = json!({"object": "list", "data": [
             {"id": "tiny", "object": "model", "owned_by": "me", "permissions": []}]});
