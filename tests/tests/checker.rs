@@ -188,6 +188,8 @@ async fn an_over_declared_node_is_demoted_and_routing_prefers_a_verified_one() {
     gw.stop().await;
 }
 
+/// Both nodes are the same operator's: this is also "a rename while the first node is still
+/// connected", which must never pass for a move (issue 14, quick rename).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_gpu_uuid_on_two_live_nodes_quarantines_both() {
     let gw = TestGateway::start(fast_checker).await;
