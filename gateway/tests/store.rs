@@ -88,6 +88,7 @@ store_suite!(
     hostile_check_records_and_verifications_are_refused_naming_the_field,
     a_changed_gpu_set_is_detected_across_records,
     a_gpu_uuid_held_by_two_live_nodes_is_found_for_both,
+    a_released_gpu_set_is_no_longer_live_but_is_remembered,
     gpu_reports_over_the_limits_are_refused_and_leave_the_set_unchanged,
     a_verification_snapshot_is_replaced_only_by_a_newer_one,
 );
@@ -2523,6 +2524,49 @@ fn a_gpu_uuid_held_by_two_live_nodes_is_found_for_both(store: Arc<dyn Store>) {
         .record_node_gpus("n2", "us-1", &gpus(&["GPU-two"]), 3_000)
         .expect("n2 again");
     assert!(again.first_seen, "a pruned node starts over");
+}
+
+/// Regression (issue 14, quick rename): a node that left releases its GPU identities at once,
+/// so that the node that takes its GPUs over is not taken for a clone; only the gateway that
+/// recorded them may release them, and the set is still there for the GPU-set-change check.
+fn a_released_gpu_set_is_no_longer_live_but_is_remembered(store: Arc<dyn Store>) {
+    let live = |since: u64| -> Vec<String> {
+        store
+            .gpu_uuid_holders(&["GPU-moved".to_string()], since)
+            .expect("holders")
+            .into_iter()
+            .map(|h| h.node_id)
+            .collect()
+    };
+    store
+        .record_node_gpus("old-name", "eu-1", &gpus(&["GPU-moved"]), 10_000)
+        .expect("record");
+    assert_eq!(live(9_000), ["old-name"]);
+    // Another gateway cannot release what eu-1 recorded.
+    assert!(!store
+        .release_node_gpus("old-name", "us-1", 1_000)
+        .expect("release elsewhere"));
+    assert_eq!(live(9_000), ["old-name"]);
+    assert!(store
+        .release_node_gpus("old-name", "eu-1", 1_000)
+        .expect("release"));
+    assert!(live(9_000).is_empty(), "released: not live any more");
+    assert_eq!(live(0), ["old-name"], "but still recorded");
+    // A release never makes a set look newer than it was.
+    assert!(store
+        .release_node_gpus("old-name", "eu-1", 50_000)
+        .expect("release later"));
+    assert!(live(9_000).is_empty());
+    assert!(!store
+        .release_node_gpus("nobody", "eu-1", 1_000)
+        .expect("release unknown"));
+    // The node comes back: recorded live again, and its set is compared with the one kept.
+    let back = store
+        .record_node_gpus("old-name", "eu-1", &gpus(&["GPU-other"]), 20_000)
+        .expect("back");
+    assert!(back.changed && !back.first_seen);
+    assert!(store.touch_node_gpus("old-name", 21_000).expect("touch"));
+    assert!(live(9_000).is_empty(), "GPU-moved is not in the new set");
 }
 
 fn gpu_reports_over_the_limits_are_refused_and_leave_the_set_unchanged(store: Arc<dyn Store>) {
