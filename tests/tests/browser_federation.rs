@@ -176,7 +176,8 @@ fn num(v: &Value, k: &str) -> f64 {
 /// Guards `/play`'s resume over WebTransport: the gateway the page plays through is killed
 /// (SIGKILL), the page shows the pause banner, resumes the same session through the other
 /// gateway (`PlayResume` with its token) and decodes frames again, within a few seconds; its
-/// stats and `window.nearpath` name the new gateway.
+/// stats and `window.nearpath` name the new gateway. When that gateway dies too, with no
+/// gateway left, the page says the session could not be resumed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_page_resumes_its_webtransport_session_through_another_gateway_when_its_gateway_is_killed(
 ) {
@@ -195,7 +196,7 @@ async fn the_page_resumes_its_webtransport_session_through_another_gateway_when_
         token
     };
     let mut a = GatewayProcess::start(dir.path(), "a", "127.0.0.21", &db);
-    let b = GatewayProcess::start(dir.path(), "b", "127.0.0.22", &db);
+    let mut b = GatewayProcess::start(dir.path(), "b", "127.0.0.22", &db);
     // The node reaches A directly and B through a 30 ms relay, so it registers with A and
     // moves to B when A dies.
     let to_b =
@@ -243,7 +244,7 @@ async fn the_page_resumes_its_webtransport_session_through_another_gateway_when_
     let browser = Browser::launch().await;
     let page = browser
         .open(&format!(
-            "http://{}/play?key={API_KEY}&game=arena&width=320&height=180&fps=30&autostart=1&transport=webtransport",
+            "http://{}/play?key={API_KEY}&game=arena&width=320&height=180&fps=30&autostart=1&transport=webtransport&resume_window_ms=8000",
             a.http
         ))
         .await;
@@ -314,6 +315,22 @@ async fn the_page_resumes_its_webtransport_session_through_another_gateway_when_
         .cloned()
         .unwrap_or_else(|| panic!("B does not list session {session}: {listed}"));
     assert_eq!(row["transport"], "webtransport", "{row}");
+
+    // With B gone too there is nowhere left to resume: the page says so.
+    b.kill9();
+    let gave_up = wait_state(
+        &page,
+        "the page to say the session could not be resumed",
+        Duration::from_secs(20),
+        |v| {
+            v["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("could not be resumed through any gateway"))
+        },
+    )
+    .await;
+    assert_eq!(gave_up["lost"], 2, "{gave_up}");
+    assert_eq!(gave_up["resumes"], 1, "{gave_up}");
     drop(browser);
     node.stop().await.unwrap();
 }
