@@ -334,3 +334,144 @@ async fn the_page_resumes_its_webtransport_session_through_another_gateway_when_
     drop(browser);
     node.stop().await.unwrap();
 }
+
+/// The stand-in directories A reads (the store's, as B would publish them): see
+/// `tests/tests/redirect.rs`.
+struct Directories {
+    gateways: Vec<nearpath_gateway::store::GatewayRecord>,
+    nodes: Vec<nearpath_gateway::store::NodeDirEntry>,
+}
+
+impl nearpath_gateway::game::redirect::FederationView for Directories {
+    fn gateways(
+        &self,
+    ) -> Result<Vec<nearpath_gateway::store::GatewayRecord>, nearpath_gateway::store::StoreError>
+    {
+        Ok(self.gateways.clone())
+    }
+    fn nodes(
+        &self,
+    ) -> Result<Vec<nearpath_gateway::store::NodeDirEntry>, nearpath_gateway::store::StoreError>
+    {
+        Ok(self.nodes.clone())
+    }
+}
+
+fn record(id: &str, gw: &TestGateway) -> nearpath_gateway::store::GatewayRecord {
+    nearpath_gateway::store::GatewayRecord {
+        id: id.into(),
+        region: format!("region-{id}"),
+        lat: 50.0,
+        lon: 8.0,
+        quic_address: gw.addrs.quic.to_string(),
+        http_url: format!("http://{}", gw.addrs.http),
+        cert_sha256: sha256_hex(&gw.sha),
+        version: "0.1.0".into(),
+        started_at_ms: 0,
+        heartbeat_at_ms: 0,
+        expires_at_ms: u64::MAX,
+    }
+}
+
+/// Guards `/play` following a federation `Redirect` over WebTransport: the page at A, whose
+/// only game node is attached to B, is redirected, reads B's `/v1/webtransport` (from A's
+/// origin), presents the ticket to B over WebTransport and decodes B's frames; its stats and
+/// `window.nearpath` name B.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_follows_a_redirect_over_webtransport_and_plays_on_the_peer() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("federation.db");
+    let a = TestGateway::start_at(path.clone(), |c| {
+        c.federation.gateway_id = Some("a".into());
+    })
+    .await;
+    let b = TestGateway::start_at(path, |c| {
+        c.federation.gateway_id = Some("b".into());
+    })
+    .await;
+    let mut cfg = b.node_config("b-1", &b.token);
+    cfg.games = vec![GameEntry {
+        title: "arena".into(),
+        source: GameSource::Builtin {},
+    }];
+    cfg.capacity.game_sessions = 1;
+    let mut node = TestNode::start(cfg, ip(DE));
+    node.registered().await;
+    let nodes = b
+        .shared
+        .directory
+        .registry
+        .list()
+        .iter()
+        .map(|n| {
+            let loc = n.location();
+            nearpath_gateway::store::NodeDirEntry {
+                node_id: n.id.clone(),
+                operator_id: n.operator_id.clone(),
+                gateway_id: "b".into(),
+                country: loc.country.map(|c| c.as_str().to_string()),
+                lat: loc.coords.map(|c| c.lat),
+                lon: loc.coords.map(|c| c.lon),
+                gpu_classes: n.classes.iter().map(|(c, _)| c.clone()).collect(),
+                models: n.workloads.models.clone(),
+                games: n.workloads.games.clone(),
+                inference_slots: 0,
+                inference_free: 0,
+                game_slots: 1,
+                game_free: 1,
+                accepting: true,
+                verification: "unverified".into(),
+                updated_at_ms: 0,
+            }
+        })
+        .collect();
+    a.shared
+        .games
+        .federation()
+        .expect("A is in a federation")
+        .set_view(std::sync::Arc::new(Directories {
+            gateways: vec![record("a", &a), record("b", &b)],
+            nodes,
+        }));
+
+    let browser = Browser::launch().await;
+    let page = browser
+        .open(&a.api_url(&format!(
+            "/play?key={API_KEY}&width=320&height=180&fps=30&transport=webtransport"
+        )))
+        .await;
+    // A's own game list (`GET /v1/games`) names only its nodes' games, so the picker has no
+    // `arena`: the session is started as the console would start it.
+    wait_state(&page, "the page", Duration::from_secs(10), |v| {
+        v["state"] == "idle"
+    })
+    .await;
+    page.eval("window.nearpath.start({ game: 'arena' }), true")
+        .await
+        .unwrap();
+    let playing = wait_state(
+        &page,
+        "30 frames decoded from B after the redirect",
+        Duration::from_secs(30),
+        |v| num(v, "decoded") >= 30.0 && v["statsGateway"] == "b",
+    )
+    .await;
+    assert_eq!(playing["gateway"], "b", "{playing}");
+    assert_eq!(playing["state"], "connected", "{playing}");
+    let redirects = page.eval("window.nearpath.redirects").await.unwrap();
+    assert_eq!(redirects, 1);
+    let session: u64 = playing["session"].as_str().unwrap().parse().unwrap();
+    let row = admin_game_session(&b, session)
+        .await
+        .expect("B runs the session");
+    assert_eq!(row["transport"], "webtransport", "{row}");
+    assert_eq!(row["node"], "b-1", "{row}");
+    assert!(
+        admin_game_session(&a, session).await.is_none(),
+        "A holds none"
+    );
+    drop(browser);
+    node.stop().await.unwrap();
+    a.stop().await;
+    b.stop().await;
+}
