@@ -307,11 +307,12 @@ async fn the_page_resumes_its_webtransport_session_through_another_gateway_when_
     );
     // B runs it, for a WebTransport player.
     let listed = b.admin_get(&http, "/admin/sessions").await;
+    let id: u64 = session.parse().unwrap();
     let row = listed["data"]
         .as_array()
         .unwrap()
         .iter()
-        .find(|s| s["id"].to_string() == session)
+        .find(|s| s["id"].as_u64() == Some(id))
         .cloned()
         .unwrap_or_else(|| panic!("B does not list session {session}: {listed}"));
     assert_eq!(row["transport"], "webtransport", "{row}");

@@ -590,7 +590,8 @@ async fn hostile_tickets_over_webtransport_are_refused_as_natively_and_allocate_
     let other_key = seal(&b, &other_key);
     let huge = "ab".repeat(5_000);
     let good = seal(&b, &claims_for(&b, "b-1"));
-    let cases: [(&str, &str, (&str, &str, f64, f64), &str); 6] = [
+    type Place = (&'static str, &'static str, f64, f64);
+    let cases: [(&str, &str, Place, &str); 6] = [
         (API_KEY, forged.as_str(), FR_CLIENT, "bad_ticket"),
         (API_KEY, expired.as_str(), FR_CLIENT, "bad_ticket"),
         (API_KEY, other_key.as_str(), FR_CLIENT, "bad_ticket"),
