@@ -16,6 +16,10 @@ use serde_json::Value;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+/// One headless Chromium at a time: two pages decoding at once on a 2-core machine starve each
+/// other's timing (as in `tests/browser.rs`).
+static ONE_BROWSER_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Set in a child process: the config file it runs as a gateway.
 const GATEWAY_PROCESS_ENV: &str = "NEARPATH_TEST_BROWSER_GATEWAY_CONFIG";
 
@@ -182,6 +186,7 @@ fn num(v: &Value, k: &str) -> f64 {
 async fn the_page_resumes_its_webtransport_session_through_another_gateway_when_its_gateway_is_killed(
 ) {
     use nearpath_gateway::store::{KycStatus, SqliteStore, Store};
+    let _one = ONE_BROWSER_AT_A_TIME.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("federation.db");
     let token = {
@@ -380,6 +385,7 @@ fn record(id: &str, gw: &TestGateway) -> nearpath_gateway::store::GatewayRecord 
 /// `window.nearpath` name B.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_page_follows_a_redirect_over_webtransport_and_plays_on_the_peer() {
+    let _one = ONE_BROWSER_AT_A_TIME.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("federation.db");
     let a = TestGateway::start_at(path.clone(), |c| {
