@@ -482,3 +482,110 @@ async fn the_page_follows_a_redirect_over_webtransport_and_plays_on_the_peer() {
     a.stop().await;
     b.stop().await;
 }
+
+/// Guards against moving a healthy session: in a federation, when the node serving the page
+/// goes silent, its frames stop while gateway A is alive (A pauses the session and fails it over to
+/// another node). The page shows the banner but asks A over HTTP before resuming elsewhere; A
+/// answers, so the session stays on A, decodes again there, and B never takes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_whose_node_dies_stays_on_its_live_gateway_and_is_not_resumed_elsewhere() {
+    let _one = ONE_BROWSER_AT_A_TIME.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("federation.db");
+    let here = |c: &mut nearpath_config::GatewayConfig, id: &str| {
+        c.federation.gateway_id = Some(id.into());
+        // The default heartbeat (500 ms): A takes a silent node as lost after 1.5 s.
+        c.nodes.heartbeat_ms = 500;
+        c.geo
+            .overrides
+            .push(place(("127.0.0.1", "FR", 48.85, 2.35)));
+    };
+    let a = TestGateway::start_at(path.clone(), |c| here(c, "a")).await;
+    let b = TestGateway::start_at(path, |c| here(c, "b")).await;
+    let arena = |mut cfg: nearpath_config::NodeConfig| {
+        cfg.games = vec![GameEntry {
+            title: "arena".into(),
+            source: GameSource::Builtin {},
+        }];
+        cfg.capacity.game_sessions = 1;
+        cfg
+    };
+    // The nearer node reaches A through a relay that can go silent (no close: frames just stop).
+    let (near, near_path) = node_behind_relay(&a, "de-1", 31, |cfg| {
+        cfg.games = vec![GameEntry {
+            title: "arena".into(),
+            source: GameSource::Builtin {},
+        }];
+        cfg.capacity.game_sessions = 1;
+    })
+    .await;
+    let mut far = TestNode::start(arena(a.node_config("us-1", &a.token)), ip(US_EAST));
+    far.registered().await;
+    let http = Http::new();
+    eventually("A to list both gateways", Duration::from_secs(10), || {
+        let http = &http;
+        let url = a.api_url("/v1/gateways");
+        async move {
+            let (status, body) = http.get(&url, Some(API_KEY)).await;
+            let v: Value = serde_json::from_str(&body).ok()?;
+            (status == 200 && v["data"].as_array()?.len() == 2).then_some(())
+        }
+    })
+    .await;
+    let browser = Browser::launch().await;
+    let page = browser
+        .open(&a.api_url(&format!(
+            "/play?key={API_KEY}&game=arena&width=320&height=180&fps=30&autostart=1&transport=webtransport&resume_after_ms=500"
+        )))
+        .await;
+    // The page takes 500 ms without frames as silence, well before A pauses the session for
+    // its lost node (3 missed heartbeats of 500 ms). The page knows B: a resume through it would be possible.
+    let before = wait_state(
+        &page,
+        "30 frames decoded through A, with the federation listed",
+        Duration::from_secs(30),
+        |v| {
+            num(v, "decoded") >= 30.0
+                && v["gateway"] == "a"
+                && v["gateways"] == serde_json::json!(["a", "b"])
+        },
+    )
+    .await;
+    let session: u64 = before["session"].as_str().unwrap().parse().unwrap();
+    let node = admin_game_session(&a, session).await.expect("A runs it")["node"].clone();
+    assert_eq!(node, "de-1", "the nearer node serves first");
+    near_path.blackout_forever();
+    let killed = Instant::now();
+    // A fails the session over to the other node: frames again, from A, on the same session.
+    let after = wait_state(
+        &page,
+        "decoding again after the failover",
+        Duration::from_secs(20),
+        |v| num(v, "decoded") >= num(&before, "decoded") + 30.0,
+    )
+    .await;
+    let silences = page.eval("window.nearpath.silences || 0").await.unwrap();
+    eprintln!(
+        "node death in a federation: decoding again {} ms after the kill, silences shown {silences}",
+        killed.elapsed().as_millis()
+    );
+    assert!(
+        silences.as_u64().unwrap_or(0) >= 1,
+        "the page saw no silence: the test proves nothing ({after})"
+    );
+    assert_eq!(after["gateway"], "a", "{after}");
+    assert_eq!(after["resumes"], 0, "the session was moved: {after}");
+    assert_eq!(after["lost"], 0, "A was taken as lost: {after}");
+    assert_eq!(after["session"], before["session"]);
+    assert!(admin_game_session(&a, session).await.is_some(), "A runs it");
+    assert!(admin_game_session(&b, session).await.is_none(), "B took it");
+    assert_eq!(
+        admin_game_session(&a, session).await.unwrap()["node"],
+        "us-1"
+    );
+    drop(browser);
+    far.stop().await.unwrap();
+    drop(near);
+    a.stop().await;
+    b.stop().await;
+}
