@@ -315,6 +315,7 @@ impl WebTransport {
                     .serve_resume_via(conn, sink, TRANSPORT, tx, framed, r)
                     .await
             }
+            // Any other first message was refused above.
             _ => {}
         }
     }
