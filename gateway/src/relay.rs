@@ -162,6 +162,10 @@ pub struct Relay {
     /// Audio packets the player's connection or channel could not take.
     pub audio_dropped: AtomicU64,
     pub inputs: AtomicU64,
+    /// The codec of the session (for the checker: whether the node encodes it in hardware).
+    pub codec: nearpath_protocol::message::VideoCodec,
+    /// Pixels per frame at the size in force (width x height), for the checker's encode count.
+    pub video_pixels: AtomicU64,
     pub started: Instant,
     pub game: String,
     pub tenant: String,
@@ -324,6 +328,18 @@ impl Relay {
 
     pub fn node_id(&self) -> Option<String> {
         self.node().map(|n| n.id.clone())
+    }
+
+    /// Counts a frame the serving node sent (whatever becomes of it) toward the node's
+    /// hardware encode throughput, when it encodes the session's codec in hardware.
+    pub fn count_encoded(&self) {
+        if let Some(node) = self.node() {
+            if node.encodes_in_hardware(self.codec) {
+                node.hw_encoded_frames.fetch_add(1, Ordering::Relaxed);
+                node.hw_encoded_pixels
+                    .fetch_add(self.video_pixels.load(Ordering::Relaxed), Ordering::Relaxed);
+            }
+        }
     }
 
     /// Whether `conn` is the connection of the node serving the session now. During failover

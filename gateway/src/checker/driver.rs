@@ -23,6 +23,7 @@ use nearpath_protocol::openai::Endpoint;
 use nearpath_protocol::stream::{send, FramedRecv};
 use nearpath_protocol::MAX_REQUEST_FRAME;
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -37,6 +38,9 @@ const EVENT_QUEUE: usize = 4096;
 const INVENTORY_WAIT_MS: u64 = 1_500;
 /// How often the driver looks at every node (idle or busy, RTT, lost events).
 const SWEEP: Duration = Duration::from_secs(1);
+/// The window a node's encode throughput is measured over, in ms: several sweeps, so that a
+/// burst of frames queued behind a stall is not read as a rate the node sustains.
+const ENCODE_WINDOW_MS: u64 = 3_000;
 
 /// What the driver is built from.
 pub struct CheckerParts {
@@ -161,6 +165,9 @@ struct Tracked {
     dups: std::collections::HashSet<String>,
     /// The impossible claim of this connection is on the operator's SLA record already.
     impossible_recorded: bool,
+    /// The node's hardware encode counters as read at the last sweeps (ms, frames, pixels),
+    /// oldest first, spanning at least [`ENCODE_WINDOW_MS`].
+    encode_marks: std::collections::VecDeque<(u64, u64, u64)>,
 }
 
 struct Driver {
@@ -325,6 +332,7 @@ impl Driver {
                 foreign,
                 dups: Default::default(),
                 impossible_recorded: false,
+                encode_marks: Default::default(),
             },
         );
     }
@@ -418,7 +426,11 @@ impl Driver {
                 .map(|i| i.gpus.iter().map(|g| g.uuid.clone()).collect())
                 .unwrap_or_default(),
             gpu_set_changed: false,
-            hardware_encoder: inventory.is_some_and(|i| is_hardware_encoder(&i.encoder)),
+            hardware_encoder: entry
+                .encoders
+                .iter()
+                .any(|e| crate::registry::is_hardware_encoder(&e.implementation))
+                || inventory.is_some_and(|i| crate::registry::is_hardware_encoder(&i.encoder)),
             claimed_location: entry.location().coords.map(|c| Coords {
                 lat: c.lat,
                 lon: c.lon,
@@ -683,6 +695,39 @@ impl Driver {
         }
     }
 
+    /// Gives the core the node's hardware encode throughput over the last
+    /// [`ENCODE_WINDOW_MS`] (all its game sessions together), from the counters the game relay
+    /// keeps as the node's frames arrive. The core keeps the best window.
+    fn feed_encode(&mut self, now: u64, id: &str) {
+        let Some(t) = self.nodes.get_mut(id) else {
+            return;
+        };
+        let frames = t.entry.hw_encoded_frames.load(Ordering::Relaxed);
+        let pixels = t.entry.hw_encoded_pixels.load(Ordering::Relaxed);
+        t.encode_marks.push_back((now, frames, pixels));
+        // Keep the newest mark at least a window old as the window's start.
+        while t.encode_marks.len() > 2
+            && t.encode_marks[1].0 <= now.saturating_sub(ENCODE_WINDOW_MS)
+        {
+            t.encode_marks.pop_front();
+        }
+        let Some(&(at, f0, p0)) = t.encode_marks.front() else {
+            return;
+        };
+        let span_ms = now.saturating_sub(at);
+        if span_ms < ENCODE_WINDOW_MS || !t.announced || pixels <= p0 {
+            return;
+        }
+        let secs = span_ms as f64 / 1000.0;
+        let sample = Sample::Encode {
+            pixels_per_s: (pixels - p0) as f64 / secs,
+            fps: frames.saturating_sub(f0) as f64 / secs,
+            width: 0,
+            height: 0,
+        };
+        self.core.handle_sample(now, id, sample);
+    }
+
     async fn sweep(&mut self) {
         let now = self.parts.clock.unix_ms();
         // Events can be dropped when the queue is full: pick up joins and departures here.
@@ -734,6 +779,7 @@ impl Driver {
                 }
             }
             self.feed_rtt(now, &id);
+            self.feed_encode(now, &id);
             *counts.entry(entry.check().state).or_default() += 1;
         }
         self.sweeps += 1;
@@ -1200,13 +1246,6 @@ fn rtt_ms(entry: &NodeEntry) -> f64 {
     } else {
         f64::INFINITY
     }
-}
-
-fn is_hardware_encoder(name: &str) -> bool {
-    let n = name.to_ascii_lowercase();
-    ["nvenc", "vaapi", "qsv", "amf", "videotoolbox", "v4l2"]
-        .iter()
-        .any(|h| n.contains(h))
 }
 
 /// Words the probe prompts are drawn from, so that probes do not all look alike.

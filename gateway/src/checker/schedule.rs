@@ -435,7 +435,15 @@ impl Checker {
                 let Some(px) = px else {
                     return;
                 };
+                let first = n.best_encode.is_none();
                 n.best_encode = Some(n.best_encode.unwrap_or(0.0).max(px));
+                if first {
+                    // The first measurement is recorded (and shown) even when it changes
+                    // nothing; later ones only when they change the verdict.
+                    let d = format!("encode measured on game sessions: {px:.0} pixels/s");
+                    self.emit(now, node_id, "session", d, true);
+                    return;
+                }
             }
         }
         self.emit(now, node_id, "session", "session measurement".into(), false);
