@@ -1409,6 +1409,34 @@ mod tests {
         assert!(g.eligible, "{g:?}");
     }
 
+    /// Issue 15's encoder names: NVENC and VA-API (and the other vendors' engines) are
+    /// hardware, the software encoders are not.
+    #[test]
+    fn hardware_encoders_are_told_from_software_ones() {
+        use crate::registry::is_hardware_encoder as hw;
+        for name in [
+            "nvenc",
+            "h264_nvenc",
+            "hevc_nvenc",
+            "av1_nvenc",
+            "vaapi",
+            "h264_vaapi",
+        ] {
+            assert!(hw(name), "{name}");
+        }
+        for name in [
+            "x264",
+            "libx264",
+            "openh264",
+            "x265",
+            "libaom",
+            "libaom-av1",
+            "",
+        ] {
+            assert!(!hw(name), "{name}");
+        }
+    }
+
     #[test]
     fn with_a_position_the_gate_needs_proven_proximity() {
         let g = ControlledGate::of(&verified(Some(proven())), "", None, None, true);

@@ -432,7 +432,8 @@ impl Checker {
             } => {
                 let px = valid_measure(pixels_per_s)
                     .or_else(|| valid_measure(fps * f64::from(width) * f64::from(height)));
-                let Some(px) = px else {
+                // Nothing encoded is no measurement (and no evidence of anything).
+                let Some(px) = px.filter(|p| *p > 0.0) else {
                     return;
                 };
                 let first = n.best_encode.is_none();
@@ -1085,6 +1086,57 @@ mod tests {
         // Stale votes stop counting: back to this gateway's own verdict.
         c.handle_votes(now + 3_600_001, "n1", vec![]);
         assert_eq!(c.verification("n1").unwrap().state, Verified);
+    }
+
+    /// Issue 14, "Game and encode probes": the first encode measurement of a game node is
+    /// recorded and shown; one beyond the claimed engines is impossible and reclassifies the
+    /// node; a software encoder is never held to the NVENC bound; bad numbers are ignored.
+    #[test]
+    fn encode_samples_are_recorded_once_and_checked_against_the_claimed_engines() {
+        let encode = |px: f64| Sample::Encode {
+            pixels_per_s: px,
+            fps: 0.0,
+            width: 0,
+            height: 0,
+        };
+        let mut c = Checker::new(CheckerParams::default(), 1);
+        let mut f = facts(&["rtxa1000"], &[]);
+        f.hardware_encoder = true;
+        c.handle_registered(0, "g", f.clone());
+        drain(&mut c, 0);
+        for bad in [f64::NAN, f64::INFINITY, -1.0] {
+            c.handle_sample(1, "g", encode(bad));
+        }
+        assert!(drain(&mut c, 1).is_empty(), "bad numbers change nothing");
+        c.handle_sample(2, "g", encode(1.0e9));
+        let v = verdicts(&drain(&mut c, 2));
+        assert_eq!(v.len(), 1, "the first measurement is recorded");
+        assert_eq!(v[0].0.encode_pixels_per_s, Some(1.0e9));
+        assert!(v[0].0.findings.is_empty(), "{:?}", v[0].0.findings);
+        c.handle_sample(3, "g", encode(1.1e9));
+        assert!(
+            drain(&mut c, 3).is_empty(),
+            "a new number alone is no verdict"
+        );
+        // One A1000 engine: 2.07 Gpx/s, 2.59 with the tolerance.
+        c.handle_sample(4, "g", encode(5.0e9));
+        let v = verdicts(&drain(&mut c, 4));
+        assert_eq!(v.len(), 1);
+        assert_eq!(v[0].0.state, ImpossibleClaim);
+        assert!(v[0].0.reclassified_to.is_some());
+        assert!(v[0]
+            .0
+            .findings
+            .iter()
+            .any(|f| matches!(f, Finding::EncodeTooFast { .. })));
+        // The same with a software encoder: measured, never impossible.
+        f.hardware_encoder = false;
+        c.handle_registered(10, "s", f);
+        drain(&mut c, 10);
+        c.handle_sample(11, "s", encode(5.0e9));
+        let v = verdicts(&drain(&mut c, 11));
+        assert_eq!(v.len(), 1);
+        assert_ne!(v[0].0.state, ImpossibleClaim);
     }
 
     #[test]
