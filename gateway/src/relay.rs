@@ -397,15 +397,39 @@ impl Relay {
 #[derive(Default)]
 pub struct GameRelays {
     pub(crate) map: Mutex<HashMap<u64, Arc<Relay>>>,
+    /// The checker's probe sessions: their frames are relayed like any session's (so the node
+    /// cannot tell them apart), but they are not listed with the players' sessions.
+    pub(crate) probes: Mutex<HashMap<u64, Arc<Relay>>>,
 }
 
 impl GameRelays {
+    /// The live session `id`, a player's or a probe's.
     pub fn get(&self, id: u64) -> Option<Arc<Relay>> {
-        self.map
+        let found = self
+            .map
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(&id)
-            .cloned()
+            .cloned();
+        found.or_else(|| {
+            self.probes
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&id)
+                .cloned()
+        })
+    }
+    pub(crate) fn insert_probe(&self, r: Arc<Relay>) {
+        self.probes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(r.session_id, r);
+    }
+    pub(crate) fn remove_probe(&self, id: u64) {
+        self.probes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
     }
     pub(crate) fn insert(&self, r: Arc<Relay>) {
         self.map
@@ -419,6 +443,7 @@ impl GameRelays {
             .unwrap_or_else(|p| p.into_inner())
             .remove(&id);
     }
+    /// The players' sessions (never the checker's probes).
     pub fn list(&self) -> Vec<Arc<Relay>> {
         self.map
             .lock()

@@ -65,12 +65,28 @@ async fn play(
         fps: 30,
         bitrate_kbps: 300,
     };
-    let started = tokio::spawn(async move {
+    let mut started = tokio::spawn(async move {
         let s = c.play(API_KEY, params).await.unwrap();
         (c, s)
     });
-    let game = node.accept_game().await;
-    let (c, s) = started.await.unwrap();
+    // The checker's game probes look the same to the node: accept every session until the
+    // player's has started, and keep the player's.
+    let mut accepted = Vec::new();
+    let (c, s) = loop {
+        tokio::select! {
+            r = &mut started => break r.unwrap(),
+            (send, recv, open) = node.accept_session() => accepted.push(RawGameSession {
+                session_id: open.session_id,
+                send,
+                recv,
+            }),
+        }
+    };
+    let id = s.started().session_id;
+    let game = accepted
+        .into_iter()
+        .find(|g| g.session_id == id)
+        .expect("the player's session was accepted");
     (c, s, game)
 }
 
@@ -233,5 +249,136 @@ async fn a_software_encoder_is_not_held_to_the_nvenc_bound() {
     assert!(!encode_finding(&v), "{v}");
     assert!(v["encode_pixels_per_s"].is_null(), "{v}");
     drop(game);
+    gw.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Game probes: a node that serves games and no models is checked by a short game session.
+
+/// `game_checker` with probes sized for a debug build: 640x360 at 30 fps.
+fn probe_checker(c: &mut GatewayConfig) {
+    game_checker(c);
+    c.game.default_width = 640;
+    c.game.default_height = 360;
+    c.game.default_fps = 30;
+    c.checker.probe_timeout_ms = 8_000;
+}
+
+/// The check records' details of node `id`, newest first.
+async fn check_details(gw: &TestGateway, id: &str) -> Vec<String> {
+    let d = gw.admin_get(&format!("/admin/nodes/{id}")).await;
+    d["checks"]
+        .as_array()
+        .map(|c| {
+            c.iter()
+                .map(|c| {
+                    c["detail"]["record"]["detail"]
+                        .as_str()
+                        .unwrap_or("")
+                        .to_string()
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_game_only_node_that_delivers_the_game_probe_is_verified_unbilled_and_unlisted() {
+    let gw = TestGateway::start(probe_checker).await;
+    let node = a1000_node(&gw, "games-only", "h264_nvenc").await;
+    // The probe arrives as any player's session would: an Open of a title the node serves, at
+    // the size a player who asks for nothing gets.
+    let (tx, rx, open) = node.accept_session().await;
+    match &open.kind {
+        nearpath_protocol::message::SessionKind::Game(g) => {
+            assert_eq!(g.title, "arena");
+            assert_eq!((g.width, g.height, g.fps), (640, 360, 30));
+        }
+        other => panic!("expected a game probe, got {other:?}"),
+    }
+    // Not a player's session: not listed, and never billed.
+    let sessions = gw.admin_get("/admin/sessions").await;
+    assert!(
+        sessions["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|s| s["id"].as_u64() != Some(open.session_id)),
+        "the probe is not listed: {sessions}"
+    );
+    let stop = CancellationToken::new();
+    let pusher = push_frames(node.conn.clone(), open.session_id, 30, stop.clone());
+    let v = eventually(
+        "the node to be verified",
+        Duration::from_secs(30),
+        || async {
+            let v = verification(&gw, "games-only").await;
+            (v["state"] == "verified").then_some(v)
+        },
+    )
+    .await;
+    stop.cancel();
+    pusher.await.unwrap();
+    assert!(v["checks"].as_u64().unwrap() >= 1, "{v}");
+    let details = check_details(&gw, "games-only").await;
+    assert!(
+        details
+            .iter()
+            .any(|d| d.starts_with("game probe of arena:") && d.contains("fps")),
+        "{details:?}"
+    );
+    assert!(
+        gw.store.list_usage(100).unwrap().is_empty(),
+        "nothing billed"
+    );
+    drop((tx, rx));
+    gw.stop().await;
+}
+
+/// Hostile nodes: one accepts the probe and sends nothing, one never answers it. Both are
+/// recorded as failing, within the probe timeout, and neither holds up the check of a third.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_game_probe_with_no_frames_or_no_answer_fails_and_does_not_hold_the_checker() {
+    let gw = TestGateway::start(probe_checker).await;
+    let silent = a1000_node(&gw, "silent", "h264_nvenc").await;
+    let staller = a1000_node(&gw, "staller", "h264_nvenc").await;
+    // The silent node accepts and streams nothing; the staller reads the Open and never answers.
+    let silent_session = silent.accept_session().await;
+    let (stall_conn, _stall_tx, _stall_rx) = {
+        let (tx, rx) = tokio::time::timeout(Duration::from_secs(10), staller.conn.accept_bi())
+            .await
+            .expect("a probe opened on the staller")
+            .unwrap();
+        (staller.conn.clone(), tx, rx)
+    };
+    let honest = a1000_node(&gw, "prompt", "h264_nvenc").await;
+    let (_tx, _rx, open) = honest.accept_session().await;
+    let stop = CancellationToken::new();
+    let pusher = push_frames(honest.conn.clone(), open.session_id, 30, stop.clone());
+    eventually(
+        "the prompt node to be verified",
+        Duration::from_secs(30),
+        || async { (verification(&gw, "prompt").await["state"] == "verified").then_some(()) },
+    )
+    .await;
+    stop.cancel();
+    pusher.await.unwrap();
+    for (id, why) in [("silent", "no frames"), ("staller", "timed out")] {
+        let details = eventually(
+            "the failed probe's record",
+            Duration::from_secs(30),
+            || async {
+                let d = check_details(&gw, id).await;
+                d.iter()
+                    .any(|d| d.starts_with("game probe of arena failed") && d.contains(why))
+                    .then_some(d)
+            },
+        )
+        .await;
+        let v = verification(&gw, id).await;
+        assert_ne!(v["state"], "verified", "{id}: {v} {details:?}");
+        assert_eq!(v["checks"], 0, "{id}: {v}");
+    }
+    drop((silent_session, stall_conn));
     gw.stop().await;
 }
