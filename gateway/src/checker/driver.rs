@@ -3,8 +3,9 @@
 //! applies its verdicts (the registry's [`NodeCheck`], the geofence on a reclassified node,
 //! durable check records, SLA events, metrics).
 //!
-//! Probe sessions are ordinary inference sessions on the wire (an `Open` with a chat request
-//! streamed back as tokens), started at random times the core draws; the gateway runs them
+//! Probe sessions are ordinary sessions on the wire (an inference `Open` with a chat request
+//! streamed back as tokens or, for a node that serves only games, a game `Open` whose frames
+//! are relayed like a player's), started at random times the core draws; the gateway runs them
 //! itself, so no API key is charged and no usage is recorded: they never reach the meter.
 
 use super::geoproof::{Proximity, RttConstraint};

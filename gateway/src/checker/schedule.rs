@@ -13,6 +13,9 @@
 //! - While a node is idle (and only then) it gets a probe of a random model at exponentially
 //!   distributed intervals (mean `idle_interval_mean_ms`): a node cannot tell probes from users
 //!   by their timing.
+//! - A node that serves games and no models is probed by a game session instead (one title
+//!   at random, at registration and while idle): delivering it is a completed check; failing
+//!   it counts toward demotion like a failed inference probe.
 //! - A probe that does not finish within `probe_timeout_ms` has failed: a failed probe counts
 //!   toward demotion (like one far below the claim), never toward impossibility.
 //! - Samples from real sessions count for the physics bounds (the best single-stream rate), but
