@@ -332,6 +332,25 @@ async fn a_game_only_node_that_delivers_the_game_probe_is_verified_unbilled_and_
         "nothing billed"
     );
     drop((tx, rx));
+    // A player who asks for nothing: the node sees the very same `Open` (but its session id).
+    let c = native_client(&gw, FR_CLIENT).await;
+    let player = tokio::spawn(async move {
+        let params = PlayParams {
+            game: "arena".into(),
+            width: 0,
+            height: 0,
+            fps: 0,
+            bitrate_kbps: 0,
+        };
+        let s = c.play(API_KEY, params).await.unwrap();
+        (c, s)
+    });
+    let (_ptx, _prx, player_open) = node.accept_session().await;
+    assert_eq!(
+        player_open.kind, open.kind,
+        "a probe's Open is a default player's"
+    );
+    let _player = player.await.unwrap();
     gw.stop().await;
 }
 
