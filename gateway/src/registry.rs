@@ -244,9 +244,50 @@ pub struct NodeEntry {
     /// Slots released after the node's connection had closed: sessions that ended because the
     /// node left (their tasks may see the dead connection before the control loop does).
     sessions_cut: AtomicU32,
+    /// Video the node has encoded in hardware for its game sessions: frames, and pixels at
+    /// the size in force of each frame's session (counted by the game relay as frames arrive
+    /// from the serving node, dropped or not). The checker turns them into the node's encode
+    /// throughput, which the claimed GPUs' NVENC engines bound.
+    pub hw_encoded_frames: AtomicU64,
+    pub hw_encoded_pixels: AtomicU64,
+}
+
+/// Whether an encoder implementation (`h264_nvenc`, `vaapi`, `openh264`, ...) is a hardware
+/// encoder (issue 15): NVENC, VA-API, Quick Sync, AMF, VideoToolbox and V4L2 M2M are; x264,
+/// openh264, x265, libaom and anything unknown are not (a software encoder proves nothing
+/// about the GPU).
+pub fn is_hardware_encoder(name: &str) -> bool {
+    let n = name.to_ascii_lowercase();
+    ["nvenc", "vaapi", "qsv", "amf", "videotoolbox", "v4l2"]
+        .iter()
+        .any(|h| n.contains(h))
 }
 
 impl NodeEntry {
+    /// Whether the node encodes `codec` in hardware: the implementation it registered for the
+    /// codec, or (a node that listed no encoders encodes H.264) the encoder of its inventory.
+    pub fn encodes_in_hardware(&self, codec: VideoCodec) -> bool {
+        match self.encoders.iter().find(|e| e.codec == codec) {
+            Some(e) => is_hardware_encoder(&e.implementation),
+            None if self.encoders.is_empty() && codec == VideoCodec::H264 => self
+                .inventory
+                .get()
+                .is_some_and(|i| is_hardware_encoder(&i.inventory.encoder)),
+            None => false,
+        }
+    }
+
+    /// Whether the node offers any hardware encoder (registered, or in its inventory).
+    pub fn has_hardware_encoder(&self) -> bool {
+        self.encoders
+            .iter()
+            .any(|e| is_hardware_encoder(&e.implementation))
+            || self
+                .inventory
+                .get()
+                .is_some_and(|i| is_hardware_encoder(&i.inventory.encoder))
+    }
+
     /// What the node declares `model` can do, or `None` when it does not serve the model.
     pub fn model_caps(&self, model: &str) -> Option<ModelCaps> {
         let i = self.workloads.models.iter().position(|m| m == model)?;
@@ -312,6 +353,8 @@ impl NodeEntry {
             games_in_use: AtomicU32::new(0),
             inference_in_use: AtomicU32::new(0),
             sessions_cut: AtomicU32::new(0),
+            hw_encoded_frames: AtomicU64::new(0),
+            hw_encoded_pixels: AtomicU64::new(0),
         }
     }
 

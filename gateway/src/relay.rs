@@ -162,6 +162,10 @@ pub struct Relay {
     /// Audio packets the player's connection or channel could not take.
     pub audio_dropped: AtomicU64,
     pub inputs: AtomicU64,
+    /// The codec of the session (for the checker: whether the node encodes it in hardware).
+    pub codec: nearpath_protocol::message::VideoCodec,
+    /// Pixels per frame at the size in force (width x height), for the checker's encode count.
+    pub video_pixels: AtomicU64,
     pub started: Instant,
     pub game: String,
     pub tenant: String,
@@ -326,6 +330,18 @@ impl Relay {
         self.node().map(|n| n.id.clone())
     }
 
+    /// Counts a frame the serving node sent (whatever becomes of it) toward the node's
+    /// hardware encode throughput, when it encodes the session's codec in hardware.
+    pub fn count_encoded(&self) {
+        if let Some(node) = self.node() {
+            if node.encodes_in_hardware(self.codec) {
+                node.hw_encoded_frames.fetch_add(1, Ordering::Relaxed);
+                node.hw_encoded_pixels
+                    .fetch_add(self.video_pixels.load(Ordering::Relaxed), Ordering::Relaxed);
+            }
+        }
+    }
+
     /// Whether `conn` is the connection of the node serving the session now. During failover
     /// no node serves it, so nothing is accepted until the new node is attached.
     pub fn is_served_by(&self, conn: &quinn::Connection) -> bool {
@@ -381,15 +397,39 @@ impl Relay {
 #[derive(Default)]
 pub struct GameRelays {
     pub(crate) map: Mutex<HashMap<u64, Arc<Relay>>>,
+    /// The checker's probe sessions: their frames are relayed like any session's (so the node
+    /// cannot tell them apart), but they are not listed with the players' sessions.
+    pub(crate) probes: Mutex<HashMap<u64, Arc<Relay>>>,
 }
 
 impl GameRelays {
+    /// The live session `id`, a player's or a probe's.
     pub fn get(&self, id: u64) -> Option<Arc<Relay>> {
-        self.map
+        let found = self
+            .map
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(&id)
-            .cloned()
+            .cloned();
+        found.or_else(|| {
+            self.probes
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&id)
+                .cloned()
+        })
+    }
+    pub(crate) fn insert_probe(&self, r: Arc<Relay>) {
+        self.probes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(r.session_id, r);
+    }
+    pub(crate) fn remove_probe(&self, id: u64) {
+        self.probes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
     }
     pub(crate) fn insert(&self, r: Arc<Relay>) {
         self.map
@@ -403,6 +443,7 @@ impl GameRelays {
             .unwrap_or_else(|p| p.into_inner())
             .remove(&id);
     }
+    /// The players' sessions (never the checker's probes).
     pub fn list(&self) -> Vec<Arc<Relay>> {
         self.map
             .lock()

@@ -3,8 +3,9 @@
 //! applies its verdicts (the registry's [`NodeCheck`], the geofence on a reclassified node,
 //! durable check records, SLA events, metrics).
 //!
-//! Probe sessions are ordinary inference sessions on the wire (an `Open` with a chat request
-//! streamed back as tokens), started at random times the core draws; the gateway runs them
+//! Probe sessions are ordinary sessions on the wire (an inference `Open` with a chat request
+//! streamed back as tokens or, for a node that serves only games, a game `Open` whose frames
+//! are relayed like a player's), started at random times the core draws; the gateway runs them
 //! itself, so no API key is charged and no usage is recorded: they never reach the meter.
 
 use super::geoproof::{Proximity, RttConstraint};
@@ -23,6 +24,7 @@ use nearpath_protocol::openai::Endpoint;
 use nearpath_protocol::stream::{send, FramedRecv};
 use nearpath_protocol::MAX_REQUEST_FRAME;
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -37,6 +39,9 @@ const EVENT_QUEUE: usize = 4096;
 const INVENTORY_WAIT_MS: u64 = 1_500;
 /// How often the driver looks at every node (idle or busy, RTT, lost events).
 const SWEEP: Duration = Duration::from_secs(1);
+/// The window a node's encode throughput is measured over, in ms: several sweeps, so that a
+/// burst of frames queued behind a stall is not read as a rate the node sustains.
+const ENCODE_WINDOW_MS: u64 = 3_000;
 
 /// What the driver is built from.
 pub struct CheckerParts {
@@ -57,6 +62,9 @@ pub struct CheckerParts {
     pub store: Arc<dyn Store>,
     pub metrics: Arc<Metrics>,
     pub clock: SharedClock,
+    /// What a game probe asks for: `game.default_width`, `default_height`, `default_fps` and
+    /// `default_bitrate_kbps`, the size a player who asks for nothing gets.
+    pub game_probe_size: (u32, u32, u32, u32),
 }
 
 impl CheckerParts {
@@ -83,6 +91,12 @@ impl CheckerParts {
             store,
             metrics,
             clock,
+            game_probe_size: (
+                config.game.default_width,
+                config.game.default_height,
+                config.game.default_fps,
+                config.game.default_bitrate_kbps,
+            ),
         }
     }
 }
@@ -161,6 +175,9 @@ struct Tracked {
     dups: std::collections::HashSet<String>,
     /// The impossible claim of this connection is on the operator's SLA record already.
     impossible_recorded: bool,
+    /// The node's hardware encode counters as read at the last sweeps (ms, frames, pixels),
+    /// oldest first, spanning at least [`ENCODE_WINDOW_MS`].
+    encode_marks: std::collections::VecDeque<(u64, u64, u64)>,
 }
 
 struct Driver {
@@ -325,6 +342,7 @@ impl Driver {
                 foreign,
                 dups: Default::default(),
                 impossible_recorded: false,
+                encode_marks: Default::default(),
             },
         );
     }
@@ -418,12 +436,17 @@ impl Driver {
                 .map(|i| i.gpus.iter().map(|g| g.uuid.clone()).collect())
                 .unwrap_or_default(),
             gpu_set_changed: false,
-            hardware_encoder: inventory.is_some_and(|i| is_hardware_encoder(&i.encoder)),
+            hardware_encoder: entry
+                .encoders
+                .iter()
+                .any(|e| crate::registry::is_hardware_encoder(&e.implementation))
+                || inventory.is_some_and(|i| crate::registry::is_hardware_encoder(&i.encoder)),
             claimed_location: entry.location().coords.map(|c| Coords {
                 lat: c.lat,
                 lon: c.lon,
             }),
             controlled: entry.classes.iter().any(|(_, c)| policy.is_controlled(*c)),
+            games: entry.workloads.games.clone(),
         }
     }
 
@@ -683,6 +706,39 @@ impl Driver {
         }
     }
 
+    /// Gives the core the node's hardware encode throughput over the last
+    /// [`ENCODE_WINDOW_MS`] (all its game sessions together), from the counters the game relay
+    /// keeps as the node's frames arrive. The core keeps the best window.
+    fn feed_encode(&mut self, now: u64, id: &str) {
+        let Some(t) = self.nodes.get_mut(id) else {
+            return;
+        };
+        let frames = t.entry.hw_encoded_frames.load(Ordering::Relaxed);
+        let pixels = t.entry.hw_encoded_pixels.load(Ordering::Relaxed);
+        t.encode_marks.push_back((now, frames, pixels));
+        // Keep the newest mark at least a window old as the window's start.
+        while t.encode_marks.len() > 2
+            && t.encode_marks[1].0 <= now.saturating_sub(ENCODE_WINDOW_MS)
+        {
+            t.encode_marks.pop_front();
+        }
+        let Some(&(at, f0, p0)) = t.encode_marks.front() else {
+            return;
+        };
+        let span_ms = now.saturating_sub(at);
+        if span_ms < ENCODE_WINDOW_MS || !t.announced || pixels <= p0 {
+            return;
+        }
+        let secs = span_ms as f64 / 1000.0;
+        let sample = Sample::Encode {
+            pixels_per_s: (pixels - p0) as f64 / secs,
+            fps: frames.saturating_sub(f0) as f64 / secs,
+            width: 0,
+            height: 0,
+        };
+        self.core.handle_sample(now, id, sample);
+    }
+
     async fn sweep(&mut self) {
         let now = self.parts.clock.unix_ms();
         // Events can be dropped when the queue is full: pick up joins and departures here.
@@ -734,6 +790,7 @@ impl Driver {
                 }
             }
             self.feed_rtt(now, &id);
+            self.feed_encode(now, &id);
             *counts.entry(entry.check().state).or_default() += 1;
         }
         self.sweeps += 1;
@@ -840,7 +897,7 @@ impl Driver {
         let now = self.parts.clock.unix_ms();
         let outcome = match &result {
             Ok(_) => "ok",
-            Err(e) if e == BUSY => "busy",
+            Err(e) if e == BUSY || e == BUSY_GAME => "busy",
             Err(_) => "failed",
         };
         self.parts
@@ -856,7 +913,41 @@ impl Driver {
 
     async fn apply(&mut self, now: u64, action: Action) {
         match action {
-            Action::StartProbe { id, node_id, model } => {
+            Action::StartProbe {
+                id,
+                node_id,
+                model,
+                game: true,
+            } => {
+                let Some(t) = self.nodes.get(&node_id) else {
+                    self.core
+                        .handle_probe_done(now, id, Err("the node left".into()));
+                    return;
+                };
+                let entry = t.entry.clone();
+                let registry = self.parts.registry.clone();
+                let sessions = self.parts.sessions.clone();
+                let clock = self.parts.clock.clone();
+                let size = self.parts.game_probe_size;
+                let timeout = Duration::from_millis(self.parts.config.probe_timeout_ms);
+                self.probe_nodes.insert(id, node_id.clone());
+                self.probes.spawn(
+                    async move {
+                        // A node that stalls the probe holds it no longer than the timeout.
+                        let r = tokio::time::timeout(
+                            timeout,
+                            game_probe(&registry, &sessions, &clock, entry, &model, size),
+                        )
+                        .await
+                        .unwrap_or_else(|_| Err("the game probe timed out".into()));
+                        (id, r)
+                    }
+                    .instrument(tracing::debug_span!("game_probe", node = %node_id)),
+                );
+            }
+            Action::StartProbe {
+                id, node_id, model, ..
+            } => {
                 let Some(t) = self.nodes.get(&node_id) else {
                     self.core
                         .handle_probe_done(now, id, Err("the node left".into()));
@@ -1192,6 +1283,188 @@ impl ControlledGate {
 
 /// The error text of a probe that found no free slot (not held against the node).
 const BUSY: &str = "no free inference slot";
+const BUSY_GAME: &str = "no free game slot";
+/// A game probe lasts a random time in this range, in ms (players' sessions are longer, but
+/// their first seconds look the same).
+const GAME_PROBE_MS: std::ops::RangeInclusive<u64> = 2_000..=4_000;
+/// A game probe that delivers fewer than this fraction of the frames per second it asked for
+/// has failed.
+const GAME_PROBE_MIN_FPS_RATIO: f64 = 0.5;
+
+/// Frees a probe's session id from the relay table when the probe ends, however it ends.
+struct ProbeRelay<'a> {
+    sessions: &'a Sessions,
+    session_id: u64,
+}
+
+impl Drop for ProbeRelay<'_> {
+    fn drop(&mut self) {
+        self.sessions.games.remove_probe(self.session_id);
+    }
+}
+
+/// A game probe: a short session of `title` on the node, opened and relayed exactly as a
+/// player's (the same `Open`, a fresh random session id, frames on the node's frame streams
+/// through the relay and its frame budget), but not listed with the players' sessions, not
+/// billed and not an SLA event. Measures the frames per second delivered and the mean frame
+/// latency (capture on the node to arrival at the gateway). Unbounded here: the caller bounds
+/// it with the probe timeout.
+async fn game_probe(
+    registry: &Arc<Registry>,
+    sessions: &Sessions,
+    clock: &SharedClock,
+    node: Arc<NodeEntry>,
+    title: &str,
+    (width, height, fps, bitrate_kbps): (u32, u32, u32, u32),
+) -> Result<Sample, String> {
+    use crate::relay::{FrameSink, InFlight, Relay};
+    use nearpath_protocol::message::{Close, GameParams, VideoCodec};
+    use std::sync::atomic::AtomicU64;
+    let Some(_slot) = registry.acquire(&node, SlotKind::Game) else {
+        return Err(BUSY_GAME.into());
+    };
+    let codec = if node.encodes(VideoCodec::H264) {
+        VideoCodec::H264
+    } else {
+        node.encoders
+            .first()
+            .map(|e| e.codec)
+            .unwrap_or(VideoCodec::H264)
+    };
+    let params = GameParams {
+        title: title.to_string(),
+        width,
+        height,
+        fps,
+        bitrate_kbps,
+        codec,
+    };
+    let session = sessions.ids.mint();
+    let session_id = session.get();
+    let (frames_tx, mut frames_rx) = mpsc::channel(64);
+    let (audio_tx, _audio_rx) = mpsc::channel(16);
+    let (events_tx, _events_rx) = mpsc::channel(1);
+    let relay = Arc::new(Relay {
+        session_id,
+        _session: session,
+        sink: FrameSink::Channel {
+            frames: frames_tx,
+            audio: audio_tx,
+        },
+        client_addr: String::new(),
+        transport: "probe",
+        client_stats: std::sync::Mutex::new(None),
+        node: std::sync::Mutex::new(Some(node.clone())),
+        frames: AtomicU64::new(0),
+        bytes: AtomicU64::new(0),
+        dropped_late: AtomicU64::new(0),
+        dropped_overload: AtomicU64::new(0),
+        dropped_foreign: AtomicU64::new(0),
+        dropped_relay: AtomicU64::new(0),
+        audio_packets: AtomicU64::new(0),
+        audio_foreign: AtomicU64::new(0),
+        audio_dropped: AtomicU64::new(0),
+        inputs: AtomicU64::new(0),
+        codec,
+        video_pixels: AtomicU64::new(u64::from(width) * u64::from(height)),
+        started: Instant::now(),
+        game: title.to_string(),
+        tenant: String::new(),
+        in_flight: std::sync::Mutex::new(InFlight::default()),
+        events: events_tx.downgrade(),
+        last_keyframe_request: AtomicU64::new(0),
+    });
+    sessions.games.insert_probe(relay);
+    let _unlist = ProbeRelay {
+        sessions,
+        session_id,
+    };
+    let (mut tx, rx) = node
+        .conn
+        .open_bi()
+        .await
+        .map_err(|e| format!("could not open a stream: {e}"))?;
+    let open = Message::Open(Open {
+        session_id,
+        kind: SessionKind::Game(params),
+    });
+    send(&mut tx, &open)
+        .await
+        .map_err(|e| format!("could not send Open: {e}"))?;
+    let mut framed = FramedRecv::new(rx, MAX_REQUEST_FRAME);
+    match framed.next().await {
+        Ok(Some(Message::Accepted(_))) => {}
+        Ok(Some(Message::Refused(r))) => {
+            return Err(format!("the node refused the game probe: {}", r.reason))
+        }
+        Ok(Some(other)) => return Err(format!("unexpected {} on a game probe", other.name())),
+        Ok(None) => return Err("the node closed the game probe stream".into()),
+        Err(e) => return Err(format!("game probe stream: {e}")),
+    }
+    let span_ms = {
+        use rand::Rng;
+        rand::rng().random_range(GAME_PROBE_MS)
+    };
+    let start = Instant::now();
+    let until = tokio::time::Instant::now() + Duration::from_millis(span_ms);
+    let mut frames: u64 = 0;
+    let mut latency_ms_sum = 0.0;
+    let mut ended = None;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep_until(until) => break,
+            f = frames_rx.recv() => match f {
+                Some((header, _payload)) => {
+                    frames += 1;
+                    // A node clock ahead of ours reads as latency 0, as in the relay.
+                    let age_us = clock.unix_us().saturating_sub(header.capture_ts_us);
+                    latency_ms_sum += age_us as f64 / 1000.0;
+                }
+                None => break,
+            },
+            m = framed.next() => match m {
+                // The node's other session messages (rumble, video changes) are ignored.
+                Ok(Some(Message::Ended(e))) => {
+                    ended = Some(e.reason);
+                    break;
+                }
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => {
+                    ended = Some("the node closed the session stream".into());
+                    break;
+                }
+            },
+        }
+    }
+    let elapsed = start.elapsed().as_secs_f64().max(1e-3);
+    // Ended as a player leaving would end it.
+    let _ = send(
+        &mut tx,
+        &Message::Close(Close {
+            reason: "client left".into(),
+        }),
+    )
+    .await;
+    let _ = tx.finish();
+    let delivered = frames as f64 / elapsed;
+    if frames == 0 {
+        return Err(match ended {
+            Some(why) => format!("no frames (the session ended: {why})"),
+            None => format!("no frames in {elapsed:.1} s"),
+        });
+    }
+    if delivered < f64::from(fps) * GAME_PROBE_MIN_FPS_RATIO {
+        return Err(format!(
+            "delivered {delivered:.1} fps of the {fps} asked ({frames} frames in {elapsed:.1} s)"
+        ));
+    }
+    Ok(Sample::Game {
+        title: title.to_string(),
+        fps: delivered,
+        frame_latency_ms: latency_ms_sum / frames as f64,
+        frames,
+    })
+}
 
 fn rtt_ms(entry: &NodeEntry) -> f64 {
     let ms = entry.conn.rtt().as_secs_f64() * 1000.0;
@@ -1200,13 +1473,6 @@ fn rtt_ms(entry: &NodeEntry) -> f64 {
     } else {
         f64::INFINITY
     }
-}
-
-fn is_hardware_encoder(name: &str) -> bool {
-    let n = name.to_ascii_lowercase();
-    ["nvenc", "vaapi", "qsv", "amf", "videotoolbox", "v4l2"]
-        .iter()
-        .any(|h| n.contains(h))
 }
 
 /// Words the probe prompts are drawn from, so that probes do not all look alike.
@@ -1368,6 +1634,34 @@ mod tests {
         // Even unproven proximity is not held against a node when it is not required.
         let g = ControlledGate::of(&verified(Some(not_proven())), "", None, NO_POSITION, true);
         assert!(g.eligible, "{g:?}");
+    }
+
+    /// Issue 15's encoder names: NVENC and VA-API (and the other vendors' engines) are
+    /// hardware, the software encoders are not.
+    #[test]
+    fn hardware_encoders_are_told_from_software_ones() {
+        use crate::registry::is_hardware_encoder as hw;
+        for name in [
+            "nvenc",
+            "h264_nvenc",
+            "hevc_nvenc",
+            "av1_nvenc",
+            "vaapi",
+            "h264_vaapi",
+        ] {
+            assert!(hw(name), "{name}");
+        }
+        for name in [
+            "x264",
+            "libx264",
+            "openh264",
+            "x265",
+            "libaom",
+            "libaom-av1",
+            "",
+        ] {
+            assert!(!hw(name), "{name}");
+        }
     }
 
     #[test]

@@ -22,6 +22,9 @@
 //! - [`schedule`]: the sans-IO [`Checker`]: probes at registration (every model, random order
 //!   and timing), at random exponential intervals while a node is idle, and samples from real
 //!   sessions; GPU UUID cross-checks; a verdict and a durable [`CheckRecord`] per check.
+//! - Game nodes: the driver feeds the encode bound from the game relay's per-node hardware
+//!   encode counters (pixels per second over 3 s windows), and a node that serves games and no
+//!   models is probed by a short game session (delivered fps and frame latency) instead.
 //!
 //! # Honest limits
 //!
@@ -46,6 +49,10 @@
 //!   same operator moves to the node that reports it (a rename is not a clone); the node
 //!   directory decides "offline" for other gateways, so a holder another gateway recorded in
 //!   the last few seconds (not published yet) still counts as live.
+//! - **Game probes have no player.** A probe session is opened and relayed like a player's, but
+//!   no inputs or keyframe requests reach the node during it: a node that watches for them
+//!   could tell a probe from a player. The encode count trusts the session's size, not the
+//!   frames' content: sending more frames than it encoded only makes a node look faster.
 //! - **Classes without physics.** An `unclassified` GPU (or one an admin added) has no row:
 //!   nothing about it can be checked, and its verification says so. The geofence already
 //!   treats it as the most restricted class.

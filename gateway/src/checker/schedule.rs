@@ -13,6 +13,9 @@
 //! - While a node is idle (and only then) it gets a probe of a random model at exponentially
 //!   distributed intervals (mean `idle_interval_mean_ms`): a node cannot tell probes from users
 //!   by their timing.
+//! - A node that serves games and no models is probed by a game session instead (one title
+//!   at random, at registration and while idle): delivering it is a completed check; failing
+//!   it counts toward demotion like a failed inference probe.
 //! - A probe that does not finish within `probe_timeout_ms` has failed: a failed probe counts
 //!   toward demotion (like one far below the claim), never toward impossibility.
 //! - Samples from real sessions count for the physics bounds (the best single-stream rate), but
@@ -100,6 +103,9 @@ pub struct NodeFacts {
     pub claimed_location: Option<Coords>,
     /// Whether the node's class is controlled (proximity then matters; the reasons say so).
     pub controlled: bool,
+    /// The game titles the node serves. A node that serves games and no models is checked by
+    /// game probes (a short session of one of its titles).
+    pub games: Vec<String>,
 }
 
 /// A probe's id, unique per checker.
@@ -116,6 +122,14 @@ pub enum Sample {
         ttft_ms: f64,
         /// Measured on a probe session (counts toward demotion).
         from_probe: bool,
+    },
+    /// What a game probe delivered: frames per second (after the first frame) and the mean
+    /// frame latency (capture to arrival at the gateway).
+    Game {
+        title: String,
+        fps: f64,
+        frame_latency_ms: f64,
+        frames: u64,
     },
     /// The node's aggregate encode throughput (all its sessions).
     Encode {
@@ -149,7 +163,10 @@ pub enum Action {
     StartProbe {
         id: ProbeId,
         node_id: String,
+        /// The model to probe, or with `game` the game title.
         model: String,
+        /// A game probe (the node serves games and no models): a short game session.
+        game: bool,
     },
     /// Store `record` and apply `verification` (routing, geofence re-run on a new class).
     Verdict {
@@ -162,6 +179,7 @@ pub enum Action {
 struct Probe {
     node_id: String,
     model: String,
+    game: bool,
     kind: &'static str,
     deadline: u64,
 }
@@ -197,6 +215,19 @@ pub struct Checker {
     next_id: u64,
 }
 
+/// What a probe measured.
+enum Measured {
+    Tps(f64),
+    Encode,
+    /// A game probe delivered; what it measured, for the record.
+    Game(String),
+}
+
+/// Whether the node has anything to probe: models, or (a game-only node) games.
+fn has_targets(f: &NodeFacts) -> bool {
+    !f.models.is_empty() || !f.games.is_empty()
+}
+
 fn valid_measure(v: f64) -> Option<f64> {
     (v.is_finite() && v >= 0.0).then_some(v)
 }
@@ -218,6 +249,8 @@ fn sanitize(mut f: NodeFacts) -> NodeFacts {
     models.truncate(MAX_MODELS_PER_NODE);
     f.models = models;
     f.gpu_classes.truncate(MAX_GPUS_PER_NODE);
+    let games: BTreeSet<String> = f.games.drain(..).filter(|g| !g.is_empty()).collect();
+    f.games = games.into_iter().take(MAX_MODELS_PER_NODE).collect();
     let uuids: BTreeSet<String> = f.gpu_uuids.drain(..).filter(|u| !u.is_empty()).collect();
     f.gpu_uuids = uuids.into_iter().take(MAX_GPUS_PER_NODE).collect();
     f
@@ -280,6 +313,11 @@ impl Checker {
             .map(|(m, _)| m.clone())
             .collect();
         queue.shuffle(&mut self.rng);
+        // A game-only node: one game probe, of a title drawn at random.
+        if queue.is_empty() && !facts.games.is_empty() {
+            let i = self.rng.random_range(0..facts.games.len());
+            queue.push(facts.games[i].clone());
+        }
         node.next_start_at = (!queue.is_empty()).then(|| self.jitter(now));
         node.queue = queue;
         node.next_idle_at = None;
@@ -353,7 +391,7 @@ impl Checker {
         let Some(n) = self.nodes.get(node_id) else {
             return;
         };
-        let schedule = idle && n.next_idle_at.is_none() && !n.facts.models.is_empty();
+        let schedule = idle && n.next_idle_at.is_none() && has_targets(&n.facts);
         let at = schedule.then(|| self.idle_delay(now));
         let n = self.nodes.get_mut(node_id).expect("checked above");
         n.idle = idle;
@@ -404,6 +442,8 @@ impl Checker {
             return;
         };
         match sample {
+            // A game probe's result comes back through `handle_probe_done` only.
+            Sample::Game { .. } => return,
             Sample::Decode {
                 model,
                 tokens_per_s,
@@ -432,10 +472,19 @@ impl Checker {
             } => {
                 let px = valid_measure(pixels_per_s)
                     .or_else(|| valid_measure(fps * f64::from(width) * f64::from(height)));
-                let Some(px) = px else {
+                // Nothing encoded is no measurement (and no evidence of anything).
+                let Some(px) = px.filter(|p| *p > 0.0) else {
                     return;
                 };
+                let first = n.best_encode.is_none();
                 n.best_encode = Some(n.best_encode.unwrap_or(0.0).max(px));
+                if first {
+                    // The first measurement is recorded (and shown) even when it changes
+                    // nothing; later ones only when they change the verdict.
+                    let d = format!("encode measured on game sessions: {px:.0} pixels/s");
+                    self.emit(now, node_id, "session", d, true);
+                    return;
+                }
             }
         }
         self.emit(now, node_id, "session", "session measurement".into(), false);
@@ -479,10 +528,23 @@ impl Checker {
             n.in_flight = None;
         }
         let measured = match result {
-            Ok(Sample::Decode { tokens_per_s, .. }) => match valid_measure(tokens_per_s) {
-                // The probe's model is the one the gateway asked for, whatever the node says.
-                Some(tps) => Ok(Some(tps)),
-                None => Err("the probe returned an invalid rate".to_string()),
+            Ok(Sample::Decode { tokens_per_s, .. }) if !p.game => {
+                match valid_measure(tokens_per_s) {
+                    // The probe's model is the one the gateway asked for, whatever the node says.
+                    Some(tps) => Ok(Measured::Tps(tps)),
+                    None => Err("the probe returned an invalid rate".to_string()),
+                }
+            }
+            Ok(Sample::Game {
+                fps,
+                frame_latency_ms,
+                frames,
+                ..
+            }) if p.game => match (valid_measure(fps), valid_measure(frame_latency_ms)) {
+                (Some(fps), Some(lat)) => Ok(Measured::Game(format!(
+                    "{frames} frames, {fps:.1} fps, frame latency {lat:.1} ms"
+                ))),
+                _ => Err("the game probe returned invalid numbers".to_string()),
             },
             Ok(Sample::Encode {
                 pixels_per_s,
@@ -495,15 +557,16 @@ impl Checker {
                 match px {
                     Some(px) => {
                         n.best_encode = Some(n.best_encode.unwrap_or(0.0).max(px));
-                        Ok(None)
+                        Ok(Measured::Encode)
                     }
                     None => Err("the probe returned an invalid rate".to_string()),
                 }
             }
+            Ok(_) => Err("the probe returned a measurement of another kind".to_string()),
             Err(e) => Err(truncate(&e)),
         };
         let detail = match measured {
-            Ok(Some(tps)) => {
+            Ok(Measured::Tps(tps)) => {
                 let known = n.facts.models.iter().any(|(m, _)| *m == p.model);
                 if known {
                     let best = n.best_tps.entry(p.model.clone()).or_insert(tps);
@@ -520,10 +583,21 @@ impl Checker {
                 };
                 format!("probe of {}: {tps:.1} tokens/s", p.model)
             }
-            Ok(None) => {
+            Ok(Measured::Game(what)) => {
+                // The node delivered the session a player would have had: checked.
+                n.checks = n.checks.saturating_add(1);
+                n.checked_at = Some(now);
+                n.far_below_streak = 0;
+                format!("game probe of {}: {what}", truncate(&p.model))
+            }
+            Ok(Measured::Encode) => {
                 n.checks = n.checks.saturating_add(1);
                 n.checked_at = Some(now);
                 format!("probe of {}: encode measured", p.model)
+            }
+            Err(e) if p.game => {
+                n.far_below_streak = n.far_below_streak.saturating_add(1);
+                format!("game probe of {} failed: {e}", truncate(&p.model))
             }
             Err(e) => {
                 n.far_below_streak = n.far_below_streak.saturating_add(1);
@@ -688,14 +762,23 @@ impl Checker {
             (n.queue.pop().expect("not empty"), "registration")
         } else if n.next_idle_at.is_some_and(|t| t <= now) && n.queue.is_empty() {
             n.next_idle_at = None;
-            if !n.idle || n.facts.models.is_empty() {
+            if !n.idle || !has_targets(&n.facts) {
                 return;
             }
-            let i = self.rng.random_range(0..n.facts.models.len());
-            (n.facts.models[i].0.clone(), "standby")
+            let target = if n.facts.models.is_empty() {
+                let i = self.rng.random_range(0..n.facts.games.len());
+                n.facts.games[i].clone()
+            } else {
+                let i = self.rng.random_range(0..n.facts.models.len());
+                n.facts.models[i].0.clone()
+            };
+            (target, "standby")
         } else {
             return;
         };
+        // A node that serves models is probed through them; one that serves only games, by a
+        // game session.
+        let game = n.facts.models.is_empty();
         let id = ProbeId(self.next_id);
         self.next_id += 1;
         n.in_flight = Some(id);
@@ -704,6 +787,7 @@ impl Checker {
             Probe {
                 node_id: node_id.to_string(),
                 model: model.clone(),
+                game,
                 kind,
                 deadline: now.saturating_add(self.params.probe_timeout_ms),
             },
@@ -712,6 +796,7 @@ impl Checker {
             id,
             node_id: node_id.to_string(),
             model,
+            game,
         });
     }
 
@@ -1077,6 +1162,122 @@ mod tests {
         // Stale votes stop counting: back to this gateway's own verdict.
         c.handle_votes(now + 3_600_001, "n1", vec![]);
         assert_eq!(c.verification("n1").unwrap().state, Verified);
+    }
+
+    /// Issue 14, "Game and encode probes": the first encode measurement of a game node is
+    /// recorded and shown; one beyond the claimed engines is impossible and reclassifies the
+    /// node; a software encoder is never held to the NVENC bound; bad numbers are ignored.
+    #[test]
+    fn encode_samples_are_recorded_once_and_checked_against_the_claimed_engines() {
+        let encode = |px: f64| Sample::Encode {
+            pixels_per_s: px,
+            fps: 0.0,
+            width: 0,
+            height: 0,
+        };
+        let mut c = Checker::new(CheckerParams::default(), 1);
+        let mut f = facts(&["rtxa1000"], &[]);
+        f.hardware_encoder = true;
+        c.handle_registered(0, "g", f.clone());
+        drain(&mut c, 0);
+        for bad in [f64::NAN, f64::INFINITY, -1.0] {
+            c.handle_sample(1, "g", encode(bad));
+        }
+        assert!(drain(&mut c, 1).is_empty(), "bad numbers change nothing");
+        c.handle_sample(2, "g", encode(1.0e9));
+        let v = verdicts(&drain(&mut c, 2));
+        assert_eq!(v.len(), 1, "the first measurement is recorded");
+        assert_eq!(v[0].0.encode_pixels_per_s, Some(1.0e9));
+        assert!(v[0].0.findings.is_empty(), "{:?}", v[0].0.findings);
+        c.handle_sample(3, "g", encode(1.1e9));
+        assert!(
+            drain(&mut c, 3).is_empty(),
+            "a new number alone is no verdict"
+        );
+        // One A1000 engine: 2.07 Gpx/s, 2.59 with the tolerance.
+        c.handle_sample(4, "g", encode(5.0e9));
+        let v = verdicts(&drain(&mut c, 4));
+        assert_eq!(v.len(), 1);
+        assert_eq!(v[0].0.state, ImpossibleClaim);
+        assert!(v[0].0.reclassified_to.is_some());
+        assert!(v[0]
+            .0
+            .findings
+            .iter()
+            .any(|f| matches!(f, Finding::EncodeTooFast { .. })));
+        // The same with a software encoder: measured, never impossible.
+        f.hardware_encoder = false;
+        c.handle_registered(10, "s", f);
+        drain(&mut c, 10);
+        c.handle_sample(11, "s", encode(5.0e9));
+        let v = verdicts(&drain(&mut c, 11));
+        assert_eq!(v.len(), 1);
+        assert_ne!(v[0].0.state, ImpossibleClaim);
+    }
+
+    fn game(fps: f64) -> Result<Sample, String> {
+        Ok(Sample::Game {
+            title: "arena".into(),
+            fps,
+            frame_latency_ms: 12.0,
+            frames: 90,
+        })
+    }
+
+    /// Issue 14, "Game and encode probes": a node that serves games and no models gets a game
+    /// probe at registration (and standby ones while idle); delivering it verifies the node,
+    /// failing it is recorded and counts toward demotion; a node that serves models is probed
+    /// through them, never by games.
+    #[test]
+    fn game_only_nodes_get_game_probes_and_are_verified_by_them() {
+        let mut c = Checker::new(CheckerParams::default(), 3);
+        let mut f = facts(&["l4"], &[]);
+        f.games = vec!["arena".into(), "kart".into(), String::new()];
+        c.handle_registered(0, "g", f.clone());
+        let a = drain(&mut c, 10_000);
+        let probes: Vec<_> = a
+            .iter()
+            .filter_map(|a| match a {
+                Action::StartProbe {
+                    id, model, game, ..
+                } => Some((*id, model.clone(), *game)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(probes.len(), 1, "one game probe per check: {probes:?}");
+        let (id, title, is_game) = probes[0].clone();
+        assert!(is_game && (title == "arena" || title == "kart"), "{title}");
+        // A node cannot pass a game probe with an inference answer.
+        c.handle_probe_done(10_001, id, decode(500.0));
+        let v = verdicts(&drain(&mut c, 10_001));
+        assert_eq!(v.last().unwrap().0.checks, 0);
+        assert!(v.last().unwrap().1.detail.contains("failed"), "{v:?}");
+        // The next one (standby, while idle) delivers.
+        c.handle_idle(10_002, "g", true);
+        let id = starts(&drain(&mut c, 10_002 + 6_000_000))[0].0;
+        c.handle_probe_done(6_010_003, id, game(29.5));
+        let v = verdicts(&drain(&mut c, 6_010_003));
+        let (v, r) = v.last().unwrap();
+        assert_eq!((v.state, v.checks), (Verified, 1), "{v:?}");
+        assert!(r.detail.starts_with("game probe of "), "{}", r.detail);
+        assert!(r.detail.contains("29.5 fps"), "{}", r.detail);
+        // Three failures in a row demote it, as failed inference probes do.
+        let mut now = 6_010_004;
+        for _ in 0..3 {
+            let id = starts(&drain(&mut c, now + 6_000_000))[0].0;
+            now += 6_000_001;
+            c.handle_probe_done(now, id, Err("no frames".into()));
+            drain(&mut c, now);
+        }
+        assert!(c.verification("g").unwrap().demoted);
+        // A node with a model is probed through it.
+        let mut f = facts(&["l4"], &[("m", GB)]);
+        f.games = vec!["arena".into()];
+        c.handle_registered(0, "both", f);
+        let a = drain(&mut c, 10_000);
+        assert!(a.iter().all(
+            |a| !matches!(a, Action::StartProbe { node_id, game: true, .. } if node_id == "both")
+        ));
     }
 
     #[test]

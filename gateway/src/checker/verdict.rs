@@ -127,6 +127,9 @@ pub struct Verification {
     pub checks: u32,
     /// The fresh votes the state was decided with (empty without a federation).
     pub votes: Vec<GatewayVote>,
+    /// The best hardware encode throughput measured on the node's game sessions, pixels per
+    /// second (what the NVENC bound is checked against); `None` before any was measured.
+    pub encode_pixels_per_s: Option<f64>,
 }
 
 impl Verification {
@@ -305,6 +308,7 @@ pub fn decide(inp: &DecideInput) -> Verification {
         checked_at_ms: inp.checked_at_ms,
         checks: inp.checks,
         votes,
+        encode_pixels_per_s: inp.evidence.encode_pixels_per_s,
     }
 }
 

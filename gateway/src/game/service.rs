@@ -752,6 +752,8 @@ impl GameService {
             audio_foreign: AtomicU64::new(0),
             audio_dropped: AtomicU64::new(0),
             inputs: AtomicU64::new(0),
+            codec: params.codec,
+            video_pixels: AtomicU64::new(u64::from(params.width) * u64::from(params.height)),
             started: self.clock.now(),
             game: params.title.clone(),
             tenant: key.tenant.clone(),
@@ -979,6 +981,9 @@ impl GameService {
                         params.width = v.width;
                         params.height = v.height;
                         params.fps = v.fps;
+                        relay
+                            .video_pixels
+                            .store(u64::from(v.width) * u64::from(v.height), Ordering::Relaxed);
                         if let (Some(f), Some(entry)) = (&self.federation, ledgering.dir.as_mut()) {
                             entry.width = v.width;
                             entry.height = v.height;
@@ -1165,6 +1170,8 @@ impl GameService {
             foreign_log.note(node_id, header.session_id);
             return;
         }
+        // The node encoded this frame whether or not it reaches the player in time.
+        relay.count_encoded();
         let bytes = FrameBudget::frame_bytes(&header);
         let verdict = {
             let mut f = relay.in_flight.lock().unwrap_or_else(|p| p.into_inner());
