@@ -210,8 +210,10 @@ async fn an_honest_node_is_measured_and_not_flagged_and_foreign_frames_do_not_co
         assert!(!encode_finding(v), "{v}");
         assert_ne!(v["state"], "impossible_claim", "{v}");
         let px = v["encode_pixels_per_s"].as_f64().unwrap_or(0.0);
-        // 30 fps x 33.2 Mpx = 1 Gpx/s; the window may catch a little jitter either way.
-        assert!(px > 0.3e9 && px < 1.6e9, "{px} px/s: {v}");
+        // 30 fps x 33.2 Mpx = 1 Gpx/s. On a loaded machine the sender falls behind and then
+        // catches up within one window, so the bounds are wide; counting the sprayer's frames
+        // (200 fps more) would read about 7.6 Gpx/s, far above the upper one.
+        assert!(px > 0.1e9 && px < 3.5e9, "{px} px/s: {v}");
     }
     let sprayer_view = verification(&gw, "sprayer").await;
     assert!(
