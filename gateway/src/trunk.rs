@@ -999,6 +999,7 @@ mod tests {
             accepting: true,
             verification: "unverified".into(),
             updated_at_ms: T0,
+            encoders: Vec::new(),
         }
     }
 

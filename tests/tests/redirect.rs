@@ -75,6 +75,7 @@ fn published(b: &TestGateway) -> Vec<NodeDirEntry> {
                 accepting: true,
                 verification: "unverified".into(),
                 updated_at_ms: 0,
+                encoders: Vec::new(),
             }
         })
         .collect()
@@ -273,6 +274,7 @@ fn claims_for(b: &TestGateway, node: &str) -> TicketClaims {
         height: 180,
         fps: 30,
         bitrate_kbps: 1000,
+        codec: nearpath_protocol::VideoCodec::H264,
         expires_at_ms: now_ms() + 10_000,
         nonce: rand::random(),
     }

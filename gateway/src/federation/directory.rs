@@ -34,7 +34,7 @@ use tracing::{debug, error, info, warn};
 use crate::clock::SharedClock;
 use crate::metrics::Metrics;
 use crate::registry::{NodeEntry, NodeState, Registry, SlotKind};
-use crate::store::{GatewayRecord, NodeDirEntry, Store, StoreError};
+use crate::store::{DirEncoder, GatewayRecord, NodeDirEntry, Store, StoreError};
 
 /// The id of a gateway without `federation.gateway_id`.
 pub const STANDALONE_ID: &str = "standalone";
@@ -464,6 +464,19 @@ pub fn dir_entry(n: &NodeEntry, gateway_id: &str, now_ms: u64) -> NodeDirEntry {
         accepting: accepting(n),
         verification: n.check().state.to_string(),
         updated_at_ms: now_ms,
+        // The registry keeps one encoder per codec, of the codecs this build knows; an entry
+        // the directory would refuse (a control character in its name) is left out rather
+        // than stopping the whole publication.
+        encoders: n
+            .encoders
+            .iter()
+            .map(|e| DirEncoder {
+                codec: e.codec.as_str().to_string(),
+                implementation: e.implementation.clone(),
+            })
+            .filter(crate::store::directory::encoder_ok)
+            .take(nearpath_protocol::message::MAX_ENCODERS)
+            .collect(),
     }
 }
 
@@ -840,6 +853,7 @@ mod tests {
             accepting: true,
             verification: UNVERIFIED.into(),
             updated_at_ms: 0,
+            encoders: Vec::new(),
         }
     }
 

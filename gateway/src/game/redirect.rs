@@ -166,8 +166,7 @@ impl GameFederation {
         params: &GameParams,
         now_ms: u64,
     ) -> Option<RedirectTo> {
-        // Peers do not publish their nodes' encoders: only H.264 sessions are redirected.
-        if !self.redirects_games() || params.codec != VideoCodec::H264 {
+        if !self.redirects_games() {
             return None;
         }
         let view = self.view.read().unwrap_or_else(|p| p.into_inner()).clone();
@@ -189,6 +188,7 @@ impl GameFederation {
         let (node, gateway) = pick_remote(
             &self.gateway_id,
             &params.title,
+            params.codec,
             client.coords,
             &gateways,
             &nodes,
@@ -213,6 +213,7 @@ impl GameFederation {
             height: params.height,
             fps: params.fps,
             bitrate_kbps: params.bitrate_kbps,
+            codec: params.codec,
             expires_at_ms: now_ms + TICKET_TTL_MS,
             nonce: rand::random(),
         };
@@ -257,8 +258,8 @@ pub fn ticket_params(c: &TicketClaims) -> GameParams {
         height: c.height,
         fps: c.fps,
         bitrate_kbps: c.bitrate_kbps,
-        // Redirected sessions are H.264: peers do not publish their nodes' encoders.
-        codec: VideoCodec::H264,
+        // The codec the issuer found the node encodes (published in the node directory).
+        codec: c.codec,
     }
 }
 
@@ -300,13 +301,16 @@ pub fn remote_serve_check(
     Ok(())
 }
 
-/// The best node of another live gateway for `title`: published by a gateway other than
-/// `self_id` whose lease holds at `now_ms`, accepting, with a free game slot, serving the title
-/// and allowed by `allow` (the geofence); nearest to the client first (nodes without
-/// coordinates last), then by id, so the choice is deterministic.
+/// The best node of another live gateway for `title` in `codec`: published by a gateway other
+/// than `self_id` whose lease holds at `now_ms`, accepting, with a free game slot, serving the
+/// title, encoding the codec (a node that published no encoders encodes H.264 only) and
+/// allowed by `allow` (the geofence); nearest to the client first (nodes without coordinates
+/// last), then by id, so the choice is deterministic.
+#[allow(clippy::too_many_arguments)]
 pub fn pick_remote<'a>(
     self_id: &str,
     title: &str,
+    codec: VideoCodec,
     client: Option<Coords>,
     gateways: &'a [GatewayRecord],
     nodes: &'a [NodeDirEntry],
@@ -319,6 +323,7 @@ pub fn pick_remote<'a>(
             || !n.accepting
             || n.game_free == 0
             || !n.games.iter().any(|g| g == title)
+            || !n.encodes(codec)
         {
             continue;
         }
@@ -386,6 +391,7 @@ mod tests {
             accepting: true,
             verification: "unverified".into(),
             updated_at_ms: NOW,
+            encoders: Vec::new(),
         }
     }
 
@@ -398,7 +404,7 @@ mod tests {
             lat: 50.0,
             lon: 10.0,
         });
-        pick_remote("a", "arena", client, gws, nodes, NOW, allow_all)
+        pick_remote("a", "arena", VideoCodec::H264, client, gws, nodes, NOW, allow_all)
             .map(|(n, _)| n.node_id.as_str())
     }
 
@@ -437,7 +443,7 @@ mod tests {
     fn a_node_the_geofence_denies_is_not_picked() {
         let gws = [gw("b", NOW + 1)];
         let nodes = [node("denied", "b", 50.0), node("allowed", "b", 10.0)];
-        let got = pick_remote("a", "arena", None, &gws, &nodes, NOW, |n| {
+        let got = pick_remote("a", "arena", VideoCodec::H264, None, &gws, &nodes, NOW, |n| {
             if n.node_id == "denied" {
                 Err(Deny {
                     rule: "r".into(),
@@ -448,5 +454,49 @@ mod tests {
             }
         });
         assert_eq!(got.map(|(n, _)| n.node_id.as_str()), Some("allowed"));
+    }
+
+    fn encoding(mut n: NodeDirEntry, codecs: &[&str]) -> NodeDirEntry {
+        n.encoders = codecs
+            .iter()
+            .map(|c| crate::store::DirEncoder {
+                codec: c.to_string(),
+                implementation: format!("{c}_enc"),
+            })
+            .collect();
+        n
+    }
+
+    #[test]
+    fn only_a_node_that_publishes_the_codec_is_picked_for_it() {
+        let gws = [gw("b", NOW + 1), gw("c", NOW + 1)];
+        // The nearest node encodes H.264 only (it published no encoders: an old row or an
+        // old node); the farther one encodes HEVC and H.264, the farthest AV1 only.
+        let nodes = [
+            node("h264-only", "b", 50.0),
+            encoding(node("hevc", "c", 40.0), &["hevc", "h264"]),
+            encoding(node("av1", "c", 0.0), &["av1"]),
+        ];
+        let client = Some(Coords {
+            lat: 50.0,
+            lon: 10.0,
+        });
+        let pick_in = |codec| {
+            pick_remote("a", "arena", codec, client, &gws, &nodes, NOW, allow_all)
+                .map(|(n, _)| n.node_id.as_str())
+        };
+        assert_eq!(pick_in(VideoCodec::H264), Some("h264-only"));
+        assert_eq!(pick_in(VideoCodec::Hevc), Some("hevc"));
+        assert_eq!(pick_in(VideoCodec::Av1), Some("av1"));
+        // A node listing only a codec this build does not know is never picked, not even for
+        // H.264.
+        let unknown = [encoding(node("vp9", "b", 50.0), &["vp9"])];
+        for codec in VideoCodec::ALL {
+            assert_eq!(
+                pick_remote("a", "arena", codec, client, &gws, &unknown, NOW, allow_all)
+                    .map(|(n, _)| n.node_id.clone()),
+                None
+            );
+        }
     }
 }

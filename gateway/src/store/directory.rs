@@ -3,7 +3,8 @@
 //! that shares the database, so both stores refuse oversize or malformed values with
 //! [`StoreError::Invalid`] before anything reaches SQL.
 
-use super::{check_id, to_i64, GatewayRecord, NodeDirEntry, StoreError};
+use super::{check_id, to_i64, DirEncoder, GatewayRecord, NodeDirEntry, StoreError};
+use nearpath_protocol::message::{MAX_CODEC_NAME_BYTES, MAX_ENCODERS, MAX_ENCODER_NAME_BYTES};
 
 /// Longest gateway id: what `federation.gateway_id` allows.
 pub const MAX_GATEWAY_ID_BYTES: usize = 64;
@@ -135,6 +136,63 @@ fn check_list(field: &'static str, list: &[String]) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// A codec name as the wire carries it: 1 to [`MAX_CODEC_NAME_BYTES`] of `[a-z0-9_]`.
+fn codec_name_ok(name: &str) -> bool {
+    (1..=MAX_CODEC_NAME_BYTES).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+}
+
+/// An implementation name: at most [`MAX_ENCODER_NAME_BYTES`] bytes without control
+/// characters (empty allowed: the wire allows it, and it is only shown).
+fn implementation_ok(name: &str) -> bool {
+    name.len() <= MAX_ENCODER_NAME_BYTES && !name.chars().any(char::is_control)
+}
+
+/// Whether one encoder entry passes [`check_encoders`] on its own: the publisher drops any
+/// that does not (a node's odd implementation name must not stop its gateway publishing).
+pub fn encoder_ok(e: &DirEncoder) -> bool {
+    codec_name_ok(&e.codec) && implementation_ok(&e.implementation)
+}
+
+/// Checks a node's encoders: what registration admits (at most [`MAX_ENCODERS`], names within
+/// the wire's bounds), one entry per codec. The registry already keeps one per codec; this
+/// is the store's own guard against a gateway that does not.
+pub fn check_encoders(list: &[DirEncoder]) -> Result<(), StoreError> {
+    if list.len() > MAX_ENCODERS {
+        return Err(invalid(
+            "encoders",
+            format!("{} entries, at most {MAX_ENCODERS} allowed", list.len()),
+        ));
+    }
+    for (i, e) in list.iter().enumerate() {
+        if !codec_name_ok(&e.codec) {
+            return Err(invalid(
+                "encoders",
+                format!(
+                    "entry {i}: the codec must be 1 to {MAX_CODEC_NAME_BYTES} characters of a-z, 0-9 and '_'"
+                ),
+            ));
+        }
+        if !implementation_ok(&e.implementation) {
+            return Err(invalid(
+                "encoders",
+                format!(
+                    "entry {i}: the implementation must be at most {MAX_ENCODER_NAME_BYTES} bytes without control characters"
+                ),
+            ));
+        }
+        if list[..i].iter().any(|k| k.codec == e.codec) {
+            return Err(invalid(
+                "encoders",
+                format!("entry {i}: codec {} is listed twice", e.codec),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Checks one node directory entry published by `gateway_id`.
 pub fn check_node_entry(gateway_id: &str, n: &NodeDirEntry) -> Result<(), StoreError> {
     check_id("node_id", &n.node_id, false)?;
@@ -161,6 +219,7 @@ pub fn check_node_entry(gateway_id: &str, n: &NodeDirEntry) -> Result<(), StoreE
     check_list("gpu_classes", &n.gpu_classes)?;
     check_list("models", &n.models)?;
     check_list("games", &n.games)?;
+    check_encoders(&n.encoders)?;
     if n.inference_free > n.inference_slots {
         return Err(invalid(
             "inference_free",
@@ -220,4 +279,134 @@ pub(crate) fn list_to_json(list: &[String]) -> String {
 /// than failing the whole listing.
 pub(crate) fn list_from_json(s: &str) -> Vec<String> {
     serde_json::from_str(s).unwrap_or_default()
+}
+
+/// The longest `encoders` value a reader parses, in bytes: [`MAX_ENCODERS`] entries at their
+/// longest take about 1.2 KiB. A longer value (written into the database by something other
+/// than a gateway) is not parsed at all.
+pub const MAX_ENCODERS_JSON_BYTES: usize = 4_096;
+
+/// Encodes a node's encoders for a TEXT column (a JSON array of `{codec, implementation}`).
+pub(crate) fn encoders_to_json(list: &[DirEncoder]) -> String {
+    serde_json::to_string(list).unwrap_or_else(|_| "[]".into())
+}
+
+/// Decodes what [`encoders_to_json`] wrote. Rows from before the column existed hold `[]` (its
+/// default): H.264 only. A value no gateway writes (too long, not JSON, too many entries,
+/// malformed names, a codec twice) also reads as `[]`, H.264 only, which every node encodes,
+/// rather than failing the listing; entries naming codecs this build does not know are kept
+/// (they match nothing here).
+pub(crate) fn encoders_from_json(s: &str) -> Vec<DirEncoder> {
+    if s.len() > MAX_ENCODERS_JSON_BYTES {
+        return Vec::new();
+    }
+    match serde_json::from_str::<Vec<DirEncoder>>(s) {
+        Ok(list) if check_encoders(&list).is_ok() => list,
+        _ => Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod encoder_tests {
+    use super::*;
+    use nearpath_protocol::message::VideoCodec;
+
+    fn enc(codec: &str, implementation: &str) -> DirEncoder {
+        DirEncoder {
+            codec: codec.into(),
+            implementation: implementation.into(),
+        }
+    }
+
+    #[test]
+    fn encoders_round_trip_and_decide_what_a_node_encodes() {
+        let list = vec![enc("hevc", "x265"), enc("h264", "x264")];
+        let back = encoders_from_json(&encoders_to_json(&list));
+        assert_eq!(back, list);
+        let mut n = crate::store::NodeDirEntry {
+            encoders: back,
+            ..test_entry()
+        };
+        assert!(n.encodes(VideoCodec::Hevc));
+        assert!(n.encodes(VideoCodec::H264));
+        assert!(!n.encodes(VideoCodec::Av1));
+        // A node that lists none encodes H.264 only (old rows, old nodes).
+        n.encoders.clear();
+        assert!(n.encodes(VideoCodec::H264));
+        assert!(!n.encodes(VideoCodec::Hevc));
+        // A node listing only a codec this build does not know encodes nothing known here.
+        n.encoders = vec![enc("vp9", "libvpx")];
+        assert!(!n.encodes(VideoCodec::H264));
+        assert!(!n.encodes(VideoCodec::Av1));
+    }
+
+    #[test]
+    fn the_encoder_check_refuses_oversize_bogus_and_repeated_entries() {
+        let many = vec![enc("h264", "x264"); MAX_ENCODERS + 1];
+        assert!(check_encoders(&many).is_err(), "too many");
+        assert!(check_encoders(&[enc("h264", "x264"), enc("h264", "openh264")]).is_err());
+        for bad in ["", "H264", "h 264", "h264\n", &"a".repeat(MAX_CODEC_NAME_BYTES + 1)] {
+            assert!(check_encoders(&[enc(bad, "x")]).is_err(), "codec {bad:?}");
+        }
+        for bad in ["x\u{0}", &"x".repeat(MAX_ENCODER_NAME_BYTES + 1)] {
+            assert!(check_encoders(&[enc("h264", bad)]).is_err(), "implementation {bad:?}");
+        }
+        let distinct: Vec<DirEncoder> = (0..MAX_ENCODERS)
+            .map(|i| enc(&format!("c{i}"), "impl"))
+            .collect();
+        assert!(check_encoders(&distinct).is_ok(), "at the cap");
+        // An entry that fails the check fails the whole publication.
+        let mut n = test_entry();
+        n.encoders = many;
+        assert!(check_node_entry("gw-1", &n).is_err());
+    }
+
+    #[test]
+    fn a_damaged_or_hostile_stored_value_reads_as_h264_only() {
+        let longest: Vec<DirEncoder> = (0..MAX_ENCODERS)
+            .map(|i| {
+                enc(
+                    &format!("{i:0>width$}", width = MAX_CODEC_NAME_BYTES),
+                    &"x".repeat(MAX_ENCODER_NAME_BYTES),
+                )
+            })
+            .collect();
+        let json = encoders_to_json(&longest);
+        assert!(json.len() < MAX_ENCODERS_JSON_BYTES, "{} bytes", json.len());
+        assert_eq!(encoders_from_json(&json), longest);
+        let thousands = encoders_to_json(&vec![enc("hevc", "hevc_nvenc"); 5_000]);
+        for v in [
+            "",
+            "null",
+            "{}",
+            "[1,2]",
+            "[{\"codec\":\"HEVC!\",\"implementation\":\"x\"}]",
+            &thousands,
+            &format!("[{}]", " ".repeat(MAX_ENCODERS_JSON_BYTES)),
+        ] {
+            assert!(encoders_from_json(v).is_empty(), "{:.80}", v);
+        }
+    }
+
+    fn test_entry() -> crate::store::NodeDirEntry {
+        crate::store::NodeDirEntry {
+            node_id: "n-1".into(),
+            operator_id: "op".into(),
+            gateway_id: "gw-1".into(),
+            country: None,
+            lat: None,
+            lon: None,
+            gpu_classes: vec![],
+            models: vec![],
+            games: vec!["arena".into()],
+            inference_slots: 0,
+            inference_free: 0,
+            game_slots: 1,
+            game_free: 1,
+            accepting: true,
+            verification: "unverified".into(),
+            updated_at_ms: 0,
+            encoders: vec![],
+        }
+    }
 }

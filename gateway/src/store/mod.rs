@@ -37,6 +37,7 @@ use std::path::PathBuf;
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
+use nearpath_protocol::message::VideoCodec;
 use sha2::{Digest, Sha256};
 
 pub mod checker;
@@ -690,6 +691,33 @@ pub struct NodeDirEntry {
     /// of issue 14 run).
     pub verification: String,
     pub updated_at_ms: u64,
+    /// The video encoders the node registered (protocol version 3), one per codec. Empty: the
+    /// node encodes H.264 only, as every node does that lists none; rows written before the
+    /// directory carried encoders read as empty too.
+    #[serde(default)]
+    pub encoders: Vec<DirEncoder>,
+}
+
+/// One video encoder in the node directory. The codec is kept as its wire name rather than a
+/// [`VideoCodec`]: a newer gateway may publish a codec this build does not know, which then
+/// simply matches nothing here.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirEncoder {
+    /// The codec's wire name (`h264`, `hevc`, `av1`).
+    pub codec: String,
+    /// The implementation (`x264`, `hevc_nvenc`, ...), for fleet views.
+    pub implementation: String,
+}
+
+impl NodeDirEntry {
+    /// Whether the node encodes `codec`: one of its encoders produces it, or it lists none and
+    /// `codec` is H.264.
+    pub fn encodes(&self, codec: VideoCodec) -> bool {
+        if self.encoders.is_empty() {
+            return codec == VideoCodec::H264;
+        }
+        self.encoders.iter().any(|e| e.codec == codec.as_str())
+    }
 }
 
 /// The per-key limits shared by a federation's gateways (issue 13), by pool: the three
