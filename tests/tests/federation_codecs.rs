@@ -1,0 +1,206 @@
+//! Codecs across a federation (issues 13 and 15): two gateways on one PostgreSQL database, each
+//! publishing its nodes (and their encoders) to the store's node directory and reading the
+//! other's. A player at A asking for HEVC or AV1, which only B's node encodes, is redirected to
+//! B and gets that codec there; one asking for H.264 stays at A; a player the geofence keeps
+//! from B's node is not redirected.
+//!
+//! Everything is real: the directory task, the PostgreSQL store, QUIC with pinned certificates,
+//! the redirect ticket. The nodes are raw protocol nodes that claim encoders at registration
+//! (as `codecs.rs` does); the test answers their session streams itself.
+
+mod common;
+
+use common::*;
+use nearpath_gateway::store::{PgStore, Store};
+use nearpath_protocol::message::{GameParams, SessionKind};
+use nearpath_protocol::{ClientError, PlayParams, VideoCodec};
+use serde_json::Value;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Bounded waits: the directory refreshes every 100 ms here; seconds of margin for a loaded
+/// machine.
+const WAIT: Duration = Duration::from_secs(15);
+
+fn federate(c: &mut nearpath_config::GatewayConfig, id: &str, lat: f64, lon: f64) {
+    c.federation.gateway_id = Some(id.into());
+    c.federation.region = format!("region-{id}");
+    c.federation.lat = lat;
+    c.federation.lon = lon;
+    c.federation.heartbeat_ms = 100;
+    c.federation.lease_ms = 5_000;
+    c.federation.node_directory_interval_ms = 100;
+    // Raw nodes send no heartbeats on their own during the test.
+    c.nodes.heartbeat_ms = 60_000;
+}
+
+async fn pg_store(url: String) -> Arc<dyn Store> {
+    tokio::task::spawn_blocking(move || {
+        Arc::new(PgStore::open(&url, 4, Duration::from_secs(20)).unwrap()) as Arc<dyn Store>
+    })
+    .await
+    .unwrap()
+}
+
+fn small() -> PlayParams {
+    PlayParams {
+        game: "arena".into(),
+        width: 320,
+        height: 180,
+        fps: 30,
+        bitrate_kbps: 1000,
+    }
+}
+
+/// Registers a raw game node for `arena` at `gw` with `encoders` (none: it lists none, so it
+/// encodes H.264 only) and the GPU `gpu`.
+async fn node_with(
+    gw: &TestGateway,
+    id: &str,
+    gpu: &str,
+    encoders: &[(VideoCodec, &str)],
+) -> RawNode {
+    let reg = Registration::new(id, &gw.token)
+        .gpu(gpu, "datacenter", 80_000)
+        .games(&["arena"], 4)
+        .encoders(encoders);
+    let node = RawNode::register(gw, ip(DE), reg.message()).await;
+    assert!(
+        matches!(node.first, nearpath_protocol::Message::Registered(_)),
+        "{id} not registered: {:?}",
+        node.first
+    );
+    node
+}
+
+/// The game parameters of the next session the gateway opens on `node` (accepted), with the
+/// session's stream halves (the session ends when they are dropped).
+async fn next_game(
+    node: &RawNode,
+) -> (
+    GameParams,
+    (quinn::SendStream, nearpath_protocol::stream::FramedRecv),
+) {
+    let (tx, rx, open) = node.accept_session().await;
+    match open.kind {
+        SessionKind::Game(p) => (p, (tx, rx)),
+        other => panic!("expected a game session, got {other:?}"),
+    }
+}
+
+/// A's admin view of `node`, once A's fleet view lists it as a remote node.
+async fn remote_view(a: &TestGateway, node: &str) -> Value {
+    eventually(&format!("{node} in A's node listing"), WAIT, || async {
+        let list = a.admin_get("/admin/nodes").await;
+        list["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["id"] == node && n["remote"] == true)
+            .cloned()
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hevc_and_av1_players_at_a_are_redirected_to_the_only_node_that_encodes_them_on_b() {
+    let Some(server) = nearpath_tests::pg::PgServer::shared() else {
+        return;
+    };
+    let url = server.new_database("federation_codecs");
+    let a = TestGateway::start_on(pg_store(url.clone()).await, |c| {
+        federate(c, "a", 48.85, 2.35)
+    })
+    .await;
+    let b = TestGateway::start_on(pg_store(url.clone()).await, |c| {
+        federate(c, "b", 52.52, 13.40)
+    })
+    .await;
+    // A's node encodes H.264 only (it lists no encoders, as before protocol version 3); B's
+    // node, an H100, encodes HEVC, AV1 and H.264.
+    let at_a = node_with(&a, "a-h264", "NVIDIA GeForce RTX 4090", &[]).await;
+    let at_b = node_with(
+        &b,
+        "b-hevc-av1",
+        "NVIDIA H100 80GB HBM3",
+        &[
+            (VideoCodec::Hevc, "hevc_nvenc"),
+            (VideoCodec::Av1, "av1_nvenc"),
+            (VideoCodec::H264, "h264_nvenc"),
+        ],
+    )
+    .await;
+
+    // B published the encoders; A read them back from PostgreSQL.
+    let view = remote_view(&a, "b-hevc-av1").await;
+    assert_eq!(view["gateway_id"], "b", "{view}");
+    assert_eq!(
+        view["encoders"],
+        serde_json::json!([
+            {"codec": "hevc", "implementation": "hevc_nvenc"},
+            {"codec": "av1", "implementation": "av1_nvenc"},
+            {"codec": "h264", "implementation": "h264_nvenc"},
+        ]),
+        "{view}"
+    );
+
+    for codec in [VideoCodec::Hevc, VideoCodec::Av1] {
+        let c = native_client(&a, FR_CLIENT).await;
+        let wanted = [codec];
+        let (s, (params, _streams)) = tokio::join!(
+            c.play_with_codecs(API_KEY, small(), &wanted),
+            next_game(&at_b)
+        );
+        let mut s = s.unwrap_or_else(|e| panic!("{codec}: {e}"));
+        let r = s.redirect().expect("redirected to B").clone();
+        assert_eq!(r.gateway_id, "b", "{codec}");
+        assert_eq!(s.gateway(), b.addrs.quic, "{codec}: the session lives on B");
+        assert_eq!(s.started().codec, codec, "the player gets what it asked for");
+        assert_eq!(params.codec, codec, "B's node is asked to encode {codec}");
+        assert!(admin_game_session(&b, s.started().session_id).await.is_some());
+        s.close("done").await.unwrap();
+    }
+
+    // H.264 is served by A's own node: no redirect costs less than a redirect.
+    let c = native_client(&a, FR_CLIENT).await;
+    let (s, (params, _streams)) = tokio::join!(
+        c.play_with_codecs(API_KEY, small(), &[VideoCodec::H264]),
+        next_game(&at_a)
+    );
+    let mut s = s.unwrap();
+    assert!(s.redirect().is_none());
+    assert_eq!((s.started().codec, params.codec), (VideoCodec::H264, VideoCodec::H264));
+    s.close("done").await.unwrap();
+
+    // The geofence still applies across gateways: a client in CN may not use an H100 (export
+    // control), so A does not send it to B's node; no node of A encodes HEVC either.
+    let cn = native_client(&a, CN_CLIENT).await;
+    match cn.play_with_codecs(API_KEY, small(), &[VideoCodec::Hevc]).await {
+        Err(ClientError::Refused { code, .. }) => assert_eq!(code, "unsupported_codec"),
+        Err(other) => panic!("expected a refusal at A, got {other}"),
+        Ok(s) => panic!("CN client placed (redirect: {:?})", s.redirect()),
+    }
+
+    // B's node stops accepting HEVC sessions when it leaves: the next HEVC player at A is
+    // refused at A rather than redirected to a node that is gone.
+    drop(at_b);
+    let _ = b.stop().await;
+    eventually("b-hevc-av1 gone from A's view", WAIT, || async {
+        let list = a.admin_get("/admin/nodes").await;
+        (!list["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n["id"] == "b-hevc-av1"))
+        .then_some(())
+    })
+    .await;
+    let c = native_client(&a, FR_CLIENT).await;
+    match c.play_with_codecs(API_KEY, small(), &[VideoCodec::Hevc]).await {
+        Err(ClientError::Refused { code, .. }) => assert_eq!(code, "unsupported_codec"),
+        Err(other) => panic!("expected a refusal at A, got {other}"),
+        Ok(s) => panic!("placed (redirect: {:?})", s.redirect()),
+    }
+    drop(at_a);
+    let _ = a.stop().await;
+}
