@@ -687,6 +687,33 @@ impl Trunk {
         (outcome, nodes)
     }
 
+    /// The models that nodes of live peers serve (per the last directory read), each with the
+    /// ids of the gateways holding such a node, for the fleet-wide `GET /v1/models`. `allow`
+    /// is the listing's geofence check: a node the client may not use lists nothing. Nodes of
+    /// a peer whose lease expired since the read are left out.
+    pub fn remote_models(
+        &self,
+        mut allow: impl FnMut(&NodeEntry) -> bool,
+    ) -> std::collections::BTreeMap<String, std::collections::BTreeSet<String>> {
+        let now_ms = self.clock.unix_ms();
+        let snap = lock(&self.snapshot);
+        let mut out: std::collections::BTreeMap<String, std::collections::BTreeSet<String>> =
+            Default::default();
+        for ((gateway, _), r) in &snap.remote {
+            let live = snap
+                .by_key
+                .get(&r.entry.key)
+                .is_some_and(|(_, expires)| now_ms < *expires);
+            if !live || !allow(&r.entry) {
+                continue;
+            }
+            for m in &r.dir.models {
+                out.entry(m.clone()).or_default().insert(gateway.clone());
+            }
+        }
+        out
+    }
+
     /// Whether a remote node serves `model` (per the last directory read).
     pub fn serves_model(&self, model: &str) -> bool {
         lock(&self.snapshot)
@@ -1216,6 +1243,52 @@ mod tests {
         // B's lease runs out before the next directory read: its nodes stop being routed at once.
         clock.advance(Duration::from_millis(3_000));
         assert!(routed(&t, "m").is_empty());
+    }
+
+    #[test]
+    fn remote_models_list_each_model_once_with_the_live_peers_serving_it() {
+        let clock = ManualClock::new(T0);
+        let registry = Arc::new(Registry::new(RouteParams::default()).unwrap());
+        let t = trunk(&clock, registry);
+        t.apply(
+            T0,
+            vec![
+                record("gw-a", [1; 32], T0 + 3_000),
+                record("gw-b", [2; 32], T0 + 3_000),
+                record("gw-c", [3; 32], T0 + 6_000),
+                record("gw-d", [4; 32], T0 - 1),
+            ],
+            vec![
+                dir_node("b1", "gw-b", &["m", "only-b"]),
+                dir_node("b2", "gw-b", &["m"]),
+                dir_node("c1", "gw-c", &["m", "denied"]),
+                dir_node("d1", "gw-d", &["dead"]),
+                dir_node("a1", "gw-a", &["ours"]),
+            ],
+        );
+        let listed = |t: &Trunk| -> Vec<(String, Vec<String>)> {
+            t.remote_models(|n| n.id != "c1" || !n.workloads.models.contains(&"denied".into()))
+                .into_iter()
+                .map(|(m, g)| (m, g.into_iter().collect()))
+                .collect()
+        };
+        let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        // Not our own node's model, not an expired peer's; a node the check refuses lists
+        // nothing (here c1, so `m` is B's only).
+        assert_eq!(
+            listed(&t),
+            vec![("m".to_string(), s(&["gw-b"])), ("only-b".to_string(), s(&["gw-b"]))]
+        );
+        let all: Vec<String> = t.remote_models(|_| true).into_keys().collect();
+        assert_eq!(all, s(&["denied", "m", "only-b"]));
+        assert_eq!(
+            t.remote_models(|_| true)["m"].iter().cloned().collect::<Vec<_>>(),
+            s(&["gw-b", "gw-c"])
+        );
+        // B's lease runs out before the next read: its models leave the listing at once.
+        clock.advance(Duration::from_millis(3_000));
+        let all: Vec<String> = t.remote_models(|_| true).into_keys().collect();
+        assert_eq!(all, s(&["denied", "m"]));
     }
 
     #[test]

@@ -1,12 +1,17 @@
-//! Codecs across a federation (issues 13 and 15): two gateways on one PostgreSQL database, each
-//! publishing its nodes (and their encoders) to the store's node directory and reading the
-//! other's. A player at A asking for HEVC or AV1, which only B's node encodes, is redirected to
-//! B and gets that codec there; one asking for H.264 stays at A; a player the geofence keeps
-//! from B's node is not redirected.
+//! What the federation's node directory tells routing (issues 13 and 15): two gateways on one
+//! PostgreSQL database, each publishing its nodes (with their encoders and models) to the
+//! store's node directory and reading the other's.
+//!
+//! - Codecs: a player at A asking for HEVC or AV1, which only B's node encodes, is redirected
+//!   to B and gets that codec there; one asking for H.264 stays at A; a player the geofence
+//!   keeps from B's node is not redirected. The game nodes are raw protocol nodes that claim
+//!   encoders at registration (as `codecs.rs` does); the test answers their session streams.
+//! - Models: A's `GET /v1/models` lists the models only B's nodes serve, once each, naming the
+//!   gateways that serve every model; requests for them go through the trunk; the official
+//!   `openai` Python client still parses the list.
 //!
 //! Everything is real: the directory task, the PostgreSQL store, QUIC with pinned certificates,
-//! the redirect ticket. The nodes are raw protocol nodes that claim encoders at registration
-//! (as `codecs.rs` does); the test answers their session streams itself.
+//! the redirect ticket, the trunk.
 
 mod common;
 
@@ -202,5 +207,161 @@ async fn hevc_and_av1_players_at_a_are_redirected_to_the_only_node_that_encodes_
         Ok(s) => panic!("placed (redirect: {:?})", s.redirect()),
     }
     drop(at_a);
+    let _ = a.stop().await;
+}
+
+fn sim_model(name: &str) -> nearpath_config::ModelConfig {
+    nearpath_config::ModelConfig {
+        name: name.into(),
+        max_concurrency: 8,
+        backend: nearpath_config::BackendConfig::Sim {
+            ttft_ms: 0,
+            tokens_per_s: 0.0,
+            seed: 1,
+        },
+        responses: Default::default(),
+        capabilities: None,
+        weights_bytes: None,
+        params_b: None,
+        dtype: None,
+    }
+}
+
+/// `GET /v1/models` at `gw` from a client at `from`: each model's id with its `gateways`.
+async fn models_at(gw: &TestGateway, from: (&str, &str, f64, f64)) -> Value {
+    let (status, body) = Http::from(ip(from))
+        .get(&gw.api_url("/v1/models"), Some(API_KEY))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+fn gateways_by_model(list: &Value) -> Vec<(String, Vec<String>)> {
+    list["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            let gws = m["gateways"]
+                .as_array()
+                .unwrap_or_else(|| panic!("no gateways in {m}"))
+                .iter()
+                .map(|g| g.as_str().unwrap().to_string())
+                .collect();
+            (m["id"].as_str().unwrap().to_string(), gws)
+        })
+        .collect()
+}
+
+fn listing(entries: &[(&str, &[&str])]) -> Vec<(String, Vec<String>)> {
+    entries
+        .iter()
+        .map(|(m, gws)| (m.to_string(), gws.iter().map(|g| g.to_string()).collect()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v1_models_at_a_lists_the_models_only_bs_nodes_serve_once_and_requests_for_them_are_trunked() {
+    let Some(server) = nearpath_tests::pg::PgServer::shared() else {
+        return;
+    };
+    let url = server.new_database("fleet_models");
+    let a = TestGateway::start_on(pg_store(url.clone()).await, |c| {
+        federate(c, "a", 48.85, 2.35);
+        c.nodes.heartbeat_ms = 100;
+    })
+    .await;
+    let b = TestGateway::start_on(pg_store(url.clone()).await, |c| {
+        federate(c, "b", 52.52, 13.40);
+        c.nodes.heartbeat_ms = 100;
+    })
+    .await;
+    // A's node serves `shared`; B's node, an H100, serves `shared` and `only-b`.
+    let mut cfg = a.node_config("a-1", &a.token);
+    cfg.models = vec![sim_model("shared")];
+    let mut at_a = TestNode::start(cfg, ip(DE));
+    at_a.registered().await;
+    let mut cfg = b.node_config("b-1", &b.token);
+    cfg.models = vec![sim_model("shared"), sim_model("only-b")];
+    cfg.gpus = vec![gpu("NVIDIA H100 80GB HBM3")];
+    let mut at_b = TestNode::start(cfg, ip(DE));
+    at_b.registered().await;
+
+    let want = listing(&[("only-b", &["b"]), ("shared", &["a", "b"])]);
+    let list = eventually("A to list B's models", WAIT, || async {
+        let list = models_at(&a, FR_CLIENT).await;
+        (gateways_by_model(&list) == want).then_some(list)
+    })
+    .await;
+    // The OpenAI shape, plus `gateways`.
+    let only_b = &list["data"][0];
+    let mut keys: Vec<&str> = only_b.as_object().unwrap().keys().map(String::as_str).collect();
+    keys.sort();
+    assert_eq!(
+        keys,
+        ["available", "capabilities", "created", "gateways", "id", "object", "owned_by"],
+        "{only_b}"
+    );
+    assert_eq!((only_b["object"].as_str(), only_b["available"].as_bool()), (Some("model"), Some(true)));
+    // B lists the same models, from its side.
+    eventually("B to list A's node too", WAIT, || async {
+        (gateways_by_model(&models_at(&b, FR_CLIENT).await) == want).then_some(())
+    })
+    .await;
+    // One model on its own, as the list has it.
+    let (status, body) = Http::from(ip(FR_CLIENT))
+        .get(&a.api_url("/v1/models/only-b"), Some(API_KEY))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let one: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(&one, only_b);
+
+    // The geofence applies to the listing as to routing: a client in CN may not use B's H100,
+    // so A lists neither `only-b` nor B as serving `shared`.
+    assert_eq!(
+        gateways_by_model(&models_at(&a, CN_CLIENT).await),
+        listing(&[("shared", &["a"])])
+    );
+
+    // A request for the remote-only model at A is served by B's node through the trunk.
+    let body = serde_json::json!({"model": "only-b", "max_tokens": 4,
+        "messages": [{"role": "user", "content": "hello"}]});
+    let (status, text) = Http::from(ip(FR_CLIENT))
+        .post(&a.api_url("/v1/chat/completions"), Some(API_KEY), &body.to_string(), &[])
+        .await;
+    assert_eq!(status, 200, "{text}");
+
+    // The official client parses the list and keeps `gateways`.
+    let script = r#"
+import json, os, openai
+c = openai.OpenAI(base_url=os.environ["BASE"], api_key=os.environ["KEY"], max_retries=0,
+                  default_headers={"X-Forwarded-For": os.environ["CLIENT"]})
+print(json.dumps([[m.id, getattr(m, "gateways", None)] for m in c.models.list()]))
+"#;
+    let out = std::process::Command::new("python3")
+        .args(["-c", script])
+        .env("BASE", a.api_url("/v1"))
+        .env("KEY", API_KEY)
+        // The gateway trusts 127.0.0.1 as a proxy: the client is placed in FR.
+        .env("CLIENT", FR_CLIENT.0)
+        .output()
+        .expect("python3 with the openai package (.ci/run installs it)");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let parsed: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        parsed,
+        serde_json::json!([["only-b", ["b"]], ["shared", ["a", "b"]]])
+    );
+
+    // B goes: its models leave A's list with it (`only-b` is marked unavailable only where a
+    // node of this gateway served it).
+    at_b.stop().await.unwrap();
+    let _ = b.stop().await;
+    eventually("only-b gone from A's list", WAIT, || async {
+        (gateways_by_model(&models_at(&a, FR_CLIENT).await) == listing(&[("shared", &["a"])]))
+            .then_some(())
+    })
+    .await;
+    at_a.stop().await.unwrap();
     let _ = a.stop().await;
 }
