@@ -28,7 +28,8 @@ use crate::router::{
     Deny, LatLon, NodeId, NodeRouteInfo, NodeState as RouteState, RouteOutcome, RouteParams,
     RouterIndex, Workload,
 };
-use crate::store::{GatewayRecord, NodeDirEntry, Store, StoreError};
+use crate::store::directory::live_remote_nodes;
+use crate::store::{GatewayRecord, NodeDirEntry, StoreError};
 use crate::tls::CertPair;
 use nearpath_config::FederationConfig;
 use nearpath_geo::{ClassId, Coords, Country, Location};
@@ -59,27 +60,13 @@ const PEER_RECEIVE_WINDOW: u32 = 64 * 1024 * 1024;
 /// How long a peer has to send `PeerOpen` and `Open` on a new stream.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Where the trunk reads the federation's directories: the store in production, a fake in
-/// tests. Blocking (called from `spawn_blocking`).
-pub trait FleetSource: Send + Sync + 'static {
-    /// Every gateway of the directory, expired ones included.
-    fn gateways(&self) -> Result<Vec<GatewayRecord>, StoreError>;
-    /// Every published node, of any gateway.
-    fn node_directory(&self) -> Result<Vec<NodeDirEntry>, StoreError>;
-}
+/// Where the trunk reads the federation's directories: the directory task's cached copy in
+/// production (the gateway's `FleetView`, so that the store is read once per interval for
+/// every reader), a fake in tests. Blocking (called from `spawn_blocking`).
+pub use crate::store::directory::DirectorySource as FleetSource;
 
-/// The store's gateway and node directories.
-pub struct StoreFleet(pub Arc<dyn Store>);
-
-impl FleetSource for StoreFleet {
-    fn gateways(&self) -> Result<Vec<GatewayRecord>, StoreError> {
-        self.0.list_gateways()
-    }
-
-    fn node_directory(&self) -> Result<Vec<NodeDirEntry>, StoreError> {
-        self.0.list_node_directory()
-    }
-}
+/// The store's gateway and node directories, read afresh.
+pub use crate::store::directory::StoreDirectory as StoreFleet;
 
 /// Why a peer's trunk connection is refused (the connection close reason).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -559,10 +546,9 @@ impl Trunk {
         }
         snap.by_key.clear();
         let mut old = std::mem::take(&mut snap.remote);
-        for n in nodes {
-            let Some(gw) = live.get(n.gateway_id.as_str()) else {
-                continue;
-            };
+        // The shared reading of the directory: live peers' nodes, rows checked again.
+        for (n, gw) in live_remote_nodes(&gateways, &nodes, &self.self_id, now_ms) {
+            let n = n.clone();
             if self.registry.get(&n.node_id).is_some() {
                 continue;
             }

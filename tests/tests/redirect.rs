@@ -28,7 +28,7 @@ impl FederationView for Directories {
     fn gateways(&self) -> Result<Vec<GatewayRecord>, StoreError> {
         Ok(self.gateways.clone())
     }
-    fn nodes(&self) -> Result<Vec<NodeDirEntry>, StoreError> {
+    fn node_directory(&self) -> Result<Vec<NodeDirEntry>, StoreError> {
         Ok(self.nodes.clone())
     }
 }
@@ -45,7 +45,8 @@ fn record(id: &str, gw: &TestGateway, expires_at_ms: u64) -> GatewayRecord {
         version: "0.1.0".into(),
         started_at_ms: 0,
         heartbeat_at_ms: 0,
-        expires_at_ms,
+        // What a store can hold (readers check entries as a publication is checked).
+        expires_at_ms: expires_at_ms.min(i64::MAX as u64),
     }
 }
 

@@ -34,6 +34,7 @@ use tracing::{debug, error, info, warn};
 use crate::clock::SharedClock;
 use crate::metrics::Metrics;
 use crate::registry::{NodeEntry, NodeState, Registry, SlotKind};
+use crate::store::directory::{live_remote_nodes, DirectorySource};
 use crate::store::{DirEncoder, GatewayRecord, NodeDirEntry, Store, StoreError};
 
 /// The id of a gateway without `federation.gateway_id`.
@@ -310,22 +311,16 @@ pub fn statuses(
     out
 }
 
-/// The nodes of `nodes` held by a gateway other than `self_id` whose lease holds at `now_ms`.
+/// The nodes of `nodes` held by a gateway other than `self_id` whose lease holds at `now_ms`
+/// (the shared reading, [`live_remote_nodes`]: rows that fail the store's checks are left out).
 pub fn remote_live_nodes(
     gateways: &[GatewayRecord],
     nodes: &[NodeDirEntry],
     self_id: &str,
     now_ms: u64,
 ) -> Vec<NodeDirEntry> {
-    nodes
-        .iter()
-        .filter(|n| {
-            n.gateway_id != self_id
-                && gateways
-                    .iter()
-                    .any(|g| g.id == n.gateway_id && g.is_live(now_ms))
-        })
-        .cloned()
+    live_remote_nodes(gateways, nodes, self_id, now_ms)
+        .map(|(n, _)| n.clone())
         .collect()
 }
 
@@ -420,6 +415,19 @@ impl FleetView {
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Snapshot> {
         self.snapshot.read().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The fleet view is the directory every other reader of this gateway reads (the trunk, game
+/// redirects): the store is read once per `federation.node_directory_interval_ms`, by the
+/// directory task, whatever the number of readers or of requests.
+impl DirectorySource for FleetView {
+    fn gateways(&self) -> Result<Vec<GatewayRecord>, StoreError> {
+        Ok(self.read().gateways.clone())
+    }
+
+    fn node_directory(&self) -> Result<Vec<NodeDirEntry>, StoreError> {
+        Ok(self.read().nodes.clone())
     }
 }
 
@@ -902,6 +910,30 @@ mod tests {
             .map(|g| g.id)
             .collect();
         assert_eq!(live, ["eu-1", "us-1"]);
+    }
+
+    #[test]
+    fn the_fleet_view_is_the_directory_source_other_readers_share() {
+        let fleet = Arc::new(FleetView::new("eu-1".into()));
+        let source: Arc<dyn DirectorySource> = fleet.clone();
+        assert!(source.gateways().unwrap().is_empty(), "nothing read yet");
+        let mut bogus = entry("bogus", "us-1");
+        bogus.inference_free = 9;
+        fleet.apply(
+            vec![record("eu-1", 10_000), record("us-1", 10_000)],
+            vec![entry("a", "eu-1"), entry("b", "us-1"), bogus],
+            4_000,
+        );
+        // Readers get what the directory task last read, as read (each applies the shared
+        // reading itself, which leaves out our own node and the malformed row).
+        assert_eq!(source.gateways().unwrap().len(), 2);
+        assert_eq!(source.node_directory().unwrap().len(), 3);
+        let ids: Vec<String> = fleet
+            .remote_nodes(4_000)
+            .into_iter()
+            .map(|n| n.node_id)
+            .collect();
+        assert_eq!(ids, ["b"]);
     }
 
     #[test]

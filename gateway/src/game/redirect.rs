@@ -8,11 +8,13 @@
 //! session on exactly that node. Tickets are MACed with the federation's secret, which every
 //! gateway reads from the store ([`crate::store::Store::federation_secret`]).
 //!
-//! The directory is read through [`FederationView`], so that tests can stand in for the store
-//! and the gateway directory.
+//! The directory is read through [`FederationView`]: in a gateway, the directory task's cached
+//! copy (`federation::directory::FleetView`), so that a game start costs no store read; in
+//! tests, a stand-in.
 
 use crate::components::Placement;
 use crate::router::Deny;
+use crate::store::directory::live_remote_nodes;
 use crate::store::{GatewayRecord, NodeDirEntry, SessionDirEntry, Store, StoreError};
 use crate::ticket::{Expect, ReplayGuard, TicketClaims, TicketError, TICKET_TTL_MS};
 use nearpath_config::CrossRoute;
@@ -23,25 +25,11 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex, RwLock};
 
 /// What the federation looks like from here: the gateway directory and the node directory.
-/// Blocking (it may read the store): call it from `spawn_blocking`.
-pub trait FederationView: Send + Sync + 'static {
-    /// Every gateway in the directory, expired ones included.
-    fn gateways(&self) -> Result<Vec<GatewayRecord>, StoreError>;
-    /// Every published node.
-    fn nodes(&self) -> Result<Vec<NodeDirEntry>, StoreError>;
-}
+/// Blocking (it may read the store): called from `spawn_blocking`.
+pub use crate::store::directory::DirectorySource as FederationView;
 
-/// The view over the shared store (the directories other gateways publish into).
-pub struct StoreView(pub Arc<dyn Store>);
-
-impl FederationView for StoreView {
-    fn gateways(&self) -> Result<Vec<GatewayRecord>, StoreError> {
-        self.0.list_gateways()
-    }
-    fn nodes(&self) -> Result<Vec<NodeDirEntry>, StoreError> {
-        self.0.list_node_directory()
-    }
-}
+/// The view over the shared store, read afresh (the directories other gateways publish into).
+pub use crate::store::directory::StoreDirectory as StoreView;
 
 /// Where a redirected client goes.
 #[derive(Debug, Clone)]
@@ -74,11 +62,18 @@ pub struct GameFederation {
 }
 
 impl GameFederation {
-    pub fn new(gateway_id: String, route: CrossRoute, store: Arc<dyn Store>) -> GameFederation {
+    /// A member of the federation reading the directories from `view` (the gateway's cached
+    /// fleet view).
+    pub fn new(
+        gateway_id: String,
+        route: CrossRoute,
+        store: Arc<dyn Store>,
+        view: Arc<dyn FederationView>,
+    ) -> GameFederation {
         GameFederation {
             gateway_id,
             route,
-            view: RwLock::new(Arc::new(StoreView(store.clone()))),
+            view: RwLock::new(view),
             store,
             secret: tokio::sync::OnceCell::new(),
             replay: Mutex::new(ReplayGuard::default()),
@@ -171,7 +166,7 @@ impl GameFederation {
         }
         let view = self.view.read().unwrap_or_else(|p| p.into_inner()).clone();
         let read = tokio::task::spawn_blocking(move || {
-            Ok::<_, StoreError>((view.gateways()?, view.nodes()?))
+            Ok::<_, StoreError>((view.gateways()?, view.node_directory()?))
         })
         .await;
         let (gateways, nodes) = match read {
@@ -318,21 +313,15 @@ pub fn pick_remote<'a>(
     mut allow: impl FnMut(&NodeDirEntry) -> Result<(), Deny>,
 ) -> Option<(&'a NodeDirEntry, &'a GatewayRecord)> {
     let mut best: Option<(f64, &NodeDirEntry, &GatewayRecord)> = None;
-    for n in nodes {
-        if n.gateway_id == self_id
-            || !n.accepting
+    // The shared reading of the directory: live peers' nodes, rows checked again.
+    for (n, gw) in live_remote_nodes(gateways, nodes, self_id, now_ms) {
+        if !n.accepting
             || n.game_free == 0
             || !n.games.iter().any(|g| g == title)
             || !n.encodes(codec)
         {
             continue;
         }
-        let Some(gw) = gateways
-            .iter()
-            .find(|g| g.id == n.gateway_id && g.is_live(now_ms))
-        else {
-            continue;
-        };
         if allow(n).is_err() {
             continue;
         }

@@ -3,7 +3,8 @@
 //! that shares the database, so both stores refuse oversize or malformed values with
 //! [`StoreError::Invalid`] before anything reaches SQL.
 
-use super::{check_id, to_i64, DirEncoder, GatewayRecord, NodeDirEntry, StoreError};
+use super::{check_id, to_i64, DirEncoder, GatewayRecord, NodeDirEntry, Store, StoreError};
+use std::sync::Arc;
 use nearpath_protocol::message::{MAX_CODEC_NAME_BYTES, MAX_ENCODERS, MAX_ENCODER_NAME_BYTES};
 
 /// Longest gateway id: what `federation.gateway_id` allows.
@@ -281,6 +282,61 @@ pub(crate) fn list_from_json(s: &str) -> Vec<String> {
     serde_json::from_str(s).unwrap_or_default()
 }
 
+// ---------------------------------------------------------------------------------------------
+// Reading the directories: one source and one reading, shared by every reader (the fleet view,
+// the trunk, game redirects).
+
+/// Where the federation's gateway and node directories are read from: the store (only the
+/// gateway's directory task reads it, [`StoreDirectory`]), the directory task's cached copy
+/// (`federation::directory::FleetView`, what the trunk and game redirects read), or a test's
+/// stand-in. Blocking: call it off the async threads when it may be the store.
+pub trait DirectorySource: Send + Sync + 'static {
+    /// Every gateway of the directory, expired ones included.
+    fn gateways(&self) -> Result<Vec<GatewayRecord>, StoreError>;
+    /// Every published node, of any gateway.
+    fn node_directory(&self) -> Result<Vec<NodeDirEntry>, StoreError>;
+}
+
+/// The store's directories, read afresh at every call.
+pub struct StoreDirectory(pub Arc<dyn Store>);
+
+impl DirectorySource for StoreDirectory {
+    fn gateways(&self) -> Result<Vec<GatewayRecord>, StoreError> {
+        self.0.list_gateways()
+    }
+
+    fn node_directory(&self) -> Result<Vec<NodeDirEntry>, StoreError> {
+        self.0.list_node_directory()
+    }
+}
+
+/// The one reading of a directory read that routing relies on: each node a gateway other than
+/// `self_id` published, with that gateway's entry, when the gateway's lease holds at `now_ms`.
+/// Rows are checked again as they are read, with the checks a publication passes: an entry
+/// written straight into the database (oversize lists, more free slots than slots, a node
+/// naming another gateway, a gateway entry with a malformed address or pin) is skipped, never
+/// routed to. In the order of `nodes`.
+pub fn live_remote_nodes<'a>(
+    gateways: &'a [GatewayRecord],
+    nodes: &'a [NodeDirEntry],
+    self_id: &str,
+    now_ms: u64,
+) -> impl Iterator<Item = (&'a NodeDirEntry, &'a GatewayRecord)> + use<'a> {
+    let self_id = self_id.to_owned();
+    nodes.iter().filter_map(move |n| {
+        if n.gateway_id == self_id {
+            return None;
+        }
+        let g = gateways
+            .iter()
+            .find(|g| g.id == n.gateway_id && g.is_live(now_ms))?;
+        if check_gateway_record(g).is_err() || check_node_entry(&g.id, n).is_err() {
+            return None;
+        }
+        Some((n, g))
+    })
+}
+
 /// The longest `encoders` value a reader parses, in bytes: [`MAX_ENCODERS`] entries at their
 /// longest take about 1.2 KiB. A longer value (written into the database by something other
 /// than a gateway) is not parsed at all.
@@ -303,6 +359,104 @@ pub(crate) fn encoders_from_json(s: &str) -> Vec<DirEncoder> {
     match serde_json::from_str::<Vec<DirEncoder>>(s) {
         Ok(list) if check_encoders(&list).is_ok() => list,
         _ => Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod reader_tests {
+    use super::*;
+
+    fn gw(id: &str, expires_at_ms: u64) -> GatewayRecord {
+        GatewayRecord {
+            id: id.into(),
+            region: "r".into(),
+            lat: 0.0,
+            lon: 0.0,
+            quic_address: "127.0.0.1:4433".into(),
+            http_url: "http://127.0.0.1:8080".into(),
+            cert_sha256: "a".repeat(64),
+            version: "0.1.0".into(),
+            started_at_ms: 0,
+            heartbeat_at_ms: 0,
+            expires_at_ms,
+        }
+    }
+
+    fn node(id: &str, gateway: &str) -> NodeDirEntry {
+        NodeDirEntry {
+            node_id: id.into(),
+            operator_id: "op".into(),
+            gateway_id: gateway.into(),
+            country: Some("DE".into()),
+            lat: Some(50.0),
+            lon: Some(8.0),
+            gpu_classes: vec![],
+            models: vec!["m".into()],
+            games: vec![],
+            inference_slots: 2,
+            inference_free: 1,
+            game_slots: 0,
+            game_free: 0,
+            accepting: true,
+            verification: "unverified".into(),
+            updated_at_ms: 0,
+            encoders: vec![],
+        }
+    }
+
+    fn read(gateways: &[GatewayRecord], nodes: &[NodeDirEntry], now_ms: u64) -> Vec<String> {
+        live_remote_nodes(gateways, nodes, "me", now_ms)
+            .map(|(n, g)| format!("{}@{}", n.node_id, g.id))
+            .collect()
+    }
+
+    #[test]
+    fn only_nodes_of_other_live_gateways_are_read() {
+        let gateways = [gw("me", 10), gw("b", 10), gw("old", 5)];
+        let nodes = [
+            node("ours", "me"),
+            node("b1", "b"),
+            node("o1", "old"),
+            node("x1", "unknown"),
+            node("b2", "b"),
+        ];
+        assert_eq!(read(&gateways, &nodes, 4), ["b1@b", "o1@old", "b2@b"]);
+        assert_eq!(read(&gateways, &nodes, 5), ["b1@b", "b2@b"], "old's lease ended at 5");
+        assert!(read(&gateways, &nodes, 10).is_empty());
+    }
+
+    #[test]
+    fn rows_written_straight_into_the_database_are_checked_again_and_skipped() {
+        let gateways = [gw("b", 10)];
+        let mut more_free = node("more-free", "b");
+        more_free.inference_free = 3;
+        let mut huge = node("huge", "b");
+        huge.models = vec!["m".into(); MAX_DIR_LIST + 1];
+        let mut control = node("ctl", "b");
+        control.games = vec!["arena\n".into()];
+        let mut bad_id = node("long", "b");
+        bad_id.node_id = "n".repeat(10_000);
+        let mut encoders = node("enc", "b");
+        encoders.encoders = vec![
+            DirEncoder {
+                codec: "h264".into(),
+                implementation: "x".into(),
+            };
+            2
+        ];
+        let nodes = [
+            node("fine", "b"),
+            more_free,
+            huge,
+            control,
+            bad_id,
+            encoders,
+        ];
+        assert_eq!(read(&gateways, &nodes, 1), ["fine@b"]);
+        // A gateway entry no gateway would write (a malformed pin) hides its nodes.
+        let mut forged = gw("b", 10);
+        forged.cert_sha256 = "not a pin".into();
+        assert!(read(&[forged], &[node("fine", "b")], 1).is_empty());
     }
 }
 
