@@ -461,13 +461,7 @@ impl ClientApi {
                 "application/json",
                 match &m.gateways {
                     Some(g) => openai::fleet_model_object(&m.fleet(g)),
-                    None => openai::model_object(
-                        &m.id,
-                        m.created,
-                        m.owned_by,
-                        m.available,
-                        m.caps,
-                    ),
+                    None => openai::model_object(&m.id, m.created, m.owned_by, m.available, m.caps),
                 },
             ),
             None => error_response(request_id, &CoreError::model_not_found(id)),
@@ -810,7 +804,6 @@ pub fn tls_acceptor(pair: CertPair) -> Result<tokio_rustls::TlsAcceptor, rustls:
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(cfg)))
 }
-
 
 /// One entry of `GET /v1/models`.
 struct ListedModel {

@@ -394,7 +394,10 @@ mod tests {
     fn a_ticket_carries_its_codec_and_a_version_1_ticket_is_an_h264_session() {
         for codec in VideoCodec::ALL {
             let c = TicketClaims { codec, ..claims() };
-            assert_eq!(TicketClaims::open(&c.seal(SECRET), SECRET).unwrap().codec, codec);
+            assert_eq!(
+                TicketClaims::open(&c.seal(SECRET), SECRET).unwrap().codec,
+                codec
+            );
         }
         let old = TicketClaims::open(&seal_raw(&version_1_body(&claims())), SECRET).unwrap();
         assert_eq!(

@@ -1263,12 +1263,18 @@ mod tests {
         // nothing (here c1, so `m` is B's only).
         assert_eq!(
             listed(&t),
-            vec![("m".to_string(), s(&["gw-b"])), ("only-b".to_string(), s(&["gw-b"]))]
+            vec![
+                ("m".to_string(), s(&["gw-b"])),
+                ("only-b".to_string(), s(&["gw-b"]))
+            ]
         );
         let all: Vec<String> = t.remote_models(|_| true).into_keys().collect();
         assert_eq!(all, s(&["denied", "m", "only-b"]));
         assert_eq!(
-            t.remote_models(|_| true)["m"].iter().cloned().collect::<Vec<_>>(),
+            t.remote_models(|_| true)["m"]
+                .iter()
+                .cloned()
+                .collect::<Vec<_>>(),
             s(&["gw-b", "gw-c"])
         );
         // B's lease runs out before the next read: its models leave the listing at once.

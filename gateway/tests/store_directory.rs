@@ -108,12 +108,19 @@ fn sqlite_rows_from_before_the_encoders_column_read_as_h264_only() {
         let conn = rusqlite::Connection::open(&path).expect("raw open");
         conn.execute_batch("ALTER TABLE node_directory DROP COLUMN encoders")
             .expect("drop column");
-        conn.pragma_update(None, "user_version", nearpath_gateway::store::SCHEMA_VERSION - 1)
-            .expect("user_version");
+        conn.pragma_update(
+            None,
+            "user_version",
+            nearpath_gateway::store::SCHEMA_VERSION - 1,
+        )
+        .expect("user_version");
     }
     let store = SqliteStore::open(&path).expect("reopen and migrate");
     let listed = store.list_node_directory().expect("list");
-    assert_eq!(ids(&listed), [pair("damaged-1", "eu-1"), pair("old-1", "eu-1")]);
+    assert_eq!(
+        ids(&listed),
+        [pair("damaged-1", "eu-1"), pair("old-1", "eu-1")]
+    );
     for n in &listed {
         assert!(n.encoders.is_empty(), "{n:?}");
         assert!(n.encodes(VideoCodec::H264) && !n.encodes(VideoCodec::Hevc));
@@ -121,14 +128,19 @@ fn sqlite_rows_from_before_the_encoders_column_read_as_h264_only() {
     let conn = rusqlite::Connection::open(&path).expect("raw open");
     for damaged in [
         "not json".to_string(),
-        format!("[{}]", r#"{"codec":"hevc","implementation":"x"},"#.repeat(3_000)),
+        format!(
+            "[{}]",
+            r#"{"codec":"hevc","implementation":"x"},"#.repeat(3_000)
+        ),
     ] {
         conn.execute(
             "UPDATE node_directory SET encoders = ?1 WHERE node_id = 'damaged-1'",
             [&damaged],
         )
         .expect("damage");
-        let listed = store.list_node_directory().expect("a damaged row does not fail the list");
+        let listed = store
+            .list_node_directory()
+            .expect("a damaged row does not fail the list");
         assert!(listed.iter().all(|n| n.encoders.is_empty()), "{listed:?}");
     }
 }
@@ -160,7 +172,10 @@ fn pg_rows_from_before_the_encoders_column_read_as_h264_only() {
     .expect("back to the previous schema");
     let store = open();
     let listed = store.list_node_directory().expect("list");
-    assert_eq!(ids(&listed), [pair("damaged-1", "eu-1"), pair("old-1", "eu-1")]);
+    assert_eq!(
+        ids(&listed),
+        [pair("damaged-1", "eu-1"), pair("old-1", "eu-1")]
+    );
     for n in &listed {
         assert!(n.encoders.is_empty(), "{n:?}");
         assert!(n.encodes(VideoCodec::H264) && !n.encodes(VideoCodec::Hevc));
@@ -170,6 +185,8 @@ fn pg_rows_from_before_the_encoders_column_read_as_h264_only() {
         &[&"[{\"codec\": 7}]"],
     )
     .expect("damage");
-    let listed = store.list_node_directory().expect("a damaged row does not fail the list");
+    let listed = store
+        .list_node_directory()
+        .expect("a damaged row does not fail the list");
     assert!(listed.iter().all(|n| n.encoders.is_empty()), "{listed:?}");
 }

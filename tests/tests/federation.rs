@@ -625,13 +625,17 @@ async fn kill_9_scenario(shared: SharedStore) {
         }
     })
     .await;
-    let holder = eventually("node-b's new holder in A's view", Duration::from_secs(10), || {
-        let (gw, http) = (&gws[0], &http);
-        async move {
-            node_holder(&gw.admin_get(http, "/admin/nodes").await, "node-b")
-                .filter(|h| h != "b")
-        }
-    })
+    let holder = eventually(
+        "node-b's new holder in A's view",
+        Duration::from_secs(10),
+        || {
+            let (gw, http) = (&gws[0], &http);
+            async move {
+                node_holder(&gw.admin_get(http, "/admin/nodes").await, "node-b")
+                    .filter(|h| h != "b")
+            }
+        },
+    )
     .await;
     assert!(holder == "a" || holder == "c", "{holder}");
     // Everything B acknowledged is in the shared store, seen from a surviving gateway.

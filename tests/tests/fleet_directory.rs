@@ -160,9 +160,15 @@ async fn hevc_and_av1_players_at_a_are_redirected_to_the_only_node_that_encodes_
         let r = s.redirect().expect("redirected to B").clone();
         assert_eq!(r.gateway_id, "b", "{codec}");
         assert_eq!(s.gateway(), b.addrs.quic, "{codec}: the session lives on B");
-        assert_eq!(s.started().codec, codec, "the player gets what it asked for");
+        assert_eq!(
+            s.started().codec,
+            codec,
+            "the player gets what it asked for"
+        );
         assert_eq!(params.codec, codec, "B's node is asked to encode {codec}");
-        assert!(admin_game_session(&b, s.started().session_id).await.is_some());
+        assert!(admin_game_session(&b, s.started().session_id)
+            .await
+            .is_some());
         s.close("done").await.unwrap();
     }
 
@@ -174,13 +180,19 @@ async fn hevc_and_av1_players_at_a_are_redirected_to_the_only_node_that_encodes_
     );
     let mut s = s.unwrap();
     assert!(s.redirect().is_none());
-    assert_eq!((s.started().codec, params.codec), (VideoCodec::H264, VideoCodec::H264));
+    assert_eq!(
+        (s.started().codec, params.codec),
+        (VideoCodec::H264, VideoCodec::H264)
+    );
     s.close("done").await.unwrap();
 
     // The geofence still applies across gateways: a client in CN may not use an H100 (export
     // control), so A does not send it to B's node; no node of A encodes HEVC either.
     let cn = native_client(&a, CN_CLIENT).await;
-    match cn.play_with_codecs(API_KEY, small(), &[VideoCodec::Hevc]).await {
+    match cn
+        .play_with_codecs(API_KEY, small(), &[VideoCodec::Hevc])
+        .await
+    {
         Err(ClientError::Refused { code, .. }) => assert_eq!(code, "unsupported_codec"),
         Err(other) => panic!("expected a refusal at A, got {other}"),
         Ok(s) => panic!("CN client placed (redirect: {:?})", s.redirect()),
@@ -201,7 +213,10 @@ async fn hevc_and_av1_players_at_a_are_redirected_to_the_only_node_that_encodes_
     })
     .await;
     let c = native_client(&a, FR_CLIENT).await;
-    match c.play_with_codecs(API_KEY, small(), &[VideoCodec::Hevc]).await {
+    match c
+        .play_with_codecs(API_KEY, small(), &[VideoCodec::Hevc])
+        .await
+    {
         Err(ClientError::Refused { code, .. }) => assert_eq!(code, "unsupported_codec"),
         Err(other) => panic!("expected a refusal at A, got {other}"),
         Ok(s) => panic!("placed (redirect: {:?})", s.redirect()),
@@ -261,7 +276,8 @@ fn listing(entries: &[(&str, &[&str])]) -> Vec<(String, Vec<String>)> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn v1_models_at_a_lists_the_models_only_bs_nodes_serve_once_and_requests_for_them_are_trunked() {
+async fn v1_models_at_a_lists_the_models_only_bs_nodes_serve_once_and_requests_for_them_are_trunked(
+) {
     let Some(server) = nearpath_tests::pg::PgServer::shared() else {
         return;
     };
@@ -295,14 +311,30 @@ async fn v1_models_at_a_lists_the_models_only_bs_nodes_serve_once_and_requests_f
     .await;
     // The OpenAI shape, plus `gateways`.
     let only_b = &list["data"][0];
-    let mut keys: Vec<&str> = only_b.as_object().unwrap().keys().map(String::as_str).collect();
+    let mut keys: Vec<&str> = only_b
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
     keys.sort();
     assert_eq!(
         keys,
-        ["available", "capabilities", "created", "gateways", "id", "object", "owned_by"],
+        [
+            "available",
+            "capabilities",
+            "created",
+            "gateways",
+            "id",
+            "object",
+            "owned_by"
+        ],
         "{only_b}"
     );
-    assert_eq!((only_b["object"].as_str(), only_b["available"].as_bool()), (Some("model"), Some(true)));
+    assert_eq!(
+        (only_b["object"].as_str(), only_b["available"].as_bool()),
+        (Some("model"), Some(true))
+    );
     // B lists the same models, from its side.
     eventually("B to list A's node too", WAIT, || async {
         (gateways_by_model(&models_at(&b, FR_CLIENT).await) == want).then_some(())
@@ -327,7 +359,12 @@ async fn v1_models_at_a_lists_the_models_only_bs_nodes_serve_once_and_requests_f
     let body = serde_json::json!({"model": "only-b", "max_tokens": 4,
         "messages": [{"role": "user", "content": "hello"}]});
     let (status, text) = Http::from(ip(FR_CLIENT))
-        .post(&a.api_url("/v1/chat/completions"), Some(API_KEY), &body.to_string(), &[])
+        .post(
+            &a.api_url("/v1/chat/completions"),
+            Some(API_KEY),
+            &body.to_string(),
+            &[],
+        )
         .await;
     assert_eq!(status, 200, "{text}");
 
@@ -346,7 +383,11 @@ print(json.dumps([[m.id, getattr(m, "gateways", None)] for m in c.models.list()]
         .env("CLIENT", FR_CLIENT.0)
         .output()
         .expect("python3 with the openai package (.ci/run installs it)");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let parsed: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(
         parsed,

@@ -393,8 +393,17 @@ mod tests {
             lat: 50.0,
             lon: 10.0,
         });
-        pick_remote("a", "arena", VideoCodec::H264, client, gws, nodes, NOW, allow_all)
-            .map(|(n, _)| n.node_id.as_str())
+        pick_remote(
+            "a",
+            "arena",
+            VideoCodec::H264,
+            client,
+            gws,
+            nodes,
+            NOW,
+            allow_all,
+        )
+        .map(|(n, _)| n.node_id.as_str())
     }
 
     #[test]
@@ -432,16 +441,25 @@ mod tests {
     fn a_node_the_geofence_denies_is_not_picked() {
         let gws = [gw("b", NOW + 1)];
         let nodes = [node("denied", "b", 50.0), node("allowed", "b", 10.0)];
-        let got = pick_remote("a", "arena", VideoCodec::H264, None, &gws, &nodes, NOW, |n| {
-            if n.node_id == "denied" {
-                Err(Deny {
-                    rule: "r".into(),
-                    reason: "no".into(),
-                })
-            } else {
-                Ok(())
-            }
-        });
+        let got = pick_remote(
+            "a",
+            "arena",
+            VideoCodec::H264,
+            None,
+            &gws,
+            &nodes,
+            NOW,
+            |n| {
+                if n.node_id == "denied" {
+                    Err(Deny {
+                        rule: "r".into(),
+                        reason: "no".into(),
+                    })
+                } else {
+                    Ok(())
+                }
+            },
+        );
         assert_eq!(got.map(|(n, _)| n.node_id.as_str()), Some("allowed"));
     }
 

@@ -4,8 +4,8 @@
 //! [`StoreError::Invalid`] before anything reaches SQL.
 
 use super::{check_id, to_i64, DirEncoder, GatewayRecord, NodeDirEntry, Store, StoreError};
-use std::sync::Arc;
 use nearpath_protocol::message::{MAX_CODEC_NAME_BYTES, MAX_ENCODERS, MAX_ENCODER_NAME_BYTES};
+use std::sync::Arc;
 
 /// Longest gateway id: what `federation.gateway_id` allows.
 pub const MAX_GATEWAY_ID_BYTES: usize = 64;
@@ -421,7 +421,11 @@ mod reader_tests {
             node("b2", "b"),
         ];
         assert_eq!(read(&gateways, &nodes, 4), ["b1@b", "o1@old", "b2@b"]);
-        assert_eq!(read(&gateways, &nodes, 5), ["b1@b", "b2@b"], "old's lease ended at 5");
+        assert_eq!(
+            read(&gateways, &nodes, 5),
+            ["b1@b", "b2@b"],
+            "old's lease ended at 5"
+        );
         assert!(read(&gateways, &nodes, 10).is_empty());
     }
 
@@ -499,11 +503,20 @@ mod encoder_tests {
         let many = vec![enc("h264", "x264"); MAX_ENCODERS + 1];
         assert!(check_encoders(&many).is_err(), "too many");
         assert!(check_encoders(&[enc("h264", "x264"), enc("h264", "openh264")]).is_err());
-        for bad in ["", "H264", "h 264", "h264\n", &"a".repeat(MAX_CODEC_NAME_BYTES + 1)] {
+        for bad in [
+            "",
+            "H264",
+            "h 264",
+            "h264\n",
+            &"a".repeat(MAX_CODEC_NAME_BYTES + 1),
+        ] {
             assert!(check_encoders(&[enc(bad, "x")]).is_err(), "codec {bad:?}");
         }
         for bad in ["x\u{0}", &"x".repeat(MAX_ENCODER_NAME_BYTES + 1)] {
-            assert!(check_encoders(&[enc("h264", bad)]).is_err(), "implementation {bad:?}");
+            assert!(
+                check_encoders(&[enc("h264", bad)]).is_err(),
+                "implementation {bad:?}"
+            );
         }
         let distinct: Vec<DirEncoder> = (0..MAX_ENCODERS)
             .map(|i| enc(&format!("c{i}"), "impl"))

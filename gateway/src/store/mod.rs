@@ -36,8 +36,8 @@ use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
 
-use serde::{Deserialize, Serialize};
 use nearpath_protocol::message::VideoCodec;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 pub mod checker;

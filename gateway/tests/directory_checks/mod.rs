@@ -459,14 +459,29 @@ pub fn encoders_are_published_and_hostile_encoder_lists_are_refused(store: &dyn 
     assert!(listed[1].encodes(VideoCodec::H264) && !listed[1].encodes(VideoCodec::Hevc));
 
     let hostile: Vec<(&str, Vec<nearpath_gateway::store::DirEncoder>)> = vec![
-        ("thousands of encoders", vec![encoder("hevc", "hevc_nvenc"); 5_000]),
-        ("17 distinct codecs", (0..17).map(|i| encoder(&format!("c{i}"), "x")).collect()),
-        ("a codec twice", vec![encoder("av1", "libaom"), encoder("av1", "av1_nvenc")]),
+        (
+            "thousands of encoders",
+            vec![encoder("hevc", "hevc_nvenc"); 5_000],
+        ),
+        (
+            "17 distinct codecs",
+            (0..17).map(|i| encoder(&format!("c{i}"), "x")).collect(),
+        ),
+        (
+            "a codec twice",
+            vec![encoder("av1", "libaom"), encoder("av1", "av1_nvenc")],
+        ),
         ("an uppercase codec", vec![encoder("HEVC", "x265")]),
-        ("SQL in a codec", vec![encoder("h264'); DROP TABLE node_directory;--", "x")]),
+        (
+            "SQL in a codec",
+            vec![encoder("h264'); DROP TABLE node_directory;--", "x")],
+        ),
         ("an empty codec", vec![encoder("", "x")]),
         ("an oversize codec", vec![encoder(&"a".repeat(17), "x")]),
-        ("an oversize implementation", vec![encoder("h264", &"x".repeat(33))]),
+        (
+            "an oversize implementation",
+            vec![encoder("h264", &"x".repeat(33))],
+        ),
         ("a control character", vec![encoder("h264", "x264\n")]),
     ];
     for (what, encoders) in hostile {

@@ -415,7 +415,14 @@ pub fn model_object(
     caps: ModelCaps,
 ) -> String {
     let mut out = String::with_capacity(128);
-    write_model(&mut out, id, created, owned_by, Some((available, caps)), None);
+    write_model(
+        &mut out,
+        id,
+        created,
+        owned_by,
+        Some((available, caps)),
+        None,
+    );
     out
 }
 
