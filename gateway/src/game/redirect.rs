@@ -219,6 +219,38 @@ impl GameFederation {
         })
     }
 
+    /// The first codec of `accepted` (most preferred first) in which a live peer's node could
+    /// take `title` for `client` (the same checks as [`GameFederation::find`]), read from the
+    /// cached directory without waiting; `None` when no peer's node could, or when this
+    /// gateway does not redirect games.
+    pub fn remote_codec(
+        &self,
+        placement: &Placement,
+        client: &Location,
+        title: &str,
+        accepted: &[VideoCodec],
+        now_ms: u64,
+    ) -> Option<VideoCodec> {
+        if !self.redirects_games() {
+            return None;
+        }
+        let view = self.view.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let (gateways, nodes) = match (view.gateways(), view.node_directory()) {
+            (Ok(g), Ok(n)) => (g, n),
+            _ => return None,
+        };
+        first_remote_codec(
+            &self.gateway_id,
+            title,
+            accepted,
+            client.coords,
+            &gateways,
+            &nodes,
+            now_ms,
+            |n| remote_serve_check(placement, client, n),
+        )
+    }
+
     /// Checks and consumes a ticket presented here; on success the session must be placed on
     /// the node it names, with its parameters.
     pub async fn accept(
@@ -294,6 +326,26 @@ pub fn remote_serve_check(
         }
     }
     Ok(())
+}
+
+/// The first codec of `accepted` for which [`pick_remote`] finds a node.
+#[allow(clippy::too_many_arguments)]
+pub fn first_remote_codec(
+    self_id: &str,
+    title: &str,
+    accepted: &[VideoCodec],
+    client: Option<Coords>,
+    gateways: &[GatewayRecord],
+    nodes: &[NodeDirEntry],
+    now_ms: u64,
+    mut allow: impl FnMut(&NodeDirEntry) -> Result<(), Deny>,
+) -> Option<VideoCodec> {
+    accepted.iter().copied().find(|&codec| {
+        pick_remote(
+            self_id, title, codec, client, gateways, nodes, now_ms, &mut allow,
+        )
+        .is_some()
+    })
 }
 
 /// The best node of another live gateway for `title` in `codec`: published by a gateway other
@@ -472,6 +524,38 @@ mod tests {
             })
             .collect();
         n
+    }
+
+    #[test]
+    fn the_first_accepted_codec_a_peers_node_encodes_is_chosen() {
+        let gws = [gw("b", NOW + 1)];
+        let nodes = [
+            encoding(node("av1", "b", 50.0), &["av1"]),
+            encoding(node("hevc-denied", "b", 50.0), &["hevc"]),
+        ];
+        let first = |accepted: &[VideoCodec]| {
+            first_remote_codec("a", "arena", accepted, None, &gws, &nodes, NOW, |n| {
+                if n.node_id == "hevc-denied" {
+                    Err(Deny {
+                        rule: "r".into(),
+                        reason: "no".into(),
+                    })
+                } else {
+                    Ok(())
+                }
+            })
+        };
+        // HEVC is preferred, but the only node encoding it is denied: AV1.
+        assert_eq!(
+            first(&[VideoCodec::Hevc, VideoCodec::Av1]),
+            Some(VideoCodec::Av1)
+        );
+        assert_eq!(
+            first(&[VideoCodec::Av1, VideoCodec::Hevc]),
+            Some(VideoCodec::Av1)
+        );
+        assert_eq!(first(&[VideoCodec::Hevc, VideoCodec::H264]), None);
+        assert_eq!(first(&[]), None);
     }
 
     #[test]
