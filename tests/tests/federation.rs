@@ -559,10 +559,16 @@ async fn kill_9_scenario(shared: SharedStore) {
     })
     .await;
     assert_eq!(directory["self"], "a", "{directory}");
-    assert_eq!(
-        node_holder(&gws[0].admin_get(&http, "/admin/nodes").await, "node-b").as_deref(),
-        Some("b")
-    );
+    // B publishes node-b, and A reads it back, within a few publish intervals.
+    eventually("A to list node-b at b", Duration::from_secs(10), || {
+        let (gw, http) = (&gws[0], &http);
+        async move {
+            (node_holder(&gw.admin_get(http, "/admin/nodes").await, "node-b").as_deref()
+                == Some("b"))
+            .then_some(())
+        }
+    })
+    .await;
 
     // Usage through B, acknowledged: B's admin API reads it back from the store.
     for i in 0..5 {
