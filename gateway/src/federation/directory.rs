@@ -472,20 +472,28 @@ pub fn dir_entry(n: &NodeEntry, gateway_id: &str, now_ms: u64) -> NodeDirEntry {
         accepting: accepting(n),
         verification: n.check().state.to_string(),
         updated_at_ms: now_ms,
-        // The registry keeps one encoder per codec, of the codecs this build knows; an entry
-        // the directory would refuse (a control character in its name) is left out rather
-        // than stopping the whole publication.
-        encoders: n
-            .encoders
-            .iter()
-            .map(|e| DirEncoder {
-                codec: e.codec.as_str().to_string(),
-                implementation: e.implementation.clone(),
-            })
-            .filter(crate::store::directory::encoder_ok)
-            .take(nearpath_protocol::message::MAX_ENCODERS)
-            .collect(),
+        encoders: dir_encoders(&n.encoders),
     }
+}
+
+/// A node's encoders as the directory holds them. The registry keeps one encoder per codec, of
+/// the codecs this build knows, with names within the wire's bounds; a control character in an
+/// implementation name (the wire allows it; the directory does not) becomes `?`, since the
+/// name is only shown and the codec must stay. Anything the directory would still refuse is
+/// left out rather than stopping the gateway's whole publication.
+fn dir_encoders(list: &[nearpath_protocol::message::NodeEncoder]) -> Vec<DirEncoder> {
+    list.iter()
+        .map(|e| DirEncoder {
+            codec: e.codec.as_str().to_string(),
+            implementation: e
+                .implementation
+                .chars()
+                .map(|c| if c.is_control() { '?' } else { c })
+                .collect(),
+        })
+        .filter(crate::store::directory::encoder_ok)
+        .take(nearpath_protocol::message::MAX_ENCODERS)
+        .collect()
 }
 
 /// The live (not gone) nodes of the registry as directory entries.
@@ -934,6 +942,27 @@ mod tests {
             .map(|n| n.node_id)
             .collect();
         assert_eq!(ids, ["b"]);
+    }
+
+    #[test]
+    fn a_nodes_odd_encoder_names_are_published_safely_and_keep_their_codec() {
+        use nearpath_protocol::message::{NodeEncoder, VideoCodec, MAX_ENCODER_NAME_BYTES};
+        let enc = |codec, implementation: &str| NodeEncoder {
+            codec,
+            implementation: implementation.into(),
+        };
+        let out = dir_encoders(&[
+            enc(VideoCodec::Av1, "av1\u{1b}[31m\u{85}"),
+            enc(VideoCodec::Hevc, ""),
+            enc(VideoCodec::H264, &"x".repeat(MAX_ENCODER_NAME_BYTES + 1)),
+        ]);
+        let shown: Vec<(&str, &str)> = out
+            .iter()
+            .map(|e| (e.codec.as_str(), e.implementation.as_str()))
+            .collect();
+        // The over-long name cannot come from the wire; were it to, it is left out.
+        assert_eq!(shown, [("av1", "av1?[31m?"), ("hevc", "")]);
+        crate::store::directory::check_encoders(&out).expect("what is published passes");
     }
 
     #[test]
