@@ -149,6 +149,28 @@ async fn hevc_and_av1_players_at_a_are_redirected_to_the_only_node_that_encodes_
         "{view}"
     );
 
+    // A node listing the most encoders registration admits, all one codec (another title, so
+    // that it takes none of the sessions below), is published with one encoder: the directory
+    // holds at most one entry per codec whatever a node lists.
+    let greedy = Registration::new("b-greedy", &b.token)
+        .games(&["chess"], 1)
+        .encoders(&vec![
+            (VideoCodec::Hevc, "hevc_nvenc");
+            nearpath_protocol::message::MAX_ENCODERS
+        ]);
+    let greedy = RawNode::register(&b, ip(DE), greedy.message()).await;
+    assert!(
+        matches!(greedy.first, nearpath_protocol::Message::Registered(_)),
+        "{:?}",
+        greedy.first
+    );
+    let view = remote_view(&a, "b-greedy").await;
+    assert_eq!(
+        view["encoders"],
+        serde_json::json!([{"codec": "hevc", "implementation": "hevc_nvenc"}]),
+        "{view}"
+    );
+
     for codec in [VideoCodec::Hevc, VideoCodec::Av1] {
         let c = native_client(&a, FR_CLIENT).await;
         let wanted = [codec];
@@ -200,7 +222,7 @@ async fn hevc_and_av1_players_at_a_are_redirected_to_the_only_node_that_encodes_
 
     // B's node stops accepting HEVC sessions when it leaves: the next HEVC player at A is
     // refused at A rather than redirected to a node that is gone.
-    drop(at_b);
+    drop((at_b, greedy));
     let _ = b.stop().await;
     eventually("b-hevc-av1 gone from A's view", WAIT, || async {
         let list = a.admin_get("/admin/nodes").await;
