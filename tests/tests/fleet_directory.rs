@@ -428,3 +428,95 @@ print(json.dumps([[m.id, getattr(m, "gateways", None)] for m in c.models.list()]
     at_a.stop().await.unwrap();
     let _ = a.stop().await;
 }
+
+const CHROMIUM_OFFER: &str = include_str!("../browser/chromium-156-offer.sdp");
+
+/// One HTTP request with a raw body (an SDP offer).
+async fn request(
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, hyper::HeaderMap, String) {
+    use http_body_util::BodyExt;
+    let client: hyper_util::client::legacy::Client<_, http_body_util::Full<bytes::Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http();
+    let mut b = hyper::Request::builder().method(method).uri(url);
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    let req = b
+        .body(http_body_util::Full::new(bytes::Bytes::from(
+            body.to_string(),
+        )))
+        .unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(20), client.request(req))
+        .await
+        .expect("request timed out")
+        .unwrap();
+    let status = resp.status().as_u16();
+    let h = resp.headers().clone();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, h, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// A browser whose offer lists AV1, at a gateway that sends browsers AV1 only and whose own
+/// node encodes H.264 only, gets a 307 to the peer whose node encodes AV1, and that peer answers
+/// with AV1 and asks its node for AV1: the ticket carried the codec.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_whep_offer_for_av1_at_a_is_redirected_to_bs_av1_node_and_answered_in_av1() {
+    let Some(server) = nearpath_tests::pg::PgServer::shared() else {
+        return;
+    };
+    let url = server.new_database("fleet_whep_av1");
+    let av1_only =
+        |c: &mut nearpath_config::GatewayConfig| c.game.browser_codecs = vec!["av1".into()];
+    let a = TestGateway::start_on(pg_store(url.clone()).await, |c| {
+        federate(c, "a", 48.85, 2.35);
+        av1_only(c);
+    })
+    .await;
+    let b = TestGateway::start_on(pg_store(url.clone()).await, |c| {
+        federate(c, "b", 52.52, 13.40);
+        av1_only(c);
+    })
+    .await;
+    let _at_a = node_with(&a, "a-h264", "NVIDIA GeForce RTX 4090", &[]).await;
+    let at_b = node_with(
+        &b,
+        "b-av1",
+        "NVIDIA GeForce RTX 4090",
+        &[(VideoCodec::Av1, "libaom-av1")],
+    )
+    .await;
+    remote_view(&a, "b-av1").await;
+
+    let auth = format!("Bearer {API_KEY}");
+    let headers = [
+        ("authorization", auth.as_str()),
+        ("content-type", "application/sdp"),
+        ("x-forwarded-for", FR_CLIENT.0),
+    ];
+    let whep_a = a.api_url("/v1/games/arena/whep?width=320&height=180&fps=30");
+    let (status, h, body) = request("POST", &whep_a, &headers, CHROMIUM_OFFER).await;
+    assert_eq!(status, 307, "{body}");
+    let location = h["location"].to_str().unwrap().to_string();
+    let prefix = format!("http://{}/v1/games/arena/whep?ticket=", b.addrs.http);
+    assert!(location.starts_with(&prefix), "{location}");
+
+    let ((status, _, answer), (params, _streams)) = tokio::join!(
+        request("POST", &location, &headers, CHROMIUM_OFFER),
+        next_game(&at_b)
+    );
+    assert_eq!(status, 201, "{answer}");
+    assert_eq!(params.codec, VideoCodec::Av1);
+    assert!(
+        answer.contains("AV1/90000"),
+        "the answer sends AV1: {answer}"
+    );
+    assert!(!answer.contains("H264/90000"), "and nothing else: {answer}");
+    drop(at_b);
+    a.stop().await;
+    b.stop().await;
+}
