@@ -17,11 +17,21 @@ pub struct LogConfig {
     /// ANSI colour in text lines: `auto` (only when standard error is a terminal and `NO_COLOR`
     /// is unset or empty), `always`, `never`. JSON lines never carry colour. Default: `auto`.
     pub color: LogColor,
-    /// The OpenTelemetry collector receiving this binary's spans (OTLP), as an `http://` URL:
-    /// the base URL (`http://127.0.0.1:4318`, to which `/v1/traces` is added) or the full traces
-    /// URL for `http/protobuf`, `http://127.0.0.1:4317` for `grpc`. No TLS: export to a local
-    /// collector or agent. Default: none (no export, and no exporter built).
+    /// The OpenTelemetry collector receiving this binary's spans (OTLP), as an `http://` or
+    /// `https://` URL: the base URL (`http://127.0.0.1:4318`, to which `/v1/traces` is added) or
+    /// the full traces URL for `http/protobuf`, `http://127.0.0.1:4317` for `grpc`. An `https://`
+    /// collector's certificate is checked against `otlp_ca_file`, or the system's roots.
+    /// Default: none (no export, and no exporter built).
     pub otlp_endpoint: Option<String>,
+    /// PEM file of the certificate authorities an `https://` collector's certificate must chain
+    /// to (a private CA, or the collector's self-signed certificate); only with an `https://`
+    /// `otlp_endpoint`. A relative path is relative to the configuration file. Default: none
+    /// (the system's trust store: `/etc/ssl/certs` on Debian).
+    pub otlp_ca_file: Option<std::path::PathBuf>,
+    /// Headers sent with every export, such as a hosted collector's API key
+    /// (`{ "x-api-key" = "..." }`); names are HTTP header names, values visible ASCII. Values
+    /// are never logged. Default: none.
+    pub otlp_headers: std::collections::BTreeMap<String, String>,
     /// The OTLP transport: `http/protobuf` or `grpc`. Default: `http/protobuf`.
     pub otlp_protocol: OtlpProtocol,
     /// The `service.name` resource of the exported spans. Default: `nearpath-gateway` for the
@@ -39,6 +49,8 @@ impl Default for LogConfig {
             format: LogFormat::Text,
             color: LogColor::Auto,
             otlp_endpoint: None,
+            otlp_ca_file: None,
+            otlp_headers: std::collections::BTreeMap::new(),
             otlp_protocol: OtlpProtocol::HttpProtobuf,
             service_name: None,
             otlp_sample_ratio: 1.0,
@@ -105,6 +117,62 @@ impl LogConfig {
         if let Some(url) = &self.otlp_endpoint {
             check_otlp_endpoint(p, url);
         }
+        if let Some(ca) = &self.otlp_ca_file {
+            let https = self
+                .otlp_endpoint
+                .as_deref()
+                .is_some_and(|u| u.starts_with("https://"));
+            if ca.as_os_str().is_empty() {
+                p.push(
+                    "log.otlp_ca_file",
+                    "must not be empty (leave it out instead)",
+                );
+            } else if !https {
+                p.push(
+                    "log.otlp_ca_file",
+                    "applies only to an https:// otlp_endpoint (a plain http:// export has no certificate to check)",
+                );
+            }
+        }
+        if self.otlp_headers.len() > OTLP_HEADERS_MAX {
+            p.push(
+                "log.otlp_headers",
+                format!(
+                    "at most {OTLP_HEADERS_MAX} headers (got {})",
+                    self.otlp_headers.len()
+                ),
+            );
+        }
+        for (name, value) in &self.otlp_headers {
+            let path = format!("log.otlp_headers.{name}");
+            // RFC 9110 token characters: what an HTTP/1.1 or HTTP/2 header name may be.
+            let token = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c);
+            if name.is_empty() || !name.chars().all(token) {
+                p.push(
+                    &path,
+                    "is not an HTTP header name (letters, digits and - only, in practice)",
+                );
+            } else if name.starts_with("grpc-")
+                || RESERVED_OTLP_HEADERS.contains(&name.to_ascii_lowercase().as_str())
+            {
+                p.push(
+                    &path,
+                    "is set by the exporter itself and cannot be configured",
+                );
+            }
+            // Visible ASCII and spaces inside: what both transports can carry. Never echoed,
+            // since a header value is usually a secret.
+            if value.is_empty()
+                || value.starts_with(' ')
+                || value.ends_with(' ')
+                || !value.chars().all(|c| c == ' ' || c.is_ascii_graphic())
+            {
+                p.push(
+                    &path,
+                    "value must be non-empty visible ASCII, without leading or trailing spaces",
+                );
+            }
+        }
         if let Some(name) = &self.service_name {
             check_name(p, "log.service_name", name, SERVICE_NAME_MAX, false);
         }
@@ -120,17 +188,33 @@ impl LogConfig {
     }
 }
 
-/// An OTLP endpoint is `http://host[:port][/path]`: the exporter is built without TLS, so an
-/// `https://` URL would fail at every export instead of once, here.
+/// Most headers `log.otlp_headers` may set: a collector needs one or two (an API key, a tenant).
+const OTLP_HEADERS_MAX: usize = 16;
+
+/// Headers the exporters set themselves (a configured one would clash or break the request).
+const RESERVED_OTLP_HEADERS: &[&str] = &[
+    "content-type",
+    "content-length",
+    "content-encoding",
+    "host",
+    "te",
+    "connection",
+    "transfer-encoding",
+    "user-agent",
+];
+
+/// An OTLP endpoint is `http://host[:port][/path]` or `https://...`: anything else would fail
+/// at every export instead of once, here.
 fn check_otlp_endpoint(p: &mut Problems, url: &str) {
     const PATH: &str = "log.otlp_endpoint";
-    let Some(rest) = url.strip_prefix("http://") else {
-        let why = if url.starts_with("https://") {
-            "must be an http:// URL: spans are exported without TLS, to a local collector or agent"
-        } else {
-            "must be an http:// URL such as \"http://127.0.0.1:4318\""
-        };
-        p.push(PATH, why);
+    let Some(rest) = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"))
+    else {
+        p.push(
+            PATH,
+            "must be an http:// or https:// URL such as \"http://127.0.0.1:4318\"",
+        );
         return;
     };
     let host = rest.split(['/', '?', '#']).next().unwrap_or("");
@@ -276,11 +360,47 @@ mod tests {
         for (cfg, path, says) in [
             (
                 LogConfig {
-                    otlp_endpoint: Some("https://collector:4318".into()),
+                    otlp_endpoint: Some("ftp://collector:4318".into()),
                     ..LogConfig::default()
                 },
                 "log.otlp_endpoint",
-                "without TLS",
+                "https:// URL",
+            ),
+            (
+                LogConfig {
+                    otlp_endpoint: Some("http://collector:4318".into()),
+                    otlp_ca_file: Some("ca.pem".into()),
+                    ..LogConfig::default()
+                },
+                "log.otlp_ca_file",
+                "only to an https://",
+            ),
+            (
+                LogConfig {
+                    otlp_endpoint: Some("https://collector:4318".into()),
+                    otlp_headers: [("bad name".to_string(), "v".to_string())].into(),
+                    ..LogConfig::default()
+                },
+                "log.otlp_headers.bad name",
+                "not an HTTP header name",
+            ),
+            (
+                LogConfig {
+                    otlp_endpoint: Some("https://collector:4318".into()),
+                    otlp_headers: [("x-api-key".to_string(), "secret\n".to_string())].into(),
+                    ..LogConfig::default()
+                },
+                "log.otlp_headers.x-api-key",
+                "visible ASCII",
+            ),
+            (
+                LogConfig {
+                    otlp_endpoint: Some("https://collector:4318".into()),
+                    otlp_headers: [("Content-Type".to_string(), "text/plain".to_string())].into(),
+                    ..LogConfig::default()
+                },
+                "log.otlp_headers.Content-Type",
+                "set by the exporter",
             ),
             (
                 LogConfig {
@@ -288,7 +408,7 @@ mod tests {
                     ..LogConfig::default()
                 },
                 "log.otlp_endpoint",
-                "http:// URL",
+                "or https:// URL",
             ),
             (
                 LogConfig {

@@ -279,6 +279,11 @@ pub struct StoreConfig {
     /// How long to wait for a PostgreSQL connection (connecting, or a free one from the pool),
     /// in milliseconds. Default: 5000.
     pub connect_timeout_ms: u64,
+    /// PEM file of the certificate authorities the PostgreSQL server's certificate must chain
+    /// to when `url` asks for TLS (`sslmode=require`, which is always checked: libpq's
+    /// `verify-full`); only with `url`. A relative path is relative to the configuration file.
+    /// Default: none (the system's trust store).
+    pub ca_file: Option<PathBuf>,
 }
 
 impl Default for StoreConfig {
@@ -288,6 +293,7 @@ impl Default for StoreConfig {
             url: None,
             pool_size: 8,
             connect_timeout_ms: 5_000,
+            ca_file: None,
         }
     }
 }
@@ -900,7 +906,20 @@ impl GatewayConfig {
                 }
                 p.positive("store.pool_size", s.pool_size);
                 p.positive("store.connect_timeout_ms", s.connect_timeout_ms);
+                let tls = url.contains("sslmode=require") || url.contains("sslmode=verify-");
+                if s.ca_file.is_some() && !tls {
+                    p.push(
+                        "store.ca_file",
+                        "applies only when store.url asks for TLS (sslmode=require or verify-full)",
+                    );
+                }
             }
+        }
+        if s.url.is_none() && s.ca_file.is_some() {
+            p.push(
+                "store.ca_file",
+                "applies only to a PostgreSQL store (store.url)",
+            );
         }
     }
 

@@ -47,12 +47,14 @@ pub const GATEWAY_FILE_KEYS: &[&str] = &[
     "quic.cert_file",
     "quic.key_file",
     "store.path",
+    "store.ca_file",
     "geo.database",
     "geo.anonymous_ip_database",
+    "log.otlp_ca_file",
 ];
 
 /// Keys of the node configuration that name files; see [`GATEWAY_FILE_KEYS`].
-pub const NODE_FILE_KEYS: &[&str] = &["gateway.ca_file"];
+pub const NODE_FILE_KEYS: &[&str] = &["gateway.ca_file", "log.otlp_ca_file"];
 
 /// Checks of what a configuration refers to (certificate files, databases), made by the binary
 /// that uses them. Each error names the key path it concerns; the loader adds the file, line and

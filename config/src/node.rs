@@ -490,9 +490,9 @@ pub struct ModelConfig {
     pub responses: ResponsesMode,
     /// Bytes of weights the model needs in GPU memory, reported to the gateway's checker (which
     /// refuses claims whose weights cannot fit the node's claimed VRAM). 1 to 10 TB; not with
-    /// `params_b`. Default: none (then `params_b` x `dtype`, else unknown: the node reports 0 and
-    /// does not detect the size from an upstream). For the simulator this is the knob that makes
-    /// a node report one model size whatever it serves.
+    /// `params_b`. Default: none (then `params_b` x `dtype`, else the size an upstream llama.cpp
+    /// server lists in `/v1/models` `meta.size`, else unknown: the node reports 0). For the
+    /// simulator this is the knob that makes a node report one model size whatever it serves.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub weights_bytes: Option<u64>,
     /// The model's parameters in billions (e.g. 70.6), with `dtype`: the weight size reported is

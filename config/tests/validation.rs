@@ -1136,3 +1136,36 @@ fn gpu_uuids_are_bounded_printable_and_unique_and_pci_ids_carry_a_vendor() {
         Vec::<String>::new()
     );
 }
+
+#[test]
+fn store_ca_file_needs_a_postgresql_url_that_asks_for_tls() {
+    assert_eq!(
+        gw("[store]\nca_file = \"ca.pem\"\n"),
+        ["2: store.ca_file: applies only to a PostgreSQL store (store.url)"]
+    );
+    assert_eq!(
+        gw("[store]\nurl = \"postgres://u@db/n\"\nca_file = \"ca.pem\"\n"),
+        ["3: store.ca_file: applies only when store.url asks for TLS (sslmode=require or verify-full)"]
+    );
+    for mode in ["require", "verify-full", "verify-ca"] {
+        assert_eq!(
+            gw(&format!(
+                "[store]\nurl = \"postgres://u@db/n?sslmode={mode}\"\nca_file = \"ca.pem\"\n"
+            )),
+            Vec::<String>::new(),
+            "{mode}"
+        );
+    }
+}
+
+#[test]
+fn otlp_ca_file_needs_an_https_endpoint() {
+    assert_eq!(
+        gw("[log]\notlp_endpoint = \"http://127.0.0.1:4318\"\notlp_ca_file = \"ca.pem\"\n"),
+        ["3: log.otlp_ca_file: applies only to an https:// otlp_endpoint (a plain http:// export has no certificate to check)"]
+    );
+    assert_eq!(
+        gw("[log]\notlp_endpoint = \"https://otel.example.com\"\notlp_ca_file = \"ca.pem\"\notlp_headers = { \"x-api-key\" = \"k\" }\n"),
+        Vec::<String>::new()
+    );
+}

@@ -146,6 +146,8 @@ pub struct EdgeNode {
     sessions: Arc<Sessions>,
     bind: Option<SocketAddr>,
     status: watch::Sender<NodeStatus>,
+    /// Model sizes read from upstream servers, for the `Inventory`.
+    weights: crate::inventory::WeightsDetector,
 }
 
 /// How the session with one gateway connection ended.
@@ -207,7 +209,9 @@ impl EdgeNode {
         let gpus = GpuMonitor::detect(&config.gpus, &config.gpu_classes, opts.use_nvml);
         let sessions = Arc::new(Sessions::new(&config).map_err(NodeError::Config)?);
         let (status, _) = watch::channel(NodeStatus::Connecting { attempt: 0 });
+        let weights = crate::inventory::WeightsDetector::new(&config);
         Ok(EdgeNode {
+            weights,
             config,
             verify,
             gpus,
@@ -684,10 +688,14 @@ impl EdgeNode {
         // Once per connection, after `Registered`: only a gateway that admitted the node learns
         // its hardware identities. It goes before the status says registered, so whoever
         // watches the status finds it already on the wire.
+        // Sizes the configuration does not give are read from the upstream servers (once;
+        // at most `DETECT_TIMEOUT` here, and the gateway's checker waits for the inventory).
+        let detected = self.weights.detect(crate::inventory::DETECT_TIMEOUT).await;
         let inventory = crate::inventory::inventory(
             &self.config,
             self.gpus.gpus(),
             self.sessions.encoders().h264_name(),
+            &detected,
         );
         match send(&mut ctl_send, &Message::Inventory(inventory)).await {
             Ok(()) => {}

@@ -20,6 +20,9 @@ pub fn preflight(config: &NodeConfig) -> Vec<ConfigError> {
     ) {
         errors.push(ConfigError::new("models", e.to_string()));
     }
+    if let Err(e) = nearpath_telemetry::check_export(&config.log) {
+        errors.push(ConfigError::new("log.otlp_ca_file", e.to_string()));
+    }
     // The encoder is probed only where games are served (an inference node encodes nothing);
     // the result is cached, so the node does not probe again when it starts.
     if !config.games.is_empty() {

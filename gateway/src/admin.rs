@@ -550,7 +550,7 @@ impl AdminApi {
                     let live = s.directory.registry.get(&id).map(|n| s.directory.registry.node_view(&n));
                     let id2 = id.clone();
                     // A node id belongs to one operator: its SLA record is that operator's.
-                    let (owner, sla, stored, checks) = blocking(s, move |st| {
+                    let (owner, sla, stored, checks, penalties) = blocking(s, move |st| {
                         let owner = st.node_owner(&id2)?;
                         let sla = match &owner {
                             Some(op) => st.sla_get(op, &id2)?,
@@ -558,7 +558,10 @@ impl AdminApi {
                         };
                         let stored = st.load_verification(&id2)?;
                         let checks = st.checks_of(&id2, 20)?;
-                        Ok((owner, sla, stored, checks))
+                        // The events behind `sla.penalty_events` (an impossible claim among
+                        // them), newest first.
+                        let penalties = st.list_penalties(Some(&id2), 20)?;
+                        Ok((owner, sla, stored, checks, penalties))
                     })
                     .await?;
                     // The live verdict when the node is here; else what the store remembers.
@@ -586,7 +589,7 @@ impl AdminApi {
                     if live.is_none() && remote.is_none() && sla.is_none() && owner.is_none() {
                         return Err(error(StatusCode::NOT_FOUND, "not_found", &format!("no node {id}")));
                     }
-                    json(StatusCode::OK, &serde_json::json!({"id": id, "operator_id": owner, "live": live, "remote": remote, "sla": sla, "verification": verification, "checks": checks}))
+                    json(StatusCode::OK, &serde_json::json!({"id": id, "operator_id": owner, "live": live, "remote": remote, "sla": sla, "penalties": penalties, "verification": verification, "checks": checks}))
                 }
                 (&Method::GET, ["gpu-models"]) => {
                     let list = blocking(s, |st| st.list_gpu_models()).await?;

@@ -85,6 +85,9 @@ pub fn preflight(config: &GatewayConfig) -> Vec<ConfigError> {
         };
         errors.push(ConfigError::new(path, shown));
     }
+    if let Err(e) = nearpath_telemetry::check_export(&config.log) {
+        errors.push(ConfigError::new("log.otlp_ca_file", e.to_string()));
+    }
     if let Err(e) = Policy::compile(&config.geofence) {
         errors.push(ConfigError::new("geofence", e.to_string()));
     }
@@ -94,6 +97,11 @@ pub fn preflight(config: &GatewayConfig) -> Vec<ConfigError> {
     if config.store.url.is_none() {
         if let Err(message) = check_sqlite_path(&config.store.path) {
             errors.push(ConfigError::new("store.path", message));
+        }
+    }
+    if let (Some(_), Some(ca)) = (&config.store.url, &config.store.ca_file) {
+        if let Err(message) = crate::store::pg::tls::PgTls::new(Some(ca)) {
+            errors.push(ConfigError::new("store.ca_file", message));
         }
     }
     // The entry `run` writes to the gateway directory, with the configured listeners standing
@@ -232,6 +240,20 @@ mod tests {
         );
         assert!(errors[0].message.contains("missing.pem"), "{errors:#?}");
         assert!(errors[4].message.contains("no-such-folder"), "{errors:#?}");
+    }
+
+    #[test]
+    fn an_otlp_ca_file_run_could_not_read_is_refused_at_its_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = configured(dir.path());
+        cfg.log.otlp_endpoint = Some("https://collector.internal:4318".into());
+        cfg.log.otlp_ca_file = Some(dir.path().join("collector-ca.pem"));
+        let errors = preflight(&cfg);
+        assert_eq!(paths(&errors), ["log.otlp_ca_file"]);
+        assert!(errors[0].message.contains("collector-ca.pem"), "{errors:?}");
+        // The QUIC certificate is a PEM certificate: as a CA file it is accepted.
+        cfg.log.otlp_ca_file = cfg.quic.cert_file.clone();
+        assert_eq!(preflight(&cfg), Vec::new());
     }
 
     #[test]

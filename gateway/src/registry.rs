@@ -488,7 +488,12 @@ impl Default for NodeCheck {
             controlled_block: None,
             quarantine: None,
             penalty_ms: 0.0,
-            view: serde_json::json!({"state": "unverified", "reasons": [], "checks": 0}),
+            // Nothing bars the node until the checker says so (it is off, or has not seen the
+            // node yet): the view shows the gate the gateway applies.
+            view: serde_json::json!({"state": "unverified", "reasons": [], "checks": 0,
+                "controlled_eligible": true,
+                "controlled_gate": {"eligible": true, "blocked_by": null,
+                    "note": "no verdict from the checker (off, or not run yet)"}}),
         }
     }
 }

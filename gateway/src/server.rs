@@ -156,10 +156,11 @@ impl Gateway {
             "QUIC certificate (nodes pin its cert_sha256)"
         );
         let store: Arc<dyn Store> = match &config.store.url {
-            Some(url) => Arc::new(crate::store::PgStore::open(
+            Some(url) => Arc::new(crate::store::PgStore::open_tls(
                 url,
                 config.store.pool_size,
                 Duration::from_millis(config.store.connect_timeout_ms),
+                config.store.ca_file.as_deref(),
             )?),
             None => Arc::new(SqliteStore::open(&config.store.path)?),
         };

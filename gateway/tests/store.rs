@@ -88,6 +88,7 @@ store_suite!(
     hostile_check_records_and_verifications_are_refused_naming_the_field,
     a_changed_gpu_set_is_detected_across_records,
     a_gpu_uuid_held_by_two_live_nodes_is_found_for_both,
+    a_released_gpu_set_is_no_longer_live_but_is_remembered,
     gpu_reports_over_the_limits_are_refused_and_leave_the_set_unchanged,
     a_verification_snapshot_is_replaced_only_by_a_newer_one,
 );
@@ -2525,6 +2526,49 @@ fn a_gpu_uuid_held_by_two_live_nodes_is_found_for_both(store: Arc<dyn Store>) {
     assert!(again.first_seen, "a pruned node starts over");
 }
 
+/// Regression (issue 14, quick rename): a node that left releases its GPU identities at once,
+/// so that the node that takes its GPUs over is not taken for a clone; only the gateway that
+/// recorded them may release them, and the set is still there for the GPU-set-change check.
+fn a_released_gpu_set_is_no_longer_live_but_is_remembered(store: Arc<dyn Store>) {
+    let live = |since: u64| -> Vec<String> {
+        store
+            .gpu_uuid_holders(&["GPU-moved".to_string()], since)
+            .expect("holders")
+            .into_iter()
+            .map(|h| h.node_id)
+            .collect()
+    };
+    store
+        .record_node_gpus("old-name", "eu-1", &gpus(&["GPU-moved"]), 10_000)
+        .expect("record");
+    assert_eq!(live(9_000), ["old-name"]);
+    // Another gateway cannot release what eu-1 recorded.
+    assert!(!store
+        .release_node_gpus("old-name", "us-1", 1_000)
+        .expect("release elsewhere"));
+    assert_eq!(live(9_000), ["old-name"]);
+    assert!(store
+        .release_node_gpus("old-name", "eu-1", 1_000)
+        .expect("release"));
+    assert!(live(9_000).is_empty(), "released: not live any more");
+    assert_eq!(live(0), ["old-name"], "but still recorded");
+    // A release never makes a set look newer than it was.
+    assert!(store
+        .release_node_gpus("old-name", "eu-1", 50_000)
+        .expect("release later"));
+    assert!(live(9_000).is_empty());
+    assert!(!store
+        .release_node_gpus("nobody", "eu-1", 1_000)
+        .expect("release unknown"));
+    // The node comes back: recorded live again, and its set is compared with the one kept.
+    let back = store
+        .record_node_gpus("old-name", "eu-1", &gpus(&["GPU-other"]), 20_000)
+        .expect("back");
+    assert!(back.changed && !back.first_seen);
+    assert!(store.touch_node_gpus("old-name", 21_000).expect("touch"));
+    assert!(live(9_000).is_empty(), "GPU-moved is not in the new set");
+}
+
 fn gpu_reports_over_the_limits_are_refused_and_leave_the_set_unchanged(store: Arc<dyn Store>) {
     use nearpath_gateway::store::{MAX_GPUS, MAX_GPU_UUID_BYTES};
     store
@@ -2724,4 +2768,71 @@ fn pg_two_gateways_recording_checks_of_one_node_at_once_each_keep_their_vote() {
             vote("us-1", "verified", 1_000 + per_gateway - 1),
         ]
     );
+}
+
+/// TLS to PostgreSQL (`[store] ca_file`, `sslmode=require`): a server with a certificate for
+/// 127.0.0.1 is reached over TLS when its CA is configured; the same URL without the CA (the
+/// system's roots, which do not hold it) is refused with a certificate error, which also shows
+/// the connection really is TLS; `sslmode=disable` connects in plain text.
+#[test]
+fn pg_tls_is_checked_against_the_configured_ca_and_refused_without_it() {
+    if !pg::PgServer::available() {
+        return;
+    }
+    let certified =
+        rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()]).unwrap();
+    let server = pg::PgServer::try_start_tls(
+        &certified.cert.pem(),
+        &certified.signing_key.serialize_pem(),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let url = server.new_database("tls");
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("pg-ca.pem");
+    std::fs::write(&ca, certified.cert.pem()).unwrap();
+    let timeout = Duration::from_secs(20);
+
+    let tls_url = format!("{url}?sslmode=require");
+    let store = PgStore::open_tls(&tls_url, 2, timeout, Some(&ca))
+        .unwrap_or_else(|e| panic!("TLS with the CA: {e}; log: {}", server.log()));
+    assert!(store.location().ends_with("(TLS)"), "{}", store.location());
+    store
+        .create_operator("op-tls", KycStatus::Verified)
+        .unwrap();
+    assert_eq!(store.list_operators().unwrap().len(), 1);
+    drop(store);
+    // libpq's spelling of the same check.
+    let verify_full = format!("{url}?sslmode=verify-full");
+    PgStore::open_tls(&verify_full, 1, timeout, Some(&ca)).expect("verify-full reads as require");
+
+    let Err(refused) = PgStore::open_tls(&tls_url, 1, Duration::from_secs(5), None) else {
+        panic!("a server whose CA is not trusted is refused");
+    };
+    let shown = refused.to_string();
+    assert!(
+        shown.contains("certificate") || shown.contains("UnknownIssuer"),
+        "{shown}"
+    );
+    assert!(
+        refused.is_retryable(),
+        "an unreachable store is retryable: {shown}"
+    );
+
+    // Another server name than the certificate's is refused too.
+    let wrong_name = certified_for_other_name();
+    let other = dir.path().join("other-ca.pem");
+    std::fs::write(&other, wrong_name).unwrap();
+    assert!(PgStore::open_tls(&tls_url, 1, Duration::from_secs(5), Some(&other)).is_err());
+
+    let plain = format!("{url}?sslmode=disable");
+    let store = PgStore::open_tls(&plain, 1, timeout, None).expect("plain connection");
+    assert_eq!(store.list_operators().unwrap().len(), 1);
+}
+
+/// A certificate (as PEM) that no server of these tests presents.
+fn certified_for_other_name() -> String {
+    rcgen::generate_simple_self_signed(vec!["db.example.net".into()])
+        .unwrap()
+        .cert
+        .pem()
 }

@@ -10,13 +10,15 @@ use nearpath_config::{LogColor, LogConfig, LogFormat, OtlpProtocol};
 use opentelemetry::trace::{
     SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState, TracerProvider as _,
 };
-use opentelemetry_otlp::{Protocol, WithExportConfig};
+use opentelemetry_otlp::{Protocol, WithExportConfig, WithHttpConfig, WithTonicConfig};
 use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
 use opentelemetry_sdk::Resource;
+use rustls::pki_types::CertificateDer;
 use std::ffi::OsStr;
 use std::io::IsTerminal;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 use tracing::Level;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
@@ -43,6 +45,15 @@ pub enum TelemetryError {
     Filter { directive: String, message: String },
     #[error("OTLP exporter for {endpoint}: {message}")]
     Exporter { endpoint: String, message: String },
+    /// `log.otlp_ca_file` cannot be used.
+    #[error("OTLP CA file {path}: {message}")]
+    CaFile { path: String, message: String },
+    /// The TLS client for an `https://` collector could not be built.
+    #[error("OTLP TLS: {0}")]
+    Tls(String),
+    /// A `log.otlp_headers` entry cannot be sent (its value is not shown: usually a secret).
+    #[error("OTLP header {0}: not a valid header")]
+    Header(String),
 }
 
 /// The filter of printed lines: the library caps, then the operator's directive (`RUST_LOG`
@@ -208,24 +219,35 @@ fn provider(
         endpoint: url.clone(),
         message: e.to_string(),
     };
+    let https = url.starts_with("https://");
     let exporter = match cfg.otlp_protocol {
-        OtlpProtocol::HttpProtobuf => opentelemetry_otlp::SpanExporter::builder()
-            .with_http()
-            .with_protocol(Protocol::HttpBinary)
-            .with_endpoint(url.clone())
-            .with_timeout(EXPORT_TIMEOUT)
-            .build(),
+        OtlpProtocol::HttpProtobuf => {
+            let b = opentelemetry_otlp::SpanExporter::builder()
+                .with_http()
+                .with_protocol(Protocol::HttpBinary)
+                .with_endpoint(url.clone())
+                .with_timeout(EXPORT_TIMEOUT)
+                .with_headers(cfg.otlp_headers.clone().into_iter().collect())
+                // Always our client: reqwest is built without a default crypto provider (see
+                // Cargo.toml), so the exporter's own default client could not be built.
+                .with_http_client(http_client(cfg, https)?);
+            b.build()
+        }
         // tonic's channel runs on the Tokio runtime it is built in: the binaries call `init`
         // from inside theirs.
         OtlpProtocol::Grpc => {
             if tokio_runtime_missing() {
                 return Err(fail(&"grpc export needs a Tokio runtime at start-up"));
             }
-            opentelemetry_otlp::SpanExporter::builder()
+            let mut b = opentelemetry_otlp::SpanExporter::builder()
                 .with_tonic()
                 .with_endpoint(url.clone())
                 .with_timeout(EXPORT_TIMEOUT)
-                .build()
+                .with_metadata(grpc_metadata(cfg)?);
+            if https {
+                b = b.with_tls_config(grpc_tls(cfg)?);
+            }
+            b.build()
         }
     }
     .map_err(|e| fail(&e))?;
@@ -240,6 +262,118 @@ fn provider(
         ))))
         .with_resource(Resource::builder().with_service_name(service).build())
         .build())
+}
+
+/// Checks what exporting needs from outside the configuration file, as `run` will find it:
+/// the CA file of an `https://` collector must hold at least one PEM certificate. Dials
+/// nothing (a collector being down is not a configuration error).
+pub fn check_export(cfg: &LogConfig) -> Result<(), TelemetryError> {
+    match (&cfg.otlp_endpoint, &cfg.otlp_ca_file) {
+        (Some(_), Some(path)) => ca_certificates(path).map(|_| ()),
+        _ => Ok(()),
+    }
+}
+
+/// The DER certificates of the PEM file `path` (at least one).
+fn ca_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TelemetryError> {
+    let fail = |message: String| TelemetryError::CaFile {
+        path: path.display().to_string(),
+        message,
+    };
+    let pem = std::fs::read(path).map_err(|e| fail(e.to_string()))?;
+    let certs = rustls_pemfile::certs(&mut pem.as_slice())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| fail(format!("not PEM: {e}")))?;
+    if certs.is_empty() {
+        return Err(fail("holds no PEM certificate (BEGIN CERTIFICATE)".into()));
+    }
+    Ok(certs)
+}
+
+/// The roots an `https://` collector's certificate is checked against: `otlp_ca_file`'s, or the
+/// system's trust store.
+fn export_roots(cfg: &LogConfig) -> Result<rustls::RootCertStore, TelemetryError> {
+    let mut roots = rustls::RootCertStore::empty();
+    match &cfg.otlp_ca_file {
+        Some(path) => {
+            for cert in ca_certificates(path)? {
+                roots.add(cert).map_err(|e| TelemetryError::CaFile {
+                    path: path.display().to_string(),
+                    message: e.to_string(),
+                })?;
+            }
+        }
+        None => {
+            // Unreadable entries of the system store are skipped, as every TLS client does;
+            // an empty store fails each export with an unknown-issuer error, which is logged.
+            let found = rustls_native_certs::load_native_certs();
+            roots.add_parsable_certificates(found.certs);
+        }
+    }
+    Ok(roots)
+}
+
+/// The HTTP exporter's client: rustls with ring (the provider the rest of the project uses)
+/// and, for an `https://` collector, [`export_roots`] (a plain `http://` one never uses TLS, so
+/// no trust store is read for it). Built on its own thread, because a blocking client owns a
+/// runtime that may not be created or dropped inside the caller's.
+fn http_client(cfg: &LogConfig, https: bool) -> Result<reqwest::blocking::Client, TelemetryError> {
+    let roots = if https {
+        export_roots(cfg)?
+    } else {
+        rustls::RootCertStore::empty()
+    };
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| TelemetryError::Tls(e.to_string()))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    std::thread::spawn(move || {
+        reqwest::blocking::Client::builder()
+            .tls_backend_preconfigured(tls)
+            .timeout(EXPORT_TIMEOUT)
+            .build()
+    })
+    .join()
+    .map_err(|_| TelemetryError::Tls("the HTTP client's thread panicked".into()))?
+    .map_err(|e| TelemetryError::Tls(e.to_string()))
+}
+
+/// The gRPC exporter's TLS: [`export_roots`]' source, given to tonic.
+fn grpc_tls(
+    cfg: &LogConfig,
+) -> Result<opentelemetry_otlp::tonic_types::transport::ClientTlsConfig, TelemetryError> {
+    use opentelemetry_otlp::tonic_types::transport::{Certificate, ClientTlsConfig};
+    Ok(match &cfg.otlp_ca_file {
+        Some(path) => {
+            // Read and checked here so that a bad file is reported once, at start.
+            ca_certificates(path)?;
+            let pem = std::fs::read(path).map_err(|e| TelemetryError::CaFile {
+                path: path.display().to_string(),
+                message: e.to_string(),
+            })?;
+            ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem))
+        }
+        None => ClientTlsConfig::new().with_native_roots(),
+    })
+}
+
+/// `otlp_headers` as gRPC metadata (names lower-cased, as HTTP/2 requires).
+fn grpc_metadata(
+    cfg: &LogConfig,
+) -> Result<opentelemetry_otlp::tonic_types::metadata::MetadataMap, TelemetryError> {
+    use opentelemetry_otlp::tonic_types::metadata::MetadataMap;
+    let mut headers = http::HeaderMap::new();
+    for (name, value) in &cfg.otlp_headers {
+        let bad = || TelemetryError::Header(name.clone());
+        let key = http::HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes())
+            .map_err(|_| bad())?;
+        let value = http::HeaderValue::from_str(value).map_err(|_| bad())?;
+        headers.insert(key, value);
+    }
+    Ok(MetadataMap::from_headers(headers))
 }
 
 fn tokio_runtime_missing() -> bool {
@@ -500,5 +634,179 @@ mod tests {
             ),
             None
         );
+    }
+
+    /// What a fake TLS collector received: one entry per `POST`, with its path, its
+    /// `x-api-key` header and the names of the spans in it.
+    type Posts = std::sync::Arc<Mutex<Vec<(String, Option<String>, Vec<String>)>>>;
+
+    /// A fake OTLP/HTTP collector behind TLS on 127.0.0.1, port 0, with a self-signed
+    /// certificate for `localhost`; returns its port and the certificate's PEM.
+    fn tls_collector(posts: Posts) -> (u16, String) {
+        use http_body_util::BodyExt;
+        use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+        use prost::Message as _;
+        let certified = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        let pem = certified.cert.pem();
+        let chain = vec![certified.cert.der().clone()];
+        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(
+            rustls::pki_types::PrivatePkcs8KeyDer::from(certified.signing_key.serialize_der()),
+        );
+        let mut tls = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                tx.send(listener.local_addr().unwrap().port()).unwrap();
+                loop {
+                    let (tcp, _) = listener.accept().await.unwrap();
+                    let acceptor = acceptor.clone();
+                    let posts = posts.clone();
+                    tokio::spawn(async move {
+                        // A client that refuses the certificate ends the handshake here.
+                        let Ok(tls) = acceptor.accept(tcp).await else {
+                            return;
+                        };
+                        let service = hyper::service::service_fn(
+                            move |req: hyper::Request<hyper::body::Incoming>| {
+                                let posts = posts.clone();
+                                async move {
+                                    let path = req.uri().path().to_string();
+                                    let key = req
+                                        .headers()
+                                        .get("x-api-key")
+                                        .and_then(|v| v.to_str().ok())
+                                        .map(str::to_string);
+                                    let body = req.into_body().collect().await.unwrap().to_bytes();
+                                    let names = ExportTraceServiceRequest::decode(body)
+                                        .map(|e| {
+                                            e.resource_spans
+                                                .into_iter()
+                                                .flat_map(|r| r.scope_spans)
+                                                .flat_map(|s| s.spans)
+                                                .map(|s| s.name)
+                                                .collect()
+                                        })
+                                        .unwrap_or_default();
+                                    posts.lock().unwrap().push((path, key, names));
+                                    Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                                        http_body_util::Full::new(bytes::Bytes::new()),
+                                    ))
+                                }
+                            },
+                        );
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                            .await;
+                    });
+                }
+            });
+        });
+        (rx.recv_timeout(Duration::from_secs(10)).unwrap(), pem)
+    }
+
+    /// Ends one span named `name` through `p` and flushes; whether the export succeeded.
+    fn export_one(p: &SdkTracerProvider, name: &'static str) -> bool {
+        use opentelemetry::trace::{Tracer as _, TracerProvider as _};
+        p.tracer("test").in_span(name, |_| {});
+        p.force_flush().is_ok()
+    }
+
+    #[test]
+    fn spans_reach_an_https_collector_that_the_configured_ca_vouches_for_with_the_headers() {
+        let posts: Posts = Default::default();
+        let (port, pem) = tls_collector(posts.clone());
+        let dir = std::env::temp_dir().join(format!("nearpath-otlp-ca-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ca = dir.join("collector.pem");
+        std::fs::write(&ca, &pem).unwrap();
+        let endpoint = format!("https://localhost:{port}");
+        let cfg = LogConfig {
+            otlp_endpoint: Some(endpoint.clone()),
+            otlp_ca_file: Some(ca.clone()),
+            otlp_headers: [("x-api-key".to_string(), "k-123".to_string())].into(),
+            ..LogConfig::default()
+        };
+        check_export(&cfg).unwrap();
+        let p = provider(&cfg, &endpoint, "svc").unwrap();
+        assert!(export_one(&p, "over-tls"), "the export failed");
+        p.shutdown().ok();
+        let got = posts.lock().unwrap().clone();
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert_eq!(got[0].0, "/v1/traces");
+        assert_eq!(got[0].1.as_deref(), Some("k-123"));
+        assert_eq!(got[0].2, vec!["over-tls".to_string()]);
+
+        // Regression guard for the check itself: with the system's roots (which do not hold
+        // this self-signed certificate) the export fails and the collector gets nothing.
+        let untrusted = LogConfig {
+            otlp_ca_file: None,
+            ..cfg.clone()
+        };
+        let p = provider(&untrusted, &endpoint, "svc").unwrap();
+        assert!(
+            !export_one(&p, "unverified"),
+            "exported to an unverified collector"
+        );
+        p.shutdown().ok();
+        assert_eq!(posts.lock().unwrap().len(), 1);
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn a_ca_file_that_is_missing_or_holds_no_certificate_is_an_error_naming_it() {
+        let dir = std::env::temp_dir().join(format!("nearpath-otlp-bad-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let empty = dir.join("empty.pem");
+        std::fs::write(&empty, "not a certificate\n").unwrap();
+        for (path, says) in [
+            (dir.join("missing.pem"), "No such file"),
+            (empty, "no PEM certificate"),
+        ] {
+            let cfg = LogConfig {
+                otlp_endpoint: Some("https://localhost:4318".into()),
+                otlp_ca_file: Some(path.clone()),
+                ..LogConfig::default()
+            };
+            let e = check_export(&cfg).unwrap_err().to_string();
+            assert!(
+                e.contains(&path.display().to_string()) && e.contains(says),
+                "{e}"
+            );
+            let Err(e) = provider(&cfg, "https://localhost:4318", "svc") else {
+                panic!("a provider with a bad CA file");
+            };
+            let e = e.to_string();
+            assert!(e.contains(says), "{e}");
+            // gRPC reads the same file.
+            let grpc = LogConfig {
+                otlp_protocol: OtlpProtocol::Grpc,
+                ..cfg
+            };
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let Err(e) = rt.block_on(async { provider(&grpc, "https://localhost:4317", "svc") })
+            else {
+                panic!("a gRPC provider with a bad CA file");
+            };
+            let e = e.to_string();
+            assert!(e.contains(says), "{e}");
+        }
+        std::fs::remove_dir_all(&dir).ok();
     }
 }

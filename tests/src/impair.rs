@@ -362,6 +362,13 @@ async fn run_up(
                     if up.connect(target).await.is_err() {
                         continue;
                     }
+                    // Regression: `try_send` on a socket the reactor has not polled yet fails
+                    // with WouldBlock (tokio knows no readiness before the first event), so the
+                    // first datagram of every flow (a QUIC Initial) was dropped and each
+                    // handshake through a relay took a 1 s retransmission longer.
+                    if up.writable().await.is_err() {
+                        continue;
+                    }
                     let up = Arc::new(up);
                     tokio::spawn(run_down(up.clone(), socket.clone(), from, shared.clone(), stop.clone()));
                     flow.insert(up);

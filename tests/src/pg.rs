@@ -92,6 +92,17 @@ impl PgServer {
 
     /// Starts a fresh server, or says why it could not.
     pub fn try_start() -> Result<PgServer, PgServerError> {
+        PgServer::try_start_with(None)
+    }
+
+    /// A fresh server that also accepts TLS (`ssl = on`) with the certificate chain and key in
+    /// the PEM texts `tls` (plain connections are still accepted, so the harness's own
+    /// connections work unchanged).
+    pub fn try_start_tls(cert_pem: &str, key_pem: &str) -> Result<PgServer, PgServerError> {
+        PgServer::try_start_with(Some((cert_pem, key_pem)))
+    }
+
+    fn try_start_with(tls: Option<(&str, &str)>) -> Result<PgServer, PgServerError> {
         let bin = bindir().map_err(PgServerError::NotInstalled)?;
         let dir = tempfile::Builder::new()
             .prefix("nearpath-pg-")
@@ -127,6 +138,30 @@ impl PgServer {
                 out.status,
                 String::from_utf8_lossy(&out.stderr)
             )));
+        }
+
+        if let Some((cert, key)) = tls {
+            // The server refuses a key file others may read, or one it does not own.
+            let write = |name: &str, text: &str| -> std::io::Result<()> {
+                let path = data.join(name);
+                std::fs::write(&path, text)?;
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+                if let Some((uid, gid)) = as_user {
+                    chown(&path, uid, gid)?;
+                }
+                Ok(())
+            };
+            let conf = "\nssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n";
+            write("server.crt", cert)
+                .and_then(|()| write("server.key", key))
+                .and_then(|()| {
+                    use std::io::Write as _;
+                    std::fs::OpenOptions::new()
+                        .append(true)
+                        .open(data.join("postgresql.conf"))?
+                        .write_all(conf.as_bytes())
+                })
+                .map_err(|e| PgServerError::Start(format!("TLS files: {e}")))?;
         }
 
         // The port is found by binding port 0 and releasing it; another process may take it in

@@ -188,6 +188,8 @@ async fn an_over_declared_node_is_demoted_and_routing_prefers_a_verified_one() {
     gw.stop().await;
 }
 
+/// Both nodes are the same operator's: this is also "a rename while the first node is still
+/// connected", which must never pass for a move (issue 14, quick rename).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_gpu_uuid_on_two_live_nodes_quarantines_both() {
     let gw = TestGateway::start(fast_checker).await;
@@ -252,6 +254,14 @@ async fn a_controlled_node_2000_km_from_its_claim_by_rtt_loses_controlled_eligib
     )
     .await;
     assert_eq!(v["controlled_eligible"], false, "{v}");
+    // The view shows the gate the gateway applies, and why it is closed.
+    assert_eq!(v["controlled_gate"]["proximity"], "not_proven", "{v}");
+    assert!(
+        v["controlled_gate"]["blocked_by"]
+            .as_str()
+            .is_some_and(|b| b.contains("not proven near")),
+        "{v}"
+    );
     let (status, body) = chat(&gw, FR_CLIENT).await;
     assert_ne!(
         status, 200,
@@ -267,10 +277,12 @@ async fn a_controlled_node_2000_km_from_its_claim_by_rtt_loses_controlled_eligib
     );
     let mut near_node = TestNode::start(near, ip(DE));
     near_node.registered().await;
-    wait_verification(&gw, "near-h100", "the near node to prove proximity", |v| {
-        v["controlled_eligible"] == true
+    let v = wait_verification(&gw, "near-h100", "the near node to prove proximity", |v| {
+        v["controlled_eligible"] == true && v["checks"].as_u64() > Some(0)
     })
     .await;
+    assert_eq!(v["controlled_gate"]["proximity"], "proven", "{v}");
+    assert_eq!(v["controlled_gate"]["verification"], "passed", "{v}");
     let (status, body) = chat(&gw, FR_CLIENT).await;
     assert_eq!(status, 200, "{body}");
     let _ = far_node.stop().await;
@@ -331,6 +343,381 @@ async fn a_gpu_uuid_already_live_at_another_gateway_quarantines_the_newcomer() {
     );
     let _ = first.stop().await;
     let _ = clone.stop().await;
+    for gw in gws {
+        gw.stop().await;
+    }
+}
+
+/// Regression (issue 14, review): on a gateway with no position, a verified controlled-class
+/// node may serve controlled sessions (proximity cannot be required), and the admin view says
+/// so: `controlled_eligible` is the gate the gateway applies, not the core's strict flag
+/// (verified *and* proven), which read `false` here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_gateway_without_a_position_the_admin_view_shows_the_open_gate() {
+    let gw = TestGateway::start(fast_checker).await;
+    let mut cfg = gw.node_config("h100-anywhere", &gw.token);
+    claim(
+        &mut cfg,
+        "NVIDIA H100 80GB HBM3",
+        81_559,
+        "GPU-h100-anywhere-0001",
+    );
+    let mut node = TestNode::start(cfg, ip(DE));
+    node.registered().await;
+    let v = wait_verification(&gw, "h100-anywhere", "the node to be verified", |v| {
+        v["state"] == "verified"
+    })
+    .await;
+    assert_eq!(v["controlled_eligible"], true, "{v}");
+    let gate = &v["controlled_gate"];
+    assert_eq!(gate["eligible"], true, "{v}");
+    assert_eq!(gate["applies"], true, "an H100 is a controlled class: {v}");
+    assert_eq!(gate["verification"], "passed", "{v}");
+    assert_eq!(gate["proximity"], "not_required", "{v}");
+    assert!(
+        gate["proximity_note"]
+            .as_str()
+            .is_some_and(|n| n.contains("no position")),
+        "{v}"
+    );
+    assert!(gate["blocked_by"].is_null(), "{v}");
+    // What the view says is what the gateway does: the controlled-class session is served.
+    let (status, body) = chat(&gw, FR_CLIENT).await;
+    assert_eq!(status, 200, "{body}");
+    let _ = node.stop().await;
+    gw.stop().await;
+}
+
+/// Regression (issue 14): an impossible claim that no known GPU class can explain (a model
+/// larger than any GPU's memory) quarantines the node AND is an SLA event against its
+/// operator, as a reclassification is: in the penalty list, in the node's SLA record (admin
+/// node view and `/admin/sla`), once per connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_impossible_claim_no_class_explains_quarantines_the_node_with_an_sla_event() {
+    let gw = TestGateway::start(fast_checker).await;
+    // One RTX 3080 serving 2 TB of weights: more than the memory of any class in the table.
+    let mut cfg = gw.node_config("beyond-all", &gw.token);
+    claim(
+        &mut cfg,
+        "NVIDIA GeForce RTX 3080",
+        10_240,
+        "GPU-3080-beyond-0001",
+    );
+    serve(&mut cfg, 50.0, 2_000_000_000_000);
+    let mut node = TestNode::start(cfg, ip(DE));
+    node.registered().await;
+    let v = wait_verification(&gw, "beyond-all", "the node to be quarantined", |v| {
+        v["state"] == "quarantined"
+    })
+    .await;
+    assert!(
+        v["reasons"]
+            .to_string()
+            .contains("beyond any known GPU class"),
+        "{v}"
+    );
+    assert!(v["reclassified_to"].is_null(), "{v}");
+    let detail = eventually(
+        "the SLA event in the node's view",
+        Duration::from_secs(10),
+        || async {
+            let d = gw.admin_get("/admin/nodes/beyond-all").await;
+            (d["sla"]["penalty_events"].as_u64() >= Some(1)).then_some(d)
+        },
+    )
+    .await;
+    let kinds: Vec<&str> = detail["penalties"]
+        .as_array()
+        .expect("penalties listed")
+        .iter()
+        .filter_map(|p| p["kind"].as_str())
+        .collect();
+    assert_eq!(kinds, ["impossible_claim"], "{detail}");
+    assert!(
+        detail["penalties"][0]["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("beyond any known GPU class")),
+        "{detail}"
+    );
+    let sla = gw.admin_get("/admin/sla").await;
+    let row = sla["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["node_id"] == "beyond-all")
+        .cloned()
+        .unwrap_or_else(|| panic!("the node in the SLA listing: {sla}"));
+    assert_eq!(row["penalty_events"], 1, "{sla}");
+    // More verdicts on the same connection (the registration probe) add no second event.
+    wait_verification(&gw, "beyond-all", "the registration probe", |v| {
+        v["checks"].as_u64() > Some(0)
+    })
+    .await;
+    let penalties = gw.admin_get("/admin/penalties?node=beyond-all").await;
+    assert_eq!(
+        penalties["data"].as_array().unwrap().len(),
+        1,
+        "one SLA event per connection: {penalties}"
+    );
+    // A quarantined node serves nothing.
+    let (status, body) = chat(&gw, FR_CLIENT).await;
+    assert_ne!(status, 200, "{body}");
+    let _ = node.stop().await;
+    gw.stop().await;
+}
+
+/// The nodes that hold `uuid` live (renewed within the checker's 90 s window) per the store.
+fn live_holders(gw: &TestGateway, uuid: &str) -> Vec<String> {
+    let since = now_ms().saturating_sub(90_000);
+    gw.store
+        .gpu_uuid_holders(&[uuid.to_string()], since)
+        .unwrap()
+        .into_iter()
+        .map(|h| h.node_id)
+        .collect()
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+/// Starts `id` claiming one L4 with `uuid`, enrolled with `token`, and waits until it is
+/// registered.
+async fn l4_node(gw: &TestGateway, id: &str, token: &str, uuid: &str) -> TestNode {
+    let mut cfg = gw.node_config(id, token);
+    claim(&mut cfg, "NVIDIA L4", 23_034, uuid);
+    let mut n = TestNode::start(cfg, ip(DE));
+    n.registered().await;
+    n
+}
+
+async fn wait_gone(gw: &TestGateway, id: &str) {
+    eventually("the node to leave", Duration::from_secs(20), || async {
+        (!gw.node_ids().await.contains(&id.to_string())).then_some(())
+    })
+    .await;
+}
+
+/// Regression (issue 14, quick rename): a GPU identity counted as live for 90 s after its last
+/// renewal, so an operator who renamed a node (stopped it, started it under another id) within
+/// that window had the new node quarantined as a clone. A node that leaves releases its GPUs
+/// at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_renamed_by_its_operator_keeps_its_gpu_and_is_not_quarantined() {
+    let gw = TestGateway::start(fast_checker).await;
+    let uuid = "GPU-renamed-0001";
+    let old = l4_node(&gw, "old-name", &gw.token, uuid).await;
+    wait_verification(&gw, "old-name", "the first node verified", |v| {
+        v["state"] == "verified"
+    })
+    .await;
+    assert_eq!(live_holders(&gw, uuid), ["old-name"]);
+    let _ = old.stop().await;
+    wait_gone(&gw, "old-name").await;
+    eventually(
+        "the old identity released",
+        Duration::from_secs(10),
+        || async { live_holders(&gw, uuid).is_empty().then_some(()) },
+    )
+    .await;
+    let new = l4_node(&gw, "new-name", &gw.token, uuid).await;
+    let v = wait_verification(&gw, "new-name", "the renamed node checked", |v| {
+        v["checks"].as_u64() > Some(0) || v["state"] == "quarantined"
+    })
+    .await;
+    assert_eq!(v["state"], "verified", "a rename is not a clone: {v}");
+    assert_eq!(live_holders(&gw, uuid), ["new-name"]);
+    let (status, body) = chat(&gw, FR_CLIENT).await;
+    assert_eq!(status, 200, "{body}");
+    let _ = new.stop().await;
+    gw.stop().await;
+}
+
+/// The GPU moved from a node of the same operator that no gateway holds any more, but whose
+/// identity was never released (its gateway died with it): the newcomer is not a clone, and
+/// the old identity is released so that no later sweep flags it. The same GPU left behind by
+/// ANOTHER operator's node still quarantines the newcomer, and so does one another gateway
+/// recorded a moment ago (its node may be live there, not yet in the directory).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gpu_left_behind_by_a_dead_gateway_moves_within_an_operator_only() {
+    let gw = TestGateway::start(fast_checker).await;
+    let (other_op, other_token) = another_operator(&gw, "op-stranger");
+    let ten_s_ago = now_ms() - 10_000;
+    for (ghost, op, uuid) in [
+        ("ghost-own", gw.operator_id.clone(), "GPU-left-behind-own"),
+        ("ghost-stranger", other_op.clone(), "GPU-left-behind-other"),
+    ] {
+        gw.store.claim_node_id(ghost, &op, ten_s_ago).unwrap();
+        gw.store
+            .record_node_gpus(
+                ghost,
+                "gw-dead",
+                &[nearpath_gateway::store::GpuIdentityRow {
+                    uuid: uuid.into(),
+                    pci_device_id: 0x27b810de,
+                    driver_version: "550.54".into(),
+                    model: "NVIDIA L4".into(),
+                }],
+                ten_s_ago,
+            )
+            .unwrap();
+    }
+    // Our operator's node takes over our operator's ghost's GPU: a move.
+    let heir = l4_node(&gw, "heir", &gw.token, "GPU-left-behind-own").await;
+    let v = wait_verification(&gw, "heir", "the heir checked", |v| {
+        v["checks"].as_u64() > Some(0) || v["state"] == "quarantined"
+    })
+    .await;
+    assert_eq!(v["state"], "verified", "{v}");
+    assert_eq!(live_holders(&gw, "GPU-left-behind-own"), ["heir"]);
+    // Our operator's node claims the stranger's GPU: a clone, whoever left it behind.
+    let thief = l4_node(&gw, "thief", &gw.token, "GPU-left-behind-other").await;
+    let v = wait_verification(&gw, "thief", "the thief quarantined", |v| {
+        v["state"] == "quarantined"
+    })
+    .await;
+    assert!(
+        v["reasons"]
+            .to_string()
+            .to_lowercase()
+            .contains("gpu-left-behind-other"),
+        "{v}"
+    );
+    // A GPU another gateway recorded a moment ago may belong to a node live there that is not
+    // in the node directory yet: not a move, even within one operator.
+    gw.store
+        .claim_node_id("ghost-fresh", &gw.operator_id, now_ms())
+        .unwrap();
+    gw.store
+        .record_node_gpus(
+            "ghost-fresh",
+            "gw-elsewhere",
+            &[nearpath_gateway::store::GpuIdentityRow {
+                uuid: "GPU-just-seen".into(),
+                pci_device_id: 0x27b810de,
+                driver_version: "550.54".into(),
+                model: "NVIDIA L4".into(),
+            }],
+            now_ms(),
+        )
+        .unwrap();
+    let hasty = l4_node(&gw, "hasty", &gw.token, "GPU-just-seen").await;
+    wait_verification(&gw, "hasty", "the hasty heir quarantined", |v| {
+        v["state"] == "quarantined"
+    })
+    .await;
+    assert_eq!(
+        live_holders(&gw, "GPU-just-seen"),
+        ["ghost-fresh", "hasty"],
+        "nothing released"
+    );
+    let _ = other_token;
+    let _ = heir.stop().await;
+    let _ = thief.stop().await;
+    let _ = hasty.stop().await;
+    gw.stop().await;
+}
+
+/// A second operator's node claiming a GPU that a live node holds: both are quarantined (the
+/// same-operator move never applies to another operator, nor to a live holder).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_operator_claiming_a_live_gpu_quarantines_both() {
+    let gw = TestGateway::start(fast_checker).await;
+    let (_, other_token) = another_operator(&gw, "op-cloner");
+    let owner = l4_node(&gw, "owner", &gw.token, "GPU-owned-0001").await;
+    let cloner = l4_node(&gw, "cloner", &other_token, "GPU-owned-0001").await;
+    for id in ["owner", "cloner"] {
+        wait_verification(&gw, id, "both quarantined", |v| v["state"] == "quarantined").await;
+    }
+    let _ = owner.stop().await;
+    let _ = cloner.stop().await;
+    gw.stop().await;
+}
+
+/// Federation: a node renamed by its operator at another gateway after it left the first one
+/// cleanly is not a clone (the first gateway released its GPUs); a "rename" while the first
+/// node is still connected to the other gateway is one, found through the node directory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rename_across_gateways_is_a_move_only_once_the_first_node_left() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("federation.db");
+    let store: std::sync::Arc<dyn nearpath_gateway::store::Store> =
+        std::sync::Arc::new(nearpath_gateway::store::SqliteStore::open(&path).unwrap());
+    let mut gws = Vec::new();
+    for id in ["gw-a", "gw-b"] {
+        gws.push(
+            TestGateway::start_sharing(store.clone(), path.clone(), |c| {
+                fast_checker(c);
+                c.federation.gateway_id = Some(id.into());
+                // Both gateways where the nodes' GeoIP places them (loopback RTTs).
+                c.federation.lat = DE.2;
+                c.federation.lon = DE.3;
+            })
+            .await,
+        );
+    }
+    let (a, b) = (&gws[0], &gws[1]);
+    // Still connected: the first node holds the GPU at gw-a. Its identity is aged past the
+    // few seconds in which a fresh identity always counts as live (not published yet), so that
+    // gw-b has to find the node in gw-a's published directory.
+    let uuid = "GPU-federated-rename-0001";
+    let first = l4_node(a, "first-name", &a.token, uuid).await;
+    let v = wait_verification(a, "first-name", "the first node checked", |v| {
+        v["checks"].as_u64() > Some(0)
+    })
+    .await;
+    assert_eq!(v["state"], "verified", "{v}");
+    store
+        .release_node_gpus("first-name", "gw-a", now_ms() - 10_000)
+        .unwrap();
+    assert_eq!(live_holders(a, uuid), ["first-name"], "aged, still live");
+    eventually(
+        "gw-b to see the first node in the directory",
+        Duration::from_secs(10),
+        || async {
+            let nodes = b.admin_get("/admin/nodes").await;
+            nodes["data"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|n| n["id"] == "first-name" && n["remote"] == true)
+                .then_some(())
+        },
+    )
+    .await;
+    let early = l4_node(b, "early-name", &b.token, uuid).await;
+    let v = wait_verification(b, "early-name", "the early rename quarantined", |v| {
+        v["state"] == "quarantined"
+    })
+    .await;
+    assert!(
+        v["reasons"]
+            .to_string()
+            .to_lowercase()
+            .contains(&uuid.to_lowercase()),
+        "{v}"
+    );
+    let _ = early.stop().await;
+    wait_gone(b, "early-name").await;
+    // The first node leaves gw-a cleanly; then the rename at gw-b is a move.
+    let _ = first.stop().await;
+    wait_gone(a, "first-name").await;
+    eventually(
+        "the first identity released",
+        Duration::from_secs(10),
+        || async { live_holders(a, uuid).is_empty().then_some(()) },
+    )
+    .await;
+    let late = l4_node(b, "late-name", &b.token, uuid).await;
+    let v = wait_verification(b, "late-name", "the late rename checked", |v| {
+        v["checks"].as_u64() > Some(0) || v["state"] == "quarantined"
+    })
+    .await;
+    assert_eq!(v["state"], "verified", "{v}");
+    let _ = late.stop().await;
     for gw in gws {
         gw.stop().await;
     }

@@ -223,3 +223,96 @@ async fn unknown_control_message_types_are_skipped_not_fatal() {
     // No inventory sent: the node is unreported.
     assert!(v["live"]["hardware"].is_null());
 }
+
+/// A stand-in for llama.cpp's server (`llama-server`): every request is answered with its
+/// `GET /v1/models` listing, one model under its file path, with `meta.size` (the bytes of
+/// its tensors, `llama_model_size`). Only the listing matters here: the node reads the size
+/// from it before it sends its inventory.
+async fn llama_cpp_models_server(size: u64) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let body = json!({"object": "list", "data": [{
+        "id": "/models/big-q8_0.gguf", "object": "model", "owned_by": "llamacpp",
+        "meta": {"n_params": 40_000_000_000_u64, "size": size, "n_ctx_train": 8192},
+    }]})
+    .to_string();
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            let body = body.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = sock.read(&mut buf).await;
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = sock.write_all(answer.as_bytes()).await;
+                let _ = sock.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+/// Issue 14: a model size the node does not declare is read from its llama.cpp server and
+/// reported as `detected`, so the gateway's physics checks apply to it: a claimed RTX 3080 (12
+/// GiB at most) whose server holds 40 GB of weights is an impossible claim. A declared size
+/// still wins over the server's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undeclared_model_size_is_detected_from_a_llama_cpp_server_and_checked() {
+    let gw = TestGateway::start(|c| {
+        c.checker.enabled = true;
+        c.checker.registration_probe_delay_max_ms = 0;
+        c.checker.seed = Some(3);
+    })
+    .await;
+    let upstream = llama_cpp_models_server(40_000_000_000).await;
+    let mut cfg = gw.node_config("llama-1", &gw.token);
+    cfg.gpus = vec![nearpath_config::GpuSpec {
+        vram_mib: 10_240,
+        uuid: Some("GPU-3080-detected-0001".into()),
+        ..gpu("NVIDIA GeForce RTX 3080")
+    }];
+    cfg.models[0].backend = nearpath_config::BackendConfig::Upstream {
+        base_url: format!("http://{upstream}/v1"),
+        api_key: None,
+        upstream_model: Some("big".into()),
+        timeout_ms: 10_000,
+    };
+    cfg.models[0].weights_bytes = None;
+    cfg.models[0].params_b = None;
+    cfg.models[0].dtype = None;
+    let mut declared = cfg.models[0].clone();
+    declared.name = "declared".into();
+    declared.weights_bytes = Some(5_000_000_000);
+    cfg.models.push(declared);
+    let mut node = TestNode::start(cfg, ip(DE));
+    node.registered().await;
+    let h = hardware(&gw, "llama-1").await;
+    assert_eq!(
+        h["models"],
+        json!([
+            {"name": "m", "weights_bytes": 40_000_000_000_u64, "source": "detected"},
+            {"name": "declared", "weights_bytes": 5_000_000_000_u64, "source": "declared"},
+        ]),
+        "{h}"
+    );
+    let v = eventually(
+        "the checker to find the claim impossible",
+        Duration::from_secs(20),
+        || async {
+            let v = gw.admin_get("/admin/nodes/llama-1").await["verification"].clone();
+            (v["state"] == "impossible_claim").then_some(v)
+        },
+    )
+    .await;
+    assert!(
+        v["reasons"]
+            .to_string()
+            .contains("model m: weights of 40.0 GB do not fit"),
+        "{v}"
+    );
+    node.stop().await.unwrap();
+    gw.stop().await;
+}

@@ -263,3 +263,25 @@ fn the_tiny_model_is_deterministic_and_under_a_megabyte() {
     assert!(files[0].len() < 1_000_000, "{} bytes", files[0].len());
     assert!(files[0] == files[1], "two runs wrote different bytes");
 }
+
+/// Issue 14: llama-cpp-python's server lists no model size in `/v1/models` (llama.cpp's own
+/// server does, in `meta.size`), so a node in front of it that declares none reports the size
+/// as unknown (0), and says so in its log, rather than inventing one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_real_server_lists_no_model_size_so_the_node_reports_it_unknown() {
+    let Some(l) = llama() else { return };
+    let (gw, node) = gateway_in_front_of(l).await;
+    let h = eventually("the node's inventory", Duration::from_secs(10), || async {
+        let v = gw.admin_get("/admin/nodes/de-llama").await;
+        let h = v["live"]["hardware"].clone();
+        (!h.is_null()).then_some(h)
+    })
+    .await;
+    assert_eq!(
+        h["models"],
+        json!([{"name": MODEL, "weights_bytes": 0, "source": "declared"}]),
+        "{h}"
+    );
+    node.stop().await.unwrap();
+    gw.stop().await;
+}

@@ -34,7 +34,9 @@ pub use openai_server::{
 };
 pub use sim::{SimBackend, SimConfig, DEFAULT_SIM_MAX_TOKENS};
 pub use sim_features::{sim_caps, SIM_EMBEDDING_DIMENSIONS};
-pub use upstream::{UpstreamBackend, UpstreamConfig, UpstreamConfigError};
+pub use upstream::{
+    weights_in_listing, DetectError, UpstreamBackend, UpstreamConfig, UpstreamConfigError,
+};
 
 /// How many events a backend may run ahead of its consumer before it waits.
 pub const EVENT_CHANNEL_CAPACITY: usize = 64;

@@ -105,6 +105,8 @@ struct Inner {
     chat_uri: Uri,
     completion_uri: Uri,
     embeddings_uri: Uri,
+    /// `{base}/models`, where llama.cpp's server says how large the loaded weights are.
+    models_uri: Uri,
     auth: Option<HeaderValue>,
     upstream_model: Option<String>,
     timeout: Duration,
@@ -148,6 +150,9 @@ impl UpstreamBackend {
         let chat_uri = endpoint_uri(Endpoint::Chat)?;
         let completion_uri = endpoint_uri(Endpoint::Completion)?;
         let embeddings_uri = endpoint_uri(Endpoint::Embeddings)?;
+        let models_uri: Uri = format!("http://{authority}{base_path}/models")
+            .parse()
+            .map_err(|e: hyper::http::uri::InvalidUri| invalid(&e.to_string()))?;
         let auth = match &config.api_key {
             Some(key) => {
                 let mut value = HeaderValue::from_str(&format!("Bearer {key}"))
@@ -174,6 +179,7 @@ impl UpstreamBackend {
                 chat_uri,
                 completion_uri,
                 embeddings_uri,
+                models_uri,
                 auth,
                 upstream_model: config.upstream_model,
                 timeout,
@@ -185,6 +191,116 @@ impl UpstreamBackend {
     pub fn base_url(&self) -> &str {
         &self.inner.url
     }
+
+    /// The size in bytes of the weights the upstream server has loaded for `model`, when it
+    /// says (`None` when it does not): `GET {base}/models`, the entry whose `id` is `model`
+    /// (or the only entry: llama.cpp's server lists its one model under its file path or
+    /// alias), its `meta.size`. llama.cpp's server (`llama-server`) fills `meta` with
+    /// `llama_model_size` (the bytes of every tensor) and `n_params` (its `/props` lists the
+    /// model's path and file type, not its size); vLLM, Ollama and
+    /// llama-cpp-python's server (0.3: `id`, `object`, `owned_by`, `permissions` only) list no
+    /// size. A parameter count alone is not a size (the bits per weight are unknown), so it is
+    /// not used.
+    pub async fn detect_weights_bytes(
+        &self,
+        model: &str,
+        timeout: Duration,
+    ) -> Result<Option<u64>, DetectError> {
+        let inner = &self.inner;
+        let url = inner.models_uri.to_string();
+        let fetch = async {
+            let mut builder = Request::builder()
+                .method(Method::GET)
+                .uri(inner.models_uri.clone())
+                .header(header::ACCEPT, "application/json");
+            if let Some(auth) = &inner.auth {
+                builder = builder.header(header::AUTHORIZATION, auth.clone());
+            }
+            let request =
+                builder
+                    .body(Full::new(Bytes::new()))
+                    .map_err(|e| DetectError::Request {
+                        url: url.clone(),
+                        reason: e.to_string(),
+                    })?;
+            let response =
+                inner
+                    .client
+                    .request(request)
+                    .await
+                    .map_err(|e| DetectError::Request {
+                        url: url.clone(),
+                        reason: error_chain(&e),
+                    })?;
+            let status = response.status();
+            if !status.is_success() {
+                return Err(DetectError::Status {
+                    url: url.clone(),
+                    status: status.as_u16(),
+                });
+            }
+            let bytes = Limited::new(response.into_body(), MAX_MODELS_BODY)
+                .collect()
+                .await
+                .map_err(|e| DetectError::Request {
+                    url: url.clone(),
+                    reason: format!("reading the answer: {e}"),
+                })?
+                .to_bytes();
+            serde_json::from_slice::<Value>(&bytes).map_err(|e| DetectError::NotJson {
+                url: url.clone(),
+                reason: e.to_string(),
+            })
+        };
+        let listing =
+            tokio::time::timeout(timeout, fetch)
+                .await
+                .map_err(|_| DetectError::Timeout {
+                    url: url.clone(),
+                    timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+                })??;
+        Ok(weights_in_listing(&listing, model))
+    }
+}
+
+/// The most of a `/models` answer read (a server lists a handful of models).
+const MAX_MODELS_BODY: usize = 1024 * 1024;
+/// The largest size believed from an upstream (10 TB, as `[[models]] weights_bytes` allows).
+const MAX_DETECTED_WEIGHTS_BYTES: u64 = nearpath_config::MAX_WEIGHTS_BYTES;
+
+/// Why the weights of an upstream model could not be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DetectError {
+    #[error("GET {url}: {reason}")]
+    Request { url: String, reason: String },
+    #[error("GET {url} answered {status}")]
+    Status { url: String, status: u16 },
+    #[error("GET {url}: the answer is not JSON: {reason}")]
+    NotJson { url: String, reason: String },
+    #[error("GET {url}: no answer within {timeout_ms} ms")]
+    Timeout { url: String, timeout_ms: u64 },
+}
+
+/// `meta.size` of `model` in an OpenAI `/models` listing: the entry whose `id` (or one of its
+/// `aliases`, as recent llama.cpp servers list them) is `model`, else the only entry. A size
+/// that is not a positive integer of at most 10 TB is no size.
+pub fn weights_in_listing(listing: &Value, model: &str) -> Option<u64> {
+    let data = listing.get("data")?.as_array()?;
+    let named = |m: &&Value| {
+        m.get("id").and_then(Value::as_str) == Some(model)
+            || m.get("aliases")
+                .and_then(Value::as_array)
+                .is_some_and(|a| a.iter().any(|x| x.as_str() == Some(model)))
+    };
+    let entry = data
+        .iter()
+        .find(named)
+        .or_else(|| (data.len() == 1).then(|| &data[0]))?;
+    entry
+        .get("meta")?
+        .get("size")?
+        .as_u64()
+        .filter(|b| *b > 0 && *b <= MAX_DETECTED_WEIGHTS_BYTES)
 }
 
 impl Backend for UpstreamBackend {
@@ -1505,5 +1621,183 @@ mod tests {
             }
         );
         assert!(!debug.contains("sk-secret"), "{debug}");
+    }
+
+    /// What llama.cpp's server (`llama-server`) lists in `GET /v1/models`: its one model under
+    /// its file path (or `--alias`), with `meta` from `llama_model_size` / `llama_model_n_params`.
+    fn llama_cpp_listing(id: &str, size: Value) -> Value {
+        json!({"object": "list", "data": [{
+            "id": id, "object": "model", "created": 1_733_500_000, "owned_by": "llamacpp",
+            "meta": {"vocab_type": 2, "n_vocab": 128_256, "n_ctx_train": 131_072,
+                     "n_embd": 4096, "n_params": 8_030_261_248_u64, "size": size},
+        }]})
+    }
+
+    #[test]
+    fn the_weights_size_is_read_from_a_llama_cpp_listing_only() {
+        let listing =
+            llama_cpp_listing("models/llama-3.1-8b-q4_k_m.gguf", json!(4_920_734_720_u64));
+        // llama-server's one model, whatever its id, or the entry named like the model.
+        assert_eq!(
+            weights_in_listing(&listing, "llama-8b"),
+            Some(4_920_734_720)
+        );
+        let two = json!({"data": [
+            {"id": "a", "meta": {"size": 1_000}},
+            {"id": "b", "meta": {"size": 2_000}},
+        ]});
+        assert_eq!(weights_in_listing(&two, "b"), Some(2_000));
+        assert_eq!(weights_in_listing(&two, "c"), None, "ambiguous: no size");
+        let aliased = json!({"data": [
+            {"id": "a", "aliases": ["alpha"], "meta": {"size": 1_000}},
+            {"id": "b", "aliases": [7, "beta"], "meta": {"size": 2_000}},
+        ]});
+        assert_eq!(weights_in_listing(&aliased, "beta"), Some(2_000));
+        // llama-cpp-python's server (0.3) and vLLM list no size; a parameter count is no size.
+        let python = json!({"object": "list", "data": [
+            {"id": "tiny", "object": "model", "owned_by": "me", "permissions": []}]});
+        assert_eq!(weights_in_listing(&python, "tiny"), None);
+        let params_only = json!({"data": [{"id": "m", "meta": {"n_params": 8_000_000_000_u64}}]});
+        assert_eq!(weights_in_listing(&params_only, "m"), None);
+        // Nonsense is no size, and never a panic.
+        for size in [
+            json!(0),
+            json!(-5),
+            json!(1.5e9),
+            json!("4920734720"),
+            json!(null),
+            json!(10_000_000_000_001_u64),
+            json!(u64::MAX),
+        ] {
+            let l = llama_cpp_listing("m", size.clone());
+            assert_eq!(weights_in_listing(&l, "m"), None, "{size}");
+        }
+        for odd in [
+            json!(null),
+            json!([]),
+            json!({"data": {}}),
+            json!({"data": [1, "x"]}),
+            json!({"data": []}),
+            json!({"data": [{"id": 5, "meta": "x"}]}),
+        ] {
+            assert_eq!(weights_in_listing(&odd, "m"), None, "{odd}");
+        }
+    }
+
+    /// A one-route HTTP server that answers every request with `status` and `body`, and tells
+    /// what it was asked (the request head).
+    async fn models_server(
+        status: &'static str,
+        body: String,
+    ) -> (SocketAddr, tokio::sync::mpsc::Receiver<String>) {
+        let listener = match TcpListener::bind("127.0.0.1:0").await {
+            Ok(l) => l,
+            Err(e) => panic!("{e}"),
+        };
+        let addr = match listener.local_addr() {
+            Ok(a) => a,
+            Err(e) => panic!("{e}"),
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        tokio::spawn(async move {
+            while let Ok((mut sock, _)) = listener.accept().await {
+                let mut head = vec![0u8; 8192];
+                let n = sock.read(&mut head).await.unwrap_or(0);
+                let _ = tx
+                    .send(String::from_utf8_lossy(&head[..n]).into_owned())
+                    .await;
+                let answer = format!(
+                    "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = sock.write_all(answer.as_bytes()).await;
+                let _ = sock.shutdown().await;
+            }
+        });
+        (addr, rx)
+    }
+
+    #[tokio::test]
+    async fn the_node_reads_the_model_size_from_a_llama_cpp_server() {
+        let listing = llama_cpp_listing("/models/llama-8b.gguf", json!(4_920_734_720_u64));
+        let (addr, mut asked) = models_server("200 OK", listing.to_string()).await;
+        let b = backend(addr, Some("sk-upstream"), Some("llama-8b"));
+        let size = b
+            .detect_weights_bytes("llama-8b", Duration::from_secs(5))
+            .await;
+        assert_eq!(size, Ok(Some(4_920_734_720)));
+        let head = asked.recv().await.unwrap_or_default();
+        assert!(head.starts_with("GET /v1/models HTTP/1.1"), "{head}");
+        assert!(head.contains("authorization: Bearer sk-upstream"), "{head}");
+    }
+
+    #[tokio::test]
+    async fn a_server_that_lists_no_size_or_fails_or_lies_gives_none_or_an_error() {
+        let python = json!({"object": "list", "data": [{"id": "tiny", "object": "model"}]});
+        let (addr, _asked) = models_server("200 OK", python.to_string()).await;
+        let b = backend(addr, None, None);
+        assert_eq!(
+            b.detect_weights_bytes("tiny", Duration::from_secs(5)).await,
+            Ok(None)
+        );
+        let (addr, _asked) = models_server("404 Not Found", "{}".into()).await;
+        let r = backend(addr, None, None)
+            .detect_weights_bytes("tiny", Duration::from_secs(5))
+            .await;
+        assert!(
+            matches!(r, Err(DetectError::Status { status: 404, .. })),
+            "{r:?}"
+        );
+        let (addr, _asked) = models_server("200 OK", "<html>not json</html>".into()).await;
+        let r = backend(addr, None, None)
+            .detect_weights_bytes("tiny", Duration::from_secs(5))
+            .await;
+        assert!(matches!(r, Err(DetectError::NotJson { .. })), "{r:?}");
+        // Larger than any listing: refused, not buffered without end.
+        let (addr, _asked) = models_server("200 OK", "x".repeat(MAX_MODELS_BODY + 1)).await;
+        let r = backend(addr, None, None)
+            .detect_weights_bytes("tiny", Duration::from_secs(5))
+            .await;
+        assert!(matches!(r, Err(DetectError::Request { .. })), "{r:?}");
+    }
+
+    #[tokio::test]
+    async fn a_server_that_never_answers_costs_the_timeout_only() {
+        // Accepts, reads, and says nothing.
+        let listener = match TcpListener::bind("127.0.0.1:0").await {
+            Ok(l) => l,
+            Err(e) => panic!("{e}"),
+        };
+        let addr = match listener.local_addr() {
+            Ok(a) => a,
+            Err(e) => panic!("{e}"),
+        };
+        let (keep_tx, _keep_rx) = oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let _hold = keep_tx;
+            let mut socks = Vec::new();
+            while let Ok((s, _)) = listener.accept().await {
+                socks.push(s);
+            }
+        });
+        let start = std::time::Instant::now();
+        let r = backend(addr, None, None)
+            .detect_weights_bytes("tiny", Duration::from_millis(300))
+            .await;
+        assert!(
+            matches!(
+                r,
+                Err(DetectError::Timeout {
+                    timeout_ms: 300,
+                    ..
+                })
+            ),
+            "{r:?}"
+        );
+        assert!(
+            start.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            start.elapsed()
+        );
     }
 }

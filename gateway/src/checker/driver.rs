@@ -8,7 +8,7 @@
 //! itself, so no API key is charged and no usage is recorded: they never reach the meter.
 
 use super::geoproof::{Proximity, RttConstraint};
-use super::physics::Tolerance;
+use super::physics::{is_impossible, Tolerance};
 use super::schedule::{Action, Checker, CheckerParams, NodeFacts, ProbeId, Sample};
 use super::verdict::{GatewayVote, Verification, VerificationState};
 use crate::clock::SharedClock;
@@ -48,6 +48,9 @@ pub struct CheckerParts {
     pub gateway_id: String,
     /// In a federation: other gateways' votes and RTT constraints are read from the store.
     pub federated: bool,
+    /// How often gateways publish their nodes to the node directory, in ms
+    /// (`federation.node_directory_interval_ms`): how stale its view of other gateways is.
+    pub directory_interval_ms: u64,
     pub registry: Arc<Registry>,
     pub placement: Arc<Placement>,
     pub sessions: Arc<Sessions>,
@@ -73,6 +76,7 @@ impl CheckerParts {
             position: config.checker_position(),
             gateway_id: crate::federation::directory::gateway_id(config),
             federated: config.federation.gateway_id.is_some(),
+            directory_interval_ms: config.federation.node_directory_interval_ms,
             registry,
             placement,
             sessions,
@@ -155,6 +159,8 @@ struct Tracked {
     foreign: Vec<RttConstraint>,
     /// GPU UUIDs already reported to the core as held by another node.
     dups: std::collections::HashSet<String>,
+    /// The impossible claim of this connection is on the operator's SLA record already.
+    impossible_recorded: bool,
 }
 
 struct Driver {
@@ -177,6 +183,12 @@ const CHECK_RETENTION_MS: u64 = 30 * 86_400_000;
 const GPU_RETENTION_MS: u64 = 7 * 86_400_000;
 /// How long a GPU identity counts as live after it was last renewed, in ms (three renewals).
 const IDENTITY_LIVE_MS: u64 = 3 * IDENTITY_SWEEPS * 1_000;
+/// How old a released GPU identity looks, in ms: past the live window, with as much again to
+/// spare for clocks of other gateways running behind this one's.
+const RELEASED_AGE_MS: u64 = 2 * IDENTITY_LIVE_MS;
+/// A GPU identity another gateway recorded or renewed less than this long ago (in ms) is never
+/// taken as moved: its node may be live there and not in the node directory yet.
+const MOVE_MIN_AGE_MS: u64 = 5_000;
 
 impl Driver {
     async fn run(mut self, mut events: mpsc::Receiver<CheckEvent>, shutdown: CancellationToken) {
@@ -224,6 +236,7 @@ impl Driver {
                 if same {
                     self.nodes.remove(&entry.id);
                     self.core.handle_left(now, &entry.id);
+                    self.release_identity(now, &entry.id).await;
                 }
             }
             CheckEvent::Inventory(entry) => {
@@ -281,13 +294,17 @@ impl Driver {
             .classes_now()
             .iter()
             .any(|(_, c)| policy.is_controlled(*c));
-        if let Some((state, reasons)) = prior.as_ref().filter(|_| controlled) {
-            if state == "quarantined" || state == "impossible_claim" {
-                check.controlled_block = Some(format!(
-                    "its last verdict was {state} ({reasons}); re-checking"
-                ));
+        let gate = match prior.as_ref() {
+            Some((state, reasons)) if state == "quarantined" || state == "impossible_claim" => {
+                ControlledGate::barred(
+                    format!("its last verdict was {state} ({reasons}); re-checking"),
+                    controlled,
+                )
             }
-        }
+            _ => ControlledGate::pending(controlled, self.proximity_rule()),
+        };
+        check.controlled_block = gate.blocked_by.clone().filter(|_| controlled);
+        gate.show_in(&mut check.view);
         self.parts.registry.set_check(&entry, check);
         let foreign = if self.parts.federated {
             self.foreign_constraints(now, &entry.id).await
@@ -307,6 +324,7 @@ impl Driver {
                 prior,
                 foreign,
                 dups: Default::default(),
+                impossible_recorded: false,
             },
         );
     }
@@ -350,6 +368,17 @@ impl Driver {
             t.announced = true;
         }
         self.feed_rtt(now, &entry.id);
+    }
+
+    /// `None` when a controlled-class node must prove proximity on this gateway; else why not.
+    fn proximity_rule(&self) -> Option<&'static str> {
+        if self.parts.position.is_none() {
+            Some("this gateway has no position (checker.lat_deg/lon_deg or a federation position)")
+        } else if !self.parts.config.controlled_requires_proximity {
+            Some("[checker] controlled_requires_proximity is false")
+        } else {
+            None
+        }
     }
 
     fn facts_of(
@@ -442,9 +471,14 @@ impl Driver {
         .await;
         match res {
             Ok(Ok((change, holders))) => {
-                let mut dups: Vec<String> = holders
+                let others = holders
                     .into_iter()
                     .filter(|h| h.node_id != entry.id)
+                    .collect();
+                let mut dups: Vec<String> = self
+                    .live_duplicates(now, &entry.operator_id, others)
+                    .await
+                    .into_iter()
                     .map(|h| {
                         warn!(node = %entry.id, other = %h.node_id, other_gateway = %h.gateway_id, uuid = %h.uuid, "checker: a GPU UUID is reported by two live nodes");
                         h.uuid
@@ -460,6 +494,120 @@ impl Driver {
                 (false, own_dups)
             }
             Err(_) => (false, own_dups),
+        }
+    }
+
+    /// Of the other nodes recorded with one of a node's GPU UUIDs (live within
+    /// [`IDENTITY_LIVE_MS`]), those that make the node a duplicate.
+    ///
+    /// A holder with a live connection anywhere (on this gateway, or published in the node
+    /// directory by another live gateway) is a duplicate, whoever its operator: two live nodes
+    /// with one GPU are both quarantined. So is a holder of another operator, live or not. A
+    /// holder of the same operator with no live connection anywhere is the node's previous
+    /// self (the operator renamed it, or it restarted under a new id, before its identity
+    /// expired): the GPUs moved, so the holder's identities are released, not flagged. When
+    /// the store cannot say, every such holder counts as a duplicate, and so does a holder
+    /// that another gateway recorded or renewed within [`MOVE_MIN_AGE_MS`] (or two directory
+    /// publish intervals), which may be live there although the directory does not list it yet.
+    async fn live_duplicates(
+        &self,
+        now: u64,
+        operator: &str,
+        holders: Vec<crate::store::GpuHolder>,
+    ) -> Vec<crate::store::GpuHolder> {
+        // A holder another gateway recorded this recently may be live there without being
+        // published yet (the node directory is up to a publish interval old): a duplicate.
+        let fresh_since = now.saturating_sub(
+            MOVE_MIN_AGE_MS.max(self.parts.directory_interval_ms.saturating_mul(2)),
+        );
+        let own_gw = &self.parts.gateway_id;
+        let (mut dups, unsure): (Vec<_>, Vec<_>) = holders.into_iter().partition(|h| {
+            let live_here = self
+                .parts
+                .registry
+                .get(&h.node_id)
+                .is_some_and(|e| e.conn.close_reason().is_none());
+            live_here || (&h.gateway_id != own_gw && h.seen_at_ms >= fresh_since)
+        });
+        if unsure.is_empty() {
+            return dups;
+        }
+        let store = self.parts.store.clone();
+        let own = self.parts.gateway_id.clone();
+        let op = operator.to_string();
+        let release_to = now.saturating_sub(RELEASED_AGE_MS);
+        let query = unsure.clone();
+        let res = tokio::task::spawn_blocking(move || {
+            let mut dup = Vec::new();
+            let mut moved = Vec::new();
+            // Read once, and only when a holder of the same operator needs it.
+            let mut live_elsewhere: Option<std::collections::HashSet<String>> = None;
+            for h in query {
+                if store.node_owner(&h.node_id)?.as_deref() != Some(op.as_str()) {
+                    dup.push(h);
+                    continue;
+                }
+                if live_elsewhere.is_none() {
+                    let gateways: std::collections::HashSet<String> = store
+                        .list_gateways()?
+                        .into_iter()
+                        .filter(|g| g.is_live(now) && g.id != own)
+                        .map(|g| g.id)
+                        .collect();
+                    // This gateway's own entries are not read: its registry is the truth here.
+                    live_elsewhere = Some(
+                        store
+                            .list_node_directory()?
+                            .into_iter()
+                            .filter(|n| gateways.contains(&n.gateway_id))
+                            .map(|n| n.node_id)
+                            .collect(),
+                    );
+                }
+                if live_elsewhere
+                    .as_ref()
+                    .is_some_and(|l| l.contains(&h.node_id))
+                {
+                    dup.push(h);
+                } else {
+                    moved.push(h);
+                }
+            }
+            for h in &moved {
+                store.release_node_gpus(&h.node_id, &h.gateway_id, release_to)?;
+            }
+            Ok::<_, crate::store::StoreError>((dup, moved))
+        })
+        .await;
+        match res {
+            Ok(Ok((dup, moved))) => {
+                for h in moved {
+                    info!(from = %h.node_id, from_gateway = %h.gateway_id, uuid = %h.uuid, "checker: a GPU moved from an offline node of the same operator (renamed or restarted); not a duplicate");
+                }
+                dups.extend(dup);
+            }
+            Ok(Err(e)) => {
+                warn!(error = %e, "checker: could not tell whether a GPU moved; counting it as a duplicate");
+                dups.extend(unsure);
+            }
+            Err(_) => dups.extend(unsure),
+        }
+        dups
+    }
+
+    /// A node left this gateway: its GPU identities stop counting as live at once (if this
+    /// gateway recorded them), so that the node that takes its GPUs over next is not taken for
+    /// a clone of it.
+    async fn release_identity(&self, now: u64, node_id: &str) {
+        let store = self.parts.store.clone();
+        let (node, gw) = (node_id.to_string(), self.parts.gateway_id.clone());
+        let to = now.saturating_sub(RELEASED_AGE_MS);
+        match tokio::task::spawn_blocking(move || store.release_node_gpus(&node, &gw, to)).await {
+            Ok(Ok(true)) => debug!(node = %node_id, "checker: GPU identities released"),
+            Ok(Ok(false)) | Err(_) => {}
+            Ok(Err(e)) => {
+                warn!(node = %node_id, error = %e, "checker: could not release the node's GPU identities")
+            }
         }
     }
 
@@ -561,6 +709,7 @@ impl Driver {
         for id in gone {
             self.nodes.remove(&id);
             self.core.handle_left(now, &id);
+            self.release_identity(now, &id).await;
         }
         let ids: Vec<String> = self.nodes.keys().cloned().collect();
         let mut counts: HashMap<&'static str, i64> = HashMap::new();
@@ -641,14 +790,28 @@ impl Driver {
             Err(_) => return,
         };
         for (id, uuids) in mine {
-            for h in &holders {
-                let ours = uuids.iter().any(|u| u.eq_ignore_ascii_case(&h.uuid));
-                let new = ours
-                    && h.node_id != id
-                    && self
-                        .nodes
-                        .get_mut(&id)
-                        .is_some_and(|t| t.dups.insert(h.uuid.to_ascii_lowercase()));
+            let Some(t) = self.nodes.get(&id) else {
+                continue;
+            };
+            let operator = t.entry.operator_id.clone();
+            // Other holders of this node's UUIDs not reported to the core yet.
+            let others: Vec<crate::store::GpuHolder> = holders
+                .iter()
+                .filter(|h| {
+                    h.node_id != id
+                        && uuids.iter().any(|u| u.eq_ignore_ascii_case(&h.uuid))
+                        && !t.dups.contains(&h.uuid.to_ascii_lowercase())
+                })
+                .cloned()
+                .collect();
+            if others.is_empty() {
+                continue;
+            }
+            for h in self.live_duplicates(now, &operator, others).await {
+                let new = self
+                    .nodes
+                    .get_mut(&id)
+                    .is_some_and(|t| t.dups.insert(h.uuid.to_ascii_lowercase()));
                 if new {
                     self.core.handle_duplicate_uuid(now, &id, &h.uuid);
                 }
@@ -751,26 +914,16 @@ impl Driver {
         let state = verification.state;
         let reasons = verification.reasons.join("; ");
         let quarantine = (state == VerificationState::Quarantined).then(|| reasons.clone());
-        let mut controlled_block = None;
-        if controlled {
-            let checked = verification.checks > 0;
-            match state {
-                VerificationState::Verified | VerificationState::ImpossibleClaim => {}
-                VerificationState::Unverified if !checked => {}
-                other => {
-                    controlled_block =
-                        Some(format!("verification is {}: {reasons}", other.as_str()))
-                }
-            }
-            if controlled_block.is_none()
-                && self.parts.position.is_some()
-                && self.parts.config.controlled_requires_proximity
-            {
-                if let Some(Proximity::NotProven { why, .. }) = &verification.proximity {
-                    controlled_block = Some(format!("not proven near its claimed location: {why}"));
-                }
-            }
-        }
+        // The gate is worked out for every node (the admin view shows what it would be), and
+        // applied to the nodes that have a controlled class.
+        let gate = ControlledGate::of(
+            &verification,
+            &reasons,
+            quarantine.as_deref(),
+            self.proximity_rule(),
+            controlled,
+        );
+        let controlled_block = gate.blocked_by.clone().filter(|_| controlled);
         let penalty_ms = if verification.demoted {
             self.parts.config.demoted_penalty_ms
         } else if state == VerificationState::Verified {
@@ -778,7 +931,8 @@ impl Driver {
         } else {
             self.parts.config.unverified_penalty_ms
         };
-        let view = serde_json::to_value(&verification).unwrap_or_default();
+        let mut view = serde_json::to_value(&verification).unwrap_or_default();
+        gate.show_in(&mut view);
         let check = NodeCheck {
             state: state.as_str(),
             checked: verification.checks > 0,
@@ -799,11 +953,22 @@ impl Driver {
         }
         let newly_reclassified = reclassified.is_some() && before.reclassified != reclassified;
         if newly_reclassified {
-            // One SLA event per connection: more evidence may move the class again (weights
-            // first, then a probe's speed), but the operator lied once.
-            let first = before.reclassified.is_none();
-            self.reclassify(now, &entry, &classes_after, &reasons, first)
-                .await;
+            self.reclassify(&entry, &classes_after, &reasons).await;
+        }
+        // An impossible claim is an SLA event whether a class explains it (reclassified) or
+        // none does (quarantined): one per connection, since more evidence may move the class
+        // again (weights first, then a probe's speed), but the operator lied once.
+        let impossible = verification.findings.iter().any(is_impossible)
+            && matches!(
+                state,
+                VerificationState::ImpossibleClaim | VerificationState::Quarantined
+            );
+        let first_lie = self
+            .nodes
+            .get_mut(node_id)
+            .is_some_and(|t| impossible && !std::mem::replace(&mut t.impossible_recorded, true));
+        if first_lie {
+            self.impossible_claim_event(now, &entry, &reasons).await;
         }
         // Durable: the record of this check and the node's state, then the votes of every
         // gateway that checked the node.
@@ -863,14 +1028,12 @@ impl Driver {
 
     /// A node whose claimed classes are impossible is taken as the class it showed: the
     /// onboarding geofence runs again on it, which disconnects a node that could not have
-    /// registered as that class from where it is; the impossible claim is an SLA event.
+    /// registered as that class from where it is.
     async fn reclassify(
         &self,
-        now: u64,
         entry: &Arc<NodeEntry>,
         classes: &[(String, nearpath_geo::ClassId)],
         reasons: &str,
-        sla_event: bool,
     ) {
         self.parts.metrics.checker_reclassifications.inc();
         let names: Vec<&str> = classes.iter().map(|c| c.0.as_str()).collect();
@@ -896,9 +1059,11 @@ impl Driver {
                 break;
             }
         }
-        if !sla_event {
-            return;
-        }
+    }
+
+    /// Records an impossible claim against the node's operator: a penalty event and, with it,
+    /// the node's SLA `penalty_events` (one transaction, in either store).
+    async fn impossible_claim_event(&self, now: u64, entry: &Arc<NodeEntry>, reasons: &str) {
         self.parts
             .metrics
             .penalties
@@ -914,6 +1079,113 @@ impl Driver {
         .await;
         if let Ok(Err(e)) = res {
             warn!(node = %entry.id, error = %e, "checker: could not record the SLA event");
+        }
+    }
+}
+
+/// The gate the gateway applies to a node's controlled GPU classes (`NodeCheck.controlled_block`),
+/// as `GET /admin/nodes/{id}` shows it: `verification.controlled_eligible` is `eligible`, and
+/// `verification.controlled_gate` says why. It is worked out for every node; it only bars the
+/// nodes that have a controlled class (`applies`).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct ControlledGate {
+    /// Whether the gateway lets the node serve controlled classes now.
+    pub eligible: bool,
+    /// Whether the node has a controlled class (after any reclassification).
+    pub applies: bool,
+    /// `passed` (verified, or reclassified to the class it showed), `pending` (no check has
+    /// completed yet: the node may serve until its registration check says otherwise), or
+    /// `failed`.
+    pub verification: &'static str,
+    /// `proven`, `not_proven`, `not_measured` (no RTT or no claimed place yet: not held
+    /// against the node) or `not_required`.
+    pub proximity: &'static str,
+    /// Why proximity is not required, when it is not.
+    pub proximity_note: Option<&'static str>,
+    /// What bars the node, when it is barred.
+    pub blocked_by: Option<String>,
+}
+
+impl ControlledGate {
+    /// The gate after a verdict. `proximity_rule` is `None` when proximity is required, else
+    /// why it is not ([`Driver::proximity_rule`]).
+    pub fn of(
+        v: &Verification,
+        reasons: &str,
+        quarantine: Option<&str>,
+        proximity_rule: Option<&'static str>,
+        applies: bool,
+    ) -> ControlledGate {
+        let (verification, mut blocked_by) = match v.state {
+            VerificationState::Verified | VerificationState::ImpossibleClaim => ("passed", None),
+            VerificationState::Unverified if v.checks == 0 => ("pending", None),
+            other => (
+                "failed",
+                Some(format!("verification is {}: {reasons}", other.as_str())),
+            ),
+        };
+        let proximity = match (proximity_rule, &v.proximity) {
+            (Some(_), _) => "not_required",
+            (None, Some(Proximity::Proven { .. })) => "proven",
+            (None, Some(Proximity::NotProven { why, .. })) => {
+                blocked_by
+                    .get_or_insert_with(|| format!("not proven near its claimed location: {why}"));
+                "not_proven"
+            }
+            (None, Some(Proximity::NoEvidence) | None) => "not_measured",
+        };
+        if let Some(q) = quarantine {
+            blocked_by.get_or_insert_with(|| format!("quarantined: {q}"));
+        }
+        ControlledGate {
+            eligible: blocked_by.is_none(),
+            applies,
+            verification,
+            proximity,
+            proximity_note: proximity_rule,
+            blocked_by,
+        }
+    }
+
+    /// The gate of a node that just registered, before any verdict on this connection.
+    fn pending(applies: bool, proximity_rule: Option<&'static str>) -> ControlledGate {
+        ControlledGate {
+            eligible: true,
+            applies,
+            verification: "pending",
+            proximity: if proximity_rule.is_some() {
+                "not_required"
+            } else {
+                "not_measured"
+            },
+            proximity_note: proximity_rule,
+            blocked_by: None,
+        }
+    }
+
+    /// The gate of a node whose last verdict (remembered by the store) was against it: barred
+    /// until its registration check says otherwise, so that a reconnect cannot launder a verdict.
+    fn barred(why: String, applies: bool) -> ControlledGate {
+        ControlledGate {
+            eligible: false,
+            applies,
+            verification: "pending",
+            proximity: "not_measured",
+            proximity_note: None,
+            blocked_by: Some(why),
+        }
+    }
+
+    /// Puts the gate into a verification view: `controlled_eligible` becomes the gate (the
+    /// core's own flag, verified *and* proven, is stricter than what the gateway applies when
+    /// proximity is not required), and `controlled_gate` explains it.
+    fn show_in(&self, view: &mut serde_json::Value) {
+        if let Some(o) = view.as_object_mut() {
+            o.insert("controlled_eligible".into(), self.eligible.into());
+            o.insert(
+                "controlled_gate".into(),
+                serde_json::to_value(self).unwrap_or_default(),
+            );
         }
     }
 }
@@ -1038,4 +1310,109 @@ async fn probe(
         ttft_ms,
         from_probe: true,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::checker::verdict::{decide, DecideInput};
+
+    const NO_POSITION: Option<&str> = Some("this gateway has no position");
+
+    fn proven() -> Proximity {
+        Proximity::Proven {
+            gateway_id: "g".into(),
+            rtt_ms: 1.0,
+            radius_km: 100.0,
+            distance_km: 10.0,
+        }
+    }
+
+    fn not_proven() -> Proximity {
+        Proximity::NotProven {
+            gateway_id: "g".into(),
+            rtt_ms: 20.0,
+            radius_km: 2000.0,
+            distance_km: 10.0,
+            why: "2,000 km of slack".into(),
+        }
+    }
+
+    /// A verified H100 with the given proximity evidence.
+    fn verified(proximity: Option<Proximity>) -> Verification {
+        let v = decide(&DecideInput {
+            gpu_classes: vec!["h100".into()],
+            checks: 1,
+            proximity,
+            ..DecideInput::default()
+        });
+        assert_eq!(v.state, VerificationState::Verified);
+        v
+    }
+
+    /// Regression (issue 14, review): on a gateway with no position a verified node is eligible
+    /// for controlled classes, which is what the gateway applies, although the core's strict
+    /// flag (verified *and* proven) says no.
+    #[test]
+    fn a_gateway_without_a_position_shows_its_open_gate_not_the_cores_flag() {
+        let v = verified(None);
+        assert!(!v.controlled_eligible, "the core's flag is strict");
+        let g = ControlledGate::of(&v, "", None, NO_POSITION, true);
+        assert!(g.eligible && g.blocked_by.is_none(), "{g:?}");
+        assert_eq!((g.verification, g.proximity), ("passed", "not_required"));
+        assert_eq!(g.proximity_note, NO_POSITION);
+        let mut view = serde_json::to_value(&v).unwrap();
+        g.show_in(&mut view);
+        assert_eq!(view["controlled_eligible"], true);
+        assert_eq!(view["controlled_gate"]["proximity"], "not_required");
+        // Even unproven proximity is not held against a node when it is not required.
+        let g = ControlledGate::of(&verified(Some(not_proven())), "", None, NO_POSITION, true);
+        assert!(g.eligible, "{g:?}");
+    }
+
+    #[test]
+    fn with_a_position_the_gate_needs_proven_proximity() {
+        let g = ControlledGate::of(&verified(Some(proven())), "", None, None, true);
+        assert!(g.eligible, "{g:?}");
+        assert_eq!((g.verification, g.proximity), ("passed", "proven"));
+        let g = ControlledGate::of(&verified(Some(not_proven())), "", None, None, true);
+        assert!(!g.eligible);
+        assert_eq!(g.proximity, "not_proven");
+        assert!(g.blocked_by.unwrap().contains("2,000 km of slack"));
+        // No RTT yet: not held against the node (the registration check decides).
+        let g = ControlledGate::of(&verified(None), "", None, None, true);
+        assert!(g.eligible);
+        assert_eq!(g.proximity, "not_measured");
+    }
+
+    #[test]
+    fn a_failed_or_quarantined_verification_closes_the_gate_and_says_why() {
+        let mislocated = Verification {
+            state: VerificationState::Mislocated,
+            ..verified(Some(proven()))
+        };
+        let g = ControlledGate::of(&mislocated, "far away", None, NO_POSITION, true);
+        assert!(!g.eligible);
+        assert_eq!(g.verification, "failed");
+        assert_eq!(
+            g.blocked_by.as_deref(),
+            Some("verification is mislocated: far away")
+        );
+        let pending = Verification {
+            state: VerificationState::Unverified,
+            checks: 0,
+            ..verified(None)
+        };
+        let g = ControlledGate::of(&pending, "", None, None, false);
+        assert!(g.eligible && !g.applies);
+        assert_eq!(g.verification, "pending");
+        let quarantined = Verification {
+            state: VerificationState::Quarantined,
+            ..verified(None)
+        };
+        let g = ControlledGate::of(&quarantined, "a clone", Some("a clone"), NO_POSITION, true);
+        assert!(!g.eligible);
+        let barred = ControlledGate::barred("its last verdict was quarantined".into(), true);
+        assert!(!barred.eligible && barred.blocked_by.is_some());
+    }
 }

@@ -42,6 +42,10 @@
 //! - **Hardware identity is self-reported.** GPU UUIDs come from the node's NVML; they are
 //!   cross-checked (the same UUID on two live nodes quarantines both) but are not a root of
 //!   trust: a node can invent UUIDs. They catch careless cloning, not a determined liar.
+//!   A node that leaves releases its identities, and a GPU recorded for an offline node of the
+//!   same operator moves to the node that reports it (a rename is not a clone); the node
+//!   directory decides "offline" for other gateways, so a holder another gateway recorded in
+//!   the last few seconds (not published yet) still counts as live.
 //! - **Classes without physics.** An `unclassified` GPU (or one an admin added) has no row:
 //!   nothing about it can be checked, and its verification says so. The geofence already
 //!   treats it as the most restricted class.

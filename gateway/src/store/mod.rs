@@ -1223,6 +1223,24 @@ pub trait Store: Send + Sync + 'static {
             op: "touch_node_gpus",
         })
     }
+    /// Releases the node's GPU identities when it left `gateway_id`, if that gateway recorded
+    /// them: the set's liveness moves back to `seen_at_ms` (never forward), so that a holder
+    /// query from a later bound no longer finds it, and a node that takes the GPUs over (a
+    /// renamed node) is not taken for a clone. The set itself stays, so that a changed GPU set
+    /// is still detected when the node comes back, and it is pruned as before. A set another
+    /// gateway recorded since (the node moved there) is left alone. Returns whether it was
+    /// released.
+    fn release_node_gpus(
+        &self,
+        node_id: &str,
+        gateway_id: &str,
+        seen_at_ms: u64,
+    ) -> Result<bool, StoreError> {
+        let _ = (node_id, gateway_id, seen_at_ms);
+        Err(StoreError::NotSupported {
+            op: "release_node_gpus",
+        })
+    }
     /// Deletes the GPU sets of nodes not seen since `seen_before_ms` (a node seen again later
     /// is then recorded as first seen). Returns the nodes deleted.
     fn prune_node_gpus(&self, seen_before_ms: u64) -> Result<u64, StoreError> {

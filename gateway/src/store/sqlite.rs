@@ -2182,6 +2182,14 @@ impl Store for SqliteStore {
     fn touch_node_gpus(&self, node_id: &str, seen_at_ms: u64) -> Result<bool, StoreError> {
         self.gpu_touch(node_id, seen_at_ms)
     }
+    fn release_node_gpus(
+        &self,
+        node_id: &str,
+        gateway_id: &str,
+        seen_at_ms: u64,
+    ) -> Result<bool, StoreError> {
+        self.gpu_release(node_id, gateway_id, seen_at_ms)
+    }
     fn prune_node_gpus(&self, seen_before_ms: u64) -> Result<u64, StoreError> {
         self.gpu_prune(seen_before_ms)
     }

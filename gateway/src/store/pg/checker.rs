@@ -328,6 +328,26 @@ impl PgStore {
         Ok(found > 0)
     }
 
+    pub(crate) fn gpu_release(
+        &self,
+        node_id: &str,
+        gateway_id: &str,
+        seen_at_ms: u64,
+    ) -> Result<bool, StoreError> {
+        check_node_id(node_id)?;
+        let seen = to_i64("seen_at_ms", seen_at_ms)?;
+        // Only the gateway that recorded the set releases it: the node may have moved on.
+        let found = self.run(Retry::Idempotent, |conn| {
+            conn.execute(
+                "UPDATE node_gpu_sets SET seen_at_ms = LEAST(seen_at_ms, $3) \
+                 WHERE node_id = $1 AND gateway_id = $2",
+                &[&node_id, &gateway_id, &seen],
+            )
+            .map_err(pg_err("release node gpus"))
+        })?;
+        Ok(found > 0)
+    }
+
     pub(crate) fn gpu_prune(&self, seen_before_ms: u64) -> Result<u64, StoreError> {
         let before = saturating_i64(seen_before_ms);
         self.run(Retry::Idempotent, |conn| {

@@ -50,24 +50,27 @@
 
 mod checker;
 mod directory;
+pub mod tls;
 
 use super::sqlite::{check_secret, UsageRow};
 use super::*;
 use ::postgres::types::ToSql;
-use ::postgres::{GenericClient, NoTls, Row};
+use ::postgres::{GenericClient, Row};
+use tls::PgTls;
 
 mod limits;
 mod redirect;
 use r2d2_postgres::PostgresConnectionManager;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 /// A pooled connection.
-pub type PgConn = r2d2::PooledConnection<PostgresConnectionManager<NoTls>>;
+pub type PgConn = r2d2::PooledConnection<PostgresConnectionManager<PgTls>>;
 
-type Pool = r2d2::Pool<PostgresConnectionManager<NoTls>>;
+type Pool = r2d2::Pool<PostgresConnectionManager<PgTls>>;
 
 /// Schema migrations, oldest first. Append, never edit.
 pub(crate) const MIGRATIONS: &[&str] = &[
@@ -359,6 +362,26 @@ fn blocking<T: Send>(f: impl FnOnce() -> T + Send) -> T {
     }
 }
 
+/// Why connecting to `config` fails, as `": cause: ..."` (the error's whole chain), or nothing
+/// when a direct attempt now succeeds.
+fn connect_cause(config: &::postgres::Config, tls: PgTls) -> String {
+    let config = config.clone();
+    let attempt = blocking(move || config.connect(tls).map(drop));
+    match attempt {
+        Ok(()) => String::new(),
+        Err(e) => {
+            let mut shown = String::new();
+            let mut cause: Option<&dyn std::error::Error> = Some(&e);
+            while let Some(c) = cause {
+                shown.push_str(": ");
+                shown.push_str(&c.to_string());
+                cause = c.source();
+            }
+            format!(" (cause{shown})")
+        }
+    }
+}
+
 /// The URL without user, password or options: what error messages may show.
 fn redacted(config: &::postgres::Config) -> String {
     use ::postgres::config::Host;
@@ -377,8 +400,13 @@ fn redacted(config: &::postgres::Config) -> String {
             }
         })
         .collect();
+    let tls = if config.get_ssl_mode() == ::postgres::config::SslMode::Require {
+        " (TLS)"
+    } else {
+        ""
+    };
     format!(
-        "postgresql://{}/{}",
+        "postgresql://{}/{}{tls}",
         hosts.join(","),
         config.get_dbname().unwrap_or("")
     )
@@ -393,9 +421,31 @@ impl PgStore {
         pool_size: u32,
         connect_timeout: Duration,
     ) -> Result<PgStore, StoreError> {
-        let mut config: ::postgres::Config = url.parse().map_err(|e| StoreError::Invalid {
-            field: "store.url",
-            message: format!("{e}"),
+        PgStore::open_tls(url, pool_size, connect_timeout, None)
+    }
+
+    /// [`PgStore::open`], with an `sslmode=require` connection's certificate checked against
+    /// the PEM file `ca_file` instead of the system's roots (see [`tls`]).
+    pub fn open_tls(
+        url: &str,
+        pool_size: u32,
+        connect_timeout: Duration,
+        ca_file: Option<&Path>,
+    ) -> Result<PgStore, StoreError> {
+        let mut config: ::postgres::Config =
+            tls::normalize_sslmode(url)
+                .parse()
+                .map_err(|e| StoreError::Invalid {
+                    field: "store.url",
+                    message: format!("{e}"),
+                })?;
+        // libpq's default, an unverified attempt at TLS, is not made (see `tls`).
+        if config.get_ssl_mode() == ::postgres::config::SslMode::Prefer {
+            config.ssl_mode(::postgres::config::SslMode::Disable);
+        }
+        let tls = PgTls::new(ca_file).map_err(|message| StoreError::Invalid {
+            field: "store.ca_file",
+            message,
         })?;
         // Without a connect timeout of its own, a connection attempt to a host that drops
         // packets would hold one of the pool's threads for the kernel's TCP timeout.
@@ -406,7 +456,7 @@ impl PgStore {
             config.application_name("nearpath-gateway");
         }
         let location = redacted(&config);
-        let manager = PostgresConnectionManager::new(config, NoTls);
+        let manager = PostgresConnectionManager::new(config.clone(), tls.clone());
         // One connection is opened (and waited for) at start, proving the database reachable;
         // the others are opened as load needs them, so many gateways and tests stay well
         // inside the server's `max_connections`.
@@ -416,7 +466,10 @@ impl PgStore {
             .connection_timeout(connect_timeout)
             .build(manager)
             .map_err(|e| StoreError::Unavailable {
-                message: format!("{location}: {e}"),
+                // r2d2 keeps only the driver's top-level message ("error performing TLS
+                // handshake"); one direct attempt says why (an untrusted certificate, a name
+                // mismatch, a refused password).
+                message: format!("{location}: {e}{}", connect_cause(&config, tls)),
             })?;
         let ledger = Arc::new(LedgerState {
             healthy: AtomicBool::new(true),
@@ -1816,6 +1869,14 @@ impl Store for PgStore {
     }
     fn touch_node_gpus(&self, node_id: &str, seen_at_ms: u64) -> Result<bool, StoreError> {
         self.gpu_touch(node_id, seen_at_ms)
+    }
+    fn release_node_gpus(
+        &self,
+        node_id: &str,
+        gateway_id: &str,
+        seen_at_ms: u64,
+    ) -> Result<bool, StoreError> {
+        self.gpu_release(node_id, gateway_id, seen_at_ms)
     }
     fn prune_node_gpus(&self, seen_before_ms: u64) -> Result<u64, StoreError> {
         self.gpu_prune(seen_before_ms)

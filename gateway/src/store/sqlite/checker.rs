@@ -325,6 +325,26 @@ impl SqliteStore {
         Ok(found > 0)
     }
 
+    pub(super) fn gpu_release(
+        &self,
+        node_id: &str,
+        gateway_id: &str,
+        seen_at_ms: u64,
+    ) -> Result<bool, StoreError> {
+        check_node_id(node_id)?;
+        let seen = super::to_i64("seen_at_ms", seen_at_ms)?;
+        let conn = self.write_conn();
+        // Only the gateway that recorded the set releases it: the node may have moved on.
+        let found = conn
+            .execute(
+                "UPDATE node_gpu_sets SET seen_at_ms = min(seen_at_ms, ?3) \
+                 WHERE node_id = ?1 AND gateway_id = ?2",
+                params![node_id, gateway_id, seen],
+            )
+            .op("release node gpus")?;
+        Ok(found > 0)
+    }
+
     pub(super) fn gpu_prune(&self, seen_before_ms: u64) -> Result<u64, StoreError> {
         let before = saturating_i64(seen_before_ms);
         let mut conn = self.write_conn();
