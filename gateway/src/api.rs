@@ -515,6 +515,7 @@ impl ClientApi {
             None => Default::default(),
         };
         remote.retain(|n, _| Auth::model_allowed(key, n));
+        let remote_caps = |n: &str| remote.get(n).map(|r| r.caps).unwrap_or_default();
         let self_id = self.infer.trunk.as_ref().map(|t| t.self_id().to_string());
         // Models whose last node left within `inference.model_grace_s` stay listed, marked
         // unavailable, so that a client does not take a blip for the model's removal.
@@ -525,7 +526,10 @@ impl ClientApi {
         let caps_of = |n: &str| caps.get(n).copied().unwrap_or_default();
         let gateways_of = |n: &str, here: bool| {
             self_id.as_ref().map(|me| {
-                let mut g = remote.get(n).cloned().unwrap_or_default();
+                let mut g = remote
+                    .get(n)
+                    .map(|r| r.gateways.clone())
+                    .unwrap_or_default();
                 if here {
                     g.insert(me.clone());
                 }
@@ -539,12 +543,12 @@ impl ClientApi {
                 created,
                 owned_by: "nearpath",
                 available: true,
-                caps: caps_of(n),
+                caps: caps_of(n).with(remote_caps(n)),
                 gateways: gateways_of(n, true),
             })
             .collect();
-        // Served only by peers' nodes. Capabilities are not published in the node directory,
-        // so none are listed (a request needing one stays on this gateway's nodes).
+        // Served only by peers' nodes, with what those nodes declare (published in the node
+        // directory).
         list.extend(
             remote
                 .keys()
@@ -554,7 +558,7 @@ impl ClientApi {
                     created,
                     owned_by: "nearpath",
                     available: true,
-                    caps: ModelCaps::NONE,
+                    caps: remote_caps(n),
                     gateways: gateways_of(n, false),
                 }),
         );

@@ -39,7 +39,7 @@ use nearpath_protocol::message::{
 };
 use nearpath_protocol::stream::{send, FramedRecv};
 use nearpath_protocol::tls::{parse_sha256_hex, peer_cert_sha256, TransportOptions};
-use nearpath_protocol::{ALPN_PEER, MAX_REQUEST_FRAME, PROTOCOL_VERSION};
+use nearpath_protocol::{ModelCaps, ALPN_PEER, MAX_REQUEST_FRAME, PROTOCOL_VERSION};
 use quinn::{ConnectionError, RecvStream, SendStream};
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -160,6 +160,15 @@ pub fn check_open(
         ));
     }
     Ok(())
+}
+
+/// A model as live peers' nodes serve it ([`Trunk::remote_models`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RemoteModel {
+    /// The gateways holding a node that serves it.
+    pub gateways: std::collections::BTreeSet<String>,
+    /// The union of what those nodes declare for it.
+    pub caps: ModelCaps,
 }
 
 /// A remote node as the router and the inference driver see it.
@@ -415,6 +424,7 @@ fn same_node(a: &NodeDirEntry, b: &NodeDirEntry) -> bool {
         && a.lon == b.lon
         && a.gpu_classes == b.gpu_classes
         && a.models == b.models
+        && a.model_caps == b.model_caps
         && a.games == b.games
         && a.inference_slots == b.inference_slots
         && a.game_slots == b.game_slots
@@ -620,8 +630,13 @@ impl Trunk {
             Workloads {
                 games: n.games.clone(),
                 models: n.models.clone(),
-                // Capabilities are not published: a request needing one stays local.
-                model_caps: Vec::new(),
+                // As the node's gateway published them: a request needing a capability is
+                // routed to a remote node that declares it.
+                model_caps: n
+                    .model_caps
+                    .iter()
+                    .map(|b| ModelCaps::from_bits(u64::from(*b)))
+                    .collect(),
             },
             Capacity {
                 game_sessions: n.game_slots,
@@ -674,17 +689,17 @@ impl Trunk {
     }
 
     /// The models that nodes of live peers serve (per the last directory read), each with the
-    /// ids of the gateways holding such a node, for the fleet-wide `GET /v1/models`. `allow`
-    /// is the listing's geofence check: a node the client may not use lists nothing. Nodes of
-    /// a peer whose lease expired since the read are left out.
+    /// ids of the gateways holding such a node and the union of what those nodes declare, for
+    /// the fleet-wide `GET /v1/models`. `allow` is the listing's geofence check: a node the
+    /// client may not use lists nothing. Nodes of a peer whose lease expired since the read
+    /// are left out.
     pub fn remote_models(
         &self,
         mut allow: impl FnMut(&NodeEntry) -> bool,
-    ) -> std::collections::BTreeMap<String, std::collections::BTreeSet<String>> {
+    ) -> std::collections::BTreeMap<String, RemoteModel> {
         let now_ms = self.clock.unix_ms();
         let snap = lock(&self.snapshot);
-        let mut out: std::collections::BTreeMap<String, std::collections::BTreeSet<String>> =
-            Default::default();
+        let mut out: std::collections::BTreeMap<String, RemoteModel> = Default::default();
         for ((gateway, _), r) in &snap.remote {
             let live = snap
                 .by_key
@@ -694,10 +709,28 @@ impl Trunk {
                 continue;
             }
             for m in &r.dir.models {
-                out.entry(m.clone()).or_default().insert(gateway.clone());
+                let e = out.entry(m.clone()).or_default();
+                e.gateways.insert(gateway.clone());
+                e.caps = e.caps.with(r.entry.model_caps(m).unwrap_or_default());
             }
         }
         out
+    }
+
+    /// The union of the capabilities live peers' nodes declare for `model` (per the last
+    /// directory read); `None` when no such node serves it.
+    pub fn remote_model_caps(&self, model: &str) -> Option<ModelCaps> {
+        let now_ms = self.clock.unix_ms();
+        let snap = lock(&self.snapshot);
+        snap.remote
+            .values()
+            .filter(|r| {
+                snap.by_key
+                    .get(&r.entry.key)
+                    .is_some_and(|(_, expires)| now_ms < *expires)
+            })
+            .filter_map(|r| r.entry.model_caps(model))
+            .reduce(ModelCaps::with)
     }
 
     /// Whether a remote node serves `model` (per the last directory read).
@@ -1013,6 +1046,7 @@ mod tests {
             verification: "unverified".into(),
             updated_at_ms: T0,
             encoders: Vec::new(),
+            model_caps: Vec::new(),
         }
     }
 
@@ -1255,7 +1289,7 @@ mod tests {
         let listed = |t: &Trunk| -> Vec<(String, Vec<String>)> {
             t.remote_models(|n| n.id != "c1" || !n.workloads.models.contains(&"denied".into()))
                 .into_iter()
-                .map(|(m, g)| (m, g.into_iter().collect()))
+                .map(|(m, g)| (m, g.gateways.into_iter().collect()))
                 .collect()
         };
         let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
@@ -1272,6 +1306,7 @@ mod tests {
         assert_eq!(all, s(&["denied", "m", "only-b"]));
         assert_eq!(
             t.remote_models(|_| true)["m"]
+                .gateways
                 .iter()
                 .cloned()
                 .collect::<Vec<_>>(),
@@ -1281,6 +1316,42 @@ mod tests {
         clock.advance(Duration::from_millis(3_000));
         let all: Vec<String> = t.remote_models(|_| true).into_keys().collect();
         assert_eq!(all, s(&["denied", "m"]));
+    }
+
+    #[test]
+    fn remote_nodes_carry_the_model_capabilities_their_gateway_published() {
+        let clock = ManualClock::new(T0);
+        let registry = Arc::new(Registry::new(RouteParams::default()).unwrap());
+        let t = trunk(&clock, registry);
+        let mut tools = dir_node("b1", "gw-b", &["m", "plain"]);
+        tools.model_caps = vec![ModelCaps::TOOLS.bits() | (1 << 20)];
+        t.apply(
+            T0,
+            vec![record("gw-b", [2; 32], T0 + 3_000)],
+            vec![tools, dir_node("b2", "gw-b", &["m"])],
+        );
+        // The union over the nodes serving it; unknown bits dropped; a model past the end of
+        // the list declares nothing.
+        assert_eq!(t.remote_model_caps("m"), Some(ModelCaps::TOOLS));
+        assert_eq!(t.remote_model_caps("plain"), Some(ModelCaps::NONE));
+        assert_eq!(t.remote_model_caps("other"), None);
+        // Routing sees them as the node's own: only b1 passes a check that needs tools.
+        let (_, nodes) = t.route(None, Workload::Model("m"), |n| {
+            if n.model_caps("m")
+                .is_some_and(|c| c.contains(ModelCaps::TOOLS))
+            {
+                Ok(())
+            } else {
+                Err(Deny {
+                    rule: "caps".into(),
+                    reason: "no tools".into(),
+                })
+            }
+        });
+        let ids: Vec<&str> = nodes.iter().map(|n| n.id.as_str()).collect();
+        assert_eq!(ids, ["b1"]);
+        clock.advance(Duration::from_millis(3_000));
+        assert_eq!(t.remote_model_caps("m"), None, "B's lease ended");
     }
 
     #[test]

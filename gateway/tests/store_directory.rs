@@ -104,14 +104,18 @@ fn sqlite_rows_from_before_the_encoders_column_read_as_h264_only() {
             .expect("publish");
     }
     {
-        // Back to the schema before migration 11, the row still there.
+        // Back to the schema before migrations 11 (encoders) and 12 (model capabilities),
+        // the rows still there.
         let conn = rusqlite::Connection::open(&path).expect("raw open");
-        conn.execute_batch("ALTER TABLE node_directory DROP COLUMN encoders")
-            .expect("drop column");
+        conn.execute_batch(
+            "ALTER TABLE node_directory DROP COLUMN encoders; \
+             ALTER TABLE node_directory DROP COLUMN model_caps",
+        )
+        .expect("drop columns");
         conn.pragma_update(
             None,
             "user_version",
-            nearpath_gateway::store::SCHEMA_VERSION - 1,
+            nearpath_gateway::store::SCHEMA_VERSION - 2,
         )
         .expect("user_version");
     }
@@ -122,7 +126,7 @@ fn sqlite_rows_from_before_the_encoders_column_read_as_h264_only() {
         [pair("damaged-1", "eu-1"), pair("old-1", "eu-1")]
     );
     for n in &listed {
-        assert!(n.encoders.is_empty(), "{n:?}");
+        assert!(n.encoders.is_empty() && n.model_caps.is_empty(), "{n:?}");
         assert!(n.encodes(VideoCodec::H264) && !n.encodes(VideoCodec::Hevc));
     }
     let conn = rusqlite::Connection::open(&path).expect("raw open");
@@ -166,8 +170,9 @@ fn pg_rows_from_before_the_encoders_column_read_as_h264_only() {
     let mut raw = postgres::Client::connect(&url, postgres::NoTls).expect("raw connect");
     raw.batch_execute(&format!(
         "ALTER TABLE node_directory DROP COLUMN encoders; \
+         ALTER TABLE node_directory DROP COLUMN model_caps; \
          UPDATE nearpath_schema SET version = {} WHERE id = 1",
-        nearpath_gateway::store::pg::PG_SCHEMA_VERSION - 1
+        nearpath_gateway::store::pg::PG_SCHEMA_VERSION - 2
     ))
     .expect("back to the previous schema");
     let store = open();
@@ -177,7 +182,7 @@ fn pg_rows_from_before_the_encoders_column_read_as_h264_only() {
         [pair("damaged-1", "eu-1"), pair("old-1", "eu-1")]
     );
     for n in &listed {
-        assert!(n.encoders.is_empty(), "{n:?}");
+        assert!(n.encoders.is_empty() && n.model_caps.is_empty(), "{n:?}");
         assert!(n.encodes(VideoCodec::H264) && !n.encodes(VideoCodec::Hevc));
     }
     raw.execute(

@@ -145,6 +145,7 @@ fn published(member: &Member, id: &str) -> NodeDirEntry {
         verification: "unverified".into(),
         updated_at_ms: now_ms(),
         encoders: Vec::new(),
+        model_caps: Vec::new(),
     }
 }
 

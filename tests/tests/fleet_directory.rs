@@ -389,6 +389,30 @@ async fn v1_models_at_a_lists_the_models_only_bs_nodes_serve_once_and_requests_f
         )
         .await;
     assert_eq!(status, 200, "{text}");
+    // So is one needing a capability: B published what its node's model declares (the
+    // simulator's tools, among others), and A routes on it and lists it.
+    assert!(
+        only_b["capabilities"]
+            .as_array()
+            .unwrap()
+            .contains(&Value::from("tools")),
+        "{only_b}"
+    );
+    let tools = serde_json::json!({"model": "only-b", "max_tokens": 4,
+        "messages": [{"role": "user", "content": "weather?"}],
+        "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]});
+    let (status, text) = Http::from(ip(FR_CLIENT))
+        .post(
+            &a.api_url("/v1/chat/completions"),
+            Some(API_KEY),
+            &tools.to_string(),
+            &[],
+        )
+        .await;
+    assert_eq!(
+        status, 200,
+        "a tools request for a model only B serves: {text}"
+    );
 
     // The official client parses the list and keeps `gateways`.
     let script = r#"

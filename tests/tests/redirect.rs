@@ -77,6 +77,7 @@ fn published(b: &TestGateway) -> Vec<NodeDirEntry> {
                 verification: "unverified".into(),
                 updated_at_ms: 0,
                 encoders: Vec::new(),
+                model_caps: Vec::new(),
             }
         })
         .collect()

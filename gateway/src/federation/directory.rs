@@ -473,6 +473,14 @@ pub fn dir_entry(n: &NodeEntry, gateway_id: &str, now_ms: u64) -> NodeDirEntry {
         verification: n.check().state.to_string(),
         updated_at_ms: now_ms,
         encoders: dir_encoders(&n.encoders),
+        // Registration keeps at most one set per model; each is the wire's bits.
+        model_caps: n
+            .workloads
+            .model_caps
+            .iter()
+            .take(n.workloads.models.len())
+            .map(|c| c.bits())
+            .collect(),
     }
 }
 
@@ -870,6 +878,7 @@ mod tests {
             verification: UNVERIFIED.into(),
             updated_at_ms: 0,
             encoders: Vec::new(),
+            model_caps: Vec::new(),
         }
     }
 

@@ -433,6 +433,7 @@ mod tests {
             verification: "unverified".into(),
             updated_at_ms: NOW,
             encoders: Vec::new(),
+            model_caps: Vec::new(),
         }
     }
 

@@ -221,6 +221,16 @@ pub fn check_node_entry(gateway_id: &str, n: &NodeDirEntry) -> Result<(), StoreE
     check_list("models", &n.models)?;
     check_list("games", &n.games)?;
     check_encoders(&n.encoders)?;
+    if n.model_caps.len() > n.models.len() {
+        return Err(invalid(
+            "model_caps",
+            format!(
+                "{} capability sets for {} models",
+                n.model_caps.len(),
+                n.models.len()
+            ),
+        ));
+    }
     if n.inference_free > n.inference_slots {
         return Err(invalid(
             "inference_free",
@@ -337,6 +347,32 @@ pub fn live_remote_nodes<'a>(
     })
 }
 
+/// The longest `model_caps` value a reader parses, in bytes: [`MAX_DIR_LIST`] numbers of at
+/// most 10 digits and their commas.
+pub const MAX_CAPS_JSON_BYTES: usize = 4_096;
+
+/// Encodes a node's model capabilities for a TEXT column (a JSON array of bit sets).
+pub(crate) fn caps_to_json(list: &[u32]) -> String {
+    serde_json::to_string(list).unwrap_or_else(|_| "[]".into())
+}
+
+/// Decodes what [`caps_to_json`] wrote, keeping only the capability bits this build knows;
+/// rows from before the column existed hold `[]`, and a value no gateway writes (too long, not
+/// a list of numbers, more entries than the node has models) reads as `[]` too: no model of
+/// the node declares anything, which only keeps requests needing a capability off it.
+pub(crate) fn caps_from_json(s: &str, models: usize) -> Vec<u32> {
+    if s.len() > MAX_CAPS_JSON_BYTES {
+        return Vec::new();
+    }
+    match serde_json::from_str::<Vec<u64>>(s) {
+        Ok(list) if list.len() <= models => list
+            .into_iter()
+            .map(|b| nearpath_protocol::ModelCaps::from_bits(b).bits())
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
 /// The longest `encoders` value a reader parses, in bytes: [`MAX_ENCODERS`] entries at their
 /// longest take about 1.2 KiB. A longer value (written into the database by something other
 /// than a gateway) is not parsed at all.
@@ -401,6 +437,7 @@ mod reader_tests {
             verification: "unverified".into(),
             updated_at_ms: 0,
             encoders: vec![],
+            model_caps: vec![],
         }
     }
 
@@ -555,6 +592,30 @@ mod encoder_tests {
         }
     }
 
+    #[test]
+    fn model_caps_round_trip_and_damaged_values_read_as_none() {
+        let caps = vec![1 | 8, 0];
+        assert_eq!(caps_from_json(&caps_to_json(&caps), 2), caps);
+        // Unknown bits (a newer gateway's) are dropped; more sets than models, junk or an
+        // oversize value reads as none.
+        assert_eq!(caps_from_json("[4294967295]", 1), [127]);
+        for v in [
+            "[1,2,3]",
+            "nope",
+            "[-1]",
+            "{}",
+            &format!("[{}]", "1,".repeat(3_000)),
+        ] {
+            assert!(caps_from_json(v, 2).is_empty(), "{v:.40}");
+        }
+        let mut n = test_entry();
+        n.model_caps = vec![1; n.models.len() + 1];
+        assert!(
+            check_node_entry("gw-1", &n).is_err(),
+            "more sets than models"
+        );
+    }
+
     fn test_entry() -> crate::store::NodeDirEntry {
         crate::store::NodeDirEntry {
             node_id: "n-1".into(),
@@ -574,6 +635,7 @@ mod encoder_tests {
             verification: "unverified".into(),
             updated_at_ms: 0,
             encoders: vec![],
+            model_caps: vec![],
         }
     }
 }

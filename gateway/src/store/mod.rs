@@ -696,6 +696,12 @@ pub struct NodeDirEntry {
     /// directory carried encoders read as empty too.
     #[serde(default)]
     pub encoders: Vec<DirEncoder>,
+    /// What each model of `models` supports beyond plain text, by position, as the wire's
+    /// capability bits ([`nearpath_protocol::ModelCaps`]); never longer than `models`, and a
+    /// model past its end declares nothing. Rows written before the directory carried them
+    /// read as empty: a request needing a capability then stays on its own gateway's nodes.
+    #[serde(default)]
+    pub model_caps: Vec<u32>,
 }
 
 /// One video encoder in the node directory. The codec is kept as its wire name rather than a

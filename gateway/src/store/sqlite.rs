@@ -302,6 +302,11 @@ ALTER TABLE game_session_dir ADD COLUMN codec TEXT NOT NULL DEFAULT 'h264';
     r#"
 ALTER TABLE node_directory ADD COLUMN encoders TEXT NOT NULL DEFAULT '[]';
 "#,
+    // 12 (issue 13): each node's model capabilities in the node directory, a JSON array of
+    // bit sets by model; rows published before it read as `[]`, none declared.
+    r#"
+ALTER TABLE node_directory ADD COLUMN model_caps TEXT NOT NULL DEFAULT '[]';
+"#,
 ];
 
 /// A stored codec name; one this build does not know (a newer build wrote it) reads as H.264,

@@ -43,6 +43,7 @@ pub fn node(id: &str, gateway: &str, at_ms: u64) -> NodeDirEntry {
         verification: "unverified".into(),
         updated_at_ms: at_ms,
         encoders: Vec::new(),
+        model_caps: Vec::new(),
     }
 }
 
@@ -449,6 +450,8 @@ pub fn encoders_are_published_and_hostile_encoder_lists_are_refused(store: &dyn 
     use nearpath_protocol::message::VideoCodec;
     let mut hevc = node("hevc-1", "eu-1", 100);
     hevc.encoders = vec![encoder("hevc", "x265"), encoder("h264", "x264")];
+    // Model capabilities travel too (tools and logprobs for the node's one model).
+    hevc.model_caps = vec![1 | 8];
     let plain = node("plain-1", "eu-1", 100);
     store
         .publish_nodes("eu-1", &[hevc.clone(), plain.clone()])
@@ -489,6 +492,12 @@ pub fn encoders_are_published_and_hostile_encoder_lists_are_refused(store: &dyn 
         n.encoders = encoders;
         expect_invalid(what, store.publish_nodes("eu-1", &[hevc.clone(), n]));
     }
+    let mut n = node("evil-1", "eu-1", 200);
+    n.model_caps = vec![1; 5_000];
+    expect_invalid(
+        "more capability sets than models",
+        store.publish_nodes("eu-1", &[hevc.clone(), n]),
+    );
     assert_eq!(
         store.list_node_directory().expect("list"),
         [hevc, plain],
