@@ -3,7 +3,8 @@
 //! ```text
 //!  browser --QUIC handshake, ALPN h3 (the WebTransport certificate, `wt_cert.rs`)--> gateway
 //!          <==HTTP/3 SETTINGS, extended CONNECT https://host:port/v1/play (else 404)==>
-//!          --one bidi stream: 0x41 + session id, then the native protocol (PlayRequest ...)-->
+//!          --one bidi stream: 0x41 + session id, then the native protocol (PlayRequest,
+//!            PlayTicket or PlayResume first, as on a native play stream)-->
 //!          <--one uni stream per video frame: 0x54 + session id, FrameHeader, access unit--
 //!          <==datagrams (quarter stream id prefix): input in, audio out==>
 //! ```
@@ -35,6 +36,9 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info_span, Instrument};
 use web_transport_quinn::proto::{Frame, StreamUni, VarInt};
+
+/// The `transport` label of WebTransport sessions (metrics, access lines).
+const TRANSPORT: &str = "webtransport";
 
 /// The one path WebTransport sessions are accepted on.
 pub const PLAY_PATH: &str = "/v1/play";
@@ -263,13 +267,18 @@ impl WebTransport {
             Ok(Ok(Some(m))) => m,
             _ => return,
         };
-        let req = match first {
-            Message::PlayRequest(r) => r,
+        // The first messages a native play stream accepts: a new session, a session a peer
+        // redirected here (`PlayTicket`) or one resumed from a lost gateway (`PlayResume`).
+        let api_key = match &first {
+            Message::PlayRequest(r) => r.api_key.clone(),
+            Message::PlayTicket(t) => t.api_key.clone(),
+            Message::PlayResume(r) => r.api_key.clone(),
             other => {
                 let msg = Message::Error(ErrorInfo {
                     code: "bad_request".into(),
                     message: format!(
-                        "unexpected first message {}: a WebTransport play stream starts with PlayRequest",
+                        "unexpected first message {}: a WebTransport play stream starts with \
+                         PlayRequest, PlayTicket or PlayResume",
                         other.name()
                     ),
                     retryable: false,
@@ -279,8 +288,8 @@ impl WebTransport {
                 return;
             }
         };
-        // serve_play_via authenticates again (a cache hit) and answers a bad key itself.
-        if self.games.authenticate(Some(&req.api_key)).await.is_ok()
+        // The service authenticates again (a cache hit) and answers a bad key itself.
+        if self.games.authenticate(Some(&api_key)).await.is_ok()
             && self.gate.authenticated(conn.stable_id())
         {
             conn.set_receive_window(
@@ -288,17 +297,27 @@ impl WebTransport {
                     .unwrap_or(quinn::VarInt::MAX),
             );
         }
-        self.games
-            .clone()
-            .serve_play_via(
-                conn,
-                FrameSink::WebTransport(sink),
-                "webtransport",
-                tx,
-                framed,
-                req,
-            )
-            .await
+        let games = self.games.clone();
+        let sink = FrameSink::WebTransport(sink);
+        match first {
+            Message::PlayRequest(r) => {
+                games
+                    .serve_play_via(conn, sink, TRANSPORT, tx, framed, r)
+                    .await
+            }
+            Message::PlayTicket(t) => {
+                games
+                    .serve_ticket_via(conn, sink, TRANSPORT, tx, framed, t)
+                    .await
+            }
+            Message::PlayResume(r) => {
+                games
+                    .serve_resume_via(conn, sink, TRANSPORT, tx, framed, r)
+                    .await
+            }
+            // Any other first message was refused above.
+            _ => {}
+        }
     }
 }
 

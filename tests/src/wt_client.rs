@@ -10,7 +10,9 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client as HttpClient;
 use hyper_util::rt::TokioExecutor;
-use nearpath_protocol::message::{Message, PlayRequest, PlayStarted};
+use nearpath_protocol::message::{
+    Message, PlayRequest, PlayResume, PlayStarted, PlayTicket, Redirect,
+};
 use nearpath_protocol::{Decoder, FrameHeader, InputDatagram, InputEvent, VideoFrame};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
@@ -33,7 +35,14 @@ pub enum WtClientError {
     Protocol(String),
     /// The gateway answered the `PlayRequest` with `Error`.
     #[error("refused: {code}: {message}")]
-    Refused { code: String, message: String },
+    Refused {
+        code: String,
+        message: String,
+        retryable: bool,
+    },
+    /// The gateway sent the player to a peer of its federation (play there with the ticket).
+    #[error("redirected to gateway {}", .0.gateway_id)]
+    Redirected(Box<Redirect>),
 }
 
 fn err<E: std::fmt::Display>(f: fn(String) -> WtClientError) -> impl Fn(E) -> WtClientError {
@@ -232,13 +241,50 @@ impl WtPlayer {
     /// Opens the play stream, sends `req` and waits for `PlayStarted` (a `ResumeToken` before
     /// it is kept); `Error` is [`WtClientError::Refused`].
     pub async fn play(session: Session, req: PlayRequest) -> Result<WtPlayer, WtClientError> {
+        Self::start(session, Message::PlayRequest(req)).await
+    }
+
+    /// [`WtPlayer::play`] with `PlayResume`: resumes session `session_id` (whose gateway was
+    /// lost) through the gateway `session` reaches, with its latest resume token.
+    pub async fn resume(
+        session: Session,
+        api_key: &str,
+        session_id: u64,
+        token: &str,
+    ) -> Result<WtPlayer, WtClientError> {
+        let msg = Message::PlayResume(PlayResume {
+            protocol_version: nearpath_protocol::PROTOCOL_VERSION,
+            api_key: api_key.into(),
+            session_id,
+            token: token.into(),
+        });
+        Self::start(session, msg).await
+    }
+
+    /// [`WtPlayer::play`] with `PlayTicket`: plays the session a [`Redirect`]'s ticket names
+    /// on the gateway `session` reaches (the redirect's peer).
+    pub async fn ticket(
+        session: Session,
+        api_key: &str,
+        ticket: &str,
+    ) -> Result<WtPlayer, WtClientError> {
+        let msg = Message::PlayTicket(PlayTicket {
+            protocol_version: nearpath_protocol::PROTOCOL_VERSION,
+            api_key: api_key.into(),
+            ticket: ticket.into(),
+        });
+        Self::start(session, msg).await
+    }
+
+    /// Opens the play stream with `first` and waits for `PlayStarted`.
+    pub async fn start(session: Session, first: Message) -> Result<WtPlayer, WtClientError> {
         // Reading frames starts before the request, so that none waits unread.
         let frames = WtFrames::spawn(session.clone());
         let (mut tx, rx) = session
             .open_bi()
             .await
             .map_err(err(WtClientError::Session))?;
-        send_message(&mut tx, &Message::PlayRequest(req)).await?;
+        send_message(&mut tx, &first).await?;
         let mut p = WtPlayer {
             session,
             started: PlayStarted {
@@ -267,8 +313,10 @@ impl WtPlayer {
                     return Err(WtClientError::Refused {
                         code: e.code,
                         message: e.message,
+                        retryable: e.retryable,
                     })
                 }
+                Some(Message::Redirect(r)) => return Err(WtClientError::Redirected(Box::new(r))),
                 Some(other) => {
                     return Err(WtClientError::Protocol(format!(
                         "unexpected {} before PlayStarted",

@@ -2340,7 +2340,8 @@ fn bytes_of(v: &Value) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_pages_webtransport_wire_codec_matches_the_protocol_crate() {
     use nearpath_protocol::message::{
-        Close, Ended, ErrorInfo, Paused, PlayRequest, PlayStarted, ResumeToken, Rumble, SetVideo,
+        Close, Ended, ErrorInfo, Paused, PlayRequest, PlayResume, PlayStarted, PlayTicket,
+        Redirect, ResumeToken, Rumble, SetVideo,
     };
     use nearpath_protocol::{
         AudioPacket, Decoder, FrameHeader, InputDatagram, InputEvent, Message, VideoCodec,
@@ -2411,6 +2412,33 @@ async fn the_pages_webtransport_wire_codec_matches_the_protocol_crate() {
     );
     let fk = bytes_of(&wire(&page, "forceKeyframe()").await);
     assert_eq!(decode(&fk), Message::ForceKeyframe);
+    // What the page sends to resume a session through another gateway, or to follow a redirect.
+    let token = "0f".repeat(32);
+    let resume = bytes_of(
+        &wire(
+            &page,
+            &format!(r#"playResume("k€y", "{}", "{token}")"#, u64::MAX - 7),
+        )
+        .await,
+    );
+    assert_eq!(
+        decode(&resume),
+        Message::PlayResume(PlayResume {
+            protocol_version: nearpath_protocol::PROTOCOL_VERSION,
+            api_key: "k€y".into(),
+            session_id: u64::MAX - 7,
+            token: token.clone(),
+        })
+    );
+    let ticket = bytes_of(&wire(&page, r#"playTicket("k€y", "t1.ab")"#).await);
+    assert_eq!(
+        decode(&ticket),
+        Message::PlayTicket(PlayTicket {
+            protocol_version: nearpath_protocol::PROTOCOL_VERSION,
+            api_key: "k€y".into(),
+            ticket: "t1.ab".into(),
+        })
+    );
 
     let sid = u64::MAX - 5;
     let ts_ms = 1_765_000_000_123.5_f64;
@@ -2568,6 +2596,17 @@ async fn the_pages_webtransport_wire_codec_matches_the_protocol_crate() {
                 token: "ab".repeat(32),
             }),
             serde_json::json!({"t": "resume_token", "token": "ab".repeat(32)}),
+        ),
+        (
+            Message::Redirect(Redirect {
+                gateway_id: "gw-b ✓".into(),
+                quic_address: "127.0.0.1:4433".into(),
+                cert_sha256: "cd".repeat(32),
+                http_url: "http://127.0.0.1:8080".into(),
+                ticket: "ef".repeat(40),
+            }),
+            serde_json::json!({"t": "redirect", "gatewayId": "gw-b ✓", "quicAddress": "127.0.0.1:4433",
+                "certSha256": "cd".repeat(32), "httpUrl": "http://127.0.0.1:8080", "ticket": "ef".repeat(40)}),
         ),
     ] {
         assert_eq!(wire(&page, &control(&m)).await, want, "{m:?}");

@@ -13,6 +13,7 @@ use nearpath_gateway::game::redirect::FederationView;
 use nearpath_gateway::store::{GatewayRecord, NodeDirEntry, StoreError, UsageKind};
 use nearpath_gateway::ticket::{TicketClaims, MAX_TICKET_TTL_MS};
 use nearpath_protocol::{ClientError, ControlEvent, PlayParams};
+use nearpath_tests::wt_client::{self, WtClientError, WtPlayer};
 use serde_json::Value;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -461,4 +462,182 @@ async fn request(
     let h = resp.headers().clone();
     let body = resp.into_body().collect().await.unwrap().to_bytes();
     (status, h, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// Where a page follows a [`Redirect`](nearpath_protocol::message::Redirect) over WebTransport:
+/// `GET {http_url}/v1/webtransport` of the peer (any origin may read it), then a WebTransport
+/// session to the peer's host on the port and path it names, pinned to its hashes.
+async fn wt_follow(http_url: &str, from: (&str, &str, f64, f64)) -> web_transport_quinn::Session {
+    let url: url::Url = http_url.parse().unwrap();
+    let http: std::net::SocketAddr = format!(
+        "{}:{}",
+        url.host_str().unwrap(),
+        url.port_or_known_default().unwrap()
+    )
+    .parse()
+    .unwrap();
+    let info = wt_client::fetch_info(http).await.unwrap();
+    let quic = std::net::SocketAddr::new(http.ip(), info.port);
+    let (session, _) = wt_client::connect(ip(from), quic, &info.path, &info.cert_hashes)
+        .await
+        .unwrap();
+    session
+}
+
+async fn wt_session_at(
+    gw: &TestGateway,
+    from: (&str, &str, f64, f64),
+) -> web_transport_quinn::Session {
+    wt_follow(&format!("http://{}", gw.addrs.http), from).await
+}
+
+/// Issue 17 ("not carried over WebTransport"): a WebTransport player at A is redirected to the
+/// node on B with the native `Redirect`, follows it with what the message carries (the peer's
+/// HTTP URL, then its `/v1/webtransport`), presents the ticket over WebTransport and plays on B.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webtransport_player_at_a_is_redirected_and_plays_on_b_with_its_ticket() {
+    let (_dir, a, b) = federation(|_| {}).await;
+    let node = raw_game_node(&b, "b-1", ip(DE), &b.token, &["arena"], 2).await;
+    publish(&a, &b, u64::MAX);
+
+    let session = wt_session_at(&a, FR_CLIENT).await;
+    let redirect = match WtPlayer::play(
+        session,
+        wt_client::play_request(API_KEY, "arena", 320, 180, 30),
+    )
+    .await
+    {
+        Err(WtClientError::Redirected(r)) => r,
+        Ok(p) => panic!("A played the session itself: {}", p.started.session_id),
+        Err(e) => panic!("{e}"),
+    };
+    assert_eq!(redirect.gateway_id, "b");
+    assert_eq!(redirect.http_url, format!("http://{}", b.addrs.http));
+    assert!(admin_game_session_list(&a).await.is_empty(), "A holds none");
+
+    // The page that follows it was served by A: B's WebTransport info is readable from A's
+    // origin although B lists no CORS origins.
+    let a_origin = format!("http://{}", a.addrs.http);
+    let (status, headers, _) = b
+        .http
+        .request(
+            "GET",
+            &format!("{}/v1/webtransport", redirect.http_url),
+            None,
+            None,
+            &[("origin", a_origin.as_str())],
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        headers
+            .get("access-control-allow-origin")
+            .map(|v| v.to_str().unwrap()),
+        Some("*")
+    );
+    let session = wt_follow(&redirect.http_url, FR_CLIENT).await;
+    let (p, g) = tokio::join!(
+        WtPlayer::ticket(session, API_KEY, &redirect.ticket),
+        node.accept_game()
+    );
+    let mut p = p.expect("B honours the ticket over WebTransport");
+    assert_eq!(p.started.session_id, g.session_id);
+    assert_eq!((p.started.width, p.started.height), (320, 180));
+    assert!(
+        p.resume_token.is_some(),
+        "a federated gateway hands a WebTransport player a resume token"
+    );
+    for seq in 0..10u64 {
+        node.send_video_frame(g.session_id, seq, &[0, 0, 0, 1, 0x65, seq as u8])
+            .await
+            .unwrap();
+        let f = tokio::time::timeout(Duration::from_secs(5), p.next_frame())
+            .await
+            .expect("frame in time")
+            .unwrap();
+        assert_eq!((f.header.session_id, f.header.seq), (g.session_id, seq));
+    }
+    let listed = admin_game_session(&b, g.session_id)
+        .await
+        .expect("B runs the session");
+    assert_eq!(listed["transport"], "webtransport", "{listed}");
+    // Single use, over WebTransport too.
+    let session = wt_follow(&redirect.http_url, FR_CLIENT).await;
+    match WtPlayer::ticket(session, API_KEY, &redirect.ticket).await {
+        Err(WtClientError::Refused { code, .. }) => assert_eq!(code, "bad_ticket"),
+        other => panic!("a spent ticket played: {:?}", other.map(|p| p.started)),
+    }
+    drop((p, g));
+    a.stop().await;
+    b.stop().await;
+}
+
+async fn admin_game_session_list(gw: &TestGateway) -> Vec<Value> {
+    gw.admin_get("/admin/sessions").await["data"]
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+/// Hostile tickets over WebTransport get the native player's answer (`bad_ticket`, not
+/// retryable; `unauthorized` for a wrong key) and allocate nothing on B.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_tickets_over_webtransport_are_refused_as_natively_and_allocate_nothing() {
+    let (_dir, a, b) = federation(|_| {}).await;
+    let _node = raw_game_node(&b, "b-1", ip(DE), &b.token, &["arena"], 2).await;
+    let forged = claims_for(&b, "b-1").seal(&[7u8; 32]);
+    let mut expired = claims_for(&b, "b-1");
+    expired.expires_at_ms = now_ms() - 1;
+    let expired = seal(&b, &expired);
+    let mut other_key = claims_for(&b, "b-1");
+    other_key.key_id = "key_someone_else".into();
+    let other_key = seal(&b, &other_key);
+    let huge = "ab".repeat(5_000);
+    let good = seal(&b, &claims_for(&b, "b-1"));
+    type Place = (&'static str, &'static str, f64, f64);
+    let cases: [(&str, &str, Place, &str); 6] = [
+        (API_KEY, forged.as_str(), FR_CLIENT, "bad_ticket"),
+        (API_KEY, expired.as_str(), FR_CLIENT, "bad_ticket"),
+        (API_KEY, other_key.as_str(), FR_CLIENT, "bad_ticket"),
+        (API_KEY, huge.as_str(), FR_CLIENT, "bad_ticket"),
+        // Issued to another client address.
+        (API_KEY, good.as_str(), KR_CLIENT, "bad_ticket"),
+        ("not-a-key", good.as_str(), FR_CLIENT, "unauthorized"),
+    ];
+    for (key, ticket, from, want) in cases {
+        let session = wt_session_at(&b, from).await;
+        let wt = match WtPlayer::ticket(session, key, ticket).await {
+            Err(WtClientError::Refused {
+                code, retryable, ..
+            }) => (code, retryable),
+            Ok(p) => panic!("the ticket was honoured: {}", p.started.session_id),
+            Err(e) => panic!("{e}"),
+        };
+        assert_eq!(wt.0, want, "ticket {ticket:.16} from {}", from.0);
+        let native = match native_client(&b, from).await.play_ticket(key, ticket).await {
+            Err(ClientError::Refused {
+                code, retryable, ..
+            }) => (code, retryable),
+            Ok(_) => panic!("native: the ticket was honoured"),
+            Err(e) => panic!("native: {e}"),
+        };
+        assert_eq!(wt, native, "ticket {ticket:.16} from {}", from.0);
+    }
+    assert!(
+        admin_game_session_list(&b).await.is_empty(),
+        "B allocated a session"
+    );
+    let page = b.admin_get_text("/metrics").await;
+    assert!(
+        page.lines()
+            .any(|l| l.contains("transport=\"webtransport\"")
+                && l.contains("outcome=\"bad_ticket\"")),
+        "refused WebTransport tickets are counted under their transport: {}",
+        page.lines()
+            .filter(|l| l.contains("bad_ticket"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    a.stop().await;
+    b.stop().await;
 }

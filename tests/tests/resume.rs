@@ -12,8 +12,10 @@ mod common;
 
 use common::*;
 use nearpath_config::{GameEntry, GameSource};
+use nearpath_protocol::message::Message;
 use nearpath_protocol::tls::sha256_hex;
 use nearpath_protocol::{ClientError, PlayParams, ServerVerify};
+use nearpath_tests::wt_client::{self, WtClientError, WtPlayer};
 use std::time::{Duration, Instant};
 
 /// Gateways A and B in one federation on a shared SQLite store.
@@ -263,4 +265,212 @@ async fn resume_is_refused_for_a_wrong_token_another_key_an_unknown_session_or_o
         refused(c.resume(API_KEY, id, &token).await),
         ("bad_resume".to_string(), false)
     );
+}
+
+/// A WebTransport session to the gateway whose HTTP API is at `http`, dialled at `quic` (the
+/// gateway's QUIC port, or a relay in front of it) from `from`, as a page opens one.
+async fn wt_session_via(
+    http: std::net::SocketAddr,
+    quic: std::net::SocketAddr,
+    from: std::net::IpAddr,
+) -> web_transport_quinn::Session {
+    let info = wt_client::fetch_info(http).await.unwrap();
+    let (session, _) = wt_client::connect(from, quic, &info.path, &info.cert_hashes)
+        .await
+        .unwrap();
+    session
+}
+
+/// Reads WebTransport frames until `n` arrived (bounded).
+async fn wt_frames(player: &mut WtPlayer, n: usize) {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        for _ in 0..n {
+            player.next_frame().await.expect("a frame");
+        }
+    })
+    .await
+    .expect("frames flow");
+}
+
+/// Issue 17 ("not carried over WebTransport"): a WebTransport player resumes through another
+/// gateway as a native one does: the same session id, a keyframe first, within 3 s of losing
+/// its gateway; its frames then come over the new gateway's WebTransport session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webtransport_session_resumes_through_another_gateway_with_its_id_and_a_keyframe_within_3s(
+) {
+    let (_dir, a, b) = federation().await;
+    let node_to_a = relay_from(&a, DE, 11).await;
+    let node_to_b = relay_from(&b, DE, 12).await;
+    let mut cfg = a.node_config("n-game", &a.token);
+    cfg.gateway.address = String::new();
+    cfg.gateway.addresses = vec![node_to_a.addr().to_string(), node_to_b.addr().to_string()];
+    cfg.gateway.pinned_cert_sha256 = None;
+    cfg.gateway.pinned_cert_sha256s = vec![sha256_hex(&a.sha), sha256_hex(&b.sha)];
+    cfg.games = vec![GameEntry {
+        title: "arena".into(),
+        source: GameSource::Builtin {},
+    }];
+    cfg.capacity.game_sessions = 1;
+    let mut node = TestNode::start(cfg, ip(DE));
+    let at = match node
+        .wait_status(|s| matches!(s, nearpath_edge_node::NodeStatus::Registered { .. }))
+        .await
+    {
+        nearpath_edge_node::NodeStatus::Registered { gateway, .. } => gateway,
+        _ => unreachable!(),
+    };
+    let (home, away, node_home) = if at == node_to_a.addr().to_string() {
+        (&a, &b, &node_to_a)
+    } else {
+        (&b, &a, &node_to_b)
+    };
+
+    // The page plays through the home gateway's QUIC port behind a relay that can be cut.
+    let player_home = relay_from(home, FR_CLIENT, 13).await;
+    let session = wt_session_via(home.addrs.http, player_home.addr(), ip(FR_CLIENT)).await;
+    let mut player = WtPlayer::play(
+        session,
+        wt_client::play_request(API_KEY, "arena", 320, 180, 30),
+    )
+    .await
+    .unwrap();
+    let id = player.started.session_id;
+    let token = player
+        .resume_token
+        .clone()
+        .expect("a federated gateway hands a WebTransport player a resume token");
+    assert_eq!(token.len(), 64);
+    wt_frames(&mut player, 10).await;
+
+    // The home gateway dies, as far as anyone outside can tell.
+    let cut = Instant::now();
+    node_home.blackout_forever();
+    player_home.blackout_forever();
+    // The page notices the silence (no frame for 1 s) and resumes through the other gateway.
+    loop {
+        match tokio::time::timeout(Duration::from_millis(1000), player.next_frame()).await {
+            Err(_) | Ok(Err(_)) => break,
+            Ok(Ok(_)) => assert!(
+                cut.elapsed() < Duration::from_secs(5),
+                "the gateway never went silent"
+            ),
+        }
+    }
+    drop(player);
+    let session = wt_session_via(away.addrs.http, away.addrs.quic, ip(FR_CLIENT)).await;
+    let mut resumed = WtPlayer::resume(session, API_KEY, id, &token)
+        .await
+        .expect("the session resumes through the other gateway over WebTransport");
+    assert_eq!(resumed.started.session_id, id, "the session keeps its id");
+    let first = tokio::time::timeout(Duration::from_secs(5), resumed.next_frame())
+        .await
+        .expect("frames after the resume")
+        .unwrap();
+    let took = cut.elapsed();
+    assert!(
+        first.header.keyframe,
+        "the first frame after a resume is a keyframe"
+    );
+    assert_eq!(first.header.session_id, id);
+    assert!(
+        took < Duration::from_secs(3),
+        "resumed {took:?} after the gateway went silent"
+    );
+    eprintln!(
+        "WebTransport resume through another gateway: first frame {} ms after the cut",
+        took.as_millis()
+    );
+    let next_token = resumed.resume_token.clone().expect("a fresh token");
+    assert_ne!(next_token, token, "each gateway hands out its own token");
+    wt_frames(&mut resumed, 10).await;
+    // The session runs on the other gateway, for a WebTransport player.
+    let listed = admin_game_session(away, id)
+        .await
+        .expect("the other gateway holds the session");
+    assert_eq!(listed["transport"], "webtransport", "{listed}");
+
+    // The old token is spent, over WebTransport as natively.
+    let session = wt_session_via(away.addrs.http, away.addrs.quic, ip(FR_CLIENT)).await;
+    match WtPlayer::resume(session, API_KEY, id, &token).await {
+        Err(WtClientError::Refused {
+            code, retryable, ..
+        }) => assert_eq!((code.as_str(), retryable), ("bad_resume", false)),
+        other => panic!("a spent token resumed: {:?}", other.map(|p| p.started)),
+    }
+    resumed
+        .send(&Message::Close(nearpath_protocol::message::Close {
+            reason: "done".into(),
+        }))
+        .await
+        .unwrap();
+    node.stop().await.unwrap();
+}
+
+/// Hostile resumes over WebTransport get the native answers (`bad_resume`, not retryable, the
+/// same for every wrong field so nothing can be probed; `unauthorized` for a wrong key) and
+/// start nothing: the gateway holds no session afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webtransport_resumes_with_a_forged_token_another_key_or_an_unknown_session_are_refused_as_natively(
+) {
+    let (_dir, a, b) = federation().await;
+    let mut cfg = a.node_config("n-game", &a.token);
+    cfg.games = vec![GameEntry {
+        title: "arena".into(),
+        source: GameSource::Builtin {},
+    }];
+    let mut node = TestNode::start(cfg, ip(DE));
+    node.registered().await;
+    let client = native_client(&a, FR_CLIENT).await;
+    let mut session = client.play(API_KEY, small()).await.unwrap();
+    let id = session.started().session_id;
+    let token = session.resume_token().unwrap().to_string();
+    frames(&mut session, 3).await;
+
+    let (_, other_key) = b
+        .store
+        .create_api_key("tenant-other", 100, 100_000)
+        .unwrap();
+    let mut wrong = token.clone().into_bytes();
+    wrong[0] = if wrong[0] == b'0' { b'1' } else { b'0' };
+    let wrong = String::from_utf8(wrong).unwrap();
+    let huge = "a".repeat(60_000);
+    let cases: [(&str, u64, &str, &str); 7] = [
+        (API_KEY, id, wrong.as_str(), "bad_resume"),
+        (other_key.as_str(), id, token.as_str(), "bad_resume"),
+        (API_KEY, id ^ 1, token.as_str(), "bad_resume"),
+        (API_KEY, id, "not-hex", "bad_resume"),
+        (API_KEY, id, huge.as_str(), "bad_resume"),
+        (API_KEY, 0, token.as_str(), "bad_resume"),
+        ("npk_nosuchkey", id, token.as_str(), "unauthorized"),
+    ];
+    let at_b_native = native_client(&b, FR_CLIENT).await;
+    for (key, sid, tok, want) in cases {
+        let session = wt_session_via(b.addrs.http, b.addrs.quic, ip(FR_CLIENT)).await;
+        let wt = match WtPlayer::resume(session, key, sid, tok).await {
+            Err(WtClientError::Refused {
+                code, retryable, ..
+            }) => (code, retryable),
+            Ok(p) => panic!("resumed session {}", p.started.session_id),
+            Err(e) => panic!("{e}"),
+        };
+        assert_eq!(wt.0, want, "key {key:.8}, session {sid}, token {tok:.16}");
+        // The same answer a native client gets.
+        let native = match at_b_native.resume(key, sid, tok).await {
+            Err(ClientError::Refused {
+                code, retryable, ..
+            }) => (code, retryable),
+            other => panic!("native: {:?}", other.map(|s| *s.started())),
+        };
+        assert_eq!(wt, native, "key {key:.8}, session {sid}, token {tok:.16}");
+    }
+    // Nothing was allocated: B holds no session, and A's runs on.
+    assert!(
+        admin_game_session(&b, id).await.is_none(),
+        "B took the session"
+    );
+    let listed = b.admin_get("/admin/sessions").await;
+    assert_eq!(listed["data"].as_array().unwrap().len(), 0, "{listed}");
+    frames(&mut session, 3).await;
+    session.close("done").await.unwrap();
+    node.stop().await.unwrap();
 }

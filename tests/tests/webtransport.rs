@@ -441,6 +441,38 @@ async fn a_wrong_key_gets_error_and_no_frames_and_the_connection_is_closed_at_th
     gw.stop().await;
 }
 
+/// A play stream accepts `PlayRequest`, `PlayTicket` and `PlayResume` first (the federation
+/// tests in `resume.rs` and `redirect.rs` play the latter two); anything else, such as a native
+/// client's `ListGames`, is `bad_request` and starts nothing. Outside a federation, a ticket or
+/// a resume gets the native answers (`bad_ticket`, `bad_resume`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_play_stream_starting_with_another_message_is_bad_request_and_tickets_need_a_federation()
+{
+    let gw = TestGateway::start(|_| {}).await;
+    let node = arena_node(&gw, "de-1", ip(DE)).await;
+    let first = Message::ListGames(nearpath_protocol::message::ListGames {
+        protocol_version: nearpath_protocol::PROTOCOL_VERSION,
+        api_key: API_KEY.into(),
+    });
+    match WtPlayer::start(wt_session(&gw).await, first).await {
+        Err(WtClientError::Refused {
+            code, retryable, ..
+        }) => assert_eq!((code.as_str(), retryable), ("bad_request", false)),
+        other => panic!("expected bad_request, got {:?}", other.map(|p| p.started)),
+    }
+    match WtPlayer::ticket(wt_session(&gw).await, API_KEY, "00").await {
+        Err(WtClientError::Refused { code, .. }) => assert_eq!(code, "bad_ticket"),
+        other => panic!("expected bad_ticket, got {:?}", other.map(|p| p.started)),
+    }
+    match WtPlayer::resume(wt_session(&gw).await, API_KEY, 7, &"ab".repeat(32)).await {
+        Err(WtClientError::Refused { code, .. }) => assert_eq!(code, "bad_resume"),
+        other => panic!("expected bad_resume, got {:?}", other.map(|p| p.started)),
+    }
+    assert_eq!(admin_game_session_count(&gw).await, 0);
+    node.stop().await.unwrap();
+    gw.stop().await;
+}
+
 async fn admin_game_session_count(gw: &TestGateway) -> usize {
     gw.admin_get("/admin/sessions").await["data"]
         .as_array()

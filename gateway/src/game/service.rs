@@ -1489,6 +1489,22 @@ impl GameService {
     pub async fn serve_ticket(
         self: Arc<Self>,
         conn: quinn::Connection,
+        ctl_tx: quinn::SendStream,
+        ctl_rx: FramedRecv,
+        req: PlayTicket,
+    ) {
+        let sink = FrameSink::Quic(conn.clone());
+        self.serve_ticket_via(conn, sink, "quic", ctl_tx, ctl_rx, req)
+            .await
+    }
+
+    /// [`Self::serve_ticket`] for a player whose frames go to `sink` over `transport` (a
+    /// WebTransport player a peer redirected here): the same checks and the same errors.
+    pub async fn serve_ticket_via(
+        self: Arc<Self>,
+        conn: quinn::Connection,
+        sink: FrameSink,
+        transport: &'static str,
         mut ctl_tx: quinn::SendStream,
         ctl_rx: FramedRecv,
         req: PlayTicket,
@@ -1513,7 +1529,7 @@ impl GameService {
             Ok(c) => c,
             Err(e) => {
                 warn!(client = %conn.remote_address(), error = %e, "redirect ticket refused");
-                self.count_start("quic", BAD_TICKET);
+                self.count_start(transport, BAD_TICKET);
                 return refuse_play(&mut ctl_tx, bad_ticket(e.to_string())).await;
             }
         };
@@ -1525,8 +1541,8 @@ impl GameService {
                 &claims,
                 client,
                 conn.remote_address().to_string(),
-                "quic",
-                FrameSink::Quic(conn.clone()),
+                transport,
+                sink,
             )
             .await
         {
@@ -1542,6 +1558,23 @@ impl GameService {
     pub async fn serve_resume(
         self: Arc<Self>,
         conn: quinn::Connection,
+        ctl_tx: quinn::SendStream,
+        ctl_rx: FramedRecv,
+        req: PlayResume,
+    ) {
+        let sink = FrameSink::Quic(conn.clone());
+        self.serve_resume_via(conn, sink, "quic", ctl_tx, ctl_rx, req)
+            .await
+    }
+
+    /// [`Self::serve_resume`] for a player whose frames go to `sink` over `transport` (a
+    /// WebTransport player resuming here): the same checks and the same errors; the resumed
+    /// session's frames go to `sink`.
+    pub async fn serve_resume_via(
+        self: Arc<Self>,
+        conn: quinn::Connection,
+        sink: FrameSink,
+        transport: &'static str,
         mut ctl_tx: quinn::SendStream,
         ctl_rx: FramedRecv,
         req: PlayResume,
@@ -1577,7 +1610,7 @@ impl GameService {
                 .bytes()
                 .all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f'));
         if !token_ok || req.session_id == 0 {
-            self.count_start("quic", BAD_RESUME);
+            self.count_start(transport, BAD_RESUME);
             return refuse_play(&mut ctl_tx, bad()).await;
         }
         let entry = match federation.lookup_session(req.session_id).await {
@@ -1599,7 +1632,7 @@ impl GameService {
                 && e.key_id == key.id
         }) else {
             warn!(client = %conn.remote_address(), session = req.session_id, "resume refused");
-            self.count_start("quic", BAD_RESUME);
+            self.count_start(transport, BAD_RESUME);
             return refuse_play(&mut ctl_tx, bad()).await;
         };
         let ip = conn.remote_address().ip();
@@ -1609,8 +1642,8 @@ impl GameService {
                 &entry,
                 self.locate(ip),
                 conn.remote_address().to_string(),
-                "quic",
-                FrameSink::Quic(conn.clone()),
+                transport,
+                sink,
             )
             .await
         {

@@ -481,6 +481,15 @@ async fn handle_with(w: &Whep, req: Request<Incoming>, peer: SocketAddr) -> Resp
             Method::GET | Method::HEAD => webtransport_info(w),
             m => method_not_allowed(&m, &path, "GET, OPTIONS"),
         };
+        // The info is public (any client learns the certificate by connecting) and carries no
+        // credentials, and a page served by another gateway of the federation reads it to
+        // resume or follow a redirect here: any origin may read it. A configured origin is
+        // still echoed as for the other resources.
+        let origin = origin.or_else(|| {
+            req.headers()
+                .contains_key(hyper::header::ORIGIN)
+                .then(|| HeaderValue::from_static("*"))
+        });
         add_cors(&mut resp, origin);
         return resp;
     }
