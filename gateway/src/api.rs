@@ -455,11 +455,14 @@ impl ClientApi {
         };
         let (_, loc) = self.locate(&req, peer);
         let list = self.model_list(&key, &loc);
-        match list.iter().find(|m| m.0 == id) {
-            Some((id, created, owned_by, available, caps)) => with_type(
+        match list.iter().find(|m| m.id == id) {
+            Some(m) => with_type(
                 StatusCode::OK,
                 "application/json",
-                openai::model_object(id, *created, owned_by, *available, *caps),
+                match &m.gateways {
+                    Some(g) => openai::fleet_model_object(&m.fleet(g)),
+                    None => openai::model_object(&m.id, m.created, m.owned_by, m.available, m.caps),
+                },
             ),
             None => error_response(request_id, &CoreError::model_not_found(id)),
         }
@@ -472,33 +475,48 @@ impl ClientApi {
         };
         let (_, loc) = self.locate(&req, peer);
         let list = self.model_list(&key, &loc);
-        let list: Vec<(&str, u64, &str, bool, ModelCaps)> = list
-            .iter()
-            .map(|(id, created, owned_by, available, caps)| {
-                (id.as_str(), *created, *owned_by, *available, *caps)
-            })
-            .collect();
-        with_type(
-            StatusCode::OK,
-            "application/json",
-            openai::models_list_with_availability(&list),
-        )
+        let body = if self.infer.trunk.is_some() {
+            let fleet: Vec<openai::FleetModel<'_>> = list
+                .iter()
+                .map(|m| m.fleet(m.gateways.as_deref().unwrap_or_default()))
+                .collect();
+            openai::models_list_in_fleet(&fleet)
+        } else {
+            let list: Vec<(&str, u64, &str, bool, ModelCaps)> = list
+                .iter()
+                .map(|m| (m.id.as_str(), m.created, m.owned_by, m.available, m.caps))
+                .collect();
+            openai::models_list_with_availability(&list)
+        };
+        with_type(StatusCode::OK, "application/json", body)
     }
 
     /// The models `key` may use that are visible from `loc`, sorted, with whether a node serves
     /// each now.
     /// Each with the union of what the nodes serving it declare it can do.
-    fn model_list(
-        &self,
-        key: &ApiKey,
-        loc: &Location,
-    ) -> Vec<(String, u64, &'static str, bool, ModelCaps)> {
+    /// In a federation whose inference goes through the trunk, models that only peers' nodes
+    /// serve are listed too (once each), and every entry names the gateways serving it.
+    fn model_list(&self, key: &ApiKey, loc: &Location) -> Vec<ListedModel> {
         let mut names =
             self.infer
                 .directory
                 .visible(&self.infer.placement, loc, WorkloadKind::Inference);
         // A key sees only the models it may use.
         names.retain(|n| Auth::model_allowed(key, n));
+        // Peers' nodes, through the same geofence check as our own (the client's address,
+        // the remote node's published country and classes).
+        let mut remote = match &self.infer.trunk {
+            Some(trunk) => trunk.remote_models(|n| {
+                self.infer
+                    .placement
+                    .serve_check(loc, n, WorkloadKind::Inference)
+                    .is_ok()
+            }),
+            None => Default::default(),
+        };
+        remote.retain(|n, _| Auth::model_allowed(key, n));
+        let remote_caps = |n: &str| remote.get(n).map(|r| r.caps).unwrap_or_default();
+        let self_id = self.infer.trunk.as_ref().map(|t| t.self_id().to_string());
         // Models whose last node left within `inference.model_grace_s` stay listed, marked
         // unavailable, so that a client does not take a blip for the model's removal.
         let now_ms = self.infer.clock.unix_ms();
@@ -506,16 +524,59 @@ impl ClientApi {
         let created = now_ms / 1000;
         let caps = self.infer.directory.registry.all_model_caps();
         let caps_of = |n: &str| caps.get(n).copied().unwrap_or_default();
-        let mut list: Vec<(String, u64, &'static str, bool, ModelCaps)> = names
+        let gateways_of = |n: &str, here: bool| {
+            self_id.as_ref().map(|me| {
+                let mut g = remote
+                    .get(n)
+                    .map(|r| r.gateways.clone())
+                    .unwrap_or_default();
+                if here {
+                    g.insert(me.clone());
+                }
+                g.into_iter().collect::<Vec<_>>()
+            })
+        };
+        let mut list: Vec<ListedModel> = names
             .iter()
-            .map(|n| (n.clone(), created, "nearpath", true, caps_of(n)))
+            .map(|n| ListedModel {
+                id: n.clone(),
+                created,
+                owned_by: "nearpath",
+                available: true,
+                caps: caps_of(n).with(remote_caps(n)),
+                gateways: gateways_of(n, true),
+            })
             .collect();
+        // Served only by peers' nodes, with what those nodes declare (published in the node
+        // directory).
+        list.extend(
+            remote
+                .keys()
+                .filter(|n| !names.contains(*n))
+                .map(|n| ListedModel {
+                    id: n.clone(),
+                    created,
+                    owned_by: "nearpath",
+                    available: true,
+                    caps: remote_caps(n),
+                    gateways: gateways_of(n, false),
+                }),
+        );
         list.extend(
             gone.iter()
-                .filter(|n| !names.contains(*n) && Auth::model_allowed(key, n))
-                .map(|n| (n.clone(), created, "nearpath", false, ModelCaps::NONE)),
+                .filter(|n| {
+                    !names.contains(*n) && !remote.contains_key(*n) && Auth::model_allowed(key, n)
+                })
+                .map(|n| ListedModel {
+                    id: n.clone(),
+                    created,
+                    owned_by: "nearpath",
+                    available: false,
+                    caps: ModelCaps::NONE,
+                    gateways: gateways_of(n, false),
+                }),
         );
-        list.sort_by(|a, b| a.0.cmp(&b.0));
+        list.sort_by(|a, b| a.id.cmp(&b.id));
         list
     }
 
@@ -746,6 +807,30 @@ pub fn tls_acceptor(pair: CertPair) -> Result<tokio_rustls::TlsAcceptor, rustls:
         .with_single_cert(pair.chain, pair.key)?;
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(cfg)))
+}
+
+/// One entry of `GET /v1/models`.
+struct ListedModel {
+    id: String,
+    created: u64,
+    owned_by: &'static str,
+    available: bool,
+    caps: ModelCaps,
+    /// In a federation that trunks inference: the gateways whose live nodes serve it.
+    gateways: Option<Vec<String>>,
+}
+
+impl ListedModel {
+    fn fleet<'a>(&'a self, gateways: &'a [String]) -> openai::FleetModel<'a> {
+        openai::FleetModel {
+            id: &self.id,
+            created: self.created,
+            owned_by: self.owned_by,
+            available: self.available,
+            caps: self.caps,
+            gateways,
+        }
+    }
 }
 
 #[cfg(test)]

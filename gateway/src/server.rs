@@ -234,6 +234,11 @@ impl Gateway {
             clock.clone(),
             config.game.clone(),
         );
+        // The directory task's cached copy of the federation's directories: the one reader of
+        // the store's directory tables, read by the trunk and game redirects too.
+        let fleet = Arc::new(crate::federation::directory::FleetView::new(
+            crate::federation::directory::gateway_id(&config),
+        ));
         // In a federation, game sessions for peers' nodes are redirected with tickets.
         let games = Arc::new(match &config.federation.gateway_id {
             Some(id) => {
@@ -241,6 +246,7 @@ impl Gateway {
                     id.clone(),
                     config.federation.game_route,
                     store.clone(),
+                    fleet.clone(),
                 )))
             }
             None => games,
@@ -268,9 +274,7 @@ impl Gateway {
             shutdown: CancellationToken::new(),
             quic_gate: Arc::new(crate::conn_guard::QuicGate::new((&config.quic).into())),
             play_prefill_key: None,
-            fleet: Arc::new(crate::federation::directory::FleetView::new(
-                crate::federation::directory::gateway_id(&config),
-            )),
+            fleet,
             config,
         });
         Ok(Gateway {
@@ -316,10 +320,11 @@ impl Gateway {
         let Some(id) = shared.config.federation.gateway_id.clone() else {
             return Ok(None);
         };
+        // The fleet view the directory task keeps (tests may give another source).
         let fleet = self
             .fleet
             .clone()
-            .unwrap_or_else(|| Arc::new(crate::trunk::StoreFleet(shared.store.clone())) as Arc<_>);
+            .unwrap_or_else(|| shared.fleet.clone() as Arc<dyn crate::trunk::FleetSource>);
         let placement = shared.placement.clone();
         let restricted = crate::control::admission::restricted_class_ids(
             &shared.config.geofence,

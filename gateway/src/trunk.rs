@@ -28,7 +28,8 @@ use crate::router::{
     Deny, LatLon, NodeId, NodeRouteInfo, NodeState as RouteState, RouteOutcome, RouteParams,
     RouterIndex, Workload,
 };
-use crate::store::{GatewayRecord, NodeDirEntry, Store, StoreError};
+use crate::store::directory::live_remote_nodes;
+use crate::store::{GatewayRecord, NodeDirEntry, StoreError};
 use crate::tls::CertPair;
 use nearpath_config::FederationConfig;
 use nearpath_geo::{ClassId, Coords, Country, Location};
@@ -38,7 +39,7 @@ use nearpath_protocol::message::{
 };
 use nearpath_protocol::stream::{send, FramedRecv};
 use nearpath_protocol::tls::{parse_sha256_hex, peer_cert_sha256, TransportOptions};
-use nearpath_protocol::{ALPN_PEER, MAX_REQUEST_FRAME, PROTOCOL_VERSION};
+use nearpath_protocol::{ModelCaps, ALPN_PEER, MAX_REQUEST_FRAME, PROTOCOL_VERSION};
 use quinn::{ConnectionError, RecvStream, SendStream};
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -59,27 +60,13 @@ const PEER_RECEIVE_WINDOW: u32 = 64 * 1024 * 1024;
 /// How long a peer has to send `PeerOpen` and `Open` on a new stream.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Where the trunk reads the federation's directories: the store in production, a fake in
-/// tests. Blocking (called from `spawn_blocking`).
-pub trait FleetSource: Send + Sync + 'static {
-    /// Every gateway of the directory, expired ones included.
-    fn gateways(&self) -> Result<Vec<GatewayRecord>, StoreError>;
-    /// Every published node, of any gateway.
-    fn node_directory(&self) -> Result<Vec<NodeDirEntry>, StoreError>;
-}
+/// Where the trunk reads the federation's directories: the directory task's cached copy in
+/// production (the gateway's `FleetView`, so that the store is read once per interval for
+/// every reader), a fake in tests. Blocking (called from `spawn_blocking`).
+pub use crate::store::directory::DirectorySource as FleetSource;
 
-/// The store's gateway and node directories.
-pub struct StoreFleet(pub Arc<dyn Store>);
-
-impl FleetSource for StoreFleet {
-    fn gateways(&self) -> Result<Vec<GatewayRecord>, StoreError> {
-        self.0.list_gateways()
-    }
-
-    fn node_directory(&self) -> Result<Vec<NodeDirEntry>, StoreError> {
-        self.0.list_node_directory()
-    }
-}
+/// The store's gateway and node directories, read afresh.
+pub use crate::store::directory::StoreDirectory as StoreFleet;
 
 /// Why a peer's trunk connection is refused (the connection close reason).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -173,6 +160,15 @@ pub fn check_open(
         ));
     }
     Ok(())
+}
+
+/// A model as live peers' nodes serve it ([`Trunk::remote_models`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RemoteModel {
+    /// The gateways holding a node that serves it.
+    pub gateways: std::collections::BTreeSet<String>,
+    /// The union of what those nodes declare for it.
+    pub caps: ModelCaps,
 }
 
 /// A remote node as the router and the inference driver see it.
@@ -428,6 +424,7 @@ fn same_node(a: &NodeDirEntry, b: &NodeDirEntry) -> bool {
         && a.lon == b.lon
         && a.gpu_classes == b.gpu_classes
         && a.models == b.models
+        && a.model_caps == b.model_caps
         && a.games == b.games
         && a.inference_slots == b.inference_slots
         && a.game_slots == b.game_slots
@@ -559,10 +556,9 @@ impl Trunk {
         }
         snap.by_key.clear();
         let mut old = std::mem::take(&mut snap.remote);
-        for n in nodes {
-            let Some(gw) = live.get(n.gateway_id.as_str()) else {
-                continue;
-            };
+        // The shared reading of the directory: live peers' nodes, rows checked again.
+        for (n, gw) in live_remote_nodes(&gateways, &nodes, &self.self_id, now_ms) {
+            let n = n.clone();
             if self.registry.get(&n.node_id).is_some() {
                 continue;
             }
@@ -634,8 +630,13 @@ impl Trunk {
             Workloads {
                 games: n.games.clone(),
                 models: n.models.clone(),
-                // Capabilities are not published: a request needing one stays local.
-                model_caps: Vec::new(),
+                // As the node's gateway published them: a request needing a capability is
+                // routed to a remote node that declares it.
+                model_caps: n
+                    .model_caps
+                    .iter()
+                    .map(|b| ModelCaps::from_bits(u64::from(*b)))
+                    .collect(),
             },
             Capacity {
                 game_sessions: n.game_slots,
@@ -685,6 +686,51 @@ impl Trunk {
             .filter_map(|c| by_key.get(&c.node).map(|(e, _)| e.clone()))
             .collect();
         (outcome, nodes)
+    }
+
+    /// The models that nodes of live peers serve (per the last directory read), each with the
+    /// ids of the gateways holding such a node and the union of what those nodes declare, for
+    /// the fleet-wide `GET /v1/models`. `allow` is the listing's geofence check: a node the
+    /// client may not use lists nothing. Nodes of a peer whose lease expired since the read
+    /// are left out.
+    pub fn remote_models(
+        &self,
+        mut allow: impl FnMut(&NodeEntry) -> bool,
+    ) -> std::collections::BTreeMap<String, RemoteModel> {
+        let now_ms = self.clock.unix_ms();
+        let snap = lock(&self.snapshot);
+        let mut out: std::collections::BTreeMap<String, RemoteModel> = Default::default();
+        for ((gateway, _), r) in &snap.remote {
+            let live = snap
+                .by_key
+                .get(&r.entry.key)
+                .is_some_and(|(_, expires)| now_ms < *expires);
+            if !live || !allow(&r.entry) {
+                continue;
+            }
+            for m in &r.dir.models {
+                let e = out.entry(m.clone()).or_default();
+                e.gateways.insert(gateway.clone());
+                e.caps = e.caps.with(r.entry.model_caps(m).unwrap_or_default());
+            }
+        }
+        out
+    }
+
+    /// The union of the capabilities live peers' nodes declare for `model` (per the last
+    /// directory read); `None` when no such node serves it.
+    pub fn remote_model_caps(&self, model: &str) -> Option<ModelCaps> {
+        let now_ms = self.clock.unix_ms();
+        let snap = lock(&self.snapshot);
+        snap.remote
+            .values()
+            .filter(|r| {
+                snap.by_key
+                    .get(&r.entry.key)
+                    .is_some_and(|(_, expires)| now_ms < *expires)
+            })
+            .filter_map(|r| r.entry.model_caps(model))
+            .reduce(ModelCaps::with)
     }
 
     /// Whether a remote node serves `model` (per the last directory read).
@@ -999,6 +1045,8 @@ mod tests {
             accepting: true,
             verification: "unverified".into(),
             updated_at_ms: T0,
+            encoders: Vec::new(),
+            model_caps: Vec::new(),
         }
     }
 
@@ -1215,6 +1263,95 @@ mod tests {
         // B's lease runs out before the next directory read: its nodes stop being routed at once.
         clock.advance(Duration::from_millis(3_000));
         assert!(routed(&t, "m").is_empty());
+    }
+
+    #[test]
+    fn remote_models_list_each_model_once_with_the_live_peers_serving_it() {
+        let clock = ManualClock::new(T0);
+        let registry = Arc::new(Registry::new(RouteParams::default()).unwrap());
+        let t = trunk(&clock, registry);
+        t.apply(
+            T0,
+            vec![
+                record("gw-a", [1; 32], T0 + 3_000),
+                record("gw-b", [2; 32], T0 + 3_000),
+                record("gw-c", [3; 32], T0 + 6_000),
+                record("gw-d", [4; 32], T0 - 1),
+            ],
+            vec![
+                dir_node("b1", "gw-b", &["m", "only-b"]),
+                dir_node("b2", "gw-b", &["m"]),
+                dir_node("c1", "gw-c", &["m", "denied"]),
+                dir_node("d1", "gw-d", &["dead"]),
+                dir_node("a1", "gw-a", &["ours"]),
+            ],
+        );
+        let listed = |t: &Trunk| -> Vec<(String, Vec<String>)> {
+            t.remote_models(|n| n.id != "c1" || !n.workloads.models.contains(&"denied".into()))
+                .into_iter()
+                .map(|(m, g)| (m, g.gateways.into_iter().collect()))
+                .collect()
+        };
+        let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        // Not our own node's model, not an expired peer's; a node the check refuses lists
+        // nothing (here c1, so `m` is B's only).
+        assert_eq!(
+            listed(&t),
+            vec![
+                ("m".to_string(), s(&["gw-b"])),
+                ("only-b".to_string(), s(&["gw-b"]))
+            ]
+        );
+        let all: Vec<String> = t.remote_models(|_| true).into_keys().collect();
+        assert_eq!(all, s(&["denied", "m", "only-b"]));
+        assert_eq!(
+            t.remote_models(|_| true)["m"]
+                .gateways
+                .iter()
+                .cloned()
+                .collect::<Vec<_>>(),
+            s(&["gw-b", "gw-c"])
+        );
+        // B's lease runs out before the next read: its models leave the listing at once.
+        clock.advance(Duration::from_millis(3_000));
+        let all: Vec<String> = t.remote_models(|_| true).into_keys().collect();
+        assert_eq!(all, s(&["denied", "m"]));
+    }
+
+    #[test]
+    fn remote_nodes_carry_the_model_capabilities_their_gateway_published() {
+        let clock = ManualClock::new(T0);
+        let registry = Arc::new(Registry::new(RouteParams::default()).unwrap());
+        let t = trunk(&clock, registry);
+        let mut tools = dir_node("b1", "gw-b", &["m", "plain"]);
+        tools.model_caps = vec![ModelCaps::TOOLS.bits() | (1 << 20)];
+        t.apply(
+            T0,
+            vec![record("gw-b", [2; 32], T0 + 3_000)],
+            vec![tools, dir_node("b2", "gw-b", &["m"])],
+        );
+        // The union over the nodes serving it; unknown bits dropped; a model past the end of
+        // the list declares nothing.
+        assert_eq!(t.remote_model_caps("m"), Some(ModelCaps::TOOLS));
+        assert_eq!(t.remote_model_caps("plain"), Some(ModelCaps::NONE));
+        assert_eq!(t.remote_model_caps("other"), None);
+        // Routing sees them as the node's own: only b1 passes a check that needs tools.
+        let (_, nodes) = t.route(None, Workload::Model("m"), |n| {
+            if n.model_caps("m")
+                .is_some_and(|c| c.contains(ModelCaps::TOOLS))
+            {
+                Ok(())
+            } else {
+                Err(Deny {
+                    rule: "caps".into(),
+                    reason: "no tools".into(),
+                })
+            }
+        });
+        let ids: Vec<&str> = nodes.iter().map(|n| n.id.as_str()).collect();
+        assert_eq!(ids, ["b1"]);
+        clock.advance(Duration::from_millis(3_000));
+        assert_eq!(t.remote_model_caps("m"), None, "B's lease ended");
     }
 
     #[test]

@@ -60,6 +60,7 @@ directory_suite!(
     publishing_replaces_the_gateways_whole_set,
     a_node_that_moved_keeps_the_newer_entry,
     hostile_directory_entries_are_refused_with_invalid,
+    encoders_are_published_and_hostile_encoder_lists_are_refused,
 );
 
 #[test]
@@ -81,4 +82,116 @@ fn sqlite_directories_survive_reopening_the_file() {
         ids(&store.list_node_directory().expect("list")),
         [pair("n1", "eu-1")]
     );
+}
+
+/// A node published by a gateway of the previous release (before the node directory carried
+/// encoders) reads as H.264 only once the store migrates, and a value no gateway writes (put
+/// straight into the database) reads as H.264 only without failing the listing: SQLite.
+#[test]
+fn sqlite_rows_from_before_the_encoders_column_read_as_h264_only() {
+    use nearpath_protocol::message::VideoCodec;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("gw.db");
+    {
+        let store = SqliteStore::open(&path).expect("open");
+        let mut n = node("old-1", "eu-1", 100);
+        n.encoders = vec![nearpath_gateway::store::DirEncoder {
+            codec: "hevc".into(),
+            implementation: "x265".into(),
+        }];
+        store
+            .publish_nodes("eu-1", &[n, node("damaged-1", "eu-1", 100)])
+            .expect("publish");
+    }
+    {
+        // Back to the schema before migrations 11 (encoders) and 12 (model capabilities),
+        // the rows still there.
+        let conn = rusqlite::Connection::open(&path).expect("raw open");
+        conn.execute_batch(
+            "ALTER TABLE node_directory DROP COLUMN encoders; \
+             ALTER TABLE node_directory DROP COLUMN model_caps",
+        )
+        .expect("drop columns");
+        conn.pragma_update(
+            None,
+            "user_version",
+            nearpath_gateway::store::SCHEMA_VERSION - 2,
+        )
+        .expect("user_version");
+    }
+    let store = SqliteStore::open(&path).expect("reopen and migrate");
+    let listed = store.list_node_directory().expect("list");
+    assert_eq!(
+        ids(&listed),
+        [pair("damaged-1", "eu-1"), pair("old-1", "eu-1")]
+    );
+    for n in &listed {
+        assert!(n.encoders.is_empty() && n.model_caps.is_empty(), "{n:?}");
+        assert!(n.encodes(VideoCodec::H264) && !n.encodes(VideoCodec::Hevc));
+    }
+    let conn = rusqlite::Connection::open(&path).expect("raw open");
+    for damaged in [
+        "not json".to_string(),
+        format!(
+            "[{}]",
+            r#"{"codec":"hevc","implementation":"x"},"#.repeat(3_000)
+        ),
+    ] {
+        conn.execute(
+            "UPDATE node_directory SET encoders = ?1 WHERE node_id = 'damaged-1'",
+            [&damaged],
+        )
+        .expect("damage");
+        let listed = store
+            .list_node_directory()
+            .expect("a damaged row does not fail the list");
+        assert!(listed.iter().all(|n| n.encoders.is_empty()), "{listed:?}");
+    }
+}
+
+/// The same on PostgreSQL: an old row reads as H.264 only after migration 8, a damaged value
+/// as H.264 only.
+#[test]
+fn pg_rows_from_before_the_encoders_column_read_as_h264_only() {
+    use nearpath_protocol::message::VideoCodec;
+    let Some(server) = pg::PgServer::shared() else {
+        return;
+    };
+    let url = server.new_database("dir_encoders_migration");
+    let open = || PgStore::open(&url, 2, Duration::from_secs(20)).expect("open PostgreSQL store");
+    let mut hevc = node("old-1", "eu-1", 100);
+    hevc.encoders = vec![nearpath_gateway::store::DirEncoder {
+        codec: "hevc".into(),
+        implementation: "x265".into(),
+    }];
+    open()
+        .publish_nodes("eu-1", &[hevc, node("damaged-1", "eu-1", 100)])
+        .expect("publish");
+    let mut raw = postgres::Client::connect(&url, postgres::NoTls).expect("raw connect");
+    raw.batch_execute(&format!(
+        "ALTER TABLE node_directory DROP COLUMN encoders; \
+         ALTER TABLE node_directory DROP COLUMN model_caps; \
+         UPDATE nearpath_schema SET version = {} WHERE id = 1",
+        nearpath_gateway::store::pg::PG_SCHEMA_VERSION - 2
+    ))
+    .expect("back to the previous schema");
+    let store = open();
+    let listed = store.list_node_directory().expect("list");
+    assert_eq!(
+        ids(&listed),
+        [pair("damaged-1", "eu-1"), pair("old-1", "eu-1")]
+    );
+    for n in &listed {
+        assert!(n.encoders.is_empty() && n.model_caps.is_empty(), "{n:?}");
+        assert!(n.encodes(VideoCodec::H264) && !n.encodes(VideoCodec::Hevc));
+    }
+    raw.execute(
+        "UPDATE node_directory SET encoders = $1 WHERE node_id = 'damaged-1'",
+        &[&"[{\"codec\": 7}]"],
+    )
+    .expect("damage");
+    let listed = store
+        .list_node_directory()
+        .expect("a damaged row does not fail the list");
+    assert!(listed.iter().all(|n| n.encoders.is_empty()), "{listed:?}");
 }

@@ -355,7 +355,7 @@ impl nearpath_gateway::game::redirect::FederationView for Directories {
     {
         Ok(self.gateways.clone())
     }
-    fn nodes(
+    fn node_directory(
         &self,
     ) -> Result<Vec<nearpath_gateway::store::NodeDirEntry>, nearpath_gateway::store::StoreError>
     {
@@ -375,7 +375,8 @@ fn record(id: &str, gw: &TestGateway) -> nearpath_gateway::store::GatewayRecord 
         version: "0.1.0".into(),
         started_at_ms: 0,
         heartbeat_at_ms: 0,
-        expires_at_ms: u64::MAX,
+        // The longest lease a store can hold (readers check entries as publications are).
+        expires_at_ms: i64::MAX as u64,
     }
 }
 
@@ -429,6 +430,8 @@ async fn the_page_follows_a_redirect_over_webtransport_and_plays_on_the_peer() {
                 accepting: true,
                 verification: "unverified".into(),
                 updated_at_ms: 0,
+                encoders: Vec::new(),
+                model_caps: Vec::new(),
             }
         })
         .collect();

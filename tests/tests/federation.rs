@@ -337,6 +337,14 @@ impl GatewayProcess {
         cfg.quic.key_file = Some(key_file);
         cfg.log.format = nearpath_config::LogFormat::Json;
         cfg.log.level = "info".into();
+        // Each process is a named member of the federation, as a regional deployment
+        // configures it (not a `standalone` gateway); short leases so that a killed gateway's
+        // entry expires within the test.
+        cfg.federation.gateway_id = Some(name.to_string());
+        cfg.federation.region = format!("region-{name}");
+        cfg.federation.heartbeat_ms = 100;
+        cfg.federation.lease_ms = 1_000;
+        cfg.federation.node_directory_interval_ms = 100;
         let file = dir.join(format!("{name}.toml"));
         std::fs::write(&file, toml::to_string(&cfg).unwrap()).unwrap();
         let mut child = std::process::Command::new(std::env::current_exe().unwrap())
@@ -402,12 +410,15 @@ impl GatewayProcess {
         serde_json::from_str(&body).unwrap()
     }
 
+    /// The nodes attached to this gateway (the admin listing also has its peers' nodes,
+    /// marked `remote`).
     async fn node_ids(&self, http: &Http) -> Vec<String> {
         let v = self.admin_get(http, "/admin/nodes").await;
         let mut ids: Vec<String> = v["data"]
             .as_array()
             .unwrap()
             .iter()
+            .filter(|n| n["remote"] != true)
             .map(|n| n["id"].as_str().unwrap().to_string())
             .collect();
         ids.sort();
@@ -538,6 +549,26 @@ async fn kill_9_scenario(shared: SharedStore) {
     }
     let http = Http::from(ip(FR_CLIENT));
     assert_eq!(gws[1].node_ids(&http).await, ["node-b"]);
+    // The three joined the federation under their configured ids, and each holds its node.
+    let directory = eventually("A to see a, b and c live", Duration::from_secs(10), || {
+        let (gw, http) = (&gws[0], &http);
+        async move {
+            let v = gw.admin_get(http, "/admin/gateways").await;
+            (live_gateways(&v) == ["a", "b", "c"]).then_some(v)
+        }
+    })
+    .await;
+    assert_eq!(directory["self"], "a", "{directory}");
+    // B publishes node-b, and A reads it back, within a few publish intervals.
+    eventually("A to list node-b at b", Duration::from_secs(10), || {
+        let (gw, http) = (&gws[0], &http);
+        async move {
+            (node_holder(&gw.admin_get(http, "/admin/nodes").await, "node-b").as_deref()
+                == Some("b"))
+            .then_some(())
+        }
+    })
+    .await;
 
     // Usage through B, acknowledged: B's admin API reads it back from the store.
     for i in 0..5 {
@@ -591,10 +622,50 @@ async fn kill_9_scenario(shared: SharedStore) {
         holders += gw.node_ids(&http).await.contains(&"node-b".to_string()) as usize;
     }
     assert_eq!(holders, 1, "node-b must be at exactly one of A and C");
+    // B's lease runs out (it never left), and the node directory names node-b's new holder.
+    eventually("A to see b's lease expire", Duration::from_secs(10), || {
+        let (gw, http) = (&gws[0], &http);
+        async move {
+            let v = gw.admin_get(http, "/admin/gateways").await;
+            (live_gateways(&v) == ["a", "c"]).then_some(())
+        }
+    })
+    .await;
+    let holder = eventually(
+        "node-b's new holder in A's view",
+        Duration::from_secs(10),
+        || {
+            let (gw, http) = (&gws[0], &http);
+            async move {
+                node_holder(&gw.admin_get(http, "/admin/nodes").await, "node-b")
+                    .filter(|h| h != "b")
+            }
+        },
+    )
+    .await;
+    assert!(holder == "a" || holder == "c", "{holder}");
     // Everything B acknowledged is in the shared store, seen from a surviving gateway.
     let after = tenant_requests(&gws[0].admin_get(&http, "/admin/usage").await, "tenant-fed");
     assert!(after >= acknowledged, "{after} < {acknowledged}");
     for node in nodes {
         node.stop().await.unwrap();
     }
+}
+
+/// The ids of the gateways an `/admin/gateways` listing shows live, in order.
+fn live_gateways(v: &serde_json::Value) -> Vec<String> {
+    v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|g| g["live"] == true)
+        .map(|g| g["id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Which gateway an `/admin/nodes` listing says holds `node` (local and remote entries both
+/// carry `gateway_id`).
+fn node_holder(v: &serde_json::Value, node: &str) -> Option<String> {
+    let n = v["data"].as_array()?.iter().find(|n| n["id"] == node)?;
+    n["gateway_id"].as_str().map(str::to_string)
 }

@@ -144,6 +144,8 @@ fn published(member: &Member, id: &str) -> NodeDirEntry {
         accepting: true,
         verification: "unverified".into(),
         updated_at_ms: now_ms(),
+        encoders: Vec::new(),
+        model_caps: Vec::new(),
     }
 }
 

@@ -29,7 +29,7 @@ impl FederationView for Directories {
     fn gateways(&self) -> Result<Vec<GatewayRecord>, StoreError> {
         Ok(self.gateways.clone())
     }
-    fn nodes(&self) -> Result<Vec<NodeDirEntry>, StoreError> {
+    fn node_directory(&self) -> Result<Vec<NodeDirEntry>, StoreError> {
         Ok(self.nodes.clone())
     }
 }
@@ -46,7 +46,8 @@ fn record(id: &str, gw: &TestGateway, expires_at_ms: u64) -> GatewayRecord {
         version: "0.1.0".into(),
         started_at_ms: 0,
         heartbeat_at_ms: 0,
-        expires_at_ms,
+        // What a store can hold (readers check entries as a publication is checked).
+        expires_at_ms: expires_at_ms.min(i64::MAX as u64),
     }
 }
 
@@ -76,6 +77,8 @@ fn published(b: &TestGateway) -> Vec<NodeDirEntry> {
                 accepting: true,
                 verification: "unverified".into(),
                 updated_at_ms: 0,
+                encoders: Vec::new(),
+                model_caps: Vec::new(),
             }
         })
         .collect()
@@ -274,6 +277,7 @@ fn claims_for(b: &TestGateway, node: &str) -> TicketClaims {
         height: 180,
         fps: 30,
         bitrate_kbps: 1000,
+        codec: nearpath_protocol::VideoCodec::H264,
         expires_at_ms: now_ms() + 10_000,
         nonce: rand::random(),
     }

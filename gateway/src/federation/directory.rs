@@ -34,7 +34,8 @@ use tracing::{debug, error, info, warn};
 use crate::clock::SharedClock;
 use crate::metrics::Metrics;
 use crate::registry::{NodeEntry, NodeState, Registry, SlotKind};
-use crate::store::{GatewayRecord, NodeDirEntry, Store, StoreError};
+use crate::store::directory::{live_remote_nodes, DirectorySource};
+use crate::store::{DirEncoder, GatewayRecord, NodeDirEntry, Store, StoreError};
 
 /// The id of a gateway without `federation.gateway_id`.
 pub const STANDALONE_ID: &str = "standalone";
@@ -310,22 +311,16 @@ pub fn statuses(
     out
 }
 
-/// The nodes of `nodes` held by a gateway other than `self_id` whose lease holds at `now_ms`.
+/// The nodes of `nodes` held by a gateway other than `self_id` whose lease holds at `now_ms`
+/// (the shared reading, [`live_remote_nodes`]: rows that fail the store's checks are left out).
 pub fn remote_live_nodes(
     gateways: &[GatewayRecord],
     nodes: &[NodeDirEntry],
     self_id: &str,
     now_ms: u64,
 ) -> Vec<NodeDirEntry> {
-    nodes
-        .iter()
-        .filter(|n| {
-            n.gateway_id != self_id
-                && gateways
-                    .iter()
-                    .any(|g| g.id == n.gateway_id && g.is_live(now_ms))
-        })
-        .cloned()
+    live_remote_nodes(gateways, nodes, self_id, now_ms)
+        .map(|(n, _)| n.clone())
         .collect()
 }
 
@@ -423,6 +418,19 @@ impl FleetView {
     }
 }
 
+/// The fleet view is the directory every other reader of this gateway reads (the trunk, game
+/// redirects): the store is read once per `federation.node_directory_interval_ms`, by the
+/// directory task, whatever the number of readers or of requests.
+impl DirectorySource for FleetView {
+    fn gateways(&self) -> Result<Vec<GatewayRecord>, StoreError> {
+        Ok(self.read().gateways.clone())
+    }
+
+    fn node_directory(&self) -> Result<Vec<NodeDirEntry>, StoreError> {
+        Ok(self.read().nodes.clone())
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // What this gateway publishes.
 
@@ -464,7 +472,36 @@ pub fn dir_entry(n: &NodeEntry, gateway_id: &str, now_ms: u64) -> NodeDirEntry {
         accepting: accepting(n),
         verification: n.check().state.to_string(),
         updated_at_ms: now_ms,
+        encoders: dir_encoders(&n.encoders),
+        // Registration keeps at most one set per model; each is the wire's bits.
+        model_caps: n
+            .workloads
+            .model_caps
+            .iter()
+            .take(n.workloads.models.len())
+            .map(|c| c.bits())
+            .collect(),
     }
+}
+
+/// A node's encoders as the directory holds them. The registry keeps one encoder per codec, of
+/// the codecs this build knows, with names within the wire's bounds; a control character in an
+/// implementation name (the wire allows it; the directory does not) becomes `?`, since the
+/// name is only shown and the codec must stay. Anything the directory would still refuse is
+/// left out rather than stopping the gateway's whole publication.
+fn dir_encoders(list: &[nearpath_protocol::message::NodeEncoder]) -> Vec<DirEncoder> {
+    list.iter()
+        .map(|e| DirEncoder {
+            codec: e.codec.as_str().to_string(),
+            implementation: e
+                .implementation
+                .chars()
+                .map(|c| if c.is_control() { '?' } else { c })
+                .collect(),
+        })
+        .filter(crate::store::directory::encoder_ok)
+        .take(nearpath_protocol::message::MAX_ENCODERS)
+        .collect()
 }
 
 /// The live (not gone) nodes of the registry as directory entries.
@@ -840,6 +877,8 @@ mod tests {
             accepting: true,
             verification: UNVERIFIED.into(),
             updated_at_ms: 0,
+            encoders: Vec::new(),
+            model_caps: Vec::new(),
         }
     }
 
@@ -888,6 +927,51 @@ mod tests {
             .map(|g| g.id)
             .collect();
         assert_eq!(live, ["eu-1", "us-1"]);
+    }
+
+    #[test]
+    fn the_fleet_view_is_the_directory_source_other_readers_share() {
+        let fleet = Arc::new(FleetView::new("eu-1".into()));
+        let source: Arc<dyn DirectorySource> = fleet.clone();
+        assert!(source.gateways().unwrap().is_empty(), "nothing read yet");
+        let mut bogus = entry("bogus", "us-1");
+        bogus.inference_free = 9;
+        fleet.apply(
+            vec![record("eu-1", 10_000), record("us-1", 10_000)],
+            vec![entry("a", "eu-1"), entry("b", "us-1"), bogus],
+            4_000,
+        );
+        // Readers get what the directory task last read, as read (each applies the shared
+        // reading itself, which leaves out our own node and the malformed row).
+        assert_eq!(source.gateways().unwrap().len(), 2);
+        assert_eq!(source.node_directory().unwrap().len(), 3);
+        let ids: Vec<String> = fleet
+            .remote_nodes(4_000)
+            .into_iter()
+            .map(|n| n.node_id)
+            .collect();
+        assert_eq!(ids, ["b"]);
+    }
+
+    #[test]
+    fn a_nodes_odd_encoder_names_are_published_safely_and_keep_their_codec() {
+        use nearpath_protocol::message::{NodeEncoder, VideoCodec, MAX_ENCODER_NAME_BYTES};
+        let enc = |codec, implementation: &str| NodeEncoder {
+            codec,
+            implementation: implementation.into(),
+        };
+        let out = dir_encoders(&[
+            enc(VideoCodec::Av1, "av1\u{1b}[31m\u{85}"),
+            enc(VideoCodec::Hevc, ""),
+            enc(VideoCodec::H264, &"x".repeat(MAX_ENCODER_NAME_BYTES + 1)),
+        ]);
+        let shown: Vec<(&str, &str)> = out
+            .iter()
+            .map(|e| (e.codec.as_str(), e.implementation.as_str()))
+            .collect();
+        // The over-long name cannot come from the wire; were it to, it is left out.
+        assert_eq!(shown, [("av1", "av1?[31m?"), ("hevc", "")]);
+        crate::store::directory::check_encoders(&out).expect("what is published passes");
     }
 
     #[test]

@@ -8,11 +8,13 @@
 //! session on exactly that node. Tickets are MACed with the federation's secret, which every
 //! gateway reads from the store ([`crate::store::Store::federation_secret`]).
 //!
-//! The directory is read through [`FederationView`], so that tests can stand in for the store
-//! and the gateway directory.
+//! The directory is read through [`FederationView`]: in a gateway, the directory task's cached
+//! copy (`federation::directory::FleetView`), so that a game start costs no store read; in
+//! tests, a stand-in.
 
 use crate::components::Placement;
 use crate::router::Deny;
+use crate::store::directory::live_remote_nodes;
 use crate::store::{GatewayRecord, NodeDirEntry, SessionDirEntry, Store, StoreError};
 use crate::ticket::{Expect, ReplayGuard, TicketClaims, TicketError, TICKET_TTL_MS};
 use nearpath_config::CrossRoute;
@@ -23,25 +25,11 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex, RwLock};
 
 /// What the federation looks like from here: the gateway directory and the node directory.
-/// Blocking (it may read the store): call it from `spawn_blocking`.
-pub trait FederationView: Send + Sync + 'static {
-    /// Every gateway in the directory, expired ones included.
-    fn gateways(&self) -> Result<Vec<GatewayRecord>, StoreError>;
-    /// Every published node.
-    fn nodes(&self) -> Result<Vec<NodeDirEntry>, StoreError>;
-}
+/// Blocking (it may read the store): called from `spawn_blocking`.
+pub use crate::store::directory::DirectorySource as FederationView;
 
-/// The view over the shared store (the directories other gateways publish into).
-pub struct StoreView(pub Arc<dyn Store>);
-
-impl FederationView for StoreView {
-    fn gateways(&self) -> Result<Vec<GatewayRecord>, StoreError> {
-        self.0.list_gateways()
-    }
-    fn nodes(&self) -> Result<Vec<NodeDirEntry>, StoreError> {
-        self.0.list_node_directory()
-    }
-}
+/// The view over the shared store, read afresh (the directories other gateways publish into).
+pub use crate::store::directory::StoreDirectory as StoreView;
 
 /// Where a redirected client goes.
 #[derive(Debug, Clone)]
@@ -74,11 +62,18 @@ pub struct GameFederation {
 }
 
 impl GameFederation {
-    pub fn new(gateway_id: String, route: CrossRoute, store: Arc<dyn Store>) -> GameFederation {
+    /// A member of the federation reading the directories from `view` (the gateway's cached
+    /// fleet view).
+    pub fn new(
+        gateway_id: String,
+        route: CrossRoute,
+        store: Arc<dyn Store>,
+        view: Arc<dyn FederationView>,
+    ) -> GameFederation {
         GameFederation {
             gateway_id,
             route,
-            view: RwLock::new(Arc::new(StoreView(store.clone()))),
+            view: RwLock::new(view),
             store,
             secret: tokio::sync::OnceCell::new(),
             replay: Mutex::new(ReplayGuard::default()),
@@ -166,13 +161,12 @@ impl GameFederation {
         params: &GameParams,
         now_ms: u64,
     ) -> Option<RedirectTo> {
-        // Peers do not publish their nodes' encoders: only H.264 sessions are redirected.
-        if !self.redirects_games() || params.codec != VideoCodec::H264 {
+        if !self.redirects_games() {
             return None;
         }
         let view = self.view.read().unwrap_or_else(|p| p.into_inner()).clone();
         let read = tokio::task::spawn_blocking(move || {
-            Ok::<_, StoreError>((view.gateways()?, view.nodes()?))
+            Ok::<_, StoreError>((view.gateways()?, view.node_directory()?))
         })
         .await;
         let (gateways, nodes) = match read {
@@ -189,6 +183,7 @@ impl GameFederation {
         let (node, gateway) = pick_remote(
             &self.gateway_id,
             &params.title,
+            params.codec,
             client.coords,
             &gateways,
             &nodes,
@@ -213,6 +208,7 @@ impl GameFederation {
             height: params.height,
             fps: params.fps,
             bitrate_kbps: params.bitrate_kbps,
+            codec: params.codec,
             expires_at_ms: now_ms + TICKET_TTL_MS,
             nonce: rand::random(),
         };
@@ -221,6 +217,38 @@ impl GameFederation {
             node_id: node.node_id.clone(),
             gateway: gateway.clone(),
         })
+    }
+
+    /// The first codec of `accepted` (most preferred first) in which a live peer's node could
+    /// take `title` for `client` (the same checks as [`GameFederation::find`]), read from the
+    /// cached directory without waiting; `None` when no peer's node could, or when this
+    /// gateway does not redirect games.
+    pub fn remote_codec(
+        &self,
+        placement: &Placement,
+        client: &Location,
+        title: &str,
+        accepted: &[VideoCodec],
+        now_ms: u64,
+    ) -> Option<VideoCodec> {
+        if !self.redirects_games() {
+            return None;
+        }
+        let view = self.view.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let (gateways, nodes) = match (view.gateways(), view.node_directory()) {
+            (Ok(g), Ok(n)) => (g, n),
+            _ => return None,
+        };
+        first_remote_codec(
+            &self.gateway_id,
+            title,
+            accepted,
+            client.coords,
+            &gateways,
+            &nodes,
+            now_ms,
+            |n| remote_serve_check(placement, client, n),
+        )
     }
 
     /// Checks and consumes a ticket presented here; on success the session must be placed on
@@ -257,8 +285,8 @@ pub fn ticket_params(c: &TicketClaims) -> GameParams {
         height: c.height,
         fps: c.fps,
         bitrate_kbps: c.bitrate_kbps,
-        // Redirected sessions are H.264: peers do not publish their nodes' encoders.
-        codec: VideoCodec::H264,
+        // The codec the issuer found the node encodes (published in the node directory).
+        codec: c.codec,
     }
 }
 
@@ -300,13 +328,36 @@ pub fn remote_serve_check(
     Ok(())
 }
 
-/// The best node of another live gateway for `title`: published by a gateway other than
-/// `self_id` whose lease holds at `now_ms`, accepting, with a free game slot, serving the title
-/// and allowed by `allow` (the geofence); nearest to the client first (nodes without
-/// coordinates last), then by id, so the choice is deterministic.
+/// The first codec of `accepted` for which [`pick_remote`] finds a node.
+#[allow(clippy::too_many_arguments)]
+pub fn first_remote_codec(
+    self_id: &str,
+    title: &str,
+    accepted: &[VideoCodec],
+    client: Option<Coords>,
+    gateways: &[GatewayRecord],
+    nodes: &[NodeDirEntry],
+    now_ms: u64,
+    mut allow: impl FnMut(&NodeDirEntry) -> Result<(), Deny>,
+) -> Option<VideoCodec> {
+    accepted.iter().copied().find(|&codec| {
+        pick_remote(
+            self_id, title, codec, client, gateways, nodes, now_ms, &mut allow,
+        )
+        .is_some()
+    })
+}
+
+/// The best node of another live gateway for `title` in `codec`: published by a gateway other
+/// than `self_id` whose lease holds at `now_ms`, accepting, with a free game slot, serving the
+/// title, encoding the codec (a node that published no encoders encodes H.264 only) and
+/// allowed by `allow` (the geofence); nearest to the client first (nodes without coordinates
+/// last), then by id, so the choice is deterministic.
+#[allow(clippy::too_many_arguments)]
 pub fn pick_remote<'a>(
     self_id: &str,
     title: &str,
+    codec: VideoCodec,
     client: Option<Coords>,
     gateways: &'a [GatewayRecord],
     nodes: &'a [NodeDirEntry],
@@ -314,20 +365,15 @@ pub fn pick_remote<'a>(
     mut allow: impl FnMut(&NodeDirEntry) -> Result<(), Deny>,
 ) -> Option<(&'a NodeDirEntry, &'a GatewayRecord)> {
     let mut best: Option<(f64, &NodeDirEntry, &GatewayRecord)> = None;
-    for n in nodes {
-        if n.gateway_id == self_id
-            || !n.accepting
+    // The shared reading of the directory: live peers' nodes, rows checked again.
+    for (n, gw) in live_remote_nodes(gateways, nodes, self_id, now_ms) {
+        if !n.accepting
             || n.game_free == 0
             || !n.games.iter().any(|g| g == title)
+            || !n.encodes(codec)
         {
             continue;
         }
-        let Some(gw) = gateways
-            .iter()
-            .find(|g| g.id == n.gateway_id && g.is_live(now_ms))
-        else {
-            continue;
-        };
         if allow(n).is_err() {
             continue;
         }
@@ -386,6 +432,8 @@ mod tests {
             accepting: true,
             verification: "unverified".into(),
             updated_at_ms: NOW,
+            encoders: Vec::new(),
+            model_caps: Vec::new(),
         }
     }
 
@@ -398,8 +446,17 @@ mod tests {
             lat: 50.0,
             lon: 10.0,
         });
-        pick_remote("a", "arena", client, gws, nodes, NOW, allow_all)
-            .map(|(n, _)| n.node_id.as_str())
+        pick_remote(
+            "a",
+            "arena",
+            VideoCodec::H264,
+            client,
+            gws,
+            nodes,
+            NOW,
+            allow_all,
+        )
+        .map(|(n, _)| n.node_id.as_str())
     }
 
     #[test]
@@ -437,16 +494,101 @@ mod tests {
     fn a_node_the_geofence_denies_is_not_picked() {
         let gws = [gw("b", NOW + 1)];
         let nodes = [node("denied", "b", 50.0), node("allowed", "b", 10.0)];
-        let got = pick_remote("a", "arena", None, &gws, &nodes, NOW, |n| {
-            if n.node_id == "denied" {
-                Err(Deny {
-                    rule: "r".into(),
-                    reason: "no".into(),
-                })
-            } else {
-                Ok(())
-            }
-        });
+        let got = pick_remote(
+            "a",
+            "arena",
+            VideoCodec::H264,
+            None,
+            &gws,
+            &nodes,
+            NOW,
+            |n| {
+                if n.node_id == "denied" {
+                    Err(Deny {
+                        rule: "r".into(),
+                        reason: "no".into(),
+                    })
+                } else {
+                    Ok(())
+                }
+            },
+        );
         assert_eq!(got.map(|(n, _)| n.node_id.as_str()), Some("allowed"));
+    }
+
+    fn encoding(mut n: NodeDirEntry, codecs: &[&str]) -> NodeDirEntry {
+        n.encoders = codecs
+            .iter()
+            .map(|c| crate::store::DirEncoder {
+                codec: c.to_string(),
+                implementation: format!("{c}_enc"),
+            })
+            .collect();
+        n
+    }
+
+    #[test]
+    fn the_first_accepted_codec_a_peers_node_encodes_is_chosen() {
+        let gws = [gw("b", NOW + 1)];
+        let nodes = [
+            encoding(node("av1", "b", 50.0), &["av1"]),
+            encoding(node("hevc-denied", "b", 50.0), &["hevc"]),
+        ];
+        let first = |accepted: &[VideoCodec]| {
+            first_remote_codec("a", "arena", accepted, None, &gws, &nodes, NOW, |n| {
+                if n.node_id == "hevc-denied" {
+                    Err(Deny {
+                        rule: "r".into(),
+                        reason: "no".into(),
+                    })
+                } else {
+                    Ok(())
+                }
+            })
+        };
+        // HEVC is preferred, but the only node encoding it is denied: AV1.
+        assert_eq!(
+            first(&[VideoCodec::Hevc, VideoCodec::Av1]),
+            Some(VideoCodec::Av1)
+        );
+        assert_eq!(
+            first(&[VideoCodec::Av1, VideoCodec::Hevc]),
+            Some(VideoCodec::Av1)
+        );
+        assert_eq!(first(&[VideoCodec::Hevc, VideoCodec::H264]), None);
+        assert_eq!(first(&[]), None);
+    }
+
+    #[test]
+    fn only_a_node_that_publishes_the_codec_is_picked_for_it() {
+        let gws = [gw("b", NOW + 1), gw("c", NOW + 1)];
+        // The nearest node encodes H.264 only (it published no encoders: an old row or an
+        // old node); the farther one encodes HEVC and H.264, the farthest AV1 only.
+        let nodes = [
+            node("h264-only", "b", 50.0),
+            encoding(node("hevc", "c", 40.0), &["hevc", "h264"]),
+            encoding(node("av1", "c", 0.0), &["av1"]),
+        ];
+        let client = Some(Coords {
+            lat: 50.0,
+            lon: 10.0,
+        });
+        let pick_in = |codec| {
+            pick_remote("a", "arena", codec, client, &gws, &nodes, NOW, allow_all)
+                .map(|(n, _)| n.node_id.as_str())
+        };
+        assert_eq!(pick_in(VideoCodec::H264), Some("h264-only"));
+        assert_eq!(pick_in(VideoCodec::Hevc), Some("hevc"));
+        assert_eq!(pick_in(VideoCodec::Av1), Some("av1"));
+        // A node listing only a codec this build does not know is never picked, not even for
+        // H.264.
+        let unknown = [encoding(node("vp9", "b", 50.0), &["vp9"])];
+        for codec in VideoCodec::ALL {
+            assert_eq!(
+                pick_remote("a", "arena", codec, client, &gws, &unknown, NOW, allow_all)
+                    .map(|(n, _)| n.node_id.clone()),
+                None
+            );
+        }
     }
 }

@@ -538,8 +538,10 @@ impl GameService {
     }
 
     /// The codec of a session whose client decodes `accepted` (most preferred first; empty:
-    /// H.264): the first one a node that may serve the session encodes; when none does, the
-    /// most preferred, so that the refusal names it ("no node encodes hevc").
+    /// H.264): the first one a node of this gateway that may serve the session encodes (no
+    /// redirect costs less than a redirect); else, in a federation that redirects games, the
+    /// first one a live peer's eligible node encodes (per the node directory); when none does,
+    /// the most preferred, so that the refusal names it ("no node encodes hevc").
     pub fn pick_codec(
         &self,
         client: &Location,
@@ -561,6 +563,15 @@ impl GameService {
                     ..params.clone()
                 };
                 self.has_local_candidate(client, &p)
+            })
+            .or_else(|| {
+                self.federation.as_ref()?.remote_codec(
+                    &self.placement,
+                    client,
+                    &params.title,
+                    accepted,
+                    self.clock.unix_ms(),
+                )
             })
             .unwrap_or(first)
     }

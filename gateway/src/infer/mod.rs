@@ -588,12 +588,14 @@ impl InferService {
         // lack it. Plain requests need none and skip both.
         let needs = request.required_caps_set();
         if !needs.is_empty() {
-            if let Some(e) = self
-                .directory
-                .registry
-                .model_caps(model)
-                .and_then(|have| request.unsupported_by(have))
-            {
+            // What this gateway's nodes and, through the trunk, live peers' nodes declare.
+            let local = self.directory.registry.model_caps(model);
+            let remote = self.trunk.as_ref().and_then(|t| t.remote_model_caps(model));
+            let have = match (local, remote) {
+                (Some(a), Some(b)) => Some(a.with(b)),
+                (a, b) => a.or(b),
+            };
+            if let Some(e) = have.and_then(|have| request.unsupported_by(have)) {
                 // The client's request: no fallback model is tried for it.
                 return Err((CoreError::from_api(&e), false));
             }

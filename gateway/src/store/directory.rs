@@ -3,7 +3,9 @@
 //! that shares the database, so both stores refuse oversize or malformed values with
 //! [`StoreError::Invalid`] before anything reaches SQL.
 
-use super::{check_id, to_i64, GatewayRecord, NodeDirEntry, StoreError};
+use super::{check_id, to_i64, DirEncoder, GatewayRecord, NodeDirEntry, Store, StoreError};
+use nearpath_protocol::message::{MAX_CODEC_NAME_BYTES, MAX_ENCODERS, MAX_ENCODER_NAME_BYTES};
+use std::sync::Arc;
 
 /// Longest gateway id: what `federation.gateway_id` allows.
 pub const MAX_GATEWAY_ID_BYTES: usize = 64;
@@ -135,6 +137,63 @@ fn check_list(field: &'static str, list: &[String]) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// A codec name as the wire carries it: 1 to [`MAX_CODEC_NAME_BYTES`] of `[a-z0-9_]`.
+fn codec_name_ok(name: &str) -> bool {
+    (1..=MAX_CODEC_NAME_BYTES).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+}
+
+/// An implementation name: at most [`MAX_ENCODER_NAME_BYTES`] bytes without control
+/// characters (empty allowed: the wire allows it, and it is only shown).
+fn implementation_ok(name: &str) -> bool {
+    name.len() <= MAX_ENCODER_NAME_BYTES && !name.chars().any(char::is_control)
+}
+
+/// Whether one encoder entry passes [`check_encoders`] on its own: the publisher drops any
+/// that does not (a node's odd implementation name must not stop its gateway publishing).
+pub fn encoder_ok(e: &DirEncoder) -> bool {
+    codec_name_ok(&e.codec) && implementation_ok(&e.implementation)
+}
+
+/// Checks a node's encoders: what registration admits (at most [`MAX_ENCODERS`], names within
+/// the wire's bounds), one entry per codec. The registry already keeps one per codec; this
+/// is the store's own guard against a gateway that does not.
+pub fn check_encoders(list: &[DirEncoder]) -> Result<(), StoreError> {
+    if list.len() > MAX_ENCODERS {
+        return Err(invalid(
+            "encoders",
+            format!("{} entries, at most {MAX_ENCODERS} allowed", list.len()),
+        ));
+    }
+    for (i, e) in list.iter().enumerate() {
+        if !codec_name_ok(&e.codec) {
+            return Err(invalid(
+                "encoders",
+                format!(
+                    "entry {i}: the codec must be 1 to {MAX_CODEC_NAME_BYTES} characters of a-z, 0-9 and '_'"
+                ),
+            ));
+        }
+        if !implementation_ok(&e.implementation) {
+            return Err(invalid(
+                "encoders",
+                format!(
+                    "entry {i}: the implementation must be at most {MAX_ENCODER_NAME_BYTES} bytes without control characters"
+                ),
+            ));
+        }
+        if list[..i].iter().any(|k| k.codec == e.codec) {
+            return Err(invalid(
+                "encoders",
+                format!("entry {i}: codec {} is listed twice", e.codec),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Checks one node directory entry published by `gateway_id`.
 pub fn check_node_entry(gateway_id: &str, n: &NodeDirEntry) -> Result<(), StoreError> {
     check_id("node_id", &n.node_id, false)?;
@@ -161,6 +220,17 @@ pub fn check_node_entry(gateway_id: &str, n: &NodeDirEntry) -> Result<(), StoreE
     check_list("gpu_classes", &n.gpu_classes)?;
     check_list("models", &n.models)?;
     check_list("games", &n.games)?;
+    check_encoders(&n.encoders)?;
+    if n.model_caps.len() > n.models.len() {
+        return Err(invalid(
+            "model_caps",
+            format!(
+                "{} capability sets for {} models",
+                n.model_caps.len(),
+                n.models.len()
+            ),
+        ));
+    }
     if n.inference_free > n.inference_slots {
         return Err(invalid(
             "inference_free",
@@ -220,4 +290,352 @@ pub(crate) fn list_to_json(list: &[String]) -> String {
 /// than failing the whole listing.
 pub(crate) fn list_from_json(s: &str) -> Vec<String> {
     serde_json::from_str(s).unwrap_or_default()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reading the directories: one source and one reading, shared by every reader (the fleet view,
+// the trunk, game redirects).
+
+/// Where the federation's gateway and node directories are read from: the store (only the
+/// gateway's directory task reads it, [`StoreDirectory`]), the directory task's cached copy
+/// (`federation::directory::FleetView`, what the trunk and game redirects read), or a test's
+/// stand-in. Blocking: call it off the async threads when it may be the store.
+pub trait DirectorySource: Send + Sync + 'static {
+    /// Every gateway of the directory, expired ones included.
+    fn gateways(&self) -> Result<Vec<GatewayRecord>, StoreError>;
+    /// Every published node, of any gateway.
+    fn node_directory(&self) -> Result<Vec<NodeDirEntry>, StoreError>;
+}
+
+/// The store's directories, read afresh at every call.
+pub struct StoreDirectory(pub Arc<dyn Store>);
+
+impl DirectorySource for StoreDirectory {
+    fn gateways(&self) -> Result<Vec<GatewayRecord>, StoreError> {
+        self.0.list_gateways()
+    }
+
+    fn node_directory(&self) -> Result<Vec<NodeDirEntry>, StoreError> {
+        self.0.list_node_directory()
+    }
+}
+
+/// The one reading of a directory read that routing relies on: each node a gateway other than
+/// `self_id` published, with that gateway's entry, when the gateway's lease holds at `now_ms`.
+/// Rows are checked again as they are read, with the checks a publication passes: an entry
+/// written straight into the database (oversize lists, more free slots than slots, a node
+/// naming another gateway, a gateway entry with a malformed address or pin) is skipped, never
+/// routed to. In the order of `nodes`.
+pub fn live_remote_nodes<'a>(
+    gateways: &'a [GatewayRecord],
+    nodes: &'a [NodeDirEntry],
+    self_id: &str,
+    now_ms: u64,
+) -> impl Iterator<Item = (&'a NodeDirEntry, &'a GatewayRecord)> + use<'a> {
+    let self_id = self_id.to_owned();
+    nodes.iter().filter_map(move |n| {
+        if n.gateway_id == self_id {
+            return None;
+        }
+        let g = gateways
+            .iter()
+            .find(|g| g.id == n.gateway_id && g.is_live(now_ms))?;
+        if check_gateway_record(g).is_err() || check_node_entry(&g.id, n).is_err() {
+            return None;
+        }
+        Some((n, g))
+    })
+}
+
+/// The longest `model_caps` value a reader parses, in bytes: [`MAX_DIR_LIST`] numbers of at
+/// most 10 digits and their commas.
+pub const MAX_CAPS_JSON_BYTES: usize = 4_096;
+
+/// Encodes a node's model capabilities for a TEXT column (a JSON array of bit sets).
+pub(crate) fn caps_to_json(list: &[u32]) -> String {
+    serde_json::to_string(list).unwrap_or_else(|_| "[]".into())
+}
+
+/// Decodes what [`caps_to_json`] wrote, keeping only the capability bits this build knows;
+/// rows from before the column existed hold `[]`, and a value no gateway writes (too long, not
+/// a list of numbers, more entries than the node has models) reads as `[]` too: no model of
+/// the node declares anything, which only keeps requests needing a capability off it.
+pub(crate) fn caps_from_json(s: &str, models: usize) -> Vec<u32> {
+    if s.len() > MAX_CAPS_JSON_BYTES {
+        return Vec::new();
+    }
+    match serde_json::from_str::<Vec<u64>>(s) {
+        Ok(list) if list.len() <= models => list
+            .into_iter()
+            .map(|b| nearpath_protocol::ModelCaps::from_bits(b).bits())
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// The longest `encoders` value a reader parses, in bytes: [`MAX_ENCODERS`] entries at their
+/// longest take about 1.2 KiB. A longer value (written into the database by something other
+/// than a gateway) is not parsed at all.
+pub const MAX_ENCODERS_JSON_BYTES: usize = 4_096;
+
+/// Encodes a node's encoders for a TEXT column (a JSON array of `{codec, implementation}`).
+pub(crate) fn encoders_to_json(list: &[DirEncoder]) -> String {
+    serde_json::to_string(list).unwrap_or_else(|_| "[]".into())
+}
+
+/// Decodes what [`encoders_to_json`] wrote. Rows from before the column existed hold `[]` (its
+/// default): H.264 only. A value no gateway writes (too long, not JSON, too many entries,
+/// malformed names, a codec twice) also reads as `[]`, H.264 only, which every node encodes,
+/// rather than failing the listing; entries naming codecs this build does not know are kept
+/// (they match nothing here).
+pub(crate) fn encoders_from_json(s: &str) -> Vec<DirEncoder> {
+    if s.len() > MAX_ENCODERS_JSON_BYTES {
+        return Vec::new();
+    }
+    match serde_json::from_str::<Vec<DirEncoder>>(s) {
+        Ok(list) if check_encoders(&list).is_ok() => list,
+        _ => Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod reader_tests {
+    use super::*;
+
+    fn gw(id: &str, expires_at_ms: u64) -> GatewayRecord {
+        GatewayRecord {
+            id: id.into(),
+            region: "r".into(),
+            lat: 0.0,
+            lon: 0.0,
+            quic_address: "127.0.0.1:4433".into(),
+            http_url: "http://127.0.0.1:8080".into(),
+            cert_sha256: "a".repeat(64),
+            version: "0.1.0".into(),
+            started_at_ms: 0,
+            heartbeat_at_ms: 0,
+            expires_at_ms,
+        }
+    }
+
+    fn node(id: &str, gateway: &str) -> NodeDirEntry {
+        NodeDirEntry {
+            node_id: id.into(),
+            operator_id: "op".into(),
+            gateway_id: gateway.into(),
+            country: Some("DE".into()),
+            lat: Some(50.0),
+            lon: Some(8.0),
+            gpu_classes: vec![],
+            models: vec!["m".into()],
+            games: vec![],
+            inference_slots: 2,
+            inference_free: 1,
+            game_slots: 0,
+            game_free: 0,
+            accepting: true,
+            verification: "unverified".into(),
+            updated_at_ms: 0,
+            encoders: vec![],
+            model_caps: vec![],
+        }
+    }
+
+    fn read(gateways: &[GatewayRecord], nodes: &[NodeDirEntry], now_ms: u64) -> Vec<String> {
+        live_remote_nodes(gateways, nodes, "me", now_ms)
+            .map(|(n, g)| format!("{}@{}", n.node_id, g.id))
+            .collect()
+    }
+
+    #[test]
+    fn only_nodes_of_other_live_gateways_are_read() {
+        let gateways = [gw("me", 10), gw("b", 10), gw("old", 5)];
+        let nodes = [
+            node("ours", "me"),
+            node("b1", "b"),
+            node("o1", "old"),
+            node("x1", "unknown"),
+            node("b2", "b"),
+        ];
+        assert_eq!(read(&gateways, &nodes, 4), ["b1@b", "o1@old", "b2@b"]);
+        assert_eq!(
+            read(&gateways, &nodes, 5),
+            ["b1@b", "b2@b"],
+            "old's lease ended at 5"
+        );
+        assert!(read(&gateways, &nodes, 10).is_empty());
+    }
+
+    #[test]
+    fn rows_written_straight_into_the_database_are_checked_again_and_skipped() {
+        let gateways = [gw("b", 10)];
+        let mut more_free = node("more-free", "b");
+        more_free.inference_free = 3;
+        let mut huge = node("huge", "b");
+        huge.models = vec!["m".into(); MAX_DIR_LIST + 1];
+        let mut control = node("ctl", "b");
+        control.games = vec!["arena\n".into()];
+        let mut bad_id = node("long", "b");
+        bad_id.node_id = "n".repeat(10_000);
+        let mut encoders = node("enc", "b");
+        encoders.encoders = vec![
+            DirEncoder {
+                codec: "h264".into(),
+                implementation: "x".into(),
+            };
+            2
+        ];
+        let nodes = [
+            node("fine", "b"),
+            more_free,
+            huge,
+            control,
+            bad_id,
+            encoders,
+        ];
+        assert_eq!(read(&gateways, &nodes, 1), ["fine@b"]);
+        // A gateway entry no gateway would write (a malformed pin) hides its nodes.
+        let mut forged = gw("b", 10);
+        forged.cert_sha256 = "not a pin".into();
+        assert!(read(&[forged], &[node("fine", "b")], 1).is_empty());
+    }
+}
+
+#[cfg(test)]
+mod encoder_tests {
+    use super::*;
+    use nearpath_protocol::message::VideoCodec;
+
+    fn enc(codec: &str, implementation: &str) -> DirEncoder {
+        DirEncoder {
+            codec: codec.into(),
+            implementation: implementation.into(),
+        }
+    }
+
+    #[test]
+    fn encoders_round_trip_and_decide_what_a_node_encodes() {
+        let list = vec![enc("hevc", "x265"), enc("h264", "x264")];
+        let back = encoders_from_json(&encoders_to_json(&list));
+        assert_eq!(back, list);
+        let mut n = crate::store::NodeDirEntry {
+            encoders: back,
+            ..test_entry()
+        };
+        assert!(n.encodes(VideoCodec::Hevc));
+        assert!(n.encodes(VideoCodec::H264));
+        assert!(!n.encodes(VideoCodec::Av1));
+        // A node that lists none encodes H.264 only (old rows, old nodes).
+        n.encoders.clear();
+        assert!(n.encodes(VideoCodec::H264));
+        assert!(!n.encodes(VideoCodec::Hevc));
+        // A node listing only a codec this build does not know encodes nothing known here.
+        n.encoders = vec![enc("vp9", "libvpx")];
+        assert!(!n.encodes(VideoCodec::H264));
+        assert!(!n.encodes(VideoCodec::Av1));
+    }
+
+    #[test]
+    fn the_encoder_check_refuses_oversize_bogus_and_repeated_entries() {
+        let many = vec![enc("h264", "x264"); MAX_ENCODERS + 1];
+        assert!(check_encoders(&many).is_err(), "too many");
+        assert!(check_encoders(&[enc("h264", "x264"), enc("h264", "openh264")]).is_err());
+        for bad in [
+            "",
+            "H264",
+            "h 264",
+            "h264\n",
+            &"a".repeat(MAX_CODEC_NAME_BYTES + 1),
+        ] {
+            assert!(check_encoders(&[enc(bad, "x")]).is_err(), "codec {bad:?}");
+        }
+        for bad in ["x\u{0}", &"x".repeat(MAX_ENCODER_NAME_BYTES + 1)] {
+            assert!(
+                check_encoders(&[enc("h264", bad)]).is_err(),
+                "implementation {bad:?}"
+            );
+        }
+        let distinct: Vec<DirEncoder> = (0..MAX_ENCODERS)
+            .map(|i| enc(&format!("c{i}"), "impl"))
+            .collect();
+        assert!(check_encoders(&distinct).is_ok(), "at the cap");
+        // An entry that fails the check fails the whole publication.
+        let mut n = test_entry();
+        n.encoders = many;
+        assert!(check_node_entry("gw-1", &n).is_err());
+    }
+
+    #[test]
+    fn a_damaged_or_hostile_stored_value_reads_as_h264_only() {
+        let longest: Vec<DirEncoder> = (0..MAX_ENCODERS)
+            .map(|i| {
+                enc(
+                    &format!("{i:0>width$}", width = MAX_CODEC_NAME_BYTES),
+                    &"x".repeat(MAX_ENCODER_NAME_BYTES),
+                )
+            })
+            .collect();
+        let json = encoders_to_json(&longest);
+        assert!(json.len() < MAX_ENCODERS_JSON_BYTES, "{} bytes", json.len());
+        assert_eq!(encoders_from_json(&json), longest);
+        let thousands = encoders_to_json(&vec![enc("hevc", "hevc_nvenc"); 5_000]);
+        for v in [
+            "",
+            "null",
+            "{}",
+            "[1,2]",
+            "[{\"codec\":\"HEVC!\",\"implementation\":\"x\"}]",
+            &thousands,
+            &format!("[{}]", " ".repeat(MAX_ENCODERS_JSON_BYTES)),
+        ] {
+            assert!(encoders_from_json(v).is_empty(), "{:.80}", v);
+        }
+    }
+
+    #[test]
+    fn model_caps_round_trip_and_damaged_values_read_as_none() {
+        let caps = vec![1 | 8, 0];
+        assert_eq!(caps_from_json(&caps_to_json(&caps), 2), caps);
+        // Unknown bits (a newer gateway's) are dropped; more sets than models, junk or an
+        // oversize value reads as none.
+        assert_eq!(caps_from_json("[4294967295]", 1), [127]);
+        for v in [
+            "[1,2,3]",
+            "nope",
+            "[-1]",
+            "{}",
+            &format!("[{}]", "1,".repeat(3_000)),
+        ] {
+            assert!(caps_from_json(v, 2).is_empty(), "{v:.40}");
+        }
+        let mut n = test_entry();
+        n.model_caps = vec![1; n.models.len() + 1];
+        assert!(
+            check_node_entry("gw-1", &n).is_err(),
+            "more sets than models"
+        );
+    }
+
+    fn test_entry() -> crate::store::NodeDirEntry {
+        crate::store::NodeDirEntry {
+            node_id: "n-1".into(),
+            operator_id: "op".into(),
+            gateway_id: "gw-1".into(),
+            country: None,
+            lat: None,
+            lon: None,
+            gpu_classes: vec![],
+            models: vec![],
+            games: vec!["arena".into()],
+            inference_slots: 0,
+            inference_free: 0,
+            game_slots: 1,
+            game_free: 1,
+            accepting: true,
+            verification: "unverified".into(),
+            updated_at_ms: 0,
+            encoders: vec![],
+            model_caps: vec![],
+        }
+    }
 }

@@ -36,6 +36,7 @@ use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
 
+use nearpath_protocol::message::VideoCodec;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -690,6 +691,39 @@ pub struct NodeDirEntry {
     /// of issue 14 run).
     pub verification: String,
     pub updated_at_ms: u64,
+    /// The video encoders the node registered (protocol version 3), one per codec. Empty: the
+    /// node encodes H.264 only, as every node does that lists none; rows written before the
+    /// directory carried encoders read as empty too.
+    #[serde(default)]
+    pub encoders: Vec<DirEncoder>,
+    /// What each model of `models` supports beyond plain text, by position, as the wire's
+    /// capability bits ([`nearpath_protocol::ModelCaps`]); never longer than `models`, and a
+    /// model past its end declares nothing. Rows written before the directory carried them
+    /// read as empty: a request needing a capability then stays on its own gateway's nodes.
+    #[serde(default)]
+    pub model_caps: Vec<u32>,
+}
+
+/// One video encoder in the node directory. The codec is kept as its wire name rather than a
+/// [`VideoCodec`]: a newer gateway may publish a codec this build does not know, which then
+/// simply matches nothing here.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirEncoder {
+    /// The codec's wire name (`h264`, `hevc`, `av1`).
+    pub codec: String,
+    /// The implementation (`x264`, `hevc_nvenc`, ...), for fleet views.
+    pub implementation: String,
+}
+
+impl NodeDirEntry {
+    /// Whether the node encodes `codec`: one of its encoders produces it, or it lists none and
+    /// `codec` is H.264.
+    pub fn encodes(&self, codec: VideoCodec) -> bool {
+        if self.encoders.is_empty() {
+            return codec == VideoCodec::H264;
+        }
+        self.encoders.iter().any(|e| e.codec == codec.as_str())
+    }
 }
 
 /// The per-key limits shared by a federation's gateways (issue 13), by pool: the three

@@ -297,6 +297,16 @@ CREATE INDEX IF NOT EXISTS node_directory_by_gateway ON node_directory (gateway_
     r#"
 ALTER TABLE game_session_dir ADD COLUMN codec TEXT NOT NULL DEFAULT 'h264';
 "#,
+    // 11 (issues 13 and 15): each node's video encoders in the node directory, a JSON array;
+    // rows published before it read as `[]`, H.264 only (`sqlite/directory.rs`).
+    r#"
+ALTER TABLE node_directory ADD COLUMN encoders TEXT NOT NULL DEFAULT '[]';
+"#,
+    // 12 (issue 13): each node's model capabilities in the node directory, a JSON array of
+    // bit sets by model; rows published before it read as `[]`, none declared.
+    r#"
+ALTER TABLE node_directory ADD COLUMN model_caps TEXT NOT NULL DEFAULT '[]';
+"#,
 ];
 
 /// A stored codec name; one this build does not know (a newer build wrote it) reads as H.264,

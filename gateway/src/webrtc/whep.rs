@@ -686,7 +686,8 @@ async fn whep_post(
                 });
             }
             params = crate::game::redirect::ticket_params(&claims);
-            // Peers redirect H.264 sessions only (they do not know each other's encoders).
+            // The issuer chose the codec from this client's first offer; the offer made here must
+            // still list it.
             if !accepted.contains(&params.codec) {
                 return Err(WhepError::UnsupportedCodec {
                     message: format!(

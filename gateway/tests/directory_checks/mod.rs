@@ -42,6 +42,8 @@ pub fn node(id: &str, gateway: &str, at_ms: u64) -> NodeDirEntry {
         accepting: true,
         verification: "unverified".into(),
         updated_at_ms: at_ms,
+        encoders: Vec::new(),
+        model_caps: Vec::new(),
     }
 }
 
@@ -431,5 +433,74 @@ pub fn hostile_directory_entries_are_refused_with_invalid(store: &dyn Store) {
     assert_eq!(
         ids(&store.list_node_directory().expect("list")),
         [pair("n7", "eu-1")]
+    );
+}
+
+fn encoder(codec: &str, implementation: &str) -> nearpath_gateway::store::DirEncoder {
+    nearpath_gateway::store::DirEncoder {
+        codec: codec.into(),
+        implementation: implementation.into(),
+    }
+}
+
+/// Issue 15's encoders travel through the node directory, and a gateway publishing a node with
+/// thousands of encoders or bogus codec names is refused before anything is written (the
+/// gateway's earlier publication stands).
+pub fn encoders_are_published_and_hostile_encoder_lists_are_refused(store: &dyn Store) {
+    use nearpath_protocol::message::VideoCodec;
+    let mut hevc = node("hevc-1", "eu-1", 100);
+    hevc.encoders = vec![encoder("hevc", "x265"), encoder("h264", "x264")];
+    // Model capabilities travel too (tools and logprobs for the node's one model).
+    hevc.model_caps = vec![1 | 8];
+    let plain = node("plain-1", "eu-1", 100);
+    store
+        .publish_nodes("eu-1", &[hevc.clone(), plain.clone()])
+        .expect("publish");
+    let listed = store.list_node_directory().expect("list");
+    assert_eq!(listed, [hevc.clone(), plain.clone()]);
+    assert!(listed[0].encodes(VideoCodec::Hevc) && !listed[0].encodes(VideoCodec::Av1));
+    assert!(listed[1].encodes(VideoCodec::H264) && !listed[1].encodes(VideoCodec::Hevc));
+
+    let hostile: Vec<(&str, Vec<nearpath_gateway::store::DirEncoder>)> = vec![
+        (
+            "thousands of encoders",
+            vec![encoder("hevc", "hevc_nvenc"); 5_000],
+        ),
+        (
+            "17 distinct codecs",
+            (0..17).map(|i| encoder(&format!("c{i}"), "x")).collect(),
+        ),
+        (
+            "a codec twice",
+            vec![encoder("av1", "libaom"), encoder("av1", "av1_nvenc")],
+        ),
+        ("an uppercase codec", vec![encoder("HEVC", "x265")]),
+        (
+            "SQL in a codec",
+            vec![encoder("h264'); DROP TABLE node_directory;--", "x")],
+        ),
+        ("an empty codec", vec![encoder("", "x")]),
+        ("an oversize codec", vec![encoder(&"a".repeat(17), "x")]),
+        (
+            "an oversize implementation",
+            vec![encoder("h264", &"x".repeat(33))],
+        ),
+        ("a control character", vec![encoder("h264", "x264\n")]),
+    ];
+    for (what, encoders) in hostile {
+        let mut n = node("evil-1", "eu-1", 200);
+        n.encoders = encoders;
+        expect_invalid(what, store.publish_nodes("eu-1", &[hevc.clone(), n]));
+    }
+    let mut n = node("evil-1", "eu-1", 200);
+    n.model_caps = vec![1; 5_000];
+    expect_invalid(
+        "more capability sets than models",
+        store.publish_nodes("eu-1", &[hevc.clone(), n]),
+    );
+    assert_eq!(
+        store.list_node_directory().expect("list"),
+        [hevc, plain],
+        "a refused publication changes nothing"
     );
 }

@@ -343,7 +343,7 @@ pub fn models_list(models: &[(&str, u64, &str)]) -> String {
     write_models(
         models
             .iter()
-            .map(|&(id, created, owned_by)| (id, created, owned_by, None)),
+            .map(|&(id, created, owned_by)| (id, created, owned_by, None, None)),
     )
 }
 
@@ -357,9 +357,52 @@ pub fn models_list_with_availability(models: &[(&str, u64, &str, bool, ModelCaps
         models
             .iter()
             .map(|&(id, created, owned_by, available, caps)| {
-                (id, created, owned_by, Some((available, caps)))
+                (id, created, owned_by, Some((available, caps)), None)
             }),
     )
+}
+
+/// One model of a federation's listing ([`models_list_in_fleet`]).
+#[derive(Debug, Clone, Copy)]
+pub struct FleetModel<'a> {
+    pub id: &'a str,
+    pub created: u64,
+    pub owned_by: &'a str,
+    pub available: bool,
+    pub caps: ModelCaps,
+    /// The ids of the gateways whose live nodes serve it, sorted; the gateway answering is
+    /// among them when one of its own nodes does.
+    pub gateways: &'a [String],
+}
+
+/// `GET /v1/models` of a gateway in a federation: [`models_list_with_availability`]'s entries,
+/// each with `"gateways"`, the ids of the gateways whose nodes serve the model (a model served
+/// only by peers' nodes is listed once, and requests for it go through the trunk). OpenAI's
+/// clients keep fields they do not know, so the shape stays theirs.
+pub fn models_list_in_fleet(models: &[FleetModel<'_>]) -> String {
+    write_models(models.iter().map(|m| {
+        (
+            m.id,
+            m.created,
+            m.owned_by,
+            Some((m.available, m.caps)),
+            Some(m.gateways),
+        )
+    }))
+}
+
+/// One model object of [`models_list_in_fleet`], as `GET /v1/models/{id}` returns it.
+pub fn fleet_model_object(m: &FleetModel<'_>) -> String {
+    let mut out = String::with_capacity(160);
+    write_model(
+        &mut out,
+        m.id,
+        m.created,
+        m.owned_by,
+        Some((m.available, m.caps)),
+        Some(m.gateways),
+    );
+    out
 }
 
 /// One model object as `GET /v1/models/{id}` returns it: the same entry as in
@@ -372,7 +415,14 @@ pub fn model_object(
     caps: ModelCaps,
 ) -> String {
     let mut out = String::with_capacity(128);
-    write_model(&mut out, id, created, owned_by, Some((available, caps)));
+    write_model(
+        &mut out,
+        id,
+        created,
+        owned_by,
+        Some((available, caps)),
+        None,
+    );
     out
 }
 
@@ -382,6 +432,7 @@ fn write_model(
     created: u64,
     owned_by: &str,
     extra: Option<(bool, ModelCaps)>,
+    gateways: Option<&[String]>,
 ) {
     out.push_str("{\"id\":");
     push_json_str(out, id);
@@ -400,20 +451,38 @@ fn write_model(
         }
         out.push(']');
     }
+    if let Some(gateways) = gateways {
+        out.push_str(",\"gateways\":[");
+        for (i, g) in gateways.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            push_json_str(out, g);
+        }
+        out.push(']');
+    }
     out.push('}');
 }
 
 /// The model list both forms share; availability and capabilities are written only when given.
 fn write_models<'a>(
-    models: impl ExactSizeIterator<Item = (&'a str, u64, &'a str, Option<(bool, ModelCaps)>)>,
+    models: impl ExactSizeIterator<
+        Item = (
+            &'a str,
+            u64,
+            &'a str,
+            Option<(bool, ModelCaps)>,
+            Option<&'a [String]>,
+        ),
+    >,
 ) -> String {
     let mut out = String::with_capacity(32 + models.len() * 128);
     out.push_str("{\"object\":\"list\",\"data\":[");
-    for (i, (id, created, owned_by, extra)) in models.enumerate() {
+    for (i, (id, created, owned_by, extra, gateways)) in models.enumerate() {
         if i > 0 {
             out.push(',');
         }
-        write_model(&mut out, id, created, owned_by, extra);
+        write_model(&mut out, id, created, owned_by, extra, gateways);
     }
     out.push_str("]}");
     out
@@ -545,6 +614,28 @@ mod tests {
         assert_eq!(
             models_list(&[("a", 1, "nearpath"), ("b/c", 2, "op")]),
             r#"{"object":"list","data":[{"id":"a","object":"model","created":1,"owned_by":"nearpath"},{"id":"b/c","object":"model","created":2,"owned_by":"op"}]}"#
+        );
+    }
+
+    #[test]
+    fn models_list_in_fleet_exact() {
+        let both = ["eu-1".to_string(), "us-1".to_string()];
+        let remote = ["us-1\"x".to_string()];
+        let m = |id, available, gateways| FleetModel {
+            id,
+            created: 1,
+            owned_by: "nearpath",
+            available,
+            caps: ModelCaps::NONE,
+            gateways,
+        };
+        assert_eq!(
+            models_list_in_fleet(&[m("a", true, &both), m("b", true, &remote)]),
+            r#"{"object":"list","data":[{"id":"a","object":"model","created":1,"owned_by":"nearpath","available":true,"capabilities":[],"gateways":["eu-1","us-1"]},{"id":"b","object":"model","created":1,"owned_by":"nearpath","available":true,"capabilities":[],"gateways":["us-1\"x"]}]}"#
+        );
+        assert_eq!(
+            fleet_model_object(&m("c", false, &[])),
+            r#"{"id":"c","object":"model","created":1,"owned_by":"nearpath","available":false,"capabilities":[],"gateways":[]}"#
         );
     }
 

@@ -206,6 +206,8 @@ pub async fn run(a: TrunkArgs) -> anyhow::Result<()> {
         accepting: true,
         verification: "unverified".into(),
         updated_at_ms: now_ms,
+        encoders: Vec::new(),
+        model_caps: Vec::new(),
     }];
 
     // Path 0: one gateway (B); path 1: through the trunk (A).

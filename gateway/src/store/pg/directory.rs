@@ -7,7 +7,8 @@
 use ::postgres::Row;
 
 use super::super::directory::{
-    check_gateway_id, check_gateway_record, check_publication, list_from_json, list_to_json,
+    caps_from_json, caps_to_json, check_gateway_id, check_gateway_record, check_publication,
+    encoders_from_json, encoders_to_json, list_from_json, list_to_json,
 };
 use super::{pg_err, GatewayRecord, NodeDirEntry, PgConn, PgStore, Retry, StoreError};
 
@@ -47,11 +48,21 @@ CREATE TABLE IF NOT EXISTS node_directory (
 CREATE INDEX IF NOT EXISTS node_directory_by_gateway ON node_directory (gateway_id);
 "#;
 
+/// Migration that adds each node's video encoders (issues 13 and 15): a JSON array of
+/// `{codec, implementation}`; rows published before it read as `[]`, H.264 only.
+pub(crate) const ENCODERS_MIGRATION: &str =
+    "ALTER TABLE node_directory ADD COLUMN encoders TEXT NOT NULL DEFAULT '[]'";
+
+/// Migration that adds each node's model capabilities (issue 13): a JSON array of bit sets by
+/// model; rows published before it read as `[]`, none declared.
+pub(crate) const MODEL_CAPS_MIGRATION: &str =
+    "ALTER TABLE node_directory ADD COLUMN model_caps TEXT NOT NULL DEFAULT '[]'";
+
 const GATEWAY_COLS: &str = "id, region, lat, lon, quic_address, http_url, cert_sha256, version, \
      started_at_ms, heartbeat_at_ms, expires_at_ms";
 const NODE_COLS: &str = "node_id, operator_id, gateway_id, country, lat, lon, gpu_classes, \
      models, games, inference_slots, inference_free, game_slots, game_free, accepting, \
-     verification, updated_at_ms";
+     verification, updated_at_ms, encoders, model_caps";
 
 const UPSERT_GATEWAY: &str = "INSERT INTO gateways (id, region, lat, lon, quic_address, http_url, \
      cert_sha256, version, started_at_ms, heartbeat_at_ms, expires_at_ms) \
@@ -93,6 +104,8 @@ fn gateway_from_row(r: &Row) -> GatewayRecord {
 }
 
 fn node_from_row(r: &Row) -> NodeDirEntry {
+    let models = list_from_json(r.get(7));
+    let models_len = models.len();
     NodeDirEntry {
         node_id: r.get(0),
         operator_id: r.get(1),
@@ -101,7 +114,7 @@ fn node_from_row(r: &Row) -> NodeDirEntry {
         lat: r.get(4),
         lon: r.get(5),
         gpu_classes: list_from_json(r.get(6)),
-        models: list_from_json(r.get(7)),
+        models,
         games: list_from_json(r.get(8)),
         inference_slots: u32_of(r.get(9)),
         inference_free: u32_of(r.get(10)),
@@ -110,6 +123,8 @@ fn node_from_row(r: &Row) -> NodeDirEntry {
         accepting: r.get(13),
         verification: r.get(14),
         updated_at_ms: u(r.get(15)),
+        encoders: encoders_from_json(r.get(16)),
+        model_caps: caps_from_json(r.get(17), models_len),
     }
 }
 
@@ -132,6 +147,8 @@ struct NodeColumns {
     accepting: Vec<bool>,
     verification: Vec<String>,
     updated_at_ms: Vec<i64>,
+    encoders: Vec<String>,
+    model_caps: Vec<String>,
 }
 
 impl NodeColumns {
@@ -159,6 +176,8 @@ impl NodeColumns {
         self.accepting.push(n.accepting);
         self.verification.push(n.verification.clone());
         self.updated_at_ms.push(i(n.updated_at_ms));
+        self.encoders.push(encoders_to_json(&n.encoders));
+        self.model_caps.push(caps_to_json(&n.model_caps));
     }
 }
 
@@ -309,7 +328,7 @@ impl PgStore {
                  SELECT * FROM UNNEST($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], \
                  $5::DOUBLE PRECISION[], $6::DOUBLE PRECISION[], $7::TEXT[], $8::TEXT[], \
                  $9::TEXT[], $10::BIGINT[], $11::BIGINT[], $12::BIGINT[], $13::BIGINT[], \
-                 $14::BOOLEAN[], $15::TEXT[], $16::BIGINT[]) \
+                 $14::BOOLEAN[], $15::TEXT[], $16::BIGINT[], $17::TEXT[], $18::TEXT[]) \
                  ON CONFLICT (node_id) DO UPDATE SET operator_id = excluded.operator_id, \
                  gateway_id = excluded.gateway_id, country = excluded.country, \
                  lat = excluded.lat, lon = excluded.lon, gpu_classes = excluded.gpu_classes, \
@@ -317,7 +336,8 @@ impl PgStore {
                  inference_slots = excluded.inference_slots, \
                  inference_free = excluded.inference_free, game_slots = excluded.game_slots, \
                  game_free = excluded.game_free, accepting = excluded.accepting, \
-                 verification = excluded.verification, updated_at_ms = excluded.updated_at_ms \
+                 verification = excluded.verification, updated_at_ms = excluded.updated_at_ms, \
+                     encoders = excluded.encoders, model_caps = excluded.model_caps \
                  WHERE node_directory.updated_at_ms <= excluded.updated_at_ms"
             ),
             &[
@@ -337,6 +357,8 @@ impl PgStore {
                 &cols.accepting,
                 &cols.verification,
                 &cols.updated_at_ms,
+                &cols.encoders,
+                &cols.model_caps,
             ],
         )
         .map_err(pg_err("publish nodes"))?;

@@ -227,6 +227,10 @@ CREATE TABLE IF NOT EXISTS ledger_probe (
     checker::MIGRATION,
     // 7 (issue 15): the session's video codec in the sessions directory.
     "ALTER TABLE game_session_dir ADD COLUMN codec TEXT NOT NULL DEFAULT 'h264'",
+    // 8 (issues 13 and 15): each node's video encoders in the node directory.
+    directory::ENCODERS_MIGRATION,
+    // 9 (issue 13): each node's model capabilities in the node directory.
+    directory::MODEL_CAPS_MIGRATION,
 ];
 
 /// The newest schema version this build knows.

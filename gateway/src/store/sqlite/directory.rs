@@ -1,11 +1,12 @@
 //! The federation's gateway and node directories on SQLite (tables `gateways` and
-//! `node_directory`, migration 5). Gateways that share one SQLite file (tests, or several
+//! `node_directory`, migration 5; `node_directory.encoders`, migration 11). Gateways that share one SQLite file (tests, or several
 //! gateway processes on one host) see each other exactly as they would on PostgreSQL.
 
 use rusqlite::{params, Connection, OptionalExtension, Row, TransactionBehavior};
 
 use super::super::directory::{
-    check_gateway_id, check_gateway_record, check_publication, list_from_json, list_to_json,
+    caps_from_json, caps_to_json, check_gateway_id, check_gateway_record, check_publication,
+    encoders_from_json, encoders_to_json, list_from_json, list_to_json,
 };
 use super::super::{GatewayRecord, NodeDirEntry, StoreError};
 use super::{get_u64, query_all, saturating_i64, OpExt, SqliteStore};
@@ -14,7 +15,7 @@ const GATEWAY_COLS: &str = "id, region, lat, lon, quic_address, http_url, cert_s
      started_at_ms, heartbeat_at_ms, expires_at_ms";
 const NODE_COLS: &str = "node_id, operator_id, gateway_id, country, lat, lon, gpu_classes, \
      models, games, inference_slots, inference_free, game_slots, game_free, accepting, \
-     verification, updated_at_ms";
+     verification, updated_at_ms, encoders, model_caps";
 
 fn gateway_from_row(r: &Row<'_>) -> rusqlite::Result<GatewayRecord> {
     Ok(GatewayRecord {
@@ -38,6 +39,8 @@ fn u32_col(r: &Row<'_>, idx: usize) -> rusqlite::Result<u32> {
 }
 
 fn node_from_row(r: &Row<'_>) -> rusqlite::Result<NodeDirEntry> {
+    let models = list_from_json(&r.get::<_, String>(7)?);
+    let models_len = models.len();
     Ok(NodeDirEntry {
         node_id: r.get(0)?,
         operator_id: r.get(1)?,
@@ -46,7 +49,7 @@ fn node_from_row(r: &Row<'_>) -> rusqlite::Result<NodeDirEntry> {
         lat: r.get(4)?,
         lon: r.get(5)?,
         gpu_classes: list_from_json(&r.get::<_, String>(6)?),
-        models: list_from_json(&r.get::<_, String>(7)?),
+        models,
         games: list_from_json(&r.get::<_, String>(8)?),
         inference_slots: u32_col(r, 9)?,
         inference_free: u32_col(r, 10)?,
@@ -55,6 +58,8 @@ fn node_from_row(r: &Row<'_>) -> rusqlite::Result<NodeDirEntry> {
         accepting: r.get(13)?,
         verification: r.get(14)?,
         updated_at_ms: get_u64(r, 15)?,
+        encoders: encoders_from_json(&r.get::<_, String>(16)?),
+        model_caps: caps_from_json(&r.get::<_, String>(17)?, models_len),
     })
 }
 
@@ -177,7 +182,7 @@ impl SqliteStore {
             let mut stmt = tx
                 .prepare_cached(&format!(
                     "INSERT INTO node_directory ({NODE_COLS}) VALUES \
-                     (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16) \
+                     (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18) \
                      ON CONFLICT (node_id) DO UPDATE SET operator_id = excluded.operator_id, \
                      gateway_id = excluded.gateway_id, country = excluded.country, \
                      lat = excluded.lat, lon = excluded.lon, gpu_classes = excluded.gpu_classes, \
@@ -185,7 +190,8 @@ impl SqliteStore {
                      inference_slots = excluded.inference_slots, \
                      inference_free = excluded.inference_free, game_slots = excluded.game_slots, \
                      game_free = excluded.game_free, accepting = excluded.accepting, \
-                     verification = excluded.verification, updated_at_ms = excluded.updated_at_ms \
+                     verification = excluded.verification, updated_at_ms = excluded.updated_at_ms, \
+                     encoders = excluded.encoders, model_caps = excluded.model_caps \
                      WHERE node_directory.updated_at_ms <= excluded.updated_at_ms"
                 ))
                 .op("prepare publish node")?;
@@ -207,6 +213,8 @@ impl SqliteStore {
                     n.accepting,
                     n.verification,
                     saturating_i64(n.updated_at_ms),
+                    encoders_to_json(&n.encoders),
+                    caps_to_json(&n.model_caps),
                 ])
                 .op("publish node")?;
             }
