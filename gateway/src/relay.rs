@@ -178,6 +178,58 @@ pub struct Relay {
     pub(crate) last_keyframe_request: AtomicU64,
 }
 
+/// Where a new relay's session comes from: what [`Relay::new`] takes besides the session, its
+/// sink, node, parameters and events.
+pub struct RelayOrigin {
+    /// The client's address, for the admin view (empty for a checker's probe).
+    pub client_addr: String,
+    /// `quic`, `webrtc`, `webtransport`, or `probe`.
+    pub transport: &'static str,
+    /// The key's tenant.
+    pub tenant: String,
+    pub started: Instant,
+}
+
+impl Relay {
+    /// A relay with every counter at zero, served by `node` at `params`.
+    pub(crate) fn new(
+        session: SessionId,
+        sink: FrameSink,
+        node: Arc<NodeEntry>,
+        params: &GameParams,
+        events: mpsc::WeakSender<ClientEvent>,
+        origin: RelayOrigin,
+    ) -> Relay {
+        Relay {
+            session_id: session.get(),
+            _session: session,
+            sink,
+            client_addr: origin.client_addr,
+            transport: origin.transport,
+            client_stats: Mutex::new(None),
+            node: Mutex::new(Some(node)),
+            frames: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            dropped_late: AtomicU64::new(0),
+            dropped_overload: AtomicU64::new(0),
+            dropped_foreign: AtomicU64::new(0),
+            dropped_relay: AtomicU64::new(0),
+            audio_packets: AtomicU64::new(0),
+            audio_foreign: AtomicU64::new(0),
+            audio_dropped: AtomicU64::new(0),
+            inputs: AtomicU64::new(0),
+            codec: params.codec,
+            video_pixels: AtomicU64::new(u64::from(params.width) * u64::from(params.height)),
+            started: origin.started,
+            game: params.title.clone(),
+            tenant: origin.tenant,
+            in_flight: Mutex::new(InFlight::default()),
+            events,
+            last_keyframe_request: AtomicU64::new(0),
+        }
+    }
+}
+
 /// Why the relay dropped a frame: the `reason` label of `nearpath_game_frames_dropped_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DropReason {

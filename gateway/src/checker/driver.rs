@@ -1317,9 +1317,8 @@ async fn game_probe(
     title: &str,
     (width, height, fps, bitrate_kbps): (u32, u32, u32, u32),
 ) -> Result<Sample, String> {
-    use crate::relay::{FrameSink, InFlight, Relay};
+    use crate::relay::{FrameSink, Relay, RelayOrigin};
     use nearpath_protocol::message::{Close, GameParams, VideoCodec};
-    use std::sync::atomic::AtomicU64;
     let Some(_slot) = registry.acquire(&node, SlotKind::Game) else {
         return Err(BUSY_GAME.into());
     };
@@ -1344,36 +1343,22 @@ async fn game_probe(
     let (frames_tx, mut frames_rx) = mpsc::channel(64);
     let (audio_tx, _audio_rx) = mpsc::channel(16);
     let (events_tx, _events_rx) = mpsc::channel(1);
-    let relay = Arc::new(Relay {
-        session_id,
-        _session: session,
-        sink: FrameSink::Channel {
+    let relay = Arc::new(Relay::new(
+        session,
+        FrameSink::Channel {
             frames: frames_tx,
             audio: audio_tx,
         },
-        client_addr: String::new(),
-        transport: "probe",
-        client_stats: std::sync::Mutex::new(None),
-        node: std::sync::Mutex::new(Some(node.clone())),
-        frames: AtomicU64::new(0),
-        bytes: AtomicU64::new(0),
-        dropped_late: AtomicU64::new(0),
-        dropped_overload: AtomicU64::new(0),
-        dropped_foreign: AtomicU64::new(0),
-        dropped_relay: AtomicU64::new(0),
-        audio_packets: AtomicU64::new(0),
-        audio_foreign: AtomicU64::new(0),
-        audio_dropped: AtomicU64::new(0),
-        inputs: AtomicU64::new(0),
-        codec,
-        video_pixels: AtomicU64::new(u64::from(width) * u64::from(height)),
-        started: Instant::now(),
-        game: title.to_string(),
-        tenant: String::new(),
-        in_flight: std::sync::Mutex::new(InFlight::default()),
-        events: events_tx.downgrade(),
-        last_keyframe_request: AtomicU64::new(0),
-    });
+        node.clone(),
+        &params,
+        events_tx.downgrade(),
+        RelayOrigin {
+            client_addr: String::new(),
+            transport: "probe",
+            tenant: String::new(),
+            started: Instant::now(),
+        },
+    ));
     sessions.games.insert_probe(relay);
     let _unlist = ProbeRelay {
         sessions,

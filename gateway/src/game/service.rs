@@ -6,7 +6,7 @@
 use super::session::{Action, GameSession, NodeCommand, NodeRef, Rules, Totals, UsageSegment};
 use super::{
     recv_frame_rest, AudioDrop, ClientEvent, DropReason, FlightSlot, ForeignLog, FrameBudget,
-    FrameSink, InFlight, Notice, Relay, Started, Verdict, WtSink, ACK_DELAY_ALLOWANCE,
+    FrameSink, Notice, Relay, RelayOrigin, Started, Verdict, WtSink, ACK_DELAY_ALLOWANCE,
     REVOKE_SEND_BOUND,
 };
 use crate::auth::{CapGuard, CapKind, CapRefusal};
@@ -30,8 +30,8 @@ use nearpath_protocol::stream::{
     recv_frame_header, relay_frame_by, relay_frame_framed, send, FramedRecv, Relayed,
 };
 use nearpath_protocol::{AudioPacket, InputDatagram, MAX_CONTROL_FRAME, MAX_VIDEO_FRAME};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, info_span, warn, Instrument};
@@ -745,33 +745,19 @@ impl GameService {
     ) -> Started {
         let session_id = session.get();
         let (events_tx, events_rx) = mpsc::channel(16);
-        let relay = Arc::new(Relay {
-            session_id,
-            _session: session,
+        let relay = Arc::new(Relay::new(
+            session,
             sink,
-            client_addr,
-            transport,
-            client_stats: Mutex::new(None),
-            node: Mutex::new(Some(attached.node.clone())),
-            frames: AtomicU64::new(0),
-            bytes: AtomicU64::new(0),
-            dropped_late: AtomicU64::new(0),
-            dropped_overload: AtomicU64::new(0),
-            dropped_foreign: AtomicU64::new(0),
-            dropped_relay: AtomicU64::new(0),
-            audio_packets: AtomicU64::new(0),
-            audio_foreign: AtomicU64::new(0),
-            audio_dropped: AtomicU64::new(0),
-            inputs: AtomicU64::new(0),
-            codec: params.codec,
-            video_pixels: AtomicU64::new(u64::from(params.width) * u64::from(params.height)),
-            started: self.clock.now(),
-            game: params.title.clone(),
-            tenant: key.tenant.clone(),
-            in_flight: Mutex::new(InFlight::default()),
-            events: events_tx.downgrade(),
-            last_keyframe_request: AtomicU64::new(0),
-        });
+            attached.node.clone(),
+            &params,
+            events_tx.downgrade(),
+            RelayOrigin {
+                client_addr,
+                transport,
+                tenant: key.tenant.clone(),
+                started: self.clock.now(),
+            },
+        ));
         self.sessions.games.insert(relay.clone());
         self.metrics.active_game_sessions.inc();
         if resumed_from.is_some() {
