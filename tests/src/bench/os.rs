@@ -209,6 +209,64 @@ pub fn trim_heap() {
     }
 }
 
+/// This process under a CPU quota of `percent` of one core, in 10 ms periods (a cgroup of its
+/// own, v2 or v1's `cpu` controller); the cgroup is removed on drop, once the process has left
+/// it. Needs root and a writable cgroup file system.
+pub struct CpuQuota {
+    dir: std::path::PathBuf,
+    parent: std::path::PathBuf,
+}
+
+impl CpuQuota {
+    pub fn enter(percent: u32) -> anyhow::Result<CpuQuota> {
+        use anyhow::Context as _;
+        if !(1..=100).contains(&percent) {
+            anyhow::bail!("the CPU quota must be 1 to 100 percent of a core, got {percent}");
+        }
+        const PERIOD_US: u32 = 10_000;
+        let quota_us = PERIOD_US * percent / 100;
+        let name = format!("nearpath-bench-{}", std::process::id());
+        let v1 = std::path::Path::new("/sys/fs/cgroup/cpu");
+        let v2 = std::path::Path::new("/sys/fs/cgroup");
+        let (parent, writes): (&std::path::Path, Vec<(&str, String)>) =
+            if v1.join("cpu.cfs_quota_us").exists() {
+                (
+                    v1,
+                    vec![
+                        ("cpu.cfs_period_us", PERIOD_US.to_string()),
+                        ("cpu.cfs_quota_us", quota_us.to_string()),
+                    ],
+                )
+            } else {
+                (v2, vec![("cpu.max", format!("{quota_us} {PERIOD_US}"))])
+            };
+        let dir = parent.join(&name);
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("creating the cgroup {}", dir.display()))?;
+        for (file, value) in writes {
+            std::fs::write(dir.join(file), &value)
+                .with_context(|| format!("writing {value} to {}/{file}", dir.display()))?;
+        }
+        std::fs::write(dir.join("cgroup.procs"), std::process::id().to_string())
+            .with_context(|| format!("entering the cgroup {}", dir.display()))?;
+        Ok(CpuQuota {
+            dir,
+            parent: parent.to_path_buf(),
+        })
+    }
+}
+
+impl Drop for CpuQuota {
+    fn drop(&mut self) {
+        // A cgroup with a process in it cannot be removed: leave it for the parent first.
+        let _ = std::fs::write(
+            self.parent.join("cgroup.procs"),
+            std::process::id().to_string(),
+        );
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -151,6 +151,8 @@ pub struct GatewayArgs {
     pub store_dir: Option<PathBuf>,
     pub heartbeat_ms: u64,
     pub missed_heartbeats: u32,
+    /// `game.frame_budget_ms`, when not the default.
+    pub frame_budget_ms: Option<u64>,
     /// The open-file limit (soft, hard) this process runs with, for the report.
     pub nofile: (u64, u64),
 }
@@ -182,11 +184,11 @@ pub async fn serve_gateway(args: GatewayArgs) -> anyhow::Result<()> {
     )?;
     let cert = nearpath_gateway::tls::self_signed(&["localhost", "127.0.0.1"])?;
     let sha = nearpath_protocol::tls::sha256_hex(&cert.sha256);
-    let gw = Gateway::with_parts(
-        gateway_config(path.clone(), args.heartbeat_ms, args.missed_heartbeats),
-        cert,
-        store,
-    )?;
+    let mut config = gateway_config(path.clone(), args.heartbeat_ms, args.missed_heartbeats);
+    if let Some(ms) = args.frame_budget_ms {
+        config.game.frame_budget_ms = ms;
+    }
+    let gw = Gateway::with_parts(config, cert, store)?;
     let shutdown = CancellationToken::new();
     let (addrs, task) = gw.start(Listeners::ephemeral().await?, shutdown.clone())?;
     let stop = CancellationToken::new();

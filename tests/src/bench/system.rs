@@ -35,6 +35,14 @@ pub struct Placement {
     /// one: another build of the gateway under the same load, e.g. the main branch's.
     #[arg(long)]
     pub gateway_exe: Option<PathBuf>,
+    /// Run the gateway under a CPU quota of this share of one core, in percent (a cgroup with
+    /// 10 ms periods; needs root and a writable cgroup `cpu` controller): a smaller relay whose
+    /// capacity this machine's load generator can exceed (`relay-overload`). Default: none.
+    #[arg(long)]
+    pub gateway_cpu_quota_percent: Option<u32>,
+    /// The gateway's `game.frame_budget_ms` (default: the gateway's own, 100).
+    #[arg(long)]
+    pub gateway_frame_budget_ms: Option<u64>,
 }
 
 impl Placement {
@@ -140,6 +148,14 @@ pub fn start_gateway(p: &Placement, live: Liveness, nofile: u64) -> anyhow::Resu
     if let Some(d) = &p.store_dir {
         args.push("--store-dir".into());
         args.push(d.display().to_string());
+    }
+    if let Some(q) = p.gateway_cpu_quota_percent {
+        args.push("--cpu-quota-percent".into());
+        args.push(q.to_string());
+    }
+    if let Some(ms) = p.gateway_frame_budget_ms {
+        args.push("--frame-budget-ms".into());
+        args.push(ms.to_string());
     }
     let child = match &p.gateway_exe {
         Some(exe) => {

@@ -93,6 +93,11 @@ enum Command {
         missed_heartbeats: u32,
         #[arg(long)]
         store_dir: Option<PathBuf>,
+        /// Enter a CPU quota of this share of one core (percent) before starting.
+        #[arg(long)]
+        cpu_quota_percent: Option<u32>,
+        #[arg(long)]
+        frame_budget_ms: Option<u64>,
     },
     /// (internal) Runs edge nodes and/or the simulator's HTTP server; stops when stdin closes.
     #[command(hide = true)]
@@ -180,7 +185,14 @@ fn real_main() -> anyhow::Result<()> {
             heartbeat_ms,
             missed_heartbeats,
             store_dir,
+            cpu_quota_percent,
+            frame_budget_ms,
         } => {
+            // Before any thread exists, so that every thread of the process is under it.
+            let _quota = match cpu_quota_percent {
+                Some(p) => Some(bench::os::CpuQuota::enter(p)?),
+                None => None,
+            };
             let nofile = prepare(&proc.cpus, proc.nofile)?;
             init_logging();
             runtime(proc.threads)?.block_on(bench::serve::serve_gateway(
@@ -188,6 +200,7 @@ fn real_main() -> anyhow::Result<()> {
                     store_dir,
                     heartbeat_ms,
                     missed_heartbeats,
+                    frame_budget_ms,
                     nofile,
                 },
             ))
@@ -254,6 +267,8 @@ fn real_main() -> anyhow::Result<()> {
                 no_pin: true,
                 store_dir: None,
                 gateway_exe: None,
+                gateway_cpu_quota_percent: None,
+                gateway_frame_budget_ms: None,
             };
             let placement = match &command {
                 Command::InferenceLatency(a) => &a.placement,

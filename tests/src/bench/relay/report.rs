@@ -19,7 +19,13 @@ pub(super) fn describe_plan(plan: &FramePlan) -> String {
 }
 
 pub(super) fn describe_placement(p: &Placement, priority: &Priority) -> String {
-    let nice = priority.describe();
+    let mut nice = priority.describe();
+    if let Some(q) = p.gateway_cpu_quota_percent {
+        nice.push_str(&format!("; gateway under a CPU quota of {q}% of a core"));
+    }
+    if let Some(ms) = p.gateway_frame_budget_ms {
+        nice.push_str(&format!("; game.frame_budget_ms {ms}"));
+    }
     if p.no_pin {
         format!("unpinned{nice}")
     } else {
