@@ -407,8 +407,12 @@ async fn frames_that_overtake_each_other_are_counted_reordered_not_missing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_2s_blackout_of_the_players_path_does_not_end_the_session() {
-    // The other side of the rule: a player behind a short blip is not gone.
+async fn a_1s_blackout_of_the_players_path_does_not_end_the_session() {
+    // The other side of the rule: a player behind a short blip is not gone. The gateway hears
+    // nothing for the blip plus up to one client keep-alive interval (1 s: the PINGs sent
+    // during the blip are lost, and the gateway's own probes back off), so a blip survives the
+    // 2.5 s rule only when it is shorter than 1.5 s. A 2 s blip (this test's first version)
+    // left no margin, and under CI load the session once ended.
     let (gw, node) = setup(1).await;
     let relay = relay_from(&gw, FR_CLIENT, 3).await;
     let client = player(&gw, relay.addr(), None).await;
@@ -417,9 +421,9 @@ async fn a_2s_blackout_of_the_players_path_does_not_end_the_session() {
     let frames_task = pump(&node, sid);
     let (_control, mut frames, _input) = session.split();
     receive(&mut frames, 15).await;
-    relay.blackout(Duration::from_secs(2));
+    relay.blackout(Duration::from_secs(1));
     // Frames flow again after the blip, on the same session.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
     let back = Instant::now();
     loop {
         let f = tokio::time::timeout(Duration::from_secs(5), frames.next())
