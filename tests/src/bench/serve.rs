@@ -153,6 +153,8 @@ pub struct GatewayArgs {
     pub missed_heartbeats: u32,
     /// `game.frame_budget_ms`, when not the default.
     pub frame_budget_ms: Option<u64>,
+    /// `quic.recv_buffer_bytes`, when not the default.
+    pub recv_buffer_bytes: Option<usize>,
     /// The open-file limit (soft, hard) this process runs with, for the report.
     pub nofile: (u64, u64),
 }
@@ -187,6 +189,9 @@ pub async fn serve_gateway(args: GatewayArgs) -> anyhow::Result<()> {
     let mut config = gateway_config(path.clone(), args.heartbeat_ms, args.missed_heartbeats);
     if let Some(ms) = args.frame_budget_ms {
         config.game.frame_budget_ms = ms;
+    }
+    if let Some(bytes) = args.recv_buffer_bytes {
+        config.quic.recv_buffer_bytes = bytes;
     }
     let gw = Gateway::with_parts(config, cert, store)?;
     let shutdown = CancellationToken::new();

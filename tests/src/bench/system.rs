@@ -43,6 +43,10 @@ pub struct Placement {
     /// The gateway's `game.frame_budget_ms` (default: the gateway's own, 100).
     #[arg(long)]
     pub gateway_frame_budget_ms: Option<u64>,
+    /// The gateway's `quic.recv_buffer_bytes`: the UDP receive buffer its QUIC socket asks for
+    /// (default: the gateway's own).
+    #[arg(long)]
+    pub gateway_recv_buffer_bytes: Option<usize>,
 }
 
 impl Placement {
@@ -156,6 +160,10 @@ pub fn start_gateway(p: &Placement, live: Liveness, nofile: u64) -> anyhow::Resu
     if let Some(ms) = p.gateway_frame_budget_ms {
         args.push("--frame-budget-ms".into());
         args.push(ms.to_string());
+    }
+    if let Some(bytes) = p.gateway_recv_buffer_bytes {
+        args.push("--recv-buffer-bytes".into());
+        args.push(bytes.to_string());
     }
     let child = match &p.gateway_exe {
         Some(exe) => {

@@ -98,6 +98,8 @@ enum Command {
         cpu_quota_percent: Option<u32>,
         #[arg(long)]
         frame_budget_ms: Option<u64>,
+        #[arg(long)]
+        recv_buffer_bytes: Option<usize>,
     },
     /// (internal) Runs edge nodes and/or the simulator's HTTP server; stops when stdin closes.
     #[command(hide = true)]
@@ -187,6 +189,7 @@ fn real_main() -> anyhow::Result<()> {
             store_dir,
             cpu_quota_percent,
             frame_budget_ms,
+            recv_buffer_bytes,
         } => {
             // Before any thread exists, so that every thread of the process is under it.
             let _quota = match cpu_quota_percent {
@@ -201,6 +204,7 @@ fn real_main() -> anyhow::Result<()> {
                     heartbeat_ms,
                     missed_heartbeats,
                     frame_budget_ms,
+                    recv_buffer_bytes,
                     nofile,
                 },
             ))
@@ -269,6 +273,7 @@ fn real_main() -> anyhow::Result<()> {
                 gateway_exe: None,
                 gateway_cpu_quota_percent: None,
                 gateway_frame_budget_ms: None,
+                gateway_recv_buffer_bytes: None,
             };
             let placement = match &command {
                 Command::InferenceLatency(a) => &a.placement,

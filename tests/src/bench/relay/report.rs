@@ -26,6 +26,9 @@ pub(super) fn describe_placement(p: &Placement, priority: &Priority) -> String {
     if let Some(ms) = p.gateway_frame_budget_ms {
         nice.push_str(&format!("; game.frame_budget_ms {ms}"));
     }
+    if let Some(b) = p.gateway_recv_buffer_bytes {
+        nice.push_str(&format!("; quic.recv_buffer_bytes {b}"));
+    }
     if p.no_pin {
         format!("unpinned{nice}")
     } else {
