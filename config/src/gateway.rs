@@ -723,6 +723,17 @@ pub struct GameConfig {
     /// milliseconds; a frame still on its way to the client this long after capture is abandoned
     /// (its stream reset) once the client's round trip has also passed. Default: 100.
     pub frame_budget_ms: u64,
+    /// While the gateway itself is overloaded (its runtime's workers busy at least 90% of the
+    /// time for 200 ms), a frame that has waited this much longer on its way in than its
+    /// session's frames usually take (their least age over the last 2 to 4 s) is dropped at
+    /// once, counted as `shed`, in milliseconds. What a saturated relay cannot forward waits in
+    /// its receive queue, where every frame would otherwise grow nearly a whole
+    /// `frame_budget_ms` old and be dropped late after costing its full price; shedding keeps
+    /// the queue short and what is delivered fresh. Each session is measured against its own
+    /// usual age, so a far node (or one whose clock is behind) loses no more than a near one.
+    /// 0: never shed (only `frame_budget_ms` applies). Must be less than `frame_budget_ms`.
+    /// Default: 25.
+    pub overload_queue_budget_ms: u64,
     /// Bytes of video one session may have on their way to its client (forwarded, not yet
     /// acknowledged). A frame that would go over is dropped, never queued, and a keyframe is
     /// requested; a frame is always admitted when nothing is in flight. Default: 1048576.
@@ -801,6 +812,7 @@ impl Default for GameConfig {
     fn default() -> Self {
         Self {
             frame_budget_ms: 100,
+            overload_queue_budget_ms: 25,
             max_in_flight_bytes: 1024 * 1024,
             max_in_flight_frames: 16,
             idr_interval_s: 10,
@@ -1339,6 +1351,19 @@ impl GatewayConfig {
     fn check_game(&self, p: &mut Problems) {
         let g = &self.game;
         p.positive("game.frame_budget_ms", g.frame_budget_ms);
+        // (A zero frame budget is reported above, alone.)
+        if g.frame_budget_ms > 0
+            && g.overload_queue_budget_ms > 0
+            && g.overload_queue_budget_ms >= g.frame_budget_ms
+        {
+            p.push(
+                "game.overload_queue_budget_ms",
+                format!(
+                    "must be less than game.frame_budget_ms ({}), or 0 to never shed (got {})",
+                    g.frame_budget_ms, g.overload_queue_budget_ms
+                ),
+            );
+        }
         p.positive("game.max_in_flight_bytes", g.max_in_flight_bytes);
         p.positive("game.max_in_flight_frames", g.max_in_flight_frames);
         p.positive("game.idr_interval_s", g.idr_interval_s);

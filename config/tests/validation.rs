@@ -1169,3 +1169,15 @@ fn otlp_ca_file_needs_an_https_endpoint() {
         Vec::<String>::new()
     );
 }
+
+/// `game.overload_queue_budget_ms` sheds frames younger than the frame budget; at or above it,
+/// it would never shed anything and reads as a mistake. 0 turns shedding off.
+#[test]
+fn an_overload_queue_budget_not_below_the_frame_budget_is_refused() {
+    assert_eq!(
+        gw("[game]\nframe_budget_ms = 40\noverload_queue_budget_ms = 40\n"),
+        ["3: game.overload_queue_budget_ms: must be less than game.frame_budget_ms (40), or 0 to never shed (got 40)"]
+    );
+    assert!(gw("[game]\nframe_budget_ms = 40\noverload_queue_budget_ms = 39\n").is_empty());
+    assert!(gw("[game]\nframe_budget_ms = 40\noverload_queue_budget_ms = 0\n").is_empty());
+}

@@ -876,6 +876,7 @@ impl AdminApi {
                                 "dropped": {
                                     "late": r.dropped_late.load(Relaxed),
                                     "overload": r.dropped_overload.load(Relaxed),
+                                    "shed": r.dropped_shed.load(Relaxed),
                                     "foreign": r.dropped_foreign.load(Relaxed),
                                     "relay": r.dropped_relay.load(Relaxed),
                                 },

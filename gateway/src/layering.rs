@@ -28,6 +28,7 @@ const RANKS: &[(&str, u8)] = &[
     ("outliers", 0),
     ("budget", 0),
     ("ticket", 0),
+    ("saturation", 0),
     ("http_util", 1),
     // The gateway's own certificate files, on top of `tls`.
     ("cert", 1),

@@ -32,6 +32,7 @@ pub mod recent_models;
 pub mod registry;
 pub mod relay;
 pub mod router;
+pub mod saturation;
 pub mod sdp;
 pub mod server;
 pub mod session_id;

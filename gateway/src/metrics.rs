@@ -65,6 +65,8 @@ pub struct Metrics {
     /// clock) to its delivery by the gateway (the gateway's clock), in seconds.
     pub game_frame_latency_seconds: Histogram,
     pub game_frames_dropped: Family<Labels, Counter>,
+    /// 1 while the gateway's runtime is saturated and the relay sheds queued frames.
+    pub game_relay_overloaded: Gauge,
     /// Audio packets relayed to players.
     pub game_audio_relayed: Counter,
     /// Audio datagrams from nodes dropped, by reason (`AudioDrop::as_str`).
@@ -193,6 +195,7 @@ pub const FAMILIES: &[(&str, MetricType)] = &[
     ("nearpath_game_relayed_bytes", MetricType::Counter),
     ("nearpath_game_frame_latency_seconds", MetricType::Histogram),
     ("nearpath_game_frames_dropped", MetricType::Counter),
+    ("nearpath_game_relay_overloaded", MetricType::Gauge),
     ("nearpath_game_audio_relayed", MetricType::Counter),
     ("nearpath_game_audio_dropped", MetricType::Counter),
     (
@@ -352,7 +355,7 @@ pub mod label_values {
         super::OTHER,
     ];
     /// `game_frames_dropped{reason}`: `DropReason::as_str`.
-    pub const FRAME_DROP_REASONS: &[&str] = &["late", "overload", "foreign", "relay"];
+    pub const FRAME_DROP_REASONS: &[&str] = &["late", "overload", "foreign", "relay", "shed"];
     /// `game_audio_dropped{reason}`: `AudioDrop::as_str`.
     pub const AUDIO_DROP_REASONS: &[&str] = &["malformed", "foreign", "relay"];
     /// `webtransport_datagrams_dropped{reason}`.
@@ -464,6 +467,7 @@ impl Metrics {
             game_relayed_bytes: Counter::default(),
             game_frame_latency_seconds: frame_latency_histogram(),
             game_frames_dropped: Family::default(),
+            game_relay_overloaded: Gauge::default(),
             game_audio_relayed: Counter::default(),
             game_audio_dropped: Family::default(),
             webtransport_datagrams_dropped: Family::default(),
@@ -669,6 +673,7 @@ impl Metrics {
             "Video frames dropped by reason",
             m.game_frames_dropped.clone(),
         );
+        reg(r, "game_relay_overloaded", "1 while the gateway's runtime is saturated and the game relay sheds frames that waited too long on their way in (game.overload_queue_budget_ms)", m.game_relay_overloaded.clone());
         reg(
             r,
             "game_audio_relayed",

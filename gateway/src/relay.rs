@@ -150,6 +150,9 @@ pub struct Relay {
     /// Frames dropped because the session was over its in-flight budget, or abandoned because
     /// they were not delivered by their deadline.
     pub dropped_overload: AtomicU64,
+    /// Frames shed because the gateway was overloaded and they had waited too long on their way
+    /// in (`game.overload_queue_budget_ms`).
+    pub dropped_shed: AtomicU64,
     /// Frames for this session that came from a connection other than its serving node's.
     pub dropped_foreign: AtomicU64,
     /// Frames lost to a stream or connection error.
@@ -169,8 +172,8 @@ pub struct Relay {
     pub started: Instant,
     pub game: String,
     pub tenant: String,
-    /// Frames and bytes on their way to the client now.
-    pub(crate) in_flight: Mutex<InFlight>,
+    /// Frames and bytes on their way to the client now, and the age floor of its frames.
+    pub(crate) in_flight: Mutex<FlowState>,
     /// The session driver's event queue, for keyframe requests after a drop. Weak, so that the
     /// relay (which outlives the front end in the session table) never keeps the queue open.
     pub(crate) events: mpsc::WeakSender<ClientEvent>,
@@ -212,6 +215,7 @@ impl Relay {
             bytes: AtomicU64::new(0),
             dropped_late: AtomicU64::new(0),
             dropped_overload: AtomicU64::new(0),
+            dropped_shed: AtomicU64::new(0),
             dropped_foreign: AtomicU64::new(0),
             dropped_relay: AtomicU64::new(0),
             audio_packets: AtomicU64::new(0),
@@ -223,7 +227,7 @@ impl Relay {
             started: origin.started,
             game: params.title.clone(),
             tenant: origin.tenant,
-            in_flight: Mutex::new(InFlight::default()),
+            in_flight: Mutex::new(FlowState::default()),
             events,
             last_keyframe_request: AtomicU64::new(0),
         }
@@ -241,6 +245,9 @@ pub enum DropReason {
     Foreign,
     /// A stream or connection failed while forwarding.
     Relay,
+    /// Shed while the gateway was overloaded: it had waited longer on its way in than the
+    /// overload queue budget allows.
+    Shed,
 }
 
 impl DropReason {
@@ -250,6 +257,7 @@ impl DropReason {
             DropReason::Overload => "overload",
             DropReason::Foreign => "foreign",
             DropReason::Relay => "relay",
+            DropReason::Shed => "shed",
         }
     }
 }
@@ -266,6 +274,62 @@ pub(crate) const ACK_DELAY_ALLOWANCE: Duration = Duration::from_millis(25);
 pub struct InFlight {
     pub frames: u32,
     pub bytes: u64,
+}
+
+/// What the relay keeps per session to decide each frame's fate: what it has in flight, and how
+/// old its frames usually are when they arrive.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct FlowState {
+    pub in_flight: InFlight,
+    pub floor: AgeFloor,
+}
+
+/// One window of an [`AgeFloor`], in microseconds.
+pub const AGE_FLOOR_WINDOW_US: u64 = 2_000_000;
+
+/// The least age (capture to header read) a session's frames have had lately: the node's path
+/// and encode delay plus any offset between its clock and ours, with no queueing in it. Frame
+/// ages above it are time spent waiting, on the path or in the gateway's own receive queue.
+///
+/// It is the minimum over the current window and the one before (so a path that became slower
+/// is followed within two windows), and windows only turn while the gateway is not overloaded:
+/// under overload every frame waits in the gateway's queue, and a floor learnt then would rise
+/// with the queue it is meant to measure the queue against.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct AgeFloor {
+    window_start_us: u64,
+    current: Option<u64>,
+    previous: Option<u64>,
+}
+
+impl AgeFloor {
+    /// Takes the age of a frame whose header was read at `now_us`; windows turn only when
+    /// `may_turn` (the gateway is not overloaded).
+    pub fn observe(&mut self, now_us: u64, age_us: u64, may_turn: bool) {
+        if self.current.is_none() && self.previous.is_none() {
+            self.window_start_us = now_us;
+        }
+        let elapsed = now_us.saturating_sub(self.window_start_us);
+        if may_turn && elapsed >= AGE_FLOOR_WINDOW_US {
+            // After a silence of two windows or more the previous window is too old to keep.
+            self.previous = if elapsed >= 2 * AGE_FLOOR_WINDOW_US {
+                None
+            } else {
+                self.current
+            };
+            self.current = None;
+            self.window_start_us = now_us;
+        }
+        self.current = Some(self.current.map_or(age_us, |m| m.min(age_us)));
+    }
+
+    /// The floor, once a frame has been seen.
+    pub fn floor(&self) -> Option<u64> {
+        match (self.current, self.previous) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
 }
 
 /// What the relay does with a frame whose header it has just read.
@@ -286,6 +350,9 @@ pub struct FrameBudget {
     pub budget_us: u64,
     pub max_in_flight_bytes: u64,
     pub max_in_flight_frames: u32,
+    /// While the gateway is overloaded: the most a frame may be older than its session's
+    /// [`AgeFloor`] to be forwarded (0: no shedding).
+    pub overload_queue_us: u64,
 }
 
 impl FrameBudget {
@@ -294,6 +361,7 @@ impl FrameBudget {
             budget_us: g.frame_budget_ms.saturating_mul(1000),
             max_in_flight_bytes: g.max_in_flight_bytes,
             max_in_flight_frames: g.max_in_flight_frames,
+            overload_queue_us: g.overload_queue_budget_ms.saturating_mul(1000),
         }
     }
 
@@ -303,7 +371,8 @@ impl FrameBudget {
     }
 
     /// Decides the fate of a frame captured at `capture_ts_us` when the relay reads its header
-    /// at `now_us`, given what the session already has in flight (updated when it is forwarded).
+    /// at `now_us`, given what the session already has in flight (updated when it is forwarded)
+    /// and whether the gateway is `overloaded` now.
     ///
     /// A frame is dropped, never queued: a late frame is worth less than the bandwidth it takes,
     /// and a session over its in-flight budget has a client path that is not keeping up, where a
@@ -311,17 +380,35 @@ impl FrameBudget {
     /// in flight, so one frame larger than the byte budget (a big IDR) still gets through. A
     /// capture time in the future (a node's clock ahead of ours) counts as age 0: the deadline is
     /// then the full budget from now, never later.
+    ///
+    /// Under overload the gateway cannot relay every frame, and what it cannot relay waits in
+    /// its receive queue, so every frame would arrive nearly a whole budget old and most would
+    /// be dropped late after costing their full price (goodput collapse). Instead, a frame that
+    /// has waited more than `overload_queue_us` beyond its session's usual age is shed at once:
+    /// the work saved keeps the queue short, and what is delivered stays fresh. Measured against
+    /// each session's own floor, a far node or a node whose clock is behind ours loses no more
+    /// than a near one.
     pub fn admit(
         &self,
-        in_flight: &mut InFlight,
+        state: &mut FlowState,
+        overloaded: bool,
         now_us: u64,
         capture_ts_us: u64,
         bytes: u64,
     ) -> Verdict {
         let age = now_us.saturating_sub(capture_ts_us);
+        state.floor.observe(now_us, age, !overloaded);
         if age > self.budget_us {
             return Verdict::Drop(DropReason::Late);
         }
+        if overloaded && self.overload_queue_us > 0 {
+            if let Some(floor) = state.floor.floor() {
+                if age > floor.saturating_add(self.overload_queue_us) {
+                    return Verdict::Drop(DropReason::Shed);
+                }
+            }
+        }
+        let in_flight = &mut state.in_flight;
         if in_flight.frames > 0
             && (in_flight.frames >= self.max_in_flight_frames
                 || in_flight.bytes.saturating_add(bytes) > self.max_in_flight_bytes)
@@ -336,7 +423,8 @@ impl FrameBudget {
     }
 
     /// Gives back what [`Self::admit`] counted for a frame that has been delivered or dropped.
-    pub fn release(in_flight: &mut InFlight, bytes: u64) {
+    pub fn release(state: &mut FlowState, bytes: u64) {
+        let in_flight = &mut state.in_flight;
         in_flight.frames = in_flight.frames.saturating_sub(1);
         in_flight.bytes = in_flight.bytes.saturating_sub(bytes);
     }
@@ -406,7 +494,10 @@ impl Relay {
 
     /// Frames and bytes on their way to the client now.
     pub fn in_flight(&self) -> InFlight {
-        *self.in_flight.lock().unwrap_or_else(|p| p.into_inner())
+        self.in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .in_flight
     }
 
     /// The drop counter for `reason`.
@@ -416,6 +507,7 @@ impl Relay {
             DropReason::Overload => &self.dropped_overload,
             DropReason::Foreign => &self.dropped_foreign,
             DropReason::Relay => &self.dropped_relay,
+            DropReason::Shed => &self.dropped_shed,
         }
     }
 
@@ -581,33 +673,34 @@ mod tests {
             budget_us: 100 * MS,
             max_in_flight_bytes: 100_000,
             max_in_flight_frames: 3,
+            overload_queue_us: 25 * MS,
         }
     }
 
     #[test]
     fn frames_are_dropped_before_forwarding_when_late_or_over_budget_never_queued() {
         let b = budget();
-        let mut f = InFlight::default();
+        let mut f = FlowState::default();
         // Virtual clock: the relay reads headers at these times (us).
         let t0 = 1_000_000_000u64;
         // Fresh frame: forwarded with what is left of its budget.
         assert_eq!(
-            b.admit(&mut f, t0 + 30 * MS, t0, 20_000),
+            b.admit(&mut f, false, t0 + 30 * MS, t0, 20_000),
             Verdict::Forward {
                 remaining_us: 70 * MS
             }
         );
         // Exactly at the budget is still in; a microsecond past it is late.
         assert_eq!(
-            b.admit(&mut f, t0 + 100 * MS, t0, 20_000),
+            b.admit(&mut f, false, t0 + 100 * MS, t0, 20_000),
             Verdict::Forward { remaining_us: 0 }
         );
         assert_eq!(
-            b.admit(&mut f, t0 + 100 * MS + 1, t0, 20_000),
+            b.admit(&mut f, false, t0 + 100 * MS + 1, t0, 20_000),
             Verdict::Drop(DropReason::Late)
         );
         assert_eq!(
-            f,
+            f.in_flight,
             InFlight {
                 frames: 2,
                 bytes: 40_000
@@ -615,51 +708,51 @@ mod tests {
         );
         // Bytes: 40 000 + 70 000 is over 100 000, so the frame is dropped, not held back.
         assert_eq!(
-            b.admit(&mut f, t0 + 40 * MS, t0 + 35 * MS, 70_000),
+            b.admit(&mut f, false, t0 + 40 * MS, t0 + 35 * MS, 70_000),
             Verdict::Drop(DropReason::Overload)
         );
         // Frames: a third fits, a fourth does not, whatever its size.
         assert!(matches!(
-            b.admit(&mut f, t0 + 41 * MS, t0 + 40 * MS, 10),
+            b.admit(&mut f, false, t0 + 41 * MS, t0 + 40 * MS, 10),
             Verdict::Forward { .. }
         ));
         assert_eq!(
-            b.admit(&mut f, t0 + 42 * MS, t0 + 41 * MS, 10),
+            b.admit(&mut f, false, t0 + 42 * MS, t0 + 41 * MS, 10),
             Verdict::Drop(DropReason::Overload)
         );
         // Delivered frames give their share back, and the next frame goes.
         FrameBudget::release(&mut f, 20_000);
         FrameBudget::release(&mut f, 10);
         assert_eq!(
-            f,
+            f.in_flight,
             InFlight {
                 frames: 1,
                 bytes: 20_000
             }
         );
         assert!(matches!(
-            b.admit(&mut f, t0 + 50 * MS, t0 + 45 * MS, 70_000),
+            b.admit(&mut f, false, t0 + 50 * MS, t0 + 45 * MS, 70_000),
             Verdict::Forward { .. }
         ));
         // Late beats everything else: a late frame never takes budget.
-        let before = f;
+        let before = f.in_flight;
         assert_eq!(
-            b.admit(&mut f, t0 + 500 * MS, t0, 1),
+            b.admit(&mut f, false, t0 + 500 * MS, t0, 1),
             Verdict::Drop(DropReason::Late)
         );
-        assert_eq!(f, before);
+        assert_eq!(f.in_flight, before);
     }
 
     #[test]
     fn a_frame_larger_than_the_byte_budget_passes_when_nothing_is_in_flight() {
         let b = budget();
-        let mut f = InFlight::default();
+        let mut f = FlowState::default();
         assert!(matches!(
-            b.admit(&mut f, 10 * MS, 10 * MS, 500_000),
+            b.admit(&mut f, false, 10 * MS, 10 * MS, 500_000),
             Verdict::Forward { .. }
         ));
         assert_eq!(
-            b.admit(&mut f, 11 * MS, 11 * MS, 10),
+            b.admit(&mut f, false, 11 * MS, 11 * MS, 10),
             Verdict::Drop(DropReason::Overload)
         );
     }
@@ -667,12 +760,144 @@ mod tests {
     #[test]
     fn a_capture_time_in_the_future_gets_no_more_than_the_full_budget() {
         let b = budget();
-        let mut f = InFlight::default();
+        let mut f = FlowState::default();
         assert_eq!(
-            b.admit(&mut f, 10 * MS, u64::MAX, 100),
+            b.admit(&mut f, false, 10 * MS, u64::MAX, 100),
             Verdict::Forward {
                 remaining_us: 100 * MS
             }
         );
+    }
+
+    /// Regression (issue 9, item 15): at 1.5x its capacity the relay let frames wait in its
+    /// receive queue until they were nearly a whole budget old, and dropped most of them late
+    /// after paying for them; under overload it now sheds a frame that waited 25 ms beyond
+    /// its session's usual age, and forwards the rest.
+    #[test]
+    fn under_overload_a_frame_queued_beyond_its_sessions_floor_is_shed() {
+        let b = budget();
+        let mut f = FlowState::default();
+        let t0 = 1_000_000_000u64;
+        // A near node: its frames arrive 5 ms after capture.
+        for k in 0..10 {
+            let at = t0 + k * 16 * MS;
+            assert!(matches!(
+                b.admit(&mut f, false, at + 5 * MS, at, 100),
+                Verdict::Forward { .. }
+            ));
+            FrameBudget::release(&mut f, 100);
+        }
+        assert_eq!(f.floor.floor(), Some(5 * MS));
+        let at = t0 + 200 * MS;
+        // Not overloaded: 50 ms is within the 100 ms budget.
+        assert!(matches!(
+            b.admit(&mut f, false, at + 50 * MS, at, 100),
+            Verdict::Forward { .. }
+        ));
+        FrameBudget::release(&mut f, 100);
+        // Overloaded: 5 + 25 = 30 ms is the most; 31 ms is shed, and takes no budget.
+        assert!(matches!(
+            b.admit(&mut f, true, at + 30 * MS, at, 100),
+            Verdict::Forward { .. }
+        ));
+        let held = f.in_flight;
+        assert_eq!(
+            b.admit(&mut f, true, at + 31 * MS, at, 100),
+            Verdict::Drop(DropReason::Shed)
+        );
+        assert_eq!(f.in_flight, held);
+        // The absolute budget still comes first.
+        assert_eq!(
+            b.admit(&mut f, true, at + 101 * MS, at, 100),
+            Verdict::Drop(DropReason::Late)
+        );
+        // A zero overload budget never sheds.
+        let lax = FrameBudget {
+            overload_queue_us: 0,
+            ..b
+        };
+        FrameBudget::release(&mut f, 100);
+        assert!(matches!(
+            lax.admit(&mut f, true, at + 90 * MS, at, 100),
+            Verdict::Forward { .. }
+        ));
+    }
+
+    /// A far node, or one whose clock is 60 ms behind ours, has every frame 60 ms old: under
+    /// overload it loses only what waited beyond its own floor, like a near node.
+    #[test]
+    fn each_session_is_shed_against_its_own_floor() {
+        let b = budget();
+        let mut far = FlowState::default();
+        let t0 = 1_000_000_000u64;
+        b.admit(&mut far, false, t0 + 60 * MS, t0, 100);
+        FrameBudget::release(&mut far, 100);
+        let at = t0 + 16 * MS;
+        assert!(matches!(
+            b.admit(&mut far, true, at + 85 * MS, at, 100),
+            Verdict::Forward { .. }
+        ));
+        FrameBudget::release(&mut far, 100);
+        assert_eq!(
+            b.admit(&mut far, true, at + 86 * MS, at, 100),
+            Verdict::Drop(DropReason::Shed)
+        );
+    }
+
+    /// A session that starts during overload has no floor yet: its first frame is judged by
+    /// the absolute budget alone, and sets the floor the next ones are judged by.
+    #[test]
+    fn a_session_starting_under_overload_learns_its_floor_from_its_first_frames() {
+        let b = budget();
+        let mut f = FlowState::default();
+        let t0 = 1_000_000_000u64;
+        assert!(matches!(
+            b.admit(&mut f, true, t0 + 70 * MS, t0, 100),
+            Verdict::Forward { .. }
+        ));
+        FrameBudget::release(&mut f, 100);
+        assert_eq!(f.floor.floor(), Some(70 * MS));
+        // A fresher frame lowers it, even under overload (a minimum only falls).
+        b.admit(&mut f, true, t0 + 30 * MS, t0 + 20 * MS, 100);
+        FrameBudget::release(&mut f, 100);
+        assert_eq!(f.floor.floor(), Some(10 * MS));
+        assert_eq!(
+            b.admit(&mut f, true, t0 + 80 * MS, t0 + 40 * MS, 100),
+            Verdict::Drop(DropReason::Shed)
+        );
+    }
+
+    /// The floor must not rise with the queue it measures: while overloaded its windows do not
+    /// turn, however long the overload lasts. Once the overload is over, a path that really
+    /// became slower is followed within two windows.
+    #[test]
+    fn the_floor_holds_under_overload_and_follows_a_slower_path_after_it() {
+        let mut floor = AgeFloor::default();
+        let t0 = 1_000_000_000u64;
+        floor.observe(t0, 5 * MS, true);
+        // Ten seconds of overload, every frame 40 ms old.
+        for k in 1..=600u64 {
+            floor.observe(t0 + k * 16 * MS, 40 * MS, false);
+        }
+        assert_eq!(floor.floor(), Some(5 * MS));
+        // The overload ends; the path now takes 40 ms. The first turn keeps 5 ms as the
+        // previous window's; the second forgets it.
+        let t1 = t0 + 10_000 * MS;
+        let mut last = None;
+        for k in 0..=300u64 {
+            let at = t1 + k * 16 * MS;
+            floor.observe(at, 40 * MS, true);
+            if floor.floor() == Some(40 * MS) {
+                last = Some(at - t1);
+                break;
+            }
+        }
+        let took = last.expect("the floor never followed the slower path");
+        assert!(took <= 2 * AGE_FLOOR_WINDOW_US, "{took} us");
+        // After a silence of two windows the old floor is gone at once.
+        let mut quiet = AgeFloor::default();
+        quiet.observe(t0, 5 * MS, true);
+        quiet.observe(t0 + 2 * AGE_FLOOR_WINDOW_US, 40 * MS, true);
+        assert_eq!(quiet.floor(), Some(40 * MS));
     }
 }

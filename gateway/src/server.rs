@@ -585,6 +585,8 @@ impl Gateway {
                 },
                 inner_shutdown.clone(),
             ));
+            let saturation_task =
+                tokio::spawn(shared.games.clone().saturation_loop(inner_shutdown.clone()));
             let geo_task = tokio::spawn(crate::admin::geo_reload_loop(
                 shared.placement.clone(),
                 shared.metrics.clone(),
@@ -605,6 +607,7 @@ impl Gateway {
             let _ = http_task.await;
             let _ = admin_task.await;
             geo_task.abort();
+            saturation_task.abort();
             if let Some(t) = wt_cert_task {
                 t.abort();
             }

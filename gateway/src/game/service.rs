@@ -53,6 +53,9 @@ pub struct GameService {
     /// This gateway's federation, when it is in one (`federation.gateway_id`): sessions for
     /// peers' nodes are redirected there, and tickets from peers are honoured here.
     federation: Option<Arc<super::redirect::GameFederation>>,
+    /// Whether the gateway's runtime is saturated (the relay then sheds queued frames); kept
+    /// current by [`GameService::saturation_loop`].
+    saturation: Arc<crate::saturation::Saturation>,
 }
 
 /// Where a session was placed: here, or on a peer's node (the client must go there).
@@ -179,7 +182,33 @@ impl GameService {
             clock,
             config,
             federation: None,
+            saturation: crate::saturation::Saturation::new(),
         }
+    }
+
+    /// Samples the runtime's saturation until `shutdown`, for the relay's shedding
+    /// ([`FrameBudget::admit`]), the `nearpath_game_relay_overloaded` gauge and the log.
+    pub async fn saturation_loop(self: Arc<Self>, shutdown: tokio_util::sync::CancellationToken) {
+        let metrics = self.metrics.clone();
+        let shed = self.config.overload_queue_budget_ms > 0;
+        self.saturation
+            .clone()
+            .run(shutdown, move |saturated| {
+                metrics.game_relay_overloaded.set(i64::from(saturated));
+                if saturated && shed {
+                    warn!("gateway saturated: the game relay sheds frames queued on their way in");
+                } else if saturated {
+                    warn!("gateway saturated (game.overload_queue_budget_ms = 0: no shedding)");
+                } else {
+                    info!("gateway no longer saturated");
+                }
+            })
+            .await
+    }
+
+    /// Whether the runtime is saturated now (see [`crate::saturation`]).
+    pub fn is_saturated(&self) -> bool {
+        self.saturation.is_saturated()
     }
 
     /// Makes the service a member of a federation (see [`super::redirect`]).
@@ -1099,6 +1128,7 @@ impl GameService {
             nodes = segments,
             dropped_late = relay.dropped_late.load(Ordering::Relaxed),
             dropped_overload = relay.dropped_overload.load(Ordering::Relaxed),
+            dropped_shed = relay.dropped_shed.load(Ordering::Relaxed),
             dropped_foreign = relay.dropped_foreign.load(Ordering::Relaxed),
             dropped_relay = relay.dropped_relay.load(Ordering::Relaxed),
             audio_packets = relay.audio_packets.load(Ordering::Relaxed),
@@ -1172,7 +1202,13 @@ impl GameService {
         let bytes = FrameBudget::frame_bytes(&header);
         let verdict = {
             let mut f = relay.in_flight.lock().unwrap_or_else(|p| p.into_inner());
-            budget.admit(&mut f, self.clock.unix_us(), header.capture_ts_us, bytes)
+            budget.admit(
+                &mut f,
+                self.saturation.is_saturated(),
+                self.clock.unix_us(),
+                header.capture_ts_us,
+                bytes,
+            )
         };
         let remaining_us = match verdict {
             Verdict::Forward { remaining_us } => remaining_us,

@@ -1034,6 +1034,7 @@ fn relay_counters(r: &Relay) -> serde_json::Value {
         "bytes": r.bytes.load(Relaxed),
         "dropped_late": r.dropped_late.load(Relaxed),
         "dropped_overload": r.dropped_overload.load(Relaxed),
+        "dropped_shed": r.dropped_shed.load(Relaxed),
         "dropped_relay": r.dropped_relay.load(Relaxed),
         "audio_packets": r.audio_packets.load(Relaxed),
         "audio_dropped": r.audio_dropped.load(Relaxed),

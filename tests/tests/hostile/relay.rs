@@ -258,7 +258,7 @@ async fn a_player_that_never_reads_gets_frames_dropped_not_queued() {
         worst.1 = worst.1.max(v["in_flight_bytes"].as_u64().unwrap());
         let d = &v["dropped"];
         let handled = v["frames"].as_u64().unwrap()
-            + ["late", "overload", "foreign", "relay"]
+            + ["late", "overload", "foreign", "relay", "shed"]
                 .iter()
                 .map(|r| d[*r].as_u64().unwrap())
                 .sum::<u64>();
@@ -320,6 +320,130 @@ async fn a_player_that_never_reads_gets_frames_dropped_not_queued() {
         );
     }
     drop((opened_good, opened_stalled.send));
+    gw.stop().await;
+}
+
+/// Sends a frame for `sid` on `conn` whose capture time is `age` ago (as if it had waited
+/// that long on its way in).
+async fn send_aged_frame(conn: &quinn::Connection, sid: u64, seq: u64, age: Duration) {
+    let header = nearpath_protocol::frame::FrameHeader {
+        session_id: sid,
+        seq,
+        capture_ts_us: unix_micros_now() - age.as_micros() as u64,
+        encode_us: 0,
+        keyframe: false,
+        input_seq: 0,
+        width: 1280,
+        height: 720,
+        payload_len: 0,
+    };
+    nearpath_protocol::stream::send_frame(conn, header, bytes::Bytes::from_static(b"frame"))
+        .await
+        .unwrap();
+}
+
+/// Regression (issue 9, item 15): past its capacity the relay let frames wait in its receive
+/// queue until they were nearly a whole frame budget old and dropped most of them late, after
+/// paying for them. A saturated gateway (here: its runtime kept busy by a spinning task, as a
+/// relay past capacity is) sheds a frame that waited `overload_queue_budget_ms` beyond its
+/// session's usual age, counts it (`shed`), and still delivers fresh frames; once the
+/// saturation is over, the same frame would be forwarded (it is within the frame budget).
+#[tokio::test(flavor = "current_thread")]
+async fn a_saturated_gateway_sheds_queued_frames_and_delivers_fresh_ones() {
+    // Wide margins: a loaded test machine must not push a fresh frame past the overload budget.
+    let gw = TestGateway::start(|c| {
+        patient(c);
+        c.game.frame_budget_ms = 2_000;
+        c.game.overload_queue_budget_ms = 200;
+    })
+    .await;
+    let node = raw_game_node(&gw, "de-serving", ip(DE), &gw.token, &[GAME], 1).await;
+    let player = client(&gw, ip(FR_CLIENT)).await;
+    let (session, _opened) = tokio::join!(
+        player.play(API_KEY, PlayParams::hd(GAME)),
+        node.accept_game()
+    );
+    let session = session.unwrap();
+    let sid = session.started().session_id;
+    let (_control, mut frames, _input) = session.split();
+    // Fresh frames teach the relay this session's usual age.
+    for seq in 0..5u64 {
+        node.send_video_frame(sid, seq, b"fresh").await.unwrap();
+        assert_eq!(
+            next_frame(&mut frames, "a fresh frame").await.header.seq,
+            seq
+        );
+    }
+    assert_eq!(
+        admin_metric(&gw, "nearpath_game_relay_overloaded").await,
+        0.0
+    );
+
+    // Saturate the runtime the gateway runs on: busy 3 ms at a time, yielding in between so
+    // that the gateway still runs.
+    let spin = tokio_util::sync::CancellationToken::new();
+    let spinning = spin.clone();
+    let spinner = tokio::spawn(async move {
+        while !spinning.is_cancelled() {
+            let until = Instant::now() + Duration::from_millis(3);
+            while Instant::now() < until {
+                std::hint::spin_loop();
+            }
+            tokio::task::yield_now().await;
+        }
+    });
+    eventually(
+        "the gateway to count itself overloaded",
+        Duration::from_secs(20),
+        || async {
+            (admin_metric(&gw, "nearpath_game_relay_overloaded").await == 1.0).then_some(())
+        },
+    )
+    .await;
+    // A frame that waited 1 s on its way in: within the 2 s frame budget, far beyond the
+    // session's usual age plus 200 ms. Shed, counted, never delivered.
+    send_aged_frame(&node.conn, sid, 5, Duration::from_secs(1)).await;
+    let view = eventually(
+        "the aged frame to be shed",
+        Duration::from_secs(20),
+        || async {
+            let v = admin_game_session(&gw, sid).await.expect("session is live");
+            (v["dropped"]["shed"] == 1).then_some(v)
+        },
+    )
+    .await;
+    assert_eq!(view["dropped"]["late"], 0, "{view}");
+    assert_eq!(
+        admin_metric(&gw, "nearpath_game_frames_dropped_total{reason=\"shed\"}").await,
+        1.0
+    );
+    // A fresh frame still goes through, and it is the next one the player sees.
+    node.send_video_frame(sid, 6, b"fresh").await.unwrap();
+    assert_eq!(
+        next_frame(&mut frames, "a fresh frame under overload")
+            .await
+            .header
+            .seq,
+        6
+    );
+
+    spin.cancel();
+    spinner.await.unwrap();
+    eventually("the overload to end", Duration::from_secs(20), || async {
+        (admin_metric(&gw, "nearpath_game_relay_overloaded").await == 0.0).then_some(())
+    })
+    .await;
+    // The same wait is no reason to drop a frame when the gateway is not overloaded.
+    send_aged_frame(&node.conn, sid, 7, Duration::from_secs(1)).await;
+    assert_eq!(
+        next_frame(&mut frames, "an aged frame, no overload")
+            .await
+            .header
+            .seq,
+        7
+    );
+    let view = admin_game_session(&gw, sid).await.expect("session is live");
+    assert_eq!(view["dropped"]["shed"], 1, "{view}");
     gw.stop().await;
 }
 

@@ -168,7 +168,7 @@ pub(super) async fn gateway_metrics(admin: SocketAddr) -> anyhow::Result<String>
 }
 
 /// The `reason` labels of `nearpath_game_frames_dropped_total`.
-pub(super) const DROP_REASONS: [&str; 4] = ["late", "overload", "foreign", "relay"];
+pub(super) const DROP_REASONS: [&str; 5] = ["late", "overload", "foreign", "relay", "shed"];
 
 /// The value of one exact series (`name{labels}`) on a Prometheus text page; 0 if absent.
 pub fn metric_value(page: &str, series: &str) -> f64 {
