@@ -725,12 +725,13 @@ pub struct GameConfig {
     pub frame_budget_ms: u64,
     /// While the gateway itself is overloaded (its runtime's workers busy at least 90% of the
     /// time for 200 ms), a frame that has waited this much longer on its way in than its
-    /// session's frames usually take (their least age over the last 2 to 4 s) is dropped at
+    /// node's frames usually take (their least age over the last 2 to 4 s) is dropped at
     /// once, counted as `shed`, in milliseconds. What a saturated relay cannot forward waits in
     /// its receive queue, where every frame would otherwise grow nearly a whole
     /// `frame_budget_ms` old and be dropped late after costing its full price; shedding keeps
-    /// the queue short and what is delivered fresh. Each session is measured against its own
-    /// usual age, so a far node (or one whose clock is behind) loses no more than a near one.
+    /// the queue short and what is delivered fresh. Each node's frames are measured against that
+    /// node's usual age, so a far node (or one whose clock is behind) loses no more than a near
+    /// one.
     /// 0: never shed (only `frame_budget_ms` applies). Must be less than `frame_budget_ms`.
     /// Default: 25.
     pub overload_queue_budget_ms: u64,

@@ -172,8 +172,8 @@ pub struct Relay {
     pub started: Instant,
     pub game: String,
     pub tenant: String,
-    /// Frames and bytes on their way to the client now, and the age floor of its frames.
-    pub(crate) in_flight: Mutex<FlowState>,
+    /// Frames and bytes on their way to the client now.
+    pub(crate) in_flight: Mutex<InFlight>,
     /// The session driver's event queue, for keyframe requests after a drop. Weak, so that the
     /// relay (which outlives the front end in the session table) never keeps the queue open.
     pub(crate) events: mpsc::WeakSender<ClientEvent>,
@@ -227,7 +227,7 @@ impl Relay {
             started: origin.started,
             game: params.title.clone(),
             tenant: origin.tenant,
-            in_flight: Mutex::new(FlowState::default()),
+            in_flight: Mutex::new(InFlight::default()),
             events,
             last_keyframe_request: AtomicU64::new(0),
         }
@@ -276,20 +276,14 @@ pub struct InFlight {
     pub bytes: u64,
 }
 
-/// What the relay keeps per session to decide each frame's fate: what it has in flight, and how
-/// old its frames usually are when they arrive.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct FlowState {
-    pub in_flight: InFlight,
-    pub floor: AgeFloor,
-}
-
 /// One window of an [`AgeFloor`], in microseconds.
 pub const AGE_FLOOR_WINDOW_US: u64 = 2_000_000;
 
-/// The least age (capture to header read) a session's frames have had lately: the node's path
-/// and encode delay plus any offset between its clock and ours, with no queueing in it. Frame
-/// ages above it are time spent waiting, on the path or in the gateway's own receive queue.
+/// The least age (capture to header read) a node's frames have had lately: its path and encode
+/// delay plus any offset between its clock and ours, with no queueing in it. Frame ages above it
+/// are time spent waiting, on the path or in the gateway's own receive queue. It is kept per node
+/// connection (what it measures is the node's), so that a session starting on a known node is
+/// judged against the node's floor from its first frame, even when it starts during overload.
 ///
 /// It is the minimum over the current window and the one before (so a path that became slower
 /// is followed within two windows), and windows only turn while the gateway is not overloaded:
@@ -350,8 +344,8 @@ pub struct FrameBudget {
     pub budget_us: u64,
     pub max_in_flight_bytes: u64,
     pub max_in_flight_frames: u32,
-    /// While the gateway is overloaded: the most a frame may be older than its session's
-    /// [`AgeFloor`] to be forwarded (0: no shedding).
+    /// While the gateway is overloaded: the most a frame may be older than its
+    /// node's [`AgeFloor`] to be forwarded (0: no shedding).
     pub overload_queue_us: u64,
 }
 
@@ -371,8 +365,8 @@ impl FrameBudget {
     }
 
     /// Decides the fate of a frame captured at `capture_ts_us` when the relay reads its header
-    /// at `now_us`, given what the session already has in flight (updated when it is forwarded)
-    /// and whether the gateway is `overloaded` now.
+    /// at `now_us`, given what the session already has in flight (updated when it is forwarded),
+    /// the age floor of the node that sent it, and whether the gateway is `overloaded` now.
     ///
     /// A frame is dropped, never queued: a late frame is worth less than the bandwidth it takes,
     /// and a session over its in-flight budget has a client path that is not keeping up, where a
@@ -384,31 +378,31 @@ impl FrameBudget {
     /// Under overload the gateway cannot relay every frame, and what it cannot relay waits in
     /// its receive queue, so every frame would arrive nearly a whole budget old and most would
     /// be dropped late after costing their full price (goodput collapse). Instead, a frame that
-    /// has waited more than `overload_queue_us` beyond its session's usual age is shed at once:
+    /// has waited more than `overload_queue_us` beyond its node's usual age is shed at once:
     /// the work saved keeps the queue short, and what is delivered stays fresh. Measured against
-    /// each session's own floor, a far node or a node whose clock is behind ours loses no more
+    /// each node's own floor, a far node or a node whose clock is behind ours loses no more
     /// than a near one.
     pub fn admit(
         &self,
-        state: &mut FlowState,
+        in_flight: &mut InFlight,
+        floor: &mut AgeFloor,
         overloaded: bool,
         now_us: u64,
         capture_ts_us: u64,
         bytes: u64,
     ) -> Verdict {
         let age = now_us.saturating_sub(capture_ts_us);
-        state.floor.observe(now_us, age, !overloaded);
+        floor.observe(now_us, age, !overloaded);
         if age > self.budget_us {
             return Verdict::Drop(DropReason::Late);
         }
         if overloaded && self.overload_queue_us > 0 {
-            if let Some(floor) = state.floor.floor() {
+            if let Some(floor) = floor.floor() {
                 if age > floor.saturating_add(self.overload_queue_us) {
                     return Verdict::Drop(DropReason::Shed);
                 }
             }
         }
-        let in_flight = &mut state.in_flight;
         if in_flight.frames > 0
             && (in_flight.frames >= self.max_in_flight_frames
                 || in_flight.bytes.saturating_add(bytes) > self.max_in_flight_bytes)
@@ -423,8 +417,7 @@ impl FrameBudget {
     }
 
     /// Gives back what [`Self::admit`] counted for a frame that has been delivered or dropped.
-    pub fn release(state: &mut FlowState, bytes: u64) {
-        let in_flight = &mut state.in_flight;
+    pub fn release(in_flight: &mut InFlight, bytes: u64) {
         in_flight.frames = in_flight.frames.saturating_sub(1);
         in_flight.bytes = in_flight.bytes.saturating_sub(bytes);
     }
@@ -494,10 +487,7 @@ impl Relay {
 
     /// Frames and bytes on their way to the client now.
     pub fn in_flight(&self) -> InFlight {
-        self.in_flight
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .in_flight
+        *self.in_flight.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The drop counter for `reason`.
@@ -668,6 +658,24 @@ mod tests {
 
     const MS: u64 = 1000;
 
+    /// One session alone on its node: its in-flight count and its node's floor.
+    #[derive(Default)]
+    struct Flow {
+        in_flight: InFlight,
+        floor: AgeFloor,
+    }
+
+    fn admit(
+        b: &FrameBudget,
+        f: &mut Flow,
+        overloaded: bool,
+        now: u64,
+        cap: u64,
+        n: u64,
+    ) -> Verdict {
+        b.admit(&mut f.in_flight, &mut f.floor, overloaded, now, cap, n)
+    }
+
     fn budget() -> FrameBudget {
         FrameBudget {
             budget_us: 100 * MS,
@@ -680,23 +688,23 @@ mod tests {
     #[test]
     fn frames_are_dropped_before_forwarding_when_late_or_over_budget_never_queued() {
         let b = budget();
-        let mut f = FlowState::default();
+        let mut f = Flow::default();
         // Virtual clock: the relay reads headers at these times (us).
         let t0 = 1_000_000_000u64;
         // Fresh frame: forwarded with what is left of its budget.
         assert_eq!(
-            b.admit(&mut f, false, t0 + 30 * MS, t0, 20_000),
+            admit(&b, &mut f, false, t0 + 30 * MS, t0, 20_000),
             Verdict::Forward {
                 remaining_us: 70 * MS
             }
         );
         // Exactly at the budget is still in; a microsecond past it is late.
         assert_eq!(
-            b.admit(&mut f, false, t0 + 100 * MS, t0, 20_000),
+            admit(&b, &mut f, false, t0 + 100 * MS, t0, 20_000),
             Verdict::Forward { remaining_us: 0 }
         );
         assert_eq!(
-            b.admit(&mut f, false, t0 + 100 * MS + 1, t0, 20_000),
+            admit(&b, &mut f, false, t0 + 100 * MS + 1, t0, 20_000),
             Verdict::Drop(DropReason::Late)
         );
         assert_eq!(
@@ -708,21 +716,21 @@ mod tests {
         );
         // Bytes: 40 000 + 70 000 is over 100 000, so the frame is dropped, not held back.
         assert_eq!(
-            b.admit(&mut f, false, t0 + 40 * MS, t0 + 35 * MS, 70_000),
+            admit(&b, &mut f, false, t0 + 40 * MS, t0 + 35 * MS, 70_000),
             Verdict::Drop(DropReason::Overload)
         );
         // Frames: a third fits, a fourth does not, whatever its size.
         assert!(matches!(
-            b.admit(&mut f, false, t0 + 41 * MS, t0 + 40 * MS, 10),
+            admit(&b, &mut f, false, t0 + 41 * MS, t0 + 40 * MS, 10),
             Verdict::Forward { .. }
         ));
         assert_eq!(
-            b.admit(&mut f, false, t0 + 42 * MS, t0 + 41 * MS, 10),
+            admit(&b, &mut f, false, t0 + 42 * MS, t0 + 41 * MS, 10),
             Verdict::Drop(DropReason::Overload)
         );
         // Delivered frames give their share back, and the next frame goes.
-        FrameBudget::release(&mut f, 20_000);
-        FrameBudget::release(&mut f, 10);
+        FrameBudget::release(&mut f.in_flight, 20_000);
+        FrameBudget::release(&mut f.in_flight, 10);
         assert_eq!(
             f.in_flight,
             InFlight {
@@ -731,13 +739,13 @@ mod tests {
             }
         );
         assert!(matches!(
-            b.admit(&mut f, false, t0 + 50 * MS, t0 + 45 * MS, 70_000),
+            admit(&b, &mut f, false, t0 + 50 * MS, t0 + 45 * MS, 70_000),
             Verdict::Forward { .. }
         ));
         // Late beats everything else: a late frame never takes budget.
         let before = f.in_flight;
         assert_eq!(
-            b.admit(&mut f, false, t0 + 500 * MS, t0, 1),
+            admit(&b, &mut f, false, t0 + 500 * MS, t0, 1),
             Verdict::Drop(DropReason::Late)
         );
         assert_eq!(f.in_flight, before);
@@ -746,13 +754,13 @@ mod tests {
     #[test]
     fn a_frame_larger_than_the_byte_budget_passes_when_nothing_is_in_flight() {
         let b = budget();
-        let mut f = FlowState::default();
+        let mut f = Flow::default();
         assert!(matches!(
-            b.admit(&mut f, false, 10 * MS, 10 * MS, 500_000),
+            admit(&b, &mut f, false, 10 * MS, 10 * MS, 500_000),
             Verdict::Forward { .. }
         ));
         assert_eq!(
-            b.admit(&mut f, false, 11 * MS, 11 * MS, 10),
+            admit(&b, &mut f, false, 11 * MS, 11 * MS, 10),
             Verdict::Drop(DropReason::Overload)
         );
     }
@@ -760,9 +768,9 @@ mod tests {
     #[test]
     fn a_capture_time_in_the_future_gets_no_more_than_the_full_budget() {
         let b = budget();
-        let mut f = FlowState::default();
+        let mut f = Flow::default();
         assert_eq!(
-            b.admit(&mut f, false, 10 * MS, u64::MAX, 100),
+            admit(&b, &mut f, false, 10 * MS, u64::MAX, 100),
             Verdict::Forward {
                 remaining_us: 100 * MS
             }
@@ -772,43 +780,43 @@ mod tests {
     /// Regression (issue 9, item 15): at 1.5x its capacity the relay let frames wait in its
     /// receive queue until they were nearly a whole budget old, and dropped most of them late
     /// after paying for them; under overload it now sheds a frame that waited 25 ms beyond
-    /// its session's usual age, and forwards the rest.
+    /// its node's usual age, and forwards the rest.
     #[test]
     fn under_overload_a_frame_queued_beyond_its_sessions_floor_is_shed() {
         let b = budget();
-        let mut f = FlowState::default();
+        let mut f = Flow::default();
         let t0 = 1_000_000_000u64;
         // A near node: its frames arrive 5 ms after capture.
         for k in 0..10 {
             let at = t0 + k * 16 * MS;
             assert!(matches!(
-                b.admit(&mut f, false, at + 5 * MS, at, 100),
+                admit(&b, &mut f, false, at + 5 * MS, at, 100),
                 Verdict::Forward { .. }
             ));
-            FrameBudget::release(&mut f, 100);
+            FrameBudget::release(&mut f.in_flight, 100);
         }
         assert_eq!(f.floor.floor(), Some(5 * MS));
         let at = t0 + 200 * MS;
         // Not overloaded: 50 ms is within the 100 ms budget.
         assert!(matches!(
-            b.admit(&mut f, false, at + 50 * MS, at, 100),
+            admit(&b, &mut f, false, at + 50 * MS, at, 100),
             Verdict::Forward { .. }
         ));
-        FrameBudget::release(&mut f, 100);
+        FrameBudget::release(&mut f.in_flight, 100);
         // Overloaded: 5 + 25 = 30 ms is the most; 31 ms is shed, and takes no budget.
         assert!(matches!(
-            b.admit(&mut f, true, at + 30 * MS, at, 100),
+            admit(&b, &mut f, true, at + 30 * MS, at, 100),
             Verdict::Forward { .. }
         ));
         let held = f.in_flight;
         assert_eq!(
-            b.admit(&mut f, true, at + 31 * MS, at, 100),
+            admit(&b, &mut f, true, at + 31 * MS, at, 100),
             Verdict::Drop(DropReason::Shed)
         );
         assert_eq!(f.in_flight, held);
         // The absolute budget still comes first.
         assert_eq!(
-            b.admit(&mut f, true, at + 101 * MS, at, 100),
+            admit(&b, &mut f, true, at + 101 * MS, at, 100),
             Verdict::Drop(DropReason::Late)
         );
         // A zero overload budget never sheds.
@@ -816,9 +824,9 @@ mod tests {
             overload_queue_us: 0,
             ..b
         };
-        FrameBudget::release(&mut f, 100);
+        FrameBudget::release(&mut f.in_flight, 100);
         assert!(matches!(
-            lax.admit(&mut f, true, at + 90 * MS, at, 100),
+            admit(&lax, &mut f, true, at + 90 * MS, at, 100),
             Verdict::Forward { .. }
         ));
     }
@@ -826,43 +834,43 @@ mod tests {
     /// A far node, or one whose clock is 60 ms behind ours, has every frame 60 ms old: under
     /// overload it loses only what waited beyond its own floor, like a near node.
     #[test]
-    fn each_session_is_shed_against_its_own_floor() {
+    fn each_node_is_shed_against_its_own_floor() {
         let b = budget();
-        let mut far = FlowState::default();
+        let mut far = Flow::default();
         let t0 = 1_000_000_000u64;
-        b.admit(&mut far, false, t0 + 60 * MS, t0, 100);
-        FrameBudget::release(&mut far, 100);
+        admit(&b, &mut far, false, t0 + 60 * MS, t0, 100);
+        FrameBudget::release(&mut far.in_flight, 100);
         let at = t0 + 16 * MS;
         assert!(matches!(
-            b.admit(&mut far, true, at + 85 * MS, at, 100),
+            admit(&b, &mut far, true, at + 85 * MS, at, 100),
             Verdict::Forward { .. }
         ));
-        FrameBudget::release(&mut far, 100);
+        FrameBudget::release(&mut far.in_flight, 100);
         assert_eq!(
-            b.admit(&mut far, true, at + 86 * MS, at, 100),
+            admit(&b, &mut far, true, at + 86 * MS, at, 100),
             Verdict::Drop(DropReason::Shed)
         );
     }
 
-    /// A session that starts during overload has no floor yet: its first frame is judged by
+    /// A node whose first session starts during overload has no floor yet: its first frame is judged by
     /// the absolute budget alone, and sets the floor the next ones are judged by.
     #[test]
-    fn a_session_starting_under_overload_learns_its_floor_from_its_first_frames() {
+    fn a_node_first_seen_under_overload_learns_its_floor_from_its_first_frames() {
         let b = budget();
-        let mut f = FlowState::default();
+        let mut f = Flow::default();
         let t0 = 1_000_000_000u64;
         assert!(matches!(
-            b.admit(&mut f, true, t0 + 70 * MS, t0, 100),
+            admit(&b, &mut f, true, t0 + 70 * MS, t0, 100),
             Verdict::Forward { .. }
         ));
-        FrameBudget::release(&mut f, 100);
+        FrameBudget::release(&mut f.in_flight, 100);
         assert_eq!(f.floor.floor(), Some(70 * MS));
         // A fresher frame lowers it, even under overload (a minimum only falls).
-        b.admit(&mut f, true, t0 + 30 * MS, t0 + 20 * MS, 100);
-        FrameBudget::release(&mut f, 100);
+        admit(&b, &mut f, true, t0 + 30 * MS, t0 + 20 * MS, 100);
+        FrameBudget::release(&mut f.in_flight, 100);
         assert_eq!(f.floor.floor(), Some(10 * MS));
         assert_eq!(
-            b.admit(&mut f, true, t0 + 80 * MS, t0 + 40 * MS, 100),
+            admit(&b, &mut f, true, t0 + 80 * MS, t0 + 40 * MS, 100),
             Verdict::Drop(DropReason::Shed)
         );
     }

@@ -24,13 +24,20 @@ pub const BUSY_SHARE: f64 = 0.9;
 /// Saturated samples in a row before the runtime counts as saturated: one busy burst (a TLS
 /// handshake storm, a large store read) is not overload.
 pub const SAMPLES_TO_ENTER: u32 = 2;
+/// Samples in a row below [`BUSY_SHARE`] before a saturated runtime no longer counts as
+/// saturated: shedding frees a little time now and then, and leaving at the first quiet
+/// sample would let the receive queue build up again before the next two busy ones.
+pub const SAMPLES_TO_LEAVE: u32 = 3;
 
 /// The rule: saturated after [`SAMPLES_TO_ENTER`] samples in a row with the workers busy at
-/// least [`BUSY_SHARE`] of the time; no longer at the first sample below it.
+/// least [`BUSY_SHARE`] of the time; no longer after [`SAMPLES_TO_LEAVE`] samples in a row
+/// below it.
 #[derive(Debug, Default)]
 pub struct SaturationCore {
     last: Option<(Instant, Duration)>,
     busy_samples: u32,
+    quiet_samples: u32,
+    saturated: bool,
 }
 
 impl SaturationCore {
@@ -43,16 +50,26 @@ impl SaturationCore {
         };
         let wall = now.saturating_duration_since(at);
         if wall.is_zero() || busy_total < busy || workers == 0 {
-            self.busy_samples = 0;
+            *self = SaturationCore {
+                last: self.last,
+                ..SaturationCore::default()
+            };
             return false;
         }
         let share = (busy_total - busy).as_secs_f64() / (wall.as_secs_f64() * workers as f64);
         if share >= BUSY_SHARE {
             self.busy_samples = self.busy_samples.saturating_add(1);
+            self.quiet_samples = 0;
         } else {
             self.busy_samples = 0;
+            self.quiet_samples = self.quiet_samples.saturating_add(1);
         }
-        self.busy_samples >= SAMPLES_TO_ENTER
+        if self.busy_samples >= SAMPLES_TO_ENTER {
+            self.saturated = true;
+        } else if self.quiet_samples >= SAMPLES_TO_LEAVE {
+            self.saturated = false;
+        }
+        self.saturated
     }
 }
 
@@ -108,19 +125,26 @@ mod tests {
     const MS: Duration = Duration::from_millis(1);
 
     #[test]
-    fn saturated_only_after_two_busy_samples_in_a_row_and_not_after_an_idle_one() {
+    fn saturated_after_two_busy_samples_in_a_row_and_no_longer_after_three_quiet_ones() {
         let t0 = Instant::now();
         let mut c = SaturationCore::default();
         // The first sample only sets the baseline.
         assert!(!c.handle_sample(t0, Duration::ZERO, 1));
         // 95 ms busy of 100: busy, but one sample is a burst.
         assert!(!c.handle_sample(t0 + 100 * MS, 95 * MS, 1));
-        assert!(c.handle_sample(t0 + 200 * MS, 190 * MS, 1));
-        assert!(c.handle_sample(t0 + 300 * MS, 290 * MS, 1));
-        // 50 ms busy: no longer saturated at once.
-        assert!(!c.handle_sample(t0 + 400 * MS, 340 * MS, 1));
-        assert!(!c.handle_sample(t0 + 500 * MS, 440 * MS, 1));
-        assert!(c.handle_sample(t0 + 600 * MS, 540 * MS, 1));
+        assert!(!c.handle_sample(t0 + 200 * MS, 145 * MS, 1));
+        assert!(!c.handle_sample(t0 + 300 * MS, 240 * MS, 1));
+        assert!(c.handle_sample(t0 + 400 * MS, 335 * MS, 1));
+        // 50 ms busy: still saturated for two quiet samples, no longer at the third.
+        assert!(c.handle_sample(t0 + 500 * MS, 385 * MS, 1));
+        assert!(c.handle_sample(t0 + 600 * MS, 435 * MS, 1));
+        // A busy sample between quiet ones starts the count again.
+        assert!(c.handle_sample(t0 + 700 * MS, 535 * MS, 1));
+        assert!(c.handle_sample(t0 + 800 * MS, 585 * MS, 1));
+        assert!(c.handle_sample(t0 + 900 * MS, 635 * MS, 1));
+        assert!(!c.handle_sample(t0 + 1000 * MS, 685 * MS, 1));
+        assert!(!c.handle_sample(t0 + 1100 * MS, 785 * MS, 1));
+        assert!(c.handle_sample(t0 + 1200 * MS, 885 * MS, 1));
     }
 
     #[test]
@@ -147,6 +171,9 @@ mod tests {
         assert!(c.handle_sample(t0 + 200 * MS, 200 * MS, 1));
         assert!(!c.handle_sample(t0 + 300 * MS, 10 * MS, 1));
         assert!(!c.handle_sample(t0 + 300 * MS, 10 * MS, 0));
+        // Busy again from the new baseline: two samples to enter, as at the start.
+        assert!(!c.handle_sample(t0 + 400 * MS, 110 * MS, 1));
+        assert!(c.handle_sample(t0 + 500 * MS, 210 * MS, 1));
     }
 
     /// The driver reads real busy time: a runtime kept busy by a spinning task is saturated,

@@ -5,9 +5,9 @@
 
 use super::session::{Action, GameSession, NodeCommand, NodeRef, Rules, Totals, UsageSegment};
 use super::{
-    recv_frame_rest, AudioDrop, ClientEvent, DropReason, FlightSlot, ForeignLog, FrameBudget,
-    FrameSink, Notice, Relay, RelayOrigin, Started, Verdict, WtSink, ACK_DELAY_ALLOWANCE,
-    REVOKE_SEND_BOUND,
+    recv_frame_rest, AgeFloor, AudioDrop, ClientEvent, DropReason, FlightSlot, ForeignLog,
+    FrameBudget, FrameSink, Notice, Relay, RelayOrigin, Started, Verdict, WtSink,
+    ACK_DELAY_ALLOWANCE, REVOKE_SEND_BOUND,
 };
 use crate::auth::{CapGuard, CapKind, CapRefusal};
 use crate::clock::SharedClock;
@@ -1149,6 +1149,9 @@ impl GameService {
     pub async fn node_frames_loop(self: Arc<Self>, conn: quinn::Connection) {
         let budget = FrameBudget::from_config(&self.config);
         let foreign_log = Arc::new(ForeignLog::new());
+        // How old this node's frames usually are (its path and clock), for shedding under
+        // overload; shared by all its sessions.
+        let floor = Arc::new(std::sync::Mutex::new(AgeFloor::default()));
         // For the log only: the loop starts once the node is registered.
         let node_id: Arc<str> = self
             .directory
@@ -1165,8 +1168,9 @@ impl GameService {
             let conn = conn.clone();
             let foreign_log = foreign_log.clone();
             let node_id = node_id.clone();
+            let floor = floor.clone();
             tokio::spawn(async move {
-                this.relay_frame(recv, &conn, budget, &foreign_log, &node_id)
+                this.relay_frame(recv, &conn, budget, &floor, &foreign_log, &node_id)
                     .await
             });
         }
@@ -1177,6 +1181,7 @@ impl GameService {
         mut recv: quinn::RecvStream,
         conn: &quinn::Connection,
         budget: FrameBudget,
+        floor: &std::sync::Mutex<AgeFloor>,
         foreign_log: &ForeignLog,
         node_id: &str,
     ) {
@@ -1201,9 +1206,11 @@ impl GameService {
         relay.count_encoded();
         let bytes = FrameBudget::frame_bytes(&header);
         let verdict = {
+            let mut floor = floor.lock().unwrap_or_else(|p| p.into_inner());
             let mut f = relay.in_flight.lock().unwrap_or_else(|p| p.into_inner());
             budget.admit(
                 &mut f,
+                &mut floor,
                 self.saturation.is_saturated(),
                 self.clock.unix_us(),
                 header.capture_ts_us,

@@ -346,7 +346,7 @@ async fn send_aged_frame(conn: &quinn::Connection, sid: u64, seq: u64, age: Dura
 /// queue until they were nearly a whole frame budget old and dropped most of them late, after
 /// paying for them. A saturated gateway (here: its runtime kept busy by a spinning task, as a
 /// relay past capacity is) sheds a frame that waited `overload_queue_budget_ms` beyond its
-/// session's usual age, counts it (`shed`), and still delivers fresh frames; once the
+/// node's usual age, counts it (`shed`), and still delivers fresh frames; once the
 /// saturation is over, the same frame would be forwarded (it is within the frame budget).
 #[tokio::test(flavor = "current_thread")]
 async fn a_saturated_gateway_sheds_queued_frames_and_delivers_fresh_ones() {
@@ -366,7 +366,7 @@ async fn a_saturated_gateway_sheds_queued_frames_and_delivers_fresh_ones() {
     let session = session.unwrap();
     let sid = session.started().session_id;
     let (_control, mut frames, _input) = session.split();
-    // Fresh frames teach the relay this session's usual age.
+    // Fresh frames teach the relay this node's usual age.
     for seq in 0..5u64 {
         node.send_video_frame(sid, seq, b"fresh").await.unwrap();
         assert_eq!(
@@ -401,7 +401,7 @@ async fn a_saturated_gateway_sheds_queued_frames_and_delivers_fresh_ones() {
     )
     .await;
     // A frame that waited 1 s on its way in: within the 2 s frame budget, far beyond the
-    // session's usual age plus 200 ms. Shed, counted, never delivered.
+    // node's usual age plus 200 ms. Shed, counted, never delivered.
     send_aged_frame(&node.conn, sid, 5, Duration::from_secs(1)).await;
     let view = eventually(
         "the aged frame to be shed",
