@@ -5,12 +5,13 @@ Usage: python3 instructions_per_request.py BENCH [--requests N] [--warmup N] [--
 
 BENCH is a `bench` binary (tests/src/bin/bench.rs, built with the same flags for every
 binary compared). Its hidden `serve-gateway` runs under `valgrind --tool=callgrind` with
-collection off (a current-thread runtime, the SQLite ledger in a temporary directory); its
+instrumentation off (a current-thread runtime, the SQLite ledger in a temporary directory); its
 `serve-nodes` runs one simulator node with no delay, natively. This script then sends
 `--warmup` requests, switches collection on, sends `--requests` requests one after another on
 one keep-alive connection (the same body as `bench inference-rps`), dumps, and prints the
 gateway's instructions (all its threads: runtime, ledger writer, timers) divided by the
-requests, as one JSON line. Instruction counts do not depend on the machine's load, so two
+requests, as one JSON line, and the runtime thread's share alone (steadier: the ledger
+writer's share depends on how many records each commit happens to batch). Instruction counts do not depend on the machine's load, so two
 builds can be compared on a busy machine; requests per second cannot.
 
 The callgrind profile stays in --out (default: a temporary directory, printed) for
@@ -49,16 +50,19 @@ def ready_line(proc, what, within_s):
 
 
 def total_ir(out_dir, pid):
-    """The sum of `summary:`/`totals:` Ir over every dump of `pid` (one file per dump and thread)."""
-    total = 0
-    files = glob.glob(os.path.join(out_dir, f"callgrind.out.{pid}*"))
+    """(all threads' Ir, thread 1's Ir, files) over the dump of `pid` (one file per thread)."""
+    total, main_thread = 0, 0
+    files = glob.glob(os.path.join(out_dir, f"callgrind.out.{pid}.1-*"))
     for f in files:
         with open(f) as fh:
             for line in fh:
                 if line.startswith("totals:") or line.startswith("summary:"):
-                    total += int(line.split()[1])
+                    n = int(line.split()[1])
+                    total += n
+                    if f.endswith("-01"):
+                        main_thread += n
                     break
-    return total, files
+    return total, main_thread, files
 
 
 def main():
@@ -79,7 +83,7 @@ def main():
         [
             "valgrind",
             "--tool=callgrind",
-            "--collect-atstart=no",
+            "--instr-atstart=no",
             "--separate-threads=yes",
             f"--callgrind-out-file={out}/callgrind.out.%p",
             a.bench,
@@ -154,7 +158,7 @@ def main():
                        stdout=subprocess.DEVNULL)
         subprocess.run(["callgrind_control", "-i", "off", str(gw.pid)], check=True,
                        stdout=subprocess.DEVNULL)
-        total, files = total_ir(out, gw.pid)
+        total, main_thread, files = total_ir(out, gw.pid)
         print(
             json.dumps(
                 {
@@ -163,6 +167,9 @@ def main():
                     "requests": a.requests,
                     "instructions": total,
                     "instructions_per_request": round(total / a.requests),
+                    # The runtime's thread alone: steadier than the total, whose ledger-writer
+                    # share depends on how many records each commit happens to batch.
+                    "runtime_thread_per_request": round(main_thread / a.requests),
                     "seconds_under_valgrind": round(elapsed, 1),
                     "profiles": sorted(files),
                 }
