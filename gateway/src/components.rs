@@ -105,14 +105,14 @@ impl Placement {
         // Read once: the location changes when the node's connection migrates, the classes
         // when the checker reclassifies the node.
         let node_location = node.location();
-        let check = node.check();
+        let check = node.gate_state();
         if let Some(why) = &check.quarantine {
             return Err(Deny {
                 rule: CHECKER_RULE.to_string(),
                 reason: format!("node {} is quarantined: {why}", node.id),
             });
         }
-        let classes = node.classes_now();
+        let classes = &check.classes;
         if let Some(why) = &check.controlled_block {
             if classes.iter().any(|(_, c)| self.policy.is_controlled(*c)) {
                 return Err(Deny {
@@ -124,7 +124,7 @@ impl Placement {
                 });
             }
         }
-        for (_, class) in &classes {
+        for (_, class) in classes.iter() {
             if let Decision::Deny { rule, reason, .. } =
                 self.policy
                     .check_serve(client, &node_location, *class, workload)

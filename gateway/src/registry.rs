@@ -379,6 +379,22 @@ impl NodeEntry {
         self.check.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// What the geofence reads of the checker's state, without cloning the rest:
+    /// [`NodeEntry::check`] copies the checker's JSON view too, which cost thousands of
+    /// instructions on every candidate of every routed request. The classes are borrowed
+    /// unless the checker reclassified the node.
+    pub fn gate_state(&self) -> GateState<'_> {
+        let c = self.check.lock().unwrap_or_else(|p| p.into_inner());
+        GateState {
+            quarantine: c.quarantine.clone(),
+            controlled_block: c.controlled_block.clone(),
+            classes: match &c.reclassified {
+                Some(r) => std::borrow::Cow::Owned(r.clone()),
+                None => std::borrow::Cow::Borrowed(&self.classes),
+            },
+        }
+    }
+
     /// The GPU classes the geofence checks for the node now: the checker's reclassification
     /// when it found the claimed classes impossible, else the classes derived at registration.
     pub fn classes_now(&self) -> Vec<(String, ClassId)> {
@@ -498,6 +514,17 @@ impl NodeEntry {
     pub fn in_use(&self, kind: SlotKind) -> u32 {
         self.pool(kind).0.load(Ordering::Relaxed)
     }
+}
+
+/// The checker's verdicts the geofence applies to a node ([`NodeEntry::gate_state`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct GateState<'a> {
+    /// Why the node may serve nothing now (quarantined), if so.
+    pub quarantine: Option<String>,
+    /// Why the node may not serve controlled GPU classes now, if it may not.
+    pub controlled_block: Option<String>,
+    /// The classes the geofence checks: the checker's reclassification, else the claimed ones.
+    pub classes: std::borrow::Cow<'a, [(String, ClassId)]>,
 }
 
 /// What the checker decided about a node, as the rest of the gateway uses it (the checker's

@@ -264,6 +264,58 @@ fn the_tiny_model_is_deterministic_and_under_a_megabyte() {
     assert!(files[0] == files[1], "two runs wrote different bytes");
 }
 
+/// Regression (`bench real-ttft` measured +41 ms "added" TTFT): the launcher made its listening
+/// socket with protocol 0, so asyncio never set TCP_NODELAY on the server's connections, and
+/// each streamed chunk after the first waited for the client's delayed ACK: a keep-alive client
+/// (the node's upstream connection) got a whole reply in one read, 40 ms late. The connections
+/// the launcher's socket accepts under asyncio must have TCP_NODELAY, as `python -m
+/// llama_cpp.server`'s own do.
+#[test]
+fn the_launchers_server_connections_have_tcp_nodelay() {
+    if !python_can("import gguf", "python3 -m pip install gguf") {
+        return;
+    }
+    let script = format!(
+        r#"
+import asyncio, socket, sys
+sys.dont_write_bytecode = True
+sys.path.insert(0, {dir:?})
+import llama_server
+
+async def main():
+    sock = llama_server.listening_socket()
+    got = asyncio.get_running_loop().create_future()
+
+    async def accepted(reader, writer):
+        s = writer.get_extra_info("socket")
+        got.set_result(s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+        writer.close()
+
+    server = await asyncio.start_server(accepted, sock=sock)
+    _, writer = await asyncio.open_connection(*sock.getsockname())
+    print(await asyncio.wait_for(got, 30))
+    writer.close()
+    server.close()
+
+asyncio.run(main())
+"#,
+        dir = PYTHON_DIR
+    );
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(&script)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "the check failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let nodelay = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert_ne!(nodelay, "0", "the server's connection has Nagle on");
+    assert!(!nodelay.is_empty(), "the check printed nothing");
+}
+
 /// Issue 14: llama-cpp-python's server lists no model size in `/v1/models` (llama.cpp's own
 /// server does, in `meta.size`), so a node in front of it that declares none reports the size
 /// as unknown (0), and says so in its log, rather than inventing one.

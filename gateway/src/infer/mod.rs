@@ -30,9 +30,10 @@ use nearpath_protocol::openai::{
 use nearpath_protocol::stream::{send, FramedRecv};
 use nearpath_protocol::{ModelCaps, MAX_REQUEST_FRAME};
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tracing::{debug, info, warn};
 
 /// The rule of the routing denial of a node whose model lacks a capability the request needs
@@ -1059,6 +1060,7 @@ impl Trying {
             prompt_tokens: prompt_token_estimate(request),
             reported: None,
             revoked: None,
+            revoked_wait: None,
         }
     }
 }
@@ -1129,12 +1131,16 @@ pub struct InferStream {
     reported: Option<Usage>,
     /// Cancelled when the request's API key is revoked: the stream then ends at once.
     revoked: Option<CancellationToken>,
+    /// The wait for `revoked`, made once: a fresh `cancelled()` per event registered and
+    /// removed a waiter on the token for every token relayed.
+    revoked_wait: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
 }
 
 impl InferStream {
     /// Ends the stream with `key_revoked` (and resets the node's stream) as soon as `revoked`
     /// is cancelled.
     pub fn end_on_revocation(&mut self, revoked: CancellationToken) {
+        self.revoked_wait = Some(Box::pin(revoked.clone().cancelled_owned()));
         self.revoked = Some(revoked);
     }
 
@@ -1151,12 +1157,12 @@ impl InferStream {
                 let Some((_, framed)) = self.inner.io.as_mut() else {
                     return StreamEvent::Failed(CoreError::internal("the stream is over"));
                 };
-                let revoked = self.revoked.clone();
+                let wait = &mut self.revoked_wait;
                 let read = tokio::select! {
                     biased;
                     _ = async {
-                        match &revoked {
-                            Some(t) => t.cancelled().await,
+                        match wait {
+                            Some(w) => w.as_mut().await,
                             None => std::future::pending().await,
                         }
                     } => None,

@@ -4,11 +4,20 @@
 //! HTTP -> server, path B is client -> server, interleaved request by request, timed at the
 //! client exactly as `inference-latency` times the simulator. The tiny model never ends a
 //! plain reply early, so every stream has `--tokens` chunks on both paths.
+//!
+//! Placement matters more here than anywhere else. llama.cpp's compute threads take every CPU
+//! they may run on while they decode, so on a small machine the gateway and node would run
+//! only between replies and a whole stream would arrive in one read (the first measurement,
+//! +41 ms "added" TTFT, was that). So by default the server runs on CPU 1 with one llama.cpp
+//! thread (`--llama-cpus`, `--llama-threads`), and the gateway, the node and this client share
+//! CPU 0 (`--gateway-cpus 0`, `--worker-cpus 0`): at concurrency 1 they take turns along the
+//! one request's path, so they never queue behind each other, and nothing of theirs queues
+//! behind llama.cpp.
 
 use super::child::Child;
 use super::latency::{measure, Measure};
 use super::serve::MODEL;
-use super::system::{start_gateway, stop_all, Liveness, Placement};
+use super::system::{parse_cpus, start_gateway, stop_all, Liveness, Placement};
 use anyhow::{anyhow, bail, Context};
 use bytes::Bytes;
 use serde_json::json;
@@ -22,6 +31,8 @@ const UPSTREAM_MODEL: &str = "tiny";
 const LAUNCHER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/python/llama_server.py");
 
 #[derive(Debug, Clone, clap::Args)]
+// The node and the load generator share the gateway's CPU here: the other one is llama.cpp's.
+#[command(mut_arg("worker_cpus", |a| a.default_value("0")))]
 pub struct RealTtftArgs {
     /// Requests per repeat, half through the gateway and half direct, interleaved.
     #[arg(long, default_value_t = 400)]
@@ -42,6 +53,15 @@ pub struct RealTtftArgs {
     /// The Python interpreter with `llama-cpp-python[server]` and `gguf`.
     #[arg(long, default_value = "python3")]
     pub python: String,
+    /// CPUs of the llama server, its compute threads included (comma-separated; keep them
+    /// apart from the gateway's and the node's, or they wait for llama.cpp to finish a reply).
+    /// Ignored with --no-pin.
+    #[arg(long, default_value = "1")]
+    pub llama_cpus: String,
+    /// llama.cpp threads for decoding and prompt processing (`n_threads`, `n_threads_batch`).
+    /// One decodes the tiny model in well under a millisecond per token.
+    #[arg(long, default_value_t = 1)]
+    pub llama_threads: u32,
     #[command(flatten)]
     pub placement: Placement,
 }
@@ -81,10 +101,31 @@ async fn wait_ready(addr: SocketAddr, within: Duration) -> anyhow::Result<Durati
 pub async fn run(a: RealTtftArgs) -> anyhow::Result<()> {
     let p = &a.placement;
     let dir = tempfile::tempdir().context("a directory for the model")?;
+    let mut launch = vec![
+        LAUNCHER.to_string(),
+        dir.path().display().to_string(),
+        "--threads".into(),
+        a.llama_threads.max(1).to_string(),
+    ];
+    if !p.no_pin {
+        let llama = parse_cpus(&a.llama_cpus)?;
+        let ours: Vec<usize> = [p.gateway_cpus(), p.node_cpus(), p.worker_cpus()]
+            .iter()
+            .map(|c| parse_cpus(c))
+            .collect::<anyhow::Result<Vec<_>>>()?
+            .concat();
+        if let Some(shared) = llama.iter().find(|c| ours.contains(c)) {
+            println!(
+                "warning: the llama server shares CPU {shared} with the gateway, node or client: \
+                 they will wait for llama.cpp between tokens"
+            );
+        }
+        launch.extend(["--cpus".into(), a.llama_cpus.clone()]);
+    }
     let llama = Child::spawn_program(
         "llama server",
         OsStr::new(&a.python),
-        &[LAUNCHER.into(), dir.path().display().to_string()],
+        &launch,
         Duration::from_secs(120),
     )
     .context("starting tests/python/llama_server.py (python3 needs `llama-cpp-python[server]` and `gguf`)")?;
@@ -122,8 +163,14 @@ pub async fn run(a: RealTtftArgs) -> anyhow::Result<()> {
     let targets = [(gw.http, Some(gw.api_key.clone())), (direct, None)];
     let run = Measure {
         bench: "real-ttft",
-        setup: format!("llama-cpp-python, tiny model {UPSTREAM_MODEL:?}, greedy"),
-        params: json!({"server": "llama-cpp-python", "model": UPSTREAM_MODEL}),
+        setup: format!(
+            "llama-cpp-python, tiny model {UPSTREAM_MODEL:?}, greedy, {} llama.cpp thread(s) on CPU {}",
+            a.llama_threads,
+            if p.no_pin { "any" } else { &a.llama_cpus }
+        ),
+        params: json!({"server": "llama-cpp-python", "model": UPSTREAM_MODEL,
+                       "llama_threads": a.llama_threads,
+                       "llama_cpus": if p.no_pin { "" } else { &a.llama_cpus }}),
         requests: a.requests,
         concurrency: a.concurrency,
         tokens: a.tokens,

@@ -40,7 +40,8 @@ enum Command {
     InferenceLatency(bench::latency::LatencyArgs),
     /// The same with a real inference server (llama-cpp-python on a tiny generated model) as
     /// the node's upstream, against that server directly. Needs python3 with
-    /// `llama-cpp-python[server]` and `gguf`.
+    /// `llama-cpp-python[server]` and `gguf`. The server runs on its own CPU with one llama.cpp
+    /// thread (--llama-cpus 1, --llama-threads 1); the gateway, node and client share CPU 0.
     RealTtft(bench::real::RealTtftArgs),
     /// Non-streaming requests per second through a gateway on one core, and direct.
     InferenceRps(bench::rps::RpsArgs),
