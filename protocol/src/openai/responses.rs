@@ -386,6 +386,16 @@ pub(crate) fn parse_request(raw: &Map<String, Value>) -> Result<Vec<ChatMessage>
             }
         }
     }
+    // Reasoning items are left out, so an input of nothing else (and no `instructions`) leaves
+    // no conversation: the chat backend would refuse the empty translation as the node's fault.
+    if out.is_empty() {
+        return Err(RequestError::invalid_value(
+            "input",
+            "Invalid 'input': no message to answer. The input holds only reasoning items; send \
+             at least one message, function call or function call output."
+                .into(),
+        ));
+    }
     Ok(out)
 }
 

@@ -876,3 +876,22 @@ fn logprobs_are_asked_for_and_relayed_into_the_text_events() {
         json!([lp("h"), lp("i")])
     );
 }
+
+/// Found by the `openai_request` fuzz target: an input of reasoning items only was accepted,
+/// then translated to a chat request with no messages, which the node's chat parser refused as
+/// an internal fault (a 500 for a client's mistake). It is a 400 naming `input`; with
+/// `instructions` there is a conversation (the system message), and it translates.
+#[test]
+fn reasoning_only_input_is_refused_not_translated_to_an_empty_chat() {
+    for input in [
+        json!([{"type": "reasoning", "summary": []}]),
+        json!([{"type": "reasoning"}, {"type": "reasoning", "summary": []}]),
+    ] {
+        let e = err(json!({"model": "m", "input": input}));
+        assert_eq!(e.param.as_deref(), Some("input"));
+        assert_eq!(e.code, "invalid_value");
+    }
+    let r = ok(json!({"model": "m", "instructions": "be brief", "input": [{"type": "reasoning"}]}));
+    let chat = InferenceRequest::from_value(Endpoint::Chat, Value::Object(chat_request(&r)));
+    assert!(chat.is_ok(), "{chat:?}");
+}
