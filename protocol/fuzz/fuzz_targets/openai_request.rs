@@ -25,7 +25,7 @@ mod alloc;
 
 use libfuzzer_sys::fuzz_target;
 use nearpath_protocol::openai::{
-    push_json_str, responses, ApiError, EmbedInput, Endpoint, Input, InferenceRequest,
+    push_json_str, responses, ApiError, EmbedInput, Endpoint, InferenceRequest, Input,
     MAX_EMBEDDING_INPUTS, MAX_STOP_SEQUENCES,
 };
 use serde_json::Value;
@@ -53,7 +53,10 @@ fn check_accepted(endpoint: Endpoint, req: &InferenceRequest) {
         }
         Endpoint::Embeddings => {
             let Input::Embed(inputs) = &req.input else {
-                panic!("an embeddings request without embedding inputs: {:?}", req.input);
+                panic!(
+                    "an embeddings request without embedding inputs: {:?}",
+                    req.input
+                );
             };
             assert!((1..=MAX_EMBEDDING_INPUTS).contains(&inputs.len()));
             assert!(inputs.iter().all(|i| match i {
@@ -63,7 +66,10 @@ fn check_accepted(endpoint: Endpoint, req: &InferenceRequest) {
             assert!(req.messages().is_empty());
             assert!(req.prompt().is_none());
             assert!(req.max_tokens.is_none());
-            let texts = inputs.iter().filter(|i| matches!(i, EmbedInput::Text(_))).count();
+            let texts = inputs
+                .iter()
+                .filter(|i| matches!(i, EmbedInput::Text(_)))
+                .count();
             assert_eq!(req.input_texts().count(), texts);
             assert!(req.input_texts().all(|t| !t.is_empty()));
         }
@@ -73,7 +79,9 @@ fn check_accepted(endpoint: Endpoint, req: &InferenceRequest) {
             assert!(req.max_tokens.is_none_or(|n| n >= 1));
             let chat = serde_json::Value::Object(responses::chat_request(req));
             let translated = InferenceRequest::from_value(Endpoint::Chat, chat.clone())
-                .unwrap_or_else(|e| panic!("responses request translates to a bad chat request ({e}): {chat}"));
+                .unwrap_or_else(|e| {
+                    panic!("responses request translates to a bad chat request ({e}): {chat}")
+                });
             assert_eq!(translated.max_tokens, req.max_tokens);
         }
     }

@@ -895,3 +895,45 @@ fn reasoning_only_input_is_refused_not_translated_to_an_empty_chat() {
     let chat = InferenceRequest::from_value(Endpoint::Chat, Value::Object(chat_request(&r)));
     assert!(chat.is_ok(), "{chat:?}");
 }
+
+/// Found by the `openai_request` fuzz target: a Responses tool named `inpp`f` (not chat's
+/// `^[a-zA-Z0-9_-]{1,64}$`) was accepted, then refused by the chat parser after translation, as
+/// the node's fault. Tool names, tool parameter schemas and `text.format.schema` are held to
+/// the chat rules they translate to, and refused with a 400 naming the Responses parameter.
+#[test]
+fn responses_tools_and_schemas_are_held_to_the_chat_rules_they_translate_to() {
+    let mut deep = json!({"type": "object"});
+    for _ in 0..40 {
+        deep = json!({"type": "object", "properties": {"a": deep}});
+    }
+    for (body, param) in [
+        (
+            json!({"model": "m", "input": "x", "tools": [{"type": "function", "name": "inpp`f"}]}),
+            "tools[0].name",
+        ),
+        (
+            json!({"model": "m", "input": "x", "tools": [{"type": "function", "name": "a".repeat(65)}]}),
+            "tools[0].name",
+        ),
+        (
+            json!({"model": "m", "input": "x", "tools": [{"type": "function", "name": "f", "parameters": deep.clone()}]}),
+            "tools[0].parameters",
+        ),
+        (
+            json!({"model": "m", "input": "x", "text": {"format": {"type": "json_schema", "name": "s", "schema": deep}}}),
+            "text.format.schema",
+        ),
+    ] {
+        let e = err(body);
+        assert_eq!(e.param.as_deref(), Some(param), "{e:?}");
+        assert_eq!(e.code, "invalid_value", "{e:?}");
+    }
+    // What passes translates to a chat request the chat parser accepts.
+    let r = ok(json!({
+        "model": "m", "input": "x",
+        "tools": [{"type": "function", "name": "get_weather-2", "parameters": {"type": "object"}}],
+        "text": {"format": {"type": "json_schema", "name": "s", "schema": {"type": "object"}}},
+    }));
+    let chat = InferenceRequest::from_value(Endpoint::Chat, Value::Object(chat_request(&r)));
+    assert!(chat.is_ok(), "{chat:?}");
+}
