@@ -28,12 +28,14 @@ declare -A crate=(
   [frame_header]=protocol/fuzz
   [input_datagram]=protocol/fuzz
   [openai_request]=protocol/fuzz
+  [audio_datagram]=protocol/fuzz
   [whep_offer]=fuzz
   [trickle_sdpfrag]=fuzz
   [config_load]=fuzz
+  [client_addr]=fuzz
 )
-all=(node_messages client_messages frame_header input_datagram openai_request whep_offer
-  trickle_sdpfrag config_load)
+all=(node_messages client_messages frame_header input_datagram openai_request audio_datagram
+  whep_offer trickle_sdpfrag config_load client_addr)
 if [ $# -gt 0 ]; then targets=("$@"); else targets=("${all[@]}"); fi
 
 mkdir -p "$root/fuzz/logs"
