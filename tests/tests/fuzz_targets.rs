@@ -28,7 +28,10 @@ fn check(manifest: &str) {
         .arg(root.join(manifest))
         .arg("--target-dir")
         .arg(&target_dir)
-        .env("CUSTOM_LIBFUZZER_PATH", target_dir.join("libfuzzer-not-linked.a"))
+        .env(
+            "CUSTOM_LIBFUZZER_PATH",
+            target_dir.join("libfuzzer-not-linked.a"),
+        )
         .output()
         .expect("cargo runs");
     assert!(
