@@ -7,7 +7,7 @@
 //!
 //! `cargo check` only: no sanitizer build, no run. libfuzzer-sys's build script would compile
 //! libFuzzer's C++ even for a check; `CUSTOM_LIBFUZZER_PATH` tells it the library is elsewhere
-//! (nothing is linked by a check, so the path need not exist). About 70 CPU seconds on a cold
+//! (nothing is linked by a check, so the path need not exist). About 80 CPU seconds on a cold
 //! target dir (two crates' dependencies, checked), a few seconds after that.
 
 use std::path::Path;
