@@ -17,8 +17,9 @@
 //! - Ports and brackets are stripped (`1.2.3.4:80`, `[2001:db8::1]:443`, RFC 7239
 //!   `for="[2001:db8::1]:4711"`). An entry that still does not parse (`unknown`, an obfuscated
 //!   identifier such as `_hidden`, an empty entry, a `Forwarded` element without `for=`, or
-//!   garbage) makes the client's address **unknown**: it is never skipped, since skipping it
-//!   would hand the decision to the client-written entry on its left.
+//!   garbage, a byte outside visible ASCII) makes the client's address **unknown**: it is never
+//!   skipped, since skipping it would hand the decision to the client-written entry on its left.
+//!   Such an entry counts only where it stands: one left of the client's entry changes nothing.
 //! - With `http.trusted_hops = n` > 0 (for proxy layers whose addresses cannot be listed, such
 //!   as a CDN), the client is the `n`-th entry from the right instead; fewer entries, or an
 //!   unparseable entry among the last `n`, make it unknown.
@@ -108,16 +109,21 @@ pub fn client_addr(
     // Entries in order, across every line of the header; `None` for one that does not parse.
     let mut entries: Vec<Option<IpAddr>> = Vec::new();
     for line in lines {
-        // Bytes outside visible ASCII cannot be an address; the whole header is suspect.
-        let Ok(line) = line.to_str() else {
-            return ClientAddr::Unknown;
-        };
-        for entry in line.split(',') {
-            entries.push(if rfc7239 {
-                forwarded_element_for(entry).and_then(parse_node)
-            } else {
-                parse_node(entry)
-            });
+        // Split the raw bytes: a byte outside visible ASCII makes only its own entry
+        // unparseable. Refusing the whole line for it would let the client, who writes the left
+        // of the first line, make its address unknown (which the geofence lets through by
+        // default) with one such byte left of the entry its proxy appended.
+        for entry in line.as_bytes().split(|&b| b == b',') {
+            let entry = std::str::from_utf8(entry)
+                .ok()
+                .filter(|e| e.bytes().all(|b| b == b'\t' || (b' '..=b'~').contains(&b)));
+            entries.push(entry.and_then(|entry| {
+                if rfc7239 {
+                    forwarded_element_for(entry).and_then(parse_node)
+                } else {
+                    parse_node(entry)
+                }
+            }));
         }
     }
     if hops > 0 {
@@ -273,6 +279,42 @@ mod tests {
             via_proxy(XFF, &[(XFF, "10.2.2.2, 10.1.1.1")]),
             ip("10.2.2.2")
         );
+    }
+
+    /// Found by the `client_addr` fuzz target: a byte outside visible ASCII anywhere in the
+    /// header (obs-text, which hyper accepts) made the whole header unknown, so a client could
+    /// write `\xff` left of the entry its proxy appended and pass the geofence as an unknown
+    /// location. It makes only its own entry unparseable.
+    #[test]
+    fn a_client_written_non_ascii_byte_does_not_make_the_proxied_address_unknown() {
+        let mut h = HeaderMap::new();
+        let forged = HeaderValue::from_bytes(b"evi\xffl, 5.160.0.1, 10.1.1.1").unwrap();
+        h.append(XFF, forged);
+        let proxy: IpAddr = "10.0.0.1".parse().unwrap();
+        assert_eq!(client_addr(proxy, &h, &lan(), XFF, 0), ip("5.160.0.1"));
+        assert_eq!(client_addr(proxy, &h, &lan(), XFF, 2), ip("5.160.0.1"));
+        // On a line of its own, left of the proxy's line, too.
+        let mut h = HeaderMap::new();
+        h.append(XFF, HeaderValue::from_bytes(b"\x80\x81").unwrap());
+        h.append(XFF, HeaderValue::from_static("5.160.0.1"));
+        assert_eq!(client_addr(proxy, &h, &lan(), XFF, 0), ip("5.160.0.1"));
+        let mut h = HeaderMap::new();
+        let forged = HeaderValue::from_bytes(b"for=\"\xff\", for=5.160.0.1").unwrap();
+        h.append(FWD, forged);
+        assert_eq!(client_addr(proxy, &h, &lan(), FWD, 0), ip("5.160.0.1"));
+        // Where the client's entry itself is the one with the byte, its address is unknown.
+        let mut h = HeaderMap::new();
+        h.append(
+            XFF,
+            HeaderValue::from_bytes(b"5.160.0.1, 1.2.3.4\xff").unwrap(),
+        );
+        assert_eq!(client_addr(proxy, &h, &lan(), XFF, 0), ClientAddr::Unknown);
+        let mut h = HeaderMap::new();
+        h.append(
+            XFF,
+            HeaderValue::from_bytes(b"1.2.3.4\xff, 5.160.0.1").unwrap(),
+        );
+        assert_eq!(client_addr(proxy, &h, &lan(), XFF, 2), ClientAddr::Unknown);
     }
 
     #[test]

@@ -113,7 +113,7 @@ fn depth_exceeds(v: &Value, limit: usize) -> bool {
     false
 }
 
-fn check_schema(param: &str, v: &Value) -> Result<(), RequestError> {
+pub(crate) fn check_schema(param: &str, v: &Value) -> Result<(), RequestError> {
     if !v.is_object() {
         return Err(invalid_type(param, "an object (a JSON Schema)", v));
     }

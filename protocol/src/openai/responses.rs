@@ -21,6 +21,7 @@ use std::collections::VecDeque;
 
 use serde_json::{json, Map, Value};
 
+use super::features::{check_schema, is_valid_tool_name, MAX_TOOL_NAME_BYTES};
 use super::request::{field, opt_bool};
 use super::{ChatMessage, InferenceRequest, RequestError, Role};
 
@@ -386,6 +387,16 @@ pub(crate) fn parse_request(raw: &Map<String, Value>) -> Result<Vec<ChatMessage>
             }
         }
     }
+    // Reasoning items are left out, so an input of nothing else (and no `instructions`) leaves
+    // no conversation: the chat backend would refuse the empty translation as the node's fault.
+    if out.is_empty() {
+        return Err(RequestError::invalid_value(
+            "input",
+            "Invalid 'input': no message to answer. The input holds only reasoning items; send \
+             at least one message, function call or function call output."
+                .into(),
+        ));
+    }
     Ok(out)
 }
 
@@ -432,16 +443,21 @@ fn parse_tools(raw: &Map<String, Value>) -> Result<Vec<String>, RequestError> {
                 format!("Invalid '{param}.name': empty string."),
             ));
         }
+        // The chat backend gets this tool under the same name and schema, so both are held to
+        // chat's rules here (a refusal after translation would be the node's fault, a 500).
+        if !is_valid_tool_name(name) {
+            return Err(RequestError::invalid_value(
+                &format!("{param}.name"),
+                format!(
+                    "Invalid '{param}.name': string does not match pattern. Expected a string \
+                     that matches the pattern '^[a-zA-Z0-9_-]{{1,{MAX_TOOL_NAME_BYTES}}}$'."
+                ),
+            ));
+        }
         optional_str(tool, "description", &param)?;
         match tool.get("parameters") {
-            None | Some(Value::Null) | Some(Value::Object(_)) => {}
-            Some(other) => {
-                return Err(RequestError::invalid_type(
-                    &format!("{param}.parameters"),
-                    "an object",
-                    other,
-                ))
-            }
+            None | Some(Value::Null) => {}
+            Some(p) => check_schema(&format!("{param}.parameters"), p)?,
         }
         match tool.get("strict") {
             None | Some(Value::Null) | Some(Value::Bool(_)) => {}
@@ -528,17 +544,11 @@ fn parse_text_format(raw: &Map<String, Value>) -> Result<(), RequestError> {
         Some("json_schema") => {
             required_str(format, "name", "text.format")?;
             match format.get("schema") {
-                Some(Value::Object(_)) => {}
                 None | Some(Value::Null) => {
                     return Err(RequestError::missing("text.format.schema"))
                 }
-                Some(other) => {
-                    return Err(RequestError::invalid_type(
-                        "text.format.schema",
-                        "an object",
-                        other,
-                    ))
-                }
+                // Chat's rules: it becomes `response_format.json_schema.schema`.
+                Some(schema) => check_schema("text.format.schema", schema)?,
             }
             match format.get("strict") {
                 None | Some(Value::Null) | Some(Value::Bool(_)) => Ok(()),

@@ -876,3 +876,64 @@ fn logprobs_are_asked_for_and_relayed_into_the_text_events() {
         json!([lp("h"), lp("i")])
     );
 }
+
+/// Found by the `openai_request` fuzz target: an input of reasoning items only was accepted,
+/// then translated to a chat request with no messages, which the node's chat parser refused as
+/// an internal fault (a 500 for a client's mistake). It is a 400 naming `input`; with
+/// `instructions` there is a conversation (the system message), and it translates.
+#[test]
+fn reasoning_only_input_is_refused_not_translated_to_an_empty_chat() {
+    for input in [
+        json!([{"type": "reasoning", "summary": []}]),
+        json!([{"type": "reasoning"}, {"type": "reasoning", "summary": []}]),
+    ] {
+        let e = err(json!({"model": "m", "input": input}));
+        assert_eq!(e.param.as_deref(), Some("input"));
+        assert_eq!(e.code, "invalid_value");
+    }
+    let r = ok(json!({"model": "m", "instructions": "be brief", "input": [{"type": "reasoning"}]}));
+    let chat = InferenceRequest::from_value(Endpoint::Chat, Value::Object(chat_request(&r)));
+    assert!(chat.is_ok(), "{chat:?}");
+}
+
+/// Found by the `openai_request` fuzz target: a Responses tool named `inpp`f` (not chat's
+/// `^[a-zA-Z0-9_-]{1,64}$`) was accepted, then refused by the chat parser after translation, as
+/// the node's fault. Tool names, tool parameter schemas and `text.format.schema` are held to
+/// the chat rules they translate to, and refused with a 400 naming the Responses parameter.
+#[test]
+fn responses_tools_and_schemas_are_held_to_the_chat_rules_they_translate_to() {
+    let mut deep = json!({"type": "object"});
+    for _ in 0..40 {
+        deep = json!({"type": "object", "properties": {"a": deep}});
+    }
+    for (body, param) in [
+        (
+            json!({"model": "m", "input": "x", "tools": [{"type": "function", "name": "inpp`f"}]}),
+            "tools[0].name",
+        ),
+        (
+            json!({"model": "m", "input": "x", "tools": [{"type": "function", "name": "a".repeat(65)}]}),
+            "tools[0].name",
+        ),
+        (
+            json!({"model": "m", "input": "x", "tools": [{"type": "function", "name": "f", "parameters": deep.clone()}]}),
+            "tools[0].parameters",
+        ),
+        (
+            json!({"model": "m", "input": "x", "text": {"format": {"type": "json_schema", "name": "s", "schema": deep}}}),
+            "text.format.schema",
+        ),
+    ] {
+        let e = err(body);
+        assert_eq!(e.param.as_deref(), Some(param), "{e:?}");
+        assert_eq!(e.code, "invalid_value", "{e:?}");
+    }
+    // What passes translates to a chat request the chat parser accepts.
+    let r = ok(json!({
+        "model": "m", "input": "x",
+        "tools": [{"type": "function", "name": "get_weather-2", "parameters": {"type": "object"}}],
+        "text": {"format": {"type": "json_schema", "name": "s", "schema": {"type": "object"}}},
+    }));
+    let chat = InferenceRequest::from_value(Endpoint::Chat, Value::Object(chat_request(&r)));
+    assert!(chat.is_ok(), "{chat:?}");
+}
