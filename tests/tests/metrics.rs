@@ -172,10 +172,10 @@ fn label_values_listed_from_start_are_the_values_the_code_records() {
     use nearpath_gateway::metrics::label_values as lv;
 
     use nearpath_gateway::relay::DropReason as D;
-    let all = [D::Late, D::Overload, D::Foreign, D::Relay];
+    let all = [D::Late, D::Overload, D::Foreign, D::Relay, D::Shed];
     for r in all {
         match r {
-            D::Late | D::Overload | D::Foreign | D::Relay => {}
+            D::Late | D::Overload | D::Foreign | D::Relay | D::Shed => {}
         }
     }
     same(
