@@ -747,7 +747,7 @@ impl InferenceRequest {
                 )
             })?),
         };
-        Ok(Self {
+        let request = Self {
             endpoint,
             model,
             input,
@@ -761,7 +761,15 @@ impl InferenceRequest {
             raw,
             request_id: None,
             traceparent: None,
-        })
+        };
+        // A Responses request is served as the chat request it translates to, and fields the
+        // gateway does not interpret pass through into it. Whatever the chat rules refuse in that
+        // translation is the client's mistake: a 400 here, not a failure on the node.
+        if endpoint == Endpoint::Responses {
+            let chat = Value::Object(super::responses::chat_request(&request));
+            Self::from_value(Endpoint::Chat, chat)?;
+        }
+        Ok(request)
     }
 
     /// The chat messages (empty for the completions endpoint).

@@ -937,3 +937,22 @@ fn responses_tools_and_schemas_are_held_to_the_chat_rules_they_translate_to() {
     let chat = InferenceRequest::from_value(Endpoint::Chat, Value::Object(chat_request(&r)));
     assert!(chat.is_ok(), "{chat:?}");
 }
+
+/// Found by the `openai_request` fuzz target's 30-minute campaign: a Responses request with a
+/// field the Responses parser does not interpret but chat does (`"n": ["Once upon"]`) was
+/// accepted, passed through into its chat translation, and refused there, on the node, as the
+/// node's fault. Whatever the chat rules refuse in the translation is now a 400 at parse time.
+#[test]
+fn a_passed_through_field_the_chat_rules_refuse_is_a_400_not_a_node_failure() {
+    for (body, param) in [
+        (json!({"model": "m", "input": "x", "n": ["Once upon"]}), "n"),
+        (json!({"model": "m", "input": "x", "n": 0}), "n"),
+    ] {
+        let e = err(body.clone());
+        assert_eq!(e.param.as_deref(), Some(param), "{body}: {e:?}");
+    }
+    // A field chat accepts passes through, and the translation parses.
+    let r = ok(json!({"model": "m", "input": "x", "n": 1}));
+    let chat = InferenceRequest::from_value(Endpoint::Chat, Value::Object(chat_request(&r)));
+    assert!(chat.is_ok(), "{chat:?}");
+}
