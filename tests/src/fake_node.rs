@@ -467,10 +467,23 @@ pub async fn send_game_frame(
     keyframe: bool,
     payload: Bytes,
 ) -> Result<(), StreamError> {
+    send_game_frame_captured_at(conn, session_id, seq, keyframe, payload, unix_micros_now()).await
+}
+
+/// [`send_game_frame`] with the capture time given: a frame that seems to have waited on its
+/// way in (an older time), or one from a node whose clock is off.
+pub async fn send_game_frame_captured_at(
+    conn: &quinn::Connection,
+    session_id: u64,
+    seq: u64,
+    keyframe: bool,
+    payload: Bytes,
+    capture_ts_us: u64,
+) -> Result<(), StreamError> {
     let header = FrameHeader {
         session_id,
         seq,
-        capture_ts_us: unix_micros_now(),
+        capture_ts_us,
         encode_us: 0,
         keyframe,
         input_seq: 0,

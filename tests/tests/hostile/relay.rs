@@ -326,20 +326,13 @@ async fn a_player_that_never_reads_gets_frames_dropped_not_queued() {
 /// Sends a frame for `sid` on `conn` whose capture time is `age` ago (as if it had waited
 /// that long on its way in).
 async fn send_aged_frame(conn: &quinn::Connection, sid: u64, seq: u64, age: Duration) {
-    let header = nearpath_protocol::frame::FrameHeader {
-        session_id: sid,
-        seq,
-        capture_ts_us: unix_micros_now() - age.as_micros() as u64,
-        encode_us: 0,
-        keyframe: false,
-        input_seq: 0,
-        width: 1280,
-        height: 720,
-        payload_len: 0,
-    };
-    nearpath_protocol::stream::send_frame(conn, header, bytes::Bytes::from_static(b"frame"))
-        .await
-        .unwrap();
+    let captured = unix_micros_now() - age.as_micros() as u64;
+    let payload = bytes::Bytes::from_static(b"frame");
+    nearpath_tests::fake_node::send_game_frame_captured_at(
+        conn, sid, seq, false, payload, captured,
+    )
+    .await
+    .unwrap();
 }
 
 /// Regression (issue 9, item 15): past its capacity the relay let frames wait in its receive
