@@ -52,9 +52,7 @@ pub enum ResponseFormat<'a> {
 }
 
 /// A present, non-null field (OpenAI treats `null` like an absent optional field).
-fn field<'a>(raw: &'a Map<String, Value>, key: &str) -> Option<&'a Value> {
-    raw.get(key).filter(|v| !v.is_null())
-}
+use super::request::field;
 
 fn type_name(v: &Value) -> &'static str {
     match v {
