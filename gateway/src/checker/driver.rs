@@ -34,14 +34,8 @@ use tracing::{debug, info, warn, Instrument};
 
 /// How many events may wait for the driver before new ones are dropped.
 const EVENT_QUEUE: usize = 4096;
-/// How long the driver waits for a node's inventory after its registration before it checks
-/// the node without one (nodes send it right after `Register`).
-const INVENTORY_WAIT_MS: u64 = 1_500;
 /// How often the driver looks at every node (idle or busy, RTT, lost events).
 const SWEEP: Duration = Duration::from_secs(1);
-/// The window a node's encode throughput is measured over, in ms: several sweeps, so that a
-/// burst of frames queued behind a stall is not read as a rate the node sustains.
-const ENCODE_WINDOW_MS: u64 = 3_000;
 
 /// What the driver is built from.
 pub struct CheckerParts {
@@ -130,6 +124,7 @@ pub fn start(
         probes: JoinSet::new(),
         probe_nodes: HashMap::new(),
         sweeps: 0,
+        identity_swept_ms: 0,
     };
     Some(tokio::spawn(
         driver
@@ -176,7 +171,7 @@ struct Tracked {
     /// The impossible claim of this connection is on the operator's SLA record already.
     impossible_recorded: bool,
     /// The node's hardware encode counters as read at the last sweeps (ms, frames, pixels),
-    /// oldest first, spanning at least [`ENCODE_WINDOW_MS`].
+    /// oldest first, spanning at least `checker.encode_window_ms`.
     encode_marks: std::collections::VecDeque<(u64, u64, u64)>,
 }
 
@@ -187,27 +182,36 @@ struct Driver {
     probes: JoinSet<(ProbeId, Result<Sample, String>)>,
     probe_nodes: HashMap<ProbeId, String>,
     sweeps: u64,
+    /// When the GPU identities were last renewed (ms on the clock; 0 before the first time).
+    identity_swept_ms: u64,
 }
 
-/// Every this many sweeps the driver renews its nodes' GPU identities in the store and looks
-/// for their UUIDs on nodes of other gateways.
-const IDENTITY_SWEEPS: u64 = 30;
 /// Every this many sweeps (an hour) old records are pruned.
 const PRUNE_SWEEPS: u64 = 3_600;
 /// Check records are kept at least this long, in ms (30 days).
 const CHECK_RETENTION_MS: u64 = 30 * 86_400_000;
 /// GPU identities not renewed for this long are dropped, in ms (7 days).
 const GPU_RETENTION_MS: u64 = 7 * 86_400_000;
-/// How long a GPU identity counts as live after it was last renewed, in ms (three renewals).
-const IDENTITY_LIVE_MS: u64 = 3 * IDENTITY_SWEEPS * 1_000;
-/// How old a released GPU identity looks, in ms: past the live window, with as much again to
-/// spare for clocks of other gateways running behind this one's.
-const RELEASED_AGE_MS: u64 = 2 * IDENTITY_LIVE_MS;
 /// A GPU identity another gateway recorded or renewed less than this long ago (in ms) is never
 /// taken as moved: its node may be live there and not in the node directory yet.
 const MOVE_MIN_AGE_MS: u64 = 5_000;
 
 impl Driver {
+    /// How long a GPU identity counts as live after it was last renewed, in ms: three renewals
+    /// (`checker.identity_sweep_interval_ms`, which the gateways of a federation share).
+    fn identity_live_ms(&self) -> u64 {
+        self.parts
+            .config
+            .identity_sweep_interval_ms
+            .saturating_mul(3)
+    }
+
+    /// How old a released GPU identity looks, in ms: past the live window, with as much again
+    /// to spare for clocks of other gateways running behind this one's.
+    fn released_age_ms(&self) -> u64 {
+        self.identity_live_ms().saturating_mul(2)
+    }
+
     async fn run(mut self, mut events: mpsc::Receiver<CheckEvent>, shutdown: CancellationToken) {
         let mut sweep = tokio::time::interval(SWEEP);
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -485,7 +489,7 @@ impl Driver {
         let uuids: Vec<String> = rows.iter().map(|r| r.uuid.clone()).collect();
         let store = self.parts.store.clone();
         let (node, gw) = (entry.id.clone(), self.parts.gateway_id.clone());
-        let since = now.saturating_sub(IDENTITY_LIVE_MS);
+        let since = now.saturating_sub(self.identity_live_ms());
         let res = tokio::task::spawn_blocking(move || {
             let change = store.record_node_gpus(&node, &gw, &rows, now)?;
             let holders = store.gpu_uuid_holders(&uuids, since)?;
@@ -521,7 +525,7 @@ impl Driver {
     }
 
     /// Of the other nodes recorded with one of a node's GPU UUIDs (live within
-    /// [`IDENTITY_LIVE_MS`]), those that make the node a duplicate.
+    /// `identity_live_ms`), those that make the node a duplicate.
     ///
     /// A holder with a live connection anywhere (on this gateway, or published in the node
     /// directory by another live gateway) is a duplicate, whoever its operator: two live nodes
@@ -558,7 +562,7 @@ impl Driver {
         let store = self.parts.store.clone();
         let own = self.parts.gateway_id.clone();
         let op = operator.to_string();
-        let release_to = now.saturating_sub(RELEASED_AGE_MS);
+        let release_to = now.saturating_sub(self.released_age_ms());
         let query = unsure.clone();
         let res = tokio::task::spawn_blocking(move || {
             let mut dup = Vec::new();
@@ -624,7 +628,7 @@ impl Driver {
     async fn release_identity(&self, now: u64, node_id: &str) {
         let store = self.parts.store.clone();
         let (node, gw) = (node_id.to_string(), self.parts.gateway_id.clone());
-        let to = now.saturating_sub(RELEASED_AGE_MS);
+        let to = now.saturating_sub(self.released_age_ms());
         match tokio::task::spawn_blocking(move || store.release_node_gpus(&node, &gw, to)).await {
             Ok(Ok(true)) => debug!(node = %node_id, "checker: GPU identities released"),
             Ok(Ok(false)) | Err(_) => {}
@@ -718,7 +722,7 @@ impl Driver {
         t.encode_marks.push_back((now, frames, pixels));
         // Keep the newest mark at least a window old as the window's start.
         while t.encode_marks.len() > 2
-            && t.encode_marks[1].0 <= now.saturating_sub(ENCODE_WINDOW_MS)
+            && t.encode_marks[1].0 <= now.saturating_sub(self.parts.config.encode_window_ms)
         {
             t.encode_marks.pop_front();
         }
@@ -726,7 +730,7 @@ impl Driver {
             return;
         };
         let span_ms = now.saturating_sub(at);
-        if span_ms < ENCODE_WINDOW_MS || !t.announced || pixels <= p0 {
+        if span_ms < self.parts.config.encode_window_ms || !t.announced || pixels <= p0 {
             return;
         }
         let secs = span_ms as f64 / 1000.0;
@@ -777,7 +781,7 @@ impl Driver {
             if !t.announced {
                 if entry.inventory.get().is_some() {
                     self.announce(now, &entry, true).await;
-                } else if now.saturating_sub(t.joined_ms) >= INVENTORY_WAIT_MS {
+                } else if now.saturating_sub(t.joined_ms) >= self.parts.config.inventory_wait_ms {
                     debug!(node = %id, "checker: no inventory from the node; checking without one");
                     self.announce(now, &entry, false).await;
                 }
@@ -794,7 +798,10 @@ impl Driver {
             *counts.entry(entry.check().state).or_default() += 1;
         }
         self.sweeps += 1;
-        if self.sweeps.is_multiple_of(IDENTITY_SWEEPS) {
+        if now.saturating_sub(self.identity_swept_ms)
+            >= self.parts.config.identity_sweep_interval_ms
+        {
+            self.identity_swept_ms = now;
             self.identity_sweep(now).await;
         }
         if self.sweeps % PRUNE_SWEEPS == 1 {
@@ -828,7 +835,7 @@ impl Driver {
             return;
         }
         let store = self.parts.store.clone();
-        let since = now.saturating_sub(IDENTITY_LIVE_MS);
+        let since = now.saturating_sub(self.identity_live_ms());
         let query = mine.clone();
         let res = tokio::task::spawn_blocking(move || {
             for (id, _) in &query {
@@ -928,7 +935,12 @@ impl Driver {
                 let registry = self.parts.registry.clone();
                 let sessions = self.parts.sessions.clone();
                 let clock = self.parts.clock.clone();
-                let size = self.parts.game_probe_size;
+                let c = &self.parts.config;
+                let plan = GameProbePlan {
+                    size: self.parts.game_probe_size,
+                    duration_ms: (c.game_probe_duration_min_ms, c.game_probe_duration_max_ms),
+                    min_fps_percent: c.game_probe_min_fps_percent,
+                };
                 let timeout = Duration::from_millis(self.parts.config.probe_timeout_ms);
                 self.probe_nodes.insert(id, node_id.clone());
                 self.probes.spawn(
@@ -936,7 +948,7 @@ impl Driver {
                         // A node that stalls the probe holds it no longer than the timeout.
                         let r = tokio::time::timeout(
                             timeout,
-                            game_probe(&registry, &sessions, &clock, entry, &model, size),
+                            game_probe(&registry, &sessions, &clock, entry, &model, plan),
                         )
                         .await
                         .unwrap_or_else(|_| Err("the game probe timed out".into()));
@@ -1076,7 +1088,8 @@ impl Driver {
             node_id: node_id.to_string(),
             gateway_id: self.parts.gateway_id.clone(),
             kind: record.kind.to_string(),
-            state: state.as_str().to_string(),
+            // This gateway's own finding: its vote (the node's state is saved below).
+            state: record.state.as_str().to_string(),
             detail_json: serde_json::json!({"record": record, "rtt_constraint": constraint})
                 .to_string(),
             at_ms: now,
@@ -1086,7 +1099,7 @@ impl Driver {
         let federated = self.parts.federated;
         let votes = tokio::task::spawn_blocking(move || {
             store.record_check(&row)?;
-            store.save_verification(&id, row.state.as_str(), &reasons_json, now)?;
+            store.save_verification(&id, state.as_str(), &reasons_json, now)?;
             if federated {
                 store.latest_votes(&id)
             } else {
@@ -1284,12 +1297,17 @@ impl ControlledGate {
 /// The error text of a probe that found no free slot (not held against the node).
 const BUSY: &str = "no free inference slot";
 const BUSY_GAME: &str = "no free game slot";
-/// A game probe lasts a random time in this range, in ms (players' sessions are longer, but
-/// their first seconds look the same).
-const GAME_PROBE_MS: std::ops::RangeInclusive<u64> = 2_000..=4_000;
-/// A game probe that delivers fewer than this fraction of the frames per second it asked for
-/// has failed.
-const GAME_PROBE_MIN_FPS_RATIO: f64 = 0.5;
+/// How a game probe runs (from `[checker]`).
+#[derive(Debug, Clone, Copy)]
+struct GameProbePlan {
+    /// The session's size: width, height, frames per second, bitrate in kbit/s.
+    size: (u32, u32, u32, u32),
+    /// A probe lasts a random time in this range, in ms (players' sessions are longer, but
+    /// their first seconds look the same).
+    duration_ms: (u64, u64),
+    /// A probe that delivers less than this share of the asked frame rate, in percent, failed.
+    min_fps_percent: u32,
+}
 
 /// Frees a probe's session id from the relay table when the probe ends, however it ends.
 struct ProbeRelay<'a> {
@@ -1315,8 +1333,9 @@ async fn game_probe(
     clock: &SharedClock,
     node: Arc<NodeEntry>,
     title: &str,
-    (width, height, fps, bitrate_kbps): (u32, u32, u32, u32),
+    plan: GameProbePlan,
 ) -> Result<Sample, String> {
+    let (width, height, fps, bitrate_kbps) = plan.size;
     use crate::relay::{FrameSink, Relay, RelayOrigin};
     use nearpath_protocol::message::{Close, GameParams, VideoCodec};
     let Some(_slot) = registry.acquire(&node, SlotKind::Game) else {
@@ -1388,7 +1407,8 @@ async fn game_probe(
     }
     let span_ms = {
         use rand::Rng;
-        rand::rng().random_range(GAME_PROBE_MS)
+        let (lo, hi) = plan.duration_ms;
+        rand::rng().random_range(lo..=hi.max(lo))
     };
     let start = Instant::now();
     let until = tokio::time::Instant::now() + Duration::from_millis(span_ms);
@@ -1438,7 +1458,7 @@ async fn game_probe(
             None => format!("no frames in {elapsed:.1} s"),
         });
     }
-    if delivered < f64::from(fps) * GAME_PROBE_MIN_FPS_RATIO {
+    if delivered < f64::from(fps) * f64::from(plan.min_fps_percent) / 100.0 {
         return Err(format!(
             "delivered {delivered:.1} fps of the {fps} asked ({frames} frames in {elapsed:.1} s)"
         ));
