@@ -447,6 +447,10 @@ pub struct CheckerConfig {
     /// rate, in percent (a node that renders a game cannot be held to every frame). Default:
     /// 50.
     pub game_probe_min_fps_percent: u32,
+    /// A game probe sends input like a player's (mouse motion, key and button presses) at
+    /// random, exponentially spaced times with this mean gap, in milliseconds, so that a node
+    /// watching for input cannot tell a probe from a player. 0 sends none. Default: 40.
+    pub game_probe_input_interval_mean_ms: u64,
 }
 
 /// One `[[checker.known_models]]` entry.
@@ -486,6 +490,7 @@ impl Default for CheckerConfig {
             game_probe_duration_min_ms: 2_000,
             game_probe_duration_max_ms: 4_000,
             game_probe_min_fps_percent: 50,
+            game_probe_input_interval_mean_ms: 40,
         }
     }
 }
@@ -1266,6 +1271,12 @@ impl GatewayConfig {
                 "must be at least checker.game_probe_duration_min_ms",
             );
         }
+        if c.game_probe_input_interval_mean_ms > 10_000 {
+            p.push(
+                "checker.game_probe_input_interval_mean_ms",
+                "must be at most 10000 (0 sends no input)",
+            );
+        }
         if !(1..=100).contains(&c.game_probe_min_fps_percent) {
             p.push(
                 "checker.game_probe_min_fps_percent",
@@ -1741,12 +1752,14 @@ mod tests {
         let mut cfg = GatewayConfig::default();
         cfg.checker.game_probe_duration_min_ms = 5_000;
         cfg.checker.game_probe_min_fps_percent = 101;
+        cfg.checker.game_probe_input_interval_mean_ms = 10_001;
         let errs = cfg.validate().unwrap_err();
         let paths: Vec<_> = errs.errors.iter().map(|e| e.path.as_str()).collect();
         assert_eq!(
             paths,
             [
                 "checker.game_probe_duration_max_ms",
+                "checker.game_probe_input_interval_mean_ms",
                 "checker.game_probe_min_fps_percent",
             ]
         );

@@ -940,6 +940,7 @@ impl Driver {
                     size: self.parts.game_probe_size,
                     duration_ms: (c.game_probe_duration_min_ms, c.game_probe_duration_max_ms),
                     min_fps_percent: c.game_probe_min_fps_percent,
+                    input_interval_mean_ms: c.game_probe_input_interval_mean_ms,
                 };
                 let timeout = Duration::from_millis(self.parts.config.probe_timeout_ms);
                 self.probe_nodes.insert(id, node_id.clone());
@@ -1307,6 +1308,80 @@ struct GameProbePlan {
     duration_ms: (u64, u64),
     /// A probe that delivers less than this share of the asked frame rate, in percent, failed.
     min_fps_percent: u32,
+    /// Mean gap between the probe's input events, in ms (0: none).
+    input_interval_mean_ms: u64,
+}
+
+/// Player-like input for a game probe: random, exponentially spaced events, mostly small mouse
+/// motions with key and button presses that are released again, as a person at a keyboard
+/// and mouse sends them. A node watching for input sees a player, not a silent probe.
+struct ProbeInput {
+    mean_ms: f64,
+    seq: u64,
+    /// A key or button held down, released by a later event.
+    held: Option<nearpath_protocol::InputEvent>,
+}
+
+impl ProbeInput {
+    /// Keys a player of a typical title presses (USB HID usages: W, A, S, D, space, shift).
+    const KEYS: [u16; 6] = [0x1a, 0x04, 0x16, 0x07, 0x2c, 0xe1];
+
+    fn new(mean_ms: u64) -> Self {
+        ProbeInput {
+            mean_ms: mean_ms as f64,
+            seq: 0,
+            held: None,
+        }
+    }
+
+    /// The wait before the next event: exponential around the mean, within [mean/10, 10 x mean],
+    /// so no two probes share a rhythm and none is silent for long.
+    fn gap(&self, rng: &mut impl rand::Rng) -> Duration {
+        let u: f64 = rng.random_range(f64::EPSILON..1.0);
+        let ms = (-u.ln() * self.mean_ms).clamp(self.mean_ms / 10.0, self.mean_ms * 10.0);
+        Duration::from_secs_f64(ms.max(1.0) / 1000.0)
+    }
+
+    /// The next event and its seq.
+    fn next(&mut self, rng: &mut impl rand::Rng) -> (u64, nearpath_protocol::InputEvent) {
+        use nearpath_protocol::InputEvent;
+        self.seq += 1;
+        let release = match self.held {
+            Some(InputEvent::Key { code, .. }) => Some(InputEvent::Key { code, down: false }),
+            Some(InputEvent::MouseButton { button, .. }) => Some(InputEvent::MouseButton {
+                button,
+                down: false,
+            }),
+            _ => None,
+        };
+        let roll = rng.random_range(0..100u32);
+        let event = match release {
+            // A press lasts a few events of motion, then is released.
+            Some(up) if roll < 30 => {
+                self.held = None;
+                up
+            }
+            _ if roll < 80 || self.held.is_some() => InputEvent::MouseMove {
+                dx: rng.random_range(-12..=12),
+                dy: rng.random_range(-8..=8),
+            },
+            _ if roll < 95 => {
+                let code = Self::KEYS[rng.random_range(0..Self::KEYS.len())];
+                let down = InputEvent::Key { code, down: true };
+                self.held = Some(down);
+                down
+            }
+            _ => {
+                let down = InputEvent::MouseButton {
+                    button: 0,
+                    down: true,
+                };
+                self.held = Some(down);
+                down
+            }
+        };
+        (self.seq, event)
+    }
 }
 
 /// Frees a probe's session id from the relay table when the probe ends, however it ends.
@@ -1378,7 +1453,7 @@ async fn game_probe(
             started: Instant::now(),
         },
     ));
-    sessions.games.insert_probe(relay);
+    sessions.games.insert_probe(relay.clone());
     let _unlist = ProbeRelay {
         sessions,
         session_id,
@@ -1415,9 +1490,21 @@ async fn game_probe(
     let mut frames: u64 = 0;
     let mut latency_ms_sum = 0.0;
     let mut ended = None;
+    let mut input = ProbeInput::new(plan.input_interval_mean_ms);
+    let next_input_at = |input: &ProbeInput| {
+        let mut rng = rand::rng();
+        tokio::time::Instant::now() + input.gap(&mut rng)
+    };
+    let mut input_at = next_input_at(&input);
     loop {
         tokio::select! {
             _ = tokio::time::sleep_until(until) => break,
+            // Input like a player's, through the relay as a player's datagrams go.
+            _ = tokio::time::sleep_until(input_at), if plan.input_interval_mean_ms > 0 => {
+                let (seq, event) = input.next(&mut rand::rng());
+                relay.send_input(seq, clock.unix_us(), event);
+                input_at = next_input_at(&input);
+            }
             f = frames_rx.recv() => match f {
                 Some((header, _payload)) => {
                     frames += 1;
@@ -1643,6 +1730,53 @@ mod tests {
 
     /// Issue 15's encoder names: NVENC and VA-API (and the other vendors' engines) are
     /// hardware, the software encoders are not.
+    /// Probe realism: the probe's input mixes motion with presses, releases every press
+    /// before the next, numbers events in order, and spaces them randomly within bounds.
+    #[test]
+    fn probe_input_is_varied_released_and_randomly_spaced() {
+        use nearpath_protocol::InputEvent;
+        use rand::SeedableRng;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        let mut input = ProbeInput::new(40);
+        let mut held: Option<InputEvent> = None;
+        let (mut moves, mut presses) = (0, 0);
+        for want in 1..=2_000u64 {
+            let (seq, e) = input.next(&mut rng);
+            assert_eq!(seq, want);
+            match e {
+                InputEvent::MouseMove { .. } => moves += 1,
+                InputEvent::Key { down: true, .. } | InputEvent::MouseButton { down: true, .. } => {
+                    assert!(held.is_none(), "a second press before a release");
+                    presses += 1;
+                    held = Some(e);
+                }
+                InputEvent::Key { code, down: false } => {
+                    assert_eq!(held.take(), Some(InputEvent::Key { code, down: true }));
+                }
+                InputEvent::MouseButton {
+                    button,
+                    down: false,
+                } => {
+                    assert_eq!(
+                        held.take(),
+                        Some(InputEvent::MouseButton { button, down: true })
+                    );
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert!(
+            moves > 1_000 && presses > 100,
+            "{moves} moves, {presses} presses"
+        );
+        let gaps: Vec<Duration> = (0..1_000).map(|_| input.gap(&mut rng)).collect();
+        assert!(gaps
+            .iter()
+            .all(|g| *g >= Duration::from_millis(4) && *g <= Duration::from_millis(400)));
+        let mean = gaps.iter().sum::<Duration>().as_secs_f64() / 1_000.0;
+        assert!((0.030..0.050).contains(&mean), "mean gap {mean}");
+    }
+
     #[test]
     fn hardware_encoders_are_told_from_software_ones() {
         use crate::registry::is_hardware_encoder as hw;
