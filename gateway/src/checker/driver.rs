@@ -59,6 +59,11 @@ pub struct CheckerParts {
     /// What a game probe asks for: `game.default_width`, `default_height`, `default_fps` and
     /// `default_bitrate_kbps`, the size a player who asks for nothing gets.
     pub game_probe_size: (u32, u32, u32, u32),
+    /// How long a node connection of this gateway must have been silent (no registration or
+    /// heartbeat) before a node of the same operator reporting its GPUs takes them over, in
+    /// ms: two heartbeat intervals, the rule by which a restarted node takes over its own id
+    /// (`control::admission::id_takeover_after_ms`, `registry::holds_id`).
+    pub gpu_takeover_after_ms: u64,
 }
 
 impl CheckerParts {
@@ -91,6 +96,7 @@ impl CheckerParts {
                 config.game.default_fps,
                 config.game.default_bitrate_kbps,
             ),
+            gpu_takeover_after_ms: config.nodes.heartbeat_ms.saturating_mul(2),
         }
     }
 }
@@ -173,7 +179,13 @@ struct Tracked {
     /// The node's hardware encode counters as read at the last sweeps (ms, frames, pixels),
     /// oldest first, spanning at least `checker.encode_window_ms`.
     encode_marks: std::collections::VecDeque<(u64, u64, u64)>,
+    /// The node's GPUs moved to another node of its operator while its connection was
+    /// silent: it is being disconnected, and no longer checked.
+    gpus_moved: bool,
 }
+
+/// The revocation code of a silent node whose GPUs registered again under another id.
+const GPU_MOVED: &str = "gpu_moved";
 
 struct Driver {
     parts: CheckerParts,
@@ -347,6 +359,7 @@ impl Driver {
                 dups: Default::default(),
                 impossible_recorded: false,
                 encode_marks: Default::default(),
+                gpus_moved: false,
             },
         );
     }
@@ -370,6 +383,24 @@ impl Driver {
             let (changed, dups) = self.identity(now, entry, inv).await;
             facts.gpu_set_changed = changed;
             duplicates = dups;
+        }
+        // Silent nodes whose GPUs this node took over leave the core before it hears of this
+        // one, so that their GPUs are not counted twice while their connections close.
+        let moved: Vec<String> = self
+            .nodes
+            .iter()
+            .filter(|(id, t)| {
+                *id != &entry.id
+                    && !t.gpus_moved
+                    && t.entry.revocation().is_some_and(|r| r.code == GPU_MOVED)
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in moved {
+            if let Some(t) = self.nodes.get_mut(&id) {
+                t.gpus_moved = true;
+            }
+            self.core.handle_left(now, &id);
         }
         self.core.handle_registered(now, &entry.id, facts);
         let foreign = self
@@ -548,12 +579,16 @@ impl Driver {
             MOVE_MIN_AGE_MS.max(self.parts.directory_interval_ms.saturating_mul(2)),
         );
         let own_gw = &self.parts.gateway_id;
+        let takeover = self.parts.gpu_takeover_after_ms;
         let (mut dups, unsure): (Vec<_>, Vec<_>) = holders.into_iter().partition(|h| {
-            let live_here = self
-                .parts
-                .registry
-                .get(&h.node_id)
-                .is_some_and(|e| e.conn.close_reason().is_none());
+            // A connection of the same operator that has been silent past the id takeover
+            // window is a node killed and restarted under a new id before the gateway declared
+            // it gone: its GPUs may move (below), as its id could. Another operator's holder
+            // never loses its GPUs this way, and a slow node that still delivers holds them.
+            let live_here = self.parts.registry.get(&h.node_id).is_some_and(|e| {
+                e.conn.close_reason().is_none()
+                    && (e.operator_id != operator || crate::registry::holds_id(&e, now, takeover))
+            });
             live_here || (&h.gateway_id != own_gw && h.seen_at_ms >= fresh_since)
         });
         if unsure.is_empty() {
@@ -610,6 +645,21 @@ impl Driver {
             Ok(Ok((dup, moved))) => {
                 for h in moved {
                     info!(from = %h.node_id, from_gateway = %h.gateway_id, uuid = %h.uuid, "checker: a GPU moved from an offline node of the same operator (renamed or restarted); not a duplicate");
+                    // The silent connection it moved from is a dead node's: it is closed now
+                    // rather than when it times out, so that one GPU never serves two nodes.
+                    if let Some(e) = self.parts.registry.get(&h.node_id) {
+                        if e.conn.close_reason().is_none() && e.revocation().is_none() {
+                            warn!(node = %e.id, uuid = %h.uuid, "checker: disconnecting a silent node whose GPU re-registered under another id");
+                            e.revoke(Revocation {
+                                code: GPU_MOVED,
+                                detail: format!(
+                                    "its GPU {} registered again with another node of the same \
+                                     operator while this connection was silent",
+                                    h.uuid
+                                ),
+                            });
+                        }
+                    }
                 }
                 dups.extend(dup);
             }
@@ -778,6 +828,9 @@ impl Driver {
                 continue;
             };
             let entry = t.entry.clone();
+            if t.gpus_moved {
+                continue;
+            }
             if !t.announced {
                 if entry.inventory.get().is_some() {
                     self.announce(now, &entry, true).await;
@@ -823,6 +876,7 @@ impl Driver {
         let mine: Vec<(String, Vec<String>)> = self
             .nodes
             .iter()
+            .filter(|(_, t)| !t.gpus_moved)
             .filter_map(|(id, t)| {
                 let inv = &t.entry.inventory.get()?.inventory;
                 Some((
