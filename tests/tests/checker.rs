@@ -784,6 +784,16 @@ async fn a_node_killed_and_restarted_under_a_new_id_takes_its_gpu_over_from_the_
     .await;
     let uuid = "GPU-killed-0001";
     let (old, relay) = l4_node_behind_relay(&gw, "killed", &gw.token, uuid).await;
+    // While the old connection is still heard from, the same operator's second node with its
+    // GPU is a clone (two live nodes, one GPU), not a restart.
+    let early = l4_node(&gw, "too-early", &gw.token, uuid).await;
+    wait_verification(&gw, "too-early", "the early second node quarantined", |v| {
+        v["state"] == "quarantined"
+    })
+    .await;
+    assert!(gw.node_ids().await.contains(&"killed".to_string()));
+    let _ = early.stop().await;
+    wait_gone(&gw, "too-early").await;
     kill_silently(&gw, "killed", &relay).await;
     let new = l4_node(&gw, "restarted", &gw.token, uuid).await;
     let v = wait_verification(&gw, "restarted", "the restarted node checked", |v| {

@@ -459,3 +459,43 @@ async fn a_game_probe_sends_player_like_input_that_reaches_the_node() {
     assert!(hi - lo > 20.0, "gaps {gaps:?}");
     gw.stop().await;
 }
+
+/// Issue 14, probe thresholds as config: a node delivering 20 of the 30 fps asked passes a game
+/// probe at the default `game_probe_min_fps_percent` (50) and fails one that asks for all of
+/// them (100).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_game_probe_frame_rate_threshold_is_the_configured_share() {
+    for (percent, passes) in [(50, true), (100, false)] {
+        let gw = TestGateway::start(|c| {
+            probe_checker(c);
+            c.checker.game_probe_min_fps_percent = percent;
+            c.checker.game_probe_duration_min_ms = 2_000;
+            c.checker.game_probe_duration_max_ms = 2_000;
+        })
+        .await;
+        let node = a1000_node(&gw, "twenty-fps", "h264_nvenc").await;
+        let (_tx, _rx, open) = node.accept_session().await;
+        let stop = CancellationToken::new();
+        let pusher = push_frames(node.conn.clone(), open.session_id, 20, stop.clone());
+        let details = eventually(
+            "the game probe's record",
+            Duration::from_secs(30),
+            || async {
+                let d = check_details(&gw, "twenty-fps").await;
+                d.iter()
+                    .any(|d| d.starts_with("game probe of arena"))
+                    .then_some(d)
+            },
+        )
+        .await;
+        stop.cancel();
+        pusher.await.unwrap();
+        let failed = details
+            .iter()
+            .any(|d| d.starts_with("game probe of arena failed") && d.contains("of the 30 asked"));
+        assert_eq!(!failed, passes, "{percent} %: {details:?}");
+        let v = verification(&gw, "twenty-fps").await;
+        assert_eq!(v["state"] == "verified", passes, "{percent} %: {v}");
+        gw.stop().await;
+    }
+}
