@@ -426,6 +426,31 @@ pub struct CheckerConfig {
     pub known_models: Vec<KnownModel>,
     /// Seed for the probe schedule; none draws one at start. Default: none.
     pub seed: Option<u64>,
+    /// How often the gateway renews its nodes' GPU identities in the store and looks for their
+    /// UUIDs on nodes of other gateways (the older node of a cross-gateway duplicate is found
+    /// this way), in milliseconds. An identity counts as live for three intervals after its last
+    /// renewal. Default: 30000.
+    pub identity_sweep_interval_ms: u64,
+    /// How long the checker waits for a node's inventory after it registers before it checks
+    /// the node without one, in milliseconds. Default: 1500.
+    pub inventory_wait_ms: u64,
+    /// The window a node's hardware encode throughput is measured over, in milliseconds
+    /// (several seconds, so a burst of frames queued behind a stall is not read as a rate the
+    /// node sustains). Default: 3000.
+    pub encode_window_ms: u64,
+    /// A game probe lasts a random time between this and `game_probe_duration_max_ms`, in
+    /// milliseconds (so probes do not look alike). Default: 2000.
+    pub game_probe_duration_min_ms: u64,
+    /// The longest game probe, in milliseconds. Default: 4000.
+    pub game_probe_duration_max_ms: u64,
+    /// A game probe passes when the node delivered at least this share of the asked frame
+    /// rate, in percent (a node that renders a game cannot be held to every frame). Default:
+    /// 50.
+    pub game_probe_min_fps_percent: u32,
+    /// A game probe sends input like a player's (mouse motion, key and button presses) at
+    /// random, exponentially spaced times with this mean gap, in milliseconds, so that a node
+    /// watching for input cannot tell a probe from a player. 0 sends none. Default: 40.
+    pub game_probe_input_interval_mean_ms: u64,
 }
 
 /// One `[[checker.known_models]]` entry.
@@ -459,6 +484,13 @@ impl Default for CheckerConfig {
             vote_max_age_ms: 86_400_000,
             known_models: Vec::new(),
             seed: None,
+            identity_sweep_interval_ms: 30_000,
+            inventory_wait_ms: 1_500,
+            encode_window_ms: 3_000,
+            game_probe_duration_min_ms: 2_000,
+            game_probe_duration_max_ms: 4_000,
+            game_probe_min_fps_percent: 50,
+            game_probe_input_interval_mean_ms: 40,
         }
     }
 }
@@ -1221,6 +1253,36 @@ impl GatewayConfig {
         p.non_negative_finite("checker.unverified_penalty_ms", c.unverified_penalty_ms);
         p.non_negative_finite("checker.demoted_penalty_ms", c.demoted_penalty_ms);
         p.positive("checker.vote_max_age_ms", c.vote_max_age_ms);
+        // At least a second: every renewal is a store write per node.
+        if c.identity_sweep_interval_ms < 1_000 {
+            p.push(
+                "checker.identity_sweep_interval_ms",
+                "must be at least 1000",
+            );
+        }
+        p.positive("checker.encode_window_ms", c.encode_window_ms);
+        p.positive(
+            "checker.game_probe_duration_min_ms",
+            c.game_probe_duration_min_ms,
+        );
+        if c.game_probe_duration_max_ms < c.game_probe_duration_min_ms {
+            p.push(
+                "checker.game_probe_duration_max_ms",
+                "must be at least checker.game_probe_duration_min_ms",
+            );
+        }
+        if c.game_probe_input_interval_mean_ms > 10_000 {
+            p.push(
+                "checker.game_probe_input_interval_mean_ms",
+                "must be at most 10000 (0 sends no input)",
+            );
+        }
+        if !(1..=100).contains(&c.game_probe_min_fps_percent) {
+            p.push(
+                "checker.game_probe_min_fps_percent",
+                "must be between 1 and 100",
+            );
+        }
         let mut seen = std::collections::BTreeSet::new();
         for (i, m) in c.known_models.iter().enumerate() {
             if m.name.is_empty() || m.name.len() > 256 {
@@ -1666,6 +1728,47 @@ mod tests {
                 "checker.known_models[1].weights_bytes",
             ]
         );
+    }
+
+    #[test]
+    fn checker_probe_thresholds_are_checked_and_name_their_path() {
+        let mut cfg = GatewayConfig::default();
+        cfg.checker.identity_sweep_interval_ms = 999;
+        cfg.checker.encode_window_ms = 0;
+        cfg.checker.game_probe_duration_min_ms = 0;
+        cfg.checker.game_probe_duration_max_ms = 0;
+        cfg.checker.game_probe_min_fps_percent = 0;
+        let errs = cfg.validate().unwrap_err();
+        let paths: Vec<_> = errs.errors.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "checker.identity_sweep_interval_ms",
+                "checker.encode_window_ms",
+                "checker.game_probe_duration_min_ms",
+                "checker.game_probe_min_fps_percent",
+            ]
+        );
+        let mut cfg = GatewayConfig::default();
+        cfg.checker.game_probe_duration_min_ms = 5_000;
+        cfg.checker.game_probe_min_fps_percent = 101;
+        cfg.checker.game_probe_input_interval_mean_ms = 10_001;
+        let errs = cfg.validate().unwrap_err();
+        let paths: Vec<_> = errs.errors.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "checker.game_probe_duration_max_ms",
+                "checker.game_probe_input_interval_mean_ms",
+                "checker.game_probe_min_fps_percent",
+            ]
+        );
+        let mut cfg = GatewayConfig::default();
+        cfg.checker.identity_sweep_interval_ms = 1_000;
+        cfg.checker.game_probe_duration_min_ms = 3_000;
+        cfg.checker.game_probe_duration_max_ms = 3_000;
+        cfg.checker.game_probe_min_fps_percent = 100;
+        assert_eq!(cfg.validate(), Ok(()));
     }
 
     #[test]

@@ -722,3 +722,121 @@ async fn a_rename_across_gateways_is_a_move_only_once_the_first_node_left() {
         gw.stop().await;
     }
 }
+
+/// Starts `id` claiming one L4 with `uuid`, enrolled with `token`, through a relay in front of
+/// `gw` (so that the test can cut its path: a node killed without a goodbye); returns once it
+/// is verified.
+async fn l4_node_behind_relay(
+    gw: &TestGateway,
+    id: &str,
+    token: &str,
+    uuid: &str,
+) -> (TestNode, nearpath_tests::impair::UdpRelay) {
+    let relay = relay_from(gw, DE, 5).await;
+    let mut cfg = gw.node_config(id, token);
+    cfg.gateway.address = relay.addr().to_string();
+    claim(&mut cfg, "NVIDIA L4", 23_034, uuid);
+    let mut n = TestNode::start(cfg, ip(DE));
+    n.registered().await;
+    wait_verification(gw, id, "the first node verified", |v| {
+        v["state"] == "verified"
+    })
+    .await;
+    (n, relay)
+}
+
+/// Cuts the node's path and waits until the gateway has not heard from it for more than two
+/// heartbeats (the id takeover window), while its connection is still open.
+async fn kill_silently(gw: &TestGateway, id: &str, relay: &nearpath_tests::impair::UdpRelay) {
+    relay.set_both(nearpath_tests::impair::Impairment::delay(0.0).with_loss(1.0));
+    let path = format!("/admin/nodes/{id}");
+    eventually(
+        "the node silent for two heartbeats",
+        Duration::from_secs(10),
+        || async {
+            let n = gw.admin_get(&path).await;
+            let last = n["live"]["last_heartbeat_ms"].as_u64()?;
+            (now_ms().saturating_sub(last) > 2 * 500 + 200).then_some(())
+        },
+    )
+    .await;
+    assert!(
+        gw.node_ids().await.contains(&id.to_string()),
+        "still connected: the gateway has not declared it gone"
+    );
+}
+
+/// Regression (issue 14, quick rename): a node killed and restarted under a new id before its
+/// old connection timed out was quarantined as a clone of its own past (the old connection
+/// held the GPU as a live node). A connection of the same operator silent for longer than two
+/// heartbeats (the rule by which a restarted node takes its own id over) now gives its GPU up:
+/// the restarted node is verified and the silent connection is closed. Another operator's node
+/// claiming a silent node's GPU is still a clone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_killed_and_restarted_under_a_new_id_takes_its_gpu_over_from_the_silent_connection()
+{
+    let gw = TestGateway::start(|c| {
+        fast_checker(c);
+        c.nodes.heartbeat_ms = 500;
+        // Not declared gone for 30 s: longer than the test.
+        c.nodes.missed_heartbeats_before_gone = 60;
+    })
+    .await;
+    let uuid = "GPU-killed-0001";
+    let (old, relay) = l4_node_behind_relay(&gw, "killed", &gw.token, uuid).await;
+    // While the old connection is still heard from, the same operator's second node with its
+    // GPU is a clone (two live nodes, one GPU), not a restart.
+    let early = l4_node(&gw, "too-early", &gw.token, uuid).await;
+    wait_verification(&gw, "too-early", "the early second node quarantined", |v| {
+        v["state"] == "quarantined"
+    })
+    .await;
+    assert!(gw.node_ids().await.contains(&"killed".to_string()));
+    let _ = early.stop().await;
+    wait_gone(&gw, "too-early").await;
+    kill_silently(&gw, "killed", &relay).await;
+    let new = l4_node(&gw, "restarted", &gw.token, uuid).await;
+    let v = wait_verification(&gw, "restarted", "the restarted node checked", |v| {
+        v["checks"].as_u64() > Some(0) || v["state"] == "quarantined"
+    })
+    .await;
+    assert_eq!(v["state"], "verified", "a restart is not a clone: {v}");
+    // The silent connection is closed now, not when it times out.
+    wait_gone(&gw, "killed").await;
+    eventually(
+        "the GPU held by the restarted node alone",
+        Duration::from_secs(10),
+        || async { (live_holders(&gw, uuid) == ["restarted"]).then_some(()) },
+    )
+    .await;
+    assert_eq!(
+        verification(&gw, "restarted").await["state"],
+        "verified",
+        "still verified once the old node left"
+    );
+    let (status, body) = chat(&gw, FR_CLIENT).await;
+    assert_eq!(status, 200, "{body}");
+
+    // Another operator's node claiming a silent node's GPU: a clone, silent or not.
+    let (_, stranger_token) = another_operator(&gw, "op-grabber");
+    let uuid2 = "GPU-killed-0002";
+    let (old2, relay2) = l4_node_behind_relay(&gw, "killed-2", &gw.token, uuid2).await;
+    kill_silently(&gw, "killed-2", &relay2).await;
+    let grabber = l4_node(&gw, "grabber", &stranger_token, uuid2).await;
+    wait_verification(
+        &gw,
+        "grabber",
+        "the other operator's node quarantined",
+        |v| v["state"] == "quarantined",
+    )
+    .await;
+    assert!(
+        gw.node_ids().await.contains(&"killed-2".to_string()),
+        "another operator's claim closes nothing"
+    );
+    let _ = grabber.stop().await;
+    let _ = old2.stop().await;
+    let _ = new.stop().await;
+    let _ = old.stop().await;
+    gw.stop().await;
+}

@@ -406,3 +406,96 @@ async fn a_game_probe_with_no_frames_or_no_answer_fails_and_does_not_hold_the_ch
     drop((silent_session, stall_conn));
     gw.stop().await;
 }
+
+/// Issue 14, probe realism: a game probe sends input as a player would, through the relay as
+/// a player's datagrams go (the node applies them to the session they name), at random gaps,
+/// with key and button presses released again. A node watching for input cannot tell it from
+/// a player by silence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_game_probe_sends_player_like_input_that_reaches_the_node() {
+    let gw = TestGateway::start(|c| {
+        probe_checker(c);
+        c.checker.game_probe_duration_min_ms = 3_000;
+        c.checker.game_probe_duration_max_ms = 3_000;
+    })
+    .await;
+    let node = a1000_node(&gw, "watcher", "h264_nvenc").await;
+    let (_tx, _rx, open) = node.accept_session().await;
+    let stop = CancellationToken::new();
+    let pusher = push_frames(node.conn.clone(), open.session_id, 30, stop.clone());
+    // The node's side: input datagrams for the probe's session, as they arrive.
+    let mut inputs: Vec<(std::time::Instant, nearpath_protocol::InputDatagram)> = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while inputs.len() < 30 {
+        let d = tokio::time::timeout_at(deadline, node.conn.read_datagram())
+            .await
+            .unwrap_or_else(|_| panic!("only {} inputs from the probe", inputs.len()))
+            .unwrap();
+        if let Ok(i) = nearpath_protocol::InputDatagram::decode(&d) {
+            assert_eq!(i.session_id, open.session_id, "input for another session");
+            inputs.push((std::time::Instant::now(), i));
+        }
+    }
+    stop.cancel();
+    pusher.await.unwrap();
+    // In order, one seq each, as a client numbers them.
+    let seqs: Vec<u64> = inputs.iter().map(|(_, i)| i.seq).collect();
+    assert!(seqs.windows(2).all(|w| w[1] > w[0]), "{seqs:?}");
+    // Varied like a person's: motion and presses, each press released.
+    use nearpath_protocol::InputEvent;
+    let moves = inputs
+        .iter()
+        .filter(|(_, i)| matches!(i.event, InputEvent::MouseMove { .. }))
+        .count();
+    assert!(moves > 0 && moves < inputs.len(), "{inputs:?}");
+    // Gaps are random, not a fixed tick: they spread over more than a few milliseconds.
+    let gaps: Vec<f64> = inputs
+        .windows(2)
+        .map(|w| (w[1].0 - w[0].0).as_secs_f64() * 1000.0)
+        .collect();
+    let (lo, hi) = gaps
+        .iter()
+        .fold((f64::MAX, 0.0f64), |(lo, hi), g| (lo.min(*g), hi.max(*g)));
+    assert!(hi - lo > 20.0, "gaps {gaps:?}");
+    gw.stop().await;
+}
+
+/// Issue 14, probe thresholds as config: a node delivering 20 of the 30 fps asked passes a game
+/// probe at the default `game_probe_min_fps_percent` (50) and fails one that asks for all of
+/// them (100).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_game_probe_frame_rate_threshold_is_the_configured_share() {
+    for (percent, passes) in [(50, true), (100, false)] {
+        let gw = TestGateway::start(|c| {
+            probe_checker(c);
+            c.checker.game_probe_min_fps_percent = percent;
+            c.checker.game_probe_duration_min_ms = 2_000;
+            c.checker.game_probe_duration_max_ms = 2_000;
+        })
+        .await;
+        let node = a1000_node(&gw, "twenty-fps", "h264_nvenc").await;
+        let (_tx, _rx, open) = node.accept_session().await;
+        let stop = CancellationToken::new();
+        let pusher = push_frames(node.conn.clone(), open.session_id, 20, stop.clone());
+        let details = eventually(
+            "the game probe's record",
+            Duration::from_secs(30),
+            || async {
+                let d = check_details(&gw, "twenty-fps").await;
+                d.iter()
+                    .any(|d| d.starts_with("game probe of arena"))
+                    .then_some(d)
+            },
+        )
+        .await;
+        stop.cancel();
+        pusher.await.unwrap();
+        let failed = details
+            .iter()
+            .any(|d| d.starts_with("game probe of arena failed") && d.contains("of the 30 asked"));
+        assert_eq!(!failed, passes, "{percent} %: {details:?}");
+        let v = verification(&gw, "twenty-fps").await;
+        assert_eq!(v["state"] == "verified", passes, "{percent} %: {v}");
+        gw.stop().await;
+    }
+}

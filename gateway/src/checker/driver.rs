@@ -34,14 +34,8 @@ use tracing::{debug, info, warn, Instrument};
 
 /// How many events may wait for the driver before new ones are dropped.
 const EVENT_QUEUE: usize = 4096;
-/// How long the driver waits for a node's inventory after its registration before it checks
-/// the node without one (nodes send it right after `Register`).
-const INVENTORY_WAIT_MS: u64 = 1_500;
 /// How often the driver looks at every node (idle or busy, RTT, lost events).
 const SWEEP: Duration = Duration::from_secs(1);
-/// The window a node's encode throughput is measured over, in ms: several sweeps, so that a
-/// burst of frames queued behind a stall is not read as a rate the node sustains.
-const ENCODE_WINDOW_MS: u64 = 3_000;
 
 /// What the driver is built from.
 pub struct CheckerParts {
@@ -65,6 +59,11 @@ pub struct CheckerParts {
     /// What a game probe asks for: `game.default_width`, `default_height`, `default_fps` and
     /// `default_bitrate_kbps`, the size a player who asks for nothing gets.
     pub game_probe_size: (u32, u32, u32, u32),
+    /// How long a node connection of this gateway must have been silent (no registration or
+    /// heartbeat) before a node of the same operator reporting its GPUs takes them over, in
+    /// ms: two heartbeat intervals, the rule by which a restarted node takes over its own id
+    /// (`control::admission::id_takeover_after_ms`, `registry::holds_id`).
+    pub gpu_takeover_after_ms: u64,
 }
 
 impl CheckerParts {
@@ -97,6 +96,7 @@ impl CheckerParts {
                 config.game.default_fps,
                 config.game.default_bitrate_kbps,
             ),
+            gpu_takeover_after_ms: config.nodes.heartbeat_ms.saturating_mul(2),
         }
     }
 }
@@ -130,6 +130,7 @@ pub fn start(
         probes: JoinSet::new(),
         probe_nodes: HashMap::new(),
         sweeps: 0,
+        identity_swept_ms: 0,
     };
     Some(tokio::spawn(
         driver
@@ -176,9 +177,15 @@ struct Tracked {
     /// The impossible claim of this connection is on the operator's SLA record already.
     impossible_recorded: bool,
     /// The node's hardware encode counters as read at the last sweeps (ms, frames, pixels),
-    /// oldest first, spanning at least [`ENCODE_WINDOW_MS`].
+    /// oldest first, spanning at least `checker.encode_window_ms`.
     encode_marks: std::collections::VecDeque<(u64, u64, u64)>,
+    /// The node's GPUs moved to another node of its operator while its connection was
+    /// silent: it is being disconnected, and no longer checked.
+    gpus_moved: bool,
 }
+
+/// The revocation code of a silent node whose GPUs registered again under another id.
+const GPU_MOVED: &str = "gpu_moved";
 
 struct Driver {
     parts: CheckerParts,
@@ -187,27 +194,36 @@ struct Driver {
     probes: JoinSet<(ProbeId, Result<Sample, String>)>,
     probe_nodes: HashMap<ProbeId, String>,
     sweeps: u64,
+    /// When the GPU identities were last renewed (ms on the clock; 0 before the first time).
+    identity_swept_ms: u64,
 }
 
-/// Every this many sweeps the driver renews its nodes' GPU identities in the store and looks
-/// for their UUIDs on nodes of other gateways.
-const IDENTITY_SWEEPS: u64 = 30;
 /// Every this many sweeps (an hour) old records are pruned.
 const PRUNE_SWEEPS: u64 = 3_600;
 /// Check records are kept at least this long, in ms (30 days).
 const CHECK_RETENTION_MS: u64 = 30 * 86_400_000;
 /// GPU identities not renewed for this long are dropped, in ms (7 days).
 const GPU_RETENTION_MS: u64 = 7 * 86_400_000;
-/// How long a GPU identity counts as live after it was last renewed, in ms (three renewals).
-const IDENTITY_LIVE_MS: u64 = 3 * IDENTITY_SWEEPS * 1_000;
-/// How old a released GPU identity looks, in ms: past the live window, with as much again to
-/// spare for clocks of other gateways running behind this one's.
-const RELEASED_AGE_MS: u64 = 2 * IDENTITY_LIVE_MS;
 /// A GPU identity another gateway recorded or renewed less than this long ago (in ms) is never
 /// taken as moved: its node may be live there and not in the node directory yet.
 const MOVE_MIN_AGE_MS: u64 = 5_000;
 
 impl Driver {
+    /// How long a GPU identity counts as live after it was last renewed, in ms: three renewals
+    /// (`checker.identity_sweep_interval_ms`, which the gateways of a federation share).
+    fn identity_live_ms(&self) -> u64 {
+        self.parts
+            .config
+            .identity_sweep_interval_ms
+            .saturating_mul(3)
+    }
+
+    /// How old a released GPU identity looks, in ms: past the live window, with as much again
+    /// to spare for clocks of other gateways running behind this one's.
+    fn released_age_ms(&self) -> u64 {
+        self.identity_live_ms().saturating_mul(2)
+    }
+
     async fn run(mut self, mut events: mpsc::Receiver<CheckEvent>, shutdown: CancellationToken) {
         let mut sweep = tokio::time::interval(SWEEP);
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -343,6 +359,7 @@ impl Driver {
                 dups: Default::default(),
                 impossible_recorded: false,
                 encode_marks: Default::default(),
+                gpus_moved: false,
             },
         );
     }
@@ -366,6 +383,24 @@ impl Driver {
             let (changed, dups) = self.identity(now, entry, inv).await;
             facts.gpu_set_changed = changed;
             duplicates = dups;
+        }
+        // Silent nodes whose GPUs this node took over leave the core before it hears of this
+        // one, so that their GPUs are not counted twice while their connections close.
+        let moved: Vec<String> = self
+            .nodes
+            .iter()
+            .filter(|(id, t)| {
+                *id != &entry.id
+                    && !t.gpus_moved
+                    && t.entry.revocation().is_some_and(|r| r.code == GPU_MOVED)
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in moved {
+            if let Some(t) = self.nodes.get_mut(&id) {
+                t.gpus_moved = true;
+            }
+            self.core.handle_left(now, &id);
         }
         self.core.handle_registered(now, &entry.id, facts);
         let foreign = self
@@ -485,7 +520,7 @@ impl Driver {
         let uuids: Vec<String> = rows.iter().map(|r| r.uuid.clone()).collect();
         let store = self.parts.store.clone();
         let (node, gw) = (entry.id.clone(), self.parts.gateway_id.clone());
-        let since = now.saturating_sub(IDENTITY_LIVE_MS);
+        let since = now.saturating_sub(self.identity_live_ms());
         let res = tokio::task::spawn_blocking(move || {
             let change = store.record_node_gpus(&node, &gw, &rows, now)?;
             let holders = store.gpu_uuid_holders(&uuids, since)?;
@@ -521,7 +556,7 @@ impl Driver {
     }
 
     /// Of the other nodes recorded with one of a node's GPU UUIDs (live within
-    /// [`IDENTITY_LIVE_MS`]), those that make the node a duplicate.
+    /// `identity_live_ms`), those that make the node a duplicate.
     ///
     /// A holder with a live connection anywhere (on this gateway, or published in the node
     /// directory by another live gateway) is a duplicate, whoever its operator: two live nodes
@@ -544,12 +579,16 @@ impl Driver {
             MOVE_MIN_AGE_MS.max(self.parts.directory_interval_ms.saturating_mul(2)),
         );
         let own_gw = &self.parts.gateway_id;
+        let takeover = self.parts.gpu_takeover_after_ms;
         let (mut dups, unsure): (Vec<_>, Vec<_>) = holders.into_iter().partition(|h| {
-            let live_here = self
-                .parts
-                .registry
-                .get(&h.node_id)
-                .is_some_and(|e| e.conn.close_reason().is_none());
+            // A connection of the same operator that has been silent past the id takeover
+            // window is a node killed and restarted under a new id before the gateway declared
+            // it gone: its GPUs may move (below), as its id could. Another operator's holder
+            // never loses its GPUs this way, and a slow node that still delivers holds them.
+            let live_here = self.parts.registry.get(&h.node_id).is_some_and(|e| {
+                e.conn.close_reason().is_none()
+                    && (e.operator_id != operator || crate::registry::holds_id(&e, now, takeover))
+            });
             live_here || (&h.gateway_id != own_gw && h.seen_at_ms >= fresh_since)
         });
         if unsure.is_empty() {
@@ -558,7 +597,7 @@ impl Driver {
         let store = self.parts.store.clone();
         let own = self.parts.gateway_id.clone();
         let op = operator.to_string();
-        let release_to = now.saturating_sub(RELEASED_AGE_MS);
+        let release_to = now.saturating_sub(self.released_age_ms());
         let query = unsure.clone();
         let res = tokio::task::spawn_blocking(move || {
             let mut dup = Vec::new();
@@ -606,6 +645,21 @@ impl Driver {
             Ok(Ok((dup, moved))) => {
                 for h in moved {
                     info!(from = %h.node_id, from_gateway = %h.gateway_id, uuid = %h.uuid, "checker: a GPU moved from an offline node of the same operator (renamed or restarted); not a duplicate");
+                    // The silent connection it moved from is a dead node's: it is closed now
+                    // rather than when it times out, so that one GPU never serves two nodes.
+                    if let Some(e) = self.parts.registry.get(&h.node_id) {
+                        if e.conn.close_reason().is_none() && e.revocation().is_none() {
+                            warn!(node = %e.id, uuid = %h.uuid, "checker: disconnecting a silent node whose GPU re-registered under another id");
+                            e.revoke(Revocation {
+                                code: GPU_MOVED,
+                                detail: format!(
+                                    "its GPU {} registered again with another node of the same \
+                                     operator while this connection was silent",
+                                    h.uuid
+                                ),
+                            });
+                        }
+                    }
                 }
                 dups.extend(dup);
             }
@@ -624,7 +678,7 @@ impl Driver {
     async fn release_identity(&self, now: u64, node_id: &str) {
         let store = self.parts.store.clone();
         let (node, gw) = (node_id.to_string(), self.parts.gateway_id.clone());
-        let to = now.saturating_sub(RELEASED_AGE_MS);
+        let to = now.saturating_sub(self.released_age_ms());
         match tokio::task::spawn_blocking(move || store.release_node_gpus(&node, &gw, to)).await {
             Ok(Ok(true)) => debug!(node = %node_id, "checker: GPU identities released"),
             Ok(Ok(false)) | Err(_) => {}
@@ -718,7 +772,7 @@ impl Driver {
         t.encode_marks.push_back((now, frames, pixels));
         // Keep the newest mark at least a window old as the window's start.
         while t.encode_marks.len() > 2
-            && t.encode_marks[1].0 <= now.saturating_sub(ENCODE_WINDOW_MS)
+            && t.encode_marks[1].0 <= now.saturating_sub(self.parts.config.encode_window_ms)
         {
             t.encode_marks.pop_front();
         }
@@ -726,7 +780,7 @@ impl Driver {
             return;
         };
         let span_ms = now.saturating_sub(at);
-        if span_ms < ENCODE_WINDOW_MS || !t.announced || pixels <= p0 {
+        if span_ms < self.parts.config.encode_window_ms || !t.announced || pixels <= p0 {
             return;
         }
         let secs = span_ms as f64 / 1000.0;
@@ -774,10 +828,13 @@ impl Driver {
                 continue;
             };
             let entry = t.entry.clone();
+            if t.gpus_moved {
+                continue;
+            }
             if !t.announced {
                 if entry.inventory.get().is_some() {
                     self.announce(now, &entry, true).await;
-                } else if now.saturating_sub(t.joined_ms) >= INVENTORY_WAIT_MS {
+                } else if now.saturating_sub(t.joined_ms) >= self.parts.config.inventory_wait_ms {
                     debug!(node = %id, "checker: no inventory from the node; checking without one");
                     self.announce(now, &entry, false).await;
                 }
@@ -794,7 +851,10 @@ impl Driver {
             *counts.entry(entry.check().state).or_default() += 1;
         }
         self.sweeps += 1;
-        if self.sweeps.is_multiple_of(IDENTITY_SWEEPS) {
+        if now.saturating_sub(self.identity_swept_ms)
+            >= self.parts.config.identity_sweep_interval_ms
+        {
+            self.identity_swept_ms = now;
             self.identity_sweep(now).await;
         }
         if self.sweeps % PRUNE_SWEEPS == 1 {
@@ -816,6 +876,7 @@ impl Driver {
         let mine: Vec<(String, Vec<String>)> = self
             .nodes
             .iter()
+            .filter(|(_, t)| !t.gpus_moved)
             .filter_map(|(id, t)| {
                 let inv = &t.entry.inventory.get()?.inventory;
                 Some((
@@ -828,7 +889,7 @@ impl Driver {
             return;
         }
         let store = self.parts.store.clone();
-        let since = now.saturating_sub(IDENTITY_LIVE_MS);
+        let since = now.saturating_sub(self.identity_live_ms());
         let query = mine.clone();
         let res = tokio::task::spawn_blocking(move || {
             for (id, _) in &query {
@@ -928,7 +989,13 @@ impl Driver {
                 let registry = self.parts.registry.clone();
                 let sessions = self.parts.sessions.clone();
                 let clock = self.parts.clock.clone();
-                let size = self.parts.game_probe_size;
+                let c = &self.parts.config;
+                let plan = GameProbePlan {
+                    size: self.parts.game_probe_size,
+                    duration_ms: (c.game_probe_duration_min_ms, c.game_probe_duration_max_ms),
+                    min_fps_percent: c.game_probe_min_fps_percent,
+                    input_interval_mean_ms: c.game_probe_input_interval_mean_ms,
+                };
                 let timeout = Duration::from_millis(self.parts.config.probe_timeout_ms);
                 self.probe_nodes.insert(id, node_id.clone());
                 self.probes.spawn(
@@ -936,7 +1003,7 @@ impl Driver {
                         // A node that stalls the probe holds it no longer than the timeout.
                         let r = tokio::time::timeout(
                             timeout,
-                            game_probe(&registry, &sessions, &clock, entry, &model, size),
+                            game_probe(&registry, &sessions, &clock, entry, &model, plan),
                         )
                         .await
                         .unwrap_or_else(|_| Err("the game probe timed out".into()));
@@ -1076,7 +1143,8 @@ impl Driver {
             node_id: node_id.to_string(),
             gateway_id: self.parts.gateway_id.clone(),
             kind: record.kind.to_string(),
-            state: state.as_str().to_string(),
+            // This gateway's own finding: its vote (the node's state is saved below).
+            state: record.state.as_str().to_string(),
             detail_json: serde_json::json!({"record": record, "rtt_constraint": constraint})
                 .to_string(),
             at_ms: now,
@@ -1086,7 +1154,7 @@ impl Driver {
         let federated = self.parts.federated;
         let votes = tokio::task::spawn_blocking(move || {
             store.record_check(&row)?;
-            store.save_verification(&id, row.state.as_str(), &reasons_json, now)?;
+            store.save_verification(&id, state.as_str(), &reasons_json, now)?;
             if federated {
                 store.latest_votes(&id)
             } else {
@@ -1284,12 +1352,91 @@ impl ControlledGate {
 /// The error text of a probe that found no free slot (not held against the node).
 const BUSY: &str = "no free inference slot";
 const BUSY_GAME: &str = "no free game slot";
-/// A game probe lasts a random time in this range, in ms (players' sessions are longer, but
-/// their first seconds look the same).
-const GAME_PROBE_MS: std::ops::RangeInclusive<u64> = 2_000..=4_000;
-/// A game probe that delivers fewer than this fraction of the frames per second it asked for
-/// has failed.
-const GAME_PROBE_MIN_FPS_RATIO: f64 = 0.5;
+/// How a game probe runs (from `[checker]`).
+#[derive(Debug, Clone, Copy)]
+struct GameProbePlan {
+    /// The session's size: width, height, frames per second, bitrate in kbit/s.
+    size: (u32, u32, u32, u32),
+    /// A probe lasts a random time in this range, in ms (players' sessions are longer, but
+    /// their first seconds look the same).
+    duration_ms: (u64, u64),
+    /// A probe that delivers less than this share of the asked frame rate, in percent, failed.
+    min_fps_percent: u32,
+    /// Mean gap between the probe's input events, in ms (0: none).
+    input_interval_mean_ms: u64,
+}
+
+/// Player-like input for a game probe: random, exponentially spaced events, mostly small mouse
+/// motions with key and button presses that are released again, as a person at a keyboard
+/// and mouse sends them. A node watching for input sees a player, not a silent probe.
+struct ProbeInput {
+    mean_ms: f64,
+    seq: u64,
+    /// A key or button held down, released by a later event.
+    held: Option<nearpath_protocol::InputEvent>,
+}
+
+impl ProbeInput {
+    /// Keys a player of a typical title presses (USB HID usages: W, A, S, D, space, shift).
+    const KEYS: [u16; 6] = [0x1a, 0x04, 0x16, 0x07, 0x2c, 0xe1];
+
+    fn new(mean_ms: u64) -> Self {
+        ProbeInput {
+            mean_ms: mean_ms as f64,
+            seq: 0,
+            held: None,
+        }
+    }
+
+    /// The wait before the next event: exponential around the mean, within [mean/10, 10 x mean],
+    /// so no two probes share a rhythm and none is silent for long.
+    fn gap(&self, rng: &mut impl rand::Rng) -> Duration {
+        let u: f64 = rng.random_range(f64::EPSILON..1.0);
+        let ms = (-u.ln() * self.mean_ms).clamp(self.mean_ms / 10.0, self.mean_ms * 10.0);
+        Duration::from_secs_f64(ms.max(1.0) / 1000.0)
+    }
+
+    /// The next event and its seq.
+    fn next(&mut self, rng: &mut impl rand::Rng) -> (u64, nearpath_protocol::InputEvent) {
+        use nearpath_protocol::InputEvent;
+        self.seq += 1;
+        let release = match self.held {
+            Some(InputEvent::Key { code, .. }) => Some(InputEvent::Key { code, down: false }),
+            Some(InputEvent::MouseButton { button, .. }) => Some(InputEvent::MouseButton {
+                button,
+                down: false,
+            }),
+            _ => None,
+        };
+        let roll = rng.random_range(0..100u32);
+        let event = match release {
+            // A press lasts a few events of motion, then is released.
+            Some(up) if roll < 30 => {
+                self.held = None;
+                up
+            }
+            _ if roll < 80 || self.held.is_some() => InputEvent::MouseMove {
+                dx: rng.random_range(-12..=12),
+                dy: rng.random_range(-8..=8),
+            },
+            _ if roll < 95 => {
+                let code = Self::KEYS[rng.random_range(0..Self::KEYS.len())];
+                let down = InputEvent::Key { code, down: true };
+                self.held = Some(down);
+                down
+            }
+            _ => {
+                let down = InputEvent::MouseButton {
+                    button: 0,
+                    down: true,
+                };
+                self.held = Some(down);
+                down
+            }
+        };
+        (self.seq, event)
+    }
+}
 
 /// Frees a probe's session id from the relay table when the probe ends, however it ends.
 struct ProbeRelay<'a> {
@@ -1315,8 +1462,9 @@ async fn game_probe(
     clock: &SharedClock,
     node: Arc<NodeEntry>,
     title: &str,
-    (width, height, fps, bitrate_kbps): (u32, u32, u32, u32),
+    plan: GameProbePlan,
 ) -> Result<Sample, String> {
+    let (width, height, fps, bitrate_kbps) = plan.size;
     use crate::relay::{FrameSink, Relay, RelayOrigin};
     use nearpath_protocol::message::{Close, GameParams, VideoCodec};
     let Some(_slot) = registry.acquire(&node, SlotKind::Game) else {
@@ -1359,7 +1507,7 @@ async fn game_probe(
             started: Instant::now(),
         },
     ));
-    sessions.games.insert_probe(relay);
+    sessions.games.insert_probe(relay.clone());
     let _unlist = ProbeRelay {
         sessions,
         session_id,
@@ -1388,16 +1536,29 @@ async fn game_probe(
     }
     let span_ms = {
         use rand::Rng;
-        rand::rng().random_range(GAME_PROBE_MS)
+        let (lo, hi) = plan.duration_ms;
+        rand::rng().random_range(lo..=hi.max(lo))
     };
     let start = Instant::now();
     let until = tokio::time::Instant::now() + Duration::from_millis(span_ms);
     let mut frames: u64 = 0;
     let mut latency_ms_sum = 0.0;
     let mut ended = None;
+    let mut input = ProbeInput::new(plan.input_interval_mean_ms);
+    let next_input_at = |input: &ProbeInput| {
+        let mut rng = rand::rng();
+        tokio::time::Instant::now() + input.gap(&mut rng)
+    };
+    let mut input_at = next_input_at(&input);
     loop {
         tokio::select! {
             _ = tokio::time::sleep_until(until) => break,
+            // Input like a player's, through the relay as a player's datagrams go.
+            _ = tokio::time::sleep_until(input_at), if plan.input_interval_mean_ms > 0 => {
+                let (seq, event) = input.next(&mut rand::rng());
+                relay.send_input(seq, clock.unix_us(), event);
+                input_at = next_input_at(&input);
+            }
             f = frames_rx.recv() => match f {
                 Some((header, _payload)) => {
                     frames += 1;
@@ -1438,7 +1599,7 @@ async fn game_probe(
             None => format!("no frames in {elapsed:.1} s"),
         });
     }
-    if delivered < f64::from(fps) * GAME_PROBE_MIN_FPS_RATIO {
+    if delivered < f64::from(fps) * f64::from(plan.min_fps_percent) / 100.0 {
         return Err(format!(
             "delivered {delivered:.1} fps of the {fps} asked ({frames} frames in {elapsed:.1} s)"
         ));
@@ -1623,6 +1784,53 @@ mod tests {
 
     /// Issue 15's encoder names: NVENC and VA-API (and the other vendors' engines) are
     /// hardware, the software encoders are not.
+    /// Probe realism: the probe's input mixes motion with presses, releases every press
+    /// before the next, numbers events in order, and spaces them randomly within bounds.
+    #[test]
+    fn probe_input_is_varied_released_and_randomly_spaced() {
+        use nearpath_protocol::InputEvent;
+        use rand::SeedableRng;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        let mut input = ProbeInput::new(40);
+        let mut held: Option<InputEvent> = None;
+        let (mut moves, mut presses) = (0, 0);
+        for want in 1..=2_000u64 {
+            let (seq, e) = input.next(&mut rng);
+            assert_eq!(seq, want);
+            match e {
+                InputEvent::MouseMove { .. } => moves += 1,
+                InputEvent::Key { down: true, .. } | InputEvent::MouseButton { down: true, .. } => {
+                    assert!(held.is_none(), "a second press before a release");
+                    presses += 1;
+                    held = Some(e);
+                }
+                InputEvent::Key { code, down: false } => {
+                    assert_eq!(held.take(), Some(InputEvent::Key { code, down: true }));
+                }
+                InputEvent::MouseButton {
+                    button,
+                    down: false,
+                } => {
+                    assert_eq!(
+                        held.take(),
+                        Some(InputEvent::MouseButton { button, down: true })
+                    );
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert!(
+            moves > 1_000 && presses > 100,
+            "{moves} moves, {presses} presses"
+        );
+        let gaps: Vec<Duration> = (0..1_000).map(|_| input.gap(&mut rng)).collect();
+        assert!(gaps
+            .iter()
+            .all(|g| *g >= Duration::from_millis(4) && *g <= Duration::from_millis(400)));
+        let mean = gaps.iter().sum::<Duration>().as_secs_f64() / 1_000.0;
+        assert!((0.030..0.050).contains(&mean), "mean gap {mean}");
+    }
+
     #[test]
     fn hardware_encoders_are_told_from_software_ones() {
         use crate::registry::is_hardware_encoder as hw;

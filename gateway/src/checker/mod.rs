@@ -49,10 +49,12 @@
 //!   same operator moves to the node that reports it (a rename is not a clone); the node
 //!   directory decides "offline" for other gateways, so a holder another gateway recorded in
 //!   the last few seconds (not published yet) still counts as live.
-//! - **Game probes have no player.** A probe session is opened and relayed like a player's, but
-//!   no inputs or keyframe requests reach the node during it: a node that watches for them
-//!   could tell a probe from a player. The encode count trusts the session's size, not the
-//!   frames' content: sending more frames than it encoded only makes a node look faster.
+//! - **Game probes play like a bot, not a person.** A probe session is opened and relayed like
+//!   a player's, and sends player-like input (mouse motion, key and button presses released
+//!   again, at random exponential gaps, `game_probe_input_interval_mean_ms`) through the relay.
+//!   Its input does not react to the picture, and it asks for no keyframes: a node that models
+//!   players closely enough could still tell. The encode count trusts the session's size, not
+//!   the frames' content: sending more frames than it encoded only makes a node look faster.
 //! - **Classes without physics.** An `unclassified` GPU (or one an admin added) has no row:
 //!   nothing about it can be checked, and its verification says so. The geofence already
 //!   treats it as the most restricted class.

@@ -123,7 +123,8 @@ pub const CLASS_TABLE: &[ClassPhysics] = &[
     row("h20", 96, 4000.0, 0, 0.0, 25, "NVIDIA H20 product brief"),
     row("h200", 141, 4800.0, 0, 0.0, 26, "NVIDIA H200 data sheet"),
     // GPU HBM3e plus the Grace CPU's coherent LPDDR5X (NVIDIA: "up to 624GB of fast memory").
-    row("gh200", 624, 4900.0, 0, 0.0, 27, "NVIDIA GH200 Grace Hopper Superchip data sheet"),
+    // Bandwidth: the HBM3e variant as announced (5 TB/s), above the data sheet's 4.9 TB/s.
+    row("gh200", 624, 5000.0, 0, 0.0, 27, "NVIDIA GH200 Grace Hopper Superchip data sheet; HBM3e announcement (5 TB/s)"),
     row("mi300", 192, 5300.0, 0, 0.0, 28, "AMD Instinct MI300X / MI300A data sheets"),
     row("mi325x", 256, 6000.0, 0, 0.0, 29, "AMD Instinct MI325X data sheet"),
     row("b100", 192, 8000.0, 0, 0.0, 30, "NVIDIA Blackwell architecture technical brief"),

@@ -146,6 +146,10 @@ pub struct CheckRecord {
     pub node_id: String,
     /// `registration`, `standby`, `session`, `identity`, `location` or `majority`.
     pub kind: &'static str,
+    /// What this gateway's own checks found: its vote in a federation. The node's state after
+    /// the other gateways' votes is the verdict's `Verification::state`. A vote that echoed
+    /// the majority would be counted again by the next gateway: a verdict once adopted could
+    /// then never be outvoted by fresh checks.
     pub state: VerificationState,
     pub findings: Vec<Finding>,
     pub detail: String,
@@ -202,6 +206,8 @@ struct Node {
     checked_at: Option<u64>,
     votes: BTreeMap<String, GatewayVote>,
     last: Option<Verification>,
+    /// This gateway's own finding in the last verdict (its vote).
+    last_own: Option<VerificationState>,
 }
 
 /// The checker's state machine (see the module docs).
@@ -700,6 +706,7 @@ impl Checker {
         };
         // This gateway's own vote is its local decision; the others' are added to it.
         let mut v = decide(&input);
+        let own = v.state;
         if !n.votes.is_empty() {
             input.votes = n.votes.values().cloned().collect();
             input.votes.push(GatewayVote {
@@ -709,7 +716,9 @@ impl Checker {
             });
             v = decide(&input);
         }
-        let changed = n.last.as_ref().is_none_or(|l| v.differs_from(l));
+        // A changed vote is news for the other gateways even when the majority hides it here.
+        let changed = n.last.as_ref().is_none_or(|l| v.differs_from(l)) || n.last_own != Some(own);
+        n.last_own = Some(own);
         if !(changed || force) {
             n.last = Some(v);
             return;
@@ -717,7 +726,7 @@ impl Checker {
         let record = CheckRecord {
             node_id: node_id.to_string(),
             kind,
-            state: v.state,
+            state: own,
             findings: v.findings.clone(),
             detail,
             at_ms: now,
@@ -1157,8 +1166,15 @@ mod tests {
         c.handle_votes(now, "n1", vec![vote("local", Mislocated)]);
         assert_eq!(c.verification("n1").unwrap().votes.len(), 2);
         // Two of three: mislocated.
+        drain(&mut c, now);
         c.handle_votes(now, "n1", vec![vote("g3", Mislocated)]);
         assert_eq!(c.verification("n1").unwrap().state, Mislocated);
+        // Regression (issue 14, federation): the record (this gateway's vote) says what this
+        // gateway found, not the majority it adopted; an echoed vote would be counted again by
+        // the next gateway, and fresh checks could never outvote it.
+        let vs = verdicts(&drain(&mut c, now));
+        let (v, record) = vs.last().expect("a verdict for the new majority");
+        assert_eq!((v.state, record.state), (Mislocated, Verified));
         // Stale votes stop counting: back to this gateway's own verdict.
         c.handle_votes(now + 3_600_001, "n1", vec![]);
         assert_eq!(c.verification("n1").unwrap().state, Verified);
