@@ -96,9 +96,12 @@ impl Meter {
     /// becomes a metric label only when bounded) and takes a misreporting node's penalty.
     pub fn record_inference(&self, registry: &Registry, m: Metering<'_>) {
         let duration = self.clock.now().saturating_duration_since(m.started);
-        self.metrics
-            .inference_requests
-            .get_or_create(&labels([("api", m.api), ("outcome", m.outcome)]))
+        let hot = &self.metrics.hot;
+        hot.inference_requests
+            .get(
+                &self.metrics.inference_requests,
+                [("api", m.api), ("outcome", m.outcome)],
+            )
             .inc();
         let served = m
             .node
@@ -106,14 +109,12 @@ impl Meter {
             || registry.serves_model(m.model);
         let model = self.metrics.model_label(m.model, served);
         if let Some(t) = m.ttft {
-            self.metrics
-                .ttft_seconds
-                .get_or_create(&labels([("model", &model)]))
+            hot.ttft_seconds
+                .get(&self.metrics.ttft_seconds, [("model", &model)])
                 .observe(t.as_secs_f64());
         }
-        self.metrics
-            .tokens_out
-            .get_or_create(&labels([("model", &model)]))
+        hot.tokens_out
+            .get(&self.metrics.tokens_out, [("model", &model)])
             .inc_by(m.usage.completion_tokens as u64);
         if let (Some(node), Some(reported)) = (m.node, m.reported) {
             self.check_reported_usage(registry, node, m.request_id, m.usage, reported);
@@ -144,22 +145,24 @@ impl Meter {
             frames: 0,
             bytes: m.bytes,
         };
-        let store = self.store.clone();
         let spend = self.spend.clone();
-        tokio::task::spawn_blocking(move || {
-            let (key, model, at_ms) = (
-                record.api_key_id.clone(),
-                record.workload.clone(),
-                record.at_ms,
-            );
-            let (prompt, completion) = (record.prompt_tokens, record.completion_tokens);
-            match store.append_usage(record) {
+        let (key, model, at_ms) = (
+            record.api_key_id.clone(),
+            record.workload.clone(),
+            record.at_ms,
+        );
+        let (prompt, completion) = (record.prompt_tokens, record.completion_tokens);
+        // Nobody waits for the commit (see above), and no thread is held waiting for it either:
+        // the store runs this once the record is committed.
+        self.store.clone().append_usage_then(
+            record,
+            Box::new(move |result| match result {
                 // Spend is what the ledger holds: counted once committed, as a restart would
                 // count it from the store.
                 Ok(_) => spend.add(&key, &model, at_ms, prompt, completion),
                 Err(e) => warn!(error = %e, "usage record not written"),
-            }
-        });
+            }),
+        );
     }
 
     /// Compares a node's `Done` counts with the gateway's. A disagreement beyond the tolerance

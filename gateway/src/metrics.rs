@@ -9,10 +9,11 @@
 //! (see [`label_values`]).
 
 use prometheus_client::collector::Collector;
+use std::sync::PoisonError;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, MetricEncoder};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
-use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::family::{Family, MetricConstructor};
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::metrics::MetricType;
@@ -90,6 +91,9 @@ pub struct Metrics {
     pub http_connections_timed_out: Family<Labels, Counter>,
     /// Model names already used as label values (see [`Metrics::model_label`]).
     model_labels: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Per-request children of the families above, found without building and hashing a
+    /// label set (see [`Hot`]).
+    pub hot: HotChildren,
     /// Usage writes (records and health probes) that failed to commit; synced from the store's
     /// writer at scrape time.
     pub ledger_write_failures: Counter,
@@ -479,6 +483,7 @@ impl Metrics {
             http_connections_refused: Family::default(),
             http_connections_timed_out: Family::default(),
             model_labels: Default::default(),
+            hot: HotChildren::default(),
             ledger_write_failures: Counter::default(),
             ledger_healthy: Gauge::default(),
             ledger_refusals: Family::default(),
@@ -1137,6 +1142,66 @@ impl Metrics {
     }
 }
 
+/// The children that every inference request touches, one [`Hot`] per family.
+#[derive(Default)]
+pub struct HotChildren {
+    pub inference_requests: Hot<Counter>,
+    pub ttft_seconds: Hot<Histogram>,
+    pub tokens_out: Hot<Counter>,
+    pub geofence_decisions: Hot<Counter>,
+}
+
+/// How many children a [`Hot`] keeps; lookups of others go to the family each time.
+const HOT_CHILDREN: usize = 32;
+
+/// A few children of a family, found by comparing label names and values in a short scan.
+/// `Family::get_or_create` needs a built label set (a vector and a `String` per value) and
+/// hashes it with SipHash, a thousand instructions or so per event; on the inference path that
+/// was several lookups per request. The handles kept here are the family's own children (a
+/// `Counter` or `Histogram` clone shares its value), so scrapes see every event either way.
+/// Only for families whose children are never removed.
+pub struct Hot<M> {
+    slots: std::sync::RwLock<Vec<(Vec<(&'static str, Box<str>)>, M)>>,
+}
+
+impl<M> Default for Hot<M> {
+    fn default() -> Self {
+        Hot {
+            slots: std::sync::RwLock::new(Vec::new()),
+        }
+    }
+}
+
+impl<M: Clone> Hot<M> {
+    /// The child of `family` labelled `pairs` (as `family.get_or_create(&labels(pairs))`).
+    pub fn get<C: MetricConstructor<M>, const N: usize>(
+        &self,
+        family: &Family<Labels, M, C>,
+        pairs: [(&'static str, &str); N],
+    ) -> M {
+        let same = |kept: &[(&'static str, Box<str>)]| {
+            kept.len() == N
+                && kept
+                    .iter()
+                    .zip(pairs.iter())
+                    .all(|((kn, kv), (n, v))| kn == n && &**kv == *v)
+        };
+        {
+            let slots = self.slots.read().unwrap_or_else(PoisonError::into_inner);
+            if let Some((_, child)) = slots.iter().find(|(kept, _)| same(kept)) {
+                return child.clone();
+            }
+        }
+        let child = family.get_or_create(&labels(pairs)).clone();
+        let mut slots = self.slots.write().unwrap_or_else(PoisonError::into_inner);
+        if slots.len() < HOT_CHILDREN && !slots.iter().any(|(kept, _)| same(kept)) {
+            let kept = pairs.iter().map(|(n, v)| (*n, Box::from(*v))).collect();
+            slots.push((kept, child.clone()));
+        }
+        child
+    }
+}
+
 /// Shorthand for a label set.
 pub fn labels<const N: usize>(pairs: [(&'static str, &str); N]) -> Labels {
     pairs.iter().map(|(k, v)| (*k, v.to_string())).collect()
@@ -1602,6 +1667,30 @@ mod tests {
                 "{m} is not on the dashboard"
             );
         }
+    }
+
+    #[test]
+    fn hot_children_are_the_familys_own_and_keyed_by_names_and_values() {
+        let family: Family<Labels, Counter> = Family::default();
+        let hot: Hot<Counter> = Hot::default();
+        hot.get(&family, [("api", "chat"), ("outcome", "ok")]).inc();
+        hot.get(&family, [("api", "chat"), ("outcome", "ok")]).inc();
+        hot.get(&family, [("api", "chat"), ("outcome", "error")]).inc();
+        // Same values under other names are another child.
+        hot.get(&family, [("outcome", "chat"), ("api", "ok")]).inc();
+        let get = |pairs| family.get_or_create(&labels(pairs)).get();
+        assert_eq!(get([("api", "chat"), ("outcome", "ok")]), 2);
+        assert_eq!(get([("api", "chat"), ("outcome", "error")]), 1);
+        assert_eq!(get([("outcome", "chat"), ("api", "ok")]), 1);
+        // Past its bound it still counts, through the family.
+        for i in 0..HOT_CHILDREN + 8 {
+            let v = i.to_string();
+            hot.get(&family, [("api", v.as_str()), ("outcome", "ok")]).inc();
+            hot.get(&family, [("api", v.as_str()), ("outcome", "ok")]).inc();
+        }
+        assert!(hot.slots.read().unwrap().len() <= HOT_CHILDREN);
+        let last = (HOT_CHILDREN + 7).to_string();
+        assert_eq!(get([("api", last.as_str()), ("outcome", "ok")]), 2);
     }
 
     #[test]

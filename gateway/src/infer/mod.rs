@@ -71,7 +71,11 @@ pub fn completion_id(endpoint: Endpoint, request_id: &str) -> String {
     while !request_id.is_char_boundary(tail_at) {
         tail_at += 1;
     }
-    format!("{}{}", endpoint.id_prefix(), &request_id[tail_at..])
+    let (prefix, tail) = (endpoint.id_prefix(), &request_id[tail_at..]);
+    let mut id = String::with_capacity(prefix.len() + tail.len());
+    id.push_str(prefix);
+    id.push_str(tail);
+    id
 }
 
 /// A fresh request id (`req_` and 24 hex digits).
@@ -214,9 +218,10 @@ impl InferService {
     }
 
     fn count_request(&self, api: &'static str, outcome: &'static str) {
-        self.metrics
+        let m = &self.metrics;
+        m.hot
             .inference_requests
-            .get_or_create(&labels([("api", api), ("outcome", outcome)]))
+            .get(&m.inference_requests, [("api", api), ("outcome", outcome)])
             .inc();
     }
 
@@ -912,13 +917,13 @@ impl InferService {
     }
 
     fn count_geofence(&self, outcome: &'static str, rule: &str) {
-        self.metrics
+        let m = &self.metrics;
+        m.hot
             .geofence_decisions
-            .get_or_create(&labels([
-                ("side", "client"),
-                ("outcome", outcome),
-                ("rule", rule),
-            ]))
+            .get(
+                &m.geofence_decisions,
+                [("side", "client"), ("outcome", outcome), ("rule", rule)],
+            )
             .inc();
     }
 

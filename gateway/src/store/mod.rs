@@ -35,6 +35,7 @@
 use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use nearpath_protocol::message::VideoCodec;
 use serde::{Deserialize, Serialize};
@@ -881,6 +882,10 @@ mod codec_name {
 /// All methods are synchronous and may block (see the module documentation): call them from
 /// `tokio::task::spawn_blocking` in async code. Lists are returned in a stable order: operators,
 /// tokens and keys oldest first; SLA records by node id; penalties and usage newest first.
+/// What [`Store::append_usage_then`] runs with the outcome of an append: the record's id once
+/// committed, or why it was not.
+pub type UsageThen = Box<dyn FnOnce(Result<i64, StoreError>) + Send>;
+
 pub trait Store: Send + Sync + 'static {
     /// Creates an operator. The name is trimmed and must then be 1..=128 characters without
     /// control characters.
@@ -1005,6 +1010,18 @@ pub trait Store: Send + Sync + 'static {
     /// Appends a record to the usage ledger and returns its id once it is durably committed
     /// (it survives a crash of the gateway from then on). Concurrent callers share commits.
     fn append_usage(&self, record: UsageRecord) -> Result<i64, StoreError>;
+    /// [`Store::append_usage`] without waiting: `then` gets the outcome once the record is
+    /// committed (or has failed), on a thread of the store's choosing, and must not block.
+    /// The default runs the blocking append on tokio's blocking pool (or inline, outside a
+    /// runtime); a store with a writer thread of its own answers from that thread instead.
+    fn append_usage_then(self: Arc<Self>, record: UsageRecord, then: UsageThen) {
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn_blocking(move || then(self.append_usage(record)));
+            }
+            Err(_) => then(self.append_usage(record)),
+        }
+    }
     /// Replaces the usage record `id` (a game session's checkpoint row) with `record`, durably,
     /// through the same writer as [`Store::append_usage`]; returns `id`.
     fn update_usage(&self, id: i64, record: UsageRecord) -> Result<i64, StoreError>;

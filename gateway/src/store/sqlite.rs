@@ -12,6 +12,7 @@
 //! `kill -9` of the gateway (the OS still holds the written pages), but not a power loss or kernel
 //! crash, and metered usage is billing data; group commit keeps the cost of `FULL` affordable.
 
+use super::UsageThen;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex, MutexGuard, PoisonError};
@@ -462,7 +463,27 @@ struct Job {
     row: UsageRow,
     /// The record to replace, for `update_usage`; `None` appends.
     replace: Option<i64>,
-    reply: mpsc::SyncSender<Result<i64, StoreError>>,
+    reply: Reply,
+}
+
+/// Where the writer sends a job's outcome once its batch has committed (or failed).
+enum Reply {
+    /// A caller blocked in [`SqliteStore::write_usage`].
+    Wait(mpsc::SyncSender<Result<i64, StoreError>>),
+    /// A caller that did not wait ([`Store::append_usage_then`]): the writer runs this itself.
+    Then(UsageThen),
+}
+
+impl Reply {
+    fn send(self, result: Result<i64, StoreError>) {
+        match self {
+            // A caller that has gone away no longer needs its answer.
+            Reply::Wait(tx) => {
+                let _ = tx.send(result);
+            }
+            Reply::Then(then) => then(result),
+        }
+    }
 }
 
 /// The writer's connection: its own for a file, the main one for an in-memory database (a second
@@ -858,8 +879,7 @@ fn commit_jobs(conn: &mut WriterConn, batch: &mut Vec<Job>, counters: &WriterCou
         Ok(ids) => {
             counters.committed(batch.len());
             for (job, id) in batch.drain(..).zip(ids) {
-                // A caller that has gone away no longer needs its answer.
-                let _ = job.reply.send(Ok(id));
+                job.reply.send(Ok(id));
             }
         }
         Err(err) if batch.len() == 1 || !is_record_specific(&err) => {
@@ -873,11 +893,11 @@ fn commit_jobs(conn: &mut WriterConn, batch: &mut Vec<Job>, counters: &WriterCou
             let last = batch.pop();
             for job in batch.drain(..) {
                 counters.failed();
-                let _ = job.reply.send(Err(same_failure(&err)));
+                job.reply.send(Err(same_failure(&err)));
             }
             if let Some(job) = last {
                 counters.failed();
-                let _ = job.reply.send(Err(err));
+                job.reply.send(Err(err));
             }
         }
         Err(_) => {
@@ -898,7 +918,7 @@ fn commit_jobs(conn: &mut WriterConn, batch: &mut Vec<Job>, counters: &WriterCou
                         }
                     }
                 }
-                let _ = job.reply.send(result);
+                job.reply.send(result);
             }
         }
     }
@@ -1159,7 +1179,7 @@ impl SqliteStore {
             .send(Job {
                 row,
                 replace,
-                reply,
+                reply: Reply::Wait(reply),
             })
             .map_err(|_| StoreError::Closed)?;
         // The writer answers only after the batch holding this record has committed (or failed);
@@ -1839,6 +1859,26 @@ impl Store for SqliteStore {
         self.write_usage(record, None)
     }
 
+    /// The writer thread runs `then` after the commit: the caller neither blocks nor needs a
+    /// thread of its own to wait on (one per request in flight, before).
+    fn append_usage_then(self: Arc<Self>, record: UsageRecord, then: UsageThen) {
+        let row = match UsageRow::new(record) {
+            Ok(row) => row,
+            Err(e) => return then(Err(e)),
+        };
+        let Some(writer) = self.writer.as_ref() else {
+            return then(Err(StoreError::Closed));
+        };
+        let job = Job {
+            row,
+            replace: None,
+            reply: Reply::Then(then),
+        };
+        if let Err(mpsc::SendError(job)) = writer.send(job) {
+            job.reply.send(Err(StoreError::Closed));
+        }
+    }
+
     fn update_usage(&self, id: i64, record: UsageRecord) -> Result<i64, StoreError> {
         self.write_usage(record, Some(id))
     }
@@ -2243,6 +2283,51 @@ mod tests {
         }
     }
 
+    /// `then` of [`Store::append_usage_then`]: sends its outcome to the returned receiver.
+    fn then_to_channel() -> (UsageThen, mpsc::Receiver<Result<i64, StoreError>>) {
+        let (tx, rx) = mpsc::channel();
+        (
+            Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+            rx,
+        )
+    }
+
+    #[test]
+    fn append_usage_then_answers_after_the_commit_and_refuses_what_append_refuses() {
+        let store = Arc::new(SqliteStore::open_in_memory().expect("open"));
+        let (then, answer) = then_to_channel();
+        store.clone().append_usage_then(record(1), then);
+        let id = answer
+            .recv_timeout(Duration::from_secs(10))
+            .expect("answered")
+            .expect("committed");
+        // Answered after the commit: the record is there to read.
+        let listed = store.list_usage(10).expect("list");
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].id, Some(id));
+        // A record the ledger refuses gets the same error through `then`, and nothing is kept.
+        let mut bad = record(2);
+        bad.request_id = "x".repeat(100_000);
+        let (then, answer) = then_to_channel();
+        store.clone().append_usage_then(bad, then);
+        assert!(answer.recv_timeout(Duration::from_secs(10)).expect("answered").is_err());
+        assert_eq!(store.list_usage(10).expect("list").len(), 1);
+    }
+
+    #[test]
+    fn append_usage_then_after_writer_stops_reports_closed() {
+        let mut store = SqliteStore::open_in_memory().expect("open");
+        store.writer.take();
+        if let Some(t) = store.writer_thread.take() {
+            t.join().expect("writer exits cleanly");
+        }
+        let (then, answer) = then_to_channel();
+        Arc::new(store).append_usage_then(record(1), then);
+        assert!(matches!(answer.recv().expect("answered"), Err(StoreError::Closed)));
+    }
+
     #[test]
     fn append_after_writer_stops_reports_closed() {
         let mut store = SqliteStore::open_in_memory().expect("open");
@@ -2282,7 +2367,7 @@ mod tests {
             batch.push(Job {
                 row,
                 replace: None,
-                reply,
+                reply: Reply::Wait(reply),
             });
             answers.push(answer);
         }
@@ -2342,7 +2427,7 @@ mod tests {
             batch.push(Job {
                 row: UsageRow::new(record(n)).expect("valid"),
                 replace: None,
-                reply,
+                reply: Reply::Wait(reply),
             });
             answers.push(answer);
         }
@@ -2424,7 +2509,7 @@ mod tests {
             batch.push(Job {
                 row: UsageRow::new(r).expect("valid"),
                 replace: None,
-                reply,
+                reply: Reply::Wait(reply),
             });
             answers.push(answer);
         }
