@@ -8,7 +8,6 @@ mod common;
 
 use common::*;
 use nearpath_config::{BackendConfig, GatewayConfig, GpuSpec, NodeConfig};
-use serde_json::Value;
 use std::time::Duration;
 
 /// The checker on, fast: probes start at once and ask for few tokens; a fixed seed.
@@ -43,24 +42,6 @@ fn serve(cfg: &mut NodeConfig, tokens_per_s: f64, weights_bytes: u64) {
         seed: 1,
     };
     cfg.models[0].weights_bytes = Some(weights_bytes);
-}
-
-async fn verification(gw: &TestGateway, id: &str) -> Value {
-    gw.admin_get(&format!("/admin/nodes/{id}")).await["verification"].clone()
-}
-
-/// Waits until the node's verification matches `pred`, and returns it.
-async fn wait_verification(
-    gw: &TestGateway,
-    id: &str,
-    what: &str,
-    pred: impl Fn(&Value) -> bool,
-) -> Value {
-    eventually(what, Duration::from_secs(20), || async {
-        let v = verification(gw, id).await;
-        pred(&v).then_some(v)
-    })
-    .await
 }
 
 async fn chat(gw: &TestGateway, from: (&str, &str, f64, f64)) -> (u16, String) {

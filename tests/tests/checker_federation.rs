@@ -64,24 +64,6 @@ fn claim(cfg: &mut NodeConfig, gpu_model: &str, vram_mib: u64, uuid: &str) {
     }];
 }
 
-async fn verification(gw: &TestGateway, id: &str) -> Value {
-    gw.admin_get(&format!("/admin/nodes/{id}")).await["verification"].clone()
-}
-
-/// Waits until the node's verification on `gw` matches `pred`, and returns it.
-async fn wait_verification(
-    gw: &TestGateway,
-    id: &str,
-    what: &str,
-    pred: impl Fn(&Value) -> bool,
-) -> Value {
-    eventually(what, Duration::from_secs(30), || async {
-        let v = verification(gw, id).await;
-        pred(&v).then_some(v)
-    })
-    .await
-}
-
 async fn wait_gone(gw: &TestGateway, id: &str) {
     eventually("the node to leave", Duration::from_secs(20), || async {
         (!gw.node_ids().await.contains(&id.to_string())).then_some(())

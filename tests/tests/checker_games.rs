@@ -123,10 +123,6 @@ fn push_frames(
     })
 }
 
-async fn verification(gw: &TestGateway, id: &str) -> Value {
-    gw.admin_get(&format!("/admin/nodes/{id}")).await["verification"].clone()
-}
-
 fn encode_finding(v: &Value) -> bool {
     v["findings"]
         .as_array()

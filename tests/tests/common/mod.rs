@@ -543,6 +543,25 @@ pub fn another_operator(gw: &TestGateway, name: &str) -> (String, String) {
     (op.id, token)
 }
 
+/// The node's `verification` object in `GET /admin/nodes/{id}` (the checker's view of it).
+pub async fn verification(gw: &TestGateway, id: &str) -> serde_json::Value {
+    gw.admin_get(&format!("/admin/nodes/{id}")).await["verification"].clone()
+}
+
+/// Waits (up to 30 s) until the node's verification on `gw` matches `pred`, and returns it.
+pub async fn wait_verification(
+    gw: &TestGateway,
+    id: &str,
+    what: &str,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    eventually(what, Duration::from_secs(30), || async {
+        let v = verification(gw, id).await;
+        pred(&v).then_some(v)
+    })
+    .await
+}
+
 /// Polls `check` until it returns `Some`, failing with `what` after `timeout`.
 pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
 where
