@@ -154,8 +154,7 @@ fn main() -> std::process::ExitCode {
     // The documentation commands need no runtime.
     match &cli.cmd {
         Cmd::Completions { shell } => {
-            clidoc::write_completions(Cli::command(), *shell, &mut std::io::stdout());
-            return std::process::ExitCode::SUCCESS;
+            return clidoc::print_completions(Cli::command(), *shell);
         }
         Cmd::Man { dir } => return nearpath_gateway_cli::cli::man(Cli::command(), dir.as_deref()),
         _ => {}
