@@ -1,6 +1,7 @@
 # Container image of the Nearpath gateway (with the `nearpath` client and the `edge-node` binary).
 # README "Container image". CI does not build it (no Docker daemon there); a test checks that
-# every file it copies from the repository exists (gateway/cli/tests/packaging.rs).
+# every file it copies from the repository exists and that hadolint finds nothing
+# (gateway/cli/tests/packaging.rs; .hadolint.yaml says which rule is off and why).
 #
 #   docker build -t nearpath .
 #   docker run --rm -p 127.0.0.1:8080:8080 -p 127.0.0.1:8081:8081 -p 127.0.0.1:4433:4433/udp \
@@ -20,10 +21,6 @@ WORKDIR /src
 COPY . .
 # The cache mounts keep the registry and the build between image builds (BuildKit); the
 # binaries are copied out of the cached target folder, which the next stage cannot see.
-# FFmpeg's headers and clang for the edge node's libavcodec encoders (bindgen at build time).
-RUN apt-get update \
-    && apt-get install -y --no-install-recommends libavcodec-dev libavutil-dev clang libclang-dev pkg-config \
-    && rm -rf /var/lib/apt/lists/*
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     cargo build --release --locked -p nearpath-gateway-cli -p nearpath-edge-node --bins \
@@ -40,10 +37,6 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --system --user-group --uid 10001 --home-dir /var/lib/nearpath --create-home \
        --shell /usr/sbin/nologin nearpath
-# libavcodec for the edge node's encoders (x264, NVENC, VAAPI).
-RUN apt-get update \
-    && apt-get install -y --no-install-recommends libavcodec59 libavutil57 \
-    && rm -rf /var/lib/apt/lists/*
 COPY --from=builder /out/gateway /out/nearpath /out/edge-node /usr/local/bin/
 COPY config/examples/gateway.toml config/examples/edge-node.toml /etc/nearpath/
 COPY LICENSE NOTICE geo/data/NRO_LICENSE geo/data/CENTROIDS.md /usr/share/doc/nearpath/
@@ -53,7 +46,9 @@ ENV NEARPATH_HTTP__LISTEN=0.0.0.0:8080 \
     NEARPATH_ADMIN__LISTEN=0.0.0.0:8081 \
     NEARPATH_QUIC__LISTEN=0.0.0.0:4433 \
     NEARPATH_STORE__PATH=/var/lib/nearpath/nearpath-gateway.db
-USER nearpath
+# By number (the `nearpath` user created above): a runtime that checks for a non-root user
+# before starting (Kubernetes' runAsNonRoot) cannot resolve a name.
+USER 10001:10001
 WORKDIR /var/lib/nearpath
 VOLUME ["/var/lib/nearpath"]
 EXPOSE 8080/tcp 8081/tcp 4433/udp

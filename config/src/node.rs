@@ -1090,8 +1090,9 @@ impl NodeConfig {
             }
         }
         const PIN_HELP: &str = "is the all-zero placeholder from the example configuration: put \
-             the SHA-256 of the gateway's QUIC certificate here (64 hex digits; ask the gateway \
-             operator, or compute it with `openssl x509 -in cert.pem -outform DER | sha256sum`)";
+             the SHA-256 of the gateway's QUIC certificate here (64 hex digits: `gateway run` prints \
+             the line to paste at start, `GET /admin/gateway` answers it, and `gateway cert pin \
+             CERT.pem` computes it from the certificate file)";
         if g.pinned_cert_sha256_bytes() == Some([0; 32]) {
             p.push("gateway.pinned_cert_sha256", PIN_HELP);
         }

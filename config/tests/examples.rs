@@ -188,6 +188,9 @@ fn node_example_runs_once_its_placeholders_are_filled() {
     ] {
         assert!(shown.contains(want), "missing {want:?} in\n{shown}");
     }
+    // Issue 16: the pin comes from the project's own commands, without an openssl detour.
+    assert!(shown.contains("`gateway cert pin CERT.pem`"), "{shown}");
+    assert!(!shown.contains("openssl"), "{shown}");
     let env = [
         ("NEARPATH_NODE__ENROLMENT_TOKEN", "np_enrol_5e2b7c"),
         ("NEARPATH_GATEWAY__ADDRESS", "gw.nearpath.test:4433"),

@@ -11,10 +11,32 @@ use std::path::Path;
 
 pub use clap_complete::Shell;
 
-/// Writes the completion script of `cmd` for `shell` to `out`.
-pub fn write_completions(mut cmd: Command, shell: Shell, out: &mut dyn Write) {
+/// Writes the completion script of `cmd` for `shell` to `out`. The script is generated into
+/// memory first: `clap_complete` panics when its writer fails, and a reader that closes the
+/// pipe early (`gateway completions bash | head`) must not crash the binary.
+pub fn write_completions(
+    mut cmd: Command,
+    shell: Shell,
+    out: &mut dyn Write,
+) -> std::io::Result<()> {
     let name = cmd.get_name().to_string();
-    clap_complete::generate(shell, &mut cmd, name, out);
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut cmd, name, &mut script);
+    out.write_all(&script)?;
+    out.flush()
+}
+
+/// The `completions` subcommand of each binary: the script on stdout. A reader that stopped
+/// reading (a closed pipe) is not a failure; any other write error is, with its cause.
+pub fn print_completions(cmd: Command, shell: Shell) -> std::process::ExitCode {
+    match write_completions(cmd, shell, &mut std::io::stdout().lock()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: writing the completion script: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }
 
 /// Writes the man page of `cmd` (section 1) to `out`; it lists the subcommands, whose own pages
@@ -123,10 +145,27 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// Regression (issue 16 audit): `gateway completions bash | head` panicked in
+    /// `clap_complete` ("failed to write completion file: Broken pipe").
+    #[test]
+    fn a_closed_pipe_is_an_error_returned_not_a_panic() {
+        struct Closed;
+        impl Write for Closed {
+            fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+                Err(std::io::ErrorKind::BrokenPipe.into())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let err = write_completions(sample(), Shell::Bash, &mut Closed).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::BrokenPipe);
+    }
+
     #[test]
     fn completions_name_the_binary_and_its_options() {
         let mut out = Vec::new();
-        write_completions(sample(), Shell::Bash, &mut out);
+        write_completions(sample(), Shell::Bash, &mut out).unwrap();
         let script = String::from_utf8(out).unwrap();
         assert!(script.contains("_tool()"), "{script}");
         assert!(script.contains("--documented"), "{script}");

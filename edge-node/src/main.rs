@@ -69,8 +69,7 @@ fn main() -> ExitCode {
     // The documentation commands need no runtime.
     match &cli.cmd {
         Some(Cmd::Completions { shell }) => {
-            clidoc::write_completions(Cli::command(), *shell, &mut std::io::stdout());
-            return ExitCode::SUCCESS;
+            return clidoc::print_completions(Cli::command(), *shell);
         }
         Some(Cmd::Man { dir }) => return man(dir.as_deref()),
         _ => {}

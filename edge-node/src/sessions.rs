@@ -347,14 +347,33 @@ impl Sessions {
                     .await
             }
             SessionKind::Game(params) => {
-                let Some((ctx, tx, framed)) = self
-                    .resume_parked(ctx, open.session_id, &params, tx, framed)
-                    .await
-                else {
-                    return;
-                };
-                self.serve_game(ctx, open.session_id, params, tx, framed)
-                    .await
+                let span = tracing::info_span!(
+                    "game",
+                    title = %params.title,
+                    traceparent = params.traceparent.as_deref().unwrap_or("-")
+                );
+                // With spans exported, the session's span is the child of the gateway's
+                // session span (the player's trace when it sent one); the decoder kept only
+                // a valid context, and without one the span is a root.
+                let _ = nearpath_telemetry::join(
+                    &span,
+                    params
+                        .traceparent
+                        .as_deref()
+                        .and_then(nearpath_telemetry::TraceIds::parse),
+                );
+                async {
+                    let Some((ctx, tx, framed)) = self
+                        .resume_parked(ctx, open.session_id, &params, tx, framed)
+                        .await
+                    else {
+                        return;
+                    };
+                    self.serve_game(ctx, open.session_id, params, tx, framed)
+                        .await
+                }
+                .instrument(span)
+                .await
             }
         }
     }

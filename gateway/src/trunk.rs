@@ -1171,6 +1171,7 @@ mod tests {
             fps: 30,
             bitrate_kbps: 1_000,
             codec: Default::default(),
+            traceparent: None,
         });
         assert_eq!(
             check_open("n1", Some(&n), &game).unwrap_err().0,

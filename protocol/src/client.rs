@@ -341,6 +341,20 @@ impl Client {
         params: PlayParams,
         codecs: &[VideoCodec],
     ) -> Result<PlaySession, ClientError> {
+        self.play_traced(api_key, params, codecs, None).await
+    }
+
+    /// [`Client::play_with_codecs`] inside a caller's trace: `traceparent` (a W3C
+    /// `traceparent`, protocol version 4) is sent in the `PlayRequest`, and the gateway's and
+    /// the node's session spans join that trace. An invalid one is ignored by the gateway,
+    /// which then starts a trace of its own; it never fails the request.
+    pub async fn play_traced(
+        &self,
+        api_key: &str,
+        params: PlayParams,
+        codecs: &[VideoCodec],
+        traceparent: Option<&str>,
+    ) -> Result<PlaySession, ClientError> {
         if self.play_active.swap(true, Ordering::AcqRel) {
             return Err(ClientError::PlayActive);
         }
@@ -354,6 +368,7 @@ impl Client {
             fps: params.fps,
             bitrate_kbps: params.bitrate_kbps,
             codecs: codecs.to_vec(),
+            traceparent: traceparent.map(str::to_string),
         });
         match self.start_play(&request).await? {
             PlayAnswer::Started(send, control, started, token) => {

@@ -151,6 +151,11 @@ impl<'a> Reader<'a> {
         Reader { buf }
     }
 
+    /// Bytes left in the body.
+    pub(crate) fn remaining(&self) -> usize {
+        self.buf.len()
+    }
+
     pub(crate) fn bytes(&mut self, n: usize, field: &'static str) -> Result<&'a [u8], DecodeError> {
         if self.buf.len() < n {
             return Err(DecodeError::Truncated { field });

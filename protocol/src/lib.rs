@@ -61,7 +61,7 @@ pub const ALPN_CLIENT: &[u8] = b"nearpath/1";
 pub const ALPN_PEER: &[u8] = b"nearpath-peer/1";
 
 /// Version carried in `Register`, `InferRequest`, `PlayRequest` and `ListGames`.
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
 
 /// Largest control or request frame (type byte plus body) a receiver accepts by default.
 pub const MAX_CONTROL_FRAME: usize = 64 * 1024;

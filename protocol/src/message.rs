@@ -30,6 +30,26 @@ pub const MAX_ENCODERS: usize = 16;
 pub const MAX_CODECS: usize = 8;
 /// Longest codec name on the wire (`h264`, `hevc`, `av1`; room for later ones).
 pub const MAX_CODEC_NAME_BYTES: usize = 16;
+/// The only length of a `traceparent` kept from the wire: a W3C version-00 header is exactly
+/// 55 bytes. A longer or shorter one is ignored without being copied, so a peer cannot park
+/// state through it.
+pub const TRACEPARENT_BYTES: usize = 55;
+
+/// Whether `b` is a W3C `traceparent` of version 00 (`00-<32 hex>-<16 hex>-<2 hex>`, lowercase,
+/// neither id all zeros). Version `ff` and the future versions a receiver cannot interpret are
+/// not: a context the receiver cannot check is not propagated.
+pub fn is_valid_traceparent(b: &[u8]) -> bool {
+    if b.len() != TRACEPARENT_BYTES || &b[..3] != b"00-" || b[35] != b'-' || b[52] != b'-' {
+        return false;
+    }
+    let lower_hex = |s: &[u8]| s.iter().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f'));
+    let nonzero = |s: &[u8]| s.iter().any(|&c| c != b'0');
+    lower_hex(&b[3..35])
+        && lower_hex(&b[36..52])
+        && lower_hex(&b[53..55])
+        && nonzero(&b[3..35])
+        && nonzero(&b[36..52])
+}
 
 /// Message type bytes. Ranges: `0x01..=0x0f` node control, `0x10..=0x2f` session streams,
 /// `0x30..=0x4f` client streams.
@@ -420,6 +440,10 @@ pub struct GameParams {
     /// The codec to encode in, one the node listed in `Register.encoders` (protocol
     /// version 3).
     pub codec: VideoCodec,
+    /// The W3C `traceparent` of the gateway's session span, which the node's session span
+    /// continues (protocol version 4). Decoded only when valid ([`is_valid_traceparent`]);
+    /// anything else reads as `None`.
+    pub traceparent: Option<String>,
 }
 
 /// What an `Open` asks the node to run.
@@ -686,6 +710,10 @@ pub struct PlayRequest {
     /// picks the first one a node that may serve the session encodes. Empty means H.264 only.
     /// At most [`MAX_CODECS`]; names the gateway does not know are dropped when decoding.
     pub codecs: Vec<VideoCodec>,
+    /// The client's W3C `traceparent`, whose trace the session joins (protocol version 4).
+    /// Decoded only when valid ([`is_valid_traceparent`]): an invalid one reads as `None` and
+    /// the gateway starts a trace of its own; it never fails the request.
+    pub traceparent: Option<String>,
 }
 
 /// gateway -> client: the session runs with these (possibly adjusted) parameters.
@@ -997,6 +1025,7 @@ impl Message {
                         b.put_var(g.fps.into());
                         b.put_var(g.bitrate_kbps.into());
                         b.put_str(g.codec.as_str());
+                        b.put_opt(&g.traceparent, |b, s| b.put_str(s));
                     }
                     SessionKind::Inference {
                         model,
@@ -1073,6 +1102,7 @@ impl Message {
                 b.put_var(m.fps.into());
                 b.put_var(m.bitrate_kbps.into());
                 b.put_list(&m.codecs, |b, c| b.put_str(c.as_str()));
+                b.put_opt(&m.traceparent, |b, s| b.put_str(s));
             }
             Message::PlayStarted(m) => {
                 b.put_var(m.session_id);
@@ -1252,6 +1282,7 @@ impl Message {
                         fps: r.u32("Game.fps")?,
                         bitrate_kbps: r.u32("Game.bitrate_kbps")?,
                         codec: codec(&mut r, "Game.codec")?,
+                        traceparent: traceparent(&mut r, "Game.traceparent")?,
                     }),
                     1 => SessionKind::Inference {
                         model: r.string("Inference.model")?,
@@ -1372,6 +1403,7 @@ impl Message {
                     .into_iter()
                     .flatten()
                     .collect(),
+                traceparent: traceparent(&mut r, "PlayRequest.traceparent")?,
             }),
             ty::PLAY_STARTED => Message::PlayStarted(PlayStarted {
                 session_id: r.varint("PlayStarted.session_id")?,
@@ -1472,6 +1504,27 @@ pub fn type_name(ty: u8) -> Option<&'static str> {
 /// Reads the fixed big-endian `u16` version that opens every versioned message and rejects any
 /// other version before the rest of the body is interpreted, because a future version may lay
 /// the body out differently.
+/// An optional `traceparent`: the presence byte and the string's framing are checked like any
+/// field's (a broken frame is an error), but a value that is not a valid W3C traceparent
+/// (any length but 55, upper-case or non-hex digits, a version other than 00, all-zero ids,
+/// bytes that are not UTF-8) is ignored: the message decodes with `None`, and the receiver
+/// starts a trace of its own.
+fn traceparent(r: &mut Reader<'_>, field: &'static str) -> Result<Option<String>, DecodeError> {
+    let raw = r.option(field, |r| {
+        let len = r.varint(field)?;
+        // Checked before converting, as `Reader::string` does, so that a 2^62 length is
+        // truncation and never an allocation.
+        if len > r.remaining() as u64 {
+            return Err(DecodeError::Truncated { field });
+        }
+        r.bytes(len as usize, field)
+    })?;
+    Ok(raw
+        .filter(|b| is_valid_traceparent(b))
+        .and_then(|b| std::str::from_utf8(b).ok())
+        .map(str::to_owned))
+}
+
 fn version(
     r: &mut Reader<'_>,
     message: &'static str,

@@ -99,6 +99,17 @@ fn register() -> impl Strategy<Value = Message> {
 }
 
 /// Any known codec.
+/// Valid W3C traceparents (version 00, ids not all zero): an invalid one decodes as `None`,
+/// so only valid ones round-trip.
+pub fn traceparent() -> impl Strategy<Value = String> {
+    (
+        "[0-9a-f]{31}[1-9a-f]",
+        "[1-9a-f][0-9a-f]{15}",
+        "[0-9a-f]{2}",
+    )
+        .prop_map(|(t, s, f)| format!("00-{t}-{s}-{f}"))
+}
+
 pub fn video_codec() -> impl Strategy<Value = VideoCodec> {
     proptest::sample::select(VideoCodec::ALL.to_vec())
 }
@@ -187,17 +198,21 @@ fn session() -> impl Strategy<Value = Message> {
         any::<u32>(),
         any::<u32>(),
         video_codec(),
+        proptest::option::of(traceparent()),
     )
-        .prop_map(|(title, width, height, fps, bitrate_kbps, codec)| {
-            SessionKind::Game(GameParams {
-                title,
-                width,
-                height,
-                fps,
-                bitrate_kbps,
-                codec,
-            })
-        });
+        .prop_map(
+            |(title, width, height, fps, bitrate_kbps, codec, traceparent)| {
+                SessionKind::Game(GameParams {
+                    title,
+                    width,
+                    height,
+                    fps,
+                    bitrate_kbps,
+                    codec,
+                    traceparent,
+                })
+            },
+        );
     let inference = (text(), 0u8..4, text(), text(), proptest::option::of(text())).prop_map(
         |(model, endpoint, request_json, request_id, traceparent)| SessionKind::Inference {
             model,
@@ -287,10 +302,11 @@ fn client() -> impl Strategy<Value = Message> {
             any::<u32>(),
             any::<u32>(),
             any::<u32>(),
-            vec(video_codec(), 0..4)
+            vec(video_codec(), 0..4),
+            proptest::option::of(traceparent()),
         )
             .prop_map(
-                |(api_key, game, width, height, fps, bitrate_kbps, codecs)| {
+                |(api_key, game, width, height, fps, bitrate_kbps, codecs, traceparent)| {
                     Message::PlayRequest(PlayRequest {
                         protocol_version: PROTOCOL_VERSION,
                         api_key,
@@ -300,6 +316,7 @@ fn client() -> impl Strategy<Value = Message> {
                         fps,
                         bitrate_kbps,
                         codecs,
+                        traceparent,
                     })
                 }
             ),

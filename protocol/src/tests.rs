@@ -101,6 +101,7 @@ fn samples() -> Vec<Message> {
                 fps: 60,
                 bitrate_kbps: 20_000,
                 codec: VideoCodec::Hevc,
+                traceparent: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
             }),
         }),
         Message::Open(Open {
@@ -178,6 +179,7 @@ fn samples() -> Vec<Message> {
             fps: 60,
             bitrate_kbps: 10_000,
             codecs: vec![VideoCodec::Av1, VideoCodec::H264],
+            traceparent: None,
         }),
         Message::PlayStarted(PlayStarted {
             session_id: 42,
@@ -965,6 +967,8 @@ fn a_session_codec_must_be_known_and_a_client_list_is_filtered() {
             body.push(c.len() as u8);
             body.extend_from_slice(c.as_bytes());
         }
+        // No traceparent (protocol version 4).
+        body.push(0);
         decode_one(&raw_frame(ty::PLAY_REQUEST, &body))
     };
     match request(&["vp9", "av1", "h264"]).unwrap() {
@@ -984,4 +988,115 @@ fn a_session_codec_must_be_known_and_a_client_list_is_filtered() {
         assert_eq!(VideoCodec::from_name(c.as_str()), Some(c));
     }
     assert_eq!(VideoCodec::from_name("HEVC"), None);
+}
+
+/// A `PlayRequest` body with `traceparent` written raw: presence byte 1, then `raw` as a
+/// string (protocol version 4).
+fn play_request_with_raw_traceparent(raw: &[u8]) -> Vec<u8> {
+    let mut body = frame(&Message::PlayRequest(PlayRequest {
+        protocol_version: PROTOCOL_VERSION,
+        api_key: "sk".into(),
+        game: "doom".into(),
+        width: 0,
+        height: 0,
+        fps: 0,
+        bitrate_kbps: 0,
+        codecs: vec![],
+        traceparent: None,
+    }));
+    let prefix = crate::codec::varint_len((body.len() - 1) as u64);
+    let mut contents = body.split_off(prefix);
+    // Replace the trailing "absent" byte by a present, raw value.
+    assert_eq!(contents.pop(), Some(0));
+    contents.push(1);
+    put_varint(&mut contents, raw.len() as u64);
+    contents.extend_from_slice(raw);
+    contents
+}
+
+#[test]
+fn an_invalid_traceparent_in_a_play_request_or_open_is_ignored_not_an_error() {
+    const VALID: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let decoded = |raw: &[u8]| match decode_message(&play_request_with_raw_traceparent(raw)) {
+        Ok(Message::PlayRequest(p)) => p.traceparent,
+        other => panic!("{raw:?}: {other:?}"),
+    };
+    assert_eq!(decoded(VALID.as_bytes()), Some(VALID.to_string()));
+    let long = "0".repeat(60_000);
+    let hostile: &[&[u8]] = &[
+        b"",
+        b"00",
+        // Version ff is invalid by the recommendation; other versions are not interpreted.
+        b"ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        b"01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        b"00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+        b"00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+        b"00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+        b"00-4bf92f3577b34da6a3ce929d0e0e473g-00f067aa0ba902b7-01",
+        b"00_4bf92f3577b34da6a3ce929d0e0e4736_00f067aa0ba902b7_01",
+        b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-",
+        b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-0\xff",
+        b"\xff\xfe\xfd",
+        long.as_bytes(),
+    ];
+    for raw in hostile {
+        assert_eq!(decoded(raw), None, "{:?}", String::from_utf8_lossy(raw));
+    }
+    // The same for the gateway's `Open` to the node.
+    let open = |traceparent: Option<String>| {
+        Message::Open(Open {
+            session_id: 9,
+            kind: SessionKind::Game(GameParams {
+                title: "doom".into(),
+                width: 64,
+                height: 64,
+                fps: 30,
+                bitrate_kbps: 500,
+                codec: VideoCodec::H264,
+                traceparent,
+            }),
+        })
+    };
+    for raw in hostile {
+        let sent = open(Some(String::from_utf8_lossy(raw).into_owned()));
+        let bytes = frame(&sent);
+        let prefix = crate::codec::varint_len((bytes.len() - 1) as u64);
+        assert_eq!(decode_message(&bytes[prefix..]), Ok(open(None)));
+    }
+    // The framing around it stays strict: a presence byte other than 0 or 1, a length past the
+    // end, or bytes after the field are errors, as for any field.
+    let mut bad_presence = play_request_with_raw_traceparent(VALID.as_bytes());
+    let at = bad_presence.len() - VALID.len() - 2;
+    bad_presence[at] = 2;
+    assert!(matches!(
+        decode_message(&bad_presence),
+        Err(DecodeError::InvalidValue { .. })
+    ));
+    let mut huge = play_request_with_raw_traceparent(b"");
+    huge.pop();
+    put_varint(&mut huge, 1 << 61);
+    assert!(matches!(
+        decode_message(&huge),
+        Err(DecodeError::Truncated { .. })
+    ));
+    let mut trailing = play_request_with_raw_traceparent(VALID.as_bytes());
+    trailing.push(0);
+    assert!(matches!(
+        decode_message(&trailing),
+        Err(DecodeError::TrailingBytes { .. })
+    ));
+}
+
+#[test]
+fn a_version_3_play_request_is_refused_with_the_version() {
+    let mut body = play_request_with_raw_traceparent(b"");
+    body[1..3].copy_from_slice(&3u16.to_be_bytes());
+    assert!(matches!(
+        decode_message(&body),
+        Err(DecodeError::UnsupportedVersion {
+            got: 3,
+            supported: 4,
+            ..
+        })
+    ));
 }

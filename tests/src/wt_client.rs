@@ -491,5 +491,6 @@ pub fn play_request(api_key: &str, game: &str, width: u32, height: u32, fps: u32
         fps,
         bitrate_kbps: 0,
         codecs: Vec::new(),
+        traceparent: None,
     }
 }

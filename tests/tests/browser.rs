@@ -2392,6 +2392,29 @@ async fn the_pages_webtransport_wire_codec_matches_the_protocol_crate() {
             fps: 60,
             bitrate_kbps: 300_000,
             codecs: vec![],
+            traceparent: None,
+        })
+    );
+    // With a trace context (protocol version 4).
+    let traced = bytes_of(
+        &wire(
+            &page,
+            r#"playRequest("k", "arena", 64, 48, 30, 0, "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")"#,
+        )
+        .await,
+    );
+    assert_eq!(
+        decode(&traced),
+        Message::PlayRequest(PlayRequest {
+            protocol_version: nearpath_protocol::PROTOCOL_VERSION,
+            api_key: "k".into(),
+            game: "arena".into(),
+            width: 64,
+            height: 48,
+            fps: 30,
+            bitrate_kbps: 0,
+            codecs: vec![],
+            traceparent: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
         })
     );
     let sv = bytes_of(&wire(&page, "setVideo(3840, 2160, 240)").await);

@@ -458,3 +458,196 @@ async fn otlp_export_joins_the_gateway_and_node_spans_to_the_clients_trace() {
     node.stop().await.unwrap();
     gw.stop().await;
 }
+
+/// The value of a span's attribute `key`, as text (ints and strings alike).
+fn attribute(span: &Span, key: &str) -> Option<String> {
+    use opentelemetry_proto::tonic::common::v1::any_value::Value;
+    span.attributes
+        .iter()
+        .find(|a| a.key == key)
+        .and_then(|a| a.value.as_ref()?.value.as_ref())
+        .map(|v| match v {
+            Value::IntValue(i) => i.to_string(),
+            Value::StringValue(s) => s.clone(),
+            other => format!("{other:?}"),
+        })
+}
+
+/// The gateway's `game_session` span of session `id` and the node's `game` span under it,
+/// once both have ended and been exported (bounded wait).
+async fn game_spans(id: u64) -> (Span, Span) {
+    let spans = observed().spans.clone();
+    eventually(
+        &format!("the gateway's and the node's spans of game session {id}"),
+        Duration::from_secs(30),
+        || {
+            let spans = spans.clone();
+            async move {
+                tokio::task::spawn_blocking(nearpath_telemetry::flush)
+                    .await
+                    .unwrap();
+                let got = spans.lock().unwrap();
+                let gateway = got
+                    .iter()
+                    .map(|(_, s)| s)
+                    .find(|s| {
+                        s.name == "game_session"
+                            && attribute(s, "id").as_deref() == Some(&id.to_string())
+                    })?
+                    .clone();
+                let node = got
+                    .iter()
+                    .map(|(_, s)| s)
+                    .find(|s| s.name == "game" && s.parent_span_id == gateway.span_id)?
+                    .clone();
+                Some((gateway, node))
+            }
+        },
+    )
+    .await
+}
+
+/// Regression (issue 16, protocol version 4): a game session's spans join the player's W3C
+/// trace, native (`PlayRequest.traceparent`) and WHEP (the offer's `traceparent` header), and
+/// the node's session span is the child of the gateway's; a forged context starts a fresh
+/// trace and the session still plays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn otlp_export_joins_a_game_sessions_gateway_and_node_spans_to_the_players_trace() {
+    observed();
+    const NATIVE_TRACE: &str = "0af7651916cd43dd8448eb211c80319c";
+    const WHEP_TRACE: &str = "5bf92f3577b34da6a3ce929d0e0e4737";
+    let gw = TestGateway::start(|_| {}).await;
+    let mut cfg = gw.node_config("otel-game-1", &gw.token);
+    cfg.games = vec![nearpath_config::GameEntry {
+        title: "arena".into(),
+        source: nearpath_config::GameSource::Builtin {},
+    }];
+    cfg.capacity.game_sessions = 3;
+    let mut node = TestNode::start(cfg, ip(DE));
+    node.registered().await;
+    let c = native_client(&gw, FR_CLIENT).await;
+    let small = || PlayParams {
+        game: "arena".into(),
+        width: 160,
+        height: 96,
+        fps: 30,
+        bitrate_kbps: 300,
+    };
+    // Plays one frame with `traceparent`, ends, and returns the session id.
+    let play = |traceparent: &'static str| {
+        let c = &c;
+        async move {
+            let mut s = c
+                .play_traced(API_KEY, small(), &[], Some(traceparent))
+                .await
+                .unwrap_or_else(|e| panic!("{traceparent:?} refused: {e}"));
+            let id = s.started().session_id;
+            tokio::time::timeout(Duration::from_secs(10), s.next_frame())
+                .await
+                .expect("a frame in time")
+                .unwrap()
+                .expect("a frame");
+            s.close("done").await.unwrap();
+            drop(s);
+            id
+        }
+    };
+
+    // Native, in the player's trace.
+    let id = play(Box::leak(
+        format!("00-{NATIVE_TRACE}-{CLIENT_SPAN}-01").into_boxed_str(),
+    ))
+    .await;
+    let (gateway, node_span) = game_spans(id).await;
+    assert_eq!(hex(&gateway.trace_id), NATIVE_TRACE);
+    assert_eq!(hex(&gateway.parent_span_id), CLIENT_SPAN);
+    assert_eq!(hex(&node_span.trace_id), NATIVE_TRACE);
+    assert_eq!(
+        attribute(&gateway, "trace_id").as_deref(),
+        Some(NATIVE_TRACE)
+    );
+
+    // Forged contexts (all-zero trace id, version ff, upper case) are ignored: the session
+    // plays, in a trace the gateway starts, which the node's span still joins.
+    for forged in [
+        "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+        "ff-0af7651916cd43dd8448eb211c80319c-00f067aa0ba902b7-01",
+        "00-0AF7651916CD43DD8448EB211C80319C-00f067aa0ba902b7-01",
+    ] {
+        let id = play(forged).await;
+        let (gateway, node_span) = game_spans(id).await;
+        assert!(gateway.parent_span_id.is_empty(), "{forged}: {gateway:?}");
+        assert_ne!(hex(&gateway.trace_id), NATIVE_TRACE, "{forged}");
+        assert_ne!(gateway.trace_id, vec![0u8; 16], "{forged}");
+        assert_eq!(node_span.trace_id, gateway.trace_id, "{forged}");
+    }
+
+    // WHEP: the offer's `traceparent` header.
+    let whep = gw.api_url("/v1/games/arena/whep?width=160&height=96&fps=30");
+    let auth = format!("Bearer {API_KEY}");
+    let traceparent = format!("00-{WHEP_TRACE}-{CLIENT_SPAN}-01");
+    let (status, h, body) = raw_request(
+        "POST",
+        &whep,
+        &[
+            ("authorization", auth.as_str()),
+            ("content-type", "application/sdp"),
+            ("traceparent", &traceparent),
+        ],
+        CHROMIUM_OFFER,
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let resource = h["location"].to_str().unwrap().to_string();
+    // The resource is `/v1/sessions/{id}`, the session's id.
+    let id: u64 = resource
+        .strip_prefix("/v1/sessions/")
+        .and_then(|id| id.parse().ok())
+        .unwrap_or_else(|| panic!("resource {resource}"));
+    let (status, _, _) = raw_request(
+        "DELETE",
+        &gw.api_url(&resource),
+        &[("authorization", auth.as_str())],
+        "",
+    )
+    .await;
+    assert_eq!(status, 200, "DELETE {resource}");
+    let (gateway, node_span) = game_spans(id).await;
+    assert_eq!(hex(&gateway.trace_id), WHEP_TRACE);
+    assert_eq!(hex(&gateway.parent_span_id), CLIENT_SPAN);
+    assert_eq!(hex(&node_span.trace_id), WHEP_TRACE);
+
+    // A forged header (too long) is ignored the same way: the offer is answered.
+    let forged = format!("00-{WHEP_TRACE}-{CLIENT_SPAN}-01{}", "0".repeat(4096));
+    let (status, h, body) = raw_request(
+        "POST",
+        &whep,
+        &[
+            ("authorization", auth.as_str()),
+            ("content-type", "application/sdp"),
+            ("traceparent", &forged),
+        ],
+        CHROMIUM_OFFER,
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let resource = h["location"].to_str().unwrap().to_string();
+    let id: u64 = resource
+        .strip_prefix("/v1/sessions/")
+        .and_then(|id| id.parse().ok())
+        .unwrap_or_else(|| panic!("resource {resource}"));
+    let (status, _, _) = raw_request(
+        "DELETE",
+        &gw.api_url(&resource),
+        &[("authorization", auth.as_str())],
+        "",
+    )
+    .await;
+    assert_eq!(status, 200, "DELETE {resource}");
+    let (gateway, node_span) = game_spans(id).await;
+    assert!(gateway.parent_span_id.is_empty(), "{gateway:?}");
+    assert_ne!(hex(&gateway.trace_id), WHEP_TRACE);
+    assert_eq!(node_span.trace_id, gateway.trace_id);
+    node.stop().await.unwrap();
+    gw.stop().await;
+}

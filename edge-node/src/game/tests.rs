@@ -12,6 +12,7 @@ fn params(title: &str, width: u32, height: u32, fps: u32) -> GameParams {
         fps,
         bitrate_kbps: 1000,
         codec: Default::default(),
+        traceparent: None,
     }
 }
 

@@ -129,10 +129,7 @@ pub fn main() -> ExitCode {
         Cmd::Cert {
             cmd: CertCmd::Pin { file },
         } => cert_pin(&file),
-        Cmd::Completions { shell } => {
-            clidoc::write_completions(Cli::command(), shell, &mut std::io::stdout());
-            ExitCode::SUCCESS
-        }
+        Cmd::Completions { shell } => clidoc::print_completions(Cli::command(), shell),
         Cmd::Man { dir } => man(Cli::command(), dir.as_deref()),
         Cmd::Run { config } => run_async(async move {
             // The same load and checks as check-config: a file one accepts, the other does.

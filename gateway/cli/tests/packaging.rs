@@ -222,3 +222,20 @@ fn dockerfile_copies_only_files_that_exist_and_runs_as_a_non_root_user() {
         "target/ in the build context"
     );
 }
+
+/// The container image cannot be built here (no Docker daemon): its definition is linted
+/// instead, with hadolint and the repository's `.hadolint.yaml` (README "Container image").
+#[test]
+fn hadolint_finds_nothing_in_the_dockerfile() {
+    if !checks::have_tool("hadolint", &["--version"], "the Dockerfile") {
+        return;
+    }
+    let repo = repo();
+    checks::run(
+        std::process::Command::new("hadolint")
+            .arg("--no-color")
+            .arg("--config")
+            .arg(repo.join(".hadolint.yaml"))
+            .arg(repo.join("Dockerfile")),
+    );
+}

@@ -1485,6 +1485,7 @@ async fn game_probe(
         fps,
         bitrate_kbps,
         codec,
+        traceparent: None,
     };
     let session = sessions.ids.mint();
     let session_id = session.get();

@@ -287,6 +287,8 @@ pub fn ticket_params(c: &TicketClaims) -> GameParams {
         bitrate_kbps: c.bitrate_kbps,
         // The codec the issuer found the node encodes (published in the node directory).
         codec: c.codec,
+        // A ticketed start begins a trace of its own at this gateway.
+        traceparent: None,
     }
 }
 

@@ -515,6 +515,7 @@ impl GameService {
             fps: params.fps,
             bitrate_kbps: params.bitrate_kbps,
             codecs: vec![params.codec],
+            traceparent: None,
         };
         let params = self
             .session_params(&clamp)
@@ -625,6 +626,8 @@ impl GameService {
         };
         let session = self.sessions.ids.mint();
         let session_id = session.get();
+        let mut params = params;
+        let span = session_span(session_id, &mut params, transport);
         let pin = only.map_or(Pin::Any, Pin::Ticket);
         let attached = match self.attach(&client, &params, session_id, &[], pin).await {
             Ok(a) => a,
@@ -646,6 +649,7 @@ impl GameService {
                 session,
                 attached,
                 None,
+                span,
             )
             .await)
     }
@@ -676,6 +680,7 @@ impl GameService {
             bitrate_kbps: entry.bitrate_kbps,
             // The codec the session was started in: its client decodes that one.
             codecs: vec![entry.codec],
+            traceparent: None,
         };
         let params = self
             .session_params(&clamp)
@@ -690,6 +695,8 @@ impl GameService {
             .with_retry_after_s(3));
         };
         let session_id = session.get();
+        let mut params = params;
+        let span = session_span(session_id, &mut params, transport);
         let wait = Duration::from_millis(self.config.resume_node_wait_ms);
         let deadline = tokio::time::Instant::now() + wait;
         let mut changes = self.directory.registry.subscribe();
@@ -751,13 +758,15 @@ impl GameService {
                 session,
                 attached,
                 Some(entry.gateway_id.clone()),
+                span,
             )
             .await)
     }
 
     /// Runs an attached session: registers its relay, publishes it in the federation's
     /// sessions directory (with a fresh resume token) and starts its driver.
-    /// `resumed_from` names the gateway a resumed session came from.
+    /// `resumed_from` names the gateway a resumed session came from; `span` is the session's
+    /// ([`session_span`]), whose context its `Open`s carry.
     #[allow(clippy::too_many_arguments)]
     async fn launch(
         self: &Arc<Self>,
@@ -771,6 +780,7 @@ impl GameService {
         session: crate::session_id::SessionId,
         attached: Attached,
         resumed_from: Option<String>,
+        span: tracing::Span,
     ) -> Started {
         let session_id = session.get();
         let (events_tx, events_rx) = mpsc::channel(16);
@@ -827,7 +837,6 @@ impl GameService {
             format!("via_{me}_{}", self.clock.unix_ms())
         });
         let (notices_tx, notices_rx) = mpsc::channel(16);
-        let span = info_span!("game_session", id = session_id, game = %params.title, transport);
         tokio::spawn(
             self.clone()
                 .drive(
@@ -1888,6 +1897,29 @@ async fn to_node(a: &mut Attached, cmd: NodeCommand) {
     }
 }
 
+/// The span of a game session. It joins the client's trace when `params.traceparent` holds
+/// the client's context (from its `PlayRequest` or the offer's `traceparent` header; only a
+/// valid one is kept), else it starts a trace. `params.traceparent` becomes the span's own
+/// context: every `Open` of the session carries it to the node (a failover's node too), whose
+/// session span then names this one as its parent. Called before the span is first entered.
+fn session_span(
+    session_id: u64,
+    params: &mut GameParams,
+    transport: &'static str,
+) -> tracing::Span {
+    let span = info_span!(
+        "game_session",
+        id = session_id,
+        game = %params.title,
+        transport,
+        trace_id = tracing::field::Empty
+    );
+    let trace = crate::access::TraceParent::for_span(&span, params.traceparent.as_deref());
+    span.record("trace_id", trace.trace_id_hex());
+    params.traceparent = Some(trace.header());
+    span
+}
+
 /// Clamps a play request to the configured limits (0 means the default).
 pub fn session_params(g: &GameConfig, r: &PlayRequest) -> Result<GameParams, String> {
     let pick = |v: u32, d: u32| if v == 0 { d } else { v };
@@ -1899,6 +1931,9 @@ pub fn session_params(g: &GameConfig, r: &PlayRequest) -> Result<GameParams, Str
         bitrate_kbps: pick(r.bitrate_kbps, g.default_bitrate_kbps),
         // The client's first choice; `GameService::pick_codec` settles it against the nodes.
         codec: r.codecs.first().copied().unwrap_or_default(),
+        // The client's trace context until the session's span replaces it with its own
+        // (`GameService::session_span`); the decoder kept only a valid one.
+        traceparent: r.traceparent.clone(),
     };
     if !p.width.is_multiple_of(2) || !p.height.is_multiple_of(2) || p.width < 16 || p.height < 16 {
         return Err(format!(

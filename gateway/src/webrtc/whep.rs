@@ -411,7 +411,9 @@ fn preflight(w: &Whep, headers: &HeaderMap, methods: &'static str) -> Resp {
         );
         h.insert(
             hyper::header::ACCESS_CONTROL_ALLOW_HEADERS,
-            HeaderValue::from_static("authorization, content-type, if-match, x-request-id"),
+            HeaderValue::from_static(
+                "authorization, content-type, if-match, traceparent, x-request-id",
+            ),
         );
         h.insert(
             hyper::header::ACCESS_CONTROL_MAX_AGE,
@@ -586,6 +588,8 @@ pub fn play_request(title: &str, query: Option<&str>) -> Result<PlayRequest, Whe
         bitrate_kbps: 0,
         // Browsers' codecs come from their offers (`offer_codecs`), not the address.
         codecs: vec![],
+        // From the offer's `traceparent` header, not the address.
+        traceparent: None,
     };
     for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
@@ -635,7 +639,15 @@ async fn whep_post(
 ) -> Result<Resp, WhepError> {
     let key = authenticate(w, &req).await?;
     content_type_is(req.headers(), SDP_CONTENT_TYPE)?;
-    let play = play_request(title, req.uri().query())?;
+    let mut play = play_request(title, req.uri().query())?;
+    // The browser's (or its page's) W3C trace context: the session's spans join its trace. An
+    // invalid one is ignored, as on the native wire, and the gateway starts a trace.
+    play.traceparent = req
+        .headers()
+        .get(&TRACEPARENT)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| nearpath_protocol::message::is_valid_traceparent(v.as_bytes()))
+        .map(str::to_string);
     let req_query = req.uri().query().map(str::to_owned);
     let manual_redirect = req
         .headers()
@@ -788,6 +800,9 @@ async fn whep_post(
 /// a browser following a cross-origin 307 drops the `Authorization` header, so the page
 /// re-sends the offer with it to the `location` it is given.
 static NEARPATH_REDIRECT: HeaderName = HeaderName::from_static("nearpath-redirect");
+
+/// The W3C trace context header an offer may carry.
+static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 
 /// The `ticket` query parameter, if any (hex: nothing to unescape).
 fn query_ticket(query: Option<&str>) -> Option<String> {

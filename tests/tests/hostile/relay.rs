@@ -205,6 +205,7 @@ async fn stalled_player(
             fps: 0,
             bitrate_kbps: 0,
             codecs: vec![],
+            traceparent: None,
         }),
     )
     .await

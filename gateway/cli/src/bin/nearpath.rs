@@ -119,6 +119,11 @@ enum Cmd {
         /// frame at the new size is a keyframe. A refused change is printed with its reason.
         #[arg(long = "resize-after", value_name = "AFTER:WxH@FPS", value_parser = parse_resize)]
         resize_after: Vec<Resize>,
+        /// Play inside this W3C trace (`00-<trace id>-<parent span id>-<flags>`): the
+        /// gateway's and the node's session spans join it (with OTLP export on). Without it
+        /// the gateway starts a trace of its own.
+        #[arg(long, value_name = "TRACEPARENT", value_parser = parse_traceparent)]
+        traceparent: Option<String>,
     },
     /// Print the shell completion script for SHELL to stdout (the packages install them).
     Completions {
@@ -134,13 +139,22 @@ enum Cmd {
     },
 }
 
+/// A `--traceparent` the gateway would keep: refused here, with the reason, rather than
+/// silently ignored by the gateway.
+fn parse_traceparent(s: &str) -> Result<String, String> {
+    if nearpath_protocol::message::is_valid_traceparent(s.as_bytes()) {
+        Ok(s.to_string())
+    } else {
+        Err("not a W3C traceparent: expected 00-<32 lowercase hex digits>-<16 lowercase hex digits>-<2 hex digits>, ids not all zero".into())
+    }
+}
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     // The documentation commands need no runtime.
     match &cli.cmd {
         Cmd::Completions { shell } => {
-            clidoc::write_completions(Cli::command(), *shell, &mut std::io::stdout());
-            return std::process::ExitCode::SUCCESS;
+            return clidoc::print_completions(Cli::command(), *shell);
         }
         Cmd::Man { dir } => return nearpath_gateway_cli::cli::man(Cli::command(), dir.as_deref()),
         _ => {}
@@ -173,6 +187,7 @@ fn main() -> std::process::ExitCode {
                 seconds,
                 resume_after_ms,
                 resize_after,
+                traceparent,
             } => {
                 let params = PlayParams {
                     game,
@@ -188,6 +203,7 @@ fn main() -> std::process::ExitCode {
                     seconds,
                     resume_after: Duration::from_millis(resume_after_ms),
                     resizes: resize_after,
+                    traceparent,
                 };
                 play(conn, params, options).await
             }
@@ -413,6 +429,8 @@ struct PlayOptions {
     resume_after: Duration,
     /// `--resize-after` changes.
     resizes: Vec<Resize>,
+    /// `--traceparent`: the trace the session joins.
+    traceparent: Option<String>,
 }
 
 async fn play(conn: Conn, params: PlayParams, options: PlayOptions) -> anyhow::Result<()> {
@@ -478,12 +496,13 @@ async fn play_on(
         seconds,
         resume_after,
         mut resizes,
+        traceparent,
     } = options;
     let Some(client) = holder.as_ref() else {
         bail!("no gateway connection");
     };
     let mut session = client
-        .play_with_codecs(&conn.key, params.clone(), &codecs)
+        .play_traced(&conn.key, params.clone(), &codecs, traceparent.as_deref())
         .await?;
     let started = *session.started();
     eprintln!(
@@ -831,6 +850,37 @@ async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_traceparent_flag_must_be_a_w3c_traceparent() {
+        let good = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        assert_eq!(parse_traceparent(good), Ok(good.to_string()));
+        for bad in [
+            "",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+        ] {
+            assert!(parse_traceparent(bad).is_err(), "{bad}");
+        }
+        let args = |tp: &str| {
+            Cli::try_parse_from([
+                "nearpath",
+                "play",
+                "--gateway",
+                "127.0.0.1:1",
+                "--key",
+                "k",
+                "--game",
+                "arena",
+                "--traceparent",
+                tp,
+            ])
+        };
+        assert!(args(good).is_ok());
+        let err = args("nope").err().expect("refused");
+        assert_eq!(err.kind(), clap::error::ErrorKind::ValueValidation);
+    }
 
     #[test]
     fn resize_flags_parse_and_nonsense_is_refused() {
