@@ -79,6 +79,7 @@ fn published(b: &TestGateway) -> Vec<NodeDirEntry> {
                 updated_at_ms: 0,
                 encoders: Vec::new(),
                 model_caps: Vec::new(),
+                subdivision: None,
             }
         })
         .collect()

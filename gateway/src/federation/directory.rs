@@ -481,6 +481,8 @@ pub fn dir_entry(n: &NodeEntry, gateway_id: &str, now_ms: u64) -> NodeDirEntry {
             .take(n.workloads.models.len())
             .map(|c| c.bits())
             .collect(),
+        // Published so that other gateways judge the node by subdivision rules as this one does.
+        subdivision: crate::store::directory::publishable_subdivision(&loc),
     }
 }
 
@@ -879,6 +881,7 @@ mod tests {
             updated_at_ms: 0,
             encoders: Vec::new(),
             model_caps: Vec::new(),
+            subdivision: None,
         }
     }
 

@@ -308,6 +308,11 @@ ALTER TABLE node_directory ADD COLUMN encoders TEXT NOT NULL DEFAULT '[]';
     r#"
 ALTER TABLE node_directory ADD COLUMN model_caps TEXT NOT NULL DEFAULT '[]';
 "#,
+    // 13 (issue 13): each node's ISO 3166-2 subdivision in the node directory; rows published
+    // before it read as NULL, no subdivision (`sqlite/directory.rs`).
+    r#"
+ALTER TABLE node_directory ADD COLUMN subdivision TEXT;
+"#,
 ];
 
 /// A stored codec name; one this build does not know (a newer build wrote it) reads as H.264,
@@ -2312,7 +2317,10 @@ mod tests {
         bad.request_id = "x".repeat(100_000);
         let (then, answer) = then_to_channel();
         store.clone().append_usage_then(bad, then);
-        assert!(answer.recv_timeout(Duration::from_secs(10)).expect("answered").is_err());
+        assert!(answer
+            .recv_timeout(Duration::from_secs(10))
+            .expect("answered")
+            .is_err());
         assert_eq!(store.list_usage(10).expect("list").len(), 1);
     }
 
@@ -2325,7 +2333,10 @@ mod tests {
         }
         let (then, answer) = then_to_channel();
         Arc::new(store).append_usage_then(record(1), then);
-        assert!(matches!(answer.recv().expect("answered"), Err(StoreError::Closed)));
+        assert!(matches!(
+            answer.recv().expect("answered"),
+            Err(StoreError::Closed)
+        ));
     }
 
     #[test]
