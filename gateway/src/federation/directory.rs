@@ -995,7 +995,7 @@ mod tests {
             "n1".into(),
             "op".into(),
             "127.0.0.1:1".parse().unwrap(),
-            location.clone(),
+            location,
             vec![],
             vec![],
             Workloads {
