@@ -28,11 +28,11 @@ use crate::router::{
     Deny, LatLon, NodeId, NodeRouteInfo, NodeState as RouteState, RouteOutcome, RouteParams,
     RouterIndex, Workload,
 };
-use crate::store::directory::live_remote_nodes;
+use crate::store::directory::{live_remote_nodes, remote_location};
 use crate::store::{GatewayRecord, NodeDirEntry, StoreError};
 use crate::tls::CertPair;
 use nearpath_config::FederationConfig;
-use nearpath_geo::{ClassId, Coords, Country, Location};
+use nearpath_geo::ClassId;
 use nearpath_protocol::app_code::{CLOSE_PEER_REFUSED, STREAM_CANCELLED, STREAM_REFUSED};
 use nearpath_protocol::message::{
     Capacity, Message, PeerOpen, RefuseCode, Refused, SessionKind, Workloads,
@@ -420,6 +420,7 @@ fn distance_km(a: (f64, f64), b: (f64, f64)) -> f64 {
 fn same_node(a: &NodeDirEntry, b: &NodeDirEntry) -> bool {
     a.operator_id == b.operator_id
         && a.country == b.country
+        && a.subdivision == b.subdivision
         && a.lat == b.lat
         && a.lon == b.lon
         && a.gpu_classes == b.gpu_classes
@@ -428,23 +429,6 @@ fn same_node(a: &NodeDirEntry, b: &NodeDirEntry) -> bool {
         && a.games == b.games
         && a.inference_slots == b.inference_slots
         && a.game_slots == b.game_slots
-}
-
-/// Where GeoIP placed a remote node, as its gateway published it (country and coordinates; the
-/// subdivision is not published, so a policy naming subdivisions sees only the country).
-fn remote_location(n: &NodeDirEntry) -> Location {
-    let mut loc = n
-        .country
-        .as_deref()
-        .and_then(Country::parse)
-        .map(Location::from_country)
-        .unwrap_or_default();
-    if let (Some(lat), Some(lon)) = (n.lat, n.lon) {
-        if LatLon::new(lat, lon).is_ok() {
-            loc.coords = Some(Coords { lat, lon });
-        }
-    }
-    loc
 }
 
 impl Trunk {
@@ -1006,6 +990,7 @@ pub fn classes_of(
 mod tests {
     use super::*;
     use crate::clock::ManualClock;
+    use nearpath_geo::{Location, Subdivision};
     use nearpath_protocol::message::GameParams;
     use nearpath_protocol::openai::Endpoint;
 
@@ -1047,6 +1032,7 @@ mod tests {
             updated_at_ms: T0,
             encoders: Vec::new(),
             model_caps: Vec::new(),
+            subdivision: None,
         }
     }
 
@@ -1353,6 +1339,80 @@ mod tests {
         assert_eq!(ids, ["b1"]);
         clock.advance(Duration::from_millis(3_000));
         assert_eq!(t.remote_model_caps("m"), None, "B's lease ended");
+    }
+
+    /// Regression (issue 13): the trunk built a remote node's location from its country only,
+    /// so a geofence rule naming a subdivision never matched a node another gateway holds.
+    #[test]
+    fn a_subdivision_rule_judges_remote_nodes_by_their_published_subdivision() {
+        let clock = ManualClock::new(T0);
+        let registry = Arc::new(Registry::new(RouteParams::default()).unwrap());
+        let t = trunk(&clock, registry);
+        let at = |id: &str, sub: Option<&str>| NodeDirEntry {
+            country: Some("UA".into()),
+            subdivision: sub.map(str::to_string),
+            ..dir_node(id, "gw-b", &["m"])
+        };
+        // A forged row (a subdivision of another country) is not believed: the store drops the
+        // value on read, and a row carrying it anyway fails the reader's checks and is skipped.
+        let forged = NodeDirEntry {
+            country: Some("PL".into()),
+            subdivision: Some("UA-43".into()),
+            ..dir_node("forged", "gw-b", &["m"])
+        };
+        t.apply(
+            T0,
+            vec![record("gw-b", [2; 32], T0 + 3_000)],
+            vec![
+                at("crimea", Some("UA-43")),
+                at("kyiv", Some("UA-30")),
+                forged,
+            ],
+        );
+        let config = nearpath_config::GeofenceConfig {
+            rules: vec![nearpath_config::GeofenceRule {
+                name: "no-crimea".into(),
+                enabled: true,
+                reason: None,
+                gpu_classes: vec![],
+                workloads: vec![],
+                deny_client_countries: vec![],
+                deny_node_countries: vec!["UA-43".into()],
+                residency_client_countries: vec![],
+                residency_node_countries: vec![],
+                unknown_location: nearpath_config::UnknownPolicy::Allow,
+            }],
+            ..Default::default()
+        };
+        let policy = nearpath_geo::Policy::compile(&config).unwrap();
+        let sub = Subdivision::parse("UA-30").unwrap();
+        let client = Location {
+            subdivision: Some(sub),
+            ..Location::from_country(sub.country())
+        };
+        // The check inference applies to every candidate, local or remote.
+        let (_, nodes) = t.route(None, Workload::Model("m"), |n| {
+            match policy.check_serve(
+                &client,
+                &n.location(),
+                policy.class_id("cpu"),
+                nearpath_config::WorkloadKind::Inference,
+            ) {
+                nearpath_geo::Decision::Deny { rule, reason, .. } => Err(Deny {
+                    rule: rule.to_string(),
+                    reason: reason.to_string(),
+                }),
+                _ => Ok(()),
+            }
+        });
+        let mut ids: Vec<&str> = nodes.iter().map(|n| n.id.as_str()).collect();
+        ids.sort_unstable();
+        assert_eq!(ids, ["kyiv"]);
+        // Without the rule, both published nodes are candidates.
+        let (_, all) = t.route(None, Workload::Model("m"), |_| Ok(()));
+        let mut ids: Vec<&str> = all.iter().map(|n| n.id.as_str()).collect();
+        ids.sort_unstable();
+        assert_eq!(ids, ["crimea", "kyiv"]);
     }
 
     #[test]

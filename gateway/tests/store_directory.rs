@@ -61,6 +61,7 @@ directory_suite!(
     a_node_that_moved_keeps_the_newer_entry,
     hostile_directory_entries_are_refused_with_invalid,
     encoders_are_published_and_hostile_encoder_lists_are_refused,
+    subdivisions_are_published_and_forged_ones_refused,
 );
 
 #[test]
@@ -104,18 +105,19 @@ fn sqlite_rows_from_before_the_encoders_column_read_as_h264_only() {
             .expect("publish");
     }
     {
-        // Back to the schema before migrations 11 (encoders) and 12 (model capabilities),
-        // the rows still there.
+        // Back to the schema before migrations 11 (encoders), 12 (model capabilities) and
+        // 13 (subdivision), the rows still there.
         let conn = rusqlite::Connection::open(&path).expect("raw open");
         conn.execute_batch(
             "ALTER TABLE node_directory DROP COLUMN encoders; \
-             ALTER TABLE node_directory DROP COLUMN model_caps",
+             ALTER TABLE node_directory DROP COLUMN model_caps; \
+             ALTER TABLE node_directory DROP COLUMN subdivision",
         )
         .expect("drop columns");
         conn.pragma_update(
             None,
             "user_version",
-            nearpath_gateway::store::SCHEMA_VERSION - 2,
+            nearpath_gateway::store::SCHEMA_VERSION - 3,
         )
         .expect("user_version");
     }
@@ -126,7 +128,10 @@ fn sqlite_rows_from_before_the_encoders_column_read_as_h264_only() {
         [pair("damaged-1", "eu-1"), pair("old-1", "eu-1")]
     );
     for n in &listed {
-        assert!(n.encoders.is_empty() && n.model_caps.is_empty(), "{n:?}");
+        assert!(
+            n.encoders.is_empty() && n.model_caps.is_empty() && n.subdivision.is_none(),
+            "{n:?}"
+        );
         assert!(n.encodes(VideoCodec::H264) && !n.encodes(VideoCodec::Hevc));
     }
     let conn = rusqlite::Connection::open(&path).expect("raw open");
@@ -171,8 +176,9 @@ fn pg_rows_from_before_the_encoders_column_read_as_h264_only() {
     raw.batch_execute(&format!(
         "ALTER TABLE node_directory DROP COLUMN encoders; \
          ALTER TABLE node_directory DROP COLUMN model_caps; \
+         ALTER TABLE node_directory DROP COLUMN subdivision; \
          UPDATE nearpath_schema SET version = {} WHERE id = 1",
-        nearpath_gateway::store::pg::PG_SCHEMA_VERSION - 2
+        nearpath_gateway::store::pg::PG_SCHEMA_VERSION - 3
     ))
     .expect("back to the previous schema");
     let store = open();
@@ -182,7 +188,10 @@ fn pg_rows_from_before_the_encoders_column_read_as_h264_only() {
         [pair("damaged-1", "eu-1"), pair("old-1", "eu-1")]
     );
     for n in &listed {
-        assert!(n.encoders.is_empty() && n.model_caps.is_empty(), "{n:?}");
+        assert!(
+            n.encoders.is_empty() && n.model_caps.is_empty() && n.subdivision.is_none(),
+            "{n:?}"
+        );
         assert!(n.encodes(VideoCodec::H264) && !n.encodes(VideoCodec::Hevc));
     }
     raw.execute(
@@ -194,4 +203,97 @@ fn pg_rows_from_before_the_encoders_column_read_as_h264_only() {
         .list_node_directory()
         .expect("a damaged row does not fail the list");
     assert!(listed.iter().all(|n| n.encoders.is_empty()), "{listed:?}");
+}
+
+/// Values no gateway writes, put straight into the `subdivision` column: each reads as no
+/// subdivision (the node is then judged by its country and coordinates) without failing the
+/// listing.
+const DAMAGED_SUBDIVISIONS: &[&str] = &["PL-MZ", "ua-43", "UA-", "garbage", "UA-43\n", ""];
+
+/// A node published before the directory carried subdivisions reads as having none once the
+/// store migrates (SQLite migration 13), and a damaged or forged value reads as none.
+#[test]
+fn sqlite_subdivisions_from_before_the_column_or_damaged_read_as_none() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("gw.db");
+    let mut ua = node("ua-1", "eu-1", 100);
+    ua.country = Some("UA".into());
+    ua.subdivision = Some("UA-43".into());
+    {
+        let store = SqliteStore::open(&path).expect("open");
+        store.publish_nodes("eu-1", &[ua.clone()]).expect("publish");
+        assert_eq!(store.list_node_directory().expect("list"), [ua.clone()]);
+        let conn = rusqlite::Connection::open(&path).expect("raw open");
+        conn.execute_batch("ALTER TABLE node_directory DROP COLUMN subdivision")
+            .expect("drop column");
+        conn.pragma_update(
+            None,
+            "user_version",
+            nearpath_gateway::store::SCHEMA_VERSION - 1,
+        )
+        .expect("user_version");
+    }
+    let store = SqliteStore::open(&path).expect("reopen and migrate");
+    let listed = store.list_node_directory().expect("list");
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].subdivision, None, "an old row has none");
+    let conn = rusqlite::Connection::open(&path).expect("raw open");
+    for damaged in DAMAGED_SUBDIVISIONS {
+        conn.execute(
+            "UPDATE node_directory SET subdivision = ?1 WHERE node_id = 'ua-1'",
+            [damaged],
+        )
+        .expect("damage");
+        let listed = store
+            .list_node_directory()
+            .expect("a damaged row does not fail the list");
+        assert_eq!(listed[0].subdivision, None, "{damaged:?}");
+    }
+    conn.execute(
+        "UPDATE node_directory SET subdivision = 'UA-30' WHERE node_id = 'ua-1'",
+        [],
+    )
+    .expect("write");
+    let listed = store.list_node_directory().expect("list");
+    assert_eq!(listed[0].subdivision.as_deref(), Some("UA-30"));
+}
+
+/// The same on PostgreSQL (migration 10).
+#[test]
+fn pg_subdivisions_from_before_the_column_or_damaged_read_as_none() {
+    let Some(server) = pg::PgServer::shared() else {
+        return;
+    };
+    let url = server.new_database("dir_subdivision_migration");
+    let open = || PgStore::open(&url, 2, Duration::from_secs(20)).expect("open PostgreSQL store");
+    let mut ua = node("ua-1", "eu-1", 100);
+    ua.country = Some("UA".into());
+    ua.subdivision = Some("UA-43".into());
+    {
+        let store = open();
+        store.publish_nodes("eu-1", &[ua.clone()]).expect("publish");
+        assert_eq!(store.list_node_directory().expect("list"), [ua.clone()]);
+    }
+    let mut raw = postgres::Client::connect(&url, postgres::NoTls).expect("raw connect");
+    raw.batch_execute(&format!(
+        "ALTER TABLE node_directory DROP COLUMN subdivision; \
+         UPDATE nearpath_schema SET version = {} WHERE id = 1",
+        nearpath_gateway::store::pg::PG_SCHEMA_VERSION - 1
+    ))
+    .expect("back to the previous schema");
+    let store = open();
+    let listed = store.list_node_directory().expect("list");
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].subdivision, None, "an old row has none");
+    for damaged in DAMAGED_SUBDIVISIONS {
+        raw.execute(
+            "UPDATE node_directory SET subdivision = $1 WHERE node_id = 'ua-1'",
+            &[damaged],
+        )
+        .expect("damage");
+        let listed = store
+            .list_node_directory()
+            .expect("a damaged row does not fail the list");
+        assert_eq!(listed[0].subdivision, None, "{damaged:?}");
+    }
 }

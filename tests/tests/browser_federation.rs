@@ -432,6 +432,7 @@ async fn the_page_follows_a_redirect_over_webtransport_and_plays_on_the_peer() {
                 updated_at_ms: 0,
                 encoders: Vec::new(),
                 model_caps: Vec::new(),
+                subdivision: None,
             }
         })
         .collect();

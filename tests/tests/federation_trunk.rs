@@ -146,6 +146,7 @@ fn published(member: &Member, id: &str) -> NodeDirEntry {
         updated_at_ms: now_ms(),
         encoders: Vec::new(),
         model_caps: Vec::new(),
+        subdivision: None,
     }
 }
 

@@ -79,6 +79,7 @@ fn published(b: &TestGateway) -> Vec<NodeDirEntry> {
                 updated_at_ms: 0,
                 encoders: Vec::new(),
                 model_caps: Vec::new(),
+                subdivision: nearpath_gateway::store::directory::publishable_subdivision(&loc),
             }
         })
         .collect()
@@ -248,6 +249,69 @@ async fn a_peer_whose_lease_expired_is_not_a_redirect_target() {
             other.map(|s| s.redirect().cloned())
         ),
     }
+    a.stop().await;
+    b.stop().await;
+}
+
+/// Regression (issue 13): A judged B's nodes by country only, so a rule naming a subdivision
+/// (here: no node in DE-BY may serve) never matched them and A redirected into it. The node in
+/// DE-BY is placed nearest the client, so only the rule keeps A off it. (Not UA-43: the default
+/// sanctions rule keeps B from admitting a node there at all.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subdivision_rule_at_a_keeps_redirects_off_bs_node_in_that_subdivision() {
+    const BAVARIA: (&str, &str, f64, f64) = ("127.0.0.30", "DE", 48.86, 2.36);
+    const BERLIN: (&str, &str, f64, f64) = ("127.0.0.31", "DE", 52.52, 13.40);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("federation.db");
+    let a = TestGateway::start_at(path.clone(), |c| {
+        c.federation.gateway_id = Some("a".into());
+        c.nodes.heartbeat_ms = 60_000;
+        c.geofence.rules = vec![nearpath_config::GeofenceRule {
+            name: "no-bavaria".into(),
+            enabled: true,
+            reason: None,
+            gpu_classes: vec![],
+            workloads: vec![],
+            deny_client_countries: vec![],
+            deny_node_countries: vec!["DE-BY".into()],
+            residency_client_countries: vec![],
+            residency_node_countries: vec![],
+            unknown_location: nearpath_config::UnknownPolicy::Allow,
+        }];
+    })
+    .await;
+    let b = TestGateway::start_at(path, |c| {
+        c.federation.gateway_id = Some("b".into());
+        c.nodes.heartbeat_ms = 60_000;
+        for (p, sub) in [(BAVARIA, "DE-BY"), (BERLIN, "DE-BE")] {
+            let mut o = place(p);
+            o.subdivision = Some(sub.into());
+            c.geo.overrides.push(o);
+        }
+    })
+    .await;
+    let bavaria = raw_game_node(&b, "b-bavaria", ip(BAVARIA), &b.token, &["arena"], 1).await;
+    publish(&a, &b, u64::MAX);
+    let c = native_client(&a, FR_CLIENT).await;
+    match c.play(API_KEY, small("arena")).await {
+        Err(ClientError::Refused { .. }) => {}
+        other => panic!(
+            "the only node is in DE-BY: expected a refusal, got {:?}",
+            other.map(|s| s.redirect().cloned())
+        ),
+    }
+
+    let berlin = raw_game_node(&b, "b-berlin", ip(BERLIN), &b.token, &["arena"], 1).await;
+    publish(&a, &b, u64::MAX);
+    let (s, g) = tokio::join!(c.play(API_KEY, small("arena")), berlin.accept_game());
+    let s = s.expect("redirected to the node outside DE-BY");
+    assert_eq!(s.redirect().expect("redirected").gateway_id, "b");
+    assert_eq!(
+        s.started().session_id,
+        g.session_id,
+        "the node in DE-BE runs it"
+    );
+    drop((s, g, bavaria));
     a.stop().await;
     b.stop().await;
 }

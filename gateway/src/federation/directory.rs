@@ -481,6 +481,8 @@ pub fn dir_entry(n: &NodeEntry, gateway_id: &str, now_ms: u64) -> NodeDirEntry {
             .take(n.workloads.models.len())
             .map(|c| c.bits())
             .collect(),
+        // Published so that other gateways judge the node by subdivision rules as this one does.
+        subdivision: crate::store::directory::publishable_subdivision(&loc),
     }
 }
 
@@ -879,6 +881,7 @@ mod tests {
             updated_at_ms: 0,
             encoders: Vec::new(),
             model_caps: Vec::new(),
+            subdivision: None,
         }
     }
 
@@ -972,6 +975,54 @@ mod tests {
         // The over-long name cannot come from the wire; were it to, it is left out.
         assert_eq!(shown, [("av1", "av1?[31m?"), ("hevc", "")]);
         crate::store::directory::check_encoders(&out).expect("what is published passes");
+    }
+
+    /// Regression (issue 13): the directory published a node's country and coordinates but not
+    /// its subdivision, so other gateways judged it as if it had none.
+    #[test]
+    fn a_local_nodes_subdivision_is_published_and_read_back_as_its_location() {
+        use crate::registry::NodeDynamic;
+        use crate::store::{SqliteStore, Store};
+        use nearpath_geo::{Location, Subdivision};
+        use nearpath_protocol::message::{Capacity, Workloads};
+        let sub = Subdivision::parse("UA-43").unwrap();
+        let location = Location {
+            subdivision: Some(sub),
+            ..Location::from_country(sub.country())
+        };
+        let (tx, _rx) = tokio::sync::mpsc::channel(1);
+        let node = NodeEntry::new(
+            "n1".into(),
+            "op".into(),
+            "127.0.0.1:1".parse().unwrap(),
+            location,
+            vec![],
+            vec![],
+            Workloads {
+                games: vec!["arena".into()],
+                models: vec![],
+                model_caps: vec![],
+            },
+            Capacity {
+                game_sessions: 1,
+                inference_concurrency: 0,
+            },
+            "1.0.0".into(),
+            0,
+            crate::node_link::NodeLink::detached("127.0.0.1:1".parse().unwrap()),
+            tx,
+            NodeDynamic::admitted(0, 0.0, 0),
+        );
+        let entry = dir_entry(&node, "eu-1", 10);
+        assert_eq!(entry.country.as_deref(), Some("UA"));
+        assert_eq!(entry.subdivision.as_deref(), Some("UA-43"));
+        let store = SqliteStore::open_in_memory().unwrap();
+        store.publish_nodes("eu-1", &[entry]).unwrap();
+        let read = store.list_node_directory().unwrap();
+        let remote = crate::store::directory::remote_location(&read[0]);
+        assert_eq!(remote.country, location.country);
+        assert_eq!(remote.subdivision, Some(sub));
+        assert_eq!(remote.coords, location.coords);
     }
 
     #[test]

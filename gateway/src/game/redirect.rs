@@ -19,7 +19,7 @@ use crate::store::{GatewayRecord, NodeDirEntry, SessionDirEntry, Store, StoreErr
 use crate::ticket::{Expect, ReplayGuard, TicketClaims, TicketError, TICKET_TTL_MS};
 use nearpath_config::CrossRoute;
 use nearpath_config::WorkloadKind;
-use nearpath_geo::{distance_km, Coords, Country, Decision, Location};
+use nearpath_geo::{distance_km, Coords, Decision, Location};
 use nearpath_protocol::message::{GameParams, VideoCodec};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, RwLock};
@@ -293,21 +293,14 @@ pub fn ticket_params(c: &TicketClaims) -> GameParams {
 }
 
 /// The geofence verdict for serving `client` from a node another gateway holds, from what that
-/// gateway published: its country and coordinates (GeoIP of the node's address there) and its
-/// GPU classes (every one must be allowed; a node without GPUs is `cpu`).
+/// gateway published: its country, subdivision and coordinates (GeoIP of the node's address
+/// there) and its GPU classes (every one must be allowed; a node without GPUs is `cpu`).
 pub fn remote_serve_check(
     placement: &Placement,
     client: &Location,
     node: &NodeDirEntry,
 ) -> Result<(), Deny> {
-    let mut loc = node
-        .country
-        .as_deref()
-        .and_then(Country::parse)
-        .map_or(Location::UNKNOWN, Location::from_country);
-    if let (Some(lat), Some(lon)) = (node.lat, node.lon) {
-        loc.coords = Some(Coords { lat, lon });
-    }
+    let loc = crate::store::directory::remote_location(node);
     let cpu = ["cpu".to_string()];
     let classes: &[String] = if node.gpu_classes.is_empty() {
         &cpu
@@ -436,6 +429,7 @@ mod tests {
             updated_at_ms: NOW,
             encoders: Vec::new(),
             model_caps: Vec::new(),
+            subdivision: None,
         }
     }
 
@@ -592,5 +586,107 @@ mod tests {
                 None
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod subdivision_tests {
+    use super::*;
+    use crate::metrics::Metrics;
+    use nearpath_config::{GeofenceConfig, GeofenceRule, UnknownPolicy};
+    use nearpath_geo::{GeoDb, Subdivision};
+    use std::sync::Arc;
+
+    fn placement(rule: GeofenceRule) -> Placement {
+        let config = GeofenceConfig {
+            rules: vec![rule],
+            ..GeofenceConfig::default()
+        };
+        Placement::new(
+            Arc::new(GeoDb::embedded().unwrap()),
+            nearpath_geo::Policy::compile(&config).unwrap(),
+            Arc::new(Metrics::new()),
+        )
+    }
+
+    fn rule(name: &str) -> GeofenceRule {
+        GeofenceRule {
+            name: name.into(),
+            enabled: true,
+            reason: None,
+            gpu_classes: vec![],
+            workloads: vec![],
+            deny_client_countries: vec![],
+            deny_node_countries: vec![],
+            residency_client_countries: vec![],
+            residency_node_countries: vec![],
+            unknown_location: UnknownPolicy::Allow,
+        }
+    }
+
+    fn remote(country: &str, subdivision: Option<&str>) -> NodeDirEntry {
+        NodeDirEntry {
+            node_id: "n".into(),
+            operator_id: "op".into(),
+            gateway_id: "b".into(),
+            country: Some(country.into()),
+            lat: None,
+            lon: None,
+            gpu_classes: vec!["consumer".into()],
+            models: vec![],
+            games: vec!["arena".into()],
+            inference_slots: 0,
+            inference_free: 0,
+            game_slots: 1,
+            game_free: 1,
+            accepting: true,
+            verification: "unverified".into(),
+            updated_at_ms: 0,
+            encoders: Vec::new(),
+            model_caps: Vec::new(),
+            subdivision: subdivision.map(str::to_string),
+        }
+    }
+
+    fn client_in(subdivision: &str) -> Location {
+        let s = Subdivision::parse(subdivision).unwrap();
+        Location {
+            subdivision: Some(s),
+            ..Location::from_country(s.country())
+        }
+    }
+
+    /// Regression (issue 13): a remote node was judged by its country only, so a rule naming a
+    /// subdivision never saw it.
+    #[test]
+    fn a_deny_rule_on_a_subdivision_refuses_a_remote_node_there_and_only_there() {
+        let p = placement(GeofenceRule {
+            deny_node_countries: vec!["UA-43".into()],
+            ..rule("no-crimea")
+        });
+        let client = client_in("UA-30");
+        let denied = remote_serve_check(&p, &client, &remote("UA", Some("UA-43"))).unwrap_err();
+        assert_eq!(denied.rule, "no-crimea");
+        assert!(remote_serve_check(&p, &client, &remote("UA", Some("UA-30"))).is_ok());
+        assert!(remote_serve_check(&p, &client, &remote("UA", None)).is_ok());
+        // A subdivision of another country than the row's is not believed (the store refuses
+        // it on write and drops it on read); the node is judged by its country.
+        assert!(remote_serve_check(&p, &client, &remote("PL", Some("UA-43"))).is_ok());
+    }
+
+    #[test]
+    fn a_residency_rule_on_a_subdivision_keeps_its_clients_on_remote_nodes_there() {
+        let p = placement(GeofenceRule {
+            residency_client_countries: vec!["DE".into()],
+            residency_node_countries: vec!["DE-BY".into()],
+            ..rule("bavaria")
+        });
+        let client = client_in("DE-BE");
+        assert!(remote_serve_check(&p, &client, &remote("DE", Some("DE-BY"))).is_ok());
+        let refused = remote_serve_check(&p, &client, &remote("DE", Some("DE-BE"))).unwrap_err();
+        assert_eq!(refused.rule, "bavaria");
+        assert!(remote_serve_check(&p, &client, &remote("DE", None)).is_err());
+        // Clients outside the rule are served anywhere.
+        assert!(remote_serve_check(&p, &client_in("FR-IDF"), &remote("DE", None)).is_ok());
     }
 }

@@ -4,6 +4,7 @@
 //! [`StoreError::Invalid`] before anything reaches SQL.
 
 use super::{check_id, to_i64, DirEncoder, GatewayRecord, NodeDirEntry, Store, StoreError};
+use nearpath_geo::{Coords, Country, Location, Subdivision};
 use nearpath_protocol::message::{MAX_CODEC_NAME_BYTES, MAX_ENCODERS, MAX_ENCODER_NAME_BYTES};
 use std::sync::Arc;
 
@@ -194,6 +195,89 @@ pub fn check_encoders(list: &[DirEncoder]) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// The longest subdivision a node directory row holds, in bytes (`CC-XXX`).
+pub const MAX_SUBDIVISION_BYTES: usize = 6;
+
+/// Checks a node's subdivision against its country: an ISO 3166-2 code in canonical form
+/// (`UA-43`, upper case, as [`Subdivision::parse`] writes it) whose prefix is the row's
+/// country. A subdivision without a country, or of another country, is refused: a gateway
+/// that published one would have a rule on that subdivision judge a node elsewhere.
+pub fn check_subdivision(
+    country: Option<&str>,
+    subdivision: Option<&str>,
+) -> Result<(), StoreError> {
+    let Some(s) = subdivision else {
+        return Ok(());
+    };
+    if s.len() > MAX_SUBDIVISION_BYTES {
+        return Err(invalid(
+            "subdivision",
+            format!("{} bytes, at most {MAX_SUBDIVISION_BYTES} allowed", s.len()),
+        ));
+    }
+    let parsed = Subdivision::parse(s).ok_or_else(|| {
+        invalid(
+            "subdivision",
+            "must be an ISO 3166-2 code with its country prefix, like UA-43",
+        )
+    })?;
+    if parsed.as_str() != s {
+        return Err(invalid(
+            "subdivision",
+            format!("must be written in upper case, as {}", parsed.as_str()),
+        ));
+    }
+    match country {
+        Some(c) if parsed.country().as_str() == c => Ok(()),
+        Some(c) => Err(invalid(
+            "subdivision",
+            format!("{s} is not a subdivision of the node's country {c}"),
+        )),
+        None => Err(invalid(
+            "subdivision",
+            "a subdivision needs the node's country",
+        )),
+    }
+}
+
+/// A stored subdivision as a reader keeps it: what [`check_subdivision`] accepts for the row's
+/// country, or absent (rows from before the column existed hold NULL; a value no gateway
+/// writes, of another country or malformed, is dropped rather than failing the listing, so
+/// the node is judged by its country and coordinates only).
+pub(crate) fn subdivision_from_db(country: Option<&str>, stored: Option<String>) -> Option<String> {
+    stored.filter(|s| check_subdivision(country, Some(s)).is_ok())
+}
+
+/// The subdivision a gateway publishes for a node GeoIP placed at `loc`: the location's own
+/// when it belongs to the location's country (an override could pair them otherwise, and the
+/// directory refuses such a pair, which would stop the whole publication).
+pub fn publishable_subdivision(loc: &Location) -> Option<String> {
+    let sub = loc.subdivision?;
+    (Some(sub.country()) == loc.country).then(|| sub.as_str().to_string())
+}
+
+/// Where a node another gateway holds is, for geofence checks, from what that gateway
+/// published: its country (continent and centroid from the country table), its subdivision
+/// and its coordinates. The trunk and game redirects both judge remote nodes with this, so a
+/// rule naming a subdivision applies to a remote node exactly as to a local one. Values that
+/// fail the directory's checks are left out.
+pub fn remote_location(n: &NodeDirEntry) -> Location {
+    let mut loc = n
+        .country
+        .as_deref()
+        .and_then(Country::parse)
+        .map_or(Location::UNKNOWN, Location::from_country);
+    if check_subdivision(n.country.as_deref(), n.subdivision.as_deref()).is_ok() {
+        loc.subdivision = n.subdivision.as_deref().and_then(Subdivision::parse);
+    }
+    if let (Some(lat), Some(lon)) = (n.lat, n.lon) {
+        if check_lat_lon(lat, lon).is_ok() {
+            loc.coords = Some(Coords { lat, lon });
+        }
+    }
+    loc
+}
+
 /// Checks one node directory entry published by `gateway_id`.
 pub fn check_node_entry(gateway_id: &str, n: &NodeDirEntry) -> Result<(), StoreError> {
     check_id("node_id", &n.node_id, false)?;
@@ -212,6 +296,7 @@ pub fn check_node_entry(gateway_id: &str, n: &NodeDirEntry) -> Result<(), StoreE
             return Err(invalid("country", "must be an ISO 3166-1 alpha-2 code"));
         }
     }
+    check_subdivision(n.country.as_deref(), n.subdivision.as_deref())?;
     match (n.lat, n.lon) {
         (Some(lat), Some(lon)) => check_lat_lon(lat, lon)?,
         (None, None) => {}
@@ -438,6 +523,7 @@ mod reader_tests {
             updated_at_ms: 0,
             encoders: vec![],
             model_caps: vec![],
+            subdivision: None,
         }
     }
 
@@ -498,6 +584,69 @@ mod reader_tests {
         let mut forged = gw("b", 10);
         forged.cert_sha256 = "not a pin".into();
         assert!(read(&[forged], &[node("fine", "b")], 1).is_empty());
+    }
+}
+
+#[cfg(test)]
+mod subdivision_tests {
+    use super::*;
+
+    #[test]
+    fn a_subdivision_must_belong_to_the_rows_country() {
+        assert!(check_subdivision(Some("UA"), Some("UA-43")).is_ok());
+        assert!(check_subdivision(Some("UA"), None).is_ok());
+        assert!(check_subdivision(None, None).is_ok());
+        for (country, sub) in [
+            (Some("PL"), "UA-43"),
+            (None, "UA-43"),
+            (Some("UA"), "ua-43"),
+            (Some("UA"), "UA-"),
+            (Some("UA"), "UA-1234"),
+            (Some("UA"), "43"),
+            (Some("UA"), "UA-4 "),
+        ] {
+            assert!(
+                check_subdivision(country, Some(sub)).is_err(),
+                "{country:?} {sub:?}"
+            );
+        }
+        assert_eq!(
+            subdivision_from_db(Some("UA"), Some("UA-43".into())).as_deref(),
+            Some("UA-43")
+        );
+        assert_eq!(subdivision_from_db(Some("PL"), Some("UA-43".into())), None);
+        assert_eq!(subdivision_from_db(Some("UA"), None), None);
+    }
+
+    #[test]
+    fn a_remote_location_carries_only_a_subdivision_of_its_country() {
+        let mut n = NodeDirEntry {
+            country: Some("UA".into()),
+            subdivision: Some("UA-43".into()),
+            lat: Some(45.0),
+            lon: Some(34.0),
+            ..encoder_tests::test_entry()
+        };
+        let loc = remote_location(&n);
+        assert_eq!(
+            loc.subdivision.map(|s| s.to_string()).as_deref(),
+            Some("UA-43")
+        );
+        assert_eq!(loc.country.map(|c| c.to_string()).as_deref(), Some("UA"));
+        assert_eq!(loc.coords.map(|c| (c.lat, c.lon)), Some((45.0, 34.0)));
+        // Published again with a subdivision of another country: ignored.
+        n.country = Some("PL".into());
+        assert_eq!(remote_location(&n).subdivision, None);
+        // What a gateway publishes for a local node: its subdivision when it matches the
+        // country, nothing when an override paired them otherwise.
+        let s = Subdivision::parse("UA-43").unwrap();
+        let mut local = Location {
+            subdivision: Some(s),
+            ..Location::from_country(s.country())
+        };
+        assert_eq!(publishable_subdivision(&local).as_deref(), Some("UA-43"));
+        local.country = Country::parse("PL");
+        assert_eq!(publishable_subdivision(&local), None);
     }
 }
 
@@ -616,7 +765,7 @@ mod encoder_tests {
         );
     }
 
-    fn test_entry() -> crate::store::NodeDirEntry {
+    pub(super) fn test_entry() -> crate::store::NodeDirEntry {
         crate::store::NodeDirEntry {
             node_id: "n-1".into(),
             operator_id: "op".into(),
@@ -636,6 +785,7 @@ mod encoder_tests {
             updated_at_ms: 0,
             encoders: vec![],
             model_caps: vec![],
+            subdivision: None,
         }
     }
 }

@@ -703,6 +703,13 @@ pub struct NodeDirEntry {
     /// read as empty: a request needing a capability then stays on its own gateway's nodes.
     #[serde(default)]
     pub model_caps: Vec<u32>,
+    /// Where GeoIP placed the node within `country`: its ISO 3166-2 subdivision with the country
+    /// prefix (`UA-43`), when the gateway's database knows one. Geofence rules naming a
+    /// subdivision judge a remote node by it, as they judge a local one. A value that does not
+    /// parse or names another country is refused on write and reads as absent, and rows
+    /// written before the directory carried it read as absent too.
+    #[serde(default)]
+    pub subdivision: Option<String>,
 }
 
 /// One video encoder in the node directory. The codec is kept as its wire name rather than a

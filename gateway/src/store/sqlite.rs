@@ -308,6 +308,11 @@ ALTER TABLE node_directory ADD COLUMN encoders TEXT NOT NULL DEFAULT '[]';
     r#"
 ALTER TABLE node_directory ADD COLUMN model_caps TEXT NOT NULL DEFAULT '[]';
 "#,
+    // 13 (issue 13): each node's ISO 3166-2 subdivision in the node directory; rows published
+    // before it read as NULL, no subdivision (`sqlite/directory.rs`).
+    r#"
+ALTER TABLE node_directory ADD COLUMN subdivision TEXT;
+"#,
 ];
 
 /// A stored codec name; one this build does not know (a newer build wrote it) reads as H.264,

@@ -44,6 +44,7 @@ pub fn node(id: &str, gateway: &str, at_ms: u64) -> NodeDirEntry {
         updated_at_ms: at_ms,
         encoders: Vec::new(),
         model_caps: Vec::new(),
+        subdivision: None,
     }
 }
 
@@ -501,6 +502,60 @@ pub fn encoders_are_published_and_hostile_encoder_lists_are_refused(store: &dyn 
     assert_eq!(
         store.list_node_directory().expect("list"),
         [hevc, plain],
+        "a refused publication changes nothing"
+    );
+}
+
+/// Each node's ISO 3166-2 subdivision travels through the node directory (issue 13: geofence
+/// rules naming a subdivision judge remote nodes by it), and a gateway publishing one that does
+/// not belong to the node's country, or is no subdivision at all, is refused before anything
+/// is written.
+pub fn subdivisions_are_published_and_forged_ones_refused(store: &dyn Store) {
+    let mut crimea = node("ua-1", "eu-1", 100);
+    crimea.country = Some("UA".into());
+    crimea.subdivision = Some("UA-43".into());
+    let plain = node("ua-2", "eu-1", 100);
+    store
+        .publish_nodes("eu-1", &[crimea.clone(), plain.clone()])
+        .expect("publish");
+    let listed = store.list_node_directory().expect("list");
+    assert_eq!(listed, [crimea.clone(), plain.clone()]);
+    assert_eq!(listed[0].subdivision.as_deref(), Some("UA-43"));
+    assert_eq!(listed[1].subdivision, None);
+
+    let hostile: Vec<(&str, Option<&str>, String)> = vec![
+        ("another country's subdivision", Some("PL"), "UA-43".into()),
+        ("a subdivision without a country", None, "UA-43".into()),
+        ("lower case", Some("UA"), "ua-43".into()),
+        ("no code after the hyphen", Some("UA"), "UA-".into()),
+        (
+            "four characters after the hyphen",
+            Some("UA"),
+            "UA-4300".into(),
+        ),
+        ("no hyphen", Some("UA"), "UA43".into()),
+        ("a control character", Some("UA"), "UA-4\n".into()),
+        (
+            "SQL",
+            Some("UA"),
+            "UA-43'); DROP TABLE node_directory;--".into(),
+        ),
+        (
+            "an oversize value",
+            Some("UA"),
+            format!("UA-{}", "4".repeat(100_000)),
+        ),
+        ("an empty value", Some("UA"), String::new()),
+    ];
+    for (what, country, subdivision) in hostile {
+        let mut n = node("evil-1", "eu-1", 200);
+        n.country = country.map(str::to_string);
+        n.subdivision = Some(subdivision);
+        expect_invalid(what, store.publish_nodes("eu-1", &[crimea.clone(), n]));
+    }
+    assert_eq!(
+        store.list_node_directory().expect("list"),
+        [crimea, plain],
         "a refused publication changes nothing"
     );
 }

@@ -208,6 +208,7 @@ pub async fn run(a: TrunkArgs) -> anyhow::Result<()> {
         updated_at_ms: now_ms,
         encoders: Vec::new(),
         model_caps: Vec::new(),
+        subdivision: None,
     }];
 
     // Path 0: one gateway (B); path 1: through the trunk (A).

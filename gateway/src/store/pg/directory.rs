@@ -8,7 +8,7 @@ use ::postgres::Row;
 
 use super::super::directory::{
     caps_from_json, caps_to_json, check_gateway_id, check_gateway_record, check_publication,
-    encoders_from_json, encoders_to_json, list_from_json, list_to_json,
+    encoders_from_json, encoders_to_json, list_from_json, list_to_json, subdivision_from_db,
 };
 use super::{pg_err, GatewayRecord, NodeDirEntry, PgConn, PgStore, Retry, StoreError};
 
@@ -58,11 +58,16 @@ pub(crate) const ENCODERS_MIGRATION: &str =
 pub(crate) const MODEL_CAPS_MIGRATION: &str =
     "ALTER TABLE node_directory ADD COLUMN model_caps TEXT NOT NULL DEFAULT '[]'";
 
+/// Migration that adds each node's ISO 3166-2 subdivision (issue 13); rows published before
+/// it read as NULL, no subdivision.
+pub(crate) const SUBDIVISION_MIGRATION: &str =
+    "ALTER TABLE node_directory ADD COLUMN subdivision TEXT";
+
 const GATEWAY_COLS: &str = "id, region, lat, lon, quic_address, http_url, cert_sha256, version, \
      started_at_ms, heartbeat_at_ms, expires_at_ms";
 const NODE_COLS: &str = "node_id, operator_id, gateway_id, country, lat, lon, gpu_classes, \
      models, games, inference_slots, inference_free, game_slots, game_free, accepting, \
-     verification, updated_at_ms, encoders, model_caps";
+     verification, updated_at_ms, encoders, model_caps, subdivision";
 
 const UPSERT_GATEWAY: &str = "INSERT INTO gateways (id, region, lat, lon, quic_address, http_url, \
      cert_sha256, version, started_at_ms, heartbeat_at_ms, expires_at_ms) \
@@ -106,11 +111,13 @@ fn gateway_from_row(r: &Row) -> GatewayRecord {
 fn node_from_row(r: &Row) -> NodeDirEntry {
     let models = list_from_json(r.get(7));
     let models_len = models.len();
+    let country: Option<String> = r.get(3);
+    let subdivision = subdivision_from_db(country.as_deref(), r.get(18));
     NodeDirEntry {
         node_id: r.get(0),
         operator_id: r.get(1),
         gateway_id: r.get(2),
-        country: r.get(3),
+        country,
         lat: r.get(4),
         lon: r.get(5),
         gpu_classes: list_from_json(r.get(6)),
@@ -125,6 +132,7 @@ fn node_from_row(r: &Row) -> NodeDirEntry {
         updated_at_ms: u(r.get(15)),
         encoders: encoders_from_json(r.get(16)),
         model_caps: caps_from_json(r.get(17), models_len),
+        subdivision,
     }
 }
 
@@ -149,6 +157,7 @@ struct NodeColumns {
     updated_at_ms: Vec<i64>,
     encoders: Vec<String>,
     model_caps: Vec<String>,
+    subdivision: Vec<Option<String>>,
 }
 
 impl NodeColumns {
@@ -178,6 +187,7 @@ impl NodeColumns {
         self.updated_at_ms.push(i(n.updated_at_ms));
         self.encoders.push(encoders_to_json(&n.encoders));
         self.model_caps.push(caps_to_json(&n.model_caps));
+        self.subdivision.push(n.subdivision.clone());
     }
 }
 
@@ -328,7 +338,8 @@ impl PgStore {
                  SELECT * FROM UNNEST($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], \
                  $5::DOUBLE PRECISION[], $6::DOUBLE PRECISION[], $7::TEXT[], $8::TEXT[], \
                  $9::TEXT[], $10::BIGINT[], $11::BIGINT[], $12::BIGINT[], $13::BIGINT[], \
-                 $14::BOOLEAN[], $15::TEXT[], $16::BIGINT[], $17::TEXT[], $18::TEXT[]) \
+                 $14::BOOLEAN[], $15::TEXT[], $16::BIGINT[], $17::TEXT[], $18::TEXT[], \
+                 $19::TEXT[]) \
                  ON CONFLICT (node_id) DO UPDATE SET operator_id = excluded.operator_id, \
                  gateway_id = excluded.gateway_id, country = excluded.country, \
                  lat = excluded.lat, lon = excluded.lon, gpu_classes = excluded.gpu_classes, \
@@ -337,7 +348,8 @@ impl PgStore {
                  inference_free = excluded.inference_free, game_slots = excluded.game_slots, \
                  game_free = excluded.game_free, accepting = excluded.accepting, \
                  verification = excluded.verification, updated_at_ms = excluded.updated_at_ms, \
-                     encoders = excluded.encoders, model_caps = excluded.model_caps \
+                 encoders = excluded.encoders, model_caps = excluded.model_caps, \
+                 subdivision = excluded.subdivision \
                  WHERE node_directory.updated_at_ms <= excluded.updated_at_ms"
             ),
             &[
@@ -359,6 +371,7 @@ impl PgStore {
                 &cols.updated_at_ms,
                 &cols.encoders,
                 &cols.model_caps,
+                &cols.subdivision,
             ],
         )
         .map_err(pg_err("publish nodes"))?;

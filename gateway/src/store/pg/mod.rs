@@ -231,6 +231,8 @@ CREATE TABLE IF NOT EXISTS ledger_probe (
     directory::ENCODERS_MIGRATION,
     // 9 (issue 13): each node's model capabilities in the node directory.
     directory::MODEL_CAPS_MIGRATION,
+    // 10 (issue 13): each node's ISO 3166-2 subdivision in the node directory.
+    directory::SUBDIVISION_MIGRATION,
 ];
 
 /// The newest schema version this build knows.

@@ -1,12 +1,13 @@
 //! The federation's gateway and node directories on SQLite (tables `gateways` and
-//! `node_directory`, migration 5; `node_directory.encoders`, migration 11). Gateways that share one SQLite file (tests, or several
+//! `node_directory`, migration 5; `node_directory.encoders`, migration 11;
+//! `node_directory.subdivision`, migration 13). Gateways that share one SQLite file (tests, or several
 //! gateway processes on one host) see each other exactly as they would on PostgreSQL.
 
 use rusqlite::{params, Connection, OptionalExtension, Row, TransactionBehavior};
 
 use super::super::directory::{
     caps_from_json, caps_to_json, check_gateway_id, check_gateway_record, check_publication,
-    encoders_from_json, encoders_to_json, list_from_json, list_to_json,
+    encoders_from_json, encoders_to_json, list_from_json, list_to_json, subdivision_from_db,
 };
 use super::super::{GatewayRecord, NodeDirEntry, StoreError};
 use super::{get_u64, query_all, saturating_i64, OpExt, SqliteStore};
@@ -15,7 +16,7 @@ const GATEWAY_COLS: &str = "id, region, lat, lon, quic_address, http_url, cert_s
      started_at_ms, heartbeat_at_ms, expires_at_ms";
 const NODE_COLS: &str = "node_id, operator_id, gateway_id, country, lat, lon, gpu_classes, \
      models, games, inference_slots, inference_free, game_slots, game_free, accepting, \
-     verification, updated_at_ms, encoders, model_caps";
+     verification, updated_at_ms, encoders, model_caps, subdivision";
 
 fn gateway_from_row(r: &Row<'_>) -> rusqlite::Result<GatewayRecord> {
     Ok(GatewayRecord {
@@ -41,11 +42,13 @@ fn u32_col(r: &Row<'_>, idx: usize) -> rusqlite::Result<u32> {
 fn node_from_row(r: &Row<'_>) -> rusqlite::Result<NodeDirEntry> {
     let models = list_from_json(&r.get::<_, String>(7)?);
     let models_len = models.len();
+    let country: Option<String> = r.get(3)?;
+    let subdivision = subdivision_from_db(country.as_deref(), r.get(18)?);
     Ok(NodeDirEntry {
         node_id: r.get(0)?,
         operator_id: r.get(1)?,
         gateway_id: r.get(2)?,
-        country: r.get(3)?,
+        country,
         lat: r.get(4)?,
         lon: r.get(5)?,
         gpu_classes: list_from_json(&r.get::<_, String>(6)?),
@@ -60,6 +63,7 @@ fn node_from_row(r: &Row<'_>) -> rusqlite::Result<NodeDirEntry> {
         updated_at_ms: get_u64(r, 15)?,
         encoders: encoders_from_json(&r.get::<_, String>(16)?),
         model_caps: caps_from_json(&r.get::<_, String>(17)?, models_len),
+        subdivision,
     })
 }
 
@@ -182,7 +186,7 @@ impl SqliteStore {
             let mut stmt = tx
                 .prepare_cached(&format!(
                     "INSERT INTO node_directory ({NODE_COLS}) VALUES \
-                     (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18) \
+                     (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19) \
                      ON CONFLICT (node_id) DO UPDATE SET operator_id = excluded.operator_id, \
                      gateway_id = excluded.gateway_id, country = excluded.country, \
                      lat = excluded.lat, lon = excluded.lon, gpu_classes = excluded.gpu_classes, \
@@ -191,7 +195,8 @@ impl SqliteStore {
                      inference_free = excluded.inference_free, game_slots = excluded.game_slots, \
                      game_free = excluded.game_free, accepting = excluded.accepting, \
                      verification = excluded.verification, updated_at_ms = excluded.updated_at_ms, \
-                     encoders = excluded.encoders, model_caps = excluded.model_caps \
+                     encoders = excluded.encoders, model_caps = excluded.model_caps, \
+                     subdivision = excluded.subdivision \
                      WHERE node_directory.updated_at_ms <= excluded.updated_at_ms"
                 ))
                 .op("prepare publish node")?;
@@ -215,6 +220,7 @@ impl SqliteStore {
                     saturating_i64(n.updated_at_ms),
                     encoders_to_json(&n.encoders),
                     caps_to_json(&n.model_caps),
+                    n.subdivision,
                 ])
                 .op("publish node")?;
             }
