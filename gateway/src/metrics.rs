@@ -9,6 +9,7 @@
 //! (see [`label_values`]).
 
 use prometheus_client::collector::Collector;
+use std::sync::PoisonError;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, MetricEncoder};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
@@ -17,7 +18,6 @@ use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::{Metric, Registry};
-use std::sync::PoisonError;
 
 pub type Labels = Vec<(&'static str, String)>;
 
@@ -1675,8 +1675,7 @@ mod tests {
         let hot: Hot<Counter> = Hot::default();
         hot.get(&family, [("api", "chat"), ("outcome", "ok")]).inc();
         hot.get(&family, [("api", "chat"), ("outcome", "ok")]).inc();
-        hot.get(&family, [("api", "chat"), ("outcome", "error")])
-            .inc();
+        hot.get(&family, [("api", "chat"), ("outcome", "error")]).inc();
         // Same values under other names are another child.
         hot.get(&family, [("outcome", "chat"), ("api", "ok")]).inc();
         let get = |pairs| family.get_or_create(&labels(pairs)).get();
@@ -1686,10 +1685,8 @@ mod tests {
         // Past its bound it still counts, through the family.
         for i in 0..HOT_CHILDREN + 8 {
             let v = i.to_string();
-            hot.get(&family, [("api", v.as_str()), ("outcome", "ok")])
-                .inc();
-            hot.get(&family, [("api", v.as_str()), ("outcome", "ok")])
-                .inc();
+            hot.get(&family, [("api", v.as_str()), ("outcome", "ok")]).inc();
+            hot.get(&family, [("api", v.as_str()), ("outcome", "ok")]).inc();
         }
         assert!(hot.slots.read().unwrap().len() <= HOT_CHILDREN);
         let last = (HOT_CHILDREN + 7).to_string();

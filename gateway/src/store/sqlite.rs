@@ -2312,10 +2312,7 @@ mod tests {
         bad.request_id = "x".repeat(100_000);
         let (then, answer) = then_to_channel();
         store.clone().append_usage_then(bad, then);
-        assert!(answer
-            .recv_timeout(Duration::from_secs(10))
-            .expect("answered")
-            .is_err());
+        assert!(answer.recv_timeout(Duration::from_secs(10)).expect("answered").is_err());
         assert_eq!(store.list_usage(10).expect("list").len(), 1);
     }
 
@@ -2328,10 +2325,7 @@ mod tests {
         }
         let (then, answer) = then_to_channel();
         Arc::new(store).append_usage_then(record(1), then);
-        assert!(matches!(
-            answer.recv().expect("answered"),
-            Err(StoreError::Closed)
-        ));
+        assert!(matches!(answer.recv().expect("answered"), Err(StoreError::Closed)));
     }
 
     #[test]
