@@ -57,6 +57,49 @@ fn latency_compares_both_paths_with_every_stream_complete() {
 }
 
 #[test]
+fn latency_over_quic_and_http_measures_three_interleaved_paths() {
+    let v = bench(&[
+        "inference-latency",
+        "--transport",
+        "both",
+        "--requests",
+        "30",
+        "--concurrency",
+        "3",
+        "--tokens",
+        "4",
+        "--repeats",
+        "1",
+        "--warmup",
+        "6",
+    ]);
+    assert_eq!(v["failures"], 0, "{v}");
+    assert_eq!(
+        v["paths"],
+        serde_json::json!(["gateway_quic", "gateway", "direct"]),
+        "{v}"
+    );
+    for path in ["gateway_quic", "gateway", "direct"] {
+        for fig in ["ttft_p50_ms", "gap_p50_us"] {
+            assert!(v[path][fig]["median"].as_f64().unwrap() > 0.0, "{v}");
+        }
+    }
+    // Both gateway paths are compared with the direct one.
+    for added in ["added_quic", "added"] {
+        assert!(v[added]["ttft_p50_ms"]["median"].is_number(), "{v}");
+    }
+    // The three paths share the 30 requests: 10 each, 3 gaps each (4 tokens), every one
+    // complete (a QUIC stream counts only if `Done` reported the 4 tokens that arrived).
+    let pooled = v["pooled"].as_array().unwrap();
+    assert_eq!(pooled.len(), 3, "{v}");
+    for (p, name) in pooled.iter().zip(["gateway_quic", "gateway", "direct"]) {
+        assert_eq!(p["path"], name, "{v}");
+        assert_eq!(p["ttft_ms"]["n"], 10, "{v}");
+        assert_eq!(p["gap_us"]["n"], 30, "{v}");
+    }
+}
+
+#[test]
 fn rps_measures_both_paths_without_errors() {
     let v = bench(&[
         "inference-rps",

@@ -135,6 +135,46 @@ impl StreamOutcome {
     }
 }
 
+/// Times the generated text pieces of one response as they arrive, whatever carries them (SSE
+/// events or `nearpath/1` `Token`s), so that every transport is measured by the same rule: TTFT
+/// from the request being sent to the first piece, then the gap before each later one.
+#[derive(Debug, Clone, Copy)]
+pub struct TokenClock {
+    t0: Instant,
+    last: Instant,
+    keep_gaps: bool,
+}
+
+impl TokenClock {
+    /// Starts the clock; call it just before the request is sent.
+    pub fn start(keep_gaps: bool) -> TokenClock {
+        let t0 = Instant::now();
+        TokenClock {
+            t0,
+            last: t0,
+            keep_gaps,
+        }
+    }
+
+    /// Records one piece of generated text that arrived at `now`; true for the first.
+    pub fn token(&mut self, out: &mut StreamOutcome, now: Instant) -> bool {
+        let first = out.ttft.is_none();
+        if first {
+            out.ttft = Some(now - self.t0);
+        } else if self.keep_gaps {
+            out.gaps.push(now - self.last);
+        }
+        self.last = now;
+        out.tokens += 1;
+        first
+    }
+
+    /// Time since the request was sent.
+    pub fn elapsed(&self) -> Duration {
+        self.t0.elapsed()
+    }
+}
+
 /// Sends a streaming request and times each text chunk as its bytes arrive. `on_first` runs once
 /// at the first text chunk (the streams benchmark counts open streams with it).
 pub async fn stream_once(
@@ -143,7 +183,7 @@ pub async fn stream_once(
     keep_gaps: bool,
     mut on_first: impl FnMut(),
 ) -> anyhow::Result<StreamOutcome> {
-    let t0 = Instant::now();
+    let mut clock = TokenClock::start(keep_gaps);
     let resp = conn.send(req).await?;
     let mut out = StreamOutcome {
         status: resp.status().as_u16(),
@@ -151,7 +191,6 @@ pub async fn stream_once(
     };
     let mut body = resp.into_body();
     let mut scanner = Scanner::new();
-    let mut last = t0;
     while let Some(frame) = body.frame().await {
         let frame = frame.with_context(|| format!("reading the stream from {}", conn.addr()))?;
         let Some(data) = frame.data_ref() else {
@@ -160,14 +199,9 @@ pub async fn stream_once(
         let now = Instant::now();
         scanner.feed(data, |ev| match ev {
             Event::Content => {
-                if out.ttft.is_none() {
-                    out.ttft = Some(now - t0);
+                if clock.token(&mut out, now) {
                     on_first();
-                } else if keep_gaps {
-                    out.gaps.push(now - last);
                 }
-                last = now;
-                out.tokens += 1;
             }
             Event::Done => out.done = true,
             Event::Error => out.error = true,
@@ -178,7 +212,7 @@ pub async fn stream_once(
     if scanner.pending() > 0 {
         out.error = true;
     }
-    out.total = t0.elapsed();
+    out.total = clock.elapsed();
     Ok(out)
 }
 
