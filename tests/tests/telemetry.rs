@@ -583,16 +583,35 @@ async fn otlp_export_joins_a_game_sessions_gateway_and_node_spans_to_the_players
     }
 
     // WHEP: the offer's `traceparent` header.
+    let traceparent = format!("00-{WHEP_TRACE}-{CLIENT_SPAN}-01");
+    let id = whep_session(&gw, &traceparent).await;
+    let (gateway, node_span) = game_spans(id).await;
+    assert_eq!(hex(&gateway.trace_id), WHEP_TRACE);
+    assert_eq!(hex(&gateway.parent_span_id), CLIENT_SPAN);
+    assert_eq!(hex(&node_span.trace_id), WHEP_TRACE);
+
+    // A forged header (too long) is ignored the same way: the offer is answered.
+    let forged = format!("00-{WHEP_TRACE}-{CLIENT_SPAN}-01{}", "0".repeat(4096));
+    let id = whep_session(&gw, &forged).await;
+    let (gateway, node_span) = game_spans(id).await;
+    assert!(gateway.parent_span_id.is_empty(), "{gateway:?}");
+    assert_ne!(hex(&gateway.trace_id), WHEP_TRACE);
+    assert_eq!(node_span.trace_id, gateway.trace_id);
+    node.stop().await.unwrap();
+    gw.stop().await;
+}
+
+/// One WHEP session of `arena` with `traceparent` on its offer, answered and then ended; its id.
+async fn whep_session(gw: &TestGateway, traceparent: &str) -> u64 {
     let whep = gw.api_url("/v1/games/arena/whep?width=160&height=96&fps=30");
     let auth = format!("Bearer {API_KEY}");
-    let traceparent = format!("00-{WHEP_TRACE}-{CLIENT_SPAN}-01");
     let (status, h, body) = raw_request(
         "POST",
         &whep,
         &[
             ("authorization", auth.as_str()),
             ("content-type", "application/sdp"),
-            ("traceparent", &traceparent),
+            ("traceparent", traceparent),
         ],
         CHROMIUM_OFFER,
     )
@@ -612,42 +631,5 @@ async fn otlp_export_joins_a_game_sessions_gateway_and_node_spans_to_the_players
     )
     .await;
     assert_eq!(status, 200, "DELETE {resource}");
-    let (gateway, node_span) = game_spans(id).await;
-    assert_eq!(hex(&gateway.trace_id), WHEP_TRACE);
-    assert_eq!(hex(&gateway.parent_span_id), CLIENT_SPAN);
-    assert_eq!(hex(&node_span.trace_id), WHEP_TRACE);
-
-    // A forged header (too long) is ignored the same way: the offer is answered.
-    let forged = format!("00-{WHEP_TRACE}-{CLIENT_SPAN}-01{}", "0".repeat(4096));
-    let (status, h, body) = raw_request(
-        "POST",
-        &whep,
-        &[
-            ("authorization", auth.as_str()),
-            ("content-type", "application/sdp"),
-            ("traceparent", &forged),
-        ],
-        CHROMIUM_OFFER,
-    )
-    .await;
-    assert_eq!(status, 201, "{body}");
-    let resource = h["location"].to_str().unwrap().to_string();
-    let id: u64 = resource
-        .strip_prefix("/v1/sessions/")
-        .and_then(|id| id.parse().ok())
-        .unwrap_or_else(|| panic!("resource {resource}"));
-    let (status, _, _) = raw_request(
-        "DELETE",
-        &gw.api_url(&resource),
-        &[("authorization", auth.as_str())],
-        "",
-    )
-    .await;
-    assert_eq!(status, 200, "DELETE {resource}");
-    let (gateway, node_span) = game_spans(id).await;
-    assert!(gateway.parent_span_id.is_empty(), "{gateway:?}");
-    assert_ne!(hex(&gateway.trace_id), WHEP_TRACE);
-    assert_eq!(node_span.trace_id, gateway.trace_id);
-    node.stop().await.unwrap();
-    gw.stop().await;
+    id
 }
