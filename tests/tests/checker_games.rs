@@ -347,8 +347,21 @@ async fn a_game_only_node_that_delivers_the_game_probe_is_verified_unbilled_and_
         (c, s)
     });
     let (_ptx, _prx, player_open) = node.accept_session().await;
+    // Both carry a trace context (random ids, so compared by shape): a probe without one would
+    // stand out (regression: the probe's `Open` once had none after protocol v4).
+    let (mut probe_kind, mut player_kind) = (open.kind.clone(), player_open.kind.clone());
+    for kind in [&mut probe_kind, &mut player_kind] {
+        let nearpath_protocol::message::SessionKind::Game(g) = kind else {
+            panic!("expected a game Open, got {kind:?}")
+        };
+        let tp = g.traceparent.take().expect("a trace context");
+        assert!(
+            tp.len() == 55 && tp.starts_with("00-") && tp.ends_with("-01"),
+            "{tp}"
+        );
+    }
     assert_eq!(
-        player_open.kind, open.kind,
+        player_kind, probe_kind,
         "a probe's Open is a default player's"
     );
     let _player = player.await.unwrap();

@@ -1485,7 +1485,9 @@ async fn game_probe(
         fps,
         bitrate_kbps,
         codec,
-        traceparent: None,
+        // A player's `Open` always carries a trace context (the player's, or one the gateway
+        // starts), so a probe's carries a fresh one too: its absence would give probes away.
+        traceparent: Some(crate::access::TraceParent::continue_or_start(None).header()),
     };
     let session = sessions.ids.mint();
     let session_id = session.get();
@@ -1676,7 +1678,8 @@ async fn probe(
             endpoint: Endpoint::Chat,
             request_json: body.to_string(),
             request_id: crate::access::new_request_id(),
-            traceparent: None,
+            // As for game probes: every real request's `Open` carries a trace context.
+            traceparent: Some(crate::access::TraceParent::continue_or_start(None).header()),
         },
     });
     send(&mut tx, &open)
