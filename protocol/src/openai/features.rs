@@ -51,7 +51,8 @@ pub enum ResponseFormat<'a> {
     JsonSchema { schema: &'a Value },
 }
 
-/// A present, non-null field (OpenAI treats `null` like an absent optional field).
+// A present, non-null field (OpenAI treats `null` like an absent optional field); one helper
+// for the request parser and these checks.
 use super::request::field;
 
 fn type_name(v: &Value) -> &'static str {
