@@ -78,6 +78,8 @@ pub struct Sessions {
     active: AtomicU32,
     draining: AtomicBool,
     idle: Notify,
+    /// Woken whenever a game session leaves `running_games` (a slot frees).
+    game_freed: Notify,
     /// Cancelled to end every running session (drain deadline passed).
     cancel_all: Mutex<CancellationToken>,
     /// Total inference sessions served, for tests and logs.
@@ -158,6 +160,7 @@ impl Sessions {
             active: AtomicU32::new(0),
             draining: AtomicBool::new(false),
             idle: Notify::new(),
+            game_freed: Notify::new(),
             cancel_all: Mutex::new(CancellationToken::new()),
             served: AtomicU32::new(0),
         })
@@ -395,7 +398,7 @@ impl Sessions {
             .await;
             return;
         };
-        if self.games_map().len() as u32 >= self.game_slots {
+        if !self.wait_for_game_slot().await {
             refuse(
                 &mut tx,
                 RefuseCode::Busy,
@@ -832,6 +835,95 @@ impl Sessions {
     }
 }
 
+/// How long an `Open` for a game waits for a slot the gateway has already freed. The gateway
+/// counts a session's slot free when it lets the session go; this node frees its own only when
+/// the stream's end reaches it, a moment later. An `Open` arriving in between would otherwise be
+/// refused as busy though the slot is about to be free.
+const GAME_SLOT_RELEASE_GRACE: Duration = Duration::from_millis(500);
+
+impl Sessions {
+    /// Whether a game slot is free now or frees within [`GAME_SLOT_RELEASE_GRACE`].
+    async fn wait_for_game_slot(&self) -> bool {
+        wait_for_slot(
+            &self.game_freed,
+            || self.games_map().len() as u32,
+            self.game_slots,
+            GAME_SLOT_RELEASE_GRACE,
+        )
+        .await
+    }
+}
+
+/// Whether `in_use()` is below `slots` now or becomes so within `grace`, re-checked each
+/// time `freed` is notified.
+async fn wait_for_slot(
+    freed: &Notify,
+    in_use: impl Fn() -> u32,
+    slots: u32,
+    grace: Duration,
+) -> bool {
+    let deadline = tokio::time::Instant::now() + grace;
+    loop {
+        // Created before the check, so a release between the two is not missed.
+        let notified = freed.notified();
+        if in_use() < slots {
+            return true;
+        }
+        if tokio::time::timeout_at(deadline, notified).await.is_err() {
+            return false;
+        }
+    }
+}
+
+#[cfg(test)]
+mod slot_wait_tests {
+    use super::*;
+    use std::sync::atomic::AtomicU32;
+
+    /// Regression: an `Open` that arrived while the node was still letting the previous
+    /// session go was refused as busy (`all 1 game slots are in use`), though the gateway had
+    /// already freed the slot. It now gets the slot when the release lands.
+    #[tokio::test]
+    async fn an_open_waits_for_a_release_in_flight_and_gets_the_slot() {
+        let freed = Arc::new(Notify::new());
+        let in_use = Arc::new(AtomicU32::new(1));
+        let waiter = {
+            let (freed, in_use) = (freed.clone(), in_use.clone());
+            tokio::spawn(async move {
+                wait_for_slot(
+                    &freed,
+                    || in_use.load(Ordering::SeqCst),
+                    1,
+                    Duration::from_secs(30),
+                )
+                .await
+            })
+        };
+        tokio::task::yield_now().await;
+        in_use.store(0, Ordering::SeqCst);
+        freed.notify_waiters();
+        assert!(waiter.await.unwrap(), "the released slot is taken");
+    }
+
+    /// A node whose slots stay full refuses once the grace has passed (virtual clock), and a
+    /// wake-up that frees nothing does not admit the session.
+    #[tokio::test(start_paused = true)]
+    async fn a_full_node_refuses_after_the_grace() {
+        let freed = Notify::new();
+        let started = tokio::time::Instant::now();
+        let wait = wait_for_slot(&freed, || 1, 1, GAME_SLOT_RELEASE_GRACE);
+        tokio::pin!(wait);
+        tokio::select! {
+            biased;
+            _ = &mut wait => panic!("answered before any wake-up"),
+            _ = tokio::task::yield_now() => {}
+        }
+        freed.notify_waiters();
+        assert!(!wait.await, "still full: refused");
+        assert_eq!(started.elapsed(), GAME_SLOT_RELEASE_GRACE);
+    }
+}
+
 /// Removes a game session from the input routing table however its task ends.
 struct RemoveGame<'a>(&'a Sessions, u64);
 
@@ -840,6 +932,7 @@ impl Drop for RemoveGame<'_> {
         if let Some(g) = self.0.games_map().remove(&self.1) {
             g.stop();
         }
+        self.0.game_freed.notify_waiters();
     }
 }
 

@@ -473,3 +473,43 @@ async fn when_the_serving_node_dies_audio_resumes_from_the_next_node() {
     far.stop().await.unwrap();
     gw.stop().await;
 }
+
+/// Regression: `PlayControl::close` says the gateway answers `Close` with `Ended`, but the
+/// gateway finished the stream at once, before its session had let the node go and freed its
+/// slot. A player who started again at once (a page reload, a new match) was refused with
+/// `no_capacity` in between. The gateway now answers `Ended` once the slot is free (and the
+/// node waits briefly for its own release, `sessions::slot_wait_tests`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_player_who_starts_again_at_once_gets_the_slot_the_last_session_freed() {
+    let gw = TestGateway::start(|_| {}).await;
+    let node = arena_node(&gw, "de-1", ip(DE)).await;
+    let small = PlayParams {
+        game: "arena".into(),
+        width: 320,
+        height: 180,
+        fps: 30,
+        bitrate_kbps: 500,
+    };
+    let c = client(&gw, ip(FR_CLIENT)).await;
+    for round in 0..5 {
+        let session = match c.play(API_KEY, small.clone()).await {
+            Ok(s) => s,
+            Err(e) => panic!("round {round}: the freed slot was refused: {e}"),
+        };
+        let (mut control, mut frames, _input) = session.split();
+        tokio::time::timeout(Duration::from_secs(10), frames.next())
+            .await
+            .expect("a first frame")
+            .expect("the stream is open")
+            .expect("a frame");
+        control.close("again").await.unwrap();
+        // A player that starts again waits for its session's end, as `close` documents.
+        while let Some(_event) = tokio::time::timeout(Duration::from_secs(10), control.next())
+            .await
+            .expect("the session ends")
+            .expect("a control event")
+        {}
+    }
+    node.stop().await.unwrap();
+    gw.stop().await;
+}

@@ -1737,6 +1737,10 @@ impl GameService {
             return;
         }
         let mut client_open = true;
+        // A player's `Close` is answered with `Ended` once the session has let its node go and
+        // freed its slot here (the driver drops its notices last), so a player who waits for it
+        // may start again at once.
+        let mut closing = false;
         // The gateway's own judgement of whether the player is still there, whatever idle
         // timeout its client asked for (see `crate::player`).
         let mut silence =
@@ -1770,8 +1774,13 @@ impl GameService {
                         Err(_) => Some(conn.close_reason().map_or(ClientEvent::Gone, |e| closed_event(&e))),
                     };
                     if let Some(ev) = ev {
-                        let last = matches!(ev, ClientEvent::Close(_) | ClientEvent::Gone | ClientEvent::Lost);
+                        let close = matches!(ev, ClientEvent::Close(_));
+                        let last = matches!(ev, ClientEvent::Gone | ClientEvent::Lost);
                         let _ = events.send(ev).await;
+                        if close {
+                            closing = true;
+                            client_open = false;
+                        }
                         if last {
                             break;
                         }
@@ -1790,7 +1799,13 @@ impl GameService {
                         let _ = send(&mut ctl_tx, &Message::Ended(Ended { reason })).await;
                         break;
                     }
-                    None => break,
+                    None => {
+                        if closing {
+                            let ended = Message::Ended(Ended { reason: "closed by the player".into() });
+                            let _ = send(&mut ctl_tx, &ended).await;
+                        }
+                        break;
+                    }
                 },
                 e = conn.closed() => {
                     let _ = events.send(closed_event(&e)).await;
