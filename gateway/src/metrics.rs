@@ -75,6 +75,9 @@ pub struct Metrics {
     /// Datagrams from WebTransport players ignored, by reason (`prefix`: not this connection's
     /// session; `malformed`: not an input datagram; `foreign`: another connection's session).
     pub webtransport_datagrams_dropped: Family<Labels, Counter>,
+    /// `Ping` input datagrams from WebTransport players, by `answered` (`yes`: echoed for the
+    /// page's RTT; `rate_limited`: over [`crate::game::service`]'s echo budget, not echoed).
+    pub webtransport_pings: Family<Labels, Counter>,
     /// WebTransport connections refused after their handshake, by reason (`handshake`,
     /// `path`, `auth_timeout`).
     pub webtransport_refused: Family<Labels, Counter>,
@@ -206,6 +209,7 @@ pub const FAMILIES: &[(&str, MetricType)] = &[
         "nearpath_webtransport_datagrams_dropped",
         MetricType::Counter,
     ),
+    ("nearpath_webtransport_pings", MetricType::Counter),
     ("nearpath_webtransport_refused", MetricType::Counter),
     ("nearpath_game_failovers", MetricType::Counter),
     ("nearpath_game_pauses", MetricType::Counter),
@@ -364,6 +368,8 @@ pub mod label_values {
     pub const AUDIO_DROP_REASONS: &[&str] = &["malformed", "foreign", "relay"];
     /// `webtransport_datagrams_dropped{reason}`.
     pub const WT_DATAGRAM_DROPS: &[&str] = &["prefix", "malformed", "foreign"];
+    /// `webtransport_pings{answered}`.
+    pub const WT_PING_ANSWERS: &[&str] = &["yes", "rate_limited"];
     /// `webtransport_refused{reason}`.
     pub const WT_REFUSALS: &[&str] = &["handshake", "path", "auth_timeout"];
     /// `game_pauses{outcome}`.
@@ -475,6 +481,7 @@ impl Metrics {
             game_audio_relayed: Counter::default(),
             game_audio_dropped: Family::default(),
             webtransport_datagrams_dropped: Family::default(),
+            webtransport_pings: Family::default(),
             webtransport_refused: Family::default(),
             game_failovers: Counter::default(),
             geo_reloads: Family::default(),
@@ -699,6 +706,12 @@ impl Metrics {
         );
         reg(
             r,
+            "webtransport_pings",
+            "Ping datagrams from WebTransport players, echoed or over the echo budget",
+            m.webtransport_pings.clone(),
+        );
+        reg(
+            r,
             "webtransport_refused",
             "WebTransport connections refused after their handshake by reason",
             m.webtransport_refused.clone(),
@@ -871,6 +884,7 @@ impl Metrics {
             "reason",
             WT_DATAGRAM_DROPS,
         );
+        each(&self.webtransport_pings, "answered", WT_PING_ANSWERS);
         each(&self.webtransport_refused, "reason", WT_REFUSALS);
         each(&self.game_pauses, "outcome", PAUSE_OUTCOMES);
         each(&self.quic_handshakes_refused, "reason", QUIC_REFUSALS);

@@ -752,3 +752,100 @@ async fn chromium_opens_webtransport_with_the_listed_hashes_and_receives_frames_
     node.stop().await.unwrap();
     gw.stop().await;
 }
+
+/// A page over WebTransport has no RTT where the browser lacks `WebTransport.getStats()`
+/// (headless Chromium), so the gateway echoes its `Ping` datagrams unchanged and the page times
+/// them. Hostile: a flood gets the echo budget (a burst, then a few a second), not an echo
+/// each, and a ping naming another session is not echoed at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webtransport_players_pings_are_echoed_within_a_budget() {
+    let gw = TestGateway::start(|_| {}).await;
+    let node = arena_node(&gw, "de-1", ip(DE)).await;
+    let mut p = wt_play(&gw, 320, 180, 30).await;
+    let sid = p.started.session_id;
+    frame(&mut p).await;
+    let echo = |p: &WtPlayer, want: u32| {
+        let session = p.session.clone();
+        async move {
+            tokio::time::timeout(Duration::from_secs(5), async {
+                loop {
+                    let d = session.read_datagram().await.unwrap();
+                    // Audio datagrams (0x41) arrive all the while; echoes are input datagrams.
+                    let Ok(echo) = nearpath_protocol::InputDatagram::decode(&d) else {
+                        continue;
+                    };
+                    if let InputEvent::Ping { id } = echo.event {
+                        if id == want {
+                            return echo;
+                        }
+                    }
+                }
+            })
+            .await
+            .expect("the ping is echoed")
+        }
+    };
+    let seq = p.send_input(InputEvent::Ping { id: 4242 }).unwrap();
+    let got = echo(&p, 4242).await;
+    assert_eq!((got.session_id, got.seq), (sid, seq), "echoed unchanged");
+
+    // A ping for a session this connection does not play is dropped as foreign, unanswered.
+    let forged = nearpath_protocol::InputDatagram {
+        session_id: sid ^ 1,
+        seq: 1,
+        sent_ts_us: 1,
+        event: InputEvent::Ping { id: 1 },
+    };
+    let raw: &quinn::Connection = &p.session;
+    let before = admin_metric(&gw, "nearpath_webtransport_pings_total{answered=\"yes\"}").await;
+    p.session
+        .send_datagram(Bytes::from(forged.encode()))
+        .unwrap();
+    wait_until("the forged ping is counted foreign", || async {
+        admin_metric(
+            &gw,
+            "nearpath_webtransport_datagrams_dropped_total{reason=\"foreign\"}",
+        )
+        .await
+            >= 1.0
+    })
+    .await;
+    assert_eq!(
+        admin_metric(&gw, "nearpath_webtransport_pings_total{answered=\"yes\"}").await,
+        before
+    );
+
+    // A flood of 200 pings: all are counted, few are answered.
+    for id in 0..200u32 {
+        p.send_input(InputEvent::Ping { id: 10_000 + id }).unwrap();
+    }
+    let answered = || async {
+        (
+            admin_metric(&gw, "nearpath_webtransport_pings_total{answered=\"yes\"}").await,
+            admin_metric(
+                &gw,
+                "nearpath_webtransport_pings_total{answered=\"rate_limited\"}",
+            )
+            .await,
+        )
+    };
+    // Datagrams may be lost even on loopback; most of the flood must arrive.
+    wait_until("the flood is counted", || async {
+        let (yes, limited) = answered().await;
+        yes + limited >= before + 150.0
+    })
+    .await;
+    let (yes, limited) = answered().await;
+    assert!(
+        yes - before <= 12.0,
+        "{} of the flood echoed, {limited} not",
+        yes - before
+    );
+    assert!(
+        raw.close_reason().is_none(),
+        "the flood does not end the connection"
+    );
+    drop(p);
+    node.stop().await.unwrap();
+    gw.stop().await;
+}

@@ -29,7 +29,9 @@ use nearpath_protocol::message::{
 use nearpath_protocol::stream::{
     recv_frame_header, relay_frame_by, relay_frame_framed, send, FramedRecv, Relayed,
 };
-use nearpath_protocol::{AudioPacket, InputDatagram, MAX_CONTROL_FRAME, MAX_VIDEO_FRAME};
+use nearpath_protocol::{
+    AudioPacket, InputDatagram, InputEvent, MAX_CONTROL_FRAME, MAX_VIDEO_FRAME,
+};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -1401,6 +1403,7 @@ impl GameService {
                 .get_or_create(&labels([("reason", reason)]))
                 .inc();
         };
+        let mut echoes = EchoBudget::default();
         while let Ok(dgram) = conn.read_datagram().await {
             let Some(payload) = sink.strip_datagram(&dgram) else {
                 dropped("prefix");
@@ -1421,6 +1424,22 @@ impl GameService {
             relay.inputs.fetch_add(1, Ordering::Relaxed);
             if let Some(node) = relay.node() {
                 let _ = node.conn.send_datagram(Bytes::copy_from_slice(payload));
+            }
+            // A page has no RTT of its own over WebTransport where the browser lacks
+            // `WebTransport.getStats()` (headless Chromium), so the gateway echoes its pings,
+            // unchanged, within a budget: an echo is no larger than the ping, and a flood
+            // gets a few answers a second, not one each.
+            if matches!(input.event, InputEvent::Ping { .. }) {
+                let answered = if echoes.allow(self.clock.now()) {
+                    let _ = conn.send_datagram(sink.datagram(payload));
+                    "yes"
+                } else {
+                    "rate_limited"
+                };
+                self.metrics
+                    .webtransport_pings
+                    .get_or_create(&labels([("answered", answered)]))
+                    .inc();
             }
         }
     }
@@ -1817,6 +1836,33 @@ impl GameService {
     }
 }
 
+/// How many pings a WebTransport connection gets echoed: [`EchoBudget::BURST`] at once, then
+/// one per [`EchoBudget::INTERVAL`] (a page pings once a second).
+#[derive(Debug, Default)]
+struct EchoBudget {
+    /// Echoes still allowed, and when the budget last grew.
+    tokens: Option<(u32, Instant)>,
+}
+
+impl EchoBudget {
+    const BURST: u32 = 4;
+    const INTERVAL: Duration = Duration::from_millis(250);
+
+    fn allow(&mut self, now: Instant) -> bool {
+        let (mut tokens, mut at) = self.tokens.unwrap_or((Self::BURST, now));
+        while tokens < Self::BURST && now.duration_since(at) >= Self::INTERVAL {
+            tokens += 1;
+            at += Self::INTERVAL;
+        }
+        if tokens == Self::BURST {
+            at = now;
+        }
+        let allowed = tokens > 0;
+        self.tokens = Some((tokens - u32::from(allowed), at));
+        allowed
+    }
+}
+
 /// Refuses a play stream: the core error as the native `Error`, then the stream finishes.
 async fn refuse_play(tx: &mut quinn::SendStream, e: CoreError) {
     let msg = Message::Error(ErrorInfo {
@@ -2000,5 +2046,29 @@ async fn usage_row_writer(
             Ok(Err(e)) => warn!(error = %e, "game usage checkpoint not written"),
             Err(e) => warn!(error = %e, "game usage writer failed"),
         }
+    }
+}
+
+#[cfg(test)]
+mod echo_budget_tests {
+    use super::EchoBudget;
+    use std::time::{Duration, Instant};
+
+    /// A flood of pings gets the burst and then one echo per interval, never one each: the
+    /// echo must not make the gateway a reflector for a hostile page.
+    #[test]
+    fn a_ping_flood_gets_the_burst_then_one_echo_per_interval() {
+        let t0 = Instant::now();
+        let mut b = EchoBudget::default();
+        let burst = (0..100).filter(|_| b.allow(t0)).count();
+        assert_eq!(burst, EchoBudget::BURST as usize);
+        // A millisecond at a time for a second: four more intervals, four more echoes.
+        let later = (1..=1000)
+            .filter(|ms| b.allow(t0 + Duration::from_millis(*ms)))
+            .count();
+        assert_eq!(later, 4);
+        // A page pinging once a second is always answered.
+        let mut page = EchoBudget::default();
+        assert!((0..60).all(|s| page.allow(t0 + Duration::from_secs(s))));
     }
 }
