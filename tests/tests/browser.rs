@@ -1776,6 +1776,57 @@ async fn chromium_decodes_av1_from_a_node_that_encodes_it() {
     gw.stop().await;
 }
 
+/// Issue 17: `codec=av1` over WebTransport. The page asks for AV1 alone in `PlayRequest.codecs`
+/// and decodes it with WebCodecs (Chromium's software AV1 decoder); before, the WebTransport
+/// path asked for H.264 whatever the page was told.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chromium_decodes_av1_over_webtransport_when_the_page_asks_for_it() {
+    let _one = ONE_BROWSER_AT_A_TIME.lock().await;
+    let gw = TestGateway::start(|_| {}).await;
+    let mut cfg = with_arena(gw.node_config("de-1", &gw.token));
+    cfg.encoder.software_hevc_av1 = true;
+    let mut node = TestNode::start(cfg, ip(DE));
+    node.registered().await;
+    let browser = Browser::launch().await;
+    // 320x180 at 30 fps: libaom's real-time mode keeps up on a 2-core machine.
+    let page = browser
+        .open(&gw.api_url(&format!(
+            "/play?key={API_KEY}&game=arena&width=320&height=180&fps=30&autostart=1&codec=av1&transport=webtransport"
+        )))
+        .await;
+    let first = wait_stats(
+        &page,
+        "AV1 frames decoded over WebTransport",
+        Duration::from_secs(20),
+        |s| {
+            s["transport"] == "webtransport"
+                && s["decoder"].as_str().is_some_and(|d| d.starts_with("av01"))
+                && num(s, "framesDecoded") > 0.0
+        },
+    )
+    .await;
+    let decoded = num(&first, "framesDecoded");
+    // Frames keep decoding (not one keyframe and a stall), without decode errors.
+    let later = wait_stats(
+        &page,
+        "AV1 frames keep decoding",
+        Duration::from_secs(20),
+        |s| num(s, "framesDecoded") >= decoded + 30.0,
+    )
+    .await;
+    assert_eq!(num(&later, "decodeErrors"), 0.0, "{later}");
+    assert_eq!(num(&later, "width"), 320.0, "{later}");
+    let sessions = wait_sessions(&gw, "the AV1 session", Duration::from_secs(5), |l| {
+        l.len() == 1
+    })
+    .await;
+    assert_eq!(sessions[0]["transport"], "webtransport", "{sessions:?}");
+    drop(page);
+    drop(browser);
+    node.stop().await.unwrap();
+    gw.stop().await;
+}
+
 /// Issue 15: the default page still gets H.264 from a node that also encodes AV1 and HEVC (the
 /// gateway's `browser_codecs` puts H.264 first), and a gateway configured for H.264 only
 /// refuses an AV1-only offer with 422, naming what it sends.
