@@ -1187,7 +1187,7 @@ mod tests {
 
     #[test]
     fn a_session_the_core_could_not_start_gets_the_whep_status_of_its_kind() {
-        let cases: [(CoreError, u16, Option<&str>, Option<u32>); 7] = [
+        let cases: [(CoreError, u16, Option<&str>, Option<u32>); 10] = [
             (
                 CoreError::new(Kind::Geofence, "geofence", "geofence: rule r: no"),
                 403,
@@ -1229,6 +1229,28 @@ mod tests {
                 Some(1),
             ),
             (CoreError::bad_request("odd size", None), 400, None, None),
+            // A refused resume: the native codes, with the native retry advice.
+            (
+                CoreError::new(Kind::Forbidden, crate::game::BAD_RESUME, "no session")
+                    .with_retryable(false),
+                403,
+                Some(crate::game::BAD_RESUME),
+                None,
+            ),
+            (
+                CoreError::new(Kind::Unavailable, crate::game::RESUME_CONFLICT, "still here")
+                    .with_retry_after_s(3),
+                503,
+                Some(crate::game::RESUME_CONFLICT),
+                Some(3),
+            ),
+            (
+                CoreError::new(Kind::Unavailable, "store_unavailable", "store down")
+                    .with_retry_after_s(1),
+                503,
+                Some("store_unavailable"),
+                Some(1),
+            ),
         ];
         for (core, status, code, retry_after) in cases {
             let w = WhepError::from_core("arena", core.clone());
@@ -1236,6 +1258,47 @@ mod tests {
             assert_eq!(api.status, status, "{core:?}");
             assert_eq!(api.code.as_deref(), code, "{core:?}");
             assert_eq!(w.retry_after_s(), retry_after, "{core:?}");
+        }
+    }
+
+    /// Hostile `Nearpath-Resume` values are 400s before any lookup; a well-formed one is read
+    /// as is (its token's shape is judged with the token, as natively).
+    #[test]
+    fn resume_headers_are_read_and_malformed_ones_refused() {
+        let with = |values: &[&[u8]]| {
+            let mut h = HeaderMap::new();
+            for v in values {
+                h.append(&NEARPATH_RESUME, HeaderValue::from_bytes(v).unwrap());
+            }
+            resume_header(&h)
+        };
+        assert!(matches!(with(&[]), Ok(None)));
+        let token = "ab".repeat(32);
+        let good = format!("42:{token}");
+        assert_eq!(with(&[good.as_bytes()]).unwrap(), Some((42, token.clone())));
+        assert_eq!(
+            with(&[b"7:not-hex"]).unwrap(),
+            Some((7, "not-hex".to_string()))
+        );
+        let long = format!("1:{}", "a".repeat(MAX_RESUME_HEADER));
+        let bad: [&[&[u8]]; 8] = [
+            &[long.as_bytes()],
+            &["1:abc\u{e9}".as_bytes()],
+            &[b"1:ab cd"],
+            &[b""],
+            &[token.as_bytes()],
+            &[b"x:ab"],
+            &[b"18446744073709551616:ab"],
+            &[good.as_bytes(), good.as_bytes()],
+        ];
+        for v in bad {
+            match with(v) {
+                Err(WhepError::BadRequest {
+                    param: Some("nearpath-resume"),
+                    ..
+                }) => {}
+                other => panic!("{v:?}: {other:?}"),
+            }
         }
     }
 
