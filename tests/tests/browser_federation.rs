@@ -526,6 +526,56 @@ async fn the_page_resumes_its_webrtc_session_through_another_gateway_when_its_ga
     node.stop().await.unwrap();
 }
 
+/// Guards the page's give-up over WebRTC: both gateways are killed, so no gateway takes the
+/// session (B's offer fails to connect, round after round); within the resume window the page
+/// says the session could not be resumed, having shown the banner at once, and resumed nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_says_so_when_its_webrtc_session_cannot_be_resumed_anywhere() {
+    let _one = ONE_BROWSER_AT_A_TIME.lock().await;
+    let KillableFederation {
+        mut a,
+        mut b,
+        node,
+        _to_b,
+        _dir,
+        ..
+    } = KillableFederation::start().await;
+    let browser = Browser::launch().await;
+    let page = open_play(&browser, &a, "webrtc").await;
+    wait_state(
+        &page,
+        "30 frames decoded through A over WebRTC, with the federation listed",
+        Duration::from_secs(30),
+        |v| num(v, "decoded") >= 30.0 && v["gateways"] == serde_json::json!(["a", "b"]),
+    )
+    .await;
+    b.kill9();
+    a.kill9();
+    wait_state(&page, "the pause banner", Duration::from_secs(5), |v| {
+        v["bannerShown"] == true && v["lost"].as_u64() == Some(1)
+    })
+    .await;
+    // The window is 8 s (`resume_window_ms`), then the page says so.
+    let gave_up = wait_state(
+        &page,
+        "the page to say the session could not be resumed",
+        Duration::from_secs(20),
+        |v| {
+            v["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("could not be resumed through any gateway"))
+        },
+    )
+    .await;
+    assert_eq!(gave_up["resumes"], 0, "{gave_up}");
+    assert!(
+        gave_up["error"].as_str().unwrap().contains("b: "),
+        "the reason names the gateway tried: {gave_up}"
+    );
+    drop(browser);
+    node.stop().await.unwrap();
+}
+
 /// The stand-in directories A reads (the store's, as B would publish them): see
 /// `tests/tests/redirect.rs`.
 struct Directories {

@@ -1238,8 +1238,12 @@ mod tests {
                 None,
             ),
             (
-                CoreError::new(Kind::Unavailable, crate::game::RESUME_CONFLICT, "still here")
-                    .with_retry_after_s(3),
+                CoreError::new(
+                    Kind::Unavailable,
+                    crate::game::RESUME_CONFLICT,
+                    "still here",
+                )
+                .with_retry_after_s(3),
                 503,
                 Some(crate::game::RESUME_CONFLICT),
                 Some(3),
