@@ -266,6 +266,18 @@ impl KillableFederation {
             }
         })
         .await;
+        // And A offers the game, as the page's picker will read it.
+        eventually("A to offer arena", Duration::from_secs(10), || {
+            let http = &http;
+            let url = format!("http://{}/v1/games", a.http);
+            async move {
+                let (status, body) = http.get(&url, Some(API_KEY)).await;
+                let v: Value = serde_json::from_str(&body).ok()?;
+                let offered = v["data"].as_array()?.iter().any(|g| g["id"] == "arena");
+                (status == 200 && offered).then_some(())
+            }
+        })
+        .await;
         KillableFederation {
             a,
             b,
@@ -477,6 +489,14 @@ async fn the_page_resumes_its_webrtc_session_through_another_gateway_when_its_ga
     assert_eq!(resumed["session"], session.as_str());
     assert_eq!(resumed["state"], "connected", "{resumed}");
     assert_eq!(resumed["bannerShown"], false, "{resumed}");
+    let keyframes = page
+        .eval("window.nearpath.stats.keyFramesDecoded")
+        .await
+        .unwrap();
+    assert!(
+        keyframes.as_u64().unwrap_or(0) >= 1,
+        "the new peer connection decoded a keyframe: {keyframes}"
+    );
     assert!(
         took < Duration::from_secs(8),
         "decoding again {took:?} after the kill"
@@ -728,6 +748,18 @@ async fn the_page_follows_a_redirect_over_webtransport_and_plays_on_the_peer() {
 /// answers, so the session stays on A, decodes again there, and B never takes it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_page_whose_node_dies_stays_on_its_live_gateway_and_is_not_resumed_elsewhere() {
+    a_page_whose_node_dies_stays_on_its_live_gateway("webtransport").await;
+}
+
+/// The same over WebRTC: the page's silence rule (no data channel message for
+/// `resume_after_ms`) fires while A fails the session over, A answers over HTTP, and the session
+/// stays on A's peer connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webrtc_page_whose_node_dies_stays_on_its_live_gateway_and_is_not_resumed_elsewhere() {
+    a_page_whose_node_dies_stays_on_its_live_gateway("webrtc").await;
+}
+
+async fn a_page_whose_node_dies_stays_on_its_live_gateway(transport: &str) {
     let _one = ONE_BROWSER_AT_A_TIME.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("federation.db");
@@ -774,7 +806,7 @@ async fn a_page_whose_node_dies_stays_on_its_live_gateway_and_is_not_resumed_els
     let browser = Browser::launch().await;
     let page = browser
         .open(&a.api_url(&format!(
-            "/play?key={API_KEY}&game=arena&width=320&height=180&fps=30&autostart=1&transport=webtransport&resume_after_ms=500"
+            "/play?key={API_KEY}&game=arena&width=320&height=180&fps=30&autostart=1&transport={transport}&resume_after_ms=500"
         )))
         .await;
     // The page takes 500 ms without frames as silence, well before A pauses the session for
