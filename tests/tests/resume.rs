@@ -18,16 +18,22 @@ use nearpath_protocol::{ClientError, PlayParams, ServerVerify};
 use nearpath_tests::wt_client::{self, WtClientError, WtPlayer};
 use std::time::{Duration, Instant};
 
+/// The origin of a `/play` page served by one gateway of the federation, which both list in
+/// `http.cors_allowed_origins`.
+const PAGE_ORIGIN: &str = "http://play.example";
+
 /// Gateways A and B in one federation on a shared SQLite store.
 async fn federation() -> (tempfile::TempDir, TestGateway, TestGateway) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("federation.db");
     let a = TestGateway::start_at(path.clone(), |c| {
         c.federation.gateway_id = Some("a".into());
+        c.http.cors_allowed_origins = vec![PAGE_ORIGIN.into()];
     })
     .await;
     let b = TestGateway::start_at(path, |c| {
         c.federation.gateway_id = Some("b".into());
+        c.http.cors_allowed_origins = vec![PAGE_ORIGIN.into()];
     })
     .await;
     (dir, a, b)
@@ -593,9 +599,42 @@ async fn a_whep_session_resumes_through_another_gateway_with_its_id_size_and_cod
     .await;
     let resumed_metric = r#"nearpath_game_sessions_total{transport="webrtc",outcome="resumed"}"#;
     let resume = format!("{id}:{token}");
-    let (status, h, body) =
-        whep_offer(away, API_KEY, &[("nearpath-resume", resume.as_bytes())]).await;
+    // A page served by the lost gateway asks first whether it may send the header.
+    let whep_url = away.api_url("/v1/games/arena/whep");
+    let (status, pre, _) = away
+        .http
+        .request(
+            "OPTIONS",
+            &whep_url,
+            None,
+            None,
+            &[
+                ("origin", PAGE_ORIGIN),
+                ("access-control-request-method", "POST"),
+                (
+                    "access-control-request-headers",
+                    "authorization, content-type, nearpath-resume",
+                ),
+            ],
+        )
+        .await;
+    assert_eq!(status, 204);
+    let allowed = pre["access-control-allow-headers"].to_str().unwrap();
+    assert!(allowed.contains("nearpath-resume"), "{allowed}");
+    let (status, h, body) = whep_offer(
+        away,
+        API_KEY,
+        &[
+            ("nearpath-resume", resume.as_bytes()),
+            ("origin", PAGE_ORIGIN.as_bytes()),
+        ],
+    )
+    .await;
     assert_eq!(status, 201, "{body}");
+    // The page reads the new token across origins.
+    assert_eq!(h["access-control-allow-origin"], PAGE_ORIGIN);
+    let exposed = h["access-control-expose-headers"].to_str().unwrap();
+    assert!(exposed.contains("Nearpath-Resume-Token"), "{exposed}");
     assert!(body.starts_with("v=0"), "an SDP answer: {body:.40}");
     assert_eq!(whep_session_id(&h), id, "the session keeps its id");
     let next = h["nearpath-resume-token"].to_str().unwrap().to_string();
