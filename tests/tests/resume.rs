@@ -492,6 +492,16 @@ async fn whep_offer(
     key: &str,
     extra: &[(&str, &[u8])],
 ) -> (u16, hyper::HeaderMap, String) {
+    whep_offer_of(gw, key, extra, CHROMIUM_OFFER).await
+}
+
+/// [`whep_offer`] with `offer` as the SDP.
+async fn whep_offer_of(
+    gw: &TestGateway,
+    key: &str,
+    extra: &[(&str, &[u8])],
+    offer: &str,
+) -> (u16, hyper::HeaderMap, String) {
     use http_body_util::BodyExt;
     let client: hyper_util::client::legacy::Client<_, http_body_util::Full<bytes::Bytes>> =
         hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
@@ -507,7 +517,7 @@ async fn whep_offer(
     }
     let req = b
         .body(http_body_util::Full::new(bytes::Bytes::from(
-            CHROMIUM_OFFER,
+            offer.to_string(),
         )))
         .unwrap();
     let resp = tokio::time::timeout(Duration::from_secs(20), client.request(req))
@@ -518,6 +528,54 @@ async fn whep_offer(
     let h = resp.headers().clone();
     let body = resp.into_body().collect().await.unwrap().to_bytes();
     (status, h, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// Chromium's offer without H.264 (and the retransmission formats that go with it): a browser
+/// that cannot decode the codec a session was started in.
+fn offer_without_h264() -> String {
+    let attr_pt = |l: &str| -> Option<String> {
+        let rest = l
+            .strip_prefix("a=rtpmap:")
+            .or_else(|| l.strip_prefix("a=fmtp:"))
+            .or_else(|| l.strip_prefix("a=rtcp-fb:"))?;
+        Some(rest.split(' ').next()?.to_string())
+    };
+    let mut h264: Vec<String> = CHROMIUM_OFFER
+        .lines()
+        .filter(|l| l.starts_with("a=rtpmap:") && l.contains(" H264/"))
+        .filter_map(attr_pt)
+        .collect();
+    let rtx: Vec<String> = CHROMIUM_OFFER
+        .lines()
+        .filter(|l| {
+            l.starts_with("a=fmtp:")
+                && l.split("apt=")
+                    .nth(1)
+                    .is_some_and(|apt| h264.iter().any(|p| p == apt.trim()))
+        })
+        .filter_map(attr_pt)
+        .collect();
+    h264.extend(rtx);
+    let mut out = String::new();
+    for l in CHROMIUM_OFFER.lines() {
+        if attr_pt(l).is_some_and(|pt| h264.contains(&pt)) {
+            continue;
+        }
+        if let Some(rest) = l.strip_prefix("m=video ") {
+            let kept: Vec<&str> = rest
+                .split(' ')
+                .enumerate()
+                .filter(|(i, f)| *i < 2 || !h264.iter().any(|p| p == f))
+                .map(|(_, f)| f)
+                .collect();
+            out.push_str(&format!("m=video {}\r\n", kept.join(" ")));
+            continue;
+        }
+        out.push_str(l);
+        out.push_str("\r\n");
+    }
+    assert!(!out.contains(" H264/"), "{out}");
+    out
 }
 
 /// The session id in an answered offer's `Location` (`/v1/sessions/{id}`).
@@ -773,6 +831,20 @@ async fn whep_resumes_with_forged_tokens_other_keys_or_bad_headers_are_refused_a
     )
     .await;
     assert_eq!(status, 400, "a repeated header: {body}");
+    // The right token with an offer that cannot decode the session's codec (H.264): 422, as
+    // for a redirected session, and nothing taken over.
+    let (status, _, body) = whep_offer_of(
+        &b,
+        API_KEY,
+        &[("nearpath-resume", good.as_bytes())],
+        &offer_without_h264(),
+    )
+    .await;
+    assert_eq!(
+        (status, error_code(&body)),
+        (422, "unsupported_codec".into()),
+        "{body}"
+    );
     // The right token at the gateway still running the session: retry later, no second copy.
     let (status, h, body) = whep_offer(&a, API_KEY, &[("nearpath-resume", good.as_bytes())]).await;
     assert_eq!(
