@@ -54,8 +54,15 @@ struct GatewayProcess {
 }
 
 impl GatewayProcess {
-    /// Starts gateway `name` on `ip` (ports 0) with `store`, and waits for its listening line.
-    fn start(dir: &std::path::Path, name: &str, ip: &str, store: &std::path::Path) -> Self {
+    /// Starts gateway `name` on `ip` (ports 0) with `store` and `edit`'s changes, and waits
+    /// for its listening line.
+    fn start(
+        dir: &std::path::Path,
+        name: &str,
+        ip: &str,
+        store: &std::path::Path,
+        edit: impl FnOnce(&mut nearpath_config::GatewayConfig),
+    ) -> Self {
         use std::io::BufRead;
         let cert = nearpath_protocol::tls::self_signed(&["localhost".to_string(), ip.to_string()])
             .unwrap();
@@ -73,6 +80,7 @@ impl GatewayProcess {
         cfg.federation.gateway_id = Some(name.into());
         cfg.log.format = nearpath_config::LogFormat::Json;
         cfg.log.level = "info".into();
+        edit(&mut cfg);
         let file = dir.join(format!("{name}.toml"));
         std::fs::write(&file, toml::to_string(&cfg).unwrap()).unwrap();
         let mut child = std::process::Command::new(std::env::current_exe().unwrap())
@@ -177,6 +185,120 @@ fn num(v: &Value, k: &str) -> f64 {
     v.get(k).and_then(Value::as_f64).unwrap_or(0.0)
 }
 
+/// Gateways A and B as separate processes on one SQLite store, and the game's node, attached
+/// to A, that moves to B (through a 30 ms relay) when A dies; A lists both gateways.
+struct KillableFederation {
+    a: GatewayProcess,
+    b: GatewayProcess,
+    node: TestNode,
+    http: Http,
+    _to_b: nearpath_tests::impair::UdpRelay,
+    _dir: tempfile::TempDir,
+}
+
+impl KillableFederation {
+    async fn start() -> KillableFederation {
+        use nearpath_gateway::store::{KycStatus, SqliteStore, Store};
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("federation.db");
+        let token = {
+            let store = SqliteStore::open(&db).unwrap();
+            let op = store
+                .create_operator("op-fed", KycStatus::Verified)
+                .unwrap();
+            let (_, token) = store.create_enrolment_token(&op.id).unwrap();
+            store
+                .insert_api_key_secret(API_KEY, "tenant-fed", 100_000, 100_000_000)
+                .unwrap();
+            token
+        };
+        let a = GatewayProcess::start(dir.path(), "a", "127.0.0.21", &db, |_| {});
+        // A page served by A that moves to B calls B's API from A's origin (WebRTC's offer,
+        // trickle, stats and DELETE; WebTransport needs only `/v1/webtransport`, open to all).
+        let a_origin = format!("http://{}", a.http);
+        let b = GatewayProcess::start(dir.path(), "b", "127.0.0.22", &db, |c| {
+            c.http.cors_allowed_origins = vec![a_origin];
+        });
+        // The node reaches A directly and B through a 30 ms relay, so it registers with A and
+        // moves to B when A dies.
+        let to_b = nearpath_tests::impair::UdpRelay::start(
+            "127.0.0.1:0".parse().unwrap(),
+            b.quic,
+            ip(DE),
+            7,
+        )
+        .await
+        .unwrap();
+        to_b.set_both(nearpath_tests::impair::Impairment::delay(30.0));
+        let mut cfg = nearpath_config::NodeConfig::new(
+            nearpath_config::NodeIdentity {
+                id: "n-game".into(),
+                enrolment_token: Some(token),
+            },
+            nearpath_config::NodeGatewayConfig::pinned("unused:1", "0".repeat(64)),
+        );
+        cfg.gateway.address = String::new();
+        cfg.gateway.addresses = vec![a.quic.to_string(), to_b.addr().to_string()];
+        cfg.gateway.pinned_cert_sha256 = None;
+        cfg.gateway.pinned_cert_sha256s = vec![sha256_hex(&a.sha), sha256_hex(&b.sha)];
+        cfg.games = vec![GameEntry {
+            title: "arena".into(),
+            source: GameSource::Builtin {},
+        }];
+        cfg.capacity.game_sessions = 1;
+        let mut node = TestNode::start(cfg, ip(DE));
+        match node
+            .wait_status(|s| matches!(s, NodeStatus::Registered { .. }))
+            .await
+        {
+            NodeStatus::Registered { gateway, .. } => assert_eq!(gateway, a.quic.to_string()),
+            _ => unreachable!(),
+        }
+        // Both gateways are in the directory, as the page will read it.
+        let http = Http::new();
+        eventually("A to list both gateways", Duration::from_secs(10), || {
+            let http = &http;
+            let url = format!("http://{}/v1/gateways", a.http);
+            async move {
+                let (status, body) = http.get(&url, Some(API_KEY)).await;
+                let v: Value = serde_json::from_str(&body).ok()?;
+                (status == 200 && v["data"].as_array()?.len() == 2).then_some(())
+            }
+        })
+        .await;
+        // And A offers the game, as the page's picker will read it.
+        eventually("A to offer arena", Duration::from_secs(10), || {
+            let http = &http;
+            let url = format!("http://{}/v1/games", a.http);
+            async move {
+                let (status, body) = http.get(&url, Some(API_KEY)).await;
+                let v: Value = serde_json::from_str(&body).ok()?;
+                let offered = v["data"].as_array()?.iter().any(|g| g["id"] == "arena");
+                (status == 200 && offered).then_some(())
+            }
+        })
+        .await;
+        KillableFederation {
+            a,
+            b,
+            node,
+            http,
+            _to_b: to_b,
+            _dir: dir,
+        }
+    }
+}
+
+/// `/play` of `arena` at 320x180, 30 fps through `a` over `transport`, started at once.
+async fn open_play(browser: &Browser, a: &GatewayProcess, transport: &str) -> cdp::Page {
+    browser
+        .open(&format!(
+            "http://{}/play?key={API_KEY}&game=arena&width=320&height=180&fps=30&autostart=1&transport={transport}&resume_window_ms=8000",
+            a.http
+        ))
+        .await
+}
+
 /// Guards `/play`'s resume over WebTransport: the gateway the page plays through is killed
 /// (SIGKILL), the page shows the pause banner, resumes the same session through the other
 /// gateway (`PlayResume` with its token) and decodes frames again, within a few seconds; its
@@ -185,74 +307,17 @@ fn num(v: &Value, k: &str) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_page_resumes_its_webtransport_session_through_another_gateway_when_its_gateway_is_killed(
 ) {
-    use nearpath_gateway::store::{KycStatus, SqliteStore, Store};
     let _one = ONE_BROWSER_AT_A_TIME.lock().await;
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("federation.db");
-    let token = {
-        let store = SqliteStore::open(&db).unwrap();
-        let op = store
-            .create_operator("op-fed", KycStatus::Verified)
-            .unwrap();
-        let (_, token) = store.create_enrolment_token(&op.id).unwrap();
-        store
-            .insert_api_key_secret(API_KEY, "tenant-fed", 100_000, 100_000_000)
-            .unwrap();
-        token
-    };
-    let mut a = GatewayProcess::start(dir.path(), "a", "127.0.0.21", &db);
-    let mut b = GatewayProcess::start(dir.path(), "b", "127.0.0.22", &db);
-    // The node reaches A directly and B through a 30 ms relay, so it registers with A and
-    // moves to B when A dies.
-    let to_b =
-        nearpath_tests::impair::UdpRelay::start("127.0.0.1:0".parse().unwrap(), b.quic, ip(DE), 7)
-            .await
-            .unwrap();
-    to_b.set_both(nearpath_tests::impair::Impairment::delay(30.0));
-    let mut cfg = nearpath_config::NodeConfig::new(
-        nearpath_config::NodeIdentity {
-            id: "n-game".into(),
-            enrolment_token: Some(token),
-        },
-        nearpath_config::NodeGatewayConfig::pinned("unused:1", "0".repeat(64)),
-    );
-    cfg.gateway.address = String::new();
-    cfg.gateway.addresses = vec![a.quic.to_string(), to_b.addr().to_string()];
-    cfg.gateway.pinned_cert_sha256 = None;
-    cfg.gateway.pinned_cert_sha256s = vec![sha256_hex(&a.sha), sha256_hex(&b.sha)];
-    cfg.games = vec![GameEntry {
-        title: "arena".into(),
-        source: GameSource::Builtin {},
-    }];
-    cfg.capacity.game_sessions = 1;
-    let mut node = TestNode::start(cfg, ip(DE));
-    match node
-        .wait_status(|s| matches!(s, NodeStatus::Registered { .. }))
-        .await
-    {
-        NodeStatus::Registered { gateway, .. } => assert_eq!(gateway, a.quic.to_string()),
-        _ => unreachable!(),
-    }
-    // Both gateways are in the directory, as the page will read it.
-    let http = Http::new();
-    eventually("A to list both gateways", Duration::from_secs(10), || {
-        let http = &http;
-        let url = format!("http://{}/v1/gateways", a.http);
-        async move {
-            let (status, body) = http.get(&url, Some(API_KEY)).await;
-            let v: Value = serde_json::from_str(&body).ok()?;
-            (status == 200 && v["data"].as_array()?.len() == 2).then_some(())
-        }
-    })
-    .await;
-
+    let KillableFederation {
+        mut a,
+        mut b,
+        node,
+        http,
+        _to_b,
+        _dir,
+    } = KillableFederation::start().await;
     let browser = Browser::launch().await;
-    let page = browser
-        .open(&format!(
-            "http://{}/play?key={API_KEY}&game=arena&width=320&height=180&fps=30&autostart=1&transport=webtransport&resume_window_ms=8000",
-            a.http
-        ))
-        .await;
+    let page = open_play(&browser, &a, "webtransport").await;
     let before = wait_state(
         &page,
         "30 frames decoded through A, with the federation listed",
@@ -337,6 +402,196 @@ async fn the_page_resumes_its_webtransport_session_through_another_gateway_when_
     .await;
     assert_eq!(gave_up["lost"], 2, "{gave_up}");
     assert_eq!(gave_up["resumes"], 1, "{gave_up}");
+    drop(browser);
+    node.stop().await.unwrap();
+}
+
+/// What the page says about a resumed WebRTC session right now, with the current peer
+/// connection's decoded frames (not the once-a-second stats).
+const RTC_NOW: &str =
+    "(async () => { const np = window.nearpath; return { transport: np.transport, \
+     resumes: np.resumes, gateway: np.gateway && np.gateway.id, session: np.session, \
+     decodedNow: await np.framesDecoded() }; })()";
+
+/// Issue 13, item 5 (`/play` does the same, over WebRTC): the page plays over WebRTC (WHEP)
+/// through A, which is killed with SIGKILL. The page notices the silence, shows the pause
+/// banner, and resumes the same session through B with a new WHEP offer carrying
+/// `Nearpath-Resume` (the token A gave in `Nearpath-Resume-Token`); frames decode again within
+/// a few seconds, and the stats line and `window.nearpath` name B. The page's stats POSTs and
+/// its DELETE then go to B, from A's origin (B's `http.cors_allowed_origins` lists it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_resumes_its_webrtc_session_through_another_gateway_when_its_gateway_is_killed() {
+    let _one = ONE_BROWSER_AT_A_TIME.lock().await;
+    let KillableFederation {
+        mut a,
+        b,
+        node,
+        http,
+        _to_b,
+        _dir,
+    } = KillableFederation::start().await;
+    let browser = Browser::launch().await;
+    let page = open_play(&browser, &a, "webrtc").await;
+    let before = wait_state(
+        &page,
+        "30 frames decoded through A over WebRTC, with the federation listed",
+        Duration::from_secs(30),
+        |v| {
+            num(v, "decoded") >= 30.0
+                && v["gateway"] == "a"
+                && v["statsGateway"] == "a"
+                && v["gateways"] == serde_json::json!(["a", "b"])
+        },
+    )
+    .await;
+    let now = page.eval(RTC_NOW).await.unwrap();
+    assert_eq!(now["transport"], "webrtc", "{now}");
+    let session = before["session"].as_str().unwrap().to_string();
+
+    let killed = Instant::now();
+    a.kill9();
+    let paused = wait_state(&page, "the pause banner", Duration::from_secs(5), |v| {
+        v["bannerShown"] == true && v["lost"].as_u64() == Some(1)
+    })
+    .await;
+    let banner_after = killed.elapsed();
+    assert!(
+        paused["banner"].as_str().unwrap().contains("resuming"),
+        "{paused}"
+    );
+    // The first frame decoded by the peer connection made with B.
+    let first = loop {
+        let v = page.eval(RTC_NOW).await.unwrap_or(Value::Null);
+        if v["resumes"] == 1 && num(&v, "decodedNow") >= 1.0 {
+            break v;
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(15),
+            "no frame decoded through B; page: {v}, {}",
+            page.eval(FED_STATE).await.unwrap_or(Value::Null)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let took = killed.elapsed();
+    assert_eq!(
+        first["session"],
+        session.as_str(),
+        "same session id: {first}"
+    );
+    assert_eq!(first["gateway"], "b", "{first}");
+    let resumed = wait_state(
+        &page,
+        "the resumed session's stats naming B",
+        Duration::from_secs(10),
+        |v| v["statsGateway"] == "b" && num(v, "decoded") >= 10.0,
+    )
+    .await;
+    assert_eq!(resumed["session"], session.as_str());
+    assert_eq!(resumed["state"], "connected", "{resumed}");
+    assert_eq!(resumed["bannerShown"], false, "{resumed}");
+    let keyframes = page
+        .eval("window.nearpath.stats.keyFramesDecoded")
+        .await
+        .unwrap();
+    assert!(
+        keyframes.as_u64().unwrap_or(0) >= 1,
+        "the new peer connection decoded a keyframe: {keyframes}"
+    );
+    assert!(
+        took < Duration::from_secs(8),
+        "decoding again {took:?} after the kill"
+    );
+    eprintln!(
+        "page resume over WebRTC through another gateway: banner {} ms, first frame decoded {} ms after SIGKILL",
+        banner_after.as_millis(),
+        took.as_millis()
+    );
+    // B runs it for a WebRTC player, and the page's stats reach B across origins.
+    let id: u64 = session.parse().unwrap();
+    let row = |listed: Value| {
+        listed["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["id"].as_u64() == Some(id))
+            .cloned()
+    };
+    let started = Instant::now();
+    loop {
+        let r = row(b.admin_get(&http, "/admin/sessions").await)
+            .unwrap_or_else(|| panic!("B does not run session {session}"));
+        assert_eq!(r["transport"], "webrtc", "{r}");
+        if r["client_stats"]["resumes"] == 1 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the page's stats never reached B: {r}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Stopping ends the session at B (the DELETE goes to B).
+    page.eval("window.nearpath.stop().then(() => true)")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    while row(b.admin_get(&http, "/admin/sessions").await).is_some() {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "B still runs the session after the page stopped it"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(browser);
+    node.stop().await.unwrap();
+}
+
+/// Guards the page's give-up over WebRTC: both gateways are killed, so no gateway takes the
+/// session (B's offer fails to connect, round after round); within the resume window the page
+/// says the session could not be resumed, having shown the banner at once, and resumed nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_says_so_when_its_webrtc_session_cannot_be_resumed_anywhere() {
+    let _one = ONE_BROWSER_AT_A_TIME.lock().await;
+    let KillableFederation {
+        mut a,
+        mut b,
+        node,
+        _to_b,
+        _dir,
+        ..
+    } = KillableFederation::start().await;
+    let browser = Browser::launch().await;
+    let page = open_play(&browser, &a, "webrtc").await;
+    wait_state(
+        &page,
+        "30 frames decoded through A over WebRTC, with the federation listed",
+        Duration::from_secs(30),
+        |v| num(v, "decoded") >= 30.0 && v["gateways"] == serde_json::json!(["a", "b"]),
+    )
+    .await;
+    b.kill9();
+    a.kill9();
+    wait_state(&page, "the pause banner", Duration::from_secs(5), |v| {
+        v["bannerShown"] == true && v["lost"].as_u64() == Some(1)
+    })
+    .await;
+    // The window is 8 s (`resume_window_ms`), then the page says so.
+    let gave_up = wait_state(
+        &page,
+        "the page to say the session could not be resumed",
+        Duration::from_secs(20),
+        |v| {
+            v["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("could not be resumed through any gateway"))
+        },
+    )
+    .await;
+    assert_eq!(gave_up["resumes"], 0, "{gave_up}");
+    assert!(
+        gave_up["error"].as_str().unwrap().contains("b: "),
+        "the reason names the gateway tried: {gave_up}"
+    );
     drop(browser);
     node.stop().await.unwrap();
 }
@@ -493,6 +748,18 @@ async fn the_page_follows_a_redirect_over_webtransport_and_plays_on_the_peer() {
 /// answers, so the session stays on A, decodes again there, and B never takes it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_page_whose_node_dies_stays_on_its_live_gateway_and_is_not_resumed_elsewhere() {
+    a_page_whose_node_dies_stays_on_its_live_gateway("webtransport").await;
+}
+
+/// The same over WebRTC: the page's silence rule (no data channel message for
+/// `resume_after_ms`) fires while A fails the session over, A answers over HTTP, and the session
+/// stays on A's peer connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webrtc_page_whose_node_dies_stays_on_its_live_gateway_and_is_not_resumed_elsewhere() {
+    a_page_whose_node_dies_stays_on_its_live_gateway("webrtc").await;
+}
+
+async fn a_page_whose_node_dies_stays_on_its_live_gateway(transport: &str) {
     let _one = ONE_BROWSER_AT_A_TIME.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("federation.db");
@@ -539,7 +806,7 @@ async fn a_page_whose_node_dies_stays_on_its_live_gateway_and_is_not_resumed_els
     let browser = Browser::launch().await;
     let page = browser
         .open(&a.api_url(&format!(
-            "/play?key={API_KEY}&game=arena&width=320&height=180&fps=30&autostart=1&transport=webtransport&resume_after_ms=500"
+            "/play?key={API_KEY}&game=arena&width=320&height=180&fps=30&autostart=1&transport={transport}&resume_after_ms=500"
         )))
         .await;
     // The page takes 500 ms without frames as silence, well before A pauses the session for

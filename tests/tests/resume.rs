@@ -18,16 +18,22 @@ use nearpath_protocol::{ClientError, PlayParams, ServerVerify};
 use nearpath_tests::wt_client::{self, WtClientError, WtPlayer};
 use std::time::{Duration, Instant};
 
+/// The origin of a `/play` page served by one gateway of the federation, which both list in
+/// `http.cors_allowed_origins`.
+const PAGE_ORIGIN: &str = "http://play.example";
+
 /// Gateways A and B in one federation on a shared SQLite store.
 async fn federation() -> (tempfile::TempDir, TestGateway, TestGateway) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("federation.db");
     let a = TestGateway::start_at(path.clone(), |c| {
         c.federation.gateway_id = Some("a".into());
+        c.http.cors_allowed_origins = vec![PAGE_ORIGIN.into()];
     })
     .await;
     let b = TestGateway::start_at(path, |c| {
         c.federation.gateway_id = Some("b".into());
+        c.http.cors_allowed_origins = vec![PAGE_ORIGIN.into()];
     })
     .await;
     (dir, a, b)
@@ -472,5 +478,427 @@ async fn webtransport_resumes_with_a_forged_token_another_key_or_an_unknown_sess
     assert_eq!(listed["data"].as_array().unwrap().len(), 0, "{listed}");
     frames(&mut session, 3).await;
     session.close("done").await.unwrap();
+    node.stop().await.unwrap();
+}
+
+/// What headless Chromium offers on `/play` (H.264, Opus, the input data channel).
+const CHROMIUM_OFFER: &str = include_str!("../browser/chromium-156-offer.sdp");
+
+/// A WHEP offer of `arena` (320x180 at 30 fps) to `gw` with the API key `key` and `extra`
+/// headers (`Nearpath-Resume`, ...), from FR_CLIENT behind the trusted local proxy: (status,
+/// headers, body).
+async fn whep_offer(
+    gw: &TestGateway,
+    key: &str,
+    extra: &[(&str, &[u8])],
+) -> (u16, hyper::HeaderMap, String) {
+    whep_offer_of(gw, key, extra, CHROMIUM_OFFER).await
+}
+
+/// [`whep_offer`] with `offer` as the SDP.
+async fn whep_offer_of(
+    gw: &TestGateway,
+    key: &str,
+    extra: &[(&str, &[u8])],
+    offer: &str,
+) -> (u16, hyper::HeaderMap, String) {
+    use http_body_util::BodyExt;
+    let client: hyper_util::client::legacy::Client<_, http_body_util::Full<bytes::Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http();
+    let mut b = hyper::Request::builder()
+        .method("POST")
+        .uri(gw.api_url("/v1/games/arena/whep?width=320&height=180&fps=30"))
+        .header("authorization", format!("Bearer {key}"))
+        .header("content-type", "application/sdp")
+        .header("x-forwarded-for", FR_CLIENT.0);
+    for (k, v) in extra {
+        b = b.header(*k, hyper::header::HeaderValue::from_bytes(v).unwrap());
+    }
+    let req = b
+        .body(http_body_util::Full::new(bytes::Bytes::from(
+            offer.to_string(),
+        )))
+        .unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(20), client.request(req))
+        .await
+        .expect("the offer is answered")
+        .unwrap();
+    let status = resp.status().as_u16();
+    let h = resp.headers().clone();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, h, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// Chromium's offer without H.264 (and the retransmission formats that go with it): a browser
+/// that cannot decode the codec a session was started in.
+fn offer_without_h264() -> String {
+    let attr_pt = |l: &str| -> Option<String> {
+        let rest = l
+            .strip_prefix("a=rtpmap:")
+            .or_else(|| l.strip_prefix("a=fmtp:"))
+            .or_else(|| l.strip_prefix("a=rtcp-fb:"))?;
+        Some(rest.split(' ').next()?.to_string())
+    };
+    let mut h264: Vec<String> = CHROMIUM_OFFER
+        .lines()
+        .filter(|l| l.starts_with("a=rtpmap:") && l.contains(" H264/"))
+        .filter_map(attr_pt)
+        .collect();
+    let rtx: Vec<String> = CHROMIUM_OFFER
+        .lines()
+        .filter(|l| {
+            l.starts_with("a=fmtp:")
+                && l.split("apt=")
+                    .nth(1)
+                    .is_some_and(|apt| h264.iter().any(|p| p == apt.trim()))
+        })
+        .filter_map(attr_pt)
+        .collect();
+    h264.extend(rtx);
+    let mut out = String::new();
+    for l in CHROMIUM_OFFER.lines() {
+        if attr_pt(l).is_some_and(|pt| h264.contains(&pt)) {
+            continue;
+        }
+        if let Some(rest) = l.strip_prefix("m=video ") {
+            let kept: Vec<&str> = rest
+                .split(' ')
+                .enumerate()
+                .filter(|(i, f)| *i < 2 || !h264.iter().any(|p| p == f))
+                .map(|(_, f)| f)
+                .collect();
+            out.push_str(&format!("m=video {}\r\n", kept.join(" ")));
+            continue;
+        }
+        out.push_str(l);
+        out.push_str("\r\n");
+    }
+    assert!(!out.contains(" H264/"), "{out}");
+    out
+}
+
+/// The session id in an answered offer's `Location` (`/v1/sessions/{id}`).
+fn whep_session_id(h: &hyper::HeaderMap) -> u64 {
+    let loc = h["location"].to_str().unwrap();
+    loc.strip_prefix("/v1/sessions/")
+        .and_then(|id| id.parse().ok())
+        .unwrap_or_else(|| panic!("Location {loc}"))
+}
+
+/// The error code of a refused offer's JSON body.
+fn error_code(body: &str) -> String {
+    let v: serde_json::Value = serde_json::from_str(body).unwrap_or_else(|_| panic!("{body}"));
+    v["error"]["code"].as_str().unwrap_or("").to_string()
+}
+
+/// Issue 13, item 5 (`/play` over WebRTC): a WHEP player of a federation gets its session's
+/// resume token (`Nearpath-Resume-Token`, readable cross-origin), and when its gateway is lost
+/// an offer to another gateway with `Nearpath-Resume: {id}:{token}` takes the same session
+/// over, as a native `PlayResume` does: same id, the session's size and codec, metered as
+/// `outcome="resumed"`, a fresh token, and the old token spent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_whep_session_resumes_through_another_gateway_with_its_id_size_and_codec() {
+    let (_dir, a, b) = federation().await;
+    let node_to_a = relay_from(&a, DE, 21).await;
+    let node_to_b = relay_from(&b, DE, 22).await;
+    let mut cfg = a.node_config("n-game", &a.token);
+    cfg.gateway.address = String::new();
+    cfg.gateway.addresses = vec![node_to_a.addr().to_string(), node_to_b.addr().to_string()];
+    cfg.gateway.pinned_cert_sha256 = None;
+    cfg.gateway.pinned_cert_sha256s = vec![sha256_hex(&a.sha), sha256_hex(&b.sha)];
+    cfg.games = vec![GameEntry {
+        title: "arena".into(),
+        source: GameSource::Builtin {},
+    }];
+    cfg.capacity.game_sessions = 1;
+    let mut node = TestNode::start(cfg, ip(DE));
+    let at = match node
+        .wait_status(|s| matches!(s, nearpath_edge_node::NodeStatus::Registered { .. }))
+        .await
+    {
+        nearpath_edge_node::NodeStatus::Registered { gateway, .. } => gateway,
+        _ => unreachable!(),
+    };
+    let (home, away, node_home) = if at == node_to_a.addr().to_string() {
+        (&a, &b, &node_to_a)
+    } else {
+        (&b, &a, &node_to_b)
+    };
+
+    let (status, h, body) = whep_offer(home, API_KEY, &[]).await;
+    assert_eq!(status, 201, "{body}");
+    let id = whep_session_id(&h);
+    let token = h
+        .get("nearpath-resume-token")
+        .expect("a federated gateway hands a WHEP player a resume token")
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(token.len(), 64);
+    let before = home.store.get_session_dir(id).unwrap().expect("published");
+
+    // The home gateway's node link dies; the node moves to the other gateway, where the
+    // player's new offer resumes the session.
+    node_home.blackout_forever();
+    // A player notices the silence after a second (the page's rule); by then the node has
+    // moved. (Before it has, the resume is refused as natively: no node serves the game
+    // there yet.)
+    let away_relay = if std::ptr::eq(away, &a) {
+        &node_to_a
+    } else {
+        &node_to_b
+    }
+    .addr()
+    .to_string();
+    node.wait_status(|s| {
+        matches!(s, nearpath_edge_node::NodeStatus::Registered { gateway, .. } if *gateway == away_relay)
+    })
+    .await;
+    let resumed_metric = r#"nearpath_game_sessions_total{transport="webrtc",outcome="resumed"}"#;
+    let resume = format!("{id}:{token}");
+    // A page served by the lost gateway asks first whether it may send the header.
+    let whep_url = away.api_url("/v1/games/arena/whep");
+    let (status, pre, _) = away
+        .http
+        .request(
+            "OPTIONS",
+            &whep_url,
+            None,
+            None,
+            &[
+                ("origin", PAGE_ORIGIN),
+                ("access-control-request-method", "POST"),
+                (
+                    "access-control-request-headers",
+                    "authorization, content-type, nearpath-resume",
+                ),
+            ],
+        )
+        .await;
+    assert_eq!(status, 204);
+    let allowed = pre["access-control-allow-headers"].to_str().unwrap();
+    assert!(allowed.contains("nearpath-resume"), "{allowed}");
+    let (status, h, body) = whep_offer(
+        away,
+        API_KEY,
+        &[
+            ("nearpath-resume", resume.as_bytes()),
+            ("origin", PAGE_ORIGIN.as_bytes()),
+        ],
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    // The page reads the new token across origins.
+    assert_eq!(h["access-control-allow-origin"], PAGE_ORIGIN);
+    let exposed = h["access-control-expose-headers"].to_str().unwrap();
+    assert!(exposed.contains("Nearpath-Resume-Token"), "{exposed}");
+    assert!(body.starts_with("v=0"), "an SDP answer: {body:.40}");
+    assert_eq!(whep_session_id(&h), id, "the session keeps its id");
+    let next = h["nearpath-resume-token"].to_str().unwrap().to_string();
+    assert_ne!(next, token, "each gateway hands out its own token");
+    assert_eq!(admin_metric(away, resumed_metric).await, 1.0);
+    let after = admin_game_session(away, id)
+        .await
+        .expect("the other gateway holds the session");
+    assert_eq!(after["transport"], "webrtc", "{after}");
+    let entry = away.store.get_session_dir(id).unwrap().expect("published");
+    assert_eq!(
+        entry.gateway_id,
+        if std::ptr::eq(away, &a) { "a" } else { "b" }
+    );
+    assert_eq!(
+        (
+            entry.game,
+            entry.width,
+            entry.height,
+            entry.fps,
+            entry.codec
+        ),
+        (
+            before.game,
+            before.width,
+            before.height,
+            before.fps,
+            before.codec
+        ),
+        "the session's game, size and codec are kept"
+    );
+
+    // The old token is spent, and the new one is refused at the gateway that runs the session
+    // (it is live there), as natively.
+    let (status, _, body) =
+        whep_offer(away, API_KEY, &[("nearpath-resume", resume.as_bytes())]).await;
+    assert_eq!(
+        (status, error_code(&body)),
+        (403, "bad_resume".into()),
+        "{body}"
+    );
+    let live = format!("{id}:{next}");
+    let (status, h, body) =
+        whep_offer(away, API_KEY, &[("nearpath-resume", live.as_bytes())]).await;
+    assert_eq!(
+        (status, error_code(&body)),
+        (503, "resume_conflict".into()),
+        "{body}"
+    );
+    assert!(h.contains_key("retry-after"));
+    assert_eq!(admin_metric(away, resumed_metric).await, 1.0);
+    node.stop().await.unwrap();
+}
+
+/// Hostile `Nearpath-Resume` offers get the native answers and start nothing: a forged token,
+/// another key's, an unknown or ended session, a token of the wrong shape → 403 `bad_resume`
+/// (what a native `PlayResume` gets); a wrong key → 401; an over-long, non-ASCII, repeated or
+/// malformed header → 400; the token of a session still live on the gateway asked → 503
+/// `resume_conflict`. No refused offer leaves a session (or a port) behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whep_resumes_with_forged_tokens_other_keys_or_bad_headers_are_refused_as_natively() {
+    let (_dir, a, b) = federation().await;
+    let mut cfg = a.node_config("n-game", &a.token);
+    cfg.games = vec![GameEntry {
+        title: "arena".into(),
+        source: GameSource::Builtin {},
+    }];
+    let mut node = TestNode::start(cfg, ip(DE));
+    node.registered().await;
+    let (status, h, body) = whep_offer(&a, API_KEY, &[]).await;
+    assert_eq!(status, 201, "{body}");
+    let id = whep_session_id(&h);
+    let token = h["nearpath-resume-token"].to_str().unwrap().to_string();
+
+    let (_, other_key) = b
+        .store
+        .create_api_key("tenant-other", 100, 100_000)
+        .unwrap();
+    let mut wrong = token.clone().into_bytes();
+    wrong[0] = if wrong[0] == b'0' { b'1' } else { b'0' };
+    let wrong = String::from_utf8(wrong).unwrap();
+    let at_b_native = native_client(&b, FR_CLIENT).await;
+    let native = |r: Result<nearpath_protocol::PlaySession, ClientError>| match r {
+        Err(ClientError::Refused { code, .. }) => code,
+        other => panic!("native: {:?}", other.map(|s| *s.started())),
+    };
+    // Each refused the same way over WHEP and natively.
+    let cases: [(&str, u64, &str, u16, &str); 7] = [
+        (API_KEY, id, wrong.as_str(), 403, "bad_resume"),
+        (other_key.as_str(), id, token.as_str(), 403, "bad_resume"),
+        (API_KEY, id ^ 1, token.as_str(), 403, "bad_resume"),
+        (API_KEY, id + 1000, token.as_str(), 403, "bad_resume"),
+        (API_KEY, id, "not-hex", 403, "bad_resume"),
+        (API_KEY, 0, token.as_str(), 403, "bad_resume"),
+        ("npk_nosuchkey", id, token.as_str(), 401, "invalid_api_key"),
+    ];
+    for (key, sid, tok, want_status, want_code) in cases {
+        let header = format!("{sid}:{tok}");
+        let (status, h, body) =
+            whep_offer(&b, key, &[("nearpath-resume", header.as_bytes())]).await;
+        assert_eq!(
+            (status, error_code(&body).as_str()),
+            (want_status, want_code),
+            "key {key:.8}, session {sid}, token {tok:.16}: {body}"
+        );
+        if want_code == "bad_resume" {
+            assert_eq!(h["x-should-retry"], "false", "{body}");
+            assert_eq!(
+                native(at_b_native.resume(key, sid, tok).await),
+                "bad_resume"
+            );
+        }
+    }
+    // Malformed headers are the client's fault, before any lookup.
+    let long = format!("{id}:{}", "a".repeat(1_000));
+    let non_ascii = format!("{id}:{token}\u{e9}");
+    let malformed: [&[u8]; 5] = [
+        long.as_bytes(),
+        non_ascii.as_bytes(),
+        token.as_bytes(),
+        b"x:0123",
+        b"",
+    ];
+    for v in malformed {
+        let (status, _, body) = whep_offer(&b, API_KEY, &[("nearpath-resume", v)]).await;
+        assert_eq!(status, 400, "{:.40}: {body}", String::from_utf8_lossy(v));
+    }
+    let good = format!("{id}:{token}");
+    let (status, _, body) = whep_offer(
+        &b,
+        API_KEY,
+        &[
+            ("nearpath-resume", good.as_bytes()),
+            ("nearpath-resume", good.as_bytes()),
+        ],
+    )
+    .await;
+    assert_eq!(status, 400, "a repeated header: {body}");
+    // The right token with an offer that cannot decode the session's codec (H.264): 422, as
+    // for a redirected session, and nothing taken over.
+    let (status, _, body) = whep_offer_of(
+        &b,
+        API_KEY,
+        &[("nearpath-resume", good.as_bytes())],
+        &offer_without_h264(),
+    )
+    .await;
+    assert_eq!(
+        (status, error_code(&body)),
+        (422, "unsupported_codec".into()),
+        "{body}"
+    );
+    // The right token at the gateway still running the session: retry later, no second copy.
+    let (status, h, body) = whep_offer(&a, API_KEY, &[("nearpath-resume", good.as_bytes())]).await;
+    assert_eq!(
+        (status, error_code(&body)),
+        (503, "resume_conflict".into()),
+        "{body}"
+    );
+    assert_eq!(h["retry-after"], "3");
+    // Nothing was allocated: B holds no session, A holds the one it had.
+    let listed = b.admin_get("/admin/sessions").await;
+    assert_eq!(listed["data"].as_array().unwrap().len(), 0, "{listed}");
+    let listed = a.admin_get("/admin/sessions").await;
+    assert_eq!(listed["data"].as_array().unwrap().len(), 1, "{listed}");
+    assert_eq!(
+        admin_metric(
+            &b,
+            r#"nearpath_game_sessions_total{transport="webrtc",outcome="bad_resume"}"#
+        )
+        .await,
+        6.0
+    );
+
+    // A session that ended cannot be resumed: its entry is gone.
+    let auth = format!("Bearer {API_KEY}");
+    let (status, _, _) = a
+        .http
+        .request(
+            "DELETE",
+            &a.api_url(&format!("/v1/sessions/{id}")),
+            None,
+            None,
+            &[("authorization", auth.as_str())],
+        )
+        .await;
+    assert_eq!(status, 200);
+    eventually(
+        "the ended session's entry is gone",
+        Duration::from_secs(10),
+        || async {
+            let (status, _, body) =
+                whep_offer(&b, API_KEY, &[("nearpath-resume", good.as_bytes())]).await;
+            (status == 403 && error_code(&body) == "bad_resume").then_some(())
+        },
+    )
+    .await;
+
+    // A standalone gateway has no sessions directory: the native refusal.
+    let solo = TestGateway::start(|_| {}).await;
+    let (status, _, body) =
+        whep_offer(&solo, API_KEY, &[("nearpath-resume", good.as_bytes())]).await;
+    assert_eq!(
+        (status, error_code(&body)),
+        (403, "bad_resume".into()),
+        "{body}"
+    );
     node.stop().await.unwrap();
 }

@@ -17,5 +17,6 @@ pub mod session;
 
 pub use crate::relay::*;
 pub use service::{
-    bad_ticket, session_params, GameService, Placed, BAD_TICKET, NODE_ANSWER_TIMEOUT,
+    bad_ticket, session_params, GameService, Placed, BAD_RESUME, BAD_TICKET, NODE_ANSWER_TIMEOUT,
+    RESUME_CONFLICT,
 };

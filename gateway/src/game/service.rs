@@ -1616,6 +1616,65 @@ impl GameService {
         self.run_play(conn, ctl_tx, ctl_rx, started).await
     }
 
+    /// The sessions-directory entry a resume names, if `key` may resume it with `token`: the
+    /// checks every transport's resume makes (native `PlayResume`, WebTransport, and a WHEP
+    /// offer with `Nearpath-Resume`), with the same errors. A forged or spent token, another
+    /// key's session, an unknown id and a token of the wrong shape all get the same
+    /// `bad_resume`, so nothing can be probed; each is counted under `transport`.
+    pub async fn resume_entry(
+        &self,
+        key: &ApiKey,
+        session_id: u64,
+        token: &str,
+        transport: &'static str,
+    ) -> Result<SessionDirEntry, CoreError> {
+        let bad = || {
+            CoreError::new(
+                Kind::Forbidden,
+                BAD_RESUME,
+                "no session to resume with this id, key and token",
+            )
+            .with_retryable(false)
+        };
+        let Some(federation) = self.federation.clone() else {
+            return Err(CoreError::new(
+                Kind::Forbidden,
+                BAD_RESUME,
+                "this gateway is not in a federation: sessions cannot move to it",
+            )
+            .with_retryable(false));
+        };
+        let token_ok = token.len() == RESUME_TOKEN_LEN
+            && token
+                .bytes()
+                .all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f'));
+        if !token_ok || session_id == 0 {
+            self.count_start(transport, BAD_RESUME);
+            return Err(bad());
+        }
+        let entry = match federation.lookup_session(session_id).await {
+            Ok(e) => e,
+            Err(e) => {
+                warn!(error = %e, "sessions directory unreadable");
+                return Err(CoreError::new(
+                    Kind::Unavailable,
+                    "store_unavailable",
+                    "the sessions directory cannot be read; try again",
+                )
+                .with_retry_after_s(1));
+            }
+        };
+        let hash = crate::store::hash_secret(token);
+        let Some(entry) = entry.filter(|e| {
+            crate::ticket::ct_eq(e.resume_token_sha256.as_bytes(), hash.as_bytes())
+                && e.key_id == key.id
+        }) else {
+            self.count_start(transport, BAD_RESUME);
+            return Err(bad());
+        };
+        Ok(entry)
+    }
+
     /// Serves a `PlayResume` (a player whose gateway died resumes its session here) on a
     /// native client's bidi stream until the session ends. The key must be the session's and
     /// the token its latest; then the session continues under its id ([`Self::start_resumed`]).
@@ -1643,14 +1702,6 @@ impl GameService {
         ctl_rx: FramedRecv,
         req: PlayResume,
     ) {
-        let bad = || {
-            CoreError::new(
-                Kind::Forbidden,
-                BAD_RESUME,
-                "no session to resume with this id, key and token",
-            )
-            .with_retryable(false)
-        };
         let key: ApiKey = match self.authenticate(Some(&req.api_key)).await {
             Ok(k) => k,
             Err(e) => {
@@ -1659,45 +1710,17 @@ impl GameService {
                 return;
             }
         };
-        let Some(federation) = self.federation.clone() else {
-            let e = CoreError::new(
-                Kind::Forbidden,
-                BAD_RESUME,
-                "this gateway is not in a federation: sessions cannot move to it",
-            )
-            .with_retryable(false);
-            return refuse_play(&mut ctl_tx, e).await;
-        };
-        let token_ok = req.token.len() == RESUME_TOKEN_LEN
-            && req
-                .token
-                .bytes()
-                .all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f'));
-        if !token_ok || req.session_id == 0 {
-            self.count_start(transport, BAD_RESUME);
-            return refuse_play(&mut ctl_tx, bad()).await;
-        }
-        let entry = match federation.lookup_session(req.session_id).await {
+        let entry = match self
+            .resume_entry(&key, req.session_id, &req.token, transport)
+            .await
+        {
             Ok(e) => e,
             Err(e) => {
-                warn!(error = %e, "sessions directory unreadable");
-                let e = CoreError::new(
-                    Kind::Unavailable,
-                    "store_unavailable",
-                    "the sessions directory cannot be read; try again",
-                )
-                .with_retry_after_s(1);
+                if e.code == BAD_RESUME {
+                    warn!(client = %conn.remote_address(), session = req.session_id, "resume refused");
+                }
                 return refuse_play(&mut ctl_tx, e).await;
             }
-        };
-        let hash = crate::store::hash_secret(&req.token);
-        let Some(entry) = entry.filter(|e| {
-            crate::ticket::ct_eq(e.resume_token_sha256.as_bytes(), hash.as_bytes())
-                && e.key_id == key.id
-        }) else {
-            warn!(client = %conn.remote_address(), session = req.session_id, "resume refused");
-            self.count_start(transport, BAD_RESUME);
-            return refuse_play(&mut ctl_tx, bad()).await;
         };
         let ip = conn.remote_address().ip();
         let started = match self

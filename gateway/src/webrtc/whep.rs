@@ -175,6 +175,19 @@ pub enum WhepError {
     /// another client, key, gateway or node (403, not retryable with the same ticket).
     #[error("{message}")]
     BadTicket { message: String },
+    /// A resume (`Nearpath-Resume`) this gateway does not honour: a forged, spent or
+    /// malformed token, another key's session, an unknown one, or a gateway outside a
+    /// federation (403, not retryable), the native `bad_resume`.
+    #[error("{message}")]
+    BadResume { message: String },
+    /// The session cannot be had right now (`resume_conflict`: it still runs on this gateway;
+    /// `store_unavailable`: the sessions directory cannot be read): 503 with `Retry-After`.
+    #[error("{message}")]
+    Unavailable {
+        code: &'static str,
+        message: String,
+        retry_after_s: u32,
+    },
     /// The browser's offer lists no video codec that both the gateway sends browsers
     /// (`game.browser_codecs`) and a node that may serve the session encodes (422).
     #[error("{message}")]
@@ -266,6 +279,16 @@ impl WhepError {
                 None,
                 message.clone(),
             ),
+            WhepError::BadResume { message } => ApiError::new(
+                403,
+                "permission_denied",
+                Some(crate::game::BAD_RESUME),
+                None,
+                message.clone(),
+            ),
+            WhepError::Unavailable { code, message, .. } => {
+                ApiError::new(503, "server_error", Some(*code), None, message.clone())
+            }
             WhepError::UnsupportedCodec { message } => ApiError::new(
                 422,
                 "invalid_request_error",
@@ -281,7 +304,8 @@ impl WhepError {
     pub fn retry_after_s(&self) -> Option<u32> {
         match self {
             WhepError::NoCapacity { .. } | WhepError::NoUdpPort { .. } => Some(2),
-            WhepError::KeyCap { retry_after_s, .. } => Some(*retry_after_s),
+            WhepError::KeyCap { retry_after_s, .. }
+            | WhepError::Unavailable { retry_after_s, .. } => Some(*retry_after_s),
             WhepError::LedgerUnavailable { .. } => Some(1),
             _ => None,
         }
@@ -293,6 +317,22 @@ impl WhepError {
             Kind::Geofence => WhepError::Geofence { message: e.message },
             Kind::Forbidden if e.code == crate::game::BAD_TICKET => {
                 WhepError::BadTicket { message: e.message }
+            }
+            Kind::Forbidden if e.code == crate::game::BAD_RESUME => {
+                WhepError::BadResume { message: e.message }
+            }
+            Kind::Unavailable
+                if e.code == crate::game::RESUME_CONFLICT || e.code == "store_unavailable" =>
+            {
+                WhepError::Unavailable {
+                    code: if e.code == crate::game::RESUME_CONFLICT {
+                        crate::game::RESUME_CONFLICT
+                    } else {
+                        "store_unavailable"
+                    },
+                    message: e.message,
+                    retry_after_s: e.retry_after_s.unwrap_or(1),
+                }
             }
             Kind::NotFound => WhepError::UnknownGame {
                 title: title.to_string(),
@@ -390,7 +430,9 @@ fn add_cors(r: &mut Resp, origin: Option<HeaderValue>) {
     h.insert(hyper::header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
     h.insert(
         hyper::header::ACCESS_CONTROL_EXPOSE_HEADERS,
-        HeaderValue::from_static("Location, Link, ETag, Retry-After, x-request-id"),
+        HeaderValue::from_static(
+            "Location, Link, ETag, Retry-After, x-request-id, Nearpath-Resume-Token",
+        ),
     );
     if specific {
         h.append(hyper::header::VARY, HeaderValue::from_static("Origin"));
@@ -412,7 +454,8 @@ fn preflight(w: &Whep, headers: &HeaderMap, methods: &'static str) -> Resp {
         h.insert(
             hyper::header::ACCESS_CONTROL_ALLOW_HEADERS,
             HeaderValue::from_static(
-                "authorization, content-type, if-match, traceparent, x-request-id",
+                "authorization, content-type, if-match, traceparent, x-request-id, \
+                 nearpath-redirect, nearpath-resume",
             ),
         );
         h.insert(
@@ -639,6 +682,7 @@ async fn whep_post(
 ) -> Result<Resp, WhepError> {
     let key = authenticate(w, &req).await?;
     content_type_is(req.headers(), SDP_CONTENT_TYPE)?;
+    let resume = resume_header(req.headers())?;
     let mut play = play_request(title, req.uri().query())?;
     // The browser's (or its page's) W3C trace context: the session's spans join its trace. An
     // invalid one is ignored, as on the native wire, and the gateway starts a trace.
@@ -677,9 +721,41 @@ async fn whep_post(
         frames: frames_tx,
         audio: audio_tx,
     };
-    let started = match query_ticket(req_query.as_deref()) {
+    let started = match (resume, query_ticket(req_query.as_deref())) {
+        // A player whose gateway was lost resumes its session here, as a native `PlayResume`
+        // does: the same checks and errors, the session's id, game, size and codec.
+        (Some((session_id, token)), _) => {
+            let entry = w
+                .games
+                .resume_entry(&key, session_id, &token, "webrtc")
+                .await
+                .map_err(|e| WhepError::from_core(title, e))?;
+            if entry.game != title {
+                return Err(WhepError::BadRequest {
+                    reason: format!("session {session_id} plays {}, not {title}", entry.game),
+                    param: Some("title"),
+                });
+            }
+            // The browser decodes what the session was started in; an offer without it
+            // cannot take the session over.
+            if !accepted.contains(&entry.codec) {
+                return Err(WhepError::UnsupportedCodec {
+                    message: format!(
+                        "the resumed session is {}, which the offer does not list",
+                        entry.codec
+                    ),
+                });
+            }
+            let started = w
+                .games
+                .start_resumed(&key, &entry, location, client.to_string(), "webrtc", sink)
+                .await
+                .map_err(|e| WhepError::from_core(title, e))?;
+            params = started.params.clone();
+            started
+        }
         // A peer redirected this client here: the ticket names the node and the parameters.
-        Some(ticket) => {
+        (None, Some(ticket)) => {
             let f = w.games.federation().ok_or_else(|| WhepError::BadTicket {
                 message: "this gateway is not in a federation".into(),
             })?;
@@ -713,7 +789,7 @@ async fn whep_post(
                 .await
                 .map_err(|e| WhepError::from_core(title, e))?
         }
-        None => match w
+        (None, None) => match w
             .games
             .place_session(
                 &key,
@@ -745,6 +821,7 @@ async fn whep_post(
         }
     };
     let id = started.session_id;
+    let resume_token = started.resume_token.clone();
     let counters = Arc::new(Counters::default());
     counters
         .target_kbps
@@ -788,6 +865,11 @@ async fn whep_post(
     if let Ok(v) = HeaderValue::from_str(&format!("/v1/sessions/{id}")) {
         h.insert(hyper::header::LOCATION, v);
     }
+    // In a federation: what resumes this session through another gateway if this one is
+    // lost (`Nearpath-Resume: {id}:{token}` on an offer there).
+    if let Some(v) = resume_token.and_then(|t| HeaderValue::from_str(&t).ok()) {
+        h.insert(NEARPATH_RESUME_TOKEN.clone(), v);
+    }
     for uri in &w.games.config().ice_servers {
         if let Ok(v) = HeaderValue::from_str(&format!("<{uri}>; rel=\"ice-server\"")) {
             h.append(hyper::header::LINK, v);
@@ -800,6 +882,48 @@ async fn whep_post(
 /// a browser following a cross-origin 307 drops the `Authorization` header, so the page
 /// re-sends the offer with it to the `location` it is given.
 static NEARPATH_REDIRECT: HeaderName = HeaderName::from_static("nearpath-redirect");
+
+/// The request header of an offer that resumes a session whose gateway was lost:
+/// `{session_id}:{resume_token}` (the id from the session's `Location`, the token from its
+/// `Nearpath-Resume-Token`).
+static NEARPATH_RESUME: HeaderName = HeaderName::from_static("nearpath-resume");
+
+/// The response header of an answered offer in a federation: the session's resume token.
+static NEARPATH_RESUME_TOKEN: HeaderName = HeaderName::from_static("nearpath-resume-token");
+
+/// The longest `Nearpath-Resume` value read: a u64 id, a colon and a 64-digit token, with room
+/// to spare; anything longer is malformed, not a wrong token.
+const MAX_RESUME_HEADER: usize = 128;
+
+/// The session id and token of an offer's `Nearpath-Resume`, if it has one. A value that is
+/// over-long, not visible ASCII, or not `{id}:{token}` is a 400; a token of the wrong shape is
+/// left to [`GameService::resume_entry`], which refuses it as it refuses any wrong token.
+fn resume_header(headers: &HeaderMap) -> Result<Option<(u64, String)>, WhepError> {
+    let mut values = headers.get_all(&NEARPATH_RESUME).iter();
+    let Some(v) = values.next() else {
+        return Ok(None);
+    };
+    let bad = |reason: &str| WhepError::BadRequest {
+        reason: format!("Nearpath-Resume {reason}; it must be {{session_id}}:{{resume_token}}"),
+        param: Some("nearpath-resume"),
+    };
+    if values.next().is_some() {
+        return Err(bad("is repeated"));
+    }
+    if v.len() > MAX_RESUME_HEADER {
+        return Err(bad(&format!("is over {MAX_RESUME_HEADER} bytes")));
+    }
+    let text = v
+        .to_str()
+        .ok()
+        .filter(|t| t.bytes().all(|c| c.is_ascii_graphic()))
+        .ok_or_else(|| bad("is not visible ASCII"))?;
+    let (id, token) = text.split_once(':').ok_or_else(|| bad("has no colon"))?;
+    let id: u64 = id
+        .parse()
+        .map_err(|_| bad("does not start with a session id"))?;
+    Ok(Some((id, token.to_string())))
+}
 
 /// The W3C trace context header an offer may carry.
 static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
@@ -1063,7 +1187,7 @@ mod tests {
 
     #[test]
     fn a_session_the_core_could_not_start_gets_the_whep_status_of_its_kind() {
-        let cases: [(CoreError, u16, Option<&str>, Option<u32>); 7] = [
+        let cases: [(CoreError, u16, Option<&str>, Option<u32>); 10] = [
             (
                 CoreError::new(Kind::Geofence, "geofence", "geofence: rule r: no"),
                 403,
@@ -1105,6 +1229,32 @@ mod tests {
                 Some(1),
             ),
             (CoreError::bad_request("odd size", None), 400, None, None),
+            // A refused resume: the native codes, with the native retry advice.
+            (
+                CoreError::new(Kind::Forbidden, crate::game::BAD_RESUME, "no session")
+                    .with_retryable(false),
+                403,
+                Some(crate::game::BAD_RESUME),
+                None,
+            ),
+            (
+                CoreError::new(
+                    Kind::Unavailable,
+                    crate::game::RESUME_CONFLICT,
+                    "still here",
+                )
+                .with_retry_after_s(3),
+                503,
+                Some(crate::game::RESUME_CONFLICT),
+                Some(3),
+            ),
+            (
+                CoreError::new(Kind::Unavailable, "store_unavailable", "store down")
+                    .with_retry_after_s(1),
+                503,
+                Some("store_unavailable"),
+                Some(1),
+            ),
         ];
         for (core, status, code, retry_after) in cases {
             let w = WhepError::from_core("arena", core.clone());
@@ -1112,6 +1262,47 @@ mod tests {
             assert_eq!(api.status, status, "{core:?}");
             assert_eq!(api.code.as_deref(), code, "{core:?}");
             assert_eq!(w.retry_after_s(), retry_after, "{core:?}");
+        }
+    }
+
+    /// Hostile `Nearpath-Resume` values are 400s before any lookup; a well-formed one is read
+    /// as is (its token's shape is judged with the token, as natively).
+    #[test]
+    fn resume_headers_are_read_and_malformed_ones_refused() {
+        let with = |values: &[&[u8]]| {
+            let mut h = HeaderMap::new();
+            for v in values {
+                h.append(&NEARPATH_RESUME, HeaderValue::from_bytes(v).unwrap());
+            }
+            resume_header(&h)
+        };
+        assert!(matches!(with(&[]), Ok(None)));
+        let token = "ab".repeat(32);
+        let good = format!("42:{token}");
+        assert_eq!(with(&[good.as_bytes()]).unwrap(), Some((42, token.clone())));
+        assert_eq!(
+            with(&[b"7:not-hex"]).unwrap(),
+            Some((7, "not-hex".to_string()))
+        );
+        let long = format!("1:{}", "a".repeat(MAX_RESUME_HEADER));
+        let bad: [&[&[u8]]; 8] = [
+            &[long.as_bytes()],
+            &["1:abc\u{e9}".as_bytes()],
+            &[b"1:ab cd"],
+            &[b""],
+            &[token.as_bytes()],
+            &[b"x:ab"],
+            &[b"18446744073709551616:ab"],
+            &[good.as_bytes(), good.as_bytes()],
+        ];
+        for v in bad {
+            match with(v) {
+                Err(WhepError::BadRequest {
+                    param: Some("nearpath-resume"),
+                    ..
+                }) => {}
+                other => panic!("{v:?}: {other:?}"),
+            }
         }
     }
 
