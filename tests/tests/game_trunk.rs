@@ -1,0 +1,467 @@
+//! Game sessions across a federation through the gateway-to-gateway trunk
+//! (`federation.game_route = "trunk"`, issue 13): two gateways sharing one store and one
+//! directory, the only game node attached to B, native players at A. A runs the session (its
+//! relay, caps, billing); B splices its node's session stream, frames, audio and input onto the
+//! trunk connection A dialled.
+//!
+//! The gateway and node directories are an in-memory fake both gateways read; everything else
+//! is real: QUIC with pinned certificates both ways, the node protocol, the shared ledger.
+
+mod common;
+
+use common::*;
+use nearpath_gateway::store::{GatewayRecord, NodeDirEntry, StoreError, UsageKind};
+use nearpath_gateway::trunk::FleetSource;
+use nearpath_protocol::message::{
+    GameParams, Message, Open, PeerOpen, RefuseCode, SessionKind, VideoCodec,
+};
+use nearpath_protocol::stream::{send, FramedRecv};
+use nearpath_protocol::tls::{sha256_hex, TransportOptions};
+use nearpath_protocol::{
+    ControlEvent, InputDatagram, InputEvent, PlayParams, ALPN_PEER, MAX_REQUEST_FRAME,
+    PROTOCOL_VERSION,
+};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// The federation's directories, shared by the gateways of a test.
+#[derive(Default)]
+struct Fleet {
+    gateways: Mutex<Vec<GatewayRecord>>,
+    nodes: Mutex<Vec<NodeDirEntry>>,
+}
+
+/// One gateway's view of the [`Fleet`], counting its reads.
+struct Reader {
+    fleet: Arc<Fleet>,
+    reads: Arc<AtomicU64>,
+}
+
+impl FleetSource for Reader {
+    fn gateways(&self) -> Result<Vec<GatewayRecord>, StoreError> {
+        Ok(self.fleet.gateways.lock().unwrap().clone())
+    }
+
+    fn node_directory(&self) -> Result<Vec<NodeDirEntry>, StoreError> {
+        self.reads.fetch_add(1, Ordering::SeqCst);
+        Ok(self.fleet.nodes.lock().unwrap().clone())
+    }
+}
+
+fn now_ms() -> u64 {
+    nearpath_gateway::clock::system_unix_ms()
+}
+
+const HOUR_MS: u64 = 3_600_000;
+
+#[derive(Clone)]
+struct Member {
+    id: String,
+    quic: SocketAddr,
+    http: SocketAddr,
+    sha: [u8; 32],
+    operator_id: String,
+    reads: Arc<AtomicU64>,
+}
+
+impl Member {
+    fn record(&self, expires_at_ms: u64) -> GatewayRecord {
+        GatewayRecord {
+            id: self.id.clone(),
+            region: format!("region-{}", self.id),
+            lat: 50.0,
+            lon: 8.0,
+            quic_address: self.quic.to_string(),
+            http_url: format!("http://{}", self.http),
+            cert_sha256: sha256_hex(&self.sha),
+            version: "0.1.0".into(),
+            started_at_ms: now_ms(),
+            heartbeat_at_ms: now_ms(),
+            expires_at_ms,
+        }
+    }
+
+    /// Waits until the gateway has read the directory twice from now (so it applied it).
+    async fn read_directory(&self) {
+        let from = self.reads.load(Ordering::SeqCst);
+        eventually("a directory read", Duration::from_secs(10), || async {
+            (self.reads.load(Ordering::SeqCst) >= from + 2).then_some(())
+        })
+        .await;
+    }
+}
+
+/// A federated gateway `id` reading `fleet`, relaying games over the trunk (`trunk_games`) or
+/// redirecting them. Raw nodes answer no heartbeats: the node heartbeat is long.
+async fn federated(
+    path: PathBuf,
+    id: &str,
+    fleet: &Arc<Fleet>,
+    trunk_games: bool,
+) -> (TestGateway, Member) {
+    let reads = Arc::new(AtomicU64::new(0));
+    let reader = Arc::new(Reader {
+        fleet: fleet.clone(),
+        reads: reads.clone(),
+    });
+    let gw = TestGateway::start_prepared(
+        path,
+        |c| {
+            c.federation.gateway_id = Some(id.to_string());
+            c.federation.node_directory_interval_ms = 20;
+            c.federation.heartbeat_ms = 750;
+            c.federation.lease_ms = 3_000;
+            if trunk_games {
+                c.federation.game_route = nearpath_config::CrossRoute::Trunk;
+            }
+            c.nodes.heartbeat_ms = 60_000;
+        },
+        |g| g.with_fleet_source(reader),
+    )
+    .await;
+    let member = Member {
+        id: id.to_string(),
+        quic: gw.addrs.quic,
+        http: gw.addrs.http,
+        sha: gw.sha,
+        operator_id: gw.operator_id.clone(),
+        reads,
+    };
+    (gw, member)
+}
+
+/// The node directory entry `member` publishes for its game node `id` in Germany.
+fn published(member: &Member, id: &str) -> NodeDirEntry {
+    NodeDirEntry {
+        node_id: id.into(),
+        operator_id: member.operator_id.clone(),
+        gateway_id: member.id.clone(),
+        country: Some("DE".into()),
+        lat: Some(DE.2),
+        lon: Some(DE.3),
+        gpu_classes: vec![],
+        models: vec![],
+        games: vec!["arena".into()],
+        inference_slots: 0,
+        inference_free: 0,
+        game_slots: 2,
+        game_free: 2,
+        accepting: true,
+        verification: "unverified".into(),
+        updated_at_ms: now_ms(),
+        encoders: Vec::new(),
+        model_caps: Vec::new(),
+        subdivision: None,
+    }
+}
+
+fn small(game: &str) -> PlayParams {
+    PlayParams {
+        game: game.into(),
+        width: 320,
+        height: 180,
+        fps: 30,
+        bitrate_kbps: 1000,
+    }
+}
+
+/// The next input datagram the node receives within `within`, if any.
+async fn node_input(node: &RawNode, within: Duration) -> Option<InputDatagram> {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let d = tokio::time::timeout_at(deadline, node.conn.read_datagram())
+            .await
+            .ok()?
+            .ok()?;
+        if let Ok(i) = InputDatagram::decode(&d) {
+            return Some(i);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_native_client_at_a_is_served_by_bs_only_node_over_the_trunk_and_billed_once_by_a() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("fleet.db");
+    let fleet = Arc::new(Fleet::default());
+    let (gw_b, b) = federated(path.clone(), "gw-b", &fleet, true).await;
+    let (gw_a, a) = federated(path, "gw-a", &fleet, true).await;
+    *fleet.gateways.lock().unwrap() =
+        vec![a.record(now_ms() + HOUR_MS), b.record(now_ms() + HOUR_MS)];
+    let node = raw_game_node(&gw_b, "b-1", ip(DE), &gw_b.token, &["arena"], 2).await;
+    *fleet.nodes.lock().unwrap() = vec![published(&b, "b-1")];
+    a.read_directory().await;
+    b.read_directory().await;
+
+    let c = native_client(&gw_a, FR_CLIENT).await;
+    let (s, g) = tokio::join!(c.play(API_KEY, small("arena")), node.accept_game());
+    let mut s = s.unwrap();
+    // Not redirected: the session lives on A, with the id the node was opened with.
+    assert!(s.redirect().is_none());
+    assert_eq!(s.gateway(), gw_a.addrs.quic);
+    assert_eq!(s.started().session_id, g.session_id);
+
+    // Frames from B's node reach the player at A through the trunk, the first a keyframe.
+    for seq in 0..30u64 {
+        node.send_video_frame(g.session_id, seq, &[0, 0, 0, 1, 0x65, seq as u8])
+            .await
+            .unwrap();
+        let f = tokio::time::timeout(Duration::from_secs(5), s.next_frame())
+            .await
+            .expect("frame in time")
+            .unwrap()
+            .expect("a frame");
+        assert_eq!((f.header.session_id, f.header.seq), (g.session_id, seq));
+        assert_eq!(f.header.keyframe, seq == 0);
+        assert_eq!(&f.payload[..], &[0, 0, 0, 1, 0x65, seq as u8]);
+    }
+    // The player's input reaches the node on B.
+    let sent = s
+        .send_input(InputEvent::Key {
+            code: 30,
+            down: true,
+        })
+        .unwrap();
+    let got = node_input(&node, Duration::from_secs(5))
+        .await
+        .expect("the input reached the node");
+    assert_eq!((got.session_id, got.seq), (g.session_id, sent));
+
+    // A runs the session; B holds none of its own.
+    assert!(admin_game_session(&gw_a, g.session_id).await.is_some());
+    assert!(admin_game_session(&gw_b, g.session_id).await.is_none());
+
+    s.close("done").await.unwrap();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), s.next_control()).await {
+            Ok(Ok(Some(ControlEvent::Ended(_)))) | Ok(Ok(None)) | Ok(Err(_)) => break,
+            Ok(Ok(Some(_))) => continue,
+            Err(_) => panic!("no Ended after Close"),
+        }
+    }
+    // Billed once, by A, for the node on B: one final usage row in the shared store.
+    let id = format!("game_{}", g.session_id);
+    let row = eventually(
+        "the session's final usage row",
+        Duration::from_secs(10),
+        || async {
+            let rows: Vec<_> = gw_a
+                .store
+                .list_usage(100)
+                .unwrap()
+                .into_iter()
+                .filter(|u| u.kind == UsageKind::Game && u.request_id.starts_with(&id))
+                .collect();
+            (rows.len() == 1 && rows[0].outcome != "in_progress").then(|| rows[0].clone())
+        },
+    )
+    .await;
+    assert_eq!(row.node_id, "b-1");
+    assert_eq!(row.frames, 30, "{row:?}");
+    // A counts exactly one session, ended `ok` (not redirected); B counts none.
+    let counted = |page: String| -> Vec<String> {
+        page.lines()
+            .filter(|l| l.starts_with("nearpath_game_sessions_total{") && !l.ends_with(" 0"))
+            .map(str::to_string)
+            .collect()
+    };
+    assert_eq!(
+        counted(gw_a.admin_get_text("/metrics").await),
+        vec!["nearpath_game_sessions_total{transport=\"quic\",outcome=\"ok\"} 1".to_string()]
+    );
+    assert_eq!(counted(gw_b.admin_get_text("/metrics").await), Vec::<String>::new());
+    // The node's session ended with A's: B relayed the Close.
+    let mut g = g;
+    match tokio::time::timeout(Duration::from_secs(5), g.recv.next()).await {
+        Ok(Ok(Some(Message::Close(_)))) | Ok(Ok(None)) | Ok(Err(_)) => {}
+        other => panic!("the node's session did not end: {other:?}"),
+    }
+    drop(g);
+    gw_a.stop().await;
+    gw_b.stop().await;
+}
+
+/// Dials `to` over the trunk ALPN presenting `identity` and returns the connection.
+async fn dial_peer(to: &Member, cert: &nearpath_gateway::tls::CertPair) -> quinn::Connection {
+    let config = nearpath_protocol::tls::client_config_with_identity(
+        to.sha,
+        &[ALPN_PEER],
+        &TransportOptions::default(),
+        cert.chain.clone(),
+        cert.key.clone_key(),
+    )
+    .unwrap();
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint
+        .connect_with(config, to.quic, "localhost")
+        .unwrap()
+        .await
+        .unwrap()
+}
+
+fn arena_open(session_id: u64) -> Message {
+    Message::Open(Open {
+        session_id,
+        kind: SessionKind::Game(GameParams {
+            title: "arena".into(),
+            width: 320,
+            height: 180,
+            fps: 30,
+            bitrate_kbps: 1000,
+            codec: VideoCodec::H264,
+            traceparent: None,
+        }),
+    })
+}
+
+/// Opens a trunk stream to `node_id` with `open`; returns the stream halves.
+async fn trunk_open(
+    conn: &quinn::Connection,
+    node_id: &str,
+    open: &Message,
+) -> (quinn::SendStream, FramedRecv) {
+    let (mut tx, rx) = conn.open_bi().await.unwrap();
+    let peer_open = Message::PeerOpen(PeerOpen {
+        protocol_version: PROTOCOL_VERSION,
+        node_id: node_id.into(),
+    });
+    send(&mut tx, &peer_open).await.unwrap();
+    send(&mut tx, open).await.unwrap();
+    (tx, FramedRecv::new(rx, MAX_REQUEST_FRAME))
+}
+
+async fn refused(rx: &mut FramedRecv) -> (RefuseCode, String) {
+    match tokio::time::timeout(Duration::from_secs(10), rx.next())
+        .await
+        .expect("an answer in time")
+    {
+        Ok(Some(Message::Refused(r))) => (r.code, r.reason),
+        other => panic!("expected Refused, got {other:?}"),
+    }
+}
+
+fn input(session_id: u64, seq: u64) -> bytes::Bytes {
+    InputDatagram {
+        session_id,
+        seq,
+        sent_ts_us: unix_micros_now(),
+        event: InputEvent::Key {
+            code: 1,
+            down: true,
+        },
+    }
+    .encode()
+    .into()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peers_game_over_the_trunk_reaches_only_its_own_session_and_ids_in_use_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let fleet = Arc::new(Fleet::default());
+    let (gw_b, b) = federated(dir.path().join("fleet.db"), "gw-b", &fleet, true).await;
+    let node = raw_game_node(&gw_b, "b-1", ip(DE), &gw_b.token, &["arena"], 4).await;
+    // A genuine, live peer: what it asks for is what is checked.
+    let peer_cert = nearpath_gateway::tls::self_signed(&["localhost"]).unwrap();
+    let mut peer = b.record(now_ms() + HOUR_MS);
+    peer.id = "gw-t".into();
+    peer.cert_sha256 = peer_cert.sha256_hex();
+    *fleet.gateways.lock().unwrap() = vec![b.record(now_ms() + HOUR_MS), peer];
+    b.read_directory().await;
+    let conn = dial_peer(&b, &peer_cert).await;
+
+    // A session of B's own on the node: a peer may never name its id.
+    let player = native_client(&gw_b, FR_CLIENT).await;
+    let (own, own_node) = tokio::join!(player.play(API_KEY, small("arena")), node.accept_game());
+    let own = own.unwrap();
+    let (_tx, mut rx) = trunk_open(&conn, "b-1", &arena_open(own_node.session_id)).await;
+    let (code, reason) = refused(&mut rx).await;
+    assert_eq!(code, RefuseCode::Busy, "{reason}");
+    assert!(reason.contains("in use"), "{reason}");
+
+    // A game the node does not serve is refused.
+    let other = Message::Open(Open {
+        session_id: 11,
+        kind: SessionKind::Game(GameParams {
+            title: "chess".into(),
+            width: 320,
+            height: 180,
+            fps: 30,
+            bitrate_kbps: 1000,
+            codec: VideoCodec::H264,
+            traceparent: None,
+        }),
+    });
+    let (_tx2, mut rx2) = trunk_open(&conn, "b-1", &other).await;
+    assert_eq!(refused(&mut rx2).await.0, RefuseCode::UnknownWorkload);
+
+    // The peer's own session: opened on the node and relayed.
+    let sid = 0x5eed_0000_0000_0001u64;
+    let (mut ptx, mut prx) = trunk_open(&conn, "b-1", &arena_open(sid)).await;
+    let (ntx, mut nrx, open) = node.accept_session().await;
+    assert_eq!(open.session_id, sid);
+    match tokio::time::timeout(Duration::from_secs(5), prx.next()).await {
+        Ok(Ok(Some(Message::Accepted(a)))) => assert_eq!(a.session_id, sid),
+        other => panic!("expected Accepted, got {other:?}"),
+    }
+    // The same id again while it runs: refused.
+    let (_tx3, mut rx3) = trunk_open(&conn, "b-1", &arena_open(sid)).await;
+    assert_eq!(refused(&mut rx3).await.0, RefuseCode::Busy);
+
+    // Input for B's own session and for an unknown one is dropped; the peer's own goes through
+    // (sent last, so that the drops were decided before it arrived).
+    conn.send_datagram(input(own_node.session_id, 1)).unwrap();
+    conn.send_datagram(input(0xdead_beef, 1)).unwrap();
+    conn.send_datagram(bytes::Bytes::from_static(b"\x01not input"))
+        .unwrap();
+    conn.send_datagram(input(sid, 7)).unwrap();
+    let got = node_input(&node, Duration::from_secs(5))
+        .await
+        .expect("the peer's input for its session");
+    assert_eq!((got.session_id, got.seq), (sid, 7));
+
+    // The node's frames of the peer's session go to the peer over the trunk.
+    node.send_video_frame(sid, 0, &[0, 0, 0, 1, 0x65]).await.unwrap();
+    let mut uni = tokio::time::timeout(Duration::from_secs(5), conn.accept_uni())
+        .await
+        .expect("a frame stream in time")
+        .unwrap();
+    let header = nearpath_protocol::stream::recv_frame_header(&mut uni)
+        .await
+        .unwrap();
+    assert_eq!((header.session_id, header.seq), (sid, 0));
+
+    // The peer ends its side: the node's session stream is ended too, and the id is free.
+    ptx.reset(nearpath_protocol::app_code::STREAM_CANCELLED)
+        .unwrap();
+    drop(prx);
+    match tokio::time::timeout(Duration::from_secs(5), nrx.next()).await {
+        Ok(Ok(None)) | Ok(Err(_)) => {}
+        other => panic!("the node's session stream did not end: {other:?}"),
+    }
+    drop(ntx);
+    drop((own, own_node));
+    gw_b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_that_redirects_games_refuses_a_game_over_the_trunk() {
+    let dir = tempfile::tempdir().unwrap();
+    let fleet = Arc::new(Fleet::default());
+    let (gw_b, b) = federated(dir.path().join("fleet.db"), "gw-b", &fleet, false).await;
+    let _node = raw_game_node(&gw_b, "b-1", ip(DE), &gw_b.token, &["arena"], 4).await;
+    let peer_cert = nearpath_gateway::tls::self_signed(&["localhost"]).unwrap();
+    let mut peer = b.record(now_ms() + HOUR_MS);
+    peer.id = "gw-t".into();
+    peer.cert_sha256 = peer_cert.sha256_hex();
+    *fleet.gateways.lock().unwrap() = vec![b.record(now_ms() + HOUR_MS), peer];
+    b.read_directory().await;
+    let conn = dial_peer(&b, &peer_cert).await;
+    let (_tx, mut rx) = trunk_open(&conn, "b-1", &arena_open(5)).await;
+    let (code, reason) = refused(&mut rx).await;
+    assert_eq!(code, RefuseCode::UnknownWorkload);
+    assert!(reason.contains("redirected"), "{reason}");
+    gw_b.stop().await;
+}
