@@ -101,6 +101,7 @@ async fn federated(
     id: &str,
     fleet: &Arc<Fleet>,
     trunk_games: bool,
+    lease_ms: u64,
 ) -> (TestGateway, Member) {
     let reads = Arc::new(AtomicU64::new(0));
     let reader = Arc::new(Reader {
@@ -112,8 +113,8 @@ async fn federated(
         |c| {
             c.federation.gateway_id = Some(id.to_string());
             c.federation.node_directory_interval_ms = 20;
-            c.federation.heartbeat_ms = 750;
-            c.federation.lease_ms = 3_000;
+            c.federation.heartbeat_ms = lease_ms / 4;
+            c.federation.lease_ms = lease_ms;
             if trunk_games {
                 c.federation.game_route = nearpath_config::CrossRoute::Trunk;
             }
@@ -187,8 +188,8 @@ async fn a_native_client_at_a_is_served_by_bs_only_node_over_the_trunk_and_bille
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("fleet.db");
     let fleet = Arc::new(Fleet::default());
-    let (gw_b, b) = federated(path.clone(), "gw-b", &fleet, true).await;
-    let (gw_a, a) = federated(path, "gw-a", &fleet, true).await;
+    let (gw_b, b) = federated(path.clone(), "gw-b", &fleet, true, 3_000).await;
+    let (gw_a, a) = federated(path, "gw-a", &fleet, true, 3_000).await;
     *fleet.gateways.lock().unwrap() =
         vec![a.record(now_ms() + HOUR_MS), b.record(now_ms() + HOUR_MS)];
     let node = raw_game_node(&gw_b, "b-1", ip(DE), &gw_b.token, &["arena"], 2).await;
@@ -218,6 +219,14 @@ async fn a_native_client_at_a_is_served_by_bs_only_node_over_the_trunk_and_bille
         assert_eq!(f.header.keyframe, seq == 0);
         assert_eq!(&f.payload[..], &[0, 0, 0, 1, 0x65, seq as u8]);
     }
+    // So does its sound (datagrams on the trunk).
+    let mut audio = s.audio();
+    node.send_audio(g.session_id, 1, &[0xfc, 0xff, 0xfe]).unwrap();
+    let packet = tokio::time::timeout(Duration::from_secs(5), audio.next())
+        .await
+        .expect("audio in time")
+        .expect("an audio packet");
+    assert_eq!((packet.session_id, packet.seq), (g.session_id, 1));
     // The player's input reaches the node on B.
     let sent = s
         .send_input(InputEvent::Key {
@@ -361,7 +370,7 @@ fn input(session_id: u64, seq: u64) -> bytes::Bytes {
 async fn a_peers_game_over_the_trunk_reaches_only_its_own_session_and_ids_in_use_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let fleet = Arc::new(Fleet::default());
-    let (gw_b, b) = federated(dir.path().join("fleet.db"), "gw-b", &fleet, true).await;
+    let (gw_b, b) = federated(dir.path().join("fleet.db"), "gw-b", &fleet, true, 3_000).await;
     let node = raw_game_node(&gw_b, "b-1", ip(DE), &gw_b.token, &["arena"], 4).await;
     // A genuine, live peer: what it asks for is what is checked.
     let peer_cert = nearpath_gateway::tls::self_signed(&["localhost"]).unwrap();
@@ -450,7 +459,7 @@ async fn a_peers_game_over_the_trunk_reaches_only_its_own_session_and_ids_in_use
 async fn a_gateway_that_redirects_games_refuses_a_game_over_the_trunk() {
     let dir = tempfile::tempdir().unwrap();
     let fleet = Arc::new(Fleet::default());
-    let (gw_b, b) = federated(dir.path().join("fleet.db"), "gw-b", &fleet, false).await;
+    let (gw_b, b) = federated(dir.path().join("fleet.db"), "gw-b", &fleet, false, 3_000).await;
     let _node = raw_game_node(&gw_b, "b-1", ip(DE), &gw_b.token, &["arena"], 4).await;
     let peer_cert = nearpath_gateway::tls::self_signed(&["localhost"]).unwrap();
     let mut peer = b.record(now_ms() + HOUR_MS);
@@ -464,4 +473,91 @@ async fn a_gateway_that_redirects_games_refuses_a_game_over_the_trunk() {
     assert_eq!(code, RefuseCode::UnknownWorkload);
     assert!(reason.contains("redirected"), "{reason}");
     gw_b.stop().await;
+}
+
+#[test]
+fn b_dying_pauses_the_player_at_a_within_the_lease_and_then_ends_the_session() {
+    // B (and its node) run on their own runtime so that the test can kill them the way kill -9
+    // would: tasks and sockets vanish without a QUIC close, and A must notice through the
+    // trunk's idle timeout (the federation lease, 1 s here).
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("fleet.db");
+    let fleet = Arc::new(Fleet::default());
+    let (b_tx, b_rx) = std::sync::mpsc::channel();
+    let (kill_tx, kill_rx) = std::sync::mpsc::channel::<()>();
+    let b_thread = {
+        let (path, fleet) = (path.clone(), fleet.clone());
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .unwrap();
+            let (gw_b, b, node) = rt.block_on(async {
+                let (gw_b, b) = federated(path, "gw-b", &fleet, true, 1_000).await;
+                let node = raw_game_node(&gw_b, "b-1", ip(DE), &gw_b.token, &["arena"], 2).await;
+                (gw_b, b, node)
+            });
+            b_tx.send((b, node)).unwrap();
+            let _ = kill_rx.recv();
+            rt.shutdown_background();
+            drop(gw_b);
+        })
+    };
+    let (b, node) = b_rx.recv().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let (gw_a, a) = federated(path, "gw-a", &fleet, true, 1_000).await;
+        *fleet.gateways.lock().unwrap() =
+            vec![a.record(now_ms() + HOUR_MS), b.record(now_ms() + HOUR_MS)];
+        *fleet.nodes.lock().unwrap() = vec![published(&b, "b-1")];
+        a.read_directory().await;
+        let c = native_client(&gw_a, FR_CLIENT).await;
+        let (s, g) = tokio::join!(c.play(API_KEY, small("arena")), node.accept_game());
+        let mut s = s.unwrap();
+        node.send_video_frame(g.session_id, 0, &[0, 0, 0, 1, 0x65])
+            .await
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(5), s.next_frame())
+            .await
+            .expect("a first frame through the trunk")
+            .unwrap()
+            .expect("a frame");
+        // B dies.
+        kill_tx.send(()).unwrap();
+        let killed = std::time::Instant::now();
+        let paused = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match s.next_control().await {
+                    Ok(Some(ControlEvent::Paused(_))) => return true,
+                    Ok(Some(ControlEvent::Ended(_))) | Ok(None) | Err(_) => return false,
+                    Ok(Some(_)) => continue,
+                }
+            }
+        })
+        .await
+        .expect("the player at A heard nothing after B died");
+        assert!(paused, "the session ended without a pause");
+        let took = killed.elapsed();
+        // Within the lease (1 s) and a generous margin for a loaded machine, never a hang.
+        assert!(took < Duration::from_secs(5), "{took:?}");
+        // No other node serves the game: the pause window runs out and the session ends.
+        tokio::time::timeout(Duration::from_secs(15), async {
+            loop {
+                match s.next_control().await {
+                    Ok(Some(ControlEvent::Ended(_))) | Ok(None) | Err(_) => return,
+                    Ok(Some(_)) => continue,
+                }
+            }
+        })
+        .await
+        .expect("the paused session never ended");
+        drop(g);
+        gw_a.stop().await;
+    });
+    b_thread.join().unwrap();
 }
