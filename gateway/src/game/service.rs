@@ -1361,6 +1361,12 @@ impl GameService {
             Err(e) => {
                 debug!(error = %e, "frame not relayed");
                 self.count_drop(&relay, DropReason::Relay);
+                // A frame the peer abandoned on its way over the trunk (its node's frame was
+                // late there) is lost to the player like an overloaded one: the picture needs
+                // a keyframe to recover.
+                if relay.node().is_some_and(|n| n.conn.is_remote()) {
+                    relay.request_keyframe();
+                }
             }
         }
     }

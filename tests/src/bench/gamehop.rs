@@ -156,7 +156,12 @@ fn record(g: &Started, now_ms: u64) -> GatewayRecord {
 struct Session {
     ttff_ms: f64,
     latency_ms: Vec<f64>,
+    /// Frames that did not reach the player within a second (a relay dropped them as late).
+    lost: u32,
 }
+
+/// How long a frame may take before it counts as lost.
+const FRAME_WAIT: Duration = Duration::from_secs(1);
 
 /// One session at `gw`: play, the node accepts, then `frames` frames paced at `fps`, each
 /// awaited at the client; then the client closes and waits for `Ended`.
@@ -192,6 +197,7 @@ async fn session(
     let payload = vec![0x5a_u8; a.frame_bytes.max(8)];
     let mut latency_ms = Vec::with_capacity(a.frames as usize);
     let mut ttff_ms = f64::NAN;
+    let mut lost = 0u32;
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(a.fps.max(1))));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     for seq in 0..u64::from(a.frames.max(1)) {
@@ -199,10 +205,25 @@ async fn session(
         node.send_video_frame(g.session_id, seq, &payload)
             .await
             .map_err(|e| anyhow::anyhow!("frame {seq}: {e}"))?;
-        let f = tokio::time::timeout(Duration::from_secs(5), s.next_frame())
-            .await
-            .map_err(|_| anyhow::anyhow!("frame {seq} did not arrive within 5 s"))??
-            .ok_or_else(|| anyhow::anyhow!("the session ended before frame {seq}"))?;
+        // This frame, skipping any earlier one that arrives after it was counted lost.
+        let deadline = tokio::time::Instant::now() + FRAME_WAIT;
+        let f = loop {
+            match tokio::time::timeout_at(deadline, s.next_frame()).await {
+                Err(_) => break None,
+                Ok(r) => {
+                    let f = r?.ok_or_else(|| {
+                        anyhow::anyhow!("the session ended before frame {seq}")
+                    })?;
+                    if f.header.seq == seq {
+                        break Some(f);
+                    }
+                }
+            }
+        };
+        let Some(f) = f else {
+            lost += 1;
+            continue;
+        };
         let now_us = nearpath_tests::fake_node::unix_micros_now();
         if seq == 0 {
             ttff_ms = t0.elapsed().as_secs_f64() * 1e3;
@@ -224,6 +245,7 @@ async fn session(
     Ok(Session {
         ttff_ms,
         latency_ms,
+        lost,
     })
 }
 
@@ -328,12 +350,14 @@ pub async fn run(a: GameHopArgs) -> anyhow::Result<()> {
     let mut latency: [Vec<f64>; 3] = Default::default();
     let mut ttff: [Vec<f64>; 3] = Default::default();
     let mut failures = 0u32;
+    let mut lost = [0u32; 3];
     for i in 0..3 * (a.warmup + a.sessions) {
         let p = (i % 3) as usize;
         match session(targets[p], &node, &a, p == 2).await {
             Ok(s) if i >= 3 * a.warmup => {
                 latency[p].extend(s.latency_ms);
                 ttff[p].push(s.ttff_ms);
+                lost[p] += s.lost;
             }
             Ok(_) => {}
             Err(e) => {
@@ -362,7 +386,8 @@ pub async fn run(a: GameHopArgs) -> anyhow::Result<()> {
     }
     println!(
         "frame latency added by the trunk: p50 {:+.3} ms, p95 {:+.3} ms; by a redirect: p50 {:+.3} ms; \
-         time to first frame added by the redirect: p50 {:+.2} ms, by the trunk: p50 {:+.2} ms; failures {failures}",
+         time to first frame added by the redirect: p50 {:+.2} ms, by the trunk: p50 {:+.2} ms; \
+         frames lost (direct, trunk, redirect) {lost:?}; failed sessions {failures}",
         lat[1].p50 - lat[0].p50,
         lat[1].p95 - lat[0].p95,
         lat[2].p50 - lat[0].p50,
@@ -377,9 +402,9 @@ pub async fn run(a: GameHopArgs) -> anyhow::Result<()> {
             "frames_per_session": a.frames,
             "frame_bytes": a.frame_bytes,
             "fps": a.fps,
-            "direct": {"frame_latency_ms": lat[0].to_json(), "ttff_ms": first[0].to_json()},
-            "trunk": {"frame_latency_ms": lat[1].to_json(), "ttff_ms": first[1].to_json()},
-            "redirect": {"frame_latency_ms": lat[2].to_json(), "ttff_ms": first[2].to_json()},
+            "direct": {"frame_latency_ms": lat[0].to_json(), "ttff_ms": first[0].to_json(), "frames_lost": lost[0]},
+            "trunk": {"frame_latency_ms": lat[1].to_json(), "ttff_ms": first[1].to_json(), "frames_lost": lost[1]},
+            "redirect": {"frame_latency_ms": lat[2].to_json(), "ttff_ms": first[2].to_json(), "frames_lost": lost[2]},
             "trunk_added_latency_p50_ms": num(lat[1].p50 - lat[0].p50),
             "trunk_added_latency_p95_ms": num(lat[1].p95 - lat[0].p95),
             "redirect_added_latency_p50_ms": num(lat[2].p50 - lat[0].p50),
