@@ -21,6 +21,7 @@ use nearpath_protocol::{
     ControlEvent, InputDatagram, InputEvent, PlayParams, ALPN_PEER, MAX_REQUEST_FRAME,
     PROTOCOL_VERSION,
 };
+use nearpath_tests::wt_client::{self, WtPlayer};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -560,4 +561,120 @@ fn b_dying_pauses_the_player_at_a_within_the_lease_and_then_ends_the_session() {
         gw_a.stop().await;
     });
     b_thread.join().unwrap();
+}
+
+/// A WebTransport session to `gw` from `from`, as `/play` opens it (the gateway's
+/// `/v1/webtransport`, then a session pinned to the hashes it lists).
+async fn wt_session_at(
+    gw: &TestGateway,
+    from: (&str, &str, f64, f64),
+) -> web_transport_quinn::Session {
+    let info = wt_client::fetch_info(gw.addrs.http).await.unwrap();
+    let quic = SocketAddr::new(gw.addrs.http.ip(), info.port);
+    let (session, _) = wt_client::connect(ip(from), quic, &info.path, &info.cert_hashes)
+        .await
+        .unwrap();
+    session
+}
+
+/// The relay's sink is A's, whatever the player's transport: a WebTransport player at A plays
+/// on B's node over the trunk as a native one does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webtransport_player_at_a_plays_on_bs_node_over_the_trunk() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("fleet.db");
+    let fleet = Arc::new(Fleet::default());
+    let (gw_b, b) = federated(path.clone(), "gw-b", &fleet, true, 3_000).await;
+    let (gw_a, a) = federated(path, "gw-a", &fleet, true, 3_000).await;
+    *fleet.gateways.lock().unwrap() =
+        vec![a.record(now_ms() + HOUR_MS), b.record(now_ms() + HOUR_MS)];
+    let node = raw_game_node(&gw_b, "b-1", ip(DE), &gw_b.token, &["arena"], 2).await;
+    *fleet.nodes.lock().unwrap() = vec![published(&b, "b-1")];
+    a.read_directory().await;
+    b.read_directory().await;
+
+    let session = wt_session_at(&gw_a, FR_CLIENT).await;
+    let (p, g) = tokio::join!(
+        WtPlayer::play(
+            session,
+            wt_client::play_request(API_KEY, "arena", 320, 180, 30)
+        ),
+        node.accept_game()
+    );
+    let mut p = p.expect("A plays the session over the trunk");
+    assert_eq!(p.started.session_id, g.session_id);
+    for seq in 0..10u64 {
+        node.send_video_frame(g.session_id, seq, &[0, 0, 0, 1, 0x65, seq as u8])
+            .await
+            .unwrap();
+        let f = tokio::time::timeout(Duration::from_secs(5), p.next_frame())
+            .await
+            .expect("frame in time")
+            .unwrap();
+        assert_eq!((f.header.session_id, f.header.seq), (g.session_id, seq));
+    }
+    let listed = admin_game_session(&gw_a, g.session_id)
+        .await
+        .expect("A runs the session");
+    assert_eq!(listed["transport"], "webtransport", "{listed}");
+    assert_eq!(listed["node"], "b-1", "{listed}");
+    assert!(admin_game_session(&gw_b, g.session_id).await.is_none());
+    drop((p, g));
+    gw_a.stop().await;
+    gw_b.stop().await;
+}
+
+/// The codec of a session over the trunk is one the peer's node encodes (per the encoders its
+/// gateway published), and a remote node that does not encode it is never picked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_over_the_trunk_gets_a_codec_the_peers_node_encodes() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("fleet.db");
+    let fleet = Arc::new(Fleet::default());
+    let (gw_b, b) = federated(path.clone(), "gw-b", &fleet, true, 3_000).await;
+    let (gw_a, a) = federated(path, "gw-a", &fleet, true, 3_000).await;
+    *fleet.gateways.lock().unwrap() =
+        vec![a.record(now_ms() + HOUR_MS), b.record(now_ms() + HOUR_MS)];
+    let reg = nearpath_tests::fake_node::Registration::new("b-1", &gw_b.token)
+        .gpu("rtx4090", "rtx4090", 24_000)
+        .games(&["arena"], 2)
+        .encoders(&[(VideoCodec::Hevc, "hevc_nvenc")]);
+    let node = RawNode::register(&gw_b, ip(DE), reg.message()).await;
+    let mut entry = published(&b, "b-1");
+    entry.encoders = vec![nearpath_gateway::store::DirEncoder {
+        codec: "hevc".into(),
+        implementation: "hevc_nvenc".into(),
+    }];
+    *fleet.nodes.lock().unwrap() = vec![entry];
+    a.read_directory().await;
+    b.read_directory().await;
+
+    // H.264 only: no node of the federation encodes it; refused, nothing opened on the node.
+    let c = native_client(&gw_a, FR_CLIENT).await;
+    match c.play(API_KEY, small("arena")).await {
+        Err(nearpath_protocol::ClientError::Refused { code, .. }) => {
+            assert_eq!(code, "unsupported_codec")
+        }
+        Err(e) => panic!("unexpected error {e}"),
+        Ok(s) => panic!("played {:?} on a node that does not encode it", s.started().codec),
+    }
+    // H.264 preferred, HEVC accepted: HEVC, the codec B's node encodes, over the trunk.
+    let (s, open) = tokio::join!(
+        c.play_with_codecs(
+            API_KEY,
+            small("arena"),
+            &[VideoCodec::H264, VideoCodec::Hevc]
+        ),
+        node.accept_session()
+    );
+    let s = s.unwrap();
+    assert!(s.redirect().is_none());
+    assert_eq!(s.started().codec, VideoCodec::Hevc);
+    match &open.2.kind {
+        SessionKind::Game(p) => assert_eq!(p.codec, VideoCodec::Hevc),
+        other => panic!("not a game: {other:?}"),
+    }
+    drop((s, open));
+    gw_a.stop().await;
+    gw_b.stop().await;
 }

@@ -365,7 +365,7 @@ impl GameService {
         // (a trunk hop only adds latency), checked as ours are: the geofence evaluated here,
         // once, with the client's location against the remote node's published location and
         // classes. A ticketed or resumed session is pinned to a node of ours.
-        let remote = match (self.trunk.get(), pin) {
+        let (remote_outcome, remote) = match (self.trunk.get(), pin) {
             (Some(trunk), Pin::Any) => {
                 let (remote, nodes) = trunk.route(
                     client_latlon(client),
@@ -381,19 +381,29 @@ impl GameService {
                         self.placement.serve_check(client, n, WorkloadKind::Game)
                     },
                 );
-                if remote.failure().is_none() {
+                let nodes = if remote.failure().is_none() {
                     nodes
                 } else {
                     Vec::new()
-                }
+                };
+                (Some(remote), nodes)
             }
-            _ => Vec::new(),
+            _ => (None, Vec::new()),
         };
         let nodes = match outcome.failure() {
             Some(_) if !remote.is_empty() => remote,
             _ => nodes.into_iter().chain(remote).collect(),
         };
-        if let (Some(f), true) = (outcome.failure(), nodes.is_empty()) {
+        // When no node here serves the game, why peers' nodes could not take it says more
+        // (their codec, the geofence, full).
+        let failure = match (
+            outcome.failure(),
+            remote_outcome.as_ref().and_then(|o| o.failure()),
+        ) {
+            (Some(NoRoute::NotServed), Some(r)) => Some(r),
+            (local, _) => local,
+        };
+        if let (Some(f), true) = (failure, nodes.is_empty()) {
             return Err(match f {
                 NoRoute::NotServed => NoNode::Unknown,
                 NoRoute::Denied(d) if d.rule == "pinned" => NoNode::TicketNode,
@@ -623,8 +633,9 @@ impl GameService {
 
     /// The codec of a session whose client decodes `accepted` (most preferred first; empty:
     /// H.264): the first one a node of this gateway that may serve the session encodes (no
-    /// redirect costs less than a redirect); else, in a federation that redirects games, the
-    /// first one a live peer's eligible node encodes (per the node directory); when none does,
+    /// redirect costs less than a redirect); else, in a federation that relays games over the
+    /// trunk or redirects them, the first one a live peer's eligible node encodes (per the node
+    /// directory); when none does,
     /// the most preferred, so that the refusal names it ("no node encodes hevc").
     pub fn pick_codec(
         &self,
@@ -647,6 +658,22 @@ impl GameService {
                     ..params.clone()
                 };
                 self.has_local_candidate(client, &p)
+            })
+            // Over the trunk: the first one a live peer's eligible node encodes, per the
+            // trunk's last directory read.
+            .or_else(|| {
+                let trunk = self.trunk.get()?;
+                accepted.iter().copied().find(|&codec| {
+                    let (outcome, _) = trunk.route(
+                        client_latlon(client),
+                        Workload::Game(&params.title),
+                        |n| {
+                            codec_check(n, codec)?;
+                            self.placement.serve_check(client, n, WorkloadKind::Game)
+                        },
+                    );
+                    outcome.failure().is_none()
+                })
             })
             .or_else(|| {
                 self.federation.as_ref()?.remote_codec(
