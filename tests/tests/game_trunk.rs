@@ -222,7 +222,8 @@ async fn a_native_client_at_a_is_served_by_bs_only_node_over_the_trunk_and_bille
     }
     // So does its sound (datagrams on the trunk).
     let mut audio = s.audio();
-    node.send_audio(g.session_id, 1, &[0xfc, 0xff, 0xfe]).unwrap();
+    node.send_audio(g.session_id, 1, &[0xfc, 0xff, 0xfe])
+        .unwrap();
     let packet = tokio::time::timeout(Duration::from_secs(5), audio.next())
         .await
         .expect("audio in time")
@@ -282,7 +283,10 @@ async fn a_native_client_at_a_is_served_by_bs_only_node_over_the_trunk_and_bille
         counted(gw_a.admin_get_text("/metrics").await),
         vec!["nearpath_game_sessions_total{transport=\"quic\",outcome=\"ok\"} 1".to_string()]
     );
-    assert_eq!(counted(gw_b.admin_get_text("/metrics").await), Vec::<String>::new());
+    assert_eq!(
+        counted(gw_b.admin_get_text("/metrics").await),
+        Vec::<String>::new()
+    );
     // The node's session ended with A's: B relayed the Close.
     let mut g = g;
     match tokio::time::timeout(Duration::from_secs(5), g.recv.next()).await {
@@ -433,7 +437,9 @@ async fn a_peers_game_over_the_trunk_reaches_only_its_own_session_and_ids_in_use
     assert_eq!((got.session_id, got.seq), (sid, 7));
 
     // The node's frames of the peer's session go to the peer over the trunk.
-    node.send_video_frame(sid, 0, &[0, 0, 0, 1, 0x65]).await.unwrap();
+    node.send_video_frame(sid, 0, &[0, 0, 0, 1, 0x65])
+        .await
+        .unwrap();
     let mut uni = tokio::time::timeout(Duration::from_secs(5), conn.accept_uni())
         .await
         .expect("a frame stream in time")
@@ -656,7 +662,10 @@ async fn a_session_over_the_trunk_gets_a_codec_the_peers_node_encodes() {
             assert_eq!(code, "unsupported_codec")
         }
         Err(e) => panic!("unexpected error {e}"),
-        Ok(s) => panic!("played {:?} on a node that does not encode it", s.started().codec),
+        Ok(s) => panic!(
+            "played {:?} on a node that does not encode it",
+            s.started().codec
+        ),
     }
     // H.264 preferred, HEVC accepted: HEVC, the codec B's node encodes, over the trunk.
     let (s, open) = tokio::join!(

@@ -367,10 +367,8 @@ impl GameService {
         // classes. A ticketed or resumed session is pinned to a node of ours.
         let (remote_outcome, remote) = match (self.trunk.get(), pin) {
             (Some(trunk), Pin::Any) => {
-                let (remote, nodes) = trunk.route(
-                    client_latlon(client),
-                    Workload::Game(&params.title),
-                    |n| {
+                let (remote, nodes) =
+                    trunk.route(client_latlon(client), Workload::Game(&params.title), |n| {
                         codec_check(n, params.codec)?;
                         if exclude.contains(&n.key) {
                             return Err(crate::router::Deny {
@@ -379,8 +377,7 @@ impl GameService {
                             });
                         }
                         self.placement.serve_check(client, n, WorkloadKind::Game)
-                    },
-                );
+                    });
                 let nodes = if remote.failure().is_none() {
                     nodes
                 } else {
@@ -664,14 +661,11 @@ impl GameService {
             .or_else(|| {
                 let trunk = self.trunk.get()?;
                 accepted.iter().copied().find(|&codec| {
-                    let (outcome, _) = trunk.route(
-                        client_latlon(client),
-                        Workload::Game(&params.title),
-                        |n| {
+                    let (outcome, _) =
+                        trunk.route(client_latlon(client), Workload::Game(&params.title), |n| {
                             codec_check(n, codec)?;
                             self.placement.serve_check(client, n, WorkloadKind::Game)
-                        },
-                    );
+                        });
                     outcome.failure().is_none()
                 })
             })
@@ -1287,7 +1281,10 @@ impl GameService {
             if let Some(peer) = self.trunk_peer_for(header.session_id, conn) {
                 let within = Duration::from_millis(self.config.frame_budget_ms.max(1));
                 if !crate::trunk::forward_frame(recv, &header, &peer, within).await {
-                    debug!(session = header.session_id, "frame not forwarded over the trunk");
+                    debug!(
+                        session = header.session_id,
+                        "frame not forwarded over the trunk"
+                    );
                 }
                 return;
             }
@@ -1464,7 +1461,11 @@ impl GameService {
 
     /// The peer connection a frame or audio datagram of session `session_id` from node
     /// connection `conn` goes to, when a peer runs that session on that node over the trunk.
-    fn trunk_peer_for(&self, session_id: u64, conn: &quinn::Connection) -> Option<quinn::Connection> {
+    fn trunk_peer_for(
+        &self,
+        session_id: u64,
+        conn: &quinn::Connection,
+    ) -> Option<quinn::Connection> {
         self.trunk
             .get()?
             .games()

@@ -9,7 +9,6 @@
 //! session the time to first frame is from `play` to the first frame's arrival.
 
 use super::stats::{num, Summary};
-use nearpath_tests::fake_node::{FakeNode, GatewayTarget, Registration};
 use nearpath_config::{CrossRoute, GatewayConfig, GeoOverride};
 use nearpath_gateway::store::{
     GatewayRecord, KycStatus, NodeDirEntry, SqliteStore, Store, StoreError,
@@ -18,6 +17,7 @@ use nearpath_gateway::trunk::FleetSource;
 use nearpath_gateway::{Gateway, Listeners};
 use nearpath_protocol::tls::ServerVerify;
 use nearpath_protocol::{Client, ControlEvent, PlayParams};
+use nearpath_tests::fake_node::{FakeNode, GatewayTarget, Registration};
 use serde_json::json;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -211,9 +211,8 @@ async fn session(
             match tokio::time::timeout_at(deadline, s.next_frame()).await {
                 Err(_) => break None,
                 Ok(r) => {
-                    let f = r?.ok_or_else(|| {
-                        anyhow::anyhow!("the session ended before frame {seq}")
-                    })?;
+                    let f =
+                        r?.ok_or_else(|| anyhow::anyhow!("the session ended before frame {seq}"))?;
                     if f.header.seq == seq {
                         break Some(f);
                     }

@@ -290,9 +290,7 @@ fn real_main() -> anyhow::Result<()> {
                 Command::QuicIdleMemory(_)
                 | Command::TrunkTtft(_)
                 | Command::GameHop(_)
-                | Command::Checker(_) => {
-                    &unpinned
-                }
+                | Command::Checker(_) => &unpinned,
                 Command::RelayLatency(a) => &a.placement,
                 Command::RelayCapacity(a) => &a.placement,
                 Command::RelayOverload(a) => &a.run.placement,
