@@ -104,6 +104,18 @@ async fn federated(
     trunk_games: bool,
     lease_ms: u64,
 ) -> (TestGateway, Member) {
+    federated_with(path, id, fleet, trunk_games, lease_ms, |_| {}).await
+}
+
+/// [`federated`], with more configuration.
+async fn federated_with(
+    path: PathBuf,
+    id: &str,
+    fleet: &Arc<Fleet>,
+    trunk_games: bool,
+    lease_ms: u64,
+    edit: impl FnOnce(&mut nearpath_config::GatewayConfig),
+) -> (TestGateway, Member) {
     let reads = Arc::new(AtomicU64::new(0));
     let reader = Arc::new(Reader {
         fleet: fleet.clone(),
@@ -120,6 +132,7 @@ async fn federated(
                 c.federation.game_route = nearpath_config::CrossRoute::Trunk;
             }
             c.nodes.heartbeat_ms = 60_000;
+            edit(c);
         },
         |g| g.with_fleet_source(reader),
     )
@@ -685,5 +698,135 @@ async fn a_session_over_the_trunk_gets_a_codec_the_peers_node_encodes() {
     }
     drop((s, open));
     gw_a.stop().await;
+    gw_b.stop().await;
+}
+
+/// The session is A's: it counts against the key's concurrency cap at A, and the node ending
+/// it on B ends it for the player at A (and frees the cap).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trunk_session_holds_the_keys_cap_at_a_and_ends_when_bs_node_ends_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("fleet.db");
+    let fleet = Arc::new(Fleet::default());
+    let (gw_b, b) = federated(path.clone(), "gw-b", &fleet, true, 3_000).await;
+    let (gw_a, a) = federated_with(path, "gw-a", &fleet, true, 3_000, |c| {
+        c.game.default_max_concurrent_sessions = 1;
+    })
+    .await;
+    *fleet.gateways.lock().unwrap() =
+        vec![a.record(now_ms() + HOUR_MS), b.record(now_ms() + HOUR_MS)];
+    let node = raw_game_node(&gw_b, "b-1", ip(DE), &gw_b.token, &["arena"], 4).await;
+    *fleet.nodes.lock().unwrap() = vec![published(&b, "b-1")];
+    a.read_directory().await;
+    b.read_directory().await;
+
+    let c = native_client(&gw_a, FR_CLIENT).await;
+    let (s, g) = tokio::join!(c.play(API_KEY, small("arena")), node.accept_game());
+    let mut s = s.unwrap();
+    // A second session of the key at A: over the cap, whichever node would serve it.
+    let c2 = native_client(&gw_a, FR_CLIENT).await;
+    match c2.play(API_KEY, small("arena")).await {
+        Err(nearpath_protocol::ClientError::Refused { code, .. }) => {
+            assert_eq!(code, "concurrency_limit_exceeded")
+        }
+        Err(e) => panic!("unexpected error {e}"),
+        Ok(s2) => panic!("a second session {} over the cap", s2.started().session_id),
+    }
+    // The node ends the session on B: the player at A hears of it.
+    let mut g = g;
+    send(
+        &mut g.send,
+        &Message::Ended(nearpath_protocol::message::Ended {
+            reason: "game exited".into(),
+        }),
+    )
+    .await
+    .unwrap();
+    let _ = g.send.finish();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match s.next_control().await {
+                Ok(Some(ControlEvent::Ended(_))) | Ok(None) | Err(_) => return,
+                Ok(Some(_)) => continue,
+            }
+        }
+    })
+    .await
+    .expect("the player at A was not told the session ended");
+    // The cap is free again: a new session starts (on B's node, over the trunk).
+    let (s2, g2) = eventually(
+        "a new session under the cap",
+        Duration::from_secs(10),
+        || async {
+            let c3 = native_client(&gw_a, FR_CLIENT).await;
+            let (s2, g2) = tokio::join!(
+                c3.play(API_KEY, small("arena")),
+                tokio::time::timeout(Duration::from_secs(2), node.accept_game())
+            );
+            match (s2, g2) {
+                (Ok(s2), Ok(g2)) => Some((s2, g2)),
+                _ => None,
+            }
+        },
+    )
+    .await;
+    assert_eq!(s2.started().session_id, g2.session_id);
+    drop((s, g, s2, g2));
+    gw_a.stop().await;
+    gw_b.stop().await;
+}
+
+/// Only a live pinned peer may open a game on B's node: a gateway whose lease expired (or a
+/// stranger) is refused at the connection, before any stream reaches the node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_is_not_live_and_pinned_cannot_open_a_game() {
+    let dir = tempfile::tempdir().unwrap();
+    let fleet = Arc::new(Fleet::default());
+    let (gw_b, b) = federated(dir.path().join("fleet.db"), "gw-b", &fleet, true, 3_000).await;
+    let node = raw_game_node(&gw_b, "b-1", ip(DE), &gw_b.token, &["arena"], 4).await;
+    let expired_cert = nearpath_gateway::tls::self_signed(&["localhost"]).unwrap();
+    let mut expired = b.record(now_ms().saturating_sub(1_000));
+    expired.id = "gw-old".into();
+    expired.cert_sha256 = expired_cert.sha256_hex();
+    *fleet.gateways.lock().unwrap() = vec![b.record(now_ms() + HOUR_MS), expired];
+    b.read_directory().await;
+    let stranger = nearpath_gateway::tls::self_signed(&["localhost"]).unwrap();
+    for (cert, reason) in [
+        (&expired_cert, "peer_expired"),
+        (&stranger, "peer_unknown_pin"),
+    ] {
+        let conn = dial_peer(&b, cert).await;
+        // Whatever it manages to send before the close, no session reaches the node.
+        if let Ok((mut tx, _rx)) = conn.open_bi().await {
+            let _ = send(
+                &mut tx,
+                &Message::PeerOpen(PeerOpen {
+                    protocol_version: PROTOCOL_VERSION,
+                    node_id: "b-1".into(),
+                }),
+            )
+            .await;
+            let _ = send(&mut tx, &arena_open(99)).await;
+        }
+        let closed = tokio::time::timeout(Duration::from_secs(10), conn.closed())
+            .await
+            .expect("the gateway neither refused nor served the peer");
+        match closed {
+            quinn::ConnectionError::ApplicationClosed(c) => {
+                assert_eq!(
+                    c.error_code,
+                    nearpath_protocol::app_code::CLOSE_PEER_REFUSED
+                );
+                assert_eq!(String::from_utf8_lossy(&c.reason), reason);
+            }
+            other => panic!("not an application close: {other}"),
+        }
+    }
+    // The node was never asked to open a session: its next stream is the player's below.
+    let player = native_client(&gw_b, FR_CLIENT).await;
+    let (s, open) = tokio::join!(player.play(API_KEY, small("arena")), node.accept_session());
+    let s = s.unwrap();
+    assert_eq!(open.2.session_id, s.started().session_id);
+    drop((s, open));
     gw_b.stop().await;
 }
