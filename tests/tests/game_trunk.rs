@@ -830,3 +830,75 @@ async fn a_peer_that_is_not_live_and_pinned_cannot_open_a_game() {
     drop((s, open));
     gw_b.stop().await;
 }
+
+/// A real edge node on B running the built-in `arena`: a native player at A gets frames over
+/// the trunk that decode (the first an IDR), and its input reaches the game (frames report the
+/// input they applied).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_player_at_a_decodes_the_real_node_on_b_and_its_input_reaches_the_game() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("fleet.db");
+    let fleet = Arc::new(Fleet::default());
+    let (gw_b, b) = federated(path.clone(), "gw-b", &fleet, true, 3_000).await;
+    let (gw_a, a) = federated(path, "gw-a", &fleet, true, 3_000).await;
+    *fleet.gateways.lock().unwrap() =
+        vec![a.record(now_ms() + HOUR_MS), b.record(now_ms() + HOUR_MS)];
+    let mut cfg = gw_b.node_config("b-real", &gw_b.token);
+    cfg.games = vec![nearpath_config::GameEntry {
+        title: "arena".into(),
+        source: nearpath_config::GameSource::Builtin {},
+    }];
+    cfg.capacity.game_sessions = 1;
+    let mut node = TestNode::start(cfg, ip(DE));
+    node.registered().await;
+    *fleet.nodes.lock().unwrap() = vec![published(&b, "b-real")];
+    a.read_directory().await;
+    b.read_directory().await;
+
+    let c = native_client(&gw_a, FR_CLIENT).await;
+    let session = c.play(API_KEY, small("arena")).await.unwrap();
+    assert!(session.redirect().is_none());
+    let id = session.started().session_id;
+    let (mut control, mut frames, input) = session.split();
+    let mut got = Vec::new();
+    let mut last_sent = 0;
+    let t0 = std::time::Instant::now();
+    let mut next_input = t0;
+    let mut i = 0u32;
+    while t0.elapsed() < Duration::from_secs(2) || got.len() < 20 {
+        if std::time::Instant::now() >= next_input {
+            last_sent = input
+                .send(InputEvent::Key {
+                    code: 68,
+                    down: i.is_multiple_of(2),
+                })
+                .unwrap();
+            i += 1;
+            next_input += Duration::from_millis(100);
+        }
+        let f = tokio::time::timeout(Duration::from_secs(5), frames.next())
+            .await
+            .expect("a frame in time")
+            .unwrap()
+            .expect("a frame");
+        assert_eq!(f.header.session_id, id);
+        got.push(f);
+    }
+    assert!(got[0].header.keyframe, "the stream starts with an IDR");
+    let (decoded, dims) = decode_h264(&got);
+    assert_eq!(dims, (320, 180));
+    assert!(
+        decoded as f64 >= 0.9 * got.len() as f64,
+        "decoded {decoded} of {}",
+        got.len()
+    );
+    // The game applied the player's input, sent over the trunk.
+    let applied = got.iter().map(|f| f.header.input_seq).max().unwrap();
+    assert!(applied > 0, "no input applied (sent {last_sent})");
+    let listed = admin_game_session(&gw_a, id).await.expect("A runs it");
+    assert_eq!(listed["node"], "b-real", "{listed}");
+    control.close("done").await.unwrap();
+    node.stop().await.unwrap();
+    gw_a.stop().await;
+    gw_b.stop().await;
+}
