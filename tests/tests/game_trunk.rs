@@ -902,3 +902,84 @@ async fn a_player_at_a_decodes_the_real_node_on_b_and_its_input_reaches_the_game
     gw_a.stop().await;
     gw_b.stop().await;
 }
+
+const CHROMIUM_OFFER: &str = include_str!("../browser/chromium-156-offer.sdp");
+
+/// One HTTP request with a raw body (the common client sends JSON bodies only).
+async fn request(
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, hyper::HeaderMap, String) {
+    use http_body_util::BodyExt;
+    let client: hyper_util::client::legacy::Client<_, http_body_util::Full<bytes::Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http();
+    let mut b = hyper::Request::builder().method(method).uri(url);
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    let req = b
+        .body(http_body_util::Full::new(bytes::Bytes::from(
+            body.to_string(),
+        )))
+        .unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(20), client.request(req))
+        .await
+        .expect("request timed out")
+        .unwrap();
+    let status = resp.status().as_u16();
+    let h = resp.headers().clone();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, h, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// A WHEP player at A is placed on B's node over the trunk (no 307): A answers the offer and
+/// runs the session; deleting it at A ends the node's session on B.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_whep_player_at_a_is_served_by_bs_node_over_the_trunk_without_a_redirect() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("fleet.db");
+    let fleet = Arc::new(Fleet::default());
+    let (gw_b, b) = federated(path.clone(), "gw-b", &fleet, true, 3_000).await;
+    let (gw_a, a) = federated(path, "gw-a", &fleet, true, 3_000).await;
+    *fleet.gateways.lock().unwrap() =
+        vec![a.record(now_ms() + HOUR_MS), b.record(now_ms() + HOUR_MS)];
+    let node = raw_game_node(&gw_b, "b-1", ip(DE), &gw_b.token, &["arena"], 2).await;
+    *fleet.nodes.lock().unwrap() = vec![published(&b, "b-1")];
+    a.read_directory().await;
+    b.read_directory().await;
+
+    let auth = format!("Bearer {API_KEY}");
+    let headers = [
+        ("authorization", auth.as_str()),
+        ("content-type", "application/sdp"),
+        ("x-forwarded-for", FR_CLIENT.0),
+    ];
+    let whep_a = gw_a.api_url("/v1/games/arena/whep?width=320&height=180&fps=30");
+    let ((status, h, body), g) = tokio::join!(
+        request("POST", &whep_a, &headers, CHROMIUM_OFFER),
+        node.accept_game()
+    );
+    assert_eq!(status, 201, "{body}");
+    assert!(body.starts_with("v=0"), "an SDP answer: {body:.40}");
+    let session = h["location"].to_str().unwrap().to_string();
+    assert_eq!(session, format!("/v1/sessions/{}", g.session_id));
+    let listed = admin_game_session(&gw_a, g.session_id)
+        .await
+        .expect("A runs the session");
+    assert_eq!(listed["transport"], "webrtc", "{listed}");
+    assert_eq!(listed["node"], "b-1", "{listed}");
+
+    let (status, _, _) = request("DELETE", &gw_a.api_url(&session), &headers[..1], "").await;
+    assert_eq!(status, 200);
+    let mut g = g;
+    match tokio::time::timeout(Duration::from_secs(5), g.recv.next()).await {
+        Ok(Ok(Some(Message::Close(_)))) | Ok(Ok(None)) | Ok(Err(_)) => {}
+        other => panic!("the node's session did not end: {other:?}"),
+    }
+    drop(g);
+    gw_a.stop().await;
+    gw_b.stop().await;
+}
