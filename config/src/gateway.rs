@@ -330,7 +330,9 @@ pub struct FederationConfig {
     pub node_directory_interval_ms: u64,
     /// How a session reaches a node attached to another gateway, per workload: `trunk` relays
     /// through the gateway-to-gateway QUIC trunk (ALPN `nearpath-peer/1`), `redirect` sends the
-    /// client to the peer. Defaults: inference `trunk`, game `redirect`.
+    /// client to the peer. Defaults: inference `trunk`, game `redirect`. A game over the trunk
+    /// is run by the gateway the client reached (caps, billing, pause and failover) on the
+    /// peer's node, which the peer splices onto the trunk.
     pub inference_route: CrossRoute,
     pub game_route: CrossRoute,
     /// The share of a key's per-minute limit a gateway leases from the store at a time, in

@@ -34,7 +34,7 @@ pub type RemoteOpen<'a> =
 
 /// A node held by another gateway, reached through the trunk to it: opening a session stream
 /// opens a trunk stream already addressed to the node, so sessions run on it exactly as on a
-/// local node's stream. Only session streams travel (no datagrams).
+/// local node's stream; a game session's input datagrams travel on the same trunk connection.
 pub trait RemoteLink: Send + Sync + std::fmt::Debug {
     /// Opens a stream to the node through the peer (dialling the trunk if needed).
     fn open_bi(&self) -> RemoteOpen<'_>;
@@ -46,6 +46,12 @@ pub trait RemoteLink: Send + Sync + std::fmt::Debug {
     fn remote_address(&self) -> SocketAddr;
     /// An id unique among the links of this process.
     fn stable_id(&self) -> usize;
+    /// Sends a datagram (a player's input for a game session over the trunk) on the trunk
+    /// connection in use.
+    fn send_datagram(&self, data: Bytes) -> Result<(), SendDatagramError>;
+    /// Whether `conn` is the trunk connection in use: what the peer relays on it (frames and
+    /// audio of game sessions) comes from this link's nodes.
+    fn carries(&self, conn: &quinn::Connection) -> bool;
 }
 
 #[derive(Debug)]
@@ -176,9 +182,20 @@ impl NodeLink {
     pub fn send_datagram(&self, data: Bytes) -> Result<(), SendDatagramError> {
         match &self.0 {
             Inner::Quic(c) => c.send_datagram(data),
-            Inner::Detached(_) | Inner::Remote(_) => Err(SendDatagramError::ConnectionLost(
+            Inner::Remote(r) => r.send_datagram(data),
+            Inner::Detached(_) => Err(SendDatagramError::ConnectionLost(
                 ConnectionError::LocallyClosed,
             )),
+        }
+    }
+
+    /// Whether what arrives on `conn` comes from this link: its own connection, or, for a
+    /// remote node, the trunk connection to its gateway in use.
+    pub fn is_carried_by(&self, conn: &quinn::Connection) -> bool {
+        match &self.0 {
+            Inner::Quic(c) => c.stable_id() == conn.stable_id(),
+            Inner::Detached(_) => false,
+            Inner::Remote(r) => r.carries(conn),
         }
     }
 }

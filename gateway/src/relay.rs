@@ -476,13 +476,15 @@ impl Relay {
     }
 
     /// Whether `conn` is the connection of the node serving the session now. During failover
-    /// no node serves it, so nothing is accepted until the new node is attached.
+    /// no node serves it, so nothing is accepted until the new node is attached. For a node
+    /// another gateway holds it is the trunk connection to that gateway, which relays only the
+    /// frames its own node sends for the session (`trunk::TrunkGames`).
     pub fn is_served_by(&self, conn: &quinn::Connection) -> bool {
         self.node
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .as_ref()
-            .is_some_and(|n| n.conn.stable_id() == conn.stable_id())
+            .is_some_and(|n| n.conn.is_carried_by(conn))
     }
 
     /// Frames and bytes on their way to the client now.

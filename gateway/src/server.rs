@@ -414,6 +414,14 @@ impl Gateway {
             ..Default::default()
         };
         let trunk = self.trunk()?;
+        // Games over the trunk (`game_route = "trunk"`): sessions for peers' nodes are relayed
+        // through it, and peers' sessions on our nodes send their frames back over it.
+        if let Some(t) = trunk
+            .as_ref()
+            .filter(|_| shared.config.federation.game_route == nearpath_config::CrossRoute::Trunk)
+        {
+            shared.games.set_trunk(t.clone());
+        }
         // A federated gateway also speaks the trunk, and asks for (optional) client
         // certificates: peers present theirs, nodes and clients none.
         let mut alpn: Vec<&[u8]> = vec![ALPN_NODE, ALPN_CLIENT];

@@ -9,8 +9,9 @@
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
-/// The ids of live sessions (game and inference alike).
-#[derive(Debug, Default)]
+/// The ids of live sessions (game and inference alike). A clone shares the same set (the
+/// trunk holds peers' game session ids in it).
+#[derive(Debug, Default, Clone)]
 pub struct SessionIds {
     live: Arc<Mutex<HashSet<u64>>>,
 }

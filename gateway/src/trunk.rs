@@ -142,11 +142,19 @@ pub fn check_open(
                 ));
             }
         }
-        SessionKind::Game(_) => {
-            return Err((
-                RefuseCode::UnknownWorkload,
-                "game sessions do not travel over the trunk (they are redirected)".into(),
-            ))
+        SessionKind::Game(p) => {
+            if !node.workloads.games.iter().any(|g| g == &p.title) {
+                return Err((
+                    RefuseCode::UnknownWorkload,
+                    format!("node {node_id} does not serve game {}", p.title),
+                ));
+            }
+            if !node.encodes(p.codec) {
+                return Err((
+                    RefuseCode::UnknownWorkload,
+                    format!("node {node_id} does not encode {}", p.codec),
+                ));
+            }
         }
     }
     let accepting = {
@@ -169,6 +177,75 @@ pub struct RemoteModel {
     pub gateways: std::collections::BTreeSet<String>,
     /// The union of what those nodes declare for it.
     pub caps: ModelCaps,
+}
+
+/// Game sessions peers run on this gateway's nodes through the trunk (`game_route = "trunk"`,
+/// B side): each session id with the node serving it and the peer connection it came over.
+/// The node's frames and audio for such a session go to that peer connection, and the peer's
+/// input datagrams for it go to that node, only when both match: a node cannot send into
+/// another session, and a peer cannot steer a session it did not open.
+#[derive(Default)]
+pub struct TrunkGames {
+    by_session: Mutex<HashMap<u64, TrunkGame>>,
+}
+
+/// One peer's game session on one of our nodes.
+#[derive(Clone)]
+struct TrunkGame {
+    node: NodeLink,
+    peer: quinn::Connection,
+}
+
+impl TrunkGames {
+    /// The peer connection of session `session_id` if node connection `node_conn` serves it.
+    pub fn peer_for(&self, session_id: u64, node_conn: usize) -> Option<quinn::Connection> {
+        lock(&self.by_session)
+            .get(&session_id)
+            .filter(|g| g.node.stable_id() == node_conn)
+            .map(|g| g.peer.clone())
+    }
+
+    /// The node serving session `session_id` if peer connection `peer_conn` opened it.
+    pub fn node_for(&self, session_id: u64, peer_conn: usize) -> Option<NodeLink> {
+        lock(&self.by_session)
+            .get(&session_id)
+            .filter(|g| g.peer.stable_id() == peer_conn)
+            .map(|g| g.node.clone())
+    }
+
+    /// How many sessions peers run here through the trunk now.
+    pub fn len(&self) -> usize {
+        lock(&self.by_session).len()
+    }
+
+    /// Whether no peer runs a session here.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A registered trunk game session: removed from the table when dropped.
+struct TrunkGameGuard<'a> {
+    games: &'a TrunkGames,
+    session_id: u64,
+    _id: crate::session_id::SessionId,
+}
+
+impl Drop for TrunkGameGuard<'_> {
+    fn drop(&mut self) {
+        lock(&self.games.by_session).remove(&self.session_id);
+    }
+}
+
+/// What the trunk needs of the game relay, which sits above it: given at assembly when game
+/// sessions travel over the trunk.
+pub struct GameLink {
+    /// The gateway's live session ids: a peer's session holds its id here too, so that it
+    /// can never name (and steer) one of this gateway's own sessions.
+    pub ids: crate::session_id::SessionIds,
+    /// Runs the frame and audio loops on a trunk connection this gateway dialled: the peer
+    /// sends the frames of our sessions on its nodes on it.
+    pub on_dial: Box<dyn Fn(quinn::Connection) + Send + Sync>,
 }
 
 /// A remote node as the router and the inference driver see it.
@@ -209,6 +286,8 @@ pub struct Trunk {
     /// only if the last one is older than the refresh interval, so strangers cannot make the
     /// gateway read the store per handshake.
     applied_at_ms: std::sync::atomic::AtomicU64,
+    /// Peers' game sessions on our nodes (B side).
+    games: Arc<TrunkGames>,
 }
 
 /// What dialing a peer needs: our endpoint (set once it is bound) and our certificate.
@@ -216,6 +295,8 @@ struct Dialer {
     endpoint: OnceLock<quinn::Endpoint>,
     cert: CertPair,
     transport: TransportOptions,
+    /// The game relay's hooks, when games travel over the trunk.
+    games: OnceLock<Arc<GameLink>>,
 }
 
 /// One peer gateway and our connection to it.
@@ -266,6 +347,9 @@ impl Peer {
             warn!(peer = %self.id, address = %record.quic_address, error = %e, "trunk dial failed");
         })?;
         info!(peer = %self.id, address = %record.quic_address, "trunk connected");
+        if let Some(g) = dialer.games.get() {
+            (g.on_dial)(conn.clone());
+        }
         *slot = Some(conn.clone());
         *lock(&self.current) = Some(conn.clone());
         Ok(conn)
@@ -352,6 +436,21 @@ impl RemoteLink for PeerLink {
     fn stable_id(&self) -> usize {
         self.peer.link_id
     }
+
+    fn send_datagram(&self, data: bytes::Bytes) -> Result<(), quinn::SendDatagramError> {
+        match lock(&self.peer.current).as_ref() {
+            Some(c) => c.send_datagram(data),
+            None => Err(quinn::SendDatagramError::ConnectionLost(
+                ConnectionError::LocallyClosed,
+            )),
+        }
+    }
+
+    fn carries(&self, conn: &quinn::Connection) -> bool {
+        lock(&self.peer.current)
+            .as_ref()
+            .is_some_and(|c| c.stable_id() == conn.stable_id())
+    }
 }
 
 impl Trunk {
@@ -393,11 +492,13 @@ impl Trunk {
                 endpoint: OnceLock::new(),
                 cert,
                 transport,
+                games: OnceLock::new(),
             }),
             peers: Mutex::new(HashMap::new()),
             accepted: Mutex::new(Vec::new()),
             next_key: AtomicUsize::new(1),
             applied_at_ms: std::sync::atomic::AtomicU64::new(0),
+            games: Arc::new(TrunkGames::default()),
         })
     }
 }
@@ -429,6 +530,7 @@ fn same_node(a: &NodeDirEntry, b: &NodeDirEntry) -> bool {
         && a.games == b.games
         && a.inference_slots == b.inference_slots
         && a.game_slots == b.game_slots
+        && a.encoders == b.encoders
 }
 
 impl Trunk {
@@ -440,6 +542,22 @@ impl Trunk {
     /// Gives the trunk the gateway's QUIC endpoint: peers are dialled from the same socket.
     pub fn set_endpoint(&self, endpoint: quinn::Endpoint) {
         let _ = self.dialer.endpoint.set(endpoint);
+    }
+
+    /// Lets game sessions travel over the trunk (`game_route = "trunk"`): peers may open them
+    /// on our nodes, and the trunk connections we dial carry our sessions' frames back.
+    pub fn set_games(&self, link: GameLink) {
+        let _ = self.dialer.games.set(Arc::new(link));
+    }
+
+    /// Whether game sessions travel over the trunk.
+    pub fn carries_games(&self) -> bool {
+        self.dialer.games.get().is_some()
+    }
+
+    /// Peers' game sessions on our nodes (B side), for the frame, audio and input relays.
+    pub fn games(&self) -> &Arc<TrunkGames> {
+        &self.games
     }
 
     /// Reads both directories (off the async threads) and applies them.
@@ -632,6 +750,19 @@ impl Trunk {
             commands,
             NodeDynamic::admitted(now_ms, 0.0, 0),
         );
+        // The encoders its gateway published: a game session over the trunk is routed only to
+        // a remote node that encodes its codec.
+        let encoders: Vec<nearpath_protocol::message::NodeEncoder> = n
+            .encoders
+            .iter()
+            .filter_map(|e| {
+                Some(nearpath_protocol::message::NodeEncoder {
+                    codec: nearpath_protocol::message::VideoCodec::from_name(&e.codec)?,
+                    implementation: e.implementation.clone(),
+                })
+            })
+            .collect();
+        entry.set_encoders(&encoders);
         entry.key = NodeId(REMOTE_KEY_BIT | self.next_key.fetch_add(1, Ordering::Relaxed) as u64);
         entry
     }
@@ -761,6 +892,10 @@ impl Trunk {
         }
         info!(peer = %peer_id, address = %conn.remote_address(), "peer gateway connected over the trunk");
         lock(&self.accepted).push((peer_id.clone(), conn.clone()));
+        // The peer's players' input for the game sessions it runs on our nodes.
+        if self.carries_games() {
+            tokio::spawn(peer_input_loop(self.games.clone(), conn.clone()));
+        }
         loop {
             let (tx, rx) = tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -778,7 +913,8 @@ impl Trunk {
             }
             let this = self.clone();
             let peer_id = peer_id.clone();
-            tokio::spawn(async move { this.serve_stream(&peer_id, tx, rx).await });
+            let conn = conn.clone();
+            tokio::spawn(async move { this.serve_stream(&peer_id, &conn, tx, rx).await });
         }
     }
 
@@ -799,7 +935,13 @@ impl Trunk {
     /// One trunk stream: `PeerOpen`, then `Open`, checked ([`check_open`]), then relayed to the
     /// node. A refusal is a `Refused` the peer treats as the node's own (it tries its next
     /// candidate); a protocol violation resets the stream.
-    async fn serve_stream(&self, peer_id: &str, mut tx: SendStream, rx: RecvStream) {
+    async fn serve_stream(
+        &self,
+        peer_id: &str,
+        peer: &quinn::Connection,
+        mut tx: SendStream,
+        rx: RecvStream,
+    ) {
         let mut framed = FramedRecv::new(rx, MAX_REQUEST_FRAME);
         // `PeerOpen` first (anything else is refused at once), then the session's `Open`.
         let node_id = match tokio::time::timeout(OPEN_TIMEOUT, framed.next()).await {
@@ -820,12 +962,55 @@ impl Trunk {
             return;
         };
         let node = self.registry.get(&node_id);
-        let checked = check_open(&node_id, node.as_deref(), &open.kind).and_then(|()| {
+        let game = matches!(open.kind, SessionKind::Game(_));
+        let games = self.dialer.games.get();
+        let kind = if game {
+            SlotKind::Game
+        } else {
+            SlotKind::Inference
+        };
+        let checked = match games {
+            // Without `game_route = "trunk"` games are redirected, never relayed.
+            None if game => Err((
+                RefuseCode::UnknownWorkload,
+                "game sessions do not travel over this gateway's trunk (they are redirected)"
+                    .to_string(),
+            )),
+            _ => check_open(&node_id, node.as_deref(), &open.kind),
+        }
+        .and_then(|()| {
             node.as_ref()
-                .and_then(|n| self.registry.acquire(n, SlotKind::Inference))
+                .and_then(|n| self.registry.acquire(n, kind))
                 .ok_or((RefuseCode::Busy, format!("node {node_id} has no free slot")))
         });
-        let slot = match checked {
+        // A game session holds its id among ours (a peer naming one of our live sessions, or
+        // one it already runs here, is refused) and is entered in the table the frame, audio
+        // and input relays read, before the node can send its first frame.
+        let checked = checked.and_then(|slot| match games {
+            Some(g) if game => {
+                let id = g.ids.claim(open.session_id).ok_or((
+                    RefuseCode::Busy,
+                    format!("session id {} is in use here", open.session_id),
+                ))?;
+                lock(&self.games.by_session).insert(
+                    open.session_id,
+                    TrunkGame {
+                        node: slot.node.conn.clone(),
+                        peer: peer.clone(),
+                    },
+                );
+                Ok((
+                    slot,
+                    Some(TrunkGameGuard {
+                        games: &self.games,
+                        session_id: open.session_id,
+                        _id: id,
+                    }),
+                ))
+            }
+            _ => Ok((slot, None)),
+        });
+        let (slot, _registered) = match checked {
             Ok(slot) => slot,
             Err((code, reason)) => {
                 debug!(peer = %peer_id, node = %node_id, %reason, "trunk stream refused");
@@ -876,7 +1061,13 @@ async fn relay(
         let down = async {
             let mut buf = vec![0u8; 16 * 1024];
             loop {
-                match node_rx.read(&mut buf).await {
+                // A game's node says little on its session stream (its frames travel apart),
+                // so the peer stopping its side must be noticed while the node is silent.
+                let read = tokio::select! {
+                    r = node_rx.read(&mut buf) => r,
+                    _ = tx.stopped() => return Err(STREAM_CANCELLED),
+                };
+                match read {
                     Ok(Some(n)) => {
                         if tx.write_all(&buf[..n]).await.is_err() {
                             // The peer stopped reading: its client went away.
@@ -922,6 +1113,44 @@ async fn relay(
         let _ = node_rx.stop(STREAM_CANCELLED);
         let _ = node_tx.reset(STREAM_CANCELLED);
     }
+}
+
+/// Forwards a peer's input datagrams to the nodes serving the game sessions that peer runs
+/// here through the trunk; a datagram that is malformed or names a session this peer
+/// connection did not open is dropped. Runs once per admitted peer connection.
+async fn peer_input_loop(games: Arc<TrunkGames>, conn: quinn::Connection) {
+    while let Ok(dgram) = conn.read_datagram().await {
+        let Ok(input) = nearpath_protocol::InputDatagram::decode(&dgram) else {
+            continue;
+        };
+        if let Some(node) = games.node_for(input.session_id, conn.stable_id()) {
+            let _ = node.send_datagram(dgram);
+        }
+    }
+}
+
+/// Forwards one frame stream of a node serving a peer's game session to that peer as a uni
+/// stream on the trunk, header first, within `within` (late frames are the peer's relay's
+/// to judge, but one stuck stream must not be held for ever).
+pub async fn forward_frame(
+    recv: RecvStream,
+    header: &nearpath_protocol::FrameHeader,
+    peer: &quinn::Connection,
+    within: Duration,
+) -> bool {
+    let write_by = tokio::time::Instant::now() + within;
+    matches!(
+        nearpath_protocol::stream::relay_frame_by(
+            recv,
+            header,
+            peer,
+            nearpath_protocol::MAX_VIDEO_FRAME,
+            write_by,
+            write_by + peer.rtt(),
+        )
+        .await,
+        Ok(nearpath_protocol::stream::Relayed::Delivered(_))
+    )
 }
 
 /// Merges the ranking of this gateway's nodes with that of the remote nodes into one, as if one
@@ -1133,6 +1362,13 @@ mod tests {
         )
     }
 
+    fn game_params(kind: &SessionKind) -> GameParams {
+        match kind {
+            SessionKind::Game(p) => p.clone(),
+            SessionKind::Inference { .. } => unreachable!("a game"),
+        }
+    }
+
     #[test]
     fn a_trunk_open_naming_a_node_not_attached_here_is_refused() {
         let err = check_open("ghost", None, &inference("m")).unwrap_err();
@@ -1141,7 +1377,7 @@ mod tests {
     }
 
     #[test]
-    fn a_trunk_open_is_refused_for_a_model_the_node_lacks_a_game_or_a_node_not_accepting() {
+    fn a_trunk_open_is_refused_for_a_model_or_game_the_node_lacks_or_a_node_not_accepting() {
         let n = local_node("n1", &["m"]);
         assert_eq!(check_open("n1", Some(&n), &inference("m")), Ok(()));
         assert_eq!(
@@ -1159,8 +1395,23 @@ mod tests {
             codec: Default::default(),
             traceparent: None,
         });
+        // A game the node serves, in a codec it encodes, travels (`game_route = "trunk"`);
+        // another title or codec does not.
+        assert_eq!(check_open("n1", Some(&n), &game), Ok(()));
+        let other_title = SessionKind::Game(GameParams {
+            title: "chess".into(),
+            ..game_params(&game)
+        });
         assert_eq!(
-            check_open("n1", Some(&n), &game).unwrap_err().0,
+            check_open("n1", Some(&n), &other_title).unwrap_err().0,
+            RefuseCode::UnknownWorkload
+        );
+        let hevc = SessionKind::Game(GameParams {
+            codec: nearpath_protocol::message::VideoCodec::Hevc,
+            ..game_params(&game)
+        });
+        assert_eq!(
+            check_open("n1", Some(&n), &hevc).unwrap_err().0,
             RefuseCode::UnknownWorkload
         );
         n.dynamic().state = NodeState::Draining;

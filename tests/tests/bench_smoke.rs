@@ -357,3 +357,39 @@ fn webrtc_load_delivers_every_frame_over_webrtc_webtransport_and_quic() {
         assert!(r[ratio].as_f64().unwrap() > 0.0, "{ratio}: {v}");
     }
 }
+
+#[test]
+fn game_hop_measures_direct_trunk_and_redirected_sessions_with_every_frame() {
+    let out = Command::new(env!("CARGO_BIN_EXE_bench"))
+        .args([
+            "game-hop",
+            "--sessions",
+            "2",
+            "--frames",
+            "5",
+            "--warmup",
+            "1",
+        ])
+        .env("RUST_LOG", "off")
+        .output()
+        .expect("running the bench binary");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let last = stdout.lines().rev().find(|l| l.starts_with('{')).unwrap();
+    let v: Value = serde_json::from_str(last).unwrap();
+    assert_eq!(v["bench"], "game-hop");
+    assert_eq!(v["failures"], 0, "{v}");
+    for path in ["direct", "trunk", "redirect"] {
+        // 2 sessions of 5 frames each: every frame timed or counted lost (a relay may drop a
+        // late frame on a loaded machine), most of them timed.
+        let timed = v[path]["frame_latency_ms"]["n"].as_u64().unwrap();
+        let lost = v[path]["frames_lost"].as_u64().unwrap();
+        assert_eq!(timed + lost, 10, "{v}");
+        assert!(timed >= 5, "{v}");
+        assert!(v[path]["ttff_ms"]["p50"].as_f64().unwrap() > 0.0, "{v}");
+    }
+}

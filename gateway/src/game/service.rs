@@ -58,6 +58,10 @@ pub struct GameService {
     /// Whether the gateway's runtime is saturated (the relay then sheds queued frames); kept
     /// current by [`GameService::saturation_loop`].
     saturation: Arc<crate::saturation::Saturation>,
+    /// The federation's trunk, when game sessions travel over it (`game_route = "trunk"`):
+    /// a session no node here can take is placed on a peer's node and relayed through it, and
+    /// peers' sessions on our nodes have their frames and audio sent back over it.
+    trunk: std::sync::OnceLock<Arc<crate::trunk::Trunk>>,
 }
 
 /// Where a session was placed: here, or on a peer's node (the client must go there).
@@ -185,6 +189,7 @@ impl GameService {
             config,
             federation: None,
             saturation: crate::saturation::Saturation::new(),
+            trunk: std::sync::OnceLock::new(),
         }
     }
 
@@ -217,6 +222,23 @@ impl GameService {
     pub fn with_federation(mut self, f: Arc<super::redirect::GameFederation>) -> GameService {
         self.federation = Some(f);
         self
+    }
+
+    /// Lets game sessions travel over the federation's trunk (`game_route = "trunk"`): set
+    /// once at assembly, with the trunk given the relay's hooks ([`crate::trunk::GameLink`]).
+    pub fn set_trunk(self: &Arc<Self>, trunk: Arc<crate::trunk::Trunk>) {
+        let games = Arc::downgrade(self);
+        trunk.set_games(crate::trunk::GameLink {
+            ids: self.sessions.ids.clone(),
+            on_dial: Box::new(move |conn| {
+                // The peer relays our sessions' frames (uni streams) and audio (datagrams)
+                // from its nodes on the connection we dialled, read as a node's.
+                if let Some(g) = games.upgrade() {
+                    tokio::spawn(g.node_frames_loop(conn));
+                }
+            }),
+        });
+        let _ = self.trunk.set(trunk);
     }
 
     /// The federation it is a member of, if any.
@@ -341,7 +363,46 @@ impl GameService {
                 }
             },
         );
-        if let Some(f) = outcome.failure() {
+        // Over the trunk (`game_route = "trunk"`), peers' nodes come after every node of ours
+        // (a trunk hop only adds latency), checked as ours are: the geofence evaluated here,
+        // once, with the client's location against the remote node's published location and
+        // classes. A ticketed or resumed session is pinned to a node of ours.
+        let (remote_outcome, remote) = match (self.trunk.get(), pin) {
+            (Some(trunk), Pin::Any) => {
+                let (remote, nodes) =
+                    trunk.route(client_latlon(client), Workload::Game(&params.title), |n| {
+                        codec_check(n, params.codec)?;
+                        if exclude.contains(&n.key) {
+                            return Err(crate::router::Deny {
+                                rule: "failover".into(),
+                                reason: "node failed this session".into(),
+                            });
+                        }
+                        self.placement.serve_check(client, n, WorkloadKind::Game)
+                    });
+                let nodes = if remote.failure().is_none() {
+                    nodes
+                } else {
+                    Vec::new()
+                };
+                (Some(remote), nodes)
+            }
+            _ => (None, Vec::new()),
+        };
+        let nodes = match outcome.failure() {
+            Some(_) if !remote.is_empty() => remote,
+            _ => nodes.into_iter().chain(remote).collect(),
+        };
+        // When no node here serves the game, why peers' nodes could not take it says more
+        // (their codec, the geofence, full).
+        let failure = match (
+            outcome.failure(),
+            remote_outcome.as_ref().and_then(|o| o.failure()),
+        ) {
+            (Some(NoRoute::NotServed), Some(r)) => Some(r),
+            (local, _) => local,
+        };
+        if let (Some(f), true) = (failure, nodes.is_empty()) {
             return Err(match f {
                 NoRoute::NotServed => NoNode::Unknown,
                 NoRoute::Denied(d) if d.rule == "pinned" => NoNode::TicketNode,
@@ -571,8 +632,9 @@ impl GameService {
 
     /// The codec of a session whose client decodes `accepted` (most preferred first; empty:
     /// H.264): the first one a node of this gateway that may serve the session encodes (no
-    /// redirect costs less than a redirect); else, in a federation that redirects games, the
-    /// first one a live peer's eligible node encodes (per the node directory); when none does,
+    /// redirect costs less than a redirect); else, in a federation that relays games over the
+    /// trunk or redirects them, the first one a live peer's eligible node encodes (per the node
+    /// directory); when none does,
     /// the most preferred, so that the refusal names it ("no node encodes hevc").
     pub fn pick_codec(
         &self,
@@ -595,6 +657,19 @@ impl GameService {
                     ..params.clone()
                 };
                 self.has_local_candidate(client, &p)
+            })
+            // Over the trunk: the first one a live peer's eligible node encodes, per the
+            // trunk's last directory read.
+            .or_else(|| {
+                let trunk = self.trunk.get()?;
+                accepted.iter().copied().find(|&codec| {
+                    let (outcome, _) =
+                        trunk.route(client_latlon(client), Workload::Game(&params.title), |n| {
+                            codec_check(n, codec)?;
+                            self.placement.serve_check(client, n, WorkloadKind::Game)
+                        });
+                    outcome.failure().is_none()
+                })
             })
             .or_else(|| {
                 self.federation.as_ref()?.remote_codec(
@@ -1204,6 +1279,17 @@ impl GameService {
             }
         };
         let Some(relay) = self.sessions.games.get(header.session_id) else {
+            // A peer's session on this node (`game_route = "trunk"`): to the peer, as it came.
+            if let Some(peer) = self.trunk_peer_for(header.session_id, conn) {
+                let within = Duration::from_millis(self.config.frame_budget_ms.max(1));
+                if !crate::trunk::forward_frame(recv, &header, &peer, within).await {
+                    debug!(
+                        session = header.session_id,
+                        "frame not forwarded over the trunk"
+                    );
+                }
+                return;
+            }
             let _ = recv.stop(nearpath_protocol::app_code::STREAM_REFUSED);
             return;
         };
@@ -1301,6 +1387,12 @@ impl GameService {
             Err(e) => {
                 debug!(error = %e, "frame not relayed");
                 self.count_drop(&relay, DropReason::Relay);
+                // A frame the peer abandoned on its way over the trunk (its node's frame was
+                // late there) is lost to the player like an overloaded one: the picture needs
+                // a keyframe to recover.
+                if relay.node().is_some_and(|n| n.conn.is_remote()) {
+                    relay.request_keyframe();
+                }
             }
         }
     }
@@ -1339,6 +1431,13 @@ impl GameService {
         };
         let relay = match self.sessions.games.get(packet.session_id) {
             Some(relay) if relay.is_served_by(conn) => relay,
+            // A peer's session on this node (`game_route = "trunk"`): to the peer, unchanged.
+            None if self.trunk_peer_for(packet.session_id, conn).is_some() => {
+                if let Some(peer) = self.trunk_peer_for(packet.session_id, conn) {
+                    let _ = peer.send_datagram(dgram);
+                }
+                return;
+            }
             other => {
                 if let Some(relay) = other {
                     relay.audio_foreign.fetch_add(1, Ordering::Relaxed);
@@ -1360,6 +1459,19 @@ impl GameService {
             relay.audio_dropped.fetch_add(1, Ordering::Relaxed);
             self.count_audio_drop(AudioDrop::Relay);
         }
+    }
+
+    /// The peer connection a frame or audio datagram of session `session_id` from node
+    /// connection `conn` goes to, when a peer runs that session on that node over the trunk.
+    fn trunk_peer_for(
+        &self,
+        session_id: u64,
+        conn: &quinn::Connection,
+    ) -> Option<quinn::Connection> {
+        self.trunk
+            .get()?
+            .games()
+            .peer_for(session_id, conn.stable_id())
     }
 
     fn count_audio_drop(&self, reason: AudioDrop) {

@@ -7,6 +7,7 @@ pub mod child;
 pub mod client;
 pub mod encoders;
 pub mod federation;
+pub mod gamehop;
 pub mod impaired;
 pub mod latency;
 pub mod limits;

@@ -12,6 +12,7 @@
 //! target/release/bench inference-queue
 //! target/release/bench nodes-register
 //! target/release/bench trunk-ttft
+//! target/release/bench game-hop
 //! target/release/bench fleet-limits
 //! ```
 
@@ -57,6 +58,9 @@ enum Command {
     /// TTFT through the gateway-to-gateway trunk against the same node on one gateway
     /// (two federated gateways in this process, interleaved requests).
     TrunkTtft(bench::trunk::TrunkArgs),
+    /// Frame latency and time to first frame of a native game session at B directly, at A
+    /// over the trunk and at A redirected to B (three federated gateways in this process).
+    GameHop(bench::gamehop::GameHopArgs),
     /// A key's limits under load on three gateways sharing one store (in this process):
     /// admitted/limit per minute window, store round trips per request, concurrency cap held.
     FleetLimits(bench::limits::LimitsArgs),
@@ -283,9 +287,10 @@ fn real_main() -> anyhow::Result<()> {
                 Command::InferenceStreams(a) => &a.placement,
                 Command::InferenceQueue(a) => &a.placement,
                 Command::NodesRegister(a) => &a.placement,
-                Command::QuicIdleMemory(_) | Command::TrunkTtft(_) | Command::Checker(_) => {
-                    &unpinned
-                }
+                Command::QuicIdleMemory(_)
+                | Command::TrunkTtft(_)
+                | Command::GameHop(_)
+                | Command::Checker(_) => &unpinned,
                 Command::RelayLatency(a) => &a.placement,
                 Command::RelayCapacity(a) => &a.placement,
                 Command::RelayOverload(a) => &a.run.placement,
@@ -319,6 +324,7 @@ fn real_main() -> anyhow::Result<()> {
                 Command::NodesRegister(a) => rt.block_on(bench::register::run(a)),
                 Command::QuicIdleMemory(a) => rt.block_on(bench::quicmem::run(a)),
                 Command::TrunkTtft(a) => rt.block_on(bench::trunk::run(a)),
+                Command::GameHop(a) => rt.block_on(bench::gamehop::run(a)),
                 Command::Checker(a) => rt.block_on(bench::checker::run(a)),
                 Command::RelayLatency(a) => rt.block_on(bench::relay::run_latency(a)),
                 Command::RelayCapacity(a) => rt.block_on(bench::relay::run_capacity(a)),
