@@ -23,9 +23,18 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info_span, warn, Instrument};
 
-/// The next item of an optional channel (a session's sound, its rumbles); never ready when
+/// The next item of an optional channel (a session's rumbles); never ready when
 /// there is none, `None` once the channel has closed.
 async fn recv_opt<T>(rx: &mut Option<tokio::sync::mpsc::Receiver<T>>) -> Option<T> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The next packet of a session's sound; never ready when it has none, `None` once its source
+/// ended.
+async fn recv_sound(rx: &mut Option<audio::AudioReceiver>) -> Option<EncodedAudio> {
     match rx {
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,
@@ -516,7 +525,7 @@ impl Sessions {
                     game.force_keyframe();
                     // Sound made while no gateway listened is stale: start from what comes next.
                     if let Some(rx) = sound.as_mut() {
-                        while rx.try_recv().is_ok() {}
+                        while rx.try_recv().is_some() {}
                     }
                     (ctx, tx, framed) = (r.ctx, r.tx, r.framed);
                 }
@@ -576,7 +585,7 @@ impl Sessions {
         game: &Arc<GameSession>,
         frames: &mut tokio::sync::mpsc::Receiver<EncodedFrame>,
         rumbles: &mut Option<tokio::sync::mpsc::Receiver<Rumble>>,
-        sound: &mut Option<tokio::sync::mpsc::Receiver<EncodedAudio>>,
+        sound: &mut Option<audio::AudioReceiver>,
         tx: &mut quinn::SendStream,
         framed: &mut FramedRecv,
         cancel: &CancellationToken,
@@ -612,7 +621,7 @@ impl Sessions {
                         return LegEnd::Over;
                     }
                 },
-                a = recv_opt(sound) => match a {
+                a = recv_sound(sound) => match a {
                     Some(packet) => send_sound(&ctx.conn, session_id, packet),
                     // The source's sound ended (an external program closed its pipe): the
                     // session goes on silent.
