@@ -884,54 +884,6 @@ async fn wait_for_slot(
     }
 }
 
-#[cfg(test)]
-mod slot_wait_tests {
-    use super::*;
-    use std::sync::atomic::AtomicU32;
-
-    /// Regression: an `Open` that arrived while the node was still letting the previous
-    /// session go was refused as busy (`all 1 game slots are in use`), though the gateway had
-    /// already freed the slot. It now gets the slot when the release lands.
-    #[tokio::test]
-    async fn an_open_waits_for_a_release_in_flight_and_gets_the_slot() {
-        let freed = Arc::new(Notify::new());
-        let in_use = Arc::new(AtomicU32::new(1));
-        let waiter = {
-            let (freed, in_use) = (freed.clone(), in_use.clone());
-            tokio::spawn(async move {
-                wait_for_slot(
-                    &freed,
-                    || in_use.load(Ordering::SeqCst),
-                    1,
-                    Duration::from_secs(30),
-                )
-                .await
-            })
-        };
-        tokio::task::yield_now().await;
-        in_use.store(0, Ordering::SeqCst);
-        freed.notify_waiters();
-        assert!(waiter.await.unwrap(), "the released slot is taken");
-    }
-
-    /// A node whose slots stay full refuses once the grace has passed (virtual clock), and a
-    /// wake-up that frees nothing does not admit the session.
-    #[tokio::test(start_paused = true)]
-    async fn a_full_node_refuses_after_the_grace() {
-        let freed = Notify::new();
-        let started = tokio::time::Instant::now();
-        let wait = wait_for_slot(&freed, || 1, 1, GAME_SLOT_RELEASE_GRACE);
-        tokio::pin!(wait);
-        tokio::select! {
-            biased;
-            _ = &mut wait => panic!("answered before any wake-up"),
-            _ = tokio::task::yield_now() => {}
-        }
-        freed.notify_waiters();
-        assert!(!wait.await, "still full: refused");
-        assert_eq!(started.elapsed(), GAME_SLOT_RELEASE_GRACE);
-    }
-}
 
 /// Removes a game session from the input routing table however its task ends.
 struct RemoveGame<'a>(&'a Sessions, u64);
@@ -1117,4 +1069,53 @@ struct InferenceOpen {
     request_json: String,
     request_id: String,
     traceparent: Option<String>,
+}
+
+#[cfg(test)]
+mod slot_wait_tests {
+    use super::*;
+    use std::sync::atomic::AtomicU32;
+
+    /// Regression: an `Open` that arrived while the node was still letting the previous
+    /// session go was refused as busy (`all 1 game slots are in use`), though the gateway had
+    /// already freed the slot. It now gets the slot when the release lands.
+    #[tokio::test]
+    async fn an_open_waits_for_a_release_in_flight_and_gets_the_slot() {
+        let freed = Arc::new(Notify::new());
+        let in_use = Arc::new(AtomicU32::new(1));
+        let waiter = {
+            let (freed, in_use) = (freed.clone(), in_use.clone());
+            tokio::spawn(async move {
+                wait_for_slot(
+                    &freed,
+                    || in_use.load(Ordering::SeqCst),
+                    1,
+                    Duration::from_secs(30),
+                )
+                .await
+            })
+        };
+        tokio::task::yield_now().await;
+        in_use.store(0, Ordering::SeqCst);
+        freed.notify_waiters();
+        assert!(waiter.await.unwrap(), "the released slot is taken");
+    }
+
+    /// A node whose slots stay full refuses once the grace has passed (virtual clock), and a
+    /// wake-up that frees nothing does not admit the session.
+    #[tokio::test(start_paused = true)]
+    async fn a_full_node_refuses_after_the_grace() {
+        let freed = Notify::new();
+        let started = tokio::time::Instant::now();
+        let wait = wait_for_slot(&freed, || 1, 1, GAME_SLOT_RELEASE_GRACE);
+        tokio::pin!(wait);
+        tokio::select! {
+            biased;
+            _ = &mut wait => panic!("answered before any wake-up"),
+            _ = tokio::task::yield_now() => {}
+        }
+        freed.notify_waiters();
+        assert!(!wait.await, "still full: refused");
+        assert_eq!(started.elapsed(), GAME_SLOT_RELEASE_GRACE);
+    }
 }
