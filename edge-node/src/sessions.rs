@@ -884,7 +884,6 @@ async fn wait_for_slot(
     }
 }
 
-
 /// Removes a game session from the input routing table however its task ends.
 struct RemoveGame<'a>(&'a Sessions, u64);
 
