@@ -23,9 +23,18 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info_span, warn, Instrument};
 
-/// The next item of an optional channel (a session's sound, its rumbles); never ready when
+/// The next item of an optional channel (a session's rumbles); never ready when
 /// there is none, `None` once the channel has closed.
 async fn recv_opt<T>(rx: &mut Option<tokio::sync::mpsc::Receiver<T>>) -> Option<T> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The next packet of a session's sound; never ready when it has none, `None` once its source
+/// ended.
+async fn recv_sound(rx: &mut Option<audio::AudioReceiver>) -> Option<EncodedAudio> {
     match rx {
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,
@@ -516,7 +525,7 @@ impl Sessions {
                     game.force_keyframe();
                     // Sound made while no gateway listened is stale: start from what comes next.
                     if let Some(rx) = sound.as_mut() {
-                        while rx.try_recv().is_ok() {}
+                        while rx.try_recv().is_some() {}
                     }
                     (ctx, tx, framed) = (r.ctx, r.tx, r.framed);
                 }
@@ -576,7 +585,7 @@ impl Sessions {
         game: &Arc<GameSession>,
         frames: &mut tokio::sync::mpsc::Receiver<EncodedFrame>,
         rumbles: &mut Option<tokio::sync::mpsc::Receiver<Rumble>>,
-        sound: &mut Option<tokio::sync::mpsc::Receiver<EncodedAudio>>,
+        sound: &mut Option<audio::AudioReceiver>,
         tx: &mut quinn::SendStream,
         framed: &mut FramedRecv,
         cancel: &CancellationToken,
@@ -612,7 +621,7 @@ impl Sessions {
                         return LegEnd::Over;
                     }
                 },
-                a = recv_opt(sound) => match a {
+                a = recv_sound(sound) => match a {
                     Some(packet) => send_sound(&ctx.conn, session_id, packet),
                     // The source's sound ended (an external program closed its pipe): the
                     // session goes on silent.
@@ -875,55 +884,6 @@ async fn wait_for_slot(
     }
 }
 
-#[cfg(test)]
-mod slot_wait_tests {
-    use super::*;
-    use std::sync::atomic::AtomicU32;
-
-    /// Regression: an `Open` that arrived while the node was still letting the previous
-    /// session go was refused as busy (`all 1 game slots are in use`), though the gateway had
-    /// already freed the slot. It now gets the slot when the release lands.
-    #[tokio::test]
-    async fn an_open_waits_for_a_release_in_flight_and_gets_the_slot() {
-        let freed = Arc::new(Notify::new());
-        let in_use = Arc::new(AtomicU32::new(1));
-        let waiter = {
-            let (freed, in_use) = (freed.clone(), in_use.clone());
-            tokio::spawn(async move {
-                wait_for_slot(
-                    &freed,
-                    || in_use.load(Ordering::SeqCst),
-                    1,
-                    Duration::from_secs(30),
-                )
-                .await
-            })
-        };
-        tokio::task::yield_now().await;
-        in_use.store(0, Ordering::SeqCst);
-        freed.notify_waiters();
-        assert!(waiter.await.unwrap(), "the released slot is taken");
-    }
-
-    /// A node whose slots stay full refuses once the grace has passed (virtual clock), and a
-    /// wake-up that frees nothing does not admit the session.
-    #[tokio::test(start_paused = true)]
-    async fn a_full_node_refuses_after_the_grace() {
-        let freed = Notify::new();
-        let started = tokio::time::Instant::now();
-        let wait = wait_for_slot(&freed, || 1, 1, GAME_SLOT_RELEASE_GRACE);
-        tokio::pin!(wait);
-        tokio::select! {
-            biased;
-            _ = &mut wait => panic!("answered before any wake-up"),
-            _ = tokio::task::yield_now() => {}
-        }
-        freed.notify_waiters();
-        assert!(!wait.await, "still full: refused");
-        assert_eq!(started.elapsed(), GAME_SLOT_RELEASE_GRACE);
-    }
-}
-
 /// Removes a game session from the input routing table however its task ends.
 struct RemoveGame<'a>(&'a Sessions, u64);
 
@@ -1108,4 +1068,53 @@ struct InferenceOpen {
     request_json: String,
     request_id: String,
     traceparent: Option<String>,
+}
+
+#[cfg(test)]
+mod slot_wait_tests {
+    use super::*;
+    use std::sync::atomic::AtomicU32;
+
+    /// Regression: an `Open` that arrived while the node was still letting the previous
+    /// session go was refused as busy (`all 1 game slots are in use`), though the gateway had
+    /// already freed the slot. It now gets the slot when the release lands.
+    #[tokio::test]
+    async fn an_open_waits_for_a_release_in_flight_and_gets_the_slot() {
+        let freed = Arc::new(Notify::new());
+        let in_use = Arc::new(AtomicU32::new(1));
+        let waiter = {
+            let (freed, in_use) = (freed.clone(), in_use.clone());
+            tokio::spawn(async move {
+                wait_for_slot(
+                    &freed,
+                    || in_use.load(Ordering::SeqCst),
+                    1,
+                    Duration::from_secs(30),
+                )
+                .await
+            })
+        };
+        tokio::task::yield_now().await;
+        in_use.store(0, Ordering::SeqCst);
+        freed.notify_waiters();
+        assert!(waiter.await.unwrap(), "the released slot is taken");
+    }
+
+    /// A node whose slots stay full refuses once the grace has passed (virtual clock), and a
+    /// wake-up that frees nothing does not admit the session.
+    #[tokio::test(start_paused = true)]
+    async fn a_full_node_refuses_after_the_grace() {
+        let freed = Notify::new();
+        let started = tokio::time::Instant::now();
+        let wait = wait_for_slot(&freed, || 1, 1, GAME_SLOT_RELEASE_GRACE);
+        tokio::pin!(wait);
+        tokio::select! {
+            biased;
+            _ = &mut wait => panic!("answered before any wake-up"),
+            _ = tokio::task::yield_now() => {}
+        }
+        freed.notify_waiters();
+        assert!(!wait.await, "still full: refused");
+        assert_eq!(started.elapsed(), GAME_SLOT_RELEASE_GRACE);
+    }
 }

@@ -393,3 +393,58 @@ fn game_hop_measures_direct_trunk_and_redirected_sessions_with_every_frame() {
         assert!(v[path]["ttff_ms"]["p50"].as_f64().unwrap() > 0.0, "{v}");
     }
 }
+
+#[test]
+fn audio_transport_compares_datagrams_and_a_stream_per_loss_rate() {
+    let v = bench(&[
+        "audio-transport",
+        "--seconds",
+        "2",
+        "--losses",
+        "0,0.05",
+        "--delay-ms",
+        "5",
+        "--jitter-ms",
+        "1",
+    ]);
+    assert_eq!(v["bench"], "audio-transport");
+    assert_eq!(v["packets_per_run"], 200, "{v}");
+    assert_eq!(v["packet_bytes"], 145, "{v}");
+    let results = v["results"].as_array().unwrap();
+    let rows: Vec<(String, f64)> = results
+        .iter()
+        .map(|r| {
+            (
+                r["mode"].as_str().unwrap().to_string(),
+                r["loss"].as_f64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            ("datagram".to_string(), 0.0),
+            ("stream".to_string(), 0.0),
+            ("datagram".to_string(), 0.05),
+            ("stream".to_string(), 0.05)
+        ],
+        "{v}"
+    );
+    for r in results {
+        assert_eq!(r["sent"], 200, "{v}");
+        assert_eq!(r["bad"], 0, "{v}");
+        // Every packet waited at least the path's one-way delay.
+        assert!(r["latency_ms"]["min"].as_f64().unwrap() >= 5.0, "{v}");
+        assert!(r["buffer_no_gap_ms"].as_f64().unwrap() >= 0.0, "{v}");
+    }
+    // A stream is reliable: every packet arrives, lost or not on the way.
+    for r in results.iter().filter(|r| r["mode"] == "stream") {
+        assert_eq!(r["received"], 200, "{v}");
+        assert_eq!(r["lost"], 0, "{v}");
+    }
+    // Without loss nothing is missing either way; at 5% the relay dropped packets, and the
+    // datagrams it dropped are missing (with 200 packets, none lost has odds of 0.95^200).
+    assert_eq!(results[0]["lost"], 0, "{v}");
+    assert!(results[2]["relay_dropped"].as_u64().unwrap() > 0, "{v}");
+    assert!(results[2]["lost"].as_u64().unwrap() > 0, "{v}");
+}

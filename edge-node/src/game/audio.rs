@@ -3,7 +3,7 @@
 //!
 //! ```text
 //!  built-in: synth(sample clock, thrust, hits) --PCM--+
-//!                                                     +--> Opus encoder --EncodedAudio--> mpsc
+//!                                                     +--> Opus encoder --EncodedAudio--> queue
 //!  external: program fd 3 (s16le 48k stereo) --PCM----+
 //! ```
 //!
@@ -24,7 +24,6 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use thiserror::Error;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 /// Sample rate of game sound.
@@ -35,8 +34,8 @@ pub const CHANNELS: usize = 2;
 pub const FRAME_SAMPLES: usize = SAMPLES_10MS as usize;
 /// Bytes of s16le stereo PCM in one packet, as read from an external program's pipe.
 pub const FRAME_BYTES: usize = FRAME_SAMPLES * CHANNELS * 2;
-/// Encoded packets buffered for the session's sender (160 ms); when full the newest is
-/// dropped: a stale packet is worth less than a gap the decoder conceals.
+/// Encoded packets buffered for the session's sender (160 ms); when full the *oldest* is
+/// dropped (see [`AudioSender::push`]).
 pub const AUDIO_QUEUE: usize = 16;
 /// Time between two sync beeps (and flashes), in microseconds of session time.
 pub const BEEP_PERIOD_US: u64 = 2_000_000;
@@ -303,6 +302,102 @@ pub struct Epoch {
     pub unix_us: u64,
 }
 
+/// The queue between a session's audio thread and its sender: bounded, and when full it drops
+/// the oldest packet, not the newest. After a stall of the sender longer than the queue, the
+/// newest 160 ms is what is still worth sending: a player schedules by capture time, so older
+/// packets arrive past their playout time and are discarded; dropping the newest instead kept
+/// the first 160 ms of the stall and lost the sound a player could still play.
+pub fn audio_queue(capacity: usize) -> (AudioSender, AudioReceiver) {
+    let shared = Arc::new(QueueShared {
+        capacity: capacity.max(1),
+        packets: std::sync::Mutex::new(std::collections::VecDeque::with_capacity(capacity)),
+        ready: tokio::sync::Notify::new(),
+        sender_gone: std::sync::atomic::AtomicBool::new(false),
+        receiver_gone: std::sync::atomic::AtomicBool::new(false),
+    });
+    (AudioSender(shared.clone()), AudioReceiver(shared))
+}
+
+#[derive(Debug)]
+struct QueueShared {
+    capacity: usize,
+    packets: std::sync::Mutex<std::collections::VecDeque<EncodedAudio>>,
+    ready: tokio::sync::Notify,
+    sender_gone: std::sync::atomic::AtomicBool,
+    receiver_gone: std::sync::atomic::AtomicBool,
+}
+
+impl QueueShared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::VecDeque<EncodedAudio>> {
+        self.packets.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The audio thread's end of [`audio_queue`].
+#[derive(Debug)]
+pub struct AudioSender(Arc<QueueShared>);
+
+impl AudioSender {
+    /// Queues `packet`, dropping the oldest queued one when full; returns whether one was
+    /// dropped. Never blocks on the receiver.
+    pub fn push(&self, packet: EncodedAudio) -> bool {
+        let dropped = {
+            let mut q = self.0.lock();
+            let dropped = q.len() >= self.0.capacity && q.pop_front().is_some();
+            q.push_back(packet);
+            dropped
+        };
+        // One consumer: a stored permit wakes it even if it is not waiting yet.
+        self.0.ready.notify_one();
+        dropped
+    }
+
+    /// Whether the receiver is gone (the session ended): the thread can stop.
+    pub fn is_closed(&self) -> bool {
+        self.0.receiver_gone.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for AudioSender {
+    fn drop(&mut self) {
+        self.0.sender_gone.store(true, Ordering::Release);
+        self.0.ready.notify_one();
+    }
+}
+
+/// The session sender's end of [`audio_queue`].
+#[derive(Debug)]
+pub struct AudioReceiver(Arc<QueueShared>);
+
+impl AudioReceiver {
+    /// The oldest queued packet, waiting for one; `None` once the sender is gone and the queue
+    /// is empty.
+    pub async fn recv(&mut self) -> Option<EncodedAudio> {
+        loop {
+            let ready = self.0.ready.notified();
+            if let Some(p) = self.0.lock().pop_front() {
+                return Some(p);
+            }
+            if self.0.sender_gone.load(Ordering::Acquire) {
+                // A last push may have landed between the pop above and the flag.
+                return self.0.lock().pop_front();
+            }
+            ready.await;
+        }
+    }
+
+    /// The oldest queued packet, if any, without waiting.
+    pub fn try_recv(&mut self) -> Option<EncodedAudio> {
+        self.0.lock().pop_front()
+    }
+}
+
+impl Drop for AudioReceiver {
+    fn drop(&mut self) {
+        self.0.receiver_gone.store(true, Ordering::Release);
+    }
+}
+
 /// Starts the built-in game's audio thread: synthesises and encodes a packet every 10 ms of
 /// the epoch's clock until `cancel` fires or the receiver is dropped.
 pub fn spawn_builtin(
@@ -311,9 +406,9 @@ pub fn spawn_builtin(
     inputs: Arc<SynthInputs>,
     cancel: CancellationToken,
     thread_name: String,
-) -> Result<mpsc::Receiver<EncodedAudio>, AudioError> {
+) -> Result<AudioReceiver, AudioError> {
     let mut encoder = OpusEncoder::new(cfg)?;
-    let (tx, rx) = mpsc::channel(AUDIO_QUEUE);
+    let (tx, rx) = audio_queue(AUDIO_QUEUE);
     std::thread::Builder::new()
         .name(thread_name)
         .spawn(move || {
@@ -356,8 +451,8 @@ pub fn spawn_builtin(
                             data,
                         };
                         seq = seq.wrapping_add(1);
-                        // Full: the sender is behind; this packet is lost, not queued.
-                        let _ = tx.try_send(packet);
+                        // Full: the sender is behind; the oldest packet makes room.
+                        tx.push(packet);
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "audio packet lost to an encoder failure");
@@ -380,9 +475,9 @@ pub fn spawn_pipe(
     mut pipe: std::fs::File,
     cancel: CancellationToken,
     thread_name: String,
-) -> Result<Option<mpsc::Receiver<EncodedAudio>>, AudioError> {
+) -> Result<Option<AudioReceiver>, AudioError> {
     let mut encoder = cfg.map(OpusEncoder::new).transpose()?;
-    let (tx, rx) = mpsc::channel(AUDIO_QUEUE);
+    let (tx, rx) = audio_queue(AUDIO_QUEUE);
     let rx = encoder.as_ref().map(|_| rx);
     std::thread::Builder::new()
         .name(thread_name)
@@ -415,7 +510,7 @@ pub fn spawn_pipe(
                             data,
                         };
                         seq = seq.wrapping_add(1);
-                        let _ = tx.try_send(packet);
+                        tx.push(packet);
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "audio packet lost to an encoder failure");
@@ -596,6 +691,62 @@ mod tests {
             assert_eq!(enc.fec(), fec);
             enc.encode(&[0; FRAME_SAMPLES * CHANNELS]).unwrap();
         }
+    }
+
+    fn packet(seq: u32) -> EncodedAudio {
+        EncodedAudio {
+            seq,
+            capture_ts_us: u64::from(seq) * 10_000,
+            samples: SAMPLES_10MS,
+            fec: false,
+            data: Bytes::from_static(&[0xfc]),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_full_audio_queue_drops_the_oldest_packet_not_the_newest() {
+        // The regression this guards: the queue was a tokio channel whose full `try_send`
+        // dropped the packet being sent, so after a stall the sender sent the oldest 160 ms
+        // (already past its playout time) and lost the newest.
+        let (tx, mut rx) = audio_queue(AUDIO_QUEUE);
+        let n = AUDIO_QUEUE as u32 + 4;
+        let dropped: Vec<bool> = (0..n).map(|seq| tx.push(packet(seq))).collect();
+        assert!(dropped[..AUDIO_QUEUE].iter().all(|d| !d), "{dropped:?}");
+        assert!(dropped[AUDIO_QUEUE..].iter().all(|d| *d), "{dropped:?}");
+        let mut seqs = Vec::new();
+        while let Some(p) = rx.try_recv() {
+            seqs.push(p.seq);
+        }
+        assert_eq!(seqs, (4..n).collect::<Vec<_>>());
+        // Not full any more: nothing is dropped.
+        assert!(!tx.push(packet(n)));
+        assert_eq!(rx.recv().await.map(|p| p.seq), Some(n));
+    }
+
+    #[tokio::test]
+    async fn the_audio_queue_wakes_its_receiver_and_ends_with_either_side() {
+        let (tx, mut rx) = audio_queue(4);
+        // A push from the audio thread wakes a receiver already waiting.
+        let pusher = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            tx.push(packet(7));
+            tx
+        });
+        let got = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .expect("woken within 10 s");
+        assert_eq!(got.map(|p| p.seq), Some(7));
+        let tx = pusher.join().unwrap();
+        // The sender gone: what is queued still comes, then the end.
+        tx.push(packet(8));
+        drop(tx);
+        assert_eq!(rx.recv().await.map(|p| p.seq), Some(8));
+        assert!(rx.recv().await.is_none());
+        // The receiver gone: the audio thread learns to stop.
+        let (tx, rx) = audio_queue(4);
+        assert!(!tx.is_closed());
+        drop(rx);
+        assert!(tx.is_closed());
     }
 
     #[tokio::test]

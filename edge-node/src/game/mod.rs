@@ -691,7 +691,7 @@ impl GameSession {
     pub fn start_audio(
         &self,
         cfg: &AudioConfig,
-    ) -> Result<Option<mpsc::Receiver<audio::EncodedAudio>>, audio::AudioError> {
+    ) -> Result<Option<audio::AudioReceiver>, audio::AudioError> {
         if self.shared.audio_started.swap(true, Ordering::AcqRel) {
             return Ok(None);
         }

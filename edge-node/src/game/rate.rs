@@ -22,7 +22,11 @@
 //!   or a frame is reset, skipped for a full path, or refused by the gateway, the target backs
 //!   off multiplicatively (at most once per round trip) to below the delivered rate; otherwise it
 //!   probes up a few percent per [`PROBE_INTERVAL`], but only while the encoder actually uses the
-//!   target (a static scene does not license a higher one).
+//!   target: it must produce at least [`FILL_TO_PROBE`] of it, unless the target is still below
+//!   the highest rate delivered in the last [`BASE_WINDOW`]. A static scene, or an encoder that
+//!   undershoots (x264 under a VBV cap), does not license a higher target: the target would
+//!   otherwise climb past what the path has ever carried, and the encoder's next complex scene
+//!   would fill it and queue.
 //! - **Limits.** The target stays within `[min_kbps, max_kbps]` (the session's bitrate is the
 //!   ceiling). Only when the bitrate sits at the floor and the path is still congested does the
 //!   frame rate fall (every 2nd, 3rd, 4th slot); it comes back before the bitrate rises.
@@ -54,6 +58,10 @@ const BACKOFF: f64 = 0.85;
 const DELIVERED_SHARE: f64 = 0.9;
 /// Multiplicative probe per [`PROBE_INTERVAL`] (about +34 % per second).
 const PROBE: f64 = 1.03;
+/// Share of the target the encoder must produce (over [`RATE_WINDOW`]) for the target to probe
+/// up. At 0.7, x264 on the built-in game (which produces about two thirds of its target) kept
+/// the target rising to about 2.7 Mbit/s on a 2 Mbit/s path while 1.8 Mbit/s arrived.
+pub const FILL_TO_PROBE: f64 = 0.85;
 /// Largest frame-rate divisor (60 fps → 15 fps).
 pub const MAX_FPS_DIVISOR: u32 = 4;
 
@@ -179,6 +187,9 @@ pub struct RateController {
     delivered: VecDeque<(Instant, u64)>,
     sent: VecDeque<(Instant, u64)>,
     last_backoff: Option<Instant>,
+    /// The highest delivered rate (kbit/s) of the last [`BASE_WINDOW`] and when it was seen:
+    /// what the path has shown it carries.
+    path_kbps: Option<(u32, Instant)>,
     /// The last acknowledgement.
     last_ack: Option<Instant>,
     last_probe: Instant,
@@ -216,6 +227,7 @@ impl RateController {
             delivered: VecDeque::new(),
             sent: VecDeque::new(),
             last_backoff: None,
+            path_kbps: None,
             last_ack: None,
             last_probe: now,
             congested: false,
@@ -333,6 +345,7 @@ impl RateController {
                 let delay = now.saturating_duration_since(f.sent);
                 self.last_ack = Some(now);
                 self.delivered.push_back((now, f.bytes));
+                self.note_path(now);
                 // An IDR is several frames' worth of bytes: its acknowledgement time includes
                 // its own transmission, which is not queueing (the first one, on a slow path,
                 // would otherwise make the base RTT hundreds of milliseconds).
@@ -453,9 +466,16 @@ impl RateController {
         {
             return None;
         }
-        let span = last.saturating_duration_since(first).max(RATE_WINDOW / 2);
         let bytes: u64 = self.delivered.iter().map(|(_, b)| *b).sum();
-        Some(bytes as f64 * 8.0 / span.as_secs_f64())
+        let span = last.saturating_duration_since(first);
+        if span >= RATE_WINDOW / 2 {
+            // The first acknowledgement's bytes crossed the path before the span began: counting
+            // them overstated the rate by a frame, 15 % with the large frames of a slow path
+            // (eight in a window), enough to pass for headroom the path does not have.
+            let first_bytes = self.delivered.front().map_or(0, |(_, b)| *b);
+            return Some((bytes - first_bytes) as f64 * 8.0 / span.as_secs_f64());
+        }
+        Some(bytes as f64 * 8.0 / (RATE_WINDOW / 2).as_secs_f64())
     }
 
     fn sent_bps(&self, now: Instant) -> f64 {
@@ -479,6 +499,19 @@ impl RateController {
             Some(_) => {
                 self.next_base = Some(self.next_base.map_or(delay, |n| n.min(delay)));
             }
+        }
+    }
+
+    /// Keeps the highest delivered rate, forgetting it after [`BASE_WINDOW`] (then the rate
+    /// now replaces it), so that a path that slowed down is learnt.
+    fn note_path(&mut self, now: Instant) {
+        let Some(bps) = self.delivered_bps() else {
+            return;
+        };
+        let kbps = (bps / 1000.0) as u32;
+        match self.path_kbps {
+            Some((k, at)) if kbps < k && now.saturating_duration_since(at) <= BASE_WINDOW => {}
+            _ => self.path_kbps = Some((kbps, now)),
         }
     }
 
@@ -568,12 +601,16 @@ impl RateController {
                 }
                 return;
             }
-            self.hard = false;
+            let hard = std::mem::take(&mut self.hard);
             let mut next = f64::from(self.target_kbps) * BACKOFF;
-            // Below the delivered rate only when more was sent than delivered: otherwise the
-            // delivered rate is just what the encoder produced, not what the path carries.
+            // Below the delivered rate only when the path, not the encoder, set it: more was
+            // sent than delivered (a queue), or slots were skipped for a full path (the skips
+            // keep what is sent near what is delivered, so the first test misses it; without
+            // this the target only stepped down by `BACKOFF` until the encoder's output fit,
+            // which for an encoder producing two thirds of its target left the target half as
+            // high again as the path).
             if let Some(bps) = self.delivered_bps() {
-                if self.sent_bps(now) > 1.15 * bps {
+                if hard || self.sent_bps(now) > 1.15 * bps {
                     next = next.min(bps / 1000.0 * DELIVERED_SHARE);
                 }
             }
@@ -592,10 +629,14 @@ impl RateController {
             self.fps_divisor -= 1;
             return;
         }
-        // Probe only while the encoder uses what it has: otherwise a static scene would
-        // license a target the path has never carried.
-        let using = self.sent_bps(now) >= 0.7 * f64::from(self.target_kbps) * 1000.0;
-        if using && self.target_kbps < self.cfg.max_kbps {
+        // Probe only while the encoder uses what it has: otherwise a static scene, or an
+        // encoder that undershoots, would license a target the path has never carried.
+        let using = self.sent_bps(now) >= FILL_TO_PROBE * f64::from(self.target_kbps) * 1000.0;
+        // Up to the highest rate delivered lately, the target may rise whatever the encoder
+        // makes of it: the path has shown it carries that much. (Without this, an encoder that
+        // undershoots would stay wherever a back-off left it, however brief the dip.)
+        let below_path = self.path_kbps.is_some_and(|(p, _)| self.target_kbps < p);
+        if (using || below_path) && self.target_kbps < self.cfg.max_kbps {
             let next = (f64::from(self.target_kbps) * PROBE).ceil() as u32;
             self.set_target(next.max(self.target_kbps + 1));
         }
@@ -624,6 +665,9 @@ mod tests {
         loss: f64,
         seconds: u64,
         cwnd: u64,
+        /// Share of the target the encoder produces (1.0: exactly the target; x264 under its
+        /// VBV cap produces about two thirds to three quarters of it on the built-in game).
+        fill: f64,
     }
 
     impl Sim {
@@ -638,6 +682,18 @@ mod tests {
         /// packets was lost) later and is acknowledged one way after that. A reset frame leaves
         /// the queue (its unsent bytes are dropped, as quinn does) and is never acknowledged.
         fn run(&self, rc: &mut RateController, t0: Instant) -> (f64, Duration, RateStats) {
+            let (fps, p99, stats, _) = self.run_tracking(rc, t0);
+            (fps, p99, stats)
+        }
+
+        /// [`Sim::run`], also returning the highest target of the second half of the run (the
+        /// steady state, after the start-up back-off).
+        fn run_tracking(
+            &self,
+            rc: &mut RateController,
+            t0: Instant,
+        ) -> (f64, Duration, RateStats, u32) {
+            let mut late_max_target = 0u32;
             let mut rng = StdRng::seed_from_u64(7);
             // (seq, bytes left, capture time, lost)
             let mut queue: VecDeque<(u64, f64, Instant, bool)> = VecDeque::new();
@@ -690,11 +746,14 @@ mod tests {
                 if let Some(b) = rc.poll_bitrate() {
                     bitrate = b;
                 }
+                if ms >= total_ms / 2 {
+                    late_max_target = late_max_target.max(bitrate);
+                }
                 if rc.poll_slot(now, slot) != SlotDecision::Encode {
                     continue;
                 }
                 let key = rc.poll_keyframe() || seq == 0;
-                let mut bytes = u64::from(bitrate) * 1000 / 8 / 60;
+                let mut bytes = (f64::from(bitrate) * self.fill) as u64 * 1000 / 8 / 60;
                 if key {
                     bytes *= 4;
                 }
@@ -713,6 +772,7 @@ mod tests {
                 latencies.len() as f64 / self.seconds as f64,
                 p99,
                 rc.stats(),
+                late_max_target,
             )
         }
     }
@@ -727,6 +787,7 @@ mod tests {
             loss: 0.0,
             seconds: 10,
             cwnd: 1 << 20,
+            fill: 1.0,
         };
         let (fps, p99, stats) = sim.run(&mut rc, t0);
         assert!(fps > 59.0, "{fps} fps, {stats:?}");
@@ -747,6 +808,7 @@ mod tests {
             loss: 0.0,
             seconds: 20,
             cwnd: 1 << 20,
+            fill: 1.0,
         };
         let (fps, p99, stats) = sim.run(&mut rc, t0);
         // The target saws around the path's rate (probing up, backing off below it).
@@ -755,6 +817,58 @@ mod tests {
         assert!(stats.delivered_kbps <= 2_100, "{stats:?}");
         assert!(p99 < 400 * MS, "p99 {p99:?}, {stats:?}");
         assert!(fps > 45.0, "{fps} fps, {stats:?}");
+    }
+
+    #[test]
+    fn an_encoder_producing_well_under_its_target_does_not_raise_it_past_the_path() {
+        // The drift this guards: x264 on a 2 Mbit/s path produced about two thirds of its
+        // target, so the target kept probing up (the encoder never filled it, the path never
+        // queued) to about 2.7 Mbit/s while 1.8 Mbit/s arrived. The encoder's next complex
+        // scene would then fill the target and queue behind the path.
+        let t0 = Instant::now();
+        let mut rc = RateController::new(t0, cfg(10_000));
+        let sim = Sim {
+            rate_kbps: 2_000.0,
+            one_way: 10 * MS,
+            loss: 0.0,
+            seconds: 20,
+            cwnd: 1 << 20,
+            fill: 0.75,
+        };
+        let (fps, p99, stats, late_max) = sim.run_tracking(&mut rc, t0);
+        // The target stays near what the path carries. Before, the start-up back-off stepped
+        // down by 0.85 until the encoder's output fit (2,314 kbit/s here), and the probe rule
+        // (probe while 70% of the target is produced) let it climb to 2,667 (0.75 of that fills
+        // the path).
+        assert!(late_max <= 2_400, "late max target {late_max}, {stats:?}");
+        assert!(
+            f64::from(stats.target_kbps) <= f64::from(stats.delivered_kbps) / 0.75 * 1.1,
+            "{stats:?}"
+        );
+        // Not starved either: what arrives is most of the target's share.
+        assert!(stats.delivered_kbps >= 1_000, "{stats:?}");
+        assert!(p99 < 300 * MS, "p99 {p99:?}, {stats:?}");
+        // Slots are skipped only while the start-up overshoot drains.
+        assert!(fps > 50.0, "{fps} fps, {stats:?}");
+    }
+
+    #[test]
+    fn an_encoder_filling_its_target_still_probes_back_up_after_a_back_off() {
+        // The other side of the rule above: an encoder that uses its target gets it back once
+        // the path has room again.
+        let t0 = Instant::now();
+        let mut rc = RateController::new(t0, cfg(4_000));
+        let fast = Sim {
+            rate_kbps: 100_000.0,
+            one_way: 10 * MS,
+            loss: 0.0,
+            seconds: 10,
+            cwnd: 1 << 20,
+            fill: 0.9,
+        };
+        rc.set_target(1_000);
+        let (_, _, stats) = fast.run(&mut rc, t0);
+        assert_eq!(stats.target_kbps, 4_000, "{stats:?}");
     }
 
     #[test]
@@ -769,6 +883,7 @@ mod tests {
             loss: 0.01,
             seconds: 20,
             cwnd: 1 << 20,
+            fill: 1.0,
         };
         let (fps, _p99, stats) = sim.run(&mut rc, t0);
         assert!(stats.target_kbps >= 6000, "{stats:?}");

@@ -2,6 +2,7 @@
 //! runs the path through the gateway and the same path without it in one run, and reports the
 //! ratio and the added time.
 
+pub mod audio;
 pub mod checker;
 pub mod child;
 pub mod client;

@@ -84,6 +84,9 @@ enum Command {
     GameImpaired(bench::impaired::GameImpairedArgs),
     /// Runs the seeded UDP impairment relay alone until ctrl-c.
     Impair(bench::impaired::ImpairArgs),
+    /// 10 ms audio packets over QUIC datagrams vs one stream through the impairment relay, per
+    /// loss rate: packets lost, latency p50/p99/max, the playout buffer a stream needs.
+    AudioTransport(bench::audio::AudioTransportArgs),
     /// Video encoders' milliseconds per frame (x264, OpenH264, NVENC where present) at 720p
     /// and 1080p on the built-in game's frames, in one run.
     Encoders(bench::encoders::EncodersArgs),
@@ -254,6 +257,10 @@ fn real_main() -> anyhow::Result<()> {
             init_logging();
             runtime(1)?.block_on(bench::impaired::run_impair(a))
         }
+        Command::AudioTransport(a) => {
+            init_logging();
+            runtime(2)?.block_on(bench::audio::run(a))
+        }
         Command::Encoders(a) => {
             init_logging();
             bench::encoders::run(a)
@@ -301,6 +308,7 @@ fn real_main() -> anyhow::Result<()> {
                 | Command::NodesFederation(_)
                 | Command::FleetLimits(_)
                 | Command::Impair(_)
+                | Command::AudioTransport(_)
                 | Command::Encoders(_) => {
                     anyhow::bail!("these commands are handled above")
                 }
@@ -336,6 +344,7 @@ fn real_main() -> anyhow::Result<()> {
                 | Command::NodesFederation(_)
                 | Command::FleetLimits(_)
                 | Command::Impair(_)
+                | Command::AudioTransport(_)
                 | Command::Encoders(_) => {
                     anyhow::bail!("these commands are handled above")
                 }

@@ -72,9 +72,13 @@ async fn five_percent_loss_with_reordering_jitter_keeps_720p60_flowing_and_the_n
 async fn a_2_mbit_path_lowers_the_bitrate_instead_of_queueing_frames() {
     // The collapse this guards: the node encoded 10 Mbit/s into a slower path and queued the
     // rest, so frame latency climbed 45 → 230 → 1,020 → 2,370 ms within 3 s.
+    // x264, which produces about two thirds of its target on this scene: the target bound
+    // below also guards the controller following what the path delivers rather than what
+    // the encoder was told (it ended near 2.7 Mbit/s while 1.8 Mbit/s arrived).
     let r = play(
         "2 Mbit/s",
         Scenario {
+            encoder: nearpath_config::EncoderKind::X264,
             up: Impairment::delay(10.0).with_rate(2_000, 200.0),
             down: Impairment::delay(10.0),
             seconds: 7.0,
