@@ -334,7 +334,7 @@ impl QuicClients {
         // A client that goes away while its request waits (queued for a slot, or for a node)
         // gives its place up at once: dropping the dispatch leaves the queue.
         let started_or_gone = tokio::select! {
-            r = infer.start(&ticket, &request, &r.request_json, &client) => Some(r),
+            r = infer.start(&ticket, &request, &r.request_json, &client, None) => Some(r),
             _ = conn.closed() => None,
         };
         let stream = match started_or_gone {
