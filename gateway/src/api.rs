@@ -656,7 +656,7 @@ impl ClientApi {
         let presented = ticket_param(req.uri().query()).map_err(refused)?;
         let (ip, client) = self.locate(&req, peer);
         let ticketed = match presented {
-            Some(t) => Some(self.open_ticket(&t, bearer(&req)).await.map_err(refused)?),
+            Some(t) => Some(infer.open_ticket(&t, bearer(&req)).await.map_err(refused)?),
             None => None,
         };
         let key: ApiKey = match &ticketed {
@@ -701,11 +701,8 @@ impl ClientApi {
         let pin = match &ticketed {
             // The ticket must be for exactly this request; it is used up here.
             Some((key, claims)) => {
-                let client_ip = ip
-                    .ip()
-                    .ok_or_else(|| bad_ticket("the client's address is unknown"))
-                    .map_err(refused)?;
-                self.accept_ticket(claims, client_ip, key, &request.model, endpoint)
+                infer
+                    .accept_ticket(claims, ip.ip(), key, &request.model, endpoint)
                     .map_err(refused)?;
                 Some(claims.node_id.as_str())
             }
@@ -828,13 +825,6 @@ impl ClientApi {
     }
 }
 
-/// The error of an inference ticket this gateway does not honour (forged, expired, used
-/// already, for another client, key, model, endpoint or gateway): 403 `bad_ticket`, the error
-/// body every refusal has, never retried with the same ticket.
-fn bad_ticket(message: impl Into<String>) -> CoreError {
-    CoreError::new(Kind::Forbidden, "bad_ticket", message).with_retryable(false)
-}
-
 /// The `nearpath_ticket` query parameter, if present (percent-decoding is not needed: a ticket
 /// is hex). Longer than any ticket can be → 400 before anything else is read.
 fn ticket_param(query: Option<&str>) -> Result<Option<String>, CoreError> {
@@ -857,70 +847,6 @@ fn ticket_param(query: Option<&str>) -> Result<Option<String>, CoreError> {
         }
     }
     Ok(None)
-}
-
-impl ClientApi {
-    /// Opens a redirect ticket and finds the key it was issued to. With an `Authorization`
-    /// too, that key must be the ticket's (a ticket never lends one key's request to another
-    /// key); without one, the ticket's MAC vouches for its key id.
-    async fn open_ticket(
-        &self,
-        ticket: &str,
-        bearer: Option<&str>,
-    ) -> Result<(ApiKey, crate::ticket::InferClaims), CoreError> {
-        let Some(fed) = &self.infer.redirect else {
-            return Err(bad_ticket("this gateway is not in a federation"));
-        };
-        let claims = fed.open(ticket).await.map_err(|e| {
-            tracing::info!(error = %e, "inference ticket refused");
-            bad_ticket(e.to_string())
-        })?;
-        let key = match bearer {
-            Some(_) => {
-                let key = self.infer.auth.authenticate(bearer).await?;
-                if key.id != claims.key_id {
-                    return Err(bad_ticket("the ticket was issued to another API key"));
-                }
-                key
-            }
-            None => self.infer.auth.key_by_id(&claims.key_id).await?,
-        };
-        Ok((key, claims))
-    }
-
-    /// Checks an opened ticket against this request and uses it up.
-    fn accept_ticket(
-        &self,
-        claims: &crate::ticket::InferClaims,
-        client_ip: std::net::IpAddr,
-        key: &ApiKey,
-        model: &str,
-        endpoint: Endpoint,
-    ) -> Result<(), CoreError> {
-        let Some(fed) = &self.infer.redirect else {
-            return Err(bad_ticket("this gateway is not in a federation"));
-        };
-        fed.accept(
-            claims,
-            client_ip,
-            &key.id,
-            model,
-            endpoint.path(),
-            self.infer.clock.unix_ms(),
-        )
-        .map_err(|e| {
-            tracing::info!(error = %e, "inference ticket refused");
-            bad_ticket(e.to_string())
-        })?;
-        if self.infer.directory.registry.get(&claims.node_id).is_none() {
-            return Err(CoreError::new(
-                Kind::Unavailable,
-                "ticket_node_unavailable",
-                "the node the ticket names is not attached to this gateway",
-            ));
-        }
-        Ok(())
-    }
 }
 
 fn elapsed_ms(from: std::time::Instant, to: std::time::Instant) -> u64 {

@@ -174,6 +174,11 @@ async fn setup() -> Setup {
         vec![a.record(now_ms() + HOUR_MS), b.record(now_ms() + HOUR_MS)];
     let mut node = TestNode::start(gw_b.node_config("b-node-1", &gw_b.token), ip(DE));
     node.registered().await;
+    // B must hold the node the tickets will name before A can send anyone there.
+    gw_b.wait_nodes("B's node", Duration::from_secs(10), |ids| {
+        ids.iter().any(|i| i == "b-node-1")
+    })
+    .await;
     *fleet.nodes.lock().unwrap() = vec![published(&b, "b-node-1")];
     a.read_directory().await;
     Setup {
@@ -509,5 +514,161 @@ async fn the_official_openai_python_client_follows_the_redirect_to_bs_node() {
         records.iter().all(|r| r.node_id == "b-node-1"),
         "{records:?}"
     );
+    s.stop().await;
+}
+
+/// Reads a native inference stream to its end: the text of its tokens, or the error.
+async fn native_text(
+    mut s: nearpath_protocol::client::InferStream,
+) -> (
+    Result<String, String>,
+    nearpath_protocol::client::InferStream,
+) {
+    use nearpath_protocol::client::InferEvent;
+    let mut text = String::new();
+    loop {
+        let ev = tokio::time::timeout(Duration::from_secs(20), s.next())
+            .await
+            .expect("the inference stream stalled");
+        match ev {
+            Ok(Some(InferEvent::Token(t))) => text.push_str(&t.text),
+            Ok(Some(InferEvent::Done(_))) => return (Ok(text), s),
+            Ok(Some(InferEvent::Error(e))) => return (Err(e.code), s),
+            Ok(Some(_)) => {}
+            Ok(None) => return (Ok(text), s),
+            Err(e) => return (Err(e.to_string()), s),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_native_request_at_a_follows_the_redirect_to_bs_node_and_is_billed_once() {
+    let s = setup().await;
+    let c = native_client(&s.gw_a, FR_CLIENT).await;
+    let stream = c.infer(API_KEY, &chat(true, 6)).await.unwrap();
+    let (text, stream) = native_text(stream).await;
+    let text = text.unwrap();
+    assert!(!text.is_empty());
+    // The client says it followed a redirect, to B, and the request ran there.
+    let followed = stream
+        .redirect()
+        .expect("the client did not follow a redirect");
+    assert_eq!(followed.gateway_id, "gw-b");
+    assert_eq!(stream.gateway(), s.gw_b.addrs.quic);
+    drop(stream);
+    let records = eventually("the usage record", Duration::from_secs(10), || async {
+        let rows = s.inference_records();
+        (!rows.is_empty()).then_some(rows)
+    })
+    .await;
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert_eq!(records[0].node_id, "b-node-1");
+    let page_a = s.gw_a.admin_get_text("/metrics").await;
+    assert_eq!(
+        metric(
+            &page_a,
+            "nearpath_inference_requests_total{api=\"quic\",outcome=\"redirected\"}"
+        ),
+        Some(1.0),
+        "{page_a}"
+    );
+    c.close().await;
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_native_tickets_are_refused_and_nothing_is_billed() {
+    use nearpath_protocol::message::{InferTicket, Message};
+    use nearpath_protocol::openai::Endpoint;
+    use nearpath_protocol::stream::{send, FramedRecv};
+    let s = setup().await;
+    // What a client sends B directly with `ticket`, from `from`, with `key`.
+    let at_b = |ticket: String, from, key: &'static str, endpoint, body: String| {
+        let gw_b = &s.gw_b;
+        async move {
+            let c = native_client(gw_b, from).await;
+            let (mut tx, rx) = c.connection().open_bi().await.unwrap();
+            let msg = Message::InferTicket(InferTicket {
+                protocol_version: nearpath_protocol::PROTOCOL_VERSION,
+                api_key: key.to_string(),
+                ticket,
+                endpoint,
+                request_json: body,
+            });
+            send(&mut tx, &msg).await.unwrap();
+            tx.finish().unwrap();
+            let mut rx = FramedRecv::new(rx, nearpath_protocol::MAX_REQUEST_FRAME);
+            let first = tokio::time::timeout(Duration::from_secs(20), rx.next())
+                .await
+                .unwrap()
+                .unwrap();
+            c.close().await;
+            match first {
+                Some(Message::Error(e)) => e.code,
+                Some(m) => m.name().to_string(),
+                None => "none".into(),
+            }
+        }
+    };
+    let body = chat(false, 4);
+    let forged = s.minted(|_| {}).replace('a', "b");
+    assert_eq!(
+        at_b(forged, FR_CLIENT, API_KEY, Endpoint::Chat, body.clone()).await,
+        "bad_ticket"
+    );
+    let t = s.minted(|_| {});
+    assert_eq!(
+        at_b(t.clone(), KR_CLIENT, API_KEY, Endpoint::Chat, body.clone()).await,
+        "bad_ticket",
+        "another client's address"
+    );
+    let other = body.replace("\"m\"", "\"m2\"");
+    assert_eq!(
+        at_b(t.clone(), FR_CLIENT, API_KEY, Endpoint::Chat, other).await,
+        "bad_ticket",
+        "another model"
+    );
+    let expired = s.minted(|c| c.expires_at_ms = now_ms() - 1);
+    assert_eq!(
+        at_b(expired, FR_CLIENT, API_KEY, Endpoint::Chat, body.clone()).await,
+        "bad_ticket"
+    );
+    assert_eq!(
+        at_b(
+            "ab".repeat(5_000),
+            FR_CLIENT,
+            API_KEY,
+            Endpoint::Chat,
+            body.clone()
+        )
+        .await,
+        "bad_ticket"
+    );
+    assert_eq!(
+        at_b(
+            t.clone(),
+            FR_CLIENT,
+            "not-a-key",
+            Endpoint::Chat,
+            body.clone()
+        )
+        .await,
+        "unauthorized"
+    );
+    // The genuine one is served once; its replay is refused.
+    assert_eq!(
+        at_b(t.clone(), FR_CLIENT, API_KEY, Endpoint::Chat, body.clone()).await,
+        "InferStarted"
+    );
+    assert_eq!(
+        at_b(t, FR_CLIENT, API_KEY, Endpoint::Chat, body.clone()).await,
+        "bad_ticket"
+    );
+    let records = eventually("the usage record", Duration::from_secs(10), || async {
+        let rows = s.inference_records();
+        (!rows.is_empty()).then_some(rows)
+    })
+    .await;
+    assert_eq!(records.len(), 1, "{records:?}");
     s.stop().await;
 }

@@ -37,6 +37,20 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tracing::{debug, info, warn};
 
+/// The error of an inference ticket this gateway does not honour (forged, expired, used
+/// already, for another client, key, model, endpoint or gateway): 403 `bad_ticket`, in the
+/// error body every refusal has, never retried with the same ticket.
+pub fn bad_ticket(message: impl Into<String>) -> CoreError {
+    CoreError::new(crate::error::Kind::Forbidden, BAD_TICKET, message).with_retryable(false)
+}
+
+/// The code of [`bad_ticket`] errors (the same as a refused game ticket's).
+pub const BAD_TICKET: &str = "bad_ticket";
+
+/// The code of the error for a valid ticket whose node is not attached here (503, retryable:
+/// the client asks the first gateway again).
+pub const TICKET_NODE_UNAVAILABLE: &str = "ticket_node_unavailable";
+
 /// The rule of the routing denial of a node whose model lacks a capability the request needs
 /// (never shown to clients: such a route is reported as saturated).
 const CAPS_RULE: &str = "capabilities";
@@ -316,6 +330,72 @@ impl InferService {
             self.count_request(entry, "redirected");
         }
         Ok(minted)
+    }
+
+    /// Opens a redirect ticket presented here and finds the key it was issued to. With a key
+    /// secret too (`Authorization`, or the native request's `api_key`), that key must be the
+    /// ticket's: a ticket never lends one key's request to another key. Without one, the
+    /// ticket's MAC vouches for its key id (HTTP clients drop `Authorization` on a
+    /// cross-origin redirect).
+    pub async fn open_ticket(
+        &self,
+        ticket: &str,
+        secret: Option<&str>,
+    ) -> Result<(ApiKey, crate::ticket::InferClaims), CoreError> {
+        let Some(fed) = &self.redirect else {
+            return Err(bad_ticket("this gateway is not in a federation"));
+        };
+        let claims = fed.open(ticket).await.map_err(|e| {
+            info!(error = %e, "inference ticket refused");
+            bad_ticket(e.to_string())
+        })?;
+        let key = match secret {
+            Some(_) => {
+                let key = self.auth.authenticate(secret).await?;
+                if key.id != claims.key_id {
+                    return Err(bad_ticket("the ticket was issued to another API key"));
+                }
+                key
+            }
+            None => self.auth.key_by_id(&claims.key_id).await?,
+        };
+        Ok((key, claims))
+    }
+
+    /// Checks an opened ticket against this request (this gateway, the client's address, the
+    /// key, the model and endpoint) and uses it up; the node it names must be attached here.
+    pub fn accept_ticket(
+        &self,
+        claims: &crate::ticket::InferClaims,
+        client_ip: Option<std::net::IpAddr>,
+        key: &ApiKey,
+        model: &str,
+        endpoint: Endpoint,
+    ) -> Result<(), CoreError> {
+        let Some(fed) = &self.redirect else {
+            return Err(bad_ticket("this gateway is not in a federation"));
+        };
+        let client_ip = client_ip.ok_or_else(|| bad_ticket("the client's address is unknown"))?;
+        fed.accept(
+            claims,
+            client_ip,
+            &key.id,
+            model,
+            endpoint.path(),
+            self.clock.unix_ms(),
+        )
+        .map_err(|e| {
+            info!(error = %e, "inference ticket refused");
+            bad_ticket(e.to_string())
+        })?;
+        if self.directory.registry.get(&claims.node_id).is_none() {
+            return Err(CoreError::new(
+                crate::error::Kind::Unavailable,
+                TICKET_NODE_UNAVAILABLE,
+                "the node the ticket names is not attached to this gateway",
+            ));
+        }
+        Ok(())
     }
 
     fn count_request(&self, api: &'static str, outcome: &'static str) {
