@@ -322,7 +322,7 @@ pub async fn run(a: TrunkArgs) -> anyhow::Result<()> {
     shutdown.cancel();
     let _ = node_task.await;
 
-    let sums: Vec<Summary> = ttft.iter_mut().map(|t| Summary::of(t)).collect();
+    let sums: Vec<Summary> = ttft.iter_mut().map(Summary::of).collect();
     println!(
         "TTFT (ms), {} requests per path, interleaved, sim ttft {} ms",
         a.requests, a.ttft_ms
