@@ -672,3 +672,48 @@ async fn hostile_native_tickets_are_refused_and_nothing_is_billed() {
     assert_eq!(records.len(), 1, "{records:?}");
     s.stop().await;
 }
+
+/// Guards "the fleet-wide limits count the request once": A checks the key's own rules but
+/// takes nothing from its rate buckets; B admits the request as its own. A key allowed 3
+/// requests a minute gets exactly 3 redirected requests served, and the 4th is refused by B.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redirected_request_counts_once_against_the_keys_fleet_wide_rate_limit() {
+    let s = setup().await;
+    let (st, v) = s
+        .gw_a
+        .admin_post(
+            "/admin/api-keys",
+            serde_json::json!({"tenant": "three", "requests_per_minute": 3}),
+        )
+        .await;
+    assert_eq!(st, 201, "{v}");
+    let key = v["key"].as_str().unwrap().to_string();
+    let body = chat(false, 2);
+    let mut statuses = Vec::new();
+    for _ in 0..4 {
+        let (status, headers, text) = s
+            .gw_a
+            .http
+            .request(
+                "POST",
+                &s.gw_a.api_url("/v1/chat/completions"),
+                Some(&key),
+                Some(&body),
+                &[("x-forwarded-for", FR_CLIENT.0)],
+            )
+            .await;
+        assert_eq!(status, 307, "{text}");
+        let location = headers["location"].to_str().unwrap();
+        let (status, text) = s
+            .gw_b
+            .http
+            .post(location, None, &body, &[("x-forwarded-for", FR_CLIENT.0)])
+            .await;
+        statuses.push(status);
+        if status == 429 {
+            assert!(text.contains("rate_limit"), "{text}");
+        }
+    }
+    assert_eq!(statuses, [200, 200, 200, 429]);
+    s.stop().await;
+}
