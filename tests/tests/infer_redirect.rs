@@ -717,3 +717,68 @@ async fn a_redirected_request_counts_once_against_the_keys_fleet_wide_rate_limit
     assert_eq!(statuses, [200, 200, 200, 429]);
     s.stop().await;
 }
+
+/// A ticket does not outlive its key: once the key is revoked (through B's admin API), a ticket
+/// minted for it before is refused like the key's secret would be, and nothing is billed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ticket_of_a_revoked_key_is_refused() {
+    let s = setup().await;
+    let (st, v) = s
+        .gw_a
+        .admin_post(
+            "/admin/api-keys",
+            serde_json::json!({"tenant": "doomed", "requests_per_minute": 100}),
+        )
+        .await;
+    assert_eq!(st, 201, "{v}");
+    let key = v["key"].as_str().unwrap().to_string();
+    let id = v["info"]["id"].as_str().unwrap().to_string();
+    let body = chat(false, 2);
+    let redirect = || async {
+        let (status, headers, text) = s
+            .gw_a
+            .http
+            .request(
+                "POST",
+                &s.gw_a.api_url("/v1/chat/completions"),
+                Some(&key),
+                Some(&body),
+                &[("x-forwarded-for", FR_CLIENT.0)],
+            )
+            .await;
+        assert_eq!(status, 307, "{text}");
+        headers["location"].to_str().unwrap().to_string()
+    };
+    // A first ticket of the key is served (and B caches the key by id).
+    let first = redirect().await;
+    let (st, text) = s
+        .gw_b
+        .http
+        .post(&first, None, &body, &[("x-forwarded-for", FR_CLIENT.0)])
+        .await;
+    assert_eq!(st, 200, "{text}");
+    let second = redirect().await;
+    let (st, v) = s
+        .gw_b
+        .admin_post(
+            &format!("/admin/api-keys/{id}/revoke"),
+            serde_json::json!({}),
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+    let (st, text) = s
+        .gw_b
+        .http
+        .post(&second, None, &body, &[("x-forwarded-for", FR_CLIENT.0)])
+        .await;
+    assert_eq!(st, 401, "{text}");
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["error"]["type"], "authentication_error", "{text}");
+    let records = eventually("the usage record", Duration::from_secs(10), || async {
+        let rows = s.inference_records();
+        (!rows.is_empty()).then_some(rows)
+    })
+    .await;
+    assert_eq!(records.len(), 1, "{records:?}");
+    s.stop().await;
+}
