@@ -782,3 +782,81 @@ async fn a_ticket_of_a_revoked_key_is_refused() {
     assert_eq!(records.len(), 1, "{records:?}");
     s.stop().await;
 }
+
+/// A runs the key's own checks and the geofence before it redirects: an unknown key, a model
+/// outside the key's allow-list and a client the geofence denies are refused at A (nothing to
+/// follow), as on a lone gateway.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refuses_what_the_key_may_not_do_instead_of_redirecting() {
+    let s = setup().await;
+    let body = chat(false, 2);
+    let (st, text) = s
+        .gw_a
+        .http
+        .post(
+            &s.gw_a.api_url("/v1/chat/completions"),
+            Some("not-a-key"),
+            &body,
+            &[("x-forwarded-for", FR_CLIENT.0)],
+        )
+        .await;
+    assert_eq!(st, 401, "{text}");
+    let (st, v) = s
+        .gw_a
+        .admin_post(
+            "/admin/api-keys",
+            serde_json::json!({"tenant": "narrow", "requests_per_minute": 100}),
+        )
+        .await;
+    assert_eq!(st, 201, "{v}");
+    let key = v["key"].as_str().unwrap().to_string();
+    let id = v["info"]["id"].as_str().unwrap().to_string();
+    let (st, _, text) = s
+        .gw_a
+        .http
+        .request(
+            "PATCH",
+            &s.gw_a.admin_url(&format!("/admin/api-keys/{id}")),
+            Some(ADMIN),
+            Some(&serde_json::json!({"allowed_models": ["other"]}).to_string()),
+            &[],
+        )
+        .await;
+    assert_eq!(st, 200, "{text}");
+    let (st, text) = s
+        .gw_a
+        .http
+        .post(
+            &s.gw_a.api_url("/v1/chat/completions"),
+            Some(&key),
+            &body,
+            &[("x-forwarded-for", FR_CLIENT.0)],
+        )
+        .await;
+    assert_eq!(st, 403, "{text}");
+    assert!(text.contains("model_not_allowed"), "{text}");
+    // The geofence is A's, with the client's address: a client in a sanctioned country is
+    // refused at A, never sent to B with a ticket.
+    let (st, text) = s
+        .gw_a
+        .http
+        .post(
+            &s.gw_a.api_url("/v1/chat/completions"),
+            Some(API_KEY),
+            &body,
+            &[("x-forwarded-for", KP_CLIENT.0)],
+        )
+        .await;
+    assert_eq!(st, 403, "{text}");
+    assert!(text.contains("geofence"), "{text}");
+    let page_a = s.gw_a.admin_get_text("/metrics").await;
+    assert_eq!(
+        metric(
+            &page_a,
+            "nearpath_inference_requests_total{api=\"http\",outcome=\"redirected\"}"
+        ),
+        Some(0.0),
+        "{page_a}"
+    );
+    s.stop().await;
+}

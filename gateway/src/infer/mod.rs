@@ -299,8 +299,18 @@ impl InferService {
             &mut counted,
             scope,
         );
-        let Route::Candidates(candidates) = route else {
-            return Ok(None);
+        let candidates = match route {
+            Route::Candidates(c) => c,
+            // The geofence denies every node, ours and peers': refused here, once, as dispatch
+            // would (which sees only ours, and would call the model unserved).
+            Route::Denied { rule, reason } => {
+                self.count_geofence("deny", &rule);
+                let e = CoreError::geofence_denied(&rule, &reason);
+                self.count_request(entry, e.kind.as_str());
+                return Err(e);
+            }
+            // Nothing free or nothing serving: dispatch here reports it (or queues for ours).
+            _ => return Ok(None),
         };
         let Some(best) = candidates
             .first()
