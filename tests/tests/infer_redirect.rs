@@ -860,3 +860,20 @@ async fn a_refuses_what_the_key_may_not_do_instead_of_redirecting() {
     );
     s.stop().await;
 }
+
+/// A lone gateway has no federation secret to check a ticket with: a ticket is refused there
+/// (403 `bad_ticket`), never taken as a key, even with a well-formed hex value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standalone_gateway_refuses_any_ticket() {
+    let gw = TestGateway::start(|_| {}).await;
+    let url = format!(
+        "{}?nearpath_ticket={}",
+        gw.api_url("/v1/chat/completions"),
+        "00".repeat(64)
+    );
+    let (st, text) = gw.http.post(&url, None, &chat(false, 2), &[]).await;
+    assert_eq!(st, 403, "{text}");
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["error"]["code"], "bad_ticket", "{text}");
+    gw.stop().await;
+}
