@@ -724,6 +724,11 @@ impl ClientApi {
                     if let Ok(v) = HeaderValue::from_str(&to.location(endpoint.path())) {
                         r.headers_mut().insert(hyper::header::LOCATION, v);
                     }
+                    // The ticket is single-use and bound to this client: never cached.
+                    r.headers_mut().insert(
+                        hyper::header::CACHE_CONTROL,
+                        HeaderValue::from_static("no-store"),
+                    );
                     return Err((r, "redirected"));
                 }
                 None

@@ -210,6 +210,7 @@ impl Setup {
             )
             .await;
         assert_eq!(status, 307, "{text}");
+        assert_eq!(headers["cache-control"], "no-store");
         let location = headers["location"].to_str().unwrap().to_string();
         let want = format!("{}?nearpath_ticket=", self.gw_b.api_url(path));
         assert!(location.starts_with(&want), "{location}");
