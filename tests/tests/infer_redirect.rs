@@ -161,6 +161,9 @@ struct Setup {
     gw_a: TestGateway,
     gw_b: TestGateway,
     node: TestNode,
+    fleet: Arc<Fleet>,
+    a: Member,
+    b: Member,
     _dir: tempfile::TempDir,
 }
 
@@ -185,11 +188,23 @@ async fn setup() -> Setup {
         gw_a,
         gw_b,
         node,
+        fleet,
+        a,
+        b,
         _dir: dir,
     }
 }
 
 impl Setup {
+    /// Publishes B's node as in Japan, far from the test's French client, and waits until A
+    /// has read it.
+    async fn far_b(&self) {
+        let mut far = published(&self.b, "b-node-1");
+        (far.country, far.lat, far.lon) = (Some("JP".into()), Some(JP.2), Some(JP.3));
+        *self.fleet.nodes.lock().unwrap() = vec![far];
+        self.a.read_directory().await;
+    }
+
     async fn stop(self) {
         self.node.stop().await.unwrap();
         self.gw_a.stop().await;
@@ -877,4 +892,48 @@ async fn a_standalone_gateway_refuses_any_ticket() {
     let v: serde_json::Value = serde_json::from_str(&text).unwrap();
     assert_eq!(v["error"]["code"], "bad_ticket", "{text}");
     gw.stop().await;
+}
+
+/// A redirecting gateway serves a request itself when its own node is the best one: a node
+/// near the client on A beats a far one on B, and no client is sent away for nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redirecting_gateway_serves_locally_when_its_own_node_is_best() {
+    let s = setup().await;
+    // B's node is published as in Japan; A gets a node in Germany, near the French client.
+    let mut near = TestNode::start(s.gw_a.node_config("a-node-1", &s.gw_a.token), ip(DE));
+    near.registered().await;
+    s.gw_a
+        .wait_nodes("A's node", Duration::from_secs(10), |ids| {
+            ids.iter().any(|i| i == "a-node-1")
+        })
+        .await;
+    s.far_b().await;
+    let (st, text) = s
+        .gw_a
+        .http
+        .post(
+            &s.gw_a.api_url("/v1/chat/completions"),
+            Some(API_KEY),
+            &chat(false, 2),
+            &[("x-forwarded-for", FR_CLIENT.0)],
+        )
+        .await;
+    assert_eq!(st, 200, "{text}");
+    let records = eventually("the usage record", Duration::from_secs(10), || async {
+        let rows = s.inference_records();
+        (!rows.is_empty()).then_some(rows)
+    })
+    .await;
+    assert_eq!(records[0].node_id, "a-node-1", "{records:?}");
+    let page_a = s.gw_a.admin_get_text("/metrics").await;
+    assert_eq!(
+        metric(
+            &page_a,
+            "nearpath_inference_requests_total{api=\"http\",outcome=\"redirected\"}"
+        ),
+        Some(0.0),
+        "{page_a}"
+    );
+    near.stop().await.unwrap();
+    s.stop().await;
 }
