@@ -651,13 +651,23 @@ impl ClientApi {
         let refused = |e: CoreError| (error_response(request_id, &e), e.kind.as_str());
         let infer = &self.infer;
         let started = infer.clock.now();
-        let key: ApiKey = infer
-            .auth
-            .authenticate(bearer(&req))
-            .await
-            .map_err(refused)?;
+        // A request a peer gateway redirected here carries its ticket in the query (clients
+        // drop `Authorization` on a cross-origin redirect): the ticket stands in for the key.
+        let presented = ticket_param(req.uri().query()).map_err(refused)?;
+        let (ip, client) = self.locate(&req, peer);
+        let ticketed = match presented {
+            Some(t) => Some(infer.open_ticket(&t, bearer(&req)).await.map_err(refused)?),
+            None => None,
+        };
+        let key: ApiKey = match &ticketed {
+            Some((key, _)) => key.clone(),
+            None => infer
+                .auth
+                .authenticate(bearer(&req))
+                .await
+                .map_err(refused)?,
+        };
         seen.key_id = Some(key.id.clone());
-        let (_ip, client) = self.locate(&req, peer);
         seen.country = client.country;
         if let Some(ct) = req
             .headers()
@@ -688,6 +698,42 @@ impl ClientApi {
         let request = InferenceRequest::parse(endpoint, &body)
             .map_err(|e| refused(CoreError::from_api(&ApiError::invalid_request(e))))?;
         seen.model = Some(request.model.clone());
+        let pin = match &ticketed {
+            // The ticket must be for exactly this request; it is used up here.
+            Some((key, claims)) => {
+                infer
+                    .accept_ticket(claims, ip.ip(), key, &request.model, endpoint)
+                    .map_err(refused)?;
+                Some(claims.node_id.as_str())
+            }
+            None => {
+                let to = infer
+                    .redirect_for(&key, "http", &request, &client, ip.ip())
+                    .await
+                    .map_err(refused)?;
+                if let Some(to) = to {
+                    // Nothing recorded here but the outcome: the peer admits and bills it.
+                    let mut r = with_type(
+                        StatusCode::TEMPORARY_REDIRECT,
+                        "application/json",
+                        serde_json::json!({
+                            "redirect": {"gateway_id": to.gateway.id, "node_id": to.node_id}
+                        })
+                        .to_string(),
+                    );
+                    if let Ok(v) = HeaderValue::from_str(&to.location(endpoint.path())) {
+                        r.headers_mut().insert(hyper::header::LOCATION, v);
+                    }
+                    // The ticket is single-use and bound to this client: never cached.
+                    r.headers_mut().insert(
+                        hyper::header::CACHE_CONTROL,
+                        HeaderValue::from_static("no-store"),
+                    );
+                    return Err((r, "redirected"));
+                }
+                None
+            }
+        };
         // Held until the response (or the stream) ends, however it ends.
         let mut ticket = infer
             .admit(key, "http", request_id, &request.model, started)
@@ -699,7 +745,7 @@ impl ClientApi {
         // The node gets the body as the client sent it (it knows the endpoint from its shape).
         let raw = String::from_utf8_lossy(&body).into_owned();
         // From here on the service writes the access-log line.
-        let stream = match infer.start(&ticket, &request, &raw, &client).await {
+        let stream = match infer.start(&ticket, &request, &raw, &client, pin).await {
             Ok(s) => s,
             Err(e) => return Ok(error_response(request_id, &e)),
         };
@@ -782,6 +828,30 @@ impl ClientApi {
         );
         Ok(r)
     }
+}
+
+/// The `nearpath_ticket` query parameter, if present (percent-decoding is not needed: a ticket
+/// is hex). Longer than any ticket can be → 400 before anything else is read.
+fn ticket_param(query: Option<&str>) -> Result<Option<String>, CoreError> {
+    let Some(q) = query else {
+        return Ok(None);
+    };
+    let prefix = concat!("nearpath_ticket", "=");
+    for pair in q.split('&') {
+        if let Some(v) = pair.strip_prefix(prefix) {
+            if v.len() > crate::ticket::MAX_TICKET_LEN {
+                return Err(CoreError::from_api(&ApiError::bad_request(
+                    format!(
+                        "nearpath_ticket is longer than {} characters",
+                        crate::ticket::MAX_TICKET_LEN
+                    ),
+                    Some("nearpath_ticket"),
+                )));
+            }
+            return Ok(Some(v.to_string()));
+        }
+    }
+    Ok(None)
 }
 
 fn elapsed_ms(from: std::time::Instant, to: std::time::Instant) -> u64 {

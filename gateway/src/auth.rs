@@ -424,6 +424,35 @@ impl Auth {
         }
     }
 
+    /// The key with id `id`, for a request that presents a redirect ticket instead of the
+    /// key's secret (the ticket's MAC vouches for the key id). Revoked, expired or unknown keys
+    /// are refused as their secrets would be. Cached like a secret's key (the same TTL and
+    /// revocation rules), under `id:<id>`, which no secret's hash (hex) can equal; a miss reads
+    /// the key list from the store.
+    pub async fn key_by_id(&self, id: &str) -> Result<ApiKey, CoreError> {
+        if self.keys.is_revoked(id) {
+            return Err(CoreError::invalid_api_key());
+        }
+        let slot = format!("id:{id}");
+        if let Some(key) = self.keys.get(&slot, self.clock.now()) {
+            self.check_expiry(&key)?;
+            return Ok(key);
+        }
+        let store = self.store.clone();
+        let keys = tokio::task::spawn_blocking(move || store.list_api_keys())
+            .await
+            .map_err(|e| CoreError::internal(e.to_string()))?
+            .map_err(|e| CoreError::unavailable(format!("key store unavailable: {e}")))?;
+        match keys.into_iter().find(|k| k.id == id) {
+            // The store may have answered before a revocation that has landed since.
+            Some(key) if !key.revoked && self.keys.put(slot, &key, self.clock.now()) => {
+                self.check_expiry(&key)?;
+                Ok(key)
+            }
+            _ => Err(CoreError::invalid_api_key()),
+        }
+    }
+
     /// The caps that apply to `key`: its own, else the gateway-wide defaults.
     pub fn effective_caps(&self, key: &ApiKey) -> EffectiveCaps {
         let d = &self.defaults;

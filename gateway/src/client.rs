@@ -15,7 +15,7 @@ use nearpath_config::{QuicConfig, WorkloadKind};
 use nearpath_protocol::app_code::{CLOSE_PROTOCOL, CLOSE_SHUTDOWN};
 use nearpath_protocol::message::{
     Chunk, Done, ErrorInfo, GameList, InferRequest, InferStarted, Message, PlayRequest, PlayResume,
-    PlayTicket, Token,
+    PlayTicket, Redirect, Token,
 };
 use nearpath_protocol::openai::{ApiError, InferenceRequest};
 use nearpath_protocol::stream::{send, FramedRecv};
@@ -181,7 +181,17 @@ impl QuicClients {
             _ => return,
         };
         match first {
-            Message::InferRequest(r) => self.serve_infer(conn, tx, framed, r).await,
+            Message::InferRequest(r) => self.serve_infer(conn, tx, framed, r, None).await,
+            // A request another gateway of the federation redirected here.
+            Message::InferTicket(t) => {
+                let r = InferRequest {
+                    protocol_version: t.protocol_version,
+                    api_key: t.api_key,
+                    endpoint: t.endpoint,
+                    request_json: t.request_json,
+                };
+                self.serve_infer(conn, tx, framed, r, Some(t.ticket)).await
+            }
             Message::ListGames(l) => {
                 let reply = match self.infer.auth.authenticate(Some(&l.api_key)).await {
                     Ok(_) => {
@@ -239,6 +249,7 @@ impl QuicClients {
         tx: quinn::SendStream,
         framed: FramedRecv,
         r: InferRequest,
+        ticket: Option<String>,
     ) {
         let infer = &self.infer;
         let started = infer.clock.now();
@@ -247,7 +258,7 @@ impl QuicClients {
         // request's span when spans are exported.
         let span = info_span!("quic_request", id = %request_id);
         let trace = TraceParent::for_span(&span, None);
-        self.serve_infer_in(conn, tx, framed, r, request_id, started, trace)
+        self.serve_infer_in(conn, tx, framed, r, ticket, request_id, started, trace)
             .instrument(span)
             .await
     }
@@ -259,6 +270,7 @@ impl QuicClients {
         mut tx: quinn::SendStream,
         framed: FramedRecv,
         r: InferRequest,
+        ticket: Option<String>,
         request_id: String,
         started: std::time::Instant,
         trace: TraceParent,
@@ -297,7 +309,20 @@ impl QuicClients {
             answer(&mut tx, &msg).await;
             return;
         }
-        let key = match infer.auth.authenticate(Some(&r.api_key)).await {
+        // A redirected request's ticket is checked with the key it comes with (the native
+        // client keeps its key across the hop).
+        let opened = match &ticket {
+            Some(t) => infer
+                .open_ticket(t, Some(&r.api_key))
+                .await
+                .map(|(k, c)| (k, Some(c))),
+            None => infer
+                .auth
+                .authenticate(Some(&r.api_key))
+                .await
+                .map(|k| (k, None)),
+        };
+        let (key, claims) = match opened {
             Ok(k) => {
                 self.authenticated(&conn);
                 k
@@ -315,6 +340,54 @@ impl QuicClients {
                 return answer(&mut tx, &error_msg(&e)).await;
             }
         };
+        let client_ip = conn.remote_address().ip();
+        let client = infer.placement.geo.lookup(client_ip);
+        let pin = match &claims {
+            Some(c) => {
+                if let Err(e) =
+                    infer.accept_ticket(c, Some(client_ip), &key, &request.model, r.endpoint)
+                {
+                    refused(&e, Some(&key.id), Some(&request.model));
+                    return answer(&mut tx, &error_msg(&e)).await;
+                }
+                Some(c.node_id.as_str())
+            }
+            None => match infer
+                .redirect_for(&key, "quic", &request, &client, Some(client_ip))
+                .await
+            {
+                Ok(None) => None,
+                Ok(Some(to)) => {
+                    // Nothing recorded here but the outcome: the peer admits and bills it.
+                    let trace_id = trace.trace_id_hex();
+                    AccessLine {
+                        entry: "quic",
+                        method: "INFER",
+                        path: r.endpoint.path(),
+                        status: 307,
+                        request_id: &request_id,
+                        trace_id: Some(&trace_id),
+                        key_id: Some(&key.id),
+                        model: Some(&request.model),
+                        outcome: "redirected",
+                        ..AccessLine::default()
+                    }
+                    .emit();
+                    let msg = Message::Redirect(Redirect {
+                        gateway_id: to.gateway.id.clone(),
+                        quic_address: to.gateway.quic_address.clone(),
+                        cert_sha256: to.gateway.cert_sha256.clone(),
+                        http_url: to.gateway.http_url.clone(),
+                        ticket: to.ticket,
+                    });
+                    return answer(&mut tx, &msg).await;
+                }
+                Err(e) => {
+                    refused(&e, Some(&key.id), Some(&request.model));
+                    return answer(&mut tx, &error_msg(&e)).await;
+                }
+            },
+        };
         // Held until this request ends, however it ends.
         let key_id = key.id.clone();
         let mut ticket = match infer
@@ -329,12 +402,11 @@ impl QuicClients {
         };
         ticket.endpoint = r.endpoint;
         ticket.traceparent = Some(trace.header());
-        let client = infer.placement.geo.lookup(conn.remote_address().ip());
         ticket.country = client.country;
         // A client that goes away while its request waits (queued for a slot, or for a node)
         // gives its place up at once: dropping the dispatch leaves the queue.
         let started_or_gone = tokio::select! {
-            r = infer.start(&ticket, &request, &r.request_json, &client) => Some(r),
+            r = infer.start(&ticket, &request, &r.request_json, &client, pin) => Some(r),
             _ = conn.closed() => None,
         };
         let stream = match started_or_gone {

@@ -336,6 +336,8 @@ impl CoreError {
             Kind::Unauthenticated => "unauthorized",
             Kind::Geofence => "geofence",
             Kind::Forbidden if self.code == MODEL_NOT_ALLOWED => MODEL_NOT_ALLOWED,
+            // A refused redirect ticket, as a refused `PlayTicket` is answered.
+            Kind::Forbidden if self.code == "bad_ticket" => "bad_ticket",
             Kind::Forbidden => "forbidden",
             Kind::NotFound => "model_not_found",
             Kind::TooLarge => "too_large",
@@ -350,6 +352,9 @@ impl CoreError {
                 nearpath_protocol::openai::MODEL_UNAVAILABLE
             }
             Kind::Unavailable if self.code == LEDGER_UNAVAILABLE => LEDGER_UNAVAILABLE,
+            Kind::Unavailable if self.code == "ticket_node_unavailable" => {
+                "ticket_node_unavailable"
+            }
             Kind::Unavailable => "no_capacity",
             Kind::Timeout => "timeout",
             Kind::NodeFailed | Kind::Internal => "upstream",

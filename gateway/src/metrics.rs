@@ -312,8 +312,9 @@ pub mod label_values {
     pub const GEO_RELOAD_OUTCOMES: &[&str] = &["ok", "error"];
     /// `inference_requests{api}`.
     pub const INFERENCE_APIS: &[&str] = &["http", "quic"];
-    /// `inference_requests{outcome}`: `ok`, `cancelled` (the client left) or an error kind
-    /// (`error::Kind::as_str`).
+    /// `inference_requests{outcome}`: `ok`, `cancelled` (the client left), an error kind
+    /// (`error::Kind::as_str`), or `redirected` (sent to a peer gateway with a ticket; the peer
+    /// counts it again as its own request).
     pub const INFERENCE_OUTCOMES: &[&str] = &[
         "ok",
         "cancelled",
@@ -332,6 +333,7 @@ pub mod label_values {
         "node_failed",
         "timeout",
         "internal",
+        "redirected",
     ];
     /// `inference_blip_waits{outcome}`.
     pub const BLIP_WAIT_OUTCOMES: &[&str] = &["served", "unavailable"];

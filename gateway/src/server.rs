@@ -681,9 +681,18 @@ fn inference(
         metrics: shared.metrics.clone(),
         clock: shared.clock.clone(),
         config: shared.config.inference.clone(),
-        trunk: trunk.filter(|_| {
-            shared.config.federation.inference_route == nearpath_config::CrossRoute::Trunk
+        // The trunk's view ranks peers' nodes with ours in both routes; only `trunk` relays.
+        trunk,
+        // Every member of a federation accepts inference tickets (a peer may redirect even
+        // when this gateway relays); only `redirect` mints them.
+        redirect: shared.config.federation.gateway_id.as_ref().map(|id| {
+            Arc::new(crate::infer::redirect::InferFederation::new(
+                id.clone(),
+                shared.store.clone(),
+            ))
         }),
+        redirects: shared.config.federation.inference_route
+            == nearpath_config::CrossRoute::Redirect,
     }
 }
 

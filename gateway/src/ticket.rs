@@ -257,19 +257,30 @@ impl Expect<'_> {
     /// Checks a ticket whose MAC verified: meant for this gateway, this client and this key,
     /// not expired, not claiming too long a life. Does not consume it ([`ReplayGuard::consume`]).
     pub fn check(&self, c: &TicketClaims) -> Result<(), TicketError> {
-        if c.target != self.gateway_id {
-            return Err(TicketError::WrongGateway(c.target.clone()));
+        self.check_fields(&c.target, c.expires_at_ms, c.client_ip, &c.key_id)
+    }
+
+    /// The checks every kind of ticket gets (see [`Expect::check`]).
+    fn check_fields(
+        &self,
+        target: &str,
+        expires_at_ms: u64,
+        client_ip: IpAddr,
+        key_id: &str,
+    ) -> Result<(), TicketError> {
+        if target != self.gateway_id {
+            return Err(TicketError::WrongGateway(target.to_string()));
         }
-        if self.now_ms >= c.expires_at_ms {
+        if self.now_ms >= expires_at_ms {
             return Err(TicketError::Expired);
         }
-        if c.expires_at_ms - self.now_ms > MAX_TICKET_TTL_MS {
+        if expires_at_ms - self.now_ms > MAX_TICKET_TTL_MS {
             return Err(TicketError::TooLong);
         }
-        if canonical(c.client_ip) != canonical(self.client_ip) {
+        if canonical(client_ip) != canonical(self.client_ip) {
             return Err(TicketError::WrongClient);
         }
-        if c.key_id != self.key_id {
+        if key_id != self.key_id {
             return Err(TicketError::WrongKey);
         }
         Ok(())
@@ -294,16 +305,27 @@ pub struct ReplayGuard {
 impl ReplayGuard {
     /// Marks the ticket used; refuses one already used.
     pub fn consume(&mut self, now_ms: u64, c: &TicketClaims) -> Result<(), TicketError> {
+        self.consume_nonce(now_ms, c.nonce, c.expires_at_ms)
+    }
+
+    /// Marks the ticket with `nonce`, living until `expires_at_ms`, used; refuses one already
+    /// used (any kind of ticket: nonces are random, so kinds never collide).
+    pub fn consume_nonce(
+        &mut self,
+        now_ms: u64,
+        nonce: [u8; 16],
+        expires_at_ms: u64,
+    ) -> Result<(), TicketError> {
         if self.used.len() >= MAX_LIVE_TICKETS {
             self.used.retain(|_, exp| *exp > now_ms);
         }
-        if self.used.contains_key(&c.nonce) {
+        if self.used.contains_key(&nonce) {
             return Err(TicketError::Replayed);
         }
         if self.used.len() >= MAX_LIVE_TICKETS {
             return Err(TicketError::Busy);
         }
-        self.used.insert(c.nonce, c.expires_at_ms);
+        self.used.insert(nonce, expires_at_ms);
         Ok(())
     }
 
@@ -313,6 +335,225 @@ impl ReplayGuard {
 
     pub fn is_empty(&self) -> bool {
         self.used.is_empty()
+    }
+}
+
+// Inference tickets.
+
+/// The version byte of an inference ticket: the high bit marks the kind, so that a game ticket
+/// never reads as an inference ticket nor the other way round (both are MACed the same way, and
+/// each reader refuses the other's version byte before reading a claim).
+const VERSION_INFER: u8 = 0x81;
+
+/// What an inference redirect's ticket says (`federation.inference_route = "redirect"`): the
+/// peer serves exactly this request of this key, for this client, on this node. Every field is
+/// covered by the MAC. Wire form as [`TicketClaims`], with version [`VERSION_INFER`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InferClaims {
+    /// The gateway that issued it (for logs).
+    pub issuer: String,
+    /// The gateway that must accept it.
+    pub target: String,
+    /// The API key it was issued to (`ApiKey::id`): the peer serves and bills this key.
+    pub key_id: String,
+    /// The node to serve the request on.
+    pub node_id: String,
+    /// The client's address as the issuer saw it.
+    pub client_ip: IpAddr,
+    /// The model the request names.
+    pub model: String,
+    /// The endpoint's path (`/v1/chat/completions`, ...).
+    pub endpoint: String,
+    /// Unix milliseconds.
+    pub expires_at_ms: u64,
+    pub nonce: [u8; 16],
+}
+
+impl InferClaims {
+    fn encode_claims(&self) -> Vec<u8> {
+        let mut out = vec![VERSION_INFER];
+        put_str(&mut out, &self.issuer);
+        put_str(&mut out, &self.target);
+        put_str(&mut out, &self.key_id);
+        put_str(&mut out, &self.node_id);
+        put_str(&mut out, &self.client_ip.to_string());
+        put_str(&mut out, &self.model);
+        put_str(&mut out, &self.endpoint);
+        out.extend_from_slice(&self.expires_at_ms.to_be_bytes());
+        out.extend_from_slice(&self.nonce);
+        out
+    }
+
+    fn decode_claims(b: &[u8]) -> Result<InferClaims, TicketError> {
+        let mut c = Cursor(b);
+        if c.take(1)?[0] != VERSION_INFER {
+            return Err(TicketError::Malformed("not an inference ticket"));
+        }
+        let issuer = c.string()?;
+        let target = c.string()?;
+        let key_id = c.string()?;
+        let node_id = c.string()?;
+        let client_ip = c
+            .string()?
+            .parse()
+            .map_err(|_| TicketError::Malformed("bad client address"))?;
+        let model = c.string()?;
+        let endpoint = c.string()?;
+        let expires_at_ms = c.u64()?;
+        let mut nonce = [0u8; 16];
+        nonce.copy_from_slice(c.take(16)?);
+        if !c.0.is_empty() {
+            return Err(TicketError::Malformed("trailing bytes"));
+        }
+        Ok(InferClaims {
+            issuer,
+            target,
+            key_id,
+            node_id,
+            client_ip,
+            model,
+            endpoint,
+            expires_at_ms,
+            nonce,
+        })
+    }
+
+    /// The ticket's wire form, MACed with `secret`.
+    pub fn seal(&self, secret: &[u8]) -> String {
+        let mut body = self.encode_claims();
+        let tag = hmac_sha256(secret, &[CONTEXT, &body]);
+        body.extend_from_slice(&tag);
+        hex::encode(body)
+    }
+
+    /// Reads an inference ticket and checks its MAC, nothing else (see
+    /// [`Expect::check_infer`]).
+    pub fn open(ticket: &str, secret: &[u8]) -> Result<InferClaims, TicketError> {
+        if ticket.len() > MAX_TICKET_LEN {
+            return Err(TicketError::Malformed("too long"));
+        }
+        let raw = hex::decode(ticket).map_err(|_| TicketError::Malformed("not hex"))?;
+        if raw.len() < 1 + TAG_LEN {
+            return Err(TicketError::Malformed("truncated"));
+        }
+        let (body, tag) = raw.split_at(raw.len() - TAG_LEN);
+        if !ct_eq(&hmac_sha256(secret, &[CONTEXT, body]), tag) {
+            return Err(TicketError::BadMac);
+        }
+        Self::decode_claims(body)
+    }
+}
+
+impl Expect<'_> {
+    /// [`Expect::check`] for an inference ticket.
+    pub fn check_infer(&self, c: &InferClaims) -> Result<(), TicketError> {
+        self.check_fields(&c.target, c.expires_at_ms, c.client_ip, &c.key_id)
+    }
+}
+
+#[cfg(test)]
+mod infer_tests {
+    use super::*;
+
+    const SECRET: &[u8] = b"federation secret of 32 bytes!!!";
+    const NOW: u64 = 1_800_000_000_000;
+
+    fn claims() -> InferClaims {
+        InferClaims {
+            issuer: "eu-1".into(),
+            target: "us-1".into(),
+            key_id: "key_1".into(),
+            node_id: "node-b".into(),
+            client_ip: "203.0.113.7".parse().unwrap(),
+            model: "llama".into(),
+            endpoint: "/v1/chat/completions".into(),
+            expires_at_ms: NOW + TICKET_TTL_MS,
+            nonce: [9; 16],
+        }
+    }
+
+    fn expect() -> Expect<'static> {
+        Expect {
+            gateway_id: "us-1",
+            client_ip: "203.0.113.7".parse().unwrap(),
+            key_id: "key_1",
+            now_ms: NOW,
+        }
+    }
+
+    #[test]
+    fn an_inference_ticket_opens_with_its_claims_and_passes_the_common_checks() {
+        let c = InferClaims::open(&claims().seal(SECRET), SECRET).unwrap();
+        assert_eq!(c, claims());
+        expect().check_infer(&c).unwrap();
+        let other_ip = Expect {
+            client_ip: "203.0.113.8".parse().unwrap(),
+            ..expect()
+        };
+        assert_eq!(other_ip.check_infer(&c), Err(TicketError::WrongClient));
+        let late = Expect {
+            now_ms: c.expires_at_ms,
+            ..expect()
+        };
+        assert_eq!(late.check_infer(&c), Err(TicketError::Expired));
+        let other_key = Expect {
+            key_id: "key_2",
+            ..expect()
+        };
+        assert_eq!(other_key.check_infer(&c), Err(TicketError::WrongKey));
+    }
+
+    /// Guards the kinds apart: a game ticket presented for inference (or the reverse) is
+    /// refused although its MAC verifies, so one kind can never stand in for the other.
+    #[test]
+    fn game_and_inference_tickets_never_read_as_each_other() {
+        let infer = claims().seal(SECRET);
+        assert_eq!(
+            TicketClaims::open(&infer, SECRET),
+            Err(TicketError::Malformed("unknown version"))
+        );
+        let game = TicketClaims {
+            issuer: "eu-1".into(),
+            target: "us-1".into(),
+            key_id: "key_1".into(),
+            node_id: "node-b".into(),
+            client_ip: "203.0.113.7".parse().unwrap(),
+            game: "arena".into(),
+            width: 1280,
+            height: 720,
+            fps: 60,
+            bitrate_kbps: 8000,
+            codec: VideoCodec::H264,
+            expires_at_ms: NOW + TICKET_TTL_MS,
+            nonce: [7; 16],
+        }
+        .seal(SECRET);
+        assert_eq!(
+            InferClaims::open(&game, SECRET),
+            Err(TicketError::Malformed("not an inference ticket"))
+        );
+        // Game tickets still read as before.
+        assert!(TicketClaims::open(&game, SECRET).is_ok());
+    }
+
+    #[test]
+    fn forged_or_hostile_inference_tickets_are_refused_without_panicking() {
+        let mut forged = claims();
+        forged.model = "bigger-model".into();
+        assert_eq!(
+            InferClaims::open(&forged.seal(b"a guess at the secret"), SECRET),
+            Err(TicketError::BadMac)
+        );
+        for t in ["", "zz", "00", &"a".repeat(MAX_TICKET_LEN + 2)] {
+            assert!(InferClaims::open(t, SECRET).is_err(), "{t:.20}");
+        }
+        let mut guard = ReplayGuard::default();
+        let c = claims();
+        guard.consume_nonce(NOW, c.nonce, c.expires_at_ms).unwrap();
+        assert_eq!(
+            guard.consume_nonce(NOW, c.nonce, c.expires_at_ms),
+            Err(TicketError::Replayed)
+        );
     }
 }
 

@@ -848,6 +848,19 @@ impl Trunk {
             .reduce(ModelCaps::with)
     }
 
+    /// The live peer holding the remote node `key` (one [`Trunk::route`] handed out), with the
+    /// node's id there: where an inference redirect sends the client.
+    pub fn holder(&self, key: NodeId) -> Option<(GatewayRecord, String)> {
+        let now_ms = self.clock.unix_ms();
+        let snap = lock(&self.snapshot);
+        let ((gateway, node_id), _) = snap.remote.iter().find(|(_, r)| r.entry.key == key)?;
+        let record = snap
+            .gateways
+            .iter()
+            .find(|g| &g.id == gateway && g.is_live(now_ms))?;
+        Some((record.clone(), node_id.clone()))
+    }
+
     /// Whether a remote node serves `model` (per the last directory read).
     pub fn serves_model(&self, model: &str) -> bool {
         lock(&self.snapshot)

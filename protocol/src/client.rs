@@ -13,9 +13,9 @@ use tokio::sync::mpsc;
 use crate::frame::FrameHeader;
 use crate::input::{InputDatagram, InputEvent};
 use crate::message::{
-    Chunk, Close, Done, Ended, ErrorInfo, InferRequest, InferStarted, ListGames, Message, Paused,
-    PlayRequest, PlayResume, PlayStarted, PlayTicket, Redirect, Rumble, SetVideo, Token,
-    VideoCodec, VIDEO_REFUSED,
+    Chunk, Close, Done, Ended, ErrorInfo, InferRequest, InferStarted, InferTicket, ListGames,
+    Message, Paused, PlayRequest, PlayResume, PlayStarted, PlayTicket, Redirect, Rumble, SetVideo,
+    Token, VideoCodec, VIDEO_REFUSED,
 };
 use crate::net::{self, NetError};
 use crate::openai::Endpoint;
@@ -288,6 +288,16 @@ impl Client {
             recv: FramedRecv::new(recv, MAX_REQUEST_FRAME),
             addr: self.addr,
             finished: false,
+            started: false,
+            follow: Some(Box::new(Follow {
+                api_key: api_key.to_string(),
+                endpoint,
+                request_json: request_json.to_string(),
+                bind: self.bind,
+                transport: self.transport.clone(),
+            })),
+            redirect: None,
+            peer: None,
         })
     }
 
@@ -477,31 +487,7 @@ impl Client {
             gateway_id: redirect.gateway_id.clone(),
             detail,
         };
-        let pin = tls::parse_sha256_hex(&redirect.cert_sha256)
-            .map_err(|e| fail(format!("bad certificate pin: {e}")))?;
-        let addr = tokio::net::lookup_host(redirect.quic_address.as_str())
-            .await
-            .map_err(|e| fail(format!("cannot resolve {:?}: {e}", redirect.quic_address)))?
-            .find(|a| a.is_ipv4() == self.bind.is_ipv4())
-            .ok_or_else(|| {
-                fail(format!(
-                    "{:?} has no address of this family",
-                    redirect.quic_address
-                ))
-            })?;
-        let host = redirect
-            .quic_address
-            .rsplit_once(':')
-            .map_or(redirect.quic_address.as_str(), |(h, _)| h)
-            .trim_matches(['[', ']']);
-        let peer = Client::connect_with(
-            self.bind,
-            addr,
-            host,
-            ServerVerify::PinnedSha256(pin),
-            &self.transport,
-        )
-        .await?;
+        let peer = dial_redirect(self.bind, &self.transport, &redirect).await?;
         let request = Message::PlayTicket(PlayTicket {
             protocol_version: PROTOCOL_VERSION,
             api_key: api_key.to_string(),
@@ -615,6 +601,38 @@ impl Drop for Client {
     }
 }
 
+/// Dials the peer a `Redirect` names: pinned to its certificate hash, from the local address
+/// `bind` and with `transport` (so that the peer sees the client address the ticket was
+/// issued for).
+async fn dial_redirect(
+    bind: SocketAddr,
+    transport: &TransportOptions,
+    redirect: &Redirect,
+) -> Result<Client, ClientError> {
+    let fail = |detail: String| ClientError::Redirect {
+        gateway_id: redirect.gateway_id.clone(),
+        detail,
+    };
+    let pin = tls::parse_sha256_hex(&redirect.cert_sha256)
+        .map_err(|e| fail(format!("bad certificate pin: {e}")))?;
+    let addr = tokio::net::lookup_host(redirect.quic_address.as_str())
+        .await
+        .map_err(|e| fail(format!("cannot resolve {:?}: {e}", redirect.quic_address)))?
+        .find(|a| a.is_ipv4() == bind.is_ipv4())
+        .ok_or_else(|| {
+            fail(format!(
+                "{:?} has no address of this family",
+                redirect.quic_address
+            ))
+        })?;
+    let host = redirect
+        .quic_address
+        .rsplit_once(':')
+        .map_or(redirect.quic_address.as_str(), |(h, _)| h)
+        .trim_matches(['[', ']']);
+    Client::connect_with(bind, addr, host, ServerVerify::PinnedSha256(pin), transport).await
+}
+
 /// What a gateway answers a play stream's first message with.
 enum PlayAnswer {
     /// The session started; with the resume token the gateway sent first, if any.
@@ -665,19 +683,95 @@ pub struct InferStream {
     recv: FramedRecv,
     addr: SocketAddr,
     finished: bool,
+    /// Whether `InferStarted` (or any answer but a `Redirect`) arrived.
+    started: bool,
+    /// What following a `Redirect` needs; taken when one is followed (one hop only).
+    follow: Option<Box<Follow>>,
+    /// The `Redirect` followed, if the first gateway sent one.
+    redirect: Option<Redirect>,
+    /// The connection to the peer a `Redirect` named, held while the request runs there.
+    peer: Option<Client>,
+}
+
+/// The request again, for the peer a `Redirect` names.
+#[derive(Debug)]
+struct Follow {
+    api_key: String,
+    endpoint: Endpoint,
+    request_json: String,
+    bind: SocketAddr,
+    transport: TransportOptions,
 }
 
 impl InferStream {
-    /// The next event; `Ok(None)` after `Done` or `Error`. Cancel-safe.
+    /// The `Redirect` this request followed: the first gateway sent the client to the peer it
+    /// names (`federation.inference_route = "redirect"`), and the request runs there.
+    pub fn redirect(&self) -> Option<&Redirect> {
+        self.redirect.as_ref()
+    }
+
+    /// The gateway the request runs on (the peer, after a redirect).
+    pub fn gateway(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Follows a `Redirect` answering the request: a new connection to the peer (pinned to
+    /// the certificate hash the redirect names), the request sent again with the ticket.
+    async fn follow(&mut self, redirect: Redirect) -> Result<(), ClientError> {
+        let Some(f) = self.follow.take() else {
+            return Err(ClientError::Redirect {
+                gateway_id: redirect.gateway_id,
+                detail: "the peer redirected again".into(),
+            });
+        };
+        let peer = dial_redirect(f.bind, &f.transport, &redirect).await?;
+        let (mut send, recv) = peer.open().await?;
+        let request = Message::InferTicket(InferTicket {
+            protocol_version: PROTOCOL_VERSION,
+            api_key: f.api_key,
+            ticket: redirect.ticket.clone(),
+            endpoint: f.endpoint,
+            request_json: f.request_json,
+        });
+        stream::send(&mut send, &request)
+            .await
+            .map_err(|e| peer.stream_err(e))?;
+        send.finish().map_err(|e| peer.stream_err(e.into()))?;
+        // The first gateway's stream is done with; the request now runs at the peer.
+        let _ = self.recv.get_mut().stop(app_code::STREAM_CANCELLED);
+        self.recv = FramedRecv::new(recv, MAX_REQUEST_FRAME);
+        self.addr = peer.addr;
+        self.peer = Some(peer);
+        self.redirect = Some(redirect);
+        Ok(())
+    }
+
+    /// The next event; `Ok(None)` after `Done` or `Error`. Cancel-safe, except while following
+    /// a `Redirect` (dropping the future then abandons the request).
     pub async fn next(&mut self) -> Result<Option<InferEvent>, ClientError> {
         if self.finished {
             return Ok(None);
         }
-        let msg = self
+        let mut msg = self
             .recv
             .next()
             .await
             .map_err(|e| stream_err(self.addr, e))?;
+        if !self.started {
+            // A second `Redirect` (from the peer) fails in `follow`: one hop only.
+            while let Some(Message::Redirect(r)) = msg {
+                if let Err(e) = self.follow(r).await {
+                    self.finished = true;
+                    return Err(e);
+                }
+                msg = self
+                    .recv
+                    .next()
+                    .await
+                    .map_err(|e| stream_err(self.addr, e))?;
+            }
+            self.started = true;
+        }
         let event = match msg {
             Some(Message::InferStarted(m)) => InferEvent::Started(m),
             Some(Message::Token(m)) => InferEvent::Token(m),

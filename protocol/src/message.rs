@@ -91,6 +91,7 @@ pub mod ty {
     pub const PLAY_TICKET: u8 = 0x39;
     pub const RESUME_TOKEN: u8 = 0x3a;
     pub const PLAY_RESUME: u8 = 0x3b;
+    pub const INFER_TICKET: u8 = 0x3c;
 
     pub const PEER_OPEN: u8 = 0x40;
 }
@@ -797,6 +798,25 @@ pub struct PlayTicket {
     pub ticket: String,
 }
 
+/// client -> gateway, first message on an inference stream: the request a [`Redirect`] sent
+/// here (answering an `InferRequest` at another gateway of the federation), with its ticket.
+/// Answered as an `InferRequest` is (`InferStarted`, tokens, `Done`, or `Error`), never with
+/// another `Redirect`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InferTicket {
+    /// Must equal [`PROTOCOL_VERSION`].
+    pub protocol_version: u16,
+    /// The caller's API key: the ticket does not replace it on the native protocol (it must
+    /// be the key the ticket was issued to).
+    pub api_key: String,
+    /// [`Redirect::ticket`], as received.
+    pub ticket: String,
+    /// The endpoint, as in the `InferRequest` that was redirected (the ticket names it too).
+    pub endpoint: Endpoint,
+    /// The request body, sent again (the model must be the one the ticket names).
+    pub request_json: String,
+}
+
 /// gateway -> client, on a play stream after `PlayStarted` (gateways of a federation only):
 /// the secret that lets this client resume the session through another gateway of the
 /// federation if this one dies ([`PlayResume`]). A later `ResumeToken` replaces it.
@@ -896,6 +916,8 @@ pub enum Message {
     PlayResume(PlayResume),
     /// See [`PeerOpen`].
     PeerOpen(PeerOpen),
+    /// See [`InferTicket`].
+    InferTicket(InferTicket),
 }
 
 impl Message {
@@ -938,6 +960,7 @@ impl Message {
             Message::ResumeToken(_) => ty::RESUME_TOKEN,
             Message::PlayResume(_) => ty::PLAY_RESUME,
             Message::PeerOpen(_) => ty::PEER_OPEN,
+            Message::InferTicket(_) => ty::INFER_TICKET,
         }
     }
 
@@ -952,7 +975,10 @@ impl Message {
     /// rest. Senders check it so that an oversized message fails locally with a clear error.
     pub fn max_frame(&self) -> usize {
         match self {
-            Message::InferRequest(_) | Message::Open(_) | Message::Chunk(_) => MAX_REQUEST_FRAME,
+            Message::InferRequest(_)
+            | Message::InferTicket(_)
+            | Message::Open(_)
+            | Message::Chunk(_) => MAX_REQUEST_FRAME,
             _ => MAX_CONTROL_FRAME,
         }
     }
@@ -1129,6 +1155,13 @@ impl Message {
                 b.put_u16(m.protocol_version);
                 b.put_str(&m.api_key);
                 b.put_str(&m.ticket);
+            }
+            Message::InferTicket(m) => {
+                b.put_u16(m.protocol_version);
+                b.put_str(&m.api_key);
+                b.put_str(&m.ticket);
+                b.put_u8(m.endpoint.to_byte());
+                b.put_str(&m.request_json);
             }
             Message::ResumeToken(m) => b.put_str(&m.token),
             Message::PlayResume(m) => {
@@ -1433,6 +1466,13 @@ impl Message {
                 http_url: r.string("Redirect.http_url")?,
                 ticket: r.string("Redirect.ticket")?,
             }),
+            ty::INFER_TICKET => Message::InferTicket(InferTicket {
+                protocol_version: version(&mut r, name, "InferTicket.protocol_version")?,
+                api_key: r.string("InferTicket.api_key")?,
+                ticket: r.string("InferTicket.ticket")?,
+                endpoint: endpoint(&mut r, "InferTicket.endpoint")?,
+                request_json: r.string("InferTicket.request_json")?,
+            }),
             ty::PLAY_TICKET => Message::PlayTicket(PlayTicket {
                 protocol_version: version(&mut r, name, "PlayTicket.protocol_version")?,
                 api_key: r.string("PlayTicket.api_key")?,
@@ -1497,6 +1537,7 @@ pub fn type_name(ty: u8) -> Option<&'static str> {
         ty::RESUME_TOKEN => "ResumeToken",
         ty::PLAY_RESUME => "PlayResume",
         ty::PEER_OPEN => "PeerOpen",
+        ty::INFER_TICKET => "InferTicket",
         _ => return None,
     })
 }

@@ -361,6 +361,15 @@ fn client() -> impl Strategy<Value = Message> {
             api_key,
             ticket,
         })),
+        (text(), text(), 0u8..4, text()).prop_map(|(api_key, ticket, endpoint, request_json)| {
+            Message::InferTicket(InferTicket {
+                protocol_version: PROTOCOL_VERSION,
+                api_key,
+                ticket,
+                endpoint: crate::openai::Endpoint::from_byte(endpoint).unwrap_or_default(),
+                request_json,
+            })
+        }),
         text().prop_map(|token| Message::ResumeToken(ResumeToken { token })),
         (text(), any::<u64>(), text()).prop_map(|(api_key, session_id, token)| {
             Message::PlayResume(PlayResume {

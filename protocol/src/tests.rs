@@ -212,6 +212,13 @@ fn samples() -> Vec<Message> {
             api_key: "np_live_x".into(),
             ticket: "0102".into(),
         }),
+        Message::InferTicket(InferTicket {
+            protocol_version: PROTOCOL_VERSION,
+            api_key: "np_live_x".into(),
+            ticket: "0304".into(),
+            endpoint: crate::openai::Endpoint::Completion,
+            request_json: r#"{"model":"m","prompt":"hi"}"#.into(),
+        }),
         Message::PeerOpen(PeerOpen {
             protocol_version: PROTOCOL_VERSION,
             node_id: "node-b1".into(),

@@ -7,9 +7,14 @@ use std::process::Command;
 
 /// Runs `bench <args>` (unpinned, so it works on any CPU count) and returns its JSON summary.
 fn bench(args: &[&str]) -> Value {
+    bench_with(args, &["--no-pin"])
+}
+
+/// [`bench`] with `extra` arguments instead of `--no-pin` (for benches that pin nothing).
+fn bench_with(args: &[&str], extra: &[&str]) -> Value {
     let out = Command::new(env!("CARGO_BIN_EXE_bench"))
         .args(args)
-        .arg("--no-pin")
+        .args(extra)
         .output()
         .expect("running the bench binary");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -447,4 +452,41 @@ fn audio_transport_compares_datagrams_and_a_stream_per_loss_rate() {
     assert_eq!(results[0]["lost"], 0, "{v}");
     assert!(results[2]["relay_dropped"].as_u64().unwrap() > 0, "{v}");
     assert!(results[2]["lost"].as_u64().unwrap() > 0, "{v}");
+}
+
+#[test]
+fn trunk_ttft_measures_the_trunk_and_the_redirect_against_one_gateway() {
+    // In-process gateways and node: nothing to pin to CPUs.
+    let v = bench_with(
+        &[
+            "trunk-ttft",
+            "--route",
+            "both",
+            "--requests",
+            "6",
+            "--warmup",
+            "2",
+            "--tokens",
+            "4",
+        ],
+        &[],
+    );
+    assert_eq!(v["route"], "both", "{v}");
+    assert_eq!(v["failures"], 0, "{v}");
+    // Every path completed its requests and measured a TTFT.
+    for key in [
+        "one_gateway_ttft_ms",
+        "trunk_ttft_ms",
+        "redirect_ttft_ms",
+        "redirect_reused_ttft_ms",
+    ] {
+        assert_eq!(v[key]["n"], 6, "{key}: {v}");
+        assert!(
+            v[key]["p50"].as_f64().is_some_and(|p| p > 0.0),
+            "{key}: {v}"
+        );
+    }
+    assert!(v["added_p50_ms"].is_number(), "{v}");
+    assert!(v["redirect_added_p50_ms"].is_number(), "{v}");
+    assert!(v["redirect_reused_added_p50_ms"].is_number(), "{v}");
 }

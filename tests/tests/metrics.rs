@@ -282,7 +282,10 @@ fn label_values_listed_from_start_are_the_values_the_code_records() {
     }
     same(
         "inference outcomes",
-        kinds.map(K::as_str).into_iter().chain(["ok", "cancelled"]),
+        kinds
+            .map(K::as_str)
+            .into_iter()
+            .chain(["ok", "cancelled", "redirected"]),
         lv::INFERENCE_OUTCOMES,
     );
 

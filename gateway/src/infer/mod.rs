@@ -5,6 +5,7 @@
 //! and only render what it hands them.
 
 pub mod attempts;
+pub mod redirect;
 
 use crate::access::AccessLine;
 use crate::auth::CapGuard;
@@ -35,6 +36,20 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tracing::{debug, info, warn};
+
+/// The error of an inference ticket this gateway does not honour (forged, expired, used
+/// already, for another client, key, model, endpoint or gateway): 403 `bad_ticket`, in the
+/// error body every refusal has, never retried with the same ticket.
+pub fn bad_ticket(message: impl Into<String>) -> CoreError {
+    CoreError::new(crate::error::Kind::Forbidden, BAD_TICKET, message).with_retryable(false)
+}
+
+/// The code of [`bad_ticket`] errors (the same as a refused game ticket's).
+pub const BAD_TICKET: &str = "bad_ticket";
+
+/// The code of the error for a valid ticket whose node is not attached here (503, retryable:
+/// the client asks the first gateway again).
+pub const TICKET_NODE_UNAVAILABLE: &str = "ticket_node_unavailable";
 
 /// The rule of the routing denial of a node whose model lacks a capability the request needs
 /// (never shown to clients: such a route is reported as saturated).
@@ -106,9 +121,29 @@ pub struct InferService {
     pub metrics: Arc<Metrics>,
     pub clock: SharedClock,
     pub config: InferenceConfig,
-    /// The federation's trunk, when requests may run on nodes other gateways hold
-    /// (`federation.inference_route = "trunk"`): their nodes are ranked with ours.
+    /// The federation's trunk, when requests may run on nodes other gateways hold: their
+    /// nodes are ranked with ours. With `redirect` set it is only read (the ranking, the
+    /// holder of a node), never used to relay a request.
     pub trunk: Option<Arc<crate::trunk::Trunk>>,
+    /// Set with `federation.inference_route = "redirect"`: a request whose best node a peer
+    /// holds is redirected there with a ticket ([`InferService::redirect_for`]). Set in any
+    /// federation, for accepting tickets peers mint.
+    pub redirect: Option<Arc<redirect::InferFederation>>,
+    /// Whether this gateway redirects (`inference_route = "redirect"`), rather than only
+    /// accepting redirected requests.
+    pub redirects: bool,
+}
+
+/// Which nodes a route may pick.
+#[derive(Debug, Clone, Copy)]
+struct Scope<'a> {
+    /// Peers' nodes too (through the trunk's view of the node directory).
+    remote: bool,
+    /// Only this node, without the geofence: a ticket's node (the issuer applied it).
+    pin: Option<&'a str>,
+    /// Count the geofence decision (a redirect's look-ahead does not; the dispatch that
+    /// follows it does).
+    count: bool,
 }
 
 /// An admitted request: who it is for, and the key's stream cap it holds until it ends.
@@ -217,6 +252,162 @@ impl InferService {
         })
     }
 
+    /// With `inference_route = "redirect"`: when the best eligible node for `request` (the
+    /// first candidate of this gateway's nodes and live peers' nodes ranked together, the
+    /// geofence applied here with the client's location) is a peer's, the redirect there with
+    /// a fresh ticket. The key's own rules (model allow-list, budgets) are checked first, as
+    /// admission would; its rate buckets and stream cap are left to the peer, which admits the
+    /// request as its own, so that the request counts once fleet-wide. `None`: serve it here
+    /// (a local node is best, or nothing routes, and dispatch reports why).
+    pub async fn redirect_for(
+        &self,
+        key: &ApiKey,
+        entry: &'static str,
+        request: &InferenceRequest,
+        client: &Location,
+        client_ip: Option<std::net::IpAddr>,
+    ) -> Result<Option<redirect::InferRedirect>, CoreError> {
+        // A client whose address is unknown cannot be bound to a ticket: served here.
+        let (Some(fed), Some(trunk), Some(client_ip)) =
+            (self.redirect.as_ref(), self.trunk.as_ref(), client_ip)
+        else {
+            return Ok(None);
+        };
+        if !self.redirects {
+            return Ok(None);
+        }
+        if let Err(e) = self
+            .auth
+            .check_model(key, &request.model)
+            .and_then(|()| self.auth.check_budget(key))
+        {
+            self.count_request(entry, e.kind.as_str());
+            return Err(e);
+        }
+        let mut nodes = Vec::new();
+        let mut counted = false;
+        let scope = Scope {
+            remote: true,
+            pin: None,
+            count: false,
+        };
+        let route = self.route(
+            &request.model,
+            request.required_caps_set(),
+            client,
+            &mut nodes,
+            &mut counted,
+            scope,
+        );
+        let candidates = match route {
+            Route::Candidates(c) => c,
+            // The geofence denies every node, ours and peers': refused here, once, as dispatch
+            // would (which sees only ours, and would call the model unserved).
+            Route::Denied { rule, reason } => {
+                self.count_geofence("deny", &rule);
+                let e = CoreError::geofence_denied(&rule, &reason);
+                self.count_request(entry, e.kind.as_str());
+                return Err(e);
+            }
+            // Nothing free or nothing serving: dispatch here reports it (or queues for ours).
+            _ => return Ok(None),
+        };
+        let Some(best) = candidates
+            .first()
+            .and_then(|c| nodes.iter().find(|n| n.key == c.key))
+        else {
+            return Ok(None);
+        };
+        if !best.conn.is_remote() {
+            return Ok(None);
+        }
+        let Some((gateway, node_id)) = trunk.holder(best.key) else {
+            return Ok(None);
+        };
+        let minted = fed
+            .mint(
+                gateway,
+                &node_id,
+                &key.id,
+                client_ip,
+                &request.model,
+                request.endpoint.path(),
+                self.clock.unix_ms(),
+            )
+            .await;
+        if minted.is_some() {
+            self.count_geofence("allow", "-");
+            self.count_request(entry, "redirected");
+        }
+        Ok(minted)
+    }
+
+    /// Opens a redirect ticket presented here and finds the key it was issued to. With a key
+    /// secret too (`Authorization`, or the native request's `api_key`), that key must be the
+    /// ticket's: a ticket never lends one key's request to another key. Without one, the
+    /// ticket's MAC vouches for its key id (HTTP clients drop `Authorization` on a
+    /// cross-origin redirect).
+    pub async fn open_ticket(
+        &self,
+        ticket: &str,
+        secret: Option<&str>,
+    ) -> Result<(ApiKey, crate::ticket::InferClaims), CoreError> {
+        let Some(fed) = &self.redirect else {
+            return Err(bad_ticket("this gateway is not in a federation"));
+        };
+        let claims = fed.open(ticket).await.map_err(|e| {
+            info!(error = %e, "inference ticket refused");
+            bad_ticket(e.to_string())
+        })?;
+        let key = match secret {
+            Some(_) => {
+                let key = self.auth.authenticate(secret).await?;
+                if key.id != claims.key_id {
+                    return Err(bad_ticket("the ticket was issued to another API key"));
+                }
+                key
+            }
+            None => self.auth.key_by_id(&claims.key_id).await?,
+        };
+        Ok((key, claims))
+    }
+
+    /// Checks an opened ticket against this request (this gateway, the client's address, the
+    /// key, the model and endpoint) and uses it up; the node it names must be attached here.
+    pub fn accept_ticket(
+        &self,
+        claims: &crate::ticket::InferClaims,
+        client_ip: Option<std::net::IpAddr>,
+        key: &ApiKey,
+        model: &str,
+        endpoint: Endpoint,
+    ) -> Result<(), CoreError> {
+        let Some(fed) = &self.redirect else {
+            return Err(bad_ticket("this gateway is not in a federation"));
+        };
+        let client_ip = client_ip.ok_or_else(|| bad_ticket("the client's address is unknown"))?;
+        fed.accept(
+            claims,
+            client_ip,
+            &key.id,
+            model,
+            endpoint.path(),
+            self.clock.unix_ms(),
+        )
+        .map_err(|e| {
+            info!(error = %e, "inference ticket refused");
+            bad_ticket(e.to_string())
+        })?;
+        if self.directory.registry.get(&claims.node_id).is_none() {
+            return Err(CoreError::new(
+                crate::error::Kind::Unavailable,
+                TICKET_NODE_UNAVAILABLE,
+                "the node the ticket names is not attached to this gateway",
+            ));
+        }
+        Ok(())
+    }
+
     fn count_request(&self, api: &'static str, outcome: &'static str) {
         let m = &self.metrics;
         m.hot
@@ -226,25 +417,43 @@ impl InferService {
     }
 
     /// Routes and starts an admitted request (see [`InferService::dispatch`]); a failure is
-    /// metered here, and the front end answers it as a plain error.
+    /// metered here, and the front end answers it as a plain error. `pin` is the node a
+    /// redirect ticket names: the request runs there or nowhere (no geofence, no fallback
+    /// model: the issuing gateway decided).
     pub async fn start(
         &self,
         ticket: &Ticket,
         request: &InferenceRequest,
         request_json: &str,
         client: &Location,
+        pin: Option<&str>,
     ) -> Result<InferStream, CoreError> {
-        match self
-            .dispatch(
-                &ticket.key,
-                request,
-                request_json,
-                client,
-                &ticket.request_id,
-                ticket.traceparent.as_deref(),
-            )
-            .await
-        {
+        let started = match pin {
+            None => {
+                self.dispatch(
+                    &ticket.key,
+                    request,
+                    request_json,
+                    client,
+                    &ticket.request_id,
+                    ticket.traceparent.as_deref(),
+                )
+                .await
+            }
+            Some(node) => self
+                .dispatch_model(
+                    &ticket.key.id,
+                    request,
+                    request_json,
+                    client,
+                    &ticket.request_id,
+                    ticket.traceparent.as_deref(),
+                    Some(node),
+                )
+                .await
+                .map_err(|(e, _)| e),
+        };
+        match started {
             Ok(mut s) => {
                 // Revoking the key ends the stream in band (`key_revoked`) and resets the
                 // node's stream.
@@ -515,6 +724,7 @@ impl InferService {
                 client,
                 request_id,
                 traceparent,
+                None,
             )
             .await
         {
@@ -542,6 +752,7 @@ impl InferService {
                     client,
                     request_id,
                     traceparent,
+                    None,
                 )
                 .await
             {
@@ -570,7 +781,8 @@ impl InferService {
     ///
     /// An answer comes within `unavailable_wait_ms + max_attempts × connect_timeout_ms` (plus
     /// up to `queue_max_wait_ms` queued) unless a node accepted the request (then the
-    /// first-token timeout applies).
+    /// first-token timeout applies). `pin`: see [`InferService::start`].
+    #[allow(clippy::too_many_arguments)]
     pub async fn dispatch_model(
         &self,
         key_id: &str,
@@ -579,7 +791,16 @@ impl InferService {
         client: &Location,
         request_id: &str,
         traceparent: Option<&str>,
+        pin: Option<&str>,
     ) -> Result<InferStream, (CoreError, bool)> {
+        // Peers' nodes are candidates only when requests are relayed to them over the trunk;
+        // a redirecting gateway decided in `redirect_for` already, and a ticket names a node
+        // of this gateway.
+        let scope = Scope {
+            remote: !self.redirects && pin.is_none(),
+            pin,
+            count: pin.is_none(),
+        };
         let started = self.clock.now();
         let model = request.model.as_str();
         let kind = SessionKind::Inference {
@@ -624,7 +845,14 @@ impl InferService {
                 Action::Route => {
                     joins.borrow_and_update();
                     epoch = queue.epoch();
-                    let route = self.route(model, needs, client, &mut nodes, &mut geofence_counted);
+                    let route = self.route(
+                        model,
+                        needs,
+                        client,
+                        &mut nodes,
+                        &mut geofence_counted,
+                        scope,
+                    );
                     last_route_denied = matches!(route, Route::Denied { .. });
                     machine.handle_route(self.clock.now(), route);
                 }
@@ -840,10 +1068,22 @@ impl InferService {
         client: &Location,
         nodes: &mut Vec<Arc<NodeEntry>>,
         geofence_counted: &mut bool,
+        scope: Scope<'_>,
     ) -> Route {
         // The one check for local and remote nodes alike: the geofence is this gateway's, with
         // the client's address, whoever holds the node.
         let allow = |n: &NodeEntry| {
+            if let Some(pin) = scope.pin {
+                // The issuing gateway applied its geofence to this node for this client.
+                return if n.id == pin {
+                    Ok(())
+                } else {
+                    Err(Deny {
+                        rule: "ticket".into(),
+                        reason: "not the ticket's node".into(),
+                    })
+                };
+            }
             if !needs.is_empty() && !n.model_caps(model).is_some_and(|c| c.contains(needs)) {
                 return Err(Deny {
                     rule: CAPS_RULE.into(),
@@ -857,7 +1097,7 @@ impl InferService {
             self.directory
                 .registry
                 .route(client_latlon(client), Workload::Model(model), &allow);
-        let (outcome, mut found) = match &self.trunk {
+        let (outcome, mut found) = match self.trunk.as_ref().filter(|_| scope.remote) {
             Some(trunk) => crate::trunk::merge_routes(
                 local,
                 trunk.route(client_latlon(client), Workload::Model(model), &allow),
@@ -877,7 +1117,9 @@ impl InferService {
                     != ModelAvailability::Unknown,
             },
             Some(NoRoute::Denied(d)) => {
-                self.count_geofence("deny", &d.rule);
+                if scope.count {
+                    self.count_geofence("deny", &d.rule);
+                }
                 Route::Denied {
                     rule: d.rule.clone(),
                     reason: d.reason.clone(),
@@ -886,7 +1128,7 @@ impl InferService {
             Some(NoRoute::Saturated) => Route::Saturated,
             Some(NoRoute::Draining) => Route::Draining,
             None => {
-                if !*geofence_counted {
+                if !*geofence_counted && scope.count {
                     *geofence_counted = true;
                     self.count_geofence("allow", "-");
                 }

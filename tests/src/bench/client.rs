@@ -181,10 +181,21 @@ pub async fn stream_once(
     conn: &mut Conn,
     req: Request<Full<Bytes>>,
     keep_gaps: bool,
+    on_first: impl FnMut(),
+) -> anyhow::Result<StreamOutcome> {
+    let clock = TokenClock::start(keep_gaps);
+    let resp = conn.send(req).await?;
+    read_stream(clock, conn.addr(), resp, on_first).await
+}
+
+/// Reads a streamed response whose request `clock` was started for (before any hop that led
+/// to it: a redirect is part of what the client waits for), timing each text chunk.
+pub async fn read_stream(
+    mut clock: TokenClock,
+    from: SocketAddr,
+    resp: Response<hyper::body::Incoming>,
     mut on_first: impl FnMut(),
 ) -> anyhow::Result<StreamOutcome> {
-    let mut clock = TokenClock::start(keep_gaps);
-    let resp = conn.send(req).await?;
     let mut out = StreamOutcome {
         status: resp.status().as_u16(),
         ..Default::default()
@@ -192,7 +203,7 @@ pub async fn stream_once(
     let mut body = resp.into_body();
     let mut scanner = Scanner::new();
     while let Some(frame) = body.frame().await {
-        let frame = frame.with_context(|| format!("reading the stream from {}", conn.addr()))?;
+        let frame = frame.with_context(|| format!("reading the stream from {from}"))?;
         let Some(data) = frame.data_ref() else {
             continue;
         };
