@@ -217,28 +217,37 @@ impl TicketClaims {
 
     /// The ticket's wire form, MACed with `secret`.
     pub fn seal(&self, secret: &[u8]) -> String {
-        let mut body = self.encode_claims();
-        let tag = hmac_sha256(secret, &[CONTEXT, &body]);
-        body.extend_from_slice(&tag);
-        hex::encode(body)
+        seal_body(self.encode_claims(), secret)
     }
 
     /// Reads a ticket and checks its MAC, nothing else (see [`Expect::check`]).
     pub fn open(ticket: &str, secret: &[u8]) -> Result<TicketClaims, TicketError> {
-        if ticket.len() > MAX_TICKET_LEN {
-            return Err(TicketError::Malformed("too long"));
-        }
-        let raw = hex::decode(ticket).map_err(|_| TicketError::Malformed("not hex"))?;
-        if raw.len() < 1 + TAG_LEN {
-            return Err(TicketError::Malformed("truncated"));
-        }
-        let (body, tag) = raw.split_at(raw.len() - TAG_LEN);
-        // The MAC is checked before a byte of the claims is interpreted.
-        if !ct_eq(&hmac_sha256(secret, &[CONTEXT, body]), tag) {
-            return Err(TicketError::BadMac);
-        }
-        Self::decode_claims(body)
+        Self::decode_claims(&open_body(ticket, secret)?)
     }
+}
+
+/// `body` followed by its MAC under `secret`, in hex: the wire form of both kinds of ticket.
+fn seal_body(mut body: Vec<u8>, secret: &[u8]) -> String {
+    let tag = hmac_sha256(secret, &[CONTEXT, &body]);
+    body.extend_from_slice(&tag);
+    hex::encode(body)
+}
+
+/// The claims bytes of a ticket whose MAC under `secret` holds; nothing of them is read yet.
+fn open_body(ticket: &str, secret: &[u8]) -> Result<Vec<u8>, TicketError> {
+    if ticket.len() > MAX_TICKET_LEN {
+        return Err(TicketError::Malformed("too long"));
+    }
+    let mut raw = hex::decode(ticket).map_err(|_| TicketError::Malformed("not hex"))?;
+    if raw.len() < 1 + TAG_LEN {
+        return Err(TicketError::Malformed("truncated"));
+    }
+    let tag = raw.split_off(raw.len() - TAG_LEN);
+    // The MAC is checked before a byte of the claims is interpreted.
+    if !ct_eq(&hmac_sha256(secret, &[CONTEXT, &raw]), &tag) {
+        return Err(TicketError::BadMac);
+    }
+    Ok(raw)
 }
 
 /// What the accepting gateway knows and the ticket must agree with.
@@ -420,27 +429,13 @@ impl InferClaims {
 
     /// The ticket's wire form, MACed with `secret`.
     pub fn seal(&self, secret: &[u8]) -> String {
-        let mut body = self.encode_claims();
-        let tag = hmac_sha256(secret, &[CONTEXT, &body]);
-        body.extend_from_slice(&tag);
-        hex::encode(body)
+        seal_body(self.encode_claims(), secret)
     }
 
     /// Reads an inference ticket and checks its MAC, nothing else (see
     /// [`Expect::check_infer`]).
     pub fn open(ticket: &str, secret: &[u8]) -> Result<InferClaims, TicketError> {
-        if ticket.len() > MAX_TICKET_LEN {
-            return Err(TicketError::Malformed("too long"));
-        }
-        let raw = hex::decode(ticket).map_err(|_| TicketError::Malformed("not hex"))?;
-        if raw.len() < 1 + TAG_LEN {
-            return Err(TicketError::Malformed("truncated"));
-        }
-        let (body, tag) = raw.split_at(raw.len() - TAG_LEN);
-        if !ct_eq(&hmac_sha256(secret, &[CONTEXT, body]), tag) {
-            return Err(TicketError::BadMac);
-        }
-        Self::decode_claims(body)
+        Self::decode_claims(&open_body(ticket, secret)?)
     }
 }
 

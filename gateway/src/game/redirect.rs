@@ -15,6 +15,7 @@
 use crate::components::Placement;
 use crate::router::Deny;
 use crate::store::directory::live_remote_nodes;
+use crate::store::secret::FederationSecret;
 use crate::store::{GatewayRecord, NodeDirEntry, SessionDirEntry, Store, StoreError};
 use crate::ticket::{Expect, ReplayGuard, TicketClaims, TicketError, TICKET_TTL_MS};
 use nearpath_config::CrossRoute;
@@ -57,7 +58,7 @@ pub struct GameFederation {
     route: CrossRoute,
     store: Arc<dyn Store>,
     view: RwLock<Arc<dyn FederationView>>,
-    secret: tokio::sync::OnceCell<Arc<[u8]>>,
+    secret: FederationSecret,
     replay: Mutex<ReplayGuard>,
 }
 
@@ -74,8 +75,8 @@ impl GameFederation {
             gateway_id,
             route,
             view: RwLock::new(view),
+            secret: FederationSecret::new(store.clone()),
             store,
-            secret: tokio::sync::OnceCell::new(),
             replay: Mutex::new(ReplayGuard::default()),
         }
     }
@@ -129,23 +130,9 @@ impl GameFederation {
         });
     }
 
-    /// The federation's secret, read (or created) once per process.
+    /// The federation's secret (see [`FederationSecret`]).
     async fn secret(&self) -> Result<Arc<[u8]>, String> {
-        self.secret
-            .get_or_try_init(|| async {
-                let store = self.store.clone();
-                let candidate: [u8; 32] = rand::random();
-                let s = tokio::task::spawn_blocking(move || store.federation_secret(&candidate))
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .map_err(|e| e.to_string())?;
-                if s.len() < 32 {
-                    return Err("the stored federation secret is shorter than 32 bytes".into());
-                }
-                Ok(Arc::from(s))
-            })
-            .await
-            .cloned()
+        self.secret.get().await
     }
 
     /// Finds a peer's node for the session and mints its ticket; `None` when no peer has an

@@ -11,6 +11,7 @@
 //! and admits and bills it as its own request. This gateway records only the `redirected`
 //! outcome, so the request counts once against the key's fleet-wide limits.
 
+use crate::store::secret::FederationSecret;
 use crate::store::{GatewayRecord, Store};
 use crate::ticket::{Expect, InferClaims, ReplayGuard, TicketError, TICKET_TTL_MS};
 use std::net::IpAddr;
@@ -47,8 +48,7 @@ impl InferRedirect {
 /// nodes and accepts the tickets peers minted for this gateway's nodes.
 pub struct InferFederation {
     gateway_id: String,
-    store: Arc<dyn Store>,
-    secret: tokio::sync::OnceCell<Arc<[u8]>>,
+    secret: FederationSecret,
     replay: Mutex<ReplayGuard>,
 }
 
@@ -56,8 +56,7 @@ impl InferFederation {
     pub fn new(gateway_id: String, store: Arc<dyn Store>) -> InferFederation {
         InferFederation {
             gateway_id,
-            store,
-            secret: tokio::sync::OnceCell::new(),
+            secret: FederationSecret::new(store),
             replay: Mutex::new(ReplayGuard::default()),
         }
     }
@@ -66,24 +65,9 @@ impl InferFederation {
         &self.gateway_id
     }
 
-    /// The federation's secret, read (or created) once per process; the same secret game
-    /// tickets are MACed with (`Store::federation_secret`).
+    /// The federation's secret (see [`FederationSecret`]).
     async fn secret(&self) -> Result<Arc<[u8]>, String> {
-        self.secret
-            .get_or_try_init(|| async {
-                let store = self.store.clone();
-                let candidate: [u8; 32] = rand::random();
-                let s = tokio::task::spawn_blocking(move || store.federation_secret(&candidate))
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .map_err(|e| e.to_string())?;
-                if s.len() < 32 {
-                    return Err("the stored federation secret is shorter than 32 bytes".into());
-                }
-                Ok(Arc::from(s))
-            })
-            .await
-            .cloned()
+        self.secret.get().await
     }
 
     /// Mints the ticket that sends `key_id`'s request for `model` at `endpoint` to `node_id`

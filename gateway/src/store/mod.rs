@@ -44,6 +44,7 @@ use sha2::{Digest, Sha256};
 pub mod checker;
 pub mod directory;
 pub mod pg;
+pub mod secret;
 mod sqlite;
 
 pub use checker::{
