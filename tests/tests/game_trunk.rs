@@ -9,14 +9,14 @@
 
 mod common;
 
+use common::fleet::{federated_gateway, now_ms, Fleet, Member};
 use common::*;
-use nearpath_gateway::store::{GatewayRecord, NodeDirEntry, StoreError, UsageKind};
-use nearpath_gateway::trunk::FleetSource;
+use nearpath_gateway::store::{NodeDirEntry, UsageKind};
 use nearpath_protocol::message::{
     GameParams, Message, Open, PeerOpen, RefuseCode, SessionKind, VideoCodec,
 };
 use nearpath_protocol::stream::{send, FramedRecv};
-use nearpath_protocol::tls::{sha256_hex, TransportOptions};
+use nearpath_protocol::tls::TransportOptions;
 use nearpath_protocol::{
     ControlEvent, InputDatagram, InputEvent, PlayParams, ALPN_PEER, MAX_REQUEST_FRAME,
     PROTOCOL_VERSION,
@@ -24,76 +24,10 @@ use nearpath_protocol::{
 use nearpath_tests::wt_client::{self, WtPlayer};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-/// The federation's directories, shared by the gateways of a test.
-#[derive(Default)]
-struct Fleet {
-    gateways: Mutex<Vec<GatewayRecord>>,
-    nodes: Mutex<Vec<NodeDirEntry>>,
-}
-
-/// One gateway's view of the [`Fleet`], counting its reads.
-struct Reader {
-    fleet: Arc<Fleet>,
-    reads: Arc<AtomicU64>,
-}
-
-impl FleetSource for Reader {
-    fn gateways(&self) -> Result<Vec<GatewayRecord>, StoreError> {
-        Ok(self.fleet.gateways.lock().unwrap().clone())
-    }
-
-    fn node_directory(&self) -> Result<Vec<NodeDirEntry>, StoreError> {
-        self.reads.fetch_add(1, Ordering::SeqCst);
-        Ok(self.fleet.nodes.lock().unwrap().clone())
-    }
-}
-
-fn now_ms() -> u64 {
-    nearpath_gateway::clock::system_unix_ms()
-}
-
 const HOUR_MS: u64 = 3_600_000;
-
-#[derive(Clone)]
-struct Member {
-    id: String,
-    quic: SocketAddr,
-    http: SocketAddr,
-    sha: [u8; 32],
-    operator_id: String,
-    reads: Arc<AtomicU64>,
-}
-
-impl Member {
-    fn record(&self, expires_at_ms: u64) -> GatewayRecord {
-        GatewayRecord {
-            id: self.id.clone(),
-            region: format!("region-{}", self.id),
-            lat: 50.0,
-            lon: 8.0,
-            quic_address: self.quic.to_string(),
-            http_url: format!("http://{}", self.http),
-            cert_sha256: sha256_hex(&self.sha),
-            version: "0.1.0".into(),
-            started_at_ms: now_ms(),
-            heartbeat_at_ms: now_ms(),
-            expires_at_ms,
-        }
-    }
-
-    /// Waits until the gateway has read the directory twice from now (so it applied it).
-    async fn read_directory(&self) {
-        let from = self.reads.load(Ordering::SeqCst);
-        eventually("a directory read", Duration::from_secs(10), || async {
-            (self.reads.load(Ordering::SeqCst) >= from + 2).then_some(())
-        })
-        .await;
-    }
-}
 
 /// A federated gateway `id` reading `fleet`, relaying games over the trunk (`trunk_games`) or
 /// redirecting them. Raw nodes answer no heartbeats: the node heartbeat is long.
@@ -116,36 +50,14 @@ async fn federated_with(
     lease_ms: u64,
     edit: impl FnOnce(&mut nearpath_config::GatewayConfig),
 ) -> (TestGateway, Member) {
-    let reads = Arc::new(AtomicU64::new(0));
-    let reader = Arc::new(Reader {
-        fleet: fleet.clone(),
-        reads: reads.clone(),
-    });
-    let gw = TestGateway::start_prepared(
-        path,
-        |c| {
-            c.federation.gateway_id = Some(id.to_string());
-            c.federation.node_directory_interval_ms = 20;
-            c.federation.heartbeat_ms = lease_ms / 4;
-            c.federation.lease_ms = lease_ms;
-            if trunk_games {
-                c.federation.game_route = nearpath_config::CrossRoute::Trunk;
-            }
-            c.nodes.heartbeat_ms = 60_000;
-            edit(c);
-        },
-        |g| g.with_fleet_source(reader),
-    )
-    .await;
-    let member = Member {
-        id: id.to_string(),
-        quic: gw.addrs.quic,
-        http: gw.addrs.http,
-        sha: gw.sha,
-        operator_id: gw.operator_id.clone(),
-        reads,
-    };
-    (gw, member)
+    federated_gateway(path, id, fleet, lease_ms, |c| {
+        if trunk_games {
+            c.federation.game_route = nearpath_config::CrossRoute::Trunk;
+        }
+        c.nodes.heartbeat_ms = 60_000;
+        edit(c);
+    })
+    .await
 }
 
 /// The node directory entry `member` publishes for its game node `id` in Germany.

@@ -8,117 +8,28 @@
 
 mod common;
 
+use common::fleet::{federated_gateway, now_ms, Fleet, Member};
 use common::*;
 use nearpath_config::CrossRoute;
-use nearpath_gateway::store::{GatewayRecord, NodeDirEntry, StoreError, UsageKind};
+use nearpath_gateway::store::{NodeDirEntry, UsageKind};
 use nearpath_gateway::ticket::InferClaims;
-use nearpath_gateway::trunk::FleetSource;
-use nearpath_protocol::tls::sha256_hex;
-use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
-
-/// The federation's directories, shared by the gateways of a test.
-#[derive(Default)]
-struct Fleet {
-    gateways: Mutex<Vec<GatewayRecord>>,
-    nodes: Mutex<Vec<NodeDirEntry>>,
-}
-
-/// One gateway's view of the [`Fleet`], counting its reads.
-struct Reader {
-    fleet: Arc<Fleet>,
-    reads: Arc<AtomicU64>,
-}
-
-impl FleetSource for Reader {
-    fn gateways(&self) -> Result<Vec<GatewayRecord>, StoreError> {
-        Ok(self.fleet.gateways.lock().unwrap().clone())
-    }
-
-    fn node_directory(&self) -> Result<Vec<NodeDirEntry>, StoreError> {
-        self.reads.fetch_add(1, Ordering::SeqCst);
-        Ok(self.fleet.nodes.lock().unwrap().clone())
-    }
-}
-
-fn now_ms() -> u64 {
-    nearpath_gateway::clock::system_unix_ms()
-}
 
 const HOUR_MS: u64 = 3_600_000;
 
-#[derive(Clone)]
-struct Member {
-    id: String,
-    quic: SocketAddr,
-    http: SocketAddr,
-    sha: [u8; 32],
-    operator_id: String,
-    reads: Arc<AtomicU64>,
-}
-
-impl Member {
-    fn record(&self, expires_at_ms: u64) -> GatewayRecord {
-        GatewayRecord {
-            id: self.id.clone(),
-            region: format!("region-{}", self.id),
-            lat: 50.0,
-            lon: 8.0,
-            quic_address: self.quic.to_string(),
-            http_url: format!("http://{}", self.http),
-            cert_sha256: sha256_hex(&self.sha),
-            version: "0.1.0".into(),
-            started_at_ms: now_ms(),
-            heartbeat_at_ms: now_ms(),
-            expires_at_ms,
-        }
-    }
-
-    /// Waits until the gateway has read the directory twice from now.
-    async fn read_directory(&self) {
-        let from = self.reads.load(Ordering::SeqCst);
-        eventually("a directory read", Duration::from_secs(10), || async {
-            (self.reads.load(Ordering::SeqCst) >= from + 2).then_some(())
-        })
-        .await;
-    }
-}
-
+/// A federated gateway `id` reading `fleet` that sends inference for peers' nodes by `route`.
 async fn federated(
     path: PathBuf,
     id: &str,
     fleet: &Arc<Fleet>,
     route: CrossRoute,
 ) -> (TestGateway, Member) {
-    let reads = Arc::new(AtomicU64::new(0));
-    let reader = Arc::new(Reader {
-        fleet: fleet.clone(),
-        reads: reads.clone(),
-    });
-    let gw = TestGateway::start_prepared(
-        path,
-        |c| {
-            c.federation.gateway_id = Some(id.to_string());
-            c.federation.node_directory_interval_ms = 20;
-            c.federation.heartbeat_ms = 750;
-            c.federation.lease_ms = 3_000;
-            c.federation.inference_route = route;
-        },
-        |g| g.with_fleet_source(reader),
-    )
-    .await;
-    let member = Member {
-        id: id.to_string(),
-        quic: gw.addrs.quic,
-        http: gw.addrs.http,
-        sha: gw.sha,
-        operator_id: gw.operator_id.clone(),
-        reads,
-    };
-    (gw, member)
+    federated_gateway(path, id, fleet, 3_000, |c| {
+        c.federation.inference_route = route;
+    })
+    .await
 }
 
 fn published(member: &Member, id: &str) -> NodeDirEntry {

@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+pub mod fleet;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::connect::HttpConnector;
