@@ -10,7 +10,7 @@ mod common;
 use common::fleet::{federated_gateway, now_ms, Fleet, Member};
 use common::*;
 use http_body_util::BodyExt;
-use nearpath_gateway::store::{NodeDirEntry, UsageKind};
+use nearpath_gateway::store::UsageKind;
 use nearpath_protocol::app_code::{CLOSE_PEER_REFUSED, STREAM_REFUSED};
 use nearpath_protocol::message::{Message, Open, PeerOpen, RefuseCode, SessionKind};
 use nearpath_protocol::openai::Endpoint;
@@ -30,31 +30,6 @@ async fn federated(
     lease_ms: u64,
 ) -> (TestGateway, Member) {
     federated_gateway(path, id, fleet, lease_ms, |_| {}).await
-}
-
-/// The node directory entry gateway `member` publishes for its node `id` in Germany.
-fn published(member: &Member, id: &str) -> NodeDirEntry {
-    NodeDirEntry {
-        node_id: id.into(),
-        operator_id: member.operator_id.clone(),
-        gateway_id: member.id.clone(),
-        country: Some("DE".into()),
-        lat: Some(DE.2),
-        lon: Some(DE.3),
-        gpu_classes: vec![],
-        models: vec!["m".into()],
-        games: vec![],
-        inference_slots: 8,
-        inference_free: 8,
-        game_slots: 0,
-        game_free: 0,
-        accepting: true,
-        verification: "unverified".into(),
-        updated_at_ms: now_ms(),
-        encoders: Vec::new(),
-        model_caps: Vec::new(),
-        subdivision: None,
-    }
 }
 
 const HOUR_MS: u64 = 3_600_000;
@@ -80,7 +55,7 @@ async fn a_client_at_a_is_served_by_the_node_attached_to_b_and_billed_once() {
         vec![a.record(now_ms() + HOUR_MS), b.record(now_ms() + HOUR_MS)];
     let mut node = TestNode::start(gw_b.node_config("b-node-1", &gw_b.token), ip(DE));
     node.registered().await;
-    *fleet.nodes.lock().unwrap() = vec![published(&b, "b-node-1")];
+    *fleet.nodes.lock().unwrap() = vec![b.inference_node("b-node-1")];
     a.read_directory().await;
 
     let (status, body) = gw_a
@@ -237,7 +212,7 @@ async fn a_peer_whose_certificate_is_not_the_pinned_one_is_never_sent_a_request(
     *fleet.gateways.lock().unwrap() = vec![a.record(now_ms() + HOUR_MS), forged];
     let mut node = TestNode::start(gw_b.node_config("b-node-1", &gw_b.token), ip(DE));
     node.registered().await;
-    *fleet.nodes.lock().unwrap() = vec![published(&b, "b-node-1")];
+    *fleet.nodes.lock().unwrap() = vec![b.inference_node("b-node-1")];
     a.read_directory().await;
 
     let started = Instant::now();
@@ -379,7 +354,7 @@ fn b_dying_mid_stream_gives_the_client_a_retryable_error_quickly() {
             vec![a.record(now_ms() + HOUR_MS), b.record(now_ms() + HOUR_MS)];
         let mut node = TestNode::start(node_config, ip(DE));
         node.registered().await;
-        *fleet.nodes.lock().unwrap() = vec![published(&b, "b-node-1")];
+        *fleet.nodes.lock().unwrap() = vec![b.inference_node("b-node-1")];
         a.read_directory().await;
 
         let resp = gw_a

@@ -11,7 +11,7 @@ mod common;
 
 use common::fleet::{federated_gateway, now_ms, Fleet, Member};
 use common::*;
-use nearpath_gateway::store::{NodeDirEntry, UsageKind};
+use nearpath_gateway::store::UsageKind;
 use nearpath_protocol::message::{
     GameParams, Message, Open, PeerOpen, RefuseCode, SessionKind, VideoCodec,
 };
@@ -60,31 +60,6 @@ async fn federated_with(
     .await
 }
 
-/// The node directory entry `member` publishes for its game node `id` in Germany.
-fn published(member: &Member, id: &str) -> NodeDirEntry {
-    NodeDirEntry {
-        node_id: id.into(),
-        operator_id: member.operator_id.clone(),
-        gateway_id: member.id.clone(),
-        country: Some("DE".into()),
-        lat: Some(DE.2),
-        lon: Some(DE.3),
-        gpu_classes: vec![],
-        models: vec![],
-        games: vec!["arena".into()],
-        inference_slots: 0,
-        inference_free: 0,
-        game_slots: 2,
-        game_free: 2,
-        accepting: true,
-        verification: "unverified".into(),
-        updated_at_ms: now_ms(),
-        encoders: Vec::new(),
-        model_caps: Vec::new(),
-        subdivision: None,
-    }
-}
-
 fn small(game: &str) -> PlayParams {
     PlayParams {
         game: game.into(),
@@ -119,7 +94,7 @@ async fn a_native_client_at_a_is_served_by_bs_only_node_over_the_trunk_and_bille
     *fleet.gateways.lock().unwrap() =
         vec![a.record(now_ms() + HOUR_MS), b.record(now_ms() + HOUR_MS)];
     let node = raw_game_node(&gw_b, "b-1", ip(DE), &gw_b.token, &["arena"], 2).await;
-    *fleet.nodes.lock().unwrap() = vec![published(&b, "b-1")];
+    *fleet.nodes.lock().unwrap() = vec![b.game_node("b-1")];
     a.read_directory().await;
     b.read_directory().await;
 
@@ -453,7 +428,7 @@ fn b_dying_pauses_the_player_at_a_within_the_lease_and_then_ends_the_session() {
         let (gw_a, a) = federated(path, "gw-a", &fleet, true, 1_000).await;
         *fleet.gateways.lock().unwrap() =
             vec![a.record(now_ms() + HOUR_MS), b.record(now_ms() + HOUR_MS)];
-        *fleet.nodes.lock().unwrap() = vec![published(&b, "b-1")];
+        *fleet.nodes.lock().unwrap() = vec![b.game_node("b-1")];
         a.read_directory().await;
         let c = native_client(&gw_a, FR_CLIENT).await;
         let (s, g) = tokio::join!(c.play(API_KEY, small("arena")), node.accept_game());
@@ -527,7 +502,7 @@ async fn a_webtransport_player_at_a_plays_on_bs_node_over_the_trunk() {
     *fleet.gateways.lock().unwrap() =
         vec![a.record(now_ms() + HOUR_MS), b.record(now_ms() + HOUR_MS)];
     let node = raw_game_node(&gw_b, "b-1", ip(DE), &gw_b.token, &["arena"], 2).await;
-    *fleet.nodes.lock().unwrap() = vec![published(&b, "b-1")];
+    *fleet.nodes.lock().unwrap() = vec![b.game_node("b-1")];
     a.read_directory().await;
     b.read_directory().await;
 
@@ -578,7 +553,7 @@ async fn a_session_over_the_trunk_gets_a_codec_the_peers_node_encodes() {
         .games(&["arena"], 2)
         .encoders(&[(VideoCodec::Hevc, "hevc_nvenc")]);
     let node = RawNode::register(&gw_b, ip(DE), reg.message()).await;
-    let mut entry = published(&b, "b-1");
+    let mut entry = b.game_node("b-1");
     entry.encoders = vec![nearpath_gateway::store::DirEncoder {
         codec: "hevc".into(),
         implementation: "hevc_nvenc".into(),
@@ -635,7 +610,7 @@ async fn a_trunk_session_holds_the_keys_cap_at_a_and_ends_when_bs_node_ends_it()
     *fleet.gateways.lock().unwrap() =
         vec![a.record(now_ms() + HOUR_MS), b.record(now_ms() + HOUR_MS)];
     let node = raw_game_node(&gw_b, "b-1", ip(DE), &gw_b.token, &["arena"], 4).await;
-    *fleet.nodes.lock().unwrap() = vec![published(&b, "b-1")];
+    *fleet.nodes.lock().unwrap() = vec![b.game_node("b-1")];
     a.read_directory().await;
     b.read_directory().await;
 
@@ -770,7 +745,7 @@ async fn a_player_at_a_decodes_the_real_node_on_b_and_its_input_reaches_the_game
     cfg.capacity.game_sessions = 1;
     let mut node = TestNode::start(cfg, ip(DE));
     node.registered().await;
-    *fleet.nodes.lock().unwrap() = vec![published(&b, "b-real")];
+    *fleet.nodes.lock().unwrap() = vec![b.game_node("b-real")];
     a.read_directory().await;
     b.read_directory().await;
 
@@ -866,7 +841,7 @@ async fn a_whep_player_at_a_is_served_by_bs_node_over_the_trunk_without_a_redire
     *fleet.gateways.lock().unwrap() =
         vec![a.record(now_ms() + HOUR_MS), b.record(now_ms() + HOUR_MS)];
     let node = raw_game_node(&gw_b, "b-1", ip(DE), &gw_b.token, &["arena"], 2).await;
-    *fleet.nodes.lock().unwrap() = vec![published(&b, "b-1")];
+    *fleet.nodes.lock().unwrap() = vec![b.game_node("b-1")];
     a.read_directory().await;
     b.read_directory().await;
 

@@ -11,7 +11,7 @@ mod common;
 use common::fleet::{federated_gateway, now_ms, Fleet, Member};
 use common::*;
 use nearpath_config::CrossRoute;
-use nearpath_gateway::store::{NodeDirEntry, UsageKind};
+use nearpath_gateway::store::UsageKind;
 use nearpath_gateway::ticket::InferClaims;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -30,30 +30,6 @@ async fn federated(
         c.federation.inference_route = route;
     })
     .await
-}
-
-fn published(member: &Member, id: &str) -> NodeDirEntry {
-    NodeDirEntry {
-        node_id: id.into(),
-        operator_id: member.operator_id.clone(),
-        gateway_id: member.id.clone(),
-        country: Some("DE".into()),
-        lat: Some(DE.2),
-        lon: Some(DE.3),
-        gpu_classes: vec![],
-        models: vec!["m".into()],
-        games: vec![],
-        inference_slots: 8,
-        inference_free: 8,
-        game_slots: 0,
-        game_free: 0,
-        accepting: true,
-        verification: "unverified".into(),
-        updated_at_ms: now_ms(),
-        encoders: Vec::new(),
-        model_caps: Vec::new(),
-        subdivision: None,
-    }
 }
 
 fn chat(stream: bool, max_tokens: u32) -> String {
@@ -93,7 +69,7 @@ async fn setup() -> Setup {
         ids.iter().any(|i| i == "b-node-1")
     })
     .await;
-    *fleet.nodes.lock().unwrap() = vec![published(&b, "b-node-1")];
+    *fleet.nodes.lock().unwrap() = vec![b.inference_node("b-node-1")];
     a.read_directory().await;
     Setup {
         gw_a,
@@ -110,7 +86,7 @@ impl Setup {
     /// Publishes B's node as in Japan, far from the test's French client, and waits until A
     /// has read it.
     async fn far_b(&self) {
-        let mut far = published(&self.b, "b-node-1");
+        let mut far = self.b.inference_node("b-node-1");
         (far.country, far.lat, far.lon) = (Some("JP".into()), Some(JP.2), Some(JP.3));
         *self.fleet.nodes.lock().unwrap() = vec![far];
         self.a.read_directory().await;
@@ -390,7 +366,7 @@ async fn a_gateway_that_relays_never_redirects() {
         vec![a.record(now_ms() + HOUR_MS), b.record(now_ms() + HOUR_MS)];
     let mut node = TestNode::start(gw_b.node_config("b-node-1", &gw_b.token), ip(DE));
     node.registered().await;
-    *fleet.nodes.lock().unwrap() = vec![published(&b, "b-node-1")];
+    *fleet.nodes.lock().unwrap() = vec![b.inference_node("b-node-1")];
     a.read_directory().await;
     let (status, body) = gw_a
         .http

@@ -69,6 +69,52 @@ impl Member {
         }
     }
 
+    /// The directory entry this gateway publishes for its node `id` in Germany, serving
+    /// nothing yet (see [`Member::inference_node`], [`Member::game_node`]).
+    pub fn node(&self, id: &str) -> NodeDirEntry {
+        NodeDirEntry {
+            node_id: id.into(),
+            operator_id: self.operator_id.clone(),
+            gateway_id: self.id.clone(),
+            country: Some("DE".into()),
+            lat: Some(super::DE.2),
+            lon: Some(super::DE.3),
+            gpu_classes: vec![],
+            models: vec![],
+            games: vec![],
+            inference_slots: 0,
+            inference_free: 0,
+            game_slots: 0,
+            game_free: 0,
+            accepting: true,
+            verification: "unverified".into(),
+            updated_at_ms: now_ms(),
+            encoders: Vec::new(),
+            model_caps: Vec::new(),
+            subdivision: None,
+        }
+    }
+
+    /// [`Member::node`] serving model `m` with 8 free inference slots.
+    pub fn inference_node(&self, id: &str) -> NodeDirEntry {
+        NodeDirEntry {
+            models: vec!["m".into()],
+            inference_slots: 8,
+            inference_free: 8,
+            ..self.node(id)
+        }
+    }
+
+    /// [`Member::node`] serving the game `arena` with 2 free game slots.
+    pub fn game_node(&self, id: &str) -> NodeDirEntry {
+        NodeDirEntry {
+            games: vec!["arena".into()],
+            game_slots: 2,
+            game_free: 2,
+            ..self.node(id)
+        }
+    }
+
     /// Waits until the gateway has read the directory twice from now, so that it applied what
     /// the directory held now (a read is applied before the next one starts).
     pub async fn read_directory(&self) {
