@@ -448,10 +448,8 @@ impl Expect<'_> {
 
 #[cfg(test)]
 mod infer_tests {
+    use super::tests::{expect, NOW, SECRET};
     use super::*;
-
-    const SECRET: &[u8] = b"federation secret of 32 bytes!!!";
-    const NOW: u64 = 1_800_000_000_000;
 
     fn claims() -> InferClaims {
         InferClaims {
@@ -464,15 +462,6 @@ mod infer_tests {
             endpoint: "/v1/chat/completions".into(),
             expires_at_ms: NOW + TICKET_TTL_MS,
             nonce: [9; 16],
-        }
-    }
-
-    fn expect() -> Expect<'static> {
-        Expect {
-            gateway_id: "us-1",
-            client_ip: "203.0.113.7".parse().unwrap(),
-            key_id: "key_1",
-            now_ms: NOW,
         }
     }
 
@@ -556,8 +545,8 @@ mod infer_tests {
 mod tests {
     use super::*;
 
-    const SECRET: &[u8] = b"federation secret of 32 bytes!!!";
-    const NOW: u64 = 1_800_000_000_000;
+    pub(super) const SECRET: &[u8] = b"federation secret of 32 bytes!!!";
+    pub(super) const NOW: u64 = 1_800_000_000_000;
 
     fn claims() -> TicketClaims {
         TicketClaims {
@@ -577,7 +566,8 @@ mod tests {
         }
     }
 
-    fn expect() -> Expect<'static> {
+    /// What the accepting gateway `us-1` knows, for the claims both kinds of test mint.
+    pub(super) fn expect() -> Expect<'static> {
         Expect {
             gateway_id: "us-1",
             client_ip: "203.0.113.7".parse().unwrap(),

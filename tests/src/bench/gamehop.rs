@@ -8,19 +8,17 @@
 //! time in the frame header to its arrival at the client (one clock: same process); per
 //! session the time to first frame is from `play` to the first frame's arrival.
 
+use super::fleet::{live_record, poisoned, Fleet};
 use super::stats::{num, Summary};
 use nearpath_config::{CrossRoute, GatewayConfig, GeoOverride};
-use nearpath_gateway::store::{
-    GatewayRecord, KycStatus, NodeDirEntry, SqliteStore, Store, StoreError,
-};
-use nearpath_gateway::trunk::FleetSource;
+use nearpath_gateway::store::{GatewayRecord, KycStatus, NodeDirEntry, SqliteStore, Store};
 use nearpath_gateway::{Gateway, Listeners};
 use nearpath_protocol::tls::ServerVerify;
 use nearpath_protocol::{Client, ControlEvent, PlayParams};
 use nearpath_tests::fake_node::{FakeNode, GatewayTarget, Registration};
 use serde_json::json;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
@@ -47,28 +45,6 @@ const KEY: &str = "bench-game-hop-key";
 const GAME: &str = "arena";
 const NODE: &str = "bench-game-node-b";
 const PATHS: [&str; 3] = ["direct (B)", "trunk (A -> B)", "redirect (A => B)"];
-
-#[derive(Default)]
-struct Fleet {
-    gateways: Mutex<Vec<GatewayRecord>>,
-    nodes: Mutex<Vec<NodeDirEntry>>,
-}
-
-impl FleetSource for Fleet {
-    fn gateways(&self) -> Result<Vec<GatewayRecord>, StoreError> {
-        Ok(self.gateways.lock().map_err(poisoned)?.clone())
-    }
-
-    fn node_directory(&self) -> Result<Vec<NodeDirEntry>, StoreError> {
-        Ok(self.nodes.lock().map_err(poisoned)?.clone())
-    }
-}
-
-fn poisoned<T>(_: T) -> StoreError {
-    StoreError::Unavailable {
-        message: "fleet lock poisoned".into(),
-    }
-}
 
 struct Started {
     id: String,
@@ -136,20 +112,7 @@ async fn gateway(
 }
 
 fn record(g: &Started, now_ms: u64) -> GatewayRecord {
-    GatewayRecord {
-        id: g.id.clone(),
-        region: g.id.clone(),
-        lat: 50.0,
-        lon: 8.0,
-        quic_address: g.quic.to_string(),
-        http_url: format!("http://{}", g.http),
-        cert_sha256: nearpath_protocol::tls::sha256_hex(&g.sha),
-        version: env!("CARGO_PKG_VERSION").into(),
-        started_at_ms: now_ms,
-        heartbeat_at_ms: now_ms,
-        // The bench keeps every gateway live for its whole run.
-        expires_at_ms: now_ms + 24 * 3_600_000,
-    }
+    live_record(&g.id, g.quic, g.http, &g.sha, now_ms)
 }
 
 /// What one session measured.

@@ -8,6 +8,7 @@ pub mod child;
 pub mod client;
 pub mod encoders;
 pub mod federation;
+pub mod fleet;
 pub mod gamehop;
 pub mod impaired;
 pub mod latency;

@@ -12,20 +12,18 @@
 use super::client::{
     chat_body, chat_request, read_stream, stream_once, Conn, StreamOutcome, TokenClock,
 };
+use super::fleet::{live_record, poisoned, Fleet};
 use super::serve::MODEL;
 use super::stats::{num, Summary};
 use nearpath_config::{
     BackendConfig, CapacityConfig, CrossRoute, GatewayConfig, ModelConfig, NodeConfig,
     NodeGatewayConfig, NodeIdentity,
 };
-use nearpath_gateway::store::{
-    GatewayRecord, KycStatus, NodeDirEntry, SqliteStore, Store, StoreError,
-};
-use nearpath_gateway::trunk::FleetSource;
+use nearpath_gateway::store::{GatewayRecord, KycStatus, NodeDirEntry, SqliteStore, Store};
 use nearpath_gateway::{Gateway, Listeners};
 use serde_json::json;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
@@ -95,28 +93,6 @@ impl Path {
 
 const KEY: &str = "bench-trunk-key";
 
-#[derive(Default)]
-struct Fleet {
-    gateways: Mutex<Vec<GatewayRecord>>,
-    nodes: Mutex<Vec<NodeDirEntry>>,
-}
-
-impl FleetSource for Fleet {
-    fn gateways(&self) -> Result<Vec<GatewayRecord>, StoreError> {
-        Ok(self.gateways.lock().map_err(poisoned)?.clone())
-    }
-
-    fn node_directory(&self) -> Result<Vec<NodeDirEntry>, StoreError> {
-        Ok(self.nodes.lock().map_err(poisoned)?.clone())
-    }
-}
-
-fn poisoned<T>(_: T) -> StoreError {
-    StoreError::Unavailable {
-        message: "fleet lock poisoned".into(),
-    }
-}
-
 struct Started {
     id: String,
     quic: SocketAddr,
@@ -151,20 +127,7 @@ async fn gateway(
 }
 
 fn record(g: &Started, now_ms: u64) -> GatewayRecord {
-    GatewayRecord {
-        id: g.id.clone(),
-        region: g.id.clone(),
-        lat: 50.0,
-        lon: 8.0,
-        quic_address: g.quic.to_string(),
-        http_url: format!("http://{}", g.http),
-        cert_sha256: nearpath_protocol::tls::sha256_hex(&g.sha),
-        version: env!("CARGO_PKG_VERSION").into(),
-        started_at_ms: now_ms,
-        heartbeat_at_ms: now_ms,
-        // The bench keeps both gateways live for its whole run.
-        expires_at_ms: now_ms + 24 * 3_600_000,
-    }
+    live_record(&g.id, g.quic, g.http, &g.sha, now_ms)
 }
 
 fn node_config(b: &Started, token: &str, a: &TrunkArgs) -> NodeConfig {
