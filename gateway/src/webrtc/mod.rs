@@ -145,6 +145,7 @@
 //! 4K60; see [`h264_level`]). Matching ignores the level (RFC 6184), so a browser offering
 //! `42e01f` gets the stream; Chromium's decoders do not enforce level limits.
 
+mod bundle;
 mod datachannel;
 mod h264;
 mod negotiate;

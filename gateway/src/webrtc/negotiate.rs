@@ -6,7 +6,8 @@ use super::{WhepError, ABS_SEND_TIME_URI, PLAYOUT_DELAY_URI};
 use nearpath_config::GameConfig;
 use nearpath_protocol::message::{GameParams, VideoCodec};
 use rtc::interceptor::{
-    Attribute, Interceptor, NackResponderBuilder, Packet, Slot, StreamInfo, TaggedPacket,
+    Attribute, AttributedPacket, Interceptor, NackResponderBuilder, Packet, Slot, StreamInfo,
+    TaggedPacket,
 };
 use rtc::media_stream::MediaStreamTrack;
 use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
@@ -159,7 +160,20 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for FeedbackTap {
     }
 
     fn handle_write(&mut self, msg: TaggedPacket) -> Result<(), Self::Error> {
-        self.write.push_back(msg);
+        // Application-most on the write walk too: a frame's bundle (`bundle.rs`) opens here
+        // into its RTP packets, so every other interceptor sees them as the RTP they are.
+        let (now, transport, attributes) = (msg.now, msg.transport, msg.message.attributes);
+        let write = &mut self.write;
+        super::bundle::unbundle(msg.message.packet, |packet| {
+            write.push_back(TaggedPacket {
+                now,
+                transport,
+                message: AttributedPacket {
+                    attributes: attributes.clone(),
+                    packet,
+                },
+            })
+        });
         Ok(())
     }
 
@@ -557,5 +571,80 @@ a=candidate:4 1 udp 1694498815 198.51.100.1 40001 typ srflx raddr 10.0.0.5 rport
             .message
             .has(&Attribute::DeliverToApplication));
         assert!(tap.poll_read().is_none());
+    }
+
+    /// Guards the frame bundle's premise (`bundle.rs`): the NACK responder, network-ward of the
+    /// tap, must keep the bundled packets in its history, or a browser's NACK would go
+    /// unanswered and every lost packet would cost a keyframe.
+    #[test]
+    fn a_bundled_frames_packets_are_retransmitted_on_a_nack() {
+        use rtc::interceptor::{RTCPFeedback, Registry};
+        use rtc::rtcp::transport_feedbacks::transport_layer_nack::{NackPair, TransportLayerNack};
+        let mut chain = Registry::new()
+            .with(Slot::NackResponder, NackResponderBuilder::new().build())
+            .with(Slot::from(12_500), FeedbackTap::default())
+            .build();
+        chain.bind_local_stream(&StreamInfo {
+            ssrc: 7,
+            payload_type: 96,
+            clock_rate: 90_000,
+            rtcp_feedback: vec![RTCPFeedback {
+                typ: "nack".into(),
+                parameter: String::new(),
+            }],
+            ..Default::default()
+        });
+        let rtp = |seq: u16| rtc::rtp::packet::Packet {
+            header: rtc::rtp::header::Header {
+                version: 2,
+                payload_type: 96,
+                sequence_number: seq,
+                ssrc: 7,
+                ..Default::default()
+            },
+            payload: bytes::Bytes::from(vec![seq as u8; 10]),
+        };
+        let now = Instant::now();
+        let bundle = super::super::bundle::FrameBundle {
+            packets: (100..104).map(rtp).collect(),
+        };
+        chain
+            .handle_write(TaggedPacket {
+                now,
+                transport: Default::default(),
+                message: Packet::Rtcp(vec![Box::new(bundle)]).into(),
+            })
+            .unwrap();
+        let mut sent = Vec::new();
+        while let Some(p) = chain.poll_write() {
+            match p.message.packet {
+                Packet::Rtp(r) => sent.push(r.header.sequence_number),
+                other => panic!("the bundle reached the wire side unopened: {other:?}"),
+            }
+        }
+        assert_eq!(sent, vec![100, 101, 102, 103]);
+        let nack = TransportLayerNack {
+            sender_ssrc: 1,
+            media_ssrc: 7,
+            nacks: vec![NackPair {
+                packet_id: 101,
+                lost_packets: 0b10,
+            }],
+        };
+        chain
+            .handle_read(TaggedPacket {
+                now,
+                transport: Default::default(),
+                message: Packet::Rtcp(vec![Box::new(nack)]).into(),
+            })
+            .unwrap();
+        chain.handle_timeout(now).unwrap();
+        let mut resent = Vec::new();
+        while let Some(p) = chain.poll_write() {
+            if let Packet::Rtp(r) = p.message.packet {
+                resent.push((r.header.sequence_number, r.payload[0]));
+            }
+        }
+        assert_eq!(resent, vec![(101, 101), (103, 103)]);
     }
 }

@@ -26,6 +26,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 use webrtc::data_channel::DataChannel;
+use super::bundle::FrameBundle;
 use webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP;
 use webrtc::media_stream::track_local::{TrackLocal, TrackLocalEvent};
 use webrtc::peer_connection::RTCPeerConnectionState;
@@ -245,6 +246,9 @@ impl Video {
         // One send time for the whole frame: its packets are written within microseconds of
         // each other (the extension's unit is 3.8 µs), and one buffer serves them all.
         let send_time = self.abs_send_time_id.map(|id| (id, abs_send_time(clock)));
+        let mut bundle = FrameBundle {
+            packets: Vec::with_capacity(packets.len()),
+        };
         for mut p in packets {
             p.header.timestamp = ts;
             if let Some(id) = self.playout_delay_id {
@@ -258,11 +262,19 @@ impl Video {
                     .map_err(|e| e.to_string())?;
             }
             self.reports.count(p.payload.len());
-            self.track.write_rtp(p).await.map_err(|e| e.to_string())?;
+            bundle.packets.push(p);
         }
+        // The whole frame is one write to the peer connection (see `bundle.rs`): one pass of
+        // its driver, and a frame's equal-sized packets leave in one GSO send. A due sender
+        // report rides in the same list, after the frame whose last packet it counts.
+        let mut writes: Vec<Box<dyn rtc::rtcp::Packet>> = vec![Box::new(bundle)];
         if let Some(sr) = self.reports.due(at, capture_ts_us) {
-            send_report(&self.track, sr).await;
+            writes.push(Box::new(sr));
         }
+        self.track
+            .write_rtcp(writes)
+            .await
+            .map_err(|e| e.to_string())?;
         Ok(ts)
     }
 }
