@@ -121,14 +121,6 @@ impl SenderReports {
     }
 }
 
-/// Writes a sender report on `track`'s sender (a report that cannot be written is only logged:
-/// the next one comes a second later).
-async fn send_report(track: &TrackLocalStaticRTP, sr: SenderReport) {
-    if let Err(e) = track.write_rtcp(vec![Box::new(sr)]).await {
-        debug!(error = %e, "sender report not written");
-    }
-}
-
 /// The audio sender once the connection is up.
 struct Audio {
     track: Arc<TrackLocalStaticRTP>,
@@ -161,17 +153,22 @@ impl Audio {
             ..Default::default()
         };
         self.seq = self.seq.wrapping_add(1);
-        self.track
-            .write_rtp(rtc::rtp::packet::Packet {
+        self.reports.count(p.opus.len());
+        // A one-packet bundle (see `bundle.rs`), like a video frame: it skips the sender's
+        // per-packet parameter rebuild, and a due sender report shares its driver pass.
+        let mut writes: Vec<Box<dyn rtc::rtcp::Packet>> = vec![Box::new(FrameBundle {
+            packets: vec![rtc::rtp::packet::Packet {
                 header,
                 payload: p.opus.clone(),
-            })
+            }],
+        })];
+        if let Some(sr) = self.reports.due(Instant::now(), p.capture_ts_us) {
+            writes.push(Box::new(sr));
+        }
+        self.track
+            .write_rtcp(writes)
             .await
             .map_err(|e| e.to_string())?;
-        self.reports.count(p.opus.len());
-        if let Some(sr) = self.reports.due(Instant::now(), p.capture_ts_us) {
-            send_report(&self.track, sr).await;
-        }
         Ok(())
     }
 }
