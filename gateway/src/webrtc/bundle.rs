@@ -115,7 +115,12 @@ pub fn unbundle(packet: Packet, mut out: impl FnMut(Packet)) {
         match p.as_any().downcast_ref::<FrameBundle>() {
             // The bundle is owned behind a `Box<dyn Packet>` without `into_any`, so its
             // packets are cloned out: a header and a refcounted payload each, no payload copy.
-            Some(bundle) => bundle.packets.iter().cloned().map(Packet::Rtp).for_each(&mut out),
+            Some(bundle) => bundle
+                .packets
+                .iter()
+                .cloned()
+                .map(Packet::Rtp)
+                .for_each(&mut out),
             None => rest.push(p),
         }
     }
@@ -192,10 +197,9 @@ mod tests {
     #[test]
     fn rtcp_without_a_bundle_and_rtp_pass_unchanged() {
         let mut out = Vec::new();
-        unbundle(
-            Packet::Rtcp(vec![Box::new(SenderReport::default())]),
-            |p| out.push(p),
-        );
+        unbundle(Packet::Rtcp(vec![Box::new(SenderReport::default())]), |p| {
+            out.push(p)
+        });
         unbundle(Packet::Rtp(rtp(4)), |p| out.push(p));
         assert_eq!(seqs(&out), vec![None, Some(4)]);
     }

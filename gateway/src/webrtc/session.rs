@@ -2,6 +2,7 @@
 //! packets, peer connection events, RTCP feedback and the game's notices into the session's
 //! [`SessionControl`], and executes what that decides; the rules live there.
 
+use super::bundle::FrameBundle;
 use super::datachannel::{flush, frame_message, read_input, tell};
 use super::negotiate::{Negotiated, PcEvent};
 use super::policy::{Action, Feedback, FrameVerdict, Limits, PcState, SessionControl};
@@ -26,7 +27,6 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 use webrtc::data_channel::DataChannel;
-use super::bundle::FrameBundle;
 use webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP;
 use webrtc::media_stream::track_local::{TrackLocal, TrackLocalEvent};
 use webrtc::peer_connection::RTCPeerConnectionState;
