@@ -427,8 +427,8 @@ impl Auth {
     /// The key with id `id`, for a request that presents a redirect ticket instead of the
     /// key's secret (the ticket's MAC vouches for the key id). Revoked, expired or unknown keys
     /// are refused as their secrets would be. Cached like a secret's key (the same TTL and
-    /// revocation rules), under `id:<id>`, which no secret's hash (hex) can equal; a miss reads
-    /// the key list from the store.
+    /// revocation rules), under `id:<id>`, which no secret's hash (hex) can equal; a miss looks
+    /// the one key up by id ([`Store::api_key_by_id`]).
     pub async fn key_by_id(&self, id: &str) -> Result<ApiKey, CoreError> {
         if self.keys.is_revoked(id) {
             return Err(CoreError::invalid_api_key());
@@ -439,11 +439,12 @@ impl Auth {
             return Ok(key);
         }
         let store = self.store.clone();
-        let keys = tokio::task::spawn_blocking(move || store.list_api_keys())
+        let owned = id.to_string();
+        let found = tokio::task::spawn_blocking(move || store.api_key_by_id(&owned))
             .await
             .map_err(|e| CoreError::internal(e.to_string()))?
             .map_err(|e| CoreError::unavailable(format!("key store unavailable: {e}")))?;
-        match keys.into_iter().find(|k| k.id == id) {
+        match found {
             // The store may have answered before a revocation that has landed since.
             Some(key) if !key.revoked && self.keys.put(slot, &key, self.clock.now()) => {
                 self.check_expiry(&key)?;
@@ -853,6 +854,50 @@ mod tests {
                 .code,
             "key_expired"
         );
+    }
+
+    #[tokio::test]
+    async fn a_tickets_key_is_found_by_id_unless_revoked_expired_unknown_or_hostile() {
+        let t0 = 1_800_000_000_000;
+        let (auth, _) = auth_at(t0);
+        let (live, _) = auth.store.create_api_key("live", 60, 6_000).expect("key");
+        let (gone, _) = auth.store.create_api_key("gone", 60, 6_000).expect("key");
+        let (old, _) = auth.store.create_api_key("old", 60, 6_000).expect("key");
+        auth.store.revoke_api_key(&gone.id).expect("revoke");
+        auth.store
+            .update_api_key(
+                &old.id,
+                crate::store::ApiKeyUpdate {
+                    expires_at_ms: Some(Some(t0)),
+                    ..Default::default()
+                },
+            )
+            .expect("expiry");
+        assert_eq!(auth.key_by_id(&live.id).await.expect("live"), live);
+        // Revoked in the store by another gateway (this one never saw the revocation).
+        let code = |r: Result<ApiKey, CoreError>| r.expect_err("refused").code;
+        assert_eq!(code(auth.key_by_id(&gone.id).await), "invalid_api_key");
+        assert_eq!(code(auth.key_by_id(&old.id).await), "key_expired");
+        // Forged ids from a ticket: refused as an unknown key, never as a store failure.
+        let huge = "k".repeat(1 << 20);
+        for id in [
+            "key_0000000000000000",
+            "",
+            huge.as_str(),
+            "kéy_ünïcode_\u{1F600}",
+            "key_x' OR '1'='1",
+            "%",
+            "key_\0",
+        ] {
+            assert_eq!(
+                code(auth.key_by_id(id).await),
+                "invalid_api_key",
+                "{id:.40}"
+            );
+        }
+        // Revoked through this gateway after it was cached: refused from the cache.
+        auth.keys.revoke(&live.id);
+        assert_eq!(code(auth.key_by_id(&live.id).await), "invalid_api_key");
     }
 
     #[test]

@@ -71,6 +71,7 @@ store_suite!(
     kyc_transitions_are_stored_and_seen_by_token_authentication,
     enrolment_tokens_authenticate_until_revoked,
     api_keys_authenticate_until_revoked_and_fixed_secrets_are_idempotent,
+    an_api_key_is_found_by_id_until_revoked_and_hostile_ids_find_nothing,
     sla_records_accumulate,
     penalties_are_listed_counted_and_bump_the_sla_record,
     node_ids_belong_to_their_first_operator_forever,
@@ -382,6 +383,92 @@ fn api_keys_authenticate_until_revoked_and_fixed_secrets_are_idempotent(store: A
             "{bad:?}"
         );
     }
+}
+
+/// `api_key_by_id` serves a redirect ticket, whose key id came over the network: it finds the
+/// one key, live, and nothing (without an error) for anything else.
+fn an_api_key_is_found_by_id_until_revoked_and_hostile_ids_find_nothing(store: Arc<dyn Store>) {
+    let (k1, _) = store.create_api_key("acme", 60, 10_000).expect("k1");
+    let (k2, _) = store.create_api_key("beta", 5, 500).expect("k2");
+    let mut k2 = store
+        .update_api_key(
+            &k2.id,
+            nearpath_gateway::store::ApiKeyUpdate {
+                max_concurrent_streams: Some(Some(3)),
+                allowed_models: Some(vec!["org/*".into()]),
+                expires_at_ms: Some(Some(1_900_000_000_000)),
+                ..Default::default()
+            },
+        )
+        .expect("policy");
+    // Found: the whole key, caps and policy included, exactly as listed.
+    assert_eq!(store.api_key_by_id(&k1.id).expect("k1"), Some(k1.clone()));
+    assert_eq!(store.api_key_by_id(&k2.id).expect("k2"), Some(k2.clone()));
+    assert!(store.list_api_keys().expect("list").contains(&k2));
+
+    // Absent: an id of the right shape that no key has, and a prefix of a real one.
+    assert_eq!(
+        store.api_key_by_id("key_0000000000000000").expect("absent"),
+        None
+    );
+    assert_eq!(
+        store
+            .api_key_by_id(&k1.id[..k1.id.len() - 1])
+            .expect("prefix"),
+        None
+    );
+    assert_eq!(
+        store.api_key_by_id(&k1.id.to_uppercase()).expect("case"),
+        None
+    );
+
+    // Revoked: not found, as `authenticate_api_key` does not find it; the other key still is.
+    store.revoke_api_key(&k2.id).expect("revoke");
+    assert_eq!(store.api_key_by_id(&k2.id).expect("revoked"), None);
+    assert_eq!(store.api_key_by_id(&k1.id).expect("k1"), Some(k1.clone()));
+    k2.revoked = true;
+    assert!(
+        store.list_api_keys().expect("list").contains(&k2),
+        "still listed"
+    );
+
+    // Hostile ids: nothing found, no error, and nothing changed.
+    let huge = "k".repeat(10 * 1024 * 1024);
+    let at_limit = format!("key_{}", "é".repeat(252));
+    let hostile = [
+        "",
+        huge.as_str(),
+        at_limit.as_str(),
+        "ключ_日本語_\u{1F600}",
+        "key_\u{202E}fdcba",
+        "key_\0",
+        "\0",
+        "key_x' OR '1'='1",
+        "' OR 1=1; DROP TABLE api_keys; --",
+        "key_%",
+        "%",
+        "_",
+        "*",
+        "\\",
+        "key_\"quoted\"",
+        "$1",
+        "?1",
+    ];
+    for id in hostile {
+        match store.api_key_by_id(id) {
+            Ok(None) => {}
+            other => panic!(
+                "id {:?}: {other:?}",
+                id.chars().take(40).collect::<String>()
+            ),
+        }
+    }
+    let mut listed = store.list_api_keys().expect("list");
+    listed.sort_by(|a, b| a.id.cmp(&b.id));
+    let mut want = vec![k1.clone(), k2];
+    want.sort_by(|a, b| a.id.cmp(&b.id));
+    assert_eq!(listed, want, "the hostile lookups changed nothing");
+    assert_eq!(store.api_key_by_id(&k1.id).expect("k1"), Some(k1));
 }
 
 /// Every byte of every table, as text, read with a connection of our own.

@@ -104,6 +104,12 @@ fn latency_over_quic_and_http_measures_three_interleaved_paths() {
     }
 }
 
+/// A healthy run reports no errors, also when the gateway closed a path's keep-alive
+/// connections while the other path was measured. The regression guarded: every default run
+/// reported `errors: 64`, the first request of each connection after it sat idle through 10 s
+/// phases past the gateway's `http.header_read_timeout_ms` (10 s). Here that timeout is 300 ms,
+/// so the gateway's 4 connections are closed while the direct path runs before them in repeat 2
+/// (1 s idle), and the bench opens them again before the clock starts.
 #[test]
 fn rps_measures_both_paths_without_errors() {
     let v = bench(&[
@@ -113,11 +119,15 @@ fn rps_measures_both_paths_without_errors() {
         "--concurrency",
         "4",
         "--repeats",
-        "1",
+        "2",
         "--warmup-seconds",
         "0.2",
+        "--gateway-header-read-timeout-ms",
+        "300",
     ]);
     assert_eq!(v["errors"], 0, "{v}");
+    assert_eq!(v["per_repeat"][1]["gateway"]["reopened"], 4, "{v}");
+    assert_eq!(v["per_repeat"][1]["gateway"]["errors"], 0, "{v}");
     assert!(v["gateway"]["rps"]["median"].as_f64().unwrap() > 0.0, "{v}");
     assert!(v["direct"]["rps"]["median"].as_f64().unwrap() > 0.0, "{v}");
     assert!(
@@ -212,6 +222,45 @@ fn nodes_federation_registers_every_node_across_three_gateways_on_postgresql() {
     assert_eq!(v["registered"], 30, "{v}");
     assert_eq!(v["gateways"], 3);
     assert!(v["store_commits"].as_f64().unwrap() > 0.0, "{v}");
+}
+
+/// The concurrency cap is measured under contention: twice the cap in tasks, some refused, and
+/// the most held at once fleet-wide is the cap, never more (with the store answering, so no
+/// fail-open admission could excuse an overshoot). Were the cap not enforced across the three
+/// gateways, the six tasks would hold more than three streams at once. The regression guarded:
+/// a cap of 40 measured with 24 tasks, "held at most 24".
+#[test]
+fn fleet_limits_holds_a_contended_cap_across_three_gateways() {
+    let v = bench_with(
+        &[
+            "fleet-limits",
+            "--rpm",
+            "10",
+            "--caps",
+            "3",
+            "--tasks",
+            "1",
+            "--cap-seconds",
+            "1.5",
+        ],
+        &[],
+    );
+    assert_eq!(v["bench"], "fleet-limits", "{v}");
+    let rpm = &v["rpm"][0];
+    assert_eq!(rpm["rpm"], 10, "{v}");
+    if rpm["one_window"] == true {
+        assert!(rpm["admitted"].as_u64().unwrap() <= 10, "{v}");
+    }
+    let cap = &v["caps"][0];
+    assert_eq!(cap["cap"], 3, "{v}");
+    assert!(
+        cap["tasks"].as_u64().unwrap() >= 6,
+        "--tasks 1 is raised to twice the cap: {v}"
+    );
+    assert_eq!(cap["fail_open"], 0, "{v}");
+    assert!(cap["refused"].as_u64().unwrap() > 0, "contended: {v}");
+    assert!(cap["admitted"].as_u64().unwrap() > 6, "{v}");
+    assert_eq!(cap["max_held"], 3, "reached and never exceeded: {v}");
 }
 
 #[test]

@@ -938,6 +938,11 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<ApiKey, StoreError>;
     /// The unrevoked key with this secret.
     fn authenticate_api_key(&self, secret: &str) -> Result<Option<ApiKey>, StoreError>;
+    /// The unrevoked key with this id, by its primary key (as [`Store::authenticate_api_key`]
+    /// finds one by its secret: a revoked key is not found). An id that no key can have (empty,
+    /// over [`MAX_ID_CHARS`] characters, or holding NUL) is not found either, without asking the
+    /// database: the id may come from a peer's ticket.
+    fn api_key_by_id(&self, id: &str) -> Result<Option<ApiKey>, StoreError>;
     /// All keys, revoked ones included.
     fn list_api_keys(&self) -> Result<Vec<ApiKey>, StoreError>;
     /// Revokes a key; revoking it again is not an error.
@@ -1379,6 +1384,13 @@ fn check_text(field: &'static str, value: &str) -> Result<(), StoreError> {
         });
     }
     Ok(())
+}
+
+/// Whether `id` could be a record's id at all: not empty, at most [`MAX_ID_CHARS`] characters
+/// and no NUL (which PostgreSQL `TEXT` cannot hold). Lookups answer "not found" for any other
+/// without a query.
+fn possible_id(id: &str) -> bool {
+    !id.is_empty() && !id.contains('\0') && id.chars().count() <= MAX_ID_CHARS
 }
 
 /// Checks an identifier-like field: at most [`MAX_ID_CHARS`] characters (empty allowed only

@@ -28,7 +28,7 @@ mod checker;
 mod directory;
 
 use super::{
-    check_id, check_measure, check_name, check_text, hash_secret, new_id, new_secret,
+    check_id, check_measure, check_name, check_text, hash_secret, new_id, new_secret, possible_id,
     secret_display_prefix, to_i64, ApiKey, ApiKeyUpdate, EnrolmentToken, GpuModelRecord, KeyCaps,
     KeyDayUsage, KeyPolicy, KycStatus, LedgerHealth, Operator, PenaltyEvent, SlaDelta, SlaRecord,
     Store, StoreError, UsageKind, UsageRecord, UsageSummary, UsageTotals, API_KEY_PREFIX,
@@ -1488,6 +1488,23 @@ impl Store for SqliteStore {
             )
             .optional()
             .op("authenticate api key")
+    }
+
+    fn api_key_by_id(&self, id: &str) -> Result<Option<ApiKey>, StoreError> {
+        if !possible_id(id) {
+            return Ok(None);
+        }
+        // The primary key's index: one row read, whatever the number of keys.
+        self.conn()
+            .query_row(
+                &format!(
+                    "SELECT {API_KEY_COLS} FROM api_keys WHERE id = ?1 AND revoked_at_ms IS NULL"
+                ),
+                [id],
+                api_key_from_row,
+            )
+            .optional()
+            .op("look up api key by id")
     }
 
     fn list_api_keys(&self) -> Result<Vec<ApiKey>, StoreError> {

@@ -56,6 +56,22 @@ impl Conn {
         }
     }
 
+    /// Whether the connection can take another request: false once it has ended (the server
+    /// closed it, or it failed), which after a failed request may take the connection's task a
+    /// moment to notice (hence the wait, a second at most).
+    pub async fn usable(&mut self) -> bool {
+        let ready = async {
+            match self {
+                Conn::H1(_, s) => s.ready().await.is_ok(),
+                Conn::H2(_, s) => s.ready().await.is_ok(),
+            }
+        };
+        matches!(
+            tokio::time::timeout(Duration::from_secs(1), ready).await,
+            Ok(true)
+        )
+    }
+
     pub fn addr(&self) -> SocketAddr {
         match self {
             Conn::H1(a, _) | Conn::H2(a, _) => *a,

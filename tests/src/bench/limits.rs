@@ -5,10 +5,15 @@
 //!
 //! Reported per limit: requests admitted in one window against the limit (allowed/limit), store
 //! round trips per admission attempt, and the admission latency; for a concurrency cap, the
-//! most streams held at once fleet-wide against the cap.
+//! most streams held at once fleet-wide against the cap. Each cap is contended: at least twice
+//! as many tasks as the cap try to hold a stream (fewer could never show the cap holding), and
+//! the report says how many acquisitions were refused and how many were admitted only because
+//! the store failed (fail-open, when the fleet may exceed the cap).
 
 use anyhow::Context;
 use nearpath_config::GatewayConfig;
+use nearpath_gateway::fleet_limits::book::CapPool;
+use nearpath_gateway::metrics::labels;
 use nearpath_gateway::store::{ApiKey, SqliteStore, Store};
 use nearpath_gateway::Gateway;
 use serde_json::json;
@@ -18,13 +23,15 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct LimitsArgs {
-    /// Requests per minute of the keys measured (one key per figure).
-    #[arg(long, value_delimiter = ',', default_value = "10,100,1000,10000")]
+    /// Requests per minute of the keys measured (one key per figure); `--rpm` alone measures
+    /// none.
+    #[arg(long, value_delimiter = ',', num_args = 0.., default_value = "10,100,1000,10000")]
     pub rpm: Vec<u32>,
     /// Concurrency caps measured.
     #[arg(long, value_delimiter = ',', default_value = "4,40")]
     pub caps: Vec<u32>,
-    /// Tasks hammering each gateway.
+    /// Tasks hammering each gateway. A concurrency cap gets more where this is too few for
+    /// twice the cap across the gateways (see [`cap_tasks`]).
     #[arg(long, default_value_t = 8)]
     pub tasks: usize,
     /// `federation.limit_slice_percent`.
@@ -46,6 +53,14 @@ fn now_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+/// How many tasks each of `gateways` gateways runs against a concurrency cap of `cap`: `tasks`,
+/// or more, so that at least twice the cap try to hold a stream at once fleet-wide. With fewer
+/// tasks than the cap, "held at most N" would prove nothing about the cap.
+pub fn cap_tasks(tasks: usize, cap: u32, gateways: usize) -> usize {
+    let want = 2 * cap as usize;
+    tasks.max(want.div_ceil(gateways.max(1)))
 }
 
 fn pct(sorted: &[f64], p: f64) -> f64 {
@@ -181,11 +196,24 @@ pub async fn run(a: LimitsArgs) -> anyhow::Result<()> {
     }
     println!();
     println!(
-        "{:>8} {:>12} {:>9} {:>10}",
-        "cap", "max held", "ratio", "admitted"
+        "{:>8} {:>8} {:>10} {:>9} {:>10} {:>10} {:>10}",
+        "cap", "tasks", "max held", "ratio", "admitted", "refused", "fail-open"
     );
+    let fail_opens = |auths: &[Arc<nearpath_gateway::auth::Auth>]| -> u64 {
+        auths
+            .iter()
+            .map(|a| {
+                a.metrics
+                    .limit_fail_open
+                    .get_or_create(&labels([("pool", CapPool::Streams.as_str())]))
+                    .get()
+            })
+            .sum()
+    };
     let mut caps = Vec::new();
     for (n, &cap) in a.caps.iter().enumerate() {
+        let per_gateway = cap_tasks(a.tasks, cap, auths.len());
+        let fail_open_before = fail_opens(&auths);
         let (mut key, _) =
             store.create_api_key(&format!("bench-cap-{n}"), 1_000_000, 1_000_000_000)?;
         key.caps.max_concurrent_streams = Some(cap);
@@ -193,16 +221,18 @@ pub async fn run(a: LimitsArgs) -> anyhow::Result<()> {
         let held = Arc::new(AtomicU64::new(0));
         let max = Arc::new(AtomicU64::new(0));
         let admitted = Arc::new(AtomicU64::new(0));
+        let refused = Arc::new(AtomicU64::new(0));
         let end = Instant::now() + Duration::from_secs_f64(a.cap_seconds);
         let mut tasks = Vec::new();
         for auth in &auths {
-            for t in 0..a.tasks {
-                let (auth, key, held, max, admitted) = (
+            for t in 0..per_gateway {
+                let (auth, key, held, max, admitted, refused) = (
                     auth.clone(),
                     key.clone(),
                     held.clone(),
                     max.clone(),
                     admitted.clone(),
+                    refused.clone(),
                 );
                 tasks.push(tokio::spawn(async move {
                     let mut i = t as u64;
@@ -218,7 +248,10 @@ pub async fn run(a: LimitsArgs) -> anyhow::Result<()> {
                                 held.fetch_sub(1, Ordering::SeqCst);
                                 drop(guard);
                             }
-                            Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+                            Err(_) => {
+                                refused.fetch_add(1, Ordering::Relaxed);
+                                tokio::time::sleep(Duration::from_millis(5)).await
+                            }
                         }
                     }
                 }));
@@ -230,8 +263,16 @@ pub async fn run(a: LimitsArgs) -> anyhow::Result<()> {
         let max = max.load(Ordering::SeqCst);
         let ratio = max as f64 / f64::from(cap);
         let admitted = admitted.load(Ordering::Relaxed);
-        println!("{cap:>8} {max:>12} {ratio:>9.3} {admitted:>10}");
-        caps.push(json!({"cap": cap, "max_held": max, "ratio": ratio, "admitted": admitted}));
+        let refused = refused.load(Ordering::Relaxed);
+        let fail_open = fail_opens(&auths) - fail_open_before;
+        let tasks = per_gateway * auths.len();
+        println!(
+            "{cap:>8} {tasks:>8} {max:>10} {ratio:>9.3} {admitted:>10} {refused:>10} {fail_open:>10}"
+        );
+        caps.push(
+            json!({"cap": cap, "tasks": tasks, "max_held": max, "ratio": ratio,
+                         "admitted": admitted, "refused": refused, "fail_open": fail_open}),
+        );
     }
     // The gateways give their reservations back before the store (and its server) goes.
     shutdown.cancel();

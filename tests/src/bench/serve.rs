@@ -155,6 +155,8 @@ pub struct GatewayArgs {
     pub frame_budget_ms: Option<u64>,
     /// `quic.recv_buffer_bytes`, when not the default.
     pub recv_buffer_bytes: Option<usize>,
+    /// `http.header_read_timeout_ms`, when not the default.
+    pub header_read_timeout_ms: Option<u64>,
     /// The open-file limit (soft, hard) this process runs with, for the report.
     pub nofile: (u64, u64),
 }
@@ -192,6 +194,9 @@ pub async fn serve_gateway(args: GatewayArgs) -> anyhow::Result<()> {
     }
     if let Some(bytes) = args.recv_buffer_bytes {
         config.quic.recv_buffer_bytes = bytes;
+    }
+    if let Some(ms) = args.header_read_timeout_ms {
+        config.http.header_read_timeout_ms = ms;
     }
     let gw = Gateway::with_parts(config, cert, store)?;
     let shutdown = CancellationToken::new();

@@ -47,6 +47,10 @@ pub struct Placement {
     /// (default: the gateway's own).
     #[arg(long)]
     pub gateway_recv_buffer_bytes: Option<usize>,
+    /// The gateway's `http.header_read_timeout_ms`, which also closes an HTTP/1.1 keep-alive
+    /// connection left idle that long (default: the gateway's own, 10000).
+    #[arg(long)]
+    pub gateway_header_read_timeout_ms: Option<u64>,
 }
 
 impl Placement {
@@ -164,6 +168,10 @@ pub fn start_gateway(p: &Placement, live: Liveness, nofile: u64) -> anyhow::Resu
     if let Some(bytes) = p.gateway_recv_buffer_bytes {
         args.push("--recv-buffer-bytes".into());
         args.push(bytes.to_string());
+    }
+    if let Some(ms) = p.gateway_header_read_timeout_ms {
+        args.push("--header-read-timeout-ms".into());
+        args.push(ms.to_string());
     }
     let child = match &p.gateway_exe {
         Some(exe) => {

@@ -108,6 +108,8 @@ enum Command {
         frame_budget_ms: Option<u64>,
         #[arg(long)]
         recv_buffer_bytes: Option<usize>,
+        #[arg(long)]
+        header_read_timeout_ms: Option<u64>,
     },
     /// (internal) Runs edge nodes and/or the simulator's HTTP server; stops when stdin closes.
     #[command(hide = true)]
@@ -198,6 +200,7 @@ fn real_main() -> anyhow::Result<()> {
             cpu_quota_percent,
             frame_budget_ms,
             recv_buffer_bytes,
+            header_read_timeout_ms,
         } => {
             // Before any thread exists, so that every thread of the process is under it.
             let _quota = match cpu_quota_percent {
@@ -213,6 +216,7 @@ fn real_main() -> anyhow::Result<()> {
                     missed_heartbeats,
                     frame_budget_ms,
                     recv_buffer_bytes,
+                    header_read_timeout_ms,
                     nofile,
                 },
             ))
@@ -286,6 +290,7 @@ fn real_main() -> anyhow::Result<()> {
                 gateway_cpu_quota_percent: None,
                 gateway_frame_budget_ms: None,
                 gateway_recv_buffer_bytes: None,
+                gateway_header_read_timeout_ms: None,
             };
             let placement = match &command {
                 Command::InferenceLatency(a) => &a.placement,

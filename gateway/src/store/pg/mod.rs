@@ -1238,6 +1238,24 @@ impl Store for PgStore {
         })
     }
 
+    fn api_key_by_id(&self, id: &str) -> Result<Option<ApiKey>, StoreError> {
+        if !possible_id(id) {
+            return Ok(None);
+        }
+        // The primary key's index: one row read, whatever the number of keys.
+        self.run(Retry::Idempotent, |c| {
+            c.query_opt(
+                &format!(
+                    "SELECT {API_KEY_COLS} FROM api_keys WHERE id = $1 AND revoked_at_ms IS NULL"
+                ),
+                &[&id],
+            )
+            .map_err(pg_err("look up api key by id"))?
+            .map(|r| api_key_from_row(&r))
+            .transpose()
+        })
+    }
+
     fn list_api_keys(&self) -> Result<Vec<ApiKey>, StoreError> {
         self.run(Retry::Idempotent, |c| {
             query_map(
