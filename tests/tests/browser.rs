@@ -1185,13 +1185,24 @@ async fn a_closed_tab_or_killed_browser_ends_its_session_within_the_idle_timeout
 
 /// Polls `expr` in the page until `pred` holds (bounded), returning its value.
 async fn wait_eval(page: &Page, expr: &str, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    wait_eval_for(page, expr, what, Duration::from_secs(30), pred).await
+}
+
+/// [`wait_eval`] with its own bound.
+async fn wait_eval_for(
+    page: &Page,
+    expr: &str,
+    what: &str,
+    timeout: Duration,
+    pred: impl Fn(&Value) -> bool,
+) -> Value {
     let start = Instant::now();
     loop {
         let v = page.eval(expr).await.unwrap_or(Value::Null);
         if pred(&v) {
             return v;
         }
-        if start.elapsed() >= Duration::from_secs(30) {
+        if start.elapsed() >= timeout {
             let page_state = page
                 .eval("JSON.stringify([document.location.href, document.getElementById('message') && document.getElementById('message').textContent, window.nearpath && window.nearpath.lastError])")
                 .await;
@@ -3064,6 +3075,305 @@ async fn webtransport_plays_the_games_sound_through_an_audio_decoder() {
     let later = page.eval("window.nearpath.audioStats()").await.unwrap();
     assert_eq!(later["packetsDecoded"], off["packetsDecoded"], "{later}");
     drop(browser);
+    node.stop().await.unwrap();
+    gw.stop().await;
+}
+
+/// An init script for `Browser::open_with` that runs `patch` (JavaScript that edits `j`) on every
+/// `/v1/webtransport` answer the page reads: how a test points the page at a QUIC port that
+/// drops its packets or at a path the gateway refuses, or makes it pin hashes of a certificate
+/// the gateway does not serve. The gateway is untouched; the connection then fails in
+/// Chromium's own WebTransport stack, as it would for a player.
+fn rewrite_wt_info(patch: &str) -> String {
+    format!(
+        r#"(() => {{
+  const f = window.fetch.bind(window);
+  window.fetch = async (input, init) => {{
+    const r = await f(input, init);
+    const url = String(typeof input === "string" ? input : input.url);
+    if (!url.includes("/v1/webtransport") || r.status !== 200) return r;
+    const j = await r.clone().json();
+    {patch};
+    return new Response(JSON.stringify(j), {{ status: 200, headers: {{ "content-type": "application/json" }} }});
+  }};
+}})();"#
+    )
+}
+
+/// A UDP relay in front of the gateway's QUIC port (one upstream socket per client address), to
+/// cut the path between the browser and the gateway at a moment the test chooses: once `cut`,
+/// every packet either way is dropped, as a firewall that starts blocking UDP would.
+struct UdpRelay {
+    port: u16,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl UdpRelay {
+    async fn start(to: std::net::SocketAddr) -> UdpRelay {
+        use std::sync::atomic::Ordering;
+        use std::sync::Arc;
+        use tokio::net::UdpSocket;
+        let front = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        let port = front.local_addr().unwrap().port();
+        let cut = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (f, c) = (front.clone(), cut.clone());
+        let task = tokio::spawn(async move {
+            let mut ups: std::collections::HashMap<std::net::SocketAddr, Arc<UdpSocket>> =
+                Default::default();
+            let mut backs = Vec::new();
+            let mut buf = vec![0u8; 65536];
+            while let Ok((n, from)) = f.recv_from(&mut buf).await {
+                if c.load(Ordering::SeqCst) {
+                    continue;
+                }
+                let up = match ups.get(&from) {
+                    Some(u) => u.clone(),
+                    None => {
+                        let u = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+                        u.connect(to).await.unwrap();
+                        let (u2, f2, c2) = (u.clone(), f.clone(), c.clone());
+                        backs.push(tokio::spawn(async move {
+                            let mut b = vec![0u8; 65536];
+                            while let Ok(n) = u2.recv(&mut b).await {
+                                if !c2.load(Ordering::SeqCst) {
+                                    let _ = f2.send_to(&b[..n], from).await;
+                                }
+                            }
+                        }));
+                        ups.insert(from, u.clone());
+                        u
+                    }
+                };
+                let _ = up.send(&buf[..n]).await;
+            }
+            for b in backs {
+                b.abort();
+            }
+        });
+        UdpRelay { port, cut, task }
+    }
+
+    fn cut(&self) {
+        self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for UdpRelay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+const FALLBACK_STATE: &str = "(() => { const np = window.nearpath; return { transport: np.transport, reason: np.transportReason, wt: np.wtCreated, pc: np.pcCreated, state: np.state, fallbacks: np.fallbacks, fallbackMs: np.fallbackMs, restarts: np.restarts, lastLost: np.lastLost, message: document.getElementById('message').textContent, statsTransport: np.stats && np.stats.transport, decoded: np.stats && np.stats.framesDecoded }; })()";
+
+/// Guards the run-time fallback: the browser and the gateway both have WebTransport, but the
+/// connection does not come up, and the page (transport=auto) plays over WebRTC within the
+/// bounded connect time and says why. Three real failures, each in Chromium's WebTransport
+/// stack: hashes of a certificate the gateway does not serve, UDP to the QUIC port dropped
+/// (a socket that never answers: only `wt_connect_ms` ends the wait) and the session refused
+/// (a path the gateway answers 404, counted in its metrics).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webtransport_that_cannot_connect_at_run_time_falls_back_to_webrtc_and_says_why() {
+    let _one = ONE_BROWSER_AT_A_TIME.lock().await;
+    let gw = TestGateway::start(|_| {}).await;
+    let mut node = TestNode::start(with_arena(gw.node_config("de-1", &gw.token)), ip(DE));
+    node.registered().await;
+    let browser = Browser::launch().await;
+    // Bound and never read: packets to it vanish, as behind a firewall that drops UDP.
+    let black_hole = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let hole = black_hole.local_addr().unwrap().port();
+    let connect_ms = 2000;
+    let cases = [
+        (
+            "a certificate the gateway does not serve",
+            r#"j.cert_hashes = ["ab".repeat(32)]"#.to_string(),
+            None,
+        ),
+        (
+            "UDP to the QUIC port dropped",
+            format!("j.port = {hole}"),
+            Some(format!("no connection within {connect_ms} ms")),
+        ),
+        (
+            "the session refused",
+            r#"j.path = "/v1/not-play""#.to_string(),
+            None,
+        ),
+    ];
+    for (what, patch, expect) in cases {
+        let url = format!(
+            "{}&wt_connect_ms={connect_ms}",
+            play_url_via(&gw, 320, 180, 30, "auto")
+        );
+        let page = browser
+            .open_with(&url, Some(&rewrite_wt_info(&patch)))
+            .await;
+        let state = wait_eval(
+            &page,
+            FALLBACK_STATE,
+            &format!("WebRTC after {what}"),
+            |v| v["statsTransport"] == "webrtc" && v["decoded"].as_f64().unwrap_or(0.0) >= 30.0,
+        )
+        .await;
+        println!("{what}: {state}");
+        assert_eq!(state["transport"], "webrtc", "{what}: {state}");
+        assert_eq!(state["wt"], 1, "{what}: one WebTransport try: {state}");
+        assert_eq!(state["pc"], 1, "{what}: {state}");
+        assert_eq!(state["fallbacks"], 1, "{what}: {state}");
+        let reason = state["reason"].as_str().unwrap_or("");
+        assert!(
+            reason.starts_with("WebTransport to https://127.0.0.1:"),
+            "{what}: {state}"
+        );
+        if let Some(e) = &expect {
+            assert!(reason.contains(e.as_str()), "{what}: {state}");
+        }
+        // The page says which transport it plays over, and why.
+        assert_eq!(
+            state["message"].as_str().unwrap_or(""),
+            format!("Playing over WebRTC: {reason}"),
+            "{what}"
+        );
+        // And so does the stats overlay, expanded (the next tick renders it).
+        page.eval("document.getElementById('stats').classList.remove('collapsed')")
+            .await
+            .unwrap();
+        wait_eval(
+            &page,
+            "document.getElementById('stats').textContent",
+            "the overlay's reason",
+            |v| {
+                v.as_str()
+                    .is_some_and(|t| t.contains(&format!("(not WebTransport: {reason})")))
+            },
+        )
+        .await;
+        // Bounded: the try took at most the connect time (plus scheduling on a loaded machine).
+        let ms = state["fallbackMs"].as_f64().unwrap();
+        assert!(ms < f64::from(connect_ms) + 1500.0, "{what}: {state}");
+        if expect.is_some() {
+            assert!(ms >= f64::from(connect_ms) - 50.0, "{what}: {state}");
+        }
+        let sessions = wait_sessions(&gw, "the WebRTC session", Duration::from_secs(5), |l| {
+            l.len() == 1
+        })
+        .await;
+        assert_eq!(sessions[0]["transport"], "webrtc", "{what}");
+        page.eval("window.nearpath.stop()").await.unwrap();
+        wait_sessions(&gw, "the session to end", Duration::from_secs(10), |l| {
+            l.is_empty()
+        })
+        .await;
+        drop(page);
+    }
+    // The refusal was the gateway's: it counted the unknown path.
+    let metrics = gw.admin_get_text("/metrics").await;
+    assert!(
+        metrics.contains("nearpath_webtransport_refused_total{reason=\"path\"} 1"),
+        "{}",
+        metrics
+            .lines()
+            .filter(|l| l.contains("webtransport_refused"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    drop(black_hole);
+    drop(browser);
+    node.stop().await.unwrap();
+    gw.stop().await;
+}
+
+/// Guards the failure after playing: the WebTransport path to a live gateway is cut mid-game
+/// (UDP to its QUIC port dropped from then on). The connection times out, the gateway (which
+/// still answers over HTTP) has ended the session with it, so nothing can resume it: the page
+/// starts a new session, tries WebTransport once (bounded by `wt_connect_ms`, still cut) and
+/// plays on over WebRTC, saying why; the gateway is left with the WebRTC session alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webtransport_path_cut_mid_game_plays_on_over_webrtc_while_the_gateway_lives() {
+    let _one = ONE_BROWSER_AT_A_TIME.lock().await;
+    let gw = TestGateway::start(|_| {}).await;
+    let mut node = TestNode::start(with_arena(gw.node_config("de-1", &gw.token)), ip(DE));
+    node.registered().await;
+    let relay = UdpRelay::start(std::net::SocketAddr::from((
+        [127, 0, 0, 1],
+        gw.addrs.quic.port(),
+    )))
+    .await;
+    let browser = Browser::launch().await;
+    let url = format!(
+        "{}&wt_connect_ms=2000",
+        play_url_via(&gw, 320, 180, 30, "auto")
+    );
+    let page = browser
+        .open_with(
+            &url,
+            Some(&rewrite_wt_info(&format!("j.port = {}", relay.port))),
+        )
+        .await;
+    let state = wait_eval(
+        &page,
+        FALLBACK_STATE,
+        "WebTransport through the relay",
+        |v| v["statsTransport"] == "webtransport" && v["decoded"].as_f64().unwrap_or(0.0) >= 30.0,
+    )
+    .await;
+    assert_eq!(state["wt"], 1, "{state}");
+    let first = wait_sessions(
+        &gw,
+        "the WebTransport session",
+        Duration::from_secs(5),
+        |l| l.len() == 1,
+    )
+    .await;
+    assert_eq!(first[0]["transport"], "webtransport");
+    let cut_at = Instant::now();
+    relay.cut();
+    // The connection's idle timeout (quic.idle_timeout_ms, 10 s by default) ends it.
+    let state = wait_eval_for(
+        &page,
+        FALLBACK_STATE,
+        "WebRTC after the cut",
+        Duration::from_secs(60),
+        |v| v["statsTransport"] == "webrtc" && v["decoded"].as_f64().unwrap_or(0.0) >= 30.0,
+    )
+    .await;
+    println!(
+        "path cut mid-game: playing over WebRTC {:.1} s later: {state}",
+        cut_at.elapsed().as_secs_f64()
+    );
+    assert_eq!(state["transport"], "webrtc", "{state}");
+    assert_eq!(state["restarts"], 1, "{state}");
+    assert_eq!(state["wt"], 2, "one more WebTransport try: {state}");
+    assert_eq!(state["pc"], 1, "{state}");
+    assert_eq!(state["fallbacks"], 1, "{state}");
+    assert!(state["lastLost"].is_string(), "{state}");
+    let reason = state["reason"].as_str().unwrap_or("");
+    assert!(
+        reason.starts_with("WebTransport was lost mid-game (")
+            && reason.contains("no connection within 2000 ms"),
+        "{state}"
+    );
+    assert_eq!(
+        state["message"].as_str().unwrap_or(""),
+        format!("Playing over WebRTC: {reason}")
+    );
+    let now = wait_sessions(
+        &gw,
+        "the WebRTC session alone",
+        Duration::from_secs(10),
+        |l| l.len() == 1 && l[0]["transport"] == "webrtc",
+    )
+    .await;
+    assert_ne!(now[0]["id"], first[0]["id"]);
+    page.eval("window.nearpath.stop()").await.unwrap();
+    wait_sessions(&gw, "the session to end", Duration::from_secs(10), |l| {
+        l.is_empty()
+    })
+    .await;
+    drop(page);
+    drop(browser);
+    drop(relay);
     node.stop().await.unwrap();
     gw.stop().await;
 }
