@@ -72,6 +72,8 @@ const FILL_TO_REMEMBER: f64 = 0.5;
 /// Share of what is sent that must be delivered (over [`RATE_WINDOW`]) for the path to count as
 /// keeping up with the encoder.
 const KEEPS_UP: f64 = 0.85;
+/// How long the target must be held calmly before it is remembered as one the path carries.
+const CALM_TO_REMEMBER: Duration = Duration::from_secs(1);
 /// Largest frame-rate divisor (60 fps → 15 fps).
 pub const MAX_FPS_DIVISOR: u32 = 4;
 
@@ -208,6 +210,8 @@ pub struct RateController {
     /// target, so each dip of the path let the target climb back only to that share, and
     /// repeated dips walked it down (4,000 → 3,200 → 2,560 kbit/s at 80% fill).
     good_kbps: Option<(u32, Instant)>,
+    /// Since when the target has been held calmly, and its lowest value since.
+    calm: Option<(Instant, u32)>,
     /// The last acknowledgement.
     last_ack: Option<Instant>,
     last_probe: Instant,
@@ -247,6 +251,7 @@ impl RateController {
             last_backoff: None,
             path_kbps: None,
             good_kbps: None,
+            calm: None,
             last_ack: None,
             last_probe: now,
             congested: false,
@@ -547,13 +552,28 @@ impl RateController {
         let carried = self
             .delivered_bps()
             .is_some_and(|delivered| delivered >= KEEPS_UP * sent);
-        if !calm || !carried || sent < FILL_TO_REMEMBER * f64::from(self.target_kbps) * 1000.0 {
+        if !calm
+            || !carried
+            || sent < FILL_TO_REMEMBER * f64::from(self.target_kbps) * 1000.0
+            || now.saturating_duration_since(self.started) < STARTUP_GRACE
+        {
+            self.calm = None;
             return;
         }
+        // Calm for a while, and at the lowest target of that while: a target probing up is
+        // calm for a moment after it passes the path's rate, until the queue it builds shows.
+        let (since, lowest) = self.calm.get_or_insert((now, self.target_kbps));
+        *lowest = (*lowest).min(self.target_kbps);
+        let (since, lowest) = (*since, *lowest);
+        if now.saturating_duration_since(since) < CALM_TO_REMEMBER {
+            return;
+        }
+        // The next while starts now (the lowest of the whole calm stretch would keep the low
+        // start of a climb back).
+        self.calm = Some((now, self.target_kbps));
         match self.good_kbps {
-            Some((k, at))
-                if self.target_kbps < k && now.saturating_duration_since(at) <= BASE_WINDOW => {}
-            _ => self.good_kbps = Some((self.target_kbps, now)),
+            Some((k, at)) if lowest < k && now.saturating_duration_since(at) <= BASE_WINDOW => {}
+            _ => self.good_kbps = Some((lowest, now)),
         }
     }
 
@@ -991,7 +1011,9 @@ mod tests {
         // The gap this guards: after a dip, an encoder making under FILL_TO_PROBE of its target
         // could climb back only to the highest rate *delivered* in the last BASE_WINDOW, which is
         // its own output (80% of the target), so each dip left the target 20% lower:
-        // 4,000 -> 3,200 -> 2,560 ... on a path that carries 4,000 between the dips.
+        // 4,000 -> 3,200 -> 2,560 ... on a path that carries 4,000 between the dips. Measured,
+        // highest target before dips 2 to 5: 3,955, 3,170, 2,578, 2,089 kbit/s before the fix;
+        // 4,867, 5,009, 5,009, 5,009 after (the encoder's output, 80% of it, fills the path).
         let t0 = Instant::now();
         let mut rc = RateController::new(t0, cfg(10_000));
         let sim = Sim {
@@ -1012,13 +1034,18 @@ mod tests {
         for (i, &(before, during)) in cycles.iter().enumerate() {
             // Each dip is followed down (the test would prove nothing otherwise)...
             assert!(during <= 1_500, "dip {i} not followed: {cycles:?}");
-            // ...and the target comes back to about the path's rate, every time, without
-            // climbing past what the path showed it carries (see the test above).
+            if i == 0 {
+                // Before the first dip: the start-up, from 10,000 kbit/s.
+                continue;
+            }
+            // ...and the target comes back to where the encoder's output (80% of it) is about
+            // the path's rate, every time, without climbing past it (see the test above).
+            let output = f64::from(before) * sim.fill;
             assert!(
-                (3_400..=4_800).contains(&before),
+                (0.85 * sim.rate_kbps..=1.1 * sim.rate_kbps).contains(&output),
                 "cycle {i}: target {before} kbit/s before the dip: {cycles:?}"
             );
-            if i > 0 {
+            if i > 1 {
                 assert!(
                     f64::from(before) >= 0.95 * f64::from(cycles[i - 1].0),
                     "cycle {i} lower than the one before: {cycles:?}"
