@@ -1765,7 +1765,9 @@ async fn av_run_webrtc(
         } else {
             (65, "a", "KeyA")
         };
-        page.key(code, key, name, presses % 2 == 0).await.unwrap();
+        page.key(code, key, name, presses.is_multiple_of(2))
+            .await
+            .unwrap();
         presses += 1;
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
