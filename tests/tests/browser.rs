@@ -1720,6 +1720,265 @@ async fn chromium_plays_the_games_sound_in_sync_with_the_picture() {
     gw.stop().await;
 }
 
+/// One WebRTC A/V measurement: the beep - flash offsets (ms, sorted) of the pairs after
+/// `warm_up` pairs, their median, the page's input-to-photon stats, its audio stats and what
+/// Chromium says about sync.
+struct AvRun {
+    offsets: Vec<f64>,
+    median: f64,
+    stats: Value,
+    audio: Value,
+    sync: Value,
+}
+
+/// Plays `/play` over WebRTC with `extra` query parameters (`&sync=1`, `&sync=0` or none) until
+/// `pairs` beep/flash pairs after `warm_up` have been measured, tapping A and D (every 100 ms,
+/// so that input-to-photon is measured too; left and right, so the ship stays clear of the
+/// flash's quarter), and returns them.
+async fn av_run_webrtc(
+    gw: &TestGateway,
+    browser: &Browser,
+    (w, h, fps): (u32, u32, u32),
+    extra: &str,
+    warm_up: usize,
+    pairs: usize,
+) -> AvRun {
+    let page = browser
+        .open(&format!("{}{extra}", play_url(gw, w, h, fps)))
+        .await;
+    wait_stats(
+        &page,
+        "the first decoded frame",
+        Duration::from_secs(30),
+        |s| num(s, "framesDecoded") > 0.0,
+    )
+    .await;
+    const OFFSETS: &str = "window.nearpath.av.offsets";
+    let t0 = Instant::now();
+    let mut presses = 0u32;
+    let offsets = loop {
+        let all = page.eval(OFFSETS).await.unwrap_or(Value::Null);
+        let all: Vec<f64> = all
+            .as_array()
+            .map(|o| o.iter().filter_map(Value::as_f64).collect())
+            .unwrap_or_default();
+        if all.len() >= warm_up + pairs {
+            break all[warm_up..].to_vec();
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30 + 3 * (warm_up + pairs) as u64),
+            "{} beep/flash pairs after {warm_up} ({extra}): only {all:?}; av: {:?}",
+            pairs,
+            page.eval("JSON.stringify(window.nearpath.av)").await
+        );
+        let (code, key, name) = if presses % 4 < 2 {
+            (68, "d", "KeyD")
+        } else {
+            (65, "a", "KeyA")
+        };
+        page.key(code, key, name, presses.is_multiple_of(2))
+            .await
+            .unwrap();
+        presses += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    if presses % 2 == 1 {
+        let (code, key, name) = if presses % 4 < 2 {
+            (68, "d", "KeyD")
+        } else {
+            (65, "a", "KeyA")
+        };
+        page.key(code, key, name, false).await.unwrap();
+    }
+    let stats = wait_stats(
+        &page,
+        "the last inputs applied",
+        Duration::from_secs(5),
+        |s| num(s, "inputSeqApplied") >= num(s, "inputsSent"),
+    )
+    .await;
+    let audio = page.eval("window.nearpath.audioStats()").await.unwrap();
+    let sync = page.eval("window.nearpath.syncStats()").await.unwrap();
+    let mut offsets = offsets;
+    offsets.sort_by(f64::total_cmp);
+    let median = offsets[offsets.len() / 2];
+    page.eval("window.nearpath.stop()").await.unwrap();
+    wait_sessions(gw, "the session to end", Duration::from_secs(5), |l| {
+        l.is_empty()
+    })
+    .await;
+    wait_slots_in_use(gw, 0).await;
+    page.call("Page.close", serde_json::json!({})).await.ok();
+    AvRun {
+        offsets,
+        median,
+        stats,
+        audio,
+        sync,
+    }
+}
+
+/// Issue 15: lip sync over WebRTC by default, with the picture still rendered the moment it is
+/// decoded. The default page plays the audio track through its own AudioContext at
+/// `latencyHint: 0` instead of the video element's audio output, which took about 30 ms more;
+/// the beep it hears and the flash it shows stay within [`AV_OFFSET_BOUND_MS`] (median of five
+/// pairs after two of warm-up). Before (the sound through the video element, what `sync=0`
+/// still does) the medians were 50 to 61 ms, so this fails on that default. The playout-delay
+/// extension stays negotiated (nothing holds the picture) and input-to-photon is measured and
+/// printed. The offset follows Chromium's audio jitter buffer (about its delay minus 3 ms
+/// here): 36.1 ms with it at 39 ms; on a loaded machine (load average 6 to 8) it grew to 73
+/// and 94 ms and the offset to 65 and 166 ms, so this test wants a machine that is not busy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chromium_plays_the_beep_with_its_flash_by_default_without_holding_the_picture() {
+    let _one = ONE_BROWSER_AT_A_TIME.lock().await;
+    let gw = TestGateway::start(|_| {}).await;
+    let mut node = TestNode::start(with_arena(gw.node_config("de-1", &gw.token)), ip(DE));
+    node.registered().await;
+    let browser = Browser::launch().await;
+    let run = av_run_webrtc(&gw, &browser, (640, 360, 30), "", 2, 5).await;
+    let l = &run.stats["inputToPhoton"];
+    println!(
+        "default WebRTC A/V: beep - flash offsets {:?} ms, median {:.1} ms; input-to-photon p50 {:.1} ms p95 {:.1} (n={}); sound {}; sync {}",
+        run.offsets,
+        run.median,
+        num(l, "p50"),
+        num(l, "p95"),
+        num(l, "n"),
+        run.audio,
+        run.sync
+    );
+    // The sound through the page's low-latency context, the video element silent, the
+    // picture not held (the playout-delay extension: render at once).
+    assert_eq!(run.audio["soundPath"], "audiocontext", "{}", run.audio);
+    assert_eq!(run.sync["playoutDelayExtension"], true, "{}", run.sync);
+    assert!(
+        (-AV_OFFSET_BOUND_MS..=AV_OFFSET_BOUND_MS).contains(&run.median),
+        "beep/flash offset median {} ms: {:?}",
+        run.median,
+        run.offsets
+    );
+    assert!(
+        num(l, "n") >= 10.0 && num(l, "p50") > 0.0,
+        "input-to-photon reported: {}",
+        run.stats
+    );
+    drop(browser);
+    node.stop().await.unwrap();
+    gw.stop().await;
+}
+
+/// Guards the mute toggle with the default WebRTC sound path: the video element stays silent
+/// (its volume 0: it only feeds the track to Web Audio), and Sound on/off sets the page's own
+/// gain, while the beep detector keeps hearing the track either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_mute_toggle_drives_the_default_webrtc_sound_path() {
+    let _one = ONE_BROWSER_AT_A_TIME.lock().await;
+    let gw = TestGateway::start(|_| {}).await;
+    let mut node = TestNode::start(with_arena(gw.node_config("de-1", &gw.token)), ip(DE));
+    node.registered().await;
+    let browser = Browser::launch().await;
+    let page = browser.open(&play_url(&gw, 640, 360, 30)).await;
+    const SOUND: &str = "(async () => { const a = await window.nearpath.audioStats(); const v = document.getElementById('video'); return { path: a && a.soundPath, gain: a && a.gain, volume: v.volume, muted: v.muted, button: document.getElementById('mute').textContent, beeps: window.nearpath.av.beeps.length }; })()";
+    let off = wait_eval(&page, SOUND, "the sound path set up", |v| {
+        v["path"] == "audiocontext"
+    })
+    .await;
+    assert_eq!(
+        (
+            num(&off, "gain"),
+            num(&off, "volume"),
+            off["button"].as_str()
+        ),
+        (0.0, 0.0, Some("Sound: off")),
+        "{off}"
+    );
+    page.eval("document.getElementById('mute').click()")
+        .await
+        .unwrap();
+    let on = page.eval(SOUND).await.unwrap();
+    assert_eq!(
+        (num(&on, "gain"), num(&on, "volume"), on["button"].as_str()),
+        (1.0, 0.0, Some("Sound: on")),
+        "{on}"
+    );
+    page.eval("window.nearpath.setMuted(true)").await.unwrap();
+    let beeps = num(&page.eval(SOUND).await.unwrap(), "beeps");
+    let muted = wait_eval(&page, SOUND, "a beep heard while muted", |v| {
+        num(v, "beeps") > beeps
+    })
+    .await;
+    assert_eq!(num(&muted, "gain"), 0.0, "{muted}");
+    page.eval("window.nearpath.stop()").await.unwrap();
+    drop(browser);
+    node.stop().await.unwrap();
+    gw.stop().await;
+}
+
+/// A/V sync against input-to-photon over WebRTC, the three page modes in one sitting (README,
+/// "sound: added latency and A/V sync"): the default (sound through a low-latency
+/// AudioContext, picture at once), `sync=1` (picture held for the sound) and `sync=0` (picture
+/// at once, sound through the video element, the default before). `NEARPATH_AV_ROUNDS` rounds
+/// (default 4), modes alternating; prints per run the median beep - flash offset of five pairs
+/// after two and input-to-photon p50, then the median and range per mode.
+/// `cargo test -p nearpath-tests --test browser bench_av_sync_webrtc_modes -- --ignored --nocapture`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark: run by hand"]
+async fn bench_av_sync_webrtc_modes() {
+    let _one = ONE_BROWSER_AT_A_TIME.lock().await;
+    let rounds: usize = std::env::var("NEARPATH_AV_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4);
+    let gw = TestGateway::start(|_| {}).await;
+    let mut node = TestNode::start(with_arena(gw.node_config("de-1", &gw.token)), ip(DE));
+    node.registered().await;
+    let browser = Browser::launch().await;
+    let modes = [
+        ("default", ""),
+        ("sync=1", "&sync=1"),
+        ("sync=0", "&sync=0"),
+    ];
+    let mut results: Vec<(Vec<f64>, Vec<f64>)> = vec![(Vec::new(), Vec::new()); modes.len()];
+    for round in 1..=rounds {
+        for (i, (name, extra)) in modes.iter().enumerate() {
+            let run = av_run_webrtc(&gw, &browser, (1280, 720, 60), extra, 2, 5).await;
+            let l = &run.stats["inputToPhoton"];
+            println!(
+                "round {round} {name:<8} beep - flash median {:6.1} ms {:?} | input-to-photon p50 {:6.1} ms p95 {:6.1} (n={}) | video hold {}",
+                run.median,
+                run.offsets,
+                num(l, "p50"),
+                num(l, "p95"),
+                num(l, "n"),
+                run.audio["videoHoldMs"]
+            );
+            results[i].0.push(run.median);
+            results[i].1.push(num(l, "p50"));
+        }
+    }
+    let summary = |v: &[f64]| {
+        let mut s = v.to_vec();
+        s.sort_by(f64::total_cmp);
+        format!(
+            "{:.1} [{:.1} .. {:.1}]",
+            s[s.len() / 2],
+            s[0],
+            s[s.len() - 1]
+        )
+    };
+    println!("--- WebRTC A/V sync, 1280x720@60, {rounds} runs per mode: median [min .. max] ---");
+    for ((name, _), (offsets, i2p)) in modes.iter().zip(&results) {
+        println!(
+            "{name:<8} beep - flash {} ms | input-to-photon p50 {} ms",
+            summary(offsets),
+            summary(i2p)
+        );
+    }
+    drop(browser);
+    node.stop().await.unwrap();
+    gw.stop().await;
+}
+
 /// Issue 17: A/V sync over WebTransport (was untested), with no cost to the picture. The page
 /// schedules each decoded Opus packet to be heard as long after its capture as the pictures are
 /// shown after theirs (the median of the last 60), so the beep it hears and the flash it shows

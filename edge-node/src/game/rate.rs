@@ -27,6 +27,9 @@
 //!   undershoots (x264 under a VBV cap), does not license a higher target: the target would
 //!   otherwise climb past what the path has ever carried, and the encoder's next complex scene
 //!   would fill it and queue.
+//! - **Back after a dip.** A target the path carried calmly in the last [`BASE_WINDOW`] is
+//!   remembered, and after a back-off the target climbs back to it whatever the encoder makes
+//!   of it, so an encoder that undershoots is not walked down by repeated dips of the path.
 //! - **Limits.** The target stays within `[min_kbps, max_kbps]` (the session's bitrate is the
 //!   ceiling). Only when the bitrate sits at the floor and the path is still congested does the
 //!   frame rate fall (every 2nd, 3rd, 4th slot); it comes back before the bitrate rises.
@@ -62,6 +65,15 @@ const PROBE: f64 = 1.03;
 /// up. At 0.7, x264 on the built-in game (which produces about two thirds of its target) kept
 /// the target rising to about 2.7 Mbit/s on a 2 Mbit/s path while 1.8 Mbit/s arrived.
 pub const FILL_TO_PROBE: f64 = 0.85;
+/// Share of the target the encoder must produce for the target to be remembered as one the
+/// path carried (see [`RateController`]'s `good_kbps`): a static scene, producing a few
+/// percent of any target, shows nothing about the path.
+const FILL_TO_REMEMBER: f64 = 0.5;
+/// Share of what is sent that must be delivered (over [`RATE_WINDOW`]) for the path to count as
+/// keeping up with the encoder.
+const KEEPS_UP: f64 = 0.85;
+/// How long the target must be held calmly before it is remembered as one the path carries.
+const CALM_TO_REMEMBER: Duration = Duration::from_secs(1);
 /// Largest frame-rate divisor (60 fps → 15 fps).
 pub const MAX_FPS_DIVISOR: u32 = 4;
 
@@ -190,6 +202,16 @@ pub struct RateController {
     /// The highest delivered rate (kbit/s) of the last [`BASE_WINDOW`] and when it was seen:
     /// what the path has shown it carries.
     path_kbps: Option<(u32, Instant)>,
+    /// The highest target of the last [`BASE_WINDOW`] that the path carried calmly (no queue,
+    /// no back-off for [`HOLD_AFTER_BACKOFF`], what was sent delivered, the encoder producing at
+    /// least [`FILL_TO_REMEMBER`] of it), and when it was last held. After a back-off the target
+    /// may climb back to it whatever the encoder makes of it. `path_kbps` alone is not enough
+    /// for an encoder that undershoots: the rate it delivers is its own output, a share of the
+    /// target, so each dip of the path let the target climb back only to that share, and
+    /// repeated dips walked it down (4,000 → 3,200 → 2,560 kbit/s at 80% fill).
+    good_kbps: Option<(u32, Instant)>,
+    /// Since when the target has been held calmly, and its lowest value since.
+    calm: Option<(Instant, u32)>,
     /// The last acknowledgement.
     last_ack: Option<Instant>,
     last_probe: Instant,
@@ -228,6 +250,8 @@ impl RateController {
             sent: VecDeque::new(),
             last_backoff: None,
             path_kbps: None,
+            good_kbps: None,
+            calm: None,
             last_ack: None,
             last_probe: now,
             congested: false,
@@ -515,6 +539,44 @@ impl RateController {
         }
     }
 
+    /// Remembers the target as one the path carries when it is held calmly (see `good_kbps`),
+    /// forgetting a higher one after [`BASE_WINDOW`], so that a path that slowed down for good
+    /// is learnt.
+    fn note_good_target(&mut self, now: Instant) {
+        let calm = self.queue_since.is_none()
+            && self.skips.is_empty()
+            && self
+                .last_backoff
+                .is_none_or(|t| now.saturating_duration_since(t) >= HOLD_AFTER_BACKOFF);
+        let sent = self.sent_bps(now);
+        let carried = self
+            .delivered_bps()
+            .is_some_and(|delivered| delivered >= KEEPS_UP * sent);
+        if !calm
+            || !carried
+            || sent < FILL_TO_REMEMBER * f64::from(self.target_kbps) * 1000.0
+            || now.saturating_duration_since(self.started) < STARTUP_GRACE
+        {
+            self.calm = None;
+            return;
+        }
+        // Calm for a while, and at the lowest target of that while: a target probing up is
+        // calm for a moment after it passes the path's rate, until the queue it builds shows.
+        let (since, lowest) = self.calm.get_or_insert((now, self.target_kbps));
+        *lowest = (*lowest).min(self.target_kbps);
+        let (since, lowest) = (*since, *lowest);
+        if now.saturating_duration_since(since) < CALM_TO_REMEMBER {
+            return;
+        }
+        // The next while starts now (the lowest of the whole calm stretch would keep the low
+        // start of a climb back).
+        self.calm = Some((now, self.target_kbps));
+        match self.good_kbps {
+            Some((k, at)) if lowest < k && now.saturating_duration_since(at) <= BASE_WINDOW => {}
+            _ => self.good_kbps = Some((lowest, now)),
+        }
+    }
+
     fn set_target(&mut self, kbps: u32) {
         let kbps = kbps.clamp(self.cfg.min_kbps, self.cfg.max_kbps);
         if kbps != self.target_kbps {
@@ -617,6 +679,7 @@ impl RateController {
             self.set_target(next as u32);
             return;
         }
+        self.note_good_target(now);
         let held = self
             .last_backoff
             .is_some_and(|t| now.saturating_duration_since(t) < HOLD_AFTER_BACKOFF);
@@ -636,7 +699,12 @@ impl RateController {
         // makes of it: the path has shown it carries that much. (Without this, an encoder that
         // undershoots would stay wherever a back-off left it, however brief the dip.)
         let below_path = self.path_kbps.is_some_and(|(p, _)| self.target_kbps < p);
-        if (using || below_path) && self.target_kbps < self.cfg.max_kbps {
+        // Back up to a target the path carried calmly a moment ago (before a dip), even when the
+        // encoder undershoots it: that target is what the other rules had reached.
+        let below_good = self.good_kbps.is_some_and(|(g, at)| {
+            self.target_kbps < g && now.saturating_duration_since(at) <= BASE_WINDOW
+        });
+        if (using || below_path || below_good) && self.target_kbps < self.cfg.max_kbps {
             let next = (f64::from(self.target_kbps) * PROBE).ceil() as u32;
             self.set_target(next.max(self.target_kbps + 1));
         }
@@ -668,12 +736,38 @@ mod tests {
         /// Share of the target the encoder produces (1.0: exactly the target; x264 under its
         /// VBV cap produces about two thirds to three quarters of it on the built-in game).
         fill: f64,
+        /// Repeated dips of the path's rate, if any.
+        dip: Option<Dip>,
+    }
+
+    /// The path falls to `rate_kbps` for `length` at the start of every `every` (the first dip
+    /// starts one `every` in).
+    #[derive(Clone, Copy)]
+    struct Dip {
+        every: Duration,
+        length: Duration,
+        rate_kbps: f64,
     }
 
     impl Sim {
+        /// The path's rate `ms` into the run.
+        fn rate_at(&self, ms: u64) -> f64 {
+            match self.dip {
+                Some(d) if ms >= d.every.as_millis() as u64 => {
+                    let into = ms % d.every.as_millis() as u64;
+                    if into < d.length.as_millis() as u64 {
+                        d.rate_kbps
+                    } else {
+                        self.rate_kbps
+                    }
+                }
+                _ => self.rate_kbps,
+            }
+        }
+
         /// A BBR-like window: twice the bandwidth-delay product, at least 10 packets.
-        fn bbr_cwnd(&self) -> u64 {
-            let bdp = self.rate_kbps * 1000.0 / 8.0 * (self.one_way * 2).as_secs_f64();
+        fn bbr_cwnd(&self, rate_kbps: f64) -> u64 {
+            let bdp = rate_kbps * 1000.0 / 8.0 * (self.one_way * 2).as_secs_f64();
             (2.0 * bdp).max(12_000.0) as u64
         }
 
@@ -694,6 +788,22 @@ mod tests {
             t0: Instant,
         ) -> (f64, Duration, RateStats, u32) {
             let mut late_max_target = 0u32;
+            let half = self.seconds * 1000 / 2;
+            let (fps, p99, stats) = self.run_observed(rc, t0, &mut |ms, target| {
+                if ms >= half {
+                    late_max_target = late_max_target.max(target);
+                }
+            });
+            (fps, p99, stats, late_max_target)
+        }
+
+        /// [`Sim::run`], calling `observe(ms, target)` at every frame slot.
+        fn run_observed(
+            &self,
+            rc: &mut RateController,
+            t0: Instant,
+            observe: &mut dyn FnMut(u64, u32),
+        ) -> (f64, Duration, RateStats) {
             let mut rng = StdRng::seed_from_u64(7);
             // (seq, bytes left, capture time, lost)
             let mut queue: VecDeque<(u64, f64, Instant, bool)> = VecDeque::new();
@@ -702,13 +812,13 @@ mod tests {
             let mut latencies = Vec::new();
             let mut seq = 0u64;
             let mut bitrate = rc.target_kbps();
-            let per_ms = self.rate_kbps / 8.0;
             let total_ms = self.seconds * 1000;
             let mut next_slot = 0u64;
             for ms in 0..total_ms {
                 let now = t0 + MS * ms as u32;
+                let rate_kbps = self.rate_at(ms);
                 // The link.
-                let mut budget = per_ms;
+                let mut budget = rate_kbps / 8.0;
                 while budget > 0.0 {
                     let Some(head) = queue.front_mut() else { break };
                     let take = head.1.min(budget);
@@ -742,13 +852,15 @@ mod tests {
                 }
                 let slot = next_slot;
                 next_slot += 1;
-                rc.handle_path(now, self.cwnd.min(self.bbr_cwnd()), self.one_way * 2);
+                rc.handle_path(
+                    now,
+                    self.cwnd.min(self.bbr_cwnd(rate_kbps)),
+                    self.one_way * 2,
+                );
                 if let Some(b) = rc.poll_bitrate() {
                     bitrate = b;
                 }
-                if ms >= total_ms / 2 {
-                    late_max_target = late_max_target.max(bitrate);
-                }
+                observe(ms, bitrate);
                 if rc.poll_slot(now, slot) != SlotDecision::Encode {
                     continue;
                 }
@@ -772,7 +884,6 @@ mod tests {
                 latencies.len() as f64 / self.seconds as f64,
                 p99,
                 rc.stats(),
-                late_max_target,
             )
         }
     }
@@ -787,6 +898,7 @@ mod tests {
             loss: 0.0,
             seconds: 10,
             cwnd: 1 << 20,
+            dip: None,
             fill: 1.0,
         };
         let (fps, p99, stats) = sim.run(&mut rc, t0);
@@ -808,6 +920,7 @@ mod tests {
             loss: 0.0,
             seconds: 20,
             cwnd: 1 << 20,
+            dip: None,
             fill: 1.0,
         };
         let (fps, p99, stats) = sim.run(&mut rc, t0);
@@ -833,6 +946,7 @@ mod tests {
             loss: 0.0,
             seconds: 20,
             cwnd: 1 << 20,
+            dip: None,
             fill: 0.75,
         };
         let (fps, p99, stats, late_max) = sim.run_tracking(&mut rc, t0);
@@ -864,11 +978,80 @@ mod tests {
             loss: 0.0,
             seconds: 10,
             cwnd: 1 << 20,
+            dip: None,
             fill: 0.9,
         };
         rc.set_target(1_000);
         let (_, _, stats) = fast.run(&mut rc, t0);
         assert_eq!(stats.target_kbps, 4_000, "{stats:?}");
+    }
+
+    /// The targets of a run with repeated dips, per cycle: (the highest target in the 4 s before
+    /// each dip, the lowest during it).
+    fn targets_around_dips(sim: &Sim, rc: &mut RateController, t0: Instant) -> Vec<(u32, u32)> {
+        let dip = sim.dip.unwrap();
+        let every = dip.every.as_millis() as u64;
+        let length = dip.length.as_millis() as u64;
+        let cycles = (sim.seconds * 1000 / every) as usize;
+        let mut out = vec![(0u32, u32::MAX); cycles];
+        sim.run_observed(rc, t0, &mut |ms, target| {
+            let (cycle, into) = ((ms / every) as usize, ms % every);
+            if into >= every - 4_000 && cycle < cycles {
+                out[cycle].0 = out[cycle].0.max(target);
+            }
+            if cycle >= 1 && into < length {
+                out[cycle - 1].1 = out[cycle - 1].1.min(target);
+            }
+        });
+        out
+    }
+
+    #[test]
+    fn repeated_path_dips_do_not_walk_an_undershooting_encoders_target_down() {
+        // The gap this guards: after a dip, an encoder making under FILL_TO_PROBE of its target
+        // could climb back only to the highest rate *delivered* in the last BASE_WINDOW, which is
+        // its own output (80% of the target), so each dip left the target 20% lower:
+        // 4,000 -> 3,200 -> 2,560 ... on a path that carries 4,000 between the dips. Measured,
+        // highest target before dips 2 to 5: 3,955, 3,170, 2,578, 2,089 kbit/s before the fix;
+        // 4,867, 5,009, 5,009, 5,009 after (the encoder's output, 80% of it, fills the path).
+        let t0 = Instant::now();
+        let mut rc = RateController::new(t0, cfg(10_000));
+        let sim = Sim {
+            rate_kbps: 4_000.0,
+            one_way: 10 * MS,
+            loss: 0.0,
+            seconds: 61,
+            cwnd: 1 << 20,
+            dip: Some(Dip {
+                every: Duration::from_secs(12),
+                length: Duration::from_secs(2),
+                rate_kbps: 1_000.0,
+            }),
+            fill: 0.8,
+        };
+        let cycles = targets_around_dips(&sim, &mut rc, t0);
+        println!("(highest target before each dip, lowest during it) kbit/s: {cycles:?}");
+        for (i, &(before, during)) in cycles.iter().enumerate() {
+            // Each dip is followed down (the test would prove nothing otherwise)...
+            assert!(during <= 1_500, "dip {i} not followed: {cycles:?}");
+            if i == 0 {
+                // Before the first dip: the start-up, from 10,000 kbit/s.
+                continue;
+            }
+            // ...and the target comes back to where the encoder's output (80% of it) is about
+            // the path's rate, every time, without climbing past it (see the test above).
+            let output = f64::from(before) * sim.fill;
+            assert!(
+                (0.85 * sim.rate_kbps..=1.1 * sim.rate_kbps).contains(&output),
+                "cycle {i}: target {before} kbit/s before the dip: {cycles:?}"
+            );
+            if i > 1 {
+                assert!(
+                    f64::from(before) >= 0.95 * f64::from(cycles[i - 1].0),
+                    "cycle {i} lower than the one before: {cycles:?}"
+                );
+            }
+        }
     }
 
     #[test]
@@ -883,6 +1066,7 @@ mod tests {
             loss: 0.01,
             seconds: 20,
             cwnd: 1 << 20,
+            dip: None,
             fill: 1.0,
         };
         let (fps, _p99, stats) = sim.run(&mut rc, t0);
