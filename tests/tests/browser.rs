@@ -15,6 +15,14 @@ use nearpath_config::{GameEntry, GameSource, NodeConfig};
 use serde_json::Value;
 use std::time::{Duration, Instant};
 
+/// A bench's setting from the environment, else its default (also when it does not parse).
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 /// Browser tests take the whole machine; they do not run concurrently.
 static ONE_BROWSER_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
@@ -1925,10 +1933,7 @@ async fn the_mute_toggle_drives_the_default_webrtc_sound_path() {
 #[ignore = "benchmark: run by hand"]
 async fn bench_av_sync_webrtc_modes() {
     let _one = ONE_BROWSER_AT_A_TIME.lock().await;
-    let rounds: usize = std::env::var("NEARPATH_AV_ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(4);
+    let rounds: usize = env_or("NEARPATH_AV_ROUNDS", 4);
     let gw = TestGateway::start(|_| {}).await;
     let mut node = TestNode::start(with_arena(gw.node_config("de-1", &gw.token)), ip(DE));
     node.registered().await;
@@ -3197,14 +3202,8 @@ async fn the_pages_webtransport_wire_codec_matches_the_protocol_crate() {
 #[ignore = "benchmark: run on demand (see above)"]
 async fn bench_input_to_photon_webtransport_vs_webrtc() {
     let _one = ONE_BROWSER_AT_A_TIME.lock().await;
-    let secs: u64 = std::env::var("NEARPATH_I2P_SECS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(20);
-    let rounds: u32 = std::env::var("NEARPATH_I2P_ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1);
+    let secs: u64 = env_or("NEARPATH_I2P_SECS", 20);
+    let rounds: u32 = env_or("NEARPATH_I2P_ROUNDS", 1);
     let gw = TestGateway::start(|_| {}).await;
     let mut node = TestNode::start(with_arena(gw.node_config("de-1", &gw.token)), ip(DE));
     node.registered().await;
