@@ -122,7 +122,9 @@ pub struct HttpConfig {
     /// milliseconds; a slower body is a 400. Default: 30000.
     pub body_read_timeout_ms: u64,
     /// A connection with no request in flight for this long is closed, in milliseconds
-    /// (keep-alive idle timeout, HTTP/1.1 and HTTP/2). Default: 60000.
+    /// (keep-alive idle timeout). It governs HTTP/2; an idle HTTP/1.1 keep-alive connection is
+    /// waiting for its next request head, so `header_read_timeout_ms` (at most 10 s) closes it
+    /// first. Default: 60000.
     pub idle_timeout_ms: u64,
     /// Connections open at once on one listener; more are closed at once and counted in
     /// `nearpath_http_connections_refused`. Applies to the admin listener separately. Default:
