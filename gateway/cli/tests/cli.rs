@@ -397,7 +397,7 @@ fn gateway_example_placeholder_token_is_refused_with_what_to_put_there() {
         .unwrap()
         .replace("# token = \"change-me", "token = \"change-me");
     let file = dir.path().join("gateway.toml");
-    std::fs::write(&file, text).unwrap();
+    std::fs::write(&file, &text).unwrap();
     let out = gateway()
         .args(["check-config", file.to_str().unwrap()])
         .env("NEARPATH_QUIC__CERT_FILE", &cert)
@@ -406,9 +406,14 @@ fn gateway_example_placeholder_token_is_refused_with_what_to_put_there() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
+    // The error names the token's own line, wherever the example's comments put it.
+    let line = 1 + text
+        .lines()
+        .position(|l| l.starts_with("token = \"change-me"))
+        .unwrap();
     assert!(
         stderr.contains(&format!(
-            "{}:76:1: admin.token: is the placeholder from the example configuration: put a \
+            "{}:{line}:1: admin.token: is the placeholder from the example configuration: put a \
              random secret",
             file.display()
         )),
