@@ -1390,7 +1390,7 @@ fn check_text(field: &'static str, value: &str) -> Result<(), StoreError> {
 /// and no NUL (which PostgreSQL `TEXT` cannot hold). Lookups answer "not found" for any other
 /// without a query.
 fn possible_id(id: &str) -> bool {
-    !id.is_empty() && !id.contains('\0') && id.chars().count() <= MAX_ID_CHARS
+    !id.contains('\0') && check_id("id", id, false).is_ok()
 }
 
 /// Checks an identifier-like field: at most [`MAX_ID_CHARS`] characters (empty allowed only

@@ -121,6 +121,18 @@ impl SenderReports {
     }
 }
 
+/// Writes `packets` to `track` as one bundle (see `bundle.rs`), with `report` after them when
+/// one is due: one pass of the peer connection's driver for all of them.
+async fn write_bundle(
+    track: &TrackLocalStaticRTP,
+    packets: Vec<rtc::rtp::packet::Packet>,
+    report: Option<SenderReport>,
+) -> Result<(), String> {
+    let mut writes: Vec<Box<dyn rtc::rtcp::Packet>> = vec![Box::new(FrameBundle { packets })];
+    writes.extend(report.map(|sr| Box::new(sr) as Box<dyn rtc::rtcp::Packet>));
+    track.write_rtcp(writes).await.map_err(|e| e.to_string())
+}
+
 /// The audio sender once the connection is up.
 struct Audio {
     track: Arc<TrackLocalStaticRTP>,
@@ -156,20 +168,12 @@ impl Audio {
         self.reports.count(p.opus.len());
         // A one-packet bundle (see `bundle.rs`), like a video frame: it skips the sender's
         // per-packet parameter rebuild, and a due sender report shares its driver pass.
-        let mut writes: Vec<Box<dyn rtc::rtcp::Packet>> = vec![Box::new(FrameBundle {
-            packets: vec![rtc::rtp::packet::Packet {
-                header,
-                payload: p.opus.clone(),
-            }],
-        })];
-        if let Some(sr) = self.reports.due(Instant::now(), p.capture_ts_us) {
-            writes.push(Box::new(sr));
-        }
-        self.track
-            .write_rtcp(writes)
-            .await
-            .map_err(|e| e.to_string())?;
-        Ok(())
+        let packet = rtc::rtp::packet::Packet {
+            header,
+            payload: p.opus.clone(),
+        };
+        let report = self.reports.due(Instant::now(), p.capture_ts_us);
+        write_bundle(&self.track, vec![packet], report).await
     }
 }
 
@@ -233,7 +237,7 @@ impl Video {
         if self.codec == VideoCodec::Av1 && !av1_temporal_unit_ok(payload) {
             return Err("malformed AV1 temporal unit".into());
         }
-        let packets = self
+        let mut packets = self
             .packetizer
             .packetize(at, payload, 0)
             .map_err(|e| e.to_string())?;
@@ -243,10 +247,7 @@ impl Video {
         // One send time for the whole frame: its packets are written within microseconds of
         // each other (the extension's unit is 3.8 µs), and one buffer serves them all.
         let send_time = self.abs_send_time_id.map(|id| (id, abs_send_time(clock)));
-        let mut bundle = FrameBundle {
-            packets: Vec::with_capacity(packets.len()),
-        };
-        for mut p in packets {
+        for p in &mut packets {
             p.header.timestamp = ts;
             if let Some(id) = self.playout_delay_id {
                 p.header
@@ -259,19 +260,12 @@ impl Video {
                     .map_err(|e| e.to_string())?;
             }
             self.reports.count(p.payload.len());
-            bundle.packets.push(p);
         }
         // The whole frame is one write to the peer connection (see `bundle.rs`): one pass of
         // its driver, and a frame's equal-sized packets leave in one GSO send. A due sender
         // report rides in the same list, after the frame whose last packet it counts.
-        let mut writes: Vec<Box<dyn rtc::rtcp::Packet>> = vec![Box::new(bundle)];
-        if let Some(sr) = self.reports.due(at, capture_ts_us) {
-            writes.push(Box::new(sr));
-        }
-        self.track
-            .write_rtcp(writes)
-            .await
-            .map_err(|e| e.to_string())?;
+        let report = self.reports.due(at, capture_ts_us);
+        write_bundle(&self.track, packets, report).await?;
         Ok(ts)
     }
 }
